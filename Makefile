@@ -1,0 +1,34 @@
+# `make test` and `make demo` work on a fresh clone: they create .venv, install, then run.
+# TORCH_SPEC picks the torch build (default: the CPU wheel; e.g. TORCH_SPEC=torch for the CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# pytest exits 5 when it collects no tests, which fails this target.
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) examples/sft_mixlora.py --output-dir build/demo
+
+bench: install
+	$(PY) bench/mixlora_vs_lora.py
+
+lint: install
+	$(VENV)/bin/ruff check peft_mole tests examples bench
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,12 @@
+"""peft-mole: Mixture-of-LoRA-Experts methods as native Hugging Face PEFT types.
+
+Importing the package registers its PEFT types, after which `get_peft_model`, `PeftModel.from_pretrained`,
+`AutoPeftModelForCausalLM` and TRL's `SFTTrainer(peft_config=...)` accept them like any PEFT method.
+"""
+
+from peft_mole.forward_context import BASE_ROW
+from peft_mole.tuners.mixlora import MixLoRAConfig, MixLoRAModel
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["BASE_ROW", "MixLoRAConfig", "MixLoRAModel", "__version__"]

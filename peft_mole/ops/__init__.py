@@ -1,0 +1,1 @@
+"""Compute kernels behind plain-torch reference implementations (models call these, never a backend)."""

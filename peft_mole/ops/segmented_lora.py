@@ -1,0 +1,59 @@
+"""LoRA deltas for a batch whose rows belong to different adapters (mixed-adapter batches).
+
+Every row runs the frozen layer once (`base_out`); each adapter's delta s·B(A(dropout(x))) runs only on its own
+rows. Rows of one adapter that are contiguous are sliced (no gather); others are gathered by index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from peft_mole.forward_context import BASE_ROW, RowGroup
+
+
+def scatter_row_deltas(
+    base_out: torch.Tensor,
+    x: torch.Tensor,
+    groups: list[RowGroup],
+    delta: Callable[[str, torch.Tensor], torch.Tensor | None],
+) -> torch.Tensor:
+    """base_out + delta(adapter, x[rows]) on each group's rows.
+
+    Args:
+        base_out: (batch, ..., out) frozen-layer output for all rows.
+        x: (batch, ..., in) layer input.
+        groups: row groups from `ForwardContext.row_groups`.
+        delta: maps (adapter name, its rows of x) to the delta for those rows, or None for no delta.
+    """
+    batch = base_out.shape[0]
+    if len(groups) == 1 and groups[0].num_rows == batch:
+        group = groups[0]
+        d = None if group.adapter == BASE_ROW else delta(group.adapter, x)
+        return base_out if d is None else base_out + d.to(base_out.dtype)
+    full = None
+    for group in groups:
+        if group.adapter == BASE_ROW:
+            continue
+        d = delta(group.adapter, x[group.rows])
+        if d is None:
+            continue
+        if full is None:
+            full = torch.zeros_like(base_out)
+        full[group.rows] = d.to(base_out.dtype)
+    return base_out if full is None else base_out + full
+
+
+def lora_delta(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout: torch.nn.Module
+) -> torch.Tensor:
+    """s · B A dropout(x) (Hu et al. 2021, eq. 3), computed in the adapter weights' dtype.
+
+    Args:
+        x: (..., in); lora_a: (r, in); lora_b: (out, r).
+    Returns:
+        (..., out) in the adapter dtype.
+    """
+    h = dropout(x.to(lora_a.dtype))
+    return torch.nn.functional.linear(torch.nn.functional.linear(h, lora_a), lora_b) * scaling

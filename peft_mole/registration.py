@@ -1,0 +1,52 @@
+"""Registration of peft-mole's methods as PEFT types.
+
+PEFT looks a method up by its `PeftType` member (config class, tuner class and parameter prefix mappings).
+`peft.utils.register_peft_method` fills the mappings but only accepts names that are already members of the
+`PeftType` str-Enum, and PEFT has no public way to add members. `add_peft_type` adds one member to the enum
+(the only step outside PEFT's API), then `register_method` calls PEFT's own `register_peft_method`.
+
+The type names carry the package name (`PEFT_MOLE_MIXLORA`), for two reasons:
+- a tool that loads one of our adapters without `import peft_mole` fails inside PEFT with
+  `KeyError: 'PEFT_MOLE_MIXLORA'`, which names the package to install and import;
+- the reference implementation MoE-PEFT writes `"peft_type": "MIXLORA"` in a different format, so its
+  checkpoints are never mistaken for ours.
+"""
+
+from __future__ import annotations
+
+from peft import PeftType
+from peft.utils import register_peft_method
+
+
+def add_peft_type(name: str) -> PeftType:
+    """Add `name` (upper case) to `peft.PeftType` and return the member; idempotent.
+
+    Example:
+        >>> add_peft_type("PEFT_MOLE_MIXLORA").value
+        'PEFT_MOLE_MIXLORA'
+    """
+    if not name.isupper() or not name.isidentifier():
+        raise ValueError(f"name must be an upper-case identifier, got {name!r}")
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    type.__setattr__(PeftType, name, member)  # EnumType.__setattr__ refuses to bind members after creation
+    return member
+
+
+def register_method(name: str, config_cls: type, model_cls: type, prefix: str) -> PeftType:
+    """Make `name` a PEFT method: add the `PeftType` member and register config, tuner and prefix.
+
+    Safe to call twice (a second import of the package through another path registers nothing new).
+    """
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    peft_type = add_peft_type(name.upper())
+    if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is not config_cls:
+        register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
+    return peft_type

@@ -1,0 +1,72 @@
+"""Plain LoRA on attention projections, with several adapters and one adapter per batch row."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from peft_mole.forward_context import ForwardContext
+from peft_mole.ops.segmented_lora import lora_delta, scatter_row_deltas
+
+
+class LoraLinear(nn.Module, BaseTunerLayer):
+    """y = W x + s · B_a A_a dropout(x) for the adapter a of each row (Hu et al. 2021).
+
+    Parameters live in `mixlora_A[adapter]` (r, in) and `mixlora_B[adapter]` (out, r); B starts at zero.
+    """
+
+    adapter_layer_names = ("mixlora_A", "mixlora_B")
+    other_param_names = ("mixlora_scaling", "mixlora_dropout")
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, context: ForwardContext) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoraLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.mixlora_A = nn.ParameterDict()
+        self.mixlora_B = nn.ParameterDict()
+        self.mixlora_dropout = nn.ModuleDict()
+        self.mixlora_scaling: dict[str, float] = {}
+        self._context = context
+        self._active_adapter = adapter_name
+        self.merged_adapters = []
+
+    def update_layer(self, adapter_name: str, r: int, scaling: float, dropout: float) -> None:
+        """Add adapter `adapter_name` with A ~ Kaiming-uniform (as PEFT) and B = 0."""
+        weight = self.base_layer.weight
+        lora_a = torch.empty(r, self.base_layer.in_features, device=weight.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+        lora_b = torch.zeros(self.base_layer.out_features, r, device=weight.device, dtype=torch.float32)
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        self.mixlora_A[adapter_name] = nn.Parameter(lora_a.to(dtype))
+        self.mixlora_B[adapter_name] = nn.Parameter(lora_b.to(dtype))
+        self.mixlora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.mixlora_scaling[adapter_name] = scaling
+        self.set_adapter(self.active_adapters)
+
+    def _delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
+        if adapter not in self.mixlora_A:
+            return None
+        return lora_delta(
+            x, self.mixlora_A[adapter], self.mixlora_B[adapter], self.mixlora_scaling[adapter],
+            self.mixlora_dropout[adapter],
+        )
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or not self.active_adapters:
+            return out
+        groups = self._context.row_groups(x.shape[0], self.active_adapters, x.device)
+        return scatter_row_deltas(out, x, groups, self._delta)
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        raise ValueError(
+            "MixLoRA adapters cannot be merged: the expert LoRA in the MLP is chosen per token by the router. "
+            "Use unload() to get the base model back, or keep the adapter separate."
+        )
+
+    def __repr__(self) -> str:
+        return f"mixlora.{super().__repr__()}"

@@ -1,0 +1,238 @@
+"""The MixLoRA MLP block: frozen gated MLP + router + LoRA experts (MixLoRA §3, SPEC.md §1).
+
+For a token x routed to experts S with weights w:
+    y = Σ_{e∈S} w_e FFN_e(x),  FFN_e(x) = W2_e(σ(W1_e x) ⊙ W3_e x),  W_e = W + s·B_e A_e.
+Computed with the frozen weights once per token:
+    g = W1 x, u = W3 x                                   (shared by all experts)
+    h_e = σ(g + s·B1_e A1_e x) ⊙ (u + s·B3_e A3_e x)     (only the LoRA parts per expert)
+    y = W2 (Σ_e w_e h_e) + Σ_e s·B2_e A2_e (w_e h_e)     (W2 is linear: it runs once on the weighted sum)
+(+ b2·Σ_e w_e when the down projection has a bias), so the block costs about one dense MLP plus k LoRA products
+per token, where the references run the frozen weights once per selected expert.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from peft_mole import routing
+from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord
+from peft_mole.ops.experts import dispatch, grouped_lora
+
+RoutingRule = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def find_gated_mlp(module: nn.Module) -> bool:
+    """True for a gated MLP block: linear `gate_proj`, `up_proj`, `down_proj` and an `act_fn` (Llama family).
+
+    Shapes must chain: gate/up map d -> i and down maps i -> d.
+    """
+    gate, up, down = (getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
+    if not all(isinstance(m, nn.Linear) for m in (gate, up, down)) or not callable(getattr(module, "act_fn", None)):
+        return False
+    return (
+        gate.in_features == up.in_features == down.out_features
+        and gate.out_features == up.out_features == down.in_features
+    )
+
+
+class ExpertLoRA(nn.Module):
+    """Stacked LoRA factors of E experts: `{proj}_lora_A` (E, r, in) and `{proj}_lora_B` (E, out, r)."""
+
+    def __init__(self, mlp: nn.Module, projections: list[str], num_experts: int, r: int) -> None:
+        super().__init__()
+        self.projections = list(projections)
+        for proj in self.projections:
+            base = getattr(mlp, proj)
+            weight = base.weight
+            dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+            lora_a = torch.empty(num_experts, r, base.in_features, device=weight.device, dtype=torch.float32)
+            for e in range(num_experts):
+                nn.init.kaiming_uniform_(lora_a[e], a=math.sqrt(5))
+            lora_b = torch.zeros(num_experts, base.out_features, r, device=weight.device, dtype=dtype)
+            self.register_parameter(f"{proj}_lora_A", nn.Parameter(lora_a.to(dtype)))
+            self.register_parameter(f"{proj}_lora_B", nn.Parameter(lora_b))
+
+    def factors(self, proj: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if proj not in self.projections:
+            return None
+        return getattr(self, f"{proj}_lora_A"), getattr(self, f"{proj}_lora_B")
+
+
+@dataclass
+class ExpertSettings:
+    """Per-adapter, non-learned settings of a MixLoRA block."""
+
+    num_experts: int
+    scaling: float
+    jitter_noise: float
+    rule: RoutingRule
+
+
+class MixLoRAMLP(nn.Module, BaseTunerLayer):
+    """A gated decoder MLP whose tokens are routed to LoRA experts, one adapter (router + experts) per row."""
+
+    adapter_layer_names = ("mixlora_router", "mixlora_experts")
+    other_param_names = ("mixlora_settings", "mixlora_dropout")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, context: ForwardContext, layer_name: str) -> None:
+        super().__init__()
+        if not find_gated_mlp(base_layer):
+            raise TypeError(
+                f"{layer_name}: MixLoRAMLP needs a gated MLP (linear gate_proj, up_proj, down_proj and act_fn), "
+                f"got {type(base_layer).__name__}"
+            )
+        self.base_layer = base_layer
+        self.mixlora_router = nn.ModuleDict()
+        self.mixlora_experts = nn.ModuleDict()
+        self.mixlora_dropout = nn.ModuleDict()
+        self.mixlora_settings: dict[str, ExpertSettings] = {}
+        self.layer_name = layer_name
+        self._context = context
+        self._active_adapter = adapter_name
+        self.merged_adapters = []
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        *,
+        num_experts: int,
+        r: int,
+        scaling: float,
+        dropout: float,
+        projections: list[str],
+        rule: RoutingRule,
+        router_init_std: float,
+        jitter_noise: float,
+    ) -> None:
+        """Add adapter `adapter_name`: an fp32 router N(0, std²) and E LoRA experts (A Kaiming, B = 0)."""
+        hidden = self.base_layer.gate_proj.in_features
+        device = self.base_layer.gate_proj.weight.device
+        router = nn.Linear(hidden, num_experts, bias=False, device=device, dtype=torch.float32)
+        nn.init.normal_(router.weight, mean=0.0, std=router_init_std)
+        self.mixlora_router[adapter_name] = router
+        self.mixlora_experts[adapter_name] = ExpertLoRA(self.base_layer, projections, num_experts, r)
+        self.mixlora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.mixlora_settings[adapter_name] = ExpertSettings(num_experts, scaling, jitter_noise, rule)
+        self.set_adapter(self.active_adapters)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters or not self.active_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        mlp = self.base_layer
+        batch, hidden_size = x.shape[0], x.shape[-1]
+        groups = self._context.row_groups(batch, self.active_adapters, x.device)
+        token_mask = self._context.tokens_to_record(batch, x[0].numel() // hidden_size) if x.dim() == 3 else None
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)  # (B, T, I), shared by every expert
+
+        if len(groups) == 1 and groups[0].num_rows == batch:
+            adapter = groups[0].adapter
+            if adapter not in self.mixlora_router:
+                return mlp.down_proj(mlp.act_fn(gate) * up)
+            mask = None if token_mask is None else token_mask.reshape(-1)
+            hidden, down_delta, weight_sum = self._mixture(
+                adapter, x.reshape(-1, hidden_size), gate.reshape(-1, gate.shape[-1]),
+                up.reshape(-1, up.shape[-1]), mask,
+            )
+            return self._down(hidden, down_delta, weight_sum).reshape(*x.shape[:-1], -1)
+
+        hidden = torch.zeros_like(gate)
+        down_delta = torch.zeros(*x.shape[:-1], mlp.down_proj.out_features, dtype=x.dtype, device=x.device)
+        weight_sum = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
+        for group in groups:
+            rows = group.rows
+            if group.adapter == BASE_ROW or group.adapter not in self.mixlora_router:
+                hidden[rows] = mlp.act_fn(gate[rows]) * up[rows]
+                continue
+            xr, gr, ur = x[rows], gate[rows], up[rows]
+            mask = None if token_mask is None else token_mask[rows].reshape(-1)
+            h, d, w = self._mixture(
+                group.adapter, xr.reshape(-1, hidden_size), gr.reshape(-1, gr.shape[-1]),
+                ur.reshape(-1, ur.shape[-1]), mask,
+            )
+            hidden[rows] = h.reshape(gr.shape)
+            weight_sum[rows] = w.reshape(*gr.shape[:-1], 1)
+            if d is not None:
+                down_delta[rows] = d.reshape(*gr.shape[:-1], -1)
+        return self._down(hidden, down_delta, weight_sum)
+
+    def _down(self, hidden: torch.Tensor, down_delta: torch.Tensor | None, weight_sum: torch.Tensor) -> torch.Tensor:
+        """W2 h + Σ_e s·B2_e A2_e(w_e h_e) + b2·Σ_e w_e: the frozen down projection once per token."""
+        down = self.base_layer.down_proj
+        out = F.linear(hidden, down.weight)
+        if down.bias is not None:
+            out = out + down.bias * weight_sum
+        return out if down_delta is None else out + down_delta
+
+    def _mixture(
+        self,
+        adapter: str,
+        x: torch.Tensor,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        token_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Route N tokens of one adapter and mix its experts.
+
+        Args:
+            x: (N, d) tokens; gate, up: (N, I) frozen W1 x and W3 x; token_mask: (N,) real tokens or None.
+        Returns:
+            hidden Σ_e w_e h_e (N, I), the summed down-projection LoRA deltas (N, d) or None, and Σ_e w_e (N, 1).
+        """
+        settings = self.mixlora_settings[adapter]
+        experts: ExpertLoRA = self.mixlora_experts[adapter]
+        dropout = self.mixlora_dropout[adapter]
+        router_input = x.float()
+        if self.training and settings.jitter_noise > 0:
+            eps = settings.jitter_noise
+            router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - eps, 1.0 + eps)
+        logits = F.linear(router_input, self.mixlora_router[adapter].weight.float())  # (N, E), fp32
+        probs = routing.router_probabilities(logits)
+        weights, chosen = settings.rule(probs)  # (N, k) each
+        self._record(adapter, probs, weights, chosen, token_mask, settings.num_experts)
+
+        plan = dispatch(weights, chosen, settings.num_experts)
+        xs, gs, us = x[plan.token], gate[plan.token], up[plan.token]  # (M, ·), M = selected pairs
+        gate_factors, up_factors = experts.factors("gate_proj"), experts.factors("up_proj")
+        if gate_factors is not None:
+            gs = gs + grouped_lora(xs, *gate_factors, plan.counts, settings.scaling, dropout).to(gs.dtype)
+        if up_factors is not None:
+            us = us + grouped_lora(xs, *up_factors, plan.counts, settings.scaling, dropout).to(us.dtype)
+        act = self.base_layer.act_fn(gs) * us  # h_e per pair, (M, I)
+        weighted = act * plan.weight.to(act.dtype).unsqueeze(-1)  # w_e h_e
+        hidden = torch.zeros_like(gate).index_add(0, plan.token, weighted)
+        weight_sum = torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)
+        weight_sum = weight_sum.index_add(0, plan.token, plan.weight.to(x.dtype).unsqueeze(-1))
+        down_delta = None
+        factors = experts.factors("down_proj")
+        if factors is not None:
+            pair_delta = grouped_lora(weighted, *factors, plan.counts, settings.scaling, dropout).to(x.dtype)
+            out_features = self.base_layer.down_proj.out_features
+            down_delta = x.new_zeros(x.shape[0], out_features).index_add(0, plan.token, pair_delta)
+        return hidden, down_delta, weight_sum
+
+    def _record(self, adapter, probs, weights, chosen, token_mask, num_experts) -> None:
+        records = self._context.records
+        if records is None:
+            return
+        selected = routing.selection_mask(chosen, weights, num_experts)
+        if token_mask is not None:
+            probs, selected = probs[token_mask], selected[token_mask]
+        records.append(RouterRecord(layer=self.layer_name, adapter=adapter, probs=probs, selected=selected))
+
+    # ------------------------------------------------------------------ PEFT API
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        raise ValueError(
+            "MixLoRA experts cannot be merged into the base weights: each token uses different experts, chosen by "
+            "the router at run time. Use unload() to get the base model back, or keep the adapter separate."
+        )
+
+    def __repr__(self) -> str:
+        return f"mixlora.{super().__repr__()}"

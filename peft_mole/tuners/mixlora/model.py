@@ -1,0 +1,218 @@
+"""MixLoRAModel: the PEFT tuner that finds gated MLPs and attention projections and swaps in MixLoRA layers."""
+
+from __future__ import annotations
+
+import functools
+import re
+from contextlib import contextmanager
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from peft_mole import routing
+from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord
+from peft_mole.tuners.mixlora.attention import LoraLinear
+from peft_mole.tuners.mixlora.config import MixLoRAConfig
+from peft_mole.tuners.mixlora.layer import MixLoRAMLP, find_gated_mlp
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def find_targets(model: nn.Module, config: MixLoRAConfig) -> dict[str, str]:
+    """Module names to adapt, by structure: {name: "mlp" | "attention"}.
+
+    An MLP target is a gated MLP block (see `find_gated_mlp`) or an already wrapped one; an attention target is a
+    linear layer named in `config.attn_target_modules` outside the MLP blocks. `layers_to_transform` keeps only
+    modules whose path holds one of the given decoder layer indices.
+    """
+    targets: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MixLoRAMLP) or (find_gated_mlp(module) and not name.endswith(".base_layer")):
+            targets[name] = "mlp"
+    if not targets:
+        raise ValueError(
+            "MixLoRA needs a decoder with gated MLP blocks (linear gate_proj, up_proj, down_proj and act_fn, as in "
+            f"Llama, Qwen2, Mistral); none found in {type(model).__name__}"
+        )
+    mlp_prefixes = tuple(name + "." for name in targets)
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in config.attn_target_modules and isinstance(module, (nn.Linear, LoraLinear)):
+            if not name.startswith(mlp_prefixes):
+                targets[name] = "attention"
+    if config.layers_to_transform is not None:
+        wanted = {config.layers_to_transform} if isinstance(config.layers_to_transform, int) else set(
+            config.layers_to_transform
+        )
+        kept = {}
+        for name, kind in targets.items():
+            match = _LAYER_INDEX.search(name)
+            if match and int(match.group(1)) in wanted:
+                kept[name] = kind
+        if not kept:
+            raise ValueError(f"layers_to_transform={config.layers_to_transform} matches no decoder layer")
+        targets = kept
+    return targets
+
+
+def router_aux_loss(
+    records: list[RouterRecord], configs: dict[str, MixLoRAConfig]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Aux loss of each adapter: a · mean over its MoE layers of L_lb (SPEC.md §1); returns (sum, per adapter)."""
+    per_layer: dict[str, list[torch.Tensor]] = {}
+    for record in records:
+        per_layer.setdefault(record.adapter, []).append(routing.load_balance_loss(record.probs, record.selected))
+    per_adapter = {
+        name: configs[name].router_aux_loss_coef * torch.stack(losses).mean() for name, losses in per_layer.items()
+    }
+    return sum(per_adapter.values()), per_adapter
+
+
+def _count_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor | None) -> torch.Tensor | None:
+    if shift_labels is not None:
+        return (shift_labels != -100).sum()
+    if labels is None:
+        return None
+    return (labels[..., 1:] != -100).sum()
+
+
+class MixLoRAModel(BaseTuner):
+    """Tuner for `MixLoRAConfig`: wraps gated MLP blocks in `MixLoRAMLP` and attention projections in `LoraLinear`.
+
+    Its forward adds the router auxiliary loss to `outputs.loss` when labels are given (and exposes it as
+    `outputs.aux_loss`), so `transformers.Trainer` and TRL's `SFTTrainer` train it with no special trainer.
+    `adapter_names=[one name per row]` in forward/generate runs rows of different adapters in one pass.
+
+    Example:
+        >>> model = get_peft_model(base, MixLoRAConfig(num_experts=8, top_k=2))   # doctest: +SKIP
+    """
+
+    prefix = "mixlora_"
+    tuner_layer_cls = (LoraLinear, MixLoRAMLP)
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------ injection
+    def _context(self) -> ForwardContext:
+        context = self.__dict__.get("_forward_context")
+        if context is None:
+            context = ForwardContext()
+            self.__dict__["_forward_context"] = context
+        return context
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        return peft_config
+
+    def _prepare_model(self, peft_config: MixLoRAConfig, model: nn.Module) -> None:
+        self.__dict__["_targets"] = find_targets(model, peft_config)
+
+    def _check_target_module_exists(self, peft_config, key: str) -> bool:
+        return key in self.__dict__.get("_targets", {})
+
+    def _create_and_replace(self, peft_config: MixLoRAConfig, adapter_name, target, target_name, parent, current_key, **kw):
+        kind = self.__dict__["_targets"][current_key]
+        if kind == "mlp":
+            layer = target if isinstance(target, MixLoRAMLP) else MixLoRAMLP(
+                target, adapter_name, self._context(), current_key
+            )
+            layer.update_layer(
+                adapter_name,
+                num_experts=peft_config.num_experts,
+                r=peft_config.r,
+                scaling=peft_config.scaling(peft_config.r, peft_config.lora_alpha),
+                dropout=peft_config.lora_dropout,
+                projections=peft_config.expert_target_modules,
+                rule=self._routing_rule(peft_config),
+                router_init_std=peft_config.router_init_std,
+                jitter_noise=peft_config.jitter_noise,
+            )
+        else:
+            layer = target if isinstance(target, LoraLinear) else LoraLinear(target, adapter_name, self._context())
+            r, alpha, dropout = peft_config.attention_lora
+            layer.update_layer(adapter_name, r=r, scaling=peft_config.scaling(r, alpha), dropout=dropout)
+        if layer is not target:
+            setattr(parent, target_name, layer)
+        if adapter_name not in self.active_adapters:
+            layer.requires_grad_(False)
+
+    @staticmethod
+    def _routing_rule(config: MixLoRAConfig):
+        """The routing rule of a config: top-k with renormalised weights (MixLoRA §3.2)."""
+        return functools.partial(routing.top_k_routing, k=config.top_k, renormalize=True)
+
+    # ------------------------------------------------------------------ forward
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Take `adapter_names` (one adapter name per batch row, or "__base__") for one forward/generate call."""
+        names = kwargs.get("adapter_names")
+        if names is None:
+            yield
+            return
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {names!r}")
+        unknown = sorted({n for n in names if n not in self.peft_config and n != BASE_ROW})
+        if unknown:
+            raise ValueError(
+                f"adapter_names has unknown adapter(s) {unknown}; known: {sorted(self.peft_config)} or '{BASE_ROW}'"
+            )
+        context = self._context()
+        context.set_row_adapters(names)
+        try:
+            yield
+        finally:
+            context.set_row_adapters(None)
+
+    def forward(self, *args, **kwargs):
+        context = self._context()
+        labels = kwargs.get("labels")
+        attention_mask = kwargs.get("attention_mask")
+        context.token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        context.records = [] if (self.training or labels is not None) else None
+        try:
+            outputs = self.model(*args, **kwargs)
+            records = context.records
+        finally:
+            context.clear()
+        if records:
+            self._attach_aux_loss(outputs, records, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"))
+        return outputs
+
+    def _attach_aux_loss(self, outputs, records, labels, shift_labels, num_items_in_batch) -> None:
+        """outputs.loss += aux · n/N, with n this micro-batch's target tokens and N = num_items_in_batch (else n).
+
+        Under gradient accumulation the LM loss is Σ_micro Σ_token loss / N, so weighting each micro-batch's aux
+        loss by n/N makes the accumulated aux term a token-weighted mean that sums to one aux loss.
+        TRL's SFTTrainer computes its loss from `outputs.log_probs` (its fused LM head): there the aux loss is
+        spread over the target tokens (−aux/n each) so that −Σ log_probs / N also equals LM + aux · n/N.
+        """
+        aux, per_adapter = router_aux_loss(records, self.peft_config)
+        self.__dict__["last_router_stats"] = {
+            (r.adapter, r.layer): routing.expert_load(r.selected).detach() for r in records
+        }
+        self.__dict__["last_aux_loss"] = {k: v.detach() for k, v in per_adapter.items()}
+        if not hasattr(outputs, "keys"):
+            return  # return_dict=False: a tuple, nothing to attach to
+        outputs["aux_loss"] = aux
+        label_mask = outputs.get("label_mask")
+        if outputs.get("log_probs") is not None and label_mask is not None:
+            n = label_mask.sum()
+        else:
+            n = _count_targets(labels, shift_labels)
+        if outputs.get("loss") is None or n is None:
+            return
+        n = n.clamp(min=1).to(aux.dtype)
+        denominator = n if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(n)
+        outputs["loss"] = outputs["loss"] + aux * (n / denominator)
+        if outputs.get("log_probs") is not None and label_mask is not None:
+            outputs["log_probs"] = outputs["log_probs"] - (aux / n) * label_mask.to(aux.dtype)
+
+    # ------------------------------------------------------------------ merging
+    def merge_and_unload(self, *args, **kwargs):
+        raise ValueError(
+            "MixLoRA adapters cannot be merged: the MLP experts are chosen per token by the router, so no single "
+            "weight update equals them. Use `unload()` for the base model, or keep the adapter (it loads with "
+            "PeftModel.from_pretrained after `import peft_mole`)."
+        )
+
+    def merge_adapter(self, *args, **kwargs):
+        self.merge_and_unload()
