@@ -1,10 +1,11 @@
 """State one forward pass shares between the tuner and its layers.
 
-A tuner owns one `ForwardContext`; every layer it creates holds a reference to it. The tuner fills it at the
-start of a call (per-row adapter names, the non-padding token mask, whether to record router statistics) and
-clears it at the end, so nothing carries over from one forward call to the next (MoE-PEFT issue #14).
-Layers used outside a tuner call (e.g. inside `generate`) see an empty context: every row uses the active
-adapter and nothing is recorded.
+A tuner owns one `ForwardContext`; every layer it creates holds a reference to it. Each call sets it afresh:
+`PeftModel.forward/generate` (through the tuner's `_enable_peft_forward_hooks`) or a direct tuner call sets the
+per-row adapter names; the tuner's forward sets the non-padding token mask and starts recording router
+statistics, and stops recording when it returns, so no statistic carries over from one call to the next
+(MoE-PEFT issue #14). Row assignment and mask stay in place until the next call on purpose: activation
+checkpointing re-runs the layers during backward and must see the same rows as the forward did.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ class RouterRecord:
     adapter: str
     probs: torch.Tensor  # (T, E) fp32, with grad
     selected: torch.Tensor  # (T, E) bool
+    token_mask: torch.Tensor | None  # (T,) bool, True = real token; None = all tokens count
+
+    def counted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probs, selected) of the tokens that count (padding removed)."""
+        if self.token_mask is None:
+            return self.probs, self.selected
+        return self.probs[self.token_mask], self.selected[self.token_mask]
 
 
 @dataclass
@@ -40,15 +48,12 @@ class ForwardContext:
     row_adapters: list[str] | None = None
     token_mask: torch.Tensor | None = None  # (batch, seq) bool, True = real token
     records: list[RouterRecord] | None = None  # None = do not record
+    rows_set_by_hook: bool = False  # row_adapters were set for the call now starting
     _groups: dict = field(default_factory=dict)
 
-    def clear(self) -> None:
-        self.token_mask = None
-        self.records = None
-        self._groups = {}
-
-    def set_row_adapters(self, names: list[str] | None) -> None:
+    def set_row_adapters(self, names: list[str] | None, by_hook: bool = False) -> None:
         self.row_adapters = None if names is None else list(names)
+        self.rows_set_by_hook = by_hook
         self._groups = {}
 
     def row_groups(self, batch_size: int, active: list[str], device: torch.device) -> list[RowGroup]:

@@ -222,10 +222,10 @@ class MixLoRAMLP(nn.Module, BaseTunerLayer):
         records = self._context.records
         if records is None:
             return
-        selected = routing.selection_mask(chosen, weights, num_experts)
-        if token_mask is not None:
-            probs, selected = probs[token_mask], selected[token_mask]
-        records.append(RouterRecord(layer=self.layer_name, adapter=adapter, probs=probs, selected=selected))
+        # No autograd op here: checkpointed layers re-run without recording and must save the same tensors.
+        with torch.no_grad():
+            selected = routing.selection_mask(chosen, weights, num_experts)
+        records.append(RouterRecord(self.layer_name, adapter, probs, selected, token_mask))
 
     # ------------------------------------------------------------------ PEFT API
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:

@@ -62,7 +62,7 @@ def router_aux_loss(
     """Aux loss of each adapter: a · mean over its MoE layers of L_lb (SPEC.md §1); returns (sum, per adapter)."""
     per_layer: dict[str, list[torch.Tensor]] = {}
     for record in records:
-        per_layer.setdefault(record.adapter, []).append(routing.load_balance_loss(record.probs, record.selected))
+        per_layer.setdefault(record.adapter, []).append(routing.load_balance_loss(*record.counted()))
     per_adapter = {
         name: configs[name].router_aux_loss_coef * torch.stack(losses).mean() for name, losses in per_layer.items()
     }
@@ -146,8 +146,14 @@ class MixLoRAModel(BaseTuner):
         """Take `adapter_names` (one adapter name per batch row, or "__base__") for one forward/generate call."""
         names = kwargs.get("adapter_names")
         if names is None:
+            self._context().set_row_adapters(None, by_hook=True)
             yield
             return
+        self._check_adapter_names(names)
+        self._context().set_row_adapters(names, by_hook=True)
+        yield
+
+    def _check_adapter_names(self, names) -> None:
         if isinstance(names, str) or not all(isinstance(n, str) for n in names):
             raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {names!r}")
         unknown = sorted({n for n in names if n not in self.peft_config and n != BASE_ROW})
@@ -155,15 +161,14 @@ class MixLoRAModel(BaseTuner):
             raise ValueError(
                 f"adapter_names has unknown adapter(s) {unknown}; known: {sorted(self.peft_config)} or '{BASE_ROW}'"
             )
-        context = self._context()
-        context.set_row_adapters(names)
-        try:
-            yield
-        finally:
-            context.set_row_adapters(None)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         context = self._context()
+        if not context.rows_set_by_hook:  # called directly, not through PeftModel
+            if adapter_names is not None:
+                self._check_adapter_names(adapter_names)
+            context.set_row_adapters(adapter_names)
+        context.rows_set_by_hook = False
         labels = kwargs.get("labels")
         attention_mask = kwargs.get("attention_mask")
         context.token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
@@ -172,7 +177,7 @@ class MixLoRAModel(BaseTuner):
             outputs = self.model(*args, **kwargs)
             records = context.records
         finally:
-            context.clear()
+            context.records = None
         if records:
             self._attach_aux_loss(outputs, records, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"))
         return outputs

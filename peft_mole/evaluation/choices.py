@@ -1,0 +1,49 @@
+"""Multiple-choice scoring: pick the answer whose tokens the model finds most likely after the prompt."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+
+@torch.no_grad()
+def choice_scores(model, tokenizer, prompt: str, choices: list[str], adapter: str | None = None) -> torch.Tensor:
+    """Σ_t log p(choice_t | prompt, choice_<t) for each choice, (len(choices),) fp32.
+
+    The prompt and each choice are tokenised separately and concatenated, so every choice is scored on the same
+    prompt tokens. `adapter` runs all rows with that adapter (`adapter_names`) when given.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+    length = len(prompt_ids) + max(len(c) for c in choice_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    ids = torch.full((len(choices), length), pad, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, c in enumerate(choice_ids):
+        row = prompt_ids + c
+        ids[i, : len(row)] = torch.tensor(row, device=device)
+        mask[i, : len(row)] = 1
+    kwargs = {} if adapter is None else {"adapter_names": [adapter] * len(choices)}
+    logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits.float()
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    scores = torch.zeros(len(choices), device=device)
+    for i, c in enumerate(choice_ids):
+        start = len(prompt_ids) - 1  # position predicting the first choice token
+        scores[i] = log_probs[i, start : start + len(c)].sum()
+    return scores.cpu()
+
+
+def choice_accuracy(model, tokenizer, rows: list[dict], adapter: str | None = None) -> dict[str, float]:
+    """Accuracy per task and on average over rows with fields task, prompt, completion, choices."""
+    was_training = model.training
+    model.eval()
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for row in rows:
+        scores = choice_scores(model, tokenizer, row["prompt"], row["choices"], adapter)
+        hits[row["task"]].append(row["choices"][int(scores.argmax())] == row["completion"])
+    model.train(was_training)
+    result = {task: sum(h) / len(h) for task, h in sorted(hits.items())}
+    result["average"] = sum(result.values()) / len(result)
+    return result
