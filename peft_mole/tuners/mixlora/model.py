@@ -211,7 +211,11 @@ class MixLoRAModel(BaseTuner):
         if outputs.get("log_probs") is not None and label_mask is not None:
             outputs["log_probs"] = outputs["log_probs"] - (aux / n) * label_mask.to(aux.dtype)
 
-    # ------------------------------------------------------------------ merging
+    # ------------------------------------------------------------------ merging / unloading
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        """Put `new_module` in place of `child` (layers are created on their base's device already)."""
+        setattr(parent, child_name, new_module)
+
     def merge_and_unload(self, *args, **kwargs):
         raise ValueError(
             "MixLoRA adapters cannot be merged: the MLP experts are chosen per token by the router, so no single "

@@ -1,0 +1,41 @@
+"""Test helpers: tiny random-init decoders (BENCH.md 'tiny' shape) and ways to adapt them."""
+
+from __future__ import annotations
+
+import torch
+
+import peft_mole
+from peft_mole import synthetic
+
+FAMILIES = ["llama", "qwen2", "mistral"]
+
+
+def tiny_base(family: str = "llama", seed: int = 0, **overrides):
+    return synthetic.random_model(family, "tiny", seed=seed, **overrides)
+
+
+def randomize_adapters(model, std: float = 0.05, seed: int = 1) -> None:
+    """Give every trainable tensor a random value (B = 0 at init would hide bugs in the expert path)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def mixlora(**overrides) -> peft_mole.MixLoRAConfig:
+    settings = dict(num_experts=4, top_k=2, r=4, lora_alpha=8, lora_dropout=0.0)
+    settings.update(overrides)
+    return peft_mole.MixLoRAConfig(**settings)
+
+
+def batch(batch_size: int = 2, seq_len: int = 12, vocab: int = 512, pad_last: int = 0, seed: int = 0):
+    """input_ids, attention_mask (the last `pad_last` positions of row 0 are right padding), labels."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch_size, seq_len), generator=gen)
+    mask = torch.ones_like(ids)
+    if pad_last:
+        ids[0, -pad_last:] = 0
+        mask[0, -pad_last:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels

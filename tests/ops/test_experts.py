@@ -1,0 +1,43 @@
+import torch
+
+from peft_mole.ops.experts import dispatch, grouped_lora
+from peft_mole.ops.segmented_lora import lora_delta, scatter_row_deltas
+from peft_mole.forward_context import BASE_ROW, ForwardContext
+
+
+def test_dispatch_groups_pairs_by_expert_and_drops_empty_slots():
+    experts = torch.tensor([[2, 0], [0, 1], [2, 3]])
+    weights = torch.tensor([[0.6, 0.4], [0.9, 0.0], [0.5, 0.5]])
+    plan = dispatch(weights, experts, num_experts=4)
+    assert plan.counts == [2, 0, 2, 1]
+    assert plan.token.tolist() == [0, 1, 0, 2, 2]  # expert 0: tokens 0,1; expert 2: tokens 0,2; expert 3: token 2
+    torch.testing.assert_close(plan.weight, torch.tensor([0.4, 0.9, 0.6, 0.5, 0.5]))
+
+
+def test_grouped_lora_equals_per_row_reference():
+    num_experts, r, din, dout = 3, 2, 5, 7
+    a, b = torch.randn(num_experts, r, din), torch.randn(num_experts, dout, r)
+    counts = [2, 0, 3]
+    x = torch.randn(5, din)
+    out = grouped_lora(x, a, b, counts, scaling=0.5, dropout=torch.nn.Identity())
+    owner = [0, 0, 2, 2, 2]
+    ref = torch.stack([0.5 * b[e] @ (a[e] @ x[i]) for i, e in enumerate(owner)])
+    torch.testing.assert_close(out, ref)
+
+
+def test_scatter_row_deltas_applies_each_adapter_to_its_rows_only():
+    x = torch.randn(4, 3, 5)
+    base = torch.randn(4, 3, 6)
+    weights = {"a": torch.randn(6, 5), "b": torch.randn(6, 5)}
+    context = ForwardContext()
+    context.set_row_adapters(["a", "b", BASE_ROW, "a"])
+    groups = context.row_groups(4, ["a"], x.device)
+    out = scatter_row_deltas(base, x, groups, lambda name, rows: rows @ weights[name].t())
+    for row, name in enumerate(["a", "b", None, "a"]):
+        expected = base[row] if name is None else base[row] + x[row] @ weights[name].t()
+        torch.testing.assert_close(out[row], expected)
+
+
+def test_lora_delta_formula():
+    x, a, b = torch.randn(3, 4), torch.randn(2, 4), torch.randn(5, 2)
+    torch.testing.assert_close(lora_delta(x, a, b, 2.0, torch.nn.Identity()), 2.0 * x @ a.t() @ b.t())

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from peft_mole import routing
+
+
+def slow_top_k(probs, k):
+    """Per-token reference: sort each row, keep k, renormalise."""
+    weights, experts = [], []
+    for row in probs.tolist():
+        order = sorted(range(len(row)), key=lambda i: -row[i])[:k]
+        total = sum(row[i] for i in order)
+        experts.append(order)
+        weights.append([row[i] / total for i in order])
+    return torch.tensor(weights), torch.tensor(experts)
+
+
+def slow_load_balance(probs, selected):
+    num_tokens, num_experts = probs.shape
+    selections = sum(sum(int(s) for s in row) for row in selected.tolist())
+    loss = 0.0
+    for i in range(num_experts):
+        f_i = sum(int(selected[t, i]) for t in range(num_tokens)) / selections
+        p_i = sum(float(probs[t, i]) for t in range(num_tokens)) / num_tokens
+        loss += f_i * p_i
+    return num_experts * loss
+
+
+def test_router_probabilities_are_fp32_softmax():
+    logits = torch.randn(5, 8, dtype=torch.bfloat16)
+    probs = routing.router_probabilities(logits)
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5))
+    torch.testing.assert_close(probs, torch.softmax(logits.float(), -1))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_top_k_matches_slow_reference(k):
+    probs = torch.softmax(torch.randn(50, 8), -1)
+    weights, experts = routing.top_k_routing(probs, k)
+    ref_w, ref_e = slow_top_k(probs, k)
+    assert torch.equal(experts, ref_e)
+    torch.testing.assert_close(weights, ref_w)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(50))
+
+
+def test_top_k_without_renormalisation_keeps_probabilities():
+    probs = torch.tensor([[0.1, 0.6, 0.3]])
+    weights, experts = routing.top_k_routing(probs, 2, renormalize=False)
+    assert experts.tolist() == [[1, 2]]
+    torch.testing.assert_close(weights, torch.tensor([[0.6, 0.3]]))
+
+
+@pytest.mark.parametrize("k", [0, 9])
+def test_top_k_rejects_bad_k(k):
+    with pytest.raises(ValueError, match="k must be in"):
+        routing.top_k_routing(torch.rand(2, 8), k)
+
+
+def test_load_balance_is_one_at_perfect_balance():
+    # 8 tokens, 4 experts, uniform probabilities, each expert chosen exactly 4 times with k = 2
+    probs = torch.full((8, 4), 0.25)
+    experts = torch.tensor([[0, 1], [2, 3]] * 4)
+    selected = routing.selection_mask(experts, torch.ones(8, 2), 4)
+    assert routing.load_balance_loss(probs, selected).item() == pytest.approx(1.0, abs=1e-7)
+
+
+def test_load_balance_is_num_experts_at_collapse():
+    probs = torch.zeros(6, 4)
+    probs[:, 2] = 1.0
+    selected = routing.selection_mask(torch.full((6, 1), 2), torch.ones(6, 1), 4)
+    assert routing.load_balance_loss(probs, selected).item() == pytest.approx(4.0)
+
+
+def test_load_balance_matches_slow_reference_and_has_gradient():
+    logits = torch.randn(40, 8, requires_grad=True)
+    probs = routing.router_probabilities(logits)
+    weights, experts = routing.top_k_routing(probs, 2)
+    selected = routing.selection_mask(experts, weights, 8)
+    loss = routing.load_balance_loss(probs, selected)
+    assert loss.item() == pytest.approx(slow_load_balance(probs.detach(), selected), rel=1e-6)
+    loss.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_selection_mask_ignores_zero_weight_slots():
+    experts = torch.tensor([[0, 3], [1, 2]])
+    weights = torch.tensor([[0.7, 0.0], [0.5, 0.5]])
+    mask = routing.selection_mask(experts, weights, 4)
+    assert mask.tolist() == [[True, False, False, False], [False, True, True, False]]
+    torch.testing.assert_close(routing.expert_load(mask), torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]))
+
+
+def test_load_balance_of_no_tokens_is_zero():
+    assert routing.load_balance_loss(torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.bool)).item() == 0.0

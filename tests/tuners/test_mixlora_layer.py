@@ -1,0 +1,174 @@
+"""MixLoRA MLP layer: exactness of the shared-frozen-weight computation, dispatch, padding, mixed adapters."""
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_mole import BASE_ROW, MixLoRAConfig
+from peft_mole.tuners.mixlora import MixLoRAMLP
+from peft_mole.tuners.mixlora import layer as layer_module
+from tests.helpers import batch, mixlora, randomize_adapters, tiny_base
+
+
+def naive_mixture(layer: MixLoRAMLP, x: torch.Tensor, adapter: str = "default") -> torch.Tensor:
+    """SPEC §1 written out token by token: y = Σ_{e∈topk} w_e W2_e(σ(W1_e x) ⊙ W3_e x), W_e = W + s·B_e A_e."""
+    mlp = layer.base_layer
+    experts = layer.mixlora_experts[adapter]
+    settings = layer.mixlora_settings[adapter]
+    router = layer.mixlora_router[adapter].weight
+    k = settings.rule.keywords["k"]
+
+    def expert_weight(proj, e):
+        base = getattr(mlp, proj)
+        factors = experts.factors(proj)
+        if factors is None:
+            return base.weight
+        a, b = factors
+        return base.weight + settings.scaling * b[e] @ a[e]
+
+    out = torch.zeros(x.shape[0], mlp.down_proj.out_features)
+    for t in range(x.shape[0]):
+        probs = torch.softmax(router @ x[t], dim=-1)
+        top = sorted(range(len(probs)), key=lambda i: -float(probs[i]))[:k]
+        total = sum(float(probs[i]) for i in top)
+        for e in top:
+            w1, w3, w2 = (expert_weight(p, e) for p in ("gate_proj", "up_proj", "down_proj"))
+            h = mlp.act_fn(w1 @ x[t]) * (w3 @ x[t])
+            y = w2 @ h
+            if mlp.down_proj.bias is not None:
+                y = y + mlp.down_proj.bias
+            out[t] += float(probs[e]) / total * y
+    return out
+
+
+def mlp_layers(model):
+    return [m for m in model.modules() if isinstance(m, MixLoRAMLP)]
+
+
+@pytest.mark.parametrize(
+    "config, mlp_bias",
+    [
+        (dict(), False),
+        (dict(expert_target_modules=["up_proj"]), False),
+        (dict(expert_target_modules=["gate_proj", "down_proj"], top_k=1), False),
+        (dict(num_experts=5, top_k=3), True),
+    ],
+)
+def test_shared_frozen_weights_equal_naive_per_expert_formula(config, mlp_bias):
+    model = get_peft_model(tiny_base(mlp_bias=mlp_bias), mixlora(**config))
+    randomize_adapters(model, std=0.1)
+    model.eval()
+    layer = mlp_layers(model)[0]
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        fast = layer(x).reshape(-1, 64)
+        slow = naive_mixture(layer, x.reshape(-1, 64))
+    assert (fast - slow).abs().max().item() <= 1e-5
+
+
+def test_only_selected_pairs_are_computed(monkeypatch):
+    """Expert LoRA runs on tokens×k rows (sorted by expert), never tokens×E."""
+    rows_seen = []
+    real = layer_module.grouped_lora
+
+    def spy(x, a, b, counts, scaling, dropout):
+        rows_seen.append((x.shape[0], list(counts)))
+        return real(x, a, b, counts, scaling, dropout)
+
+    monkeypatch.setattr(layer_module, "grouped_lora", spy)
+    model = get_peft_model(tiny_base(), mixlora(num_experts=8, top_k=2))
+    ids, mask, _ = batch(2, 10)
+    model(input_ids=ids, attention_mask=mask)
+    assert rows_seen and all(rows == 2 * 10 * 2 and sum(counts) == rows for rows, counts in rows_seen)
+
+
+def test_padding_counts_in_no_router_statistic():
+    model = get_peft_model(tiny_base(), mixlora())
+    randomize_adapters(model)
+    model.train()
+    ids, mask, labels = batch(2, 12, pad_last=5)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    other_pads = ids.clone()
+    other_pads[0, -5:] = torch.randint(3, 512, (5,))
+    out2 = model(input_ids=other_pads, attention_mask=mask, labels=labels)
+    assert out.aux_loss.item() == pytest.approx(out2.aux_loss.item(), abs=1e-7)
+    assert out.loss.item() == pytest.approx(out2.loss.item(), abs=1e-6)
+    # and without the mask the pads would count (the test can fail)
+    out3 = model(input_ids=other_pads, attention_mask=torch.ones_like(mask), labels=labels)
+    assert out3.aux_loss.item() != pytest.approx(out.aux_loss.item(), abs=1e-7)
+
+
+def test_mixed_adapter_batch_equals_each_row_alone():
+    model = get_peft_model(tiny_base(), mixlora())
+    model.add_adapter("other", mixlora(num_experts=3, top_k=1, r=2, attn_target_modules=["q_proj", "v_proj"]))
+    model.base_model.set_adapter(["default", "other"])  # make both trainable so randomisation reaches both
+    randomize_adapters(model, std=0.1)
+    model.base_model.set_adapter("default")
+    model.eval()
+    ids, mask, _ = batch(4, 9)
+    names = ["other", "default", BASE_ROW, "other"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == BASE_ROW:
+                with model.disable_adapter():
+                    alone = model(input_ids=ids[row : row + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=ids[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+    # the adapters really differ
+    assert (mixed[0] - mixed[1]).abs().max() > 1e-3
+
+
+def test_mixed_batch_gradients_reach_only_the_rows_adapter():
+    model = get_peft_model(tiny_base(), mixlora())
+    model.add_adapter("other", mixlora())
+    model.base_model.set_adapter(["default", "other"])
+    randomize_adapters(model)
+    ids, mask, labels = batch(2, 8)
+    out = model(input_ids=ids[:1], attention_mask=mask[:1], labels=labels[:1], adapter_names=["other"])
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        if ".default" in name and p.requires_grad:
+            assert p.grad is None or p.grad.abs().sum() == 0, name
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".other" in n)
+
+
+def test_adapter_names_are_checked():
+    model = get_peft_model(tiny_base(), mixlora())
+    ids, mask, _ = batch(2, 5)
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]"):
+        model(input_ids=ids, adapter_names=["default", "nope"])
+    with pytest.raises(ValueError, match="adapter_names has 3 entries but the batch has 2 rows"):
+        model(input_ids=ids, adapter_names=["default"] * 3)
+    with pytest.raises(TypeError, match="adapter_names must be a list"):
+        model(input_ids=ids, adapter_names="default")
+
+
+def test_model_without_gated_mlp_is_rejected():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=32))
+    with pytest.raises(ValueError, match="needs a decoder with gated MLP blocks"):
+        get_peft_model(base, MixLoRAConfig())
+
+
+def test_layers_to_transform_and_expert_subset():
+    model = get_peft_model(tiny_base(), mixlora(layers_to_transform=[1], attn_target_modules=["q_proj"]))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(".layers.1." in n for n in names)
+    assert not any("k_proj" in n for n in names)
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[5\] matches no decoder layer"):
+        get_peft_model(tiny_base(), mixlora(layers_to_transform=[5]))
+
+
+def test_router_stays_fp32_under_bf16():
+    model = get_peft_model(tiny_base().to(torch.bfloat16), mixlora())
+    layer = mlp_layers(model)[0]
+    assert layer.mixlora_router["default"].weight.dtype == torch.float32
+    ids, mask, labels = batch(2, 6)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert layer.mixlora_router["default"].weight.grad.dtype == torch.float32
