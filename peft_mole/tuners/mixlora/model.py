@@ -187,8 +187,8 @@ class MixLoRAModel(BaseTuner):
 
         Under gradient accumulation the LM loss is Σ_micro Σ_token loss / N, so weighting each micro-batch's aux
         loss by n/N makes the accumulated aux term a token-weighted mean that sums to one aux loss.
-        TRL's SFTTrainer computes its loss from `outputs.log_probs` (its fused LM head): there the aux loss is
-        spread over the target tokens (−aux/n each) so that −Σ log_probs / N also equals LM + aux · n/N.
+        TRL's SFTTrainer computes its loss from `outputs.log_probs` (its fused LM head) as −Σ log_probs / N:
+        subtracting aux from each target token's log-prob makes that LM + aux · n/N as well.
         """
         aux, per_adapter = router_aux_loss(records, self.peft_config)
         self.__dict__["last_router_stats"] = {
@@ -209,7 +209,7 @@ class MixLoRAModel(BaseTuner):
         denominator = n if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(n)
         outputs["loss"] = outputs["loss"] + aux * (n / denominator)
         if outputs.get("log_probs") is not None and label_mask is not None:
-            outputs["log_probs"] = outputs["log_probs"] - (aux / n) * label_mask.to(aux.dtype)
+            outputs["log_probs"] = outputs["log_probs"] - aux * label_mask.to(aux.dtype)
 
     # ------------------------------------------------------------------ merging / unloading
     def _replace_module(self, parent, child_name, new_module, child) -> None:

@@ -1,0 +1,74 @@
+"""push_to_hub / from_pretrained(repo_id) through PEFT's unchanged code, against an in-process fake Hub.
+
+The fake replaces the two network edges: `HfApi.create_repo/create_commit` (upload, as used by
+transformers' PushToHubMixin) and `hf_hub_download/file_exists` (download, as used by PEFT). Everything between
+— file selection, safetensors serialisation, config parsing, key remapping — is the real code.
+"""
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from tests.helpers import batch, mixlora, randomize_adapters, tiny_base
+
+
+class FakeHub:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def create_repo(self, repo_id, **kwargs):
+        (self.root / repo_id).mkdir(parents=True, exist_ok=True)
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            target = self.root / repo_id / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(op.path_or_fileobj, target)
+        return SimpleNamespace(commit_url=f"fake://{repo_id}", oid="0" * 40)
+
+    def hf_hub_download(self, repo_id, filename, subfolder=None, **kwargs):
+        path = self.root / repo_id / (f"{subfolder}/{filename}" if subfolder else filename)
+        if not path.exists():
+            from huggingface_hub.errors import EntryNotFoundError
+
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(path)
+
+    def file_exists(self, repo_id, filename, **kwargs):
+        return (self.root / repo_id / filename).exists()
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    import peft.config
+    import peft.utils.save_and_load
+    import transformers.utils.hub as transformers_hub
+
+    hub = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(transformers_hub, "_hf_api", hub)
+    monkeypatch.setattr(peft.config, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setattr(peft.utils.save_and_load, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setattr(peft.utils.save_and_load, "file_exists", hub.file_exists)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return hub
+
+
+def test_push_then_pull_gives_identical_logits(fake_hub):
+    model = get_peft_model(tiny_base(), mixlora())
+    randomize_adapters(model)
+    model.eval()
+    ids, mask, _ = batch(2, 7)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    model.push_to_hub("someone/tiny-mixlora")
+    files = sorted(p.name for p in (fake_hub.root / "someone/tiny-mixlora").iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    pulled = PeftModel.from_pretrained(tiny_base(), "someone/tiny-mixlora")
+    pulled.eval()
+    with torch.no_grad():
+        assert torch.equal(pulled(input_ids=ids, attention_mask=mask).logits, expected)
