@@ -1,0 +1,121 @@
+"""Train a MixLoRA adapter with TRL's SFTTrainer, save it, reload it, and compare task accuracy.
+
+Offline by default (this is `make demo`): a random-init tiny Llama, a byte-level tokenizer trained here, and a
+generated multi-task instruction set (sentiment, opposites, capitals, addition), all written under
+--output-dir and loaded back with the usual `from_pretrained` / `load_dataset` calls.
+On a real model: `python examples/sft_mixlora.py --model Qwen/Qwen2.5-0.5B --dataset my_data.jsonl`
+(rows with "prompt" and "completion"; accuracy is reported when rows also carry "task" and "choices").
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from datasets import load_dataset
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+import peft_mole
+from peft_mole import synthetic
+from peft_mole.diagnostics import expert_load
+from peft_mole.evaluation import choice_accuracy
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="hub id or local path of a causal LM (default: build a tiny random Llama)")
+    parser.add_argument("--dataset", help="hub dataset name or local .jsonl (default: generate synthetic tasks)")
+    parser.add_argument("--output-dir", default="build/demo")
+    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--num-experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--eval-rows", type=int, default=120)
+    return parser.parse_args()
+
+
+def prepare_offline_assets(out: Path) -> tuple[str, str, str]:
+    """Write a tokenizer, a random base model and train/eval JSONL files; return their paths."""
+    tokenizer = synthetic.demo_tokenizer(save_dir=out / "tokenizer")
+    base = synthetic.random_model(
+        "llama", "tiny", seed=0, vocab_size=len(tokenizer), hidden_size=128, intermediate_size=344
+    )
+    base.save_pretrained(out / "base")
+    tokenizer.save_pretrained(out / "base")
+    synthetic.write_jsonl(synthetic.multitask_rows(2000, seed=0), out / "data" / "train.jsonl")
+    synthetic.write_jsonl(synthetic.multitask_rows(400, seed=1), out / "data" / "eval.jsonl")
+    return str(out / "base"), str(out / "data" / "train.jsonl"), str(out / "data" / "eval.jsonl")
+
+
+def load_rows(name: str, split: str):
+    if name.endswith((".json", ".jsonl")):
+        return load_dataset("json", data_files=name, split="train")
+    return load_dataset(name, split=split)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    out = Path(args.output_dir)
+    eval_path = None
+    if args.model is None or args.dataset is None:
+        model_path, train_path, eval_path = prepare_offline_assets(out)
+    model_path = args.model or model_path
+    train_path = args.dataset or train_path
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train = load_rows(train_path, "train").select_columns(["prompt", "completion"])
+    eval_rows = list(load_rows(eval_path, "train"))[: args.eval_rows] if eval_path else []
+
+    config = peft_mole.MixLoRAConfig(
+        num_experts=args.num_experts, top_k=args.top_k, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_path),
+        args=SFTConfig(
+            output_dir=str(out / "run"), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+            learning_rate=args.learning_rate, logging_steps=max(1, args.max_steps // 10), report_to=[],
+            save_strategy="no", max_length=128, seed=0, disable_tqdm=True,
+            use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        ),
+        train_dataset=train, processing_class=tokenizer, peft_config=config,
+    )
+    trainer.model.print_trainable_parameters()
+    if eval_rows:
+        print("accuracy before:", _fmt(choice_accuracy(trainer.model, tokenizer, eval_rows)))
+
+    start = time.perf_counter()
+    trainer.train()
+    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    print(f"trained {args.max_steps} steps in {time.perf_counter() - start:.0f}s; loss by step:")
+    print("  " + "  ".join(f"{step}:{loss:.3f}" for step, loss in losses))
+
+    adapter_dir = out / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), adapter_dir).eval()
+    probe = tokenizer(["Capital of Peru?\nAnswer: Lima"], return_tensors="pt")
+    trainer.model.eval()
+    with torch.no_grad():
+        same = torch.equal(trainer.model(**probe).logits, reloaded(**probe).logits)
+    print(f"saved to {adapter_dir}; reloaded from disk: logits identical = {same}")
+
+    if eval_rows:
+        print("accuracy after (reloaded adapter):", _fmt(choice_accuracy(reloaded, tokenizer, eval_rows)))
+        texts = [r["prompt"] + r["completion"] for r in eval_rows[:64]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        print("expert load per layer (fraction of selections; balanced = 1/E each):")
+        for layer, load in expert_load(reloaded, enc["input_ids"], enc["attention_mask"]).items():
+            print(f"  {layer:<24}" + " ".join(f"{x:.2f}" for x in load))
+
+
+def _fmt(acc: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in acc.items())
+
+
+if __name__ == "__main__":
+    main()
