@@ -1,8 +1,11 @@
-"""Expert dispatch for Mixture-of-LoRA-Experts layers.
+"""Expert dispatch and expert LoRA for Mixture-of-LoRA-Experts layers.
 
-`dispatch` turns a routing selection into a token order grouped by expert (one stable sort per layer);
-`grouped_lora` applies each expert's LoRA factors to its contiguous segment. Only selected (token, expert)
-pairs are computed — never all experts for all tokens.
+`dispatch` turns a routing selection into (token, expert) pairs sorted by expert (one stable sort per layer).
+Only selected pairs are computed — never all experts' outputs for all tokens:
+- `shared_input_lora` serves projections whose input is the token itself (gate/up): A of all experts is one
+  dense (N, d) × (d, E·r) product — cheap, since E·r is small — from which each pair takes its expert's r
+  values; B then runs per expert on its segment of pairs.
+- `grouped_lora` serves projections whose input differs per pair (down: w_e h_e): A and B per expert segment.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import torch
 class Dispatch:
     """(token, expert) pairs of a selection, sorted by expert.
 
-    token: (M,) token index of each pair; weight: (M,) routing weight; counts: pairs per expert (E ints),
-    so expert e owns the segment counts[:e].sum() : counts[:e+1].sum().
+    token: (M,) token index of each pair; expert: (M,) its expert; weight: (M,) routing weight;
+    counts: pairs per expert (E ints): expert e owns rows counts[:e].sum() : counts[:e+1].sum().
     """
 
     token: torch.Tensor
+    expert: torch.Tensor
     weight: torch.Tensor
     counts: list[int]
 
@@ -40,29 +44,61 @@ def dispatch(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> 
         flat_expert, flat_weight, flat_token = flat_expert[keep], flat_weight[keep], flat_token[keep]
     order = torch.argsort(flat_expert, stable=True)
     counts = torch.bincount(flat_expert, minlength=num_experts).tolist()
-    return Dispatch(token=flat_token[order], weight=flat_weight[order], counts=counts)
+    return Dispatch(token=flat_token[order], expert=flat_expert[order], weight=flat_weight[order], counts=counts)
 
 
-def grouped_lora(
+def _segment_matmul(
+    rows: torch.Tensor, weight: torch.Tensor, counts: list[int], base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """out[seg_e] = base[seg_e] + rows[seg_e] @ weight[e]ᵀ for expert-sorted rows; weight: (E, out, in).
+
+    With `base`, the addition is fused into the matmul (addmm) instead of a separate pass over (M, out).
+    """
+    segments = torch.split(rows, counts)
+    if base is None:
+        outs = [seg @ weight[e].t() for e, seg in enumerate(segments) if seg.shape[0]]
+    else:
+        bases = torch.split(base, counts)
+        outs = [torch.addmm(bases[e], seg, weight[e].t()) for e, seg in enumerate(segments) if seg.shape[0]]
+    if not outs:
+        return rows.new_zeros(0, weight.shape[1]) if base is None else base
+    return torch.cat(outs)
+
+
+def shared_input_lora(
     x: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    counts: list[int],
+    plan: Dispatch,
     scaling: float,
-    dropout: torch.nn.Module,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-expert LoRA on expert-sorted rows: out[seg_e] = s · B_e A_e dropout(x[seg_e]).
+    """Per-pair LoRA output base_p + s · B_e A_e x_t for pairs p = (t, e) whose input is the token x_t itself.
 
     Args:
-        x: (M, in) rows sorted by expert; lora_a: (E, r, in); lora_b: (E, out, r); counts: rows per expert.
+        x: (N, in) tokens (dropout already applied); lora_a: (E, r, in); lora_b: (E, out, r);
+        base: optional (M, out) frozen output per pair, added inside the matmul.
+    Returns:
+        (M, out) in expert-sorted pair order.
+    """
+    num_experts, r, _ = lora_a.shape
+    z = x.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()  # (N, E·r): every expert's A x
+    pair_rows = plan.token * num_experts + plan.expert
+    z_pairs = z.reshape(-1, r).index_select(0, pair_rows) * scaling  # (M, r): s · A_e x_t of each pair
+    if base is not None:
+        base = base.to(lora_b.dtype)
+    return _segment_matmul(z_pairs, lora_b, plan.counts, base)
+
+
+def grouped_lora(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, counts: list[int], scaling: float
+) -> torch.Tensor:
+    """Per-expert LoRA on expert-sorted rows: out[seg_e] = s · B_e A_e x[seg_e].
+
+    Args:
+        x: (M, in) rows sorted by expert (dropout already applied); lora_a: (E, r, in); lora_b: (E, out, r).
     Returns:
         (M, out) in the adapter dtype.
     """
-    x = dropout(x.to(lora_a.dtype))
-    outs = []
-    for e, segment in enumerate(torch.split(x, counts)):
-        if segment.shape[0]:
-            outs.append((segment @ lora_a[e].t()) @ lora_b[e].t())
-    if not outs:
-        return x.new_zeros(0, lora_b.shape[1])
-    return torch.cat(outs) * scaling
+    hidden = _segment_matmul(x.to(lora_a.dtype), lora_a, counts) * scaling  # (M, r)
+    return _segment_matmul(hidden, lora_b, counts)

@@ -56,4 +56,4 @@ def lora_delta(
         (..., out) in the adapter dtype.
     """
     h = dropout(x.to(lora_a.dtype))
-    return torch.nn.functional.linear(torch.nn.functional.linear(h, lora_a), lora_b) * scaling
+    return torch.nn.functional.linear(torch.nn.functional.linear(h, lora_a) * scaling, lora_b)

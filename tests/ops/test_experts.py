@@ -1,6 +1,6 @@
 import torch
 
-from peft_mole.ops.experts import dispatch, grouped_lora
+from peft_mole.ops.experts import dispatch, grouped_lora, shared_input_lora
 from peft_mole.ops.segmented_lora import lora_delta, scatter_row_deltas
 from peft_mole.forward_context import BASE_ROW, ForwardContext
 
@@ -11,6 +11,7 @@ def test_dispatch_groups_pairs_by_expert_and_drops_empty_slots():
     plan = dispatch(weights, experts, num_experts=4)
     assert plan.counts == [2, 0, 2, 1]
     assert plan.token.tolist() == [0, 1, 0, 2, 2]  # expert 0: tokens 0,1; expert 2: tokens 0,2; expert 3: token 2
+    assert plan.expert.tolist() == [0, 0, 2, 2, 3]
     torch.testing.assert_close(plan.weight, torch.tensor([0.4, 0.9, 0.6, 0.5, 0.5]))
 
 
@@ -19,10 +20,26 @@ def test_grouped_lora_equals_per_row_reference():
     a, b = torch.randn(num_experts, r, din), torch.randn(num_experts, dout, r)
     counts = [2, 0, 3]
     x = torch.randn(5, din)
-    out = grouped_lora(x, a, b, counts, scaling=0.5, dropout=torch.nn.Identity())
+    out = grouped_lora(x, a, b, counts, scaling=0.5)
     owner = [0, 0, 2, 2, 2]
     ref = torch.stack([0.5 * b[e] @ (a[e] @ x[i]) for i, e in enumerate(owner)])
     torch.testing.assert_close(out, ref)
+
+
+def test_shared_input_lora_equals_per_pair_reference():
+    num_experts, r, din, dout = 4, 3, 6, 5
+    a, b = torch.randn(num_experts, r, din), torch.randn(num_experts, dout, r)
+    x = torch.randn(7, din)
+    weights, experts = torch.rand(7, 2), torch.randint(0, num_experts, (7, 2))
+    experts[:, 1] = (experts[:, 0] + 1) % num_experts
+    plan = dispatch(weights, experts, num_experts)
+    base = torch.randn(len(plan.token), dout)
+    out = shared_input_lora(x, a, b, plan, scaling=2.0, base=base)
+    ref = torch.stack([
+        base[p] + 2.0 * b[e] @ (a[e] @ x[t]) for p, (t, e) in enumerate(zip(plan.token.tolist(), plan.expert.tolist()))
+    ])
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(shared_input_lora(x, a, b, plan, scaling=2.0), ref - base)
 
 
 def test_scatter_row_deltas_applies_each_adapter_to_its_rows_only():

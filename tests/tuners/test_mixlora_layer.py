@@ -69,17 +69,23 @@ def test_shared_frozen_weights_equal_naive_per_expert_formula(config, mlp_bias):
 def test_only_selected_pairs_are_computed(monkeypatch):
     """Expert LoRA runs on tokens×k rows (sorted by expert), never tokens×E."""
     rows_seen = []
-    real = layer_module.grouped_lora
+    real_grouped, real_shared = layer_module.grouped_lora, layer_module.shared_input_lora
 
-    def spy(x, a, b, counts, scaling, dropout):
-        rows_seen.append((x.shape[0], list(counts)))
-        return real(x, a, b, counts, scaling, dropout)
+    def spy_grouped(x, a, b, counts, scaling):
+        rows_seen.append((x.shape[0], sum(counts)))
+        return real_grouped(x, a, b, counts, scaling)
 
-    monkeypatch.setattr(layer_module, "grouped_lora", spy)
+    def spy_shared(x, a, b, plan, scaling, base=None):
+        rows_seen.append((len(plan.token), sum(plan.counts)))
+        return real_shared(x, a, b, plan, scaling, base)
+
+    monkeypatch.setattr(layer_module, "grouped_lora", spy_grouped)
+    monkeypatch.setattr(layer_module, "shared_input_lora", spy_shared)
     model = get_peft_model(tiny_base(), mixlora(num_experts=8, top_k=2))
     ids, mask, _ = batch(2, 10)
     model(input_ids=ids, attention_mask=mask)
-    assert rows_seen and all(rows == 2 * 10 * 2 and sum(counts) == rows for rows, counts in rows_seen)
+    assert len(rows_seen) == 2 * 3  # two layers x (gate, up, down)
+    assert all(rows == counted == 2 * 10 * 2 for rows, counted in rows_seen)
 
 
 def test_padding_counts_in_no_router_statistic():

@@ -23,7 +23,7 @@ from torch import nn
 
 from peft_mole import routing
 from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord
-from peft_mole.ops.experts import dispatch, grouped_lora
+from peft_mole.ops.experts import dispatch, grouped_lora, shared_input_lora
 
 RoutingRule = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -199,21 +199,29 @@ class MixLoRAMLP(nn.Module, BaseTunerLayer):
         self._record(adapter, probs, weights, chosen, token_mask, settings.num_experts)
 
         plan = dispatch(weights, chosen, settings.num_experts)
-        xs, gs, us = x[plan.token], gate[plan.token], up[plan.token]  # (M, ·), M = selected pairs
+        gs = gate.index_select(0, plan.token)  # (M, I) frozen W1 x per pair, M = selected pairs
+        us = up.index_select(0, plan.token)
+        # Dropout masks are drawn per token and shared by its experts (same marginal as per-expert masks,
+        # k times fewer random draws); gate and up share the mask on x, as they share x.
+        x_dropped = dropout(x)
         gate_factors, up_factors = experts.factors("gate_proj"), experts.factors("up_proj")
         if gate_factors is not None:
-            gs = gs + grouped_lora(xs, *gate_factors, plan.counts, settings.scaling, dropout).to(gs.dtype)
+            gs = shared_input_lora(x_dropped, *gate_factors, plan, settings.scaling, base=gs).to(gs.dtype)
         if up_factors is not None:
-            us = us + grouped_lora(xs, *up_factors, plan.counts, settings.scaling, dropout).to(us.dtype)
+            us = shared_input_lora(x_dropped, *up_factors, plan, settings.scaling, base=us).to(us.dtype)
         act = self.base_layer.act_fn(gs) * us  # h_e per pair, (M, I)
         weighted = act * plan.weight.to(act.dtype).unsqueeze(-1)  # w_e h_e
         hidden = torch.zeros_like(gate).index_add(0, plan.token, weighted)
         weight_sum = torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)
         weight_sum = weight_sum.index_add(0, plan.token, plan.weight.to(x.dtype).unsqueeze(-1))
         down_delta = None
-        factors = experts.factors("down_proj")
-        if factors is not None:
-            pair_delta = grouped_lora(weighted, *factors, plan.counts, settings.scaling, dropout).to(x.dtype)
+        down_factors = experts.factors("down_proj")
+        if down_factors is not None:
+            down_input = weighted
+            if isinstance(dropout, nn.Dropout) and self.training:
+                keep = dropout(torch.ones_like(gate[:, :1].expand_as(gate)))  # (N, I) mask / (1 - p)
+                down_input = weighted * keep.index_select(0, plan.token)
+            pair_delta = grouped_lora(down_input, *down_factors, plan.counts, settings.scaling).to(x.dtype)
             out_features = self.base_layer.down_proj.out_features
             down_delta = x.new_zeros(x.shape[0], out_features).index_add(0, plan.token, pair_delta)
         return hidden, down_delta, weight_sum

@@ -1,0 +1,89 @@
+"""Shared pieces of the benchmarks: BENCH.md shapes, training steps, timing and JSON output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from peft_mole import synthetic
+
+BATCH = {"tiny": (2, 32), "small": (4, 256), "medium": (8, 512)}
+
+
+def setup_threads() -> None:
+    if not torch.cuda.is_available():
+        torch.set_num_threads(2)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def base_model(shape: str, seed: int = 0):
+    model = synthetic.random_model("llama", shape, seed=seed)
+    if device().type == "cuda":
+        model = model.to(device=device(), dtype=torch.bfloat16)
+    return model
+
+
+def random_batch(shape: str, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    batch, seq = BATCH[shape]
+    ids = torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device())
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def train_step_fn(model, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One step = forward + backward + AdamW step (BENCH.md)."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device().type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int = 3, repeats: int = 10) -> dict[str, list[float]]:
+    """Run the step functions in turn (A, B, A, B, ...) so machine noise hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_mb() -> float:
+    if device().type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def record(name: str, shape: str, impl: str, seconds: list[float], tokens: int, **extra) -> dict:
+    row = {
+        "name": name, "shape": shape, "impl": impl, "device": str(device()), "machine": platform.node(),
+        "median_s": statistics.median(seconds), "min_s": min(seconds), "steps": len(seconds),
+        "tokens_per_s": tokens / statistics.median(seconds), "peak_mem_mb": round(peak_memory_mb(), 1),
+        "torch": torch.__version__, **extra,
+    }
+    emit(row)
+    return row
+
+
+def emit(row: dict) -> None:
+    print(json.dumps(row), flush=True)
+    sys.stdout.flush()
