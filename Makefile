@@ -24,8 +24,14 @@ test: install
 demo: install
 	$(PY) examples/sft_mixlora.py --output-dir build/demo
 
+RESULTS := bench/results/$(shell hostname)-$(shell date +%Y-%m-%d).jsonl
+
+# Appends JSON lines to bench/results/<machine>-<date>.jsonl, then prints the README table from them.
 bench: install
-	$(PY) bench/mixlora_vs_lora.py
+	mkdir -p bench/results
+	$(PY) bench/mixlora_vs_lora.py --dropout 0.05 | tee -a $(RESULTS)
+	$(PY) bench/mixlora_vs_lora.py --dropout 0.0 | tee -a $(RESULTS)
+	$(PY) bench/render_table.py $(RESULTS)
 
 lint: install
 	$(VENV)/bin/ruff check peft_mole tests examples bench

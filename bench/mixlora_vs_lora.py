@@ -13,22 +13,21 @@ from common import base_model, emit, random_batch, record, setup_threads, time_i
 from peft import LoraConfig, get_peft_model
 
 import peft_mole
-import os
-DROPOUT = float(os.environ.get("DROPOUT", "0.05"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium"])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout of both adapters")
     args = parser.parse_args()
     setup_threads()
     lora = get_peft_model(base_model(args.shape), LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=DROPOUT,
+        r=16, lora_alpha=32, lora_dropout=args.dropout,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     ))
     mixlora = get_peft_model(base_model(args.shape), peft_mole.MixLoRAConfig(
-        num_experts=8, top_k=2, r=16, lora_alpha=32, lora_dropout=DROPOUT,
+        num_experts=8, top_k=2, r=16, lora_alpha=32, lora_dropout=args.dropout,
     ))
     batch = random_batch(args.shape, lora.config.vocab_size)
     times = time_interleaved(
@@ -41,7 +40,7 @@ def main() -> None:
         for impl, model in (("peft_lora", lora), ("mixlora", mixlora))
     }
     emit({
-        "name": "mixlora_vs_lora", "shape": args.shape,
+        "name": "mixlora_vs_lora", "shape": args.shape, "dropout": args.dropout,
         "ratio_median": rows["mixlora"]["median_s"] / rows["peft_lora"]["median_s"],
         "ratio_min": rows["mixlora"]["min_s"] / rows["peft_lora"]["min_s"],
         "params_ratio": rows["mixlora"]["trainable_params"] / rows["peft_lora"]["trainable_params"],

@@ -1,8 +1,8 @@
 import torch
 
+from peft_mole.forward_context import BASE_ROW, ForwardContext
 from peft_mole.ops.experts import dispatch, grouped_lora, shared_input_lora
 from peft_mole.ops.segmented_lora import lora_delta, scatter_row_deltas
-from peft_mole.forward_context import BASE_ROW, ForwardContext
 
 
 def test_dispatch_groups_pairs_by_expert_and_drops_empty_slots():
@@ -36,7 +36,7 @@ def test_shared_input_lora_equals_per_pair_reference():
     base = torch.randn(len(plan.token), dout)
     out = shared_input_lora(x, a, b, plan, scaling=2.0, base=base)
     ref = torch.stack([
-        base[p] + 2.0 * b[e] @ (a[e] @ x[t]) for p, (t, e) in enumerate(zip(plan.token.tolist(), plan.expert.tolist()))
+        base[p] + 2.0 * b[e] @ (a[e] @ x[t]) for p, (t, e) in enumerate(zip(plan.token.tolist(), plan.expert.tolist(), strict=True))
     ])
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(shared_input_lora(x, a, b, plan, scaling=2.0), ref - base)

@@ -69,7 +69,11 @@ def test_config_round_trips_through_peft(tmp_path):
 
 def test_registration_fills_every_peft_mapping():
     from peft import PeftType
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.mapping import (
+        PEFT_TYPE_TO_CONFIG_MAPPING,
+        PEFT_TYPE_TO_PREFIX_MAPPING,
+        PEFT_TYPE_TO_TUNER_MAPPING,
+    )
 
     member = PeftType("PEFT_MOLE_MIXLORA")
     assert member is PeftType.PEFT_MOLE_MIXLORA and member in list(PeftType)

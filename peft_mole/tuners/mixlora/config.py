@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft import PeftConfig
 
@@ -79,11 +78,11 @@ class MixLoRAConfig(PeftConfig):
         default_factory=lambda: list(ATTENTION_PROJECTIONS),
         metadata={"help": f"Attention projections with plain LoRA, a subset of {ATTENTION_PROJECTIONS}; [] = none."},
     )
-    attn_r: Optional[int] = field(default=None, metadata={"help": "Attention LoRA rank (None: same as r)."})
-    attn_lora_alpha: Optional[int] = field(
+    attn_r: int | None = field(default=None, metadata={"help": "Attention LoRA rank (None: same as r)."})
+    attn_lora_alpha: int | None = field(
         default=None, metadata={"help": "Attention LoRA alpha (None: same as lora_alpha)."}
     )
-    attn_lora_dropout: Optional[float] = field(
+    attn_lora_dropout: float | None = field(
         default=None, metadata={"help": "Attention LoRA dropout (None: same as lora_dropout)."}
     )
     router_aux_loss_coef: float = field(
@@ -93,13 +92,13 @@ class MixLoRAConfig(PeftConfig):
         default=0.0, metadata={"help": "Training-time multiplicative router input noise x*U(1-eps, 1+eps), eps in [0, 1)."}
     )
     router_init_std: float = field(default=0.02, metadata={"help": "Router weights init N(0, std^2)."})
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Decoder layer indices to adapt (None: all)."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
     )
-    target_modules: Optional[list[str]] = field(
+    target_modules: list[str] | None = field(
         default=None,
         metadata={"help": "Set automatically: the attention projections and the MLP blocks found by structure."},
     )
