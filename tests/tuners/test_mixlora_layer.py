@@ -24,7 +24,11 @@ def naive_mixture(layer: MixLoRAMLP, x: torch.Tensor, adapter: str = "default") 
         if factors is None:
             return base.weight
         a, b = factors
-        return base.weight + settings.scaling * b[e] @ a[e]
+        weight = base.weight + settings.scaling * b[e] @ a[e]
+        if experts.use_dora:  # DoRA: m ⊙ W' / ‖W'‖_row
+            magnitude = getattr(experts, f"{proj}_magnitude")[e]
+            weight = magnitude[:, None] * weight / weight.norm(dim=1, keepdim=True)
+        return weight
 
     out = torch.zeros(x.shape[0], mlp.down_proj.out_features)
     for t in range(x.shape[0]):
@@ -52,6 +56,8 @@ def mlp_layers(model):
         (dict(expert_target_modules=["up_proj"]), False),
         (dict(expert_target_modules=["gate_proj", "down_proj"], top_k=1), False),
         (dict(num_experts=5, top_k=3), True),
+        (dict(use_dora=True), False),
+        (dict(use_dora=True, expert_target_modules=["down_proj"], num_experts=3), True),
     ],
 )
 def test_shared_frozen_weights_equal_naive_per_expert_formula(config, mlp_bias):
@@ -178,3 +184,44 @@ def test_router_stays_fp32_under_bf16():
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     out.loss.backward()
     assert layer.mixlora_router["default"].weight.grad.dtype == torch.float32
+
+
+def test_dora_magnitudes_train_are_saved_and_reload_exactly(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model = get_peft_model(tiny_base(), mixlora(use_dora=True))
+    layer = mlp_layers(model)[0]
+    experts = layer.mixlora_experts["default"]
+    weight = layer.base_layer.up_proj.weight
+    # at init (B = 0) the magnitude is ‖W‖_row and DoRA is the identity on the frozen weights
+    torch.testing.assert_close(experts.up_proj_magnitude[0], weight.norm(dim=1))
+    torch.testing.assert_close(experts.dora_scale("up_proj", weight), torch.ones(4, weight.shape[0]))
+    randomize_adapters(model, std=0.1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "magnitude" in name:
+                p.add_(1.0)  # keep magnitudes positive
+    ids, mask, labels = batch(2, 6)
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert experts.up_proj_magnitude.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sum("magnitude" in k for k in saved) == 2 * 3  # two layers x gate/up/down
+    again = PeftModel.from_pretrained(tiny_base(), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+def test_dora_row_norm_expansion_equals_the_direct_norm():
+    model = get_peft_model(tiny_base(), mixlora(use_dora=True))
+    randomize_adapters(model, std=0.2)
+    experts = mlp_layers(model)[0].mixlora_experts["default"]
+    weight = mlp_layers(model)[0].base_layer.gate_proj.weight
+    a, b = experts.factors("gate_proj")
+    direct = torch.stack([(weight + experts.scaling * b[e] @ a[e]).norm(dim=1) for e in range(a.shape[0])])
+    torch.testing.assert_close(experts.gate_proj_magnitude / experts.dora_scale("gate_proj", weight), direct)

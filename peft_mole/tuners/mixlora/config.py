@@ -68,7 +68,7 @@ class MixLoRAConfig(PeftConfig):
         default=False, metadata={"help": "Rank-stabilised scale s = alpha / sqrt(r), for experts and attention."}
     )
     use_dora: bool = field(
-        default=False, metadata={"help": "Not available yet: DoRA experts (MixDoRA) are planned; must be False."}
+        default=False, metadata={"help": "DoRA experts (MixDoRA): a learned magnitude per expert and output row."}
     )
     expert_target_modules: list[str] = field(
         default_factory=lambda: list(EXPERT_PROJECTIONS),
@@ -123,8 +123,6 @@ class MixLoRAConfig(PeftConfig):
         for name in ("use_rslora", "use_dora", "inference_mode"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.use_dora:
-            raise ValueError("use_dora=True (MixDoRA experts) is not implemented yet; use_dora must be False")
         self.expert_target_modules = _check_names(
             "expert_target_modules", self.expert_target_modules, EXPERT_PROJECTIONS, may_be_empty=False
         )

@@ -12,7 +12,6 @@ per token, where the references run the frozen weights once per selected expert.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from torch import nn
 from peft_mole import routing
 from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord
 from peft_mole.ops.experts import dispatch, grouped_lora, shared_input_lora
+from peft_mole.tuners.mixlora.experts import ExpertLoRA
 
 RoutingRule = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -40,29 +40,6 @@ def find_gated_mlp(module: nn.Module) -> bool:
         gate.in_features == up.in_features == down.out_features
         and gate.out_features == up.out_features == down.in_features
     )
-
-
-class ExpertLoRA(nn.Module):
-    """Stacked LoRA factors of E experts: `{proj}_lora_A` (E, r, in) and `{proj}_lora_B` (E, out, r)."""
-
-    def __init__(self, mlp: nn.Module, projections: list[str], num_experts: int, r: int) -> None:
-        super().__init__()
-        self.projections = list(projections)
-        for proj in self.projections:
-            base = getattr(mlp, proj)
-            weight = base.weight
-            dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-            lora_a = torch.empty(num_experts, r, base.in_features, device=weight.device, dtype=torch.float32)
-            for e in range(num_experts):
-                nn.init.kaiming_uniform_(lora_a[e], a=math.sqrt(5))
-            lora_b = torch.zeros(num_experts, base.out_features, r, device=weight.device, dtype=dtype)
-            self.register_parameter(f"{proj}_lora_A", nn.Parameter(lora_a.to(dtype)))
-            self.register_parameter(f"{proj}_lora_B", nn.Parameter(lora_b))
-
-    def factors(self, proj: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if proj not in self.projections:
-            return None
-        return getattr(self, f"{proj}_lora_A"), getattr(self, f"{proj}_lora_B")
 
 
 @dataclass
@@ -110,14 +87,17 @@ class MixLoRAMLP(nn.Module, BaseTunerLayer):
         rule: RoutingRule,
         router_init_std: float,
         jitter_noise: float,
+        use_dora: bool = False,
     ) -> None:
-        """Add adapter `adapter_name`: an fp32 router N(0, std²) and E LoRA experts (A Kaiming, B = 0)."""
+        """Add adapter `adapter_name`: an fp32 router N(0, std²) and E LoRA/DoRA experts (A Kaiming, B = 0)."""
         hidden = self.base_layer.gate_proj.in_features
         device = self.base_layer.gate_proj.weight.device
         router = nn.Linear(hidden, num_experts, bias=False, device=device, dtype=torch.float32)
         nn.init.normal_(router.weight, mean=0.0, std=router_init_std)
         self.mixlora_router[adapter_name] = router
-        self.mixlora_experts[adapter_name] = ExpertLoRA(self.base_layer, projections, num_experts, r)
+        self.mixlora_experts[adapter_name] = ExpertLoRA(
+            self.base_layer, projections, num_experts, r, scaling, use_dora
+        )
         self.mixlora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.mixlora_settings[adapter_name] = ExpertSettings(num_experts, scaling, jitter_noise, rule)
         self.set_adapter(self.active_adapters)
@@ -157,19 +137,25 @@ class MixLoRAMLP(nn.Module, BaseTunerLayer):
                 group.adapter, xr.reshape(-1, hidden_size), gr.reshape(-1, gr.shape[-1]),
                 ur.reshape(-1, ur.shape[-1]), mask,
             )
-            hidden[rows] = h.reshape(gr.shape)
+            if h is not None:
+                hidden[rows] = h.reshape(gr.shape)
             weight_sum[rows] = w.reshape(*gr.shape[:-1], 1)
             if d is not None:
                 down_delta[rows] = d.reshape(*gr.shape[:-1], -1)
         return self._down(hidden, down_delta, weight_sum)
 
-    def _down(self, hidden: torch.Tensor, down_delta: torch.Tensor | None, weight_sum: torch.Tensor) -> torch.Tensor:
-        """W2 h + Σ_e s·B2_e A2_e(w_e h_e) + b2·Σ_e w_e: the frozen down projection once per token."""
+    def _down(
+        self, hidden: torch.Tensor | None, down_delta: torch.Tensor | None, weight_sum: torch.Tensor
+    ) -> torch.Tensor:
+        """W2 h + Σ_e s·B2_e A2_e(w_e h_e) + b2·Σ_e w_e: the frozen down projection once per token.
+
+        `hidden` is None when the down experts are DoRA: then `down_delta` already holds the whole projection.
+        """
         down = self.base_layer.down_proj
-        out = F.linear(hidden, down.weight)
+        out = down_delta if hidden is None else F.linear(hidden, down.weight)
         if down.bias is not None:
             out = out + down.bias * weight_sum
-        return out if down_delta is None else out + down_delta
+        return out if (down_delta is None or hidden is None) else out + down_delta
 
     def _mixture(
         self,
@@ -184,7 +170,8 @@ class MixLoRAMLP(nn.Module, BaseTunerLayer):
         Args:
             x: (N, d) tokens; gate, up: (N, I) frozen W1 x and W3 x; token_mask: (N,) real tokens or None.
         Returns:
-            hidden Σ_e w_e h_e (N, I), the summed down-projection LoRA deltas (N, d) or None, and Σ_e w_e (N, 1).
+            hidden Σ_e w_e h_e (N, I) (None with DoRA down experts), the summed down-projection deltas (N, d) or
+            None, and Σ_e w_e (N, 1).
         """
         settings = self.mixlora_settings[adapter]
         experts: ExpertLoRA = self.mixlora_experts[adapter]
@@ -209,7 +196,14 @@ class MixLoRAMLP(nn.Module, BaseTunerLayer):
             gs = shared_input_lora(x_dropped, *gate_factors, plan, settings.scaling, base=gs).to(gs.dtype)
         if up_factors is not None:
             us = shared_input_lora(x_dropped, *up_factors, plan, settings.scaling, base=us).to(us.dtype)
-        act = self.base_layer.act_fn(gs) * us  # h_e per pair, (M, I)
+        mlp = self.base_layer
+        for proj in ("gate_proj", "up_proj"):
+            scale = experts.dora_scale(proj, getattr(mlp, proj).weight)  # (E, I) or None
+            if scale is not None and proj == "gate_proj":
+                gs = gs * scale.index_select(0, plan.expert).to(gs.dtype)
+            elif scale is not None:
+                us = us * scale.index_select(0, plan.expert).to(us.dtype)
+        act = mlp.act_fn(gs) * us  # h_e per pair, (M, I)
         weighted = act * plan.weight.to(act.dtype).unsqueeze(-1)  # w_e h_e
         hidden = torch.zeros_like(gate).index_add(0, plan.token, weighted)
         weight_sum = torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)
@@ -222,8 +216,13 @@ class MixLoRAMLP(nn.Module, BaseTunerLayer):
                 keep = dropout(torch.ones_like(gate[:, :1].expand_as(gate)))  # (N, I) mask / (1 - p)
                 down_input = weighted * keep.index_select(0, plan.token)
             pair_delta = grouped_lora(down_input, *down_factors, plan.counts, settings.scaling).to(x.dtype)
-            out_features = self.base_layer.down_proj.out_features
-            down_delta = x.new_zeros(x.shape[0], out_features).index_add(0, plan.token, pair_delta)
+            down_scale = experts.dora_scale("down_proj", mlp.down_proj.weight)
+            if down_scale is not None:  # DoRA: c_e ⊙ (W2 + s·B A)(w_e h_e) — W2 runs per pair
+                pair_delta = (F.linear(weighted, mlp.down_proj.weight) + pair_delta) * down_scale.index_select(
+                    0, plan.expert
+                ).to(x.dtype)
+                hidden = None
+            down_delta = x.new_zeros(x.shape[0], mlp.down_proj.out_features).index_add(0, plan.token, pair_delta)
         return hidden, down_delta, weight_sum
 
     def _record(self, adapter, probs, weights, chosen, token_mask, num_experts) -> None:

@@ -125,6 +125,7 @@ class MixLoRAModel(BaseTuner):
                 rule=self._routing_rule(peft_config),
                 router_init_std=peft_config.router_init_std,
                 jitter_noise=peft_config.jitter_noise,
+                use_dora=peft_config.use_dora,
             )
         else:
             layer = target if isinstance(target, LoraLinear) else LoraLinear(target, adapter_name, self._context())

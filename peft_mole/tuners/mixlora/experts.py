@@ -1,0 +1,66 @@
+"""The learned state of E LoRA (or DoRA) experts on the projections of one MLP block."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class ExpertLoRA(nn.Module):
+    """Stacked expert factors per projection: `{proj}_lora_A` (E, r, in), `{proj}_lora_B` (E, out, r) and,
+    with DoRA, `{proj}_magnitude` (E, out).
+
+    LoRA (Hu et al. 2021): W_e = W + s·B_e A_e, A Kaiming-uniform, B = 0.
+    DoRA (Liu et al. 2024, "MixDoRA" in MixLoRA §4): W_e = m_e ⊙ (W + s·B_e A_e) / ‖W + s·B_e A_e‖_row,
+    m_e initialised to ‖W‖_row, the norm treated as a constant in backward (DoRA §4.3, as PEFT does).
+    """
+
+    def __init__(
+        self, mlp: nn.Module, projections: list[str], num_experts: int, r: int, scaling: float, use_dora: bool
+    ) -> None:
+        super().__init__()
+        self.projections = list(projections)
+        self.scaling = scaling
+        self.use_dora = use_dora
+        for proj in self.projections:
+            base = getattr(mlp, proj)
+            weight = base.weight
+            dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+            lora_a = torch.empty(num_experts, r, base.in_features, device=weight.device, dtype=torch.float32)
+            for e in range(num_experts):
+                nn.init.kaiming_uniform_(lora_a[e], a=math.sqrt(5))
+            lora_b = torch.zeros(num_experts, base.out_features, r, device=weight.device, dtype=dtype)
+            self.register_parameter(f"{proj}_lora_A", nn.Parameter(lora_a.to(dtype)))
+            self.register_parameter(f"{proj}_lora_B", nn.Parameter(lora_b))
+            if use_dora:
+                row_norm = weight.detach().float().norm(dim=1)  # (out,)
+                magnitude = row_norm.expand(num_experts, -1).clone().to(dtype)
+                self.register_parameter(f"{proj}_magnitude", nn.Parameter(magnitude))
+
+    def factors(self, proj: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) of a projection, or None when it carries no expert LoRA."""
+        if proj not in self.projections:
+            return None
+        return getattr(self, f"{proj}_lora_A"), getattr(self, f"{proj}_lora_B")
+
+    def dora_scale(self, proj: str, weight: torch.Tensor) -> torch.Tensor | None:
+        """c_e = m_e / ‖W + s·B_e A_e‖_row for every expert, (E, out) fp32; None without DoRA.
+
+        The row norms come from ‖W‖² + 2s·Σ_k B_ik (W Aᵀ)_ik + s²·Σ_k (B A Aᵀ)_ik B_ik, which never builds the
+        E full (out, in) expert weights. Computed without gradient (DoRA §4.3); m gets its gradient through c.
+        """
+        if not self.use_dora or proj not in self.projections:
+            return None
+        lora_a, lora_b = (t.float() for t in self.factors(proj))
+        s = self.scaling
+        with torch.no_grad():
+            w = weight.float()
+            w_at = torch.einsum("oi,eri->eor", w, lora_a)  # (E, out, r)
+            cross = (lora_b * w_at).sum(-1)  # (E, out): W_row · (B A)_row
+            b_aat = lora_b @ (lora_a @ lora_a.transpose(1, 2))  # (E, out, r)
+            square = (b_aat * lora_b).sum(-1)  # (E, out): ‖(B A)_row‖²
+            norm_sq = w.pow(2).sum(1).unsqueeze(0) + 2 * s * cross + s * s * square
+            norm = norm_sq.clamp(min=1e-12).sqrt()
+        return getattr(self, f"{proj}_magnitude").float() / norm
