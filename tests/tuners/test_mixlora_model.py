@@ -186,3 +186,12 @@ def test_load_onto_other_base_is_refused(tmp_path):
     wider = tiny_base(hidden_size=32, intermediate_size=86)
     with pytest.raises(RuntimeError, match="size mismatch"):
         PeftModel.from_pretrained(wider, tmp_path)
+
+
+def test_modules_to_save_are_trained_and_saved(tmp_path):
+    model = get_peft_model(tiny_base(), mixlora(modules_to_save=["lm_head"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lm_head.modules_to_save.default" in n for n in trainable)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert any(k.endswith("lm_head.weight") for k in saved)
