@@ -7,6 +7,8 @@ experts pads its row with weight 0 (such slots are dropped by `selection_mask`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -90,3 +92,105 @@ def expert_load(selected: torch.Tensor) -> torch.Tensor:
     """Fraction of all selections that went to each expert, (E,) fp32 — the `f` of the load-balance loss."""
     counts = selected.float().sum(dim=0)
     return counts / counts.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------- DynMoLE (SPEC.md §2)
+PROB_FLOOR = 1e-5  # p is clamped to >= 1e-5 before entropies (DynMoLE reference)
+
+
+def tsallis_entropy(probs: torch.Tensor, q: float) -> torch.Tensor:
+    """Tsallis entropy of each row (DynMoLE §3.1): S_q(p) = (1 − Σ_i p_i^q) / (q − 1); q = 1 gives Shannon −Σ p ln p.
+
+    Args:
+        probs: (T, E) probabilities (clamped to >= 1e-5 here).
+    Returns:
+        (T,) fp32 entropies.
+
+    Example:
+        >>> round(tsallis_entropy(torch.full((1, 4), 0.25), q=1.0).item(), 4)   # ln 4
+        1.3863
+    """
+    p = probs.float().clamp(min=PROB_FLOOR)
+    if q == 1.0:
+        return -(p * p.log()).sum(dim=-1)
+    return (1.0 - p.pow(q).sum(dim=-1)) / (q - 1.0)
+
+
+def max_tsallis_entropy(num_experts: int, q: float) -> float:
+    """S_max = S_q(uniform over E) = (1 − E^{1−q}) / (q − 1); ln E for q = 1."""
+    if q == 1.0:
+        return math.log(num_experts)
+    return (1.0 - num_experts ** (1.0 - q)) / (q - 1.0)
+
+
+def normalized_entropy(probs: torch.Tensor, q: float) -> torch.Tensor:
+    """h = S_q(p) / S_max ∈ [0, 1] per row: 1 for a uniform router, ≈ 0 for a one-hot router (0 when E = 1)."""
+    num_experts = probs.shape[-1]
+    if num_experts == 1:
+        return probs.new_zeros(probs.shape[0], dtype=torch.float32)
+    return tsallis_entropy(probs, q) / max_tsallis_entropy(num_experts, q)
+
+
+def top_p_routing(
+    probs: torch.Tensor, top_p: float, min_experts: int = 1, renormalize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p rule (DynMoLE §3.2): sort p descending, keep experts while the inclusive cumulative sum ≤ top_p
+    (the expert that crosses top_p is not kept, as in the reference code), and always the `min_experts` most
+    probable ones.
+
+    Returns:
+        weights (T, E) and experts (T, E), most probable first; dropped slots have weight 0.
+        Weights are the kept p (not renormalised unless `renormalize`).
+
+    Example:
+        >>> w, e = top_p_routing(torch.tensor([[0.5, 0.2, 0.3]]), top_p=0.75, min_experts=1)
+        >>> e.tolist(), w.tolist()
+        ([[0, 2, 1]], [[0.5, 0.0, 0.0]])
+    """
+    sorted_p, experts = torch.sort(probs, dim=-1, descending=True)
+    keep = sorted_p.cumsum(dim=-1) <= top_p
+    keep[:, : max(1, min_experts)] = True
+    weights = sorted_p * keep
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+def switch_routing(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch rule (Fedus et al. 2021 §2.1): top-1 expert, weight p (not renormalised)."""
+    return top_k_routing(probs, 1, renormalize=False)
+
+
+def dynmole_routing(
+    probs: torch.Tensor,
+    q: float = 1.1,
+    top_p: float = 0.75,
+    broadcast_threshold: float = 0.9,
+    min_experts: int = 2,
+    renormalize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DynMoLE hybrid rule (DynMoLE §3.2), per token:
+    1. h = S_q(p)/S_max > broadcast_threshold (uncertain router): all experts, weights p;
+    2. else top-p (≤ top_p inclusive cumulative mass) with at least `min_experts` experts, weights p.
+    Weights are not renormalised unless `renormalize` (then Σ w = 1 per token).
+
+    Returns:
+        weights (T, E), experts (T, E), most probable first; unused slots have weight 0.
+    """
+    weights, experts = top_p_routing(probs, top_p, min_experts, renormalize=False)
+    broadcast = normalized_entropy(probs, q) > broadcast_threshold  # (T,)
+    sorted_p = probs.gather(-1, experts)
+    weights = torch.where(broadcast.unsqueeze(-1), sorted_p, weights)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+def tsallis_loss(probs: torch.Tensor, q: float) -> torch.Tensor:
+    """DynMoLE's entropy loss (§3.3): mean over tokens of the normalised Tsallis entropy h(t); 0 without tokens.
+
+    Minimising it makes routers confident; it is paired with the load-balance loss so experts stay in use.
+    """
+    if probs.shape[0] == 0:
+        return probs.new_zeros((), dtype=torch.float32)
+    return normalized_entropy(probs, q).mean()

@@ -15,21 +15,27 @@ from peft_mole.ops.segmented_lora import lora_delta, scatter_row_deltas
 class LoraLinear(nn.Module, BaseTunerLayer):
     """y = W x + s · B_a A_a dropout(x) for the adapter a of each row (Hu et al. 2021).
 
-    Parameters live in `mixlora_A[adapter]` (r, in) and `mixlora_B[adapter]` (out, r); B starts at zero.
+    Parameters live in `<prefix>A[adapter]` (r, in) and `<prefix>B[adapter]` (out, r); B starts at zero.
     """
 
+    prefix = "mixlora_"
     adapter_layer_names = ("mixlora_A", "mixlora_B")
     other_param_names = ("mixlora_scaling", "mixlora_dropout")
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.adapter_layer_names = (cls.prefix + "A", cls.prefix + "B")
+        cls.other_param_names = (cls.prefix + "scaling", cls.prefix + "dropout")
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str, context: ForwardContext) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoraLinear wraps nn.Linear, got {type(base_layer).__name__}")
         self.base_layer = base_layer
-        self.mixlora_A = nn.ParameterDict()
-        self.mixlora_B = nn.ParameterDict()
-        self.mixlora_dropout = nn.ModuleDict()
-        self.mixlora_scaling: dict[str, float] = {}
+        setattr(self, self.prefix + "A", nn.ParameterDict())
+        setattr(self, self.prefix + "B", nn.ParameterDict())
+        setattr(self, self.prefix + "dropout", nn.ModuleDict())
+        setattr(self, self.prefix + "scaling", {})
         self._context = context
         self._active_adapter = adapter_name
         self.merged_adapters = []
@@ -41,18 +47,19 @@ class LoraLinear(nn.Module, BaseTunerLayer):
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
         lora_b = torch.zeros(self.base_layer.out_features, r, device=weight.device, dtype=torch.float32)
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        self.mixlora_A[adapter_name] = nn.Parameter(lora_a.to(dtype))
-        self.mixlora_B[adapter_name] = nn.Parameter(lora_b.to(dtype))
-        self.mixlora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.mixlora_scaling[adapter_name] = scaling
+        getattr(self, self.prefix + "A")[adapter_name] = nn.Parameter(lora_a.to(dtype))
+        getattr(self, self.prefix + "B")[adapter_name] = nn.Parameter(lora_b.to(dtype))
+        getattr(self, self.prefix + "dropout")[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        getattr(self, self.prefix + "scaling")[adapter_name] = scaling
         self.set_adapter(self.active_adapters)
 
     def _delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
-        if adapter not in self.mixlora_A:
+        lora_a = getattr(self, self.prefix + "A")
+        if adapter not in lora_a:
             return None
         return lora_delta(
-            x, self.mixlora_A[adapter], self.mixlora_B[adapter], self.mixlora_scaling[adapter],
-            self.mixlora_dropout[adapter],
+            x, lora_a[adapter], getattr(self, self.prefix + "B")[adapter],
+            getattr(self, self.prefix + "scaling")[adapter], getattr(self, self.prefix + "dropout")[adapter],
         )
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -64,9 +71,9 @@ class LoraLinear(nn.Module, BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         raise ValueError(
-            "MixLoRA adapters cannot be merged: the expert LoRA in the MLP is chosen per token by the router. "
+            "peft-mole adapters cannot be merged: the expert LoRA in the MLP is chosen per token by the router. "
             "Use unload() to get the base model back, or keep the adapter separate."
         )
 
     def __repr__(self) -> str:
-        return f"mixlora.{super().__repr__()}"
+        return f"{self.prefix.rstrip('_')}.{super().__repr__()}"

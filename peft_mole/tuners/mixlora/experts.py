@@ -18,14 +18,13 @@ class ExpertLoRA(nn.Module):
     """
 
     def __init__(
-        self, mlp: nn.Module, projections: list[str], num_experts: int, r: int, scaling: float, use_dora: bool
+        self, linears: dict[str, nn.Linear], num_experts: int, r: int, scaling: float, use_dora: bool
     ) -> None:
         super().__init__()
-        self.projections = list(projections)
+        self.projections = list(linears)
         self.scaling = scaling
         self.use_dora = use_dora
-        for proj in self.projections:
-            base = getattr(mlp, proj)
+        for proj, base in linears.items():
             weight = base.weight
             dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
             lora_a = torch.empty(num_experts, r, base.in_features, device=weight.device, dtype=torch.float32)

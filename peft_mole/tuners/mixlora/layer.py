@@ -12,20 +12,14 @@ per token, where the references run the frozen weights once per selected expert.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from peft_mole import routing
-from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord
+from peft_mole.forward_context import BASE_ROW, ForwardContext
 from peft_mole.ops.experts import dispatch, grouped_lora, shared_input_lora
 from peft_mole.tuners.mixlora.experts import ExpertLoRA
-
-RoutingRule = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
 
 
 def find_gated_mlp(module: nn.Module) -> bool:
@@ -42,65 +36,23 @@ def find_gated_mlp(module: nn.Module) -> bool:
     )
 
 
-@dataclass
-class ExpertSettings:
-    """Per-adapter, non-learned settings of a MixLoRA block."""
-
-    num_experts: int
-    scaling: float
-    jitter_noise: float
-    rule: RoutingRule
-
-
-class MixLoRAMLP(nn.Module, BaseTunerLayer):
+class MixLoRAMLP(RoutedExpertsLayer):
     """A gated decoder MLP whose tokens are routed to LoRA experts, one adapter (router + experts) per row."""
 
-    adapter_layer_names = ("mixlora_router", "mixlora_experts")
-    other_param_names = ("mixlora_settings", "mixlora_dropout")
+    prefix = "mixlora_"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, context: ForwardContext, layer_name: str) -> None:
-        super().__init__()
         if not find_gated_mlp(base_layer):
             raise TypeError(
-                f"{layer_name}: MixLoRAMLP needs a gated MLP (linear gate_proj, up_proj, down_proj and act_fn), "
-                f"got {type(base_layer).__name__}"
+                f"{layer_name}: {type(self).__name__} needs a gated MLP (linear gate_proj, up_proj, down_proj and "
+                f"act_fn), got {type(base_layer).__name__}"
             )
-        self.base_layer = base_layer
-        self.mixlora_router = nn.ModuleDict()
-        self.mixlora_experts = nn.ModuleDict()
-        self.mixlora_dropout = nn.ModuleDict()
-        self.mixlora_settings: dict[str, ExpertSettings] = {}
-        self.layer_name = layer_name
-        self._context = context
-        self._active_adapter = adapter_name
-        self.merged_adapters = []
+        super().__init__(base_layer, adapter_name, context, layer_name)
 
-    def update_layer(
-        self,
-        adapter_name: str,
-        *,
-        num_experts: int,
-        r: int,
-        scaling: float,
-        dropout: float,
-        projections: list[str],
-        rule: RoutingRule,
-        router_init_std: float,
-        jitter_noise: float,
-        use_dora: bool = False,
-    ) -> None:
-        """Add adapter `adapter_name`: an fp32 router N(0, std²) and E LoRA/DoRA experts (A Kaiming, B = 0)."""
-        hidden = self.base_layer.gate_proj.in_features
-        device = self.base_layer.gate_proj.weight.device
-        router = nn.Linear(hidden, num_experts, bias=False, device=device, dtype=torch.float32)
-        nn.init.normal_(router.weight, mean=0.0, std=router_init_std)
-        self.mixlora_router[adapter_name] = router
-        self.mixlora_experts[adapter_name] = ExpertLoRA(
-            self.base_layer, projections, num_experts, r, scaling, use_dora
-        )
-        self.mixlora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.mixlora_settings[adapter_name] = ExpertSettings(num_experts, scaling, jitter_noise, rule)
-        self.set_adapter(self.active_adapters)
+    def update_layer(self, adapter_name: str, *, projections: list[str], **settings) -> None:
+        """Add adapter `adapter_name` with experts on the MLP projections named in `projections`."""
+        linears = {proj: getattr(self.base_layer, proj) for proj in projections}
+        self.add_experts(adapter_name, linears, self.base_layer.gate_proj.in_features, **settings)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -108,13 +60,12 @@ class MixLoRAMLP(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         mlp = self.base_layer
         batch, hidden_size = x.shape[0], x.shape[-1]
-        groups = self._context.row_groups(batch, self.active_adapters, x.device)
-        token_mask = self._context.tokens_to_record(batch, x[0].numel() // hidden_size) if x.dim() == 3 else None
+        groups, token_mask = self.row_groups(x)
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)  # (B, T, I), shared by every expert
 
         if len(groups) == 1 and groups[0].num_rows == batch:
             adapter = groups[0].adapter
-            if adapter not in self.mixlora_router:
+            if adapter not in self.routers:
                 return mlp.down_proj(mlp.act_fn(gate) * up)
             mask = None if token_mask is None else token_mask.reshape(-1)
             hidden, down_delta, weight_sum = self._mixture(
@@ -128,7 +79,7 @@ class MixLoRAMLP(nn.Module, BaseTunerLayer):
         weight_sum = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
         for group in groups:
             rows = group.rows
-            if group.adapter == BASE_ROW or group.adapter not in self.mixlora_router:
+            if group.adapter == BASE_ROW or group.adapter not in self.routers:
                 hidden[rows] = mlp.act_fn(gate[rows]) * up[rows]
                 continue
             xr, gr, ur = x[rows], gate[rows], up[rows]
@@ -173,17 +124,10 @@ class MixLoRAMLP(nn.Module, BaseTunerLayer):
             hidden Σ_e w_e h_e (N, I) (None with DoRA down experts), the summed down-projection deltas (N, d) or
             None, and Σ_e w_e (N, 1).
         """
-        settings = self.mixlora_settings[adapter]
-        experts: ExpertLoRA = self.mixlora_experts[adapter]
-        dropout = self.mixlora_dropout[adapter]
-        router_input = x.float()
-        if self.training and settings.jitter_noise > 0:
-            eps = settings.jitter_noise
-            router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - eps, 1.0 + eps)
-        logits = F.linear(router_input, self.mixlora_router[adapter].weight.float())  # (N, E), fp32
-        probs = routing.router_probabilities(logits)
-        weights, chosen = settings.rule(probs)  # (N, k) each
-        self._record(adapter, probs, weights, chosen, token_mask, settings.num_experts)
+        settings = self.settings[adapter]
+        experts: ExpertLoRA = self.experts[adapter]
+        dropout = self.dropouts[adapter]
+        weights, chosen = self.route(adapter, x, token_mask)  # (N, k) each
 
         plan = dispatch(weights, chosen, settings.num_experts)
         gs = gate.index_select(0, plan.token)  # (M, I) frozen W1 x per pair, M = selected pairs
@@ -224,22 +168,3 @@ class MixLoRAMLP(nn.Module, BaseTunerLayer):
                 hidden = None
             down_delta = x.new_zeros(x.shape[0], mlp.down_proj.out_features).index_add(0, plan.token, pair_delta)
         return hidden, down_delta, weight_sum
-
-    def _record(self, adapter, probs, weights, chosen, token_mask, num_experts) -> None:
-        records = self._context.records
-        if records is None:
-            return
-        # No autograd op here: checkpointed layers re-run without recording and must save the same tensors.
-        with torch.no_grad():
-            selected = routing.selection_mask(chosen, weights, num_experts)
-        records.append(RouterRecord(self.layer_name, adapter, probs, selected, token_mask))
-
-    # ------------------------------------------------------------------ PEFT API
-    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-        raise ValueError(
-            "MixLoRA experts cannot be merged into the base weights: each token uses different experts, chosen by "
-            "the router at run time. Use unload() to get the base model back, or keep the adapter separate."
-        )
-
-    def __repr__(self) -> str:
-        return f"mixlora.{super().__repr__()}"
