@@ -13,7 +13,7 @@ import torch
 
 
 def router_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """p = softmax(logits) over the expert axis, computed in fp32 (MixLoRA §3.2).
+    """p = softmax(logits) over the expert axis, computed in fp32 (MixLoRA router; SPEC.md §1).
 
     Args:
         logits: (T, E) router logits, any float dtype.
@@ -28,7 +28,7 @@ def router_probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 
 def top_k_routing(probs: torch.Tensor, k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k rule (MixLoRA §3.2, Switch/Mixtral): keep the k most probable experts per token.
+    """Top-k rule (MixLoRA router, as Switch/Mixtral; SPEC.md §1): keep the k most probable experts per token.
 
     w_e = p_e / Σ_{j∈topk} p_j for e in topk (renormalised; `renormalize=False` keeps w_e = p_e).
 
@@ -99,7 +99,7 @@ PROB_FLOOR = 1e-5  # p is clamped to >= 1e-5 before entropies (DynMoLE reference
 
 
 def tsallis_entropy(probs: torch.Tensor, q: float) -> torch.Tensor:
-    """Tsallis entropy of each row (DynMoLE §3.1): S_q(p) = (1 − Σ_i p_i^q) / (q − 1); q = 1 gives Shannon −Σ p ln p.
+    """Tsallis entropy of each row (DynMoLE; SPEC.md §2): S_q(p) = (1 − Σ_i p_i^q) / (q − 1); q = 1 gives Shannon −Σ p ln p.
 
     Args:
         probs: (T, E) probabilities (clamped to >= 1e-5 here).
@@ -134,7 +134,7 @@ def normalized_entropy(probs: torch.Tensor, q: float) -> torch.Tensor:
 def top_p_routing(
     probs: torch.Tensor, top_p: float, min_experts: int = 1, renormalize: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-p rule (DynMoLE §3.2): sort p descending, keep experts while the inclusive cumulative sum ≤ top_p
+    """Top-p rule (DynMoLE; SPEC.md §2): sort p descending, keep experts while the inclusive cumulative sum ≤ top_p
     (the expert that crosses top_p is not kept, as in the reference code), and always the `min_experts` most
     probable ones.
 
@@ -157,7 +157,7 @@ def top_p_routing(
 
 
 def switch_routing(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Switch rule (Fedus et al. 2021 §2.1): top-1 expert, weight p (not renormalised)."""
+    """Switch rule (Fedus et al. 2021): top-1 expert, weight p (not renormalised)."""
     return top_k_routing(probs, 1, renormalize=False)
 
 
@@ -169,7 +169,7 @@ def dynmole_routing(
     min_experts: int = 2,
     renormalize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DynMoLE hybrid rule (DynMoLE §3.2), per token:
+    """DynMoLE hybrid rule (SPEC.md §2), per token:
     1. h = S_q(p)/S_max > broadcast_threshold (uncertain router): all experts, weights p;
     2. else top-p (≤ top_p inclusive cumulative mass) with at least `min_experts` experts, weights p.
     Weights are not renormalised unless `renormalize` (then Σ w = 1 per token).
@@ -187,7 +187,7 @@ def dynmole_routing(
 
 
 def tsallis_loss(probs: torch.Tensor, q: float) -> torch.Tensor:
-    """DynMoLE's entropy loss (§3.3): mean over tokens of the normalised Tsallis entropy h(t); 0 without tokens.
+    """DynMoLE's entropy loss (SPEC.md §2): mean over tokens of the normalised Tsallis entropy h(t); 0 without tokens.
 
     Minimising it makes routers confident; it is paired with the load-balance loss so experts stay in use.
     """

@@ -39,3 +39,18 @@ def batch(batch_size: int = 2, seq_len: int = 12, vocab: int = 512, pad_last: in
         mask[0, -pad_last:] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return ids, mask, labels
+
+
+def dynmole(**overrides) -> peft_mole.DynMoLEConfig:
+    settings = dict(num_experts=4, r=4, lora_alpha=8, lora_dropout=0.0)
+    settings.update(overrides)
+    return peft_mole.DynMoLEConfig(**settings)
+
+
+# One entry per adapter type: every PEFT-contract test runs on each.
+METHODS = {
+    "mixlora": mixlora,
+    "mixdora": lambda **kw: mixlora(use_dora=True, **kw),
+    "dynmole": dynmole,
+    "dynmole-projection": lambda **kw: dynmole(router_scope="projection", **kw),
+}

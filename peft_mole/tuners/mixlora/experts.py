@@ -13,8 +13,8 @@ class ExpertLoRA(nn.Module):
     with DoRA, `{proj}_magnitude` (E, out).
 
     LoRA (Hu et al. 2021): W_e = W + s·B_e A_e, A Kaiming-uniform, B = 0.
-    DoRA (Liu et al. 2024, "MixDoRA" in MixLoRA §4): W_e = m_e ⊙ (W + s·B_e A_e) / ‖W + s·B_e A_e‖_row,
-    m_e initialised to ‖W‖_row, the norm treated as a constant in backward (DoRA §4.3, as PEFT does).
+    DoRA (Liu et al. 2024, "MixDoRA" in the MixLoRA paper): W_e = m_e ⊙ (W + s·B_e A_e) / ‖W + s·B_e A_e‖_row,
+    m_e initialised to ‖W‖_row, the norm treated as a constant in backward (as in the DoRA paper and PEFT).
     """
 
     def __init__(
@@ -48,7 +48,7 @@ class ExpertLoRA(nn.Module):
         """c_e = m_e / ‖W + s·B_e A_e‖_row for every expert, (E, out) fp32; None without DoRA.
 
         The row norms come from ‖W‖² + 2s·Σ_k B_ik (W Aᵀ)_ik + s²·Σ_k (B A Aᵀ)_ik B_ik, which never builds the
-        E full (out, in) expert weights. Computed without gradient (DoRA §4.3); m gets its gradient through c.
+        E full (out, in) expert weights. Computed without gradient; m gets its gradient through c.
         """
         if not self.use_dora or proj not in self.projections:
             return None

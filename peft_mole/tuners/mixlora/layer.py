@@ -20,20 +20,7 @@ from peft_mole.forward_context import BASE_ROW, ForwardContext
 from peft_mole.ops.experts import dispatch, grouped_lora, shared_input_lora
 from peft_mole.tuners.mixlora.experts import ExpertLoRA
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
-
-
-def find_gated_mlp(module: nn.Module) -> bool:
-    """True for a gated MLP block: linear `gate_proj`, `up_proj`, `down_proj` and an `act_fn` (Llama family).
-
-    Shapes must chain: gate/up map d -> i and down maps i -> d.
-    """
-    gate, up, down = (getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
-    if not all(isinstance(m, nn.Linear) for m in (gate, up, down)) or not callable(getattr(module, "act_fn", None)):
-        return False
-    return (
-        gate.in_features == up.in_features == down.out_features
-        and gate.out_features == up.out_features == down.in_features
-    )
+from peft_mole.tuners.mixlora.targets import find_gated_mlp
 
 
 class MixLoRAMLP(RoutedExpertsLayer):

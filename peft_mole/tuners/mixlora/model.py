@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import re
 from contextlib import contextmanager
 
 import torch
@@ -12,60 +10,23 @@ from torch import nn
 
 from peft_mole import routing
 from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord
+from peft_mole.tuners.expert_config import ExpertAdapterConfig
 from peft_mole.tuners.mixlora.attention import LoraLinear
-from peft_mole.tuners.mixlora.config import MixLoRAConfig
-from peft_mole.tuners.mixlora.layer import MixLoRAMLP, find_gated_mlp
-
-_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-
-
-def find_targets(model: nn.Module, config: MixLoRAConfig) -> dict[str, str]:
-    """Module names to adapt, by structure: {name: "mlp" | "attention"}.
-
-    An MLP target is a gated MLP block (see `find_gated_mlp`) or an already wrapped one; an attention target is a
-    linear layer named in `config.attn_target_modules` outside the MLP blocks. `layers_to_transform` keeps only
-    modules whose path holds one of the given decoder layer indices.
-    """
-    targets: dict[str, str] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, MixLoRAMLP) or (find_gated_mlp(module) and not name.endswith(".base_layer")):
-            targets[name] = "mlp"
-    if not targets:
-        raise ValueError(
-            "MixLoRA needs a decoder with gated MLP blocks (linear gate_proj, up_proj, down_proj and act_fn, as in "
-            f"Llama, Qwen2, Mistral); none found in {type(model).__name__}"
-        )
-    mlp_prefixes = tuple(name + "." for name in targets)
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in config.attn_target_modules and isinstance(module, (nn.Linear, LoraLinear)):
-            if not name.startswith(mlp_prefixes):
-                targets[name] = "attention"
-    if config.layers_to_transform is not None:
-        wanted = {config.layers_to_transform} if isinstance(config.layers_to_transform, int) else set(
-            config.layers_to_transform
-        )
-        kept = {}
-        for name, kind in targets.items():
-            match = _LAYER_INDEX.search(name)
-            if match and int(match.group(1)) in wanted:
-                kept[name] = kind
-        if not kept:
-            raise ValueError(f"layers_to_transform={config.layers_to_transform} matches no decoder layer")
-        targets = kept
-    return targets
+from peft_mole.tuners.mixlora.layer import MixLoRAMLP
+from peft_mole.tuners.mixlora.projection import MoELoraLinear
+from peft_mole.tuners.mixlora.targets import find_targets
 
 
 def router_aux_loss(
-    records: list[RouterRecord], configs: dict[str, MixLoRAConfig]
+    records: list[RouterRecord], configs: dict[str, ExpertAdapterConfig]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Aux loss of each adapter: a · mean over its MoE layers of L_lb (SPEC.md §1); returns (sum, per adapter)."""
+    """Aux loss of each adapter: the mean over its MoE layers of `config.layer_aux_loss` on non-padding tokens
+    (MixLoRA: a · L_lb, SPEC.md §1; DynMoLE: entropy + load balance, §2). Returns (sum, per adapter)."""
     per_layer: dict[str, list[torch.Tensor]] = {}
     for record in records:
-        per_layer.setdefault(record.adapter, []).append(routing.load_balance_loss(*record.counted()))
-    per_adapter = {
-        name: configs[name].router_aux_loss_coef * torch.stack(losses).mean() for name, losses in per_layer.items()
-    }
+        loss = configs[record.adapter].layer_aux_loss(*record.counted())
+        per_layer.setdefault(record.adapter, []).append(loss)
+    per_adapter = {name: torch.stack(losses).mean() for name, losses in per_layer.items()}
     return sum(per_adapter.values()), per_adapter
 
 
@@ -89,7 +50,10 @@ class MixLoRAModel(BaseTuner):
     """
 
     prefix = "mixlora_"
-    tuner_layer_cls = (LoraLinear, MixLoRAMLP)
+    mlp_layer_cls = MixLoRAMLP
+    projection_layer_cls = MoELoraLinear
+    attention_layer_cls = LoraLinear
+    tuner_layer_cls = (LoraLinear, MixLoRAMLP, MoELoraLinear)
     target_module_mapping: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ injection
@@ -103,43 +67,43 @@ class MixLoRAModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config, model_config):
         return peft_config
 
-    def _prepare_model(self, peft_config: MixLoRAConfig, model: nn.Module) -> None:
-        self.__dict__["_targets"] = find_targets(model, peft_config)
+    def _prepare_model(self, peft_config: ExpertAdapterConfig, model: nn.Module) -> None:
+        scope = getattr(peft_config, "router_scope", "block")
+        self.__dict__["_targets"] = find_targets(model, peft_config, scope, self.mlp_layer_cls)
 
     def _check_target_module_exists(self, peft_config, key: str) -> bool:
         return key in self.__dict__.get("_targets", {})
 
-    def _create_and_replace(self, peft_config: MixLoRAConfig, adapter_name, target, target_name, parent, current_key, **kw):
-        kind = self.__dict__["_targets"][current_key]
-        if kind == "mlp":
-            layer = target if isinstance(target, MixLoRAMLP) else MixLoRAMLP(
+    def _create_and_replace(
+        self, peft_config: ExpertAdapterConfig, adapter_name, target, target_name, parent, current_key, **kwargs
+    ):
+        spec = self.__dict__["_targets"][current_key]
+        if spec.kind == "attention":
+            layer_cls = self.attention_layer_cls
+            layer = target if isinstance(target, layer_cls) else layer_cls(target, adapter_name, self._context())
+            r, alpha, dropout = peft_config.attention_lora
+            layer.update_layer(adapter_name, r=r, scaling=peft_config.scaling(r, alpha), dropout=dropout)
+        else:
+            layer_cls = self.mlp_layer_cls if spec.kind == "mlp" else self.projection_layer_cls
+            layer = target if isinstance(target, layer_cls) else layer_cls(
                 target, adapter_name, self._context(), current_key
             )
             layer.update_layer(
                 adapter_name,
-                num_experts=peft_config.num_experts,
+                projections=peft_config.expert_target_modules,
+                num_experts=peft_config.experts_in_layer(spec.layer_index),
                 r=peft_config.r,
                 scaling=peft_config.scaling(peft_config.r, peft_config.lora_alpha),
                 dropout=peft_config.lora_dropout,
-                projections=peft_config.expert_target_modules,
-                rule=self._routing_rule(peft_config),
+                rule=peft_config.routing_rule(),
                 router_init_std=peft_config.router_init_std,
                 jitter_noise=peft_config.jitter_noise,
                 use_dora=peft_config.use_dora,
             )
-        else:
-            layer = target if isinstance(target, LoraLinear) else LoraLinear(target, adapter_name, self._context())
-            r, alpha, dropout = peft_config.attention_lora
-            layer.update_layer(adapter_name, r=r, scaling=peft_config.scaling(r, alpha), dropout=dropout)
         if layer is not target:
             setattr(parent, target_name, layer)
         if adapter_name not in self.active_adapters:
             layer.requires_grad_(False)
-
-    @staticmethod
-    def _routing_rule(config: MixLoRAConfig):
-        """The routing rule of a config: top-k with renormalised weights (MixLoRA §3.2)."""
-        return functools.partial(routing.top_k_routing, k=config.top_k, renormalize=True)
 
     # ------------------------------------------------------------------ forward
     @contextmanager

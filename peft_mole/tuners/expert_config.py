@@ -1,0 +1,187 @@
+"""Fields and validation shared by every routed-experts adapter config (MixLoRA, DynMoLE)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from peft import PeftConfig
+
+from peft_mole.registration import add_peft_type
+
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def _check_float(name: str, value, low: float, high: float | None = None, high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if value < low or too_high:
+        bracket = ")" if high_open else "]"
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}{bracket}"
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def _check_names(name: str, value, allowed: tuple[str, ...], may_be_empty: bool) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set)):
+        raise TypeError(f"{name} must be a list of names from {list(allowed)}, got {value!r}")
+    names = list(value)
+    unknown = [v for v in names if v not in allowed]
+    if unknown:
+        raise ValueError(f"{name} has unknown projection(s) {unknown}; allowed: {list(allowed)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{name} lists a projection twice: {names}")
+    if not names and not may_be_empty:
+        raise ValueError(f"{name} must name at least one of {list(allowed)}")
+    return names
+
+
+def _check_experts(value) -> None:
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("num_experts as a per-layer list must not be empty")
+        for i, n in enumerate(value):
+            _check_int(f"num_experts[{i}]", n, 1)
+    else:
+        _check_int("num_experts", value, 1)
+
+
+@dataclass
+class ExpertAdapterConfig(PeftConfig):
+    """Base of peft-mole configs: LoRA experts on the MLP projections, a router, attention LoRA.
+
+    Subclasses set `PEFT_TYPE` and add their routing fields, `routing_rule()` and `layer_aux_loss()`.
+    """
+
+    PEFT_TYPE = ""
+
+    num_experts: int | list[int] = field(
+        default=8,
+        metadata={"help": "Experts per MoE layer (E): an int, or one int per decoder layer (MoLA, e.g. [2, 4, 6, 8])."},
+    )
+    r: int = field(default=16, metadata={"help": "Rank of each expert's LoRA."})
+    lora_alpha: int = field(default=32, metadata={"help": "Expert LoRA alpha; scale s = alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the expert LoRA input, in [0, 1)."})
+    use_rslora: bool = field(
+        default=False, metadata={"help": "Rank-stabilised scale s = alpha / sqrt(r), for experts and attention."}
+    )
+    use_dora: bool = field(
+        default=False, metadata={"help": "DoRA experts (MixDoRA): a learned magnitude per expert and output row."}
+    )
+    expert_target_modules: list[str] = field(
+        default_factory=lambda: list(EXPERT_PROJECTIONS),
+        metadata={"help": f"MLP projections that carry expert LoRA, a non-empty subset of {EXPERT_PROJECTIONS}."},
+    )
+    attn_target_modules: list[str] = field(
+        default_factory=lambda: list(ATTENTION_PROJECTIONS),
+        metadata={"help": f"Attention projections with plain LoRA, a subset of {ATTENTION_PROJECTIONS}; [] = none."},
+    )
+    attn_r: int | None = field(default=None, metadata={"help": "Attention LoRA rank (None: same as r)."})
+    attn_lora_alpha: int | None = field(
+        default=None, metadata={"help": "Attention LoRA alpha (None: same as lora_alpha)."}
+    )
+    attn_lora_dropout: float | None = field(
+        default=None, metadata={"help": "Attention LoRA dropout (None: same as lora_dropout)."}
+    )
+    jitter_noise: float = field(
+        default=0.0, metadata={"help": "Training-time multiplicative router input noise x*U(1-eps, 1+eps), eps in [0, 1)."}
+    )
+    router_init_std: float = field(default=0.02, metadata={"help": "Router weights init N(0, std^2)."})
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Decoder layer indices to adapt (None: all)."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
+    )
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Set automatically: the attention projections and the MLP blocks found by structure."},
+    )
+    bias: str = field(default="none", metadata={"help": "Only 'none' is supported."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = add_peft_type(self.PEFT_TYPE)
+        if self.task_type is None:
+            self.task_type = "CAUSAL_LM"
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise TypeError/ValueError naming the field, the value and what is allowed."""
+        _check_experts(self.num_experts)
+        if isinstance(self.num_experts, tuple):
+            self.num_experts = list(self.num_experts)
+        _check_int("r", self.r, 1)
+        _check_float("lora_alpha", self.lora_alpha, 0.0)
+        _check_float("lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
+        for name in ("use_rslora", "use_dora", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        self.expert_target_modules = _check_names(
+            "expert_target_modules", self.expert_target_modules, EXPERT_PROJECTIONS, may_be_empty=False
+        )
+        self.attn_target_modules = _check_names(
+            "attn_target_modules", self.attn_target_modules, ATTENTION_PROJECTIONS, may_be_empty=True
+        )
+        if self.attn_r is not None:
+            _check_int("attn_r", self.attn_r, 1)
+        if self.attn_lora_alpha is not None:
+            _check_float("attn_lora_alpha", self.attn_lora_alpha, 0.0)
+        if self.attn_lora_dropout is not None:
+            _check_float("attn_lora_dropout", self.attn_lora_dropout, 0.0, 1.0, high_open=True)
+        _check_float("jitter_noise", self.jitter_noise, 0.0, 1.0, high_open=True)
+        _check_float("router_init_std", self.router_init_std, 0.0)
+        layers = self.layers_to_transform
+        if layers is not None:
+            items = [layers] if isinstance(layers, int) else layers
+            if isinstance(items, str) or not isinstance(items, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
+            ):
+                raise ValueError(f"layers_to_transform must be a non-negative int or a list of them, got {layers!r}")
+        if self.bias != "none":
+            raise ValueError(f"bias must be 'none' (peft-mole adapters train no biases), got {self.bias!r}")
+        self.target_modules = sorted(set(self.attn_target_modules) | set(self.expert_target_modules))
+
+    @property
+    def min_experts_per_layer(self) -> int:
+        return min(self.num_experts) if isinstance(self.num_experts, list) else self.num_experts
+
+    def experts_in_layer(self, layer_index: int | None) -> int:
+        """E of decoder layer `layer_index` (a per-layer list is indexed by the decoder layer)."""
+        if not isinstance(self.num_experts, list):
+            return self.num_experts
+        if layer_index is None or layer_index >= len(self.num_experts):
+            raise ValueError(
+                f"num_experts has {len(self.num_experts)} entries (one per decoder layer) but the model has a "
+                f"layer with index {layer_index}; give one entry per decoder layer"
+            )
+        return self.num_experts[layer_index]
+
+    @property
+    def attention_lora(self) -> tuple[int, float, float]:
+        """(r, alpha, dropout) of the attention LoRA, falling back to the expert values."""
+        r = self.r if self.attn_r is None else self.attn_r
+        alpha = self.lora_alpha if self.attn_lora_alpha is None else self.attn_lora_alpha
+        dropout = self.lora_dropout if self.attn_lora_dropout is None else self.attn_lora_dropout
+        return r, alpha, dropout
+
+    def scaling(self, r: int, alpha: float) -> float:
+        """LoRA scale s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
+        return alpha / (r**0.5) if self.use_rslora else alpha / r
+
+    def routing_rule(self):
+        """probs (T, E) -> (weights, experts) for this adapter."""
+        raise NotImplementedError
+
+    def layer_aux_loss(self, probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """Auxiliary loss of one MoE layer from its non-padding router probabilities and selections."""
+        raise NotImplementedError

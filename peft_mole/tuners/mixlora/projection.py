@@ -1,0 +1,64 @@
+"""A single linear projection with its own router and LoRA experts (MoLA / DynMoLE reference style).
+
+    y = W x + Σ_{e∈S(x)} w_e · s·B_e A_e dropout(x)
+
+Used for `router_scope="projection"`, where gate, up and down are each routed separately.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peft_mole.forward_context import BASE_ROW, ForwardContext
+from peft_mole.ops.experts import dispatch, shared_input_lora
+from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
+
+
+class MoELoraLinear(RoutedExpertsLayer):
+    """nn.Linear + a router + E LoRA experts per adapter, one adapter per batch row."""
+
+    prefix = "mixlora_"
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, context: ForwardContext, layer_name: str) -> None:
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"{layer_name}: {type(self).__name__} wraps nn.Linear, got {type(base_layer).__name__}")
+        super().__init__(base_layer, adapter_name, context, layer_name)
+
+    def update_layer(self, adapter_name: str, *, projections: list[str] | None = None, **settings) -> None:
+        if settings.get("use_dora"):
+            raise ValueError("use_dora=True is not supported with router_scope='projection'; use router_scope='block'")
+        self.add_experts(adapter_name, {"proj": self.base_layer}, self.base_layer.in_features, **settings)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or not self.active_adapters:
+            return out
+        groups, token_mask = self.row_groups(x)
+        batch, hidden = x.shape[0], x.shape[-1]
+        if len(groups) == 1 and groups[0].num_rows == batch:
+            adapter = groups[0].adapter
+            if adapter not in self.routers:
+                return out
+            mask = None if token_mask is None else token_mask.reshape(-1)
+            return out + self._mixture(adapter, x.reshape(-1, hidden), mask).reshape(out.shape).to(out.dtype)
+        delta = torch.zeros_like(out)
+        for group in groups:
+            if group.adapter == BASE_ROW or group.adapter not in self.routers:
+                continue
+            rows = x[group.rows]
+            mask = None if token_mask is None else token_mask[group.rows].reshape(-1)
+            delta[group.rows] = self._mixture(group.adapter, rows.reshape(-1, hidden), mask).reshape(
+                *rows.shape[:-1], -1
+            ).to(out.dtype)
+        return out + delta
+
+    def _mixture(self, adapter: str, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """Σ_e w_e s·B_e A_e dropout(x) for N tokens x (N, in) → (N, out)."""
+        settings = self.settings[adapter]
+        weights, chosen = self.route(adapter, x, token_mask)
+        plan = dispatch(weights, chosen, settings.num_experts)
+        lora_a, lora_b = self.experts[adapter].factors("proj")
+        pair = shared_input_lora(self.dropouts[adapter](x), lora_a, lora_b, plan, settings.scaling)  # (M, out)
+        pair = pair * plan.weight.to(pair.dtype).unsqueeze(-1)
+        return pair.new_zeros(x.shape[0], lora_b.shape[1]).index_add(0, plan.token, pair)

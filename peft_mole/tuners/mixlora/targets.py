@@ -1,0 +1,99 @@
+"""Which modules of a decoder a routed-experts adapter wraps, found by structure rather than by model name."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from peft_mole.tuners.expert_config import ExpertAdapterConfig
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+@dataclass
+class Target:
+    kind: str  # "mlp" (whole block), "projection" (one routed gate/up/down) or "attention" (plain LoRA)
+    layer_index: int | None  # decoder layer, from the first integer in the module path
+
+
+def _linear(module) -> nn.Linear | None:
+    """The nn.Linear of a module, looking through a PEFT tuner layer wrapper."""
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    return module if isinstance(module, nn.Linear) else None
+
+
+def find_gated_mlp(module: nn.Module) -> bool:
+    """True for a gated MLP block: linear `gate_proj`, `up_proj`, `down_proj` and an `act_fn` (Llama family).
+
+    Shapes must chain: gate/up map d -> i and down maps i -> d.
+    """
+    gate, up, down = (_linear(getattr(module, name, None)) for name in ("gate_proj", "up_proj", "down_proj"))
+    if gate is None or up is None or down is None or not callable(getattr(module, "act_fn", None)):
+        return False
+    return (
+        gate.in_features == up.in_features == down.out_features
+        and gate.out_features == up.out_features == down.in_features
+    )
+
+
+def layer_index(name: str) -> int | None:
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, block_cls: type) -> dict[str, Target]:
+    """Module names to adapt: {name: Target}.
+
+    MLP blocks are gated MLPs (`find_gated_mlp`) or blocks already wrapped by `block_cls` (a second adapter).
+    scope "block" wraps each block; "projection" wraps its projections named in `expert_target_modules`.
+    Attention targets are linear layers named in `attn_target_modules` outside the MLP blocks.
+    `layers_to_transform` keeps modules of the listed decoder layers only.
+    """
+    blocks = {}
+    for name, module in model.named_modules():
+        if isinstance(module, block_cls):
+            blocks[name] = True
+        elif find_gated_mlp(module) and not name.endswith(".base_layer"):
+            blocks[name] = False
+    if not blocks:
+        raise ValueError(
+            "peft-mole needs a decoder with gated MLP blocks (linear gate_proj, up_proj, down_proj and act_fn, as "
+            f"in Llama, Qwen2, Mistral); none found in {type(model).__name__}"
+        )
+    if isinstance(config.num_experts, list) and len(config.num_experts) != len(blocks):
+        raise ValueError(
+            f"num_experts has {len(config.num_experts)} entries but the model has {len(blocks)} decoder layers "
+            "with a gated MLP; give one entry per decoder layer"
+        )
+    targets: dict[str, Target] = {}
+    for name, wrapped in blocks.items():
+        block = model.get_submodule(name)
+        routed_projections = not wrapped and any(
+            isinstance(getattr(block, p), BaseTunerLayer) for p in ("gate_proj", "up_proj", "down_proj")
+        )
+        if (scope == "block" and routed_projections) or (scope == "projection" and wrapped):
+            raise ValueError(
+                f"{name} already carries adapters with another router_scope; one model holds adapters of one scope"
+            )
+        if scope == "block":
+            targets[name] = Target("mlp", layer_index(name))
+        else:
+            for proj in config.expert_target_modules:
+                targets[f"{name}.{proj}"] = Target("projection", layer_index(name))
+    block_prefixes = tuple(name + "." for name in blocks)
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in config.attn_target_modules and _linear(module) is not None and not name.endswith(".base_layer"):
+            if not name.startswith(block_prefixes):
+                targets[name] = Target("attention", layer_index(name))
+    if config.layers_to_transform is not None:
+        layers = config.layers_to_transform
+        wanted = {layers} if isinstance(layers, int) else set(layers)
+        targets = {name: t for name, t in targets.items() if t.layer_index in wanted}
+        if not targets:
+            raise ValueError(f"layers_to_transform={layers} matches no decoder layer")
+    return targets

@@ -1,0 +1,188 @@
+"""The PEFT contract every peft-mole adapter type keeps: training signals, save/load, generation, mixing."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
+from tests.helpers import FAMILIES, METHODS, batch, randomize_adapters, tiny_base
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_adapter_parameters_train_and_all_get_gradients(method):
+    model = get_peft_model(tiny_base(), METHODS[method]())
+    randomize_adapters(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    prefix = model.base_model.prefix
+    assert trainable and all(prefix in n for n in trainable)
+    assert not any("base_layer" in n or "embed" in n or "lm_head" in n for n in trainable)
+    model.train()
+    ids, mask, labels = batch(2, 10)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    if method != "mixlora":
+        return
+    num_experts, r, hidden, inter, layers = 4, 4, 64, 172, 2
+    per_layer = num_experts * hidden  # router
+    per_layer += 2 * num_experts * r * (hidden + inter) + num_experts * r * (inter + hidden)  # gate, up, down
+    per_layer += 4 * r * (hidden + hidden)  # q, k, v, o (4 heads x 16 = 64 both ways)
+    assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) == layers * per_layer
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_dropout_is_off_in_eval_and_on_in_train(method):
+    model = get_peft_model(tiny_base(), METHODS[method](lora_dropout=0.3))
+    randomize_adapters(model)
+    ids, mask, _ = batch(2, 8)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+        model.train()
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("family, method", [(f, "mixlora") for f in FAMILIES] + [("llama", m) for m in METHODS if m != "mixlora"])
+def test_save_load_round_trip_is_bit_exact_in_a_new_process(family, method, tmp_path):
+    model = get_peft_model(tiny_base(family), METHODS[method]())
+    randomize_adapters(model)
+    model.eval()
+    ids, mask, _ = batch(2, 9)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors"
+    ]
+    peft_type = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"]
+    assert peft_type == model.peft_config["default"].peft_type.value
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any(model.base_model.prefix + "router" in k for k in saved) and not any(".default" in k for k in saved)
+    torch.save({"ids": ids, "mask": mask, "logits": logits}, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import torch, peft_mole
+        from peft import PeftModel, AutoPeftModelForCausalLM
+        from peft_mole import synthetic
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        base = synthetic.random_model({family!r}, "tiny", seed=0)
+        model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r})
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=expected["ids"], attention_mask=expected["mask"]).logits
+        assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+        print("bit-exact")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bit-exact" in result.stdout
+
+
+@pytest.mark.parametrize("family, method", [(f, "mixlora") for f in FAMILIES] + [("llama", m) for m in METHODS if m != "mixlora"])
+def test_generation_with_cache_equals_without(family, method):
+    model = get_peft_model(tiny_base(family), METHODS[method]())
+    randomize_adapters(model, std=0.1)
+    model.eval()
+    ids, mask, _ = batch(2, 5)
+    kwargs = dict(max_new_tokens=8, do_sample=False, attention_mask=mask, pad_token_id=0)
+    with_cache = model.generate(input_ids=ids, use_cache=True, **kwargs)
+    without = model.generate(input_ids=ids, use_cache=False, **kwargs)
+    assert with_cache.shape == (2, 13) and torch.equal(with_cache, without)
+    with model.disable_adapter():
+        base_tokens = model.generate(input_ids=ids, use_cache=True, **kwargs)
+    assert not torch.equal(base_tokens, with_cache)  # the adapter changes what is generated
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_accepts_per_row_adapters(method):
+    model = get_peft_model(tiny_base(), METHODS[method]())
+    model.add_adapter("other", METHODS[method]())
+    model.base_model.set_adapter(["default", "other"])
+    randomize_adapters(model, std=0.1)
+    model.base_model.set_adapter("default")
+    model.eval()
+    ids, mask, _ = batch(2, 5)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    mixed = model.generate(input_ids=ids, attention_mask=mask, adapter_names=["default", "other"], **kwargs)
+    model.set_adapter("other")
+    alone = model.generate(input_ids=ids[1:], attention_mask=mask[1:], **kwargs)
+    assert torch.equal(mixed[1:], alone)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_is_refused_and_unload_restores_the_base(method):
+    base = tiny_base()
+    ids, _, _ = batch(1, 6)
+    with torch.no_grad():
+        reference = base(input_ids=ids).logits
+    model = get_peft_model(base, METHODS[method]())
+    randomize_adapters(model)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_and_unload()
+    restored = model.unload()
+    assert not any(isinstance(m, RoutedExpertsLayer) for m in restored.modules())
+    with torch.no_grad():
+        assert torch.equal(restored(input_ids=ids).logits, reference)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_delete_adapter_removes_its_weights(method):
+    model = get_peft_model(tiny_base(), METHODS[method]())
+    model.add_adapter("other", METHODS[method]())
+    model.delete_adapter("other")
+    assert not any(".other" in n for n, _ in model.named_parameters())
+    assert list(model.peft_config) == ["default"]
+    ids, mask, labels = batch(2, 5)
+    assert torch.isfinite(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_load_onto_other_base_is_refused(method, tmp_path):
+    model = get_peft_model(tiny_base(), METHODS[method]())
+    model.save_pretrained(tmp_path)
+    wider = tiny_base(hidden_size=32, intermediate_size=86)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(wider, tmp_path)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_modules_to_save_are_trained_and_saved(method, tmp_path):
+    model = get_peft_model(tiny_base(), METHODS[method](modules_to_save=["lm_head"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lm_head.modules_to_save.default" in n for n in trainable)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert any(k.endswith("lm_head.weight") for k in saved)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_mixed_adapter_batch_equals_each_row_alone(method):
+    from peft_mole import BASE_ROW
+
+    model = get_peft_model(tiny_base(), METHODS[method]())
+    model.add_adapter("other", METHODS[method](num_experts=3, r=2, attn_target_modules=["q_proj", "v_proj"]))
+    model.base_model.set_adapter(["default", "other"])  # make both trainable so randomisation reaches both
+    randomize_adapters(model, std=0.1)
+    model.base_model.set_adapter("default")
+    model.eval()
+    ids, mask, _ = batch(4, 9)
+    names = ["other", "default", BASE_ROW, "other"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == BASE_ROW:
+                with model.disable_adapter():
+                    alone = model(input_ids=ids[row : row + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=ids[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+    assert (mixed[0] - mixed[1]).abs().max() > 1e-3  # the adapters really differ
