@@ -4,10 +4,11 @@ Importing the package registers its PEFT types, after which `get_peft_model`, `P
 `AutoPeftModelForCausalLM` and TRL's `SFTTrainer(peft_config=...)` accept them like any PEFT method.
 """
 
+from peft_mole.diagnostics import RouterStatsCallback
 from peft_mole.forward_context import BASE_ROW
 from peft_mole.tuners.dynmole import DynMoLEConfig, DynMoLEModel
 from peft_mole.tuners.mixlora import MixLoRAConfig, MixLoRAModel
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["BASE_ROW", "DynMoLEConfig", "DynMoLEModel", "MixLoRAConfig", "MixLoRAModel", "__version__"]
+__all__ = ["BASE_ROW", "RouterStatsCallback", "DynMoLEConfig", "DynMoLEModel", "MixLoRAConfig", "MixLoRAModel", "__version__"]

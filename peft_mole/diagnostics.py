@@ -1,29 +1,164 @@
-"""Router diagnostics: which experts the routers of a MoE adapter use."""
+"""Router diagnostics: how confident the routers are and which experts they use.
+
+Per MoE layer (over non-padding tokens of one forward pass):
+- entropy: mean normalised entropy h = S_q(p)/S_max (q of a DynMoLE config, Shannon for MixLoRA), in [0, 1];
+- broadcast: fraction of tokens routed to all experts;
+- experts_per_token: mean number of selected experts;
+- load: fraction of all selections that each expert received (balanced = 1/E each).
+
+`RouterStatsCallback` logs them through the Trainer (tqdm, TensorBoard, W&B see them when it runs first:
+`RouterStatsCallback.attach(trainer)`) and draws a PNG of expert load and entropy at the end of training.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+from transformers import TrainerCallback
+
+from peft_mole import routing
+
+
+@dataclass
+class RouterStats:
+    entropy: float
+    broadcast: float
+    experts_per_token: float
+    load: list[float]
+
+
+@torch.no_grad()
+def router_stats(probs: torch.Tensor, selected: torch.Tensor, q: float = 1.0) -> RouterStats:
+    """Statistics of one layer from its (T, E) probabilities and selection mask (padding already removed)."""
+    if probs.shape[0] == 0:
+        return RouterStats(0.0, 0.0, 0.0, [0.0] * probs.shape[-1])
+    per_token = selected.sum(-1).float()
+    return RouterStats(
+        entropy=routing.normalized_entropy(probs, q).mean().item(),
+        broadcast=(per_token == probs.shape[-1]).float().mean().item(),
+        experts_per_token=per_token.mean().item(),
+        load=routing.expert_load(selected).tolist(),
+    )
 
 
 @torch.no_grad()
 def expert_load(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, list[float]]:
-    """Fraction of the (non-padding) token→expert selections that each expert receives, per MoE layer.
-
-    Runs one forward pass (dropout off) and returns {layer name: [load of expert 0, ..., E-1]} for the active
-    adapter; a perfectly balanced layer has every entry = 1/E.
+    """Expert load per MoE layer of the active adapter after one forward pass (dropout off).
 
     Example:
         >>> load = expert_load(peft_model, ids, mask)            # doctest: +SKIP
         >>> load["model.layers.0.mlp"]                           # doctest: +SKIP
         [0.13, 0.11, ...]
     """
-    tuner = model.base_model
+    return {layer: stats.load for layer, stats in layer_stats(model, input_ids, attention_mask).items()}
+
+
+@torch.no_grad()
+def layer_stats(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, RouterStats]:
+    """`RouterStats` per MoE layer of the active adapter after one forward pass (dropout off)."""
     was_training = model.training
     model.eval()
     try:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
-        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)  # labels → the tuner records
     finally:
         model.train(was_training)
-    stats = tuner.__dict__.get("last_router_stats", {})
-    return {layer: load.tolist() for (_, layer), load in stats.items()}
+    return {layer: stats for (_, layer), stats in model.base_model.__dict__.get("last_router_stats", {}).items()}
+
+
+class RouterStatsCallback(TrainerCallback):
+    """Logs router statistics per MoE layer, averaged over the optimizer steps since the last log, and writes
+    `router_stats.png` (expert load per layer; entropy per layer over training) to the output dir at the end.
+
+    Each optimizer step samples the statistics of its last forward pass. Keys: `router/<layer>/entropy`,
+    `.../broadcast`, `.../experts_per_token`, `.../load_<e>` (with `log_expert_load`), and the means over
+    layers `router/entropy`, `router/experts_per_token`.
+    """
+
+    def __init__(self, log_expert_load: bool = True, plot: bool = True) -> None:
+        self.log_expert_load = log_expert_load
+        self.plot = plot
+        self._pending: dict[str, list[RouterStats]] = defaultdict(list)
+        self.history: list[tuple[int, dict[str, float]]] = []  # (step, {layer: entropy})
+        self.total_load: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def attach(cls, trainer, **kwargs) -> RouterStatsCallback:
+        """Add the callback ahead of the reporting callbacks, so TensorBoard/W&B/log_history get its metrics."""
+        callback = cls(**kwargs)
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        tuner = getattr(model, "base_model", None)
+        stats = getattr(tuner, "__dict__", {}).get("last_router_stats", {})
+        for (adapter, layer), s in stats.items():
+            name = layer if adapter == "default" else f"{adapter}/{layer}"
+            self._pending[name].append(s)
+            load = torch.tensor(s.load)
+            self.total_load[name] = self.total_load.get(name, torch.zeros_like(load)) + load
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._pending or logs is None or "loss" not in logs:
+            return
+        metrics: dict[str, float] = {}
+        entropies = {}
+        for name, samples in self._pending.items():
+            n = len(samples)
+            entropies[name] = sum(s.entropy for s in samples) / n
+            metrics[f"router/{name}/entropy"] = entropies[name]
+            metrics[f"router/{name}/broadcast"] = sum(s.broadcast for s in samples) / n
+            metrics[f"router/{name}/experts_per_token"] = sum(s.experts_per_token for s in samples) / n
+            if self.log_expert_load:
+                for e, value in enumerate(torch.tensor([s.load for s in samples]).mean(0).tolist()):
+                    metrics[f"router/{name}/load_{e}"] = value
+        metrics["router/entropy"] = sum(entropies.values()) / len(entropies)
+        per_token = [v for k, v in metrics.items() if k.endswith("/experts_per_token")]
+        metrics["router/experts_per_token"] = sum(per_token) / len(per_token)
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+        self.history.append((state.global_step, entropies))
+        self._pending.clear()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.plot and self.total_load and state.is_world_process_zero:
+            plot_router_stats(self.total_load, self.history, Path(args.output_dir) / "router_stats.png")
+
+
+def plot_router_stats(total_load: dict[str, torch.Tensor], history, path: Path) -> Path:
+    """Heatmap of expert load (layers × experts) and entropy per layer over training, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(total_load)
+    width = max(len(v) for v in total_load.values())
+    grid = torch.full((len(layers), width), float("nan"))
+    for i, name in enumerate(layers):
+        load = total_load[name] / total_load[name].sum().clamp(min=1e-12)
+        grid[i, : len(load)] = load
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, max(3, 0.35 * len(layers) + 1.5)))
+    image = ax1.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+    ax1.set_yticks(range(len(layers)), layers, fontsize=7)
+    ax1.set_xlabel("expert")
+    ax1.set_title("expert load (fraction of selections, whole run)")
+    fig.colorbar(image, ax=ax1)
+    for name in layers:
+        steps = [step for step, entropies in history if name in entropies]
+        ax2.plot(steps, [entropies[name] for _, entropies in history if name in entropies], label=name)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("mean normalised entropy")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_title("router entropy per layer")
+    if len(layers) <= 12:
+        ax2.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

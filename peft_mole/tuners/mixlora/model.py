@@ -8,7 +8,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from peft_mole import routing
+from peft_mole.diagnostics import router_stats
 from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
 from peft_mole.tuners.mixlora.attention import LoraLinear
@@ -157,7 +157,8 @@ class MixLoRAModel(BaseTuner):
         """
         aux, per_adapter = router_aux_loss(records, self.peft_config)
         self.__dict__["last_router_stats"] = {
-            (r.adapter, r.layer): routing.expert_load(r.selected).detach() for r in records
+            (r.adapter, r.layer): router_stats(*r.counted(), q=getattr(self.peft_config[r.adapter], "q", 1.0))
+            for r in records
         }
         self.__dict__["last_aux_loss"] = {k: v.detach() for k, v in per_adapter.items()}
         if not hasattr(outputs, "keys"):

@@ -1,0 +1,165 @@
+"""DynMoLE: config, exactness of both router scopes, variable expert counts, aux loss, MoLA schedules."""
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_mole import DynMoLEConfig, routing
+from peft_mole.tuners.dynmole.layer import DynMoLEMLP, DynMoLEProjection
+from peft_mole.tuners.mixlora import layer as layer_module
+from tests.helpers import batch, dynmole, mixlora, randomize_adapters, tiny_base
+
+
+def test_defaults_follow_the_paper():
+    cfg = DynMoLEConfig()
+    assert (cfg.q, cfg.top_p, cfg.broadcast_threshold, cfg.min_experts) == (1.1, 0.75, 0.9, 2)
+    assert (cfg.entropy_loss_coef, cfg.lb_loss_coef, cfg.renormalize, cfg.router_scope) == (0.01, 0.001, False, "block")
+    assert cfg.peft_type.value == "PEFT_MOLE_DYNMOLE"
+
+
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    (dict(q=0), ValueError, r"q must be > 0"),
+    (dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), ValueError, r"top_p must be in \[0.0, 1.0\]"),
+    (dict(broadcast_threshold=-0.1), ValueError, r"broadcast_threshold must be in"),
+    (dict(min_experts=0), ValueError, r"min_experts must be >= 1"),
+    (dict(min_experts=5, num_experts=4), ValueError, r"min_experts must be <= num_experts \(4\), got 5"),
+    (dict(min_experts=3, num_experts=[2, 4]), ValueError, r"min_experts must be <= num_experts \(2\)"),
+    (dict(entropy_loss_coef=-1), ValueError, r"entropy_loss_coef must be >= 0"),
+    (dict(renormalize="no"), TypeError, r"renormalize must be a bool"),
+    (dict(router_scope="layer"), ValueError, r"router_scope must be one of \['block', 'projection'\]"),
+    (dict(router_scope="projection", use_dora=True), ValueError, r"use_dora=True is not supported"),
+    (dict(num_experts=[]), ValueError, r"num_experts as a per-layer list must not be empty"),
+    (dict(num_experts=[2, 0]), ValueError, r"num_experts\[1\] must be >= 1"),
+])
+def test_bad_values_are_rejected_with_the_field_name(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        DynMoLEConfig(**kwargs)
+
+
+def naive_block(layer, x, adapter="default"):
+    """Σ_e w_e FFN_e(x) token by token, with the hybrid rule's (unrenormalised) weights."""
+    mlp, experts, settings = layer.base_layer, layer.experts[adapter], layer.settings[adapter]
+    probs = torch.softmax(x @ layer.routers[adapter].weight.t(), dim=-1)
+    weights, chosen = routing.dynmole_routing(probs, **settings.rule.keywords)
+
+    def weight(proj, e):
+        a, b = experts.factors(proj)
+        return getattr(mlp, proj).weight + settings.scaling * b[e] @ a[e]
+
+    out = torch.zeros(x.shape[0], mlp.down_proj.out_features)
+    for t in range(x.shape[0]):
+        for w, e in zip(weights[t].tolist(), chosen[t].tolist(), strict=True):
+            if w == 0:
+                continue
+            h = mlp.act_fn(weight("gate_proj", e) @ x[t]) * (weight("up_proj", e) @ x[t])
+            out[t] += w * (weight("down_proj", e) @ h)
+    return out
+
+
+def peaked(model, scale=3.0):
+    """Sharpen the routers so that the hybrid rule mixes top-p tokens and broadcast tokens."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "router" in name:
+                p.mul_(scale)
+
+
+def test_block_scope_equals_naive_formula_with_variable_expert_counts():
+    model = get_peft_model(tiny_base(), dynmole(num_experts=6))
+    randomize_adapters(model, std=0.15)
+    peaked(model, 3.0)
+    model.eval()
+    layer = next(m for m in model.modules() if isinstance(m, DynMoLEMLP))
+    x = torch.randn(3, 8, 64) * torch.linspace(0.05, 3.0, 24).reshape(3, 8, 1)  # flat to peaked routers
+    with torch.no_grad():
+        fast = layer(x).reshape(-1, 64)
+        slow = naive_block(layer, x.reshape(-1, 64))
+        weights, _ = routing.dynmole_routing(
+            torch.softmax(x.reshape(-1, 64) @ layer.routers["default"].weight.t(), -1),
+            **layer.settings["default"].rule.keywords,
+        )
+    counts = (weights != 0).sum(-1)
+    assert counts.min() < counts.max()  # tokens really use different numbers of experts
+    assert (fast - slow).abs().max().item() <= 1e-5
+
+
+def test_projection_scope_equals_naive_formula():
+    model = get_peft_model(tiny_base(), dynmole(router_scope="projection", num_experts=5))
+    randomize_adapters(model, std=0.15)
+    peaked(model, 3.0)
+    model.eval()
+    proj = next(m for m in model.modules() if isinstance(m, DynMoLEProjection))
+    x = torch.randn(2, 7, proj.base_layer.in_features) * torch.linspace(0.05, 3.0, 14).reshape(2, 7, 1)
+    with torch.no_grad():
+        fast = proj(x).reshape(-1, proj.base_layer.out_features)
+        flat = x.reshape(-1, x.shape[-1])
+        probs = torch.softmax(flat @ proj.routers["default"].weight.t(), -1)
+        weights, chosen = routing.dynmole_routing(probs, **proj.settings["default"].rule.keywords)
+        a, b = proj.experts["default"].factors("proj")
+        s = proj.settings["default"].scaling
+        slow = flat @ proj.base_layer.weight.t()
+        for t in range(flat.shape[0]):
+            for w, e in zip(weights[t].tolist(), chosen[t].tolist(), strict=True):
+                slow[t] += w * s * b[e] @ (a[e] @ flat[t])
+    assert (fast - slow).abs().max().item() <= 1e-5
+
+
+def test_variable_counts_dispatch_only_selected_pairs(monkeypatch):
+    seen = []
+    real = layer_module.shared_input_lora
+
+    def spy(x, a, b, plan, scaling, base=None):
+        seen.append((x.shape[0], len(plan.token)))
+        return real(x, a, b, plan, scaling, base)
+
+    monkeypatch.setattr(layer_module, "shared_input_lora", spy)
+    model = get_peft_model(tiny_base(), dynmole(num_experts=8))
+    randomize_adapters(model, std=0.15)
+    peaked(model, 20.0)
+    ids, mask, _ = batch(2, 10)
+    model(input_ids=ids, attention_mask=mask)
+    assert seen and all(2 * 10 * 2 <= pairs < 2 * 10 * 8 for tokens, pairs in seen)  # ≥ min_experts, < all
+
+
+def test_aux_loss_is_entropy_plus_load_balance_over_real_tokens():
+    model = get_peft_model(tiny_base(), dynmole(entropy_loss_coef=0.3, lb_loss_coef=0.2))
+    randomize_adapters(model)
+    peaked(model, 10.0)
+    model.train()
+    ids, mask, labels = batch(2, 10, pad_last=4)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    records = []
+    context = model.base_model._context()
+    context.token_mask, context.records = mask.bool(), records
+    model.base_model.model(input_ids=ids, attention_mask=mask)
+    context.records = None
+    per_layer = [
+        0.3 * routing.tsallis_loss(p, 1.1) + 0.2 * routing.load_balance_loss(p, s)
+        for p, s in (r.counted() for r in records)
+    ]
+    assert len(per_layer) == 2 and all(r.counted()[0].shape[0] == int(mask.sum()) for r in records)
+    torch.testing.assert_close(out.aux_loss, torch.stack(per_layer).mean())
+
+
+def test_mola_layer_wise_expert_counts():
+    model = get_peft_model(tiny_base(), dynmole(num_experts=[2, 6]))
+    routers = [m.routers["default"].weight.shape[0] for m in model.modules() if isinstance(m, DynMoLEMLP)]
+    assert routers == [2, 6]
+    with pytest.raises(ValueError, match="num_experts has 3 entries but the model has 2 decoder layers"):
+        get_peft_model(tiny_base(), dynmole(num_experts=[2, 4, 6]))
+
+
+def test_router_scopes_cannot_be_mixed_in_one_model():
+    model = get_peft_model(tiny_base(), dynmole())
+    with pytest.raises(ValueError, match="another router_scope"):
+        model.add_adapter("p", dynmole(router_scope="projection"))
+    model = get_peft_model(tiny_base(), dynmole(router_scope="projection"))
+    with pytest.raises(ValueError, match="another router_scope"):
+        model.add_adapter("b", dynmole())
+
+
+def test_mixlora_and_dynmole_are_distinct_peft_types():
+    model = get_peft_model(tiny_base(), mixlora())
+    with pytest.raises(ValueError, match="Cannot combine adapters with different peft types"):
+        model.add_adapter("other", dynmole())
