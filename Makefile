@@ -22,7 +22,8 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) examples/sft_mixlora.py --output-dir build/demo
+	$(PY) examples/sft_mixlora.py
+	$(PY) examples/sft_dynmole.py
 
 RESULTS := bench/results/$(shell hostname)-$(shell date +%Y-%m-%d).jsonl
 

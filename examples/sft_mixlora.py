@@ -1,4 +1,5 @@
-"""Train a MixLoRA adapter with TRL's SFTTrainer, save it, reload it, and compare task accuracy.
+"""Train a MixLoRA (or, with --method dynmole, a DynMoLE) adapter with TRL's SFTTrainer, save it, reload it,
+and compare task accuracy; print the routers' statistics per layer.
 
 Offline by default (this is `make demo`): a random-init tiny Llama, a byte-level tokenizer trained here, and a
 generated multi-task instruction set (sentiment, opposites, capitals, addition), all written under
@@ -21,15 +22,16 @@ from trl import SFTConfig, SFTTrainer
 
 import peft_mole
 from peft_mole import synthetic
-from peft_mole.diagnostics import expert_load
+from peft_mole.diagnostics import RouterStatsCallback, layer_stats
 from peft_mole.evaluation import choice_accuracy
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", choices=["mixlora", "dynmole"], default="mixlora")
     parser.add_argument("--model", help="hub id or local path of a causal LM (default: build a tiny random Llama)")
     parser.add_argument("--dataset", help="hub dataset name or local .jsonl (default: generate synthetic tasks)")
-    parser.add_argument("--output-dir", default="build/demo")
+    parser.add_argument("--output-dir", default=None, help="default: build/demo-<method>")
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
@@ -59,10 +61,18 @@ def load_rows(name: str, split: str):
     return load_dataset(name, split=split)
 
 
-def main() -> None:
+def adapter_config(args: argparse.Namespace):
+    common = dict(num_experts=args.num_experts, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0)
+    if args.method == "dynmole":
+        return peft_mole.DynMoLEConfig(**common)
+    return peft_mole.MixLoRAConfig(top_k=args.top_k, **common)
+
+
+def main(method: str | None = None) -> None:
     args = parse_args()
+    args.method = method or args.method
     torch.manual_seed(0)
-    out = Path(args.output_dir)
+    out = Path(args.output_dir or f"build/demo-{args.method}")
     eval_path = None
     if args.model is None or args.dataset is None:
         model_path, train_path, eval_path = prepare_offline_assets(out)
@@ -72,9 +82,7 @@ def main() -> None:
     train = load_rows(train_path, "train").select_columns(["prompt", "completion"])
     eval_rows = list(load_rows(eval_path, "train"))[: args.eval_rows] if eval_path else []
 
-    config = peft_mole.MixLoRAConfig(
-        num_experts=args.num_experts, top_k=args.top_k, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0
-    )
+    config = adapter_config(args)
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_path),
         args=SFTConfig(
@@ -85,9 +93,11 @@ def main() -> None:
         ),
         train_dataset=train, processing_class=tokenizer, peft_config=config,
     )
+    RouterStatsCallback.attach(trainer)  # router metrics in the logs, router_stats.png in the run folder
     trainer.model.print_trainable_parameters()
     if eval_rows:
         print("accuracy before:", _fmt(choice_accuracy(trainer.model, tokenizer, eval_rows)))
+        print_router_stats(trainer.model, tokenizer, eval_rows, "at init")
 
     start = time.perf_counter()
     trainer.train()
@@ -106,11 +116,15 @@ def main() -> None:
 
     if eval_rows:
         print("accuracy after (reloaded adapter):", _fmt(choice_accuracy(reloaded, tokenizer, eval_rows)))
-        texts = [r["prompt"] + r["completion"] for r in eval_rows[:64]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True)
-        print("expert load per layer (fraction of selections; balanced = 1/E each):")
-        for layer, load in expert_load(reloaded, enc["input_ids"], enc["attention_mask"]).items():
-            print(f"  {layer:<24}" + " ".join(f"{x:.2f}" for x in load))
+        print_router_stats(reloaded, tokenizer, eval_rows, "after training")
+    print(f"router plot: {out / 'run' / 'router_stats.png'}")
+
+def print_router_stats(model, tokenizer, rows: list[dict], when: str) -> None:
+    enc = tokenizer([r["prompt"] + r["completion"] for r in rows[:64]], return_tensors="pt", padding=True)
+    print(f"router statistics {when} (entropy: normalised, 1 = uniform; load: share of selections per expert)")
+    for layer, s in layer_stats(model, enc["input_ids"], enc["attention_mask"]).items():
+        print(f"  {layer:<20} entropy {s.entropy:.2f}  broadcast {s.broadcast:.2f}  "
+              f"experts/token {s.experts_per_token:.2f}  load " + " ".join(f"{x:.2f}" for x in s.load))
 
 
 def _fmt(acc: dict[str, float]) -> str:
