@@ -32,6 +32,7 @@ bench: install
 	mkdir -p bench/results
 	$(PY) bench/mixlora_vs_lora.py --dropout 0.05 | tee -a $(RESULTS)
 	$(PY) bench/mixlora_vs_lora.py --dropout 0.0 | tee -a $(RESULTS)
+	$(PY) bench/dynmole_vs_mixlora.py | tee -a $(RESULTS)
 	$(PY) bench/render_table.py $(RESULTS)
 
 lint: install

@@ -9,8 +9,15 @@ import json
 import sys
 from pathlib import Path
 
-COMMANDS = {"mixlora_vs_lora": "python bench/mixlora_vs_lora.py --shape {shape} --dropout {dropout}"}
-DESCRIPTIONS = {"mixlora_vs_lora": "MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW)"}
+COMMANDS = {
+    "mixlora_vs_lora": "python bench/mixlora_vs_lora.py --shape {shape} --dropout {dropout}",
+    "dynmole_vs_mixlora": "python bench/dynmole_vs_mixlora.py --shape {shape}",
+}
+DESCRIPTIONS = {
+    "mixlora_vs_lora": "MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout {dropout}",
+    "dynmole_vs_mixlora": "DynMoLE step / MixLoRA top-2 step, routers {router_state} "
+                          "({dynmole_experts_per_token:.2f} experts/token)",
+}
 
 
 def main() -> None:
@@ -24,7 +31,8 @@ def main() -> None:
     for row in rows:
         if row["name"] in COMMANDS:
             command = COMMANDS[row["name"]].format(**row)
-            print(f"| `{row['name']}`: {DESCRIPTIONS[row['name']]} | {row['shape']} | {row['ratio_median']:.2f}× "
+            description = DESCRIPTIONS[row["name"]].format(**row)
+            print(f"| `{row['name']}`: {description} | {row['shape']} | {row['ratio_median']:.2f}× "
                   f"| {row['ratio_min']:.2f}× | `{command}` |")
 
 
