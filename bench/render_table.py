@@ -1,6 +1,7 @@
-"""Render the README's benchmark table from the newest bench/results/*.jsonl (no hand-copied numbers).
+"""Render the README's benchmark tables from bench/results/*.jsonl (no hand-copied numbers).
 
-Usage: python bench/render_table.py [results.jsonl]
+Usage: python bench/render_table.py [results.jsonl ...]   (default: the newest step-time file and the newest
+learning-check file)
 """
 
 from __future__ import annotations
@@ -20,20 +21,48 @@ DESCRIPTIONS = {
 }
 
 
-def main() -> None:
-    results = Path(__file__).parent / "results"
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else max(results.glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def ratio_table(path: Path, rows: list[dict]) -> None:
     device = next((r["device"] for r in rows if "device" in r), "?")
-    print(f"Source: `bench/results/{path.name}` (device: {device}, torch {rows[0].get('torch', '?')})\n")
+    torch_version = next((r["torch"] for r in rows if "torch" in r), "?")
+    print(f"Source: `bench/results/{path.name}` (device: {device}, torch {torch_version})\n")
     print("| ratio | shape | value (median) | value (min) | command |")
     print("|---|---|---|---|---|")
     for row in rows:
         if row["name"] in COMMANDS:
-            command = COMMANDS[row["name"]].format(**row)
             description = DESCRIPTIONS[row["name"]].format(**row)
+            command = COMMANDS[row["name"]].format(**row)
             print(f"| `{row['name']}`: {description} | {row['shape']} | {row['ratio_median']:.2f}× "
                   f"| {row['ratio_min']:.2f}× | `{command}` |")
+
+
+def learning_table(path: Path, rows: list[dict]) -> None:
+    print(f"Source: `bench/results/{path.name}`\n")
+    print("| method | lr | trainable params | eval loss (mean ± std) | accuracy (mean ± std) | command |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        if row["name"] == "learning_check_summary":
+            command = f"python bench/learning_check.py --learning-rate {row['learning_rate']:g} --methods {row['method']}"
+            print(f"| {row['method']} | {row['learning_rate']:g} | {row['trainable_params']:,} "
+                  f"| {row['eval_loss_mean']:.3f} ± {row['eval_loss_std']:.3f} "
+                  f"| {row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} | `{command}` |")
+
+
+def main() -> None:
+    results = Path(__file__).parent / "results"
+    paths = [Path(p) for p in sys.argv[1:]]
+    if not paths:
+        newest = lambda files: max(files, key=lambda p: p.stat().st_mtime)  # noqa: E731
+        files = list(results.glob("*.jsonl"))
+        paths = [newest([p for p in files if not p.name.startswith("learning_check")])]
+        learning = [p for p in files if p.name.startswith("learning_check")]
+        paths += [newest(learning)] if learning else []
+    for path in paths:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if any(r["name"] == "learning_check_summary" for r in rows):
+            learning_table(path, rows)
+        else:
+            ratio_table(path, rows)
+        print()
 
 
 if __name__ == "__main__":

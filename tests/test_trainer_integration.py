@@ -7,8 +7,8 @@ from peft import get_peft_model
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from peft_mole import MixLoRAConfig, synthetic
-from tests.helpers import batch, mixlora, randomize_adapters, tiny_base
+from peft_mole import synthetic
+from tests.helpers import METHODS, batch, randomize_adapters, tiny_base
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,15 @@ def sft_args(tmp_path, **overrides):
     return SFTConfig(**settings)
 
 
-def test_sft_trainer_with_peft_config_trains_and_loss_goes_down(local_assets, tmp_path):
+@pytest.mark.parametrize("method", METHODS)
+def test_sft_trainer_with_peft_config_trains_and_loss_goes_down(method, local_assets, tmp_path):
     tokenizer, dataset = local_assets
     base = tiny_base(vocab_size=len(tokenizer))
+    config = METHODS[method](r=8, lora_alpha=16)
     trainer = SFTTrainer(
-        model=base, args=sft_args(tmp_path), train_dataset=dataset, processing_class=tokenizer,
-        peft_config=MixLoRAConfig(num_experts=4, top_k=2, r=8, lora_alpha=16, lora_dropout=0.0),
+        model=base, args=sft_args(tmp_path), train_dataset=dataset, processing_class=tokenizer, peft_config=config,
     )
-    assert type(trainer.model.base_model).__name__ == "MixLoRAModel"
+    assert type(trainer.model.base_model).__name__ in ("MixLoRAModel", "DynMoLEModel")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -51,10 +52,12 @@ def test_sft_trainer_with_peft_config_trains_and_loss_goes_down(local_assets, tm
         assert changed == p.requires_grad, name  # adapters moved, the base did not
 
 
-def test_sft_trainer_loss_includes_the_router_aux_loss(local_assets, tmp_path):
+@pytest.mark.parametrize("method", ["mixlora", "dynmole"])
+def test_sft_trainer_loss_includes_the_router_aux_loss(method, local_assets, tmp_path):
     tokenizer, dataset = local_assets
     base = tiny_base(vocab_size=len(tokenizer))
-    config = MixLoRAConfig(num_experts=4, top_k=2, r=8, lora_dropout=0.0, router_aux_loss_coef=0.7)
+    big = dict(router_aux_loss_coef=0.7) if method == "mixlora" else dict(entropy_loss_coef=0.7)
+    config = METHODS[method](r=8, **big)
     trainer = SFTTrainer(
         model=base, args=sft_args(tmp_path, gradient_checkpointing=False), train_dataset=dataset,
         processing_class=tokenizer, peft_config=config,
@@ -72,7 +75,8 @@ def test_sft_trainer_loss_includes_the_router_aux_loss(local_assets, tmp_path):
     torch.testing.assert_close(loss, lm_only + out.aux_loss, atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_checkpointing_gives_the_same_gradients(method):
     ids, mask, labels = batch(2, 10, pad_last=2)
     grads = []
     for checkpointing in (False, True):
@@ -80,7 +84,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         if checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
-        model = get_peft_model(base, mixlora())
+        model = get_peft_model(base, METHODS[method]())
         randomize_adapters(model)
         model.train()
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
@@ -92,7 +96,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_plain_trainer_with_gradient_accumulation(local_assets, tmp_path):
     tokenizer, _ = local_assets
-    model = get_peft_model(tiny_base(vocab_size=len(tokenizer)), mixlora())
+    model = get_peft_model(tiny_base(vocab_size=len(tokenizer)), METHODS["mixlora"]())
     ids = torch.randint(3, len(tokenizer), (16, 12), generator=torch.Generator().manual_seed(0))
     rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
     args = TrainingArguments(
