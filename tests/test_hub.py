@@ -13,7 +13,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from tests.helpers import batch, mixlora, randomize_adapters, tiny_base
+from tests.helpers import METHODS, batch, randomize_adapters, tiny_base
 
 
 class FakeHub:
@@ -58,17 +58,18 @@ def fake_hub(tmp_path, monkeypatch):
     return hub
 
 
-def test_push_then_pull_gives_identical_logits(fake_hub):
-    model = get_peft_model(tiny_base(), mixlora())
+@pytest.mark.parametrize("method", METHODS)
+def test_push_then_pull_gives_identical_logits(method, fake_hub):
+    model = get_peft_model(tiny_base(), METHODS[method]())
     randomize_adapters(model)
     model.eval()
     ids, mask, _ = batch(2, 7)
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits
-    model.push_to_hub("someone/tiny-mixlora")
-    files = sorted(p.name for p in (fake_hub.root / "someone/tiny-mixlora").iterdir())
+    model.push_to_hub(f"someone/tiny-{method}")
+    files = sorted(p.name for p in (fake_hub.root / f"someone/tiny-{method}").iterdir())
     assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    pulled = PeftModel.from_pretrained(tiny_base(), "someone/tiny-mixlora")
+    pulled = PeftModel.from_pretrained(tiny_base(), f"someone/tiny-{method}")
     pulled.eval()
     with torch.no_grad():
         assert torch.equal(pulled(input_ids=ids, attention_mask=mask).logits, expected)

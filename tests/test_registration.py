@@ -8,7 +8,9 @@ import pytest
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import mixlora, tiny_base
+from tests.helpers import dynmole, mixlora, tiny_base
+
+TYPES = {"mixlora": ("PEFT_MOLE_MIXLORA", "MixLoRAModel"), "dynmole": ("PEFT_MOLE_DYNMOLE", "DynMoLEModel")}
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +19,9 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("registration")
     tiny_base().save_pretrained(root / "base")
     base = AutoModelForCausalLM.from_pretrained(root / "base")
-    get_peft_model(base, mixlora()).save_pretrained(root / "adapter")
+    get_peft_model(base, mixlora()).save_pretrained(root / "mixlora")
+    base = AutoModelForCausalLM.from_pretrained(root / "base")
+    get_peft_model(base, dynmole()).save_pretrained(root / "dynmole")
     return root
 
 
@@ -25,26 +29,28 @@ def run(script: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300)
 
 
-def test_without_import_peft_fails_naming_the_package(saved):
+@pytest.mark.parametrize("method", TYPES)
+def test_without_import_peft_fails_naming_the_package(method, saved):
     result = run(f"""
-        import sys
         from peft import AutoPeftModelForCausalLM
-        AutoPeftModelForCausalLM.from_pretrained({str(saved / "adapter")!r})
+        AutoPeftModelForCausalLM.from_pretrained({str(saved / method)!r})
     """)
     assert result.returncode != 0
-    assert "KeyError: 'PEFT_MOLE_MIXLORA'" in result.stderr
+    assert f"KeyError: '{TYPES[method][0]}'" in result.stderr
 
 
-def test_after_import_auto_peft_model_loads(saved):
+@pytest.mark.parametrize("method", TYPES)
+def test_after_import_auto_peft_model_loads(method, saved):
+    peft_type, tuner = TYPES[method]
     result = run(f"""
         import peft_mole
         from peft import AutoPeftModelForCausalLM, PeftConfig, PeftType
 
-        config = PeftConfig.from_pretrained({str(saved / "adapter")!r})
-        assert type(config).__name__ == "MixLoRAConfig" and config.peft_type == PeftType.PEFT_MOLE_MIXLORA
+        config = PeftConfig.from_pretrained({str(saved / method)!r})
+        assert config.peft_type == PeftType.{peft_type}, config.peft_type
         assert config.base_model_name_or_path == {str(saved / "base")!r}
-        model = AutoPeftModelForCausalLM.from_pretrained({str(saved / "adapter")!r})
+        model = AutoPeftModelForCausalLM.from_pretrained({str(saved / method)!r})
         print(type(model.base_model).__name__)
     """)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == "MixLoRAModel"
+    assert result.stdout.strip().splitlines()[-1] == tuner

@@ -13,6 +13,11 @@ from safetensors.torch import load_file
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
 from tests.helpers import FAMILIES, METHODS, batch, randomize_adapters, tiny_base
 
+# every family with MixLoRA and DynMoLE, the other variants on Llama
+FAMILY_METHODS = [(f, m) for f in FAMILIES for m in ("mixlora", "dynmole")] + [
+    ("llama", m) for m in METHODS if m not in ("mixlora", "dynmole")
+]
+
 
 @pytest.mark.parametrize("method", METHODS)
 def test_only_adapter_parameters_train_and_all_get_gradients(method):
@@ -51,7 +56,7 @@ def test_dropout_is_off_in_eval_and_on_in_train(method):
         assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("family, method", [(f, "mixlora") for f in FAMILIES] + [("llama", m) for m in METHODS if m != "mixlora"])
+@pytest.mark.parametrize("family, method", FAMILY_METHODS)
 def test_save_load_round_trip_is_bit_exact_in_a_new_process(family, method, tmp_path):
     model = get_peft_model(tiny_base(family), METHODS[method]())
     randomize_adapters(model)
@@ -86,7 +91,7 @@ def test_save_load_round_trip_is_bit_exact_in_a_new_process(family, method, tmp_
     assert "bit-exact" in result.stdout
 
 
-@pytest.mark.parametrize("family, method", [(f, "mixlora") for f in FAMILIES] + [("llama", m) for m in METHODS if m != "mixlora"])
+@pytest.mark.parametrize("family, method", FAMILY_METHODS)
 def test_generation_with_cache_equals_without(family, method):
     model = get_peft_model(tiny_base(family), METHODS[method]())
     randomize_adapters(model, std=0.1)
