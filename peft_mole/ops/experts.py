@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from peft_mole.ops.profiling import profiled
+
 
 @dataclass
 class Dispatch:
@@ -29,6 +31,7 @@ class Dispatch:
     counts: list[int]
 
 
+@profiled("peft_mole::dispatch")
 def dispatch(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> Dispatch:
     """Sort the selected (token, expert) pairs by expert; pairs with weight 0 (unused slots) are dropped.
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext
 from peft_mole.ops.experts import dispatch, grouped_lora, shared_input_lora
-from peft_mole.tuners.mixlora.experts import ExpertLoRA
+from peft_mole.ops.profiling import profiled
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
 from peft_mole.tuners.mixlora.targets import find_gated_mlp
 
@@ -112,46 +112,63 @@ class MixLoRAMLP(RoutedExpertsLayer):
             None, and Σ_e w_e (N, 1).
         """
         settings = self.settings[adapter]
-        experts: ExpertLoRA = self.experts[adapter]
-        dropout = self.dropouts[adapter]
         weights, chosen = self.route(adapter, x, token_mask)  # (N, k) each
-
         plan = dispatch(weights, chosen, settings.num_experts)
+        weighted = self._gate_up_experts(adapter, x, gate, up, plan)  # (M, I): w_e h_e per pair
+        hidden, weight_sum = self._combine(weighted, plan, gate)
+        down_delta, down_replaces_hidden = self._down_experts(adapter, x, gate, weighted, plan)
+        return (None if down_replaces_hidden else hidden), down_delta, weight_sum
+
+    @profiled("peft_mole::experts_gate_up")
+    def _gate_up_experts(self, adapter, x, gate, up, plan) -> torch.Tensor:
+        """w_e · σ(g + s·B1_e A1_e x) ⊙ (u + s·B3_e A3_e x) for every selected pair (t, e), (M, I)."""
+        settings, experts, mlp = self.settings[adapter], self.experts[adapter], self.base_layer
         gs = gate.index_select(0, plan.token)  # (M, I) frozen W1 x per pair, M = selected pairs
         us = up.index_select(0, plan.token)
         # Dropout masks are drawn per token and shared by its experts (same marginal as per-expert masks,
         # k times fewer random draws); gate and up share the mask on x, as they share x.
-        x_dropped = dropout(x)
+        x_dropped = self.dropouts[adapter](x)
         gate_factors, up_factors = experts.factors("gate_proj"), experts.factors("up_proj")
         if gate_factors is not None:
             gs = shared_input_lora(x_dropped, *gate_factors, plan, settings.scaling, base=gs).to(gs.dtype)
         if up_factors is not None:
             us = shared_input_lora(x_dropped, *up_factors, plan, settings.scaling, base=us).to(us.dtype)
-        mlp = self.base_layer
-        for proj in ("gate_proj", "up_proj"):
-            scale = experts.dora_scale(proj, getattr(mlp, proj).weight)  # (E, I) or None
-            if scale is not None and proj == "gate_proj":
-                gs = gs * scale.index_select(0, plan.expert).to(gs.dtype)
-            elif scale is not None:
-                us = us * scale.index_select(0, plan.expert).to(us.dtype)
-        act = mlp.act_fn(gs) * us  # h_e per pair, (M, I)
-        weighted = act * plan.weight.to(act.dtype).unsqueeze(-1)  # w_e h_e
+        gate_scale = experts.dora_scale("gate_proj", mlp.gate_proj.weight)  # (E, I) or None
+        if gate_scale is not None:
+            gs = gs * gate_scale.index_select(0, plan.expert).to(gs.dtype)
+        up_scale = experts.dora_scale("up_proj", mlp.up_proj.weight)
+        if up_scale is not None:
+            us = us * up_scale.index_select(0, plan.expert).to(us.dtype)
+        act = mlp.act_fn(gs) * us  # h_e per pair
+        return act * plan.weight.to(act.dtype).unsqueeze(-1)
+
+    @profiled("peft_mole::combine")
+    def _combine(self, weighted, plan, gate) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ_e w_e h_e per token (N, I) and Σ_e w_e (N, 1)."""
         hidden = torch.zeros_like(gate).index_add(0, plan.token, weighted)
-        weight_sum = torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)
-        weight_sum = weight_sum.index_add(0, plan.token, plan.weight.to(x.dtype).unsqueeze(-1))
-        down_delta = None
-        down_factors = experts.factors("down_proj")
-        if down_factors is not None:
-            down_input = weighted
-            if isinstance(dropout, nn.Dropout) and self.training:
-                keep = dropout(torch.ones_like(gate[:, :1].expand_as(gate)))  # (N, I) mask / (1 - p)
-                down_input = weighted * keep.index_select(0, plan.token)
-            pair_delta = grouped_lora(down_input, *down_factors, plan.counts, settings.scaling).to(x.dtype)
-            down_scale = experts.dora_scale("down_proj", mlp.down_proj.weight)
-            if down_scale is not None:  # DoRA: c_e ⊙ (W2 + s·B A)(w_e h_e) — W2 runs per pair
-                pair_delta = (F.linear(weighted, mlp.down_proj.weight) + pair_delta) * down_scale.index_select(
-                    0, plan.expert
-                ).to(x.dtype)
-                hidden = None
-            down_delta = x.new_zeros(x.shape[0], mlp.down_proj.out_features).index_add(0, plan.token, pair_delta)
-        return hidden, down_delta, weight_sum
+        weight_sum = gate.new_zeros(gate.shape[0], 1)
+        return hidden, weight_sum.index_add(0, plan.token, plan.weight.to(gate.dtype).unsqueeze(-1))
+
+    @profiled("peft_mole::experts_down")
+    def _down_experts(self, adapter, x, gate, weighted, plan) -> tuple[torch.Tensor | None, bool]:
+        """Σ_e s·B2_e A2_e (w_e h_e) per token (N, d), or None without down experts.
+
+        With DoRA down experts the result is the whole projection Σ_e c_e ⊙ (W2 + s·B2_e A2_e)(w_e h_e) (W2 runs
+        per pair, as each expert rescales its own output) and the second value is True.
+        """
+        settings, experts, mlp = self.settings[adapter], self.experts[adapter], self.base_layer
+        dropout = self.dropouts[adapter]
+        factors = experts.factors("down_proj")
+        if factors is None:
+            return None, False
+        down_input = weighted
+        if isinstance(dropout, nn.Dropout) and self.training:
+            keep = dropout(torch.ones_like(gate[:, :1].expand_as(gate)))  # (N, I) mask / (1 - p), per token
+            down_input = weighted * keep.index_select(0, plan.token)
+        pair_delta = grouped_lora(down_input, *factors, plan.counts, settings.scaling).to(x.dtype)
+        scale = experts.dora_scale("down_proj", mlp.down_proj.weight)
+        if scale is not None:
+            pair_delta = F.linear(weighted, mlp.down_proj.weight) + pair_delta
+            pair_delta = pair_delta * scale.index_select(0, plan.expert).to(x.dtype)
+        down = x.new_zeros(x.shape[0], mlp.down_proj.out_features).index_add(0, plan.token, pair_delta)
+        return down, scale is not None

@@ -17,6 +17,7 @@ from torch import nn
 
 from peft_mole import routing
 from peft_mole.forward_context import ForwardContext, RouterRecord, RowGroup
+from peft_mole.ops.profiling import profiled
 from peft_mole.tuners.mixlora.experts import ExpertLoRA
 
 RoutingRule = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -98,6 +99,7 @@ class RoutedExpertsLayer(nn.Module, BaseTunerLayer):
         self.settings[adapter_name] = ExpertSettings(num_experts, scaling, jitter_noise, rule)
         self.set_adapter(self.active_adapters)
 
+    @profiled("peft_mole::route")
     def route(
         self, adapter: str, x: torch.Tensor, token_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
