@@ -68,6 +68,51 @@ def _segment_matmul(
     return torch.cat(outs)
 
 
+class _GatherSegmentLoRA(torch.autograd.Function):
+    """out[p] = base[token_p] + z_p @ B_{e_p}ᵀ for expert-sorted pairs p, written segment by segment into one
+    buffer: each segment's rows are gathered and updated in place while they are in cache, with no separate
+    gathered copy and no concatenation. Backward: grad_base = Σ over a token's pairs (index_add),
+    grad_z[seg_e] = grad_out[seg_e] B_e, grad_B_e = grad_out[seg_e]ᵀ z[seg_e]. Checked against autograd by
+    torch.autograd.gradcheck in tests/ops/test_experts.py.
+    """
+
+    @staticmethod
+    def forward(ctx, base, z_pairs, lora_b, token, counts):
+        out = base.new_empty(token.shape[0], base.shape[1])
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                segment = out[start : start + n]
+                torch.index_select(base, 0, token[start : start + n], out=segment)
+                segment.addmm_(z_pairs[start : start + n], lora_b[e].t())
+            start += n
+        ctx.save_for_backward(z_pairs, lora_b, token)
+        ctx.counts, ctx.num_tokens = counts, base.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z_pairs, lora_b, token = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_base = grad_z = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_base = grad_out.new_zeros(ctx.num_tokens, grad_out.shape[1]).index_add_(0, token, grad_out)
+        if ctx.needs_input_grad[1]:
+            grad_z = torch.zeros_like(z_pairs)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros_like(lora_b)
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n:
+                g = grad_out[start : start + n]
+                if grad_z is not None:
+                    torch.mm(g, lora_b[e], out=grad_z[start : start + n])
+                if grad_b is not None:
+                    torch.mm(g.t(), z_pairs[start : start + n], out=grad_b[e])
+            start += n
+        return grad_base, grad_z, grad_b, None, None
+
+
 def shared_input_lora(
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -76,11 +121,11 @@ def shared_input_lora(
     scaling: float,
     base: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-pair LoRA output base_p + s · B_e A_e x_t for pairs p = (t, e) whose input is the token x_t itself.
+    """Per-pair output base[t] + s · B_e A_e x_t for pairs p = (t, e) whose input is the token x_t itself.
 
     Args:
         x: (N, in) tokens (dropout already applied); lora_a: (E, r, in); lora_b: (E, out, r);
-        base: optional (M, out) frozen output per pair, added inside the matmul.
+        base: optional (N, out) frozen output per token, gathered to the pairs inside the same pass.
     Returns:
         (M, out) in expert-sorted pair order.
     """
@@ -88,9 +133,12 @@ def shared_input_lora(
     z = x.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()  # (N, E·r): every expert's A x
     pair_rows = plan.token * num_experts + plan.expert
     z_pairs = z.reshape(-1, r).index_select(0, pair_rows) * scaling  # (M, r): s · A_e x_t of each pair
-    if base is not None:
-        base = base.to(lora_b.dtype)
-    return _segment_matmul(z_pairs, lora_b, plan.counts, base)
+    if base is None:
+        return _segment_matmul(z_pairs, lora_b, plan.counts)
+    if base.dtype == lora_b.dtype:
+        return _GatherSegmentLoRA.apply(base, z_pairs, lora_b, plan.token, plan.counts)
+    gathered = base.index_select(0, plan.token).to(lora_b.dtype)  # mixed precision: compute in adapter dtype
+    return _segment_matmul(z_pairs, lora_b, plan.counts, gathered)
 
 
 def grouped_lora(

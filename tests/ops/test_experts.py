@@ -33,13 +33,33 @@ def test_shared_input_lora_equals_per_pair_reference():
     weights, experts = torch.rand(7, 2), torch.randint(0, num_experts, (7, 2))
     experts[:, 1] = (experts[:, 0] + 1) % num_experts
     plan = dispatch(weights, experts, num_experts)
-    base = torch.randn(len(plan.token), dout)
+    base = torch.randn(7, dout)  # per token
     out = shared_input_lora(x, a, b, plan, scaling=2.0, base=base)
-    ref = torch.stack([
-        base[p] + 2.0 * b[e] @ (a[e] @ x[t]) for p, (t, e) in enumerate(zip(plan.token.tolist(), plan.expert.tolist(), strict=True))
-    ])
+    pairs = zip(plan.token.tolist(), plan.expert.tolist(), strict=True)
+    ref = torch.stack([base[t] + 2.0 * b[e] @ (a[e] @ x[t]) for t, e in pairs])
     torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(shared_input_lora(x, a, b, plan, scaling=2.0), ref - base)
+    torch.testing.assert_close(shared_input_lora(x, a, b, plan, scaling=2.0), ref - base[plan.token])
+    # mixed precision path (bf16 base, fp32 adapter) agrees too
+    mixed = shared_input_lora(x, a, b, plan, scaling=2.0, base=base.bfloat16())
+    torch.testing.assert_close(mixed, ref, atol=0.1, rtol=0.02)
+
+
+def test_gather_segment_lora_backward_passes_gradcheck():
+    from peft_mole.ops.experts import _GatherSegmentLoRA
+
+    gen = torch.Generator().manual_seed(0)
+    num_tokens, r, dout, counts = 5, 3, 4, [3, 0, 4, 1]  # an empty expert segment included
+    base = torch.randn(num_tokens, dout, dtype=torch.float64, generator=gen, requires_grad=True)
+    z = torch.randn(sum(counts), r, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(len(counts), dout, r, dtype=torch.float64, generator=gen, requires_grad=True)
+    token = torch.tensor([0, 2, 4, 1, 2, 3, 0, 4])
+
+    def fn(base, z, b):
+        return _GatherSegmentLoRA.apply(base, z, b, token, counts)
+
+    assert torch.autograd.gradcheck(fn, (base, z, b))
+    expected = base[token] + torch.cat([z[0:3] @ b[0].t(), z[3:7] @ b[2].t(), z[7:8] @ b[3].t()])
+    torch.testing.assert_close(fn(base, z, b), expected)
 
 
 def test_scatter_row_deltas_applies_each_adapter_to_its_rows_only():

@@ -123,16 +123,19 @@ class MixLoRAMLP(RoutedExpertsLayer):
     def _gate_up_experts(self, adapter, x, gate, up, plan) -> torch.Tensor:
         """w_e · σ(g + s·B1_e A1_e x) ⊙ (u + s·B3_e A3_e x) for every selected pair (t, e), (M, I)."""
         settings, experts, mlp = self.settings[adapter], self.experts[adapter], self.base_layer
-        gs = gate.index_select(0, plan.token)  # (M, I) frozen W1 x per pair, M = selected pairs
-        us = up.index_select(0, plan.token)
         # Dropout masks are drawn per token and shared by its experts (same marginal as per-expert masks,
         # k times fewer random draws); gate and up share the mask on x, as they share x.
         x_dropped = self.dropouts[adapter](x)
         gate_factors, up_factors = experts.factors("gate_proj"), experts.factors("up_proj")
+        # (M, I) per pair: frozen W1 x (W3 x) of the pair's token, plus its expert's LoRA when there is one
         if gate_factors is not None:
-            gs = shared_input_lora(x_dropped, *gate_factors, plan, settings.scaling, base=gs).to(gs.dtype)
+            gs = shared_input_lora(x_dropped, *gate_factors, plan, settings.scaling, base=gate).to(gate.dtype)
+        else:
+            gs = gate.index_select(0, plan.token)
         if up_factors is not None:
-            us = shared_input_lora(x_dropped, *up_factors, plan, settings.scaling, base=us).to(us.dtype)
+            us = shared_input_lora(x_dropped, *up_factors, plan, settings.scaling, base=up).to(up.dtype)
+        else:
+            us = up.index_select(0, plan.token)
         gate_scale = experts.dora_scale("gate_proj", mlp.gate_proj.weight)  # (E, I) or None
         if gate_scale is not None:
             gs = gs * gate_scale.index_select(0, plan.expert).to(gs.dtype)
