@@ -33,6 +33,7 @@ bench: install
 	$(PY) bench/mixlora_vs_lora.py --dropout 0.05 | tee -a $(RESULTS)
 	$(PY) bench/mixlora_vs_lora.py --dropout 0.0 | tee -a $(RESULTS)
 	$(PY) bench/dynmole_vs_mixlora.py | tee -a $(RESULTS)
+	$(PY) bench/generate_vs_base.py | tee -a $(RESULTS)
 	$(PY) bench/render_table.py $(RESULTS)
 
 lint: install

@@ -13,11 +13,13 @@ from pathlib import Path
 COMMANDS = {
     "mixlora_vs_lora": "python bench/mixlora_vs_lora.py --shape {shape} --dropout {dropout}",
     "dynmole_vs_mixlora": "python bench/dynmole_vs_mixlora.py --shape {shape}",
+    "generate_vs_base": "python bench/generate_vs_base.py --shape {shape}",
 }
 DESCRIPTIONS = {
     "mixlora_vs_lora": "MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout {dropout}",
     "dynmole_vs_mixlora": "DynMoLE step / MixLoRA top-2 step, routers {router_state} "
                           "({dynmole_experts_per_token:.2f} experts/token)",
+    "generate_vs_base": "{impl} greedy-generation tokens/s / base model tokens/s, KV cache (higher is better)",
 }
 
 

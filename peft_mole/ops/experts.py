@@ -50,6 +50,17 @@ def dispatch(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> 
     return Dispatch(token=flat_token[order], expert=flat_expert[order], weight=flat_weight[order], counts=counts)
 
 
+SMALL_PAIRS = 64  # at most this many (token, expert) pairs (decoding): gather each pair's factors, one bmm
+
+
+def _pair_matmul(rows: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """out[p] = rows[p] @ weight[experts[p]]ᵀ with each pair's factor gathered: one bmm, no per-expert loop.
+
+    Cheap only for few pairs (it copies an (out, in) factor per pair); `_segment_matmul` serves many pairs.
+    """
+    return torch.bmm(rows.unsqueeze(1), weight.index_select(0, experts).transpose(1, 2)).squeeze(1)
+
+
 def _segment_matmul(
     rows: torch.Tensor, weight: torch.Tensor, counts: list[int], base: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -133,6 +144,9 @@ def shared_input_lora(
     z = x.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()  # (N, E·r): every expert's A x
     pair_rows = plan.token * num_experts + plan.expert
     z_pairs = z.reshape(-1, r).index_select(0, pair_rows) * scaling  # (M, r): s · A_e x_t of each pair
+    if len(plan.token) <= SMALL_PAIRS:
+        delta = _pair_matmul(z_pairs, lora_b, plan.expert)
+        return delta if base is None else base.index_select(0, plan.token).to(delta.dtype) + delta
     if base is None:
         return _segment_matmul(z_pairs, lora_b, plan.counts)
     if base.dtype == lora_b.dtype:
@@ -142,14 +156,18 @@ def shared_input_lora(
 
 
 def grouped_lora(
-    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, counts: list[int], scaling: float
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, plan: Dispatch, scaling: float
 ) -> torch.Tensor:
-    """Per-expert LoRA on expert-sorted rows: out[seg_e] = s · B_e A_e x[seg_e].
+    """Per-expert LoRA on expert-sorted pair rows: out[seg_e] = s · B_e A_e x[seg_e].
 
     Args:
-        x: (M, in) rows sorted by expert (dropout already applied); lora_a: (E, r, in); lora_b: (E, out, r).
+        x: (M, in) pair rows sorted by expert (dropout already applied); lora_a: (E, r, in); lora_b: (E, out, r).
     Returns:
         (M, out) in the adapter dtype.
     """
-    hidden = _segment_matmul(x.to(lora_a.dtype), lora_a, counts) * scaling  # (M, r)
-    return _segment_matmul(hidden, lora_b, counts)
+    x = x.to(lora_a.dtype)
+    if len(plan.token) <= SMALL_PAIRS:
+        hidden = _pair_matmul(x, lora_a, plan.expert) * scaling
+        return _pair_matmul(hidden, lora_b, plan.expert)
+    hidden = _segment_matmul(x, lora_a, plan.counts) * scaling  # (M, r)
+    return _segment_matmul(hidden, lora_b, plan.counts)

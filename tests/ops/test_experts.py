@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext
@@ -18,22 +19,25 @@ def test_dispatch_groups_pairs_by_expert_and_drops_empty_slots():
 def test_grouped_lora_equals_per_row_reference():
     num_experts, r, din, dout = 3, 2, 5, 7
     a, b = torch.randn(num_experts, r, din), torch.randn(num_experts, dout, r)
-    counts = [2, 0, 3]
-    x = torch.randn(5, din)
-    out = grouped_lora(x, a, b, counts, scaling=0.5)
-    owner = [0, 0, 2, 2, 2]
-    ref = torch.stack([0.5 * b[e] @ (a[e] @ x[i]) for i, e in enumerate(owner)])
-    torch.testing.assert_close(out, ref)
+    for num_tokens in (3, 100):  # few pairs: gathered factors; many: per-expert segments
+        experts = torch.randint(0, num_experts, (num_tokens, 1))
+        experts[0] = 1  # expert 1 used; the others may be empty
+        plan = dispatch(torch.ones(num_tokens, 1), experts, num_experts)
+        x = torch.randn(len(plan.token), din)
+        out = grouped_lora(x, a, b, plan, scaling=0.5)
+        ref = torch.stack([0.5 * b[e] @ (a[e] @ x[i]) for i, e in enumerate(plan.expert.tolist())])
+        torch.testing.assert_close(out, ref)
 
 
-def test_shared_input_lora_equals_per_pair_reference():
+@pytest.mark.parametrize("num_tokens", [7, 90])  # few pairs: gathered factors; many: fused segments
+def test_shared_input_lora_equals_per_pair_reference(num_tokens):
     num_experts, r, din, dout = 4, 3, 6, 5
     a, b = torch.randn(num_experts, r, din), torch.randn(num_experts, dout, r)
-    x = torch.randn(7, din)
-    weights, experts = torch.rand(7, 2), torch.randint(0, num_experts, (7, 2))
+    x = torch.randn(num_tokens, din)
+    weights, experts = torch.rand(num_tokens, 2), torch.randint(0, num_experts, (num_tokens, 2))
     experts[:, 1] = (experts[:, 0] + 1) % num_experts
     plan = dispatch(weights, experts, num_experts)
-    base = torch.randn(7, dout)  # per token
+    base = torch.randn(num_tokens, dout)  # per token
     out = shared_input_lora(x, a, b, plan, scaling=2.0, base=base)
     pairs = zip(plan.token.tolist(), plan.expert.tolist(), strict=True)
     ref = torch.stack([base[t] + 2.0 * b[e] @ (a[e] @ x[t]) for t, e in pairs])

@@ -77,9 +77,9 @@ def test_only_selected_pairs_are_computed(monkeypatch):
     rows_seen = []
     real_grouped, real_shared = layer_module.grouped_lora, layer_module.shared_input_lora
 
-    def spy_grouped(x, a, b, counts, scaling):
-        rows_seen.append((x.shape[0], sum(counts)))
-        return real_grouped(x, a, b, counts, scaling)
+    def spy_grouped(x, a, b, plan, scaling):
+        rows_seen.append((x.shape[0], sum(plan.counts)))
+        return real_grouped(x, a, b, plan, scaling)
 
     def spy_shared(x, a, b, plan, scaling, base=None):
         rows_seen.append((len(plan.token), sum(plan.counts)))

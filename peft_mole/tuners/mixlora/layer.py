@@ -168,7 +168,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
         if isinstance(dropout, nn.Dropout) and self.training:
             keep = dropout(torch.ones_like(gate[:, :1].expand_as(gate)))  # (N, I) mask / (1 - p), per token
             down_input = weighted * keep.index_select(0, plan.token)
-        pair_delta = grouped_lora(down_input, *factors, plan.counts, settings.scaling).to(x.dtype)
+        pair_delta = grouped_lora(down_input, *factors, plan, settings.scaling).to(x.dtype)
         scale = experts.dora_scale("down_proj", mlp.down_proj.weight)
         if scale is not None:
             pair_delta = F.linear(weighted, mlp.down_proj.weight) + pair_delta
