@@ -66,7 +66,8 @@ def layer_stats(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)  # labels → the tuner records
     finally:
         model.train(was_training)
-    return {layer: stats for (_, layer), stats in model.base_model.__dict__.get("last_router_stats", {}).items()}
+    adapter = model.base_model.active_adapters[0]
+    return {layer: stats for (name, layer), stats in model.base_model.router_stats().items() if name == adapter}
 
 
 class RouterStatsCallback(TrainerCallback):
@@ -94,7 +95,7 @@ class RouterStatsCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         tuner = getattr(model, "base_model", None)
-        stats = getattr(tuner, "__dict__", {}).get("last_router_stats", {})
+        stats = tuner.router_stats() if hasattr(tuner, "router_stats") else {}
         for (adapter, layer), s in stats.items():
             name = layer if adapter == "default" else f"{adapter}/{layer}"
             self._pending[name].append(s)

@@ -42,7 +42,7 @@ def add_peft_type(name: str) -> PeftType:
 def register_method(name: str, config_cls: type, model_cls: type, prefix: str) -> PeftType:
     """Make `name` a PEFT method: add the `PeftType` member and register config, tuner and prefix.
 
-    Safe to call twice (a second import of the package through another path registers nothing new).
+    Calling it again with the same classes registers nothing new.
     """
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 

@@ -81,11 +81,9 @@ def load_balance_loss(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tens
     """
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    num_experts = probs.shape[-1]
-    counts = selected.float().sum(dim=0)  # (E,)
-    fraction = counts / counts.sum().clamp(min=1)  # f, (E,)
+    fraction = expert_load(selected)  # f, (E,)
     mean_prob = probs.float().mean(dim=0)  # P, (E,)
-    return num_experts * torch.dot(fraction, mean_prob)
+    return probs.shape[-1] * torch.dot(fraction, mean_prob)
 
 
 def expert_load(selected: torch.Tensor) -> torch.Tensor:

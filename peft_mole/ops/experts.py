@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from peft_mole.ops.profiling import profiled
 
@@ -102,6 +103,7 @@ class _GatherSegmentLoRA(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         z_pairs, lora_b, token = ctx.saved_tensors
         grad_out = grad_out.contiguous()

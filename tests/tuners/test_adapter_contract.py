@@ -191,3 +191,55 @@ def test_mixed_adapter_batch_equals_each_row_alone(method):
                 alone = model(input_ids=ids[row : row + 1]).logits
             torch.testing.assert_close(mixed[row : row + 1], alone, atol=1e-5, rtol=1e-5)
     assert (mixed[0] - mixed[1]).abs().max() > 1e-3  # the adapters really differ
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_low_cpu_mem_usage_loading_matches_and_keeps_routers_fp32(method, tmp_path):
+    model = get_peft_model(tiny_base(), METHODS[method]())
+    randomize_adapters(model)
+    model.eval()
+    ids, mask, _ = batch(2, 6)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    again = PeftModel.from_pretrained(tiny_base(), tmp_path, low_cpu_mem_usage=True).eval()
+    routers = [p for n, p in again.named_parameters() if "router" in n]
+    assert routers and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in routers)
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+def test_generate_with_beams_and_per_row_adapters_and_no_stale_rows():
+    model = get_peft_model(tiny_base(), METHODS["mixlora"]())
+    model.add_adapter("other", METHODS["mixlora"]())
+    model.base_model.set_adapter(["default", "other"])
+    randomize_adapters(model, std=0.1)
+    model.base_model.set_adapter("default")
+    model.eval()
+    ids, mask, _ = batch(2, 5)
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, num_beams=3)
+    mixed = model.generate(input_ids=ids, attention_mask=mask, adapter_names=["default", "other"], **kwargs)
+    model.set_adapter("other")
+    alone = model.generate(input_ids=ids[1:], attention_mask=mask[1:], **kwargs)
+    assert torch.equal(mixed[1:], alone)
+    # the rows given to generate do not leak into a later direct call with another batch size
+    with torch.no_grad():
+        model.get_base_model()(input_ids=ids[:1])
+
+
+def test_reentrant_checkpointing_is_refused_instead_of_silently_dropping_the_aux_loss():
+    base = tiny_base()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    base.enable_input_require_grads()
+    model = get_peft_model(base, METHODS["mixlora"]())
+    model.train()
+    ids, mask, labels = batch(2, 6)
+    with pytest.raises(ValueError, match="use_reentrant': False"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def test_offloaded_or_quantised_mlp_weights_are_refused():
+    with torch.device("meta"):
+        base = tiny_base()
+    with pytest.raises(ValueError, match="quantised or offloaded MLP weights are not supported"):
+        get_peft_model(base, METHODS["mixlora"]())

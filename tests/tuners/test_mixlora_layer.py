@@ -25,7 +25,7 @@ def naive_mixture(layer: MixLoRAMLP, x: torch.Tensor, adapter: str = "default") 
             return base.weight
         a, b = factors
         weight = base.weight + settings.scaling * b[e] @ a[e]
-        if experts.use_dora:  # DoRA: m ⊙ W' / ‖W'‖_row
+        if experts.use_dora:  # DoRA: m ⊙ W' / ‖W'‖_row (the bias stays unscaled)
             magnitude = getattr(experts, f"{proj}_magnitude")[e]
             weight = magnitude[:, None] * weight / weight.norm(dim=1, keepdim=True)
         return weight
@@ -37,7 +37,11 @@ def naive_mixture(layer: MixLoRAMLP, x: torch.Tensor, adapter: str = "default") 
         total = sum(float(probs[i]) for i in top)
         for e in top:
             w1, w3, w2 = (expert_weight(p, e) for p in ("gate_proj", "up_proj", "down_proj"))
-            h = mlp.act_fn(w1 @ x[t]) * (w3 @ x[t])
+            b1, b3 = (getattr(mlp, p).bias for p in ("gate_proj", "up_proj"))
+            g, u = w1 @ x[t], w3 @ x[t]
+            if b1 is not None:
+                g, u = g + b1, u + b3
+            h = mlp.act_fn(g) * u
             y = w2 @ h
             if mlp.down_proj.bias is not None:
                 y = y + mlp.down_proj.bias
@@ -58,10 +62,17 @@ def mlp_layers(model):
         (dict(num_experts=5, top_k=3), True),
         (dict(use_dora=True), False),
         (dict(use_dora=True, expert_target_modules=["down_proj"], num_experts=3), True),
+        (dict(use_dora=True), True),  # DoRA scales W + s·BA, not the bias
     ],
 )
 def test_shared_frozen_weights_equal_naive_per_expert_formula(config, mlp_bias):
-    model = get_peft_model(tiny_base(mlp_bias=mlp_bias), mixlora(**config))
+    base = tiny_base(mlp_bias=mlp_bias)
+    if mlp_bias:  # transformers initialises biases to 0, which would hide bias handling
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(std=0.2)
+    model = get_peft_model(base, mixlora(**config))
     randomize_adapters(model, std=0.1)
     model.eval()
     layer = mlp_layers(model)[0]

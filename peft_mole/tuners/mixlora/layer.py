@@ -136,12 +136,8 @@ class MixLoRAMLP(RoutedExpertsLayer):
             us = shared_input_lora(x_dropped, *up_factors, plan, settings.scaling, base=up).to(up.dtype)
         else:
             us = up.index_select(0, plan.token)
-        gate_scale = experts.dora_scale("gate_proj", mlp.gate_proj.weight)  # (E, I) or None
-        if gate_scale is not None:
-            gs = gs * gate_scale.index_select(0, plan.expert).to(gs.dtype)
-        up_scale = experts.dora_scale("up_proj", mlp.up_proj.weight)
-        if up_scale is not None:
-            us = us * up_scale.index_select(0, plan.expert).to(us.dtype)
+        gs = _dora_rescale(gs, experts.dora_scale("gate_proj", mlp.gate_proj.weight), plan, mlp.gate_proj.bias)
+        us = _dora_rescale(us, experts.dora_scale("up_proj", mlp.up_proj.weight), plan, mlp.up_proj.bias)
         act = mlp.act_fn(gs) * us  # h_e per pair
         return act * plan.weight.to(act.dtype).unsqueeze(-1)
 
@@ -175,3 +171,11 @@ class MixLoRAMLP(RoutedExpertsLayer):
             pair_delta = pair_delta * scale.index_select(0, plan.expert).to(x.dtype)
         down = x.new_zeros(x.shape[0], mlp.down_proj.out_features).index_add(0, plan.token, pair_delta)
         return down, scale is not None
+
+
+def _dora_rescale(pairs: torch.Tensor, scale: torch.Tensor | None, plan, bias: torch.Tensor | None) -> torch.Tensor:
+    """DoRA on per-pair outputs: c_e ⊙ (W + s·B_e A_e) x + b — the magnitude scale leaves the bias alone."""
+    if scale is None:
+        return pairs
+    scale = scale.index_select(0, plan.expert).to(pairs.dtype)
+    return pairs * scale if bias is None else (pairs - bias) * scale + bias

@@ -8,7 +8,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from peft_mole.diagnostics import router_stats
+from peft_mole.diagnostics import RouterStats, router_stats
 from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
 from peft_mole.tuners.mixlora.attention import LoraLinear
@@ -102,21 +102,26 @@ class MixLoRAModel(BaseTuner):
             )
         if layer is not target:
             setattr(parent, target_name, layer)
-        if adapter_name not in self.active_adapters:
-            layer.requires_grad_(False)
+            if adapter_name not in self.active_adapters:
+                layer.requires_grad_(False)
 
     # ------------------------------------------------------------------ forward
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         """Take `adapter_names` (one adapter name per batch row, or "__base__") for one forward/generate call."""
         names = kwargs.get("adapter_names")
-        if names is None:
-            self._context().set_row_adapters(None, by_hook=True)
+        if names is not None:
+            self._check_adapter_names(names)
+            beams = kwargs.get("num_beams") or 1
+            names = [name for name in names for _ in range(beams)]  # generate expands each row into its beams
+        context = self._context()
+        context.set_row_adapters(names, by_hook=True)
+        try:
             yield
-            return
-        self._check_adapter_names(names)
-        self._context().set_row_adapters(names, by_hook=True)
-        yield
+        finally:
+            if context.rows_set_by_hook:
+                # `generate` never reached the tuner's forward: nothing to recompute later, forget the rows
+                context.set_row_adapters(None)
 
     def _check_adapter_names(self, names) -> None:
         if isinstance(names, str) or not all(isinstance(n, str) for n in names):
@@ -144,8 +149,29 @@ class MixLoRAModel(BaseTuner):
         finally:
             context.records = None
         if records:
+            self._check_router_gradients(records)
             self._attach_aux_loss(outputs, records, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"))
         return outputs
+
+    def _check_router_gradients(self, records: list[RouterRecord]) -> None:
+        """Refuse to train routers whose probabilities lost their graph (reentrant activation checkpointing runs
+        the layers under no_grad, so the aux loss would silently not reach the routers)."""
+        if not (self.training and torch.is_grad_enabled()) or records[0].probs.requires_grad:
+            return
+        if any(p.requires_grad for name, p in self.named_parameters() if "router" in name):
+            raise ValueError(
+                "the router auxiliary loss has no gradient: the decoder layers ran without autograd, as reentrant "
+                "gradient checkpointing does. Use gradient_checkpointing_kwargs={'use_reentrant': False} "
+                "(transformers' default) with peft-mole adapters."
+            )
+
+    def router_stats(self) -> dict[tuple[str, str], RouterStats]:
+        """Router statistics of the last recorded forward pass: {(adapter, layer): RouterStats}."""
+        records = self.__dict__.get("_last_records", [])
+        return {
+            (r.adapter, r.layer): router_stats(*r.counted(), q=getattr(self.peft_config[r.adapter], "q", 1.0))
+            for r in records
+        }
 
     def _attach_aux_loss(self, outputs, records, labels, shift_labels, num_items_in_batch) -> None:
         """outputs.loss += aux · n/N, with n this micro-batch's target tokens and N = num_items_in_batch (else n).
@@ -156,10 +182,10 @@ class MixLoRAModel(BaseTuner):
         subtracting aux from each target token's log-prob makes that LM + aux · n/N as well.
         """
         aux, per_adapter = router_aux_loss(records, self.peft_config)
-        self.__dict__["last_router_stats"] = {
-            (r.adapter, r.layer): router_stats(*r.counted(), q=getattr(self.peft_config[r.adapter], "q", 1.0))
-            for r in records
-        }
+        # kept detached for `router_stats()`, computed only when asked (it needs host syncs)
+        self.__dict__["_last_records"] = [
+            RouterRecord(r.layer, r.adapter, r.probs.detach(), r.selected, r.token_mask) for r in records
+        ]
         self.__dict__["last_aux_loss"] = {k: v.detach() for k, v in per_adapter.items()}
         if not hasattr(outputs, "keys"):
             return  # return_dict=False: a tuple, nothing to attach to

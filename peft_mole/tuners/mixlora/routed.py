@@ -132,6 +132,15 @@ class RoutedExpertsLayer(nn.Module, BaseTunerLayer):
         token_mask = self._context.tokens_to_record(batch, x[0].numel() // hidden_size) if x.dim() == 3 else None
         return groups, token_mask
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """Move this adapter's router and experts to the frozen weights' device, keeping their dtypes (the router
+        stays fp32). PEFT calls this after loading with `low_cpu_mem_usage=True`."""
+        if device is None:
+            device = next(p.device for p in self.base_layer.parameters())
+        for container in (self.routers, self.experts):
+            if adapter_name in container:
+                container[adapter_name].to(device)
+
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         raise ValueError(
             "Routed LoRA experts cannot be merged into the base weights: each token uses different experts, "

@@ -40,6 +40,17 @@ def find_gated_mlp(module: nn.Module) -> bool:
     )
 
 
+def _check_plain_weights(name: str, mlp: nn.Module) -> None:
+    """The expert path reads W1, W3, W2 directly: they must be ordinary float weights on a real device."""
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        weight = _linear(getattr(mlp, proj)).weight
+        if not weight.dtype.is_floating_point or weight.device.type == "meta":
+            raise ValueError(
+                f"{name}.{proj} has a {weight.dtype} weight on {weight.device.type}: quantised or offloaded MLP "
+                "weights are not supported yet; load the base in float32/bfloat16/float16 on one device"
+            )
+
+
 def layer_index(name: str) -> int | None:
     match = _LAYER_INDEX.search(name)
     return int(match.group(1)) if match else None
@@ -72,6 +83,7 @@ def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, bloc
     targets: dict[str, Target] = {}
     for name, wrapped in blocks.items():
         block = model.get_submodule(name)
+        _check_plain_weights(name, block.base_layer if wrapped else block)
         routed_projections = not wrapped and any(
             isinstance(getattr(block, p), BaseTunerLayer) for p in ("gate_proj", "up_proj", "down_proj")
         )
