@@ -188,8 +188,9 @@ class MixLoRAModel(BaseTuner):
         ]
         self.__dict__["last_aux_loss"] = {k: v.detach() for k, v in per_adapter.items()}
         if not hasattr(outputs, "keys"):
-            return  # return_dict=False: a tuple, nothing to attach to
+            return  # return_dict=False: a plain tuple; use return_dict=True (the default) to get the aux loss
         outputs["aux_loss"] = aux
+        outputs["aux_loss_per_adapter"] = per_adapter  # {adapter: its aux loss over its own rows}, with grad
         label_mask = outputs.get("label_mask")
         if outputs.get("log_probs") is not None and label_mask is not None:
             n = label_mask.sum()

@@ -1,0 +1,53 @@
+"""Mixed-adapter batches: the rows of several jobs in one batch, each job's rows contiguous, one adapter per row.
+
+Every frozen base operation then runs once for all rows, and each adapter only on its own rows (contiguous rows
+are sliced, not gathered, by the peft-mole layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MixedBatch:
+    input_ids: torch.Tensor  # (rows, seq), right-padded
+    attention_mask: torch.Tensor  # (rows, seq)
+    labels: torch.Tensor  # (rows, seq), -100 on padding and untrained tokens
+    adapter_names: list[str]  # one per row
+    rows: dict[str, slice]  # job -> its rows
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments for the PEFT model's forward (labels are left to `per_job_losses`)."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "adapter_names": self.adapter_names}
+
+
+def mixed_batch(parts: dict[str, dict[str, torch.Tensor]], pad_token_id: int = 0) -> MixedBatch:
+    """Stack per-job batches {job: {"input_ids", "attention_mask", "labels"}} into one right-padded batch.
+
+    Job names are adapter names. Each part may have its own length; shorter rows are padded on the right
+    (pad_token_id, attention 0, label -100), so no real token sees a pad token under causal attention.
+    """
+    if not parts:
+        raise ValueError("parts must hold at least one job's batch")
+    for job, part in parts.items():
+        missing = {"input_ids", "attention_mask", "labels"} - set(part)
+        if missing:
+            raise ValueError(f"the batch of job {job!r} lacks {sorted(missing)}")
+    length = max(part["input_ids"].shape[1] for part in parts.values())
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+
+    ids, mask, labels, names, rows, start = [], [], [], [], {}, 0
+    for job, part in parts.items():
+        n = part["input_ids"].shape[0]
+        ids.append(pad(part["input_ids"], pad_token_id))
+        mask.append(pad(part["attention_mask"], 0))
+        labels.append(pad(part["labels"], -100))
+        names += [job] * n
+        rows[job] = slice(start, start + n)
+        start += n
+    return MixedBatch(torch.cat(ids), torch.cat(mask), torch.cat(labels), names, rows)

@@ -1,0 +1,41 @@
+"""Per-job loss of a mixed-adapter batch (SPEC.md §3).
+
+    L_j = (Σ token losses of job j's rows) / n_j + aux_j
+
+n_j is job j's own target-token count (over its whole accumulated batch when given), aux_j its adapter's router
+auxiliary loss over its own rows. Adapters are disjoint, so backpropagating Σ_j L_j gives every job exactly the
+gradients it would get if trained alone on the same rows — the property the multi-job tests check.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def per_job_losses(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    rows: dict[str, slice],
+    aux_per_adapter: dict[str, torch.Tensor] | None = None,
+    num_items: dict[str, int | torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """{job: L_j}. Padding and untrained tokens (label -100) never count.
+
+    Args:
+        logits: (rows, seq, vocab) of the mixed batch; labels: (rows, seq), unshifted.
+        rows: job -> its rows (`MixedBatch.rows`); aux_per_adapter: `outputs.aux_loss_per_adapter`.
+        num_items: job -> target tokens of its accumulated batch (gradient accumulation); default: this batch's.
+    """
+    losses = {}
+    for job, row_slice in rows.items():
+        job_logits = logits[row_slice, :-1].float()
+        job_labels = labels[row_slice, 1:]
+        token_sum = torch.nn.functional.cross_entropy(
+            job_logits.reshape(-1, job_logits.shape[-1]), job_labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        count = (job_labels != -100).sum() if num_items is None else torch.as_tensor(num_items[job])
+        loss = token_sum / count.clamp(min=1)
+        if aux_per_adapter is not None and job in aux_per_adapter:
+            loss = loss + aux_per_adapter[job]
+        losses[job] = loss
+    return losses
