@@ -145,10 +145,13 @@ def shared_input_lora(
     num_experts, r, _ = lora_a.shape
     z = x.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()  # (N, E·r): every expert's A x
     pair_rows = plan.token * num_experts + plan.expert
-    z_pairs = z.reshape(-1, r).index_select(0, pair_rows) * scaling  # (M, r): s · A_e x_t of each pair
     if len(plan.token) <= SMALL_PAIRS:
-        delta = _pair_matmul(z_pairs, lora_b, plan.expert)
+        # few tokens (decoding): B of every expert on every token is one small bmm; keep the selected pairs
+        z_all = z.reshape(-1, num_experts, r).transpose(0, 1) * scaling  # (E, N, r)
+        delta_all = torch.bmm(z_all, lora_b.transpose(1, 2))  # (E, N, out)
+        delta = delta_all.transpose(0, 1).reshape(-1, lora_b.shape[1]).index_select(0, pair_rows)
         return delta if base is None else base.index_select(0, plan.token).to(delta.dtype) + delta
+    z_pairs = z.reshape(-1, r).index_select(0, pair_rows) * scaling  # (M, r): s · A_e x_t of each pair
     if base is None:
         return _segment_matmul(z_pairs, lora_b, plan.counts)
     if base.dtype == lora_b.dtype:
@@ -169,7 +172,9 @@ def grouped_lora(
     """
     x = x.to(lora_a.dtype)
     if len(plan.token) <= SMALL_PAIRS:
-        hidden = _pair_matmul(x, lora_a, plan.expert) * scaling
+        num_experts, r, _ = lora_a.shape
+        h_all = (x @ lora_a.reshape(num_experts * r, -1).t()).reshape(-1, num_experts, r)  # (M, E, r)
+        hidden = h_all.gather(1, plan.expert.view(-1, 1, 1).expand(-1, 1, r)).squeeze(1) * scaling  # (M, r)
         return _pair_matmul(hidden, lora_b, plan.expert)
     hidden = _segment_matmul(x, lora_a, plan.counts) * scaling  # (M, r)
     return _segment_matmul(hidden, lora_b, plan.counts)
