@@ -31,7 +31,7 @@ def two_job_model(method: str):
 
 def optimizers(model):
     params = {job: [p for n, p in model.named_parameters() if f".{job}" in n] for job in ("math", "code")}
-    lrs = {"math": 1e-2, "code": 3e-3}  # per-job hyper-parameters
+    lrs = {"math": 2e-3, "code": 1e-3}  # per-job hyper-parameters
     return {job: torch.optim.AdamW(params[job], lr=lrs[job], weight_decay=0.01) for job in params}
 
 
