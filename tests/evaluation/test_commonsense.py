@@ -1,0 +1,91 @@
+"""The commonsense protocol on local files in each task's Hub schema, and one-pass multi-adapter evaluation."""
+
+import json
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_mole import synthetic
+from peft_mole.evaluation import TASKS, evaluate_commonsense, format_prompt, load_task
+from peft_mole.evaluation.commonsense import label_logits
+from tests.helpers import mixlora, randomize_adapters, tiny_base
+
+ROWS = {
+    "arc_e": [{"question": "Which is a gas?", "choices": {"text": ["ice", "steam", "rock"], "label": ["A", "B", "C"]},
+               "answerKey": "B"}],
+    "arc_c": [{"question": "Pick two.", "choices": {"text": ["one", "two"], "label": ["1", "2"]}, "answerKey": "2"}],
+    "boolq": [{"question": "is water wet", "passage": "Water is a liquid.", "answer": True}],
+    "obqa": [{"question_stem": "The sun is a", "choices": {"text": ["star", "moon", "planet", "comet"],
+                                                             "label": ["A", "B", "C", "D"]}, "answerKey": "A"}],
+    "piqa": [{"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0}],
+    "siqa": [{"context": "Kim helped Lee.", "question": "How does Lee feel?", "answerA": "grateful",
+              "answerB": "angry", "answerC": "bored", "label": "1"}],
+    "hellaswag": [{"ctx": "He opens the door and", "endings": ["walks in", "x", "y", "z"], "label": "0"}],
+    "winogrande": [{"sentence": "The cup fell because _ was slippery.", "option1": "the cup", "option2": "the table",
+                    "answer": "1"}],
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("commonsense")
+    for name, rows in ROWS.items():
+        copies = []
+        for i in range(3):  # prompts of different lengths, so batches need padding
+            row = json.loads(json.dumps(rows[0]))
+            key = next(k for k in ("question", "question_stem", "goal", "ctx", "sentence", "passage") if k in row)
+            row[key] += " really" * (2 * i)
+            copies.append(row)
+        synthetic.write_jsonl(copies, root / f"{name}.jsonl")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [format_prompt("q", ["a", "b", "c", "d", "e"]) + f" {c}" for c in "ABCDE"] * 50
+    return synthetic.train_tokenizer(texts + ["Question: Answer: yes no Goal: Fill in the blank"] * 10, vocab_size=300)
+
+
+def test_every_task_builds_lettered_prompts_with_the_right_answer(data_dir):
+    expected_answers = {"arc_e": 1, "arc_c": 1, "boolq": 0, "obqa": 0, "piqa": 0, "siqa": 0, "hellaswag": 0,
+                        "winogrande": 0}
+    assert set(TASKS) == set(expected_answers)
+    for name, answer in expected_answers.items():
+        examples = load_task(name, data_dir)
+        assert len(examples) == 3 and examples[0].answer == answer, name
+        assert examples[0].prompt.endswith("\nAnswer:") and "\nA. " in examples[0].prompt, name
+    arc = load_task("arc_e", data_dir)[0]
+    assert arc.prompt == "Which is a gas?\nA. ice\nB. steam\nC. rock\nAnswer:" and arc.num_options == 3
+    assert load_task("boolq", data_dir, limit=2)[0].prompt.startswith("Water is a liquid.\nQuestion: is water wet?")
+    with pytest.raises(ValueError, match="task must be one of"):
+        load_task("mmlu", data_dir)
+
+
+def test_one_pass_over_several_adapters_equals_each_adapter_alone(data_dir, tokenizer):
+    model = get_peft_model(tiny_base(vocab_size=len(tokenizer)), mixlora())
+    model.add_adapter("other", mixlora())
+    model.base_model.set_adapter(["default", "other"])
+    randomize_adapters(model, std=0.3)
+    tasks = {name: load_task(name, data_dir) for name in ("arc_e", "obqa", "piqa", "hellaswag")}
+    together = evaluate_commonsense(model, tokenizer, tasks, adapters=["default", "other"], batch_size=4)
+    examples = [e for task in tasks.values() for e in task]
+    mixed = label_logits(model, tokenizer, examples, adapters=["default", "other"])  # padded, both adapters
+    assert not torch.equal(mixed[0], mixed[1])
+    for a, name in enumerate(("default", "other")):
+        model.base_model.set_adapter(name)
+        for i, example in enumerate(examples):  # one example at a time: no padding, one adapter
+            alone = label_logits(model, tokenizer, [example])[0, 0]
+            torch.testing.assert_close(mixed[a, i, : example.num_options], alone, atol=1e-4, rtol=1e-4)
+        assert together[name] == evaluate_commonsense(model, tokenizer, tasks, batch_size=1)["model"]
+    # and the score is the label-token argmax of an unpadded forward
+    model.base_model.set_adapter("default")
+    example = tasks["obqa"][0]
+    ids = torch.tensor([tokenizer(example.prompt)["input_ids"]])
+    logits = model(input_ids=ids).logits[0, -1]
+    options = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][0] for c in "ABCD"]
+    predicted = int(logits[options].argmax())
+    assert together["default"]["obqa"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    single = evaluate_commonsense(model, tokenizer, {"obqa": tasks["obqa"][:1]}, adapters=["default"])
+    assert single["default"]["obqa"] == float(predicted == example.answer)
+    assert together["default"]["average"] == pytest.approx(sum(together["default"][t] for t in tasks) / len(tasks))
