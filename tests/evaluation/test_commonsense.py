@@ -89,3 +89,30 @@ def test_one_pass_over_several_adapters_equals_each_adapter_alone(data_dir, toke
     single = evaluate_commonsense(model, tokenizer, {"obqa": tasks["obqa"][:1]}, adapters=["default"])
     assert single["default"]["obqa"] == float(predicted == example.answer)
     assert together["default"]["average"] == pytest.approx(sum(together["default"][t] for t in tasks) / len(tasks))
+
+
+def test_eval_cli_scores_several_adapters_and_writes_json_and_markdown(data_dir, tokenizer, tmp_path):
+    import subprocess
+    import sys
+
+    base = tiny_base(vocab_size=len(tokenizer))
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    for name, seed in (("math", 1), ("code", 2)):
+        model = get_peft_model(tiny_base(vocab_size=len(tokenizer)), mixlora())
+        randomize_adapters(model, std=0.3, seed=seed)
+        model.save_pretrained(tmp_path / name)
+    command = [
+        sys.executable, "-m", "peft_mole.cli", "eval", "--base", str(tmp_path / "base"),
+        "--adapters", f"{tmp_path / 'math'},{tmp_path / 'code'}", "--tasks", "arc_e,piqa",
+        "--data-dir", str(data_dir), "--out", str(tmp_path / "out"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert set(report["scores"]) == {"math", "code"}
+    assert set(report["scores"]["math"]) == {"arc_e", "piqa", "average"}
+    markdown = (tmp_path / "out" / "eval.md").read_text()
+    assert markdown.startswith("| adapter | arc_e | piqa | average |") and "| math |" in markdown
+    bad = subprocess.run(command[:-6] + ["--tasks", "mmlu"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown task(s) ['mmlu']" in bad.stderr

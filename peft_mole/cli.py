@@ -1,0 +1,71 @@
+"""`peft-mole` console script: a thin layer over the public API.
+
+    peft-mole eval --base PATH_OR_ID --adapters DIR[,DIR...] --tasks arc_e,boolq [--data-dir DIR] [--out DIR]
+
+writes `eval.json` and `eval.md` (accuracy per adapter and task) to --out and prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import peft_mole  # noqa: F401  (registers the adapter types)
+    from peft_mole.evaluation import TASKS, evaluate_commonsense, load_task
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise SystemExit(f"--tasks has unknown task(s) {unknown}; allowed: {sorted(TASKS)}")
+    adapter_dirs = [a.strip() for a in args.adapters.split(",") if a.strip()]
+    if not adapter_dirs:
+        raise SystemExit("--adapters needs at least one adapter folder or hub id")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
+    model = AutoModelForCausalLM.from_pretrained(args.base)
+    names = [Path(a).name or f"adapter{i}" for i, a in enumerate(adapter_dirs)]
+    if len(set(names)) != len(names):
+        names = [f"adapter{i}" for i in range(len(adapter_dirs))]
+    model = PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name=names[0])
+    for name, path in zip(names[1:], adapter_dirs[1:], strict=True):
+        model.load_adapter(path, adapter_name=name)
+    data = {t: load_task(t, args.data_dir, limit=args.limit) for t in tasks}
+    scores = evaluate_commonsense(model, tokenizer, data, adapters=names, batch_size=args.batch_size)
+    table = ["| adapter | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
+    for name in names:
+        table.append(f"| {name} | " + " | ".join(f"{scores[name][t]:.4f}" for t in tasks)
+                     + f" | {scores[name]['average']:.4f} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({"adapters": dict(zip(names, adapter_dirs, strict=True)),
+                                                "scores": scores}, indent=2))
+    (out / "eval.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="peft-mole", description="peft-mole command line")
+    commands = parser.add_subparsers(dest="command", required=True)
+    evaluation = commands.add_parser("eval", help="commonsense accuracy of one or more adapters, in one pass")
+    evaluation.add_argument("--base", required=True, help="base model: local path or hub id")
+    evaluation.add_argument("--tokenizer", help="tokenizer path or id (default: --base)")
+    evaluation.add_argument("--adapters", required=True, help="comma-separated adapter folders or hub ids")
+    evaluation.add_argument("--tasks", required=True, help="comma-separated: arc_e,arc_c,boolq,obqa,piqa,siqa,...")
+    evaluation.add_argument("--data-dir", help="folder with <task>.jsonl in the Hub schema (default: the Hub)")
+    evaluation.add_argument("--limit", type=int, help="first N examples per task")
+    evaluation.add_argument("--batch-size", type=int, default=8)
+    evaluation.add_argument("--out", default="eval-results")
+    evaluation.set_defaults(run=_eval)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
