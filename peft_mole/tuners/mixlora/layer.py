@@ -115,9 +115,9 @@ class MixLoRAMLP(RoutedExpertsLayer):
         weights, chosen = self.route(adapter, x, token_mask)  # (N, k) each
         plan = dispatch(weights, chosen, settings.num_experts)
         weighted = self._gate_up_experts(adapter, x, gate, up, plan)  # (M, I): w_e h_e per pair
-        hidden, weight_sum = self._combine(weighted, plan, gate)
         down_delta, down_replaces_hidden = self._down_experts(adapter, x, gate, weighted, plan)
-        return (None if down_replaces_hidden else hidden), down_delta, weight_sum
+        hidden, weight_sum = self._combine(weighted, plan, gate, with_hidden=not down_replaces_hidden)
+        return hidden, down_delta, weight_sum
 
     @profiled("peft_mole::experts_gate_up")
     def _gate_up_experts(self, adapter, x, gate, up, plan) -> torch.Tensor:
@@ -142,9 +142,9 @@ class MixLoRAMLP(RoutedExpertsLayer):
         return act * plan.weight.to(act.dtype).unsqueeze(-1)
 
     @profiled("peft_mole::combine")
-    def _combine(self, weighted, plan, gate) -> tuple[torch.Tensor, torch.Tensor]:
-        """Σ_e w_e h_e per token (N, I) and Σ_e w_e (N, 1)."""
-        hidden = torch.zeros_like(gate).index_add(0, plan.token, weighted)
+    def _combine(self, weighted, plan, gate, with_hidden: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Σ_e w_e h_e per token (N, I) (None when not wanted: DoRA down experts) and Σ_e w_e (N, 1)."""
+        hidden = torch.zeros_like(gate).index_add(0, plan.token, weighted) if with_hidden else None
         weight_sum = gate.new_zeros(gate.shape[0], 1)
         return hidden, weight_sum.index_add(0, plan.token, plan.weight.to(gate.dtype).unsqueeze(-1))
 
