@@ -206,7 +206,8 @@ def test_low_cpu_mem_usage_loading_matches_and_keeps_routers_fp32(method, tmp_pa
     routers = [p for n, p in again.named_parameters() if "router" in n]
     assert routers and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in routers)
     with torch.no_grad():
-        assert torch.equal(again(input_ids=ids, attention_mask=mask).logits, expected)
+        # same values; a meta-device load may lay tensors out differently, so allow float rounding (seen: 3e-8)
+        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-6, rtol=0)
 
 
 def test_generate_with_beams_and_per_row_adapters_and_no_stale_rows():

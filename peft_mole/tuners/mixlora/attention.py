@@ -29,8 +29,9 @@ class LoraLinear(nn.Module, BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str, context: ForwardContext) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoraLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        linear = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LoraLinear wraps nn.Linear (or a tuner layer around one), got {type(linear).__name__}")
         self.base_layer = base_layer
         setattr(self, self.prefix + "A", nn.ParameterDict())
         setattr(self, self.prefix + "B", nn.ParameterDict())
@@ -42,10 +43,11 @@ class LoraLinear(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, r: int, scaling: float, dropout: float) -> None:
         """Add adapter `adapter_name` with A ~ Kaiming-uniform (as PEFT) and B = 0."""
-        weight = self.base_layer.weight
-        lora_a = torch.empty(r, self.base_layer.in_features, device=weight.device, dtype=torch.float32)
+        linear = self.get_base_layer()
+        weight = linear.weight
+        lora_a = torch.empty(r, linear.in_features, device=weight.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
-        lora_b = torch.zeros(self.base_layer.out_features, r, device=weight.device, dtype=torch.float32)
+        lora_b = torch.zeros(linear.out_features, r, device=weight.device, dtype=torch.float32)
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         getattr(self, self.prefix + "A")[adapter_name] = nn.Parameter(lora_a.to(dtype))
         getattr(self, self.prefix + "B")[adapter_name] = nn.Parameter(lora_b.to(dtype))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 
@@ -25,6 +26,8 @@ class ExpertLoRA(nn.Module):
         self.scaling = scaling
         self.use_dora = use_dora
         for proj, base in linears.items():
+            if isinstance(base, BaseTunerLayer):  # a projection another job's LoRA already wraps
+                base = base.get_base_layer()
             weight = base.weight
             dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
             lora_a = torch.empty(num_experts, r, base.in_features, device=weight.device, dtype=torch.float32)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext
 from peft_mole.ops.experts import dispatch, grouped_lora, shared_input_lora
 from peft_mole.ops.profiling import profiled
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
-from peft_mole.tuners.mixlora.targets import find_gated_mlp
+from peft_mole.tuners.mixlora.targets import find_gated_mlp, plain_linear
 
 
 class MixLoRAMLP(RoutedExpertsLayer):
@@ -38,8 +39,8 @@ class MixLoRAMLP(RoutedExpertsLayer):
 
     def update_layer(self, adapter_name: str, *, projections: list[str], **settings) -> None:
         """Add adapter `adapter_name` with experts on the MLP projections named in `projections`."""
-        linears = {proj: getattr(self.base_layer, proj) for proj in projections}
-        self.add_experts(adapter_name, linears, self.base_layer.gate_proj.in_features, **settings)
+        linears = {proj: plain_linear(getattr(self.base_layer, proj)) for proj in projections}
+        self.add_experts(adapter_name, linears, plain_linear(self.base_layer.gate_proj).in_features, **settings)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -62,7 +63,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
             return self._down(hidden, down_delta, weight_sum).reshape(*x.shape[:-1], -1)
 
         hidden = torch.zeros_like(gate)
-        down_delta = torch.zeros(*x.shape[:-1], mlp.down_proj.out_features, dtype=x.dtype, device=x.device)
+        down_delta = torch.zeros(*x.shape[:-1], plain_linear(mlp.down_proj).out_features, dtype=x.dtype, device=x.device)
         weight_sum = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
         for group in groups:
             rows = group.rows
@@ -80,16 +81,27 @@ class MixLoRAMLP(RoutedExpertsLayer):
             weight_sum[rows] = w.reshape(*gr.shape[:-1], 1)
             if d is not None:
                 down_delta[rows] = d.reshape(*gr.shape[:-1], -1)
-        return self._down(hidden, down_delta, weight_sum)
+        return self._down(hidden, down_delta, weight_sum, whole_batch=True)
 
     def _down(
-        self, hidden: torch.Tensor | None, down_delta: torch.Tensor | None, weight_sum: torch.Tensor
+        self,
+        hidden: torch.Tensor | None,
+        down_delta: torch.Tensor | None,
+        weight_sum: torch.Tensor,
+        whole_batch: bool = False,
     ) -> torch.Tensor:
         """W2 h + Σ_e s·B2_e A2_e(w_e h_e) + b2·Σ_e w_e: the frozen down projection once per token.
 
         `hidden` is None when the down experts are DoRA: then `down_delta` already holds the whole projection.
+        With `whole_batch` (hidden is (batch, seq, I)) and a down projection wrapped by another adapter's LoRA
+        (multi-job training), the wrapper runs, so rows of that adapter get their LoRA delta.
         """
         down = self.base_layer.down_proj
+        if whole_batch and isinstance(down, BaseTunerLayer):
+            out = down(hidden)  # W2 h + b2 + the LoRA delta of rows whose adapter the wrapper holds
+            if down.bias is not None:
+                out = out + down.bias * (weight_sum - 1)
+            return out if down_delta is None else out + down_delta
         out = down_delta if hidden is None else F.linear(hidden, down.weight)
         if down.bias is not None:
             out = out + down.bias * weight_sum
@@ -169,7 +181,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
         if scale is not None:
             pair_delta = F.linear(weighted, mlp.down_proj.weight) + pair_delta
             pair_delta = pair_delta * scale.index_select(0, plan.expert).to(x.dtype)
-        down = x.new_zeros(x.shape[0], mlp.down_proj.out_features).index_add(0, plan.token, pair_delta)
+        down = x.new_zeros(x.shape[0], plain_linear(mlp.down_proj).out_features).index_add(0, plan.token, pair_delta)
         return down, scale is not None
 
 

@@ -8,6 +8,7 @@ Used for `router_scope="projection"`, where gate, up and down are each routed se
 from __future__ import annotations
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext
@@ -21,14 +22,16 @@ class MoELoraLinear(RoutedExpertsLayer):
     prefix = "mixlora_"
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str, context: ForwardContext, layer_name: str) -> None:
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"{layer_name}: {type(self).__name__} wraps nn.Linear, got {type(base_layer).__name__}")
+        linear = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{layer_name}: {type(self).__name__} wraps nn.Linear, got {type(linear).__name__}")
         super().__init__(base_layer, adapter_name, context, layer_name)
 
     def update_layer(self, adapter_name: str, *, projections: list[str] | None = None, **settings) -> None:
         if settings.get("use_dora"):
             raise ValueError("use_dora=True is not supported with router_scope='projection'; use router_scope='block'")
-        self.add_experts(adapter_name, {"proj": self.base_layer}, self.base_layer.in_features, **settings)
+        linear = self.get_base_layer()
+        self.add_experts(adapter_name, {"proj": linear}, linear.in_features, **settings)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)

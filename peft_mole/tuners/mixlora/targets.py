@@ -19,7 +19,7 @@ class Target:
     layer_index: int | None  # decoder layer, from the first integer in the module path
 
 
-def _linear(module) -> nn.Linear | None:
+def plain_linear(module) -> nn.Linear | None:
     """The nn.Linear of a module, looking through a PEFT tuner layer wrapper."""
     if isinstance(module, BaseTunerLayer):
         module = module.get_base_layer()
@@ -31,7 +31,7 @@ def find_gated_mlp(module: nn.Module) -> bool:
 
     Shapes must chain: gate/up map d -> i and down maps i -> d.
     """
-    gate, up, down = (_linear(getattr(module, name, None)) for name in ("gate_proj", "up_proj", "down_proj"))
+    gate, up, down = (plain_linear(getattr(module, name, None)) for name in ("gate_proj", "up_proj", "down_proj"))
     if gate is None or up is None or down is None or not callable(getattr(module, "act_fn", None)):
         return False
     return (
@@ -43,12 +43,21 @@ def find_gated_mlp(module: nn.Module) -> bool:
 def _check_plain_weights(name: str, mlp: nn.Module) -> None:
     """The expert path reads W1, W3, W2 directly: they must be ordinary float weights on a real device."""
     for proj in ("gate_proj", "up_proj", "down_proj"):
-        weight = _linear(getattr(mlp, proj)).weight
+        weight = plain_linear(getattr(mlp, proj)).weight
         if not weight.dtype.is_floating_point or weight.device.type == "meta":
             raise ValueError(
                 f"{name}.{proj} has a {weight.dtype} weight on {weight.device.type}: quantised or offloaded MLP "
                 "weights are not supported yet; load the base in float32/bfloat16/float16 on one device"
             )
+
+
+def _is_routed(module: nn.Module) -> bool:
+    """True when a projection (or a wrapper inside it) carries a router: routed experts of router_scope='projection'."""
+    while isinstance(module, BaseTunerLayer):
+        if any(name.endswith("router") for name in module.adapter_layer_names):
+            return True
+        module = module.base_layer
+    return False
 
 
 def layer_index(name: str) -> int | None:
@@ -85,7 +94,7 @@ def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, bloc
         block = model.get_submodule(name)
         _check_plain_weights(name, block.base_layer if wrapped else block)
         routed_projections = not wrapped and any(
-            isinstance(getattr(block, p), BaseTunerLayer) for p in ("gate_proj", "up_proj", "down_proj")
+            _is_routed(getattr(block, p)) for p in ("gate_proj", "up_proj", "down_proj")
         )
         if (scope == "block" and routed_projections) or (scope == "projection" and wrapped):
             raise ValueError(
@@ -99,7 +108,7 @@ def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, bloc
     block_prefixes = tuple(name + "." for name in blocks)
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in config.attn_target_modules and _linear(module) is not None and not name.endswith(".base_layer"):
+        if leaf in config.attn_target_modules and plain_linear(module) is not None and not name.endswith(".base_layer"):
             if not name.startswith(block_prefixes):
                 targets[name] = Target("attention", layer_index(name))
     if config.layers_to_transform is not None:

@@ -1,0 +1,239 @@
+"""One frozen base holding the adapters of many jobs of different kinds (LoRA, MixLoRA, DynMoLE) at once.
+
+PEFT puts one adapter type in a `PeftModel`. Multi-job training needs LoRA, MixLoRA and DynMoLE jobs on the same
+frozen weights in the same batch, so this tuner hosts them all with peft-mole's row-aware layers:
+
+- a LoRA job gets `LoraLinear` on its target linears (y = W x + s·B A dropout(x), as PEFT's LoRA);
+- a MixLoRA or DynMoLE job gets the routed-experts layers; its routing rule and aux loss come from its config.
+
+Layers of different jobs nest (a LoRA wrapper inside a MixLoRA MLP block); every layer adds its delta to the rows of
+its own adapters only. Each job is exported in its own method's PEFT format (`save_job`): a LoRA job loads with
+plain `peft`, a MixLoRA/DynMoLE job with `PeftModel.from_pretrained` after `import peft_mole`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import torch
+from peft import LoraConfig, PeftConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peft_mole.tuners.dynmole.config import DynMoLEConfig
+from peft_mole.tuners.expert_config import ExpertAdapterConfig
+from peft_mole.tuners.mixlora.attention import LoraLinear
+from peft_mole.tuners.mixlora.model import MixLoRAModel
+from peft_mole.tuners.mixlora.targets import plain_linear
+
+JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_INTERNAL_PREFIX = "mixlora_"
+
+
+def check_job_name(name) -> None:
+    if not isinstance(name, str) or not JOB_NAME.match(name) or name == "__base__":
+        raise ValueError(
+            f"job name {name!r} is not allowed: use letters, digits, '_' and '-' (it names the adapter and its "
+            "output folder; '__base__' is reserved)"
+        )
+
+
+def check_lora_config(name: str, config: LoraConfig) -> None:
+    """The LoRA options a multi-job LoRA adapter supports (plain LoRA on linear layers)."""
+    unsupported = {
+        "use_dora": config.use_dora,
+        "bias": config.bias != "none",
+        "modules_to_save": bool(config.modules_to_save),
+        "target_parameters": bool(getattr(config, "target_parameters", None)),
+        "rank_pattern": bool(config.rank_pattern),
+        "alpha_pattern": bool(config.alpha_pattern),
+        "fan_in_fan_out": config.fan_in_fan_out,
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(
+            f"job {name!r}: LoraConfig options {bad} are not supported in multi-job training; supported: r, "
+            "lora_alpha, lora_dropout, use_rslora, target_modules, layers_to_transform, init_lora_weights=True"
+        )
+    if config.init_lora_weights is not True:
+        raise ValueError(f"job {name!r}: init_lora_weights must be True (Kaiming A, zero B), got {config.init_lora_weights!r}")
+
+
+class MultiJobModel(MixLoRAModel):
+    """A tuner whose adapters may be of different kinds: {job name: LoraConfig | MixLoRAConfig | DynMoLEConfig}.
+
+    Every job is active at once; a forward takes `adapter_names` (one job per row). The forward records router
+    statistics and returns `outputs.aux_loss_per_adapter` ({job: aux loss over its own rows}) without adding it to
+    `outputs.loss`: each job's loss is assembled by `per_job_losses`.
+
+    Example:
+        >>> model = MultiJobModel(base, {"a": LoraConfig(r=8), "b": MixLoRAConfig(num_experts=4)})  # doctest: +SKIP
+        >>> out = model(input_ids=ids, attention_mask=mask, adapter_names=["a", "b"])  # doctest: +SKIP
+    """
+
+    prefix = _INTERNAL_PREFIX
+
+    def __init__(self, model: nn.Module, configs: dict[str, PeftConfig]) -> None:
+        if not configs:
+            raise ValueError("configs must hold at least one job: {name: peft config}")
+        for name, config in configs.items():
+            self._check_config(name, config)
+        # LoRA jobs first: PEFT never looks inside an existing tuner layer, so a LoRA job must wrap gate/up/down
+        # before a MixLoRA block wrapper hides them (the block then calls the LoRA-wrapped projections).
+        order = sorted(configs, key=lambda name: not isinstance(configs[name], LoraConfig))
+        first, *rest = order
+        super().__init__(model, {first: configs[first]}, first)
+        for name in rest:
+            self.add_job(name, configs[name])
+        self.set_adapter(order)
+
+    @staticmethod
+    def _check_config(name: str, config: PeftConfig) -> None:
+        check_job_name(name)
+        if isinstance(config, LoraConfig):
+            check_lora_config(name, config)
+        elif not isinstance(config, ExpertAdapterConfig):
+            raise TypeError(
+                f"job {name!r}: peft_config must be a LoraConfig, MixLoRAConfig or DynMoLEConfig, got "
+                f"{type(config).__name__}"
+            )
+
+    def add_job(self, name: str, config: PeftConfig) -> None:
+        """Inject one more job's adapter (all jobs stay active)."""
+        self._check_config(name, config)
+        if name in self.peft_config:
+            raise ValueError(f"job name {name!r} is used twice; job names must be unique")
+        if isinstance(config, LoraConfig) and any(not isinstance(c, LoraConfig) for c in self.peft_config.values()):
+            raise ValueError(
+                f"job {name!r}: add LoRA jobs before MixLoRA/DynMoLE jobs (or pass all jobs to MultiJobModel at once); "
+                "the routed MLP wrappers hide the projections a later LoRA job would target"
+            )
+        self.peft_config[name] = config
+        self.inject_adapter(self.model, name)
+        self.set_adapter(list(self.peft_config))
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for module in self.model.modules():
+            if isinstance(module, self.tuner_layer_cls):
+                module.set_adapter(names)
+        self.active_adapter = names
+
+    # ------------------------------------------------------------------ injection
+    def _prepare_adapter_config(self, peft_config, model_config):
+        if isinstance(peft_config, LoraConfig) and peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+                raise ValueError(f"LoraConfig.target_modules must be given for model type {model_type!r}")
+            peft_config.target_modules = set(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
+        return peft_config
+
+    def _prepare_model(self, peft_config, model: nn.Module) -> None:
+        if isinstance(peft_config, LoraConfig):
+            self.__dict__["_targets"] = {}
+            return
+        super()._prepare_model(peft_config, model)
+
+    def _check_target_module_exists(self, peft_config, key: str) -> bool:
+        if not isinstance(peft_config, LoraConfig):
+            return super()._check_target_module_exists(peft_config, key)
+        if key.endswith(".base_layer") or not check_target_module_exists(peft_config, key):
+            return False
+        return plain_linear(self.model.get_submodule(key)) is not None
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if not isinstance(peft_config, LoraConfig):
+            return super()._create_and_replace(
+                peft_config, adapter_name, target, target_name, parent, current_key, **kwargs
+            )
+        layer = target if isinstance(target, LoraLinear) else LoraLinear(target, adapter_name, self._context())
+        r, alpha = peft_config.r, peft_config.lora_alpha
+        scaling = alpha / math.sqrt(r) if peft_config.use_rslora else alpha / r
+        layer.update_layer(adapter_name, r=r, scaling=scaling, dropout=peft_config.lora_dropout)
+        if layer is not target:
+            setattr(parent, target_name, layer)
+
+    def _attach_aux_loss(self, outputs, records, labels, shift_labels, num_items_in_batch) -> None:
+        """Expose {job: aux loss} only; the per-job loss adds each job's own term (`per_job_losses`)."""
+        from peft_mole.tuners.mixlora.model import router_aux_loss
+
+        aux, per_adapter = router_aux_loss(records, self.peft_config)
+        self.__dict__["last_aux_loss"] = {k: v.detach() for k, v in per_adapter.items()}
+        if hasattr(outputs, "keys"):
+            outputs["aux_loss"] = aux
+            outputs["aux_loss_per_adapter"] = per_adapter
+
+    # ------------------------------------------------------------------ per-job export
+    def job_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """{parameter name in this model: parameter} of one job."""
+        if name not in self.peft_config:
+            raise ValueError(f"unknown job {name!r}; jobs: {sorted(self.peft_config)}")
+        return {n: p for n, p in self.model.named_parameters() if _adapter_of(n) == name}
+
+    def job_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """One job's tensors under the keys its own PEFT method saves and loads (`adapter_model.safetensors`)."""
+        config = self.peft_config[name]
+        out = {}
+        for param_name, param in self.job_parameters(name).items():
+            out[_export_key(param_name, name, config)] = param.detach().contiguous().clone()
+        return out
+
+    def save_job(self, name: str, directory: str) -> None:
+        """Write `adapter_config.json` and `adapter_model.safetensors` of one job into `directory`."""
+        os.makedirs(directory, exist_ok=True)
+        self.peft_config[name].save_pretrained(directory)
+        save_file(self.job_state_dict(name), os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    def load_job(self, name: str, directory: str) -> None:
+        """Copy a job's saved weights (`save_job` format) back into this model; every tensor must match."""
+        saved = load_file(os.path.join(directory, "adapter_model.safetensors"))
+        config = self.peft_config[name]
+        params = {_export_key(n, name, config): p for n, p in self.job_parameters(name).items()}
+        missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        if missing or unexpected:
+            raise ValueError(
+                f"{directory} does not fit job {name!r}: missing {missing[:3]}, unexpected {unexpected[:3]} tensors"
+            )
+        with torch.no_grad():
+            for key, param in params.items():
+                if saved[key].shape != param.shape:
+                    raise ValueError(f"{directory}: {key} has shape {tuple(saved[key].shape)}, job {name!r} needs {tuple(param.shape)}")
+                param.copy_(saved[key])
+
+
+def _adapter_of(param_name: str) -> str | None:
+    """The adapter a parameter belongs to: the name after the prefixed container (`...mixlora_router.<job>.weight`)."""
+    parts = param_name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith(_INTERNAL_PREFIX):
+            return parts[i + 1]
+    return None
+
+
+def _export_key(param_name: str, job: str, config: PeftConfig) -> str:
+    """Our parameter name → the key the job's PEFT method uses in adapter_model.safetensors.
+
+    `model.layers.0.mlp.base_layer.gate_proj.mixlora_A.job` → `base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight`
+    (LoRA); for MixLoRA/DynMoLE the adapter name is dropped and the prefix becomes the method's.
+    """
+    parts = param_name.split(".")
+    kept = [p for i, p in enumerate(parts) if p != "base_layer" and not (i and parts[i - 1].startswith(_INTERNAL_PREFIX))]
+    key = ".".join(kept)
+    if isinstance(config, LoraConfig):
+        key = re.sub(rf"{_INTERNAL_PREFIX}(A|B)$", r"lora_\1.weight", key)
+    elif isinstance(config, DynMoLEConfig):
+        key = key.replace(_INTERNAL_PREFIX, "dynmole_")
+    return "base_model.model." + key
+
+
+def describe_jobs(model: MultiJobModel) -> str:
+    """A JSON summary {job: {type, trainable parameters}} (for logs)."""
+    return json.dumps({
+        name: {"type": type(cfg).__name__, "parameters": sum(p.numel() for p in model.job_parameters(name).values())}
+        for name, cfg in model.peft_config.items()
+    })

@@ -1,0 +1,107 @@
+"""MultiJobModel: LoRA, MixLoRA and DynMoLE jobs on one base, each row through its own job's adapter, and each
+job exported in its own PEFT format (a LoRA job loads with plain peft)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+
+from peft_mole.multijob.model import MultiJobModel
+from tests.helpers import batch, dynmole, mixlora, randomize_adapters, tiny_base
+
+
+def _jobs(**extra):
+    jobs = {
+        "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
+        "mix": mixlora(),
+        "dyn": dynmole(),
+    }
+    jobs.update(extra)
+    return jobs
+
+
+@pytest.mark.parametrize("order", [["lora", "mix", "dyn"], ["mix", "dyn", "lora"]])
+def test_mixed_rows_match_each_job_loaded_alone(tmp_path, order):
+    jobs = _jobs()
+    model = MultiJobModel(tiny_base(), {name: jobs[name] for name in order})
+    randomize_adapters(model)
+    model.eval()
+    ids, mask, _ = batch(batch_size=6, seq_len=10, pad_last=3)
+    rows = ["lora", "mix", "dyn", "dyn", "lora", "mix"]  # not contiguous: gathered rows too
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+    assert len(model.job_state_dict("lora")) == 2 * 4 * 2  # every target wrapped, whatever the order
+    for name in order:
+        model.save_job(name, str(tmp_path / name))
+        alone = PeftModel.from_pretrained(tiny_base(), str(tmp_path / name)).eval()
+        picked = [i for i, r in enumerate(rows) if r == name]
+        with torch.no_grad():
+            expected = alone(input_ids=ids[picked], attention_mask=mask[picked]).logits
+        torch.testing.assert_close(mixed[picked], expected, atol=1e-5, rtol=1e-5)
+    # the adapters really differ from the base on their rows
+    with torch.no_grad():
+        base = tiny_base()(input_ids=ids, attention_mask=mask).logits
+    assert (mixed - base).abs().amax() > 1e-3
+
+
+def test_lora_job_saves_plain_peft_lora_keys(tmp_path):
+    model = MultiJobModel(tiny_base(), _jobs())
+    state = model.job_state_dict("lora")
+    assert "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight" in state
+    assert all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in state)
+    assert len(state) == 2 * 4 * 2  # 4 projections x 2 layers x (A, B)
+    dyn = model.job_state_dict("dyn")
+    assert all("dynmole_" in k and "mixlora_" not in k for k in dyn)
+
+
+def test_load_job_round_trip_and_shape_errors(tmp_path):
+    model = MultiJobModel(tiny_base(), _jobs())
+    randomize_adapters(model)
+    model.save_job("mix", str(tmp_path / "mix"))
+    before = {k: v.clone() for k, v in model.job_state_dict("mix").items()}
+    with torch.no_grad():
+        for p in model.job_parameters("mix").values():
+            p.zero_()
+    model.load_job("mix", str(tmp_path / "mix"))
+    after = model.job_state_dict("mix")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="does not fit job 'dyn'"):
+        model.load_job("dyn", str(tmp_path / "mix"))
+
+
+def test_every_job_trains_and_only_on_its_rows():
+    model = MultiJobModel(tiny_base(), _jobs())
+    randomize_adapters(model)
+    ids, mask, _ = batch(batch_size=4, seq_len=8)
+    out = model(input_ids=ids, attention_mask=mask, adapter_names=["lora", "lora", "mix", "mix"])
+    out.logits.sum().backward()
+    grads = {name: [p.grad for p in model.job_parameters(name).values()] for name in ("lora", "mix", "dyn")}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads["lora"])
+    assert any(g is not None and g.abs().sum() > 0 for g in grads["mix"])
+    assert all(g is None for g in grads["dyn"])  # no row of "dyn" in the batch
+    assert set(out.aux_loss_per_adapter) == {"mix"}
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "error", "match"),
+    [
+        ("a.b", LoraConfig(r=4), ValueError, "job name 'a.b'"),
+        ("__base__", LoraConfig(r=4), ValueError, "reserved"),
+        ("x", LoraConfig(r=4, use_dora=True), ValueError, "use_dora"),
+        ("x", LoraConfig(r=4, modules_to_save=["lm_head"]), ValueError, "modules_to_save"),
+        ("x", {"r": 4}, TypeError, "LoraConfig, MixLoRAConfig or DynMoLEConfig"),
+    ],
+)
+def test_bad_jobs_are_refused(name, config, error, match):
+    with pytest.raises(error, match=match):
+        MultiJobModel(tiny_base(), {name: config})
+
+
+def test_duplicate_job_name_is_refused():
+    model = MultiJobModel(tiny_base(), {"a": LoraConfig(r=4)})
+    with pytest.raises(ValueError, match="used twice"):
+        model.add_job("a", mixlora())
+    model.add_job("b", mixlora())
+    with pytest.raises(ValueError, match="add LoRA jobs before"):
+        model.add_job("c", LoraConfig(r=4))
