@@ -6,9 +6,21 @@ Importing the package registers its PEFT types, after which `get_peft_model`, `P
 
 from peft_mole.diagnostics import RouterStatsCallback
 from peft_mole.forward_context import BASE_ROW
+from peft_mole.multijob import JobConfig, MultiJobModel
 from peft_mole.tuners.dynmole import DynMoLEConfig, DynMoLEModel
 from peft_mole.tuners.mixlora import MixLoRAConfig, MixLoRAModel
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["BASE_ROW", "RouterStatsCallback", "DynMoLEConfig", "DynMoLEModel", "MixLoRAConfig", "MixLoRAModel", "__version__"]
+__all__ = [
+    "BASE_ROW", "DynMoLEConfig", "DynMoLEModel", "JobConfig", "MixLoRAConfig", "MixLoRAModel", "MultiJobModel",
+    "MultiJobTrainer", "RouterStatsCallback", "__version__",
+]
+
+
+def __getattr__(name: str):
+    if name == "MultiJobTrainer":  # imports TRL: only when asked for
+        from peft_mole.multijob.trainer import MultiJobTrainer
+
+        return MultiJobTrainer
+    raise AttributeError(name)

@@ -1,10 +1,20 @@
 """Multi-job training (ASPEN, SPEC.md §3): several adapters trained at once on one frozen base.
 
-This package holds the pieces the MultiJobTrainer (planned) builds on: mixed-adapter batches and the per-job
-loss that gives each job exactly the gradients it would get if trained alone.
+`MultiJobTrainer` (a TRL `SFTTrainer`) trains a list of `JobConfig`s in mixed-adapter batches; `MultiJobModel`
+hosts LoRA, MixLoRA and DynMoLE jobs on one base; `per_job_losses` and `mixed_batch` are the pieces it uses.
 """
 
 from peft_mole.multijob.batching import MixedBatch, mixed_batch
+from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.loss import per_job_losses
+from peft_mole.multijob.model import MultiJobModel
 
-__all__ = ["MixedBatch", "mixed_batch", "per_job_losses"]
+__all__ = ["JobConfig", "MixedBatch", "MultiJobModel", "MultiJobTrainer", "mixed_batch", "per_job_losses"]
+
+
+def __getattr__(name: str):
+    if name == "MultiJobTrainer":  # imports TRL: only when asked for
+        from peft_mole.multijob.trainer import MultiJobTrainer
+
+        return MultiJobTrainer
+    raise AttributeError(name)

@@ -114,8 +114,9 @@ class RoutedExpertsLayer(nn.Module, BaseTunerLayer):
         if self.training and settings.jitter_noise > 0:
             eps = settings.jitter_noise
             router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - eps, 1.0 + eps)
-        logits = F.linear(router_input, self.routers[adapter].weight.float())  # (N, E)
-        probs = routing.router_probabilities(logits)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 router even under bf16/fp16 autocast
+            logits = F.linear(router_input, self.routers[adapter].weight.float())  # (N, E)
+            probs = routing.router_probabilities(logits)
         weights, chosen = settings.rule(probs)
         records = self._context.records
         if records is not None:

@@ -1,0 +1,115 @@
+"""JobConfig: one adapter to train in a multi-job run — its PEFT config, data and own hyper-parameters.
+
+Every training option left as None is taken from the trainer's `SFTConfig`; the resolved per-job arguments
+(`JobConfig.training_args`) are what a plain `SFTTrainer` run of that job alone would use, which is what the
+exactness tests compare against.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft import LoraConfig, PeftConfig
+
+from peft_mole.multijob.model import check_job_name
+from peft_mole.tuners.expert_config import ExpertAdapterConfig
+
+# JobConfig field -> TrainingArguments field it overrides
+OVERRIDES = (
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "lr_scheduler_type",
+    "seed",
+    "save_steps",
+    "logging_steps",
+    "eval_steps",
+)
+
+
+@dataclass
+class JobConfig:
+    """One job of a `MultiJobTrainer` run.
+
+    Args:
+        name: adapter name and output folder (`output_dir/<name>/`); letters, digits, '_' and '-'.
+        peft_config: `LoraConfig`, `MixLoRAConfig` or `DynMoLEConfig`.
+        train_dataset / eval_dataset: datasets in any format `SFTTrainer` accepts (text, messages, prompt-completion).
+        priority: higher is admitted first when `max_concurrent_jobs` or memory is short; ties go by list order.
+        early_stopping_patience: stop the job after this many evaluations without a lower eval loss (needs
+            eval_dataset and eval_steps).
+        the rest: this job's value of the `SFTConfig` field of the same name (None = the trainer's).
+
+    Example:
+        >>> JobConfig(name="math", peft_config=LoraConfig(r=16), train_dataset=ds, learning_rate=2e-4)  # doctest: +SKIP
+    """
+
+    name: str
+    peft_config: PeftConfig
+    train_dataset: Any
+    eval_dataset: Any = None
+    priority: int = 0
+    early_stopping_patience: int | None = None
+    learning_rate: float | None = None
+    per_device_train_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    num_train_epochs: float | None = None
+    max_steps: int | None = None
+    warmup_steps: float | None = None
+    weight_decay: float | None = None
+    max_grad_norm: float | None = None
+    lr_scheduler_type: str | None = None
+    seed: int | None = None
+    save_steps: float | None = None
+    logging_steps: float | None = None
+    eval_steps: float | None = None
+    extra: dict = field(default_factory=dict, repr=False)  # free-form metadata (e.g. from a YAML file)
+
+    def __post_init__(self) -> None:
+        check_job_name(self.name)
+        if not isinstance(self.peft_config, (LoraConfig, ExpertAdapterConfig)):
+            raise TypeError(
+                f"job {self.name!r}: peft_config must be a LoraConfig, MixLoRAConfig or DynMoLEConfig, got "
+                f"{type(self.peft_config).__name__}"
+            )
+        if self.train_dataset is None:
+            raise ValueError(f"job {self.name!r}: train_dataset is required")
+        if hasattr(self.train_dataset, "__len__") and len(self.train_dataset) == 0:
+            raise ValueError(f"job {self.name!r}: train_dataset is empty")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise TypeError(f"job {self.name!r}: priority must be an int, got {self.priority!r}")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"job {self.name!r}: {name} must be an int >= 1, got {value!r}")
+        if self.learning_rate is not None and not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise ValueError(f"job {self.name!r}: learning_rate must be a number > 0, got {self.learning_rate!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps == 0 or self.max_steps < -1):
+            raise ValueError(f"job {self.name!r}: max_steps must be an int >= 1 (or -1 for epochs), got {self.max_steps!r}")
+        if self.early_stopping_patience is not None:
+            if not isinstance(self.early_stopping_patience, int) or self.early_stopping_patience < 1:
+                raise ValueError(
+                    f"job {self.name!r}: early_stopping_patience must be an int >= 1, got {self.early_stopping_patience!r}"
+                )
+            if self.eval_dataset is None:
+                raise ValueError(f"job {self.name!r}: early_stopping_patience needs an eval_dataset")
+
+    def training_args(self, base):
+        """The trainer's arguments with this job's overrides and `output_dir/<name>`.
+
+        A shallow copy with the fields set (re-running TrainingArguments' __post_init__ would reset accelerate's
+        state in the middle of a run)."""
+        args = copy.copy(base)
+        for name in OVERRIDES:
+            if getattr(self, name) is not None:
+                setattr(args, name, getattr(self, name))
+        args.output_dir = os.path.join(base.output_dir, self.name)
+        return args

@@ -1,0 +1,196 @@
+"""JobRun: the training state of one job inside a multi-job run — its data position, accumulation window,
+optimizer, LR schedule, counters and checkpoints.
+
+The loop it follows is `transformers.Trainer`'s, per job: an epoch is split into windows of
+`gradient_accumulation_steps` micro-batches (the last one shorter); the window's target-token count N_j
+(`labels[..., 1:] != -100`, as Trainer's `num_items_in_batch`) normalises the loss of each of its micro-batches;
+after the window the job clips its own gradient norm and steps its own optimizer and scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.data_loader import skip_first_batches
+
+from peft_mole.multijob import checkpoint as ckpt
+
+WAITING, RUNNING, DONE, FAILED, STOPPED = "waiting", "running", "done", "failed", "stopped_early"
+
+
+@dataclass
+class JobStats:
+    """What the run summary reports per job."""
+
+    tokens: int = 0  # target tokens trained
+    seconds: float = 0.0  # share of step time, by rows x length
+    last_loss: float | None = None
+    best_eval_loss: float | None = None
+    evals_without_improvement: int = 0
+    losses: list = field(default_factory=list)  # window losses since the last log
+
+
+class JobRun:
+    """One job's progress. `peek()` is the next micro-batch; `consume()` marks it trained."""
+
+    def __init__(self, job, args, dataloader, params: dict[str, torch.nn.Parameter], optimizer, scheduler) -> None:
+        self.job, self.args, self.dataloader = job, args, dataloader
+        self.name = job.name
+        self.params = params
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.batches_per_epoch = len(dataloader)
+        ga = args.gradient_accumulation_steps
+        self.updates_per_epoch = max(self.batches_per_epoch // ga + int(self.batches_per_epoch % ga > 0), 1)
+        if args.max_steps > 0:
+            self.max_steps = args.max_steps
+        else:
+            self.max_steps = math.ceil(args.num_train_epochs * self.updates_per_epoch)
+        self.status = WAITING
+        self.error: str | None = None
+        self.global_step = 0
+        self.epoch = 0
+        self.batches_done = 0  # micro-batches consumed in the current epoch
+        self.window: list[dict] = []
+        self.window_items = None  # N_j of the current window
+        self.window_pos = 0
+        self.window_loss = 0.0  # Σ of the window's micro-batch losses = the job's loss for this optimizer step
+        self.stats = JobStats()
+        self._iterator = None
+        self.last_grad_norm: float | None = None
+        self.last_lr = 0.0
+
+    # ------------------------------------------------------------------ data
+    @property
+    def finished(self) -> bool:
+        return self.status in (DONE, FAILED, STOPPED)
+
+    def micro_batches_left(self) -> int:
+        """Micro-batches still to train (for the progress bar's total)."""
+        if self.finished:
+            return 0
+        epochs_left = math.ceil(self.max_steps / self.updates_per_epoch)
+        total = min(self.max_steps * self.args.gradient_accumulation_steps, epochs_left * self.batches_per_epoch)
+        done = self.epoch * self.batches_per_epoch + self.batches_done - (len(self.window) - self.window_pos)
+        return max(total - done, 0)
+
+    def _start_epoch(self, skip: int = 0) -> None:
+        loader = self.dataloader
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.epoch)
+        if skip:
+            loader = skip_first_batches(loader, skip)
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(self.epoch)
+        self._iterator = iter(loader)
+
+    def _next_window(self) -> bool:
+        """Fetch the next accumulation window; False when the job has trained `max_steps` steps."""
+        if self.global_step >= self.max_steps:
+            return False
+        if self.batches_done >= self.batches_per_epoch:
+            self.epoch += 1
+            self.batches_done = 0
+            self._iterator = None
+        if self._iterator is None:
+            self._start_epoch(self.batches_done)
+        n = min(self.args.gradient_accumulation_steps, self.batches_per_epoch - self.batches_done)
+        self.window = [next(self._iterator) for _ in range(n)]
+        self.batches_done += n
+        self.window_items = sum((b["labels"][..., 1:] != -100).sum() for b in self.window)
+        self.window_pos = 0
+        return True
+
+    def peek(self) -> dict | None:
+        """The next micro-batch (fetching a new window when the last is done), or None when the job is done.
+        Exceptions from the data pipeline propagate: the trainer fails this job only."""
+        if self.window_pos >= len(self.window) and not self._next_window():
+            return None
+        return self.window[self.window_pos]
+
+    def consume(self) -> bool:
+        """Mark the peeked micro-batch trained; True when it completed the window (time to step)."""
+        self.window_pos += 1
+        return self.window_pos >= len(self.window)
+
+    # ------------------------------------------------------------------ optimisation
+    def optimizer_step(self) -> None:
+        """Clip this job's gradient norm, step its optimizer and LR schedule, clear its gradients."""
+        params = [p for p in self.params.values() if p.grad is not None]
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0 and params:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+            self.last_grad_norm = float(norm)
+        self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used (what Trainer logs)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    def learning_rate(self) -> float:
+        """The learning rate of the last optimizer step."""
+        return self.last_lr
+
+    # ------------------------------------------------------------------ checkpoints
+    def should_save(self) -> bool:
+        args = self.args
+        if str(getattr(args.save_strategy, "value", args.save_strategy)) != "steps" or not args.save_steps:
+            return False
+        every = args.save_steps if args.save_steps >= 1 else math.ceil(args.save_steps * self.max_steps)
+        return self.global_step % int(every) == 0
+
+    def should_log(self) -> bool:
+        every = self.args.logging_steps
+        every = every if every >= 1 else math.ceil(every * self.max_steps)
+        return self.global_step % max(int(every), 1) == 0 or self.global_step == self.max_steps
+
+    def state_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "global_step": self.global_step,
+            "max_steps": self.max_steps,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "tokens": self.stats.tokens,
+            "seconds": self.stats.seconds,
+            "last_loss": self.stats.last_loss,
+            "best_eval_loss": self.stats.best_eval_loss,
+            "evals_without_improvement": self.stats.evals_without_improvement,
+            "error": self.error,
+            "saved_at": time.time(),
+        }
+
+    def save_checkpoint(self, save_adapter) -> str:
+        """Write `output_dir/<job>/checkpoint-<step>/` atomically: adapter, optimizer, scheduler, RNG, position."""
+        final = os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
+
+        def write(tmp: str) -> None:
+            save_adapter(tmp)
+            torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            torch.save({"cpu": torch.get_rng_state()}, os.path.join(tmp, "rng_state.pt"))
+            ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), self.state_dict())  # last: marks it complete
+
+        ckpt.write_atomically(final, write)
+        ckpt.prune_checkpoints(self.args.output_dir, self.args.save_total_limit)
+        return final
+
+    def load_checkpoint(self, path: str, load_adapter) -> None:
+        """Restore from `save_checkpoint`'s folder (tensors only: `weights_only=True`)."""
+        state = ckpt.read_json(os.path.join(path, ckpt.STATE_FILE))
+        load_adapter(path)
+        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+        self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+        self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
+        self.stats.tokens, self.stats.seconds = state["tokens"], state["seconds"]
+        self.stats.last_loss = state["last_loss"]
+        self.stats.best_eval_loss = state.get("best_eval_loss")
+        self.stats.evals_without_improvement = state.get("evals_without_improvement", 0)
+        self.window, self.window_pos, self._iterator = [], 0, None

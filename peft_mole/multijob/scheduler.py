@@ -1,0 +1,62 @@
+"""Which jobs train in the next mixed step (ASPEN's scheduler, SPEC.md §3).
+
+1. Admission: jobs run by priority (higher first), then arrival (their order in `jobs=`), at most
+   `max_concurrent_jobs` at a time; a job that finishes or fails frees its place for the next waiting one.
+2. Packing: of the admitted jobs' next micro-batches, take them in priority order while the memory model predicts
+   the mixed batch (padded to its longest row) stays under `max_memory`; the rest wait for the next step, so no
+   job's batch is ever split or changed (that would change its gradients). A micro-batch that alone exceeds the
+   budget fails its job with a clear error instead of running out of memory.
+"""
+
+from __future__ import annotations
+
+from peft_mole.multijob.memory import MemoryModel
+from peft_mole.multijob.run import FAILED, RUNNING, WAITING, JobRun
+
+
+class JobScheduler:
+    def __init__(self, max_concurrent_jobs: int | None = None, max_memory: float | None = None) -> None:
+        if max_concurrent_jobs is not None and (not isinstance(max_concurrent_jobs, int) or max_concurrent_jobs < 1):
+            raise ValueError(f"max_concurrent_jobs must be an int >= 1 or None, got {max_concurrent_jobs!r}")
+        if max_memory is not None and not (isinstance(max_memory, (int, float)) and max_memory > 0):
+            raise ValueError(f"max_memory must be a number of bytes > 0 or None, got {max_memory!r}")
+        self.max_concurrent_jobs = max_concurrent_jobs
+        self.max_memory = max_memory
+        self.memory_model = MemoryModel()
+
+    @staticmethod
+    def order(runs: list[JobRun]) -> list[JobRun]:
+        """Priority (high first), then arrival."""
+        return sorted(runs, key=lambda r: -r.job.priority)  # sorted() is stable: ties keep arrival order
+
+    def admit(self, runs: list[JobRun]) -> list[JobRun]:
+        """Start waiting jobs while there is room; return the running ones in priority order."""
+        running = [r for r in runs if r.status == RUNNING]
+        for run in self.order([r for r in runs if r.status == WAITING]):
+            if self.max_concurrent_jobs is not None and len(running) >= self.max_concurrent_jobs:
+                break
+            run.status = RUNNING
+            running.append(run)
+        return self.order(running)
+
+    def pack(self, candidates: list[tuple[JobRun, dict]]) -> list[tuple[JobRun, dict]]:
+        """The candidates (priority order) that fit the memory budget together; at least one unless it cannot fit."""
+        if self.max_memory is None or not self.memory_model.fitted:
+            return candidates
+        chosen: list[tuple[JobRun, dict]] = []
+        for run, batch in candidates:
+            trial = chosen + [(run, batch)]
+            if self.predict(trial) <= self.max_memory:
+                chosen = trial
+            elif not chosen and self.predict([(run, batch)]) > self.max_memory:
+                run.status, run.error = FAILED, (
+                    f"a micro-batch of {tuple(batch['input_ids'].shape)} needs about "
+                    f"{self.predict([(run, batch)]) / 2**20:.0f} MiB, over max_memory="
+                    f"{self.max_memory / 2**20:.0f} MiB; lower per_device_train_batch_size or max_length"
+                )
+        return chosen
+
+    def predict(self, parts: list[tuple[JobRun, dict]]) -> float:
+        length = max(batch["input_ids"].shape[1] for _, batch in parts)
+        rows = sum(batch["input_ids"].shape[0] for _, batch in parts)
+        return self.memory_model.predict([length] * rows)

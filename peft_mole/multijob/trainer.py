@@ -1,0 +1,358 @@
+"""MultiJobTrainer: many adapters (jobs) trained at once on one frozen base, as a TRL `SFTTrainer` (SPEC.md §3).
+
+Each step is one mixed-adapter batch: a micro-batch from every running job, one pass of the frozen base for all
+rows, each adapter on its own rows. Job j's loss on its rows is
+
+    L_j = (−Σ log p(target) + aux_j · n_j) / N_j
+
+with n_j its target tokens in this micro-batch and N_j over its whole accumulation window (Trainer's
+`num_items_in_batch`); the step backpropagates Σ_j L_j. Adapters are disjoint, so every job gets the gradients it
+would get trained alone by `SFTTrainer` with the same data order and seed (tests/multijob/test_trainer.py).
+Each job then clips, steps and schedules on its own windows, and logs and checkpoints under its own name.
+
+What comes from SFTTrainer unchanged: dataset preparation (tokenisation, chat templates, completion-only loss),
+the collator, the fused LM head, accelerate (device, autocast), callbacks and `log()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, TrainerState, get_scheduler
+from transformers.trainer_utils import TrainOutput, set_seed
+from trl import SFTTrainer
+
+from peft_mole.multijob import checkpoint as ckpt
+from peft_mole.multijob.batching import mixed_batch
+from peft_mole.multijob.jobs import JobConfig
+from peft_mole.multijob.memory import step_memory
+from peft_mole.multijob.model import MultiJobModel
+from peft_mole.multijob.run import DONE, FAILED, JobRun
+from peft_mole.multijob.scheduler import JobScheduler
+
+logger = logging.getLogger(__name__)
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+class MultiJobTrainer(SFTTrainer):
+    """Train several `JobConfig`s together on one frozen base.
+
+    Args:
+        model: the base model (or a hub id / local path, loaded with `AutoModelForCausalLM.from_pretrained`).
+        jobs: the jobs; names must be unique.
+        args: an `SFTConfig`: the defaults for every job, and the run's `output_dir` (job j writes to
+            `output_dir/<j>/`: checkpoints `checkpoint-N/` and the final adapter).
+        max_concurrent_jobs: run at most this many jobs at a time (by priority, then arrival).
+        max_memory: peak-memory budget in bytes for one step, enforced with the fitted memory model
+            (`peft_mole.multijob.memory`); None = no limit.
+        processing_class, data_collator, callbacks, formatting_func: as for `SFTTrainer`.
+
+    Example:
+        >>> trainer = MultiJobTrainer(model=base, args=SFTConfig("runs"), jobs=[job_a, job_b])  # doctest: +SKIP
+        >>> trainer.train()                                                                    # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model,
+        jobs: list[JobConfig],
+        args=None,
+        processing_class=None,
+        data_collator=None,
+        callbacks=None,
+        formatting_func=None,
+        max_concurrent_jobs: int | None = None,
+        max_memory: float | None = None,
+        **kwargs,
+    ) -> None:
+        if "peft_config" in kwargs or "train_dataset" in kwargs:
+            raise TypeError("MultiJobTrainer takes the adapters and datasets from jobs=[JobConfig(...)], not peft_config/train_dataset")
+        if not isinstance(jobs, (list, tuple)) or not jobs or not all(isinstance(j, JobConfig) for j in jobs):
+            raise TypeError(f"jobs must be a non-empty list of JobConfig, got {jobs!r}")
+        names = [j.name for j in jobs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"job names must be unique; used more than once: {duplicates}")
+        if isinstance(model, PeftModel):
+            raise TypeError("pass the base model: MultiJobTrainer adds every job's adapter itself")
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model, **((args and args.model_init_kwargs) or {}))
+        self.jobs = list(jobs)
+        self.jobs_model = MultiJobModel(model, {j.name: j.peft_config for j in jobs})
+        self.job_scheduler = JobScheduler(max_concurrent_jobs, max_memory)
+        super().__init__(
+            model=model, args=args, train_dataset=jobs[0].train_dataset, processing_class=processing_class,
+            data_collator=data_collator, callbacks=callbacks, formatting_func=formatting_func, **kwargs,
+        )
+        self.job_datasets = {jobs[0].name: self.train_dataset}
+        for job in jobs[1:]:
+            self.job_datasets[job.name] = self._prepare_dataset(
+                job.train_dataset, self.processing_class, self.args, self.args.packing, formatting_func, job.name
+            )
+        self.runs: list[JobRun] = []
+        self.job_summary: list[dict] = []
+
+    # ------------------------------------------------------------------ set-up
+    def _make_run(self, job: JobConfig) -> JobRun:
+        args = job.training_args(self.args)
+        set_seed(args.seed)  # the data order of a plain SFTTrainer run with this seed
+        loader = self._get_dataloader(
+            dataset=self.job_datasets[job.name], description=f"{job.name} training",
+            batch_size=args.per_device_train_batch_size, sampler_fn=self._get_train_sampler, is_training=True,
+        )
+        params = self.jobs_model.job_parameters(job.name)
+        decay = set(self.get_decay_parameter_names(self.model))
+        groups = [
+            {"params": [p for n, p in params.items() if n in decay], "weight_decay": args.weight_decay},
+            {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0},
+        ]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(args, self.model)
+        optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        run = JobRun(job, args, loader, params, optimizer, None)
+        run.scheduler = get_scheduler(
+            args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(run.max_steps),
+            num_training_steps=run.max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+        )
+        return run
+
+    def _resume(self, runs: list[JobRun]) -> None:
+        for run in runs:
+            final_state = os.path.join(run.args.output_dir, ckpt.STATE_FILE)
+            if os.path.isfile(final_state) and ckpt.read_json(final_state).get("status") == DONE:
+                self.jobs_model.load_job(run.name, run.args.output_dir)
+                run.status, run.global_step = DONE, ckpt.read_json(final_state)["global_step"]
+                continue
+            path = ckpt.latest_checkpoint(run.args.output_dir)
+            if path is not None:
+                run.load_checkpoint(path, lambda d, name=run.name: self.jobs_model.load_job(name, d))
+                logger.info("job %s resumes from %s", run.name, path)
+
+    # ------------------------------------------------------------------ training
+    def train(self, resume_from_checkpoint: bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Train every job to its end; `resume_from_checkpoint=True` continues each job from its latest checkpoint."""
+        if resume_from_checkpoint not in (None, False, True):
+            raise ValueError("resume_from_checkpoint must be True (each job's latest checkpoint) or None/False")
+        self.runs = runs = [self._make_run(job) for job in self.jobs]
+        if resume_from_checkpoint:
+            self._resume(runs)
+        set_seed(self.args.seed)
+        self.model.train()
+        if self.job_scheduler.max_memory is not None:
+            self._profile_memory(runs)
+        self.state = TrainerState(
+            is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()
+        )
+        self.state.max_steps = self._estimate_steps(runs)
+        self.state.logging_steps = self.args.logging_steps
+        self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        start = time.perf_counter()
+        while True:
+            running = self.job_scheduler.admit(runs)
+            if not running:
+                break
+            candidates = []
+            for run in running:
+                try:
+                    batch = run.peek()
+                except Exception as error:  # noqa: BLE001 — a job's data must not take the others down
+                    self._fail(run, f"its data pipeline raised {type(error).__name__}: {error}")
+                    continue
+                if batch is None:
+                    self._finish(run)
+                else:
+                    candidates.append((run, batch))
+            parts = self.job_scheduler.pack(candidates)
+            for run, _ in candidates:
+                if run.status == FAILED:
+                    self._fail(run, run.error)
+            if not parts:
+                continue
+            self.control = self.callback_handler.on_step_begin(self.args, self.state, self.control)
+            self._train_parts(parts)
+            self.state.global_step += 1
+            self.state.epoch = max((r.epoch + r.batches_done / max(r.batches_per_epoch, 1) for r in runs), default=0)
+            self.control = self.callback_handler.on_step_end(self.args, self.state, self.control)
+            if self.control.should_training_stop:
+                break
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        self.job_summary = self._summarise(runs, time.perf_counter() - start)
+        losses = [r.stats.last_loss for r in runs if r.stats.last_loss is not None]
+        return TrainOutput(self.state.global_step, sum(losses) / max(len(losses), 1), {"jobs": self.job_summary})
+
+    def _estimate_steps(self, runs: list[JobRun]) -> int:
+        """Mixed steps if the jobs run side by side (max_concurrent_jobs lets fewer run at once: more steps)."""
+        left = sorted((r.micro_batches_left() for r in runs), reverse=True)
+        lanes = self.job_scheduler.max_concurrent_jobs or len(left)
+        per_lane = [0] * lanes
+        for n in left:  # longest first onto the least loaded lane
+            per_lane[per_lane.index(min(per_lane))] += n
+        return max(max(per_lane), 1)
+
+    def _train_parts(self, parts: list[tuple[JobRun, dict]]) -> None:
+        """Forward/backward the mixed batch; on an error split it and retry the halves, so an OOM shrinks the step
+        and a job whose batch breaks the forward fails alone. No gradient is added until a part succeeds."""
+        try:
+            self._forward_backward(parts)
+        except Exception as error:  # noqa: BLE001
+            if len(parts) == 1:
+                run = parts[0][0]
+                reason = "ran out of memory even alone" if _is_oom(error) else f"its forward raised {type(error).__name__}"
+                self._fail(run, f"{reason}: {error}")
+                return
+            if _is_oom(error):
+                logger.warning("step of %d jobs ran out of memory; retrying in two smaller steps", len(parts))
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            half = len(parts) // 2
+            self._train_parts(parts[:half])
+            self._train_parts(parts[half:])
+
+    def _forward_backward(self, parts: list[tuple[JobRun, dict]]) -> None:
+        started = time.perf_counter()
+        mixed = mixed_batch({run.name: batch for run, batch in parts}, pad_token_id=self._pad_token_id())
+        device = self.args.device
+        # the accelerator's autocast: what `accelerator.prepare(model)` wraps a plain SFTTrainer's forward in
+        with self.compute_loss_context_manager(), self.accelerator.autocast():
+            outputs = self.jobs_model(
+                input_ids=mixed.input_ids.to(device), attention_mask=mixed.attention_mask.to(device),
+                labels=mixed.labels.to(device), adapter_names=mixed.adapter_names, fused_lm_head=True, use_cache=False,
+            )
+        log_probs, label_mask = outputs.log_probs.float(), outputs.label_mask
+        aux = outputs.get("aux_loss_per_adapter") or {}
+        losses = {}
+        for run, _ in parts:
+            rows = mixed.rows[run.name]
+            window_items = torch.as_tensor(run.window_items, device=log_probs.device).clamp(min=1)
+            loss = -log_probs[rows].sum() / window_items
+            if run.name in aux:
+                loss = loss + aux[run.name] * label_mask[rows].sum() / window_items
+            losses[run.name] = loss
+        finite = torch.stack([loss.detach() for loss in losses.values()]).isfinite().tolist()
+        good = []
+        for (run, _), ok in zip(parts, finite):
+            if ok:
+                good.append(run)
+            else:
+                self._fail(run, f"its loss became {losses[run.name].item()} at step {run.global_step + 1}")
+        if not good:
+            return
+        params = [p for run in good for p in run.params.values()]
+        total = sum(losses[run.name] for run in good)
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+        for param, grad in zip(params, grads):
+            if grad is not None:
+                param.grad = grad if param.grad is None else param.grad.add_(grad)
+        seconds = time.perf_counter() - started
+        total_rows = mixed.input_ids.shape[0]
+        for run in good:
+            share = (mixed.rows[run.name].stop - mixed.rows[run.name].start) / total_rows
+            run.stats.seconds += seconds * share
+            run.stats.tokens += int(label_mask[mixed.rows[run.name]].sum())
+            run.window_loss += float(losses[run.name].detach())
+            if run.consume():
+                self._job_step(run)
+
+    def _pad_token_id(self) -> int:
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        return 0 if pad is None else pad
+
+    def _job_step(self, run: JobRun) -> None:
+        run.optimizer_step()
+        run.stats.last_loss = run.window_loss
+        run.stats.losses.append(run.window_loss)
+        run.window_loss = 0.0
+        if run.should_log():
+            logs = {
+                f"{run.name}/loss": sum(run.stats.losses) / len(run.stats.losses),
+                f"{run.name}/learning_rate": run.learning_rate(),
+                f"{run.name}/step": run.global_step,
+                f"{run.name}/epoch": run.epoch + run.batches_done / max(run.batches_per_epoch, 1),
+            }
+            if run.last_grad_norm is not None:
+                logs[f"{run.name}/grad_norm"] = run.last_grad_norm
+            run.stats.losses = []
+            self.log(logs)
+        if run.should_save():
+            run.save_checkpoint(lambda d: self.jobs_model.save_job(run.name, d))
+        if run.global_step >= run.max_steps:
+            self._finish(run)
+
+    def _finish(self, run: JobRun) -> None:
+        if run.finished:
+            return
+        run.status = DONE
+
+        def write(tmp: str) -> None:
+            self.jobs_model.save_job(run.name, tmp)
+            ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), run.state_dict())
+
+        ckpt.replace_files_atomically(run.args.output_dir, write)
+        logger.info("job %s finished after %d steps", run.name, run.global_step)
+
+    def _fail(self, run: JobRun, reason: str) -> None:
+        """Stop one job (its checkpoints stay); the others go on."""
+        run.status, run.error = FAILED, reason
+        run.zero_grad()
+        os.makedirs(run.args.output_dir, exist_ok=True)
+        ckpt.write_json(os.path.join(run.args.output_dir, "job_failed.json"), run.state_dict())
+        logger.error("job %s failed and was stopped (the other jobs go on): %s", run.name, reason)
+        self.log({f"{run.name}/failed": 1.0})
+
+    # ------------------------------------------------------------------ memory
+    def _profile_memory(self, runs: list[JobRun]) -> None:
+        """Fit the memory model on a few synthetic steps of growing shape (gradients discarded)."""
+        job = runs[0].name
+        longest = max(int(self.args.max_length or 512), 8)
+        params = list(runs[0].params.values())
+        vocab = self.model.get_input_embeddings().num_embeddings
+        for rows, length in [(1, longest // 4), (2, longest // 2), (1, longest), (2, longest), (4, longest // 2)]:
+            ids = torch.randint(0, vocab, (rows, length), device=self.args.device)
+
+            def step(ids=ids):
+                with self.compute_loss_context_manager(), self.accelerator.autocast():
+                    out = self.jobs_model(
+                        input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, adapter_names=[job] * len(ids),
+                        fused_lm_head=True, use_cache=False,
+                    )
+                torch.autograd.grad(-out.log_probs.sum(), params, allow_unused=True)
+
+            self.job_scheduler.memory_model.observe([length] * rows, step_memory(self.args.device, step))
+        self.job_scheduler.memory_model.fit()
+
+    # ------------------------------------------------------------------ saving and reporting
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save every job's adapter in `output_dir/<job>/` (its own PEFT format)."""
+        root = output_dir or self.args.output_dir
+        for job in self.jobs:
+            self.jobs_model.save_job(job.name, os.path.join(root, job.name))
+
+    def _summarise(self, runs: list[JobRun], seconds: float) -> list[dict]:
+        rows = []
+        for run in runs:
+            rows.append({
+                "job": run.name, "status": run.status, "steps": run.global_step, "tokens": run.stats.tokens,
+                "time_share": run.stats.seconds / seconds if seconds > 0 else 0.0,
+                "final_loss": run.stats.last_loss, "error": run.error,
+            })
+        header = f"{'job':<16} {'status':<14} {'steps':>6} {'tokens':>9} {'time':>6} {'final loss':>10}"
+        lines = [header] + [
+            f"{r['job']:<16} {r['status']:<14} {r['steps']:>6} {r['tokens']:>9} {r['time_share']:>6.1%} "
+            + (f"{r['final_loss']:>10.4f}" if r["final_loss"] is not None else f"{'-':>10}")
+            for r in rows
+        ]
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            ckpt.write_json(os.path.join(self.args.output_dir, "jobs_summary.json"), {"jobs": rows})
+            print("\n".join(lines))
+        return rows
+
+
+__all__ = ["MultiJobTrainer"]

@@ -1,0 +1,107 @@
+"""MultiJobTrainer end to end: jobs trained together equal each job trained alone by SFTTrainer; logs, saving."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from datasets import load_dataset
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+from peft_mole import JobConfig, MultiJobTrainer, synthetic
+from tests.helpers import dynmole, mixlora, randomize_adapters, tiny_base
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tokenizer and three task datasets, written to disk and read back with the real loaders."""
+    root = tmp_path_factory.mktemp("multijob")
+    synthetic.demo_tokenizer(save_dir=root / "tokenizer")
+    datasets = {}
+    for task in ("sentiment", "capital", "add"):
+        rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in synthetic.multitask_rows(24, tasks=(task,))]
+        synthetic.write_jsonl(rows, root / f"{task}.jsonl")
+        datasets[task] = load_dataset("json", data_files=str(root / f"{task}.jsonl"), split="train")
+    return AutoTokenizer.from_pretrained(root / "tokenizer"), datasets
+
+
+def run_args(output_dir, **overrides) -> SFTConfig:
+    settings = dict(
+        output_dir=str(output_dir), max_length=40, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+        gradient_checkpointing=False, seed=0, dataloader_num_workers=0, learning_rate=1e-3, max_steps=3,
+        per_device_train_batch_size=4, bf16=False,  # TRL's default is bf16 autocast, also on CPU
+    )
+    settings.update(overrides)
+    return SFTConfig(**settings)
+
+
+def three_jobs(datasets) -> list[JobConfig]:
+    return [
+        JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+                  datasets["sentiment"], per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=2e-3),
+        JobConfig("mix", mixlora(), datasets["capital"], per_device_train_batch_size=3, max_steps=4, seed=1),
+        JobConfig("dyn", dynmole(), datasets["add"], per_device_train_batch_size=2, gradient_accumulation_steps=3,
+                  max_steps=2, warmup_steps=1, weight_decay=0.1, max_grad_norm=0.05),
+    ]
+
+
+def test_jobs_trained_together_equal_each_trained_alone(assets, tmp_path):
+    tokenizer, datasets = assets
+    vocab = len(tokenizer)
+    jobs = three_jobs(datasets)
+    args = run_args(tmp_path / "run")
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=vocab), jobs=jobs, args=args, processing_class=tokenizer)
+    # B = 0 at init makes A's first gradients ~0, where Adam turns float rounding into lr-sized steps; start from
+    # random adapters so the comparison measures the training, not that amplification
+    randomize_adapters(trainer.jobs_model)
+    for job in jobs:
+        trainer.jobs_model.save_job(job.name, str(tmp_path / "init" / job.name))
+    trainer.train()
+    assert [r["status"] for r in trainer.job_summary] == ["done"] * 3
+    assert {r["job"]: r["steps"] for r in trainer.job_summary} == {"lora": 3, "mix": 4, "dyn": 2}
+
+    for job in jobs:
+        solo = PeftModel.from_pretrained(tiny_base(vocab_size=vocab), str(tmp_path / "init" / job.name), is_trainable=True)
+        solo_args = job.training_args(run_args(tmp_path / "solo"))
+        SFTTrainer(model=solo, args=solo_args, train_dataset=job.train_dataset, processing_class=tokenizer).train()
+        expected = get_peft_model_state_dict(solo)
+        together = load_file(os.path.join(args.output_dir, job.name, "adapter_model.safetensors"))
+        initial = load_file(str(tmp_path / "init" / job.name / "adapter_model.safetensors"))
+        assert expected.keys() == together.keys()
+        moved = max((expected[k] - initial[k]).abs().max().item() for k in expected)
+        assert moved > 1e-4, job.name  # training changed the adapter, so equality below means something
+        for key in expected:
+            diff = (together[key] - expected[key]).abs().max().item()
+            assert diff <= 1e-5, f"{job.name}: {key} differs by {diff}"
+
+
+def test_logs_are_per_job_and_summary_is_written(assets, tmp_path):
+    tokenizer, datasets = assets
+    jobs = three_jobs(datasets)[:2]
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=run_args(tmp_path),
+                              processing_class=tokenizer)
+    trainer.train()
+    history = trainer.state.log_history
+    lora_losses = [h["lora/loss"] for h in history if "lora/loss" in h]
+    mix_losses = [h["mix/loss"] for h in history if "mix/loss" in h]
+    assert len(lora_losses) == 3 and len(mix_losses) == 4
+    assert all(h["lora/learning_rate"] > 0 for h in history if "lora/learning_rate" in h)
+    assert os.path.isfile(tmp_path / "jobs_summary.json")
+    # a LoRA job is a plain PEFT LoRA adapter
+    assert '"peft_type": "LORA"' in (tmp_path / "lora" / "adapter_config.json").read_text()
+
+
+def test_bad_trainer_arguments(assets, tmp_path):
+    tokenizer, datasets = assets
+    job = three_jobs(datasets)[0]
+    with pytest.raises(ValueError, match="used more than once"):
+        MultiJobTrainer(model=tiny_base(), jobs=[job, job], args=run_args(tmp_path), processing_class=tokenizer)
+    with pytest.raises(TypeError, match="non-empty list of JobConfig"):
+        MultiJobTrainer(model=tiny_base(), jobs=[], args=run_args(tmp_path), processing_class=tokenizer)
+    with pytest.raises(TypeError, match="not peft_config"):
+        MultiJobTrainer(model=tiny_base(), jobs=[job], args=run_args(tmp_path), peft_config=LoraConfig())
