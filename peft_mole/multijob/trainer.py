@@ -236,7 +236,7 @@ class MultiJobTrainer(SFTTrainer):
             losses[run.name] = loss
         finite = torch.stack([loss.detach() for loss in losses.values()]).isfinite().tolist()
         good = []
-        for (run, _), ok in zip(parts, finite):
+        for (run, _), ok in zip(parts, finite, strict=True):
             if ok:
                 good.append(run)
             else:
@@ -246,7 +246,7 @@ class MultiJobTrainer(SFTTrainer):
         params = [p for run in good for p in run.params.values()]
         total = sum(losses[run.name] for run in good)
         grads = torch.autograd.grad(total, params, allow_unused=True)
-        for param, grad in zip(params, grads):
+        for param, grad in zip(params, grads, strict=True):
             if grad is not None:
                 param.grad = grad if param.grad is None else param.grad.add_(grad)
         seconds = time.perf_counter() - started

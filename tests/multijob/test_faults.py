@@ -1,0 +1,137 @@
+"""A failing job never takes the others down: NaN losses, data that raises, and out-of-memory steps."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from peft_mole import JobConfig, MultiJobTrainer
+from peft_mole.multijob.checkpoint import list_checkpoints
+from tests.helpers import mixlora, randomize_adapters, tiny_base
+from tests.multijob.test_trainer import ALL_LINEAR, assets, run_args  # noqa: F401 — fixture
+
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR)
+
+
+def _trainer(tokenizer, jobs, output_dir, **kwargs) -> MultiJobTrainer:
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                              args=run_args(output_dir, max_steps=4, save_strategy="steps", save_steps=1), **kwargs)
+    randomize_adapters(trainer.jobs_model, seed=3)
+    return trainer
+
+
+def _adapter(path) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def _assert_same(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() <= atol, key
+
+
+class PoisonAt(TrainerCallback):
+    """Turn one job's adapter into NaN after a given mixed step (a diverged job)."""
+
+    def __init__(self, trainer, job: str, step: int) -> None:
+        self.trainer, self.job, self.step = trainer, job, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                for p in self.trainer.jobs_model.job_parameters(self.job).values():
+                    p.fill_(float("nan"))
+
+
+def test_nan_job_and_broken_data_job_fail_alone(assets, tmp_path, monkeypatch):  # noqa: F811
+    tokenizer, datasets = assets
+    jobs = [
+        JobConfig("good", LoraConfig(**LORA), datasets["sentiment"]),
+        JobConfig("nan", mixlora(), datasets["capital"]),
+        JobConfig("broken", LoraConfig(**LORA), datasets["add"]),
+    ]
+    make_run = MultiJobTrainer._make_run
+
+    def make_run_with_broken_data(self, job):
+        run = make_run(self, job)
+        if job.name == "broken":
+            batches, length = iter(run.dataloader), len(run.dataloader)
+
+            class Broken:
+                def __len__(self):
+                    return length
+
+                def __iter__(self):
+                    yield next(batches)
+                    raise RuntimeError("corrupt row 7")
+
+            run.dataloader = Broken()
+            run.batches_per_epoch = len(run.dataloader)
+        return run
+
+    monkeypatch.setattr(MultiJobTrainer, "_make_run", make_run_with_broken_data)
+    trainer = _trainer(tokenizer, jobs, tmp_path / "faulty")
+    trainer.jobs_model.save_job("good", str(tmp_path / "good-init"))
+    trainer.add_callback(PoisonAt(trainer, "nan", step=2))
+    trainer.train()
+    status = {r["job"]: r for r in trainer.job_summary}
+    assert status["good"]["status"] == "done" and status["good"]["steps"] == 4
+    assert status["nan"]["status"] == "failed" and "nan" in status["nan"]["error"]
+    assert status["broken"]["status"] == "failed" and "corrupt row 7" in status["broken"]["error"]
+    # the failed jobs keep their last good checkpoints, get no final adapter, and say why
+    nan_dir = tmp_path / "faulty" / "nan"
+    assert [step for step, _ in list_checkpoints(nan_dir)] == [1, 2]
+    assert all(torch.isfinite(t).all() for t in _adapter(nan_dir / "checkpoint-2").values())
+    assert not (nan_dir / "adapter_model.safetensors").exists()
+    assert "nan" in json.loads((nan_dir / "job_failed.json").read_text())["error"]
+    # the good job ends exactly where it ends when trained without the failing jobs
+    monkeypatch.setattr(MultiJobTrainer, "_make_run", make_run)
+    alone = _trainer(tokenizer, [JobConfig("good", LoraConfig(**LORA), datasets["sentiment"])], tmp_path / "alone")
+    alone.jobs_model.load_job("good", str(tmp_path / "good-init"))
+    alone.train()
+    _assert_same(_adapter(tmp_path / "faulty" / "good"), _adapter(tmp_path / "alone" / "good"))
+
+
+def test_out_of_memory_step_is_split_and_nothing_is_lost(assets, tmp_path, monkeypatch):  # noqa: F811
+    tokenizer, datasets = assets
+    jobs = lambda: [  # noqa: E731
+        JobConfig("a", LoraConfig(**LORA), datasets["sentiment"]),
+        JobConfig("b", mixlora(), datasets["capital"], per_device_train_batch_size=2),
+    ]
+    normal = _trainer(tokenizer, jobs(), tmp_path / "normal")
+    normal.train()
+    squeezed = _trainer(tokenizer, jobs(), tmp_path / "oom")
+    forward = squeezed.jobs_model.forward
+    calls = {"oom": 0}
+
+    def forward_that_runs_out_of_memory(*args, adapter_names=None, **kwargs):
+        if adapter_names is not None and len(set(adapter_names)) > 1:  # more than one job's rows: too big
+            calls["oom"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, adapter_names=adapter_names, **kwargs)
+
+    monkeypatch.setattr(squeezed.jobs_model, "forward", forward_that_runs_out_of_memory)
+    squeezed.train()
+    assert calls["oom"] == 4  # every mixed step ran out of memory once and was retried in halves
+    assert [r["status"] for r in squeezed.job_summary] == ["done", "done"]
+    for job in ("a", "b"):
+        _assert_same(_adapter(tmp_path / "oom" / job), _adapter(tmp_path / "normal" / job))
+
+
+def test_priority_and_max_concurrent_jobs(assets, tmp_path):  # noqa: F811
+    tokenizer, datasets = assets
+    jobs = [
+        JobConfig("low", LoraConfig(**LORA), datasets["sentiment"], max_steps=2),
+        JobConfig("high", LoraConfig(**LORA), datasets["capital"], priority=5, max_steps=2),
+        JobConfig("mid", mixlora(), datasets["add"], priority=1, max_steps=2),
+    ]
+    trainer = _trainer(tokenizer, jobs, tmp_path, max_concurrent_jobs=1)
+    trainer.train()
+    order = [key.split("/")[0] for h in trainer.state.log_history for key in h if key.endswith("/loss")]
+    assert order == ["high", "high", "mid", "mid", "low", "low"]
+    assert trainer.state.global_step == 6  # one job at a time: 3 jobs x 2 steps

@@ -1,0 +1,117 @@
+"""Per-job checkpoints are atomic and resume continues exactly, also after kill -9; LoRA jobs load with plain peft."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peft_mole.multijob.checkpoint import list_checkpoints, write_atomically
+
+SCRIPT = textwrap.dedent('''
+    """Train two jobs on generated data; KILL_AT=n kills the process (SIGKILL) after mixed step n."""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig
+    from peft_mole import JobConfig, MultiJobTrainer, synthetic
+    from tests.helpers import mixlora, randomize_adapters, tiny_base
+
+    out, kill_at, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume"
+    tokenizer = synthetic.demo_tokenizer()
+    def data(task):
+        rows = synthetic.multitask_rows(16, tasks=(task,))
+        return Dataset.from_list([{{"prompt": r["prompt"], "completion": r["completion"]}} for r in rows])
+    jobs = [
+        JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+                  data("sentiment"), gradient_accumulation_steps=2, save_steps=1),
+        JobConfig("mix", mixlora(), data("capital"), per_device_train_batch_size=2, save_steps=2),
+    ]
+    args = SFTConfig(output_dir=out, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3, bf16=False,
+                     use_cpu=True, report_to=[], save_strategy="steps", logging_steps=1, max_length=40,
+                     gradient_checkpointing=False, dataloader_num_workers=0, seed=0, save_total_limit=2)
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=args,
+                              processing_class=tokenizer, callbacks=[Kill()])
+    randomize_adapters(trainer.jobs_model, seed=5)
+    trainer.train(resume_from_checkpoint=resume or None)
+''')
+
+
+def _train(script, out, kill_at=-1, resume=False):
+    return subprocess.run(
+        [sys.executable, str(script), str(out), str(kill_at), "resume" if resume else "fresh"],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory):
+    path = tmp_path_factory.mktemp("resume") / "train_jobs.py"
+    path.write_text(SCRIPT.format(root=os.getcwd()))
+    return path
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_adapters(script, tmp_path):
+    full = _train(script, tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _train(script, tmp_path / "run", kill_at=7)  # "mix" is done by then, "lora" mid-window
+    assert killed.returncode == -9  # SIGKILL, mid-run
+    assert not (tmp_path / "run" / "lora" / "adapter_model.safetensors").exists()  # no final adapter yet
+    assert [s for s, _ in list_checkpoints(tmp_path / "run" / "lora")] == [2, 3]  # save_total_limit=2
+    resumed = _train(script, tmp_path / "run", resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for job in ("lora", "mix"):
+        a = load_file(tmp_path / "full" / job / "adapter_model.safetensors")
+        b = load_file(tmp_path / "run" / job / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6, job
+    # the LoRA job is a plain PEFT LoRA adapter: it loads in a process that never imports peft_mole
+    check = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from peft import PeftConfig, PeftModel
+        from transformers import AutoModelForCausalLM, LlamaConfig
+        cfg = PeftConfig.from_pretrained({str(tmp_path / "run" / "lora")!r})
+        assert cfg.peft_type == "LORA", cfg.peft_type
+        base = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+            num_attention_heads=4, vocab_size=512))
+        model = PeftModel.from_pretrained(base, {str(tmp_path / "run" / "lora")!r})
+        assert "peft_mole" not in sys.modules
+        print("loaded", sum(p.numel() for n, p in model.named_parameters() if "lora_" in n))
+    """)], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert "loaded 2048" in check.stdout  # (64x4 + 4x64) x 2 projections x 2 layers
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path):
+    def good(d):
+        torch.save({"x": 1}, os.path.join(d, "optimizer.pt"))
+        open(os.path.join(d, "job_state.json"), "w").write("{}")
+
+    write_atomically(str(tmp_path / "checkpoint-1"), good)
+
+    def disk_full(d):
+        open(os.path.join(d, "adapter_model.safetensors"), "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(str(tmp_path / "checkpoint-2"), disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(str(tmp_path / "checkpoint-1"), disk_full)  # overwriting keeps the old one too
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    assert torch.load(tmp_path / "checkpoint-1" / "optimizer.pt", weights_only=True) == {"x": 1}
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]  # no temporary folder left behind
+
