@@ -1,7 +1,9 @@
 """`peft-mole` console script: a thin layer over the public API.
 
+    peft-mole train jobs.yaml [--resume]
     peft-mole eval --base PATH_OR_ID --adapters DIR[,DIR...] --tasks arc_e,boolq [--data-dir DIR] [--out DIR]
 
+`train` runs a MultiJobTrainer from a YAML job file (peft_mole/multijob/job_file.py documents the keys); `eval`
 writes `eval.json` and `eval.md` (accuracy per adapter and task) to --out and prints the Markdown table.
 """
 
@@ -50,9 +52,35 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    from peft_mole.multijob.job_file import load_run
+    from peft_mole.multijob.trainer import MultiJobTrainer
+
+    try:
+        spec = load_run(args.job_file)
+    except ValueError as error:
+        raise SystemExit(f"peft-mole train: {error}") from None
+    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(spec.model)
+    trainer = MultiJobTrainer(
+        model=model, jobs=spec.jobs, args=SFTConfig(output_dir=spec.output_dir, **spec.args),
+        processing_class=tokenizer, max_concurrent_jobs=spec.max_concurrent_jobs, max_memory=spec.max_memory,
+    )
+    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    failed = [row["job"] for row in trainer.job_summary if row["status"] == "failed"]
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peft-mole", description="peft-mole command line")
     commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train several adapters at once from a YAML job file")
+    train.add_argument("job_file", help="YAML: model, output_dir, args, jobs (see examples/jobs.yaml)")
+    train.add_argument("--resume", action="store_true", help="continue each job from its latest checkpoint")
+    train.set_defaults(run=_train)
     evaluation = commands.add_parser("eval", help="commonsense accuracy of one or more adapters, in one pass")
     evaluation.add_argument("--base", required=True, help="base model: local path or hub id")
     evaluation.add_argument("--tokenizer", help="tokenizer path or id (default: --base)")

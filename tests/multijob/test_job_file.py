@@ -1,0 +1,78 @@
+"""`peft-mole train jobs.yaml`: the YAML job file builds the same JobConfigs as Python, and bad files get clear
+errors naming the key, the job and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from peft import LoraConfig
+
+from peft_mole import DynMoLEConfig, MixLoRAConfig, synthetic
+from peft_mole.multijob.job_file import load_run, parse_run
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    return str(synthetic.write_jsonl(synthetic.multitask_rows(8, tasks=("add",)), tmp_path / "add.jsonl"))
+
+
+def run_dict(data_file, **extra):
+    doc = {
+        "model": "some/model", "output_dir": "out", "args": {"max_length": 32, "learning_rate": 1e-3},
+        "max_memory_gb": 2, "jobs": [
+            {"name": "a", "type": "lora", "peft": {"r": 4, "target_modules": ["q_proj"]}, "dataset": data_file,
+             "learning_rate": 2e-4, "priority": 2},
+            {"name": "b", "type": "mixlora", "peft": {"num_experts": 4, "top_k": 1}, "dataset": data_file},
+            {"name": "c", "type": "dynmole", "dataset": data_file, "max_steps": 5},
+        ],
+    }
+    doc.update(extra)
+    return doc
+
+
+def test_job_file_builds_job_configs(data_file, tmp_path):
+    path = tmp_path / "jobs.yaml"
+    path.write_text(yaml.safe_dump(run_dict(data_file)))
+    spec = load_run(str(path))
+    assert [type(j.peft_config) for j in spec.jobs] == [LoraConfig, MixLoRAConfig, DynMoLEConfig]
+    a, b, c = spec.jobs
+    assert (a.learning_rate, a.priority, a.peft_config.r) == (2e-4, 2, 4)
+    assert b.peft_config.top_k == 1 and c.max_steps == 5 and len(a.train_dataset) == 8
+    assert spec.max_memory == 2 * 2**30 and spec.tokenizer == "some/model" and spec.args["max_length"] == 32
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda d: d.update(epochs=3), r"job file: unknown key\(s\) \['epochs'\]"),
+        (lambda d: d.pop("jobs"), "missing required key 'jobs'"),
+        (lambda d: d["jobs"][1].update(name="a"), r"used more than once: \['a'\]"),
+        (lambda d: d["jobs"][0].update(type="ia3"), r"unknown type 'ia3'; allowed: \['dynmole', 'lora', 'mixlora'\]"),
+        (lambda d: d["jobs"][0].update(lr=1), r"job 'a': unknown key\(s\) \['lr'\]"),
+        (lambda d: d["jobs"][1]["peft"].update(experts=3), r"job 'b' peft: unknown key\(s\) \['experts'\]"),
+        (lambda d: d["jobs"][2].update(dataset="missing.jsonl"), "dataset file 'missing.jsonl' does not exist"),
+        (lambda d: d["jobs"][2].update(dataset="no-such-org/no-such-set"), "job 'c': cannot load dataset"),
+        (lambda d: d["jobs"][2].pop("dataset"), "job 'c': missing required key 'dataset'"),
+        (lambda d: d["args"].update(learning_rat=1), r"args: unknown key\(s\) \['learning_rat'\]"),
+        (lambda d: d["jobs"][1]["peft"].update(top_k=9), "top_k"),
+        (lambda d: d["jobs"][0].update(name="a/b"), "job name 'a/b' is not allowed"),
+        (lambda d: d.update(jobs=[]), "jobs must be a non-empty list"),
+    ],
+)
+def test_bad_job_files_say_what_is_wrong(data_file, change, match):
+    doc = run_dict(data_file)
+    change(doc)
+    with pytest.raises(ValueError, match=match):
+        parse_run(doc)
+
+
+def test_unreadable_job_files(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_run(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("jobs: [\n")
+    with pytest.raises(ValueError, match="is not valid YAML"):
+        load_run(str(bad))
+    bad.write_text("- just a list\n")
+    with pytest.raises(ValueError, match="must be a YAML mapping"):
+        load_run(str(bad))
