@@ -6,6 +6,10 @@
    the mixed batch (padded to its longest row) stays under `max_memory`; the rest wait for the next step, so no
    job's batch is ever split or changed (that would change its gradients). A micro-batch that alone exceeds the
    budget fails its job with a clear error instead of running out of memory.
+3. Length-aware grouping: the packed micro-batches are sorted by length and cut into consecutive groups, each
+   run as its own mixed step, where that saves more padded tokens than a step costs (`step_overhead_tokens`):
+   short jobs are not padded to the longest job's length. Each job's loss is normalised by its own window's token
+   count, so which step a micro-batch runs in changes nothing in its gradients.
 """
 
 from __future__ import annotations
@@ -55,6 +59,29 @@ class JobScheduler:
                     f"{self.max_memory / 2**20:.0f} MiB; lower per_device_train_batch_size or max_length"
                 )
         return chosen
+
+    @staticmethod
+    def group_by_length(parts: list[tuple[JobRun, dict]], step_overhead_tokens: int) -> list[list[tuple[JobRun, dict]]]:
+        """Split the parts into mixed steps minimising Σ_steps (rows · longest length + overhead) — an exact
+        dynamic programme over the parts sorted by length (consecutive groups are optimal for this cost)."""
+        if len(parts) <= 1 or step_overhead_tokens is None:
+            return [parts]
+        ordered = sorted(parts, key=lambda p: p[1]["input_ids"].shape[1])
+        rows = [p[1]["input_ids"].shape[0] for p in ordered]
+        lengths = [p[1]["input_ids"].shape[1] for p in ordered]
+        n = len(ordered)
+        best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j parts
+        cut = [0] * (n + 1)
+        for j in range(1, n + 1):
+            for i in range(j):  # last group = ordered[i:j], padded to lengths[j - 1]
+                cost = best[i] + sum(rows[i:j]) * lengths[j - 1] + step_overhead_tokens
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        groups, j = [], n
+        while j > 0:
+            groups.append(ordered[cut[j]:j])
+            j = cut[j]
+        return groups[::-1]
 
     def predict(self, parts: list[tuple[JobRun, dict]]) -> float:
         length = max(batch["input_ids"].shape[1] for _, batch in parts)

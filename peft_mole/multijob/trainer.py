@@ -37,6 +37,24 @@ from peft_mole.multijob.scheduler import JobScheduler
 logger = logging.getLogger(__name__)
 
 
+class PaddingStats:
+    """Real and padded token counts of the mixed batches the trainer built (`pad_fraction`)."""
+
+    def __init__(self) -> None:
+        self.real = 0
+        self.total = 0
+
+    def add(self, parts: list[tuple[JobRun, dict]]) -> None:
+        length = max(batch["input_ids"].shape[1] for _, batch in parts)
+        for _, batch in parts:
+            self.real += int(batch["attention_mask"].sum())
+            self.total += batch["input_ids"].shape[0] * length
+
+    @property
+    def pad_fraction(self) -> float:
+        return 1.0 - self.real / self.total if self.total else 0.0
+
+
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
@@ -52,6 +70,8 @@ class MultiJobTrainer(SFTTrainer):
         max_concurrent_jobs: run at most this many jobs at a time (by priority, then arrival).
         max_memory: peak-memory budget in bytes for one step, enforced with the fitted memory model
             (`peft_mole.multijob.memory`); None = no limit.
+        step_overhead_tokens: what one extra mixed step costs, in padded tokens; the jobs' micro-batches of a
+            round are split into steps of similar length when that saves more padding (None: always one step).
         processing_class, data_collator, callbacks, formatting_func: as for `SFTTrainer`.
 
     Example:
@@ -70,6 +90,7 @@ class MultiJobTrainer(SFTTrainer):
         formatting_func=None,
         max_concurrent_jobs: int | None = None,
         max_memory: float | None = None,
+        step_overhead_tokens: int | None = 256,
         **kwargs,
     ) -> None:
         if "peft_config" in kwargs or "train_dataset" in kwargs:
@@ -87,6 +108,10 @@ class MultiJobTrainer(SFTTrainer):
         self.jobs = list(jobs)
         self.jobs_model = MultiJobModel(model, {j.name: j.peft_config for j in jobs})
         self.job_scheduler = JobScheduler(max_concurrent_jobs, max_memory)
+        if step_overhead_tokens is not None and (not isinstance(step_overhead_tokens, int) or step_overhead_tokens < 0):
+            raise ValueError(f"step_overhead_tokens must be an int >= 0 or None, got {step_overhead_tokens!r}")
+        self.step_overhead_tokens = step_overhead_tokens
+        self.padding_stats = PaddingStats()
         super().__init__(
             model=model, args=args, train_dataset=jobs[0].train_dataset, processing_class=processing_class,
             data_collator=data_collator, callbacks=callbacks, formatting_func=formatting_func, **kwargs,
@@ -175,7 +200,9 @@ class MultiJobTrainer(SFTTrainer):
             if not parts:
                 continue
             self.control = self.callback_handler.on_step_begin(self.args, self.state, self.control)
-            self._train_parts(parts)
+            for group in self.job_scheduler.group_by_length(parts, self.step_overhead_tokens):
+                self.padding_stats.add(group)
+                self._train_parts(group)
             self.state.global_step += 1
             self.state.epoch = max((r.epoch + r.batches_done / max(r.batches_per_epoch, 1) for r in runs), default=0)
             self.control = self.callback_handler.on_step_end(self.args, self.state, self.control)
@@ -348,9 +375,11 @@ class MultiJobTrainer(SFTTrainer):
             + (f"{r['final_loss']:>10.4f}" if r["final_loss"] is not None else f"{'-':>10}")
             for r in rows
         ]
+        lines.append(f"padding: {self.padding_stats.pad_fraction:.1%} of the tokens in the mixed batches")
         if self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
-            ckpt.write_json(os.path.join(self.args.output_dir, "jobs_summary.json"), {"jobs": rows})
+            summary = {"jobs": rows, "pad_fraction": self.padding_stats.pad_fraction}
+            ckpt.write_json(os.path.join(self.args.output_dir, "jobs_summary.json"), summary)
             print("\n".join(lines))
         return rows
 

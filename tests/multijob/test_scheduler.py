@@ -1,0 +1,85 @@
+"""The ASPEN scheduler's pieces: memory model fit, admission order, packing under a budget, length grouping."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from peft_mole.multijob.memory import MemoryModel, activation_bytes, shape_features
+from peft_mole.multijob.scheduler import JobScheduler
+
+
+class FakeRun:
+    def __init__(self, name, priority=0):
+        self.name, self.status, self.error = name, "waiting", None
+        self.job = type("Job", (), {"priority": priority})()
+
+
+def part(name, rows, length, priority=0):
+    ids = torch.ones(rows, length, dtype=torch.long)
+    return FakeRun(name, priority), {"input_ids": ids, "attention_mask": ids}
+
+
+def test_memory_model_recovers_a_quadratic_law_and_predicts_unseen_shapes():
+    law = lambda lengths: 5e8 + 3e4 * sum(lengths) + 11.0 * sum(x * x for x in lengths)  # noqa: E731
+    model = MemoryModel()
+    for rows, length in [(1, 64), (2, 128), (4, 256), (1, 512)]:
+        model.observe([length] * rows, law([length] * rows))
+    beta = model.fit()
+    torch.testing.assert_close(beta, torch.tensor([5e8, 3e4, 11.0], dtype=torch.float64), rtol=1e-6, atol=1e-3)
+    for rows, length in itertools.product([1, 3, 8], [100, 300, 1000]):
+        assert abs(model.predict([length] * rows) - law([length] * rows)) / law([length] * rows) < 1e-9
+    assert max(model.relative_errors()) < 1e-9
+
+
+def test_memory_model_needs_three_shapes():
+    model = MemoryModel()
+    model.observe([32], 10.0)
+    model.observe([32], 11.0)
+    assert not model.fitted
+    with pytest.raises(ValueError, match="at least 3 different batch shapes"):
+        model.fit()
+    assert shape_features([2, 3]) == [1.0, 5.0, 13.0]
+
+
+def test_activation_bytes_counts_what_autograd_saves():
+    w = torch.randn(64, 64, requires_grad=True)
+    with activation_bytes() as small:
+        (torch.randn(8, 64) @ w).tanh().sum()
+    with activation_bytes() as big:
+        (torch.randn(32, 64) @ w).tanh().sum()
+    assert small["bytes"] > 0 and big["bytes"] > 3 * small["bytes"]
+
+
+def test_admission_by_priority_then_arrival_with_a_limit():
+    runs = [FakeRun("a"), FakeRun("b", 2), FakeRun("c"), FakeRun("d", 2)]
+    scheduler = JobScheduler(max_concurrent_jobs=3)
+    assert [r.name for r in scheduler.admit(runs)] == ["b", "d", "a"]
+    runs[1].status = "done"  # b finishes: c gets its place
+    assert [r.name for r in scheduler.admit(runs)] == ["d", "a", "c"]
+
+
+def test_packing_under_the_memory_budget_defers_and_fails_clearly():
+    scheduler = JobScheduler(max_memory=1000.0)
+    for rows, length in [(1, 10), (2, 10), (1, 40)]:
+        scheduler.memory_model.observe([length] * rows, 10.0 * rows * length)  # 10 bytes per token
+    a, b, huge = part("a", 2, 20), part("b", 2, 20), part("huge", 8, 40)
+    assert [r.name for r, _ in scheduler.pack([a, b])] == ["a", "b"]  # 800 bytes: fits
+    c = part("c", 2, 30)
+    assert [r.name for r, _ in scheduler.pack([a, b, c])] == ["a", "b"]  # c waits for the next step
+    assert scheduler.pack([huge]) == [] and huge[0].status == "failed" and "over max_memory" in huge[0].error
+    with pytest.raises(ValueError, match="max_memory"):
+        JobScheduler(max_memory=-1)
+    with pytest.raises(ValueError, match="max_concurrent_jobs"):
+        JobScheduler(max_concurrent_jobs=0)
+
+
+def test_length_grouping_splits_only_when_it_saves_more_than_a_step_costs():
+    short1, short2, long = part("s1", 4, 20), part("s2", 4, 24), part("l", 4, 200)
+    groups = JobScheduler.group_by_length([long, short1, short2], step_overhead_tokens=256)
+    assert [[r.name for r, _ in g] for g in groups] == [["s1", "s2"], ["l"]]  # saves 8 x 176 tokens > 256
+    groups = JobScheduler.group_by_length([long, short1, short2], step_overhead_tokens=5000)
+    assert [[r.name for r, _ in g] for g in groups] == [["s1", "s2", "l"]]
+    assert JobScheduler.group_by_length([long, short1], step_overhead_tokens=None) == [[long, short1]]
