@@ -32,6 +32,16 @@ def scatter_row_deltas(
         group = groups[0]
         d = None if group.adapter == BASE_ROW else delta(group.adapter, x)
         return base_out if d is None else base_out + d.to(base_out.dtype)
+    if consecutive_slices(groups, batch):
+        # split/cat: backward is one cat of the input gradients and views of the output gradient, where
+        # indexing per group would build a zero-filled full-size gradient for every group
+        pieces = x.split([g.num_rows for g in groups])
+        deltas = []
+        for group, piece in zip(groups, pieces, strict=True):
+            d = None if group.adapter == BASE_ROW else delta(group.adapter, piece)
+            shape = (*piece.shape[:-1], base_out.shape[-1])
+            deltas.append(base_out.new_zeros(shape) if d is None else d.to(base_out.dtype))
+        return base_out + torch.cat(deltas)
     full = None
     for group in groups:
         if group.adapter == BASE_ROW:
@@ -43,6 +53,16 @@ def scatter_row_deltas(
             full = torch.zeros_like(base_out)
         full[group.rows] = d.to(base_out.dtype)
     return base_out if full is None else base_out + full
+
+
+def consecutive_slices(groups: list[RowGroup], batch: int) -> bool:
+    """True when the groups are slices that tile rows 0..batch in order (what `mixed_batch` builds)."""
+    start = 0
+    for group in groups:
+        if not isinstance(group.rows, slice) or group.rows.start != start:
+            return False
+        start = group.rows.stop
+    return start == batch
 
 
 def lora_delta(

@@ -20,6 +20,7 @@ from torch import nn
 from peft_mole.forward_context import BASE_ROW, ForwardContext
 from peft_mole.ops.experts import dispatch, grouped_lora, shared_input_lora
 from peft_mole.ops.profiling import profiled
+from peft_mole.ops.segmented_lora import consecutive_slices
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
 from peft_mole.tuners.mixlora.targets import find_gated_mlp, plain_linear
 
@@ -62,25 +63,47 @@ class MixLoRAMLP(RoutedExpertsLayer):
             )
             return self._down(hidden, down_delta, weight_sum).reshape(*x.shape[:-1], -1)
 
-        hidden = torch.zeros_like(gate)
-        down_delta = torch.zeros(*x.shape[:-1], plain_linear(mlp.down_proj).out_features, dtype=x.dtype, device=x.device)
-        weight_sum = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
-        for group in groups:
-            rows = group.rows
+        consecutive = consecutive_slices(groups, batch)
+        if consecutive:  # split/cat keep the backward to one buffer (see ops.segmented_lora)
+            sizes = [g.num_rows for g in groups]
+            pieces = zip(groups, x.split(sizes), gate.split(sizes), up.split(sizes), strict=True)
+        else:
+            pieces = ((g, x[g.rows], gate[g.rows], up[g.rows]) for g in groups)
+        results = []  # per group: (hidden (rows, T, I), down delta (rows, T, d) or None, Σ w (rows, T, 1) or None)
+        for group, xr, gr, ur in pieces:
             if group.adapter == BASE_ROW or group.adapter not in self.routers:
-                hidden[rows] = mlp.act_fn(gate[rows]) * up[rows]
+                results.append((mlp.act_fn(gr) * ur, None, None))
                 continue
-            xr, gr, ur = x[rows], gate[rows], up[rows]
-            mask = None if token_mask is None else token_mask[rows].reshape(-1)
+            mask = None if token_mask is None else token_mask[group.rows].reshape(-1)
             h, d, w = self._mixture(
                 group.adapter, xr.reshape(-1, hidden_size), gr.reshape(-1, gr.shape[-1]),
                 ur.reshape(-1, ur.shape[-1]), mask,
             )
-            if h is not None:
-                hidden[rows] = h.reshape(gr.shape)
-            weight_sum[rows] = w.reshape(*gr.shape[:-1], 1)
-            if d is not None:
-                down_delta[rows] = d.reshape(*gr.shape[:-1], -1)
+            results.append((
+                gr.new_zeros(gr.shape) if h is None else h.reshape(gr.shape),
+                None if d is None else d.reshape(*gr.shape[:-1], -1),
+                w.reshape(*gr.shape[:-1], 1),
+            ))
+        out_features = plain_linear(mlp.down_proj).out_features
+        any_delta = any(d is not None for _, d, _ in results)
+        if consecutive:
+            hidden = torch.cat([h for h, _, _ in results])
+            weight_sum = torch.cat([
+                w if w is not None else h.new_ones(*h.shape[:-1], 1) for h, _, w in results
+            ])
+            down_delta = torch.cat([
+                d if d is not None else h.new_zeros(*h.shape[:-1], out_features) for h, d, _ in results
+            ]) if any_delta else None
+        else:
+            hidden = torch.zeros_like(gate)
+            weight_sum = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
+            down_delta = torch.zeros(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device) if any_delta else None
+            for group, (h, d, w) in zip(groups, results, strict=True):
+                hidden[group.rows] = h
+                if w is not None:
+                    weight_sum[group.rows] = w
+                if d is not None:
+                    down_delta[group.rows] = d
         return self._down(hidden, down_delta, weight_sum, whole_batch=True)
 
     def _down(

@@ -11,8 +11,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from peft_mole.forward_context import BASE_ROW, ForwardContext
+from peft_mole.forward_context import ForwardContext
 from peft_mole.ops.experts import dispatch, shared_input_lora
+from peft_mole.ops.segmented_lora import scatter_row_deltas
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
 
 
@@ -45,16 +46,14 @@ class MoELoraLinear(RoutedExpertsLayer):
                 return out
             mask = None if token_mask is None else token_mask.reshape(-1)
             return out + self._mixture(adapter, x.reshape(-1, hidden), mask).reshape(out.shape).to(out.dtype)
-        delta = torch.zeros_like(out)
-        for group in groups:
-            if group.adapter == BASE_ROW or group.adapter not in self.routers:
-                continue
-            rows = x[group.rows]
-            mask = None if token_mask is None else token_mask[group.rows].reshape(-1)
-            delta[group.rows] = self._mixture(group.adapter, rows.reshape(-1, hidden), mask).reshape(
-                *rows.shape[:-1], -1
-            ).to(out.dtype)
-        return out + delta
+        masks = {g.adapter: None if token_mask is None else token_mask[g.rows].reshape(-1) for g in groups}
+
+        def delta(adapter: str, rows: torch.Tensor) -> torch.Tensor | None:
+            if adapter not in self.routers:
+                return None
+            return self._mixture(adapter, rows.reshape(-1, hidden), masks[adapter]).reshape(*rows.shape[:-1], -1)
+
+        return scatter_row_deltas(out, x, groups, delta)
 
     def _mixture(self, adapter: str, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """Σ_e w_e s·B_e A_e dropout(x) for N tokens x (N, in) → (N, out)."""

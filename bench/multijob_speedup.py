@@ -1,0 +1,99 @@
+"""BENCH.md ratio 4, `multijob_speedup` (higher is better): N LoRA jobs trained together in one mixed-adapter step
+vs the same jobs trained one after another with plain PEFT LoRA, same rows per job; and the base-only limit
+
+    S(N) = Σ_i T_base(b_i) / T_base(Σ_i b_i)
+
+(what batching the frozen base alone can gain). Each job: LoRA r 16, alpha 32, dropout 0.05 on q,k,v,o,gate,up,down,
+its own AdamW; b_i = --rows-per-job rows of the shape's sequence length. Step = forward + backward + optimizer(s).
+Usage: python bench/multijob_speedup.py [--shape small] [--jobs 2 4 8] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import BATCH, base_model, device, emit, record, setup_threads, time_interleaved, train_step_fn
+from peft import LoraConfig, get_peft_model
+
+from peft_mole.multijob import MultiJobModel, per_job_losses
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_config() -> LoraConfig:
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS)
+
+
+def rows_batch(rows: int, seq: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, vocab, (rows, seq), generator=torch.Generator().manual_seed(seed)).to(device())
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def base_step_fn(model, batch):
+    """The frozen base alone: forward + backward down to the input embeddings (the path adapters need)."""
+    model.train()
+    embed = model.get_input_embeddings()
+
+    def step() -> None:
+        hidden = embed(batch["input_ids"]).detach().requires_grad_()
+        model(inputs_embeds=hidden, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+
+    return step
+
+
+def mixed_step_fn(model: MultiJobModel, batch, jobs: list[str], rows_per_job: int):
+    """One mixed-adapter step: one base pass for all rows, per-job losses, one AdamW step per job."""
+    model.train()
+    names = [job for job in jobs for _ in range(rows_per_job)]
+    rows = {job: slice(i * rows_per_job, (i + 1) * rows_per_job) for i, job in enumerate(jobs)}
+    optimizers = [torch.optim.AdamW(list(model.job_parameters(job).values()), lr=1e-4) for job in jobs]
+
+    def step() -> None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=names).logits
+        sum(per_job_losses(logits, batch["labels"], rows).values()).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium"])
+    parser.add_argument("--jobs", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--rows-per-job", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    setup_threads()
+    seq = BATCH[args.shape][1]
+    b = args.rows_per_job
+    for n in args.jobs:
+        jobs = [f"job{i}" for i in range(n)]
+        base = base_model(args.shape)
+        vocab = base.config.vocab_size
+        mixed = MultiJobModel(base_model(args.shape), {job: lora_config() for job in jobs})
+        lora = get_peft_model(base_model(args.shape), lora_config())
+        one, everyone = rows_batch(b, seq, vocab), rows_batch(n * b, seq, vocab)
+        times = time_interleaved({
+            "peft_lora_one_job": train_step_fn(lora, one),
+            "mixed_all_jobs": mixed_step_fn(mixed, everyone, jobs, b),
+            "base_one_job": base_step_fn(base, one),
+            "base_all_jobs": base_step_fn(base, everyone),
+        }, repeats=args.repeats)
+        rows = {impl: record("multijob_step", args.shape, impl, t, (n if "all" in impl else 1) * b * seq, jobs=n)
+                for impl, t in times.items()}
+        sequential = {k: n * rows["peft_lora_one_job"][k] for k in ("median_s", "min_s")}
+        limit = {k: n * rows["base_one_job"][k] / rows["base_all_jobs"][k] for k in ("median_s", "min_s")}
+        speedup = {k: sequential[k] / rows["mixed_all_jobs"][k] for k in ("median_s", "min_s")}
+        emit({
+            "name": "multijob_speedup", "shape": args.shape, "jobs": n, "rows_per_job": b,
+            "ratio_median": speedup["median_s"], "ratio_min": speedup["min_s"],
+            "limit_median": limit["median_s"], "limit_min": limit["min_s"],
+            "fraction_of_limit": speedup["median_s"] / limit["median_s"],
+        })
+
+
+if __name__ == "__main__":
+    main()
