@@ -34,6 +34,10 @@ bench: install
 	$(PY) bench/mixlora_vs_lora.py --dropout 0.0 | tee -a $(RESULTS)
 	$(PY) bench/dynmole_vs_mixlora.py | tee -a $(RESULTS)
 	$(PY) bench/generate_vs_base.py | tee -a $(RESULTS)
+	$(PY) bench/multijob_speedup.py | tee -a $(RESULTS)
+	$(PY) bench/multijob_memory.py | tee -a $(RESULTS)
+	$(PY) bench/memory_model_error.py | tee -a $(RESULTS)
+	$(PY) bench/pad_fraction.py | tee -a $(RESULTS)
 	$(PY) bench/render_table.py $(RESULTS)
 
 lint: install

@@ -18,6 +18,32 @@ from peft_mole.multijob.memory import MemoryModel
 from peft_mole.multijob.run import FAILED, RUNNING, WAITING, JobRun
 
 
+class StepCost:
+    """Time of a mixed step ≈ c0 + c1 · padded tokens, fitted by least squares on the steps run so far; the fixed
+    cost of one more step in token terms, c0 / c1, is what length grouping weighs against padding."""
+
+    def __init__(self, initial_tokens: int = 256, window: int = 64) -> None:
+        self.initial_tokens = initial_tokens
+        self.samples: list[tuple[float, float]] = []
+        self.window = window
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self.samples.append((float(tokens), float(seconds)))
+        del self.samples[: -self.window]
+
+    def overhead_tokens(self) -> int:
+        xs = [t for t, _ in self.samples]
+        if len(self.samples) < 8 or len(set(xs)) < 2:
+            return self.initial_tokens
+        mean_x, mean_y = sum(xs) / len(xs), sum(y for _, y in self.samples) / len(xs)
+        var = sum((x - mean_x) ** 2 for x in xs)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in self.samples) / var
+        if slope <= 0:
+            return self.initial_tokens
+        intercept = mean_y - slope * mean_x
+        return int(min(max(intercept / slope, 0.0), 16 * self.initial_tokens))
+
+
 class JobScheduler:
     def __init__(self, max_concurrent_jobs: int | None = None, max_memory: float | None = None) -> None:
         if max_concurrent_jobs is not None and (not isinstance(max_concurrent_jobs, int) or max_concurrent_jobs < 1):

@@ -32,7 +32,7 @@ from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.memory import step_memory
 from peft_mole.multijob.model import MultiJobModel
 from peft_mole.multijob.run import DONE, FAILED, JobRun
-from peft_mole.multijob.scheduler import JobScheduler
+from peft_mole.multijob.scheduler import JobScheduler, StepCost
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ class MultiJobTrainer(SFTTrainer):
         max_memory: peak-memory budget in bytes for one step, enforced with the fitted memory model
             (`peft_mole.multijob.memory`); None = no limit.
         step_overhead_tokens: what one extra mixed step costs, in padded tokens; the jobs' micro-batches of a
-            round are split into steps of similar length when that saves more padding (None: always one step).
+            round are split into steps of similar length when that saves more padding. "auto" (default) fits it
+            from the measured step times (`StepCost`); None: always one step per round.
         processing_class, data_collator, callbacks, formatting_func: as for `SFTTrainer`.
 
     Example:
@@ -90,7 +91,7 @@ class MultiJobTrainer(SFTTrainer):
         formatting_func=None,
         max_concurrent_jobs: int | None = None,
         max_memory: float | None = None,
-        step_overhead_tokens: int | None = 256,
+        step_overhead_tokens: int | str | None = "auto",
         **kwargs,
     ) -> None:
         if "peft_config" in kwargs or "train_dataset" in kwargs:
@@ -108,9 +109,12 @@ class MultiJobTrainer(SFTTrainer):
         self.jobs = list(jobs)
         self.jobs_model = MultiJobModel(model, {j.name: j.peft_config for j in jobs})
         self.job_scheduler = JobScheduler(max_concurrent_jobs, max_memory)
-        if step_overhead_tokens is not None and (not isinstance(step_overhead_tokens, int) or step_overhead_tokens < 0):
-            raise ValueError(f"step_overhead_tokens must be an int >= 0 or None, got {step_overhead_tokens!r}")
+        if step_overhead_tokens not in (None, "auto") and (
+            isinstance(step_overhead_tokens, bool) or not isinstance(step_overhead_tokens, int) or step_overhead_tokens < 0
+        ):
+            raise ValueError(f"step_overhead_tokens must be 'auto', an int >= 0 or None, got {step_overhead_tokens!r}")
         self.step_overhead_tokens = step_overhead_tokens
+        self.step_cost = StepCost()
         self.padding_stats = PaddingStats()
         super().__init__(
             model=model, args=args, train_dataset=jobs[0].train_dataset, processing_class=processing_class,
@@ -200,7 +204,10 @@ class MultiJobTrainer(SFTTrainer):
             if not parts:
                 continue
             self.control = self.callback_handler.on_step_begin(self.args, self.state, self.control)
-            for group in self.job_scheduler.group_by_length(parts, self.step_overhead_tokens):
+            overhead = self.step_overhead_tokens
+            if overhead == "auto":
+                overhead = self.step_cost.overhead_tokens()
+            for group in self.job_scheduler.group_by_length(parts, overhead):
                 self.padding_stats.add(group)
                 self._train_parts(group)
             self.state.global_step += 1
@@ -277,6 +284,7 @@ class MultiJobTrainer(SFTTrainer):
             if grad is not None:
                 param.grad = grad if param.grad is None else param.grad.add_(grad)
         seconds = time.perf_counter() - started
+        self.step_cost.observe(mixed.input_ids.numel(), seconds)
         total_rows = mixed.input_ids.shape[0]
         for run in good:
             share = (mixed.rows[run.name].stop - mixed.rows[run.name].start) / total_rows

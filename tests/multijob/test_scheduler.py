@@ -83,3 +83,13 @@ def test_length_grouping_splits_only_when_it_saves_more_than_a_step_costs():
     groups = JobScheduler.group_by_length([long, short1, short2], step_overhead_tokens=5000)
     assert [[r.name for r, _ in g] for g in groups] == [["s1", "s2", "l"]]
     assert JobScheduler.group_by_length([long, short1], step_overhead_tokens=None) == [[long, short1]]
+
+
+def test_step_cost_fits_the_fixed_cost_of_a_step_in_tokens():
+    from peft_mole.multijob.scheduler import StepCost
+
+    cost = StepCost(initial_tokens=256)
+    assert cost.overhead_tokens() == 256  # nothing measured yet
+    for tokens in [100, 200, 400, 800, 1600, 300, 500, 700]:
+        cost.observe(tokens, 0.05 + 0.001 * tokens)  # 50 ms per step = 50 tokens
+    assert cost.overhead_tokens() == 50
