@@ -150,6 +150,21 @@ class JobRun:
         every = every if every >= 1 else math.ceil(every * self.max_steps)
         return self.global_step % max(int(every), 1) == 0 or self.global_step == self.max_steps
 
+    def should_evaluate(self) -> bool:
+        every = self.args.eval_steps or self.args.logging_steps
+        every = every if every >= 1 else math.ceil(every * self.max_steps)
+        return self.global_step % max(int(every), 1) == 0
+
+    def record_eval(self, loss: float) -> bool:
+        """Track the best eval loss; True when `early_stopping_patience` evaluations in a row did not improve it."""
+        stats = self.stats
+        if stats.best_eval_loss is None or loss < stats.best_eval_loss:
+            stats.best_eval_loss, stats.evals_without_improvement = loss, 0
+        else:
+            stats.evals_without_improvement += 1
+        patience = self.job.early_stopping_patience
+        return patience is not None and stats.evals_without_improvement >= patience
+
     def state_dict(self) -> dict:
         return {
             "name": self.name,

@@ -31,7 +31,7 @@ from peft_mole.multijob.batching import mixed_batch
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.memory import step_memory
 from peft_mole.multijob.model import MultiJobModel
-from peft_mole.multijob.run import DONE, FAILED, JobRun
+from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
 
 logger = logging.getLogger(__name__)
@@ -125,6 +125,13 @@ class MultiJobTrainer(SFTTrainer):
             self.job_datasets[job.name] = self._prepare_dataset(
                 job.train_dataset, self.processing_class, self.args, self.args.packing, formatting_func, job.name
             )
+        self.job_eval_datasets = {
+            job.name: self._prepare_dataset(
+                job.eval_dataset, self.processing_class, self.args, self.args.packing, formatting_func,
+                f"{job.name} eval",
+            )
+            for job in jobs if job.eval_dataset is not None
+        }
         self.runs: list[JobRun] = []
         self.job_summary: list[dict] = []
 
@@ -154,9 +161,10 @@ class MultiJobTrainer(SFTTrainer):
     def _resume(self, runs: list[JobRun]) -> None:
         for run in runs:
             final_state = os.path.join(run.args.output_dir, ckpt.STATE_FILE)
-            if os.path.isfile(final_state) and ckpt.read_json(final_state).get("status") == DONE:
+            if os.path.isfile(final_state) and ckpt.read_json(final_state).get("status") in (DONE, STOPPED):
+                state = ckpt.read_json(final_state)
                 self.jobs_model.load_job(run.name, run.args.output_dir)
-                run.status, run.global_step = DONE, ckpt.read_json(final_state)["global_step"]
+                run.status, run.global_step = state["status"], state["global_step"]
                 continue
             path = ckpt.latest_checkpoint(run.args.output_dir)
             if path is not None:
@@ -315,22 +323,50 @@ class MultiJobTrainer(SFTTrainer):
                 logs[f"{run.name}/grad_norm"] = run.last_grad_norm
             run.stats.losses = []
             self.log(logs)
+        stop_early = run.name in self.job_eval_datasets and run.should_evaluate() and self._evaluate_job(run)
         if run.should_save():
             run.save_checkpoint(lambda d: self.jobs_model.save_job(run.name, d))
-        if run.global_step >= run.max_steps:
+        if stop_early:
+            self._finish(run, STOPPED)
+        elif run.global_step >= run.max_steps:
             self._finish(run)
 
-    def _finish(self, run: JobRun) -> None:
+    @torch.no_grad()
+    def _evaluate_job(self, run: JobRun) -> bool:
+        """Log `<job>/eval_loss` (mean over the eval set's target tokens); True when early stopping says stop."""
+        loader = self._get_dataloader(
+            dataset=self.job_eval_datasets[run.name], description=f"{run.name} evaluation",
+            batch_size=run.args.per_device_eval_batch_size, sampler_fn=self._get_eval_sampler,
+        )
+        self.model.eval()
+        total, count = 0.0, 0
+        try:
+            for batch in loader:
+                rows = batch["input_ids"].shape[0]
+                with self.compute_loss_context_manager(), self.accelerator.autocast():
+                    out = self.jobs_model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                        adapter_names=[run.name] * rows, fused_lm_head=True, use_cache=False,
+                    )
+                total += float(-out.log_probs.float().sum())
+                count += int(out.label_mask.sum())
+        finally:
+            self.model.train()
+        loss = total / max(count, 1)
+        self.log({f"{run.name}/eval_loss": loss, f"{run.name}/step": run.global_step})
+        return run.record_eval(loss)
+
+    def _finish(self, run: JobRun, status: str = DONE) -> None:
         if run.finished:
             return
-        run.status = DONE
+        run.status = status
 
         def write(tmp: str) -> None:
             self.jobs_model.save_job(run.name, tmp)
             ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), run.state_dict())
 
         ckpt.replace_files_atomically(run.args.output_dir, write)
-        logger.info("job %s finished after %d steps", run.name, run.global_step)
+        logger.info("job %s %s after %d steps", run.name, status, run.global_step)
 
     def _fail(self, run: JobRun, reason: str) -> None:
         """Stop one job (its checkpoints stay); the others go on."""

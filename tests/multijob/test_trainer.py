@@ -105,3 +105,33 @@ def test_bad_trainer_arguments(assets, tmp_path):
         MultiJobTrainer(model=tiny_base(), jobs=[], args=run_args(tmp_path), processing_class=tokenizer)
     with pytest.raises(TypeError, match="not peft_config"):
         MultiJobTrainer(model=tiny_base(), jobs=[job], args=run_args(tmp_path), peft_config=LoraConfig())
+
+
+def test_per_job_evaluation_and_early_stopping(assets, tmp_path):
+    tokenizer, datasets = assets
+    jobs = [
+        # a learning rate this high makes the eval loss go up and down: the job must stop at the first evaluation
+        # that leaves it `patience` evaluations without a new best
+        JobConfig("wild", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+                  datasets["sentiment"], eval_dataset=datasets["capital"], learning_rate=0.3, eval_steps=1,
+                  early_stopping_patience=2, max_steps=30),
+        JobConfig("calm", mixlora(), datasets["add"], max_steps=4),
+    ]
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=run_args(tmp_path),
+                              processing_class=tokenizer)
+    trainer.train()
+    evals = [h["wild/eval_loss"] for h in trainer.state.log_history if "wild/eval_loss" in h]
+    best, without, expected_stop = float("inf"), 0, None
+    for i, loss in enumerate(evals):
+        best, without = (loss, 0) if loss < best else (best, without + 1)
+        if without >= 2:
+            expected_stop = i + 1
+            break
+    assert expected_stop is not None and expected_stop < 30, evals
+    summary = {r["job"]: r for r in trainer.job_summary}
+    assert summary["wild"]["status"] == "stopped_early" and summary["wild"]["steps"] == expected_stop
+    assert len(evals) == expected_stop
+    assert summary["calm"]["status"] == "done" and summary["calm"]["steps"] == 4
+    assert (tmp_path / "wild" / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match="early_stopping_patience needs an eval_dataset"):
+        JobConfig("x", LoraConfig(r=4), datasets["add"], early_stopping_patience=2)
