@@ -60,6 +60,7 @@ class JobRun:
         self.window_loss = 0.0  # Σ of the window's micro-batch losses = the job's loss for this optimizer step
         self.stats = JobStats()
         self._iterator = None
+        self.reduce_items = lambda count: count  # the trainer sums N_j over processes under `accelerate launch`
         self.last_grad_norm: float | None = None
         self.last_lr = 0.0
 
@@ -100,7 +101,7 @@ class JobRun:
         n = min(self.args.gradient_accumulation_steps, self.batches_per_epoch - self.batches_done)
         self.window = [next(self._iterator) for _ in range(n)]
         self.batches_done += n
-        self.window_items = sum((b["labels"][..., 1:] != -100).sum() for b in self.window)
+        self.window_items = self.reduce_items(sum((b["labels"][..., 1:] != -100).sum() for b in self.window))
         self.window_pos = 0
         return True
 

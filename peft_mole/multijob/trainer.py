@@ -27,6 +27,7 @@ from transformers.trainer_utils import TrainOutput, set_seed
 from trl import SFTTrainer
 
 from peft_mole.multijob import checkpoint as ckpt
+from peft_mole.multijob import distributed as dist
 from peft_mole.multijob.batching import mixed_batch
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.memory import step_memory
@@ -152,6 +153,8 @@ class MultiJobTrainer(SFTTrainer):
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(args, self.model)
         optimizer = optimizer_cls(groups, **optimizer_kwargs)
         run = JobRun(job, args, loader, params, optimizer, None)
+        if args.average_tokens_across_devices:
+            run.reduce_items = lambda count: dist.sum_over_processes(self.accelerator, count)
         run.scheduler = get_scheduler(
             args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(run.max_steps),
             num_training_steps=run.max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs,
@@ -179,6 +182,7 @@ class MultiJobTrainer(SFTTrainer):
         self.runs = runs = [self._make_run(job) for job in self.jobs]
         if resume_from_checkpoint:
             self._resume(runs)
+        dist.broadcast_parameters(self.accelerator, [p for run in runs for p in run.params.values()])
         set_seed(self.args.seed)
         self.model.train()
         if self.job_scheduler.max_memory is not None:
@@ -194,39 +198,66 @@ class MultiJobTrainer(SFTTrainer):
             running = self.job_scheduler.admit(runs)
             if not running:
                 break
-            candidates = []
-            for run in running:
-                try:
-                    batch = run.peek()
-                except Exception as error:  # noqa: BLE001 — a job's data must not take the others down
-                    self._fail(run, f"its data pipeline raised {type(error).__name__}: {error}")
-                    continue
-                if batch is None:
-                    self._finish(run)
-                else:
-                    candidates.append((run, batch))
-            parts = self.job_scheduler.pack(candidates)
-            for run, _ in candidates:
-                if run.status == FAILED:
-                    self._fail(run, run.error)
-            if not parts:
-                continue
-            self.control = self.callback_handler.on_step_begin(self.args, self.state, self.control)
-            overhead = self.step_overhead_tokens
-            if overhead == "auto":
-                overhead = self.step_cost.overhead_tokens()
-            for group in self.job_scheduler.group_by_length(parts, overhead):
-                self.padding_stats.add(group)
-                self._train_parts(group)
-            self.state.global_step += 1
-            self.state.epoch = max((r.epoch + r.batches_done / max(r.batches_per_epoch, 1) for r in runs), default=0)
-            self.control = self.callback_handler.on_step_end(self.args, self.state, self.control)
-            if self.control.should_training_stop:
-                break
+            parts = self._next_parts(running)
+            if parts:
+                self.control = self.callback_handler.on_step_begin(self.args, self.state, self.control)
+                self._train_round(parts)
+                self.state.global_step += 1
+                self.state.epoch = max((r.epoch + r.batches_done / max(r.batches_per_epoch, 1) for r in runs), default=0)
+                self.control = self.callback_handler.on_step_end(self.args, self.state, self.control)
+                if self.control.should_training_stop:
+                    break
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
         self.job_summary = self._summarise(runs, time.perf_counter() - start)
         losses = [r.stats.last_loss for r in runs if r.stats.last_loss is not None]
         return TrainOutput(self.state.global_step, sum(losses) / max(len(losses), 1), {"jobs": self.job_summary})
+
+    def _next_parts(self, running: list[JobRun]) -> list[tuple[JobRun, dict]]:
+        """The next micro-batch of each running job that fits the budget; jobs whose data raised fail, finished jobs
+        are saved. Under several processes every decision is agreed (a job fails everywhere if it fails anywhere)."""
+        batches, errors = {}, {}
+        for run in running:
+            try:
+                batches[run.name] = run.peek()
+            except Exception as error:  # noqa: BLE001 — a job's data must not take the others down
+                errors[run.name] = f"its data pipeline raised {type(error).__name__}: {error}"
+        failed = dist.any_process(self.accelerator, [run.name in errors for run in running])
+        for run, bad in zip(running, failed, strict=True):
+            if bad:
+                self._fail(run, errors.get(run.name, "its data pipeline raised on another process"))
+            elif batches[run.name] is None:
+                self._finish(run)
+        candidates = [(run, batches[run.name]) for run in running if not run.finished]
+        packed = self.job_scheduler.pack(candidates)
+        too_big = dist.any_process(self.accelerator, [run.status == FAILED for run, _ in candidates])
+        chosen = dist.every_process(self.accelerator, [any(r is run for r, _ in packed) for run, _ in candidates])
+        parts = []
+        for (run, batch), big, keep in zip(candidates, too_big, chosen, strict=True):
+            if big:
+                self._fail(run, run.error or "its micro-batch exceeds max_memory on another process")
+            elif keep:
+                parts.append((run, batch))
+        return parts
+
+    def _train_round(self, parts: list[tuple[JobRun, dict]]) -> None:
+        """Train one micro-batch of every part (in one or more mixed steps), then agree on failures and step the jobs
+        whose accumulation window is complete."""
+        overhead = self.step_overhead_tokens
+        if overhead == "auto":
+            overhead = self.step_cost.overhead_tokens()
+        self._round_losses: dict[str, float] = {}
+        self._round_failures: dict[str, str] = {}
+        for group in self.job_scheduler.group_by_length(parts, overhead):
+            self.padding_stats.add(group)
+            self._train_parts(group)
+        failed = dist.any_process(self.accelerator, [run.name in self._round_failures for run, _ in parts])
+        for (run, _), bad in zip(parts, failed, strict=True):
+            if bad:
+                self._fail(run, self._round_failures.get(run.name, "it failed on another process"))
+                continue
+            run.window_loss += self._round_losses[run.name]
+            if run.consume():
+                self._job_step(run)
 
     def _estimate_steps(self, runs: list[JobRun]) -> int:
         """Mixed steps if the jobs run side by side (max_concurrent_jobs lets fewer run at once: more steps)."""
@@ -246,7 +277,7 @@ class MultiJobTrainer(SFTTrainer):
             if len(parts) == 1:
                 run = parts[0][0]
                 reason = "ran out of memory even alone" if _is_oom(error) else f"its forward raised {type(error).__name__}"
-                self._fail(run, f"{reason}: {error}")
+                self._round_failures[run.name] = f"{reason}: {error}"
                 return
             if _is_oom(error):
                 logger.warning("step of %d jobs ran out of memory; retrying in two smaller steps", len(parts))
@@ -282,7 +313,7 @@ class MultiJobTrainer(SFTTrainer):
             if ok:
                 good.append(run)
             else:
-                self._fail(run, f"its loss became {losses[run.name].item()} at step {run.global_step + 1}")
+                self._round_failures[run.name] = f"its loss became {losses[run.name].item()} at step {run.global_step + 1}"
         if not good:
             return
         params = [p for run in good for p in run.params.values()]
@@ -298,9 +329,7 @@ class MultiJobTrainer(SFTTrainer):
             share = (mixed.rows[run.name].stop - mixed.rows[run.name].start) / total_rows
             run.stats.seconds += seconds * share
             run.stats.tokens += int(label_mask[mixed.rows[run.name]].sum())
-            run.window_loss += float(losses[run.name].detach())
-            if run.consume():
-                self._job_step(run)
+            self._round_losses[run.name] = float(losses[run.name].detach())
 
     def _pad_token_id(self) -> int:
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -308,6 +337,9 @@ class MultiJobTrainer(SFTTrainer):
         return 0 if pad is None else pad
 
     def _job_step(self, run: JobRun) -> None:
+        params = list(run.params.values())
+        mean = not self.args.average_tokens_across_devices
+        (run.window_loss,) = dist.reduce_gradients(self.accelerator, params, [run.window_loss], mean=mean)
         run.optimizer_step()
         run.stats.last_loss = run.window_loss
         run.stats.losses.append(run.window_loss)
@@ -324,7 +356,7 @@ class MultiJobTrainer(SFTTrainer):
             run.stats.losses = []
             self.log(logs)
         stop_early = run.name in self.job_eval_datasets and run.should_evaluate() and self._evaluate_job(run)
-        if run.should_save():
+        if run.should_save() and self.is_world_process_zero():
             run.save_checkpoint(lambda d: self.jobs_model.save_job(run.name, d))
         if stop_early:
             self._finish(run, STOPPED)
@@ -352,7 +384,10 @@ class MultiJobTrainer(SFTTrainer):
                 count += int(out.label_mask.sum())
         finally:
             self.model.train()
-        loss = total / max(count, 1)
+        total, count = dist.sum_over_processes(
+            self.accelerator, torch.tensor([total, float(count)], dtype=torch.float64)
+        ).tolist()
+        loss = total / max(count, 1.0)
         self.log({f"{run.name}/eval_loss": loss, f"{run.name}/step": run.global_step})
         return run.record_eval(loss)
 
@@ -365,15 +400,17 @@ class MultiJobTrainer(SFTTrainer):
             self.jobs_model.save_job(run.name, tmp)
             ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), run.state_dict())
 
-        ckpt.replace_files_atomically(run.args.output_dir, write)
+        if self.is_world_process_zero():
+            ckpt.replace_files_atomically(run.args.output_dir, write)
         logger.info("job %s %s after %d steps", run.name, status, run.global_step)
 
     def _fail(self, run: JobRun, reason: str) -> None:
         """Stop one job (its checkpoints stay); the others go on."""
         run.status, run.error = FAILED, reason
         run.zero_grad()
-        os.makedirs(run.args.output_dir, exist_ok=True)
-        ckpt.write_json(os.path.join(run.args.output_dir, "job_failed.json"), run.state_dict())
+        if self.is_world_process_zero():
+            os.makedirs(run.args.output_dir, exist_ok=True)
+            ckpt.write_json(os.path.join(run.args.output_dir, "job_failed.json"), run.state_dict())
         logger.error("job %s failed and was stopped (the other jobs go on): %s", run.name, reason)
         self.log({f"{run.name}/failed": 1.0})
 

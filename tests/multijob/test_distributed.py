@@ -1,0 +1,72 @@
+"""MultiJobTrainer under `accelerate launch` with 2 CPU processes (gloo) ends with the adapters of the 1-process
+run that sees the same global batches (per-device batch x 2)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from safetensors.torch import load_file
+
+SCRIPT = textwrap.dedent('''
+    import os, sys
+    sys.path.insert(0, {root!r})
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig
+    from peft_mole import JobConfig, MultiJobTrainer, synthetic
+    from tests.helpers import mixlora, randomize_adapters, tiny_base
+
+    out, per_device = sys.argv[1], int(sys.argv[2])
+    tokenizer = synthetic.demo_tokenizer()
+    def data(task):
+        rows = synthetic.multitask_rows(24, tasks=(task,))
+        return Dataset.from_list([{{"prompt": r["prompt"], "completion": r["completion"]}} for r in rows])
+    jobs = [
+        JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]),
+                  data("sentiment"), per_device_train_batch_size=2 * per_device),
+        # the load-balance loss is not additive over batch shards (as with DDP in plain Trainer): coef 0 here
+        JobConfig("mix", mixlora(router_aux_loss_coef=0.0), data("capital"), per_device_train_batch_size=per_device,
+                  gradient_accumulation_steps=2),
+    ]
+    args = SFTConfig(output_dir=out, max_steps=3, learning_rate=1e-3, bf16=False, use_cpu=True, report_to=[],
+                     save_strategy="no", logging_steps=1, max_length=40, gradient_checkpointing=False,
+                     dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=args, processing_class=tokenizer)
+    randomize_adapters(trainer.jobs_model, seed=7)
+    trainer.train()
+    print("processes", trainer.accelerator.num_processes)
+''')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
+def test_two_processes_match_one_process(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(root=os.getcwd()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port())]
+    two = subprocess.run(launch + [str(script), str(tmp_path / "two"), "2"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "processes 2" in two.stdout and "processes 1" in one.stdout
+    for job in ("lora", "mix"):
+        a = load_file(tmp_path / "one" / job / "adapter_model.safetensors")
+        b = load_file(tmp_path / "two" / job / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5, job
