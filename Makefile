@@ -24,6 +24,7 @@ test: install
 demo: install
 	$(PY) examples/sft_mixlora.py
 	$(PY) examples/sft_dynmole.py
+	$(PY) examples/multijob.py
 
 RESULTS := bench/results/$(shell hostname)-$(shell date +%Y-%m-%d).jsonl
 

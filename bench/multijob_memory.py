@@ -78,6 +78,8 @@ def main() -> None:
             "base_process_mb": base_only["peak_mb"], "adapter_mb": multi["adapter_mb"],
             "ratio_vs_base_plus_adapters": multi["peak_mb"] / model_mb,
             "ratio_vs_n_processes": multi["peak_mb"] / (n * single["peak_mb"]),
+            "ratio_median": multi["peak_mb"] / (n * single["peak_mb"]),
+            "ratio_min": multi["peak_mb"] / (n * single["peak_mb"]),
             "saving_vs_n_processes": 1 - multi["peak_mb"] / (n * single["peak_mb"]),
             "peak_mb_one_adapter_all_rows": same_rows["peak_mb"],
             "extra_mb_vs_one_adapter_all_rows": multi["peak_mb"] - same_rows["peak_mb"],

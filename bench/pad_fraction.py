@@ -3,13 +3,15 @@ jobs whose row lengths follow a long-tailed (log-normal) distribution.
 
 Three settings: one mixed step per round (no grouping); length-aware grouping of a round into steps
 (`step_overhead_tokens="auto"`, the default: the cost of a step fitted from measured step times); grouping plus Trainer's `group_by_length` sampler inside each job.
-Usage: python bench/pad_fraction.py [--jobs 4] [--steps 30]
+Usage: python bench/pad_fraction.py [--shape small] [--jobs 4] [--steps 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
+import sys
 import tempfile
 
 from common import emit, setup_threads
@@ -31,16 +33,16 @@ def long_tailed_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def run(jobs: int, steps: int, overhead: int | str | None, sampling: str) -> tuple[float, int]:
+def run(shape: str, jobs: int, steps: int, overhead: int | str | None, sampling: str) -> tuple[float, int]:
     tokenizer = synthetic.demo_tokenizer()
     job_list = [
         JobConfig(f"job{i}", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
                   Dataset.from_list(long_tailed_rows(400, seed=i)), per_device_train_batch_size=2 + i % 3)
         for i in range(jobs)
     ]
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(sys.stderr):  # stdout: JSON lines only
         trainer = MultiJobTrainer(
-            model=synthetic.random_model("llama", "tiny", vocab_size=len(tokenizer)), jobs=job_list,
+            model=synthetic.random_model("llama", shape, vocab_size=len(tokenizer)), jobs=job_list,
             processing_class=tokenizer, step_overhead_tokens=overhead,
             args=SFTConfig(output_dir=out, max_steps=steps, max_length=256, report_to=[], save_strategy="no",
                            use_cpu=True, bf16=False, disable_tqdm=True, logging_steps=steps,
@@ -52,15 +54,16 @@ def run(jobs: int, steps: int, overhead: int | str | None, sampling: str) -> tup
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="small", choices=["tiny", "small"])
     parser.add_argument("--jobs", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     setup_threads()
     settings = {"one_step_per_round": (None, "random"), "length_grouping": ("auto", "random"),
                 "length_grouping+group_by_length": ("auto", "group_by_length")}
-    results = {name: run(args.jobs, args.steps, *setting) for name, setting in settings.items()}
+    results = {name: run(args.shape, args.jobs, args.steps, *setting) for name, setting in settings.items()}
     best = results["length_grouping+group_by_length"]
-    emit({"name": "pad_fraction", "shape": "tiny", "jobs": args.jobs, "steps": args.steps,
+    emit({"name": "pad_fraction", "shape": args.shape, "jobs": args.jobs, "steps": args.steps,
           "ratio_median": best[0], "ratio_min": best[0], "fitted_step_overhead_tokens": best[1],
           **{name: fraction for name, (fraction, _) in results.items()}})
 

@@ -14,13 +14,30 @@ COMMANDS = {
     "mixlora_vs_lora": "python bench/mixlora_vs_lora.py --shape {shape} --dropout {dropout}",
     "dynmole_vs_mixlora": "python bench/dynmole_vs_mixlora.py --shape {shape}",
     "generate_vs_base": "python bench/generate_vs_base.py --shape {shape}",
+    "multijob_speedup": "python bench/multijob_speedup.py --shape {shape} --jobs {jobs}",
+    "multijob_memory": "python bench/multijob_memory.py --shape {shape} --jobs {jobs}",
+    "memory_model_error": "python bench/memory_model_error.py --shape {shape}",
+    "pad_fraction": "python bench/pad_fraction.py --shape {shape} --jobs {jobs}",
 }
 DESCRIPTIONS = {
     "mixlora_vs_lora": "MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout {dropout}",
     "dynmole_vs_mixlora": "DynMoLE step / MixLoRA top-2 step, routers {router_state} "
                           "({dynmole_experts_per_token:.2f} experts/token)",
     "generate_vs_base": "{impl} greedy-generation tokens/s / base model tokens/s, KV cache (higher is better)",
+    "multijob_speedup": "{jobs} LoRA jobs in mixed steps vs one after another with PEFT (higher is better); "
+                        "base-only limit S({jobs}) = {limit_median:.2f}",
+    "multijob_memory": "peak memory of {jobs} jobs in one process / {jobs} single-job processes; "
+                       "{extra_mb_vs_one_adapter_all_rows:+.0f} MB vs one adapter on the same rows",
+    "memory_model_error": "memory model relative error (predicted vs measured), {shapes} unseen shapes ({measure}); "
+                          "max {error_max:.1%}",
+    "pad_fraction": "padding / all tokens in mixed batches, {jobs} jobs, log-normal lengths; one step per round "
+                    "{one_step_per_round:.0%}, length grouping {length_grouping:.0%}, + group_by_length sampler",
 }
+PERCENT = {"memory_model_error", "pad_fraction"}
+
+
+def _value(name: str, value: float) -> str:
+    return f"{value:.1%}" if name in PERCENT else f"{value:.2f}×"
 
 
 def ratio_table(path: Path, rows: list[dict]) -> None:
@@ -33,8 +50,8 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
         if row["name"] in COMMANDS:
             description = DESCRIPTIONS[row["name"]].format(**row)
             command = COMMANDS[row["name"]].format(**row)
-            print(f"| `{row['name']}`: {description} | {row['shape']} | {row['ratio_median']:.2f}× "
-                  f"| {row['ratio_min']:.2f}× | `{command}` |")
+            print(f"| `{row['name']}`: {description} | {row['shape']} | {_value(row['name'], row['ratio_median'])} "
+                  f"| {_value(row['name'], row['ratio_min'])} | `{command}` |")
 
 
 def learning_table(path: Path, rows: list[dict]) -> None:

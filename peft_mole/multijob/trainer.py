@@ -107,6 +107,14 @@ class MultiJobTrainer(SFTTrainer):
             raise TypeError("pass the base model: MultiJobTrainer adds every job's adapter itself")
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model, **((args and args.model_init_kwargs) or {}))
+        if args is not None and (getattr(args, "padding_free", False) or (
+            getattr(args, "packing", False) and getattr(args, "packing_strategy", "bfd") != "wrapped"
+        )):
+            raise ValueError(
+                "MultiJobTrainer needs padded rows: padding_free=True and packing with packing_strategy "
+                f"{getattr(args, 'packing_strategy', None)!r} flatten a batch into one row; use packing=False or "
+                "packing_strategy='wrapped'"
+            )
         self.jobs = list(jobs)
         self.jobs_model = MultiJobModel(model, {j.name: j.peft_config for j in jobs})
         self.job_scheduler = JobScheduler(max_concurrent_jobs, max_memory)
@@ -344,6 +352,7 @@ class MultiJobTrainer(SFTTrainer):
         run.stats.last_loss = run.window_loss
         run.stats.losses.append(run.window_loss)
         run.window_loss = 0.0
+        self._show_progress(run)
         if run.should_log():
             logs = {
                 f"{run.name}/loss": sum(run.stats.losses) / len(run.stats.losses),
@@ -362,6 +371,15 @@ class MultiJobTrainer(SFTTrainer):
             self._finish(run, STOPPED)
         elif run.global_step >= run.max_steps:
             self._finish(run)
+
+    def _show_progress(self, run: JobRun) -> None:
+        """Per-job step and loss in the postfix of Trainer's progress bar (when tqdm is on)."""
+        progress = self.__dict__.setdefault("_job_progress", {})
+        progress[run.name] = f"{run.global_step}/{run.max_steps} loss {run.stats.last_loss:.3f}"
+        for callback in self.callback_handler.callbacks:
+            bar = getattr(callback, "training_bar", None)
+            if bar is not None:
+                bar.set_postfix(progress, refresh=False)
 
     @torch.no_grad()
     def _evaluate_job(self, run: JobRun) -> bool:

@@ -135,3 +135,24 @@ def test_per_job_evaluation_and_early_stopping(assets, tmp_path):
     assert (tmp_path / "wild" / "adapter_model.safetensors").exists()
     with pytest.raises(ValueError, match="early_stopping_patience needs an eval_dataset"):
         JobConfig("x", LoraConfig(r=4), datasets["add"], early_stopping_patience=2)
+
+
+def test_wrapped_packing_matches_sft_trainer_and_padding_free_is_refused(assets, tmp_path):
+    tokenizer, datasets = assets
+    job = JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+                    datasets["sentiment"], per_device_train_batch_size=2)
+    args = run_args(tmp_path / "run", packing=True, packing_strategy="wrapped", max_length=32, max_steps=2)
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job], args=args, processing_class=tokenizer)
+    randomize_adapters(trainer.jobs_model)
+    trainer.jobs_model.save_job("lora", str(tmp_path / "init"))
+    batch = next(iter(trainer._make_run(job).dataloader))
+    assert batch["input_ids"].shape[1] == 32  # packed into full rows
+    trainer.train()
+    solo = PeftModel.from_pretrained(tiny_base(vocab_size=len(tokenizer)), str(tmp_path / "init"), is_trainable=True)
+    SFTTrainer(model=solo, args=job.training_args(run_args(tmp_path / "solo", packing=True, packing_strategy="wrapped",
+               max_length=32, max_steps=2)), train_dataset=job.train_dataset, processing_class=tokenizer).train()
+    expected, together = get_peft_model_state_dict(solo), load_file(tmp_path / "run" / "lora" / "adapter_model.safetensors")
+    assert max((expected[k] - together[k]).abs().max().item() for k in expected) <= 1e-5
+    for bad in (dict(packing=True), dict(padding_free=True)):
+        with pytest.raises(ValueError, match="needs padded rows"):
+            MultiJobTrainer(model=tiny_base(), jobs=[job], args=run_args(tmp_path, **bad), processing_class=tokenizer)
