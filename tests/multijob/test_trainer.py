@@ -156,3 +156,24 @@ def test_wrapped_packing_matches_sft_trainer_and_padding_free_is_refused(assets,
     for bad in (dict(packing=True), dict(padding_free=True)):
         with pytest.raises(ValueError, match="needs padded rows"):
             MultiJobTrainer(model=tiny_base(), jobs=[job], args=run_args(tmp_path, **bad), processing_class=tokenizer)
+
+
+def test_epochs_with_reshuffling_match_sft_trainer(assets, tmp_path):
+    tokenizer, datasets = assets
+    # 24 rows / 5 per batch = 5 micro-batches per epoch (the last one short), accumulation 2 -> 3 updates per epoch
+    job = JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+                    datasets["capital"], per_device_train_batch_size=5, gradient_accumulation_steps=2,
+                    num_train_epochs=2, max_steps=-1)
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job],
+                              args=run_args(tmp_path / "run", max_steps=-1), processing_class=tokenizer)
+    randomize_adapters(trainer.jobs_model)
+    trainer.jobs_model.save_job("lora", str(tmp_path / "init"))
+    trainer.train()
+    assert trainer.job_summary[0]["steps"] == 6
+    solo = PeftModel.from_pretrained(tiny_base(vocab_size=len(tokenizer)), str(tmp_path / "init"), is_trainable=True)
+    solo_trainer = SFTTrainer(model=solo, args=job.training_args(run_args(tmp_path / "solo", max_steps=-1)),
+                              train_dataset=job.train_dataset, processing_class=tokenizer)
+    solo_trainer.train()
+    assert solo_trainer.state.global_step == 6
+    expected, together = get_peft_model_state_dict(solo), load_file(tmp_path / "run" / "lora" / "adapter_model.safetensors")
+    assert max((expected[k] - together[k]).abs().max().item() for k in expected) <= 1e-5
