@@ -5,15 +5,17 @@ Importing the package registers its PEFT types, after which `get_peft_model`, `P
 """
 
 from peft_mole.diagnostics import RouterStatsCallback
+from peft_mole.finite_check import check_finite
 from peft_mole.forward_context import BASE_ROW
 from peft_mole.multijob import JobConfig, MultiJobModel
 from peft_mole.tuners.dynmole import DynMoLEConfig, DynMoLEModel
+from peft_mole.tuners.load_checks import convert_bin_adapter
 from peft_mole.tuners.mixlora import MixLoRAConfig, MixLoRAModel
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
-    "BASE_ROW", "DynMoLEConfig", "DynMoLEModel", "JobConfig", "MixLoRAConfig", "MixLoRAModel", "MultiJobModel",
+    "BASE_ROW", "check_finite", "convert_bin_adapter", "DynMoLEConfig", "DynMoLEModel", "JobConfig", "MixLoRAConfig", "MixLoRAModel", "MultiJobModel",
     "MultiJobTrainer", "RouterStatsCallback", "__version__",
 ]
 

@@ -1,6 +1,7 @@
 """`peft-mole` console script: a thin layer over the public API.
 
     peft-mole train jobs.yaml [--resume]
+    peft-mole convert-bin ADAPTER_DIR
     peft-mole eval --base PATH_OR_ID --adapters DIR[,DIR...] --tasks arc_e,boolq [--data-dir DIR] [--out DIR]
 
 `train` runs a MultiJobTrainer from a YAML job file (peft_mole/multijob/job_file.py documents the keys); `eval`
@@ -74,6 +75,16 @@ def _train(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _convert_bin(args: argparse.Namespace) -> int:
+    from peft_mole.tuners.load_checks import convert_bin_adapter
+
+    try:
+        print(f"wrote {convert_bin_adapter(args.folder)}")
+    except ValueError as error:
+        raise SystemExit(f"peft-mole convert-bin: {error}") from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peft-mole", description="peft-mole command line")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("job_file", help="YAML: model, output_dir, args, jobs (see examples/jobs.yaml)")
     train.add_argument("--resume", action="store_true", help="continue each job from its latest checkpoint")
     train.set_defaults(run=_train)
+    convert = commands.add_parser("convert-bin", help="opt in to a trusted pickle adapter_model.bin: write safetensors")
+    convert.add_argument("folder", help="adapter folder holding adapter_model.bin")
+    convert.set_defaults(run=_convert_bin)
     evaluation = commands.add_parser("eval", help="commonsense accuracy of one or more adapters, in one pass")
     evaluation.add_argument("--base", required=True, help="base model: local path or hub id")
     evaluation.add_argument("--tokenizer", help="tokenizer path or id (default: --base)")

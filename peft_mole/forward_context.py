@@ -49,6 +49,7 @@ class ForwardContext:
     token_mask: torch.Tensor | None = None  # (batch, seq) bool, True = real token
     records: list[RouterRecord] | None = None  # None = do not record
     rows_set_by_hook: bool = False  # row_adapters were set for the call now starting
+    check_finite: bool = False  # `peft_mole.check_finite` is on: layers check router logits for NaN/inf
     _groups: dict = field(default_factory=dict)
 
     def set_row_adapters(self, names: list[str] | None, by_hook: bool = False) -> None:

@@ -87,7 +87,11 @@ def latest_checkpoint(job_dir: str) -> str | None:
 
 
 def prune_checkpoints(job_dir: str, keep: int | None) -> None:
-    """Delete the oldest checkpoints beyond `keep` (None or <= 0 keeps all)."""
+    """Delete the oldest checkpoints beyond `keep` (None or <= 0 keeps all), and temporary folders a killed write
+    left behind (called right after a write completed, by the only writer)."""
+    for name in os.listdir(job_dir) if os.path.isdir(job_dir) else []:
+        if name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
+            shutil.rmtree(os.path.join(job_dir, name), ignore_errors=True)
     if not keep or keep <= 0:
         return
     for _, path in list_checkpoints(job_dir)[:-keep]:

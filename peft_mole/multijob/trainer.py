@@ -32,28 +32,11 @@ from peft_mole.multijob.batching import mixed_batch
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.memory import step_memory
 from peft_mole.multijob.model import MultiJobModel
+from peft_mole.multijob.report import PaddingStats, summary_rows, summary_table
 from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
 
 logger = logging.getLogger(__name__)
-
-
-class PaddingStats:
-    """Real and padded token counts of the mixed batches the trainer built (`pad_fraction`)."""
-
-    def __init__(self) -> None:
-        self.real = 0
-        self.total = 0
-
-    def add(self, parts: list[tuple[JobRun, dict]]) -> None:
-        length = max(batch["input_ids"].shape[1] for _, batch in parts)
-        for _, batch in parts:
-            self.real += int(batch["attention_mask"].sum())
-            self.total += batch["input_ids"].shape[0] * length
-
-    @property
-    def pad_fraction(self) -> float:
-        return 1.0 - self.real / self.total if self.total else 0.0
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -125,22 +108,35 @@ class MultiJobTrainer(SFTTrainer):
         self.step_overhead_tokens = step_overhead_tokens
         self.step_cost = StepCost()
         self.padding_stats = PaddingStats()
-        super().__init__(
-            model=model, args=args, train_dataset=jobs[0].train_dataset, processing_class=processing_class,
-            data_collator=data_collator, callbacks=callbacks, formatting_func=formatting_func, **kwargs,
-        )
+        try:
+            super().__init__(
+                model=model, args=args, train_dataset=jobs[0].train_dataset, processing_class=processing_class,
+                data_collator=data_collator, callbacks=callbacks, formatting_func=formatting_func, **kwargs,
+            )
+        except (KeyError, ValueError, TypeError) as error:
+            raise ValueError(f"job {jobs[0].name!r} (or the trainer arguments): {error}") from error
         self.job_datasets = {jobs[0].name: self.train_dataset}
         for job in jobs[1:]:
-            self.job_datasets[job.name] = self._prepare_dataset(
-                job.train_dataset, self.processing_class, self.args, self.args.packing, formatting_func, job.name
-            )
+            self.job_datasets[job.name] = self._prepare_job_dataset(job.name, job.train_dataset, formatting_func)
         self.job_eval_datasets = {
-            job.name: self._prepare_dataset(
-                job.eval_dataset, self.processing_class, self.args, self.args.packing, formatting_func,
-                f"{job.name} eval",
-            )
+            job.name: self._prepare_job_dataset(f"{job.name} eval", job.eval_dataset, formatting_func)
             for job in jobs if job.eval_dataset is not None
         }
+        for name, dataset in {**self.job_datasets, **self.job_eval_datasets}.items():
+            if hasattr(dataset, "__len__") and len(dataset) == 0:
+                raise ValueError(
+                    f"job {name.split()[0]!r}: no {'eval' if name.endswith('eval') else 'training'} rows are left after "
+                    "SFTTrainer's preparation (rows without trainable tokens are dropped; check the completion field)"
+                )
+
+    def _prepare_job_dataset(self, name: str, dataset, formatting_func):
+        """SFTTrainer's own preparation (tokenisation, chat template, completion mask), errors named by job."""
+        try:
+            return self._prepare_dataset(
+                dataset, self.processing_class, self.args, self.args.packing, formatting_func, name
+            )
+        except Exception as error:
+            raise ValueError(f"job {name.split()[0]!r}: SFTTrainer could not prepare its dataset: {error}") from error
         self.runs: list[JobRun] = []
         self.job_summary: list[dict] = []
 
@@ -461,25 +457,12 @@ class MultiJobTrainer(SFTTrainer):
             self.jobs_model.save_job(job.name, os.path.join(root, job.name))
 
     def _summarise(self, runs: list[JobRun], seconds: float) -> list[dict]:
-        rows = []
-        for run in runs:
-            rows.append({
-                "job": run.name, "status": run.status, "steps": run.global_step, "tokens": run.stats.tokens,
-                "time_share": run.stats.seconds / seconds if seconds > 0 else 0.0,
-                "final_loss": run.stats.last_loss, "error": run.error,
-            })
-        header = f"{'job':<16} {'status':<14} {'steps':>6} {'tokens':>9} {'time':>6} {'final loss':>10}"
-        lines = [header] + [
-            f"{r['job']:<16} {r['status']:<14} {r['steps']:>6} {r['tokens']:>9} {r['time_share']:>6.1%} "
-            + (f"{r['final_loss']:>10.4f}" if r["final_loss"] is not None else f"{'-':>10}")
-            for r in rows
-        ]
-        lines.append(f"padding: {self.padding_stats.pad_fraction:.1%} of the tokens in the mixed batches")
+        rows = summary_rows(runs, seconds)
         if self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
             summary = {"jobs": rows, "pad_fraction": self.padding_stats.pad_fraction}
             ckpt.write_json(os.path.join(self.args.output_dir, "jobs_summary.json"), summary)
-            print("\n".join(lines))
+            print(summary_table(rows, self.padding_stats.pad_fraction))
         return rows
 
 

@@ -8,6 +8,7 @@ import torch
 from peft import PeftConfig
 
 from peft_mole.registration import add_peft_type
+from peft_mole.tuners.load_checks import check_saved_keys, check_weights_file
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -107,6 +108,29 @@ class ExpertAdapterConfig(PeftConfig):
         metadata={"help": "Set automatically: the attention projections and the MLP blocks found by structure."},
     )
     bias: str = field(default="none", metadata={"help": "Only 'none' is supported."})
+    base_model_shape: dict | None = field(
+        default=None,
+        metadata={"help": "Set automatically: hidden/MLP size, layers and vocabulary of the base the adapter was made "
+                          "for; loading onto a base of another shape is refused."},
+    )
+
+    # fields adapter_config.json must state (they shape the tensors or the routing); subclasses add theirs
+    REQUIRED_ON_LOAD = (
+        "num_experts", "r", "lora_alpha", "use_rslora", "use_dora", "expert_target_modules", "attn_target_modules",
+        "attn_r", "attn_lora_alpha", "layers_to_transform",
+    )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """PEFT's loader, after checking a local folder's weights file (readable safetensors, no pickle)."""
+        check_weights_file(str(pretrained_model_name_or_path), subfolder)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        kwargs = super().check_kwargs(**kwargs)
+        check_saved_keys(cls.__name__, kwargs, cls.REQUIRED_ON_LOAD)
+        return kwargs
 
     def __post_init__(self):
         super().__post_init__()
@@ -144,9 +168,17 @@ class ExpertAdapterConfig(PeftConfig):
         if layers is not None:
             items = [layers] if isinstance(layers, int) else layers
             if isinstance(items, str) or not isinstance(items, (list, tuple)) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
+                isinstance(i, int) and not isinstance(i, bool) for i in items
             ):
-                raise ValueError(f"layers_to_transform must be a non-negative int or a list of them, got {layers!r}")
+                raise TypeError(f"layers_to_transform must be an int or a list of ints, got {layers!r}")
+            if any(i < 0 for i in items):
+                raise ValueError(f"layers_to_transform must hold layer indices >= 0, got {layers!r}")
+        modules = self.modules_to_save
+        if modules is not None and (
+            isinstance(modules, str) or not isinstance(modules, (list, tuple, set))
+            or not all(isinstance(m, str) for m in modules)
+        ):
+            raise TypeError(f"modules_to_save must be a list of module names or None, got {modules!r}")
         if self.bias != "none":
             raise ValueError(f"bias must be 'none' (peft-mole adapters train no biases), got {self.bias!r}")
         self.target_modules = sorted(set(self.attn_target_modules) | set(self.expert_target_modules))

@@ -115,3 +115,44 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path):
     assert torch.load(tmp_path / "checkpoint-1" / "optimizer.pt", weights_only=True) == {"x": 1}
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]  # no temporary folder left behind
 
+
+
+KILL_DURING_WRITE = textwrap.dedent('''
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    import torch
+    from peft_mole.multijob.checkpoint import write_atomically
+
+    def slow_write(d):
+        torch.save({{"step": 2}}, os.path.join(d, "optimizer.pt"))
+        with open(os.path.join(d, "adapter_model.safetensors"), "wb") as f:
+            f.write(b"half of the tensors")
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(60)  # killed here
+
+    write_atomically(sys.argv[1], slow_write)
+''')
+
+
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    from peft_mole.multijob.checkpoint import prune_checkpoints
+
+    def good(d):
+        torch.save({"step": 1}, os.path.join(d, "optimizer.pt"))
+        open(os.path.join(d, "job_state.json"), "w").write("{}")
+
+    write_atomically(str(tmp_path / "checkpoint-1"), good)
+    script = tmp_path / "writer.py"
+    script.write_text(KILL_DURING_WRITE.format(root=os.getcwd()))
+    writer = subprocess.Popen([sys.executable, str(script), str(tmp_path / "checkpoint-2")], stdout=subprocess.PIPE,
+                              text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    writer.kill()  # SIGKILL in the middle of the write
+    writer.wait(timeout=30)
+    assert writer.returncode == -9
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]  # the half-written one is invisible
+    assert torch.load(tmp_path / "checkpoint-1" / "optimizer.pt", weights_only=True) == {"step": 1}
+    assert any(name.startswith(".tmp-checkpoint-2") for name in os.listdir(tmp_path))
+    prune_checkpoints(str(tmp_path), keep=None)  # the next completed write clears the leftovers
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "writer.py"]

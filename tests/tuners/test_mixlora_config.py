@@ -50,7 +50,7 @@ def test_rslora_scaling():
         (dict(router_init_std=-1), ValueError, r"router_init_std must be >= 0"),
         (dict(use_rslora="yes"), TypeError, r"use_rslora must be a bool"),
         (dict(use_dora=1), TypeError, r"use_dora must be a bool"),
-        (dict(layers_to_transform=[0, -1]), ValueError, r"layers_to_transform must be a non-negative int"),
+        (dict(layers_to_transform=[0, -1]), ValueError, r"layers_to_transform must hold layer indices >= 0"),
         (dict(bias="all"), ValueError, r"bias must be 'none'"),
     ],
 )

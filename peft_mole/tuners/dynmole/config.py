@@ -46,6 +46,10 @@ class DynMoLEConfig(ExpertAdapterConfig):
                           "and experts per targeted gate/up/down projection (DynMoLE reference)."},
     )
 
+    REQUIRED_ON_LOAD = ExpertAdapterConfig.REQUIRED_ON_LOAD + (
+        "q", "top_p", "broadcast_threshold", "min_experts", "renormalize", "router_scope",
+    )
+
     def validate(self) -> None:
         super().validate()
         _check_float("q", self.q, 0.0)

@@ -33,6 +33,8 @@ class MixLoRAConfig(ExpertAdapterConfig):
         default=0.01, metadata={"help": "Weight a of the load-balance loss: loss += a * mean over layers of L_lb."}
     )
 
+    REQUIRED_ON_LOAD = ExpertAdapterConfig.REQUIRED_ON_LOAD + ("top_k",)
+
     def validate(self) -> None:
         super().validate()
         _check_int("top_k", self.top_k, 1)

@@ -11,6 +11,7 @@ from torch import nn
 from peft_mole.diagnostics import RouterStats, router_stats
 from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
+from peft_mole.tuners.load_checks import base_shape, check_base_shape
 from peft_mole.tuners.mixlora.attention import LoraLinear
 from peft_mole.tuners.mixlora.layer import MixLoRAMLP
 from peft_mole.tuners.mixlora.projection import MoELoraLinear
@@ -68,6 +69,10 @@ class MixLoRAModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: ExpertAdapterConfig, model: nn.Module) -> None:
+        if peft_config.base_model_shape:  # a loaded adapter: the base must be the one it was made for
+            check_base_shape(peft_config.base_model_shape, model)
+        else:
+            peft_config.base_model_shape = base_shape(model)
         scope = getattr(peft_config, "router_scope", "block")
         self.__dict__["_targets"] = find_targets(model, peft_config, scope, self.mlp_layer_cls)
 

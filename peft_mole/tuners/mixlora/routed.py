@@ -16,6 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_mole import routing
+from peft_mole.finite_check import raise_if_not_finite
 from peft_mole.forward_context import ForwardContext, RouterRecord, RowGroup
 from peft_mole.ops.profiling import profiled
 from peft_mole.tuners.mixlora.experts import ExpertLoRA
@@ -116,6 +117,8 @@ class RoutedExpertsLayer(nn.Module, BaseTunerLayer):
             router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - eps, 1.0 + eps)
         with torch.autocast(x.device.type, enabled=False):  # fp32 router even under bf16/fp16 autocast
             logits = F.linear(router_input, self.routers[adapter].weight.float())  # (N, E)
+            if self._context.check_finite:
+                raise_if_not_finite(logits, f"the router logits of {self.layer_name} (adapter {adapter!r})")
             probs = routing.router_probabilities(logits)
         weights, chosen = settings.rule(probs)
         records = self._context.records

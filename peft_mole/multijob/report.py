@@ -1,0 +1,46 @@
+"""What a multi-job run reports: padding of the mixed batches and the per-job summary table."""
+
+from __future__ import annotations
+
+from peft_mole.multijob.run import JobRun
+
+
+class PaddingStats:
+    """Real and padded token counts of the mixed batches the trainer built (`pad_fraction`)."""
+
+    def __init__(self) -> None:
+        self.real = 0
+        self.total = 0
+
+    def add(self, parts: list[tuple[JobRun, dict]]) -> None:
+        length = max(batch["input_ids"].shape[1] for _, batch in parts)
+        for _, batch in parts:
+            self.real += int(batch["attention_mask"].sum())
+            self.total += batch["input_ids"].shape[0] * length
+
+    @property
+    def pad_fraction(self) -> float:
+        return 1.0 - self.real / self.total if self.total else 0.0
+
+
+def summary_rows(runs: list[JobRun], seconds: float) -> list[dict]:
+    """Per job: status, optimizer steps, target tokens, share of the run's time, final loss, error."""
+    return [
+        {
+            "job": run.name, "status": run.status, "steps": run.global_step, "tokens": run.stats.tokens,
+            "time_share": run.stats.seconds / seconds if seconds > 0 else 0.0,
+            "final_loss": run.stats.last_loss, "error": run.error,
+        }
+        for run in runs
+    ]
+
+
+def summary_table(rows: list[dict], pad_fraction: float) -> str:
+    header = f"{'job':<16} {'status':<14} {'steps':>6} {'tokens':>9} {'time':>6} {'final loss':>10}"
+    lines = [header] + [
+        f"{r['job']:<16} {r['status']:<14} {r['steps']:>6} {r['tokens']:>9} {r['time_share']:>6.1%} "
+        + (f"{r['final_loss']:>10.4f}" if r["final_loss"] is not None else f"{'-':>10}")
+        for r in rows
+    ]
+    lines.append(f"padding: {pad_fraction:.1%} of the tokens in the mixed batches")
+    return "\n".join(lines)

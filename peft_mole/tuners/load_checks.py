@@ -1,0 +1,110 @@
+"""Checks that make loading a saved adapter fail early and clearly instead of loading it wrongly.
+
+- `check_saved_keys`: adapter_config.json must state every field that shapes the adapter's tensors (a missing one
+  would silently take its default and mismatch the weights); unknown keys only warn (PEFT ignores them).
+- `check_weights_file`: in a local adapter folder, adapter_model.safetensors must be a readable safetensors file
+  (truncated or corrupted files are named); a pickle `adapter_model.bin` alone is refused — `convert_bin_adapter`
+  is the explicit opt-in that turns it into safetensors (reading it with `torch.load(weights_only=True)`).
+- `check_base_shape`: the base an adapter is loaded onto must have the hidden size, MLP size and layer count of the
+  base it was trained on (recorded in the config as `base_model_shape`); another vocabulary only warns.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from torch import nn
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers")
+
+
+def check_saved_keys(cls_name: str, saved: dict, required: tuple[str, ...]) -> None:
+    missing = [key for key in required if key not in saved]
+    if missing:
+        raise ValueError(
+            f"adapter_config.json of this {cls_name} lacks {missing}; these fields shape the saved tensors, so the "
+            f"adapter cannot be rebuilt without them (needed: {list(required)})"
+        )
+
+
+def check_weights_file(path: str, subfolder: str | None = None) -> None:
+    """Validate the weights file of a local adapter folder (hub ids are checked by the download itself)."""
+    folder = os.path.join(path, subfolder) if subfolder else path
+    if not os.path.isdir(folder):
+        return
+    weights = os.path.join(folder, SAFETENSORS_NAME)
+    if os.path.isfile(weights):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(weights, framework="pt") as f:
+                names = list(f.keys())
+                for name in names:
+                    f.get_slice(name).get_shape()
+        except Exception as error:  # noqa: BLE001 — re-raised with the file and what to do
+            raise ValueError(
+                f"{weights} is not a readable safetensors file (truncated or corrupted: {error}); load an earlier "
+                "checkpoint of this adapter"
+            ) from error
+        size = os.path.getsize(weights)
+        if not names or size < 16:
+            raise ValueError(f"{weights} holds no tensors; the adapter was not saved completely")
+        return
+    if os.path.isfile(os.path.join(folder, PICKLE_NAME)):
+        raise ValueError(
+            f"{folder} holds only a pickle {PICKLE_NAME}; peft-mole loads adapters from safetensors only. If you "
+            f"trust the file, convert it once with `peft_mole.convert_bin_adapter({folder!r})` (or "
+            f"`peft-mole convert-bin {folder}`), which reads it with torch.load(weights_only=True)"
+        )
+
+
+def convert_bin_adapter(folder: str) -> str:
+    """Opt-in: write adapter_model.safetensors from a pickle adapter_model.bin (tensors only). Returns its path."""
+    import torch
+    from safetensors.torch import save_file
+
+    source = os.path.join(folder, PICKLE_NAME)
+    if not os.path.isfile(source):
+        raise ValueError(f"{source} does not exist")
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{source} is not a flat dict of tensors, so it is not an adapter state dict")
+    target = os.path.join(folder, SAFETENSORS_NAME)
+    save_file({k: v.contiguous() for k, v in state.items()}, target, metadata={"format": "pt"})
+    return target
+
+
+def base_shape(model: nn.Module) -> dict | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    shape = {key: getattr(text, key, None) for key in (*SHAPE_FIELDS, "vocab_size")}
+    shape["model_type"] = getattr(text, "model_type", None)
+    return shape
+
+
+def check_base_shape(recorded: dict | None, model: nn.Module) -> None:
+    """Compare the base recorded at training time with the one the adapter is loaded onto."""
+    current = base_shape(model)
+    if not recorded or current is None:
+        return
+    wrong = [
+        f"{key} {recorded[key]} (this base: {current[key]})"
+        for key in SHAPE_FIELDS
+        if recorded.get(key) is not None and current.get(key) is not None and recorded[key] != current[key]
+    ]
+    if wrong:
+        raise ValueError(
+            "this adapter was trained on a base with " + ", ".join(wrong)
+            + "; load it onto the base it was trained for (its base_model_name_or_path)"
+        )
+    if recorded.get("vocab_size") and current.get("vocab_size") and recorded["vocab_size"] != current["vocab_size"]:
+        warnings.warn(
+            f"the adapter was trained on a base with vocab_size {recorded['vocab_size']}, this base has "
+            f"{current['vocab_size']}: check that the tokenizer is the one it was trained with",
+            stacklevel=3,
+        )

@@ -1,0 +1,49 @@
+"""Bad-input matrix, configs: every field of MixLoRAConfig and DynMoLEConfig out of range or of the wrong type
+raises a TypeError/ValueError that names the field (and, for ranges, what is allowed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from peft_mole import DynMoLEConfig, MixLoRAConfig
+
+COMMON = [
+    ("num_experts", 0, ValueError), ("num_experts", -2, ValueError), ("num_experts", "8", TypeError),
+    ("num_experts", 2.5, TypeError), ("num_experts", [], ValueError), ("num_experts", [2, 0], ValueError),
+    ("r", 0, ValueError), ("r", -4, ValueError), ("r", 1.5, TypeError), ("r", True, TypeError),
+    ("lora_alpha", -1, ValueError), ("lora_alpha", "16", TypeError),
+    ("lora_dropout", 1.0, ValueError), ("lora_dropout", -0.1, ValueError), ("lora_dropout", "0.1", TypeError),
+    ("use_rslora", "yes", TypeError), ("use_dora", 1, TypeError),
+    ("expert_target_modules", ["fc1"], ValueError), ("expert_target_modules", "gate_proj", TypeError),
+    ("expert_target_modules", [], ValueError), ("expert_target_modules", ["up_proj", "up_proj"], ValueError),
+    ("attn_target_modules", ["qkv"], ValueError), ("attn_target_modules", "q_proj", TypeError),
+    ("attn_r", 0, ValueError), ("attn_r", "8", TypeError), ("attn_lora_alpha", -2, ValueError),
+    ("attn_lora_dropout", 1.5, ValueError), ("jitter_noise", -0.1, ValueError), ("jitter_noise", 1.0, ValueError),
+    ("router_init_std", -0.02, ValueError), ("router_init_std", "0.02", TypeError),
+    ("layers_to_transform", -1, ValueError), ("layers_to_transform", "0", TypeError),
+    ("layers_to_transform", [0, -3], ValueError), ("bias", "all", ValueError), ("modules_to_save", "lm_head", TypeError),
+]
+MIXLORA = [
+    ("top_k", 0, ValueError), ("top_k", 9, ValueError), ("top_k", "2", TypeError),
+    ("router_aux_loss_coef", -0.01, ValueError), ("router_aux_loss_coef", "0.01", TypeError),
+]
+DYNMOLE = [
+    ("q", 0, ValueError), ("q", -1.1, ValueError), ("q", "1.1", TypeError),
+    ("top_p", 0.0, ValueError), ("top_p", 1.5, ValueError), ("broadcast_threshold", -0.1, ValueError),
+    ("broadcast_threshold", 1.5, ValueError), ("min_experts", 0, ValueError), ("min_experts", 9, ValueError),
+    ("entropy_loss_coef", -1.0, ValueError), ("lb_loss_coef", -1.0, ValueError), ("renormalize", "no", TypeError),
+    ("router_scope", "layer", ValueError),
+]
+CASES = [(MixLoRAConfig, *case) for case in COMMON + MIXLORA] + [(DynMoLEConfig, *case) for case in COMMON + DYNMOLE]
+
+
+@pytest.mark.parametrize(("config_cls", "field", "value", "error"), CASES,
+                         ids=[f"{c.__name__}-{f}={v!r}" for c, f, v, _ in CASES])
+def test_bad_field_is_refused_with_its_name(config_cls, field, value, error):
+    with pytest.raises(error) as raised:
+        config_cls(num_experts=8, **{field: value}) if field != "num_experts" else config_cls(**{field: value})
+    assert field in str(raised.value), str(raised.value)
+
+
+def test_matrix_size():
+    assert len(CASES) == 2 * len(COMMON) + len(MIXLORA) + len(DYNMOLE) == 90

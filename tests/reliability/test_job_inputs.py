@@ -1,0 +1,74 @@
+"""Bad-input matrix, multi-job data and jobs: each problem is named with its job and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+from datasets import Dataset
+from peft import LoraConfig
+
+from peft_mole import JobConfig, MultiJobTrainer, synthetic
+from tests.helpers import mixlora, tiny_base
+from tests.multijob.test_trainer import run_args
+
+LORA = LoraConfig(r=4, target_modules=["q_proj"])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return synthetic.demo_tokenizer()
+
+
+def rows(n=8, **extra):
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"], **extra}
+                              for r in synthetic.multitask_rows(n, tasks=("add",))])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(train_dataset=Dataset.from_list([])), ValueError, "job 'j': train_dataset is empty"),
+        (dict(train_dataset=None), ValueError, "train_dataset is required"),
+        (dict(learning_rate=0), ValueError, "learning_rate must be a number > 0"),
+        (dict(per_device_train_batch_size=0), ValueError, "per_device_train_batch_size must be an int >= 1"),
+        (dict(gradient_accumulation_steps="2"), ValueError, "gradient_accumulation_steps must be an int >= 1"),
+        (dict(max_steps=0), ValueError, "max_steps must be an int >= 1"),
+        (dict(priority="high"), TypeError, "priority must be an int"),
+        (dict(early_stopping_patience=2), ValueError, "early_stopping_patience needs an eval_dataset"),
+        (dict(early_stopping_patience=0, eval_dataset=rows()), ValueError, "early_stopping_patience must be an int >= 1"),
+        (dict(name="a/b"), ValueError, "job name 'a/b' is not allowed"),
+        (dict(name="__base__"), ValueError, "reserved"),
+        (dict(peft_config={"r": 4}), TypeError, "peft_config must be a LoraConfig, MixLoRAConfig or DynMoLEConfig"),
+    ],
+)
+def test_bad_job_configs(kwargs, error, match):
+    settings = dict(name="j", peft_config=LORA, train_dataset=rows())
+    settings.update(kwargs)
+    with pytest.raises(error, match=match):
+        JobConfig(**settings)
+
+
+def test_rows_without_trainable_tokens_leave_no_data(tokenizer, tmp_path):
+    # the prompt fills max_length, so truncation cuts the whole completion: no row has a trainable token
+    cut_answers = Dataset.from_list([{"prompt": "word " * 60, "completion": " yes"}] * 4)
+    jobs = [JobConfig("ok", LORA, rows()), JobConfig("blank", mixlora(), cut_answers)]
+    with pytest.raises(ValueError, match="job 'blank': no training rows are left"):
+        MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=run_args(tmp_path, max_length=24),
+                        processing_class=tokenizer)
+
+
+def test_missing_text_field_names_the_job(tokenizer, tmp_path):
+    wrong = Dataset.from_list([{"content": "no text or prompt field"}] * 4)
+    jobs = [JobConfig("ok", LORA, rows()), JobConfig("wrong", mixlora(), wrong)]
+    with pytest.raises(ValueError, match="job 'wrong': SFTTrainer could not prepare its dataset"):
+        MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=run_args(tmp_path),
+                        processing_class=tokenizer)
+
+
+def test_rows_longer_than_max_length_are_truncated_and_train(tokenizer, tmp_path):
+    long_rows = Dataset.from_list([{"text": "one two three four five " * 40}] * 8)
+    jobs = [JobConfig("long", LORA, long_rows, max_steps=2)]
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs,
+                              args=run_args(tmp_path, max_length=24), processing_class=tokenizer)
+    assert max(len(ids) for ids in trainer.job_datasets["long"]["input_ids"]) == 24
+    trainer.train()
+    assert trainer.job_summary[0]["status"] == "done" and trainer.job_summary[0]["tokens"] == 2 * 4 * 23

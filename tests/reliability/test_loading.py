@@ -1,0 +1,142 @@
+"""Bad-input matrix, saved adapters: edited configs, broken or pickled weight files and the wrong base fail early
+with an error naming the file or field; nothing loads half-way."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+import peft_mole
+from tests.helpers import METHODS, batch, randomize_adapters, tiny_base
+
+
+@pytest.fixture(scope="module", params=["mixlora", "dynmole"])
+def saved(request, tmp_path_factory):
+    model = get_peft_model(tiny_base(), METHODS[request.param]())
+    randomize_adapters(model)
+    path = tmp_path_factory.mktemp(request.param) / "adapter"
+    model.save_pretrained(path)
+    return path
+
+
+def _copy(saved, tmp_path):
+    target = tmp_path / "adapter"
+    shutil.copytree(saved, target)
+    return target
+
+
+def _edit_config(path, change) -> None:
+    config = json.loads((path / "adapter_config.json").read_text())
+    change(config)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+def test_unknown_config_key_warns_and_loads(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    _edit_config(path, lambda c: c.update(from_the_future=1))
+    with pytest.warns(UserWarning, match="from_the_future"):
+        model = PeftModel.from_pretrained(tiny_base(), path)
+    assert isinstance(model.peft_config["default"], (peft_mole.MixLoRAConfig, peft_mole.DynMoLEConfig))
+
+
+@pytest.mark.parametrize("key", ["num_experts", "r", "expert_target_modules", "attn_r"])
+def test_missing_config_key_is_refused_by_name(saved, tmp_path, key):
+    path = _copy(saved, tmp_path)
+    _edit_config(path, lambda c: c.pop(key))
+    with pytest.raises(ValueError, match=rf"lacks \['{key}'\]"):
+        PeftModel.from_pretrained(tiny_base(), path)
+
+
+def test_missing_routing_key_is_refused(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    key = "top_k" if "top_k" in json.loads((path / "adapter_config.json").read_text()) else "top_p"
+    _edit_config(path, lambda c: c.pop(key))
+    with pytest.raises(ValueError, match=rf"lacks \['{key}'\]"):
+        PeftModel.from_pretrained(tiny_base(), path)
+
+
+def _truncate_header(path):
+    with open(path, "r+b") as f:
+        f.truncate(100)
+
+
+def _truncate_data(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 64)
+
+
+def _garbage(path):
+    path.write_bytes(b"\x00" * 64)
+
+
+def _empty(path):
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage", [_truncate_header, _truncate_data, _garbage, _empty])
+def test_damaged_weights_file_is_named(saved, tmp_path, damage):
+    path = _copy(saved, tmp_path)
+    damage(path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors is not a readable safetensors file"):
+        PeftModel.from_pretrained(tiny_base(), path)
+
+
+def test_pickle_adapter_is_refused_until_converted(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    state = load_file(path / "adapter_model.safetensors")
+    torch.save(state, path / "adapter_model.bin")
+    os.remove(path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="holds only a pickle adapter_model.bin.*convert_bin_adapter"):
+        PeftModel.from_pretrained(tiny_base(), path)
+    peft_mole.convert_bin_adapter(str(path))  # the explicit opt-in
+    reference = PeftModel.from_pretrained(tiny_base(), saved).eval()
+    converted = PeftModel.from_pretrained(tiny_base(), path).eval()
+    ids, mask, _ = batch(2, 6)
+    with torch.no_grad():
+        assert torch.equal(reference(input_ids=ids, attention_mask=mask).logits,
+                           converted(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_pickle_that_is_not_a_state_dict_is_refused(tmp_path):
+    torch.save([torch.zeros(2)], tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match="not a flat dict of tensors"):
+        peft_mole.convert_bin_adapter(str(tmp_path))
+    with pytest.raises(ValueError, match="does not exist"):
+        peft_mole.convert_bin_adapter(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(hidden_size=96), r"hidden_size 64 \(this base: 96\)"),
+        (dict(intermediate_size=200), r"intermediate_size 172 \(this base: 200\)"),
+        (dict(num_hidden_layers=3), r"num_hidden_layers 2 \(this base: 3\)"),
+        (dict(num_hidden_layers=1), r"num_hidden_layers 2 \(this base: 1\)"),
+    ],
+)
+def test_adapter_on_a_base_of_another_shape_is_refused(saved, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        PeftModel.from_pretrained(tiny_base(**overrides), saved)
+
+
+def test_another_vocabulary_warns(saved):
+    with pytest.warns(UserWarning, match="vocab_size 512, this base has 300"):
+        PeftModel.from_pretrained(tiny_base(vocab_size=300), saved)
+
+
+def test_model_without_gated_mlp_and_unmatched_layers_are_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100))
+    with pytest.raises(ValueError, match="needs a decoder with gated MLP blocks"):
+        get_peft_model(gpt2, peft_mole.MixLoRAConfig(num_experts=2, top_k=1))
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[7\] matches no decoder layer"):
+        get_peft_model(tiny_base(), peft_mole.MixLoRAConfig(num_experts=2, top_k=1, layers_to_transform=[7]))
+    with pytest.raises(ValueError, match="num_experts has 3 entries but the model has 2"):
+        get_peft_model(tiny_base(), peft_mole.DynMoLEConfig(num_experts=[2, 4, 6]))
