@@ -6,6 +6,7 @@ Importing the package registers its PEFT types, after which `get_peft_model`, `P
 
 from peft_mole.diagnostics import RouterStatsCallback
 from peft_mole.finite_check import check_finite
+from peft_mole.model_card import add_eval_results, push_to_hub
 from peft_mole.forward_context import BASE_ROW
 from peft_mole.multijob import JobConfig, MultiJobModel
 from peft_mole.tuners.dynmole import DynMoLEConfig, DynMoLEModel
@@ -15,8 +16,8 @@ from peft_mole.tuners.mixlora import MixLoRAConfig, MixLoRAModel
 __version__ = "0.1.0.dev0"
 
 __all__ = [
-    "BASE_ROW", "check_finite", "convert_bin_adapter", "DynMoLEConfig", "DynMoLEModel", "JobConfig", "MixLoRAConfig", "MixLoRAModel", "MultiJobModel",
-    "MultiJobTrainer", "RouterStatsCallback", "__version__",
+    "BASE_ROW", "add_eval_results", "check_finite", "convert_bin_adapter", "DynMoLEConfig", "DynMoLEModel", "JobConfig", "MixLoRAConfig", "MixLoRAModel", "MultiJobModel",
+    "MultiJobTrainer", "RouterStatsCallback", "__version__", "push_to_hub",
 ]
 
 

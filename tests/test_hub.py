@@ -73,3 +73,33 @@ def test_push_then_pull_gives_identical_logits(method, fake_hub):
     pulled.eval()
     with torch.no_grad():
         assert torch.equal(pulled(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+@pytest.mark.parametrize("method", ["mixlora", "dynmole"])
+def test_push_to_hub_writes_a_model_card(method, fake_hub, monkeypatch):
+    import peft_mole
+    import peft_mole.model_card
+
+    monkeypatch.setattr(peft_mole.model_card, "HfApi", lambda token=None: fake_hub)
+    model = get_peft_model(tiny_base(), METHODS[method]())
+    randomize_adapters(model)
+    model.train()
+    ids, mask, labels = batch(2, 7)
+    model(input_ids=ids, attention_mask=mask, labels=labels)  # router statistics of this pass go on the card
+    peft_mole.add_eval_results(model, {"default": {"arc_e": 0.5, "boolq": 0.75}})
+    assert peft_mole.push_to_hub(model, f"someone/card-{method}") == f"fake://someone/card-{method}"
+    card = (fake_hub.root / f"someone/card-{method}" / "README.md").read_text()
+    name = {"mixlora": "MixLoRA", "dynmole": "DynMoLE"}[method]
+    assert f"## {name} adapter (peft-mole)" in card and "import peft_mole" in card
+    header = card.split("---")[1]
+    for tag in ("peft-mole", method, "peft"):
+        assert f"- {tag}\n" in header, header
+    assert "library_name: peft" in header
+    assert "| num_experts | `4` |" in card and "| r | `4` |" in card
+    assert "### Router statistics" in card and "model.layers.1.mlp" in card
+    assert "| boolq | 0.7500 |" in card
+    for _ in range(2):  # saving into the same folder again replaces the section, does not repeat it
+        model.save_pretrained(fake_hub.root / "local")
+    assert (fake_hub.root / "local" / "README.md").read_text().count("## " + name + " adapter") == 1
+    with pytest.raises(ValueError, match="unknown adapter 'other'"):
+        peft_mole.add_eval_results(model, {"other": {}})

@@ -126,6 +126,13 @@ class ExpertAdapterConfig(PeftConfig):
         check_weights_file(str(pretrained_model_name_or_path), subfolder)
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """PEFT's config file, then the peft-mole section and tags of README.md (`peft_mole.model_card`)."""
+        super().save_pretrained(save_directory, **kwargs)
+        from peft_mole.model_card import update_model_card
+
+        update_model_card(save_directory, self)
+
     @classmethod
     def check_kwargs(cls, **kwargs):
         kwargs = super().check_kwargs(**kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -69,6 +70,7 @@ class MixLoRAModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: ExpertAdapterConfig, model: nn.Module) -> None:
+        peft_config.__dict__["_tuner_ref"] = weakref.ref(self)  # router statistics for the model card
         if peft_config.base_model_shape:  # a loaded adapter: the base must be the one it was made for
             check_base_shape(peft_config.base_model_shape, model)
         else:

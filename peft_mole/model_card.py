@@ -1,0 +1,109 @@
+"""Model cards for peft-mole adapters: what `save_pretrained` and `peft_mole.push_to_hub` write into README.md.
+
+Note: transformers' `model.push_to_hub` (which PeftModel inherits) replaces README.md with the card already on the
+Hub, or a generic template, after saving — PEFT's card and ours are lost that way. `peft_mole.push_to_hub(model,
+repo_id)` uploads the folder `save_pretrained` writes, card included.
+
+PEFT writes its card first (library `peft`, base model, PEFT version); then the adapter config's own
+`save_pretrained` (ours) adds tags `peft`, `peft-mole` and the method name, and a section between
+`<!-- peft-mole -->` markers (replaced on every save): the method, the settings that define it, router
+statistics of the last recorded forward pass (training, or a forward with labels), and an evaluation table when
+`add_eval_results` was called.
+"""
+
+from __future__ import annotations
+
+import os
+
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
+
+START, END = "<!-- peft-mole -->", "<!-- /peft-mole -->"
+CARD_FIELDS = ("num_experts", "top_k", "q", "top_p", "broadcast_threshold", "min_experts", "router_scope", "r",
+               "lora_alpha", "lora_dropout", "use_dora", "expert_target_modules", "attn_target_modules",
+               "router_aux_loss_coef", "entropy_loss_coef", "lb_loss_coef")
+METHOD_NAMES = {"MixLoRAConfig": "MixLoRA", "DynMoLEConfig": "DynMoLE"}
+
+
+def add_eval_results(model, results: dict[str, dict[str, float]]) -> None:
+    """Attach {adapter: {task: accuracy}} (as `evaluate_commonsense` returns) to the adapters' cards."""
+    for adapter, scores in results.items():
+        config = model.peft_config.get(adapter)
+        if config is None:
+            raise ValueError(f"unknown adapter {adapter!r}; adapters: {sorted(model.peft_config)}")
+        config.__dict__["_card_eval"] = dict(scores)
+
+
+def section(config) -> str:
+    method = METHOD_NAMES.get(type(config).__name__, type(config).__name__)
+    lines = [START, f"## {method} adapter (peft-mole)", "",
+             f"A {method} adapter made with [peft-mole](https://pypi.org/project/peft-mole/). Load it with:", "",
+             "```python", "import peft_mole  # registers the adapter type with PEFT",
+             "from peft import AutoPeftModelForCausalLM",
+             "model = AutoPeftModelForCausalLM.from_pretrained(\"<this repo>\")", "```", "",
+             "| setting | value |", "|---|---|"]
+    if config.base_model_name_or_path:
+        lines.append(f"| base model | `{config.base_model_name_or_path}` |")
+    for name in CARD_FIELDS:
+        if hasattr(config, name):
+            lines.append(f"| {name} | `{getattr(config, name)}` |")
+    stats = _last_router_stats(config)
+    if stats:
+        lines += ["", "### Router statistics", "",
+                  "| layer | normalised entropy | broadcast share | experts per token | expert load |", "|---|---|---|---|---|"]
+        for layer, s in sorted(stats.items()):
+            load = " ".join(f"{x:.2f}" for x in s.load)
+            lines.append(f"| {layer} | {s.entropy:.3f} | {s.broadcast:.3f} | {s.experts_per_token:.2f} | {load} |")
+    scores = config.__dict__.get("_card_eval")
+    if scores:
+        lines += ["", "### Evaluation", "", "| task | accuracy |", "|---|---|"]
+        lines += [f"| {task} | {value:.4f} |" for task, value in scores.items()]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def _last_router_stats(config) -> dict:
+    tuner_ref = config.__dict__.get("_tuner_ref")
+    tuner = tuner_ref() if tuner_ref is not None else None
+    if tuner is None:
+        return {}
+    adapter = next((name for name, c in tuner.peft_config.items() if c is config), None)
+    return {layer: s for (name, layer), s in tuner.router_stats().items() if name == adapter}
+
+
+def update_model_card(directory: str, config) -> None:
+    """Create or update README.md in `directory` with the tags and the peft-mole section of `config`."""
+    path = os.path.join(directory, "README.md")
+    card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
+    method = METHOD_NAMES.get(type(config).__name__, type(config).__name__).lower()
+    card.data["library_name"] = "peft"
+    card.data["tags"] = sorted(set(card.data.get("tags") or []) | {"peft", "peft-mole", method})
+    if config.base_model_name_or_path and not card.data.get("base_model"):
+        card.data["base_model"] = config.base_model_name_or_path
+    text = card.text
+    if START in text and END in text:
+        text = text[: text.index(START)] + section(config) + text[text.index(END) + len(END):]
+    else:
+        text = section(config) + "\n\n" + text
+    card.text = text
+    card.save(path)
+
+
+def push_to_hub(model, repo_id: str, commit_message: str = "Upload peft-mole adapter", private: bool | None = None,
+                token: str | None = None, **save_kwargs) -> str:
+    """Save `model` (a PeftModel) with its model card into a temporary folder and upload it to `repo_id`.
+
+    Returns the commit URL. Example: `peft_mole.push_to_hub(model, "me/my-mixlora", private=True)`.
+    """
+    import tempfile
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, **save_kwargs)
+        operations = [
+            CommitOperationAdd(path_in_repo=os.path.relpath(os.path.join(root, name), folder),
+                               path_or_fileobj=os.path.join(root, name))
+            for root, _, names in os.walk(folder) for name in names
+        ]
+        commit = api.create_commit(repo_id, operations=operations, commit_message=commit_message)
+    return commit.commit_url
