@@ -6,8 +6,8 @@ Importing the package registers its PEFT types, after which `get_peft_model`, `P
 
 from peft_mole.diagnostics import RouterStatsCallback
 from peft_mole.finite_check import check_finite
-from peft_mole.model_card import add_eval_results, push_to_hub
 from peft_mole.forward_context import BASE_ROW
+from peft_mole.model_card import add_eval_results, push_to_hub
 from peft_mole.multijob import JobConfig, MultiJobModel
 from peft_mole.tuners.dynmole import DynMoLEConfig, DynMoLEModel
 from peft_mole.tuners.load_checks import convert_bin_adapter
