@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench lint docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ demo: install
 	$(PY) examples/sft_mixlora.py
 	$(PY) examples/sft_dynmole.py
 	$(PY) examples/multijob.py
+
+docs: install
+	$(VENV)/bin/mkdocs build --strict
 
 RESULTS := bench/results/$(shell hostname)-$(shell date +%Y-%m-%d).jsonl
 

@@ -42,11 +42,14 @@ class JobConfig:
     Args:
         name: adapter name and output folder (`output_dir/<name>/`); letters, digits, '_' and '-'.
         peft_config: `LoraConfig`, `MixLoRAConfig` or `DynMoLEConfig`.
-        train_dataset / eval_dataset: datasets in any format `SFTTrainer` accepts (text, messages, prompt-completion).
+        train_dataset: a dataset in any format `SFTTrainer` accepts (text, messages, prompt-completion).
+        eval_dataset: the same, for `<job>/eval_loss` and early stopping.
         priority: higher is admitted first when `max_concurrent_jobs` or memory is short; ties go by list order.
         early_stopping_patience: stop the job after this many evaluations without a lower eval loss (needs
             eval_dataset and eval_steps).
-        the rest: this job's value of the `SFTConfig` field of the same name (None = the trainer's).
+        learning_rate: this job's value of the `SFTConfig` field of the same name (None = the trainer's); so are
+            per_device_train_batch_size, gradient_accumulation_steps, num_train_epochs, max_steps, warmup_steps,
+            weight_decay, max_grad_norm, lr_scheduler_type, seed, save_steps, logging_steps and eval_steps.
 
     Example:
         >>> JobConfig(name="math", peft_config=LoraConfig(r=16), train_dataset=ds, learning_rate=2e-4)  # doctest: +SKIP

@@ -19,12 +19,21 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, TrainerState, get_scheduler
+from transformers import (
+    AutoModelForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+    TrainerState,
+    get_scheduler,
+)
 from transformers.trainer_utils import TrainOutput, set_seed
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
 from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob import distributed as dist
@@ -51,13 +60,17 @@ class MultiJobTrainer(SFTTrainer):
         jobs: the jobs; names must be unique.
         args: an `SFTConfig`: the defaults for every job, and the run's `output_dir` (job j writes to
             `output_dir/<j>/`: checkpoints `checkpoint-N/` and the final adapter).
+        processing_class: the tokenizer, as for `SFTTrainer`.
+        data_collator: as for `SFTTrainer` (default: TRL's language-modeling collator).
+        callbacks: Trainer callbacks; they see one step per mixed step and every job's logs.
+        formatting_func: as for `SFTTrainer`.
         max_concurrent_jobs: run at most this many jobs at a time (by priority, then arrival).
         max_memory: peak-memory budget in bytes for one step, enforced with the fitted memory model
             (`peft_mole.multijob.memory`); None = no limit.
         step_overhead_tokens: what one extra mixed step costs, in padded tokens; the jobs' micro-batches of a
             round are split into steps of similar length when that saves more padding. "auto" (default) fits it
             from the measured step times (`StepCost`); None: always one step per round.
-        processing_class, data_collator, callbacks, formatting_func: as for `SFTTrainer`.
+        **kwargs: passed on to `SFTTrainer` (not `peft_config` or `train_dataset`: jobs carry those).
 
     Example:
         >>> trainer = MultiJobTrainer(model=base, args=SFTConfig("runs"), jobs=[job_a, job_b])  # doctest: +SKIP
@@ -66,17 +79,17 @@ class MultiJobTrainer(SFTTrainer):
 
     def __init__(
         self,
-        model,
+        model: PreTrainedModel | str,
         jobs: list[JobConfig],
-        args=None,
-        processing_class=None,
-        data_collator=None,
-        callbacks=None,
-        formatting_func=None,
+        args: SFTConfig | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        data_collator: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        formatting_func: Callable | None = None,
         max_concurrent_jobs: int | None = None,
         max_memory: float | None = None,
         step_overhead_tokens: int | str | None = "auto",
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         if "peft_config" in kwargs or "train_dataset" in kwargs:
             raise TypeError("MultiJobTrainer takes the adapters and datasets from jobs=[JobConfig(...)], not peft_config/train_dataset")
