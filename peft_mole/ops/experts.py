@@ -6,6 +6,8 @@ Only selected pairs are computed — never all experts' outputs for all tokens:
   dense (N, d) × (d, E·r) product — cheap, since E·r is small — from which each pair takes its expert's r
   values; B then runs per expert on its segment of pairs.
 - `grouped_lora` serves projections whose input differs per pair (down: w_e h_e): A and B per expert segment.
+- `slot_lora` serves a handful of tokens (decoding): no sort at all; each token's k selected experts' factors are
+  gathered and applied with two batched products per projection, fewer and smaller operators than dispatching.
 """
 
 from __future__ import annotations
@@ -178,3 +180,27 @@ def grouped_lora(
         return _pair_matmul(hidden, lora_b, plan.expert)
     hidden = _segment_matmul(x, lora_a, plan.counts) * scaling  # (M, r)
     return _segment_matmul(hidden, lora_b, plan.counts)
+
+
+FEW_TOKENS = 16  # at most this many tokens (decoding): `slot_lora` instead of dispatching
+
+
+def slot_lora(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, chosen: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """s · B_e A_e x for every token slot (t, j) with expert e = chosen[t, j], without sorting.
+
+    Args:
+        x: (N, in) tokens shared by their k slots (gate/up), or (N, k, in) one input per slot (down);
+        lora_a: (E, r, in); lora_b: (E, out, r); chosen: (N, k) expert of each slot.
+    Returns:
+        (N, k, out) in the adapter dtype.
+    """
+    num_experts, r, _ = lora_a.shape
+    x = x.to(lora_a.dtype)
+    if x.dim() == 2:  # one input per token: every expert's A x in one product, then each slot's r values
+        z_all = (x @ lora_a.reshape(num_experts * r, -1).t()).view(-1, num_experts, r)  # (N, E, r)
+        z = z_all.gather(1, chosen.unsqueeze(-1).expand(-1, -1, r))  # (N, k, r)
+    else:
+        z = torch.einsum("nki,nkri->nkr", x, lora_a[chosen])
+    return torch.einsum("nkr,nkor->nko", z * scaling, lora_b[chosen])

@@ -7,7 +7,7 @@ from peft import get_peft_model
 from peft_mole import MixLoRAConfig
 from peft_mole.tuners.mixlora import MixLoRAMLP
 from peft_mole.tuners.mixlora import layer as layer_module
-from tests.helpers import batch, mixlora, randomize_adapters, tiny_base
+from tests.helpers import METHODS, batch, mixlora, randomize_adapters, tiny_base
 
 
 def naive_mixture(layer: MixLoRAMLP, x: torch.Tensor, adapter: str = "default") -> torch.Tensor:
@@ -213,3 +213,28 @@ def test_dora_row_norm_expansion_equals_the_direct_norm():
     a, b = experts.factors("gate_proj")
     direct = torch.stack([(weight + experts.scaling * b[e] @ a[e]).norm(dim=1) for e in range(a.shape[0])])
     torch.testing.assert_close(experts.gate_proj_magnitude / experts.dora_scale("gate_proj", weight), direct)
+
+
+@pytest.mark.parametrize("method", ["mixlora", "dynmole", "dynmole-projection"])
+def test_few_token_path_equals_the_dispatch_path(method, monkeypatch):
+    """Decoding-sized inputs skip the sort (`slot_lora`); outputs and gradients equal the dispatch path's."""
+    import peft_mole.tuners.mixlora.layer as layer_module
+    import peft_mole.tuners.mixlora.projection as projection_module
+
+    results = []
+    for few_tokens in (16, 0):
+        monkeypatch.setattr(layer_module, "FEW_TOKENS", few_tokens)
+        monkeypatch.setattr(projection_module, "FEW_TOKENS", few_tokens)
+        model = get_peft_model(tiny_base(), METHODS[method]())
+        randomize_adapters(model, std=0.2)
+        model.train()
+        ids, mask, labels = batch(2, 3)  # 3 tokens per row: each layer sees at most 6 tokens
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        results.append((out.logits.detach(), grads))
+    (fast, fast_grads), (slow, slow_grads) = results
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert fast_grads.keys() == slow_grads.keys() and len(fast_grads) > 0
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -18,7 +18,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext
-from peft_mole.ops.experts import dispatch, grouped_lora, shared_input_lora
+from peft_mole.ops.experts import FEW_TOKENS, dispatch, grouped_lora, shared_input_lora, slot_lora
 from peft_mole.ops.profiling import profiled
 from peft_mole.ops.segmented_lora import consecutive_slices
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
@@ -148,11 +148,36 @@ class MixLoRAMLP(RoutedExpertsLayer):
         """
         settings = self.settings[adapter]
         weights, chosen = self.route(adapter, x, token_mask)  # (N, k) each
+        dropout_active = self.training and isinstance(self.dropouts[adapter], nn.Dropout)
+        if x.shape[0] <= FEW_TOKENS and not self.experts[adapter].use_dora and not dropout_active:
+            return self._mixture_few_tokens(adapter, x, gate, up, weights, chosen)
         plan = dispatch(weights, chosen, settings.num_experts)
         weighted = self._gate_up_experts(adapter, x, gate, up, plan)  # (M, I): w_e h_e per pair
         down_delta, down_replaces_hidden = self._down_experts(adapter, x, gate, weighted, plan)
         hidden, weight_sum = self._combine(weighted, plan, gate, with_hidden=not down_replaces_hidden)
         return hidden, down_delta, weight_sum
+
+    @profiled("peft_mole::experts_few_tokens")
+    def _mixture_few_tokens(self, adapter, x, gate, up, weights, chosen):
+        """`_mixture` for a few tokens (decoding) without dispatch: each token's k slots side by side, (N, k, ·).
+
+        Same formula, no DoRA, no active dropout (the callers check)."""
+        settings, experts, mlp = self.settings[adapter], self.experts[adapter], self.base_layer
+        k = chosen.shape[1]
+        w = weights.to(gate.dtype).unsqueeze(-1)  # (N, k, 1)
+        slots = {}
+        for proj, frozen in (("gate_proj", gate), ("up_proj", up)):
+            factors = experts.factors(proj)
+            shared = frozen.unsqueeze(1).expand(-1, k, -1)  # (N, k, I): W x, the same for every slot
+            slots[proj] = shared if factors is None else shared + slot_lora(
+                self.dropouts[adapter](x), *factors, chosen, settings.scaling
+            ).to(frozen.dtype)
+        weighted = mlp.act_fn(slots["gate_proj"]) * slots["up_proj"] * w  # (N, k, I): w_e h_e
+        down_factors = experts.factors("down_proj")
+        down_delta = None
+        if down_factors is not None:
+            down_delta = slot_lora(weighted, *down_factors, chosen, settings.scaling).sum(1).to(x.dtype)
+        return weighted.sum(1), down_delta, w.sum(1)
 
     @profiled("peft_mole::experts_gate_up")
     def _gate_up_experts(self, adapter, x, gate, up, plan) -> torch.Tensor:

@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_mole.forward_context import ForwardContext
-from peft_mole.ops.experts import dispatch, shared_input_lora
+from peft_mole.ops.experts import FEW_TOKENS, dispatch, shared_input_lora, slot_lora
 from peft_mole.ops.segmented_lora import scatter_row_deltas
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
 
@@ -59,8 +59,12 @@ class MoELoraLinear(RoutedExpertsLayer):
         """Σ_e w_e s·B_e A_e dropout(x) for N tokens x (N, in) → (N, out)."""
         settings = self.settings[adapter]
         weights, chosen = self.route(adapter, x, token_mask)
-        plan = dispatch(weights, chosen, settings.num_experts)
         lora_a, lora_b = self.experts[adapter].factors("proj")
+        dropout_active = self.training and isinstance(self.dropouts[adapter], nn.Dropout)
+        if x.shape[0] <= FEW_TOKENS and not dropout_active:  # decoding: no dispatch
+            slots = slot_lora(x, lora_a, lora_b, chosen, settings.scaling)  # (N, k, out)
+            return (slots * weights.to(slots.dtype).unsqueeze(-1)).sum(1)
+        plan = dispatch(weights, chosen, settings.num_experts)
         pair = shared_input_lora(self.dropouts[adapter](x), lora_a, lora_b, plan, settings.scaling)  # (M, out)
         pair = pair * plan.weight.to(pair.dtype).unsqueeze(-1)
         return pair.new_zeros(x.shape[0], lora_b.shape[1]).index_add(0, plan.token, pair)
