@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
+from transformers import GemmaConfig, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
 # Shapes of ../shared/BENCH.md (tiny: unit tests, small: CPU benchmarks, medium: GPU benchmarks).
 SHAPES = {
@@ -23,7 +23,7 @@ SHAPES = {
     "medium": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                    num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
 }
-FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma": GemmaConfig}
 
 
 def model_config(family: str = "llama", shape: str = "tiny", **overrides) -> PretrainedConfig:
@@ -33,6 +33,8 @@ def model_config(family: str = "llama", shape: str = "tiny", **overrides) -> Pre
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
     kwargs = {**SHAPES[shape], "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **overrides}
+    if family == "gemma":  # Gemma's default head_dim is 256 whatever the hidden size
+        kwargs.setdefault("head_dim", kwargs["hidden_size"] // kwargs["num_attention_heads"])
     return FAMILIES[family](**kwargs)
 
 

@@ -7,7 +7,7 @@ import torch
 import peft_mole
 from peft_mole import synthetic
 
-FAMILIES = ["llama", "qwen2", "mistral"]
+FAMILIES = ["llama", "qwen2", "mistral", "gemma"]
 
 
 def tiny_base(family: str = "llama", seed: int = 0, **overrides):

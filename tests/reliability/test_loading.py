@@ -140,3 +140,12 @@ def test_model_without_gated_mlp_and_unmatched_layers_are_refused():
         get_peft_model(tiny_base(), peft_mole.MixLoRAConfig(num_experts=2, top_k=1, layers_to_transform=[7]))
     with pytest.raises(ValueError, match="num_experts has 3 entries but the model has 2"):
         get_peft_model(tiny_base(), peft_mole.DynMoLEConfig(num_experts=[2, 4, 6]))
+
+
+def test_fused_gate_up_mlp_is_refused_with_the_layout_named():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    phi3 = Phi3ForCausalLM(Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, vocab_size=100, pad_token_id=0))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp \(Phi3MLP\) fuses gate and up in one gate_up_proj"):
+        get_peft_model(phi3, peft_mole.MixLoRAConfig(num_experts=2, top_k=1))

@@ -101,9 +101,11 @@ def test_generation_with_cache_equals_without(family, method):
     with_cache = model.generate(input_ids=ids, use_cache=True, **kwargs)
     without = model.generate(input_ids=ids, use_cache=False, **kwargs)
     assert with_cache.shape == (2, 13) and torch.equal(with_cache, without)
-    with model.disable_adapter():
-        base_tokens = model.generate(input_ids=ids, use_cache=True, **kwargs)
-    assert not torch.equal(base_tokens, with_cache)  # the adapter changes what is generated
+    with torch.no_grad():
+        adapted = model(input_ids=with_cache).logits
+        with model.disable_adapter():
+            base = model(input_ids=with_cache).logits
+    assert (adapted - base).abs().max() > 1e-3  # the adapter takes part in what was generated
 
 
 @pytest.mark.parametrize("method", METHODS)

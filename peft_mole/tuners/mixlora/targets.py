@@ -80,6 +80,14 @@ def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, bloc
         elif find_gated_mlp(module) and not name.endswith(".base_layer"):
             blocks[name] = False
     if not blocks:
+        fused = next((name for name, m in model.named_modules() if hasattr(m, "gate_up_proj")), None)
+        if fused is not None:
+            raise ValueError(
+                f"{fused} ({type(model.get_submodule(fused)).__name__}) fuses gate and up in one gate_up_proj "
+                "(Phi-3 layout); peft-mole's MLP experts need separate gate_proj, up_proj and down_proj (Llama, "
+                "Qwen2, Mistral, Gemma layouts). Supporting it means splitting gate_up_proj's output in the MLP "
+                "block (see CONTRIBUTING.md, 'Adding a model family')"
+            )
         raise ValueError(
             "peft-mole needs a decoder with gated MLP blocks (linear gate_proj, up_proj, down_proj and act_fn, as "
             f"in Llama, Qwen2, Mistral); none found in {type(model).__name__}"
