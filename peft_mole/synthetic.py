@@ -125,3 +125,35 @@ def demo_tokenizer(save_dir: str | Path | None = None, vocab_size: int = 512):
     rows = multitask_rows(2000, seed=1234)
     texts = [r["prompt"] + r["completion"] for r in rows] + [c for r in rows for c in r["choices"]]
     return train_tokenizer(texts, vocab_size=vocab_size, save_dir=save_dir)
+
+
+# ---------------------------------------------------------------- commonsense-format tasks
+def write_commonsense_tasks(folder: str | Path, rows: int, seed: int = 0) -> Path:
+    """Generated questions in two of the papers' Hub schemas, for offline runs of `peft_mole.evaluation`:
+    `arc_e.jsonl` (question, lettered choices, answerKey; from the capital/opposite tasks, 4 options) and
+    `boolq.jsonl` (passage, question, answer: sums above 9)."""
+    rng = random.Random(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "arc_e.jsonl", "w") as f:
+        for row in multitask_rows(rows, seed=seed + 3, tasks=("capital", "opposite")):
+            options = [row["completion"]] + rng.sample([c for c in row["choices"] if c != row["completion"]], 3)
+            rng.shuffle(options)
+            f.write(json.dumps({
+                "question": row["prompt"].split("\n")[0], "answerKey": "ABCD"[options.index(row["completion"])],
+                "choices": {"text": [o.strip() for o in options], "label": list("ABCD")},
+            }) + "\n")
+    with open(folder / "boolq.jsonl", "w") as f:
+        for _ in range(rows):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"passage": f"{a} plus {b} is {a + b}.", "question": f"is {a} plus {b} more than 9",
+                                "answer": a + b > 9}) + "\n")
+    return folder
+
+
+def commonsense_tokenizer(task_folder: str | Path, save_dir: str | Path | None = None):
+    """A tokenizer trained on the files of `write_commonsense_tasks` that gives each option label (" A" ... " D")
+    its own token, as the label-logit scoring needs."""
+    texts = [line for path in sorted(Path(task_folder).glob("*.jsonl")) for line in path.read_text().splitlines()]
+    labels = [f"Answer: {letter}" for letter in "ABCD" for _ in range(50)]
+    return train_tokenizer(texts + labels, vocab_size=400, save_dir=save_dir)

@@ -40,3 +40,20 @@ def test_jobs_yaml_runs_with_the_cli(tmp_path):
     run = tmp_path / "build" / "demo-multijob" / "yaml-run"
     assert '"status": "done"' in (run / "add" / "job_state.json").read_text()
     assert sorted(p.name for p in run.iterdir()) == ["add", "capital", "jobs_summary.json", "sentiment"]
+
+
+def test_evaluate_adapters_example_one_pass_equals_one_at_a_time(tmp_path):
+    command = [sys.executable, str(ROOT / "examples" / "evaluate_adapters.py"), "--output-dir", str(tmp_path),
+               "--limit", "8"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "same accuracies: True" in result.stdout and "| adapter3 |" in result.stdout
+
+
+def test_push_to_hub_example_dry_run(tmp_path):
+    command = [sys.executable, str(ROOT / "examples" / "push_to_hub.py"), "--output-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "logits identical = True" in result.stdout
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "peft-mole" in card and "| demo_task | 1.0000 |" in card
