@@ -6,8 +6,10 @@ Only selected pairs are computed — never all experts' outputs for all tokens:
   dense (N, d) × (d, E·r) product — cheap, since E·r is small — from which each pair takes its expert's r
   values; B then runs per expert on its segment of pairs.
 - `grouped_lora` serves projections whose input differs per pair (down: w_e h_e): A and B per expert segment.
-- `slot_lora` serves a handful of tokens (decoding): no sort at all; each token's k selected experts' factors are
-  gathered and applied with two batched products per projection, fewer and smaller operators than dispatching.
+- `slot_lora` serves a handful of (token, slot) pairs (decoding with top-k): no sort at all; each token's k
+  selected experts' factors are gathered and applied with two batched products per projection — fewer operators
+  than dispatching, but a copy of the factors per slot, so only for few slots (DynMoLE's broadcast tokens, k = E,
+  take the dispatch path).
 """
 
 from __future__ import annotations
@@ -182,7 +184,7 @@ def grouped_lora(
     return _segment_matmul(hidden, lora_b, plan.counts)
 
 
-FEW_TOKENS = 16  # at most this many tokens (decoding): `slot_lora` instead of dispatching
+FEW_SLOTS = 16  # at most this many (token, slot) pairs (decoding, small k): `slot_lora` instead of dispatching
 
 
 def slot_lora(
