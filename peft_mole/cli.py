@@ -2,6 +2,7 @@
 
     peft-mole train jobs.yaml [--resume]
     peft-mole convert-bin ADAPTER_DIR
+    peft-mole convert --from moe-peft SRC DST      (or --to moe-peft)
     peft-mole eval --base PATH_OR_ID --adapters DIR[,DIR...] --tasks arc_e,boolq [--data-dir DIR] [--out DIR]
 
 `train` runs a MultiJobTrainer from a YAML job file (peft_mole/multijob/job_file.py documents the keys); `eval`
@@ -85,6 +86,23 @@ def _convert_bin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from peft_mole.interop import export_moe_peft, import_moe_peft
+
+    if (args.source_format is None) == (args.target_format is None):
+        raise SystemExit("peft-mole convert: give exactly one of --from moe-peft or --to moe-peft")
+    try:
+        if args.source_format:
+            config = import_moe_peft(args.src, args.dst)
+            print(f"wrote a peft-mole MixLoRA adapter ({config.num_experts} experts, top-{config.top_k}) to {args.dst}")
+        else:
+            export_moe_peft(args.src, args.dst)
+            print(f"wrote a MoE-PEFT MixLoRA adapter to {args.dst}")
+    except ValueError as error:
+        raise SystemExit(f"peft-mole convert: {error}") from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peft-mole", description="peft-mole command line")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     convert = commands.add_parser("convert-bin", help="opt in to a trusted pickle adapter_model.bin: write safetensors")
     convert.add_argument("folder", help="adapter folder holding adapter_model.bin")
     convert.set_defaults(run=_convert_bin)
+    interop = commands.add_parser("convert", help="convert MixLoRA adapters from/to the MoE-PEFT format")
+    interop.add_argument("--from", dest="source_format", choices=["moe-peft"], help="SRC is a MoE-PEFT adapter")
+    interop.add_argument("--to", dest="target_format", choices=["moe-peft"], help="write DST in MoE-PEFT format")
+    interop.add_argument("src")
+    interop.add_argument("dst")
+    interop.set_defaults(run=_convert)
     evaluation = commands.add_parser("eval", help="commonsense accuracy of one or more adapters, in one pass")
     evaluation.add_argument("--base", required=True, help="base model: local path or hub id")
     evaluation.add_argument("--tokenizer", help="tokenizer path or id (default: --base)")

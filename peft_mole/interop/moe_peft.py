@@ -1,0 +1,153 @@
+"""Convert MixLoRA adapters between MoE-PEFT's format and peft-mole's PEFT format (format notes:
+bench/peers/MOE_PEFT_FORMAT.md).
+
+MoE-PEFT (and the `mixlora` package) save `adapter_config.json` with `"peft_type": "MIXLORA"` and a pickle
+`adapter_model.bin` of tensors named
+
+    mixlora.layers.{L}.mlp.moe_gate.weight                         (E, hidden)   router
+    mixlora.layers.{L}.mlp.{gate,up,down}_proj.experts.{e}.lora_A.weight   (r, in)
+    mixlora.layers.{L}.mlp.{gate,up,down}_proj.experts.{e}.lora_B.weight   (out, r)
+    mixlora.layers.{L}.self_attn.{q,k,v,o}_proj.lora_A.weight / lora_B.weight  attention LoRA
+
+Their top-k forward (softmax in fp32, top-k, weights renormalised to 1, expert LoRA on the frozen gate/up/down,
+s = alpha/r) is MixLoRA's formula, the one peft-mole computes; the frozen down projection runs once per expert
+there and once on the weighted sum here, equal since the weights sum to 1. Only routing_strategy "mixlora"
+(top-k) maps to MixLoRAConfig. Reading the pickle uses `torch.load(weights_only=True)` (tensors only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from peft_mole.tuners.expert_config import ATTENTION_PROJECTIONS, EXPERT_PROJECTIONS
+from peft_mole.tuners.mixlora.config import MixLoRAConfig
+
+_ROUTER = re.compile(r"^mixlora\.layers\.(\d+)\.mlp\.moe_gate\.weight$")
+_EXPERT = re.compile(r"^mixlora\.layers\.(\d+)\.mlp\.(\w+)\.experts\.(\d+)\.lora_([AB])\.weight$")
+_ATTENTION = re.compile(r"^mixlora\.layers\.(\d+)\.self_attn\.(\w+)\.lora_([AB])\.weight$")
+_PREFIX = "base_model.model.model.layers"
+
+
+def _read_reference(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    config_path = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{config_path} does not exist: not an adapter folder")
+    with open(config_path) as f:
+        config = json.load(f)
+    if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
+        return config, load_file(os.path.join(folder, "adapter_model.safetensors"))
+    weights = os.path.join(folder, "adapter_model.bin")
+    if not os.path.isfile(weights):
+        raise ValueError(f"{folder} holds neither adapter_model.safetensors nor adapter_model.bin")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{weights} is not a flat dict of tensors")
+    return config, {k: v.detach().float() for k, v in state.items()}
+
+
+def config_from_moe_peft(reference: dict) -> MixLoRAConfig:
+    """MixLoRAConfig of a MoE-PEFT MixLoRA adapter_config.json (expert settings from `expert_lora` when given)."""
+    if reference.get("peft_type") != "MIXLORA":
+        raise ValueError(f"peft_type must be 'MIXLORA' for a MoE-PEFT MixLoRA adapter, got {reference.get('peft_type')!r}")
+    strategy = reference.get("routing_strategy")
+    if strategy != "mixlora":
+        raise ValueError(
+            f"routing_strategy {strategy!r} is not supported: only 'mixlora' (top-k) maps to MixLoRAConfig "
+            "('mixlora-dynamic' is top-p with a temperature, 'mixlora-switch' the Switch router)"
+        )
+    if reference.get("use_dora"):
+        raise ValueError("MoE-PEFT DoRA adapters are not supported by the converter yet (use_dora=true)")
+    targets = list(reference.get("target_modules") or [])
+    experts = {**reference, **(reference.get("expert_lora") or {})}
+    return MixLoRAConfig(
+        num_experts=int(reference["num_experts"]), top_k=int(reference["top_k"]),
+        r=int(experts["r"]), lora_alpha=experts["lora_alpha"], lora_dropout=float(experts.get("lora_dropout", 0.0)),
+        use_rslora=bool(reference.get("use_rslora", False)),
+        expert_target_modules=[p for p in EXPERT_PROJECTIONS if p in targets],
+        attn_target_modules=[p for p in ATTENTION_PROJECTIONS if p in targets],
+        attn_r=int(reference["r"]), attn_lora_alpha=reference["lora_alpha"],
+        attn_lora_dropout=float(reference.get("lora_dropout", 0.0)),
+        router_aux_loss_coef=float(reference.get("router_aux_loss_coef", 0.001)),  # MoE-PEFT's default
+        router_init_std=float(reference.get("router_init_range", 0.02)),
+        jitter_noise=float(reference.get("jitter_noise", 0.0)),
+        base_model_name_or_path=reference.get("base_model_name_or_path"),
+    )
+
+
+def import_moe_peft(source: str, target: str) -> MixLoRAConfig:
+    """Write a peft-mole MixLoRA adapter (PEFT format, safetensors) converted from MoE-PEFT's `source` folder."""
+    reference, tensors = _read_reference(source)
+    config = config_from_moe_peft(reference)
+    experts: dict[tuple[int, str, str], dict[int, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if match := _ROUTER.match(name):
+            out[f"{_PREFIX}.{match[1]}.mlp.mixlora_router.weight"] = tensor
+        elif match := _EXPERT.match(name):
+            experts.setdefault((int(match[1]), match[2], match[4]), {})[int(match[3])] = tensor
+        elif match := _ATTENTION.match(name):
+            out[f"{_PREFIX}.{match[1]}.self_attn.{match[2]}.mixlora_{match[3]}"] = tensor
+        else:
+            raise ValueError(f"{source}: unexpected tensor {name!r} for a MoE-PEFT MixLoRA adapter")
+    for (layer, proj, factor), per_expert in experts.items():
+        if sorted(per_expert) != list(range(config.num_experts)):
+            raise ValueError(f"{source}: layer {layer} {proj} has experts {sorted(per_expert)}, "
+                             f"expected 0..{config.num_experts - 1}")
+        stacked = torch.stack([per_expert[e] for e in range(config.num_experts)])
+        out[f"{_PREFIX}.{layer}.mlp.mixlora_experts.{proj}_lora_{factor}"] = stacked.contiguous()
+    os.makedirs(target, exist_ok=True)
+    config.save_pretrained(target)
+    save_file(out, os.path.join(target, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return config
+
+
+def export_moe_peft(source: str, target: str) -> None:
+    """Write a MoE-PEFT MixLoRA adapter (adapter_config.json + adapter_model.bin, as MoE-PEFT loads it) from a
+    peft-mole MixLoRA adapter folder."""
+    config = MixLoRAConfig.from_pretrained(source)
+    tensors = load_file(os.path.join(source, "adapter_model.safetensors"))
+    if isinstance(config.num_experts, list) or config.use_dora:
+        raise ValueError("MoE-PEFT has one expert count for every layer and no DoRA experts in this format")
+    if (config.attn_target_modules and (config.attn_r or config.r) != config.r) or config.attn_lora_alpha not in (
+        None, config.lora_alpha
+    ):
+        expert_lora = {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout}
+    else:
+        expert_lora = None
+    out = {}
+    pattern = re.compile(rf"^{re.escape(_PREFIX)}\.(\d+)\.(mlp|self_attn)\.(.+)$")
+    for name, tensor in tensors.items():
+        match = pattern.match(name)
+        if match is None:
+            raise ValueError(f"{source}: unexpected tensor {name!r}")
+        layer, block, rest = match.groups()
+        if rest == "mixlora_router.weight":
+            out[f"mixlora.layers.{layer}.mlp.moe_gate.weight"] = tensor
+        elif m := re.match(r"^mixlora_experts\.(\w+)_lora_([AB])$", rest):
+            for e in range(tensor.shape[0]):
+                out[f"mixlora.layers.{layer}.mlp.{m[1]}.experts.{e}.lora_{m[2]}.weight"] = tensor[e].clone()
+        elif m := re.match(r"^(\w+)\.mixlora_([AB])$", rest):
+            out[f"mixlora.layers.{layer}.self_attn.{m[1]}.lora_{m[2]}.weight"] = tensor
+        else:
+            raise ValueError(f"{source}: tensor {name!r} has no MoE-PEFT counterpart")
+    reference = {
+        "bias": "none", "peft_type": "MIXLORA", "r": config.attn_r or config.r,
+        "lora_alpha": config.attn_lora_alpha or config.lora_alpha,
+        "lora_dropout": max(config.attn_lora_dropout or config.lora_dropout, 1e-3),  # MoE-PEFT requires > 0
+        "target_modules": list(config.attn_target_modules) + list(config.expert_target_modules),
+        "routing_strategy": "mixlora", "num_experts": config.num_experts, "top_k": config.top_k,
+        "router_aux_loss_coef": config.router_aux_loss_coef, "router_init_range": config.router_init_std,
+        "jitter_noise": config.jitter_noise, "use_rslora": config.use_rslora,
+        "base_model_name_or_path": config.base_model_name_or_path, "task_type": "CAUSAL_LM",
+    }
+    if expert_lora:
+        reference["expert_lora"] = expert_lora
+    os.makedirs(target, exist_ok=True)
+    with open(os.path.join(target, "adapter_config.json"), "w") as f:
+        json.dump(reference, f, indent=4)
+    torch.save(out, os.path.join(target, "adapter_model.bin"))  # MoE-PEFT reads this file name
