@@ -18,6 +18,7 @@ COMMANDS = {
     "multijob_memory": "python bench/multijob_memory.py --shape {shape} --jobs {jobs}",
     "memory_model_error": "python bench/memory_model_error.py --shape {shape}",
     "pad_fraction": "python bench/pad_fraction.py --shape {shape} --jobs {jobs}",
+    "eval_throughput": "python bench/eval_throughput.py --shape {shape} --adapters {adapters}",
 }
 DESCRIPTIONS = {
     "mixlora_vs_lora": "MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout {dropout}",
@@ -32,6 +33,8 @@ DESCRIPTIONS = {
                           "max {error_max:.1%}",
     "pad_fraction": "padding / all tokens in mixed batches, {jobs} jobs, log-normal lengths; one step per round "
                     "{one_step_per_round:.0%}, length grouping {length_grouping:.0%}, + group_by_length sampler",
+    "eval_throughput": "adapters evaluated per minute, {adapters} in one pass / one at a time ({questions} questions; "
+                       "{adapters_per_min_one_pass:.0f} vs {adapters_per_min_one_at_a_time:.0f} per minute)",
 }
 PERCENT = {"memory_model_error", "pad_fraction"}
 
