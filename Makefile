@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench lint docs clean
+.PHONY: install test demo bench bench-peers lint docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ demo: install
 	$(PY) examples/sft_dynmole.py
 	$(PY) examples/multijob.py
 
+# The reference implementation in its own virtualenv (MoE-PEFT pins torch < 2.6, transformers < 4.47):
+# its MixLoRA/LoRA step ratio, the interop fixture, and MoE-PEFT loading a peft-mole export.
+PEERS := build/peers-venv
+bench-peers: install
+	test -x $(PEERS)/bin/python || (python3 -m venv $(PEERS) && $(PEERS)/bin/pip install -q "moe-peft==2.0.2")
+	$(PEERS)/bin/python bench/peers/moe_peft_step.py | tee -a bench/results/peers-moe-peft-$(shell hostname)-$(shell date +%Y-%m-%d).jsonl
+	$(PEERS)/bin/python bench/peers/make_moe_peft_fixture.py --out build/moe-peft-fixture
+	$(PY) bench/peers/check_export.py make build/export-check
+	$(PEERS)/bin/python bench/peers/check_export.py check build/export-check
+
 docs: install
 	$(VENV)/bin/mkdocs build --strict
 
@@ -42,6 +52,7 @@ bench: install
 	$(PY) bench/multijob_memory.py | tee -a $(RESULTS)
 	$(PY) bench/memory_model_error.py | tee -a $(RESULTS)
 	$(PY) bench/pad_fraction.py | tee -a $(RESULTS)
+	$(PY) bench/eval_throughput.py | tee -a $(RESULTS)
 	$(PY) bench/render_table.py $(RESULTS)
 
 lint: install
