@@ -53,6 +53,7 @@ bench: install
 	$(PY) bench/memory_model_error.py | tee -a $(RESULTS)
 	$(PY) bench/pad_fraction.py | tee -a $(RESULTS)
 	$(PY) bench/eval_throughput.py | tee -a $(RESULTS)
+	$(PY) bench/compile_step.py | tee -a $(RESULTS)
 	$(PY) bench/render_table.py $(RESULTS)
 
 lint: install

@@ -19,6 +19,7 @@ COMMANDS = {
     "memory_model_error": "python bench/memory_model_error.py --shape {shape}",
     "pad_fraction": "python bench/pad_fraction.py --shape {shape} --jobs {jobs}",
     "eval_throughput": "python bench/eval_throughput.py --shape {shape} --adapters {adapters}",
+    "compile_step": "python bench/compile_step.py --shape {shape}",
 }
 DESCRIPTIONS = {
     "mixlora_vs_lora": "MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout {dropout}",
@@ -36,6 +37,7 @@ DESCRIPTIONS = {
     "eval_throughput": "adapters evaluated per minute, {adapters} in one pass / one at a time ({questions} questions; "
                        "{adapters_per_min_one_pass:.0f} vs {adapters_per_min_one_at_a_time:.0f} per minute)",
 }
+DESCRIPTIONS["compile_step"] = "MixLoRA step, torch.compile / eager (compile time {compile_s:.0f} s)"
 PERCENT = {"memory_model_error", "pad_fraction"}
 
 
