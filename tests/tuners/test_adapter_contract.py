@@ -241,8 +241,8 @@ def test_reentrant_checkpointing_is_refused_instead_of_silently_dropping_the_aux
         model(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def test_offloaded_or_quantised_mlp_weights_are_refused():
+def test_offloaded_mlp_weights_are_refused():
     with torch.device("meta"):
         base = tiny_base()
-    with pytest.raises(ValueError, match="quantised or offloaded MLP weights are not supported"):
+    with pytest.raises(ValueError, match="meta device"):
         get_peft_model(base, METHODS["mixlora"]())

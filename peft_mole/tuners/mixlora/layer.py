@@ -120,8 +120,12 @@ class MixLoRAMLP(RoutedExpertsLayer):
         (multi-job training), the wrapper runs, so rows of that adapter get their LoRA delta.
         """
         down = self.base_layer.down_proj
-        if whole_batch and isinstance(down, BaseTunerLayer):
-            out = down(hidden)  # W2 h + b2 + the LoRA delta of rows whose adapter the wrapper holds
+        quantised = not plain_linear(down).weight.dtype.is_floating_point
+        if hidden is not None and ((whole_batch and isinstance(down, BaseTunerLayer)) or quantised):
+            # the module, not its weight: another adapter's LoRA wrapper (multi-job training) gives its rows their
+            # delta; a quantised linear (bitsandbytes) dequantises inside. W2 still runs once on the weighted sum.
+            module = down if whole_batch else plain_linear(down)
+            out = module(hidden)  # W2 h + b2
             if down.bias is not None:
                 out = out + down.bias * (weight_sum - 1)
             return out if down_delta is None else out + down_delta

@@ -40,14 +40,17 @@ def find_gated_mlp(module: nn.Module) -> bool:
     )
 
 
-def _check_plain_weights(name: str, mlp: nn.Module) -> None:
-    """The expert path reads W1, W3, W2 directly: they must be ordinary float weights on a real device."""
+def _check_plain_weights(name: str, mlp: nn.Module, use_dora: bool) -> None:
+    """The MLP weights must live on a real device. Quantised (bitsandbytes) projections work — the expert path calls
+    the modules, which dequantise inside — except with DoRA experts, which need the weights' row norms."""
     for proj in ("gate_proj", "up_proj", "down_proj"):
         weight = plain_linear(getattr(mlp, proj)).weight
-        if not weight.dtype.is_floating_point or weight.device.type == "meta":
+        if weight.device.type == "meta":
+            raise ValueError(f"{name}.{proj} has its weight on the meta device (offloaded); load the base on one device")
+        if use_dora and not weight.dtype.is_floating_point:
             raise ValueError(
-                f"{name}.{proj} has a {weight.dtype} weight on {weight.device.type}: quantised or offloaded MLP "
-                "weights are not supported yet; load the base in float32/bfloat16/float16 on one device"
+                f"{name}.{proj} has a quantised {weight.dtype} weight: DoRA experts need the float weights' row norms; "
+                "use use_dora=False on a quantised base, or load the base in float32/bfloat16/float16"
             )
 
 
@@ -100,7 +103,7 @@ def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, bloc
     targets: dict[str, Target] = {}
     for name, wrapped in blocks.items():
         block = model.get_submodule(name)
-        _check_plain_weights(name, block.base_layer if wrapped else block)
+        _check_plain_weights(name, block.base_layer if wrapped else block, bool(getattr(config, 'use_dora', False)))
         routed_projections = not wrapped and any(
             _is_routed(getattr(block, p)) for p in ("gate_proj", "up_proj", "down_proj")
         )

@@ -1,0 +1,93 @@
+"""MixLoRA, DynMoLE and LoRA jobs over a 4-bit (bitsandbytes NF4) base on CPU: the frozen-MLP trick works on the
+quantised weights (the layers call the quantised modules, W2 once on the weighted sum), the result equals the
+same adapter on the dequantised float base, and training moves the loss. Skips cleanly without bitsandbytes or
+without its CPU 4-bit kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from peft_mole import MultiJobModel, synthetic
+from tests.helpers import METHODS, batch, randomize_adapters
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """The same tiny Llama loaded in NF4 and, as reference, in float with the dequantised weights."""
+    from transformers import BitsAndBytesConfig
+
+    path = tmp_path_factory.mktemp("quantised") / "base"
+    synthetic.random_model("llama", "tiny", intermediate_size=192).save_pretrained(path)  # 4-bit blocks need /64
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    try:
+        quantised = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+        quantised(input_ids=torch.tensor([[3, 4]]))
+    except Exception as error:  # noqa: BLE001 — no CPU 4-bit support in this bitsandbytes build
+        pytest.skip(f"bitsandbytes cannot run 4-bit on this CPU: {type(error).__name__}: {error}")
+
+    def dequantised():
+        model = AutoModelForCausalLM.from_pretrained(path)
+        with torch.no_grad():
+            for name, module in quantised.named_modules():
+                if isinstance(module, bnb.nn.Linear4bit):
+                    weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                    model.get_submodule(name).weight.copy_(weight.float())
+        return model
+
+    return quantised, dequantised, path, config
+
+
+@pytest.mark.parametrize("method", ["mixlora", "dynmole", "dynmole-projection"])
+def test_adapter_on_a_4bit_base_equals_it_on_the_dequantised_base(bases, method):
+    quantised_base, dequantised, path, config = bases
+    quantised = get_peft_model(AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu"),
+                               METHODS[method]())
+    reference = get_peft_model(dequantised(), METHODS[method]())
+    randomize_adapters(quantised, std=0.1)
+    randomize_adapters(reference, std=0.1)
+    ids, mask, labels = batch(2, 8, pad_last=2)
+    quantised.eval()
+    reference.eval()
+    with torch.no_grad():
+        got = quantised(input_ids=ids, attention_mask=mask).logits
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+        base_only = dequantised()(input_ids=ids, attention_mask=mask).logits
+        kernel_gap = (quantised_base(input_ids=ids, attention_mask=mask).logits - base_only).abs().max()
+    assert (expected - base_only).abs().max() > 1e-2  # the adapter matters
+    # bitsandbytes' CPU 4-bit matmul itself differs from the float matmul by kernel_gap (~1e-3); the adapter on
+    # top must add nothing of its own order
+    assert (got - expected).abs().max() <= 2 * kernel_gap + 1e-4, (kernel_gap, (got - expected).abs().max())
+
+
+def test_training_mixed_jobs_over_a_4bit_base(bases):
+    _, _, path, config = bases
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+    model = MultiJobModel(base, {"lora": LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+                                 "mix": METHODS["mixlora"](), "dyn": METHODS["dynmole"]()})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.float32 for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    ids, mask, labels = batch(6, 8)
+    rows = ["lora", "lora", "mix", "mix", "dyn", "dyn"]
+    losses = []
+    for _ in range(8):
+        logits = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_dora_experts_on_a_4bit_base_are_refused(bases):
+    _, _, path, config = bases
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+    with pytest.raises(ValueError, match="DoRA experts need the float weights' row norms"):
+        get_peft_model(base, METHODS["mixdora"]())
