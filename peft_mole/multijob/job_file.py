@@ -29,7 +29,7 @@ from peft_mole.tuners.mixlora.config import MixLoRAConfig
 PEFT_TYPES = {"lora": LoraConfig, "mixlora": MixLoRAConfig, "dynmole": DynMoLEConfig}
 RUN_KEYS = {"model", "tokenizer", "output_dir", "max_concurrent_jobs", "max_memory_gb", "args", "jobs"}
 JOB_KEYS = {"name", "type", "peft", "dataset", "dataset_config", "dataset_split", "eval_dataset"} | {
-    f.name for f in fields(JobConfig) if f.name not in ("name", "peft_config", "train_dataset", "eval_dataset", "extra")
+    f.name for f in fields(JobConfig) if f.name not in ("name", "peft_config", "train_dataset", "eval_dataset")
 }
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from peft import LoraConfig, PeftConfig
@@ -74,7 +74,6 @@ class JobConfig:
     save_steps: float | None = None
     logging_steps: float | None = None
     eval_steps: float | None = None
-    extra: dict = field(default_factory=dict, repr=False)  # free-form metadata (e.g. from a YAML file)
 
     def __post_init__(self) -> None:
         check_job_name(self.name)

@@ -13,7 +13,6 @@ plain `peft`, a MixLoRA/DynMoLE job with `PeftModel.from_pretrained` after `impo
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -28,7 +27,7 @@ from torch import nn
 from peft_mole.tuners.dynmole.config import DynMoLEConfig
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
 from peft_mole.tuners.mixlora.attention import LoraLinear
-from peft_mole.tuners.mixlora.model import MixLoRAModel
+from peft_mole.tuners.mixlora.model import MixLoRAModel, router_aux_loss
 from peft_mole.tuners.mixlora.targets import plain_linear
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -159,9 +158,7 @@ class MultiJobModel(MixLoRAModel):
             setattr(parent, target_name, layer)
 
     def _attach_aux_loss(self, outputs, records, labels, shift_labels, num_items_in_batch) -> None:
-        """Expose {job: aux loss} only; the per-job loss adds each job's own term (`per_job_losses`)."""
-        from peft_mole.tuners.mixlora.model import router_aux_loss
-
+        """Expose {job: aux loss} only; each job's loss adds its own term (MultiJobTrainer, `per_job_losses`)."""
         aux, per_adapter = router_aux_loss(records, self.peft_config)
         self.__dict__["last_aux_loss"] = {k: v.detach() for k, v in per_adapter.items()}
         if hasattr(outputs, "keys"):
@@ -229,11 +226,3 @@ def _export_key(param_name: str, job: str, config: PeftConfig) -> str:
     elif isinstance(config, DynMoLEConfig):
         key = key.replace(_INTERNAL_PREFIX, "dynmole_")
     return "base_model.model." + key
-
-
-def describe_jobs(model: MultiJobModel) -> str:
-    """A JSON summary {job: {type, trainable parameters}} (for logs)."""
-    return json.dumps({
-        name: {"type": type(cfg).__name__, "parameters": sum(p.numel() for p in model.job_parameters(name).values())}
-        for name, cfg in model.peft_config.items()
-    })

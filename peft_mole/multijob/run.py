@@ -143,16 +143,17 @@ class JobRun:
         args = self.args
         if str(getattr(args.save_strategy, "value", args.save_strategy)) != "steps" or not args.save_steps:
             return False
-        every = args.save_steps if args.save_steps >= 1 else math.ceil(args.save_steps * self.max_steps)
-        return self.global_step % int(every) == 0
+        return self._due(args.save_steps)
 
     def should_log(self) -> bool:
-        every = self.args.logging_steps
-        every = every if every >= 1 else math.ceil(every * self.max_steps)
-        return self.global_step % max(int(every), 1) == 0 or self.global_step == self.max_steps
+        return self._due(self.args.logging_steps) or self.global_step == self.max_steps
 
     def should_evaluate(self) -> bool:
-        every = self.args.eval_steps or self.args.logging_steps
+        return self._due(self.args.eval_steps or self.args.logging_steps)
+
+    def _due(self, every: float) -> bool:
+        """Whether this optimizer step is a multiple of `every` (a fraction < 1 means that share of max_steps, as
+        in TrainingArguments)."""
         every = every if every >= 1 else math.ceil(every * self.max_steps)
         return self.global_step % max(int(every), 1) == 0
 
