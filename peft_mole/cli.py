@@ -2,7 +2,7 @@
 
     peft-mole train jobs.yaml [--resume]
     peft-mole convert-bin ADAPTER_DIR
-    peft-mole convert --from moe-peft SRC DST      (or --to moe-peft)
+    peft-mole convert --from moe-peft SRC DST      (or --to moe-peft; mixlora for the `mixlora` package)
     peft-mole eval --base PATH_OR_ID --adapters DIR[,DIR...] --tasks arc_e,boolq [--data-dir DIR] [--out DIR]
 
 `train` runs a MultiJobTrainer from a YAML job file (peft_mole/multijob/job_file.py documents the keys); `eval`
@@ -90,14 +90,14 @@ def _convert(args: argparse.Namespace) -> int:
     from peft_mole.interop import export_moe_peft, import_moe_peft
 
     if (args.source_format is None) == (args.target_format is None):
-        raise SystemExit("peft-mole convert: give exactly one of --from moe-peft or --to moe-peft")
+        raise SystemExit("peft-mole convert: give exactly one of --from or --to (moe-peft or mixlora)")
     try:
         if args.source_format:
-            config = import_moe_peft(args.src, args.dst)
+            config = import_moe_peft(args.src, args.dst, flavour=args.source_format)
             print(f"wrote a peft-mole MixLoRA adapter ({config.num_experts} experts, top-{config.top_k}) to {args.dst}")
         else:
-            export_moe_peft(args.src, args.dst)
-            print(f"wrote a MoE-PEFT MixLoRA adapter to {args.dst}")
+            export_moe_peft(args.src, args.dst, flavour=args.target_format, act_fn=args.act_fn)
+            print(f"wrote a {args.target_format} MixLoRA adapter to {args.dst}")
     except ValueError as error:
         raise SystemExit(f"peft-mole convert: {error}") from None
     return 0
@@ -113,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     convert = commands.add_parser("convert-bin", help="opt in to a trusted pickle adapter_model.bin: write safetensors")
     convert.add_argument("folder", help="adapter folder holding adapter_model.bin")
     convert.set_defaults(run=_convert_bin)
-    interop = commands.add_parser("convert", help="convert MixLoRA adapters from/to the MoE-PEFT format")
-    interop.add_argument("--from", dest="source_format", choices=["moe-peft"], help="SRC is a MoE-PEFT adapter")
-    interop.add_argument("--to", dest="target_format", choices=["moe-peft"], help="write DST in MoE-PEFT format")
+    interop = commands.add_parser("convert", help="convert MixLoRA adapters from/to MoE-PEFT / the mixlora package")
+    interop.add_argument("--from", dest="source_format", choices=["moe-peft", "mixlora"],
+                         help="SRC is a MoE-PEFT or `mixlora` package adapter")
+    interop.add_argument("--to", dest="target_format", choices=["moe-peft", "mixlora"],
+                         help="write DST in that format (the same files; 'mixlora' also needs act_fn)")
+    interop.add_argument("--act-fn", help="activation written as act_fn (default: the base model's hidden_act)")
     interop.add_argument("src")
     interop.add_argument("dst")
     interop.set_defaults(run=_convert)

@@ -13,6 +13,10 @@ Their top-k forward (softmax in fp32, top-k, weights renormalised to 1, expert L
 s = alpha/r) is MixLoRA's formula, the one peft-mole computes; the frozen down projection runs once per expert
 there and once on the weighted sum here, equal since the weights sum to 1. Only routing_strategy "mixlora"
 (top-k) maps to MixLoRAConfig. Reading the pickle uses `torch.load(weights_only=True)` (tensors only).
+
+The two readers of this format differ in one point, hence `flavour`: MoE-PEFT ("moe-peft") gives the expert LoRAs
+the settings of an `expert_lora` section when there is one; the `mixlora` package ("mixlora") ignores that section
+and uses the top-level r / lora_alpha / use_rslora for experts too, and it needs `act_fn` written in the config.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,6 +36,12 @@ _ROUTER = re.compile(r"^mixlora\.layers\.(\d+)\.mlp\.moe_gate\.weight$")
 _EXPERT = re.compile(r"^mixlora\.layers\.(\d+)\.mlp\.(\w+)\.experts\.(\d+)\.lora_([AB])\.weight$")
 _ATTENTION = re.compile(r"^mixlora\.layers\.(\d+)\.self_attn\.(\w+)\.lora_([AB])\.weight$")
 _PREFIX = "base_model.model.model.layers"
+FLAVOURS = ("moe-peft", "mixlora")
+
+
+def _check_flavour(flavour: str) -> None:
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
 
 
 def _read_reference(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -50,8 +61,13 @@ def _read_reference(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, {k: v.detach().float() for k, v in state.items()}
 
 
-def config_from_moe_peft(reference: dict) -> MixLoRAConfig:
-    """MixLoRAConfig of a MoE-PEFT MixLoRA adapter_config.json (expert settings from `expert_lora` when given)."""
+def config_from_moe_peft(reference: dict, flavour: str = "moe-peft") -> MixLoRAConfig:
+    """MixLoRAConfig of a MoE-PEFT / `mixlora` package MixLoRA adapter_config.json.
+
+    Expert LoRA settings come from `expert_lora` when given and `flavour` is "moe-peft"; the `mixlora` package
+    ("mixlora") ignores that section, so the converted adapter computes what the package computes (with a warning).
+    """
+    _check_flavour(flavour)
     if reference.get("peft_type") != "MIXLORA":
         raise ValueError(f"peft_type must be 'MIXLORA' for a MoE-PEFT MixLoRA adapter, got {reference.get('peft_type')!r}")
     strategy = reference.get("routing_strategy")
@@ -63,7 +79,12 @@ def config_from_moe_peft(reference: dict) -> MixLoRAConfig:
     if reference.get("use_dora"):
         raise ValueError("MoE-PEFT DoRA adapters are not supported by the converter yet (use_dora=true)")
     targets = list(reference.get("target_modules") or [])
-    experts = {**reference, **(reference.get("expert_lora") or {})}
+    section = reference.get("expert_lora") or {}
+    if flavour == "mixlora" and any(section.get(k, reference.get(k)) != reference.get(k) for k in section):
+        warnings.warn("the mixlora package ignores `expert_lora` and gives experts the top-level r/lora_alpha; "
+                      "converting as the package computes (use flavour 'moe-peft' for MoE-PEFT's reading)",
+                      stacklevel=2)
+    experts = {**reference, **(section if flavour == "moe-peft" else {})}
     return MixLoRAConfig(
         num_experts=int(reference["num_experts"]), top_k=int(reference["top_k"]),
         r=int(experts["r"]), lora_alpha=experts["lora_alpha"], lora_dropout=float(experts.get("lora_dropout", 0.0)),
@@ -79,10 +100,12 @@ def config_from_moe_peft(reference: dict) -> MixLoRAConfig:
     )
 
 
-def import_moe_peft(source: str, target: str) -> MixLoRAConfig:
-    """Write a peft-mole MixLoRA adapter (PEFT format, safetensors) converted from MoE-PEFT's `source` folder."""
+def import_moe_peft(source: str, target: str, flavour: str = "moe-peft") -> MixLoRAConfig:
+    """Write a peft-mole MixLoRA adapter (PEFT format, safetensors) converted from a MoE-PEFT / `mixlora` package
+    adapter folder `source` (`flavour` "moe-peft" or "mixlora", see the module docstring)."""
+    _check_flavour(flavour)
     reference, tensors = _read_reference(source)
-    config = config_from_moe_peft(reference)
+    config = config_from_moe_peft(reference, flavour)
     experts: dict[tuple[int, str, str], dict[int, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
@@ -106,9 +129,26 @@ def import_moe_peft(source: str, target: str) -> MixLoRAConfig:
     return config
 
 
-def export_moe_peft(source: str, target: str) -> None:
-    """Write a MoE-PEFT MixLoRA adapter (adapter_config.json + adapter_model.bin, as MoE-PEFT loads it) from a
-    peft-mole MixLoRA adapter folder."""
+def _base_activation(config: MixLoRAConfig) -> str | None:
+    """`hidden_act` of the adapter's base model when its config is on this machine (a folder or the HF cache)."""
+    from transformers import AutoConfig
+
+    try:
+        base = AutoConfig.from_pretrained(config.base_model_name_or_path, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        return None
+    return getattr(base, "hidden_act", None) or getattr(base, "hidden_activation", None)
+
+
+def export_moe_peft(source: str, target: str, flavour: str = "moe-peft", act_fn: str | None = None) -> None:
+    """Write a MixLoRA adapter in the MoE-PEFT format (adapter_config.json + pickle adapter_model.bin, the files
+    MoE-PEFT and the `mixlora` package load) from a peft-mole MixLoRA adapter folder.
+
+    `act_fn` (e.g. "silu") is written to the config; by default it is the base model's `hidden_act`, read from
+    `base_model_name_or_path` when that config is available offline. The `mixlora` package needs it, and it gives
+    the experts the attention LoRA's r/lora_alpha, so flavour "mixlora" refuses adapters where the two differ.
+    """
+    _check_flavour(flavour)
     config = MixLoRAConfig.from_pretrained(source)
     tensors = load_file(os.path.join(source, "adapter_model.safetensors"))
     if isinstance(config.num_experts, list) or config.use_dora:
@@ -119,6 +159,16 @@ def export_moe_peft(source: str, target: str) -> None:
         expert_lora = {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout}
     else:
         expert_lora = None
+    if flavour == "mixlora" and expert_lora:
+        raise ValueError(
+            f"the mixlora package gives expert LoRAs the attention LoRA's r/lora_alpha; this adapter has experts "
+            f"r={config.r}, lora_alpha={config.lora_alpha} and attention r={config.attn_r}, "
+            f"lora_alpha={config.attn_lora_alpha}: export with flavour 'moe-peft' (MoE-PEFT reads `expert_lora`)"
+        )
+    act_fn = act_fn or _base_activation(config)
+    if flavour == "mixlora" and not act_fn:
+        raise ValueError(f"act_fn is required for the mixlora package and the base model "
+                         f"{config.base_model_name_or_path!r} is not available offline: pass act_fn (e.g. 'silu')")
     out = {}
     pattern = re.compile(rf"^{re.escape(_PREFIX)}\.(\d+)\.(mlp|self_attn)\.(.+)$")
     for name, tensor in tensors.items():
@@ -141,6 +191,7 @@ def export_moe_peft(source: str, target: str) -> None:
         "lora_dropout": max(config.attn_lora_dropout or config.lora_dropout, 1e-3),  # MoE-PEFT requires > 0
         "target_modules": list(config.attn_target_modules) + list(config.expert_target_modules),
         "routing_strategy": "mixlora", "num_experts": config.num_experts, "top_k": config.top_k,
+        **({"act_fn": act_fn} if act_fn else {}),
         "router_aux_loss_coef": config.router_aux_loss_coef, "router_init_range": config.router_init_std,
         "jitter_noise": config.jitter_noise, "use_rslora": config.use_rslora,
         "base_model_name_or_path": config.base_model_name_or_path, "task_type": "CAUSAL_LM",
