@@ -9,6 +9,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_mole.forward_context import ForwardContext
+from peft_mole.ops.dropout import Dropout
 from peft_mole.ops.segmented_lora import lora_delta, scatter_row_deltas
 
 
@@ -51,7 +52,7 @@ class LoraLinear(nn.Module, BaseTunerLayer):
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         getattr(self, self.prefix + "A")[adapter_name] = nn.Parameter(lora_a.to(dtype))
         getattr(self, self.prefix + "B")[adapter_name] = nn.Parameter(lora_b.to(dtype))
-        getattr(self, self.prefix + "dropout")[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        getattr(self, self.prefix + "dropout")[adapter_name] = Dropout(dropout) if dropout > 0 else nn.Identity()
         getattr(self, self.prefix + "scaling")[adapter_name] = scaling
         self.set_adapter(self.active_adapters)
 

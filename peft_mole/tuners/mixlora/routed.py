@@ -18,6 +18,7 @@ from torch import nn
 from peft_mole import routing
 from peft_mole.finite_check import raise_if_not_finite
 from peft_mole.forward_context import ForwardContext, RouterRecord, RowGroup
+from peft_mole.ops.dropout import Dropout
 from peft_mole.ops.profiling import profiled
 from peft_mole.tuners.mixlora.experts import ExpertLoRA
 
@@ -96,7 +97,7 @@ class RoutedExpertsLayer(nn.Module, BaseTunerLayer):
         nn.init.normal_(router.weight, mean=0.0, std=router_init_std)
         self.routers[adapter_name] = router
         self.experts[adapter_name] = ExpertLoRA(linears, num_experts, r, scaling, use_dora)
-        self.dropouts[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropouts[adapter_name] = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.settings[adapter_name] = ExpertSettings(num_experts, scaling, jitter_noise, rule)
         self.set_adapter(self.active_adapters)
 

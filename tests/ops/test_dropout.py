@@ -1,0 +1,60 @@
+"""The cheaper CPU dropout: its custom backward equals plain autograd, the drop rate is p rounded to 2^-15, the
+expectation is preserved, masks follow torch's seed, and it is what MixLoRA/DynMoLE/LoRA-job layers use."""
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import peft_mole
+from peft_mole.ops.dropout import Dropout, _MaskAndScale, dropout, keep_mask
+from tests.helpers import tiny_base
+
+
+def test_custom_backward_matches_plain_autograd():
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    keep = keep_mask(x.shape, 0.3)
+    assert torch.autograd.gradcheck(lambda t: _MaskAndScale.apply(t, keep, 1.7), (x,))
+    grad_out = torch.randn(6, 5, dtype=torch.float64)
+    (plain,) = torch.autograd.grad(x * keep * 1.7, x, grad_out)
+    (ours,) = torch.autograd.grad(_MaskAndScale.apply(x, keep, 1.7), x, grad_out)
+    torch.testing.assert_close(ours, plain, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_drop_rate_and_expectation(p):
+    torch.manual_seed(0)
+    keep = keep_mask((2000, 1000), p)
+    effective = round(p * 2**15) / 2**15
+    assert abs(p - effective) <= 2**-16
+    rate = 1 - keep.float().mean().item()
+    assert abs(rate - effective) < 4 * (effective * (1 - effective) / keep.numel()) ** 0.5  # 4 sigma
+    out = dropout(torch.ones(2000, 1000), p)
+    kept = out[out != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - effective)))
+    assert abs(out.mean().item() - 1) < 4 * (effective / (1 - effective) / out.numel()) ** 0.5
+
+
+def test_masks_are_reproducible_and_the_quarters_are_independent():
+    torch.manual_seed(3)
+    a = keep_mask((4, 1000), 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(a, keep_mask((4, 1000), 0.5))
+    # the four 15-bit uniforms of one draw are neighbours: their masks must not agree more than chance
+    masks = keep_mask((250_000, 4), 0.5).float()
+    corr = torch.corrcoef(masks.T)
+    assert (corr - torch.eye(4)).abs().max() < 0.01
+
+
+def test_eval_mode_zero_p_and_edge_probabilities_fall_back():
+    x = torch.randn(3, 4)
+    module = Dropout(0.2).eval()
+    assert module(x) is x
+    assert dropout(x, 0.0) is x
+    assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+    assert dropout(x, 1e-6).shape == x.shape  # rounds to 0 levels: torch's own dropout
+
+
+def test_mixlora_layers_use_it():
+    model = get_peft_model(tiny_base(), peft_mole.MixLoRAConfig(num_experts=2, top_k=1, r=2, lora_dropout=0.1))
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(isinstance(m, Dropout) for m in dropouts)
