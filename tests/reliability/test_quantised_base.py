@@ -1,7 +1,7 @@
-"""MixLoRA, DynMoLE and LoRA jobs over a 4-bit (bitsandbytes NF4) base on CPU: the frozen-MLP trick works on the
-quantised weights (the layers call the quantised modules, W2 once on the weighted sum), the result equals the
-same adapter on the dequantised float base, and training moves the loss. Skips cleanly without bitsandbytes or
-without its CPU 4-bit kernels."""
+"""MixLoRA, DynMoLE and LoRA jobs over a 4-bit (bitsandbytes NF4) and an 8-bit (LLM.int8) base on CPU: the
+frozen-MLP trick works on the quantised weights (the layers call the quantised modules, W2 once on the weighted
+sum), the result equals the same adapter on the dequantised float base up to the kernel's own gap, and training
+moves the loss. Skips cleanly without bitsandbytes or without its CPU kernels for that width."""
 
 from __future__ import annotations
 
@@ -16,34 +16,47 @@ from tests.helpers import METHODS, batch, randomize_adapters
 bnb = pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    """The same tiny Llama loaded in NF4 and, as reference, in float with the dequantised weights."""
+def _dequantised_weight(module: torch.nn.Module) -> torch.Tensor | None:
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    if isinstance(module, bnb.nn.Linear8bitLt):  # int8 rows CB with per-row absmax SCB: W = CB · SCB / 127
+        scale = module.weight.SCB if module.weight.SCB is not None else module.state.SCB  # moved by a forward
+        return module.weight.data.float() * scale.float().unsqueeze(1) / 127
+    return None
+
+
+@pytest.fixture(scope="module", params=["4bit", "8bit"])
+def bases(request, tmp_path_factory):
+    """The same tiny Llama loaded in NF4 / int8 and, as reference, in float with the dequantised weights."""
     from transformers import BitsAndBytesConfig
 
     path = tmp_path_factory.mktemp("quantised") / "base"
     synthetic.random_model("llama", "tiny", intermediate_size=192).save_pretrained(path)  # 4-bit blocks need /64
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    if request.param == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=torch.float32)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
     try:
         quantised = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
         quantised(input_ids=torch.tensor([[3, 4]]))
-    except Exception as error:  # noqa: BLE001 — no CPU 4-bit support in this bitsandbytes build
-        pytest.skip(f"bitsandbytes cannot run 4-bit on this CPU: {type(error).__name__}: {error}")
+    except Exception as error:  # noqa: BLE001 — no CPU kernels for this width in this bitsandbytes build
+        pytest.skip(f"bitsandbytes cannot run {request.param} on this CPU: {type(error).__name__}: {error}")
+    assert sum(_dequantised_weight(m) is not None for m in quantised.modules()) == 2 * 7  # every projection
 
     def dequantised():
         model = AutoModelForCausalLM.from_pretrained(path)
         with torch.no_grad():
             for name, module in quantised.named_modules():
-                if isinstance(module, bnb.nn.Linear4bit):
-                    weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-                    model.get_submodule(name).weight.copy_(weight.float())
+                if (weight := _dequantised_weight(module)) is not None:
+                    model.get_submodule(name).weight.copy_(weight)
         return model
 
     return quantised, dequantised, path, config
 
 
 @pytest.mark.parametrize("method", ["mixlora", "dynmole", "dynmole-projection"])
-def test_adapter_on_a_4bit_base_equals_it_on_the_dequantised_base(bases, method):
+def test_adapter_on_a_quantised_base_equals_it_on_the_dequantised_base(bases, method):
     quantised_base, dequantised, path, config = bases
     quantised = get_peft_model(AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu"),
                                METHODS[method]())
@@ -59,12 +72,12 @@ def test_adapter_on_a_4bit_base_equals_it_on_the_dequantised_base(bases, method)
         base_only = dequantised()(input_ids=ids, attention_mask=mask).logits
         kernel_gap = (quantised_base(input_ids=ids, attention_mask=mask).logits - base_only).abs().max()
     assert (expected - base_only).abs().max() > 1e-2  # the adapter matters
-    # bitsandbytes' CPU 4-bit matmul itself differs from the float matmul by kernel_gap (~1e-3); the adapter on
-    # top must add nothing of its own order
+    # bitsandbytes' CPU matmul itself differs from the float matmul by kernel_gap (4-bit ~1e-3; 8-bit ~5e-3, it
+    # also rounds the inputs to int8); the adapter on top must add nothing of its own order
     assert (got - expected).abs().max() <= 2 * kernel_gap + 1e-4, (kernel_gap, (got - expected).abs().max())
 
 
-def test_training_mixed_jobs_over_a_4bit_base(bases):
+def test_training_mixed_jobs_over_a_quantised_base(bases):
     _, _, path, config = bases
     base = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
     model = MultiJobModel(base, {"lora": LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -86,7 +99,7 @@ def test_training_mixed_jobs_over_a_4bit_base(bases):
     assert losses[-1] < losses[0] - 0.1
 
 
-def test_dora_experts_on_a_4bit_base_are_refused(bases):
+def test_dora_experts_on_a_quantised_base_are_refused(bases):
     _, _, path, config = bases
     base = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
     with pytest.raises(ValueError, match="DoRA experts need the float weights' row norms"):
