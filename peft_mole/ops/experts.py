@@ -190,19 +190,45 @@ FEW_SLOTS = 16  # at most this many (token, slot) pairs (decoding, small k): `sl
 def slot_lora(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, chosen: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """s · B_e A_e x for every token slot (t, j) with expert e = chosen[t, j], without sorting.
+    """s · B_e A_e x for every token slot (t, j) with expert e = chosen[t, j], without sorting (decoding).
 
+    Every expert's A x in one product (N, E·r), every expert's B on it in one batched product (E, N, out), then
+    each slot's row is picked: E/k times the (tiny) FLOPs of the chosen pairs alone, but no per-slot copies of
+    the factors, which cost more than the products on a few tokens.
     Args:
-        x: (N, in) tokens shared by their k slots (gate/up), or (N, k, in) one input per slot (down);
-        lora_a: (E, r, in); lora_b: (E, out, r); chosen: (N, k) expert of each slot.
+        x: (N, in) tokens shared by their k slots; lora_a: (E, r, in); lora_b: (E, out, r); chosen: (N, k).
     Returns:
         (N, k, out) in the adapter dtype.
     """
     num_experts, r, _ = lora_a.shape
-    x = x.to(lora_a.dtype)
-    if x.dim() == 2:  # one input per token: every expert's A x in one product, then each slot's r values
-        z_all = (x @ lora_a.reshape(num_experts * r, -1).t()).view(-1, num_experts, r)  # (N, E, r)
-        z = z_all.gather(1, chosen.unsqueeze(-1).expand(-1, -1, r))  # (N, k, r)
+    z = (x.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()).view(-1, num_experts, r)  # (N, E, r)
+    out = torch.bmm(z.transpose(0, 1), lora_b.transpose(1, 2))  # (E, N, out)
+    return out[chosen, torch.arange(x.shape[0], device=x.device).unsqueeze(1)] * scaling
+
+
+def slot_lora_sum(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, chosen: torch.Tensor, scaling: float,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Σ_j w_j · s · B_{e_j} A_{e_j} x_j over each token's slots (decoding), without sorting or factor copies.
+
+    Each slot's A x (its own expert's r values) is added into an (N, E, r) table, zero for unchosen experts, so
+    the B products of all slots and the sum over them are one batched product over experts and a sum.
+    Args:
+        x: (N, k, in) one input per slot (down projection: w_e h_e), or (N, in) shared by the slots;
+        lora_a: (E, r, in); lora_b: (E, out, r); chosen: (N, k); weights: (N, k) w_j, None for 1.
+    Returns:
+        (N, out) in the adapter dtype.
+    """
+    num_experts, r, _ = lora_a.shape
+    n, k = chosen.shape
+    a_all = lora_a.reshape(num_experts * r, -1).t()
+    if x.dim() == 2:
+        z = (x.to(lora_a.dtype) @ a_all).view(n, num_experts, r).gather(1, chosen.unsqueeze(-1).expand(n, k, r))
     else:
-        z = torch.einsum("nki,nkri->nkr", x, lora_a[chosen])
-    return torch.einsum("nkr,nkor->nko", z * scaling, lora_b[chosen])
+        z_all = (x.reshape(n * k, -1).to(lora_a.dtype) @ a_all).view(n, k, num_experts, r)
+        z = z_all.gather(2, chosen.view(n, k, 1, 1).expand(n, k, 1, r)).squeeze(2)  # (N, k, r)
+    if weights is not None:
+        z = z * weights.to(z.dtype).unsqueeze(-1)
+    per_expert = z.new_zeros(n, num_experts, r).scatter_add(1, chosen.unsqueeze(-1).expand(n, k, r), z)
+    return torch.bmm(per_expert.transpose(0, 1), lora_b.transpose(1, 2)).sum(0) * scaling

@@ -82,3 +82,37 @@ def test_scatter_row_deltas_applies_each_adapter_to_its_rows_only():
 def test_lora_delta_formula():
     x, a, b = torch.randn(3, 4), torch.randn(2, 4), torch.randn(5, 2)
     torch.testing.assert_close(lora_delta(x, a, b, 2.0, torch.nn.Identity()), 2.0 * x @ a.t() @ b.t())
+
+
+def _slow_slot_lora(x, lora_a, lora_b, chosen, scaling):
+    """Per (token, slot): s · B_e A_e x_(t,j), one slot at a time."""
+    n, k = chosen.shape
+    rows = []
+    for t in range(n):
+        inputs = x[t] if x.dim() == 3 else x[t].expand(k, -1)
+        rows.append(torch.stack([scaling * lora_b[e] @ (lora_a[e] @ inputs[j]) for j, e in enumerate(chosen[t])]))
+    return torch.stack(rows)  # (N, k, out)
+
+
+def test_slot_lora_and_its_sum_equal_the_per_slot_formula_with_gradients():
+    from peft_mole.ops.experts import slot_lora, slot_lora_sum
+
+    torch.manual_seed(0)
+    n, k, num_experts, r, d, out = 3, 2, 5, 4, 6, 7
+    chosen = torch.stack([torch.randperm(num_experts)[:k] for _ in range(n)])
+    weights = torch.rand(n, k, dtype=torch.float64)
+    weights[0, 1] = 0.0  # a padded slot (DynMoLE) adds nothing
+    for shape in ((n, d), (n, k, d)):
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        lora_a = torch.randn(num_experts, r, d, dtype=torch.float64, requires_grad=True)
+        lora_b = torch.randn(num_experts, out, r, dtype=torch.float64, requires_grad=True)
+        slow = _slow_slot_lora(x, lora_a, lora_b, chosen, 0.5)
+        expected_sum = (slow * weights.unsqueeze(-1)).sum(1)
+        got_sum = slot_lora_sum(x, lora_a, lora_b, chosen, 0.5, weights)
+        torch.testing.assert_close(got_sum, expected_sum)
+        grads = torch.autograd.grad(got_sum.square().sum(), (x, lora_a, lora_b))
+        expected = torch.autograd.grad(expected_sum.square().sum(), (x, lora_a, lora_b))
+        for g, e in zip(grads, expected, strict=True):
+            torch.testing.assert_close(g, e)
+        if x.dim() == 2:
+            torch.testing.assert_close(slot_lora(x, lora_a, lora_b, chosen, 0.5), slow)

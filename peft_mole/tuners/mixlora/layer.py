@@ -18,7 +18,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext
-from peft_mole.ops.experts import FEW_SLOTS, dispatch, grouped_lora, shared_input_lora, slot_lora
+from peft_mole.ops.experts import (
+    FEW_SLOTS,
+    dispatch,
+    grouped_lora,
+    shared_input_lora,
+    slot_lora,
+    slot_lora_sum,
+)
 from peft_mole.ops.profiling import profiled
 from peft_mole.ops.segmented_lora import consecutive_slices
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
@@ -181,7 +188,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
         down_factors = experts.factors("down_proj")
         down_delta = None
         if down_factors is not None:
-            down_delta = slot_lora(weighted, *down_factors, chosen, settings.scaling).sum(1).to(x.dtype)
+            down_delta = slot_lora_sum(weighted, *down_factors, chosen, settings.scaling).to(x.dtype)
         return weighted.sum(1), down_delta, w.sum(1)
 
     @profiled("peft_mole::experts_gate_up")

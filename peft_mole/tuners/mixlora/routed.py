@@ -101,6 +101,12 @@ class RoutedExpertsLayer(nn.Module, BaseTunerLayer):
         self.settings[adapter_name] = ExpertSettings(num_experts, scaling, jitter_noise, rule)
         self.set_adapter(self.active_adapters)
 
+    def _router_probabilities(self, adapter: str, router_input: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(router_input, self.routers[adapter].weight.float())  # (N, E)
+        if self._context.check_finite:
+            raise_if_not_finite(logits, f"the router logits of {self.layer_name} (adapter {adapter!r})")
+        return routing.router_probabilities(logits)
+
     @profiled("peft_mole::route")
     def route(
         self, adapter: str, x: torch.Tensor, token_mask: torch.Tensor | None
@@ -116,11 +122,11 @@ class RoutedExpertsLayer(nn.Module, BaseTunerLayer):
         if self.training and settings.jitter_noise > 0:
             eps = settings.jitter_noise
             router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - eps, 1.0 + eps)
-        with torch.autocast(x.device.type, enabled=False):  # fp32 router even under bf16/fp16 autocast
-            logits = F.linear(router_input, self.routers[adapter].weight.float())  # (N, E)
-            if self._context.check_finite:
-                raise_if_not_finite(logits, f"the router logits of {self.layer_name} (adapter {adapter!r})")
-            probs = routing.router_probabilities(logits)
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):  # fp32 router even under bf16/fp16 autocast
+                probs = self._router_probabilities(adapter, router_input)
+        else:
+            probs = self._router_probabilities(adapter, router_input)
         weights, chosen = settings.rule(probs)
         records = self._context.records
         if records is not None:
