@@ -28,11 +28,15 @@ demo: install
 
 # The reference implementation in its own virtualenv (MoE-PEFT pins torch < 2.6, transformers < 4.47):
 # its MixLoRA/LoRA step ratio, the interop fixture, and MoE-PEFT loading a peft-mole export.
-PEERS := build/peers-venv
+# The reference implementations (torch 2.5.1, transformers 4.46) in their own virtualenv.
+PEERS ?= build/peers-venv
 bench-peers: install
-	test -x $(PEERS)/bin/python || (python3 -m venv $(PEERS) && $(PEERS)/bin/pip install -q "moe-peft==2.0.2")
+	test -x $(PEERS)/bin/python || (python3 -m venv $(PEERS) && $(PEERS)/bin/pip install -q "moe-peft==2.0.2" \
+		&& $(PEERS)/bin/pip install -q --no-deps "mixlora==0.2.3" "peft==0.13.2")
 	$(PEERS)/bin/python bench/peers/moe_peft_step.py | tee -a bench/results/peers-moe-peft-$(shell hostname)-$(shell date +%Y-%m-%d).jsonl
+	$(PEERS)/bin/python bench/peers/mixlora_package_step.py | tee -a bench/results/peers-mixlora-$(shell hostname)-$(shell date +%Y-%m-%d).jsonl
 	$(PEERS)/bin/python bench/peers/make_moe_peft_fixture.py --out build/moe-peft-fixture
+	$(PEERS)/bin/python bench/peers/make_mixlora_fixture.py --out build/mixlora-fixture
 	$(PY) bench/peers/check_export.py make build/export-check
 	$(PEERS)/bin/python bench/peers/check_export.py check build/export-check
 
@@ -46,6 +50,7 @@ bench: install
 	mkdir -p bench/results
 	$(PY) bench/mixlora_vs_lora.py --dropout 0.05 | tee -a $(RESULTS)
 	$(PY) bench/mixlora_vs_lora.py --dropout 0.0 | tee -a $(RESULTS)
+	$(PY) bench/multijob_speedup.py --dropout 0.0 | tee -a $(RESULTS)
 	$(PY) bench/dynmole_vs_mixlora.py | tee -a $(RESULTS)
 	$(PY) bench/generate_vs_base.py | tee -a $(RESULTS)
 	$(PY) bench/multijob_speedup.py | tee -a $(RESULTS)
@@ -54,6 +59,7 @@ bench: install
 	$(PY) bench/pad_fraction.py | tee -a $(RESULTS)
 	$(PY) bench/eval_throughput.py | tee -a $(RESULTS)
 	$(PY) bench/compile_step.py | tee -a $(RESULTS)
+	$(PY) bench/mole_vs_reference.py --peers-python $(PEERS)/bin/python | tee -a $(RESULTS)
 	$(PY) bench/render_table.py $(RESULTS)
 
 lint: install

@@ -14,20 +14,22 @@ COMMANDS = {
     "mixlora_vs_lora": "python bench/mixlora_vs_lora.py --shape {shape} --dropout {dropout}",
     "dynmole_vs_mixlora": "python bench/dynmole_vs_mixlora.py --shape {shape}",
     "generate_vs_base": "python bench/generate_vs_base.py --shape {shape}",
-    "multijob_speedup": "python bench/multijob_speedup.py --shape {shape} --jobs {jobs}",
+    "multijob_speedup": "python bench/multijob_speedup.py --shape {shape} --jobs {jobs} --dropout {dropout}",
     "multijob_memory": "python bench/multijob_memory.py --shape {shape} --jobs {jobs}",
     "memory_model_error": "python bench/memory_model_error.py --shape {shape}",
     "pad_fraction": "python bench/pad_fraction.py --shape {shape} --jobs {jobs}",
     "eval_throughput": "python bench/eval_throughput.py --shape {shape} --adapters {adapters}",
     "compile_step": "python bench/compile_step.py --shape {shape}",
+    "mole_vs_reference": "python bench/mole_vs_reference.py --peers-python PEERS/bin/python",
 }
 DESCRIPTIONS = {
     "mixlora_vs_lora": "MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout {dropout}",
     "dynmole_vs_mixlora": "DynMoLE step / MixLoRA top-2 step, routers {router_state} "
                           "({dynmole_experts_per_token:.2f} experts/token)",
     "generate_vs_base": "{impl} greedy-generation tokens/s / base model tokens/s, KV cache (higher is better)",
-    "multijob_speedup": "{jobs} LoRA jobs in mixed steps vs one after another with PEFT (higher is better); "
-                        "base-only limit S({jobs}) = {limit_median:.2f}",
+    "multijob_speedup": "{jobs} LoRA jobs (dropout {dropout}) in mixed steps vs one after another with PEFT (higher "
+                        "is better); base-only limit S({jobs}) = {limit_median:.2f}, reached "
+                        "{fraction_of_limit:.0%}",
     "multijob_memory": "peak memory of {jobs} jobs in one process / {jobs} single-job processes; "
                        "{extra_mb_vs_one_adapter_all_rows:+.0f} MB vs one adapter on the same rows",
     "memory_model_error": "memory model relative error (predicted vs measured), {shapes} unseen shapes ({measure}); "
@@ -38,6 +40,9 @@ DESCRIPTIONS = {
                        "{adapters_per_min_one_pass:.0f} vs {adapters_per_min_one_at_a_time:.0f} per minute)",
 }
 DESCRIPTIONS["compile_step"] = "MixLoRA step, torch.compile / eager (compile time {compile_s:.0f} s)"
+DESCRIPTIONS["mole_vs_reference"] = (
+    "our MixLoRA step / {reference}'s ({reference_versions[torch]} there); MixLoRA-over-LoRA cost vs theirs "
+    "{ratio_vs_lora:.2f}×")
 PERCENT = {"memory_model_error", "pad_fraction"}
 
 
@@ -45,13 +50,25 @@ def _value(name: str, value: float) -> str:
     return f"{value:.1%}" if name in PERCENT else f"{value:.2f}×"
 
 
+_IDENTITY = ("name", "shape", "impl", "jobs", "dropout", "reference", "router_state", "adapters")
+
+
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """The last row of each measurement (same name and settings): a re-run in the same file supersedes."""
+    latest = {tuple(str(row.get(k)) for k in _IDENTITY): row for row in rows}
+    return list(latest.values())
+
+
 def ratio_table(path: Path, rows: list[dict]) -> None:
+    rows = latest_rows([{"dropout": 0.05, **r} if r["name"] == "multijob_speedup" else r for r in rows])
     device = next((r["device"] for r in rows if "device" in r), "?")
     torch_version = next((r["torch"] for r in rows if "torch" in r), "?")
     print(f"Source: `bench/results/{path.name}` (device: {device}, torch {torch_version})\n")
     print("| ratio | shape | value (median) | value (min) | command |")
     print("|---|---|---|---|---|")
     for row in rows:
+        if row["name"] == "mole_vs_reference_skipped":
+            print(f"| `mole_vs_reference`: not measured — {row['reason']} | | | | |")
         if row["name"] in COMMANDS:
             description = DESCRIPTIONS[row["name"]].format(**row)
             command = COMMANDS[row["name"]].format(**row)
