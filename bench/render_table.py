@@ -21,6 +21,7 @@ COMMANDS = {
     "eval_throughput": "python bench/eval_throughput.py --shape {shape} --adapters {adapters}",
     "compile_step": "python bench/compile_step.py --shape {shape}",
     "mole_vs_reference": "python bench/mole_vs_reference.py --peers-python PEERS/bin/python",
+    "options_step": "python bench/options_step.py --shape {shape}",
 }
 DESCRIPTIONS = {
     "mixlora_vs_lora": "MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout {dropout}",
@@ -40,6 +41,8 @@ DESCRIPTIONS = {
                        "{adapters_per_min_one_pass:.0f} vs {adapters_per_min_one_at_a_time:.0f} per minute)",
 }
 DESCRIPTIONS["compile_step"] = "MixLoRA step, torch.compile / eager (compile time {compile_s:.0f} s)"
+DESCRIPTIONS["options_step"] = ("MixLoRA step / PEFT LoRA step with {impl}; vs plain fp32 eager: MixLoRA "
+                                 "{mixlora_vs_eager:.2f}×, LoRA {lora_vs_eager:.2f}×")
 DESCRIPTIONS["mole_vs_reference"] = (
     "our MixLoRA step / {reference}'s ({reference_versions[torch]} there); MixLoRA-over-LoRA cost vs theirs "
     "{ratio_vs_lora:.2f}×")

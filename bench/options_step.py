@@ -1,0 +1,78 @@
+"""The training options that must keep working, measured (issue 6, part 5): gradient checkpointing and bf16
+autocast, each for MixLoRA and PEFT LoRA on the same shape.
+
+Rows `options_step` (one per option): MixLoRA step / PEFT LoRA step under that option, and each model's step
+under the option / its plain fp32 eager step (what the option costs or saves). Options:
+    eager          fp32, no checkpointing (the reference)
+    checkpointing  `model.gradient_checkpointing_enable(use_reentrant=False)` (transformers' per-layer recompute)
+    bf16_autocast  `torch.autocast(device, dtype=torch.bfloat16)` around forward and loss (the router stays fp32)
+Usage: python bench/options_step.py [--shape small] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+from common import base_model, device, emit, random_batch, record, setup_threads, time_interleaved
+from peft import LoraConfig, get_peft_model
+
+import peft_mole
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(kind: str, shape: str, checkpointing: bool):
+    base = base_model(shape)
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    config = (LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS) if kind == "peft_lora"
+              else peft_mole.MixLoRAConfig(num_experts=8, top_k=2, r=16, lora_alpha=32, lora_dropout=0.05))
+    return get_peft_model(base, config)
+
+
+def step_fn(model, batch, autocast: bool):
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        context = torch.autocast(device().type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with context:
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium"])
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    setup_threads()
+    options = {"eager": (False, False), "checkpointing": (True, False), "bf16_autocast": (False, True)}
+    steps, tokens = {}, 0
+    for option, (checkpointing, autocast) in options.items():
+        for kind in ("peft_lora", "mixlora"):
+            model = build(kind, args.shape, checkpointing)
+            batch = random_batch(args.shape, model.config.vocab_size)
+            tokens = batch["input_ids"].numel()
+            steps[option, kind] = step_fn(model, batch, autocast)
+    times = time_interleaved({f"{o}/{k}": s for (o, k), s in steps.items()}, repeats=args.repeats)
+    rows = {key: record("options_train_step", args.shape, key, secs, tokens) for key, secs in times.items()}
+    for option in options:
+        mix, lora = rows[f"{option}/mixlora"], rows[f"{option}/peft_lora"]
+        emit({
+            "name": "options_step", "shape": args.shape, "impl": option,
+            "ratio_median": mix["median_s"] / lora["median_s"], "ratio_min": mix["min_s"] / lora["min_s"],
+            "mixlora_vs_eager": mix["median_s"] / rows["eager/mixlora"]["median_s"],
+            "lora_vs_eager": lora["median_s"] / rows["eager/peft_lora"]["median_s"],
+        })
+
+
+if __name__ == "__main__":
+    main()
