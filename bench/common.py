@@ -39,13 +39,14 @@ def random_batch(shape: str, vocab: int, seed: int = 0) -> dict[str, torch.Tenso
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def train_step_fn(model, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
-    """One step = forward + backward + AdamW step (BENCH.md)."""
+def train_step_fn(model, batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None = None) -> Callable[[], None]:
+    """One step = forward + backward + AdamW step (BENCH.md); forward and loss under autocast when a dtype is given."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
-        loss = model(**batch).loss
+        with torch.autocast(device().type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

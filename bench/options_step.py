@@ -12,10 +12,9 @@ Usage: python bench/options_step.py [--shape small] [--repeats 10]
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
-from common import base_model, device, emit, random_batch, record, setup_threads, time_interleaved
+from common import base_model, emit, random_batch, record, setup_threads, time_interleaved, train_step_fn
 from peft import LoraConfig, get_peft_model
 
 import peft_mole
@@ -33,21 +32,6 @@ def build(kind: str, shape: str, checkpointing: bool):
     return get_peft_model(base, config)
 
 
-def step_fn(model, batch, autocast: bool):
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> None:
-        context = torch.autocast(device().type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        with context:
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium"])
@@ -61,7 +45,7 @@ def main() -> None:
             model = build(kind, args.shape, checkpointing)
             batch = random_batch(args.shape, model.config.vocab_size)
             tokens = batch["input_ids"].numel()
-            steps[option, kind] = step_fn(model, batch, autocast)
+            steps[option, kind] = train_step_fn(model, batch, torch.bfloat16 if autocast else None)
     times = time_interleaved({f"{o}/{k}": s for (o, k), s in steps.items()}, repeats=args.repeats)
     rows = {key: record("options_train_step", args.shape, key, secs, tokens) for key, secs in times.items()}
     for option in options:
