@@ -11,11 +11,15 @@ batch is repeated once per adapter with `adapter_names`, so the frozen base runs
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -142,6 +146,22 @@ def label_logits(model, tokenizer, examples: list[Example], adapters: list[str] 
     return out
 
 
+@functools.cache
+def accuracy_metric() -> Callable[[list[int], list[int]], float]:
+    """`evaluate.load("accuracy")` as a function of (predictions, references), or, where that Hub module cannot
+    be loaded (offline), the same mean of exact matches."""
+    import evaluate
+
+    try:
+        metric = evaluate.load("accuracy")
+    except (OSError, ValueError, ConnectionError) as error:  # FileNotFoundError offline
+        logger.info("evaluate's accuracy metric is not available (%s); computing the same mean here", error)
+        return lambda predictions, references: sum(
+            p == r for p, r in zip(predictions, references, strict=True)) / max(1, len(references))
+    return lambda predictions, references: (
+        float(metric.compute(predictions=predictions, references=references)["accuracy"]) if references else 0.0)
+
+
 @torch.no_grad()
 def evaluate_commonsense(
     model,
@@ -154,22 +174,21 @@ def evaluate_commonsense(
 
     `adapters` None evaluates the model as it is (key "model"); otherwise each batch runs once with every
     adapter's copy of its rows (`adapter_names`), which the peft-mole layers serve in one frozen-base pass.
-    Accuracy is the mean of correct predictions (`evaluate`'s accuracy metric is a Hub module, unreachable
-    offline; it computes the same mean).
+    Accuracy comes from `evaluate`'s "accuracy" metric when it can be loaded (it is a Hub module); offline, the
+    same mean of correct predictions is computed here (`accuracy_metric`).
     """
     was_training = model.training
     model.eval()
     names = adapters or ["model"]
     results: dict[str, dict[str, float]] = {name: {} for name in names}
+    accuracy = accuracy_metric()
     for task_name, examples in tasks.items():
-        correct = torch.zeros(len(names))
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            predictions = label_logits(model, tokenizer, chunk, adapters).argmax(-1)  # (adapters, chunk)
-            answers = torch.tensor([e.answer for e in chunk])
-            correct += (predictions == answers).sum(-1).float()
+        predictions = [label_logits(model, tokenizer, examples[start : start + batch_size], adapters).argmax(-1)
+                       for start in range(0, len(examples), batch_size)]  # each (adapters, chunk)
+        answers = [e.answer for e in examples]
         for a, name in enumerate(names):
-            results[name][task_name] = correct[a].item() / max(1, len(examples))
+            predicted = torch.cat([p[a] for p in predictions]).tolist() if predictions else []
+            results[name][task_name] = accuracy(predicted, answers)
     for name in names:
         scores = list(results[name].values())
         results[name]["average"] = sum(scores) / max(1, len(scores))

@@ -106,6 +106,31 @@ def test_arc_style_answer_keys(tmp_path, row, answer, num_options):
     assert (example.answer, example.num_options) == (answer, num_options)
 
 
+def test_accuracy_goes_through_evaluate_when_it_loads_and_is_the_same_mean_offline(monkeypatch, data_dir, tokenizer):
+    import evaluate
+
+    from peft_mole.evaluation import commonsense
+
+    model = tiny_base(vocab_size=len(tokenizer))
+    tasks = {name: load_task(name, data_dir) for name in ("arc_e", "piqa")}
+    commonsense.accuracy_metric.cache_clear()
+    monkeypatch.setattr(evaluate, "load", lambda name: (_ for _ in ()).throw(FileNotFoundError(name)))
+    offline = evaluate_commonsense(model, tokenizer, tasks, batch_size=2)["model"]
+    calls = []
+
+    class FakeAccuracy:  # what evaluate's module returns: {"accuracy": mean of exact matches}
+        def compute(self, predictions, references):
+            calls.append((list(predictions), list(references)))
+            return {"accuracy": sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)}
+
+    commonsense.accuracy_metric.cache_clear()
+    monkeypatch.setattr(evaluate, "load", lambda name: FakeAccuracy() if name == "accuracy" else None)
+    online = evaluate_commonsense(model, tokenizer, tasks, batch_size=2)["model"]
+    commonsense.accuracy_metric.cache_clear()
+    assert online == offline and len(calls) == 2
+    assert [len(p) for p, _ in calls] == [3, 3] and calls[1][1] == [e.answer for e in tasks["piqa"]]
+
+
 def test_one_pass_over_several_adapters_equals_each_adapter_alone(data_dir, tokenizer):
     model = get_peft_model(tiny_base(vocab_size=len(tokenizer)), mixlora())
     model.add_adapter("other", mixlora())
