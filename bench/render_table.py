@@ -53,13 +53,17 @@ def _value(name: str, value: float) -> str:
     return f"{value:.1%}" if name in PERCENT else f"{value:.2f}×"
 
 
-_IDENTITY = ("name", "shape", "impl", "jobs", "dropout", "reference", "router_state", "adapters")
+_IDENTITY = ("name", "shape", "impl", "jobs", "rows_per_job", "dropout", "reference", "router_state", "adapters",
+             "questions", "new_tokens")
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
-    """The last row of each measurement (same name and settings): a re-run in the same file supersedes."""
+    """The last row of each measurement (same name and settings): a re-run in the same file supersedes; a
+    "skipped" row is dropped once the measurement it stands for exists."""
     latest = {tuple(str(row.get(k)) for k in _IDENTITY): row for row in rows}
-    return list(latest.values())
+    measured = {row["name"] for row in latest.values()}
+    return [row for row in latest.values()
+            if not (row["name"].endswith("_skipped") and row["name"].removesuffix("_skipped") in measured)]
 
 
 def ratio_table(path: Path, rows: list[dict]) -> None:

@@ -91,6 +91,8 @@ def _convert(args: argparse.Namespace) -> int:
 
     if (args.source_format is None) == (args.target_format is None):
         raise SystemExit("peft-mole convert: give exactly one of --from or --to (moe-peft or mixlora)")
+    if args.source_format and args.act_fn:
+        raise SystemExit("peft-mole convert: --act-fn is written on export only (use it with --to)")
     try:
         if args.source_format:
             config = import_moe_peft(args.src, args.dst, flavour=args.source_format)

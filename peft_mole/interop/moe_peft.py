@@ -28,6 +28,7 @@ import warnings
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers.activations import ACT2FN
 
 from peft_mole.tuners.expert_config import ATTENTION_PROJECTIONS, EXPERT_PROJECTIONS
 from peft_mole.tuners.mixlora.config import MixLoRAConfig
@@ -80,8 +81,12 @@ def config_from_moe_peft(reference: dict, flavour: str = "moe-peft") -> MixLoRAC
         raise ValueError("MoE-PEFT DoRA adapters are not supported by the converter yet (use_dora=true)")
     targets = list(reference.get("target_modules") or [])
     section = reference.get("expert_lora") or {}
-    if flavour == "mixlora" and any(section.get(k, reference.get(k)) != reference.get(k) for k in section):
-        warnings.warn("the mixlora package ignores `expert_lora` and gives experts the top-level r/lora_alpha; "
+    if flavour == "mixlora" and section.get("r", reference["r"]) != reference["r"]:
+        raise ValueError(f"expert_lora r={section['r']} differs from r={reference['r']}: the mixlora package builds "
+                         "expert LoRAs with the top-level r and cannot load this adapter; convert it with flavour "
+                         "'moe-peft' (MoE-PEFT reads `expert_lora`)")
+    if flavour == "mixlora" and section.get("lora_alpha", reference["lora_alpha"]) != reference["lora_alpha"]:
+        warnings.warn("the mixlora package ignores `expert_lora` and scales experts by the top-level lora_alpha; "
                       "converting as the package computes (use flavour 'moe-peft' for MoE-PEFT's reading)",
                       stacklevel=2)
     experts = {**reference, **(section if flavour == "moe-peft" else {})}
@@ -130,22 +135,35 @@ def import_moe_peft(source: str, target: str, flavour: str = "moe-peft") -> MixL
 
 
 def _base_activation(config: MixLoRAConfig) -> str | None:
-    """`hidden_act` of the adapter's base model when its config is on this machine (a folder or the HF cache)."""
-    from transformers import AutoConfig
+    """The activation named in the base model's config.json when that file is on this machine (a folder or the
+    Hugging Face cache): `hidden_activation` (Gemma 2/3 MLPs) or `hidden_act`. Only the JSON is read."""
+    from huggingface_hub import try_to_load_from_cache
 
-    try:
-        base = AutoConfig.from_pretrained(config.base_model_name_or_path, local_files_only=True)
-    except (OSError, ValueError, TypeError):
+    base = config.base_model_name_or_path
+    if not base:
         return None
-    return getattr(base, "hidden_act", None) or getattr(base, "hidden_activation", None)
+    path = os.path.join(base, "config.json") if os.path.isdir(base) else None
+    if path is None:
+        try:
+            path = try_to_load_from_cache(base, "config.json")
+        except ValueError:  # not a repo id
+            return None
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return fields.get("hidden_activation") or fields.get("hidden_act")
 
 
 def export_moe_peft(source: str, target: str, flavour: str = "moe-peft", act_fn: str | None = None) -> None:
     """Write a MixLoRA adapter in the MoE-PEFT format (adapter_config.json + pickle adapter_model.bin, the files
     MoE-PEFT and the `mixlora` package load) from a peft-mole MixLoRA adapter folder.
 
-    `act_fn` (e.g. "silu") is written to the config; by default it is the base model's `hidden_act`, read from
-    `base_model_name_or_path` when that config is available offline. The `mixlora` package needs it, and it gives
+    `act_fn` (e.g. "silu") is written to the config; by default it is the activation in the base model's
+    config.json, read from `base_model_name_or_path` when that file is on this machine. The `mixlora` package needs it, and it gives
     the experts the attention LoRA's r/lora_alpha, so flavour "mixlora" refuses adapters where the two differ.
     """
     _check_flavour(flavour)
@@ -153,22 +171,26 @@ def export_moe_peft(source: str, target: str, flavour: str = "moe-peft", act_fn:
     tensors = load_file(os.path.join(source, "adapter_model.safetensors"))
     if isinstance(config.num_experts, list) or config.use_dora:
         raise ValueError("MoE-PEFT has one expert count for every layer and no DoRA experts in this format")
-    if (config.attn_target_modules and (config.attn_r or config.r) != config.r) or config.attn_lora_alpha not in (
-        None, config.lora_alpha
-    ):
-        expert_lora = {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout}
-    else:
-        expert_lora = None
+    experts = {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout}
+    if config.attn_target_modules:  # top level = attention LoRA; experts that differ go to `expert_lora`
+        top = {"r": config.attn_r or config.r, "lora_alpha": config.attn_lora_alpha or config.lora_alpha,
+               "lora_dropout": config.lora_dropout if config.attn_lora_dropout is None else config.attn_lora_dropout}
+        expert_lora = experts if (top["r"], top["lora_alpha"]) != (config.r, config.lora_alpha) else None
+    else:  # experts only: their settings are the top level
+        top, expert_lora = experts, None
     if flavour == "mixlora" and expert_lora:
         raise ValueError(
             f"the mixlora package gives expert LoRAs the attention LoRA's r/lora_alpha; this adapter has experts "
-            f"r={config.r}, lora_alpha={config.lora_alpha} and attention r={config.attn_r}, "
-            f"lora_alpha={config.attn_lora_alpha}: export with flavour 'moe-peft' (MoE-PEFT reads `expert_lora`)"
+            f"r={config.r}, lora_alpha={config.lora_alpha} and attention r={top['r']}, "
+            f"lora_alpha={top['lora_alpha']}: export with flavour 'moe-peft' (MoE-PEFT reads `expert_lora`)"
         )
     act_fn = act_fn or _base_activation(config)
     if flavour == "mixlora" and not act_fn:
         raise ValueError(f"act_fn is required for the mixlora package and the base model "
                          f"{config.base_model_name_or_path!r} is not available offline: pass act_fn (e.g. 'silu')")
+    if act_fn is not None and act_fn not in ACT2FN:
+        raise ValueError(f"act_fn must be a transformers activation name (e.g. 'silu', 'gelu_pytorch_tanh'), "
+                         f"got {act_fn!r}")
     out = {}
     pattern = re.compile(rf"^{re.escape(_PREFIX)}\.(\d+)\.(mlp|self_attn)\.(.+)$")
     for name, tensor in tensors.items():
@@ -186,9 +208,8 @@ def export_moe_peft(source: str, target: str, flavour: str = "moe-peft", act_fn:
         else:
             raise ValueError(f"{source}: tensor {name!r} has no MoE-PEFT counterpart")
     reference = {
-        "bias": "none", "peft_type": "MIXLORA", "r": config.attn_r or config.r,
-        "lora_alpha": config.attn_lora_alpha or config.lora_alpha,
-        "lora_dropout": max(config.attn_lora_dropout or config.lora_dropout, 1e-3),  # MoE-PEFT requires > 0
+        "bias": "none", "peft_type": "MIXLORA", "r": top["r"], "lora_alpha": top["lora_alpha"],
+        "lora_dropout": max(top["lora_dropout"], 1e-3),  # MoE-PEFT and the package require > 0
         "target_modules": list(config.attn_target_modules) + list(config.expert_target_modules),
         "routing_strategy": "mixlora", "num_experts": config.num_experts, "top_k": config.top_k,
         **({"act_fn": act_fn} if act_fn else {}),

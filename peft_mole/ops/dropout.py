@@ -6,7 +6,8 @@ with u_i uniform on {0, …, 2^15 − 1}. On CPU the generator draws one number 
 the multiply, is the cost of `nn.Dropout` (≈ 5 ns per element: 14 ms for a 2048 × 1376 mask on 2 cores, more than
 the LoRA matmuls it feeds). Here one int64 draw holds four 15-bit uniforms (bits 0–14, 16–30, 32–46, 48–62 of a
 uniform integer in [0, 2^63)), so a mask costs a quarter of the draws. The drop probability is p rounded to a
-multiple of 2^-15 (0.05 → 0.049988) and the rescaling uses that same p', so E[dropout(x)] = x exactly. On other
+multiple of 2^-15 (0.05 → 0.049988) and the rescaling uses that same p', so E[dropout(x)] = x (up to the rounding
+of 1 / (1 − p') in x's dtype, as for `nn.Dropout`). On other
 devices, and where p' would be 0 or 1, it is `torch.nn.functional.dropout`. Masks come from torch's default
 generator, so `torch.manual_seed` and the Trainer's RNG checkpointing make them reproducible.
 """
@@ -62,7 +63,10 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
 
 
 class Dropout(nn.Dropout):
-    """`nn.Dropout` with the cheaper CPU masks of `dropout` (same `p`, same module interface and state)."""
+    """`nn.Dropout` with the cheaper CPU masks of `dropout` (same `p`, same module interface and state;
+    `inplace=True` keeps torch's in-place dropout)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            return F.dropout(x, self.p, self.training, inplace=True)
         return dropout(x, self.p, self.training)

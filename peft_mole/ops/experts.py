@@ -1,15 +1,16 @@
 """Expert dispatch and expert LoRA for Mixture-of-LoRA-Experts layers.
 
 `dispatch` turns a routing selection into (token, expert) pairs sorted by expert (one stable sort per layer).
-Only selected pairs are computed — never all experts' outputs for all tokens:
+For training-sized inputs only selected pairs are computed — never all experts' outputs for all tokens:
 - `shared_input_lora` serves projections whose input is the token itself (gate/up): A of all experts is one
   dense (N, d) × (d, E·r) product — cheap, since E·r is small — from which each pair takes its expert's r
   values; B then runs per expert on its segment of pairs.
 - `grouped_lora` serves projections whose input differs per pair (down: w_e h_e): A and B per expert segment.
-- `slot_lora` serves a handful of (token, slot) pairs (decoding with top-k): no sort at all; each token's k
-  selected experts' factors are gathered and applied with two batched products per projection — fewer operators
-  than dispatching, but a copy of the factors per slot, so only for few slots (DynMoLE's broadcast tokens, k = E,
-  take the dispatch path).
+For a handful of (token, slot) pairs (decoding with top-k) there is no sort at all: `slot_lora` (gate/up) applies
+every expert's A in one product and every expert's B in one batched product over experts, then picks each
+slot's row; `slot_lora_sum` (down, and DynMoLE's per-projection experts) adds each slot's A x into an (N, E, r)
+table and applies all B in one batched product. On a few tokens computing E instead of k experts' products costs
+less than copying each slot's factors; DynMoLE's broadcast tokens (k = E) take the dispatch path.
 """
 
 from __future__ import annotations

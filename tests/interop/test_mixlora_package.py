@@ -59,11 +59,47 @@ def test_export_for_the_package_writes_act_fn_and_round_trips(tmp_path):
 
 
 def test_package_export_needs_act_fn_when_the_base_is_not_available(tmp_path):
-    import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "ours"), flavour="mixlora")  # base: "base" (absent)
+    import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "ours"), flavour="mixlora")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "no-such-base")
+    (tmp_path / "ours" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="act_fn is required"):
         export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "theirs"), flavour="mixlora")
+    with pytest.raises(ValueError, match="act_fn must be a transformers activation name"):
+        export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "theirs"), flavour="mixlora", act_fn="swish2")
     export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "theirs"), flavour="mixlora", act_fn="silu")
     assert json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["act_fn"] == "silu"
+
+
+def test_act_fn_comes_from_the_base_config_json_only(tmp_path):
+    """A base config transformers itself would reject (or one asking for remote code) is read as JSON, not loaded;
+    Gemma's `hidden_activation` wins over `hidden_act`."""
+    import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "ours"), flavour="mixlora")
+    base = tmp_path / "odd-base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 3,
+                                                  "auto_map": {"AutoConfig": "x.Y"}, "hidden_act": "gelu",
+                                                  "hidden_activation": "gelu_pytorch_tanh"}))
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base)
+    (tmp_path / "ours" / "adapter_config.json").write_text(json.dumps(config))
+    export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "theirs"))
+    assert json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["act_fn"] == "gelu_pytorch_tanh"
+
+
+def test_experts_only_adapter_exports_its_own_rank_at_the_top_level(tmp_path):
+    from peft import get_peft_model
+
+    from tests.helpers import mixlora, tiny_base
+
+    model = get_peft_model(tiny_base(), mixlora(r=8, lora_alpha=8, attn_target_modules=[], attn_r=4, attn_lora_alpha=16))
+    model.save_pretrained(tmp_path / "ours")
+    for flavour in ("moe-peft", "mixlora"):
+        export_moe_peft(str(tmp_path / "ours"), str(tmp_path / flavour), flavour=flavour, act_fn="silu")
+        exported = json.loads((tmp_path / flavour / "adapter_config.json").read_text())
+        assert (exported["r"], exported["lora_alpha"], "expert_lora" in exported) == (8, 8, False)
+        tensors = torch.load(tmp_path / flavour / "adapter_model.bin", weights_only=True)
+        assert tensors["mixlora.layers.0.mlp.gate_proj.experts.0.lora_A.weight"].shape[0] == 8
 
 
 def test_expert_lora_is_read_as_each_reference_reads_it():
@@ -72,6 +108,10 @@ def test_expert_lora_is_read_as_each_reference_reads_it():
     assert config_from_moe_peft(reference, "moe-peft").lora_alpha == 32
     with pytest.warns(UserWarning, match="ignores `expert_lora`"):
         assert config_from_moe_peft(reference, "mixlora").lora_alpha == 8
+    reference["expert_lora"] = {"r": 8, "lora_alpha": 8}
+    assert config_from_moe_peft(reference, "moe-peft").r == 8
+    with pytest.raises(ValueError, match="cannot load this adapter"):
+        config_from_moe_peft(reference, "mixlora")
     with pytest.raises(ValueError, match="flavour must be one of"):
         config_from_moe_peft(reference, "mixlora-0.2")
 

@@ -51,7 +51,10 @@ def test_eval_mode_zero_p_and_edge_probabilities_fall_back():
     assert module(x) is x
     assert dropout(x, 0.0) is x
     assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
-    assert dropout(x, 1e-6).shape == x.shape  # rounds to 0 levels: torch's own dropout
+    torch.manual_seed(0)
+    tiny_p = dropout(x, 1e-6)  # rounds to 0 levels: torch's own dropout, which rescales by 1 / (1 - 1e-6)
+    assert not torch.equal(tiny_p, x)
+    torch.testing.assert_close(tiny_p, x / (1 - 1e-6), atol=0, rtol=1e-7)
 
 
 def test_mixlora_layers_use_it():

@@ -18,7 +18,12 @@ bnb = pytest.importorskip("bitsandbytes")
 
 def _dequantised_weight(module: torch.nn.Module) -> torch.Tensor | None:
     if isinstance(module, bnb.nn.Linear4bit):
-        return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        # the weight the CPU kernel applies, probed with the identity (4-bit is weight-only, so the layer is
+        # linear); after a first forward the CPU backend may repack the weight for its kernel, so
+        # `dequantize_4bit(weight.data, quant_state)` no longer reads it
+        with torch.no_grad():
+            probe = module(torch.eye(module.in_features))
+        return (probe if module.bias is None else probe - module.bias).t().float()
     if isinstance(module, bnb.nn.Linear8bitLt):  # int8 rows CB with per-row absmax SCB: W = CB · SCB / 127
         scale = module.weight.SCB if module.weight.SCB is not None else module.state.SCB  # moved by a forward
         return module.weight.data.float() * scale.float().unsqueeze(1) / 127
@@ -71,10 +76,12 @@ def test_adapter_on_a_quantised_base_equals_it_on_the_dequantised_base(bases, me
         expected = reference(input_ids=ids, attention_mask=mask).logits
         base_only = dequantised()(input_ids=ids, attention_mask=mask).logits
         kernel_gap = (quantised_base(input_ids=ids, attention_mask=mask).logits - base_only).abs().max()
-    assert (expected - base_only).abs().max() > 1e-2  # the adapter matters
-    # bitsandbytes' CPU matmul itself differs from the float matmul by kernel_gap (4-bit ~1e-3; 8-bit ~5e-3, it
-    # also rounds the inputs to int8); the adapter on top must add nothing of its own order
-    assert (got - expected).abs().max() <= 2 * kernel_gap + 1e-4, (kernel_gap, (got - expected).abs().max())
+    # bitsandbytes' CPU matmul itself differs from the float matmul with its weights by kernel_gap on the base's
+    # logits (4-bit ~3e-3; 8-bit ~5e-3, it also rounds the inputs to int8), more where adapters change the
+    # activations; the adapter on top must add nothing of the adapter's own order (> 20x the tolerance)
+    tolerance = 4 * kernel_gap + 1e-4
+    assert (expected - base_only).abs().max() > 20 * tolerance
+    assert (got - expected).abs().max() <= tolerance, (kernel_gap, (got - expected).abs().max())
 
 
 def test_training_mixed_jobs_over_a_quantised_base(bases):
