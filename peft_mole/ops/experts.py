@@ -185,7 +185,7 @@ def grouped_lora(
     return _segment_matmul(hidden, lora_b, plan.counts)
 
 
-FEW_SLOTS = 16  # at most this many (token, slot) pairs (decoding, small k): `slot_lora` instead of dispatching
+FEW_TOKENS = 8  # at most this many tokens (decoding): `slot_lora` / `slot_lora_sum` instead of dispatching
 
 
 def slot_lora(

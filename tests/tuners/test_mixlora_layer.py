@@ -222,9 +222,9 @@ def test_few_token_path_equals_the_dispatch_path(method, monkeypatch):
     import peft_mole.tuners.mixlora.projection as projection_module
 
     results = []
-    for few_slots in (64, 0):  # 6 tokens x up to 4 slots: all take the slot path, then none does
-        monkeypatch.setattr(layer_module, "FEW_SLOTS", few_slots)
-        monkeypatch.setattr(projection_module, "FEW_SLOTS", few_slots)
+    for few_tokens in (64, 0):  # all take the slot path, then none does
+        monkeypatch.setattr(layer_module, "FEW_TOKENS", few_tokens)
+        monkeypatch.setattr(projection_module, "FEW_TOKENS", few_tokens)
         model = get_peft_model(tiny_base(), METHODS[method]())
         randomize_adapters(model, std=0.2)
         model.train()

@@ -19,7 +19,7 @@ from torch import nn
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext
 from peft_mole.ops.experts import (
-    FEW_SLOTS,
+    FEW_TOKENS,
     dispatch,
     grouped_lora,
     shared_input_lora,
@@ -160,8 +160,8 @@ class MixLoRAMLP(RoutedExpertsLayer):
         settings = self.settings[adapter]
         weights, chosen = self.route(adapter, x, token_mask)  # (N, k) each
         dropout_active = self.training and isinstance(self.dropouts[adapter], nn.Dropout)
-        few_slots = x.shape[0] * chosen.shape[1] <= FEW_SLOTS
-        if few_slots and not self.experts[adapter].use_dora and not dropout_active:
+        few_tokens = x.shape[0] <= FEW_TOKENS
+        if few_tokens and not self.experts[adapter].use_dora and not dropout_active:
             return self._mixture_few_tokens(adapter, x, gate, up, weights, chosen)
         plan = dispatch(weights, chosen, settings.num_experts)
         weighted = self._gate_up_experts(adapter, x, gate, up, plan)  # (M, I): w_e h_e per pair
