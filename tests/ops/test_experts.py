@@ -116,3 +116,69 @@ def test_slot_lora_and_its_sum_equal_the_per_slot_formula_with_gradients():
             torch.testing.assert_close(g, e)
         if x.dim() == 2:
             torch.testing.assert_close(slot_lora(x, lora_a, lora_b, chosen, 0.5), slow)
+
+
+def test_stacked_linear_has_each_jobs_f_linear_arithmetic_and_passes_gradcheck():
+    from peft_mole.ops.segmented_lora import stacked_linear
+
+    x64 = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(stacked_linear, (x64, w64))
+    for jobs, rows, d_in, d_out in ((4, 15, 16, 4), (3, 96, 64, 4), (2, 40, 64, 8), (8, 256, 512, 16)):
+        torch.manual_seed(0)
+        x = torch.randn(jobs, rows, d_in, requires_grad=True)
+        weight = torch.randn(jobs, d_out, d_in, requires_grad=True)
+        grad = torch.randn(jobs, rows, d_out)
+        out = stacked_linear(x, weight)
+        gx, gw = torch.autograd.grad(out, (x, weight), grad)
+        for j in range(jobs):
+            xj, wj = x[j].detach().requires_grad_(), weight[j].detach().requires_grad_()
+            ref = torch.nn.functional.linear(xj, wj)
+            rx, rw = torch.autograd.grad(ref, (xj, wj), grad[j])
+            for got, expected in ((out[j], ref), (gx[j], rx), (gw[j], rw)):
+                torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("order", [["a", "b", BASE_ROW, "c", "d"], ["a", "b", "d"]])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_stacked_lora_equals_each_adapter_alone_bit_for_bit(dropout, order):
+    """Equal-size, equal-rank adapters share batched products; each adapter's delta and gradients are the ones
+    its own F.linear products give (what keeps a job independent of the jobs in its step). An adapter of another
+    rank and the base rows take the per-group path; when one stack covers every row the result is added whole."""
+    from peft_mole.forward_context import RowGroup
+    from peft_mole.ops.dropout import Dropout
+    from peft_mole.ops.segmented_lora import LoraFactors
+
+    torch.manual_seed(0)
+    rows, seq, d_in, d_out = 3, 5, 16, 24
+    ranks = {"a": 4, "b": 4, "c": 2, "d": 4}
+    params = {name: (torch.randn(r, d_in, requires_grad=True), torch.randn(d_out, r, requires_grad=True))
+              for name, r in ranks.items()}
+    scales = {"a": 2.0, "b": 1 / 3, "c": 1.0, "d": 8 / 7}  # not all exact in binary
+    dropouts = {name: Dropout(dropout) if dropout else torch.nn.Identity() for name in ranks}
+    groups = [RowGroup(name, slice(i * rows, (i + 1) * rows), rows) for i, name in enumerate(order)]
+    x = torch.randn(rows * len(order), seq, d_in, requires_grad=True)
+    base_out = torch.randn(rows * len(order), seq, d_out)
+
+    def factors(name):
+        return LoraFactors(*params[name], scales[name], dropouts[name]) if name in params else None
+
+    def delta(name, piece):
+        return None if name not in params else lora_delta(piece, *params[name], scales[name], dropouts[name])
+
+    def run(stacked: bool):
+        torch.manual_seed(1)
+        out = scatter_row_deltas(base_out, x, groups, delta, factors if stacked else None)
+        inputs = [x, *(t for name, pair in params.items() if name in order for t in pair)]
+        return out, torch.autograd.grad(out.square().sum(), inputs)
+
+    if dropout:  # masks are drawn in another order when stacked: only shapes and finiteness to compare
+        out, grads = run(True)
+        assert out.shape == base_out.shape and all(g.isfinite().all() for g in grads)
+        return
+    (plain, plain_grads), (stacked, stacked_grads) = run(False), run(True)
+    torch.testing.assert_close(stacked, plain, atol=0, rtol=0)
+    for got, expected in zip(stacked_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    if BASE_ROW in order:
+        torch.testing.assert_close(stacked[2 * rows : 3 * rows], base_out[2 * rows : 3 * rows], atol=0, rtol=0)

@@ -10,7 +10,7 @@ from torch import nn
 
 from peft_mole.forward_context import ForwardContext
 from peft_mole.ops.dropout import Dropout
-from peft_mole.ops.segmented_lora import lora_delta, scatter_row_deltas
+from peft_mole.ops.segmented_lora import LoraFactors, lora_delta, scatter_row_deltas
 
 
 class LoraLinear(nn.Module, BaseTunerLayer):
@@ -56,21 +56,23 @@ class LoraLinear(nn.Module, BaseTunerLayer):
         getattr(self, self.prefix + "scaling")[adapter_name] = scaling
         self.set_adapter(self.active_adapters)
 
-    def _delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
+    def _factors(self, adapter: str) -> LoraFactors | None:
         lora_a = getattr(self, self.prefix + "A")
         if adapter not in lora_a:
             return None
-        return lora_delta(
-            x, lora_a[adapter], getattr(self, self.prefix + "B")[adapter],
-            getattr(self, self.prefix + "scaling")[adapter], getattr(self, self.prefix + "dropout")[adapter],
-        )
+        return LoraFactors(lora_a[adapter], getattr(self, self.prefix + "B")[adapter],
+                           getattr(self, self.prefix + "scaling")[adapter], getattr(self, self.prefix + "dropout")[adapter])
+
+    def _delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
+        found = self._factors(adapter)
+        return None if found is None else lora_delta(x, found.lora_a, found.lora_b, found.scaling, found.dropout)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or not self.active_adapters:
             return out
         groups = self._context.row_groups(x.shape[0], self.active_adapters, x.device)
-        return scatter_row_deltas(out, x, groups, self._delta)
+        return scatter_row_deltas(out, x, groups, self._delta, self._factors)
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         raise ValueError(
