@@ -188,6 +188,15 @@ def grouped_lora(
 FEW_TOKENS = 8  # at most this many tokens (decoding): `slot_lora` / `slot_lora_sum` instead of dispatching
 
 
+def used_slots(weights: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, chosen) without the slot columns that no token uses (weight 0 in every row), e.g. DynMoLE's
+    (N, E) selection of a few confident tokens. Dropped slots add exactly 0, so results are unchanged."""
+    used = (weights > 0).any(dim=0)
+    if bool(used.all()) or not bool(used.any()):
+        return weights, chosen
+    return weights[:, used], chosen[:, used]
+
+
 def slot_lora(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, chosen: torch.Tensor, scaling: float
 ) -> torch.Tensor:

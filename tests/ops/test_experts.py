@@ -182,3 +182,16 @@ def test_stacked_lora_equals_each_adapter_alone_bit_for_bit(dropout, order):
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
     if BASE_ROW in order:
         torch.testing.assert_close(stacked[2 * rows : 3 * rows], base_out[2 * rows : 3 * rows], atol=0, rtol=0)
+
+
+def test_used_slots_drops_only_columns_no_token_uses():
+    from peft_mole.ops.experts import used_slots
+
+    weights = torch.tensor([[0.6, 0.4, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0], [0.3, 0.3, 0.0, 0.0]])
+    chosen = torch.tensor([[1, 0, 2, 3], [2, 1, 0, 3], [3, 2, 1, 0]])
+    trimmed_w, trimmed_c = used_slots(weights, chosen)
+    assert trimmed_w.tolist() == weights[:, :2].tolist() and trimmed_c.tolist() == chosen[:, :2].tolist()
+    full = torch.ones(2, 3)
+    assert used_slots(full, chosen[:2, :3])[0] is full  # nothing to drop: unchanged
+    zeros = torch.zeros(2, 3)
+    assert used_slots(zeros, chosen[:2, :3])[0] is zeros  # nothing used at all: left to the caller

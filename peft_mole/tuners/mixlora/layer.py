@@ -25,6 +25,7 @@ from peft_mole.ops.experts import (
     shared_input_lora,
     slot_lora,
     slot_lora_sum,
+    used_slots,
 )
 from peft_mole.ops.profiling import profiled
 from peft_mole.ops.segmented_lora import consecutive_slices
@@ -175,6 +176,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
 
         Same formula, no DoRA, no active dropout (the callers check)."""
         settings, experts, mlp = self.settings[adapter], self.experts[adapter], self.base_layer
+        weights, chosen = used_slots(weights, chosen)
         k = chosen.shape[1]
         w = weights.to(gate.dtype).unsqueeze(-1)  # (N, k, 1)
         slots = {}

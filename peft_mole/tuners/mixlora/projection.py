@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_mole.forward_context import ForwardContext
-from peft_mole.ops.experts import FEW_TOKENS, dispatch, shared_input_lora, slot_lora_sum
+from peft_mole.ops.experts import FEW_TOKENS, dispatch, shared_input_lora, slot_lora_sum, used_slots
 from peft_mole.ops.segmented_lora import scatter_row_deltas
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
 
@@ -62,6 +62,7 @@ class MoELoraLinear(RoutedExpertsLayer):
         lora_a, lora_b = self.experts[adapter].factors("proj")
         dropout_active = self.training and isinstance(self.dropouts[adapter], nn.Dropout)
         if x.shape[0] <= FEW_TOKENS and not dropout_active:  # decoding: no dispatch
+            weights, chosen = used_slots(weights, chosen)
             return slot_lora_sum(x, lora_a, lora_b, chosen, settings.scaling, weights)  # (N, out)
         plan = dispatch(weights, chosen, settings.num_experts)
         pair = shared_input_lora(self.dropouts[adapter](x), lora_a, lora_b, plan, settings.scaling)  # (M, out)
