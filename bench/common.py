@@ -15,6 +15,21 @@ import torch
 from peft_mole import synthetic
 
 BATCH = {"tiny": (2, 32), "small": (4, 256), "medium": (8, 512)}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_config(dropout: float = 0.05):
+    """BENCH.md's LoRA: r 16, alpha 32 on q,k,v,o,gate,up,down."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS)
+
+
+def mixlora_config(dropout: float = 0.05):
+    """BENCH.md's MixLoRA: 8 experts, top-2, r 16, alpha 32; expert LoRA on gate/up/down, attention LoRA q,k,v,o."""
+    import peft_mole
+
+    return peft_mole.MixLoRAConfig(num_experts=8, top_k=2, r=16, lora_alpha=32, lora_dropout=dropout)
 
 
 def setup_threads() -> None:

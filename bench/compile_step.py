@@ -11,10 +11,17 @@ import argparse
 import time
 
 import torch
-from common import base_model, emit, random_batch, record, setup_threads, time_interleaved, train_step_fn
+from common import (
+    base_model,
+    emit,
+    mixlora_config,
+    random_batch,
+    record,
+    setup_threads,
+    time_interleaved,
+    train_step_fn,
+)
 from peft import get_peft_model
-
-import peft_mole
 
 
 def main() -> None:
@@ -23,9 +30,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     setup_threads()
-    config = dict(num_experts=8, top_k=2, r=16, lora_alpha=32, lora_dropout=0.05)
-    eager = get_peft_model(base_model(args.shape), peft_mole.MixLoRAConfig(**config))
-    compiled_model = get_peft_model(base_model(args.shape), peft_mole.MixLoRAConfig(**config))
+    eager = get_peft_model(base_model(args.shape), mixlora_config())
+    compiled_model = get_peft_model(base_model(args.shape), mixlora_config())
     batch = random_batch(args.shape, eager.config.vocab_size)
     compiled = torch.compile(compiled_model)
     compiled_step = train_step_fn(compiled, batch)

@@ -9,8 +9,18 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import BATCH, base_model, emit, random_batch, record, setup_threads, time_interleaved
-from peft import LoraConfig, get_peft_model
+from common import (
+    BATCH,
+    base_model,
+    emit,
+    lora_config,
+    mixlora_config,
+    random_batch,
+    record,
+    setup_threads,
+    time_interleaved,
+)
+from peft import get_peft_model
 
 import peft_mole
 
@@ -37,11 +47,9 @@ def main() -> None:
     setup_threads()
     base = base_model(args.shape)
     common = dict(num_experts=8, r=16, lora_alpha=32, lora_dropout=0.05)
-    mixlora = get_peft_model(base_model(args.shape), peft_mole.MixLoRAConfig(top_k=2, **common))
+    mixlora = get_peft_model(base_model(args.shape), mixlora_config())
     dynmole = get_peft_model(base_model(args.shape), peft_mole.DynMoLEConfig(**common))
-    lora = get_peft_model(base_model(args.shape), LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.05,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    lora = get_peft_model(base_model(args.shape), lora_config())
     with torch.no_grad():
         for name, p in dynmole.named_parameters():
             if "router" in name:

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import argparse
 
-from common import base_model, emit, random_batch, record, setup_threads, time_interleaved, train_step_fn
-from peft import LoraConfig, get_peft_model
-
-import peft_mole
+from common import (
+    base_model,
+    emit,
+    lora_config,
+    mixlora_config,
+    random_batch,
+    record,
+    setup_threads,
+    time_interleaved,
+    train_step_fn,
+)
+from peft import get_peft_model
 
 
 def main() -> None:
@@ -22,13 +30,8 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout of both adapters")
     args = parser.parse_args()
     setup_threads()
-    lora = get_peft_model(base_model(args.shape), LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=args.dropout,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    ))
-    mixlora = get_peft_model(base_model(args.shape), peft_mole.MixLoRAConfig(
-        num_experts=8, top_k=2, r=16, lora_alpha=32, lora_dropout=args.dropout,
-    ))
+    lora = get_peft_model(base_model(args.shape), lora_config(args.dropout))
+    mixlora = get_peft_model(base_model(args.shape), mixlora_config(args.dropout))
     batch = random_batch(args.shape, lora.config.vocab_size)
     times = time_interleaved(
         {"peft_lora": train_step_fn(lora, batch), "mixlora": train_step_fn(mixlora, batch)}, repeats=args.repeats

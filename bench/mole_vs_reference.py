@@ -21,10 +21,17 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from common import base_model, emit, random_batch, setup_threads, time_interleaved, train_step_fn
-from peft import LoraConfig, get_peft_model
-
-import peft_mole
+from common import (
+    base_model,
+    emit,
+    lora_config,
+    mixlora_config,
+    random_batch,
+    setup_threads,
+    time_interleaved,
+    train_step_fn,
+)
+from peft import get_peft_model
 
 HERE = Path(__file__).resolve().parent
 REFERENCES = {  # name: (script, its MixLoRA impl, its LoRA impl)
@@ -53,11 +60,8 @@ def main() -> None:
               "(make bench-peers builds it: moe-peft==2.0.2, mixlora==0.2.3, peft==0.13.2)"})
         return
     setup_threads()
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    lora = get_peft_model(base_model("small"), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                                          target_modules=targets))
-    mixlora = get_peft_model(base_model("small"), peft_mole.MixLoRAConfig(num_experts=8, top_k=2, r=16,
-                                                                          lora_alpha=32, lora_dropout=0.05))
+    lora = get_peft_model(base_model("small"), lora_config())
+    mixlora = get_peft_model(base_model("small"), mixlora_config())
     batch = random_batch("small", lora.config.vocab_size)
     steps = {"peft_lora": train_step_fn(lora, batch), "mixlora": train_step_fn(mixlora, batch)}
     ours: dict[str, list[float]] = {"peft_lora": [], "mixlora": []}

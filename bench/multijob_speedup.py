@@ -13,16 +13,20 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import BATCH, base_model, device, emit, record, setup_threads, time_interleaved, train_step_fn
-from peft import LoraConfig, get_peft_model
+from common import (
+    BATCH,
+    base_model,
+    device,
+    emit,
+    lora_config,
+    record,
+    setup_threads,
+    time_interleaved,
+    train_step_fn,
+)
+from peft import get_peft_model
 
 from peft_mole.multijob import MultiJobModel, per_job_losses
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def lora_config(dropout: float = 0.05) -> LoraConfig:
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS)
 
 
 def rows_batch(rows: int, seq: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -14,12 +14,18 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import base_model, emit, random_batch, record, setup_threads, time_interleaved, train_step_fn
-from peft import LoraConfig, get_peft_model
-
-import peft_mole
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from common import (
+    base_model,
+    emit,
+    lora_config,
+    mixlora_config,
+    random_batch,
+    record,
+    setup_threads,
+    time_interleaved,
+    train_step_fn,
+)
+from peft import get_peft_model
 
 
 def build(kind: str, shape: str, checkpointing: bool):
@@ -27,9 +33,7 @@ def build(kind: str, shape: str, checkpointing: bool):
     if checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    config = (LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS) if kind == "peft_lora"
-              else peft_mole.MixLoRAConfig(num_experts=8, top_k=2, r=16, lora_alpha=32, lora_dropout=0.05))
-    return get_peft_model(base, config)
+    return get_peft_model(base, lora_config() if kind == "peft_lora" else mixlora_config())
 
 
 def main() -> None:

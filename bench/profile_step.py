@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from common import base_model, emit, random_batch, setup_threads, train_step_fn
-from peft import LoraConfig, get_peft_model
+from common import base_model, emit, lora_config, mixlora_config, random_batch, setup_threads, train_step_fn
+from peft import get_peft_model
 from torch.profiler import ProfilerActivity, profile, record_function
-
-import peft_mole
 
 RANGES = ("peft_mole::route", "peft_mole::dispatch", "peft_mole::experts_gate_up", "peft_mole::combine",
           "peft_mole::experts_down", "forward", "backward", "optimizer")
@@ -54,11 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     setup_threads()
     models = {
-        "peft_lora": get_peft_model(base_model(args.shape), LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.05,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])),
-        "mixlora": get_peft_model(base_model(args.shape), peft_mole.MixLoRAConfig(
-            num_experts=8, top_k=2, r=16, lora_alpha=32, lora_dropout=0.05)),
+        "peft_lora": get_peft_model(base_model(args.shape), lora_config()),
+        "mixlora": get_peft_model(base_model(args.shape), mixlora_config()),
     }
     batch = random_batch(args.shape, models["mixlora"].config.vocab_size)
     for impl, model in models.items():
