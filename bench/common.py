@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import resource
@@ -30,6 +31,14 @@ def mixlora_config(dropout: float = 0.05):
     import peft_mole
 
     return peft_mole.MixLoRAConfig(num_experts=8, top_k=2, r=16, lora_alpha=32, lora_dropout=dropout)
+
+
+def step_parser(repeats: int = 10) -> argparse.ArgumentParser:
+    """The options every step-time benchmark takes: --shape (BENCH.md shapes) and --repeats (timed steps)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="small", choices=list(BATCH))
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser
 
 
 def setup_threads() -> None:

@@ -7,7 +7,6 @@ Usage: python bench/compile_step.py [--shape small] [--repeats 10]
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -18,6 +17,7 @@ from common import (
     random_batch,
     record,
     setup_threads,
+    step_parser,
     time_interleaved,
     train_step_fn,
 )
@@ -25,9 +25,7 @@ from peft import get_peft_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium"])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser = step_parser()
     args = parser.parse_args()
     setup_threads()
     eager = get_peft_model(base_model(args.shape), mixlora_config())

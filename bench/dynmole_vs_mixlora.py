@@ -9,10 +9,17 @@ Usage: python bench/dynmole_vs_mixlora.py [--shape small] [--router-scale 4]
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from common import base_model, emit, random_batch, record, setup_threads, time_interleaved, train_step_fn
+from common import (
+    base_model,
+    emit,
+    random_batch,
+    record,
+    setup_threads,
+    step_parser,
+    time_interleaved,
+    train_step_fn,
+)
 from peft import get_peft_model
 
 import peft_mole
@@ -25,9 +32,7 @@ def experts_per_token(model, batch) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium"])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser = step_parser()
     parser.add_argument("--router-scale", type=float, default=4.0)
     args = parser.parse_args()
     setup_threads()

@@ -6,8 +6,6 @@ Usage: python bench/generate_vs_base.py [--shape small] [--new-tokens 64]
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from common import (
     BATCH,
@@ -18,6 +16,7 @@ from common import (
     random_batch,
     record,
     setup_threads,
+    step_parser,
     time_interleaved,
 )
 from peft import get_peft_model
@@ -38,10 +37,8 @@ def generate_fn(model, batch, new_tokens: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="small")
+    parser = step_parser()
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--router-scale", type=float, default=4.0)
     args = parser.parse_args()
     setup_threads()

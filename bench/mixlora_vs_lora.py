@@ -7,8 +7,6 @@ Usage: python bench/mixlora_vs_lora.py [--shape small] [--repeats 10]
 
 from __future__ import annotations
 
-import argparse
-
 from common import (
     base_model,
     emit,
@@ -17,6 +15,7 @@ from common import (
     random_batch,
     record,
     setup_threads,
+    step_parser,
     time_interleaved,
     train_step_fn,
 )
@@ -24,9 +23,7 @@ from peft import get_peft_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium"])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser = step_parser()
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout of both adapters")
     args = parser.parse_args()
     setup_threads()

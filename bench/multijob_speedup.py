@@ -10,8 +10,6 @@ Usage: python bench/multijob_speedup.py [--shape small] [--jobs 2 4 8] [--repeat
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from common import (
     BATCH,
@@ -21,6 +19,7 @@ from common import (
     lora_config,
     record,
     setup_threads,
+    step_parser,
     time_interleaved,
     train_step_fn,
 )
@@ -64,11 +63,9 @@ def mixed_step_fn(model: MultiJobModel, batch, jobs: list[str], rows_per_job: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium"])
+    parser = step_parser()
     parser.add_argument("--jobs", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--rows-per-job", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--dropout", type=float, default=0.05,
                         help="LoRA dropout of every job (peft-mole's LoRA-job layers draw cheaper CPU masks than "
                              "PEFT's, see peft_mole/ops/dropout.py; 0 compares the products alone)")

@@ -11,8 +11,6 @@ Usage: python bench/options_step.py [--shape small] [--repeats 10]
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from common import (
     base_model,
@@ -22,6 +20,7 @@ from common import (
     random_batch,
     record,
     setup_threads,
+    step_parser,
     time_interleaved,
     train_step_fn,
 )
@@ -37,9 +36,7 @@ def build(kind: str, shape: str, checkpointing: bool):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium"])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser = step_parser()
     args = parser.parse_args()
     setup_threads()
     options = {"eager": (False, False), "checkpointing": (True, False), "bf16_autocast": (False, True)}
