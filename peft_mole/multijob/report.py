@@ -6,21 +6,29 @@ from peft_mole.multijob.run import JobRun
 
 
 class PaddingStats:
-    """Real and padded token counts of the mixed batches the trainer built (`pad_fraction`)."""
+    """Real and padded token counts of the mixed batches the trainer built (`pad_fraction`), and of the jobs' own
+    micro-batches before mixing (`micro_batch_pad_fraction`: the padding the jobs' collators made, which the
+    scheduler never changes; the difference is what mixing added)."""
 
     def __init__(self) -> None:
         self.real = 0
         self.total = 0
+        self.micro_batch_total = 0
 
     def add(self, parts: list[tuple[JobRun, dict]]) -> None:
         length = max(batch["input_ids"].shape[1] for _, batch in parts)
         for _, batch in parts:
             self.real += int(batch["attention_mask"].sum())
             self.total += batch["input_ids"].shape[0] * length
+            self.micro_batch_total += batch["input_ids"].numel()
 
     @property
     def pad_fraction(self) -> float:
         return 1.0 - self.real / self.total if self.total else 0.0
+
+    @property
+    def micro_batch_pad_fraction(self) -> float:
+        return 1.0 - self.real / self.micro_batch_total if self.micro_batch_total else 0.0
 
 
 def summary_rows(runs: list[JobRun], seconds: float) -> list[dict]:

@@ -14,33 +14,45 @@
 
 from __future__ import annotations
 
+import statistics
+
 from peft_mole.multijob.memory import MemoryModel
 from peft_mole.multijob.run import FAILED, RUNNING, WAITING, JobRun
 
 
 class StepCost:
-    """Time of a mixed step ≈ c0 + c1 · padded tokens, fitted by least squares on the steps run so far; the fixed
-    cost of one more step in token terms, c0 / c1, is what length grouping weighs against padding."""
+    """Time of a mixed step ≈ c0 + c1 · padded tokens; the fixed cost of one more step in token terms, c0 / c1, is
+    what length grouping weighs against padding.
 
-    def __init__(self, initial_tokens: int = 256, window: int = 64) -> None:
+    Fitted with the Theil–Sen estimator (c1 = median of the pairwise slopes, c0 = median of t − c1 · tokens) over the
+    last `window` steps, so one slow step (a collection, another process) does not move it. The first step is not
+    used (lazy initialisation and allocator warm-up make it slow), and the fit starts as soon as three steps of two
+    different sizes are known: the first rounds are usually the longest (Trainer's length-grouped sampler puts the
+    longest batch first), so a late fit would pad the most tokens with the guess `initial_tokens`."""
+
+    def __init__(self, initial_tokens: int = 256, window: int = 64, min_samples: int = 3) -> None:
         self.initial_tokens = initial_tokens
-        self.samples: list[tuple[float, float]] = []
         self.window = window
+        self.min_samples = min_samples
+        self.samples: list[tuple[float, float]] = []
+        self._seen_first = False
 
     def observe(self, tokens: int, seconds: float) -> None:
+        if not self._seen_first:
+            self._seen_first = True
+            return
         self.samples.append((float(tokens), float(seconds)))
         del self.samples[: -self.window]
 
     def overhead_tokens(self) -> int:
-        xs = [t for t, _ in self.samples]
-        if len(self.samples) < 8 or len(set(xs)) < 2:
+        pairs = [(x1, y1, x2, y2) for i, (x1, y1) in enumerate(self.samples) for x2, y2 in self.samples[i + 1:]]
+        slopes = [(y2 - y1) / (x2 - x1) for x1, y1, x2, y2 in pairs if x1 != x2]
+        if len(self.samples) < self.min_samples or not slopes:
             return self.initial_tokens
-        mean_x, mean_y = sum(xs) / len(xs), sum(y for _, y in self.samples) / len(xs)
-        var = sum((x - mean_x) ** 2 for x in xs)
-        slope = sum((x - mean_x) * (y - mean_y) for x, y in self.samples) / var
+        slope = statistics.median(slopes)
         if slope <= 0:
             return self.initial_tokens
-        intercept = mean_y - slope * mean_x
+        intercept = statistics.median(y - slope * x for x, y in self.samples)
         return int(min(max(intercept / slope, 0.0), 16 * self.initial_tokens))
 
 

@@ -90,6 +90,31 @@ def test_step_cost_fits_the_fixed_cost_of_a_step_in_tokens():
 
     cost = StepCost(initial_tokens=256)
     assert cost.overhead_tokens() == 256  # nothing measured yet
-    for tokens in [100, 200, 400, 800, 1600, 300, 500, 700]:
-        cost.observe(tokens, 0.05 + 0.001 * tokens)  # 50 ms per step = 50 tokens
+    cost.observe(5000, 30.0)  # the first step (warm-up) is never used
+    cost.observe(100, 0.05 + 0.001 * 100)
+    cost.observe(100, 0.05 + 0.001 * 100)
+    assert cost.overhead_tokens() == 256  # one size only: no slope yet
+    cost.observe(400, 0.05 + 0.001 * 400)
+    assert cost.overhead_tokens() == 50  # three steps of two sizes: 50 ms per step = 50 tokens
+    for tokens in [200, 800, 1600, 300, 500, 700]:
+        cost.observe(tokens, 0.05 + 0.001 * tokens)
+    cost.observe(300, 2.0)  # one step slowed down 6x by something else
     assert cost.overhead_tokens() == 50
+    cost = StepCost(initial_tokens=256)
+    for tokens, seconds in [(1, 1.0), (100, 0.2), (200, 0.1), (300, 0.05)]:  # time falling with size: no fit
+        cost.observe(tokens, seconds)
+    assert cost.overhead_tokens() == 256
+
+
+def test_padding_stats_separate_the_jobs_own_padding_from_what_mixing_adds():
+    from peft_mole.multijob.report import PaddingStats
+
+    short, long = part("s", 2, 10), part("l", 1, 40)
+    short[1]["attention_mask"] = torch.tensor([[1] * 10, [1] * 6 + [0] * 4])  # the job's collator padded 4 tokens
+    stats = PaddingStats()
+    stats.add([short, long])  # mixed: the short rows are padded to 40
+    assert stats.real == 16 + 40 and stats.total == 3 * 40 and stats.micro_batch_total == 20 + 40
+    assert stats.pad_fraction == pytest.approx(1 - 56 / 120)
+    assert stats.micro_batch_pad_fraction == pytest.approx(1 - 56 / 60)
+    stats.add([short])  # alone: no padding beyond the job's own
+    assert stats.total - stats.micro_batch_total == 120 - 60
