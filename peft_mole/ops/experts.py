@@ -15,6 +15,8 @@ less than copying each slot's factors; DynMoLE's broadcast tokens (k = E) take t
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +56,23 @@ def dispatch(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> 
     order = torch.argsort(flat_expert, stable=True)
     counts = torch.bincount(flat_expert, minlength=num_experts).tolist()
     return Dispatch(token=flat_token[order], expert=flat_expert[order], weight=flat_weight[order], counts=counts)
+
+
+def in_adapter_precision_on_cpu(fn):
+    """Run `fn` with CPU autocast off, so its products use the adapter's dtype (fp32) instead of bf16/fp16.
+
+    The per-expert segments have new row counts at every step, and CPU bf16 GEMM (oneDNN) builds a kernel for each
+    new shape: 0.8 ms per product against 0.05 ms for a shape it has seen, where fp32 GEMM has no per-shape cost
+    (measured: docs/performance.md). fp32 is also the more exact of the two. On CUDA autocast applies as usual.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, *args, **kwargs):
+        off = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        with torch.autocast("cpu", enabled=False) if off else contextlib.nullcontext():
+            return fn(x, *args, **kwargs)
+
+    return wrapper
 
 
 SMALL_PAIRS = 64  # at most this many (token, expert) pairs (decoding): gather each pair's factors, one bmm
@@ -131,6 +150,7 @@ class _GatherSegmentLoRA(torch.autograd.Function):
         return grad_base, grad_z, grad_b, None, None
 
 
+@in_adapter_precision_on_cpu
 def shared_input_lora(
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -159,12 +179,14 @@ def shared_input_lora(
     z_pairs = z.reshape(-1, r).index_select(0, pair_rows) * scaling  # (M, r): s · A_e x_t of each pair
     if base is None:
         return _segment_matmul(z_pairs, lora_b, plan.counts)
-    if base.dtype == lora_b.dtype:
-        return _GatherSegmentLoRA.apply(base, z_pairs, lora_b, plan.token, plan.counts)
-    gathered = base.index_select(0, plan.token).to(lora_b.dtype)  # mixed precision: compute in adapter dtype
-    return _segment_matmul(z_pairs, lora_b, plan.counts, gathered)
+    # one dtype for the fused gather + addmm: autocast's where it is on (CUDA), else the adapter's; a bf16 base
+    # is cast on its N rows, before the gather to M pair rows
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lora_b.dtype
+    return _GatherSegmentLoRA.apply(base.to(dtype), z_pairs.to(dtype), lora_b.to(dtype), plan.token, plan.counts)
 
 
+@in_adapter_precision_on_cpu
 def grouped_lora(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, plan: Dispatch, scaling: float
 ) -> torch.Tensor:

@@ -48,6 +48,38 @@ def test_shared_input_lora_equals_per_pair_reference(num_tokens):
     torch.testing.assert_close(mixed, ref, atol=0.1, rtol=0.02)
 
 
+def test_expert_products_under_cpu_autocast_run_in_the_adapter_dtype_and_train_it():
+    """CPU autocast is switched off inside the expert products (bf16 GEMM builds a kernel per new segment shape);
+    the unwrapped function shows what CUDA autocast does: bf16 products, gradients back to the fp32 factors."""
+    gen = torch.Generator().manual_seed(0)
+    num_experts, r, din, dout, num_tokens = 4, 3, 8, 6, 100
+    a = torch.randn(num_experts, r, din, generator=gen, requires_grad=True)
+    b = torch.randn(num_experts, dout, r, generator=gen, requires_grad=True)
+    x = torch.randn(num_tokens, din, generator=gen)
+    weights = torch.rand(num_tokens, 2, generator=gen)
+    experts = torch.randint(0, num_experts, (num_tokens, 2), generator=gen)
+    experts[:, 1] = (experts[:, 0] + 1) % num_experts
+    plan = dispatch(weights, experts, num_experts)
+    base = torch.randn(num_tokens, dout, generator=gen).bfloat16()  # the frozen product under autocast
+    plain = shared_input_lora(x, a, b, plan, scaling=2.0, base=base)
+    pair_rows = x.bfloat16()[plan.token]  # e.g. the bf16 w_e h_e fed to the down experts
+    plain_down = grouped_lora(pair_rows, a, b, plan, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = shared_input_lora(x, a, b, plan, scaling=2.0, base=base)
+        down = grouped_lora(pair_rows, a, b, plan, 1.0)
+        emulated = shared_input_lora.__wrapped__(x, a, b, plan, scaling=2.0, base=base)
+    assert out.dtype == down.dtype == torch.float32
+    assert torch.equal(out, plain) and torch.equal(down, plain_down)  # same fp32 arithmetic as without autocast
+    assert emulated.dtype == torch.bfloat16
+    bf16_tol = lambda ref: dict(atol=2**-7 * float(ref.detach().abs().max()), rtol=0)  # noqa: E731 — bf16: 8-bit mantissa
+    torch.testing.assert_close(emulated.float(), plain, **bf16_tol(plain))
+    (grad_a, grad_b) = torch.autograd.grad(emulated.float().sum(), (a, b))
+    (ref_a, ref_b) = torch.autograd.grad(plain.sum(), (a, b))
+    assert grad_a.dtype == grad_b.dtype == torch.float32
+    torch.testing.assert_close(grad_b, ref_b, **bf16_tol(ref_b))
+    torch.testing.assert_close(grad_a, ref_a, **bf16_tol(ref_a))
+
+
 def test_gather_segment_lora_backward_passes_gradcheck():
     from peft_mole.ops.experts import _GatherSegmentLoRA
 
