@@ -207,6 +207,58 @@ def grouped_lora(
     return _segment_matmul(hidden, lora_b, plan.counts)
 
 
+DENSE_FRACTION = 0.75  # at least this share of all (token, expert) pairs selected: compute every pair, no dispatch
+
+
+def dense_weights(weights: torch.Tensor, chosen: torch.Tensor, num_experts: int) -> torch.Tensor | None:
+    """The (N, E) routing weights in expert order when at least `DENSE_FRACTION` of all pairs are selected (DynMoLE
+    broadcasting most tokens to every expert), else None. Unselected pairs weigh 0 and add exactly 0."""
+    selected = int((weights != 0).sum())
+    if selected < DENSE_FRACTION * weights.shape[0] * num_experts:
+        return None
+    return weights.new_zeros(weights.shape[0], num_experts).scatter(1, chosen, weights)
+
+
+@in_adapter_precision_on_cpu
+def dense_shared_input_lora(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, base: torch.Tensor
+) -> torch.Tensor:
+    """base[t] + s · B_e A_e x_t for every token t and every expert e, expert-major (E, N, out).
+
+    Every expert's A x is one (N, in) × (in, E·r) product; the B products and the addition of the frozen output
+    are one batched product with the base broadcast over experts (no gather, no sort).
+    Args:
+        x: (N, in) tokens (dropout applied); lora_a: (E, r, in); lora_b: (E, out, r); base: (N, out).
+    """
+    num_experts, r, _ = lora_a.shape
+    z = (x.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()).view(-1, num_experts, r).transpose(0, 1)
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lora_b.dtype
+    return torch.baddbmm(base.to(dtype).unsqueeze(0), z.to(dtype), lora_b.to(dtype).transpose(1, 2), alpha=scaling)
+
+
+@in_adapter_precision_on_cpu
+def dense_lora_sum(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Σ_e w_e · s · B_e A_e x_e over every expert, (N, out): the A products, then all B products and the sum over
+    experts as one (N, E·r) × (E·r, out) product.
+
+    Args:
+        x: (E, N, in) one input per expert (down projection: w_e h_e), or (N, in) shared by the experts;
+        lora_a: (E, r, in); lora_b: (E, out, r); weights: (N, E) w_e, None for 1.
+    """
+    num_experts, r, _ = lora_a.shape
+    if x.dim() == 2:
+        z = (x.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()).view(-1, num_experts, r)
+    else:
+        z = torch.bmm(x.to(lora_a.dtype), lora_a.transpose(1, 2)).transpose(0, 1)  # (N, E, r)
+    if weights is not None:
+        z = z * weights.to(z.dtype).unsqueeze(-1)
+    b_all = lora_b.transpose(1, 2).reshape(num_experts * r, -1)  # (E·r, out)
+    return (z.reshape(z.shape[0], num_experts * r) @ b_all) * scaling
+
+
 FEW_TOKENS = 8  # at most this many tokens (decoding): `slot_lora` / `slot_lora_sum` instead of dispatching
 
 

@@ -105,6 +105,48 @@ def test_projection_scope_equals_naive_formula():
     assert (fast - slow).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("scope", ["block", "projection"])
+def test_broadcast_tokens_take_the_dense_path_with_the_dispatch_paths_outputs_gradients_and_masks(monkeypatch, scope):
+    """Near-uniform routers (init) send almost every token to every expert: all (token, expert) pairs are computed
+    expert-major without dispatch. Same logits, gradients and dropout masks as the dispatch path, and the formula."""
+    from peft_mole.ops import experts as experts_ops
+    from peft_mole.tuners.mixlora import projection as projection_module
+
+    module = layer_module if scope == "block" else projection_module
+    name = "dense_shared_input_lora" if scope == "block" else "dense_lora_sum"
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = get_peft_model(tiny_base(), dynmole(num_experts=6, lora_dropout=0.1, router_scope=scope))
+    randomize_adapters(model, std=0.15)
+    peaked(model, 0.05)  # near-uniform routers, as at init
+    ids, mask, labels = batch(2, 10, pad_last=3)
+
+    def step():
+        model.train()
+        torch.manual_seed(7)  # the same dropout masks on both paths
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return out.logits.detach(), torch.autograd.grad(out.loss, params)
+
+    dense_logits, dense_grads = step()
+    assert calls  # the dense path ran
+    monkeypatch.setattr(experts_ops, "DENSE_FRACTION", 2.0)  # never dense: dispatch
+    calls.clear()
+    sparse_logits, sparse_grads = step()
+    assert not calls
+    torch.testing.assert_close(dense_logits, sparse_logits, atol=1e-5, rtol=1e-5)
+    for dense_grad, sparse_grad in zip(dense_grads, sparse_grads, strict=True):
+        torch.testing.assert_close(dense_grad, sparse_grad, atol=1e-6, rtol=1e-4)
+    if scope == "block":
+        monkeypatch.setattr(experts_ops, "DENSE_FRACTION", 0.75)
+        model.eval()
+        layer = next(m for m in model.modules() if isinstance(m, DynMoLEMLP))
+        x = torch.randn(3, 8, 64) * 0.1  # flat routers: broadcast
+        with torch.no_grad():
+            assert (layer(x).reshape(-1, 64) - naive_block(layer, x.reshape(-1, 64))).abs().max().item() <= 1e-5
+
+
 def test_variable_counts_dispatch_only_selected_pairs(monkeypatch):
     seen = []
     real = layer_module.shared_input_lora

@@ -20,6 +20,9 @@ from torch import nn
 from peft_mole.forward_context import BASE_ROW, ForwardContext
 from peft_mole.ops.experts import (
     FEW_TOKENS,
+    dense_lora_sum,
+    dense_shared_input_lora,
+    dense_weights,
     dispatch,
     grouped_lora,
     shared_input_lora,
@@ -164,6 +167,9 @@ class MixLoRAMLP(RoutedExpertsLayer):
         few_tokens = x.shape[0] <= FEW_TOKENS
         if few_tokens and not self.experts[adapter].use_dora and not dropout_active:
             return self._mixture_few_tokens(adapter, x, gate, up, weights, chosen)
+        dense = None if self.experts[adapter].use_dora else dense_weights(weights, chosen, settings.num_experts)
+        if dense is not None:
+            return self._mixture_dense(adapter, x, gate, up, dense)
         plan = dispatch(weights, chosen, settings.num_experts)
         weighted = self._gate_up_experts(adapter, x, gate, up, plan)  # (M, I): w_e h_e per pair
         down_delta, down_replaces_hidden = self._down_experts(adapter, x, gate, weighted, plan)
@@ -192,6 +198,34 @@ class MixLoRAMLP(RoutedExpertsLayer):
         if down_factors is not None:
             down_delta = slot_lora_sum(weighted, *down_factors, chosen, settings.scaling).to(x.dtype)
         return weighted.sum(1), down_delta, w.sum(1)
+
+    @profiled("peft_mole::experts_dense")
+    def _mixture_dense(self, adapter, x, gate, up, weights):
+        """`_mixture` when (almost) every token selects every expert (DynMoLE broadcasting): every pair computed
+        expert-major, (E, N, ·), with no dispatch; the combine is a sum over experts and unselected pairs weigh 0.
+
+        Same formula and dropout masks as the dispatch path; no DoRA (the caller checks).
+        Args:
+            weights: (N, E) routing weights in expert order.
+        """
+        settings, experts, mlp = self.settings[adapter], self.experts[adapter], self.base_layer
+        dropout = self.dropouts[adapter]
+        x_dropped = dropout(x)
+        pairs = {}
+        for proj, frozen in (("gate_proj", gate), ("up_proj", up)):
+            factors = experts.factors(proj)
+            pairs[proj] = frozen.unsqueeze(0).expand(settings.num_experts, -1, -1) if factors is None else (
+                dense_shared_input_lora(x_dropped, *factors, settings.scaling, frozen).to(frozen.dtype)
+            )
+        weighted = mlp.act_fn(pairs["gate_proj"]) * pairs["up_proj"] * weights.t().unsqueeze(-1).to(gate.dtype)
+        down_factors = experts.factors("down_proj")
+        down_delta = None
+        if down_factors is not None:
+            down_input = weighted  # (E, N, I): w_e h_e
+            if isinstance(dropout, nn.Dropout) and self.training:
+                down_input = weighted * dropout(torch.ones_like(gate))  # (N, I) mask / (1 - p), per token
+            down_delta = dense_lora_sum(down_input, *down_factors, settings.scaling).to(x.dtype)
+        return weighted.sum(0), down_delta, weights.sum(1, keepdim=True).to(gate.dtype)
 
     @profiled("peft_mole::experts_gate_up")
     def _gate_up_experts(self, adapter, x, gate, up, plan) -> torch.Tensor:

@@ -12,7 +12,15 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_mole.forward_context import ForwardContext
-from peft_mole.ops.experts import FEW_TOKENS, dispatch, shared_input_lora, slot_lora_sum, used_slots
+from peft_mole.ops.experts import (
+    FEW_TOKENS,
+    dense_lora_sum,
+    dense_weights,
+    dispatch,
+    shared_input_lora,
+    slot_lora_sum,
+    used_slots,
+)
 from peft_mole.ops.segmented_lora import scatter_row_deltas
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
 
@@ -64,6 +72,9 @@ class MoELoraLinear(RoutedExpertsLayer):
         if x.shape[0] <= FEW_TOKENS and not dropout_active:  # decoding: no dispatch
             weights, chosen = used_slots(weights, chosen)
             return slot_lora_sum(x, lora_a, lora_b, chosen, settings.scaling, weights)  # (N, out)
+        dense = dense_weights(weights, chosen, settings.num_experts)
+        if dense is not None:  # most tokens use every expert (DynMoLE broadcasting): no dispatch
+            return dense_lora_sum(self.dropouts[adapter](x), lora_a, lora_b, settings.scaling, dense)
         plan = dispatch(weights, chosen, settings.num_experts)
         pair = shared_input_lora(self.dropouts[adapter](x), lora_a, lora_b, plan, settings.scaling)  # (M, out)
         pair = pair * plan.weight.to(pair.dtype).unsqueeze(-1)
