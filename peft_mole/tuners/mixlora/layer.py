@@ -30,6 +30,7 @@ from peft_mole.ops.experts import (
     slot_lora_sum,
     used_slots,
 )
+from peft_mole.ops.gated import weighted_gated_activation
 from peft_mole.ops.profiling import profiled
 from peft_mole.ops.segmented_lora import consecutive_slices
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
@@ -217,7 +218,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
             pairs[proj] = frozen.unsqueeze(0).expand(settings.num_experts, -1, -1) if factors is None else (
                 dense_shared_input_lora(x_dropped, *factors, settings.scaling, frozen).to(frozen.dtype)
             )
-        weighted = mlp.act_fn(pairs["gate_proj"]) * pairs["up_proj"] * weights.t().unsqueeze(-1).to(gate.dtype)
+        weighted = weighted_gated_activation(pairs["gate_proj"], pairs["up_proj"], weights.t().unsqueeze(-1), mlp.act_fn)
         down_factors = experts.factors("down_proj")
         down_delta = None
         if down_factors is not None:
@@ -246,8 +247,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
             us = up.index_select(0, plan.token)
         gs = _dora_rescale(gs, experts.dora_scale("gate_proj", mlp.gate_proj.weight), plan, mlp.gate_proj.bias)
         us = _dora_rescale(us, experts.dora_scale("up_proj", mlp.up_proj.weight), plan, mlp.up_proj.bias)
-        act = mlp.act_fn(gs) * us  # h_e per pair
-        return act * plan.weight.to(act.dtype).unsqueeze(-1)
+        return weighted_gated_activation(gs, us, plan.weight.unsqueeze(-1), mlp.act_fn)  # w_e h_e per pair
 
     @profiled("peft_mole::combine")
     def _combine(self, weighted, plan, gate, with_hidden: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:

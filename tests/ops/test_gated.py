@@ -1,0 +1,59 @@
+"""The weighted gated activation w ⊙ σ(g) ⊙ u: values, gradients (gradcheck), saved memory, bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+from peft_mole.ops.gated import weighted_gated_activation
+
+
+@pytest.mark.parametrize("act_fn", [nn.SiLU(), nn.GELU(approximate="tanh"), torch.relu], ids=["silu", "gelu", "relu"])
+@pytest.mark.parametrize("weight_shape", [(6, 1), (2, 3, 1)], ids=["per_pair", "expert_major"])
+def test_equals_plain_autograd_and_passes_gradcheck(act_fn, weight_shape):
+    gen = torch.Generator().manual_seed(0)
+    shape = (*weight_shape[:-1], 5)
+    gate = torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    up = torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.rand(weight_shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    out = weighted_gated_activation(gate, up, weight, act_fn)
+    ref = weight * act_fn(gate) * up
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-15)
+    grad = torch.randn(shape, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, (gate, up, weight), grad), torch.autograd.grad(ref, (gate, up, weight), grad)
+    )
+    assert torch.autograd.gradcheck(lambda g, u, w: weighted_gated_activation(g, u, w, act_fn), (gate, up, weight))
+
+
+def test_an_up_broadcast_over_experts_and_a_constant_weight_get_the_right_gradients():
+    gen = torch.Generator().manual_seed(1)
+    gate = torch.randn(3, 4, 5, generator=gen, requires_grad=True)
+    up_per_token = torch.randn(4, 5, generator=gen, requires_grad=True)  # no up experts: the frozen W3 x
+    weight = torch.rand(3, 4, 1, generator=gen)  # no gradient wanted
+    out = weighted_gated_activation(gate, up_per_token.unsqueeze(0).expand(3, -1, -1), weight, nn.SiLU())
+    ref = weight * nn.functional.silu(gate) * up_per_token
+    grads = torch.autograd.grad(out.sum(), (gate, up_per_token))
+    torch.testing.assert_close(grads, torch.autograd.grad(ref.sum(), (gate, up_per_token)))
+
+
+def test_keeps_two_tensors_of_the_pair_size_for_backward_where_autograd_keeps_four():
+    def saved_bytes(fn):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            fn()
+        return sum(sizes)
+
+    gate, up = torch.randn(64, 100, requires_grad=True), torch.randn(64, 100, requires_grad=True)
+    weight = torch.rand(64, 1, requires_grad=True)
+    pair_bytes = gate.numel() * 4
+    ours = saved_bytes(lambda: weighted_gated_activation(gate, up, weight, nn.SiLU()))
+    plain = saved_bytes(lambda: nn.functional.silu(gate) * up * weight)
+    assert ours < 2 * pair_bytes + 1024 and plain >= 4 * pair_bytes
+
+
+def test_without_gradients_it_is_the_plain_formula_and_bad_shapes_are_named():
+    gate, up, weight = torch.randn(4, 3), torch.randn(4, 3), torch.rand(4, 1)
+    assert torch.equal(weighted_gated_activation(gate, up, weight, torch.relu), torch.relu(gate) * up * weight)
+    with pytest.raises(ValueError, match=r"gate and up must have the same shape, got \(4, 3\) and \(4, 2\)"):
+        weighted_gated_activation(gate, up[:, :2], weight, torch.relu)
