@@ -212,11 +212,13 @@ DENSE_FRACTION = 0.75  # at least this share of all (token, expert) pairs select
 
 def dense_weights(weights: torch.Tensor, chosen: torch.Tensor, num_experts: int) -> torch.Tensor | None:
     """The (N, E) routing weights in expert order when at least `DENSE_FRACTION` of all pairs are selected (DynMoLE
-    broadcasting most tokens to every expert), else None. Unselected pairs weigh 0 and add exactly 0."""
+    broadcasting most tokens to every expert, or a MixLoRA top-k with k ≥ 0.75 E), else None. Unselected pairs
+    weigh 0 and add exactly 0."""
     selected = int((weights != 0).sum())
     if selected < DENSE_FRACTION * weights.shape[0] * num_experts:
         return None
-    return weights.new_zeros(weights.shape[0], num_experts).scatter(1, chosen, weights)
+    return weights.new_zeros(weights.shape[0], num_experts).scatter_add(1, chosen, weights)  # a repeat adds, as
+    # dispatch counts both of its pairs
 
 
 @in_adapter_precision_on_cpu

@@ -8,11 +8,12 @@ projection, weighted by its routing weight, is
 Plain autograd keeps four tensors of that size for the backward (g for σ', σ(g) and u for the first product,
 σ(g) ⊙ u for the second). This function keeps g and u only and recomputes σ(g) in the backward:
 
-    ∂y/∂u = w σ(g),   ∂y/∂g = w u σ'(g),   ∂y/∂w = Σ_I σ(g) ⊙ u
+    ∂L/∂u = ∂L/∂y ⊙ w σ(g),   ∂L/∂g = ∂L/∂y ⊙ w u σ'(g),   ∂L/∂w = Σ_I ∂L/∂y ⊙ σ(g) ⊙ u
 
 so a pair costs two (..., I) tensors of saved activations instead of four (for DynMoLE's broadcast tokens that
-is E of them per token). σ is any activation module or function (its derivative comes from autograd on the
-recomputed σ(g)); checked against plain autograd by torch.autograd.gradcheck in tests/ops/test_gated.py.
+is E of them per token). σ is any activation module or function, in place or not (its derivative comes from
+autograd on the recomputed σ(g), under the forward's autocast state); checked against plain autograd by
+torch.autograd.gradcheck in tests/ops/test_gated.py. First derivatives only (no `create_graph=True`).
 """
 
 from __future__ import annotations
@@ -23,36 +24,38 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
+def _activate(act_fn: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor) -> torch.Tensor:
+    """act_fn(gate) in a tensor of its own: never gate itself, a view of it, or gate overwritten in place."""
+    out = act_fn(gate.clone() if getattr(act_fn, "inplace", False) else gate)
+    return out.clone() if out.untyped_storage().data_ptr() == gate.untyped_storage().data_ptr() else out
+
+
 class _WeightedGatedActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, act_fn):
+        device = gate.device.type
         ctx.act_fn = act_fn
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.save_for_backward(gate, up, weight)
-        out = act_fn(gate)
-        return out.mul_(up).mul_(weight) if out is not gate else out * up * weight
+        return _activate(act_fn, gate).mul_(up).mul_(weight)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         gate, up, weight = ctx.saved_tensors
-        with torch.enable_grad():
+        device, autocast_on, autocast_dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on):
             leaf = gate.detach().requires_grad_()
-            activated = ctx.act_fn(leaf)
+            activated = ctx.act_fn(leaf.clone() if getattr(ctx.act_fn, "inplace", False) else leaf)
         grad_weight = grad_up = grad_gate = None
         if ctx.needs_input_grad[2]:
-            grad_weight = _sum_to(grad * activated.detach() * up, weight.shape)
+            grad_weight = (grad * activated.detach() * up).sum_to_size(weight.shape)
         scaled = grad * weight  # w ⊙ ∂L/∂y
         if ctx.needs_input_grad[1]:
             grad_up = scaled * activated.detach()
         if ctx.needs_input_grad[0]:
             (grad_gate,) = torch.autograd.grad(activated, leaf, scaled.mul_(up))
         return grad_gate, grad_up, grad_weight, None
-
-
-def _sum_to(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sum a broadcast result back to an operand's shape (the routing weight's (..., 1))."""
-    dims = [i for i, (t, s) in enumerate(zip(tensor.shape, shape, strict=True)) if s == 1 and t != 1]
-    return tensor.sum(dim=dims, keepdim=True) if dims else tensor
 
 
 def weighted_gated_activation(
@@ -66,7 +69,16 @@ def weighted_gated_activation(
     """
     if gate.shape != up.shape:
         raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    try:
+        fits = torch.broadcast_shapes(weight.shape, gate.shape) == gate.shape and weight.shape[-1:] in ((1,), ())
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)} must broadcast to the gate's {tuple(gate.shape)} with size 1 "
+            "in the last dimension"
+        )
     weight = weight.to(gate.dtype)
     if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad or weight.requires_grad):
-        return act_fn(gate) * up * weight
+        return _activate(act_fn, gate) * up * weight
     return _WeightedGatedActivation.apply(gate, up, weight, act_fn)

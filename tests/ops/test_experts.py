@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext
-from peft_mole.ops.experts import dispatch, grouped_lora, shared_input_lora
+from peft_mole.ops.experts import (
+    dense_lora_sum,
+    dense_shared_input_lora,
+    dense_weights,
+    dispatch,
+    grouped_lora,
+    shared_input_lora,
+)
 from peft_mole.ops.segmented_lora import lora_delta, scatter_row_deltas
 
 
@@ -68,7 +75,12 @@ def test_expert_products_under_cpu_autocast_run_in_the_adapter_dtype_and_train_i
         out = shared_input_lora(x, a, b, plan, scaling=2.0, base=base)
         down = grouped_lora(pair_rows, a, b, plan, 1.0)
         emulated = shared_input_lora.__wrapped__(x, a, b, plan, scaling=2.0, base=base)
-    assert out.dtype == down.dtype == torch.float32
+        dense = dense_shared_input_lora(x, a, b, 2.0, base)
+        dense_sum = dense_lora_sum(dense.bfloat16(), b.transpose(1, 2), a.transpose(1, 2), 1.0)
+    plain_dense = dense_shared_input_lora(x, a, b, 2.0, base)
+    assert dense.dtype == dense_sum.dtype == out.dtype == down.dtype == torch.float32
+    assert torch.equal(dense, plain_dense)
+    assert torch.equal(dense_sum, dense_lora_sum(plain_dense.bfloat16(), b.transpose(1, 2), a.transpose(1, 2), 1.0))
     assert torch.equal(out, plain) and torch.equal(down, plain_down)  # same fp32 arithmetic as without autocast
     assert emulated.dtype == torch.bfloat16
     bf16_tol = lambda ref: dict(atol=2**-7 * float(ref.detach().abs().max()), rtol=0)  # noqa: E731 — bf16: 8-bit mantissa
@@ -78,6 +90,32 @@ def test_expert_products_under_cpu_autocast_run_in_the_adapter_dtype_and_train_i
     assert grad_a.dtype == grad_b.dtype == torch.float32
     torch.testing.assert_close(grad_b, ref_b, **bf16_tol(ref_b))
     torch.testing.assert_close(grad_a, ref_a, **bf16_tol(ref_a))
+
+
+def test_dense_weights_only_when_most_pairs_are_selected_and_in_expert_order():
+    weights = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.4, 0.3, 0.2, 0.1]])
+    chosen = torch.tensor([[2, 0, 3, 1], [1, 2, 3, 0]])
+    expected = torch.tensor([[0.3, 0.0, 0.5, 0.2], [0.1, 0.4, 0.3, 0.2]])
+    assert torch.equal(dense_weights(weights, chosen, 4), expected)  # 7 of 8 pairs selected
+    assert dense_weights(weights[:, :2], chosen[:, :2], 4) is None  # top-2 of 4: dispatch
+    duplicated = dense_weights(torch.tensor([[0.6, 0.4]]), torch.tensor([[1, 1]]), 2)  # a custom rule's repeat
+    assert torch.equal(duplicated, torch.tensor([[0.0, 1.0]]))  # both slots count, as dispatch counts both pairs
+
+
+def test_dense_expert_products_equal_the_per_pair_formula():
+    gen = torch.Generator().manual_seed(3)
+    num_experts, r, din, dout, num_tokens = 3, 2, 5, 4, 6
+    a, b = torch.randn(num_experts, r, din, generator=gen), torch.randn(num_experts, dout, r, generator=gen)
+    x, base = torch.randn(num_tokens, din, generator=gen), torch.randn(num_tokens, dout, generator=gen)
+    per_expert = torch.randn(num_experts, num_tokens, din, generator=gen)
+    w = torch.rand(num_tokens, num_experts, generator=gen)
+    out = dense_shared_input_lora(x, a, b, 0.5, base)
+    torch.testing.assert_close(out, torch.stack([base + 0.5 * x @ a[e].t() @ b[e].t() for e in range(num_experts)]))
+    summed = dense_lora_sum(per_expert, a, b, 0.5)
+    torch.testing.assert_close(summed, sum(0.5 * per_expert[e] @ a[e].t() @ b[e].t() for e in range(num_experts)))
+    shared = dense_lora_sum(x, a, b, 0.5, weights=w)
+    ref = sum(w[:, e : e + 1] * 0.5 * (x @ a[e].t() @ b[e].t()) for e in range(num_experts))
+    torch.testing.assert_close(shared, ref)
 
 
 def test_gather_segment_lora_backward_passes_gradcheck():

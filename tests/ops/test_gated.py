@@ -17,7 +17,7 @@ def test_equals_plain_autograd_and_passes_gradcheck(act_fn, weight_shape):
     weight = torch.rand(weight_shape, dtype=torch.float64, generator=gen, requires_grad=True)
     out = weighted_gated_activation(gate, up, weight, act_fn)
     ref = weight * act_fn(gate) * up
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-15)
+    torch.testing.assert_close(out, ref)
     grad = torch.randn(shape, dtype=torch.float64, generator=gen)
     torch.testing.assert_close(
         torch.autograd.grad(out, (gate, up, weight), grad), torch.autograd.grad(ref, (gate, up, weight), grad)
@@ -34,6 +34,22 @@ def test_an_up_broadcast_over_experts_and_a_constant_weight_get_the_right_gradie
     ref = weight * nn.functional.silu(gate) * up_per_token
     grads = torch.autograd.grad(out.sum(), (gate, up_per_token))
     torch.testing.assert_close(grads, torch.autograd.grad(ref.sum(), (gate, up_per_token)))
+
+
+@pytest.mark.parametrize("act_fn", [nn.SiLU(inplace=True), nn.Identity(), lambda t: t.view(t.shape)],
+                         ids=["in_place", "identity", "view"])
+def test_activations_that_return_or_overwrite_their_input_leave_the_saved_gate_intact(act_fn):
+    gen = torch.Generator().manual_seed(2)
+    gate_per_token = torch.randn(4, 5, generator=gen, requires_grad=True)
+    gate = gate_per_token.unsqueeze(0).expand(3, -1, -1)  # no gate experts on the dense path: an expanded view
+    up = torch.randn(3, 4, 5, generator=gen, requires_grad=True)
+    weight = torch.rand(4, 1, generator=gen, requires_grad=True)  # lower rank than gate: broadcast
+    out = weighted_gated_activation(gate, up, weight, act_fn)
+    plain = nn.functional.silu if isinstance(act_fn, nn.SiLU) else (lambda t: t)
+    ref = weight * plain(gate_per_token) * up
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.square().sum(), (gate_per_token, up, weight))
+    torch.testing.assert_close(grads, torch.autograd.grad(ref.square().sum(), (gate_per_token, up, weight)))
 
 
 def test_keeps_two_tensors_of_the_pair_size_for_backward_where_autograd_keeps_four():
@@ -57,3 +73,5 @@ def test_without_gradients_it_is_the_plain_formula_and_bad_shapes_are_named():
     assert torch.equal(weighted_gated_activation(gate, up, weight, torch.relu), torch.relu(gate) * up * weight)
     with pytest.raises(ValueError, match=r"gate and up must have the same shape, got \(4, 3\) and \(4, 2\)"):
         weighted_gated_activation(gate, up[:, :2], weight, torch.relu)
+    with pytest.raises(ValueError, match=r"weight of shape \(2, 4, 1\) must broadcast to the gate's \(4, 3\)"):
+        weighted_gated_activation(gate, up, torch.rand(2, 4, 1), torch.relu)
