@@ -1,0 +1,78 @@
+"""Issue 6, part 6: the step ratios of BENCH.md on a GPU, `medium` shape (TinyLlama-1.1B: hidden 2048, 22 layers,
+batch 8 × 512), bf16 base weights, plus each model's peak CUDA memory for one step.
+
+Rows: `mixlora_vs_lora`, `dynmole_vs_mixlora` (routers at init, and sharp as after training), each with the
+models' step times; `peak_cuda_memory` per model (max allocated during a step, minus what was allocated before:
+activations, gradients and optimizer state). Without CUDA it prints one row saying so and exits 0.
+Usage: python bench/gpu_medium.py [--shape medium] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import torch
+from common import (
+    base_model,
+    emit,
+    lora_config,
+    mixlora_config,
+    random_batch,
+    record,
+    step_parser,
+    time_interleaved,
+)
+from common import train_step_fn as make_step
+from peft import get_peft_model
+
+import peft_mole
+
+
+def peak_step_mb(step) -> float:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def main() -> None:
+    parser = step_parser()
+    parser.set_defaults(shape="medium")
+    parser.add_argument("--router-scale", type=float, default=4.0)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        emit({"name": "gpu_medium", "skipped": "no CUDA device"})  # the CPU figures: `make bench`
+        return
+    configs = {
+        "peft_lora": lora_config(),
+        "mixlora": mixlora_config(),
+        "dynmole": peft_mole.DynMoLEConfig(num_experts=8, r=16, lora_alpha=32, lora_dropout=0.05),
+    }
+    models = {name: get_peft_model(base_model(args.shape), cfg) for name, cfg in configs.items()}
+    batch = random_batch(args.shape, models["mixlora"].config.vocab_size)
+    tokens = batch["input_ids"].numel()
+    steps = {name: make_step(model, batch) for name, model in models.items()}
+    for state in ("init", "sharp"):
+        if state == "sharp":
+            with torch.no_grad():
+                for name, p in models["dynmole"].named_parameters():
+                    if "router" in name:
+                        p.mul_(args.router_scale)
+        for name, step in steps.items():
+            step()  # optimizer state allocated before measuring
+            emit({"name": "peak_cuda_memory", "shape": args.shape, "impl": name, "router_state": state,
+                  "peak_step_mb": round(peak_step_mb(step), 1)})
+        times = time_interleaved(steps, repeats=args.repeats)
+        rows = {name: record("train_step", args.shape, name, secs, tokens, router_state=state)
+                for name, secs in times.items()}
+        pairs = [("dynmole_vs_mixlora", "dynmole", "mixlora")]
+        if state == "init":
+            pairs.append(("mixlora_vs_lora", "mixlora", "peft_lora"))
+        for ratio, top, bottom in pairs:
+            emit({"name": ratio, "shape": args.shape, "router_state": state, "dropout": 0.05,
+                  "ratio_median": rows[top]["median_s"] / rows[bottom]["median_s"],
+                  "ratio_min": rows[top]["min_s"] / rows[bottom]["min_s"]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""CUDA paths against their CPU references (issue 6, part 6). Skipped without a CUDA device (CI has none).
+
+Each test builds the model on the CPU, copies it to the GPU, and compares: fp32 results equal the CPU's to
+float tolerance; under bf16 autocast the router stays fp32, adapter gradients stay fp32, and the loss is the fp32
+loss to bf16 precision. Run on a GPU machine with `python -m pytest tests/gpu` (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from peft_mole.multijob.model import MultiJobModel
+from peft_mole.ops.gated import weighted_gated_activation
+from tests.helpers import batch, dynmole, mixlora, randomize_adapters, tiny_base
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CONFIGS = {
+    "mixlora": lambda: mixlora(lora_dropout=0.0),
+    "dynmole_block": lambda: dynmole(num_experts=6),
+    "dynmole_projection": lambda: dynmole(num_experts=6, router_scope="projection"),
+}
+
+
+def _loss_and_grads(model, ids, mask, labels):
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return out.loss, out.logits, torch.autograd.grad(out.loss, params)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+@pytest.mark.parametrize("router_scale", [0.05, 5.0], ids=["broadcast", "sharp"])  # dense path / dispatch path
+def test_fp32_on_cuda_equals_cpu(kind, router_scale):
+    cpu = get_peft_model(tiny_base(), CONFIGS[kind]())
+    randomize_adapters(cpu, std=0.15)
+    with torch.no_grad():
+        for name, p in cpu.named_parameters():
+            if "router" in name:
+                p.mul_(router_scale)
+    gpu = copy.deepcopy(cpu).cuda()
+    ids, mask, labels = batch(4, 24, pad_last=5)
+    loss, logits, grads = _loss_and_grads(cpu, ids, mask, labels)
+    g_loss, g_logits, g_grads = _loss_and_grads(gpu, ids.cuda(), mask.cuda(), labels.cuda())
+    torch.testing.assert_close(g_logits.cpu(), logits, atol=1e-4, rtol=1e-4)
+    for g, c in zip(g_grads, grads, strict=True):
+        torch.testing.assert_close(g.cpu(), c, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_bf16_autocast_keeps_router_and_adapter_gradients_fp32(kind):
+    model = get_peft_model(tiny_base(), CONFIGS[kind]()).cuda()
+    randomize_adapters(model, std=0.15)
+    ids, mask, labels = (t.cuda() for t in batch(4, 24))
+    reference, _, _ = _loss_and_grads(model, ids, mask, labels)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _, grads = _loss_and_grads(model, ids, mask, labels)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert abs(loss.item() - reference.item()) <= 2e-2 * abs(reference.item())
+
+
+def test_gated_activation_under_cuda_autocast_matches_fp32():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    gate = torch.randn(8, 64, 96, device="cuda", generator=gen, requires_grad=True)
+    up = torch.randn(8, 64, 96, device="cuda", generator=gen, requires_grad=True)
+    weight = torch.rand(8, 64, 1, device="cuda", generator=gen, requires_grad=True)
+    act = torch.nn.GELU(approximate="tanh")
+    ref = weight * act(gate) * up
+    ref_grads = torch.autograd.grad(ref.square().sum(), (gate, up, weight))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = weighted_gated_activation(gate.bfloat16(), up.bfloat16(), weight, act)
+    grads = torch.autograd.grad(out.float().square().sum(), (gate, up, weight))
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.02)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, atol=0.1 * float(r.abs().max()), rtol=0)
+
+
+def test_multijob_mixed_rows_on_cuda_equal_cpu():
+    jobs = {"lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+            "lora2": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+            "mix": mixlora(), "dyn": dynmole()}
+    cpu = MultiJobModel(tiny_base(), jobs)
+    randomize_adapters(cpu)
+    gpu = copy.deepcopy(cpu).cuda()
+    ids, mask, _ = batch(batch_size=8, seq_len=16, pad_last=3)
+    rows = ["lora", "lora", "lora2", "lora2", "mix", "mix", "dyn", "dyn"]  # equal-size LoRA jobs: stacked
+    with torch.no_grad():
+        expected = cpu(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+        got = gpu(input_ids=ids.cuda(), attention_mask=mask.cuda(), adapter_names=rows).logits
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
