@@ -52,6 +52,13 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def _in_layout_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """`grad` with the parameter's strides, as `loss.backward()` stores it (autograd.grad does not): a fused optimizer
+    (`adamw_torch_fused`, Trainer's default) reads a gradient in its parameter's layout, and a transposed gradient
+    moved weights by the wrong elements (tests/multijob/test_optimizer_layout.py)."""
+    return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
+
+
 class MultiJobTrainer(SFTTrainer):
     """Train several `JobConfig`s together on one frozen base.
 
@@ -338,7 +345,7 @@ class MultiJobTrainer(SFTTrainer):
         grads = torch.autograd.grad(total, params, allow_unused=True)
         for param, grad in zip(params, grads, strict=True):
             if grad is not None:
-                param.grad = grad if param.grad is None else param.grad.add_(grad)
+                param.grad = _in_layout_of(param, grad) if param.grad is None else param.grad.add_(grad)
         seconds = time.perf_counter() - started
         self.step_cost.observe(mixed.input_ids.numel(), seconds)
         total_rows = mixed.input_ids.shape[0]

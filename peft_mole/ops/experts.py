@@ -210,15 +210,35 @@ def grouped_lora(
 DENSE_FRACTION = 0.75  # at least this share of all (token, expert) pairs selected: compute every pair, no dispatch
 
 
-def dense_weights(weights: torch.Tensor, chosen: torch.Tensor, num_experts: int) -> torch.Tensor | None:
+def dense_weights(
+    weights: torch.Tensor, chosen: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """The (N, E) routing weights in expert order when at least `DENSE_FRACTION` of all pairs are selected (DynMoLE
     broadcasting most tokens to every expert, or a MixLoRA top-k with k ≥ 0.75 E), else None. Unselected pairs
-    weigh 0 and add exactly 0."""
-    selected = int((weights != 0).sum())
-    if selected < DENSE_FRACTION * weights.shape[0] * num_experts:
+    weigh 0 and add exactly 0.
+
+    With `token_mask` (N,) only real tokens decide, so a job's rows take the same path whatever padding a mixed
+    batch adds to them (the two paths sum in different orders, and Adam magnifies such rounding differences).
+    """
+    selected = weights != 0
+    if token_mask is not None:
+        selected = selected[token_mask.bool()]
+    if int(selected.sum()) < DENSE_FRACTION * selected.shape[0] * num_experts or selected.shape[0] == 0:
         return None
     return weights.new_zeros(weights.shape[0], num_experts).scatter_add(1, chosen, weights)  # a repeat adds, as
     # dispatch counts both of its pairs
+
+
+def padding_rows_excluded(token_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Indices of the real tokens when `token_mask` (N,) marks some as padding, else None.
+
+    The dense path runs on real tokens only: a job's padding differs between a mixed batch and the job trained
+    alone, and summing over a different number of (zero-gradient) padding rows rounds differently, which Adam
+    magnifies (tests/multijob/test_trainer.py). Padding outputs are never read (masked in attention and loss).
+    """
+    if token_mask is None or bool(token_mask.all()):
+        return None
+    return token_mask.nonzero().squeeze(1)
 
 
 @in_adapter_precision_on_cpu

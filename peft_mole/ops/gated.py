@@ -64,8 +64,11 @@ def weighted_gated_activation(
     """w ⊙ act_fn(gate) ⊙ up, saving gate and up (not the activation) for the backward.
 
     Args:
-        gate, up: (..., I) of one dtype; weight: broadcastable to them with size 1 in the last dimension, e.g.
-            (M, 1) per pair or (E, N, 1) per expert and token; act_fn: the MLP's activation.
+        gate: (..., I), the frozen-plus-LoRA gate projection of each pair.
+        up: (..., I), the up projection, same shape and dtype.
+        weight: broadcastable to them with size 1 in the last dimension, e.g. (M, 1) per pair or (E, N, 1) per
+            expert and token.
+        act_fn: the MLP's activation.
     """
     if gate.shape != up.shape:
         raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")

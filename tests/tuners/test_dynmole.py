@@ -120,24 +120,28 @@ def test_broadcast_tokens_take_the_dense_path_with_the_dispatch_paths_outputs_gr
     model = get_peft_model(tiny_base(), dynmole(num_experts=6, lora_dropout=0.1, router_scope=scope))
     randomize_adapters(model, std=0.15)
     peaked(model, 0.05)  # near-uniform routers, as at init
-    ids, mask, labels = batch(2, 10, pad_last=3)
-
-    def step():
-        model.train()
+    def step(pad_last, dropout=True):
+        model.train(dropout)
+        ids, mask, labels = batch(2, 10, pad_last=pad_last)
         torch.manual_seed(7)  # the same dropout masks on both paths
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
         params = [p for p in model.parameters() if p.requires_grad]
-        return out.logits.detach(), torch.autograd.grad(out.loss, params)
+        return out.logits.detach()[mask.bool()], torch.autograd.grad(out.loss, params)  # real tokens' logits
 
-    dense_logits, dense_grads = step()
-    assert calls  # the dense path ran
-    monkeypatch.setattr(experts_ops, "DENSE_FRACTION", 2.0)  # never dense: dispatch
-    calls.clear()
-    sparse_logits, sparse_grads = step()
-    assert not calls
-    torch.testing.assert_close(dense_logits, sparse_logits, atol=1e-5, rtol=1e-5)
-    for dense_grad, sparse_grad in zip(dense_grads, sparse_grads, strict=True):
-        torch.testing.assert_close(dense_grad, sparse_grad, atol=1e-6, rtol=1e-4)
+    # no padding, dropout on: the same masks; with padding (the dense path skips padding rows, so it draws masks
+    # for fewer rows), dropout off
+    for pad_last, dropout in ((0, True), (3, False)):
+        monkeypatch.setattr(experts_ops, "DENSE_FRACTION", 0.75)
+        calls.clear()
+        dense_logits, dense_grads = step(pad_last, dropout)
+        assert calls  # the dense path ran
+        monkeypatch.setattr(experts_ops, "DENSE_FRACTION", 2.0)  # never dense: dispatch
+        calls.clear()
+        sparse_logits, sparse_grads = step(pad_last, dropout)
+        assert not calls
+        torch.testing.assert_close(dense_logits, sparse_logits, atol=1e-5, rtol=1e-5)
+        for dense_grad, sparse_grad in zip(dense_grads, sparse_grads, strict=True):
+            torch.testing.assert_close(dense_grad, sparse_grad, atol=1e-6, rtol=1e-4)
     if scope == "block":
         monkeypatch.setattr(experts_ops, "DENSE_FRACTION", 0.75)
         model.eval()
