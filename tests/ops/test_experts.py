@@ -93,17 +93,21 @@ def test_expert_products_under_cpu_autocast_run_in_the_adapter_dtype_and_train_i
 
 
 def test_dense_weights_only_when_most_pairs_are_selected_and_in_expert_order():
-    weights = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.4, 0.3, 0.2, 0.1]])
-    chosen = torch.tensor([[2, 0, 3, 1], [1, 2, 3, 0]])
-    expected = torch.tensor([[0.3, 0.0, 0.5, 0.2], [0.1, 0.4, 0.3, 0.2]])
-    assert torch.equal(dense_weights(weights, chosen, 4), expected)  # 7 of 8 pairs selected
+    from peft_mole.ops.experts import DENSE_FRACTION
+
+    weights = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]])
+    chosen = torch.tensor([[2, 0, 3, 1], [1, 2, 3, 0], [0, 1, 2, 3]])
+    expected = torch.tensor([[0.3, 0.0, 0.5, 0.2], [0.1, 0.4, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1]])
+    assert 11 / 12 >= DENSE_FRACTION > 7 / 8
+    assert torch.equal(dense_weights(weights, chosen, 4), expected)  # 11 of 12 pairs selected
+    assert dense_weights(weights[:2], chosen[:2], 4) is None  # 7 of 8: dispatch
     assert dense_weights(weights[:, :2], chosen[:, :2], 4) is None  # top-2 of 4: dispatch
     padded = torch.cat([weights, torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 4)])  # + 4 pad tokens using one expert
     padded_chosen = torch.cat([chosen, torch.tensor([[0, 1, 2, 3]] * 4)])
-    assert dense_weights(padded, padded_chosen, 4) is None  # 11 of 24 pairs
-    real = torch.tensor([True, True] + [False] * 4)
-    assert torch.equal(dense_weights(padded, padded_chosen, 4, token_mask=real)[:2], expected)  # real tokens decide
-    assert dense_weights(padded, padded_chosen, 4, token_mask=torch.zeros(6, dtype=torch.bool)) is None
+    assert dense_weights(padded, padded_chosen, 4) is None  # 15 of 28 pairs
+    real = torch.tensor([True] * 3 + [False] * 4)
+    assert torch.equal(dense_weights(padded, padded_chosen, 4, token_mask=real)[:3], expected)  # real tokens decide
+    assert dense_weights(padded, padded_chosen, 4, token_mask=torch.zeros(7, dtype=torch.bool)) is None
     duplicated = dense_weights(torch.tensor([[0.6, 0.4]]), torch.tensor([[1, 1]]), 2)  # a custom rule's repeat
     assert torch.equal(duplicated, torch.tensor([[0.0, 1.0]]))  # both slots count, as dispatch counts both pairs
 

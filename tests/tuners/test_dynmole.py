@@ -131,7 +131,7 @@ def test_broadcast_tokens_take_the_dense_path_with_the_dispatch_paths_outputs_gr
     # no padding, dropout on: the same masks; with padding (the dense path skips padding rows, so it draws masks
     # for fewer rows), dropout off
     for pad_last, dropout in ((0, True), (3, False)):
-        monkeypatch.setattr(experts_ops, "DENSE_FRACTION", 0.75)
+        monkeypatch.setattr(experts_ops, "DENSE_FRACTION", 0.9)
         calls.clear()
         dense_logits, dense_grads = step(pad_last, dropout)
         assert calls  # the dense path ran
@@ -143,7 +143,7 @@ def test_broadcast_tokens_take_the_dense_path_with_the_dispatch_paths_outputs_gr
         for dense_grad, sparse_grad in zip(dense_grads, sparse_grads, strict=True):
             torch.testing.assert_close(dense_grad, sparse_grad, atol=1e-6, rtol=1e-4)
     if scope == "block":
-        monkeypatch.setattr(experts_ops, "DENSE_FRACTION", 0.75)
+        monkeypatch.setattr(experts_ops, "DENSE_FRACTION", 0.9)
         model.eval()
         layer = next(m for m in model.modules() if isinstance(m, DynMoLEMLP))
         x = torch.randn(3, 8, 64) * 0.1  # flat routers: broadcast
