@@ -232,18 +232,6 @@ def dense_weights(
     # dispatch counts both of its pairs
 
 
-def padding_rows_excluded(token_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Indices of the real tokens when `token_mask` (N,) marks some as padding, else None.
-
-    The dense path runs on real tokens only: a job's padding differs between a mixed batch and the job trained
-    alone, and summing over a different number of (zero-gradient) padding rows rounds differently, which Adam
-    magnifies (tests/multijob/test_trainer.py). Padding outputs are never read (masked in attention and loss).
-    """
-    if token_mask is None or bool(token_mask.all()):
-        return None
-    return token_mask.nonzero().squeeze(1)
-
-
 @in_adapter_precision_on_cpu
 def dense_shared_input_lora(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, base: torch.Tensor

@@ -128,9 +128,7 @@ def test_broadcast_tokens_take_the_dense_path_with_the_dispatch_paths_outputs_gr
         params = [p for p in model.parameters() if p.requires_grad]
         return out.logits.detach()[mask.bool()], torch.autograd.grad(out.loss, params)  # real tokens' logits
 
-    # no padding, dropout on: the same masks; with padding (the dense path skips padding rows, so it draws masks
-    # for fewer rows), dropout off
-    for pad_last, dropout in ((0, True), (3, False)):
+    for pad_last, dropout in ((0, True), (3, True), (3, False)):  # the same dropout masks on both paths
         monkeypatch.setattr(experts_ops, "DENSE_FRACTION", 0.9)
         calls.clear()
         dense_logits, dense_grads = step(pad_last, dropout)

@@ -25,7 +25,6 @@ from peft_mole.ops.experts import (
     dense_weights,
     dispatch,
     grouped_lora,
-    padding_rows_excluded,
     shared_input_lora,
     slot_lora,
     slot_lora_sum,
@@ -173,17 +172,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
             weights, chosen, settings.num_experts, token_mask
         )
         if dense is not None:
-            real = padding_rows_excluded(token_mask)
-            if real is None:
-                return self._mixture_dense(adapter, x, gate, up, dense)
-            hidden, down_delta, weight_sum = self._mixture_dense(adapter, x[real], gate[real], up[real], dense[real])
-            return (  # padding: no expert output (its rows are never read)
-                gate.new_zeros(gate.shape).index_copy(0, real, hidden),
-                None if down_delta is None else x.new_zeros(x.shape[0], down_delta.shape[1]).index_copy(
-                    0, real, down_delta
-                ),
-                gate.new_zeros(gate.shape[0], 1).index_copy(0, real, weight_sum),
-            )
+            return self._mixture_dense(adapter, x, gate, up, dense)
         plan = dispatch(weights, chosen, settings.num_experts)
         weighted = self._gate_up_experts(adapter, x, gate, up, plan)  # (M, I): w_e h_e per pair
         down_delta, down_replaces_hidden = self._down_experts(adapter, x, gate, weighted, plan)

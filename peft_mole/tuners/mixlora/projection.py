@@ -17,7 +17,6 @@ from peft_mole.ops.experts import (
     dense_lora_sum,
     dense_weights,
     dispatch,
-    padding_rows_excluded,
     shared_input_lora,
     slot_lora_sum,
     used_slots,
@@ -74,12 +73,8 @@ class MoELoraLinear(RoutedExpertsLayer):
             weights, chosen = used_slots(weights, chosen)
             return slot_lora_sum(x, lora_a, lora_b, chosen, settings.scaling, weights)  # (N, out)
         dense = dense_weights(weights, chosen, settings.num_experts, token_mask)
-        if dense is not None:  # most tokens use every expert (DynMoLE broadcasting): no dispatch, real tokens only
-            real = padding_rows_excluded(token_mask)
-            if real is None:
-                return dense_lora_sum(self.dropouts[adapter](x), lora_a, lora_b, settings.scaling, dense)
-            delta = dense_lora_sum(self.dropouts[adapter](x[real]), lora_a, lora_b, settings.scaling, dense[real])
-            return delta.new_zeros(x.shape[0], delta.shape[1]).index_copy(0, real, delta)
+        if dense is not None:  # most tokens use every expert (DynMoLE broadcasting): no dispatch
+            return dense_lora_sum(self.dropouts[adapter](x), lora_a, lora_b, settings.scaling, dense)
         plan = dispatch(weights, chosen, settings.num_experts)
         pair = shared_input_lora(self.dropouts[adapter](x), lora_a, lora_b, plan, settings.scaling)  # (M, out)
         pair = pair * plan.weight.to(pair.dtype).unsqueeze(-1)
