@@ -49,7 +49,8 @@ def reduce_gradients(accelerator, params: list[torch.nn.Parameter], extra: list[
         flat = flat / accelerator.num_processes
     offset = 0
     for param, grad in zip(params, grads, strict=True):
-        param.grad = flat[offset: offset + grad.numel()].view_as(grad).to(grad.dtype)
+        grad.copy_(flat[offset: offset + grad.numel()].view(grad.shape))  # in place: keeps the parameter's layout
+        param.grad = grad
         offset += grad.numel()
     return flat[offset:].tolist()
 

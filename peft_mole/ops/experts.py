@@ -1,7 +1,7 @@
 """Expert dispatch and expert LoRA for Mixture-of-LoRA-Experts layers.
 
 `dispatch` turns a routing selection into (token, expert) pairs sorted by expert (one stable sort per layer).
-For training-sized inputs only selected pairs are computed — never all experts' outputs for all tokens:
+For training-sized inputs only selected pairs are computed, unless nearly all are selected (below):
 - `shared_input_lora` serves projections whose input is the token itself (gate/up): A of all experts is one
   dense (N, d) × (d, E·r) product — cheap, since E·r is small — from which each pair takes its expert's r
   values; B then runs per expert on its segment of pairs.
@@ -10,7 +10,10 @@ For a handful of (token, slot) pairs (decoding with top-k) there is no sort at a
 every expert's A in one product and every expert's B in one batched product over experts, then picks each
 slot's row; `slot_lora_sum` (down, and DynMoLE's per-projection experts) adds each slot's A x into an (N, E, r)
 table and applies all B in one batched product. On a few tokens computing E instead of k experts' products costs
-less than copying each slot's factors; DynMoLE's broadcast tokens (k = E) take the dispatch path.
+less than copying each slot's factors.
+When at least `DENSE_FRACTION` (90 %) of all pairs are selected (DynMoLE broadcasting at initialisation) there is
+no dispatch either: `dense_shared_input_lora` / `dense_lora_sum` compute every pair expert-major with batched
+products, unselected pairs weighing 0.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def _loss_and_grads(model, ids, mask, labels):
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
-@pytest.mark.parametrize("router_scale", [0.05, 5.0], ids=["broadcast", "sharp"])  # dense path / dispatch path
+@pytest.mark.parametrize("router_scale", [0.05, 5.0], ids=["flat", "sharp"])  # DynMoLE: dense path / dispatch
 def test_fp32_on_cuda_equals_cpu(kind, router_scale):
     cpu = get_peft_model(tiny_base(), CONFIGS[kind]())
     randomize_adapters(cpu, std=0.15)
