@@ -78,6 +78,12 @@ def in_adapter_precision_on_cpu(fn):
     return wrapper
 
 
+def _compute_dtype(device_type: str, adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a fused expert product: autocast's where it is on (on CPU the callers switch it off), else the
+    adapter's."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else adapter_dtype
+
+
 SMALL_PAIRS = 64  # at most this many (token, expert) pairs (decoding): gather each pair's factors, one bmm
 
 
@@ -184,8 +190,7 @@ def shared_input_lora(
         return _segment_matmul(z_pairs, lora_b, plan.counts)
     # one dtype for the fused gather + addmm: autocast's where it is on (CUDA), else the adapter's; a bf16 base
     # is cast on its N rows, before the gather to M pair rows
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lora_b.dtype
+    dtype = _compute_dtype(x.device.type, lora_b.dtype)
     return _GatherSegmentLoRA.apply(base.to(dtype), z_pairs.to(dtype), lora_b.to(dtype), plan.token, plan.counts)
 
 
@@ -248,8 +253,7 @@ def dense_shared_input_lora(
     """
     num_experts, r, _ = lora_a.shape
     z = (x.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()).view(-1, num_experts, r).transpose(0, 1)
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lora_b.dtype
+    dtype = _compute_dtype(x.device.type, lora_b.dtype)
     return torch.baddbmm(base.to(dtype).unsqueeze(0), z.to(dtype), lora_b.to(dtype).transpose(1, 2), alpha=scaling)
 
 
