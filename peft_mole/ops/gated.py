@@ -14,6 +14,11 @@ so a pair costs two (..., I) tensors of saved activations instead of four (for D
 is E of them per token). σ is any activation module or function, in place or not (its derivative comes from
 autograd on the recomputed σ(g), under the forward's autocast state); checked against plain autograd by
 torch.autograd.gradcheck in tests/ops/test_gated.py. First derivatives only (no `create_graph=True`).
+
+Forward and backward run over blocks of `CHUNK_ELEMENTS` values (whole rows of I), so the chain's temporaries
+(σ(g), the products) stay in cache and only g, u, ∂L/∂y and the results travel to and from memory: about 5
+passes over the (..., I) tensors instead of about 20. The forward equals the one-block result exactly, the
+gradients to rounding (tests/ops/test_gated.py). Inputs with no (rows, I) view (expanded) run as one block.
 """
 
 from __future__ import annotations
@@ -21,13 +26,62 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from torch.autograd.function import once_differentiable
+
+CHUNK_ELEMENTS = 1 << 18  # values per block (1 MiB in fp32). Measured fwd + bwd on 2 CPU threads: DynMoLE's
+# (8, 1024, 1376) 122 ms in one block, 68-74 ms in blocks of 2^17-2^19 values; MixLoRA's (2048, 1376) 12 -> 9-11 ms
 
 
 def _activate(act_fn: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor) -> torch.Tensor:
     """act_fn(gate) in a tensor of its own: never gate itself, a view of it, or gate overwritten in place."""
     out = act_fn(gate.clone() if getattr(act_fn, "inplace", False) else gate)
     return out.clone() if out.untyped_storage().data_ptr() == gate.untyped_storage().data_ptr() else out
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor | None:
+    """`tensor` as a (rows, I) view, or None when its strides allow none (an expanded view)."""
+    try:
+        return tensor.view(-1, tensor.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def _blocks(num_rows: int, width: int) -> list[slice]:
+    rows = max(1, CHUNK_ELEMENTS // max(width, 1))
+    return [slice(start, start + rows) for start in range(0, num_rows, rows)]
+
+
+def _gradients(ctx, gate, up, weight, grad, out_gate=None, out_up=None, out_weight=None):
+    """(∂L/∂g, ∂L/∂u, ∂L/∂w) on one block, None for what is not needed; each into its `out_*` tensor when given.
+
+    With `out_weight` (rows, 1) ∂L/∂w is summed over I; without it, it is ∂L/∂y ⊙ σ(g) ⊙ u, to be summed.
+    σ' comes from autograd on the recomputed σ(g); for nn.SiLU from its derivative kernel directly (the same one
+    autograd calls), which writes into `out_gate`.
+    """
+    device, autocast_on, autocast_dtype = ctx.autocast
+    silu = out_gate is not None and isinstance(ctx.act_fn, nn.SiLU)
+    with torch.set_grad_enabled(not silu), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on):
+        leaf = gate if silu else gate.detach().requires_grad_()
+        activated = ctx.act_fn(leaf.clone() if getattr(ctx.act_fn, "inplace", False) else leaf)
+    grad_gate = grad_up = grad_weight = None
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        grad_activated = grad * activated.detach()  # ∂L/∂y ⊙ σ(g)
+        if ctx.needs_input_grad[2]:
+            grad_weight = grad_activated * up
+            if out_weight is not None:
+                grad_weight = torch.sum(grad_weight, dim=-1, keepdim=True, out=out_weight)
+        if ctx.needs_input_grad[1]:
+            grad_up = grad_activated.mul_(weight) if out_up is None else torch.mul(grad_activated, weight, out=out_up)
+    if ctx.needs_input_grad[0]:
+        grad_pre = (grad * weight).mul_(up)  # ∂L/∂σ(g)
+        if silu:
+            grad_gate = torch.ops.aten.silu_backward(grad_pre, gate, grad_input=out_gate)
+        else:
+            (grad_gate,) = torch.autograd.grad(activated, leaf, grad_pre)
+            if out_gate is not None:
+                grad_gate = out_gate.copy_(grad_gate)
+    return grad_gate, grad_up, grad_weight
 
 
 class _WeightedGatedActivation(torch.autograd.Function):
@@ -37,25 +91,39 @@ class _WeightedGatedActivation(torch.autograd.Function):
         ctx.act_fn = act_fn
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.save_for_backward(gate, up, weight)
-        return _activate(act_fn, gate).mul_(up).mul_(weight)
+        gate_rows, up_rows = _rows(gate), _rows(up)
+        if gate_rows is None or up_rows is None:
+            return _activate(act_fn, gate).mul_(up).mul_(weight)
+        weight_rows = weight.expand(*gate.shape[:-1], 1).reshape(-1, 1)
+        out = None
+        for block in _blocks(gate_rows.shape[0], gate.shape[-1]):
+            activated = _activate(act_fn, gate_rows[block])
+            if out is None:
+                out = activated.new_empty(gate_rows.shape)
+            torch.mul(activated, up_rows[block], out=out[block]).mul_(weight_rows[block])
+        return out.view(gate.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         gate, up, weight = ctx.saved_tensors
-        device, autocast_on, autocast_dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on):
-            leaf = gate.detach().requires_grad_()
-            activated = ctx.act_fn(leaf.clone() if getattr(ctx.act_fn, "inplace", False) else leaf)
-        grad_weight = grad_up = grad_gate = None
-        if ctx.needs_input_grad[2]:
-            grad_weight = (grad * activated.detach() * up).sum_to_size(weight.shape)
-        scaled = grad * weight  # w ⊙ ∂L/∂y
-        if ctx.needs_input_grad[1]:
-            grad_up = scaled * activated.detach()
-        if ctx.needs_input_grad[0]:
-            (grad_gate,) = torch.autograd.grad(activated, leaf, scaled.mul_(up))
-        return grad_gate, grad_up, grad_weight, None
+        gate_rows, up_rows, grad_rows = _rows(gate), _rows(up), _rows(grad)
+        if gate_rows is None or up_rows is None or grad_rows is None:  # expanded views: one block
+            grad_gate, grad_up, grad_weight = _gradients(ctx, gate, up, weight, grad)
+            return grad_gate, grad_up, None if grad_weight is None else grad_weight.sum_to_size(weight.shape), None
+        weight_rows = weight.expand(*gate.shape[:-1], 1).reshape(-1, 1)
+        grad_up = up_rows.new_empty(up_rows.shape) if ctx.needs_input_grad[1] else None
+        grad_weight = weight_rows.new_empty(weight_rows.shape) if ctx.needs_input_grad[2] else None
+        grad_gate = gate_rows.new_empty(gate_rows.shape) if ctx.needs_input_grad[0] else None
+        for block in _blocks(gate_rows.shape[0], gate.shape[-1]):
+            _gradients(ctx, gate_rows[block], up_rows[block], weight_rows[block], grad_rows[block],
+                       *(None if out is None else out[block] for out in (grad_gate, grad_up, grad_weight)))
+        return (
+            None if grad_gate is None else grad_gate.view(gate.shape),
+            None if grad_up is None else grad_up.view(up.shape),
+            None if grad_weight is None else grad_weight.view(*gate.shape[:-1], 1).sum_to_size(weight.shape),
+            None,
+        )
 
 
 def weighted_gated_activation(

@@ -4,12 +4,21 @@ import pytest
 import torch
 from torch import nn
 
+from peft_mole.ops import gated
 from peft_mole.ops.gated import weighted_gated_activation
+
+
+@pytest.fixture(params=["one_block", "blocks_of_2_rows"])
+def blocks(request, monkeypatch):
+    """Run a test with the default block size (these tensors fit one block) and with blocks of 2 rows of 5."""
+    if request.param == "blocks_of_2_rows":
+        monkeypatch.setattr(gated, "CHUNK_ELEMENTS", 10)
+    return request.param
 
 
 @pytest.mark.parametrize("act_fn", [nn.SiLU(), nn.GELU(approximate="tanh"), torch.relu], ids=["silu", "gelu", "relu"])
 @pytest.mark.parametrize("weight_shape", [(6, 1), (2, 3, 1)], ids=["per_pair", "expert_major"])
-def test_equals_plain_autograd_and_passes_gradcheck(act_fn, weight_shape):
+def test_equals_plain_autograd_and_passes_gradcheck(act_fn, weight_shape, blocks):
     gen = torch.Generator().manual_seed(0)
     shape = (*weight_shape[:-1], 5)
     gate = torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -25,7 +34,7 @@ def test_equals_plain_autograd_and_passes_gradcheck(act_fn, weight_shape):
     assert torch.autograd.gradcheck(lambda g, u, w: weighted_gated_activation(g, u, w, act_fn), (gate, up, weight))
 
 
-def test_an_up_broadcast_over_experts_and_a_constant_weight_get_the_right_gradients():
+def test_an_up_broadcast_over_experts_and_a_constant_weight_get_the_right_gradients(blocks):
     gen = torch.Generator().manual_seed(1)
     gate = torch.randn(3, 4, 5, generator=gen, requires_grad=True)
     up_per_token = torch.randn(4, 5, generator=gen, requires_grad=True)  # no up experts: the frozen W3 x
@@ -38,7 +47,7 @@ def test_an_up_broadcast_over_experts_and_a_constant_weight_get_the_right_gradie
 
 @pytest.mark.parametrize("act_fn", [nn.SiLU(inplace=True), nn.Identity(), lambda t: t.view(t.shape)],
                          ids=["in_place", "identity", "view"])
-def test_activations_that_return_or_overwrite_their_input_leave_the_saved_gate_intact(act_fn):
+def test_activations_that_return_or_overwrite_their_input_leave_the_saved_gate_intact(act_fn, blocks):
     gen = torch.Generator().manual_seed(2)
     gate_per_token = torch.randn(4, 5, generator=gen, requires_grad=True)
     gate = gate_per_token.unsqueeze(0).expand(3, -1, -1)  # no gate experts on the dense path: an expanded view
@@ -75,3 +84,30 @@ def test_without_gradients_it_is_the_plain_formula_and_bad_shapes_are_named():
         weighted_gated_activation(gate, up[:, :2], weight, torch.relu)
     with pytest.raises(ValueError, match=r"weight of shape \(2, 4, 1\) must broadcast to the gate's \(4, 3\)"):
         weighted_gated_activation(gate, up, torch.rand(2, 4, 1), torch.relu)
+
+
+@pytest.mark.parametrize("act_fn", [nn.SiLU(), nn.SiLU(inplace=True), nn.GELU()], ids=["silu", "silu_in_place", "gelu"])
+def test_blocks_of_any_size_give_the_one_block_values_and_only_the_wanted_gradients(act_fn, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    gate, up = torch.randn(2, 7, 6, generator=gen), torch.randn(2, 7, 6, generator=gen)  # 14 rows: a partial block
+    weight, grad = torch.rand(2, 7, 1, generator=gen), torch.randn(2, 7, 6, generator=gen)
+
+    def run(wanted):
+        leaves = [t.clone().requires_grad_(name in wanted) for name, t in zip("guw", (gate, up, weight), strict=True)]
+        out = weighted_gated_activation(*leaves, act_fn)
+        out.backward(grad)
+        assert torch.equal(leaves[0].detach(), gate)  # the saved gate was not overwritten (in-place σ)
+        return out.detach(), [leaf.grad for leaf in leaves]
+
+    reference = run("guw")
+    assert reference[0].shape == gate.shape and all(g is not None for g in reference[1])
+    for elements in (6, 18, 30, 10**6):  # 1, 3, 5 rows per block; one block
+        monkeypatch.setattr(gated, "CHUNK_ELEMENTS", elements)
+        for wanted in ("guw", "g", "u", "w"):
+            out, grads = run(wanted)
+            torch.testing.assert_close(out, reference[0], rtol=0, atol=0)
+            for name, got, expected in zip("guw", grads, reference[1], strict=True):
+                if name in wanted:
+                    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+                else:
+                    assert got is None
