@@ -12,8 +12,8 @@ slot's row; `slot_lora_sum` (down, and DynMoLE's per-projection experts) adds ea
 table and applies all B in one batched product. On a few tokens computing E instead of k experts' products costs
 less than copying each slot's factors.
 When at least `DENSE_FRACTION` (90 %) of all pairs are selected (DynMoLE broadcasting at initialisation) there is
-no dispatch either: `dense_shared_input_lora` / `dense_lora_sum` compute every pair expert-major with batched
-products, unselected pairs weighing 0.
+no dispatch either: `dense_shared_input_lora` / `dense_lora_sum` / `dense_b_sum` compute every pair expert-major
+with batched products, unselected pairs weighing 0 (the gated chain between them: `ops.dense_mixture`).
 """
 
 from __future__ import annotations
@@ -78,9 +78,9 @@ def in_adapter_precision_on_cpu(fn):
     return wrapper
 
 
-def _compute_dtype(device_type: str, adapter_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of a fused expert product: autocast's where it is on (on CPU the callers switch it off), else the
-    adapter's."""
+def expert_compute_dtype(device_type: str, adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a fused expert product: autocast's where it is on (on CPU the callers switch it off with
+    `in_adapter_precision_on_cpu`), else the adapter's."""
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else adapter_dtype
 
 
@@ -190,7 +190,7 @@ def shared_input_lora(
         return _segment_matmul(z_pairs, lora_b, plan.counts)
     # one dtype for the fused gather + addmm: autocast's where it is on (CUDA), else the adapter's; a bf16 base
     # is cast on its N rows, before the gather to M pair rows
-    dtype = _compute_dtype(x.device.type, lora_b.dtype)
+    dtype = expert_compute_dtype(x.device.type, lora_b.dtype)
     return _GatherSegmentLoRA.apply(base.to(dtype), z_pairs.to(dtype), lora_b.to(dtype), plan.token, plan.counts)
 
 
@@ -253,7 +253,7 @@ def dense_shared_input_lora(
     """
     num_experts, r, _ = lora_a.shape
     z = (x.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()).view(-1, num_experts, r).transpose(0, 1)
-    dtype = _compute_dtype(x.device.type, lora_b.dtype)
+    dtype = expert_compute_dtype(x.device.type, lora_b.dtype)
     return torch.baddbmm(base.to(dtype).unsqueeze(0), z.to(dtype), lora_b.to(dtype).transpose(1, 2), alpha=scaling)
 
 
@@ -261,8 +261,7 @@ def dense_shared_input_lora(
 def dense_lora_sum(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Σ_e w_e · s · B_e A_e x_e over every expert, (N, out): the A products, then all B products and the sum over
-    experts as one (N, E·r) × (E·r, out) product.
+    """Σ_e w_e · s · B_e A_e x_e over every expert, (N, out): the A products, then `dense_b_sum`.
 
     Args:
         x: (E, N, in) one input per expert (down projection: w_e h_e), or (N, in) shared by the experts;
@@ -275,7 +274,15 @@ def dense_lora_sum(
         z = torch.bmm(x.to(lora_a.dtype), lora_a.transpose(1, 2)).transpose(0, 1)  # (N, E, r)
     if weights is not None:
         z = z * weights.to(z.dtype).unsqueeze(-1)
-    b_all = lora_b.transpose(1, 2).reshape(num_experts * r, -1)  # (E·r, out)
+    return dense_b_sum(z, lora_b, scaling)
+
+
+@in_adapter_precision_on_cpu
+def dense_b_sum(z: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Σ_e s · B_e z_e for z (N, E, r) of every expert, (N, out): all B products and the sum over experts as one
+    (N, E·r) × (E·r, out) product."""
+    num_experts, _, r = lora_b.shape
+    b_all = lora_b.transpose(1, 2).reshape(num_experts * r, -1).to(z.dtype)  # (E·r, out)
     return (z.reshape(z.shape[0], num_experts * r) @ b_all) * scaling
 
 

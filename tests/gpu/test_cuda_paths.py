@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from peft_mole.multijob.model import MultiJobModel
+from peft_mole.ops.dense_mixture import dense_gated_mixture
 from peft_mole.ops.gated import weighted_gated_activation
 from tests.helpers import batch, dynmole, mixlora, randomize_adapters, tiny_base
 
@@ -74,6 +75,26 @@ def test_gated_activation_under_cuda_autocast_matches_fp32():
         out = weighted_gated_activation(gate.bfloat16(), up.bfloat16(), weight, act)
     grads = torch.autograd.grad(out.float().square().sum(), (gate, up, weight))
     torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.02)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, atol=0.1 * float(r.abs().max()), rtol=0)
+
+
+def test_dense_mixture_under_cuda_autocast_runs_bf16_products_with_fp32_gradients():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    gate = torch.randn(8, 64, 96, device="cuda", generator=gen, requires_grad=True)
+    up = torch.randn(8, 64, 96, device="cuda", generator=gen, requires_grad=True)
+    weight = torch.rand(8, 64, 1, device="cuda", generator=gen, requires_grad=True)
+    down_a = (0.1 * torch.randn(8, 4, 96, device="cuda", generator=gen)).requires_grad_()
+    act = torch.nn.SiLU()
+    leaves = (gate, up, weight, down_a)
+    ref_hidden, ref_z = dense_gated_mixture(gate, up, weight, act, down_a)
+    ref_grads = torch.autograd.grad(ref_hidden.square().sum() + ref_z.sum(), leaves)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        hidden, z = dense_gated_mixture(gate.bfloat16(), up.bfloat16(), weight, act, down_a)
+    assert hidden.dtype == z.dtype == torch.bfloat16
+    grads = torch.autograd.grad(hidden.float().square().sum() + z.float().sum(), leaves)
+    torch.testing.assert_close(hidden.float(), ref_hidden, atol=0.05 * float(ref_hidden.detach().abs().max()), rtol=0)
     for g, r in zip(grads, ref_grads, strict=True):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, r, atol=0.1 * float(r.abs().max()), rtol=0)

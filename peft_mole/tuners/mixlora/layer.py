@@ -18,9 +18,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext
+from peft_mole.ops.dense_mixture import dense_gated_mixture
 from peft_mole.ops.experts import (
     FEW_TOKENS,
-    dense_lora_sum,
+    dense_b_sum,
     dense_shared_input_lora,
     dense_weights,
     dispatch,
@@ -220,15 +221,20 @@ class MixLoRAMLP(RoutedExpertsLayer):
             pairs[proj] = frozen.unsqueeze(0).expand(settings.num_experts, -1, -1) if factors is None else (
                 dense_shared_input_lora(x_dropped, *factors, settings.scaling, frozen).to(frozen.dtype)
             )
-        weighted = weighted_gated_activation(pairs["gate_proj"], pairs["up_proj"], weights.t().unsqueeze(-1), mlp.act_fn)
+        expert_weights = weights.t().unsqueeze(-1)  # (E, N, 1)
         down_factors = experts.factors("down_proj")
-        down_delta = None
-        if down_factors is not None:
-            down_input = weighted  # (E, N, I): w_e h_e
-            if isinstance(dropout, nn.Dropout) and self.training:
-                down_input = weighted * dropout(torch.ones_like(gate))  # (N, I) mask / (1 - p), per token
-            down_delta = dense_lora_sum(down_input, *down_factors, settings.scaling).to(x.dtype)
-        return weighted.sum(0), down_delta, weights.sum(1, keepdim=True).to(gate.dtype)
+        if down_factors is None:
+            weighted = weighted_gated_activation(pairs["gate_proj"], pairs["up_proj"], expert_weights, mlp.act_fn)
+            return weighted.sum(0), None, weights.sum(1, keepdim=True).to(gate.dtype)
+        lora_a, lora_b = down_factors
+        mask = None
+        if isinstance(dropout, nn.Dropout) and self.training:
+            mask = dropout(torch.ones_like(gate))  # (N, I): 0 or 1 / (1 - p) per token, shared by its experts
+        hidden, z = dense_gated_mixture(  # Σ_e w_e h_e (N, I) and A2_e(m ⊙ w_e h_e) (E, N, r), blockwise
+            pairs["gate_proj"], pairs["up_proj"], expert_weights, mlp.act_fn, lora_a, mask
+        )
+        down_delta = dense_b_sum(z.transpose(0, 1), lora_b, settings.scaling).to(x.dtype)
+        return hidden, down_delta, weights.sum(1, keepdim=True).to(gate.dtype)
 
     @profiled("peft_mole::experts_gate_up")
     def _gate_up_experts(self, adapter, x, gate, up, plan) -> torch.Tensor:
