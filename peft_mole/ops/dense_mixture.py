@@ -1,21 +1,25 @@
-"""Every expert on every token, from the gate/up pairs to the down projection's LoRA input, in cache-sized blocks.
+"""Every expert on every token, from the frozen gate/up outputs to the down projection's LoRA input, in blocks.
 
 When a router sends (almost) every token to every expert (DynMoLE broadcasting, DynMoLE §3.2) the MixLoRA block
 (MixLoRA §3, SPEC.md §1) computes, for E experts and N tokens, expert-major:
 
-    h_e = σ(g_e) ⊙ u_e,   hidden = Σ_e w_e h_e  (N, I),   z_e = A2_e (m ⊙ w_e h_e)  (E, N, r)
+    g_e = W1 x + s·B1_e z1_e,  u_e = W3 x + s·B3_e z3_e   (z_e = A_e dropout(x), (E, N, r))
+    h_e = σ(g_e) ⊙ u_e,   hidden = Σ_e w_e h_e  (N, I),   z2_e = A2_e (m ⊙ w_e h_e)  (E, N, r)
 
 with m the down projection's dropout mask (one per token, shared by its experts; all ones without dropout). The
-frozen W2 then runs once on `hidden`, and the experts' B2 on z (`dense_lora_sum`).
+frozen W2 then runs once on `hidden`, and the experts' B2 on z2 (`ops.experts.dense_b_sum`).
 
-Step by step, each of these products is a pass over an (E, N, I) tensor in memory (45 MB per layer for the small
-shape), about ten of them over forward and backward. This function runs the chain over blocks of tokens that fit
-in cache, so only g and u (saved for the backward, as `ops.gated` does) and their gradients travel to memory, and
-it keeps nothing else of that size: w_e h_e and m ⊙ w_e h_e are recomputed per block in the backward.
+Done step by step, each of these is a pass over an (E, N, I) tensor in memory (45 MB per layer for the small
+shape), about twenty of them over forward and backward, and autograd keeps three of them per layer. This function
+runs the chain over blocks of tokens that fit in cache and keeps nothing of size (E, N, I): g_e, u_e and h_e are
+recomputed per block in the backward from W1 x, W3 x (N, I) and the rank-r z (recomputing B z costs 2·E·r·I
+multiply-adds per token, less than reading g_e back from memory on a CPU).
 
-Backward, with δ = ∂L/∂hidden + m ⊙ (∂L/∂z_e A2_e) per expert and token:
+Backward, per expert and token, with δ = ∂L/∂hidden + m ⊙ (∂L/∂z2_e A2_e):
 
-    ∂L/∂w_e = Σ_I δ ⊙ h_e,  ∂L/∂u_e = w_e δ ⊙ σ(g_e),  ∂L/∂g_e = w_e δ ⊙ u_e ⊙ σ'(g_e),  ∂L/∂A2_e = Σ_t ∂L/∂z_eᵀ (m ⊙ w_e h_e)
+    ∂L/∂w_e = Σ_I δ ⊙ h_e,   ∂L/∂u_e = w_e δ ⊙ σ(g_e),   ∂L/∂g_e = w_e δ ⊙ u_e ⊙ σ'(g_e),
+    ∂L/∂A2_e = Σ_t ∂L/∂z2_eᵀ (m ⊙ w_e h_e),   ∂L/∂(W1 x) = Σ_e ∂L/∂g_e,
+    ∂L/∂z1_e = s ∂L/∂g_e B1_e,   ∂L/∂B1_e = s Σ_t ∂L/∂g_eᵀ z1_e   (the same for u with B3, z3)
 
 Checked against plain autograd (gradcheck) in tests/ops/test_dense_mixture.py. First derivatives only.
 """
@@ -31,7 +35,8 @@ from torch.autograd.function import once_differentiable
 from peft_mole.ops.experts import expert_compute_dtype, in_adapter_precision_on_cpu
 from peft_mole.ops.gated import _activate
 
-BLOCK_ELEMENTS = 1 << 19  # values of one (E, tokens, I) block (2 MiB in fp32; with its temporaries it stays in L3)
+BLOCK_ELEMENTS = 1 << 19  # values of one (E, tokens, I) block: 2 MiB in fp32, so the block's few temporaries
+# stay in cache. Measured fwd + bwd of the chain on (8, 1024, 1376): 2^17 86 ms, 2^18 75, 2^19 72, 2^20 80, 2^21 104.
 
 
 def _token_blocks(num_experts: int, num_tokens: int, width: int) -> list[slice]:
@@ -39,71 +44,108 @@ def _token_blocks(num_experts: int, num_tokens: int, width: int) -> list[slice]:
     return [slice(start, start + tokens) for start in range(0, num_tokens, tokens)]
 
 
+def _expert_outputs(frozen, z, lora_b, block, num_experts, scaling, compute_dtype):
+    """frozen + s·B_e z_e on one block of tokens, (E, n, I); the frozen output broadcast where there is no LoRA."""
+    if z is None:
+        return frozen[block].unsqueeze(0).expand(num_experts, -1, -1)
+    out = torch.baddbmm(frozen[block].to(compute_dtype).unsqueeze(0), z[:, block].to(compute_dtype),
+                        lora_b.to(compute_dtype).transpose(1, 2), alpha=scaling)
+    return out.to(frozen.dtype)
+
+
 class _DenseGatedMixture(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up, weight, down_a, mask, act_fn, compute_dtype):
-        ctx.act_fn = act_fn
-        ctx.compute_dtype = compute_dtype
+    def forward(ctx, gate, up, z_gate, b_gate, z_up, b_up, weight, down_a, mask, act_fn, scaling, compute_dtype):
         device = gate.device.type
+        ctx.act_fn, ctx.scaling, ctx.compute_dtype = act_fn, scaling, compute_dtype
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.save_for_backward(gate, up, weight, down_a, mask)
-        num_experts, num_tokens, width = gate.shape
+        ctx.save_for_backward(gate, up, z_gate, b_gate, z_up, b_up, weight, down_a, mask)
+        num_experts, num_tokens, width = weight.shape[0], gate.shape[0], gate.shape[1]
         a_t = down_a.to(compute_dtype).transpose(1, 2)  # (E, I, r)
-        hidden = z = None
-        for block in _token_blocks(num_experts, num_tokens, width):
-            weighted = _activate(act_fn, gate[:, block]).mul_(up[:, block]).mul_(weight[:, block])
-            if hidden is None:
-                hidden = weighted.new_empty(num_tokens, width)
-                z = torch.empty(num_experts, num_tokens, down_a.shape[1], dtype=compute_dtype, device=gate.device)
-            torch.sum(weighted, dim=0, out=hidden[block])
-            if mask is not None:
-                weighted.mul_(mask[block])
-            with torch.autocast(device, enabled=False):
-                z[:, block] = torch.bmm(weighted.to(compute_dtype), a_t)
-        return hidden, z
+        hidden = z_down = None
+        with torch.autocast(device, enabled=False):
+            for block in _token_blocks(num_experts, num_tokens, width):
+                g = _expert_outputs(gate, z_gate, b_gate, block, num_experts, scaling, compute_dtype)
+                u = _expert_outputs(up, z_up, b_up, block, num_experts, scaling, compute_dtype)
+                with torch.autocast(device, dtype=ctx.autocast[2], enabled=ctx.autocast[1]):
+                    activated = _activate(act_fn, g)
+                weighted = activated.mul_(u).mul_(weight[:, block])  # w_e h_e (E, n, I)
+                if hidden is None:
+                    hidden = weighted.new_empty(num_tokens, width)
+                    z_down = a_t.new_empty(num_experts, num_tokens, a_t.shape[2])
+                torch.sum(weighted, dim=0, out=hidden[block])
+                if mask is not None:
+                    weighted.mul_(mask[block])
+                z_down[:, block] = torch.bmm(weighted.to(compute_dtype), a_t)
+        return hidden, z_down
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_hidden, grad_z):
-        gate, up, weight, down_a, mask = ctx.saved_tensors
+    def backward(ctx, grad_hidden, grad_z_down):
+        gate, up, z_gate, b_gate, z_up, b_up, weight, down_a, mask = ctx.saved_tensors
         device, autocast_on, autocast_dtype = ctx.autocast
-        needs_gate, needs_up, needs_weight, needs_a = ctx.needs_input_grad[:4]
-        num_experts, num_tokens, width = gate.shape
-        silu = isinstance(ctx.act_fn, nn.SiLU)
-        a_cd = down_a.to(ctx.compute_dtype)
-        grad_gate = torch.empty_like(gate) if needs_gate else None
-        grad_up = torch.empty_like(up) if needs_up else None
-        grad_weight = gate.new_empty(num_experts, num_tokens, 1) if needs_weight else None
-        grad_a = torch.zeros_like(down_a) if needs_a else None
-        for block in _token_blocks(num_experts, num_tokens, width):
-            g, u, w = gate[:, block], up[:, block], weight[:, block]
-            with torch.set_grad_enabled(not silu), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on):
-                leaf = g if silu else g.detach().requires_grad_()
-                activated = ctx.act_fn(leaf.clone() if getattr(ctx.act_fn, "inplace", False) else leaf)
-            h = activated.detach() * u  # h_e (E, n, I)
-            gz = grad_z[:, block].to(ctx.compute_dtype)  # (E, n, r)
-            with torch.autocast(device, enabled=False):
-                if needs_a:
-                    down_input = h * w if mask is None else (h * w).mul_(mask[block])
-                    grad_a += torch.bmm(gz.transpose(1, 2), down_input.to(ctx.compute_dtype)).to(grad_a.dtype)
-                delta = torch.bmm(gz, a_cd).to(h.dtype)  # ∂L/∂z_e A2_e (E, n, I)
-            if mask is not None:
-                delta.mul_(mask[block])
-            delta.add_(grad_hidden[block])  # δ
-            if needs_weight:
-                torch.sum(delta * h, dim=-1, keepdim=True, out=grad_weight[:, block])
-            delta.mul_(w)  # w_e δ = ∂L/∂h_e
-            if needs_up:
-                torch.mul(delta, activated.detach(), out=grad_up[:, block])
-            if needs_gate:
+        names = ("gate", "up", "z_gate", "b_gate", "z_up", "b_up", "weight", "down_a")
+        inputs = dict(zip(names, (gate, up, z_gate, b_gate, z_up, b_up, weight, down_a), strict=True))
+        needs = dict(zip(names, ctx.needs_input_grad[:8], strict=True))
+        grads = {name: None for name in names}
+        for name in ("gate", "up", "z_gate", "z_up"):
+            if needs[name]:
+                grads[name] = torch.empty_like(inputs[name])
+        for name in ("b_gate", "b_up", "down_a"):  # summed over blocks
+            if needs[name]:
+                grads[name] = torch.zeros_like(inputs[name])
+        num_experts, num_tokens, width = weight.shape[0], gate.shape[0], gate.shape[1]
+        if needs["weight"]:
+            grads["weight"] = gate.new_empty(num_experts, num_tokens, 1)
+        cd, scaling, act_fn = ctx.compute_dtype, ctx.scaling, ctx.act_fn
+        silu = isinstance(act_fn, nn.SiLU)  # its derivative kernel, as autograd would call it
+        a_cd = down_a.to(cd)
+        with torch.autocast(device, enabled=False):
+            for block in _token_blocks(num_experts, num_tokens, width):
+                g = _expert_outputs(gate, z_gate, b_gate, block, num_experts, scaling, cd)
+                u = _expert_outputs(up, z_up, b_up, block, num_experts, scaling, cd)
+                w = weight[:, block]
+                with torch.set_grad_enabled(not silu), torch.autocast(device, dtype=autocast_dtype,
+                                                                       enabled=autocast_on):
+                    leaf = g if silu else g.detach().requires_grad_()
+                    activated = act_fn(leaf.clone() if getattr(act_fn, "inplace", False) else leaf)
+                h = activated.detach() * u  # h_e (E, n, I)
+                grad_z = grad_z_down[:, block].to(cd)  # (E, n, r)
+                if needs["down_a"]:
+                    down_input = (h * w).mul_(mask[block]) if mask is not None else h * w
+                    grads["down_a"] += torch.bmm(grad_z.transpose(1, 2), down_input.to(cd)).to(down_a.dtype)
+                delta = torch.bmm(grad_z, a_cd).to(h.dtype)  # ∂L/∂z2_e A2_e (E, n, I)
+                if mask is not None:
+                    delta.mul_(mask[block])
+                delta.add_(grad_hidden[block])  # δ
+                if needs["weight"]:
+                    torch.sum(delta * h, dim=-1, keepdim=True, out=grads["weight"][:, block])
+                delta.mul_(w)  # ∂L/∂h_e
+                grad_u = delta * activated.detach()
                 delta.mul_(u)  # ∂L/∂σ(g_e)
                 if silu:
-                    torch.ops.aten.silu_backward(delta, g, grad_input=grad_gate[:, block])
+                    grad_g = torch.ops.aten.silu_backward(delta, g)
                 else:
-                    (grad_gate[:, block],) = torch.autograd.grad(activated, leaf, delta)
-        if grad_weight is not None:
-            grad_weight = grad_weight.sum_to_size(weight.shape)
-        return grad_gate, grad_up, grad_weight, grad_a, None, None, None
+                    (grad_g,) = torch.autograd.grad(activated, leaf, delta)
+                for frozen, z, b, grad_pair in (("gate", "z_gate", "b_gate", grad_g), ("up", "z_up", "b_up", grad_u)):
+                    _to_inputs(grads, needs, inputs, frozen, z, b, grad_pair, block, scaling, cd)
+        if grads["weight"] is not None:
+            grads["weight"] = grads["weight"].sum_to_size(weight.shape)
+        return (*grads.values(), None, None, None, None)
+
+
+def _to_inputs(grads, needs, inputs, frozen, z, b, grad_pair, block, scaling, compute_dtype):
+    """∂L/∂(frozen output) = Σ_e ∂L/∂pair_e; ∂L/∂z_e = s ∂L/∂pair_e B_e; ∂L/∂B_e += s ∂L/∂pair_eᵀ z_e (one block)."""
+    if needs[frozen]:
+        torch.sum(grad_pair, dim=0, out=grads[frozen][block])
+    if inputs[z] is None:
+        return
+    grad_cd = grad_pair.to(compute_dtype)
+    if needs[z]:
+        grads[z][:, block] = torch.bmm(grad_cd, inputs[b].to(compute_dtype)).mul_(scaling)
+    if needs[b]:
+        z_block = inputs[z][:, block].to(compute_dtype)
+        grads[b] += torch.bmm(grad_cd.transpose(1, 2), z_block).mul_(scaling).to(grads[b].dtype)
 
 
 @in_adapter_precision_on_cpu
@@ -114,27 +156,47 @@ def dense_gated_mixture(
     act_fn: Callable[[torch.Tensor], torch.Tensor],
     down_a: torch.Tensor,
     mask: torch.Tensor | None = None,
+    gate_lora: tuple[torch.Tensor, torch.Tensor] | None = None,
+    up_lora: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scaling: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_e w_e σ(g_e) ⊙ u_e, A2_e (m ⊙ w_e σ(g_e) ⊙ u_e) per expert), computed blockwise (see the module).
 
     Args:
-        gate, up: (E, N, I) per expert and token, g_e and u_e.
+        gate, up: (N, I) the frozen W1 x and W3 x, shared by the experts.
         weight: (E, N, 1) routing weights w_e (0 for an unselected pair).
         act_fn: the MLP's activation σ.
         down_a: (E, r, I) the down experts' A2_e.
         mask: (N, I) the down projection's dropout mask m (already scaled by 1 / (1 − p)), or None.
+        gate_lora, up_lora: (z, B) with z (E, N, r) = A_e dropout(x) and B (E, I, r), or None for a projection
+            without experts (then g_e = W1 x for every expert).
+        scaling: s of the gate/up experts.
     Returns:
-        hidden (N, I) in the dtype of σ(g), and z (E, N, r) in the dtype of the A2 products: down_a's, or
-        autocast's where it is on (not on CPU, as for the other expert products: `ops.experts`).
+        hidden (N, I) in the frozen outputs' dtype, and z2 (E, N, r) in the dtype of the expert products: the
+        adapter's, or autocast's where it is on (not on CPU, as for the other expert products: `ops.experts`).
     """
-    if gate.dim() != 3 or up.shape != gate.shape:
-        raise ValueError(f"gate and up must both be (E, N, I), got {tuple(gate.shape)} and {tuple(up.shape)}")
-    num_experts, num_tokens, width = gate.shape
-    if weight.shape != (num_experts, num_tokens, 1):
-        raise ValueError(f"weight must be (E, N, 1) = {(num_experts, num_tokens, 1)}, got {tuple(weight.shape)}")
+    if gate.dim() != 2 or up.shape != gate.shape:
+        raise ValueError(f"gate and up must both be (N, I), got {tuple(gate.shape)} and {tuple(up.shape)}")
+    num_tokens, width = gate.shape
+    if weight.dim() != 3 or weight.shape[1:] != (num_tokens, 1):
+        raise ValueError(f"weight must be (E, N, 1) with N={num_tokens}, got {tuple(weight.shape)}")
+    num_experts = weight.shape[0]
     if down_a.dim() != 3 or down_a.shape[0] != num_experts or down_a.shape[2] != width:
         raise ValueError(f"down_a must be (E, r, I) with E={num_experts}, I={width}, got {tuple(down_a.shape)}")
     if mask is not None and mask.shape != (num_tokens, width):
         raise ValueError(f"mask must be (N, I) = {(num_tokens, width)}, got {tuple(mask.shape)}")
+    for name, lora in (("gate_lora", gate_lora), ("up_lora", up_lora)):
+        if lora is None:
+            continue
+        z, lora_b = lora
+        if z.dim() != 3 or z.shape[:2] != (num_experts, num_tokens) or lora_b.shape != (num_experts, width, z.shape[2]):
+            raise ValueError(
+                f"{name} must be (z (E, N, r), B (E, I, r)) with E={num_experts}, N={num_tokens}, I={width}, got "
+                f"{tuple(z.shape)} and {tuple(lora_b.shape)}"
+            )
     compute_dtype = expert_compute_dtype(gate.device.type, down_a.dtype)
-    return _DenseGatedMixture.apply(gate, up, weight.to(gate.dtype), down_a, mask, act_fn, compute_dtype)
+    z_gate, b_gate = gate_lora if gate_lora is not None else (None, None)
+    z_up, b_up = up_lora if up_lora is not None else (None, None)
+    return _DenseGatedMixture.apply(
+        gate, up, z_gate, b_gate, z_up, b_up, weight.to(gate.dtype), down_a, mask, act_fn, scaling, compute_dtype
+    )

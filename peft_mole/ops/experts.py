@@ -11,7 +11,7 @@ every expert's A in one product and every expert's B in one batched product over
 slot's row; `slot_lora_sum` (down, and DynMoLE's per-projection experts) adds each slot's A x into an (N, E, r)
 table and applies all B in one batched product. On a few tokens computing E instead of k experts' products costs
 less than copying each slot's factors.
-When at least `DENSE_FRACTION` (90 %) of all pairs are selected (DynMoLE broadcasting at initialisation) there is
+When at least `DENSE_FRACTION` (75 %) of all pairs are selected (DynMoLE broadcasting at initialisation) there is
 no dispatch either: `dense_shared_input_lora` / `dense_lora_sum` / `dense_b_sum` compute every pair expert-major
 with batched products, unselected pairs weighing 0 (the gated chain between them: `ops.dense_mixture`).
 """
@@ -70,10 +70,11 @@ def in_adapter_precision_on_cpu(fn):
     """
 
     @functools.wraps(fn)
-    def wrapper(x: torch.Tensor, *args, **kwargs):
-        off = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    def wrapper(*args, **kwargs):
+        first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        off = first.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         with torch.autocast("cpu", enabled=False) if off else contextlib.nullcontext():
-            return fn(x, *args, **kwargs)
+            return fn(*args, **kwargs)
 
     return wrapper
 
@@ -218,14 +219,15 @@ def grouped_lora(
 # At least this share of all (token, expert) pairs selected: compute every pair, no dispatch. Measured crossover on
 # one small-shape DynMoLE block, fwd+bwd (CPU): dense 290-330 ms whatever the share; dispatch 115 / 140 / 300 / 360 ms
 # at 44 / 71 / 85 / 100 % of pairs.
-DENSE_FRACTION = 0.9
+DENSE_FRACTION = 0.75  # the measured crossover on one small-shape DynMoLE block, fwd + bwd (docs/performance.md):
+# dense 140-190 ms at any share; dispatch 136 / 167 / 174 / 278 / 310 ms at 56 / 70 / 73 / 75 / 90 % of pairs
 
 
 def dense_weights(
     weights: torch.Tensor, chosen: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None = None
 ) -> torch.Tensor | None:
     """The (N, E) routing weights in expert order when at least `DENSE_FRACTION` of all pairs are selected (DynMoLE
-    broadcasting most tokens to every expert, or a MixLoRA top-k with k ≥ 0.9 E), else None. Unselected pairs
+    broadcasting most tokens to every expert, or a MixLoRA top-k with k ≥ 0.75 E), else None. Unselected pairs
     weigh 0 and add exactly 0.
 
     With `token_mask` (N,) only real tokens decide, so a job's rows take the same path whatever padding a mixed
@@ -241,6 +243,13 @@ def dense_weights(
 
 
 @in_adapter_precision_on_cpu
+def dense_a(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """A_e x_t for every expert e and token t, (E, N, r): one (N, in) × (in, E·r) product; lora_a: (E, r, in)."""
+    num_experts, r, _ = lora_a.shape
+    return (x.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()).view(-1, num_experts, r).transpose(0, 1)
+
+
+@in_adapter_precision_on_cpu
 def dense_shared_input_lora(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, base: torch.Tensor
 ) -> torch.Tensor:
@@ -251,8 +260,7 @@ def dense_shared_input_lora(
     Args:
         x: (N, in) tokens (dropout applied); lora_a: (E, r, in); lora_b: (E, out, r); base: (N, out).
     """
-    num_experts, r, _ = lora_a.shape
-    z = (x.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()).view(-1, num_experts, r).transpose(0, 1)
+    z = dense_a(x, lora_a)
     dtype = expert_compute_dtype(x.device.type, lora_b.dtype)
     return torch.baddbmm(base.to(dtype).unsqueeze(0), z.to(dtype), lora_b.to(dtype).transpose(1, 2), alpha=scaling)
 

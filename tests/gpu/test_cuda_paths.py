@@ -82,19 +82,23 @@ def test_gated_activation_under_cuda_autocast_matches_fp32():
 
 def test_dense_mixture_under_cuda_autocast_runs_bf16_products_with_fp32_gradients():
     gen = torch.Generator(device="cuda").manual_seed(0)
-    gate = torch.randn(8, 64, 96, device="cuda", generator=gen, requires_grad=True)
-    up = torch.randn(8, 64, 96, device="cuda", generator=gen, requires_grad=True)
-    weight = torch.rand(8, 64, 1, device="cuda", generator=gen, requires_grad=True)
-    down_a = (0.1 * torch.randn(8, 4, 96, device="cuda", generator=gen)).requires_grad_()
+
+    def leaf(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, device="cuda", generator=gen)).requires_grad_()
+
+    gate, up, down_a = leaf(64, 96), leaf(64, 96), leaf(8, 4, 96, scale=0.1)
+    gate_lora, up_lora = (leaf(8, 64, 4), leaf(8, 96, 4, scale=0.1)), (leaf(8, 64, 4), leaf(8, 96, 4, scale=0.1))
+    weight = torch.rand(8, 64, 1, device="cuda", generator=gen).requires_grad_()
+    leaves = (gate, up, weight, down_a, *gate_lora, *up_lora)
     act = torch.nn.SiLU()
-    leaves = (gate, up, weight, down_a)
-    ref_hidden, ref_z = dense_gated_mixture(gate, up, weight, act, down_a)
+    ref_hidden, ref_z = dense_gated_mixture(gate, up, weight, act, down_a, None, gate_lora, up_lora, 2.0)
     ref_grads = torch.autograd.grad(ref_hidden.square().sum() + ref_z.sum(), leaves)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        hidden, z = dense_gated_mixture(gate.bfloat16(), up.bfloat16(), weight, act, down_a)
+        hidden, z = dense_gated_mixture(gate.bfloat16(), up.bfloat16(), weight, act, down_a, None, gate_lora, up_lora, 2.0)
     assert hidden.dtype == z.dtype == torch.bfloat16
     grads = torch.autograd.grad(hidden.float().square().sum() + z.float().sum(), leaves)
-    torch.testing.assert_close(hidden.float(), ref_hidden, atol=0.05 * float(ref_hidden.detach().abs().max()), rtol=0)
+    scale = float(ref_hidden.detach().abs().max())
+    torch.testing.assert_close(hidden.float(), ref_hidden.detach(), atol=0.05 * scale, rtol=0)
     for g, r in zip(grads, ref_grads, strict=True):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, r, atol=0.1 * float(r.abs().max()), rtol=0)

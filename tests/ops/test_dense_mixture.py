@@ -1,5 +1,6 @@
 """Every expert on every token in blocks: values and gradients equal plain autograd (gradcheck), at any block size,
-for only the wanted inputs; it keeps g and u only; bad shapes are named."""
+with and without gate/up experts and dropout; only the wanted gradients; nothing of size (E, N, I) is kept; bad
+shapes are named."""
 
 import pytest
 import torch
@@ -9,94 +10,130 @@ from peft_mole.ops import dense_mixture
 from peft_mole.ops.dense_mixture import dense_gated_mixture
 
 E, N, INTER, R = 3, 7, 5, 2  # experts, tokens, intermediate size, rank
+SCALE = 1.5
 
 
 def inputs(dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    gate = torch.randn(E, N, INTER, dtype=dtype, generator=gen, requires_grad=True)
-    up = torch.randn(E, N, INTER, dtype=dtype, generator=gen, requires_grad=True)
+
+    def leaf(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, dtype=dtype, generator=gen)).requires_grad_()
+
     weight = torch.rand(E, N, 1, dtype=dtype, generator=gen)
     weight[0, 2] = 0.0  # an unselected pair
-    weight.requires_grad_()
-    down_a = torch.randn(E, R, INTER, dtype=dtype, generator=gen, requires_grad=True)
     mask = (torch.rand(N, INTER, dtype=dtype, generator=gen) > 0.3).to(dtype) / 0.7
-    return gate, up, weight, down_a, mask
+    return dict(
+        gate=leaf(N, INTER), up=leaf(N, INTER), weight=weight.requires_grad_(), down_a=leaf(E, R, INTER, scale=0.5),
+        mask=mask, gate_lora=(leaf(E, N, R), leaf(E, INTER, R, scale=0.5)),
+        up_lora=(leaf(E, N, R), leaf(E, INTER, R, scale=0.5)),
+    )
 
 
-def plain(gate, up, weight, act_fn, down_a, mask=None):
-    weighted = weight * act_fn(gate) * up
+def plain(gate, up, weight, act_fn, down_a, mask=None, gate_lora=None, up_lora=None, scaling=1.0):
+    def pairs(frozen, lora):
+        expanded = frozen.unsqueeze(0).expand(E, -1, -1)
+        return expanded if lora is None else expanded + scaling * torch.bmm(lora[0], lora[1].transpose(1, 2))
+
+    weighted = weight * act_fn(pairs(gate, gate_lora)) * pairs(up, up_lora)
     down_input = weighted if mask is None else weighted * mask
     return weighted.sum(0), torch.bmm(down_input, down_a.transpose(1, 2))
 
 
+def leaves(args):
+    found = [args[k] for k in ("gate", "up", "weight", "down_a")]
+    for key in ("gate_lora", "up_lora"):
+        if args.get(key) is not None:
+            found += list(args[key])
+    return found
+
+
+VARIANTS = {
+    "gate_up_experts_dropout": lambda a: a,
+    "up_experts_only": lambda a: {**a, "gate_lora": None, "mask": None},
+    "no_gate_up_experts": lambda a: {**a, "gate_lora": None, "up_lora": None},
+}
+
+
 @pytest.mark.parametrize("act_fn", [nn.SiLU(), nn.GELU(approximate="tanh"), torch.relu], ids=["silu", "gelu", "relu"])
-@pytest.mark.parametrize("with_mask", [True, False], ids=["dropout", "no_dropout"])
-@pytest.mark.parametrize("block_elements", [E * INTER, 2 * E * INTER, 10**6], ids=["1_token", "2_tokens", "one_block"])
-def test_equals_plain_autograd_and_passes_gradcheck(act_fn, with_mask, block_elements, monkeypatch):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("block_elements", [E * INTER, 2 * E * INTER, 10**6], ids=["1_token", "2_tokens", "1_block"])
+def test_equals_plain_autograd_and_passes_gradcheck(act_fn, variant, block_elements, monkeypatch):
     monkeypatch.setattr(dense_mixture, "BLOCK_ELEMENTS", block_elements)
-    gate, up, weight, down_a, mask = inputs()
-    mask = mask if with_mask else None
-    hidden, z = dense_gated_mixture(gate, up, weight, act_fn, down_a, mask)
-    ref_hidden, ref_z = plain(gate, up, weight, act_fn, down_a, mask)
+    args = VARIANTS[variant](inputs())
+    hidden, z = dense_gated_mixture(act_fn=act_fn, scaling=SCALE, **args)
+    ref_hidden, ref_z = plain(act_fn=act_fn, scaling=SCALE, **args)
     torch.testing.assert_close(hidden, ref_hidden)
     torch.testing.assert_close(z, ref_z)
     gen = torch.Generator().manual_seed(1)
-    grads = (torch.randn(N, INTER, dtype=gate.dtype, generator=gen), torch.randn(E, N, R, dtype=gate.dtype, generator=gen))
-    leaves = (gate, up, weight, down_a)
+    grads = (torch.randn(N, INTER, dtype=torch.float64, generator=gen),
+             torch.randn(E, N, R, dtype=torch.float64, generator=gen))
     torch.testing.assert_close(
-        torch.autograd.grad((hidden, z), leaves, grads), torch.autograd.grad((ref_hidden, ref_z), leaves, grads)
-    )
-    assert torch.autograd.gradcheck(
-        lambda g, u, w, a: dense_gated_mixture(g, u, w, act_fn, a, mask), leaves
+        torch.autograd.grad((hidden, z), leaves(args), grads),
+        torch.autograd.grad((ref_hidden, ref_z), leaves(args), grads),
     )
 
+    def as_function(*tensors):
+        gate, up, weight, down_a, *lora = tensors
+        rebuilt = dict(args, gate=gate, up=up, weight=weight, down_a=down_a)
+        for key in ("gate_lora", "up_lora"):
+            if args[key] is not None:
+                rebuilt[key], lora = (lora[0], lora[1]), lora[2:]
+        return dense_gated_mixture(act_fn=act_fn, scaling=SCALE, **rebuilt)
 
-def test_expanded_inputs_in_place_activation_and_only_the_wanted_gradients(monkeypatch):
+    assert torch.autograd.gradcheck(as_function, tuple(leaves(args)))
+
+
+def test_in_place_activation_and_only_the_wanted_gradients(monkeypatch):
     monkeypatch.setattr(dense_mixture, "BLOCK_ELEMENTS", 2 * E * INTER)
-    gate, up, weight, down_a, mask = inputs()
-    gate_per_token = gate[0].detach().clone().requires_grad_()  # no gate experts: W1 x expanded over experts
-    expanded = gate_per_token.unsqueeze(0).expand(E, -1, -1)
-    frozen_weight, frozen_a = weight.detach(), down_a.detach()
-    hidden, z = dense_gated_mixture(expanded, up, frozen_weight, nn.SiLU(inplace=True), frozen_a, mask)
-    ref_hidden, ref_z = plain(expanded, up, frozen_weight, nn.functional.silu, frozen_a, mask)
+    args = inputs()
+    z_gate, b_gate = args["gate_lora"]
+    frozen = dict(args, weight=args["weight"].detach(), down_a=args["down_a"].detach(), gate_lora=(z_gate, b_gate.detach()))
+    gate_before = args["gate"].detach().clone()
+    hidden, z = dense_gated_mixture(act_fn=nn.SiLU(inplace=True), scaling=SCALE, **frozen)
+    ref_hidden, ref_z = plain(act_fn=nn.functional.silu, scaling=SCALE, **frozen)
+    wanted = (args["gate"], args["up"], z_gate, *args["up_lora"])
     loss, ref_loss = hidden.square().sum() + z.sum(), ref_hidden.square().sum() + ref_z.sum()
-    torch.testing.assert_close(
-        torch.autograd.grad(loss, (gate_per_token, up)), torch.autograd.grad(ref_loss, (gate_per_token, up))
-    )
-    assert torch.equal(gate_per_token, gate[0].detach())  # the in-place σ never overwrote the saved gate
+    torch.testing.assert_close(torch.autograd.grad(loss, wanted), torch.autograd.grad(ref_loss, wanted))
+    assert torch.equal(args["gate"].detach(), gate_before)  # the in-place σ never overwrote an input
 
 
-def test_keeps_only_gate_and_up_of_the_expert_token_size():
-    gate, up, weight, down_a, mask = (t.float().detach().requires_grad_(t.requires_grad) for t in inputs())
+def test_keeps_nothing_of_the_expert_token_intermediate_size():
+    args = {k: (tuple(t.float() for t in v) if isinstance(v, tuple) else v.float()) for k, v in inputs().items()}
     sizes = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-        dense_gated_mixture(gate, up, weight, nn.SiLU(), down_a, mask)
-    big = [n for n in sizes if n >= E * N * INTER]
-    assert big == [E * N * INTER, E * N * INTER]  # g and u; weight, A2 and the (N, INTER) mask are smaller
-    sizes.clear()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-        plain(gate, up, weight, nn.functional.silu, down_a, mask)
-    assert len([n for n in sizes if n >= E * N * INTER]) >= 4
+
+    def saved(fn):
+        sizes.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            fn()
+        return [n for n in sizes if n >= E * N * INTER]
+
+    assert saved(lambda: dense_gated_mixture(act_fn=nn.SiLU(), scaling=SCALE, **args)) == []
+    assert len(saved(lambda: plain(act_fn=nn.functional.silu, scaling=SCALE, **args))) >= 4
 
 
 def test_under_cpu_autocast_the_products_stay_in_the_adapter_dtype():
-    gate, up, weight, down_a, mask = (t.float().detach() for t in inputs())
-    gate16, up16 = gate.bfloat16(), up.bfloat16()
+    args = {k: (tuple(t.float().detach() for t in v) if isinstance(v, tuple) else v.float().detach())
+            for k, v in inputs().items()}
+    args16 = dict(args, gate=args["gate"].bfloat16(), up=args["up"].bfloat16())  # frozen outputs under autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        hidden, z = dense_gated_mixture(gate16, up16, weight, nn.SiLU(), down_a, mask)
-    plain_hidden, plain_z = dense_gated_mixture(gate16, up16, weight, nn.SiLU(), down_a, mask)
+        hidden, z = dense_gated_mixture(act_fn=nn.SiLU(), scaling=SCALE, **args16)
+    plain_hidden, plain_z = dense_gated_mixture(act_fn=nn.SiLU(), scaling=SCALE, **args16)
     assert hidden.dtype == torch.bfloat16 and z.dtype == torch.float32
     assert torch.equal(hidden, plain_hidden) and torch.equal(z, plain_z)
 
 
 def test_bad_shapes_are_named():
-    gate, up, weight, down_a, mask = (t.detach() for t in inputs())
+    a = {k: (tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach()) for k, v in inputs().items()}
     act = nn.SiLU()
-    with pytest.raises(ValueError, match=r"gate and up must both be \(E, N, I\), got \(3, 7, 5\) and \(3, 7, 4\)"):
-        dense_gated_mixture(gate, up[..., :4], weight, act, down_a)
-    with pytest.raises(ValueError, match=r"weight must be \(E, N, 1\) = \(3, 7, 1\), got \(7, 3\)"):
-        dense_gated_mixture(gate, up, weight[..., 0].t(), act, down_a)
+    with pytest.raises(ValueError, match=r"gate and up must both be \(N, I\), got \(7, 5\) and \(7, 4\)"):
+        dense_gated_mixture(a["gate"], a["up"][:, :4], a["weight"], act, a["down_a"])
+    with pytest.raises(ValueError, match=r"weight must be \(E, N, 1\) with N=7, got \(7, 3\)"):
+        dense_gated_mixture(a["gate"], a["up"], a["weight"][..., 0].t(), act, a["down_a"])
     with pytest.raises(ValueError, match=r"down_a must be \(E, r, I\) with E=3, I=5, got \(3, 5, 2\)"):
-        dense_gated_mixture(gate, up, weight, act, down_a.transpose(1, 2))
+        dense_gated_mixture(a["gate"], a["up"], a["weight"], act, a["down_a"].transpose(1, 2))
     with pytest.raises(ValueError, match=r"mask must be \(N, I\) = \(7, 5\), got \(5, 7\)"):
-        dense_gated_mixture(gate, up, weight, act, down_a, mask.t())
+        dense_gated_mixture(a["gate"], a["up"], a["weight"], act, a["down_a"], a["mask"].t())
+    z, b = a["up_lora"]
+    with pytest.raises(ValueError, match=r"up_lora must be \(z \(E, N, r\), B \(E, I, r\)\) .* got \(3, 7, 2\) and "
+                                         r"\(3, 2, 5\)"):
+        dense_gated_mixture(a["gate"], a["up"], a["weight"], act, a["down_a"], up_lora=(z, b.transpose(1, 2)))

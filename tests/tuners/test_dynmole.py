@@ -113,7 +113,7 @@ def test_broadcast_tokens_take_the_dense_path_with_the_dispatch_paths_outputs_gr
     from peft_mole.tuners.mixlora import projection as projection_module
 
     module = layer_module if scope == "block" else projection_module
-    name = "dense_shared_input_lora" if scope == "block" else "dense_lora_sum"
+    name = "dense_gated_mixture" if scope == "block" else "dense_lora_sum"
     calls = []
     real = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))

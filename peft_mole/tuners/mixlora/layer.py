@@ -21,6 +21,7 @@ from peft_mole.forward_context import BASE_ROW, ForwardContext
 from peft_mole.ops.dense_mixture import dense_gated_mixture
 from peft_mole.ops.experts import (
     FEW_TOKENS,
+    dense_a,
     dense_b_sum,
     dense_shared_input_lora,
     dense_weights,
@@ -215,26 +216,31 @@ class MixLoRAMLP(RoutedExpertsLayer):
         settings, experts, mlp = self.settings[adapter], self.experts[adapter], self.base_layer
         dropout = self.dropouts[adapter]
         x_dropped = dropout(x)
-        pairs = {}
-        for proj, frozen in (("gate_proj", gate), ("up_proj", up)):
-            factors = experts.factors(proj)
-            pairs[proj] = frozen.unsqueeze(0).expand(settings.num_experts, -1, -1) if factors is None else (
-                dense_shared_input_lora(x_dropped, *factors, settings.scaling, frozen).to(frozen.dtype)
-            )
         expert_weights = weights.t().unsqueeze(-1)  # (E, N, 1)
+        weight_sum = weights.sum(1, keepdim=True).to(gate.dtype)
         down_factors = experts.factors("down_proj")
         if down_factors is None:
+            pairs = {}
+            for proj, frozen in (("gate_proj", gate), ("up_proj", up)):
+                factors = experts.factors(proj)
+                pairs[proj] = frozen.unsqueeze(0).expand(settings.num_experts, -1, -1) if factors is None else (
+                    dense_shared_input_lora(x_dropped, *factors, settings.scaling, frozen).to(frozen.dtype)
+                )
             weighted = weighted_gated_activation(pairs["gate_proj"], pairs["up_proj"], expert_weights, mlp.act_fn)
-            return weighted.sum(0), None, weights.sum(1, keepdim=True).to(gate.dtype)
-        lora_a, lora_b = down_factors
+            return weighted.sum(0), None, weight_sum
+        loras = {}  # (A_e x (E, N, r), B_e) per projection with experts
+        for proj in ("gate_proj", "up_proj"):
+            factors = experts.factors(proj)
+            loras[proj] = None if factors is None else (dense_a(x_dropped, factors[0]), factors[1])
         mask = None
         if isinstance(dropout, nn.Dropout) and self.training:
             mask = dropout(torch.ones_like(gate))  # (N, I): 0 or 1 / (1 - p) per token, shared by its experts
+        lora_a, lora_b = down_factors
         hidden, z = dense_gated_mixture(  # Σ_e w_e h_e (N, I) and A2_e(m ⊙ w_e h_e) (E, N, r), blockwise
-            pairs["gate_proj"], pairs["up_proj"], expert_weights, mlp.act_fn, lora_a, mask
+            gate, up, expert_weights, mlp.act_fn, lora_a, mask, loras["gate_proj"], loras["up_proj"], settings.scaling
         )
         down_delta = dense_b_sum(z.transpose(0, 1), lora_b, settings.scaling).to(x.dtype)
-        return hidden, down_delta, weights.sum(1, keepdim=True).to(gate.dtype)
+        return hidden, down_delta, weight_sum
 
     @profiled("peft_mole::experts_gate_up")
     def _gate_up_experts(self, adapter, x, gate, up, plan) -> torch.Tensor:
