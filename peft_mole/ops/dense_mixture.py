@@ -163,13 +163,15 @@ def dense_gated_mixture(
     """(Σ_e w_e σ(g_e) ⊙ u_e, A2_e (m ⊙ w_e σ(g_e) ⊙ u_e) per expert), computed blockwise (see the module).
 
     Args:
-        gate, up: (N, I) the frozen W1 x and W3 x, shared by the experts.
+        gate: (N, I) the frozen W1 x, shared by the experts.
+        up: (N, I) the frozen W3 x.
         weight: (E, N, 1) routing weights w_e (0 for an unselected pair).
         act_fn: the MLP's activation σ.
         down_a: (E, r, I) the down experts' A2_e.
         mask: (N, I) the down projection's dropout mask m (already scaled by 1 / (1 − p)), or None.
-        gate_lora, up_lora: (z, B) with z (E, N, r) = A_e dropout(x) and B (E, I, r), or None for a projection
-            without experts (then g_e = W1 x for every expert).
+        gate_lora: (z, B) with z (E, N, r) = A1_e dropout(x) and B (E, I, r), or None for a gate without
+            experts (then g_e = W1 x for every expert).
+        up_lora: the same for the up projection.
         scaling: s of the gate/up experts.
     Returns:
         hidden (N, I) in the frozen outputs' dtype, and z2 (E, N, r) in the dtype of the expert products: the

@@ -196,6 +196,21 @@ def shared_input_lora(
 
 
 @in_adapter_precision_on_cpu
+def pair_a(x: torch.Tensor, lora_a: torch.Tensor, plan: Dispatch) -> torch.Tensor:
+    """A_e x_t for every pair (t, e), (M, r) in pair order: every expert's A x in one (N, in) × (in, E·r) product,
+    then each pair's r values."""
+    num_experts, r, _ = lora_a.shape
+    z = x.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()  # (N, E·r)
+    return z.reshape(-1, r).index_select(0, plan.token * num_experts + plan.expert)
+
+
+@in_adapter_precision_on_cpu
+def segment_b(z: torch.Tensor, lora_b: torch.Tensor, plan: Dispatch, scaling: float) -> torch.Tensor:
+    """s · B_e z_p for every pair, (M, out): one product per expert's segment of the expert-sorted z (M, r)."""
+    return _segment_matmul(z.to(lora_b.dtype) * scaling, lora_b, plan.counts)
+
+
+@in_adapter_precision_on_cpu
 def grouped_lora(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, plan: Dispatch, scaling: float
 ) -> torch.Tensor:
@@ -216,9 +231,6 @@ def grouped_lora(
     return _segment_matmul(hidden, lora_b, plan.counts)
 
 
-# At least this share of all (token, expert) pairs selected: compute every pair, no dispatch. Measured crossover on
-# one small-shape DynMoLE block, fwd+bwd (CPU): dense 290-330 ms whatever the share; dispatch 115 / 140 / 300 / 360 ms
-# at 44 / 71 / 85 / 100 % of pairs.
 DENSE_FRACTION = 0.75  # the measured crossover on one small-shape DynMoLE block, fwd + bwd (docs/performance.md):
 # dense 140-190 ms at any share; dispatch 136 / 167 / 174 / 278 / 310 ms at 56 / 70 / 73 / 75 / 90 % of pairs
 

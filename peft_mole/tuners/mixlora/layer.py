@@ -21,18 +21,22 @@ from peft_mole.forward_context import BASE_ROW, ForwardContext
 from peft_mole.ops.dense_mixture import dense_gated_mixture
 from peft_mole.ops.experts import (
     FEW_TOKENS,
+    SMALL_PAIRS,
     dense_a,
     dense_b_sum,
     dense_shared_input_lora,
     dense_weights,
     dispatch,
     grouped_lora,
+    pair_a,
+    segment_b,
     shared_input_lora,
     slot_lora,
     slot_lora_sum,
     used_slots,
 )
 from peft_mole.ops.gated import weighted_gated_activation
+from peft_mole.ops.pair_mixture import pair_gated_mixture
 from peft_mole.ops.profiling import profiled
 from peft_mole.ops.segmented_lora import consecutive_slices
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
@@ -176,6 +180,10 @@ class MixLoRAMLP(RoutedExpertsLayer):
         if dense is not None:
             return self._mixture_dense(adapter, x, gate, up, dense)
         plan = dispatch(weights, chosen, settings.num_experts)
+        if not self.experts[adapter].use_dora and self.experts[adapter].factors("down_proj") is not None and (
+            len(plan.token) > SMALL_PAIRS
+        ):
+            return self._mixture_pairs(adapter, x, gate, up, plan)
         weighted = self._gate_up_experts(adapter, x, gate, up, plan)  # (M, I): w_e h_e per pair
         down_delta, down_replaces_hidden = self._down_experts(adapter, x, gate, weighted, plan)
         hidden, weight_sum = self._combine(weighted, plan, gate, with_hidden=not down_replaces_hidden)
@@ -241,6 +249,33 @@ class MixLoRAMLP(RoutedExpertsLayer):
         )
         down_delta = dense_b_sum(z.transpose(0, 1), lora_b, settings.scaling).to(x.dtype)
         return hidden, down_delta, weight_sum
+
+    @profiled("peft_mole::experts_pairs")
+    def _mixture_pairs(self, adapter, x, gate, up, plan):
+        """`_mixture` on dispatched pairs with down experts and no DoRA: from the frozen W1 x, W3 x to Σ_e w_e h_e
+        and the down experts' A2 products in one blockwise function (`ops.pair_mixture`), which keeps nothing of
+        size (pairs, I) for the backward. Same formula, dropout masks and order of draws as the step-by-step path
+        (`_gate_up_experts`, `_down_experts`), which serves DoRA and blocks without down experts."""
+        settings, experts, mlp = self.settings[adapter], self.experts[adapter], self.base_layer
+        dropout = self.dropouts[adapter]
+        x_dropped = dropout(x)
+        loras = {}  # (s·A_e x_t per pair (M, r), B_e) per projection with experts
+        for proj in ("gate_proj", "up_proj"):
+            factors = experts.factors(proj)
+            loras[proj] = None if factors is None else (pair_a(x_dropped, factors[0], plan) * settings.scaling,
+                                                        factors[1])
+        mask = None
+        if isinstance(dropout, nn.Dropout) and self.training:
+            mask = dropout(torch.ones_like(gate))  # (N, I): 0 or 1 / (1 - p) per token, shared by its experts
+        lora_a, lora_b = experts.factors("down_proj")
+        hidden, z = pair_gated_mixture(
+            gate, up, plan.weight, mlp.act_fn, lora_a, plan.token, plan.counts, mask, loras["gate_proj"],
+            loras["up_proj"],
+        )
+        pair_delta = segment_b(z, lora_b, plan, settings.scaling).to(x.dtype)
+        down = x.new_zeros(x.shape[0], lora_b.shape[1]).index_add(0, plan.token, pair_delta)
+        weight_sum = gate.new_zeros(gate.shape[0], 1).index_add(0, plan.token, plan.weight.to(gate.dtype).unsqueeze(-1))
+        return hidden, down, weight_sum
 
     @profiled("peft_mole::experts_gate_up")
     def _gate_up_experts(self, adapter, x, gate, up, plan) -> torch.Tensor:

@@ -1,0 +1,188 @@
+"""The selected (token, expert) pairs of a MixLoRA block, from the frozen gate/up outputs to the down experts' A,
+segment by segment in cache-sized blocks.
+
+For the pairs p = (t, e) of a routed MixLoRA block (MixLoRA §3, SPEC.md §1), sorted by expert (`ops.experts.
+dispatch`):
+
+    g_p = W1 x_t + B1_e z1_p,  u_p = W3 x_t + B3_e z3_p   (z_p = s·A_e dropout(x_t), (M, r))
+    h_p = σ(g_p) ⊙ u_p,   hidden_t = Σ_{p of t} w_p h_p  (N, I),   z2_p = A2_e (m_t ⊙ w_p h_p)  (M, r)
+
+with m the down projection's dropout mask (one per token, shared by its experts). The frozen W2 then runs once on
+`hidden` and each expert's B2 on its z2 (`ops.experts.segment_b`).
+
+Step by step, each product is a pass over an (M, I) tensor in memory, and autograd keeps three of them per layer
+(g, u and the down experts' input). Here each block of one expert's pairs is gathered, computed and reduced while it
+is in cache; the backward recomputes g, u and h per block from the (N, I) frozen outputs and the rank-r z, so
+nothing of size (M, I) is kept. The same block-by-block formulas as `ops.dense_mixture`, where every expert's
+segment is every token:
+
+    δ_p = ∂L/∂hidden_t + m_t ⊙ (∂L/∂z2_p A2_e),   ∂L/∂w_p = Σ_I δ_p ⊙ h_p,   ∂L/∂u_p = w_p δ_p ⊙ σ(g_p),
+    ∂L/∂g_p = w_p δ_p ⊙ u_p ⊙ σ'(g_p),   ∂L/∂A2_e = Σ_{p of e} ∂L/∂z2_pᵀ (m_t ⊙ w_p h_p),
+    ∂L/∂(W1 x)_t = Σ_{p of t} ∂L/∂g_p,   ∂L/∂z1_p = ∂L/∂g_p B1_e,   ∂L/∂B1_e = Σ_{p of e} ∂L/∂g_pᵀ z1_p
+
+Checked against plain autograd (gradcheck) in tests/ops/test_pair_mixture.py. First derivatives only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from peft_mole.ops import gated
+from peft_mole.ops.experts import expert_compute_dtype, in_adapter_precision_on_cpu
+
+
+def _pair_blocks(counts: list[int], width: int) -> list[tuple[int, slice]]:
+    """(expert, rows) blocks of at most `gated.CHUNK_ELEMENTS` values, each within one expert's segment."""
+    rows = max(1, gated.CHUNK_ELEMENTS // max(width, 1))
+    blocks, start = [], 0
+    for expert, count in enumerate(counts):
+        blocks += [(expert, slice(s, min(s + rows, start + count))) for s in range(start, start + count, rows)]
+        start += count
+    return blocks
+
+
+def _pair_outputs(frozen, tokens, z, lora_b, expert, rows, compute_dtype):
+    """frozen[t] + B_e z_p for one block of pairs of expert e, (n, I) in the frozen output's dtype."""
+    gathered = frozen.index_select(0, tokens)
+    if z is None:
+        return gathered
+    return torch.addmm(gathered.to(compute_dtype), z[rows].to(compute_dtype), lora_b[expert].to(compute_dtype).t()
+                       ).to(frozen.dtype)
+
+
+class _PairGatedMixture(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, z_gate, b_gate, z_up, b_up, weight, down_a, mask, token, counts, act_fn, compute_dtype):
+        device = gate.device.type
+        ctx.act_fn, ctx.counts, ctx.compute_dtype = act_fn, counts, compute_dtype
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(gate, up, z_gate, b_gate, z_up, b_up, weight, down_a, mask, token)
+        width = gate.shape[1]
+        hidden = gate.new_zeros(gate.shape)
+        z_down = torch.empty(token.shape[0], down_a.shape[1], dtype=compute_dtype, device=gate.device)
+        with torch.autocast(device, enabled=False):
+            for expert, rows in _pair_blocks(counts, width):
+                tokens = token[rows]
+                g = _pair_outputs(gate, tokens, z_gate, b_gate, expert, rows, compute_dtype)
+                u = _pair_outputs(up, tokens, z_up, b_up, expert, rows, compute_dtype)
+                with torch.autocast(device, dtype=ctx.autocast[2], enabled=ctx.autocast[1]):
+                    activated = gated._activate(act_fn, g)
+                weighted = activated.mul_(u).mul_(weight[rows].unsqueeze(-1))  # w_p h_p (n, I)
+                hidden.index_add_(0, tokens, weighted)
+                if mask is not None:
+                    weighted.mul_(mask.index_select(0, tokens))
+                torch.mm(weighted.to(compute_dtype), down_a[expert].to(compute_dtype).t(), out=z_down[rows])
+        return hidden, z_down
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_hidden, grad_z_down):
+        gate, up, z_gate, b_gate, z_up, b_up, weight, down_a, mask, token = ctx.saved_tensors
+        device, autocast_on, autocast_dtype = ctx.autocast
+        names = ("gate", "up", "z_gate", "b_gate", "z_up", "b_up", "weight", "down_a")
+        inputs = dict(zip(names, (gate, up, z_gate, b_gate, z_up, b_up, weight, down_a), strict=True))
+        needs = dict(zip(names, ctx.needs_input_grad[:8], strict=True))
+        grads = {name: None for name in names}
+        for name in names:
+            if needs[name]:
+                summed = name in ("gate", "up", "b_gate", "b_up", "down_a")  # accumulated over blocks
+                grads[name] = torch.zeros_like(inputs[name]) if summed else torch.empty_like(inputs[name])
+        cd, act_fn = ctx.compute_dtype, ctx.act_fn
+        silu = isinstance(act_fn, nn.SiLU)  # its derivative kernel, as autograd would call it
+        with torch.autocast(device, enabled=False):
+            for expert, rows in _pair_blocks(ctx.counts, gate.shape[1]):
+                tokens = token[rows]
+                g = _pair_outputs(gate, tokens, z_gate, b_gate, expert, rows, cd)
+                u = _pair_outputs(up, tokens, z_up, b_up, expert, rows, cd)
+                w = weight[rows].unsqueeze(-1)
+                with torch.set_grad_enabled(not silu), torch.autocast(device, dtype=autocast_dtype,
+                                                                       enabled=autocast_on):
+                    leaf = g if silu else g.detach().requires_grad_()
+                    activated = act_fn(leaf.clone() if getattr(act_fn, "inplace", False) else leaf)
+                h = activated.detach() * u  # h_p (n, I)
+                m = None if mask is None else mask.index_select(0, tokens)
+                grad_z = grad_z_down[rows].to(cd)  # (n, r)
+                a_e = down_a[expert].to(cd)  # (r, I)
+                if needs["down_a"]:
+                    down_input = (h * w).mul_(m) if m is not None else h * w
+                    grads["down_a"][expert] += (grad_z.t() @ down_input.to(cd)).to(down_a.dtype)
+                delta = (grad_z @ a_e).to(h.dtype)  # ∂L/∂z2_p A2_e
+                if m is not None:
+                    delta.mul_(m)
+                delta.add_(grad_hidden.index_select(0, tokens))  # δ
+                if needs["weight"]:
+                    grads["weight"][rows] = (delta * h).sum(-1)
+                delta.mul_(w)  # ∂L/∂h_p
+                grad_u = delta * activated.detach()
+                delta.mul_(u)  # ∂L/∂σ(g_p)
+                if silu:
+                    grad_g = torch.ops.aten.silu_backward(delta, g)
+                else:
+                    (grad_g,) = torch.autograd.grad(activated, leaf, delta)
+                for frozen, z, b, grad_pair in (("gate", "z_gate", "b_gate", grad_g), ("up", "z_up", "b_up", grad_u)):
+                    if needs[frozen]:
+                        grads[frozen].index_add_(0, tokens, grad_pair.to(grads[frozen].dtype))
+                    if inputs[z] is None:
+                        continue
+                    grad_cd = grad_pair.to(cd)
+                    if needs[z]:
+                        grads[z][rows] = grad_cd @ inputs[b][expert].to(cd)
+                    if needs[b]:
+                        grads[b][expert] += (grad_cd.t() @ inputs[z][rows].to(cd)).to(grads[b].dtype)
+        return (*grads.values(), None, None, None, None, None)
+
+
+@in_adapter_precision_on_cpu
+def pair_gated_mixture(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    weight: torch.Tensor,
+    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    down_a: torch.Tensor,
+    token: torch.Tensor,
+    counts: list[int],
+    mask: torch.Tensor | None = None,
+    gate_lora: tuple[torch.Tensor, torch.Tensor] | None = None,
+    up_lora: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_{p of t} w_p σ(g_p) ⊙ u_p per token, A2_e (m_t ⊙ w_p σ(g_p) ⊙ u_p) per pair), blockwise (see the module).
+
+    Args:
+        gate: (N, I) the frozen W1 x.
+        up: (N, I) the frozen W3 x.
+        weight: (M,) routing weight of each pair, pairs sorted by expert.
+        act_fn: the MLP's activation σ.
+        down_a: (E, r, I) the down experts' A2_e.
+        token: (M,) token of each pair.
+        counts: pairs per expert (E ints, summing to M).
+        mask: (N, I) the down projection's dropout mask m (already scaled by 1 / (1 − p)), or None.
+        gate_lora: (z, B) with z (M, r) = s·A1_e dropout(x_t) per pair and B (E, I, r), or None for a gate
+            without experts.
+        up_lora: the same for the up projection.
+    Returns:
+        hidden (N, I) in the frozen outputs' dtype, and z2 (M, r) in the dtype of the expert products: the
+        adapter's, or autocast's where it is on (not on CPU, as for the other expert products: `ops.experts`).
+    """
+    if gate.dim() != 2 or up.shape != gate.shape:
+        raise ValueError(f"gate and up must both be (N, I), got {tuple(gate.shape)} and {tuple(up.shape)}")
+    num_pairs, (num_tokens, width) = token.shape[0], gate.shape
+    if weight.shape != (num_pairs,) or sum(counts) != num_pairs:
+        raise ValueError(f"weight must be (M,) and counts sum to M = {num_pairs} pairs, got weight "
+                         f"{tuple(weight.shape)} and counts summing to {sum(counts)}")
+    if down_a.dim() != 3 or down_a.shape[0] != len(counts) or down_a.shape[2] != width:
+        raise ValueError(f"down_a must be (E, r, I) with E={len(counts)}, I={width}, got {tuple(down_a.shape)}")
+    if mask is not None and mask.shape != (num_tokens, width):
+        raise ValueError(f"mask must be (N, I) = {(num_tokens, width)}, got {tuple(mask.shape)}")
+    for name, lora in (("gate_lora", gate_lora), ("up_lora", up_lora)):
+        if lora is not None and (lora[0].shape[0] != num_pairs or lora[1].shape != (len(counts), width, lora[0].shape[1])):
+            raise ValueError(f"{name} must be (z (M, r), B (E, I, r)) with M={num_pairs}, E={len(counts)}, I={width}, "
+                             f"got {tuple(lora[0].shape)} and {tuple(lora[1].shape)}")
+    compute_dtype = expert_compute_dtype(gate.device.type, down_a.dtype)
+    z_gate, b_gate = gate_lora if gate_lora is not None else (None, None)
+    z_up, b_up = up_lora if up_lora is not None else (None, None)
+    return _PairGatedMixture.apply(gate, up, z_gate, b_gate, z_up, b_up, weight.to(gate.dtype), down_a, mask, token,
+                                   list(counts), act_fn, compute_dtype)
