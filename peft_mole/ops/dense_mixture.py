@@ -53,6 +53,38 @@ def _expert_outputs(frozen, z, lora_b, block, num_experts, scaling, compute_dtyp
     return out.to(frozen.dtype)
 
 
+def chain_block_backward(ctx, g, u, w, mask, grad_z, down_a, grad_hidden, want_weight: bool, want_down_a: bool):
+    """The backward of one block, shared with `ops.pair_mixture`: (∂L/∂g, ∂L/∂u, ∂L/∂w or None, the block's
+    ∂L/∂A2 or None), with δ = ∂L/∂hidden + m ⊙ (∂L/∂z2 A2) as in the module docstring.
+
+    Shapes: g, u (..., n, I); w (..., n, 1); mask, grad_hidden (n, I) (broadcast over experts); grad_z (..., n, r);
+    down_a (..., r, I). `ctx` carries act_fn, compute_dtype and the forward's autocast state. σ' comes from autograd
+    on the recomputed σ(g); for nn.SiLU from its derivative kernel directly (the one autograd calls).
+    """
+    device, autocast_on, autocast_dtype = ctx.autocast
+    act_fn, cd = ctx.act_fn, ctx.compute_dtype
+    silu = isinstance(act_fn, nn.SiLU)
+    with torch.set_grad_enabled(not silu), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on):
+        leaf = g if silu else g.detach().requires_grad_()
+        activated = act_fn(leaf.clone() if getattr(act_fn, "inplace", False) else leaf)
+    h = activated.detach() * u  # h (..., n, I)
+    grad_z = grad_z.to(cd)
+    grad_a = None
+    if want_down_a:
+        down_input = (h * w).mul_(mask) if mask is not None else h * w
+        grad_a = grad_z.transpose(-1, -2) @ down_input.to(cd)
+    delta = (grad_z @ down_a.to(cd)).to(h.dtype)  # ∂L/∂z2 A2
+    if mask is not None:
+        delta.mul_(mask)
+    delta.add_(grad_hidden)  # δ
+    grad_w = (delta * h).sum(-1, keepdim=True) if want_weight else None
+    delta.mul_(w)  # ∂L/∂h
+    grad_u = delta * activated.detach()
+    delta.mul_(u)  # ∂L/∂σ(g)
+    grad_g = torch.ops.aten.silu_backward(delta, g) if silu else torch.autograd.grad(activated, leaf, delta)[0]
+    return grad_g, grad_u, grad_w, grad_a
+
+
 class _DenseGatedMixture(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, z_gate, b_gate, z_up, b_up, weight, down_a, mask, act_fn, scaling, compute_dtype):
@@ -83,7 +115,7 @@ class _DenseGatedMixture(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_hidden, grad_z_down):
         gate, up, z_gate, b_gate, z_up, b_up, weight, down_a, mask = ctx.saved_tensors
-        device, autocast_on, autocast_dtype = ctx.autocast
+        device = ctx.autocast[0]
         names = ("gate", "up", "z_gate", "b_gate", "z_up", "b_up", "weight", "down_a")
         inputs = dict(zip(names, (gate, up, z_gate, b_gate, z_up, b_up, weight, down_a), strict=True))
         needs = dict(zip(names, ctx.needs_input_grad[:8], strict=True))
@@ -97,36 +129,20 @@ class _DenseGatedMixture(torch.autograd.Function):
         num_experts, num_tokens, width = weight.shape[0], gate.shape[0], gate.shape[1]
         if needs["weight"]:
             grads["weight"] = gate.new_empty(num_experts, num_tokens, 1)
-        cd, scaling, act_fn = ctx.compute_dtype, ctx.scaling, ctx.act_fn
-        silu = isinstance(act_fn, nn.SiLU)  # its derivative kernel, as autograd would call it
-        a_cd = down_a.to(cd)
+        cd, scaling = ctx.compute_dtype, ctx.scaling
         with torch.autocast(device, enabled=False):
             for block in _token_blocks(num_experts, num_tokens, width):
                 g = _expert_outputs(gate, z_gate, b_gate, block, num_experts, scaling, cd)
                 u = _expert_outputs(up, z_up, b_up, block, num_experts, scaling, cd)
                 w = weight[:, block]
-                with torch.set_grad_enabled(not silu), torch.autocast(device, dtype=autocast_dtype,
-                                                                       enabled=autocast_on):
-                    leaf = g if silu else g.detach().requires_grad_()
-                    activated = act_fn(leaf.clone() if getattr(act_fn, "inplace", False) else leaf)
-                h = activated.detach() * u  # h_e (E, n, I)
-                grad_z = grad_z_down[:, block].to(cd)  # (E, n, r)
-                if needs["down_a"]:
-                    down_input = (h * w).mul_(mask[block]) if mask is not None else h * w
-                    grads["down_a"] += torch.bmm(grad_z.transpose(1, 2), down_input.to(cd)).to(down_a.dtype)
-                delta = torch.bmm(grad_z, a_cd).to(h.dtype)  # ∂L/∂z2_e A2_e (E, n, I)
-                if mask is not None:
-                    delta.mul_(mask[block])
-                delta.add_(grad_hidden[block])  # δ
-                if needs["weight"]:
-                    torch.sum(delta * h, dim=-1, keepdim=True, out=grads["weight"][:, block])
-                delta.mul_(w)  # ∂L/∂h_e
-                grad_u = delta * activated.detach()
-                delta.mul_(u)  # ∂L/∂σ(g_e)
-                if silu:
-                    grad_g = torch.ops.aten.silu_backward(delta, g)
-                else:
-                    (grad_g,) = torch.autograd.grad(activated, leaf, delta)
+                m = None if mask is None else mask[block]
+                grad_g, grad_u, grad_w, grad_a = chain_block_backward(
+                    ctx, g, u, w, m, grad_z_down[:, block], down_a, grad_hidden[block], needs["weight"], needs["down_a"]
+                )
+                if grad_w is not None:
+                    grads["weight"][:, block] = grad_w
+                if grad_a is not None:
+                    grads["down_a"] += grad_a.to(down_a.dtype)
                 for frozen, z, b, grad_pair in (("gate", "z_gate", "b_gate", grad_g), ("up", "z_up", "b_up", grad_u)):
                     _to_inputs(grads, needs, inputs, frozen, z, b, grad_pair, block, scaling, cd)
         if grads["weight"] is not None:

@@ -28,10 +28,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 from torch.autograd.function import once_differentiable
 
 from peft_mole.ops import gated
+from peft_mole.ops.dense_mixture import chain_block_backward
 from peft_mole.ops.experts import expert_compute_dtype, in_adapter_precision_on_cpu
 
 
@@ -82,7 +82,7 @@ class _PairGatedMixture(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_hidden, grad_z_down):
         gate, up, z_gate, b_gate, z_up, b_up, weight, down_a, mask, token = ctx.saved_tensors
-        device, autocast_on, autocast_dtype = ctx.autocast
+        device = ctx.autocast[0]
         names = ("gate", "up", "z_gate", "b_gate", "z_up", "b_up", "weight", "down_a")
         inputs = dict(zip(names, (gate, up, z_gate, b_gate, z_up, b_up, weight, down_a), strict=True))
         needs = dict(zip(names, ctx.needs_input_grad[:8], strict=True))
@@ -91,38 +91,22 @@ class _PairGatedMixture(torch.autograd.Function):
             if needs[name]:
                 summed = name in ("gate", "up", "b_gate", "b_up", "down_a")  # accumulated over blocks
                 grads[name] = torch.zeros_like(inputs[name]) if summed else torch.empty_like(inputs[name])
-        cd, act_fn = ctx.compute_dtype, ctx.act_fn
-        silu = isinstance(act_fn, nn.SiLU)  # its derivative kernel, as autograd would call it
+        cd = ctx.compute_dtype
         with torch.autocast(device, enabled=False):
             for expert, rows in _pair_blocks(ctx.counts, gate.shape[1]):
                 tokens = token[rows]
                 g = _pair_outputs(gate, tokens, z_gate, b_gate, expert, rows, cd)
                 u = _pair_outputs(up, tokens, z_up, b_up, expert, rows, cd)
                 w = weight[rows].unsqueeze(-1)
-                with torch.set_grad_enabled(not silu), torch.autocast(device, dtype=autocast_dtype,
-                                                                       enabled=autocast_on):
-                    leaf = g if silu else g.detach().requires_grad_()
-                    activated = act_fn(leaf.clone() if getattr(act_fn, "inplace", False) else leaf)
-                h = activated.detach() * u  # h_p (n, I)
                 m = None if mask is None else mask.index_select(0, tokens)
-                grad_z = grad_z_down[rows].to(cd)  # (n, r)
-                a_e = down_a[expert].to(cd)  # (r, I)
-                if needs["down_a"]:
-                    down_input = (h * w).mul_(m) if m is not None else h * w
-                    grads["down_a"][expert] += (grad_z.t() @ down_input.to(cd)).to(down_a.dtype)
-                delta = (grad_z @ a_e).to(h.dtype)  # ∂L/∂z2_p A2_e
-                if m is not None:
-                    delta.mul_(m)
-                delta.add_(grad_hidden.index_select(0, tokens))  # δ
-                if needs["weight"]:
-                    grads["weight"][rows] = (delta * h).sum(-1)
-                delta.mul_(w)  # ∂L/∂h_p
-                grad_u = delta * activated.detach()
-                delta.mul_(u)  # ∂L/∂σ(g_p)
-                if silu:
-                    grad_g = torch.ops.aten.silu_backward(delta, g)
-                else:
-                    (grad_g,) = torch.autograd.grad(activated, leaf, delta)
+                grad_g, grad_u, grad_w, grad_a = chain_block_backward(
+                    ctx, g, u, w, m, grad_z_down[rows], down_a[expert], grad_hidden.index_select(0, tokens),
+                    needs["weight"], needs["down_a"],
+                )
+                if grad_w is not None:
+                    grads["weight"][rows] = grad_w.squeeze(-1)
+                if grad_a is not None:
+                    grads["down_a"][expert] += grad_a.to(down_a.dtype)
                 for frozen, z, b, grad_pair in (("gate", "z_gate", "b_gate", grad_g), ("up", "z_up", "b_up", grad_u)):
                     if needs[frozen]:
                         grads[frozen].index_add_(0, tokens, grad_pair.to(grads[frozen].dtype))

@@ -8,6 +8,7 @@ from torch import nn
 
 from peft_mole.ops import dense_mixture
 from peft_mole.ops.dense_mixture import dense_gated_mixture
+from tests.ops.mixture_cases import VARIANTS, as_function, leaves
 
 E, N, INTER, R = 3, 7, 5, 2  # experts, tokens, intermediate size, rank
 SCALE = 1.5
@@ -39,21 +40,6 @@ def plain(gate, up, weight, act_fn, down_a, mask=None, gate_lora=None, up_lora=N
     return weighted.sum(0), torch.bmm(down_input, down_a.transpose(1, 2))
 
 
-def leaves(args):
-    found = [args[k] for k in ("gate", "up", "weight", "down_a")]
-    for key in ("gate_lora", "up_lora"):
-        if args.get(key) is not None:
-            found += list(args[key])
-    return found
-
-
-VARIANTS = {
-    "gate_up_experts_dropout": lambda a: a,
-    "up_experts_only": lambda a: {**a, "gate_lora": None, "mask": None},
-    "no_gate_up_experts": lambda a: {**a, "gate_lora": None, "up_lora": None},
-}
-
-
 @pytest.mark.parametrize("act_fn", [nn.SiLU(), nn.GELU(approximate="tanh"), torch.relu], ids=["silu", "gelu", "relu"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("block_elements", [E * INTER, 2 * E * INTER, 10**6], ids=["1_token", "2_tokens", "1_block"])
@@ -72,15 +58,7 @@ def test_equals_plain_autograd_and_passes_gradcheck(act_fn, variant, block_eleme
         torch.autograd.grad((ref_hidden, ref_z), leaves(args), grads),
     )
 
-    def as_function(*tensors):
-        gate, up, weight, down_a, *lora = tensors
-        rebuilt = dict(args, gate=gate, up=up, weight=weight, down_a=down_a)
-        for key in ("gate_lora", "up_lora"):
-            if args[key] is not None:
-                rebuilt[key], lora = (lora[0], lora[1]), lora[2:]
-        return dense_gated_mixture(act_fn=act_fn, scaling=SCALE, **rebuilt)
-
-    assert torch.autograd.gradcheck(as_function, tuple(leaves(args)))
+    assert torch.autograd.gradcheck(as_function(dense_gated_mixture, args, act_fn=act_fn, scaling=SCALE), tuple(leaves(args)))
 
 
 def test_in_place_activation_and_only_the_wanted_gradients(monkeypatch):

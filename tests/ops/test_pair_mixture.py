@@ -9,6 +9,7 @@ from torch import nn
 from peft_mole.ops import gated
 from peft_mole.ops.experts import dispatch
 from peft_mole.ops.pair_mixture import pair_gated_mixture
+from tests.ops.mixture_cases import VARIANTS, as_function, leaves
 
 E, N, INTER, R = 4, 6, 5, 2  # experts, tokens, intermediate size, rank
 
@@ -45,21 +46,6 @@ def plain(plan, gate, up, weight, act_fn, down_a, mask=None, gate_lora=None, up_
     return hidden, torch.einsum("mi,mri->mr", down_input, down_a[plan.expert])
 
 
-def leaves(args):
-    found = [args[k] for k in ("gate", "up", "weight", "down_a")]
-    for key in ("gate_lora", "up_lora"):
-        if args.get(key) is not None:
-            found += list(args[key])
-    return found
-
-
-VARIANTS = {
-    "gate_up_experts_dropout": lambda a: a,
-    "up_experts_only": lambda a: {**a, "gate_lora": None, "mask": None},
-    "no_gate_up_experts": lambda a: {**a, "gate_lora": None, "up_lora": None},
-}
-
-
 @pytest.mark.parametrize("act_fn", [nn.SiLU(), nn.GELU(approximate="tanh"), torch.relu], ids=["silu", "gelu", "relu"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("chunk", [INTER, 2 * INTER, 10**6], ids=["1_pair", "2_pairs", "1_block"])
@@ -81,15 +67,7 @@ def test_equals_plain_autograd_and_passes_gradcheck(act_fn, variant, chunk, monk
         torch.autograd.grad((ref_hidden, ref_z), leaves(args), grads),
     )
 
-    def as_function(*tensors):
-        gate, up, weight, down_a, *lora = tensors
-        rebuilt = dict(args, gate=gate, up=up, weight=weight, down_a=down_a)
-        for key in ("gate_lora", "up_lora"):
-            if args[key] is not None:
-                rebuilt[key], lora = (lora[0], lora[1]), lora[2:]
-        return pair_gated_mixture(**run, **rebuilt)
-
-    assert torch.autograd.gradcheck(as_function, tuple(leaves(args)))
+    assert torch.autograd.gradcheck(as_function(pair_gated_mixture, args, **run), tuple(leaves(args)))
 
 
 def test_in_place_activation_and_only_the_wanted_gradients(monkeypatch):
