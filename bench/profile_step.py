@@ -1,7 +1,8 @@
 """torch.profiler breakdown of one train step (forward + backward + AdamW) of MixLoRA and of PEFT LoRA.
 
-Forward time is grouped by the named ranges of peft_mole (route, dispatch, experts_gate_up, combine,
-experts_down) and the model's modules (attention, MLP); backward and optimizer are reported whole.
+Forward time is grouped by the named ranges of peft_mole (route, dispatch, experts_pairs — the blockwise
+pair function —, experts_dense, and on the step-by-step path experts_gate_up, combine, experts_down) and the
+model's modules (attention, MLP); backward and optimizer are reported whole.
 Prints JSON lines, then the top operators of the MixLoRA step.
 Usage: python bench/profile_step.py [--shape small] [--steps 3]
 """
@@ -15,7 +16,8 @@ from common import base_model, emit, lora_config, mixlora_config, random_batch, 
 from peft import get_peft_model
 from torch.profiler import ProfilerActivity, profile, record_function
 
-RANGES = ("peft_mole::route", "peft_mole::dispatch", "peft_mole::experts_gate_up", "peft_mole::combine",
+RANGES = ("peft_mole::route", "peft_mole::dispatch", "peft_mole::experts_pairs", "peft_mole::experts_dense",
+          "peft_mole::experts_gate_up", "peft_mole::combine",
           "peft_mole::experts_down", "forward", "backward", "optimizer")
 
 

@@ -22,6 +22,7 @@ COMMANDS = {
     "compile_step": "python bench/compile_step.py --shape {shape}",
     "mole_vs_reference": "python bench/mole_vs_reference.py --peers-python PEERS/bin/python",
     "options_step": "python bench/options_step.py --shape {shape}",
+    "saved_activations": "python bench/saved_activations.py --shape {shape}",
 }
 DESCRIPTIONS = {
     "mixlora_vs_lora": "MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout {dropout}",
@@ -41,6 +42,8 @@ DESCRIPTIONS = {
     "eval_throughput": "adapters evaluated per minute, {adapters} in one pass / one at a time ({questions} questions; "
                        "{adapters_per_min_one_pass:.0f} vs {adapters_per_min_one_at_a_time:.0f} per minute)",
 }
+DESCRIPTIONS["saved_activations"] = ("{impl}: activations saved for the backward (one training forward) / PEFT "
+                                      "LoRA's ({saved_mb:.0f} vs {lora_saved_mb:.0f} MB)")
 DESCRIPTIONS["compile_step"] = "MixLoRA step, torch.compile / eager (compile time {compile_s:.0f} s)"
 DESCRIPTIONS["options_step"] = ("MixLoRA step / PEFT LoRA step with {impl}; vs plain fp32 eager: MixLoRA "
                                  "{mixlora_vs_eager:.2f}×, LoRA {lora_vs_eager:.2f}×")

@@ -1,0 +1,54 @@
+"""Activation memory the backward keeps: bytes of the tensors autograd saves during one training forward of
+MixLoRA (top-2) and DynMoLE (routers at init, which broadcast most tokens to all experts), over PEFT LoRA's on the
+same shape and batch (lower is better). Counted with `torch.autograd.graph.saved_tensors_hooks`, each storage
+once; a count, not a timing, so median and min are the same value.
+Usage: python bench/saved_activations.py [--shape small]
+"""
+
+from __future__ import annotations
+
+import torch
+from common import (
+    base_model,
+    device,
+    emit,
+    lora_config,
+    mixlora_config,
+    random_batch,
+    setup_threads,
+    step_parser,
+)
+from peft import get_peft_model
+
+import peft_mole
+
+
+def saved_mb(model, batch) -> float:
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**batch)
+    return sum(storages.values()) / 2**20
+
+
+def main() -> None:
+    args = step_parser().parse_args()
+    setup_threads()
+    batch = {k: v.to(device()) for k, v in random_batch(args.shape, base_model(args.shape).config.vocab_size).items()}
+    dynmole = peft_mole.DynMoLEConfig(num_experts=8, r=16, lora_alpha=32, lora_dropout=0.05)
+    sizes = {name: saved_mb(get_peft_model(base_model(args.shape), config).to(device()), batch)
+             for name, config in (("peft_lora", lora_config()), ("mixlora", mixlora_config()), ("dynmole_init", dynmole))}
+    for name in ("mixlora", "dynmole_init"):
+        ratio = sizes[name] / sizes["peft_lora"]
+        emit({"name": "saved_activations", "shape": args.shape, "impl": name, "device": str(device()),
+              "ratio_median": ratio, "ratio_min": ratio, "saved_mb": sizes[name], "lora_saved_mb": sizes["peft_lora"],
+              "torch": torch.__version__})
+
+
+if __name__ == "__main__":
+    main()
