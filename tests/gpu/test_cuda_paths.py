@@ -15,7 +15,9 @@ from peft import LoraConfig, get_peft_model
 
 from peft_mole.multijob.model import MultiJobModel
 from peft_mole.ops.dense_mixture import dense_gated_mixture
+from peft_mole.ops.experts import dispatch
 from peft_mole.ops.gated import weighted_gated_activation
+from peft_mole.ops.pair_mixture import pair_gated_mixture
 from tests.helpers import batch, dynmole, mixlora, randomize_adapters, tiny_base
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -95,6 +97,35 @@ def test_dense_mixture_under_cuda_autocast_runs_bf16_products_with_fp32_gradient
     ref_grads = torch.autograd.grad(ref_hidden.square().sum() + ref_z.sum(), leaves)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         hidden, z = dense_gated_mixture(gate.bfloat16(), up.bfloat16(), weight, act, down_a, None, gate_lora, up_lora, 2.0)
+    assert hidden.dtype == z.dtype == torch.bfloat16
+    grads = torch.autograd.grad(hidden.float().square().sum() + z.float().sum(), leaves)
+    scale = float(ref_hidden.detach().abs().max())
+    torch.testing.assert_close(hidden.float(), ref_hidden.detach(), atol=0.05 * scale, rtol=0)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, atol=0.1 * float(r.abs().max()), rtol=0)
+
+
+def test_pair_mixture_under_cuda_autocast_runs_bf16_products_with_fp32_gradients():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def leaf(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, device="cuda", generator=gen)).requires_grad_()
+
+    probs = torch.rand(64, 8, device="cuda", generator=gen).softmax(-1)
+    weights, chosen = probs.topk(2, dim=-1)
+    plan = dispatch(weights, chosen, 8)
+    m = len(plan.token)
+    gate, up, down_a = leaf(64, 96), leaf(64, 96), leaf(8, 4, 96, scale=0.1)
+    gate_lora, up_lora = (leaf(m, 4), leaf(8, 96, 4, scale=0.1)), (leaf(m, 4), leaf(8, 96, 4, scale=0.1))
+    weight = plan.weight.detach().requires_grad_()
+    leaves = (gate, up, weight, down_a, *gate_lora, *up_lora)
+    run = dict(act_fn=torch.nn.SiLU(), down_a=down_a, token=plan.token, counts=plan.counts, gate_lora=gate_lora,
+               up_lora=up_lora)
+    ref_hidden, ref_z = pair_gated_mixture(gate, up, weight, **run)
+    ref_grads = torch.autograd.grad(ref_hidden.square().sum() + ref_z.sum(), leaves)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        hidden, z = pair_gated_mixture(gate.bfloat16(), up.bfloat16(), weight, **run)
     assert hidden.dtype == z.dtype == torch.bfloat16
     grads = torch.autograd.grad(hidden.float().square().sum() + z.float().sum(), leaves)
     scale = float(ref_hidden.detach().abs().max())
