@@ -29,14 +29,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 from torch.autograd.function import once_differentiable
 
 from peft_mole.ops.experts import expert_compute_dtype, in_adapter_precision_on_cpu
-from peft_mole.ops.gated import _activate
+from peft_mole.ops.gated import _activate, is_plain_silu, works_in_place
 
 BLOCK_ELEMENTS = 1 << 19  # values of one (E, tokens, I) block: 2 MiB in fp32, so the block's few temporaries
 # stay in cache. Measured fwd + bwd of the chain on (8, 1024, 1376): 2^17 86 ms, 2^18 75, 2^19 72, 2^20 80, 2^21 104.
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where gradients are summed over blocks: fp32 for 16-bit parameters (bf16 sums lose bits block by block)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _token_blocks(num_experts: int, num_tokens: int, width: int) -> list[slice]:
@@ -63,10 +67,10 @@ def chain_block_backward(ctx, g, u, w, mask, grad_z, down_a, grad_hidden, want_w
     """
     device, autocast_on, autocast_dtype = ctx.autocast
     act_fn, cd = ctx.act_fn, ctx.compute_dtype
-    silu = isinstance(act_fn, nn.SiLU)
+    silu = is_plain_silu(act_fn)
     with torch.set_grad_enabled(not silu), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on):
         leaf = g if silu else g.detach().requires_grad_()
-        activated = act_fn(leaf.clone() if getattr(act_fn, "inplace", False) else leaf)
+        activated = act_fn(leaf.clone() if works_in_place(act_fn) else leaf)
     h = activated.detach() * u  # h (..., n, I)
     grad_z = grad_z.to(cd)
     grad_a = None
@@ -94,7 +98,8 @@ class _DenseGatedMixture(torch.autograd.Function):
         ctx.save_for_backward(gate, up, z_gate, b_gate, z_up, b_up, weight, down_a, mask)
         num_experts, num_tokens, width = weight.shape[0], gate.shape[0], gate.shape[1]
         a_t = down_a.to(compute_dtype).transpose(1, 2)  # (E, I, r)
-        hidden = z_down = None
+        hidden = gate.new_empty(num_tokens, width)
+        z_down = a_t.new_empty(num_experts, num_tokens, a_t.shape[2])
         with torch.autocast(device, enabled=False):
             for block in _token_blocks(num_experts, num_tokens, width):
                 g = _expert_outputs(gate, z_gate, b_gate, block, num_experts, scaling, compute_dtype)
@@ -102,10 +107,7 @@ class _DenseGatedMixture(torch.autograd.Function):
                 with torch.autocast(device, dtype=ctx.autocast[2], enabled=ctx.autocast[1]):
                     activated = _activate(act_fn, g)
                 weighted = activated.mul_(u).mul_(weight[:, block])  # w_e h_e (E, n, I)
-                if hidden is None:
-                    hidden = weighted.new_empty(num_tokens, width)
-                    z_down = a_t.new_empty(num_experts, num_tokens, a_t.shape[2])
-                torch.sum(weighted, dim=0, out=hidden[block])
+                hidden[block] = weighted.sum(0)
                 if mask is not None:
                     weighted.mul_(mask[block])
                 z_down[:, block] = torch.bmm(weighted.to(compute_dtype), a_t)
@@ -123,9 +125,9 @@ class _DenseGatedMixture(torch.autograd.Function):
         for name in ("gate", "up", "z_gate", "z_up"):
             if needs[name]:
                 grads[name] = torch.empty_like(inputs[name])
-        for name in ("b_gate", "b_up", "down_a"):  # summed over blocks
+        for name in ("b_gate", "b_up", "down_a"):  # summed over blocks, in fp32 at least
             if needs[name]:
-                grads[name] = torch.zeros_like(inputs[name])
+                grads[name] = torch.zeros_like(inputs[name], dtype=_accumulation_dtype(inputs[name].dtype))
         num_experts, num_tokens, width = weight.shape[0], gate.shape[0], gate.shape[1]
         if needs["weight"]:
             grads["weight"] = gate.new_empty(num_experts, num_tokens, 1)
@@ -142,18 +144,21 @@ class _DenseGatedMixture(torch.autograd.Function):
                 if grad_w is not None:
                     grads["weight"][:, block] = grad_w
                 if grad_a is not None:
-                    grads["down_a"] += grad_a.to(down_a.dtype)
+                    grads["down_a"] += grad_a.to(grads["down_a"].dtype)
                 for frozen, z, b, grad_pair in (("gate", "z_gate", "b_gate", grad_g), ("up", "z_up", "b_up", grad_u)):
                     _to_inputs(grads, needs, inputs, frozen, z, b, grad_pair, block, scaling, cd)
         if grads["weight"] is not None:
             grads["weight"] = grads["weight"].sum_to_size(weight.shape)
+        for name in ("b_gate", "b_up", "down_a"):
+            if grads[name] is not None:
+                grads[name] = grads[name].to(inputs[name].dtype)
         return (*grads.values(), None, None, None, None)
 
 
 def _to_inputs(grads, needs, inputs, frozen, z, b, grad_pair, block, scaling, compute_dtype):
     """∂L/∂(frozen output) = Σ_e ∂L/∂pair_e; ∂L/∂z_e = s ∂L/∂pair_e B_e; ∂L/∂B_e += s ∂L/∂pair_eᵀ z_e (one block)."""
     if needs[frozen]:
-        torch.sum(grad_pair, dim=0, out=grads[frozen][block])
+        grads[frozen][block] = grad_pair.sum(0)
     if inputs[z] is None:
         return
     grad_cd = grad_pair.to(compute_dtype)
@@ -183,7 +188,8 @@ def dense_gated_mixture(
         up: (N, I) the frozen W3 x.
         weight: (E, N, 1) routing weights w_e (0 for an unselected pair).
         act_fn: the MLP's activation σ.
-        down_a: (E, r, I) the down experts' A2_e.
+        down_a: (E, r, I) the down experts' A2_e; (E, 0, I) in the adapter's dtype for a block without down
+            experts (then z2 is (E, N, 0)).
         mask: (N, I) the down projection's dropout mask m (already scaled by 1 / (1 − p)), or None.
         gate_lora: (z, B) with z (E, N, r) = A1_e dropout(x) and B (E, I, r), or None for a gate without
             experts (then g_e = W1 x for every expert).

@@ -71,7 +71,9 @@ def in_adapter_precision_on_cpu(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is None:
+            raise TypeError(f"{fn.__name__} needs at least one tensor argument")
         off = first.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         with torch.autocast("cpu", enabled=False) if off else contextlib.nullcontext():
             return fn(*args, **kwargs)

@@ -33,14 +33,27 @@ CHUNK_ELEMENTS = 1 << 18  # values per block (1 MiB in fp32). Measured fwd + bwd
 # (8, 1024, 1376) 122 ms in one block, 68-74 ms in blocks of 2^17-2^19 values; MixLoRA's (2048, 1376) 12 -> 9-11 ms
 
 
+def works_in_place(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether act_fn overwrites its input: an `inplace` attribute (nn.SiLU(inplace=True)) or keyword
+    (functools.partial(F.silu, inplace=True))."""
+    return bool(getattr(act_fn, "inplace", False) or (getattr(act_fn, "keywords", None) or {}).get("inplace"))
+
+
+def is_plain_silu(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """nn.SiLU itself (not a subclass, which may compute something else): its derivative kernel can be called."""
+    return type(act_fn) is nn.SiLU
+
+
 def _activate(act_fn: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor) -> torch.Tensor:
     """act_fn(gate) in a tensor of its own: never gate itself, a view of it, or gate overwritten in place."""
-    out = act_fn(gate.clone() if getattr(act_fn, "inplace", False) else gate)
+    out = act_fn(gate.clone() if works_in_place(act_fn) else gate)
     return out.clone() if out.untyped_storage().data_ptr() == gate.untyped_storage().data_ptr() else out
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor | None:
-    """`tensor` as a (rows, I) view, or None when its strides allow none (an expanded view)."""
+    """`tensor` as a (rows, I) view, or None when its strides allow none (an expanded view) or it has no rows."""
+    if tensor.numel() == 0:
+        return None
     try:
         return tensor.view(-1, tensor.shape[-1])
     except RuntimeError:
@@ -60,10 +73,10 @@ def _gradients(ctx, gate, up, weight, grad, out_gate=None, out_up=None, out_weig
     autograd calls), which writes into `out_gate`.
     """
     device, autocast_on, autocast_dtype = ctx.autocast
-    silu = out_gate is not None and isinstance(ctx.act_fn, nn.SiLU)
+    silu = out_gate is not None and is_plain_silu(ctx.act_fn)
     with torch.set_grad_enabled(not silu), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on):
         leaf = gate if silu else gate.detach().requires_grad_()
-        activated = ctx.act_fn(leaf.clone() if getattr(ctx.act_fn, "inplace", False) else leaf)
+        activated = ctx.act_fn(leaf.clone() if works_in_place(ctx.act_fn) else leaf)
     grad_gate = grad_up = grad_weight = None
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         grad_activated = grad * activated.detach()  # ∂L/∂y ⊙ σ(g)

@@ -31,7 +31,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from peft_mole.ops import gated
-from peft_mole.ops.dense_mixture import chain_block_backward
+from peft_mole.ops.dense_mixture import _accumulation_dtype, chain_block_backward
 from peft_mole.ops.experts import expert_compute_dtype, in_adapter_precision_on_cpu
 
 
@@ -72,7 +72,7 @@ class _PairGatedMixture(torch.autograd.Function):
                 with torch.autocast(device, dtype=ctx.autocast[2], enabled=ctx.autocast[1]):
                     activated = gated._activate(act_fn, g)
                 weighted = activated.mul_(u).mul_(weight[rows].unsqueeze(-1))  # w_p h_p (n, I)
-                hidden.index_add_(0, tokens, weighted)
+                hidden.index_add_(0, tokens, weighted.to(hidden.dtype))
                 if mask is not None:
                     weighted.mul_(mask.index_select(0, tokens))
                 torch.mm(weighted.to(compute_dtype), down_a[expert].to(compute_dtype).t(), out=z_down[rows])
@@ -89,8 +89,12 @@ class _PairGatedMixture(torch.autograd.Function):
         grads = {name: None for name in names}
         for name in names:
             if needs[name]:
-                summed = name in ("gate", "up", "b_gate", "b_up", "down_a")  # accumulated over blocks
-                grads[name] = torch.zeros_like(inputs[name]) if summed else torch.empty_like(inputs[name])
+                if name in ("b_gate", "b_up", "down_a"):  # summed over blocks, in fp32 at least
+                    grads[name] = torch.zeros_like(inputs[name], dtype=_accumulation_dtype(inputs[name].dtype))
+                elif name in ("gate", "up"):  # summed over a token's pairs
+                    grads[name] = torch.zeros_like(inputs[name])
+                else:
+                    grads[name] = torch.empty_like(inputs[name])
         cd = ctx.compute_dtype
         with torch.autocast(device, enabled=False):
             for expert, rows in _pair_blocks(ctx.counts, gate.shape[1]):
@@ -106,7 +110,7 @@ class _PairGatedMixture(torch.autograd.Function):
                 if grad_w is not None:
                     grads["weight"][rows] = grad_w.squeeze(-1)
                 if grad_a is not None:
-                    grads["down_a"][expert] += grad_a.to(down_a.dtype)
+                    grads["down_a"][expert] += grad_a.to(grads["down_a"].dtype)
                 for frozen, z, b, grad_pair in (("gate", "z_gate", "b_gate", grad_g), ("up", "z_up", "b_up", grad_u)):
                     if needs[frozen]:
                         grads[frozen].index_add_(0, tokens, grad_pair.to(grads[frozen].dtype))
@@ -117,6 +121,9 @@ class _PairGatedMixture(torch.autograd.Function):
                         grads[z][rows] = grad_cd @ inputs[b][expert].to(cd)
                     if needs[b]:
                         grads[b][expert] += (grad_cd.t() @ inputs[z][rows].to(cd)).to(grads[b].dtype)
+        for name in ("b_gate", "b_up", "down_a"):
+            if grads[name] is not None:
+                grads[name] = grads[name].to(inputs[name].dtype)
         return (*grads.values(), None, None, None, None, None)
 
 

@@ -115,3 +115,19 @@ def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match=r"up_lora must be \(z \(E, N, r\), B \(E, I, r\)\) .* got \(3, 7, 2\) and "
                                          r"\(3, 2, 5\)"):
         dense_gated_mixture(a["gate"], a["up"], a["weight"], act, a["down_a"], up_lora=(z, b.transpose(1, 2)))
+
+
+def test_a_block_without_down_experts_and_zero_tokens():
+    args = inputs()
+    no_down = dict(args, down_a=torch.zeros(E, 0, INTER, dtype=torch.float64), mask=None)
+    hidden, z = dense_gated_mixture(act_fn=nn.SiLU(), scaling=SCALE, **no_down)
+    ref_hidden, _ = plain(act_fn=nn.SiLU(), scaling=SCALE, **no_down)
+    assert z.shape == (E, N, 0)
+    torch.testing.assert_close(hidden, ref_hidden)
+    wanted = [t for t in leaves(no_down) if t.requires_grad]
+    torch.testing.assert_close(torch.autograd.grad(hidden.square().sum(), wanted),
+                               torch.autograd.grad(ref_hidden.square().sum(), wanted))
+    empty = torch.zeros(0, INTER, dtype=torch.float64, requires_grad=True)
+    hidden, z = dense_gated_mixture(empty, empty, torch.zeros(E, 0, 1, dtype=torch.float64), nn.SiLU(),
+                                    args["down_a"])
+    assert hidden.shape == (0, INTER) and z.shape == (E, 0, R)

@@ -1,5 +1,7 @@
 """The weighted gated activation w ⊙ σ(g) ⊙ u: values, gradients (gradcheck), saved memory, bad input."""
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -34,7 +36,7 @@ def test_equals_plain_autograd_and_passes_gradcheck(act_fn, weight_shape, blocks
     assert torch.autograd.gradcheck(lambda g, u, w: weighted_gated_activation(g, u, w, act_fn), (gate, up, weight))
 
 
-def test_an_up_broadcast_over_experts_and_a_constant_weight_get_the_right_gradients(blocks):
+def test_an_up_broadcast_over_experts_and_a_constant_weight_get_the_right_gradients():
     gen = torch.Generator().manual_seed(1)
     gate = torch.randn(3, 4, 5, generator=gen, requires_grad=True)
     up_per_token = torch.randn(4, 5, generator=gen, requires_grad=True)  # no up experts: the frozen W3 x
@@ -47,7 +49,7 @@ def test_an_up_broadcast_over_experts_and_a_constant_weight_get_the_right_gradie
 
 @pytest.mark.parametrize("act_fn", [nn.SiLU(inplace=True), nn.Identity(), lambda t: t.view(t.shape)],
                          ids=["in_place", "identity", "view"])
-def test_activations_that_return_or_overwrite_their_input_leave_the_saved_gate_intact(act_fn, blocks):
+def test_activations_that_return_or_overwrite_their_input_leave_the_saved_gate_intact(act_fn):
     gen = torch.Generator().manual_seed(2)
     gate_per_token = torch.randn(4, 5, generator=gen, requires_grad=True)
     gate = gate_per_token.unsqueeze(0).expand(3, -1, -1)  # no gate experts on the dense path: an expanded view
@@ -86,7 +88,12 @@ def test_without_gradients_it_is_the_plain_formula_and_bad_shapes_are_named():
         weighted_gated_activation(gate, up, torch.rand(2, 4, 1), torch.relu)
 
 
-@pytest.mark.parametrize("act_fn", [nn.SiLU(), nn.SiLU(inplace=True), nn.GELU()], ids=["silu", "silu_in_place", "gelu"])
+@pytest.mark.parametrize(
+    "act_fn",
+    [nn.SiLU(), nn.SiLU(inplace=True), functools.partial(nn.functional.silu, inplace=True), nn.GELU(), nn.Identity(),
+     lambda t: t.view(t.shape)],
+    ids=["silu", "silu_in_place", "partial_in_place", "gelu", "identity", "view"],
+)
 def test_blocks_of_any_size_give_the_one_block_values_and_only_the_wanted_gradients(act_fn, monkeypatch):
     gen = torch.Generator().manual_seed(3)
     gate, up = torch.randn(2, 7, 6, generator=gen), torch.randn(2, 7, 6, generator=gen)  # 14 rows: a partial block
@@ -111,3 +118,12 @@ def test_blocks_of_any_size_give_the_one_block_values_and_only_the_wanted_gradie
                     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
                 else:
                     assert got is None
+
+
+def test_zero_rows_give_empty_results_and_gradients():
+    gate, up = torch.randn(0, 5, requires_grad=True), torch.randn(0, 5, requires_grad=True)
+    weight = torch.rand(0, 1, requires_grad=True)
+    out = weighted_gated_activation(gate, up, weight, nn.SiLU())
+    assert out.shape == (0, 5)
+    grads = torch.autograd.grad(out.sum(), (gate, up, weight))
+    assert [tuple(g.shape) for g in grads] == [(0, 5), (0, 5), (0, 1)]

@@ -238,3 +238,43 @@ def test_few_token_path_equals_the_dispatch_path(method, monkeypatch):
     assert fast_grads.keys() == slow_grads.keys() and len(fast_grads) > 0
     for name in fast_grads:
         torch.testing.assert_close(fast_grads[name], slow_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("targets", [None, ["gate_proj", "down_proj"]], ids=["gate_up_down", "gate_down"])
+def test_blockwise_pair_path_equals_the_step_by_step_path_in_training(targets, monkeypatch):
+    """More than SMALL_PAIRS pairs with down experts take `ops.pair_mixture`; with dropout on, outputs, gradients and
+    the drawn masks equal those of the step-by-step path (`_gate_up_experts` / `_down_experts`)."""
+    from peft_mole.ops import gated
+
+    calls, real = [], layer_module.pair_gated_mixture
+    monkeypatch.setattr(layer_module, "pair_gated_mixture", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(gated, "CHUNK_ELEMENTS", 3 * 172)  # blocks of 3 pairs: several per expert segment
+    results = []
+    for small_pairs in (64, 10**9):  # blockwise, then step by step
+        monkeypatch.setattr(layer_module, "SMALL_PAIRS", small_pairs)
+        kwargs = {} if targets is None else {"expert_target_modules": targets}
+        model = get_peft_model(tiny_base(), mixlora(lora_dropout=0.1, **kwargs))
+        randomize_adapters(model, std=0.2)
+        model.train()
+        ids, mask, labels = batch(2, 24, pad_last=5)  # 48 tokens, 96 pairs per layer
+        torch.manual_seed(3)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        params = [p for p in model.parameters() if p.requires_grad]
+        results.append((out.logits.detach(), torch.autograd.grad(out.loss, params)))
+        assert bool(calls) == (small_pairs == 64)
+        calls.clear()
+    (fast, fast_grads), (slow, slow_grads) = results
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    for fast_grad, slow_grad in zip(fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(fast_grad, slow_grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["mixlora", "dynmole", "dynmole-projection"])
+def test_an_empty_sequence_in_training_gives_empty_outputs_and_gradients(method):
+    model = get_peft_model(tiny_base(), METHODS[method](lora_dropout=0.1))
+    model.train()
+    layer = next(m for m in model.modules() if hasattr(m, "route"))
+    x = torch.randn(2, 0, 64, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert out.shape[:2] == (2, 0) and x.grad.shape == (2, 0, 64)

@@ -24,7 +24,6 @@ from peft_mole.ops.experts import (
     SMALL_PAIRS,
     dense_a,
     dense_b_sum,
-    dense_shared_input_lora,
     dense_weights,
     dispatch,
     grouped_lora,
@@ -79,7 +78,8 @@ class MixLoRAMLP(RoutedExpertsLayer):
                 adapter, x.reshape(-1, hidden_size), gate.reshape(-1, gate.shape[-1]),
                 up.reshape(-1, up.shape[-1]), mask,
             )
-            return self._down(hidden, down_delta, weight_sum).reshape(*x.shape[:-1], -1)
+            out = self._down(hidden, down_delta, weight_sum)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
 
         consecutive = consecutive_slices(groups, batch)
         if consecutive:  # split/cat keep the backward to one buffer (see ops.segmented_lora)
@@ -99,7 +99,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
             )
             results.append((
                 gr.new_zeros(gr.shape) if h is None else h.reshape(gr.shape),
-                None if d is None else d.reshape(*gr.shape[:-1], -1),
+                None if d is None else d.reshape(*gr.shape[:-1], d.shape[-1]),
                 w.reshape(*gr.shape[:-1], 1),
             ))
         out_features = plain_linear(mlp.down_proj).out_features
@@ -225,30 +225,26 @@ class MixLoRAMLP(RoutedExpertsLayer):
         dropout = self.dropouts[adapter]
         x_dropped = dropout(x)
         expert_weights = weights.t().unsqueeze(-1)  # (E, N, 1)
-        weight_sum = weights.sum(1, keepdim=True).to(gate.dtype)
-        down_factors = experts.factors("down_proj")
-        if down_factors is None:
-            pairs = {}
-            for proj, frozen in (("gate_proj", gate), ("up_proj", up)):
-                factors = experts.factors(proj)
-                pairs[proj] = frozen.unsqueeze(0).expand(settings.num_experts, -1, -1) if factors is None else (
-                    dense_shared_input_lora(x_dropped, *factors, settings.scaling, frozen).to(frozen.dtype)
-                )
-            weighted = weighted_gated_activation(pairs["gate_proj"], pairs["up_proj"], expert_weights, mlp.act_fn)
-            return weighted.sum(0), None, weight_sum
         loras = {}  # (A_e x (E, N, r), B_e) per projection with experts
         for proj in ("gate_proj", "up_proj"):
             factors = experts.factors(proj)
             loras[proj] = None if factors is None else (dense_a(x_dropped, factors[0]), factors[1])
+        down_factors = experts.factors("down_proj")
         mask = None
-        if isinstance(dropout, nn.Dropout) and self.training:
-            mask = dropout(torch.ones_like(gate))  # (N, I): 0 or 1 / (1 - p) per token, shared by its experts
-        lora_a, lora_b = down_factors
+        if down_factors is None:  # no down experts: A2 with rank 0, so z2 is empty and only Σ_e w_e h_e is wanted
+            adapter_dtype = next(experts.parameters()).dtype
+            lora_a = gate.new_zeros(settings.num_experts, 0, gate.shape[-1], dtype=adapter_dtype)
+        else:
+            lora_a = down_factors[0]
+            if isinstance(dropout, nn.Dropout) and self.training:
+                mask = dropout(torch.ones_like(gate))  # (N, I): 0 or 1 / (1 - p) per token, shared by its experts
         hidden, z = dense_gated_mixture(  # Σ_e w_e h_e (N, I) and A2_e(m ⊙ w_e h_e) (E, N, r), blockwise
             gate, up, expert_weights, mlp.act_fn, lora_a, mask, loras["gate_proj"], loras["up_proj"], settings.scaling
         )
-        down_delta = dense_b_sum(z.transpose(0, 1), lora_b, settings.scaling).to(x.dtype)
-        return hidden, down_delta, weight_sum
+        down_delta = None
+        if down_factors is not None:
+            down_delta = dense_b_sum(z.transpose(0, 1), down_factors[1], settings.scaling).to(x.dtype)
+        return hidden, down_delta, weights.sum(1, keepdim=True).to(gate.dtype)
 
     @profiled("peft_mole::experts_pairs")
     def _mixture_pairs(self, adapter, x, gate, up, plan):

@@ -59,7 +59,8 @@ class MoELoraLinear(RoutedExpertsLayer):
         def delta(adapter: str, rows: torch.Tensor) -> torch.Tensor | None:
             if adapter not in self.routers:
                 return None
-            return self._mixture(adapter, rows.reshape(-1, hidden), masks[adapter]).reshape(*rows.shape[:-1], -1)
+            delta = self._mixture(adapter, rows.reshape(-1, hidden), masks[adapter])
+            return delta.reshape(*rows.shape[:-1], delta.shape[-1])
 
         return scatter_row_deltas(out, x, groups, delta)
 
