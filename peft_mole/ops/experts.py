@@ -12,8 +12,8 @@ slot's row; `slot_lora_sum` (down, and DynMoLE's per-projection experts) adds ea
 table and applies all B in one batched product. On a few tokens computing E instead of k experts' products costs
 less than copying each slot's factors.
 When at least `DENSE_FRACTION` (75 %) of all pairs are selected (DynMoLE broadcasting at initialisation) there is
-no dispatch either: `dense_shared_input_lora` / `dense_lora_sum` / `dense_b_sum` compute every pair expert-major
-with batched products, unselected pairs weighing 0 (the gated chain between them: `ops.dense_mixture`).
+no dispatch either: `dense_a` / `dense_lora_sum` / `dense_b_sum` compute every pair expert-major with batched
+products, unselected pairs weighing 0 (the gated chain between them: `ops.dense_mixture`).
 """
 
 from __future__ import annotations
@@ -261,22 +261,6 @@ def dense_a(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     """A_e x_t for every expert e and token t, (E, N, r): one (N, in) × (in, E·r) product; lora_a: (E, r, in)."""
     num_experts, r, _ = lora_a.shape
     return (x.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()).view(-1, num_experts, r).transpose(0, 1)
-
-
-@in_adapter_precision_on_cpu
-def dense_shared_input_lora(
-    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, base: torch.Tensor
-) -> torch.Tensor:
-    """base[t] + s · B_e A_e x_t for every token t and every expert e, expert-major (E, N, out).
-
-    Every expert's A x is one (N, in) × (in, E·r) product; the B products and the addition of the frozen output
-    are one batched product with the base broadcast over experts (no gather, no sort).
-    Args:
-        x: (N, in) tokens (dropout applied); lora_a: (E, r, in); lora_b: (E, out, r); base: (N, out).
-    """
-    z = dense_a(x, lora_a)
-    dtype = expert_compute_dtype(x.device.type, lora_b.dtype)
-    return torch.baddbmm(base.to(dtype).unsqueeze(0), z.to(dtype), lora_b.to(dtype).transpose(1, 2), alpha=scaling)
 
 
 @in_adapter_precision_on_cpu

@@ -3,8 +3,9 @@ import torch
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext
 from peft_mole.ops.experts import (
+    dense_a,
+    dense_b_sum,
     dense_lora_sum,
-    dense_shared_input_lora,
     dense_weights,
     dispatch,
     grouped_lora,
@@ -71,16 +72,16 @@ def test_expert_products_under_cpu_autocast_run_in_the_adapter_dtype_and_train_i
     plain = shared_input_lora(x, a, b, plan, scaling=2.0, base=base)
     pair_rows = x.bfloat16()[plan.token]  # e.g. the bf16 w_e h_e fed to the down experts
     plain_down = grouped_lora(pair_rows, a, b, plan, 1.0)
+    per_expert_rows = x.bfloat16().unsqueeze(0).expand(num_experts, -1, -1)  # dense path: (E, N, in) in bf16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = shared_input_lora(x, a, b, plan, scaling=2.0, base=base)
         down = grouped_lora(pair_rows, a, b, plan, 1.0)
         emulated = shared_input_lora.__wrapped__(x, a, b, plan, scaling=2.0, base=base)
-        dense = dense_shared_input_lora(x, a, b, 2.0, base)
-        dense_sum = dense_lora_sum(dense.bfloat16(), b.transpose(1, 2), a.transpose(1, 2), 1.0)
-    plain_dense = dense_shared_input_lora(x, a, b, 2.0, base)
+        dense = dense_a(x, a)
+        dense_sum = dense_lora_sum(per_expert_rows, a, b, 1.0)
     assert dense.dtype == dense_sum.dtype == out.dtype == down.dtype == torch.float32
-    assert torch.equal(dense, plain_dense)
-    assert torch.equal(dense_sum, dense_lora_sum(plain_dense.bfloat16(), b.transpose(1, 2), a.transpose(1, 2), 1.0))
+    assert torch.equal(dense, dense_a(x, a))
+    assert torch.equal(dense_sum, dense_lora_sum(per_expert_rows, a, b, 1.0))
     assert torch.equal(out, plain) and torch.equal(down, plain_down)  # same fp32 arithmetic as without autocast
     assert emulated.dtype == torch.bfloat16
     bf16_tol = lambda ref: dict(atol=2**-7 * float(ref.detach().abs().max()), rtol=0)  # noqa: E731 — bf16: 8-bit mantissa
@@ -120,8 +121,10 @@ def test_dense_expert_products_equal_the_per_pair_formula():
     x, base = torch.randn(num_tokens, din, generator=gen), torch.randn(num_tokens, dout, generator=gen)
     per_expert = torch.randn(num_experts, num_tokens, din, generator=gen)
     w = torch.rand(num_tokens, num_experts, generator=gen)
-    out = dense_shared_input_lora(x, a, b, 0.5, base)
-    torch.testing.assert_close(out, torch.stack([base + 0.5 * x @ a[e].t() @ b[e].t() for e in range(num_experts)]))
+    z = dense_a(x, a)
+    torch.testing.assert_close(z, torch.stack([x @ a[e].t() for e in range(num_experts)]))
+    out = base + dense_b_sum(z.transpose(0, 1), b, 0.5)
+    torch.testing.assert_close(out, base + sum(0.5 * x @ a[e].t() @ b[e].t() for e in range(num_experts)))
     summed = dense_lora_sum(per_expert, a, b, 0.5)
     torch.testing.assert_close(summed, sum(0.5 * per_expert[e] @ a[e].t() @ b[e].t() for e in range(num_experts)))
     shared = dense_lora_sum(x, a, b, 0.5, weights=w)
