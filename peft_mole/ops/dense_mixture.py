@@ -32,13 +32,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from peft_mole.ops.experts import expert_compute_dtype, in_adapter_precision_on_cpu
-from peft_mole.ops.gated import _activate, is_plain_silu, works_in_place
+from peft_mole.ops.gated import activate_apart, is_plain_silu, works_in_place
 
 BLOCK_ELEMENTS = 1 << 19  # values of one (E, tokens, I) block: 2 MiB in fp32, so the block's few temporaries
 # stay in cache. Measured fwd + bwd of the chain on (8, 1024, 1376): 2^17 86 ms, 2^18 75, 2^19 72, 2^20 80, 2^21 104.
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def gradient_sum_dtype(dtype: torch.dtype) -> torch.dtype:
     """Where gradients are summed over blocks: fp32 for 16-bit parameters (bf16 sums lose bits block by block)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -105,7 +105,7 @@ class _DenseGatedMixture(torch.autograd.Function):
                 g = _expert_outputs(gate, z_gate, b_gate, block, num_experts, scaling, compute_dtype)
                 u = _expert_outputs(up, z_up, b_up, block, num_experts, scaling, compute_dtype)
                 with torch.autocast(device, dtype=ctx.autocast[2], enabled=ctx.autocast[1]):
-                    activated = _activate(act_fn, g)
+                    activated = activate_apart(act_fn, g)
                 weighted = activated.mul_(u).mul_(weight[:, block])  # w_e h_e (E, n, I)
                 hidden[block] = weighted.sum(0)
                 if mask is not None:
@@ -127,7 +127,7 @@ class _DenseGatedMixture(torch.autograd.Function):
                 grads[name] = torch.empty_like(inputs[name])
         for name in ("b_gate", "b_up", "down_a"):  # summed over blocks, in fp32 at least
             if needs[name]:
-                grads[name] = torch.zeros_like(inputs[name], dtype=_accumulation_dtype(inputs[name].dtype))
+                grads[name] = torch.zeros_like(inputs[name], dtype=gradient_sum_dtype(inputs[name].dtype))
         num_experts, num_tokens, width = weight.shape[0], gate.shape[0], gate.shape[1]
         if needs["weight"]:
             grads["weight"] = gate.new_empty(num_experts, num_tokens, 1)

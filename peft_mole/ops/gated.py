@@ -44,7 +44,7 @@ def is_plain_silu(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     return type(act_fn) is nn.SiLU
 
 
-def _activate(act_fn: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor) -> torch.Tensor:
+def activate_apart(act_fn: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor) -> torch.Tensor:
     """act_fn(gate) in a tensor of its own: never gate itself, a view of it, or gate overwritten in place."""
     out = act_fn(gate.clone() if works_in_place(act_fn) else gate)
     return out.clone() if out.untyped_storage().data_ptr() == gate.untyped_storage().data_ptr() else out
@@ -106,11 +106,11 @@ class _WeightedGatedActivation(torch.autograd.Function):
         ctx.save_for_backward(gate, up, weight)
         gate_rows, up_rows = _rows(gate), _rows(up)
         if gate_rows is None or up_rows is None:
-            return _activate(act_fn, gate).mul_(up).mul_(weight)
+            return activate_apart(act_fn, gate).mul_(up).mul_(weight)
         weight_rows = weight.expand(*gate.shape[:-1], 1).reshape(-1, 1)
         out = None
         for block in _blocks(gate_rows.shape[0], gate.shape[-1]):
-            activated = _activate(act_fn, gate_rows[block])
+            activated = activate_apart(act_fn, gate_rows[block])
             if out is None:
                 out = activated.new_empty(gate_rows.shape)
             torch.mul(activated, up_rows[block], out=out[block]).mul_(weight_rows[block])
@@ -164,5 +164,5 @@ def weighted_gated_activation(
         )
     weight = weight.to(gate.dtype)
     if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad or weight.requires_grad):
-        return _activate(act_fn, gate) * up * weight
+        return activate_apart(act_fn, gate) * up * weight
     return _WeightedGatedActivation.apply(gate, up, weight, act_fn)

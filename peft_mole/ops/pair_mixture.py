@@ -31,7 +31,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from peft_mole.ops import gated
-from peft_mole.ops.dense_mixture import _accumulation_dtype, chain_block_backward
+from peft_mole.ops.dense_mixture import chain_block_backward, gradient_sum_dtype
 from peft_mole.ops.experts import expert_compute_dtype, in_adapter_precision_on_cpu
 
 
@@ -70,7 +70,7 @@ class _PairGatedMixture(torch.autograd.Function):
                 g = _pair_outputs(gate, tokens, z_gate, b_gate, expert, rows, compute_dtype)
                 u = _pair_outputs(up, tokens, z_up, b_up, expert, rows, compute_dtype)
                 with torch.autocast(device, dtype=ctx.autocast[2], enabled=ctx.autocast[1]):
-                    activated = gated._activate(act_fn, g)
+                    activated = gated.activate_apart(act_fn, g)
                 weighted = activated.mul_(u).mul_(weight[rows].unsqueeze(-1))  # w_p h_p (n, I)
                 hidden.index_add_(0, tokens, weighted.to(hidden.dtype))
                 if mask is not None:
@@ -90,7 +90,7 @@ class _PairGatedMixture(torch.autograd.Function):
         for name in names:
             if needs[name]:
                 if name in ("b_gate", "b_up", "down_a"):  # summed over blocks, in fp32 at least
-                    grads[name] = torch.zeros_like(inputs[name], dtype=_accumulation_dtype(inputs[name].dtype))
+                    grads[name] = torch.zeros_like(inputs[name], dtype=gradient_sum_dtype(inputs[name].dtype))
                 elif name in ("gate", "up"):  # summed over a token's pairs
                     grads[name] = torch.zeros_like(inputs[name])
                 else:

@@ -82,21 +82,16 @@ def test_gated_activation_under_cuda_autocast_matches_fp32():
         torch.testing.assert_close(g, r, atol=0.1 * float(r.abs().max()), rtol=0)
 
 
-def test_dense_mixture_under_cuda_autocast_runs_bf16_products_with_fp32_gradients():
-    gen = torch.Generator(device="cuda").manual_seed(0)
+def _cuda_leaf(gen, *shape, scale=1.0):
+    return (scale * torch.randn(*shape, device="cuda", generator=gen)).requires_grad_()
 
-    def leaf(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, device="cuda", generator=gen)).requires_grad_()
 
-    gate, up, down_a = leaf(64, 96), leaf(64, 96), leaf(8, 4, 96, scale=0.1)
-    gate_lora, up_lora = (leaf(8, 64, 4), leaf(8, 96, 4, scale=0.1)), (leaf(8, 64, 4), leaf(8, 96, 4, scale=0.1))
-    weight = torch.rand(8, 64, 1, device="cuda", generator=gen).requires_grad_()
-    leaves = (gate, up, weight, down_a, *gate_lora, *up_lora)
-    act = torch.nn.SiLU()
-    ref_hidden, ref_z = dense_gated_mixture(gate, up, weight, act, down_a, None, gate_lora, up_lora, 2.0)
+def _check_bf16_autocast(mixture, gate, up, weight, leaves, **run):
+    """`mixture` under CUDA bf16 autocast: bf16 outputs, fp32 gradients, both close to its fp32 results."""
+    ref_hidden, ref_z = mixture(gate, up, weight, **run)
     ref_grads = torch.autograd.grad(ref_hidden.square().sum() + ref_z.sum(), leaves)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        hidden, z = dense_gated_mixture(gate.bfloat16(), up.bfloat16(), weight, act, down_a, None, gate_lora, up_lora, 2.0)
+        hidden, z = mixture(gate.bfloat16(), up.bfloat16(), weight, **run)
     assert hidden.dtype == z.dtype == torch.bfloat16
     grads = torch.autograd.grad(hidden.float().square().sum() + z.float().sum(), leaves)
     scale = float(ref_hidden.detach().abs().max())
@@ -104,35 +99,30 @@ def test_dense_mixture_under_cuda_autocast_runs_bf16_products_with_fp32_gradient
     for g, r in zip(grads, ref_grads, strict=True):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, r, atol=0.1 * float(r.abs().max()), rtol=0)
+
+
+def test_dense_mixture_under_cuda_autocast_runs_bf16_products_with_fp32_gradients():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    gate, up, down_a = _cuda_leaf(gen, 64, 96), _cuda_leaf(gen, 64, 96), _cuda_leaf(gen, 8, 4, 96, scale=0.1)
+    gate_lora = (_cuda_leaf(gen, 8, 64, 4), _cuda_leaf(gen, 8, 96, 4, scale=0.1))
+    up_lora = (_cuda_leaf(gen, 8, 64, 4), _cuda_leaf(gen, 8, 96, 4, scale=0.1))
+    weight = torch.rand(8, 64, 1, device="cuda", generator=gen).requires_grad_()
+    _check_bf16_autocast(dense_gated_mixture, gate, up, weight, (gate, up, weight, down_a, *gate_lora, *up_lora),
+                         act_fn=torch.nn.SiLU(), down_a=down_a, gate_lora=gate_lora, up_lora=up_lora, scaling=2.0)
 
 
 def test_pair_mixture_under_cuda_autocast_runs_bf16_products_with_fp32_gradients():
     gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def leaf(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, device="cuda", generator=gen)).requires_grad_()
-
-    probs = torch.rand(64, 8, device="cuda", generator=gen).softmax(-1)
-    weights, chosen = probs.topk(2, dim=-1)
+    weights, chosen = torch.rand(64, 8, device="cuda", generator=gen).softmax(-1).topk(2, dim=-1)
     plan = dispatch(weights, chosen, 8)
     m = len(plan.token)
-    gate, up, down_a = leaf(64, 96), leaf(64, 96), leaf(8, 4, 96, scale=0.1)
-    gate_lora, up_lora = (leaf(m, 4), leaf(8, 96, 4, scale=0.1)), (leaf(m, 4), leaf(8, 96, 4, scale=0.1))
+    gate, up, down_a = _cuda_leaf(gen, 64, 96), _cuda_leaf(gen, 64, 96), _cuda_leaf(gen, 8, 4, 96, scale=0.1)
+    gate_lora = (_cuda_leaf(gen, m, 4), _cuda_leaf(gen, 8, 96, 4, scale=0.1))
+    up_lora = (_cuda_leaf(gen, m, 4), _cuda_leaf(gen, 8, 96, 4, scale=0.1))
     weight = plan.weight.detach().requires_grad_()
-    leaves = (gate, up, weight, down_a, *gate_lora, *up_lora)
-    run = dict(act_fn=torch.nn.SiLU(), down_a=down_a, token=plan.token, counts=plan.counts, gate_lora=gate_lora,
-               up_lora=up_lora)
-    ref_hidden, ref_z = pair_gated_mixture(gate, up, weight, **run)
-    ref_grads = torch.autograd.grad(ref_hidden.square().sum() + ref_z.sum(), leaves)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        hidden, z = pair_gated_mixture(gate.bfloat16(), up.bfloat16(), weight, **run)
-    assert hidden.dtype == z.dtype == torch.bfloat16
-    grads = torch.autograd.grad(hidden.float().square().sum() + z.float().sum(), leaves)
-    scale = float(ref_hidden.detach().abs().max())
-    torch.testing.assert_close(hidden.float(), ref_hidden.detach(), atol=0.05 * scale, rtol=0)
-    for g, r in zip(grads, ref_grads, strict=True):
-        assert g.dtype == torch.float32
-        torch.testing.assert_close(g, r, atol=0.1 * float(r.abs().max()), rtol=0)
+    _check_bf16_autocast(pair_gated_mixture, gate, up, weight, (gate, up, weight, down_a, *gate_lora, *up_lora),
+                         act_fn=torch.nn.SiLU(), down_a=down_a, token=plan.token, counts=plan.counts,
+                         gate_lora=gate_lora, up_lora=up_lora)
 
 
 def test_multijob_mixed_rows_on_cuda_equal_cpu():
