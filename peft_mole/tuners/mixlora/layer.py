@@ -270,7 +270,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
         )
         pair_delta = segment_b(z, lora_b, plan, settings.scaling).to(x.dtype)
         down = x.new_zeros(x.shape[0], lora_b.shape[1]).index_add(0, plan.token, pair_delta)
-        weight_sum = gate.new_zeros(gate.shape[0], 1).index_add(0, plan.token, plan.weight.to(gate.dtype).unsqueeze(-1))
+        _, weight_sum = self._combine(None, plan, gate, with_hidden=False)
         return hidden, down, weight_sum
 
     @profiled("peft_mole::experts_gate_up")
