@@ -34,8 +34,10 @@ def rows_batch(rows: int, seq: int, vocab: int, seed: int = 0) -> dict[str, torc
 
 
 def base_step_fn(model, batch):
-    """The frozen base alone: forward + backward down to the input embeddings (the path adapters need)."""
+    """The frozen base alone: forward + backward of the activations down to the input embeddings (the path adapters
+    need); no weight gradients, as no base weight trains."""
     model.train()
+    model.requires_grad_(False)
     embed = model.get_input_embeddings()
 
     def step() -> None:

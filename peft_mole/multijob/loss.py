@@ -26,14 +26,16 @@ def per_job_losses(
         rows: job -> its rows (`MixedBatch.rows`); aux_per_adapter: `outputs.aux_loss_per_adapter`.
         num_items: job -> target tokens of its accumulated batch (gradient accumulation); default: this batch's.
     """
+    # one cross entropy over every row, labels shifted by padding them (as transformers' ForCausalLMLoss): slicing
+    # the logits per job would give each job a zero-filled gradient of the whole logits tensor in backward
+    shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    token_losses = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(shift_labels.shape)
     losses = {}
     for job, row_slice in rows.items():
-        job_logits = logits[row_slice, :-1].float()
-        job_labels = labels[row_slice, 1:]
-        token_sum = torch.nn.functional.cross_entropy(
-            job_logits.reshape(-1, job_logits.shape[-1]), job_labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        count = (job_labels != -100).sum() if num_items is None else torch.as_tensor(num_items[job])
+        token_sum = token_losses[row_slice].sum()
+        count = (shift_labels[row_slice] != -100).sum() if num_items is None else torch.as_tensor(num_items[job])
         loss = token_sum / count.clamp(min=1)
         if aux_per_adapter is not None and job in aux_per_adapter:
             loss = loss + aux_per_adapter[job]
