@@ -1,10 +1,11 @@
 """BENCH.md ratio 7, `pad_fraction`: padding tokens / all tokens in the mixed batches MultiJobTrainer builds, on
 jobs whose row lengths follow a long-tailed (log-normal) distribution.
 
-Three settings: one mixed step per round (no grouping); length-aware grouping of a round into steps
-(`step_overhead_tokens="auto"`, the default: the cost of a step fitted from measured step times); grouping plus
-Trainer's `group_by_length` sampler inside each job. `micro_batch_pad_fraction` is the padding already in the jobs'
-own micro-batches (their collators'), which the scheduler does not change: the floor for the mixed batches.
+Settings: one mixed step per round (no grouping); length-aware grouping of a round into steps
+(`step_overhead_tokens="auto"`, the default: the cost of a step fitted from measured step times), with the LoRA
+jobs' micro-batches cut into rows (the default) and, as an ablation, kept whole; the same with Trainer's
+`group_by_length` sampler inside each job. `micro_batch_pad_fraction` is the padding already in the jobs' own
+micro-batches (their collators'). Each setting also reports its mixed steps, seconds and real tokens per second.
 Usage: python bench/pad_fraction.py [--shape small] [--jobs 4] [--steps 20]
 """
 
@@ -15,6 +16,7 @@ import contextlib
 import random
 import sys
 import tempfile
+import time
 
 from common import emit, setup_threads
 from datasets import Dataset
@@ -35,8 +37,9 @@ def long_tailed_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def run(shape: str, jobs: int, steps: int, overhead: int | str | None, sampling: str) -> tuple[float, float, int]:
-    """(pad fraction of the mixed batches, of the jobs' own micro-batches, fitted step overhead in tokens)."""
+def run(shape: str, jobs: int, steps: int, overhead: int | str | None, sampling: str, cut_rows: bool) -> dict:
+    """Pad fraction of the mixed batches and of the jobs' own micro-batches, fitted step overhead in tokens, mixed
+    steps, training seconds and real tokens per second."""
     tokenizer = synthetic.demo_tokenizer()
     job_list = [
         JobConfig(f"job{i}", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
@@ -51,9 +54,18 @@ def run(shape: str, jobs: int, steps: int, overhead: int | str | None, sampling:
                            use_cpu=True, bf16=False, disable_tqdm=True, logging_steps=steps,
                            train_sampling_strategy=sampling, gradient_checkpointing=False),
         )
+        if not cut_rows:  # ablation: every micro-batch stays whole, as before LoRA micro-batches were cut into rows
+            trainer._rows_splittable = lambda run: False
+        steps_taken = []
+        forward_backward = trainer._forward_backward
+        trainer._forward_backward = lambda parts: (steps_taken.append(1), forward_backward(parts))[1]
+        start = time.perf_counter()
         trainer.train()
+        seconds = time.perf_counter() - start
         stats = trainer.padding_stats
-        return stats.pad_fraction, stats.micro_batch_pad_fraction, trainer.step_cost.overhead_tokens()
+        return {"pad_fraction": stats.pad_fraction, "micro_batch_pad_fraction": stats.micro_batch_pad_fraction,
+                "overhead_tokens": trainer.step_cost.overhead_tokens(), "mixed_steps": len(steps_taken),
+                "seconds": seconds, "real_tokens_per_s": stats.real / seconds}
 
 
 def main() -> None:
@@ -63,13 +75,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     setup_threads()
-    settings = {"one_step_per_round": (None, "random"), "length_grouping": ("auto", "random"),
-                "length_grouping+group_by_length": ("auto", "group_by_length")}
+    settings = {
+        "one_step_per_round": (None, "random", False),
+        "length_grouping_whole_micro_batches": ("auto", "random", False),
+        "length_grouping": ("auto", "random", True),
+        "length_grouping+group_by_length_whole_micro_batches": ("auto", "group_by_length", False),
+        "length_grouping+group_by_length": ("auto", "group_by_length", True),
+    }
     results = {name: run(args.shape, args.jobs, args.steps, *setting) for name, setting in settings.items()}
     best = results["length_grouping+group_by_length"]
     emit({"name": "pad_fraction", "shape": args.shape, "jobs": args.jobs, "steps": args.steps,
-          "ratio_median": best[0], "ratio_min": best[0], "micro_batch_pad_fraction": best[1],
-          "fitted_step_overhead_tokens": best[2], **{name: fraction for name, (fraction, _, _) in results.items()}})
+          "ratio_median": best["pad_fraction"], "ratio_min": best["pad_fraction"],
+          "micro_batch_pad_fraction": best["micro_batch_pad_fraction"],
+          "fitted_step_overhead_tokens": best["overhead_tokens"],
+          **{name: result["pad_fraction"] for name, result in results.items()},
+          "cut_rows_speedup": results["length_grouping"]["real_tokens_per_s"]
+          / results["length_grouping_whole_micro_batches"]["real_tokens_per_s"],
+          "details": results})
 
 
 if __name__ == "__main__":

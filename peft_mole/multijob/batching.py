@@ -1,7 +1,8 @@
 """Mixed-adapter batches: the rows of several jobs in one batch, each job's rows contiguous, one adapter per row.
 
 Every frozen base operation then runs once for all rows, and each adapter only on its own rows (contiguous rows
-are sliced, not gathered, by the peft-mole layers).
+are sliced, not gathered, by the peft-mole layers). A plain-LoRA job's micro-batch may also be cut into its rows
+(`row_lengths`, `take_rows`), so the scheduler can put rows of very different lengths into different steps.
 """
 
 from __future__ import annotations
@@ -51,3 +52,29 @@ def mixed_batch(parts: dict[str, dict[str, torch.Tensor]], pad_token_id: int = 0
         rows[job] = slice(start, start + n)
         start += n
     return MixedBatch(torch.cat(ids), torch.cat(mask), torch.cat(labels), names, rows)
+
+
+def row_lengths(batch: dict) -> list[int] | None:
+    """Real length of each row of a right-padded micro-batch, or None when its rows cannot be cut apart (left
+    padding, no attention mask, or a tensor that is not laid out (rows, seq, ...) or (rows,))."""
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    rows, seq = mask.shape
+    for value in batch.values():
+        if not isinstance(value, torch.Tensor) or value.shape[0] != rows or (value.dim() > 1 and value.shape[1] != seq):
+            return None
+    lengths = mask.sum(dim=1)
+    if not torch.equal(mask.bool(), torch.arange(seq, device=mask.device) < lengths[:, None]):
+        return None
+    return [max(int(n), 1) for n in lengths]
+
+
+def take_rows(batch: dict, rows: list[int], length: int) -> dict:
+    """Rows `rows` of a right-padded micro-batch, cut to its first `length` positions (at least every chosen row's
+    real length: only padding is dropped). All rows at full length give the batch itself."""
+    if rows == list(range(batch["input_ids"].shape[0])) and length == batch["input_ids"].shape[1]:
+        return batch
+    index = torch.tensor(rows, device=batch["input_ids"].device)
+    return {key: value.index_select(0, index)[:, :length] if value.dim() > 1 else value.index_select(0, index)
+            for key, value in batch.items()}

@@ -16,11 +16,15 @@ class PaddingStats:
         self.micro_batch_total = 0
 
     def add(self, parts: list[tuple[JobRun, dict]]) -> None:
+        """Count one mixed step: every row padded to the step's longest."""
         length = max(batch["input_ids"].shape[1] for _, batch in parts)
         for _, batch in parts:
             self.real += int(batch["attention_mask"].sum())
             self.total += batch["input_ids"].shape[0] * length
-            self.micro_batch_total += batch["input_ids"].numel()
+
+    def add_micro_batches(self, parts: list[tuple[JobRun, dict]]) -> None:
+        """Count the jobs' micro-batches of one round as their collators made them."""
+        self.micro_batch_total += sum(batch["input_ids"].numel() for _, batch in parts)
 
     @property
     def pad_fraction(self) -> float:

@@ -3,19 +3,23 @@
 1. Admission: jobs run by priority (higher first), then arrival (their order in `jobs=`), at most
    `max_concurrent_jobs` at a time; a job that finishes or fails frees its place for the next waiting one.
 2. Packing: of the admitted jobs' next micro-batches, take them in priority order while the memory model predicts
-   the mixed batch (padded to its longest row) stays under `max_memory`; the rest wait for the next step, so no
-   job's batch is ever split or changed (that would change its gradients). A micro-batch that alone exceeds the
+   the mixed batch (padded to its longest row) stays under `max_memory`; the rest wait for the next step (a
+   micro-batch waits whole). A micro-batch that alone exceeds the
    budget fails its job with a clear error instead of running out of memory.
 3. Length-aware grouping: the packed micro-batches are sorted by length and cut into consecutive groups, each
    run as its own mixed step, where that saves more padded tokens than a step costs (`step_overhead_tokens`):
    short jobs are not padded to the longest job's length. Each job's loss is normalised by its own window's token
-   count, so which step a micro-batch runs in changes nothing in its gradients.
+   count, so which step a micro-batch runs in changes nothing in its gradients. A plain-LoRA job's micro-batch is
+   cut into its rows for this (its loss is a plain sum over rows); a MixLoRA/DynMoLE job's stays whole, since
+   its router's load-balance loss is not a sum over rows.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 
+from peft_mole.multijob.batching import row_lengths, take_rows
 from peft_mole.multijob.memory import MemoryModel
 from peft_mole.multijob.run import FAILED, RUNNING, WAITING, JobRun
 
@@ -100,27 +104,64 @@ class JobScheduler:
         return chosen
 
     @staticmethod
-    def group_by_length(parts: list[tuple[JobRun, dict]], step_overhead_tokens: int) -> list[list[tuple[JobRun, dict]]]:
-        """Split the parts into mixed steps minimising Σ_steps (rows · longest length + overhead) — an exact
-        dynamic programme over the parts sorted by length (consecutive groups are optimal for this cost)."""
-        if len(parts) <= 1 or step_overhead_tokens is None:
+    def group_by_length(
+        parts: list[tuple[JobRun, dict]], step_overhead_tokens: int | None, splittable: Callable[[JobRun], bool] | None = None
+    ) -> list[list[tuple[JobRun, dict]]]:
+        """Split the parts into mixed steps minimising Σ_steps (rows · longest length + overhead).
+
+        The units are whole micro-batches, except for parts whose run is `splittable` (plain-LoRA jobs: their loss is
+        a sum over rows normalised by the window's token count, so any split of their rows gives the same gradient):
+        those are cut into rows of their real lengths. Units of equal length are merged (splitting them never pays),
+        and an exact dynamic programme runs over the units sorted by length (consecutive groups are optimal for this
+        cost). A step holds one part per run: the run's rows in that step, cut to their longest real length.
+        """
+        if step_overhead_tokens is None or not parts:
             return [parts]
-        ordered = sorted(parts, key=lambda p: p[1]["input_ids"].shape[1])
-        rows = [p[1]["input_ids"].shape[0] for p in ordered]
-        lengths = [p[1]["input_ids"].shape[1] for p in ordered]
-        n = len(ordered)
-        best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j parts
+        by_length: dict[int, list[tuple[int, list[int] | None]]] = {}  # length -> [(part index, rows or None)]
+        rows_at: dict[int, int] = {}
+        for k, (run, batch) in enumerate(parts):
+            lengths = row_lengths(batch) if splittable is not None and splittable(run) else None
+            if lengths is None:
+                length = batch["input_ids"].shape[1]
+                by_length.setdefault(length, []).append((k, None))
+                rows_at[length] = rows_at.get(length, 0) + batch["input_ids"].shape[0]
+                continue
+            for i, length in enumerate(lengths):
+                by_length.setdefault(length, []).append((k, [i]))
+                rows_at[length] = rows_at.get(length, 0) + 1
+        lengths = sorted(by_length)
+        prefix = [0]
+        for length in lengths:
+            prefix.append(prefix[-1] + rows_at[length])
+        n = len(lengths)
+        best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j lengths
         cut = [0] * (n + 1)
         for j in range(1, n + 1):
-            for i in range(j):  # last group = ordered[i:j], padded to lengths[j - 1]
-                cost = best[i] + sum(rows[i:j]) * lengths[j - 1] + step_overhead_tokens
+            for i in range(j):  # last step = lengths[i:j], padded to lengths[j - 1]
+                cost = best[i] + (prefix[j] - prefix[i]) * lengths[j - 1] + step_overhead_tokens
                 if cost < best[j]:
                     best[j], cut[j] = cost, i
-        groups, j = [], n
+        bounds, j = [], n
         while j > 0:
-            groups.append(ordered[cut[j]:j])
+            bounds.append((cut[j], j))
             j = cut[j]
-        return groups[::-1]
+        if len(bounds) == 1 and all(rows is None for units in by_length.values() for _, rows in units):
+            return [parts]
+        groups = []
+        for i, j in reversed(bounds):
+            chosen: dict[int, list[int] | None] = {}
+            longest: dict[int, int] = {}
+            for length in lengths[i:j]:
+                for k, rows in by_length[length]:
+                    chosen[k] = None if rows is None else chosen.get(k, []) + rows
+                    longest[k] = length
+            group = []
+            for k in sorted(chosen):  # the parts' own (priority) order
+                run, batch = parts[k]
+                rows = chosen[k]
+                group.append((run, batch if rows is None else take_rows(batch, sorted(rows), longest[k])))
+            groups.append(group)
+        return groups
 
     def predict(self, parts: list[tuple[JobRun, dict]]) -> float:
         length = max(batch["input_ids"].shape[1] for _, batch in parts)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from transformers import (
     AutoModelForCausalLM,
     PreTrainedModel,
@@ -271,9 +271,12 @@ class MultiJobTrainer(SFTTrainer):
             overhead = self.step_cost.overhead_tokens()
         self._round_losses: dict[str, float] = {}
         self._round_failures: dict[str, str] = {}
-        for group in self.job_scheduler.group_by_length(parts, overhead):
-            self.padding_stats.add(group)
-            self._train_parts(group)
+        self.padding_stats.add_micro_batches(parts)
+        for group in self.job_scheduler.group_by_length(parts, overhead, splittable=self._rows_splittable):
+            group = [(run, batch) for run, batch in group if run.name not in self._round_failures]
+            if group:
+                self.padding_stats.add(group)
+                self._train_parts(group)
         failed = dist.any_process(self.accelerator, [run.name in self._round_failures for run, _ in parts])
         for (run, _), bad in zip(parts, failed, strict=True):
             if bad:
@@ -282,6 +285,11 @@ class MultiJobTrainer(SFTTrainer):
             run.window_loss += self._round_losses[run.name]
             if run.consume():
                 self._job_step(run)
+
+    def _rows_splittable(self, run: JobRun) -> bool:
+        """Plain-LoRA jobs: their loss is a sum over rows (÷ the window's token count), so their micro-batch may run
+        in several steps with the same gradient. A router's load-balance loss is not a sum over rows."""
+        return isinstance(self.jobs_model.peft_config[run.name], LoraConfig)
 
     def _estimate_steps(self, runs: list[JobRun]) -> int:
         """Mixed steps if the jobs run side by side (max_concurrent_jobs lets fewer run at once: more steps)."""
@@ -353,7 +361,7 @@ class MultiJobTrainer(SFTTrainer):
             share = (mixed.rows[run.name].stop - mixed.rows[run.name].start) / total_rows
             run.stats.seconds += seconds * share
             run.stats.tokens += int(label_mask[mixed.rows[run.name]].sum())
-            self._round_losses[run.name] = float(losses[run.name].detach())
+            self._round_losses[run.name] = self._round_losses.get(run.name, 0.0) + float(losses[run.name].detach())
 
     def _pad_token_id(self) -> int:
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)

@@ -81,7 +81,7 @@ def test_length_grouping_splits_only_when_it_saves_more_than_a_step_costs():
     groups = JobScheduler.group_by_length([long, short1, short2], step_overhead_tokens=256)
     assert [[r.name for r, _ in g] for g in groups] == [["s1", "s2"], ["l"]]  # saves 8 x 176 tokens > 256
     groups = JobScheduler.group_by_length([long, short1, short2], step_overhead_tokens=5000)
-    assert [[r.name for r, _ in g] for g in groups] == [["s1", "s2", "l"]]
+    assert [[r.name for r, _ in g] for g in groups] == [["l", "s1", "s2"]]  # one step, in the parts' order
     assert JobScheduler.group_by_length([long, short1], step_overhead_tokens=None) == [[long, short1]]
 
 
@@ -112,9 +112,53 @@ def test_padding_stats_separate_the_jobs_own_padding_from_what_mixing_adds():
     short, long = part("s", 2, 10), part("l", 1, 40)
     short[1]["attention_mask"] = torch.tensor([[1] * 10, [1] * 6 + [0] * 4])  # the job's collator padded 4 tokens
     stats = PaddingStats()
+    stats.add_micro_batches([short, long])
     stats.add([short, long])  # mixed: the short rows are padded to 40
     assert stats.real == 16 + 40 and stats.total == 3 * 40 and stats.micro_batch_total == 20 + 40
     assert stats.pad_fraction == pytest.approx(1 - 56 / 120)
     assert stats.micro_batch_pad_fraction == pytest.approx(1 - 56 / 60)
-    stats.add([short])  # alone: no padding beyond the job's own
+    stats.add([short])  # a second round, the job alone: no padding beyond the job's own
+    stats.add_micro_batches([short])
     assert stats.total - stats.micro_batch_total == 120 - 60
+
+
+def lora_part(name, lengths, seq=None):
+    """A right-padded micro-batch with rows of the given real lengths; token ids encode (row, position)."""
+    seq = seq or max(lengths)
+    ids = torch.tensor([[100 * i + t for t in range(seq)] for i in range(len(lengths))])
+    mask = (torch.arange(seq) < torch.tensor(lengths)[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    return FakeRun(name), {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_splittable_micro_batches_are_cut_into_rows_of_their_real_length():
+    a = lora_part("a", [200, 10, 12])  # one long row among short ones
+    b = part("b", 2, 11)  # not splittable: stays whole
+    split = lambda run: run.name == "a"  # noqa: E731
+    groups = JobScheduler.group_by_length([a, b], step_overhead_tokens=100, splittable=split)
+    assert [[(r.name, tuple(batch["input_ids"].shape)) for r, batch in g] for g in groups] == [
+        [("a", (2, 12)), ("b", (2, 11))], [("a", (1, 200))]
+    ]
+    short, long = groups[0][0][1], groups[1][0][1]
+    assert torch.equal(short["input_ids"], a[1]["input_ids"][1:3, :12])  # rows 1 and 2, in order, cut to 12
+    assert torch.equal(short["labels"], a[1]["labels"][1:3, :12])
+    assert torch.equal(short["attention_mask"].sum(1), torch.tensor([10, 12]))
+    assert torch.equal(long["input_ids"], a[1]["input_ids"][:1])
+    # without splitting, a's micro-batch is one unit of 3 rows x 200: b gets a step of its own (cost 822 < 1100)
+    assert JobScheduler.group_by_length([a, b], step_overhead_tokens=100) == [[b], [a]]
+    # a large step cost keeps everything in one step, each micro-batch as it came
+    assert JobScheduler.group_by_length([a, b], step_overhead_tokens=10**6, splittable=split) == [[a, b]]
+
+
+def test_rows_are_not_cut_apart_when_the_batch_is_not_right_padded():
+    from peft_mole.multijob.batching import row_lengths, take_rows
+
+    run, batch = lora_part("a", [5, 3])
+    assert row_lengths(batch) == [5, 3]
+    left = dict(batch, attention_mask=batch["attention_mask"].flip(1))
+    assert row_lengths(left) is None
+    assert row_lengths({"input_ids": batch["input_ids"]}) is None
+    assert row_lengths(dict(batch, extra=torch.zeros(3))) is None  # a tensor not laid out by rows
+    assert take_rows(batch, [0, 1], 5) is batch
+    groups = JobScheduler.group_by_length([(run, left)], step_overhead_tokens=0, splittable=lambda r: True)
+    assert groups == [[(run, left)]]

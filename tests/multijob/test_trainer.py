@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from datasets import load_dataset
+from datasets import Dataset, load_dataset
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
@@ -78,6 +78,37 @@ def test_jobs_trained_together_equal_each_trained_alone(assets, tmp_path):
         for key in expected:
             diff = (together[key] - expected[key]).abs().max().item()
             assert diff <= 1e-5, f"{job.name}: {key} differs by {diff}"
+
+
+def test_lora_micro_batches_cut_into_rows_train_as_alone(assets, tmp_path):
+    """With a free step (`step_overhead_tokens=0`) every LoRA micro-batch is cut into rows and each row length runs
+    in its own step, so no mixed step has padding; each job still ends exactly as trained alone."""
+    tokenizer, _ = assets
+    words = ["red", "blue", "cat", "dog", "sun", "rain", "tree", "road"]
+    rows = [{"text": " ".join(words[(i + k) % 8] for k in range(2 + (7 * i) % 23))} for i in range(24)]
+    jobs = [
+        JobConfig("a", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+                  Dataset.from_list(rows), per_device_train_batch_size=4, gradient_accumulation_steps=2),
+        JobConfig("b", LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+                  Dataset.from_list(rows[::-1]), per_device_train_batch_size=3, seed=3),
+    ]
+    vocab = len(tokenizer)
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=vocab), jobs=jobs, args=run_args(tmp_path / "run"),
+                              processing_class=tokenizer, step_overhead_tokens=0)
+    randomize_adapters(trainer.jobs_model)
+    for job in jobs:
+        trainer.jobs_model.save_job(job.name, str(tmp_path / "init" / job.name))
+    trainer.train()
+    assert trainer.padding_stats.pad_fraction == 0.0 < trainer.padding_stats.micro_batch_pad_fraction
+    for job in jobs:
+        solo = PeftModel.from_pretrained(tiny_base(vocab_size=vocab), str(tmp_path / "init" / job.name), is_trainable=True)
+        SFTTrainer(model=solo, args=job.training_args(run_args(tmp_path / "solo")), train_dataset=job.train_dataset,
+                   processing_class=tokenizer).train()
+        expected = get_peft_model_state_dict(solo)
+        together = load_file(tmp_path / "run" / job.name / "adapter_model.safetensors")
+        initial = load_file(tmp_path / "init" / job.name / "adapter_model.safetensors")
+        assert max((expected[k] - initial[k]).abs().max().item() for k in expected) > 1e-4
+        assert max((expected[k] - together[k]).abs().max().item() for k in expected) <= 1e-5, job.name
 
 
 def test_logs_are_per_job_and_summary_is_written(assets, tmp_path):
