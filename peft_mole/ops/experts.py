@@ -26,6 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from peft_mole.ops.profiling import profiled
+from peft_mole.ops.segmented_lora import grouped_linear, grouped_mm_exact
 
 
 @dataclass
@@ -103,8 +104,13 @@ def _segment_matmul(
 ) -> torch.Tensor:
     """out[seg_e] = base[seg_e] + rows[seg_e] @ weight[e]ᵀ for expert-sorted rows; weight: (E, out, in).
 
-    With `base`, the addition is fused into the matmul (addmm) instead of a separate pass over (M, out).
+    With `base`, the addition is fused into the matmul (addmm) instead of a separate pass over (M, out). Without
+    it, one grouped product (`torch._grouped_mm`, where `grouped_mm_exact`) replaces the loop over experts: the
+    same numbers, 10–40 % faster per product on CPU, about 1 % of a MixLoRA step (docs/performance.md).
     """
+    if base is None and rows.dtype == weight.dtype and grouped_mm_exact(rows.device, weight.dtype, *weight.shape[1:]):
+        ends = torch.tensor(counts, device=rows.device).cumsum(0).to(torch.int32)
+        return grouped_linear(rows, weight, ends)
     segments = torch.split(rows, counts)
     if base is None:
         outs = [seg @ weight[e].t() for e, seg in enumerate(segments) if seg.shape[0]]

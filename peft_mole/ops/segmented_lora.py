@@ -2,13 +2,15 @@
 
 Every row runs the frozen layer once (`base_out`); each adapter's delta s·B(A(dropout(x))) runs only on its own
 rows. Rows of one adapter that are contiguous are sliced (no gather); others are gathered by index. Adapters
-whose row blocks have the same size and whose factors the same rank and dtype are stacked: their A and B run as
-batched products over adapters (`stacked_linear`) instead of two small products each, with each adapter's
-arithmetic that of its own `F.linear`, so a job's numbers do not depend on which jobs share its step.
+whose factors have the same rank and dtype share their products: A and B run as batched products over adapters
+(`stacked_linear`) when their row blocks have the same size, else as grouped products over row segments
+(`grouped_linear`, `torch._grouped_mm`, on CPU), instead of two small products each; each adapter's arithmetic
+is that of its own `F.linear`, so a job's numbers do not depend on which jobs share its step.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,10 +82,10 @@ def scatter_row_deltas(
         deltas: list[torch.Tensor | None] = [None] * len(groups)
         if factors is not None:
             buckets = stacked_lora_deltas(x, pieces, groups, factors)
-            if len(buckets) == 1 and len(buckets[0][0]) == len(groups):  # every group in one stack: no cat
+            if len(buckets) == 1 and len(buckets[0][0]) == len(groups):  # every group in one bucket: no cat
                 return base_out + buckets[0][1].reshape(base_out.shape).to(base_out.dtype)
             for indices, stacked in buckets:
-                for i, d in zip(indices, stacked.unbind(0), strict=True):
+                for i, d in zip(indices, stacked.split([groups[i].num_rows for i in indices]), strict=True):
                     deltas[i] = d.to(base_out.dtype)
         for i, (group, piece) in enumerate(zip(groups, pieces, strict=True)):
             if deltas[i] is not None:
@@ -105,27 +107,74 @@ def scatter_row_deltas(
     return base_out if full is None else base_out + full
 
 
+def grouped_mm_exact(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
+    """True where `torch._grouped_mm` serves products with these inner/outer sizes: on CPU, where each segment's
+    product and both its gradients are those of `F.linear` on that segment bit for bit (tests/ops/test_experts.py),
+    for fp32/bf16 sizes that are multiples of 16 bytes (its kernels' stride rule), and where the installed torch
+    has it for CPU. Elsewhere its kernels differ from `F.linear`'s, so a job's numbers would depend on the jobs
+    beside it; there equal-size blocks use `stacked_linear` and the rest the per-group path."""
+    if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return all(d * itemsize % 16 == 0 for d in dims) and _grouped_mm_runs_on_cpu(dtype)
+
+
+@functools.cache
+def _grouped_mm_runs_on_cpu(dtype: torch.dtype) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.ones(3, 8, dtype=dtype, requires_grad=True)
+        weight = torch.ones(2, 8, 8, dtype=dtype, requires_grad=True)
+        grouped_linear(x, weight, torch.tensor([1, 3], dtype=torch.int32)).sum().backward()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return bool(x.grad.eq(8).all())
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Row segments of x (N, in) times their own weight (J, out, in): out[seg_j] = F.linear(x[seg_j], W_j); `ends`
+    (J,) int32 are the cumulative segment ends. One `torch._grouped_mm` call (see `grouped_mm_exact`); its
+    backward needs a dense output gradient, so an expanded one (the gradient of a sum) is made contiguous."""
+    out = torch._grouped_mm(x.contiguous(), weight.transpose(1, 2), offs=ends)
+    if out.requires_grad:
+        out.register_hook(torch.Tensor.contiguous)
+    return out
+
+
 def stacked_lora_deltas(
     x: torch.Tensor,
     pieces: tuple[torch.Tensor, ...],
     groups: list[RowGroup],
     factors: Callable[[str], LoraFactors | None],
 ) -> list[tuple[list[int], torch.Tensor]]:
-    """s_j · B_j A_j dropout_j(x_j) for the groups that can share batched products, as (group indices, (J, rows,
-    ..., out) deltas) per bucket of ≥ 2 groups with the same row count, rank, dtype and device.
+    """s_j · B_j A_j dropout_j(x_j) for the groups that can share products, as (group indices, their deltas
+    concatenated over rows, (Σ rows, ..., out)) per bucket of ≥ 2 groups with the same rank, dtype and device.
 
-    x_j are the consecutive row blocks `pieces` of x; a bucket covering all of x whose adapters share one dropout
-    setting draws one mask over x and reads it as a (J, rows · ..., in) view, otherwise the (dropped-out) blocks
-    are stacked. Dropout masks are therefore drawn in another order than group by group.
+    x_j are the consecutive row blocks `pieces` of x. Blocks of equal size run as batched products over adapters
+    (`stacked_linear`); blocks of different sizes as grouped products over row segments (`grouped_linear`) where
+    `grouped_mm_exact`, else only blocks of equal size are bucketed. Either way each adapter's arithmetic is that
+    of its own `F.linear`. A bucket covering all of x whose adapters share one dropout setting draws one mask over
+    x, otherwise the (dropped-out) blocks are concatenated. Dropout masks are therefore drawn in another order
+    than group by group.
     """
-    buckets: dict[tuple, list[int]] = {}
+    by_rank: dict[tuple, list[int]] = {}
     for i, group in enumerate(groups):
         found = None if group.adapter == BASE_ROW else factors(group.adapter)
         if found is not None:
-            key = (group.num_rows, found.lora_a.shape[0], found.lora_a.dtype, found.lora_a.device)
-            buckets.setdefault(key, []).append(i)
+            by_rank.setdefault((found.lora_a.shape[0], found.lora_a.dtype, found.lora_a.device), []).append(i)
+    buckets = []
+    for (rank, dtype, device), indices in by_rank.items():
+        out_features = factors(groups[indices[0]].adapter).lora_b.shape[0]
+        if grouped_mm_exact(device, dtype, x.shape[-1], rank, out_features):
+            buckets.append(indices)
+            continue
+        by_size: dict[int, list[int]] = {}
+        for i in indices:
+            by_size.setdefault(groups[i].num_rows, []).append(i)
+        buckets += by_size.values()
     results = []
-    for indices in buckets.values():
+    for indices in buckets:
         if len(indices) < 2:
             continue
         chosen = [factors(groups[i].adapter) for i in indices]
@@ -133,15 +182,25 @@ def stacked_lora_deltas(
         first = chosen[0].dropout
         shared_dropout = all(type(f.dropout) is type(first) and getattr(f.dropout, "p", 0) == getattr(first, "p", 0)
                              and f.dropout.training == first.training for f in chosen)
-        if shared_dropout and len(indices) == len(groups):  # one dropout call over all of x, then a view
-            inputs = first(x.to(dtype)).reshape(len(indices), -1, x.shape[-1])
+        if shared_dropout and len(indices) == len(groups):  # one dropout call over all of x
+            inputs = first(x.to(dtype)).reshape(-1, x.shape[-1])
         else:
-            inputs = torch.stack([f.dropout(pieces[i].to(dtype)).reshape(-1, x.shape[-1])
-                                  for i, f in zip(indices, chosen, strict=True)])
-        scaling = torch.tensor([f.scaling for f in chosen], dtype=dtype, device=x.device).view(-1, 1, 1)
-        hidden = stacked_linear(inputs, torch.stack([f.lora_a for f in chosen])) * scaling  # (J, rows·…, r)
-        out = stacked_linear(hidden, torch.stack([f.lora_b for f in chosen]))  # (J, rows·…, out)
-        results.append((indices, out.view(len(indices), *pieces[indices[0]].shape[:-1], -1)))
+            inputs = torch.cat([f.dropout(pieces[i].to(dtype)).reshape(-1, x.shape[-1])
+                                for i, f in zip(indices, chosen, strict=True)])
+        tokens = [pieces[i][..., 0].numel() for i in indices]
+        lora_a, lora_b = torch.stack([f.lora_a for f in chosen]), torch.stack([f.lora_b for f in chosen])
+        if len(set(tokens)) == 1:
+            scaling = torch.tensor([f.scaling for f in chosen], dtype=dtype, device=x.device).view(-1, 1, 1)
+            hidden = stacked_linear(inputs.view(len(indices), tokens[0], -1), lora_a) * scaling  # (J, tokens, r)
+            out = stacked_linear(hidden, lora_b).flatten(0, 1)  # (Σ tokens, out)
+        else:
+            counts = torch.tensor(tokens, device=x.device)
+            scaling = torch.tensor([f.scaling for f in chosen], dtype=dtype, device=x.device)
+            hidden = grouped_linear(inputs, lora_a, counts.cumsum(0).to(torch.int32))  # (Σ tokens, r)
+            hidden = hidden * scaling.repeat_interleave(counts).unsqueeze(1)
+            out = grouped_linear(hidden, lora_b, counts.cumsum(0).to(torch.int32))
+        rows = sum(groups[i].num_rows for i in indices)
+        results.append((indices, out.view(rows, *pieces[indices[0]].shape[1:-1], -1)))
     return results
 
 

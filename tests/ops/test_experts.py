@@ -223,26 +223,61 @@ def test_stacked_linear_has_each_jobs_f_linear_arithmetic_and_passes_gradcheck()
                 torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_linear_has_each_segments_f_linear_arithmetic_on_cpu(dtype):
+    from peft_mole.ops.segmented_lora import grouped_linear, grouped_mm_exact
+
+    assert grouped_mm_exact("cpu", dtype, 16, 8, 1376)
+    assert not grouped_mm_exact("cpu", dtype, 16, 2, 1376)  # 8 bytes: below the kernels' 16-byte stride rule
+    assert not grouped_mm_exact("cpu", torch.float64, 16, 8) and not grouped_mm_exact("cuda", dtype, 16, 8)
+    for segments, d_in, d_out in (((5, 1, 7), 16, 8), ((100, 37, 256, 3, 180), 512, 16), ((40, 300, 90), 16, 1376)):
+        torch.manual_seed(0)
+        x = torch.randn(sum(segments), d_in, dtype=dtype, requires_grad=True)
+        weight = torch.randn(len(segments), d_out, d_in, dtype=dtype, requires_grad=True)
+        grad = torch.randn(sum(segments), d_out, dtype=dtype)
+        ends = torch.tensor(segments).cumsum(0).to(torch.int32)
+        out = grouped_linear(x, weight, ends)
+        gx, gw = torch.autograd.grad(out, (x, weight), grad)
+        (sum_grad,) = torch.autograd.grad(grouped_linear(x, weight, ends).sum(), x)  # from an expanded gradient
+        expected_sum_grad = torch.cat([weight[j].detach().float().sum(0).expand(n, d_in) for j, n in enumerate(segments)])
+        torch.testing.assert_close(sum_grad.float(), expected_sum_grad, rtol=2e-2, atol=2e-2)
+        bounds = [0, *ends.tolist()]
+        for j in range(len(segments)):
+            rows = slice(bounds[j], bounds[j + 1])
+            xj, wj = x[rows].detach().requires_grad_(), weight[j].detach().requires_grad_()
+            ref = torch.nn.functional.linear(xj, wj)
+            rx, rw = torch.autograd.grad(ref, (xj, wj), grad[rows])
+            for got, expected in ((out[rows], ref), (gx[rows], rx), (gw[j], rw)):
+                torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("sizes", [(3, 3, 3, 3, 3), (3, 1, 4, 2, 5)], ids=["equal_rows", "unequal_rows"])
 @pytest.mark.parametrize("order", [["a", "b", BASE_ROW, "c", "d"], ["a", "b", "d"]])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_stacked_lora_equals_each_adapter_alone_bit_for_bit(dropout, order):
-    """Equal-size, equal-rank adapters share batched products; each adapter's delta and gradients are the ones
-    its own F.linear products give (what keeps a job independent of the jobs in its step). An adapter of another
-    rank and the base rows take the per-group path; when one stack covers every row the result is added whole."""
+def test_stacked_lora_equals_each_adapter_alone_bit_for_bit(dropout, order, sizes, monkeypatch):
+    """Equal-rank adapters share their products (batched over adapters for equal row blocks, grouped over row
+    segments otherwise); each adapter's delta and gradients are the ones its own F.linear products give (what keeps
+    a job independent of the jobs in its step). An adapter of another rank and the base rows take the per-group
+    path; when one bucket covers every row the result is added whole."""
     from peft_mole.forward_context import RowGroup
+    from peft_mole.ops import segmented_lora
     from peft_mole.ops.dropout import Dropout
     from peft_mole.ops.segmented_lora import LoraFactors
 
+    calls = []
+    real_grouped = segmented_lora.grouped_linear
+    monkeypatch.setattr(segmented_lora, "grouped_linear", lambda *a: calls.append(1) or real_grouped(*a))
     torch.manual_seed(0)
-    rows, seq, d_in, d_out = 3, 5, 16, 24
+    seq, d_in, d_out = 5, 16, 24
     ranks = {"a": 4, "b": 4, "c": 2, "d": 4}
     params = {name: (torch.randn(r, d_in, requires_grad=True), torch.randn(d_out, r, requires_grad=True))
               for name, r in ranks.items()}
     scales = {"a": 2.0, "b": 1 / 3, "c": 1.0, "d": 8 / 7}  # not all exact in binary
     dropouts = {name: Dropout(dropout) if dropout else torch.nn.Identity() for name in ranks}
-    groups = [RowGroup(name, slice(i * rows, (i + 1) * rows), rows) for i, name in enumerate(order)]
-    x = torch.randn(rows * len(order), seq, d_in, requires_grad=True)
-    base_out = torch.randn(rows * len(order), seq, d_out)
+    starts = [sum(sizes[:i]) for i in range(len(order) + 1)]
+    groups = [RowGroup(name, slice(starts[i], starts[i + 1]), sizes[i]) for i, name in enumerate(order)]
+    x = torch.randn(starts[-1], seq, d_in, requires_grad=True)
+    base_out = torch.randn(starts[-1], seq, d_out)
 
     def factors(name):
         return LoraFactors(*params[name], scales[name], dropouts[name]) if name in params else None
@@ -261,11 +296,13 @@ def test_stacked_lora_equals_each_adapter_alone_bit_for_bit(dropout, order):
         assert out.shape == base_out.shape and all(g.isfinite().all() for g in grads)
         return
     (plain, plain_grads), (stacked, stacked_grads) = run(False), run(True)
+    assert len(calls) == (2 if sizes[0] != sizes[1] else 0)  # unequal blocks: the grouped A and B products
     torch.testing.assert_close(stacked, plain, atol=0, rtol=0)
     for got, expected in zip(stacked_grads, plain_grads, strict=True):
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
     if BASE_ROW in order:
-        torch.testing.assert_close(stacked[2 * rows : 3 * rows], base_out[2 * rows : 3 * rows], atol=0, rtol=0)
+        base_rows = slice(starts[2], starts[3])
+        torch.testing.assert_close(stacked[base_rows], base_out[base_rows], atol=0, rtol=0)
 
 
 def test_used_slots_drops_only_columns_no_token_uses():
