@@ -123,13 +123,16 @@ def grouped_mm_exact(device: torch.device, dtype: torch.dtype, *dims: int) -> bo
 def _grouped_mm_runs_on_cpu(dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
-    try:
-        x = torch.ones(3, 8, dtype=dtype, requires_grad=True)
-        weight = torch.ones(2, 8, 8, dtype=dtype, requires_grad=True)
-        grouped_linear(x, weight, torch.tensor([1, 3], dtype=torch.int32)).sum().backward()
-    except (RuntimeError, NotImplementedError):
-        return False
-    return bool(x.grad.eq(8).all())
+    # probed in a clean state: a first call under no_grad, inference mode or autocast must not decide it
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        try:
+            x = torch.ones(3, 8, dtype=dtype, requires_grad=True)
+            weight = torch.ones(2, 8, 8, dtype=dtype, requires_grad=True)
+            out = torch._grouped_mm(x, weight.transpose(1, 2), offs=torch.tensor([1, 3], dtype=torch.int32))
+            (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        except (RuntimeError, NotImplementedError):
+            return False
+    return bool(out.eq(8).all() and grad.eq(8).all())
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
