@@ -56,17 +56,24 @@ def mixed_batch(parts: dict[str, dict[str, torch.Tensor]], pad_token_id: int = 0
 
 def row_lengths(batch: dict) -> list[int] | None:
     """Real length of each row of a right-padded micro-batch, or None when its rows cannot be cut apart (left
-    padding, no attention mask, or a tensor that is not laid out (rows, seq, ...) or (rows,))."""
+    padding, no attention mask, a tensor that is not laid out (rows, seq, ...) or (rows,), or labels other than
+    -100 on padding)."""
     mask = batch.get("attention_mask")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
     rows, seq = mask.shape
     for value in batch.values():
-        if not isinstance(value, torch.Tensor) or value.shape[0] != rows or (value.dim() > 1 and value.shape[1] != seq):
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != rows or (
+            value.dim() > 1 and value.shape[1] != seq
+        ):
             return None
     lengths = mask.sum(dim=1)
-    if not torch.equal(mask.bool(), torch.arange(seq, device=mask.device) < lengths[:, None]):
+    real = torch.arange(seq, device=mask.device) < lengths[:, None]
+    if not torch.equal(mask.bool(), real):
         return None
+    labels = batch.get("labels")
+    if labels is not None and labels.dim() == 2 and (labels[~real] != -100).any():
+        return None  # trained labels on padding: cutting them off would change the job's token count
     return [max(int(n), 1) for n in lengths]
 
 

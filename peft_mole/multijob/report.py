@@ -7,8 +7,8 @@ from peft_mole.multijob.run import JobRun
 
 class PaddingStats:
     """Real and padded token counts of the mixed batches the trainer built (`pad_fraction`), and of the jobs' own
-    micro-batches before mixing (`micro_batch_pad_fraction`: the padding the jobs' collators made, which the
-    scheduler never changes; the difference is what mixing added)."""
+    micro-batches before mixing (`micro_batch_pad_fraction`: the padding the jobs' collators made). The scheduler
+    cuts plain-LoRA micro-batches into rows of their real length, which can take the mixed batches below it."""
 
     def __init__(self) -> None:
         self.real = 0

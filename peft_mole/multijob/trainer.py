@@ -315,6 +315,9 @@ class MultiJobTrainer(SFTTrainer):
                 logger.warning("step of %d jobs ran out of memory; retrying in two smaller steps", len(parts))
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+            else:
+                logger.warning("step of %d jobs raised %s: %s; retrying in two smaller steps to find the job",
+                               len(parts), type(error).__name__, error)
             half = len(parts) // 2
             self._train_parts(parts[:half])
             self._train_parts(parts[half:])

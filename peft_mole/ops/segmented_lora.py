@@ -10,6 +10,7 @@ is that of its own `F.linear`, so a job's numbers do not depend on which jobs sh
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,8 +50,38 @@ class _StackedLinear(torch.autograd.Function):
 
 
 def stacked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Batched `F.linear` without bias: (J, N, in) × (J, out, in) → (J, N, out), each j exactly F.linear(x_j, W_j)."""
-    return _StackedLinear.apply(x, weight)
+    """Batched `F.linear` without bias: (J, N, in) × (J, out, in) → (J, N, out), each j exactly F.linear(x_j, W_j),
+    also under autocast (see `as_linear_under_autocast`)."""
+    with as_linear_under_autocast(x, weight) as (x, weight):
+        return _StackedLinear.apply(x, weight)
+
+
+@contextlib.contextmanager
+def as_linear_under_autocast(x: torch.Tensor, weight: torch.Tensor):
+    """The operands as autocast hands them to `F.linear` where it is on for x's device (every floating tensor but
+    float64 cast to its dtype, differentiably), with autocast off inside, so a product written with `bmm` or
+    `_grouped_mm` computes what `F.linear` would: same dtype, same backward dtypes (autocast treats those ops
+    differently or not at all)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        yield x, weight
+        return
+    cast = [t.to(linear_dtype(device, t.dtype)) for t in (x, weight)]
+    with torch.autocast(device, enabled=False):
+        yield cast[0], cast[1]
+
+
+def linear_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype `F.linear` computes in for operands of `dtype`: autocast's where it is on (float64 is left alone)."""
+    if torch.is_autocast_enabled(device_type) and dtype.is_floating_point and dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+def scaled(hidden: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:
+    """hidden · s with s (one value per row, in float32/float64) as a Python-float `hidden * s` computes it: in the
+    op-math precision, rounded once to hidden's dtype (a bf16 s would be rounded itself first)."""
+    return (hidden * scaling).to(hidden.dtype)
 
 
 def scatter_row_deltas(
@@ -115,6 +146,8 @@ def grouped_mm_exact(device: torch.device, dtype: torch.dtype, *dims: int) -> bo
     beside it; there equal-size blocks use `stacked_linear` and the rest the per-group path."""
     if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False
+    if torch.compiler.is_compiling():  # Dynamo has no fake-tensor rule for it on CPU: the loop traces instead
+        return False
     itemsize = torch.empty(0, dtype=dtype).element_size()
     return all(d * itemsize % 16 == 0 for d in dims) and _grouped_mm_runs_on_cpu(dtype)
 
@@ -139,7 +172,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
     """Row segments of x (N, in) times their own weight (J, out, in): out[seg_j] = F.linear(x[seg_j], W_j); `ends`
     (J,) int32 are the cumulative segment ends. One `torch._grouped_mm` call (see `grouped_mm_exact`); its
     backward needs a dense output gradient, so an expanded one (the gradient of a sum) is made contiguous."""
-    out = torch._grouped_mm(x.contiguous(), weight.transpose(1, 2), offs=ends)
+    with as_linear_under_autocast(x, weight) as (x, weight):
+        out = torch._grouped_mm(x.contiguous(), weight.transpose(1, 2), offs=ends)
     if out.requires_grad:
         out.register_hook(torch.Tensor.contiguous)
     return out
@@ -169,7 +203,7 @@ def stacked_lora_deltas(
     buckets = []
     for (rank, dtype, device), indices in by_rank.items():
         out_features = factors(groups[indices[0]].adapter).lora_b.shape[0]
-        if grouped_mm_exact(device, dtype, x.shape[-1], rank, out_features):
+        if grouped_mm_exact(device, linear_dtype(x.device.type, dtype), x.shape[-1], rank, out_features):
             buckets.append(indices)
             continue
         by_size: dict[int, list[int]] = {}
@@ -192,16 +226,16 @@ def stacked_lora_deltas(
                                 for i, f in zip(indices, chosen, strict=True)])
         tokens = [pieces[i][..., 0].numel() for i in indices]
         lora_a, lora_b = torch.stack([f.lora_a for f in chosen]), torch.stack([f.lora_b for f in chosen])
+        opmath = torch.float64 if dtype == torch.float64 else torch.float32
+        scaling = torch.tensor([f.scaling for f in chosen], dtype=opmath, device=x.device)
         if len(set(tokens)) == 1:
-            scaling = torch.tensor([f.scaling for f in chosen], dtype=dtype, device=x.device).view(-1, 1, 1)
-            hidden = stacked_linear(inputs.view(len(indices), tokens[0], -1), lora_a) * scaling  # (J, tokens, r)
-            out = stacked_linear(hidden, lora_b).flatten(0, 1)  # (Σ tokens, out)
+            hidden = stacked_linear(inputs.view(len(indices), tokens[0], -1), lora_a)  # (J, tokens, r)
+            out = stacked_linear(scaled(hidden, scaling.view(-1, 1, 1)), lora_b).flatten(0, 1)  # (Σ tokens, out)
         else:
             counts = torch.tensor(tokens, device=x.device)
-            scaling = torch.tensor([f.scaling for f in chosen], dtype=dtype, device=x.device)
-            hidden = grouped_linear(inputs, lora_a, counts.cumsum(0).to(torch.int32))  # (Σ tokens, r)
-            hidden = hidden * scaling.repeat_interleave(counts).unsqueeze(1)
-            out = grouped_linear(hidden, lora_b, counts.cumsum(0).to(torch.int32))
+            ends = counts.cumsum(0).to(torch.int32)
+            hidden = grouped_linear(inputs, lora_a, ends)  # (Σ tokens, r)
+            out = grouped_linear(scaled(hidden, scaling.repeat_interleave(counts).unsqueeze(1)), lora_b, ends)
         rows = sum(groups[i].num_rows for i in indices)
         results.append((indices, out.view(rows, *pieces[indices[0]].shape[1:-1], -1)))
     return results

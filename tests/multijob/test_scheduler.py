@@ -159,6 +159,10 @@ def test_rows_are_not_cut_apart_when_the_batch_is_not_right_padded():
     assert row_lengths(left) is None
     assert row_lengths({"input_ids": batch["input_ids"]}) is None
     assert row_lengths(dict(batch, extra=torch.zeros(3))) is None  # a tensor not laid out by rows
+    assert row_lengths(dict(batch, scalar=torch.tensor(1.0))) is None
+    trained_padding = batch["labels"].clone()
+    trained_padding[1, 4] = 7  # a label on row 1's padding
+    assert row_lengths(dict(batch, labels=trained_padding)) is None
     assert take_rows(batch, [0, 1], 5) is batch
     groups = JobScheduler.group_by_length([(run, left)], step_overhead_tokens=0, splittable=lambda r: True)
     assert groups == [[(run, left)]]

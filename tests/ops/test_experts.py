@@ -254,14 +254,16 @@ def test_grouped_linear_has_each_segments_f_linear_arithmetic_on_cpu(dtype):
                 torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16_autocast", "bf16_adapters"])
 @pytest.mark.parametrize("sizes", [(3, 3, 3, 3, 3), (3, 1, 4, 2, 5)], ids=["equal_rows", "unequal_rows"])
 @pytest.mark.parametrize("order", [["a", "b", BASE_ROW, "c", "d"], ["a", "b", "d"]])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_stacked_lora_equals_each_adapter_alone_bit_for_bit(dropout, order, sizes, monkeypatch):
+def test_stacked_lora_equals_each_adapter_alone_bit_for_bit(dropout, order, sizes, precision, monkeypatch):
     """Equal-rank adapters share their products (batched over adapters for equal row blocks, grouped over row
     segments otherwise); each adapter's delta and gradients are the ones its own F.linear products give (what keeps
-    a job independent of the jobs in its step). An adapter of another rank and the base rows take the per-group
-    path; when one bucket covers every row the result is added whole."""
+    a job independent of the jobs in its step), also under CPU autocast and with bf16 adapters (scalings such as
+    1/3 not representable in bf16). An adapter of another rank and the base rows take the per-group path; when one
+    bucket covers every row the result is added whole."""
     from peft_mole.forward_context import RowGroup
     from peft_mole.ops import segmented_lora
     from peft_mole.ops.dropout import Dropout
@@ -272,9 +274,10 @@ def test_stacked_lora_equals_each_adapter_alone_bit_for_bit(dropout, order, size
     monkeypatch.setattr(segmented_lora, "grouped_linear", lambda *a: calls.append(1) or real_grouped(*a))
     torch.manual_seed(0)
     seq, d_in, d_out = 5, 16, 24
-    ranks = {"a": 4, "b": 4, "c": 2, "d": 4}
-    params = {name: (torch.randn(r, d_in, requires_grad=True), torch.randn(d_out, r, requires_grad=True))
-              for name, r in ranks.items()}
+    ranks = {"a": 8, "b": 8, "c": 4, "d": 8}  # rank 8: 16 bytes in bf16, so the grouped product applies
+    dtype = torch.bfloat16 if precision == "bf16_adapters" else torch.float32
+    params = {name: (torch.randn(r, d_in, dtype=dtype, requires_grad=True),
+                     torch.randn(d_out, r, dtype=dtype, requires_grad=True)) for name, r in ranks.items()}
     scales = {"a": 2.0, "b": 1 / 3, "c": 1.0, "d": 8 / 7}  # not all exact in binary
     dropouts = {name: Dropout(dropout) if dropout else torch.nn.Identity() for name in ranks}
     starts = [sum(sizes[:i]) for i in range(len(order) + 1)]
@@ -290,7 +293,8 @@ def test_stacked_lora_equals_each_adapter_alone_bit_for_bit(dropout, order, size
 
     def run(stacked: bool):
         torch.manual_seed(1)
-        out = scatter_row_deltas(base_out, x, groups, delta, factors if stacked else None)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16_autocast"):
+            out = scatter_row_deltas(base_out, x, groups, delta, factors if stacked else None)
         inputs = [x, *(t for name, pair in params.items() if name in order for t in pair)]
         return out, torch.autograd.grad(out.square().sum(), inputs)
 
@@ -319,3 +323,19 @@ def test_used_slots_drops_only_columns_no_token_uses():
     assert used_slots(full, chosen[:2, :3])[0] is full  # nothing to drop: unchanged
     zeros = torch.zeros(2, 3)
     assert used_slots(zeros, chosen[:2, :3])[0] is zeros  # nothing used at all: left to the caller
+
+
+def test_expert_segment_products_trace_under_torch_compile():
+    """`torch._grouped_mm` has no fake-tensor rule on CPU, so under Dynamo the per-expert loop is traced instead
+    (a compiled MixLoRA step crashed on it otherwise); eager calls keep the grouped product."""
+    from peft_mole.ops.experts import _segment_matmul
+
+    torch.manual_seed(0)
+    rows, weight, counts = torch.randn(12, 16, requires_grad=True), torch.randn(3, 8, 16, requires_grad=True), [5, 0, 7]
+    expected = torch.cat([rows[:5] @ weight[0].t(), rows[5:] @ weight[2].t()])
+    compiled = torch.compile(lambda r, w: _segment_matmul(r, w, counts), backend="eager")
+    out = compiled(rows, weight)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(_segment_matmul(rows, weight, counts), expected)  # eager: grouped, empty segment
+    out.sum().backward()
+    assert weight.grad[1].abs().sum() == 0 and rows.grad.isfinite().all()
