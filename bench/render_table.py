@@ -21,7 +21,7 @@ COMMANDS = {
     "eval_throughput": "python bench/eval_throughput.py --shape {shape} --adapters {adapters}",
     "compile_step": "python bench/compile_step.py --shape {shape}",
     "mole_vs_reference": "python bench/mole_vs_reference.py --peers-python PEERS/bin/python",
-    "options_step": "python bench/options_step.py --shape {shape}",
+    "options_step": "python bench/options_step.py --shape {shape} --options {impl}",
     "saved_activations": "python bench/saved_activations.py --shape {shape}",
 }
 DESCRIPTIONS = {
@@ -82,7 +82,10 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
     for row in rows:
         if row["name"] == "mole_vs_reference_skipped":
             print(f"| `mole_vs_reference`: not measured — {row['reason']} | | | | |")
-        if row["name"] in COMMANDS:
+        if row["name"] in COMMANDS and "ratio_median" not in row:  # the script recorded a failure
+            reason = str(row.get("error", "no ratio recorded")).splitlines()[0]
+            print(f"| `{row['name']}`: failed — {reason} | {row['shape']} | | | `{COMMANDS[row['name']].format(**row)}` |")
+        elif row["name"] in COMMANDS:
             description = DESCRIPTIONS[row["name"]].format(**row)
             command = COMMANDS[row["name"]].format(**row)
             print(f"| `{row['name']}`: {description} | {row['shape']} | {_value(row['name'], row['ratio_median'])} "
