@@ -123,6 +123,32 @@ def test_out_of_memory_step_is_split_and_nothing_is_lost(assets, tmp_path, monke
         _assert_same(_adapter(tmp_path / "oom" / job), _adapter(tmp_path / "normal" / job))
 
 
+def test_lora_job_out_of_memory_alone_is_retried_in_row_halves(assets, tmp_path, monkeypatch):  # noqa: F811
+    tokenizer, datasets = assets
+    jobs = lambda: [  # noqa: E731
+        JobConfig("a", LoraConfig(**LORA), datasets["sentiment"], per_device_train_batch_size=4),
+        JobConfig("b", mixlora(), datasets["capital"], per_device_train_batch_size=2),
+    ]
+    normal = _trainer(tokenizer, jobs(), tmp_path / "normal")
+    normal.train()
+    squeezed = _trainer(tokenizer, jobs(), tmp_path / "oom")
+    forward = squeezed.jobs_model.forward
+    rows_run = []
+
+    def forward_that_fits_two_rows(*args, input_ids=None, **kwargs):
+        if input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        rows_run.append(input_ids.shape[0])
+        return forward(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(squeezed.jobs_model, "forward", forward_that_fits_two_rows)
+    squeezed.train()
+    assert [r["status"] for r in squeezed.job_summary] == ["done", "done"]
+    assert rows_run == [2, 2, 2] * 4  # per round: a's 4 rows as 2 + 2, then b's 2 rows
+    for job in ("a", "b"):
+        _assert_same(_adapter(tmp_path / "oom" / job), _adapter(tmp_path / "normal" / job))
+
+
 def test_priority_and_max_concurrent_jobs(assets, tmp_path):  # noqa: F811
     tokenizer, datasets = assets
     jobs = [
