@@ -20,6 +20,7 @@ COMMANDS = {
     "pad_fraction": "python bench/pad_fraction.py --shape {shape} --jobs {jobs}",
     "eval_throughput": "python bench/eval_throughput.py --shape {shape} --adapters {adapters}",
     "compile_step": "python bench/compile_step.py --shape {shape}",
+    "grouped_products": "python bench/grouped_products.py",
     "mole_vs_reference": "python bench/mole_vs_reference.py --peers-python PEERS/bin/python",
     "options_step": "python bench/options_step.py --shape {shape} --options {impl}",
     "saved_activations": "python bench/saved_activations.py --shape {shape}",
@@ -46,6 +47,9 @@ DESCRIPTIONS = {
 }
 DESCRIPTIONS["saved_activations"] = ("{impl}: activations saved for the backward (one training forward) / PEFT "
                                       "LoRA's ({saved_mb:.0f} vs {lora_saved_mb:.0f} MB)")
+DESCRIPTIONS["grouped_products"] = ("row-segment products (experts, LoRA jobs), `torch._grouped_mm` / a loop of "
+                                     "F.linear, fwd+bwd, {dtype}: {cases} cases from {lowest:.2f}× to {highest:.2f}×, "
+                                     "max difference {max_abs_difference:.0e}")
 DESCRIPTIONS["compile_step"] = "MixLoRA step, torch.compile / eager (compile time {compile_s:.0f} s)"
 DESCRIPTIONS["options_step"] = ("MixLoRA step / PEFT LoRA step with {impl}; vs plain fp32 eager: MixLoRA "
                                  "{mixlora_vs_eager:.2f}×, LoRA {lora_vs_eager:.2f}×")
@@ -60,7 +64,7 @@ def _value(name: str, value: float) -> str:
 
 
 _IDENTITY = ("name", "shape", "impl", "jobs", "rows_per_job", "dropout", "reference", "router_state", "adapters",
-             "questions", "new_tokens")
+             "questions", "new_tokens", "case")
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
