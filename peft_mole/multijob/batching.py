@@ -85,3 +85,14 @@ def take_rows(batch: dict, rows: list[int], length: int) -> dict:
     index = torch.tensor(rows, device=batch["input_ids"].device)
     return {key: value.index_select(0, index)[:, :length] if value.dim() > 1 else value.index_select(0, index)
             for key, value in batch.items()}
+
+
+def row_halves(batch: dict) -> tuple[dict, dict] | None:
+    """A right-padded micro-batch's rows in two halves, each cut to its longest row; None for one row or rows that
+    cannot be cut apart (`row_lengths`)."""
+    lengths = row_lengths(batch)
+    if lengths is None or len(lengths) < 2:
+        return None
+    middle = len(lengths) // 2
+    return tuple(take_rows(batch, list(rows), max(lengths[rows.start:rows.stop]))
+                 for rows in (range(0, middle), range(middle, len(lengths))))

@@ -37,7 +37,7 @@ from trl import SFTConfig, SFTTrainer
 
 from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob import distributed as dist
-from peft_mole.multijob.batching import mixed_batch, row_lengths, take_rows
+from peft_mole.multijob.batching import mixed_batch, row_halves
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.memory import step_memory
 from peft_mole.multijob.model import MultiJobModel
@@ -50,17 +50,6 @@ logger = logging.getLogger(__name__)
 
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
-def _row_halves(batch: dict) -> tuple[dict, dict] | None:
-    """A right-padded micro-batch's rows in two halves, each cut to its longest row; None for one row or rows that
-    cannot be cut apart (`row_lengths`)."""
-    lengths = row_lengths(batch)
-    if lengths is None or len(lengths) < 2:
-        return None
-    middle = len(lengths) // 2
-    return tuple(take_rows(batch, list(rows), max(lengths[rows.start:rows.stop]))
-                 for rows in (range(0, middle), range(middle, len(lengths))))
 
 
 def _in_layout_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -320,7 +309,7 @@ class MultiJobTrainer(SFTTrainer):
         except Exception as error:  # noqa: BLE001
             if len(parts) == 1:
                 run, batch = parts[0]
-                halves = _row_halves(batch) if _is_oom(error) and self._rows_splittable(run) else None
+                halves = row_halves(batch) if _is_oom(error) and self._rows_splittable(run) else None
                 if halves is not None:  # a LoRA job's rows in two steps give the same gradient
                     logger.warning("job %s ran out of memory alone; retrying its rows in two halves", run.name)
                     for half in halves:
