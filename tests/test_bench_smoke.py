@@ -1,0 +1,55 @@
+"""The benchmark scripts run on the `tiny` shape and print rows the README table renders (timings are not checked:
+they belong to `make bench`). A script that breaks, such as a compiled step failing on a new operator, is found
+here instead of in the next `make bench`."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {
+    "mixlora_vs_lora": ["--shape", "tiny", "--repeats", "1"],
+    "dynmole_vs_mixlora": ["--shape", "tiny", "--repeats", "1"],
+    "multijob_speedup": ["--shape", "tiny", "--repeats", "1", "--jobs", "2"],
+    "saved_activations": ["--shape", "tiny"],
+    "options_step": ["--shape", "tiny", "--repeats", "1", "--options", "checkpointing", "bf16_autocast", "fp16_autocast"],
+    "generate_vs_base": ["--shape", "tiny", "--repeats", "1", "--new-tokens", "4"],
+    "pad_fraction": ["--shape", "tiny", "--jobs", "2", "--steps", "2"],
+    "grouped_products": ["--repeats", "1"],
+}
+
+
+def run_script(name: str, args: list[str]) -> list[dict]:
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), *args], capture_output=True,
+                            text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict[str, list[dict]]:
+    return {name: run_script(name, args) for name, args in SCRIPTS.items()}
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_bench_script_prints_its_ratio(rows, name):
+    ratios = [row for row in rows[name] if row["name"] == name]
+    assert ratios, f"{name} printed no `{name}` row: {rows[name]}"
+    for row in ratios:
+        assert math.isfinite(row["ratio_median"]) and row["ratio_median"] > 0 and math.isfinite(row["ratio_min"])
+
+
+def test_render_table_renders_every_ratio(rows, tmp_path):
+    results = tmp_path / "vm-smoke.jsonl"
+    results.write_text("".join(json.dumps(row) + "\n" for script_rows in rows.values() for row in script_rows))
+    table = subprocess.run([sys.executable, str(ROOT / "bench" / "render_table.py"), str(results)],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert table.returncode == 0, table.stderr[-3000:]
+    for name in SCRIPTS:
+        assert f"| `{name}`:" in table.stdout, name
