@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from peft_mole.forward_context import BASE_ROW, RowGroup
+from peft_mole.ops.profiling import profiled
 
 
 @dataclass
@@ -84,6 +85,7 @@ def scaled(hidden: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:
     return (hidden * scaling).to(hidden.dtype)
 
 
+@profiled("peft_mole::lora_deltas")
 def scatter_row_deltas(
     base_out: torch.Tensor,
     x: torch.Tensor,
