@@ -6,6 +6,7 @@ import json
 import os
 
 import torch
+from datasets import Dataset
 from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -147,6 +148,47 @@ def test_lora_job_out_of_memory_alone_is_retried_in_row_halves(assets, tmp_path,
     assert rows_run == [2, 2, 2] * 4  # per round: a's 4 rows as 2 + 2, then b's 2 rows
     for job in ("a", "b"):
         _assert_same(_adapter(tmp_path / "oom" / job), _adapter(tmp_path / "normal" / job))
+
+
+def test_job_failing_on_a_later_piece_of_its_cut_micro_batch_fails_alone(assets, tmp_path, monkeypatch):  # noqa: F811
+    """Rows cut apart run in several steps of one round, shortest first: when a later piece of a job raises, the job
+    fails (the gradients of its earlier pieces are dropped, its other pieces skipped) and the other job ends as
+    trained alone."""
+    tokenizer, _ = assets
+    words = ["red", "blue", "cat", "dog", "sun", "rain", "tree", "road"]
+    rows = Dataset.from_list([{"text": " ".join(words[(i + k) % 8] for k in range(2 + (7 * i) % 23))} for i in range(24)])
+    jobs = lambda names: [JobConfig(n, LoraConfig(**LORA), rows, per_device_train_batch_size=4)  # noqa: E731
+                          for n in names]
+    alone = _trainer(tokenizer, jobs(["good"]), tmp_path / "alone", step_overhead_tokens=0)
+    alone.jobs_model.load_job("good", str(_saved_init(alone, "good", tmp_path)))
+    alone.train()
+    trainer = _trainer(tokenizer, jobs(["good", "bad"]), tmp_path / "run", step_overhead_tokens=0)
+    trainer.jobs_model.load_job("good", str(tmp_path / "init-good"))
+    first_batch = next(iter(trainer._make_run(trainer.jobs[1]).dataloader))
+    lengths = sorted(set(first_batch["attention_mask"].sum(1).tolist()))
+    assert len(lengths) > 1  # the first micro-batch of "bad" is cut into steps of different lengths
+    forward, bad_steps = trainer.jobs_model.forward, []
+
+    def forward_failing_on_the_longest_row(*args, input_ids=None, adapter_names=None, **kwargs):
+        if trainer.state.global_step == 0 and "bad" in adapter_names:
+            bad_steps.append(input_ids.shape[1])
+            if input_ids.shape[1] == lengths[-1]:
+                raise RuntimeError("bad row")
+        return forward(*args, input_ids=input_ids, adapter_names=adapter_names, **kwargs)
+
+    monkeypatch.setattr(trainer.jobs_model, "forward", forward_failing_on_the_longest_row)
+    trainer.train()
+    assert bad_steps[0] == lengths[0] < lengths[-1] in bad_steps  # an earlier piece of "bad" ran, then one raised
+    status = {r["job"]: r for r in trainer.job_summary}
+    assert status["bad"]["status"] == "failed" and "bad row" in status["bad"]["error"]
+    assert status["good"]["status"] == "done"
+    _assert_same(_adapter(tmp_path / "run" / "good"), _adapter(tmp_path / "alone" / "good"))
+
+
+def _saved_init(trainer, job, tmp_path):
+    path = tmp_path / f"init-{job}"
+    trainer.jobs_model.save_job(job, str(path))
+    return path
 
 
 def test_priority_and_max_concurrent_jobs(assets, tmp_path):  # noqa: F811
