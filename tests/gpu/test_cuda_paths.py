@@ -138,3 +138,23 @@ def test_multijob_mixed_rows_on_cuda_equal_cpu():
         expected = cpu(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
         got = gpu(input_ids=ids.cuda(), attention_mask=mask.cuda(), adapter_names=rows).logits
     torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_multijob_stacked_lora_jobs_train_under_cuda_bf16_autocast():
+    """Equal-size LoRA jobs share batched products; under autocast their backward meets bf16 gradients, which
+    the products must take as `F.linear` does (a dtype mismatch there made every such step fall back job by
+    job). Each job's gradients match the same job run alone to bf16 precision."""
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = MultiJobModel(tiny_base(), {"a": lora, "b": copy.deepcopy(lora)}).cuda()
+    randomize_adapters(model)
+    ids, mask, labels = (t.cuda() for t in batch(batch_size=4, seq_len=16))
+    grads = {}
+    for rows, names in ((slice(0, 4), ["a", "a", "b", "b"]), (slice(0, 2), ["a", "a"])):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(input_ids=ids[rows], attention_mask=mask[rows], adapter_names=names)
+        loss = out.logits[:2].float().logsumexp(-1).mean()  # the rows of job a only
+        params = list(model.job_parameters("a").values())
+        grads[len(names)] = torch.autograd.grad(loss, params)
+        assert all(g.dtype == torch.float32 for g in grads[len(names)])
+    for together, alone in zip(grads[4], grads[2], strict=True):
+        torch.testing.assert_close(together, alone, atol=2e-2, rtol=2e-2)
