@@ -43,7 +43,7 @@ def label_modules(model: torch.nn.Module) -> None:
             mod._profile_range.__exit__(None, None, None)
 
         module.register_forward_pre_hook(enter)
-        module.register_forward_hook(leave)
+        module.register_forward_hook(leave, always_call=True)  # closed even when the module raises
 
 
 def single_adapter_step(model, batch):
@@ -51,10 +51,12 @@ def single_adapter_step(model, batch):
 
     def step() -> None:
         with record_function("forward"):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         with record_function("loss"):
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+            loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(),
                                                      batch["labels"][:, 1:].flatten())
+            if out.get("aux_loss") is not None:  # MixLoRA's router loss, as its model adds it with labels
+                loss = loss + out["aux_loss"]
         with record_function("backward"):
             loss.backward()
         with record_function("optimizer"):
@@ -117,10 +119,12 @@ def main() -> None:
         "multijob_4_lora": MultiJobModel(base_model(args.shape), {job: lora_config() for job in jobs}),
     }
     batch = random_batch(args.shape, models["mixlora"].config.vocab_size)
+    seq, vocab = batch["input_ids"].shape[1], models["mixlora"].config.vocab_size
+    ids = torch.randint(3, vocab, (len(jobs), seq), generator=torch.Generator().manual_seed(0))
+    one_row_per_job = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     for impl, model in models.items():
         if impl == "multijob_4_lora":
-            rows = {k: v[: len(jobs)] for k, v in batch.items()}  # one row per job
-            step = mixed_step(model, rows, jobs)
+            step = mixed_step(model, one_row_per_job, jobs)
         else:
             step = single_adapter_step(model, batch)
         prof = profiled_steps(model, step, args.steps)

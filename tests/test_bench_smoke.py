@@ -53,3 +53,12 @@ def test_render_table_renders_every_ratio(rows, tmp_path):
     assert table.returncode == 0, table.stderr[-3000:]
     for name in SCRIPTS:
         assert f"| `{name}`:" in table.stdout, name
+
+
+def test_profile_step_breaks_each_step_down():
+    rows = {row["impl"]: row["ms_per_step"] for row in run_script("profile_step", ["--shape", "tiny", "--steps", "1"])
+            if row["name"] == "profile_step"}
+    assert set(rows) == {"peft_lora", "mixlora", "multijob_4_lora"}
+    for impl, ranges in rows.items():
+        assert {"forward", "backward", "optimizer", "model::attention", "model::mlp"} <= set(ranges), impl
+    assert "peft_mole::lora_deltas" in rows["multijob_4_lora"] and "peft_mole::route" in rows["mixlora"]

@@ -16,6 +16,7 @@ the collator, the fused LM head, accelerate (device, autocast), callbacks and `l
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -306,28 +307,34 @@ class MultiJobTrainer(SFTTrainer):
         retried with its rows in two halves. No gradient is added until a part succeeds."""
         try:
             self._forward_backward(parts)
+            return
         except Exception as error:  # noqa: BLE001
-            if len(parts) == 1:
-                run, batch = parts[0]
-                halves = row_halves(batch) if _is_oom(error) and self._rows_splittable(run) else None
-                if halves is not None:  # a LoRA job's rows in two steps give the same gradient
-                    logger.warning("job %s ran out of memory alone; retrying its rows in two halves", run.name)
-                    for half in halves:
+            oom, kind, message = _is_oom(error), type(error).__name__, str(error)
+        # retried outside the except block: its traceback would keep the failed step's graph and activations alive
+        if oom:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if len(parts) == 1:
+            run, batch = parts[0]
+            halves = row_halves(batch) if oom and self._rows_splittable(run) else None
+            if halves is not None:  # a LoRA job's rows in two steps give the same gradient
+                logger.warning("job %s ran out of memory alone; retrying its rows in two halves", run.name)
+                for half in halves:
+                    if run.name not in self._round_failures:
                         self._train_parts([(run, half)])
-                    return
-                reason = "ran out of memory even alone" if _is_oom(error) else f"its forward raised {type(error).__name__}"
-                self._round_failures[run.name] = f"{reason}: {error}"
                 return
-            if _is_oom(error):
-                logger.warning("step of %d jobs ran out of memory; retrying in two smaller steps", len(parts))
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            else:
-                logger.warning("step of %d jobs raised %s: %s; retrying in two smaller steps to find the job",
-                               len(parts), type(error).__name__, error)
-            half = len(parts) // 2
-            self._train_parts(parts[:half])
-            self._train_parts(parts[half:])
+            reason = "ran out of memory even alone" if oom else f"its forward raised {kind}"
+            self._round_failures[run.name] = f"{reason}: {message}"
+            return
+        if oom:
+            logger.warning("step of %d jobs ran out of memory; retrying in two smaller steps", len(parts))
+        else:
+            logger.warning("step of %d jobs raised %s: %s; retrying in two smaller steps to find the job",
+                           len(parts), kind, message)
+        half = len(parts) // 2
+        self._train_parts(parts[:half])
+        self._train_parts(parts[half:])
 
     def _forward_backward(self, parts: list[tuple[JobRun, dict]]) -> None:
         started = time.perf_counter()

@@ -158,14 +158,17 @@ def grouped_mm_exact(device: torch.device, dtype: torch.dtype, *dims: int) -> bo
 def _grouped_mm_runs_on_cpu(dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
-    # probed in a clean state: a first call under no_grad, inference mode or autocast must not decide it
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+    # probed in a clean state: a first call under no_grad, inference mode, autocast, another default device or
+    # activation checkpointing (whose saved-tensor hooks would count the probe's tensors) must not decide it
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         try:
-            x = torch.ones(3, 8, dtype=dtype, requires_grad=True)
-            weight = torch.ones(2, 8, 8, dtype=dtype, requires_grad=True)
-            out = torch._grouped_mm(x, weight.transpose(1, 2), offs=torch.tensor([1, 3], dtype=torch.int32))
+            x = torch.ones(3, 8, dtype=dtype, device="cpu", requires_grad=True)
+            weight = torch.ones(2, 8, 8, dtype=dtype, device="cpu", requires_grad=True)
+            ends = torch.tensor([1, 3], dtype=torch.int32, device="cpu")
+            out = torch._grouped_mm(x, weight.transpose(1, 2), offs=ends)
             (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
-        except (RuntimeError, NotImplementedError):
+        except Exception:  # noqa: BLE001 — any failure means: do not use it
             return False
     return bool(out.eq(8).all() and grad.eq(8).all())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 
 import torch
 from datasets import Dataset
@@ -134,13 +135,17 @@ def test_lora_job_out_of_memory_alone_is_retried_in_row_halves(assets, tmp_path,
     normal.train()
     squeezed = _trainer(tokenizer, jobs(), tmp_path / "oom")
     forward = squeezed.jobs_model.forward
-    rows_run = []
+    rows_run, failed_outputs = [], []
 
     def forward_that_fits_two_rows(*args, input_ids=None, **kwargs):
-        if input_ids.shape[0] > 2:
+        out = forward(*args, input_ids=input_ids, **kwargs)
+        if input_ids.shape[0] > 2:  # runs out of memory after the forward: its activations exist
+            failed_outputs.append(weakref.ref(out.log_probs))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        # a retry runs only once the failed step's tensors are freed (not from inside its except block)
+        assert all(ref() is None for ref in failed_outputs)
         rows_run.append(input_ids.shape[0])
-        return forward(*args, input_ids=input_ids, **kwargs)
+        return out
 
     monkeypatch.setattr(squeezed.jobs_model, "forward", forward_that_fits_two_rows)
     squeezed.train()

@@ -124,7 +124,7 @@ def test_lora_micro_batches_cut_into_rows_train_as_alone(assets, tmp_path, monke
         assert max((expected[k] - together[k]).abs().max().item() for k in expected) <= 1e-5, job.name
 
 
-def test_stacked_jobs_train_in_one_step_under_bf16_autocast(assets, tmp_path, caplog):
+def test_stacked_jobs_train_in_one_step_under_bf16_autocast(assets, tmp_path, caplog, monkeypatch):
     """TRL's default (bf16 autocast, also on CPU): jobs sharing batched products (equal row blocks) run as one
     mixed step. The batched product's backward used to meet a bf16 gradient with fp32 factors; the step then
     failed and was silently retried job by job. (Grouped products under autocast: tests/ops/test_experts.py.)"""
@@ -136,12 +136,15 @@ def test_stacked_jobs_train_in_one_step_under_bf16_autocast(assets, tmp_path, ca
     trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs,
                               args=run_args(tmp_path, bf16=True, max_steps=2), processing_class=tokenizer,
                               step_overhead_tokens=None)
-    calls = []
-    forward_backward = trainer._forward_backward
+    from peft_mole.ops import segmented_lora
+
+    calls, stacked = [], []
+    forward_backward, real_stacked = trainer._forward_backward, segmented_lora.stacked_linear
     trainer._forward_backward = lambda parts: calls.append(len(parts)) or forward_backward(parts)
+    monkeypatch.setattr(segmented_lora, "stacked_linear", lambda *a: stacked.append(1) or real_stacked(*a))
     with caplog.at_level("WARNING", logger="peft_mole.multijob.trainer"):
         trainer.train()
-    assert "retrying" not in caplog.text
+    assert stacked and "retrying" not in caplog.text
     assert calls == [3, 3] and [r["status"] for r in trainer.job_summary] == ["done"] * 3
 
 

@@ -231,6 +231,18 @@ def test_grouped_linear_has_each_segments_f_linear_arithmetic_on_cpu(dtype):
     segmented_lora._grouped_mm_runs_on_cpu.cache_clear()
     with torch.inference_mode():  # the first call may come from generation: it must not decide the probe
         assert grouped_mm_exact("cpu", dtype, 16, 8, 1376)
+    segmented_lora._grouped_mm_runs_on_cpu.cache_clear()
+    with torch.device("meta"):  # nor another default device
+        assert grouped_mm_exact("cpu", dtype, 16, 8, 1376)
+    segmented_lora._grouped_mm_runs_on_cpu.cache_clear()
+
+    def checkpointed(t):  # the first call inside a non-reentrant checkpoint: the probe must not save tensors there
+        assert grouped_mm_exact("cpu", dtype, 16, 8, 1376)
+        return (t * 2).sum()
+
+    t = torch.randn(3, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(checkpointed, t, use_reentrant=False).backward()
+    assert torch.equal(t.grad, torch.full((3,), 2.0))
     assert not grouped_mm_exact("cpu", dtype, 16, 2, 1376)  # 8 bytes: below the kernels' 16-byte stride rule
     assert not grouped_mm_exact("cpu", torch.float64, 16, 8) and not grouped_mm_exact("cuda", dtype, 16, 8)
     for segments, d_in, d_out in (((5, 1, 7), 16, 8), ((100, 37, 256, 3, 180), 512, 16), ((40, 300, 90), 16, 1376)):
