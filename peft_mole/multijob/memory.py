@@ -58,6 +58,15 @@ class MemoryModel:
         self.beta = solution / scale
         return self.beta
 
+    def fit_by_profiling(self, run_step, device: torch.device, vocab_size: int, max_length: int) -> torch.Tensor:
+        """Observe five synthetic steps of growing shape, then fit. `run_step(ids)` runs forward + backward on
+        (rows, length) random token ids; its peak is measured by `step_memory`."""
+        longest = max(max_length, 8)
+        for rows, length in [(1, longest // 4), (2, longest // 2), (1, longest), (2, longest), (4, longest // 2)]:
+            ids = torch.randint(0, vocab_size, (rows, length), device=device)
+            self.observe([length] * rows, step_memory(device, lambda ids=ids: run_step(ids)))
+        return self.fit()
+
     def predict(self, lengths: Sequence[int]) -> float:
         beta = self.beta if self.beta is not None else self.fit()
         return float(torch.tensor(shape_features(lengths), dtype=torch.float64) @ beta)

@@ -3,9 +3,9 @@
 1. Admission: jobs run by priority (higher first), then arrival (their order in `jobs=`), at most
    `max_concurrent_jobs` at a time; a job that finishes or fails frees its place for the next waiting one.
 2. Packing: of the admitted jobs' next micro-batches, take them in priority order while the memory model predicts
-   the mixed batch (padded to its longest row) stays under `max_memory`; the rest wait for the next step (a
-   micro-batch waits whole). A micro-batch that alone exceeds the
-   budget fails its job with a clear error instead of running out of memory.
+   the mixed batch (padded to its longest row) stays under `max_memory`; the rest wait, whole, for the next
+   step. A micro-batch that alone exceeds the budget fails its job with a clear error instead of running out of
+   memory.
 3. Length-aware grouping: the packed micro-batches are sorted by length and cut into consecutive groups, each
    run as its own mixed step, where that saves more padded tokens than a step costs (`step_overhead_tokens`):
    short jobs are not padded to the longest job's length. Each job's loss is normalised by its own window's token
@@ -85,6 +85,15 @@ class JobScheduler:
             run.status = RUNNING
             running.append(run)
         return self.order(running)
+
+    def estimate_steps(self, runs: list[JobRun]) -> int:
+        """Mixed steps if the jobs run side by side (max_concurrent_jobs lets fewer run at once: more steps)."""
+        left = sorted((r.micro_batches_left() for r in runs), reverse=True)
+        lanes = self.max_concurrent_jobs or len(left)
+        per_lane = [0] * lanes
+        for n in left:  # longest first onto the least loaded lane
+            per_lane[per_lane.index(min(per_lane))] += n
+        return max(max(per_lane), 1)
 
     def pack(self, candidates: list[tuple[JobRun, dict]]) -> list[tuple[JobRun, dict]]:
         """The candidates (priority order) that fit the memory budget together; at least one unless it cannot fit."""

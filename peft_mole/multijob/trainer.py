@@ -40,7 +40,6 @@ from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob.batching import mixed_batch, row_halves
 from peft_mole.multijob.jobs import JobConfig
-from peft_mole.multijob.memory import step_memory
 from peft_mole.multijob.model import MultiJobModel
 from peft_mole.multijob.report import PaddingStats, summary_rows, summary_table
 from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun
@@ -215,7 +214,7 @@ class MultiJobTrainer(SFTTrainer):
         self.state = TrainerState(
             is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()
         )
-        self.state.max_steps = self._estimate_steps(runs)
+        self.state.max_steps = self.job_scheduler.estimate_steps(runs)
         self.state.logging_steps = self.args.logging_steps
         self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
         start = time.perf_counter()
@@ -291,15 +290,6 @@ class MultiJobTrainer(SFTTrainer):
         """Plain-LoRA jobs: their loss is a sum over rows (÷ the window's token count), so their micro-batch may run
         in several steps with the same gradient. A router's load-balance loss is not a sum over rows."""
         return isinstance(self.jobs_model.peft_config[run.name], LoraConfig)
-
-    def _estimate_steps(self, runs: list[JobRun]) -> int:
-        """Mixed steps if the jobs run side by side (max_concurrent_jobs lets fewer run at once: more steps)."""
-        left = sorted((r.micro_batches_left() for r in runs), reverse=True)
-        lanes = self.job_scheduler.max_concurrent_jobs or len(left)
-        per_lane = [0] * lanes
-        for n in left:  # longest first onto the least loaded lane
-            per_lane[per_lane.index(min(per_lane))] += n
-        return max(max(per_lane), 1)
 
     def _train_parts(self, parts: list[tuple[JobRun, dict]]) -> None:
         """Forward/backward the mixed batch; on an error split it and retry the halves, so an OOM shrinks the step
@@ -476,23 +466,17 @@ class MultiJobTrainer(SFTTrainer):
     # ------------------------------------------------------------------ memory
     def _profile_memory(self, runs: list[JobRun]) -> None:
         """Fit the memory model on a few synthetic steps of growing shape (gradients discarded)."""
-        job = runs[0].name
-        longest = max(int(self.args.max_length or 512), 8)
-        params = list(runs[0].params.values())
-        vocab = self.model.get_input_embeddings().num_embeddings
-        for rows, length in [(1, longest // 4), (2, longest // 2), (1, longest), (2, longest), (4, longest // 2)]:
-            ids = torch.randint(0, vocab, (rows, length), device=self.args.device)
+        job, params = runs[0].name, list(runs[0].params.values())
 
-            def step(ids=ids):
-                with self.compute_loss_context_manager(), self.accelerator.autocast():
-                    out = self.jobs_model(
-                        input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, adapter_names=[job] * len(ids),
-                        fused_lm_head=True, use_cache=False,
-                    )
-                torch.autograd.grad(-out.log_probs.sum(), params, allow_unused=True)
+        def step(ids: torch.Tensor) -> None:
+            with self.compute_loss_context_manager(), self.accelerator.autocast():
+                out = self.jobs_model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids,
+                                      adapter_names=[job] * len(ids), fused_lm_head=True, use_cache=False)
+            torch.autograd.grad(-out.log_probs.sum(), params, allow_unused=True)
 
-            self.job_scheduler.memory_model.observe([length] * rows, step_memory(self.args.device, step))
-        self.job_scheduler.memory_model.fit()
+        self.job_scheduler.memory_model.fit_by_profiling(
+            step, self.args.device, self.model.get_input_embeddings().num_embeddings, int(self.args.max_length or 512)
+        )
 
     # ------------------------------------------------------------------ saving and reporting
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
