@@ -4,8 +4,11 @@ jobs whose row lengths follow a long-tailed (log-normal) distribution.
 Settings: one mixed step per round (no grouping); length-aware grouping of a round into steps
 (`step_overhead_tokens="auto"`, the default: the cost of a step fitted from measured step times), with the LoRA
 jobs' micro-batches cut into rows (the default) and, as an ablation, kept whole; the same with Trainer's
-`group_by_length` sampler inside each job. `micro_batch_pad_fraction` is the padding already in the jobs' own
-micro-batches (their collators'). Each setting also reports its mixed steps, seconds and real tokens per second.
+`group_by_length` sampler inside each job; and TRL's `padding_free=True`, where every mixed step is one packed row
+(no padding; the attention mask is block-diagonal instead). `micro_batch_pad_fraction` is the padding already in
+the jobs' own micro-batches (their collators'). Each setting also reports its mixed steps, seconds and real tokens
+per second. The padding-free run trains on the same tokens: the rows as SFTTrainer prepared them for the padded runs
+(truncated to 256 tokens), since TRL does not truncate under `padding_free`.
 Usage: python bench/pad_fraction.py [--shape small] [--jobs 4] [--steps 20]
 """
 
@@ -37,23 +40,31 @@ def long_tailed_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def run(shape: str, jobs: int, steps: int, overhead: int | str | None, sampling: str, cut_rows: bool) -> dict:
+PREPARED: dict[str, Dataset] = {}  # job -> its rows as SFTTrainer prepared them (tokenised, truncated)
+
+
+def run(shape: str, jobs: int, steps: int, overhead: int | str | None, sampling: str, cut_rows: bool,
+        padding_free: bool = False) -> dict:
     """Pad fraction of the mixed batches and of the jobs' own micro-batches, fitted step overhead in tokens, mixed
     steps, training seconds and real tokens per second."""
     tokenizer = synthetic.demo_tokenizer()
     job_list = [
         JobConfig(f"job{i}", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
-                  Dataset.from_list(long_tailed_rows(400, seed=i)), per_device_train_batch_size=2 + i % 3)
+                  PREPARED[f"job{i}"].select_columns(["input_ids"]) if padding_free
+                  else Dataset.from_list(long_tailed_rows(400, seed=i)), per_device_train_batch_size=2 + i % 3)
         for i in range(jobs)
     ]
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(sys.stderr):  # stdout: JSON lines only
         trainer = MultiJobTrainer(
             model=synthetic.random_model("llama", shape, vocab_size=len(tokenizer)), jobs=job_list,
             processing_class=tokenizer, step_overhead_tokens=overhead,
-            args=SFTConfig(output_dir=out, max_steps=steps, max_length=256, report_to=[], save_strategy="no",
+            args=SFTConfig(output_dir=out, max_steps=steps, max_length=None if padding_free else 256, report_to=[],
+                           save_strategy="no", padding_free=padding_free,
                            use_cpu=True, bf16=False, disable_tqdm=True, logging_steps=steps,
                            train_sampling_strategy=sampling, gradient_checkpointing=False),
         )
+        if not padding_free:
+            PREPARED.update(trainer.job_datasets)
         if not cut_rows:  # ablation: every micro-batch stays whole, as before LoRA micro-batches were cut into rows
             trainer._rows_splittable = lambda run: False
         steps_taken = []
@@ -81,6 +92,7 @@ def main() -> None:
         "length_grouping": ("auto", "random", True),
         "length_grouping+group_by_length_whole_micro_batches": ("auto", "group_by_length", False),
         "length_grouping+group_by_length": ("auto", "group_by_length", True),
+        "padding_free": ("auto", "random", True, True),
     }
     results = {name: run(args.shape, args.jobs, args.steps, *setting) for name, setting in settings.items()}
     best = results["length_grouping+group_by_length"]
@@ -91,6 +103,10 @@ def main() -> None:
           **{name: result["pad_fraction"] for name, result in results.items()},
           "cut_rows_speedup": results["length_grouping"]["real_tokens_per_s"]
           / results["length_grouping_whole_micro_batches"]["real_tokens_per_s"],
+          "padding_free_speedup": results["padding_free"]["real_tokens_per_s"]
+          / results["length_grouping"]["real_tokens_per_s"],
+          "padding_free_vs_group_by_length": results["padding_free"]["real_tokens_per_s"]
+          / results["length_grouping+group_by_length"]["real_tokens_per_s"],
           "details": results})
 
 

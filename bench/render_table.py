@@ -41,7 +41,8 @@ DESCRIPTIONS = {
                     "{one_step_per_round:.0%}, length grouping {length_grouping:.0%} (LoRA micro-batches kept whole: "
                     "{length_grouping_whole_micro_batches:.0%}; cutting them into rows gives "
                     "{cut_rows_speedup:.2f}× the real tokens/s), + group_by_length sampler (the jobs' own micro-batches: "
-                    "{micro_batch_pad_fraction:.1%})",
+                    "{micro_batch_pad_fraction:.1%}); padding_free=True {padding_free:.0%} at "
+                    "{padding_free_speedup:.2f}× length grouping's real tokens/s (SDPA, packed steps)",
     "eval_throughput": "adapters evaluated per minute, {adapters} in one pass / one at a time ({questions} questions; "
                        "{adapters_per_min_one_pass:.0f} vs {adapters_per_min_one_at_a_time:.0f} per minute)",
 }

@@ -2,7 +2,7 @@
 
 A tuner owns one `ForwardContext`; every layer it creates holds a reference to it. Each call sets it afresh:
 `PeftModel.forward/generate` (through the tuner's `_enable_peft_forward_hooks`) or a direct tuner call sets the
-per-row adapter names; the tuner's forward sets the non-padding token mask and starts recording router
+per-row adapter names (or, for a packed batch, one per token: see `unit_view`); the tuner's forward sets the non-padding token mask and starts recording router
 statistics, and stops recording when it returns, so no statistic carries over from one call to the next
 (MoE-PEFT issue #14). Row assignment and mask stay in place until the next call on purpose: activation
 checkpointing re-runs the layers during backward and must see the same rows as the forward did.
@@ -57,6 +57,15 @@ class ForwardContext:
         self.rows_set_by_hook = by_hook
         self._groups = {}
 
+    def unit_view(self, x: torch.Tensor) -> torch.Tensor:
+        """x (1, T, features) as (T, 1, features) when the batch is packed: one row holding several sequences (TRL's
+        `padding_free`, position ids restarting at 0 for each), with one adapter name per token. Layers group its
+        tokens, not its rows, by adapter; every other x is returned as is."""
+        names = self.row_adapters
+        if names is not None and len(names) > 1 and x.dim() == 3 and x.shape[0] == 1 and x.shape[1] == len(names):
+            return x.view(x.shape[1], 1, x.shape[2])
+        return x
+
     def row_groups(self, batch_size: int, active: list[str], device: torch.device) -> list[RowGroup]:
         """Group the batch rows by adapter (in order of first appearance)."""
         if self.row_adapters is None:
@@ -69,7 +78,7 @@ class ForwardContext:
         if len(self.row_adapters) != batch_size:
             raise ValueError(
                 f"adapter_names has {len(self.row_adapters)} entries but the batch has {batch_size} rows; "
-                "pass exactly one adapter name per row"
+                "pass exactly one adapter name per row (or, for a packed batch of one row, one per token)"
             )
         key = (batch_size, str(device))
         if key not in self._groups:

@@ -3,6 +3,10 @@
 Every frozen base operation then runs once for all rows, and each adapter only on its own rows (contiguous rows
 are sliced, not gathered, by the peft-mole layers). A plain-LoRA job's micro-batch may also be cut into its rows
 (`row_lengths`, `take_rows`), so the scheduler can put rows of very different lengths into different steps.
+
+With TRL's `padding_free=True` every job's micro-batch is already one packed row (its sequences concatenated,
+position ids restarting at 0 for each); `packed_mixed_batch` concatenates those rows into one, with one adapter
+name per token, so a mixed step has no padding at all.
 """
 
 from __future__ import annotations
@@ -14,15 +18,70 @@ import torch
 
 @dataclass
 class MixedBatch:
-    input_ids: torch.Tensor  # (rows, seq), right-padded
-    attention_mask: torch.Tensor  # (rows, seq)
-    labels: torch.Tensor  # (rows, seq), -100 on padding and untrained tokens
-    adapter_names: list[str]  # one per row
-    rows: dict[str, slice]  # job -> its rows
+    input_ids: torch.Tensor  # (rows, seq), right-padded; (1, tokens) when packed
+    attention_mask: torch.Tensor | None  # (rows, seq); None when packed
+    labels: torch.Tensor  # (rows, seq), -100 on padding, untrained tokens and (packed) every sequence's first token
+    adapter_names: list[str]  # one per row; one per token when packed
+    rows: dict[str, slice]  # job -> its rows; its tokens when packed
+    position_ids: torch.Tensor | None = None  # (1, tokens) when packed: 0 at the start of every sequence
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
+
+    def index(self, job: str) -> tuple[slice, ...]:
+        """Index of the job's part of any (rows, seq, ...) tensor of this batch (logits, per-token losses)."""
+        return (slice(None), self.rows[job]) if self.packed else (self.rows[job],)
+
+    def share(self, job: str) -> float:
+        """The job's fraction of the batch's positions."""
+        span = self.rows[job]
+        return (span.stop - span.start) / (self.input_ids.shape[1] if self.packed else self.input_ids.shape[0])
 
     def model_inputs(self) -> dict:
         """Keyword arguments for the PEFT model's forward (labels are left to `per_job_losses`)."""
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "adapter_names": self.adapter_names}
+        if not self.packed:
+            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                    "adapter_names": self.adapter_names}
+        # sequence boundaries, as TRL's padding-free collator gives them, for varlen attention kernels; transformers
+        # builds SDPA's block-diagonal causal mask from the position ids (with no attention mask and no cache)
+        starts = (self.position_ids[0] == 0).nonzero().flatten()
+        cu_seq_lens = torch.cat([starts, starts.new_tensor([self.position_ids.shape[1]])]).to(torch.int32)
+        longest = int(cu_seq_lens.diff().max())
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "adapter_names": self.adapter_names,
+                "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+                "max_length_q": longest, "max_length_k": longest}
+
+
+def is_packed(batch: dict) -> bool:
+    """A padding-free micro-batch (TRL's `padding_free=True`): one row, position ids, no attention mask."""
+    ids, positions = batch.get("input_ids"), batch.get("position_ids")
+    return (batch.get("attention_mask") is None and isinstance(positions, torch.Tensor) and isinstance(ids, torch.Tensor)
+            and ids.dim() == 2 and ids.shape[0] == 1 and positions.shape == ids.shape)
+
+
+def packed_mixed_batch(parts: dict[str, dict[str, torch.Tensor]]) -> MixedBatch:
+    """Concatenate per-job packed micro-batches {job: {"input_ids", "labels", "position_ids"}, each (1, T_j)} into one
+    packed row of Σ T_j tokens, each job's tokens contiguous: no padding. The label of every sequence's first token
+    is set to -100, so the shifted next-token targets never cross from one sequence (or job) into the next."""
+    if not parts:
+        raise ValueError("parts must hold at least one job's batch")
+    for job, part in parts.items():
+        if not is_packed(part) or "labels" not in part:
+            raise ValueError(
+                f"the batch of job {job!r} is not a padding-free batch (input_ids, labels and position_ids of shape "
+                "(1, tokens), no attention_mask); all jobs' micro-batches must be packed, or none"
+            )
+    positions = torch.cat([part["position_ids"] for part in parts.values()], dim=1)
+    labels = torch.cat([part["labels"] for part in parts.values()], dim=1).masked_fill(positions == 0, -100)
+    names, rows, start = [], {}, 0
+    for job, part in parts.items():
+        n = part["input_ids"].shape[1]
+        names += [job] * n
+        rows[job] = slice(start, start + n)
+        start += n
+    ids = torch.cat([part["input_ids"] for part in parts.values()], dim=1)
+    return MixedBatch(ids, None, labels, names, rows, positions)
 
 
 def mixed_batch(parts: dict[str, dict[str, torch.Tensor]], pad_token_id: int = 0) -> MixedBatch:
@@ -52,6 +111,21 @@ def mixed_batch(parts: dict[str, dict[str, torch.Tensor]], pad_token_id: int = 0
         rows[job] = slice(start, start + n)
         start += n
     return MixedBatch(torch.cat(ids), torch.cat(mask), torch.cat(labels), names, rows)
+
+
+def mix(parts: dict[str, dict[str, torch.Tensor]], pad_token_id: int = 0) -> MixedBatch:
+    """`packed_mixed_batch` for padding-free micro-batches, else `mixed_batch`."""
+    if is_packed(next(iter(parts.values()))):
+        return packed_mixed_batch(parts)
+    return mixed_batch(parts, pad_token_id)
+
+
+def batch_inputs(batch: dict, job: str) -> dict:
+    """Forward keyword arguments (labels aside) of one job's own micro-batch, padded or packed."""
+    if is_packed(batch):
+        return {**packed_mixed_batch({job: batch}).model_inputs(), "adapter_names": [job]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "adapter_names": [job] * batch["input_ids"].shape[0]}
 
 
 def row_lengths(batch: dict) -> list[int] | None:

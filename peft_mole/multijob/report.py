@@ -16,11 +16,13 @@ class PaddingStats:
         self.micro_batch_total = 0
 
     def add(self, parts: list[tuple[JobRun, dict]]) -> None:
-        """Count one mixed step: every row padded to the step's longest."""
+        """Count one mixed step: every row padded to the step's longest; packed micro-batches (no attention mask)
+        are concatenated into one row, without padding."""
         length = max(batch["input_ids"].shape[1] for _, batch in parts)
         for _, batch in parts:
-            self.real += int(batch["attention_mask"].sum())
-            self.total += batch["input_ids"].shape[0] * length
+            mask = batch.get("attention_mask")
+            self.real += batch["input_ids"].numel() if mask is None else int(mask.sum())
+            self.total += batch["input_ids"].numel() if mask is None else batch["input_ids"].shape[0] * length
 
     def add_micro_batches(self, parts: list[tuple[JobRun, dict]]) -> None:
         """Count the jobs' micro-batches of one round as their collators made them."""

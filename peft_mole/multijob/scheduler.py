@@ -11,7 +11,8 @@
    short jobs are not padded to the longest job's length. Each job's loss is normalised by its own window's token
    count, so which step a micro-batch runs in changes nothing in its gradients. A plain-LoRA job's micro-batch is
    cut into its rows for this (its loss is a plain sum over rows); a MixLoRA/DynMoLE job's stays whole, since
-   its router's load-balance loss is not a sum over rows.
+   its router's load-balance loss is not a sum over rows. Packed (padding-free) micro-batches have no padding to
+   save; they are grouped by `group_packed`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 
-from peft_mole.multijob.batching import row_lengths, take_rows
+from peft_mole.multijob.batching import is_packed, row_lengths, take_rows
 from peft_mole.multijob.memory import MemoryModel
 from peft_mole.multijob.run import FAILED, RUNNING, WAITING, JobRun
 
@@ -172,7 +173,32 @@ class JobScheduler:
             groups.append(group)
         return groups
 
+    @staticmethod
+    def group_packed(parts: list[tuple[JobRun, dict]], varlen_attention: bool) -> list[list[tuple[JobRun, dict]]]:
+        """Steps for packed (padding-free) micro-batches: each step concatenates its micro-batches into one row.
+
+        With a varlen attention kernel (flash attention: each sequence attends only within itself) all of them go
+        in one step. Without one (SDPA, eager), a packed row's attention is computed over the whole row with a
+        block-diagonal mask, so its cost and the mask grow with the square of the row's length: the micro-batches
+        are then put, whole, into steps of at most the longest one's tokens (first-fit decreasing), so no step's
+        attention is longer than one job's alone."""
+        if varlen_attention or len(parts) < 2:
+            return [parts]
+        sizes = [batch["input_ids"].shape[1] for _, batch in parts]
+        capacity = max(sizes)
+        bins: list[tuple[int, list[int]]] = []  # (tokens, part indices)
+        for k in sorted(range(len(parts)), key=lambda k: -sizes[k]):
+            for b, (tokens, members) in enumerate(bins):
+                if tokens + sizes[k] <= capacity:
+                    bins[b] = (tokens + sizes[k], members + [k])
+                    break
+            else:
+                bins.append((sizes[k], [k]))
+        return [[parts[k] for k in sorted(members)] for _, members in bins]
+
     def predict(self, parts: list[tuple[JobRun, dict]]) -> float:
+        if all(is_packed(batch) for _, batch in parts):  # one packed row of all their tokens
+            return self.memory_model.predict([sum(batch["input_ids"].shape[1] for _, batch in parts)])
         length = max(batch["input_ids"].shape[1] for _, batch in parts)
         rows = sum(batch["input_ids"].shape[0] for _, batch in parts)
         return self.memory_model.predict([length] * rows)

@@ -11,7 +11,9 @@ would get trained alone by `SFTTrainer` with the same data order and seed (tests
 Each job then clips, steps and schedules on its own windows, and logs and checkpoints under its own name.
 
 What comes from SFTTrainer unchanged: dataset preparation (tokenisation, chat templates, completion-only loss),
-the collator, the fused LM head, accelerate (device, autocast), callbacks and `log()`.
+the collator, the fused LM head, accelerate (device, autocast), callbacks and `log()`. With `padding_free=True` (or
+`packing=True` with the "bfd" strategy) each job's micro-batch is one packed row, and a mixed step concatenates
+them into one packed row (`packed_mixed_batch`): no padding (`JobScheduler.group_packed` says which share a step).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from trl import SFTConfig, SFTTrainer
 
 from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob import distributed as dist
-from peft_mole.multijob.batching import mixed_batch, row_halves
+from peft_mole.multijob.batching import batch_inputs, is_packed, mix, row_halves
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.model import MultiJobModel
 from peft_mole.multijob.report import PaddingStats, summary_rows, summary_table
@@ -76,7 +78,8 @@ class MultiJobTrainer(SFTTrainer):
             (`peft_mole.multijob.memory`); None = no limit.
         step_overhead_tokens: what one extra mixed step costs, in padded tokens; the jobs' micro-batches of a
             round are split into steps of similar length when that saves more padding. "auto" (default) fits it
-            from the measured step times (`StepCost`); None: always one step per round.
+            from the measured step times (`StepCost`); None: always one step per round. Unused with
+            `padding_free=True`, where a round has no padding to save.
         **kwargs: passed on to `SFTTrainer` (not `peft_config` or `train_dataset`: jobs carry those).
 
     Example:
@@ -110,14 +113,6 @@ class MultiJobTrainer(SFTTrainer):
             raise TypeError("pass the base model: MultiJobTrainer adds every job's adapter itself")
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model, **((args and args.model_init_kwargs) or {}))
-        if args is not None and (getattr(args, "padding_free", False) or (
-            getattr(args, "packing", False) and getattr(args, "packing_strategy", "bfd") != "wrapped"
-        )):
-            raise ValueError(
-                "MultiJobTrainer needs padded rows: padding_free=True and packing with packing_strategy "
-                f"{getattr(args, 'packing_strategy', None)!r} flatten a batch into one row; use packing=False or "
-                "packing_strategy='wrapped'"
-            )
         self.jobs = list(jobs)
         self.jobs_model = MultiJobModel(model, {j.name: j.peft_config for j in jobs})
         self.job_scheduler = JobScheduler(max_concurrent_jobs, max_memory)
@@ -272,7 +267,12 @@ class MultiJobTrainer(SFTTrainer):
         self._round_losses: dict[str, float] = {}
         self._round_failures: dict[str, str] = {}
         self.padding_stats.add_micro_batches(parts)
-        for group in self.job_scheduler.group_by_length(parts, overhead, splittable=self._rows_splittable):
+        if is_packed(parts[0][1]):
+            varlen = "flash" in str(getattr(self.model.config, "_attn_implementation", ""))
+            groups = self.job_scheduler.group_packed(parts, varlen)
+        else:
+            groups = self.job_scheduler.group_by_length(parts, overhead, splittable=self._rows_splittable)
+        for group in groups:
             group = [(run, batch) for run, batch in group if run.name not in self._round_failures]
             if group:
                 self.padding_stats.add(group)
@@ -328,19 +328,17 @@ class MultiJobTrainer(SFTTrainer):
 
     def _forward_backward(self, parts: list[tuple[JobRun, dict]]) -> None:
         started = time.perf_counter()
-        mixed = mixed_batch({run.name: batch for run, batch in parts}, pad_token_id=self._pad_token_id())
-        device = self.args.device
+        mixed = mix({run.name: batch for run, batch in parts}, pad_token_id=self._pad_token_id())
+        inputs = {k: v.to(self.args.device) if isinstance(v, torch.Tensor) else v for k, v in mixed.model_inputs().items()}
         # the accelerator's autocast: what `accelerator.prepare(model)` wraps a plain SFTTrainer's forward in
         with self.compute_loss_context_manager(), self.accelerator.autocast():
-            outputs = self.jobs_model(
-                input_ids=mixed.input_ids.to(device), attention_mask=mixed.attention_mask.to(device),
-                labels=mixed.labels.to(device), adapter_names=mixed.adapter_names, fused_lm_head=True, use_cache=False,
-            )
+            outputs = self.jobs_model(**inputs, labels=mixed.labels.to(self.args.device), fused_lm_head=True,
+                                      use_cache=False)
         log_probs, label_mask = outputs.log_probs.float(), outputs.label_mask
         aux = outputs.get("aux_loss_per_adapter") or {}
         losses = {}
         for run, _ in parts:
-            rows = mixed.rows[run.name]
+            rows = mixed.index(run.name)
             window_items = torch.as_tensor(run.window_items, device=log_probs.device).clamp(min=1)
             loss = -log_probs[rows].sum() / window_items
             if run.name in aux:
@@ -363,11 +361,9 @@ class MultiJobTrainer(SFTTrainer):
                 param.grad = _in_layout_of(param, grad) if param.grad is None else param.grad.add_(grad)
         seconds = time.perf_counter() - started
         self.step_cost.observe(mixed.input_ids.numel(), seconds)
-        total_rows = mixed.input_ids.shape[0]
         for run in good:
-            share = (mixed.rows[run.name].stop - mixed.rows[run.name].start) / total_rows
-            run.stats.seconds += seconds * share
-            run.stats.tokens += int(label_mask[mixed.rows[run.name]].sum())
+            run.stats.seconds += seconds * mixed.share(run.name)
+            run.stats.tokens += int(label_mask[mixed.index(run.name)].sum())
             self._round_losses[run.name] = self._round_losses.get(run.name, 0.0) + float(losses[run.name].detach())
 
     def _pad_token_id(self) -> int:
@@ -423,12 +419,9 @@ class MultiJobTrainer(SFTTrainer):
         total, count = 0.0, 0
         try:
             for batch in loader:
-                rows = batch["input_ids"].shape[0]
                 with self.compute_loss_context_manager(), self.accelerator.autocast():
-                    out = self.jobs_model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                        adapter_names=[run.name] * rows, fused_lm_head=True, use_cache=False,
-                    )
+                    out = self.jobs_model(**batch_inputs(batch, run.name), labels=batch["labels"], fused_lm_head=True,
+                                          use_cache=False)
                 total += float(-out.log_probs.float().sum())
                 count += int(out.label_mask.sum())
         finally:

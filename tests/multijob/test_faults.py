@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from peft_mole import JobConfig, MultiJobTrainer
 from peft_mole.multijob.checkpoint import list_checkpoints
 from tests.helpers import mixlora, randomize_adapters, tiny_base
-from tests.multijob.test_trainer import ALL_LINEAR, assets, run_args  # noqa: F401 — fixture
+from tests.multijob.test_trainer import ALL_LINEAR, run_args
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR)
 

@@ -5,29 +5,15 @@ from __future__ import annotations
 import os
 
 import pytest
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from peft_mole import JobConfig, MultiJobTrainer, synthetic
+from peft_mole import JobConfig, MultiJobTrainer
 from tests.helpers import dynmole, mixlora, randomize_adapters, tiny_base
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tokenizer and three task datasets, written to disk and read back with the real loaders."""
-    root = tmp_path_factory.mktemp("multijob")
-    synthetic.demo_tokenizer(save_dir=root / "tokenizer")
-    datasets = {}
-    for task in ("sentiment", "capital", "add"):
-        rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in synthetic.multitask_rows(24, tasks=(task,))]
-        synthetic.write_jsonl(rows, root / f"{task}.jsonl")
-        datasets[task] = load_dataset("json", data_files=str(root / f"{task}.jsonl"), split="train")
-    return AutoTokenizer.from_pretrained(root / "tokenizer"), datasets
 
 
 def run_args(output_dir, **overrides) -> SFTConfig:
@@ -205,7 +191,7 @@ def test_per_job_evaluation_and_early_stopping(assets, tmp_path):
         JobConfig("x", LoraConfig(r=4), datasets["add"], early_stopping_patience=2)
 
 
-def test_wrapped_packing_matches_sft_trainer_and_padding_free_is_refused(assets, tmp_path):
+def test_wrapped_packing_matches_sft_trainer(assets, tmp_path):
     tokenizer, datasets = assets
     job = JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
                     datasets["sentiment"], per_device_train_batch_size=2)
@@ -221,9 +207,6 @@ def test_wrapped_packing_matches_sft_trainer_and_padding_free_is_refused(assets,
                max_length=32, max_steps=2)), train_dataset=job.train_dataset, processing_class=tokenizer).train()
     expected, together = get_peft_model_state_dict(solo), load_file(tmp_path / "run" / "lora" / "adapter_model.safetensors")
     assert max((expected[k] - together[k]).abs().max().item() for k in expected) <= 1e-5
-    for bad in (dict(packing=True), dict(padding_free=True)):
-        with pytest.raises(ValueError, match="needs padded rows"):
-            MultiJobTrainer(model=tiny_base(), jobs=[job], args=run_args(tmp_path, **bad), processing_class=tokenizer)
 
 
 def test_epochs_with_reshuffling_match_sft_trainer(assets, tmp_path):

@@ -71,6 +71,12 @@ class LoraLinear(nn.Module, BaseTunerLayer):
         out = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or not self.active_adapters:
             return out
+        units = self._context.unit_view(x)
+        if units is not x:  # a packed batch: its tokens are grouped by adapter
+            return self._add_deltas(out.view(*units.shape[:-1], out.shape[-1]), units).view(out.shape)
+        return self._add_deltas(out, x)
+
+    def _add_deltas(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         groups = self._context.row_groups(x.shape[0], self.active_adapters, x.device)
         return scatter_row_deltas(out, x, groups, self._delta, self._factors)
 

@@ -64,6 +64,10 @@ class MixLoRAMLP(RoutedExpertsLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters or not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
+        units = self._context.unit_view(x)
+        if units is not x:  # a packed batch: its tokens are grouped by adapter
+            out = self.forward(units, *args, **kwargs)
+            return out.view(*x.shape[:-1], out.shape[-1])
         mlp = self.base_layer
         batch, hidden_size = x.shape[0], x.shape[-1]
         groups, token_mask = self.row_groups(x)

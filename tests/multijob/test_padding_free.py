@@ -1,0 +1,178 @@
+"""Padding-free multi-job training (TRL's `padding_free=True`, or `packing=True` with the "bfd" strategy): each job's
+micro-batch is one packed row, a mixed step concatenates them into one packed row with one adapter name per token,
+and every job still trains exactly as alone."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+from trl import SFTTrainer
+
+from peft_mole import JobConfig, MultiJobTrainer
+from peft_mole.multijob.batching import MixedBatch, is_packed, mix, packed_mixed_batch
+from peft_mole.multijob.model import MultiJobModel
+from peft_mole.multijob.report import PaddingStats
+from peft_mole.multijob.scheduler import JobScheduler
+from tests.helpers import dynmole, mixlora, randomize_adapters, tiny_base
+from tests.multijob.test_model import _jobs
+from tests.multijob.test_trainer import ALL_LINEAR, run_args, three_jobs
+
+
+def packed_part(lengths: list[int], vocab: int = 512, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (1, sum(lengths)), generator=gen)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    return {"input_ids": ids, "labels": ids.clone(), "position_ids": positions}
+
+
+def test_packed_mixed_batch_concatenates_jobs_without_padding():
+    parts = {"a": packed_part([3, 2]), "b": packed_part([4], seed=1)}
+    mixed = packed_mixed_batch(parts)
+    assert mixed.packed and mixed.input_ids.shape == (1, 9) and mixed.attention_mask is None
+    assert mixed.adapter_names == ["a"] * 5 + ["b"] * 4
+    assert mixed.rows == {"a": slice(0, 5), "b": slice(5, 9)}
+    # no next-token target crosses from one sequence (or job) into the next
+    assert (mixed.labels[0, [0, 3, 5]] == -100).all() and (mixed.labels[0, [1, 2, 4, 6, 7, 8]] != -100).all()
+    inputs = mixed.model_inputs()
+    assert inputs["cu_seq_lens_q"].tolist() == [0, 3, 5, 9] and inputs["max_length_q"] == 4
+    assert "attention_mask" not in inputs
+    logits = torch.arange(9.0).view(1, 9, 1)
+    assert logits[mixed.index("b")].flatten().tolist() == [5.0, 6.0, 7.0, 8.0]
+    assert mixed.share("a") == pytest.approx(5 / 9)
+    assert isinstance(mix(parts), MixedBatch) and mix(parts).packed
+    padded = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    assert not is_packed(padded)
+    with pytest.raises(ValueError, match="job 'b'.*all jobs' micro-batches must be packed, or none"):
+        packed_mixed_batch({"a": parts["a"], "b": {**padded, "labels": padded["input_ids"]}})
+
+
+def test_padding_and_memory_of_a_packed_step_count_its_tokens_once():
+    a, b = packed_part([3, 2]), packed_part([4], seed=1)
+    stats = PaddingStats()
+    stats.add([(None, a), (None, b)])
+    assert (stats.real, stats.total, stats.pad_fraction) == (9, 9, 0.0)
+    scheduler = JobScheduler(max_memory=1e9)
+    for rows, length in [(1, 10), (2, 10), (1, 40)]:
+        scheduler.memory_model.observe([length] * rows, 1000.0 + 10.0 * rows * length + rows * length**2)
+    assert scheduler.predict([(None, a), (None, b)]) == pytest.approx(scheduler.memory_model.predict([9]))
+
+
+def test_packed_micro_batches_share_steps_no_longer_than_the_longest():
+    parts = [(name, packed_part([n])) for name, n in [("a", 60), ("b", 27), ("c", 20), ("d", 41), ("e", 15)]]
+    assert JobScheduler.group_packed(parts, varlen_attention=True) == [parts]
+    groups = JobScheduler.group_packed(parts, varlen_attention=False)
+    # first-fit decreasing into bins of 60 tokens: a | d + e | b + c; each step keeps the parts' own order
+    assert [[name for name, _ in group] for group in groups] == [["a"], ["d", "e"], ["b", "c"]]
+    assert JobScheduler.group_packed(parts[:1], varlen_attention=False) == [parts[:1]]
+
+
+def test_packed_forward_matches_padded_rows_for_every_job_kind():
+    """Tokens grouped by adapter (`ForwardContext.unit_view`) in LoRA, MixLoRA and DynMoLE layers: the logits,
+    router losses and gradients of a packed row equal those of the same sequences as padded rows."""
+    model = MultiJobModel(tiny_base(), _jobs())
+    randomize_adapters(model)
+    lengths = {"lora": [5, 3], "mix": [6], "dyn": [2, 7]}
+    parts = {job: packed_part(n, seed=i) for i, (job, n) in enumerate(lengths.items())}
+    mixed = packed_mixed_batch(parts)
+    packed = model(**mixed.model_inputs(), labels=mixed.labels, use_cache=False)
+    packed_grads = torch.autograd.grad(packed.logits.sum(), model.job_parameters("mix").values())
+
+    seqs, names = [], []
+    for job, part in parts.items():
+        seqs += list(part["input_ids"][0].split(lengths[job]))
+        names += [job] * len(lengths[job])
+    longest = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    padded = model(input_ids=ids, attention_mask=mask, labels=ids, adapter_names=names, use_cache=False)
+    real = torch.cat([padded.logits[i, : len(s)] for i, s in enumerate(seqs)])
+    torch.testing.assert_close(packed.logits[0], real, atol=1e-5, rtol=1e-5)
+    for job in ("mix", "dyn"):
+        torch.testing.assert_close(packed.aux_loss_per_adapter[job], padded.aux_loss_per_adapter[job])
+    padded_grads = torch.autograd.grad(sum(padded.logits[i, : len(s)].sum() for i, s in enumerate(seqs)),
+                                       model.job_parameters("mix").values())
+    assert max(g.abs().max().item() for g in padded_grads) > 1e-3
+    for got, want in zip(packed_grads, padded_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _solo_matches(job, init, together_dir, tokenizer, vocab, solo_args) -> None:
+    solo = PeftModel.from_pretrained(tiny_base(vocab_size=vocab), str(init), is_trainable=True)
+    SFTTrainer(model=solo, args=solo_args, train_dataset=job.train_dataset, processing_class=tokenizer).train()
+    expected = get_peft_model_state_dict(solo)
+    together = load_file(os.path.join(together_dir, "adapter_model.safetensors"))
+    initial = load_file(os.path.join(init, "adapter_model.safetensors"))
+    assert max((expected[k] - initial[k]).abs().max().item() for k in expected) > 1e-4, job.name
+    diff = max((together[k] - expected[k]).abs().max().item() for k in expected)
+    assert diff <= 1e-5, f"{job.name}: differs by {diff}"
+
+
+def test_padding_free_jobs_train_in_one_packed_step_as_each_alone(assets, tmp_path):
+    tokenizer, datasets = assets
+    vocab = len(tokenizer)
+    jobs = three_jobs(datasets)
+    args = run_args(tmp_path / "run", padding_free=True, max_length=None)  # TRL: padding_free does not truncate
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=vocab), jobs=jobs, args=args, processing_class=tokenizer)
+    randomize_adapters(trainer.jobs_model)
+    for job in jobs:
+        trainer.jobs_model.save_job(job.name, str(tmp_path / "init" / job.name))
+    steps = []
+    forward_backward = trainer._forward_backward
+    trainer._forward_backward = lambda parts: (steps.append([tuple(b["input_ids"].shape) for _, b in parts]),
+                                               forward_backward(parts))[1]
+    trainer.train()
+    assert [r["status"] for r in trainer.job_summary] == ["done"] * 3
+    # SDPA: jobs share packed steps no longer than the round's longest micro-batch (`group_packed`)
+    assert all(rows == 1 for shapes in steps for rows, _ in shapes)
+    assert any(len(shapes) > 1 for shapes in steps)
+    assert len(steps) < sum(len(shapes) for shapes in steps)
+    assert trainer.padding_stats.pad_fraction == 0.0
+    for job in jobs:  # against SFTTrainer on padded rows: the packed attention mask changes nothing
+        _solo_matches(job, tmp_path / "init" / job.name, os.path.join(args.output_dir, job.name), tokenizer, vocab,
+                      job.training_args(run_args(tmp_path / "solo", max_length=None)))
+
+
+def test_bfd_packing_matches_sft_trainer(assets, tmp_path):
+    tokenizer, datasets = assets
+    vocab = len(tokenizer)
+    jobs = [
+        JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+                  datasets["sentiment"], per_device_train_batch_size=2),
+        JobConfig("mix", mixlora(), datasets["capital"], per_device_train_batch_size=1, seed=1),
+        JobConfig("dyn", dynmole(), datasets["add"], per_device_train_batch_size=2),
+    ]
+    packing = dict(packing=True, max_length=48, max_steps=2)  # TRL's default strategy: best-fit decreasing
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=vocab), jobs=jobs, args=run_args(tmp_path / "run", **packing),
+                              processing_class=tokenizer)
+    randomize_adapters(trainer.jobs_model)
+    for job in jobs:
+        trainer.jobs_model.save_job(job.name, str(tmp_path / "init" / job.name))
+    assert is_packed(next(iter(trainer._make_run(jobs[0]).dataloader)))
+    trainer.train()
+    assert trainer.padding_stats.pad_fraction == 0.0
+    for job in jobs:
+        _solo_matches(job, tmp_path / "init" / job.name, tmp_path / "run" / job.name, tokenizer, vocab,
+                      job.training_args(run_args(tmp_path / "solo", **packing)))
+
+
+def test_per_job_evaluation_of_packed_batches_equals_padded(assets, tmp_path):
+    tokenizer, datasets = assets
+    losses = {}
+    for padding_free in (False, True):
+        jobs = [JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+                          datasets["sentiment"], eval_dataset=datasets["capital"], eval_steps=1, max_steps=2),
+                JobConfig("mix", mixlora(), datasets["add"], eval_dataset=datasets["add"], eval_steps=2, max_steps=2)]
+        args = run_args(tmp_path / str(padding_free), padding_free=padding_free, max_length=None)
+        trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=args,
+                                  processing_class=tokenizer)
+        randomize_adapters(trainer.jobs_model)
+        trainer.train()
+        losses[padding_free] = [(k, h[k]) for h in trainer.state.log_history for k in h if k.endswith("eval_loss")]
+    assert [k for k, _ in losses[True]] == ["lora/eval_loss", "lora/eval_loss", "mix/eval_loss"]
+    assert [v for _, v in losses[True]] == pytest.approx([v for _, v in losses[False]], rel=1e-5)
