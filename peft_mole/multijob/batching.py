@@ -162,8 +162,15 @@ def take_rows(batch: dict, rows: list[int], length: int) -> dict:
 
 
 def row_halves(batch: dict) -> tuple[dict, dict] | None:
-    """A right-padded micro-batch's rows in two halves, each cut to its longest row; None for one row or rows that
-    cannot be cut apart (`row_lengths`)."""
+    """A right-padded micro-batch's rows in two halves, each cut to its longest row; a packed one's sequences in two
+    halves of about equal tokens. None for one row (one sequence) or rows that cannot be cut apart (`row_lengths`)."""
+    if is_packed(batch):
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+        if len(starts) < 2 or starts[0] != 0:
+            return None
+        middle = min(starts[1:], key=lambda start: abs(2 * start - batch["input_ids"].shape[1]))
+        return tuple({key: value[:, part] for key, value in batch.items() if key in ("input_ids", "labels", "position_ids")}
+                     for part in (slice(0, middle), slice(middle, None)))
     lengths = row_lengths(batch)
     if lengths is None or len(lengths) < 2:
         return None

@@ -50,7 +50,7 @@ class PoisonAt(TrainerCallback):
                     p.fill_(float("nan"))
 
 
-def test_nan_job_and_broken_data_job_fail_alone(assets, tmp_path, monkeypatch):  # noqa: F811
+def test_nan_job_and_broken_data_job_fail_alone(assets, tmp_path, monkeypatch):
     tokenizer, datasets = assets
     jobs = [
         JobConfig("good", LoraConfig(**LORA), datasets["sentiment"]),
@@ -99,7 +99,7 @@ def test_nan_job_and_broken_data_job_fail_alone(assets, tmp_path, monkeypatch): 
     _assert_same(_adapter(tmp_path / "faulty" / "good"), _adapter(tmp_path / "alone" / "good"))
 
 
-def test_out_of_memory_step_is_split_and_nothing_is_lost(assets, tmp_path, monkeypatch):  # noqa: F811
+def test_out_of_memory_step_is_split_and_nothing_is_lost(assets, tmp_path, monkeypatch):
     tokenizer, datasets = assets
     jobs = lambda: [  # noqa: E731
         JobConfig("a", LoraConfig(**LORA), datasets["sentiment"]),
@@ -125,7 +125,7 @@ def test_out_of_memory_step_is_split_and_nothing_is_lost(assets, tmp_path, monke
         _assert_same(_adapter(tmp_path / "oom" / job), _adapter(tmp_path / "normal" / job))
 
 
-def test_lora_job_out_of_memory_alone_is_retried_in_row_halves(assets, tmp_path, monkeypatch):  # noqa: F811
+def test_lora_job_out_of_memory_alone_is_retried_in_row_halves(assets, tmp_path, monkeypatch):
     tokenizer, datasets = assets
     jobs = lambda: [  # noqa: E731
         JobConfig("a", LoraConfig(**LORA), datasets["sentiment"], per_device_train_batch_size=4),
@@ -155,7 +155,7 @@ def test_lora_job_out_of_memory_alone_is_retried_in_row_halves(assets, tmp_path,
         _assert_same(_adapter(tmp_path / "oom" / job), _adapter(tmp_path / "normal" / job))
 
 
-def test_job_failing_on_a_later_piece_of_its_cut_micro_batch_fails_alone(assets, tmp_path, monkeypatch):  # noqa: F811
+def test_job_failing_on_a_later_piece_of_its_cut_micro_batch_fails_alone(assets, tmp_path, monkeypatch):
     """Rows cut apart run in several steps of one round, shortest first: when a later piece of a job raises, the job
     fails (the gradients of its earlier pieces are dropped, its other pieces skipped) and the other job ends as
     trained alone."""
@@ -196,7 +196,7 @@ def _saved_init(trainer, job, tmp_path):
     return path
 
 
-def test_priority_and_max_concurrent_jobs(assets, tmp_path):  # noqa: F811
+def test_priority_and_max_concurrent_jobs(assets, tmp_path):
     tokenizer, datasets = assets
     jobs = [
         JobConfig("low", LoraConfig(**LORA), datasets["sentiment"], max_steps=2),

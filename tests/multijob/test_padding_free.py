@@ -176,3 +176,36 @@ def test_per_job_evaluation_of_packed_batches_equals_padded(assets, tmp_path):
         losses[padding_free] = [(k, h[k]) for h in trainer.state.log_history for k in h if k.endswith("eval_loss")]
     assert [k for k, _ in losses[True]] == ["lora/eval_loss", "lora/eval_loss", "mix/eval_loss"]
     assert [v for _, v in losses[True]] == pytest.approx([v for _, v in losses[False]], rel=1e-5)
+
+
+def test_packed_lora_job_out_of_memory_alone_is_retried_in_sequence_halves(assets, tmp_path, monkeypatch):
+    tokenizer, datasets = assets
+
+    def trainer_for(output_dir):
+        jobs = [JobConfig("a", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+                          datasets["sentiment"], per_device_train_batch_size=4),
+                JobConfig("b", mixlora(), datasets["capital"], per_device_train_batch_size=2)]
+        trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                                  args=run_args(output_dir, padding_free=True, max_length=None, max_steps=2))
+        randomize_adapters(trainer.jobs_model, seed=3)
+        return trainer
+
+    trainer_for(tmp_path / "normal").train()
+    squeezed = trainer_for(tmp_path / "oom")
+    forward, sequences_run = squeezed.jobs_model.forward, []
+
+    def forward_that_fits_two_sequences(*args, position_ids=None, **kwargs):
+        sequences = int((position_ids == 0).sum())
+        if sequences > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        sequences_run.append(sequences)
+        return forward(*args, position_ids=position_ids, **kwargs)
+
+    monkeypatch.setattr(squeezed.jobs_model, "forward", forward_that_fits_two_sequences)
+    squeezed.train()
+    assert [r["status"] for r in squeezed.job_summary] == ["done", "done"]
+    assert sequences_run == [2, 2, 2] * 2  # per round: a's 4 sequences as 2 + 2, then b's 2
+    for job in ("a", "b"):
+        normal = load_file(tmp_path / "normal" / job / "adapter_model.safetensors")
+        retried = load_file(tmp_path / "oom" / job / "adapter_model.safetensors")
+        assert max((normal[k] - retried[k]).abs().max().item() for k in normal) <= 1e-5, job
