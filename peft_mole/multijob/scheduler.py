@@ -32,12 +32,16 @@ class StepCost:
     Fitted with the Theil–Sen estimator (c1 = median of the pairwise slopes, c0 = median of t − c1 · tokens) over the
     last `window` steps, so one slow step (a collection, another process) does not move it. The first step is not
     used (lazy initialisation and allocator warm-up make it slow), and the fit starts once three later steps, of at
-    least two different sizes, are known: the first rounds are usually the longest (Trainer's length-grouped sampler
-    puts the longest batch first), so a late fit would pad the most tokens with the guess `initial_tokens`. The
-    pairwise slopes are O(window²), about 2000 for a full window: a millisecond per round."""
+    least two different sizes, are known. Until then the cost is `initial_tokens`, by default 0: every distinct
+    length runs as its own step. That costs a few extra steps once and gives the fit steps of several sizes at once,
+    where a guess would have to suit a CPU (tens of tokens) and a GPU (thousands) and would pad the first rounds,
+    usually the longest (Trainer's length-grouped sampler puts the longest batch first), by its own error. Steps
+    whose time does not grow with their tokens (slope ≤ 0) make padding free: `max_tokens`, one step per round.
+    The pairwise slopes are O(window²), about 2000 for a full window: a millisecond per round."""
 
-    def __init__(self, initial_tokens: int = 256, window: int = 64, min_samples: int = 3) -> None:
+    def __init__(self, initial_tokens: int = 0, max_tokens: int = 4096, window: int = 64, min_samples: int = 3) -> None:
         self.initial_tokens = initial_tokens
+        self.max_tokens = max_tokens
         self.window = window
         self.min_samples = min_samples
         self.samples: list[tuple[float, float]] = []
@@ -57,9 +61,9 @@ class StepCost:
             return self.initial_tokens
         slope = statistics.median(slopes)
         if slope <= 0:
-            return self.initial_tokens
+            return self.max_tokens
         intercept = statistics.median(y - slope * x for x, y in self.samples)
-        return round(min(max(intercept / slope, 0.0), 16 * self.initial_tokens))
+        return round(min(max(intercept / slope, 0.0), self.max_tokens))
 
 
 class JobScheduler:

@@ -78,7 +78,8 @@ class MultiJobTrainer(SFTTrainer):
             (`peft_mole.multijob.memory`); None = no limit.
         step_overhead_tokens: what one extra mixed step costs, in padded tokens; the jobs' micro-batches of a
             round are split into steps of similar length when that saves more padding. "auto" (default) fits it
-            from the measured step times (`StepCost`); None: always one step per round. Unused with
+            from the measured step times (`StepCost`; until three are known, each distinct length is its own
+            step); None: always one step per round. Unused with
             `padding_free=True`, where a round has no padding to save.
         **kwargs: passed on to `SFTTrainer` (not `peft_config` or `train_dataset`: jobs carry those).
 

@@ -107,7 +107,7 @@ def test_out_of_memory_step_is_split_and_nothing_is_lost(assets, tmp_path, monke
     ]
     normal = _trainer(tokenizer, jobs(), tmp_path / "normal")
     normal.train()
-    squeezed = _trainer(tokenizer, jobs(), tmp_path / "oom")
+    squeezed = _trainer(tokenizer, jobs(), tmp_path / "oom", step_overhead_tokens=None)  # one step per round
     forward = squeezed.jobs_model.forward
     calls = {"oom": 0}
 

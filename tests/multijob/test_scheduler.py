@@ -88,6 +88,7 @@ def test_length_grouping_splits_only_when_it_saves_more_than_a_step_costs():
 def test_step_cost_fits_the_fixed_cost_of_a_step_in_tokens():
     from peft_mole.multijob.scheduler import StepCost
 
+    assert StepCost().overhead_tokens() == 0  # by default, until measured: every distinct length its own step
     cost = StepCost(initial_tokens=256)
     assert cost.overhead_tokens() == 256  # nothing measured yet
     cost.observe(5000, 30.0)  # the first step (warm-up) is never used
@@ -101,9 +102,13 @@ def test_step_cost_fits_the_fixed_cost_of_a_step_in_tokens():
     cost.observe(300, 2.0)  # one step slowed down 6x by something else
     assert cost.overhead_tokens() == 50
     cost = StepCost(initial_tokens=256)
-    for tokens, seconds in [(1, 1.0), (100, 0.2), (200, 0.1), (300, 0.05)]:  # time falling with size: no fit
+    for tokens, seconds in [(1, 1.0), (100, 0.2), (200, 0.1), (300, 0.05)]:  # time not growing with size
         cost.observe(tokens, seconds)
-    assert cost.overhead_tokens() == 256
+    assert cost.overhead_tokens() == cost.max_tokens == 4096  # padding costs nothing: one step per round
+    cost = StepCost(max_tokens=1000)
+    for tokens in [100, 100, 200, 300]:
+        cost.observe(tokens, 10.0 + 0.001 * tokens)  # a huge fixed cost is capped
+    assert cost.overhead_tokens() == 1000
 
 
 def test_padding_stats_separate_the_jobs_own_padding_from_what_mixing_adds():
