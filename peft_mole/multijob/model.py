@@ -34,6 +34,19 @@ JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _INTERNAL_PREFIX = "mixlora_"
 
 
+def enable_activation_checkpointing(model: nn.Module, args) -> None:
+    """What `Trainer.train` does for `gradient_checkpointing=True` (TRL's default), which MultiJobTrainer's own loop
+    must do itself: checkpoint the base's decoder layers with the arguments' kwargs (`every_n_layers`, `offload`,
+    and torch's own such as `use_reentrant`); transformers also makes the input embeddings require grad."""
+    kwargs = dict(getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs or {})
+    every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None,
+                                              every_n_layers=every_n_layers, offload=offload)
+    else:  # transformers before activation_checkpointing_enable
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+
+
 def check_job_name(name) -> None:
     if not isinstance(name, str) or not JOB_NAME.match(name) or name == "__base__":
         raise ValueError(

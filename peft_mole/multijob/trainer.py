@@ -42,7 +42,7 @@ from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob.batching import batch_inputs, is_packed, mix, row_halves
 from peft_mole.multijob.jobs import JobConfig
-from peft_mole.multijob.model import MultiJobModel
+from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
 from peft_mole.multijob.report import PaddingStats, summary_rows, summary_table
 from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
@@ -204,6 +204,8 @@ class MultiJobTrainer(SFTTrainer):
             self._resume(runs)
         dist.broadcast_parameters(self.accelerator, [p for run in runs for p in run.params.values()])
         set_seed(self.args.seed)
+        if getattr(self.args, "activation_checkpointing", self.args.gradient_checkpointing):
+            enable_activation_checkpointing(self.model, self.args)
         self.model.train()
         if self.job_scheduler.max_memory is not None:
             self._profile_memory(runs)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
+from transformers import modeling_utils
 from trl import SFTTrainer
 
 from peft_mole import JobConfig, MultiJobTrainer
@@ -70,10 +71,11 @@ def test_packed_micro_batches_share_steps_no_longer_than_the_longest():
     assert JobScheduler.group_packed(parts[:1], varlen_attention=False) == [parts[:1]]
 
 
-def test_packed_forward_matches_padded_rows_for_every_job_kind():
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_packed_forward_matches_padded_rows_for_every_job_kind(family):
     """Tokens grouped by adapter (`ForwardContext.unit_view`) in LoRA, MixLoRA and DynMoLE layers: the logits,
     router losses and gradients of a packed row equal those of the same sequences as padded rows."""
-    model = MultiJobModel(tiny_base(), _jobs())
+    model = MultiJobModel(tiny_base(family), _jobs())
     randomize_adapters(model)
     lengths = {"lora": [5, 3], "mix": [6], "dyn": [2, 7]}
     parts = {job: packed_part(n, seed=i) for i, (job, n) in enumerate(lengths.items())}
@@ -113,15 +115,21 @@ def _solo_matches(job, init, together_dir, tokenizer, vocab, solo_args) -> None:
     assert diff <= 1e-5, f"{job.name}: differs by {diff}"
 
 
-def test_padding_free_jobs_train_in_one_packed_step_as_each_alone(assets, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_padding_free_jobs_train_in_packed_steps_as_each_alone(assets, tmp_path, monkeypatch, checkpointing):
+    """Also under activation checkpointing (TRL's default), whose recomputation must group the tokens as the
+    forward did."""
     tokenizer, datasets = assets
     vocab = len(tokenizer)
     jobs = three_jobs(datasets)
-    args = run_args(tmp_path / "run", padding_free=True, max_length=None)  # TRL: padding_free does not truncate
+    args = run_args(tmp_path / "run", padding_free=True, max_length=None,  # TRL: padding_free does not truncate
+                    gradient_checkpointing=checkpointing)
     trainer = MultiJobTrainer(model=tiny_base(vocab_size=vocab), jobs=jobs, args=args, processing_class=tokenizer)
     randomize_adapters(trainer.jobs_model)
     for job in jobs:
         trainer.jobs_model.save_job(job.name, str(tmp_path / "init" / job.name))
+    checkpointed, real_checkpoint = [], modeling_utils.checkpoint
+    monkeypatch.setattr(modeling_utils, "checkpoint", lambda *a, **k: checkpointed.append(1) or real_checkpoint(*a, **k))
     steps = []
     forward_backward = trainer._forward_backward
     trainer._forward_backward = lambda parts: (steps.append([tuple(b["input_ids"].shape) for _, b in parts]),
@@ -133,6 +141,7 @@ def test_padding_free_jobs_train_in_one_packed_step_as_each_alone(assets, tmp_pa
     assert any(len(shapes) > 1 for shapes in steps)
     assert len(steps) < sum(len(shapes) for shapes in steps)
     assert trainer.padding_stats.pad_fraction == 0.0
+    assert bool(checkpointed) == checkpointing
     for job in jobs:  # against SFTTrainer on padded rows: the packed attention mask changes nothing
         _solo_matches(job, tmp_path / "init" / job.name, os.path.join(args.output_dir, job.name), tokenizer, vocab,
                       job.training_args(run_args(tmp_path / "solo", max_length=None)))

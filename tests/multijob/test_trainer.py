@@ -8,6 +8,7 @@ import pytest
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
+from transformers import modeling_utils
 from trl import SFTConfig, SFTTrainer
 
 from peft_mole import JobConfig, MultiJobTrainer
@@ -36,12 +37,16 @@ def three_jobs(datasets) -> list[JobConfig]:
     ]
 
 
-def test_jobs_trained_together_equal_each_trained_alone(assets, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])  # True: TRL's default; the solo runs never checkpoint
+def test_jobs_trained_together_equal_each_trained_alone(assets, tmp_path, monkeypatch, checkpointing):
     tokenizer, datasets = assets
     vocab = len(tokenizer)
     jobs = three_jobs(datasets)
-    args = run_args(tmp_path / "run")
+    args = run_args(tmp_path / "run", gradient_checkpointing=checkpointing)
     trainer = MultiJobTrainer(model=tiny_base(vocab_size=vocab), jobs=jobs, args=args, processing_class=tokenizer)
+    checkpointed = []  # the layers Trainer's checkpointing runs (MultiJobTrainer must enable it in its own loop)
+    real_checkpoint = modeling_utils.checkpoint
+    monkeypatch.setattr(modeling_utils, "checkpoint", lambda *a, **k: checkpointed.append(1) or real_checkpoint(*a, **k))
     # B = 0 at init makes A's first gradients ~0, where Adam turns float rounding into lr-sized steps; start from
     # random adapters so the comparison measures the training, not that amplification
     randomize_adapters(trainer.jobs_model)
@@ -50,6 +55,7 @@ def test_jobs_trained_together_equal_each_trained_alone(assets, tmp_path):
     trainer.train()
     assert [r["status"] for r in trainer.job_summary] == ["done"] * 3
     assert {r["job"]: r["steps"] for r in trainer.job_summary} == {"lora": 3, "mix": 4, "dyn": 2}
+    assert bool(checkpointed) == checkpointing
 
     for job in jobs:
         solo = PeftModel.from_pretrained(tiny_base(vocab_size=vocab), str(tmp_path / "init" / job.name), is_trainable=True)
