@@ -46,6 +46,7 @@ from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpoint
 from peft_mole.multijob.report import PaddingStats, summary_rows, summary_table
 from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
+from peft_mole.multijob.trainer_args import check_trainer_args
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ class MultiJobTrainer(SFTTrainer):
             raise TypeError("pass the base model: MultiJobTrainer adds every job's adapter itself")
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model, **((args and args.model_init_kwargs) or {}))
+        if args is not None:
+            check_trainer_args(args)
         self.jobs = list(jobs)
         self.jobs_model = MultiJobModel(model, {j.name: j.peft_config for j in jobs})
         self.job_scheduler = JobScheduler(max_concurrent_jobs, max_memory)

@@ -167,6 +167,21 @@ def test_bad_trainer_arguments(assets, tmp_path):
         MultiJobTrainer(model=tiny_base(), jobs=[job], args=run_args(tmp_path), peft_config=LoraConfig())
 
 
+@pytest.mark.parametrize("option", [dict(neftune_noise_alpha=5.0), dict(torch_compile=True),
+                                    dict(auto_find_batch_size=True), dict(push_to_hub=True, hub_model_id="me/x"),
+                                    dict(use_liger_kernel=True)])
+def test_trainer_options_its_own_loop_cannot_honour_are_refused(assets, tmp_path, option):
+    """Trainer.train would apply these; MultiJobTrainer's loop does not, so they fail early instead of silently."""
+    tokenizer, datasets = assets
+    field = next(iter(option))
+    try:
+        args = run_args(tmp_path, **option)
+    except (ImportError, ValueError) as error:  # e.g. use_liger_kernel without liger-kernel installed
+        pytest.skip(f"SFTConfig itself refuses {field} here: {error}")
+    with pytest.raises(ValueError, match=f"does not support {field}="):
+        MultiJobTrainer(model=tiny_base(), jobs=three_jobs(datasets)[:1], args=args, processing_class=tokenizer)
+
+
 def test_per_job_evaluation_and_early_stopping(assets, tmp_path):
     tokenizer, datasets = assets
     jobs = [
