@@ -43,14 +43,17 @@ class MixedBatch:
         if not self.packed:
             return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
                     "adapter_names": self.adapter_names}
-        # sequence boundaries, as TRL's padding-free collator gives them, for varlen attention kernels; transformers
+        # sequence boundaries, as TRL's padding-free collator gives them, for varlen attention kernels (and each
+        # token's sequence index, for the short convolutions of linear-attention layers); transformers
         # builds SDPA's block-diagonal causal mask from the position ids (with no attention mask and no cache)
         starts = (self.position_ids[0] == 0).nonzero().flatten()
         cu_seq_lens = torch.cat([starts, starts.new_tensor([self.position_ids.shape[1]])]).to(torch.int32)
-        longest = int(cu_seq_lens.diff().max())
+        lengths = cu_seq_lens.diff()
+        longest = int(lengths.max())
+        seq_idx = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), lengths.cpu())[None]
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, "adapter_names": self.adapter_names,
                 "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
-                "max_length_q": longest, "max_length_k": longest}
+                "max_length_q": longest, "max_length_k": longest, "seq_idx": seq_idx.to(self.input_ids.device)}
 
 
 def is_packed(batch: dict) -> bool:

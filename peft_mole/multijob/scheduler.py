@@ -75,6 +75,7 @@ class JobScheduler:
         self.max_concurrent_jobs = max_concurrent_jobs
         self.max_memory = max_memory
         self.memory_model = MemoryModel()
+        self.varlen_attention = False  # the model's attention keeps packed sequences apart itself (flash attention)
 
     @staticmethod
     def order(runs: list[JobRun]) -> list[JobRun]:
@@ -177,16 +178,15 @@ class JobScheduler:
             groups.append(group)
         return groups
 
-    @staticmethod
-    def group_packed(parts: list[tuple[JobRun, dict]], varlen_attention: bool) -> list[list[tuple[JobRun, dict]]]:
+    def group_packed(self, parts: list[tuple[JobRun, dict]]) -> list[list[tuple[JobRun, dict]]]:
         """Steps for packed (padding-free) micro-batches: each step concatenates its micro-batches into one row.
 
-        With a varlen attention kernel (flash attention: each sequence attends only within itself) all of them go
-        in one step. Without one (SDPA, eager), a packed row's attention is computed over the whole row with a
-        block-diagonal mask, so its cost and the mask grow with the square of the row's length: the micro-batches
+        With a varlen attention kernel (`varlen_attention`: flash attention, where each sequence attends within
+        itself) all of them go in one step. Without one (SDPA, eager), a packed row's attention is computed over the
+        whole row with a block-diagonal mask, so its cost and the mask grow with the square of the row's length: the micro-batches
         are then put, whole, into steps of at most the longest one's tokens (first-fit decreasing), so no step's
         attention is longer than one job's alone."""
-        if varlen_attention or len(parts) < 2:
+        if self.varlen_attention or len(parts) < 2:
             return [parts]
         sizes = [batch["input_ids"].shape[1] for _, batch in parts]
         capacity = max(sizes)
@@ -201,8 +201,9 @@ class JobScheduler:
         return [[parts[k] for k in sorted(members)] for _, members in bins]
 
     def predict(self, parts: list[tuple[JobRun, dict]]) -> float:
-        if all(is_packed(batch) for _, batch in parts):  # one packed row of all their tokens
-            return self.memory_model.predict([sum(batch["input_ids"].shape[1] for _, batch in parts)])
+        if all(is_packed(batch) for _, batch in parts):  # each step one packed row of its parts' tokens: the largest
+            return max(self.memory_model.predict([sum(batch["input_ids"].shape[1] for _, batch in step)])
+                       for step in self.group_packed(parts))
         length = max(batch["input_ids"].shape[1] for _, batch in parts)
         rows = sum(batch["input_ids"].shape[0] for _, batch in parts)
         return self.memory_model.predict([length] * rows)

@@ -46,7 +46,7 @@ from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpoint
 from peft_mole.multijob.report import PaddingStats, summary_rows, summary_table
 from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
-from peft_mole.multijob.trainer_args import check_trainer_args
+from peft_mole.multijob.trainer_args import check_distributed, check_trainer_args
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,9 @@ class MultiJobTrainer(SFTTrainer):
             )
         except (KeyError, ValueError, TypeError) as error:
             raise ValueError(f"job {jobs[0].name!r} (or the trainer arguments): {error}") from error
+        check_distributed(self)
+        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        self.job_scheduler.varlen_attention = "flash" in str(attention)
         self.job_datasets = {jobs[0].name: self.train_dataset}
         for job in jobs[1:]:
             self.job_datasets[job.name] = self._prepare_job_dataset(job.name, job.train_dataset, formatting_func)
@@ -274,8 +277,7 @@ class MultiJobTrainer(SFTTrainer):
         self._round_failures: dict[str, str] = {}
         self.padding_stats.add_micro_batches(parts)
         if is_packed(parts[0][1]):
-            varlen = "flash" in str(getattr(self.model.config, "_attn_implementation", ""))
-            groups = self.job_scheduler.group_packed(parts, varlen)
+            groups = self.job_scheduler.group_packed(parts)
         else:
             groups = self.job_scheduler.group_by_length(parts, overhead, splittable=self._rows_splittable)
         for group in groups:

@@ -39,3 +39,18 @@ def check_trainer_args(args) -> None:
         value = getattr(args, field, None)
         if is_set(value):
             raise ValueError(f"MultiJobTrainer does not support {field}={value!r}: {advice}")
+    for field in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):
+        if (getattr(args, field, None) or {}).get("use_reentrant"):
+            raise ValueError(
+                f"MultiJobTrainer does not support {field}={{'use_reentrant': True}}: it takes each job's gradients "
+                "with torch.autograd.grad, which never re-runs reentrant checkpointed layers (the adapters would get "
+                "no gradient); leave use_reentrant unset or set it to False"
+            )
+
+
+def check_distributed(trainer) -> None:
+    """Refuse DeepSpeed and FSDP also where they come from the accelerate config rather than the arguments."""
+    for name, on in (("DeepSpeed", trainer.is_deepspeed_enabled), ("FSDP", trainer.is_fsdp_enabled)):
+        if on:
+            raise ValueError(f"MultiJobTrainer does not support {name} (set in the accelerate config); use "
+                             "`accelerate launch` with plain data parallelism")

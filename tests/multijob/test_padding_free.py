@@ -40,6 +40,7 @@ def test_packed_mixed_batch_concatenates_jobs_without_padding():
     assert (mixed.labels[0, [0, 3, 5]] == -100).all() and (mixed.labels[0, [1, 2, 4, 6, 7, 8]] != -100).all()
     inputs = mixed.model_inputs()
     assert inputs["cu_seq_lens_q"].tolist() == [0, 3, 5, 9] and inputs["max_length_q"] == 4
+    assert inputs["seq_idx"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2]]  # as TRL's collator: linear-attention layers
     assert "attention_mask" not in inputs
     logits = torch.arange(9.0).view(1, 9, 1)
     assert logits[mixed.index("b")].flatten().tolist() == [5.0, 6.0, 7.0, 8.0]
@@ -59,25 +60,37 @@ def test_padding_and_memory_of_a_packed_step_count_its_tokens_once():
     scheduler = JobScheduler(max_memory=1e9)
     for rows, length in [(1, 10), (2, 10), (1, 40)]:
         scheduler.memory_model.observe([length] * rows, 1000.0 + 10.0 * rows * length + rows * length**2)
+    # SDPA: a and b run as two packed steps (`group_packed`), the larger one sets the peak
+    assert scheduler.predict([(None, a), (None, b)]) == pytest.approx(scheduler.memory_model.predict([5]))
+    scheduler.varlen_attention = True  # flash attention: one packed row of all their tokens
     assert scheduler.predict([(None, a), (None, b)]) == pytest.approx(scheduler.memory_model.predict([9]))
 
 
 def test_packed_micro_batches_share_steps_no_longer_than_the_longest():
     parts = [(name, packed_part([n])) for name, n in [("a", 60), ("b", 27), ("c", 20), ("d", 41), ("e", 15)]]
-    assert JobScheduler.group_packed(parts, varlen_attention=True) == [parts]
-    groups = JobScheduler.group_packed(parts, varlen_attention=False)
+    scheduler = JobScheduler()
+    groups = scheduler.group_packed(parts)
     # first-fit decreasing into bins of 60 tokens: a | d + e | b + c; each step keeps the parts' own order
     assert [[name for name, _ in group] for group in groups] == [["a"], ["d", "e"], ["b", "c"]]
-    assert JobScheduler.group_packed(parts[:1], varlen_attention=False) == [parts[:1]]
+    assert scheduler.group_packed(parts[:1]) == [parts[:1]]
+    scheduler.varlen_attention = True
+    assert scheduler.group_packed(parts) == [parts]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_packed_forward_matches_padded_rows_for_every_job_kind(family):
-    """Tokens grouped by adapter (`ForwardContext.unit_view`) in LoRA, MixLoRA and DynMoLE layers: the logits,
-    router losses and gradients of a packed row equal those of the same sequences as padded rows."""
-    model = MultiJobModel(tiny_base(family), _jobs())
+@pytest.mark.parametrize("family,scope", [("llama", "block"), ("qwen2", "block"), ("mistral", "block"),
+                                          ("llama", "projection")])
+def test_packed_forward_matches_padded_rows_for_every_job_kind(family, scope):
+    """Tokens grouped by adapter (`ForwardContext.unit_view`) in LoRA, MixLoRA and DynMoLE layers (routed per MLP
+    block, or per projection: one model holds one scope): the logits, router losses and gradients of a packed row
+    equal those of the same sequences as padded rows."""
+    if scope == "block":
+        jobs, lengths = _jobs(), {"lora": [5, 3], "mix": [6], "dyn": [2, 7]}
+    else:
+        jobs = {"lora": _jobs()["lora"], "mix": dynmole(router_scope="projection"),
+                "dyn": dynmole(router_scope="projection", num_experts=3)}
+        lengths = {"lora": [4, 1, 3], "mix": [6], "dyn": [2, 7]}
+    model = MultiJobModel(tiny_base(family), jobs)
     randomize_adapters(model)
-    lengths = {"lora": [5, 3], "mix": [6], "dyn": [2, 7]}
     parts = {job: packed_part(n, seed=i) for i, (job, n) in enumerate(lengths.items())}
     mixed = packed_mixed_batch(parts)
     packed = model(**mixed.model_inputs(), labels=mixed.labels, use_cache=False)

@@ -43,9 +43,13 @@ class MoELoraLinear(RoutedExpertsLayer):
         self.add_experts(adapter_name, {"proj": linear}, linear.in_features, **settings)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or not self.active_adapters:
-            return out
+            return self.base_layer(x, *args, **kwargs)
+        units = self._context.unit_view(x)
+        if units is not x:  # a packed batch: its tokens are grouped by adapter
+            out = self.forward(units, *args, **kwargs)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        out = self.base_layer(x, *args, **kwargs)
         groups, token_mask = self.row_groups(x)
         batch, hidden = x.shape[0], x.shape[-1]
         if len(groups) == 1 and groups[0].num_rows == batch:
