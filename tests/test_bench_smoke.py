@@ -23,6 +23,7 @@ SCRIPTS = {
     "pad_fraction": ["--shape", "tiny", "--jobs", "2", "--steps", "2"],
     "grouped_products": ["--repeats", "1"],
 }
+FRACTIONS = {"pad_fraction"}
 
 
 def run_script(name: str, args: list[str]) -> list[dict]:
@@ -42,7 +43,11 @@ def test_bench_script_prints_its_ratio(rows, name):
     ratios = [row for row in rows[name] if row["name"] == name]
     assert ratios, f"{name} printed no `{name}` row: {rows[name]}"
     for row in ratios:
-        assert math.isfinite(row["ratio_median"]) and row["ratio_median"] > 0 and math.isfinite(row["ratio_min"])
+        assert math.isfinite(row["ratio_median"]) and math.isfinite(row["ratio_min"])
+        if name in FRACTIONS:  # a share of tokens: 0 is a possible result (two tiny steps, all padding grouped away)
+            assert 0 <= row["ratio_min"] <= row["ratio_median"] <= 1
+        else:
+            assert row["ratio_median"] > 0
 
 
 def test_render_table_renders_every_ratio(rows, tmp_path):
