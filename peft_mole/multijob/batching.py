@@ -116,6 +116,13 @@ def mixed_batch(parts: dict[str, dict[str, torch.Tensor]], pad_token_id: int = 0
     return MixedBatch(torch.cat(ids), torch.cat(mask), torch.cat(labels), names, rows)
 
 
+def pad_token_id(processing_class) -> int:
+    """The tokenizer's pad token id (a processor's tokenizer's), 0 without one."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return 0 if pad is None else pad
+
+
 def mix(parts: dict[str, dict[str, torch.Tensor]], pad_token_id: int = 0) -> MixedBatch:
     """`packed_mixed_batch` for padding-free micro-batches, else `mixed_batch`."""
     if is_packed(next(iter(parts.values()))):

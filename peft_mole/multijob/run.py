@@ -139,16 +139,36 @@ class JobRun:
         return self.last_lr
 
     # ------------------------------------------------------------------ checkpoints
+    def _strategy(self, field: str) -> str:
+        value = getattr(self.args, field)
+        return str(getattr(value, "value", value))
+
+    @property
+    def at_epoch_end(self) -> bool:
+        """The optimizer step just taken closed this job's epoch (its last window is trained)."""
+        return self.batches_done >= self.batches_per_epoch and self.window_pos >= len(self.window)
+
     def should_save(self) -> bool:
-        args = self.args
-        if str(getattr(args.save_strategy, "value", args.save_strategy)) != "steps" or not args.save_steps:
-            return False
-        return self._due(args.save_steps)
+        """A checkpoint after this step: `save_strategy` "steps" (every `save_steps`) or "epoch"."""
+        strategy = self._strategy("save_strategy")
+        if strategy == "epoch":
+            return self.at_epoch_end
+        return strategy == "steps" and bool(self.args.save_steps) and self._due(self.args.save_steps)
 
     def should_log(self) -> bool:
-        return self._due(self.args.logging_steps) or self.global_step == self.max_steps
+        """Log after this step: `logging_strategy` "steps" (every `logging_steps`) or "epoch"; always the last."""
+        strategy = self._strategy("logging_strategy")
+        if self.global_step == self.max_steps:
+            return True
+        if strategy == "epoch":
+            return self.at_epoch_end
+        return strategy == "steps" and self._due(self.args.logging_steps)
 
     def should_evaluate(self) -> bool:
+        """Evaluate (jobs with an eval_dataset) after this step: at each epoch's end with `eval_strategy="epoch"`,
+        else every `eval_steps` (default: `logging_steps`)."""
+        if self._strategy("eval_strategy") == "epoch":
+            return self.at_epoch_end
         return self._due(self.args.eval_steps or self.args.logging_steps)
 
     def _due(self, every: float) -> bool:

@@ -40,7 +40,7 @@ from trl import SFTConfig, SFTTrainer
 
 from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob import distributed as dist
-from peft_mole.multijob.batching import batch_inputs, is_packed, mix, row_halves
+from peft_mole.multijob.batching import batch_inputs, is_packed, mix, pad_token_id, row_halves
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
 from peft_mole.multijob.report import PaddingStats, summary_rows, summary_table
@@ -128,7 +128,8 @@ class MultiJobTrainer(SFTTrainer):
         self.step_cost = StepCost()
         self.padding_stats = PaddingStats()
         try:
-            super().__init__(
+            kwargs.setdefault("eval_dataset", next((j.eval_dataset for j in jobs if j.eval_dataset is not None), None))
+            super().__init__(  # an eval_dataset: Trainer refuses an eval_strategy without one
                 model=model, args=args, train_dataset=jobs[0].train_dataset, processing_class=processing_class,
                 data_collator=data_collator, callbacks=callbacks, formatting_func=formatting_func, **kwargs,
             )
@@ -336,7 +337,7 @@ class MultiJobTrainer(SFTTrainer):
 
     def _forward_backward(self, parts: list[tuple[JobRun, dict]]) -> None:
         started = time.perf_counter()
-        mixed = mix({run.name: batch for run, batch in parts}, pad_token_id=self._pad_token_id())
+        mixed = mix({run.name: batch for run, batch in parts}, pad_token_id=pad_token_id(self.processing_class))
         inputs = {k: v.to(self.args.device) if isinstance(v, torch.Tensor) else v for k, v in mixed.model_inputs().items()}
         # the accelerator's autocast: what `accelerator.prepare(model)` wraps a plain SFTTrainer's forward in
         with self.compute_loss_context_manager(), self.accelerator.autocast():
@@ -373,11 +374,6 @@ class MultiJobTrainer(SFTTrainer):
             run.stats.seconds += seconds * mixed.share(run.name)
             run.stats.tokens += int(label_mask[mixed.index(run.name)].sum())
             self._round_losses[run.name] = self._round_losses.get(run.name, 0.0) + float(losses[run.name].detach())
-
-    def _pad_token_id(self) -> int:
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        pad = getattr(tokenizer, "pad_token_id", None)
-        return 0 if pad is None else pad
 
     def _job_step(self, run: JobRun) -> None:
         params = list(run.params.values())

@@ -39,6 +39,10 @@ def check_trainer_args(args) -> None:
         value = getattr(args, field, None)
         if is_set(value):
             raise ValueError(f"MultiJobTrainer does not support {field}={value!r}: {advice}")
+    save_strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+    if save_strategy == "best":
+        raise ValueError("MultiJobTrainer does not support save_strategy='best': each job saves its final adapter and "
+                         "checkpoints by 'steps' or 'epoch'; its evaluations are logged as <job>/eval_loss")
     for field in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):
         if (getattr(args, field, None) or {}).get("use_reentrant"):
             raise ValueError(

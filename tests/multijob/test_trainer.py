@@ -250,3 +250,29 @@ def test_epochs_with_reshuffling_match_sft_trainer(assets, tmp_path):
     assert solo_trainer.state.global_step == 6
     expected, together = get_peft_model_state_dict(solo), load_file(tmp_path / "run" / "lora" / "adapter_model.safetensors")
     assert max((expected[k] - together[k]).abs().max().item() for k in expected) <= 1e-5
+
+
+def test_epoch_strategies_save_log_and_evaluate_at_each_jobs_epoch_end(assets, tmp_path):
+    """save/logging/eval_strategy="epoch", per job: its own epochs end at different mixed steps."""
+    tokenizer, datasets = assets
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR)
+    jobs = [  # 24 rows: 6 micro-batches of 4 in 3 windows per epoch; 3 of 8 in 3 windows of 1
+        JobConfig("a", lora, datasets["sentiment"], eval_dataset=datasets["capital"], per_device_train_batch_size=4,
+                  gradient_accumulation_steps=2, num_train_epochs=2),
+        JobConfig("b", mixlora(), datasets["add"], per_device_train_batch_size=8, num_train_epochs=1),
+    ]
+    args = run_args(tmp_path, max_steps=-1, save_strategy="epoch", logging_strategy="epoch", eval_strategy="epoch")
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=args,
+                              processing_class=tokenizer)
+    trainer.train()
+    assert {r["job"]: r["steps"] for r in trainer.job_summary} == {"a": 6, "b": 3}
+    assert sorted(os.listdir(tmp_path / "a")).count("checkpoint-3") == 1
+    assert sorted(p for p in os.listdir(tmp_path / "a") if p.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-6"]
+    assert sorted(p for p in os.listdir(tmp_path / "b") if p.startswith("checkpoint-")) == ["checkpoint-3"]
+    history = trainer.state.log_history
+    assert [h["a/step"] for h in history if "a/loss" in h] == [3, 6]
+    assert [h["a/step"] for h in history if "a/eval_loss" in h] == [3, 6]
+    assert [h["b/step"] for h in history if "b/loss" in h] == [3]
+    with pytest.raises(ValueError, match="save_strategy='best'"):
+        MultiJobTrainer(model=tiny_base(), jobs=jobs[:1], processing_class=tokenizer,
+                        args=run_args(tmp_path, save_strategy="best", metric_for_best_model="loss"))
