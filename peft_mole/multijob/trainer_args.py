@@ -28,6 +28,14 @@ UNSUPPORTED = {
         "`PeftModel.from_pretrained(base, path).push_to_hub(repo_id)` or `huggingface_hub.upload_folder`; "
         "set push_to_hub=False",
     ),
+    "label_smoothing_factor": (
+        bool, "each job's loss is the negative log-likelihood of its targets (TRL's loss_type='nll'); set it to 0",
+    ),
+    "loss_type": (
+        lambda value: value not in (None, "nll"),
+        "each job's loss is the negative log-likelihood of its targets; set loss_type='nll'",
+    ),
+    "activation_offloading": (bool, "the mixed steps do not offload activations; set activation_offloading=False"),
     "deepspeed": (bool, "DeepSpeed is not supported; use `accelerate launch` with plain data parallelism"),
     "fsdp": (bool, "FSDP is not supported; use `accelerate launch` with plain data parallelism"),
 }

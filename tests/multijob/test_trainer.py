@@ -169,7 +169,8 @@ def test_bad_trainer_arguments(assets, tmp_path):
 
 @pytest.mark.parametrize("option", [dict(neftune_noise_alpha=5.0), dict(torch_compile=True),
                                     dict(auto_find_batch_size=True), dict(push_to_hub=True, hub_model_id="me/x"),
-                                    dict(use_liger_kernel=True),
+                                    dict(use_liger_kernel=True), dict(label_smoothing_factor=0.1),
+                                    dict(loss_type="dft"), dict(activation_offloading=True),
                                     dict(gradient_checkpointing_kwargs={"use_reentrant": True})])
 def test_trainer_options_its_own_loop_cannot_honour_are_refused(assets, tmp_path, option):
     """Trainer.train would apply these; MultiJobTrainer's loop does not, so they fail early instead of silently."""
