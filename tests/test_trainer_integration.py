@@ -108,3 +108,27 @@ def test_plain_trainer_with_gradient_accumulation(local_assets, tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sft_trainer_padding_free_trains_as_padded(method, local_assets, tmp_path):
+    """TRL's padding_free=True (rows packed into one, position ids restarting): the experts, the router losses and
+    the LM loss see each sequence as in a padded batch, so the adapter ends as with padding."""
+    tokenizer, dataset = local_assets
+    trained = {}
+    for padding_free in (False, True):
+        model = get_peft_model(tiny_base(vocab_size=len(tokenizer)), METHODS[method](r=8, lora_alpha=16))
+        randomize_adapters(model)
+        initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        # fp32 (bf16 autocast rounds the two layouts differently) and SGD (Adam's first steps turn float noise in
+        # near-zero gradients into lr-sized moves)
+        args = sft_args(tmp_path, max_steps=3, padding_free=padding_free, max_length=None, bf16=False, optim="sgd",
+                        learning_rate=0.5)
+        trainer = SFTTrainer(model=model, train_dataset=dataset, processing_class=tokenizer, args=args)
+        if padding_free:
+            assert "attention_mask" not in next(iter(trainer.get_train_dataloader()))
+        trainer.train()
+        trained[padding_free] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert max((trained[False][n] - initial[n]).abs().max().item() for n in initial) > 1e-3
+    for name, value in trained[True].items():
+        torch.testing.assert_close(value, trained[False][name], atol=1e-5, rtol=0, msg=name)
