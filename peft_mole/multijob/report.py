@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob.run import JobRun
 
 
@@ -58,3 +61,20 @@ def summary_table(rows: list[dict], pad_fraction: float) -> str:
     ]
     lines.append(f"padding: {pad_fraction:.1%} of the tokens in the mixed batches")
     return "\n".join(lines)
+
+
+def write_summary(rows: list[dict], pad_fraction: float, output_dir: str) -> None:
+    """`output_dir/jobs_summary.json` (written atomically) and the table on stdout."""
+    os.makedirs(output_dir, exist_ok=True)
+    ckpt.write_json(os.path.join(output_dir, "jobs_summary.json"), {"jobs": rows, "pad_fraction": pad_fraction})
+    print(summary_table(rows, pad_fraction))
+
+
+def show_progress(callbacks: list, progress: dict[str, str], run: JobRun) -> None:
+    """Per-job step and loss (`progress`: job -> text, updated for `run`) in the postfix of Trainer's progress bar
+    (when tqdm is on)."""
+    progress[run.name] = f"{run.global_step}/{run.max_steps} loss {run.stats.last_loss:.3f}"
+    for callback in callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None:
+            bar.set_postfix(progress, refresh=False)

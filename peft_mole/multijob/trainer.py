@@ -43,7 +43,7 @@ from peft_mole.multijob import distributed as dist
 from peft_mole.multijob.batching import batch_inputs, is_packed, mix, pad_token_id, row_halves
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
-from peft_mole.multijob.report import PaddingStats, summary_rows, summary_table
+from peft_mole.multijob.report import PaddingStats, show_progress, summary_rows, write_summary
 from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
 from peft_mole.multijob.trainer_args import check_distributed, check_trainer_args
@@ -383,7 +383,7 @@ class MultiJobTrainer(SFTTrainer):
         run.stats.last_loss = run.window_loss
         run.stats.losses.append(run.window_loss)
         run.window_loss = 0.0
-        self._show_progress(run)
+        show_progress(self.callback_handler.callbacks, self.__dict__.setdefault("_job_progress", {}), run)
         if run.should_log():
             logs = {
                 f"{run.name}/loss": sum(run.stats.losses) / len(run.stats.losses),
@@ -403,39 +403,43 @@ class MultiJobTrainer(SFTTrainer):
         elif run.global_step >= run.max_steps:
             self._finish(run)
 
-    def _show_progress(self, run: JobRun) -> None:
-        """Per-job step and loss in the postfix of Trainer's progress bar (when tqdm is on)."""
-        progress = self.__dict__.setdefault("_job_progress", {})
-        progress[run.name] = f"{run.global_step}/{run.max_steps} loss {run.stats.last_loss:.3f}"
-        for callback in self.callback_handler.callbacks:
-            bar = getattr(callback, "training_bar", None)
-            if bar is not None:
-                bar.set_postfix(progress, refresh=False)
+    def _evaluate_job(self, run: JobRun) -> bool:
+        """Log `<job>/eval_loss`; True when early stopping says stop."""
+        loss = self._eval_loss(run.name, run.args.per_device_eval_batch_size)
+        self.log({f"{run.name}/eval_loss": loss, f"{run.name}/step": run.global_step})
+        return run.record_eval(loss)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """{"<job>/<prefix>_loss": mean target-token loss of the job's adapter on its own eval set}, for every job
+        with an eval_dataset; also logged. The jobs carry their eval sets, so `eval_dataset` must be None."""
+        if eval_dataset is not None:
+            raise TypeError("MultiJobTrainer.evaluate uses each job's own eval_dataset (JobConfig); pass none here")
+        metrics = {f"{job.name}/{metric_key_prefix}_loss": self._eval_loss(
+            job.name, job.training_args(self.args).per_device_eval_batch_size) for job in self.jobs
+            if job.name in self.job_eval_datasets}
+        self.log(dict(metrics))  # Trainer.log adds the epoch to the dict it is given
+        return metrics
 
     @torch.no_grad()
-    def _evaluate_job(self, run: JobRun) -> bool:
-        """Log `<job>/eval_loss` (mean over the eval set's target tokens); True when early stopping says stop."""
-        loader = self._get_dataloader(
-            dataset=self.job_eval_datasets[run.name], description=f"{run.name} evaluation",
-            batch_size=run.args.per_device_eval_batch_size, sampler_fn=self._get_eval_sampler,
-        )
+    def _eval_loss(self, name: str, batch_size: int) -> float:
+        """Mean over job `name`'s eval set's target tokens (and over processes) of its adapter's loss."""
+        loader = self._get_dataloader(dataset=self.job_eval_datasets[name], description=f"{name} evaluation",
+                                      batch_size=batch_size, sampler_fn=self._get_eval_sampler)
+        training, total, count = self.model.training, 0.0, 0
         self.model.eval()
-        total, count = 0.0, 0
         try:
             for batch in loader:
                 with self.compute_loss_context_manager(), self.accelerator.autocast():
-                    out = self.jobs_model(**batch_inputs(batch, run.name), labels=batch["labels"], fused_lm_head=True,
+                    out = self.jobs_model(**batch_inputs(batch, name), labels=batch["labels"], fused_lm_head=True,
                                           use_cache=False)
                 total += float(-out.log_probs.float().sum())
                 count += int(out.label_mask.sum())
         finally:
-            self.model.train()
+            self.model.train(training)
         total, count = dist.sum_over_processes(
             self.accelerator, torch.tensor([total, float(count)], dtype=torch.float64)
         ).tolist()
-        loss = total / max(count, 1.0)
-        self.log({f"{run.name}/eval_loss": loss, f"{run.name}/step": run.global_step})
-        return run.record_eval(loss)
+        return total / max(count, 1.0)
 
     def _finish(self, run: JobRun, status: str = DONE) -> None:
         if run.finished:
@@ -485,10 +489,7 @@ class MultiJobTrainer(SFTTrainer):
     def _summarise(self, runs: list[JobRun], seconds: float) -> list[dict]:
         rows = summary_rows(runs, seconds)
         if self.is_world_process_zero():
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            summary = {"jobs": rows, "pad_fraction": self.padding_stats.pad_fraction}
-            ckpt.write_json(os.path.join(self.args.output_dir, "jobs_summary.json"), summary)
-            print(summary_table(rows, self.padding_stats.pad_fraction))
+            write_summary(rows, self.padding_stats.pad_fraction, self.args.output_dir)
         return rows
 
 

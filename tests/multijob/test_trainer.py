@@ -277,3 +277,24 @@ def test_epoch_strategies_save_log_and_evaluate_at_each_jobs_epoch_end(assets, t
     with pytest.raises(ValueError, match="save_strategy='best'"):
         MultiJobTrainer(model=tiny_base(), jobs=jobs[:1], processing_class=tokenizer,
                         args=run_args(tmp_path, save_strategy="best", metric_for_best_model="loss"))
+
+
+def test_evaluate_reports_each_jobs_own_eval_loss(assets, tmp_path):
+    """trainer.evaluate() (Trainer's API): every job with an eval_dataset, through its own adapter, as logged."""
+    tokenizer, datasets = assets
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR)
+    jobs = [JobConfig("a", lora, datasets["sentiment"], eval_dataset=datasets["capital"], eval_steps=2, max_steps=2),
+            JobConfig("b", mixlora(), datasets["add"], eval_dataset=datasets["add"], eval_steps=2, max_steps=2),
+            JobConfig("c", lora, datasets["capital"], max_steps=2)]
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=run_args(tmp_path),
+                              processing_class=tokenizer)
+    randomize_adapters(trainer.jobs_model)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert sorted(metrics) == ["a/eval_loss", "b/eval_loss"]
+    logged = {k: h[k] for h in trainer.state.log_history[:-1] for k in h if k.endswith("/eval_loss")}
+    assert metrics == pytest.approx(logged, rel=1e-6)  # the adapters did not change since their last evaluation
+    assert metrics["a/eval_loss"] != pytest.approx(metrics["b/eval_loss"], rel=1e-3)
+    assert trainer.model.training  # evaluation leaves the model as it found it
+    with pytest.raises(TypeError, match="each job's own eval_dataset"):
+        trainer.evaluate(datasets["add"])
