@@ -2,10 +2,11 @@
 
 A tuner owns one `ForwardContext`; every layer it creates holds a reference to it. Each call sets it afresh:
 `PeftModel.forward/generate` (through the tuner's `_enable_peft_forward_hooks`) or a direct tuner call sets the
-per-row adapter names (or, for a packed batch, one per token: see `unit_view`); the tuner's forward sets the non-padding token mask and starts recording router
-statistics, and stops recording when it returns, so no statistic carries over from one call to the next
-(MoE-PEFT issue #14). Row assignment and mask stay in place until the next call on purpose: activation
-checkpointing re-runs the layers during backward and must see the same rows as the forward did.
+per-row adapter names (or, for a packed batch, one per token: see `unit_view`); the tuner's forward sets the
+non-padding token mask and starts recording router statistics, and stops recording when it returns, so no
+statistic carries over from one call to the next (MoE-PEFT issue #14). Row assignment and mask stay in place
+until the next call on purpose: activation checkpointing re-runs the layers during backward and must see the same
+rows as the forward did.
 """
 
 from __future__ import annotations

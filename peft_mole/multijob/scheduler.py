@@ -183,9 +183,9 @@ class JobScheduler:
 
         With a varlen attention kernel (`varlen_attention`: flash attention, where each sequence attends within
         itself) all of them go in one step. Without one (SDPA, eager), a packed row's attention is computed over the
-        whole row with a block-diagonal mask, so its cost and the mask grow with the square of the row's length: the micro-batches
-        are then put, whole, into steps of at most the longest one's tokens (first-fit decreasing), so no step's
-        attention is longer than one job's alone."""
+        whole row with a block-diagonal mask, so its cost and the mask grow with the square of the row's length:
+        the micro-batches are then put, whole, into steps of at most the longest one's tokens (first-fit
+        decreasing), so no step's attention is longer than one job's alone."""
         if self.varlen_attention or len(parts) < 2:
             return [parts]
         sizes = [batch["input_ids"].shape[1] for _, batch in parts]
