@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent('''
     from peft_mole import JobConfig, MultiJobTrainer, synthetic
     from tests.helpers import mixlora, randomize_adapters, tiny_base
 
-    out, per_device = sys.argv[1], int(sys.argv[2])
+    out, per_device, padding_free = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     tokenizer = synthetic.demo_tokenizer()
     def data(task):
         rows = synthetic.multitask_rows(24, tasks=(task,))
@@ -35,8 +35,9 @@ SCRIPT = textwrap.dedent('''
                   gradient_accumulation_steps=2),
     ]
     args = SFTConfig(output_dir=out, max_steps=3, learning_rate=1e-3, bf16=False, use_cpu=True, report_to=[],
-                     save_strategy="no", logging_steps=1, max_length=40, gradient_checkpointing=False,
-                     dataloader_num_workers=0, seed=0, disable_tqdm=True)
+                     save_strategy="no", logging_steps=1, max_length=None if padding_free else 40,
+                     gradient_checkpointing=False, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                     padding_free=padding_free)
     trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=args, processing_class=tokenizer)
     randomize_adapters(trainer.jobs_model, seed=7)
     trainer.train()
@@ -51,17 +52,18 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("padding_free", ["0", "1"])  # "1": each process packs its own shard's sequences
+def test_two_processes_match_one_process(tmp_path, padding_free):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(root=os.getcwd()))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4"],
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4", padding_free],
                          capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(_free_port())]
-    two = subprocess.run(launch + [str(script), str(tmp_path / "two"), "2"],
+    two = subprocess.run(launch + [str(script), str(tmp_path / "two"), "2", padding_free],
                          capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "processes 2" in two.stdout and "processes 1" in one.stdout
