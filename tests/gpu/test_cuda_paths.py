@@ -158,3 +158,25 @@ def test_multijob_stacked_lora_jobs_train_under_cuda_bf16_autocast():
         assert all(g.dtype == torch.float32 for g in grads[len(names)])
     for together, alone in zip(grads[4], grads[2], strict=True):
         torch.testing.assert_close(together, alone, atol=2e-2, rtol=2e-2)
+
+
+def test_multijob_packed_row_on_cuda_equals_cpu():
+    """A padding-free mixed step (one packed row, one adapter per token) under CUDA SDPA equals the CPU's."""
+    from peft_mole.multijob.batching import packed_mixed_batch
+
+    cpu = MultiJobModel(tiny_base(), {"lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]),
+                                      "mix": mixlora(), "dyn": dynmole()})
+    randomize_adapters(cpu)
+    gpu = copy.deepcopy(cpu).cuda()
+    gen = torch.Generator().manual_seed(0)
+    parts = {}
+    for job, lengths in (("lora", [5, 9]), ("mix", [12]), ("dyn", [3, 7, 4])):
+        ids = torch.randint(1, 500, (1, sum(lengths)), generator=gen)
+        parts[job] = {"input_ids": ids, "labels": ids.clone(),
+                      "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}
+    inputs = packed_mixed_batch(parts).model_inputs()
+    on_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with torch.no_grad():
+        expected = cpu(**inputs, use_cache=False).logits
+        got = gpu(**on_gpu, use_cache=False).logits
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
