@@ -80,9 +80,9 @@ class MultiJobModel(MixLoRAModel):
     """A tuner whose adapters may be of different kinds: {job name: LoraConfig | MixLoRAConfig | DynMoLEConfig}.
 
     Every job is active at once; a forward takes `adapter_names` (one job per row, or one per token of a packed
-    row: `ForwardContext.unit_view`). The forward records router
-    statistics and returns `outputs.aux_loss_per_adapter` ({job: aux loss over its own rows}) without adding it to
-    `outputs.loss`: each job's loss is assembled by `per_job_losses`.
+    row: `ForwardContext.unit_view`). The forward records router statistics and returns
+    `outputs.aux_loss_per_adapter` ({job: aux loss over its own rows}) without adding it to `outputs.loss`: each
+    job's loss is assembled by `per_job_losses`.
 
     Example:
         >>> model = MultiJobModel(base, {"a": LoraConfig(r=8), "b": MixLoRAConfig(num_experts=4)})  # doctest: +SKIP

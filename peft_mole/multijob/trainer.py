@@ -128,8 +128,10 @@ class MultiJobTrainer(SFTTrainer):
         self.step_cost = StepCost()
         self.padding_stats = PaddingStats()
         try:
-            kwargs.setdefault("eval_dataset", next((j.eval_dataset for j in jobs if j.eval_dataset is not None), None))
-            super().__init__(  # an eval_dataset: Trainer refuses an eval_strategy without one
+            # an eval_dataset (Trainer refuses an eval_strategy without one), prepared once: that job's reuses it
+            first_eval = next((j.eval_dataset for j in jobs if j.eval_dataset is not None), None)
+            passed_eval = kwargs.setdefault("eval_dataset", first_eval)
+            super().__init__(
                 model=model, args=args, train_dataset=jobs[0].train_dataset, processing_class=processing_class,
                 data_collator=data_collator, callbacks=callbacks, formatting_func=formatting_func, **kwargs,
             )
@@ -142,7 +144,8 @@ class MultiJobTrainer(SFTTrainer):
         for job in jobs[1:]:
             self.job_datasets[job.name] = self._prepare_job_dataset(job.name, job.train_dataset, formatting_func)
         self.job_eval_datasets = {
-            job.name: self._prepare_job_dataset(f"{job.name} eval", job.eval_dataset, formatting_func)
+            job.name: self.eval_dataset if job.eval_dataset is passed_eval
+            else self._prepare_job_dataset(f"{job.name} eval", job.eval_dataset, formatting_func)
             for job in jobs if job.eval_dataset is not None
         }
         for name, dataset in {**self.job_datasets, **self.job_eval_datasets}.items():
@@ -207,6 +210,7 @@ class MultiJobTrainer(SFTTrainer):
         if resume_from_checkpoint not in (None, False, True):
             raise ValueError("resume_from_checkpoint must be True (each job's latest checkpoint) or None/False")
         self.runs = runs = [self._make_run(job) for job in self.jobs]
+        self.job_progress: dict[str, str] = {}  # job -> its step and loss in the progress bar
         if resume_from_checkpoint:
             self._resume(runs)
         dist.broadcast_parameters(self.accelerator, [p for run in runs for p in run.params.values()])
@@ -383,7 +387,7 @@ class MultiJobTrainer(SFTTrainer):
         run.stats.last_loss = run.window_loss
         run.stats.losses.append(run.window_loss)
         run.window_loss = 0.0
-        show_progress(self.callback_handler.callbacks, self.__dict__.setdefault("_job_progress", {}), run)
+        show_progress(self.callback_handler.callbacks, self.job_progress, run)
         if run.should_log():
             logs = {
                 f"{run.name}/loss": sum(run.stats.losses) / len(run.stats.losses),
