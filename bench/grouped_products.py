@@ -54,11 +54,17 @@ def measure(name: str, counts: list[int], d_in: int, d_out: int, dtype: torch.dt
         steps["stacked"] = lambda: stacked_linear(x.view(len(counts), counts[0], d_in), weight).flatten(0, 1)
     results = {impl: seconds(lambda fn=fn: fn().backward(grad), repeats) for impl, fn in steps.items()}
     difference = (loop() - grouped()).abs().max().item()
+    grads = {}
+    for impl in ("loop", "grouped"):
+        x.grad = weight.grad = None
+        steps[impl]().backward(grad)
+        grads[impl] = (x.grad.clone(), weight.grad.clone())
+    grad_difference = max((a - b).abs().max().item() for a, b in zip(*grads.values()))
     return {"name": "grouped_product", "case": name, "shape": "small", "device": device().type, "dtype": str(dtype).removeprefix("torch."),
             "segments": len(counts), "rows": sum(counts), "d_in": d_in, "d_out": d_out,
             **{f"{impl}_ms": s[0] * 1e3 for impl, s in results.items()},
             "ratio_median": results["grouped"][0] / results["loop"][0], "ratio_min": results["grouped"][1] / results["loop"][1],
-            "max_abs_difference": difference,
+            "max_abs_difference": difference, "max_abs_grad_difference": grad_difference,
             "used_by_peft_mole": grouped_mm_exact(device(), dtype, d_in, d_out)}
 
 

@@ -6,18 +6,21 @@ forward hooks) and the named ranges of peft_mole: route, dispatch, experts_pairs
 experts_dense, and on the step-by-step path experts_gate_up, combine, experts_down; `lora_deltas` for the LoRA
 layers' adapter part. `loss` is the loss from the logits (per job in the mixed step); backward and optimizer are
 reported whole. Ranges nest (experts inside model::mlp). Prints JSON lines, then the top operators of the last step
-profiled.
-Usage: python bench/profile_step.py [--shape small] [--steps 3]
+profiled. On CUDA it also prints `gpu_busy` per model (kernels per step, their GPU time over the step's wall time)
+and each model's top kernels.
+Usage: python bench/profile_step.py [--shape small] [--steps 3] [--impls peft_lora mixlora multijob_4_lora]
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections import defaultdict
 
 import torch
-from common import base_model, emit, lora_config, mixlora_config, random_batch, setup_threads
+from common import base_model, device, emit, lora_config, mixlora_config, random_batch, setup_threads
 from peft import get_peft_model
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from peft_mole.multijob import MultiJobModel, per_job_losses
@@ -92,10 +95,33 @@ def profiled_steps(model, step, steps: int):
     label_modules(model)
     for _ in range(3):
         step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device().type == "cuda" else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
     return prof
+
+
+def wall_ms(step, steps: int) -> float:
+    """Mean wall-clock ms of `steps` unprofiled steps, the GPU's queue drained before and after."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
+def gpu_busy(prof, steps: int, wall: float) -> dict[str, float]:
+    """How launch-bound a step is: kernels per step, their summed GPU time, and that time over the step's wall time
+    (near 1: the GPU is kept busy; far below 1: the host's launches or syncs are the limit). The GPU-side spans of
+    the named ranges (user annotations) are not kernels and are left out."""
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    kernel_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1000 / steps
+    syncs = sum(1 for e in prof.events() if e.name in ("aten::_local_scalar_dense", "cudaStreamSynchronize"))
+    return {"kernels_per_step": round(len(kernels) / steps), "kernel_ms_per_step": round(kernel_ms, 2),
+            "wall_ms_per_step": round(wall, 2), "gpu_busy_fraction": round(kernel_ms / wall, 3),
+            "host_syncs_per_step": round(syncs / steps)}
 
 
 def breakdown(prof, steps: int) -> dict[str, float]:
@@ -110,17 +136,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="small")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--impls", nargs="+", default=["peft_lora", "mixlora", "multijob_4_lora"],
+                        choices=["peft_lora", "mixlora", "multijob_4_lora"])
     args = parser.parse_args()
     setup_threads()
     jobs = [f"job{i}" for i in range(4)]
-    models = {
-        "peft_lora": get_peft_model(base_model(args.shape), lora_config()),
-        "mixlora": get_peft_model(base_model(args.shape), mixlora_config()),
-        "multijob_4_lora": MultiJobModel(base_model(args.shape), {job: lora_config() for job in jobs}),
+    build = {
+        "peft_lora": lambda: get_peft_model(base_model(args.shape), lora_config()),
+        "mixlora": lambda: get_peft_model(base_model(args.shape), mixlora_config()),
+        "multijob_4_lora": lambda: MultiJobModel(base_model(args.shape), {job: lora_config() for job in jobs}),
     }
-    batch = random_batch(args.shape, models["mixlora"].config.vocab_size)
-    seq, vocab = batch["input_ids"].shape[1], models["mixlora"].config.vocab_size
-    ids = torch.randint(3, vocab, (len(jobs), seq), generator=torch.Generator().manual_seed(0))
+    models = {impl: build[impl]() for impl in args.impls}
+    batch = random_batch(args.shape, next(iter(models.values())).config.vocab_size)
+    seq, vocab = batch["input_ids"].shape[1], batch["input_ids"].max().item() + 1
+    ids = torch.randint(3, vocab, (len(jobs), seq), generator=torch.Generator().manual_seed(0)).to(device())
     one_row_per_job = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     for impl, model in models.items():
         if impl == "multijob_4_lora":
@@ -129,7 +158,13 @@ def main() -> None:
             step = single_adapter_step(model, batch)
         prof = profiled_steps(model, step, args.steps)
         emit({"name": "profile_step", "shape": args.shape, "impl": impl, "ms_per_step": breakdown(prof, args.steps)})
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        if device().type == "cuda":
+            emit({"name": "gpu_busy", "shape": args.shape, "impl": impl,
+                  **gpu_busy(prof, args.steps, wall_ms(step, args.steps))})
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    if device().type != "cuda":
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":

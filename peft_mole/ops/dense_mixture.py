@@ -32,10 +32,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from peft_mole.ops.experts import expert_compute_dtype, in_adapter_precision_on_cpu
-from peft_mole.ops.gated import activate_apart, is_plain_silu, works_in_place
+from peft_mole.ops.gated import activate_apart, block_elements, is_plain_silu, works_in_place
 
-BLOCK_ELEMENTS = 1 << 19  # values of one (E, tokens, I) block: 2 MiB in fp32, so the block's few temporaries
-# stay in cache. Measured fwd + bwd of the chain on (8, 1024, 1376): 2^17 86 ms, 2^18 75, 2^19 72, 2^20 80, 2^21 104.
+BLOCK_ELEMENTS = 1 << 19  # values of one (E, tokens, I) block on the CPU: 2 MiB in fp32, so the block's few
+# temporaries stay in cache (on a GPU: `gated.block_elements`). Measured fwd + bwd of the chain on (8, 1024, 1376): 2^17 86 ms, 2^18 75, 2^19 72, 2^20 80, 2^21 104.
 
 
 def gradient_sum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,8 +43,8 @@ def gradient_sum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _token_blocks(num_experts: int, num_tokens: int, width: int) -> list[slice]:
-    tokens = max(1, BLOCK_ELEMENTS // max(num_experts * width, 1))
+def _token_blocks(num_experts: int, num_tokens: int, width: int, device: torch.device) -> list[slice]:
+    tokens = max(1, block_elements(device, BLOCK_ELEMENTS) // max(num_experts * width, 1))
     return [slice(start, start + tokens) for start in range(0, num_tokens, tokens)]
 
 
@@ -101,7 +101,7 @@ class _DenseGatedMixture(torch.autograd.Function):
         hidden = gate.new_empty(num_tokens, width)
         z_down = a_t.new_empty(num_experts, num_tokens, a_t.shape[2])
         with torch.autocast(device, enabled=False):
-            for block in _token_blocks(num_experts, num_tokens, width):
+            for block in _token_blocks(num_experts, num_tokens, width, gate.device):
                 g = _expert_outputs(gate, z_gate, b_gate, block, num_experts, scaling, compute_dtype)
                 u = _expert_outputs(up, z_up, b_up, block, num_experts, scaling, compute_dtype)
                 with torch.autocast(device, dtype=ctx.autocast[2], enabled=ctx.autocast[1]):
@@ -133,7 +133,7 @@ class _DenseGatedMixture(torch.autograd.Function):
             grads["weight"] = gate.new_empty(num_experts, num_tokens, 1)
         cd, scaling = ctx.compute_dtype, ctx.scaling
         with torch.autocast(device, enabled=False):
-            for block in _token_blocks(num_experts, num_tokens, width):
+            for block in _token_blocks(num_experts, num_tokens, width, gate.device):
                 g = _expert_outputs(gate, z_gate, b_gate, block, num_experts, scaling, cd)
                 u = _expert_outputs(up, z_up, b_up, block, num_experts, scaling, cd)
                 w = weight[:, block]

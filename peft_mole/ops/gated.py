@@ -15,8 +15,8 @@ is E of them per token). σ is any activation module or function, in place or no
 autograd on the recomputed σ(g), under the forward's autocast state); checked against plain autograd by
 torch.autograd.gradcheck in tests/ops/test_gated.py. First derivatives only (no `create_graph=True`).
 
-Forward and backward run over blocks of `CHUNK_ELEMENTS` values (whole rows of I), so the chain's temporaries
-(σ(g), the products) stay in cache and only g, u, ∂L/∂y and the results travel to and from memory: about 5
+Forward and backward run over blocks of `CHUNK_ELEMENTS` values on the CPU (whole rows of I; larger blocks on a GPU:
+`block_elements`), so the chain's temporaries (σ(g), the products) stay in cache and only g, u, ∂L/∂y and the results travel to and from memory: about 5
 passes over the (..., I) tensors instead of about 20. The forward equals the one-block result exactly, the
 gradients to rounding (tests/ops/test_gated.py). Inputs with no (rows, I) view (expanded) run as one block.
 """
@@ -31,6 +31,17 @@ from torch.autograd.function import once_differentiable
 
 CHUNK_ELEMENTS = 1 << 18  # values per block (1 MiB in fp32). Measured fwd + bwd on 2 CPU threads: DynMoLE's
 # (8, 1024, 1376) 122 ms in one block, 68-74 ms in blocks of 2^17-2^19 values; MixLoRA's (2048, 1376) 12 -> 9-11 ms
+ACCELERATOR_BLOCK_ELEMENTS = 1 << 24  # values per block off the CPU (64 MiB in fp32); see `block_elements`
+
+
+def block_elements(device: torch.device, cpu_elements: int) -> int:
+    """Values per block of a blockwise expert chain on `device`: `cpu_elements` on the CPU, where a block's
+    temporaries then stay in cache; at least `ACCELERATOR_BLOCK_ELEMENTS` on a GPU, where each block costs a dozen
+    or more kernel launches and there is no such cache to fit. With CPU-sized blocks the medium shape (I = 5632,
+    8192 pairs a layer) made about 180 blocks per layer, and an H200 spent seconds per MixLoRA step launching
+    them (docs/performance.md, "GPU"); blocks of 2^24 values make 3, each of whose kernels streams tens of MB.
+    """
+    return cpu_elements if device.type == "cpu" else max(cpu_elements, ACCELERATOR_BLOCK_ELEMENTS)
 
 
 def works_in_place(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
@@ -60,8 +71,8 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _blocks(num_rows: int, width: int) -> list[slice]:
-    rows = max(1, CHUNK_ELEMENTS // max(width, 1))
+def _blocks(num_rows: int, width: int, device: torch.device) -> list[slice]:
+    rows = max(1, block_elements(device, CHUNK_ELEMENTS) // max(width, 1))
     return [slice(start, start + rows) for start in range(0, num_rows, rows)]
 
 
@@ -109,7 +120,7 @@ class _WeightedGatedActivation(torch.autograd.Function):
             return activate_apart(act_fn, gate).mul_(up).mul_(weight)
         weight_rows = weight.expand(*gate.shape[:-1], 1).reshape(-1, 1)
         out = None
-        for block in _blocks(gate_rows.shape[0], gate.shape[-1]):
+        for block in _blocks(gate_rows.shape[0], gate.shape[-1], gate.device):
             activated = activate_apart(act_fn, gate_rows[block])
             if out is None:
                 out = activated.new_empty(gate_rows.shape)
@@ -128,7 +139,7 @@ class _WeightedGatedActivation(torch.autograd.Function):
         grad_up = up_rows.new_empty(up_rows.shape) if ctx.needs_input_grad[1] else None
         grad_weight = weight_rows.new_empty(weight_rows.shape) if ctx.needs_input_grad[2] else None
         grad_gate = gate_rows.new_empty(gate_rows.shape) if ctx.needs_input_grad[0] else None
-        for block in _blocks(gate_rows.shape[0], gate.shape[-1]):
+        for block in _blocks(gate_rows.shape[0], gate.shape[-1], gate.device):
             _gradients(ctx, gate_rows[block], up_rows[block], weight_rows[block], grad_rows[block],
                        *(None if out is None else out[block] for out in (grad_gate, grad_up, grad_weight)))
         return (

@@ -35,9 +35,9 @@ from peft_mole.ops.dense_mixture import chain_block_backward, gradient_sum_dtype
 from peft_mole.ops.experts import expert_compute_dtype, in_adapter_precision_on_cpu
 
 
-def _pair_blocks(counts: list[int], width: int) -> list[tuple[int, slice]]:
-    """(expert, rows) blocks of at most `gated.CHUNK_ELEMENTS` values, each within one expert's segment."""
-    rows = max(1, gated.CHUNK_ELEMENTS // max(width, 1))
+def _pair_blocks(counts: list[int], width: int, device: torch.device) -> list[tuple[int, slice]]:
+    """(expert, rows) blocks of at most `gated.block_elements` values, each within one expert's segment."""
+    rows = max(1, gated.block_elements(device, gated.CHUNK_ELEMENTS) // max(width, 1))
     blocks, start = [], 0
     for expert, count in enumerate(counts):
         blocks += [(expert, slice(s, min(s + rows, start + count))) for s in range(start, start + count, rows)]
@@ -65,7 +65,7 @@ class _PairGatedMixture(torch.autograd.Function):
         hidden = gate.new_zeros(gate.shape)
         z_down = torch.empty(token.shape[0], down_a.shape[1], dtype=compute_dtype, device=gate.device)
         with torch.autocast(device, enabled=False):
-            for expert, rows in _pair_blocks(counts, width):
+            for expert, rows in _pair_blocks(counts, width, gate.device):
                 tokens = token[rows]
                 g = _pair_outputs(gate, tokens, z_gate, b_gate, expert, rows, compute_dtype)
                 u = _pair_outputs(up, tokens, z_up, b_up, expert, rows, compute_dtype)
@@ -97,7 +97,7 @@ class _PairGatedMixture(torch.autograd.Function):
                     grads[name] = torch.empty_like(inputs[name])
         cd = ctx.compute_dtype
         with torch.autocast(device, enabled=False):
-            for expert, rows in _pair_blocks(ctx.counts, gate.shape[1]):
+            for expert, rows in _pair_blocks(ctx.counts, gate.shape[1], gate.device):
                 tokens = token[rows]
                 g = _pair_outputs(gate, tokens, z_gate, b_gate, expert, rows, cd)
                 u = _pair_outputs(up, tokens, z_up, b_up, expert, rows, cd)

@@ -127,3 +127,23 @@ def test_zero_rows_give_empty_results_and_gradients():
     assert out.shape == (0, 5)
     grads = torch.autograd.grad(out.sum(), (gate, up, weight))
     assert [tuple(g.shape) for g in grads] == [(0, 5), (0, 5), (0, 1)]
+
+
+def test_blocks_are_cache_sized_on_the_cpu_and_few_on_a_gpu():
+    """The medium shape's pair chain (I = 5632, 8192 pairs a layer): CPU-sized blocks would be ~180 a layer, each a
+    dozen kernel launches on a GPU; there the blocks hold 2^24 values. A device object needs no CUDA to build."""
+    from peft_mole.ops.dense_mixture import BLOCK_ELEMENTS, _token_blocks
+    from peft_mole.ops.pair_mixture import _pair_blocks
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert gated.block_elements(cpu, gated.CHUNK_ELEMENTS) == gated.CHUNK_ELEMENTS
+    assert gated.block_elements(cuda, gated.CHUNK_ELEMENTS) == gated.ACCELERATOR_BLOCK_ELEMENTS
+    assert gated.block_elements(cuda, 1 << 30) == 1 << 30  # never smaller than the CPU's
+    counts = [1024] * 8
+    cpu_blocks, cuda_blocks = _pair_blocks(counts, 5632, cpu), _pair_blocks(counts, 5632, cuda)
+    assert len(cpu_blocks) == 8 * 23 and len(cuda_blocks) == 8  # 46 rows a block; one block per expert segment
+    for blocks in (cpu_blocks, cuda_blocks):  # either way the blocks tile every expert's rows exactly once
+        assert [r for _, rows in blocks for r in range(rows.start, rows.stop)] == list(range(8192))
+    assert len(_token_blocks(8, 4096, 5632, cpu)) == 4096 // (BLOCK_ELEMENTS // (8 * 5632)) + 1
+    assert len(_token_blocks(8, 4096, 5632, cuda)) == 12
+    assert len(gated._blocks(8192, 5632, cuda)) == 3

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 6, part 6: everything a GPU session measures, in one call (docs/performance.md, "GPU").
+# Writes each script's output to $OUT (or bench/results/gpu when OUT is unset). Each step has its own time limit,
+# so one slow or failing script leaves the others' figures intact.
+# Usage: bash bench/gpu_run.sh [tests medium profile multijob grouped generate]   (default: all; needs CUDA, and
+# peft and transformers as pinned, see docs/performance.md)
+set -u
+out=${OUT:-bench/results/gpu}
+mkdir -p "$out"
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.:bench PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/machine.txt"
+python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" \
+    | tee -a "$out/machine.txt"
+
+run() {  # run <seconds> <log name> <command...>
+    local limit=$1 log=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$out/$log" 2>&1
+    echo "$log: exit $? in $((SECONDS - start)) s" | tee -a "$out/machine.txt"
+}
+
+parts=("$@")
+[ $# -eq 0 ] && parts=(tests medium profile multijob grouped generate)
+for part in "${parts[@]}"; do
+    case $part in
+        tests) run 120 gpu_tests.log python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
+        medium) run 120 gpu_medium.jsonl python3 bench/gpu_medium.py --repeats 5 ;;
+        profile) run 110 profile_medium.log python3 bench/profile_step.py --shape medium --steps 2 ;;
+        multijob) run 110 multijob_medium.jsonl python3 bench/multijob_speedup.py --shape medium --jobs 4 8 --repeats 5 ;;
+        grouped) run 30 grouped_cuda.jsonl python3 bench/grouped_products.py --repeats 20 ;;
+        generate) run 60 generate_medium.jsonl python3 bench/generate_vs_base.py --shape medium --new-tokens 32 --repeats 2 ;;
+        *) echo "unknown part: $part" >&2 ;;
+    esac
+done
+[ -f "$out/gpu_tests.log" ] && tail -n 3 "$out/gpu_tests.log"
+cat "$out"/*.jsonl "$out"/profile_medium.log 2>/dev/null | grep '^{' | grep -v '"name": "train_step"\|"name": "generate"\|"name": "multijob_step"'
