@@ -57,27 +57,27 @@ def _expert_outputs(frozen, z, lora_b, block, num_experts, scaling, compute_dtyp
     return out.to(frozen.dtype)
 
 
-def chain_block_backward(ctx, g, u, w, mask, grad_z, down_a, grad_hidden, want_weight: bool, want_down_a: bool):
-    """The backward of one block, shared with `ops.pair_mixture`: (∂L/∂g, ∂L/∂u, ∂L/∂w or None, the block's
-    ∂L/∂A2 or None), with δ = ∂L/∂hidden + m ⊙ (∂L/∂z2 A2) as in the module docstring.
+def chain_block_backward(ctx, g, u, w, mask, delta_z, grad_hidden, want_weight: bool, want_down_input: bool):
+    """The backward of one block, shared with `ops.pair_mixture`: (∂L/∂g, ∂L/∂u, ∂L/∂w or None, the down experts'
+    input m ⊙ w h or None), with δ = ∂L/∂hidden + m ⊙ (∂L/∂z2 A2) as in the module docstring. The caller gives
+    `delta_z` = ∂L/∂z2 A2 (the chain writes δ into it) and forms ∂L/∂A2 = ∂L/∂z2ᵀ (m ⊙ w h) from the input returned,
+    expert by expert: a block of pairs may span several experts.
 
-    Shapes: g, u (..., n, I); w (..., n, 1); mask, grad_hidden (n, I) (broadcast over experts); grad_z (..., n, r);
-    down_a (..., r, I). `ctx` carries act_fn, compute_dtype and the forward's autocast state. σ' comes from autograd
-    on the recomputed σ(g); for nn.SiLU from its derivative kernel directly (the one autograd calls).
+    Shapes: g, u, delta_z (..., n, I) in g's dtype; w (..., n, 1); mask, grad_hidden (n, I) (broadcast over
+    experts). `ctx` carries act_fn and the forward's autocast state. σ' comes from autograd on the recomputed σ(g);
+    for nn.SiLU from its derivative kernel directly (the one autograd calls).
     """
     device, autocast_on, autocast_dtype = ctx.autocast
-    act_fn, cd = ctx.act_fn, ctx.compute_dtype
+    act_fn = ctx.act_fn
     silu = is_plain_silu(act_fn)
     with torch.set_grad_enabled(not silu), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on):
         leaf = g if silu else g.detach().requires_grad_()
         activated = act_fn(leaf.clone() if works_in_place(act_fn) else leaf)
     h = activated.detach() * u  # h (..., n, I)
-    grad_z = grad_z.to(cd)
-    grad_a = None
-    if want_down_a:
+    down_input = None
+    if want_down_input:
         down_input = (h * w).mul_(mask) if mask is not None else h * w
-        grad_a = grad_z.transpose(-1, -2) @ down_input.to(cd)
-    delta = (grad_z @ down_a.to(cd)).to(h.dtype)  # ∂L/∂z2 A2
+    delta = delta_z
     if mask is not None:
         delta.mul_(mask)
     delta.add_(grad_hidden)  # δ
@@ -86,7 +86,7 @@ def chain_block_backward(ctx, g, u, w, mask, grad_z, down_a, grad_hidden, want_w
     grad_u = delta * activated.detach()
     delta.mul_(u)  # ∂L/∂σ(g)
     grad_g = torch.ops.aten.silu_backward(delta, g) if silu else torch.autograd.grad(activated, leaf, delta)[0]
-    return grad_g, grad_u, grad_w, grad_a
+    return grad_g, grad_u, grad_w, down_input
 
 
 class _DenseGatedMixture(torch.autograd.Function):
@@ -132,19 +132,21 @@ class _DenseGatedMixture(torch.autograd.Function):
         if needs["weight"]:
             grads["weight"] = gate.new_empty(num_experts, num_tokens, 1)
         cd, scaling = ctx.compute_dtype, ctx.scaling
+        a_cd = down_a.to(cd)
         with torch.autocast(device, enabled=False):
             for block in _token_blocks(num_experts, num_tokens, width, gate.device):
                 g = _expert_outputs(gate, z_gate, b_gate, block, num_experts, scaling, cd)
                 u = _expert_outputs(up, z_up, b_up, block, num_experts, scaling, cd)
                 w = weight[:, block]
                 m = None if mask is None else mask[block]
-                grad_g, grad_u, grad_w, grad_a = chain_block_backward(
-                    ctx, g, u, w, m, grad_z_down[:, block], down_a, grad_hidden[block], needs["weight"], needs["down_a"]
+                grad_z = grad_z_down[:, block].to(cd)
+                grad_g, grad_u, grad_w, down_input = chain_block_backward(
+                    ctx, g, u, w, m, (grad_z @ a_cd).to(g.dtype), grad_hidden[block], needs["weight"], needs["down_a"]
                 )
                 if grad_w is not None:
                     grads["weight"][:, block] = grad_w
-                if grad_a is not None:
-                    grads["down_a"] += grad_a.to(grads["down_a"].dtype)
+                if down_input is not None:  # ∂L/∂A2_e = ∂L/∂z2_eᵀ (m ⊙ w_e h_e)
+                    grads["down_a"] += (grad_z.transpose(1, 2) @ down_input.to(cd)).to(grads["down_a"].dtype)
                 for frozen, z, b, grad_pair in (("gate", "z_gate", "b_gate", grad_g), ("up", "z_up", "b_up", grad_u)):
                     _to_inputs(grads, needs, inputs, frozen, z, b, grad_pair, block, scaling, cd)
         if grads["weight"] is not None:

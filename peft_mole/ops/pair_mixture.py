@@ -25,6 +25,7 @@ Checked against plain autograd (gradcheck) in tests/ops/test_pair_mixture.py. Fi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -35,23 +36,36 @@ from peft_mole.ops.dense_mixture import chain_block_backward, gradient_sum_dtype
 from peft_mole.ops.experts import expert_compute_dtype, in_adapter_precision_on_cpu
 
 
-def _pair_blocks(counts: list[int], width: int, device: torch.device) -> list[tuple[int, slice]]:
-    """(expert, rows) blocks of at most `gated.block_elements` values, each within one expert's segment."""
+def _pair_blocks(counts: list[int], width: int, device: torch.device) -> list[tuple[slice, list[tuple[int, slice]]]]:
+    """Blocks of consecutive expert-sorted pairs, at most `gated.block_elements` values each: (the block's rows,
+    its expert segments as (expert, rows within the block)). A block spans experts, so a layer has
+    ⌈M·I / block values⌉ blocks rather than one or more per expert: the elementwise chain runs once per block and
+    only the rank-r products run per segment."""
     rows = max(1, gated.block_elements(device, gated.CHUNK_ELEMENTS) // max(width, 1))
-    blocks, start = [], 0
-    for expert, count in enumerate(counts):
-        blocks += [(expert, slice(s, min(s + rows, start + count))) for s in range(start, start + count, rows)]
-        start += count
+    bounds = [0, *itertools.accumulate(counts)]
+    blocks = []
+    for start in range(0, bounds[-1], rows):
+        stop = min(start + rows, bounds[-1])
+        segments = [(e, slice(max(lo, start) - start, min(hi, stop) - start))
+                    for e, (lo, hi) in enumerate(itertools.pairwise(bounds)) if max(lo, start) < min(hi, stop)]
+        blocks.append((slice(start, stop), segments))
     return blocks
 
 
-def _pair_outputs(frozen, tokens, z, lora_b, expert, rows, compute_dtype):
-    """frozen[t] + B_e z_p for one block of pairs of expert e, (n, I) in the frozen output's dtype."""
+def _pair_outputs(frozen, tokens, z, lora_b, segments, compute_dtype):
+    """frozen[t] + B_e z_p for one block of pairs, (n, I) in the frozen output's dtype; z (n, r) and lora_b (E, I, r)
+    already in the compute dtype."""
     gathered = frozen.index_select(0, tokens)
     if z is None:
         return gathered
-    return torch.addmm(gathered.to(compute_dtype), z[rows].to(compute_dtype), lora_b[expert].to(compute_dtype).t()
-                       ).to(frozen.dtype)
+    out = gathered.to(compute_dtype)
+    for expert, local in segments:
+        out[local].addmm_(z[local], lora_b[expert].t())
+    return out.to(frozen.dtype)
+
+
+def _in_dtype(tensor, dtype):
+    return None if tensor is None else tensor.to(dtype)
 
 
 class _PairGatedMixture(torch.autograd.Function):
@@ -61,21 +75,24 @@ class _PairGatedMixture(torch.autograd.Function):
         ctx.act_fn, ctx.counts, ctx.compute_dtype = act_fn, counts, compute_dtype
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.save_for_backward(gate, up, z_gate, b_gate, z_up, b_up, weight, down_a, mask, token)
-        width = gate.shape[1]
+        cd = compute_dtype
+        z_gate_cd, b_gate_cd, z_up_cd, b_up_cd, a_cd = (_in_dtype(t, cd) for t in (z_gate, b_gate, z_up, b_up, down_a))
         hidden = gate.new_zeros(gate.shape)
-        z_down = torch.empty(token.shape[0], down_a.shape[1], dtype=compute_dtype, device=gate.device)
+        z_down = torch.empty(token.shape[0], down_a.shape[1], dtype=cd, device=gate.device)
         with torch.autocast(device, enabled=False):
-            for expert, rows in _pair_blocks(counts, width, gate.device):
+            for rows, segments in _pair_blocks(counts, gate.shape[1], gate.device):
                 tokens = token[rows]
-                g = _pair_outputs(gate, tokens, z_gate, b_gate, expert, rows, compute_dtype)
-                u = _pair_outputs(up, tokens, z_up, b_up, expert, rows, compute_dtype)
+                g = _pair_outputs(gate, tokens, _rows_of(z_gate_cd, rows), b_gate_cd, segments, cd)
+                u = _pair_outputs(up, tokens, _rows_of(z_up_cd, rows), b_up_cd, segments, cd)
                 with torch.autocast(device, dtype=ctx.autocast[2], enabled=ctx.autocast[1]):
                     activated = gated.activate_apart(act_fn, g)
                 weighted = activated.mul_(u).mul_(weight[rows].unsqueeze(-1))  # w_p h_p (n, I)
                 hidden.index_add_(0, tokens, weighted.to(hidden.dtype))
                 if mask is not None:
                     weighted.mul_(mask.index_select(0, tokens))
-                torch.mm(weighted.to(compute_dtype), down_a[expert].to(compute_dtype).t(), out=z_down[rows])
+                down_input, z_block = weighted.to(cd), z_down[rows]
+                for expert, local in segments:
+                    torch.mm(down_input[local], a_cd[expert].t(), out=z_block[local])
         return hidden, z_down
 
     @staticmethod
@@ -96,35 +113,47 @@ class _PairGatedMixture(torch.autograd.Function):
                 else:
                     grads[name] = torch.empty_like(inputs[name])
         cd = ctx.compute_dtype
+        in_cd = {name: _in_dtype(inputs[name], cd) for name in ("z_gate", "b_gate", "z_up", "b_up", "down_a")}
         with torch.autocast(device, enabled=False):
-            for expert, rows in _pair_blocks(ctx.counts, gate.shape[1], gate.device):
+            for rows, segments in _pair_blocks(ctx.counts, gate.shape[1], gate.device):
                 tokens = token[rows]
-                g = _pair_outputs(gate, tokens, z_gate, b_gate, expert, rows, cd)
-                u = _pair_outputs(up, tokens, z_up, b_up, expert, rows, cd)
+                g = _pair_outputs(gate, tokens, _rows_of(in_cd["z_gate"], rows), in_cd["b_gate"], segments, cd)
+                u = _pair_outputs(up, tokens, _rows_of(in_cd["z_up"], rows), in_cd["b_up"], segments, cd)
                 w = weight[rows].unsqueeze(-1)
                 m = None if mask is None else mask.index_select(0, tokens)
-                grad_g, grad_u, grad_w, grad_a = chain_block_backward(
-                    ctx, g, u, w, m, grad_z_down[rows], down_a[expert], grad_hidden.index_select(0, tokens),
+                grad_z = grad_z_down[rows].to(cd)
+                delta_z = torch.empty(g.shape, dtype=cd, device=g.device)
+                for expert, local in segments:  # ∂L/∂z2_p A2_e
+                    torch.mm(grad_z[local], in_cd["down_a"][expert], out=delta_z[local])
+                grad_g, grad_u, grad_w, down_input = chain_block_backward(
+                    ctx, g, u, w, m, delta_z.to(g.dtype), grad_hidden.index_select(0, tokens),
                     needs["weight"], needs["down_a"],
                 )
                 if grad_w is not None:
                     grads["weight"][rows] = grad_w.squeeze(-1)
-                if grad_a is not None:
-                    grads["down_a"][expert] += grad_a.to(grads["down_a"].dtype)
+                if down_input is not None:
+                    down_input = down_input.to(cd)
+                    for expert, local in segments:  # ∂L/∂A2_e = Σ_{p of e} ∂L/∂z2_pᵀ (m_t ⊙ w_p h_p)
+                        grads["down_a"][expert] += (grad_z[local].t() @ down_input[local]).to(grads["down_a"].dtype)
                 for frozen, z, b, grad_pair in (("gate", "z_gate", "b_gate", grad_g), ("up", "z_up", "b_up", grad_u)):
                     if needs[frozen]:
                         grads[frozen].index_add_(0, tokens, grad_pair.to(grads[frozen].dtype))
                     if inputs[z] is None:
                         continue
-                    grad_cd = grad_pair.to(cd)
-                    if needs[z]:
-                        grads[z][rows] = grad_cd @ inputs[b][expert].to(cd)
-                    if needs[b]:
-                        grads[b][expert] += (grad_cd.t() @ inputs[z][rows].to(cd)).to(grads[b].dtype)
+                    grad_cd, z_block = grad_pair.to(cd), in_cd[z][rows]
+                    for expert, local in segments:
+                        if needs[z]:  # ∂L/∂z_p = ∂L/∂pair_p B_e
+                            grads[z][rows][local] = grad_cd[local] @ in_cd[b][expert]
+                        if needs[b]:
+                            grads[b][expert] += (grad_cd[local].t() @ z_block[local]).to(grads[b].dtype)
         for name in ("b_gate", "b_up", "down_a"):
             if grads[name] is not None:
                 grads[name] = grads[name].to(inputs[name].dtype)
         return (*grads.values(), None, None, None, None, None)
+
+
+def _rows_of(tensor, rows):
+    return None if tensor is None else tensor[rows]
 
 
 @in_adapter_precision_on_cpu

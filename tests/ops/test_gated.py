@@ -139,11 +139,18 @@ def test_blocks_are_cache_sized_on_the_cpu_and_few_on_a_gpu():
     assert gated.block_elements(cpu, gated.CHUNK_ELEMENTS) == gated.CHUNK_ELEMENTS
     assert gated.block_elements(cuda, gated.CHUNK_ELEMENTS) == gated.ACCELERATOR_BLOCK_ELEMENTS
     assert gated.block_elements(cuda, 1 << 30) == 1 << 30  # never smaller than the CPU's
-    counts = [1024] * 8
+    counts = [1000, 0, 1048, 1024, 1024, 1024, 1024, 1024, 1024]
     cpu_blocks, cuda_blocks = _pair_blocks(counts, 5632, cpu), _pair_blocks(counts, 5632, cuda)
-    assert len(cpu_blocks) == 8 * 23 and len(cuda_blocks) == 8  # 46 rows a block; one block per expert segment
-    for blocks in (cpu_blocks, cuda_blocks):  # either way the blocks tile every expert's rows exactly once
-        assert [r for _, rows in blocks for r in range(rows.start, rows.stop)] == list(range(8192))
+    assert len(cpu_blocks) == -(-8192 // 46) and len(cuda_blocks) == 3  # 46 rows a block on CPU, 2978 on a GPU
+    for blocks in (cpu_blocks, cuda_blocks):  # either way the segments tile every expert's rows exactly once
+        covered = {e: [] for e in range(len(counts))}
+        for rows, segments in blocks:
+            assert [r for _, local in segments for r in range(local.start, local.stop)] == list(range(rows.stop - rows.start))
+            for e, local in segments:
+                covered[e] += range(rows.start + local.start, rows.start + local.stop)
+        bounds = [sum(counts[:e]) for e in range(len(counts) + 1)]
+        assert covered == {e: list(range(bounds[e], bounds[e + 1])) for e in range(len(counts))}
+    assert [e for e, _ in cuda_blocks[0][1]] == [0, 2, 3]  # a block spans experts; the empty expert 1 has no segment
     assert len(_token_blocks(8, 4096, 5632, cpu)) == 4096 // (BLOCK_ELEMENTS // (8 * 5632)) + 1
     assert len(_token_blocks(8, 4096, 5632, cuda)) == 12
     assert len(gated._blocks(8192, 5632, cuda)) == 3
