@@ -67,14 +67,17 @@ def main() -> None:
     ids = torch.randint(3, args.vocab, (rows, seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     jobs = [f"job{i}" for i in range(4)]
+    per_job = max(1, rows // len(jobs))
+    jobs_batch = {key: value[:1].expand(per_job * len(jobs), -1).contiguous() if rows < len(jobs) else value
+                  for key, value in batch.items()}
     builds = {
         "peft_lora": lambda base: train_step_fn(get_peft_model(base, lora_config()), batch),
         "mixlora": lambda base: train_step_fn(get_peft_model(base, mixlora_config()), batch),
         "dynmole_init": lambda base: train_step_fn(get_peft_model(base, peft_mole.DynMoLEConfig(
             num_experts=8, r=16, lora_alpha=32, lora_dropout=0.05)), batch),
-        # 4 LoRA jobs, 2 rows each, in one mixed-adapter step (bench/multijob_speedup.py)
-        "multijob_4_lora": lambda base: mixed_step_fn(
-            MultiJobModel(base, {job: lora_config() for job in jobs}), batch, jobs, rows // len(jobs)),
+        # 4 LoRA jobs in one mixed-adapter step, the shape's rows shared among them (at least one each)
+        "multijob_4_lora": lambda base: mixed_step_fn(MultiJobModel(base, {job: lora_config() for job in jobs}),
+                                                      jobs_batch, jobs, per_job),
     }
     cpu_sizes = (gated.CHUNK_ELEMENTS, dense_mixture.BLOCK_ELEMENTS)
     gpu = torch.device("cuda")  # only its type is read: no CUDA needed

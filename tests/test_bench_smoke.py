@@ -67,3 +67,15 @@ def test_profile_step_breaks_each_step_down():
     for impl, ranges in rows.items():
         assert {"forward", "backward", "optimizer", "model::attention", "model::mlp"} <= set(ranges), impl
     assert "peft_mole::lora_deltas" in rows["multijob_4_lora"] and "peft_mole::route" in rows["mixlora"]
+
+
+def test_launch_count_shows_gpu_blocks_launch_fewer_operators():
+    """On the small shape the CPU blocks of the expert chains are 190 pairs, the GPU's hold every pair of a layer:
+    counted with the GPU's block sizes, MixLoRA and DynMoLE launch fewer operators per layer (still more than
+    PEFT LoRA)."""
+    rows = {(row["impl"], row["blocks"]): row["launches_per_layer"]
+            for row in run_script("launch_count", ["--shape", "small"]) if row["name"] == "launch_count"}
+    assert set(rows) == {("peft_lora", "cpu"), ("mixlora", "cpu"), ("dynmole_init", "cpu"), ("multijob_4_lora", "cpu"),
+                         ("mixlora", "gpu"), ("dynmole_init", "gpu")}
+    for impl in ("mixlora", "dynmole_init"):
+        assert rows["peft_lora", "cpu"] < rows[impl, "gpu"] < rows[impl, "cpu"], impl

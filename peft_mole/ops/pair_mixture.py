@@ -1,5 +1,5 @@
 """The selected (token, expert) pairs of a MixLoRA block, from the frozen gate/up outputs to the down experts' A,
-segment by segment in cache-sized blocks.
+in blocks of consecutive pairs (cache-sized on the CPU, larger on a GPU: `gated.block_elements`).
 
 For the pairs p = (t, e) of a routed MixLoRA block (MixLoRA §3, SPEC.md §1), sorted by expert (`ops.experts.
 dispatch`):
@@ -11,10 +11,10 @@ with m the down projection's dropout mask (one per token, shared by its experts)
 `hidden` and each expert's B2 on its z2 (`ops.experts.segment_b`).
 
 Step by step, each product is a pass over an (M, I) tensor in memory, and autograd keeps three of them per layer
-(g, u and the down experts' input). Here each block of one expert's pairs is gathered, computed and reduced while it
-is in cache; the backward recomputes g, u and h per block from the (N, I) frozen outputs and the rank-r z, so
-nothing of size (M, I) is kept. The same block-by-block formulas as `ops.dense_mixture`, where every expert's
-segment is every token:
+(g, u and the down experts' input). Here each block of pairs is gathered, computed and reduced while it is in cache
+(a block may span experts: only the rank-r products run per expert segment); the backward recomputes g, u and h
+per block from the (N, I) frozen outputs and the rank-r z, so nothing of size (M, I) is kept. The same
+block-by-block formulas as `ops.dense_mixture`, where every expert's segment is every token:
 
     δ_p = ∂L/∂hidden_t + m_t ⊙ (∂L/∂z2_p A2_e),   ∂L/∂w_p = Σ_I δ_p ⊙ h_p,   ∂L/∂u_p = w_p δ_p ⊙ σ(g_p),
     ∂L/∂g_p = w_p δ_p ⊙ u_p ⊙ σ'(g_p),   ∂L/∂A2_e = Σ_{p of e} ∂L/∂z2_pᵀ (m_t ⊙ w_p h_p),
