@@ -60,12 +60,12 @@ def _expert_outputs(frozen, z, lora_b, block, num_experts, scaling, compute_dtyp
 def chain_block_backward(ctx, g, u, w, mask, delta_z, grad_hidden, want_weight: bool, want_down_input: bool):
     """The backward of one block, shared with `ops.pair_mixture`: (∂L/∂g, ∂L/∂u, ∂L/∂w or None, the down experts'
     input m ⊙ w h or None), with δ = ∂L/∂hidden + m ⊙ (∂L/∂z2 A2) as in the module docstring. The caller gives
-    `delta_z` = ∂L/∂z2 A2 (the chain writes δ into it) and forms ∂L/∂A2 = ∂L/∂z2ᵀ (m ⊙ w h) from the input returned,
-    expert by expert: a block of pairs may span several experts.
+    `delta_z` = ∂L/∂z2 A2 in the products' dtype (δ is formed in h's dtype, in place where they agree) and forms
+    ∂L/∂A2 = ∂L/∂z2ᵀ (m ⊙ w h) from the input returned, expert by expert: a block of pairs may span several experts.
 
-    Shapes: g, u, delta_z (..., n, I) in g's dtype; w (..., n, 1); mask, grad_hidden (n, I) (broadcast over
-    experts). `ctx` carries act_fn and the forward's autocast state. σ' comes from autograd on the recomputed σ(g);
-    for nn.SiLU from its derivative kernel directly (the one autograd calls).
+    Shapes: g, u, delta_z (..., n, I); w (..., n, 1); mask, grad_hidden (n, I) (broadcast over experts). `ctx`
+    carries act_fn and the forward's autocast state. σ' comes from autograd on the recomputed σ(g); for nn.SiLU
+    from its derivative kernel directly (the one autograd calls).
     """
     device, autocast_on, autocast_dtype = ctx.autocast
     act_fn = ctx.act_fn
@@ -74,10 +74,10 @@ def chain_block_backward(ctx, g, u, w, mask, delta_z, grad_hidden, want_weight: 
         leaf = g if silu else g.detach().requires_grad_()
         activated = act_fn(leaf.clone() if works_in_place(act_fn) else leaf)
     h = activated.detach() * u  # h (..., n, I)
+    delta = delta_z.to(h.dtype)
     down_input = None
     if want_down_input:
         down_input = (h * w).mul_(mask) if mask is not None else h * w
-    delta = delta_z
     if mask is not None:
         delta.mul_(mask)
     delta.add_(grad_hidden)  # δ
@@ -141,7 +141,7 @@ class _DenseGatedMixture(torch.autograd.Function):
                 m = None if mask is None else mask[block]
                 grad_z = grad_z_down[:, block].to(cd)
                 grad_g, grad_u, grad_w, down_input = chain_block_backward(
-                    ctx, g, u, w, m, (grad_z @ a_cd).to(g.dtype), grad_hidden[block], needs["weight"], needs["down_a"]
+                    ctx, g, u, w, m, grad_z @ a_cd, grad_hidden[block], needs["weight"], needs["down_a"]
                 )
                 if grad_w is not None:
                     grads["weight"][:, block] = grad_w

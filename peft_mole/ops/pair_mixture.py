@@ -87,7 +87,7 @@ class _PairGatedMixture(torch.autograd.Function):
                 with torch.autocast(device, dtype=ctx.autocast[2], enabled=ctx.autocast[1]):
                     activated = gated.activate_apart(act_fn, g)
                 weighted = activated.mul_(u).mul_(weight[rows].unsqueeze(-1))  # w_p h_p (n, I)
-                hidden.index_add_(0, tokens, weighted.to(hidden.dtype))
+                _add_by_segment(hidden, tokens, weighted.to(hidden.dtype), segments)
                 if mask is not None:
                     weighted.mul_(mask.index_select(0, tokens))
                 down_input, z_block = weighted.to(cd), z_down[rows]
@@ -126,7 +126,7 @@ class _PairGatedMixture(torch.autograd.Function):
                 for expert, local in segments:  # ∂L/∂z2_p A2_e
                     torch.mm(grad_z[local], in_cd["down_a"][expert], out=delta_z[local])
                 grad_g, grad_u, grad_w, down_input = chain_block_backward(
-                    ctx, g, u, w, m, delta_z.to(g.dtype), grad_hidden.index_select(0, tokens),
+                    ctx, g, u, w, m, delta_z, grad_hidden.index_select(0, tokens),
                     needs["weight"], needs["down_a"],
                 )
                 if grad_w is not None:
@@ -137,7 +137,7 @@ class _PairGatedMixture(torch.autograd.Function):
                         grads["down_a"][expert] += (grad_z[local].t() @ down_input[local]).to(grads["down_a"].dtype)
                 for frozen, z, b, grad_pair in (("gate", "z_gate", "b_gate", grad_g), ("up", "z_up", "b_up", grad_u)):
                     if needs[frozen]:
-                        grads[frozen].index_add_(0, tokens, grad_pair.to(grads[frozen].dtype))
+                        _add_by_segment(grads[frozen], tokens, grad_pair.to(grads[frozen].dtype), segments)
                     if inputs[z] is None:
                         continue
                     grad_cd, z_block = grad_pair.to(cd), in_cd[z][rows]
@@ -150,6 +150,14 @@ class _PairGatedMixture(torch.autograd.Function):
             if grads[name] is not None:
                 grads[name] = grads[name].to(inputs[name].dtype)
         return (*grads.values(), None, None, None, None, None)
+
+
+def _add_by_segment(out, tokens, values, segments):
+    """out[tokens] += values, one expert segment at a time: a block that spans experts holds a token once per
+    expert, and one `index_add_` over repeated indices would add them in no fixed order on CUDA (atomics); within a
+    segment every token is distinct, so the sums stay deterministic."""
+    for _, local in segments:
+        out.index_add_(0, tokens[local], values[local])
 
 
 def _rows_of(tensor, rows):

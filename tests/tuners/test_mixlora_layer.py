@@ -248,7 +248,7 @@ def test_blockwise_pair_path_equals_the_step_by_step_path_in_training(targets, m
 
     calls, real = [], layer_module.pair_gated_mixture
     monkeypatch.setattr(layer_module, "pair_gated_mixture", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(gated, "CHUNK_ELEMENTS", 3 * 172)  # blocks of 3 pairs: several per expert segment
+    monkeypatch.setattr(gated, "CHUNK_ELEMENTS", 3 * 172)  # blocks of 3 pairs: several per expert segment, some spanning two experts
     results = []
     for small_pairs in (64, 10**9):  # blockwise, then step by step
         monkeypatch.setattr(layer_module, "SMALL_PAIRS", small_pairs)
