@@ -303,7 +303,13 @@ FEW_TOKENS = 8  # at most this many tokens (decoding): `slot_lora` / `slot_lora_
 
 def used_slots(weights: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, chosen) without the slot columns that no token uses (weight 0 in every row), e.g. DynMoLE's
-    (N, E) selection of a few confident tokens. Dropped slots add exactly 0, so results are unchanged."""
+    (N, E) selection of a few confident tokens. Dropped slots add exactly 0, so results are unchanged.
+
+    On the CPU only. Elsewhere, reading `used` back is a host sync in every layer at every decoded token: it stalls
+    the GPU's queue and rules out CUDA graphs. It would save less than it costs, since a few tokens' unused slots
+    are a few small products."""
+    if weights.device.type != "cpu":
+        return weights, chosen
     used = (weights > 0).any(dim=0)
     if bool(used.all()) or not bool(used.any()):
         return weights, chosen

@@ -335,6 +335,9 @@ def test_used_slots_drops_only_columns_no_token_uses():
     assert used_slots(full, chosen[:2, :3])[0] is full  # nothing to drop: unchanged
     zeros = torch.zeros(2, 3)
     assert used_slots(zeros, chosen[:2, :3])[0] is zeros  # nothing used at all: left to the caller
+    # off the CPU nothing is read back (no host sync): a meta tensor, whose values cannot be read, passes through
+    on_meta = weights.to("meta")
+    assert used_slots(on_meta, chosen.to("meta"))[0] is on_meta
 
 
 def test_expert_segment_products_trace_under_torch_compile():

@@ -215,12 +215,17 @@ def test_dora_row_norm_expansion_equals_the_direct_norm():
     torch.testing.assert_close(experts.gate_proj_magnitude / experts.dora_scale("gate_proj", weight), direct)
 
 
+@pytest.mark.parametrize("all_slots", [False, True], ids=["unused_slots_dropped", "all_slots_as_on_gpu"])
 @pytest.mark.parametrize("method", ["mixlora", "dynmole", "dynmole-projection"])
-def test_few_token_path_equals_the_dispatch_path(method, monkeypatch):
-    """Decoding-sized inputs skip the sort (`slot_lora`); outputs and gradients equal the dispatch path's."""
+def test_few_token_path_equals_the_dispatch_path(method, all_slots, monkeypatch):
+    """Decoding-sized inputs skip the sort (`slot_lora`); outputs and gradients equal the dispatch path's, also when
+    every slot is computed (`used_slots` drops the unused ones only on the CPU)."""
     import peft_mole.tuners.mixlora.layer as layer_module
     import peft_mole.tuners.mixlora.projection as projection_module
 
+    if all_slots:
+        for module in (layer_module, projection_module):
+            monkeypatch.setattr(module, "used_slots", lambda weights, chosen: (weights, chosen))
     results = []
     for few_tokens in (64, 0):  # all take the slot path, then none does
         monkeypatch.setattr(layer_module, "FEW_TOKENS", few_tokens)
