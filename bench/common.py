@@ -76,10 +76,15 @@ def train_step_fn(model, batch: dict[str, torch.Tensor], autocast_dtype: torch.d
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device().type == "cuda":
-            torch.cuda.synchronize()
 
     return step
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued kernels (a no-op on the CPU): CUDA runs them asynchronously, so a timer read right
+    after a step would time their launch."""
+    if device().type == "cuda":
+        torch.cuda.synchronize()
 
 
 def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int = 3, repeats: int = 10) -> dict[str, list[float]]:
@@ -89,8 +94,7 @@ def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int = 3, repe
         for name, step in steps.items():
             start = time.perf_counter()
             step()
-            if device().type == "cuda":
-                torch.cuda.synchronize()  # kernels run asynchronously: time them, not their launch
+            synchronize()
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times

@@ -18,6 +18,7 @@ from common import (
     record,
     setup_threads,
     step_parser,
+    synchronize,
     time_interleaved,
     train_step_fn,
 )
@@ -37,6 +38,7 @@ def main() -> None:
     error = None
     try:
         compiled_step()  # first call compiles
+        synchronize()
     except Exception as failure:  # noqa: BLE001 — reported, not hidden
         error = f"{type(failure).__name__}: {str(failure)[:300]}"
     compile_s = time.perf_counter() - start

@@ -59,7 +59,7 @@ def measure(name: str, counts: list[int], d_in: int, d_out: int, dtype: torch.dt
         x.grad = weight.grad = None
         steps[impl]().backward(grad)
         grads[impl] = (x.grad.clone(), weight.grad.clone())
-    grad_difference = max((a - b).abs().max().item() for a, b in zip(*grads.values()))
+    grad_difference = max((a - b).abs().max().item() for a, b in zip(*grads.values(), strict=True))
     return {"name": "grouped_product", "case": name, "shape": "small", "device": device().type, "dtype": str(dtype).removeprefix("torch."),
             "segments": len(counts), "rows": sum(counts), "d_in": d_in, "d_out": d_out,
             **{f"{impl}_ms": s[0] * 1e3 for impl, s in results.items()},

@@ -148,7 +148,7 @@ def main() -> None:
     }
     models = {impl: build[impl]() for impl in args.impls}
     batch = random_batch(args.shape, next(iter(models.values())).config.vocab_size)
-    seq, vocab = batch["input_ids"].shape[1], batch["input_ids"].max().item() + 1
+    seq, vocab = batch["input_ids"].shape[1], next(iter(models.values())).config.vocab_size
     ids = torch.randint(3, vocab, (len(jobs), seq), generator=torch.Generator().manual_seed(0)).to(device())
     one_row_per_job = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     for impl, model in models.items():
