@@ -354,3 +354,19 @@ def test_expert_segment_products_trace_under_torch_compile():
     torch.testing.assert_close(_segment_matmul(rows, weight, counts), expected)  # eager: grouped, empty segment
     out.sum().backward()
     assert weight.grad[1].abs().sum() == 0 and rows.grad.isfinite().all()
+
+
+def test_constant_on_is_built_once_and_outside_inference_mode():
+    """The jobs' scalings (and segment sizes) are made into a device tensor once, not at every projection call (on
+    CUDA each such copy is followed by a stream sync). One first made under inference mode (evaluation) still
+    serves a training step, which saves it for the backward."""
+    from peft_mole.ops.segmented_lora import constant_on, scaled
+
+    with torch.inference_mode():
+        first = constant_on((2.0, 1 / 3), torch.float32, torch.device("cpu"))
+    assert not first.is_inference() and first.tolist() == [2.0, torch.tensor(1 / 3).item()]
+    assert constant_on((2.0, 1 / 3), torch.float32, torch.device("cpu")) is first
+    assert constant_on((2.0, 1 / 3), torch.float64, torch.device("cpu")) is not first
+    hidden = torch.ones(2, 3, requires_grad=True)
+    scaled(hidden, first.view(-1, 1)).sum().backward()
+    assert hidden.grad[:, 0].tolist() == first.tolist()
