@@ -15,9 +15,9 @@ is E of them per token). σ is any activation module or function, in place or no
 autograd on the recomputed σ(g), under the forward's autocast state); checked against plain autograd by
 torch.autograd.gradcheck in tests/ops/test_gated.py. First derivatives only (no `create_graph=True`).
 
-Forward and backward run over blocks of `CHUNK_ELEMENTS` values on the CPU (whole rows of I; larger blocks on a GPU:
-`block_elements`), so the chain's temporaries (σ(g), the products) stay in cache and only g, u, ∂L/∂y and the results travel to and from memory: about 5
-passes over the (..., I) tensors instead of about 20. The forward equals the one-block result exactly, the
+Forward and backward run over blocks of `CHUNK_ELEMENTS` values on the CPU (whole rows of I; larger blocks on a
+GPU: `block_elements`), so the chain's temporaries (σ(g), the products) stay in cache and only g, u, ∂L/∂y and the
+results travel to and from memory: about 5 passes over the (..., I) tensors instead of about 20. The forward equals the one-block result exactly, the
 gradients to rounding (tests/ops/test_gated.py). Inputs with no (rows, I) view (expanded) run as one block.
 """
 

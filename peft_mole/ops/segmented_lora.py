@@ -216,14 +216,14 @@ def stacked_lora_deltas(
     x, otherwise the (dropped-out) blocks are concatenated. Dropout masks are therefore drawn in another order
     than group by group.
     """
+    found = [None if group.adapter == BASE_ROW else factors(group.adapter) for group in groups]
     by_rank: dict[tuple, list[int]] = {}
-    for i, group in enumerate(groups):
-        found = None if group.adapter == BASE_ROW else factors(group.adapter)
-        if found is not None:
-            by_rank.setdefault((found.lora_a.shape[0], found.lora_a.dtype, found.lora_a.device), []).append(i)
+    for i, f in enumerate(found):
+        if f is not None:
+            by_rank.setdefault((f.lora_a.shape[0], f.lora_a.dtype, f.lora_a.device), []).append(i)
     buckets = []
     for (rank, dtype, device), indices in by_rank.items():
-        out_features = factors(groups[indices[0]].adapter).lora_b.shape[0]
+        out_features = found[indices[0]].lora_b.shape[0]
         if grouped_mm_exact(device, linear_dtype(x.device.type, dtype), x.shape[-1], rank, out_features):
             buckets.append(indices)
             continue
@@ -235,7 +235,7 @@ def stacked_lora_deltas(
     for indices in buckets:
         if len(indices) < 2:
             continue
-        chosen = [factors(groups[i].adapter) for i in indices]
+        chosen = [found[i] for i in indices]
         dtype = chosen[0].lora_a.dtype
         first = chosen[0].dropout
         shared_dropout = all(type(f.dropout) is type(first) and getattr(f.dropout, "p", 0) == getattr(first, "p", 0)
