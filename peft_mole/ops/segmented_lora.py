@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,9 +51,49 @@ class _StackedLinear(torch.autograd.Function):
         return grad_x, grad_weight
 
 
+class _StackedLora(torch.autograd.Function):
+    """Δ_j = F.linear(F.linear(x_j, A_j) · s_j, B_j) for x (J, N, in), A_j (r, in), B_j (out, r), s (J, 1, 1): the two
+    `_StackedLinear` products and `scaled` between them as one autograd node, the factors stacked inside. The
+    products are those of `_StackedLinear` (F.linear's orientation) and the scaling's backward is autograd's for
+    `scaled`, so the numbers are the same bit for bit (tests/ops/test_experts.py); what it saves is host time: one
+    Python node per projection instead of two, and no stack, multiply or cast nodes. A multi-job step makes one
+    call per projection and layer, and on a GPU those steps are bound by such host work (docs/performance.md)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scaling: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
+        jobs = len(factors) // 2
+        lora_a, lora_b = torch.stack(factors[:jobs]), torch.stack(factors[jobs:])
+        hidden = scaled(torch.bmm(x, lora_a.transpose(1, 2)), scaling)
+        ctx.save_for_backward(x, scaling, lora_a, lora_b, hidden)
+        return torch.bmm(hidden, lora_b.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, scaling, lora_a, lora_b, hidden = ctx.saved_tensors
+        jobs = lora_a.shape[0]
+        needs_a, needs_b = any(ctx.needs_input_grad[2:2 + jobs]), any(ctx.needs_input_grad[2 + jobs:])
+        grad_b = torch.bmm(grad.transpose(1, 2), hidden).unbind(0) if needs_b else (None,) * jobs
+        grad_hidden = scaled(torch.bmm(grad, lora_b), scaling)
+        grad_x = torch.bmm(grad_hidden, lora_a) if ctx.needs_input_grad[0] else None
+        grad_a = torch.bmm(grad_hidden.transpose(1, 2), x).unbind(0) if needs_a else (None,) * jobs
+        return grad_x, None, *grad_a, *grad_b
+
+
+def stacked_lora(x: torch.Tensor, scaling: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor]):
+    """s_j · B_j A_j x_j for x (J, N, in), each job's (r, in) A_j and (out, r) B_j, and s (J,) in float32 (float64
+    for float64 factors): each job's numbers are those of F.linear(F.linear(x_j, A_j) · s_j, B_j), also under
+    autocast, where the products run as two `stacked_linear` calls instead of one `_StackedLora` node."""
+    if torch.is_autocast_enabled(x.device.type):
+        hidden = stacked_linear(x, torch.stack(lora_a))
+        return stacked_linear(scaled(hidden, scaling.view(-1, 1, 1)), torch.stack(lora_b))
+    return _StackedLora.apply(x, scaling.view(-1, 1, 1), *lora_a, *lora_b)
+
+
 def stacked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Batched `F.linear` without bias: (J, N, in) × (J, out, in) → (J, N, out), each j exactly F.linear(x_j, W_j),
     also under autocast (see `as_linear_under_autocast`)."""
+    if not torch.is_autocast_enabled(x.device.type):  # the context manager's own cost, saved on the hot path
+        return _StackedLinear.apply(x, weight)
     with as_linear_under_autocast(x, weight) as (x, weight):
         return _StackedLinear.apply(x, weight)
 
@@ -127,15 +168,15 @@ def scatter_row_deltas(
     if consecutive_slices(groups, batch):
         # split/cat: backward is one cat of the input gradients and views of the output gradient, where
         # indexing per group would build a zero-filled full-size gradient for every group
-        pieces = x.split([g.num_rows for g in groups])
         deltas: list[torch.Tensor | None] = [None] * len(groups)
         if factors is not None:
-            buckets = stacked_lora_deltas(x, pieces, groups, factors)
+            buckets = stacked_lora_deltas(x, groups, factors)
             if len(buckets) == 1 and len(buckets[0][0]) == len(groups):  # every group in one bucket: no cat
                 return base_out + buckets[0][1].reshape(base_out.shape).to(base_out.dtype)
             for indices, stacked in buckets:
                 for i, d in zip(indices, stacked.split([groups[i].num_rows for i in indices]), strict=True):
                     deltas[i] = d.to(base_out.dtype)
+        pieces = x.split([g.num_rows for g in groups])
         for i, (group, piece) in enumerate(zip(groups, pieces, strict=True)):
             if deltas[i] is not None:
                 continue
@@ -166,8 +207,7 @@ def grouped_mm_exact(device: torch.device, dtype: torch.dtype, *dims: int) -> bo
         return False
     if torch.compiler.is_compiling():  # Dynamo has no fake-tensor rule for it on CPU: the loop traces instead
         return False
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    return all(d * itemsize % 16 == 0 for d in dims) and _grouped_mm_runs_on_cpu(dtype)
+    return all(d * dtype.itemsize % 16 == 0 for d in dims) and _grouped_mm_runs_on_cpu(dtype)
 
 
 @functools.cache
@@ -202,14 +242,13 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
 
 def stacked_lora_deltas(
     x: torch.Tensor,
-    pieces: tuple[torch.Tensor, ...],
     groups: list[RowGroup],
     factors: Callable[[str], LoraFactors | None],
 ) -> list[tuple[list[int], torch.Tensor]]:
     """s_j · B_j A_j dropout_j(x_j) for the groups that can share products, as (group indices, their deltas
     concatenated over rows, (Σ rows, ..., out)) per bucket of ≥ 2 groups with the same rank, dtype and device.
 
-    x_j are the consecutive row blocks `pieces` of x. Blocks of equal size run as batched products over adapters
+    x_j are the consecutive row blocks of x, one per group (`consecutive_slices`). Blocks of equal size run as batched products over adapters
     (`stacked_linear`); blocks of different sizes as grouped products over row segments (`grouped_linear`) where
     `grouped_mm_exact`, else only blocks of equal size are bucketed. Either way each adapter's arithmetic is that
     of its own `F.linear`. A bucket covering all of x whose adapters share one dropout setting draws one mask over
@@ -231,7 +270,7 @@ def stacked_lora_deltas(
         for i in indices:
             by_size.setdefault(groups[i].num_rows, []).append(i)
         buckets += by_size.values()
-    results = []
+    results, row_tokens, pieces = [], math.prod(x.shape[1:-1]), None
     for indices in buckets:
         if len(indices) < 2:
             continue
@@ -243,22 +282,23 @@ def stacked_lora_deltas(
         if shared_dropout and len(indices) == len(groups):  # one dropout call over all of x
             inputs = first(x.to(dtype)).reshape(-1, x.shape[-1])
         else:
+            pieces = x.split([g.num_rows for g in groups]) if pieces is None else pieces
             inputs = torch.cat([f.dropout(pieces[i].to(dtype)).reshape(-1, x.shape[-1])
                                 for i, f in zip(indices, chosen, strict=True)])
-        tokens = [pieces[i][..., 0].numel() for i in indices]
-        lora_a, lora_b = torch.stack([f.lora_a for f in chosen]), torch.stack([f.lora_b for f in chosen])
+        tokens = [groups[i].num_rows * row_tokens for i in indices]
         opmath = torch.float64 if dtype == torch.float64 else torch.float32
         scaling = constant_on(tuple(f.scaling for f in chosen), opmath, x.device)
         if len(set(tokens)) == 1:
-            hidden = stacked_linear(inputs.view(len(indices), tokens[0], -1), lora_a)  # (J, tokens, r)
-            out = stacked_linear(scaled(hidden, scaling.view(-1, 1, 1)), lora_b).flatten(0, 1)  # (Σ tokens, out)
+            out = stacked_lora(inputs.view(len(indices), tokens[0], -1), scaling,
+                               [f.lora_a for f in chosen], [f.lora_b for f in chosen]).flatten(0, 1)  # (Σ tokens, out)
         else:
+            lora_a, lora_b = torch.stack([f.lora_a for f in chosen]), torch.stack([f.lora_b for f in chosen])
             counts = constant_on(tuple(tokens), torch.int64, x.device)
             ends = counts.cumsum(0).to(torch.int32)
             hidden = grouped_linear(inputs, lora_a, ends)  # (Σ tokens, r)
             out = grouped_linear(scaled(hidden, scaling.repeat_interleave(counts).unsqueeze(1)), lora_b, ends)
         rows = sum(groups[i].num_rows for i in indices)
-        results.append((indices, out.view(rows, *pieces[indices[0]].shape[1:-1], -1)))
+        results.append((indices, out.view(rows, *x.shape[1:-1], -1)))
     return results
 
 

@@ -223,6 +223,39 @@ def test_stacked_linear_has_each_jobs_f_linear_arithmetic_and_passes_gradcheck()
                 torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
+def test_stacked_lora_is_the_two_stacked_products_bit_for_bit_and_passes_gradcheck():
+    from peft_mole.ops.segmented_lora import scaled, stacked_linear, stacked_lora
+
+    def factors(jobs, d_in, rank, d_out, dtype):
+        lora_a = [torch.randn(rank, d_in, dtype=dtype, requires_grad=True) for _ in range(jobs)]
+        lora_b = [torch.randn(d_out, rank, dtype=dtype, requires_grad=True) for _ in range(jobs)]
+        return lora_a, lora_b
+
+    x64 = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    a64, b64 = factors(3, 4, 2, 6, torch.float64)
+    s64 = torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x, *f: stacked_lora(x, s64, list(f[:3]), list(f[3:])), (x64, *a64, *b64))
+    for jobs, rows, d_in, rank, d_out in ((4, 15, 16, 4, 12), (3, 96, 64, 8, 172), (8, 256, 512, 16, 1376)):
+        torch.manual_seed(0)
+        x = torch.randn(jobs, rows, d_in, requires_grad=True)
+        lora_a, lora_b = factors(jobs, d_in, rank, d_out, torch.float32)
+        scaling = torch.linspace(0.5, 2.0, jobs)
+        grad = torch.randn(jobs, rows, d_out)
+        out = stacked_lora(x, scaling, lora_a, lora_b)
+        got = torch.autograd.grad(out, (x, *lora_a, *lora_b), grad)
+        hidden = scaled(stacked_linear(x, torch.stack(lora_a)), scaling.view(-1, 1, 1))
+        ref = stacked_linear(hidden, torch.stack(lora_b))
+        expected = torch.autograd.grad(ref, (x, *lora_a, *lora_b), grad)
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, atol=0, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the two-product path: bf16 products, float32 gradients
+        out = stacked_lora(x, scaling, lora_a, lora_b)
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out.float().sum(), lora_a)
+    assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_linear_has_each_segments_f_linear_arithmetic_on_cpu(dtype):
     from peft_mole.ops import segmented_lora

@@ -57,11 +57,15 @@ class LoraLinear(nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     def _factors(self, adapter: str) -> LoraFactors | None:
-        lora_a = getattr(self, self.prefix + "A")
-        if adapter not in lora_a:
+        # Called per adapter, projection and forward (a multi-job step: jobs × 7 projections × layers), so it reads
+        # the containers' own dicts: through `getattr` and `ParameterDict.__getitem__` the lookups cost more than
+        # the rank-r products of a short row (docs/performance.md, "Host time of a multi-job step").
+        (a_name, b_name), (scaling_name, dropout_name) = self.adapter_layer_names, self.other_param_names
+        lora_a = self._modules[a_name]._parameters.get(adapter)
+        if lora_a is None:
             return None
-        return LoraFactors(lora_a[adapter], getattr(self, self.prefix + "B")[adapter],
-                           getattr(self, self.prefix + "scaling")[adapter], getattr(self, self.prefix + "dropout")[adapter])
+        return LoraFactors(lora_a, self._modules[b_name]._parameters[adapter], getattr(self, scaling_name)[adapter],
+                           self._modules[dropout_name]._modules[adapter])
 
     def _delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
         found = self._factors(adapter)
