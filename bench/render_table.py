@@ -21,6 +21,7 @@ COMMANDS = {
     "eval_throughput": "python bench/eval_throughput.py --shape {shape} --adapters {adapters}",
     "compile_step": "python bench/compile_step.py --shape {shape}",
     "grouped_products": "python bench/grouped_products.py",
+    "host_time": "python bench/host_time.py --jobs {jobs} --dropout {dropout}",
     "mole_vs_reference": "python bench/mole_vs_reference.py --peers-python PEERS/bin/python",
     "options_step": "python bench/options_step.py --shape {shape} --options {impl}",
     "saved_activations": "python bench/saved_activations.py --shape {shape}",
@@ -51,6 +52,8 @@ DESCRIPTIONS["saved_activations"] = ("{impl}: activations saved for the backward
 DESCRIPTIONS["grouped_products"] = ("row-segment products (experts, LoRA jobs), `torch._grouped_mm` / a loop of "
                                      "F.linear, fwd+bwd, {dtype}: {cases} cases from {lowest:.2f}× to {highest:.2f}×, "
                                      "max difference {max_abs_difference:.0e}")
+DESCRIPTIONS["host_time"] = ("host time of one projection (fwd+bwd, tiny shape), {jobs} LoRA jobs stacked / PEFT LoRA "
+                              "on one job's row; one after another would be {jobs}×")
 DESCRIPTIONS["compile_step"] = "MixLoRA step, torch.compile / eager (compile time {compile_s:.0f} s)"
 DESCRIPTIONS["options_step"] = ("MixLoRA step / PEFT LoRA step with {impl}; vs plain fp32 eager: MixLoRA "
                                  "{mixlora_vs_eager:.2f}×, LoRA {lora_vs_eager:.2f}×")

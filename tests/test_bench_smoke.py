@@ -22,6 +22,7 @@ SCRIPTS = {
     "generate_vs_base": ["--shape", "tiny", "--repeats", "1", "--new-tokens", "4"],
     "pad_fraction": ["--shape", "tiny", "--jobs", "2", "--steps", "2"],
     "grouped_products": ["--repeats", "1"],
+    "host_time": ["--jobs", "2", "--repeats", "2"],
 }
 FRACTIONS = {"pad_fraction"}
 
