@@ -36,10 +36,14 @@ NO_KERNEL = {
     "aten::scalar_tensor",
 }
 
+ONE_KERNEL = {"aten::_grouped_mm"}  # one kernel on CUDA; on the CPU a loop of products over its groups
+
 
 def computing_ops(event) -> int:
     """The lowest `aten::` operators under `event` that compute: an operator whose callees compute (a copy under
     `to`, a product under `linear`) counts through them; one whose callees only view or allocate counts itself."""
+    if event.name in ONE_KERNEL:
+        return 1
     below = sum(computing_ops(child) for child in event.cpu_children)
     if below or not event.name.startswith("aten::") or event.name in NO_KERNEL:
         return below

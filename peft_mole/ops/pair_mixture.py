@@ -34,6 +34,7 @@ from torch.autograd.function import once_differentiable
 from peft_mole.ops import gated
 from peft_mole.ops.dense_mixture import chain_block_backward, gradient_sum_dtype
 from peft_mole.ops.experts import expert_compute_dtype, in_adapter_precision_on_cpu
+from peft_mole.ops.segmented_lora import grouped_mm_serves, ints_on
 
 
 def _pair_blocks(counts: list[int], width: int, device: torch.device) -> list[tuple[slice, list[tuple[int, slice]]]]:
@@ -52,16 +53,76 @@ def _pair_blocks(counts: list[int], width: int, device: torch.device) -> list[tu
     return blocks
 
 
+class _Segments:
+    """The expert segments of one block of pairs and the products that run once per segment: one
+    `torch._grouped_mm` over the block where `grouped_mm_serves` (`ends`: each expert's segment end in the block,
+    empty segments included), else a loop of products, one per segment."""
+
+    def __init__(self, segments: list[tuple[int, slice]], ends: torch.Tensor | None) -> None:
+        self.segments, self.ends = segments, ends
+
+    def add_products(self, out: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """out[p] += rows[p] @ weight[e] for each pair p of expert e; weight (E, K, N)."""
+        if self.ends is not None:
+            return out.add_(torch._grouped_mm(rows, weight, offs=self.ends))
+        for expert, local in self.segments:
+            out[local].addmm_(rows[local], weight[expert])
+        return out
+
+    def products(self, rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """rows[p] @ weight[e] for each pair p of expert e, (n, N); weight (E, K, N)."""
+        if self.ends is not None:
+            found = torch._grouped_mm(rows, weight, offs=self.ends)
+            return found if out is None else out.copy_(found)
+        out = rows.new_empty(rows.shape[0], weight.shape[2]) if out is None else out
+        for expert, local in self.segments:
+            if out.dtype == rows.dtype:
+                torch.mm(rows[local], weight[expert], out=out[local])
+            else:
+                out[local] = rows[local] @ weight[expert]
+        return out
+
+    def add_outer_sums(self, out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+        """out[e] += Σ_{p of e} left[p]ᵀ right[p] (out in its own dtype, float32 at least)."""
+        if self.ends is not None:
+            out += torch._grouped_mm(left.t(), right, offs=self.ends).to(out.dtype)
+            return
+        for expert, local in self.segments:
+            out[expert] += (left[local].t() @ right[local]).to(out.dtype)
+
+
+GROUPED_MIN_SEGMENTS = 3  # a block of fewer expert segments loops: on the CPU's cache-sized blocks (1-2 segments
+# each) grouped products made the small-shape MixLoRA step 7 % slower (docs/performance.md, "Grouped expert products")
+
+
+def _block_segments(blocks, num_experts: int, dims: list[int], dtype: torch.dtype, device: torch.device):
+    """A `_Segments` per block: grouped products for the blocks of at least `GROUPED_MIN_SEGMENTS` expert segments
+    where `grouped_mm_serves`, a loop for the others. Every grouped block's expert ends go to the device in one copy
+    (`ints_on`: no stream sync).
+    `dims`: the products' inner and outer sizes (I and the ranks)."""
+    grouped = [len(segments) >= GROUPED_MIN_SEGMENTS for _, segments in blocks]
+    if not any(grouped) or not grouped_mm_serves(device, dtype, *dims):
+        return [_Segments(segments, None) for _, segments in blocks]
+    table = []
+    for (_, segments), use in zip(blocks, grouped, strict=True):
+        if use:
+            ends = [0] * num_experts
+            for expert, local in segments:
+                ends[expert] = local.stop
+            for expert in range(1, num_experts):  # an expert absent from the block ends where the one before it ends
+                ends[expert] = max(ends[expert], ends[expert - 1])
+            table.append(ends)
+    found = iter(ints_on(table, device))
+    return [_Segments(segments, next(found) if use else None) for (_, segments), use in zip(blocks, grouped, strict=True)]
+
+
 def _pair_outputs(frozen, tokens, z, lora_b, segments, compute_dtype):
     """frozen[t] + B_e z_p for one block of pairs, (n, I) in the frozen output's dtype; z (n, r) and lora_b (E, I, r)
     already in the compute dtype."""
     gathered = frozen.index_select(0, tokens)
     if z is None:
         return gathered
-    out = gathered.to(compute_dtype)
-    for expert, local in segments:
-        out[local].addmm_(z[local], lora_b[expert].t())
-    return out.to(frozen.dtype)
+    return segments.add_products(gathered.to(compute_dtype), z, lora_b.transpose(1, 2)).to(frozen.dtype)
 
 
 def _in_dtype(tensor, dtype):
@@ -80,7 +141,9 @@ class _PairGatedMixture(torch.autograd.Function):
         hidden = gate.new_zeros(gate.shape)
         z_down = torch.empty(token.shape[0], down_a.shape[1], dtype=cd, device=gate.device)
         with torch.autocast(device, enabled=False):
-            for rows, segments in _pair_blocks(counts, gate.shape[1], gate.device):
+            blocks = _pair_blocks(counts, gate.shape[1], gate.device)
+            segment_sets = _block_segments(blocks, len(counts), _dims(gate, down_a, z_gate, z_up), cd, gate.device)
+            for (rows, _), segments in zip(blocks, segment_sets, strict=True):
                 tokens = token[rows]
                 g = _pair_outputs(gate, tokens, _rows_of(z_gate_cd, rows), b_gate_cd, segments, cd)
                 u = _pair_outputs(up, tokens, _rows_of(z_up_cd, rows), b_up_cd, segments, cd)
@@ -90,9 +153,7 @@ class _PairGatedMixture(torch.autograd.Function):
                 _add_by_segment(hidden, tokens, weighted.to(hidden.dtype), segments)
                 if mask is not None:
                     weighted.mul_(mask.index_select(0, tokens))
-                down_input, z_block = weighted.to(cd), z_down[rows]
-                for expert, local in segments:
-                    torch.mm(down_input[local], a_cd[expert].t(), out=z_block[local])
+                segments.products(weighted.to(cd), a_cd.transpose(1, 2), out=z_down[rows])
         return hidden, z_down
 
     @staticmethod
@@ -115,37 +176,35 @@ class _PairGatedMixture(torch.autograd.Function):
         cd = ctx.compute_dtype
         in_cd = {name: _in_dtype(inputs[name], cd) for name in ("z_gate", "b_gate", "z_up", "b_up", "down_a")}
         with torch.autocast(device, enabled=False):
-            for rows, segments in _pair_blocks(ctx.counts, gate.shape[1], gate.device):
+            blocks = _pair_blocks(ctx.counts, gate.shape[1], gate.device)
+            segment_sets = _block_segments(blocks, len(ctx.counts), _dims(gate, down_a, z_gate, z_up), cd,
+                                           gate.device)
+            for (rows, _), segments in zip(blocks, segment_sets, strict=True):
                 tokens = token[rows]
                 g = _pair_outputs(gate, tokens, _rows_of(in_cd["z_gate"], rows), in_cd["b_gate"], segments, cd)
                 u = _pair_outputs(up, tokens, _rows_of(in_cd["z_up"], rows), in_cd["b_up"], segments, cd)
                 w = weight[rows].unsqueeze(-1)
                 m = None if mask is None else mask.index_select(0, tokens)
                 grad_z = grad_z_down[rows].to(cd)
-                delta_z = torch.empty(g.shape, dtype=cd, device=g.device)
-                for expert, local in segments:  # ∂L/∂z2_p A2_e
-                    torch.mm(grad_z[local], in_cd["down_a"][expert], out=delta_z[local])
+                delta_z = segments.products(grad_z, in_cd["down_a"])  # ∂L/∂z2_p A2_e
                 grad_g, grad_u, grad_w, down_input = chain_block_backward(
                     ctx, g, u, w, m, delta_z, grad_hidden.index_select(0, tokens),
                     needs["weight"], needs["down_a"],
                 )
                 if grad_w is not None:
                     grads["weight"][rows] = grad_w.squeeze(-1)
-                if down_input is not None:
-                    down_input = down_input.to(cd)
-                    for expert, local in segments:  # ∂L/∂A2_e = Σ_{p of e} ∂L/∂z2_pᵀ (m_t ⊙ w_p h_p)
-                        grads["down_a"][expert] += (grad_z[local].t() @ down_input[local]).to(grads["down_a"].dtype)
+                if down_input is not None:  # ∂L/∂A2_e = Σ_{p of e} ∂L/∂z2_pᵀ (m_t ⊙ w_p h_p)
+                    segments.add_outer_sums(grads["down_a"], grad_z, down_input.to(cd))
                 for frozen, z, b, grad_pair in (("gate", "z_gate", "b_gate", grad_g), ("up", "z_up", "b_up", grad_u)):
                     if needs[frozen]:
                         _add_by_segment(grads[frozen], tokens, grad_pair.to(grads[frozen].dtype), segments)
                     if inputs[z] is None:
                         continue
-                    grad_cd, z_block = grad_pair.to(cd), in_cd[z][rows]
-                    for expert, local in segments:
-                        if needs[z]:  # ∂L/∂z_p = ∂L/∂pair_p B_e
-                            grads[z][rows][local] = grad_cd[local] @ in_cd[b][expert]
-                        if needs[b]:
-                            grads[b][expert] += (grad_cd[local].t() @ z_block[local]).to(grads[b].dtype)
+                    grad_cd = grad_pair.to(cd)
+                    if needs[z]:  # ∂L/∂z_p = ∂L/∂pair_p B_e
+                        segments.products(grad_cd, in_cd[b], out=grads[z][rows])
+                    if needs[b]:
+                        segments.add_outer_sums(grads[b], grad_cd, in_cd[z][rows])
         for name in ("b_gate", "b_up", "down_a"):
             if grads[name] is not None:
                 grads[name] = grads[name].to(inputs[name].dtype)
@@ -153,11 +212,18 @@ class _PairGatedMixture(torch.autograd.Function):
 
 
 def _add_by_segment(out, tokens, values, segments):
-    """out[tokens] += values, one expert segment at a time: a block that spans experts holds a token once per
-    expert, and one `index_add_` over repeated indices would add them in no fixed order on CUDA (atomics); within a
-    segment every token is distinct, so the sums stay deterministic."""
-    for _, local in segments:
+    """out[tokens] += values. Off the CPU one expert segment at a time: a block that spans experts holds a token
+    once per expert, and one `index_add_` over repeated indices would add them in no fixed order on CUDA (atomics);
+    within a segment every token is distinct, so the sums stay deterministic. The CPU adds in index order."""
+    if out.device.type == "cpu":
+        out.index_add_(0, tokens, values)
+        return
+    for _, local in segments.segments:
         out.index_add_(0, tokens[local], values[local])
+
+
+def _dims(gate, down_a, z_gate, z_up) -> list[int]:
+    return [gate.shape[1], down_a.shape[1], *(z.shape[1] for z in (z_gate, z_up) if z is not None)]
 
 
 def _rows_of(tensor, rows):

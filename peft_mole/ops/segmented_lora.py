@@ -229,6 +229,53 @@ def _grouped_mm_runs_on_cpu(dtype: torch.dtype) -> bool:
     return bool(out.eq(8).all() and grad.eq(8).all())
 
 
+def ints_on(values: list, device: torch.device) -> torch.Tensor:
+    """Host integers (a list, or a list of equal-length lists) as int32 on `device`; to a GPU from pinned memory
+    without blocking, so the copy makes no stream sync (as a `torch.tensor(..., device=)` copy would)."""
+    found = torch.tensor(values, dtype=torch.int32)
+    if torch.device(device).type == "cuda":
+        return found.pin_memory().to(device, non_blocking=True)
+    return found.to(device)
+
+
+def grouped_mm_serves(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
+    """True where one `torch._grouped_mm` can replace a loop of per-segment products whose numbers need not be
+    `F.linear`'s bit for bit (a layer's experts, unlike separate jobs): on CPU where `grouped_mm_exact`; on a GPU
+    in bf16 (the dtype measured there: 3.6-7x faster than the loop, docs/performance.md) where a first call of each
+    form the expert chains use (rows × (E, K, N) weights, a transposed and a plain one, and the per-expert sums of
+    products with K split by the offsets), with an empty segment among them, agrees with the loop
+    (`_grouped_mm_runs_on`, once per device)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return grouped_mm_exact(device, dtype, *dims)
+    if device.type != "cuda" or dtype != torch.bfloat16 or torch.compiler.is_compiling() or not hasattr(
+        torch, "_grouped_mm"
+    ):
+        return False
+    return all(d * dtype.itemsize % 16 == 0 for d in dims) and _grouped_mm_runs_on(device, dtype)
+
+
+@functools.cache
+def _grouped_mm_runs_on(device: torch.device, dtype: torch.dtype) -> bool:
+    with torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, enabled=False):
+        try:
+            generator = torch.Generator().manual_seed(0)
+            rows, weight = (torch.randn(shape, generator=generator).to(device, dtype) for shape in ((24, 16), (3, 32, 16)))
+            ends = torch.tensor([8, 8, 24], dtype=torch.int32, device=device)  # expert 1 has no rows
+            segments = ((0, slice(0, 8)), (2, slice(8, 24)))
+            transposed = torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)  # (24, 32)
+            plain = torch._grouped_mm(transposed, weight, offs=ends)  # (24, 16)
+            sums = torch._grouped_mm(transposed.t(), rows, offs=ends)  # (3, 32, 16)
+            expected = (torch.cat([rows[s] @ weight[e].t() for e, s in segments]),
+                        torch.cat([transposed[s] @ weight[e] for e, s in segments]),
+                        torch.stack([transposed[0:8].t() @ rows[0:8], torch.zeros_like(weight[1]),
+                                     transposed[8:].t() @ rows[8:]]))
+            return all(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+                       for got, want in zip((transposed, plain, sums), expected, strict=True))
+        except Exception:  # noqa: BLE001 — any failure means: do not use it
+            return False
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Row segments of x (N, in) times their own weight (J, out, in): out[seg_j] = F.linear(x[seg_j], W_j); `ends`
     (J,) int32 are the cumulative segment ends. One `torch._grouped_mm` call (see `grouped_mm_exact`); its

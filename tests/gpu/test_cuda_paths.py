@@ -180,3 +180,43 @@ def test_multijob_packed_row_on_cuda_equals_cpu():
         expected = cpu(**inputs, use_cache=False).logits
         got = gpu(**on_gpu, use_cache=False).logits
     torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_pair_mixture_grouped_products_on_cuda_equal_the_loop_and_the_cpu(monkeypatch):
+    """bf16 expert products as `torch._grouped_mm` per block (sizes of 16-byte multiples) against the per-expert loop
+    on CUDA and the fp32 CPU chain: values and gradients to bf16 precision."""
+    from peft_mole.ops import pair_mixture
+    from peft_mole.ops.segmented_lora import grouped_mm_serves
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("torch._grouped_mm on CUDA needs compute capability 9.0 or newer")
+    assert grouped_mm_serves(torch.device("cuda"), torch.bfloat16, 96, 8)
+    gen = torch.Generator().manual_seed(0)
+    weights, chosen = torch.rand(64, 8, generator=gen).softmax(-1).topk(2, dim=-1)
+    plan = dispatch(weights, chosen, 8)
+    pairs = len(plan.token)
+    shapes = {"gate": (64, 96), "up": (64, 96), "down_a": (8, 8, 96), "z_gate": (pairs, 8), "b_gate": (8, 96, 8),
+              "z_up": (pairs, 8), "b_up": (8, 96, 8)}
+    values = {name: torch.randn(*shape, generator=gen) * (0.1 if name in ("down_a", "b_gate", "b_up") else 1.0)
+              for name, shape in shapes.items()}
+    calls, real_grouped_mm = [], torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real_grouped_mm(*a, **k))
+
+    def run(device, dtype, grouped):
+        monkeypatch.setattr(pair_mixture, "GROUPED_MIN_SEGMENTS", 1 if grouped else 10**9)
+        t = {name: v.to(device, dtype).requires_grad_() for name, v in values.items()}
+        hidden, z = pair_gated_mixture(
+            t["gate"], t["up"], plan.weight.to(device, dtype), torch.nn.SiLU(), t["down_a"], plan.token.to(device),
+            plan.counts, gate_lora=(t["z_gate"], t["b_gate"]), up_lora=(t["z_up"], t["b_up"]))
+        grads = torch.autograd.grad(hidden.float().square().sum() + z.float().square().sum(), list(t.values()))
+        return [r.detach().float().cpu() for r in (hidden, z, *grads)]
+
+    reference = run("cpu", torch.float32, grouped=False)
+    loop = run("cuda", torch.bfloat16, grouped=False)
+    calls.clear()
+    grouped = run("cuda", torch.bfloat16, grouped=True)
+    assert calls, "the grouped path did not run"
+    for got, looped, want in zip(grouped, loop, reference, strict=True):
+        tolerance = 0.05 * float(want.abs().max())
+        torch.testing.assert_close(got, want, atol=tolerance, rtol=0)
+        torch.testing.assert_close(got, looped, atol=tolerance, rtol=0)

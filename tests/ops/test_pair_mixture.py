@@ -14,7 +14,7 @@ from tests.ops.mixture_cases import VARIANTS, as_function, leaves
 E, N, INTER, R = 4, 6, 5, 2  # experts, tokens, intermediate size, rank
 
 
-def inputs(dtype=torch.float64):
+def inputs(dtype=torch.float64, inter=INTER, rank=R):
     gen = torch.Generator().manual_seed(0)
 
     def leaf(*shape, scale=1.0):
@@ -25,11 +25,12 @@ def inputs(dtype=torch.float64):
     weights[5] = 0.0  # token 5 has no pairs (unused slots are dropped)
     plan = dispatch(weights, chosen, E)
     m = len(plan.token)
-    mask = (torch.rand(N, INTER, dtype=dtype, generator=gen) > 0.3).to(dtype) / 0.7
+    mask = (torch.rand(N, inter, dtype=dtype, generator=gen) > 0.3).to(dtype) / 0.7
     return plan, dict(
-        gate=leaf(N, INTER), up=leaf(N, INTER), weight=plan.weight.clone().requires_grad_(),
-        down_a=leaf(E, R, INTER, scale=0.5), mask=mask,
-        gate_lora=(leaf(m, R), leaf(E, INTER, R, scale=0.5)), up_lora=(leaf(m, R), leaf(E, INTER, R, scale=0.5)),
+        gate=leaf(N, inter), up=leaf(N, inter), weight=plan.weight.clone().requires_grad_(),
+        down_a=leaf(E, rank, inter, scale=0.5), mask=mask,
+        gate_lora=(leaf(m, rank), leaf(E, inter, rank, scale=0.5)),
+        up_lora=(leaf(m, rank), leaf(E, inter, rank, scale=0.5)),
     )
 
 
@@ -68,6 +69,53 @@ def test_equals_plain_autograd_and_passes_gradcheck(act_fn, variant, chunk, monk
     )
 
     assert torch.autograd.gradcheck(as_function(pair_gated_mixture, args, **run), tuple(leaves(args)))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("pairs_per_block", [1, 3, 100], ids=["1_pair", "3_pairs", "1_block"])
+def test_grouped_products_equal_the_per_expert_loop(variant, pairs_per_block, monkeypatch):
+    """float32 with sizes of 16-byte multiples: the per-expert products of each block run as `torch._grouped_mm`
+    (blocks spanning experts, an expert with no pairs); values and gradients equal the loop's and plain autograd's."""
+    from peft_mole.ops import pair_mixture
+
+    inter, rank = 8, 4
+    monkeypatch.setattr(gated, "CHUNK_ELEMENTS", pairs_per_block * inter)
+    monkeypatch.setattr(pair_mixture, "GROUPED_MIN_SEGMENTS", 1)  # every block grouped, whatever its segments
+    grouped_calls = []
+    real_grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: grouped_calls.append(1) or real_grouped_mm(*a, **k))
+    results = {}
+    for path in ("grouped", "loop"):
+        if path == "loop":
+            monkeypatch.setattr(pair_mixture, "grouped_mm_serves", lambda *a: False)
+        plan, args = inputs(torch.float32, inter, rank)
+        args = VARIANTS[variant](args)
+        run = dict(token=plan.token, counts=plan.counts, act_fn=nn.SiLU())
+        calls_before = len(grouped_calls)
+        outputs = pair_gated_mixture(**run, **args)
+        gen = torch.Generator().manual_seed(1)
+        grads = tuple(torch.randn(o.shape, generator=gen) for o in outputs)
+        results[path] = (outputs, torch.autograd.grad(outputs, leaves(args), grads))
+        assert (len(grouped_calls) > calls_before) == (path == "grouped")
+    reference = plain(plan, act_fn=nn.SiLU(), **args)
+    for got, want in zip(results["grouped"][0], reference, strict=True):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(results["grouped"], results["loop"], strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_blocks_of_few_expert_segments_loop():
+    from peft_mole.ops import pair_mixture
+
+    cpu, counts = torch.device("cpu"), [2, 1, 1, 8]
+
+    def grouped(width):  # which blocks run grouped products; a block holds 2^18 // width pairs
+        blocks = pair_mixture._pair_blocks(counts, width, cpu)
+        return [s.ends is not None for s in pair_mixture._block_segments(blocks, 4, [4], torch.float32, cpu)]
+
+    assert grouped(4) == [True]  # one block, 4 expert segments
+    assert grouped(2**18 // 4) == [True, False, False]  # blocks of 4 pairs: 3, 1 and 1 segments
+    assert not any(grouped(2**18))  # one pair per block
 
 
 def test_in_place_activation_and_only_the_wanted_gradients(monkeypatch):
