@@ -260,7 +260,8 @@ def _grouped_mm_runs_on(device: torch.device, dtype: torch.dtype) -> bool:
     with torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, enabled=False):
         try:
             generator = torch.Generator().manual_seed(0)
-            rows, weight = (torch.randn(shape, generator=generator).to(device, dtype) for shape in ((24, 16), (3, 32, 16)))
+            rows, weight = (torch.randn(shape, generator=generator).to(device, dtype)
+                            for shape in ((24, 16), (3, 32, 16)))
             ends = torch.tensor([8, 8, 24], dtype=torch.int32, device=device)  # expert 1 has no rows
             segments = ((0, slice(0, 8)), (2, slice(8, 24)))
             transposed = torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)  # (24, 32)
@@ -278,8 +279,9 @@ def _grouped_mm_runs_on(device: torch.device, dtype: torch.dtype) -> bool:
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Row segments of x (N, in) times their own weight (J, out, in): out[seg_j] = F.linear(x[seg_j], W_j); `ends`
-    (J,) int32 are the cumulative segment ends. One `torch._grouped_mm` call (see `grouped_mm_exact`); its
-    backward needs a dense output gradient, so an expanded one (the gradient of a sum) is made contiguous."""
+    (J,) int32 are the cumulative segment ends. One `torch._grouped_mm` call (see `grouped_mm_exact` for LoRA jobs,
+    `grouped_mm_serves` for experts); its backward needs a dense output gradient, so an expanded one (the gradient
+    of a sum) is made contiguous."""
     with as_linear_under_autocast(x, weight) as (x, weight):
         out = torch._grouped_mm(x.contiguous(), weight.transpose(1, 2), offs=ends)
     if out.requires_grad:
@@ -295,12 +297,12 @@ def stacked_lora_deltas(
     """s_j · B_j A_j dropout_j(x_j) for the groups that can share products, as (group indices, their deltas
     concatenated over rows, (Σ rows, ..., out)) per bucket of ≥ 2 groups with the same rank, dtype and device.
 
-    x_j are the consecutive row blocks of x, one per group (`consecutive_slices`). Blocks of equal size run as batched products over adapters
-    (`stacked_linear`); blocks of different sizes as grouped products over row segments (`grouped_linear`) where
-    `grouped_mm_exact`, else only blocks of equal size are bucketed. Either way each adapter's arithmetic is that
-    of its own `F.linear`. A bucket covering all of x whose adapters share one dropout setting draws one mask over
-    x, otherwise the (dropped-out) blocks are concatenated. Dropout masks are therefore drawn in another order
-    than group by group.
+    x_j are the consecutive row blocks of x, one per group (`consecutive_slices`). Blocks of equal size run as
+    batched products over adapters (`stacked_lora`); blocks of different sizes as grouped products over row
+    segments (`grouped_linear`) where `grouped_mm_exact`, else only blocks of equal size are bucketed. Either way
+    each adapter's arithmetic is that of its own `F.linear`. A bucket covering all of x whose adapters share one
+    dropout setting draws one mask over x, otherwise the (dropped-out) blocks are concatenated. Dropout masks are
+    therefore drawn in another order than group by group.
     """
     found = [None if group.adapter == BASE_ROW else factors(group.adapter) for group in groups]
     by_rank: dict[tuple, list[int]] = {}
