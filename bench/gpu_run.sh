@@ -2,7 +2,8 @@
 # Issue 6, part 6: everything a GPU session measures, in one call (docs/performance.md, "GPU").
 # Writes each script's output to $OUT (or bench/results/gpu when OUT is unset). Each step has its own time limit,
 # so one slow or failing script leaves the others' figures intact.
-# Usage: bash bench/gpu_run.sh [tests medium profile multijob grouped generate]   (default: all; needs CUDA, and
+# Usage: bash bench/gpu_run.sh [tests medium profile multijob grouped generate compiled_generate]   (default: all but
+# compiled_generate, which needs a call of its own: CUDA graphs of the medium shape compile for minutes; needs CUDA, and
 # peft and transformers as pinned, see docs/performance.md)
 set -u
 out=${OUT:-bench/results/gpu}
@@ -24,12 +25,14 @@ parts=("$@")
 [ $# -eq 0 ] && parts=(tests medium profile multijob grouped generate)
 for part in "${parts[@]}"; do
     case $part in
-        tests) run 120 gpu_tests.log python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
+        tests) run 150 gpu_tests.log python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
         medium) run 120 gpu_medium.jsonl python3 bench/gpu_medium.py --repeats 5 ;;
         profile) run 110 profile_medium.log python3 bench/profile_step.py --shape medium --steps 2 ;;
         multijob) run 110 multijob_medium.jsonl python3 bench/multijob_speedup.py --shape medium --jobs 4 8 --repeats 5 ;;
         grouped) run 30 grouped_cuda.jsonl python3 bench/grouped_products.py --repeats 20 ;;
         generate) run 60 generate_medium.jsonl python3 bench/generate_vs_base.py --shape medium --new-tokens 32 --repeats 2 ;;
+        compiled_generate) run 300 generate_compiled_medium.jsonl python3 bench/generate_vs_base.py --shape medium \
+            --new-tokens 32 --repeats 3 --compile --impls mixlora dynmole ;;
         *) echo "unknown part: $part" >&2 ;;
     esac
 done

@@ -14,6 +14,7 @@ COMMANDS = {
     "mixlora_vs_lora": "python bench/mixlora_vs_lora.py --shape {shape} --dropout {dropout}",
     "dynmole_vs_mixlora": "python bench/dynmole_vs_mixlora.py --shape {shape}",
     "generate_vs_base": "python bench/generate_vs_base.py --shape {shape}",
+    "generate_compiled_vs_base": "python bench/generate_vs_base.py --shape {shape} --compile",
     "multijob_speedup": "python bench/multijob_speedup.py --shape {shape} --jobs {jobs} --dropout {dropout}",
     "multijob_memory": "python bench/multijob_memory.py --shape {shape} --jobs {jobs}",
     "memory_model_error": "python bench/memory_model_error.py --shape {shape}",
@@ -31,6 +32,9 @@ DESCRIPTIONS = {
     "dynmole_vs_mixlora": "DynMoLE step / MixLoRA top-2 step, routers {router_state} "
                           "({dynmole_experts_per_token:.2f} experts/token)",
     "generate_vs_base": "{impl} greedy-generation tokens/s / base model tokens/s, KV cache (higher is better)",
+    "generate_compiled_vs_base": "{impl} greedy generation with a static cache and torch.compile ({mode}) / the "
+                                 "base model compiled alike (higher is better); {speedup_vs_eager:.2f}× its eager "
+                                 "tokens/s (base {base_speedup_vs_eager:.2f}×), compile {compile_s:.0f} s",
     "multijob_speedup": "{jobs} LoRA jobs (dropout {dropout}) in mixed steps vs one after another with PEFT (higher "
                         "is better); base-only limit S({jobs}) = {limit_median:.2f}, reached "
                         "{fraction_of_limit:.0%}",

@@ -19,7 +19,7 @@ SCRIPTS = {
     "multijob_speedup": ["--shape", "tiny", "--repeats", "1", "--jobs", "2"],
     "saved_activations": ["--shape", "tiny"],
     "options_step": ["--shape", "tiny", "--repeats", "1", "--options", "checkpointing", "bf16_autocast", "fp16_autocast"],
-    "generate_vs_base": ["--shape", "tiny", "--repeats", "1", "--new-tokens", "4"],
+    "generate_vs_base": ["--shape", "tiny", "--repeats", "1", "--new-tokens", "4", "--compile"],
     "pad_fraction": ["--shape", "tiny", "--jobs", "2", "--steps", "2"],
     "grouped_products": ["--repeats", "1"],
     "host_time": ["--jobs", "2", "--repeats", "2"],
@@ -51,13 +51,21 @@ def test_bench_script_prints_its_ratio(rows, name):
             assert row["ratio_median"] > 0
 
 
+def test_generate_bench_compares_compiled_decoding(rows):
+    """--compile: each adapter's compiled generation against the compiled base, with its compile time."""
+    compiled = {row["impl"]: row for row in rows["generate_vs_base"] if row["name"] == "generate_compiled_vs_base"}
+    assert set(compiled) == {"peft_lora", "mixlora", "dynmole"}
+    for row in compiled.values():
+        assert row["ratio_median"] > 0 and row["speedup_vs_eager"] > 0 and math.isfinite(row["compile_s"])
+
+
 def test_render_table_renders_every_ratio(rows, tmp_path):
     results = tmp_path / "vm-smoke.jsonl"
     results.write_text("".join(json.dumps(row) + "\n" for script_rows in rows.values() for row in script_rows))
     table = subprocess.run([sys.executable, str(ROOT / "bench" / "render_table.py"), str(results)],
                            capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert table.returncode == 0, table.stderr[-3000:]
-    for name in SCRIPTS:
+    for name in [*SCRIPTS, "generate_compiled_vs_base"]:
         assert f"| `{name}`:" in table.stdout, name
 
 

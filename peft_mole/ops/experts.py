@@ -301,16 +301,27 @@ def dense_b_sum(z: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.
 
 
 FEW_TOKENS = 8  # at most this many tokens (decoding): `slot_lora` / `slot_lora_sum` instead of dispatching
+FEW_TOKENS_COMPILED = 64  # the same under torch.compile (see `takes_slot_path`)
+
+
+def takes_slot_path(num_tokens: int) -> bool:
+    """Whether a layer call on `num_tokens` tokens skips dispatch for the slot path (`slot_lora`, `slot_lora_sum`).
+
+    Eagerly up to FEW_TOKENS, where the slot path is the faster one. Under torch.compile up to FEW_TOKENS_COMPILED:
+    dispatch reads per-expert counts back to the host, which breaks the graph, while the slot path has static
+    shapes and no host reads. A decoding step of up to 64 rows then compiles to one graph, which CUDA graphs
+    (`mode="reduce-overhead"`) can replay. Its cost, E/k times the chosen pairs' products, is small at that size."""
+    return num_tokens <= (FEW_TOKENS_COMPILED if torch.compiler.is_compiling() else FEW_TOKENS)
 
 
 def used_slots(weights: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, chosen) without the slot columns that no token uses (weight 0 in every row), e.g. DynMoLE's
     (N, E) selection of a few confident tokens. Dropped slots add exactly 0, so results are unchanged.
 
-    On the CPU only. Elsewhere, reading `used` back is a host sync in every layer at every decoded token: it stalls
-    the GPU's queue and rules out CUDA graphs. It would save less than it costs, since a few tokens' unused slots
-    are a few small products."""
-    if weights.device.type != "cpu":
+    Eagerly on the CPU only. Elsewhere, reading `used` back is a host sync in every layer at every decoded token:
+    it stalls the GPU's queue and rules out CUDA graphs. It would save less than it costs, since a few tokens'
+    unused slots are a few small products. Under torch.compile it would break the graph, so it is skipped there too."""
+    if weights.device.type != "cpu" or torch.compiler.is_compiling():
         return weights, chosen
     used = (weights > 0).any(dim=0)
     if bool(used.all()) or not bool(used.any()):

@@ -220,3 +220,25 @@ def test_pair_mixture_grouped_products_on_cuda_equal_the_loop_and_the_cpu(monkey
         tolerance = 0.05 * float(want.abs().max())
         torch.testing.assert_close(got, want, atol=tolerance, rtol=0)
         torch.testing.assert_close(got, looped, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["mixlora", "dynmole_projection"])  # the block's and the projection's slot paths
+def test_decoding_under_cuda_graphs_gives_the_eager_tokens(kind):
+    """`generate` with a static cache and CompileConfig(mode="reduce-overhead", fullgraph=True): each decoding step
+    is one graph that CUDA graphs replay; the tokens are the eager model's (tests/tuners/test_compiled_decoding.py
+    checks the graph and the logits on the CPU)."""
+    from transformers import CompileConfig
+
+    model = get_peft_model(tiny_base(), CONFIGS[kind]())
+    randomize_adapters(model, std=0.2)
+    model = model.cuda().eval()
+    ids = torch.randint(3, 500, (8, 6), generator=torch.Generator().manual_seed(0)).cuda()
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                    pad_token_id=0)
+    with torch.no_grad():
+        eager = model.generate(input_ids=ids, **settings)
+        compiled = model.generate(input_ids=ids, cache_implementation="static",
+                                  compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"), **settings)
+        again = model.generate(input_ids=ids, cache_implementation="static",
+                               compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"), **settings)
+    assert torch.equal(compiled, eager) and torch.equal(again, eager)

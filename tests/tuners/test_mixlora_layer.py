@@ -220,6 +220,7 @@ def test_dora_row_norm_expansion_equals_the_direct_norm():
 def test_few_token_path_equals_the_dispatch_path(method, all_slots, monkeypatch):
     """Decoding-sized inputs skip the sort (`slot_lora`); outputs and gradients equal the dispatch path's, also when
     every slot is computed (`used_slots` drops the unused ones only on the CPU)."""
+    import peft_mole.ops.experts as experts_module
     import peft_mole.tuners.mixlora.layer as layer_module
     import peft_mole.tuners.mixlora.projection as projection_module
 
@@ -228,8 +229,7 @@ def test_few_token_path_equals_the_dispatch_path(method, all_slots, monkeypatch)
             monkeypatch.setattr(module, "used_slots", lambda weights, chosen: (weights, chosen))
     results = []
     for few_tokens in (64, 0):  # all take the slot path, then none does
-        monkeypatch.setattr(layer_module, "FEW_TOKENS", few_tokens)
-        monkeypatch.setattr(projection_module, "FEW_TOKENS", few_tokens)
+        monkeypatch.setattr(experts_module, "FEW_TOKENS", few_tokens)
         model = get_peft_model(tiny_base(), METHODS[method]())
         randomize_adapters(model, std=0.2)
         model.train()

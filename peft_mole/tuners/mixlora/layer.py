@@ -20,7 +20,6 @@ from torch import nn
 from peft_mole.forward_context import BASE_ROW, ForwardContext
 from peft_mole.ops.dense_mixture import dense_gated_mixture
 from peft_mole.ops.experts import (
-    FEW_TOKENS,
     SMALL_PAIRS,
     dense_a,
     dense_b_sum,
@@ -32,6 +31,7 @@ from peft_mole.ops.experts import (
     shared_input_lora,
     slot_lora,
     slot_lora_sum,
+    takes_slot_path,
     used_slots,
 )
 from peft_mole.ops.gated import weighted_gated_activation
@@ -175,8 +175,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
         settings = self.settings[adapter]
         weights, chosen = self.route(adapter, x, token_mask)  # (N, k) each
         dropout_active = self.training and isinstance(self.dropouts[adapter], nn.Dropout)
-        few_tokens = x.shape[0] <= FEW_TOKENS
-        if few_tokens and not self.experts[adapter].use_dora and not dropout_active:
+        if takes_slot_path(x.shape[0]) and not self.experts[adapter].use_dora and not dropout_active:
             return self._mixture_few_tokens(adapter, x, gate, up, weights, chosen)
         dense = None if self.experts[adapter].use_dora else dense_weights(
             weights, chosen, settings.num_experts, token_mask

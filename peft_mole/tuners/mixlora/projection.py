@@ -13,12 +13,12 @@ from torch import nn
 
 from peft_mole.forward_context import ForwardContext
 from peft_mole.ops.experts import (
-    FEW_TOKENS,
     dense_lora_sum,
     dense_weights,
     dispatch,
     shared_input_lora,
     slot_lora_sum,
+    takes_slot_path,
     used_slots,
 )
 from peft_mole.ops.segmented_lora import scatter_row_deltas
@@ -74,7 +74,7 @@ class MoELoraLinear(RoutedExpertsLayer):
         weights, chosen = self.route(adapter, x, token_mask)
         lora_a, lora_b = self.experts[adapter].factors("proj")
         dropout_active = self.training and isinstance(self.dropouts[adapter], nn.Dropout)
-        if x.shape[0] <= FEW_TOKENS and not dropout_active:  # decoding: no dispatch
+        if takes_slot_path(x.shape[0]) and not dropout_active:  # decoding: no dispatch
             weights, chosen = used_slots(weights, chosen)
             return slot_lora_sum(x, lora_a, lora_b, chosen, settings.scaling, weights)  # (N, out)
         dense = dense_weights(weights, chosen, settings.num_experts, token_mask)

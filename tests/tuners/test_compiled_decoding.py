@@ -1,0 +1,67 @@
+"""Decoding under torch.compile: `generate` with a static cache and a `CompileConfig` compiles each decoding step
+of a MixLoRA / DynMoLE model to one graph (no graph break: `fullgraph=True`), with the eager model's tokens and
+logits. One graph per step is what lets CUDA graphs (`mode="reduce-overhead"`) replay it on a GPU
+(tests/gpu/test_cuda_paths.py runs that). Up to `FEW_TOKENS_COMPILED` rows take the slot path there, also those
+that decode through dispatch eagerly (more than `FEW_TOKENS`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import CompileConfig
+
+from peft_mole.ops.experts import FEW_TOKENS, FEW_TOKENS_COMPILED
+from tests.helpers import METHODS, randomize_adapters, tiny_base
+
+NEW_TOKENS = 5
+
+
+def compile_config(backend) -> CompileConfig:
+    config = CompileConfig(fullgraph=True, backend=backend, mode="default")
+    config._compile_all_devices = True  # transformers compiles `generate` on accelerators only, unless told so
+    return config
+
+
+def generate(model, ids, config: CompileConfig | None):
+    extra = {} if config is None else {"cache_implementation": "static", "compile_config": config}
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                             min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                             output_logits=True, **extra)
+    return out.sequences, torch.stack(out.logits)
+
+
+def adapted(method: str):
+    model = get_peft_model(tiny_base(), METHODS[method]())
+    randomize_adapters(model, std=0.2)  # sharp and flat routers both occur; B ≠ 0
+    return model.eval()
+
+
+@pytest.mark.parametrize("rows", [2, 12], ids=["few_rows", "rows_that_dispatch_eagerly"])
+@pytest.mark.parametrize("method", ["mixlora", "dynmole", "dynmole-projection"])
+def test_decoding_step_compiles_to_one_graph_with_the_eager_results(method, rows):
+    assert rows <= FEW_TOKENS or FEW_TOKENS < rows <= FEW_TOKENS_COMPILED
+    model = adapted(method)
+    ids = torch.randint(3, 500, (rows, 6), generator=torch.Generator().manual_seed(0))
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    eager_tokens, eager_logits = generate(model, ids, None)
+    tokens, logits = generate(model, ids, compile_config(recording_backend))
+    assert len(graphs) >= 1  # the decoding steps ran compiled (fullgraph=True raises on any graph break)
+    torch.testing.assert_close(logits, eager_logits, atol=2e-5, rtol=2e-5)
+    assert torch.equal(tokens, eager_tokens)
+
+
+def test_decoding_compiled_by_inductor_gives_the_eager_tokens():
+    """The default backend, code generated and run on the CPU."""
+    model = adapted("mixlora")
+    ids = torch.randint(3, 500, (2, 6), generator=torch.Generator().manual_seed(1))
+    eager_tokens, eager_logits = generate(model, ids, None)
+    tokens, logits = generate(model, ids, compile_config("inductor"))
+    torch.testing.assert_close(logits, eager_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, eager_tokens)
