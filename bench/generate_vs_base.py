@@ -93,6 +93,7 @@ def main() -> None:
         for name, m in models:
             steps[f"{name}_compiled"] = generate_fn(m, batch, args.new_tokens, compiled=True)
             compile_s[name] = first_call_s(steps[f"{name}_compiled"])
+    mode = compiled_generation()["compile_config"].mode
     times = time_interleaved(steps, repeats=args.repeats)
     tokens = BATCH[args.shape][0] * args.new_tokens
     rows = {name: record("generate", args.shape, name, times[name], tokens, new_tokens=args.new_tokens)
@@ -104,7 +105,7 @@ def main() -> None:
         if args.compile:
             compiled, base_compiled = rows[f"{name}_compiled"], rows["base_compiled"]
             emit({"name": "generate_compiled_vs_base", "shape": args.shape, "impl": name,
-                  "mode": compiled_generation()["compile_config"].mode,
+                  "mode": mode,
                   "ratio_median": compiled["tokens_per_s"] / base_compiled["tokens_per_s"],
                   "ratio_min": base_compiled["min_s"] / compiled["min_s"],
                   "compile_s": compile_s[name] - compiled["median_s"],
