@@ -26,11 +26,13 @@ def lora_config(dropout: float = 0.05):
     return LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS)
 
 
-def mixlora_config(dropout: float = 0.05):
-    """BENCH.md's MixLoRA: 8 experts, top-2, r 16, alpha 32; expert LoRA on gate/up/down, attention LoRA q,k,v,o."""
+def mixlora_config(dropout: float = 0.05, use_dora: bool = False):
+    """BENCH.md's MixLoRA: 8 experts, top-2, r 16, alpha 32; expert LoRA on gate/up/down, attention LoRA q,k,v,o.
+    With `use_dora`, DoRA experts (MixDoRA)."""
     import peft_mole
 
-    return peft_mole.MixLoRAConfig(num_experts=8, top_k=2, r=16, lora_alpha=32, lora_dropout=dropout)
+    return peft_mole.MixLoRAConfig(num_experts=8, top_k=2, r=16, lora_alpha=32, lora_dropout=dropout,
+                                   use_dora=use_dora)
 
 
 def step_parser(repeats: int = 10) -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """BENCH.md ratio 8, `generate_vs_base` (higher is better): greedy generation tokens/s of MixLoRA, DynMoLE and,
 for reference, PEFT LoRA (unmerged, same targets) over the base model's, KV cache on, same prompts. DynMoLE is measured with routers sharpened as in
-dynmole_vs_mixlora.py (`--router-scale`), since near-uniform routers at init broadcast to all experts.
+dynmole_vs_mixlora.py (`--router-scale`), since near-uniform routers at init broadcast to all experts. MixDoRA
+(`--impls mixdora`, DoRA experts) generates inside `peft.helpers.DoraCaching()`, as PEFT's DoRA inference.
 With --compile every model (the base too) generates with a static cache and `CompileConfig(fullgraph=True)`: mode
 "reduce-overhead" (CUDA graphs) on a GPU, "default" on the CPU. The rows are then `generate_compiled_vs_base`, with
 each model's compile time (its first call less a timed one) and its speed-up over its own eager generation.
@@ -26,6 +27,7 @@ from common import (
     time_interleaved,
 )
 from peft import get_peft_model
+from peft.helpers import DoraCaching
 from transformers import CompileConfig
 
 import peft_mole
@@ -46,8 +48,9 @@ def generate_fn(model, batch, new_tokens: int, compiled: bool = False):
 
     @torch.no_grad()
     def generate() -> None:
-        model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       use_cache=True, pad_token_id=0, **extra)
+        with DoraCaching():  # MixDoRA keeps its expert row norms between steps, as PEFT's DoRA inference
+            model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           use_cache=True, pad_token_id=0, **extra)
 
     return generate
 
@@ -73,6 +76,7 @@ ADAPTED = {
     "peft_lora": lambda args: get_peft_model(base_model(args.shape), lora_config()),
     "mixlora": lambda args: get_peft_model(base_model(args.shape), mixlora_config()),
     "dynmole": sharpened_dynmole,
+    "mixdora": lambda args: get_peft_model(base_model(args.shape), mixlora_config(use_dora=True)),
 }
 
 

@@ -13,3 +13,11 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_caches():
+    """Each test compiles from scratch: code compiled for earlier tests' models would count towards dynamo's
+    recompile limit (8 per code object), which `fullgraph=True` turns into an error."""
+    yield
+    torch._dynamo.reset()

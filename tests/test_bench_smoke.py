@@ -54,7 +54,7 @@ def test_bench_script_prints_its_ratio(rows, name):
 def test_generate_bench_compares_compiled_decoding(rows):
     """--compile: each adapter's compiled generation against the compiled base, with its compile time."""
     compiled = {row["impl"]: row for row in rows["generate_vs_base"] if row["name"] == "generate_compiled_vs_base"}
-    assert set(compiled) == {"peft_lora", "mixlora", "dynmole"}
+    assert set(compiled) == {"peft_lora", "mixlora", "dynmole", "mixdora"}
     for row in compiled.values():
         assert row["ratio_median"] > 0 and row["speedup_vs_eager"] > 0 and math.isfinite(row["compile_s"])
 

@@ -334,18 +334,24 @@ def slot_lora(
 ) -> torch.Tensor:
     """s · B_e A_e x for every token slot (t, j) with expert e = chosen[t, j], without sorting (decoding).
 
-    Every expert's A x in one product (N, E·r), every expert's B on it in one batched product (E, N, out), then
-    each slot's row is picked: E/k times the (tiny) FLOPs of the chosen pairs alone, but no per-slot copies of
-    the factors, which cost more than the products on a few tokens.
+    Every expert's A on every input row in one product (R, E·r), every expert's B on it in one batched product
+    (E, R, out), then each slot's row is picked: E/k times the (tiny) FLOPs of the chosen pairs alone, but no
+    per-slot copies of the factors, which cost more than the products on a few tokens.
     Args:
-        x: (N, in) tokens shared by their k slots; lora_a: (E, r, in); lora_b: (E, out, r); chosen: (N, k).
+        x: (N, in) tokens shared by their k slots (R = N rows), or (N, k, in) one input per slot (R = N·k rows:
+        the down projection of DoRA experts, which rescale each slot's output); lora_a: (E, r, in);
+        lora_b: (E, out, r); chosen: (N, k).
     Returns:
         (N, k, out) in the adapter dtype.
     """
     num_experts, r, _ = lora_a.shape
-    z = (x.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()).view(-1, num_experts, r)  # (N, E, r)
-    out = torch.bmm(z.transpose(0, 1), lora_b.transpose(1, 2))  # (E, N, out)
-    return out[chosen, torch.arange(x.shape[0], device=x.device).unsqueeze(1)] * scaling
+    n, k = chosen.shape
+    rows = x.reshape(-1, x.shape[-1])
+    z = (rows.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()).view(-1, num_experts, r)  # (R, E, r)
+    out = torch.bmm(z.transpose(0, 1) * scaling, lora_b.transpose(1, 2))  # (E, R, out)
+    row = torch.arange(rows.shape[0], device=x.device).view(n, -1)  # (N, 1) shared, (N, k) per slot
+    picked = (chosen * rows.shape[0] + row).reshape(-1)  # row of (expert e_tj, input of slot tj) in (E·R, out)
+    return out.reshape(-1, out.shape[-1]).index_select(0, picked).view(n, k, -1)
 
 
 def slot_lora_sum(

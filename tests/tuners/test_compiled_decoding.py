@@ -39,7 +39,7 @@ def adapted(method: str):
 
 
 @pytest.mark.parametrize("rows", [2, 12], ids=["few_rows", "rows_that_dispatch_eagerly"])
-@pytest.mark.parametrize("method", ["mixlora", "dynmole", "dynmole-projection"])
+@pytest.mark.parametrize("method", ["mixlora", "mixdora", "dynmole", "dynmole-projection"])
 def test_decoding_step_compiles_to_one_graph_with_the_eager_results(method, rows):
     assert (rows <= FEW_TOKENS) == (rows == 2) and rows <= FEW_TOKENS_COMPILED  # 12 rows dispatch only when eager
     model = adapted(method)

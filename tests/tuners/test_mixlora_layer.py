@@ -65,7 +65,8 @@ def mlp_layers(model):
         (dict(use_dora=True), True),  # DoRA scales W + s·BA, not the bias
     ],
 )
-def test_shared_frozen_weights_equal_naive_per_expert_formula(config, mlp_bias):
+@pytest.mark.parametrize("seq_len", [7, 2], ids=["dispatch", "slot_path"])  # 14 tokens dispatch, 4 take slot_lora
+def test_shared_frozen_weights_equal_naive_per_expert_formula(config, mlp_bias, seq_len):
     base = tiny_base(mlp_bias=mlp_bias)
     if mlp_bias:  # transformers initialises biases to 0, which would hide bias handling
         with torch.no_grad():
@@ -76,7 +77,7 @@ def test_shared_frozen_weights_equal_naive_per_expert_formula(config, mlp_bias):
     randomize_adapters(model, std=0.1)
     model.eval()
     layer = mlp_layers(model)[0]
-    x = torch.randn(2, 7, 64)
+    x = torch.randn(2, seq_len, 64)
     with torch.no_grad():
         fast = layer(x).reshape(-1, 64)
         slow = naive_mixture(layer, x.reshape(-1, 64))
@@ -216,7 +217,7 @@ def test_dora_row_norm_expansion_equals_the_direct_norm():
 
 
 @pytest.mark.parametrize("all_slots", [False, True], ids=["unused_slots_dropped", "all_slots_as_on_gpu"])
-@pytest.mark.parametrize("method", ["mixlora", "dynmole", "dynmole-projection"])
+@pytest.mark.parametrize("method", ["mixlora", "mixdora", "dynmole", "dynmole-projection"])
 def test_few_token_path_equals_the_dispatch_path(method, all_slots, monkeypatch):
     """Decoding-sized inputs skip the sort (`slot_lora`); outputs and gradients equal the dispatch path's, also when
     every slot is computed (`used_slots` drops the unused ones only on the CPU)."""

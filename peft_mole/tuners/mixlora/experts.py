@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from peft.tuners.lora import dora
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -16,6 +17,11 @@ class ExpertLoRA(nn.Module):
     LoRA (Hu et al. 2021): W_e = W + s·B_e A_e, A Kaiming-uniform, B = 0.
     DoRA (Liu et al. 2024, "MixDoRA" in the MixLoRA paper): W_e = m_e ⊙ (W + s·B_e A_e) / ‖W + s·B_e A_e‖_row,
     m_e initialised to ‖W‖_row, the norm treated as a constant in backward (as in the DoRA paper and PEFT).
+
+    The row norms cost E·r·out·in multiply-adds per projection, more than a decoding step's products. Inside PEFT's
+    `peft.helpers.DoraCaching()` and in eval mode they are computed once and kept (as PEFT caches its DoRA weight
+    norm), until A, B or W change (their storage or version counter) or the module returns to training mode
+    (`_cached_row_norms` says what a compiled call does).
     """
 
     def __init__(
@@ -25,6 +31,7 @@ class ExpertLoRA(nn.Module):
         self.projections = list(linears)
         self.scaling = scaling
         self.use_dora = use_dora
+        self._norm_cache: dict[str, tuple[tuple, torch.Tensor]] = {}  # proj -> (key, (E, out) norms); not state
         for proj, base in linears.items():
             if isinstance(base, BaseTunerLayer):  # a projection another job's LoRA already wraps
                 base = base.get_base_layer()
@@ -50,19 +57,50 @@ class ExpertLoRA(nn.Module):
     def dora_scale(self, proj: str, weight: torch.Tensor) -> torch.Tensor | None:
         """c_e = m_e / ‖W + s·B_e A_e‖_row for every expert, (E, out) fp32; None without DoRA.
 
-        The row norms come from ‖W‖² + 2s·Σ_k B_ik (W Aᵀ)_ik + s²·Σ_k (B A Aᵀ)_ik B_ik, which never builds the
-        E full (out, in) expert weights. Computed without gradient; m gets its gradient through c.
+        m gets its gradient through c; the norm is a constant (`row_norms`).
         """
         if not self.use_dora or proj not in self.projections:
             return None
-        lora_a, lora_b = (t.float() for t in self.factors(proj))
-        s = self.scaling
-        with torch.no_grad():
-            w = weight.float()
-            w_at = torch.einsum("oi,eri->eor", w, lora_a)  # (E, out, r)
-            cross = (lora_b * w_at).sum(-1)  # (E, out): W_row · (B A)_row
-            b_aat = lora_b @ (lora_a @ lora_a.transpose(1, 2))  # (E, out, r)
-            square = (b_aat * lora_b).sum(-1)  # (E, out): ‖(B A)_row‖²
-            norm_sq = w.pow(2).sum(1).unsqueeze(0) + 2 * s * cross + s * s * square
-            norm = norm_sq.clamp(min=1e-12).sqrt()
-        return getattr(self, f"{proj}_magnitude").float() / norm
+        return getattr(self, f"{proj}_magnitude").float() / self._cached_row_norms(proj, weight)
+
+    def _cached_row_norms(self, proj: str, weight: torch.Tensor) -> torch.Tensor:
+        """`row_norms`, kept between calls inside `DoraCaching()` in eval mode.
+
+        Eagerly an entry is used while A, B and W keep their storage and version counter. torch.compile cannot read
+        version counters: a compiled call uses the entry an eager call left (`generate` runs its prefill eagerly,
+        so each generation refreshes it before the compiled decoding steps), else computes the norms in its graph.
+        """
+        lora_a, lora_b = self.factors(proj)
+        if not dora.ENABLE_DORA_CACHING or self.training:
+            self._norm_cache.clear()
+            return row_norms(weight, lora_a, lora_b, self.scaling)
+        cached = self._norm_cache.get(proj)
+        if torch.compiler.is_compiling():
+            return row_norms(weight, lora_a, lora_b, self.scaling) if cached is None else cached[1]
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (weight, lora_a, lora_b))
+        if cached is None or cached[0] != key:
+            cached = self._norm_cache[proj] = (key, row_norms(weight, lora_a, lora_b, self.scaling))
+        return cached[1]
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._norm_cache.clear()
+        return super().train(mode)
+
+
+def row_norms(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """‖W + s·B_e A_e‖_row for every expert, (E, out) fp32, without gradient: a constant in backward, as in the
+    DoRA paper and PEFT.
+
+    From ‖W‖² + 2s·Σ_k B_ik (W Aᵀ)_ik + s²·Σ_k (B A Aᵀ)_ik B_ik, which never builds the E full (out, in) expert
+    weights. Args: weight (out, in); lora_a (E, r, in); lora_b (E, out, r).
+    """
+    s = scaling
+    with torch.no_grad():
+        w, lora_a, lora_b = weight.float(), lora_a.float(), lora_b.float()
+        w_at = torch.einsum("oi,eri->eor", w, lora_a)  # (E, out, r)
+        cross = (lora_b * w_at).sum(-1)  # (E, out): W_row · (B A)_row
+        b_aat = lora_b @ (lora_a @ lora_a.transpose(1, 2))  # (E, out, r)
+        square = (b_aat * lora_b).sum(-1)  # (E, out): ‖(B A)_row‖²
+        norm_sq = w.pow(2).sum(1).unsqueeze(0) + 2 * s * cross + s * s * square
+        return norm_sq.clamp(min=1e-12).sqrt()

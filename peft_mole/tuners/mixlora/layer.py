@@ -21,6 +21,7 @@ from peft_mole.forward_context import BASE_ROW, ForwardContext
 from peft_mole.ops.dense_mixture import dense_gated_mixture
 from peft_mole.ops.experts import (
     SMALL_PAIRS,
+    Dispatch,
     dense_a,
     dense_b_sum,
     dense_weights,
@@ -175,7 +176,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
         settings = self.settings[adapter]
         weights, chosen = self.route(adapter, x, token_mask)  # (N, k) each
         dropout_active = self.training and isinstance(self.dropouts[adapter], nn.Dropout)
-        if takes_slot_path(x.shape[0]) and not self.experts[adapter].use_dora and not dropout_active:
+        if takes_slot_path(x.shape[0]) and not dropout_active:
             return self._mixture_few_tokens(adapter, x, gate, up, weights, chosen)
         dense = None if self.experts[adapter].use_dora else dense_weights(
             weights, chosen, settings.num_experts, token_mask
@@ -196,24 +197,33 @@ class MixLoRAMLP(RoutedExpertsLayer):
     def _mixture_few_tokens(self, adapter, x, gate, up, weights, chosen):
         """`_mixture` for a few tokens (decoding) without dispatch: each token's k slots side by side, (N, k, ·).
 
-        Same formula, no DoRA, no active dropout (the callers check)."""
+        Same formula, DoRA included; no active dropout (the caller checks)."""
         settings, experts, mlp = self.settings[adapter], self.experts[adapter], self.base_layer
         weights, chosen = used_slots(weights, chosen)
         k = chosen.shape[1]
         w = weights.to(gate.dtype).unsqueeze(-1)  # (N, k, 1)
+        x_dropped = self.dropouts[adapter](x)
         slots = {}
         for proj, frozen in (("gate_proj", gate), ("up_proj", up)):
             factors = experts.factors(proj)
             shared = frozen.unsqueeze(1).expand(-1, k, -1)  # (N, k, I): W x, the same for every slot
-            slots[proj] = shared if factors is None else shared + slot_lora(
-                self.dropouts[adapter](x), *factors, chosen, settings.scaling
-            ).to(frozen.dtype)
+            if factors is None:
+                slots[proj] = shared
+                continue
+            pre = shared + slot_lora(x_dropped, *factors, chosen, settings.scaling).to(frozen.dtype)
+            linear = getattr(mlp, proj)
+            slots[proj] = _dora_rescale(pre, experts.dora_scale(proj, linear.weight), chosen, linear.bias)
         weighted = mlp.act_fn(slots["gate_proj"]) * slots["up_proj"] * w  # (N, k, I): w_e h_e
         down_factors = experts.factors("down_proj")
-        down_delta = None
-        if down_factors is not None:
-            down_delta = slot_lora_sum(weighted, *down_factors, chosen, settings.scaling).to(x.dtype)
-        return weighted.sum(1), down_delta, w.sum(1)
+        if down_factors is None:
+            return weighted.sum(1), None, w.sum(1)
+        scale = experts.dora_scale("down_proj", mlp.down_proj.weight)
+        if scale is None:
+            return weighted.sum(1), slot_lora_sum(weighted, *down_factors, chosen, settings.scaling).to(x.dtype), w.sum(1)
+        # DoRA down experts: each slot's whole projection c_e ⊙ (W2 + s·B2_e A2_e)(w_e h_e), summed over the slots
+        per_slot = F.linear(weighted, mlp.down_proj.weight) + slot_lora(weighted, *down_factors, chosen,
+                                                                          settings.scaling).to(x.dtype)
+        return None, (per_slot * scale[chosen].to(x.dtype)).sum(1), w.sum(1)
 
     @profiled("peft_mole::experts_dense")
     def _mixture_dense(self, adapter, x, gate, up, weights):
@@ -329,9 +339,12 @@ class MixLoRAMLP(RoutedExpertsLayer):
         return down, scale is not None
 
 
-def _dora_rescale(pairs: torch.Tensor, scale: torch.Tensor | None, plan, bias: torch.Tensor | None) -> torch.Tensor:
-    """DoRA on per-pair outputs: c_e ⊙ (W + s·B_e A_e) x + b — the magnitude scale leaves the bias alone."""
+def _dora_rescale(pairs: torch.Tensor, scale: torch.Tensor | None, experts, bias: torch.Tensor | None) -> torch.Tensor:
+    """DoRA on per-pair (or per-slot) outputs: c_e ⊙ (W + s·B_e A_e) x + b — the magnitude scale leaves the bias alone.
+
+    `experts`: a dispatch plan (pairs (M, out)) or the chosen experts (N, k) of slots (N, k, out)."""
     if scale is None:
         return pairs
-    scale = scale.index_select(0, plan.expert).to(pairs.dtype)
+    chosen = experts.expert if isinstance(experts, Dispatch) else experts
+    scale = scale[chosen].to(pairs.dtype)
     return pairs * scale if bias is None else (pairs - bias) * scale + bias
