@@ -65,3 +65,37 @@ def test_decoding_compiled_by_inductor_gives_the_eager_tokens():
     tokens, logits = generate(model, ids, compile_config("inductor"))
     torch.testing.assert_close(logits, eager_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens, eager_tokens)
+
+
+@pytest.mark.parametrize("method", ["mixlora", "dynmole"])
+def test_mixed_adapter_decoding_compiles_to_one_graph(method):
+    """One adapter per row (`adapter_names`), as PEFT serves several adapters in one batch: still one graph per
+    step, and each row's tokens are those of its adapter alone, decoded eagerly."""
+    model = get_peft_model(tiny_base(), METHODS[method]())
+    model.add_adapter("other", METHODS[method](num_experts=3))
+    model.base_model.set_adapter(["default", "other"])
+    randomize_adapters(model, std=0.2)
+    model.base_model.set_adapter("default")
+    model.eval()
+    ids = torch.randint(3, 500, (3, 6), generator=torch.Generator().manual_seed(2))
+    names = ["default", "other", "__base__"]
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    config = compile_config(recording_backend)
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                               min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, adapter_names=names,
+                               cache_implementation="static", compile_config=config)
+    assert len(graphs) >= 1
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                alone, _ = generate(model, ids[row:row + 1], None)
+        else:
+            model.set_adapter(name)
+            alone, _ = generate(model, ids[row:row + 1], None)
+        assert torch.equal(mixed[row:row + 1], alone), name
