@@ -301,16 +301,18 @@ def dense_b_sum(z: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.
 
 
 FEW_TOKENS = 8  # at most this many tokens (decoding): `slot_lora` / `slot_lora_sum` instead of dispatching
-FEW_TOKENS_COMPILED = 64  # the same under torch.compile (see `takes_slot_path`)
+FEW_TOKENS_COMPILED = 256  # the same under torch.compile (see `takes_slot_path`)
 
 
 def takes_slot_path(num_tokens: int) -> bool:
     """Whether a layer call on `num_tokens` tokens skips dispatch for the slot path (`slot_lora`, `slot_lora_sum`).
 
     Eagerly up to FEW_TOKENS, where the slot path is the faster one. Under torch.compile up to FEW_TOKENS_COMPILED:
-    dispatch reads per-expert counts back to the host, which breaks the graph, while the slot path has static
-    shapes and no host reads. A decoding step of up to 64 rows then compiles to one graph, which CUDA graphs
-    (`mode="reduce-overhead"`) can replay. Its cost, E/k times the chosen pairs' products, is small at that size."""
+    dispatch reads per-expert counts back to the host, which breaks the graph and recompiles for each pattern of
+    non-empty experts, while the slot path has static shapes and no host reads. A decoding step of up to 256 rows
+    then compiles to one graph, which CUDA graphs (`mode="reduce-overhead"`) can replay. Its cost, E/k times the
+    chosen pairs' products, stays below dispatch's with breaks there (docs/performance.md, "Compiled decoding":
+    128, 256 and 512 rows on the CPU); training batches of more tokens keep dispatch's k/E share of the products."""
     return num_tokens <= (FEW_TOKENS_COMPILED if torch.compiler.is_compiling() else FEW_TOKENS)
 
 
