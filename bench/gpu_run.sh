@@ -30,7 +30,8 @@ for part in "${parts[@]}"; do
         profile) run 110 profile_medium.log python3 bench/profile_step.py --shape medium --steps 2 ;;
         multijob) run 110 multijob_medium.jsonl python3 bench/multijob_speedup.py --shape medium --jobs 4 8 --repeats 5 ;;
         grouped) run 30 grouped_cuda.jsonl python3 bench/grouped_products.py --repeats 20 ;;
-        generate) run 60 generate_medium.jsonl python3 bench/generate_vs_base.py --shape medium --new-tokens 32 --repeats 2 ;;
+        generate) run 60 generate_medium.jsonl python3 bench/generate_vs_base.py --shape medium --new-tokens 32 --repeats 2 \
+            --impls peft_lora mixlora dynmole ;;
         compiled_generate) run 300 generate_compiled_medium.jsonl python3 bench/generate_vs_base.py --shape medium \
             --new-tokens 32 --repeats 3 --compile --impls mixlora dynmole ;;
         *) echo "unknown part: $part" >&2 ;;
