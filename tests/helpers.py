@@ -54,3 +54,12 @@ METHODS = {
     "dynmole": dynmole,
     "dynmole-projection": lambda **kw: dynmole(router_scope="projection", **kw),
 }
+
+
+def compile_config(backend):
+    """`generate`'s compile options for one graph per decoding step (`fullgraph=True`) with `backend`, on the CPU too."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, backend=backend, mode="default")
+    config._compile_all_devices = True  # transformers compiles `generate` on accelerators only, unless told so
+    return config

@@ -1,5 +1,5 @@
 """Decoding under torch.compile: `generate` with a static cache and a `CompileConfig` compiles each decoding step
-of a MixLoRA / DynMoLE model to one graph (no graph break: `fullgraph=True`), with the eager model's tokens and
+of a MixLoRA / MixDoRA / DynMoLE model to one graph (no graph break: `fullgraph=True`), with the eager model's tokens and
 logits. One graph per step is what lets CUDA graphs (`mode="reduce-overhead"`) replay it on a GPU
 (tests/gpu/test_cuda_paths.py runs that). Up to `FEW_TOKENS_COMPILED` rows take the slot path there, also those
 that decode through dispatch eagerly (more than `FEW_TOKENS`)."""
@@ -12,15 +12,9 @@ from peft import get_peft_model
 from transformers import CompileConfig
 
 from peft_mole.ops.experts import FEW_TOKENS, FEW_TOKENS_COMPILED
-from tests.helpers import METHODS, randomize_adapters, tiny_base
+from tests.helpers import METHODS, compile_config, randomize_adapters, tiny_base
 
 NEW_TOKENS = 5
-
-
-def compile_config(backend) -> CompileConfig:
-    config = CompileConfig(fullgraph=True, backend=backend, mode="default")
-    config._compile_all_devices = True  # transformers compiles `generate` on accelerators only, unless told so
-    return config
 
 
 def generate(model, ids, config: CompileConfig | None):

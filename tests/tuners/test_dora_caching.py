@@ -9,7 +9,7 @@ from peft import get_peft_model
 from peft.helpers import DoraCaching
 
 from peft_mole.tuners.mixlora import experts as experts_module
-from tests.helpers import batch, mixlora, randomize_adapters, tiny_base
+from tests.helpers import batch, compile_config, mixlora, randomize_adapters, tiny_base
 
 
 @pytest.fixture
@@ -77,8 +77,6 @@ def test_a_changed_factor_or_training_recomputes_the_norms(norm_calls):
 def test_compiled_decoding_inside_dora_caching_uses_the_fresh_norms():
     """`generate`'s eager prefill refreshes the entries that the compiled decoding steps read, also after an
     in-place change of the factors."""
-    from tests.tuners.test_compiled_decoding import compile_config
-
     model = dora_model()
     ids = torch.randint(3, 500, (2, 6), generator=torch.Generator().manual_seed(0))
     config = compile_config("eager")

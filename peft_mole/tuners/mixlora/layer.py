@@ -21,7 +21,6 @@ from peft_mole.forward_context import BASE_ROW, ForwardContext
 from peft_mole.ops.dense_mixture import dense_gated_mixture
 from peft_mole.ops.experts import (
     SMALL_PAIRS,
-    Dispatch,
     dense_a,
     dense_b_sum,
     dense_weights,
@@ -303,8 +302,9 @@ class MixLoRAMLP(RoutedExpertsLayer):
             us = shared_input_lora(x_dropped, *up_factors, plan, settings.scaling, base=up).to(up.dtype)
         else:
             us = up.index_select(0, plan.token)
-        gs = _dora_rescale(gs, experts.dora_scale("gate_proj", mlp.gate_proj.weight), plan, mlp.gate_proj.bias)
-        us = _dora_rescale(us, experts.dora_scale("up_proj", mlp.up_proj.weight), plan, mlp.up_proj.bias)
+        gs = _dora_rescale(gs, experts.dora_scale("gate_proj", mlp.gate_proj.weight), plan.expert,
+                            mlp.gate_proj.bias)
+        us = _dora_rescale(us, experts.dora_scale("up_proj", mlp.up_proj.weight), plan.expert, mlp.up_proj.bias)
         return weighted_gated_activation(gs, us, plan.weight.unsqueeze(-1), mlp.act_fn)  # w_e h_e per pair
 
     @profiled("peft_mole::combine")
@@ -339,12 +339,13 @@ class MixLoRAMLP(RoutedExpertsLayer):
         return down, scale is not None
 
 
-def _dora_rescale(pairs: torch.Tensor, scale: torch.Tensor | None, experts, bias: torch.Tensor | None) -> torch.Tensor:
-    """DoRA on per-pair (or per-slot) outputs: c_e ⊙ (W + s·B_e A_e) x + b — the magnitude scale leaves the bias alone.
+def _dora_rescale(
+    outputs: torch.Tensor, scale: torch.Tensor | None, experts: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """DoRA on per-pair or per-slot outputs: c_e ⊙ (W + s·B_e A_e) x + b — the magnitude scale leaves the bias alone.
 
-    `experts`: a dispatch plan (pairs (M, out)) or the chosen experts (N, k) of slots (N, k, out)."""
+    `experts`: the expert of each output row, (M,) for pairs (M, out) or (N, k) for slots (N, k, out)."""
     if scale is None:
-        return pairs
-    chosen = experts.expert if isinstance(experts, Dispatch) else experts
-    scale = scale[chosen].to(pairs.dtype)
-    return pairs * scale if bias is None else (pairs - bias) * scale + bias
+        return outputs
+    scale = scale[experts].to(outputs.dtype)
+    return outputs * scale if bias is None else (outputs - bias) * scale + bias
