@@ -1,6 +1,6 @@
 """Decoding under torch.compile: `generate` with a static cache and a `CompileConfig` compiles each decoding step
-of a MixLoRA / MixDoRA / DynMoLE model to one graph (no graph break: `fullgraph=True`), with the eager model's tokens and
-logits. One graph per step is what lets CUDA graphs (`mode="reduce-overhead"`) replay it on a GPU
+of a MixLoRA / MixDoRA / DynMoLE model to one graph (no graph break: `fullgraph=True`), with the eager model's
+tokens and logits. One graph per step is what lets CUDA graphs (`mode="reduce-overhead"`) replay it on a GPU
 (tests/gpu/test_cuda_paths.py runs that). Up to `FEW_TOKENS_COMPILED` rows take the slot path there, also those
 that decode through dispatch eagerly (more than `FEW_TOKENS`)."""
 

@@ -218,7 +218,8 @@ class MixLoRAMLP(RoutedExpertsLayer):
             return weighted.sum(1), None, w.sum(1)
         scale = experts.dora_scale("down_proj", mlp.down_proj.weight)
         if scale is None:
-            return weighted.sum(1), slot_lora_sum(weighted, *down_factors, chosen, settings.scaling).to(x.dtype), w.sum(1)
+            down_delta = slot_lora_sum(weighted, *down_factors, chosen, settings.scaling).to(x.dtype)
+            return weighted.sum(1), down_delta, w.sum(1)
         # DoRA down experts: each slot's whole projection c_e ⊙ (W2 + s·B2_e A2_e)(w_e h_e), summed over the slots
         per_slot = F.linear(weighted, mlp.down_proj.weight) + slot_lora(weighted, *down_factors, chosen,
                                                                           settings.scaling).to(x.dtype)
