@@ -8,6 +8,8 @@ lm-eval's own command line, unchanged:
         --model_args pretrained=Qwen/Qwen2.5-0.5B,peft=runs/code --tasks arc_easy,boolq --batch_size 8
 
 From Python, `import peft_mole` before `lm_eval.simple_evaluate(model="hf", model_args={..., "peft": path})`.
+Nothing trains during an evaluation, so the command runs inside `peft.helpers.DoraCaching()`: DoRA experts (and
+PEFT's DoRA) compute their weight norms once instead of at every forward.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ def main() -> None:
         from lm_eval.__main__ import cli_evaluate
     except ImportError as error:
         raise SystemExit("lm-evaluation-harness is not installed: pip install lm-eval") from error
-    cli_evaluate()
+    from peft.helpers import DoraCaching
+
+    with DoraCaching():
+        cli_evaluate()
 
 
 if __name__ == "__main__":

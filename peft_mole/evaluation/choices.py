@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from peft.helpers import DoraCaching
 
 
 @torch.no_grad()
@@ -36,13 +37,15 @@ def choice_scores(model, tokenizer, prompt: str, choices: list[str], adapter: st
 
 
 def choice_accuracy(model, tokenizer, rows: list[dict], adapter: str | None = None) -> dict[str, float]:
-    """Accuracy per task and on average over rows with fields task, prompt, completion, choices."""
+    """Accuracy per task and on average over rows with fields task, prompt, completion, choices (DoRA weight norms
+    kept from row to row, `peft.helpers.DoraCaching`: nothing trains meanwhile)."""
     was_training = model.training
     model.eval()
     hits: dict[str, list[bool]] = defaultdict(list)
-    for row in rows:
-        scores = choice_scores(model, tokenizer, row["prompt"], row["choices"], adapter)
-        hits[row["task"]].append(row["choices"][int(scores.argmax())] == row["completion"])
+    with DoraCaching():
+        for row in rows:
+            scores = choice_scores(model, tokenizer, row["prompt"], row["choices"], adapter)
+            hits[row["task"]].append(row["choices"][int(scores.argmax())] == row["completion"])
     model.train(was_training)
     result = {task: sum(h) / len(h) for task, h in sorted(hits.items())}
     result["average"] = sum(result.values()) / len(result)

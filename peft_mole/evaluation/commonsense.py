@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft.helpers import DoraCaching
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,8 @@ def evaluate_commonsense(
     `adapters` None evaluates the model as it is (key "model"); otherwise each batch runs once with every
     adapter's copy of its rows (`adapter_names`), which the peft-mole layers serve in one frozen-base pass.
     Accuracy comes from `evaluate`'s "accuracy" metric when it can be loaded (it is a Hub module); offline, the
-    same mean of correct predictions is computed here (`accuracy_metric`).
+    same mean of correct predictions is computed here (`accuracy_metric`). Nothing trains meanwhile, so DoRA
+    experts (and PEFT's DoRA) keep their weight norms from batch to batch (`peft.helpers.DoraCaching`).
     """
     was_training = model.training
     model.eval()
@@ -183,8 +185,9 @@ def evaluate_commonsense(
     results: dict[str, dict[str, float]] = {name: {} for name in names}
     accuracy = accuracy_metric()
     for task_name, examples in tasks.items():
-        predictions = [label_logits(model, tokenizer, examples[start : start + batch_size], adapters).argmax(-1)
-                       for start in range(0, len(examples), batch_size)]  # each (adapters, chunk)
+        with DoraCaching():
+            predictions = [label_logits(model, tokenizer, examples[start : start + batch_size], adapters).argmax(-1)
+                           for start in range(0, len(examples), batch_size)]  # each (adapters, chunk)
         answers = [e.answer for e in examples]
         for a, name in enumerate(names):
             predicted = torch.cat([p[a] for p in predictions]).tolist() if predictions else []

@@ -185,3 +185,29 @@ def test_eval_cli_scores_several_adapters_and_writes_json_and_markdown(data_dir,
     assert markdown.startswith("| adapter | arc_e | piqa | average |") and "| math |" in markdown
     bad = subprocess.run(command[:-6] + ["--tasks", "mmlu"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "unknown task(s) ['mmlu']" in bad.stderr
+
+
+def test_dora_experts_compute_their_weight_norms_once_per_evaluation(data_dir, tokenizer, monkeypatch):
+    """Nothing trains during an evaluation, so it runs inside PEFT's `DoraCaching`: MixDoRA's row norms are computed
+    once per projection, not once per batch, with the same accuracies; the cache is off again afterwards."""
+    from peft.tuners.lora import dora
+
+    from peft_mole.tuners.mixlora import experts as experts_module
+
+    calls = []
+    original = experts_module.row_norms
+    monkeypatch.setattr(experts_module, "row_norms", lambda *a: calls.append(1) or original(*a))
+    model = get_peft_model(tiny_base(vocab_size=len(tokenizer)), mixlora(use_dora=True))
+    randomize_adapters(model, std=0.3)
+    tasks = {name: load_task(name, data_dir) for name in ("arc_e", "piqa")}
+    cached = evaluate_commonsense(model, tokenizer, tasks, batch_size=1)  # 6 batches
+    projections = 2 * 3  # two layers × gate/up/down
+    assert len(calls) == projections and not dora.ENABLE_DORA_CACHING
+    calls.clear()
+    model.eval()
+    with torch.no_grad():  # the same batches uncached: every forward computes the norms
+        uncached = [label_logits(model, tokenizer, [e]).argmax(-1) for task in tasks.values() for e in task]
+    assert len(calls) == projections * len(uncached)
+    predicted = torch.cat(uncached).view(len(tasks), -1)
+    for row, (name, examples) in zip(predicted, tasks.items(), strict=True):
+        assert cached["model"][name] == sum(int(p) == e.answer for p, e in zip(row, examples, strict=True)) / len(examples)
