@@ -63,3 +63,28 @@ def compile_config(backend):
     config = CompileConfig(fullgraph=True, backend=backend, mode="default")
     config._compile_all_devices = True  # transformers compiles `generate` on accelerators only, unless told so
     return config
+
+
+def recording_backend(graphs: list):
+    """A torch.compile backend that appends each graph it is given to `graphs` and runs it as traced."""
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    return backend
+
+
+def count_row_norms(monkeypatch) -> list:
+    """A list that gains one entry per evaluation of MixDoRA's expert row norms (`ExpertLoRA`'s `row_norms`)."""
+    from peft_mole.tuners.mixlora import experts as experts_module
+
+    calls = []
+    original = experts_module.row_norms
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(experts_module, "row_norms", counted)
+    return calls

@@ -184,14 +184,14 @@ def evaluate_commonsense(
     names = adapters or ["model"]
     results: dict[str, dict[str, float]] = {name: {} for name in names}
     accuracy = accuracy_metric()
-    for task_name, examples in tasks.items():
-        with DoraCaching():
+    with DoraCaching():
+        for task_name, examples in tasks.items():
             predictions = [label_logits(model, tokenizer, examples[start : start + batch_size], adapters).argmax(-1)
                            for start in range(0, len(examples), batch_size)]  # each (adapters, chunk)
-        answers = [e.answer for e in examples]
-        for a, name in enumerate(names):
-            predicted = torch.cat([p[a] for p in predictions]).tolist() if predictions else []
-            results[name][task_name] = accuracy(predicted, answers)
+            answers = [e.answer for e in examples]
+            for a, name in enumerate(names):
+                predicted = torch.cat([p[a] for p in predictions]).tolist() if predictions else []
+                results[name][task_name] = accuracy(predicted, answers)
     for name in names:
         scores = list(results[name].values())
         results[name]["average"] = sum(scores) / max(1, len(scores))

@@ -9,7 +9,7 @@ from peft import get_peft_model
 from peft_mole import synthetic
 from peft_mole.evaluation import TASKS, evaluate_commonsense, format_prompt, load_task
 from peft_mole.evaluation.commonsense import label_logits
-from tests.helpers import mixlora, randomize_adapters, tiny_base
+from tests.helpers import count_row_norms, mixlora, randomize_adapters, tiny_base
 
 ROWS = {
     "arc_e": [{"question": "Which is a gas?", "choices": {"text": ["ice", "steam", "rock"], "label": ["A", "B", "C"]},
@@ -192,11 +192,7 @@ def test_dora_experts_compute_their_weight_norms_once_per_evaluation(data_dir, t
     once per projection, not once per batch, with the same accuracies; the cache is off again afterwards."""
     from peft.tuners.lora import dora
 
-    from peft_mole.tuners.mixlora import experts as experts_module
-
-    calls = []
-    original = experts_module.row_norms
-    monkeypatch.setattr(experts_module, "row_norms", lambda *a: calls.append(1) or original(*a))
+    calls = count_row_norms(monkeypatch)
     model = get_peft_model(tiny_base(vocab_size=len(tokenizer)), mixlora(use_dora=True))
     randomize_adapters(model, std=0.3)
     tasks = {name: load_task(name, data_dir) for name in ("arc_e", "piqa")}
@@ -210,4 +206,5 @@ def test_dora_experts_compute_their_weight_norms_once_per_evaluation(data_dir, t
     assert len(calls) == projections * len(uncached)
     predicted = torch.cat(uncached).view(len(tasks), -1)
     for row, (name, examples) in zip(predicted, tasks.items(), strict=True):
-        assert cached["model"][name] == sum(int(p) == e.answer for p, e in zip(row, examples, strict=True)) / len(examples)
+        hits = sum(int(p) == e.answer for p, e in zip(row, examples, strict=True))
+        assert cached["model"][name] == hits / len(examples)

@@ -12,7 +12,7 @@ from peft import get_peft_model
 from transformers import CompileConfig
 
 from peft_mole.ops.experts import FEW_TOKENS, FEW_TOKENS_COMPILED
-from tests.helpers import METHODS, compile_config, randomize_adapters, tiny_base
+from tests.helpers import METHODS, compile_config, randomize_adapters, recording_backend, tiny_base
 
 NEW_TOKENS = 5
 
@@ -39,13 +39,8 @@ def test_decoding_step_compiles_to_one_graph_with_the_eager_results(method, rows
     model = adapted(method)
     ids = torch.randint(3, 500, (rows, 6), generator=torch.Generator().manual_seed(0))
     graphs = []
-
-    def recording_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
     eager_tokens, eager_logits = generate(model, ids, None)
-    tokens, logits = generate(model, ids, compile_config(recording_backend))
+    tokens, logits = generate(model, ids, compile_config(recording_backend(graphs)))
     assert len(graphs) >= 1  # the decoding steps ran compiled (fullgraph=True raises on any graph break)
     torch.testing.assert_close(logits, eager_logits, atol=2e-5, rtol=2e-5)
     assert torch.equal(tokens, eager_tokens)
@@ -74,12 +69,7 @@ def test_mixed_adapter_decoding_compiles_to_one_graph(method):
     ids = torch.randint(3, 500, (3, 6), generator=torch.Generator().manual_seed(2))
     names = ["default", "other", "__base__"]
     graphs = []
-
-    def recording_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    config = compile_config(recording_backend)
+    config = compile_config(recording_backend(graphs))
     with torch.no_grad():
         mixed = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                                min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, adapter_names=names,

@@ -8,22 +8,12 @@ import torch
 from peft import get_peft_model
 from peft.helpers import DoraCaching
 
-from peft_mole.tuners.mixlora import experts as experts_module
-from tests.helpers import batch, compile_config, mixlora, randomize_adapters, tiny_base
+from tests.helpers import batch, compile_config, count_row_norms, mixlora, randomize_adapters, tiny_base
 
 
 @pytest.fixture
 def norm_calls(monkeypatch):
-    """Counts `row_norms` evaluations."""
-    calls = []
-    original = experts_module.row_norms
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(experts_module, "row_norms", counted)
-    return calls
+    return count_row_norms(monkeypatch)
 
 
 def dora_model():
