@@ -1,8 +1,12 @@
-"""`torch.compile` of a MixLoRA model (issue 6): compile time and train-step time against eager, small shape.
+"""`torch.compile` of an adapted model (issue 6, part 5): compile time and train-step time against eager.
 
-Step = forward + backward + AdamW (BENCH.md). The compiled model is `torch.compile(peft_model)`; routing makes
-shapes data-dependent (tokens per expert), so the compiler may fall back or recompile — both are measured.
-Usage: python bench/compile_step.py [--shape small] [--repeats 10]
+Step = forward + backward + AdamW (BENCH.md). The compiled model is `torch.compile(peft_model)` (what
+`TrainingArguments(torch_compile=True)` does), inductor backend. Impls: `peft_lora` (what compiling gains on the
+frozen base and plain LoRA), `mixlora`, `mixdora`, `dynmole` (routers at init: every token on every expert) and
+`dynmole_sharp` (router weights scaled by --router-scale, about 2 experts per token as after training). Each row
+also reports the graph breaks Dynamo met while compiling (0: one graph per forward) and the graphs compiled
+after the first step (recompilation; 0 expected).
+Usage: python bench/compile_step.py [--shape small] [--impls mixlora dynmole] [--dropout 0.05] [--repeats 10]
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 from common import (
     base_model,
     emit,
+    lora_config,
     mixlora_config,
     random_batch,
     record,
@@ -23,34 +28,63 @@ from common import (
     train_step_fn,
 )
 from peft import get_peft_model
+from torch._dynamo.utils import counters
+
+import peft_mole
+
+IMPLS = ("peft_lora", "mixlora", "mixdora", "dynmole", "dynmole_sharp")
+
+
+def adapted(shape: str, impl: str, dropout: float, router_scale: float):
+    if impl == "peft_lora":
+        config = lora_config(dropout)
+    elif impl.startswith("dynmole"):
+        config = peft_mole.DynMoLEConfig(num_experts=8, r=16, lora_alpha=32, lora_dropout=dropout)
+    else:
+        config = mixlora_config(dropout, use_dora=impl == "mixdora")
+    model = get_peft_model(base_model(shape), config)
+    if impl == "dynmole_sharp":
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "router" in name:
+                    p.mul_(router_scale)
+    return model
 
 
 def main() -> None:
     parser = step_parser()
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--router-scale", type=float, default=4.0, help="dynmole_sharp: router weights × this")
     args = parser.parse_args()
     setup_threads()
-    eager = get_peft_model(base_model(args.shape), mixlora_config())
-    compiled_model = get_peft_model(base_model(args.shape), mixlora_config())
-    batch = random_batch(args.shape, eager.config.vocab_size)
-    compiled = torch.compile(compiled_model)
-    compiled_step = train_step_fn(compiled, batch)
-    start = time.perf_counter()
-    error = None
-    try:
-        compiled_step()  # first call compiles
-        synchronize()
-    except Exception as failure:  # noqa: BLE001 — reported, not hidden
-        error = f"{type(failure).__name__}: {str(failure)[:300]}"
-    compile_s = time.perf_counter() - start
-    if error is not None:
-        emit({"name": "compile_step", "shape": args.shape, "error": error, "compile_s": compile_s})
-        return
-    times = time_interleaved({"eager": train_step_fn(eager, batch), "compiled": compiled_step}, repeats=args.repeats)
-    tokens = batch["input_ids"].numel()
-    rows = {impl: record("train_step", args.shape, f"mixlora_{impl}", t, tokens) for impl, t in times.items()}
-    emit({"name": "compile_step", "shape": args.shape, "compile_s": compile_s,
-          "ratio_median": rows["compiled"]["median_s"] / rows["eager"]["median_s"],
-          "ratio_min": rows["compiled"]["min_s"] / rows["eager"]["min_s"]})
+    for impl in args.impls:
+        eager = adapted(args.shape, impl, args.dropout, args.router_scale)
+        batch = random_batch(args.shape, eager.config.vocab_size)
+        compiled_step = train_step_fn(torch.compile(adapted(args.shape, impl, args.dropout, args.router_scale)), batch)
+        torch._dynamo.reset()
+        counters.clear()
+        start = time.perf_counter()
+        error = None
+        try:
+            compiled_step()  # the first call compiles
+            synchronize()
+        except Exception as failure:  # noqa: BLE001 — reported, not hidden
+            error = f"{type(failure).__name__}: {str(failure)[:300]}"
+        compile_s = time.perf_counter() - start
+        graphs = counters["stats"]["unique_graphs"]
+        row = {"name": "compile_step", "shape": args.shape, "impl": impl, "dropout": args.dropout,
+               "compile_s": compile_s, "graph_breaks": sum(counters["graph_break"].values()), "graphs": graphs}
+        if error is not None:
+            emit({**row, "error": error})
+            continue
+        times = time_interleaved({"eager": train_step_fn(eager, batch), "compiled": compiled_step},
+                                 repeats=args.repeats)
+        tokens = batch["input_ids"].numel()
+        steps = {kind: record("train_step", args.shape, f"{impl}_{kind}", t, tokens) for kind, t in times.items()}
+        emit({**row, "graphs_compiled_while_timed": counters["stats"]["unique_graphs"] - graphs,
+              "ratio_median": steps["compiled"]["median_s"] / steps["eager"]["median_s"],
+              "ratio_min": steps["compiled"]["min_s"] / steps["eager"]["min_s"]})
 
 
 if __name__ == "__main__":

@@ -58,7 +58,9 @@ def selection_mask(experts: torch.Tensor, weights: torch.Tensor, num_experts: in
     return mask.scatter_(1, experts, weights != 0) if experts.numel() else mask
 
 
-def load_balance_loss(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+def load_balance_loss(
+    probs: torch.Tensor, selected: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Load-balance loss (Switch Transformer eq. 4, normalised as in SPEC.md §1).
 
         f_i = (selections of expert i) / (all selections)      (= 1/(|T|·k) Σ_t [i ∈ selected(t)] for top-k)
@@ -71,6 +73,8 @@ def load_balance_loss(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tens
     Args:
         probs: (T, E) router probabilities of the tokens that count (padding already removed).
         selected: (T, E) bool selection mask of the same tokens.
+        token_mask: (T,) bool or None: only the True rows count. Padding kept and masked out, the form that
+            torch.compile traces (removing rows gives a shape that depends on the data).
     Returns:
         scalar fp32 loss; 0 when there are no tokens.
 
@@ -81,6 +85,11 @@ def load_balance_loss(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tens
     """
     if probs.shape[0] == 0:
         return probs.new_zeros(())
+    if token_mask is not None:
+        counts = token_mask.to(torch.float32).unsqueeze(-1)  # (T, 1): 1 for a token that counts
+        fraction = expert_load(selected & token_mask.unsqueeze(-1))
+        mean_prob = (probs.float() * counts).sum(dim=0) / counts.sum().clamp(min=1)
+        return probs.shape[-1] * torch.dot(fraction, mean_prob)
     fraction = expert_load(selected)  # f, (E,)
     mean_prob = probs.float().mean(dim=0)  # P, (E,)
     return probs.shape[-1] * torch.dot(fraction, mean_prob)
@@ -184,11 +193,15 @@ def dynmole_routing(
     return weights, experts
 
 
-def tsallis_loss(probs: torch.Tensor, q: float) -> torch.Tensor:
+def tsallis_loss(probs: torch.Tensor, q: float, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """DynMoLE's entropy loss (SPEC.md §2): mean over tokens of the normalised Tsallis entropy h(t); 0 without tokens.
 
     Minimising it makes routers confident; it is paired with the load-balance loss so experts stay in use.
+    `token_mask` (T,) bool: only its True rows count (as for `load_balance_loss`).
     """
     if probs.shape[0] == 0:
         return probs.new_zeros((), dtype=torch.float32)
+    if token_mask is not None:
+        counts = token_mask.to(torch.float32)
+        return (normalized_entropy(probs, q) * counts).sum() / counts.sum().clamp(min=1)
     return normalized_entropy(probs, q).mean()

@@ -93,3 +93,20 @@ def test_selection_mask_ignores_zero_weight_slots():
 
 def test_load_balance_of_no_tokens_is_zero():
     assert routing.load_balance_loss(torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.bool)).item() == 0.0
+
+
+@pytest.mark.parametrize("q", [1.0, 1.5], ids=["shannon", "tsallis"])
+def test_masked_aux_losses_equal_the_losses_on_the_counted_rows(q):
+    """The masked form (all rows kept, padding masked out: what a compiled graph computes) gives the value and the
+    router gradient of the loss on the real tokens alone; no real token gives 0, as no token does."""
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(10, 4, generator=gen), -1).requires_grad_()
+    weights, experts = routing.top_k_routing(probs, 2, renormalize=True)
+    selected = routing.selection_mask(experts, weights, 4)
+    mask = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)
+    for loss in (lambda p, s, m=None: routing.load_balance_loss(p, s, m),
+                 lambda p, s, m=None: routing.tsallis_loss(p, q, m)):
+        masked, counted = loss(probs, selected, mask), loss(probs[mask], selected[mask])
+        torch.testing.assert_close(masked, counted)
+        torch.testing.assert_close(*(torch.autograd.grad(v, probs)[0] for v in (masked, counted)))
+        assert loss(probs, selected, torch.zeros_like(mask)).item() == 0.0

@@ -223,6 +223,13 @@ def dense_gated_mixture(
     compute_dtype = expert_compute_dtype(gate.device.type, down_a.dtype)
     z_gate, b_gate = gate_lora if gate_lora is not None else (None, None)
     z_up, b_up = up_lora if up_lora is not None else (None, None)
+    if torch.compiler.is_compiling():  # the same chain in plain operations: the compiler fuses it and plans its backward
+        every = slice(None)
+        g = _expert_outputs(gate, z_gate, b_gate, every, num_experts, scaling, compute_dtype)
+        u = _expert_outputs(up, z_up, b_up, every, num_experts, scaling, compute_dtype)
+        weighted = act_fn(g.clone() if works_in_place(act_fn) else g) * u * weight.to(gate.dtype)  # (E, N, I)
+        down_input = weighted if mask is None else weighted * mask
+        return weighted.sum(0), torch.bmm(down_input.to(compute_dtype), down_a.to(compute_dtype).transpose(1, 2))
     return _DenseGatedMixture.apply(
         gate, up, z_gate, b_gate, z_up, b_up, weight.to(gate.dtype), down_a, mask, act_fn, scaling, compute_dtype
     )

@@ -27,6 +27,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from peft_mole.ops.profiling import profiled
+from peft_mole.ops.segment_ops import segment_linear
 from peft_mole.ops.segmented_lora import grouped_linear, grouped_mm_serves, ints_on, linear_dtype
 
 
@@ -35,13 +36,20 @@ class Dispatch:
     """(token, expert) pairs of a selection, sorted by expert.
 
     token: (M,) token index of each pair; expert: (M,) its expert; weight: (M,) routing weight;
-    counts: pairs per expert (E ints): expert e owns rows counts[:e].sum() : counts[:e+1].sum().
+    counts: pairs per expert (E ints): expert e owns rows counts[:e].sum() : counts[:e+1].sum(). Under
+    torch.compile the counts stay on the device: `counts` is None and `ends` (E,) holds their cumulative sums.
     """
 
     token: torch.Tensor
     expert: torch.Tensor
     weight: torch.Tensor
-    counts: list[int]
+    counts: list[int] | None
+    ends: torch.Tensor | None = None
+
+    @property
+    def segments(self) -> list[int] | torch.Tensor:
+        """What `_segment_matmul` takes: the host counts, or the device ends under torch.compile."""
+        return self.ends if self.counts is None else self.counts
 
 
 @profiled("peft_mole::dispatch")
@@ -54,6 +62,8 @@ def dispatch(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> 
     num_tokens, k = experts.shape
     flat_expert = experts.reshape(-1)
     flat_weight = weights.reshape(-1)
+    if torch.compiler.is_compiling():
+        return _device_dispatch(flat_expert, flat_weight, k, num_experts)
     flat_token = torch.arange(num_tokens, device=experts.device).repeat_interleave(k)
     keep = flat_weight != 0
     if not bool(keep.all()):
@@ -61,6 +71,15 @@ def dispatch(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> 
     order = torch.argsort(flat_expert, stable=True)
     counts = torch.bincount(flat_expert, minlength=num_experts).tolist()
     return Dispatch(token=flat_token[order], expert=flat_expert[order], weight=flat_weight[order], counts=counts)
+
+
+def _device_dispatch(flat_expert: torch.Tensor, flat_weight: torch.Tensor, k: int, num_experts: int) -> Dispatch:
+    """`dispatch` with shapes known before the run (under torch.compile): every one of the N·k slots is a pair, those
+    of weight 0 included (they add exactly 0), and the segment ends stay on the device, so no value is read back."""
+    order = torch.argsort(flat_expert, stable=True)
+    expert = flat_expert[order]
+    ends = torch.searchsorted(expert, torch.arange(num_experts, device=expert.device, dtype=expert.dtype), right=True)
+    return Dispatch(token=order // k, expert=expert, weight=flat_weight[order], counts=None, ends=ends)
 
 
 def in_adapter_precision_on_cpu(fn):
@@ -101,15 +120,19 @@ def _pair_matmul(rows: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor
 
 
 def _segment_matmul(
-    rows: torch.Tensor, weight: torch.Tensor, counts: list[int], base: torch.Tensor | None = None
+    rows: torch.Tensor, weight: torch.Tensor, counts: list[int] | torch.Tensor, base: torch.Tensor | None = None
 ) -> torch.Tensor:
     """out[seg_e] = base[seg_e] + rows[seg_e] @ weight[e]ᵀ for expert-sorted rows; weight: (E, out, in).
 
     With `base`, the addition is fused into the matmul (addmm) instead of a separate pass over (M, out). Without
     it, one grouped product (`torch._grouped_mm`, where `grouped_mm_serves`) replaces the loop over experts: on CPU
     the same numbers, 10–40 % faster per product, about 1 % of a MixLoRA step; on a GPU (bf16) one kernel where the
-    loop launches one per expert (docs/performance.md).
+    loop launches one per expert (docs/performance.md). `counts` as a tensor are a compiled dispatch's segment
+    ends (`Dispatch.ends`): then the product is the `segment_linear` operator, which torch.compile keeps whole.
     """
+    if isinstance(counts, torch.Tensor):
+        out = segment_linear(rows, weight.to(rows.dtype), counts)
+        return out if base is None else base + out
     dtype = linear_dtype(rows.device.type, weight.dtype)
     if base is None and rows.dtype == weight.dtype and grouped_mm_serves(rows.device, dtype, *weight.shape[1:]):
         return grouped_linear(rows, weight, ints_on(list(itertools.accumulate(counts)), rows.device))
@@ -198,10 +221,12 @@ def shared_input_lora(
         return delta if base is None else base.index_select(0, plan.token).to(delta.dtype) + delta
     z_pairs = z.reshape(-1, r).index_select(0, pair_rows) * scaling  # (M, r): s · A_e x_t of each pair
     if base is None:
-        return _segment_matmul(z_pairs, lora_b, plan.counts)
+        return _segment_matmul(z_pairs, lora_b, plan.segments)
     # one dtype for the fused gather + addmm: autocast's where it is on (CUDA), else the adapter's; a bf16 base
     # is cast on its N rows, before the gather to M pair rows
     dtype = expert_compute_dtype(x.device.type, lora_b.dtype)
+    if plan.counts is None:  # compiled: a gather and the segment product, which the compiler schedules
+        return _segment_matmul(z_pairs.to(dtype), lora_b.to(dtype), plan.ends, base=base.to(dtype)[plan.token])
     return _GatherSegmentLoRA.apply(base.to(dtype), z_pairs.to(dtype), lora_b.to(dtype), plan.token, plan.counts)
 
 
@@ -217,7 +242,7 @@ def pair_a(x: torch.Tensor, lora_a: torch.Tensor, plan: Dispatch) -> torch.Tenso
 @in_adapter_precision_on_cpu
 def segment_b(z: torch.Tensor, lora_b: torch.Tensor, plan: Dispatch, scaling: float) -> torch.Tensor:
     """s · B_e z_p for every pair, (M, out): one product per expert's segment of the expert-sorted z (M, r)."""
-    return _segment_matmul(z.to(lora_b.dtype) * scaling, lora_b, plan.counts)
+    return _segment_matmul(z.to(lora_b.dtype) * scaling, lora_b, plan.segments)
 
 
 @in_adapter_precision_on_cpu
@@ -237,8 +262,8 @@ def grouped_lora(
         h_all = (x @ lora_a.reshape(num_experts * r, -1).t()).reshape(-1, num_experts, r)  # (M, E, r)
         hidden = h_all.gather(1, plan.expert.view(-1, 1, 1).expand(-1, 1, r)).squeeze(1) * scaling  # (M, r)
         return _pair_matmul(hidden, lora_b, plan.expert)
-    hidden = _segment_matmul(x, lora_a, plan.counts) * scaling  # (M, r)
-    return _segment_matmul(hidden, lora_b, plan.counts)
+    hidden = _segment_matmul(x, lora_a, plan.segments) * scaling  # (M, r)
+    return _segment_matmul(hidden, lora_b, plan.segments)
 
 
 DENSE_FRACTION = 0.75  # the measured crossover on one small-shape DynMoLE block, fwd + bwd (docs/performance.md):
@@ -254,7 +279,13 @@ def dense_weights(
 
     With `token_mask` (N,) only real tokens decide, so a job's rows take the same path whatever padding a mixed
     batch adds to them (the two paths sum in different orders, and Adam magnifies such rounding differences).
+    Under torch.compile the shapes decide, as counting would break the graph: dense when a token's k slots are at
+    least `DENSE_FRACTION` of the experts (DynMoLE's E slots), which a compiled dispatch would compute anyway.
     """
+    if torch.compiler.is_compiling():
+        if chosen.shape[1] < DENSE_FRACTION * num_experts:
+            return None
+        return weights.new_zeros(weights.shape[0], num_experts).scatter_add(1, chosen, weights)
     selected = weights != 0
     if token_mask is not None:
         selected = selected[token_mask.bool()]

@@ -174,6 +174,8 @@ def weighted_gated_activation(
             "in the last dimension"
         )
     weight = weight.to(gate.dtype)
+    if torch.compiler.is_compiling():  # the compiler fuses the chain and picks what its backward keeps
+        return act_fn(gate.clone() if works_in_place(act_fn) else gate) * up * weight
     if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad or weight.requires_grad):
         return activate_apart(act_fn, gate) * up * weight
     return _WeightedGatedActivation.apply(gate, up, weight, act_fn)

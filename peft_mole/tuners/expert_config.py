@@ -221,6 +221,9 @@ class ExpertAdapterConfig(PeftConfig):
         """probs (T, E) -> (weights, experts) for this adapter."""
         raise NotImplementedError
 
-    def layer_aux_loss(self, probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-        """Auxiliary loss of one MoE layer from its non-padding router probabilities and selections."""
+    def layer_aux_loss(
+        self, probs: torch.Tensor, selected: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Auxiliary loss of one MoE layer from its non-padding router probabilities and selections, or from all
+        rows and the (T,) `token_mask` of those that count (under torch.compile)."""
         raise NotImplementedError

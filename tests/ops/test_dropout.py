@@ -61,3 +61,18 @@ def test_mixlora_layers_use_it():
     model = get_peft_model(tiny_base(), peft_mole.MixLoRAConfig(num_experts=2, top_k=1, r=2, lora_dropout=0.1))
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(isinstance(m, Dropout) for m in dropouts)
+
+
+def test_compiled_dropout_draws_the_eager_mask_from_the_same_generator():
+    """Under torch.compile the mask is `compiled_keep_mask`, an operator the compiler leaves whole: after the same
+    seed it is the eager mask, and the gradient is the mask scaled by 1 / (1 - p')."""
+    x = torch.randn(33, 40, requires_grad=True)
+    torch.manual_seed(7)
+    eager = dropout(x, 0.3)
+    compiled_fn = torch.compile(lambda t: dropout(t, 0.3), fullgraph=True, backend="aot_eager")
+    torch.manual_seed(7)
+    compiled = compiled_fn(x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(compiled.sum(), x)
+    torch.testing.assert_close(grad, (eager != 0).float() * (eager / x).abs().max(), rtol=1e-6, atol=0)
+    assert 0.6 < (eager != 0).float().mean() < 0.8

@@ -80,8 +80,10 @@ class DynMoLEConfig(ExpertAdapterConfig):
             min_experts=self.min_experts, renormalize=self.renormalize,
         )
 
-    def layer_aux_loss(self, probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    def layer_aux_loss(
+        self, probs: torch.Tensor, selected: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """entropy_loss_coef · mean_t h(t) + lb_loss_coef · L_lb (SPEC.md §2), one MoE layer."""
-        return self.entropy_loss_coef * routing.tsallis_loss(probs, self.q) + self.lb_loss_coef * (
-            routing.load_balance_loss(probs, selected)
+        return self.entropy_loss_coef * routing.tsallis_loss(probs, self.q, token_mask) + self.lb_loss_coef * (
+            routing.load_balance_loss(probs, selected, token_mask)
         )

@@ -46,6 +46,8 @@ class MixLoRAConfig(ExpertAdapterConfig):
         """Top-k with renormalised weights (MixLoRA router; SPEC.md §1)."""
         return functools.partial(routing.top_k_routing, k=self.top_k, renormalize=True)
 
-    def layer_aux_loss(self, probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    def layer_aux_loss(
+        self, probs: torch.Tensor, selected: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """a · L_lb (SPEC.md §1); the model's aux loss is its mean over MoE layers."""
-        return self.router_aux_loss_coef * routing.load_balance_loss(probs, selected)
+        return self.router_aux_loss_coef * routing.load_balance_loss(probs, selected, token_mask)

@@ -184,7 +184,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
             return self._mixture_dense(adapter, x, gate, up, dense)
         plan = dispatch(weights, chosen, settings.num_experts)
         if not self.experts[adapter].use_dora and self.experts[adapter].factors("down_proj") is not None and (
-            len(plan.token) > SMALL_PAIRS
+            len(plan.token) > SMALL_PAIRS and plan.counts is not None  # compiled: the step-by-step ops, fused
         ):
             return self._mixture_pairs(adapter, x, gate, up, plan)
         weighted = self._gate_up_experts(adapter, x, gate, up, plan)  # (M, I): w_e h_e per pair

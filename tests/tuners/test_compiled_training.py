@@ -1,0 +1,72 @@
+"""Training under torch.compile (`torch.compile(model)`, or `TrainingArguments(torch_compile=True)`).
+
+The forward of a MixLoRA / MixDoRA / DynMoLE training step compiles to one graph (`fullgraph=True` raises on any
+graph break): dispatch keeps the expert segments on the device (`segment_ops`), the dense-or-dispatch choice is
+made by shape, dropout masks come from an operator the compiler keeps whole, and the aux loss masks padding out
+instead of removing it. The loss (aux loss included) and every adapter gradient are the eager step's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from peft import get_peft_model
+from trl import SFTTrainer
+
+from peft_mole.ops.experts import FEW_TOKENS_COMPILED
+from tests.helpers import METHODS, batch, randomize_adapters, tiny_base
+from tests.test_trainer_integration import local_assets, sft_args  # noqa: F401 (a fixture)
+
+
+def loss_and_gradients(model, ids, mask, labels):
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("tokens", [(2, 12), (3, 100)], ids=["slot_path", "dispatch"])
+@pytest.mark.parametrize("method", METHODS)
+def test_training_step_compiles_to_one_graph_with_the_eager_loss_and_gradients(method, tokens):
+    rows, seq = tokens
+    assert (rows * seq > FEW_TOKENS_COMPILED) == (rows == 3)
+    model = get_peft_model(tiny_base(), METHODS[method](router_aux_loss_coef=0.5) if "mix" in method
+                           else METHODS[method](entropy_loss_coef=0.5))
+    randomize_adapters(model, std=0.2)  # B ≠ 0, routers neither flat nor one-hot
+    model.train()
+    ids, mask, labels = batch(batch_size=rows, seq_len=seq, pad_last=5)  # padding: the aux loss masks it out
+    eager_loss, eager_grads = loss_and_gradients(model, ids, mask, labels)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # AOTAutograd: a compiled backward too
+    loss, grads = loss_and_gradients(compiled, ids, mask, labels)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_sft_trainer_with_torch_compile_trains_mixlora_without_graph_breaks_of_ours(local_assets, tmp_path):  # noqa: F811
+    """The user's switch (`torch_compile=True`), compiled by inductor, with dropout: the loss goes down, and no graph
+    break comes from peft-mole's code (PEFT's forward and TRL's loss have breaks of their own; TRL's default
+    gradient checkpointing, switched off here, adds more)."""
+    tokenizer, dataset = local_assets
+    config = METHODS["mixlora"](r=8, lora_alpha=16, lora_dropout=0.05)
+    breaks = []
+    handler = logging.Handler()
+    handler.emit = lambda record: breaks.append(record.getMessage())
+    logger = logging.getLogger("torch._dynamo.symbolic_convert.__graph_breaks")  # where Dynamo logs them
+    torch._logging.set_logs(graph_breaks=True)
+    logger.addHandler(handler)
+    try:
+        trainer = SFTTrainer(model=tiny_base(vocab_size=len(tokenizer)), peft_config=config, train_dataset=dataset,
+                             processing_class=tokenizer,
+                             args=sft_args(tmp_path, torch_compile=True, gradient_checkpointing=False))
+        trainer.train()
+    finally:
+        logger.removeHandler(handler)
+        torch._logging.set_logs()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+    assert breaks, "the graph-break log was not captured, so the check below would prove nothing"
+    ours = [message for message in breaks if "peft_mole" in message.split("Graph Break Reason")[0]]
+    assert not ours, ours[0]
