@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch._inductor.config
 from common import (
     base_model,
     emit,
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--router-scale", type=float, default=4.0, help="dynmole_sharp: router weights × this")
     args = parser.parse_args()
     setup_threads()
+    torch._inductor.config.force_disable_caches = True  # compile time from scratch, not from an earlier run's cache
     for impl in args.impls:
         eager = adapted(args.shape, impl, args.dropout, args.router_scale)
         batch = random_batch(args.shape, eager.config.vocab_size)

@@ -23,6 +23,7 @@ SCRIPTS = {
     "pad_fraction": ["--shape", "tiny", "--jobs", "2", "--steps", "2"],
     "grouped_products": ["--repeats", "1"],
     "host_time": ["--jobs", "2", "--repeats", "2"],
+    "compile_step": ["--shape", "tiny", "--repeats", "1", "--impls", "mixlora"],
 }
 FRACTIONS = {"pad_fraction"}
 
@@ -57,6 +58,11 @@ def test_generate_bench_compares_compiled_decoding(rows):
     assert set(compiled) == {"peft_lora", "mixlora", "dynmole", "mixdora"}
     for row in compiled.values():
         assert row["ratio_median"] > 0 and row["speedup_vs_eager"] > 0 and math.isfinite(row["compile_s"])
+
+
+def test_compile_bench_steps_mixlora_compiled_without_graph_breaks(rows):
+    (row,) = [row for row in rows["compile_step"] if row["name"] == "compile_step"]
+    assert row["impl"] == "mixlora" and row["graph_breaks"] == 0 and row["graphs"] >= 1
 
 
 def test_render_table_renders_every_ratio(rows, tmp_path):

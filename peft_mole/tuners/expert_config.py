@@ -64,6 +64,7 @@ class ExpertAdapterConfig(PeftConfig):
     """
 
     PEFT_TYPE = ""
+    SELECTION_VARIES = False  # True where the rule picks a data-dependent number of experts per token (DynMoLE)
 
     num_experts: int | list[int] = field(
         default=8,

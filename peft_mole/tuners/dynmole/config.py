@@ -28,6 +28,7 @@ class DynMoLEConfig(ExpertAdapterConfig):
     """
 
     PEFT_TYPE = "PEFT_MOLE_DYNMOLE"
+    SELECTION_VARIES = True
 
     q: float = field(default=1.1, metadata={"help": "Tsallis entropy index q > 0 (q = 1: Shannon entropy)."})
     top_p: float = field(default=0.75, metadata={"help": "Probability mass kept by the top-p rule, in (0, 1]."})

@@ -177,6 +177,18 @@ class MixLoRAMLP(RoutedExpertsLayer):
         dropout_active = self.training and isinstance(self.dropouts[adapter], nn.Dropout)
         if takes_slot_path(x.shape[0]) and not dropout_active:
             return self._mixture_few_tokens(adapter, x, gate, up, weights, chosen)
+        if settings.selection_varies and torch.compiler.is_compiling():
+            return _run_eagerly(self._mixture_selected, adapter, x, gate, up, weights, chosen, token_mask)
+        return self._mixture_selected(adapter, x, gate, up, weights, chosen, token_mask)
+
+    def _mixture_selected(self, adapter, x, gate, up, weights, chosen, token_mask):
+        """`_mixture` for many tokens: every pair (dense) when nearly all are selected, else dispatch.
+
+        A rule whose number of experts per token depends on the data (DynMoLE) runs this eagerly inside a
+        compiled model (one graph break per MoE layer): compiled, the choice would have to be made from shapes
+        alone, i.e. always dense, which costs the at-initialisation step at every step (docs/performance.md,
+        "torch.compile")."""
+        settings = self.settings[adapter]
         dense = None if self.experts[adapter].use_dora else dense_weights(
             weights, chosen, settings.num_experts, token_mask
         )
@@ -338,6 +350,12 @@ class MixLoRAMLP(RoutedExpertsLayer):
             pair_delta = pair_delta * scale.index_select(0, plan.expert).to(x.dtype)
         down = x.new_zeros(x.shape[0], plain_linear(mlp.down_proj).out_features).index_add(0, plan.token, pair_delta)
         return down, scale is not None
+
+
+@torch.compiler.disable
+def _run_eagerly(fn, *args):
+    """fn(*args) outside any compiled graph (Dynamo breaks the graph around the call)."""
+    return fn(*args)
 
 
 def _dora_rescale(

@@ -110,6 +110,7 @@ class MixLoRAModel(BaseTuner):
                 router_init_std=peft_config.router_init_std,
                 jitter_noise=peft_config.jitter_noise,
                 use_dora=peft_config.use_dora,
+                selection_varies=peft_config.SELECTION_VARIES,
             )
         if layer is not target:
             setattr(parent, target_name, layer)

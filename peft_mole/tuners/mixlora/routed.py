@@ -33,6 +33,7 @@ class ExpertSettings:
     scaling: float
     jitter_noise: float
     rule: RoutingRule
+    selection_varies: bool = False  # the rule picks a data-dependent number of experts per token (DynMoLE)
 
 
 class RoutedExpertsLayer(nn.Module, BaseTunerLayer):
@@ -89,6 +90,7 @@ class RoutedExpertsLayer(nn.Module, BaseTunerLayer):
         router_init_std: float,
         jitter_noise: float,
         use_dora: bool,
+        selection_varies: bool = False,
     ) -> None:
         """Add adapter `adapter_name`: an fp32 router N(0, std²) on inputs of size `router_in_features` and E
         LoRA/DoRA experts on `linears`."""
@@ -98,7 +100,7 @@ class RoutedExpertsLayer(nn.Module, BaseTunerLayer):
         self.routers[adapter_name] = router
         self.experts[adapter_name] = ExpertLoRA(linears, num_experts, r, scaling, use_dora)
         self.dropouts[adapter_name] = Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.settings[adapter_name] = ExpertSettings(num_experts, scaling, jitter_noise, rule)
+        self.settings[adapter_name] = ExpertSettings(num_experts, scaling, jitter_noise, rule, selection_varies)
         self.set_adapter(self.active_adapters)
 
     def _router_probabilities(self, adapter: str, router_input: torch.Tensor) -> torch.Tensor:
