@@ -2,9 +2,9 @@
 # Issue 6, part 6: everything a GPU session measures, in one call (docs/performance.md, "GPU").
 # Writes each script's output to $OUT (or bench/results/gpu when OUT is unset). Each step has its own time limit,
 # so one slow or failing script leaves the others' figures intact.
-# Usage: bash bench/gpu_run.sh [tests medium profile multijob grouped generate compiled_generate]   (default: all but
-# compiled_generate, which needs a call of its own: CUDA graphs of the medium shape compile for minutes; needs CUDA, and
-# peft and transformers as pinned, see docs/performance.md)
+# Usage: bash bench/gpu_run.sh [tests medium profile multijob grouped generate compiled_generate compiled_train]
+# (default: all but compiled_generate and compiled_train, which need calls of their own: the medium shape compiles for
+# minutes; needs CUDA, and peft and transformers as pinned, see docs/performance.md)
 set -u
 out=${OUT:-bench/results/gpu}
 mkdir -p "$out"
@@ -32,6 +32,8 @@ for part in "${parts[@]}"; do
         grouped) run 30 grouped_cuda.jsonl python3 bench/grouped_products.py --repeats 20 ;;
         generate) run 60 generate_medium.jsonl python3 bench/generate_vs_base.py --shape medium --new-tokens 32 --repeats 2 \
             --impls peft_lora mixlora dynmole ;;
+        compiled_train) run 400 compile_medium.jsonl python3 bench/compile_step.py --shape medium --repeats 5 \
+            --impls peft_lora mixlora dynmole_sharp ;;
         compiled_generate) run 300 generate_compiled_medium.jsonl python3 bench/generate_vs_base.py --shape medium \
             --new-tokens 32 --repeats 3 --compile --impls mixlora dynmole ;;
         *) echo "unknown part: $part" >&2 ;;

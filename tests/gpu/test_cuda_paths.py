@@ -242,3 +242,18 @@ def test_decoding_under_cuda_graphs_gives_the_eager_tokens(kind):
         again = model.generate(input_ids=ids, cache_implementation="static",
                                compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"), **settings)
     assert torch.equal(compiled, eager) and torch.equal(again, eager)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_compiled_training_step_on_cuda_equals_eager(kind):
+    """Inductor's CUDA (Triton) code for a training forward and backward, the segment operators and the masked aux
+    loss inside: the eager loss and gradients (fp32, more tokens than the compiled slot path takes: dispatch)."""
+    model = get_peft_model(tiny_base(), CONFIGS[kind]()).cuda()
+    randomize_adapters(model, std=0.15)
+    model.train()
+    ids, mask, labels = (t.cuda() for t in batch(3, 100, pad_last=5))
+    loss, _, grads = _loss_and_grads(model, ids, mask, labels)
+    c_loss, _, c_grads = _loss_and_grads(torch.compile(model), ids, mask, labels)
+    torch.testing.assert_close(c_loss, loss, atol=1e-4, rtol=1e-4)
+    for c, e in zip(c_grads, grads, strict=True):
+        torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-3)
