@@ -79,6 +79,8 @@ _IDENTITY = ("name", "shape", "impl", "jobs", "rows_per_job", "dropout", "refere
 def latest_rows(rows: list[dict]) -> list[dict]:
     """The last row of each measurement (same name and settings): a re-run in the same file supersedes; a
     "skipped" row is dropped once the measurement it stands for exists."""
+    # compile_step rows from before it measured several impls (no "impl") are superseded by the per-impl rows
+    rows = [row for row in rows if not (row["name"] == "compile_step" and "impl" not in row)]
     latest = {tuple(str(row.get(k)) for k in _IDENTITY): row for row in rows}
     measured = {row["name"] for row in latest.values()}
     return [row for row in latest.values()

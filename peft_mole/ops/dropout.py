@@ -15,6 +15,8 @@ generator, so `torch.manual_seed` and the Trainer's RNG checkpointing make them 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,17 +40,22 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
 
 
 @torch.library.custom_op("peft_mole::keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def compiled_keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+def compiled_keep_mask(like: torch.Tensor, p: float, call_site: int) -> torch.Tensor:
     """`keep_mask` of like's shape as an operator that torch.compile calls as it is: the compiler's own random
     kernels draw one Philox number per element, 21 ms fwd + bwd for a (1024, 1376) dropout on 2 CPU threads
-    against this mask's 4 ms. Tagged as seeded randomness, so the compiler neither merges two calls nor recomputes
-    one for the backward; it draws from torch's default generator, as eagerly."""
+    against this mask's 4 ms. It draws from torch's default generator, as eagerly. Tagged as seeded randomness,
+    so the partitioner does not recompute it for the backward. The compiler's common-subexpression pass merges
+    calls with equal arguments all the same (it exempts only torch's own random operators), so each caller passes
+    its own `call_site`: q, k and v dropping out the same input keep three masks, as eagerly."""
     return keep_mask(like.shape, p, like.device)
 
 
 @compiled_keep_mask.register_fake
-def _(like: torch.Tensor, p: float) -> torch.Tensor:
+def _(like: torch.Tensor, p: float, call_site: int) -> torch.Tensor:
     return torch.empty(like.shape, dtype=torch.bool, device=like.device)
+
+
+_CALL_SITES = itertools.count(1)
 
 
 class _MaskAndScale(torch.autograd.Function):
@@ -67,8 +74,11 @@ class _MaskAndScale(torch.autograd.Function):
         return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
 
 
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """Inverted dropout of x with drop probability p (rounded to a multiple of 2^-15 on CPU, see above)."""
+def dropout(x: torch.Tensor, p: float, training: bool = True, call_site: int = 0) -> torch.Tensor:
+    """Inverted dropout of x with drop probability p (rounded to a multiple of 2^-15 on CPU, see above).
+
+    `call_site`: under torch.compile, calls on the same tensor with the same `call_site` share one mask (see
+    `compiled_keep_mask`); each `Dropout` module has its own."""
     threshold = _threshold(p)
     if not training or p == 0:
         return x
@@ -76,7 +86,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return F.dropout(x, p, training=True)
     scale = _LEVELS / (_LEVELS - threshold)
     if torch.compiler.is_compiling():  # the mask as an opaque operator, the rest for the compiler to fuse
-        return torch.where(compiled_keep_mask(x.detach(), p), x, 0) * scale
+        return torch.where(compiled_keep_mask(x.detach(), p, call_site), x, 0) * scale
     return _MaskAndScale.apply(x, keep_mask(x.shape, p, x.device), scale)
 
 
@@ -84,7 +94,11 @@ class Dropout(nn.Dropout):
     """`nn.Dropout` with the cheaper CPU masks of `dropout` (same `p`, same module interface and state;
     `inplace=True` keeps torch's in-place dropout)."""
 
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        super().__init__(p, inplace)
+        self.call_site = next(_CALL_SITES)  # its own masks under torch.compile (`compiled_keep_mask`)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inplace:
             return F.dropout(x, self.p, self.training, inplace=True)
-        return dropout(x, self.p, self.training)
+        return dropout(x, self.p, self.training, self.call_site)

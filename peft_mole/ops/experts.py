@@ -75,7 +75,9 @@ def dispatch(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> 
 
 def _device_dispatch(flat_expert: torch.Tensor, flat_weight: torch.Tensor, k: int, num_experts: int) -> Dispatch:
     """`dispatch` with shapes known before the run (under torch.compile): every one of the N·k slots is a pair, those
-    of weight 0 included (they add exactly 0), and the segment ends stay on the device, so no value is read back."""
+    of weight 0 included (they add exactly 0, though their weight gets ∂L/∂w = Σ_I ∂L/∂(w h) ⊙ h where eagerly the
+    dropped pair gets none; a rule's zero weights carry no gradient to the router: top-k weights are never 0, and
+    DynMoLE's are masked), and the segment ends stay on the device, so no value is read back."""
     order = torch.argsort(flat_expert, stable=True)
     expert = flat_expert[order]
     ends = torch.searchsorted(expert, torch.arange(num_experts, device=expert.device, dtype=expert.dtype), right=True)
@@ -130,10 +132,10 @@ def _segment_matmul(
     loop launches one per expert (docs/performance.md). `counts` as a tensor are a compiled dispatch's segment
     ends (`Dispatch.ends`): then the product is the `segment_linear` operator, which torch.compile keeps whole.
     """
-    if isinstance(counts, torch.Tensor):
-        out = segment_linear(rows, weight.to(rows.dtype), counts)
-        return out if base is None else base + out
     dtype = linear_dtype(rows.device.type, weight.dtype)
+    if isinstance(counts, torch.Tensor):  # the operators run in F.linear's dtype: autocast's where it is on (CUDA)
+        out = segment_linear(rows.to(dtype), weight.to(dtype), counts)
+        return out if base is None else base + out
     if base is None and rows.dtype == weight.dtype and grouped_mm_serves(rows.device, dtype, *weight.shape[1:]):
         return grouped_linear(rows, weight, ints_on(list(itertools.accumulate(counts)), rows.device))
     segments = torch.split(rows, counts)
@@ -339,11 +341,12 @@ def takes_slot_path(num_tokens: int) -> bool:
     """Whether a layer call on `num_tokens` tokens skips dispatch for the slot path (`slot_lora`, `slot_lora_sum`).
 
     Eagerly up to FEW_TOKENS, where the slot path is the faster one. Under torch.compile up to FEW_TOKENS_COMPILED:
-    dispatch reads per-expert counts back to the host, which breaks the graph and recompiles for each pattern of
-    non-empty experts, while the slot path has static shapes and no host reads. A decoding step of up to 256 rows
-    then compiles to one graph, which CUDA graphs (`mode="reduce-overhead"`) can replay. Its cost, E/k times the
-    chosen pairs' products, stays below dispatch's with breaks there (docs/performance.md, "Compiled decoding":
-    128, 256 and 512 rows on the CPU); training batches of more tokens keep dispatch's k/E share of the products."""
+    there dispatch runs its per-expert products in the `segment_linear` operator, which may read the segment sizes
+    back inside it (a stream sync on a GPU, which CUDA graphs cannot capture), while the slot path has no host
+    read at all. A decoding step of up to 256 rows then compiles to one graph, which CUDA graphs
+    (`mode="reduce-overhead"`) can replay. Its cost, E/k times the chosen pairs' products, stayed below dispatch's
+    when dispatch still broke the graph (docs/performance.md, "Compiled decoding": 128, 256 and 512 rows on the
+    CPU); training batches of more tokens keep dispatch's k/E share of the products."""
     return num_tokens <= (FEW_TOKENS_COMPILED if torch.compiler.is_compiling() else FEW_TOKENS)
 
 

@@ -9,9 +9,10 @@ Eagerly the segment sizes are host integers (`ops.experts.dispatch` reads them o
 torch.compile such a read breaks the graph at every MoE layer, and the graph is recompiled for every new pattern
 of empty experts; `torch._grouped_mm`, which takes `ends` on the device, has no fake-tensor rule for float32 on the
 CPU, so Dynamo cannot trace it either. These operators (`torch.library.custom_op`) take `ends` as a tensor and
-give the compiler only their output shapes: the graph stays whole, and what happens inside (one grouped product
-where `segment_lora.grouped_mm_serves`, else one product per segment) runs as it does eagerly. The backward is
-the two operators below, so a compiled backward has no break either. Checked against per-segment `F.linear` and
+give the compiler only their output shapes: the graph stays whole, and inside runs one grouped product where
+`segmented_lora.grouped_mm_serves` (CPU fp32/bf16, CUDA bf16), else one product per segment, whose sizes are then
+read back inside the operator. Callers pass operands already in F.linear's dtype (`ops.experts._segment_matmul`).
+The backward is the two operators below, so a compiled backward has no break either. Checked against per-segment `F.linear` and
 its autograd in tests/ops/test_segment_ops.py.
 """
 
@@ -48,6 +49,8 @@ def _(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Ten
 @torch.library.custom_op("peft_mole::segment_weight_grad", mutates_args=())
 def segment_weight_grad(grad: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, num_experts: int) -> torch.Tensor:
     """∂L/∂W_e = grad[seg_e]ᵀ rows[seg_e] for every expert, (E, out, in); zero for an expert with no rows."""
+    if grouped_mm_serves(grad.device, grad.dtype, grad.shape[1], rows.shape[1]) and grad.dtype == rows.dtype:
+        return torch._grouped_mm(grad.t(), rows.contiguous(), offs=ends.to(torch.int32))
     out = grad.new_zeros(num_experts, grad.shape[1], rows.shape[1])
     for e, lo, hi in _segment_bounds(ends):
         torch.mm(grad[lo:hi].t(), rows[lo:hi], out=out[e])

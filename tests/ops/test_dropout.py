@@ -76,3 +76,15 @@ def test_compiled_dropout_draws_the_eager_mask_from_the_same_generator():
     (grad,) = torch.autograd.grad(compiled.sum(), x)
     torch.testing.assert_close(grad, (eager != 0).float() * (eager / x).abs().max(), rtol=1e-6, atol=0)
     assert 0.6 < (eager != 0).float().mean() < 0.8
+
+
+def test_dropout_modules_keep_their_own_masks_under_inductor():
+    """q, k and v drop out the same input. The compiler merges calls of an operator with equal arguments (its
+    common-subexpression pass exempts only torch's own random operators), so each `Dropout` passes its own
+    call site: three masks, as eagerly, and three draws from the generator."""
+    q, k, v = Dropout(0.5), Dropout(0.5), Dropout(0.5)
+    x = torch.ones(64, 64, requires_grad=True)
+    compiled = torch.compile(lambda t: torch.stack([q(t), k(t), v(t)]))
+    masks = compiled(x) != 0
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    assert all(0.4 < m.float().mean() < 0.6 for m in masks)
