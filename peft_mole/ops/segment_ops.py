@@ -12,8 +12,8 @@ CPU, so Dynamo cannot trace it either. These operators (`torch.library.custom_op
 give the compiler only their output shapes: the graph stays whole, and inside runs one grouped product where
 `segmented_lora.grouped_mm_serves` (CPU fp32/bf16, CUDA bf16), else one product per segment, whose sizes are then
 read back inside the operator. Callers pass operands already in F.linear's dtype (`ops.experts._segment_matmul`).
-The backward is the two operators below, so a compiled backward has no break either. Checked against per-segment `F.linear` and
-its autograd in tests/ops/test_segment_ops.py.
+The backward is the two operators below, so a compiled backward has no break either. Checked against per-segment
+`F.linear` and its autograd in tests/ops/test_segment_ops.py.
 """
 
 from __future__ import annotations
