@@ -43,6 +43,13 @@ class RouterRecord:
             return self.probs, self.selected
         return self.probs[self.token_mask], self.selected[self.token_mask]
 
+    def loss_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(probs, selected, token_mask) for an aux loss (`layer_aux_loss`): padding removed, mask None; under
+        torch.compile every row and the mask of those that count, as removing rows would break the graph."""
+        if torch.compiler.is_compiling() and self.token_mask is not None:
+            return self.probs, self.selected, self.token_mask
+        return (*self.counted(), None)
+
 
 @dataclass
 class ForwardContext:

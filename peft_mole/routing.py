@@ -85,13 +85,13 @@ def load_balance_loss(
     """
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    if token_mask is not None:
+    if token_mask is None:
+        fraction = expert_load(selected)  # f, (E,)
+        mean_prob = probs.float().mean(dim=0)  # P, (E,)
+    else:
         counts = token_mask.to(torch.float32).unsqueeze(-1)  # (T, 1): 1 for a token that counts
         fraction = expert_load(selected & token_mask.unsqueeze(-1))
         mean_prob = (probs.float() * counts).sum(dim=0) / counts.sum().clamp(min=1)
-        return probs.shape[-1] * torch.dot(fraction, mean_prob)
-    fraction = expert_load(selected)  # f, (E,)
-    mean_prob = probs.float().mean(dim=0)  # P, (E,)
     return probs.shape[-1] * torch.dot(fraction, mean_prob)
 
 

@@ -26,11 +26,7 @@ def router_aux_loss(
     (MixLoRA: a · L_lb, SPEC.md §1; DynMoLE: entropy + load balance, §2). Returns (sum, per adapter)."""
     per_layer: dict[str, list[torch.Tensor]] = {}
     for record in records:
-        config = configs[record.adapter]
-        if torch.compiler.is_compiling() and record.token_mask is not None:  # removing padding rows breaks a graph
-            loss = config.layer_aux_loss(record.probs, record.selected, token_mask=record.token_mask)
-        else:
-            loss = config.layer_aux_loss(*record.counted())
+        loss = configs[record.adapter].layer_aux_loss(*record.loss_inputs())
         per_layer.setdefault(record.adapter, []).append(loss)
     per_adapter = {name: torch.stack(losses).mean() for name, losses in per_layer.items()}
     return sum(per_adapter.values()), per_adapter
