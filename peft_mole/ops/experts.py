@@ -365,8 +365,18 @@ def used_slots(weights: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tenso
     return weights[:, used], chosen[:, used]
 
 
+def slot_rows(chosen: torch.Tensor, rows_per_token: int = 1) -> torch.Tensor:
+    """Row of each slot (t, j) in `slot_lora`'s (E·R, out) table of every expert on every input row: the row of
+    (expert chosen[t, j], input of slot tj), flattened to (N·k,). Projections with the same inputs share it.
+    `rows_per_token`: 1 when a token's slots share its input, k when each slot has its own."""
+    n, k = chosen.shape
+    row = torch.arange(n * rows_per_token, device=chosen.device).view(n, rows_per_token)
+    return (chosen * (n * rows_per_token) + row).view(-1)
+
+
 def slot_lora(
-    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, chosen: torch.Tensor, scaling: float
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, chosen: torch.Tensor, scaling: float,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """s · B_e A_e x for every token slot (t, j) with expert e = chosen[t, j], without sorting (decoding).
 
@@ -376,18 +386,18 @@ def slot_lora(
     Args:
         x: (N, in) tokens shared by their k slots (R = N rows), or (N, k, in) one input per slot (R = N·k rows:
         the down projection of DoRA experts, which rescale each slot's output); lora_a: (E, r, in);
-        lora_b: (E, out, r); chosen: (N, k).
+        lora_b: (E, out, r); chosen: (N, k); rows: `slot_rows(chosen, R // N)`, when the caller has it.
     Returns:
         (N, k, out) in the adapter dtype.
     """
     num_experts, r, _ = lora_a.shape
     n, k = chosen.shape
-    rows = x.reshape(-1, x.shape[-1])
-    z = (rows.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()).view(-1, num_experts, r)  # (R, E, r)
+    inputs = x.reshape(-1, x.shape[-1])
+    if rows is None:
+        rows = slot_rows(chosen, inputs.shape[0] // n)
+    z = (inputs.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()).view(-1, num_experts, r)  # (R, E, r)
     out = torch.bmm(z.transpose(0, 1) * scaling, lora_b.transpose(1, 2))  # (E, R, out)
-    row = torch.arange(rows.shape[0], device=x.device).view(n, -1)  # (N, 1) shared, (N, k) per slot
-    picked = (chosen * rows.shape[0] + row).reshape(-1)  # row of (expert e_tj, input of slot tj) in (E·R, out)
-    return out.reshape(-1, out.shape[-1]).index_select(0, picked).view(n, k, -1)
+    return out.reshape(-1, out.shape[-1]).index_select(0, rows).view(n, k, -1)
 
 
 def slot_lora_sum(
@@ -396,8 +406,10 @@ def slot_lora_sum(
 ) -> torch.Tensor:
     """Σ_j w_j · s · B_{e_j} A_{e_j} x_j over each token's slots (decoding), without sorting or factor copies.
 
-    Each slot's A x (its own expert's r values) is added into an (N, E, r) table, zero for unchosen experts, so
-    the B products of all slots and the sum over them are one batched product over experts and a sum.
+    Every expert's A on every slot input in one product; an (N, E, r) table then holds, per token, each chosen
+    expert's r values and 0 elsewhere (a `where` on the slot-expert match, summed over the slots: exact, since a
+    token's slots name distinct experts), so the B products of all slots and the sum over them are one batched
+    product over experts and a sum.
     Args:
         x: (N, k, in) one input per slot (down projection: w_e h_e), or (N, in) shared by the slots;
         lora_a: (E, r, in); lora_b: (E, out, r); chosen: (N, k); weights: (N, k) w_j, None for 1.
@@ -407,12 +419,10 @@ def slot_lora_sum(
     num_experts, r, _ = lora_a.shape
     n, k = chosen.shape
     a_all = lora_a.reshape(num_experts * r, -1).t()
-    if x.dim() == 2:
-        z = (x.to(lora_a.dtype) @ a_all).view(n, num_experts, r).gather(1, chosen.unsqueeze(-1).expand(n, k, r))
-    else:
-        z_all = (x.reshape(n * k, -1).to(lora_a.dtype) @ a_all).view(n, k, num_experts, r)
-        z = z_all.gather(2, chosen.view(n, k, 1, 1).expand(n, k, 1, r)).squeeze(2)  # (N, k, r)
+    inputs = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
+    z = (inputs @ a_all).view(n, -1, num_experts, r)  # (N, 1 or k, E, r): every expert on every slot input
     if weights is not None:
-        z = z * weights.to(z.dtype).unsqueeze(-1)
-    per_expert = z.new_zeros(n, num_experts, r).scatter_add(1, chosen.unsqueeze(-1).expand(n, k, r), z)
+        z = z * weights.to(z.dtype).view(n, k, 1, 1)
+    is_slot_expert = (chosen.unsqueeze(-1) == torch.arange(num_experts, device=chosen.device)).unsqueeze(-1)
+    per_expert = torch.where(is_slot_expert, z, 0).sum(1)  # (N, E, r)
     return torch.bmm(per_expert.transpose(0, 1), lora_b.transpose(1, 2)).sum(0) * scaling

@@ -202,6 +202,25 @@ def test_slot_lora_and_its_sum_equal_the_per_slot_formula_with_gradients():
             torch.testing.assert_close(slot_lora(x, lora_a, lora_b, chosen, 0.5), slow)
 
 
+def test_slot_lora_sum_reads_only_the_chosen_experts():
+    """Unchosen experts enter the decoding table through a `where`, not a product with 0: a non-finite expert that
+    no token chose (a diverged one) leaves the result finite and equal to the chosen experts' formula."""
+    from peft_mole.ops.experts import slot_lora_sum
+
+    torch.manual_seed(1)
+    n, k, num_experts, r, d, out = 3, 2, 6, 4, 5, 7
+    chosen = torch.tensor([[0, 2], [1, 3], [2, 0]])  # experts 4 and 5 are nobody's
+    x = torch.randn(n, k, d, dtype=torch.float64)
+    lora_a = torch.randn(num_experts, r, d, dtype=torch.float64)
+    lora_b = torch.randn(num_experts, out, r, dtype=torch.float64)
+    expected = _slow_slot_lora(x, lora_a, lora_b, chosen, 0.5).sum(1)
+    lora_a[4] = float("inf")
+    lora_a[5] = float("nan")
+    got = slot_lora_sum(x, lora_a, lora_b, chosen, 0.5)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected)
+
+
 def test_stacked_linear_has_each_jobs_f_linear_arithmetic_and_passes_gradcheck():
     from peft_mole.ops.segmented_lora import stacked_linear
 

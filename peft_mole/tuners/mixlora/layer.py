@@ -31,6 +31,7 @@ from peft_mole.ops.experts import (
     shared_input_lora,
     slot_lora,
     slot_lora_sum,
+    slot_rows,
     takes_slot_path,
     used_slots,
 )
@@ -208,31 +209,35 @@ class MixLoRAMLP(RoutedExpertsLayer):
     def _mixture_few_tokens(self, adapter, x, gate, up, weights, chosen):
         """`_mixture` for a few tokens (decoding) without dispatch: each token's k slots side by side, (N, k, ·).
 
-        Same formula, DoRA included; no active dropout (the caller checks)."""
+        Same formula, DoRA included. No active dropout (the caller checks), so the experts see x itself. Decoding
+        pays this per layer and token: each operator here costs about as much as the rank-r products."""
         settings, experts, mlp = self.settings[adapter], self.experts[adapter], self.base_layer
-        weights, chosen = used_slots(weights, chosen)
+        if settings.selection_varies:  # DynMoLE: slots of weight 0 in every row; top-k slots are all used
+            weights, chosen = used_slots(weights, chosen)
         k = chosen.shape[1]
         w = weights.to(gate.dtype).unsqueeze(-1)  # (N, k, 1)
-        x_dropped = self.dropouts[adapter](x)
+        rows = slot_rows(chosen)  # gate and up share their input x
         slots = {}
         for proj, frozen in (("gate_proj", gate), ("up_proj", up)):
             factors = experts.factors(proj)
-            shared = frozen.unsqueeze(1).expand(-1, k, -1)  # (N, k, I): W x, the same for every slot
+            shared = frozen.unsqueeze(1)  # (N, 1, I): W x, the same for every slot
             if factors is None:
-                slots[proj] = shared
+                slots[proj] = shared.expand(-1, k, -1)
                 continue
-            pre = shared + slot_lora(x_dropped, *factors, chosen, settings.scaling).to(frozen.dtype)
-            linear = getattr(mlp, proj)
-            slots[proj] = _dora_rescale(pre, experts.dora_scale(proj, linear.weight), chosen, linear.bias)
+            pre = shared + slot_lora(x, *factors, chosen, settings.scaling, rows).to(frozen.dtype)
+            if experts.use_dora:
+                linear = getattr(mlp, proj)
+                pre = _dora_rescale(pre, experts.dora_scale(proj, linear.weight), chosen, linear.bias)
+            slots[proj] = pre
         weighted = mlp.act_fn(slots["gate_proj"]) * slots["up_proj"] * w  # (N, k, I): w_e h_e
         down_factors = experts.factors("down_proj")
         if down_factors is None:
             return weighted.sum(1), None, w.sum(1)
-        scale = experts.dora_scale("down_proj", mlp.down_proj.weight)
-        if scale is None:
+        if not experts.use_dora:
             down_delta = slot_lora_sum(weighted, *down_factors, chosen, settings.scaling).to(x.dtype)
             return weighted.sum(1), down_delta, w.sum(1)
         # DoRA down experts: each slot's whole projection c_e ⊙ (W2 + s·B2_e A2_e)(w_e h_e), summed over the slots
+        scale = experts.dora_scale("down_proj", mlp.down_proj.weight)
         per_slot = F.linear(weighted, mlp.down_proj.weight) + slot_lora(weighted, *down_factors, chosen,
                                                                           settings.scaling).to(x.dtype)
         return None, (per_slot * scale[chosen].to(x.dtype)).sum(1), w.sum(1)

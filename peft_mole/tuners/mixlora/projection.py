@@ -75,7 +75,8 @@ class MoELoraLinear(RoutedExpertsLayer):
         lora_a, lora_b = self.experts[adapter].factors("proj")
         dropout_active = self.training and isinstance(self.dropouts[adapter], nn.Dropout)
         if takes_slot_path(x.shape[0]) and not dropout_active:  # decoding: no dispatch
-            weights, chosen = used_slots(weights, chosen)
+            if settings.selection_varies:  # DynMoLE: slots of weight 0 in every row; top-k slots are all used
+                weights, chosen = used_slots(weights, chosen)
             return slot_lora_sum(x, lora_a, lora_b, chosen, settings.scaling, weights)  # (N, out)
         dense = dense_weights(weights, chosen, settings.num_experts, token_mask)
         if dense is not None:  # most tokens use every expert (DynMoLE broadcasting): no dispatch
