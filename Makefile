@@ -60,6 +60,7 @@ bench: install
 	$(PY) bench/pad_fraction.py | tee -a $(RESULTS)
 	$(PY) bench/eval_throughput.py | tee -a $(RESULTS)
 	$(PY) bench/compile_step.py | tee -a $(RESULTS)
+	$(PY) bench/compile_step.py --impls peft_lora mixlora --gradient-checkpointing | tee -a $(RESULTS)
 	$(PY) bench/grouped_products.py | tee -a $(RESULTS)
 	$(PY) bench/host_time.py | tee -a $(RESULTS)
 	$(PY) bench/options_step.py | tee -a $(RESULTS)

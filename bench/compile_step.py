@@ -5,8 +5,13 @@ Step = forward + backward + AdamW (BENCH.md). The compiled model is `torch.compi
 frozen base and plain LoRA), `mixlora`, `mixdora`, `dynmole` (routers at init: every token on every expert) and
 `dynmole_sharp` (router weights scaled by --router-scale, about 2 experts per token as after training). Each row
 also reports the graph breaks Dynamo met while compiling (0: one graph per forward) and the graphs compiled
-after the first step (recompilation; 0 expected).
+after the first step (recompilation; 0 expected). With --gradient-checkpointing both models recompute each decoder
+layer in the backward (`gradient_checkpointing_enable(use_reentrant=False)`, TRL's default), and Dynamo is told not to
+replay forward side effects in the recompute (`skip_fwd_side_effects_in_bwd_under_checkpoint`): otherwise the
+context variable transformers' output capture sets inside each layer keeps the checkpointed layers eager (a compiled
+step then costs what an eager one does). The breaks left are transformers' and PEFT's, not peft-mole's.
 Usage: python bench/compile_step.py [--shape small] [--impls mixlora dynmole] [--dropout 0.05] [--repeats 10]
+       [--gradient-checkpointing]
 """
 
 from __future__ import annotations
@@ -36,14 +41,18 @@ import peft_mole
 IMPLS = ("peft_lora", "mixlora", "mixdora", "dynmole", "dynmole_sharp")
 
 
-def adapted(shape: str, impl: str, dropout: float, router_scale: float):
+def adapted(shape: str, impl: str, dropout: float, router_scale: float, checkpointing: bool = False):
     if impl == "peft_lora":
         config = lora_config(dropout)
     elif impl.startswith("dynmole"):
         config = peft_mole.DynMoLEConfig(num_experts=8, r=16, lora_alpha=32, lora_dropout=dropout)
     else:
         config = mixlora_config(dropout, use_dora=impl == "mixdora")
-    model = get_peft_model(base_model(shape), config)
+    base = base_model(shape)
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    model = get_peft_model(base, config)
     if impl == "dynmole_sharp":
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -57,13 +66,17 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--router-scale", type=float, default=4.0, help="dynmole_sharp: router weights × this")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="both models recompute each layer")
     args = parser.parse_args()
     setup_threads()
     torch._inductor.config.force_disable_caches = True  # compile time from scratch, not from an earlier run's cache
+    if args.gradient_checkpointing:
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for impl in args.impls:
-        eager = adapted(args.shape, impl, args.dropout, args.router_scale)
+        settings = (args.shape, impl, args.dropout, args.router_scale, args.gradient_checkpointing)
+        eager = adapted(*settings)
         batch = random_batch(args.shape, eager.config.vocab_size)
-        compiled_step = train_step_fn(torch.compile(adapted(args.shape, impl, args.dropout, args.router_scale)), batch)
+        compiled_step = train_step_fn(torch.compile(adapted(*settings)), batch)
         torch._dynamo.reset()
         counters.clear()
         start = time.perf_counter()
@@ -76,6 +89,7 @@ def main() -> None:
         compile_s = time.perf_counter() - start
         graphs = counters["stats"]["unique_graphs"]
         row = {"name": "compile_step", "shape": args.shape, "impl": impl, "dropout": args.dropout,
+               **({"case": "gradient_checkpointing"} if args.gradient_checkpointing else {}),
                "compile_s": compile_s, "graph_breaks": sum(counters["graph_break"].values()), "graphs": graphs}
         if error is not None:
             emit({**row, "error": error})

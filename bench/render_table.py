@@ -20,7 +20,7 @@ COMMANDS = {
     "memory_model_error": "python bench/memory_model_error.py --shape {shape}",
     "pad_fraction": "python bench/pad_fraction.py --shape {shape} --jobs {jobs}",
     "eval_throughput": "python bench/eval_throughput.py --shape {shape} --adapters {adapters}",
-    "compile_step": "python bench/compile_step.py --shape {shape} --impls {impl}",
+    "compile_step": "python bench/compile_step.py --shape {shape} --impls {impl}{checkpointing_flag}",
     "grouped_products": "python bench/grouped_products.py",
     "host_time": "python bench/host_time.py --jobs {jobs} --dropout {dropout}",
     "mole_vs_reference": "python bench/mole_vs_reference.py --peers-python PEERS/bin/python",
@@ -58,7 +58,7 @@ DESCRIPTIONS["grouped_products"] = ("row-segment products (experts, LoRA jobs), 
                                      "max difference {max_abs_difference:.0e}")
 DESCRIPTIONS["host_time"] = ("host time of one projection (fwd+bwd, tiny shape), {jobs} LoRA jobs stacked / PEFT LoRA "
                               "on one job's row; one after another would be {jobs}×")
-DESCRIPTIONS["compile_step"] = ("{impl} step, torch.compile / eager, dropout {dropout} (compile {compile_s:.0f} s, "
+DESCRIPTIONS["compile_step"] = ("{impl} step{checkpointing_note}, torch.compile / eager, dropout {dropout} (compile {compile_s:.0f} s, "
                                  "{graph_breaks} graph breaks)")
 DESCRIPTIONS["options_step"] = ("MixLoRA step / PEFT LoRA step with {impl}; vs plain fp32 eager: MixLoRA "
                                  "{mixlora_vs_eager:.2f}×, LoRA {lora_vs_eager:.2f}×")
@@ -95,6 +95,9 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
     print("| ratio | shape | value (median) | value (min) | command |")
     print("|---|---|---|---|---|")
     for row in rows:
+        checkpointed = row.get("case") == "gradient_checkpointing"
+        row = {**row, "checkpointing_flag": " --gradient-checkpointing" if checkpointed else "",
+               "checkpointing_note": " with gradient checkpointing" if checkpointed else ""}
         if row["name"] == "mole_vs_reference_skipped":
             print(f"| `mole_vs_reference`: not measured — {row['reason']} | | | | |")
         if row["name"] in COMMANDS and "ratio_median" not in row:  # the script recorded a failure

@@ -10,6 +10,7 @@ gradient are the eager step's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -27,6 +28,26 @@ def loss_and_gradients(model, ids, mask, labels):
     params = [p for p in model.parameters() if p.requires_grad]
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     return loss.detach(), torch.autograd.grad(loss, params)
+
+
+@contextlib.contextmanager
+def graph_break_log():
+    """The messages of the graph breaks Dynamo logs inside the block (each names the user code it broke in)."""
+    breaks = []
+    handler = logging.Handler()
+    handler.emit = lambda record: breaks.append(record.getMessage())
+    logger = logging.getLogger("torch._dynamo.symbolic_convert.__graph_breaks")  # where Dynamo logs them
+    torch._logging.set_logs(graph_breaks=True)
+    logger.addHandler(handler)
+    try:
+        yield breaks
+    finally:
+        logger.removeHandler(handler)
+        torch._logging.set_logs()
+
+
+def breaks_in_peft_mole(breaks: list[str]) -> list[str]:
+    return [message for message in breaks if "peft_mole" in message.split("Graph Break Reason")[0]]
 
 
 @pytest.mark.parametrize("tokens", [(2, 12), (3, 100)], ids=["slot_path", "dispatch"])
@@ -59,25 +80,15 @@ def test_sft_trainer_with_torch_compile_trains_mixlora_without_graph_breaks_of_o
     gradient checkpointing, switched off here, adds more)."""
     tokenizer, dataset = local_assets
     config = METHODS["mixlora"](r=8, lora_alpha=16, lora_dropout=0.05)
-    breaks = []
-    handler = logging.Handler()
-    handler.emit = lambda record: breaks.append(record.getMessage())
-    logger = logging.getLogger("torch._dynamo.symbolic_convert.__graph_breaks")  # where Dynamo logs them
-    torch._logging.set_logs(graph_breaks=True)
-    logger.addHandler(handler)
-    try:
+    with graph_break_log() as breaks:
         trainer = SFTTrainer(model=tiny_base(vocab_size=len(tokenizer)), peft_config=config, train_dataset=dataset,
                              processing_class=tokenizer,
                              args=sft_args(tmp_path, torch_compile=True, gradient_checkpointing=False))
         trainer.train()
-    finally:
-        logger.removeHandler(handler)
-        torch._logging.set_logs()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
     assert breaks, "the graph-break log was not captured, so the check below would prove nothing"
-    ours = [message for message in breaks if "peft_mole" in message.split("Graph Break Reason")[0]]
-    assert not ours, ours[0]
+    assert not breaks_in_peft_mole(breaks), breaks_in_peft_mole(breaks)[0]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -98,3 +109,37 @@ def test_compiled_training_under_bf16_autocast_follows_the_eager_autocast_step(m
     torch.testing.assert_close(loss, eager_loss, rtol=1e-3, atol=1e-3)
     for got, want in zip(grads, eager_grads, strict=True):
         assert got.isfinite().all() and (got - want).norm() <= 0.05 * want.norm() + 1e-6
+
+
+@pytest.mark.parametrize("side_effects_in_backward", [True, False], ids=["layers_compiled", "layers_eager"])
+def test_compiled_training_with_gradient_checkpointing_equals_the_eager_step(side_effects_in_backward):
+    """Gradient checkpointing under torch.compile. transformers' output capture mutates a context variable inside
+    each checkpointed layer, so Dynamo runs those layers eagerly, unless told that forward side effects need not be
+    replayed in the recompute (`skip_fwd_side_effects_in_bwd_under_checkpoint`; peft-mole's router records are made
+    in the forward only, as eagerly). Either way: the eager loss (aux loss included) and gradients, no break of ours,
+    and with the switch the routers run inside the compiled checkpointed layers."""
+    model = get_peft_model(tiny_base(), METHODS["mixlora"](router_aux_loss_coef=0.5))
+    randomize_adapters(model, std=0.2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    ids, mask, labels = batch(batch_size=3, seq_len=100, pad_last=5)
+    eager_loss, eager_grads = loss_and_gradients(model, ids, mask, labels)
+    traced = []
+
+    def recording_backend(graph_module, example_inputs):
+        traced.extend(str(node.target) for sub in graph_module.modules() if isinstance(sub, torch.fx.GraphModule)
+                      for node in sub.graph.nodes)
+        return torch._dynamo.lookup_backend("aot_eager")(graph_module, example_inputs)
+
+    with graph_break_log() as breaks, torch._dynamo.config.patch(
+        skip_fwd_side_effects_in_bwd_under_checkpoint=side_effects_in_backward
+    ):
+        loss, grads = loss_and_gradients(torch.compile(model, backend=recording_backend), ids, mask, labels)
+    assert breaks, "the graph-break log was not captured, so the check below would prove nothing"
+    assert not breaks_in_peft_mole(breaks), breaks_in_peft_mole(breaks)[0]
+    assert any("topk" in target for target in traced) == side_effects_in_backward
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert sum(g.abs().sum() for g in grads) > 0
