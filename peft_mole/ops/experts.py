@@ -394,10 +394,10 @@ def slot_lora(
     n, k = chosen.shape
     inputs = x.reshape(-1, x.shape[-1])
     if rows is None:
-        rows = slot_rows(chosen, inputs.shape[0] // n)
-    z = (inputs.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()).view(-1, num_experts, r)  # (R, E, r)
+        rows = slot_rows(chosen, k if x.dim() == 3 else 1)
+    z = (inputs.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()).view(inputs.shape[0], num_experts, r)
     out = torch.bmm(z.transpose(0, 1) * scaling, lora_b.transpose(1, 2))  # (E, R, out)
-    return out.reshape(-1, out.shape[-1]).index_select(0, rows).view(n, k, -1)
+    return out.reshape(-1, out.shape[-1]).index_select(0, rows).view(n, k, out.shape[-1])
 
 
 def slot_lora_sum(
@@ -420,7 +420,8 @@ def slot_lora_sum(
     n, k = chosen.shape
     a_all = lora_a.reshape(num_experts * r, -1).t()
     inputs = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
-    z = (inputs @ a_all).view(n, -1, num_experts, r)  # (N, 1 or k, E, r): every expert on every slot input
+    inputs_per_token = k if x.dim() == 3 else 1
+    z = (inputs @ a_all).view(n, inputs_per_token, num_experts, r)  # every expert on every slot input
     if weights is not None:
         z = z * weights.to(z.dtype).view(n, k, 1, 1)
     is_slot_expert = (chosen.unsqueeze(-1) == torch.arange(num_experts, device=chosen.device)).unsqueeze(-1)

@@ -203,8 +203,8 @@ def test_slot_lora_and_its_sum_equal_the_per_slot_formula_with_gradients():
 
 
 def test_slot_lora_sum_reads_only_the_chosen_experts():
-    """Unchosen experts enter the decoding table through a `where`, not a product with 0: a non-finite expert that
-    no token chose (a diverged one) leaves the result finite and equal to the chosen experts' formula."""
+    """Unchosen experts enter the decoding table through a `where`, not a product with 0: a non-finite A of an expert
+    that no token chose (a diverged one) leaves the forward finite and equal to the chosen experts' formula."""
     from peft_mole.ops.experts import slot_lora_sum
 
     torch.manual_seed(1)

@@ -74,16 +74,22 @@ def test_training_step_compiles_to_one_graph_with_the_eager_loss_and_gradients(m
     assert sum(g.abs().sum() for g in grads) > 0
 
 
-def test_sft_trainer_with_torch_compile_trains_mixlora_without_graph_breaks_of_ours(local_assets, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_sft_trainer_with_torch_compile_trains_mixlora_without_graph_breaks_of_ours(
+    local_assets, tmp_path, checkpointing  # noqa: F811
+):
     """The user's switch (`torch_compile=True`), compiled by inductor, with dropout: the loss goes down, and no graph
-    break comes from peft-mole's code (PEFT's forward and TRL's loss have breaks of their own; TRL's default
-    gradient checkpointing, switched off here, adds more)."""
+    break comes from peft-mole's code (PEFT's forward and TRL's loss have breaks of their own). With TRL's default
+    gradient checkpointing, as the docs advise, Dynamo does not replay forward side effects in the recompute, so the
+    checkpointed layers are compiled (and checked) too."""
     tokenizer, dataset = local_assets
     config = METHODS["mixlora"](r=8, lora_alpha=16, lora_dropout=0.05)
-    with graph_break_log() as breaks:
+    with graph_break_log() as breaks, torch._dynamo.config.patch(
+        skip_fwd_side_effects_in_bwd_under_checkpoint=checkpointing
+    ):
         trainer = SFTTrainer(model=tiny_base(vocab_size=len(tokenizer)), peft_config=config, train_dataset=dataset,
                              processing_class=tokenizer,
-                             args=sft_args(tmp_path, torch_compile=True, gradient_checkpointing=False))
+                             args=sft_args(tmp_path, torch_compile=True, gradient_checkpointing=checkpointing))
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
@@ -111,19 +117,23 @@ def test_compiled_training_under_bf16_autocast_follows_the_eager_autocast_step(m
         assert got.isfinite().all() and (got - want).norm() <= 0.05 * want.norm() + 1e-6
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
 @pytest.mark.parametrize("side_effects_in_backward", [True, False], ids=["layers_compiled", "layers_eager"])
-def test_compiled_training_with_gradient_checkpointing_equals_the_eager_step(side_effects_in_backward):
+def test_compiled_training_with_gradient_checkpointing_equals_the_eager_step(side_effects_in_backward, dropout):
     """Gradient checkpointing under torch.compile. transformers' output capture mutates a context variable inside
     each checkpointed layer, so Dynamo runs those layers eagerly, unless told that forward side effects need not be
     replayed in the recompute (`skip_fwd_side_effects_in_bwd_under_checkpoint`; peft-mole's router records are made
     in the forward only, as eagerly). Either way: the eager loss (aux loss included) and gradients, no break of ours,
-    and with the switch the routers run inside the compiled checkpointed layers."""
-    model = get_peft_model(tiny_base(), METHODS["mixlora"](router_aux_loss_coef=0.5))
+    and with the switch the routers run inside the compiled checkpointed layers. With dropout, after the same seed
+    (aot_eager draws the masks in program order, as eager): the recompute in the backward uses the forward's masks,
+    or the gradients would differ."""
+    model = get_peft_model(tiny_base(), METHODS["mixlora"](router_aux_loss_coef=0.5, lora_dropout=dropout))
     randomize_adapters(model, std=0.2)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.train()
     ids, mask, labels = batch(batch_size=3, seq_len=100, pad_last=5)
+    torch.manual_seed(0)
     eager_loss, eager_grads = loss_and_gradients(model, ids, mask, labels)
     traced = []
 
@@ -135,6 +145,7 @@ def test_compiled_training_with_gradient_checkpointing_equals_the_eager_step(sid
     with graph_break_log() as breaks, torch._dynamo.config.patch(
         skip_fwd_side_effects_in_bwd_under_checkpoint=side_effects_in_backward
     ):
+        torch.manual_seed(0)
         loss, grads = loss_and_gradients(torch.compile(model, backend=recording_backend), ids, mask, labels)
     assert breaks, "the graph-break log was not captured, so the check below would prove nothing"
     assert not breaks_in_peft_mole(breaks), breaks_in_peft_mole(breaks)[0]

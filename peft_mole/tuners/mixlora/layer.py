@@ -212,7 +212,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
         Same formula, DoRA included. No active dropout (the caller checks), so the experts see x itself. Decoding
         pays this per layer and token: each operator here costs about as much as the rank-r products."""
         settings, experts, mlp = self.settings[adapter], self.experts[adapter], self.base_layer
-        if settings.selection_varies:  # DynMoLE: slots of weight 0 in every row; top-k slots are all used
+        if settings.selection_varies:  # DynMoLE: slots of weight 0 in every row; top-k slots carry weight
             weights, chosen = used_slots(weights, chosen)
         k = chosen.shape[1]
         w = weights.to(gate.dtype).unsqueeze(-1)  # (N, k, 1)

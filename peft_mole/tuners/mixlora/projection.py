@@ -75,7 +75,7 @@ class MoELoraLinear(RoutedExpertsLayer):
         lora_a, lora_b = self.experts[adapter].factors("proj")
         dropout_active = self.training and isinstance(self.dropouts[adapter], nn.Dropout)
         if takes_slot_path(x.shape[0]) and not dropout_active:  # decoding: no dispatch
-            if settings.selection_varies:  # DynMoLE: slots of weight 0 in every row; top-k slots are all used
+            if settings.selection_varies:  # DynMoLE: slots of weight 0 in every row; top-k slots carry weight
                 weights, chosen = used_slots(weights, chosen)
             return slot_lora_sum(x, lora_a, lora_b, chosen, settings.scaling, weights)  # (N, out)
         dense = dense_weights(weights, chosen, settings.num_experts, token_mask)
