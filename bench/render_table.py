@@ -58,8 +58,8 @@ DESCRIPTIONS["grouped_products"] = ("row-segment products (experts, LoRA jobs), 
                                      "max difference {max_abs_difference:.0e}")
 DESCRIPTIONS["host_time"] = ("host time of one projection (fwd+bwd, tiny shape), {jobs} LoRA jobs stacked / PEFT LoRA "
                               "on one job's row; one after another would be {jobs}×")
-DESCRIPTIONS["compile_step"] = ("{impl} step{checkpointing_note}, torch.compile / eager, dropout {dropout} (compile {compile_s:.0f} s, "
-                                 "{graph_breaks} graph breaks)")
+DESCRIPTIONS["compile_step"] = ("{impl} step{checkpointing_note}, torch.compile / eager, dropout {dropout} "
+                                 "(compile {compile_s:.0f} s, {graph_breaks} graph breaks)")
 DESCRIPTIONS["options_step"] = ("MixLoRA step / PEFT LoRA step with {impl}; vs plain fp32 eager: MixLoRA "
                                  "{mixlora_vs_eager:.2f}×, LoRA {lora_vs_eager:.2f}×")
 DESCRIPTIONS["mole_vs_reference"] = (
