@@ -4,10 +4,18 @@ DynMoLE's cost follows how many experts its rule selects. At init the routers ar
 is broadcast to all E experts; trained routers are confident (the demo ends near 2.2 experts per token). The
 script measures both states: `init`, and `sharp` (router weights scaled by --router-scale so that the mean
 experts per token is close to a trained router's). Each row reports the measured experts per token.
+
+It also times DynMoLE with the compiled block kernels of `ops.fused_chain` (an option, off by default) in the same
+interleaved rounds: a `dynmole_fused_chain` row per state gives that step over the default DynMoLE step and over
+MixLoRA, and the first fused step's extra time, compiled with an empty inductor cache (`compile_s`).
 Usage: python bench/dynmole_vs_mixlora.py [--shape small] [--router-scale 4]
 """
 
 from __future__ import annotations
+
+import os
+import tempfile
+import time
 
 import torch
 from common import (
@@ -24,11 +32,30 @@ from peft import get_peft_model
 
 import peft_mole
 from peft_mole.diagnostics import layer_stats
+from peft_mole.ops.fused_chain import set_fused_chain
 
 
 def experts_per_token(model, batch) -> float:
     stats = layer_stats(model, batch["input_ids"], batch["attention_mask"])
     return sum(s.experts_per_token for s in stats.values()) / len(stats)
+
+
+def switched(step, fused: bool):
+    """`step` with the fused chain switched on or off first (the switch is process-wide)."""
+
+    def run():
+        set_fused_chain(fused)
+        step()
+
+    return run
+
+
+def first_fused_step_s(step) -> float:
+    """Seconds of the first fused step, compiling its kernels with an empty inductor cache."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
+    start = time.perf_counter()
+    switched(step, True)()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -48,18 +75,31 @@ def main() -> None:
                     if "router" in name:
                         p.mul_(args.router_scale)
         per_token = experts_per_token(dynmole, batch)
+        dynmole_step = train_step_fn(dynmole, batch)
+        first_s = first_fused_step_s(dynmole_step)
         times = time_interleaved(
-            {"mixlora": train_step_fn(mixlora, batch), "dynmole": train_step_fn(dynmole, batch)}, repeats=args.repeats
+            {"mixlora": train_step_fn(mixlora, batch), "dynmole": switched(dynmole_step, False),
+             "dynmole_fused_chain": switched(dynmole_step, True)}, repeats=args.repeats,
         )
+        set_fused_chain(None)
         rows = {
             impl: record("train_step", args.shape, impl, times[impl], tokens, router_state=state)
-            for impl in ("mixlora", "dynmole")
+            for impl in times
         }
         emit({
             "name": "dynmole_vs_mixlora", "shape": args.shape, "router_state": state,
             "dynmole_experts_per_token": per_token,
             "ratio_median": rows["dynmole"]["median_s"] / rows["mixlora"]["median_s"],
             "ratio_min": rows["dynmole"]["min_s"] / rows["mixlora"]["min_s"],
+        })
+        fused = rows["dynmole_fused_chain"]
+        emit({
+            "name": "dynmole_fused_chain", "shape": args.shape, "router_state": state,
+            "dynmole_experts_per_token": per_token,
+            "ratio_median": fused["median_s"] / rows["dynmole"]["median_s"],
+            "ratio_min": fused["min_s"] / rows["dynmole"]["min_s"],
+            "vs_mixlora_median": fused["median_s"] / rows["mixlora"]["median_s"],
+            "compile_s": max(first_s - fused["median_s"], 0.0),
         })
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 COMMANDS = {
     "mixlora_vs_lora": "python bench/mixlora_vs_lora.py --shape {shape} --dropout {dropout}",
     "dynmole_vs_mixlora": "python bench/dynmole_vs_mixlora.py --shape {shape}",
+    "dynmole_fused_chain": "python bench/dynmole_vs_mixlora.py --shape {shape}",
     "generate_vs_base": "python bench/generate_vs_base.py --shape {shape}",
     "generate_compiled_vs_base": "python bench/generate_vs_base.py --shape {shape} --compile",
     "multijob_speedup": "python bench/multijob_speedup.py --shape {shape} --jobs {jobs} --dropout {dropout}",
@@ -31,6 +32,9 @@ DESCRIPTIONS = {
     "mixlora_vs_lora": "MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout {dropout}",
     "dynmole_vs_mixlora": "DynMoLE step / MixLoRA top-2 step, routers {router_state} "
                           "({dynmole_experts_per_token:.2f} experts/token)",
+    "dynmole_fused_chain": "DynMoLE step with the fused chain (option, `PEFT_MOLE_FUSED_CHAIN=on`) / the default "
+                           "DynMoLE step, routers {router_state}; {vs_mixlora_median:.2f}× MixLoRA, first-step "
+                           "compile {compile_s:.0f} s",
     "generate_vs_base": "{impl} greedy-generation tokens/s / base model tokens/s, KV cache (higher is better)",
     "generate_compiled_vs_base": "{impl} greedy generation with a static cache and torch.compile ({mode}) / the "
                                  "base model compiled alike (higher is better); {speedup_vs_eager:.2f}× its eager "

@@ -32,6 +32,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from peft_mole.ops.experts import expert_compute_dtype, in_adapter_precision_on_cpu
+from peft_mole.ops.fused_chain import fused_backward_block, fused_chain_enabled, fused_forward_block
 from peft_mole.ops.gated import activate_apart, block_elements, is_plain_silu, works_in_place
 
 BLOCK_ELEMENTS = 1 << 19  # values of one (E, tokens, I) block on the CPU: 2 MiB in fp32, so the block's few
@@ -46,6 +47,18 @@ def gradient_sum_dtype(dtype: torch.dtype) -> torch.dtype:
 def _token_blocks(num_experts: int, num_tokens: int, width: int, device: torch.device) -> list[slice]:
     tokens = max(1, block_elements(device, BLOCK_ELEMENTS) // max(num_experts * width, 1))
     return [slice(start, start + tokens) for start in range(0, num_tokens, tokens)]
+
+
+def _full_blocks(ctx, act_fn, tensors: tuple, blocks: list[slice], num_tokens: int) -> set[int]:
+    """Indices of the blocks that run the compiled kernels of `ops.fused_chain`: the full blocks (never the last,
+    shorter one) when the switch is on, σ is SiLU, gate and up both have experts (`tensors` holds no None), every
+    rank is above 0, autocast is off and every tensor has one dtype."""
+    first = tensors[0]
+    if (ctx.autocast[1] or not is_plain_silu(act_fn) or any(t is None or t.numel() == 0 for t in tensors)
+            or not fused_chain_enabled() or any(t.dtype != first.dtype for t in tensors)):
+        return set()
+    tokens = blocks[0].stop - blocks[0].start
+    return {i for i, block in enumerate(blocks) if block.stop <= num_tokens and block.stop - block.start == tokens}
 
 
 def _expert_outputs(frozen, z, lora_b, block, num_experts, scaling, compute_dtype):
@@ -100,8 +113,18 @@ class _DenseGatedMixture(torch.autograd.Function):
         a_t = down_a.to(compute_dtype).transpose(1, 2)  # (E, I, r)
         hidden = gate.new_empty(num_tokens, width)
         z_down = a_t.new_empty(num_experts, num_tokens, a_t.shape[2])
+        blocks = _token_blocks(num_experts, num_tokens, width, gate.device)
+        fused = _full_blocks(ctx, act_fn, (gate, up, z_gate, b_gate, z_up, b_up, weight, down_a)
+                             + (() if mask is None else (mask,)), blocks, num_tokens)
+        scaled = (b_gate * scaling, b_up * scaling) if fused else None
         with torch.autocast(device, enabled=False):
-            for block in _token_blocks(num_experts, num_tokens, width, gate.device):
+            for index, block in enumerate(blocks):
+                out = None if index not in fused else fused_forward_block(
+                    gate[block], up[block], z_gate[:, block], scaled[0], z_up[:, block], scaled[1],
+                    weight[:, block], None if mask is None else mask[block], down_a)
+                if out is not None:
+                    hidden[block], z_down[:, block] = out
+                    continue
                 g = _expert_outputs(gate, z_gate, b_gate, block, num_experts, scaling, compute_dtype)
                 u = _expert_outputs(up, z_up, b_up, block, num_experts, scaling, compute_dtype)
                 with torch.autocast(device, dtype=ctx.autocast[2], enabled=ctx.autocast[1]):
@@ -133,8 +156,18 @@ class _DenseGatedMixture(torch.autograd.Function):
             grads["weight"] = gate.new_empty(num_experts, num_tokens, 1)
         cd, scaling = ctx.compute_dtype, ctx.scaling
         a_cd = down_a.to(cd)
+        blocks = _token_blocks(num_experts, num_tokens, width, gate.device)
+        fused = _full_blocks(ctx, ctx.act_fn, (gate, up, z_gate, b_gate, z_up, b_up, weight, down_a, grad_hidden,
+                                               grad_z_down) + (() if mask is None else (mask,)), blocks, num_tokens)
+        scaled = (b_gate * scaling, b_up * scaling) if fused else None
         with torch.autocast(device, enabled=False):
-            for block in _token_blocks(num_experts, num_tokens, width, gate.device):
+            for index, block in enumerate(blocks):
+                out = None if index not in fused else fused_backward_block(
+                    gate[block], up[block], z_gate[:, block], scaled[0], z_up[:, block], scaled[1], weight[:, block],
+                    None if mask is None else mask[block], grad_hidden[block], grad_z_down[:, block], down_a)
+                if out is not None:
+                    _add_fused_gradients(grads, out, block, scaling)
+                    continue
                 g = _expert_outputs(gate, z_gate, b_gate, block, num_experts, scaling, cd)
                 u = _expert_outputs(up, z_up, b_up, block, num_experts, scaling, cd)
                 w = weight[:, block]
@@ -155,6 +188,25 @@ class _DenseGatedMixture(torch.autograd.Function):
             if grads[name] is not None:
                 grads[name] = grads[name].to(inputs[name].dtype)
         return (*grads.values(), None, None, None, None)
+
+
+def _add_fused_gradients(grads: dict, out: tuple, block: slice, scaling: float) -> None:
+    """Put one block's gradients from `ops.fused_chain.fused_backward_block` where the eager chain puts them. The
+    kernel's B gradients are with respect to s·B, hence times s; its z gradients already carry s (from s·B)."""
+    grad_gate, grad_up, grad_z_gate, grad_b_gate, grad_z_up, grad_b_up, grad_weight, grad_down_a = out
+    for name, value in (("gate", grad_gate), ("up", grad_up)):
+        if grads[name] is not None:
+            grads[name][block] = value
+    for name, value in (("z_gate", grad_z_gate), ("z_up", grad_z_up)):
+        if grads[name] is not None:
+            grads[name][:, block] = value
+    for name, value in (("b_gate", grad_b_gate), ("b_up", grad_b_up)):
+        if grads[name] is not None:
+            grads[name] += value.mul_(scaling).to(grads[name].dtype)
+    if grads["weight"] is not None:
+        grads["weight"][:, block] = grad_weight
+    if grads["down_a"] is not None:
+        grads["down_a"] += grad_down_a.to(grads["down_a"].dtype)
 
 
 def _to_inputs(grads, needs, inputs, frozen, z, b, grad_pair, block, scaling, compute_dtype):

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -51,8 +52,13 @@ def works_in_place(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
 
 
 def is_plain_silu(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-    """nn.SiLU itself (not a subclass, which may compute something else): its derivative kernel can be called."""
-    return type(act_fn) is nn.SiLU
+    """Whether act_fn is SiLU by contract, so its derivative kernel can be called: F.silu, nn.SiLU itself, or
+    transformers' SiLUActivation (the `silu` of Llama, Qwen2 and Mistral since transformers 5; its forward is
+    F.silu, or a kernel of the Hub's "SiLU" layer). Subclasses are not: they may compute something else."""
+    if act_fn is F.silu or type(act_fn) is nn.SiLU:
+        return True
+    kind = type(act_fn)
+    return kind.__name__ == "SiLUActivation" and kind.__module__ == "transformers.activations"
 
 
 def activate_apart(act_fn: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor) -> torch.Tensor:

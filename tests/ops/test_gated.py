@@ -154,3 +154,18 @@ def test_blocks_are_cache_sized_on_the_cpu_and_few_on_a_gpu():
     assert len(_token_blocks(8, 4096, 5632, cpu)) == 4096 // (BLOCK_ELEMENTS // (8 * 5632)) + 1
     assert len(_token_blocks(8, 4096, 5632, cuda)) == 12
     assert len(gated._blocks(8192, 5632, cuda)) == 3
+
+
+def test_silu_is_recognised_by_contract_only():
+    """SiLU's derivative kernel serves F.silu, nn.SiLU and transformers' SiLUActivation (Llama's `act_fn` since
+    transformers 5); not a subclass, which may compute something else, nor another activation."""
+    from transformers.activations import ACT2FN
+
+    class Scaled(nn.SiLU):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert gated.is_plain_silu(ACT2FN["silu"]) and gated.is_plain_silu(nn.SiLU(inplace=True))
+    assert gated.is_plain_silu(nn.functional.silu)
+    assert not gated.is_plain_silu(Scaled()) and not gated.is_plain_silu(ACT2FN["gelu"])
+    assert not gated.is_plain_silu(torch.sigmoid)

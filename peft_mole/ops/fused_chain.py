@@ -1,0 +1,132 @@
+"""One block of the dense gated chain (`ops.dense_mixture`) as two compiled kernels: forward and backward.
+
+The chain of a block of n tokens and E experts (MixLoRA §3, SPEC.md §1; every expert on every token, DynMoLE §3.2),
+with B1, B3 already multiplied by the scaling s:
+
+    g_e = W1 x + B1_e z1_e,  u_e = W3 x + B3_e z3_e,  h_e = silu(g_e) ⊙ u_e,
+    hidden = Σ_e w_e h_e,    z2_e = A2_e (m ⊙ w_e h_e)
+
+and its backward (the formulas of `ops.dense_mixture`, with silu'(g) = σ(g) (1 + g (1 − σ(g))), σ the sigmoid).
+Run operator by operator, the elementwise part between the rank-r products is about fifteen passes over (E, n, I)
+values, each a separate kernel; torch.compile (inductor) fuses them into a few loops that keep the values in
+registers, and calls the same batched products. Measured on this repository's CPU (2 threads, E = 8, I = 1376,
+1024 tokens): the backward of a layer's chain 83 → 32-46 ms, the forward 23 → 15 ms (docs/performance.md,
+"DynMoLE at init").
+
+A kernel is compiled once per (E, n, I, r, dtype, device, with or without dropout mask); `n` is the fixed number
+of tokens of a full block, and the last, shorter block of a call runs the eager chain, so a new sequence length
+never compiles anything. It is an option, off by default: on the CPU it saves 3-5 % of a DynMoLE step at init
+but the first step compiles for about 15 s (2 s once inductor's disk cache holds the kernels), and it is not yet
+measured on a GPU. Switch it with `set_fused_chain(True)` or the environment variable `PEFT_MOLE_FUSED_CHAIN=on`.
+If compiling fails (inductor needs a C++ compiler on the CPU), one warning is logged and the eager chain runs
+from then on. Values and gradients equal the eager chain to rounding (tests/ops/test_fused_chain.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+ENV_VARIABLE = "PEFT_MOLE_FUSED_CHAIN"
+ENV_VALUES = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
+
+_state: dict[str, object] = {"enabled": None, "failed": False, "forward": None, "backward": None}
+
+
+def set_fused_chain(enabled: bool | None) -> None:
+    """Run full blocks of the dense chain compiled (True) or eagerly (False); None reads `PEFT_MOLE_FUSED_CHAIN`
+    again (unset: off). Also clears an earlier compile failure."""
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"set_fused_chain: enabled must be True, False or None, got {enabled!r}")
+    _state["enabled"], _state["failed"] = enabled, False
+
+
+def fused_chain_enabled() -> bool:
+    """Whether full blocks run the compiled kernels: the switch (or its environment variable), and no earlier
+    compile failure."""
+    if _state["failed"]:
+        return False
+    if _state["enabled"] is not None:
+        return bool(_state["enabled"])
+    value = os.environ.get(ENV_VARIABLE, "off").strip().lower()
+    if value not in ENV_VALUES:
+        raise ValueError(f"{ENV_VARIABLE} must be one of {sorted(ENV_VALUES)}, got {value!r}")
+    return ENV_VALUES[value]
+
+
+def _pair_inputs(gate, up, z_gate, b_gate, z_up, b_up):
+    """g_e, u_e (E, n, I). The frozen output is added after the product rather than by baddbmm, which would first
+    copy it into every expert's output (a pass over (E, n, I)); the addition fuses into the elementwise loop."""
+    return (torch.bmm(z_gate, b_gate.transpose(1, 2)) + gate.unsqueeze(0),
+            torch.bmm(z_up, b_up.transpose(1, 2)) + up.unsqueeze(0))
+
+
+def _forward_block(gate, up, z_gate, b_gate, z_up, b_up, weight, mask, down_a):
+    """(hidden (n, I), z2 (E, n, r)) of one block; b_* already scaled by s."""
+    g, u = _pair_inputs(gate, up, z_gate, b_gate, z_up, b_up)
+    weighted = F.silu(g) * u * weight  # w_e h_e (E, n, I)
+    down_input = weighted if mask is None else weighted * mask
+    return weighted.sum(0), torch.bmm(down_input, down_a.transpose(1, 2))
+
+
+def _backward_block(gate, up, z_gate, b_gate, z_up, b_up, weight, mask, grad_hidden, grad_z, down_a):
+    """Gradients of one block, from the recomputed g_e, u_e: (∂L/∂(W1 x), ∂L/∂(W3 x), ∂L/∂z1, ∂L/∂(s B1),
+    ∂L/∂z3, ∂L/∂(s B3), ∂L/∂w, ∂L/∂A2), the last three summed over the block's tokens where they are factors."""
+    g, u = _pair_inputs(gate, up, z_gate, b_gate, z_up, b_up)
+    sigmoid = torch.sigmoid(g)
+    activated = g * sigmoid
+    h = activated * u
+    delta = torch.bmm(grad_z, down_a)  # ∂L/∂z2 A2, (E, n, I)
+    if mask is None:
+        down_input = h * weight
+    else:
+        down_input = h * weight * mask
+        delta = delta * mask
+    delta = delta + grad_hidden  # δ
+    grad_weight = (delta * h).sum(-1, keepdim=True)
+    grad_h = delta * weight
+    grad_u = grad_h * activated
+    grad_g = grad_h * u * (sigmoid * (1 + g * (1 - sigmoid)))
+    return (
+        grad_g.sum(0), grad_u.sum(0),
+        torch.bmm(grad_g, b_gate), torch.bmm(grad_g.transpose(1, 2), z_gate),
+        torch.bmm(grad_u, b_up), torch.bmm(grad_u.transpose(1, 2), z_up),
+        grad_weight, torch.bmm(grad_z.transpose(1, 2), down_input),
+    )
+
+
+def _run(name: str, kernel, *args):
+    """The compiled `kernel` on `args` (compiled on first use), or None after a compile failure (logged once)."""
+    if _state["failed"]:
+        return None
+    compiled = _state[name]
+    if compiled is None:
+        compiled = _state[name] = torch.compile(kernel, dynamic=False)
+    try:
+        return compiled(*args)
+    except Exception as error:  # no C++ compiler, an unsupported backend: the eager chain is always there
+        _state["failed"] = True
+        logger.warning("peft_mole: compiling the fused expert chain failed (%s: %s); running it eagerly from now "
+                       "on. Set %s=off to skip the attempt.", type(error).__name__, error, ENV_VARIABLE)
+        return None
+
+
+def _contiguous(tensors: tuple) -> tuple:
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+def fused_forward_block(gate, up, z_gate, b_gate, z_up, b_up, weight, mask, down_a):
+    """`_forward_block` compiled, or None if it cannot be (then run the eager chain). The inputs are made
+    contiguous, so that their strides, and the compiled kernel, do not depend on the call's number of tokens."""
+    return _run("forward", _forward_block, *_contiguous((gate, up, z_gate, b_gate, z_up, b_up, weight, mask, down_a)))
+
+
+def fused_backward_block(gate, up, z_gate, b_gate, z_up, b_up, weight, mask, grad_hidden, grad_z, down_a):
+    """`_backward_block` compiled, or None if it cannot be; inputs as for `fused_forward_block`."""
+    return _run("backward", _backward_block,
+                *_contiguous((gate, up, z_gate, b_gate, z_up, b_up, weight, mask, grad_hidden, grad_z, down_a)))
