@@ -2,9 +2,9 @@
 # Issue 6, part 6: everything a GPU session measures, in one call (docs/performance.md, "GPU").
 # Writes each script's output to $OUT (or bench/results/gpu when OUT is unset). Each step has its own time limit,
 # so one slow or failing script leaves the others' figures intact.
-# Usage: bash bench/gpu_run.sh [tests medium profile multijob grouped generate compiled_generate compiled_train]
-# (default: all but compiled_generate and compiled_train, which need calls of their own: the medium shape compiles for
-# minutes; needs CUDA, and peft and transformers as pinned, see docs/performance.md)
+# Usage: bash bench/gpu_run.sh [tests medium profile multijob grouped generate compiled_generate compiled_train
+# fused_chain] (default: all but compiled_generate, compiled_train and fused_chain, which need calls of their own: the
+# medium shape compiles for minutes; needs CUDA, and peft and transformers as pinned, see docs/performance.md)
 set -u
 out=${OUT:-bench/results/gpu}
 mkdir -p "$out"
@@ -34,6 +34,7 @@ for part in "${parts[@]}"; do
             --impls peft_lora mixlora dynmole ;;
         compiled_train) run 400 compile_medium.jsonl python3 bench/compile_step.py --shape medium --repeats 5 \
             --impls peft_lora mixlora dynmole_sharp ;;
+        fused_chain) run 300 dynmole_fused_medium.jsonl python3 bench/dynmole_vs_mixlora.py --shape medium --repeats 3 ;;
         compiled_generate) run 300 generate_compiled_medium.jsonl python3 bench/generate_vs_base.py --shape medium \
             --new-tokens 32 --repeats 3 --compile --impls mixlora dynmole ;;
         *) echo "unknown part: $part" >&2 ;;

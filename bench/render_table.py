@@ -33,8 +33,7 @@ DESCRIPTIONS = {
     "dynmole_vs_mixlora": "DynMoLE step / MixLoRA top-2 step, routers {router_state} "
                           "({dynmole_experts_per_token:.2f} experts/token)",
     "dynmole_fused_chain": "DynMoLE step with the fused chain (option, `PEFT_MOLE_FUSED_CHAIN=on`) / the default "
-                           "DynMoLE step, routers {router_state}; {vs_mixlora_median:.2f}× MixLoRA, first-step "
-                           "compile {compile_s:.0f} s",
+                           "DynMoLE step, routers {router_state}; {vs_mixlora_median:.2f}× MixLoRA{compile_note}",
     "generate_vs_base": "{impl} greedy-generation tokens/s / base model tokens/s, KV cache (higher is better)",
     "generate_compiled_vs_base": "{impl} greedy generation with a static cache and torch.compile ({mode}) / the "
                                  "base model compiled alike (higher is better); {speedup_vs_eager:.2f}× its eager "
@@ -101,7 +100,8 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
     for row in rows:
         checkpointed = row.get("case") == "gradient_checkpointing"
         row = {**row, "checkpointing_flag": " --gradient-checkpointing" if checkpointed else "",
-               "checkpointing_note": " with gradient checkpointing" if checkpointed else ""}
+               "checkpointing_note": " with gradient checkpointing" if checkpointed else "",
+               "compile_note": f", first-step compile {row['compile_s']:.0f} s" if "compile_s" in row else ""}
         if row["name"] == "mole_vs_reference_skipped":
             print(f"| `mole_vs_reference`: not measured — {row['reason']} | | | | |")
         if row["name"] in COMMANDS and "ratio_median" not in row:  # the script recorded a failure

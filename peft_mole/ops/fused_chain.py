@@ -9,17 +9,17 @@ with B1, B3 already multiplied by the scaling s:
 and its backward (the formulas of `ops.dense_mixture`, with silu'(g) = σ(g) (1 + g (1 − σ(g))), σ the sigmoid).
 Run operator by operator, the elementwise part between the rank-r products is about fifteen passes over (E, n, I)
 values, each a separate kernel; torch.compile (inductor) fuses them into a few loops that keep the values in
-registers, and calls the same batched products. Measured on this repository's CPU (2 threads, E = 8, I = 1376,
-1024 tokens): the backward of a layer's chain 83 → 32-46 ms, the forward 23 → 15 ms (docs/performance.md,
-"DynMoLE at init").
+registers, and calls the same batched products, which are then about half of the time. Measured on this
+repository's CPU (2 threads, E = 8, I = 1376, 1024 tokens, in-process A/B): a layer's chain forward and backward
+86-101 → 75-81 ms (docs/performance.md, "DynMoLE").
 
 A kernel is compiled once per (E, n, I, r, dtype, device, with or without dropout mask); `n` is the fixed number
 of tokens of a full block, and the last, shorter block of a call runs the eager chain, so a new sequence length
-never compiles anything. It is an option, off by default: on the CPU it saves 3-5 % of a DynMoLE step at init
-but the first step compiles for about 15 s (2 s once inductor's disk cache holds the kernels), and it is not yet
-measured on a GPU. Switch it with `set_fused_chain(True)` or the environment variable `PEFT_MOLE_FUSED_CHAIN=on`.
-If compiling fails (inductor needs a C++ compiler on the CPU), one warning is logged and the eager chain runs
-from then on. Values and gradients equal the eager chain to rounding (tests/ops/test_fused_chain.py).
+never compiles anything. It is an option, off by default: on the CPU a DynMoLE step at init costs 0.95-1.00x the
+eager one (the chain is a third of the step) after a first step that compiles for 10-14 s (2-3 s once inductor's
+disk cache holds the kernels); it is meant for GPUs, where it is not yet measured. Switch it with
+`set_fused_chain(True)` or the environment variable `PEFT_MOLE_FUSED_CHAIN=on`. If compiling fails (inductor
+needs a C++ compiler on the CPU), one warning is logged and the eager chain runs from then on. Values and gradients equal the eager chain to rounding (tests/ops/test_fused_chain.py).
 """
 
 from __future__ import annotations

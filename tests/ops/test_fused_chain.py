@@ -198,18 +198,3 @@ def test_a_dynmole_training_step_with_the_fused_chain_equals_the_eager_step(fami
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     for grad, ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, ref, atol=1e-6, rtol=1e-4)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fused_blocks_on_cuda_equal_the_eager_chain(monkeypatch):
-    from peft_mole.ops import gated
-
-    monkeypatch.setattr(gated, "ACCELERATOR_BLOCK_ELEMENTS", TOKENS_PER_BLOCK * E * INTER)
-    args = {k: (tuple(t.detach().cuda().requires_grad_() for t in v) if isinstance(v, tuple)
-                else None if v is None else v.detach().cuda().requires_grad_(v.requires_grad))
-            for k, v in chain_inputs(13).items()}
-    counted = CountedKernels(monkeypatch)
-    found = values_and_gradients(args, True)
-    assert (counted.forward, counted.backward) == (2, 2)
-    reference = values_and_gradients(args, False)
-    torch.testing.assert_close(found, reference, rtol=1e-4, atol=1e-4)
