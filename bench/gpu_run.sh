@@ -34,7 +34,8 @@ for part in "${parts[@]}"; do
             --impls peft_lora mixlora dynmole ;;
         compiled_train) run 400 compile_medium.jsonl python3 bench/compile_step.py --shape medium --repeats 5 \
             --impls peft_lora mixlora dynmole_sharp ;;
-        fused_chain) run 300 dynmole_fused_medium.jsonl python3 bench/dynmole_vs_mixlora.py --shape medium --repeats 3 ;;
+        fused_chain) run 60 fused_chain_medium.jsonl python3 bench/fused_chain.py --shape medium
+            run 300 dynmole_fused_medium.jsonl python3 bench/dynmole_vs_mixlora.py --shape medium --repeats 3 ;;
         compiled_generate) run 300 generate_compiled_medium.jsonl python3 bench/generate_vs_base.py --shape medium \
             --new-tokens 32 --repeats 3 --compile --impls mixlora dynmole ;;
         *) echo "unknown part: $part" >&2 ;;

@@ -14,6 +14,7 @@ COMMANDS = {
     "mixlora_vs_lora": "python bench/mixlora_vs_lora.py --shape {shape} --dropout {dropout}",
     "dynmole_vs_mixlora": "python bench/dynmole_vs_mixlora.py --shape {shape}",
     "dynmole_fused_chain": "python bench/dynmole_vs_mixlora.py --shape {shape}",
+    "fused_chain": "python bench/fused_chain.py --shape {shape} --tokens {tokens}",
     "generate_vs_base": "python bench/generate_vs_base.py --shape {shape}",
     "generate_compiled_vs_base": "python bench/generate_vs_base.py --shape {shape} --compile",
     "multijob_speedup": "python bench/multijob_speedup.py --shape {shape} --jobs {jobs} --dropout {dropout}",
@@ -34,6 +35,8 @@ DESCRIPTIONS = {
                           "({dynmole_experts_per_token:.2f} experts/token)",
     "dynmole_fused_chain": "DynMoLE step with the fused chain (option, `PEFT_MOLE_FUSED_CHAIN=on`) / the default "
                            "DynMoLE step, routers {router_state}; {vs_mixlora_median:.2f}× MixLoRA{compile_note}",
+    "fused_chain": "one layer's dense chain alone ({experts} experts, {tokens} tokens, I = {width}), fwd+bwd, fused "
+                   "block kernels / eager ({fused_ms:.0f} vs {eager_ms:.0f} ms)",
     "generate_vs_base": "{impl} greedy-generation tokens/s / base model tokens/s, KV cache (higher is better)",
     "generate_compiled_vs_base": "{impl} greedy generation with a static cache and torch.compile ({mode}) / the "
                                  "base model compiled alike (higher is better); {speedup_vs_eager:.2f}× its eager "
@@ -84,6 +87,8 @@ def latest_rows(rows: list[dict]) -> list[dict]:
     "skipped" row is dropped once the measurement it stands for exists."""
     # compile_step rows from before it measured several impls (no "impl") are superseded by the per-impl rows
     rows = [row for row in rows if not (row["name"] == "compile_step" and "impl" not in row)]
+    # dynmole_fused_chain rows with sharp routers date from before the script timed the option at init only
+    rows = [row for row in rows if not (row["name"] == "dynmole_fused_chain" and row.get("router_state") == "sharp")]
     latest = {tuple(str(row.get(k)) for k in _IDENTITY): row for row in rows}
     measured = {row["name"] for row in latest.values()}
     return [row for row in latest.values()

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
     "mixlora_vs_lora": ["--shape", "tiny", "--repeats", "1"],
     "dynmole_vs_mixlora": ["--shape", "tiny", "--repeats", "1"],
+    "fused_chain": ["--shape", "tiny", "--tokens", "800", "--repeats", "1"],  # two full blocks: the kernels run
     "multijob_speedup": ["--shape", "tiny", "--repeats", "1", "--jobs", "2"],
     "saved_activations": ["--shape", "tiny"],
     "options_step": ["--shape", "tiny", "--repeats", "1", "--options", "checkpointing", "bf16_autocast", "fp16_autocast"],

@@ -49,13 +49,13 @@ def _token_blocks(num_experts: int, num_tokens: int, width: int, device: torch.d
     return [slice(start, start + tokens) for start in range(0, num_tokens, tokens)]
 
 
-def _full_blocks(ctx, act_fn, tensors: tuple, blocks: list[slice], num_tokens: int) -> set[int]:
+def _fused_block_indices(act_fn, frozen: tuple, adapter: tuple, blocks: list[slice], num_tokens: int) -> set[int]:
     """Indices of the blocks that run the compiled kernels of `ops.fused_chain`: the full blocks (never the last,
-    shorter one) when the switch is on, σ is SiLU, gate and up both have experts (`tensors` holds no None), every
-    rank is above 0, autocast is off and every tensor has one dtype."""
-    first = tensors[0]
-    if (ctx.autocast[1] or not is_plain_silu(act_fn) or any(t is None or t.numel() == 0 for t in tensors)
-            or not fused_chain_enabled() or any(t.dtype != first.dtype for t in tensors)):
+    shorter one) when the switch is on, σ is SiLU, gate and up both have experts and every rank is above 0 (no
+    None or empty tensor among `adapter`), and the `frozen` tensors (gate, up, w, mask, ∂L/∂hidden) share a dtype.
+    The adapter tensors may have another: the kernels compute the products in it, as the eager chain does."""
+    if (not is_plain_silu(act_fn) or any(t is None or t.numel() == 0 for t in adapter) or not fused_chain_enabled()
+            or len({t.dtype for t in frozen if t is not None}) != 1):
         return set()
     tokens = blocks[0].stop - blocks[0].start
     return {i for i, block in enumerate(blocks) if block.stop <= num_tokens and block.stop - block.start == tokens}
@@ -77,8 +77,8 @@ def chain_block_backward(ctx, g, u, w, mask, delta_z, grad_hidden, want_weight: 
     ∂L/∂A2 = ∂L/∂z2ᵀ (m ⊙ w h) from the input returned, expert by expert: a block of pairs may span several experts.
 
     Shapes: g, u, delta_z (..., n, I); w (..., n, 1); mask, grad_hidden (n, I) (broadcast over experts). `ctx`
-    carries act_fn and the forward's autocast state. σ' comes from autograd on the recomputed σ(g); for nn.SiLU
-    from its derivative kernel directly (the one autograd calls).
+    carries act_fn and the forward's autocast state. σ' comes from autograd on the recomputed σ(g); for SiLU
+    (`gated.is_plain_silu`) from its derivative kernel directly (the one autograd calls).
     """
     device, autocast_on, autocast_dtype = ctx.autocast
     act_fn = ctx.act_fn
@@ -114,14 +114,14 @@ class _DenseGatedMixture(torch.autograd.Function):
         hidden = gate.new_empty(num_tokens, width)
         z_down = a_t.new_empty(num_experts, num_tokens, a_t.shape[2])
         blocks = _token_blocks(num_experts, num_tokens, width, gate.device)
-        fused = _full_blocks(ctx, act_fn, (gate, up, z_gate, b_gate, z_up, b_up, weight, down_a)
-                             + (() if mask is None else (mask,)), blocks, num_tokens)
+        fused = _fused_block_indices(act_fn, (gate, up, weight, mask), (z_gate, b_gate, z_up, b_up, down_a), blocks,
+                                     num_tokens)
         scaled = (b_gate * scaling, b_up * scaling) if fused else None
         with torch.autocast(device, enabled=False):
             for index, block in enumerate(blocks):
                 out = None if index not in fused else fused_forward_block(
-                    gate[block], up[block], z_gate[:, block], scaled[0], z_up[:, block], scaled[1],
-                    weight[:, block], None if mask is None else mask[block], down_a)
+                    gate[block], up[block], weight[:, block], None if mask is None else mask[block],
+                    z_gate[:, block].to(compute_dtype), scaled[0], z_up[:, block], scaled[1], down_a)
                 if out is not None:
                     hidden[block], z_down[:, block] = out
                     continue
@@ -157,14 +157,15 @@ class _DenseGatedMixture(torch.autograd.Function):
         cd, scaling = ctx.compute_dtype, ctx.scaling
         a_cd = down_a.to(cd)
         blocks = _token_blocks(num_experts, num_tokens, width, gate.device)
-        fused = _full_blocks(ctx, ctx.act_fn, (gate, up, z_gate, b_gate, z_up, b_up, weight, down_a, grad_hidden,
-                                               grad_z_down) + (() if mask is None else (mask,)), blocks, num_tokens)
+        fused = _fused_block_indices(ctx.act_fn, (gate, up, weight, mask, grad_hidden),
+                                     (z_gate, b_gate, z_up, b_up, down_a), blocks, num_tokens)
         scaled = (b_gate * scaling, b_up * scaling) if fused else None
         with torch.autocast(device, enabled=False):
             for index, block in enumerate(blocks):
                 out = None if index not in fused else fused_backward_block(
-                    gate[block], up[block], z_gate[:, block], scaled[0], z_up[:, block], scaled[1], weight[:, block],
-                    None if mask is None else mask[block], grad_hidden[block], grad_z_down[:, block], down_a)
+                    gate[block], up[block], weight[:, block], None if mask is None else mask[block],
+                    grad_hidden[block], z_gate[:, block].to(cd), scaled[0], z_up[:, block], scaled[1],
+                    grad_z_down[:, block], down_a)
                 if out is not None:
                     _add_fused_gradients(grads, out, block, scaling)
                     continue
@@ -193,7 +194,7 @@ class _DenseGatedMixture(torch.autograd.Function):
 def _add_fused_gradients(grads: dict, out: tuple, block: slice, scaling: float) -> None:
     """Put one block's gradients from `ops.fused_chain.fused_backward_block` where the eager chain puts them. The
     kernel's B gradients are with respect to s·B, hence times s; its z gradients already carry s (from s·B)."""
-    grad_gate, grad_up, grad_z_gate, grad_b_gate, grad_z_up, grad_b_up, grad_weight, grad_down_a = out
+    grad_gate, grad_up, grad_weight, grad_z_gate, grad_b_gate, grad_z_up, grad_b_up, grad_down_a = out
     for name, value in (("gate", grad_gate), ("up", grad_up)):
         if grads[name] is not None:
             grads[name][block] = value

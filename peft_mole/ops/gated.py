@@ -86,8 +86,8 @@ def _gradients(ctx, gate, up, weight, grad, out_gate=None, out_up=None, out_weig
     """(∂L/∂g, ∂L/∂u, ∂L/∂w) on one block, None for what is not needed; each into its `out_*` tensor when given.
 
     With `out_weight` (rows, 1) ∂L/∂w is summed over I; without it, it is ∂L/∂y ⊙ σ(g) ⊙ u, to be summed.
-    σ' comes from autograd on the recomputed σ(g); for nn.SiLU from its derivative kernel directly (the same one
-    autograd calls), which writes into `out_gate`.
+    σ' comes from autograd on the recomputed σ(g); for SiLU (`is_plain_silu`) from its derivative kernel directly
+    (the same one autograd calls), which writes into `out_gate`.
     """
     device, autocast_on, autocast_dtype = ctx.autocast
     silu = out_gate is not None and is_plain_silu(ctx.act_fn)
