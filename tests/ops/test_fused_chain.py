@@ -153,6 +153,36 @@ def test_a_compile_failure_falls_back_to_the_eager_chain_with_one_warning(monkey
     torch.testing.assert_close(found, reference)
 
 
+def test_a_failure_midway_through_the_backward_keeps_the_gradients_exact(monkeypatch, caplog):
+    """The first backward block runs compiled and adds its part of the summed gradients; the second fails and the
+    eager chain takes over from there: the sums are still whole. Out of memory is raised, not swallowed."""
+    args = chain_inputs(13)
+    reference = values_and_gradients(args, False)
+    values_and_gradients(args, True)  # compiles the kernels
+    compiled_backward, calls = fused_chain._state["backward"], []
+
+    def failing_second_call(*tensors):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("kernel failed")
+        return compiled_backward(*tensors)
+
+    monkeypatch.setitem(fused_chain._state, "backward", failing_second_call)
+    with caplog.at_level(logging.WARNING, logger="peft_mole.ops.fused_chain"):
+        found = values_and_gradients(args)
+    assert len(calls) == 2 and not fused_chain_enabled()
+    torch.testing.assert_close(found, reference)
+
+    def out_of_memory(*tensors):
+        raise torch.OutOfMemoryError("no memory left")
+
+    set_fused_chain(True)
+    monkeypatch.setitem(fused_chain._state, "forward", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="no memory left"):
+        values_and_gradients(args)
+    assert fused_chain_enabled()
+
+
 def test_off_by_default_and_the_switch_and_its_environment_variable(monkeypatch):
     counted = CountedKernels(monkeypatch)
     assert not fused_chain_enabled()
