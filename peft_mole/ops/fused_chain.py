@@ -60,7 +60,7 @@ def fused_chain_enabled() -> bool:
     return ENV_VALUES[value]
 
 
-def _pair_inputs(gate, up, z_gate, b_gate, z_up, b_up):
+def _experts_gate_and_up(gate, up, z_gate, b_gate, z_up, b_up):
     """g_e, u_e (E, n, I) in the frozen outputs' dtype, the products in the adapters' (as `ops.dense_mixture`). The
     frozen output is added after the product rather than by baddbmm, which would first copy it into every expert's
     output (a pass over (E, n, I)); the addition fuses into the elementwise loop."""
@@ -71,7 +71,7 @@ def _pair_inputs(gate, up, z_gate, b_gate, z_up, b_up):
 
 def _forward_block(gate, up, z_gate, b_gate, z_up, b_up, weight, mask, down_a):
     """(hidden (n, I) in the frozen dtype, z2 (E, n, r) in the products'); b_* already scaled by s."""
-    g, u = _pair_inputs(gate, up, z_gate, b_gate, z_up, b_up)
+    g, u = _experts_gate_and_up(gate, up, z_gate, b_gate, z_up, b_up)
     weighted = F.silu(g) * u * weight  # w_e h_e (E, n, I)
     down_input = weighted if mask is None else weighted * mask
     return weighted.sum(0), torch.bmm(down_input.to(down_a.dtype), down_a.transpose(1, 2))
@@ -81,7 +81,7 @@ def _backward_block(gate, up, z_gate, b_gate, z_up, b_up, weight, mask, grad_hid
     """Gradients of one block, from the recomputed g_e, u_e: (∂L/∂(W1 x), ∂L/∂(W3 x), ∂L/∂w) in the frozen dtype
     and (∂L/∂z1, ∂L/∂(s B1), ∂L/∂z3, ∂L/∂(s B3), ∂L/∂A2) in the products', the B and A2 ones summed over the
     block's tokens."""
-    g, u = _pair_inputs(gate, up, z_gate, b_gate, z_up, b_up)
+    g, u = _experts_gate_and_up(gate, up, z_gate, b_gate, z_up, b_up)
     products = z_gate.dtype
     sigmoid = torch.sigmoid(g)
     activated = g * sigmoid
