@@ -1,5 +1,29 @@
-"""Shared cases of the blockwise mixture tests (tests/ops/test_dense_mixture.py, test_pair_mixture.py): which
-gate/up experts and dropout a case has, the tensors it differentiates, and the function form gradcheck takes."""
+"""Shared cases of the blockwise mixture tests (tests/ops/test_dense_mixture.py, test_pair_mixture.py,
+test_fused_chain.py): the dense chain's inputs, which gate/up experts and dropout a case has, the tensors it
+differentiates, and the function form gradcheck takes."""
+
+import torch
+
+
+def dense_inputs(num_experts: int, num_tokens: int, width: int, rank: int, dtype=torch.float64, seed: int = 0,
+                 mask: bool = True) -> dict:
+    """Random leaves for `ops.dense_mixture.dense_gated_mixture`: one unselected pair (weight 0) and a dropout
+    mask (p = 0.3) unless `mask` is False."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, dtype=dtype, generator=gen)).requires_grad_()
+
+    weight = torch.rand(num_experts, num_tokens, 1, dtype=dtype, generator=gen)
+    weight[0, 2] = 0.0  # an unselected pair
+    drop = (torch.rand(num_tokens, width, dtype=dtype, generator=gen) > 0.3).to(dtype) / 0.7
+    return dict(
+        gate=leaf(num_tokens, width), up=leaf(num_tokens, width), weight=weight.requires_grad_(),
+        down_a=leaf(num_experts, rank, width, scale=0.5), mask=drop if mask else None,
+        gate_lora=(leaf(num_experts, num_tokens, rank), leaf(num_experts, width, rank, scale=0.5)),
+        up_lora=(leaf(num_experts, num_tokens, rank), leaf(num_experts, width, rank, scale=0.5)),
+    )
+
 
 VARIANTS = {
     "gate_up_experts_dropout": lambda a: a,

@@ -8,26 +8,14 @@ from torch import nn
 
 from peft_mole.ops import dense_mixture
 from peft_mole.ops.dense_mixture import dense_gated_mixture
-from tests.ops.mixture_cases import VARIANTS, as_function, leaves
+from tests.ops.mixture_cases import VARIANTS, as_function, dense_inputs, leaves
 
 E, N, INTER, R = 3, 7, 5, 2  # experts, tokens, intermediate size, rank
 SCALE = 1.5
 
 
 def inputs(dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-
-    def leaf(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, dtype=dtype, generator=gen)).requires_grad_()
-
-    weight = torch.rand(E, N, 1, dtype=dtype, generator=gen)
-    weight[0, 2] = 0.0  # an unselected pair
-    mask = (torch.rand(N, INTER, dtype=dtype, generator=gen) > 0.3).to(dtype) / 0.7
-    return dict(
-        gate=leaf(N, INTER), up=leaf(N, INTER), weight=weight.requires_grad_(), down_a=leaf(E, R, INTER, scale=0.5),
-        mask=mask, gate_lora=(leaf(E, N, R), leaf(E, INTER, R, scale=0.5)),
-        up_lora=(leaf(E, N, R), leaf(E, INTER, R, scale=0.5)),
-    )
+    return dense_inputs(E, N, INTER, R, dtype, seed)
 
 
 def plain(gate, up, weight, act_fn, down_a, mask=None, gate_lora=None, up_lora=None, scaling=1.0):

@@ -11,6 +11,7 @@ from torch import nn
 from peft_mole.ops import dense_mixture, fused_chain
 from peft_mole.ops.dense_mixture import dense_gated_mixture
 from peft_mole.ops.fused_chain import fused_chain_enabled, set_fused_chain
+from tests.ops.mixture_cases import dense_inputs, leaves
 
 E, INTER, R = 4, 24, 3
 TOKENS_PER_BLOCK = 5
@@ -26,24 +27,7 @@ def small_blocks(monkeypatch):
 
 
 def chain_inputs(num_tokens, dtype=torch.float32, seed=0, mask=True):
-    gen = torch.Generator().manual_seed(seed)
-
-    def leaf(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, dtype=dtype, generator=gen)).requires_grad_()
-
-    weight = torch.rand(E, num_tokens, 1, dtype=dtype, generator=gen)
-    weight[1, 0] = 0.0  # an unselected pair
-    drop = (torch.rand(num_tokens, INTER, dtype=dtype, generator=gen) > 0.25).to(dtype) / 0.75
-    return dict(
-        gate=leaf(num_tokens, INTER), up=leaf(num_tokens, INTER), weight=weight.requires_grad_(),
-        down_a=leaf(E, R, INTER, scale=0.5), mask=drop if mask else None,
-        gate_lora=(leaf(E, num_tokens, R), leaf(E, INTER, R, scale=0.5)),
-        up_lora=(leaf(E, num_tokens, R), leaf(E, INTER, R, scale=0.5)),
-    )
-
-
-def leaves(args):
-    return [args["gate"], args["up"], args["weight"], args["down_a"], *args["gate_lora"], *args["up_lora"]]
+    return dense_inputs(E, num_tokens, INTER, R, dtype, seed, mask)
 
 
 def values_and_gradients(args, fused=None, act_fn=None):
