@@ -54,7 +54,7 @@ def _fused_block_indices(act_fn, frozen: tuple, adapter: tuple, blocks: list[sli
     shorter one) when the switch is on, σ is SiLU, gate and up both have experts and every rank is above 0 (no
     None or empty tensor among `adapter`), and the `frozen` tensors (gate, up, w, mask, ∂L/∂hidden) share a dtype.
     The adapter tensors may have another: the kernels compute the products in it, as the eager chain does."""
-    if (not is_plain_silu(act_fn) or any(t is None or t.numel() == 0 for t in adapter) or not fused_chain_enabled()
+    if (not fused_chain_enabled() or not is_plain_silu(act_fn) or any(t is None or t.numel() == 0 for t in adapter)
             or len({t.dtype for t in frozen if t is not None}) != 1):
         return set()
     tokens = blocks[0].stop - blocks[0].start
