@@ -34,6 +34,7 @@ from peft import get_peft_model
 
 import peft_mole
 from peft_mole.diagnostics import layer_stats
+from peft_mole.ops.experts import DENSE_FRACTION
 from peft_mole.ops.fused_chain import fused_blocks_run, set_fused_chain
 
 
@@ -102,7 +103,10 @@ def main() -> None:
         fused = rows["dynmole_fused_chain"]
         if fused_blocks_run() == blocks_before:  # a compile failure (logged), or no dense layer with a full block
             emit({"name": "dynmole_fused_chain", "shape": args.shape, "router_state": state,
-                  "error": "the compiled kernels never ran: the fused rows timed the eager chain"})
+                  "error": f"the compiled kernels never ran: the fused rows timed the eager chain ({per_token:.2f} "
+                           f"experts/token; the dense chain runs where at least {DENSE_FRACTION:.0%} of the "
+                           f"{dynmole.peft_config['default'].num_experts} experts are selected, else a compile "
+                           "failure, logged)"})
             continue
         emit({
             "name": "dynmole_fused_chain", "shape": args.shape, "router_state": state,

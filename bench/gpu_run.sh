@@ -2,10 +2,13 @@
 # Issue 6, part 6: everything a GPU session measures, in one call (docs/performance.md, "GPU").
 # Writes each script's output to $OUT (or bench/results/gpu when OUT is unset). Each step has its own time limit,
 # so one slow or failing script leaves the others' figures intact.
-# Usage: bash bench/gpu_run.sh [tests medium profile multijob grouped generate compiled_generate compiled_train
-# fused_chain] (default: all but compiled_generate, compiled_train and fused_chain, which need calls of their own: the
+# Usage: bash bench/gpu_run.sh [tests medium medium_autocast profile multijob grouped generate compiled_generate
+# compiled_train fused_chain] (default: all but compiled_generate, compiled_train and fused_chain, which need calls of their own: the
 # medium shape compiles for minutes; needs CUDA, and peft and transformers as pinned, see docs/performance.md)
+# GPU_DEADLINE_S=<seconds>: no part runs past that many seconds from the start (parts cut short or skipped), so a call
+# of several parts ends inside the device tool's limit with every finished part's figures.
 set -u
+deadline=${GPU_DEADLINE_S:-100000}
 out=${OUT:-bench/results/gpu}
 mkdir -p "$out"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.:bench PYTHONUNBUFFERED=1
@@ -14,19 +17,25 @@ python3 -c "import torch, transformers, peft; print(torch.__version__, transform
     | tee -a "$out/machine.txt"
 
 run() {  # run <seconds> <log name> <command...>
-    local limit=$1 log=$2
+    local limit=$1 log=$2 left=$((deadline - SECONDS))
     shift 2
+    if [ "$left" -lt 15 ]; then
+        echo "$log: skipped, ${left} s left before GPU_DEADLINE_S" | tee -a "$out/machine.txt"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     local start=$SECONDS
     timeout "$limit" "$@" >"$out/$log" 2>&1
     echo "$log: exit $? in $((SECONDS - start)) s" | tee -a "$out/machine.txt"
 }
 
 parts=("$@")
-[ $# -eq 0 ] && parts=(tests medium profile multijob grouped generate)
+[ $# -eq 0 ] && parts=(medium medium_autocast tests multijob profile generate)
 for part in "${parts[@]}"; do
     case $part in
-        tests) run 150 gpu_tests.log python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
+        tests) run 240 gpu_tests.log python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
         medium) run 120 gpu_medium.jsonl python3 bench/gpu_medium.py --repeats 5 ;;
+        medium_autocast) run 120 gpu_medium_autocast.jsonl python3 bench/gpu_medium.py --repeats 5 --autocast bf16 ;;
         profile) run 110 profile_medium.log python3 bench/profile_step.py --shape medium --steps 2 ;;
         multijob) run 110 multijob_medium.jsonl python3 bench/multijob_speedup.py --shape medium --jobs 4 8 --repeats 5 ;;
         grouped) run 30 grouped_cuda.jsonl python3 bench/grouped_products.py --repeats 20 ;;

@@ -24,15 +24,15 @@ COMMANDS = {
     "eval_throughput": "python bench/eval_throughput.py --shape {shape} --adapters {adapters}",
     "compile_step": "python bench/compile_step.py --shape {shape} --impls {impl}{checkpointing_flag}",
     "grouped_products": "python bench/grouped_products.py",
+    "gpu_busy": "python bench/profile_step.py --shape {shape} --impls {impl}",
     "host_time": "python bench/host_time.py --jobs {jobs} --dropout {dropout}",
     "mole_vs_reference": "python bench/mole_vs_reference.py --peers-python PEERS/bin/python",
     "options_step": "python bench/options_step.py --shape {shape} --options {impl}",
     "saved_activations": "python bench/saved_activations.py --shape {shape}",
 }
 DESCRIPTIONS = {
-    "mixlora_vs_lora": "MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout {dropout}",
-    "dynmole_vs_mixlora": "DynMoLE step / MixLoRA top-2 step, routers {router_state} "
-                          "({dynmole_experts_per_token:.2f} experts/token)",
+    "mixlora_vs_lora": "MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout {dropout}{autocast_note}",
+    "dynmole_vs_mixlora": "DynMoLE step / MixLoRA top-2 step, routers {router_state}{experts_note}{autocast_note}",
     "dynmole_fused_chain": "DynMoLE step with the fused chain (option, `PEFT_MOLE_FUSED_CHAIN=on`) / the default "
                            "DynMoLE step, routers {router_state}; {vs_mixlora_median:.2f}× MixLoRA{compile_note}",
     "fused_chain": "one layer's dense chain alone ({experts} experts, {tokens} tokens, I = {width}), fwd+bwd, fused "
@@ -57,6 +57,8 @@ DESCRIPTIONS = {
     "eval_throughput": "adapters evaluated per minute, {adapters} in one pass / one at a time ({questions} questions; "
                        "{adapters_per_min_one_pass:.0f} vs {adapters_per_min_one_at_a_time:.0f} per minute)",
 }
+DESCRIPTIONS["gpu_busy"] = ("{impl} step: GPU busy time / wall time ({kernels_per_step} kernels, "
+                            "{kernel_ms_per_step:.0f} of {wall_ms_per_step:.0f} ms; higher is better)")
 DESCRIPTIONS["saved_activations"] = ("{impl}: activations saved for the backward (one training forward) / PEFT "
                                       "LoRA's ({saved_mb:.0f} vs {lora_saved_mb:.0f} MB)")
 DESCRIPTIONS["grouped_products"] = ("row-segment products (experts, LoRA jobs), `torch._grouped_mm` / a loop of "
@@ -79,7 +81,7 @@ def _value(name: str, value: float) -> str:
 
 
 _IDENTITY = ("name", "shape", "impl", "jobs", "rows_per_job", "dropout", "reference", "router_state", "adapters",
-             "questions", "new_tokens", "case")
+             "questions", "new_tokens", "case", "autocast")
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -97,6 +99,8 @@ def latest_rows(rows: list[dict]) -> list[dict]:
 
 def ratio_table(path: Path, rows: list[dict]) -> None:
     rows = latest_rows([{"dropout": 0.05, **r} if r["name"] == "multijob_speedup" else r for r in rows])
+    rows = [{**r, "ratio_median": r["gpu_busy_fraction"], "ratio_min": r["gpu_busy_fraction"]}
+            if r["name"] == "gpu_busy" else r for r in rows]
     device = next((r["device"] for r in rows if "device" in r), "?")
     torch_version = next((r["torch"] for r in rows if "torch" in r), "?")
     print(f"Source: `bench/results/{path.name}` (device: {device}, torch {torch_version})\n")
@@ -106,7 +110,10 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
         checkpointed = row.get("case") == "gradient_checkpointing"
         row = {**row, "checkpointing_flag": " --gradient-checkpointing" if checkpointed else "",
                "checkpointing_note": " with gradient checkpointing" if checkpointed else "",
-               "compile_note": f", first-step compile {row['compile_s']:.0f} s" if "compile_s" in row else ""}
+               "compile_note": f", first-step compile {row['compile_s']:.0f} s" if "compile_s" in row else "",
+               "autocast_note": ", bf16 autocast" if row.get("autocast") == "bf16" else "",
+               "experts_note": (f" ({row['dynmole_experts_per_token']:.2f} experts/token)"
+                                if "dynmole_experts_per_token" in row else "")}
         if row["name"] == "mole_vs_reference_skipped":
             print(f"| `mole_vs_reference`: not measured — {row['reason']} | | | | |")
         if row["name"] in COMMANDS and "ratio_median" not in row:  # the script recorded a failure
@@ -115,6 +122,9 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
         elif row["name"] in COMMANDS:
             description = DESCRIPTIONS[row["name"]].format(**row)
             command = COMMANDS[row["name"]].format(**row)
+            if "script" in row:  # a ratio measured by another script (bench/gpu_medium.py: all GPU step ratios)
+                command = f"python bench/{row['script']}.py --shape {row['shape']}"
+                command += " --autocast bf16" if row.get("autocast") == "bf16" else ""
             print(f"| `{row['name']}`: {description} | {row['shape']} | {_value(row['name'], row['ratio_median'])} "
                   f"| {_value(row['name'], row['ratio_min'])} | `{command}` |")
 

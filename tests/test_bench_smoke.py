@@ -76,6 +76,30 @@ def test_render_table_renders_every_ratio(rows, tmp_path):
         assert f"| `{name}`:" in table.stdout, name
 
 
+def test_render_table_renders_gpu_rows(tmp_path):
+    """The GPU run's rows (bench/gpu_run.sh): `gpu_busy` from the profile, and step ratios that bench/gpu_medium.py
+    measured (its own command, no experts-per-token field)."""
+    rows = [
+        {"name": "gpu_busy", "shape": "medium", "impl": "mixlora", "kernels_per_step": 17120,
+         "kernel_ms_per_step": 249.0, "wall_ms_per_step": 625.0, "gpu_busy_fraction": 0.398},
+        {"name": "dynmole_vs_mixlora", "script": "gpu_medium", "shape": "medium", "router_state": "init",
+         "dropout": 0.05, "ratio_median": 1.47, "ratio_min": 1.43},
+        {"name": "mixlora_vs_lora", "script": "gpu_medium", "shape": "medium", "router_state": "init",
+         "dropout": 0.05, "autocast": "bf16", "ratio_median": 1.25, "ratio_min": 1.2},
+    ]
+    results = tmp_path / "h200-smoke.jsonl"
+    results.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    table = subprocess.run([sys.executable, str(ROOT / "bench" / "render_table.py"), str(results)],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert table.returncode == 0, table.stderr[-3000:]
+    assert ("| `gpu_busy`: mixlora step: GPU busy time / wall time (17120 kernels, 249 of 625 ms; higher is better) "
+            "| medium | 0.40× | 0.40× | `python bench/profile_step.py --shape medium --impls mixlora` |") in table.stdout
+    assert ("| `dynmole_vs_mixlora`: DynMoLE step / MixLoRA top-2 step, routers init | medium | 1.47× | 1.43× "
+            "| `python bench/gpu_medium.py --shape medium` |") in table.stdout
+    assert ("| `mixlora_vs_lora`: MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout 0.05, bf16 autocast | medium "
+            "| 1.25× | 1.20× | `python bench/gpu_medium.py --shape medium --autocast bf16` |") in table.stdout
+
+
 def test_profile_step_breaks_each_step_down():
     rows = {row["impl"]: row["ms_per_step"] for row in run_script("profile_step", ["--shape", "tiny", "--steps", "1"])
             if row["name"] == "profile_step"}
