@@ -8,7 +8,7 @@ from torch import nn
 
 from peft_mole.ops import gated
 from peft_mole.ops.experts import dispatch
-from peft_mole.ops.pair_mixture import pair_gated_mixture
+from peft_mole.ops.pair_mixture import _pair_outputs, _Segments, pair_gated_mixture
 from tests.ops.mixture_cases import VARIANTS, as_function, leaves
 
 E, N, INTER, R = 4, 6, 5, 2  # experts, tokens, intermediate size, rank
@@ -157,6 +157,21 @@ def test_under_cpu_autocast_the_products_stay_in_the_adapter_dtype():
     plain_hidden, plain_z = pair_gated_mixture(**run, **args16)
     assert hidden.dtype == torch.bfloat16 and z.dtype == torch.float32
     assert torch.equal(hidden, plain_hidden) and torch.equal(z, plain_z)
+
+
+def test_bf16_frozen_outputs_with_fp32_adapters_are_rounded_once():
+    """A bf16 base with fp32 adapters (PEFT's default), no autocast: each pair's frozen[t] + B_e z_p is summed in fp32
+    and rounded once to bf16, without an fp32 copy of the frozen rows."""
+    gen = torch.Generator().manual_seed(0)
+    frozen = torch.randn(N, INTER, generator=gen).bfloat16()
+    tokens, counts = torch.tensor([0, 3, 5, 1, 1, 4, 2]), [3, 0, 4]  # expert 1: no pairs
+    z, lora_b = torch.randn(7, R, generator=gen), torch.randn(3, INTER, R, generator=gen)
+    segments, before = _Segments([(0, slice(0, 3)), (2, slice(3, 7))], None), frozen.clone()
+    got = _pair_outputs(frozen, tokens, z, lora_b, segments, torch.float32)
+    expert = torch.repeat_interleave(torch.arange(3), torch.tensor(counts))
+    want = (frozen[tokens].float() + torch.einsum("pr,pir->pi", z, lora_b[expert])).bfloat16()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert torch.equal(frozen, before)  # the sums go into a gathered copy: the frozen outputs are unchanged
 
 
 def test_bad_shapes_are_named():
