@@ -67,10 +67,23 @@ def random_batch(shape: str, vocab: int, seed: int = 0) -> dict[str, torch.Tenso
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def train_step_fn(model, batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None = None) -> Callable[[], None]:
+OPTIMS = ("adamw_torch", "adamw_torch_fused")  # TrainingArguments' names: the foreach AdamW, and the fused one (its
+# default since torch 2.8, which MultiJobTrainer's jobs get too)
+
+
+def adamw(params, optim: str = "adamw_torch") -> torch.optim.AdamW:
+    """AdamW(lr 1e-4) as `TrainingArguments(optim=optim)` builds it: `adamw_torch_fused` steps every tensor of the
+    optimizer in one fused kernel."""
+    if optim not in OPTIMS:
+        raise ValueError(f"optim must be one of {OPTIMS}, got {optim!r}")
+    return torch.optim.AdamW(params, lr=1e-4, fused=optim == "adamw_torch_fused")
+
+
+def train_step_fn(model, batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None = None,
+                  optim: str = "adamw_torch") -> Callable[[], None]:
     """One step = forward + backward + AdamW step (BENCH.md); forward and loss under autocast when a dtype is given."""
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], optim)
 
     def step() -> None:
         with torch.autocast(device().type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):

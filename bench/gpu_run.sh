@@ -2,9 +2,10 @@
 # Issue 6, part 6: everything a GPU session measures, in one call (docs/performance.md, "GPU").
 # Writes each script's output to $OUT (or bench/results/gpu when OUT is unset). Each step has its own time limit,
 # so one slow or failing script leaves the others' figures intact.
-# Usage: bash bench/gpu_run.sh [tests medium medium_autocast profile multijob grouped generate compiled_generate
-# compiled_train fused_chain] (default: all but compiled_generate, compiled_train and fused_chain, which need calls of their own: the
-# medium shape compiles for minutes; needs CUDA, and peft and transformers as pinned, see docs/performance.md)
+# Usage: bash bench/gpu_run.sh [tests medium medium_autocast profile multijob multijob_fused grouped generate
+# compiled_generate compiled_train fused_chain]. Default: medium medium_autocast tests multijob multijob_fused profile
+# generate; the others need calls of their own (the medium shape compiles for minutes). Needs CUDA, and peft and
+# transformers as pinned (docs/performance.md).
 # GPU_DEADLINE_S=<seconds>: no part runs past that many seconds from the start (parts cut short or skipped), so a call
 # of several parts ends inside the device tool's limit with every finished part's figures.
 set -u
@@ -30,7 +31,7 @@ run() {  # run <seconds> <log name> <command...>
 }
 
 parts=("$@")
-[ $# -eq 0 ] && parts=(medium medium_autocast tests multijob profile generate)
+[ $# -eq 0 ] && parts=(medium medium_autocast tests multijob multijob_fused profile generate)
 for part in "${parts[@]}"; do
     case $part in
         tests) run 240 gpu_tests.log python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
@@ -38,6 +39,8 @@ for part in "${parts[@]}"; do
         medium_autocast) run 120 gpu_medium_autocast.jsonl python3 bench/gpu_medium.py --repeats 5 --autocast bf16 ;;
         profile) run 110 profile_medium.log python3 bench/profile_step.py --shape medium --steps 2 ;;
         multijob) run 110 multijob_medium.jsonl python3 bench/multijob_speedup.py --shape medium --jobs 4 8 --repeats 5 ;;
+        multijob_fused) run 110 multijob_fused_medium.jsonl python3 bench/multijob_speedup.py --shape medium --jobs 4 8 \
+            --repeats 5 --optim adamw_torch_fused ;;
         grouped) run 30 grouped_cuda.jsonl python3 bench/grouped_products.py --repeats 20 ;;
         generate) run 60 generate_medium.jsonl python3 bench/generate_vs_base.py --shape medium --new-tokens 32 --repeats 2 \
             --impls peft_lora mixlora dynmole ;;

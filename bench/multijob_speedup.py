@@ -5,7 +5,9 @@ vs the same jobs trained one after another with plain PEFT LoRA, same rows per j
 
 (what batching the frozen base alone can gain). Each job: LoRA r 16, alpha 32, dropout 0.05 on q,k,v,o,gate,up,down,
 its own AdamW; b_i = --rows-per-job rows of the shape's sequence length. Step = forward + backward + optimizer(s).
-Usage: python bench/multijob_speedup.py [--shape small] [--jobs 2 4 8] [--repeats 10]
+--optim adamw_torch_fused gives every AdamW (the jobs' and the PEFT baseline's) one fused kernel per step, as
+`TrainingArguments`' default since torch 2.8 does; rows then carry `optim` (absent: the foreach AdamW).
+Usage: python bench/multijob_speedup.py [--shape small] [--jobs 2 4 8] [--repeats 10] [--optim adamw_torch_fused]
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import torch
 from common import (
     BATCH,
+    OPTIMS,
+    adamw,
     base_model,
     device,
     emit,
@@ -47,12 +51,12 @@ def base_step_fn(model, batch):
     return step
 
 
-def mixed_step_fn(model: MultiJobModel, batch, jobs: list[str], rows_per_job: int):
+def mixed_step_fn(model: MultiJobModel, batch, jobs: list[str], rows_per_job: int, optim: str = "adamw_torch"):
     """One mixed-adapter step: one base pass for all rows, per-job losses, one AdamW step per job."""
     model.train()
     names = [job for job in jobs for _ in range(rows_per_job)]
     rows = {job: slice(i * rows_per_job, (i + 1) * rows_per_job) for i, job in enumerate(jobs)}
-    optimizers = [torch.optim.AdamW(list(model.job_parameters(job).values()), lr=1e-4) for job in jobs]
+    optimizers = [adamw(list(model.job_parameters(job).values()), optim) for job in jobs]
 
     def step() -> None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=names).logits
@@ -71,6 +75,7 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.05,
                         help="LoRA dropout of every job (peft-mole's LoRA-job layers draw cheaper CPU masks than "
                              "PEFT's, see peft_mole/ops/dropout.py; 0 compares the products alone)")
+    parser.add_argument("--optim", choices=OPTIMS, default="adamw_torch")
     args = parser.parse_args()
     setup_threads()
     seq = BATCH[args.shape][1]
@@ -83,8 +88,8 @@ def main() -> None:
         lora = get_peft_model(base_model(args.shape), lora_config(args.dropout))
         one, everyone = rows_batch(b, seq, vocab), rows_batch(n * b, seq, vocab)
         times = time_interleaved({
-            "peft_lora_one_job": train_step_fn(lora, one),
-            "mixed_all_jobs": mixed_step_fn(mixed, everyone, jobs, b),
+            "peft_lora_one_job": train_step_fn(lora, one, optim=args.optim),
+            "mixed_all_jobs": mixed_step_fn(mixed, everyone, jobs, b, args.optim),
             "base_one_job": base_step_fn(base, one),
             "base_all_jobs": base_step_fn(base, everyone),
         }, repeats=args.repeats)
@@ -98,6 +103,7 @@ def main() -> None:
             "ratio_median": speedup["median_s"], "ratio_min": speedup["min_s"],
             "limit_median": limit["median_s"], "limit_min": limit["min_s"],
             "fraction_of_limit": speedup["median_s"] / limit["median_s"],
+            **({"optim": args.optim} if args.optim != "adamw_torch" else {}),
         })
 
 

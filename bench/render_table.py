@@ -17,7 +17,8 @@ COMMANDS = {
     "fused_chain": "python bench/fused_chain.py --shape {shape} --tokens {tokens}",
     "generate_vs_base": "python bench/generate_vs_base.py --shape {shape}",
     "generate_compiled_vs_base": "python bench/generate_vs_base.py --shape {shape} --compile",
-    "multijob_speedup": "python bench/multijob_speedup.py --shape {shape} --jobs {jobs} --dropout {dropout}",
+    "multijob_speedup": ("python bench/multijob_speedup.py --shape {shape} --jobs {jobs} --dropout {dropout}"
+                         "{optim_flag}"),
     "multijob_memory": "python bench/multijob_memory.py --shape {shape} --jobs {jobs}",
     "memory_model_error": "python bench/memory_model_error.py --shape {shape}",
     "pad_fraction": "python bench/pad_fraction.py --shape {shape} --jobs {jobs}",
@@ -41,8 +42,8 @@ DESCRIPTIONS = {
     "generate_compiled_vs_base": "{impl} greedy generation with a static cache and torch.compile ({mode}) / the "
                                  "base model compiled alike (higher is better); {speedup_vs_eager:.2f}× its eager "
                                  "tokens/s (base {base_speedup_vs_eager:.2f}×), compile {compile_s:.0f} s",
-    "multijob_speedup": "{jobs} LoRA jobs (dropout {dropout}) in mixed steps vs one after another with PEFT (higher "
-                        "is better); base-only limit S({jobs}) = {limit_median:.2f}, reached "
+    "multijob_speedup": "{jobs} LoRA jobs (dropout {dropout}{optim_note}) in mixed steps vs one after another with "
+                        "PEFT (higher is better); base-only limit S({jobs}) = {limit_median:.2f}, reached "
                         "{fraction_of_limit:.0%}",
     "multijob_memory": "peak memory of {jobs} jobs in one process / {jobs} single-job processes; "
                        "{extra_mb_vs_one_adapter_all_rows:+.0f} MB vs one adapter on the same rows",
@@ -81,7 +82,7 @@ def _value(name: str, value: float) -> str:
 
 
 _IDENTITY = ("name", "shape", "impl", "jobs", "rows_per_job", "dropout", "reference", "router_state", "adapters",
-             "questions", "new_tokens", "case", "autocast")
+             "questions", "new_tokens", "case", "autocast", "optim")
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -111,6 +112,8 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
         row = {**row, "checkpointing_flag": " --gradient-checkpointing" if checkpointed else "",
                "checkpointing_note": " with gradient checkpointing" if checkpointed else "",
                "compile_note": f", first-step compile {row['compile_s']:.0f} s" if "compile_s" in row else "",
+               "optim_note": ", fused AdamW" if row.get("optim") == "adamw_torch_fused" else "",
+               "optim_flag": f" --optim {row['optim']}" if "optim" in row else "",
                "autocast_note": ", bf16 autocast" if row.get("autocast") == "bf16" else "",
                "experts_note": (f" ({row['dynmole_experts_per_token']:.2f} experts/token)"
                                 if "dynmole_experts_per_token" in row else "")}

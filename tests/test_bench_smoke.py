@@ -17,7 +17,7 @@ SCRIPTS = {
     "mixlora_vs_lora": ["--shape", "tiny", "--repeats", "1"],
     "dynmole_vs_mixlora": ["--shape", "tiny", "--repeats", "1"],
     "fused_chain": ["--shape", "tiny", "--tokens", "800", "--repeats", "1"],  # two full blocks: the kernels run
-    "multijob_speedup": ["--shape", "tiny", "--repeats", "1", "--jobs", "2"],
+    "multijob_speedup": ["--shape", "tiny", "--repeats", "1", "--jobs", "2", "--optim", "adamw_torch_fused"],
     "saved_activations": ["--shape", "tiny"],
     "options_step": ["--shape", "tiny", "--repeats", "1", "--options", "checkpointing", "bf16_autocast", "fp16_autocast"],
     "generate_vs_base": ["--shape", "tiny", "--repeats", "1", "--new-tokens", "4", "--compile"],
@@ -77,8 +77,8 @@ def test_render_table_renders_every_ratio(rows, tmp_path):
 
 
 def test_render_table_renders_gpu_rows(tmp_path):
-    """The GPU run's rows (bench/gpu_run.sh): `gpu_busy` from the profile, and step ratios that bench/gpu_medium.py
-    measured (its own command, no experts-per-token field)."""
+    """The GPU run's rows (bench/gpu_run.sh): `gpu_busy` from the profile, step ratios that bench/gpu_medium.py
+    measured (its own command, no experts-per-token field; under bf16 autocast), multi-job rows with fused AdamW."""
     rows = [
         {"name": "gpu_busy", "shape": "medium", "impl": "mixlora", "kernels_per_step": 17120,
          "kernel_ms_per_step": 249.0, "wall_ms_per_step": 625.0, "gpu_busy_fraction": 0.398},
@@ -86,6 +86,9 @@ def test_render_table_renders_gpu_rows(tmp_path):
          "dropout": 0.05, "ratio_median": 1.47, "ratio_min": 1.43},
         {"name": "mixlora_vs_lora", "script": "gpu_medium", "shape": "medium", "router_state": "init",
          "dropout": 0.05, "autocast": "bf16", "ratio_median": 1.25, "ratio_min": 1.2},
+        {"name": "multijob_speedup", "shape": "medium", "jobs": 4, "rows_per_job": 1, "dropout": 0.05,
+         "optim": "adamw_torch_fused", "ratio_median": 3.5, "ratio_min": 3.2, "limit_median": 4.0, "limit_min": 3.9,
+         "fraction_of_limit": 0.875},
     ]
     results = tmp_path / "h200-smoke.jsonl"
     results.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -98,6 +101,9 @@ def test_render_table_renders_gpu_rows(tmp_path):
             "| `python bench/gpu_medium.py --shape medium` |") in table.stdout
     assert ("| `mixlora_vs_lora`: MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout 0.05, bf16 autocast | medium "
             "| 1.25× | 1.20× | `python bench/gpu_medium.py --shape medium --autocast bf16` |") in table.stdout
+    assert ("4 LoRA jobs (dropout 0.05, fused AdamW) in mixed steps" in table.stdout
+            and "`python bench/multijob_speedup.py --shape medium --jobs 4 --dropout 0.05 --optim adamw_torch_fused`"
+            in table.stdout)
 
 
 def test_profile_step_breaks_each_step_down():
