@@ -281,12 +281,13 @@ def dense_weights(
 
     With `token_mask` (N,) only real tokens decide, so a job's rows take the same path whatever padding a mixed
     batch adds to them (the two paths sum in different orders, and Adam magnifies such rounding differences).
-    Under torch.compile the shapes decide, as counting would break the graph: dense when a token's k slots are at
-    least `DENSE_FRACTION` of the experts (DynMoLE's E slots), which a compiled dispatch would compute anyway.
+    Fewer than `DENSE_FRACTION` of the experts in a token's k slots (MixLoRA's top-k) decide without counting. Under
+    torch.compile the shapes decide, as counting would break the graph: dense when a token's k slots are at least
+    `DENSE_FRACTION` of the experts (DynMoLE's E slots), which a compiled dispatch would compute anyway.
     """
+    if chosen.shape[1] < DENSE_FRACTION * num_experts:  # k slots of E per token can never reach the fraction: no
+        return None  # count needed (MixLoRA's top-k), so nothing is read back (a host sync on a GPU)
     if torch.compiler.is_compiling():
-        if chosen.shape[1] < DENSE_FRACTION * num_experts:
-            return None
         return weights.new_zeros(weights.shape[0], num_experts).scatter_add(1, chosen, weights)
     selected = weights != 0
     if token_mask is not None:

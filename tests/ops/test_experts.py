@@ -110,6 +110,9 @@ def test_dense_weights_only_when_most_pairs_are_selected_and_in_expert_order():
     real = torch.tensor([True] * 3 + [False] * 4)
     assert torch.equal(dense_weights(padded, padded_chosen, 4, token_mask=real)[:3], expected)  # real tokens decide
     assert dense_weights(padded, padded_chosen, 4, token_mask=torch.zeros(7, dtype=torch.bool)) is None
+    # top-2 of 8 can never reach the fraction: decided without reading a value back (meta tensors have none)
+    top2 = torch.zeros(5, 2, dtype=torch.long, device="meta")
+    assert dense_weights(torch.ones(5, 2, device="meta"), top2, 8) is None
     duplicated = dense_weights(torch.tensor([[0.6, 0.4]]), torch.tensor([[1, 1]]), 2)  # a custom rule's repeat
     assert torch.equal(duplicated, torch.tensor([[0.0, 1.0]]))  # both slots count, as dispatch counts both pairs
 
