@@ -72,8 +72,9 @@ OPTIMS = ("adamw_torch", "adamw_torch_fused")  # TrainingArguments' names: the f
 
 
 def adamw(params, optim: str = "adamw_torch") -> torch.optim.AdamW:
-    """AdamW(lr 1e-4) as `TrainingArguments(optim=optim)` builds it: `adamw_torch_fused` steps every tensor of the
-    optimizer in one fused kernel."""
+    """torch's AdamW(lr 1e-4), fused where `optim` is `adamw_torch_fused` (as that `TrainingArguments.optim` makes it):
+    every tensor in one fused kernel; else torch's default implementation (foreach on CUDA, a per-tensor loop on the
+    CPU)."""
     if optim not in OPTIMS:
         raise ValueError(f"optim must be one of {OPTIMS}, got {optim!r}")
     return torch.optim.AdamW(params, lr=1e-4, fused=optim == "adamw_torch_fused")

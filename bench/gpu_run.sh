@@ -3,9 +3,9 @@
 # Writes each script's output to $OUT (or bench/results/gpu when OUT is unset). Each step has its own time limit,
 # so one slow or failing script leaves the others' figures intact.
 # Usage: bash bench/gpu_run.sh [tests medium medium_autocast profile multijob multijob_fused grouped generate
-# compiled_generate compiled_train fused_chain]. Default: medium medium_autocast tests multijob multijob_fused profile
-# generate; the others need calls of their own (the medium shape compiles for minutes). Needs CUDA, and peft and
-# transformers as pinned (docs/performance.md).
+# compiled_generate compiled_train fused_chain]. Default: medium_autocast multijob_fused medium multijob tests generate
+# profile (the new figures first); the others need calls of their own (the medium shape compiles for minutes). Needs
+# CUDA, and peft and transformers as pinned (docs/performance.md).
 # GPU_DEADLINE_S=<seconds>: no part runs past that many seconds from the start (parts cut short or skipped), so a call
 # of several parts ends inside the device tool's limit with every finished part's figures.
 set -u
@@ -31,7 +31,7 @@ run() {  # run <seconds> <log name> <command...>
 }
 
 parts=("$@")
-[ $# -eq 0 ] && parts=(medium medium_autocast tests multijob multijob_fused profile generate)
+[ $# -eq 0 ] && parts=(medium_autocast multijob_fused medium multijob tests generate profile)
 for part in "${parts[@]}"; do
     case $part in
         tests) run 240 gpu_tests.log python3 -m pytest -q -p no:cacheprovider tests/gpu ;;

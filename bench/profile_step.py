@@ -114,14 +114,17 @@ def wall_ms(step, steps: int) -> float:
 
 def gpu_busy(prof, steps: int, wall: float) -> dict[str, float]:
     """How launch-bound a step is: kernels per step, their summed GPU time, and that time over the step's wall time
-    (near 1: the GPU is kept busy; far below 1: the host's launches or syncs are the limit). The GPU-side spans of
-    the named ranges (user annotations) are not kernels and are left out."""
+    (near 1: the GPU is kept busy; far below 1: the host's launches or syncs are the limit), and the stream syncs
+    the host waited on (a value read back from the GPU, `.item()` or a boolean index). The GPU-side spans of the
+    named ranges (user annotations) are not kernels and are left out. (Rows before 2026-12-05 counted
+    `host_syncs_per_step` from `aten::_local_scalar_dense`, which includes reads of CPU scalars: AdamW's step
+    counters, two per parameter.)"""
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
     kernel_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1000 / steps
-    syncs = sum(1 for e in prof.events() if e.name in ("aten::_local_scalar_dense", "cudaStreamSynchronize"))
+    syncs = sum(1 for e in prof.events() if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
     return {"kernels_per_step": round(len(kernels) / steps), "kernel_ms_per_step": round(kernel_ms, 2),
             "wall_ms_per_step": round(wall, 2), "gpu_busy_fraction": round(kernel_ms / wall, 3),
-            "host_syncs_per_step": round(syncs / steps)}
+            "stream_syncs_per_step": round(syncs / steps)}
 
 
 def breakdown(prof, steps: int) -> dict[str, float]:

@@ -82,7 +82,7 @@ def _value(name: str, value: float) -> str:
 
 
 _IDENTITY = ("name", "shape", "impl", "jobs", "rows_per_job", "dropout", "reference", "router_state", "adapters",
-             "questions", "new_tokens", "case", "autocast", "optim")
+             "questions", "new_tokens", "case", "autocast", "optim", "script")
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -96,6 +96,15 @@ def latest_rows(rows: list[dict]) -> list[dict]:
     measured = {row["name"] for row in latest.values()}
     return [row for row in latest.values()
             if not (row["name"].endswith("_skipped") and row["name"].removesuffix("_skipped") in measured)]
+
+
+def _command(row: dict) -> str:
+    """The command that printed the row: its own script's where another script measured the ratio
+    (bench/gpu_medium.py: the GPU step ratios)."""
+    if "script" not in row:
+        return COMMANDS[row["name"]].format(**row)
+    return f"python bench/{row['script']}.py --shape {row['shape']}" + (
+        " --autocast bf16" if row.get("autocast") == "bf16" else "")
 
 
 def ratio_table(path: Path, rows: list[dict]) -> None:
@@ -121,13 +130,10 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
             print(f"| `mole_vs_reference`: not measured — {row['reason']} | | | | |")
         if row["name"] in COMMANDS and "ratio_median" not in row:  # the script recorded a failure
             reason = str(row.get("error", "no ratio recorded")).splitlines()[0]
-            print(f"| `{row['name']}`: failed — {reason} | {row['shape']} | | | `{COMMANDS[row['name']].format(**row)}` |")
+            print(f"| `{row['name']}`: failed — {reason} | {row['shape']} | | | `{_command(row)}` |")
         elif row["name"] in COMMANDS:
             description = DESCRIPTIONS[row["name"]].format(**row)
-            command = COMMANDS[row["name"]].format(**row)
-            if "script" in row:  # a ratio measured by another script (bench/gpu_medium.py: all GPU step ratios)
-                command = f"python bench/{row['script']}.py --shape {row['shape']}"
-                command += " --autocast bf16" if row.get("autocast") == "bf16" else ""
+            command = _command(row)
             print(f"| `{row['name']}`: {description} | {row['shape']} | {_value(row['name'], row['ratio_median'])} "
                   f"| {_value(row['name'], row['ratio_min'])} | `{command}` |")
 

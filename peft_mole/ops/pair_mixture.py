@@ -122,11 +122,11 @@ def _pair_outputs(frozen, tokens, z, lora_b, segments, compute_dtype):
     gathered = frozen.index_select(0, tokens)
     if z is None:
         return gathered
-    if gathered.dtype == compute_dtype:
-        return segments.add_products(gathered, z, lora_b.transpose(1, 2))
-    # a bf16 base with fp32 adapters: the in-place add promotes to the compute dtype and rounds once to the frozen
-    # dtype, the numbers of `(gathered.to(cd) + B_e z_p).to(frozen.dtype)` without its two (n, I) casts
-    return gathered.add_(segments.products(z, lora_b.transpose(1, 2)))
+    if gathered.dtype != compute_dtype and torch.promote_types(gathered.dtype, compute_dtype) == compute_dtype:
+        # a bf16 base with fp32 adapters: the in-place add promotes to the compute dtype and rounds once to the frozen
+        # dtype, the numbers of `(gathered.to(cd) + B_e z_p).to(frozen.dtype)` without its two (n, I) casts
+        return gathered.add_(segments.products(z, lora_b.transpose(1, 2)))
+    return segments.add_products(gathered.to(compute_dtype), z, lora_b.transpose(1, 2)).to(frozen.dtype)
 
 
 def _in_dtype(tensor, dtype):

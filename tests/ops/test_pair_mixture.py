@@ -159,14 +159,18 @@ def test_under_cpu_autocast_the_products_stay_in_the_adapter_dtype():
     assert torch.equal(hidden, plain_hidden) and torch.equal(z, plain_z)
 
 
-def test_bf16_frozen_outputs_with_fp32_adapters_are_rounded_once():
+@pytest.mark.parametrize("grouped", [False, True], ids=["loop", "grouped"])
+def test_bf16_frozen_outputs_with_fp32_adapters_are_rounded_once(grouped):
     """A bf16 base with fp32 adapters (PEFT's default), no autocast: each pair's frozen[t] + B_e z_p is summed in fp32
-    and rounded once to bf16, without an fp32 copy of the frozen rows."""
+    and rounded once to bf16, without an fp32 copy of the frozen rows; by a loop of per-expert products and by one
+    grouped product (`ends`: each expert's segment end)."""
+    inter, rank = 8, 4  # a grouped product needs rows of a multiple of 16 bytes
     gen = torch.Generator().manual_seed(0)
-    frozen = torch.randn(N, INTER, generator=gen).bfloat16()
+    frozen = torch.randn(N, inter, generator=gen).bfloat16()
     tokens, counts = torch.tensor([0, 3, 5, 1, 1, 4, 2]), [3, 0, 4]  # expert 1: no pairs
-    z, lora_b = torch.randn(7, R, generator=gen), torch.randn(3, INTER, R, generator=gen)
-    segments, before = _Segments([(0, slice(0, 3)), (2, slice(3, 7))], None), frozen.clone()
+    z, lora_b = torch.randn(7, rank, generator=gen), torch.randn(3, inter, rank, generator=gen)
+    ends = torch.tensor([3, 3, 7], dtype=torch.int32) if grouped else None
+    segments, before = _Segments([(0, slice(0, 3)), (2, slice(3, 7))], ends), frozen.clone()
     got = _pair_outputs(frozen, tokens, z, lora_b, segments, torch.float32)
     expert = torch.repeat_interleave(torch.arange(3), torch.tensor(counts))
     want = (frozen[tokens].float() + torch.einsum("pr,pir->pi", z, lora_b[expert])).bfloat16()
