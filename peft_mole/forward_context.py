@@ -41,7 +41,8 @@ class RouterRecord:
         """(probs, selected) of the tokens that count (padding removed)."""
         if self.token_mask is None:
             return self.probs, self.selected
-        return self.probs[self.token_mask], self.selected[self.token_mask]
+        rows = self.token_mask.nonzero().squeeze(1)  # read back once (a host sync on a GPU) for both tensors
+        return self.probs.index_select(0, rows), self.selected.index_select(0, rows)
 
     def loss_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(probs, selected, token_mask) for an aux loss (`layer_aux_loss`): padding removed, mask None; under

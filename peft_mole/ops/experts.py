@@ -66,10 +66,13 @@ def dispatch(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> 
         return _device_dispatch(flat_expert, flat_weight, k, num_experts)
     flat_token = torch.arange(num_tokens, device=experts.device).repeat_interleave(k)
     keep = flat_weight != 0
-    if not bool(keep.all()):
+    # one read-back (a host sync on a GPU) for both: the kept pairs of each expert in bins 0..E-1, the dropped slots in
+    # bins E..2E-1
+    tally = torch.bincount(flat_expert + num_experts * ~keep, minlength=2 * num_experts).tolist()
+    counts = tally[:num_experts]
+    if any(tally[num_experts:]):
         flat_expert, flat_weight, flat_token = flat_expert[keep], flat_weight[keep], flat_token[keep]
     order = torch.argsort(flat_expert, stable=True)
-    counts = torch.bincount(flat_expert, minlength=num_experts).tolist()
     return Dispatch(token=flat_token[order], expert=flat_expert[order], weight=flat_weight[order], counts=counts)
 
 
@@ -290,9 +293,12 @@ def dense_weights(
     if torch.compiler.is_compiling():
         return weights.new_zeros(weights.shape[0], num_experts).scatter_add(1, chosen, weights)
     selected = weights != 0
-    if token_mask is not None:
-        selected = selected[token_mask.bool()]
-    if int(selected.sum()) < DENSE_FRACTION * selected.shape[0] * num_experts or selected.shape[0] == 0:
+    if token_mask is None:
+        chosen_pairs, tokens = int(selected.sum()), selected.shape[0]
+    else:  # both counts in one read-back (a host sync on a GPU)
+        real = token_mask.bool()
+        chosen_pairs, tokens = torch.stack([(selected & real.unsqueeze(1)).sum(), real.sum()]).tolist()
+    if chosen_pairs < DENSE_FRACTION * tokens * num_experts or tokens == 0:
         return None
     return weights.new_zeros(weights.shape[0], num_experts).scatter_add(1, chosen, weights)  # a repeat adds, as
     # dispatch counts both of its pairs
