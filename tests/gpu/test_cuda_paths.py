@@ -279,4 +279,5 @@ def test_compiled_training_step_on_cuda_equals_eager(kind, autocast):
     scale = torch.cat([r.flatten() for r in reference]).norm()
     assert distance(c_grads) <= 3 * distance(grads) + 0.05 * scale
     for c, r in zip(c_grads, reference, strict=True):
-        assert c.dtype == torch.float32 and (c - r).norm() <= 0.75 * r.norm()
+        # (the floor: an expert that a flipped token reaches only in bf16 has a zero fp32 gradient)
+        assert c.dtype == torch.float32 and (c - r).norm() <= 0.75 * r.norm() + 0.02 * scale
