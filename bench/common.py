@@ -67,8 +67,8 @@ def random_batch(shape: str, vocab: int, seed: int = 0) -> dict[str, torch.Tenso
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-OPTIMS = ("adamw_torch", "adamw_torch_fused")  # TrainingArguments' names: the foreach AdamW, and the fused one (its
-# default since torch 2.8, which MultiJobTrainer's jobs get too)
+OPTIMS = ("adamw_torch", "adamw_torch_fused")  # TrainingArguments' names: torch's default AdamW, and the fused one
+# (TrainingArguments' default since torch 2.8, which MultiJobTrainer's jobs get too)
 
 
 def adamw(params, optim: str = "adamw_torch") -> torch.optim.AdamW:

@@ -6,7 +6,8 @@ vs the same jobs trained one after another with plain PEFT LoRA, same rows per j
 (what batching the frozen base alone can gain). Each job: LoRA r 16, alpha 32, dropout 0.05 on q,k,v,o,gate,up,down,
 its own AdamW; b_i = --rows-per-job rows of the shape's sequence length. Step = forward + backward + optimizer(s).
 --optim adamw_torch_fused gives every AdamW (the jobs' and the PEFT baseline's) one fused kernel per step, as
-`TrainingArguments`' default since torch 2.8 does; rows then carry `optim` (absent: the foreach AdamW).
+`TrainingArguments`' default since torch 2.8 does; rows then carry `optim` (absent: torch's default AdamW, foreach on
+CUDA, a per-tensor loop on the CPU).
 Usage: python bench/multijob_speedup.py [--shape small] [--jobs 2 4 8] [--repeats 10] [--optim adamw_torch_fused]
 """
 
