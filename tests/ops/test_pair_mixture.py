@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from peft_mole.ops import gated
+from peft_mole.ops import gated, pair_mixture
 from peft_mole.ops.experts import dispatch
 from peft_mole.ops.pair_mixture import _pair_outputs, _Segments, pair_gated_mixture
 from tests.ops.mixture_cases import VARIANTS, as_function, leaves
@@ -159,11 +159,13 @@ def test_under_cpu_autocast_the_products_stay_in_the_adapter_dtype():
     assert torch.equal(hidden, plain_hidden) and torch.equal(z, plain_z)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["cast", "in_place"])
 @pytest.mark.parametrize("grouped", [False, True], ids=["loop", "grouped"])
-def test_bf16_frozen_outputs_with_fp32_adapters_are_rounded_once(grouped):
+def test_bf16_frozen_outputs_with_fp32_adapters_are_rounded_once(grouped, in_place, monkeypatch):
     """A bf16 base with fp32 adapters (PEFT's default), no autocast: each pair's frozen[t] + B_e z_p is summed in fp32
-    and rounded once to bf16, without an fp32 copy of the frozen rows; by a loop of per-expert products and by one
-    grouped product (`ends`: each expert's segment end)."""
+    and rounded once to bf16, whether through fp32 copies of the frozen rows (the CPU) or in place (off the CPU,
+    forced here); by a loop of per-expert products and by one grouped product (`ends`: each expert's segment end)."""
+    monkeypatch.setattr(pair_mixture, "_sums_in_place", lambda gathered, compute_dtype: in_place)
     inter, rank = 8, 4  # a grouped product needs rows of a multiple of 16 bytes
     gen = torch.Generator().manual_seed(0)
     frozen = torch.randn(N, inter, generator=gen).bfloat16()
