@@ -8,12 +8,21 @@ its own AdamW; b_i = --rows-per-job rows of the shape's sequence length. Step = 
 --optim adamw_torch_fused gives every AdamW (the jobs' and the PEFT baseline's) one fused kernel per step, as
 `TrainingArguments`' default since torch 2.8 does; rows then carry `optim` (absent: torch's default AdamW, foreach on
 CUDA, a per-tensor loop on the CPU).
+--compile compiles the mixed model (`MultiJobModel.compile_mixed_steps`, inductor, as MultiJobTrainer does with
+torch_compile=True) and times the eager mixed step in the same rounds: rows then carry `compile`, the compiled
+over the eager step (`compiled_vs_eager`), the first step's compile time and the graphs Dynamo holds after steps of
+other mixes (the jobs reversed; one job fewer, so the rows change; the graph count should not grow past 2). The
+PEFT baseline stays eager: the jobs one after another are what a user would otherwise run.
 Usage: python bench/multijob_speedup.py [--shape small] [--jobs 2 4 8] [--repeats 10] [--optim adamw_torch_fused]
+       [--compile]
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
+import torch._inductor.config
 from common import (
     BATCH,
     OPTIMS,
@@ -29,6 +38,7 @@ from common import (
     train_step_fn,
 )
 from peft import get_peft_model
+from torch._dynamo.utils import counters
 
 from peft_mole.multijob import MultiJobModel, per_job_losses
 
@@ -77,8 +87,10 @@ def main() -> None:
                         help="LoRA dropout of every job (peft-mole's LoRA-job layers draw cheaper CPU masks than "
                              "PEFT's, see peft_mole/ops/dropout.py; 0 compares the products alone)")
     parser.add_argument("--optim", choices=OPTIMS, default="adamw_torch")
+    parser.add_argument("--compile", action="store_true", help="compiled mixed steps (see the module docstring)")
     args = parser.parse_args()
     setup_threads()
+    torch._inductor.config.force_disable_caches = True  # compile time from scratch, not from an earlier run's cache
     seq = BATCH[args.shape][1]
     b = args.rows_per_job
     for n in args.jobs:
@@ -88,12 +100,17 @@ def main() -> None:
         mixed = MultiJobModel(base_model(args.shape), {job: lora_config(args.dropout) for job in jobs})
         lora = get_peft_model(base_model(args.shape), lora_config(args.dropout))
         one, everyone = rows_batch(b, seq, vocab), rows_batch(n * b, seq, vocab)
-        times = time_interleaved({
+        steps = {
             "peft_lora_one_job": train_step_fn(lora, one, optim=args.optim),
             "mixed_all_jobs": mixed_step_fn(mixed, everyone, jobs, b, args.optim),
             "base_one_job": base_step_fn(base, one),
             "base_all_jobs": base_step_fn(base, everyone),
-        }, repeats=args.repeats)
+        }
+        compiled = compile_mixed(args, n, jobs, everyone, vocab) if args.compile else {}
+        if compiled:
+            steps["mixed_all_jobs_eager"] = steps["mixed_all_jobs"]
+            steps["mixed_all_jobs"] = compiled.pop("step")
+        times = time_interleaved(steps, repeats=args.repeats)
         rows = {impl: record("multijob_step", args.shape, impl, t, (n if "all" in impl else 1) * b * seq, jobs=n)
                 for impl, t in times.items()}
         sequential = {k: n * rows["peft_lora_one_job"][k] for k in ("median_s", "min_s")}
@@ -105,7 +122,29 @@ def main() -> None:
             "limit_median": limit["median_s"], "limit_min": limit["min_s"],
             "fraction_of_limit": speedup["median_s"] / limit["median_s"],
             **({"optim": args.optim} if args.optim != "adamw_torch" else {}),
+            **compiled,
+            **({"compiled_vs_eager": rows["mixed_all_jobs"]["median_s"] / rows["mixed_all_jobs_eager"]["median_s"]}
+               if compiled else {}),
         })
+
+
+def compile_mixed(args, n: int, jobs: list[str], batch, vocab: int) -> dict:
+    """A compiled mixed step of the n jobs (`compile_mixed_steps`): {step, compile, compile_s, graphs}, the graphs
+    counted after one step of each of two other mixes."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = MultiJobModel(base_model(args.shape), {job: lora_config(args.dropout) for job in jobs})
+    model.compile_mixed_steps()
+    step = mixed_step_fn(model, batch, jobs, args.rows_per_job, args.optim)
+    start = time.perf_counter()
+    step()
+    compile_s = time.perf_counter() - start
+    for mix in (jobs[::-1], jobs[1:]):  # other jobs in each row; then fewer rows
+        rows = len(mix) * args.rows_per_job
+        mixed_step_fn(model, rows_batch(rows, BATCH[args.shape][1], vocab, seed=rows), mix, args.rows_per_job,
+                      args.optim)()
+    return {"step": step, "compile": "inductor", "compile_s": compile_s,
+            "graphs": counters["stats"]["unique_graphs"]}
 
 
 if __name__ == "__main__":

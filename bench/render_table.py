@@ -18,7 +18,7 @@ COMMANDS = {
     "generate_vs_base": "python bench/generate_vs_base.py --shape {shape}",
     "generate_compiled_vs_base": "python bench/generate_vs_base.py --shape {shape} --compile",
     "multijob_speedup": ("python bench/multijob_speedup.py --shape {shape} --jobs {jobs} --dropout {dropout}"
-                         "{optim_flag}"),
+                         "{optim_flag}{compile_flag}"),
     "multijob_memory": "python bench/multijob_memory.py --shape {shape} --jobs {jobs}",
     "memory_model_error": "python bench/memory_model_error.py --shape {shape}",
     "pad_fraction": "python bench/pad_fraction.py --shape {shape} --jobs {jobs}",
@@ -44,7 +44,7 @@ DESCRIPTIONS = {
                                  "tokens/s (base {base_speedup_vs_eager:.2f}×), compile {compile_s:.0f} s",
     "multijob_speedup": "{jobs} LoRA jobs (dropout {dropout}{optim_note}) in mixed steps vs one after another with "
                         "PEFT (higher is better); base-only limit S({jobs}) = {limit_median:.2f}, reached "
-                        "{fraction_of_limit:.0%}",
+                        "{fraction_of_limit:.0%}{compiled_steps_note}",
     "multijob_memory": "peak memory of {jobs} jobs in one process / {jobs} single-job processes; "
                        "{extra_mb_vs_one_adapter_all_rows:+.0f} MB vs one adapter on the same rows",
     "memory_model_error": "memory model relative error (predicted vs measured), {shapes} unseen shapes ({measure}); "
@@ -82,7 +82,7 @@ def _value(name: str, value: float) -> str:
 
 
 _IDENTITY = ("name", "shape", "impl", "jobs", "rows_per_job", "dropout", "reference", "router_state", "adapters",
-             "questions", "new_tokens", "case", "autocast", "optim", "script")
+             "questions", "new_tokens", "case", "autocast", "optim", "script", "compile")
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -123,6 +123,9 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                "compile_note": f", first-step compile {row['compile_s']:.0f} s" if "compile_s" in row else "",
                "optim_note": ", fused AdamW" if row.get("optim") == "adamw_torch_fused" else "",
                "optim_flag": f" --optim {row['optim']}" if "optim" in row else "",
+               "compile_flag": " --compile" if "compiled_vs_eager" in row else "",
+               "compiled_steps_note": (f"; compiled steps, {row['compiled_vs_eager']:.2f}× the eager mixed step's "
+                                       f"time, compile {row['compile_s']:.0f} s" if "compiled_vs_eager" in row else ""),
                "autocast_note": ", bf16 autocast" if row.get("autocast") == "bf16" else "",
                "experts_note": (f" ({row['dynmole_experts_per_token']:.2f} experts/token)"
                                 if "dynmole_experts_per_token" in row else "")}

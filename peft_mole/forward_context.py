@@ -59,6 +59,10 @@ class ForwardContext:
     records: list[RouterRecord] | None = None  # None = do not record
     rows_set_by_hook: bool = False  # row_adapters were set for the call now starting
     check_finite: bool = False  # `peft_mole.check_finite` is on: layers check router logits for NaN/inf
+    # compiled multi-job steps (`MultiJobModel.compile_mixed_steps`): the jobs in a fixed order and, per row, the
+    # index of its job in `jobs` (len(jobs) for a base-only row), so that LoRA layers take the composition as data
+    jobs: tuple[str, ...] = ()
+    row_jobs: torch.Tensor | None = None
     _groups: dict = field(default_factory=dict)
 
     def set_row_adapters(self, names: list[str] | None, by_hook: bool = False) -> None:

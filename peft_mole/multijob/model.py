@@ -24,6 +24,8 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from peft_mole.forward_context import BASE_ROW, ForwardContext
+from peft_mole.ops.segmented_lora import constant_on
 from peft_mole.tuners.dynmole.config import DynMoLEConfig
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
 from peft_mole.tuners.mixlora.attention import LoraLinear
@@ -76,6 +78,14 @@ def check_lora_config(name: str, config: LoraConfig) -> None:
         raise ValueError(f"job {name!r}: init_lora_weights must be True (Kaiming A, zero B), got {config.init_lora_weights!r}")
 
 
+def check_compilable(configs: dict[str, PeftConfig]) -> None:
+    """Compiled multi-job steps (`MultiJobModel.compile_mixed_steps`) take LoRA jobs only."""
+    routed = sorted(name for name, config in configs.items() if not isinstance(config, LoraConfig))
+    if routed:
+        raise ValueError(f"compiled multi-job steps (torch_compile=True) take LoRA jobs only; jobs {routed} are "
+                         "MixLoRA/DynMoLE, whose blocks group the rows by job in Python; set torch_compile=False")
+
+
 class MultiJobModel(MixLoRAModel):
     """A tuner whose adapters may be of different kinds: {job name: LoraConfig | MixLoRAConfig | DynMoLEConfig}.
 
@@ -126,6 +136,8 @@ class MultiJobModel(MixLoRAModel):
                 f"job {name!r}: add LoRA jobs before MixLoRA/DynMoLE jobs (or pass all jobs to MultiJobModel at once); "
                 "the routed MLP wrappers hide the projections a later LoRA job would target"
             )
+        if self.__dict__.get("_compiled_steps"):
+            check_compilable({name: config})
         self.peft_config[name] = config
         self.inject_adapter(self.model, name)
         self.set_adapter(list(self.peft_config))
@@ -136,6 +148,48 @@ class MultiJobModel(MixLoRAModel):
             if isinstance(module, self.tuner_layer_cls):
                 module.set_adapter(names)
         self.active_adapter = names
+
+    # ------------------------------------------------------------------ compiled steps
+    def compile_mixed_steps(self, **compile_kwargs) -> None:
+        """Compile the base model with its adapter layers (`nn.Module.compile`, keyword arguments as for
+        `torch.compile`) so that one graph serves every mixed step, whatever jobs and rows it holds.
+
+        Eager layers group the rows by job in Python, which a compiled graph would fix: each new composition of a
+        step would compile again. Here each forward hands the layers one job index per row as a tensor, and they
+        apply the jobs' stacked factors per row (`ops.indexed_lora`); the number of rows and the sequence length
+        become dynamic after their first change (one recompile). LoRA jobs only: MixLoRA and DynMoLE blocks still
+        group the rows by job in Python (no per-row form of them is written). Packed batches (one adapter per
+        token) are refused."""
+        check_compilable(self.peft_config)
+        if self.__dict__.get("_compiled_steps"):
+            return
+        self.__dict__["_compiled_steps"] = True
+        self.model.compile(**compile_kwargs)
+
+    def forward(self, *args, **kwargs):
+        if not self.__dict__.get("_compiled_steps"):
+            return super().forward(*args, **kwargs)
+        # Under activation checkpointing Dynamo would replay the context variable transformers' output capture sets
+        # in each layer's forward in its recompute, which it cannot, so it would run those layers eagerly. LoRA jobs
+        # have no forward side effect to replay (docs/performance.md, "torch.compile").
+        with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+            return super().forward(*args, **kwargs)
+
+    def _rows_set(self, context: ForwardContext, args: tuple, kwargs: dict) -> None:
+        if not self.__dict__.get("_compiled_steps"):
+            return
+        names, context.row_jobs = context.row_adapters, None
+        if names is None:
+            return
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
+        if inputs is None or len(names) != inputs.shape[0]:
+            rows = "no input_ids or inputs_embeds" if inputs is None else f"{inputs.shape[0]} rows"
+            raise ValueError(f"compiled multi-job steps take one adapter name per row; got {len(names)} names for "
+                             f"{rows} (a packed batch: use padding_free=False with torch_compile)")
+        context.jobs = tuple(self.peft_config)
+        index = {job: i for i, job in enumerate(context.jobs)} | {BASE_ROW: len(context.jobs)}
+        context.row_jobs = constant_on(tuple(index[name] for name in names), torch.int64, inputs.device)
 
     # ------------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config, model_config):

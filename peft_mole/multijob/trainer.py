@@ -56,9 +56,8 @@ def _is_oom(error: BaseException) -> bool:
 
 
 def _in_layout_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """`grad` with the parameter's strides, as `loss.backward()` stores it (autograd.grad does not): a fused optimizer
-    (`adamw_torch_fused`, Trainer's default) reads a gradient in its parameter's layout, and a transposed gradient
-    moved weights by the wrong elements (tests/multijob/test_optimizer_layout.py)."""
+    """`grad` in the parameter's strides, as `loss.backward()` stores it: a fused optimizer (Trainer's default) reads
+    it so, and a transposed gradient moved the wrong elements (tests/multijob/test_optimizer_layout.py)."""
     return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
 
 
@@ -80,8 +79,8 @@ class MultiJobTrainer(SFTTrainer):
         step_overhead_tokens: what one extra mixed step costs, in padded tokens; the jobs' micro-batches of a
             round are split into steps of similar length when that saves more padding. "auto" (default) fits it
             from the measured step times (`StepCost`; until three are known, each distinct length is its own
-            step); None: always one step per round. Unused with
-            `padding_free=True`, where a round has no padding to save.
+            step); None: always one step per round. Unused with `padding_free=True` (no padding to save).
+            `args.torch_compile=True` compiles the steps of LoRA jobs: one graph for every mix of jobs and rows.
         **kwargs: passed on to `SFTTrainer` (not `peft_config` or `train_dataset`: jobs carry those).
 
     Example:
@@ -116,7 +115,7 @@ class MultiJobTrainer(SFTTrainer):
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model, **((args and args.model_init_kwargs) or {}))
         if args is not None:
-            check_trainer_args(args)
+            check_trainer_args(args, {j.name: j.peft_config for j in jobs})
         self.jobs = list(jobs)
         self.jobs_model = MultiJobModel(model, {j.name: j.peft_config for j in jobs})
         self.job_scheduler = JobScheduler(max_concurrent_jobs, max_memory)
@@ -187,8 +186,7 @@ class MultiJobTrainer(SFTTrainer):
             run.reduce_items = lambda count: dist.sum_over_processes(self.accelerator, count)
         run.scheduler = get_scheduler(
             args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(run.max_steps),
-            num_training_steps=run.max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs,
-        )
+            num_training_steps=run.max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
         return run
 
     def _resume(self, runs: list[JobRun]) -> None:
@@ -217,6 +215,8 @@ class MultiJobTrainer(SFTTrainer):
         set_seed(self.args.seed)
         if getattr(self.args, "activation_checkpointing", self.args.gradient_checkpointing):
             enable_activation_checkpointing(self.model, self.args)
+        if self.args.torch_compile:  # one graph for every mixed step (LoRA jobs only)
+            self.jobs_model.compile_mixed_steps(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
         self.model.train()
         if self.job_scheduler.max_memory is not None:
             self._profile_memory(runs)

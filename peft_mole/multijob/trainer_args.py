@@ -6,15 +6,13 @@ these options never happens; each is refused with what to do instead, rather tha
 
 from __future__ import annotations
 
+from peft_mole.multijob.model import check_compilable
+
 UNSUPPORTED = {
     "neftune_noise_alpha": (
         lambda value: value is not None,
         "NEFTune noise is scaled by the batch's padded length, which in a mixed step is not the job's own; "
         "set neftune_noise_alpha=None",
-    ),
-    "torch_compile": (
-        bool,
-        "the mixed steps run eagerly (their row groups change from step to step); set torch_compile=False",
     ),
     "use_liger_kernel": (bool, "Liger kernels replace the layers the jobs' adapters wrap; set use_liger_kernel=False"),
     "auto_find_batch_size": (
@@ -41,8 +39,10 @@ UNSUPPORTED = {
 }
 
 
-def check_trainer_args(args) -> None:
-    """Raise ValueError naming the first option set in `args` that MultiJobTrainer cannot honour."""
+def check_trainer_args(args, configs: dict) -> None:
+    """Raise ValueError naming the first option set in `args` that MultiJobTrainer cannot honour for the jobs'
+    peft `configs` ({name: config})."""
+    check_compile(args, configs)
     for field, (is_set, advice) in UNSUPPORTED.items():
         value = getattr(args, field, None)
         if is_set(value):
@@ -58,6 +58,17 @@ def check_trainer_args(args) -> None:
                 "with torch.autograd.grad, which never re-runs reentrant checkpointed layers (the adapters would get "
                 "no gradient); leave use_reentrant unset or set it to False"
             )
+
+
+def check_compile(args, configs: dict) -> None:
+    """`torch_compile=True` compiles the mixed steps (`MultiJobModel.compile_mixed_steps`): LoRA jobs, one adapter
+    per row."""
+    if not getattr(args, "torch_compile", False):
+        return
+    if getattr(args, "padding_free", False):
+        raise ValueError("MultiJobTrainer does not support torch_compile=True with padding_free=True: a compiled step "
+                         "takes one adapter per row, a packed row holds several jobs; set one of them to False")
+    check_compilable(configs)
 
 
 def check_distributed(trainer) -> None:

@@ -167,7 +167,7 @@ def test_bad_trainer_arguments(assets, tmp_path):
         MultiJobTrainer(model=tiny_base(), jobs=[job], args=run_args(tmp_path), peft_config=LoraConfig())
 
 
-@pytest.mark.parametrize("option", [dict(neftune_noise_alpha=5.0), dict(torch_compile=True),
+@pytest.mark.parametrize("option", [dict(neftune_noise_alpha=5.0),
                                     dict(auto_find_batch_size=True), dict(push_to_hub=True, hub_model_id="me/x"),
                                     dict(use_liger_kernel=True), dict(label_smoothing_factor=0.1),
                                     dict(loss_type="dft"), dict(activation_offloading=True),

@@ -147,6 +147,7 @@ class MixLoRAModel(BaseTuner):
                 self._check_adapter_names(adapter_names)
             context.set_row_adapters(adapter_names)
         context.rows_set_by_hook = False
+        self._rows_set(context, args, kwargs)
         labels = kwargs.get("labels")
         attention_mask = kwargs.get("attention_mask")
         context.token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
@@ -160,6 +161,10 @@ class MixLoRAModel(BaseTuner):
             self._check_router_gradients(records)
             self._attach_aux_loss(outputs, records, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"))
         return outputs
+
+    def _rows_set(self, context: ForwardContext, args: tuple, kwargs: dict) -> None:
+        """Called by `forward` once the rows' adapters are known, before the base model runs (a hook for
+        subclasses: `MultiJobModel` turns them into a tensor for its compiled steps)."""
 
     def _check_router_gradients(self, records: list[RouterRecord]) -> None:
         """Refuse to train routers whose probabilities lost their graph (reentrant activation checkpointing runs
