@@ -2,8 +2,8 @@
 # Issue 6, part 6: everything a GPU session measures, in one call (docs/performance.md, "GPU").
 # Writes each script's output to $OUT (or bench/results/gpu when OUT is unset). Each step has its own time limit,
 # so one slow or failing script leaves the others' figures intact.
-# Usage: bash bench/gpu_run.sh [tests medium medium_autocast profile multijob multijob_fused grouped generate
-# compiled_generate compiled_train fused_chain]. Default: medium_autocast multijob_fused medium multijob tests generate
+# Usage: bash bench/gpu_run.sh [tests medium medium_autocast profile multijob multijob_fused multijob_compiled grouped
+# generate compiled_generate compiled_train fused_chain]. Default: medium_autocast multijob_fused medium multijob tests generate
 # profile (the new figures first); the others need calls of their own (the medium shape compiles for minutes). Needs
 # CUDA, and peft and transformers as pinned (docs/performance.md).
 # GPU_DEADLINE_S=<seconds>: no part runs past that many seconds from the start (parts cut short or skipped), so a call
@@ -41,6 +41,8 @@ for part in "${parts[@]}"; do
         multijob) run 110 multijob_medium.jsonl python3 bench/multijob_speedup.py --shape medium --jobs 4 8 --repeats 5 ;;
         multijob_fused) run 110 multijob_fused_medium.jsonl python3 bench/multijob_speedup.py --shape medium --jobs 4 8 \
             --repeats 5 --optim adamw_torch_fused ;;
+        multijob_compiled) run 400 multijob_compiled_medium.jsonl python3 bench/multijob_speedup.py --shape medium \
+            --jobs 4 8 --repeats 5 --optim adamw_torch_fused --compile --compile-mode reduce-overhead ;;
         grouped) run 30 grouped_cuda.jsonl python3 bench/grouped_products.py --repeats 20 ;;
         generate) run 60 generate_medium.jsonl python3 bench/generate_vs_base.py --shape medium --new-tokens 32 --repeats 2 \
             --impls peft_lora mixlora dynmole ;;

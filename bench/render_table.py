@@ -123,7 +123,9 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                "compile_note": f", first-step compile {row['compile_s']:.0f} s" if "compile_s" in row else "",
                "optim_note": ", fused AdamW" if row.get("optim") == "adamw_torch_fused" else "",
                "optim_flag": f" --optim {row['optim']}" if "optim" in row else "",
-               "compile_flag": " --compile" if "compiled_vs_eager" in row else "",
+               "compile_flag": (" --compile" + "".join(f" --compile-mode {mode}" for mode in
+                                                       str(row.get("compile", "")).split()[1:])
+                                if "compiled_vs_eager" in row else ""),
                "compiled_steps_note": (f"; compiled steps, {row['compiled_vs_eager']:.2f}× the eager mixed step's "
                                        f"time, compile {row['compile_s']:.0f} s" if "compiled_vs_eager" in row else ""),
                "autocast_note": ", bf16 autocast" if row.get("autocast") == "bf16" else "",

@@ -96,6 +96,10 @@ def test_render_table_renders_gpu_rows(tmp_path):
         {"name": "multijob_speedup", "shape": "medium", "jobs": 4, "rows_per_job": 1, "dropout": 0.05,
          "optim": "adamw_torch_fused", "ratio_median": 3.5, "ratio_min": 3.2, "limit_median": 4.0, "limit_min": 3.9,
          "fraction_of_limit": 0.875},
+        {"name": "multijob_speedup", "shape": "medium", "jobs": 8, "rows_per_job": 1, "dropout": 0.05,
+         "optim": "adamw_torch_fused", "ratio_median": 7.0, "ratio_min": 6.0, "limit_median": 7.5, "limit_min": 7.0,
+         "fraction_of_limit": 0.93, "compile": "inductor reduce-overhead", "compile_s": 120.0, "graphs": 2,
+         "compiled_vs_eager": 0.5},
     ]
     results = tmp_path / "h200-smoke.jsonl"
     results.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -111,6 +115,9 @@ def test_render_table_renders_gpu_rows(tmp_path):
     assert ("4 LoRA jobs (dropout 0.05, fused AdamW) in mixed steps" in table.stdout
             and "`python bench/multijob_speedup.py --shape medium --jobs 4 --dropout 0.05 --optim adamw_torch_fused`"
             in table.stdout)
+    assert ("reached 93%; compiled steps, 0.50× the eager mixed step's time, compile 120 s | medium | 7.00× | 6.00× | "
+            "`python bench/multijob_speedup.py --shape medium --jobs 8 --dropout 0.05 --optim adamw_torch_fused --compile "
+            "--compile-mode reduce-overhead` |") in table.stdout
 
 
 def test_profile_step_breaks_each_step_down():
