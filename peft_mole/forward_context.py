@@ -68,6 +68,7 @@ class ForwardContext:
     def set_row_adapters(self, names: list[str] | None, by_hook: bool = False) -> None:
         self.row_adapters = None if names is None else list(names)
         self.rows_set_by_hook = by_hook
+        self.row_jobs = None  # made again by the tuner's forward for these rows (compiled multi-job steps)
         self._groups = {}
 
     def unit_view(self, x: torch.Tensor) -> torch.Tensor:

@@ -157,13 +157,17 @@ class MultiJobModel(MixLoRAModel):
         Eager layers group the rows by job in Python, which a compiled graph would fix: each new composition of a
         step would compile again. Here each forward hands the layers one job index per row as a tensor, and they
         apply the jobs' stacked factors per row (`ops.indexed_lora`); the number of rows and the sequence length
-        become dynamic after their first change (one recompile). LoRA jobs only: MixLoRA and DynMoLE blocks still
+        become dynamic after their first change (one recompile; a step of one row compiles once more, as Dynamo
+        specialises sizes of 1). LoRA jobs only: MixLoRA and DynMoLE blocks still
         group the rows by job in Python (no per-row form of them is written). Packed batches (one adapter per
         token) are refused."""
         check_compilable(self.peft_config)
         if self.__dict__.get("_compiled_steps"):
+            if self.__dict__["_compile_kwargs"] != compile_kwargs:
+                raise ValueError(f"compile_mixed_steps was called with {self.__dict__['_compile_kwargs']} already; "
+                                 f"cannot compile again with {compile_kwargs}")
             return
-        self.__dict__["_compiled_steps"] = True
+        self.__dict__["_compiled_steps"], self.__dict__["_compile_kwargs"] = True, dict(compile_kwargs)
         self.model.compile(**compile_kwargs)
 
     def forward(self, *args, **kwargs):

@@ -65,9 +65,12 @@ def check_compile(args, configs: dict) -> None:
     per row."""
     if not getattr(args, "torch_compile", False):
         return
-    if getattr(args, "padding_free", False):
-        raise ValueError("MultiJobTrainer does not support torch_compile=True with padding_free=True: a compiled step "
-                         "takes one adapter per row, a packed row holds several jobs; set one of them to False")
+    bfd = getattr(args, "packing", False) and getattr(args, "packing_strategy", None) in {"bfd", "bfd_split"}
+    if getattr(args, "padding_free", False) or bfd:  # TRL's own rule for a padding-free collator
+        field = f"packing_strategy={args.packing_strategy!r}" if bfd else "padding_free=True"
+        raise ValueError(f"MultiJobTrainer does not support torch_compile=True with {field}: a compiled step takes one "
+                         "adapter per row, a packed row holds several jobs; turn off torch_compile, or use "
+                         "padding_free=False with packing_strategy='wrapped' or no packing")
     check_compilable(configs)
 
 

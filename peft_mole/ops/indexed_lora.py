@@ -46,7 +46,7 @@ def indexed_lora_delta(x: torch.Tensor, row_jobs: torch.Tensor, factors: list[Lo
                           for f in factors] + [zero_b])  # (J + 1, out, r)
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
     scaling = constant_on(tuple(0.0 if f is None else f.scaling for f in factors) + (0.0,), opmath, x.device)
-    rows = x.shape[0]
+    rows, row_jobs = x.shape[0], row_jobs.to(device)  # a no-op unless the model is split over devices
     inputs = _dropped_out(x.to(dtype), row_jobs, factors).reshape(rows, -1, in_features)
     hidden = torch.bmm(inputs, lora_a.index_select(0, row_jobs).transpose(1, 2))  # (rows, tokens, r)
     hidden = scaled(hidden, scaling.index_select(0, row_jobs).view(rows, 1, 1))

@@ -158,8 +158,10 @@ def test_trainer_with_torch_compile_trains_as_eagerly(assets, tmp_path):
         trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs(), args=args,
                                   processing_class=tokenizer)
         randomize_adapters(trainer.jobs_model)
+        counters.clear()
         trainer.train()
         assert [r["status"] for r in trainer.job_summary] == ["done", "done"]
+        assert (counters["stats"]["unique_graphs"] >= 1) == compiled  # the steps ran compiled, not eager
         assert trainer.jobs_model.__dict__.get("_compiled_steps", False) == compiled
         adapters[compiled] = {job: load_file(os.path.join(args.output_dir, job, "adapter_model.safetensors"))
                               for job in ("a", "b")}
@@ -168,11 +170,27 @@ def test_trainer_with_torch_compile_trains_as_eagerly(assets, tmp_path):
             torch.testing.assert_close(adapters[True][job][key], value, rtol=1e-4, atol=1e-5, msg=f"{job}: {key}")
 
 
-@pytest.mark.parametrize("case", ["padding_free", "routed"])
+@pytest.mark.parametrize("case", ["padding_free", "bfd_packing", "routed"])
 def test_trainer_refuses_torch_compile_where_a_graph_cannot_serve(assets, tmp_path, case):
     tokenizer, datasets = assets
     lora = JobConfig("a", LoraConfig(r=4, target_modules=["q_proj"]), datasets["sentiment"])
-    jobs = [lora] if case == "padding_free" else [lora, JobConfig("m", mixlora(), datasets["capital"])]
-    args = run_args(tmp_path, torch_compile=True, padding_free=case == "padding_free")
-    with pytest.raises(ValueError, match="padding_free=True" if case == "padding_free" else r"jobs \['m'\]"):
-        MultiJobTrainer(model=tiny_base(), jobs=jobs, args=args, processing_class=tokenizer)
+    jobs = [lora, JobConfig("m", mixlora(), datasets["capital"])] if case == "routed" else [lora]
+    options = {"padding_free": dict(padding_free=True), "bfd_packing": dict(packing=True), "routed": {}}[case]
+    expected = {"padding_free": "padding_free=True", "bfd_packing": "packing_strategy='bfd'", "routed": r"jobs \['m'\]"}
+    with pytest.raises(ValueError, match=expected[case]):
+        MultiJobTrainer(model=tiny_base(), jobs=jobs, args=run_args(tmp_path, torch_compile=True, **options),
+                        processing_class=tokenizer)
+
+
+def test_rows_assigned_anew_forget_the_compiled_steps_row_jobs():
+    """`generate` (PEFT's hook) assigns rows without the tuner's forward: the last step's job indices must not stay."""
+    model = MultiJobModel(tiny_base(), {"a": LoraConfig(r=4, target_modules=["q_proj"])})
+    model.compile_mixed_steps(backend="aot_eager")
+    ids = torch.randint(3, 500, (2, 6))
+    model(input_ids=ids, adapter_names=["a", BASE_ROW])
+    context = model._context()
+    assert context.row_jobs.tolist() == [0, 1]
+    context.set_row_adapters(["a", "a", "a"], by_hook=True)
+    assert context.row_jobs is None
+    with pytest.raises(ValueError, match="cannot compile again with"):
+        model.compile_mixed_steps(backend="inductor")
