@@ -34,7 +34,7 @@ parts=("$@")
 [ $# -eq 0 ] && parts=(medium_autocast multijob_fused medium multijob tests generate profile)
 for part in "${parts[@]}"; do
     case $part in
-        tests) run 240 gpu_tests.log python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
+        tests) run 300 gpu_tests.log python3 -m pytest -q -p no:cacheprovider tests/gpu ;;
         medium) run 120 gpu_medium.jsonl python3 bench/gpu_medium.py --repeats 5 ;;
         medium_autocast) run 120 gpu_medium_autocast.jsonl python3 bench/gpu_medium.py --repeats 5 --autocast bf16 ;;
         profile) run 110 profile_medium.log python3 bench/profile_step.py --shape medium --steps 2 ;;
