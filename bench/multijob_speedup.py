@@ -15,7 +15,7 @@ over the eager step (`compiled_vs_eager`), the first step's compile time and the
 other mixes (the jobs reversed; one job fewer, so the rows change; the graph count should not grow past 2). The
 PEFT baseline stays eager: the jobs one after another are what a user would otherwise run.
 Usage: python bench/multijob_speedup.py [--shape small] [--jobs 2 4 8] [--repeats 10] [--optim adamw_torch_fused]
-       [--compile [--compile-mode reduce-overhead]]
+       [--compile [--compile-mode reduce-overhead] [--compile-backend inductor]]
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def main() -> None:
                              "PEFT's, see peft_mole/ops/dropout.py; 0 compares the products alone)")
     parser.add_argument("--optim", choices=OPTIMS, default="adamw_torch")
     parser.add_argument("--compile", action="store_true", help="compiled mixed steps (see the module docstring)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode for --compile (e.g. reduce-overhead: CUDA graphs on a GPU)")
     args = parser.parse_args()
@@ -136,7 +137,7 @@ def compile_mixed(args, n: int, jobs: list[str], batch, vocab: int) -> dict:
     torch._dynamo.reset()
     counters.clear()
     model = MultiJobModel(base_model(args.shape), {job: lora_config(args.dropout) for job in jobs})
-    model.compile_mixed_steps(mode=args.compile_mode)
+    model.compile_mixed_steps(backend=args.compile_backend, mode=args.compile_mode)
     step = mixed_step_fn(model, batch, jobs, args.rows_per_job, args.optim)
     start = time.perf_counter()
     step()
@@ -145,7 +146,7 @@ def compile_mixed(args, n: int, jobs: list[str], batch, vocab: int) -> dict:
         rows = len(mix) * args.rows_per_job
         mixed_step_fn(model, rows_batch(rows, BATCH[args.shape][1], vocab, seed=rows), mix, args.rows_per_job,
                       args.optim)()
-    return {"step": step, "compile": "inductor" + (f" {args.compile_mode}" if args.compile_mode else ""),
+    return {"step": step, "compile": args.compile_backend + (f" {args.compile_mode}" if args.compile_mode else ""),
             "compile_s": compile_s,
             "graphs": counters["stats"]["unique_graphs"]}
 

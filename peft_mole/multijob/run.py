@@ -22,6 +22,13 @@ from peft_mole.multijob import checkpoint as ckpt
 WAITING, RUNNING, DONE, FAILED, STOPPED = "waiting", "running", "done", "failed", "stopped_early"
 
 
+def in_layout_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """`grad` with the parameter's strides, as `loss.backward()` stores it (autograd.grad does not): a fused optimizer
+    (`adamw_torch_fused`, Trainer's default) reads a gradient in its parameter's layout, and a transposed gradient
+    moved weights by the wrong elements (tests/multijob/test_optimizer_layout.py)."""
+    return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
+
+
 @dataclass
 class JobStats:
     """What the run summary reports per job."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -44,7 +45,7 @@ from peft_mole.multijob.batching import batch_inputs, is_packed, mix, pad_token_
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
 from peft_mole.multijob.report import PaddingStats, show_progress, summary_rows, write_summary
-from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun
+from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun, in_layout_of
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
 from peft_mole.multijob.trainer_args import check_distributed, check_trainer_args
 
@@ -53,12 +54,6 @@ logger = logging.getLogger(__name__)
 
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
-def _in_layout_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """`grad` in the parameter's strides, as `loss.backward()` stores it: a fused optimizer (Trainer's default) reads
-    it so, and a transposed gradient moved the wrong elements (tests/multijob/test_optimizer_layout.py)."""
-    return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
 
 
 class MultiJobTrainer(SFTTrainer):
@@ -349,21 +344,24 @@ class MultiJobTrainer(SFTTrainer):
                                       use_cache=False)
         log_probs, label_mask = outputs.log_probs.float(), outputs.label_mask
         aux = outputs.get("aux_loss_per_adapter") or {}
-        losses = {}
+        losses, tokens = {}, {}
         for run, _ in parts:
             rows = mixed.index(run.name)
-            window_items = torch.as_tensor(run.window_items, device=log_probs.device).clamp(min=1)
+            window_items = torch.as_tensor(run.window_items).clamp(min=1)  # where it is: a copy to a GPU would sync
+            tokens[run.name] = label_mask[rows].sum()
             loss = -log_probs[rows].sum() / window_items
             if run.name in aux:
-                loss = loss + aux[run.name] * label_mask[rows].sum() / window_items
+                loss = loss + aux[run.name] * tokens[run.name] / window_items
             losses[run.name] = loss
-        finite = torch.stack([loss.detach() for loss in losses.values()]).isfinite().tolist()
+        # every job's loss and token count in one read-back: on a GPU each read is a sync of the step's kernels
+        values = torch.stack([torch.stack([losses[r.name].detach().double(), tokens[r.name].double()]) for r, _ in parts])
+        read = dict(zip(losses, values.tolist(), strict=True))
         good = []
-        for (run, _), ok in zip(parts, finite, strict=True):
-            if ok:
+        for run, _ in parts:
+            if math.isfinite(read[run.name][0]):
                 good.append(run)
             else:
-                self._round_failures[run.name] = f"its loss became {losses[run.name].item()} at step {run.global_step + 1}"
+                self._round_failures[run.name] = f"its loss became {read[run.name][0]} at step {run.global_step + 1}"
         if not good:
             return
         params = [p for run in good for p in run.params.values()]
@@ -371,13 +369,13 @@ class MultiJobTrainer(SFTTrainer):
         grads = torch.autograd.grad(total, params, allow_unused=True)
         for param, grad in zip(params, grads, strict=True):
             if grad is not None:
-                param.grad = _in_layout_of(param, grad) if param.grad is None else param.grad.add_(grad)
+                param.grad = in_layout_of(param, grad) if param.grad is None else param.grad.add_(grad)
         seconds = time.perf_counter() - started
         self.step_cost.observe(mixed.input_ids.numel(), seconds)
         for run in good:
             run.stats.seconds += seconds * mixed.share(run.name)
-            run.stats.tokens += int(label_mask[mixed.index(run.name)].sum())
-            self._round_losses[run.name] = self._round_losses.get(run.name, 0.0) + float(losses[run.name].detach())
+            run.stats.tokens += int(read[run.name][1])
+            self._round_losses[run.name] = self._round_losses.get(run.name, 0.0) + read[run.name][0]
 
     def _job_step(self, run: JobRun) -> None:
         params = list(run.params.values())

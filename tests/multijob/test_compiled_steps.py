@@ -139,9 +139,10 @@ def test_compiled_steps_refuse_routed_jobs_and_packed_rows():
         model(input_ids=ids, adapter_names=["a"] * 6)
 
 
-def test_trainer_with_torch_compile_trains_as_eagerly(assets, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])  # True: TRL's default
+def test_trainer_with_torch_compile_trains_as_eagerly(assets, tmp_path, checkpointing):
     """`torch_compile=True`: the compiled mixed steps (aot_eager here: the graphs, not inductor's kernels) give every
-    job the adapter the eager MultiJobTrainer gives it."""
+    job the adapter the eager MultiJobTrainer gives it, with and without activation checkpointing."""
     tokenizer, datasets = assets
     torch._dynamo.reset()
 
@@ -154,7 +155,7 @@ def test_trainer_with_torch_compile_trains_as_eagerly(assets, tmp_path):
     adapters = {}
     for compiled in (False, True):
         extra = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
-        args = run_args(tmp_path / str(compiled), **extra)
+        args = run_args(tmp_path / str(compiled), gradient_checkpointing=checkpointing, **extra)
         trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs(), args=args,
                                   processing_class=tokenizer)
         randomize_adapters(trainer.jobs_model)

@@ -7,7 +7,7 @@ fused AdamW (`adamw_torch_fused`, Trainer's default) reads gradients in the para
 
 import torch
 
-from peft_mole.multijob.trainer import _in_layout_of
+from peft_mole.multijob.run import in_layout_of
 
 
 def _transposed_grad(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -20,10 +20,10 @@ def test_stored_gradients_have_the_parameters_layout_and_values():
     weight = torch.nn.Parameter(torch.randn(3, 7, 4, generator=gen))
     grad = _transposed_grad(weight, torch.randn(3, 5, 4, generator=gen))
     assert grad.stride() != weight.stride()  # what autograd.grad hands back here
-    stored = _in_layout_of(weight, grad)
+    stored = in_layout_of(weight, grad)
     assert stored.stride() == weight.stride() and torch.equal(stored, grad)
     contiguous = torch.randn(3, 7, 4, generator=gen)
-    assert _in_layout_of(weight, contiguous) is contiguous  # no copy when the layout already matches
+    assert in_layout_of(weight, contiguous) is contiguous  # no copy when the layout already matches
 
 
 def test_a_fused_adamw_step_on_stored_gradients_equals_the_backward_reference():
@@ -34,7 +34,7 @@ def test_a_fused_adamw_step_on_stored_gradients_equals_the_backward_reference():
     fused = torch.optim.AdamW([ours], lr=1e-3, fused=True)
     plain = torch.optim.AdamW([reference], lr=1e-3, foreach=False)
     for _ in range(3):
-        ours.grad = _in_layout_of(ours, _transposed_grad(ours, x))
+        ours.grad = in_layout_of(ours, _transposed_grad(ours, x))
         torch.bmm(x, reference.transpose(1, 2)).square().sum().backward()
         fused.step()
         plain.step()
