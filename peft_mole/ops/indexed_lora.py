@@ -38,16 +38,16 @@ def indexed_lora_delta(x: torch.Tensor, row_jobs: torch.Tensor, factors: list[Lo
     rank = max(f.lora_a.shape[0] for f in present)
     in_features, out_features = first.lora_a.shape[1], first.lora_b.shape[0]
     dtype, device = first.lora_a.dtype, first.lora_a.device
-    zero_a = x.new_zeros((rank, in_features), dtype=dtype, device=device)
-    zero_b = x.new_zeros((out_features, rank), dtype=dtype, device=device)
+    zero_a = torch.zeros(rank, in_features, dtype=dtype, device=device)
+    zero_b = torch.zeros(out_features, rank, dtype=dtype, device=device)
     lora_a = torch.stack([zero_a if f is None else F.pad(f.lora_a, (0, 0, 0, rank - f.lora_a.shape[0]))
                           for f in factors] + [zero_a])  # (J + 1, r, in)
     lora_b = torch.stack([zero_b if f is None else F.pad(f.lora_b, (0, rank - f.lora_b.shape[1]))
                           for f in factors] + [zero_b])  # (J + 1, out, r)
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
-    scaling = constant_on(tuple(0.0 if f is None else f.scaling for f in factors) + (0.0,), opmath, x.device)
-    rows, row_jobs = x.shape[0], row_jobs.to(device)  # a no-op unless the model is split over devices
-    inputs = _dropped_out(x.to(dtype), row_jobs, factors).reshape(rows, -1, in_features)
+    scaling = constant_on(tuple(0.0 if f is None else f.scaling for f in factors) + (0.0,), opmath, device)
+    rows, row_jobs = x.shape[0], row_jobs.to(device)  # no-ops unless the model is split over devices
+    inputs = _dropped_out(x.to(device, dtype), row_jobs, factors).reshape(rows, -1, in_features)
     hidden = torch.bmm(inputs, lora_a.index_select(0, row_jobs).transpose(1, 2))  # (rows, tokens, r)
     hidden = scaled(hidden, scaling.index_select(0, row_jobs).view(rows, 1, 1))
     out = torch.bmm(hidden, lora_b.index_select(0, row_jobs).transpose(1, 2))  # (rows, tokens, out)
