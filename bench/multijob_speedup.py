@@ -4,10 +4,13 @@ vs the same jobs trained one after another with plain PEFT LoRA, same rows per j
     S(N) = Σ_i T_base(b_i) / T_base(Σ_i b_i)
 
 (what batching the frozen base alone can gain). Each job: LoRA r 16, alpha 32, dropout 0.05 on q,k,v,o,gate,up,down,
-its own AdamW; b_i = --rows-per-job rows of the shape's sequence length. Step = forward + backward + optimizer(s).
+its own AdamW; b_i = --rows-per-job rows of the shape's sequence length. Step = forward + backward + optimizer(s);
+the mixed step takes the jobs' gradients and steps their optimizers as MultiJobTrainer does.
 --optim adamw_torch_fused gives every AdamW (the jobs' and the PEFT baseline's) one fused kernel per step, as
 `TrainingArguments`' default since torch 2.8 does; rows then carry `optim` (absent: torch's default AdamW, foreach on
-CUDA, a per-tensor loop on the CPU).
+CUDA, a per-tensor loop on the CPU). A fused AdamW of a mixed step's job steps one flat tensor, as in the trainer
+(`multijob.flat_parameters`); --compare-layouts also times the mixed step with each job's AdamW over its parameters
+(`<impl>_per_tensor`, the same rounds) and adds `flat_vs_per_tensor` to the row.
 --compile compiles the mixed model (`MultiJobModel.compile_mixed_steps`, inductor, as MultiJobTrainer does with
 torch_compile=True), times it (`mixed_all_jobs_compiled`) in the same rounds as the eager mixed step, and takes the
 speedup from it: the `multijob_speedup` row then carries `compile`, the compiled
@@ -15,7 +18,7 @@ over the eager step (`compiled_vs_eager`), the first step's compile time and the
 other mixes (the jobs reversed; one job fewer, so the rows change; the graph count should not grow past 2). The
 PEFT baseline stays eager: the jobs one after another are what a user would otherwise run.
 Usage: python bench/multijob_speedup.py [--shape small] [--jobs 2 4 8] [--repeats 10] [--optim adamw_torch_fused]
-       [--compile [--compile-mode reduce-overhead] [--compile-backend inductor]]
+       [--compile [--compile-mode reduce-overhead] [--compile-backend inductor]] [--compare-layouts]
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import torch._inductor.config
 from common import (
     BATCH,
     OPTIMS,
-    adamw,
     base_model,
     device,
     emit,
@@ -42,6 +44,7 @@ from peft import get_peft_model
 from torch._dynamo.utils import counters
 
 from peft_mole.multijob import MultiJobModel, per_job_losses
+from peft_mole.multijob.flat_parameters import job_optimizer
 
 
 def rows_batch(rows: int, seq: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -63,17 +66,32 @@ def base_step_fn(model, batch):
     return step
 
 
-def mixed_step_fn(model: MultiJobModel, batch, jobs: list[str], rows_per_job: int, optim: str = "adamw_torch"):
-    """One mixed-adapter step: one base pass for all rows, per-job losses, one AdamW step per job."""
+def mixed_step_fn(model: MultiJobModel, batch, jobs: list[str], rows_per_job: int, optim: str = "adamw_torch",
+                  flat: bool = True):
+    """One mixed-adapter step as MultiJobTrainer takes it: one base pass for all rows, per-job losses, the jobs'
+    gradients by one `autograd.grad`, one AdamW step per job, over flat tensors where the trainer flattens (`flat`;
+    `multijob.flat_parameters`: a fused AdamW) or over the parameters themselves."""
     model.train()
     names = [job for job in jobs for _ in range(rows_per_job)]
     rows = {job: slice(i * rows_per_job, (i + 1) * rows_per_job) for i, job in enumerate(jobs)}
-    optimizers = [adamw(list(model.job_parameters(job).values()), optim) for job in jobs]
+    runs = []  # per job: (parameters, optimizer, FlatGroups or None)
+    for job in jobs:
+        params = list(model.job_parameters(job).values())
+        optimizer, layout = job_optimizer(torch.optim.AdamW, {"lr": 1e-4, "fused": optim == "adamw_torch_fused"},
+                                          [{"params": params}], device(), flatten=flat)
+        runs.append((params, optimizer, layout))
+    everything = [p for params, _, _ in runs for p in params]
 
     def step() -> None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=names).logits
-        sum(per_job_losses(logits, batch["labels"], rows).values()).backward()
-        for optimizer in optimizers:
+        grads = torch.autograd.grad(sum(per_job_losses(logits, batch["labels"], rows).values()), everything)
+        for params, optimizer, layout in runs:
+            job_grads, grads = grads[:len(params)], grads[len(params):]
+            if layout is not None:
+                layout.add_gradients(params, job_grads)
+            else:
+                for param, grad in zip(params, job_grads, strict=True):
+                    param.grad = grad
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -89,6 +107,9 @@ def main() -> None:
                              "PEFT's, see peft_mole/ops/dropout.py; 0 compares the products alone)")
     parser.add_argument("--optim", choices=OPTIMS, default="adamw_torch")
     parser.add_argument("--compile", action="store_true", help="compiled mixed steps (see the module docstring)")
+    parser.add_argument("--compare-layouts", action="store_true",
+                        help="also time the mixed step with the jobs' optimizers over their parameters rather than "
+                             "flat tensors (`<impl>_per_tensor`; the row gets flat_vs_per_tensor)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode for --compile (e.g. reduce-overhead: CUDA graphs on a GPU)")
@@ -110,15 +131,20 @@ def main() -> None:
             "base_one_job": base_step_fn(base, one),
             "base_all_jobs": base_step_fn(base, everyone),
         }
+        if args.compare_layouts:
+            steps["mixed_all_jobs_per_tensor"] = mixed_step_fn(mixed, everyone, jobs, b, args.optim, flat=False)
         compiled = compile_mixed(args, n, jobs, everyone, vocab) if args.compile else {}
         if compiled:
             steps["mixed_all_jobs_compiled"] = compiled.pop("step")
+            if args.compare_layouts:
+                steps["mixed_all_jobs_compiled_per_tensor"] = compiled.pop("per_tensor_step")
         times = time_interleaved(steps, repeats=args.repeats)
         rows = {impl: record("multijob_step", args.shape, impl, t, (n if "all" in impl else 1) * b * seq, jobs=n)
                 for impl, t in times.items()}
         sequential = {k: n * rows["peft_lora_one_job"][k] for k in ("median_s", "min_s")}
         limit = {k: n * rows["base_one_job"][k] / rows["base_all_jobs"][k] for k in ("median_s", "min_s")}
-        mixed = rows["mixed_all_jobs_compiled" if compiled else "mixed_all_jobs"]
+        mixed_impl = "mixed_all_jobs_compiled" if compiled else "mixed_all_jobs"
+        mixed = rows[mixed_impl]
         speedup = {k: sequential[k] / mixed[k] for k in ("median_s", "min_s")}
         emit({
             "name": "multijob_speedup", "shape": args.shape, "jobs": n, "rows_per_job": b, "dropout": args.dropout,
@@ -128,6 +154,8 @@ def main() -> None:
             **({"optim": args.optim} if args.optim != "adamw_torch" else {}),
             **compiled,
             **({"compiled_vs_eager": mixed["median_s"] / rows["mixed_all_jobs"]["median_s"]} if compiled else {}),
+            **({"flat_vs_per_tensor": mixed["median_s"] / rows[mixed_impl + "_per_tensor"]["median_s"]}
+               if args.compare_layouts else {}),
         })
 
 
@@ -146,7 +174,9 @@ def compile_mixed(args, n: int, jobs: list[str], batch, vocab: int) -> dict:
         rows = len(mix) * args.rows_per_job
         mixed_step_fn(model, rows_batch(rows, BATCH[args.shape][1], vocab, seed=rows), mix, args.rows_per_job,
                       args.optim)()
-    return {"step": step, "compile": args.compile_backend + (f" {args.compile_mode}" if args.compile_mode else ""),
+    per_tensor = mixed_step_fn(model, batch, jobs, args.rows_per_job, args.optim, flat=False)
+    per_tensor()  # the same graph: the layout of the optimizers' tensors is outside it
+    return {"step": step, "per_tensor_step": per_tensor, "compile": args.compile_backend + (f" {args.compile_mode}" if args.compile_mode else ""),
             "compile_s": compile_s,
             "graphs": counters["stats"]["unique_graphs"]}
 

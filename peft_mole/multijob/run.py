@@ -44,7 +44,8 @@ class JobStats:
 class JobRun:
     """One job's progress. `peek()` is the next micro-batch; `consume()` marks it trained."""
 
-    def __init__(self, job, args, dataloader, params: dict[str, torch.nn.Parameter], optimizer, scheduler) -> None:
+    def __init__(self, job, args, dataloader, params: dict[str, torch.nn.Parameter], optimizer, scheduler,
+                 flat=None) -> None:
         self.job, self.args, self.dataloader = job, args, dataloader
         self.name = job.name
         self.params = params
@@ -70,6 +71,7 @@ class JobRun:
         self.reduce_items = lambda count: count  # the trainer sums N_j over processes under `accelerate launch`
         self.last_grad_norm: float | None = None
         self.last_lr = 0.0
+        self.flat = flat  # FlatGroups when the optimizer steps flat tensors (`multijob.flat_parameters`)
 
     # ------------------------------------------------------------------ data
     @property
@@ -125,9 +127,22 @@ class JobRun:
         return self.window_pos >= len(self.window)
 
     # ------------------------------------------------------------------ optimisation
+    def stepped_tensors(self) -> list[torch.nn.Parameter]:
+        """What the optimizer steps: the job's flat tensors, or its parameters."""
+        return self.flat.tensors if self.flat is not None else list(self.params.values())
+
+    def add_gradients(self, grads: list[torch.Tensor | None]) -> None:
+        """Accumulate one backward's gradients of `params` (in their order; None: no gradient)."""
+        if self.flat is not None:
+            self.flat.add_gradients(list(self.params.values()), grads)
+            return
+        for param, grad in zip(self.params.values(), grads, strict=True):
+            if grad is not None:
+                param.grad = in_layout_of(param, grad) if param.grad is None else param.grad.add_(grad)
+
     def optimizer_step(self) -> None:
         """Clip this job's gradient norm, step its optimizer and LR schedule, clear its gradients."""
-        params = [p for p in self.params.values() if p.grad is not None]
+        params = [p for p in self.stepped_tensors() if p.grad is not None]
         if self.args.max_grad_norm and self.args.max_grad_norm > 0 and params:
             norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
             self.last_grad_norm = float(norm)
@@ -140,6 +155,8 @@ class JobRun:
     def zero_grad(self) -> None:
         for p in self.params.values():
             p.grad = None
+        if self.flat is not None:
+            self.flat.zero_grad()
 
     def learning_rate(self) -> float:
         """The learning rate of the last optimizer step."""
@@ -217,7 +234,8 @@ class JobRun:
 
         def write(tmp: str) -> None:
             save_adapter(tmp)
-            torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            state = self.optimizer.state_dict()  # saved in a plain Trainer's per-tensor layout
+            torch.save(state if self.flat is None else self.flat.per_tensor_state(state), os.path.join(tmp, "optimizer.pt"))
             torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             torch.save({"cpu": torch.get_rng_state()}, os.path.join(tmp, "rng_state.pt"))
             ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), self.state_dict())  # last: marks it complete
@@ -230,7 +248,8 @@ class JobRun:
         """Restore from `save_checkpoint`'s folder (tensors only: `weights_only=True`)."""
         state = ckpt.read_json(os.path.join(path, ckpt.STATE_FILE))
         load_adapter(path)
-        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+        optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
+        self.optimizer.load_state_dict(optimizer_state if self.flat is None else self.flat.flat_state(optimizer_state))
         self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
         self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
         self.stats.tokens, self.stats.seconds = state["tokens"], state["seconds"]

@@ -42,10 +42,11 @@ from trl import SFTConfig, SFTTrainer
 from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob.batching import batch_inputs, is_packed, mix, pad_token_id, row_halves
+from peft_mole.multijob.flat_parameters import job_optimizer
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
 from peft_mole.multijob.report import PaddingStats, show_progress, summary_rows, write_summary
-from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun, in_layout_of
+from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
 from peft_mole.multijob.trainer_args import check_distributed, check_trainer_args
 
@@ -82,6 +83,8 @@ class MultiJobTrainer(SFTTrainer):
         >>> trainer = MultiJobTrainer(model=base, args=SFTConfig("runs"), jobs=[job_a, job_b])  # doctest: +SKIP
         >>> trainer.train()                                                                    # doctest: +SKIP
     """
+
+    flat_job_parameters = True  # a job's fused optimizer steps one flat tensor per group (`flat_parameters`)
 
     def __init__(
         self,
@@ -175,8 +178,8 @@ class MultiJobTrainer(SFTTrainer):
             {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0},
         ]
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(args, self.model)
-        optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        run = JobRun(job, args, loader, params, optimizer, None)
+        optimizer, flat = job_optimizer(optimizer_cls, optimizer_kwargs, groups, args.device, self.flat_job_parameters)
+        run = JobRun(job, args, loader, params, optimizer, None, flat=flat)
         if args.average_tokens_across_devices:
             run.reduce_items = lambda count: dist.sum_over_processes(self.accelerator, count)
         run.scheduler = get_scheduler(
@@ -367,9 +370,9 @@ class MultiJobTrainer(SFTTrainer):
         params = [p for run in good for p in run.params.values()]
         total = sum(losses[run.name] for run in good)
         grads = torch.autograd.grad(total, params, allow_unused=True)
-        for param, grad in zip(params, grads, strict=True):
-            if grad is not None:
-                param.grad = in_layout_of(param, grad) if param.grad is None else param.grad.add_(grad)
+        for run in good:
+            run.add_gradients(grads[:len(run.params)])
+            grads = grads[len(run.params):]
         seconds = time.perf_counter() - started
         self.step_cost.observe(mixed.input_ids.numel(), seconds)
         for run in good:
@@ -378,9 +381,8 @@ class MultiJobTrainer(SFTTrainer):
             self._round_losses[run.name] = self._round_losses.get(run.name, 0.0) + read[run.name][0]
 
     def _job_step(self, run: JobRun) -> None:
-        params = list(run.params.values())
         mean = not self.args.average_tokens_across_devices
-        (run.window_loss,) = dist.reduce_gradients(self.accelerator, params, [run.window_loss], mean=mean)
+        (run.window_loss,) = dist.reduce_gradients(self.accelerator, run.stepped_tensors(), [run.window_loss], mean=mean)
         run.optimizer_step()
         run.stats.last_loss = run.window_loss
         run.stats.losses.append(run.window_loss)
