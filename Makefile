@@ -63,6 +63,7 @@ bench: install
 	$(PY) bench/compile_step.py --impls peft_lora mixlora --gradient-checkpointing | tee -a $(RESULTS)
 	$(PY) bench/grouped_products.py | tee -a $(RESULTS)
 	$(PY) bench/host_time.py | tee -a $(RESULTS)
+	$(PY) bench/job_optimizer.py | tee -a $(RESULTS)
 	$(PY) bench/options_step.py | tee -a $(RESULTS)
 	$(PY) bench/options_step.py --options fp16_autocast --repeats 3 | tee -a $(RESULTS)
 	$(PY) bench/mole_vs_reference.py --peers-python $(PEERS)/bin/python | tee -a $(RESULTS)

@@ -2,7 +2,7 @@
 # Issue 6, part 6: everything a GPU session measures, in one call (docs/performance.md, "GPU").
 # Writes each script's output to $OUT (or bench/results/gpu when OUT is unset). Each step has its own time limit,
 # so one slow or failing script leaves the others' figures intact.
-# Usage: bash bench/gpu_run.sh [tests medium medium_autocast profile multijob multijob_fused multijob_compiled grouped
+# Usage: bash bench/gpu_run.sh [tests medium medium_autocast profile multijob multijob_fused multijob_compiled job_optimizer grouped
 # generate compiled_generate compiled_train fused_chain]. Default: medium_autocast multijob_fused medium multijob tests generate
 # profile (the new figures first); the others need calls of their own (the medium shape compiles for minutes). Needs
 # CUDA, and peft and transformers as pinned (docs/performance.md).
@@ -40,9 +40,10 @@ for part in "${parts[@]}"; do
         profile) run 110 profile_medium.log python3 bench/profile_step.py --shape medium --steps 2 ;;
         multijob) run 110 multijob_medium.jsonl python3 bench/multijob_speedup.py --shape medium --jobs 4 8 --repeats 5 ;;
         multijob_fused) run 110 multijob_fused_medium.jsonl python3 bench/multijob_speedup.py --shape medium --jobs 4 8 \
-            --repeats 5 --optim adamw_torch_fused ;;
+            --repeats 5 --optim adamw_torch_fused --compare-layouts ;;
         multijob_compiled) run 400 multijob_compiled_medium.jsonl python3 bench/multijob_speedup.py --shape medium \
-            --jobs 4 8 --repeats 5 --optim adamw_torch_fused --compile --compile-mode reduce-overhead ;;
+            --jobs 4 8 --repeats 5 --optim adamw_torch_fused --compile --compile-mode reduce-overhead --compare-layouts ;;
+        job_optimizer) run 60 job_optimizer_medium.jsonl python3 bench/job_optimizer.py --shapes medium --repeats 200 ;;
         grouped) run 30 grouped_cuda.jsonl python3 bench/grouped_products.py --repeats 20 ;;
         generate) run 60 generate_medium.jsonl python3 bench/generate_vs_base.py --shape medium --new-tokens 32 --repeats 2 \
             --impls peft_lora mixlora dynmole ;;

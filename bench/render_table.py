@@ -27,6 +27,7 @@ COMMANDS = {
     "grouped_products": "python bench/grouped_products.py",
     "gpu_busy": "python bench/profile_step.py --shape {shape} --impls {impl}",
     "host_time": "python bench/host_time.py --jobs {jobs} --dropout {dropout}",
+    "job_optimizer": "python bench/job_optimizer.py --shapes {shape}{clip_flag}",
     "mole_vs_reference": "python bench/mole_vs_reference.py --peers-python PEERS/bin/python",
     "options_step": "python bench/options_step.py --shape {shape} --options {impl}",
     "saved_activations": "python bench/saved_activations.py --shape {shape}",
@@ -67,6 +68,8 @@ DESCRIPTIONS["grouped_products"] = ("row-segment products (experts, LoRA jobs), 
                                      "max difference {max_abs_difference:.0e}")
 DESCRIPTIONS["host_time"] = ("host time of one projection (fwd+bwd, tiny shape), {jobs} LoRA jobs stacked / PEFT LoRA "
                               "on one job's row; one after another would be {jobs}×")
+DESCRIPTIONS["job_optimizer"] = ("one job's optimizer step ({clip_note}fused AdamW, {tensors} LoRA tensors), over one "
+                                  "flat tensor / over its tensors ({flat_us:.0f} vs {per_tensor_us:.0f} µs)")
 DESCRIPTIONS["compile_step"] = ("{impl} step{checkpointing_note}, torch.compile / eager, dropout {dropout} "
                                  "(compile {compile_s:.0f} s, {graph_breaks} graph breaks)")
 DESCRIPTIONS["options_step"] = ("MixLoRA step / PEFT LoRA step with {impl}; vs plain fp32 eager: MixLoRA "
@@ -82,7 +85,7 @@ def _value(name: str, value: float) -> str:
 
 
 _IDENTITY = ("name", "shape", "impl", "jobs", "rows_per_job", "dropout", "reference", "router_state", "adapters",
-             "questions", "new_tokens", "case", "autocast", "optim", "script", "compile")
+             "questions", "new_tokens", "case", "autocast", "optim", "script", "compile", "clip")
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -123,11 +126,16 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                "compile_note": f", first-step compile {row['compile_s']:.0f} s" if "compile_s" in row else "",
                "optim_note": ", fused AdamW" if row.get("optim") == "adamw_torch_fused" else "",
                "optim_flag": f" --optim {row['optim']}" if "optim" in row else "",
+               "compiled_steps_note": (f"; compiled steps, {row['compiled_vs_eager']:.2f}× the eager mixed step's "
+                                       f"time, compile {row['compile_s']:.0f} s" if "compiled_vs_eager" in row else "")
+                                      + (f"; flat job optimizers {row['flat_vs_per_tensor']:.2f}× the per-tensor step"
+                                         if "flat_vs_per_tensor" in row else ""),
                "compile_flag": (" --compile" + "".join(f" --compile-mode {mode}" for mode in
                                                        str(row.get("compile", "")).split()[1:])
-                                if "compiled_vs_eager" in row else ""),
-               "compiled_steps_note": (f"; compiled steps, {row['compiled_vs_eager']:.2f}× the eager mixed step's "
-                                       f"time, compile {row['compile_s']:.0f} s" if "compiled_vs_eager" in row else ""),
+                                if "compiled_vs_eager" in row else "") + (
+                                   " --compare-layouts" if "flat_vs_per_tensor" in row else ""),
+               "clip_flag": "" if row.get("clip", True) else " --no-clip",
+               "clip_note": "clipping + " if row.get("clip", True) else "",
                "autocast_note": ", bf16 autocast" if row.get("autocast") == "bf16" else "",
                "experts_note": (f" ({row['dynmole_experts_per_token']:.2f} experts/token)"
                                 if "dynmole_experts_per_token" in row else "")}

@@ -18,13 +18,14 @@ SCRIPTS = {
     "dynmole_vs_mixlora": ["--shape", "tiny", "--repeats", "1"],
     "fused_chain": ["--shape", "tiny", "--tokens", "800", "--repeats", "1"],  # two full blocks: the kernels run
     "multijob_speedup": ["--shape", "tiny", "--repeats", "1", "--jobs", "2", "--optim", "adamw_torch_fused", "--compile",
-                         "--compile-backend", "aot_eager"],  # the graphs, not inductor's kernels (compile_step's smoke)
+                         "--compile-backend", "aot_eager", "--compare-layouts"],  # the graphs, not inductor's kernels
     "saved_activations": ["--shape", "tiny"],
     "options_step": ["--shape", "tiny", "--repeats", "1", "--options", "checkpointing", "bf16_autocast", "fp16_autocast"],
     "generate_vs_base": ["--shape", "tiny", "--repeats", "1", "--new-tokens", "4", "--compile"],
     "pad_fraction": ["--shape", "tiny", "--jobs", "2", "--steps", "2"],
     "grouped_products": ["--repeats", "1"],
     "host_time": ["--jobs", "2", "--repeats", "2"],
+    "job_optimizer": ["--shapes", "tiny", "--repeats", "2"],
     "compile_step": ["--shape", "tiny", "--repeats", "1", "--impls", "mixlora"],
 }
 FRACTIONS = {"pad_fraction"}
@@ -72,6 +73,9 @@ def test_multijob_bench_compiles_one_graph_for_every_mix(rows):
     (rows and length turn dynamic)."""
     (row,) = [row for row in rows["multijob_speedup"] if row["name"] == "multijob_speedup"]
     assert row["compile"] == "aot_eager" and row["compiled_vs_eager"] > 0 and row["graphs"] <= 2
+    steps = {r["impl"] for r in rows["multijob_speedup"] if r["name"] == "multijob_step"}
+    assert {"mixed_all_jobs_per_tensor", "mixed_all_jobs_compiled_per_tensor"} <= steps  # --compare-layouts
+    assert row["flat_vs_per_tensor"] > 0
 
 
 def test_render_table_renders_every_ratio(rows, tmp_path):
