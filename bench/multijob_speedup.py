@@ -10,7 +10,8 @@ the mixed step takes the jobs' gradients and steps their optimizers as MultiJobT
 `TrainingArguments`' default since torch 2.8 does; rows then carry `optim` (absent: torch's default AdamW, foreach on
 CUDA, a per-tensor loop on the CPU). A fused AdamW of a mixed step's job steps one flat tensor, as in the trainer
 (`multijob.flat_parameters`); --compare-layouts also times the mixed step with each job's AdamW over its parameters
-(`<impl>_per_tensor`, the same rounds) and adds `flat_vs_per_tensor` to the row.
+(`<impl>_per_tensor`, the same rounds) and adds `flat_vs_per_tensor` to the row. --kind mixlora makes every job
+BENCH.md's MixLoRA (with its router loss), the baseline each job as a MixLoRA PEFT model; rows carry `kind`.
 --compile compiles the mixed model (`MultiJobModel.compile_mixed_steps`, inductor, as MultiJobTrainer does with
 torch_compile=True), times it (`mixed_all_jobs_compiled`) in the same rounds as the eager mixed step, and takes the
 speedup from it: the `multijob_speedup` row then carries `compile`, the compiled
@@ -19,6 +20,7 @@ other mixes (the jobs reversed; one job fewer, so the rows change; the graph cou
 PEFT baseline stays eager: the jobs one after another are what a user would otherwise run.
 Usage: python bench/multijob_speedup.py [--shape small] [--jobs 2 4 8] [--repeats 10] [--optim adamw_torch_fused]
        [--compile [--compile-mode reduce-overhead] [--compile-backend inductor]] [--compare-layouts]
+       [--kind mixlora]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from common import (
     device,
     emit,
     lora_config,
+    mixlora_config,
     record,
     setup_threads,
     step_parser,
@@ -83,8 +86,10 @@ def mixed_step_fn(model: MultiJobModel, batch, jobs: list[str], rows_per_job: in
     everything = [p for params, _, _ in runs for p in params]
 
     def step() -> None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=names).logits
-        grads = torch.autograd.grad(sum(per_job_losses(logits, batch["labels"], rows).values()), everything)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=names)
+        aux = out.get("aux_loss_per_adapter") or {}  # MixLoRA jobs: each job's router loss, as the trainer adds it
+        loss = sum(per_job_losses(out.logits, batch["labels"], rows).values()) + sum(aux.get(job, 0.0) for job in jobs)
+        grads = torch.autograd.grad(loss, everything)
         for params, optimizer, layout in runs:
             job_grads, grads = grads[:len(params)], grads[len(params):]
             if layout is not None:
@@ -106,6 +111,9 @@ def main() -> None:
                         help="LoRA dropout of every job (peft-mole's LoRA-job layers draw cheaper CPU masks than "
                              "PEFT's, see peft_mole/ops/dropout.py; 0 compares the products alone)")
     parser.add_argument("--optim", choices=OPTIMS, default="adamw_torch")
+    parser.add_argument("--kind", choices=["lora", "mixlora"], default="lora",
+                        help="the jobs' adapter: BENCH.md's LoRA, or its MixLoRA (8 experts, top-2; the baseline then "
+                             "trains each job as a MixLoRA PEFT model)")
     parser.add_argument("--compile", action="store_true", help="compiled mixed steps (see the module docstring)")
     parser.add_argument("--compare-layouts", action="store_true",
                         help="also time the mixed step with the jobs' optimizers over their parameters rather than "
@@ -122,8 +130,8 @@ def main() -> None:
         jobs = [f"job{i}" for i in range(n)]
         base = base_model(args.shape)
         vocab = base.config.vocab_size
-        mixed = MultiJobModel(base_model(args.shape), {job: lora_config(args.dropout) for job in jobs})
-        lora = get_peft_model(base_model(args.shape), lora_config(args.dropout))
+        mixed = MultiJobModel(base_model(args.shape), {job: job_config(args) for job in jobs})
+        lora = get_peft_model(base_model(args.shape), job_config(args))
         one, everyone = rows_batch(b, seq, vocab), rows_batch(n * b, seq, vocab)
         steps = {
             "peft_lora_one_job": train_step_fn(lora, one, optim=args.optim),
@@ -136,8 +144,9 @@ def main() -> None:
         compiled = compile_mixed(args, n, jobs, everyone, vocab) if args.compile else {}
         if compiled:
             steps["mixed_all_jobs_compiled"] = compiled.pop("step")
-            if args.compare_layouts:
-                steps["mixed_all_jobs_compiled_per_tensor"] = compiled.pop("per_tensor_step")
+            per_tensor = compiled.pop("per_tensor_step")
+            if per_tensor is not None:
+                steps["mixed_all_jobs_compiled_per_tensor"] = per_tensor
         times = time_interleaved(steps, repeats=args.repeats)
         rows = {impl: record("multijob_step", args.shape, impl, t, (n if "all" in impl else 1) * b * seq, jobs=n)
                 for impl, t in times.items()}
@@ -148,6 +157,7 @@ def main() -> None:
         speedup = {k: sequential[k] / mixed[k] for k in ("median_s", "min_s")}
         emit({
             "name": "multijob_speedup", "shape": args.shape, "jobs": n, "rows_per_job": b, "dropout": args.dropout,
+            **({"kind": args.kind} if args.kind != "lora" else {}),
             "ratio_median": speedup["median_s"], "ratio_min": speedup["min_s"],
             "limit_median": limit["median_s"], "limit_min": limit["min_s"],
             "fraction_of_limit": speedup["median_s"] / limit["median_s"],
@@ -159,12 +169,16 @@ def main() -> None:
         })
 
 
+def job_config(args):
+    return mixlora_config(args.dropout) if args.kind == "mixlora" else lora_config(args.dropout)
+
+
 def compile_mixed(args, n: int, jobs: list[str], batch, vocab: int) -> dict:
     """A compiled mixed step of the n jobs (`compile_mixed_steps`): {step, compile, compile_s, graphs}, the graphs
     counted after one step of each of two other mixes."""
     torch._dynamo.reset()
     counters.clear()
-    model = MultiJobModel(base_model(args.shape), {job: lora_config(args.dropout) for job in jobs})
+    model = MultiJobModel(base_model(args.shape), {job: job_config(args) for job in jobs})
     model.compile_mixed_steps(backend=args.compile_backend, mode=args.compile_mode)
     step = mixed_step_fn(model, batch, jobs, args.rows_per_job, args.optim)
     start = time.perf_counter()
@@ -174,8 +188,10 @@ def compile_mixed(args, n: int, jobs: list[str], batch, vocab: int) -> dict:
         rows = len(mix) * args.rows_per_job
         mixed_step_fn(model, rows_batch(rows, BATCH[args.shape][1], vocab, seed=rows), mix, args.rows_per_job,
                       args.optim)()
-    per_tensor = mixed_step_fn(model, batch, jobs, args.rows_per_job, args.optim, flat=False)
-    per_tensor()  # the same graph: the layout of the optimizers' tensors is outside it
+    per_tensor = None
+    if args.compare_layouts:
+        per_tensor = mixed_step_fn(model, batch, jobs, args.rows_per_job, args.optim, flat=False)
+        per_tensor()  # the same graph: the layout of the optimizers' tensors is outside it
     return {"step": step, "per_tensor_step": per_tensor, "compile": args.compile_backend + (f" {args.compile_mode}" if args.compile_mode else ""),
             "compile_s": compile_s,
             "graphs": counters["stats"]["unique_graphs"]}

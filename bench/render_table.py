@@ -18,7 +18,7 @@ COMMANDS = {
     "generate_vs_base": "python bench/generate_vs_base.py --shape {shape}",
     "generate_compiled_vs_base": "python bench/generate_vs_base.py --shape {shape} --compile",
     "multijob_speedup": ("python bench/multijob_speedup.py --shape {shape} --jobs {jobs} --dropout {dropout}"
-                         "{optim_flag}{compile_flag}"),
+                         "{optim_flag}{compile_flag}{kind_flag}"),
     "multijob_memory": "python bench/multijob_memory.py --shape {shape} --jobs {jobs}",
     "memory_model_error": "python bench/memory_model_error.py --shape {shape}",
     "pad_fraction": "python bench/pad_fraction.py --shape {shape} --jobs {jobs}",
@@ -43,7 +43,7 @@ DESCRIPTIONS = {
     "generate_compiled_vs_base": "{impl} greedy generation with a static cache and torch.compile ({mode}) / the "
                                  "base model compiled alike (higher is better); {speedup_vs_eager:.2f}× its eager "
                                  "tokens/s (base {base_speedup_vs_eager:.2f}×), compile {compile_s:.0f} s",
-    "multijob_speedup": "{jobs} LoRA jobs (dropout {dropout}{optim_note}) in mixed steps vs one after another with "
+    "multijob_speedup": "{jobs} {kind_label} jobs (dropout {dropout}{optim_note}) in mixed steps vs one after another with "
                         "PEFT (higher is better); base-only limit S({jobs}) = {limit_median:.2f}, reached "
                         "{fraction_of_limit:.0%}{compiled_steps_note}",
     "multijob_memory": "peak memory of {jobs} jobs in one process / {jobs} single-job processes; "
@@ -85,7 +85,7 @@ def _value(name: str, value: float) -> str:
 
 
 _IDENTITY = ("name", "shape", "impl", "jobs", "rows_per_job", "dropout", "reference", "router_state", "adapters",
-             "questions", "new_tokens", "case", "autocast", "optim", "script", "compile", "clip")
+             "questions", "new_tokens", "case", "autocast", "optim", "script", "compile", "clip", "kind")
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -135,6 +135,8 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                                 if "compiled_vs_eager" in row else "") + (
                                    " --compare-layouts" if "flat_vs_per_tensor" in row else ""),
                "clip_flag": "" if row.get("clip", True) else " --no-clip",
+               "kind_label": "MixLoRA" if row.get("kind") == "mixlora" else "LoRA",
+               "kind_flag": f" --kind {row['kind']}" if "kind" in row else "",
                "clip_note": "clipping + " if row.get("clip", True) else "",
                "autocast_note": ", bf16 autocast" if row.get("autocast") == "bf16" else "",
                "experts_note": (f" ({row['dynmole_experts_per_token']:.2f} experts/token)"

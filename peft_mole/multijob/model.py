@@ -79,11 +79,15 @@ def check_lora_config(name: str, config: LoraConfig) -> None:
 
 
 def check_compilable(configs: dict[str, PeftConfig]) -> None:
-    """Compiled multi-job steps (`MultiJobModel.compile_mixed_steps`) take LoRA jobs only."""
-    routed = sorted(name for name, config in configs.items() if not isinstance(config, LoraConfig))
-    if routed:
-        raise ValueError(f"compiled multi-job steps (torch_compile=True) take LoRA jobs only; jobs {routed} are "
-                         "MixLoRA/DynMoLE, whose blocks group the rows by job in Python; set torch_compile=False")
+    """Compiled multi-job steps (`MultiJobModel.compile_mixed_steps`) take LoRA jobs and MixLoRA jobs without DoRA
+    (`tuners.mixlora.per_row`); DynMoLE's rule picks a data-dependent number of experts, DoRA experts rescale per pair."""
+    refused = {name: ("DynMoLE" if isinstance(config, DynMoLEConfig) else "MixLoRA with use_dora=True")
+               for name, config in configs.items()
+               if isinstance(config, DynMoLEConfig) or (isinstance(config, ExpertAdapterConfig) and config.use_dora)}
+    if refused:
+        listed = ", ".join(f"{name!r} ({kind})" for name, kind in sorted(refused.items()))
+        raise ValueError(f"compiled multi-job steps (torch_compile=True) take LoRA jobs and MixLoRA jobs without "
+                         f"DoRA; jobs {listed} are not; set torch_compile=False")
 
 
 class MultiJobModel(MixLoRAModel):
@@ -158,9 +162,9 @@ class MultiJobModel(MixLoRAModel):
         step would compile again. Here each forward hands the layers one job index per row as a tensor, and they
         apply the jobs' stacked factors per row (`ops.indexed_lora`); the number of rows and the sequence length
         become dynamic after their first change (one recompile; a step of one row compiles once more, as Dynamo
-        specialises sizes of 1). LoRA jobs only: MixLoRA and DynMoLE blocks still
-        group the rows by job in Python (no per-row form of them is written). Packed batches (one adapter per
-        token) are refused."""
+        specialises sizes of 1). MixLoRA blocks route each row within its own job's part of one table of every
+        job's routers and experts (`tuners.mixlora.per_row`). DynMoLE jobs, DoRA experts and packed batches (one
+        adapter per token) are refused."""
         check_compilable(self.peft_config)
         if self.__dict__.get("_compiled_steps"):
             if self.__dict__["_compile_kwargs"] != compile_kwargs:

@@ -76,7 +76,7 @@ class MultiJobTrainer(SFTTrainer):
             round are split into steps of similar length when that saves more padding. "auto" (default) fits it
             from the measured step times (`StepCost`; until three are known, each distinct length is its own
             step); None: always one step per round. Unused with `padding_free=True` (no padding to save).
-            `args.torch_compile=True` compiles the steps of LoRA jobs: one graph for every mix of jobs and rows.
+            `args.torch_compile=True` compiles the steps of LoRA and MixLoRA jobs: one graph for every mix.
         **kwargs: passed on to `SFTTrainer` (not `peft_config` or `train_dataset`: jobs carry those).
 
     Example:
@@ -216,7 +216,7 @@ class MultiJobTrainer(SFTTrainer):
         self.model.train()
         if self.job_scheduler.max_memory is not None:
             self._profile_memory(runs)  # eager steps: its peaks would otherwise hold the compiler's work
-        if self.args.torch_compile:  # one graph for every mixed step (LoRA jobs only)
+        if self.args.torch_compile:  # one graph for every mixed step (LoRA and MixLoRA jobs)
             self.jobs_model.compile_mixed_steps(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
         self.state = TrainerState(
             is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()

@@ -47,28 +47,30 @@ def indexed_lora_delta(x: torch.Tensor, row_jobs: torch.Tensor, factors: list[Lo
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
     scaling = constant_on(tuple(0.0 if f is None else f.scaling for f in factors) + (0.0,), opmath, device)
     rows, row_jobs = x.shape[0], row_jobs.to(device)  # no-ops unless the model is split over devices
-    inputs = _dropped_out(x.to(device, dtype), row_jobs, factors).reshape(rows, -1, in_features)
+    dropouts = [None if f is None else f.dropout for f in factors]
+    inputs = per_row_dropout(x.to(device, dtype), row_jobs, dropouts).reshape(rows, -1, in_features)
     hidden = torch.bmm(inputs, lora_a.index_select(0, row_jobs).transpose(1, 2))  # (rows, tokens, r)
     hidden = scaled(hidden, scaling.index_select(0, row_jobs).view(rows, 1, 1))
     out = torch.bmm(hidden, lora_b.index_select(0, row_jobs).transpose(1, 2))  # (rows, tokens, out)
     return out.view(*x.shape[:-1], out_features)
 
 
-def _dropped_out(x: torch.Tensor, row_jobs: torch.Tensor, factors: list[LoraFactors | None]) -> torch.Tensor:
-    """Each row through its own job's dropout: one dropout call per distinct setting, rows chosen by `where`."""
+def per_row_dropout(x: torch.Tensor, row_jobs: torch.Tensor, dropouts: list[torch.nn.Module | None]) -> torch.Tensor:
+    """Each row of x through its own job's dropout (`dropouts[j]`; None: a job that has none here, its rows unused):
+    one dropout call per distinct setting, rows chosen by `where`."""
     kinds: dict[tuple, int] = {}  # (type, p, training) -> its first job
     setting = []
-    for j, f in enumerate(factors):
-        if f is None:
+    for j, dropout in enumerate(dropouts):
+        if dropout is None:
             setting.append(-1)
             continue
-        key = (type(f.dropout), getattr(f.dropout, "p", 0.0), f.dropout.training)
+        key = (type(dropout), getattr(dropout, "p", 0.0), dropout.training)
         setting.append(kinds.setdefault(key, j))
     if len(kinds) == 1:
-        return factors[next(iter(kinds.values()))].dropout(x)
+        return dropouts[next(iter(kinds.values()))](x)
     which = constant_on(tuple(setting) + (-1,), torch.int64, x.device).index_select(0, row_jobs)
     which = which.view(-1, *([1] * (x.dim() - 1)))
     out = x
     for job in kinds.values():
-        out = torch.where(which == job, factors[job].dropout(x), out)
+        out = torch.where(which == job, dropouts[job](x), out)
     return out

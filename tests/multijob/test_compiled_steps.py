@@ -14,9 +14,9 @@ from peft_mole import JobConfig, MultiJobTrainer
 from peft_mole.forward_context import BASE_ROW
 from peft_mole.multijob import MultiJobModel
 from peft_mole.ops.dropout import Dropout
-from peft_mole.ops.indexed_lora import _dropped_out, indexed_lora_delta
+from peft_mole.ops.indexed_lora import indexed_lora_delta, per_row_dropout
 from peft_mole.ops.segmented_lora import LoraFactors, lora_delta
-from tests.helpers import mixlora, randomize_adapters, recording_backend, tiny_base
+from tests.helpers import dynmole, mixlora, randomize_adapters, recording_backend, tiny_base
 from tests.multijob.test_trainer import ALL_LINEAR, run_args
 
 
@@ -52,7 +52,7 @@ def test_each_row_takes_its_own_jobs_dropout():
     torch.manual_seed(0)
     kept, dropped = factors(2, 0, 1.0), factors(2, 1, 1.0, Dropout(0.5))
     x = torch.ones(4, 64, 12)
-    out = _dropped_out(x, torch.tensor([0, 1, 2, 1]), [kept, dropped])
+    out = per_row_dropout(x, torch.tensor([0, 1, 2, 1]), [kept.dropout, dropped.dropout])
     assert out[0].eq(1).all() and out[2].eq(1).all()  # no dropout: the job's own rows and the base row
     for row in (1, 3):
         values = set(out[row].unique().tolist())
@@ -128,12 +128,13 @@ def test_checkpointed_layers_are_compiled_too():
 
 
 def test_compiled_steps_refuse_routed_jobs_and_packed_rows():
-    with pytest.raises(ValueError, match=r"LoRA jobs only; jobs \['m'\]"):
-        MultiJobModel(tiny_base(), {"a": LoraConfig(r=4, target_modules=["q_proj"]), "m": mixlora()}).compile_mixed_steps()
+    with pytest.raises(ValueError, match=r"MixLoRA jobs without DoRA; jobs 'd' \(DynMoLE\), 'm' \(MixLoRA with use_dora"):
+        MultiJobModel(tiny_base(), {"a": LoraConfig(r=4, target_modules=["q_proj"]), "m": mixlora(use_dora=True),
+                                    "d": dynmole()}).compile_mixed_steps()
     model = MultiJobModel(tiny_base(), {"a": LoraConfig(r=4, target_modules=["q_proj"])})
     model.compile_mixed_steps(backend="aot_eager")
-    with pytest.raises(ValueError, match="LoRA jobs only"):
-        model.add_job("m", mixlora())
+    with pytest.raises(ValueError, match="'d' \\(DynMoLE\\)"):
+        model.add_job("d", dynmole())
     ids = torch.randint(3, 500, (1, 6))
     with pytest.raises(ValueError, match="one adapter name per row; got 6 names for 1 rows"):
         model(input_ids=ids, adapter_names=["a"] * 6)
@@ -175,9 +176,9 @@ def test_trainer_with_torch_compile_trains_as_eagerly(assets, tmp_path, checkpoi
 def test_trainer_refuses_torch_compile_where_a_graph_cannot_serve(assets, tmp_path, case):
     tokenizer, datasets = assets
     lora = JobConfig("a", LoraConfig(r=4, target_modules=["q_proj"]), datasets["sentiment"])
-    jobs = [lora, JobConfig("m", mixlora(), datasets["capital"])] if case == "routed" else [lora]
+    jobs = [lora, JobConfig("d", dynmole(), datasets["capital"])] if case == "routed" else [lora]
     options = {"padding_free": dict(padding_free=True), "bfd_packing": dict(packing=True), "routed": {}}[case]
-    expected = {"padding_free": "padding_free=True", "bfd_packing": "packing_strategy='bfd'", "routed": r"jobs \['m'\]"}
+    expected = {"padding_free": "padding_free=True", "bfd_packing": "packing_strategy='bfd'", "routed": r"jobs 'd' \(DynMoLE\)"}
     with pytest.raises(ValueError, match=expected[case]):
         MultiJobTrainer(model=tiny_base(), jobs=jobs, args=run_args(tmp_path, torch_compile=True, **options),
                         processing_class=tokenizer)

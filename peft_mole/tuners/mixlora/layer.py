@@ -39,6 +39,7 @@ from peft_mole.ops.gated import weighted_gated_activation
 from peft_mole.ops.pair_mixture import pair_gated_mixture
 from peft_mole.ops.profiling import profiled
 from peft_mole.ops.segmented_lora import consecutive_slices
+from peft_mole.tuners.mixlora.per_row import per_row_mixture
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
 from peft_mole.tuners.mixlora.targets import find_gated_mlp, plain_linear
 
@@ -65,6 +66,8 @@ class MixLoRAMLP(RoutedExpertsLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters or not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
+        if self._context.row_jobs is not None and x.dim() == 3:  # a compiled multi-job step: the mix is data
+            return self._forward_per_row(x)  # (before `unit_view`, whose packed-batch check reads the mix)
         units = self._context.unit_view(x)
         if units is not x:  # a packed batch: its tokens are grouped by adapter
             out = self.forward(units, *args, **kwargs)
@@ -127,6 +130,16 @@ class MixLoRAMLP(RoutedExpertsLayer):
                     weight_sum[group.rows] = w
                 if d is not None:
                     down_delta[group.rows] = d
+        return self._down(hidden, down_delta, weight_sum, whole_batch=True)
+
+    def _forward_per_row(self, x: torch.Tensor) -> torch.Tensor:
+        """The block with one job index per row (`tuners.mixlora.per_row`): one graph for every mix of jobs."""
+        mlp = self.base_layer
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        if not any(job in self.routers for job in self._context.jobs):
+            return mlp.down_proj(mlp.act_fn(gate) * up)
+        token_mask = self._context.tokens_to_record(x.shape[0], x.shape[1])
+        hidden, down_delta, weight_sum = per_row_mixture(self, x, gate, up, token_mask)
         return self._down(hidden, down_delta, weight_sum, whole_batch=True)
 
     def _down(

@@ -1,0 +1,140 @@
+"""Compiled multi-job steps with MixLoRA jobs (`tuners.mixlora.per_row`): each row routed within its own job's part
+of one table of every job's routers and experts gives the eager block's numbers, and one graph serves every mix."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file
+from torch._dynamo.utils import counters
+
+from peft_mole import JobConfig, MultiJobTrainer
+from peft_mole.forward_context import BASE_ROW
+from peft_mole.multijob import MultiJobModel
+from tests.helpers import mixlora, randomize_adapters, tiny_base
+from tests.multijob.test_trainer import ALL_LINEAR, run_args
+
+JOBS = {
+    "lora": LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+    "m1": mixlora(),  # 4 experts, top-2, r 4, on gate/up/down
+    "m2": mixlora(num_experts=3, top_k=1, r=2, lora_alpha=6, expert_target_modules=["gate_proj", "down_proj"]),
+}
+
+
+def _step(model, names: list[str], seq: int, seed: int, pad: bool = True):
+    """Logits, every job's aux loss and the gradients of a loss over logits and the present jobs' aux losses."""
+    ids = torch.randint(3, 500, (len(names), seq), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    if pad:
+        mask[0, seq // 2:] = 0  # padding: its router statistics must not count
+    out = model(input_ids=ids, attention_mask=mask, adapter_names=names)
+    aux = out["aux_loss_per_adapter"]
+    present = sorted({n for n in names if n in aux})
+    loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    loss = loss + sum(aux[n] for n in present)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
+    return out.logits.detach(), {n: aux[n].detach() for n in present}, dict(zip(named, grads, strict=True))
+
+
+def _assert_same_step(got, want, tolerance: float = 1e-5) -> None:
+    torch.testing.assert_close(got[0], want[0], rtol=tolerance, atol=tolerance)
+    assert got[1].keys() == want[1].keys()
+    for job in want[1]:
+        torch.testing.assert_close(got[1][job], want[1][job], rtol=tolerance, atol=1e-7, msg=job)
+    for name, grad in want[2].items():
+        other = got[2][name]
+        if grad is None or other is None:  # eagerly an absent job's tensors get None, per row a zero gradient
+            assert (grad if grad is not None else other).abs().max() == 0, name
+            continue
+        torch.testing.assert_close(other, grad, rtol=10 * tolerance, atol=tolerance, msg=name)
+
+
+def _models(backend: str | None):
+    eager = MultiJobModel(tiny_base(), JOBS)
+    randomize_adapters(eager)
+    per_row = MultiJobModel(tiny_base(), JOBS)
+    per_row.load_state_dict(eager.state_dict())
+    if backend is None:
+        per_row.__dict__["_compiled_steps"] = True  # the per-row layers, run eagerly (no compiler)
+    else:
+        per_row.compile_mixed_steps(backend=backend)
+    return eager.train(), per_row.train()
+
+
+def test_per_row_block_equals_the_grouped_block():
+    """Two MixLoRA jobs of different expert counts, k, ranks and expert projections, a LoRA job and a base row,
+    with padding: logits, each job's aux loss and every gradient (routers included) as the eager block gives."""
+    eager, per_row = _models(backend=None)
+    names = ["m1", "lora", "m2", BASE_ROW, "m1"]
+    want, got = _step(eager, names, 9, 0), _step(per_row, names, 9, 0)
+    _assert_same_step(got, want)
+    assert want[1]["m1"] > 0 and want[1]["m2"] > 0
+    router = "model.model.layers.0.mlp.mixlora_router.m2.weight"
+    assert got[2][router].abs().max() > 1e-4  # the routers learn through the per-row path
+    without_m2 = _step(per_row, ["lora", "m1"], 9, 1)
+    assert "m2" not in without_m2[1] and without_m2[2][router].abs().max() == 0  # an absent job: zero gradient
+
+
+def test_one_graph_serves_every_mix_of_moe_jobs():
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = _models(backend="aot_eager")
+    mixes = [(["m1", "lora", "m2", "m1"], 10), (["m2", "m2", BASE_ROW, "lora"], 10), (["lora", "m1"], 14),
+             (["m1", "m2", "lora"], 8)]
+    graphs = []
+    for seed, (names, seq) in enumerate(mixes):
+        _assert_same_step(_step(compiled, names, seq, seed), _step(eager, names, seq, seed))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 1, 2, 2], graphs  # a new mix of jobs adds none; rows and length turn dynamic once
+
+
+def test_trainer_with_torch_compile_trains_moe_jobs_as_eagerly(assets, tmp_path):
+    """`torch_compile=True` with a LoRA and a MixLoRA job (aot_eager: the graphs, not inductor's kernels): every
+    job ends with the adapter the eager MultiJobTrainer gives it."""
+    tokenizer, datasets = assets
+    jobs = [
+        JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "down_proj"]),
+                  datasets["sentiment"], per_device_train_batch_size=3),
+        JobConfig("mix", mixlora(), datasets["capital"], per_device_train_batch_size=2, gradient_accumulation_steps=2),
+    ]
+    results = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        out = tmp_path / ("compiled" if compiled else "eager")
+        args = run_args(out, max_steps=3, torch_compile=compiled, torch_compile_backend="aot_eager")
+        trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=args,
+                                  processing_class=tokenizer)
+        randomize_adapters(trainer.jobs_model, seed=2)
+        trainer.train()
+        assert [r["status"] for r in trainer.job_summary] == ["done", "done"]
+        results[compiled] = {j.name: load_file(os.path.join(out, j.name, "adapter_model.safetensors")) for j in jobs}
+    for job, tensors in results[False].items():
+        for key, value in tensors.items():
+            torch.testing.assert_close(results[True][job][key], value, rtol=1e-4, atol=1e-5, msg=f"{job} {key}")
+
+
+def test_per_row_dropout_and_jitter_draw_per_job():
+    """In training, each job's rows take its own dropout rate and router jitter (here one job with both, one with
+    neither: the second job's rows give the eager block's numbers exactly, the first's do not)."""
+    jobs = {"plain": mixlora(), "noisy": mixlora(lora_dropout=0.5, jitter_noise=0.2)}
+    eager = MultiJobModel(tiny_base(), jobs)
+    randomize_adapters(eager)
+    per_row = MultiJobModel(tiny_base(), jobs)
+    per_row.load_state_dict(eager.state_dict())
+    per_row.__dict__["_compiled_steps"] = True
+    ids = torch.randint(3, 500, (2, 8), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for name, model in (("eager", eager.train()), ("per_row", per_row.train())):
+        torch.manual_seed(0)
+        logits[name] = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=["plain", "noisy"]).logits
+    torch.testing.assert_close(logits["per_row"][0], logits["eager"][0], rtol=1e-5, atol=1e-5)
+    assert (logits["per_row"][1] - logits["eager"][1]).abs().max() > 1e-3
+    per_row.eval()
+    eager.eval()
+    with torch.no_grad():
+        a = per_row(input_ids=ids, adapter_names=["plain", "noisy"]).logits
+        b = eager(input_ids=ids, adapter_names=["plain", "noisy"]).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # evaluation: no dropout, no jitter
