@@ -36,6 +36,7 @@ class RouterRecord:
     probs: torch.Tensor  # (T, E) fp32, with grad
     selected: torch.Tensor  # (T, E) bool
     token_mask: torch.Tensor | None  # (T,) bool, True = real token; None = all tokens count
+    masked: bool = False  # loss_inputs keeps every row and the mask (per-row blocks: no read-back of the rows)
 
     def counted(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(probs, selected) of the tokens that count (padding removed)."""
@@ -47,7 +48,7 @@ class RouterRecord:
     def loss_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(probs, selected, token_mask) for an aux loss (`layer_aux_loss`): padding removed, mask None; under
         torch.compile every row and the mask of those that count, as removing rows would break the graph."""
-        if torch.compiler.is_compiling() and self.token_mask is not None:
+        if (self.masked or torch.compiler.is_compiling()) and self.token_mask is not None:
             return self.probs, self.selected, self.token_mask
         return (*self.counted(), None)
 

@@ -58,7 +58,7 @@ class FlatGroups:
         self._position = {id(p): i for i, p in enumerate(self.order)}  # in a per-tensor optimizer's numbering
         if len(self._position) != len(self.order):
             raise ValueError("FlatGroups: a parameter appears twice in the optimizer groups")
-        self._buffers: list[torch.Tensor] = []  # per flat tensor, its gradient (made at the first add_gradients)
+        self._buffers: list[torch.Tensor] = []  # per flat tensor, its gradient buffer (made below, before any step)
         self._views: dict[tuple[int, ...], list[torch.Tensor]] = {}  # per order of parameters: views of the buffers
         for group in groups:
             parts: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
@@ -73,6 +73,9 @@ class FlatGroups:
                     offset += param.numel()
                 flats.append((flat, members))
             self.groups.append(flats)
+        # made now, not at the first gradient: an allocation inside `add_gradients` could run out of memory after
+        # some jobs of a step had added theirs, and the trainer's retry would add those again
+        self._buffers = [torch.zeros_like(flat) for flat in self.tensors]
 
     def optimizer_groups(self, groups: Sequence[dict]) -> list[dict]:
         """The optimizer's parameter groups (the same settings) with the flat tensors in place of the parameters."""
@@ -90,14 +93,15 @@ class FlatGroups:
         to the flat tensors' gradients, with one `torch._foreach_add_` into views of a gradient buffer kept per flat
         tensor (a flat tensor without gradient gets its zeroed buffer first), so no Python work per parameter."""
         views = self._grad_views(params)
-        if any(g is None for g in grads):
-            grads = [torch.zeros_like(v) if g is None else g for v, g in zip(views, grads, strict=True)]
         for flat, buffer in zip(self.tensors, self._buffers, strict=True):
             if flat.grad is None:
                 buffer.zero_()
             elif flat.grad is not buffer:  # a gradient set from outside: carried over
                 buffer.copy_(flat.grad)
-        torch._foreach_add_(views, list(grads))
+        if any(g is None for g in grads):  # None adds nothing
+            views, grads = [v for v, g in zip(views, grads, strict=True) if g is not None], [g for g in grads if g is not None]
+        if grads:
+            torch._foreach_add_(views, list(grads))
         for flat, buffer in zip(self.tensors, self._buffers, strict=True):
             flat.grad = buffer
 
@@ -107,8 +111,6 @@ class FlatGroups:
         if key not in self._views:
             if len(set(key)) != len(self.order) or any(i not in self._position for i in key):
                 raise ValueError(f"add_gradients: gradients for {len(set(key))} parameters, this job has {len(self.order)}")
-            if not self._buffers:
-                self._buffers = [torch.zeros_like(flat) for flat in self.tensors]
             where = {}
             members_per_flat = [members for flats in self.groups for _, members in flats]
             for buffer, members in zip(self._buffers, members_per_flat, strict=True):
@@ -147,26 +149,41 @@ class FlatGroups:
         return {"state": dict(sorted(per_param.items())), "param_groups": groups}
 
     def flat_state(self, state: dict) -> dict:
-        """`per_tensor_state`'s layout (or a flat one, returned as is) for the flat optimizer's `load_state_dict`.
-        A parameter without state (never stepped) starts at zeros, with the group's step count."""
-        if sum(len(g["params"]) for g in state["param_groups"]) == len(self.tensors):
-            return state
-        if sum(len(g["params"]) for g in state["param_groups"]) != len(self.order):
-            raise ValueError(
-                f"optimizer state with {sum(len(g['params']) for g in state['param_groups'])} tensors does not fit "
-                f"this job ({len(self.order)} parameters, {len(self.tensors)} flat)"
-            )
+        """A saved optimizer state for the flat optimizer's `load_state_dict`: the per-tensor layout of
+        `per_tensor_state` is joined (a parameter without state, never stepped, starts at zeros with the group's
+        step count), a flat one is checked and returned. Every per-element entry must have its tensor's size: a
+        state of another job or split raises ValueError (torch's loader checks only the counts, and a fused step
+        over a wrongly sized state writes out of bounds)."""
+        groups = state["param_groups"]
+        counts = [len(g["params"]) for g in groups]
+        members = [[m for _, ms in flats for m in ms] for flats in self.groups]
+        if len(groups) != len(self.groups):
+            raise ValueError(f"optimizer state with {len(groups)} groups does not fit this job ({len(self.groups)})")
+        if counts == [len(m) for m in members]:  # per tensor (also when each flat tensor has one member)
+            return self._joined_state(state)
+        if counts != [len(flats) for flats in self.groups]:
+            raise ValueError(f"optimizer state with {counts} tensors per group does not fit this job "
+                             f"({[len(m) for m in members]} parameters, {[len(f) for f in self.groups]} flat)")
+        for index, flat in enumerate(self.tensors):
+            for key, value in state["state"].get(index, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() != flat.numel():
+                    raise ValueError(f"optimizer state {key!r} of flat tensor {index} has {value.numel()} values, "
+                                     f"the tensor {flat.numel()}")
+        return state
+
+    def _joined_state(self, state: dict) -> dict:
         flat_states, groups, position = {}, [], 0
         for group, flats in zip(state["param_groups"], self.groups, strict=True):
             groups.append({**group, "params": list(range(position, position + len(flats)))})
-            for _, members in flats:
-                saved = [state["state"].get(self._index(p)) for p in members]
-                known = [s for s in saved if s]
-                if known:
-                    flat_states[position] = {
-                        key: _joined([s.get(key) if s else None for s in saved], members, known[0][key])
-                        for key in known[0]
-                    }
+            for flat, members in flats:
+                saved = [state["state"].get(self._index(p)) or {} for p in members]
+                keys = [key for s in saved for key in s]
+                entry = {}
+                for key in dict.fromkeys(keys):
+                    values = [s.get(key) for s in saved]
+                    entry[key] = _joined(key, values, members, flat)
+                if entry:
+                    flat_states[position] = entry
                 position += 1
         return {"state": flat_states, "param_groups": groups}
 
@@ -184,15 +201,27 @@ def _piece(value, total: int, offset: int, param: nn.Parameter):
     return value.clone() if isinstance(value, torch.Tensor) else value
 
 
-def _joined(values: list, members: list[nn.Parameter], example):
-    """The flat state entry from the members' ones: per-element tensors joined (zeros where a member has none), any
-    other entry (the step) taken from the first member that has state."""
-    if isinstance(example, torch.Tensor) and example.dim() > 0 and example.shape == members[0].shape:
-        return torch.cat([
-            (torch.zeros(p.numel(), dtype=example.dtype, device=example.device) if v is None else v.reshape(-1).to(example.dtype))
-            for v, p in zip(values, members, strict=True)
-        ])
-    return example.clone() if isinstance(example, torch.Tensor) else example
+def _joined(key: str, values: list, members: list[nn.Parameter], flat: nn.Parameter):
+    """The flat state entry `key` from the members' ones: per-element tensors (any with a dimension) joined, zeros
+    where a member has none, each checked against its member's size; any other entry (the step) taken from the first
+    member that has it."""
+    known = [v for v in values if v is not None]
+    if not any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in known):
+        return known[0].clone() if isinstance(known[0], torch.Tensor) else known[0]
+    example = next(v for v in known if isinstance(v, torch.Tensor))
+    pieces = []
+    for value, param in zip(values, members, strict=True):
+        if value is None:
+            pieces.append(torch.zeros(param.numel(), dtype=example.dtype, device=example.device))
+        elif not isinstance(value, torch.Tensor) or value.numel() != param.numel():
+            size = value.numel() if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"optimizer state {key!r} has {size} values for a tensor of {param.numel()}")
+        else:
+            pieces.append(value.reshape(-1).to(example.dtype))
+    joined = torch.cat(pieces)
+    if joined.numel() != flat.numel():
+        raise ValueError(f"optimizer state {key!r} joins to {joined.numel()} values for {flat.numel()}")
+    return joined
 
 
 def job_optimizer(optimizer_cls, optimizer_kwargs: dict, groups: list[dict], device, flatten: bool = True):

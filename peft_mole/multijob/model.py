@@ -234,7 +234,12 @@ class MultiJobModel(MixLoRAModel):
             setattr(parent, target_name, layer)
 
     def _attach_aux_loss(self, outputs, records, labels, shift_labels, num_items_in_batch) -> None:
-        """Expose {job: aux loss} only; each job's loss adds its own term (MultiJobTrainer, `per_job_losses`)."""
+        """Expose {job: aux loss} only; each job's loss adds its own term (MultiJobTrainer, `per_job_losses`). Jobs
+        without rows in the call are left out (a compiled step's MixLoRA blocks record every job, masked)."""
+        names = self._context().row_adapters
+        if names is not None:
+            present = set(names)
+            records = [record for record in records if record.adapter in present]
         aux, per_adapter = router_aux_loss(records, self.peft_config)
         self.__dict__["last_aux_loss"] = {k: v.detach() for k, v in per_adapter.items()}
         if hasattr(outputs, "keys"):

@@ -225,11 +225,22 @@ def shared_input_lora(
         delta = delta_all.transpose(0, 1).reshape(-1, lora_b.shape[1]).index_select(0, pair_rows)
         return delta if base is None else base.index_select(0, plan.token).to(delta.dtype) + delta
     z_pairs = z.reshape(-1, r).index_select(0, pair_rows) * scaling  # (M, r): s · A_e x_t of each pair
+    return pairs_through_b(z_pairs, lora_b, plan, base)
+
+
+def pairs_through_b(
+    z_pairs: torch.Tensor, lora_b: torch.Tensor, plan: Dispatch, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """base[t] + B_e z_p for the expert-sorted pairs p = (t, e) of `plan` (the second half of `shared_input_lora`).
+
+    Args:
+        z_pairs: (M, r) the pairs' A products, already scaled; lora_b: (E, out, r); base: (N, out) or None.
+    """
     if base is None:
         return _segment_matmul(z_pairs, lora_b, plan.segments)
     # one dtype for the fused gather + addmm: autocast's where it is on (CUDA), else the adapter's; a bf16 base
     # is cast on its N rows, before the gather to M pair rows
-    dtype = expert_compute_dtype(x.device.type, lora_b.dtype)
+    dtype = expert_compute_dtype(z_pairs.device.type, lora_b.dtype)
     if plan.counts is None:  # compiled: a gather and the segment product, which the compiler schedules
         return _segment_matmul(z_pairs.to(dtype), lora_b.to(dtype), plan.ends, base=base.to(dtype)[plan.token])
     return _GatherSegmentLoRA.apply(base.to(dtype), z_pairs.to(dtype), lora_b.to(dtype), plan.token, plan.counts)

@@ -13,13 +13,15 @@ from torch._dynamo.utils import counters
 from peft_mole import JobConfig, MultiJobTrainer
 from peft_mole.forward_context import BASE_ROW
 from peft_mole.multijob import MultiJobModel
+from peft_mole.multijob import model as multijob_model
 from tests.helpers import mixlora, randomize_adapters, tiny_base
 from tests.multijob.test_trainer import ALL_LINEAR, run_args
 
 JOBS = {
     "lora": LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
-    "m1": mixlora(),  # 4 experts, top-2, r 4, on gate/up/down
+    "m1": mixlora(top_k=3),  # 4 experts, r 4, on gate/up/down; top-3: more slots than m3 has experts
     "m2": mixlora(num_experts=3, top_k=1, r=2, lora_alpha=6, expert_target_modules=["gate_proj", "down_proj"]),
+    "m3": mixlora(num_experts=2, top_k=1),
 }
 
 
@@ -31,12 +33,11 @@ def _step(model, names: list[str], seq: int, seed: int, pad: bool = True):
         mask[0, seq // 2:] = 0  # padding: its router statistics must not count
     out = model(input_ids=ids, attention_mask=mask, adapter_names=names)
     aux = out["aux_loss_per_adapter"]
-    present = sorted({n for n in names if n in aux})
     loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-    loss = loss + sum(aux[n] for n in present)
+    loss = loss + sum(aux.values())
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
-    return out.logits.detach(), {n: aux[n].detach() for n in present}, dict(zip(named, grads, strict=True))
+    return out.logits.detach(), {n: v.detach() for n, v in aux.items()}, dict(zip(named, grads, strict=True))
 
 
 def _assert_same_step(got, want, tolerance: float = 1e-5) -> None:
@@ -64,26 +65,46 @@ def _models(backend: str | None):
     return eager.train(), per_row.train()
 
 
-def test_per_row_block_equals_the_grouped_block():
+def test_per_row_block_equals_the_grouped_block(monkeypatch):
     """Two MixLoRA jobs of different expert counts, k, ranks and expert projections, a LoRA job and a base row,
     with padding: logits, each job's aux loss and every gradient (routers included) as the eager block gives."""
     eager, per_row = _models(backend=None)
-    names = ["m1", "lora", "m2", BASE_ROW, "m1"]
+    names = ["m1", "lora", "m2", BASE_ROW, "m1", "m3"]
     want, got = _step(eager, names, 9, 0), _step(per_row, names, 9, 0)
     _assert_same_step(got, want)
-    assert want[1]["m1"] > 0 and want[1]["m2"] > 0
+    assert want[1]["m1"] > 0 and want[1]["m2"] > 0 and want[1]["m3"] > 0
     router = "model.model.layers.0.mlp.mixlora_router.m2.weight"
     assert got[2][router].abs().max() > 1e-4  # the routers learn through the per-row path
     without_m2 = _step(per_row, ["lora", "m1"], 9, 1)
-    assert "m2" not in without_m2[1] and without_m2[2][router].abs().max() == 0  # an absent job: zero gradient
+    assert set(without_m2[1]) == {"m1"}  # an absent job has no aux loss, as eagerly (its records are dropped)
+    assert without_m2[2][router].abs().max() == 0  # and a zero gradient
+    records = []
+    real_aux = multijob_model.router_aux_loss
+    monkeypatch.setattr(multijob_model, "router_aux_loss", lambda rs, configs: records.extend(rs) or real_aux(rs, configs))
+    per_row(input_ids=torch.randint(3, 500, (2, 5)), adapter_names=["m1", "m2"])
+    assert {r.adapter for r in records} == {"m1", "m2"} and all(r.masked for r in records)  # no row read-back
+    probs, _, mask = records[0].loss_inputs()
+    assert mask is not None and probs.shape[0] == 10
+
+
+def test_per_row_block_under_cpu_bf16_autocast():
+    """Under CPU bf16 autocast the expert products run in fp32 as the eager block's do (the frozen products in
+    bf16), and an eager block of rows not grouped by job keeps its dtypes."""
+    eager, per_row = _models(backend=None)
+    names = ["m1", "m2", "m1", "lora"]  # m1's rows are not consecutive
+    ids = torch.randint(3, 500, (4, 7), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = eager(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names).logits.float()
+        got = per_row(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names).logits.float()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
 def test_one_graph_serves_every_mix_of_moe_jobs():
     torch._dynamo.reset()
     counters.clear()
     eager, compiled = _models(backend="aot_eager")
-    mixes = [(["m1", "lora", "m2", "m1"], 10), (["m2", "m2", BASE_ROW, "lora"], 10), (["lora", "m1"], 14),
-             (["m1", "m2", "lora"], 8)]
+    mixes = [(["m1", "lora", "m2", "m1"], 10), (["m2", "m3", BASE_ROW, "lora"], 10), (["lora", "m1"], 14),
+             (["m1", "m2", "lora", "m3"], 8)]
     graphs = []
     for seed, (names, seq) in enumerate(mixes):
         _assert_same_step(_step(compiled, names, seq, seed), _step(eager, names, seq, seed))

@@ -79,7 +79,7 @@ def _assert_same(reference: torch.Tensor, ours: torch.Tensor) -> None:
     if reference.is_contiguous():
         assert torch.equal(reference, ours)
     else:
-        torch.testing.assert_close(ours, reference, rtol=2e-7, atol=0)
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-8)
 
 
 def test_clipping_over_the_flat_tensor_equals_per_tensor_to_rounding():
@@ -231,3 +231,57 @@ def test_trainer_with_flat_jobs_trains_as_per_tensor_and_resumes_a_per_tensor_ch
         for key, value in flat[job].items():
             torch.testing.assert_close(per_tensor[job][key], value, rtol=0, atol=1e-6, msg=f"{job} {key}")
             torch.testing.assert_close(both[job][key], value, rtol=0, atol=1e-6, msg=f"{job} {key} resumed")
+
+
+@pytest.mark.parametrize("optimizer_cls, kwargs", [
+    (torch.optim.AdamW, {"lr": 0.1, "fused": True, "amsgrad": True}),
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "fused": True}),
+])
+def test_other_elementwise_states_round_trip(optimizer_cls, kwargs):
+    """AMSGrad's max_exp_avg_sq and SGD's momentum buffer go through both layouts like AdamW's moments."""
+    reference, flattened = _params(), _params()
+    per_tensor = optimizer_cls(_groups(reference), **kwargs)
+    optimizer, flat = job_optimizer(optimizer_cls, kwargs, _groups(flattened), "cpu")
+    for step in range(2):
+        _step(reference, per_tensor, None, _grads(reference, step), None)
+        _step(flattened, optimizer, flat, _grads(flattened, step), None)
+    saved, expected = flat.per_tensor_state(optimizer.state_dict()), per_tensor.state_dict()
+    for index, state in expected["state"].items():
+        assert saved["state"][index].keys() == state.keys()
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                _assert_same(value, saved["state"][index][key])
+    resumed_params = [nn.Parameter(p.detach().clone()) for p in reference]
+    resumed, resumed_flat = job_optimizer(optimizer_cls, kwargs, _groups(resumed_params), "cpu")
+    resumed.load_state_dict(resumed_flat.flat_state(expected))
+    _step(reference, per_tensor, None, _grads(reference, 5), None)
+    _step(resumed_params, resumed, resumed_flat, _grads(resumed_params, 5), None)
+    for p, q in zip(reference, resumed_params, strict=True):
+        _assert_same(p, q)
+
+
+def test_states_that_do_not_fit_are_refused_and_missing_ones_start_at_zero():
+    params = _params()
+    optimizer, flat = job_optimizer(torch.optim.AdamW, {"lr": 0.1, "fused": True}, _groups(params), "cpu")
+    shapes = [p.shape for p in params]
+    moments = {i: {"step": torch.tensor(3.0), "exp_avg": torch.ones(s), "exp_avg_sq": torch.ones(s)}
+               for i, s in enumerate(shapes)}
+    groups = [{**g, "params": list(ids)} for g, ids in zip(optimizer.state_dict()["param_groups"], ([0, 1, 2], [3, 4]),
+                                                                strict=True)]
+    partial = {"state": {i: v for i, v in moments.items() if i != 0}, "param_groups": groups}  # the first never stepped
+    joined = flat.flat_state(partial)
+    first = joined["state"][0]["exp_avg"]
+    assert first.numel() == sum(s.numel() for s in shapes[:3])
+    assert first[: shapes[0].numel()].eq(0).all() and first[shapes[0].numel():].eq(1).all()
+    assert joined["state"][0]["step"].item() == 3.0
+    optimizer.load_state_dict(joined)
+    swapped = {"state": moments, "param_groups": [{**groups[0], "params": [0, 1]}, {**groups[1], "params": [2, 3, 4]}]}
+    with pytest.raises(ValueError, match="does not fit this job"):
+        flat.flat_state(swapped)
+    wrong_size = {"state": {**moments, 1: {**moments[1], "exp_avg": torch.ones(5)}}, "param_groups": groups}
+    with pytest.raises(ValueError, match="'exp_avg' has 5 values for a tensor of 24"):
+        flat.flat_state(wrong_size)
+    flat_layout = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)}},
+                   "param_groups": [{**groups[0], "params": [0]}, {**groups[1], "params": [1]}]}
+    with pytest.raises(ValueError, match="has 3 values, the tensor 51"):
+        flat.flat_state(flat_layout)

@@ -124,12 +124,12 @@ class MixLoRAMLP(RoutedExpertsLayer):
             hidden = torch.zeros_like(gate)
             weight_sum = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
             down_delta = torch.zeros(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device) if any_delta else None
-            for group, (h, d, w) in zip(groups, results, strict=True):
-                hidden[group.rows] = h
+            for group, (h, d, w) in zip(groups, results, strict=True):  # dtypes differ under CPU autocast
+                hidden[group.rows] = h.to(hidden.dtype)
                 if w is not None:
-                    weight_sum[group.rows] = w
+                    weight_sum[group.rows] = w.to(weight_sum.dtype)
                 if d is not None:
-                    down_delta[group.rows] = d
+                    down_delta[group.rows] = d.to(down_delta.dtype)
         return self._down(hidden, down_delta, weight_sum, whole_batch=True)
 
     def _forward_per_row(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,10 @@ products, MixLoRA §3): each job's scaling s_j is folded into its B factors, ran
 dropout is drawn per row with the row's job's rate. Router statistics are recorded per job over all tokens with a
 mask of the job's real tokens (`RouterRecord.loss_inputs`), so each job's auxiliary loss is its own.
 
-What is not the eager block: the router runs on every token for every job (m · E · d multiply-adds per token, small
-beside the MLP), and the A products of every expert on every token (m · E · r columns, as the eager block computes
-its own E · r); numbers equal to rounding (tests/multijob/test_compiled_moe_steps.py); dropout masks are drawn in
+The gate and up experts' A products run per job segment of the job-sorted tokens (one product per job, each token
+with its own job's E_max · r columns, `_job_a_products`), then each pair takes its expert's r values; the B
+products and the down experts run per global expert. What is not the eager block: the router runs on every token
+for every job (m · E · d multiply-adds per token, small beside the MLP); numbers equal to rounding (tests/multijob/test_compiled_moe_steps.py); dropout masks are drawn in
 another order. MixLoRA jobs only: DynMoLE's rule picks a data-dependent number of experts (its single-adapter
 compiled step runs the block eagerly for that reason) and DoRA experts rescale per pair (`check_compilable`).
 """
@@ -34,7 +35,13 @@ import torch.nn.functional as F
 from peft_mole import routing
 from peft_mole.finite_check import raise_if_not_finite
 from peft_mole.forward_context import RouterRecord
-from peft_mole.ops.experts import dispatch, grouped_lora, shared_input_lora
+from peft_mole.ops.experts import (
+    _segment_matmul,
+    dispatch,
+    grouped_lora,
+    in_adapter_precision_on_cpu,
+    pairs_through_b,
+)
 from peft_mole.ops.gated import weighted_gated_activation
 from peft_mole.ops.indexed_lora import per_row_dropout
 from peft_mole.ops.segmented_lora import constant_on
@@ -49,6 +56,7 @@ def top_k_of(rule) -> tuple[int, bool] | None:
     return None
 
 
+@in_adapter_precision_on_cpu  # the eager block's expert products run in fp32 on a CPU under autocast too
 def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, token_mask: torch.Tensor | None):
     """(hidden Σ_e w_e h_e (B, T, I), down delta (B, T, d) or None, Σ_e w_e (B, T, 1)) of the module docstring for
     `layer` (a `MixLoRAMLP`) on x (B, T, d) and its frozen gate/up outputs; token_mask: (B, T) real tokens or None."""
@@ -89,11 +97,18 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     x_dropped = per_row_dropout(x, rows_jobs, dropouts).reshape(tokens, width)
     plan = dispatch(weights, chosen, table["experts"])
     gate_flat, up_flat = gate.reshape(tokens, -1), up.reshape(tokens, -1)
-    factors = {proj: _stacked_factors(layer, jobs, proj, table["rank"]) for proj in PROJECTIONS}
-    gs = gate_flat.index_select(0, plan.token) if factors["gate_proj"] is None else shared_input_lora(
-        x_dropped, *factors["gate_proj"], plan, 1.0, base=gate_flat).to(gate.dtype)
-    us = up_flat.index_select(0, plan.token) if factors["up_proj"] is None else shared_input_lora(
-        x_dropped, *factors["up_proj"], plan, 1.0, base=up_flat).to(up.dtype)
+    factors = {proj: _stacked_factors(layer, jobs, proj, table["rank"], with_a=proj == "down_proj") for proj in PROJECTIONS}
+    order = _job_order(token_jobs, len(context.jobs) + 1)
+    pre = {}  # the pairs' frozen output plus their expert's LoRA, (M, I), for gate and up
+    for proj, frozen in (("gate_proj", gate_flat), ("up_proj", up_flat)):
+        if factors[proj] is None:
+            pre[proj] = frozen.index_select(0, plan.token)
+            continue
+        z = _job_a_products(x_dropped, _a_by_job(layer, context.jobs, proj, table), order)  # (N, E_max·r)
+        pair_rows = plan.token * table["max_experts"] + table["local_of"].index_select(0, plan.expert)
+        z_pairs = z.reshape(-1, table["rank"]).index_select(0, pair_rows)  # (M, r): A_e x_t of each pair
+        pre[proj] = pairs_through_b(z_pairs, factors[proj][1], plan, base=frozen).to(frozen.dtype)
+    gs, us = pre["gate_proj"], pre["up_proj"]
     weighted = weighted_gated_activation(gs, us, plan.weight.unsqueeze(-1), layer.base_layer.act_fn)  # (M, I)
     hidden = torch.zeros_like(gate_flat).index_add(0, plan.token, weighted)
     weight_sum = gate_flat.new_zeros(tokens, 1).index_add(0, plan.token, plan.weight.to(gate.dtype).unsqueeze(-1))
@@ -104,6 +119,43 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
         down_delta = x.new_zeros(tokens, pair_delta.shape[-1]).index_add(0, plan.token, pair_delta.to(x.dtype))
         down_delta = down_delta.view(batch, seq, -1)
     return hidden.view(gate.shape), down_delta, weight_sum.view(batch, seq, 1)
+
+
+def _job_order(token_jobs: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor, list | torch.Tensor]:
+    """(order, inverse, segments): the tokens sorted by job (stable), the permutation back, and the job segments
+    as `_segment_matmul` takes them (host counts eagerly; under torch.compile the ends, kept on the device)."""
+    order = torch.argsort(token_jobs, stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+    if torch.compiler.is_compiling():
+        slots = torch.arange(num_slots, device=token_jobs.device, dtype=token_jobs.dtype)
+        return order, inverse, torch.searchsorted(token_jobs.index_select(0, order), slots, right=True)
+    return order, inverse, torch.bincount(token_jobs, minlength=num_slots).tolist()
+
+
+def _job_a_products(x: torch.Tensor, a_by_job: torch.Tensor, order) -> torch.Tensor:
+    """Each token's own job's expert A products, (N, E_max·r): one product per job segment of the job-sorted
+    tokens (LoRA jobs' and base rows' segments meet zero factors), so a token never meets another job's experts."""
+    order, inverse, segments = order
+    z_sorted = _segment_matmul(x.index_select(0, order).to(a_by_job.dtype), a_by_job, segments)
+    return z_sorted.index_select(0, inverse)
+
+
+def _a_by_job(layer, all_jobs: tuple[str, ...], proj: str, table: dict) -> torch.Tensor:
+    """(len(all_jobs) + 1, E_max·r, in): per job of the step's order (and the base slot), its experts' A on `proj`
+    padded to E_max experts of rank r; zeros for jobs without experts there."""
+    rank, max_experts = table["rank"], table["max_experts"]
+    example = next(layer.experts[j].factors(proj)[0] for j in table["offsets"] if layer.experts[j].factors(proj))
+    zero = example.new_zeros(max_experts * rank, example.shape[2])
+    slots = []
+    for job in (*all_jobs, None):
+        factors = layer.experts[job].factors(proj) if job in table["offsets"] else None
+        if factors is None:
+            slots.append(zero)
+            continue
+        lora_a = factors[0]  # (E_j, r_j, in)
+        padded = F.pad(lora_a, (0, 0, 0, rank - lora_a.shape[1], 0, max_experts - lora_a.shape[0]))
+        slots.append(padded.reshape(max_experts * rank, -1))
+    return torch.stack(slots)
 
 
 def _job_table(layer, jobs: list[str], all_jobs: tuple[str, ...], device: torch.device) -> dict:
@@ -127,17 +179,19 @@ def _job_table(layer, jobs: list[str], all_jobs: tuple[str, ...], device: torch.
         renorm_of.append(top[job][1] if job in offsets else False)
         jitter_of.append(layer.settings[job].jitter_noise if job in offsets else 0.0)
     ranks = [f[0].shape[1] for job in jobs for f in [layer.experts[job].factors(p) for p in PROJECTIONS] if f is not None]
+    local_of = tuple(e for size in sizes for e in range(size)) + (0,)  # each global expert's index in its job
     return {
         "offsets": offsets, "experts": total, "k": max(k_of), "rank": max(ranks, default=0),
+        "max_experts": max(sizes), "local_of": constant_on(local_of, torch.int64, device),
         "allowed": constant_on(tuple(allowed), torch.bool, device), "k_of": constant_on(tuple(k_of), torch.int64, device),
         "renormalize_of": constant_on(tuple(renorm_of), torch.bool, device),
         "jitter": any(jitter_of), "jitter_of": constant_on(tuple(jitter_of), torch.float32, device),
     }
 
 
-def _stacked_factors(layer, jobs: list[str], proj: str, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(A (Σ E + 1, r, in), s·B (Σ E + 1, out, r)) of every job's experts on `proj`, zeros for a job without experts
-    there and for the null expert; None when no job has experts on `proj`."""
+def _stacked_factors(layer, jobs: list[str], proj: str, rank: int, with_a: bool = True) -> tuple | None:
+    """(A (Σ E + 1, r, in) or None without `with_a`, s·B (Σ E + 1, out, r)) of every job's experts on `proj`, zeros
+    for a job without experts there and for the null expert; None when no job has experts on `proj`."""
     present = {job: layer.experts[job].factors(proj) for job in jobs}
     if all(f is None for f in present.values()):
         return None
@@ -156,7 +210,7 @@ def _stacked_factors(layer, jobs: list[str], proj: str, rank: int) -> tuple[torc
         b_parts.append(F.pad(lora_b * layer.settings[job].scaling, (0, pad)))
     a_parts.append(first_a.new_zeros(1, rank, in_features))
     b_parts.append(first_b.new_zeros(1, out_features, rank))
-    return torch.cat(a_parts), torch.cat(b_parts)
+    return (torch.cat(a_parts) if with_a else None), torch.cat(b_parts)
 
 
 def _record(layer, table, probs, chosen, weights, token_jobs, token_mask) -> None:
@@ -174,4 +228,4 @@ def _record(layer, table, probs, chosen, weights, token_jobs, token_mask) -> Non
         columns = slice(start, start + layer.settings[job].num_experts)
         own = token_jobs == position
         mask = own if real is None else own & real
-        records.append(RouterRecord(layer.layer_name, job, probs[:, columns], selected[:, columns], mask))
+        records.append(RouterRecord(layer.layer_name, job, probs[:, columns], selected[:, columns], mask, masked=True))
