@@ -192,7 +192,8 @@ def compile_mixed(args, n: int, jobs: list[str], batch, vocab: int) -> dict:
     if args.compare_layouts:
         per_tensor = mixed_step_fn(model, batch, jobs, args.rows_per_job, args.optim, flat=False)
         per_tensor()  # the same graph: the layout of the optimizers' tensors is outside it
-    return {"step": step, "per_tensor_step": per_tensor, "compile": args.compile_backend + (f" {args.compile_mode}" if args.compile_mode else ""),
+    mode = f" {args.compile_mode}" if args.compile_mode else ""
+    return {"step": step, "per_tensor_step": per_tensor, "compile": args.compile_backend + mode,
             "compile_s": compile_s,
             "graphs": counters["stats"]["unique_graphs"]}
 

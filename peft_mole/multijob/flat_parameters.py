@@ -10,9 +10,9 @@ compiled graph. Flattened, each optimizer group of a job is one tensor:
 
 so the modules, parameter names and saved adapters do not change; the step's gradients of a job are added into
 `flat_g.grad` (a buffer kept per flat tensor) by one `torch._foreach_add_`, and clipping and the optimizer see one
-tensor per group. Measured on this
-repository's CPU (fused AdamW + clipping, `docs/performance.md`, "Flat job parameters"): 339 µs per job and step
-for the 28 tensors of a tiny-shape LoRA job, 123 µs flattened; 1.61 against 0.89 ms for the small shape's 56.
+tensor per group. Measured on this repository's CPU (`bench/job_optimizer.py`: clipping + fused AdamW;
+docs/performance.md, "Flat job optimizers"): 359 µs per job and step over the 28 tensors of a tiny-shape LoRA job,
+190 µs flat; 976 against 613 µs for the small shape's 56.
 
 What changes, and what does not:
 - The update is elementwise (Adam, AdamW, SGD), so every element moves as before; the clipping norm sums the same
@@ -81,7 +81,8 @@ class FlatGroups:
         """The optimizer's parameter groups (the same settings) with the flat tensors in place of the parameters."""
         if len(groups) != len(self.groups):
             raise ValueError(f"FlatGroups has {len(self.groups)} groups, the optimizer {len(groups)}")
-        return [{**group, "params": [flat for flat, _ in flats]} for group, flats in zip(groups, self.groups, strict=True)]
+        return [{**group, "params": [flat for flat, _ in flats]}
+                for group, flats in zip(groups, self.groups, strict=True)]
 
     @property
     def tensors(self) -> list[nn.Parameter]:
@@ -99,7 +100,8 @@ class FlatGroups:
             elif flat.grad is not buffer:  # a gradient set from outside: carried over
                 buffer.copy_(flat.grad)
         if any(g is None for g in grads):  # None adds nothing
-            views, grads = [v for v, g in zip(views, grads, strict=True) if g is not None], [g for g in grads if g is not None]
+            views = [v for v, g in zip(views, grads, strict=True) if g is not None]
+            grads = [g for g in grads if g is not None]
         if grads:
             torch._foreach_add_(views, list(grads))
         for flat, buffer in zip(self.tensors, self._buffers, strict=True):
@@ -110,7 +112,8 @@ class FlatGroups:
         key = tuple(id(p) for p in params)
         if key not in self._views:
             if len(set(key)) != len(self.order) or any(i not in self._position for i in key):
-                raise ValueError(f"add_gradients: gradients for {len(set(key))} parameters, this job has {len(self.order)}")
+                raise ValueError(f"add_gradients: gradients for {len(set(key))} parameters, "
+                                 f"this job has {len(self.order)}")
             where = {}
             members_per_flat = [members for flats in self.groups for _, members in flats]
             for buffer, members in zip(self._buffers, members_per_flat, strict=True):
@@ -130,8 +133,8 @@ class FlatGroups:
         """A flat optimizer's `state_dict()` in the layout of an optimizer over the parameters themselves (what a plain
         Trainer saves): per-element state split and shaped per parameter, other entries (the step) copied."""
         per_param = {}
-        for flat_index, flat in enumerate(self.tensors):
-            members = self._members(flat)
+        pairs = [pair for flats in self.groups for pair in flats]  # (flat, members), numbered as the optimizer does
+        for flat_index, (flat, members) in enumerate(pairs):
             saved = state["state"].get(flat_index)
             if saved is None:
                 continue
@@ -186,9 +189,6 @@ class FlatGroups:
                     flat_states[position] = entry
                 position += 1
         return {"state": flat_states, "param_groups": groups}
-
-    def _members(self, flat: nn.Parameter) -> list[nn.Parameter]:
-        return next(members for flats in self.groups for f, members in flats if f is flat)
 
     def _index(self, param: nn.Parameter) -> int:
         return self._position[id(param)]

@@ -20,8 +20,8 @@ mask of the job's real tokens (`RouterRecord.loss_inputs`), so each job's auxili
 The gate and up experts' A products run per job segment of the job-sorted tokens (one product per job, each token
 with its own job's E_max · r columns, `_job_a_products`), then each pair takes its expert's r values; the B
 products and the down experts run per global expert. What is not the eager block: the router runs on every token
-for every job (m · E · d multiply-adds per token, small beside the MLP); numbers equal to rounding (tests/multijob/test_compiled_moe_steps.py); dropout masks are drawn in
-another order. MixLoRA jobs only: DynMoLE's rule picks a data-dependent number of experts (its single-adapter
+for every job (m · E · d multiply-adds per token, small beside the MLP); numbers equal to rounding
+(tests/multijob/test_compiled_moe_steps.py); dropout masks are drawn in another order. MixLoRA jobs only: DynMoLE's rule picks a data-dependent number of experts (its single-adapter
 compiled step runs the block eagerly for that reason) and DoRA experts rescale per pair (`check_compilable`).
 """
 
@@ -97,7 +97,8 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     x_dropped = per_row_dropout(x, rows_jobs, dropouts).reshape(tokens, width)
     plan = dispatch(weights, chosen, table["experts"])
     gate_flat, up_flat = gate.reshape(tokens, -1), up.reshape(tokens, -1)
-    factors = {proj: _stacked_factors(layer, jobs, proj, table["rank"], with_a=proj == "down_proj") for proj in PROJECTIONS}
+    factors = {proj: _stacked_factors(layer, jobs, proj, table["rank"], with_a=proj == "down_proj")
+               for proj in PROJECTIONS}
     order = _job_order(token_jobs, len(context.jobs) + 1)
     pre = {}  # the pairs' frozen output plus their expert's LoRA, (M, I), for gate and up
     for proj, frozen in (("gate_proj", gate_flat), ("up_proj", up_flat)):
@@ -178,12 +179,14 @@ def _job_table(layer, jobs: list[str], all_jobs: tuple[str, ...], device: torch.
         k_of.append(top[job][0] if job in offsets else 1)
         renorm_of.append(top[job][1] if job in offsets else False)
         jitter_of.append(layer.settings[job].jitter_noise if job in offsets else 0.0)
-    ranks = [f[0].shape[1] for job in jobs for f in [layer.experts[job].factors(p) for p in PROJECTIONS] if f is not None]
+    factors = [layer.experts[job].factors(proj) for job in jobs for proj in PROJECTIONS]
+    ranks = [f[0].shape[1] for f in factors if f is not None]
     local_of = tuple(e for size in sizes for e in range(size)) + (0,)  # each global expert's index in its job
     return {
         "offsets": offsets, "experts": total, "k": max(k_of), "rank": max(ranks, default=0),
         "max_experts": max(sizes), "local_of": constant_on(local_of, torch.int64, device),
-        "allowed": constant_on(tuple(allowed), torch.bool, device), "k_of": constant_on(tuple(k_of), torch.int64, device),
+        "allowed": constant_on(tuple(allowed), torch.bool, device),
+        "k_of": constant_on(tuple(k_of), torch.int64, device),
         "renormalize_of": constant_on(tuple(renorm_of), torch.bool, device),
         "jitter": any(jitter_of), "jitter_of": constant_on(tuple(jitter_of), torch.float32, device),
     }
