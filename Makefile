@@ -57,6 +57,7 @@ bench: install
 	$(PY) bench/multijob_speedup.py | tee -a $(RESULTS)
 	$(PY) bench/multijob_memory.py | tee -a $(RESULTS)
 	$(PY) bench/memory_model_error.py | tee -a $(RESULTS)
+	$(PY) bench/memory_model_error.py --kinds lora mixlora dynmole | tee -a $(RESULTS)
 	$(PY) bench/pad_fraction.py | tee -a $(RESULTS)
 	$(PY) bench/eval_throughput.py | tee -a $(RESULTS)
 	$(PY) bench/compile_step.py | tee -a $(RESULTS)

@@ -45,6 +45,8 @@ for part in "${parts[@]}"; do
             --jobs 4 8 --repeats 5 --optim adamw_torch_fused --compile --compile-mode reduce-overhead --compare-layouts ;;
         job_optimizer) run 60 job_optimizer_medium.jsonl python3 bench/job_optimizer.py --shapes medium --repeats 200 ;;
         grouped) run 30 grouped_cuda.jsonl python3 bench/grouped_products.py --repeats 20 ;;
+        memory_model) run 150 memory_model_medium.jsonl python3 bench/memory_model_error.py --shape medium \
+            --kinds lora mixlora dynmole ;;
         generate) run 60 generate_medium.jsonl python3 bench/generate_vs_base.py --shape medium --new-tokens 32 --repeats 2 \
             --impls peft_lora mixlora dynmole ;;
         compiled_train) run 400 compile_medium.jsonl python3 bench/compile_step.py --shape medium --repeats 5 \

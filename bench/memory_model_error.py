@@ -1,67 +1,88 @@
-"""BENCH.md ratio 6, `memory_model_error`: |predicted − measured| / measured step memory over a sweep of batch
-shapes, for the scheduler's memory model Mem ≈ β0 + β1·ΣL + β2·ΣL² fitted on 5 profiling shapes (as
-MultiJobTrainer does when max_memory is set).
+"""BENCH.md ratio 6, `memory_model_error`: |predicted − measured| / measured step memory over a sweep of mixed
+steps, for the scheduler's memory model fitted as MultiJobTrainer fits it when max_memory is set
+(`MemoryModel.fit_by_profiling`: five shapes of the first job, one of two jobs of its kind, three per further kind).
+
+With `--kinds lora mixlora dynmole` the jobs are of several kinds (BENCH.md's LoRA, MixLoRA and DynMoLE, two jobs
+of each), and the row also gives the error of a model fitted on the first job's five shapes alone (every token at
+its rate, its constant once: how the trainer profiled before the per-kind model).
 
 Measured: peak CUDA memory on a GPU; on CPU (no allocator statistics) the bytes autograd saves for backward in
 the forward (peft_mole.multijob.memory.activation_bytes), the part of step memory that depends on the batch.
-Usage: python bench/memory_model_error.py [--shape small] [--jobs 4]
+Usage: python bench/memory_model_error.py [--shape small] [--jobs 4] [--kinds lora mixlora dynmole]
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 
 import torch
-from common import base_model, device, emit, setup_threads
-from multijob_speedup import lora_config
+from common import base_model, device, emit, lora_config, mixlora_config, setup_threads
 
+import peft_mole
 from peft_mole.multijob import MultiJobModel
-from peft_mole.multijob.memory import MemoryModel, step_memory
+from peft_mole.multijob.memory import MemoryModel, adapter_memory_kind, step_memory
 
-PROFILE = [(1, 64), (2, 128), (1, 256), (2, 256), (4, 128)]
-SWEEP = [(1, 32), (1, 128), (2, 64), (2, 200), (3, 96), (3, 256), (4, 48), (4, 160), (6, 100), (8, 64), (8, 128),
-         (5, 230)]
+LENGTHS = {"tiny": [16, 24, 32, 48], "small": [64, 128, 200, 256], "medium": [128, 256, 384, 512]}
+CONFIGS = {"lora": lora_config, "mixlora": mixlora_config,
+           "dynmole": lambda: peft_mole.DynMoLEConfig(num_experts=8, r=16, lora_alpha=32, lora_dropout=0.05)}
+
+
+def sweep(jobs: list[str], lengths: list[int], steps: int = 12, seed: int = 0) -> list[tuple[list[str], int]]:
+    """Mixed steps as the trainer builds them: 2–6 of the jobs, 1–3 rows each, rows of a job consecutive, every
+    row padded to the step's length."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(steps):
+        chosen = rng.sample(jobs, rng.randint(min(2, len(jobs)), min(6, len(jobs))))
+        out.append(([job for job in chosen for _ in range(rng.randint(1, 3))], rng.choice(lengths)))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium"])
-    parser.add_argument("--jobs", type=int, default=4)
+    parser.add_argument("--jobs", type=int, default=4, help="jobs when every job is LoRA (--kinds lora)")
+    parser.add_argument("--kinds", nargs="+", default=["lora"], choices=sorted(CONFIGS))
     args = parser.parse_args()
     setup_threads()
-    names = [f"job{i}" for i in range(args.jobs)]
-    model = MultiJobModel(base_model(args.shape), {name: lora_config() for name in names})
+    torch.manual_seed(0)
+    per_kind = args.jobs if args.kinds == ["lora"] else 2
+    configs = {f"{kind}{i}": CONFIGS[kind]() for kind in args.kinds for i in range(per_kind)}
+    model = MultiJobModel(base_model(args.shape), configs)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    vocab = model.model.config.vocab_size
+    params = {name: [p for n, p in model.named_parameters() if p.requires_grad and f".{name}." in n + "."]
+              for name in configs}
+    vocab, longest = model.model.config.vocab_size, max(LENGTHS[args.shape])
 
-    def measure(rows: int, length: int) -> float:
-        ids = torch.randint(3, vocab, (rows, length), device=device())
-        adapters = [names[i % len(names)] for i in range(rows)]
-
-        def step() -> None:
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, adapter_names=adapters)
-            torch.autograd.grad(out.loss, params, allow_unused=True)
-
-        return step_memory(device(), step)
+    def run_step(ids: torch.Tensor, row_jobs: list[str]) -> None:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, adapter_names=list(row_jobs))
+        torch.autograd.grad(out.loss, [p for job in dict.fromkeys(row_jobs) for p in params[job]], allow_unused=True)
 
     memory = MemoryModel()
-    for rows, length in PROFILE:
-        memory.observe([length] * rows, measure(rows, length))
-    memory.fit()
-    errors = []
-    for rows, length in SWEEP:
-        measured = measure(rows, length)
-        predicted = memory.predict([length] * rows)
+    memory.fit_by_profiling(run_step, device(), vocab, longest, {n: adapter_memory_kind(c) for n, c in configs.items()})
+    one_job = MemoryModel()  # the first job's five shapes alone
+    for tokens, squares, value in memory.samples[:5]:
+        (count,) = tokens.values()
+        one_job.observe([round(squares / count)] * round(count**2 / squares), value)
+    errors, one_job_errors = [], []
+    for row_jobs, length in sweep(list(configs), LENGTHS[args.shape]):
+        ids = torch.randint(3, vocab, (len(row_jobs), length), device=device())
+        measured = step_memory(device(), lambda ids=ids, row_jobs=row_jobs: run_step(ids, row_jobs))
+        predicted = memory.predict([length] * len(row_jobs), row_jobs)
         errors.append(abs(predicted - measured) / measured)
-        emit({"name": "memory_model_point", "shape": args.shape, "rows": rows, "length": length,
-              "measured_mb": measured / 2**20, "predicted_mb": predicted / 2**20, "error": errors[-1]})
+        one_job_errors.append(abs(one_job.predict([length] * len(row_jobs)) - measured) / measured)
+        emit({"name": "memory_model_point", "shape": args.shape, "jobs": row_jobs, "length": length,
+              "measured_mb": measured / 2**20, "predicted_mb": predicted / 2**20, "error": errors[-1],
+              "one_job_error": one_job_errors[-1]})
     emit({
-        "name": "memory_model_error", "shape": args.shape, "jobs": args.jobs, "shapes": len(SWEEP),
-        "device": str(device()), "measure": "cuda_peak" if device().type == "cuda" else "saved_activation_bytes",
+        "name": "memory_model_error", "shape": args.shape, "jobs": len(configs), "kinds": "+".join(args.kinds),
+        "shapes": len(errors), "profiled": len(memory.samples), "device": str(device()),
+        "measure": "cuda_peak" if device().type == "cuda" else "saved_activation_bytes",
         "ratio_median": statistics.median(errors), "ratio_min": min(errors), "error_max": max(errors),
-        "error_mean": statistics.mean(errors), "beta": [float(b) for b in memory.beta],
+        "error_mean": statistics.mean(errors), "one_job_error_median": statistics.median(one_job_errors),
+        "one_job_error_max": max(one_job_errors), "beta": [float(b) for b in memory.beta],
     })
 
 

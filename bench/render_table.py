@@ -20,7 +20,7 @@ COMMANDS = {
     "multijob_speedup": ("python bench/multijob_speedup.py --shape {shape} --jobs {jobs} --dropout {dropout}"
                          "{optim_flag}{compile_flag}{kind_flag}"),
     "multijob_memory": "python bench/multijob_memory.py --shape {shape} --jobs {jobs}",
-    "memory_model_error": "python bench/memory_model_error.py --shape {shape}",
+    "memory_model_error": "python bench/memory_model_error.py --shape {shape}{kinds_flag}",
     "pad_fraction": "python bench/pad_fraction.py --shape {shape} --jobs {jobs}",
     "eval_throughput": "python bench/eval_throughput.py --shape {shape} --adapters {adapters}",
     "compile_step": "python bench/compile_step.py --shape {shape} --impls {impl}{checkpointing_flag}",
@@ -48,8 +48,8 @@ DESCRIPTIONS = {
                         "{fraction_of_limit:.0%}{compiled_steps_note}",
     "multijob_memory": "peak memory of {jobs} jobs in one process / {jobs} single-job processes; "
                        "{extra_mb_vs_one_adapter_all_rows:+.0f} MB vs one adapter on the same rows",
-    "memory_model_error": "memory model relative error (predicted vs measured), {shapes} unseen shapes ({measure}); "
-                          "max {error_max:.1%}",
+    "memory_model_error": "memory model relative error (predicted vs measured), {shapes} unseen {kinds_note}"
+                          "({measure}); max {error_max:.1%}{one_job_note}",
     "pad_fraction": "padding / all tokens in mixed batches, {jobs} jobs, log-normal lengths; one step per round "
                     "{one_step_per_round:.0%}, length grouping {length_grouping:.0%} (LoRA micro-batches kept whole: "
                     "{length_grouping_whole_micro_batches:.0%}; cutting them into rows gives "
@@ -85,7 +85,7 @@ def _value(name: str, value: float) -> str:
 
 
 _IDENTITY = ("name", "shape", "impl", "jobs", "rows_per_job", "dropout", "reference", "router_state", "adapters",
-             "questions", "new_tokens", "case", "autocast", "optim", "script", "compile", "clip", "kind")
+             "questions", "new_tokens", "case", "autocast", "optim", "script", "compile", "clip", "kind", "kinds")
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -95,10 +95,23 @@ def latest_rows(rows: list[dict]) -> list[dict]:
     rows = [row for row in rows if not (row["name"] == "compile_step" and "impl" not in row)]
     # dynmole_fused_chain rows with sharp routers date from before the script timed the option at init only
     rows = [row for row in rows if not (row["name"] == "dynmole_fused_chain" and row.get("router_state") == "sharp")]
+    # memory_model_error rows from before the per-kind model (no "kinds") are superseded by the rows with kinds
+    if any(row["name"] == "memory_model_error" and "kinds" in row for row in rows):
+        rows = [row for row in rows if not (row["name"] == "memory_model_error" and "kinds" not in row)]
     latest = {tuple(str(row.get(k)) for k in _IDENTITY): row for row in rows}
     measured = {row["name"] for row in latest.values()}
     return [row for row in latest.values()
             if not (row["name"].endswith("_skipped") and row["name"].removesuffix("_skipped") in measured)]
+
+
+def _kinds_note(row: dict) -> str:
+    """memory_model_error: what its sweep's steps held."""
+    if "kinds" not in row:
+        return "shapes "
+    labels = [{"lora": "LoRA", "mixlora": "MixLoRA", "dynmole": "DynMoLE"}[k] for k in row["kinds"].split("+")]
+    if len(labels) == 1:
+        return f"mixed steps of {row['jobs']} {labels[0]} jobs "
+    return f"mixed steps of {row['jobs']} jobs ({', '.join(labels)}, {row['jobs'] // len(labels)} of each) "
 
 
 def _command(row: dict) -> str:
@@ -138,6 +151,11 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                "kind_label": "MixLoRA" if row.get("kind") == "mixlora" else "LoRA",
                "kind_flag": f" --kind {row['kind']}" if "kind" in row else "",
                "clip_note": "clipping + " if row.get("clip", True) else "",
+               "kinds_flag": (f" --jobs {row['jobs']}" if row.get("kinds") == "lora" else
+                              " --kinds " + row["kinds"].replace("+", " ") if "kinds" in row else ""),
+               "kinds_note": _kinds_note(row),
+               "one_job_note": (f"; profiling the first job alone: median {row['one_job_error_median']:.1%}, max "
+                                f"{row['one_job_error_max']:.1%}" if "one_job_error_median" in row else ""),
                "autocast_note": ", bf16 autocast" if row.get("autocast") == "bf16" else "",
                "experts_note": (f" ({row['dynmole_experts_per_token']:.2f} experts/token)"
                                 if "dynmole_experts_per_token" in row else "")}

@@ -1,10 +1,15 @@
-"""Peak-memory model of a training step (ASPEN, SPEC.md §3).
+"""Peak-memory model of a training step (ASPEN, SPEC.md §3), per kind of job.
 
-    Mem ≈ β0 + β1·Σ_i L_i + β2·Σ_i L_i²
+    Mem ≈ β0 + Σ_k (γ_k · n_k + β1_k · T_k) + β2 · Σ_i L_i²
 
-over the rows i of the mixed batch, with L_i the (padded) row length: activations grow linearly with the tokens and
-the attention scores quadratically with the length. β is fitted by least squares on a few profiling steps of
-different shapes. What is measured:
+over the rows i of the mixed batch, with L_i the (padded) row length, and for each kind k of job in the step n_k
+its jobs and T_k = Σ_{i of kind k} L_i their tokens. The activations grow linearly with the tokens, at a rate
+set by the adapter a token goes through (a MixLoRA token keeps its router's and experts' activations, a LoRA token
+two rank-r products per projection); each job adds a constant (a MixLoRA job stacks its experts' factors in
+every layer's forward, 13 MB per job on the small shape, about 60 of its tokens); the attention scores grow
+quadratically with a row's length, whatever the adapter. Jobs whose adapter configurations are equal share a kind
+(`adapter_memory_kind`); with one kind and one job this is ASPEN's Mem ≈ β0 + β1·Σ L + β2·Σ L². β is fitted by
+least squares on a few profiling steps (`fit_by_profiling`). What is measured:
 
 - on CUDA: `torch.cuda.max_memory_allocated` during the step;
 - on CPU (no allocator statistics): the bytes of the tensors autograd saves for backward during the forward
@@ -13,72 +18,186 @@ different shapes. What is measured:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Hashable, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
 
+Job = Hashable  # a job's name (None: the one job of a model fitted without names)
+RowJobs = Sequence[Job | Mapping[Job, int]] | None  # per row: its job, or a packed row's tokens per job
+
+# configuration fields that do not change what a step keeps in memory: jobs differing only in these share a kind
+_NOT_MEMORY_FIELDS = ("base_model_name_or_path", "revision", "inference_mode", "lora_alpha", "peft_version")
+
+
+def adapter_memory_kind(config) -> str:
+    """A job's memory kind: its adapter configuration's type and fields (as JSON), without the fields that do not
+    change a step's memory (`_NOT_MEMORY_FIELDS`). Jobs with equal configurations share their coefficients."""
+    fields = {key: value for key, value in config.to_dict().items() if key not in _NOT_MEMORY_FIELDS}
+    return f"{type(config).__name__}:{json.dumps(fields, sort_keys=True, default=str)}"
+
 
 def shape_features(lengths: Sequence[int]) -> list[float]:
-    """[1, Σ L, Σ L²] of a batch whose rows have lengths `lengths`."""
+    """[1, Σ L, Σ L²] of a batch whose rows (of one job) have lengths `lengths`."""
     return [1.0, float(sum(lengths)), float(sum(length * length for length in lengths))]
 
 
-class MemoryModel:
-    """Least-squares fit of peak step memory (bytes) against `shape_features`.
+def tokens_per_job(lengths: Sequence[int], jobs: RowJobs) -> dict[Job, int]:
+    """{job: tokens} of a batch: `jobs` gives each row's job (None: every row is of job None), or, for a packed row
+    holding several jobs' sequences, a mapping {job: tokens} that sums to the row's length."""
+    if jobs is None:
+        return {None: int(sum(lengths))}
+    if len(jobs) != len(lengths):
+        raise ValueError(f"jobs has {len(jobs)} entries for {len(lengths)} rows; give one per row")
+    tokens: dict[Job, int] = {}
+    for length, job in zip(lengths, jobs, strict=True):
+        parts = job if isinstance(job, Mapping) else {job: length}
+        if sum(parts.values()) != length:
+            raise ValueError(f"a packed row's tokens per job {dict(parts)} do not sum to its length {length}")
+        for key, count in parts.items():
+            tokens[key] = tokens.get(key, 0) + int(count)
+    return tokens
 
-    Example:
+
+class MemoryModel:
+    """Least-squares fit of peak step memory (bytes) against [1, jobs of each kind, tokens of each kind, Σ L²].
+
+    Args:
+        kind_of: {job: its memory kind}; a job not in it is a kind of its own.
+
+    A kind's job count is a column only where the samples vary it (a kind always profiled as one job has its
+    per-job constant in β0). Example:
         >>> m = MemoryModel()
         >>> for rows, length in [(1, 16), (2, 16), (1, 64), (4, 32)]:
         ...     m.observe([length] * rows, 1000 + 10 * rows * length + 0.5 * rows * length**2)
         >>> round(m.predict([48] * 2))
         4264
+        >>> m = MemoryModel(kind_of={"a": "lora", "b": "lora", "m": "moe"})  # 300 bytes per MixLoRA job, 25 per token
+        >>> for jobs, length in [(["a"], 16), (["a", "a"], 16), (["a"], 64), (["m"], 16), (["m", "m"], 32)]:
+        ...     moe = sum(job == "m" for job in jobs) * length
+        ...     m.observe([length] * len(jobs), 1000 + 300 * ("m" in jobs) + 10 * (len(jobs) * length - moe)
+        ...               + 25 * moe + 0.5 * len(jobs) * length**2, jobs=jobs)
+        >>> m.observe([32, 32], 1000 + 300 + 10 * 32 + 25 * 32 + 0.5 * 2 * 32**2, jobs=["a", "m"])
+        >>> round(m.predict([48, 48], jobs=["b", "m"]))
+        5284
     """
 
-    def __init__(self) -> None:
-        self.samples: list[tuple[list[float], float]] = []
+    def __init__(self, kind_of: Mapping[Job, Hashable] | None = None) -> None:
+        self.kind_of: dict[Job, Hashable] = dict(kind_of or {})
+        self.samples: list[tuple[dict[Job, int], float, float]] = []  # (tokens per job, Σ L², bytes)
         self.beta: torch.Tensor | None = None
+        self.columns: tuple[list[Hashable], list[Hashable]] = ([], [])  # (kinds, kinds whose job count is fitted)
 
-    def observe(self, lengths: Sequence[int], peak_bytes: float) -> None:
-        self.samples.append((shape_features(lengths), float(peak_bytes)))
+    def kind(self, job: Job) -> Hashable:
+        return self.kind_of.get(job, job)
+
+    def observe(self, lengths: Sequence[int], peak_bytes: float, jobs: RowJobs = None) -> None:
+        tokens = tokens_per_job(lengths, jobs)
+        self.samples.append((tokens, float(sum(length * length for length in lengths)), float(peak_bytes)))
         self.beta = None
+
+    def _counts(self, tokens: dict[Job, int]) -> tuple[dict[Hashable, int], dict[Hashable, int]]:
+        jobs, kind_tokens = {}, {}
+        for job, count in tokens.items():
+            kind = self.kind(job)
+            jobs[kind] = jobs.get(kind, 0) + 1
+            kind_tokens[kind] = kind_tokens.get(kind, 0) + count
+        return jobs, kind_tokens
+
+    def _layout(self) -> tuple[list[Hashable], list[Hashable]]:
+        """The kinds of the samples (in order of appearance), and those whose job count varies over the samples."""
+        counts = [self._counts(tokens)[0] for tokens, _, _ in self.samples]
+        kinds = list(dict.fromkeys(kind for jobs in counts for kind in jobs))
+        varying = [kind for kind in kinds if len({jobs.get(kind, 0) for jobs in counts}) > 1]
+        return kinds, varying
+
+    def _features(self, tokens: dict[Job, int], squares: float, layout) -> list[float]:
+        kinds, counted = layout
+        jobs, kind_tokens = self._counts(tokens)
+        return [1.0, *(float(jobs.get(k, 0)) for k in counted), *(float(kind_tokens.get(k, 0)) for k in kinds), squares]
+
+    def _design(self, layout) -> torch.Tensor:
+        return torch.tensor([self._features(t, s, layout) for t, s, _ in self.samples], dtype=torch.float64)
+
+    @property
+    def kinds(self) -> list[Hashable]:
+        return self._layout()[0]
 
     @property
     def fitted(self) -> bool:
-        return len({tuple(f) for f, _ in self.samples}) >= 3
+        """Whether the samples determine every coefficient (a design matrix of full column rank)."""
+        if not self.samples:
+            return False
+        x = self._design(self._layout())
+        if x.shape[0] < x.shape[1]:
+            return False
+        return int(torch.linalg.matrix_rank(x / x.abs().amax(0).clamp(min=1.0))) == x.shape[1]
 
     def fit(self) -> torch.Tensor:
-        """β (3,) by least squares in float64 (features are scaled so that Σ L² does not swamp the rest)."""
+        """β: [β0, γ_k of `columns[1]`, β1_k of `columns[0]`, β2], by least squares in float64 (features are scaled
+        so that Σ L² does not swamp the rest)."""
+        layout = self._layout()
         if not self.fitted:
-            raise ValueError("the memory model needs samples of at least 3 different batch shapes to fit")
-        x = torch.tensor([f for f, _ in self.samples], dtype=torch.float64)
-        y = torch.tensor([v for _, v in self.samples], dtype=torch.float64)
+            raise ValueError(f"the memory model needs samples that determine every coefficient: at least "
+                             f"{len(layout[0]) + len(layout[1]) + 2} different batch shapes (3 with one kind of job), "
+                             f"with each kind of job also observed apart from the others ({len(layout[0])} kinds)")
+        x = self._design(layout)
+        y = torch.tensor([v for _, _, v in self.samples], dtype=torch.float64)
         scale = x.abs().amax(0).clamp(min=1.0)
         solution = torch.linalg.lstsq(x / scale, y.unsqueeze(1)).solution.squeeze(1)
-        self.beta = solution / scale
+        self.beta, self.columns = solution / scale, layout
         return self.beta
 
-    def fit_by_profiling(self, run_step, device: torch.device, vocab_size: int, max_length: int) -> torch.Tensor:
-        """Observe five synthetic steps of growing shape, then fit. `run_step(ids)` runs forward + backward on
-        (rows, length) random token ids; its peak is measured by `step_memory`."""
+    def fit_by_profiling(self, run_step, device: torch.device, vocab_size: int, max_length: int,
+                         jobs: Mapping[Job, Hashable] | Sequence[Job] = (None,)) -> torch.Tensor:
+        """Observe synthetic steps of growing shape, then fit. `run_step(ids, row_jobs)` runs forward + backward on
+        (rows, length) random token ids, row i through job `row_jobs[i]`; its peak is measured by `step_memory`.
+        `jobs`: the jobs, or {job: its memory kind} (added to `kind_of`).
+
+        The steps: five shapes with the first job; one with two jobs of its kind, where there are two; for each
+        further kind (`kind_of`), two shapes with its first job and one shared with the first job, which tells its
+        per-job constant and rate apart from the first kind's."""
+        if not jobs:
+            raise ValueError("fit_by_profiling needs at least one job")
+        if isinstance(jobs, Mapping):
+            self.kind_of.update(jobs)
+        by_kind: dict[Hashable, list[Job]] = {}
+        for job in jobs:
+            by_kind.setdefault(self.kind(job), []).append(job)
+        (first, *same), *further = by_kind.values()
         longest = max(max_length, 8)
-        for rows, length in [(1, longest // 4), (2, longest // 2), (1, longest), (2, longest), (4, longest // 2)]:
-            ids = torch.randint(0, vocab_size, (rows, length), device=device)
-            self.observe([length] * rows, step_memory(device, lambda ids=ids: run_step(ids)))
+        plan = [([first] * rows, length) for rows, length in
+                [(1, longest // 4), (2, longest // 2), (1, longest), (2, longest), (4, longest // 2)]]
+        plan += [([first, same[0]], longest)] if same else []
+        for job, *_ in further:
+            plan += [([job], longest // 2), ([job, job], longest), ([first, job], longest // 2)]
+        device = torch.device(device)
+        # the random ids and the steps' dropout draw from a forked generator, so training after profiling draws
+        # what it would have drawn without it (`max_memory` changes which jobs share a step, never their numbers)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            for row_jobs, length in plan:
+                ids = torch.randint(0, vocab_size, (len(row_jobs), length), device=device)
+                peak = step_memory(device, lambda ids=ids, row_jobs=row_jobs: run_step(ids, row_jobs))
+                self.observe([length] * len(row_jobs), peak, jobs=row_jobs)
         return self.fit()
 
-    def predict(self, lengths: Sequence[int]) -> float:
+    def predict(self, lengths: Sequence[int], jobs: RowJobs = None) -> float:
+        """Predicted bytes of a step whose rows have `lengths` and `jobs` (see `tokens_per_job`)."""
+        tokens = tokens_per_job(lengths, jobs)
         beta = self.beta if self.beta is not None else self.fit()
-        return float(torch.tensor(shape_features(lengths), dtype=torch.float64) @ beta)
+        unknown = sorted({str(self.kind(job)) for job in tokens if self.kind(job) not in self.columns[0]})
+        if unknown:
+            raise ValueError(f"the memory model was not fitted on the kinds of jobs {unknown}; it knows "
+                             f"{[str(kind) for kind in self.columns[0]]}")
+        squares = float(sum(length * length for length in lengths))
+        return float(torch.tensor(self._features(tokens, squares, self.columns), dtype=torch.float64) @ beta)
 
     def relative_errors(self) -> list[float]:
         """|predicted − measured| / measured over the observed samples."""
         beta = self.beta if self.beta is not None else self.fit()
-        out = []
-        for features, value in self.samples:
-            predicted = float(torch.tensor(features, dtype=torch.float64) @ beta)
-            out.append(abs(predicted - value) / max(value, 1.0))
-        return out
+        predicted = self._design(self.columns) @ beta
+        return [abs(p - v) / max(v, 1.0) for p, (_, _, v) in zip(predicted.tolist(), self.samples, strict=True)]
 
 
 @contextmanager

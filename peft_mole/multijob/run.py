@@ -18,6 +18,7 @@ import torch
 from accelerate.data_loader import skip_first_batches
 
 from peft_mole.multijob import checkpoint as ckpt
+from peft_mole.multijob.memory import adapter_memory_kind
 
 WAITING, RUNNING, DONE, FAILED, STOPPED = "waiting", "running", "done", "failed", "stopped_early"
 
@@ -72,6 +73,7 @@ class JobRun:
         self.last_grad_norm: float | None = None
         self.last_lr = 0.0
         self.flat = flat  # FlatGroups when the optimizer steps flat tensors (`multijob.flat_parameters`)
+        self.memory_kind = adapter_memory_kind(job.peft_config)  # its rows' kind in the scheduler's memory model
 
     # ------------------------------------------------------------------ data
     @property

@@ -201,9 +201,12 @@ class JobScheduler:
         return [[parts[k] for k in sorted(members)] for _, members in bins]
 
     def predict(self, parts: list[tuple[JobRun, dict]]) -> float:
-        if all(is_packed(batch) for _, batch in parts):  # each step one packed row of its parts' tokens: the largest
-            return max(self.memory_model.predict([sum(batch["input_ids"].shape[1] for _, batch in step)])
+        """Predicted peak bytes of the parts' steps: one packed row per step of packed parts (the largest step), else
+        one step padded to the longest part; each row through its job (the memory model knows each job's kind)."""
+        if all(is_packed(batch) for _, batch in parts):
+            return max(self.memory_model.predict([sum(b["input_ids"].shape[1] for _, b in step)],
+                                                 [{run.name: batch["input_ids"].shape[1] for run, batch in step}])
                        for step in self.group_packed(parts))
         length = max(batch["input_ids"].shape[1] for _, batch in parts)
-        rows = sum(batch["input_ids"].shape[0] for _, batch in parts)
-        return self.memory_model.predict([length] * rows)
+        jobs = [run.name for run, batch in parts for _ in range(batch["input_ids"].shape[0])]
+        return self.memory_model.predict([length] * len(jobs), jobs)

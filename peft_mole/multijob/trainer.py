@@ -28,14 +28,9 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
-from transformers import (
-    AutoModelForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    TrainerCallback,
-    TrainerState,
-    get_scheduler,
-)
+from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback, TrainerState
+from transformers.optimization import get_scheduler
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.trainer_utils import TrainOutput, set_seed
 from trl import SFTConfig, SFTTrainer
 
@@ -470,18 +465,19 @@ class MultiJobTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ memory
     def _profile_memory(self, runs: list[JobRun]) -> None:
-        """Fit the memory model on a few synthetic steps of growing shape (gradients discarded)."""
-        job, params = runs[0].name, list(runs[0].params.values())
+        """Fit the memory model on synthetic steps of each kind of job (`MemoryModel.fit_by_profiling`)."""
+        params = {run.name: list(run.params.values()) for run in runs}
 
-        def step(ids: torch.Tensor) -> None:
+        def step(ids: torch.Tensor, row_jobs: list[str]) -> None:
             with self.compute_loss_context_manager(), self.accelerator.autocast():
-                out = self.jobs_model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids,
-                                      adapter_names=[job] * len(ids), fused_lm_head=True, use_cache=False)
-            torch.autograd.grad(-out.log_probs.sum(), params, allow_unused=True)
+                out = self.jobs_model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False,
+                                      adapter_names=list(row_jobs), fused_lm_head=True)
+            torch.autograd.grad(-out.log_probs.sum(), [p for j in dict.fromkeys(row_jobs) for p in params[j]],
+                                allow_unused=True)
 
-        self.job_scheduler.memory_model.fit_by_profiling(
-            step, self.args.device, self.model.get_input_embeddings().num_embeddings, int(self.args.max_length or 512)
-        )
+        embeddings, kinds = self.model.get_input_embeddings(), {run.name: run.memory_kind for run in runs}
+        self.job_scheduler.memory_model.fit_by_profiling(step, self.args.device, embeddings.num_embeddings,
+                                                         int(self.args.max_length or 512), kinds)
 
     # ------------------------------------------------------------------ saving and reporting
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -5,6 +5,7 @@ and every job still trains exactly as alone."""
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,12 +59,15 @@ def test_padding_and_memory_of_a_packed_step_count_its_tokens_once():
     stats.add([(None, a), (None, b)])
     assert (stats.real, stats.total, stats.pad_fraction) == (9, 9, 0.0)
     scheduler = JobScheduler(max_memory=1e9)
+    scheduler.memory_model.kind_of = {"a": "lora", "b": "lora"}
     for rows, length in [(1, 10), (2, 10), (1, 40)]:
-        scheduler.memory_model.observe([length] * rows, 1000.0 + 10.0 * rows * length + rows * length**2)
+        scheduler.memory_model.observe([length] * rows, 1000.0 + 10.0 * rows * length + rows * length**2,
+                                       jobs=["a"] * rows)
+    run_a, run_b = SimpleNamespace(name="a"), SimpleNamespace(name="b")
     # SDPA: a and b run as two packed steps (`group_packed`), the larger one sets the peak
-    assert scheduler.predict([(None, a), (None, b)]) == pytest.approx(scheduler.memory_model.predict([5]))
+    assert scheduler.predict([(run_a, a), (run_b, b)]) == pytest.approx(scheduler.memory_model.predict([5], ["a"]))
     scheduler.varlen_attention = True  # flash attention: one packed row of all their tokens
-    assert scheduler.predict([(None, a), (None, b)]) == pytest.approx(scheduler.memory_model.predict([9]))
+    assert scheduler.predict([(run_a, a), (run_b, b)]) == pytest.approx(1000.0 + 10.0 * 9 + 81)
 
 
 def test_packed_micro_batches_share_steps_no_longer_than_the_longest():

@@ -44,6 +44,76 @@ def test_memory_model_needs_three_shapes():
     assert shape_features([2, 3]) == [1.0, 5.0, 13.0]
 
 
+def test_memory_model_per_kind_recovers_each_kinds_constant_and_rate_and_predicts_mixed_and_packed_steps():
+    kind_of = {"a": "lora", "b": "lora", "m": "moe", "n": "moe", "d": "dyn"}
+    per_job, rate = {"lora": 2e5, "moe": 9e6, "dyn": 4e6}, {"lora": 3e4, "moe": 5e4, "dyn": 4.2e4}
+
+    def law(tokens: dict, squares: float) -> float:  # tokens per job
+        return 5e8 + sum(per_job[kind_of[j]] + rate[kind_of[j]] * n for j, n in tokens.items()) + 11.0 * squares
+
+    model = MemoryModel(kind_of)
+    plan = [(["a"], 64), (["a", "a"], 128), (["a"], 512), (["a", "b"], 256), (["m"], 256), (["m", "m"], 100),
+            (["a", "m"], 128), (["d"], 100), (["d", "d"], 300), (["a", "d"], 50)]  # as fit_by_profiling plans
+    for jobs, length in plan:
+        tokens = {}
+        for job in jobs:
+            tokens[job] = tokens.get(job, 0) + length
+        model.observe([length] * len(jobs), law(tokens, len(jobs) * length**2), jobs=jobs)
+    assert model.kinds == ["lora", "moe", "dyn"] and model.fitted
+    expected = [5e8, 2e5, 9e6, 4e6, 3e4, 5e4, 4.2e4, 11.0]  # β0, γ per kind, β1 per kind, β2
+    torch.testing.assert_close(model.fit(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-3)
+    mixed = model.predict([300] * 4, jobs=["m", "a", "n", "m"])  # two MixLoRA jobs and a LoRA job in one step
+    assert mixed == pytest.approx(law({"m": 600, "a": 300, "n": 300}, 4 * 300**2), rel=1e-9)
+    packed = model.predict([700], jobs=[{"d": 200, "b": 500}])  # one packed row of two jobs' sequences
+    assert packed == pytest.approx(law({"d": 200, "b": 500}, 700**2), rel=1e-9)
+    one_job = MemoryModel()  # what profiling one job predicts: its constant once, its rate for every token
+    for jobs, length in plan[:3]:
+        one_job.observe([length] * len(jobs), law({"a": len(jobs) * length}, len(jobs) * length**2))
+    missed = 2 * 9e6 + 900 * (5e4 - 3e4)  # the two MixLoRA jobs' constants and their rows' extra rate
+    assert mixed - one_job.predict([300] * 4) == pytest.approx(missed)
+    with pytest.raises(ValueError, match=r"not fitted on the kinds of jobs \['other'\]"):
+        model.predict([10], jobs=["other"])
+    with pytest.raises(ValueError, match="jobs has 1 entries for 2 rows"):
+        model.predict([10, 10], jobs=["a"])
+    with pytest.raises(ValueError, match="do not sum to its length 10"):
+        model.predict([10], jobs=[{"a": 4, "m": 5}])
+
+
+def test_memory_model_needs_each_kind_observed_apart():
+    model = MemoryModel({"c": "c", "d": "d"})
+    for rows, length in [(1, 16), (2, 16), (1, 64)]:
+        model.observe([length] * rows, 100.0 * rows * length, jobs=["a"] * rows)
+    model.observe([32], 3200.0, jobs=["b"])
+    model.observe([64, 64], 12800.0, jobs=["b", "b"])
+    model.observe([16, 16], 3200.0, jobs=["a", "b"])
+    assert model.fitted  # [1, n_a, n_b, T_a, T_b, Σ L²] from six shapes
+    model.observe([32, 32], 6400.0, jobs=["c", "d"])
+    model.observe([16, 16], 3200.0, jobs=["c", "d"])
+    model.observe([8, 8], 1600.0, jobs=["c", "d"])
+    model.observe([4, 4], 800.0, jobs=["c", "d"])  # c and d only ever together: their terms are not separable
+    assert not model.fitted
+    with pytest.raises(ValueError, match="each kind of job also observed apart"):
+        model.fit()
+    for jobs, length in [(["c"], 48), (["d"], 24), (["d", "d"], 40)]:
+        model.observe([length] * len(jobs), 100.0 * length * len(jobs), jobs=jobs)
+    beta = model.fit()  # [1, n_a, n_b, n_c, n_d, T_a, T_b, T_c, T_d, Σ L²]
+    torch.testing.assert_close(beta[5:9], torch.full((4,), 100.0, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    assert max(model.relative_errors()) < 1e-9
+
+
+def test_packing_weighs_each_jobs_rows_by_its_memory_kind():
+    scheduler = JobScheduler(max_memory=900.0)
+    scheduler.memory_model.kind_of = {"a": "lora", "b": "lora", "m": "moe"}
+    for jobs, length in [(["a"], 10), (["a", "a"], 10), (["a"], 40), (["m"], 20), (["m"], 40), (["a", "m"], 10)]:
+        bytes_ = sum(10.0 * length if job == "a" else 15.0 * length for job in jobs)
+        scheduler.memory_model.observe([length] * len(jobs), bytes_, jobs=jobs)
+    a, b = part("a", 2, 20), part("b", 2, 20)
+    assert [r.name for r, _ in scheduler.pack([a, b])] == ["a", "b"]  # 400 + 400 bytes
+    a, moe = part("a", 2, 20), part("m", 2, 20)
+    assert [r.name for r, _ in scheduler.pack([a, moe])] == ["a"]  # 400 + 600: the MixLoRA job waits
+    assert scheduler.predict([moe]) == pytest.approx(600.0)
+
+
 def test_activation_bytes_counts_what_autograd_saves():
     w = torch.randn(64, 64, requires_grad=True)
     with activation_bytes() as small:
@@ -63,8 +133,9 @@ def test_admission_by_priority_then_arrival_with_a_limit():
 
 def test_packing_under_the_memory_budget_defers_and_fails_clearly():
     scheduler = JobScheduler(max_memory=1000.0)
+    scheduler.memory_model.kind_of = dict.fromkeys(["a", "b", "c", "huge"], "lora")
     for rows, length in [(1, 10), (2, 10), (1, 40)]:
-        scheduler.memory_model.observe([length] * rows, 10.0 * rows * length)  # 10 bytes per token
+        scheduler.memory_model.observe([length] * rows, 10.0 * rows * length, jobs=["a"] * rows)  # 10 bytes per token
     a, b, huge = part("a", 2, 20), part("b", 2, 20), part("huge", 8, 40)
     assert [r.name for r, _ in scheduler.pack([a, b])] == ["a", "b"]  # 800 bytes: fits
     c = part("c", 2, 30)

@@ -1,0 +1,75 @@
+"""`max_memory`: the memory model is fitted per kind of job (their adapters keep different activations per token),
+predicts a mixed step of several kinds, and changes which jobs share a step, never what they learn."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+
+from peft_mole import JobConfig, MultiJobTrainer
+from peft_mole.multijob.memory import MemoryModel, step_memory
+from tests.helpers import mixlora, tiny_base
+from tests.multijob.test_trainer import ALL_LINEAR, run_args
+
+
+def _jobs(datasets) -> list[JobConfig]:
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=ALL_LINEAR)
+    return [
+        JobConfig("lora", lora, datasets["sentiment"], per_device_train_batch_size=2),
+        JobConfig("mix", mixlora(num_experts=8, top_k=2, r=8), datasets["capital"], per_device_train_batch_size=2),
+        # the same adapter settings as "lora" but another learning rate: the same memory kind
+        JobConfig("lora_fast", LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=ALL_LINEAR),
+                  datasets["add"], per_device_train_batch_size=2, learning_rate=5e-3),
+    ]
+
+
+def _weights(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def test_memory_model_is_fitted_per_kind_of_job_and_predicts_a_mixed_step(assets, tmp_path):
+    tokenizer, datasets = assets
+    # profiled up to 96 tokens a row: the tiny model's MixLoRA block keeps more per token below ~32 tokens a step
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=_jobs(datasets),
+                              args=run_args(tmp_path / "budget", max_steps=2, max_length=96),
+                              processing_class=tokenizer, max_memory=1e12)
+    trainer.train()
+    kinds = {run.name: run.memory_kind for run in trainer.runs}
+    assert kinds["lora"] == kinds["lora_fast"] != kinds["mix"]
+    memory = trainer.job_scheduler.memory_model
+    # five shapes of "lora", one step of "lora" and "lora_fast", two of "mix", one of "lora" and "mix"
+    assert memory.kinds == [kinds["lora"], kinds["mix"]] and len(memory.samples) == 5 + 1 + 3
+    assert memory.columns[1] == [kinds["lora"], kinds["mix"]]  # each kind's per-job constant is fitted
+
+    model = trainer.jobs_model
+    params = [p for p in model.parameters() if p.requires_grad]
+    adapters = ["lora", "mix", "mix", "mix", "mix", "lora_fast"]  # each job's rows consecutive, as the trainer mixes
+    ids = torch.randint(3, len(tokenizer), (len(adapters), 40), generator=torch.Generator().manual_seed(0))
+
+    def mixed_step() -> None:  # as the trainer runs one (TRL's fused LM head)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, adapter_names=adapters,
+                    fused_lm_head=True, use_cache=False)
+        torch.autograd.grad(-out.log_probs.sum(), params, allow_unused=True)
+
+    measured = step_memory(torch.device("cpu"), mixed_step)
+    error = abs(memory.predict([40] * len(adapters), jobs=adapters) - measured) / measured
+    one_job = MemoryModel()  # what profiling the first job alone predicts (its constant once, its rate per token)
+    for tokens, squares, value in memory.samples[:5]:  # the first job's five shapes: rows of one length each
+        length = round(squares / tokens["lora"])
+        one_job.observe([length] * (tokens["lora"] // length), value)
+    one_job_error = abs(one_job.predict([40] * len(adapters)) - measured) / measured
+    assert error < 0.03 and one_job_error > 2 * error, (error, one_job_error)
+
+
+def test_a_memory_budget_changes_no_weight(assets, tmp_path):
+    tokenizer, datasets = assets
+    trained = []
+    for budget in (None, 1e12):
+        trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=_jobs(datasets),
+                                  args=run_args(tmp_path / str(budget), max_steps=2), processing_class=tokenizer,
+                                  max_memory=budget)
+        trainer.train()
+        trained.append(_weights(trainer))
+    assert trained[0].keys() == trained[1].keys() and len(trained[0]) > 0
+    for name, weight in trained[0].items():
+        assert torch.equal(weight, trained[1][name]), name
