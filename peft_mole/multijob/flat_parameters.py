@@ -128,6 +128,16 @@ class FlatGroups:
         for flat in self.tensors:
             flat.grad = None
 
+    @property
+    def gradient_bytes(self) -> int:
+        """Bytes of the gradient buffers (0 once released)."""
+        return sum(buffer.nbytes for buffer in self._buffers)
+
+    def release_gradients(self) -> None:
+        """Free the gradient buffers of a job that has ended (no gradient can be added after this)."""
+        self.zero_grad()
+        self._buffers, self._views = [], {}
+
     # ------------------------------------------------------------------ checkpoints
     def per_tensor_state(self, state: dict) -> dict:
         """A flat optimizer's `state_dict()` in the layout of an optimizer over the parameters themselves (what a plain

@@ -74,6 +74,7 @@ class JobRun:
         self.last_lr = 0.0
         self.flat = flat  # FlatGroups when the optimizer steps flat tensors (`multijob.flat_parameters`)
         self.memory_kind = adapter_memory_kind(job.peft_config)  # its rows' kind in the scheduler's memory model
+        self.released = False  # optimizer state and gradients freed at the job's end (`release`)
 
     # ------------------------------------------------------------------ data
     @property
@@ -159,6 +160,35 @@ class JobRun:
             p.grad = None
         if self.flat is not None:
             self.flat.zero_grad()
+
+    def resident_bytes(self) -> int:
+        """Bytes this job keeps from step to step besides its weights: its optimizer's state and its gradients.
+
+        A running job that has not stepped yet counts the state it is about to create (two tensors per parameter
+        for Adam and AdamW, three with AMSGrad, one for SGD with momentum); gradients are the flat buffers, or a
+        gradient per parameter. 0 once released (`release`)."""
+        if self.released:
+            return 0
+        tensors = self.stepped_tensors()
+        state = sum(v.nbytes for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+        if not state and self.status == RUNNING:
+            groups = self.optimizer.param_groups
+            if isinstance(self.optimizer, torch.optim.SGD):
+                per_parameter = int(any(g.get("momentum", 0) for g in groups))
+            else:
+                per_parameter = 3 if any(g.get("amsgrad") for g in groups) else 2
+            state = per_parameter * sum(p.nbytes for p in tensors)
+        gradients = self.flat.gradient_bytes if self.flat is not None else sum(p.nbytes for p in tensors)
+        return state + gradients
+
+    def release(self) -> None:
+        """Free what only further training needs, once the job has ended: its optimizer's state and its gradients
+        (its adapter and checkpoints stay). The scheduler's memory budget counts them no more (`resident_bytes`)."""
+        self.optimizer.state.clear()
+        self.zero_grad()
+        if self.flat is not None:
+            self.flat.release_gradients()
+        self.released = True
 
     def learning_rate(self) -> float:
         """The learning rate of the last optimizer step."""

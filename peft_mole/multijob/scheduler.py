@@ -76,6 +76,8 @@ class JobScheduler:
         self.max_memory = max_memory
         self.memory_model = MemoryModel()
         self.varlen_attention = False  # the model's attention keeps packed sequences apart itself (flash attention)
+        self.runs: list[JobRun] = []  # every job of the run (`admit`)
+        self.profiled_resident_bytes = 0.0  # the jobs' optimizer state and gradients while the model was profiled
 
     @staticmethod
     def order(runs: list[JobRun]) -> list[JobRun]:
@@ -84,6 +86,7 @@ class JobScheduler:
 
     def admit(self, runs: list[JobRun]) -> list[JobRun]:
         """Start waiting jobs while there is room; return the running ones in priority order."""
+        self.runs = runs
         running = [r for r in runs if r.status == RUNNING]
         for run in self.order([r for r in runs if r.status == WAITING]):
             if self.max_concurrent_jobs is not None and len(running) >= self.max_concurrent_jobs:
@@ -200,13 +203,27 @@ class JobScheduler:
                 bins.append((sizes[k], [k]))
         return [[parts[k] for k in sorted(members)] for _, members in bins]
 
+    def profiled(self, runs: list[JobRun]) -> None:
+        """Note the jobs' resident bytes (`JobRun.resident_bytes`) while the memory model is profiled: they are in
+        its constant; what they grow or shrink by later is `resident_change`."""
+        self.runs = runs
+        self.profiled_resident_bytes = float(sum(run.resident_bytes() for run in runs))
+
+    def resident_change(self) -> float:
+        """Bytes the jobs keep between steps now, less what they kept while profiled: optimizer states created
+        since (a job's first step) count, states and gradients freed by ended jobs (`JobRun.release`) come off."""
+        return sum(run.resident_bytes() for run in self.runs) - self.profiled_resident_bytes
+
     def predict(self, parts: list[tuple[JobRun, dict]]) -> float:
         """Predicted peak bytes of the parts' steps: one packed row per step of packed parts (the largest step), else
-        one step padded to the longest part; each row through its job (the memory model knows each job's kind)."""
+        one step padded to the longest part; each row through its job (the memory model knows each job's kind);
+        plus `resident_change`."""
         if all(is_packed(batch) for _, batch in parts):
-            return max(self.memory_model.predict([sum(b["input_ids"].shape[1] for _, b in step)],
-                                                 [{run.name: batch["input_ids"].shape[1] for run, batch in step}])
-                       for step in self.group_packed(parts))
-        length = max(batch["input_ids"].shape[1] for _, batch in parts)
-        jobs = [run.name for run, batch in parts for _ in range(batch["input_ids"].shape[0])]
-        return self.memory_model.predict([length] * len(jobs), jobs)
+            step_bytes = max(self.memory_model.predict([sum(b["input_ids"].shape[1] for _, b in step)],
+                                                       [{run.name: batch["input_ids"].shape[1] for run, batch in step}])
+                             for step in self.group_packed(parts))
+        else:
+            length = max(batch["input_ids"].shape[1] for _, batch in parts)
+            jobs = [run.name for run, batch in parts for _ in range(batch["input_ids"].shape[0])]
+            step_bytes = self.memory_model.predict([length] * len(jobs), jobs)
+        return step_bytes + self.resident_change()

@@ -189,6 +189,7 @@ class MultiJobTrainer(SFTTrainer):
                 state = ckpt.read_json(final_state)
                 self.jobs_model.load_job(run.name, run.args.output_dir)
                 run.status, run.global_step = state["status"], state["global_step"]
+                run.release()
                 continue
             path = ckpt.latest_checkpoint(run.args.output_dir)
             if path is not None:
@@ -451,12 +452,13 @@ class MultiJobTrainer(SFTTrainer):
 
         if self.is_world_process_zero():
             ckpt.replace_files_atomically(run.args.output_dir, write)
+        run.release()
         logger.info("job %s %s after %d steps", run.name, status, run.global_step)
 
     def _fail(self, run: JobRun, reason: str) -> None:
         """Stop one job (its checkpoints stay); the others go on."""
         run.status, run.error = FAILED, reason
-        run.zero_grad()
+        run.release()
         if self.is_world_process_zero():
             os.makedirs(run.args.output_dir, exist_ok=True)
             ckpt.write_json(os.path.join(run.args.output_dir, "job_failed.json"), run.state_dict())
@@ -478,6 +480,7 @@ class MultiJobTrainer(SFTTrainer):
         embeddings, kinds = self.model.get_input_embeddings(), {run.name: run.memory_kind for run in runs}
         self.job_scheduler.memory_model.fit_by_profiling(step, self.args.device, embeddings.num_embeddings,
                                                          int(self.args.max_length or 512), kinds)
+        self.job_scheduler.profiled(runs)
 
     # ------------------------------------------------------------------ saving and reporting
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

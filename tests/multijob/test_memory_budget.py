@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig
+from transformers import TrainerCallback
 
 from peft_mole import JobConfig, MultiJobTrainer
 from peft_mole.multijob.memory import MemoryModel, step_memory
@@ -73,3 +74,39 @@ def test_a_memory_budget_changes_no_weight(assets, tmp_path):
     assert trained[0].keys() == trained[1].keys() and len(trained[0]) > 0
     for name, weight in trained[0].items():
         assert torch.equal(weight, trained[1][name]), name
+
+
+def _state_bytes(run) -> int:
+    return sum(v.nbytes for s in run.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+
+def test_the_budget_counts_optimizer_states_created_after_profiling_and_ended_jobs_free_theirs(assets, tmp_path):
+    tokenizer, datasets = assets
+    jobs = _jobs(datasets)
+    jobs[0].max_steps = 1  # "lora" ends after its first step, the others run on
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            runs = {run.name: run for run in trainer.runs}
+            seen.append((trainer.job_scheduler.resident_change(), {n: _state_bytes(r) for n, r in runs.items()},
+                         {n: r.flat.gradient_bytes for n, r in runs.items()}, {n: r.status for n, r in runs.items()}))
+
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs,
+                              args=run_args(tmp_path / "budget", max_steps=2, max_length=96, optim="adamw_torch_fused"),
+                              processing_class=tokenizer, max_memory=1e12, callbacks=[Watch()])
+    trainer.train()
+    assert all(run.flat is not None for run in trainer.runs)  # fused AdamW: flat tensors, one gradient buffer each
+    profiled_gradients = trainer.job_scheduler.profiled_resident_bytes
+    weights = {run.name: sum(p.nbytes for p in run.stepped_tensors()) for run in trainer.runs}
+    assert profiled_gradients == sum(weights.values())  # before any step: no optimizer state, the gradient buffers
+    change, states, gradients, status = seen[0]  # after step 1: "lora" has ended, the others hold AdamW states
+    assert status["lora"] == "done" and states["lora"] == 0 and gradients["lora"] == 0
+    assert states["mix"] >= 2 * weights["mix"] and states["lora_fast"] >= 2 * weights["lora_fast"]  # two moments
+    assert change == states["mix"] + states["lora_fast"] - weights["lora"]  # "lora"'s gradient buffer is freed
+    assert [c for c, *_ in seen][-1] == -profiled_gradients  # all ended: every state and buffer is freed
+    for run in trainer.runs:  # every job has ended: nothing is kept for training, the adapters stay
+        assert run.released and run.resident_bytes() == 0 and not run.optimizer.state
+        assert all(p.grad is None for p in run.stepped_tensors())
+    trained = _weights(trainer)
+    assert trained and all(torch.isfinite(w).all() for w in trained.values())

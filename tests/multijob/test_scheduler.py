@@ -14,7 +14,11 @@ from peft_mole.multijob.scheduler import JobScheduler
 class FakeRun:
     def __init__(self, name, priority=0):
         self.name, self.status, self.error = name, "waiting", None
+        self.resident = 0  # optimizer state and gradient bytes
         self.job = type("Job", (), {"priority": priority})()
+
+    def resident_bytes(self) -> int:
+        return self.resident
 
 
 def part(name, rows, length, priority=0):
@@ -112,6 +116,26 @@ def test_packing_weighs_each_jobs_rows_by_its_memory_kind():
     a, moe = part("a", 2, 20), part("m", 2, 20)
     assert [r.name for r, _ in scheduler.pack([a, moe])] == ["a"]  # 400 + 600: the MixLoRA job waits
     assert scheduler.predict([moe]) == pytest.approx(600.0)
+
+
+def test_predictions_add_the_optimizer_state_created_or_freed_since_profiling():
+    scheduler = JobScheduler(max_memory=1000.0)
+    scheduler.memory_model.kind_of = {"a": "lora", "b": "lora"}
+    for rows, length in [(1, 10), (2, 10), (1, 40)]:
+        scheduler.memory_model.observe([length] * rows, 10.0 * rows * length, jobs=["a"] * rows)
+    (run_a, batch_a), (run_b, batch_b) = part("a", 2, 20), part("b", 2, 20)
+    run_a.resident = run_b.resident = 50  # gradient buffers, made before profiling
+    scheduler.profiled([run_a, run_b])
+    assert scheduler.predict([(run_a, batch_a), (run_b, batch_b)]) == pytest.approx(800.0)
+    run_a.resident = run_b.resident = 150  # both stepped: 100 bytes of AdamW state each
+    assert scheduler.predict([(run_a, batch_a), (run_b, batch_b)]) == pytest.approx(1000.0)
+    run_c = FakeRun("c")
+    scheduler.admit([run_a, run_b, run_c])  # a third job adds its state once it runs
+    run_c.resident = 1
+    assert [r.name for r, _ in scheduler.pack([(run_a, batch_a), (run_b, batch_b)])] == ["a"]
+    run_b.resident = 0  # b ended and released its state and buffers
+    assert scheduler.resident_change() == pytest.approx(150 + 0 + 1 - 100)
+    assert [r.name for r, _ in scheduler.pack([(run_a, batch_a), (run_b, batch_b)])] == ["a", "b"]
 
 
 def test_activation_bytes_counts_what_autograd_saves():
