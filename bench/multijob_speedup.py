@@ -11,7 +11,8 @@ the mixed step takes the jobs' gradients and steps their optimizers as MultiJobT
 CUDA, a per-tensor loop on the CPU). A fused AdamW of a mixed step's job steps one flat tensor, as in the trainer
 (`multijob.flat_parameters`); --compare-layouts also times the mixed step with each job's AdamW over its parameters
 (`<impl>_per_tensor`, the same rounds) and adds `flat_vs_per_tensor` to the row. --kind mixlora makes every job
-BENCH.md's MixLoRA (with its router loss), the baseline each job as a MixLoRA PEFT model; rows carry `kind`.
+BENCH.md's MixLoRA (with its router loss), the baseline each job as a MixLoRA PEFT model; rows carry `kind`;
+--kind dynmole likewise with BENCH.md's DynMoLE (routers at initialisation), whose blocks a compiled step runs eagerly.
 --compile compiles the mixed model (`MultiJobModel.compile_mixed_steps`, inductor, as MultiJobTrainer does with
 torch_compile=True), times it (`mixed_all_jobs_compiled`) in the same rounds as the eager mixed step, and takes the
 speedup from it: the `multijob_speedup` row then carries `compile`, the compiled
@@ -20,7 +21,7 @@ other mixes (the jobs reversed; one job fewer, so the rows change; the graph cou
 PEFT baseline stays eager: the jobs one after another are what a user would otherwise run.
 Usage: python bench/multijob_speedup.py [--shape small] [--jobs 2 4 8] [--repeats 10] [--optim adamw_torch_fused]
        [--compile [--compile-mode reduce-overhead] [--compile-backend inductor]] [--compare-layouts]
-       [--kind mixlora]
+       [--kind mixlora|dynmole]
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from common import (
 from peft import get_peft_model
 from torch._dynamo.utils import counters
 
+import peft_mole
 from peft_mole.multijob import MultiJobModel, per_job_losses
 from peft_mole.multijob.flat_parameters import job_optimizer
 
@@ -111,9 +113,9 @@ def main() -> None:
                         help="LoRA dropout of every job (peft-mole's LoRA-job layers draw cheaper CPU masks than "
                              "PEFT's, see peft_mole/ops/dropout.py; 0 compares the products alone)")
     parser.add_argument("--optim", choices=OPTIMS, default="adamw_torch")
-    parser.add_argument("--kind", choices=["lora", "mixlora"], default="lora",
-                        help="the jobs' adapter: BENCH.md's LoRA, or its MixLoRA (8 experts, top-2; the baseline then "
-                             "trains each job as a MixLoRA PEFT model)")
+    parser.add_argument("--kind", choices=["lora", "mixlora", "dynmole"], default="lora",
+                        help="the jobs' adapter: BENCH.md's LoRA, its MixLoRA (8 experts, top-2) or its DynMoLE (the "
+                             "baseline then trains each job as such a PEFT model)")
     parser.add_argument("--compile", action="store_true", help="compiled mixed steps (see the module docstring)")
     parser.add_argument("--compare-layouts", action="store_true",
                         help="also time the mixed step with the jobs' optimizers over their parameters rather than "
@@ -170,6 +172,8 @@ def main() -> None:
 
 
 def job_config(args):
+    if args.kind == "dynmole":  # BENCH.md's DynMoLE: q 1.1, top_p 0.75, threshold 0.9, min 2 (its defaults)
+        return peft_mole.DynMoLEConfig(num_experts=8, r=16, lora_alpha=32, lora_dropout=args.dropout)
     return mixlora_config(args.dropout) if args.kind == "mixlora" else lora_config(args.dropout)
 
 

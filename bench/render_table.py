@@ -148,7 +148,7 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                                 if "compiled_vs_eager" in row else "") + (
                                    " --compare-layouts" if "flat_vs_per_tensor" in row else ""),
                "clip_flag": "" if row.get("clip", True) else " --no-clip",
-               "kind_label": "MixLoRA" if row.get("kind") == "mixlora" else "LoRA",
+               "kind_label": {"mixlora": "MixLoRA", "dynmole": "DynMoLE"}.get(row.get("kind"), "LoRA"),
                "kind_flag": f" --kind {row['kind']}" if "kind" in row else "",
                "clip_note": "clipping + " if row.get("clip", True) else "",
                "kinds_flag": (f" --jobs {row['jobs']}" if row.get("kinds") == "lora" else

@@ -78,18 +78,6 @@ def check_lora_config(name: str, config: LoraConfig) -> None:
         raise ValueError(f"job {name!r}: init_lora_weights must be True (Kaiming A, zero B), got {config.init_lora_weights!r}")
 
 
-def check_compilable(configs: dict[str, PeftConfig]) -> None:
-    """Compiled multi-job steps (`MultiJobModel.compile_mixed_steps`) take LoRA jobs and MixLoRA jobs without DoRA
-    (`tuners.mixlora.per_row`); DynMoLE's rule picks a data-dependent number of experts, DoRA experts rescale per pair."""
-    refused = {name: ("DynMoLE" if isinstance(config, DynMoLEConfig) else "MixLoRA with use_dora=True")
-               for name, config in configs.items()
-               if isinstance(config, DynMoLEConfig) or (isinstance(config, ExpertAdapterConfig) and config.use_dora)}
-    if refused:
-        listed = ", ".join(f"{name!r} ({kind})" for name, kind in sorted(refused.items()))
-        raise ValueError(f"compiled multi-job steps (torch_compile=True) take LoRA jobs and MixLoRA jobs without "
-                         f"DoRA; jobs {listed} are not; set torch_compile=False")
-
-
 class MultiJobModel(MixLoRAModel):
     """A tuner whose adapters may be of different kinds: {job name: LoraConfig | MixLoRAConfig | DynMoLEConfig}.
 
@@ -140,8 +128,6 @@ class MultiJobModel(MixLoRAModel):
                 f"job {name!r}: add LoRA jobs before MixLoRA/DynMoLE jobs (or pass all jobs to MultiJobModel at once); "
                 "the routed MLP wrappers hide the projections a later LoRA job would target"
             )
-        if self.__dict__.get("_compiled_steps"):
-            check_compilable({name: config})
         self.peft_config[name] = config
         self.inject_adapter(self.model, name)
         self.set_adapter(list(self.peft_config))
@@ -163,9 +149,10 @@ class MultiJobModel(MixLoRAModel):
         apply the jobs' stacked factors per row (`ops.indexed_lora`); the number of rows and the sequence length
         become dynamic after their first change (one recompile; a step of one row compiles once more, as Dynamo
         specialises sizes of 1). MixLoRA blocks route each row within its own job's part of one table of every
-        job's routers and experts (`tuners.mixlora.per_row`). DynMoLE jobs, DoRA experts and packed batches (one
-        adapter per token) are refused."""
-        check_compilable(self.peft_config)
+        job's routers and experts (`tuners.mixlora.per_row`). A block that holds DynMoLE jobs (a data-dependent
+        number of experts per token) or DoRA experts runs eagerly inside the compiled step, its rows grouped by job
+        as in an eager step (a graph break per such block; the rest of the layer stays compiled). Packed batches
+        (one adapter per token) are refused."""
         if self.__dict__.get("_compiled_steps"):
             if self.__dict__["_compile_kwargs"] != compile_kwargs:
                 raise ValueError(f"compile_mixed_steps was called with {self.__dict__['_compile_kwargs']} already; "

@@ -6,8 +6,6 @@ these options never happens; each is refused with what to do instead, rather tha
 
 from __future__ import annotations
 
-from peft_mole.multijob.model import check_compilable
-
 UNSUPPORTED = {
     "neftune_noise_alpha": (
         lambda value: value is not None,
@@ -42,7 +40,7 @@ UNSUPPORTED = {
 def check_trainer_args(args, configs: dict) -> None:
     """Raise ValueError naming the first option set in `args` that MultiJobTrainer cannot honour for the jobs'
     peft `configs` ({name: config})."""
-    check_compile(args, configs)
+    check_compile(args)
     for field, (is_set, advice) in UNSUPPORTED.items():
         value = getattr(args, field, None)
         if is_set(value):
@@ -60,9 +58,8 @@ def check_trainer_args(args, configs: dict) -> None:
             )
 
 
-def check_compile(args, configs: dict) -> None:
-    """`torch_compile=True` compiles the mixed steps (`MultiJobModel.compile_mixed_steps`): LoRA jobs, one adapter
-    per row."""
+def check_compile(args) -> None:
+    """`torch_compile=True` compiles the mixed steps (`MultiJobModel.compile_mixed_steps`): one adapter per row."""
     if not getattr(args, "torch_compile", False):
         return
     bfd = getattr(args, "packing", False) and getattr(args, "packing_strategy", None) in {"bfd", "bfd_split"}
@@ -71,7 +68,6 @@ def check_compile(args, configs: dict) -> None:
         raise ValueError(f"MultiJobTrainer does not support torch_compile=True with {field}: a compiled step takes one "
                          "adapter per row, a packed row holds several jobs; turn off torch_compile, or use "
                          "padding_free=False with packing_strategy='wrapped' or no packing")
-    check_compilable(configs)
 
 
 def check_distributed(trainer) -> None:

@@ -47,6 +47,8 @@ def _assert_same_step(got, want, tolerance: float = 1e-5) -> None:
         torch.testing.assert_close(got[1][job], want[1][job], rtol=tolerance, atol=1e-7, msg=job)
     for name, grad in want[2].items():
         other = got[2][name]
+        if grad is None and other is None:  # an absent job's tensors in a block that runs eagerly in both
+            continue
         if grad is None or other is None:  # eagerly an absent job's tensors get None, per row a zero gradient
             assert (grad if grad is not None else other).abs().max() == 0, name
             continue
@@ -113,15 +115,9 @@ def test_one_graph_serves_every_mix_of_moe_jobs():
     assert graphs == [1, 1, 2, 2], graphs  # a new mix of jobs adds none; rows and length turn dynamic once
 
 
-def test_trainer_with_torch_compile_trains_moe_jobs_as_eagerly(assets, tmp_path):
-    """`torch_compile=True` with a LoRA and a MixLoRA job (aot_eager: the graphs, not inductor's kernels): every
-    job ends with the adapter the eager MultiJobTrainer gives it."""
-    tokenizer, datasets = assets
-    jobs = [
-        JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "down_proj"]),
-                  datasets["sentiment"], per_device_train_batch_size=3),
-        JobConfig("mix", mixlora(), datasets["capital"], per_device_train_batch_size=2, gradient_accumulation_steps=2),
-    ]
+def assert_compiled_training_equals_eager(jobs, tokenizer, tmp_path) -> None:
+    """MultiJobTrainer with torch_compile=True (aot_eager: the graphs, not inductor's kernels) against eager: every
+    job ends with the same adapter (1e-4)."""
     results = {}
     for compiled in (False, True):
         torch._dynamo.reset()
@@ -131,11 +127,21 @@ def test_trainer_with_torch_compile_trains_moe_jobs_as_eagerly(assets, tmp_path)
                                   processing_class=tokenizer)
         randomize_adapters(trainer.jobs_model, seed=2)
         trainer.train()
-        assert [r["status"] for r in trainer.job_summary] == ["done", "done"]
+        assert [r["status"] for r in trainer.job_summary] == ["done"] * len(jobs)
         results[compiled] = {j.name: load_file(os.path.join(out, j.name, "adapter_model.safetensors")) for j in jobs}
     for job, tensors in results[False].items():
         for key, value in tensors.items():
             torch.testing.assert_close(results[True][job][key], value, rtol=1e-4, atol=1e-5, msg=f"{job} {key}")
+
+
+def test_trainer_with_torch_compile_trains_moe_jobs_as_eagerly(assets, tmp_path):
+    tokenizer, datasets = assets
+    jobs = [
+        JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "down_proj"]),
+                  datasets["sentiment"], per_device_train_batch_size=3),
+        JobConfig("mix", mixlora(), datasets["capital"], per_device_train_batch_size=2, gradient_accumulation_steps=2),
+    ]
+    assert_compiled_training_equals_eager(jobs, tokenizer, tmp_path)
 
 
 def test_per_row_dropout_and_jitter_draw_per_job():

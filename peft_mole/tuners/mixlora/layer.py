@@ -39,8 +39,8 @@ from peft_mole.ops.gated import weighted_gated_activation
 from peft_mole.ops.pair_mixture import pair_gated_mixture
 from peft_mole.ops.profiling import profiled
 from peft_mole.ops.segmented_lora import consecutive_slices
-from peft_mole.tuners.mixlora.per_row import per_row_mixture
-from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
+from peft_mole.tuners.mixlora.per_row import per_row_mixture, top_k_of
+from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer, run_eagerly
 from peft_mole.tuners.mixlora.targets import find_gated_mlp, plain_linear
 
 
@@ -67,10 +67,23 @@ class MixLoRAMLP(RoutedExpertsLayer):
         if self.disable_adapters or not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
         if self._context.row_jobs is not None and x.dim() == 3:  # a compiled multi-job step: the mix is data
-            return self._forward_per_row(x)  # (before `unit_view`, whose packed-batch check reads the mix)
+            if self._per_row_serves():
+                return self._forward_per_row(x)  # (before `unit_view`, whose packed-batch check reads the mix)
+            # DynMoLE jobs (a data-dependent number of experts) or DoRA experts: the rows grouped by job, eagerly
+            return run_eagerly(self._forward_grouped, x, *args, **kwargs)
+        return self._forward_grouped(x, *args, **kwargs)
+
+    def _per_row_serves(self) -> bool:
+        """Whether the per-row block (`tuners.mixlora.per_row`) takes every routed job of this block: top-k rules
+        without DoRA experts. Read while tracing: the jobs' settings are constants of the compiled graph."""
+        return all(top_k_of(self.settings[job].rule) is not None and not self.experts[job].use_dora
+                   for job in self._context.jobs if job in self.routers)
+
+    def _forward_grouped(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The block with the rows grouped by adapter in Python (one adapter per row, or per token of a packed row)."""
         units = self._context.unit_view(x)
         if units is not x:  # a packed batch: its tokens are grouped by adapter
-            out = self.forward(units, *args, **kwargs)
+            out = self._forward_grouped(units, *args, **kwargs)
             return out.view(*x.shape[:-1], out.shape[-1])
         mlp = self.base_layer
         batch, hidden_size = x.shape[0], x.shape[-1]
@@ -192,7 +205,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
         if takes_slot_path(x.shape[0]) and not dropout_active:
             return self._mixture_few_tokens(adapter, x, gate, up, weights, chosen)
         if settings.selection_varies and torch.compiler.is_compiling():
-            return _run_eagerly(self._mixture_selected, adapter, x, gate, up, weights, chosen, token_mask)
+            return run_eagerly(self._mixture_selected, adapter, x, gate, up, weights, chosen, token_mask)
         return self._mixture_selected(adapter, x, gate, up, weights, chosen, token_mask)
 
     def _mixture_selected(self, adapter, x, gate, up, weights, chosen, token_mask):
@@ -368,12 +381,6 @@ class MixLoRAMLP(RoutedExpertsLayer):
             pair_delta = pair_delta * scale.index_select(0, plan.expert).to(x.dtype)
         down = x.new_zeros(x.shape[0], plain_linear(mlp.down_proj).out_features).index_add(0, plan.token, pair_delta)
         return down, scale is not None
-
-
-@torch.compiler.disable
-def _run_eagerly(fn, *args):
-    """fn(*args) outside any compiled graph (Dynamo breaks the graph around the call)."""
-    return fn(*args)
 
 
 def _dora_rescale(

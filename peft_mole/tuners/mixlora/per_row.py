@@ -21,8 +21,9 @@ The gate and up experts' A products run per job segment of the job-sorted tokens
 with its own job's E_max · r columns, `_job_a_products`), then each pair takes its expert's r values; the B
 products and the down experts run per global expert. What is not the eager block: the router runs on every token
 for every job (m · E · d multiply-adds per token, small beside the MLP); numbers equal to rounding
-(tests/multijob/test_compiled_moe_steps.py); dropout masks are drawn in another order. MixLoRA jobs only: DynMoLE's rule picks a data-dependent number of experts (its single-adapter
-compiled step runs the block eagerly for that reason) and DoRA experts rescale per pair (`check_compilable`).
+(tests/multijob/test_compiled_moe_steps.py); dropout masks are drawn in another order. MixLoRA jobs only: DynMoLE's
+rule picks a data-dependent number of experts and DoRA experts rescale per pair, so a block holding such a job
+runs its grouped form eagerly inside the compiled step instead (`MixLoRAMLP._per_row_serves`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from peft_mole.ops.experts import (
     used_slots,
 )
 from peft_mole.ops.segmented_lora import scatter_row_deltas
-from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
+from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer, run_eagerly
 
 
 class MoELoraLinear(RoutedExpertsLayer):
@@ -45,9 +45,14 @@ class MoELoraLinear(RoutedExpertsLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters or not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
+        if self._context.row_jobs is not None:  # a compiled multi-job step: the rows grouped by job, eagerly
+            return run_eagerly(self._forward_grouped, x, *args, **kwargs)
+        return self._forward_grouped(x, *args, **kwargs)
+
+    def _forward_grouped(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         units = self._context.unit_view(x)
         if units is not x:  # a packed batch: its tokens are grouped by adapter
-            out = self.forward(units, *args, **kwargs)
+            out = self._forward_grouped(units, *args, **kwargs)
             return out.view(*x.shape[:-1], out.shape[-1])
         out = self.base_layer(x, *args, **kwargs)
         groups, token_mask = self.row_groups(x)

@@ -25,6 +25,12 @@ from peft_mole.tuners.mixlora.experts import ExpertLoRA
 RoutingRule = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+@torch.compiler.disable
+def run_eagerly(fn, *args, **kwargs):
+    """fn(*args, **kwargs) outside any compiled graph (Dynamo breaks the graph around the call)."""
+    return fn(*args, **kwargs)
+
+
 @dataclass
 class ExpertSettings:
     """Per-adapter, non-learned settings of a routed-experts layer."""

@@ -1,0 +1,66 @@
+"""Compiled multi-job steps with DynMoLE jobs and DoRA experts: their blocks run eagerly inside the compiled step
+(rows grouped by job, as in an eager step), the rest of each layer stays compiled, and no mix of jobs compiles
+again."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+from torch._dynamo.utils import counters
+
+from peft_mole import JobConfig
+from peft_mole.forward_context import BASE_ROW
+from peft_mole.multijob import MultiJobModel
+from tests.helpers import dynmole, mixlora, randomize_adapters, tiny_base
+from tests.multijob.test_compiled_moe_steps import (
+    _assert_same_step,
+    _step,
+    assert_compiled_training_equals_eager,
+)
+from tests.multijob.test_trainer import ALL_LINEAR
+
+LORA = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR)
+BLOCK_JOBS = {"lora": LORA, "mix": mixlora(top_k=2), "dyn": dynmole(),
+              "dora": mixlora(num_experts=3, top_k=1, use_dora=True)}
+BLOCK_MIXES = [(["dyn", "lora", "mix", "dora"], 10), (["dora", "mix", BASE_ROW, "dyn"], 10), (["lora", "mix"], 14),
+               (["dyn", "dora", "lora", "mix"], 8), (["mix", "dyn"], 11)]
+# router_scope="projection": gate, up and down each routed (one scope per model)
+PROJECTION_JOBS = {"lora": LORA, "dyn": dynmole(router_scope="projection"),
+                   "dyn2": dynmole(num_experts=3, router_scope="projection", expert_target_modules=["up_proj"])}
+PROJECTION_MIXES = [(["dyn", "lora", "dyn2"], 10), (["dyn2", BASE_ROW, "dyn"], 10), (["lora", "dyn"], 14),
+                    (["dyn2", "dyn", "lora"], 8), (["dyn", "lora"], 11)]
+
+
+@pytest.mark.parametrize(("jobs", "mixes"), [(BLOCK_JOBS, BLOCK_MIXES), (PROJECTION_JOBS, PROJECTION_MIXES)],
+                         ids=["block", "projection"])
+def test_dynmole_and_dora_blocks_run_eagerly_in_the_compiled_step_with_the_eager_numbers(jobs, mixes):
+    torch._dynamo.reset()
+    counters.clear()
+    eager = MultiJobModel(tiny_base(), jobs)
+    randomize_adapters(eager, std=0.2)  # routers neither flat nor one-hot: DynMoLE picks 1 to 4 experts
+    compiled = MultiJobModel(tiny_base(), jobs)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_mixed_steps(backend="aot_eager")
+    eager.train(), compiled.train()
+    graphs = []
+    for seed, (names, seq) in enumerate(mixes):
+        want, got = _step(eager, names, seq, seed), _step(compiled, names, seq, seed)
+        _assert_same_step(got, want)
+        assert set(want[1]) == {n for n in names if n not in ("lora", BASE_ROW)}  # each present job's aux loss
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[2:] == [graphs[2]] * 3, graphs  # once rows and length are dynamic, no mix compiles again
+    reasons = list(counters["graph_break"])
+    assert reasons and all("run_eagerly" in reason for reason in reasons), reasons  # the eager blocks, nothing else
+    routers = [name for name in got[2] if "router" in name and ".dyn." in name]
+    assert routers and max(got[2][name].abs().max() for name in routers) > 1e-5  # DynMoLE's routers learn
+
+
+def test_trainer_with_torch_compile_trains_dynmole_jobs_as_eagerly(assets, tmp_path):
+    tokenizer, datasets = assets
+    jobs = [
+        JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+                  datasets["sentiment"], per_device_train_batch_size=3),
+        JobConfig("dyn", dynmole(), datasets["capital"], per_device_train_batch_size=2, gradient_accumulation_steps=2),
+    ]
+    assert_compiled_training_equals_eager(jobs, tokenizer, tmp_path)
