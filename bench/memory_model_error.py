@@ -6,9 +6,14 @@ With `--kinds lora mixlora dynmole` the jobs are of several kinds (BENCH.md's Lo
 of each), and the row also gives the error of a model fitted on the first job's five shapes alone (every token at
 its rate, its constant once: how the trainer profiled before the per-kind model).
 
+With `--compile` the model is `compile_mixed_steps`'d (as MultiJobTrainer with torch_compile=True) and the sweep
+measures compiled steps; the row also gives the error of the model profiled on eager steps, before compiling (how
+the trainer profiled before 2026-12-05).
+
 Measured: peak CUDA memory on a GPU; on CPU (no allocator statistics) the bytes autograd saves for backward in
 the forward (peft_mole.multijob.memory.activation_bytes), the part of step memory that depends on the batch.
 Usage: python bench/memory_model_error.py [--shape small] [--jobs 4] [--kinds lora mixlora dynmole]
+       [--compile [--compile-backend inductor]]
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def main() -> None:
     parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium"])
     parser.add_argument("--jobs", type=int, default=4, help="jobs when every job is LoRA (--kinds lora)")
     parser.add_argument("--kinds", nargs="+", default=["lora"], choices=sorted(CONFIGS))
+    parser.add_argument("--compile", action="store_true", help="compiled mixed steps (see the module docstring)")
+    parser.add_argument("--compile-backend", default="inductor")
     args = parser.parse_args()
     setup_threads()
     torch.manual_seed(0)
@@ -60,19 +67,27 @@ def main() -> None:
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, adapter_names=list(row_jobs))
         torch.autograd.grad(out.loss, [p for job in dict.fromkeys(row_jobs) for p in params[job]], allow_unused=True)
 
+    kinds = {name: adapter_memory_kind(config) for name, config in configs.items()}
+    eager_memory = None
+    if args.compile:
+        eager_memory = MemoryModel()
+        eager_memory.fit_by_profiling(run_step, device(), vocab, longest, kinds)
+        model.compile_mixed_steps(backend=args.compile_backend)
     memory = MemoryModel()
-    memory.fit_by_profiling(run_step, device(), vocab, longest, {n: adapter_memory_kind(c) for n, c in configs.items()})
+    memory.fit_by_profiling(run_step, device(), vocab, longest, kinds)
     one_job = MemoryModel()  # the first job's five shapes alone
     for tokens, squares, value in memory.samples[:5]:
         (count,) = tokens.values()
         one_job.observe([round(squares / count)] * round(count**2 / squares), value)
-    errors, one_job_errors = [], []
+    errors, one_job_errors, eager_errors = [], [], []
     for row_jobs, length in sweep(list(configs), LENGTHS[args.shape]):
         ids = torch.randint(3, vocab, (len(row_jobs), length), device=device())
         measured = step_memory(device(), lambda ids=ids, row_jobs=row_jobs: run_step(ids, row_jobs))
         predicted = memory.predict([length] * len(row_jobs), row_jobs)
         errors.append(abs(predicted - measured) / measured)
         one_job_errors.append(abs(one_job.predict([length] * len(row_jobs)) - measured) / measured)
+        if eager_memory is not None:
+            eager_errors.append(abs(eager_memory.predict([length] * len(row_jobs), row_jobs) - measured) / measured)
         emit({"name": "memory_model_point", "shape": args.shape, "jobs": row_jobs, "length": length,
               "measured_mb": measured / 2**20, "predicted_mb": predicted / 2**20, "error": errors[-1],
               "one_job_error": one_job_errors[-1]})
@@ -83,6 +98,8 @@ def main() -> None:
         "ratio_median": statistics.median(errors), "ratio_min": min(errors), "error_max": max(errors),
         "error_mean": statistics.mean(errors), "one_job_error_median": statistics.median(one_job_errors),
         "one_job_error_max": max(one_job_errors), "beta": [float(b) for b in memory.beta],
+        **({"compile": args.compile_backend, "eager_profile_error_median": statistics.median(eager_errors),
+            "eager_profile_error_max": max(eager_errors)} if args.compile else {}),
     })
 
 

@@ -152,10 +152,14 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                "kind_flag": f" --kind {row['kind']}" if "kind" in row else "",
                "clip_note": "clipping + " if row.get("clip", True) else "",
                "kinds_flag": (f" --jobs {row['jobs']}" if row.get("kinds") == "lora" else
-                              " --kinds " + row["kinds"].replace("+", " ") if "kinds" in row else ""),
+                              " --kinds " + row["kinds"].replace("+", " ") if "kinds" in row else "")
+                             + (" --compile" if "eager_profile_error_median" in row else ""),
                "kinds_note": _kinds_note(row),
                "one_job_note": (f"; profiling the first job alone: median {row['one_job_error_median']:.1%}, max "
-                                f"{row['one_job_error_max']:.1%}" if "one_job_error_median" in row else ""),
+                                f"{row['one_job_error_max']:.1%}" if "one_job_error_median" in row else "")
+                               + (f"; compiled steps ({row['compile']}), the model profiled on eager steps: median "
+                                  f"{row['eager_profile_error_median']:.1%}, max {row['eager_profile_error_max']:.1%}"
+                                  if "eager_profile_error_median" in row else ""),
                "autocast_note": ", bf16 autocast" if row.get("autocast") == "bf16" else "",
                "experts_note": (f" ({row['dynmole_experts_per_token']:.2f} experts/token)"
                                 if "dynmole_experts_per_token" in row else "")}

@@ -157,7 +157,9 @@ class MemoryModel:
 
         The steps: five shapes with the first job; one with two jobs of its kind, where there are two; for each
         further kind (`kind_of`), two shapes with its first job and one shared with the first job, which tells its
-        per-job constant and rate apart from the first kind's."""
+        per-job constant and rate apart from the first kind's. The first two shapes (one row, then two) also run
+        once unmeasured before: a compiled model compiles there (the second shape makes rows and length dynamic),
+        so no measured peak holds the compiler's work or first-call allocations."""
         if not jobs:
             raise ValueError("fit_by_profiling needs at least one job")
         if isinstance(jobs, Mapping):
@@ -176,8 +178,11 @@ class MemoryModel:
         # the random ids and the steps' dropout draw from a forked generator, so training after profiling draws
         # what it would have drawn without it (`max_memory` changes which jobs share a step, never their numbers)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-            for row_jobs, length in plan:
+            for index, (row_jobs, length) in enumerate(plan[:2] + plan):
                 ids = torch.randint(0, vocab_size, (len(row_jobs), length), device=device)
+                if index < 2:  # the warm-up
+                    run_step(ids, row_jobs)
+                    continue
                 peak = step_memory(device, lambda ids=ids, row_jobs=row_jobs: run_step(ids, row_jobs))
                 self.observe([length] * len(row_jobs), peak, jobs=row_jobs)
         return self.fit()

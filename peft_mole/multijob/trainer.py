@@ -210,10 +210,10 @@ class MultiJobTrainer(SFTTrainer):
         if getattr(self.args, "activation_checkpointing", self.args.gradient_checkpointing):
             enable_activation_checkpointing(self.model, self.args)
         self.model.train()
-        if self.job_scheduler.max_memory is not None:
-            self._profile_memory(runs)  # eager steps: its peaks would otherwise hold the compiler's work
-        if self.args.torch_compile:  # one graph for every mixed step (LoRA and MixLoRA jobs)
+        if self.args.torch_compile:  # one graph for every mixed step
             self.jobs_model.compile_mixed_steps(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
+        if self.job_scheduler.max_memory is not None:  # the steps that will run, compiled ones included (warmed up)
+            self._profile_memory(runs)
         self.state = TrainerState(
             is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()
         )

@@ -14,6 +14,7 @@ from peft_mole import JobConfig, MultiJobTrainer
 from peft_mole.forward_context import BASE_ROW
 from peft_mole.multijob import MultiJobModel
 from peft_mole.multijob import model as multijob_model
+from peft_mole.multijob.memory import step_memory
 from tests.helpers import mixlora, randomize_adapters, tiny_base
 from tests.multijob.test_trainer import ALL_LINEAR, run_args
 
@@ -115,16 +116,16 @@ def test_one_graph_serves_every_mix_of_moe_jobs():
     assert graphs == [1, 1, 2, 2], graphs  # a new mix of jobs adds none; rows and length turn dynamic once
 
 
-def assert_compiled_training_equals_eager(jobs, tokenizer, tmp_path) -> None:
+def assert_compiled_training_equals_eager(jobs, tokenizer, tmp_path, **trainer_kwargs) -> MultiJobTrainer:
     """MultiJobTrainer with torch_compile=True (aot_eager: the graphs, not inductor's kernels) against eager: every
-    job ends with the same adapter (1e-4)."""
+    job ends with the same adapter (1e-4). Returns the compiled run's trainer."""
     results = {}
     for compiled in (False, True):
         torch._dynamo.reset()
         out = tmp_path / ("compiled" if compiled else "eager")
-        args = run_args(out, max_steps=3, torch_compile=compiled, torch_compile_backend="aot_eager")
+        args = run_args(out, max_steps=3, torch_compile=compiled, torch_compile_backend="aot_eager", max_length=96)
         trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=args,
-                                  processing_class=tokenizer)
+                                  processing_class=tokenizer, **trainer_kwargs)
         randomize_adapters(trainer.jobs_model, seed=2)
         trainer.train()
         assert [r["status"] for r in trainer.job_summary] == ["done"] * len(jobs)
@@ -132,16 +133,31 @@ def assert_compiled_training_equals_eager(jobs, tokenizer, tmp_path) -> None:
     for job, tensors in results[False].items():
         for key, value in tensors.items():
             torch.testing.assert_close(results[True][job][key], value, rtol=1e-4, atol=1e-5, msg=f"{job} {key}")
+    return trainer
 
 
 def test_trainer_with_torch_compile_trains_moe_jobs_as_eagerly(assets, tmp_path):
+    """... also under a memory budget, whose model is fitted on the compiled steps (their per-row block keeps other
+    tensors than the eager one): it predicts a compiled mixed step."""
     tokenizer, datasets = assets
     jobs = [
         JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "down_proj"]),
                   datasets["sentiment"], per_device_train_batch_size=3),
         JobConfig("mix", mixlora(), datasets["capital"], per_device_train_batch_size=2, gradient_accumulation_steps=2),
     ]
-    assert_compiled_training_equals_eager(jobs, tokenizer, tmp_path)
+    trainer = assert_compiled_training_equals_eager(jobs, tokenizer, tmp_path, max_memory=1e12)
+    model, names = trainer.jobs_model, ["lora", "mix", "mix", "lora"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids = torch.randint(3, len(tokenizer), (len(names), 40), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, adapter_names=names,
+                    fused_lm_head=True, use_cache=False)
+        torch.autograd.grad(-out.log_probs.sum(), params, allow_unused=True)
+
+    measured = step_memory(torch.device("cpu"), step)
+    predicted = trainer.job_scheduler.memory_model.predict([40] * len(names), names)
+    assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
 
 
 def test_per_row_dropout_and_jitter_draw_per_job():
