@@ -183,6 +183,10 @@ class MultiJobModel(MixLoRAModel):
             raise ValueError(f"compiled multi-job steps take one adapter name per row; got {len(names)} names for "
                              f"{rows} (a packed batch: use padding_free=False with torch_compile)")
         context.jobs = tuple(self.peft_config)
+        checkpointed = getattr(self.model, "is_activation_checkpointing", None)  # transformers 5, else 4.x's name
+        if checkpointed is None:
+            checkpointed = getattr(self.model, "is_gradient_checkpointing", False)
+        context.layers_checkpointed = bool(checkpointed)
         index = {job: i for i, job in enumerate(context.jobs)} | {BASE_ROW: len(context.jobs)}
         context.row_jobs = constant_on(tuple(index[name] for name in names), torch.int64, inputs.device)
 

@@ -17,6 +17,12 @@ products, MixLoRA §3): each job's scaling s_j is folded into its B factors, ran
 dropout is drawn per row with the row's job's rate. Router statistics are recorded per job over all tokens with a
 mask of the job's real tokens (`RouterRecord.loss_inputs`), so each job's auxiliary loss is its own.
 
+Memory: the pairs are k_max per token, LoRA and base rows included, and the chain from the pairs' frozen outputs to
+the down experts' input keeps four (pairs, I) tensors for the backward; it runs under `torch.utils.checkpoint`
+(non-reentrant, traced by Dynamo), so they are recomputed in the backward instead: small shape, compiled, 4 rows of
+128 tokens, 164 MB kept against 248 MB, about 4 % more step time (docs/performance.md). Where the decoder layers
+are checkpointed already (`ForwardContext.layers_checkpointed`), the layer's recompute does it.
+
 The gate and up experts' A products run per job segment of the job-sorted tokens (one product per job, each token
 with its own job's E_max · r columns, `_job_a_products`), then each pair takes its expert's r values; the B
 products and the down experts run per global expert. What is not the eager block: the router runs on every token
@@ -32,6 +38,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from peft_mole import routing
 from peft_mole.finite_check import raise_if_not_finite
@@ -101,25 +108,35 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     factors = {proj: _stacked_factors(layer, jobs, proj, table["rank"], with_a=proj == "down_proj")
                for proj in PROJECTIONS}
     order = _job_order(token_jobs, len(context.jobs) + 1)
-    pre = {}  # the pairs' frozen output plus their expert's LoRA, (M, I), for gate and up
-    for proj, frozen in (("gate_proj", gate_flat), ("up_proj", up_flat)):
-        if factors[proj] is None:
-            pre[proj] = frozen.index_select(0, plan.token)
-            continue
-        z = _job_a_products(x_dropped, _a_by_job(layer, context.jobs, proj, table), order)  # (N, E_max·r)
-        pair_rows = plan.token * table["max_experts"] + table["local_of"].index_select(0, plan.expert)
-        z_pairs = z.reshape(-1, table["rank"]).index_select(0, pair_rows)  # (M, r): A_e x_t of each pair
-        pre[proj] = pairs_through_b(z_pairs, factors[proj][1], plan, base=frozen).to(frozen.dtype)
-    gs, us = pre["gate_proj"], pre["up_proj"]
-    weighted = weighted_gated_activation(gs, us, plan.weight.unsqueeze(-1), layer.base_layer.act_fn)  # (M, I)
-    hidden = torch.zeros_like(gate_flat).index_add(0, plan.token, weighted)
-    weight_sum = gate_flat.new_zeros(tokens, 1).index_add(0, plan.token, plan.weight.to(gate.dtype).unsqueeze(-1))
-    down_delta = None
+    keep = None
     if factors["down_proj"] is not None:
         keep = per_row_dropout(torch.ones_like(gate), rows_jobs, dropouts).reshape(tokens, -1)
-        pair_delta = grouped_lora(weighted * keep.index_select(0, plan.token), *factors["down_proj"], plan, 1.0)
-        down_delta = x.new_zeros(tokens, pair_delta.shape[-1]).index_add(0, plan.token, pair_delta.to(x.dtype))
-        down_delta = down_delta.view(batch, seq, -1)
+
+    def pair_chain():
+        pre = {}  # the pairs' frozen output plus their expert's LoRA, (M, I), for gate and up
+        for proj, frozen in (("gate_proj", gate_flat), ("up_proj", up_flat)):
+            if factors[proj] is None:
+                pre[proj] = frozen.index_select(0, plan.token)
+                continue
+            z = _job_a_products(x_dropped, _a_by_job(layer, context.jobs, proj, table), order)  # (N, E_max·r)
+            pair_rows = plan.token * table["max_experts"] + table["local_of"].index_select(0, plan.expert)
+            z_pairs = z.reshape(-1, table["rank"]).index_select(0, pair_rows)  # (M, r): A_e x_t of each pair
+            pre[proj] = pairs_through_b(z_pairs, factors[proj][1], plan, base=frozen).to(frozen.dtype)
+        gs, us = pre["gate_proj"], pre["up_proj"]
+        weighted = weighted_gated_activation(gs, us, plan.weight.unsqueeze(-1), layer.base_layer.act_fn)  # (M, I)
+        hidden = torch.zeros_like(gate_flat).index_add(0, plan.token, weighted)
+        weight_sum = gate_flat.new_zeros(tokens, 1).index_add(0, plan.token, plan.weight.to(gate.dtype).unsqueeze(-1))
+        down_delta = None
+        if factors["down_proj"] is not None:
+            pair_delta = grouped_lora(weighted * keep.index_select(0, plan.token), *factors["down_proj"], plan, 1.0)
+            down_delta = x.new_zeros(tokens, pair_delta.shape[-1]).index_add(0, plan.token, pair_delta.to(x.dtype))
+            down_delta = down_delta.view(batch, seq, -1)
+        return hidden, weight_sum, down_delta
+
+    if torch.is_grad_enabled() and not context.layers_checkpointed:  # (a checkpointed layer recomputes it all)
+        hidden, weight_sum, down_delta = checkpoint(pair_chain, use_reentrant=False)  # (M, I) pairs not kept
+    else:
+        hidden, weight_sum, down_delta = pair_chain()
     return hidden.view(gate.shape), down_delta, weight_sum.view(batch, seq, 1)
 
 
