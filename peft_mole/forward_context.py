@@ -64,7 +64,6 @@ class ForwardContext:
     # index of its job in `jobs` (len(jobs) for a base-only row), so that LoRA layers take the composition as data
     jobs: tuple[str, ...] = ()
     row_jobs: torch.Tensor | None = None
-    layers_checkpointed: bool = False  # the decoder layers recompute their forward in the backward (checkpointing)
     _groups: dict = field(default_factory=dict)
 
     def set_row_adapters(self, names: list[str] | None, by_hook: bool = False) -> None:

@@ -35,7 +35,8 @@ def adapter_memory_kind(config) -> str:
     """A job's memory kind: its adapter configuration's type and fields (as JSON), without the fields that do not
     change a step's memory (`_NOT_MEMORY_FIELDS`). Jobs with equal configurations share their coefficients."""
     fields = {key: value for key, value in config.to_dict().items() if key not in _NOT_MEMORY_FIELDS}
-    return f"{type(config).__name__}:{json.dumps(fields, sort_keys=True, default=str)}"
+    as_json = lambda value: sorted(map(str, value)) if isinstance(value, (set, frozenset)) else str(value)  # noqa: E731
+    return f"{type(config).__name__}:{json.dumps(fields, sort_keys=True, default=as_json)}"
 
 
 def shape_features(lengths: Sequence[int]) -> list[float]:
@@ -88,14 +89,20 @@ class MemoryModel:
         self.samples: list[tuple[dict[Job, int], float, float]] = []  # (tokens per job, Σ L², bytes)
         self.beta: torch.Tensor | None = None
         self.columns: tuple[list[Hashable], list[Hashable]] = ([], [])  # (kinds, kinds whose job count is fitted)
+        self._fitted: bool | None = None  # `fitted`, until the next sample
 
     def kind(self, job: Job) -> Hashable:
         return self.kind_of.get(job, job)
 
+    def set_kinds(self, kind_of: Mapping[Job, Hashable]) -> None:
+        """Add {job: kind} entries (a new mapping changes the columns: the fit is made again)."""
+        self.kind_of.update(kind_of)
+        self.beta, self._fitted = None, None
+
     def observe(self, lengths: Sequence[int], peak_bytes: float, jobs: RowJobs = None) -> None:
         tokens = tokens_per_job(lengths, jobs)
         self.samples.append((tokens, float(sum(length * length for length in lengths)), float(peak_bytes)))
-        self.beta = None
+        self.beta, self._fitted = None, None
 
     def _counts(self, tokens: dict[Job, int]) -> tuple[dict[Hashable, int], dict[Hashable, int]]:
         jobs, kind_tokens = {}, {}
@@ -127,12 +134,11 @@ class MemoryModel:
     @property
     def fitted(self) -> bool:
         """Whether the samples determine every coefficient (a design matrix of full column rank)."""
-        if not self.samples:
-            return False
-        x = self._design(self._layout())
-        if x.shape[0] < x.shape[1]:
-            return False
-        return int(torch.linalg.matrix_rank(x / x.abs().amax(0).clamp(min=1.0))) == x.shape[1]
+        if self._fitted is None:
+            x = self._design(self._layout()) if self.samples else torch.zeros(0, 1)
+            self._fitted = x.shape[0] >= x.shape[1] > 0 and int(
+                torch.linalg.matrix_rank(x / x.abs().amax(0).clamp(min=1.0))) == x.shape[1]
+        return self._fitted
 
     def fit(self) -> torch.Tensor:
         """β: [β0, γ_k of `columns[1]`, β1_k of `columns[0]`, β2], by least squares in float64 (features are scaled
@@ -157,13 +163,14 @@ class MemoryModel:
 
         The steps: five shapes with the first job; one with two jobs of its kind, where there are two; for each
         further kind (`kind_of`), two shapes with its first job and one shared with the first job, which tells its
-        per-job constant and rate apart from the first kind's. The first two shapes (one row, then two) also run
-        once unmeasured before: a compiled model compiles there (the second shape makes rows and length dynamic),
-        so no measured peak holds the compiler's work or first-call allocations."""
+        per-job constant and rate apart from the first kind's. The first job's five shapes and each further kind's
+        first step also run once, unmeasured, before: a compiled model compiles there (one-row and several-row
+        graphs, each again when its sizes turn dynamic), and each kind's first call makes its lazy buffers, so no
+        measured peak holds the compiler's work or first-call allocations."""
         if not jobs:
             raise ValueError("fit_by_profiling needs at least one job")
         if isinstance(jobs, Mapping):
-            self.kind_of.update(jobs)
+            self.set_kinds(jobs)
         by_kind: dict[Hashable, list[Job]] = {}
         for job in jobs:
             by_kind.setdefault(self.kind(job), []).append(job)
@@ -171,16 +178,17 @@ class MemoryModel:
         longest = max(max_length, 8)
         plan = [([first] * rows, length) for rows, length in
                 [(1, longest // 4), (2, longest // 2), (1, longest), (2, longest), (4, longest // 2)]]
+        warm_up = plan[:5] + [([job], longest // 2) for job, *_ in further]
         plan += [([first, same[0]], longest)] if same else []
         for job, *_ in further:
             plan += [([job], longest // 2), ([job, job], longest), ([first, job], longest // 2)]
         device = torch.device(device)
         # the random ids and the steps' dropout draw from a forked generator, so training after profiling draws
         # what it would have drawn without it (`max_memory` changes which jobs share a step, never their numbers)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-            for index, (row_jobs, length) in enumerate(plan[:2] + plan):
+        with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
+            for index, (row_jobs, length) in enumerate(warm_up + plan):
                 ids = torch.randint(0, vocab_size, (len(row_jobs), length), device=device)
-                if index < 2:  # the warm-up
+                if index < len(warm_up):
                     run_step(ids, row_jobs)
                     continue
                 peak = step_memory(device, lambda ids=ids, row_jobs=row_jobs: run_step(ids, row_jobs))

@@ -159,6 +159,14 @@ class MultiJobModel(MixLoRAModel):
                                  f"cannot compile again with {compile_kwargs}")
             return
         self.__dict__["_compiled_steps"], self.__dict__["_compile_kwargs"] = True, dict(compile_kwargs)
+        layers = [m for m in self.model.modules() if hasattr(m, "gradient_checkpointing")]  # decoder layers
+        for layer in layers:  # read once here, not per forward (a scan of every module), and per layer
+            for block in layer.modules():  # (`every_n_layers`): what the per-row MixLoRA block recomputes itself
+                if hasattr(block, "layer_checkpointed"):
+                    block.layer_checkpointed = bool(layer.gradient_checkpointing)
+        # a block that runs eagerly (DynMoLE jobs, DoRA experts) breaks the graph: Dynamo resumes each decoder
+        # layer's code in a frame of its own, one more compile per layer, past its default limit of 8 on 4+ layers
+        self.__dict__["_recompile_limit"] = 8 + 4 * len(layers)
         self.model.compile(**compile_kwargs)
 
     def forward(self, *args, **kwargs):
@@ -167,7 +175,10 @@ class MultiJobModel(MixLoRAModel):
         # Under activation checkpointing Dynamo would replay the context variable transformers' output capture sets
         # in each layer's forward in its recompute, which it cannot, so it would run those layers eagerly. LoRA jobs
         # have no forward side effect to replay (docs/performance.md, "torch.compile").
-        with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        patch = {"skip_fwd_side_effects_in_bwd_under_checkpoint": True}
+        if hasattr(torch._dynamo.config, "recompile_limit"):
+            patch["recompile_limit"] = max(torch._dynamo.config.recompile_limit, self.__dict__.get("_recompile_limit", 8))
+        with torch._dynamo.config.patch(**patch):
             return super().forward(*args, **kwargs)
 
     def _rows_set(self, context: ForwardContext, args: tuple, kwargs: dict) -> None:
@@ -183,10 +194,6 @@ class MultiJobModel(MixLoRAModel):
             raise ValueError(f"compiled multi-job steps take one adapter name per row; got {len(names)} names for "
                              f"{rows} (a packed batch: use padding_free=False with torch_compile)")
         context.jobs = tuple(self.peft_config)
-        checkpointed = getattr(self.model, "is_activation_checkpointing", None)  # transformers 5, else 4.x's name
-        if checkpointed is None:
-            checkpointed = getattr(self.model, "is_gradient_checkpointing", False)
-        context.layers_checkpointed = bool(checkpointed)
         index = {job: i for i, job in enumerate(context.jobs)} | {BASE_ROW: len(context.jobs)}
         context.row_jobs = constant_on(tuple(index[name] for name in names), torch.int64, inputs.device)
 

@@ -165,8 +165,8 @@ class JobRun:
         """Bytes this job keeps from step to step besides its weights: its optimizer's state and its gradients.
 
         A running job that has not stepped yet counts the state it is about to create (two tensors per parameter
-        for Adam and AdamW, three with AMSGrad, one for SGD with momentum); gradients are the flat buffers, or a
-        gradient per parameter. 0 once released (`release`)."""
+        for Adam and AdamW, three with AMSGrad, one for SGD with momentum); gradients are the flat buffers (made
+        with the job), or the gradients accumulated so far in a window. 0 once released (`release`)."""
         if self.released:
             return 0
         tensors = self.stepped_tensors()
@@ -178,7 +178,8 @@ class JobRun:
             else:
                 per_parameter = 3 if any(g.get("amsgrad") for g in groups) else 2
             state = per_parameter * sum(p.nbytes for p in tensors)
-        gradients = self.flat.gradient_bytes if self.flat is not None else sum(p.nbytes for p in tensors)
+        gradients = self.flat.gradient_bytes if self.flat is not None else sum(
+            p.grad.nbytes for p in tensors if p.grad is not None)  # between a window's micro-batches
         return state + gradients
 
     def release(self) -> None:

@@ -77,7 +77,7 @@ class JobScheduler:
         self.memory_model = MemoryModel()
         self.varlen_attention = False  # the model's attention keeps packed sequences apart itself (flash attention)
         self.runs: list[JobRun] = []  # every job of the run (`admit`)
-        self.profiled_resident_bytes = 0.0  # the jobs' optimizer state and gradients while the model was profiled
+        self.profiled_resident_bytes: float | None = None  # the jobs' optimizer state and gradients when profiled
 
     @staticmethod
     def order(runs: list[JobRun]) -> list[JobRun]:
@@ -109,14 +109,16 @@ class JobScheduler:
         if self.max_memory is None or not self.memory_model.fitted:
             return candidates
         chosen: list[tuple[JobRun, dict]] = []
+        resident = self.resident_change()  # once per round: it walks every job's optimizer state
         for run, batch in candidates:
             trial = chosen + [(run, batch)]
-            if self.predict(trial) <= self.max_memory:
+            if self.predict(trial, resident) <= self.max_memory:
                 chosen = trial
-            elif not chosen and self.predict([(run, batch)]) > self.max_memory:
+            elif not chosen and self.predict([(run, batch)], resident) > self.max_memory:
                 run.status, run.error = FAILED, (
                     f"a micro-batch of {tuple(batch['input_ids'].shape)} needs about "
-                    f"{self.predict([(run, batch)]) / 2**20:.0f} MiB, over max_memory="
+                    f"{self.predict([(run, batch)], resident) / 2**20:.0f} MiB (of which {resident / 2**20:.0f} MiB "
+                    f"the jobs' optimizer states and gradients added since profiling), over max_memory="
                     f"{self.max_memory / 2**20:.0f} MiB; lower per_device_train_batch_size or max_length"
                 )
         return chosen
@@ -211,13 +213,16 @@ class JobScheduler:
 
     def resident_change(self) -> float:
         """Bytes the jobs keep between steps now, less what they kept while profiled: optimizer states created
-        since (a job's first step) count, states and gradients freed by ended jobs (`JobRun.release`) come off."""
+        since (a job's first step) count, states and gradients freed by ended jobs (`JobRun.release`) come off.
+        0 for a memory model fitted without `profiled`."""
+        if self.profiled_resident_bytes is None:
+            return 0.0
         return sum(run.resident_bytes() for run in self.runs) - self.profiled_resident_bytes
 
-    def predict(self, parts: list[tuple[JobRun, dict]]) -> float:
+    def predict(self, parts: list[tuple[JobRun, dict]], resident: float | None = None) -> float:
         """Predicted peak bytes of the parts' steps: one packed row per step of packed parts (the largest step), else
         one step padded to the longest part; each row through its job (the memory model knows each job's kind);
-        plus `resident_change`."""
+        plus `resident` (default: `resident_change()`)."""
         if all(is_packed(batch) for _, batch in parts):
             step_bytes = max(self.memory_model.predict([sum(b["input_ids"].shape[1] for _, b in step)],
                                                        [{run.name: batch["input_ids"].shape[1] for run, batch in step}])
@@ -226,4 +231,4 @@ class JobScheduler:
             length = max(batch["input_ids"].shape[1] for _, batch in parts)
             jobs = [run.name for run, batch in parts for _ in range(batch["input_ids"].shape[0])]
             step_bytes = self.memory_model.predict([length] * len(jobs), jobs)
-        return step_bytes + self.resident_change()
+        return step_bytes + (self.resident_change() if resident is None else resident)

@@ -477,9 +477,10 @@ class MultiJobTrainer(SFTTrainer):
             torch.autograd.grad(-out.log_probs.sum(), [p for j in dict.fromkeys(row_jobs) for p in params[j]],
                                 allow_unused=True)
 
-        embeddings, kinds = self.model.get_input_embeddings(), {run.name: run.memory_kind for run in runs}
-        self.job_scheduler.memory_model.fit_by_profiling(step, self.args.device, embeddings.num_embeddings,
-                                                         int(self.args.max_length or 512), kinds)
+        embeddings, kinds = self.model.get_input_embeddings(), {r.name: r.memory_kind for r in runs if not r.finished}
+        if kinds:  # the jobs that will train (a resumed run's ended jobs do not)
+            self.job_scheduler.memory_model.fit_by_profiling(step, self.args.device, embeddings.num_embeddings,
+                                                             int(self.args.max_length or 512), kinds)
         self.job_scheduler.profiled(runs)
 
     # ------------------------------------------------------------------ saving and reporting

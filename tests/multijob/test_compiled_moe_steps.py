@@ -15,6 +15,7 @@ from peft_mole.forward_context import BASE_ROW
 from peft_mole.multijob import MultiJobModel
 from peft_mole.multijob import model as multijob_model
 from peft_mole.multijob.memory import activation_bytes, step_memory
+from peft_mole.tuners.mixlora import per_row as per_row_module
 from tests.helpers import mixlora, randomize_adapters, tiny_base
 from tests.multijob.test_trainer import ALL_LINEAR, run_args
 
@@ -91,10 +92,11 @@ def test_per_row_block_equals_the_grouped_block(monkeypatch):
     assert mask is not None and probs.shape[0] == 10
 
 
-def test_per_row_block_keeps_no_pair_tensors_for_the_backward():
+def test_per_row_block_recomputes_its_pairs_unless_its_layer_is_checkpointed(monkeypatch):
     """The per-row block computes k_max pairs for every token and recomputes its (pairs, I) tensors in the backward
     rather than keeping them: a forward keeps less than the eager grouped block's (without the recompute, 1.4×
-    more); where the decoder layers are checkpointed it leaves the recompute to them."""
+    more); where its decoder layer is checkpointed (per layer, read by `compile_mixed_steps`) it leaves the recompute
+    to the layer."""
     eager, per_row = _models(backend=None)
     names = ["m1", "lora", "m2", "m1", "m3", "m2"]
     ids = torch.randint(3, 500, (len(names), 40), generator=torch.Generator().manual_seed(0))
@@ -104,9 +106,20 @@ def test_per_row_block_keeps_no_pair_tensors_for_the_backward():
             model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names)
         kept[name] = meter["bytes"]
     assert kept["per_row"] < 0.75 * kept["eager"], kept
-    per_row.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    per_row(input_ids=ids, adapter_names=names)
-    assert per_row._context().layers_checkpointed
+    calls, real = [], per_row_module.checkpoint
+    monkeypatch.setattr(per_row_module, "checkpoint", lambda fn, **kwargs: calls.append(1) or real(fn, **kwargs))
+    blocks = [m for m in per_row.modules() if hasattr(m, "layer_checkpointed")]
+    for checkpointed, expected in ((False, len(blocks)), (True, 0)):
+        calls.clear()
+        for block in blocks:
+            block.layer_checkpointed = checkpointed
+        per_row(input_ids=ids, adapter_names=names)
+        assert len(calls) == expected
+    model = MultiJobModel(tiny_base(), JOBS)
+    model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.model.model.layers[1].gradient_checkpointing = False  # as `every_n_layers=2` leaves it
+    model.compile_mixed_steps(backend="aot_eager")
+    assert [b.layer_checkpointed for b in model.modules() if hasattr(b, "layer_checkpointed")] == [True, False]
 
 
 def test_per_row_block_under_cpu_bf16_autocast():

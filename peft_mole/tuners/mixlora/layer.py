@@ -48,6 +48,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
     """A gated decoder MLP whose tokens are routed to LoRA experts, one adapter (router + experts) per row."""
 
     prefix = "mixlora_"
+    layer_checkpointed = False  # its decoder layer is activation-checkpointed (`MultiJobModel.compile_mixed_steps`)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, context: ForwardContext, layer_name: str) -> None:
         if not find_gated_mlp(base_layer):

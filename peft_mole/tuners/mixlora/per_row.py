@@ -21,7 +21,8 @@ Memory: the pairs are k_max per token, LoRA and base rows included, and the chai
 the down experts' input keeps four (pairs, I) tensors for the backward; it runs under `torch.utils.checkpoint`
 (non-reentrant, traced by Dynamo), so they are recomputed in the backward instead: small shape, compiled, 4 rows of
 128 tokens, 164 MB kept against 248 MB, about 4 % more step time (docs/performance.md). Where the decoder layers
-are checkpointed already (`ForwardContext.layers_checkpointed`), the layer's recompute does it.
+are checkpointed already (`MixLoRAMLP.layer_checkpointed`, set by `compile_mixed_steps`), the layer's recompute
+does it.
 
 The gate and up experts' A products run per job segment of the job-sorted tokens (one product per job, each token
 with its own job's E_max · r columns, `_job_a_products`), then each pair takes its expert's r values; the B
@@ -133,7 +134,7 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
             down_delta = down_delta.view(batch, seq, -1)
         return hidden, weight_sum, down_delta
 
-    if torch.is_grad_enabled() and not context.layers_checkpointed:  # (a checkpointed layer recomputes it all)
+    if torch.is_grad_enabled() and not layer.layer_checkpointed:  # (a checkpointed layer recomputes it all)
         hidden, weight_sum, down_delta = checkpoint(pair_chain, use_reentrant=False)  # (M, I) pairs not kept
     else:
         hidden, weight_sum, down_delta = pair_chain()
