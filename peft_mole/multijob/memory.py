@@ -39,11 +39,6 @@ def adapter_memory_kind(config) -> str:
     return f"{type(config).__name__}:{json.dumps(fields, sort_keys=True, default=as_json)}"
 
 
-def shape_features(lengths: Sequence[int]) -> list[float]:
-    """[1, Σ L, Σ L²] of a batch whose rows (of one job) have lengths `lengths`."""
-    return [1.0, float(sum(lengths)), float(sum(length * length for length in lengths))]
-
-
 def tokens_per_job(lengths: Sequence[int], jobs: RowJobs) -> dict[Job, int]:
     """{job: tokens} of a batch: `jobs` gives each row's job (None: every row is of job None), or, for a packed row
     holding several jobs' sequences, a mapping {job: tokens} that sums to the row's length."""
@@ -184,7 +179,7 @@ class MemoryModel:
             plan += [([job], longest // 2), ([job, job], longest), ([first, job], longest // 2)]
         device = torch.device(device)
         # the random ids and the steps' dropout draw from a forked generator, so training after profiling draws
-        # what it would have drawn without it (`max_memory` changes which jobs share a step, never their numbers)
+        # what it would have drawn without it
         with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
             for index, (row_jobs, length) in enumerate(warm_up + plan):
                 ids = torch.randint(0, vocab_size, (len(row_jobs), length), device=device)

@@ -165,7 +165,8 @@ class MultiJobModel(MixLoRAModel):
                 if hasattr(block, "layer_checkpointed"):
                     block.layer_checkpointed = bool(layer.gradient_checkpointing)
         # a block that runs eagerly (DynMoLE jobs, DoRA experts) breaks the graph: Dynamo resumes each decoder
-        # layer's code in a frame of its own, one more compile per layer, past its default limit of 8 on 4+ layers
+        # layer's code in a frame of its own, one more compile per layer: past Dynamo's default limit of 8 from two
+        # layers on (tests/multijob/test_compiled_eager_blocks.py), after which the later layers would run eagerly
         self.__dict__["_recompile_limit"] = 8 + 4 * len(layers)
         self.model.compile(**compile_kwargs)
 

@@ -93,19 +93,12 @@ def test_per_row_block_equals_the_grouped_block(monkeypatch):
 
 
 def test_per_row_block_recomputes_its_pairs_unless_its_layer_is_checkpointed(monkeypatch):
-    """The per-row block computes k_max pairs for every token and recomputes its (pairs, I) tensors in the backward
-    rather than keeping them: a forward keeps less than the eager grouped block's (without the recompute, 1.4×
-    more); where its decoder layer is checkpointed (per layer, read by `compile_mixed_steps`) it leaves the recompute
-    to the layer."""
-    eager, per_row = _models(backend=None)
+    """The per-row block recomputes its (pairs, I) tensors in the backward (checkpointed) rather than keeping them
+    (what it keeps: `test_one_graph_serves_every_mix_of_moe_jobs`); where its decoder layer is checkpointed (per
+    layer, read by `compile_mixed_steps`) it leaves the recompute to the layer."""
+    _, per_row = _models(backend=None)
     names = ["m1", "lora", "m2", "m1", "m3", "m2"]
     ids = torch.randint(3, 500, (len(names), 40), generator=torch.Generator().manual_seed(0))
-    kept = {}
-    for name, model in (("eager", eager), ("per_row", per_row)):
-        with activation_bytes() as meter:
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names)
-        kept[name] = meter["bytes"]
-    assert kept["per_row"] < 0.75 * kept["eager"], kept
     calls, real = [], per_row_module.checkpoint
     monkeypatch.setattr(per_row_module, "checkpoint", lambda fn, **kwargs: calls.append(1) or real(fn, **kwargs))
     blocks = [m for m in per_row.modules() if hasattr(m, "layer_checkpointed")]
@@ -145,6 +138,18 @@ def test_one_graph_serves_every_mix_of_moe_jobs():
         _assert_same_step(_step(compiled, names, seq, seed), _step(eager, names, seq, seed))
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs == [1, 1, 2, 2], graphs  # a new mix of jobs adds none; rows and length turn dynamic once
+    # what a forward keeps for the backward: the per-row block computes k_max pairs for every token but recomputes
+    # its (pairs, I) tensors in the backward, so the compiled step keeps less than the eager grouped blocks (3.1
+    # against 4.0 MB; 7.0 MB when it kept them)
+    names = ["m1", "lora", "m2", "m1", "m3", "m2"]
+    ids = torch.randint(3, 500, (len(names), 40), generator=torch.Generator().manual_seed(0))
+    kept = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        with activation_bytes() as meter:
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names)
+        kept[name] = meter["bytes"]
+    assert kept["compiled"] < 0.85 * kept["eager"], kept
+    assert graphs[-1] == counters["stats"]["unique_graphs"]  # (no new graph for that step either)
 
 
 def assert_compiled_training_equals_eager(jobs, tokenizer, tmp_path, **trainer_kwargs) -> MultiJobTrainer:
