@@ -78,6 +78,7 @@ DESCRIPTIONS["mole_vs_reference"] = (
     "our MixLoRA step / {reference}'s ({reference_versions[torch]} there); MixLoRA-over-LoRA cost vs theirs "
     "{ratio_vs_lora:.2f}×")
 PERCENT = {"memory_model_error", "pad_fraction"}
+KIND_LABELS = {"lora": "LoRA", "mixlora": "MixLoRA", "dynmole": "DynMoLE"}  # the benches' --kind/--kinds values
 
 
 def _value(name: str, value: float) -> str:
@@ -108,7 +109,7 @@ def _kinds_note(row: dict) -> str:
     """memory_model_error: what its sweep's steps held."""
     if "kinds" not in row:
         return "shapes "
-    labels = [{"lora": "LoRA", "mixlora": "MixLoRA", "dynmole": "DynMoLE"}[k] for k in row["kinds"].split("+")]
+    labels = [KIND_LABELS[k] for k in row["kinds"].split("+")]
     if len(labels) == 1:
         return f"mixed steps of {row['jobs']} {labels[0]} jobs "
     return f"mixed steps of {row['jobs']} jobs ({', '.join(labels)}, {row['jobs'] // len(labels)} of each) "
@@ -148,7 +149,7 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                                 if "compiled_vs_eager" in row else "") + (
                                    " --compare-layouts" if "flat_vs_per_tensor" in row else ""),
                "clip_flag": "" if row.get("clip", True) else " --no-clip",
-               "kind_label": {"mixlora": "MixLoRA", "dynmole": "DynMoLE"}.get(row.get("kind"), "LoRA"),
+               "kind_label": KIND_LABELS[row.get("kind", "lora")],
                "kind_flag": f" --kind {row['kind']}" if "kind" in row else "",
                "clip_note": "clipping + " if row.get("clip", True) else "",
                "kinds_flag": (f" --jobs {row['jobs']}" if row.get("kinds") == "lora" else
