@@ -18,10 +18,12 @@ torch_compile=True), times it (`mixed_all_jobs_compiled`) in the same rounds as 
 speedup from it: the `multijob_speedup` row then carries `compile`, the compiled
 over the eager step (`compiled_vs_eager`), the first step's compile time and the graphs Dynamo holds after steps of
 other mixes (the jobs reversed; one job fewer, so the rows change; the graph count should not grow past 2). The
-PEFT baseline stays eager: the jobs one after another are what a user would otherwise run.
+PEFT baseline stays eager: the jobs one after another are what a user would otherwise run. --packed makes the mixed
+steps (eager and compiled) take the rows as one packed row, as TRL's padding_free=True does: one job per token,
+position ids restarting per row, SDPA's block-diagonal mask over all the row's tokens; rows carry `packed`.
 Usage: python bench/multijob_speedup.py [--shape small] [--jobs 2 4 8] [--repeats 10] [--optim adamw_torch_fused]
        [--compile [--compile-mode reduce-overhead] [--compile-backend inductor]] [--compare-layouts]
-       [--kind mixlora|dynmole]
+       [--kind mixlora|dynmole] [--packed]
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from torch._dynamo.utils import counters
 
 import peft_mole
 from peft_mole.multijob import MultiJobModel, per_job_losses
+from peft_mole.multijob.batching import packed_mixed_batch
 from peft_mole.multijob.flat_parameters import job_optimizer
 
 
@@ -71,14 +74,32 @@ def base_step_fn(model, batch):
     return step
 
 
+def packed(batch, jobs: list[str], rows_per_job: int) -> tuple[dict, list[str], dict]:
+    """The rows of `batch` as one packed row (TRL's padding-free steps: position ids restarting per sequence, one
+    job per token), the sequences' first labels -100: (model inputs and labels, names, {job: its tokens})."""
+    parts = {job: {"input_ids": batch["input_ids"][i * rows_per_job:(i + 1) * rows_per_job].reshape(1, -1)}
+             for i, job in enumerate(jobs)}
+    seq = batch["input_ids"].shape[1]
+    for part in parts.values():
+        part["labels"] = part["input_ids"]
+        part["position_ids"] = torch.arange(seq, device=part["input_ids"].device).repeat(rows_per_job)[None]
+    mixed = packed_mixed_batch(parts)
+    inputs = {k: v for k, v in mixed.model_inputs().items() if k != "adapter_names"}
+    return {**inputs, "labels": mixed.labels}, mixed.adapter_names, {job: mixed.index(job) for job in jobs}
+
+
 def mixed_step_fn(model: MultiJobModel, batch, jobs: list[str], rows_per_job: int, optim: str = "adamw_torch",
-                  flat: bool = True):
+                  flat: bool = True, pack: bool = False):
     """One mixed-adapter step as MultiJobTrainer takes it: one base pass for all rows, per-job losses, the jobs'
     gradients by one `autograd.grad`, one AdamW step per job, over flat tensors where the trainer flattens (`flat`;
-    `multijob.flat_parameters`: a fused AdamW) or over the parameters themselves."""
+    `multijob.flat_parameters`: a fused AdamW) or over the parameters themselves. `pack`: the rows as one packed
+    row (`packed`), the losses per job's tokens."""
     model.train()
     names = [job for job in jobs for _ in range(rows_per_job)]
     rows = {job: slice(i * rows_per_job, (i + 1) * rows_per_job) for i, job in enumerate(jobs)}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if pack:
+        inputs, names, rows = packed(batch, jobs, rows_per_job)
     runs = []  # per job: (parameters, optimizer, FlatGroups or None)
     for job in jobs:
         params = list(model.job_parameters(job).values())
@@ -88,9 +109,16 @@ def mixed_step_fn(model: MultiJobModel, batch, jobs: list[str], rows_per_job: in
     everything = [p for params, _, _ in runs for p in params]
 
     def step() -> None:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=names)
+        labels = inputs["labels"] if pack else batch["labels"]
+        out = model(**{k: v for k, v in inputs.items() if k != "labels"}, adapter_names=names)
         aux = out.get("aux_loss_per_adapter") or {}  # MixLoRA jobs: each job's router loss, as the trainer adds it
-        loss = sum(per_job_losses(out.logits, batch["labels"], rows).values()) + sum(aux.get(job, 0.0) for job in jobs)
+        loss = sum(aux.get(job, 0.0) for job in jobs)
+        if pack:
+            token_losses = torch.nn.functional.cross_entropy(  # the packed row's targets, shifted as in the trainer
+                out.logits[0, :-1].float(), labels[0, 1:], ignore_index=-100, reduction="none")
+            loss = loss + sum(token_losses[span.start:span.stop - 1].mean() for _, span in rows.values())
+        else:
+            loss = loss + sum(per_job_losses(out.logits, labels, rows).values())
         grads = torch.autograd.grad(loss, everything)
         for params, optimizer, layout in runs:
             job_grads, grads = grads[:len(params)], grads[len(params):]
@@ -117,6 +145,8 @@ def main() -> None:
                         help="the jobs' adapter: BENCH.md's LoRA, its MixLoRA (8 experts, top-2) or its DynMoLE (the "
                              "baseline then trains each job as such a PEFT model)")
     parser.add_argument("--compile", action="store_true", help="compiled mixed steps (see the module docstring)")
+    parser.add_argument("--packed", action="store_true",
+                        help="the mixed steps take the rows as one packed row (TRL's padding_free=True)")
     parser.add_argument("--compare-layouts", action="store_true",
                         help="also time the mixed step with the jobs' optimizers over their parameters rather than "
                              "flat tensors (`<impl>_per_tensor`; the row gets flat_vs_per_tensor)")
@@ -137,7 +167,7 @@ def main() -> None:
         one, everyone = rows_batch(b, seq, vocab), rows_batch(n * b, seq, vocab)
         steps = {
             "peft_lora_one_job": train_step_fn(lora, one, optim=args.optim),
-            "mixed_all_jobs": mixed_step_fn(mixed, everyone, jobs, b, args.optim),
+            "mixed_all_jobs": mixed_step_fn(mixed, everyone, jobs, b, args.optim, pack=args.packed),
             "base_one_job": base_step_fn(base, one),
             "base_all_jobs": base_step_fn(base, everyone),
         }
@@ -159,7 +189,7 @@ def main() -> None:
         speedup = {k: sequential[k] / mixed[k] for k in ("median_s", "min_s")}
         emit({
             "name": "multijob_speedup", "shape": args.shape, "jobs": n, "rows_per_job": b, "dropout": args.dropout,
-            **({"kind": args.kind} if args.kind != "lora" else {}),
+            **({"kind": args.kind} if args.kind != "lora" else {}), **({"packed": True} if args.packed else {}),
             "ratio_median": speedup["median_s"], "ratio_min": speedup["min_s"],
             "limit_median": limit["median_s"], "limit_min": limit["min_s"],
             "fraction_of_limit": speedup["median_s"] / limit["median_s"],
@@ -184,14 +214,14 @@ def compile_mixed(args, n: int, jobs: list[str], batch, vocab: int) -> dict:
     counters.clear()
     model = MultiJobModel(base_model(args.shape), {job: job_config(args) for job in jobs})
     model.compile_mixed_steps(backend=args.compile_backend, mode=args.compile_mode)
-    step = mixed_step_fn(model, batch, jobs, args.rows_per_job, args.optim)
+    step = mixed_step_fn(model, batch, jobs, args.rows_per_job, args.optim, pack=args.packed)
     start = time.perf_counter()
     step()
     compile_s = time.perf_counter() - start
     for mix in (jobs[::-1], jobs[1:]):  # other jobs in each row; then fewer rows
         rows = len(mix) * args.rows_per_job
         mixed_step_fn(model, rows_batch(rows, BATCH[args.shape][1], vocab, seed=rows), mix, args.rows_per_job,
-                      args.optim)()
+                      args.optim, pack=args.packed)()
     per_tensor = None
     if args.compare_layouts:
         per_tensor = mixed_step_fn(model, batch, jobs, args.rows_per_job, args.optim, flat=False)

@@ -64,12 +64,19 @@ class ForwardContext:
     # index of its job in `jobs` (len(jobs) for a base-only row), so that LoRA layers take the composition as data
     jobs: tuple[str, ...] = ()
     row_jobs: torch.Tensor | None = None
+    # a packed batch (one row, one adapter per token): `row_jobs` holds one job index per token, `job_ends` the end
+    # of each job's segment (jobs + 1 of them) among the tokens sorted by job, and `token_order` (order, inverse)
+    # the permutations to and from that sorting, None where the tokens are in job order already
+    packed: bool = False
+    job_ends: torch.Tensor | None = None
+    token_order: tuple[torch.Tensor, torch.Tensor] | None = None
     _groups: dict = field(default_factory=dict)
 
     def set_row_adapters(self, names: list[str] | None, by_hook: bool = False) -> None:
         self.row_adapters = None if names is None else list(names)
         self.rows_set_by_hook = by_hook
         self.row_jobs = None  # made again by the tuner's forward for these rows (compiled multi-job steps)
+        self.packed, self.job_ends, self.token_order = False, None, None
         self._groups = {}
 
     def unit_view(self, x: torch.Tensor) -> torch.Tensor:

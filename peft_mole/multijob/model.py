@@ -13,6 +13,7 @@ plain `peft`, a MixLoRA/DynMoLE job with `PeftModel.from_pretrained` after `impo
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -141,7 +142,7 @@ class MultiJobModel(MixLoRAModel):
 
     # ------------------------------------------------------------------ compiled steps
     def compile_mixed_steps(self, **compile_kwargs) -> None:
-        """Compile the base model with its adapter layers (`nn.Module.compile`, keyword arguments as for
+        """Compile the base model's decoder with its adapter layers (`nn.Module.compile`, keyword arguments as for
         `torch.compile`) so that one graph serves every mixed step, whatever jobs and rows it holds.
 
         Eager layers group the rows by job in Python, which a compiled graph would fix: each new composition of a
@@ -151,8 +152,11 @@ class MultiJobModel(MixLoRAModel):
         specialises sizes of 1). MixLoRA blocks route each row within its own job's part of one table of every
         job's routers and experts (`tuners.mixlora.per_row`). A block that holds DynMoLE jobs (a data-dependent
         number of experts per token) or DoRA experts runs eagerly inside the compiled step, its rows grouped by job
-        as in an eager step (a graph break per such block; the rest of the layer stays compiled). Packed batches
-        (one adapter per token) are refused."""
+        as in an eager step (a graph break per such block; the rest of the layer stays compiled). A packed batch
+        (one row, one adapter per token: TRL's padding-free steps) takes one job index per token, and its LoRA and
+        expert A products run per job segment of the tokens (`ops.indexed_lora.packed_lora_delta`), whose ends the
+        host knows from the names; the trainer concatenates the jobs' tokens in job order, so no layer permutes
+        them."""
         if self.__dict__.get("_compiled_steps"):
             if self.__dict__["_compile_kwargs"] != compile_kwargs:
                 raise ValueError(f"compile_mixed_steps was called with {self.__dict__['_compile_kwargs']} already; "
@@ -168,7 +172,11 @@ class MultiJobModel(MixLoRAModel):
         # layer's code in a frame of its own, one more compile per layer: past Dynamo's default limit of 8 from two
         # layers on (tests/multijob/test_compiled_eager_blocks.py), after which the later layers would run eagerly
         self.__dict__["_recompile_limit"] = 8 + 4 * len(layers)
-        self.model.compile(**compile_kwargs)
+        # the decoder stack, where the adapters are: the LM head and the loss around it stay eager (TRL's fused
+        # log-probs, `fused_lm_head=True` in MultiJobTrainer, multiply in tiles with `out=`, which breaks a graph,
+        # and compiled, its tiles added three frames that each compiled once per shape change)
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        (decoder if isinstance(decoder, nn.Module) and decoder is not self.model else self.model).compile(**compile_kwargs)
 
     def forward(self, *args, **kwargs):
         if not self.__dict__.get("_compiled_steps"):
@@ -186,17 +194,36 @@ class MultiJobModel(MixLoRAModel):
         if not self.__dict__.get("_compiled_steps"):
             return
         names, context.row_jobs = context.row_adapters, None
+        context.packed, context.job_ends, context.token_order = False, None, None
         if names is None:
             return
         inputs = kwargs.get("input_ids", args[0] if args else None)
         inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
-        if inputs is None or len(names) != inputs.shape[0]:
-            rows = "no input_ids or inputs_embeds" if inputs is None else f"{inputs.shape[0]} rows"
-            raise ValueError(f"compiled multi-job steps take one adapter name per row; got {len(names)} names for "
-                             f"{rows} (a packed batch: use padding_free=False with torch_compile)")
+        packed = inputs is not None and len(names) > 1 and inputs.shape[0] == 1 and len(names) == inputs.shape[1]
+        if inputs is None or (len(names) != inputs.shape[0] and not packed):
+            rows = "no input_ids or inputs_embeds" if inputs is None else f"{tuple(inputs.shape[:2])} tokens"
+            raise ValueError(f"compiled multi-job steps take one adapter name per row, or per token of one packed "
+                             f"row; got {len(names)} names for {rows}")
         context.jobs = tuple(self.peft_config)
         index = {job: i for i, job in enumerate(context.jobs)} | {BASE_ROW: len(context.jobs)}
-        context.row_jobs = constant_on(tuple(index[name] for name in names), torch.int64, inputs.device)
+        if not packed:
+            context.row_jobs = constant_on(tuple(index[name] for name in names), torch.int64, inputs.device)
+            return
+        # one job per token: a new composition each step, so plain tensors (not cached constants); the job
+        # segments of the tokens sorted by job are known here, on the host, and reach the layers as data
+        token_jobs = [index[name] for name in names]
+        counts = [0] * (len(context.jobs) + 1)
+        for job in token_jobs:
+            counts[job] += 1
+        context.packed = True
+        context.row_jobs = torch.tensor(token_jobs, dtype=torch.int64).to(inputs.device, non_blocking=True)
+        context.job_ends = torch.tensor(list(itertools.accumulate(counts))).to(inputs.device, non_blocking=True)
+        if any(later < earlier for earlier, later in itertools.pairwise(token_jobs)):
+            order = sorted(range(len(token_jobs)), key=token_jobs.__getitem__)  # stable
+            inverse = [0] * len(order)
+            for position, token in enumerate(order):
+                inverse[token] = position
+            context.token_order = tuple(torch.tensor(p).to(inputs.device, non_blocking=True) for p in (order, inverse))
 
     # ------------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config, model_config):

@@ -335,7 +335,7 @@ class MultiJobTrainer(SFTTrainer):
 
     def _forward_backward(self, parts: list[tuple[JobRun, dict]]) -> None:
         started = time.perf_counter()
-        mixed = mix({run.name: batch for run, batch in parts}, pad_token_id=pad_token_id(self.processing_class))
+        mixed = mix({run.name: batch for run, batch in parts}, pad_token_id(self.processing_class), self.jobs_model.peft_config)
         inputs = {k: v.to(self.args.device) if isinstance(v, torch.Tensor) else v for k, v in mixed.model_inputs().items()}
         # the accelerator's autocast: what `accelerator.prepare(model)` wraps a plain SFTTrainer's forward in
         with self.compute_loss_context_manager(), self.accelerator.autocast():
@@ -472,7 +472,7 @@ class MultiJobTrainer(SFTTrainer):
 
         def step(ids: torch.Tensor, row_jobs: list[str]) -> None:
             with self.compute_loss_context_manager(), self.accelerator.autocast():
-                out = self.jobs_model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False,
+                out = self.jobs_model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone(), use_cache=False,
                                       adapter_names=list(row_jobs), fused_lm_head=True)
             torch.autograd.grad(-out.log_probs.sum(), [p for j in dict.fromkeys(row_jobs) for p in params[j]],
                                 allow_unused=True)

@@ -40,7 +40,6 @@ UNSUPPORTED = {
 def check_trainer_args(args, configs: dict) -> None:
     """Raise ValueError naming the first option set in `args` that MultiJobTrainer cannot honour for the jobs'
     peft `configs` ({name: config})."""
-    check_compile(args)
     for field, (is_set, advice) in UNSUPPORTED.items():
         value = getattr(args, field, None)
         if is_set(value):
@@ -56,18 +55,6 @@ def check_trainer_args(args, configs: dict) -> None:
                 "with torch.autograd.grad, which never re-runs reentrant checkpointed layers (the adapters would get "
                 "no gradient); leave use_reentrant unset or set it to False"
             )
-
-
-def check_compile(args) -> None:
-    """`torch_compile=True` compiles the mixed steps (`MultiJobModel.compile_mixed_steps`): one adapter per row."""
-    if not getattr(args, "torch_compile", False):
-        return
-    bfd = getattr(args, "packing", False) and getattr(args, "packing_strategy", None) in {"bfd", "bfd_split"}
-    if getattr(args, "padding_free", False) or bfd:  # TRL's own rule for a padding-free collator
-        field = f"packing_strategy={args.packing_strategy!r}" if bfd else "padding_free=True"
-        raise ValueError(f"MultiJobTrainer does not support torch_compile=True with {field}: a compiled step takes one "
-                         "adapter per row, a packed row holds several jobs; turn off torch_compile, or use "
-                         "padding_free=False with packing_strategy='wrapped' or no packing")
 
 
 def check_distributed(trainer) -> None:

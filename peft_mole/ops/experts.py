@@ -116,6 +116,15 @@ def expert_compute_dtype(device_type: str, adapter_dtype: torch.dtype) -> torch.
 SMALL_PAIRS = 64  # at most this many (token, expert) pairs (decoding): gather each pair's factors, one bmm
 
 
+def _few_pairs(plan) -> bool:
+    """Whether the pairs take the small-batch path (decoding). A compiled training step always takes the segment
+    path: a branch on the number of pairs would be a guard on the batch's size, and a step on the other side of it
+    (a short profiling or last step) would compile the graph again."""
+    if torch.compiler.is_compiling() and torch.is_grad_enabled():
+        return False
+    return len(plan.token) <= SMALL_PAIRS
+
+
 def _pair_matmul(rows: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """out[p] = rows[p] @ weight[experts[p]]ᵀ with each pair's factor gathered: one bmm, no per-expert loop.
 
@@ -218,7 +227,7 @@ def shared_input_lora(
     num_experts, r, _ = lora_a.shape
     z = x.to(lora_a.dtype) @ lora_a.reshape(num_experts * r, -1).t()  # (N, E·r): every expert's A x
     pair_rows = plan.token * num_experts + plan.expert
-    if len(plan.token) <= SMALL_PAIRS:
+    if _few_pairs(plan):
         # few tokens (decoding): B of every expert on every token is one small bmm; keep the selected pairs
         z_all = z.reshape(-1, num_experts, r).transpose(0, 1) * scaling  # (E, N, r)
         delta_all = torch.bmm(z_all, lora_b.transpose(1, 2))  # (E, N, out)
@@ -273,7 +282,7 @@ def grouped_lora(
         (M, out) in the adapter dtype.
     """
     x = x.to(lora_a.dtype)
-    if len(plan.token) <= SMALL_PAIRS:
+    if _few_pairs(plan):
         num_experts, r, _ = lora_a.shape
         h_all = (x @ lora_a.reshape(num_experts * r, -1).t()).reshape(-1, num_experts, r)  # (M, E, r)
         hidden = h_all.gather(1, plan.expert.view(-1, 1, 1).expand(-1, 1, r)).squeeze(1) * scaling  # (M, r)

@@ -15,7 +15,7 @@ Each row is its own product, so a row's delta does not depend on the other rows;
 path's per-job `F.linear` to rounding, not bit for bit (tests/multijob/test_compiled_steps.py).
 
 The gathered factors are (rows, r, in + out) per projection: cheap for padded rows, but a packed batch (one adapter
-per token) would gather them per token, so it is refused under compiled steps.
+per token) would gather them per token; `packed_lora_delta` applies them per job segment instead.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from peft_mole.ops.experts import _segment_matmul
 from peft_mole.ops.segmented_lora import LoraFactors, constant_on, scaled
 
 
@@ -31,6 +32,47 @@ def indexed_lora_delta(x: torch.Tensor, row_jobs: torch.Tensor, factors: list[Lo
     `factors[j]` is job j's LoRA on this layer (None: none) and index J is a base-only row.
 
     Returns (rows, ..., out) in the factors' dtype, or None when no job has a LoRA here."""
+    stacked = _stacked(factors)
+    if stacked is None:
+        return None
+    lora_a, lora_b, scaling, dropouts = stacked
+    rows, row_jobs = x.shape[0], row_jobs.to(lora_a.device)  # no-ops unless the model is split over devices
+    inputs = per_row_dropout(x.to(lora_a.device, lora_a.dtype), row_jobs, dropouts).reshape(rows, -1, lora_a.shape[2])
+    hidden = torch.bmm(inputs, lora_a.index_select(0, row_jobs).transpose(1, 2))  # (rows, tokens, r)
+    hidden = scaled(hidden, scaling.index_select(0, row_jobs).view(rows, 1, 1))
+    out = torch.bmm(hidden, lora_b.index_select(0, row_jobs).transpose(1, 2))  # (rows, tokens, out)
+    return out.view(*x.shape[:-1], lora_b.shape[1])
+
+
+def packed_lora_delta(x: torch.Tensor, token_jobs: torch.Tensor, job_ends: torch.Tensor,
+                      token_order: tuple[torch.Tensor, torch.Tensor] | None,
+                      factors: list[LoraFactors | None]) -> torch.Tensor | None:
+    """The same delta for a packed batch, one job per token: x (1, T, in), token_jobs (T,), and the job segments of
+    the tokens sorted by job (`ForwardContext.job_ends`, `token_order`; None: in job order already).
+
+    Gathering the factors per token would cost (T, r, in + out) per projection; instead each job's segment of the
+    job-sorted tokens meets its own factors in one segment product (`ops.segment_ops.segment_linear`, the segment
+    ends on the device), as `ops.experts` applies experts, and the result is put back in token order."""
+    stacked = _stacked(factors)
+    if stacked is None:
+        return None
+    lora_a, lora_b, scaling, dropouts = stacked
+    tokens = x.reshape(-1, x.shape[-1]).to(lora_a.device, lora_a.dtype)
+    token_jobs, ends = token_jobs.to(tokens.device), job_ends.to(tokens.device)
+    inputs = per_row_dropout(tokens, token_jobs, dropouts)
+    if token_order is not None:
+        inputs, token_jobs = inputs.index_select(0, token_order[0]), token_jobs.index_select(0, token_order[0])
+    hidden = _segment_matmul(inputs, lora_a, ends)  # (T, r)
+    hidden = scaled(hidden, scaling.index_select(0, token_jobs).unsqueeze(1))
+    out = _segment_matmul(hidden, lora_b, ends)  # (T, out)
+    if token_order is not None:
+        out = out.index_select(0, token_order[1])
+    return out.view(*x.shape[:-1], lora_b.shape[1])
+
+
+def _stacked(factors: list[LoraFactors | None]) -> tuple | None:
+    """(A (J + 1, r, in), B (J + 1, out, r), s (J + 1,) in op-math precision, dropouts) of the jobs' factors in job
+    order plus a zero slot for base-only rows; ranks padded with zeros. None when no job has a LoRA here."""
     present = [f for f in factors if f is not None]
     if not present:
         return None
@@ -46,13 +88,7 @@ def indexed_lora_delta(x: torch.Tensor, row_jobs: torch.Tensor, factors: list[Lo
                           for f in factors] + [zero_b])  # (J + 1, out, r)
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
     scaling = constant_on(tuple(0.0 if f is None else f.scaling for f in factors) + (0.0,), opmath, device)
-    rows, row_jobs = x.shape[0], row_jobs.to(device)  # no-ops unless the model is split over devices
-    dropouts = [None if f is None else f.dropout for f in factors]
-    inputs = per_row_dropout(x.to(device, dtype), row_jobs, dropouts).reshape(rows, -1, in_features)
-    hidden = torch.bmm(inputs, lora_a.index_select(0, row_jobs).transpose(1, 2))  # (rows, tokens, r)
-    hidden = scaled(hidden, scaling.index_select(0, row_jobs).view(rows, 1, 1))
-    out = torch.bmm(hidden, lora_b.index_select(0, row_jobs).transpose(1, 2))  # (rows, tokens, out)
-    return out.view(*x.shape[:-1], out_features)
+    return lora_a, lora_b, scaling, [None if f is None else f.dropout for f in factors]
 
 
 def per_row_dropout(x: torch.Tensor, row_jobs: torch.Tensor, dropouts: list[torch.nn.Module | None]) -> torch.Tensor:

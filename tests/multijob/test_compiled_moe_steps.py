@@ -159,11 +159,15 @@ def assert_compiled_training_equals_eager(jobs, tokenizer, tmp_path, **trainer_k
     for compiled in (False, True):
         torch._dynamo.reset()
         out = tmp_path / ("compiled" if compiled else "eager")
-        args = run_args(out, max_steps=3, torch_compile=compiled, torch_compile_backend="aot_eager", max_length=96)
+        # (a compile backend alone turns torch_compile on in TrainingArguments)
+        extra = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
+        args = run_args(out, max_steps=3, max_length=96, **extra)
         trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=args,
                                   processing_class=tokenizer, **trainer_kwargs)
         randomize_adapters(trainer.jobs_model, seed=2)
+        counters.clear()
         trainer.train()
+        assert (counters["stats"]["unique_graphs"] >= 1) == compiled  # the eager run did not compile
         assert [r["status"] for r in trainer.job_summary] == ["done"] * len(jobs)
         results[compiled] = {j.name: load_file(os.path.join(out, j.name, "adapter_model.safetensors")) for j in jobs}
     for job, tensors in results[False].items():

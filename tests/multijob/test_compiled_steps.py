@@ -16,7 +16,7 @@ from peft_mole.multijob import MultiJobModel
 from peft_mole.ops.dropout import Dropout
 from peft_mole.ops.indexed_lora import indexed_lora_delta, per_row_dropout
 from peft_mole.ops.segmented_lora import LoraFactors, lora_delta
-from tests.helpers import dynmole, randomize_adapters, recording_backend, tiny_base
+from tests.helpers import randomize_adapters, recording_backend, tiny_base
 from tests.multijob.test_trainer import ALL_LINEAR, run_args
 
 
@@ -127,15 +127,6 @@ def test_checkpointed_layers_are_compiled_too():
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_compiled_steps_refuse_packed_rows():
-    model = MultiJobModel(tiny_base(), {"a": LoraConfig(r=4, target_modules=["q_proj"])})
-    model.compile_mixed_steps(backend="aot_eager")
-    model.add_job("d", dynmole())  # a routed job added after compiling: its blocks run eagerly in the graph
-    ids = torch.randint(3, 500, (1, 6))
-    with pytest.raises(ValueError, match="one adapter name per row; got 6 names for 1 rows"):
-        model(input_ids=ids, adapter_names=["a"] * 6)
-
-
 @pytest.mark.parametrize("checkpointing", [False, True])  # True: TRL's default
 def test_trainer_with_torch_compile_trains_as_eagerly(assets, tmp_path, checkpointing):
     """`torch_compile=True`: the compiled mixed steps (aot_eager here: the graphs, not inductor's kernels) give every
@@ -166,17 +157,6 @@ def test_trainer_with_torch_compile_trains_as_eagerly(assets, tmp_path, checkpoi
     for job, eager in adapters[False].items():
         for key, value in eager.items():
             torch.testing.assert_close(adapters[True][job][key], value, rtol=1e-4, atol=1e-5, msg=f"{job}: {key}")
-
-
-@pytest.mark.parametrize("case", ["padding_free", "bfd_packing"])
-def test_trainer_refuses_torch_compile_where_a_graph_cannot_serve(assets, tmp_path, case):
-    tokenizer, datasets = assets
-    jobs = [JobConfig("a", LoraConfig(r=4, target_modules=["q_proj"]), datasets["sentiment"])]
-    options = {"padding_free": dict(padding_free=True), "bfd_packing": dict(packing=True)}[case]
-    expected = {"padding_free": "padding_free=True", "bfd_packing": "packing_strategy='bfd'"}
-    with pytest.raises(ValueError, match=expected[case]):
-        MultiJobTrainer(model=tiny_base(), jobs=jobs, args=run_args(tmp_path, torch_compile=True, **options),
-                        processing_class=tokenizer)
 
 
 def test_rows_assigned_anew_forget_the_compiled_steps_row_jobs():

@@ -10,7 +10,7 @@ from torch import nn
 
 from peft_mole.forward_context import ForwardContext
 from peft_mole.ops.dropout import Dropout
-from peft_mole.ops.indexed_lora import indexed_lora_delta
+from peft_mole.ops.indexed_lora import indexed_lora_delta, packed_lora_delta
 from peft_mole.ops.segmented_lora import LoraFactors, lora_delta, scatter_row_deltas
 
 
@@ -76,8 +76,13 @@ class LoraLinear(nn.Module, BaseTunerLayer):
         out = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or not self.active_adapters:
             return out
-        if self._context.row_jobs is not None:  # a compiled multi-job step: the rows' jobs as a tensor, never packed
-            delta = indexed_lora_delta(x, self._context.row_jobs, [self._factors(job) for job in self._context.jobs])
+        context = self._context
+        if context.row_jobs is not None:  # a compiled multi-job step: the jobs of the rows (or tokens) as a tensor
+            factors = [self._factors(job) for job in context.jobs]
+            if context.packed:
+                delta = packed_lora_delta(x, context.row_jobs, context.job_ends, context.token_order, factors)
+            else:
+                delta = indexed_lora_delta(x, context.row_jobs, factors)
             return out if delta is None else out + delta.to(out.dtype)
         units = self._context.unit_view(x)
         if units is not x:  # a packed batch: its tokens are grouped by adapter

@@ -75,7 +75,9 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     tokens = batch * seq
     device = x.device
     table = _job_table(layer, jobs, context.jobs, device)
-    token_jobs = context.row_jobs.to(device).view(batch, 1).expand(batch, seq).reshape(-1)  # (N,)
+    token_jobs = context.row_jobs.to(device)  # (N,): one job per token (a packed batch) or per row
+    if not context.packed:
+        token_jobs = token_jobs.view(batch, 1).expand(batch, seq).reshape(-1)
 
     # routing: every router at once, each token within its own job's columns
     router_input = x.reshape(tokens, width).float()
@@ -101,17 +103,16 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     _record(layer, table, probs, chosen, weights, token_jobs, token_mask)
 
     # the experts of every job as one table, scalings folded into B, ranks padded
-    rows_jobs = context.row_jobs.to(device)
     dropouts = [layer.dropouts[job] if job in layer.routers else None for job in context.jobs]
-    x_dropped = per_row_dropout(x, rows_jobs, dropouts).reshape(tokens, width)
+    x_dropped = per_row_dropout(x.reshape(tokens, width), token_jobs, dropouts)  # per token: the row's draws
     plan = dispatch(weights, chosen, table["experts"])
     gate_flat, up_flat = gate.reshape(tokens, -1), up.reshape(tokens, -1)
     factors = {proj: _stacked_factors(layer, jobs, proj, table["rank"], with_a=proj == "down_proj")
                for proj in PROJECTIONS}
-    order = _job_order(token_jobs, len(context.jobs) + 1)
+    order = _job_order(context, token_jobs)
     keep = None
     if factors["down_proj"] is not None:
-        keep = per_row_dropout(torch.ones_like(gate), rows_jobs, dropouts).reshape(tokens, -1)
+        keep = per_row_dropout(torch.ones_like(gate_flat), token_jobs, dropouts)
 
     def pair_chain():
         pre = {}  # the pairs' frozen output plus their expert's LoRA, (M, I), for gate and up
@@ -141,9 +142,15 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     return hidden.view(gate.shape), down_delta, weight_sum.view(batch, seq, 1)
 
 
-def _job_order(token_jobs: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor, list | torch.Tensor]:
+def _job_order(context, token_jobs: torch.Tensor) -> tuple:
     """(order, inverse, segments): the tokens sorted by job (stable), the permutation back, and the job segments
-    as `_segment_matmul` takes them (host counts eagerly; under torch.compile the ends, kept on the device)."""
+    as `_segment_matmul` takes them (host counts eagerly; under torch.compile the ends, kept on the device). A
+    packed batch brings its own from the host (`ForwardContext.job_ends`), order and inverse None where its tokens
+    are in job order already."""
+    if context.packed:
+        order = context.token_order or (None, None)
+        return (*order, context.job_ends.to(token_jobs.device))
+    num_slots = len(context.jobs) + 1
     order = torch.argsort(token_jobs, stable=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
     if torch.compiler.is_compiling():
@@ -156,8 +163,9 @@ def _job_a_products(x: torch.Tensor, a_by_job: torch.Tensor, order) -> torch.Ten
     """Each token's own job's expert A products, (N, E_max·r): one product per job segment of the job-sorted
     tokens (LoRA jobs' and base rows' segments meet zero factors), so a token never meets another job's experts."""
     order, inverse, segments = order
-    z_sorted = _segment_matmul(x.index_select(0, order).to(a_by_job.dtype), a_by_job, segments)
-    return z_sorted.index_select(0, inverse)
+    z_sorted = _segment_matmul((x if order is None else x.index_select(0, order)).to(a_by_job.dtype), a_by_job,
+                               segments)
+    return z_sorted if inverse is None else z_sorted.index_select(0, inverse)
 
 
 def _a_by_job(layer, all_jobs: tuple[str, ...], proj: str, table: dict) -> torch.Tensor:
