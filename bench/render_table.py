@@ -18,7 +18,7 @@ COMMANDS = {
     "generate_vs_base": "python bench/generate_vs_base.py --shape {shape}",
     "generate_compiled_vs_base": "python bench/generate_vs_base.py --shape {shape} --compile",
     "multijob_speedup": ("python bench/multijob_speedup.py --shape {shape} --jobs {jobs} --dropout {dropout}"
-                         "{optim_flag}{compile_flag}{kind_flag}"),
+                         "{optim_flag}{compile_flag}{kind_flag}{packed_flag}"),
     "multijob_memory": "python bench/multijob_memory.py --shape {shape} --jobs {jobs}",
     "memory_model_error": "python bench/memory_model_error.py --shape {shape}{kinds_flag}",
     "pad_fraction": "python bench/pad_fraction.py --shape {shape} --jobs {jobs}",
@@ -43,7 +43,7 @@ DESCRIPTIONS = {
     "generate_compiled_vs_base": "{impl} greedy generation with a static cache and torch.compile ({mode}) / the "
                                  "base model compiled alike (higher is better); {speedup_vs_eager:.2f}× its eager "
                                  "tokens/s (base {base_speedup_vs_eager:.2f}×), compile {compile_s:.0f} s",
-    "multijob_speedup": "{jobs} {kind_label} jobs (dropout {dropout}{optim_note}) in mixed steps vs one after another with "
+    "multijob_speedup": "{jobs} {kind_label} jobs (dropout {dropout}{optim_note}) in mixed steps{packed_note} vs one after another with "
                         "PEFT (higher is better); base-only limit S({jobs}) = {limit_median:.2f}, reached "
                         "{fraction_of_limit:.0%}{compiled_steps_note}",
     "multijob_memory": "peak memory of {jobs} jobs in one process / {jobs} single-job processes; "
@@ -86,7 +86,8 @@ def _value(name: str, value: float) -> str:
 
 
 _IDENTITY = ("name", "shape", "impl", "jobs", "rows_per_job", "dropout", "reference", "router_state", "adapters",
-             "questions", "new_tokens", "case", "autocast", "optim", "script", "compile", "clip", "kind", "kinds")
+             "questions", "new_tokens", "case", "autocast", "optim", "script", "compile", "clip", "kind", "kinds",
+             "packed")
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -151,6 +152,8 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                "clip_flag": "" if row.get("clip", True) else " --no-clip",
                "kind_label": KIND_LABELS[row.get("kind", "lora")],
                "kind_flag": f" --kind {row['kind']}" if "kind" in row else "",
+               "packed_flag": " --packed" if row.get("packed") else "",
+               "packed_note": " of one packed row (padding-free)" if row.get("packed") else "",
                "clip_note": "clipping + " if row.get("clip", True) else "",
                "kinds_flag": (f" --jobs {row['jobs']}" if row.get("kinds") == "lora" else
                               " --kinds " + row["kinds"].replace("+", " ") if "kinds" in row else "")

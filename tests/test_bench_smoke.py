@@ -145,3 +145,11 @@ def test_launch_count_shows_gpu_blocks_launch_fewer_operators():
                          ("mixlora", "gpu"), ("dynmole_init", "gpu")}
     for impl in ("mixlora", "dynmole_init"):
         assert rows["peft_lora", "cpu"] < rows[impl, "gpu"] < rows[impl, "cpu"], impl
+
+
+def test_multijob_bench_times_packed_mixed_steps():
+    """--packed: the mixed step takes the jobs' rows as one packed row (eager here; the compiled packed step is
+    tests/multijob/test_compiled_packed_steps.py's)."""
+    rows = run_script("multijob_speedup", ["--shape", "tiny", "--repeats", "1", "--jobs", "2", "--packed"])
+    (row,) = [row for row in rows if row["name"] == "multijob_speedup"]
+    assert row["packed"] is True and row["ratio_median"] > 0 and "compiled_vs_eager" not in row
