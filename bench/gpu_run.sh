@@ -2,7 +2,8 @@
 # Issue 6, part 6: everything a GPU session measures, in one call (docs/performance.md, "GPU").
 # Writes each script's output to $OUT (or bench/results/gpu when OUT is unset). Each step has its own time limit,
 # so one slow or failing script leaves the others' figures intact.
-# Usage: bash bench/gpu_run.sh [tests medium medium_autocast profile multijob multijob_fused multijob_compiled job_optimizer grouped
+# Usage: bash bench/gpu_run.sh [tests medium medium_autocast profile multijob multijob_fused multijob_compiled multijob_packed
+# job_optimizer grouped memory_model
 # generate compiled_generate compiled_train fused_chain]. Default: medium_autocast multijob_fused medium multijob tests generate
 # profile (the new figures first); the others need calls of their own (the medium shape compiles for minutes). Needs
 # CUDA, and peft and transformers as pinned (docs/performance.md).
@@ -43,6 +44,8 @@ for part in "${parts[@]}"; do
             --repeats 5 --optim adamw_torch_fused --compare-layouts ;;
         multijob_compiled) run 400 multijob_compiled_medium.jsonl python3 bench/multijob_speedup.py --shape medium \
             --jobs 4 8 --repeats 5 --optim adamw_torch_fused --compile --compile-mode reduce-overhead --compare-layouts ;;
+        multijob_packed) run 300 multijob_packed_medium.jsonl python3 bench/multijob_speedup.py --shape medium \
+            --jobs 4 --repeats 5 --optim adamw_torch_fused --compile --packed ;;
         job_optimizer) run 60 job_optimizer_medium.jsonl python3 bench/job_optimizer.py --shapes medium --repeats 200 ;;
         grouped) run 30 grouped_cuda.jsonl python3 bench/grouped_products.py --repeats 20 ;;
         memory_model) run 150 memory_model_medium.jsonl python3 bench/memory_model_error.py --shape medium \
