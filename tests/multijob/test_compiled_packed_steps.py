@@ -123,8 +123,9 @@ def test_compiled_steps_take_one_name_per_row_or_per_token():
 
 
 def test_trainer_with_torch_compile_trains_padding_free_jobs_as_eagerly(assets, tmp_path):
-    """`padding_free=True` with `torch_compile=True` (refused until 2026-12-05): a LoRA and a MixLoRA job in packed
-    compiled steps end with the adapters the eager packed steps give them."""
+    """`padding_free=True` with `torch_compile=True` (refused until 2026-12-05), under TRL's default activation
+    checkpointing: a LoRA and a MixLoRA job in packed compiled steps end with the adapters the eager packed steps
+    give them."""
     tokenizer, datasets = assets
     adapters = {}
     for compiled in (False, True):
@@ -133,7 +134,8 @@ def test_trainer_with_torch_compile_trains_padding_free_jobs_as_eagerly(assets, 
                           datasets["sentiment"], per_device_train_batch_size=3),
                 JobConfig("m", mixlora(), datasets["capital"], per_device_train_batch_size=2, max_steps=4)]
         extra = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
-        args = run_args(tmp_path / str(compiled), padding_free=True, max_length=None, **extra)
+        args = run_args(tmp_path / str(compiled), padding_free=True, max_length=None, gradient_checkpointing=True,
+                        **extra)
         trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=args,
                                   processing_class=tokenizer)
         randomize_adapters(trainer.jobs_model)
