@@ -116,7 +116,9 @@ def mixed_step_fn(model: MultiJobModel, batch, jobs: list[str], rows_per_job: in
         if pack:
             token_losses = torch.nn.functional.cross_entropy(  # the packed row's targets, shifted as in the trainer
                 out.logits[0, :-1].float(), labels[0, 1:], ignore_index=-100, reduction="none")
-            loss = loss + sum(token_losses[span.start:span.stop - 1].mean() for _, span in rows.values())
+            targets = labels[0, 1:] != -100
+            loss = loss + sum(token_losses[span.start:span.stop - 1].sum() / targets[span.start:span.stop - 1].sum()
+                              for _, span in rows.values())
         else:
             loss = loss + sum(per_job_losses(out.logits, labels, rows).values())
         grads = torch.autograd.grad(loss, everything)
@@ -172,7 +174,8 @@ def main() -> None:
             "base_all_jobs": base_step_fn(base, everyone),
         }
         if args.compare_layouts:
-            steps["mixed_all_jobs_per_tensor"] = mixed_step_fn(mixed, everyone, jobs, b, args.optim, flat=False)
+            steps["mixed_all_jobs_per_tensor"] = mixed_step_fn(mixed, everyone, jobs, b, args.optim, flat=False,
+                                                               pack=args.packed)
         compiled = compile_mixed(args, n, jobs, everyone, vocab) if args.compile else {}
         if compiled:
             steps["mixed_all_jobs_compiled"] = compiled.pop("step")
@@ -224,7 +227,7 @@ def compile_mixed(args, n: int, jobs: list[str], batch, vocab: int) -> dict:
                       args.optim, pack=args.packed)()
     per_tensor = None
     if args.compare_layouts:
-        per_tensor = mixed_step_fn(model, batch, jobs, args.rows_per_job, args.optim, flat=False)
+        per_tensor = mixed_step_fn(model, batch, jobs, args.rows_per_job, args.optim, flat=False, pack=args.packed)
         per_tensor()  # the same graph: the layout of the optimizers' tensors is outside it
     mode = f" {args.compile_mode}" if args.compile_mode else ""
     return {"step": step, "per_tensor_step": per_tensor, "compile": args.compile_backend + mode,

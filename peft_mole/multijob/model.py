@@ -40,14 +40,19 @@ _INTERNAL_PREFIX = "mixlora_"
 def enable_activation_checkpointing(model: nn.Module, args) -> None:
     """What `Trainer.train` does for `gradient_checkpointing=True` (TRL's default), which MultiJobTrainer's own loop
     must do itself: checkpoint the base's decoder layers with the arguments' kwargs (`every_n_layers`, `offload`,
-    and torch's own such as `use_reentrant`); transformers also makes the input embeddings require grad."""
+    and torch's own, `use_reentrant=False` unless given)."""
     kwargs = dict(getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs or {})
     every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+    kwargs.setdefault("use_reentrant", False)  # reentrant checkpointing is refused (`trainer_args`)
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None,
-                                              every_n_layers=every_n_layers, offload=offload)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers,
+                                              offload=offload)
     else:  # transformers before activation_checkpointing_enable
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # Non-reentrant checkpointing needs no input that requires grad, so transformers' hook that makes the input
+    # embeddings require it is dropped: in a compiled step its `requires_grad_()` on an intermediate breaks the graph
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
 def check_job_name(name) -> None:
@@ -216,14 +221,14 @@ class MultiJobModel(MixLoRAModel):
         for job in token_jobs:
             counts[job] += 1
         context.packed = True
-        context.row_jobs = torch.tensor(token_jobs, dtype=torch.int64).to(inputs.device, non_blocking=True)
-        context.job_ends = torch.tensor(list(itertools.accumulate(counts))).to(inputs.device, non_blocking=True)
+        context.row_jobs = torch.tensor(token_jobs, dtype=torch.int64, device=inputs.device)
+        context.job_ends = torch.tensor(list(itertools.accumulate(counts)), device=inputs.device)
         if any(later < earlier for earlier, later in itertools.pairwise(token_jobs)):
             order = sorted(range(len(token_jobs)), key=token_jobs.__getitem__)  # stable
             inverse = [0] * len(order)
             for position, token in enumerate(order):
                 inverse[token] = position
-            context.token_order = tuple(torch.tensor(p).to(inputs.device, non_blocking=True) for p in (order, inverse))
+            context.token_order = tuple(torch.tensor(p, device=inputs.device) for p in (order, inverse))
 
     # ------------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config, model_config):

@@ -60,7 +60,8 @@ def packed_lora_delta(x: torch.Tensor, token_jobs: torch.Tensor, job_ends: torch
     tokens = x.reshape(-1, x.shape[-1]).to(lora_a.device, lora_a.dtype)
     token_jobs, ends = token_jobs.to(tokens.device), job_ends.to(tokens.device)
     inputs = per_row_dropout(tokens, token_jobs, dropouts)
-    if token_order is not None:
+    if token_order is not None:  # (the permutations moved too: no-ops unless the model is split over devices)
+        token_order = tuple(t.to(tokens.device) for t in token_order)
         inputs, token_jobs = inputs.index_select(0, token_order[0]), token_jobs.index_select(0, token_order[0])
     hidden = _segment_matmul(inputs, lora_a, ends)  # (T, r)
     hidden = scaled(hidden, scaling.index_select(0, token_jobs).unsqueeze(1))

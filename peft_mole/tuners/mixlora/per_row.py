@@ -148,7 +148,7 @@ def _job_order(context, token_jobs: torch.Tensor) -> tuple:
     packed batch brings its own from the host (`ForwardContext.job_ends`), order and inverse None where its tokens
     are in job order already."""
     if context.packed:
-        order = context.token_order or (None, None)
+        order = tuple(t.to(token_jobs.device) for t in context.token_order) if context.token_order else (None, None)
         return (*order, context.job_ends.to(token_jobs.device))
     num_slots = len(context.jobs) + 1
     order = torch.argsort(token_jobs, stable=True)
