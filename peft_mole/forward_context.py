@@ -11,6 +11,7 @@ rows as the forward did.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,37 @@ class RouterRecord:
         return (*self.counted(), None)
 
 
+@dataclass(frozen=True)
+class PackedSegments:
+    """The job segments of a packed batch in a compiled multi-job step: `ends` (jobs + 1 of them, the base slot
+    last) bounds each job's tokens among the tokens sorted by job, and `order` (order, inverse) permutes the
+    tokens to and from that sorting; None where they are in job order already. Computed on the host from the
+    adapter names, so no layer reads anything back."""
+
+    ends: torch.Tensor
+    order: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, token_jobs: list[int], slots: int, device: torch.device) -> PackedSegments:
+        """The segments of tokens whose job indices (in 0 .. slots - 1) are `token_jobs`."""
+        counts = [0] * slots
+        for job in token_jobs:
+            counts[job] += 1
+        ends = torch.tensor(list(itertools.accumulate(counts)), device=device)
+        if all(earlier <= later for earlier, later in itertools.pairwise(token_jobs)):
+            return cls(ends)
+        order = sorted(range(len(token_jobs)), key=token_jobs.__getitem__)  # stable
+        inverse = [0] * len(order)
+        for position, token in enumerate(order):
+            inverse[token] = position
+        return cls(ends, (torch.tensor(order, device=device), torch.tensor(inverse, device=device)))
+
+    def to(self, device: torch.device) -> PackedSegments:
+        """The same segments on `device` (no-ops unless the model is split over devices)."""
+        order = None if self.order is None else tuple(t.to(device) for t in self.order)
+        return PackedSegments(self.ends.to(device), order)
+
+
 @dataclass
 class ForwardContext:
     row_adapters: list[str] | None = None
@@ -64,29 +96,29 @@ class ForwardContext:
     # index of its job in `jobs` (len(jobs) for a base-only row), so that LoRA layers take the composition as data
     jobs: tuple[str, ...] = ()
     row_jobs: torch.Tensor | None = None
-    # a packed batch (one row, one adapter per token): `row_jobs` holds one job index per token, `job_ends` the end
-    # of each job's segment (jobs + 1 of them) among the tokens sorted by job, and `token_order` (order, inverse)
-    # the permutations to and from that sorting, None where the tokens are in job order already
-    packed: bool = False
-    job_ends: torch.Tensor | None = None
-    token_order: tuple[torch.Tensor, torch.Tensor] | None = None
+    # a packed batch (one row, one adapter per token): `row_jobs` holds one job index per token, and `segments`
+    # the job segments of its tokens; None for any other batch
+    segments: PackedSegments | None = None
     _groups: dict = field(default_factory=dict)
 
     def set_row_adapters(self, names: list[str] | None, by_hook: bool = False) -> None:
         self.row_adapters = None if names is None else list(names)
         self.rows_set_by_hook = by_hook
-        self.row_jobs = None  # made again by the tuner's forward for these rows (compiled multi-job steps)
-        self.packed, self.job_ends, self.token_order = False, None, None
+        self.row_jobs = self.segments = None  # made again by the tuner's forward (compiled multi-job steps)
         self._groups = {}
 
     def unit_view(self, x: torch.Tensor) -> torch.Tensor:
         """x (1, T, features) as (T, 1, features) when the batch is packed: one row holding several sequences (TRL's
         `padding_free`, position ids restarting at 0 for each), with one adapter name per token. Layers group its
         tokens, not its rows, by adapter; every other x is returned as is."""
-        names = self.row_adapters
-        if names is not None and len(names) > 1 and x.dim() == 3 and x.shape[0] == 1 and x.shape[1] == len(names):
+        if x.dim() == 3 and self.names_per_token(x.shape[0], x.shape[1]):
             return x.view(x.shape[1], 1, x.shape[2])
         return x
+
+    def names_per_token(self, batch_size: int, seq_len: int) -> bool:
+        """Whether the adapter names are one per token of a packed batch (one row of several sequences)."""
+        names = self.row_adapters
+        return names is not None and len(names) > 1 and batch_size == 1 and seq_len == len(names)
 
     def row_groups(self, batch_size: int, active: list[str], device: torch.device) -> list[RowGroup]:
         """Group the batch rows by adapter (in order of first appearance)."""

@@ -126,7 +126,7 @@ def pad_token_id(processing_class) -> int:
 def mix(parts: dict[str, dict[str, torch.Tensor]], pad_token_id: int = 0, job_order=None) -> MixedBatch:
     """`packed_mixed_batch` for padding-free micro-batches, else `mixed_batch`. Packed parts are concatenated in
     `job_order` (the model's job names) where given: a compiled step's layers then take each job's tokens as one
-    segment, with no permutation (`ForwardContext.token_order`)."""
+    segment, with no permutation (`ForwardContext.segments`)."""
     if is_packed(next(iter(parts.values()))):
         if job_order is not None:
             position = {job: i for i, job in enumerate(job_order)}

@@ -13,7 +13,6 @@ plain `peft`, a MixLoRA/DynMoLE job with `PeftModel.from_pretrained` after `impo
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import re
@@ -25,7 +24,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peft_mole.forward_context import BASE_ROW, ForwardContext
+from peft_mole.forward_context import BASE_ROW, ForwardContext, PackedSegments
 from peft_mole.ops.segmented_lora import constant_on
 from peft_mole.tuners.dynmole.config import DynMoLEConfig
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
@@ -198,13 +197,12 @@ class MultiJobModel(MixLoRAModel):
     def _rows_set(self, context: ForwardContext, args: tuple, kwargs: dict) -> None:
         if not self.__dict__.get("_compiled_steps"):
             return
-        names, context.row_jobs = context.row_adapters, None
-        context.packed, context.job_ends, context.token_order = False, None, None
+        names, context.row_jobs, context.segments = context.row_adapters, None, None
         if names is None:
             return
         inputs = kwargs.get("input_ids", args[0] if args else None)
         inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
-        packed = inputs is not None and len(names) > 1 and inputs.shape[0] == 1 and len(names) == inputs.shape[1]
+        packed = inputs is not None and context.names_per_token(*inputs.shape[:2])
         if inputs is None or (len(names) != inputs.shape[0] and not packed):
             rows = "no input_ids or inputs_embeds" if inputs is None else f"{tuple(inputs.shape[:2])} tokens"
             raise ValueError(f"compiled multi-job steps take one adapter name per row, or per token of one packed "
@@ -217,18 +215,8 @@ class MultiJobModel(MixLoRAModel):
         # one job per token: a new composition each step, so plain tensors (not cached constants); the job
         # segments of the tokens sorted by job are known here, on the host, and reach the layers as data
         token_jobs = [index[name] for name in names]
-        counts = [0] * (len(context.jobs) + 1)
-        for job in token_jobs:
-            counts[job] += 1
-        context.packed = True
         context.row_jobs = torch.tensor(token_jobs, dtype=torch.int64, device=inputs.device)
-        context.job_ends = torch.tensor(list(itertools.accumulate(counts)), device=inputs.device)
-        if any(later < earlier for earlier, later in itertools.pairwise(token_jobs)):
-            order = sorted(range(len(token_jobs)), key=token_jobs.__getitem__)  # stable
-            inverse = [0] * len(order)
-            for position, token in enumerate(order):
-                inverse[token] = position
-            context.token_order = tuple(torch.tensor(p, device=inputs.device) for p in (order, inverse))
+        context.segments = PackedSegments.of(token_jobs, len(context.jobs) + 1, inputs.device)
 
     # ------------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config, model_config):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from peft_mole.forward_context import PackedSegments
 from peft_mole.ops.experts import _segment_matmul
 from peft_mole.ops.segmented_lora import LoraFactors, constant_on, scaled
 
@@ -44,11 +45,10 @@ def indexed_lora_delta(x: torch.Tensor, row_jobs: torch.Tensor, factors: list[Lo
     return out.view(*x.shape[:-1], lora_b.shape[1])
 
 
-def packed_lora_delta(x: torch.Tensor, token_jobs: torch.Tensor, job_ends: torch.Tensor,
-                      token_order: tuple[torch.Tensor, torch.Tensor] | None,
+def packed_lora_delta(x: torch.Tensor, token_jobs: torch.Tensor, segments: PackedSegments,
                       factors: list[LoraFactors | None]) -> torch.Tensor | None:
     """The same delta for a packed batch, one job per token: x (1, T, in), token_jobs (T,), and the job segments of
-    the tokens sorted by job (`ForwardContext.job_ends`, `token_order`; None: in job order already).
+    its tokens (`ForwardContext.segments`).
 
     Gathering the factors per token would cost (T, r, in + out) per projection; instead each job's segment of the
     job-sorted tokens meets its own factors in one segment product (`ops.segment_ops.segment_linear`, the segment
@@ -58,16 +58,15 @@ def packed_lora_delta(x: torch.Tensor, token_jobs: torch.Tensor, job_ends: torch
         return None
     lora_a, lora_b, scaling, dropouts = stacked
     tokens = x.reshape(-1, x.shape[-1]).to(lora_a.device, lora_a.dtype)
-    token_jobs, ends = token_jobs.to(tokens.device), job_ends.to(tokens.device)
+    token_jobs, segments = token_jobs.to(tokens.device), segments.to(tokens.device)
     inputs = per_row_dropout(tokens, token_jobs, dropouts)
-    if token_order is not None:  # (the permutations moved too: no-ops unless the model is split over devices)
-        token_order = tuple(t.to(tokens.device) for t in token_order)
-        inputs, token_jobs = inputs.index_select(0, token_order[0]), token_jobs.index_select(0, token_order[0])
-    hidden = _segment_matmul(inputs, lora_a, ends)  # (T, r)
+    if segments.order is not None:
+        inputs, token_jobs = inputs.index_select(0, segments.order[0]), token_jobs.index_select(0, segments.order[0])
+    hidden = _segment_matmul(inputs, lora_a, segments.ends)  # (T, r)
     hidden = scaled(hidden, scaling.index_select(0, token_jobs).unsqueeze(1))
-    out = _segment_matmul(hidden, lora_b, ends)  # (T, out)
-    if token_order is not None:
-        out = out.index_select(0, token_order[1])
+    out = _segment_matmul(hidden, lora_b, segments.ends)  # (T, out)
+    if segments.order is not None:
+        out = out.index_select(0, segments.order[1])
     return out.view(*x.shape[:-1], lora_b.shape[1])
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from peft_mole import JobConfig, MultiJobTrainer
-from peft_mole.forward_context import BASE_ROW
+from peft_mole.forward_context import BASE_ROW, PackedSegments
 from peft_mole.multijob import MultiJobModel
 from peft_mole.multijob.batching import mix, packed_mixed_batch
 from peft_mole.ops.indexed_lora import indexed_lora_delta, packed_lora_delta
@@ -42,10 +42,13 @@ def test_packed_lora_delta_equals_the_per_token_delta_with_dropout(in_job_order)
     counts = torch.bincount(token_jobs, minlength=5)
     ends = counts.cumsum(0)
     order = None if in_job_order else torch.argsort(token_jobs, stable=True)
-    token_order = None if order is None else (order, torch.argsort(order))
+    segments = PackedSegments.of(jobs, 5, torch.device("cpu"))  # from the host's names, as the model makes them
+    assert segments.ends.tolist() == ends.tolist()
+    assert segments.order is None if order is None else [t.tolist() for t in segments.order] == [
+        order.tolist(), torch.argsort(order).tolist()]
     x = torch.randn(1, len(jobs), 12, requires_grad=True)
     torch.manual_seed(0)
-    got = packed_lora_delta(x, token_jobs, ends, token_order, factors)
+    got = packed_lora_delta(x, token_jobs, segments, factors)
     torch.manual_seed(0)
     want = indexed_lora_delta(x.view(len(jobs), 1, 12), token_jobs, factors).view(1, len(jobs), 10)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -115,9 +118,11 @@ def test_compiled_steps_take_one_name_per_row_or_per_token():
     model(input_ids=torch.randint(3, 500, (1, 6)), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]),
           adapter_names=["m"] * 3 + ["a"] * 3)
     context = model._context()
-    assert context.packed and context.row_jobs.tolist() == [1, 1, 1, 0, 0, 0]
-    assert context.job_ends.tolist() == [3, 6, 6]  # a, m, base tokens
-    assert [t.tolist() for t in context.token_order] == [[3, 4, 5, 0, 1, 2], [3, 4, 5, 0, 1, 2]]
+    assert context.row_jobs.tolist() == [1, 1, 1, 0, 0, 0]
+    assert context.segments.ends.tolist() == [3, 6, 6]  # a, m, base tokens
+    assert [t.tolist() for t in context.segments.order] == [[3, 4, 5, 0, 1, 2], [3, 4, 5, 0, 1, 2]]
+    model(input_ids=torch.randint(3, 500, (2, 3)), adapter_names=["m", "a"])  # rows again: no segments
+    assert context.segments is None and context.row_jobs.tolist() == [1, 0]
     parts = {"m": packed_part([3]), "a": packed_part([3], seed=1)}
     assert mix(parts, job_order=model.peft_config).adapter_names == ["a"] * 3 + ["m"] * 3  # the trainer's order
 

@@ -79,8 +79,8 @@ class LoraLinear(nn.Module, BaseTunerLayer):
         context = self._context
         if context.row_jobs is not None:  # a compiled multi-job step: the jobs of the rows (or tokens) as a tensor
             factors = [self._factors(job) for job in context.jobs]
-            if context.packed:
-                delta = packed_lora_delta(x, context.row_jobs, context.job_ends, context.token_order, factors)
+            if context.segments is not None:
+                delta = packed_lora_delta(x, context.row_jobs, context.segments, factors)
             else:
                 delta = indexed_lora_delta(x, context.row_jobs, factors)
             return out if delta is None else out + delta.to(out.dtype)

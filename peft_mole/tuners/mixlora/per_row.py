@@ -76,7 +76,7 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     device = x.device
     table = _job_table(layer, jobs, context.jobs, device)
     token_jobs = context.row_jobs.to(device)  # (N,): one job per token (a packed batch) or per row
-    if not context.packed:
+    if context.segments is None:
         token_jobs = token_jobs.view(batch, 1).expand(batch, seq).reshape(-1)
 
     # routing: every router at once, each token within its own job's columns
@@ -145,11 +145,11 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
 def _job_order(context, token_jobs: torch.Tensor) -> tuple:
     """(order, inverse, segments): the tokens sorted by job (stable), the permutation back, and the job segments
     as `_segment_matmul` takes them (host counts eagerly; under torch.compile the ends, kept on the device). A
-    packed batch brings its own from the host (`ForwardContext.job_ends`), order and inverse None where its tokens
+    packed batch brings its own from the host (`ForwardContext.segments`), order and inverse None where its tokens
     are in job order already."""
-    if context.packed:
-        order = tuple(t.to(token_jobs.device) for t in context.token_order) if context.token_order else (None, None)
-        return (*order, context.job_ends.to(token_jobs.device))
+    if context.segments is not None:
+        segments = context.segments.to(token_jobs.device)
+        return (*(segments.order or (None, None)), segments.ends)
     num_slots = len(context.jobs) + 1
     order = torch.argsort(token_jobs, stable=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
