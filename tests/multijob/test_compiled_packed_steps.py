@@ -81,8 +81,8 @@ MOE_MIXES = [{"lora": [5, 3], "m1": [6], "m2": [2, 7]}, {"m2": [4], "lora": [3],
 def test_compiled_packed_steps_equal_eager_packed_steps(with_dynmole):
     """LoRA and MixLoRA jobs of different ranks, expert counts and k, and base tokens, packed in one row: logits,
     each job's aux loss and every gradient as the eager packed step; once sizes are dynamic, no mix compiles again in
-    either order. With a DynMoLE job the MLP blocks run eagerly inside the compiled step, and nothing else breaks
-    the graph."""
+    either order (counted on the six MoE mixes). With a DynMoLE job the MLP blocks run eagerly inside the compiled
+    step, and nothing else breaks the graph (its three mixes are too few to count recompiles on)."""
     torch._dynamo.reset()
     counters.clear()
     jobs = dict(JOBS, dyn=dynmole()) if with_dynmole else JOBS

@@ -98,7 +98,9 @@ def test_packed_forward_matches_padded_rows_for_every_job_kind(family, scope):
     parts = {job: packed_part(n, seed=i) for i, (job, n) in enumerate(lengths.items())}
     mixed = packed_mixed_batch(parts)
     packed = model(**mixed.model_inputs(), labels=mixed.labels, use_cache=False)
-    packed_grads = torch.autograd.grad(packed.logits.sum(), model.job_parameters("mix").values())
+    by_job = {job: list(model.job_parameters(job).values()) for job in jobs}  # routers included
+    params = [p for job_params in by_job.values() for p in job_params]
+    packed_grads = torch.autograd.grad(packed.logits.sum(), params)
 
     seqs, names = [], []
     for job, part in parts.items():
@@ -114,9 +116,11 @@ def test_packed_forward_matches_padded_rows_for_every_job_kind(family, scope):
     torch.testing.assert_close(packed.logits[0], real, atol=1e-5, rtol=1e-5)
     for job in ("mix", "dyn"):
         torch.testing.assert_close(packed.aux_loss_per_adapter[job], padded.aux_loss_per_adapter[job])
-    padded_grads = torch.autograd.grad(sum(padded.logits[i, : len(s)].sum() for i, s in enumerate(seqs)),
-                                       model.job_parameters("mix").values())
-    assert max(g.abs().max().item() for g in padded_grads) > 1e-3
+    padded_grads = torch.autograd.grad(sum(padded.logits[i, : len(s)].sum() for i, s in enumerate(seqs)), params)
+    start = 0
+    for job, job_params in by_job.items():  # every job's gradients are compared, and none is all zero
+        assert max(g.abs().max().item() for g in padded_grads[start:start + len(job_params)]) > 1e-3, job
+        start += len(job_params)
     for got, want in zip(packed_grads, padded_grads, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -187,6 +191,13 @@ def test_bfd_packing_matches_sft_trainer(assets, tmp_path):
                       job.training_args(run_args(tmp_path / "solo", **packing)))
 
 
+def _record_evaluation(trainer, evaluated: list[bool]):
+    def hook(module, args, kwargs) -> None:
+        if not trainer.model.training:  # the trainer sets its model to eval for evaluation
+            evaluated.append(kwargs.get("attention_mask") is None and kwargs.get("position_ids") is not None)
+    return hook
+
+
 def test_per_job_evaluation_of_packed_batches_equals_padded(assets, tmp_path):
     tokenizer, datasets = assets
     losses = {}
@@ -198,7 +209,10 @@ def test_per_job_evaluation_of_packed_batches_equals_padded(assets, tmp_path):
         trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=args,
                                   processing_class=tokenizer)
         randomize_adapters(trainer.jobs_model)
+        evaluated = []  # per evaluation forward: whether it took a packed batch (position ids, no attention mask)
+        trainer.jobs_model.register_forward_pre_hook(_record_evaluation(trainer, evaluated), with_kwargs=True)
         trainer.train()
+        assert evaluated and set(evaluated) == {padding_free}, evaluated
         losses[padding_free] = [(k, h[k]) for h in trainer.state.log_history for k in h if k.endswith("eval_loss")]
     assert [k for k, _ in losses[True]] == ["lora/eval_loss", "lora/eval_loss", "mix/eval_loss"]
     assert [v for _, v in losses[True]] == pytest.approx([v for _, v in losses[False]], rel=1e-5)
