@@ -10,10 +10,16 @@ With `--compile` the model is `compile_mixed_steps`'d (as MultiJobTrainer with t
 measures compiled steps; the row also gives the error of the model profiled on eager steps, before compiling (how
 the trainer profiled before 2026-12-05).
 
+With `--packed` the sweep's steps are padding-free (TRL's `padding_free=True`): each job's rows concatenated, and
+all jobs in one packed row, position ids restarting at every sequence; the prediction is the scheduler's for such a
+step (`memory.predict([tokens], [{job: its tokens}])`), from the model profiled on packed steps, as the trainer fits
+it for padding-free training; the row also gives the error of the model profiled on padded steps (how the trainer
+profiled before 2026-12-05, third session).
+
 Measured: peak CUDA memory on a GPU; on CPU (no allocator statistics) the bytes autograd saves for backward in
 the forward (peft_mole.multijob.memory.activation_bytes), the part of step memory that depends on the batch.
 Usage: python bench/memory_model_error.py [--shape small] [--jobs 4] [--kinds lora mixlora dynmole]
-       [--compile [--compile-backend inductor]]
+       [--compile [--compile-backend inductor]] [--packed]
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from common import base_model, device, emit, lora_config, mixlora_config, setup_
 
 import peft_mole
 from peft_mole.multijob import MultiJobModel
+from peft_mole.multijob.batching import profile_inputs
 from peft_mole.multijob.memory import MemoryModel, adapter_memory_kind, step_memory
 
 LENGTHS = {"tiny": [16, 24, 32, 48], "small": [64, 128, 200, 256], "medium": [128, 256, 384, 512]}
@@ -45,6 +52,12 @@ def sweep(jobs: list[str], lengths: list[int], steps: int = 12, seed: int = 0) -
     return out
 
 
+def packed_shape(row_jobs: list[str], length: int) -> tuple[list[int], list[dict[str, int]]]:
+    """The rows of `row_jobs`, each `length` tokens, as the scheduler sees them packed: one row, {job: tokens}."""
+    tokens = {job: length * row_jobs.count(job) for job in dict.fromkeys(row_jobs)}
+    return [length * len(row_jobs)], [tokens]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium"])
@@ -52,6 +65,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["lora"], choices=sorted(CONFIGS))
     parser.add_argument("--compile", action="store_true", help="compiled mixed steps (see the module docstring)")
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--packed", action="store_true", help="padding-free steps (see the module docstring)")
     args = parser.parse_args()
     setup_threads()
     torch.manual_seed(0)
@@ -63,31 +77,47 @@ def main() -> None:
               for name in configs}
     vocab, longest = model.model.config.vocab_size, max(LENGTHS[args.shape])
 
-    def run_step(ids: torch.Tensor, row_jobs: list[str]) -> None:
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, adapter_names=list(row_jobs))
-        torch.autograd.grad(out.loss, [p for job in dict.fromkeys(row_jobs) for p in params[job]], allow_unused=True)
+    def step_fn(packed: bool):
+        """A step on (rows, length) ids, row i through job row_jobs[i]: padded rows, or (packed) one packed row in
+        the model's job order, as the trainer profiles padding-free training (`batching.profile_inputs`)."""
+        def run(ids: torch.Tensor, row_jobs: list[str]) -> None:
+            out = model(**profile_inputs(ids, row_jobs, packed, job_order=list(configs)))
+            torch.autograd.grad(out.loss, [p for job in dict.fromkeys(row_jobs) for p in params[job]],
+                                allow_unused=True)
+        return run
 
+    run_step, run_packed = step_fn(False), step_fn(True)
+    step = run_packed if args.packed else run_step
     kinds = {name: adapter_memory_kind(config) for name, config in configs.items()}
     eager_memory = None
     if args.compile:
         eager_memory = MemoryModel()
-        eager_memory.fit_by_profiling(run_step, device(), vocab, longest, kinds)
+        eager_memory.fit_by_profiling(step, device(), vocab, longest, kinds,
+                                      packed=args.packed)
         model.compile_mixed_steps(backend=args.compile_backend)
+    padded_memory = None  # --packed: also the model profiled on padded steps
+    if args.packed:
+        padded_memory = MemoryModel()
+        padded_memory.fit_by_profiling(run_step, device(), vocab, longest, kinds)
     memory = MemoryModel()
-    memory.fit_by_profiling(run_step, device(), vocab, longest, kinds)
+    memory.fit_by_profiling(step, device(), vocab, longest, kinds,
+                            packed=args.packed)
     one_job = MemoryModel()  # the first job's five shapes alone
     for tokens, squares, value in memory.samples[:5]:
         (count,) = tokens.values()
         one_job.observe([round(squares / count)] * round(count**2 / squares), value)
-    errors, one_job_errors, eager_errors = [], [], []
+    errors, one_job_errors, eager_errors, padded_errors = [], [], [], []
     for row_jobs, length in sweep(list(configs), LENGTHS[args.shape]):
         ids = torch.randint(3, vocab, (len(row_jobs), length), device=device())
-        measured = step_memory(device(), lambda ids=ids, row_jobs=row_jobs: run_step(ids, row_jobs))
-        predicted = memory.predict([length] * len(row_jobs), row_jobs)
+        measured = step_memory(device(), lambda ids=ids, row_jobs=row_jobs: step(ids, row_jobs))
+        lengths, jobs = packed_shape(row_jobs, length) if args.packed else ([length] * len(row_jobs), row_jobs)
+        predicted = memory.predict(lengths, jobs)
         errors.append(abs(predicted - measured) / measured)
-        one_job_errors.append(abs(one_job.predict([length] * len(row_jobs)) - measured) / measured)
+        one_job_errors.append(abs(one_job.predict(lengths) - measured) / measured)
         if eager_memory is not None:
-            eager_errors.append(abs(eager_memory.predict([length] * len(row_jobs), row_jobs) - measured) / measured)
+            eager_errors.append(abs(eager_memory.predict(lengths, jobs) - measured) / measured)
+        if padded_memory is not None:
+            padded_errors.append(abs(padded_memory.predict(lengths, jobs) - measured) / measured)
         emit({"name": "memory_model_point", "shape": args.shape, "jobs": row_jobs, "length": length,
               "measured_mb": measured / 2**20, "predicted_mb": predicted / 2**20, "error": errors[-1],
               "one_job_error": one_job_errors[-1]})
@@ -98,6 +128,8 @@ def main() -> None:
         "ratio_median": statistics.median(errors), "ratio_min": min(errors), "error_max": max(errors),
         "error_mean": statistics.mean(errors), "one_job_error_median": statistics.median(one_job_errors),
         "one_job_error_max": max(one_job_errors), "beta": [float(b) for b in memory.beta],
+        **({"packed": True, "padded_profile_error_median": statistics.median(padded_errors),
+            "padded_profile_error_max": max(padded_errors)} if args.packed else {}),
         **({"compile": args.compile_backend, "eager_profile_error_median": statistics.median(eager_errors),
             "eager_profile_error_max": max(eager_errors)} if args.compile else {}),
     })

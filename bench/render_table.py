@@ -111,9 +111,10 @@ def _kinds_note(row: dict) -> str:
     if "kinds" not in row:
         return "shapes "
     labels = [KIND_LABELS[k] for k in row["kinds"].split("+")]
+    steps = "packed (padding-free) mixed steps" if row.get("packed") else "mixed steps"
     if len(labels) == 1:
-        return f"mixed steps of {row['jobs']} {labels[0]} jobs "
-    return f"mixed steps of {row['jobs']} jobs ({', '.join(labels)}, {row['jobs'] // len(labels)} of each) "
+        return f"{steps} of {row['jobs']} {labels[0]} jobs "
+    return f"{steps} of {row['jobs']} jobs ({', '.join(labels)}, {row['jobs'] // len(labels)} of each) "
 
 
 def _command(row: dict) -> str:
@@ -157,13 +158,17 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                "clip_note": "clipping + " if row.get("clip", True) else "",
                "kinds_flag": (f" --jobs {row['jobs']}" if row.get("kinds") == "lora" else
                               " --kinds " + row["kinds"].replace("+", " ") if "kinds" in row else "")
-                             + (" --compile" if "eager_profile_error_median" in row else ""),
+                             + (" --compile" if "eager_profile_error_median" in row else "")
+                             + (" --packed" if row["name"] == "memory_model_error" and row.get("packed") else ""),
                "kinds_note": _kinds_note(row),
                "one_job_note": (f"; profiling the first job alone: median {row['one_job_error_median']:.1%}, max "
                                 f"{row['one_job_error_max']:.1%}" if "one_job_error_median" in row else "")
                                + (f"; compiled steps ({row['compile']}), the model profiled on eager steps: median "
                                   f"{row['eager_profile_error_median']:.1%}, max {row['eager_profile_error_max']:.1%}"
-                                  if "eager_profile_error_median" in row else ""),
+                                  if "eager_profile_error_median" in row else "")
+                               + (f"; the model profiled on padded steps: median "
+                                  f"{row['padded_profile_error_median']:.1%}, max {row['padded_profile_error_max']:.1%}"
+                                  if "padded_profile_error_median" in row else ""),
                "autocast_note": ", bf16 autocast" if row.get("autocast") == "bf16" else "",
                "experts_note": (f" ({row['dynmole_experts_per_token']:.2f} experts/token)"
                                 if "dynmole_experts_per_token" in row else "")}

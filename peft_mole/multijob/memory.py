@@ -151,10 +151,13 @@ class MemoryModel:
         return self.beta
 
     def fit_by_profiling(self, run_step, device: torch.device, vocab_size: int, max_length: int,
-                         jobs: Mapping[Job, Hashable] | Sequence[Job] = (None,)) -> torch.Tensor:
+                         jobs: Mapping[Job, Hashable] | Sequence[Job] = (None,), packed: bool = False) -> torch.Tensor:
         """Observe synthetic steps of growing shape, then fit. `run_step(ids, row_jobs)` runs forward + backward on
         (rows, length) random token ids, row i through job `row_jobs[i]`; its peak is measured by `step_memory`.
-        `jobs`: the jobs, or {job: its memory kind} (added to `kind_of`).
+        `jobs`: the jobs, or {job: its memory kind} (added to `kind_of`). `packed`: `run_step` runs the rows as
+        one packed row (padding-free training), and each sample is that one row of {job: tokens}, as the scheduler
+        predicts packed steps; its attention grows with the square of the whole row, not of each sequence, where
+        the attention materialises scores or a block-diagonal mask.
 
         The steps: five shapes with the first job; one with two jobs of its kind, where there are two; for each
         further kind (`kind_of`), two shapes with its first job and one shared with the first job, which tells its
@@ -187,7 +190,11 @@ class MemoryModel:
                     run_step(ids, row_jobs)
                     continue
                 peak = step_memory(device, lambda ids=ids, row_jobs=row_jobs: run_step(ids, row_jobs))
-                self.observe([length] * len(row_jobs), peak, jobs=row_jobs)
+                if packed:
+                    self.observe([length * len(row_jobs)], peak, jobs=[tokens_per_job([length] * len(row_jobs),
+                                                                                        row_jobs)])
+                else:
+                    self.observe([length] * len(row_jobs), peak, jobs=row_jobs)
         return self.fit()
 
     def predict(self, lengths: Sequence[int], jobs: RowJobs = None) -> float:

@@ -36,7 +36,7 @@ from trl import SFTConfig, SFTTrainer
 
 from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob import distributed as dist
-from peft_mole.multijob.batching import batch_inputs, is_packed, mix, pad_token_id, row_halves
+from peft_mole.multijob.batching import batch_inputs, is_packed, mix, pad_token_id, profile_inputs, row_halves
 from peft_mole.multijob.flat_parameters import job_optimizer
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
@@ -71,7 +71,7 @@ class MultiJobTrainer(SFTTrainer):
             round are split into steps of similar length when that saves more padding. "auto" (default) fits it
             from the measured step times (`StepCost`; until three are known, each distinct length is its own
             step); None: always one step per round. Unused with `padding_free=True` (no padding to save).
-            `args.torch_compile=True` compiles the steps of LoRA and MixLoRA jobs: one graph for every mix.
+            `args.torch_compile=True` compiles the mixed steps (DynMoLE and MixDoRA blocks run eagerly inside).
         **kwargs: passed on to `SFTTrainer` (not `peft_config` or `train_dataset`: jobs carry those).
 
     Example:
@@ -230,6 +230,9 @@ class MultiJobTrainer(SFTTrainer):
                 self.control = self.callback_handler.on_step_begin(self.args, self.state, self.control)
                 self._train_round(parts)
                 self.state.global_step += 1
+                left = [run for run in runs if not run.finished]  # micro-batches deferred by max_memory take more
+                if left:  # steps than estimated: keep max_steps ahead, or the flow callback stops with jobs left
+                    self.state.max_steps = max(self.state.max_steps, self.state.global_step + self.job_scheduler.estimate_steps(left))
                 self.state.epoch = max((r.epoch + r.batches_done / max(r.batches_per_epoch, 1) for r in runs), default=0)
                 self.control = self.callback_handler.on_step_end(self.args, self.state, self.control)
                 if self.control.should_training_stop:
@@ -467,20 +470,22 @@ class MultiJobTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ memory
     def _profile_memory(self, runs: list[JobRun]) -> None:
-        """Fit the memory model on synthetic steps of each kind of job (`MemoryModel.fit_by_profiling`)."""
+        """Fit the memory model on synthetic steps of each kind of job (`MemoryModel.fit_by_profiling`), as the
+        steps will be: padded rows, or with `padding_free` one packed row (`profile_inputs`)."""
         params = {run.name: list(run.params.values()) for run in runs}
+        packed, job_order = bool(getattr(self, "padding_free", False)), list(self.jobs_model.peft_config)
 
         def step(ids: torch.Tensor, row_jobs: list[str]) -> None:
+            inputs = profile_inputs(ids, row_jobs, packed, job_order)
             with self.compute_loss_context_manager(), self.accelerator.autocast():
-                out = self.jobs_model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone(), use_cache=False,
-                                      adapter_names=list(row_jobs), fused_lm_head=True)
+                out = self.jobs_model(**inputs, use_cache=False, fused_lm_head=True)
             torch.autograd.grad(-out.log_probs.sum(), [p for j in dict.fromkeys(row_jobs) for p in params[j]],
                                 allow_unused=True)
 
         embeddings, kinds = self.model.get_input_embeddings(), {r.name: r.memory_kind for r in runs if not r.finished}
         if kinds:  # the jobs that will train (a resumed run's ended jobs do not)
             self.job_scheduler.memory_model.fit_by_profiling(step, self.args.device, embeddings.num_embeddings,
-                                                             int(self.args.max_length or 512), kinds)
+                                                             int(self.args.max_length or 512), kinds, packed=packed)
         self.job_scheduler.profiled(runs)
 
     # ------------------------------------------------------------------ saving and reporting

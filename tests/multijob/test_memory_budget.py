@@ -1,5 +1,6 @@
 """`max_memory`: the memory model is fitted per kind of job (their adapters keep different activations per token),
-predicts a mixed step of several kinds, and changes which jobs share a step, never what they learn."""
+predicts a mixed step of several kinds (padded or packed), and profiling changes no weight: a budget that never
+binds trains what a run without one trains (one that defers a micro-batch reorders later dropout draws)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from peft_mole import JobConfig, MultiJobTrainer
+from peft_mole.multijob.batching import profile_inputs
 from peft_mole.multijob.memory import MemoryModel, step_memory
 from tests.helpers import mixlora, tiny_base
 from tests.multijob.test_trainer import ALL_LINEAR, run_args
@@ -110,3 +112,68 @@ def test_the_budget_counts_optimizer_states_created_after_profiling_and_ended_jo
         assert all(p.grad is None for p in run.stepped_tensors())
     trained = _weights(trainer)
     assert trained and all(torch.isfinite(w).all() for w in trained.values())
+
+
+def test_padding_free_training_profiles_packed_steps_and_predicts_a_packed_mixed_step(assets, tmp_path):
+    """With `padding_free=True` the profiling steps are packed rows, as the training steps: each sample is one row
+    of {job: tokens}, and the model predicts a packed mixed step (the scheduler's query) it never saw."""
+    tokenizer, datasets = assets
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=_jobs(datasets)[:2],
+                              args=run_args(tmp_path / "packed", max_steps=1, padding_free=True, max_length=None),
+                              processing_class=tokenizer, max_memory=1e12)
+    trainer.train()
+    memory = trainer.job_scheduler.memory_model
+    assert len(memory.samples) == 5 + 3  # five shapes of "lora", two of "mix", one of both
+    for tokens, squares, _ in memory.samples:  # one packed row each: Σ L² is the square of all its tokens
+        assert squares == sum(tokens.values()) ** 2
+    assert memory.samples[-1][0] == {"lora": 256, "mix": 256}  # ["lora", "mix"] rows of 256 (max_length 512 / 2)
+
+    model = trainer.jobs_model
+    params = [p for p in model.parameters() if p.requires_grad]
+    row_jobs = ["mix", "lora", "lora", "mix", "lora"]
+    ids = torch.randint(3, len(tokenizer), (len(row_jobs), 48), generator=torch.Generator().manual_seed(0))
+    inputs = profile_inputs(ids, row_jobs, packed=True, job_order=list(model.peft_config))
+    assert inputs["adapter_names"] == ["lora"] * 144 + ["mix"] * 96 and inputs["input_ids"].shape == (1, 240)
+    assert inputs["position_ids"][0].tolist() == list(range(24)) * 10 and "attention_mask" not in inputs
+    assert torch.equal(inputs["input_ids"][0, :48], ids[1]) and torch.equal(inputs["input_ids"][0, 144:192], ids[0])
+
+    def packed_step() -> None:  # as the trainer runs one (TRL's fused LM head)
+        out = model(**inputs, fused_lm_head=True, use_cache=False)
+        torch.autograd.grad(-out.log_probs.sum(), params, allow_unused=True)
+
+    measured = step_memory(torch.device("cpu"), packed_step)
+    error = abs(memory.predict([240], jobs=[{"lora": 144, "mix": 96}]) - measured) / measured
+    assert error < 0.05, error
+
+
+def _record_rounds(trainer, monkeypatch) -> list[list]:
+    """The parts `_next_parts` returns, round by round."""
+    rounds, next_parts = [], trainer._next_parts
+
+    def recorded(running):
+        rounds.append(next_parts(running))
+        return rounds[-1]
+    monkeypatch.setattr(trainer, "_next_parts", recorded)
+    return rounds
+
+
+def test_a_binding_budget_defers_micro_batches_and_trains_every_one_of_them(assets, tmp_path, monkeypatch):
+    """A budget that fits two of the three jobs' micro-batches in a step: every round's step holds at most two, a
+    deferred micro-batch waits for a later step (peek/consume), and each job trains the same micro-batches, token
+    for token and step for step, as without a budget."""
+    tokenizer, datasets = assets
+    runs = {}
+    for budget in (None, 250.0):
+        trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=_jobs(datasets),
+                                  args=run_args(tmp_path / str(budget), max_steps=3, max_length=96),
+                                  processing_class=tokenizer, max_memory=budget)
+        if budget is not None:  # 100 "bytes" a micro-batch: the budget binds on every round of three
+            monkeypatch.setattr(trainer.job_scheduler, "predict", lambda parts, resident=None: 100.0 * len(parts))
+        rounds = _record_rounds(trainer, monkeypatch)
+        trainer.train()
+        runs[budget] = ({run.name: (run.status, run.global_step, run.stats.tokens) for run in trainer.runs},
+                        [[run.name for run, _ in parts] for parts in rounds if parts])
+    (free, free_rounds), (bound, bound_rounds) = runs[None], runs[250.0]
+    assert max(len(r) for r in free_rounds) == 3 and max(len(r) for r in bound_rounds) == 2
+    assert len(bound_rounds) > len(free_rounds)  # the deferred micro-batches took rounds of their own
+    assert bound == free and all(status == "done" and steps == 3 for status, steps, _ in bound.values()), bound
