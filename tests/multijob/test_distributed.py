@@ -39,7 +39,8 @@ SCRIPT = textwrap.dedent('''
                      gradient_checkpointing=False, dataloader_num_workers=0, seed=0, disable_tqdm=True,
                      padding_free=padding_free)
     trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=args, processing_class=tokenizer)
-    randomize_adapters(trainer.jobs_model, seed=7)
+    # other adapters on every process: train() must broadcast process 0's, as the 1-process run starts from them
+    randomize_adapters(trainer.jobs_model, seed=7 + int(os.environ.get("RANK", "0")))
     trainer.train()
     print("processes", trainer.accelerator.num_processes)
 ''')

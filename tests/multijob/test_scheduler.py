@@ -163,6 +163,9 @@ def test_packing_under_the_memory_budget_defers_and_fails_clearly():
     assert [r.name for r, _ in scheduler.pack([a, b])] == ["a", "b"]  # 800 bytes: fits
     c = part("c", 2, 30)
     assert [r.name for r, _ in scheduler.pack([a, b, c])] == ["a", "b"]  # c waits for the next step
+    assert c[0].status == "waiting" and c[0].error is None  # deferred, not failed
+    # first the next time: it runs; a beside it would be padded to 30 tokens, 4 × 30 × 10 = 1200 bytes: a waits
+    assert [r.name for r, _ in scheduler.pack([c, a, b])] == ["c"]
     assert scheduler.pack([huge]) == [] and huge[0].status == "failed" and "over max_memory" in huge[0].error
     with pytest.raises(ValueError, match="max_memory"):
         JobScheduler(max_memory=-1)

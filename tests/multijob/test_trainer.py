@@ -109,6 +109,10 @@ def test_lora_micro_batches_cut_into_rows_train_as_alone(assets, tmp_path, monke
         solo_losses = [h["loss"] for h in solo_trainer.state.log_history if "loss" in h]
         together_losses = [h[f"{job.name}/loss"] for h in history if f"{job.name}/loss" in h]
         assert together_losses == pytest.approx(solo_losses, rel=1e-5)
+        for key in ("grad_norm", "learning_rate", "epoch"):  # the other logged values too, step by step
+            solo_values = [h[key] for h in solo_trainer.state.log_history if "loss" in h]
+            together_values = [h[f"{job.name}/{key}"] for h in history if f"{job.name}/loss" in h]
+            assert together_values == pytest.approx(solo_values, rel=1e-4), (job.name, key)
         expected = get_peft_model_state_dict(solo)
         together = load_file(tmp_path / "run" / job.name / "adapter_model.safetensors")
         initial = load_file(tmp_path / "init" / job.name / "adapter_model.safetensors")
@@ -284,7 +288,8 @@ def test_evaluate_reports_each_jobs_own_eval_loss(assets, tmp_path):
     tokenizer, datasets = assets
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR)
     jobs = [JobConfig("a", lora, datasets["sentiment"], eval_dataset=datasets["capital"], eval_steps=2, max_steps=2),
-            JobConfig("b", mixlora(), datasets["add"], eval_dataset=datasets["add"], eval_steps=2, max_steps=2),
+            # the same eval set as "a": the losses differ only through the jobs' own adapters
+            JobConfig("b", mixlora(), datasets["add"], eval_dataset=datasets["capital"], eval_steps=2, max_steps=2),
             JobConfig("c", lora, datasets["capital"], max_steps=2)]
     trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=run_args(tmp_path),
                               processing_class=tokenizer)
