@@ -15,6 +15,7 @@ from typing import Any
 from peft import LoraConfig, PeftConfig
 
 from peft_mole.multijob.model import check_job_name
+from peft_mole.multijob.trainer_args import check_lr_scheduler
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
 
 # JobConfig field -> TrainingArguments field it overrides
@@ -84,7 +85,12 @@ class JobConfig:
             )
         if self.train_dataset is None:
             raise ValueError(f"job {self.name!r}: train_dataset is required")
-        if hasattr(self.train_dataset, "__len__") and len(self.train_dataset) == 0:
+        if not hasattr(self.train_dataset, "__len__"):
+            raise TypeError(
+                f"job {self.name!r}: train_dataset must have a length (a datasets.Dataset or a list), got "
+                f"{type(self.train_dataset).__name__}: the scheduler plans each job's epochs and steps from it"
+            )
+        if len(self.train_dataset) == 0:
             raise ValueError(f"job {self.name!r}: train_dataset is empty")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise TypeError(f"job {self.name!r}: priority must be an int, got {self.priority!r}")
@@ -96,6 +102,8 @@ class JobConfig:
             raise ValueError(f"job {self.name!r}: learning_rate must be a number > 0, got {self.learning_rate!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps == 0 or self.max_steps < -1):
             raise ValueError(f"job {self.name!r}: max_steps must be an int >= 1 (or -1 for epochs), got {self.max_steps!r}")
+        if self.lr_scheduler_type is not None:
+            check_lr_scheduler(self.lr_scheduler_type, f"job {self.name!r}: lr_scheduler_type")
         if self.early_stopping_patience is not None:
             if not isinstance(self.early_stopping_patience, int) or self.early_stopping_patience < 1:
                 raise ValueError(

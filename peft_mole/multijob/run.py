@@ -223,10 +223,10 @@ class JobRun:
 
     def should_evaluate(self) -> bool:
         """Evaluate (jobs with an eval_dataset) after this step: at each epoch's end with `eval_strategy="epoch"`,
-        else every `eval_steps` (default: `logging_steps`)."""
+        else every `eval_steps` (default: `logging_steps`) and at the job's last step, as Trainer does."""
         if self._strategy("eval_strategy") == "epoch":
             return self.at_epoch_end
-        return self._due(self.args.eval_steps or self.args.logging_steps)
+        return self._due(self.args.eval_steps or self.args.logging_steps) or self.global_step >= self.max_steps
 
     def _due(self, every: float) -> bool:
         """Whether this optimizer step is a multiple of `every` (a fraction < 1 means that share of max_steps, as
@@ -245,13 +245,15 @@ class JobRun:
         return patience is not None and stats.evals_without_improvement >= patience
 
     def state_dict(self) -> dict:
+        """The position as of the last optimizer step: a window begun but not stepped (a run stopped in the middle
+        of one) is not counted, so a resumed run trains it again from its first micro-batch."""
         return {
             "name": self.name,
             "status": self.status,
             "global_step": self.global_step,
             "max_steps": self.max_steps,
             "epoch": self.epoch,
-            "batches_done": self.batches_done,
+            "batches_done": self.batches_done - (len(self.window) if self.window_pos < len(self.window) else 0),
             "tokens": self.stats.tokens,
             "seconds": self.stats.seconds,
             "last_loss": self.stats.last_loss,
@@ -262,7 +264,8 @@ class JobRun:
         }
 
     def save_checkpoint(self, save_adapter) -> str:
-        """Write `output_dir/<job>/checkpoint-<step>/` atomically: adapter, optimizer, scheduler, RNG, position."""
+        """Write `output_dir/<job>/checkpoint-<step>/` atomically: adapter, optimizer, scheduler, position (no random
+        state: the jobs share torch's stream, so a resumed job's dropout masks differ; docs/multijob.md)."""
         final = os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
 
         def write(tmp: str) -> None:
@@ -270,7 +273,6 @@ class JobRun:
             state = self.optimizer.state_dict()  # saved in a plain Trainer's per-tensor layout
             torch.save(state if self.flat is None else self.flat.per_tensor_state(state), os.path.join(tmp, "optimizer.pt"))
             torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-            torch.save({"cpu": torch.get_rng_state()}, os.path.join(tmp, "rng_state.pt"))
             ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), self.state_dict())  # last: marks it complete
 
         ckpt.write_atomically(final, write)

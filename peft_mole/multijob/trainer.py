@@ -34,16 +34,16 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.trainer_utils import TrainOutput, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob.batching import batch_inputs, is_packed, mix, pad_token_id, profile_inputs, row_halves
 from peft_mole.multijob.flat_parameters import job_optimizer
 from peft_mole.multijob.jobs import JobConfig
+from peft_mole.multijob.lifecycle import JobLifecycle
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
 from peft_mole.multijob.report import PaddingStats, show_progress, summary_rows, write_summary
-from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun
+from peft_mole.multijob.run import FAILED, STOPPED, JobRun
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
-from peft_mole.multijob.trainer_args import check_distributed, check_trainer_args
+from peft_mole.multijob.trainer_args import check_callbacks, check_distributed, check_trainer_args
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-class MultiJobTrainer(SFTTrainer):
+class MultiJobTrainer(JobLifecycle, SFTTrainer):
     """Train several `JobConfig`s together on one frozen base.
 
     Args:
@@ -95,8 +95,10 @@ class MultiJobTrainer(SFTTrainer):
         step_overhead_tokens: int | str | None = "auto",
         **kwargs: Any,
     ) -> None:
-        if "peft_config" in kwargs or "train_dataset" in kwargs:
-            raise TypeError("MultiJobTrainer takes the adapters and datasets from jobs=[JobConfig(...)], not peft_config/train_dataset")
+        if "peft_config" in kwargs or "train_dataset" in kwargs or "eval_dataset" in kwargs:
+            raise TypeError("MultiJobTrainer takes the adapters and datasets from jobs=[JobConfig(...)] (each job's "
+                            "train_dataset and eval_dataset), not peft_config/train_dataset/eval_dataset")
+        check_callbacks(callbacks)
         if not isinstance(jobs, (list, tuple)) or not jobs or not all(isinstance(j, JobConfig) for j in jobs):
             raise TypeError(f"jobs must be a non-empty list of JobConfig, got {jobs!r}")
         names = [j.name for j in jobs]
@@ -182,20 +184,6 @@ class MultiJobTrainer(SFTTrainer):
             num_training_steps=run.max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
         return run
 
-    def _resume(self, runs: list[JobRun]) -> None:
-        for run in runs:
-            final_state = os.path.join(run.args.output_dir, ckpt.STATE_FILE)
-            if os.path.isfile(final_state) and ckpt.read_json(final_state).get("status") in (DONE, STOPPED):
-                state = ckpt.read_json(final_state)
-                self.jobs_model.load_job(run.name, run.args.output_dir)
-                run.status, run.global_step = state["status"], state["global_step"]
-                run.release()
-                continue
-            path = ckpt.latest_checkpoint(run.args.output_dir)
-            if path is not None:
-                run.load_checkpoint(path, lambda d, name=run.name: self.jobs_model.load_job(name, d))
-                logger.info("job %s resumes from %s", run.name, path)
-
     # ------------------------------------------------------------------ training
     def train(self, resume_from_checkpoint: bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """Train every job to its end; `resume_from_checkpoint=True` continues each job from its latest checkpoint."""
@@ -236,6 +224,7 @@ class MultiJobTrainer(SFTTrainer):
                 self.state.epoch = max((r.epoch + r.batches_done / max(r.batches_per_epoch, 1) for r in runs), default=0)
                 self.control = self.callback_handler.on_step_end(self.args, self.state, self.control)
                 if self.control.should_training_stop:
+                    self._checkpoint_unfinished(runs)
                     break
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
         self.job_summary = self._summarise(runs, time.perf_counter() - start)
@@ -401,6 +390,7 @@ class MultiJobTrainer(SFTTrainer):
         stop_early = run.name in self.job_eval_datasets and run.should_evaluate() and self._evaluate_job(run)
         if run.should_save() and self.is_world_process_zero():
             run.save_checkpoint(lambda d: self.jobs_model.save_job(run.name, d))
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
         if stop_early:
             self._finish(run, STOPPED)
         elif run.global_step >= run.max_steps:
@@ -409,7 +399,9 @@ class MultiJobTrainer(SFTTrainer):
     def _evaluate_job(self, run: JobRun) -> bool:
         """Log `<job>/eval_loss`; True when early stopping says stop."""
         loss = self._eval_loss(run.name, run.args.per_device_eval_batch_size)
-        self.log({f"{run.name}/eval_loss": loss, f"{run.name}/step": run.global_step})
+        metrics = {f"{run.name}/eval_loss": loss, f"{run.name}/step": run.global_step}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return run.record_eval(loss)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -443,30 +435,6 @@ class MultiJobTrainer(SFTTrainer):
             self.accelerator, torch.tensor([total, float(count)], dtype=torch.float64)
         ).tolist()
         return total / max(count, 1.0)
-
-    def _finish(self, run: JobRun, status: str = DONE) -> None:
-        if run.finished:
-            return
-        run.status = status
-
-        def write(tmp: str) -> None:
-            self.jobs_model.save_job(run.name, tmp)
-            ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), run.state_dict())
-
-        if self.is_world_process_zero():
-            ckpt.replace_files_atomically(run.args.output_dir, write)
-        run.release()
-        logger.info("job %s %s after %d steps", run.name, status, run.global_step)
-
-    def _fail(self, run: JobRun, reason: str) -> None:
-        """Stop one job (its checkpoints stay); the others go on."""
-        run.status, run.error = FAILED, reason
-        run.release()
-        if self.is_world_process_zero():
-            os.makedirs(run.args.output_dir, exist_ok=True)
-            ckpt.write_json(os.path.join(run.args.output_dir, "job_failed.json"), run.state_dict())
-        logger.error("job %s failed and was stopped (the other jobs go on): %s", run.name, reason)
-        self.log({f"{run.name}/failed": 1.0})
 
     # ------------------------------------------------------------------ memory
     def _profile_memory(self, runs: list[JobRun]) -> None:

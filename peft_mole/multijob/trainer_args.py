@@ -32,6 +32,11 @@ UNSUPPORTED = {
         "each job's loss is the negative log-likelihood of its targets; set loss_type='nll'",
     ),
     "activation_offloading": (bool, "the mixed steps do not offload activations; set activation_offloading=False"),
+    "load_best_model_at_end": (
+        bool,
+        "each job ends with its final adapter; stop a job at its best evaluation with "
+        "JobConfig(early_stopping_patience=...) instead; set load_best_model_at_end=False",
+    ),
     "deepspeed": (bool, "DeepSpeed is not supported; use `accelerate launch` with plain data parallelism"),
     "fsdp": (bool, "FSDP is not supported; use `accelerate launch` with plain data parallelism"),
 }
@@ -44,6 +49,7 @@ def check_trainer_args(args, configs: dict) -> None:
         value = getattr(args, field, None)
         if is_set(value):
             raise ValueError(f"MultiJobTrainer does not support {field}={value!r}: {advice}")
+    check_lr_scheduler(args.lr_scheduler_type, "lr_scheduler_type")
     save_strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
     if save_strategy == "best":
         raise ValueError("MultiJobTrainer does not support save_strategy='best': each job saves its final adapter and "
@@ -55,6 +61,25 @@ def check_trainer_args(args, configs: dict) -> None:
                 "with torch.autograd.grad, which never re-runs reentrant checkpointed layers (the adapters would get "
                 "no gradient); leave use_reentrant unset or set it to False"
             )
+
+
+def check_lr_scheduler(value, where: str) -> None:
+    """Refuse schedulers that step on an evaluation metric ("reduce_lr_on_plateau"): a job's scheduler steps with
+    its optimizer, on no metric."""
+    if str(getattr(value, "value", value)) == "reduce_lr_on_plateau":
+        raise ValueError(f"MultiJobTrainer does not support {where}='reduce_lr_on_plateau' (each job's scheduler steps "
+                         "with its optimizer, on no metric); choose a step-based one such as 'linear' or 'cosine'")
+
+
+def check_callbacks(callbacks) -> None:
+    """Refuse transformers' EarlyStoppingCallback: it watches one eval metric of the whole run, which several jobs
+    do not have; each job stops on its own evaluations with `JobConfig(early_stopping_patience=...)`."""
+    from transformers import EarlyStoppingCallback
+
+    for callback in callbacks or ():
+        if callback is EarlyStoppingCallback or isinstance(callback, EarlyStoppingCallback):
+            raise ValueError("MultiJobTrainer does not support EarlyStoppingCallback: each job stops on its own "
+                             "evaluations; set JobConfig(early_stopping_patience=..., eval_dataset=..., eval_steps=...)")
 
 
 def check_distributed(trainer) -> None:

@@ -9,9 +9,14 @@ import textwrap
 
 import pytest
 import torch
+from peft import LoraConfig
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
+from peft_mole import JobConfig, MultiJobTrainer
 from peft_mole.multijob.checkpoint import list_checkpoints, write_atomically
+from tests.helpers import mixlora, randomize_adapters, tiny_base
+from tests.multijob.test_trainer import ALL_LINEAR, run_args
 
 SCRIPT = textwrap.dedent('''
     """Train two jobs on generated data; KILL_AT=n kills the process (SIGKILL) after mixed step n."""
@@ -156,3 +161,47 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert any(name.startswith(".tmp-checkpoint-2") for name in os.listdir(tmp_path))
     prune_checkpoints(str(tmp_path), keep=None)  # the next completed write clears the leftovers
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "writer.py"]
+
+
+class _StopAt(TrainerCallback):
+    """Stops training at one mixed step, as a preemption or time-limit callback does."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_a_callback_stopping_training_checkpoints_every_unfinished_job_and_resume_ends_the_same(assets, tmp_path):
+    """`control.should_training_stop` from a callback, in the middle of the LoRA job's accumulation window (2
+    micro-batches) and between the MixLoRA job's checkpoints: each unfinished job is checkpointed at its last
+    optimizer step (nothing is lost), and resuming ends with the uninterrupted run's adapters."""
+    tokenizer, datasets = assets
+
+    def trainer(out, callbacks=()):
+        jobs = [JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+                          datasets["sentiment"], gradient_accumulation_steps=2, max_steps=3),
+                JobConfig("mix", mixlora(), datasets["capital"], per_device_train_batch_size=2, max_steps=5,
+                          save_steps=4)]
+        built = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                                args=run_args(out, save_strategy="steps", save_steps=100), callbacks=list(callbacks))
+        randomize_adapters(built.jobs_model, seed=3)
+        return built
+
+    trainer(tmp_path / "whole").train()
+    stopped = trainer(tmp_path / "stopped", [_StopAt(3)])
+    stopped.train()  # mixed step 3: "lora" has stepped once and is one micro-batch into its second window
+    state = {run.name: (run.status, run.global_step) for run in stopped.runs}
+    assert state == {"lora": ("running", 1), "mix": ("running", 3)}
+    assert [step for step, _ in list_checkpoints(tmp_path / "stopped" / "lora")] == [1]
+    assert [step for step, _ in list_checkpoints(tmp_path / "stopped" / "mix")] == [3]
+    resumed = trainer(tmp_path / "stopped")
+    resumed.train(resume_from_checkpoint=True)
+    assert {run.name: (run.status, run.global_step) for run in resumed.runs} == {"lora": ("done", 3),
+                                                                                   "mix": ("done", 5)}
+    for job in ("lora", "mix"):
+        whole = load_file(tmp_path / "whole" / job / "adapter_model.safetensors")
+        again = load_file(tmp_path / "stopped" / job / "adapter_model.safetensors")
+        assert max((whole[k] - again[k]).abs().max().item() for k in whole) <= 1e-6, job

@@ -8,7 +8,7 @@ import pytest
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import modeling_utils
+from transformers import EarlyStoppingCallback, TrainerCallback, modeling_utils
 from trl import SFTConfig, SFTTrainer
 
 from peft_mole import JobConfig, MultiJobTrainer
@@ -169,13 +169,25 @@ def test_bad_trainer_arguments(assets, tmp_path):
         MultiJobTrainer(model=tiny_base(), jobs=[], args=run_args(tmp_path), processing_class=tokenizer)
     with pytest.raises(TypeError, match="not peft_config"):
         MultiJobTrainer(model=tiny_base(), jobs=[job], args=run_args(tmp_path), peft_config=LoraConfig())
+    with pytest.raises(TypeError, match="each job's train_dataset and eval_dataset"):  # it would be ignored
+        MultiJobTrainer(model=tiny_base(), jobs=[job], args=run_args(tmp_path), eval_dataset=datasets["add"])
+    with pytest.raises(ValueError, match="EarlyStoppingCallback.*JobConfig\\(early_stopping_patience"):
+        MultiJobTrainer(model=tiny_base(), jobs=[job], args=run_args(tmp_path), processing_class=tokenizer,
+                        callbacks=[EarlyStoppingCallback(early_stopping_patience=1)])
+    with pytest.raises(ValueError, match="job 'late': lr_scheduler_type='reduce_lr_on_plateau'"):
+        JobConfig("late", LoraConfig(r=4), datasets["add"], lr_scheduler_type="reduce_lr_on_plateau")
+    with pytest.raises(TypeError, match="job 'stream': train_dataset must have a length .* IterableDataset"):
+        JobConfig("stream", LoraConfig(r=4), datasets["add"].to_iterable_dataset())
 
 
 @pytest.mark.parametrize("option", [dict(neftune_noise_alpha=5.0),
                                     dict(auto_find_batch_size=True), dict(push_to_hub=True, hub_model_id="me/x"),
                                     dict(use_liger_kernel=True), dict(label_smoothing_factor=0.1),
                                     dict(loss_type="dft"), dict(activation_offloading=True),
-                                    dict(gradient_checkpointing_kwargs={"use_reentrant": True})])
+                                    dict(gradient_checkpointing_kwargs={"use_reentrant": True}),
+                                    dict(load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps",
+                                         metric_for_best_model="loss"),
+                                    dict(lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps")])
 def test_trainer_options_its_own_loop_cannot_honour_are_refused(assets, tmp_path, option):
     """Trainer.train would apply these; MultiJobTrainer's loop does not, so they fail early instead of silently."""
     tokenizer, datasets = assets
@@ -198,10 +210,17 @@ def test_per_job_evaluation_and_early_stopping(assets, tmp_path):
                   early_stopping_patience=2, max_steps=30),
         JobConfig("calm", mixlora(), datasets["add"], max_steps=4),
     ]
+    seen = []  # what callbacks' on_evaluate receive (integrations and user callbacks watch it)
+
+    class Watch(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            seen.append(metrics["wild/eval_loss"])
+
     trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=run_args(tmp_path),
-                              processing_class=tokenizer)
+                              processing_class=tokenizer, callbacks=[Watch()])
     trainer.train()
     evals = [h["wild/eval_loss"] for h in trainer.state.log_history if "wild/eval_loss" in h]
+    assert seen == evals
     best, without, expected_stop = float("inf"), 0, None
     for i, loss in enumerate(evals):
         best, without = (loss, 0) if loss < best else (best, without + 1)
@@ -287,7 +306,8 @@ def test_evaluate_reports_each_jobs_own_eval_loss(assets, tmp_path):
     """trainer.evaluate() (Trainer's API): every job with an eval_dataset, through its own adapter, as logged."""
     tokenizer, datasets = assets
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR)
-    jobs = [JobConfig("a", lora, datasets["sentiment"], eval_dataset=datasets["capital"], eval_steps=2, max_steps=2),
+    # "a": eval_steps beyond its last step, so it is evaluated once, at its end (as Trainer evaluates at the end)
+    jobs = [JobConfig("a", lora, datasets["sentiment"], eval_dataset=datasets["capital"], eval_steps=3, max_steps=2),
             # the same eval set as "a": the losses differ only through the jobs' own adapters
             JobConfig("b", mixlora(), datasets["add"], eval_dataset=datasets["capital"], eval_steps=2, max_steps=2),
             JobConfig("c", lora, datasets["capital"], max_steps=2)]
@@ -297,6 +317,7 @@ def test_evaluate_reports_each_jobs_own_eval_loss(assets, tmp_path):
     trainer.train()
     metrics = trainer.evaluate()
     assert sorted(metrics) == ["a/eval_loss", "b/eval_loss"]
+    assert [h["a/step"] for h in trainer.state.log_history[:-1] if "a/eval_loss" in h] == [2]  # (-1: evaluate())
     logged = {k: h[k] for h in trainer.state.log_history[:-1] for k in h if k.endswith("/eval_loss")}
     assert metrics == pytest.approx(logged, rel=1e-6)  # the adapters did not change since their last evaluation
     assert metrics["a/eval_loss"] != pytest.approx(metrics["b/eval_loss"], rel=1e-3)

@@ -1,0 +1,69 @@
+"""How a job's run ends and starts again, as `MultiJobTrainer` methods (a mixin): its final save, its failure, a
+checkpoint of every unfinished job when a callback stops training, and resume from those files.
+
+Every write is atomic (`multijob.checkpoint`): a run killed at any point leaves each job's previous checkpoint or
+final adapter whole. A failing job writes `job_failed.json` and keeps its checkpoints; the other jobs go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from peft_mole.multijob import checkpoint as ckpt
+from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun
+
+logger = logging.getLogger("peft_mole.multijob.trainer")  # one logger for the trainer's messages
+
+
+class JobLifecycle:
+    """The trainer's job endings and resume (see the module docstring); mixed into `MultiJobTrainer`."""
+
+    def _resume(self, runs: list[JobRun]) -> None:
+        """Each job from where it ended: a done or stopped job's final adapter, else its latest checkpoint."""
+        for run in runs:
+            final_state = os.path.join(run.args.output_dir, ckpt.STATE_FILE)
+            if os.path.isfile(final_state) and ckpt.read_json(final_state).get("status") in (DONE, STOPPED):
+                state = ckpt.read_json(final_state)
+                self.jobs_model.load_job(run.name, run.args.output_dir)
+                run.status, run.global_step = state["status"], state["global_step"]
+                run.release()
+                continue
+            path = ckpt.latest_checkpoint(run.args.output_dir)
+            if path is not None:
+                run.load_checkpoint(path, lambda d, name=run.name: self.jobs_model.load_job(name, d))
+                logger.info("job %s resumes from %s", run.name, path)
+
+    def _checkpoint_unfinished(self, runs: list[JobRun]) -> None:
+        """A callback stopped training (`control.should_training_stop`): checkpoint every job that has stepped and
+        not ended, at its last optimizer step, so `train(resume_from_checkpoint=True)` continues it."""
+        unfinished = [run for run in runs if not run.finished and run.global_step > 0]
+        if unfinished and self.is_world_process_zero():
+            for run in unfinished:
+                run.save_checkpoint(lambda d, name=run.name: self.jobs_model.save_job(name, d))
+        logger.warning("training stopped by a callback at step %d; unfinished jobs checkpointed: %s",
+                       self.state.global_step, [run.name for run in unfinished])
+
+    def _finish(self, run: JobRun, status: str = DONE) -> None:
+        if run.finished:
+            return
+        run.status = status
+
+        def write(tmp: str) -> None:
+            self.jobs_model.save_job(run.name, tmp)
+            ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), run.state_dict())
+
+        if self.is_world_process_zero():
+            ckpt.replace_files_atomically(run.args.output_dir, write)
+        run.release()
+        logger.info("job %s %s after %d steps", run.name, status, run.global_step)
+
+    def _fail(self, run: JobRun, reason: str) -> None:
+        """Stop one job (its checkpoints stay); the others go on."""
+        run.status, run.error = FAILED, reason
+        run.release()
+        if self.is_world_process_zero():
+            os.makedirs(run.args.output_dir, exist_ok=True)
+            ckpt.write_json(os.path.join(run.args.output_dir, "job_failed.json"), run.state_dict())
+        logger.error("job %s failed and was stopped (the other jobs go on): %s", run.name, reason)
+        self.log({f"{run.name}/failed": 1.0})
