@@ -148,6 +148,8 @@ class MultiJobTrainer(JobLifecycle, SFTTrainer):
                     f"job {name.split()[0]!r}: no {'eval' if name.endswith('eval') else 'training'} rows are left after "
                     "SFTTrainer's preparation (rows without trainable tokens are dropped; check the completion field)"
                 )
+        self.runs: list[JobRun] = []  # made by train()
+        self.job_summary: list[dict] = []
 
     def _prepare_job_dataset(self, name: str, dataset, formatting_func):
         """SFTTrainer's own preparation (tokenisation, chat template, completion mask), errors named by job."""
@@ -157,8 +159,6 @@ class MultiJobTrainer(JobLifecycle, SFTTrainer):
             )
         except Exception as error:
             raise ValueError(f"job {name.split()[0]!r}: SFTTrainer could not prepare its dataset: {error}") from error
-        self.runs: list[JobRun] = []
-        self.job_summary: list[dict] = []
 
     # ------------------------------------------------------------------ set-up
     def _make_run(self, job: JobConfig) -> JobRun:

@@ -82,11 +82,17 @@ def _assert_same(reference: torch.Tensor, ours: torch.Tensor) -> None:
         torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-8)
 
 
-def test_clipping_over_the_flat_tensor_equals_per_tensor_to_rounding():
+@pytest.mark.parametrize("optimizer_class", ["adamw", "sgd"])
+def test_clipping_over_the_flat_tensor_equals_per_tensor_to_rounding(optimizer_class):
+    """The clipped gradients of the flat tensor equal per-tensor clipping's; SGD's update is the gradient itself,
+    so there a clipping norm of 1.0 instead of 0.5 would move the weights by far more than the tolerance (AdamW
+    normalises a gradient scaled alike every step away)."""
     reference, flattened = _params(), _params()
     flat = FlatGroups([g["params"] for g in _groups(flattened)])
-    per_tensor = torch.optim.AdamW(_groups(reference), lr=0.1, fused=True)
-    optimizer = torch.optim.AdamW(flat.optimizer_groups(_groups(flattened)), lr=0.1, fused=True)
+    make = (lambda groups: torch.optim.AdamW(groups, lr=0.1, fused=True)) if optimizer_class == "adamw" else (
+        lambda groups: torch.optim.SGD(groups, lr=0.1))
+    per_tensor = make(_groups(reference))
+    optimizer = make(flat.optimizer_groups(_groups(flattened)))
     for step in range(3):
         _step(reference, per_tensor, None, _grads(reference, step), 0.5)
         _step(flattened, optimizer, flat, _grads(flattened, step), 0.5)
