@@ -8,6 +8,7 @@ exactness tests compare against.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from peft import LoraConfig, PeftConfig
 from peft_mole.multijob.model import check_job_name
 from peft_mole.multijob.trainer_args import check_lr_scheduler
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
+
+logger = logging.getLogger(__name__)
 
 # JobConfig field -> TrainingArguments field it overrides
 OVERRIDES = (
@@ -122,4 +125,8 @@ class JobConfig:
             if getattr(self, name) is not None:
                 setattr(args, name, getattr(self, name))
         args.output_dir = os.path.join(base.output_dir, self.name)
+        if self.num_train_epochs is not None and self.max_steps is None and args.max_steps > 0:
+            logger.warning("job %s: num_train_epochs=%s has no effect, since max_steps=%d (from the trainer's "
+                           "arguments) takes precedence as in Trainer; set JobConfig(max_steps=-1) to train by "
+                           "epochs", self.name, self.num_train_epochs, args.max_steps)
         return args

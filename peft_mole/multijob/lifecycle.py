@@ -28,6 +28,10 @@ class JobLifecycle:
                 self.jobs_model.load_job(run.name, run.args.output_dir)
                 run.status, run.global_step = state["status"], state["global_step"]
                 run.release()
+                if state["status"] == DONE and run.max_steps > run.global_step:
+                    logger.warning("job %s ended at step %d; resume does not train an ended job further (its "
+                                   "max_steps is now %d): start a new job from its adapter in %s", run.name,
+                                   run.global_step, run.max_steps, run.args.output_dir)
                 continue
             path = ckpt.latest_checkpoint(run.args.output_dir)
             if path is not None:
@@ -55,6 +59,9 @@ class JobLifecycle:
 
         if self.is_world_process_zero():
             ckpt.replace_files_atomically(run.args.output_dir, write)
+            failed_note = os.path.join(run.args.output_dir, "job_failed.json")
+            if os.path.exists(failed_note):  # from an earlier run that failed, since resumed
+                os.remove(failed_note)
         run.release()
         logger.info("job %s %s after %d steps", run.name, status, run.global_step)
 

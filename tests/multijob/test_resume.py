@@ -205,3 +205,28 @@ def test_a_callback_stopping_training_checkpoints_every_unfinished_job_and_resum
         whole = load_file(tmp_path / "whole" / job / "adapter_model.safetensors")
         again = load_file(tmp_path / "stopped" / job / "adapter_model.safetensors")
         assert max((whole[k] - again[k]).abs().max().item() for k in whole) <= 1e-6, job
+
+
+def test_resume_says_an_ended_job_is_not_trained_further_and_a_finished_job_drops_its_old_failure(
+        assets, tmp_path, caplog):
+    tokenizer, datasets = assets
+
+    def trainer(max_steps, epochs=None):
+        job = JobConfig("a", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+                        datasets["add"], max_steps=max_steps, num_train_epochs=epochs)
+        return MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job], processing_class=tokenizer,
+                               args=run_args(tmp_path, save_strategy="steps", save_steps=1))
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "job_failed.json").write_text('{"status": "failed"}')  # left by an earlier, failed run
+    first = trainer(2)
+    first.train()
+    assert not (tmp_path / "a" / "job_failed.json").exists()
+    with caplog.at_level("WARNING"):
+        again = trainer(4)
+        again.train(resume_from_checkpoint=True)
+    assert [(r.status, r.global_step) for r in again.runs] == [("done", 2)]
+    assert "job a ended at step 2; resume does not train an ended job further (its max_steps is now 4)" in caplog.text
+    with caplog.at_level("WARNING"):
+        trainer(None, epochs=2.0).jobs[0].training_args(run_args(tmp_path))
+    assert "job a: num_train_epochs=2.0 has no effect, since max_steps=3" in caplog.text
