@@ -41,8 +41,10 @@ class JobLifecycle:
     def _checkpoint_unfinished(self, runs: list[JobRun]) -> None:
         """A callback stopped training (`control.should_training_stop`): checkpoint every job that has stepped and
         not ended, at its last optimizer step, so `train(resume_from_checkpoint=True)` continues it."""
+        if all(run.finished for run in runs):  # the flow callback's stop after the last step
+            return
         unfinished = [run for run in runs if not run.finished and run.global_step > 0]
-        if unfinished and self.is_world_process_zero():
+        if self.is_world_process_zero():
             for run in unfinished:
                 run.save_checkpoint(lambda d, name=run.name: self.jobs_model.save_job(name, d))
         logger.warning("training stopped by a callback at step %d; unfinished jobs checkpointed: %s",

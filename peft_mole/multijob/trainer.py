@@ -216,6 +216,8 @@ class MultiJobTrainer(JobLifecycle, SFTTrainer):
             parts = self._next_parts(running)
             if parts:
                 self.control = self.callback_handler.on_step_begin(self.args, self.state, self.control)
+                for _, batch in parts:  # `include_num_input_tokens_seen`, counted before the step, as Trainer does
+                    self._track_num_input_tokens(batch)
                 self._train_round(parts)
                 self.state.global_step += 1
                 left = [run for run in runs if not run.finished]  # micro-batches deferred by max_memory take more

@@ -324,3 +324,21 @@ def test_evaluate_reports_each_jobs_own_eval_loss(assets, tmp_path):
     assert trainer.model.training  # evaluation leaves the model as it found it
     with pytest.raises(TypeError, match="each job's own eval_dataset"):
         trainer.evaluate(datasets["add"])
+
+
+def test_input_tokens_seen_are_counted_as_trainer_counts_them(assets, tmp_path, monkeypatch):
+    """`include_num_input_tokens_seen="non_padding"`: the real tokens of every micro-batch trained, in the logs."""
+    tokenizer, datasets = assets
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=three_jobs(datasets)[:2],
+                              args=run_args(tmp_path, include_num_input_tokens_seen="non_padding"),
+                              processing_class=tokenizer)
+    trained, next_parts = [], trainer._next_parts
+
+    def recorded(running):
+        parts = next_parts(running)
+        trained.extend(int(batch["attention_mask"].sum()) for _, batch in parts)
+        return parts
+    monkeypatch.setattr(trainer, "_next_parts", recorded)
+    trainer.train()
+    assert trainer.state.num_input_tokens_seen == sum(trained) > 0
+    assert trainer.state.log_history[-1]["num_input_tokens_seen"] == sum(trained)
