@@ -64,12 +64,12 @@ class JobRun:
         self.epoch = 0
         self.batches_done = 0  # micro-batches consumed in the current epoch
         self.window: list[dict] = []
-        self.window_items = None  # N_j of the current window
+        self.window_items = None  # N_j of the current window (this process's count until the trainer sums it)
+        self.items_pending = False  # a new window whose N_j is not yet summed over processes
         self.window_pos = 0
         self.window_loss = 0.0  # Σ of the window's micro-batch losses = the job's loss for this optimizer step
         self.stats = JobStats()
         self._iterator = None
-        self.reduce_items = lambda count: count  # the trainer sums N_j over processes under `accelerate launch`
         self.last_grad_norm: float | None = None
         self.last_lr = 0.0
         self.flat = flat  # FlatGroups when the optimizer steps flat tensors (`multijob.flat_parameters`)
@@ -113,7 +113,10 @@ class JobRun:
         n = min(self.args.gradient_accumulation_steps, self.batches_per_epoch - self.batches_done)
         self.window = [next(self._iterator) for _ in range(n)]
         self.batches_done += n
-        self.window_items = self.reduce_items(sum((b["labels"][..., 1:] != -100).sum() for b in self.window))
+        # this process's count; the trainer sums it over processes once every process has its window (a collective
+        # here would be skipped by a process whose data raised, and the processes' collectives would fall out of step)
+        self.window_items = sum((b["labels"][..., 1:] != -100).sum() for b in self.window)
+        self.items_pending = True
         self.window_pos = 0
         return True
 

@@ -177,8 +177,6 @@ class MultiJobTrainer(JobLifecycle, SFTTrainer):
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(args, self.model)
         optimizer, flat = job_optimizer(optimizer_cls, optimizer_kwargs, groups, args.device, self.flat_job_parameters)
         run = JobRun(job, args, loader, params, optimizer, None, flat=flat)
-        if args.average_tokens_across_devices:
-            run.reduce_items = lambda count: dist.sum_over_processes(self.accelerator, count)
         run.scheduler = get_scheduler(
             args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(run.max_steps),
             num_training_steps=run.max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
@@ -243,6 +241,7 @@ class MultiJobTrainer(JobLifecycle, SFTTrainer):
             except Exception as error:  # noqa: BLE001 — a job's data must not take the others down
                 errors[run.name] = f"its data pipeline raised {type(error).__name__}: {error}"
         failed = dist.any_process(self.accelerator, [run.name in errors for run in running])
+        self._sum_window_items([run for run, bad in zip(running, failed, strict=True) if not bad])
         for run, bad in zip(running, failed, strict=True):
             if bad:
                 self._fail(run, errors.get(run.name, "its data pipeline raised on another process"))
@@ -259,6 +258,19 @@ class MultiJobTrainer(JobLifecycle, SFTTrainer):
             elif keep:
                 parts.append((run, batch))
         return parts
+
+    def _sum_window_items(self, runs: list[JobRun]) -> None:
+        """N_j of the windows the runs fetched this round, summed over processes in one collective (with
+        `average_tokens_across_devices`, as Trainer's `num_items_in_batch`), after the processes agreed on which
+        jobs failed: every process then takes part with the same jobs."""
+        pending = [run for run in runs if run.items_pending]
+        if not pending:
+            return
+        counts = torch.stack([torch.as_tensor(run.window_items) for run in pending])
+        if self.args.average_tokens_across_devices:
+            counts = dist.sum_over_processes(self.accelerator, counts)
+        for run, count in zip(pending, counts, strict=True):
+            run.window_items, run.items_pending = count, False
 
     def _train_round(self, parts: list[tuple[JobRun, dict]]) -> None:
         """Train one micro-batch of every part (in one or more mixed steps), then agree on failures and step the jobs

@@ -23,6 +23,7 @@ SCRIPT = textwrap.dedent('''
     from tests.helpers import mixlora, randomize_adapters, tiny_base
 
     out, per_device, padding_free = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    failing = len(sys.argv) > 4  # a third job whose data raises on process 1 only, at its second micro-batch
     tokenizer = synthetic.demo_tokenizer()
     def data(task):
         rows = synthetic.multitask_rows(24, tasks=(task,))
@@ -34,6 +35,28 @@ SCRIPT = textwrap.dedent('''
         JobConfig("mix", mixlora(router_aux_loss_coef=0.0), data("capital"), per_device_train_batch_size=per_device,
                   gradient_accumulation_steps=2),
     ]
+    if failing:
+        jobs.append(JobConfig("bad", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"]),
+                              data("add"), per_device_train_batch_size=per_device))
+
+        class Breaks:
+            def __init__(self, loader):
+                self.loader = loader
+            def __len__(self):
+                return len(self.loader)
+            def __iter__(self):
+                for i, batch in enumerate(self.loader):
+                    if i == 1:
+                        raise RuntimeError("corrupt shard")
+                    yield batch
+
+        make_run = MultiJobTrainer._make_run
+        def make_run_breaking_on_process_1(self, job):
+            run = make_run(self, job)
+            if job.name == "bad" and self.accelerator.process_index == 1:
+                run.dataloader = Breaks(run.dataloader)
+            return run
+        MultiJobTrainer._make_run = make_run_breaking_on_process_1
     args = SFTConfig(output_dir=out, max_steps=3, learning_rate=1e-3, bf16=False, use_cpu=True, report_to=[],
                      save_strategy="no", logging_steps=1, max_length=None if padding_free else 40,
                      gradient_checkpointing=False, dataloader_num_workers=0, seed=0, disable_tqdm=True,
@@ -43,6 +66,8 @@ SCRIPT = textwrap.dedent('''
     randomize_adapters(trainer.jobs_model, seed=7 + int(os.environ.get("RANK", "0")))
     trainer.train()
     print("processes", trainer.accelerator.num_processes)
+    print("process", trainer.accelerator.process_index, "statuses",
+          sorted((row["job"], row["status"], row["steps"]) for row in trainer.job_summary))
 ''')
 
 
@@ -72,4 +97,30 @@ def test_two_processes_match_one_process(tmp_path, padding_free):
         a = load_file(tmp_path / "one" / job / "adapter_model.safetensors")
         b = load_file(tmp_path / "two" / job / "adapter_model.safetensors")
         assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5, job
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
+def test_a_job_failing_on_one_process_fails_on_every_process_and_the_others_go_on(tmp_path):
+    """A job whose data raises on process 1 only: both processes fail it at the same step (no collective is left
+    waiting), and the other jobs end with the adapters of the 1-process run, where that job trains."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(root=os.getcwd()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4", "0", "fail"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "('bad', 'done', 3)" in one.stdout  # one process: no process 1, the job trains
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port())]
+    two = subprocess.run(launch + [str(script), str(tmp_path / "two"), "2", "0", "fail"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    statuses = [line for line in two.stdout.splitlines() if " statuses " in line]
+    assert len(statuses) == 2 and all("('bad', 'failed', 1)" in line for line in statuses), statuses
+    assert statuses[0].split("statuses")[1] == statuses[1].split("statuses")[1]  # the same on both processes
+    for job in ("lora", "mix"):
+        a = load_file(tmp_path / "one" / job / "adapter_model.safetensors")
+        b = load_file(tmp_path / "two" / job / "adapter_model.safetensors")
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5, job
