@@ -84,7 +84,7 @@ def test_dynmole_rule_matches_reference(q, top_p, threshold, min_experts, renorm
             assert g[k] == pytest.approx(e[k], abs=1e-6)
     # the rule really varies: some tokens broadcast, some use few experts
     sizes = {len(g) for g in got}
-    assert len(sizes) > 1
+    assert 6 in sizes and min(sizes) < 6, sizes
 
 
 def test_uniform_distribution_broadcasts_to_all_experts():
@@ -117,7 +117,9 @@ def test_tsallis_loss_is_mean_normalised_entropy_with_gradient():
     logits = torch.randn(10, 4, requires_grad=True)
     probs = routing.router_probabilities(logits)
     loss = routing.tsallis_loss(probs, 1.1)
-    torch.testing.assert_close(loss, routing.normalized_entropy(probs, 1.1).mean())
+    s_max = (1 - 4 ** (1 - 1.1)) / (1.1 - 1)  # the entropy of the uniform distribution over 4 experts
+    by_hand = sum(slow_entropy(row, 1.1) / s_max for row in probs.tolist()) / 10
+    assert loss.item() == pytest.approx(by_hand, abs=1e-5)
     loss.backward()
     assert logits.grad.abs().sum() > 0
     assert routing.tsallis_loss(torch.zeros(0, 4), 1.1).item() == 0.0

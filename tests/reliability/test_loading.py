@@ -45,20 +45,17 @@ def test_unknown_config_key_warns_and_loads(saved, tmp_path):
     assert isinstance(model.peft_config["default"], (peft_mole.MixLoRAConfig, peft_mole.DynMoLEConfig))
 
 
-@pytest.mark.parametrize("key", ["num_experts", "r", "expert_target_modules", "attn_r"])
-def test_missing_config_key_is_refused_by_name(saved, tmp_path, key):
-    path = _copy(saved, tmp_path)
-    _edit_config(path, lambda c: c.pop(key))
-    with pytest.raises(ValueError, match=rf"lacks \['{key}'\]"):
-        PeftModel.from_pretrained(tiny_base(), path)
-
-
-def test_missing_routing_key_is_refused(saved, tmp_path):
-    path = _copy(saved, tmp_path)
-    key = "top_k" if "top_k" in json.loads((path / "adapter_config.json").read_text()) else "top_p"
-    _edit_config(path, lambda c: c.pop(key))
-    with pytest.raises(ValueError, match=rf"lacks \['{key}'\]"):
-        PeftModel.from_pretrained(tiny_base(), path)
+def test_every_required_config_key_is_refused_by_name_when_missing(saved, tmp_path):
+    """Each of the config type's `REQUIRED_ON_LOAD` keys (routing ones included), taken out of a saved config:
+    loading fails naming it, before any weight is loaded."""
+    saved_type = json.loads((saved / "adapter_config.json").read_text())["peft_type"]
+    config_type = {"PEFT_MOLE_MIXLORA": peft_mole.MixLoRAConfig, "PEFT_MOLE_DYNMOLE": peft_mole.DynMoLEConfig}[saved_type]
+    assert {"num_experts", "r", "lora_alpha"} <= set(config_type.REQUIRED_ON_LOAD)
+    for key in config_type.REQUIRED_ON_LOAD:
+        path = _copy(saved, tmp_path / key)
+        _edit_config(path, lambda c, key=key: c.pop(key))
+        with pytest.raises(ValueError, match=rf"lacks \['{key}'\]"):
+            PeftModel.from_pretrained(tiny_base(), path)
 
 
 def _truncate_header(path):

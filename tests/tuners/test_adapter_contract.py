@@ -225,9 +225,14 @@ def test_generate_with_beams_and_per_row_adapters_and_no_stale_rows():
     model.set_adapter("other")
     alone = model.generate(input_ids=ids[1:], attention_mask=mask[1:], **kwargs)
     assert torch.equal(mixed[1:], alone)
-    # the rows given to generate do not leak into a later direct call with another batch size
+    # the rows given to generate do not leak into a later direct call with another batch size: it runs the active
+    # adapter ("other") on its one row, as a fresh forward of that adapter does
     with torch.no_grad():
-        model.get_base_model()(input_ids=ids[:1])
+        later = model.get_base_model()(input_ids=ids[:1]).logits
+        fresh = model(input_ids=ids[:1]).logits
+        default = model(input_ids=ids[:1], adapter_names=["default"]).logits
+    torch.testing.assert_close(later, fresh, atol=0, rtol=0)
+    assert (later - default).abs().max() > 1e-4  # not the first row's adapter of the generate call
 
 
 def test_reentrant_checkpointing_is_refused_instead_of_silently_dropping_the_aux_loss():

@@ -37,15 +37,23 @@ def test_bad_values_are_rejected_with_the_field_name(kwargs, error, pattern):
         DynMoLEConfig(**kwargs)
 
 
-def naive_block(layer, x, adapter="default"):
-    """Σ_e w_e FFN_e(x) token by token, with the hybrid rule's (unrenormalised) weights."""
-    mlp, experts, settings = layer.base_layer, layer.experts[adapter], layer.settings[adapter]
+def rule_of(cfg: DynMoLEConfig) -> dict:
+    """The hybrid rule's settings as the config gives them (not read back from the layer under test)."""
+    return dict(q=cfg.q, top_p=cfg.top_p, broadcast_threshold=cfg.broadcast_threshold, min_experts=cfg.min_experts,
+                renormalize=cfg.renormalize)
+
+
+def naive_block(layer, x, cfg: DynMoLEConfig, adapter="default"):
+    """Σ_e w_e FFN_e(x) token by token, with the hybrid rule's (unrenormalised) weights and s = α / r, all from the
+    config."""
+    mlp, experts = layer.base_layer, layer.experts[adapter]
     probs = torch.softmax(x @ layer.routers[adapter].weight.t(), dim=-1)
-    weights, chosen = routing.dynmole_routing(probs, **settings.rule.keywords)
+    weights, chosen = routing.dynmole_routing(probs, **rule_of(cfg))
+    scaling = cfg.lora_alpha / cfg.r
 
     def weight(proj, e):
         a, b = experts.factors(proj)
-        return getattr(mlp, proj).weight + settings.scaling * b[e] @ a[e]
+        return getattr(mlp, proj).weight + scaling * b[e] @ a[e]
 
     out = torch.zeros(x.shape[0], mlp.down_proj.out_features)
     for t in range(x.shape[0]):
@@ -66,7 +74,8 @@ def peaked(model, scale=3.0):
 
 
 def test_block_scope_equals_naive_formula_with_variable_expert_counts():
-    model = get_peft_model(tiny_base(), dynmole(num_experts=6))
+    cfg = dynmole(num_experts=6, top_p=0.9)  # not the default: a layer reading other settings would differ
+    model = get_peft_model(tiny_base(), cfg)
     randomize_adapters(model, std=0.15)
     peaked(model, 3.0)
     model.eval()
@@ -74,18 +83,18 @@ def test_block_scope_equals_naive_formula_with_variable_expert_counts():
     x = torch.randn(3, 8, 64) * torch.linspace(0.05, 3.0, 24).reshape(3, 8, 1)  # flat to peaked routers
     with torch.no_grad():
         fast = layer(x).reshape(-1, 64)
-        slow = naive_block(layer, x.reshape(-1, 64))
+        slow = naive_block(layer, x.reshape(-1, 64), cfg)
         weights, _ = routing.dynmole_routing(
-            torch.softmax(x.reshape(-1, 64) @ layer.routers["default"].weight.t(), -1),
-            **layer.settings["default"].rule.keywords,
-        )
+            torch.softmax(x.reshape(-1, 64) @ layer.routers["default"].weight.t(), -1), **rule_of(cfg))
     counts = (weights != 0).sum(-1)
-    assert counts.min() < counts.max()  # tokens really use different numbers of experts
+    # tokens really use different numbers of experts: broadcast ones, and top-p ones beyond min_experts
+    assert counts.max() == 6 and ((counts > cfg.min_experts) & (counts < 6)).any(), counts.tolist()
     assert (fast - slow).abs().max().item() <= 1e-5
 
 
 def test_projection_scope_equals_naive_formula():
-    model = get_peft_model(tiny_base(), dynmole(router_scope="projection", num_experts=5))
+    cfg = dynmole(router_scope="projection", num_experts=5, top_p=0.9)
+    model = get_peft_model(tiny_base(), cfg)
     randomize_adapters(model, std=0.15)
     peaked(model, 3.0)
     model.eval()
@@ -95,9 +104,9 @@ def test_projection_scope_equals_naive_formula():
         fast = proj(x).reshape(-1, proj.base_layer.out_features)
         flat = x.reshape(-1, x.shape[-1])
         probs = torch.softmax(flat @ proj.routers["default"].weight.t(), -1)
-        weights, chosen = routing.dynmole_routing(probs, **proj.settings["default"].rule.keywords)
+        weights, chosen = routing.dynmole_routing(probs, **rule_of(cfg))
         a, b = proj.experts["default"].factors("proj")
-        s = proj.settings["default"].scaling
+        s = cfg.lora_alpha / cfg.r
         slow = flat @ proj.base_layer.weight.t()
         for t in range(flat.shape[0]):
             for w, e in zip(weights[t].tolist(), chosen[t].tolist(), strict=True):
@@ -147,7 +156,8 @@ def test_broadcast_tokens_take_the_dense_path_with_the_dispatch_paths_outputs_gr
         x = torch.randn(3, 8, 64) * 0.1  # flat routers: broadcast
         calls.clear()
         with torch.no_grad():
-            assert (layer(x).reshape(-1, 64) - naive_block(layer, x.reshape(-1, 64))).abs().max().item() <= 1e-5
+            want = naive_block(layer, x.reshape(-1, 64), model.peft_config["default"])
+            assert (layer(x).reshape(-1, 64) - want).abs().max().item() <= 1e-5
         assert calls
 
 

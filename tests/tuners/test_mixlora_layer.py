@@ -1,5 +1,7 @@
 """MixLoRA MLP layer: exactness of the shared-frozen-weight computation, dispatch, padding, mixed adapters."""
 
+import math
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -10,13 +12,14 @@ from peft_mole.tuners.mixlora import layer as layer_module
 from tests.helpers import METHODS, batch, mixlora, randomize_adapters, tiny_base
 
 
-def naive_mixture(layer: MixLoRAMLP, x: torch.Tensor, adapter: str = "default") -> torch.Tensor:
-    """SPEC §1 written out token by token: y = Σ_{e∈topk} w_e W2_e(σ(W1_e x) ⊙ W3_e x), W_e = W + s·B_e A_e."""
+def naive_mixture(layer: MixLoRAMLP, x: torch.Tensor, config: MixLoRAConfig, adapter: str = "default") -> torch.Tensor:
+    """SPEC §1 written out token by token: y = Σ_{e∈topk} w_e W2_e(σ(W1_e x) ⊙ W3_e x), W_e = W + s·B_e A_e, with k
+    and s = α / r (α / √r with rsLoRA) taken from the config, not from the layer under test."""
     mlp = layer.base_layer
     experts = layer.mixlora_experts[adapter]
-    settings = layer.mixlora_settings[adapter]
     router = layer.mixlora_router[adapter].weight
-    k = settings.rule.keywords["k"]
+    k = config.top_k
+    scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
 
     def expert_weight(proj, e):
         base = getattr(mlp, proj)
@@ -24,7 +27,7 @@ def naive_mixture(layer: MixLoRAMLP, x: torch.Tensor, adapter: str = "default") 
         if factors is None:
             return base.weight
         a, b = factors
-        weight = base.weight + settings.scaling * b[e] @ a[e]
+        weight = base.weight + scaling * b[e] @ a[e]
         if experts.use_dora:  # DoRA: m ⊙ W' / ‖W'‖_row (the bias stays unscaled)
             magnitude = getattr(experts, f"{proj}_magnitude")[e]
             weight = magnitude[:, None] * weight / weight.norm(dim=1, keepdim=True)
@@ -65,7 +68,8 @@ def mlp_layers(model):
         (dict(use_dora=True), True),  # DoRA scales W + s·BA, not the bias
     ],
 )
-@pytest.mark.parametrize("seq_len", [7, 2], ids=["dispatch", "slot_path"])  # 14 tokens dispatch, 4 take slot_lora
+# 14 tokens dispatch (a few pairs), 80 dispatch in expert segments (over 64 pairs), 4 take slot_lora
+@pytest.mark.parametrize("seq_len", [7, 40, 2], ids=["dispatch", "segments", "slot_path"])
 def test_shared_frozen_weights_equal_naive_per_expert_formula(config, mlp_bias, seq_len):
     base = tiny_base(mlp_bias=mlp_bias)
     if mlp_bias:  # transformers initialises biases to 0, which would hide bias handling
@@ -73,14 +77,15 @@ def test_shared_frozen_weights_equal_naive_per_expert_formula(config, mlp_bias, 
             for name, p in base.named_parameters():
                 if name.endswith("bias"):
                     p.normal_(std=0.2)
-    model = get_peft_model(base, mixlora(**config))
+    peft_config = mixlora(**config)
+    model = get_peft_model(base, peft_config)
     randomize_adapters(model, std=0.1)
     model.eval()
     layer = mlp_layers(model)[0]
     x = torch.randn(2, seq_len, 64)
     with torch.no_grad():
         fast = layer(x).reshape(-1, 64)
-        slow = naive_mixture(layer, x.reshape(-1, 64))
+        slow = naive_mixture(layer, x.reshape(-1, 64), peft_config)
     assert (fast - slow).abs().max().item() <= 1e-5
 
 
@@ -156,10 +161,13 @@ def test_model_without_gated_mlp_is_rejected():
 
 
 def test_layers_to_transform_and_expert_subset():
-    model = get_peft_model(tiny_base(), mixlora(layers_to_transform=[1], attn_target_modules=["q_proj"]))
+    model = get_peft_model(tiny_base(), mixlora(layers_to_transform=[1], attn_target_modules=["q_proj"],
+                                                expert_target_modules=["up_proj"]))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(".layers.1." in n for n in names)
     assert not any("k_proj" in n for n in names)
+    experts = {n for n in names if "mixlora_experts" in n}
+    assert experts and all("up_proj" in n for n in experts), experts  # no gate or down experts
     with pytest.raises(ValueError, match=r"layers_to_transform=\[5\] matches no decoder layer"):
         get_peft_model(tiny_base(), mixlora(layers_to_transform=[5]))
 
