@@ -21,6 +21,8 @@ other mixes (the jobs reversed; one job fewer, so the rows change; the graph cou
 PEFT baseline stays eager: the jobs one after another are what a user would otherwise run. --packed makes the mixed
 steps (eager and compiled) take the rows as one packed row, as TRL's padding_free=True does: one job per token,
 position ids restarting per row, SDPA's block-diagonal mask over all the row's tokens; rows carry `packed`.
+The mixed models draw each job's dropout from its own random stream, as MultiJobTrainer's do
+(`MultiJobModel.set_job_streams`).
 Usage: python bench/multijob_speedup.py [--shape small] [--jobs 2 4 8] [--repeats 10] [--optim adamw_torch_fused]
        [--compile [--compile-mode reduce-overhead] [--compile-backend inductor]] [--compare-layouts]
        [--kind mixlora|dynmole] [--packed]
@@ -165,6 +167,7 @@ def main() -> None:
         base = base_model(args.shape)
         vocab = base.config.vocab_size
         mixed = MultiJobModel(base_model(args.shape), {job: job_config(args) for job in jobs})
+        mixed.set_job_streams({job: i for i, job in enumerate(jobs)})  # as MultiJobTrainer
         lora = get_peft_model(base_model(args.shape), job_config(args))
         one, everyone = rows_batch(b, seq, vocab), rows_batch(n * b, seq, vocab)
         steps = {
@@ -216,6 +219,7 @@ def compile_mixed(args, n: int, jobs: list[str], batch, vocab: int) -> dict:
     torch._dynamo.reset()
     counters.clear()
     model = MultiJobModel(base_model(args.shape), {job: job_config(args) for job in jobs})
+    model.set_job_streams({job: i for i, job in enumerate(jobs)})
     model.compile_mixed_steps(backend=args.compile_backend, mode=args.compile_mode)
     step = mixed_step_fn(model, batch, jobs, args.rows_per_job, args.optim, pack=args.packed)
     start = time.perf_counter()

@@ -25,11 +25,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext, PackedSegments
+from peft_mole.ops.dropout import Dropout
+from peft_mole.ops.job_streams import register_stream
 from peft_mole.ops.segmented_lora import constant_on
 from peft_mole.tuners.dynmole.config import DynMoLEConfig
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
 from peft_mole.tuners.mixlora.attention import LoraLinear
 from peft_mole.tuners.mixlora.model import MixLoRAModel, router_aux_loss
+from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
 from peft_mole.tuners.mixlora.targets import plain_linear
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -264,6 +267,27 @@ class MultiJobModel(MixLoRAModel):
         if hasattr(outputs, "keys"):
             outputs["aux_loss"] = aux
             outputs["aux_loss_per_adapter"] = per_adapter
+
+    # ------------------------------------------------------------------ per-job randomness
+    def set_job_streams(self, seeds: dict[str, int]) -> dict[str, torch.Generator]:
+        """Give each job in `seeds` a random stream of its own, seeded with its seed: its dropout masks and router
+        jitter are then drawn from it, whatever other jobs share a step (`ops.job_streams`). Returns
+        {job: generator} (on the device of the job's first parameter), whose states a checkpoint keeps."""
+        generators, streams = {}, {}
+        for job, seed in seeds.items():
+            device = next(iter(self.job_parameters(job).values())).device
+            generators[job] = torch.Generator(device=device)
+            generators[job].manual_seed(int(seed))
+            streams[job] = register_stream(generators[job])
+        for name, module in self.model.named_modules():
+            key = name.rsplit(".", 1)[-1]
+            if isinstance(module, Dropout) and key in streams:  # a job's entry of a layer's dropout ModuleDict
+                module.use_stream(streams[key])
+            if isinstance(module, RoutedExpertsLayer):
+                for job, settings in module.settings.items():
+                    if job in streams:
+                        settings.jitter_stream = streams[job]
+        return generators
 
     # ------------------------------------------------------------------ per-job export
     def job_parameters(self, name: str) -> dict[str, nn.Parameter]:

@@ -9,6 +9,7 @@ after the window the job clips its own gradient norm and steps its own optimizer
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -16,11 +17,20 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate.data_loader import skip_first_batches
+from safetensors.torch import load_file, save_file
 
 from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob.memory import adapter_memory_kind
 
 WAITING, RUNNING, DONE, FAILED, STOPPED = "waiting", "running", "done", "failed", "stopped_early"
+STREAM_FILE = "random_stream.safetensors"  # a checkpoint's state of the job's random stream
+
+
+def stream_seed(seed: int, name: str) -> int:
+    """The seed of job `name`'s random stream: from its seed and its name, so that two jobs of one seed draw apart
+    and a job draws the same masks in any run with that seed (a 63-bit integer from SHA-256)."""
+    digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def in_layout_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -75,6 +85,8 @@ class JobRun:
         self.flat = flat  # FlatGroups when the optimizer steps flat tensors (`multijob.flat_parameters`)
         self.memory_kind = adapter_memory_kind(job.peft_config)  # its rows' kind in the scheduler's memory model
         self.released = False  # optimizer state and gradients freed at the job's end (`release`)
+        self.stream: torch.Generator | None = None  # its dropout/jitter generator (`use_stream`)
+        self._stream_at_step: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ data
     @property
@@ -157,6 +169,17 @@ class JobRun:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
+        self.mark_stream()
+
+    def use_stream(self, stream: torch.Generator) -> None:
+        """Draw this job's dropout and jitter from `stream` (`MultiJobModel.set_job_streams`)."""
+        self.stream = stream
+        self.mark_stream()
+
+    def mark_stream(self) -> None:
+        """Note the stream's state as of now, the last optimizer step: what a checkpoint keeps (the draws of a
+        window begun since are drawn again when a resumed run trains that window again)."""
+        self._stream_at_step = None if self.stream is None else self.stream.get_state()
 
     def zero_grad(self) -> None:
         for p in self.params.values():
@@ -267,8 +290,8 @@ class JobRun:
         }
 
     def save_checkpoint(self, save_adapter) -> str:
-        """Write `output_dir/<job>/checkpoint-<step>/` atomically: adapter, optimizer, scheduler, position (no random
-        state: the jobs share torch's stream, so a resumed job's dropout masks differ; docs/multijob.md)."""
+        """Write `output_dir/<job>/checkpoint-<step>/` atomically: adapter, optimizer, scheduler, position and the
+        state of the job's random stream (`STREAM_FILE`), so that resume draws the masks the run would have."""
         final = os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
 
         def write(tmp: str) -> None:
@@ -276,6 +299,8 @@ class JobRun:
             state = self.optimizer.state_dict()  # saved in a plain Trainer's per-tensor layout
             torch.save(state if self.flat is None else self.flat.per_tensor_state(state), os.path.join(tmp, "optimizer.pt"))
             torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            if self.stream is not None:  # where its dropout masks and jitter go on, as of its last step
+                save_file({"state": self._stream_at_step}, os.path.join(tmp, STREAM_FILE))
             ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), self.state_dict())  # last: marks it complete
 
         ckpt.write_atomically(final, write)
@@ -289,6 +314,9 @@ class JobRun:
         optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
         self.optimizer.load_state_dict(optimizer_state if self.flat is None else self.flat.flat_state(optimizer_state))
         self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+        if self.stream is not None and os.path.exists(os.path.join(path, STREAM_FILE)):
+            self.stream.set_state(load_file(os.path.join(path, STREAM_FILE))["state"])
+            self.mark_stream()
         self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
         self.stats.tokens, self.stats.seconds = state["tokens"], state["seconds"]
         self.stats.last_loss = state["last_loss"]

@@ -41,7 +41,7 @@ from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.lifecycle import JobLifecycle
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
 from peft_mole.multijob.report import PaddingStats, show_progress, summary_rows, write_summary
-from peft_mole.multijob.run import FAILED, STOPPED, JobRun
+from peft_mole.multijob.run import FAILED, STOPPED, JobRun, stream_seed
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
 from peft_mole.multijob.trainer_args import check_callbacks, check_distributed, check_trainer_args
 
@@ -188,6 +188,11 @@ class MultiJobTrainer(JobLifecycle, SFTTrainer):
         if resume_from_checkpoint not in (None, False, True):
             raise ValueError("resume_from_checkpoint must be True (each job's latest checkpoint) or None/False")
         self.runs = runs = [self._make_run(job) for job in self.jobs]
+        # each job's dropout and jitter from a random stream of its own, seeded by its seed and name (and restored
+        # from its checkpoint): its masks do not depend on the jobs sharing its steps (`ops.job_streams`)
+        streams = self.jobs_model.set_job_streams({run.name: stream_seed(run.args.seed, run.name) for run in runs})
+        for run in runs:
+            run.use_stream(streams[run.name])
         self.job_progress: dict[str, str] = {}  # job -> its step and loss in the progress bar
         if resume_from_checkpoint:
             self._resume(runs)
@@ -308,11 +313,14 @@ class MultiJobTrainer(JobLifecycle, SFTTrainer):
         """Forward/backward the mixed batch; on an error split it and retry the halves, so an OOM shrinks the step
         and a job whose batch breaks the forward fails alone. A plain-LoRA job that runs out of memory alone is
         retried with its rows in two halves. No gradient is added until a part succeeds."""
+        streams = [(run.stream, run.stream.get_state()) for run, _ in parts if run.stream is not None]
         try:
             self._forward_backward(parts)
             return
         except Exception as error:  # noqa: BLE001
             oom, kind, message = _is_oom(error), type(error).__name__, str(error)
+        for stream, state in streams:  # the retried steps draw from where the failed one began
+            stream.set_state(state)
         # retried outside the except block: its traceback would keep the failed step's graph and activations alive
         if oom:
             gc.collect()
@@ -466,8 +474,13 @@ class MultiJobTrainer(JobLifecycle, SFTTrainer):
 
         embeddings, kinds = self.model.get_input_embeddings(), {r.name: r.memory_kind for r in runs if not r.finished}
         if kinds:  # the jobs that will train (a resumed run's ended jobs do not)
+            streams = {run.name: run.stream.get_state() for run in runs if run.stream is not None}
             self.job_scheduler.memory_model.fit_by_profiling(step, self.args.device, embeddings.num_embeddings,
                                                              int(self.args.max_length or 512), kinds, packed=packed)
+            for run in runs:  # profiling draws nothing the jobs' training would have drawn
+                if run.name in streams:
+                    run.stream.set_state(streams[run.name])
+                    run.mark_stream()
         self.job_scheduler.profiled(runs)
 
     # ------------------------------------------------------------------ saving and reporting

@@ -10,7 +10,8 @@ multiple of 2^-15 (0.05 → 0.049988) and the rescaling uses that same p', so E[
 of 1 / (1 − p') in x's dtype, as for `nn.Dropout`). On other
 devices, and where p' would be 0 or 1, it is `torch.nn.functional.dropout`. Under torch.compile on the CPU the
 mask is drawn by an operator the compiler leaves whole (`compiled_keep_mask`). Masks come from torch's default
-generator, so `torch.manual_seed` and the Trainer's RNG checkpointing make them reproducible.
+generator, so `torch.manual_seed` and the Trainer's RNG checkpointing make them reproducible, unless the module
+draws from a stream of its own (`Dropout.use_stream`: a multi-job job's masks, `ops.job_streams`).
 """
 
 from __future__ import annotations
@@ -29,29 +30,35 @@ def _threshold(p: float) -> int:
     return round(p * _LEVELS)
 
 
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Boolean mask of `shape`, each entry True (kept) with probability 1 − p' (module docstring)."""
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Boolean mask of `shape`, each entry True (kept) with probability 1 − p' (module docstring), drawn from
+    `generator` (None: torch's default one)."""
     count = 1
     for size in shape:
         count *= size
-    draws = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_()
+    on = torch.device(device) if generator is None else generator.device  # (a stream lives on one device)
+    draws = torch.empty((count + 3) // 4, dtype=torch.int64, device=on).random_(generator=generator).to(device)
     uniform15 = draws.view(torch.int16)[:count] & (_LEVELS - 1)  # the low 15 bits of each 16-bit quarter
     return (uniform15 >= _threshold(p)).view(shape)
 
 
 @torch.library.custom_op("peft_mole::keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def compiled_keep_mask(like: torch.Tensor, p: float, call_site: int) -> torch.Tensor:
+def compiled_keep_mask(like: torch.Tensor, p: float, call_site: int, stream: int = 0) -> torch.Tensor:
     """`keep_mask` of like's shape as an operator that torch.compile calls as it is: the compiler's own random
     kernels draw one Philox number per element, 21 ms fwd + bwd for a (1024, 1376) dropout on 2 CPU threads
     against this mask's 4 ms. It draws from torch's default generator, as eagerly. Tagged as seeded randomness,
     so the partitioner does not recompute it for the backward. The compiler's common-subexpression pass merges
     calls with equal arguments all the same (it exempts only torch's own random operators), so each caller passes
-    its own `call_site`: q, k and v dropping out the same input keep three masks, as eagerly."""
-    return keep_mask(like.shape, p, like.device)
+    its own `call_site`: q, k and v dropping out the same input keep three masks, as eagerly. `stream`: the id of
+    a registered generator (`ops.job_streams`), 0 for the default one."""
+    from peft_mole.ops.job_streams import stream_generator
+
+    return keep_mask(like.shape, p, like.device, stream_generator(stream))
 
 
 @compiled_keep_mask.register_fake
-def _(like: torch.Tensor, p: float, call_site: int) -> torch.Tensor:
+def _(like: torch.Tensor, p: float, call_site: int, stream: int = 0) -> torch.Tensor:
     return torch.empty(like.shape, dtype=torch.bool, device=like.device)
 
 
@@ -74,20 +81,25 @@ class _MaskAndScale(torch.autograd.Function):
         return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
 
 
-def dropout(x: torch.Tensor, p: float, training: bool = True, call_site: int = 0) -> torch.Tensor:
+def dropout(x: torch.Tensor, p: float, training: bool = True, call_site: int = 0, stream: int = 0) -> torch.Tensor:
     """Inverted dropout of x with drop probability p (rounded to a multiple of 2^-15 on CPU, see above).
 
     `call_site`: under torch.compile, calls on the same tensor with the same `call_site` share one mask (see
-    `compiled_keep_mask`); each `Dropout` module has its own."""
+    `compiled_keep_mask`); each `Dropout` module has its own. `stream`: a registered generator to draw from
+    (`ops.job_streams`; on every device the masks of this module, 2^-15 steps included), 0 for torch's default."""
     threshold = _threshold(p)
     if not training or p == 0:
         return x
-    if x.device.type != "cpu" or threshold in (0, _LEVELS):
+    if stream and threshold in (0, _LEVELS):  # p' = 0 or 1 on the 2^-15 grid: nothing or everything dropped
+        return x if threshold == 0 else x * 0
+    if (x.device.type != "cpu" and not stream) or threshold in (0, _LEVELS):
         return F.dropout(x, p, training=True)
     scale = _LEVELS / (_LEVELS - threshold)
     if torch.compiler.is_compiling():  # the mask as an opaque operator, the rest for the compiler to fuse
-        return torch.where(compiled_keep_mask(x.detach(), p, call_site), x, 0) * scale
-    return _MaskAndScale.apply(x, keep_mask(x.shape, p, x.device), scale)
+        return torch.where(compiled_keep_mask(x.detach(), p, call_site, stream), x, 0) * scale
+    from peft_mole.ops.job_streams import stream_generator
+
+    return _MaskAndScale.apply(x, keep_mask(x.shape, p, x.device, stream_generator(stream)), scale)
 
 
 class Dropout(nn.Dropout):
@@ -97,8 +109,13 @@ class Dropout(nn.Dropout):
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         super().__init__(p, inplace)
         self.call_site = next(_CALL_SITES)  # its own masks under torch.compile (`compiled_keep_mask`)
+        self.stream = 0  # torch's default generator; `use_stream` gives it one of its own
+
+    def use_stream(self, stream: int) -> None:
+        """Draw the masks from registered generator `stream` (`ops.job_streams.register_stream`; 0: the default)."""
+        self.stream = stream
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inplace:
+        if self.inplace and not self.stream:
             return F.dropout(x, self.p, self.training, inplace=True)
-        return dropout(x, self.p, self.training, self.call_site)
+        return dropout(x, self.p, self.training, self.call_site, self.stream)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from peft_mole.forward_context import PackedSegments
 from peft_mole.ops.experts import _segment_matmul
+from peft_mole.ops.job_streams import per_job_dropout, uses_streams
 from peft_mole.ops.segmented_lora import LoraFactors, constant_on, scaled
 
 
@@ -93,7 +94,10 @@ def _stacked(factors: list[LoraFactors | None]) -> tuple | None:
 
 def per_row_dropout(x: torch.Tensor, row_jobs: torch.Tensor, dropouts: list[torch.nn.Module | None]) -> torch.Tensor:
     """Each row of x through its own job's dropout (`dropouts[j]`; None: a job that has none here, its rows unused):
-    one dropout call per distinct setting, rows chosen by `where`."""
+    one dropout call per distinct setting, rows chosen by `where`; with jobs' own random streams, each job's rows
+    drawn from its stream (`ops.job_streams.per_job_dropout`)."""
+    if uses_streams(dropouts):
+        return per_job_dropout(x, row_jobs, dropouts)
     kinds: dict[tuple, int] = {}  # (type, p, training) -> its first job
     setting = []
     for j, dropout in enumerate(dropouts):

@@ -327,7 +327,8 @@ def stacked_lora_deltas(
         dtype = chosen[0].lora_a.dtype
         first = chosen[0].dropout
         shared_dropout = all(type(f.dropout) is type(first) and getattr(f.dropout, "p", 0) == getattr(first, "p", 0)
-                             and f.dropout.training == first.training for f in chosen)
+                             and f.dropout.training == first.training and not getattr(f.dropout, "stream", 0)
+                             for f in chosen)  # (a job's own random stream draws only its rows)
         if shared_dropout and len(indices) == len(groups):  # one dropout call over all of x
             inputs = first(x.to(dtype)).reshape(-1, x.shape[-1])
         else:

@@ -174,19 +174,27 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_a_callback_stopping_training_checkpoints_every_unfinished_job_and_resume_ends_the_same(assets, tmp_path):
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
+def test_a_callback_stopping_training_checkpoints_every_unfinished_job_and_resume_ends_the_same(
+        assets, tmp_path, padding_free):
     """`control.should_training_stop` from a callback, in the middle of the LoRA job's accumulation window (2
     micro-batches) and between the MixLoRA job's checkpoints: each unfinished job is checkpointed at its last
-    optimizer step (nothing is lost), and resuming ends with the uninterrupted run's adapters."""
+    optimizer step (nothing is lost), and resuming ends with the uninterrupted run's adapters. Padding-free, with
+    dropout and router jitter on: each job's random stream is part of its checkpoint, and a job's draws do not depend
+    on the jobs beside it. (Padded rows are padded to the step's longest row, and the masks are drawn over the
+    padding too, so after a resume that pairs the jobs' micro-batches otherwise they differ: dropout 0 there.)"""
     tokenizer, datasets = assets
 
     def trainer(out, callbacks=()):
-        jobs = [JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+        noise = 0.2 if padding_free else 0.0
+        jobs = [JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=noise, target_modules=ALL_LINEAR),
                           datasets["sentiment"], gradient_accumulation_steps=2, max_steps=3),
-                JobConfig("mix", mixlora(), datasets["capital"], per_device_train_batch_size=2, max_steps=5,
-                          save_steps=4)]
+                JobConfig("mix", mixlora(lora_dropout=noise, jitter_noise=noise), datasets["capital"],
+                          per_device_train_batch_size=2, max_steps=5, save_steps=4)]
+        args = run_args(out, save_strategy="steps", save_steps=100, padding_free=padding_free,
+                        **({"max_length": None} if padding_free else {}))
         built = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
-                                args=run_args(out, save_strategy="steps", save_steps=100), callbacks=list(callbacks))
+                                args=args, callbacks=list(callbacks))
         randomize_adapters(built.jobs_model, seed=3)
         return built
 

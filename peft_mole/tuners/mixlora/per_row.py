@@ -53,6 +53,7 @@ from peft_mole.ops.experts import (
 )
 from peft_mole.ops.gated import weighted_gated_activation
 from peft_mole.ops.indexed_lora import per_row_dropout
+from peft_mole.ops.job_streams import per_job_jitter
 from peft_mole.ops.segmented_lora import constant_on
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -81,7 +82,10 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
 
     # routing: every router at once, each token within its own job's columns
     router_input = x.reshape(tokens, width).float()
-    if layer.training and table["jitter"]:
+    if layer.training and table["jitter"] and any(table["jitter_streams"]):  # each job's own stream, as eagerly
+        router_input = router_input * per_job_jitter(router_input.detach(), token_jobs, table["jitter_list"],
+                                                     table["jitter_streams"])
+    elif layer.training and table["jitter"]:
         eps = table["jitter_of"].index_select(0, token_jobs).unsqueeze(1)
         router_input = router_input * (1.0 + eps * (2.0 * torch.rand_like(router_input) - 1.0))
     weight = torch.cat([layer.routers[job].weight.float() for job in jobs]
@@ -216,6 +220,8 @@ def _job_table(layer, jobs: list[str], all_jobs: tuple[str, ...], device: torch.
         "k_of": constant_on(tuple(k_of), torch.int64, device),
         "renormalize_of": constant_on(tuple(renorm_of), torch.bool, device),
         "jitter": any(jitter_of), "jitter_of": constant_on(tuple(jitter_of), torch.float32, device),
+        "jitter_list": [float(e) for e in jitter_of[:-1]],
+        "jitter_streams": [layer.settings[job].jitter_stream if job in offsets else 0 for job in all_jobs],
     }
 
 

@@ -19,6 +19,7 @@ from peft_mole import routing
 from peft_mole.finite_check import raise_if_not_finite
 from peft_mole.forward_context import ForwardContext, RouterRecord, RowGroup
 from peft_mole.ops.dropout import Dropout
+from peft_mole.ops.job_streams import stream_generator
 from peft_mole.ops.profiling import profiled
 from peft_mole.tuners.mixlora.experts import ExpertLoRA
 
@@ -40,6 +41,7 @@ class ExpertSettings:
     jitter_noise: float
     rule: RoutingRule
     selection_varies: bool = False  # the rule picks a data-dependent number of experts per token (DynMoLE)
+    jitter_stream: int = 0  # the random stream its jitter draws from (`ops.job_streams`; 0: torch's default)
 
 
 class RoutedExpertsLayer(nn.Module, BaseTunerLayer):
@@ -129,7 +131,8 @@ class RoutedExpertsLayer(nn.Module, BaseTunerLayer):
         router_input = x.float()
         if self.training and settings.jitter_noise > 0:
             eps = settings.jitter_noise
-            router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - eps, 1.0 + eps)
+            router_input = router_input * torch.empty_like(router_input).uniform_(
+                1.0 - eps, 1.0 + eps, generator=stream_generator(settings.jitter_stream))
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):  # fp32 router even under bf16/fp16 autocast
                 probs = self._router_probabilities(adapter, router_input)

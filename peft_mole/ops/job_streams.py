@@ -1,0 +1,121 @@
+"""Random streams of their own: each multi-job job draws its dropout masks and router jitter from its own generator.
+
+With torch's one default generator, a job's masks depend on which other jobs share its steps: the draws of a
+step are made in the order its rows meet the layers, so a job's k-th mask is drawn after however many numbers
+the other jobs' rows took. Then a resumed run (jobs checkpointed at different steps), a memory budget that defers
+a micro-batch, or another split of a round into steps gives a job other masks than the uninterrupted run. With a
+stream per job, job j's draws are
+
+    mask_{j,k} = keep_mask(shape_{j,k}, p_j, generator_j)     (`ops.dropout.keep_mask`, in job j's layer order)
+
+whatever else runs in the step, and a checkpoint of the job holds its generator's state, so resume continues
+exactly (docs/multijob.md, "Checkpoints, resume, failures").
+
+Generators are registered here under an int id (`register_stream`), which modules keep (`Dropout.use_stream`,
+a routed layer's `jitter_streams`) and which the operators below take as plain arguments: torch.compile cannot
+pass a generator to an operator, and an int is a constant of the graph. The operators draw each job's rows with
+the job's generator, in row order, exactly as the eager layers draw that job's row group, so a compiled step's
+masks equal the eager step's.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from peft_mole.ops.dropout import _LEVELS, _threshold, keep_mask
+
+_STREAMS: dict[int, torch.Generator] = {}
+_IDS = itertools.count(1)
+
+
+def register_stream(generator: torch.Generator) -> int:
+    """Register `generator`; returns its id (never 0: 0 stands for torch's default generator)."""
+    stream = next(_IDS)
+    _STREAMS[stream] = generator
+    return stream
+
+
+def stream_generator(stream: int) -> torch.Generator | None:
+    """The generator registered as `stream`, or None (torch's default) for 0."""
+    if not stream:
+        return None
+    if stream not in _STREAMS:
+        raise KeyError(f"random stream {stream} is not registered (ops.job_streams.register_stream)")
+    return _STREAMS[stream]
+
+
+def dropout_scale(p: float) -> float:
+    """1 / (1 − p') of `ops.dropout` (1 where nothing is dropped, 0 where everything is)."""
+    threshold = _threshold(p)
+    if threshold == 0:
+        return 1.0
+    return 0.0 if threshold == _LEVELS else _LEVELS / (_LEVELS - threshold)
+
+
+def _rows_of(row_jobs: torch.Tensor, slots: int) -> list[list[int]]:
+    rows: list[list[int]] = [[] for _ in range(slots)]
+    for row, job in enumerate(row_jobs.tolist()):  # host values (a read-back on a GPU)
+        if job < slots:
+            rows[job].append(row)
+    return rows
+
+
+@torch.library.custom_op("peft_mole::per_job_keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def per_job_keep_mask(like: torch.Tensor, row_jobs: torch.Tensor, ps: list[float], streams: list[int],
+                      call_site: int) -> torch.Tensor:
+    """Keep-mask of like's shape: the rows of job j (row_jobs == j, in order) drawn as one `keep_mask` of
+    (n_j, *like.shape[1:]) with p = ps[j] from stream streams[j]; rows of other slots (p 0, base rows) all kept.
+    `call_site` keeps calls on the same input apart (see `ops.dropout.compiled_keep_mask`)."""
+    mask = torch.ones(like.shape, dtype=torch.bool, device=like.device)
+    for job, rows in enumerate(_rows_of(row_jobs, len(ps))):
+        if rows and _threshold(ps[job]) > 0:
+            drawn = keep_mask((len(rows), *like.shape[1:]), ps[job], like.device, stream_generator(streams[job]))
+            mask.index_copy_(0, torch.tensor(rows, device=like.device), drawn)
+    return mask
+
+
+@per_job_keep_mask.register_fake
+def _(like, row_jobs, ps, streams, call_site):
+    return torch.empty(like.shape, dtype=torch.bool, device=like.device)
+
+
+@torch.library.custom_op("peft_mole::per_job_jitter", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def per_job_jitter(like: torch.Tensor, row_jobs: torch.Tensor, epsilons: list[float], streams: list[int]
+                   ) -> torch.Tensor:
+    """Router jitter multipliers of like's shape (fp32): the rows of job j drawn U(1 − ε_j, 1 + ε_j) from stream
+    streams[j] as one (n_j, *like.shape[1:]) draw, as the eager router draws them; 1 on other rows."""
+    out = torch.ones(like.shape, dtype=torch.float32, device=like.device)
+    for job, rows in enumerate(_rows_of(row_jobs, len(epsilons))):
+        eps = epsilons[job]
+        if rows and eps > 0:
+            drawn = torch.empty((len(rows), *like.shape[1:]), dtype=torch.float32, device=like.device).uniform_(
+                1.0 - eps, 1.0 + eps, generator=stream_generator(streams[job]))
+            out.index_copy_(0, torch.tensor(rows, device=like.device), drawn)
+    return out
+
+
+@per_job_jitter.register_fake
+def _(like, row_jobs, epsilons, streams):
+    return torch.empty(like.shape, dtype=torch.float32, device=like.device)
+
+
+def per_job_dropout(x: torch.Tensor, row_jobs: torch.Tensor, dropouts: list[torch.nn.Module | None]) -> torch.Tensor:
+    """Each row of x through its job's dropout, drawn from the job's stream (`per_job_keep_mask`), scaled by the
+    job's 1 / (1 − p')."""
+    from peft_mole.ops.segmented_lora import constant_on
+
+    active = [d if d is not None and d.training and getattr(d, "p", 0.0) > 0 else None for d in dropouts]
+    ps = [0.0 if d is None else float(d.p) for d in active]
+    streams = [0 if d is None else int(getattr(d, "stream", 0)) for d in active]
+    call_site = min((d.call_site for d in active if d is not None), default=0)
+    keep = per_job_keep_mask(x.detach(), row_jobs, ps, streams, call_site)
+    scales = constant_on(tuple(dropout_scale(p) for p in ps) + (1.0,), torch.float32, x.device)
+    scale = scales.index_select(0, row_jobs).view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    return torch.where(keep, x, 0) * scale
+
+
+def uses_streams(dropouts: list[torch.nn.Module | None]) -> bool:
+    """Whether any of the jobs' dropouts draws from a stream of its own."""
+    return any(d is not None and getattr(d, "stream", 0) for d in dropouts)

@@ -1,0 +1,76 @@
+"""Each job's own random stream (`MultiJobModel.set_job_streams`, `ops.job_streams`): a job's dropout masks and
+router jitter do not depend on the other jobs in its step, and the per-row (compiled) layers draw what the eager
+layers draw."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from peft_mole.multijob import MultiJobModel
+from tests.helpers import mixlora, randomize_adapters, tiny_base
+from tests.multijob.test_trainer import ALL_LINEAR
+
+NOISY = {
+    "a": LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=ALL_LINEAR),
+    "b": LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=ALL_LINEAR),  # a's rank: stacked with it
+    "m": mixlora(lora_dropout=0.2, jitter_noise=0.1),
+    "n": mixlora(num_experts=3, top_k=1, r=8, lora_dropout=0.5),
+}
+SEEDS = {"a": 11, "b": 12, "m": 13, "n": 14}
+
+
+def _models(count: int) -> list[MultiJobModel]:
+    first = MultiJobModel(tiny_base(), NOISY)
+    randomize_adapters(first)
+    models = [first] + [MultiJobModel(tiny_base(), NOISY) for _ in range(count - 1)]
+    for model in models[1:]:
+        model.load_state_dict(first.state_dict())
+    for model in models:
+        model.set_job_streams(SEEDS)
+        model.train()
+    return models
+
+
+def test_a_jobs_masks_and_jitter_do_not_depend_on_the_other_jobs_in_its_step():
+    """The same rows of each job, once in a mixed batch of all four jobs and once alone: the same outputs, in
+    training mode (dropout and jitter on); torch's default generator is left alone."""
+    mixed_model, *alone_models = _models(1 + len(NOISY))
+    ids = torch.randint(3, 500, (6, 9), generator=torch.Generator().manual_seed(0))
+    names = ["m", "a", "b", "a", "n", "m"]
+    state = torch.get_rng_state()
+    mixed = mixed_model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names).logits
+    assert torch.equal(torch.get_rng_state(), state)  # every draw came from the jobs' own streams
+    eval_logits = mixed_model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names).logits
+    for job, model in zip(NOISY, alone_models, strict=True):
+        rows = [i for i, name in enumerate(names) if name == job]
+        alone = model(input_ids=ids[rows], attention_mask=torch.ones_like(ids[rows]), adapter_names=[job] * len(rows))
+        torch.testing.assert_close(mixed[rows], alone.logits, rtol=1e-5, atol=1e-5)
+        assert (mixed[rows] - eval_logits[rows]).abs().max() > 1e-3, job  # the noise is really on
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["per-row-eager", "per-row-compiled"])
+def test_per_row_layers_draw_each_jobs_stream_as_the_eager_layers_do(compiled):
+    """The layers of compiled multi-job steps draw each job's rows from its stream in row order, as the eager
+    layers draw its row group: equal logits and gradients in training mode, with rows of one job apart."""
+    eager, per_row = _models(2)
+    if compiled:
+        torch._dynamo.reset()
+        per_row.compile_mixed_steps(backend="aot_eager")
+    else:
+        per_row.__dict__["_compiled_steps"] = True  # the per-row layers, run eagerly
+    ids = torch.randint(3, 500, (5, 7), generator=torch.Generator().manual_seed(1))
+    names = ["a", "m", "b", "a", "n"]  # a's rows are not consecutive
+    results = []
+    for model in (eager, per_row):
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names)
+        params = [p for p in model.parameters() if p.requires_grad]
+        results.append((out.logits, torch.autograd.grad(out.logits.square().mean(), params, allow_unused=True)))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        if w is None:
+            assert g is None or g.abs().max() == 0
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
