@@ -24,7 +24,7 @@ import itertools
 
 import torch
 
-from peft_mole.ops.dropout import _LEVELS, _threshold, keep_mask
+from peft_mole.ops.dropout import _LEVELS, Dropout, _MaskAndScale, _threshold, keep_mask
 
 _STREAMS: dict[int, torch.Generator] = {}
 _IDS = itertools.count(1)
@@ -119,3 +119,17 @@ def per_job_dropout(x: torch.Tensor, row_jobs: torch.Tensor, dropouts: list[torc
 def uses_streams(dropouts: list[torch.nn.Module | None]) -> bool:
     """Whether any of the jobs' dropouts draws from a stream of its own."""
     return any(d is not None and getattr(d, "stream", 0) for d in dropouts)
+
+
+def dropout_pieces(x: torch.Tensor, sizes: list[int], dropouts: list[torch.nn.Module]) -> torch.Tensor:
+    """x's consecutive row blocks (`sizes` rows each), each through its own job's dropout: what
+    `torch.cat([d(piece) for d, piece in zip(dropouts, x.split(sizes))])` gives. Where every block's dropout is a
+    `Dropout` of one rate drawing from a stream of its own, the blocks' masks are drawn from their streams and joined
+    (one byte per value) and applied in one pass, rather than joining the dropped inputs (a copy of x)."""
+    first = dropouts[0]
+    if not (all(isinstance(d, Dropout) and d.stream and d.p == first.p and d.training for d in dropouts)
+            and 0 < _threshold(first.p) < _LEVELS and not torch.compiler.is_compiling()):
+        return torch.cat([d(piece) for d, piece in zip(dropouts, x.split(sizes), strict=True)])
+    keep = torch.cat([keep_mask((size, *x.shape[1:]), d.p, x.device, stream_generator(d.stream))
+                      for d, size in zip(dropouts, sizes, strict=True)])
+    return _MaskAndScale.apply(x, keep, dropout_scale(first.p))

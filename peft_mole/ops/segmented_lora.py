@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from peft_mole.forward_context import BASE_ROW, RowGroup
+from peft_mole.ops.job_streams import dropout_pieces
 from peft_mole.ops.profiling import profiled
 
 
@@ -331,6 +332,9 @@ def stacked_lora_deltas(
                              for f in chosen)  # (a job's own random stream draws only its rows)
         if shared_dropout and len(indices) == len(groups):  # one dropout call over all of x
             inputs = first(x.to(dtype)).reshape(-1, x.shape[-1])
+        elif len(indices) == len(groups) and indices == sorted(indices):  # every block, each its own dropout
+            inputs = dropout_pieces(x.to(dtype), [g.num_rows for g in groups],
+                                    [f.dropout for f in chosen]).reshape(-1, x.shape[-1])
         else:
             pieces = x.split([g.num_rows for g in groups]) if pieces is None else pieces
             inputs = torch.cat([f.dropout(pieces[i].to(dtype)).reshape(-1, x.shape[-1])

@@ -14,7 +14,7 @@ from tests.multijob.test_trainer import ALL_LINEAR
 
 NOISY = {
     "a": LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=ALL_LINEAR),
-    "b": LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=ALL_LINEAR),  # a's rank: stacked with it
+    "b": LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=ALL_LINEAR),  # a's rank and rate: stacked
     "m": mixlora(lora_dropout=0.2, jitter_noise=0.1),
     "n": mixlora(num_experts=3, top_k=1, r=8, lora_dropout=0.5),
 }
@@ -74,3 +74,26 @@ def test_per_row_layers_draw_each_jobs_stream_as_the_eager_layers_do(compiled):
             assert g is None or g.abs().max() == 0
         else:
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_stacked_blocks_draw_each_jobs_stream_and_apply_the_masks_in_one_pass():
+    """`dropout_pieces`: the joined masks of equal-rate jobs give what each job's own dropout gives its block."""
+    from peft_mole.ops.dropout import Dropout
+    from peft_mole.ops.job_streams import dropout_pieces, register_stream
+
+    dropouts = [Dropout(0.25) for _ in range(3)]
+    for seed, module in enumerate(dropouts):
+        module.use_stream(register_stream(torch.Generator().manual_seed(seed)))
+    x = torch.randn(6, 5, 8, requires_grad=True)
+    states = [torch.Generator().manual_seed(seed).get_state() for seed in range(3)]
+    joined = dropout_pieces(x, [1, 3, 2], dropouts)
+    from peft_mole.ops.job_streams import stream_generator
+
+    for module, state in zip(dropouts, states, strict=True):  # the same draws again, block by block
+        stream_generator(module.stream).set_state(state)
+    each = torch.cat([d(piece) for d, piece in zip(dropouts, x.split([1, 3, 2]), strict=True)])
+    torch.testing.assert_close(joined, each, rtol=0, atol=0)
+    (g1,) = torch.autograd.grad(joined.sum(), x)
+    (g2,) = torch.autograd.grad(each.sum(), x)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    assert 0.6 < (joined != 0).float().mean() < 0.9
