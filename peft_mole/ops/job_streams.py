@@ -109,7 +109,8 @@ def per_job_dropout(x: torch.Tensor, row_jobs: torch.Tensor, dropouts: list[torc
     active = [d if d is not None and d.training and getattr(d, "p", 0.0) > 0 else None for d in dropouts]
     ps = [0.0 if d is None else float(d.p) for d in active]
     streams = [0 if d is None else int(getattr(d, "stream", 0)) for d in active]
-    call_site = min((d.call_site for d in active if d is not None), default=0)
+    sites = [d.call_site for d in active if d is not None]  # (min(..., default=) breaks a compiled graph)
+    call_site = min(sites) if sites else 0
     keep = per_job_keep_mask(x.detach(), row_jobs, ps, streams, call_site)
     scales = constant_on(tuple(dropout_scale(p) for p in ps) + (1.0,), torch.float32, x.device)
     scale = scales.index_select(0, row_jobs).view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
