@@ -25,8 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext, PackedSegments
-from peft_mole.ops.dropout import Dropout
-from peft_mole.ops.job_streams import register_stream
+from peft_mole.ops.dropout import Dropout, register_stream
 from peft_mole.ops.segmented_lora import constant_on
 from peft_mole.tuners.dynmole.config import DynMoLEConfig
 from peft_mole.tuners.expert_config import ExpertAdapterConfig

@@ -43,6 +43,36 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     return (uniform15 >= _threshold(p)).view(shape)
 
 
+# Generators of their own, registered under an int id that modules keep and operators take as a plain argument
+# (torch.compile cannot pass a generator to an operator): a multi-job job's stream (`ops.job_streams`).
+_STREAMS: dict[int, torch.Generator] = {}
+_IDS = itertools.count(1)
+
+
+def register_stream(generator: torch.Generator) -> int:
+    """Register `generator`; returns its id (never 0: 0 stands for torch's default generator)."""
+    stream = next(_IDS)
+    _STREAMS[stream] = generator
+    return stream
+
+
+def stream_generator(stream: int) -> torch.Generator | None:
+    """The generator registered as `stream`, or None (torch's default) for 0."""
+    if not stream:
+        return None
+    if stream not in _STREAMS:
+        raise KeyError(f"random stream {stream} is not registered (register_stream)")
+    return _STREAMS[stream]
+
+
+def dropout_scale(p: float) -> float:
+    """1 / (1 − p') of `ops.dropout` (1 where nothing is dropped, 0 where everything is)."""
+    threshold = _threshold(p)
+    if threshold == 0:
+        return 1.0
+    return 0.0 if threshold == _LEVELS else _LEVELS / (_LEVELS - threshold)
+
+
 @torch.library.custom_op("peft_mole::keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def compiled_keep_mask(like: torch.Tensor, p: float, call_site: int, stream: int = 0) -> torch.Tensor:
     """`keep_mask` of like's shape as an operator that torch.compile calls as it is: the compiler's own random
@@ -52,8 +82,6 @@ def compiled_keep_mask(like: torch.Tensor, p: float, call_site: int, stream: int
     calls with equal arguments all the same (it exempts only torch's own random operators), so each caller passes
     its own `call_site`: q, k and v dropping out the same input keep three masks, as eagerly. `stream`: the id of
     a registered generator (`ops.job_streams`), 0 for the default one."""
-    from peft_mole.ops.job_streams import stream_generator
-
     return keep_mask(like.shape, p, like.device, stream_generator(stream))
 
 
@@ -94,11 +122,9 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, call_site: int = 0
         return x if threshold == 0 else x * 0
     if (x.device.type != "cpu" and not stream) or threshold in (0, _LEVELS):
         return F.dropout(x, p, training=True)
-    scale = _LEVELS / (_LEVELS - threshold)
+    scale = dropout_scale(p)
     if torch.compiler.is_compiling():  # the mask as an opaque operator, the rest for the compiler to fuse
         return torch.where(compiled_keep_mask(x.detach(), p, call_site, stream), x, 0) * scale
-    from peft_mole.ops.job_streams import stream_generator
-
     return _MaskAndScale.apply(x, keep_mask(x.shape, p, x.device, stream_generator(stream)), scale)
 
 
@@ -112,7 +138,7 @@ class Dropout(nn.Dropout):
         self.stream = 0  # torch's default generator; `use_stream` gives it one of its own
 
     def use_stream(self, stream: int) -> None:
-        """Draw the masks from registered generator `stream` (`ops.job_streams.register_stream`; 0: the default)."""
+        """Draw the masks from registered generator `stream` (`register_stream`; 0: the default)."""
         self.stream = stream
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ stream per job, job j's draws are
 whatever else runs in the step, and a checkpoint of the job holds its generator's state, so resume continues
 exactly (docs/multijob.md, "Checkpoints, resume, failures").
 
-Generators are registered here under an int id (`register_stream`), which modules keep (`Dropout.use_stream`,
+Generators are registered under an int id (`ops.dropout.register_stream`), which modules keep (`Dropout.use_stream`,
 a routed layer's `jitter_streams`) and which the operators below take as plain arguments: torch.compile cannot
 pass a generator to an operator, and an int is a constant of the graph. The operators draw each job's rows with
 the job's generator, in row order, exactly as the eager layers draw that job's row group, so a compiled step's
@@ -20,46 +20,31 @@ masks equal the eager step's.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
-from peft_mole.ops.dropout import _LEVELS, Dropout, _MaskAndScale, _threshold, keep_mask
-
-_STREAMS: dict[int, torch.Generator] = {}
-_IDS = itertools.count(1)
-
-
-def register_stream(generator: torch.Generator) -> int:
-    """Register `generator`; returns its id (never 0: 0 stands for torch's default generator)."""
-    stream = next(_IDS)
-    _STREAMS[stream] = generator
-    return stream
+from peft_mole.ops.dropout import (
+    _LEVELS,
+    Dropout,
+    _MaskAndScale,
+    _threshold,
+    dropout_scale,
+    keep_mask,
+    stream_generator,
+)
 
 
-def stream_generator(stream: int) -> torch.Generator | None:
-    """The generator registered as `stream`, or None (torch's default) for 0."""
-    if not stream:
-        return None
-    if stream not in _STREAMS:
-        raise KeyError(f"random stream {stream} is not registered (ops.job_streams.register_stream)")
-    return _STREAMS[stream]
-
-
-def dropout_scale(p: float) -> float:
-    """1 / (1 − p') of `ops.dropout` (1 where nothing is dropped, 0 where everything is)."""
-    threshold = _threshold(p)
-    if threshold == 0:
-        return 1.0
-    return 0.0 if threshold == _LEVELS else _LEVELS / (_LEVELS - threshold)
-
-
-def _rows_of(row_jobs: torch.Tensor, slots: int) -> list[list[int]]:
+def _per_job(out: torch.Tensor, row_jobs: torch.Tensor, slots: int, draw) -> torch.Tensor:
+    """`out` with the rows of each job j < slots (row_jobs == j, in row order) replaced by `draw(j, (n_j, *rest))`,
+    one draw per job as the eager layers draw its row group; rows of jobs whose draw is None stay as they are."""
     rows: list[list[int]] = [[] for _ in range(slots)]
     for row, job in enumerate(row_jobs.tolist()):  # host values (a read-back on a GPU)
         if job < slots:
             rows[job].append(row)
-    return rows
+    for job, picked in enumerate(rows):
+        drawn = draw(job, (len(picked), *out.shape[1:])) if picked else None
+        if drawn is not None:
+            out.index_copy_(0, torch.tensor(picked, device=out.device), drawn)
+    return out
 
 
 @torch.library.custom_op("peft_mole::per_job_keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
@@ -68,12 +53,12 @@ def per_job_keep_mask(like: torch.Tensor, row_jobs: torch.Tensor, ps: list[float
     """Keep-mask of like's shape: the rows of job j (row_jobs == j, in order) drawn as one `keep_mask` of
     (n_j, *like.shape[1:]) with p = ps[j] from stream streams[j]; rows of other slots (p 0, base rows) all kept.
     `call_site` keeps calls on the same input apart (see `ops.dropout.compiled_keep_mask`)."""
-    mask = torch.ones(like.shape, dtype=torch.bool, device=like.device)
-    for job, rows in enumerate(_rows_of(row_jobs, len(ps))):
-        if rows and _threshold(ps[job]) > 0:
-            drawn = keep_mask((len(rows), *like.shape[1:]), ps[job], like.device, stream_generator(streams[job]))
-            mask.index_copy_(0, torch.tensor(rows, device=like.device), drawn)
-    return mask
+    def draw(job: int, shape: tuple) -> torch.Tensor | None:
+        if _threshold(ps[job]) == 0:
+            return None
+        return keep_mask(shape, ps[job], like.device, stream_generator(streams[job]))
+
+    return _per_job(torch.ones(like.shape, dtype=torch.bool, device=like.device), row_jobs, len(ps), draw)
 
 
 @per_job_keep_mask.register_fake
@@ -86,14 +71,14 @@ def per_job_jitter(like: torch.Tensor, row_jobs: torch.Tensor, epsilons: list[fl
                    ) -> torch.Tensor:
     """Router jitter multipliers of like's shape (fp32): the rows of job j drawn U(1 − ε_j, 1 + ε_j) from stream
     streams[j] as one (n_j, *like.shape[1:]) draw, as the eager router draws them; 1 on other rows."""
-    out = torch.ones(like.shape, dtype=torch.float32, device=like.device)
-    for job, rows in enumerate(_rows_of(row_jobs, len(epsilons))):
+    def draw(job: int, shape: tuple) -> torch.Tensor | None:
         eps = epsilons[job]
-        if rows and eps > 0:
-            drawn = torch.empty((len(rows), *like.shape[1:]), dtype=torch.float32, device=like.device).uniform_(
-                1.0 - eps, 1.0 + eps, generator=stream_generator(streams[job]))
-            out.index_copy_(0, torch.tensor(rows, device=like.device), drawn)
-    return out
+        if eps <= 0:
+            return None
+        return torch.empty(shape, dtype=torch.float32, device=like.device).uniform_(
+            1.0 - eps, 1.0 + eps, generator=stream_generator(streams[job]))
+
+    return _per_job(torch.ones(like.shape, dtype=torch.float32, device=like.device), row_jobs, len(epsilons), draw)
 
 
 @per_job_jitter.register_fake

@@ -82,8 +82,8 @@ def test_per_row_layers_draw_each_jobs_stream_as_the_eager_layers_do(compiled):
 
 def test_stacked_blocks_draw_each_jobs_stream_and_apply_the_masks_in_one_pass():
     """`dropout_pieces`: the joined masks of equal-rate jobs give what each job's own dropout gives its block."""
-    from peft_mole.ops.dropout import Dropout
-    from peft_mole.ops.job_streams import dropout_pieces, register_stream
+    from peft_mole.ops.dropout import Dropout, register_stream, stream_generator
+    from peft_mole.ops.job_streams import dropout_pieces
 
     dropouts = [Dropout(0.25) for _ in range(3)]
     for seed, module in enumerate(dropouts):
@@ -91,8 +91,6 @@ def test_stacked_blocks_draw_each_jobs_stream_and_apply_the_masks_in_one_pass():
     x = torch.randn(6, 5, 8, requires_grad=True)
     states = [torch.Generator().manual_seed(seed).get_state() for seed in range(3)]
     joined = dropout_pieces(x, [1, 3, 2], dropouts)
-    from peft_mole.ops.job_streams import stream_generator
-
     for module, state in zip(dropouts, states, strict=True):  # the same draws again, block by block
         stream_generator(module.stream).set_state(state)
     each = torch.cat([d(piece) for d, piece in zip(dropouts, x.split([1, 3, 2]), strict=True)])

@@ -18,8 +18,7 @@ from torch import nn
 from peft_mole import routing
 from peft_mole.finite_check import raise_if_not_finite
 from peft_mole.forward_context import ForwardContext, RouterRecord, RowGroup
-from peft_mole.ops.dropout import Dropout
-from peft_mole.ops.job_streams import stream_generator
+from peft_mole.ops.dropout import Dropout, stream_generator
 from peft_mole.ops.profiling import profiled
 from peft_mole.tuners.mixlora.experts import ExpertLoRA
 
