@@ -26,6 +26,7 @@ from torch import nn
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext, PackedSegments
 from peft_mole.ops.dropout import Dropout, register_stream
+from peft_mole.ops.job_streams import replay_streams_in_checkpoints
 from peft_mole.ops.segmented_lora import constant_on
 from peft_mole.tuners.dynmole.config import DynMoLEConfig
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
@@ -54,6 +55,7 @@ def enable_activation_checkpointing(model: nn.Module, args) -> None:
     # embeddings require it is dropped: in a compiled step its `requires_grad_()` on an intermediate breaks the graph
     if hasattr(model, "disable_input_require_grads"):
         model.disable_input_require_grads()
+    replay_streams_in_checkpoints(model)  # the jobs' masks, redrawn in the recomputation, equal the forward's
 
 
 def check_job_name(name) -> None:
@@ -286,6 +288,7 @@ class MultiJobModel(MixLoRAModel):
                 for job, settings in module.settings.items():
                     if job in streams:
                         settings.jitter_stream = streams[job]
+        replay_streams_in_checkpoints(self.model)  # layers checkpointed already recompute with the same draws
         return generators
 
     # ------------------------------------------------------------------ per-job export

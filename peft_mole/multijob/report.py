@@ -78,3 +78,13 @@ def show_progress(callbacks: list, progress: dict[str, str], run: JobRun) -> Non
         bar = getattr(callback, "training_bar", None)
         if bar is not None:
             bar.set_postfix(progress, refresh=False)
+
+
+def raise_progress_total(callbacks: list, total: int) -> None:
+    """Set the total of Trainer's progress bar to `total` steps (the trainer's estimate grew: a memory budget
+    deferred micro-batches)."""
+    for callback in callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None:
+            bar.total = total
+            bar.refresh()

@@ -239,9 +239,10 @@ class JobRun:
         return strategy == "steps" and bool(self.args.save_steps) and self._due(self.args.save_steps)
 
     def should_log(self) -> bool:
-        """Log after this step: `logging_strategy` "steps" (every `logging_steps`) or "epoch"; always the last."""
+        """Log after this step: `logging_strategy` "steps" (every `logging_steps`) or "epoch"; always the last, and
+        the first with `logging_first_step`."""
         strategy = self._strategy("logging_strategy")
-        if self.global_step == self.max_steps:
+        if self.global_step == self.max_steps or (self.global_step == 1 and self.args.logging_first_step):
             return True
         if strategy == "epoch":
             return self.at_epoch_end
@@ -249,10 +250,18 @@ class JobRun:
 
     def should_evaluate(self) -> bool:
         """Evaluate (jobs with an eval_dataset) after this step: at each epoch's end with `eval_strategy="epoch"`,
-        else every `eval_steps` (default: `logging_steps`) and at the job's last step, as Trainer does."""
+        else every `eval_steps` (default: `logging_steps`) and at the job's last step, as Trainer does; never
+        before `eval_delay` epochs or steps."""
         if self._strategy("eval_strategy") == "epoch":
-            return self.at_epoch_end
+            return self.at_epoch_end and self.epoch_progress >= self.args.eval_delay
+        if self.global_step < self.args.eval_delay:
+            return False
         return self._due(self.args.eval_steps or self.args.logging_steps) or self.global_step >= self.max_steps
+
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs trained, as a fraction (Trainer's `state.epoch`): 1.0 at the end of the first."""
+        return self.epoch + self.batches_done / max(self.batches_per_epoch, 1)
 
     def _due(self, every: float) -> bool:
         """Whether this optimizer step is a multiple of `every` (a fraction < 1 means that share of max_steps, as
@@ -296,6 +305,9 @@ class JobRun:
 
         def write(tmp: str) -> None:
             save_adapter(tmp)
+            if self.args.save_only_model:  # the adapter and the position only, as Trainer's `save_only_model`
+                ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), {**self.state_dict(), "model_only": True})
+                return
             state = self.optimizer.state_dict()  # saved in a plain Trainer's per-tensor layout
             torch.save(state if self.flat is None else self.flat.per_tensor_state(state), os.path.join(tmp, "optimizer.pt"))
             torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
@@ -310,6 +322,12 @@ class JobRun:
     def load_checkpoint(self, path: str, load_adapter) -> None:
         """Restore from `save_checkpoint`'s folder (tensors only: `weights_only=True`)."""
         state = ckpt.read_json(os.path.join(path, ckpt.STATE_FILE))
+        if state.get("model_only"):
+            raise ValueError(
+                f"job {self.name!r}: {path} was written with save_only_model=True and holds the adapter only (no "
+                "optimizer, scheduler or random stream), so training cannot continue exactly from it; train the job "
+                "again from the start, or start a new job from that adapter"
+            )
         load_adapter(path)
         optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
         self.optimizer.load_state_dict(optimizer_state if self.flat is None else self.flat.flat_state(optimizer_state))

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from accelerate.utils.memory import clear_device_cache
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback, TrainerState
 from transformers.optimization import get_scheduler
@@ -35,12 +36,19 @@ from transformers.trainer_utils import TrainOutput, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from peft_mole.multijob import distributed as dist
-from peft_mole.multijob.batching import batch_inputs, is_packed, mix, pad_token_id, profile_inputs, row_halves
+from peft_mole.multijob.batching import is_packed, mix, pad_token_id, profile_inputs, row_halves
+from peft_mole.multijob.evaluation import JobEvaluation
 from peft_mole.multijob.flat_parameters import job_optimizer
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.lifecycle import JobLifecycle
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
-from peft_mole.multijob.report import PaddingStats, show_progress, summary_rows, write_summary
+from peft_mole.multijob.report import (
+    PaddingStats,
+    raise_progress_total,
+    show_progress,
+    summary_rows,
+    write_summary,
+)
 from peft_mole.multijob.run import FAILED, STOPPED, JobRun, stream_seed
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
 from peft_mole.multijob.trainer_args import check_callbacks, check_distributed, check_trainer_args
@@ -52,7 +60,7 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-class MultiJobTrainer(JobLifecycle, SFTTrainer):
+class MultiJobTrainer(JobEvaluation, JobLifecycle, SFTTrainer):
     """Train several `JobConfig`s together on one frozen base.
 
     Args:
@@ -211,6 +219,7 @@ class MultiJobTrainer(JobLifecycle, SFTTrainer):
         self.state.max_steps = self.job_scheduler.estimate_steps(runs)
         self.state.logging_steps = self.args.logging_steps
         self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        self._evaluate_on_start(runs)
         start = time.perf_counter()
         while True:
             running = self.job_scheduler.admit(runs)
@@ -221,12 +230,17 @@ class MultiJobTrainer(JobLifecycle, SFTTrainer):
                 self.control = self.callback_handler.on_step_begin(self.args, self.state, self.control)
                 for _, batch in parts:  # `include_num_input_tokens_seen`, counted before the step, as Trainer does
                     self._track_num_input_tokens(batch)
+                self.state.global_step += 1  # the jobs' logs, evaluations and saves in this round carry its number
                 self._train_round(parts)
-                self.state.global_step += 1
                 left = [run for run in runs if not run.finished]  # micro-batches deferred by max_memory take more
                 if left:  # steps than estimated: keep max_steps ahead, or the flow callback stops with jobs left
-                    self.state.max_steps = max(self.state.max_steps, self.state.global_step + self.job_scheduler.estimate_steps(left))
-                self.state.epoch = max((r.epoch + r.batches_done / max(r.batches_per_epoch, 1) for r in runs), default=0)
+                    estimate = self.state.global_step + self.job_scheduler.estimate_steps(left)
+                    if estimate > self.state.max_steps:
+                        self.state.max_steps = estimate
+                        raise_progress_total(self.callback_handler.callbacks, estimate)
+                empty_every = self.args.torch_empty_cache_steps
+                if empty_every and self.state.global_step % empty_every == 0:
+                    clear_device_cache()  # as Trainer does every `torch_empty_cache_steps`
                 self.control = self.callback_handler.on_step_end(self.args, self.state, self.control)
                 if self.control.should_training_stop:
                     self._checkpoint_unfinished(runs)
@@ -296,13 +310,18 @@ class MultiJobTrainer(JobLifecycle, SFTTrainer):
                 self.padding_stats.add(group)
                 self._train_parts(group)
         failed = dist.any_process(self.accelerator, [run.name in self._round_failures for run, _ in parts])
+        stepping = []
         for (run, _), bad in zip(parts, failed, strict=True):
             if bad:
                 self._fail(run, self._round_failures.get(run.name, "it failed on another process"))
                 continue
             run.window_loss += self._round_losses[run.name]
             if run.consume():
-                self._job_step(run)
+                stepping.append(run)
+        # the epoch after this round, before the jobs step: what their logs (Trainer.log adds it) say
+        self.state.epoch = max(r.epoch_progress for r in self.runs)
+        for run in stepping:
+            self._job_step(run)
 
     def _rows_splittable(self, run: JobRun) -> bool:
         """Plain-LoRA jobs: their loss is a sum over rows (÷ the window's token count), so their micro-batch may run
@@ -403,7 +422,7 @@ class MultiJobTrainer(JobLifecycle, SFTTrainer):
                 f"{run.name}/loss": sum(run.stats.losses) / len(run.stats.losses),
                 f"{run.name}/learning_rate": run.learning_rate(),
                 f"{run.name}/step": run.global_step,
-                f"{run.name}/epoch": run.epoch + run.batches_done / max(run.batches_per_epoch, 1),
+                f"{run.name}/epoch": run.epoch_progress,
             }
             if run.last_grad_norm is not None:
                 logs[f"{run.name}/grad_norm"] = run.last_grad_norm
@@ -417,46 +436,6 @@ class MultiJobTrainer(JobLifecycle, SFTTrainer):
             self._finish(run, STOPPED)
         elif run.global_step >= run.max_steps:
             self._finish(run)
-
-    def _evaluate_job(self, run: JobRun) -> bool:
-        """Log `<job>/eval_loss`; True when early stopping says stop."""
-        loss = self._eval_loss(run.name, run.args.per_device_eval_batch_size)
-        metrics = {f"{run.name}/eval_loss": loss, f"{run.name}/step": run.global_step}
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
-        return run.record_eval(loss)
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """{"<job>/<prefix>_loss": mean target-token loss of the job's adapter on its own eval set}, for every job
-        with an eval_dataset; also logged. The jobs carry their eval sets, so `eval_dataset` must be None."""
-        if eval_dataset is not None:
-            raise TypeError("MultiJobTrainer.evaluate uses each job's own eval_dataset (JobConfig); pass none here")
-        metrics = {f"{job.name}/{metric_key_prefix}_loss": self._eval_loss(
-            job.name, job.training_args(self.args).per_device_eval_batch_size) for job in self.jobs
-            if job.name in self.job_eval_datasets}
-        self.log(dict(metrics))  # Trainer.log adds the epoch to the dict it is given
-        return metrics
-
-    @torch.no_grad()
-    def _eval_loss(self, name: str, batch_size: int) -> float:
-        """Mean over job `name`'s eval set's target tokens (and over processes) of its adapter's loss."""
-        loader = self._get_dataloader(dataset=self.job_eval_datasets[name], description=f"{name} evaluation",
-                                      batch_size=batch_size, sampler_fn=self._get_eval_sampler)
-        training, total, count = self.model.training, 0.0, 0
-        self.model.eval()
-        try:
-            for batch in loader:
-                with self.compute_loss_context_manager(), self.accelerator.autocast():
-                    out = self.jobs_model(**batch_inputs(batch, name), labels=batch["labels"], fused_lm_head=True,
-                                          use_cache=False)
-                total += float(-out.log_probs.float().sum())
-                count += int(out.label_mask.sum())
-        finally:
-            self.model.train(training)
-        total, count = dist.sum_over_processes(
-            self.accelerator, torch.tensor([total, float(count)], dtype=torch.float64)
-        ).tolist()
-        return total / max(count, 1.0)
 
     # ------------------------------------------------------------------ memory
     def _profile_memory(self, runs: list[JobRun]) -> None:

@@ -47,6 +47,9 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
 # (torch.compile cannot pass a generator to an operator): a multi-job job's stream (`ops.job_streams`).
 _STREAMS: dict[int, torch.Generator] = {}
 _IDS = itertools.count(1)
+# checkpointed forwards now running (`ops.job_streams.stream_replay_contexts`): {stream: its state before its first
+# draw in the region}, so that the region's recomputation in the backward draws the same masks again
+_RECORDERS: list[dict[int, torch.Tensor]] = []
 
 
 def register_stream(generator: torch.Generator) -> int:
@@ -62,7 +65,11 @@ def stream_generator(stream: int) -> torch.Generator | None:
         return None
     if stream not in _STREAMS:
         raise KeyError(f"random stream {stream} is not registered (register_stream)")
-    return _STREAMS[stream]
+    generator = _STREAMS[stream]
+    for states in _RECORDERS:  # called before each draw: a checkpointed region keeps the state it began with
+        if stream not in states:
+            states[stream] = generator.get_state()
+    return generator
 
 
 def dropout_scale(p: float) -> float:

@@ -175,7 +175,7 @@ def test_job_failing_on_a_later_piece_of_its_cut_micro_batch_fails_alone(assets,
     forward, bad_steps = trainer.jobs_model.forward, []
 
     def forward_failing_on_a_middle_row(*args, input_ids=None, adapter_names=None, **kwargs):
-        if trainer.state.global_step == 0 and "bad" in adapter_names:
+        if trainer.state.global_step == 1 and "bad" in adapter_names:
             bad_steps.append(input_ids.shape[1])
             if input_ids.shape[1] == lengths[1]:
                 raise RuntimeError("bad row")

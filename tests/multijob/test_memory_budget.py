@@ -4,6 +4,8 @@ binds trains what a run without one trains (one that defers a micro-batch reorde
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from peft import LoraConfig
 from transformers import TrainerCallback
@@ -163,14 +165,24 @@ def test_a_binding_budget_defers_micro_batches_and_trains_every_one_of_them(asse
     for token and step for step, as without a budget."""
     tokenizer, datasets = assets
     runs = {}
+
+    class Bar(TrainerCallback):  # a progress bar as transformers' ProgressCallback keeps it
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.training_bar = SimpleNamespace(total=state.max_steps, refresh=lambda: None,
+                                                set_postfix=lambda *a, **k: None)
+            self.first_total = state.max_steps
+
     for budget in (None, 250.0):
+        bar = Bar()
         trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=_jobs(datasets),
                                   args=run_args(tmp_path / str(budget), max_steps=3, max_length=96),
-                                  processing_class=tokenizer, max_memory=budget)
+                                  processing_class=tokenizer, max_memory=budget, callbacks=[bar])
         if budget is not None:  # 100 "bytes" a micro-batch: the budget binds on every round of three
             monkeypatch.setattr(trainer.job_scheduler, "predict", lambda parts, resident=None: 100.0 * len(parts))
         rounds = _record_rounds(trainer, monkeypatch)
         trainer.train()
+        if budget is not None:  # the deferred micro-batches took more steps than first estimated: the bar's total grew
+            assert bar.first_total < trainer.state.global_step == bar.training_bar.total
         runs[budget] = ({run.name: (run.status, run.global_step, run.stats.tokens) for run in trainer.runs},
                         [[run.name for run, _ in parts] for parts in rounds if parts])
     (free, free_rounds), (bound, bound_rounds) = runs[None], runs[250.0]

@@ -1,0 +1,116 @@
+"""Trainer options that MultiJobTrainer's own loop honours as `Trainer.train` does: what a step's logs carry
+(`step`, `epoch`), `logging_first_step`, `eval_on_start`, `eval_delay`, `save_only_model` and
+`torch_empty_cache_steps`."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+from peft import LoraConfig
+from transformers import TrainerCallback
+
+from peft_mole import JobConfig, MultiJobTrainer
+from peft_mole.multijob import trainer as trainer_module
+from peft_mole.multijob.checkpoint import list_checkpoints
+from tests.helpers import mixlora, tiny_base
+from tests.multijob.test_resume import _StopAt
+from tests.multijob.test_trainer import ALL_LINEAR, run_args
+
+LORA = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR)
+
+
+def _trainer(assets, out, jobs, callbacks=(), **args) -> MultiJobTrainer:
+    tokenizer, _ = assets
+    return MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                           args=run_args(out, **args), callbacks=list(callbacks))
+
+
+def test_a_jobs_logs_carry_the_mixed_step_and_epoch_they_were_made_in(assets, tmp_path):
+    """Trainer.log adds `step` and `epoch` to each log; a job's log made in mixed step s says s, and the run's epoch
+    after that step (before, both were one step behind). 24 rows each: "lora" steps every 2 micro-batches of 4 (3
+    windows an epoch, counted when a window begins), "mix" every micro-batch of 3 (8 an epoch)."""
+    _, datasets = assets
+    jobs = [JobConfig("lora", LORA, datasets["sentiment"], gradient_accumulation_steps=2),
+            JobConfig("mix", mixlora(), datasets["capital"], per_device_train_batch_size=3, max_steps=4)]
+    trainer = _trainer(assets, tmp_path, jobs)
+    trainer.train()
+    logs = {job: [h for h in trainer.state.log_history if f"{job}/loss" in h] for job in ("lora", "mix")}
+    assert [h["step"] for h in logs["lora"]] == [2, 4, 6]
+    assert [h["step"] for h in logs["mix"]] == [1, 2, 3, 4]
+    for job, entries in logs.items():
+        for entry in entries:
+            step = entry["step"]
+            assert entry["epoch"] == pytest.approx(max(math.ceil(step / 2) / 3, min(step, 4) / 8)), (job, entry)
+    assert [h["lora/epoch"] for h in logs["lora"]] == pytest.approx([2 / 6, 4 / 6, 1.0])
+
+
+def test_logging_first_step_logs_each_jobs_first_step(assets, tmp_path):
+    _, datasets = assets
+    for first in (False, True):
+        jobs = [JobConfig("mix", mixlora(), datasets["capital"], max_steps=4)]
+        trainer = _trainer(assets, tmp_path / str(first), jobs, logging_steps=2, logging_first_step=first)
+        trainer.train()
+        steps = [h["mix/step"] for h in trainer.state.log_history if "mix/loss" in h]
+        assert steps == ([1, 2, 4] if first else [2, 4])
+
+
+def test_eval_on_start_and_eval_delay_by_steps(assets, tmp_path):
+    """`eval_on_start` evaluates each job before its first step; `eval_delay=3` holds every `eval_steps=1`
+    evaluation back until the job's step 3. Callbacks get every evaluation."""
+    _, datasets = assets
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            seen.append(metrics["wild/step"])
+
+    jobs = [JobConfig("wild", LORA, datasets["sentiment"], eval_dataset=datasets["capital"], eval_steps=1,
+                      max_steps=5)]
+    trainer = _trainer(assets, tmp_path, jobs, [Watch()], eval_on_start=True, eval_delay=3)
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "wild/eval_loss" in h]
+    assert [h["wild/step"] for h in evals] == seen == [0, 3, 4, 5]
+    assert evals[0]["step"] == 0  # before the first mixed step
+
+
+def test_eval_delay_by_epochs(assets, tmp_path):
+    """`eval_strategy="epoch"` with `eval_delay=2`: a job of 6 steps an epoch is evaluated at the end of its
+    second and third epochs, not its first."""
+    _, datasets = assets
+    jobs = [JobConfig("wild", LORA, datasets["sentiment"], eval_dataset=datasets["capital"], max_steps=18)]
+    trainer = _trainer(assets, tmp_path, jobs, eval_strategy="epoch", eval_delay=2)
+    trainer.train()
+    assert [h["wild/step"] for h in trainer.state.log_history if "wild/eval_loss" in h] == [12, 18]
+
+
+def test_save_only_model_checkpoints_the_adapter_only_and_resume_says_it_cannot_continue(assets, tmp_path):
+    """`save_only_model=True`: checkpoints hold the adapter and the position, no optimizer, scheduler or random
+    stream (Trainer's meaning). Resuming from one could not continue exactly, so it is refused, naming the job."""
+    _, datasets = assets
+
+    def jobs():
+        return [JobConfig("mix", mixlora(), datasets["capital"], max_steps=6)]
+
+    trainer = _trainer(assets, tmp_path, jobs(), [_StopAt(3)], save_strategy="steps", save_steps=2,
+                       save_only_model=True)
+    trainer.train()
+    assert [step for step, _ in list_checkpoints(tmp_path / "mix")] == [2, 3]  # step 3: stopped by the callback
+    for step in (2, 3):
+        files = set(os.listdir(tmp_path / "mix" / f"checkpoint-{step}"))
+        assert "adapter_model.safetensors" in files and "adapter_config.json" in files
+        assert not files & {"optimizer.pt", "scheduler.pt", "random_stream.safetensors"}, files
+    again = _trainer(assets, tmp_path, jobs(), save_strategy="steps", save_steps=2, save_only_model=True)
+    with pytest.raises(ValueError, match=r"job 'mix'.*save_only_model=True.*cannot continue exactly"):
+        again.train(resume_from_checkpoint=True)
+
+
+def test_torch_empty_cache_steps_empties_the_device_cache_every_n_mixed_steps(assets, tmp_path, monkeypatch):
+    _, datasets = assets
+    emptied = []
+    trainer = _trainer(assets, tmp_path, [JobConfig("mix", mixlora(), datasets["capital"], max_steps=5)],
+                       torch_empty_cache_steps=2)
+    monkeypatch.setattr(trainer_module, "clear_device_cache", lambda: emptied.append(trainer.state.global_step))
+    trainer.train()
+    assert emptied == [2, 4]
