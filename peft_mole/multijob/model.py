@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext, PackedSegments
-from peft_mole.ops.dropout import Dropout, register_stream
+from peft_mole.ops.dropout import Dropout, register_stream, set_stream_widths
 from peft_mole.ops.job_streams import replay_streams_in_checkpoints
 from peft_mole.ops.segmented_lora import constant_on
 from peft_mole.tuners.dynmole.config import DynMoLEConfig
@@ -199,6 +199,7 @@ class MultiJobModel(MixLoRAModel):
             return super().forward(*args, **kwargs)
 
     def _rows_set(self, context: ForwardContext, args: tuple, kwargs: dict) -> None:
+        self._set_stream_widths(context.row_adapters, kwargs.get("attention_mask"))
         if not self.__dict__.get("_compiled_steps"):
             return
         names, context.row_jobs, context.segments = context.row_adapters, None, None
@@ -270,6 +271,21 @@ class MultiJobModel(MixLoRAModel):
             outputs["aux_loss_per_adapter"] = per_adapter
 
     # ------------------------------------------------------------------ per-job randomness
+    def _set_stream_widths(self, names: list[str] | None, attention_mask: torch.Tensor | None) -> None:
+        """Each job's own width in this padded training batch (the last real token of its rows, + 1), so its
+        stream draws over that width only, whatever the length of the rows beside it (`ops.dropout.stream_draw`).
+        Reads the mask's row ends back (on a GPU, one sync per training forward with job streams)."""
+        streams, widths = self.__dict__.get("_stream_ids") or {}, {}
+        if (streams and self.training and names is not None and attention_mask is not None
+                and attention_mask.dim() == 2 and len(names) == attention_mask.shape[0]):
+            step = attention_mask.shape[1]
+            positions = torch.arange(1, step + 1, device=attention_mask.device)
+            ends = (attention_mask.bool() * positions).amax(dim=1).tolist()
+            for name, end in zip(names, ends, strict=True):
+                if name in streams:
+                    widths[streams[name]] = (step, max(end, widths.get(streams[name], (0, 0))[1]))
+        set_stream_widths(widths)
+
     def set_job_streams(self, seeds: dict[str, int]) -> dict[str, torch.Generator]:
         """Give each job in `seeds` a random stream of its own, seeded with its seed: its dropout masks and router
         jitter are then drawn from it, whatever other jobs share a step (`ops.job_streams`). Returns
@@ -289,6 +305,7 @@ class MultiJobModel(MixLoRAModel):
                     if job in streams:
                         settings.jitter_stream = streams[job]
         replay_streams_in_checkpoints(self.model)  # layers checkpointed already recompute with the same draws
+        self.__dict__["_stream_ids"] = streams
         return generators
 
     # ------------------------------------------------------------------ per-job export

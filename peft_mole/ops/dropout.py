@@ -72,6 +72,50 @@ def stream_generator(stream: int) -> torch.Generator | None:
     return generator
 
 
+# per stream, (the padded width of the batch now trained, the width of its job's own rows in it): set by
+# `MultiJobModel` for each padded mixed step (`set_stream_widths`), read by `stream_draw`
+_WIDTHS: dict[int, tuple[int, int]] = {}
+
+
+def set_stream_widths(widths: dict[int, tuple[int, int]]) -> None:
+    """{stream: (batch width, own width)} for the batch now being trained (replacing the last batch's): a stream
+    whose job's rows end before the batch's padded width draws over its own width only (`stream_draw`). They stay
+    set after the forward, for activation checkpointing's recomputation in the backward."""
+    _WIDTHS.clear()
+    _WIDTHS.update(widths)
+
+
+def stream_draw(shape: tuple[int, ...], stream: int, draw, fill) -> torch.Tensor:
+    """`draw(shape)`, where a multi-job step's rows are padded wider than the stream's job's own rows
+    (`set_stream_widths`) drawn over the job's own width only and filled with `fill` beyond it:
+
+        (n, T, ...) rows, or (n·T, ...) tokens of n rows:   draw((n, w, ...)) in [:, :w], `fill` in [:, w:]
+
+    where T is the batch's padded width and w the last real token of the job's rows (+ 1). So a job draws the same
+    numbers whatever the length of the rows beside it in a step (the positions beyond w are padding, whose values
+    no real token sees)."""
+    step, own = _WIDTHS.get(stream, (0, 0)) if stream else (0, 0)
+    if own >= step:
+        return draw(tuple(shape))
+    if len(shape) >= 3 and shape[1] == step:
+        rows, rest = shape[0], tuple(shape[2:])
+    elif len(shape) == 2 and shape[0] % step == 0:
+        rows, rest = shape[0] // step, tuple(shape[1:])
+    else:  # not laid out by rows of this batch
+        return draw(tuple(shape))
+    drawn = draw((rows, own, *rest))
+    out = torch.full((rows, step, *rest), fill, dtype=drawn.dtype, device=drawn.device)
+    out[:, :own] = drawn
+    return out.view(shape)
+
+
+def stream_keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str, stream: int) -> torch.Tensor:
+    """`keep_mask` drawn from `stream` (0: torch's default generator) over the job's own width (`stream_draw`)."""
+    if not stream:
+        return keep_mask(shape, p, device)
+    return stream_draw(shape, stream, lambda s: keep_mask(s, p, device, stream_generator(stream)), True)
+
+
 def dropout_scale(p: float) -> float:
     """1 / (1 − p') of `ops.dropout` (1 where nothing is dropped, 0 where everything is)."""
     threshold = _threshold(p)
@@ -89,7 +133,7 @@ def compiled_keep_mask(like: torch.Tensor, p: float, call_site: int, stream: int
     calls with equal arguments all the same (it exempts only torch's own random operators), so each caller passes
     its own `call_site`: q, k and v dropping out the same input keep three masks, as eagerly. `stream`: the id of
     a registered generator (`ops.job_streams`), 0 for the default one."""
-    return keep_mask(like.shape, p, like.device, stream_generator(stream))
+    return stream_keep_mask(like.shape, p, like.device, stream)
 
 
 @compiled_keep_mask.register_fake
@@ -132,7 +176,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, call_site: int = 0
     scale = dropout_scale(p)
     if torch.compiler.is_compiling():  # the mask as an opaque operator, the rest for the compiler to fuse
         return torch.where(compiled_keep_mask(x.detach(), p, call_site, stream), x, 0) * scale
-    return _MaskAndScale.apply(x, keep_mask(x.shape, p, x.device, stream_generator(stream)), scale)
+    return _MaskAndScale.apply(x, stream_keep_mask(x.shape, p, x.device, stream), scale)
 
 
 class Dropout(nn.Dropout):

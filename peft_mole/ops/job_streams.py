@@ -41,9 +41,20 @@ from peft_mole.ops.dropout import (
     _MaskAndScale,
     _threshold,
     dropout_scale,
-    keep_mask,
+    stream_draw,
     stream_generator,
+    stream_keep_mask,
 )
+
+
+def jitter(shape: tuple[int, ...], eps: float, device: torch.device, stream: int) -> torch.Tensor:
+    """Router jitter multipliers U(1 − ε, 1 + ε) of `shape` (fp32) from `stream`, over the job's own width
+    (`ops.dropout.stream_draw`; 1 beyond it)."""
+    def draw(size: tuple[int, ...]) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.float32, device=device).uniform_(
+            1.0 - eps, 1.0 + eps, generator=stream_generator(stream))
+
+    return stream_draw(shape, stream, draw, 1.0)
 
 
 def _per_job(out: torch.Tensor, row_jobs: torch.Tensor, slots: int, draw) -> torch.Tensor:
@@ -69,7 +80,7 @@ def per_job_keep_mask(like: torch.Tensor, row_jobs: torch.Tensor, ps: list[float
     def draw(job: int, shape: tuple) -> torch.Tensor | None:
         if _threshold(ps[job]) == 0:
             return None
-        return keep_mask(shape, ps[job], like.device, stream_generator(streams[job]))
+        return stream_keep_mask(shape, ps[job], like.device, streams[job])
 
     return _per_job(torch.ones(like.shape, dtype=torch.bool, device=like.device), row_jobs, len(ps), draw)
 
@@ -88,8 +99,7 @@ def per_job_jitter(like: torch.Tensor, row_jobs: torch.Tensor, epsilons: list[fl
         eps = epsilons[job]
         if eps <= 0:
             return None
-        return torch.empty(shape, dtype=torch.float32, device=like.device).uniform_(
-            1.0 - eps, 1.0 + eps, generator=stream_generator(streams[job]))
+        return jitter(shape, eps, like.device, streams[job])
 
     return _per_job(torch.ones(like.shape, dtype=torch.float32, device=like.device), row_jobs, len(epsilons), draw)
 
@@ -129,7 +139,7 @@ def dropout_pieces(x: torch.Tensor, sizes: list[int], dropouts: list[torch.nn.Mo
     if not (all(isinstance(d, Dropout) and d.stream and d.p == first.p and d.training for d in dropouts)
             and 0 < _threshold(first.p) < _LEVELS and not torch.compiler.is_compiling()):
         return torch.cat([d(piece) for d, piece in zip(dropouts, x.split(sizes), strict=True)])
-    keep = torch.cat([keep_mask((size, *x.shape[1:]), d.p, x.device, stream_generator(d.stream))
+    keep = torch.cat([stream_keep_mask((size, *x.shape[1:]), d.p, x.device, d.stream)
                       for d, size in zip(dropouts, sizes, strict=True)])
     return _MaskAndScale.apply(x, keep, dropout_scale(first.p))
 

@@ -54,17 +54,44 @@ def test_a_jobs_masks_and_jitter_do_not_depend_on_the_other_jobs_in_its_step():
         assert (mixed[rows] - eval_logits[rows]).abs().max() > 1e-3, job  # the noise is really on
 
 
+@pytest.mark.parametrize("layers", ["eager", "per-row", "per-row-compiled"])
+def test_a_jobs_draws_do_not_depend_on_how_far_the_rows_beside_it_are_padded(layers):
+    """Right-padded rows of unequal lengths, with a base row longer than any job's: each job's rows in the mixed
+    step give, on every real token, what they give alone padded to their own longest row only. The streams draw
+    over each job's own width (`ops.dropout.stream_draw`), not the step's (before, a job's masks shifted with the
+    width of the rows beside it)."""
+    mixed_model, *alone_models = _models(1 + len(NOISY))
+    if layers != "eager":
+        _per_row(mixed_model, compiled=layers == "per-row-compiled")
+    names = ["m", "a", "b", "a", "n", "m", "__base__"]
+    lengths = torch.tensor([5, 9, 4, 7, 6, 3, 12])
+    ids = torch.randint(3, 500, (len(names), 12), generator=torch.Generator().manual_seed(2))
+    mask = (torch.arange(12) < lengths.unsqueeze(1)).long()
+    mixed = mixed_model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+    for job, model in zip(NOISY, alone_models, strict=True):
+        rows = [i for i, name in enumerate(names) if name == job]
+        own = int(lengths[rows].max())
+        alone = model(input_ids=ids[rows, :own], attention_mask=mask[rows, :own], adapter_names=[job] * len(rows))
+        real = mask[rows, :own].bool()
+        torch.testing.assert_close(mixed[rows, :own][real], alone.logits[real], rtol=1e-5, atol=1e-5)
+
+
+def _per_row(model: MultiJobModel, compiled: bool) -> None:
+    """Switch `model` to the layers of compiled multi-job steps, compiled (aot_eager) or run eagerly."""
+    if compiled:
+        torch._dynamo.reset()
+        counters.clear()
+        model.compile_mixed_steps(backend="aot_eager")
+    else:
+        model.__dict__["_compiled_steps"] = True  # the per-row layers, run eagerly
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["per-row-eager", "per-row-compiled"])
 def test_per_row_layers_draw_each_jobs_stream_as_the_eager_layers_do(compiled):
     """The layers of compiled multi-job steps draw each job's rows from its stream in row order, as the eager
     layers draw its row group: equal logits and gradients in training mode, with rows of one job apart."""
     eager, per_row = _models(2)
-    if compiled:
-        torch._dynamo.reset()
-        counters.clear()
-        per_row.compile_mixed_steps(backend="aot_eager")
-    else:
-        per_row.__dict__["_compiled_steps"] = True  # the per-row layers, run eagerly
+    _per_row(per_row, compiled)
     ids = torch.randint(3, 500, (5, 7), generator=torch.Generator().manual_seed(1))
     names = ["a", "m", "b", "a", "n"]  # a's rows are not consecutive
     results = []

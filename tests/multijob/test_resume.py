@@ -179,22 +179,25 @@ def test_a_callback_stopping_training_checkpoints_every_unfinished_job_and_resum
         assets, tmp_path, padding_free):
     """`control.should_training_stop` from a callback, in the middle of the LoRA job's accumulation window (2
     micro-batches) and between the MixLoRA job's checkpoints: each unfinished job is checkpointed at its last
-    optimizer step (nothing is lost), and resuming ends with the uninterrupted run's adapters. Padding-free, with
-    dropout and router jitter on: each job's random stream is part of its checkpoint, and a job's draws do not depend
-    on the jobs beside it. (Padded rows are padded to the step's longest row, and the masks are drawn over the
-    padding too, so after a resume that pairs the jobs' micro-batches otherwise they differ: dropout 0 there.)"""
+    optimizer step (nothing is lost), and resuming ends with the uninterrupted run's adapters. With dropout and
+    router jitter on: each job's random stream is part of its checkpoint, and a job's draws do not depend on the
+    jobs beside it. The resumed run pairs the jobs' micro-batches otherwise than the uninterrupted one, so padded
+    steps pad a job's rows to other widths: each job draws over its own width (`ops.dropout.stream_draw`).
+    Padded rounds run as one step each (`step_overhead_tokens=None`): "auto" cuts LoRA rows into steps by measured
+    step times, and a job's pieces draw otherwise than its whole micro-batch."""
     tokenizer, datasets = assets
 
     def trainer(out, callbacks=()):
-        noise = 0.2 if padding_free else 0.0
+        noise = 0.2
+        # the LoRA job's rows are shorter than the MixLoRA job's, whose micro-batches' widths vary (not truncated)
         jobs = [JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=noise, target_modules=ALL_LINEAR),
-                          datasets["sentiment"], gradient_accumulation_steps=2, max_steps=3),
-                JobConfig("mix", mixlora(lora_dropout=noise, jitter_noise=noise), datasets["capital"],
+                          datasets["capital"], gradient_accumulation_steps=2, max_steps=3),
+                JobConfig("mix", mixlora(lora_dropout=noise, jitter_noise=noise), datasets["sentiment"],
                           per_device_train_batch_size=2, max_steps=5, save_steps=4)]
         args = run_args(out, save_strategy="steps", save_steps=100, padding_free=padding_free,
-                        **({"max_length": None} if padding_free else {}))
+                        max_length=None if padding_free else 128)
         built = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
-                                args=args, callbacks=list(callbacks))
+                                args=args, callbacks=list(callbacks), step_overhead_tokens=None)
         randomize_adapters(built.jobs_model, seed=3)
         return built
 

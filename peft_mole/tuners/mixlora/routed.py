@@ -18,7 +18,8 @@ from torch import nn
 from peft_mole import routing
 from peft_mole.finite_check import raise_if_not_finite
 from peft_mole.forward_context import ForwardContext, RouterRecord, RowGroup
-from peft_mole.ops.dropout import Dropout, stream_generator
+from peft_mole.ops.dropout import Dropout
+from peft_mole.ops.job_streams import jitter
 from peft_mole.ops.profiling import profiled
 from peft_mole.tuners.mixlora.experts import ExpertLoRA
 
@@ -130,8 +131,11 @@ class RoutedExpertsLayer(nn.Module, BaseTunerLayer):
         router_input = x.float()
         if self.training and settings.jitter_noise > 0:
             eps = settings.jitter_noise
-            router_input = router_input * torch.empty_like(router_input).uniform_(
-                1.0 - eps, 1.0 + eps, generator=stream_generator(settings.jitter_stream))
+            if settings.jitter_stream:  # a multi-job job's own stream, over its rows' own width
+                noise = jitter(router_input.shape, eps, router_input.device, settings.jitter_stream)
+            else:
+                noise = torch.empty_like(router_input).uniform_(1.0 - eps, 1.0 + eps)
+            router_input = router_input * noise
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):  # fp32 router even under bf16/fp16 autocast
                 probs = self._router_probabilities(adapter, router_input)
