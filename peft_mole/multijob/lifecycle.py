@@ -45,8 +45,8 @@ class JobLifecycle:
             return
         unfinished = [run for run in runs if not run.finished and run.global_step > 0]
         if self.is_world_process_zero():
-            for run in unfinished:
-                run.save_checkpoint(lambda d, name=run.name: self.jobs_model.save_job(name, d))
+            for run in unfinished:  # whole, even with `save_only_model`: these are there to resume from
+                run.save_checkpoint(lambda d, name=run.name: self.jobs_model.save_job(name, d), model_only=False)
         logger.warning("training stopped by a callback at step %d; unfinished jobs checkpointed: %s",
                        self.state.global_step, [run.name for run in unfinished])
 

@@ -26,8 +26,8 @@ from torch import nn
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext, PackedSegments
 from peft_mole.ops.dropout import Dropout, register_stream, set_stream_widths
-from peft_mole.ops.job_streams import replay_streams_in_checkpoints
 from peft_mole.ops.segmented_lora import constant_on
+from peft_mole.ops.stream_checkpoint import replay_streams_in_checkpoints
 from peft_mole.tuners.dynmole.config import DynMoLEConfig
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
 from peft_mole.tuners.mixlora.attention import LoraLinear

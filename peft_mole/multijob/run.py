@@ -298,14 +298,15 @@ class JobRun:
             "saved_at": time.time(),
         }
 
-    def save_checkpoint(self, save_adapter) -> str:
+    def save_checkpoint(self, save_adapter, model_only: bool | None = None) -> str:
         """Write `output_dir/<job>/checkpoint-<step>/` atomically: adapter, optimizer, scheduler, position and the
-        state of the job's random stream (`STREAM_FILE`), so that resume draws the masks the run would have."""
+        state of the job's random stream (`STREAM_FILE`), so that resume draws the masks the run would have.
+        `model_only` (default: `save_only_model`): the adapter and the position only, which resume refuses."""
         final = os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
 
         def write(tmp: str) -> None:
             save_adapter(tmp)
-            if self.args.save_only_model:  # the adapter and the position only, as Trainer's `save_only_model`
+            if self.args.save_only_model if model_only is None else model_only:  # as Trainer's `save_only_model`
                 ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), {**self.state_dict(), "model_only": True})
                 return
             state = self.optimizer.state_dict()  # saved in a plain Trainer's per-tensor layout

@@ -55,6 +55,12 @@ def check_trainer_args(args, configs: dict) -> None:
         raise ValueError("MultiJobTrainer does not support save_strategy='best': each job saves its final adapter and "
                          "checkpoints by 'steps' or 'epoch'; its evaluations are logged as <job>/eval_loss")
     for field in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):
+        if args.torch_compile and "context_fn" in (getattr(args, field, None) or {}):
+            raise ValueError(
+                f"MultiJobTrainer does not support torch_compile=True with a context_fn in {field}: compiled "
+                "checkpointed layers checkpoint selectively to keep each job's random draws "
+                "(`peft_mole.ops.stream_checkpoint`), which a context_fn of yours would replace; remove it"
+            )
         if (getattr(args, field, None) or {}).get("use_reentrant"):
             raise ValueError(
                 f"MultiJobTrainer does not support {field}={{'use_reentrant': True}}: it takes each job's gradients "

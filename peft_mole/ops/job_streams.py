@@ -11,13 +11,6 @@ stream per job, job j's draws are
 whatever else runs in the step, and a checkpoint of the job holds its generator's state, so resume continues
 exactly (docs/multijob.md, "Checkpoints, resume, failures").
 
-Activation checkpointing recomputes a checkpointed layer's forward in the backward. torch restores its default
-generator for that (`preserve_rng_state`) but knows nothing of these streams: the recomputation would draw other
-masks than the forward did (gradients of another function than the loss) and move the streams on. So every
-checkpointed layer of a multi-job model runs with `stream_replay_contexts`: its forward notes each stream's state
-before the stream's first draw in the layer, and its recomputation draws from those states, then puts the streams
-back where they were (`replay_streams_in_checkpoints`).
-
 Generators are registered under an int id (`ops.dropout.register_stream`), which modules keep (`Dropout.use_stream`,
 a routed layer's `jitter_streams`) and which the operators below take as plain arguments: torch.compile cannot
 pass a generator to an operator, and an int is a constant of the graph. The operators draw each job's rows with
@@ -27,16 +20,10 @@ masks equal the eager step's.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
-from torch import nn
 
 from peft_mole.ops.dropout import (
     _LEVELS,
-    _RECORDERS,
-    _STREAMS,
     Dropout,
     _MaskAndScale,
     _threshold,
@@ -142,92 +129,3 @@ def dropout_pieces(x: torch.Tensor, sizes: list[int], dropouts: list[torch.nn.Mo
     keep = torch.cat([stream_keep_mask((size, *x.shape[1:]), d.p, x.device, d.stream)
                       for d, size in zip(dropouts, sizes, strict=True)])
     return _MaskAndScale.apply(x, keep, dropout_scale(first.p))
-
-
-def stream_replay_contexts(user_context_fn=None) -> tuple:
-    """`context_fn` for `torch.utils.checkpoint.checkpoint` (non-reentrant) that makes a checkpointed region's
-    recomputation draw the same stream masks as its forward (module docstring); `user_context_fn`'s contexts, if
-    given, are entered too. Returns (forward context, recompute context)."""
-    recorded: dict[int, torch.Tensor] = {}  # stream -> its state before its first draw in the forward
-
-    @contextlib.contextmanager
-    def forward():
-        _RECORDERS.append(recorded)
-        try:
-            yield
-        finally:
-            _RECORDERS.remove(recorded)
-
-    @contextlib.contextmanager
-    def recompute():
-        now = {stream: _STREAMS[stream].get_state() for stream in recorded}
-        for stream, state in recorded.items():
-            _STREAMS[stream].set_state(state)
-        try:
-            yield
-        finally:
-            for stream, state in now.items():
-                _STREAMS[stream].set_state(state)
-
-    if user_context_fn is None:
-        return forward(), recompute()
-    user_forward, user_recompute = user_context_fn()
-    return _both(user_forward, forward()), _both(user_recompute, recompute())
-
-
-@contextlib.contextmanager
-def _both(first, second):
-    with first, second:
-        yield
-
-
-def replay_streams_in_checkpoints(model: nn.Module) -> int:
-    """Make every checkpointed layer of `model` (transformers' `_gradient_checkpointing_func`, set by
-    `gradient_checkpointing_enable`) checkpoint with `stream_replay_contexts`, the caller's own `context_fn`
-    kept. Under torch.compile the replay cannot run inside the compiled backward, so the layers checkpoint
-    selectively there (`compiled_stream_contexts`): the drawn masks are kept, one byte per element, as an
-    uncheckpointed layer keeps them. Returns how many layers it wrapped; call it again after enabling checkpointing
-    anew."""
-    wrapped = 0
-    for module in model.modules():
-        func = getattr(module, "_gradient_checkpointing_func", None)
-        if func is None or getattr(func, "replays_streams", False):
-            continue
-        keywords = getattr(func, "keywords", None) or {}
-        if keywords.get("use_reentrant", False):
-            continue  # reentrant checkpointing takes no context_fn (and MultiJobTrainer refuses it)
-        module._gradient_checkpointing_func = _replaying(func, keywords.get("context_fn"))
-        wrapped += 1
-    return wrapped
-
-
-def _keep_draws(ctx, op, *args, **kwargs):
-    """Selective-checkpointing policy of a compiled checkpointed layer: keep the masks and jitter drawn from the jobs'
-    streams (a recomputation would draw new ones), recompute everything else, as plain checkpointing does."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    if op in (torch.ops.peft_mole.per_job_keep_mask.default, torch.ops.peft_mole.per_job_jitter.default,
-              torch.ops.peft_mole.keep_mask.default):
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def compiled_stream_contexts():
-    """`context_fn` of a checkpointed layer under torch.compile: selective checkpointing (`_keep_draws`). The
-    compiled graph's backward would otherwise run the drawing operators again, past the stream's forward state."""
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-    return create_selective_checkpoint_contexts(_keep_draws)
-
-
-def _replaying(func, user_context_fn):
-    def checkpoint_replaying_streams(function, *args, **kwargs):
-        if torch.compiler.is_compiling():  # a caller's own context_fn must be selective checkpointing: kept as is
-            if user_context_fn is None and "context_fn" not in kwargs:
-                kwargs["context_fn"] = compiled_stream_contexts
-            return func(function, *args, **kwargs)
-        context_fn = functools.partial(stream_replay_contexts, kwargs.pop("context_fn", user_context_fn))
-        return func(function, *args, context_fn=context_fn, **kwargs)
-
-    checkpoint_replaying_streams.replays_streams = True
-    return checkpoint_replaying_streams

@@ -23,10 +23,14 @@ SCRIPT = textwrap.dedent('''
     from tests.helpers import mixlora, randomize_adapters, tiny_base
 
     out, per_device, padding_free = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
-    failing = len(sys.argv) > 4  # a third job whose data raises on process 1 only, at its second micro-batch
+    mode = sys.argv[4] if len(sys.argv) > 4 else ""
+    failing = mode == "fail"  # a third job whose data raises on process 1 only, at its second micro-batch
+    rank = int(os.environ.get("RANK", "0"))
     tokenizer = synthetic.demo_tokenizer()
     def data(task):
         rows = synthetic.multitask_rows(24, tasks=(task,))
+        if mode == "own_tokens":  # every row the same number of target tokens: each process's count is half the total
+            rows = [{{**r, "completion": " yes."}} for r in rows]
         return Dataset.from_list([{{"prompt": r["prompt"], "completion": r["completion"]}} for r in rows])
     jobs = [
         JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -35,6 +39,9 @@ SCRIPT = textwrap.dedent('''
         JobConfig("mix", mixlora(router_aux_loss_coef=0.0), data("capital"), per_device_train_batch_size=per_device,
                   gradient_accumulation_steps=2),
     ]
+    if mode == "budget":
+        jobs.append(JobConfig("add", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"]),
+                              data("add"), per_device_train_batch_size=per_device))
     if failing:
         jobs.append(JobConfig("bad", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"]),
                               data("add"), per_device_train_batch_size=per_device))
@@ -57,14 +64,31 @@ SCRIPT = textwrap.dedent('''
                 run.dataloader = Breaks(run.dataloader)
             return run
         MultiJobTrainer._make_run = make_run_breaking_on_process_1
-    args = SFTConfig(output_dir=out, max_steps=3, learning_rate=1e-3, bf16=False, use_cpu=True, report_to=[],
-                     save_strategy="no", logging_steps=1, max_length=None if padding_free else 40,
-                     gradient_checkpointing=False, dataloader_num_workers=0, seed=0, disable_tqdm=True,
-                     padding_free=padding_free)
-    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=args, processing_class=tokenizer)
+    # "own_tokens": each process divides by its own token count and the gradients are averaged, as DDP does; plain
+    # SGD without clipping, so a gradient off by the number of processes would show (Adam would hide it)
+    own_tokens = dict(average_tokens_across_devices=False, optim="sgd", max_grad_norm=0.0, learning_rate=0.5)
+    settings = dict(output_dir=out, max_steps=3, learning_rate=1e-3, bf16=False, use_cpu=True, report_to=[],
+                    save_strategy="no", logging_steps=1, max_length=None if padding_free else 40,
+                    gradient_checkpointing=False, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                    padding_free=padding_free)
+    args = SFTConfig(**{{**settings, **(own_tokens if mode == "own_tokens" else {{}})}})
+    # "budget": a memory budget that fits two of the three jobs' micro-batches on process 1 only; the processes
+    # must agree to run a micro-batch only where it fits everywhere (else their collectives fall out of step)
+    budget = {{"max_memory": 250.0 if rank == 1 else 1e15}} if mode == "budget" else {{}}
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=args, processing_class=tokenizer,
+                              **budget)
+    if budget and rank == 1:
+        trainer.job_scheduler.predict = lambda parts, resident=None: 100.0 * len(parts)
+    widest = []
+    train_round = trainer._train_round
+    def recording_round(parts):
+        widest.append(len(parts))
+        return train_round(parts)
+    trainer._train_round = recording_round
     # other adapters on every process: train() must broadcast process 0's, as the 1-process run starts from them
-    randomize_adapters(trainer.jobs_model, seed=7 + int(os.environ.get("RANK", "0")))
+    randomize_adapters(trainer.jobs_model, seed=7 + rank)
     trainer.train()
+    print("process", rank, "rounds", len(widest), "most jobs in a round", max(widest))
     print("processes", trainer.accelerator.num_processes)
     print("process", trainer.accelerator.process_index, "statuses",
           sorted((row["job"], row["status"], row["steps"]) for row in trainer.job_summary))
@@ -121,6 +145,40 @@ def test_a_job_failing_on_one_process_fails_on_every_process_and_the_others_go_o
     assert len(statuses) == 2 and all("('bad', 'failed', 1)" in line for line in statuses), statuses
     assert statuses[0].split("statuses")[1] == statuses[1].split("statuses")[1]  # the same on both processes
     for job in ("lora", "mix"):
+        a = load_file(tmp_path / "one" / job / "adapter_model.safetensors")
+        b = load_file(tmp_path / "two" / job / "adapter_model.safetensors")
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5, job
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
+@pytest.mark.parametrize("mode", ["budget", "own_tokens"])
+def test_two_processes_agree_on_a_budget_and_average_per_process_token_means(tmp_path, mode):
+    """"budget": a `max_memory` that binds on process 1 only (two of three jobs' micro-batches a step): both
+    processes run the same micro-batches in the same rounds, at most two a round, and every job ends with the
+    adapters of the 1-process run without a binding budget (a deferred micro-batch changes no gradient).
+    "own_tokens": `average_tokens_across_devices=False`, each process's loss divided by its own token count and the
+    gradients averaged over processes (as DDP); with equal counts per process that is the 1-process gradient (plain
+    SGD, no clipping: a sum over processes instead of a mean would double it)."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(root=os.getcwd()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4", "0", mode],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port())]
+    two = subprocess.run(launch + [str(script), str(tmp_path / "two"), "2", "0", mode],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rounds = sorted(line for line in two.stdout.splitlines() if " rounds " in line)
+    statuses = [line.split("statuses")[1] for line in two.stdout.splitlines() if " statuses " in line]
+    assert len(rounds) == 2 and rounds[0].split("rounds")[1] == rounds[1].split("rounds")[1], rounds
+    assert len(statuses) == 2 and statuses[0] == statuses[1] and "failed" not in statuses[0], statuses
+    if mode == "budget":
+        assert "most jobs in a round 3" in one.stdout and rounds[0].endswith("most jobs in a round 2"), rounds
+    jobs = ("lora", "mix", "add") if mode == "budget" else ("lora", "mix")
+    for job in jobs:
         a = load_file(tmp_path / "one" / job / "adapter_model.safetensors")
         b = load_file(tmp_path / "two" / job / "adapter_model.safetensors")
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5, job

@@ -4,8 +4,6 @@ layers draw."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from peft import LoraConfig
@@ -22,17 +20,18 @@ NOISY = {
     "m": mixlora(lora_dropout=0.2, jitter_noise=0.1),
     "n": mixlora(num_experts=3, top_k=1, r=8, lora_dropout=0.5),
 }
-SEEDS = {"a": 11, "b": 12, "m": 13, "n": 14}
 
 
-def _models(count: int) -> list[MultiJobModel]:
-    first = MultiJobModel(tiny_base(), NOISY)
+def _models(count: int, configs: dict | None = None) -> list[MultiJobModel]:
+    """`count` equal models of `configs` (default NOISY) in training mode, each job with its own stream."""
+    configs = configs or NOISY
+    first = MultiJobModel(tiny_base(), configs)
     randomize_adapters(first)
-    models = [first] + [MultiJobModel(tiny_base(), NOISY) for _ in range(count - 1)]
+    models = [first] + [MultiJobModel(tiny_base(), configs) for _ in range(count - 1)]
     for model in models[1:]:
         model.load_state_dict(first.state_dict())
     for model in models:
-        model.set_job_streams(SEEDS)
+        model.set_job_streams({job: 11 + i for i, job in enumerate(configs)})
         model.train()
     return models
 
@@ -112,7 +111,7 @@ def test_per_row_layers_draw_each_jobs_stream_as_the_eager_layers_do(compiled):
 
 def test_stacked_blocks_draw_each_jobs_stream_and_apply_the_masks_in_one_pass():
     """`dropout_pieces`: the joined masks of equal-rate jobs give what each job's own dropout gives its block."""
-    from peft_mole.ops.dropout import Dropout, register_stream, stream_generator
+    from peft_mole.ops.dropout import Dropout, register_stream
     from peft_mole.ops.job_streams import dropout_pieces
 
     dropouts = [Dropout(0.25) for _ in range(3)]
@@ -129,102 +128,3 @@ def test_stacked_blocks_draw_each_jobs_stream_and_apply_the_masks_in_one_pass():
     (g2,) = torch.autograd.grad(each.sum(), x)
     torch.testing.assert_close(g1, g2, rtol=0, atol=0)
     assert 0.6 < (joined != 0).float().mean() < 0.9
-
-
-def test_checkpointed_layers_recompute_each_jobs_masks_as_the_forward_drew_them():
-    """Activation checkpointing recomputes each decoder layer in the backward. torch restores only its default
-    generator there; the jobs' streams are replayed (`stream_replay_contexts`), so the gradients equal those of the
-    model that keeps its activations, and the streams end where the forward left them. A caller's own `context_fn`
-    still runs."""
-    from peft_mole.ops.job_streams import replay_streams_in_checkpoints
-
-    kept, checkpointed = _models(2)
-    entered = []
-
-    @contextlib.contextmanager
-    def counting(kind):
-        entered.append(kind)
-        yield
-
-    checkpointed.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-        "use_reentrant": False, "context_fn": lambda: (counting("forward"), counting("recompute"))})
-    layers = sum(hasattr(m, "gradient_checkpointing") for m in checkpointed.model.modules()) - 1
-    assert replay_streams_in_checkpoints(checkpointed.model) == layers + 1  # the layers and the decoder
-    assert replay_streams_in_checkpoints(checkpointed.model) == 0  # wrapped once
-    ids = torch.randint(3, 500, (4, 9), generator=torch.Generator().manual_seed(0))
-    names = ["m", "a", "b", "n"]
-    results = []
-    for model in (kept, checkpointed):
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, use_cache=False)
-        params = [p for p in model.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(out.logits.square().mean(), params, allow_unused=True)
-        routed = next(m for m in model.modules() if isinstance(getattr(m, "settings", None), dict))
-        states = {name: routed.settings[name].jitter_stream for name in ("m", "n")}
-        results.append((out.logits, grads, {job: stream_generator(s).get_state() for job, s in states.items()}))
-    (want, want_grads, want_states), (got, got_grads, got_states) = results
-    assert entered.count("forward") == layers and entered.count("recompute") == layers
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    differs = 0
-    for g, w in zip(got_grads, want_grads, strict=True):
-        if w is not None:
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
-            differs += 1
-    assert differs > 10
-    for job in want_states:  # the recomputation put each stream back
-        assert torch.equal(got_states[job], want_states[job]), job
-
-
-def test_training_with_activation_checkpointing_and_dropout_gives_the_adapters_of_training_without(assets, tmp_path):
-    """MultiJobTrainer with `gradient_checkpointing=True` (TRL's default), dropout 0.3 and router jitter on: the
-    adapters after 3 steps equal those of the run that keeps its activations."""
-    from safetensors.torch import load_file
-
-    from peft_mole import JobConfig, MultiJobTrainer
-    from tests.multijob.test_trainer import run_args
-
-    tokenizer, datasets = assets
-    for checkpointing in (False, True):
-        jobs = [JobConfig("lora", NOISY["a"], datasets["sentiment"], per_device_train_batch_size=2),
-                JobConfig("mix", NOISY["m"], datasets["capital"], per_device_train_batch_size=2)]
-        trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
-                                  args=run_args(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing))
-        randomize_adapters(trainer.jobs_model, seed=3)
-        trainer.train()
-    for job in ("lora", "mix"):
-        kept = load_file(tmp_path / "False" / job / "adapter_model.safetensors")
-        checkpointed = load_file(tmp_path / "True" / job / "adapter_model.safetensors")
-        assert max((kept[k] - checkpointed[k]).abs().max().item() for k in kept) <= 1e-6, job
-
-
-def test_compiled_checkpointed_layers_keep_the_masks_they_drew():
-    """Compiled mixed steps (aot_eager) with checkpointed decoder layers, as `MultiJobTrainer` sets them up: the
-    compiled backward would run the drawing operators again; the layers checkpoint selectively and keep the drawn
-    masks and jitter, so gradients equal the eager model's that keeps its activations and no stream is drawn from
-    in the backward."""
-    from types import SimpleNamespace
-
-    from peft_mole.multijob.model import enable_activation_checkpointing
-
-    kept, compiled = _models(2)
-    enable_activation_checkpointing(compiled.model, SimpleNamespace(gradient_checkpointing_kwargs=None,
-                                                                    activation_checkpointing_kwargs=None))
-    torch._dynamo.reset()
-    counters.clear()
-    compiled.compile_mixed_steps(backend="aot_eager")
-    ids = torch.randint(3, 500, (5, 7), generator=torch.Generator().manual_seed(1))
-    names = ["a", "m", "b", "a", "n"]
-    results = []
-    for model in (kept, compiled):
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, use_cache=False)
-        streams = {m.stream for m in model.modules() if getattr(m, "stream", 0)}
-        after_forward = {s: stream_generator(s).get_state() for s in streams}
-        params = [p for p in model.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(out.logits.square().mean(), params, allow_unused=True)
-        assert all(torch.equal(stream_generator(s).get_state(), state) for s, state in after_forward.items())
-        results.append((out.logits, grads))
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    (want, want_grads), (got, got_grads) = results
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        if w is not None:
-            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)

@@ -185,6 +185,7 @@ def test_bad_trainer_arguments(assets, tmp_path):
                                     dict(use_liger_kernel=True), dict(label_smoothing_factor=0.1),
                                     dict(loss_type="dft"), dict(activation_offloading=True),
                                     dict(gradient_checkpointing_kwargs={"use_reentrant": True}),
+                                    dict(torch_compile=True, gradient_checkpointing_kwargs={"context_fn": dict}),
                                     dict(load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps",
                                          metric_for_best_model="loss"),
                                     dict(lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps")])

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import pytest
 from peft import LoraConfig
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from peft_mole import JobConfig, MultiJobTrainer
@@ -86,24 +88,33 @@ def test_eval_delay_by_epochs(assets, tmp_path):
 
 
 def test_save_only_model_checkpoints_the_adapter_only_and_resume_says_it_cannot_continue(assets, tmp_path):
-    """`save_only_model=True`: checkpoints hold the adapter and the position, no optimizer, scheduler or random
-    stream (Trainer's meaning). Resuming from one could not continue exactly, so it is refused, naming the job."""
+    """`save_only_model=True`: a job's checkpoints hold the adapter and the position, no optimizer, scheduler or
+    random stream (Trainer's meaning). The checkpoint of a callback's stop is whole all the same (it is there to
+    resume from): resume continues from it as the uninterrupted run would. Resuming from a model-only checkpoint
+    could not continue exactly, so it is refused, naming the job."""
     _, datasets = assets
 
-    def jobs():
-        return [JobConfig("mix", mixlora(), datasets["capital"], max_steps=6)]
+    def run(out, callbacks=(), resume=False):
+        jobs = [JobConfig("mix", mixlora(), datasets["capital"], max_steps=6)]
+        trainer = _trainer(assets, out, jobs, callbacks, save_strategy="steps", save_steps=2, save_only_model=True)
+        trainer.train(resume_from_checkpoint=resume or None)
+        final = out / "mix" / "adapter_model.safetensors"
+        return load_file(final) if final.exists() else None
 
-    trainer = _trainer(assets, tmp_path, jobs(), [_StopAt(3)], save_strategy="steps", save_steps=2,
-                       save_only_model=True)
-    trainer.train()
-    assert [step for step, _ in list_checkpoints(tmp_path / "mix")] == [2, 3]  # step 3: stopped by the callback
-    for step in (2, 3):
-        files = set(os.listdir(tmp_path / "mix" / f"checkpoint-{step}"))
-        assert "adapter_model.safetensors" in files and "adapter_config.json" in files
-        assert not files & {"optimizer.pt", "scheduler.pt", "random_stream.safetensors"}, files
-    again = _trainer(assets, tmp_path, jobs(), save_strategy="steps", save_steps=2, save_only_model=True)
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "stopped", [_StopAt(3)])
+    checkpoints = tmp_path / "stopped" / "mix"
+    assert [step for step, _ in list_checkpoints(checkpoints)] == [2, 3]  # step 3: stopped by the callback
+    full = {"optimizer.pt", "scheduler.pt", "adapter_model.safetensors"}
+    assert not set(os.listdir(checkpoints / "checkpoint-2")) & {"optimizer.pt", "scheduler.pt"}
+    assert "adapter_model.safetensors" in os.listdir(checkpoints / "checkpoint-2")
+    assert full <= set(os.listdir(checkpoints / "checkpoint-3"))
+    shutil.copytree(tmp_path / "stopped", tmp_path / "model-only")
+    resumed = run(tmp_path / "stopped", resume=True)
+    assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) <= 1e-6
+    shutil.rmtree(tmp_path / "model-only" / "mix" / "checkpoint-3")  # the latest is now a model-only one
     with pytest.raises(ValueError, match=r"job 'mix'.*save_only_model=True.*cannot continue exactly"):
-        again.train(resume_from_checkpoint=True)
+        run(tmp_path / "model-only", resume=True)
 
 
 def test_torch_empty_cache_steps_empties_the_device_cache_every_n_mixed_steps(assets, tmp_path, monkeypatch):
