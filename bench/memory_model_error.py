@@ -16,10 +16,16 @@ step (`memory.predict([tokens], [{job: its tokens}])`), from the model profiled 
 it for padding-free training; the row also gives the error of the model profiled on padded steps (how the trainer
 profiled before 2026-12-05, third session).
 
+DynMoLE jobs are profiled as the trainer profiles them, at their costliest router state (`memory.costliest_routers`:
+the router scale, of as they are, ×10 and ×100, whose step keeps the most); the row also gives the error of the
+model profiled at the routers as they are (how the trainer profiled before 2026-12-05, fourth session). With
+`--router-scale S` the sweep runs with every DynMoLE router scaled by S, as training sharpens them; the row then
+gives, for both profiles, the largest under-prediction (measured above predicted), which a budget must not have.
+
 Measured: peak CUDA memory on a GPU; on CPU (no allocator statistics) the bytes autograd saves for backward in
 the forward (peft_mole.multijob.memory.activation_bytes), the part of step memory that depends on the batch.
 Usage: python bench/memory_model_error.py [--shape small] [--jobs 4] [--kinds lora mixlora dynmole]
-       [--compile [--compile-backend inductor]] [--packed]
+       [--compile [--compile-backend inductor]] [--packed] [--router-scale 10]
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from common import base_model, device, emit, lora_config, mixlora_config, setup_
 import peft_mole
 from peft_mole.multijob import MultiJobModel
 from peft_mole.multijob.batching import profile_inputs
-from peft_mole.multijob.memory import MemoryModel, adapter_memory_kind, step_memory
+from peft_mole.multijob.memory import MemoryModel, adapter_memory_kind, costliest_routers, step_memory
 
 LENGTHS = {"tiny": [16, 24, 32, 48], "small": [64, 128, 200, 256], "medium": [128, 256, 384, 512]}
 CONFIGS = {"lora": lora_config, "mixlora": mixlora_config,
@@ -66,6 +72,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compiled mixed steps (see the module docstring)")
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--packed", action="store_true", help="padding-free steps (see the module docstring)")
+    parser.add_argument("--router-scale", type=float, default=1.0, help="DynMoLE routers ×S in the sweep")
     args = parser.parse_args()
     setup_threads()
     torch.manual_seed(0)
@@ -99,20 +106,37 @@ def main() -> None:
     if args.packed:
         padded_memory = MemoryModel()
         padded_memory.fit_by_profiling(run_step, device(), vocab, longest, kinds)
+    dynmole_jobs = [name for name in configs if name.startswith("dynmole")]
+    routers = {job: [p for n, p in model.named_parameters() if f"_router.{job}." in n] for job in dynmole_jobs[:1]}
+    init_memory = None  # DynMoLE: also the model profiled at the routers as they are
+    if routers:
+        init_memory = MemoryModel()
+        init_memory.fit_by_profiling(step, device(), vocab, longest, kinds, packed=args.packed)
     memory = MemoryModel()
-    memory.fit_by_profiling(step, device(), vocab, longest, kinds,
-                            packed=args.packed)
+    with costliest_routers(step, device(), routers, vocab, longest):
+        memory.fit_by_profiling(step, device(), vocab, longest, kinds, packed=args.packed)
+    with torch.no_grad():  # routers as training sharpens them
+        for job in dynmole_jobs:
+            for n, p in model.named_parameters():
+                if f"_router.{job}." in n:
+                    p.mul_(args.router_scale)
     one_job = MemoryModel()  # the first job's five shapes alone
     for tokens, squares, value in memory.samples[:5]:
         (count,) = tokens.values()
         one_job.observe([round(squares / count)] * round(count**2 / squares), value)
-    errors, one_job_errors, eager_errors, padded_errors = [], [], [], []
+    errors, one_job_errors, eager_errors, padded_errors, init_errors = [], [], [], [], []
+    under, init_under = [], []  # (measured − predicted) / measured
     for row_jobs, length in sweep(list(configs), LENGTHS[args.shape]):
         ids = torch.randint(3, vocab, (len(row_jobs), length), device=device())
         measured = step_memory(device(), lambda ids=ids, row_jobs=row_jobs: step(ids, row_jobs))
         lengths, jobs = packed_shape(row_jobs, length) if args.packed else ([length] * len(row_jobs), row_jobs)
         predicted = memory.predict(lengths, jobs)
         errors.append(abs(predicted - measured) / measured)
+        under.append((measured - predicted) / measured)
+        if init_memory is not None:
+            init_predicted = init_memory.predict(lengths, jobs)
+            init_errors.append(abs(init_predicted - measured) / measured)
+            init_under.append((measured - init_predicted) / measured)
         one_job_errors.append(abs(one_job.predict(lengths) - measured) / measured)
         if eager_memory is not None:
             eager_errors.append(abs(eager_memory.predict(lengths, jobs) - measured) / measured)
@@ -130,6 +154,9 @@ def main() -> None:
         "one_job_error_max": max(one_job_errors), "beta": [float(b) for b in memory.beta],
         **({"packed": True, "padded_profile_error_median": statistics.median(padded_errors),
             "padded_profile_error_max": max(padded_errors)} if args.packed else {}),
+        **({"router_scale": args.router_scale, "under_predicted_max": max(under),
+            "init_profile_error_median": statistics.median(init_errors), "init_profile_error_max": max(init_errors),
+            "init_profile_under_predicted_max": max(init_under)} if init_errors else {}),
         **({"compile": args.compile_backend, "eager_profile_error_median": statistics.median(eager_errors),
             "eager_profile_error_max": max(eager_errors)} if args.compile else {}),
     })

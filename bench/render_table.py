@@ -87,7 +87,7 @@ def _value(name: str, value: float) -> str:
 
 _IDENTITY = ("name", "shape", "impl", "jobs", "rows_per_job", "dropout", "reference", "router_state", "adapters",
              "questions", "new_tokens", "case", "autocast", "optim", "script", "compile", "clip", "kind", "kinds",
-             "packed")
+             "packed", "router_scale")
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -100,7 +100,8 @@ def latest_rows(rows: list[dict]) -> list[dict]:
     # memory_model_error rows from before the per-kind model (no "kinds") are superseded by the rows with kinds
     if any(row["name"] == "memory_model_error" and "kinds" in row for row in rows):
         rows = [row for row in rows if not (row["name"] == "memory_model_error" and "kinds" not in row)]
-    latest = {tuple(str(row.get(k)) for k in _IDENTITY): row for row in rows}
+    defaults = {"router_scale": 1.0}  # rows from before a setting existed measured at its default
+    latest = {tuple(str(row.get(k, defaults.get(k))) for k in _IDENTITY): row for row in rows}
     measured = {row["name"] for row in latest.values()}
     return [row for row in latest.values()
             if not (row["name"].endswith("_skipped") and row["name"].removesuffix("_skipped") in measured)]
@@ -159,7 +160,9 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                "kinds_flag": (f" --jobs {row['jobs']}" if row.get("kinds") == "lora" else
                               " --kinds " + row["kinds"].replace("+", " ") if "kinds" in row else "")
                              + (" --compile" if "eager_profile_error_median" in row else "")
-                             + (" --packed" if row["name"] == "memory_model_error" and row.get("packed") else ""),
+                             + (" --packed" if row["name"] == "memory_model_error" and row.get("packed") else "")
+                             + (f" --router-scale {row['router_scale']:g}" if row.get("router_scale", 1.0) != 1.0
+                                else ""),
                "kinds_note": _kinds_note(row),
                "one_job_note": (f"; profiling the first job alone: median {row['one_job_error_median']:.1%}, max "
                                 f"{row['one_job_error_max']:.1%}" if "one_job_error_median" in row else "")
@@ -168,7 +171,12 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                                   if "eager_profile_error_median" in row else "")
                                + (f"; the model profiled on padded steps: median "
                                   f"{row['padded_profile_error_median']:.1%}, max {row['padded_profile_error_max']:.1%}"
-                                  if "padded_profile_error_median" in row else ""),
+                                  if "padded_profile_error_median" in row else "")
+                               + (f"; DynMoLE routers ×{row['router_scale']:g} in the sweep, profiled at their "
+                                  f"costliest: under-predicted by at most {max(row['under_predicted_max'], 0):.1%}; "
+                                  f"profiled as they are: median {row['init_profile_error_median']:.1%}, "
+                                  f"under-predicted by at most {max(row['init_profile_under_predicted_max'], 0):.1%}"
+                                  if "init_profile_error_median" in row else ""),
                "autocast_note": ", bf16 autocast" if row.get("autocast") == "bf16" else "",
                "experts_note": (f" ({row['dynmole_experts_per_token']:.2f} experts/token)"
                                 if "dynmole_experts_per_token" in row else "")}

@@ -28,8 +28,8 @@ SCRIPTS = {
     "host_time": ["--jobs", "2", "--repeats", "2"],
     "job_optimizer": ["--shapes", "tiny", "--repeats", "2"],
     "compile_step": ["--shape", "tiny", "--repeats", "1", "--impls", "mixlora"],
-    # packed steps: the packed and the padded profile both run
-    "memory_model_error": ["--shape", "tiny", "--kinds", "lora", "mixlora", "dynmole", "--packed"],
+    # packed steps: the packed and the padded profile both run; DynMoLE profiled at its costliest and as it is
+    "memory_model_error": ["--shape", "tiny", "--kinds", "lora", "mixlora", "dynmole", "--packed", "--router-scale", "10"],
 }
 FRACTIONS = {"pad_fraction", "memory_model_error"}
 

@@ -189,3 +189,43 @@ def test_a_binding_budget_defers_micro_batches_and_trains_every_one_of_them(asse
     assert max(len(r) for r in free_rounds) == 3 and max(len(r) for r in bound_rounds) == 2
     assert len(bound_rounds) > len(free_rounds)  # the deferred micro-batches took rounds of their own
     assert bound == free and all(status == "done" and steps == 3 for status, steps, _ in bound.values()), bound
+
+
+def test_dynmole_jobs_are_profiled_at_their_costliest_router_state(assets, tmp_path, monkeypatch):
+    """A DynMoLE job's experts per token depend on its routers, so one step's memory does too: the profile runs
+    with the router scale (of as they are, ×10, ×100) whose step keeps the most, and the routers get their exact
+    values back. The trainer does this for one job of each DynMoLE kind."""
+    from peft_mole.multijob import MultiJobModel
+    from peft_mole.multijob import trainer as trainer_module
+    from peft_mole.multijob.memory import costliest_routers
+    from tests.helpers import dynmole, randomize_adapters
+
+    model = MultiJobModel(tiny_base(), {"d": dynmole(num_experts=8)})
+    randomize_adapters(model, std=0.02)
+    model.train()
+    params = model.job_parameters("d")
+    routers = {"d": [p for name, p in params.items() if "_router." in name]}
+    before = [p.detach().clone() for p in routers["d"]]
+    assert len(before) >= 2
+
+    def step(ids, row_jobs):
+        out = model(input_ids=ids, adapter_names=row_jobs, labels=ids)
+        torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)
+
+    cpu = torch.device("cpu")
+    with costliest_routers(step, cpu, routers, 500, 128) as costs:
+        chosen = max(costs["d"], key=costs["d"].get)
+        assert all(torch.allclose(p, b * chosen) for p, b in zip(routers["d"], before, strict=True))
+    assert len(set(costs["d"].values())) > 1, costs  # the router state changes what a step keeps
+    assert all(torch.equal(p, b) for p, b in zip(routers["d"], before, strict=True))  # exact values back
+
+    tokenizer, datasets = assets
+    seen = []
+    real = trainer_module.costliest_routers
+    monkeypatch.setattr(trainer_module, "costliest_routers", lambda *a: seen.append(sorted(a[2])) or real(*a))
+    jobs = [JobConfig("lora", LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR), datasets["sentiment"]),
+            JobConfig("dyn1", dynmole(), datasets["capital"]), JobConfig("dyn2", dynmole(), datasets["add"])]
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                              args=run_args(tmp_path, max_steps=1, max_length=32), max_memory=1e12)
+    trainer.train()
+    assert seen == [["dyn1"]]  # dyn2 shares dyn1's kind (equal configurations); the LoRA job has no router
