@@ -16,9 +16,9 @@ step (`memory.predict([tokens], [{job: its tokens}])`), from the model profiled 
 it for padding-free training; the row also gives the error of the model profiled on padded steps (how the trainer
 profiled before 2026-12-05, third session).
 
-DynMoLE jobs are profiled as the trainer profiles them, at their costliest router state (`memory.costliest_routers`:
-the router scale, of as they are, ×10 and ×100, whose step keeps the most); the row also gives the error of the
-model profiled at the routers as they are (how the trainer profiled before 2026-12-05, fourth session). With
+DynMoLE jobs are profiled as the trainer profiles them, at their costliest selection (`memory.costliest_selection`:
+the costlier of the most pairs that still dispatch and every pair); the row also gives the error of the model
+profiled at the routers as they are (how the trainer profiled before 2026-12-05, fourth session). With
 `--router-scale S` the sweep runs with every DynMoLE router scaled by S, as training sharpens them; the row then
 gives, for both profiles, the largest under-prediction (measured above predicted), which a budget must not have.
 
@@ -40,7 +40,7 @@ from common import base_model, device, emit, lora_config, mixlora_config, setup_
 import peft_mole
 from peft_mole.multijob import MultiJobModel
 from peft_mole.multijob.batching import profile_inputs
-from peft_mole.multijob.memory import MemoryModel, adapter_memory_kind, costliest_routers, step_memory
+from peft_mole.multijob.memory import MemoryModel, adapter_memory_kind, costliest_selection, step_memory
 
 LENGTHS = {"tiny": [16, 24, 32, 48], "small": [64, 128, 200, 256], "medium": [128, 256, 384, 512]}
 CONFIGS = {"lora": lora_config, "mixlora": mixlora_config,
@@ -107,13 +107,13 @@ def main() -> None:
         padded_memory = MemoryModel()
         padded_memory.fit_by_profiling(run_step, device(), vocab, longest, kinds)
     dynmole_jobs = [name for name in configs if name.startswith("dynmole")]
-    routers = {job: [p for n, p in model.named_parameters() if f"_router.{job}." in n] for job in dynmole_jobs[:1]}
     init_memory = None  # DynMoLE: also the model profiled at the routers as they are
-    if routers:
+    if dynmole_jobs:
         init_memory = MemoryModel()
         init_memory.fit_by_profiling(step, device(), vocab, longest, kinds, packed=args.packed)
     memory = MemoryModel()
-    with costliest_routers(step, device(), routers, vocab, longest):
+    varying = {job: model.expert_settings(job) for job in dynmole_jobs}
+    with costliest_selection(step, device(), varying, vocab, longest, kinds):
         memory.fit_by_profiling(step, device(), vocab, longest, kinds, packed=args.packed)
     with torch.no_grad():  # routers as training sharpens them
         for job in dynmole_jobs:

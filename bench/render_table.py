@@ -172,8 +172,9 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                                + (f"; the model profiled on padded steps: median "
                                   f"{row['padded_profile_error_median']:.1%}, max {row['padded_profile_error_max']:.1%}"
                                   if "padded_profile_error_median" in row else "")
-                               + (f"; DynMoLE routers ×{row['router_scale']:g} in the sweep, profiled at their "
-                                  f"costliest: under-predicted by at most {max(row['under_predicted_max'], 0):.1%}; "
+                               + (f"; DynMoLE routers ×{row['router_scale']:g} in the sweep, profiled under the "
+                                  f"costliest selection: under-predicted by at most "
+                                  f"{max(row['under_predicted_max'], 0):.1%}; "
                                   f"profiled as they are: median {row['init_profile_error_median']:.1%}, "
                                   f"under-predicted by at most {max(row['init_profile_under_predicted_max'], 0):.1%}"
                                   if "init_profile_error_median" in row else ""),

@@ -309,6 +309,11 @@ class MultiJobModel(MixLoRAModel):
         return generators
 
     # ------------------------------------------------------------------ per-job export
+    def expert_settings(self, name: str) -> list:
+        """The `ExpertSettings` of job `name` in each of its routed-experts layers (none for a LoRA job)."""
+        return [module.settings[name] for module in self.model.modules()
+                if isinstance(module, RoutedExpertsLayer) and name in module.settings]
+
     def job_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """{parameter name in this model: parameter} of one job."""
         if name not in self.peft_config:

@@ -4,8 +4,10 @@ binds trains what a run without one trains (one that defers a micro-batch reorde
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
+import pytest
 import torch
 from peft import LoraConfig
 from transformers import TrainerCallback
@@ -191,41 +193,62 @@ def test_a_binding_budget_defers_micro_batches_and_trains_every_one_of_them(asse
     assert bound == free and all(status == "done" and steps == 3 for status, steps, _ in bound.values()), bound
 
 
-def test_dynmole_jobs_are_profiled_at_their_costliest_router_state(assets, tmp_path, monkeypatch):
-    """A DynMoLE job's experts per token depend on its routers, so one step's memory does too: the profile runs
-    with the router scale (of as they are, ×10, ×100) whose step keeps the most, and the routers get their exact
-    values back. The trainer does this for one job of each DynMoLE kind."""
+@pytest.mark.parametrize("scope", ["block", "projection"])
+def test_dynmole_jobs_are_profiled_at_their_costliest_selection(assets, tmp_path, monkeypatch, scope):
+    """A DynMoLE step's memory depends on how many experts its routers pick per token. The profile forces the
+    costlier of the most pairs that still dispatch and every pair (dense): a step under it keeps at least what the
+    same step keeps with the routers sharpened to any degree (the peak lies between ×4 and ×10 here, where a grid
+    of ×1, ×10, ×100 missed it). The rules come back after. The trainer forces every DynMoLE job and measures one
+    job of each kind."""
     from peft_mole.multijob import MultiJobModel
     from peft_mole.multijob import trainer as trainer_module
-    from peft_mole.multijob.memory import costliest_routers
+    from peft_mole.multijob.memory import costliest_selection
     from tests.helpers import dynmole, randomize_adapters
 
-    model = MultiJobModel(tiny_base(), {"d": dynmole(num_experts=8)})
+    torch.manual_seed(0)
+    model = MultiJobModel(tiny_base(), {"d": dynmole(num_experts=8, router_scope=scope)})
     randomize_adapters(model, std=0.02)
     model.train()
     params = model.job_parameters("d")
-    routers = {"d": [p for name, p in params.items() if "_router." in name]}
-    before = [p.detach().clone() for p in routers["d"]]
-    assert len(before) >= 2
+    settings = model.expert_settings("d")
+    rules = [setting.rule for setting in settings]
+    assert settings and all(setting.selection_varies for setting in settings)
 
     def step(ids, row_jobs):
         out = model(input_ids=ids, adapter_names=row_jobs, labels=ids)
         torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)
 
-    cpu = torch.device("cpu")
-    with costliest_routers(step, cpu, routers, 500, 128) as costs:
-        chosen = max(costs["d"], key=costs["d"].get)
-        assert all(torch.allclose(p, b * chosen) for p, b in zip(routers["d"], before, strict=True))
-    assert len(set(costs["d"].values())) > 1, costs  # the router state changes what a step keeps
-    assert all(torch.equal(p, b) for p, b in zip(routers["d"], before, strict=True))  # exact values back
+    cpu, ids = torch.device("cpu"), torch.randint(0, 500, (2, 128), generator=torch.Generator().manual_seed(1))
+    with costliest_selection(step, cpu, {"d": settings}, 500, 128) as costs:
+        forced = step_memory(cpu, lambda: step(ids, ["d", "d"]))
+    assert forced == max(costs["d"].values()) and costs["d"]["dispatch"] != costs["d"]["dense"], costs
+    assert [setting.rule for setting in settings] == rules  # the hybrid rule back
+    routers = [p for name, p in params.items() if "_router.d." in name]
+    with torch.no_grad():
+        for scale in (1.0, 5.0, 6.0, 10.0, 100.0):  # as training sharpens them
+            for router in routers:
+                router.mul_(scale)
+            with torch.enable_grad():
+                measured = step_memory(cpu, lambda: step(ids, ["d", "d"]))
+            assert measured <= forced, (scale, measured, forced)
+            for router in routers:
+                router.div_(scale)
 
     tokenizer, datasets = assets
     seen = []
-    real = trainer_module.costliest_routers
-    monkeypatch.setattr(trainer_module, "costliest_routers", lambda *a: seen.append(sorted(a[2])) or real(*a))
+    real = trainer_module.costliest_selection
+
+    @contextlib.contextmanager
+    def spy(*args):
+        with real(*args) as costs:
+            yield costs
+        seen.append((sorted(args[2]), sorted(costs)))
+
+    monkeypatch.setattr(trainer_module, "costliest_selection", spy)
     jobs = [JobConfig("lora", LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR), datasets["sentiment"]),
-            JobConfig("dyn1", dynmole(), datasets["capital"]), JobConfig("dyn2", dynmole(), datasets["add"])]
+            JobConfig("dyn1", dynmole(router_scope=scope), datasets["capital"]),
+            JobConfig("dyn2", dynmole(router_scope=scope), datasets["add"])]
     trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
                               args=run_args(tmp_path, max_steps=1, max_length=32), max_memory=1e12)
     trainer.train()
-    assert seen == [["dyn1"]]  # dyn2 shares dyn1's kind (equal configurations); the LoRA job has no router
+    assert seen == [(["dyn1", "dyn2"], ["dyn1"])]  # both forced; dyn2 shares dyn1's kind: only dyn1 measured
