@@ -29,7 +29,8 @@ SCRIPTS = {
     "job_optimizer": ["--shapes", "tiny", "--repeats", "2"],
     "compile_step": ["--shape", "tiny", "--repeats", "1", "--impls", "mixlora"],
     # packed steps: the packed and the padded profile both run; DynMoLE profiled at its costliest and as it is
-    "memory_model_error": ["--shape", "tiny", "--kinds", "lora", "mixlora", "dynmole", "--packed", "--router-scale", "10"],
+    "memory_model_error": ["--shape", "tiny", "--kinds", "lora", "mixlora", "dynmole", "--packed",
+                           "--router-scale", "10"],
 }
 FRACTIONS = {"pad_fraction", "memory_model_error"}
 

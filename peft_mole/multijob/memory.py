@@ -240,8 +240,9 @@ def activation_bytes():
 
 def forced_selection(num_experts: int, dense: bool):
     """A routing rule for profiling that picks a fixed share of the (token, expert) pairs, the most probable
-    experts of each token: every pair (`dense`), or the most pairs that still dispatch, ⌈DENSE_FRACTION·N·E⌉ − 1,
-    spread evenly over the N tokens (`ops.experts.dense_weights` switches to the dense path at DENSE_FRACTION)."""
+    experts of each token: every pair (`dense`), or the most pairs that still dispatch,
+    ⌈DENSE_FRACTION·N·E⌉ − 1, spread evenly over the N tokens (`ops.experts.dense_weights` switches to the dense
+    path at DENSE_FRACTION)."""
     from peft_mole.ops.experts import DENSE_FRACTION
 
     def rule(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,8 +268,8 @@ def costliest_selection(run_step, device: torch.device, settings: Mapping[Job, S
     `length` tokens (`forced_selection`, after one unmeasured run of each, which holds a first call's
     allocations), and the costlier is set as every such job's rule for the block; the rules are given back after.
     With `kind_of` ({job: memory kind}) only the first job of each kind is measured and the others of its kind
-    follow its choice. Yields {measured job: {"dispatch": bytes, "dense": bytes}}. (Scaling the routers instead, ×10 and ×100, missed the peak,
-    which lies between: up to 55 % more on the tiny test model.)"""
+    follow its choice. Yields {measured job: {"dispatch": bytes, "dense": bytes}}. (Scaling the routers instead,
+    ×10 and ×100, missed the peak, which lies between: up to 55 % more on the tiny test model.)"""
     originals = {job: [setting.rule for setting in layer_settings] for job, layer_settings in settings.items()}
     costs: dict[Job, dict[str, float]] = {}
 

@@ -47,8 +47,8 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
 # (torch.compile cannot pass a generator to an operator): a multi-job job's stream (`ops.job_streams`).
 _STREAMS: dict[int, torch.Generator] = {}
 _IDS = itertools.count(1)
-# checkpointed forwards now running (`ops.stream_checkpoint.stream_replay_contexts`): {stream: its state before its first
-# draw in the region}, so that the region's recomputation in the backward draws the same masks again
+# checkpointed forwards now running (`ops.stream_checkpoint.stream_replay_contexts`): {stream: its state before its
+# first draw in the region}, so that the region's recomputation in the backward draws the same masks again
 _RECORDERS: list[dict[int, torch.Tensor]] = []
 
 

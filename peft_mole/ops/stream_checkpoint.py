@@ -27,7 +27,6 @@ def stream_replay_contexts(user_context_fn=None) -> tuple:
     recomputation draw the same stream masks as its forward (module docstring); `user_context_fn`'s contexts, if
     given, are entered too. Returns (forward context, recompute context)."""
     recorded: dict[int, torch.Tensor] = {}  # stream -> its state before its first draw in the forward
-
     widths = dict(_WIDTHS)  # the batch this forward trains (`stream_draw`), which the recomputation must see again
 
     @contextlib.contextmanager

@@ -75,8 +75,8 @@ SCRIPT = textwrap.dedent('''
     # "budget": a memory budget that fits two of the three jobs' micro-batches on process 1 only; the processes
     # must agree to run a micro-batch only where it fits everywhere (else their collectives fall out of step)
     budget = {{"max_memory": 250.0 if rank == 1 else 1e15}} if mode == "budget" else {{}}
-    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=args, processing_class=tokenizer,
-                              **budget)
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=args,
+                              processing_class=tokenizer, **budget)
     if budget and rank == 1:
         trainer.job_scheduler.predict = lambda parts, resident=None: 100.0 * len(parts)
     widest = []

@@ -92,10 +92,11 @@ WITH_DYNMOLE = {"a": NOISY["a"], "d": dynmole(lora_dropout=0.3, jitter_noise=0.1
 @pytest.mark.parametrize("jobs", ["lora-mixlora", "lora-dynmole"])
 def test_compiled_checkpointed_layers_draw_nothing_again_in_the_backward(jobs):
     """Compiled mixed steps (aot_eager) with checkpointed decoder layers, as `MultiJobTrainer` sets them up:
-    gradients equal the eager model's that keeps its activations, and no stream is drawn from in the backward.
-    Compiled layers checkpoint selectively and keep the drawn masks and jitter; a layer with a DynMoLE block (run
-    eagerly, a graph break) checkpoints eagerly and replays its draws."""
-    configs, names = (NOISY, ["a", "m", "b", "a", "n"]) if jobs == "lora-mixlora" else (WITH_DYNMOLE, ["a", "d", "a", "d"])
+    gradients equal the eager model's that keeps its activations, and the streams end the backward where the
+    forward left them. Compiled layers checkpoint selectively and keep the drawn masks and jitter; a layer with a
+    DynMoLE block (run eagerly, a graph break) checkpoints eagerly and replays its draws."""
+    configs, names = ((NOISY, ["a", "m", "b", "a", "n"]) if jobs == "lora-mixlora"
+                      else (WITH_DYNMOLE, ["a", "d", "a", "d"]))
     kept, compiled = _models(2, configs)
     enable_activation_checkpointing(compiled.model, TRAINER_CHECKPOINTING)
     torch._dynamo.reset()
