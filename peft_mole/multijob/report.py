@@ -70,21 +70,22 @@ def write_summary(rows: list[dict], pad_fraction: float, output_dir: str) -> Non
     print(summary_table(rows, pad_fraction))
 
 
+def _training_bars(callbacks: list) -> list:
+    """The progress bars of Trainer's callbacks (transformers' ProgressCallback keeps one while tqdm is on)."""
+    return [bar for bar in (getattr(callback, "training_bar", None) for callback in callbacks) if bar is not None]
+
+
 def show_progress(callbacks: list, progress: dict[str, str], run: JobRun) -> None:
     """Per-job step and loss (`progress`: job -> text, updated for `run`) in the postfix of Trainer's progress bar
     (when tqdm is on)."""
     progress[run.name] = f"{run.global_step}/{run.max_steps} loss {run.stats.last_loss:.3f}"
-    for callback in callbacks:
-        bar = getattr(callback, "training_bar", None)
-        if bar is not None:
-            bar.set_postfix(progress, refresh=False)
+    for bar in _training_bars(callbacks):
+        bar.set_postfix(progress, refresh=False)
 
 
 def raise_progress_total(callbacks: list, total: int) -> None:
     """Set the total of Trainer's progress bar to `total` steps (the trainer's estimate grew: a memory budget
     deferred micro-batches)."""
-    for callback in callbacks:
-        bar = getattr(callback, "training_bar", None)
-        if bar is not None:
-            bar.total = total
-            bar.refresh()
+    for bar in _training_bars(callbacks):
+        bar.total = total
+        bar.refresh()
