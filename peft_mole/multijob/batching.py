@@ -187,14 +187,22 @@ def row_lengths(batch: dict) -> list[int] | None:
     return [max(int(n), 1) for n in lengths]
 
 
+PIECE_ROWS = "piece_rows"  # a cut micro-batch's entry: each row's index in the whole micro-batch (`take_rows`)
+
+
 def take_rows(batch: dict, rows: list[int], length: int) -> dict:
     """Rows `rows` of a right-padded micro-batch, cut to its first `length` positions (at least every chosen row's
-    real length: only padding is dropped). All rows at full length give the batch itself."""
+    real length: only padding is dropped). All rows at full length give the batch itself. A piece keeps each row's
+    index in the whole micro-batch under `PIECE_ROWS` (pieces of pieces too), so its rows draw their dropout as
+    they do whole (`MultiJobModel.drawing_pieces`)."""
     if rows == list(range(batch["input_ids"].shape[0])) and length == batch["input_ids"].shape[1]:
         return batch
     index = torch.tensor(rows, device=batch["input_ids"].device)
-    return {key: value.index_select(0, index)[:, :length] if value.dim() > 1 else value.index_select(0, index)
-            for key, value in batch.items()}
+    piece = {key: value.index_select(0, index)[:, :length] if value.dim() > 1 else value.index_select(0, index)
+             for key, value in batch.items() if key != PIECE_ROWS}
+    # on the host, where the trainer reads it
+    piece[PIECE_ROWS] = torch.tensor(rows) if PIECE_ROWS not in batch else batch[PIECE_ROWS][torch.tensor(rows)]
+    return piece
 
 
 def row_halves(batch: dict) -> tuple[dict, dict] | None:

@@ -13,6 +13,7 @@ plain `peft`, a MixLoRA/DynMoLE job with `PeftModel.from_pretrained` after `impo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -273,8 +274,10 @@ class MultiJobModel(MixLoRAModel):
     # ------------------------------------------------------------------ per-job randomness
     def _set_stream_widths(self, names: list[str] | None, attention_mask: torch.Tensor | None) -> None:
         """Each job's own width in this padded training batch (the last real token of its rows, + 1), so its
-        stream draws over that width only, whatever the length of the rows beside it (`ops.dropout.stream_draw`).
-        Reads the mask's row ends back (on a GPU, one sync per training forward with job streams)."""
+        stream draws over that width only, whatever the length of the rows beside it, and, for a job whose rows are
+        a piece of a micro-batch, as for the whole micro-batch (`drawing_pieces`, `ops.dropout.stream_draw`).
+        Reads the mask's row ends back (on a GPU, one sync per training forward with job streams; and one copy of
+        a piece's row indices to the device)."""
         streams, widths = self.__dict__.get("_stream_ids") or {}, {}
         if (streams and self.training and names is not None and attention_mask is not None
                 and attention_mask.dim() == 2 and len(names) == attention_mask.shape[0]):
@@ -284,7 +287,23 @@ class MultiJobModel(MixLoRAModel):
             for name, end in zip(names, ends, strict=True):
                 if name in streams:
                     widths[streams[name]] = (step, max(end, widths.get(streams[name], (0, 0))[1]))
+            for name, (rows, of_rows, width) in (self.__dict__.get("_pieces") or {}).items():
+                if name in streams and name in names:
+                    index = torch.tensor(rows, device=attention_mask.device)  # once a forward, not once a draw
+                    widths[streams[name]] = (step, width, index, of_rows)
         set_stream_widths(widths)
+
+    @contextlib.contextmanager
+    def drawing_pieces(self, pieces: dict[str, tuple[list[int], int, int]]):
+        """Within it, a job j in `pieces`, whose rows in the training forwards are rows pieces[j][0] of a
+        right-padded micro-batch of pieces[j][1] rows and own width pieces[j][2] (its longest row's real length)
+        cut into several steps, draws as for that whole micro-batch (`ops.dropout.stream_draw`). Its stream must
+        start each piece from the state the micro-batch began with (the trainer restarts it)."""
+        self.__dict__["_pieces"] = dict(pieces)
+        try:
+            yield
+        finally:
+            self.__dict__["_pieces"] = None
 
     def set_job_streams(self, seeds: dict[str, int]) -> dict[str, torch.Generator]:
         """Give each job in `seeds` a random stream of its own, seeded with its seed: its dropout masks and router

@@ -43,6 +43,7 @@ from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.lifecycle import JobLifecycle
 from peft_mole.multijob.memory import costliest_selection
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
+from peft_mole.multijob.pieces import RoundStreams
 from peft_mole.multijob.report import (
     PaddingStats,
     raise_progress_total,
@@ -301,6 +302,8 @@ class MultiJobTrainer(JobEvaluation, JobLifecycle, SFTTrainer):
         self._round_losses: dict[str, float] = {}
         self._round_failures: dict[str, str] = {}
         self.padding_stats.add_micro_batches(parts)
+        # a micro-batch cut into steps: each piece draws as the whole (only LoRA jobs are cut: their lora_dropout)
+        self._round_streams = RoundStreams(parts, lambda run: self.jobs_model.peft_config[run.name].lora_dropout > 0)
         if is_packed(parts[0][1]):
             groups = self.job_scheduler.group_packed(parts)
         else:
@@ -319,6 +322,7 @@ class MultiJobTrainer(JobEvaluation, JobLifecycle, SFTTrainer):
             run.window_loss += self._round_losses[run.name]
             if run.consume():
                 stepping.append(run)
+        self._round_streams = RoundStreams([], bool)  # the round's micro-batches are not kept past it
         # the epoch after this round, before the jobs step: what their logs (Trainer.log adds it) say
         self.state.epoch = max(r.epoch_progress for r in self.runs)
         for run in stepping:
@@ -333,6 +337,7 @@ class MultiJobTrainer(JobEvaluation, JobLifecycle, SFTTrainer):
         """Forward/backward the mixed batch; on an error split it and retry the halves, so an OOM shrinks the step
         and a job whose batch breaks the forward fails alone. A plain-LoRA job that runs out of memory alone is
         retried with its rows in two halves. No gradient is added until a part succeeds."""
+        self._round_streams.restart(parts)  # a piece of a micro-batch draws from where the whole began
         streams = [(run.stream, run.stream.get_state()) for run, _ in parts if run.stream is not None]
         try:
             self._forward_backward(parts)
@@ -372,7 +377,8 @@ class MultiJobTrainer(JobEvaluation, JobLifecycle, SFTTrainer):
         mixed = mix({run.name: batch for run, batch in parts}, pad_token_id(self.processing_class), self.jobs_model.peft_config)
         inputs = {k: v.to(self.args.device) if isinstance(v, torch.Tensor) else v for k, v in mixed.model_inputs().items()}
         # the accelerator's autocast: what `accelerator.prepare(model)` wraps a plain SFTTrainer's forward in
-        with self.compute_loss_context_manager(), self.accelerator.autocast():
+        pieces = self._round_streams.layouts(parts)
+        with self.jobs_model.drawing_pieces(pieces), self.compute_loss_context_manager(), self.accelerator.autocast():
             outputs = self.jobs_model(**inputs, labels=mixed.labels.to(self.args.device), fused_lm_head=True,
                                       use_cache=False)
         log_probs, label_mask = outputs.log_probs.float(), outputs.label_mask

@@ -17,6 +17,7 @@ draws from a stream of its own (`Dropout.use_stream`: a multi-job job's masks, `
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -72,17 +73,26 @@ def stream_generator(stream: int) -> torch.Generator | None:
     return generator
 
 
-# per stream, (the padded width of the batch now trained, the width of its job's own rows in it): set by
-# `MultiJobModel` for each padded mixed step (`set_stream_widths`), read by `stream_draw`
-_WIDTHS: dict[int, tuple[int, int]] = {}
+class StreamLayout(NamedTuple):
+    """Where a stream's job lies in the padded batch now trained (`set_stream_widths`, read by `stream_draw`)."""
+
+    step: int  # the batch's padded width T
+    own: int  # w: the last real token of the job's rows, + 1 (of its whole micro-batch's rows, for a piece)
+    rows: torch.Tensor | None = None  # a piece of a micro-batch: its rows' indices in the micro-batch (1-D)
+    of_rows: int = 0  # a piece: the micro-batch's row count
 
 
-def set_stream_widths(widths: dict[int, tuple[int, int]]) -> None:
-    """{stream: (batch width, own width)} for the batch now being trained (replacing the last batch's): a stream
-    whose job's rows end before the batch's padded width draws over its own width only (`stream_draw`). They stay
-    set after the forward, for activation checkpointing's recomputation in the backward."""
+# per stream, its `StreamLayout` in the batch now trained: set by `MultiJobModel` for each padded mixed step
+_WIDTHS: dict[int, StreamLayout] = {}
+
+
+def set_stream_widths(widths: dict[int, tuple]) -> None:
+    """{stream: `StreamLayout` (or its fields)} for the batch now being trained (replacing the last batch's): a
+    stream whose job's rows end before the batch's padded width draws over its own width only, and a stream whose
+    job trains a piece of a micro-batch draws as for the whole micro-batch (`stream_draw`). They stay set after the
+    forward, for activation checkpointing's recomputation in the backward."""
     _WIDTHS.clear()
-    _WIDTHS.update(widths)
+    _WIDTHS.update({stream: StreamLayout(*layout) for stream, layout in widths.items()})
 
 
 def stream_draw(shape: tuple[int, ...], stream: int, draw, fill) -> torch.Tensor:
@@ -93,18 +103,33 @@ def stream_draw(shape: tuple[int, ...], stream: int, draw, fill) -> torch.Tensor
 
     where T is the batch's padded width and w the last real token of the job's rows (+ 1). So a job draws the same
     numbers whatever the length of the rows beside it in a step (the positions beyond w are padding, whose values
-    no real token sees)."""
-    step, own = _WIDTHS.get(stream, (0, 0)) if stream else (0, 0)
-    if own >= step:
+    no real token sees). Where the job's n rows are rows r_1 < … < r_n of a micro-batch of m rows cut into several
+    steps (`StreamLayout.rows`; its stream restarts from the micro-batch's state for each piece), w is the whole
+    micro-batch's and
+
+        draw((m, w, ...))[[r_1, …, r_n], :T]   (then `fill` in [:, w:] where w < T)
+
+    so each row draws the numbers it draws when the micro-batch runs whole, whichever steps its rows are cut into."""
+    layout = _WIDTHS.get(stream) if stream else None
+    if layout is None or (layout.rows is None and layout.own >= layout.step):
         return draw(tuple(shape))
+    step, own, rows, of_rows = layout
     if len(shape) >= 3 and shape[1] == step:
-        rows, rest = shape[0], tuple(shape[2:])
+        n, rest = shape[0], tuple(shape[2:])
     elif len(shape) == 2 and shape[0] % step == 0:
-        rows, rest = shape[0] // step, tuple(shape[1:])
+        n, rest = shape[0] // step, tuple(shape[1:])
     else:  # not laid out by rows of this batch
         return draw(tuple(shape))
-    drawn = draw((rows, own, *rest))
-    out = torch.full((rows, step, *rest), fill, dtype=drawn.dtype, device=drawn.device)
+    if rows is None:
+        drawn = draw((n, own, *rest))
+    elif n == len(rows):
+        drawn = draw((of_rows, own, *rest))
+        drawn = drawn.index_select(0, rows.to(drawn.device))[:, :step]
+    else:
+        raise RuntimeError(f"stream {stream} draws for {n} rows but its job's piece of a micro-batch has {len(rows)}")
+    if own >= step:
+        return drawn.contiguous().view(shape)  # (a slice [:, :step] of a piece's draw is not)
+    out = torch.full((n, step, *rest), fill, dtype=drawn.dtype, device=drawn.device)
     out[:, :own] = drawn
     return out.view(shape)
 

@@ -128,3 +128,40 @@ def test_stacked_blocks_draw_each_jobs_stream_and_apply_the_masks_in_one_pass():
     (g2,) = torch.autograd.grad(each.sum(), x)
     torch.testing.assert_close(g1, g2, rtol=0, atol=0)
     assert 0.6 < (joined != 0).float().mean() < 0.9
+
+
+@pytest.mark.parametrize("layers", ["eager", "per-row", "per-row-compiled"])
+def test_a_micro_batch_cut_into_steps_draws_each_row_as_it_does_whole(layers):
+    """A LoRA job's micro-batch of rows of unequal lengths, run whole, then cut into two steps by rows (each cut to
+    its longest row, beside a longer base row) with `drawing_pieces` and the stream restarted for each piece: every
+    real token's logits are those of the whole run, and the stream ends where the whole run left it. Without
+    `drawing_pieces` a piece draws other masks."""
+    whole_model, cut_model = _models(2)
+    if layers != "eager":
+        _per_row(cut_model, compiled=layers == "per-row-compiled")
+    lengths = torch.tensor([5, 9, 4, 7])
+    ids = torch.randint(3, 500, (4, 10), generator=torch.Generator().manual_seed(4))
+    mask = (torch.arange(10) < lengths.unsqueeze(1)).long()
+    stream = stream_generator(cut_model.__dict__["_stream_ids"]["a"])
+    start = stream.get_state()
+    whole = whole_model(input_ids=ids, attention_mask=mask, adapter_names=["a"] * 4).logits
+    end = stream_generator(whole_model.__dict__["_stream_ids"]["a"]).get_state()
+    base_ids, base_mask = torch.randint(3, 500, (1, 12)), torch.ones(1, 12, dtype=torch.long)
+    # rows [1, 3] beside a longer base row (the step wider than the whole micro-batch), then rows [0, 2] alone (the
+    # step narrower than it); rows not contiguous in the micro-batch
+    for rows, beside in (([1, 3], True), ([0, 2], False)):
+        own = int(lengths[rows].max())
+        piece_ids, piece_mask, names = ids[rows, :own], mask[rows, :own], ["a", "a"]
+        if beside:
+            piece_ids = torch.cat([torch.nn.functional.pad(piece_ids, (0, 12 - own)), base_ids])
+            piece_mask = torch.cat([torch.nn.functional.pad(piece_mask, (0, 12 - own)), base_mask])
+            names = names + ["__base__"]
+        stream.set_state(start)
+        with cut_model.drawing_pieces({"a": (rows, 4, int(lengths.max()))}):
+            cut = cut_model(input_ids=piece_ids, attention_mask=piece_mask, adapter_names=names).logits
+        real = mask[rows, :own].bool()
+        torch.testing.assert_close(cut[:2, :own][real], whole[rows, :own][real], rtol=1e-5, atol=1e-5)
+    assert torch.equal(stream.get_state(), end)
+    stream.set_state(start)  # without it, the piece draws as a micro-batch of its own rows
+    plain = cut_model(input_ids=piece_ids, attention_mask=piece_mask, adapter_names=names).logits
+    assert (plain[:2, :own][real] - whole[[0, 2], :own][real]).abs().max() > 1e-3

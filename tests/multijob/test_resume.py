@@ -183,8 +183,8 @@ def test_a_callback_stopping_training_checkpoints_every_unfinished_job_and_resum
     router jitter on: each job's random stream is part of its checkpoint, and a job's draws do not depend on the
     jobs beside it. The resumed run pairs the jobs' micro-batches otherwise than the uninterrupted one, so padded
     steps pad a job's rows to other widths: each job draws over its own width (`ops.dropout.stream_draw`).
-    Padded rounds run as one step each (`step_overhead_tokens=None`): "auto" cuts LoRA rows into steps by measured
-    step times, and a job's pieces draw otherwise than its whole micro-batch."""
+    `step_overhead_tokens="auto"` (the default) may cut the LoRA job's micro-batches into steps by measured step
+    times, otherwise in each run: the pieces draw as the whole (`MultiJobModel.drawing_pieces`)."""
     tokenizer, datasets = assets
 
     def trainer(out, callbacks=()):
@@ -197,7 +197,7 @@ def test_a_callback_stopping_training_checkpoints_every_unfinished_job_and_resum
         args = run_args(out, save_strategy="steps", save_steps=100, padding_free=padding_free,
                         max_length=None if padding_free else 128)
         built = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
-                                args=args, callbacks=list(callbacks), step_overhead_tokens=None)
+                                args=args, callbacks=list(callbacks))
         randomize_adapters(built.jobs_model, seed=3)
         return built
 

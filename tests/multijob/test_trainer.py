@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -118,6 +119,52 @@ def test_lora_micro_batches_cut_into_rows_train_as_alone(assets, tmp_path, monke
         initial = load_file(tmp_path / "init" / job.name / "adapter_model.safetensors")
         assert max((expected[k] - initial[k]).abs().max().item() for k in expected) > 1e-4
         assert max((expected[k] - together[k]).abs().max().item() for k in expected) <= 1e-5, job.name
+
+
+def test_lora_micro_batches_cut_into_rows_draw_their_dropout_as_whole(assets, tmp_path, monkeypatch):
+    """With dropout, a run whose LoRA micro-batches are cut into rows (`step_overhead_tokens=0`, as "auto" may cut
+    them by measured times) ends with the adapters of the run that keeps them whole (`None`): each piece draws its
+    rows' masks as the whole micro-batch does (`MultiJobModel.drawing_pieces`). Before, the pieces drew their own
+    masks (the adapters differed by about 1e-3). A forced out-of-memory retry in row halves draws alike."""
+    tokenizer, _ = assets
+    words = ["red", "blue", "cat", "dog", "sun", "rain", "tree", "road"]
+    rows = [{"text": " ".join(words[(i + k) % 8] for k in range(2 + (7 * i) % 23))} for i in range(24)]
+
+    def run(out, overhead):
+        jobs = [JobConfig("a", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=ALL_LINEAR),
+                          Dataset.from_list(rows), per_device_train_batch_size=4, gradient_accumulation_steps=2),
+                JobConfig("b", LoraConfig(r=4, lora_alpha=4, lora_dropout=0.2, target_modules=["q_proj", "v_proj"]),
+                          Dataset.from_list(rows[::-1]), per_device_train_batch_size=3, seed=3)]
+        trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=run_args(out),
+                                  processing_class=tokenizer, step_overhead_tokens=overhead)
+        randomize_adapters(trainer.jobs_model)
+        return trainer
+
+    whole = run(tmp_path / "whole", None)
+    whole.train()
+    cut = run(tmp_path / "cut", 0)
+    cut.train()
+    assert cut.padding_stats.pad_fraction == 0.0 < whole.padding_stats.pad_fraction  # the rows did run apart
+    halved = run(tmp_path / "halved", None)
+    forward, failed = halved.jobs_model.forward, []
+
+    def forward_that_runs_out_of_memory(*args, adapter_names, **kwargs):
+        """After drawing its masks: the first mixed step, then each job's first micro-batch alone, fail."""
+        out = forward(*args, adapter_names=adapter_names, **kwargs)
+        key = "mixed" if len(set(adapter_names)) > 1 else adapter_names[0]
+        if key not in failed and (key == "mixed" or len(adapter_names) == {"a": 4, "b": 3}[key]):
+            failed.append(key)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return out
+
+    monkeypatch.setattr(halved.jobs_model, "forward", forward_that_runs_out_of_memory)
+    halved.train()
+    assert set(failed) == {"mixed", "a", "b"}
+    for job in ("a", "b"):
+        expected = load_file(tmp_path / "whole" / job / "adapter_model.safetensors")
+        for other in ("cut", "halved"):
+            got = load_file(tmp_path / other / job / "adapter_model.safetensors")
+            assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6, (job, other)
 
 
 def test_stacked_jobs_train_in_one_step_under_bf16_autocast(assets, tmp_path, caplog, monkeypatch):

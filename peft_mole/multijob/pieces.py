@@ -1,0 +1,57 @@
+"""Pieces of a micro-batch draw as the whole: a job's rows cut into several steps get the dropout masks they get
+when the micro-batch runs in one step.
+
+A plain-LoRA job's right-padded micro-batch may run in pieces: `JobScheduler.group_by_length` cuts it into rows of
+similar lengths (`step_overhead_tokens`, by measured step times under "auto"), and an out-of-memory retry runs it
+in two halves (`row_halves`). Both cut with `batching.take_rows`, which keeps each row's index r_i in the whole
+micro-batch (`PIECE_ROWS`). With the job's stream at state s_0 when its micro-batch's round begins, every piece
+
+    restarts the stream at s_0 and takes rows [r_1, …, r_n] of the masks drawn for the whole (m, w, ...) batch
+
+(`ops.dropout.stream_draw`, via `MultiJobModel.drawing_pieces`), so each row is dropped out as in the uncut run,
+and the stream ends where the uncut run leaves it: the run repeats exactly however its micro-batches are cut
+(docs/multijob.md, "Checkpoints, resume, failures"). Cost: a cut micro-batch draws its masks once per piece.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from peft_mole.multijob.batching import PIECE_ROWS
+
+
+def own_width(batch: dict) -> int:
+    """A right-padded micro-batch's own width: its longest row's last real token + 1 (a read-back on a GPU)."""
+    mask = batch["attention_mask"]
+    return int((mask.bool() * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax())
+
+
+class RoundStreams:
+    """The jobs' micro-batches of one round and their streams' states as the round begins."""
+
+    def __init__(self, parts: list[tuple], draws) -> None:
+        """`parts`: the round's (JobRun, whole micro-batch) pairs; `draws(run)`: whether the job draws from its
+        stream at all (a job with no dropout draws the same whole or in pieces: nothing)."""
+        self.starts = {run.name: (batch, run.stream.get_state()) for run, batch in parts
+                       if run.stream is not None and draws(run)}
+        self.widths: dict[str, int] = {}
+
+    def _pieces(self, parts: list[tuple]) -> list[tuple]:
+        return [(run, batch) for run, batch in parts if PIECE_ROWS in batch and run.name in self.starts]
+
+    def restart(self, parts: list[tuple]) -> None:
+        """Put the stream of every job whose part in `parts` is a piece back to its state at the round's start."""
+        for run, _ in self._pieces(parts):
+            run.stream.set_state(self.starts[run.name][1])
+
+    def layouts(self, parts: list[tuple]) -> dict[str, tuple[list[int], int, int]]:
+        """{job: (its rows' indices in the whole micro-batch, the whole's row count, the whole's `own_width`)} for
+        the jobs whose part in `parts` is a piece (`MultiJobModel.drawing_pieces`); each whole's width is read once
+        a round."""
+        layouts = {}
+        for run, batch in self._pieces(parts):
+            whole = self.starts[run.name][0]
+            if run.name not in self.widths:
+                self.widths[run.name] = own_width(whole)
+            layouts[run.name] = (batch[PIECE_ROWS].tolist(), whole["input_ids"].shape[0], self.widths[run.name])
+        return layouts
