@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import peft_mole  # noqa: F401  (registers the adapter types)
@@ -32,15 +32,24 @@ def _eval(args: argparse.Namespace) -> int:
     if not adapter_dirs:
         raise SystemExit("--adapters needs at least one adapter folder or hub id")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
-    model = AutoModelForCausalLM.from_pretrained(args.base)
     names = [Path(a).name or f"adapter{i}" for i, a in enumerate(adapter_dirs)]
     if len(set(names)) != len(names):
         names = [f"adapter{i}" for i in range(len(adapter_dirs))]
-    model = PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name=names[0])
-    for name, path in zip(names[1:], adapter_dirs[1:], strict=True):
-        model.load_adapter(path, adapter_name=name)
     data = {t: load_task(t, args.data_dir, limit=args.limit) for t in tasks}
-    scores = evaluate_commonsense(model, tokenizer, data, adapters=names, batch_size=args.batch_size)
+    # adapters of one PEFT type in one pass; PEFT keeps one type per model, so each type gets a base of its own
+    by_type: dict[str, list[tuple[str, str]]] = {}
+    for name, path in zip(names, adapter_dirs, strict=True):
+        by_type.setdefault(str(PeftConfig.from_pretrained(path).peft_type), []).append((name, path))
+    scores = {}
+    for group in by_type.values():
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args.base), group[0][1],
+                                          adapter_name=group[0][0])
+        for name, path in group[1:]:
+            model.load_adapter(path, adapter_name=name)
+        scores.update(evaluate_commonsense(model, tokenizer, data, adapters=[n for n, _ in group],
+                                           batch_size=args.batch_size))
+        del model
+    scores = {name: scores[name] for name in names}
     table = ["| adapter | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
     for name in names:
         table.append(f"| {name} | " + " | ".join(f"{scores[name][t]:.4f}" for t in tasks)

@@ -4,12 +4,13 @@ import json
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
 
 from peft_mole import synthetic
 from peft_mole.evaluation import TASKS, evaluate_commonsense, format_prompt, load_task
 from peft_mole.evaluation.commonsense import label_logits
-from tests.helpers import count_row_norms, mixlora, randomize_adapters, tiny_base
+from tests.helpers import count_row_norms, dynmole, mixlora, randomize_adapters, tiny_base
 
 ROWS = {
     "arc_e": [{"question": "Which is a gas?", "choices": {"text": ["ice", "steam", "rock"], "label": ["A", "B", "C"]},
@@ -167,19 +168,24 @@ def test_eval_cli_scores_several_adapters_and_writes_json_and_markdown(data_dir,
     base = tiny_base(vocab_size=len(tokenizer))
     base.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    for name, seed in (("math", 1), ("code", 2)):
-        model = get_peft_model(tiny_base(vocab_size=len(tokenizer)), mixlora())
+    for name, seed, config in (("math", 1, mixlora()), ("chat", 3, dynmole()), ("code", 2, mixlora())):
+        model = get_peft_model(tiny_base(vocab_size=len(tokenizer)), config)
         randomize_adapters(model, std=0.3, seed=seed)
         model.save_pretrained(tmp_path / name)
     command = [
         sys.executable, "-m", "peft_mole.cli", "eval", "--base", str(tmp_path / "base"),
-        "--adapters", f"{tmp_path / 'math'},{tmp_path / 'code'}", "--tasks", "arc_e,piqa",
+        "--adapters", ",".join(str(tmp_path / name) for name in ("math", "chat", "code")), "--tasks", "arc_e,piqa",
         "--data-dir", str(data_dir), "--out", str(tmp_path / "out"),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
-    assert set(report["scores"]) == {"math", "code"}
+    assert list(report["scores"]) == ["math", "chat", "code"]  # MixLoRA and DynMoLE adapters: one pass per type
+    tasks = {task: load_task(task, data_dir) for task in ("arc_e", "piqa")}
+    for name in ("chat", "code"):  # each as its own model scores it
+        alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(tmp_path / name))
+        scored = evaluate_commonsense(alone, tokenizer, tasks, batch_size=8)["model"]  # the CLI's batch size
+        assert report["scores"][name] == scored
     assert set(report["scores"]["math"]) == {"arc_e", "piqa", "average"}
     markdown = (tmp_path / "out" / "eval.md").read_text()
     assert markdown.startswith("| adapter | arc_e | piqa | average |") and "| math |" in markdown
