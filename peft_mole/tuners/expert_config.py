@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,8 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> None:
 def _check_float(name: str, value, low: float, high: float | None = None, high_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     too_high = high is not None and (value >= high if high_open else value > high)
     if value < low or too_high:
         bracket = ")" if high_open else "]"
@@ -145,7 +148,21 @@ class ExpertAdapterConfig(PeftConfig):
         self.peft_type = add_peft_type(self.PEFT_TYPE)
         if self.task_type is None:
             self.task_type = "CAUSAL_LM"
+        derived = set(self.attn_target_modules or ()) | set(self.expert_target_modules or ())
+        if self.target_modules is not None and (isinstance(self.target_modules, str)
+                                                or set(self.target_modules) != derived):
+            raise ValueError(
+                f"target_modules is set from attn_target_modules and expert_target_modules, got {self.target_modules!r}"
+                f"; give attn_target_modules (a subset of {list(ATTENTION_PROJECTIONS)}, plain LoRA) and "
+                f"expert_target_modules (a subset of {list(EXPERT_PROJECTIONS)}, the experts) instead"
+            )
         self.validate()
+
+    def __getstate__(self) -> dict:
+        """Pickled without the tuner it is attached to (a weak reference, for the model card's router statistics)."""
+        state = dict(self.__dict__)
+        state.pop("_tuner_ref", None)
+        return state
 
     def validate(self) -> None:
         """Check every field; raise TypeError/ValueError naming the field, the value and what is allowed."""

@@ -24,6 +24,10 @@ COMMON = [
     ("router_init_std", -0.02, ValueError), ("router_init_std", "0.02", TypeError),
     ("layers_to_transform", -1, ValueError), ("layers_to_transform", "0", TypeError),
     ("layers_to_transform", [0, -3], ValueError), ("bias", "all", ValueError), ("modules_to_save", "lm_head", TypeError),
+    ("lora_alpha", float("nan"), ValueError), ("lora_dropout", float("nan"), ValueError),
+    ("router_init_std", float("inf"), ValueError),
+    # set from attn_target_modules and expert_target_modules; a LoRA habit must not be silently dropped
+    ("target_modules", ["q_proj", "v_proj"], ValueError), ("target_modules", "all-linear", ValueError),
 ]
 MIXLORA = [
     ("top_k", 0, ValueError), ("top_k", 9, ValueError), ("top_k", "2", TypeError),
@@ -34,7 +38,7 @@ DYNMOLE = [
     ("top_p", 0.0, ValueError), ("top_p", 1.5, ValueError), ("broadcast_threshold", -0.1, ValueError),
     ("broadcast_threshold", 1.5, ValueError), ("min_experts", 0, ValueError), ("min_experts", 9, ValueError),
     ("entropy_loss_coef", -1.0, ValueError), ("lb_loss_coef", -1.0, ValueError), ("renormalize", "no", TypeError),
-    ("router_scope", "layer", ValueError),
+    ("router_scope", "layer", ValueError), ("q", float("nan"), ValueError),
 ]
 CASES = [(MixLoRAConfig, *case) for case in COMMON + MIXLORA] + [(DynMoLEConfig, *case) for case in COMMON + DYNMOLE]
 
@@ -48,4 +52,21 @@ def test_bad_field_is_refused_with_its_name(config_cls, field, value, error):
 
 
 def test_matrix_size():
-    assert len(CASES) == 2 * len(COMMON) + len(MIXLORA) + len(DYNMOLE) == 90
+    assert len(CASES) == 2 * len(COMMON) + len(MIXLORA) + len(DYNMOLE) == 101
+
+
+@pytest.mark.parametrize(("config_cls", "field", "value"), [
+    (MixLoRAConfig, "r", 0), (MixLoRAConfig, "top_k", 9), (DynMoLEConfig, "router_scope", "bogus"),
+    (DynMoLEConfig, "q", float("nan")),
+], ids=["mixlora-r=0", "mixlora-top_k=9", "dynmole-router_scope", "dynmole-q=nan"])
+def test_a_field_changed_after_the_config_was_made_is_checked_when_the_adapter_is_made(config_cls, field, value):
+    """`get_peft_model` checks the config again: before, r=0 gave a ZeroDivisionError and an unknown router_scope
+    silently built the projection scope."""
+    from peft import get_peft_model
+
+    from tests.helpers import tiny_base
+
+    config = config_cls(num_experts=8)
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=rf"\b{field}\b"):
+        get_peft_model(tiny_base(), config)

@@ -1,6 +1,7 @@
 """The PEFT contract every peft-mole adapter type keeps: training signals, save/load, generation, mixing."""
 
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -134,6 +135,12 @@ def test_merge_is_refused_and_unload_restores_the_base(method):
     randomize_adapters(model)
     with pytest.raises(ValueError, match="cannot be merged"):
         model.merge_and_unload()
+    with pytest.raises(ValueError, match="add_weighted_adapter is not supported"):
+        model.add_weighted_adapter(["default"], [1.0], "sum")
+    with pytest.warns(UserWarning, match="Already unmerged"):  # as PEFT's LoRA layers, not a bare NotImplementedError
+        model.unmerge_adapter()
+    config = pickle.loads(pickle.dumps(model.peft_config["default"]))  # attached to a tuner, it still pickles
+    assert config.to_dict() == model.peft_config["default"].to_dict()
     restored = model.unload()
     assert not any(isinstance(m, RoutedExpertsLayer) for m in restored.modules())
     with torch.no_grad():

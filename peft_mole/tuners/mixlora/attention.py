@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -98,6 +99,10 @@ class LoraLinear(nn.Module, BaseTunerLayer):
             "peft-mole adapters cannot be merged: the expert LoRA in the MLP is chosen per token by the router. "
             "Use unload() to get the base model back, or keep the adapter separate."
         )
+
+    def unmerge(self) -> None:
+        """Nothing is ever merged (`merge` refuses); as PEFT's LoRA layers do when unmerged, warn and return."""
+        warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
 
     def __repr__(self) -> str:
         return f"{self.prefix.rstrip('_')}.{super().__repr__()}"

@@ -70,6 +70,7 @@ class MixLoRAModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: ExpertAdapterConfig, model: nn.Module) -> None:
+        peft_config.validate()  # again: a field may have been changed since the config was made
         peft_config.__dict__["_tuner_ref"] = weakref.ref(self)  # router statistics for the model card
         if peft_config.base_model_shape:  # a loaded adapter: the base must be the one it was made for
             check_base_shape(peft_config.base_model_shape, model)
@@ -224,10 +225,16 @@ class MixLoRAModel(BaseTuner):
 
     def merge_and_unload(self, *args, **kwargs):
         raise ValueError(
-            "MixLoRA adapters cannot be merged: the MLP experts are chosen per token by the router, so no single "
-            "weight update equals them. Use `unload()` for the base model, or keep the adapter (it loads with "
-            "PeftModel.from_pretrained after `import peft_mole`)."
+            "MixLoRA and DynMoLE adapters cannot be merged: the MLP experts are chosen per token by the router, so "
+            "no single weight update equals them. Use `unload()` for the base model, or keep the adapter (it loads "
+            "with PeftModel.from_pretrained after `import peft_mole`)."
         )
 
     def merge_adapter(self, *args, **kwargs):
         self.merge_and_unload()
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        raise ValueError(
+            "add_weighted_adapter is not supported for MixLoRA and DynMoLE adapters: their experts and routers do not "
+            "combine into one adapter. Use several adapters in one batch instead (adapter_names=[...] per row)."
+        )

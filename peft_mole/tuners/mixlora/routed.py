@@ -7,6 +7,7 @@ only sets `prefix`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -171,6 +172,10 @@ class RoutedExpertsLayer(nn.Module, BaseTunerLayer):
             "Routed LoRA experts cannot be merged into the base weights: each token uses different experts, "
             "chosen by the router at run time. Use unload() to get the base model back, or keep the adapter."
         )
+
+    def unmerge(self) -> None:
+        """Nothing is ever merged (`merge` refuses); as PEFT's LoRA layers do when unmerged, warn and return."""
+        warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
 
     def __repr__(self) -> str:
         return f"{self.prefix.rstrip('_')}.{super().__repr__()}"
