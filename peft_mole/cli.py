@@ -76,10 +76,13 @@ def _train(args: argparse.Namespace) -> int:
         raise SystemExit(f"peft-mole train: {error}") from None
     tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
     model = AutoModelForCausalLM.from_pretrained(spec.model)
-    trainer = MultiJobTrainer(
-        model=model, jobs=spec.jobs, args=SFTConfig(output_dir=spec.output_dir, **spec.args),
-        processing_class=tokenizer, max_concurrent_jobs=spec.max_concurrent_jobs, max_memory=spec.max_memory,
-    )
+    try:
+        trainer = MultiJobTrainer(
+            model=model, jobs=spec.jobs, args=SFTConfig(output_dir=spec.output_dir, **spec.args),
+            processing_class=tokenizer, max_concurrent_jobs=spec.max_concurrent_jobs, max_memory=spec.max_memory,
+        )
+    except (TypeError, ValueError) as error:  # the job file's args, as SFTConfig and the trainer check them
+        raise SystemExit(f"peft-mole train: {error}") from None
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     failed = [row["job"] for row in trainer.job_summary if row["status"] == "failed"]
     return 1 if failed else 0

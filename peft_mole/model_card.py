@@ -71,19 +71,21 @@ def _last_router_stats(config) -> dict:
 
 
 def update_model_card(directory: str, config) -> None:
-    """Create or update README.md in `directory` with the tags and the peft-mole section of `config`."""
+    """Create or update README.md in `directory` with the tags and the peft-mole section of `config` (a plain
+    LoRA config, a multi-job LoRA job's: PEFT's metadata and tags only)."""
     path = os.path.join(directory, "README.md")
     card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
-    method = METHOD_NAMES.get(type(config).__name__, type(config).__name__).lower()
+    method = METHOD_NAMES.get(type(config).__name__, "lora").lower()
     card.data["library_name"] = "peft"
     card.data["tags"] = sorted(set(card.data.get("tags") or []) | {"peft", "peft-mole", method})
     if config.base_model_name_or_path and not card.data.get("base_model"):
         card.data["base_model"] = config.base_model_name_or_path
     text = card.text
-    if START in text and END in text:
-        text = text[: text.index(START)] + section(config) + text[text.index(END) + len(END):]
-    else:
-        text = section(config) + "\n\n" + text
+    if method != "lora":
+        if START in text and END in text:
+            text = text[: text.index(START)] + section(config) + text[text.index(END) + len(END):]
+        else:
+            text = section(config) + "\n\n" + text
     card.text = text
     card.save(path)
 

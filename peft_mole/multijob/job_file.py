@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -87,7 +88,10 @@ def _job(entry: Any, index: int) -> JobConfig:
         raise ValueError(f"job {name!r}: peft must be a mapping of {PEFT_TYPES[kind].__name__} fields")
     known = {f.name for f in fields(PEFT_TYPES[kind])}
     _unknown(f"job {name!r} peft", peft_kwargs, known)
-    peft_config = PEFT_TYPES[kind](**peft_kwargs)
+    try:
+        peft_config = PEFT_TYPES[kind](**peft_kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"job {name!r} peft: {error}") from error
     split = entry.get("dataset_split", "train")
     train = load_dataset_spec(entry["dataset"], name, entry.get("dataset_config"), split)
     evaluation = None
@@ -95,7 +99,10 @@ def _job(entry: Any, index: int) -> JobConfig:
         evaluation = load_dataset_spec(entry["eval_dataset"], name, entry.get("dataset_config"), "validation")
     overrides = {k: v for k, v in entry.items() if k not in {"name", "type", "peft", "dataset", "dataset_config",
                                                              "dataset_split", "eval_dataset"}}
-    return JobConfig(name=name, peft_config=peft_config, train_dataset=train, eval_dataset=evaluation, **overrides)
+    try:
+        return JobConfig(name=name, peft_config=peft_config, train_dataset=train, eval_dataset=evaluation, **overrides)
+    except TypeError as error:  # a value of the wrong type (JobConfig names the job and the field)
+        raise ValueError(str(error)) from error
 
 
 def parse_run(data: Any) -> RunSpec:
@@ -121,23 +128,42 @@ def parse_run(data: Any) -> RunSpec:
 
     _unknown("job file args", args, {f.name for f in fields(SFTConfig)} - {"output_dir"})
     built = [_job(entry, i) for i, entry in enumerate(jobs)]
-    memory = data.get("max_memory_gb")
+    memory, concurrent = data.get("max_memory_gb"), data.get("max_concurrent_jobs")
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0):
+        raise ValueError(f"job file: max_memory_gb must be a number > 0, got {memory!r}")
+    if concurrent is not None and (isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1):
+        raise ValueError(f"job file: max_concurrent_jobs must be an int >= 1, got {concurrent!r}")
     return RunSpec(
         model=str(data["model"]), tokenizer=str(data.get("tokenizer") or data["model"]),
         output_dir=str(data["output_dir"]), args=args, jobs=built,
-        max_concurrent_jobs=data.get("max_concurrent_jobs"),
+        max_concurrent_jobs=concurrent,
         max_memory=None if memory is None else float(memory) * 2**30,
     )
+
+
+def _yaml_loader():
+    """PyYAML's SafeLoader that also reads 3e-3 and 1e5 as numbers (YAML 1.2, as TRL's CLI takes them; YAML 1.1
+    needs a dot, so PyYAML reads them as strings, which SFTConfig accepts and the optimizer then fails on)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
 
 
 def load_run(path: str) -> RunSpec:
     import yaml
 
+    _Loader = _yaml_loader()
+
     if not os.path.isfile(path):
         raise ValueError(f"job file {path!r} does not exist")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_Loader)  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as error:
             raise ValueError(f"job file {path!r} is not valid YAML: {error}") from error
     return parse_run(data)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,14 @@ OVERRIDES = (
     "logging_steps",
     "eval_steps",
 )
+
+
+# numeric JobConfig fields -> (an int, the lowest value, whether the lowest value itself is refused)
+NUMBERS = {
+    "learning_rate": (False, 0, True), "num_train_epochs": (False, 0, True), "warmup_steps": (False, 0, False),
+    "weight_decay": (False, 0, False), "max_grad_norm": (False, 0, False), "seed": (True, 0, False),
+    "save_steps": (False, 0, True), "logging_steps": (False, 0, True), "eval_steps": (False, 0, True),
+}
 
 
 @dataclass
@@ -101,10 +110,25 @@ class JobConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"job {self.name!r}: {name} must be an int >= 1, got {value!r}")
-        if self.learning_rate is not None and not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ValueError(f"job {self.name!r}: learning_rate must be a number > 0, got {self.learning_rate!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps == 0 or self.max_steps < -1):
-            raise ValueError(f"job {self.name!r}: max_steps must be an int >= 1 (or -1 for epochs), got {self.max_steps!r}")
+        for name, (integer, low, strict) in NUMBERS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            kind = (int,) if integer else (int, float)
+            if (isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
+                    or value < low or (strict and value == low)):
+                what = "an int" if integer else "a finite number"
+                raise ValueError(f"job {self.name!r}: {name} must be {what} {'>' if strict else '>='} {low}, "
+                                 f"got {value!r}")
+        steps = self.max_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps == 0 or steps < -1):
+            raise ValueError(f"job {self.name!r}: max_steps must be an int >= 1 (or -1 for epochs), got {steps!r}")
+        evaluation = self.eval_dataset
+        if evaluation is not None and (isinstance(evaluation, (str, bytes)) or not hasattr(evaluation, "__len__")):
+            raise TypeError(f"job {self.name!r}: eval_dataset must be a dataset (e.g. datasets.Dataset), got "
+                            f"{type(evaluation).__name__} {evaluation!r:.60}")
+        if evaluation is not None and len(evaluation) == 0:
+            raise ValueError(f"job {self.name!r}: eval_dataset is empty")
         if self.lr_scheduler_type is not None:
             check_lr_scheduler(self.lr_scheduler_type, f"job {self.name!r}: lr_scheduler_type")
         if self.early_stopping_patience is not None:

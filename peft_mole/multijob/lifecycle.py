@@ -57,6 +57,8 @@ class JobLifecycle:
 
         def write(tmp: str) -> None:
             self.jobs_model.save_job(run.name, tmp)
+            if self.processing_class is not None:  # as SFTTrainer's output folder holds it
+                self.processing_class.save_pretrained(tmp)
             ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), run.state_dict())
 
         if self.is_world_process_zero():

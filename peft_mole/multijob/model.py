@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext, PackedSegments
+from peft_mole.model_card import update_model_card
 from peft_mole.ops.dropout import Dropout, register_stream, set_stream_widths
 from peft_mole.ops.segmented_lora import constant_on
 from peft_mole.ops.stream_checkpoint import replay_streams_in_checkpoints
@@ -65,6 +66,9 @@ def check_job_name(name) -> None:
             f"job name {name!r} is not allowed: use letters, digits, '_' and '-' (it names the adapter and its "
             "output folder; '__base__' is reserved)"
         )
+    if hasattr(nn.ModuleDict(), name):  # the layers keep one entry per job under its name
+        raise ValueError(f"job name {name!r} is not allowed: it is an attribute of torch modules, which the layers' "
+                         f"entries per job cannot take; choose another, e.g. {name + '_job'!r}")
 
 
 def check_lora_config(name: str, config: LoraConfig) -> None:
@@ -348,9 +352,19 @@ class MultiJobModel(MixLoRAModel):
         return out
 
     def save_job(self, name: str, directory: str) -> None:
-        """Write `adapter_config.json` and `adapter_model.safetensors` of one job into `directory`."""
+        """Write `adapter_config.json`, `adapter_model.safetensors` and a model card (README.md) of one job into
+        `directory`; the config names the base (as `get_peft_model` records it), so `AutoPeftModelForCausalLM`
+        loads the folder alone."""
         os.makedirs(directory, exist_ok=True)
-        self.peft_config[name].save_pretrained(directory)
+        config = self.peft_config[name]
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(self.model, "name_or_path", None) or None
+        # as PeftModel.save_pretrained: without a task type, the base's class for AutoPeftModel
+        auto = None if config.task_type else {"base_model_class": type(self.model).__name__,
+                                               "parent_library": type(self.model).__module__}
+        config.save_pretrained(directory, auto_mapping_dict=auto)
+        if isinstance(config, LoraConfig):  # (peft-mole configs write their card in `save_pretrained`)
+            update_model_card(directory, config)
         save_file(self.job_state_dict(name), os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
 
     def load_job(self, name: str, directory: str) -> None:

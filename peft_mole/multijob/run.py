@@ -251,8 +251,12 @@ class JobRun:
     def should_evaluate(self) -> bool:
         """Evaluate (jobs with an eval_dataset) after this step: at each epoch's end with `eval_strategy="epoch"`,
         else every `eval_steps` (default: `logging_steps`) and at the job's last step, as Trainer does; never
-        before `eval_delay` epochs or steps."""
-        if self._strategy("eval_strategy") == "epoch":
+        before `eval_delay` epochs or steps. With `eval_strategy="no"` (TRL's default) only a job that asks for
+        evaluations itself (its JobConfig's `eval_steps` or `early_stopping_patience`) is evaluated, by steps."""
+        strategy = self._strategy("eval_strategy")
+        if strategy == "no" and self.job.eval_steps is None and self.job.early_stopping_patience is None:
+            return False
+        if strategy == "epoch":
             return self.at_epoch_end and self.epoch_progress >= self.args.eval_delay
         if self.global_step < self.args.eval_delay:
             return False

@@ -39,6 +39,7 @@ from peft_mole.multijob import distributed as dist
 from peft_mole.multijob.batching import is_packed, mix, pad_token_id, profile_inputs, row_halves
 from peft_mole.multijob.evaluation import JobEvaluation
 from peft_mole.multijob.flat_parameters import job_optimizer
+from peft_mole.multijob.job_data import JobDatasets
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.lifecycle import JobLifecycle
 from peft_mole.multijob.memory import costliest_selection
@@ -62,7 +63,7 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-class MultiJobTrainer(JobEvaluation, JobLifecycle, SFTTrainer):
+class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
     """Train several `JobConfig`s together on one frozen base.
 
     Args:
@@ -109,6 +110,10 @@ class MultiJobTrainer(JobEvaluation, JobLifecycle, SFTTrainer):
             raise TypeError("MultiJobTrainer takes the adapters and datasets from jobs=[JobConfig(...)] (each job's "
                             "train_dataset and eval_dataset), not peft_config/train_dataset/eval_dataset")
         check_callbacks(callbacks)
+        for unsupported in ("compute_metrics", "preprocess_logits_for_metrics"):
+            if kwargs.get(unsupported) is not None:  # it would be silently never called
+                raise ValueError(f"MultiJobTrainer does not support {unsupported}: each job's evaluation logs "
+                                 "<job>/eval_loss; score a job's saved adapter with SFTTrainer or evaluate_commonsense")
         if not isinstance(jobs, (list, tuple)) or not jobs or not all(isinstance(j, JobConfig) for j in jobs):
             raise TypeError(f"jobs must be a non-empty list of JobConfig, got {jobs!r}")
         names = [j.name for j in jobs]
@@ -144,31 +149,9 @@ class MultiJobTrainer(JobEvaluation, JobLifecycle, SFTTrainer):
         check_distributed(self)
         attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
         self.job_scheduler.varlen_attention = "flash" in str(attention)
-        self.job_datasets = {jobs[0].name: self.train_dataset}
-        for job in jobs[1:]:
-            self.job_datasets[job.name] = self._prepare_job_dataset(job.name, job.train_dataset, formatting_func)
-        self.job_eval_datasets = {
-            job.name: self.eval_dataset if job.eval_dataset is passed_eval
-            else self._prepare_job_dataset(f"{job.name} eval", job.eval_dataset, formatting_func)
-            for job in jobs if job.eval_dataset is not None
-        }
-        for name, dataset in {**self.job_datasets, **self.job_eval_datasets}.items():
-            if hasattr(dataset, "__len__") and len(dataset) == 0:
-                raise ValueError(
-                    f"job {name.split()[0]!r}: no {'eval' if name.endswith('eval') else 'training'} rows are left after "
-                    "SFTTrainer's preparation (rows without trainable tokens are dropped; check the completion field)"
-                )
+        self._prepare_job_datasets(jobs, passed_eval, formatting_func)
         self.runs: list[JobRun] = []  # made by train()
         self.job_summary: list[dict] = []
-
-    def _prepare_job_dataset(self, name: str, dataset, formatting_func):
-        """SFTTrainer's own preparation (tokenisation, chat template, completion mask), errors named by job."""
-        try:
-            return self._prepare_dataset(
-                dataset, self.processing_class, self.args, self.args.packing, formatting_func, name
-            )
-        except Exception as error:
-            raise ValueError(f"job {name.split()[0]!r}: SFTTrainer could not prepare its dataset: {error}") from error
 
     # ------------------------------------------------------------------ set-up
     def _make_run(self, job: JobConfig) -> JobRun:
@@ -474,10 +457,13 @@ class MultiJobTrainer(JobEvaluation, JobLifecycle, SFTTrainer):
 
     # ------------------------------------------------------------------ saving and reporting
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save every job's adapter in `output_dir/<job>/` (its own PEFT format)."""
+        """Save every job's adapter in `output_dir/<job>/` (its own PEFT format) with the tokenizer, as SFTTrainer
+        saves its one adapter in `output_dir`."""
         root = output_dir or self.args.output_dir
         for job in self.jobs:
             self.jobs_model.save_job(job.name, os.path.join(root, job.name))
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(os.path.join(root, job.name))
 
     def _summarise(self, runs: list[JobRun], seconds: float) -> list[dict]:
         rows = summary_rows(runs, seconds)

@@ -57,6 +57,12 @@ def test_job_file_builds_job_configs(data_file, tmp_path):
         (lambda d: d["jobs"][1]["peft"].update(top_k=9), "top_k"),
         (lambda d: d["jobs"][0].update(name="a/b"), "job name 'a/b' is not allowed"),
         (lambda d: d.update(jobs=[]), "jobs must be a non-empty list"),
+        # values of the wrong type: ValueErrors naming the job and field (TypeError tracebacks before 2026-12-05)
+        (lambda d: d["jobs"][0].update(priority="high"), "job 'a': priority must be an int"),
+        (lambda d: d["jobs"][1]["peft"].update(num_experts="four"), "job 'b' peft: num_experts must be an int"),
+        (lambda d: d["jobs"][2].update(max_steps="four"), "job 'c': max_steps must be an int >= 1"),
+        (lambda d: d.update(max_concurrent_jobs="three"), "max_concurrent_jobs must be an int >= 1"),
+        (lambda d: d.update(max_memory_gb=0), "max_memory_gb must be a number > 0"),
     ],
 )
 def test_bad_job_files_say_what_is_wrong(data_file, change, match):
@@ -76,3 +82,13 @@ def test_unreadable_job_files(tmp_path):
     bad.write_text("- just a list\n")
     with pytest.raises(ValueError, match="must be a YAML mapping"):
         load_run(str(bad))
+
+
+def test_numbers_without_a_dot_read_as_numbers(data_file, tmp_path):
+    """YAML 1.1 (PyYAML) reads 3e-3 as a string, which SFTConfig accepts and the optimizer then fails on; the job
+    file reads it as TRL's CLI does, a float."""
+    path = tmp_path / "jobs.yaml"
+    path.write_text(yaml.safe_dump(run_dict(data_file)).replace("learning_rate: 0.001", "learning_rate: 3e-3")
+                    .replace("learning_rate: 0.0002", "learning_rate: 5E-4"))
+    spec = load_run(str(path))
+    assert spec.args["learning_rate"] == 3e-3 and spec.jobs[0].learning_rate == 5e-4

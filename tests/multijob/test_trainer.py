@@ -390,3 +390,53 @@ def test_input_tokens_seen_are_counted_as_trainer_counts_them(assets, tmp_path, 
     trainer.train()
     assert trainer.state.num_input_tokens_seen == sum(trained) > 0
     assert trainer.state.log_history[-1]["num_input_tokens_seen"] == sum(trained)
+
+
+def test_each_job_leaves_its_prompts_out_of_the_loss_as_sftrainer_alone_decides(assets, tmp_path):
+    """SFTTrainer decides `completion_only_loss=None` from its train dataset's rows; given the first job's (plain
+    text), it used to prepare a later prompt-completion job's train and eval rows with their prompts trained.
+    Each job's labels (train and eval) now equal those a plain SFTTrainer on its own data makes."""
+    tokenizer, datasets = assets
+    text = Dataset.from_list([{"text": f"{r['prompt']} {r['completion']}"} for r in datasets["add"]])
+    jobs = [JobConfig("text", LoraConfig(r=4, target_modules=["q_proj"]), text, eval_dataset=text.select(range(4))),
+            JobConfig("pc", LoraConfig(r=4, target_modules=["q_proj"]), datasets["capital"],
+                      eval_dataset=datasets["capital"].select(range(4))),
+            JobConfig("pc_eval_first", LoraConfig(r=4, target_modules=["q_proj"]), text,
+                      eval_dataset=datasets["sentiment"].select(range(4)))]
+    for order in (jobs, jobs[1:] + jobs[:1]):  # a prompt-completion job first: the text job trains every token
+        trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=order, processing_class=tokenizer,
+                                  args=run_args(tmp_path / "run", eval_strategy="steps", eval_steps=10))
+        for job in order:
+            alone = SFTTrainer(model=tiny_base(vocab_size=len(tokenizer)), processing_class=tokenizer,
+                               args=run_args(tmp_path / "alone", eval_strategy="steps", eval_steps=10),
+                               train_dataset=job.train_dataset, eval_dataset=job.eval_dataset)
+            assert trainer.job_datasets[job.name]["labels"] == alone.train_dataset["labels"], job.name
+            assert trainer.job_eval_datasets[job.name]["labels"] == alone.eval_dataset["labels"], job.name
+        masked = sum(label == -100 for row in trainer.job_datasets["pc"]["labels"] for label in row)
+        assert masked > 0  # the prompts are left out
+
+
+def test_a_jobs_folder_loads_alone_as_an_sfttrainer_output_does(assets, tmp_path):
+    """Each job's folder names its base (`base_model_name_or_path`), has a model card and the tokenizer, so
+    `AutoPeftModelForCausalLM` and `AutoTokenizer` load it alone (the config named no base: "Cannot infer the auto
+    class"); the model equals the base with the adapter loaded by hand."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer, datasets = assets
+    tiny_base(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "base")
+    jobs = [JobConfig("lora", LoraConfig(r=4, target_modules=["q_proj"]), datasets["add"], max_steps=1),
+            JobConfig("mix", mixlora(), datasets["capital"], max_steps=1)]
+    trainer = MultiJobTrainer(model=AutoModelForCausalLM.from_pretrained(tmp_path / "base"), jobs=jobs,
+                              processing_class=tokenizer, args=run_args(tmp_path / "run"))
+    randomize_adapters(trainer.jobs_model)
+    trainer.train()
+    ids = torch.tensor([tokenizer("a b c")["input_ids"]])
+    for job in ("lora", "mix"):
+        folder = tmp_path / "run" / job
+        loaded = AutoPeftModelForCausalLM.from_pretrained(folder)
+        by_hand = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(folder))
+        assert torch.equal(loaded(input_ids=ids).logits, by_hand(input_ids=ids).logits)
+        assert AutoTokenizer.from_pretrained(folder)("a b c")["input_ids"] == ids[0].tolist()
+        card = (folder / "README.md").read_text()
+        assert "library_name: peft" in card and f"base_model: {tmp_path / 'base'}" in card, card[:300]

@@ -127,3 +127,27 @@ def test_torch_empty_cache_steps_empties_the_device_cache_every_n_mixed_steps(as
     monkeypatch.setattr(trainer_module, "clear_device_cache", lambda: emptied.append(trainer.state.global_step))
     trainer.train()
     assert emptied == [2, 4]
+
+
+def test_eval_strategy_no_evaluates_only_the_jobs_that_ask_and_compute_metrics_is_refused(assets, tmp_path):
+    """As Trainer: with `eval_strategy="no"` (TRL's default) an eval_dataset alone is not evaluated during training
+    (before, every job with one was, every logging_steps); a job that sets its own `eval_steps` is. With
+    `eval_strategy="steps"` every job with an eval set is. `compute_metrics`, never called, is refused."""
+    _, datasets = assets
+
+    def jobs():
+        return [JobConfig("plain", LORA, datasets["add"], eval_dataset=datasets["add"].select(range(4))),
+                JobConfig("asks", LORA, datasets["capital"], eval_dataset=datasets["capital"].select(range(4)),
+                          eval_steps=1)]
+
+    def evaluated(trainer):
+        return sorted({key.split("/")[0] for h in trainer.state.log_history for key in h if key.endswith("eval_loss")})
+
+    default = _trainer(assets, tmp_path / "no", jobs(), max_steps=2)
+    default.train()
+    assert evaluated(default) == ["asks"]
+    by_steps = _trainer(assets, tmp_path / "steps", jobs(), max_steps=2, eval_strategy="steps", eval_steps=1)
+    by_steps.train()
+    assert evaluated(by_steps) == ["asks", "plain"]
+    with pytest.raises(ValueError, match="does not support compute_metrics"):
+        MultiJobTrainer(model=tiny_base(), jobs=jobs(), args=run_args(tmp_path), compute_metrics=lambda p: {})

@@ -28,7 +28,7 @@ def rows(n=8, **extra):
     [
         (dict(train_dataset=Dataset.from_list([])), ValueError, "job 'j': train_dataset is empty"),
         (dict(train_dataset=None), ValueError, "train_dataset is required"),
-        (dict(learning_rate=0), ValueError, "learning_rate must be a number > 0"),
+        (dict(learning_rate=0), ValueError, "learning_rate must be a finite number > 0"),
         (dict(per_device_train_batch_size=0), ValueError, "per_device_train_batch_size must be an int >= 1"),
         (dict(gradient_accumulation_steps="2"), ValueError, "gradient_accumulation_steps must be an int >= 1"),
         (dict(max_steps=0), ValueError, "max_steps must be an int >= 1"),
@@ -38,6 +38,21 @@ def rows(n=8, **extra):
         (dict(name="a/b"), ValueError, "job name 'a/b' is not allowed"),
         (dict(name="__base__"), ValueError, "reserved"),
         (dict(peft_config={"r": 4}), TypeError, "peft_config must be a LoraConfig, MixLoRAConfig or DynMoLEConfig"),
+        # each accepted before 2026-12-05 and failed in train(), or trained nothing, or a NaN loss
+        (dict(num_train_epochs=0), ValueError, "num_train_epochs must be a finite number > 0"),
+        (dict(num_train_epochs="2"), ValueError, "num_train_epochs must be a finite number > 0"),
+        (dict(weight_decay="0.1"), ValueError, "weight_decay must be a finite number >= 0"),
+        (dict(seed="x"), ValueError, "seed must be an int >= 0"),
+        (dict(learning_rate=True), ValueError, "learning_rate must be a finite number > 0"),
+        (dict(learning_rate=float("inf")), ValueError, "learning_rate must be a finite number > 0"),
+        (dict(max_steps=True), ValueError, "max_steps must be an int >= 1"),
+        (dict(save_steps=-1), ValueError, "save_steps must be a finite number > 0"),
+        (dict(logging_steps=-1), ValueError, "logging_steps must be a finite number > 0"),
+        (dict(eval_steps=0), ValueError, "eval_steps must be a finite number > 0"),
+        (dict(eval_dataset="x.jsonl"), TypeError, "eval_dataset must be a dataset"),
+        (dict(eval_dataset=Dataset.from_list([])), ValueError, "eval_dataset is empty"),
+        (dict(name="train"), ValueError, "job name 'train' is not allowed: it is an attribute of torch modules"),
+        (dict(name="to"), ValueError, "job name 'to' is not allowed"),
     ],
 )
 def test_bad_job_configs(kwargs, error, match):
