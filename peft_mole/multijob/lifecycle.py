@@ -27,6 +27,9 @@ class JobLifecycle:
                 state = ckpt.read_json(final_state)
                 self.jobs_model.load_job(run.name, run.args.output_dir)
                 run.status, run.global_step = state["status"], state["global_step"]
+                run.stats.tokens, run.stats.seconds = state.get("tokens", 0), state.get("seconds", 0.0)
+                run.stats.stepped, run.stats.last_loss = (run.stats.tokens, run.stats.seconds), state.get("last_loss")
+                run.mixed_step = state.get("mixed_step", 0)
                 run.release()
                 if state["status"] == DONE and run.max_steps > run.global_step:
                     logger.warning("job %s ended at step %d; resume does not train an ended job further (its "
@@ -37,6 +40,9 @@ class JobLifecycle:
             if path is not None:
                 run.load_checkpoint(path, lambda d, name=run.name: self.jobs_model.load_job(name, d))
                 logger.info("job %s resumes from %s", run.name, path)
+            else:  # (Trainer raises here; a restarted preemptible run may not have saved yet)
+                logger.warning("job %s has no checkpoint in %s: it starts from the beginning", run.name,
+                               run.args.output_dir)
 
     def _checkpoint_unfinished(self, runs: list[JobRun]) -> None:
         """A callback stopped training (`control.should_training_stop`): checkpoint every job that has stepped and

@@ -299,10 +299,10 @@ class MultiJobModel(MixLoRAModel):
 
     @contextlib.contextmanager
     def drawing_pieces(self, pieces: dict[str, tuple[list[int], int, int]]):
-        """Within it, a job j in `pieces`, whose rows in the training forwards are rows pieces[j][0] of a
-        right-padded micro-batch of pieces[j][1] rows and own width pieces[j][2] (its longest row's real length)
-        cut into several steps, draws as for that whole micro-batch (`ops.dropout.stream_draw`). Its stream must
-        start each piece from the state the micro-batch began with (the trainer restarts it)."""
+        """Within it, a job in `pieces` ({job: (rows, micro-batch rows, micro-batch width)}), whose rows in the
+        training forwards are those rows of a right-padded micro-batch of that many rows and own width (its longest
+        row's real length) cut into several steps, draws as for that whole micro-batch (`ops.dropout.stream_draw`).
+        Its stream must start each piece from the state the micro-batch began with (the trainer restarts it)."""
         self.__dict__["_pieces"] = dict(pieces)
         try:
             yield

@@ -40,12 +40,14 @@ class PaddingStats:
         return 1.0 - self.real / self.micro_batch_total if self.micro_batch_total else 0.0
 
 
-def summary_rows(runs: list[JobRun], seconds: float) -> list[dict]:
-    """Per job: status, optimizer steps, target tokens, share of the run's time, final loss, error."""
+def summary_rows(runs: list[JobRun]) -> list[dict]:
+    """Per job: status, optimizer steps, target tokens, share of the jobs' step time, final loss, error. Counted over
+    the whole run, resumes included (each job's checkpoint keeps its tokens and seconds as of its step)."""
+    total = sum(run.stats.seconds for run in runs)
     return [
         {
             "job": run.name, "status": run.status, "steps": run.global_step, "tokens": run.stats.tokens,
-            "time_share": run.stats.seconds / seconds if seconds > 0 else 0.0,
+            "time_share": run.stats.seconds / total if total > 0 else 0.0,
             "final_loss": run.stats.last_loss, "error": run.error,
         }
         for run in runs

@@ -46,6 +46,7 @@ class JobStats:
 
     tokens: int = 0  # target tokens trained
     seconds: float = 0.0  # share of step time, by rows x length
+    stepped: tuple[int, float] = (0, 0.0)  # (tokens, seconds) as of the last optimizer step, which checkpoints keep
     last_loss: float | None = None
     best_eval_loss: float | None = None
     evals_without_improvement: int = 0
@@ -70,6 +71,7 @@ class JobRun:
             self.max_steps = math.ceil(args.num_train_epochs * self.updates_per_epoch)
         self.status = WAITING
         self.error: str | None = None
+        self.mixed_step = 0  # the trainer's step count (mixed steps) at this job's last optimizer step
         self.global_step = 0
         self.epoch = 0
         self.batches_done = 0  # micro-batches consumed in the current epoch
@@ -290,11 +292,12 @@ class JobRun:
             "name": self.name,
             "status": self.status,
             "global_step": self.global_step,
+            "mixed_step": self.mixed_step,
             "max_steps": self.max_steps,
             "epoch": self.epoch,
             "batches_done": self.batches_done - (len(self.window) if self.window_pos < len(self.window) else 0),
-            "tokens": self.stats.tokens,
-            "seconds": self.stats.seconds,
+            "tokens": self.stats.stepped[0],  # (a window begun and not stepped is trained again on resume)
+            "seconds": self.stats.stepped[1],
             "last_loss": self.stats.last_loss,
             "best_eval_loss": self.stats.best_eval_loss,
             "evals_without_improvement": self.stats.evals_without_improvement,
@@ -342,6 +345,8 @@ class JobRun:
             self.mark_stream()
         self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
         self.stats.tokens, self.stats.seconds = state["tokens"], state["seconds"]
+        self.stats.stepped = (state["tokens"], state["seconds"])
+        self.mixed_step = state.get("mixed_step", 0)
         self.stats.last_loss = state["last_loss"]
         self.stats.best_eval_loss = state.get("best_eval_loss")
         self.stats.evals_without_improvement = state.get("evals_without_improvement", 0)

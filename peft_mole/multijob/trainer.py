@@ -161,6 +161,10 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
             dataset=self.job_datasets[job.name], description=f"{job.name} training",
             batch_size=args.per_device_train_batch_size, sampler_fn=self._get_train_sampler, is_training=True,
         )
+        if len(loader) == 0:  # (Trainer would train nothing and raise deep in its loop)
+            raise ValueError(f"job {job.name!r}: its {len(self.job_datasets[job.name])} rows make no batch of "
+                             f"per_device_train_batch_size={args.per_device_train_batch_size} with "
+                             "dataloader_drop_last=True; give it more rows or a smaller batch")
         params = self.jobs_model.job_parameters(job.name)
         decay = set(self.get_decay_parameter_names(self.model))
         groups = [
@@ -201,7 +205,9 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
         self.state = TrainerState(
             is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()
         )
-        self.state.max_steps = self.job_scheduler.estimate_steps(runs)
+        # a resumed run counts on from its jobs' last steps, as Trainer restores global_step
+        self.state.global_step = max((run.mixed_step for run in runs), default=0)
+        self.state.max_steps = self.state.global_step + self.job_scheduler.estimate_steps(runs)
         self.state.logging_steps = self.args.logging_steps
         self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
         self._evaluate_on_start(runs)
@@ -231,9 +237,12 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
                     self._checkpoint_unfinished(runs)
                     break
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
-        self.job_summary = self._summarise(runs, time.perf_counter() - start)
+        runtime = time.perf_counter() - start
+        self.job_summary = self._summarise(runs)
         losses = [r.stats.last_loss for r in runs if r.stats.last_loss is not None]
-        return TrainOutput(self.state.global_step, sum(losses) / max(len(losses), 1), {"jobs": self.job_summary})
+        loss = sum(losses) / max(len(losses), 1)  # the mean of the jobs' final losses
+        return TrainOutput(self.state.global_step, loss,
+                           {"train_runtime": runtime, "train_loss": loss, "jobs": self.job_summary})
 
     def _next_parts(self, running: list[JobRun]) -> list[tuple[JobRun, dict]]:
         """The next micro-batch of each running job that fits the budget; jobs whose data raised fail, finished jobs
@@ -403,7 +412,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
         mean = not self.args.average_tokens_across_devices
         (run.window_loss,) = dist.reduce_gradients(self.accelerator, run.stepped_tensors(), [run.window_loss], mean=mean)
         run.optimizer_step()
-        run.stats.last_loss = run.window_loss
+        run.stats.last_loss, run.stats.stepped = run.window_loss, (run.stats.tokens, run.stats.seconds)
+        run.mixed_step = self.state.global_step
         run.stats.losses.append(run.window_loss)
         run.window_loss = 0.0
         show_progress(self.callback_handler.callbacks, self.job_progress, run)
@@ -465,8 +475,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(os.path.join(root, job.name))
 
-    def _summarise(self, runs: list[JobRun], seconds: float) -> list[dict]:
-        rows = summary_rows(runs, seconds)
+    def _summarise(self, runs: list[JobRun]) -> list[dict]:
+        rows = summary_rows(runs)
         if self.is_world_process_zero():
             write_summary(rows, self.padding_stats.pad_fraction, self.args.output_dir)
         return rows

@@ -34,8 +34,8 @@ UNSUPPORTED = {
     "activation_offloading": (bool, "the mixed steps do not offload activations; set activation_offloading=False"),
     "load_best_model_at_end": (
         bool,
-        "each job ends with its final adapter; stop a job at its best evaluation with "
-        "JobConfig(early_stopping_patience=...) instead; set load_best_model_at_end=False",
+        "each job ends with its last adapter (JobConfig(early_stopping_patience=k) stops a job after k evaluations "
+        "without a new best, keeping the adapter of its last step); set load_best_model_at_end=False",
     ),
     "deepspeed": (bool, "DeepSpeed is not supported; use `accelerate launch` with plain data parallelism"),
     "fsdp": (bool, "FSDP is not supported; use `accelerate launch` with plain data parallelism"),

@@ -201,7 +201,8 @@ def test_a_callback_stopping_training_checkpoints_every_unfinished_job_and_resum
         randomize_adapters(built.jobs_model, seed=3)
         return built
 
-    trainer(tmp_path / "whole").train()
+    whole = trainer(tmp_path / "whole")
+    whole.train()
     stopped = trainer(tmp_path / "stopped", [_StopAt(3)])
     stopped.train()  # mixed step 3: "lora" has stepped once and is one micro-batch into its second window
     state = {run.name: (run.status, run.global_step) for run in stopped.runs}
@@ -213,9 +214,17 @@ def test_a_callback_stopping_training_checkpoints_every_unfinished_job_and_resum
     assert {run.name: (run.status, run.global_step) for run in resumed.runs} == {"lora": ("done", 3),
                                                                                    "mix": ("done", 5)}
     for job in ("lora", "mix"):
-        whole = load_file(tmp_path / "whole" / job / "adapter_model.safetensors")
+        uninterrupted = load_file(tmp_path / "whole" / job / "adapter_model.safetensors")
         again = load_file(tmp_path / "stopped" / job / "adapter_model.safetensors")
-        assert max((whole[k] - again[k]).abs().max().item() for k in whole) <= 1e-6, job
+        assert max((uninterrupted[k] - again[k]).abs().max().item() for k in uninterrupted) <= 1e-6, job
+    # the summary counts the whole run: the window begun before the stop is not counted twice (tokens were 8 % over)
+    expected = {row["job"]: row for row in whole.job_summary}
+    for row in resumed.job_summary:
+        assert (row["steps"], row["tokens"]) == (expected[row["job"]]["steps"], expected[row["job"]]["tokens"])
+        assert row["final_loss"] == pytest.approx(expected[row["job"]]["final_loss"], rel=1e-5)
+    assert sum(row["time_share"] for row in resumed.job_summary) == pytest.approx(1.0)  # (was over 1)
+    steps = [h["step"] for h in stopped.state.log_history + resumed.state.log_history if "step" in h]
+    assert steps == sorted(steps) and steps[-1] > 3  # the resumed run counts on, as Trainer's global_step
 
 
 def test_resume_says_an_ended_job_is_not_trained_further_and_a_finished_job_drops_its_old_failure(
@@ -237,6 +246,9 @@ def test_resume_says_an_ended_job_is_not_trained_further_and_a_finished_job_drop
         again = trainer(4)
         again.train(resume_from_checkpoint=True)
     assert [(r.status, r.global_step) for r in again.runs] == [("done", 2)]
+    # the ended job's summary is its run's, not zeros (it was tokens 0, final_loss None)
+    assert [(r["tokens"], r["final_loss"]) for r in again.job_summary] == [
+        (r["tokens"], r["final_loss"]) for r in first.job_summary]
     assert "job a ended at step 2; resume does not train an ended job further (its max_steps is now 4)" in caplog.text
     with caplog.at_level("WARNING"):
         trainer(None, epochs=2.0).jobs[0].training_args(run_args(tmp_path))

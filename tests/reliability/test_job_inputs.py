@@ -87,3 +87,12 @@ def test_rows_longer_than_max_length_are_truncated_and_train(tokenizer, tmp_path
     assert max(len(ids) for ids in trainer.job_datasets["long"]["input_ids"]) == 24
     trainer.train()
     assert trainer.job_summary[0]["status"] == "done" and trainer.job_summary[0]["tokens"] == 2 * 4 * 23
+
+
+def test_a_job_too_small_for_one_batch_with_drop_last_is_named(tokenizer, tmp_path):
+    """Before, it failed during the run with "its data pipeline raised IndexError" (the other jobs went on)."""
+    jobs = [JobConfig("ok", LORA, rows()), JobConfig("tiny", LORA, rows(3), per_device_train_batch_size=4)]
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                              args=run_args(tmp_path, dataloader_drop_last=True))
+    with pytest.raises(ValueError, match="job 'tiny': its 3 rows make no batch of per_device_train_batch_size=4"):
+        trainer.train()
