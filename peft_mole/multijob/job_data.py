@@ -28,9 +28,10 @@ class JobDatasets:
         }
         for name, dataset in {**self.job_datasets, **self.job_eval_datasets}.items():
             if hasattr(dataset, "__len__") and len(dataset) == 0:
+                kind = "eval" if name.endswith("eval") else "training"
                 raise ValueError(
-                    f"job {name.split()[0]!r}: no {'eval' if name.endswith('eval') else 'training'} rows are left after "
-                    "SFTTrainer's preparation (rows without trainable tokens are dropped; check the completion field)"
+                    f"job {name.split()[0]!r}: no {kind} rows are left after SFTTrainer's preparation (rows without "
+                    "trainable tokens are dropped; check the completion field)"
                 )
 
     def _completion_only(self, dataset) -> bool:
@@ -48,7 +49,8 @@ class JobDatasets:
         try:
             if self.completion_only_loss and formatting_func:
                 raise ValueError("a formatting_func converts a prompt-completion dataset to plain text, which "
-                                 "completion-only loss cannot mask; format it before, or set completion_only_loss=False")
+                                 "completion-only loss cannot mask; format it before, or set "
+                                 "completion_only_loss=False")
             return self._prepare_dataset(
                 dataset, self.processing_class, self.args, self.args.packing, formatting_func, name
             )
