@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
+from peft import LoraConfig
 
 START, END = "<!-- peft-mole -->", "<!-- /peft-mole -->"
 CARD_FIELDS = ("num_experts", "top_k", "q", "top_p", "broadcast_threshold", "min_experts", "router_scope", "r",
@@ -75,7 +76,8 @@ def update_model_card(directory: str, config) -> None:
     LoRA config, a multi-job LoRA job's: PEFT's metadata and tags only)."""
     path = os.path.join(directory, "README.md")
     card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
-    method = METHOD_NAMES.get(type(config).__name__, "lora").lower()
+    method = "lora" if isinstance(config, LoraConfig) else METHOD_NAMES.get(type(config).__name__,
+                                                                           type(config).__name__).lower()
     card.data["library_name"] = "peft"
     card.data["tags"] = sorted(set(card.data.get("tags") or []) | {"peft", "peft-mole", method})
     if config.base_model_name_or_path and not card.data.get("base_model"):

@@ -44,7 +44,8 @@ OVERRIDES = (
 NUMBERS = {
     "learning_rate": (False, 0, True), "num_train_epochs": (False, 0, True), "warmup_steps": (False, 0, False),
     "weight_decay": (False, 0, False), "max_grad_norm": (False, 0, False), "seed": (True, 0, False),
-    "save_steps": (False, 0, True), "logging_steps": (False, 0, True), "eval_steps": (False, 0, True),
+    "save_steps": (False, 0, True), "logging_steps": (False, 0, True),
+    "eval_steps": (False, 0, False),  # (0: every logging_steps, as in TrainingArguments)
 }
 
 
@@ -59,7 +60,8 @@ class JobConfig:
         eval_dataset: the same, for `<job>/eval_loss` and early stopping.
         priority: higher is admitted first when `max_concurrent_jobs` or memory is short; ties go by list order.
         early_stopping_patience: stop the job after this many evaluations without a lower eval loss (needs
-            eval_dataset and eval_steps).
+            eval_dataset; the job is evaluated every eval_steps, default logging_steps, also with
+            eval_strategy="no").
         learning_rate: this job's value of the `SFTConfig` field of the same name (None = the trainer's); so are
             per_device_train_batch_size, gradient_accumulation_steps, num_train_epochs, max_steps, warmup_steps,
             weight_decay, max_grad_norm, lr_scheduler_type, seed, save_steps, logging_steps and eval_steps.
@@ -124,10 +126,10 @@ class JobConfig:
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps == 0 or steps < -1):
             raise ValueError(f"job {self.name!r}: max_steps must be an int >= 1 (or -1 for epochs), got {steps!r}")
         evaluation = self.eval_dataset
-        if evaluation is not None and (isinstance(evaluation, (str, bytes)) or not hasattr(evaluation, "__len__")):
-            raise TypeError(f"job {self.name!r}: eval_dataset must be a dataset (e.g. datasets.Dataset), got "
-                            f"{type(evaluation).__name__} {evaluation!r:.60}")
-        if evaluation is not None and len(evaluation) == 0:
+        if evaluation is not None and (isinstance(evaluation, (str, bytes)) or not hasattr(evaluation, "__iter__")):
+            raise TypeError(f"job {self.name!r}: eval_dataset must be a dataset (datasets.Dataset or IterableDataset), "
+                            f"got {type(evaluation).__name__} {evaluation!r:.60}")
+        if evaluation is not None and hasattr(evaluation, "__len__") and len(evaluation) == 0:
             raise ValueError(f"job {self.name!r}: eval_dataset is empty")
         if self.lr_scheduler_type is not None:
             check_lr_scheduler(self.lr_scheduler_type, f"job {self.name!r}: lr_scheduler_type")

@@ -66,7 +66,7 @@ def check_job_name(name) -> None:
             f"job name {name!r} is not allowed: use letters, digits, '_' and '-' (it names the adapter and its "
             "output folder; '__base__' is reserved)"
         )
-    if hasattr(nn.ModuleDict(), name):  # the layers keep one entry per job under its name
+    if hasattr(nn.ModuleDict(), name) or hasattr(nn.ParameterDict(), name):  # the layers' entries per job
         raise ValueError(f"job name {name!r} is not allowed: it is an attribute of torch modules, which the layers' "
                          f"entries per job cannot take; choose another, e.g. {name + '_job'!r}")
 

@@ -469,6 +469,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save every job's adapter in `output_dir/<job>/` (its own PEFT format) with the tokenizer, as SFTTrainer
         saves its one adapter in `output_dir`."""
+        if not self.args.should_save:  # (as Trainer: the main process writes)
+            return
         root = output_dir or self.args.output_dir
         for job in self.jobs:
             self.jobs_model.save_job(job.name, os.path.join(root, job.name))

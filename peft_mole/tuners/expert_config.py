@@ -148,9 +148,13 @@ class ExpertAdapterConfig(PeftConfig):
         self.peft_type = add_peft_type(self.PEFT_TYPE)
         if self.task_type is None:
             self.task_type = "CAUSAL_LM"
-        derived = set(self.attn_target_modules or ()) | set(self.expert_target_modules or ())
-        if self.target_modules is not None and (isinstance(self.target_modules, str)
-                                                or set(self.target_modules) != derived):
+        # a LoRA habit (target_modules with the two lists left as they are) is refused; where either list is given
+        # (`dataclasses.replace` passes the old derived set back with a new list), the set is derived again
+        defaults = (self.attn_target_modules == list(ATTENTION_PROJECTIONS)
+                    and self.expert_target_modules == list(EXPERT_PROJECTIONS))
+        derived = set(ATTENTION_PROJECTIONS) | set(EXPERT_PROJECTIONS)
+        if defaults and self.target_modules is not None and (isinstance(self.target_modules, str)
+                                                             or set(self.target_modules) != derived):
             raise ValueError(
                 f"target_modules is set from attn_target_modules and expert_target_modules, got {self.target_modules!r}"
                 f"; give attn_target_modules (a subset of {list(ATTENTION_PROJECTIONS)}, plain LoRA) and "

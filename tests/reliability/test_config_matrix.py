@@ -70,3 +70,19 @@ def test_a_field_changed_after_the_config_was_made_is_checked_when_the_adapter_i
     setattr(config, field, value)
     with pytest.raises(ValueError, match=rf"\b{field}\b"):
         get_peft_model(tiny_base(), config)
+
+
+@pytest.mark.parametrize("config_cls", [MixLoRAConfig, DynMoLEConfig])
+def test_replace_and_rebuild_derive_target_modules_again(config_cls):
+    """`dataclasses.replace` and `cls(**config.to_dict())` pass the old derived target_modules back with new
+    lists; only a target_modules given with both lists as they are (a LoRA habit) is refused."""
+    import dataclasses
+
+    config = config_cls(num_experts=4)
+    changed = dataclasses.replace(config, attn_target_modules=[])
+    assert changed.target_modules == ["down_proj", "gate_proj", "up_proj"]
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("peft_type", "peft_version")}
+    rebuilt = config_cls(**{**settings, "expert_target_modules": ["up_proj"]})
+    assert rebuilt.target_modules == ["k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    with pytest.raises(ValueError, match="target_modules is set from attn_target_modules"):
+        config_cls(num_experts=4, target_modules=["q_proj"])

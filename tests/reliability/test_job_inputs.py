@@ -48,11 +48,12 @@ def rows(n=8, **extra):
         (dict(max_steps=True), ValueError, "max_steps must be an int >= 1"),
         (dict(save_steps=-1), ValueError, "save_steps must be a finite number > 0"),
         (dict(logging_steps=-1), ValueError, "logging_steps must be a finite number > 0"),
-        (dict(eval_steps=0), ValueError, "eval_steps must be a finite number > 0"),
+        (dict(eval_steps=-1), ValueError, "eval_steps must be a finite number >= 0"),
         (dict(eval_dataset="x.jsonl"), TypeError, "eval_dataset must be a dataset"),
         (dict(eval_dataset=Dataset.from_list([])), ValueError, "eval_dataset is empty"),
         (dict(name="train"), ValueError, "job name 'train' is not allowed: it is an attribute of torch modules"),
         (dict(name="to"), ValueError, "job name 'to' is not allowed"),
+        (dict(name="get"), ValueError, "job name 'get' is not allowed"),  # (attention LoRA's ParameterDict)
     ],
 )
 def test_bad_job_configs(kwargs, error, match):
@@ -96,3 +97,10 @@ def test_a_job_too_small_for_one_batch_with_drop_last_is_named(tokenizer, tmp_pa
                               args=run_args(tmp_path, dataloader_drop_last=True))
     with pytest.raises(ValueError, match="job 'tiny': its 3 rows make no batch of per_device_train_batch_size=4"):
         trainer.train()
+
+
+def test_a_streaming_eval_set_and_eval_steps_0_are_accepted():
+    """An eval set needs no length (it is only iterated); eval_steps=0 means every logging_steps, as in
+    TrainingArguments."""
+    job = JobConfig("j", LORA, rows(), eval_dataset=rows().to_iterable_dataset(), eval_steps=0)
+    assert job.eval_steps == 0 and not hasattr(job.eval_dataset, "__len__")
