@@ -187,6 +187,12 @@ def row_lengths(batch: dict) -> list[int] | None:
     return [max(int(n), 1) for n in lengths]
 
 
+def row_ends(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(rows,) the last real position of each row of a (rows, seq) attention mask, + 1 (0 for an empty row)."""
+    positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
+    return (attention_mask.bool() * positions).amax(dim=1)
+
+
 PIECE_ROWS = "piece_rows"  # a cut micro-batch's entry: each row's index in the whole micro-batch (`take_rows`)
 
 

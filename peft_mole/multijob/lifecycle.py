@@ -27,9 +27,7 @@ class JobLifecycle:
                 state = ckpt.read_json(final_state)
                 self.jobs_model.load_job(run.name, run.args.output_dir)
                 run.status, run.global_step = state["status"], state["global_step"]
-                run.stats.tokens, run.stats.seconds = state.get("tokens", 0), state.get("seconds", 0.0)
-                run.stats.stepped, run.stats.last_loss = (run.stats.tokens, run.stats.seconds), state.get("last_loss")
-                run.mixed_step = state.get("mixed_step", 0)
+                run.restore_account(state)
                 run.release()
                 if state["status"] == DONE and run.max_steps > run.global_step:
                     logger.warning("job %s ended at step %d; resume does not train an ended job further (its "
@@ -62,9 +60,7 @@ class JobLifecycle:
         run.status = status
 
         def write(tmp: str) -> None:
-            self.jobs_model.save_job(run.name, tmp)
-            if self.processing_class is not None:  # as SFTTrainer's output folder holds it
-                self.processing_class.save_pretrained(tmp)
+            self._save_job_folder(run.name, tmp)
             ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), run.state_dict())
 
         if self.is_world_process_zero():
@@ -74,6 +70,12 @@ class JobLifecycle:
                 os.remove(failed_note)
         run.release()
         logger.info("job %s %s after %d steps", run.name, status, run.global_step)
+
+    def _save_job_folder(self, name: str, directory: str) -> None:
+        """A job's adapter (`MultiJobModel.save_job`) and the tokenizer, as SFTTrainer's output folder holds them."""
+        self.jobs_model.save_job(name, directory)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(directory)
 
     def _fail(self, run: JobRun, reason: str) -> None:
         """Stop one job (its checkpoints stay); the others go on."""

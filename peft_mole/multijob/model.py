@@ -27,6 +27,7 @@ from torch import nn
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext, PackedSegments
 from peft_mole.model_card import update_model_card
+from peft_mole.multijob.batching import row_ends
 from peft_mole.ops.dropout import Dropout, register_stream, set_stream_widths
 from peft_mole.ops.segmented_lora import constant_on
 from peft_mole.ops.stream_checkpoint import replay_streams_in_checkpoints
@@ -285,9 +286,7 @@ class MultiJobModel(MixLoRAModel):
         streams, widths = self.__dict__.get("_stream_ids") or {}, {}
         if (streams and self.training and names is not None and attention_mask is not None
                 and attention_mask.dim() == 2 and len(names) == attention_mask.shape[0]):
-            step = attention_mask.shape[1]
-            positions = torch.arange(1, step + 1, device=attention_mask.device)
-            ends = (attention_mask.bool() * positions).amax(dim=1).tolist()
+            step, ends = attention_mask.shape[1], row_ends(attention_mask).tolist()
             for name, end in zip(names, ends, strict=True):
                 if name in streams:
                     widths[streams[name]] = (step, max(end, widths.get(streams[name], (0, 0))[1]))

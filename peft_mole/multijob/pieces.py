@@ -15,15 +15,7 @@ and the stream ends where the uncut run leaves it: the run repeats exactly howev
 
 from __future__ import annotations
 
-import torch
-
-from peft_mole.multijob.batching import PIECE_ROWS
-
-
-def own_width(batch: dict) -> int:
-    """A right-padded micro-batch's own width: its longest row's last real token + 1 (a read-back on a GPU)."""
-    mask = batch["attention_mask"]
-    return int((mask.bool() * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax())
+from peft_mole.multijob.batching import PIECE_ROWS, row_ends
 
 
 class RoundStreams:
@@ -45,13 +37,13 @@ class RoundStreams:
             run.stream.set_state(self.starts[run.name][1])
 
     def layouts(self, parts: list[tuple]) -> dict[str, tuple[list[int], int, int]]:
-        """{job: (its rows' indices in the whole micro-batch, the whole's row count, the whole's `own_width`)} for
+        """{job: (its rows' indices in the whole micro-batch, the whole's row count, the whole's own width)} for
         the jobs whose part in `parts` is a piece (`MultiJobModel.drawing_pieces`); each whole's width is read once
         a round."""
         layouts = {}
         for run, batch in self._pieces(parts):
             whole = self.starts[run.name][0]
-            if run.name not in self.widths:
-                self.widths[run.name] = own_width(whole)
+            if run.name not in self.widths:  # its longest row's last real token + 1 (a read-back on a GPU)
+                self.widths[run.name] = int(row_ends(whole["attention_mask"]).max())
             layouts[run.name] = (batch[PIECE_ROWS].tolist(), whole["input_ids"].shape[0], self.widths[run.name])
         return layouts

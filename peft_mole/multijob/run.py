@@ -327,6 +327,12 @@ class JobRun:
         ckpt.prune_checkpoints(self.args.output_dir, self.args.save_total_limit)
         return final
 
+    def restore_account(self, state: dict) -> None:
+        """What the run summary counts (tokens, seconds, last loss) and the mixed step, from a saved `state_dict`."""
+        self.stats.tokens, self.stats.seconds = state.get("tokens", 0), state.get("seconds", 0.0)
+        self.stats.stepped, self.stats.last_loss = (self.stats.tokens, self.stats.seconds), state.get("last_loss")
+        self.mixed_step = state.get("mixed_step", 0)
+
     def load_checkpoint(self, path: str, load_adapter) -> None:
         """Restore from `save_checkpoint`'s folder (tensors only: `weights_only=True`)."""
         state = ckpt.read_json(os.path.join(path, ckpt.STATE_FILE))
@@ -344,10 +350,7 @@ class JobRun:
             self.stream.set_state(load_file(os.path.join(path, STREAM_FILE))["state"])
             self.mark_stream()
         self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
-        self.stats.tokens, self.stats.seconds = state["tokens"], state["seconds"]
-        self.stats.stepped = (state["tokens"], state["seconds"])
-        self.mixed_step = state.get("mixed_step", 0)
-        self.stats.last_loss = state["last_loss"]
+        self.restore_account(state)
         self.stats.best_eval_loss = state.get("best_eval_loss")
         self.stats.evals_without_improvement = state.get("evals_without_improvement", 0)
         self.window, self.window_pos, self._iterator = [], 0, None

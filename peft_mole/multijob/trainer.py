@@ -473,9 +473,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
             return
         root = output_dir or self.args.output_dir
         for job in self.jobs:
-            self.jobs_model.save_job(job.name, os.path.join(root, job.name))
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(os.path.join(root, job.name))
+            self._save_job_folder(job.name, os.path.join(root, job.name))
 
     def _summarise(self, runs: list[JobRun]) -> list[dict]:
         rows = summary_rows(runs)
