@@ -211,16 +211,25 @@ def take_rows(batch: dict, rows: list[int], length: int) -> dict:
     return piece
 
 
+def _take_tokens(batch: dict, part: slice) -> dict:
+    """Tokens `part` of a packed micro-batch; as `take_rows` does for rows, each token's index in the whole packed
+    micro-batch is kept under `PIECE_ROWS` (a packed batch's layers see each token as a row: `unit_view`)."""
+    piece = {key: value[:, part] for key, value in batch.items() if key in ("input_ids", "labels", "position_ids")}
+    whole = batch[PIECE_ROWS] if PIECE_ROWS in batch else torch.arange(batch["input_ids"].shape[1])
+    piece[PIECE_ROWS] = whole[part]
+    return piece
+
+
 def row_halves(batch: dict) -> tuple[dict, dict] | None:
     """A right-padded micro-batch's rows in two halves, each cut to its longest row; a packed one's sequences in two
-    halves of about equal tokens. None for one row (one sequence) or rows that cannot be cut apart (`row_lengths`)."""
+    halves of about equal tokens. Each half keeps its rows' (tokens') indices in the whole (`PIECE_ROWS`). None for
+    one row (one sequence) or rows that cannot be cut apart (`row_lengths`)."""
     if is_packed(batch):
         starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
         if len(starts) < 2 or starts[0] != 0:
             return None
         middle = min(starts[1:], key=lambda start: abs(2 * start - batch["input_ids"].shape[1]))
-        return tuple({key: value[:, part] for key, value in batch.items() if key in ("input_ids", "labels", "position_ids")}
-                     for part in (slice(0, middle), slice(middle, None)))
+        return tuple(_take_tokens(batch, part) for part in (slice(0, middle), slice(middle, None)))
     lengths = row_lengths(batch)
     if lengths is None or len(lengths) < 2:
         return None

@@ -205,14 +205,14 @@ class MultiJobModel(MixLoRAModel):
             return super().forward(*args, **kwargs)
 
     def _rows_set(self, context: ForwardContext, args: tuple, kwargs: dict) -> None:
-        self._set_stream_widths(context.row_adapters, kwargs.get("attention_mask"))
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
+        self._set_stream_widths(context.row_adapters, kwargs.get("attention_mask"), inputs)
         if not self.__dict__.get("_compiled_steps"):
             return
         names, context.row_jobs, context.segments = context.row_adapters, None, None
         if names is None:
             return
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
         packed = inputs is not None and context.names_per_token(*inputs.shape[:2])
         if inputs is None or (len(names) != inputs.shape[0] and not packed):
             rows = "no input_ids or inputs_embeds" if inputs is None else f"{tuple(inputs.shape[:2])} tokens"
@@ -277,23 +277,30 @@ class MultiJobModel(MixLoRAModel):
             outputs["aux_loss_per_adapter"] = per_adapter
 
     # ------------------------------------------------------------------ per-job randomness
-    def _set_stream_widths(self, names: list[str] | None, attention_mask: torch.Tensor | None) -> None:
+    def _set_stream_widths(self, names: list[str] | None, attention_mask: torch.Tensor | None, inputs) -> None:
         """Each job's own width in this padded training batch (the last real token of its rows, + 1), so its
         stream draws over that width only, whatever the length of the rows beside it, and, for a job whose rows are
-        a piece of a micro-batch, as for the whole micro-batch (`drawing_pieces`, `ops.dropout.stream_draw`).
-        Reads the mask's row ends back (on a GPU, one sync per training forward with job streams; and one copy of
-        a piece's row indices to the device)."""
+        a piece of a micro-batch, as for the whole micro-batch (`drawing_pieces`, `ops.dropout.stream_draw`; in a
+        packed row, whose layers see each token as a row of width 1, a piece's tokens). Reads the mask's row ends
+        back (on a GPU, one sync per training forward with job streams; and one copy of a piece's row indices to the
+        device)."""
         streams, widths = self.__dict__.get("_stream_ids") or {}, {}
-        if (streams and self.training and names is not None and attention_mask is not None
-                and attention_mask.dim() == 2 and len(names) == attention_mask.shape[0]):
-            step, ends = attention_mask.shape[1], row_ends(attention_mask).tolist()
+        if not (streams and self.training and names is not None):
+            set_stream_widths(widths)
+            return
+        step, device = 1, getattr(inputs, "device", None)  # packed: each token a row of width 1 (`unit_view`)
+        if attention_mask is not None and attention_mask.dim() == 2 and len(names) == attention_mask.shape[0]:
+            step, device, ends = attention_mask.shape[1], attention_mask.device, row_ends(attention_mask).tolist()
             for name, end in zip(names, ends, strict=True):
                 if name in streams:
                     widths[streams[name]] = (step, max(end, widths.get(streams[name], (0, 0))[1]))
-            for name, (rows, of_rows, width) in (self.__dict__.get("_pieces") or {}).items():
-                if name in streams and name in names:
-                    index = torch.tensor(rows, device=attention_mask.device)  # once a forward, not once a draw
-                    widths[streams[name]] = (step, width, index, of_rows)
+        elif attention_mask is not None:
+            names = ()
+        present = set(names)
+        for name, (rows, of_rows, width) in (self.__dict__.get("_pieces") or {}).items():
+            if name in streams and name in present:
+                index = torch.tensor(rows, device=device)  # once a forward, not once a draw
+                widths[streams[name]] = (step, width, index, of_rows)
         set_stream_widths(widths)
 
     @contextlib.contextmanager

@@ -4,7 +4,9 @@ when the micro-batch runs in one step.
 A plain-LoRA job's right-padded micro-batch may run in pieces: `JobScheduler.group_by_length` cuts it into rows of
 similar lengths (`step_overhead_tokens`, by measured step times under "auto"), and an out-of-memory retry runs it
 in two halves (`row_halves`). Both cut with `batching.take_rows`, which keeps each row's index r_i in the whole
-micro-batch (`PIECE_ROWS`). With the job's stream at state s_0 when its micro-batch's round begins, every piece
+micro-batch (`PIECE_ROWS`). A padding-free micro-batch's halves keep their tokens' indices: a packed row's layers
+see each token as a row of width 1, so the same rule holds with tokens for rows. With the job's stream at state s_0
+when its micro-batch's round begins, every piece
 
     restarts the stream at s_0 and takes rows [r_1, …, r_n] of the masks drawn for the whole (m, w, ...) batch
 
@@ -15,7 +17,7 @@ and the stream ends where the uncut run leaves it: the run repeats exactly howev
 
 from __future__ import annotations
 
-from peft_mole.multijob.batching import PIECE_ROWS, row_ends
+from peft_mole.multijob.batching import PIECE_ROWS, is_packed, row_ends
 
 
 class RoundStreams:
@@ -43,6 +45,9 @@ class RoundStreams:
         layouts = {}
         for run, batch in self._pieces(parts):
             whole = self.starts[run.name][0]
+            if is_packed(whole):  # its layers see each token as a row of width 1 (`ForwardContext.unit_view`)
+                layouts[run.name] = (batch[PIECE_ROWS].tolist(), whole["input_ids"].shape[1], 1)
+                continue
             if run.name not in self.widths:  # its longest row's last real token + 1 (a read-back on a GPU)
                 self.widths[run.name] = int(row_ends(whole["attention_mask"]).max())
             layouts[run.name] = (batch[PIECE_ROWS].tolist(), whole["input_ids"].shape[0], self.widths[run.name])

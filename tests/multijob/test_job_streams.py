@@ -165,3 +165,36 @@ def test_a_micro_batch_cut_into_steps_draws_each_row_as_it_does_whole(layers):
     stream.set_state(start)  # without it, the piece draws as a micro-batch of its own rows
     plain = cut_model(input_ids=piece_ids, attention_mask=piece_mask, adapter_names=names).logits
     assert (plain[:2, :own][real] - whole[[0, 2], :own][real]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("layers", ["eager", "per-row", "per-row-compiled"])
+def test_a_packed_micro_batch_cut_into_halves_draws_each_token_as_it_does_whole(layers):
+    """A LoRA job's padding-free micro-batch (one packed row of four sequences) run whole, then as two halves of
+    its sequences, each with `drawing_pieces` over its tokens' indices and the stream restarted: every token's
+    logits are those of the whole run (a packed row's layers see each token as a row of width 1; no cache, so the
+    attention is block-diagonal, as in training), and the stream
+    ends where the whole run left it. Without `drawing_pieces` a half draws other masks."""
+    whole_model, cut_model = _models(2)
+    if layers != "eager":
+        _per_row(cut_model, compiled=layers == "per-row-compiled")
+    lengths = [5, 9, 4, 7]
+    ids = torch.randint(3, 500, (1, sum(lengths)), generator=torch.Generator().manual_seed(5))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    stream = stream_generator(cut_model.__dict__["_stream_ids"]["a"])
+    start = stream.get_state()
+    names = ["a"] * ids.shape[1]
+    whole = whole_model(input_ids=ids, position_ids=positions, adapter_names=names, use_cache=False).logits
+    end = stream_generator(whole_model.__dict__["_stream_ids"]["a"]).get_state()
+    middle = lengths[0] + lengths[1]
+    for tokens in (range(0, middle), range(middle, ids.shape[1])):
+        part = slice(tokens.start, tokens.stop)
+        stream.set_state(start)
+        with cut_model.drawing_pieces({"a": (list(tokens), ids.shape[1], 1)}):
+            cut = cut_model(input_ids=ids[:, part], position_ids=positions[:, part], adapter_names=["a"] * len(tokens),
+                            use_cache=False)
+        torch.testing.assert_close(cut.logits, whole[:, part], rtol=1e-5, atol=1e-5)
+    assert torch.equal(stream.get_state(), end)
+    stream.set_state(start)  # without it, the half draws as a micro-batch of its own tokens
+    plain = cut_model(input_ids=ids[:, part], position_ids=positions[:, part], adapter_names=["a"] * len(tokens),
+                      use_cache=False)
+    assert (plain.logits - whole[:, part]).abs().max() > 1e-3

@@ -218,11 +218,15 @@ def test_per_job_evaluation_of_packed_batches_equals_padded(assets, tmp_path):
     assert [v for _, v in losses[True]] == pytest.approx([v for _, v in losses[False]], rel=1e-5)
 
 
-def test_packed_lora_job_out_of_memory_alone_is_retried_in_sequence_halves(assets, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_packed_lora_job_out_of_memory_alone_is_retried_in_sequence_halves(assets, tmp_path, monkeypatch, dropout):
+    """The halves give the uncut run's adapters; with dropout too: each half's tokens draw the masks they draw in the
+    whole packed micro-batch (`batching.row_halves` keeps their indices; before, the halves drew masks of their own
+    and the adapters differed by about 1e-3)."""
     tokenizer, datasets = assets
 
     def trainer_for(output_dir):
-        jobs = [JobConfig("a", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+        jobs = [JobConfig("a", LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=ALL_LINEAR),
                           datasets["sentiment"], per_device_train_batch_size=4),
                 JobConfig("b", mixlora(), datasets["capital"], per_device_train_batch_size=2)]
         trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
@@ -248,4 +252,5 @@ def test_packed_lora_job_out_of_memory_alone_is_retried_in_sequence_halves(asset
     for job in ("a", "b"):
         normal = load_file(tmp_path / "normal" / job / "adapter_model.safetensors")
         retried = load_file(tmp_path / "oom" / job / "adapter_model.safetensors")
-        assert max((normal[k] - retried[k]).abs().max().item() for k in normal) <= 1e-5, job
+        # 1.5e-5 measured with dropout (Adam's steps of 1e-3 on gradients summed in two parts); 3e-3 before
+        assert max((normal[k] - retried[k]).abs().max().item() for k in normal) <= 5e-5, job
