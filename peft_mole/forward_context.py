@@ -85,6 +85,19 @@ class PackedSegments:
         return PackedSegments(self.ends.to(device), order)
 
 
+def packed_real_tokens(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """(1, T) bool mask of a padding-free row's real tokens, or None where none is padding. TRL's padding-free
+    collator pads the packed row on the right (`pad_to_multiple_of`) with position id 0 and label -100, so each pad
+    reads as a sequence of one token: the tokens after the last one of position > 0 are padding (a real sequence
+    of one token there, which has no target, is not told apart). One read-back on a GPU."""
+    positions = position_ids[0]
+    index = torch.arange(positions.shape[0], device=positions.device)
+    last = int(torch.where(positions > 0, index, -1).max())
+    if last < 0 or last == positions.shape[0] - 1:
+        return None
+    return (index <= last)[None]
+
+
 @dataclass
 class ForwardContext:
     row_adapters: list[str] | None = None

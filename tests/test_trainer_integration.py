@@ -47,32 +47,62 @@ def test_sft_trainer_with_peft_config_trains_and_loss_goes_down(method, local_as
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+    assert all(h["aux_loss"] > 0 for h in trainer.state.log_history if "loss" in h)  # TRL logs the router aux loss
     for name, p in trainer.model.named_parameters():
         changed = not torch.equal(p, before[name])
         assert changed == p.requires_grad, name  # adapters moved, the base did not
 
 
+@pytest.mark.parametrize("loss_type", ["nll", "dft"])
 @pytest.mark.parametrize("method", ["mixlora", "dynmole"])
-def test_sft_trainer_loss_includes_the_router_aux_loss(method, local_assets, tmp_path):
+def test_sft_trainer_loss_includes_the_router_aux_loss(method, loss_type, local_assets, tmp_path):
+    """SFTTrainer adds `outputs.aux_loss` to its LM loss as it does a Mixture-of-Experts model's (the adapter
+    declares it in the base's config), for both loss types, and the fused head's log-probabilities stay the
+    model's. Before, the aux loss was subtracted from every target token's log-probability: under DFT, which
+    weights each token's term by its probability, it all but vanished (router gradient about 300x too small)."""
     tokenizer, dataset = local_assets
     base = tiny_base(vocab_size=len(tokenizer))
     big = dict(router_aux_loss_coef=0.7) if method == "mixlora" else dict(entropy_loss_coef=0.7)
     config = METHODS[method](r=8, **big)
     trainer = SFTTrainer(
-        model=base, args=sft_args(tmp_path, gradient_checkpointing=False), train_dataset=dataset,
+        model=base, args=sft_args(tmp_path, gradient_checkpointing=False, loss_type=loss_type), train_dataset=dataset,
         processing_class=tokenizer, peft_config=config,
     )
+    assert trainer.aux_loss_enabled
     inputs = next(iter(trainer.get_train_dataloader()))
     model = trainer.model
     model.train()
     loss = trainer.compute_loss(model, dict(inputs))
     out = model(**inputs)  # the model's own loss: LM loss (logits path) + aux
     assert out.aux_loss > 0.5  # 0.7 x load balance (≥ 1 - a bit with random routing) is not negligible
-    torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=1e-5)
-    lm_only = torch.nn.functional.cross_entropy(
-        out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), inputs["labels"][:, 1:].reshape(-1), ignore_index=-100
-    )
+    labels = inputs["labels"][:, 1:]
+    target = labels != -100
+    log_probs = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    per_token = -log_probs * (log_probs.exp() if loss_type == "dft" else 1.0)
+    lm_only = per_token[target].sum() / target.sum()
     torch.testing.assert_close(loss, lm_only + out.aux_loss, atol=1e-5, rtol=1e-5)
+    if loss_type == "nll":
+        torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=1e-5)
+    fused = model(**inputs, fused_lm_head=True, use_cache=False)
+    torch.testing.assert_close(fused.log_probs[target], log_probs[target], atol=1e-5, rtol=1e-5)
+    (router_grad,) = torch.autograd.grad(loss, [p for n, p in model.named_parameters() if "router" in n][:1])
+    (lm_grad,) = torch.autograd.grad(lm_only, [p for n, p in model.named_parameters() if "router" in n][:1])
+    assert (router_grad - lm_grad).norm() > 0.1 * router_grad.norm()  # the aux loss reaches the routers
+    off = SFTTrainer(model=model, args=sft_args(tmp_path, router_aux_loss_coef=0.0, loss_type=loss_type),
+                     train_dataset=dataset, processing_class=tokenizer)
+    torch.testing.assert_close(off.compute_loss(model, dict(inputs)), lm_only, atol=1e-5, rtol=1e-5)
+
+
+def test_unload_leaves_the_base_config_as_it_was(local_assets):
+    """The router aux loss is declared to TRL in the base's config (`output_router_logits`,
+    `router_aux_loss_coef`); `unload()` gives the base back without them."""
+    base = tiny_base()
+    before = base.config.to_dict()
+    model = get_peft_model(base, METHODS["mixlora"]())
+    assert base.config.router_aux_loss_coef == 1.0 and base.config.output_router_logits is False
+    ids, mask, _ = batch(2, 6)
+    model(input_ids=ids, attention_mask=mask, output_router_logits=True)  # TRL's keyword: taken, not passed on
+    assert model.unload().config.to_dict() == before
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -113,22 +143,29 @@ def test_plain_trainer_with_gradient_accumulation(local_assets, tmp_path):
 @pytest.mark.parametrize("method", METHODS)
 def test_sft_trainer_padding_free_trains_as_padded(method, local_assets, tmp_path):
     """TRL's padding_free=True (rows packed into one, position ids restarting): the experts, the router losses and
-    the LM loss see each sequence as in a padded batch, so the adapter ends as with padding."""
+    the LM loss see each sequence as in a padded batch, so the adapter ends as with padding. Also with
+    `pad_to_multiple_of`, whose pads (position 0, no attention mask) do not count in the router losses
+    (`forward_context.packed_real_tokens`; before, they did: gradients off by 1.5e-2)."""
     tokenizer, dataset = local_assets
     trained = {}
-    for padding_free in (False, True):
+    for padding_free, multiple in ((False, None), (True, None), (True, 64)):
         model = get_peft_model(tiny_base(vocab_size=len(tokenizer)), METHODS[method](r=8, lora_alpha=16))
         randomize_adapters(model)
         initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         # fp32 (bf16 autocast rounds the two layouts differently) and SGD (Adam's first steps turn float noise in
         # near-zero gradients into lr-sized moves)
         args = sft_args(tmp_path, max_steps=3, padding_free=padding_free, max_length=None, bf16=False, optim="sgd",
-                        learning_rate=0.5)
+                        learning_rate=0.5, pad_to_multiple_of=multiple)
         trainer = SFTTrainer(model=model, train_dataset=dataset, processing_class=tokenizer, args=args)
         if padding_free:
-            assert "attention_mask" not in next(iter(trainer.get_train_dataloader()))
+            first = next(iter(trainer.get_train_dataloader()))
+            assert "attention_mask" not in first
+            assert (first["position_ids"][0, -2:] == 0).all() == (multiple is not None)  # trailing pads
         trainer.train()
-        trained[padding_free] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert max((trained[False][n] - initial[n]).abs().max().item() for n in initial) > 1e-3
-    for name, value in trained[True].items():
-        torch.testing.assert_close(value, trained[False][name], atol=1e-5, rtol=0, msg=name)
+        trained[padding_free, multiple] = {n: p.detach().clone() for n, p in model.named_parameters()
+                                           if p.requires_grad}
+    padded = trained[False, None]
+    assert max((padded[n] - initial[n]).abs().max().item() for n in initial) > 1e-3
+    for layout in ((True, None), (True, 64)):
+        for name, value in trained[layout].items():
+            torch.testing.assert_close(value, padded[name], atol=1e-5, rtol=0, msg=(layout, name))

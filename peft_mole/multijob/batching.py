@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from peft_mole.forward_context import packed_real_tokens
+
 
 @dataclass
 class MixedBatch:
@@ -61,6 +63,19 @@ def is_packed(batch: dict) -> bool:
     ids, positions = batch.get("input_ids"), batch.get("position_ids")
     return (batch.get("attention_mask") is None and isinstance(positions, torch.Tensor) and isinstance(ids, torch.Tensor)
             and ids.dim() == 2 and ids.shape[0] == 1 and positions.shape == ids.shape)
+
+
+def strip_padding(batch: dict) -> dict:
+    """A padding-free micro-batch without the pads TRL's collator appends for `pad_to_multiple_of` (position id 0,
+    label -100, after the last token of position > 0: `forward_context.packed_real_tokens`), so that a mixed step's
+    packed row holds real tokens only, wherever a job's part lies in it. Other batches are returned as they are."""
+    if not is_packed(batch):
+        return batch
+    real = packed_real_tokens(batch["position_ids"])
+    if real is None:
+        return batch
+    end = int(real.sum())
+    return {key: batch[key][:, :end] for key in ("input_ids", "labels", "position_ids") if key in batch}
 
 
 def packed_mixed_batch(parts: dict[str, dict[str, torch.Tensor]]) -> MixedBatch:

@@ -107,6 +107,8 @@ class MultiJobModel(MixLoRAModel):
     """
 
     prefix = _INTERNAL_PREFIX
+    declares_router_aux_loss = False  # each job's loss adds its own aux loss (`per_job_losses`)
+    packed_rows_may_end_in_padding = False  # the trainer cuts each job's padding off before mixing (`strip_padding`)
 
     def __init__(self, model: nn.Module, configs: dict[str, PeftConfig]) -> None:
         if not configs:

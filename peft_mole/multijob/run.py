@@ -20,6 +20,7 @@ from accelerate.data_loader import skip_first_batches
 from safetensors.torch import load_file, save_file
 
 from peft_mole.multijob import checkpoint as ckpt
+from peft_mole.multijob.batching import strip_padding
 from peft_mole.multijob.memory import adapter_memory_kind
 
 WAITING, RUNNING, DONE, FAILED, STOPPED = "waiting", "running", "done", "failed", "stopped_early"
@@ -125,7 +126,7 @@ class JobRun:
         if self._iterator is None:
             self._start_epoch(self.batches_done)
         n = min(self.args.gradient_accumulation_steps, self.batches_per_epoch - self.batches_done)
-        self.window = [next(self._iterator) for _ in range(n)]
+        self.window = [strip_padding(next(self._iterator)) for _ in range(n)]  # (a packed row's trailing pads)
         self.batches_done += n
         # this process's count; the trainer sums it over processes once every process has its window (a collective
         # here would be skipped by a process whose data raised, and the processes' collectives would fall out of step)

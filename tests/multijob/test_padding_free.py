@@ -254,3 +254,30 @@ def test_packed_lora_job_out_of_memory_alone_is_retried_in_sequence_halves(asset
         retried = load_file(tmp_path / "oom" / job / "adapter_model.safetensors")
         # 1.5e-5 measured with dropout (Adam's steps of 1e-3 on gradients summed in two parts); 3e-3 before
         assert max((normal[k] - retried[k]).abs().max().item() for k in normal) <= 5e-5, job
+
+
+def test_pads_of_pad_to_multiple_of_are_cut_off_before_mixing(assets, tmp_path):
+    """TRL's padding-free collator with `pad_to_multiple_of` appends pads (position 0, label -100) to each job's
+    packed micro-batch; they are cut off before the jobs' rows are concatenated (`batching.strip_padding`), so
+    they neither sit between two jobs' tokens nor count in a MixLoRA job's router losses: the adapters equal
+    those of the run without them."""
+    tokenizer, datasets = assets
+
+    def trained(output_dir, multiple):
+        jobs = [JobConfig("a", mixlora(), datasets["sentiment"], per_device_train_batch_size=3),
+                JobConfig("b", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=ALL_LINEAR),
+                          datasets["capital"], per_device_train_batch_size=2)]
+        trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                                  args=run_args(output_dir, padding_free=True, max_length=None, max_steps=2,
+                                                pad_to_multiple_of=multiple))
+        randomize_adapters(trainer.jobs_model, seed=4)
+        trainer.train()
+        return trainer.data_collator([trainer.job_datasets["a"][i] for i in range(3)])
+
+    padded = trained(tmp_path / "pads", 64)
+    assert padded["input_ids"].shape[1] == 64 and (padded["position_ids"][0, -2:] == 0).all()  # pads there are
+    assert trained(tmp_path / "plain", None)["input_ids"].shape[1] < 64
+    for job in ("a", "b"):
+        plain = load_file(tmp_path / "plain" / job / "adapter_model.safetensors")
+        pads = load_file(tmp_path / "pads" / job / "adapter_model.safetensors")
+        assert max((plain[k] - pads[k]).abs().max().item() for k in plain) <= 1e-6, job

@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from peft_mole.diagnostics import RouterStats, router_stats
-from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord
+from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord, packed_real_tokens
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
 from peft_mole.tuners.load_checks import base_shape, check_base_shape
 from peft_mole.tuners.mixlora.attention import LoraLinear
@@ -44,7 +44,8 @@ class MixLoRAModel(BaseTuner):
     """Tuner for `MixLoRAConfig`: wraps gated MLP blocks in `MixLoRAMLP` and attention projections in `LoraLinear`.
 
     Its forward adds the router auxiliary loss to `outputs.loss` when labels are given (and exposes it as
-    `outputs.aux_loss`), so `transformers.Trainer` and TRL's `SFTTrainer` train it with no special trainer.
+    `outputs.aux_loss`), so `transformers.Trainer` trains it with no special trainer; TRL's `SFTTrainer` adds
+    `outputs.aux_loss` as it does a Mixture-of-Experts model's (`_declare_router_aux_loss`).
     `adapter_names=[one name per row]` in forward/generate runs rows of different adapters in one pass.
 
     Example:
@@ -57,6 +58,8 @@ class MixLoRAModel(BaseTuner):
     attention_layer_cls = LoraLinear
     tuner_layer_cls = (LoraLinear, MixLoRAMLP, MoELoraLinear)
     target_module_mapping: dict[str, list[str]] = {}
+    declares_router_aux_loss = True  # to TRL, in the base's config (`_declare_router_aux_loss`)
+    packed_rows_may_end_in_padding = True  # a padding-free row's trailing pads do not count (`packed_real_tokens`)
 
     # ------------------------------------------------------------------ injection
     def _context(self) -> ForwardContext:
@@ -78,6 +81,34 @@ class MixLoRAModel(BaseTuner):
             peft_config.base_model_shape = base_shape(model)
         scope = getattr(peft_config, "router_scope", "block")
         self.__dict__["_targets"] = find_targets(model, peft_config, scope, self.mlp_layer_cls)
+        if self.declares_router_aux_loss:
+            self._declare_router_aux_loss(model)
+
+    def _declare_router_aux_loss(self, model: nn.Module) -> None:
+        """Declare the router aux loss where TRL looks for a Mixture-of-Experts model's: the base's text config gets
+        `output_router_logits` and `router_aux_loss_coef = 1.0` (`outputs.aux_loss` already holds the adapter
+        config's coefficients). SFTTrainer then adds router_aux_loss_coef · `outputs.aux_loss` to the loss it
+        computes from its fused LM head, for every `loss_type`, logs it as `aux_loss`, and
+        `SFTConfig(router_aux_loss_coef=...)` scales it (0.0 turns it off). SFTTrainer also sets
+        `output_router_logits = True`, which would make its fused head compute a native MoE base's load-balance loss
+        from router logits a dense base has not: the forward sets it back to False (and takes the keyword TRL
+        passes). `unload()` removes both attributes; a config that has them already (a native MoE base) is left as
+        it is."""
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if text is None or hasattr(text, "output_router_logits") or "_declared_aux_config" in self.__dict__:
+            return
+        text.output_router_logits = False  # TRL sets it to whether it adds the aux loss
+        text.router_aux_loss_coef = 1.0
+        self.__dict__["_declared_aux_config"] = text
+
+    def unload(self, *args, **kwargs):
+        """The base model without the adapters, its config as it was (`_declare_router_aux_loss`)."""
+        text = self.__dict__.pop("_declared_aux_config", None)
+        for name in ("output_router_logits", "router_aux_loss_coef"):
+            if text is not None and hasattr(text, name):
+                delattr(text, name)
+        return super().unload(*args, **kwargs)
 
     def _check_target_module_exists(self, peft_config, key: str) -> bool:
         return key in self.__dict__.get("_targets", {})
@@ -148,11 +179,19 @@ class MixLoRAModel(BaseTuner):
                 self._check_adapter_names(adapter_names)
             context.set_row_adapters(adapter_names)
         context.rows_set_by_hook = False
+        declared = self.__dict__.get("_declared_aux_config")
+        if declared is not None:  # TRL's request for the aux loss it adds: answered here, not by the dense base
+            kwargs.pop("output_router_logits", None)
+            declared.output_router_logits = False
         self._rows_set(context, args, kwargs)
         labels = kwargs.get("labels")
         attention_mask = kwargs.get("attention_mask")
         context.token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         context.records = [] if (self.training or labels is not None) else None
+        positions = kwargs.get("position_ids")
+        if (context.records is not None and attention_mask is None and self.packed_rows_may_end_in_padding
+                and isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[0] == 1):
+            context.token_mask = packed_real_tokens(positions)  # padding-free with `pad_to_multiple_of`
         try:
             outputs = self.model(*args, **kwargs)
             records = context.records
@@ -191,9 +230,9 @@ class MixLoRAModel(BaseTuner):
         """outputs.loss += aux · n/N, with n this micro-batch's target tokens and N = num_items_in_batch (else n).
 
         Under gradient accumulation the LM loss is Σ_micro Σ_token loss / N, so weighting each micro-batch's aux
-        loss by n/N makes the accumulated aux term a token-weighted mean that sums to one aux loss.
-        TRL's SFTTrainer computes its loss from `outputs.log_probs` (its fused LM head) as −Σ log_probs / N:
-        subtracting aux from each target token's log-prob makes that LM + aux · n/N as well.
+        loss by n/N makes the accumulated aux term a token-weighted mean that sums to one aux loss. TRL's
+        SFTTrainer computes its loss from `outputs.log_probs` (its fused LM head), which stay the model's
+        log-probabilities, and adds `outputs.aux_loss` itself (`_declare_router_aux_loss`).
         """
         aux, per_adapter = router_aux_loss(records, self.peft_config)
         # kept detached for `router_stats()`, computed only when asked (it needs host syncs)
@@ -206,17 +245,12 @@ class MixLoRAModel(BaseTuner):
         outputs["aux_loss"] = aux
         outputs["aux_loss_per_adapter"] = per_adapter  # {adapter: its aux loss over its own rows}, with grad
         label_mask = outputs.get("label_mask")
-        if outputs.get("log_probs") is not None and label_mask is not None:
-            n = label_mask.sum()
-        else:
-            n = _count_targets(labels, shift_labels)
+        n = label_mask.sum() if label_mask is not None else _count_targets(labels, shift_labels)
         if outputs.get("loss") is None or n is None:
             return
         n = n.clamp(min=1).to(aux.dtype)
         denominator = n if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(n)
         outputs["loss"] = outputs["loss"] + aux * (n / denominator)
-        if outputs.get("log_probs") is not None and label_mask is not None:
-            outputs["log_probs"] = outputs["log_probs"] - aux * label_mask.to(aux.dtype)
 
     # ------------------------------------------------------------------ merging / unloading
     def _replace_module(self, parent, child_name, new_module, child) -> None:
