@@ -31,6 +31,7 @@ from peft_mole.multijob.batching import row_ends
 from peft_mole.ops.dropout import Dropout, register_stream, set_stream_widths
 from peft_mole.ops.segmented_lora import constant_on
 from peft_mole.ops.stream_checkpoint import replay_streams_in_checkpoints
+from peft_mole.tuners.aux_outputs import with_fields
 from peft_mole.tuners.dynmole.config import DynMoLEConfig
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
 from peft_mole.tuners.mixlora.attention import LoraLinear
@@ -265,7 +266,7 @@ class MultiJobModel(MixLoRAModel):
         if layer is not target:
             setattr(parent, target_name, layer)
 
-    def _attach_aux_loss(self, outputs, records, labels, shift_labels, num_items_in_batch) -> None:
+    def _attach_aux_loss(self, outputs, records, labels, shift_labels, num_items_in_batch):
         """Expose {job: aux loss} only; each job's loss adds its own term (MultiJobTrainer, `per_job_losses`). Jobs
         without rows in the call are left out (a compiled step's MixLoRA blocks record every job, masked)."""
         names = self._context().row_adapters
@@ -275,8 +276,8 @@ class MultiJobModel(MixLoRAModel):
         aux, per_adapter = router_aux_loss(records, self.peft_config)
         self.__dict__["last_aux_loss"] = {k: v.detach() for k, v in per_adapter.items()}
         if hasattr(outputs, "keys"):
-            outputs["aux_loss"] = aux
-            outputs["aux_loss_per_adapter"] = per_adapter
+            outputs = with_fields(outputs, aux_loss=aux, aux_loss_per_adapter=per_adapter)
+        return outputs
 
     # ------------------------------------------------------------------ per-job randomness
     def _set_stream_widths(self, names: list[str] | None, attention_mask: torch.Tensor | None, inputs) -> None:

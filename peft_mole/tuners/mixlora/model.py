@@ -11,6 +11,7 @@ from torch import nn
 
 from peft_mole.diagnostics import RouterStats, router_stats
 from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord, packed_real_tokens
+from peft_mole.tuners.aux_outputs import with_fields
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
 from peft_mole.tuners.load_checks import base_shape, check_base_shape
 from peft_mole.tuners.mixlora.attention import LoraLinear
@@ -199,7 +200,8 @@ class MixLoRAModel(BaseTuner):
             context.records = None
         if records:
             self._check_router_gradients(records)
-            self._attach_aux_loss(outputs, records, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"))
+            outputs = self._attach_aux_loss(outputs, records, labels, kwargs.get("shift_labels"),
+                                            kwargs.get("num_items_in_batch"))
         return outputs
 
     def _rows_set(self, context: ForwardContext, args: tuple, kwargs: dict) -> None:
@@ -226,8 +228,9 @@ class MixLoRAModel(BaseTuner):
             for r in records
         }
 
-    def _attach_aux_loss(self, outputs, records, labels, shift_labels, num_items_in_batch) -> None:
-        """outputs.loss += aux · n/N, with n this micro-batch's target tokens and N = num_items_in_batch (else n).
+    def _attach_aux_loss(self, outputs, records, labels, shift_labels, num_items_in_batch):
+        """The outputs with the aux loss (`aux_loss`, `aux_loss_per_adapter`), and outputs.loss += aux · n/N, with n
+        this micro-batch's target tokens and N = num_items_in_batch (else n).
 
         Under gradient accumulation the LM loss is Σ_micro Σ_token loss / N, so weighting each micro-batch's aux
         loss by n/N makes the accumulated aux term a token-weighted mean that sums to one aux loss. TRL's
@@ -241,16 +244,18 @@ class MixLoRAModel(BaseTuner):
         ]
         self.__dict__["last_aux_loss"] = {k: v.detach() for k, v in per_adapter.items()}
         if not hasattr(outputs, "keys"):
-            return  # return_dict=False: a plain tuple; use return_dict=True (the default) to get the aux loss
-        outputs["aux_loss"] = aux
-        outputs["aux_loss_per_adapter"] = per_adapter  # {adapter: its aux loss over its own rows}, with grad
+            return outputs  # return_dict=False: a plain tuple; use return_dict=True (the default) to get the aux loss
+        # per adapter: {adapter: its aux loss over its own rows}, with grad; fields of the output's class, so that
+        # DDP can rebuild it (`aux_outputs`)
+        outputs = with_fields(outputs, aux_loss=aux, aux_loss_per_adapter=per_adapter)
         label_mask = outputs.get("label_mask")
         n = label_mask.sum() if label_mask is not None else _count_targets(labels, shift_labels)
         if outputs.get("loss") is None or n is None:
-            return
+            return outputs
         n = n.clamp(min=1).to(aux.dtype)
         denominator = n if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(n)
         outputs["loss"] = outputs["loss"] + aux * (n / denominator)
+        return outputs
 
     # ------------------------------------------------------------------ merging / unloading
     def _replace_module(self, parent, child_name, new_module, child) -> None:
