@@ -38,6 +38,16 @@ def every_process(accelerator, flags: list[bool]) -> list[bool]:
     return [bool(v >= accelerator.num_processes) for v in total.tolist()]
 
 
+def gather_rows(accelerator, row: torch.Tensor) -> torch.Tensor:
+    """(processes, *row.shape) on the host: every process's `row` (of one shape and dtype everywhere), in process
+    order; in one process, `row` alone."""
+    if not is_distributed(accelerator):
+        return row.unsqueeze(0)
+    from accelerate.utils import gather
+
+    return gather(row.to(accelerator.device).unsqueeze(0)).cpu()
+
+
 def reduce_gradients(accelerator, params: list[torch.nn.Parameter], extra: list[float], mean: bool) -> list[float]:
     """Sum (or average) the gradients of `params` and the numbers `extra` over processes, in one collective."""
     if not is_distributed(accelerator):

@@ -36,7 +36,8 @@ class JobLifecycle:
                 continue
             path = ckpt.latest_checkpoint(run.args.output_dir)
             if path is not None:
-                run.load_checkpoint(path, lambda d, name=run.name: self.jobs_model.load_job(name, d))
+                run.load_checkpoint(path, lambda d, name=run.name: self.jobs_model.load_job(name, d),
+                                    (self.accelerator.process_index, self.accelerator.num_processes))
                 logger.info("job %s resumes from %s", run.name, path)
             else:  # (Trainer raises here; a restarted preemptible run may not have saved yet)
                 logger.warning("job %s has no checkpoint in %s: it starts from the beginning", run.name,
@@ -48,11 +49,13 @@ class JobLifecycle:
         if all(run.finished for run in runs):  # the flow callback's stop after the last step
             return
         unfinished = [run for run in runs if not run.finished and run.global_step > 0]
+        states = [self._stream_states(run) for run in unfinished]  # (a collective: on every process)
         if self.is_world_process_zero():
-            for run in unfinished:  # whole, even with `save_only_model`: these are there to resume from
-                run.save_checkpoint(lambda d, name=run.name: self.jobs_model.save_job(name, d), model_only=False)
-        logger.warning("training stopped by a callback at step %d; unfinished jobs checkpointed: %s",
-                       self.state.global_step, [run.name for run in unfinished])
+            for run, stream_states in zip(unfinished, states, strict=True):  # whole, even with `save_only_model`
+                run.save_checkpoint(lambda d, name=run.name: self.jobs_model.save_job(name, d), model_only=False,
+                                    stream_states=stream_states)
+            logger.warning("training stopped by a callback at step %d; unfinished jobs checkpointed: %s",
+                           self.state.global_step, [run.name for run in unfinished])
 
     def _finish(self, run: JobRun, status: str = DONE) -> None:
         if run.finished:

@@ -81,6 +81,7 @@ class JobRun:
         self.items_pending = False  # a new window whose N_j is not yet summed over processes
         self.window_pos = 0
         self.window_loss = 0.0  # Σ of the window's micro-batch losses = the job's loss for this optimizer step
+        self.window_tokens = 0  # this process's target tokens trained in the window (summed over processes at its step)
         self.stats = JobStats()
         self._iterator = None
         self.last_grad_norm: float | None = None
@@ -183,6 +184,11 @@ class JobRun:
         """Note the stream's state as of now, the last optimizer step: what a checkpoint keeps (the draws of a
         window begun since are drawn again when a resumed run trains that window again)."""
         self._stream_at_step = None if self.stream is None else self.stream.get_state()
+
+    def stream_state(self) -> torch.Tensor | None:
+        """The stream's state as of the last optimizer step (`mark_stream`), on this process: each process draws
+        over its own rows, so the processes' states differ (`save_checkpoint` keeps every process's)."""
+        return self._stream_at_step
 
     def zero_grad(self) -> None:
         for p in self.params.values():
@@ -306,10 +312,13 @@ class JobRun:
             "saved_at": time.time(),
         }
 
-    def save_checkpoint(self, save_adapter, model_only: bool | None = None) -> str:
+    def save_checkpoint(self, save_adapter, model_only: bool | None = None,
+                        stream_states: torch.Tensor | None = None) -> str:
         """Write `output_dir/<job>/checkpoint-<step>/` atomically: adapter, optimizer, scheduler, position and the
-        state of the job's random stream (`STREAM_FILE`), so that resume draws the masks the run would have.
-        `model_only` (default: `save_only_model`): the adapter and the position only, which resume refuses."""
+        state of the job's random stream (`STREAM_FILE`), so that resume draws the masks the run would have:
+        `stream_states` (processes, state size) holds every process's (`distributed.gather_rows`), else this
+        process's alone is kept. `model_only` (default: `save_only_model`): the adapter and the position only,
+        which resume refuses."""
         final = os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
 
         def write(tmp: str) -> None:
@@ -321,7 +330,9 @@ class JobRun:
             torch.save(state if self.flat is None else self.flat.per_tensor_state(state), os.path.join(tmp, "optimizer.pt"))
             torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             if self.stream is not None:  # where its dropout masks and jitter go on, as of its last step
-                save_file({"state": self._stream_at_step}, os.path.join(tmp, STREAM_FILE))
+                states = self._stream_at_step[None] if stream_states is None else stream_states
+                save_file({"state": states[0].clone(), "per_process": states.clone()},
+                          os.path.join(tmp, STREAM_FILE))
             ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), self.state_dict())  # last: marks it complete
 
         ckpt.write_atomically(final, write)
@@ -334,8 +345,10 @@ class JobRun:
         self.stats.stepped, self.stats.last_loss = (self.stats.tokens, self.stats.seconds), state.get("last_loss")
         self.mixed_step = state.get("mixed_step", 0)
 
-    def load_checkpoint(self, path: str, load_adapter) -> None:
-        """Restore from `save_checkpoint`'s folder (tensors only: `weights_only=True`)."""
+    def load_checkpoint(self, path: str, load_adapter, process: tuple[int, int] = (0, 1)) -> None:
+        """Restore from `save_checkpoint`'s folder (tensors only: `weights_only=True`). `process`: (this process's
+        index, the number of processes); a checkpoint written by as many processes gives each its own stream
+        state, else every process takes process 0's (with another number of processes the shards differ too)."""
         state = ckpt.read_json(os.path.join(path, ckpt.STATE_FILE))
         if state.get("model_only"):
             raise ValueError(
@@ -348,7 +361,11 @@ class JobRun:
         self.optimizer.load_state_dict(optimizer_state if self.flat is None else self.flat.flat_state(optimizer_state))
         self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
         if self.stream is not None and os.path.exists(os.path.join(path, STREAM_FILE)):
-            self.stream.set_state(load_file(os.path.join(path, STREAM_FILE))["state"])
+            saved = load_file(os.path.join(path, STREAM_FILE))
+            states = saved.get("per_process")
+            index, count = process
+            own = states[index].clone() if states is not None and len(states) == count else saved["state"]
+            self.stream.set_state(own)  # (a row of `states` is a view, whose storage offset set_state ignores)
             self.mark_stream()
         self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
         self.restore_account(state)

@@ -405,12 +405,16 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
         self.step_cost.observe(mixed.input_ids.numel(), seconds)
         for run in good:
             run.stats.seconds += seconds * mixed.share(run.name)
-            run.stats.tokens += int(read[run.name][1])
+            run.window_tokens += int(read[run.name][1])
             self._round_losses[run.name] = self._round_losses.get(run.name, 0.0) + read[run.name][0]
 
     def _job_step(self, run: JobRun) -> None:
         mean = not self.args.average_tokens_across_devices
-        (run.window_loss,) = dist.reduce_gradients(self.accelerator, run.stepped_tensors(), [run.window_loss], mean=mean)
+        run.window_loss, tokens = dist.reduce_gradients(self.accelerator, run.stepped_tensors(),
+                                                        [run.window_loss, float(run.window_tokens)], mean=mean)
+        # the window's target tokens over all processes (the run summary's count)
+        run.stats.tokens += round(tokens * (self.accelerator.num_processes if mean else 1))
+        run.window_tokens = 0
         run.optimizer_step()
         run.stats.last_loss, run.stats.stepped = run.window_loss, (run.stats.tokens, run.stats.seconds)
         run.mixed_step = self.state.global_step
@@ -429,13 +433,21 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
             run.stats.losses = []
             self.log(logs)
         stop_early = run.name in self.job_eval_datasets and run.should_evaluate() and self._evaluate_job(run)
-        if run.should_save() and self.is_world_process_zero():
-            run.save_checkpoint(lambda d: self.jobs_model.save_job(run.name, d))
-            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        if run.should_save():
+            states = self._stream_states(run)  # (a collective: on every process)
+            if self.is_world_process_zero():
+                run.save_checkpoint(lambda d: self.jobs_model.save_job(run.name, d), stream_states=states)
+                self.control = self.callback_handler.on_save(self.args, self.state, self.control)
         if stop_early:
             self._finish(run, STOPPED)
         elif run.global_step >= run.max_steps:
             self._finish(run)
+
+    def _stream_states(self, run: JobRun) -> torch.Tensor | None:
+        """Every process's state of the job's random stream as of its last step, for its checkpoint (a collective:
+        each process draws over its own rows, so a resumed process must take its own state back)."""
+        state = run.stream_state()
+        return None if state is None else dist.gather_rows(self.accelerator, state)
 
     # ------------------------------------------------------------------ memory
     def _profile_memory(self, runs: list[JobRun]) -> None:

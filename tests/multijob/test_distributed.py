@@ -3,6 +3,7 @@ run that sees the same global batches (per-device batch x 2)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 SCRIPT = textwrap.dedent('''
@@ -122,6 +124,10 @@ def test_two_processes_match_one_process(tmp_path, padding_free):
         b = load_file(tmp_path / "two" / job / "adapter_model.safetensors")
         assert a.keys() == b.keys()
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5, job
+    # the run summary counts every process's target tokens (before: process 0's shard only, half of them)
+    tokens = [{row["job"]: row["tokens"] for row in json.loads((tmp_path / run / "jobs_summary.json").read_text())["jobs"]}
+              for run in ("one", "two")]
+    assert tokens[0] == tokens[1] and min(tokens[0].values()) > 0, tokens
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
@@ -182,3 +188,57 @@ def test_two_processes_agree_on_a_budget_and_average_per_process_token_means(tmp
         a = load_file(tmp_path / "one" / job / "adapter_model.safetensors")
         b = load_file(tmp_path / "two" / job / "adapter_model.safetensors")
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5, job
+
+
+RESUME_SCRIPT = textwrap.dedent('''
+    import os, sys
+    sys.path.insert(0, {root!r})
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig
+    from peft_mole import JobConfig, MultiJobTrainer, synthetic
+    from tests.helpers import tiny_base
+
+    out, phase = sys.argv[1], sys.argv[2]
+    tokenizer = synthetic.demo_tokenizer()
+    rows = synthetic.multitask_rows(32, tasks=("sentiment",))
+    # rows of several lengths: each process's micro-batches have their own width, so its stream draws its own count
+    data = Dataset.from_list([{{"prompt": r["prompt"] + " please" * (i % 5), "completion": r["completion"]}}
+                              for i, r in enumerate(rows)])
+    job = JobConfig("drop", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
+                    data, per_device_train_batch_size=2)
+    args = SFTConfig(output_dir=out, max_steps=4, learning_rate=1e-2, bf16=False, use_cpu=True, report_to=[],
+                     save_strategy="steps", save_steps=1, max_length=40, gradient_checkpointing=False,
+                     disable_tqdm=True, seed=0)
+
+    class StopAfterTwo(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job], args=args,
+                              processing_class=tokenizer, callbacks=[StopAfterTwo()] if phase == "stop" else None)
+    trainer.train(resume_from_checkpoint=True if phase == "resume" else None)
+''')
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
+def test_resume_under_two_processes_gives_each_process_its_own_stream_back(tmp_path):
+    """With dropout each process draws over its own rows, so the processes' random streams differ; a checkpoint
+    keeps every process's state and resume gives each its own (before: process 0's to all, and the resumed run
+    ended 1e-2 away from the uninterrupted one)."""
+    script = tmp_path / "train.py"
+    script.write_text(RESUME_SCRIPT.format(root=os.getcwd()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"]
+    for out, phase in (("full", "full"), ("cut", "stop"), ("cut", "resume")):
+        done = subprocess.run(launch + [str(_free_port()), str(script), str(tmp_path / out), phase],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    streams = load_file(tmp_path / "cut" / "drop" / "checkpoint-2" / "random_stream.safetensors")
+    assert streams["per_process"].shape[0] == 2 and not torch.equal(*streams["per_process"])
+    full = load_file(tmp_path / "full" / "drop" / "adapter_model.safetensors")
+    cut = load_file(tmp_path / "cut" / "drop" / "adapter_model.safetensors")
+    assert max((full[k] - cut[k]).abs().max().item() for k in full) <= 1e-6
