@@ -18,19 +18,37 @@ from pathlib import Path
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import peft_mole  # noqa: F401  (registers the adapter types)
-    from peft_mole.evaluation import TASKS, evaluate_commonsense, load_task
+    from peft_mole.evaluation import TASKS
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise SystemExit(f"--tasks has unknown task(s) {unknown}; allowed: {sorted(TASKS)}")
+    if not tasks:
+        raise SystemExit(f"--tasks needs at least one task; allowed: {sorted(TASKS)}")
     adapter_dirs = [a.strip() for a in args.adapters.split(",") if a.strip()]
     if not adapter_dirs:
         raise SystemExit("--adapters needs at least one adapter folder or hub id")
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"--limit must be at least 1 (examples per task), got {args.limit}")
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be at least 1, got {args.batch_size}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out} exists and is not a folder")
+    try:
+        return _evaluate(args, tasks, adapter_dirs, out)
+    except (OSError, ValueError, KeyError) as error:  # a path, hub id or file that cannot be read, a wrong base
+        raise SystemExit(f"peft-mole eval: {type(error).__name__}: {error}") from None
+
+
+def _evaluate(args: argparse.Namespace, tasks: list[str], adapter_dirs: list[str], out: Path) -> int:
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_mole.evaluation import evaluate_commonsense, load_task
+
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
     names = [Path(a).name or f"adapter{i}" for i, a in enumerate(adapter_dirs)]
     if len(set(names)) != len(names):
@@ -54,7 +72,6 @@ def _eval(args: argparse.Namespace) -> int:
     for name in names:
         table.append(f"| {name} | " + " | ".join(f"{scores[name][t]:.4f}" for t in tasks)
                      + f" | {scores[name]['average']:.4f} |")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"adapters": dict(zip(names, adapter_dirs, strict=True)),
                                                 "scores": scores}, indent=2))
@@ -64,7 +81,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig
 
     from peft_mole.multijob.job_file import load_run
@@ -74,14 +91,24 @@ def _train(args: argparse.Namespace) -> int:
         spec = load_run(args.job_file)
     except ValueError as error:
         raise SystemExit(f"peft-mole train: {error}") from None
-    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(spec.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"peft-mole train: tokenizer {spec.tokenizer!r} cannot be loaded: {error}") from None
+    try:
+        config = SFTConfig(output_dir=spec.output_dir, **spec.args)
+        set_seed(config.seed)  # the adapters' initialisation too: the same job file trains the same adapters
+        model = AutoModelForCausalLM.from_pretrained(spec.model)
+    except OSError as error:
+        raise SystemExit(f"peft-mole train: model {spec.model!r} cannot be loaded: {error}") from None
+    except (TypeError, ValueError) as error:  # the job file's args, as SFTConfig checks them
+        raise SystemExit(f"peft-mole train: {error}") from None
     try:
         trainer = MultiJobTrainer(
-            model=model, jobs=spec.jobs, args=SFTConfig(output_dir=spec.output_dir, **spec.args),
-            processing_class=tokenizer, max_concurrent_jobs=spec.max_concurrent_jobs, max_memory=spec.max_memory,
+            model=model, jobs=spec.jobs, args=config, processing_class=tokenizer,
+            max_concurrent_jobs=spec.max_concurrent_jobs, max_memory=spec.max_memory,
         )
-    except (TypeError, ValueError) as error:  # the job file's args, as SFTConfig and the trainer check them
+    except (TypeError, ValueError, OSError) as error:  # the job file's args and output_dir, as the trainer checks them
         raise SystemExit(f"peft-mole train: {error}") from None
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     failed = [row["job"] for row in trainer.job_summary if row["status"] == "failed"]
@@ -92,8 +119,8 @@ def _convert_bin(args: argparse.Namespace) -> int:
     from peft_mole.tuners.load_checks import convert_bin_adapter
 
     try:
-        print(f"wrote {convert_bin_adapter(args.folder)}")
-    except ValueError as error:
+        print(f"wrote {convert_bin_adapter(args.folder, overwrite=args.overwrite)}")
+    except (ValueError, OSError) as error:
         raise SystemExit(f"peft-mole convert-bin: {error}") from None
     return 0
 
@@ -107,12 +134,13 @@ def _convert(args: argparse.Namespace) -> int:
         raise SystemExit("peft-mole convert: --act-fn is written on export only (use it with --to)")
     try:
         if args.source_format:
-            config = import_moe_peft(args.src, args.dst, flavour=args.source_format)
+            config = import_moe_peft(args.src, args.dst, flavour=args.source_format, overwrite=args.overwrite)
             print(f"wrote a peft-mole MixLoRA adapter ({config.num_experts} experts, top-{config.top_k}) to {args.dst}")
         else:
-            export_moe_peft(args.src, args.dst, flavour=args.target_format, act_fn=args.act_fn)
+            export_moe_peft(args.src, args.dst, flavour=args.target_format, act_fn=args.act_fn,
+                            overwrite=args.overwrite)
             print(f"wrote a {args.target_format} MixLoRA adapter to {args.dst}")
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         raise SystemExit(f"peft-mole convert: {error}") from None
     return 0
 
@@ -126,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     train.set_defaults(run=_train)
     convert = commands.add_parser("convert-bin", help="opt in to a trusted pickle adapter_model.bin: write safetensors")
     convert.add_argument("folder", help="adapter folder holding adapter_model.bin")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing adapter_model.safetensors")
     convert.set_defaults(run=_convert_bin)
     interop = commands.add_parser("convert", help="convert MixLoRA adapters from/to MoE-PEFT / the mixlora package")
     interop.add_argument("--from", dest="source_format", choices=["moe-peft", "mixlora"],
@@ -133,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     interop.add_argument("--to", dest="target_format", choices=["moe-peft", "mixlora"],
                          help="write DST in that format (the same files; 'mixlora' also needs act_fn)")
     interop.add_argument("--act-fn", help="activation written as act_fn (default: the base model's hidden_act)")
+    interop.add_argument("--overwrite", action="store_true", help="replace DST when it already holds files")
     interop.add_argument("src")
     interop.add_argument("dst")
     interop.set_defaults(run=_convert)

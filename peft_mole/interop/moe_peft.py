@@ -30,7 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.activations import ACT2FN
 
+from peft_mole.multijob.checkpoint import write_atomically
 from peft_mole.tuners.expert_config import ATTENTION_PROJECTIONS, EXPERT_PROJECTIONS
+from peft_mole.tuners.load_checks import read_tensor_pickle
 from peft_mole.tuners.mixlora.config import MixLoRAConfig
 
 _ROUTER = re.compile(r"^mixlora\.layers\.(\d+)\.mlp\.moe_gate\.weight$")
@@ -45,21 +47,59 @@ def _check_flavour(flavour: str) -> None:
         raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
 
 
+def _check_target(source: str, target: str, overwrite: bool) -> None:
+    """Refuse to write over the source, over a file, or (unless `overwrite`) into a folder that holds files."""
+    if os.path.isdir(source) and os.path.realpath(source) == os.path.realpath(target):
+        raise ValueError(f"the output folder {target} is the input folder: give another folder")
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ValueError(f"the output {target} exists and is not a folder")
+    if os.path.isdir(target) and os.listdir(target) and not overwrite:
+        raise ValueError(f"the output folder {target} is not empty: give a new folder, or replace it with "
+                         "overwrite=True (--overwrite)")
+
+
 def _read_reference(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path = os.path.join(folder, "adapter_config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{config_path} does not exist: not an adapter folder")
     with open(config_path) as f:
         config = json.load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} is not a JSON object")
+    missing = [key for key in ("r", "lora_alpha", "num_experts", "top_k") if key not in config]
+    if config.get("peft_type") == "MIXLORA" and missing:
+        raise ValueError(f"{config_path} lacks {missing}, which a MoE-PEFT MixLoRA adapter_config.json holds")
     if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
         return config, load_file(os.path.join(folder, "adapter_model.safetensors"))
     weights = os.path.join(folder, "adapter_model.bin")
     if not os.path.isfile(weights):
         raise ValueError(f"{folder} holds neither adapter_model.safetensors nor adapter_model.bin")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{weights} is not a flat dict of tensors")
-    return config, {k: v.detach().float() for k, v in state.items()}
+    state = read_tensor_pickle(weights)
+    return config, {k: v.detach().float().contiguous() for k, v in state.items()}
+
+
+def _check_complete(source: str, config: MixLoRAConfig, routers: set[int], experts: dict, attention: dict) -> None:
+    """Every layer with tensors has a router, every targeted projection's factors (all experts) of the adapter's
+    ranks, and no projection outside the targets: else the converted adapter would silently compute otherwise."""
+    layers = routers | {key[0] for key in experts} | {key[0] for key in attention}
+    for layer in sorted(layers):
+        if layer not in routers:
+            raise ValueError(f"{source}: layer {layer} has no router (moe_gate)")
+        wanted = [(proj, f) for proj in config.expert_target_modules for f in "AB"]
+        missing = [f"{proj}.lora_{f}" for proj, f in wanted if (layer, proj, f) not in experts]
+        missing += [f"self_attn.{proj}.lora_{f}" for proj in config.attn_target_modules for f in "AB"
+                    if (layer, proj, f) not in attention]
+        if missing:
+            raise ValueError(f"{source}: layer {layer} lacks {missing}")
+    extra = sorted({proj for _, proj, _ in experts} - set(config.expert_target_modules))
+    extra += sorted({proj for _, proj, _ in attention} - set(config.attn_target_modules))
+    if extra:
+        raise ValueError(f"{source}: tensors for {extra}, which target_modules does not name")
+    for (layer, proj, factor), tensor in [*experts.items(), *attention.items()]:
+        r = config.r if (layer, proj, factor) in experts else config.attention_lora[0]
+        if tensor.shape[-2 if factor == "A" else -1] != r:
+            raise ValueError(f"{source}: layer {layer} {proj} lora_{factor} has shape {tuple(tensor.shape)}, not "
+                             f"rank {r} as its config says")
 
 
 def config_from_moe_peft(reference: dict, flavour: str = "moe-peft") -> MixLoRAConfig:
@@ -105,21 +145,26 @@ def config_from_moe_peft(reference: dict, flavour: str = "moe-peft") -> MixLoRAC
     )
 
 
-def import_moe_peft(source: str, target: str, flavour: str = "moe-peft") -> MixLoRAConfig:
+def import_moe_peft(source: str, target: str, flavour: str = "moe-peft", overwrite: bool = False) -> MixLoRAConfig:
     """Write a peft-mole MixLoRA adapter (PEFT format, safetensors) converted from a MoE-PEFT / `mixlora` package
-    adapter folder `source` (`flavour` "moe-peft" or "mixlora", see the module docstring)."""
+    adapter folder `source` (`flavour` "moe-peft" or "mixlora", see the module docstring) to the folder `target`,
+    atomically (a new folder, or with `overwrite` one that replaces `target` whole)."""
     _check_flavour(flavour)
+    _check_target(source, target, overwrite)
     reference, tensors = _read_reference(source)
     config = config_from_moe_peft(reference, flavour)
     experts: dict[tuple[int, str, str], dict[int, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
+    routers, attention = set(), {}
     for name, tensor in tensors.items():
         if match := _ROUTER.match(name):
             out[f"{_PREFIX}.{match[1]}.mlp.mixlora_router.weight"] = tensor
+            routers.add(int(match[1]))
         elif match := _EXPERT.match(name):
             experts.setdefault((int(match[1]), match[2], match[4]), {})[int(match[3])] = tensor
         elif match := _ATTENTION.match(name):
             out[f"{_PREFIX}.{match[1]}.self_attn.{match[2]}.mixlora_{match[3]}"] = tensor
+            attention[int(match[1]), match[2], match[3]] = tensor
         else:
             raise ValueError(f"{source}: unexpected tensor {name!r} for a MoE-PEFT MixLoRA adapter")
     for (layer, proj, factor), per_expert in experts.items():
@@ -128,9 +173,13 @@ def import_moe_peft(source: str, target: str, flavour: str = "moe-peft") -> MixL
                              f"expected 0..{config.num_experts - 1}")
         stacked = torch.stack([per_expert[e] for e in range(config.num_experts)])
         out[f"{_PREFIX}.{layer}.mlp.mixlora_experts.{proj}_lora_{factor}"] = stacked.contiguous()
-    os.makedirs(target, exist_ok=True)
-    config.save_pretrained(target)
-    save_file(out, os.path.join(target, "adapter_model.safetensors"), metadata={"format": "pt"})
+    _check_complete(source, config, routers, {key: next(iter(v.values())) for key, v in experts.items()}, attention)
+
+    def write(folder: str) -> None:
+        config.save_pretrained(folder)
+        save_file(out, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    write_atomically(target, write)
     return config
 
 
@@ -158,7 +207,8 @@ def _base_activation(config: MixLoRAConfig) -> str | None:
     return fields.get("hidden_activation") or fields.get("hidden_act")
 
 
-def export_moe_peft(source: str, target: str, flavour: str = "moe-peft", act_fn: str | None = None) -> None:
+def export_moe_peft(source: str, target: str, flavour: str = "moe-peft", act_fn: str | None = None,
+                    overwrite: bool = False) -> None:
     """Write a MixLoRA adapter in the MoE-PEFT format (adapter_config.json + pickle adapter_model.bin, the files
     MoE-PEFT and the `mixlora` package load) from a peft-mole MixLoRA adapter folder.
 
@@ -167,15 +217,22 @@ def export_moe_peft(source: str, target: str, flavour: str = "moe-peft", act_fn:
     the experts the attention LoRA's r/lora_alpha, so flavour "mixlora" refuses adapters where the two differ.
     """
     _check_flavour(flavour)
-    config = MixLoRAConfig.from_pretrained(source)
-    tensors = load_file(os.path.join(source, "adapter_model.safetensors"))
+    _check_target(source, target, overwrite)
+    config = _mixlora_config(source)
+    weights = os.path.join(source, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        raise ValueError(f"{weights} does not exist (a peft-mole adapter folder holds its weights in safetensors)")
+    tensors = load_file(weights)
     if isinstance(config.num_experts, list) or config.use_dora:
         raise ValueError("MoE-PEFT has one expert count for every layer and no DoRA experts in this format")
+    if config.layers_to_transform is not None:
+        raise ValueError("MoE-PEFT's format adapts every decoder layer: an adapter with layers_to_transform "
+                         f"({config.layers_to_transform}) cannot be exported")
     experts = {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout}
     if config.attn_target_modules:  # top level = attention LoRA; experts that differ go to `expert_lora`
-        top = {"r": config.attn_r or config.r, "lora_alpha": config.attn_lora_alpha or config.lora_alpha,
-               "lora_dropout": config.lora_dropout if config.attn_lora_dropout is None else config.attn_lora_dropout}
-        expert_lora = experts if (top["r"], top["lora_alpha"]) != (config.r, config.lora_alpha) else None
+        r, alpha, dropout = config.attention_lora
+        top = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout}
+        expert_lora = experts if top != experts else None
     else:  # experts only: their settings are the top level
         top, expert_lora = experts, None
     if flavour == "mixlora" and expert_lora:
@@ -219,7 +276,24 @@ def export_moe_peft(source: str, target: str, flavour: str = "moe-peft", act_fn:
     }
     if expert_lora:
         reference["expert_lora"] = expert_lora
-    os.makedirs(target, exist_ok=True)
-    with open(os.path.join(target, "adapter_config.json"), "w") as f:
-        json.dump(reference, f, indent=4)
-    torch.save(out, os.path.join(target, "adapter_model.bin"))  # MoE-PEFT reads this file name
+
+    def write(folder: str) -> None:
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            json.dump(reference, f, indent=4)
+        torch.save(out, os.path.join(folder, "adapter_model.bin"))  # MoE-PEFT reads this file name
+
+    write_atomically(target, write)
+
+
+def _mixlora_config(source: str) -> MixLoRAConfig:
+    """The MixLoRAConfig of a peft-mole adapter folder; a clear error for a folder of another kind."""
+    path = os.path.join(source, "adapter_config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist: not an adapter folder")
+    with open(path) as f:
+        kind = json.load(f).get("peft_type")
+    if kind == "MIXLORA":
+        raise ValueError(f"{source} is a MoE-PEFT adapter already: convert it with --from (import_moe_peft)")
+    if kind != MixLoRAConfig.PEFT_TYPE:
+        raise ValueError(f"{source} is a {kind} adapter: only MixLoRA adapters map to MoE-PEFT's format")
+    return MixLoRAConfig.from_pretrained(source)

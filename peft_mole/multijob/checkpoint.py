@@ -35,6 +35,9 @@ def write_atomically(final_dir: str, write: Callable[[str], None]) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final_dir)}-", dir=parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # a folder made as any other (mkdtemp's are private: 0700)
         write(tmp)
         _fsync_tree(tmp)
         if os.path.exists(final_dir):  # same step saved again (e.g. after resume): swap in the new one

@@ -46,9 +46,15 @@ class JobEvaluation:
 
     @torch.no_grad()
     def _eval_loss(self, name: str, batch_size: int) -> float:
-        """Mean over job `name`'s eval set's target tokens (and over processes) of its adapter's loss."""
-        loader = self._get_dataloader(dataset=self.job_eval_datasets[name], description=f"{name} evaluation",
-                                      batch_size=batch_size, sampler_fn=self._get_eval_sampler)
+        """Mean over job `name`'s eval set's target tokens (and over processes) of its adapter's loss. Under several
+        processes each row is counted once: the loader does not repeat rows to give every process as many batches
+        (accelerate's `even_batches`, which would count them twice); a process with fewer batches just sums less."""
+        even, self.accelerator.even_batches = self.accelerator.even_batches, False
+        try:
+            loader = self._get_dataloader(dataset=self.job_eval_datasets[name], description=f"{name} evaluation",
+                                          batch_size=batch_size, sampler_fn=self._get_eval_sampler)
+        finally:
+            self.accelerator.even_batches = even
         training, total, count = self.model.training, 0.0, 0
         self.model.eval()
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from peft import LoraConfig, PeftConfig
 
 from peft_mole.multijob.model import check_job_name
-from peft_mole.multijob.trainer_args import check_lr_scheduler
+from peft_mole.multijob.trainer_args import NUMBERS, check_lr_scheduler, check_number
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
 
 logger = logging.getLogger(__name__)
@@ -41,12 +40,6 @@ OVERRIDES = (
 
 
 # numeric JobConfig fields -> (an int, the lowest value, whether the lowest value itself is refused)
-NUMBERS = {
-    "learning_rate": (False, 0, True), "num_train_epochs": (False, 0, True), "warmup_steps": (False, 0, False),
-    "weight_decay": (False, 0, False), "max_grad_norm": (False, 0, False), "seed": (True, 0, False),
-    "save_steps": (False, 0, True), "logging_steps": (False, 0, True),
-    "eval_steps": (False, 0, False),  # (0: every logging_steps, as in TrainingArguments)
-}
 
 
 @dataclass
@@ -112,16 +105,8 @@ class JobConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"job {self.name!r}: {name} must be an int >= 1, got {value!r}")
-        for name, (integer, low, strict) in NUMBERS.items():
-            value = getattr(self, name)
-            if value is None:
-                continue
-            kind = (int,) if integer else (int, float)
-            if (isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
-                    or value < low or (strict and value == low)):
-                what = "an int" if integer else "a finite number"
-                raise ValueError(f"job {self.name!r}: {name} must be {what} {'>' if strict else '>='} {low}, "
-                                 f"got {value!r}")
+        for name in NUMBERS:
+            check_number(f"job {self.name!r}", name, getattr(self, name))
         steps = self.max_steps
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps == 0 or steps < -1):
             raise ValueError(f"job {self.name!r}: max_steps must be an int >= 1 (or -1 for epochs), got {steps!r}")

@@ -162,7 +162,9 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
             batch_size=args.per_device_train_batch_size, sampler_fn=self._get_train_sampler, is_training=True,
         )
         if len(loader) == 0:  # (Trainer would train nothing and raise deep in its loop)
-            raise ValueError(f"job {job.name!r}: its {len(self.job_datasets[job.name])} rows make no batch of "
+            shard = "" if self.accelerator.num_processes == 1 else f" (each of {self.accelerator.num_processes} " \
+                "processes gets its share of them)"
+            raise ValueError(f"job {job.name!r}: its {len(self.job_datasets[job.name])} rows{shard} make no batch of "
                              f"per_device_train_batch_size={args.per_device_train_batch_size} with "
                              "dataloader_drop_last=True; give it more rows or a smaller batch")
         params = self.jobs_model.job_parameters(job.name)

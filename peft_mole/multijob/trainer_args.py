@@ -6,6 +6,8 @@ these options never happens; each is refused with what to do instead, rather tha
 
 from __future__ import annotations
 
+import math
+
 UNSUPPORTED = {
     "neftune_noise_alpha": (
         lambda value: value is not None,
@@ -42,6 +44,26 @@ UNSUPPORTED = {
 }
 
 
+NUMBERS = {
+    "learning_rate": (False, 0, True), "num_train_epochs": (False, 0, True), "warmup_steps": (False, 0, False),
+    "weight_decay": (False, 0, False), "max_grad_norm": (False, 0, False), "seed": (True, 0, False),
+    "save_steps": (False, 0, True), "logging_steps": (False, 0, True),
+    "eval_steps": (False, 0, False),  # (0: every logging_steps, as in TrainingArguments)
+}
+
+
+def check_number(owner: str, name: str, value) -> None:
+    """Raise ValueError where `value` (None: unset) is not a number of the kind and range NUMBERS gives `name`."""
+    if value is None:
+        return
+    integer, low, strict = NUMBERS[name]
+    kind = (int,) if integer else (int, float)
+    if (isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
+            or value < low or (strict and value == low)):
+        what = "an int" if integer else "a finite number"
+        raise ValueError(f"{owner}: {name} must be {what} {'>' if strict else '>='} {low}, got {value!r}")
+
+
 def check_trainer_args(args, configs: dict) -> None:
     """Raise ValueError naming the first option set in `args` that MultiJobTrainer cannot honour for the jobs'
     peft `configs` ({name: config})."""
@@ -50,6 +72,12 @@ def check_trainer_args(args, configs: dict) -> None:
         if is_set(value):
             raise ValueError(f"MultiJobTrainer does not support {field}={value!r}: {advice}")
     check_lr_scheduler(args.lr_scheduler_type, "lr_scheduler_type")
+    for name in NUMBERS:  # the jobs' defaults: checked as each job's own values are (`JobConfig`)
+        check_number("trainer arguments", name, getattr(args, name, None))
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"trainer arguments: {name} must be an int >= 1, got {value!r}")
     save_strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
     if save_strategy == "best":
         raise ValueError("MultiJobTrainer does not support save_strategy='best': each job saves its final adapter and "

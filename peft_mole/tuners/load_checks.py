@@ -61,19 +61,41 @@ def check_weights_file(path: str, subfolder: str | None = None) -> None:
         )
 
 
-def convert_bin_adapter(folder: str) -> str:
-    """Opt-in: write adapter_model.safetensors from a pickle adapter_model.bin (tensors only). Returns its path."""
+def read_tensor_pickle(path: str) -> dict:
+    """{name: tensor} of a pickle file, read with torch.load(weights_only=True) (tensors only, nothing executed);
+    ValueError for a file that is empty, truncated, refused or not such a dict."""
     import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001  (an empty, truncated or refused pickle)
+        raise ValueError(f"{path} cannot be read as tensors ({type(error).__name__}: {error})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{path} is not a flat dict of named tensors, so it is not an adapter state dict")
+    return state
+
+
+def convert_bin_adapter(folder: str, overwrite: bool = False) -> str:
+    """Opt-in: write adapter_model.safetensors from a pickle adapter_model.bin (tensors only). Returns its path.
+    An existing adapter_model.safetensors (perhaps trained since) is replaced only with `overwrite`."""
     from safetensors.torch import save_file
 
     source = os.path.join(folder, PICKLE_NAME)
     if not os.path.isfile(source):
         raise ValueError(f"{source} does not exist")
-    state = torch.load(source, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{source} is not a flat dict of tensors, so it is not an adapter state dict")
     target = os.path.join(folder, SAFETENSORS_NAME)
-    save_file({k: v.contiguous() for k, v in state.items()}, target, metadata={"format": "pt"})
+    if os.path.exists(target) and not overwrite:
+        raise ValueError(f"{target} exists already (it may hold newer weights than {PICKLE_NAME}): pass "
+                         "overwrite=True (--overwrite) to replace it")
+    state = read_tensor_pickle(source)
+    partial = target + ".partial"  # written whole, then renamed over the target
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, partial, metadata={"format": "pt"})
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
     return target
 
 

@@ -69,3 +69,101 @@ def test_unsupported_reference_configs_are_refused(change, match):
     reference.update(change)
     with pytest.raises(ValueError, match=match):
         config_from_moe_peft(reference)
+
+
+def test_convert_never_writes_over_the_source_or_another_adapter_and_writes_atomically(tmp_path, monkeypatch):
+    """DST == SRC and a DST holding files are refused (unless overwrite=True, which replaces it whole); a write
+    that fails leaves DST as it was. Before, `convert --to moe-peft X X` turned an adapter into an unloadable mix of
+    both formats, and a failed write left a config beside older weights."""
+    import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "ours"))
+    with pytest.raises(ValueError, match="is the input folder"):
+        export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "ours"))
+    with pytest.raises(ValueError, match="is not empty"):
+        import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "ours"))
+    before = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    from peft_mole.interop import moe_peft
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(moe_peft, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "ours"), overwrite=True)
+    with pytest.raises(OSError, match="No space"):
+        import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "fresh"))
+    assert not (tmp_path / "fresh").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ours"]
+    after = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    monkeypatch.undo()
+    import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "ours"), overwrite=True)
+    result = subprocess.run([sys.executable, "-m", "peft_mole.cli", "convert", "--to", "moe-peft",
+                             str(tmp_path / "ours"), str(tmp_path / "ours")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0 and "is the input folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _reference(tmp_path, drop=(), config_change=None, rank=None) -> Path:
+    """A copy of the MoE-PEFT fixture adapter with tensors dropped, its config changed or its experts' rank cut."""
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    config = json.loads((FIXTURE / "adapter" / "adapter_config.json").read_text())
+    config.update(config_change or {})
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    state = torch.load(FIXTURE / "adapter" / "adapter_model.bin", weights_only=True)
+    state = {k: v for k, v in state.items() if not any(part in k for part in drop)}
+    if rank is not None:
+        state = {k: (v[:rank] if ".experts." in k and "lora_A" in k else v) for k, v in state.items()}
+    torch.save(state, folder / "adapter_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        (dict(drop=("layers.1.mlp.moe_gate",)), "layer 1 has no router"),
+        (dict(drop=("self_attn.q_proj.lora_B",)), r"lacks \['self_attn.q_proj.lora_B'\]"),
+        (dict(config_change={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]}),
+         "which target_modules does not name"),
+        (dict(rank=2), "not rank 4"),
+    ],
+)
+def test_incomplete_or_inconsistent_references_are_refused(tmp_path, case, match):
+    """Before, these converted with exit 0 and computed otherwise (a layer without its router got a random one,
+    tensors of projections outside target_modules were dropped: logits off by up to 0.47) or failed at load."""
+    source = _reference(tmp_path, **case)
+    if "config_change" in case:  # (the fixture targets every projection: check that the case drops one)
+        assert "down_proj" in json.loads((FIXTURE / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    with pytest.raises(ValueError, match=match):
+        import_moe_peft(str(source), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_keeps_what_the_format_holds_and_refuses_what_it_cannot(tmp_path):
+    """attn_lora_alpha=0 is written as 0 (it was replaced by lora_alpha: 0 is falsy), an expert dropout other than
+    the attention's goes to `expert_lora`, and layers_to_transform, which the format cannot say, is refused."""
+    import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "ours"))
+    config_path = tmp_path / "ours" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(attn_lora_alpha=0, lora_dropout=0.1, attn_lora_dropout=0.0)
+    config_path.write_text(json.dumps(config))
+    export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "theirs"))
+    exported = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert exported["lora_alpha"] == 0
+    assert exported["expert_lora"]["lora_dropout"] == 0.1
+    import_moe_peft(str(tmp_path / "theirs"), str(tmp_path / "again"))
+    again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert (again["attn_lora_alpha"], again["lora_dropout"]) == (0, 0.1)
+    config.update(layers_to_transform=[1])
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="layers_to_transform"):
+        export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "layers"))
+
+
+def test_garbage_weights_and_wrong_folders_give_one_line_errors(tmp_path):
+    source = _reference(tmp_path)
+    (source / "adapter_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="cannot be read as tensors"):
+        import_moe_peft(str(source), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="MoE-PEFT adapter already"):
+        export_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "out"))

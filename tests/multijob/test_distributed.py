@@ -35,8 +35,10 @@ SCRIPT = textwrap.dedent('''
             rows = [{{**r, "completion": " yes."}} for r in rows]
         return Dataset.from_list([{{"prompt": r["prompt"], "completion": r["completion"]}} for r in rows])
     jobs = [
+        # 7 eval rows: not a multiple of the processes' batches (each row must count once)
         JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]),
-                  data("sentiment"), per_device_train_batch_size=2 * per_device),
+                  data("sentiment"), per_device_train_batch_size=2 * per_device,
+                  eval_dataset=data("capital").select(range(7))),
         # the load-balance loss is not additive over batch shards (as with DDP in plain Trainer): coef 0 here
         JobConfig("mix", mixlora(router_aux_loss_coef=0.0), data("capital"), per_device_train_batch_size=per_device,
                   gradient_accumulation_steps=2),
@@ -90,10 +92,14 @@ SCRIPT = textwrap.dedent('''
     # other adapters on every process: train() must broadcast process 0's, as the 1-process run starts from them
     randomize_adapters(trainer.jobs_model, seed=7 + rank)
     trainer.train()
-    print("process", rank, "rounds", len(widest), "most jobs in a round", max(widest))
-    print("processes", trainer.accelerator.num_processes)
-    print("process", trainer.accelerator.process_index, "statuses",
-          sorted((row["job"], row["status"], row["steps"]) for row in trainer.job_summary))
+    statuses = sorted((row["job"], row["status"], row["steps"]) for row in trainer.job_summary)
+    evaluation = round(trainer.evaluate()["lora/eval_loss"], 6)
+    # one write per line: the two processes share stdout
+    sys.stdout.write(f"process {{rank}} rounds {{len(widest)}} most jobs in a round {{max(widest)}}\\n"
+                     f"process {{rank}} eval {{evaluation}}\\n"
+                     f"processes {{trainer.accelerator.num_processes}}\\n"
+                     f"process {{rank}} statuses {{statuses}}\\n")
+    sys.stdout.flush()
 ''')
 
 
@@ -125,9 +131,13 @@ def test_two_processes_match_one_process(tmp_path, padding_free):
         assert a.keys() == b.keys()
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5, job
     # the run summary counts every process's target tokens (before: process 0's shard only, half of them)
-    tokens = [{row["job"]: row["tokens"] for row in json.loads((tmp_path / run / "jobs_summary.json").read_text())["jobs"]}
-              for run in ("one", "two")]
+    summaries = [json.loads((tmp_path / run / "jobs_summary.json").read_text())["jobs"] for run in ("one", "two")]
+    tokens = [{row["job"]: row["tokens"] for row in summary} for summary in summaries]
     assert tokens[0] == tokens[1] and min(tokens[0].values()) > 0, tokens
+    # a job's eval loss counts each of its 7 eval rows once (before: the loader repeated a row on one process)
+    losses = [float(line.split(" eval ")[1]) for out in (one, two) for line in out.stdout.splitlines()
+              if " eval " in line]
+    assert len(losses) == 3 and max(losses) - min(losses) <= 1e-5, losses
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")

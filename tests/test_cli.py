@@ -1,0 +1,95 @@
+"""`peft-mole` command line: user errors end in one line naming what is wrong (no traceback), before any work is
+done where that can be known first; `train` is reproducible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from peft_mole import synthetic
+from peft_mole.cli import main
+from tests.helpers import tiny_base
+
+
+def test_convert_bin_does_not_replace_existing_safetensors_unless_asked(tmp_path):
+    """A folder with trained safetensors and an older pickle: before, convert-bin silently replaced the former."""
+    save_file({"w": torch.ones(2)}, tmp_path / "adapter_model.safetensors")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "adapter_model.bin")
+    with pytest.raises(SystemExit, match="exists already"):
+        main(["convert-bin", str(tmp_path)])
+    assert torch.equal(load_file(tmp_path / "adapter_model.safetensors")["w"], torch.ones(2))
+    assert main(["convert-bin", str(tmp_path), "--overwrite"]) == 0
+    assert torch.equal(load_file(tmp_path / "adapter_model.safetensors")["w"], torch.zeros(2))
+    (tmp_path / "adapter_model.bin").write_bytes(b"")
+    with pytest.raises(SystemExit, match="cannot be read as tensors"):
+        main(["convert-bin", str(tmp_path), "--overwrite"])
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--limit", "0"], "--limit must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--tasks", ","], "--tasks needs at least one task"),
+        (["--out", "FILE"], "exists and is not a folder"),
+        ([], r"peft-mole eval: \w+Error"),  # the base path does not exist: one line, not a traceback
+    ],
+)
+def test_eval_refuses_bad_arguments_before_loading_anything(tmp_path, extra, match):
+    (tmp_path / "FILE").write_text("")
+    extra = [str(tmp_path / "FILE") if a == "FILE" else a for a in extra]
+    args = ["eval", "--base", str(tmp_path / "no-base"), "--adapters", str(tmp_path / "a"), "--tasks", "boolq"]
+    with pytest.raises(SystemExit, match=match):
+        main(args + extra)
+
+
+@pytest.fixture
+def job_file(tmp_path):
+    """A one-job YAML run on a tiny local base, tokenizer and data set; `write(**args)` writes it."""
+    tokenizer = synthetic.demo_tokenizer(save_dir=tmp_path / "tokenizer")
+    tiny_base(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "base")
+    data = synthetic.write_jsonl(synthetic.multitask_rows(16, tasks=("add",)), tmp_path / "add.jsonl")
+
+    def write(name: str, model=None, **args) -> str:
+        doc = {"model": str(model or tmp_path / "base"), "tokenizer": str(tmp_path / "tokenizer"),
+               "output_dir": str(tmp_path / name),
+               "args": {"max_length": 32, "max_steps": 2, "per_device_train_batch_size": 4, "report_to": [],
+                        "use_cpu": True, "bf16": False, "save_strategy": "no", "disable_tqdm": True, **args},
+               "jobs": [{"name": "add", "type": "lora", "dataset": str(data),
+                         "peft": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}}]}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return str(path)
+
+    return write
+
+
+def test_train_twice_gives_the_same_adapter(job_file, tmp_path):
+    """The adapters are initialised after seeding with `args.seed` (before: from whatever state torch's generator
+    was in, so two runs of one job file differed by up to 0.25)."""
+    assert main(["train", job_file("one")]) == 0
+    torch.rand(7)  # another generator state between the runs
+    assert main(["train", job_file("two")]) == 0
+    one = load_file(tmp_path / "one" / "add" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "add" / "adapter_model.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (dict(learning_rate="abc"), "trainer arguments: learning_rate must be a finite number > 0, got 'abc'"),
+        (dict(per_device_train_batch_size=0), "per_device_train_batch_size must be an int >= 1"),
+        (dict(model="MISSING"), "model '.*MISSING' cannot be loaded"),
+        (dict(output_dir_is_a_file=True), "peft-mole train: "),
+    ],
+)
+def test_train_errors_are_one_line(job_file, tmp_path, change, match):
+    model = tmp_path / "MISSING" if change.pop("model", None) else None
+    if change.pop("output_dir_is_a_file", False):
+        (tmp_path / "run").write_text("")
+    with pytest.raises(SystemExit, match=match):
+        main(["train", job_file("run", model=model, **change)])
