@@ -6,6 +6,7 @@ learning-check file)
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -205,9 +206,33 @@ def learning_table(path: Path, rows: list[dict]) -> None:
                   f"| {row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} | `{command}` |")
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The JSON objects of a results file; other lines (a script's stray output that `tee -a` kept) are skipped
+    with a note on stderr."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and "name" in row:
+            rows.append(row)
+        else:
+            print(f"{path}:{number}: not a result line, skipped: {line[:80]!r}", file=sys.stderr)
+    return rows
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="*", type=Path,
+                        help="results .jsonl files (default: the newest step-time and learning-check files)")
     results = Path(__file__).parent / "results"
-    paths = [Path(p) for p in sys.argv[1:]]
+    paths = parser.parse_args().files
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        parser.error(f"no such results file: {', '.join(missing)}")
     if not paths:
         newest = lambda files: max(files, key=lambda p: p.stat().st_mtime)  # noqa: E731
         files = list(results.glob("*.jsonl"))
@@ -215,7 +240,7 @@ def main() -> None:
         learning = [p for p in files if p.name.startswith("learning_check")]
         paths += [newest(learning)] if learning else []
     for path in paths:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_rows(path)
         if any(r["name"] == "learning_check_summary" for r in rows):
             learning_table(path, rows)
         else:
