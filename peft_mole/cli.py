@@ -30,6 +30,11 @@ def _eval(args: argparse.Namespace) -> int:
     adapter_dirs = [a.strip() for a in args.adapters.split(",") if a.strip()]
     if not adapter_dirs:
         raise SystemExit("--adapters needs at least one adapter folder or hub id")
+    for path in adapter_dirs:
+        config_path = Path(path) / "adapter_config.json"
+        if config_path.is_file() and json.loads(config_path.read_text()).get("peft_type") == "MIXLORA":
+            raise SystemExit(f"peft-mole eval: {path} is a MoE-PEFT adapter; convert it first: "
+                             f"peft-mole convert --from moe-peft {path} NEW_FOLDER")
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be at least 1 (examples per task), got {args.limit}")
     if args.batch_size < 1:

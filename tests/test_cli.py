@@ -3,6 +3,8 @@ done where that can be known first; `train` is reproducible."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -44,6 +46,16 @@ def test_eval_refuses_bad_arguments_before_loading_anything(tmp_path, extra, mat
     args = ["eval", "--base", str(tmp_path / "no-base"), "--adapters", str(tmp_path / "a"), "--tasks", "boolq"]
     with pytest.raises(SystemExit, match=match):
         main(args + extra)
+
+
+def test_eval_of_a_moe_peft_adapter_says_to_convert_it(tmp_path):
+    """Before: `KeyError: 'MIXLORA'` from PEFT's config registry."""
+    fixture = Path(__file__).parent / "fixtures" / "moe_peft_mixlora"
+    args = ["eval", "--base", str(fixture / "base"), "--tokenizer", str(tmp_path / "no-tokenizer"),
+            "--adapters", str(fixture / "adapter"), "--tasks", "boolq"]
+    synthetic.demo_tokenizer(save_dir=tmp_path / "no-tokenizer")
+    with pytest.raises(SystemExit, match="convert it first: peft-mole convert --from moe-peft"):
+        main(args)
 
 
 @pytest.fixture
