@@ -174,6 +174,7 @@ def import_moe_peft(source: str, target: str, flavour: str = "moe-peft", overwri
         stacked = torch.stack([per_expert[e] for e in range(config.num_experts)])
         out[f"{_PREFIX}.{layer}.mlp.mixlora_experts.{proj}_lora_{factor}"] = stacked.contiguous()
     _check_complete(source, config, routers, {key: next(iter(v.values())) for key, v in experts.items()}, attention)
+    _check_activation(source, reference, config)
 
     def write(folder: str) -> None:
         config.save_pretrained(folder)
@@ -181,6 +182,27 @@ def import_moe_peft(source: str, target: str, flavour: str = "moe-peft", overwri
 
     write_atomically(target, write)
     return config
+
+
+_SAME_ACTIVATION = {"swish": "silu"}
+
+
+def _check_activation(source: str, reference: dict, config: MixLoRAConfig) -> None:
+    """MoE-PEFT and the `mixlora` package compute the experts with the config's `act_fn`; peft-mole with the base
+    MLP's own activation. Warn where the two differ, or where the base's cannot be read here to compare and act_fn
+    is not SiLU, the activation of the MLPs MixLoRA targets."""
+    act_fn = reference.get("act_fn")
+    if not act_fn:
+        return
+    base = _base_activation(config)
+    if base is None and _SAME_ACTIVATION.get(act_fn, act_fn) != "silu":  # (silu: Llama, Qwen2, Mistral MLPs)
+        warnings.warn(f"{source}: act_fn {act_fn!r}; the converted experts use the base MLP's own activation, which "
+                      f"cannot be read here ({config.base_model_name_or_path!r}): check that it is {act_fn!r}",
+                      stacklevel=3)
+    elif _SAME_ACTIVATION.get(act_fn, act_fn) != _SAME_ACTIVATION.get(base, base):
+        warnings.warn(f"{source}: act_fn {act_fn!r} differs from the base model's activation {base!r}, which the "
+                      "converted experts use: the converted adapter computes otherwise than the reference",
+                      stacklevel=3)
 
 
 def _base_activation(config: MixLoRAConfig) -> str | None:

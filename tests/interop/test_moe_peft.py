@@ -167,3 +167,17 @@ def test_garbage_weights_and_wrong_folders_give_one_line_errors(tmp_path):
         import_moe_peft(str(source), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="MoE-PEFT adapter already"):
         export_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "out"))
+
+
+def test_an_act_fn_other_than_the_bases_is_warned_about(tmp_path, monkeypatch):
+    """MoE-PEFT computes experts with the config's act_fn, peft-mole with the base MLP's activation: where they
+    differ (or the base cannot be read to compare) the import says so (before: silently)."""
+    monkeypatch.chdir(FIXTURE)  # the fixture's base_model_name_or_path is "base", relative to it
+    source = _reference(tmp_path, config_change={"act_fn": "gelu"})
+    with pytest.warns(UserWarning, match="differs from the base model's activation 'silu'"):
+        import_moe_peft(str(source), str(tmp_path / "out"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "same"))  # silu on a silu base: nothing to say
