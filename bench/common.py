@@ -35,11 +35,27 @@ def mixlora_config(dropout: float = 0.05, use_dora: bool = False):
                                    use_dora=use_dora)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (counts of steps, repeats, jobs, tokens)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a float in [0, 1) (a dropout rate)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def step_parser(repeats: int = 10) -> argparse.ArgumentParser:
     """The options every step-time benchmark takes: --shape (BENCH.md shapes) and --repeats (timed steps)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="small", choices=list(BATCH))
-    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--repeats", type=positive_int, default=repeats)
     return parser
 
 

@@ -25,6 +25,7 @@ from common import (
     emit,
     lora_config,
     mixlora_config,
+    probability,
     random_batch,
     record,
     setup_threads,
@@ -64,7 +65,7 @@ def adapted(shape: str, impl: str, dropout: float, router_scale: float, checkpoi
 def main() -> None:
     parser = step_parser()
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--dropout", type=probability, default=0.05)
     parser.add_argument("--router-scale", type=float, default=4.0, help="dynmole_sharp: router weights × this")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="both models recompute each layer")
     args = parser.parse_args()

@@ -13,7 +13,7 @@ import tempfile
 import time
 
 import torch
-from common import emit, setup_threads
+from common import emit, positive_int, setup_threads
 from peft import get_peft_model
 
 import peft_mole
@@ -24,9 +24,9 @@ from peft_mole.evaluation import evaluate_commonsense, load_task
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="small", choices=["tiny", "small"])
-    parser.add_argument("--adapters", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--adapters", type=positive_int, default=4)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--rows", type=positive_int, default=64)
     args = parser.parse_args()
     setup_threads()
     with tempfile.TemporaryDirectory() as folder:

@@ -15,7 +15,7 @@ import statistics
 import time
 
 import torch
-from common import BATCH, device, emit, setup_threads, synchronize
+from common import BATCH, device, emit, positive_int, setup_threads, synchronize
 from torch import nn
 
 from peft_mole import synthetic
@@ -49,10 +49,11 @@ def chain_step(tokens: int, width: int, experts: int, rank: int):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="small", choices=list(BATCH))
-    parser.add_argument("--tokens", type=int, default=None, help="default: the shape's batch × sequence length")
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--tokens", type=positive_int, default=None,
+                        help="default: the shape's batch × sequence length")
+    parser.add_argument("--experts", type=positive_int, default=8)
+    parser.add_argument("--rank", type=positive_int, default=16)
+    parser.add_argument("--repeats", type=positive_int, default=12)
     args = parser.parse_args()
     setup_threads()
     batch, length = BATCH[args.shape]

@@ -19,6 +19,7 @@ from common import (
     emit,
     lora_config,
     mixlora_config,
+    positive_int,
     random_batch,
     record,
     setup_threads,
@@ -82,7 +83,7 @@ ADAPTED = {
 
 def main() -> None:
     parser = step_parser()
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=positive_int, default=64)
     parser.add_argument("--router-scale", type=float, default=4.0)
     parser.add_argument("--compile", action="store_true", help="static cache + torch.compile, against eager")
     parser.add_argument("--impls", nargs="+", default=list(ADAPTED), choices=list(ADAPTED))

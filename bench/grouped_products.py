@@ -16,7 +16,7 @@ import statistics
 import time
 
 import torch
-from common import device, emit, setup_threads
+from common import device, emit, positive_int, setup_threads
 
 from peft_mole.ops.segmented_lora import grouped_linear, grouped_mm_exact, stacked_linear
 
@@ -70,7 +70,7 @@ def measure(name: str, counts: list[int], d_in: int, d_out: int, dtype: torch.dt
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=positive_int, default=30)
     args = parser.parse_args()
     setup_threads()
     dtype = torch.bfloat16 if device().type == "cuda" else torch.float32

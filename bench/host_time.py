@@ -14,7 +14,17 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import BATCH, base_model, emit, lora_config, record, setup_threads, time_interleaved
+from common import (
+    BATCH,
+    base_model,
+    emit,
+    lora_config,
+    positive_int,
+    probability,
+    record,
+    setup_threads,
+    time_interleaved,
+)
 from peft import get_peft_model
 
 from peft_mole.multijob import MultiJobModel
@@ -26,11 +36,11 @@ def first_projection(model, name: str = "layers.0.self_attn.q_proj"):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--jobs", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--dropout", type=float, default=0.0,
+    parser.add_argument("--jobs", type=positive_int, nargs="+", default=[4, 8])
+    parser.add_argument("--dropout", type=probability, default=0.0,
                         help="LoRA dropout; 0 by default, as on a GPU a dropout is one kernel either way, while on "
                              "the CPU peft-mole's cheaper masks take more operators than `nn.Dropout`'s")
-    parser.add_argument("--repeats", type=int, default=2000)
+    parser.add_argument("--repeats", type=positive_int, default=2000)
     args = parser.parse_args()
     setup_threads()
     seq = BATCH["tiny"][1]

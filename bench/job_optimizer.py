@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+import common
 import torch
 from common import OPTIMS, base_model, device, emit, lora_config, record, setup_threads, time_interleaved
 from peft import get_peft_model
@@ -45,10 +46,10 @@ def optimizer_step_fn(params: list[torch.nn.Parameter], grads: list[torch.Tensor
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--shapes", nargs="+", default=["tiny", "small"], choices=list(common.BATCH))
     parser.add_argument("--optim", choices=OPTIMS, default="adamw_torch_fused")
     parser.add_argument("--no-clip", action="store_true")
-    parser.add_argument("--repeats", type=int, default=500)
+    parser.add_argument("--repeats", type=common.positive_int, default=500)
     args = parser.parse_args()
     setup_threads()
     for shape in args.shapes:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import BATCH, emit, lora_config, mixlora_config, setup_threads, train_step_fn
+from common import BATCH, emit, lora_config, mixlora_config, positive_int, setup_threads, train_step_fn
 from multijob_speedup import mixed_step_fn
 from peft import get_peft_model
 from torch.profiler import ProfilerActivity, profile
@@ -63,7 +63,7 @@ def launches_per_step(step) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="medium", choices=list(BATCH))
-    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--vocab", type=positive_int, default=1024)
     parser.add_argument("--blocks", nargs="+", default=["cpu", "gpu"], choices=["cpu", "gpu"])
     args = parser.parse_args()
     setup_threads()

@@ -78,6 +78,12 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--methods", nargs="+", default=None, help="subset of: lora_r<R> mixlora dynmole")
     args = parser.parse_args()
+    if args.steps < 1 or args.lora_r < 1:
+        parser.error("--steps and --lora-r must be at least 1")
+    known = list(configs(args.lora_r))
+    unknown = sorted(set(args.methods or []) - set(known))
+    if unknown:
+        parser.error(f"--methods {unknown} are not among {known} (lora_r<R> follows --lora-r)")
     torch.set_num_threads(2)
     tokenizer = synthetic.demo_tokenizer()
     rows = synthetic.multitask_rows(2000, seed=0)

@@ -35,7 +35,7 @@ import random
 import statistics
 
 import torch
-from common import base_model, device, emit, lora_config, mixlora_config, setup_threads
+from common import base_model, device, emit, lora_config, mixlora_config, positive_int, setup_threads
 
 import peft_mole
 from peft_mole.multijob import MultiJobModel
@@ -67,7 +67,7 @@ def packed_shape(row_jobs: list[str], length: int) -> tuple[list[int], list[dict
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium"])
-    parser.add_argument("--jobs", type=int, default=4, help="jobs when every job is LoRA (--kinds lora)")
+    parser.add_argument("--jobs", type=positive_int, default=4, help="jobs when every job is LoRA (--kinds lora)")
     parser.add_argument("--kinds", nargs="+", default=["lora"], choices=sorted(CONFIGS))
     parser.add_argument("--compile", action="store_true", help="compiled mixed steps (see the module docstring)")
     parser.add_argument("--compile-backend", default="inductor")

@@ -12,6 +12,7 @@ from common import (
     emit,
     lora_config,
     mixlora_config,
+    probability,
     random_batch,
     record,
     setup_threads,
@@ -24,7 +25,7 @@ from peft import get_peft_model
 
 def main() -> None:
     parser = step_parser()
-    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout of both adapters")
+    parser.add_argument("--dropout", type=probability, default=0.05, help="LoRA dropout of both adapters")
     args = parser.parse_args()
     setup_threads()
     lora = get_peft_model(base_model(args.shape), lora_config(args.dropout))

@@ -21,6 +21,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
+import common
 from common import (
     base_model,
     emit,
@@ -52,8 +53,8 @@ def run_reference(python: str, script: str, repeats: int) -> dict[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--peers-python", default="build/peers-venv/bin/python")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=common.positive_int, default=2)
+    parser.add_argument("--repeats", type=common.positive_int, default=5)
     args = parser.parse_args()
     if not os.access(args.peers_python, os.X_OK):
         emit({"name": "mole_vs_reference_skipped", "reason": f"no peers interpreter at {args.peers_python} "

@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import torch
-from common import BATCH, base_model, emit, peak_memory_mb, setup_threads
+from common import BATCH, base_model, emit, peak_memory_mb, positive_int, setup_threads
 from multijob_speedup import lora_config, mixed_step_fn, rows_batch
 from peft import get_peft_model
 
@@ -56,8 +56,8 @@ def measure(shape: str, mode: str, jobs: int, rows_per_job: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium"])
-    parser.add_argument("--jobs", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--rows-per-job", type=int, default=1)
+    parser.add_argument("--jobs", type=positive_int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--rows-per-job", type=positive_int, default=1)
     parser.add_argument("--child", choices=["multi", "single", "single_all_rows", "base"])
     args = parser.parse_args()
     if args.child:

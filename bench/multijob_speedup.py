@@ -42,6 +42,8 @@ from common import (
     emit,
     lora_config,
     mixlora_config,
+    positive_int,
+    probability,
     record,
     setup_threads,
     step_parser,
@@ -139,9 +141,9 @@ def mixed_step_fn(model: MultiJobModel, batch, jobs: list[str], rows_per_job: in
 
 def main() -> None:
     parser = step_parser()
-    parser.add_argument("--jobs", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--rows-per-job", type=int, default=1)
-    parser.add_argument("--dropout", type=float, default=0.05,
+    parser.add_argument("--jobs", type=positive_int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--rows-per-job", type=positive_int, default=1)
+    parser.add_argument("--dropout", type=probability, default=0.05,
                         help="LoRA dropout of every job (peft-mole's LoRA-job layers draw cheaper CPU masks than "
                              "PEFT's, see peft_mole/ops/dropout.py; 0 compares the products alone)")
     parser.add_argument("--optim", choices=OPTIMS, default="adamw_torch")

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from common import emit, setup_threads
+from common import emit, positive_int, setup_threads
 from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig
@@ -82,8 +82,8 @@ def run(shape: str, jobs: int, steps: int, overhead: int | str | None, sampling:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="small", choices=["tiny", "small"])
-    parser.add_argument("--jobs", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--jobs", type=positive_int, default=4)
+    parser.add_argument("--steps", type=positive_int, default=20)
     args = parser.parse_args()
     setup_threads()
     settings = {

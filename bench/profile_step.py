@@ -17,6 +17,7 @@ import argparse
 import time
 from collections import defaultdict
 
+import common
 import torch
 from common import base_model, device, emit, lora_config, mixlora_config, random_batch, setup_threads
 from peft import get_peft_model
@@ -137,8 +138,8 @@ def breakdown(prof, steps: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="small")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--shape", default="small", choices=list(common.BATCH))
+    parser.add_argument("--steps", type=common.positive_int, default=3)
     parser.add_argument("--impls", nargs="+", default=["peft_lora", "mixlora", "multijob_4_lora"],
                         choices=["peft_lora", "mixlora", "multijob_4_lora"])
     args = parser.parse_args()

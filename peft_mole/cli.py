@@ -32,7 +32,13 @@ def _eval(args: argparse.Namespace) -> int:
         raise SystemExit("--adapters needs at least one adapter folder or hub id")
     for path in adapter_dirs:
         config_path = Path(path) / "adapter_config.json"
-        if config_path.is_file() and json.loads(config_path.read_text()).get("peft_type") == "MIXLORA":
+        if not config_path.is_file():
+            continue  # a hub id, or a folder PEFT will say more about
+        try:
+            kind = json.loads(config_path.read_text()).get("peft_type")
+        except (ValueError, AttributeError) as error:
+            raise SystemExit(f"peft-mole eval: {config_path} is not a JSON object: {error}") from None
+        if kind == "MIXLORA":
             raise SystemExit(f"peft-mole eval: {path} is a MoE-PEFT adapter; convert it first: "
                              f"peft-mole convert --from moe-peft {path} NEW_FOLDER")
     if args.limit is not None and args.limit < 1:

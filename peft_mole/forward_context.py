@@ -89,10 +89,17 @@ def packed_real_tokens(position_ids: torch.Tensor) -> torch.Tensor | None:
     """(1, T) bool mask of a padding-free row's real tokens, or None where none is padding. TRL's padding-free
     collator pads the packed row on the right (`pad_to_multiple_of`) with position id 0 and label -100, so each pad
     reads as a sequence of one token: the tokens after the last one of position > 0 are padding (a real sequence
-    of one token there, which has no target, is not told apart). One read-back on a GPU."""
+    of one token there, which has no target, is not told apart). Eagerly, one read-back (a sync on a GPU) decides
+    whether there are any; under torch.compile the mask is computed on the device, without a read-back (all True
+    where there are none)."""
     positions = position_ids[0]
+    if positions.shape[0] == 0:
+        return None
     index = torch.arange(positions.shape[0], device=positions.device)
-    last = int(torch.where(positions > 0, index, -1).max())
+    last = torch.where(positions > 0, index, -1).max()
+    if torch.compiler.is_compiling():
+        return ((index <= last) | (last < 0))[None]
+    last = int(last)
     if last < 0 or last == positions.shape[0] - 1:
         return None
     return (index <= last)[None]

@@ -169,3 +169,31 @@ def test_sft_trainer_padding_free_trains_as_padded(method, local_assets, tmp_pat
     for layout in ((True, None), (True, 64)):
         for name, value in trained[layout].items():
             torch.testing.assert_close(value, padded[name], atol=1e-5, rtol=0, msg=(layout, name))
+
+
+def test_on_a_native_moe_base_trl_adds_the_adapters_aux_loss_at_weight_one():
+    """A Qwen2-MoE base returns its own router loss L_base and TRL adds c · aux_loss (c: the base's
+    router_aux_loss_coef). The adapter's aux loss joins as aux_loss = L_base + aux / c, so TRL adds c · L_base + aux
+    (before this session's change it was shifted into the log-probs; with the first version of the declaration it
+    was scaled by c = 0.001 and L_base dropped)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    config = Qwen2MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    base = Qwen2MoeForCausalLM(config)
+    model = get_peft_model(base, METHODS["mixlora"](num_experts=4, r=4, router_aux_loss_coef=0.5))
+    assert "_declared_aux_config" not in model.base_model.__dict__  # a native MoE config is left as it is
+    add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
+    base.config.output_router_logits = True  # as SFTTrainer sets it
+    model.train()
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    out = model(input_ids=ids, labels=ids, output_router_logits=True, fused_lm_head=True)
+    ours = out.aux_loss_per_adapter["default"]
+    with model.disable_adapter():
+        native = model(input_ids=ids, labels=ids, output_router_logits=True, fused_lm_head=True).aux_loss
+    coef = base.config.router_aux_loss_coef
+    assert ours > 0.4 and native is not None
+    torch.testing.assert_close(coef * out.aux_loss, coef * native + ours, rtol=1e-4, atol=1e-5)

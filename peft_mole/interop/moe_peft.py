@@ -51,6 +51,10 @@ def _check_target(source: str, target: str, overwrite: bool) -> None:
     """Refuse to write over the source, over a file, or (unless `overwrite`) into a folder that holds files."""
     if os.path.isdir(source) and os.path.realpath(source) == os.path.realpath(target):
         raise ValueError(f"the output folder {target} is the input folder: give another folder")
+    inside = [path for path in (source, os.getcwd())
+              if os.path.commonpath([os.path.realpath(path), os.path.realpath(target)]) == os.path.realpath(target)]
+    if inside and os.path.exists(target):  # replacing it whole would delete what lies inside
+        raise ValueError(f"the output folder {target} holds {inside[0]}: give a folder of its own")
     if os.path.exists(target) and not os.path.isdir(target):
         raise ValueError(f"the output {target} exists and is not a folder")
     if os.path.isdir(target) and os.listdir(target) and not overwrite:
@@ -255,6 +259,11 @@ def export_moe_peft(source: str, target: str, flavour: str = "moe-peft", act_fn:
         r, alpha, dropout = config.attention_lora
         top = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout}
         expert_lora = experts if top != experts else None
+        if flavour == "mixlora" and expert_lora and (top["r"], top["lora_alpha"]) == (config.r, config.lora_alpha):
+            expert_lora = None  # only dropout differs: the package ignores `expert_lora`, and dropout is for training
+            warnings.warn("the mixlora package reads one lora_dropout for experts and attention: the attention's is "
+                          f"written ({top['lora_dropout']}; the experts trained with {config.lora_dropout})",
+                          stacklevel=2)
     else:  # experts only: their settings are the top level
         top, expert_lora = experts, None
     if flavour == "mixlora" and expert_lora:

@@ -26,6 +26,15 @@ def _fsync_tree(path: str) -> None:
                 os.fsync(f.fileno())
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # (read once, at import: setting it is process-wide)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def write_atomically(final_dir: str, write: Callable[[str], None]) -> str:
     """Call write(tmp_dir), then move tmp_dir to `final_dir` in one rename. Returns final_dir.
 
@@ -35,9 +44,7 @@ def write_atomically(final_dir: str, write: Callable[[str], None]) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final_dir)}-", dir=parent)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # a folder made as any other (mkdtemp's are private: 0700)
+        os.chmod(tmp, 0o777 & ~_UMASK)  # a folder made as any other (mkdtemp's are private: 0700)
         write(tmp)
         _fsync_tree(tmp)
         if os.path.exists(final_dir):  # same step saved again (e.g. after resume): swap in the new one

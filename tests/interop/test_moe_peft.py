@@ -96,6 +96,11 @@ def test_convert_never_writes_over_the_source_or_another_adapter_and_writes_atom
     assert all(torch.equal(before[k], after[k]) for k in before)
     monkeypatch.undo()
     import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "ours"), overwrite=True)
+    (tmp_path / "models").mkdir()  # a DST that holds the source (or the working directory): replacing it deletes it
+    import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "models" / "src"))
+    with pytest.raises(ValueError, match="holds"):
+        export_moe_peft(str(tmp_path / "models" / "src"), str(tmp_path / "models"), overwrite=True)
+    assert (tmp_path / "models" / "src" / "adapter_model.safetensors").exists()
     result = subprocess.run([sys.executable, "-m", "peft_mole.cli", "convert", "--to", "moe-peft",
                              str(tmp_path / "ours"), str(tmp_path / "ours")], capture_output=True, text=True,
                             timeout=120)
@@ -181,3 +186,16 @@ def test_an_act_fn_other_than_the_bases_is_warned_about(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "same"))  # silu on a silu base: nothing to say
+
+
+def test_mixlora_flavour_export_with_only_the_dropout_differing_warns(tmp_path):
+    """The package reads one lora_dropout (dropout only matters in training): the export goes on with a warning
+    (the first version of this session's change refused it, naming equal r and alpha as the difference)."""
+    import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "ours"))
+    config_path = tmp_path / "ours" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(lora_dropout=0.1, attn_lora_dropout=0.0)
+    config_path.write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="one lora_dropout"):
+        export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "pkg"), flavour="mixlora", act_fn="silu")
+    assert "expert_lora" not in json.loads((tmp_path / "pkg" / "adapter_config.json").read_text())

@@ -256,11 +256,9 @@ def test_resume_says_an_ended_job_is_not_trained_further_and_a_finished_job_drop
 
 
 def test_checkpoint_folders_get_the_usual_permissions(tmp_path):
-    """A checkpoint folder is made as any other (mode 0777 less the umask), as Trainer's are; `mkdtemp`, where it is
-    written first, makes it private (0700), which locked other users of a shared output_dir out."""
-    umask = os.umask(0o022)
-    try:
-        final = write_atomically(str(tmp_path / "checkpoint-1"), lambda tmp: open(os.path.join(tmp, "x"), "w").close())
-    finally:
-        os.umask(umask)
-    assert os.stat(final).st_mode & 0o777 == 0o755
+    """A checkpoint folder is made as any other (mode 0777 less the process's umask), as Trainer's are; `mkdtemp`,
+    where it is written first, makes it private (0700), which locked other users of a shared output_dir out."""
+    from peft_mole.multijob import checkpoint
+
+    final = write_atomically(str(tmp_path / "checkpoint-1"), lambda tmp: open(os.path.join(tmp, "x"), "w").close())
+    assert os.stat(final).st_mode & 0o777 == 0o777 & ~checkpoint._UMASK != 0o700

@@ -11,7 +11,7 @@ from torch import nn
 
 from peft_mole.diagnostics import RouterStats, router_stats
 from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord, packed_real_tokens
-from peft_mole.tuners.aux_outputs import with_fields
+from peft_mole.tuners.aux_outputs import declare_known, with_fields
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
 from peft_mole.tuners.load_checks import base_shape, check_base_shape
 from peft_mole.tuners.mixlora.attention import LoraLinear
@@ -84,6 +84,7 @@ class MixLoRAModel(BaseTuner):
         self.__dict__["_targets"] = find_targets(model, peft_config, scope, self.mlp_layer_cls)
         if self.declares_router_aux_loss:
             self._declare_router_aux_loss(model)
+        declare_known()  # the output classes with aux loss fields, before any compiled forward (`aux_outputs`)
 
     def _declare_router_aux_loss(self, model: nn.Module) -> None:
         """Declare the router aux loss where TRL looks for a Mixture-of-Experts model's: the base's text config gets
@@ -200,8 +201,9 @@ class MixLoRAModel(BaseTuner):
             context.records = None
         if records:
             self._check_router_gradients(records)
-            outputs = self._attach_aux_loss(outputs, records, labels, kwargs.get("shift_labels"),
-                                            kwargs.get("num_items_in_batch"))
+            attached = self._attach_aux_loss(outputs, records, labels, kwargs.get("shift_labels"),
+                                             kwargs.get("num_items_in_batch"))
+            outputs = outputs if attached is None else attached  # (an override that sets items returns None)
         return outputs
 
     def _rows_set(self, context: ForwardContext, args: tuple, kwargs: dict) -> None:
@@ -247,7 +249,8 @@ class MixLoRAModel(BaseTuner):
             return outputs  # return_dict=False: a plain tuple; use return_dict=True (the default) to get the aux loss
         # per adapter: {adapter: its aux loss over its own rows}, with grad; fields of the output's class, so that
         # DDP can rebuild it (`aux_outputs`)
-        outputs = with_fields(outputs, aux_loss=aux, aux_loss_per_adapter=per_adapter)
+        outputs = with_fields(outputs, aux_loss=self._with_native_aux_loss(outputs, aux),
+                              aux_loss_per_adapter=per_adapter)
         label_mask = outputs.get("label_mask")
         n = label_mask.sum() if label_mask is not None else _count_targets(labels, shift_labels)
         if outputs.get("loss") is None or n is None:
@@ -256,6 +259,18 @@ class MixLoRAModel(BaseTuner):
         denominator = n if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(n)
         outputs["loss"] = outputs["loss"] + aux * (n / denominator)
         return outputs
+
+    def _with_native_aux_loss(self, outputs, aux: torch.Tensor) -> torch.Tensor:
+        """`aux`, or on a native Mixture-of-Experts base whose forward returned its own router loss L_base (its config
+        declares `router_aux_loss_coef` c > 0; `_declare_router_aux_loss` leaves it alone): L_base + aux / c, so
+        that TRL's c · aux_loss adds c · L_base + aux, the adapter's loss at weight 1 as on a dense base."""
+        native = outputs.get("aux_loss") if hasattr(outputs, "get") else None
+        config = getattr(self.model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        coef = getattr(text, "router_aux_loss_coef", 0.0) or 0.0
+        if native is None or "_declared_aux_config" in self.__dict__ or coef <= 0:
+            return aux
+        return native + aux / coef
 
     # ------------------------------------------------------------------ merging / unloading
     def _replace_module(self, parent, child_name, new_module, child) -> None:
