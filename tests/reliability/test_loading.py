@@ -102,7 +102,7 @@ def test_pickle_adapter_is_refused_until_converted(saved, tmp_path):
 
 def test_pickle_that_is_not_a_state_dict_is_refused(tmp_path):
     torch.save([torch.zeros(2)], tmp_path / "adapter_model.bin")
-    with pytest.raises(ValueError, match="not a flat dict of tensors"):
+    with pytest.raises(ValueError, match="not a flat dict of named tensors"):
         peft_mole.convert_bin_adapter(str(tmp_path))
     with pytest.raises(ValueError, match="does not exist"):
         peft_mole.convert_bin_adapter(str(tmp_path / "nowhere"))
