@@ -11,7 +11,7 @@ import textwrap
 import pytest
 from safetensors.torch import load_file
 
-from tests.multijob.test_distributed import _free_port
+from tests.multijob.test_distributed import accelerate_launch
 
 SCRIPT = textwrap.dedent('''
     import os, sys
@@ -51,10 +51,7 @@ def test_sft_trainer_with_a_mixlora_config_trains_under_ddp_as_in_one_process(tm
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]
-    two = subprocess.run(launch + [str(script), str(tmp_path / "two"), "2"],
+    two = subprocess.run(accelerate_launch() + [str(script), str(tmp_path / "two"), "2"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "processes 2" in two.stdout and "processes 1" in one.stdout

@@ -101,10 +101,6 @@ class JobConfig:
             raise ValueError(f"job {self.name!r}: train_dataset is empty")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise TypeError(f"job {self.name!r}: priority must be an int, got {self.priority!r}")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"job {self.name!r}: {name} must be an int >= 1, got {value!r}")
         for name in NUMBERS:
             check_number(f"job {self.name!r}", name, getattr(self, name))
         steps = self.max_steps

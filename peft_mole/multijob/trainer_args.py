@@ -49,6 +49,7 @@ NUMBERS = {
     "weight_decay": (False, 0, False), "max_grad_norm": (False, 0, False), "seed": (True, 0, False),
     "save_steps": (False, 0, True), "logging_steps": (False, 0, True),
     "eval_steps": (False, 0, False),  # (0: every logging_steps, as in TrainingArguments)
+    "per_device_train_batch_size": (True, 1, False), "gradient_accumulation_steps": (True, 1, False),
 }
 
 
@@ -74,10 +75,6 @@ def check_trainer_args(args, configs: dict) -> None:
     check_lr_scheduler(args.lr_scheduler_type, "lr_scheduler_type")
     for name in NUMBERS:  # the jobs' defaults: checked as each job's own values are (`JobConfig`)
         check_number("trainer arguments", name, getattr(args, name, None))
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-        value = getattr(args, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"trainer arguments: {name} must be an int >= 1, got {value!r}")
     save_strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
     if save_strategy == "best":
         raise ValueError("MultiJobTrainer does not support save_strategy='best': each job saves its final adapter and "

@@ -20,6 +20,7 @@ import dataclasses
 import sys
 from typing import Any
 
+import torch
 from transformers.utils import ModelOutput
 
 AUX_FIELDS = ("aux_loss", "aux_loss_per_adapter")
@@ -49,8 +50,6 @@ def with_fields(outputs, **values: Any):
     """`outputs` with `values` set: as an instance of a class that declares every name in `values` as a field where
     `outputs` is a ModelOutput dataclass (module docstring), else by item."""
     if isinstance(outputs, ModelOutput):
-        import torch
-
         cls, names = type(outputs), tuple(values)
         subclass = _SUBCLASSES.get((cls, names))  # (a dict lookup: traceable)
         if subclass is None and not torch.compiler.is_compiling() and dataclasses.is_dataclass(outputs):

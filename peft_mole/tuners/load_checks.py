@@ -99,11 +99,16 @@ def convert_bin_adapter(folder: str, overwrite: bool = False) -> str:
     return target
 
 
-def base_shape(model: nn.Module) -> dict | None:
+def text_config(model: nn.Module):
+    """The model's config for its text part (`get_text_config()`: the config itself for a text-only model), or None."""
     config = getattr(model, "config", None)
-    if config is None:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def base_shape(model: nn.Module) -> dict | None:
+    text = text_config(model)
+    if text is None:
         return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     shape = {key: getattr(text, key, None) for key in (*SHAPE_FIELDS, "vocab_size")}
     shape["model_type"] = getattr(text, "model_type", None)
     return shape

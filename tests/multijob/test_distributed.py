@@ -109,6 +109,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def accelerate_launch() -> list[str]:
+    """`accelerate launch` of 2 CPU processes (gloo), on a free port; the script and its arguments follow."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port())]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
 @pytest.mark.parametrize("padding_free", ["0", "1"])  # "1": each process packs its own shard's sequences
 def test_two_processes_match_one_process(tmp_path, padding_free):
@@ -118,10 +125,7 @@ def test_two_processes_match_one_process(tmp_path, padding_free):
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4", padding_free],
                          capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]
-    two = subprocess.run(launch + [str(script), str(tmp_path / "two"), "2", padding_free],
+    two = subprocess.run(accelerate_launch() + [str(script), str(tmp_path / "two"), "2", padding_free],
                          capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "processes 2" in two.stdout and "processes 1" in one.stdout
@@ -151,10 +155,7 @@ def test_a_job_failing_on_one_process_fails_on_every_process_and_the_others_go_o
                          capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "('bad', 'done', 3)" in one.stdout  # one process: no process 1, the job trains
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]
-    two = subprocess.run(launch + [str(script), str(tmp_path / "two"), "2", "0", "fail"],
+    two = subprocess.run(accelerate_launch() + [str(script), str(tmp_path / "two"), "2", "0", "fail"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     statuses = [line for line in two.stdout.splitlines() if " statuses " in line]
@@ -181,10 +182,7 @@ def test_two_processes_agree_on_a_budget_and_average_per_process_token_means(tmp
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "4", "0", mode],
                          capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]
-    two = subprocess.run(launch + [str(script), str(tmp_path / "two"), "2", "0", mode],
+    two = subprocess.run(accelerate_launch() + [str(script), str(tmp_path / "two"), "2", "0", mode],
                          capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     rounds = sorted(line for line in two.stdout.splitlines() if " rounds " in line)
@@ -241,10 +239,8 @@ def test_resume_under_two_processes_gives_each_process_its_own_stream_back(tmp_p
     script = tmp_path / "train.py"
     script.write_text(RESUME_SCRIPT.format(root=os.getcwd()))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"]
     for out, phase in (("full", "full"), ("cut", "stop"), ("cut", "resume")):
-        done = subprocess.run(launch + [str(_free_port()), str(script), str(tmp_path / out), phase],
+        done = subprocess.run(accelerate_launch() + [str(script), str(tmp_path / out), phase],
                               capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
     streams = load_file(tmp_path / "cut" / "drop" / "checkpoint-2" / "random_stream.safetensors")

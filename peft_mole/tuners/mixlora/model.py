@@ -13,7 +13,7 @@ from peft_mole.diagnostics import RouterStats, router_stats
 from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord, packed_real_tokens
 from peft_mole.tuners.aux_outputs import declare_known, with_fields
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
-from peft_mole.tuners.load_checks import base_shape, check_base_shape
+from peft_mole.tuners.load_checks import base_shape, check_base_shape, text_config
 from peft_mole.tuners.mixlora.attention import LoraLinear
 from peft_mole.tuners.mixlora.layer import MixLoRAMLP
 from peft_mole.tuners.mixlora.projection import MoELoraLinear
@@ -96,8 +96,7 @@ class MixLoRAModel(BaseTuner):
         from router logits a dense base has not: the forward sets it back to False (and takes the keyword TRL
         passes). `unload()` removes both attributes; a config that has them already (a native MoE base) is left as
         it is."""
-        config = getattr(model, "config", None)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config(model)
         if text is None or hasattr(text, "output_router_logits") or "_declared_aux_config" in self.__dict__:
             return
         text.output_router_logits = False  # TRL sets it to whether it adds the aux loss
@@ -265,9 +264,7 @@ class MixLoRAModel(BaseTuner):
         declares `router_aux_loss_coef` c > 0; `_declare_router_aux_loss` leaves it alone): L_base + aux / c, so
         that TRL's c · aux_loss adds c · L_base + aux, the adapter's loss at weight 1 as on a dense base."""
         native = outputs.get("aux_loss") if hasattr(outputs, "get") else None
-        config = getattr(self.model, "config", None)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        coef = getattr(text, "router_aux_loss_coef", 0.0) or 0.0
+        coef = getattr(text_config(self.model), "router_aux_loss_coef", 0.0) or 0.0
         if native is None or "_declared_aux_config" in self.__dict__ or coef <= 0:
             return aux
         return native + aux / coef
