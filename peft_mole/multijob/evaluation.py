@@ -6,7 +6,11 @@ many evaluations in a row did not improve its best loss.
 
 from __future__ import annotations
 
+import datasets
 import torch
+from accelerate.utils import send_to_device
+from datasets.distributed import split_dataset_by_node
+from torch.utils.data import DataLoader
 
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob.batching import batch_inputs
@@ -48,17 +52,24 @@ class JobEvaluation:
     def _eval_loss(self, name: str, batch_size: int) -> float:
         """Mean over job `name`'s eval set's target tokens (and over processes) of its adapter's loss. Under several
         processes each row is counted once: the loader does not repeat rows to give every process as many batches
-        (accelerate's `even_batches`, which would count them twice); a process with fewer batches just sums less."""
-        even, self.accelerator.even_batches = self.accelerator.even_batches, False
-        try:
-            loader = self._get_dataloader(dataset=self.job_eval_datasets[name], description=f"{name} evaluation",
-                                          batch_size=batch_size, sampler_fn=self._get_eval_sampler)
-        finally:
-            self.accelerator.even_batches = even
+        (accelerate's `even_batches`, which would count them twice); a process with fewer batches just sums less. A
+        streaming set is split by `datasets.distributed.split_dataset_by_node`, each process reading its own examples
+        (accelerate would otherwise send process 0's batches, repeating rows to fill the last one)."""
+        dataset, description = self.job_eval_datasets[name], f"{name} evaluation"
+        if dist.is_distributed(self.accelerator) and isinstance(dataset, datasets.IterableDataset):
+            loader = self._own_examples_loader(dataset, description, batch_size)
+        else:
+            even, self.accelerator.even_batches = self.accelerator.even_batches, False
+            try:
+                loader = self._get_dataloader(dataset=dataset, description=description, batch_size=batch_size,
+                                              sampler_fn=self._get_eval_sampler)
+            finally:
+                self.accelerator.even_batches = even
         training, total, count = self.model.training, 0.0, 0
         self.model.eval()
         try:
             for batch in loader:
+                batch = send_to_device(batch, self.args.device)
                 with self.compute_loss_context_manager(), self.accelerator.autocast():
                     out = self.jobs_model(**batch_inputs(batch, name), labels=batch["labels"], fused_lm_head=True,
                                           use_cache=False)
@@ -70,3 +81,12 @@ class JobEvaluation:
             self.accelerator, torch.tensor([total, float(count)], dtype=torch.float64)
         ).tolist()
         return total / max(count, 1.0)
+
+    def _own_examples_loader(self, dataset: datasets.IterableDataset, description: str, batch_size: int) -> DataLoader:
+        """This process's examples of a streaming eval set, batched with the trainer's collator (not sharded again
+        by accelerate)."""
+        own = split_dataset_by_node(dataset, rank=self.accelerator.process_index,
+                                    world_size=self.accelerator.num_processes)
+        return DataLoader(own, batch_size=batch_size, num_workers=self.args.dataloader_num_workers,
+                          collate_fn=self._get_collator_with_removed_columns(self.data_collator, description=description),
+                          pin_memory=self.args.dataloader_pin_memory)

@@ -94,9 +94,13 @@ SCRIPT = textwrap.dedent('''
     trainer.train()
     statuses = sorted((row["job"], row["status"], row["steps"]) for row in trainer.job_summary)
     evaluation = round(trainer.evaluate()["lora/eval_loss"], 6)
+    # the same 7 rows streamed: each process reads its own (before: process 0's, one repeated to fill a batch)
+    trainer.job_eval_datasets["lora"] = trainer.job_eval_datasets["lora"].to_iterable_dataset()
+    streamed = round(trainer.evaluate()["lora/eval_loss"], 6)
     # one write per line: the two processes share stdout
     sys.stdout.write(f"process {{rank}} rounds {{len(widest)}} most jobs in a round {{max(widest)}}\\n"
                      f"process {{rank}} eval {{evaluation}}\\n"
+                     f"process {{rank}} eval {{streamed}}\\n"
                      f"processes {{trainer.accelerator.num_processes}}\\n"
                      f"process {{rank}} statuses {{statuses}}\\n")
     sys.stdout.flush()
@@ -138,10 +142,11 @@ def test_two_processes_match_one_process(tmp_path, padding_free):
     summaries = [json.loads((tmp_path / run / "jobs_summary.json").read_text())["jobs"] for run in ("one", "two")]
     tokens = [{row["job"]: row["tokens"] for row in summary} for summary in summaries]
     assert tokens[0] == tokens[1] and min(tokens[0].values()) > 0, tokens
-    # a job's eval loss counts each of its 7 eval rows once (before: the loader repeated a row on one process)
+    # a job's eval loss counts each of its 7 eval rows once, from a dataset or a stream (before: the loader repeated
+    # a row on one process)
     losses = [float(line.split(" eval ")[1]) for out in (one, two) for line in out.stdout.splitlines()
               if " eval " in line]
-    assert len(losses) == 3 and max(losses) - min(losses) <= 1e-5, losses
+    assert len(losses) == 6 and max(losses) - min(losses) <= 1e-5, losses
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
