@@ -6,7 +6,8 @@ per-row adapter names (or, for a packed batch, one per token: see `unit_view`); 
 non-padding token mask and starts recording router statistics, and stops recording when it returns, so no
 statistic carries over from one call to the next (MoE-PEFT issue #14). Row assignment and mask stay in place
 until the next call on purpose: activation checkpointing re-runs the layers during backward and must see the same
-rows as the forward did.
+rows as the forward did. A call of the base model itself (`model.get_base_model()(...)`), which neither sets them,
+runs the active adapter on every row (`MixLoRAModel._base_called`).
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class ForwardContext:
     token_mask: torch.Tensor | None = None  # (batch, seq) bool, True = real token
     records: list[RouterRecord] | None = None  # None = do not record
     rows_set_by_hook: bool = False  # row_adapters were set for the call now starting
+    in_tuner_call: bool = False  # the tuner's forward is running the base (`MixLoRAModel._base_called`)
     check_finite: bool = False  # `peft_mole.check_finite` is on: layers check router logits for NaN/inf
     # compiled multi-job steps (`MultiJobModel.compile_mixed_steps`): the jobs in a fixed order and, per row, the
     # index of its job in `jobs` (len(jobs) for a base-only row), so that LoRA layers take the composition as data

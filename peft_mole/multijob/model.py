@@ -130,6 +130,9 @@ class MultiJobModel(MixLoRAModel):
         check_job_name(name)
         if isinstance(config, LoraConfig):
             check_lora_config(name, config)
+        elif isinstance(config, ExpertAdapterConfig) and config.modules_to_save:
+            raise ValueError(f"job {name!r}: modules_to_save is not supported in multi-job training (a job trains "
+                             f"its adapter only); got {config.modules_to_save!r}")
         elif not isinstance(config, ExpertAdapterConfig):
             raise TypeError(
                 f"job {name!r}: peft_config must be a LoraConfig, MixLoRAConfig or DynMoLEConfig, got "

@@ -92,6 +92,7 @@ def test_every_job_trains_and_only_on_its_rows():
         ("__base__", LoraConfig(r=4), ValueError, "reserved"),
         ("x", LoraConfig(r=4, use_dora=True), ValueError, "use_dora"),
         ("x", LoraConfig(r=4, modules_to_save=["lm_head"]), ValueError, "modules_to_save"),
+        ("x", mixlora(modules_to_save=["lm_head"]), ValueError, "modules_to_save"),
         ("x", {"r": 4}, TypeError, "LoraConfig, MixLoRAConfig or DynMoLEConfig"),
     ],
 )

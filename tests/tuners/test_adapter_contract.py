@@ -202,6 +202,51 @@ def test_mixed_adapter_batch_equals_each_row_alone(method):
     assert (mixed[0] - mixed[1]).abs().max() > 1e-3  # the adapters really differ
 
 
+@pytest.mark.parametrize("method", ["mixlora", "dynmole"])
+def test_mixed_adapter_batch_runs_each_rows_own_modules_to_save_copy(method):
+    """Each row's own copy of a `modules_to_save` module (the frozen original for "__base__"), as PEFT's LoRA does,
+    in forward, through the tuner directly and in generate (before: every row used the active adapter's copy)."""
+    from peft_mole import BASE_ROW
+
+    model = get_peft_model(tiny_base(), METHODS[method](modules_to_save=["lm_head"]))
+    model.add_adapter("other", METHODS[method](modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(5)
+        for name, p in sorted(model.named_parameters()):
+            if "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    model.eval()
+    ids, mask, _ = batch(3, 7)
+    names = ["other", BASE_ROW, "default"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        direct = model.base_model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == BASE_ROW:
+                with model.disable_adapter():
+                    alone = model(input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(direct[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+    assert (mixed[0] - mixed[2]).abs().max() > 1.0  # the lm_head copies really differ
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    generated = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kwargs)
+    model.set_adapter("other")
+    assert torch.equal(generated[:1], model.generate(input_ids=ids[:1], attention_mask=mask[:1], **kwargs))
+
+
+def test_the_reserved_base_row_name_cannot_name_an_adapter():
+    from peft_mole import BASE_ROW
+
+    with pytest.raises(ValueError, match="'__base__' is reserved"):
+        get_peft_model(tiny_base(), METHODS["mixlora"](), adapter_name=BASE_ROW)
+    model = get_peft_model(tiny_base(), METHODS["mixlora"]())
+    with pytest.raises(ValueError, match="'__base__' is reserved"):
+        model.add_adapter(BASE_ROW, METHODS["mixlora"]())
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_low_cpu_mem_usage_loading_matches_and_keeps_routers_fp32(method, tmp_path):
     model = get_peft_model(tiny_base(), METHODS[method]())
@@ -240,6 +285,14 @@ def test_generate_with_beams_and_per_row_adapters_and_no_stale_rows():
         default = model(input_ids=ids[:1], adapter_names=["default"]).logits
     torch.testing.assert_close(later, fresh, atol=0, rtol=0)
     assert (later - default).abs().max() > 1e-4  # not the first row's adapter of the generate call
+    # nor the rows of a mixed forward, whatever the batch size (before: kept, or a ValueError about adapter_names)
+    with torch.no_grad():
+        model(input_ids=ids, adapter_names=["default", "default"])
+        two = model.get_base_model()(input_ids=ids).logits
+        model(input_ids=ids, adapter_names=["default", "default"])
+        one = model.get_base_model()(input_ids=ids[:1]).logits
+    torch.testing.assert_close(one, fresh, atol=0, rtol=0)
+    torch.testing.assert_close(two, model(input_ids=ids).logits, atol=0, rtol=0)
 
 
 def test_reentrant_checkpointing_is_refused_instead_of_silently_dropping_the_aux_loss():

@@ -45,6 +45,19 @@ def test_norms_are_kept_inside_dora_caching_in_eval_mode(norm_calls):
     assert len(norm_calls) == PROJECTIONS
 
 
+def test_an_adapter_made_under_inference_mode_keeps_its_norms_too(norm_calls):
+    # inference tensors have no version counter (before: a RuntimeError from reading it)
+    ids, mask, _ = batch(2, 6)
+    with torch.inference_mode():
+        model = dora_model()
+        uncached = model(input_ids=ids, attention_mask=mask).logits
+        norm_calls.clear()
+        with DoraCaching():
+            first, second = (model(input_ids=ids, attention_mask=mask).logits for _ in range(2))
+    assert len(norm_calls) == PROJECTIONS
+    assert torch.equal(first, uncached) and torch.equal(second, uncached)
+
+
 def test_a_changed_factor_or_training_recomputes_the_norms(norm_calls):
     model = dora_model()
     ids, mask, labels = batch(2, 6)

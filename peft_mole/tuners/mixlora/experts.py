@@ -69,6 +69,8 @@ class ExpertLoRA(nn.Module):
         Eagerly an entry is used while A, B and W keep their storage and version counter. torch.compile cannot read
         version counters: a compiled call uses the entry an eager call left (`generate` runs its prefill eagerly,
         so each generation refreshes it before the compiled decoding steps), else computes the norms in its graph.
+        Inference tensors (an adapter loaded under `torch.inference_mode()`) have no version counter: their entry
+        stays while their storage does, as PEFT's own DoRA cache does for every tensor.
         """
         lora_a, lora_b = self.factors(proj)
         if not dora.ENABLE_DORA_CACHING or self.training:
@@ -77,7 +79,7 @@ class ExpertLoRA(nn.Module):
         cached = self._norm_cache.get(proj)
         if torch.compiler.is_compiling():
             return row_norms(weight, lora_a, lora_b, self.scaling) if cached is None else cached[1]
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (weight, lora_a, lora_b))
+        key = tuple((t.data_ptr(), _version(t), t.dtype, t.device) for t in (weight, lora_a, lora_b))
         if cached is None or cached[0] != key:
             cached = self._norm_cache[proj] = (key, row_norms(weight, lora_a, lora_b, self.scaling))
         return cached[1]
@@ -86,6 +88,11 @@ class ExpertLoRA(nn.Module):
         if mode:
             self._norm_cache.clear()
         return super().train(mode)
+
+
+def _version(t: torch.Tensor) -> int:
+    """The in-place version counter of `t`, or -1 for an inference tensor (which has none)."""
+    return -1 if t.is_inference() else t._version
 
 
 def row_norms(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from peft_mole.diagnostics import RouterStats, router_stats
@@ -84,6 +86,8 @@ class MixLoRAModel(BaseTuner):
         self.__dict__["_targets"] = find_targets(model, peft_config, scope, self.mlp_layer_cls)
         if self.declares_router_aux_loss:
             self._declare_router_aux_loss(model)
+        if "_base_call_hook" not in self.__dict__:
+            self.__dict__["_base_call_hook"] = model.register_forward_pre_hook(self._base_called)
         declare_known()  # the output classes with aux loss fields, before any compiled forward (`aux_outputs`)
 
     def _declare_router_aux_loss(self, model: nn.Module) -> None:
@@ -105,6 +109,9 @@ class MixLoRAModel(BaseTuner):
 
     def unload(self, *args, **kwargs):
         """The base model without the adapters, its config as it was (`_declare_router_aux_loss`)."""
+        hook = self.__dict__.pop("_base_call_hook", None)
+        if hook is not None:
+            hook.remove()
         text = self.__dict__.pop("_declared_aux_config", None)
         for name in ("output_router_logits", "router_aux_loss_coef"):
             if text is not None and hasattr(text, name):
@@ -158,11 +165,40 @@ class MixLoRAModel(BaseTuner):
         context = self._context()
         context.set_row_adapters(names, by_hook=True)
         try:
-            yield
+            with self._modules_to_save_rows(names):
+                yield
         finally:
             if context.rows_set_by_hook:
                 # `generate` never reached the tuner's forward: nothing to recompute later, forget the rows
                 context.set_row_adapters(None)
+
+    @contextmanager
+    def _modules_to_save_rows(self, names: list[str] | None):
+        """Pass `adapter_names` to PEFT's `modules_to_save` copies (`AuxiliaryTrainingWrapper`) for the call, as
+        PEFT's LoRA does, so that each row runs its own adapter's copy (the original module for "__base__")."""
+        wrappers = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)] if names else []
+        handles = [m.register_forward_pre_hook(partial(_pass_adapter_names, names=names), with_kwargs=True)
+                   for m in wrappers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        if adapter_name == BASE_ROW:
+            raise ValueError(f"adapter name {BASE_ROW!r} is reserved: in adapter_names it stands for the base model "
+                             "alone; choose another name")
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def _base_called(self, module: nn.Module, args: tuple) -> None:
+        """Before each call of the base model: one that comes neither through the tuner's forward nor through
+        `PeftModel` (`model.get_base_model()(...)`, as with PEFT's LoRA) runs the active adapter on every row, not
+        the rows of the call before (kept for activation checkpointing's recomputation)."""
+        context = self._context()
+        if not (context.in_tuner_call or context.rows_set_by_hook) and context.row_adapters is not None:
+            context.set_row_adapters(None)
+            context.token_mask = None
 
     def _check_adapter_names(self, names) -> None:
         if isinstance(names, str) or not all(isinstance(n, str) for n in names):
@@ -175,7 +211,8 @@ class MixLoRAModel(BaseTuner):
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         context = self._context()
-        if not context.rows_set_by_hook:  # called directly, not through PeftModel
+        direct = not context.rows_set_by_hook  # called directly, not through PeftModel
+        if direct:
             if adapter_names is not None:
                 self._check_adapter_names(adapter_names)
             context.set_row_adapters(adapter_names)
@@ -193,11 +230,13 @@ class MixLoRAModel(BaseTuner):
         if (context.records is not None and attention_mask is None and self.packed_rows_may_end_in_padding
                 and isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[0] == 1):
             context.token_mask = packed_real_tokens(positions)  # padding-free with `pad_to_multiple_of`
+        context.in_tuner_call = True
         try:
-            outputs = self.model(*args, **kwargs)
+            with self._modules_to_save_rows(adapter_names if direct else None):
+                outputs = self.model(*args, **kwargs)
             records = context.records
         finally:
-            context.records = None
+            context.records, context.in_tuner_call = None, False
         if records:
             self._check_router_gradients(records)
             attached = self._attach_aux_loss(outputs, records, labels, kwargs.get("shift_labels"),
@@ -289,3 +328,7 @@ class MixLoRAModel(BaseTuner):
             "add_weighted_adapter is not supported for MixLoRA and DynMoLE adapters: their experts and routers do not "
             "combine into one adapter. Use several adapters in one batch instead (adapter_names=[...] per row)."
         )
+
+
+def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
+    return args, {**kwargs, "adapter_names": names}
