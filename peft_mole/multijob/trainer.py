@@ -3,10 +3,10 @@
 Each step is one mixed-adapter batch: a micro-batch from every running job, one pass of the frozen base for all
 rows, each adapter on its own rows. Job j's loss on its rows is
 
-    L_j = (−Σ log p(target) + aux_j · n_j) / N_j
+    L_j = −Σ log p(target) / N_j + aux_j / G_j
 
-with n_j its target tokens in this micro-batch and N_j over its whole accumulation window (Trainer's
-`num_items_in_batch`); the step backpropagates Σ_j L_j. Adapters are disjoint, so every job gets the gradients it
+with N_j its target tokens over its whole accumulation window (Trainer's `num_items_in_batch`) and G_j the
+window's micro-batches (SFTTrainer's mean of the aux loss); the step backpropagates Σ_j L_j. Adapters are disjoint, so every job gets the gradients it
 would get trained alone by `SFTTrainer` with the same data order and seed (tests/multijob/test_trainer.py).
 Each job then clips, steps and schedules on its own windows, and logs and checkpoints under its own name.
 
@@ -378,13 +378,14 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
         log_probs, label_mask = outputs.log_probs.float(), outputs.label_mask
         aux = outputs.get("aux_loss_per_adapter") or {}
         losses, tokens = {}, {}
+        summed_processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         for run, _ in parts:
             rows = mixed.index(run.name)
             window_items = torch.as_tensor(run.window_items).clamp(min=1)  # where it is: a copy to a GPU would sync
             tokens[run.name] = label_mask[rows].sum()
             loss = -log_probs[rows].sum() / window_items
-            if run.name in aux:
-                loss = loss + aux[run.name] * tokens[run.name] / window_items
+            if run.name in aux:  # as SFTTrainer: the mean over the window's micro-batches (and summing processes)
+                loss = loss + aux[run.name] / (len(run.window) * summed_processes)
             losses[run.name] = loss
         # every job's loss and token count in one read-back: on a GPU each read is a sync of the step's kernels
         values = torch.stack([torch.stack([losses[r.name].detach().double(), tokens[r.name].double()]) for r, _ in parts])

@@ -73,6 +73,31 @@ def test_jobs_trained_together_equal_each_trained_alone(assets, tmp_path, monkey
             assert diff <= 1e-5, f"{job.name}: {key} differs by {diff}"
 
 
+@pytest.mark.parametrize("method", ["mixlora", "dynmole"])
+def test_router_aux_loss_is_averaged_over_the_windows_micro_batches_as_sft_trainer_does(assets, tmp_path, method):
+    """Micro-batches of very different target-token counts in one window: SFTTrainer adds aux / (micro-batches in
+    the window), and so must the job (before: aux weighted by each micro-batch's share of the tokens, 8e-4 off)."""
+    tokenizer, _ = assets
+    words = ["red", "blue", "cat", "dog", "sun", "rain", "tree", "road"]
+    rows = [{"text": " ".join(words[(i + k) % 8] for k in range(2 if i % 4 < 2 else 30))} for i in range(16)]
+    config = mixlora(num_experts=4, top_k=2) if method == "mixlora" else dynmole(num_experts=4)
+    job = JobConfig("m", config, Dataset.from_list(rows), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                    max_steps=2)
+    args = run_args(tmp_path / "run", max_length=64)
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job], args=args,
+                              processing_class=tokenizer)
+    randomize_adapters(trainer.jobs_model)
+    trainer.jobs_model.save_job("m", str(tmp_path / "init"))
+    trainer.train()
+    solo = PeftModel.from_pretrained(tiny_base(vocab_size=len(tokenizer)), str(tmp_path / "init"), is_trainable=True)
+    SFTTrainer(model=solo, args=job.training_args(run_args(tmp_path / "solo", max_length=64)),
+               train_dataset=job.train_dataset, processing_class=tokenizer).train()
+    expected = get_peft_model_state_dict(solo)
+    together = load_file(str(tmp_path / "run" / "m" / "adapter_model.safetensors"))
+    routers = [key for key in expected if "router" in key]
+    assert routers and max((together[k] - expected[k]).abs().max().item() for k in expected) <= 1e-6
+
+
 def test_lora_micro_batches_cut_into_rows_train_as_alone(assets, tmp_path, monkeypatch):
     """With a free step (`step_overhead_tokens=0`) every LoRA micro-batch is cut into rows and each row length runs
     in its own step, so no mixed step has padding; each job still ends exactly as trained alone (the two jobs'
