@@ -6,6 +6,8 @@ many evaluations in a row did not improve its best loss.
 
 from __future__ import annotations
 
+import logging
+
 import datasets
 import torch
 from accelerate.utils import send_to_device
@@ -15,6 +17,12 @@ from torch.utils.data import DataLoader
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob.batching import batch_inputs
 from peft_mole.multijob.run import STOPPED, JobRun
+
+logger = logging.getLogger("peft_mole.multijob.trainer")  # one logger for the trainer's messages
+
+
+class EvaluationFailed(RuntimeError):
+    """A job's evaluation raised, on this process or another."""
 
 
 class JobEvaluation:
@@ -26,12 +34,21 @@ class JobEvaluation:
         if not self.args.eval_on_start:
             return
         for run in runs:
-            if not run.finished and run.name in self.job_eval_datasets and self._evaluate_job(run):
+            if run.finished or run.name not in self.job_eval_datasets:
+                continue
+            verdict = self._evaluate_job(run)
+            if isinstance(verdict, str):
+                self._fail(run, verdict)
+            elif verdict:
                 self._finish(run, STOPPED)
 
-    def _evaluate_job(self, run: JobRun) -> bool:
-        """Log `<job>/eval_loss`; True when early stopping says stop."""
-        loss = self._eval_loss(run.name, run.args.per_device_eval_batch_size)
+    def _evaluate_job(self, run: JobRun) -> bool | str:
+        """Log `<job>/eval_loss`; True when early stopping says stop. An evaluation that raises (its eval data, an
+        out-of-memory error) gives the reason to fail the job alone, as a training step that raises does."""
+        try:
+            loss = self._eval_loss(run.name, run.args.per_device_eval_batch_size)
+        except EvaluationFailed as error:
+            return f"its evaluation at step {run.global_step} raised {error}"
         metrics = {f"{run.name}/eval_loss": loss, f"{run.name}/step": run.global_step}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
@@ -42,9 +59,15 @@ class JobEvaluation:
         with an eval_dataset; also logged. The jobs carry their eval sets, so `eval_dataset` must be None."""
         if eval_dataset is not None:
             raise TypeError("MultiJobTrainer.evaluate uses each job's own eval_dataset (JobConfig); pass none here")
-        metrics = {f"{job.name}/{metric_key_prefix}_loss": self._eval_loss(
-            job.name, job.training_args(self.args).per_device_eval_batch_size) for job in self.jobs
-            if job.name in self.job_eval_datasets}
+        metrics = {}
+        for job in self.jobs:
+            if job.name in self.job_eval_datasets:
+                try:
+                    metrics[f"{job.name}/{metric_key_prefix}_loss"] = self._eval_loss(
+                        job.name, job.training_args(self.args).per_device_eval_batch_size)
+                except EvaluationFailed as error:  # the other jobs' losses are still reported
+                    logger.error("job %s: its evaluation raised %s; no %s_loss for it", job.name, error,
+                                 metric_key_prefix)
         self.log(dict(metrics))  # Trainer.log adds the epoch to the dict it is given
         return metrics
 
@@ -65,7 +88,7 @@ class JobEvaluation:
                                               sampler_fn=self._get_eval_sampler)
             finally:
                 self.accelerator.even_batches = even
-        training, total, count = self.model.training, 0.0, 0
+        training, total, count, error = self.model.training, 0.0, 0, None
         self.model.eval()
         try:
             for batch in loader:
@@ -75,11 +98,15 @@ class JobEvaluation:
                                           use_cache=False)
                 total += float(-out.log_probs.float().sum())
                 count += int(out.label_mask.sum())
+        except Exception as raised:  # noqa: BLE001 (every process learns of it below, then the job fails)
+            error = f"{type(raised).__name__}: {raised}"
         finally:
             self.model.train(training)
-        total, count = dist.sum_over_processes(
-            self.accelerator, torch.tensor([total, float(count)], dtype=torch.float64)
+        total, count, failed = dist.sum_over_processes(
+            self.accelerator, torch.tensor([total, float(count), float(error is not None)], dtype=torch.float64)
         ).tolist()
+        if failed:
+            raise EvaluationFailed(error or "an error on another process")
         return total / max(count, 1.0)
 
     def _own_examples_loader(self, dataset: datasets.IterableDataset, description: str, batch_size: int) -> DataLoader:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+
 from peft_mole.multijob import checkpoint as ckpt
+from peft_mole.multijob import distributed as dist
 from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun
 
 logger = logging.getLogger("peft_mole.multijob.trainer")  # one logger for the trainer's messages
@@ -79,6 +82,12 @@ class JobLifecycle:
         self.jobs_model.save_job(name, directory)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(directory)
+
+    def _stream_states(self, run: JobRun) -> torch.Tensor | None:
+        """Every process's state of the job's random stream as of its last step, for its checkpoint (a collective:
+        each process draws over its own rows, so a resumed process must take its own state back)."""
+        state = run.stream_state()
+        return None if state is None else dist.gather_rows(self.accelerator, state)
 
     def _fail(self, run: JobRun, reason: str) -> None:
         """Stop one job (its checkpoints stay); the others go on."""

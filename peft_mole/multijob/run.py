@@ -199,23 +199,30 @@ class JobRun:
     def resident_bytes(self) -> int:
         """Bytes this job keeps from step to step besides its weights: its optimizer's state and its gradients.
 
-        A running job that has not stepped yet counts the state it is about to create (two tensors per parameter
-        for Adam and AdamW, three with AMSGrad, one for SGD with momentum); gradients are the flat buffers (made
-        with the job), or the gradients accumulated so far in a window. 0 once released (`release`)."""
+        A running job that has not stepped yet counts the state it is about to create (`projected_state_bytes`);
+        gradients are the flat buffers (made with the job), or the gradients accumulated so far in a window. 0 once
+        released (`release`)."""
         if self.released:
             return 0
         tensors = self.stepped_tensors()
-        state = sum(v.nbytes for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
-        if not state and self.status == RUNNING:
-            groups = self.optimizer.param_groups
-            if isinstance(self.optimizer, torch.optim.SGD):
-                per_parameter = int(any(g.get("momentum", 0) for g in groups))
-            else:
-                per_parameter = 3 if any(g.get("amsgrad") for g in groups) else 2
-            state = per_parameter * sum(p.nbytes for p in tensors)
         gradients = self.flat.gradient_bytes if self.flat is not None else sum(
             p.grad.nbytes for p in tensors if p.grad is not None)  # between a window's micro-batches
-        return state + gradients
+        return self._state_bytes() + self.projected_state_bytes() + gradients
+
+    def _state_bytes(self) -> int:
+        return sum(v.nbytes for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+    def projected_state_bytes(self) -> int:
+        """The optimizer state a running job that has not stepped yet creates at its first step (two tensors per
+        parameter for Adam and AdamW, three with AMSGrad, one for SGD with momentum); 0 for any other job."""
+        if self.released or self.status != RUNNING or self._state_bytes():
+            return 0
+        groups = self.optimizer.param_groups
+        if isinstance(self.optimizer, torch.optim.SGD):
+            per_parameter = int(any(g.get("momentum", 0) for g in groups))
+        else:
+            per_parameter = 3 if any(g.get("amsgrad") for g in groups) else 2
+        return per_parameter * sum(p.nbytes for p in self.stepped_tensors())
 
     def release(self) -> None:
         """Free what only further training needs, once the job has ended: its optimizer's state and its gradients

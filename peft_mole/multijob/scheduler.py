@@ -105,22 +105,35 @@ class JobScheduler:
         return max(max(per_lane), 1)
 
     def pack(self, candidates: list[tuple[JobRun, dict]]) -> list[tuple[JobRun, dict]]:
-        """The candidates (priority order) that fit the memory budget together; at least one unless it cannot fit."""
+        """The candidates (priority order) that fit the memory budget together; the others wait. Where none fits,
+        those that would not fit even with every other job ended fail; if each of them would, the last one fails
+        (its memory freed, the others can go on)."""
         if self.max_memory is None or not self.memory_model.fitted:
             return candidates
         chosen: list[tuple[JobRun, dict]] = []
-        resident = self.resident_change()  # once per round: it walks every job's optimizer state
+        # once per round (they walk every job's optimizer state): what the jobs keep, and what each job that has not
+        # stepped will create at its first step, counted only in a step it is in (`resident_change`)
+        kept = self.resident_change(parts=[])
+        profiled = self.profiled_resident_bytes
+        projected = {run.name: 0 if profiled is None else run.projected_state_bytes() for run, _ in candidates}
         for run, batch in candidates:
             trial = chosen + [(run, batch)]
-            if self.predict(trial, resident) <= self.max_memory:
+            if self.predict(trial, kept + sum(projected[r.name] for r, _ in trial)) <= self.max_memory:
                 chosen = trial
-            elif not chosen and self.predict([(run, batch)], resident) > self.max_memory:
-                run.status, run.error = FAILED, (
-                    f"a micro-batch of {tuple(batch['input_ids'].shape)} needs about "
-                    f"{self.predict([(run, batch)], resident) / 2**20:.0f} MiB (of which {resident / 2**20:.0f} MiB "
-                    f"the jobs' optimizer states and gradients added since profiling), over max_memory="
-                    f"{self.max_memory / 2**20:.0f} MiB; lower per_device_train_batch_size or max_length"
-                )
+        if chosen or not candidates:
+            return chosen
+        alone = {run.name: 0.0 if profiled is None else run.resident_bytes() - profiled for run, _ in candidates}
+        never = [part for part in candidates if self.predict([part], alone[part[0].name]) > self.max_memory]
+        for run, batch in never or candidates[-1:]:
+            resident = kept + projected[run.name]
+            run.status, run.error = FAILED, (
+                f"a micro-batch of {tuple(batch['input_ids'].shape)} needs about "
+                f"{self.predict([(run, batch)], resident) / 2**20:.0f} MiB (of which {resident / 2**20:.0f} MiB "
+                f"the jobs' optimizer states and gradients added since profiling), over max_memory="
+                f"{self.max_memory / 2**20:.0f} MiB; "
+                + ("lower per_device_train_batch_size or max_length" if never else
+                   "no job fits beside the optimizer states the others keep; this one, last by priority, stops")
+            )
         return chosen
 
     @staticmethod
@@ -211,18 +224,22 @@ class JobScheduler:
         self.runs = runs
         self.profiled_resident_bytes = float(sum(run.resident_bytes() for run in runs))
 
-    def resident_change(self) -> float:
+    def resident_change(self, parts: list[tuple[JobRun, dict]] | None = None) -> float:
         """Bytes the jobs keep between steps now, less what they kept while profiled: optimizer states created
         since (a job's first step) count, states and gradients freed by ended jobs (`JobRun.release`) come off.
+        A job that has not stepped counts the state its first step creates only if it is among `parts` (default:
+        every job): a job that waits creates none, so a budget that fits each job alone runs them in turn.
         0 for a memory model fitted without `profiled`."""
         if self.profiled_resident_bytes is None:
             return 0.0
-        return sum(run.resident_bytes() for run in self.runs) - self.profiled_resident_bytes
+        names = None if parts is None else {run.name for run, _ in parts}
+        return sum(run.resident_bytes() - (0 if names is None or run.name in names else run.projected_state_bytes())
+                   for run in self.runs) - self.profiled_resident_bytes
 
     def predict(self, parts: list[tuple[JobRun, dict]], resident: float | None = None) -> float:
         """Predicted peak bytes of the parts' steps: one packed row per step of packed parts (the largest step), else
         one step padded to the longest part; each row through its job (the memory model knows each job's kind);
-        plus `resident` (default: `resident_change()`)."""
+        plus `resident` (default: `resident_change(parts)`)."""
         if all(is_packed(batch) for _, batch in parts):
             step_bytes = max(self.memory_model.predict([sum(b["input_ids"].shape[1] for _, b in step)],
                                                        [{run.name: batch["input_ids"].shape[1] for run, batch in step}])
@@ -231,4 +248,4 @@ class JobScheduler:
             length = max(batch["input_ids"].shape[1] for _, batch in parts)
             jobs = [run.name for run, batch in parts for _ in range(batch["input_ids"].shape[0])]
             step_bytes = self.memory_model.predict([length] * len(jobs), jobs)
-        return step_bytes + (self.resident_change() if resident is None else resident)
+        return step_bytes + (self.resident_change(parts) if resident is None else resident)

@@ -435,22 +435,19 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
                 logs[f"{run.name}/grad_norm"] = run.last_grad_norm
             run.stats.losses = []
             self.log(logs)
-        stop_early = run.name in self.job_eval_datasets and run.should_evaluate() and self._evaluate_job(run)
+        # True to stop early, or why the evaluation failed (the job fails after its checkpoint of this step)
+        verdict = run.name in self.job_eval_datasets and run.should_evaluate() and self._evaluate_job(run)
         if run.should_save():
             states = self._stream_states(run)  # (a collective: on every process)
             if self.is_world_process_zero():
                 run.save_checkpoint(lambda d: self.jobs_model.save_job(run.name, d), stream_states=states)
                 self.control = self.callback_handler.on_save(self.args, self.state, self.control)
-        if stop_early:
+        if isinstance(verdict, str):
+            self._fail(run, verdict)
+        elif verdict:
             self._finish(run, STOPPED)
         elif run.global_step >= run.max_steps:
             self._finish(run)
-
-    def _stream_states(self, run: JobRun) -> torch.Tensor | None:
-        """Every process's state of the job's random stream as of its last step, for its checkpoint (a collective:
-        each process draws over its own rows, so a resumed process must take its own state back)."""
-        state = run.stream_state()
-        return None if state is None else dist.gather_rows(self.accelerator, state)
 
     # ------------------------------------------------------------------ memory
     def _profile_memory(self, runs: list[JobRun]) -> None:

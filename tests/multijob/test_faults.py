@@ -209,3 +209,36 @@ def test_priority_and_max_concurrent_jobs(assets, tmp_path):
     order = [key.split("/")[0] for h in trainer.state.log_history for key in h if key.endswith("/loss")]
     assert order == ["high", "high", "mid", "mid", "low", "low"]
     assert trainer.state.global_step == 6  # one job at a time: 3 jobs x 2 steps
+
+
+def test_a_job_whose_evaluation_raises_fails_alone(assets, tmp_path, caplog):
+    """Eval data that raises fails its job at that evaluation, as training data that raises does; the other job
+    trains on, and `evaluate()` still reports the others (before: the whole run raised)."""
+    import datasets as hf_datasets
+
+    tokenizer, datasets = assets
+    rows = list(datasets["add"].select(range(6)))
+
+    def breaking_rows():
+        for i, row in enumerate(rows):
+            if i == 3:
+                raise RuntimeError("corrupt eval row 3")
+            yield row
+
+    jobs = [
+        JobConfig("good", LoraConfig(**LORA), datasets["sentiment"], eval_dataset=datasets["sentiment"].select(range(4)),
+                  eval_steps=2),
+        JobConfig("evalbad", LoraConfig(**LORA), datasets["add"], eval_steps=2,
+                  eval_dataset=hf_datasets.IterableDataset.from_generator(breaking_rows)),
+    ]
+    trainer = _trainer(tokenizer, jobs, tmp_path / "run")
+    trainer.train()
+    status = {r["job"]: r for r in trainer.job_summary}
+    assert status["good"]["status"] == "done" and status["good"]["steps"] == 4
+    assert status["evalbad"]["status"] == "failed" and status["evalbad"]["steps"] == 2
+    assert "its evaluation at step 2 raised RuntimeError: corrupt eval row 3" in status["evalbad"]["error"]
+    assert (tmp_path / "run" / "good" / "adapter_model.safetensors").exists()
+    assert [step for step, _ in list_checkpoints(tmp_path / "run" / "evalbad")] == [1, 2]
+    metrics = trainer.evaluate()
+    assert set(metrics) == {"good/eval_loss"} and metrics["good/eval_loss"] > 0
+    assert "job evalbad: its evaluation raised RuntimeError: corrupt eval row 3" in caplog.text

@@ -17,8 +17,13 @@ class FakeRun:
         self.resident = 0  # optimizer state and gradient bytes
         self.job = type("Job", (), {"priority": priority})()
 
+        self.projected = 0  # of which the optimizer state its first step creates (it has not stepped)
+
     def resident_bytes(self) -> int:
         return self.resident
+
+    def projected_state_bytes(self) -> int:
+        return self.projected
 
 
 def part(name, rows, length, priority=0):
@@ -135,6 +140,39 @@ def test_predictions_add_the_optimizer_state_created_or_freed_since_profiling():
     run_b.resident = 0  # b ended and released its state and buffers
     assert scheduler.resident_change() == pytest.approx(150 + 0 + 1 - 100)
     assert [r.name for r, _ in scheduler.pack([(run_a, batch_a), (run_b, batch_b)])] == ["a", "b"]
+
+
+def test_a_job_that_has_not_stepped_counts_its_coming_optimizer_state_only_in_a_step_it_is_in():
+    """A budget that fits each job's step with its own coming state, not with every job's: the jobs run in turn
+    (before: every job failed at its first step)."""
+    scheduler = JobScheduler(max_memory=700.0)
+    scheduler.memory_model.kind_of = dict.fromkeys(["a", "b", "c", "high", "low", "huge"], "lora")
+    for rows, length in [(1, 10), (2, 10), (1, 40)]:
+        scheduler.memory_model.observe([length] * rows, 10.0 * rows * length, jobs=["a"] * rows)
+    parts = [part(name, 2, 20) for name in "abc"]  # 400 bytes each
+    for run, _ in parts:
+        run.status, run.resident = "running", 0
+    scheduler.profiled([run for run, _ in parts])
+    for run, _ in parts:
+        run.resident = run.projected = 200  # AdamW state to come: 400 + 3 x 200 > 700, 400 + 200 fits
+    assert [r.name for r, _ in scheduler.pack(parts)] == ["a"]
+    assert all(run.status == "running" and run.error is None for run, _ in parts)  # b and c wait, not fail
+    assert scheduler.predict(parts[:1]) == pytest.approx(600.0)
+    parts[0][0].projected = 0  # a stepped: its state is real now and counts in every step
+    high, low = part("high", 2, 20, priority=1), part("low", 2, 20)  # two more jobs, one before a, unstepped
+    high[0].status = low[0].status = "running"
+    high[0].resident = high[0].projected = low[0].resident = low[0].projected = 200
+    scheduler.runs += [high[0], low[0]]
+    # high does not fit beside a's state (200 + 400 + 200 > 700), a does: high waits for a to end, not fails
+    assert [r.name for r, _ in scheduler.pack([high, parts[0]])] == ["a"] and high[0].status == "running"
+    # nothing fits now, each would alone: the last by priority fails, its memory freed for the others
+    assert scheduler.pack([high, low]) == [] and (high[0].status, low[0].status) == ("running", "failed")
+    assert "no job fits beside the optimizer states the others keep" in low[0].error
+    # a micro-batch that would not fit even alone fails, whatever its place
+    huge = part("huge", 4, 40)
+    huge[0].status = "running"
+    assert scheduler.pack([huge, high]) == [] and huge[0].status == "failed" and high[0].status == "running"
+    assert "lower per_device_train_batch_size" in huge[0].error
 
 
 def test_activation_bytes_counts_what_autograd_saves():
