@@ -68,9 +68,11 @@ class StepCost:
 
 class JobScheduler:
     def __init__(self, max_concurrent_jobs: int | None = None, max_memory: float | None = None) -> None:
-        if max_concurrent_jobs is not None and (not isinstance(max_concurrent_jobs, int) or max_concurrent_jobs < 1):
+        if max_concurrent_jobs is not None and (isinstance(max_concurrent_jobs, bool) or not isinstance(
+                max_concurrent_jobs, int) or max_concurrent_jobs < 1):
             raise ValueError(f"max_concurrent_jobs must be an int >= 1 or None, got {max_concurrent_jobs!r}")
-        if max_memory is not None and not (isinstance(max_memory, (int, float)) and max_memory > 0):
+        if max_memory is not None and (isinstance(max_memory, bool) or not (
+                isinstance(max_memory, (int, float)) and max_memory > 0)):
             raise ValueError(f"max_memory must be a number of bytes > 0 or None, got {max_memory!r}")
         self.max_concurrent_jobs = max_concurrent_jobs
         self.max_memory = max_memory

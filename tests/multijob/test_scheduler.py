@@ -209,6 +209,10 @@ def test_packing_under_the_memory_budget_defers_and_fails_clearly():
         JobScheduler(max_memory=-1)
     with pytest.raises(ValueError, match="max_concurrent_jobs"):
         JobScheduler(max_concurrent_jobs=0)
+    with pytest.raises(ValueError, match="max_memory must be a number of bytes"):
+        JobScheduler(max_memory=True)  # (before: a budget of 1 byte)
+    with pytest.raises(ValueError, match="max_concurrent_jobs must be an int"):
+        JobScheduler(max_concurrent_jobs=True)
 
 
 def test_length_grouping_splits_only_when_it_saves_more_than_a_step_costs():

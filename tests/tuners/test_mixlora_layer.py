@@ -170,6 +170,9 @@ def test_layers_to_transform_and_expert_subset():
     assert experts and all("up_proj" in n for n in experts), experts  # no gate or down experts
     with pytest.raises(ValueError, match=r"layers_to_transform=\[5\] matches no decoder layer"):
         get_peft_model(tiny_base(), mixlora(layers_to_transform=[5]))
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[0, 5\]: layers \[5\] hold no target module; the "
+                                         r"targets are in layers \[0, 1\]"):  # (before: layer 0 alone, silently)
+        get_peft_model(tiny_base(), mixlora(layers_to_transform=[0, 5]))
 
 
 def test_router_stays_fp32_under_bf16():

@@ -125,7 +125,11 @@ def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, bloc
     if config.layers_to_transform is not None:
         layers = config.layers_to_transform
         wanted = {layers} if isinstance(layers, int) else set(layers)
+        present = {t.layer_index for t in targets.values()}
         targets = {name: t for name, t in targets.items() if t.layer_index in wanted}
         if not targets:
             raise ValueError(f"layers_to_transform={layers} matches no decoder layer")
+        if wanted - present:  # a typo would otherwise train fewer layers than asked, silently
+            raise ValueError(f"layers_to_transform={layers}: layers {sorted(wanted - present)} hold no target "
+                             f"module; the targets are in layers {sorted(present)}")
     return targets
