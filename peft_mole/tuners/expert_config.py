@@ -126,8 +126,9 @@ class ExpertAdapterConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """PEFT's loader, after checking a local folder's weights file (readable safetensors, no pickle)."""
-        check_weights_file(str(pretrained_model_name_or_path), subfolder)
+        """PEFT's loader, after checking the weights file of a local folder (readable safetensors, no pickle) or a
+        Hub repo (no pickle alone)."""
+        check_weights_file(str(pretrained_model_name_or_path), subfolder, kwargs.get("revision"), kwargs.get("token"))
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:

@@ -3,10 +3,11 @@
 - `check_saved_keys`: adapter_config.json must state every field that shapes the adapter's tensors (a missing one
   would silently take its default and mismatch the weights); unknown keys only warn (PEFT ignores them).
 - `check_weights_file`: in a local adapter folder, adapter_model.safetensors must be a readable safetensors file
-  (truncated or corrupted files are named); a pickle `adapter_model.bin` alone is refused — `convert_bin_adapter`
-  is the explicit opt-in that turns it into safetensors (reading it with `torch.load(weights_only=True)`).
+  (truncated or corrupted files are named); a pickle `adapter_model.bin` alone is refused, in a local folder or a
+  Hub repo (asked before PEFT downloads it) — `convert_bin_adapter` is the explicit opt-in that turns it into safetensors (reading it with `torch.load(weights_only=True)`).
 - `check_base_shape`: the base an adapter is loaded onto must have the hidden size, MLP size and layer count of the
-  base it was trained on (recorded in the config as `base_model_shape`); another vocabulary only warns.
+  base it was trained on (recorded in the config as `base_model_shape`); another vocabulary or model type (e.g. a
+  Llama adapter on a Gemma base of the same sizes, whose MLP activation differs) only warns.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ def check_saved_keys(cls_name: str, saved: dict, required: tuple[str, ...]) -> N
         )
 
 
-def check_weights_file(path: str, subfolder: str | None = None) -> None:
-    """Validate the weights file of a local adapter folder (hub ids are checked by the download itself)."""
+def check_weights_file(path: str, subfolder: str | None = None, revision: str | None = None,
+                       token: str | bool | None = None) -> None:
+    """Validate the weights file of a local adapter folder; for a Hub id, refuse a repo that holds a pickle
+    adapter_model.bin and no safetensors (`check_hub_weights`)."""
     folder = os.path.join(path, subfolder) if subfolder else path
     if not os.path.isdir(folder):
+        check_hub_weights(path, subfolder, revision, token)
         return
     weights = os.path.join(folder, SAFETENSORS_NAME)
     if os.path.isfile(weights):
@@ -58,6 +62,28 @@ def check_weights_file(path: str, subfolder: str | None = None) -> None:
             f"{folder} holds only a pickle {PICKLE_NAME}; peft-mole loads adapters from safetensors only. If you "
             f"trust the file, convert it once with `peft_mole.convert_bin_adapter({folder!r})` (or "
             f"`peft-mole convert-bin {folder}`), which reads it with torch.load(weights_only=True)"
+        )
+
+
+def check_hub_weights(repo_id: str, subfolder: str | None, revision: str | None, token: str | bool | None) -> None:
+    """A Hub repo with a pickle adapter_model.bin and no adapter_model.safetensors is refused, as a local folder is
+    (PEFT would read the pickle). Where the Hub cannot be asked (offline, an unknown repo), PEFT's own download
+    reports what is wrong."""
+    import huggingface_hub
+
+    def exists(name: str) -> bool:
+        return huggingface_hub.file_exists(repo_id, f"{subfolder}/{name}" if subfolder else name, revision=revision,
+                                           token=token)
+
+    try:
+        pickle_only = not exists(SAFETENSORS_NAME) and exists(PICKLE_NAME)
+    except Exception:  # noqa: BLE001 — offline or not a repo: nothing to check here
+        return
+    if pickle_only:
+        raise ValueError(
+            f"the Hub repo {repo_id!r}{f' (subfolder {subfolder!r})' if subfolder else ''} holds only a pickle "
+            f"{PICKLE_NAME}; peft-mole loads adapters from safetensors only. If you trust the file, download the "
+            "folder and convert it once with `peft-mole convert-bin <folder>`"
         )
 
 
@@ -128,6 +154,12 @@ def check_base_shape(recorded: dict | None, model: nn.Module) -> None:
         raise ValueError(
             "this adapter was trained on a base with " + ", ".join(wrong)
             + "; load it onto the base it was trained for (its base_model_name_or_path)"
+        )
+    if recorded.get("model_type") and current.get("model_type") and recorded["model_type"] != current["model_type"]:
+        warnings.warn(
+            f"the adapter was trained on a {recorded['model_type']!r} base, this base is {current['model_type']!r}: "
+            "the sizes agree, but the layers may compute otherwise (e.g. another MLP activation)",
+            stacklevel=3,
         )
     if recorded.get("vocab_size") and current.get("vocab_size") and recorded["vocab_size"] != current["vocab_size"]:
         warnings.warn(

@@ -100,6 +100,33 @@ def test_pickle_adapter_is_refused_until_converted(saved, tmp_path):
                            converted(input_ids=ids, attention_mask=mask).logits)
 
 
+def test_a_hub_repo_with_a_pickle_alone_is_refused_before_it_is_read(monkeypatch):
+    """As a local folder is (before: PEFT downloaded and read the pickle); the Hub is asked for the file names."""
+    import huggingface_hub
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from peft_mole.tuners.load_checks import check_weights_file
+
+    files, asked = {"adapter_config.json", "adapter_model.bin"}, []
+
+    def file_exists(repo_id, filename, revision=None, token=None):
+        asked.append((repo_id, filename, revision))
+        return filename in files
+
+    monkeypatch.setattr(huggingface_hub, "file_exists", file_exists)
+    with pytest.raises(ValueError, match="Hub repo 'someone/binonly' holds only a pickle adapter_model.bin"):
+        peft_mole.MixLoRAConfig.from_pretrained("someone/binonly", revision="dev")
+    assert asked[0] == ("someone/binonly", "adapter_model.safetensors", "dev")
+    files.add("adapter_model.safetensors")
+    check_weights_file("someone/binonly")  # safetensors there: nothing to refuse
+
+    def offline(*args, **kwargs):
+        raise OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr(huggingface_hub, "file_exists", offline)
+    check_weights_file("someone/binonly")  # the Hub cannot be asked: PEFT's download says what is wrong
+
+
 def test_pickle_that_is_not_a_state_dict_is_refused(tmp_path):
     torch.save([torch.zeros(2)], tmp_path / "adapter_model.bin")
     with pytest.raises(ValueError, match="not a flat dict of named tensors"):
@@ -125,6 +152,11 @@ def test_adapter_on_a_base_of_another_shape_is_refused(saved, overrides, match):
 def test_another_vocabulary_warns(saved):
     with pytest.warns(UserWarning, match="vocab_size 512, this base has 300"):
         PeftModel.from_pretrained(tiny_base(vocab_size=300), saved)
+
+
+def test_another_model_type_of_the_same_sizes_warns(saved):
+    with pytest.warns(UserWarning, match="trained on a 'llama' base, this base is 'qwen2'"):
+        PeftModel.from_pretrained(tiny_base("qwen2"), saved)
 
 
 def test_model_without_gated_mlp_and_unmatched_layers_are_refused():
