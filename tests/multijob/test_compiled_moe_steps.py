@@ -140,7 +140,8 @@ def test_per_row_block_under_cpu_bf16_autocast(monkeypatch):
         want = eager(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names).logits.float()
         got = per_row(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names).logits.float()
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-    assert len(expert_dtypes) == 2 * 5 and set(expert_dtypes) == {torch.float32}, expert_dtypes  # 2 layers
+    # 2 layers of: the routers, the gate and up A products, their B products, the down products
+    assert len(expert_dtypes) == 2 * 6 and set(expert_dtypes) == {torch.float32}, expert_dtypes
     assert frozen_dtypes == [torch.bfloat16] * 2
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import weakref
 
+import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
@@ -242,3 +243,32 @@ def test_a_job_whose_evaluation_raises_fails_alone(assets, tmp_path, caplog):
     metrics = trainer.evaluate()
     assert set(metrics) == {"good/eval_loss"} and metrics["good/eval_loss"] > 0
     assert "job evalbad: its evaluation raised RuntimeError: corrupt eval row 3" in caplog.text
+
+
+@pytest.mark.parametrize("poisoned", ["router", "experts"])
+def test_a_nan_job_leaves_the_other_jobs_finite_in_a_compiled_step(poisoned):
+    """The compiled multi-job block holds every job's routers and experts in one table: a token must never meet
+    another job's (before: the router product over all jobs and the padding slots of the top-k made the other
+    jobs' aux losses and 50 of their gradients NaN through 0 · NaN; eagerly they stayed finite)."""
+    from peft_mole.multijob import MultiJobModel
+
+    model = MultiJobModel(tiny_base(), {"bad": mixlora(num_experts=4, top_k=2), "good": mixlora(num_experts=2, top_k=1),
+                                        "lora": LoraConfig(**LORA)})
+    randomize_adapters(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and ".bad" in name and poisoned in name:
+                p.fill_(float("nan"))
+    model.compile_mixed_steps(backend="eager")
+    model.train()
+    names = ["bad", "good", "lora", "good"]
+    ids = torch.randint(3, 500, (4, 9), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names)
+    assert torch.isfinite(out.logits[1:]).all() and not torch.isfinite(out.logits[0]).all()
+    aux = out["aux_loss_per_adapter"]
+    assert torch.isfinite(aux["good"]) and not torch.isfinite(aux["bad"])
+    others = {n: p for n, p in model.named_parameters() if p.requires_grad and ".bad" not in n}
+    loss = out.logits[1:].float().logsumexp(-1).mean() + aux["good"]
+    grads = torch.autograd.grad(loss, list(others.values()), allow_unused=True)
+    assert [n for (n, _), g in zip(others.items(), grads, strict=True) if g is not None and not g.isfinite().all()] == []
+    assert sum(g is not None for g in grads) > 10  # the good and LoRA jobs' gradients were computed

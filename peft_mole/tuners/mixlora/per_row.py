@@ -6,8 +6,8 @@ would be a new graph. Here the mix is data: `ForwardContext.row_jobs`, one job i
 J_1..J_m of this layer in a fixed order, expert e of job j is global expert o_j + e (o_j = Σ_{i<j} E_i), plus one
 last "null" expert with zero factors for rows of other jobs (plain LoRA jobs) and base-only rows:
 
-    logits = W x,  W = [W_1; ...; W_m; 0]          (every router on every token, (N, Σ E_j + 1))
-    p = softmax(logits masked to the token's part)  = the token's own router softmax, exactly (SPEC.md §1)
+    logits = W_j x in job j's columns, -inf elsewhere   (each token's own router: one product per job segment)
+    p = softmax(logits)  = the token's own router softmax, exactly (SPEC.md §1)
     top-k with k = max_j k_j, the slots past the token's own k_j weighted 0, the rest renormalised
 
 so a MixLoRA token gets its own job's top-k weights and experts, and any other token weight 1 on the null expert:
@@ -24,11 +24,12 @@ the down experts' input keeps four (pairs, I) tensors for the backward; it runs 
 are checkpointed already (`MixLoRAMLP.layer_checkpointed`, set by `compile_mixed_steps`), the layer's recompute
 does it.
 
-The gate and up experts' A products run per job segment of the job-sorted tokens (one product per job, each token
-with its own job's E_max · r columns, `_job_a_products`), then each pair takes its expert's r values; the B
-products and the down experts run per global expert. What is not the eager block: the router runs on every token
-for every job (m · E · d multiply-adds per token, small beside the MLP); numbers equal to rounding
-(tests/multijob/test_compiled_moe_steps.py); dropout masks are drawn in another order. MixLoRA jobs only: DynMoLE's
+The routers and the gate and up experts' A products run per job segment of the job-sorted tokens (one product per
+job, each token with its own job's E_max (· r) columns, `_job_a_products`), then each pair takes its expert's r
+values; the B products and the down experts run per global expert. A token never meets another job's router or
+experts (a slot past its own k goes to the null expert), so a job whose weights turned NaN leaves the other jobs'
+outputs, aux losses and gradients finite, as eagerly (tests/multijob/test_faults.py). What is not the eager block:
+numbers equal to rounding (tests/multijob/test_compiled_moe_steps.py); dropout masks are drawn in another order. MixLoRA jobs only: DynMoLE's
 rule picks a data-dependent number of experts and DoRA experts rescale per pair, so a block holding such a job
 runs its grouped form eagerly inside the compiled step instead (`MixLoRAMLP._per_row_serves`).
 """
@@ -88,20 +89,22 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     elif layer.training and table["jitter"]:
         eps = table["jitter_of"].index_select(0, token_jobs).unsqueeze(1)
         router_input = router_input * (1.0 + eps * (2.0 * torch.rand_like(router_input) - 1.0))
-    weight = torch.cat([layer.routers[job].weight.float() for job in jobs]
-                       + [router_input.new_zeros(1, width)])  # (Σ E + 1, d)
-    if torch.is_autocast_enabled(device.type):
-        with torch.autocast(device.type, enabled=False):  # fp32 router even under autocast, as `route`
-            logits = F.linear(router_input, weight)
-    else:
-        logits = F.linear(router_input, weight)
+    order = _job_order(context, token_jobs)
+    with torch.autocast(device.type, enabled=False):  # fp32 router even under autocast, as `route`
+        own = _job_a_products(router_input, _routers_by_job(layer, context.jobs, table, width, device), order)
     if context.check_finite:
-        raise_if_not_finite(logits, f"the router logits of {layer.layer_name} (jobs {jobs})")
-    allowed = table["allowed"].index_select(0, token_jobs)  # (N, Σ E + 1)
-    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        raise_if_not_finite(own, f"the router logits of {layer.layer_name} (jobs {jobs})")
+    # (N, Σ E + 1): the token's own logits in its job's columns (the null one for other tokens), -inf elsewhere
+    logits = own.new_full((tokens, table["experts"] + 1), float("-inf"))
+    logits = logits.scatter(1, table["column_of"].index_select(0, token_jobs), own)[:, :-1]
+    probs = torch.softmax(logits, dim=-1)
     weights, chosen = torch.topk(probs, table["k"], dim=-1)
     kept = torch.arange(table["k"], device=device) < table["k_of"].index_select(0, token_jobs).unsqueeze(1)
     weights = torch.where(kept, weights, 0.0)
+    # a slot past the token's own k (or a pick outside its columns, where its router gave NaN) goes to the null
+    # expert: never to another job's experts, whose non-finite values would reach this token's gradients as 0 · NaN
+    allowed = table["allowed"].index_select(0, token_jobs).gather(1, chosen)
+    chosen = torch.where(kept & allowed, chosen, table["experts"] - 1)
     renormalized = weights / weights.sum(dim=-1, keepdim=True)
     weights = torch.where(table["renormalize_of"].index_select(0, token_jobs).unsqueeze(1), renormalized, weights)
     _record(layer, table, probs, chosen, weights, token_jobs, token_mask)
@@ -113,7 +116,6 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     gate_flat, up_flat = gate.reshape(tokens, -1), up.reshape(tokens, -1)
     factors = {proj: _stacked_factors(layer, jobs, proj, table["rank"], with_a=proj == "down_proj")
                for proj in PROJECTIONS}
-    order = _job_order(context, token_jobs)
     keep = None
     if factors["down_proj"] is not None:
         keep = per_row_dropout(torch.ones_like(gate_flat), token_jobs, dropouts)
@@ -172,6 +174,19 @@ def _job_a_products(x: torch.Tensor, a_by_job: torch.Tensor, order) -> torch.Ten
     return z_sorted if inverse is None else z_sorted.index_select(0, inverse)
 
 
+def _routers_by_job(layer, all_jobs: tuple[str, ...], table: dict, width: int, device: torch.device) -> torch.Tensor:
+    """(len(all_jobs) + 1, E_max, d) fp32: per job of the step's order (and the base slot), its router padded to
+    E_max experts; zeros for jobs without a router here (their tokens' one logit, the null expert's, is 0)."""
+    slots = []
+    for job in (*all_jobs, None):
+        weight = layer.routers[job].weight.float() if job in table["offsets"] else None
+        if weight is None:
+            slots.append(torch.zeros(table["max_experts"], width, device=device))
+        else:
+            slots.append(F.pad(weight, (0, 0, 0, table["max_experts"] - weight.shape[0])))
+    return torch.stack(slots)
+
+
 def _a_by_job(layer, all_jobs: tuple[str, ...], proj: str, table: dict) -> torch.Tensor:
     """(len(all_jobs) + 1, E_max·r, in): per job of the step's order (and the base slot), its experts' A on `proj`
     padded to E_max experts of rank r; zeros for jobs without experts there."""
@@ -195,7 +210,7 @@ def _job_table(layer, jobs: list[str], all_jobs: tuple[str, ...], device: torch.
     sizes = [layer.settings[job].num_experts for job in jobs]
     total = sum(sizes) + 1
     top = {job: top_k_of(layer.settings[job].rule) for job in jobs}
-    offsets, allowed, k_of, renorm_of, jitter_of = {}, [], [], [], []
+    offsets, allowed, column_of, k_of, renorm_of, jitter_of = {}, [], [], [], [], []
     start = 0
     for job, size in zip(jobs, sizes, strict=True):
         offsets[job] = start
@@ -207,6 +222,9 @@ def _job_table(layer, jobs: list[str], all_jobs: tuple[str, ...], device: torch.
         else:
             columns[-1] = True
         allowed.append(tuple(columns))
+        # where each of the token's E_max router outputs goes among the Σ E + 1 columns; `total`: none (dropped)
+        own = range(offsets[job], offsets[job] + layer.settings[job].num_experts) if job in offsets else [total - 1]
+        column_of.append(tuple(own) + (total,) * (max(sizes) - len(own)))
         k_of.append(top[job][0] if job in offsets else 1)
         renorm_of.append(top[job][1] if job in offsets else False)
         jitter_of.append(layer.settings[job].jitter_noise if job in offsets else 0.0)
@@ -217,6 +235,7 @@ def _job_table(layer, jobs: list[str], all_jobs: tuple[str, ...], device: torch.
         "offsets": offsets, "experts": total, "k": max(k_of), "rank": max(ranks, default=0),
         "max_experts": max(sizes), "local_of": constant_on(local_of, torch.int64, device),
         "allowed": constant_on(tuple(allowed), torch.bool, device),
+        "column_of": constant_on(tuple(column_of), torch.int64, device),
         "k_of": constant_on(tuple(k_of), torch.int64, device),
         "renormalize_of": constant_on(tuple(renorm_of), torch.bool, device),
         "jitter": any(jitter_of), "jitter_of": constant_on(tuple(jitter_of), torch.float32, device),
@@ -264,4 +283,7 @@ def _record(layer, table, probs, chosen, weights, token_jobs, token_mask) -> Non
         columns = slice(start, start + layer.settings[job].num_experts)
         own = token_jobs == position
         mask = own if real is None else own & real
-        records.append(RouterRecord(layer.layer_name, job, probs[:, columns], selected[:, columns], mask, masked=True))
+        # other tokens' probabilities here are 0 (or NaN where their router failed): kept out with `where`, as a
+        # mask multiplying them would bring 0 · NaN into this job's loss
+        job_probs = torch.where(own.unsqueeze(1), probs[:, columns], 0.0)
+        records.append(RouterRecord(layer.layer_name, job, job_probs, selected[:, columns], mask, masked=True))
