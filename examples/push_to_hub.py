@@ -1,9 +1,13 @@
 """Save a MixLoRA adapter with its model card and push it to the Hugging Face Hub, then pull it back.
 
-`--dry-run` (the default offline) writes the folder that would be uploaded — adapter_config.json,
-adapter_model.safetensors and README.md with the peft-mole section — and loads it back from disk.
-With `--repo-id me/my-mixlora` (and a token from `huggingface-cli login`) it uploads with
+Without `--repo-id` it is a dry run (offline): it writes the folder that would be uploaded —
+adapter_config.json, adapter_model.safetensors and README.md with the peft-mole section — and loads it back from
+disk. The dry run's card shows a placeholder evaluation row (`demo_task`) to show where scores go; it is never
+put on a pushed card. With `--repo-id me/my-mixlora` (and a token from `huggingface-cli login`) it uploads with
 `peft_mole.push_to_hub` and loads the adapter back from the Hub id.
+
+The adapter's weights are random (a fresh adapter has B = 0 and computes exactly the base model), so "logits
+identical" after loading back checks that the adapter's own weights made the round trip.
 """
 
 from __future__ import annotations
@@ -33,12 +37,16 @@ def main() -> None:
         args.model = str(out / "base")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(args.model), peft_mole.MixLoRAConfig(num_experts=4))
+    with torch.no_grad():  # random expert weights (B != 0), so the adapter changes the logits
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
     batch = tokenizer(["Capital of Peru?\nAnswer: Lima"], return_tensors="pt")
     model.train()
     model(**batch, labels=batch["input_ids"])  # a forward with labels: its router statistics go on the card
     model.eval()
-    peft_mole.add_eval_results(model, {"default": {"demo_task": 1.0}})
     if args.repo_id is None:
+        peft_mole.add_eval_results(model, {"default": {"demo_task": 1.0}})  # placeholder: dry run only
         model.save_pretrained(out / "adapter")
         source = str(out / "adapter")
         print(f"dry run: wrote {sorted(p.name for p in (out / 'adapter').iterdir())} to {source}")
@@ -48,7 +56,11 @@ def main() -> None:
         source = args.repo_id
     again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args.model), source).eval()
     with torch.no_grad():
-        same = torch.equal(model(**batch).logits, again(**batch).logits)
+        logits = model(**batch).logits
+        with model.disable_adapter():
+            base_logits = model(**batch).logits
+        same = torch.equal(logits, again(**batch).logits)
+    print(f"the adapter changes the logits: {not torch.equal(logits, base_logits)}")
     print(f"loaded back from {source}: logits identical = {same}")
 
 

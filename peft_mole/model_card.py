@@ -19,15 +19,29 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from peft import LoraConfig
 
 START, END = "<!-- peft-mole -->", "<!-- /peft-mole -->"
-CARD_FIELDS = ("num_experts", "top_k", "q", "top_p", "broadcast_threshold", "min_experts", "router_scope", "r",
-               "lora_alpha", "lora_dropout", "use_dora", "expert_target_modules", "attn_target_modules",
-               "router_aux_loss_coef", "entropy_loss_coef", "lb_loss_coef")
+# Every setting that changes what the adapter computes or how it trained; a method lists those it has.
+CARD_FIELDS = ("num_experts", "top_k", "q", "top_p", "broadcast_threshold", "min_experts", "renormalize",
+               "router_scope", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "expert_target_modules",
+               "attn_target_modules", "attn_r", "attn_lora_alpha", "attn_lora_dropout", "layers_to_transform",
+               "jitter_noise", "router_aux_loss_coef", "entropy_loss_coef", "lb_loss_coef")
 METHOD_NAMES = {"MixLoRAConfig": "MixLoRA", "DynMoLEConfig": "DynMoLE"}
 
 
 def add_eval_results(model, results: dict[str, dict[str, float]]) -> None:
-    """Attach {adapter: {task: accuracy}} (as `evaluate_commonsense` returns) to the adapters' cards."""
+    """Attach {adapter: {task: accuracy}} (as `evaluate_commonsense` returns) to the adapters' cards.
+
+    The key "model" (what `evaluate_commonsense` returns with `adapters=None`: the model as it ran) stands for the
+    model's active adapter, unless an adapter is named "model"; with several active adapters it is ambiguous, a
+    ValueError asking to name the adapter. Example:
+    `add_eval_results(model, evaluate_commonsense(model, tokenizer, tasks))`.
+    """
     for adapter, scores in results.items():
+        if adapter == "model" and adapter not in model.peft_config:
+            active = list(model.active_adapters)
+            if len(active) != 1:
+                raise ValueError(f"results key 'model' is the model with active adapters {active}: "
+                                 f"key the scores by one adapter of {sorted(model.peft_config)} instead")
+            adapter = active[0]
         config = model.peft_config.get(adapter)
         if config is None:
             raise ValueError(f"unknown adapter {adapter!r}; adapters: {sorted(model.peft_config)}")
@@ -50,7 +64,8 @@ def section(config) -> str:
     stats = _last_router_stats(config)
     if stats:
         lines += ["", "### Router statistics", "",
-                  "| layer | normalised entropy | broadcast share | experts per token | expert load |", "|---|---|---|---|---|"]
+                  "| layer | normalised entropy | broadcast share | experts per token | expert load |",
+                  "|---|---|---|---|---|"]
         for layer, s in sorted(stats.items()):
             load = " ".join(f"{x:.2f}" for x in s.load)
             lines.append(f"| {layer} | {s.entropy:.3f} | {s.broadcast:.3f} | {s.experts_per_token:.2f} | {load} |")
@@ -93,15 +108,30 @@ def update_model_card(directory: str, config) -> None:
 
 
 def push_to_hub(model, repo_id: str, commit_message: str = "Upload peft-mole adapter", private: bool | None = None,
-                token: str | None = None, **save_kwargs) -> str:
+                token: str | None = None, revision: str | None = None, create_pr: bool = False, **save_kwargs) -> str:
     """Save `model` (a PeftModel) with its model card into a temporary folder and upload it to `repo_id`.
 
-    Returns the commit URL. Example: `peft_mole.push_to_hub(model, "me/my-mixlora", private=True)`.
+    `revision` commits to that branch, created from main if it does not exist yet (as PEFT and transformers do);
+    `create_pr=True` opens a pull request instead of committing to the branch. Other keyword arguments go to
+    `model.save_pretrained` and must be among its parameters (or `state_dict`): any other name (a typo such as
+    `privat=True`) is a TypeError naming it, never silently dropped. Returns the commit URL (the pull request's
+    with `create_pr`).
+    Example: `peft_mole.push_to_hub(model, "me/my-mixlora", private=True, revision="v1")`.
     """
+    import inspect
     import tempfile
 
+    parameters = inspect.signature(model.save_pretrained).parameters
+    allowed = sorted({name for name, p in parameters.items() if name != "save_directory"
+                      and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} | {"state_dict"})  # PEFT reads **kwargs
+    unknown = sorted(set(save_kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"push_to_hub got unexpected keyword argument(s) {unknown}; allowed: commit_message, private, "
+                        f"token, revision, create_pr and save_pretrained's {allowed}")
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr/"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, **save_kwargs)
         operations = [
@@ -109,5 +139,6 @@ def push_to_hub(model, repo_id: str, commit_message: str = "Upload peft-mole ada
                                path_or_fileobj=os.path.join(root, name))
             for root, _, names in os.walk(folder) for name in names
         ]
-        commit = api.create_commit(repo_id, operations=operations, commit_message=commit_message)
-    return commit.commit_url
+        commit = api.create_commit(repo_id, operations=operations, commit_message=commit_message, revision=revision,
+                                   create_pr=create_pr)
+    return (getattr(commit, "pr_url", None) if create_pr else None) or commit.commit_url

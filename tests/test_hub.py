@@ -103,3 +103,108 @@ def test_push_to_hub_writes_a_model_card(method, fake_hub, monkeypatch):
     assert (fake_hub.root / "local" / "README.md").read_text().count("## " + name + " adapter") == 1
     with pytest.raises(ValueError, match="unknown adapter 'other'"):
         peft_mole.add_eval_results(model, {"other": {}})
+
+
+class RecordingApi:
+    """HfApi's upload calls, recorded; create_commit answers as the Hub does (a pull request URL with create_pr)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        files = sorted(op.path_in_repo for op in operations)
+        self.calls.append(("create_commit", repo_id, {**kwargs, "files": files}))
+        pr_url = f"fake://{repo_id}/discussions/1" if kwargs.get("create_pr") else None
+        return SimpleNamespace(commit_url=f"fake://{repo_id}/commit", pr_url=pr_url, oid="0" * 40)
+
+
+def test_push_to_hub_commits_to_the_revision_opens_prs_and_refuses_unknown_arguments(monkeypatch):
+    import peft_mole
+    import peft_mole.model_card
+
+    api = RecordingApi()
+    monkeypatch.setattr(peft_mole.model_card, "HfApi", lambda token=None: api)
+    model = get_peft_model(tiny_base(), METHODS["mixlora"]())
+    randomize_adapters(model)
+    assert peft_mole.push_to_hub(model, "me/x", revision="dev", commit_message="m") == "fake://me/x/commit"
+    files = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert api.calls == [
+        ("create_repo", "me/x", {"private": None, "exist_ok": True}),
+        ("create_branch", "me/x", {"branch": "dev", "exist_ok": True}),  # the branch is made if it is new
+        ("create_commit", "me/x", {"commit_message": "m", "revision": "dev", "create_pr": False, "files": files}),
+    ]
+    api.calls.clear()
+    assert peft_mole.push_to_hub(model, "me/x", create_pr=True) == "fake://me/x/discussions/1"
+    assert [c[0] for c in api.calls] == ["create_repo", "create_commit"]  # no revision: main, no branch made
+    assert api.calls[1][2]["create_pr"] is True and api.calls[1][2]["revision"] is None
+    api.calls.clear()
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['privat'\]"):
+        peft_mole.push_to_hub(model, "me/x", privat=True)
+    assert api.calls == []  # refused before anything is created
+    peft_mole.push_to_hub(model, "me/x", selected_adapters=["default"])  # save_pretrained's own arguments pass
+    assert api.calls[-1][2]["files"] == files
+
+
+def test_add_eval_results_takes_what_evaluate_commonsense_returns_without_adapters(tmp_path):
+    import peft_mole
+    from peft_mole import synthetic
+    from peft_mole.evaluation import evaluate_commonsense, format_prompt
+    from peft_mole.evaluation.commonsense import Example
+
+    tokenizer = synthetic.train_tokenizer([format_prompt("q", ["a", "b"]) + f" {c}" for c in "AB"] * 50, 300)
+    model = get_peft_model(tiny_base(vocab_size=len(tokenizer)), METHODS["mixlora"]())
+    scores = evaluate_commonsense(model, tokenizer, {"boolq": [Example(format_prompt("q", ["a", "b"]), 2, 0)]})
+    assert list(scores) == ["model"]
+    peft_mole.add_eval_results(model, scores)  # "model": the active adapter, "default"
+    model.save_pretrained(tmp_path)
+    assert f"| boolq | {scores['model']['boolq']:.4f} |" in (tmp_path / "README.md").read_text()
+    model.add_adapter("other", METHODS["mixlora"]())
+    model.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match=r"active adapters \['default', 'other'\]"):
+        peft_mole.add_eval_results(model, scores)  # two adapters ran: whose score is it?
+
+
+@pytest.mark.parametrize(
+    ("method", "settings", "rows"),
+    [
+        ("mixlora", dict(use_rslora=True, attn_r=2, attn_lora_alpha=4, layers_to_transform=[1]),
+         ["| use_rslora | `True` |", "| attn_r | `2` |", "| attn_lora_alpha | `4` |",
+          "| layers_to_transform | `[1]` |"]),
+        ("dynmole", dict(renormalize=True), ["| renormalize | `True` |", "| use_rslora | `False` |"]),
+    ],
+)
+def test_model_card_lists_every_setting_that_changes_the_adapter(method, settings, rows, tmp_path):
+    model = get_peft_model(tiny_base(), METHODS[method](**settings))
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    for row in rows:
+        assert row in card, card
+
+
+def test_push_to_hub_example_pushes_a_trained_looking_adapter_without_placeholder_scores(fake_hub, monkeypatch,
+                                                                                         tmp_path, capsys):
+    """examples/push_to_hub.py with --repo-id: the adapter's weights are not the zero-B init (so "logits identical"
+    after the round trip means something), and the pushed card carries no made-up evaluation score."""
+    import importlib.util
+    import sys
+
+    import peft_mole.model_card
+
+    monkeypatch.setattr(peft_mole.model_card, "HfApi", lambda token=None: fake_hub)
+    path = Path(__file__).resolve().parents[1] / "examples" / "push_to_hub.py"
+    spec = importlib.util.spec_from_file_location("push_to_hub_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setattr(sys, "argv", ["push_to_hub.py", "--repo-id", "me/demo", "--output-dir", str(tmp_path)])
+    example.main()
+    printed = capsys.readouterr().out
+    assert "the adapter changes the logits: True" in printed and "logits identical = True" in printed
+    card = (fake_hub.root / "me/demo" / "README.md").read_text()
+    assert "## MixLoRA adapter (peft-mole)" in card and "demo_task" not in card and "### Evaluation" not in card

@@ -14,9 +14,21 @@ def choice_scores(model, tokenizer, prompt: str, choices: list[str], adapter: st
 
     The prompt and each choice are tokenised separately and concatenated, so every choice is scored on the same
     prompt tokens. `adapter` runs all rows with that adapter (`adapter_names`) when given.
+
+    The prompt must have at least one token (the first choice token is predicted from the prompt's last one), and
+    so must every choice (a choice of no tokens would score log 1 = 0 and beat every real one): a ValueError
+    otherwise, as for an empty `choices`.
     """
+    if not choices:
+        raise ValueError("choices is empty: give at least one answer choice")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not prompt_ids:
+        raise ValueError(f"prompt {prompt!r} has no tokens: the first choice token needs a prompt token to follow")
     choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+    empty = [i for i, c in enumerate(choice_ids) if not c]
+    if empty:
+        raise ValueError(f"choices {[choices[i] for i in empty]!r} (at {empty}) have no tokens: every choice needs "
+                         "at least one token to score")
     length = len(prompt_ids) + max(len(c) for c in choice_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
@@ -38,7 +50,10 @@ def choice_scores(model, tokenizer, prompt: str, choices: list[str], adapter: st
 
 def choice_accuracy(model, tokenizer, rows: list[dict], adapter: str | None = None) -> dict[str, float]:
     """Accuracy per task and on average over rows with fields task, prompt, completion, choices (DoRA weight norms
-    kept from row to row, `peft.helpers.DoraCaching`: nothing trains meanwhile)."""
+    kept from row to row, `peft.helpers.DoraCaching`: nothing trains meanwhile). `rows` must not be empty (a
+    ValueError: there is no accuracy of zero rows)."""
+    if not rows:
+        raise ValueError("rows is empty: give at least one row with fields task, prompt, completion, choices")
     was_training = model.training
     model.eval()
     hits: dict[str, list[bool]] = defaultdict(list)

@@ -214,3 +214,168 @@ def test_dora_experts_compute_their_weight_norms_once_per_evaluation(data_dir, t
     for row, (name, examples) in zip(predicted, tasks.items(), strict=True):
         hits = sum(int(p) == e.answer for p, e in zip(row, examples, strict=True))
         assert cached["model"][name] == hits / len(examples)
+
+
+def test_an_empty_task_or_no_task_is_refused_not_averaged_as_zero(data_dir, tokenizer):
+    """A task of zero examples has no accuracy: scoring it 0.0 would halve this average (was: 0.0, counted)."""
+    model = tiny_base(vocab_size=len(tokenizer))
+    piqa = load_task("piqa", data_dir)
+    with pytest.raises(ValueError, match=r"task\(s\) \['arc_e'\] have no examples"):
+        evaluate_commonsense(model, tokenizer, {"arc_e": [], "piqa": piqa})
+    with pytest.raises(ValueError, match="tasks is empty"):
+        evaluate_commonsense(model, tokenizer, {})
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        load_task("piqa", data_dir, limit=0)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_an_empty_task_file_is_refused_naming_the_file(tmp_path, content):
+    (tmp_path / "boolq.jsonl").write_text(content)  # was: a bare StopIteration (or "corresponds to no data")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'boolq.jsonl'} has no rows"):
+        load_task("boolq", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("task", "row", "message"),
+    [
+        ("arc_e", {"question": "q", "choices": {"text": list("abcd"), "label": list("ABCD")}, "answerKey": "E"},
+         r"answerKey 'E' is none of the choice labels \['A', 'B', 'C', 'D'\]"),
+        ("arc_c", {"question": "q", "choices": {"text": list("abcd"), "label": list("ABCD")}, "answerKey": "F"},
+         r"answerKey 'F' is none of the choice labels"),
+        ("obqa", {"question_stem": "q", "choices": {"text": list("abcd"), "label": list("ABCD")}, "answerKey": "5"},
+         r"answerKey '5' is none of .* or numbers \['1', '2', '3', '4'\]"),
+        ("piqa", {"goal": "g", "sol1": "x", "sol2": "y", "label": -1}, r"label -1 is not one of .*\['0', '1'\]"),
+        ("siqa", {"context": "c", "question": "q", "answerA": "a", "answerB": "b", "answerC": "c", "label": "4"},
+         r"label '4' is not one of the allowed labels \['1', '2', '3'\]"),
+        ("hellaswag", {"ctx": "c", "endings": list("abcd"), "label": "7"}, r"label '7' .*\['0', '1', '2', '3'\]"),
+        ("winogrande", {"sentence": "s _", "option1": "a", "option2": "b", "answer": ""},
+         r"answer '' is not one of the allowed labels \['1', '2'\]"),
+        ("boolq", {"question": "q", "passage": "p", "answer": "maybe"}, r"answer 'maybe' is not one of"),
+        ("boolq", {"question": "q", "passage": "p"}, r"answer None is not one of"),  # a row without answer
+    ],
+)
+def test_an_answer_outside_the_options_is_refused_naming_task_row_and_labels(tmp_path, task, row, message):
+    """Was: scored as a wrong prediction (an index no option has), or a bare 'substring not found' / int() error."""
+    good = {**ROWS[task][0]}
+    synthetic.write_jsonl([good, row], tmp_path / f"{task}.jsonl")
+    with pytest.raises(ValueError, match=rf"task '{task}', row 1 of .*{task}.jsonl: {message}"):
+        load_task(task, tmp_path)
+
+
+def test_boolq_answers_given_as_text_are_parsed_not_taken_as_truthy(tmp_path):
+    rows = [{"question": "q", "passage": "p", "answer": answer} for answer in ("false", "True", " FALSE ", False)]
+    synthetic.write_jsonl(rows, tmp_path / "boolq.jsonl")
+    assert [e.answer for e in load_task("boolq", tmp_path)] == [1, 0, 1, 1]  # 0 = "yes", 1 = "no"
+
+
+def _bpe_tokenizer(texts, post_processor=None, llama2_style=False):
+    """A small fast tokenizer: byte-level BPE (optionally with `post_processor`), or, with `llama2_style`, the
+    legacy SentencePiece kind (prepend "▁", spaces become "▁") that splits a bare " A" into ["▁", "▁A"]."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    if llama2_style:
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+        alphabet = []
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=200 if llama2_style else 300, initial_alphabet=alphabet,
+                                  special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    backend.train_from_iterator(texts, trainer)
+    if post_processor is not None:
+        backend.post_processor = post_processor
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>")
+
+
+LABEL_TEXTS = [format_prompt("Which one is right?", ["ice", "steam", "rock", "sand"]) + f" {c}" for c in "ABCD"] * 50
+
+
+def test_label_logits_scores_the_prompts_last_token_not_an_appended_eos():
+    """A tokenizer whose post-processor wraps the text as "<s> $A </s>": the prompt keeps its BOS, loses the EOS,
+    and the scored logits are those after the prompt's ':' (was: after '</s>')."""
+    from tokenizers import processors
+
+    from peft_mole.evaluation.commonsense import Example, label_token_ids
+
+    wrap = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    tokenizer = _bpe_tokenizer(LABEL_TEXTS, post_processor=wrap)
+    example = Example(format_prompt("Which one is right?", ["ice", "steam", "rock", "sand"]), 4, 1)
+    text = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    assert tokenizer(example.prompt)["input_ids"] == [1, *text, 2]
+    model = tiny_base(vocab_size=len(tokenizer)).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, *text]])).logits[0, -1]
+    expected = logits[label_token_ids(tokenizer, 4)]
+    torch.testing.assert_close(label_logits(model, tokenizer, [example])[0, 0], expected, atol=1e-5, rtol=1e-5)
+    from peft_mole.evaluation.commonsense import prompt_token_ids
+
+    assert prompt_token_ids(tokenizer, example.prompt) == [1, *text]
+
+
+def test_label_tokens_of_a_llama2_style_sentencepiece_tokenizer_are_those_after_answer():
+    """' A' alone is ['▁', '▁A'] (the first token is the same for every label: was a ValueError); after 'Answer:'
+    the label is the one token '▁A', the token that follows the prompt's last token."""
+    from peft_mole.evaluation.commonsense import label_token_ids
+
+    tokenizer = _bpe_tokenizer(LABEL_TEXTS, llama2_style=True)
+    assert tokenizer.convert_ids_to_tokens(tokenizer(" A", add_special_tokens=False)["input_ids"]) == ["▁", "▁A"]
+    ids = label_token_ids(tokenizer, 4)
+    assert tokenizer.convert_ids_to_tokens(ids) == ["▁A", "▁B", "▁C", "▁D"]
+    prompt = format_prompt("Which one is right?", ["ice", "steam", "rock", "sand"])
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for letter, label in zip("ABCD", ids, strict=True):
+        assert tokenizer(f"{prompt} {letter}", add_special_tokens=False)["input_ids"] == [*prompt_ids, label]
+
+
+def test_choice_scoring_refuses_empty_rows_prompts_and_choices():
+    """Was: ZeroDivisionError for no rows; 0.0 for every choice after an empty prompt; 0.0 (the best score, so it
+    always won) for an empty choice."""
+    from peft_mole.evaluation import choice_accuracy, choice_scores
+
+    tokenizer = synthetic.demo_tokenizer()
+    model = tiny_base(vocab_size=len(tokenizer))
+    with pytest.raises(ValueError, match="rows is empty"):
+        choice_accuracy(model, tokenizer, [])
+    with pytest.raises(ValueError, match="prompt '' has no tokens"):
+        choice_scores(model, tokenizer, "", [" Paris", " Rome"])
+    with pytest.raises(ValueError, match=r"choices \[''\] \(at \[0\]\) have no tokens"):
+        choice_scores(model, tokenizer, "Capital of Peru?\nAnswer:", ["", " Lima"])
+    with pytest.raises(ValueError, match="choices is empty"):
+        choice_scores(model, tokenizer, "Capital of Peru?\nAnswer:", [])
+    assert choice_scores(model, tokenizer, "Capital of Peru?\nAnswer:", [" Lima", " Rome"]).shape == (2,)
+
+
+def test_evaluate_adapters_example_pays_one_time_costs_before_timing(tmp_path, monkeypatch):
+    """examples/evaluate_adapters.py: an evaluation with every adapter (loading `evaluate`'s metric, the first
+    forward) runs before the first timer starts, so neither timed way pays it (was: the first timed call did)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "evaluate_adapters.py"
+    spec = importlib.util.spec_from_file_location("evaluate_adapters_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    events = []
+
+    def recording_evaluate(model, tokenizer, tasks, adapters=None, batch_size=8):
+        events.append(("evaluate", tuple(adapters)))
+        return evaluate_commonsense(model, tokenizer, tasks, adapters=adapters, batch_size=batch_size)
+
+    def timer():
+        events.append(("timer",))
+        return 0.0 if len(events) < 3 else float(len(events))
+
+    monkeypatch.setattr(example, "evaluate_commonsense", recording_evaluate)
+    monkeypatch.setattr(example, "time", SimpleNamespace(perf_counter=timer))
+    monkeypatch.setattr(sys, "argv", ["evaluate_adapters.py", "--output-dir", str(tmp_path), "--limit", "4"])
+    example.main()
+    names = tuple(f"adapter{i}" for i in range(4))
+    assert events[0] == ("evaluate", names) and events[1] == ("timer",)
