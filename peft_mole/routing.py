@@ -155,7 +155,10 @@ def top_p_routing(
         ([[0, 2, 1]], [[0.5, 0.0, 0.0]])
     """
     sorted_p, experts = torch.sort(probs, dim=-1, descending=True)
-    keep = sorted_p.cumsum(dim=-1) <= top_p
+    if top_p >= 1.0:  # every expert: Σp = 1 exactly, but the fp32 cumulative sum may end above 1 and drop the last
+        keep = torch.ones_like(sorted_p, dtype=torch.bool)
+    else:
+        keep = sorted_p.cumsum(dim=-1) <= top_p
     keep[:, : max(1, min_experts)] = True
     weights = sorted_p * keep
     if renormalize:

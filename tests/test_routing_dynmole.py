@@ -107,6 +107,15 @@ def test_ties_and_two_experts():
     assert int((weights != 0).sum()) == 1 and weights.max().item() == pytest.approx(0.4)
 
 
+def test_top_p_one_keeps_every_expert_despite_fp32_rounding():
+    probs = torch.softmax(torch.randn(10_000, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert (probs.sort(dim=-1, descending=True).values.cumsum(-1)[:, -1] > 1.0).any()  # rounding ends above 1
+    weights, _ = routing.top_p_routing(probs, top_p=1.0, min_experts=1)
+    assert bool((weights != 0).all())  # (before: 13 % of the tokens lost their last expert)
+    weights, _ = routing.dynmole_routing(probs, top_p=1.0, broadcast_threshold=1.0, min_experts=1)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(10_000))
+
+
 def test_switch_is_top1_with_probability_weight():
     probs = torch.tensor([[0.2, 0.7, 0.1]])
     weights, experts = routing.switch_routing(probs)
