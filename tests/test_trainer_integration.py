@@ -105,6 +105,24 @@ def test_unload_leaves_the_base_config_as_it_was(local_assets):
     assert model.unload().config.to_dict() == before
 
 
+@pytest.mark.parametrize("method", ["mixlora", "dynmole"])
+def test_trainer_predictions_are_the_logits_as_with_peft_lora(method, tmp_path):
+    """`Trainer.predict/evaluate` give `compute_metrics` every output but the loss: the aux loss fields are left
+    out as a config's `keys_to_ignore_at_inference` (before: a tuple of logits and aux losses, which the usual
+    `np.argmax(logits, -1)` metric cannot take)."""
+    model = get_peft_model(tiny_base(), METHODS[method]())
+    randomize_adapters(model)
+    ids = torch.randint(3, 500, (4, 12), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=2)
+    predictions = Trainer(model=model, args=args).predict(rows).predictions
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids).logits
+    assert predictions.shape == (4, 12, logits.shape[-1])
+    torch.testing.assert_close(torch.from_numpy(predictions), logits, atol=1e-5, rtol=1e-5)
+    assert "keys_to_ignore_at_inference" not in model.unload().config.to_dict()  # gone with the adapters
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_gradient_checkpointing_gives_the_same_gradients(method):
     ids, mask, labels = batch(2, 10, pad_last=2)

@@ -71,6 +71,12 @@ class JobEvaluation:
         self.log(dict(metrics))  # Trainer.log adds the epoch to the dict it is given
         return metrics
 
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """Refused: the jobs are different adapters, and a prediction is one adapter's."""
+        raise NotImplementedError(
+            "MultiJobTrainer.predict: each job is its own adapter; load one job's folder (output_dir/<job>/) with "
+            "PeftModel.from_pretrained(base, path) and predict with a Trainer or SFTTrainer on it")
+
     @torch.no_grad()
     def _eval_loss(self, name: str, batch_size: int) -> float:
         """Mean over job `name`'s eval set's target tokens (and over processes) of its adapter's loss. Under several

@@ -9,6 +9,9 @@ every job's train and eval datasets are prepared with the decision its own train
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 
 class JobDatasets:
     """Mixin of `MultiJobTrainer`: `job_datasets` and `job_eval_datasets`, {job: SFTTrainer-prepared dataset}."""
@@ -16,14 +19,18 @@ class JobDatasets:
     def _prepare_job_datasets(self, jobs, passed_eval, formatting_func) -> None:
         """The jobs' datasets after SFTTrainer's `__init__` prepared the first job's train dataset and `passed_eval`
         (reused for its job where its completion-only rule is the first job's)."""
-        self.job_datasets = {jobs[0].name: self.train_dataset}
-        for job in jobs[1:]:
-            self.job_datasets[job.name] = self._prepare_job_dataset(job.name, job.train_dataset, formatting_func,
-                                                                    job.train_dataset)
+        first = jobs[0]
+        reuse_first = not (self.args.shuffle_dataset and first.seed not in (None, self.args.seed))
+        self.job_datasets = {first.name: self.train_dataset} if reuse_first else {}
+        for job in jobs[1:] if reuse_first else jobs:
+            self.job_datasets[job.name] = self._prepare_job_dataset(
+                job.name, job.train_dataset, formatting_func, job.train_dataset, job.seed, self.args.packing)
+        eval_packing = self.args.packing if self.args.eval_packing is None else self.args.eval_packing  # as TRL
         self.job_eval_datasets = {
             job.name: self.eval_dataset
             if job.eval_dataset is passed_eval and self._completion_only(job.train_dataset) == self.completion_only_loss
-            else self._prepare_job_dataset(f"{job.name} eval", job.eval_dataset, formatting_func, job.train_dataset)
+            else self._prepare_job_dataset(f"{job.name} eval", job.eval_dataset, formatting_func, job.train_dataset,
+                                           job.seed, eval_packing)
             for job in jobs if job.eval_dataset is not None
         }
         for name, dataset in {**self.job_datasets, **self.job_eval_datasets}.items():
@@ -34,6 +41,16 @@ class JobDatasets:
                     "trainable tokens are dropped; check the completion field)"
                 )
 
+    @contextlib.contextmanager
+    def _job_args(self, args):
+        """Within it, `self.args` is a job's arguments, for Trainer methods that read them (the length-grouped and
+        rebalancing samplers take the job's batch size and accumulation, as a plain SFTTrainer on the job does)."""
+        trainer_args, self.args = self.args, args
+        try:
+            yield
+        finally:
+            self.args = trainer_args
+
     def _completion_only(self, dataset) -> bool:
         """SFTTrainer's rule for a dataset: `completion_only_loss`, or where None, whether it is prompt-completion."""
         if self.args.completion_only_loss is not None:
@@ -41,19 +58,23 @@ class JobDatasets:
         sample = next(iter(dataset), {})
         return "prompt" in sample and "completion" in sample
 
-    def _prepare_job_dataset(self, name: str, dataset, formatting_func, train_dataset):
+    def _prepare_job_dataset(self, name: str, dataset, formatting_func, train_dataset, seed: int | None,
+                             packing: bool):
         """SFTTrainer's own preparation (tokenisation, chat template, completion mask), errors named by job, with
         the completion-only rule of the job's `train_dataset`, as a plain SFTTrainer on the job decides it for its
-        train and eval datasets (in its `__init__` it decides once, from the first job's)."""
+        train and eval datasets (in its `__init__` it decides once, from the first job's), and the job's `seed`
+        for `shuffle_dataset` (None: the trainer's)."""
+        args = self.args
+        if seed is not None:  # a shallow copy, as `JobConfig.training_args` makes (no __post_init__ run again)
+            args = copy.copy(self.args)
+            args.seed = seed
         shared, self.completion_only_loss = self.completion_only_loss, self._completion_only(train_dataset)
         try:
             if self.completion_only_loss and formatting_func:
                 raise ValueError("a formatting_func converts a prompt-completion dataset to plain text, which "
                                  "completion-only loss cannot mask; format it before, or set "
                                  "completion_only_loss=False")
-            return self._prepare_dataset(
-                dataset, self.processing_class, self.args, self.args.packing, formatting_func, name
-            )
+            return self._prepare_dataset(dataset, self.processing_class, args, packing, formatting_func, name)
         except Exception as error:
             raise ValueError(f"job {name.split()[0]!r}: SFTTrainer could not prepare its dataset: {error}") from error
         finally:

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from datasets import Dataset
 from peft import LoraConfig, PeftConfig
 
 from peft_mole.multijob.model import check_job_name
@@ -49,7 +50,8 @@ class JobConfig:
     Args:
         name: adapter name and output folder (`output_dir/<name>/`); letters, digits, '_' and '-'.
         peft_config: `LoraConfig`, `MixLoRAConfig` or `DynMoLEConfig`.
-        train_dataset: a dataset in any format `SFTTrainer` accepts (text, messages, prompt-completion).
+        train_dataset: a dataset in any format `SFTTrainer` accepts (text, messages, prompt-completion), or a list
+            of such rows (dicts), made a `datasets.Dataset`.
         eval_dataset: the same, for `<job>/eval_loss` and early stopping.
         priority: higher is admitted first when `max_concurrent_jobs` or memory is short; ties go by list order.
         early_stopping_patience: stop the job after this many evaluations without a lower eval loss (needs
@@ -92,6 +94,10 @@ class JobConfig:
             )
         if self.train_dataset is None:
             raise ValueError(f"job {self.name!r}: train_dataset is required")
+        for field in ("train_dataset", "eval_dataset"):  # rows as dicts: a datasets.Dataset, which TRL takes
+            rows = getattr(self, field)
+            if isinstance(rows, list) and rows and all(isinstance(row, dict) for row in rows):
+                setattr(self, field, Dataset.from_list(rows))
         if not hasattr(self.train_dataset, "__len__"):
             raise TypeError(
                 f"job {self.name!r}: train_dataset must have a length (a datasets.Dataset or a list), got "

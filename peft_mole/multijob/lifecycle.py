@@ -15,6 +15,7 @@ import torch
 from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun
+from peft_mole.multijob.trainer_args import PUSH_EACH_JOB
 
 logger = logging.getLogger("peft_mole.multijob.trainer")  # one logger for the trainer's messages
 
@@ -82,6 +83,10 @@ class JobLifecycle:
         self.jobs_model.save_job(name, directory)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(directory)
+
+    def push_to_hub(self, *args, **kwargs):
+        """Refused: a run holds one adapter per job (`output_dir/<job>/`), each pushed as its own repo."""
+        raise NotImplementedError(f"MultiJobTrainer.push_to_hub: {PUSH_EACH_JOB}")
 
     def _stream_states(self, run: JobRun) -> torch.Tensor | None:
         """Every process's state of the job's random stream as of its last step, for its checkpoint (a collective:

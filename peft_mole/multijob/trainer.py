@@ -54,6 +54,7 @@ from peft_mole.multijob.report import (
 )
 from peft_mole.multijob.run import FAILED, STOPPED, JobRun, stream_seed
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
+from peft_mole.multijob.trainer_args import aux_coefficient_kept_from_sft_trainer as keeping_aux_coefficient
 from peft_mole.multijob.trainer_args import check_callbacks, check_distributed, check_trainer_args
 
 logger = logging.getLogger(__name__)
@@ -140,10 +141,10 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
             # an eval_dataset (Trainer refuses an eval_strategy without one), prepared once: that job's reuses it
             first_eval = next((j.eval_dataset for j in jobs if j.eval_dataset is not None), None)
             passed_eval = kwargs.setdefault("eval_dataset", first_eval)
-            super().__init__(
-                model=model, args=args, train_dataset=jobs[0].train_dataset, processing_class=processing_class,
-                data_collator=data_collator, callbacks=callbacks, formatting_func=formatting_func, **kwargs,
-            )
+            with keeping_aux_coefficient(args):
+                super().__init__(model=model, args=args, train_dataset=jobs[0].train_dataset, callbacks=callbacks,
+                                 processing_class=processing_class, data_collator=data_collator,
+                                 formatting_func=formatting_func, **kwargs)
         except (KeyError, ValueError, TypeError) as error:
             raise ValueError(f"job {jobs[0].name!r} (or the trainer arguments): {error}") from error
         check_distributed(self)
@@ -157,10 +158,10 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
     def _make_run(self, job: JobConfig) -> JobRun:
         args = job.training_args(self.args)
         set_seed(args.seed)  # the data order of a plain SFTTrainer run with this seed
-        loader = self._get_dataloader(
-            dataset=self.job_datasets[job.name], description=f"{job.name} training",
-            batch_size=args.per_device_train_batch_size, sampler_fn=self._get_train_sampler, is_training=True,
-        )
+        with self._job_args(args):  # (Trainer's samplers read self.args: the job's batch size and accumulation)
+            loader = self._get_dataloader(dataset=self.job_datasets[job.name], description=f"{job.name} training",
+                                          batch_size=args.per_device_train_batch_size,
+                                          sampler_fn=self._get_train_sampler, is_training=True)
         if len(loader) == 0:  # (Trainer would train nothing and raise deep in its loop)
             shard = "" if self.accelerator.num_processes == 1 else f" (each of {self.accelerator.num_processes} " \
                 "processes gets its share of them)"
@@ -385,7 +386,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
             tokens[run.name] = label_mask[rows].sum()
             loss = -log_probs[rows].sum() / window_items
             if run.name in aux:  # as SFTTrainer: the mean over the window's micro-batches (and summing processes)
-                loss = loss + aux[run.name] / (len(run.window) * summed_processes)
+                coefficient = 1.0 if run.args.router_aux_loss_coef is None else run.args.router_aux_loss_coef
+                loss = loss + coefficient * aux[run.name] / (len(run.window) * summed_processes)
             losses[run.name] = loss
         # every job's loss and token count in one read-back: on a GPU each read is a sync of the step's kernels
         values = torch.stack([torch.stack([losses[r.name].detach().double(), tokens[r.name].double()]) for r, _ in parts])

@@ -6,7 +6,14 @@ these options never happens; each is refused with what to do instead, rather tha
 
 from __future__ import annotations
 
+import contextlib
 import math
+
+PUSH_EACH_JOB = (
+    "each job is saved as its own PEFT adapter in output_dir/<job>/; push it after training with "
+    "`peft_mole.push_to_hub(PeftModel.from_pretrained(base, path), repo_id)` (its model card included) or "
+    "`huggingface_hub.upload_folder`"
+)
 
 UNSUPPORTED = {
     "neftune_noise_alpha": (
@@ -20,12 +27,7 @@ UNSUPPORTED = {
         "MultiJobTrainer shrinks a step that runs out of memory itself (fewer jobs per step, a LoRA job's rows in "
         "halves) and keeps every job's batch size; set auto_find_batch_size=False",
     ),
-    "push_to_hub": (
-        bool,
-        "each job is saved as its own PEFT adapter in output_dir/<job>/; push it after training with "
-        "`PeftModel.from_pretrained(base, path).push_to_hub(repo_id)` or `huggingface_hub.upload_folder`; "
-        "set push_to_hub=False",
-    ),
+    "push_to_hub": (bool, f"{PUSH_EACH_JOB}; set push_to_hub=False"),
     "label_smoothing_factor": (
         bool, "each job's loss is the negative log-likelihood of its targets (TRL's loss_type='nll'); set it to 0",
     ),
@@ -119,3 +121,18 @@ def check_distributed(trainer) -> None:
         if on:
             raise ValueError(f"MultiJobTrainer does not support {name} (set in the accelerate config); use "
                              "`accelerate launch` with plain data parallelism")
+
+
+@contextlib.contextmanager
+def aux_coefficient_kept_from_sft_trainer(args):
+    """Within it, `args.router_aux_loss_coef` is None, so that SFTTrainer's `__init__` neither refuses a coefficient
+    for the dense base nor sets up its own aux loss: MultiJobTrainer adds each MixLoRA/DynMoLE job's aux loss itself,
+    scaled by the coefficient as SFTTrainer scales it (None: 1.0, the coefficient its adapters declare)."""
+    coefficient = getattr(args, "router_aux_loss_coef", None)
+    if coefficient is not None:
+        args.router_aux_loss_coef = None
+    try:
+        yield
+    finally:
+        if coefficient is not None:
+            args.router_aux_loss_coef = coefficient

@@ -86,6 +86,7 @@ class MixLoRAModel(BaseTuner):
         self.__dict__["_targets"] = find_targets(model, peft_config, scope, self.mlp_layer_cls)
         if self.declares_router_aux_loss:
             self._declare_router_aux_loss(model)
+            self._keep_aux_outputs_out_of_predictions(model)
         if "_base_call_hook" not in self.__dict__:
             self.__dict__["_base_call_hook"] = model.register_forward_pre_hook(self._base_called)
         declare_known()  # the output classes with aux loss fields, before any compiled forward (`aux_outputs`)
@@ -107,8 +108,28 @@ class MixLoRAModel(BaseTuner):
         text.router_aux_loss_coef = 1.0
         self.__dict__["_declared_aux_config"] = text
 
+    def _keep_aux_outputs_out_of_predictions(self, model: nn.Module) -> None:
+        """`Trainer.evaluate/predict` hand every output but the loss to `compute_metrics` as the predictions, less
+        the config's `keys_to_ignore_at_inference`: the aux loss fields join them, so the predictions stay the
+        logits, as with a PEFT LoRA model (before: a tuple of logits and aux losses)."""
+        config = getattr(model, "config", None)
+        if config is None or "_ignored_keys_before" in self.__dict__:
+            return
+        before = config.__dict__.get("keys_to_ignore_at_inference")
+        self.__dict__["_ignored_keys_before"] = (config, before)
+        kept = list(getattr(config, "keys_to_ignore_at_inference", None) or ["cache"])  # (Trainer's default)
+        config.keys_to_ignore_at_inference = kept + [k for k in ("aux_loss", "aux_loss_per_adapter") if k not in kept]
+
     def unload(self, *args, **kwargs):
-        """The base model without the adapters, its config as it was (`_declare_router_aux_loss`)."""
+        """The base model without the adapters, its config as it was (`_declare_router_aux_loss`,
+        `_keep_aux_outputs_out_of_predictions`)."""
+        ignored = self.__dict__.pop("_ignored_keys_before", None)
+        if ignored is not None:
+            config, before = ignored
+            if before is None:
+                config.__dict__.pop("keys_to_ignore_at_inference", None)
+            else:
+                config.keys_to_ignore_at_inference = before
         hook = self.__dict__.pop("_base_call_hook", None)
         if hook is not None:
             hook.remove()

@@ -1,0 +1,109 @@
+"""SFTConfig options that shape a job's data or loss take effect per job, as in a plain SFTTrainer run on that job
+alone: the router aux loss coefficient, `shuffle_dataset` with the job's seed, `eval_packing`, and the
+length-grouped sampler with the job's batch size (each was the trainer's, or ignored, before 2026-12-05)."""
+
+from __future__ import annotations
+
+import pytest
+from datasets import Dataset
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+from trl import SFTTrainer
+
+from peft_mole import JobConfig, MultiJobTrainer
+from tests.helpers import dynmole, mixlora, randomize_adapters, tiny_base
+from tests.multijob.test_trainer import run_args
+
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+def _together_and_alone(tokenizer, jobs, tmp_path, **options) -> dict[str, float]:
+    """{job: max |together − alone|} over its adapter's tensors, after training all jobs together and each alone
+    with SFTTrainer from the same initial adapter."""
+    vocab = len(tokenizer)
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=vocab), jobs=jobs, processing_class=tokenizer,
+                              args=run_args(tmp_path / "run", **options))
+    randomize_adapters(trainer.jobs_model)
+    for job in jobs:
+        trainer.jobs_model.save_job(job.name, str(tmp_path / "init" / job.name))
+    trainer.train()
+    differences = {}
+    for job in jobs:
+        solo = PeftModel.from_pretrained(tiny_base(vocab_size=vocab), str(tmp_path / "init" / job.name),
+                                         is_trainable=True)
+        SFTTrainer(model=solo, args=job.training_args(run_args(tmp_path / "solo", **options)),
+                   train_dataset=job.train_dataset, processing_class=tokenizer).train()
+        expected = get_peft_model_state_dict(solo)
+        together = load_file(str(tmp_path / "run" / job.name / "adapter_model.safetensors"))
+        differences[job.name] = max((together[k] - expected[k]).abs().max().item() for k in expected)
+    return differences
+
+
+@pytest.mark.parametrize("coefficient", [0.0, 0.5])
+def test_router_aux_loss_coef_scales_each_jobs_aux_loss(assets, tmp_path, coefficient):
+    # (before: ignored, and 0.5 refused by SFTTrainer's check for a Mixture-of-Experts base)
+    tokenizer, datasets = assets
+    jobs = [JobConfig("m", mixlora(), datasets["capital"], per_device_train_batch_size=3),
+            JobConfig("d", dynmole(), datasets["add"], per_device_train_batch_size=2)]
+    differences = _together_and_alone(tokenizer, jobs, tmp_path, router_aux_loss_coef=coefficient)
+    assert max(differences.values()) <= 1e-5, differences
+
+
+def test_shuffle_dataset_shuffles_each_job_with_its_own_seed(assets, tmp_path):
+    tokenizer, datasets = assets
+    jobs = [JobConfig("a", LoraConfig(**LORA), datasets["sentiment"], seed=5),  # (the first job is re-prepared)
+            JobConfig("b", LoraConfig(**LORA), datasets["capital"], seed=7)]
+    differences = _together_and_alone(tokenizer, jobs, tmp_path, shuffle_dataset=True)
+    assert max(differences.values()) <= 1e-5, differences
+
+
+@pytest.mark.parametrize(("packing", "eval_packing"), [(True, False), (False, True)])
+def test_eval_packing_decides_every_jobs_eval_set(assets, tmp_path, packing, eval_packing):
+    tokenizer, datasets = assets
+
+    def text(rows):
+        return Dataset.from_list([{"text": r["prompt"] + r["completion"]} for r in rows])
+
+    jobs = [JobConfig(name, LoraConfig(**LORA), text(datasets[task]), eval_dataset=text(datasets[task]).select(range(8)))
+            for name, task in (("a", "sentiment"), ("b", "add"))]
+    options = dict(packing=packing, packing_strategy="wrapped", eval_packing=eval_packing, max_length=32)
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                              args=run_args(tmp_path / "run", **options))
+    for job in jobs:
+        solo = SFTTrainer(model=tiny_base(vocab_size=len(tokenizer)), processing_class=tokenizer,
+                          args=job.training_args(run_args(tmp_path / "solo", **options)),
+                          train_dataset=job.train_dataset, eval_dataset=job.eval_dataset)
+        assert trainer.job_eval_datasets[job.name]["input_ids"] == solo.eval_dataset["input_ids"], job.name
+    assert (len(trainer.job_eval_datasets["b"]) < 8) == eval_packing  # packed: fewer, longer rows
+
+
+@pytest.mark.parametrize("strategy", ["group_by_length", "batch_rebalance"])
+def test_length_aware_samplers_take_the_jobs_batch_size(assets, tmp_path, strategy):
+    tokenizer, datasets = assets
+    jobs = [JobConfig("a", LoraConfig(**LORA), datasets["sentiment"], per_device_train_batch_size=2),
+            JobConfig("b", LoraConfig(**LORA), datasets["capital"], per_device_train_batch_size=6,
+                      gradient_accumulation_steps=2)]
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                              args=run_args(tmp_path / "run", train_sampling_strategy=strategy))
+    runs = {job.name: trainer._make_run(job) for job in jobs}
+    assert trainer.args.per_device_train_batch_size == 4  # the trainer's own, restored after each job's loader
+    for name, per_batch in (("a", 2), ("b", 12)):  # the sampler's batch: the job's batch × accumulation
+        loader = runs[name].dataloader
+        sampler = getattr(loader, "base_dataloader", loader).batch_sampler
+        sampler = getattr(sampler, "batch_sampler", sampler)  # (accelerate's shard wrapper, if any)
+        sampler = getattr(sampler, "sampler", sampler)
+        size = sampler.batch_size if strategy == "group_by_length" else sampler.effective_batch_size
+        assert size == per_batch, (name, size)
+
+
+def test_predict_and_push_to_hub_are_refused_and_rows_as_dicts_are_a_dataset(assets, tmp_path):
+    tokenizer, datasets = assets
+    rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in datasets["add"]]
+    job = JobConfig("a", LoraConfig(**LORA), rows)
+    assert isinstance(job.train_dataset, Dataset) and len(job.train_dataset) == len(rows)
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job], processing_class=tokenizer,
+                              args=run_args(tmp_path / "run"))
+    with pytest.raises(NotImplementedError, match="each job is its own adapter"):
+        trainer.predict(datasets["add"])
+    with pytest.raises(NotImplementedError, match=r"peft_mole.push_to_hub\(PeftModel.from_pretrained"):
+        trainer.push_to_hub()
