@@ -197,7 +197,8 @@ class MixLoRAModel(BaseTuner):
     def _modules_to_save_rows(self, names: list[str] | None):
         """Pass `adapter_names` to PEFT's `modules_to_save` copies (`AuxiliaryTrainingWrapper`) for the call, as
         PEFT's LoRA does, so that each row runs its own adapter's copy (the original module for "__base__")."""
-        wrappers = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)] if names else []
+        saves = names and any(getattr(config, "modules_to_save", None) for config in self.peft_config.values())
+        wrappers = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)] if saves else []
         handles = [m.register_forward_pre_hook(partial(_pass_adapter_names, names=names), with_kwargs=True)
                    for m in wrappers]
         try:
