@@ -38,9 +38,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(args.model), peft_mole.MixLoRAConfig(num_experts=4))
     with torch.no_grad():  # random expert weights (B != 0), so the adapter changes the logits
+        generator = torch.Generator().manual_seed(0)  # one stream: every tensor different, so a swap would show
         for parameter in model.parameters():
             if parameter.requires_grad:
-                parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+                parameter.normal_(0, 0.1, generator=generator)
     batch = tokenizer(["Capital of Peru?\nAnswer: Lima"], return_tensors="pt")
     model.train()
     model(**batch, labels=batch["input_ids"])  # a forward with labels: its router statistics go on the card

@@ -66,7 +66,7 @@ def _letter_choices(row: dict, question_key: str) -> Example:  # ARC, OBQA
     if key in labels:
         answer = labels.index(key)
     elif key in letters or key in numbers:
-        answer = _label_index("answerKey", key, letters if key in letters else numbers)
+        answer = letters.index(key) if key in letters else numbers.index(key)
     else:
         raise ValueError(f"answerKey {row['answerKey']!r} is none of the choice labels {labels}, "
                          f"letters {letters} or numbers {numbers}")

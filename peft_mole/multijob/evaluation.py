@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob.batching import batch_inputs
 from peft_mole.multijob.run import STOPPED, JobRun
+from peft_mole.multijob.trainer_args import temporarily
 
 logger = logging.getLogger("peft_mole.multijob.trainer")  # one logger for the trainer's messages
 
@@ -64,7 +65,7 @@ class JobEvaluation:
             if job.name in self.job_eval_datasets:
                 try:
                     metrics[f"{job.name}/{metric_key_prefix}_loss"] = self._eval_loss(
-                        job.name, job.training_args(self.args).per_device_eval_batch_size)
+                        job.name, self.args.per_device_eval_batch_size)  # (no job overrides it)
                 except EvaluationFailed as error:  # the other jobs' losses are still reported
                     logger.error("job %s: its evaluation raised %s; no %s_loss for it", job.name, error,
                                  metric_key_prefix)
@@ -88,12 +89,9 @@ class JobEvaluation:
         if dist.is_distributed(self.accelerator) and isinstance(dataset, datasets.IterableDataset):
             loader = self._own_examples_loader(dataset, description, batch_size)
         else:
-            even, self.accelerator.even_batches = self.accelerator.even_batches, False
-            try:
+            with temporarily(self.accelerator, "even_batches", False):
                 loader = self._get_dataloader(dataset=dataset, description=description, batch_size=batch_size,
                                               sampler_fn=self._get_eval_sampler)
-            finally:
-                self.accelerator.even_batches = even
         training, total, count, error = self.model.training, 0.0, 0, None
         self.model.eval()
         try:
@@ -120,6 +118,6 @@ class JobEvaluation:
         by accelerate)."""
         own = split_dataset_by_node(dataset, rank=self.accelerator.process_index,
                                     world_size=self.accelerator.num_processes)
-        return DataLoader(own, batch_size=batch_size, num_workers=self.args.dataloader_num_workers,
-                          collate_fn=self._get_collator_with_removed_columns(self.data_collator, description=description),
+        collate = self._get_collator_with_removed_columns(self.data_collator, description=description)
+        return DataLoader(own, batch_size=batch_size, collate_fn=collate, num_workers=self.args.dataloader_num_workers,
                           pin_memory=self.args.dataloader_pin_memory)

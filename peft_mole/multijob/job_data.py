@@ -9,7 +9,6 @@ every job's train and eval datasets are prepared with the decision its own train
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 
@@ -40,16 +39,6 @@ class JobDatasets:
                     f"job {name.split()[0]!r}: no {kind} rows are left after SFTTrainer's preparation (rows without "
                     "trainable tokens are dropped; check the completion field)"
                 )
-
-    @contextlib.contextmanager
-    def _job_args(self, args):
-        """Within it, `self.args` is a job's arguments, for Trainer methods that read them (the length-grouped and
-        rebalancing samplers take the job's batch size and accumulation, as a plain SFTTrainer on the job does)."""
-        trainer_args, self.args = self.args, args
-        try:
-            yield
-        finally:
-            self.args = trainer_args
 
     def _completion_only(self, dataset) -> bool:
         """SFTTrainer's rule for a dataset: `completion_only_loss`, or where None, whether it is prompt-completion."""

@@ -197,32 +197,30 @@ class JobRun:
             self.flat.zero_grad()
 
     def resident_bytes(self) -> int:
-        """Bytes this job keeps from step to step besides its weights: its optimizer's state and its gradients.
+        """Bytes this job keeps from step to step besides its weights: its optimizer's state and its gradients, and
+        for a running job that has not stepped yet the state it is about to create (`held_bytes`). 0 once released
+        (`release`)."""
+        return sum(self.held_bytes())
 
-        A running job that has not stepped yet counts the state it is about to create (`projected_state_bytes`);
-        gradients are the flat buffers (made with the job), or the gradients accumulated so far in a window. 0 once
-        released (`release`)."""
+    def held_bytes(self) -> tuple[int, int]:
+        """(kept, coming): the optimizer state and gradients the job keeps now (the flat buffers made with the job,
+        or the gradients accumulated so far in a window), and the state a running job that has not stepped yet
+        creates at its first step (two tensors per parameter for Adam and AdamW, three with AMSGrad, one for SGD
+        with momentum; else 0). (0, 0) once released."""
         if self.released:
-            return 0
+            return 0, 0
         tensors = self.stepped_tensors()
+        state = sum(v.nbytes for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
         gradients = self.flat.gradient_bytes if self.flat is not None else sum(
             p.grad.nbytes for p in tensors if p.grad is not None)  # between a window's micro-batches
-        return self._state_bytes() + self.projected_state_bytes() + gradients
-
-    def _state_bytes(self) -> int:
-        return sum(v.nbytes for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
-
-    def projected_state_bytes(self) -> int:
-        """The optimizer state a running job that has not stepped yet creates at its first step (two tensors per
-        parameter for Adam and AdamW, three with AMSGrad, one for SGD with momentum); 0 for any other job."""
-        if self.released or self.status != RUNNING or self._state_bytes():
-            return 0
+        if state or self.status != RUNNING:
+            return state + gradients, 0
         groups = self.optimizer.param_groups
         if isinstance(self.optimizer, torch.optim.SGD):
             per_parameter = int(any(g.get("momentum", 0) for g in groups))
         else:
             per_parameter = 3 if any(g.get("amsgrad") for g in groups) else 2
-        return per_parameter * sum(p.nbytes for p in self.stepped_tensors())
+        return gradients, per_parameter * sum(p.nbytes for p in tensors)
 
     def release(self) -> None:
         """Free what only further training needs, once the job has ended: its optimizer's state and its gradients

@@ -113,19 +113,21 @@ class JobScheduler:
         if self.max_memory is None or not self.memory_model.fitted:
             return candidates
         chosen: list[tuple[JobRun, dict]] = []
-        # once per round (they walk every job's optimizer state): what the jobs keep, and what each job that has not
+        # once per round (it walks every job's optimizer state): what the jobs keep, and what each job that has not
         # stepped will create at its first step, counted only in a step it is in (`resident_change`)
-        kept = self.resident_change(parts=[])
-        profiled = self.profiled_resident_bytes
-        projected = {run.name: 0 if profiled is None else run.projected_state_bytes() for run, _ in candidates}
+        held = self._held_bytes()
+        kept = sum(k for k, _ in held.values()) - (self.profiled_resident_bytes or 0.0)
+        projected = {run.name: held[run.name][1] if run.name in held else 0 for run, _ in candidates}
         for run, batch in candidates:
             trial = chosen + [(run, batch)]
             if self.predict(trial, kept + sum(projected[r.name] for r, _ in trial)) <= self.max_memory:
                 chosen = trial
         if chosen or not candidates:
             return chosen
-        alone = {run.name: 0.0 if profiled is None else run.resident_bytes() - profiled for run, _ in candidates}
-        never = [part for part in candidates if self.predict([part], alone[part[0].name]) > self.max_memory]
+        alone = {run.name: sum(held.get(run.name, (0, 0))) - (self.profiled_resident_bytes or 0.0)
+                 for run, _ in candidates}
+        never = [(run, batch) for run, batch in candidates
+                 if self.predict([(run, batch)], alone[run.name]) > self.max_memory]
         for run, batch in never or candidates[-1:]:
             resident = kept + projected[run.name]
             run.status, run.error = FAILED, (
@@ -235,8 +237,15 @@ class JobScheduler:
         if self.profiled_resident_bytes is None:
             return 0.0
         names = None if parts is None else {run.name for run, _ in parts}
-        return sum(run.resident_bytes() - (0 if names is None or run.name in names else run.projected_state_bytes())
-                   for run in self.runs) - self.profiled_resident_bytes
+        return sum(kept + (coming if names is None or name in names else 0)
+                   for name, (kept, coming) in self._held_bytes().items()) - self.profiled_resident_bytes
+
+    def _held_bytes(self) -> dict[str, tuple[int, int]]:
+        """{job: (kept, coming)} (`JobRun.held_bytes`), once for every job; empty without `profiled`, whose
+        constant the memory model's predictions start from."""
+        if self.profiled_resident_bytes is None:
+            return {}
+        return {run.name: run.held_bytes() for run in self.runs}
 
     def predict(self, parts: list[tuple[JobRun, dict]], resident: float | None = None) -> float:
         """Predicted peak bytes of the parts' steps: one packed row per step of packed parts (the largest step), else

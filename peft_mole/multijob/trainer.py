@@ -3,12 +3,13 @@
 Each step is one mixed-adapter batch: a micro-batch from every running job, one pass of the frozen base for all
 rows, each adapter on its own rows. Job j's loss on its rows is
 
-    L_j = −Σ log p(target) / N_j + aux_j / G_j
+    L_j = −Σ log p(target) / N_j + c · aux_j / G_j
 
-with N_j its target tokens over its whole accumulation window (Trainer's `num_items_in_batch`) and G_j the
-window's micro-batches (SFTTrainer's mean of the aux loss); the step backpropagates Σ_j L_j. Adapters are disjoint, so every job gets the gradients it
-would get trained alone by `SFTTrainer` with the same data order and seed (tests/multijob/test_trainer.py).
-Each job then clips, steps and schedules on its own windows, and logs and checkpoints under its own name.
+with N_j its target tokens over its whole accumulation window (Trainer's `num_items_in_batch`), G_j the window's
+micro-batches and c `router_aux_loss_coef` (SFTTrainer's mean of the aux loss, and its coefficient); the step
+backpropagates Σ_j L_j. Adapters are disjoint, so every job gets the gradients it would get trained alone by
+`SFTTrainer` with the same data order and seed (tests/multijob/test_trainer.py). Each job then clips, steps and
+schedules on its own windows, and logs and checkpoints under its own name.
 
 What comes from SFTTrainer unchanged: dataset preparation (tokenisation, chat templates, completion-only loss),
 the collator, the fused LM head, accelerate (device, autocast), callbacks and `log()`. With `padding_free=True` (or
@@ -36,6 +37,7 @@ from transformers.trainer_utils import TrainOutput, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from peft_mole.multijob import distributed as dist
+from peft_mole.multijob import report
 from peft_mole.multijob.batching import is_packed, mix, pad_token_id, profile_inputs, row_halves
 from peft_mole.multijob.evaluation import JobEvaluation
 from peft_mole.multijob.flat_parameters import job_optimizer
@@ -45,17 +47,15 @@ from peft_mole.multijob.lifecycle import JobLifecycle
 from peft_mole.multijob.memory import costliest_selection
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
 from peft_mole.multijob.pieces import RoundStreams
-from peft_mole.multijob.report import (
-    PaddingStats,
-    raise_progress_total,
-    show_progress,
-    summary_rows,
-    write_summary,
-)
 from peft_mole.multijob.run import FAILED, STOPPED, JobRun, stream_seed
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
-from peft_mole.multijob.trainer_args import aux_coefficient_kept_from_sft_trainer as keeping_aux_coefficient
-from peft_mole.multijob.trainer_args import check_callbacks, check_distributed, check_trainer_args
+from peft_mole.multijob.trainer_args import (
+    check_callbacks,
+    check_distributed,
+    check_trainer_args,
+    temporarily,
+    without_aux_coefficient,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -136,12 +136,12 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
             raise ValueError(f"step_overhead_tokens must be 'auto', an int >= 0 or None, got {step_overhead_tokens!r}")
         self.step_overhead_tokens = step_overhead_tokens
         self.step_cost = StepCost()
-        self.padding_stats = PaddingStats()
+        self.padding_stats = report.PaddingStats()
         try:
             # an eval_dataset (Trainer refuses an eval_strategy without one), prepared once: that job's reuses it
             first_eval = next((j.eval_dataset for j in jobs if j.eval_dataset is not None), None)
             passed_eval = kwargs.setdefault("eval_dataset", first_eval)
-            with keeping_aux_coefficient(args):
+            with without_aux_coefficient(args):
                 super().__init__(model=model, args=args, train_dataset=jobs[0].train_dataset, callbacks=callbacks,
                                  processing_class=processing_class, data_collator=data_collator,
                                  formatting_func=formatting_func, **kwargs)
@@ -158,7 +158,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
     def _make_run(self, job: JobConfig) -> JobRun:
         args = job.training_args(self.args)
         set_seed(args.seed)  # the data order of a plain SFTTrainer run with this seed
-        with self._job_args(args):  # (Trainer's samplers read self.args: the job's batch size and accumulation)
+        with temporarily(self, "args", args):  # Trainer's samplers read self.args: the job's batch, accumulation
             loader = self._get_dataloader(dataset=self.job_datasets[job.name], description=f"{job.name} training",
                                           batch_size=args.per_device_train_batch_size,
                                           sampler_fn=self._get_train_sampler, is_training=True)
@@ -231,7 +231,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
                     estimate = self.state.global_step + self.job_scheduler.estimate_steps(left)
                     if estimate > self.state.max_steps:
                         self.state.max_steps = estimate
-                        raise_progress_total(self.callback_handler.callbacks, estimate)
+                        report.raise_progress_total(self.callback_handler.callbacks, estimate)
                 empty_every = self.args.torch_empty_cache_steps
                 if empty_every and self.state.global_step % empty_every == 0:
                     clear_device_cache()  # as Trainer does every `torch_empty_cache_steps`
@@ -380,13 +380,13 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
         aux = outputs.get("aux_loss_per_adapter") or {}
         losses, tokens = {}, {}
         summed_processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        coefficient = 1.0 if self.args.router_aux_loss_coef is None else self.args.router_aux_loss_coef  # (no job's)
         for run, _ in parts:
             rows = mixed.index(run.name)
             window_items = torch.as_tensor(run.window_items).clamp(min=1)  # where it is: a copy to a GPU would sync
             tokens[run.name] = label_mask[rows].sum()
             loss = -log_probs[rows].sum() / window_items
-            if run.name in aux:  # as SFTTrainer: the mean over the window's micro-batches (and summing processes)
-                coefficient = 1.0 if run.args.router_aux_loss_coef is None else run.args.router_aux_loss_coef
+            if run.name in aux and coefficient:  # as SFTTrainer: the window's mean (and over summing processes)
                 loss = loss + coefficient * aux[run.name] / (len(run.window) * summed_processes)
             losses[run.name] = loss
         # every job's loss and token count in one read-back: on a GPU each read is a sync of the step's kernels
@@ -425,7 +425,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
         run.mixed_step = self.state.global_step
         run.stats.losses.append(run.window_loss)
         run.window_loss = 0.0
-        show_progress(self.callback_handler.callbacks, self.job_progress, run)
+        report.show_progress(self.callback_handler.callbacks, self.job_progress, run)
         if run.should_log():
             logs = {
                 f"{run.name}/loss": sum(run.stats.losses) / len(run.stats.losses),
@@ -490,9 +490,9 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
             self._save_job_folder(job.name, os.path.join(root, job.name))
 
     def _summarise(self, runs: list[JobRun]) -> list[dict]:
-        rows = summary_rows(runs)
+        rows = report.summary_rows(runs)
         if self.is_world_process_zero():
-            write_summary(rows, self.padding_stats.pad_fraction, self.args.output_dir)
+            report.write_summary(rows, self.padding_stats.pad_fraction, self.args.output_dir)
         return rows
 
 

@@ -124,15 +124,18 @@ def check_distributed(trainer) -> None:
 
 
 @contextlib.contextmanager
-def aux_coefficient_kept_from_sft_trainer(args):
-    """Within it, `args.router_aux_loss_coef` is None, so that SFTTrainer's `__init__` neither refuses a coefficient
-    for the dense base nor sets up its own aux loss: MultiJobTrainer adds each MixLoRA/DynMoLE job's aux loss itself,
-    scaled by the coefficient as SFTTrainer scales it (None: 1.0, the coefficient its adapters declare)."""
-    coefficient = getattr(args, "router_aux_loss_coef", None)
-    if coefficient is not None:
-        args.router_aux_loss_coef = None
+def temporarily(owner, name: str, value):
+    """Within it, `owner.<name>` is `value`; the old value is set back after (also on an error)."""
+    old = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        if coefficient is not None:
-            args.router_aux_loss_coef = coefficient
+        setattr(owner, name, old)
+
+
+def without_aux_coefficient(args):
+    """Within it, `args.router_aux_loss_coef` is None, so that SFTTrainer's `__init__` neither refuses a coefficient
+    for the dense base nor sets up its own aux loss: MultiJobTrainer adds each MixLoRA/DynMoLE job's aux loss itself,
+    scaled by the coefficient as SFTTrainer scales it (None: 1.0, the coefficient its adapters declare)."""
+    return contextlib.nullcontext() if args is None else temporarily(args, "router_aux_loss_coef", None)

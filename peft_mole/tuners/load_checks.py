@@ -67,17 +67,20 @@ def check_weights_file(path: str, subfolder: str | None = None, revision: str | 
 
 def check_hub_weights(repo_id: str, subfolder: str | None, revision: str | None, token: str | bool | None) -> None:
     """A Hub repo with a pickle adapter_model.bin and no adapter_model.safetensors is refused, as a local folder is
-    (PEFT would read the pickle). Where the Hub cannot be asked (offline, an unknown repo), PEFT's own download
-    reports what is wrong."""
+    (PEFT would read the pickle). Asked only when the safetensors file is not in the local cache, as PEFT's own
+    download does; where the Hub cannot be asked (offline, an unknown repo), PEFT's download reports what is wrong."""
     import huggingface_hub
 
+    def path(name: str) -> str:
+        return f"{subfolder}/{name}" if subfolder else name
+
     def exists(name: str) -> bool:
-        return huggingface_hub.file_exists(repo_id, f"{subfolder}/{name}" if subfolder else name, revision=revision,
-                                           token=token)
+        return huggingface_hub.file_exists(repo_id, path(name), revision=revision, token=token)
 
     try:
-        pickle_only = not exists(SAFETENSORS_NAME) and exists(PICKLE_NAME)
-    except Exception:  # noqa: BLE001 — offline or not a repo: nothing to check here
+        cached = huggingface_hub.try_to_load_from_cache(repo_id, path(SAFETENSORS_NAME), revision=revision)
+        pickle_only = not isinstance(cached, str) and not exists(SAFETENSORS_NAME) and exists(PICKLE_NAME)
+    except Exception:  # noqa: BLE001 — offline or not a repo id: nothing to check here
         return
     if pickle_only:
         raise ValueError(

@@ -22,8 +22,8 @@ class FakeRun:
     def resident_bytes(self) -> int:
         return self.resident
 
-    def projected_state_bytes(self) -> int:
-        return self.projected
+    def held_bytes(self) -> tuple[int, int]:
+        return self.resident - self.projected, self.projected
 
 
 def part(name, rows, length, priority=0):

@@ -119,6 +119,10 @@ def test_a_hub_repo_with_a_pickle_alone_is_refused_before_it_is_read(monkeypatch
     assert asked[0] == ("someone/binonly", "adapter_model.safetensors", "dev")
     files.add("adapter_model.safetensors")
     check_weights_file("someone/binonly")  # safetensors there: nothing to refuse
+    asked.clear()
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: "/cache/adapter.safetensors")
+    check_weights_file("someone/binonly")
+    assert asked == []  # in the local cache: the Hub is not asked
 
     def offline(*args, **kwargs):
         raise OfflineModeIsEnabled("offline")

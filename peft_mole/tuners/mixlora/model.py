@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from functools import partial
 
 import torch
+from peft.tuners.lora.model import _adapter_names_pre_forward_hook
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
@@ -199,7 +200,8 @@ class MixLoRAModel(BaseTuner):
         PEFT's LoRA does, so that each row runs its own adapter's copy (the original module for "__base__")."""
         saves = names and any(getattr(config, "modules_to_save", None) for config in self.peft_config.values())
         wrappers = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)] if saves else []
-        handles = [m.register_forward_pre_hook(partial(_pass_adapter_names, names=names), with_kwargs=True)
+        hook = partial(_adapter_names_pre_forward_hook, adapter_names=names)  # PEFT's, as its LoRA registers it
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
                    for m in wrappers]
         try:
             yield
@@ -351,6 +353,3 @@ class MixLoRAModel(BaseTuner):
             "combine into one adapter. Use several adapters in one batch instead (adapter_names=[...] per row)."
         )
 
-
-def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
-    return args, {**kwargs, "adapter_names": names}

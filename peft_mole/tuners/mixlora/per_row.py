@@ -29,9 +29,10 @@ job, each token with its own job's E_max (· r) columns, `_job_a_products`), the
 values; the B products and the down experts run per global expert. A token never meets another job's router or
 experts (a slot past its own k goes to the null expert), so a job whose weights turned NaN leaves the other jobs'
 outputs, aux losses and gradients finite, as eagerly (tests/multijob/test_faults.py). What is not the eager block:
-numbers equal to rounding (tests/multijob/test_compiled_moe_steps.py); dropout masks are drawn in another order. MixLoRA jobs only: DynMoLE's
-rule picks a data-dependent number of experts and DoRA experts rescale per pair, so a block holding such a job
-runs its grouped form eagerly inside the compiled step instead (`MixLoRAMLP._per_row_serves`).
+numbers equal to rounding (tests/multijob/test_compiled_moe_steps.py); dropout masks are drawn in another order.
+MixLoRA jobs only: DynMoLE's rule picks a data-dependent number of experts and DoRA experts rescale per pair, so a
+block holding such a job runs its grouped form eagerly inside the compiled step instead
+(`MixLoRAMLP._per_row_serves`).
 """
 
 from __future__ import annotations
@@ -177,14 +178,10 @@ def _job_a_products(x: torch.Tensor, a_by_job: torch.Tensor, order) -> torch.Ten
 def _routers_by_job(layer, all_jobs: tuple[str, ...], table: dict, width: int, device: torch.device) -> torch.Tensor:
     """(len(all_jobs) + 1, E_max, d) fp32: per job of the step's order (and the base slot), its router padded to
     E_max experts; zeros for jobs without a router here (their tokens' one logit, the null expert's, is 0)."""
-    slots = []
-    for job in (*all_jobs, None):
-        weight = layer.routers[job].weight.float() if job in table["offsets"] else None
-        if weight is None:
-            slots.append(torch.zeros(table["max_experts"], width, device=device))
-        else:
-            slots.append(F.pad(weight, (0, 0, 0, table["max_experts"] - weight.shape[0])))
-    return torch.stack(slots)
+    zero = torch.zeros(table["max_experts"], width, device=device)
+    return torch.stack([
+        F.pad(layer.routers[job].weight.float(), (0, 0, 0, table["max_experts"] - layer.settings[job].num_experts))
+        if job in table["offsets"] else zero for job in (*all_jobs, None)])
 
 
 def _a_by_job(layer, all_jobs: tuple[str, ...], proj: str, table: dict) -> torch.Tensor:
