@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -84,7 +85,9 @@ class JobRun:
         self.window_tokens = 0  # this process's target tokens trained in the window (summed over processes at its step)
         self.stats = JobStats()
         self._iterator = None
-        self.last_grad_norm: float | None = None
+        self.last_grad_norm: torch.Tensor | None = None  # the gradient norm of the last step, before clipping
+        self.epoch_begun = False  # an epoch's first window was fetched (the trainer sends `on_epoch_begin`)
+        self.step_epoch = 0.0  # `epoch_progress` as of the last optimizer step (Trainer's `state.epoch`)
         self.last_lr = 0.0
         self.flat = flat  # FlatGroups when the optimizer steps flat tensors (`multijob.flat_parameters`)
         self.memory_kind = adapter_memory_kind(job.peft_config)  # its rows' kind in the scheduler's memory model
@@ -115,6 +118,7 @@ class JobRun:
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(self.epoch)
         self._iterator = iter(loader)
+        self.epoch_begun = True
 
     def _next_window(self) -> bool:
         """Fetch the next accumulation window; False when the job has trained `max_steps` steps."""
@@ -162,17 +166,25 @@ class JobRun:
             if grad is not None:
                 param.grad = in_layout_of(param, grad) if param.grad is None else param.grad.add_(grad)
 
-    def optimizer_step(self) -> None:
-        """Clip this job's gradient norm, step its optimizer and LR schedule, clear its gradients."""
+    def optimizer_step(self, event: Callable[[str], None] = lambda name: None) -> None:
+        """Clip this job's gradient norm, step its optimizer and LR schedule, clear its gradients, as Trainer does;
+        `event` is called with "on_pre_optimizer_step" and "on_optimizer_step" around the optimizer's step. The norm
+        before clipping is kept (`last_grad_norm`), also with `max_grad_norm=0` (no clipping), as Trainer logs it."""
         params = [p for p in self.stepped_tensors() if p.grad is not None]
-        if self.args.max_grad_norm and self.args.max_grad_norm > 0 and params:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
-            self.last_grad_norm = float(norm)
+        if params:
+            max_norm = self.args.max_grad_norm
+            if max_norm and max_norm > 0:
+                self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            else:
+                self.last_grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used (what Trainer logs)
+        event("on_pre_optimizer_step")
         self.optimizer.step()
+        event("on_optimizer_step")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
+        self.step_epoch = self.epoch_progress
         self.mark_stream()
 
     def use_stream(self, stream: torch.Generator) -> None:
@@ -253,10 +265,14 @@ class JobRun:
         return strategy == "steps" and bool(self.args.save_steps) and self._due(self.args.save_steps)
 
     def should_log(self) -> bool:
-        """Log after this step: `logging_strategy` "steps" (every `logging_steps`) or "epoch"; always the last, and
-        the first with `logging_first_step`."""
+        """Log after this step: `logging_strategy` "steps" (every `logging_steps`) or "epoch", and the job's last step;
+        the first with `logging_first_step`; with "no" none but that first."""
         strategy = self._strategy("logging_strategy")
-        if self.global_step == self.max_steps or (self.global_step == 1 and self.args.logging_first_step):
+        if self.global_step == 1 and self.args.logging_first_step:
+            return True
+        if strategy == "no":
+            return False
+        if self.global_step == self.max_steps:
             return True
         if strategy == "epoch":
             return self.at_epoch_end
@@ -377,3 +393,4 @@ class JobRun:
         self.stats.best_eval_loss = state.get("best_eval_loss")
         self.stats.evals_without_improvement = state.get("evals_without_improvement", 0)
         self.window, self.window_pos, self._iterator = [], 0, None
+        self.step_epoch = self.epoch_progress

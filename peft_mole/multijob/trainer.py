@@ -42,12 +42,13 @@ from peft_mole.multijob.batching import is_packed, mix, pad_token_id, profile_in
 from peft_mole.multijob.evaluation import JobEvaluation
 from peft_mole.multijob.flat_parameters import job_optimizer
 from peft_mole.multijob.job_data import JobDatasets
+from peft_mole.multijob.job_step import JobStepping
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.lifecycle import JobLifecycle
 from peft_mole.multijob.memory import costliest_selection
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
 from peft_mole.multijob.pieces import RoundStreams
-from peft_mole.multijob.run import FAILED, STOPPED, JobRun, stream_seed
+from peft_mole.multijob.run import FAILED, JobRun, stream_seed
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
 from peft_mole.multijob.trainer_args import (
     check_callbacks,
@@ -64,7 +65,7 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
+class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFTTrainer):
     """Train several `JobConfig`s together on one frozen base.
 
     Args:
@@ -74,7 +75,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
             `output_dir/<j>/`: checkpoints `checkpoint-N/` and the final adapter).
         processing_class: the tokenizer, as for `SFTTrainer`.
         data_collator: as for `SFTTrainer` (default: TRL's language-modeling collator).
-        callbacks: Trainer callbacks; they see one step per mixed step and every job's logs.
+        callbacks: Trainer callbacks; they see one step per mixed step and every job's logs, and each job's epoch,
+            optimizer-step and save events as its own SFTTrainer run sends them (`multijob.job_step`).
         formatting_func: as for `SFTTrainer`.
         max_concurrent_jobs: run at most this many jobs at a time (by priority, then arrival).
         max_memory: peak-memory budget in bytes for one step, enforced with the fitted memory model
@@ -299,6 +301,10 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
         self.padding_stats.add_micro_batches(parts)
         # a micro-batch cut into steps: each piece draws as the whole (only LoRA jobs are cut: their lora_dropout)
         self._round_streams = RoundStreams(parts, lambda run: self.jobs_model.peft_config[run.name].lora_dropout > 0)
+        for run, _ in parts:
+            if run.epoch_begun:  # its first micro-batch of an epoch
+                run.epoch_begun = False
+                self._job_event("on_epoch_begin", run)
         if is_packed(parts[0][1]):
             groups = self.job_scheduler.group_packed(parts)
         else:
@@ -317,6 +323,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
             run.window_loss += self._round_losses[run.name]
             if run.consume():
                 stepping.append(run)
+            else:
+                self._job_event("on_substep_end", run)
         self._round_streams = RoundStreams([], bool)  # the round's micro-batches are not kept past it
         # the epoch after this round, before the jobs step: what their logs (Trainer.log adds it) say
         self.state.epoch = max(r.epoch_progress for r in self.runs)
@@ -412,44 +420,6 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, SFTTrainer):
             run.stats.seconds += seconds * mixed.share(run.name)
             run.window_tokens += int(read[run.name][1])
             self._round_losses[run.name] = self._round_losses.get(run.name, 0.0) + read[run.name][0]
-
-    def _job_step(self, run: JobRun) -> None:
-        mean = not self.args.average_tokens_across_devices
-        run.window_loss, tokens = dist.reduce_gradients(self.accelerator, run.stepped_tensors(),
-                                                        [run.window_loss, float(run.window_tokens)], mean=mean)
-        # the window's target tokens over all processes (the run summary's count)
-        run.stats.tokens += round(tokens * (self.accelerator.num_processes if mean else 1))
-        run.window_tokens = 0
-        run.optimizer_step()
-        run.stats.last_loss, run.stats.stepped = run.window_loss, (run.stats.tokens, run.stats.seconds)
-        run.mixed_step = self.state.global_step
-        run.stats.losses.append(run.window_loss)
-        run.window_loss = 0.0
-        report.show_progress(self.callback_handler.callbacks, self.job_progress, run)
-        if run.should_log():
-            logs = {
-                f"{run.name}/loss": sum(run.stats.losses) / len(run.stats.losses),
-                f"{run.name}/learning_rate": run.learning_rate(),
-                f"{run.name}/step": run.global_step,
-                f"{run.name}/epoch": run.epoch_progress,
-            }
-            if run.last_grad_norm is not None:
-                logs[f"{run.name}/grad_norm"] = run.last_grad_norm
-            run.stats.losses = []
-            self.log(logs)
-        # True to stop early, or why the evaluation failed (the job fails after its checkpoint of this step)
-        verdict = run.name in self.job_eval_datasets and run.should_evaluate() and self._evaluate_job(run)
-        if run.should_save():
-            states = self._stream_states(run)  # (a collective: on every process)
-            if self.is_world_process_zero():
-                run.save_checkpoint(lambda d: self.jobs_model.save_job(run.name, d), stream_states=states)
-                self.control = self.callback_handler.on_save(self.args, self.state, self.control)
-        if isinstance(verdict, str):
-            self._fail(run, verdict)
-        elif verdict:
-            self._finish(run, STOPPED)
-        elif run.global_step >= run.max_steps:
-            self._finish(run)
 
     # ------------------------------------------------------------------ memory
     def _profile_memory(self, runs: list[JobRun]) -> None:

@@ -1,0 +1,90 @@
+"""A job's optimizer step and what follows it — its logs, evaluation, checkpoint and end — with the Trainer
+callback events of one job, as `MultiJobTrainer` methods (a mixin).
+
+Trainer's loop has one optimizer, one epoch count and one checkpoint folder; a multi-job run has one of each per job.
+The events of the mixed steps (`on_train_begin/end`, `on_step_begin`, `on_step_end`, `on_log`, `on_evaluate`) reach
+the callbacks with the trainer's arguments and state, as Trainer sends them. The events of one job's training —
+`on_epoch_begin`, `on_epoch_end`, `on_substep_end`, `on_pre_optimizer_step`, `on_optimizer_step` and `on_save` —
+reach them as that job's own run would send them: with the job's arguments (`output_dir/<job>/`, its overrides), a
+copy of the state whose `global_step`, `epoch` and `max_steps` are the job's, the job's optimizer, LR scheduler and
+training loader as the `optimizer`, `lr_scheduler` and `train_dataloader` keywords, and `job=<name>`. A callback
+written for SFTTrainer thus finds the folder of an `on_save` at `args.output_dir/checkpoint-{state.global_step}`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+from peft_mole.multijob import distributed as dist
+from peft_mole.multijob import report
+from peft_mole.multijob.run import STOPPED, JobRun
+from peft_mole.multijob.trainer_args import temporarily
+
+JOB_EVENTS = ("on_epoch_begin", "on_epoch_end", "on_substep_end", "on_pre_optimizer_step", "on_optimizer_step",
+              "on_save")
+
+
+class JobStepping:
+    """The trainer's per-job step and callback events (see the module docstring); mixed into `MultiJobTrainer`."""
+
+    def _job_event(self, event: str, run: JobRun) -> None:
+        """Send `event` to every callback as the job's own run would (module docstring): the state's `epoch` is the
+        job's as of its last optimizer step, as Trainer's `state.epoch` (an epoch's first sub-step still says 0.0)."""
+        if event not in JOB_EVENTS:
+            raise ValueError(f"{event!r} is not a job event; job events: {JOB_EVENTS}")
+        if event == "on_epoch_begin":
+            self.control.should_epoch_stop = False  # as Trainer's CallbackHandler does
+        elif event == "on_save":
+            self.control.should_save = False
+        state = copy.copy(self.state)
+        state.global_step, state.max_steps = run.global_step, run.max_steps
+        state.epoch = run.step_epoch
+        handler = self.callback_handler
+        with contextlib.ExitStack() as stack:
+            for name, value in (("optimizer", run.optimizer), ("lr_scheduler", run.scheduler),
+                                ("train_dataloader", run.dataloader)):
+                stack.enter_context(temporarily(handler, name, value))
+            self.control = handler.call_event(event, run.args, state, self.control, job=run.name)
+
+    def _job_step(self, run: JobRun) -> None:
+        """Step the job whose window is complete (gradients summed over processes, clipped), then log, evaluate,
+        checkpoint and end it as its strategies say."""
+        mean = not self.args.average_tokens_across_devices
+        run.window_loss, tokens = dist.reduce_gradients(self.accelerator, run.stepped_tensors(),
+                                                        [run.window_loss, float(run.window_tokens)], mean=mean)
+        # the window's target tokens over all processes (the run summary's count)
+        run.stats.tokens += round(tokens * (self.accelerator.num_processes if mean else 1))
+        run.window_tokens = 0
+        run.optimizer_step(lambda event: self._job_event(event, run))
+        run.stats.last_loss, run.stats.stepped = run.window_loss, (run.stats.tokens, run.stats.seconds)
+        run.mixed_step = self.state.global_step
+        run.stats.losses.append(run.window_loss)
+        run.window_loss = 0.0
+        report.show_progress(self.callback_handler.callbacks, self.job_progress, run)
+        if run.should_log():
+            logs = {
+                f"{run.name}/loss": sum(run.stats.losses) / len(run.stats.losses),
+                f"{run.name}/learning_rate": run.learning_rate(),
+                f"{run.name}/step": run.global_step,
+                f"{run.name}/epoch": run.epoch_progress,
+            }
+            if run.last_grad_norm is not None:  # (a read-back on a GPU: only when logged)
+                logs[f"{run.name}/grad_norm"] = float(run.last_grad_norm)
+            run.stats.losses = []
+            self.log(logs)
+        # True to stop early, or why the evaluation failed (the job fails after its checkpoint of this step)
+        verdict = run.name in self.job_eval_datasets and run.should_evaluate() and self._evaluate_job(run)
+        if run.should_save():
+            states = self._stream_states(run)  # (a collective: on every process)
+            if self.is_world_process_zero():
+                run.save_checkpoint(lambda d: self.jobs_model.save_job(run.name, d), stream_states=states)
+            self._job_event("on_save", run)  # (on every process, as Trainer)
+        if run.at_epoch_end or run.global_step >= run.max_steps:  # after the step's checkpoint, as Trainer (which
+            self._job_event("on_epoch_end", run)  # also ends the epoch it stops in)
+        if isinstance(verdict, str):
+            self._fail(run, verdict)
+        elif verdict:
+            self._finish(run, STOPPED)
+        elif run.global_step >= run.max_steps:
+            self._finish(run)

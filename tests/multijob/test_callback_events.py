@@ -1,0 +1,102 @@
+"""A job's own Trainer callback events (`multijob.job_step`): each job sends `on_epoch_begin/end`, `on_substep_end`,
+`on_pre_optimizer_step`, `on_optimizer_step` and `on_save` as SFTTrainer training it alone sends them, with its
+arguments, step and epoch; `grad_norm` is logged without clipping too; `logging_strategy="no"` logs nothing."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+from peft_mole import JobConfig, MultiJobTrainer
+from peft_mole.multijob.job_step import JOB_EVENTS
+from tests.helpers import mixlora, tiny_base
+from tests.multijob.test_trainer import ALL_LINEAR, run_args
+
+LORA = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR)
+
+
+class Record(TrainerCallback):
+    """Every job event as (job, event, step, epoch, whether the checkpoint folder of an on_save exists), and the
+    optimizer, scheduler and loader each event was given."""
+
+    def __init__(self) -> None:
+        self.events, self.objects = [], []
+        for event in JOB_EVENTS:
+            setattr(self, event, lambda args, state, control, event=event, **kwargs: self._record(event, args, state,
+                                                                                                  kwargs))
+
+    def _record(self, event, args, state, kwargs) -> None:
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        saved = os.path.isfile(os.path.join(folder, "adapter_model.safetensors")) if event == "on_save" else None
+        self.events.append((kwargs.get("job"), event, state.global_step, round(state.epoch, 6), saved))
+        self.objects.append((kwargs.get("job"), kwargs["optimizer"], kwargs["lr_scheduler"], kwargs["train_dataloader"]))
+
+
+def test_each_job_sends_the_events_sft_trainer_sends_training_it_alone(assets, tmp_path):
+    """"lora": 24 rows in micro-batches of 4, windows of 2 (3 steps an epoch), 4 steps: two epochs begin, the first
+    ends at step 3, the run at step 4 (Trainer ends the epoch it stops in); a sub-step ends the first micro-batch of
+    every window; checkpoints at steps 2 and 4 are on disk when `on_save` comes. "mix" beside it sends its own."""
+    tokenizer, datasets = assets
+    options = dict(save_strategy="steps", save_steps=2, max_steps=4)
+    record = Record()
+    jobs = [JobConfig("lora", LORA, datasets["sentiment"], gradient_accumulation_steps=2),
+            JobConfig("mix", mixlora(), datasets["capital"], per_device_train_batch_size=3, save_steps=3)]
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                              args=run_args(tmp_path / "run", **options), callbacks=[record])
+    trainer.train()
+    together = {job.name: [e[1:] for e in record.events if e[0] == job.name] for job in jobs}
+    assert {e[0] for e in record.events} == {"lora", "mix"}
+
+    solo_record = Record()
+    solo_args = jobs[0].training_args(run_args(tmp_path / "solo", **options))
+    solo = get_peft_model(tiny_base(vocab_size=len(tokenizer)), LORA)
+    SFTTrainer(model=solo, args=solo_args, train_dataset=jobs[0].train_dataset, processing_class=tokenizer,
+               callbacks=[solo_record]).train()
+    alone = [e[1:] for e in solo_record.events]
+    assert together["lora"] == alone
+    assert [e[:2] for e in alone if e[0] in ("on_epoch_begin", "on_epoch_end", "on_save")] == [
+        ("on_epoch_begin", 0), ("on_save", 2), ("on_epoch_end", 3), ("on_epoch_begin", 3), ("on_save", 4),
+        ("on_epoch_end", 4)]
+    assert all(e[3] for e in together["lora"] + together["mix"] if e[0] == "on_save")
+    assert [e[1] for e in together["mix"] if e[0] == "on_save"] == [3]  # its own save_steps
+    assert sum(e[0] == "on_optimizer_step" for e in together["mix"]) == 4
+    assert not [e for e in together["mix"] if e[0] == "on_substep_end"]  # no accumulation
+    runs = {run.name: run for run in trainer.runs}
+    for job, optimizer, scheduler, loader in record.objects:
+        assert (optimizer, scheduler, loader) == (runs[job].optimizer, runs[job].scheduler, runs[job].dataloader)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.05])
+def test_grad_norm_is_logged_with_and_without_clipping_as_sft_trainer_logs_it(assets, tmp_path, max_grad_norm):
+    """Trainer logs the gradient norm before clipping, also with `max_grad_norm=0` (before: not logged then)."""
+    tokenizer, datasets = assets
+    job = JobConfig("lora", LORA, datasets["sentiment"], max_grad_norm=max_grad_norm)
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job], processing_class=tokenizer,
+                              args=run_args(tmp_path / "run"))
+    trainer.jobs_model.save_job("lora", str(tmp_path / "init"))
+    trainer.train()
+    together = [h["lora/grad_norm"] for h in trainer.state.log_history if "lora/loss" in h]
+    solo = PeftModel.from_pretrained(tiny_base(vocab_size=len(tokenizer)), str(tmp_path / "init"), is_trainable=True)
+    solo_trainer = SFTTrainer(model=solo, args=job.training_args(run_args(tmp_path / "solo")),
+                              train_dataset=job.train_dataset, processing_class=tokenizer)
+    solo_trainer.train()
+    alone = [h["grad_norm"] for h in solo_trainer.state.log_history if "loss" in h]
+    assert len(together) == 3 and min(together) > 0
+    assert together == pytest.approx(alone, rel=1e-4)
+
+
+def test_logging_strategy_no_logs_no_job_step(assets, tmp_path):
+    """`logging_strategy="no"`: no job's step is logged, not even its last (before: the last one was); with
+    `logging_first_step` only the first, as Trainer's flow callback does."""
+    tokenizer, datasets = assets
+    for first, expected in ((False, []), (True, [1])):
+        job = JobConfig("mix", mixlora(), datasets["capital"], max_steps=3)
+        trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job], processing_class=tokenizer,
+                                  args=run_args(tmp_path / str(first), logging_strategy="no", logging_first_step=first))
+        trainer.train()
+        assert [h["mix/step"] for h in trainer.state.log_history if "mix/loss" in h] == expected
+        assert trainer.job_summary[0]["steps"] == 3
