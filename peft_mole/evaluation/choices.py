@@ -7,13 +7,17 @@ from collections import defaultdict
 import torch
 from peft.helpers import DoraCaching
 
+from peft_mole.evaluation.commonsense import prompt_token_ids
+
 
 @torch.no_grad()
 def choice_scores(model, tokenizer, prompt: str, choices: list[str], adapter: str | None = None) -> torch.Tensor:
     """Σ_t log p(choice_t | prompt, choice_<t) for each choice, (len(choices),) fp32.
 
     The prompt and each choice are tokenised separately and concatenated, so every choice is scored on the same
-    prompt tokens. `adapter` runs all rows with that adapter (`adapter_names`) when given.
+    prompt tokens: the prompt's with the special tokens the tokenizer puts before a text (BOS, as the model saw
+    in training) and none after it (`prompt_token_ids`, as `label_logits` scores), each choice's without any.
+    `adapter` runs all rows with that adapter (`adapter_names`) when given.
 
     The prompt must have at least one token (the first choice token is predicted from the prompt's last one), and
     so must every choice (a choice of no tokens would score log 1 = 0 and beat every real one): a ValueError
@@ -21,7 +25,7 @@ def choice_scores(model, tokenizer, prompt: str, choices: list[str], adapter: st
     """
     if not choices:
         raise ValueError("choices is empty: give at least one answer choice")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = prompt_token_ids(tokenizer, prompt)
     if not prompt_ids:
         raise ValueError(f"prompt {prompt!r} has no tokens: the first choice token needs a prompt token to follow")
     choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]

@@ -203,7 +203,7 @@ def _check_activation(source: str, reference: dict, config: MixLoRAConfig) -> No
         warnings.warn(f"{source}: act_fn {act_fn!r}; the converted experts use the base MLP's own activation, which "
                       f"cannot be read here ({config.base_model_name_or_path!r}): check that it is {act_fn!r}",
                       stacklevel=3)
-    elif _SAME_ACTIVATION.get(act_fn, act_fn) != _SAME_ACTIVATION.get(base, base):
+    elif base is not None and _SAME_ACTIVATION.get(act_fn, act_fn) != _SAME_ACTIVATION.get(base, base):
         warnings.warn(f"{source}: act_fn {act_fn!r} differs from the base model's activation {base!r}, which the "
                       "converted experts use: the converted adapter computes otherwise than the reference",
                       stacklevel=3)

@@ -51,10 +51,15 @@ class JobStepping:
         """Step the job whose window is complete (gradients summed over processes, clipped), then log, evaluate,
         checkpoint and end it as its strategies say."""
         mean = not self.args.average_tokens_across_devices
-        run.window_loss, tokens = dist.reduce_gradients(self.accelerator, run.stepped_tensors(),
-                                                        [run.window_loss, float(run.window_tokens)], mean=mean)
-        # the window's target tokens over all processes (the run summary's count)
-        run.stats.tokens += round(tokens * (self.accelerator.num_processes if mean else 1))
+        counts = [float(run.window_tokens), float(run.window_input_tokens), *(x for m in run.window_metrics for x in m)]
+        run.window_loss, *counts = dist.reduce_gradients(self.accelerator, run.stepped_tensors(),
+                                                         [run.window_loss, *counts], mean=mean)
+        counts = [c * (self.accelerator.num_processes if mean else 1) for c in counts]  # sums over processes
+        run.stats.tokens += round(counts[0])  # the window's target tokens (the run summary's count)
+        run.stats.num_tokens += round(counts[1])
+        for entropy, correct, targets in zip(*[iter(counts[2:])] * 3, strict=True):  # per micro-batch, as SFTTrainer
+            run.stats.entropy.append(entropy / targets if targets > 0 else 0.0)
+            run.stats.accuracy.append(correct / targets if targets > 0 else 0.0)
         run.window_tokens = 0
         run.optimizer_step(lambda event: self._job_event(event, run))
         run.stats.last_loss, run.stats.stepped = run.window_loss, (run.stats.tokens, run.stats.seconds)
@@ -71,7 +76,11 @@ class JobStepping:
             }
             if run.last_grad_norm is not None:  # (a read-back on a GPU: only when logged)
                 logs[f"{run.name}/grad_norm"] = float(run.last_grad_norm)
-            run.stats.losses = []
+            for key, values in (("entropy", run.stats.entropy), ("mean_token_accuracy", run.stats.accuracy)):
+                if values:
+                    logs[f"{run.name}/{key}"] = sum(values) / len(values)
+            logs[f"{run.name}/num_tokens"] = run.stats.num_tokens
+            run.stats.losses, run.stats.entropy, run.stats.accuracy = [], [], []
             self.log(logs)
         # True to stop early, or why the evaluation failed (the job fails after its checkpoint of this step)
         verdict = run.name in self.job_eval_datasets and run.should_evaluate() and self._evaluate_job(run)

@@ -42,6 +42,14 @@ def in_layout_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
 
 
+def input_token_count(batch: dict) -> int:
+    """A collated micro-batch's input tokens as SFTTrainer counts them for `num_tokens`: its attention mask's sum, or
+    with padding-free rows the packed positions."""
+    if batch.get("attention_mask") is not None:
+        return int(batch["attention_mask"].sum())
+    return int((batch.get("position_ids") if batch.get("position_ids") is not None else batch["input_ids"]).shape[-1])
+
+
 @dataclass
 class JobStats:
     """What the run summary reports per job."""
@@ -53,6 +61,9 @@ class JobStats:
     best_eval_loss: float | None = None
     evals_without_improvement: int = 0
     losses: list = field(default_factory=list)  # window losses since the last log
+    entropy: list = field(default_factory=list)  # per micro-batch since the last log, as SFTTrainer's metrics
+    accuracy: list = field(default_factory=list)
+    num_tokens: int = 0  # input tokens trained (SFTTrainer's `num_tokens`: attention mask or packed positions)
 
 
 class JobRun:
@@ -83,6 +94,8 @@ class JobRun:
         self.window_pos = 0
         self.window_loss = 0.0  # Σ of the window's micro-batch losses = the job's loss for this optimizer step
         self.window_tokens = 0  # this process's target tokens trained in the window (summed over processes at its step)
+        self.window_metrics: list[list[float]] = []  # per trained micro-batch: this process's (entropy, top-1, targets)
+        self.window_input_tokens = 0  # this process's input tokens in the window (SFTTrainer's `num_tokens`)
         self.stats = JobStats()
         self._iterator = None
         self.last_grad_norm: torch.Tensor | None = None  # the gradient norm of the last step, before clipping
@@ -131,7 +144,10 @@ class JobRun:
         if self._iterator is None:
             self._start_epoch(self.batches_done)
         n = min(self.args.gradient_accumulation_steps, self.batches_per_epoch - self.batches_done)
-        self.window = [strip_padding(next(self._iterator)) for _ in range(n)]  # (a packed row's trailing pads)
+        raw = [next(self._iterator) for _ in range(n)]
+        self.window_input_tokens = sum(input_token_count(batch) for batch in raw)
+        self.window = [strip_padding(batch) for batch in raw]  # (a packed row's trailing pads)
+        self.window_metrics = []
         self.batches_done += n
         # this process's count; the trainer sums it over processes once every process has its window (a collective
         # here would be skipped by a process whose data raised, and the processes' collectives would fall out of step)
@@ -258,11 +274,14 @@ class JobRun:
         return self.batches_done >= self.batches_per_epoch and self.window_pos >= len(self.window)
 
     def should_save(self) -> bool:
-        """A checkpoint after this step: `save_strategy` "steps" (every `save_steps`) or "epoch"."""
+        """A checkpoint after this step: `save_strategy` "steps" (every `save_steps`, and the job's last step, as
+        Trainer saves at `max_steps`) or "epoch"."""
         strategy = self._strategy("save_strategy")
         if strategy == "epoch":
             return self.at_epoch_end
-        return strategy == "steps" and bool(self.args.save_steps) and self._due(self.args.save_steps)
+        if strategy != "steps" or not self.args.save_steps:
+            return False
+        return self._due(self.args.save_steps) or self.global_step >= self.max_steps
 
     def should_log(self) -> bool:
         """Log after this step: `logging_strategy` "steps" (every `logging_steps`) or "epoch", and the job's last step;
@@ -326,6 +345,7 @@ class JobRun:
             "batches_done": self.batches_done - (len(self.window) if self.window_pos < len(self.window) else 0),
             "tokens": self.stats.stepped[0],  # (a window begun and not stepped is trained again on resume)
             "seconds": self.stats.stepped[1],
+            "input_tokens": self.stats.num_tokens,  # (counted at optimizer steps)
             "last_loss": self.stats.last_loss,
             "best_eval_loss": self.stats.best_eval_loss,
             "evals_without_improvement": self.stats.evals_without_improvement,
@@ -361,10 +381,12 @@ class JobRun:
         return final
 
     def restore_account(self, state: dict) -> None:
-        """What the run summary counts (tokens, seconds, last loss) and the mixed step, from a saved `state_dict`."""
+        """What the run summary and logs count (tokens, seconds, last loss, input tokens) and the mixed step, from a
+        saved `state_dict`."""
         self.stats.tokens, self.stats.seconds = state.get("tokens", 0), state.get("seconds", 0.0)
         self.stats.stepped, self.stats.last_loss = (self.stats.tokens, self.stats.seconds), state.get("last_loss")
         self.mixed_step = state.get("mixed_step", 0)
+        self.stats.num_tokens = state.get("input_tokens", 0)
 
     def load_checkpoint(self, path: str, load_adapter, process: tuple[int, int] = (0, 1)) -> None:
         """Restore from `save_checkpoint`'s folder (tensors only: `weights_only=True`). `process`: (this process's

@@ -296,7 +296,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         overhead = self.step_overhead_tokens
         if overhead == "auto":
             overhead = self.step_cost.overhead_tokens()
-        self._round_losses: dict[str, float] = {}
+        self._round_sums: dict[str, list[float]] = {}  # job -> its micro-batch's (loss, entropy, top-1, targets)
         self._round_failures: dict[str, str] = {}
         self.padding_stats.add_micro_batches(parts)
         # a micro-batch cut into steps: each piece draws as the whole (only LoRA jobs are cut: their lora_dropout)
@@ -320,7 +320,9 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
             if bad:
                 self._fail(run, self._round_failures.get(run.name, "it failed on another process"))
                 continue
-            run.window_loss += self._round_losses[run.name]
+            loss, *metrics = self._round_sums[run.name]
+            run.window_loss += loss
+            run.window_metrics.append(metrics)
             if run.consume():
                 stepping.append(run)
             else:
@@ -386,19 +388,22 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
                                       use_cache=False)
         log_probs, label_mask = outputs.log_probs.float(), outputs.label_mask
         aux = outputs.get("aux_loss_per_adapter") or {}
-        losses, tokens = {}, {}
+        losses, sums = {}, {}
+        zero = log_probs.new_zeros(())
+        entropy, top1 = outputs.get("entropy", zero), outputs.get("is_top1", zero)  # (SFTTrainer's fused head's)
         summed_processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         coefficient = 1.0 if self.args.router_aux_loss_coef is None else self.args.router_aux_loss_coef  # (no job's)
         for run, _ in parts:
             rows = mixed.index(run.name)
             window_items = torch.as_tensor(run.window_items).clamp(min=1)  # where it is: a copy to a GPU would sync
-            tokens[run.name] = label_mask[rows].sum()
             loss = -log_probs[rows].sum() / window_items
             if run.name in aux and coefficient:  # as SFTTrainer: the window's mean (and over summing processes)
                 loss = loss + coefficient * aux[run.name] / (len(run.window) * summed_processes)
             losses[run.name] = loss
-        # every job's loss and token count in one read-back: on a GPU each read is a sync of the step's kernels
-        values = torch.stack([torch.stack([losses[r.name].detach().double(), tokens[r.name].double()]) for r, _ in parts])
+            fields = [loss.detach(), *(t[rows].sum() if t.dim() else t for t in (entropy, top1, label_mask))]
+            sums[run.name] = torch.stack([t.double() for t in fields])
+        # every job's loss, metrics and token count in one read-back: on a GPU each read syncs the step's kernels
+        values = torch.stack([sums[r.name] for r, _ in parts])
         read = dict(zip(losses, values.tolist(), strict=True))
         good = []
         for run, _ in parts:
@@ -418,8 +423,9 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         self.step_cost.observe(mixed.input_ids.numel(), seconds)
         for run in good:
             run.stats.seconds += seconds * mixed.share(run.name)
-            run.window_tokens += int(read[run.name][1])
-            self._round_losses[run.name] = self._round_losses.get(run.name, 0.0) + read[run.name][0]
+            run.window_tokens += int(read[run.name][3])
+            so_far = self._round_sums.get(run.name, [0.0] * 4)  # (a micro-batch cut into steps: summed over them)
+            self._round_sums[run.name] = [a + b for a, b in zip(so_far, read[run.name], strict=True)]
 
     # ------------------------------------------------------------------ memory
     def _profile_memory(self, runs: list[JobRun]) -> None:

@@ -318,6 +318,28 @@ def test_label_logits_scores_the_prompts_last_token_not_an_appended_eos():
     assert prompt_token_ids(tokenizer, example.prompt) == [1, *text]
 
 
+def test_choice_scores_read_the_prompt_with_its_bos_and_without_an_eos():
+    """A tokenizer that wraps a text as "<s> $A </s>": each choice is scored after "<s> prompt", as `label_logits`
+    reads the prompt and as SFTTrainer tokenised it in training (was: without the BOS, 0.04 off here)."""
+    from tokenizers import processors
+
+    from peft_mole.evaluation import choice_scores
+
+    wrap = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    tokenizer = _bpe_tokenizer(LABEL_TEXTS, post_processor=wrap)
+    prompt = format_prompt("Which one is right?", ["ice", "steam", "rock", "sand"])
+    text = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    model = tiny_base(vocab_size=len(tokenizer)).eval()
+    expected = []
+    for choice in (" A", " B C"):
+        ids = [1, *text, *tokenizer(choice, add_special_tokens=False)["input_ids"]]
+        with torch.no_grad():
+            log_probs = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        expected.append(sum(log_probs[t - 1, ids[t]] for t in range(len(text) + 1, len(ids))))
+    torch.testing.assert_close(choice_scores(model, tokenizer, prompt, [" A", " B C"]), torch.stack(expected),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_label_tokens_of_a_llama2_style_sentencepiece_tokenizer_are_those_after_answer():
     """' A' alone is ['▁', '▁A'] (the first token is the same for every label: was a ValueError); after 'Answer:'
     the label is the one token '▁A', the token that follows the prompt's last token."""

@@ -188,6 +188,21 @@ def test_an_act_fn_other_than_the_bases_is_warned_about(tmp_path, monkeypatch):
         import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "same"))  # silu on a silu base: nothing to say
 
 
+def test_a_silu_act_fn_is_not_warned_about_where_the_base_cannot_be_read(tmp_path, monkeypatch):
+    """Run from another folder, the fixture's relative base "base" cannot be read: act_fn "silu" (the activation of
+    the MLPs MixLoRA targets) converts silently, "gelu" is warned about (before: "silu" warned that it differs from
+    the base's activation None, on a conversion equal to the reference)."""
+    import warnings
+
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "silu"))
+    source = _reference(tmp_path, config_change={"act_fn": "gelu"})
+    with pytest.warns(UserWarning, match="cannot be read here"):
+        import_moe_peft(str(source), str(tmp_path / "gelu"))
+
+
 def test_mixlora_flavour_export_with_only_the_dropout_differing_warns(tmp_path):
     """The package reads one lora_dropout (dropout only matters in training): the export goes on with a warning
     (the first version of this session's change refused it, naming equal r and alpha as the difference)."""

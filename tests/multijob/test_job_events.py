@@ -1,12 +1,14 @@
-"""A job's own Trainer callback events (`multijob.job_step`): each job sends `on_epoch_begin/end`, `on_substep_end`,
-`on_pre_optimizer_step`, `on_optimizer_step` and `on_save` as SFTTrainer training it alone sends them, with its
-arguments, step and epoch; `grad_norm` is logged without clipping too; `logging_strategy="no"` logs nothing."""
+"""A job's own Trainer callback events and logs (`multijob.job_step`): each job sends `on_epoch_begin/end`,
+`on_substep_end`, `on_pre_optimizer_step`, `on_optimizer_step` and `on_save` as SFTTrainer training it alone sends
+them, with its arguments, step and epoch, and logs what it logs (`grad_norm` also without clipping, `entropy`,
+`mean_token_accuracy`, `num_tokens`); `logging_strategy="no"` logs nothing."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import TrainerCallback
 from trl import SFTTrainer
@@ -62,7 +64,8 @@ def test_each_job_sends_the_events_sft_trainer_sends_training_it_alone(assets, t
         ("on_epoch_begin", 0), ("on_save", 2), ("on_epoch_end", 3), ("on_epoch_begin", 3), ("on_save", 4),
         ("on_epoch_end", 4)]
     assert all(e[3] for e in together["lora"] + together["mix"] if e[0] == "on_save")
-    assert [e[1] for e in together["mix"] if e[0] == "on_save"] == [3]  # its own save_steps
+    assert [e[1] for e in together["mix"] if e[0] == "on_save"] == [3, 4]  # its own save_steps, and its last step
+    # (as Trainer saves at max_steps; before 2026-12-05, eighth session, a job's last step was not checkpointed)
     assert sum(e[0] == "on_optimizer_step" for e in together["mix"]) == 4
     assert not [e for e in together["mix"] if e[0] == "on_substep_end"]  # no accumulation
     runs = {run.name: run for run in trainer.runs}
@@ -100,3 +103,33 @@ def test_logging_strategy_no_logs_no_job_step(assets, tmp_path):
         trainer.train()
         assert [h["mix/step"] for h in trainer.state.log_history if "mix/loss" in h] == expected
         assert trainer.job_summary[0]["steps"] == 3
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_a_jobs_entropy_accuracy_and_tokens_are_logged_as_sft_trainer_logs_them(assets, tmp_path, padding_free):
+    """SFTTrainer logs `entropy`, `mean_token_accuracy` (means over the micro-batches since the last log) and
+    `num_tokens` (input tokens so far); each job logs its own as `<job>/...`, equal to its run alone (before: not
+    logged). Repetitive rows and a high learning rate make the accuracy rise above 0, so the comparison means
+    something; windows of 2 micro-batches, logged every 2 steps."""
+    tokenizer, _ = assets
+    rows = [{"text": " ".join(["red blue"] * (3 + i % 5))} for i in range(16)]
+    job = JobConfig("mix", mixlora(), Dataset.from_list(rows), gradient_accumulation_steps=2,
+                    per_device_train_batch_size=2)
+    options = dict(max_steps=6, logging_steps=2, learning_rate=0.05, padding_free=padding_free,
+                   **({"max_length": None} if padding_free else {}))
+    others = JobConfig("lora", LORA, Dataset.from_list(rows[::-1]), per_device_train_batch_size=3)
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job, others],
+                              processing_class=tokenizer, args=run_args(tmp_path / "run", **options))
+    trainer.jobs_model.save_job("mix", str(tmp_path / "init"))
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "mix/loss" in h]
+    solo = PeftModel.from_pretrained(tiny_base(vocab_size=len(tokenizer)), str(tmp_path / "init"), is_trainable=True)
+    solo_trainer = SFTTrainer(model=solo, args=job.training_args(run_args(tmp_path / "solo", **options)),
+                              train_dataset=job.train_dataset, processing_class=tokenizer)
+    solo_trainer.train()
+    alone = [h for h in solo_trainer.state.log_history if "loss" in h]
+    assert len(logged) == len(alone) == 3
+    for key in ("entropy", "mean_token_accuracy", "num_tokens"):
+        assert [h[f"mix/{key}"] for h in logged] == pytest.approx([h[key] for h in alone], rel=1e-4, abs=1e-6), key
+    assert min(h["mix/mean_token_accuracy"] for h in logged) > 0.05
+    assert logged[-1]["mix/num_tokens"] > logged[0]["mix/num_tokens"] > 0
