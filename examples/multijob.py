@@ -37,14 +37,22 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def prepare_offline_assets(out: Path) -> None:
-    tokenizer = synthetic.demo_tokenizer(save_dir=out / "base")
-    base = synthetic.random_model("llama", "tiny", seed=0, vocab_size=len(tokenizer), hidden_size=128,
-                                  intermediate_size=344)
-    base.save_pretrained(out / "base")
+def prepare_offline_assets(out: Path, model: bool = True, data: bool = True) -> list[str]:
+    """Write the tiny random base (with its tokenizer) and/or the generated tasks under `out`; what was written."""
+    written = []
+    if model:
+        tokenizer = synthetic.demo_tokenizer(save_dir=out / "base")
+        base = synthetic.random_model("llama", "tiny", seed=0, vocab_size=len(tokenizer), hidden_size=128,
+                                      intermediate_size=344)
+        base.save_pretrained(out / "base")
+        written.append(str(out / "base"))
+    if not data:
+        return written
+    written.append(f"{out / 'data'}/<task>.jsonl and <task>-eval.jsonl")
     for i, task in enumerate(TASKS):
         synthetic.write_jsonl(synthetic.multitask_rows(400, seed=i, tasks=(task,)), out / "data" / f"{task}.jsonl")
         synthetic.write_jsonl(synthetic.multitask_rows(100, seed=100 + i, tasks=(task,)), out / "data" / f"{task}-eval.jsonl")
+    return written
 
 
 def peft_config(kind: str):
@@ -59,11 +67,10 @@ def main() -> None:
     args = parse_args()
     out = Path(args.output_dir)
     model_path, data_dir = args.model, Path(args.data_dir) if args.data_dir else out / "data"
-    if args.model is None or args.data_dir is None:
-        prepare_offline_assets(out)
-        model_path = model_path or str(out / "base")
+    written = prepare_offline_assets(out, model=args.model is None, data=args.data_dir is None)
+    model_path = model_path or str(out / "base")
     if args.prepare_only:
-        print(f"wrote {out / 'base'} and {data_dir}/<task>.jsonl")
+        print(f"wrote {' and '.join(written)}" if written else "nothing to write: --model and --data-dir are given")
         return
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     jobs = []

@@ -108,7 +108,7 @@ def _train(args: argparse.Namespace) -> int:
         raise SystemExit(f"peft-mole train: tokenizer {spec.tokenizer!r} cannot be loaded: {error}") from None
     try:
         config = SFTConfig(output_dir=spec.output_dir, **spec.args)
-        set_seed(config.seed)  # the adapters' initialisation too: the same job file trains the same adapters
+        set_seed(config.seed)  # the adapters' initialisation too (same adapters from the same file: see job_file)
         model = AutoModelForCausalLM.from_pretrained(spec.model)
     except OSError as error:
         raise SystemExit(f"peft-mole train: model {spec.model!r} cannot be loaded: {error}") from None
@@ -118,10 +118,14 @@ def _train(args: argparse.Namespace) -> int:
         trainer = MultiJobTrainer(
             model=model, jobs=spec.jobs, args=config, processing_class=tokenizer,
             max_concurrent_jobs=spec.max_concurrent_jobs, max_memory=spec.max_memory,
+            step_overhead_tokens=spec.step_overhead_tokens,
         )
     except (TypeError, ValueError, OSError) as error:  # the job file's args and output_dir, as the trainer checks them
         raise SystemExit(f"peft-mole train: {error}") from None
-    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=True if args.resume else None)
+    except ValueError as error:  # set-up the trainer checks as train() begins (a job's batches, a checkpoint to
+        raise SystemExit(f"peft-mole train: {error}") from None  # resume); a job failing in training fails alone
     failed = [row["job"] for row in trainer.job_summary if row["status"] == "failed"]
     return 1 if failed else 0
 

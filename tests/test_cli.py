@@ -93,7 +93,11 @@ def test_train_twice_gives_the_same_adapter(job_file, tmp_path):
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        (dict(learning_rate="abc"), "trainer arguments: learning_rate must be a finite number > 0, got 'abc'"),
+        (dict(learning_rate="abc"), "job file args: learning_rate must be a number, got 'abc'"),
+        (dict(learning_rate=-1.0), "trainer arguments: learning_rate must be a finite number > 0, got -1.0"),
+        (dict(router_aux_loss_coef=-1.0), "router_aux_loss_coef must be None or a finite number >= 0, got -1.0"),
+        # set-up that train() checks as it begins (a traceback before 2026-12-05, eighth session)
+        (dict(dataloader_drop_last=True, per_device_train_batch_size=64), "job 'add': its 16 rows make no batch"),
         (dict(per_device_train_batch_size=0), "per_device_train_batch_size must be an int >= 1"),
         (dict(model="MISSING"), "model '.*MISSING' cannot be loaded"),
         (dict(output_dir_is_a_file=True), "peft-mole train: "),

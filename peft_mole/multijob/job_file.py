@@ -11,13 +11,23 @@
         type: lora                    # lora | mixlora | dynmole
         peft: {r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}
         dataset: data/math.jsonl      # local .json/.jsonl/.csv/.parquet file, or a hub dataset name
+        dataset_split: train[:80%]    # optional (default "train"), also for a local file
+        eval_dataset: data/math.jsonl # optional; eval_dataset_split: default "validation" (a local file: "train")
         learning_rate: 1.0e-4         # any JobConfig field
+
+A value of the wrong kind (`r: "4"`, `max_steps: ten`) is refused naming its field, from the annotations of the
+config it goes to (the PEFT config or SFTConfig; JobConfig checks its own). `step_overhead_tokens` (top level) is the trainer's
+argument: an int for steps grouped the same way on any machine, hence bit-identical adapters from run to run;
+"auto" (default) groups by measured step times, so the adapters of MixLoRA and DynMoLE jobs can differ between two
+runs by float rounding (their rows' padded widths differ).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -28,8 +38,10 @@ from peft_mole.tuners.dynmole.config import DynMoLEConfig
 from peft_mole.tuners.mixlora.config import MixLoRAConfig
 
 PEFT_TYPES = {"lora": LoraConfig, "mixlora": MixLoRAConfig, "dynmole": DynMoLEConfig}
-RUN_KEYS = {"model", "tokenizer", "output_dir", "max_concurrent_jobs", "max_memory_gb", "args", "jobs"}
-JOB_KEYS = {"name", "type", "peft", "dataset", "dataset_config", "dataset_split", "eval_dataset"} | {
+RUN_KEYS = {"model", "tokenizer", "output_dir", "max_concurrent_jobs", "max_memory_gb", "step_overhead_tokens", "args",
+            "jobs"}
+DATA_KEYS = {"dataset", "dataset_config", "dataset_split", "eval_dataset", "eval_dataset_split"}
+JOB_KEYS = {"name", "type", "peft"} | DATA_KEYS | {
     f.name for f in fields(JobConfig) if f.name not in ("name", "peft_config", "train_dataset", "eval_dataset")
 }
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -44,6 +56,7 @@ class RunSpec:
     jobs: list[JobConfig]
     max_concurrent_jobs: int | None = None
     max_memory: float | None = None
+    step_overhead_tokens: int | str | None = "auto"
 
 
 def _unknown(where: str, given: dict, allowed: set[str]) -> None:
@@ -52,8 +65,9 @@ def _unknown(where: str, given: dict, allowed: set[str]) -> None:
         raise ValueError(f"{where}: unknown key(s) {extra}; allowed: {sorted(allowed)}")
 
 
-def load_dataset_spec(spec: str, job: str, config: str | None = None, split: str = "train"):
-    """A local data file (by extension) or a hub dataset, via `datasets.load_dataset`, with a clear error."""
+def load_dataset_spec(spec: str, job: str, config: str | None = None, split: str | None = "train"):
+    """A local data file (by extension) or a hub dataset, via `datasets.load_dataset`, with a clear error. `split`
+    (a split name or slice, such as "train[:80%]"; a local file's rows are its "train" split) None: "train"."""
     from datasets import load_dataset
 
     if not isinstance(spec, str) or not spec:
@@ -62,14 +76,41 @@ def load_dataset_spec(spec: str, job: str, config: str | None = None, split: str
     if ext in _LOCAL_FORMATS:
         if not os.path.isfile(spec):
             raise ValueError(f"job {job!r}: dataset file {spec!r} does not exist")
-        return load_dataset(_LOCAL_FORMATS[ext], data_files=spec, split="train")
+        try:
+            return load_dataset(_LOCAL_FORMATS[ext], data_files=spec, split=split or "train")
+        except ValueError as error:  # e.g. a split other than "train", or a bad slice
+            raise ValueError(f"job {job!r}: dataset file {spec!r}, split {split!r}: {error}") from error
     try:
-        return load_dataset(spec, config, split=split)
+        return load_dataset(spec, config, split=split or "train")
     except Exception as error:  # noqa: BLE001 — re-raised with the job and what was tried
         raise ValueError(
             f"job {job!r}: cannot load dataset {spec!r} (not a local .json/.jsonl/.csv/.parquet file, and the hub "
             f"said: {type(error).__name__}: {error})"
         ) from error
+
+
+_SCALARS = {int: ((int,), "an int"), float: ((int, float), "a number"), bool: ((bool,), "true or false"),
+            str: ((str,), "a string"), type(None): ((type(None),), "null")}
+
+
+def check_scalar_types(config_class: type, values: dict, where: str) -> None:
+    """Refuse a value whose kind the field's annotation in `config_class` rules out (a string for `r: int`, a number
+    for a string field), naming the field; fields annotated with other than int/float/bool/str/None (lists,
+    mappings, enums) are left to the config's own checks. A bool is no number here."""
+    try:
+        hints = typing.get_type_hints(config_class)
+    except Exception:  # noqa: BLE001 — annotations that do not resolve here: the config checks its values itself
+        return
+    for key, value in values.items():
+        hint = hints.get(key)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        members = typing.get_args(hint) if union else (hint,)
+        if not all(member in _SCALARS for member in members):
+            continue
+        allowed = tuple(t for member in members for t in _SCALARS[member][0])
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in members):
+            kinds = " or ".join(_SCALARS[member][1] for member in members)
+            raise ValueError(f"{where}: {key} must be {kinds}, got {value!r}")
 
 
 def _job(entry: Any, index: int) -> JobConfig:
@@ -88,17 +129,18 @@ def _job(entry: Any, index: int) -> JobConfig:
         raise ValueError(f"job {name!r}: peft must be a mapping of {PEFT_TYPES[kind].__name__} fields")
     known = {f.name for f in fields(PEFT_TYPES[kind])}
     _unknown(f"job {name!r} peft", peft_kwargs, known)
+    check_scalar_types(PEFT_TYPES[kind], peft_kwargs, f"job {name!r} peft")
     try:
         peft_config = PEFT_TYPES[kind](**peft_kwargs)
     except (TypeError, ValueError) as error:
         raise ValueError(f"job {name!r} peft: {error}") from error
-    split = entry.get("dataset_split", "train")
-    train = load_dataset_spec(entry["dataset"], name, entry.get("dataset_config"), split)
+    overrides = {k: v for k, v in entry.items() if k not in {"name", "type", "peft"} | DATA_KEYS}
+    train = load_dataset_spec(entry["dataset"], name, entry.get("dataset_config"), entry.get("dataset_split"))
     evaluation = None
     if entry.get("eval_dataset"):
-        evaluation = load_dataset_spec(entry["eval_dataset"], name, entry.get("dataset_config"), "validation")
-    overrides = {k: v for k, v in entry.items() if k not in {"name", "type", "peft", "dataset", "dataset_config",
-                                                             "dataset_split", "eval_dataset"}}
+        local = os.path.splitext(str(entry["eval_dataset"]))[1].lower() in _LOCAL_FORMATS
+        evaluation = load_dataset_spec(entry["eval_dataset"], name, entry.get("dataset_config"),
+                                       entry.get("eval_dataset_split", "train" if local else "validation"))
     try:
         return JobConfig(name=name, peft_config=peft_config, train_dataset=train, eval_dataset=evaluation, **overrides)
     except TypeError as error:  # a value of the wrong type (JobConfig names the job and the field)
@@ -127,17 +169,21 @@ def parse_run(data: Any) -> RunSpec:
     from trl import SFTConfig
 
     _unknown("job file args", args, {f.name for f in fields(SFTConfig)} - {"output_dir"})
+    check_scalar_types(SFTConfig, args, "job file args")
     built = [_job(entry, i) for i, entry in enumerate(jobs)]
     memory, concurrent = data.get("max_memory_gb"), data.get("max_concurrent_jobs")
     if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0):
         raise ValueError(f"job file: max_memory_gb must be a number > 0, got {memory!r}")
     if concurrent is not None and (isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1):
         raise ValueError(f"job file: max_concurrent_jobs must be an int >= 1, got {concurrent!r}")
+    overhead = data.get("step_overhead_tokens", "auto")
+    if overhead not in (None, "auto") and (isinstance(overhead, bool) or not isinstance(overhead, int) or overhead < 0):
+        raise ValueError(f"job file: step_overhead_tokens must be 'auto', an int >= 0 or null, got {overhead!r}")
     return RunSpec(
         model=str(data["model"]), tokenizer=str(data.get("tokenizer") or data["model"]),
         output_dir=str(data["output_dir"]), args=args, jobs=built,
         max_concurrent_jobs=concurrent,
-        max_memory=None if memory is None else float(memory) * 2**30,
+        max_memory=None if memory is None else float(memory) * 2**30, step_overhead_tokens=overhead,
     )
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob import report
-from peft_mole.multijob.run import STOPPED, JobRun
+from peft_mole.multijob.run import MICRO_BATCH_METRICS, STOPPED, JobRun
 from peft_mole.multijob.trainer_args import temporarily
 
 JOB_EVENTS = ("on_epoch_begin", "on_epoch_end", "on_substep_end", "on_pre_optimizer_step", "on_optimizer_step",
@@ -54,12 +55,16 @@ class JobStepping:
         counts = [float(run.window_tokens), float(run.window_input_tokens), *(x for m in run.window_metrics for x in m)]
         run.window_loss, *counts = dist.reduce_gradients(self.accelerator, run.stepped_tensors(),
                                                          [run.window_loss, *counts], mean=mean)
-        counts = [c * (self.accelerator.num_processes if mean else 1) for c in counts]  # sums over processes
+        processes = self.accelerator.num_processes
+        counts = [c * (processes if mean else 1) for c in counts]  # sums over processes
         run.stats.tokens += round(counts[0])  # the window's target tokens (the run summary's count)
         run.stats.num_tokens += round(counts[1])
-        for entropy, correct, targets in zip(*[iter(counts[2:])] * 3, strict=True):  # per micro-batch, as SFTTrainer
-            run.stats.entropy.append(entropy / targets if targets > 0 else 0.0)
+        width = len(MICRO_BATCH_METRICS)
+        for entropy, correct, targets, aux in zip(*[iter(counts[2:])] * width, strict=True):  # as SFTTrainer: per
+            run.stats.entropy.append(entropy / targets if targets > 0 else 0.0)  # micro-batch, over all processes
             run.stats.accuracy.append(correct / targets if targets > 0 else 0.0)
+            if not math.isnan(aux):
+                run.stats.aux_loss.append(aux / processes)  # (the mean over processes)
         run.window_tokens = 0
         run.optimizer_step(lambda event: self._job_event(event, run))
         run.stats.last_loss, run.stats.stepped = run.window_loss, (run.stats.tokens, run.stats.seconds)
@@ -76,11 +81,13 @@ class JobStepping:
             }
             if run.last_grad_norm is not None:  # (a read-back on a GPU: only when logged)
                 logs[f"{run.name}/grad_norm"] = float(run.last_grad_norm)
-            for key, values in (("entropy", run.stats.entropy), ("mean_token_accuracy", run.stats.accuracy)):
+            means = (("entropy", run.stats.entropy), ("mean_token_accuracy", run.stats.accuracy),
+                     ("aux_loss", run.stats.aux_loss))
+            for key, values in means:
                 if values:
                     logs[f"{run.name}/{key}"] = sum(values) / len(values)
             logs[f"{run.name}/num_tokens"] = run.stats.num_tokens
-            run.stats.losses, run.stats.entropy, run.stats.accuracy = [], [], []
+            run.stats.losses, run.stats.entropy, run.stats.accuracy, run.stats.aux_loss = [], [], [], []
             self.log(logs)
         # True to stop early, or why the evaluation failed (the job fails after its checkpoint of this step)
         verdict = run.name in self.job_eval_datasets and run.should_evaluate() and self._evaluate_job(run)

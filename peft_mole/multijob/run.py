@@ -25,6 +25,8 @@ from peft_mole.multijob.batching import strip_padding
 from peft_mole.multijob.memory import adapter_memory_kind
 
 WAITING, RUNNING, DONE, FAILED, STOPPED = "waiting", "running", "done", "failed", "stopped_early"
+# what each trained micro-batch adds to a job's logs (sums over its rows; the aux loss nan for a job without one)
+MICRO_BATCH_METRICS = ("entropy_sum", "top1_count", "target_tokens", "aux_loss")
 STREAM_FILE = "random_stream.safetensors"  # a checkpoint's state of the job's random stream
 
 
@@ -63,6 +65,7 @@ class JobStats:
     losses: list = field(default_factory=list)  # window losses since the last log
     entropy: list = field(default_factory=list)  # per micro-batch since the last log, as SFTTrainer's metrics
     accuracy: list = field(default_factory=list)
+    aux_loss: list = field(default_factory=list)  # the router aux loss the model returned (MixLoRA, DynMoLE jobs)
     num_tokens: int = 0  # input tokens trained (SFTTrainer's `num_tokens`: attention mask or packed positions)
 
 
@@ -94,7 +97,7 @@ class JobRun:
         self.window_pos = 0
         self.window_loss = 0.0  # Σ of the window's micro-batch losses = the job's loss for this optimizer step
         self.window_tokens = 0  # this process's target tokens trained in the window (summed over processes at its step)
-        self.window_metrics: list[list[float]] = []  # per trained micro-batch: this process's (entropy, top-1, targets)
+        self.window_metrics: list[list[float]] = []  # per trained micro-batch: this process's `MICRO_BATCH_METRICS`
         self.window_input_tokens = 0  # this process's input tokens in the window (SFTTrainer's `num_tokens`)
         self.stats = JobStats()
         self._iterator = None

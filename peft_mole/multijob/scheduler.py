@@ -25,6 +25,10 @@ from peft_mole.multijob.memory import MemoryModel
 from peft_mole.multijob.run import FAILED, RUNNING, WAITING, JobRun
 
 
+def readable_size(size: float) -> str:
+    """Bytes in MiB, or KiB below one MiB (a budget of a few KiB read as "0 MiB")."""
+    return f"{size / 2**20:.0f} MiB" if abs(size) >= 2**20 else f"{size / 2**10:.1f} KiB"
+
 class StepCost:
     """Time of a mixed step ≈ c0 + c1 · padded tokens; the fixed cost of one more step in token terms, c0 / c1, is
     what length grouping weighs against padding.
@@ -132,9 +136,9 @@ class JobScheduler:
             resident = kept + projected[run.name]
             run.status, run.error = FAILED, (
                 f"a micro-batch of {tuple(batch['input_ids'].shape)} needs about "
-                f"{self.predict([(run, batch)], resident) / 2**20:.0f} MiB (of which {resident / 2**20:.0f} MiB "
+                f"{readable_size(self.predict([(run, batch)], resident))} (of which {readable_size(resident)} "
                 f"the jobs' optimizer states and gradients added since profiling), over max_memory="
-                f"{self.max_memory / 2**20:.0f} MiB; "
+                f"{readable_size(self.max_memory)}; "
                 + ("lower per_device_train_batch_size or max_length" if never else
                    "no job fits beside the optimizer states the others keep; this one, last by priority, stops")
             )

@@ -296,7 +296,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         overhead = self.step_overhead_tokens
         if overhead == "auto":
             overhead = self.step_cost.overhead_tokens()
-        self._round_sums: dict[str, list[float]] = {}  # job -> its micro-batch's (loss, entropy, top-1, targets)
+        self._round_sums: dict[str, list[float]] = {}  # job -> its micro-batch's loss and `MICRO_BATCH_METRICS`
         self._round_failures: dict[str, str] = {}
         self.padding_stats.add_micro_batches(parts)
         # a micro-batch cut into steps: each piece draws as the whole (only LoRA jobs are cut: their lora_dropout)
@@ -400,7 +400,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
             if run.name in aux and coefficient:  # as SFTTrainer: the window's mean (and over summing processes)
                 loss = loss + coefficient * aux[run.name] / (len(run.window) * summed_processes)
             losses[run.name] = loss
-            fields = [loss.detach(), *(t[rows].sum() if t.dim() else t for t in (entropy, top1, label_mask))]
+            fields = [loss.detach(), *(t[rows].sum() if t.dim() else t for t in (entropy, top1, label_mask)),
+                      aux[run.name].detach() if run.name in aux else zero.new_tensor(math.nan)]  # (nan: no aux loss)
             sums[run.name] = torch.stack([t.double() for t in fields])
         # every job's loss, metrics and token count in one read-back: on a GPU each read syncs the step's kernels
         values = torch.stack([sums[r.name] for r, _ in parts])
@@ -424,7 +425,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         for run in good:
             run.stats.seconds += seconds * mixed.share(run.name)
             run.window_tokens += int(read[run.name][3])
-            so_far = self._round_sums.get(run.name, [0.0] * 4)  # (a micro-batch cut into steps: summed over them)
+            so_far = self._round_sums.get(run.name, [0.0] * 5)  # (a micro-batch cut into steps: summed over them)
             self._round_sums[run.name] = [a + b for a, b in zip(so_far, read[run.name], strict=True)]
 
     # ------------------------------------------------------------------ memory

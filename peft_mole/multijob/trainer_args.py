@@ -75,6 +75,10 @@ def check_trainer_args(args, configs: dict) -> None:
         if is_set(value):
             raise ValueError(f"MultiJobTrainer does not support {field}={value!r}: {advice}")
     check_lr_scheduler(args.lr_scheduler_type, "lr_scheduler_type")
+    coefficient = args.router_aux_loss_coef  # (SFTConfig's; None: the models' own)
+    if coefficient is not None and (isinstance(coefficient, bool) or not isinstance(coefficient, (int, float))
+                                    or not math.isfinite(coefficient) or coefficient < 0):
+        raise ValueError(f"router_aux_loss_coef must be None or a finite number >= 0, got {coefficient!r}")
     for name in NUMBERS:  # the jobs' defaults: checked as each job's own values are (`JobConfig`)
         check_number("trainer arguments", name, getattr(args, name, None))
     save_strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
@@ -97,8 +101,15 @@ def check_trainer_args(args, configs: dict) -> None:
 
 
 def check_lr_scheduler(value, where: str) -> None:
-    """Refuse schedulers that step on an evaluation metric ("reduce_lr_on_plateau"): a job's scheduler steps with
-    its optimizer, on no metric."""
+    """Refuse a name transformers has no scheduler for (when the job is made, not when it starts) and schedulers
+    that step on an evaluation metric ("reduce_lr_on_plateau"): a job's scheduler steps with its optimizer, on no
+    metric."""
+    from transformers import SchedulerType
+
+    try:
+        SchedulerType(value)
+    except ValueError:
+        raise ValueError(f"{where} must be one of {[kind.value for kind in SchedulerType]}, got {value!r}") from None
     if str(getattr(value, "value", value)) == "reduce_lr_on_plateau":
         raise ValueError(f"MultiJobTrainer does not support {where}='reduce_lr_on_plateau' (each job's scheduler steps "
                          "with its optimizer, on no metric); choose a step-based one such as 'linear' or 'cosine'")

@@ -3,6 +3,7 @@ run that sees the same global batches (per-device batch x 2)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import socket
@@ -97,8 +98,11 @@ SCRIPT = textwrap.dedent('''
     # the same 7 rows streamed: each process reads its own (before: process 0's, one repeated to fill a batch)
     trainer.job_eval_datasets["lora"] = trainer.job_eval_datasets["lora"].to_iterable_dataset()
     streamed = round(trainer.evaluate()["lora/eval_loss"], 6)
+    logged = [[h[f"lora/{{k}}"] for k in ("entropy", "mean_token_accuracy", "num_tokens")]
+              for h in trainer.state.log_history if "lora/loss" in h]
     # one write per line: the two processes share stdout
     sys.stdout.write(f"process {{rank}} rounds {{len(widest)}} most jobs in a round {{max(widest)}}\\n"
+                     f"process {{rank}} logged {{logged}}\\n"
                      f"process {{rank}} eval {{evaluation}}\\n"
                      f"process {{rank}} eval {{streamed}}\\n"
                      f"processes {{trainer.accelerator.num_processes}}\\n"
@@ -142,6 +146,12 @@ def test_two_processes_match_one_process(tmp_path, padding_free):
     summaries = [json.loads((tmp_path / run / "jobs_summary.json").read_text())["jobs"] for run in ("one", "two")]
     tokens = [{row["job"]: row["tokens"] for row in summary} for summary in summaries]
     assert tokens[0] == tokens[1] and min(tokens[0].values()) > 0, tokens
+    # a job's logged entropy, accuracy and input tokens are over every process's rows, as SFTTrainer gathers them
+    logged = [ast.literal_eval(line.split(" logged ")[1]) for out in (one, two) for line in out.stdout.splitlines()
+              if " logged " in line]
+    assert len(logged) == 3 and len(logged[0]) == 3, logged
+    flat = [[value for step in run for value in step] for run in logged]
+    assert flat[1] == pytest.approx(flat[0], rel=1e-5) and flat[2] == pytest.approx(flat[0], rel=1e-5), logged
     # a job's eval loss counts each of its 7 eval rows once, from a dataset or a stream (before: the loader repeated
     # a row on one process)
     losses = [float(line.split(" eval ")[1]) for out in (one, two) for line in out.stdout.splitlines()

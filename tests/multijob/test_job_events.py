@@ -1,7 +1,7 @@
 """A job's own Trainer callback events and logs (`multijob.job_step`): each job sends `on_epoch_begin/end`,
 `on_substep_end`, `on_pre_optimizer_step`, `on_optimizer_step` and `on_save` as SFTTrainer training it alone sends
 them, with its arguments, step and epoch, and logs what it logs (`grad_norm` also without clipping, `entropy`,
-`mean_token_accuracy`, `num_tokens`); `logging_strategy="no"` logs nothing."""
+`mean_token_accuracy`, `num_tokens`, `aux_loss`); `logging_strategy="no"` logs nothing."""
 
 from __future__ import annotations
 
@@ -106,11 +106,11 @@ def test_logging_strategy_no_logs_no_job_step(assets, tmp_path):
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
-def test_a_jobs_entropy_accuracy_and_tokens_are_logged_as_sft_trainer_logs_them(assets, tmp_path, padding_free):
-    """SFTTrainer logs `entropy`, `mean_token_accuracy` (means over the micro-batches since the last log) and
-    `num_tokens` (input tokens so far); each job logs its own as `<job>/...`, equal to its run alone (before: not
-    logged). Repetitive rows and a high learning rate make the accuracy rise above 0, so the comparison means
-    something; windows of 2 micro-batches, logged every 2 steps."""
+def test_a_jobs_entropy_accuracy_tokens_and_aux_loss_are_logged_as_alone(assets, tmp_path, padding_free):
+    """SFTTrainer logs `entropy`, `mean_token_accuracy`, `aux_loss` (means over the micro-batches since the last
+    log; the aux loss for a model with routers) and `num_tokens` (input tokens so far); each job logs its own as
+    `<job>/...`, equal to its run alone (before: not logged). Repetitive rows and a high learning rate make the
+    accuracy rise above 0, so the comparison means something; windows of 2 micro-batches, logged every 2 steps."""
     tokenizer, _ = assets
     rows = [{"text": " ".join(["red blue"] * (3 + i % 5))} for i in range(16)]
     job = JobConfig("mix", mixlora(), Dataset.from_list(rows), gradient_accumulation_steps=2,
@@ -129,7 +129,9 @@ def test_a_jobs_entropy_accuracy_and_tokens_are_logged_as_sft_trainer_logs_them(
     solo_trainer.train()
     alone = [h for h in solo_trainer.state.log_history if "loss" in h]
     assert len(logged) == len(alone) == 3
-    for key in ("entropy", "mean_token_accuracy", "num_tokens"):
+    for key in ("entropy", "mean_token_accuracy", "num_tokens", "aux_loss"):
         assert [h[f"mix/{key}"] for h in logged] == pytest.approx([h[key] for h in alone], rel=1e-4, abs=1e-6), key
     assert min(h["mix/mean_token_accuracy"] for h in logged) > 0.05
     assert logged[-1]["mix/num_tokens"] > logged[0]["mix/num_tokens"] > 0
+    assert all(h["mix/aux_loss"] > 0 for h in logged)
+    assert not [h for h in trainer.state.log_history if "lora/aux_loss" in h]  # a LoRA job has no router

@@ -63,6 +63,16 @@ def test_job_file_builds_job_configs(data_file, tmp_path):
         (lambda d: d["jobs"][2].update(max_steps="four"), "job 'c': max_steps must be an int >= 1"),
         (lambda d: d.update(max_concurrent_jobs="three"), "max_concurrent_jobs must be an int >= 1"),
         (lambda d: d.update(max_memory_gb=0), "max_memory_gb must be a number > 0"),
+        # found by a probe (2026-12-05, eighth session): errors deep in PEFT, torch or TRL before, or later in train()
+        (lambda d: d["jobs"][0]["peft"].update(r="4"), "job 'a' peft: r must be an int, got '4'"),
+        (lambda d: d["jobs"][0]["peft"].update(lora_dropout="0.1"), "job 'a' peft: lora_dropout must be a number"),
+        (lambda d: d["jobs"][0]["peft"].update(r=True), "job 'a' peft: r must be an int, got True"),
+        (lambda d: d["args"].update(max_steps="ten"), "job file args: max_steps must be an int, got 'ten'"),
+        (lambda d: d["args"].update(max_length="64"), "job file args: max_length must be an int or null, got '64'"),
+        (lambda d: d["args"].update(router_aux_loss_coef="abc"), "router_aux_loss_coef must be a number or null"),
+        (lambda d: d.update(step_overhead_tokens="fast"), "step_overhead_tokens must be 'auto', an int >= 0 or null"),
+        (lambda d: d["jobs"][0].update(lr_scheduler_type="linaer"), "job 'a': lr_scheduler_type must be one of"),
+        (lambda d: d["jobs"][2].update(dataset_split="validation"), "job 'c': dataset file .* split 'validation'"),
     ],
 )
 def test_bad_job_files_say_what_is_wrong(data_file, change, match):
@@ -92,3 +102,16 @@ def test_numbers_without_a_dot_read_as_numbers(data_file, tmp_path):
                     .replace("learning_rate: 0.0002", "learning_rate: 5E-4"))
     spec = load_run(str(path))
     assert spec.args["learning_rate"] == 3e-3 and spec.jobs[0].learning_rate == 5e-4
+
+
+def test_splits_of_local_files_and_step_overhead_tokens_reach_the_run(data_file):
+    """`dataset_split` slices a local file too (before: ignored, every row trained); a local eval file is its
+    "train" split unless `eval_dataset_split` says otherwise; `step_overhead_tokens` reaches the trainer."""
+    doc = run_dict(data_file, step_overhead_tokens=0)
+    doc["jobs"][0].update(dataset_split="train[:4]", eval_dataset=data_file)
+    doc["jobs"][1].update(eval_dataset=data_file, eval_dataset_split="train[-3:]")
+    spec = parse_run(doc)
+    a, b, c = spec.jobs
+    assert (len(a.train_dataset), len(a.eval_dataset), len(b.eval_dataset), len(c.train_dataset)) == (4, 8, 3, 8)
+    assert a.train_dataset[0] == c.train_dataset[0] and b.eval_dataset[0] == c.train_dataset[5]
+    assert spec.step_overhead_tokens == 0 and parse_run(run_dict(data_file)).step_overhead_tokens == "auto"

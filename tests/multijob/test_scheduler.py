@@ -168,6 +168,7 @@ def test_a_job_that_has_not_stepped_counts_its_coming_optimizer_state_only_in_a_
     # nothing fits now, each would alone: the last by priority fails, its memory freed for the others
     assert scheduler.pack([high, low]) == [] and (high[0].status, low[0].status) == ("running", "failed")
     assert "no job fits beside the optimizer states the others keep" in low[0].error
+    assert "over max_memory=0.7 KiB" in low[0].error  # (a budget under 1 MiB read "0 MiB" before)
     # a micro-batch that would not fit even alone fails, whatever its place
     huge = part("huge", 4, 40)
     huge[0].status = "running"
