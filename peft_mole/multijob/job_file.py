@@ -16,10 +16,10 @@
         learning_rate: 1.0e-4         # any JobConfig field
 
 A value of the wrong kind (`r: "4"`, `max_steps: ten`) is refused naming its field, from the annotations of the
-config it goes to (the PEFT config or SFTConfig; JobConfig checks its own). `step_overhead_tokens` (top level) is the trainer's
-argument: an int for steps grouped the same way on any machine, hence bit-identical adapters from run to run;
-"auto" (default) groups by measured step times, so the adapters of MixLoRA and DynMoLE jobs can differ between two
-runs by float rounding (their rows' padded widths differ).
+config it goes to (the PEFT config or SFTConfig; JobConfig checks its own). `step_overhead_tokens` (top level) is
+the trainer's argument: an int groups the steps by the rows' lengths alone, the same in every run (bit-identical
+adapters from run to run on one machine); "auto" (default) groups by measured step times, so the adapters of
+MixLoRA and DynMoLE jobs can differ between two runs by float rounding (their rows' padded widths differ).
 """
 
 from __future__ import annotations
