@@ -225,6 +225,11 @@ def test_a_callback_stopping_training_checkpoints_every_unfinished_job_and_resum
     assert sum(row["time_share"] for row in resumed.job_summary) == pytest.approx(1.0)  # (was over 1)
     steps = [h["step"] for h in stopped.state.log_history + resumed.state.log_history if "step" in h]
     assert steps == sorted(steps) and steps[-1] > 3  # the resumed run counts on, as Trainer's global_step
+    for job in ("lora", "mix"):  # a job's last log after the resume: its input tokens counted on, its epoch
+        last = [h for h in resumed.state.log_history if f"{job}/loss" in h][-1]
+        expected = [h for h in whole.state.log_history if f"{job}/loss" in h][-1]
+        for key in ("num_tokens", "epoch", "step", "mean_token_accuracy"):
+            assert last[f"{job}/{key}"] == pytest.approx(expected[f"{job}/{key}"], rel=1e-6), (job, key)
 
 
 def test_resume_says_an_ended_job_is_not_trained_further_and_a_finished_job_drops_its_old_failure(
