@@ -53,8 +53,9 @@ def choice_scores(model, tokenizer, prompt: str, choices: list[str], adapter: st
 
 
 def choice_accuracy(model, tokenizer, rows: list[dict], adapter: str | None = None) -> dict[str, float]:
-    """Accuracy per task and on average over rows with fields task, prompt, completion, choices (DoRA weight norms
-    kept from row to row, `peft.helpers.DoraCaching`: nothing trains meanwhile). `rows` must not be empty (a
+    """Accuracy per task, and their mean (`average`: each task weighted equally), over `rows` with fields task,
+    prompt, completion, choices (DoRA weight norms kept from row to row, `peft.helpers.DoraCaching`: nothing trains
+    meanwhile). `rows` must not be empty (a
     ValueError: there is no accuracy of zero rows)."""
     if not rows:
         raise ValueError("rows is empty: give at least one row with fields task, prompt, completion, choices")
