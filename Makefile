@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# a bench script that fails fails `make bench` (`script | tee -a` would otherwise succeed with tee's status)
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 
 .PHONY: install test demo bench bench-peers lint docs clean
 

@@ -6,10 +6,13 @@ import argparse
 import json
 import platform
 import resource
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -149,6 +152,29 @@ def record(name: str, shape: str, impl: str, seconds: list[float], tokens: int, 
     return row
 
 
+def provenance() -> dict:
+    """What produced a result row: the command line, the git commit of the code ("-dirty" with uncommitted changes
+    to tracked files; "unknown" outside a git checkout) and the UTC time, so the README's table can show each row's
+    command and commit."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        commit += "-dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(root) if script.is_relative_to(root) else script
+    argv = " ".join(["python", str(shown), *(shlex.quote(a) for a in sys.argv[1:])])
+    return {"argv": argv, "commit": commit, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def emit(row: dict) -> None:
+    """Print one result row as a JSON line, with its `provenance` (summary rows of a ratio: those with
+    "ratio_median")."""
+    if "ratio_median" in row:
+        row = {**row, **provenance()}
     print(json.dumps(row), flush=True)
     sys.stdout.flush()

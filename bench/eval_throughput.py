@@ -59,7 +59,7 @@ def main() -> None:
           "adapters_per_min_one_pass": per_minute["one_pass"],
           "adapters_per_min_one_at_a_time": per_minute["one_at_a_time"],
           "ratio_median": per_minute["one_pass"] / per_minute["one_at_a_time"],
-          "ratio_min": statistics.median(one_by_one) / min(one_pass)})
+          "ratio_min": min(one_by_one) / min(one_pass)})  # (the fastest of each; was a median over a minimum)
 
 
 if __name__ == "__main__":

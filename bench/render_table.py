@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -122,6 +123,8 @@ def _kinds_note(row: dict) -> str:
 def _command(row: dict) -> str:
     """The command that printed the row: its own script's where another script measured the ratio
     (bench/gpu_medium.py: the GPU step ratios)."""
+    if "argv" in row:  # recorded by the script itself (since 2026-12-05): every flag it ran with
+        return row["argv"]
     if "script" not in row:
         return COMMANDS[row["name"]].format(**row)
     return f"python bench/{row['script']}.py --shape {row['shape']}" + (
@@ -135,8 +138,8 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
     device = next((r["device"] for r in rows if "device" in r), "?")
     torch_version = next((r["torch"] for r in rows if "torch" in r), "?")
     print(f"Source: `bench/results/{path.name}` (device: {device}, torch {torch_version})\n")
-    print("| ratio | shape | value (median) | value (min) | command |")
-    print("|---|---|---|---|---|")
+    print("| ratio | shape | value (median) | value (min) | command | commit |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         checkpointed = row.get("case") == "gradient_checkpointing"
         row = {**row, "checkpointing_flag": " --gradient-checkpointing" if checkpointed else "",
@@ -183,15 +186,16 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                "experts_note": (f" ({row['dynmole_experts_per_token']:.2f} experts/token)"
                                 if "dynmole_experts_per_token" in row else "")}
         if row["name"] == "mole_vs_reference_skipped":
-            print(f"| `mole_vs_reference`: not measured — {row['reason']} | | | | |")
+            print(f"| `mole_vs_reference`: not measured — {row['reason']} | | | | | {row.get('commit', '—')} |")
         if row["name"] in COMMANDS and "ratio_median" not in row:  # the script recorded a failure
             reason = str(row.get("error", "no ratio recorded")).splitlines()[0]
-            print(f"| `{row['name']}`: failed — {reason} | {row['shape']} | | | `{_command(row)}` |")
+            print(f"| `{row['name']}`: failed — {reason} | {row['shape']} | | | `{_command(row)}` "
+                  f"| {row.get('commit', '—')} |")
         elif row["name"] in COMMANDS:
             description = DESCRIPTIONS[row["name"]].format(**row)
             command = _command(row)
             print(f"| `{row['name']}`: {description} | {row['shape']} | {_value(row['name'], row['ratio_median'])} "
-                  f"| {_value(row['name'], row['ratio_min'])} | `{command}` |")
+                  f"| {_value(row['name'], row['ratio_min'])} | `{command}` | {row.get('commit', '—')} |")
 
 
 def learning_table(path: Path, rows: list[dict]) -> None:
@@ -204,6 +208,21 @@ def learning_table(path: Path, rows: list[dict]) -> None:
             print(f"| {row['method']} | {row['learning_rate']:g} | {row['trainable_params']:,} "
                   f"| {row['eval_loss_mean']:.3f} ± {row['eval_loss_std']:.3f} "
                   f"| {row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} | `{command}` |")
+
+
+DATED = re.compile(r"^(?P<prefix>[A-Za-z0-9_.]+?)-(?P<date>\d{4}-\d{2}-\d{2})\.jsonl$")
+NOT_STEP_TIMES = ("peers", "soak", "learning_check")  # other files the bench folder holds
+
+
+def newest_results(folder: Path) -> list[Path]:
+    """The step-time file `<machine>-<date>.jsonl` of the latest date in its name (file times say nothing in a
+    fresh clone), and the latest `learning_check-<date>.jsonl`; peers' and soak files are never the default."""
+    dated = [(m["date"], m["prefix"], p) for p in folder.glob("*.jsonl") if (m := DATED.match(p.name))]
+    steps = [(date, p.name, p) for date, prefix, p in dated if not prefix.startswith(NOT_STEP_TIMES)]
+    learning = [(date, p.name, p) for date, prefix, p in dated if prefix.startswith("learning_check")]
+    if not steps:
+        raise SystemExit(f"no <machine>-<date>.jsonl results file in {folder}")
+    return [max(steps)[2]] + ([max(learning)[2]] if learning else [])
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -234,11 +253,7 @@ def main() -> None:
     if missing:
         parser.error(f"no such results file: {', '.join(missing)}")
     if not paths:
-        newest = lambda files: max(files, key=lambda p: p.stat().st_mtime)  # noqa: E731
-        files = list(results.glob("*.jsonl"))
-        paths = [newest([p for p in files if not p.name.startswith("learning_check")])]
-        learning = [p for p in files if p.name.startswith("learning_check")]
-        paths += [newest(learning)] if learning else []
+        paths = newest_results(results)
     for path in paths:
         rows = read_rows(path)
         if any(r["name"] == "learning_check_summary" for r in rows):
