@@ -48,8 +48,9 @@ DESCRIPTIONS = {
     "multijob_speedup": "{jobs} {kind_label} jobs (dropout {dropout}{optim_note}) in mixed steps{packed_note} vs one after another with "
                         "PEFT (higher is better); base-only limit S({jobs}) = {limit_median:.2f}, reached "
                         "{fraction_of_limit:.0%}{compiled_steps_note}",
-    "multijob_memory": "peak memory of {jobs} jobs in one process / {jobs} single-job processes; "
-                       "{extra_mb_vs_one_adapter_all_rows:+.0f} MB vs one adapter on the same rows",
+    "multijob_memory": "peak memory of {jobs} jobs in one process / {jobs} single-job processes{shared_note}; "
+                       "{extra_mb_vs_one_adapter_all_rows:+.0f} MB vs one adapter on the same rows; "
+                       "{ratio_vs_base_plus_adapters:.2f}× one base process + {jobs} × adapter state",
     "memory_model_error": "memory model relative error (predicted vs measured), {shapes} unseen {kinds_note}"
                           "({measure}); max {error_max:.1%}{one_job_note}",
     "pad_fraction": "padding / all tokens in mixed batches, {jobs} jobs, log-normal lengths; one step per round "
@@ -168,6 +169,8 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                              + (f" --router-scale {row['router_scale']:g}" if row.get("router_scale", 1.0) != 1.0
                                 else ""),
                "kinds_note": _kinds_note(row),
+               "shared_note": (f" (their {row['shared_file_mb']:.0f} MB of shared library pages counted once)"
+                               if "shared_file_mb" in row else " (sum of their peak RSS)"),
                "one_job_note": (f"; profiling the first job alone: median {row['one_job_error_median']:.1%}, max "
                                 f"{row['one_job_error_max']:.1%}" if "one_job_error_median" in row else "")
                                + (f"; compiled steps ({row['compile']}), the model profiled on eager steps: median "
