@@ -159,3 +159,37 @@ def test_multijob_bench_times_packed_mixed_steps():
     rows = run_script("multijob_speedup", ["--shape", "tiny", "--repeats", "1", "--jobs", "2", "--packed"])
     (row,) = [row for row in rows if row["name"] == "multijob_speedup"]
     assert row["packed"] is True and row["ratio_median"] > 0 and "compiled_vs_eager" not in row
+
+
+def test_every_ratio_row_records_the_command_that_made_it_and_the_commit(rows):
+    """Each ratio row names its script's command line with every flag and the code's git commit, which the table
+    shows (before 2026-12-05, eighth session, the command was rebuilt from a few settings and flags were lost)."""
+    for name, args in SCRIPTS.items():
+        for row in (r for r in rows[name] if "ratio_median" in r):
+            assert row["argv"] == " ".join(["python", f"bench/{name}.py", *args]), row["argv"]
+            assert row["commit"] and row["utc"].endswith("Z")
+    results = ROOT / "build" / "test-render-argv.jsonl"
+    results.parent.mkdir(exist_ok=True)
+    row = next(r for r in rows["host_time"] if "ratio_median" in r)
+    results.write_text(json.dumps(row) + "\n")
+    table = subprocess.run([sys.executable, str(ROOT / "bench" / "render_table.py"), str(results)],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT).stdout
+    assert f"`{row['argv']}` | {row['commit']} |" in table
+
+
+def test_render_table_defaults_to_the_latest_dated_results_file(tmp_path):
+    """By the date in the name, not the file time (a fresh clone gives every file one time, and rendered the
+    oldest); peers' and soak files are never the step-time table."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("render_table", ROOT / "bench" / "render_table.py")
+    render_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render_table)
+    names = ["vm-2026-12-05.jsonl", "vm-2026-11-25.jsonl", "h200-2026-11-28.jsonl", "peers-moe-peft-2026-12-09.jsonl",
+             "soak-2026-12-08.jsonl", "learning_check-2026-11-30.jsonl", "learning_check-2026-12-01.jsonl"]
+    for age, name in enumerate(names):  # the latest file time on the oldest name
+        (tmp_path / name).write_text("{}\n")
+        os.utime(tmp_path / name, (1e9 - age, 1e9 - age))
+    assert [p.name for p in render_table.newest_results(tmp_path)] == ["vm-2026-12-05.jsonl",
+                                                                        "learning_check-2026-12-01.jsonl"]
