@@ -154,15 +154,15 @@ def record(name: str, shape: str, impl: str, seconds: list[float], tokens: int, 
 
 def provenance() -> dict:
     """What produced a result row: the command line, the git commit of the code ("-dirty" with uncommitted changes
-    to tracked files; "unknown" outside a git checkout) and the UTC time, so the README's table can show each row's
+    to peft_mole/ or bench/; "unknown" outside a git checkout) and the UTC time, so the README's table can show each row's
     command and commit."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "peft_mole", "bench",
                                 ":(exclude)bench/results"], cwd=root, capture_output=True, text=True,
-                               check=True).stdout.strip()  # (the results file a run appends to is no code)
+                               check=True).stdout.strip()  # the code measured (not the results file, docs, tests)
         commit += "-dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
