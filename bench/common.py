@@ -154,13 +154,13 @@ def record(name: str, shape: str, impl: str, seconds: list[float], tokens: int, 
 
 def provenance() -> dict:
     """What produced a result row: the command line, the git commit of the code ("-dirty" with uncommitted changes
-    to peft_mole/ or bench/; "unknown" outside a git checkout) and the UTC time, so the README's table can show each row's
-    command and commit."""
+    to peft_mole/ or bench/, or new files there; "unknown" outside a git checkout) and the UTC time, so the README's
+    table can show each row's command and commit."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "peft_mole", "bench",
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "peft_mole", "bench",
                                 ":(exclude)bench/results"], cwd=root, capture_output=True, text=True,
                                check=True).stdout.strip()  # the code measured (not the results file, docs, tests)
         commit += "-dirty" if dirty else ""

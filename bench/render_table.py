@@ -213,7 +213,7 @@ def learning_table(path: Path, rows: list[dict]) -> None:
                   f"| {row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} | `{command}` |")
 
 
-DATED = re.compile(r"^(?P<prefix>[A-Za-z0-9_.]+?)-(?P<date>\d{4}-\d{2}-\d{2})\.jsonl$")
+DATED = re.compile(r"^(?P<prefix>.+)-(?P<date>\d{4}-\d{2}-\d{2})\.jsonl$")  # (host names may hold "-")
 NOT_STEP_TIMES = ("peers", "soak", "learning_check")  # other files the bench folder holds
 
 

@@ -122,10 +122,12 @@ def _train(args: argparse.Namespace) -> int:
         )
     except (TypeError, ValueError, OSError) as error:  # the job file's args and output_dir, as the trainer checks them
         raise SystemExit(f"peft-mole train: {error}") from None
+    from peft_mole.multijob.trainer_args import JobSetupError
+
     try:
         trainer.train(resume_from_checkpoint=True if args.resume else None)
-    except ValueError as error:  # set-up the trainer checks as train() begins (a job's batches, a checkpoint to
-        raise SystemExit(f"peft-mole train: {error}") from None  # resume); a job failing in training fails alone
+    except JobSetupError as error:  # what train() checks as it begins (a job's batches, a checkpoint to resume);
+        raise SystemExit(f"peft-mole train: {error}") from None  # any other error keeps its traceback
     failed = [row["job"] for row in trainer.job_summary if row["status"] == "failed"]
     return 1 if failed else 0
 

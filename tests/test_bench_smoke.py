@@ -186,10 +186,14 @@ def test_render_table_defaults_to_the_latest_dated_results_file(tmp_path):
     spec = importlib.util.spec_from_file_location("render_table", ROOT / "bench" / "render_table.py")
     render_table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(render_table)
-    names = ["vm-2026-12-05.jsonl", "vm-2026-11-25.jsonl", "h200-2026-11-28.jsonl", "peers-moe-peft-2026-12-09.jsonl",
-             "soak-2026-12-08.jsonl", "learning_check-2026-11-30.jsonl", "learning_check-2026-12-01.jsonl"]
-    for age, name in enumerate(names):  # the latest file time on the oldest name
+    names = ["vm-2026-12-05.jsonl", "vm-2026-11-25.jsonl", "h200-2026-11-28.jsonl",
+             "peers-moe-peft-vm-2026-12-09.jsonl", "soak-vm-2026-12-08.jsonl", "learning_check-vm-2026-11-30.jsonl",
+             "learning_check-vm-2026-12-01.jsonl",
+             "gpu-node-3-2026-12-04.jsonl"]  # (host names with "-", as `make bench` names files)
+    for age, name in enumerate(names):  # the oldest file time on the latest name
         (tmp_path / name).write_text("{}\n")
-        os.utime(tmp_path / name, (1e9 - age, 1e9 - age))
+        os.utime(tmp_path / name, (1e9 + age, 1e9 + age))
     assert [p.name for p in render_table.newest_results(tmp_path)] == ["vm-2026-12-05.jsonl",
-                                                                        "learning_check-2026-12-01.jsonl"]
+                                                                        "learning_check-vm-2026-12-01.jsonl"]
+    (tmp_path / "gpu-node-3-2026-12-06.jsonl").write_text("{}\n")
+    assert render_table.newest_results(tmp_path)[0].name == "gpu-node-3-2026-12-06.jsonl"

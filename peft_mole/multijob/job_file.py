@@ -89,7 +89,8 @@ def load_dataset_spec(spec: str, job: str, config: str | None = None, split: str
         ) from error
 
 
-_SCALARS = {int: ((int,), "an int"), float: ((int, float), "a number"), bool: ((bool,), "true or false"),
+# an int field takes a float too: several configs take a float where they annotate int (`lora_alpha`), and check it
+_SCALARS = {int: ((int, float), "an int"), float: ((int, float), "a number"), bool: ((bool,), "true or false"),
             str: ((str,), "a string"), type(None): ((type(None),), "null")}
 
 
@@ -137,10 +138,12 @@ def _job(entry: Any, index: int) -> JobConfig:
     overrides = {k: v for k, v in entry.items() if k not in {"name", "type", "peft"} | DATA_KEYS}
     train = load_dataset_spec(entry["dataset"], name, entry.get("dataset_config"), entry.get("dataset_split"))
     evaluation = None
+    if entry.get("eval_dataset_split") is not None and not entry.get("eval_dataset"):
+        raise ValueError(f"job {name!r}: eval_dataset_split needs an eval_dataset")
     if entry.get("eval_dataset"):
         local = os.path.splitext(str(entry["eval_dataset"]))[1].lower() in _LOCAL_FORMATS
         evaluation = load_dataset_spec(entry["eval_dataset"], name, entry.get("dataset_config"),
-                                       entry.get("eval_dataset_split", "train" if local else "validation"))
+                                       entry.get("eval_dataset_split") or ("train" if local else "validation"))
     try:
         return JobConfig(name=name, peft_config=peft_config, train_dataset=train, eval_dataset=evaluation, **overrides)
     except TypeError as error:  # a value of the wrong type (JobConfig names the job and the field)

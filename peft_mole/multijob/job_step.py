@@ -6,9 +6,14 @@ The events of the mixed steps (`on_train_begin/end`, `on_step_begin`, `on_step_e
 the callbacks with the trainer's arguments and state, as Trainer sends them. The events of one job's training —
 `on_epoch_begin`, `on_epoch_end`, `on_substep_end`, `on_pre_optimizer_step`, `on_optimizer_step` and `on_save` —
 reach them as that job's own run would send them: with the job's arguments (`output_dir/<job>/`, its overrides), a
-copy of the state whose `global_step`, `epoch` and `max_steps` are the job's, the job's optimizer, LR scheduler and
-training loader as the `optimizer`, `lr_scheduler` and `train_dataloader` keywords, and `job=<name>`. A callback
-written for SFTTrainer thus finds the folder of an `on_save` at `args.output_dir/checkpoint-{state.global_step}`.
+copy of the state whose `global_step`, `epoch`, `max_steps`, `num_train_epochs`, `train_batch_size` and
+`logging/eval/save_steps` are the job's, the job's optimizer, LR scheduler and training loader as the `optimizer`,
+`lr_scheduler` and `train_dataloader` keywords, and `job=<name>`. A callback written for SFTTrainer thus finds the
+folder of an `on_save` at `args.output_dir/checkpoint-{state.global_step}`.
+
+They are notifications: a job logs, evaluates and saves by its own strategies, so the `control` flags a callback
+(or transformers' flow callback, at a job's epoch end) sets in a job event are set back after it, except
+`should_training_stop`, which stops the run (every unfinished job checkpointed), as it stops Trainer's.
 """
 
 from __future__ import annotations
@@ -41,12 +46,23 @@ class JobStepping:
         state = copy.copy(self.state)
         state.global_step, state.max_steps = run.global_step, run.max_steps
         state.epoch = run.step_epoch
+        state.num_train_epochs = math.ceil(run.max_steps / run.updates_per_epoch)
+        state.train_batch_size = run.args.per_device_train_batch_size
+        for name in ("logging_steps", "eval_steps", "save_steps"):  # as Trainer resolves them: a fraction of max_steps
+            every = getattr(run.args, name) or run.args.logging_steps  # (eval_steps None: logging_steps)
+            setattr(state, name, math.ceil(run.max_steps * every) if every < 1 else every)
+        control = self.control
+        kept = {flag: getattr(control, flag) for flag in ("should_log", "should_evaluate", "should_save",
+                                                           "should_epoch_stop")}
         handler = self.callback_handler
         with contextlib.ExitStack() as stack:
             for name, value in (("optimizer", run.optimizer), ("lr_scheduler", run.scheduler),
                                 ("train_dataloader", run.dataloader)):
                 stack.enter_context(temporarily(handler, name, value))
-            self.control = handler.call_event(event, run.args, state, self.control, job=run.name)
+            stop = handler.call_event(event, run.args, state, control, job=run.name).should_training_stop
+        for flag, value in kept.items():  # notifications: only a stop is acted on (module docstring)
+            setattr(control, flag, value)
+        control.should_training_stop = stop
 
     def _job_step(self, run: JobRun) -> None:
         """Step the job whose window is complete (gradients summed over processes, clipped), then log, evaluate,
@@ -89,6 +105,8 @@ class JobStepping:
             logs[f"{run.name}/num_tokens"] = run.stats.num_tokens
             run.stats.losses, run.stats.entropy, run.stats.accuracy, run.stats.aux_loss = [], [], [], []
             self.log(logs)
+        elif run._strategy("logging_strategy") == "no":  # never logged: not kept either
+            run.stats.losses, run.stats.entropy, run.stats.accuracy, run.stats.aux_loss = [], [], [], []
         # True to stop early, or why the evaluation failed (the job fails after its checkpoint of this step)
         verdict = run.name in self.job_eval_datasets and run.should_evaluate() and self._evaluate_job(run)
         if run.should_save():

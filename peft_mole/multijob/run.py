@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob.batching import strip_padding
 from peft_mole.multijob.memory import adapter_memory_kind
+from peft_mole.multijob.trainer_args import JobSetupError
 
 WAITING, RUNNING, DONE, FAILED, STOPPED = "waiting", "running", "done", "failed", "stopped_early"
 # what each trained micro-batch adds to a job's logs (sums over its rows; the aux loss nan for a job without one)
@@ -277,11 +278,11 @@ class JobRun:
         return self.batches_done >= self.batches_per_epoch and self.window_pos >= len(self.window)
 
     def should_save(self) -> bool:
-        """A checkpoint after this step: `save_strategy` "steps" (every `save_steps`, and the job's last step, as
-        Trainer saves at `max_steps`) or "epoch"."""
+        """A checkpoint after this step: `save_strategy` "steps" (every `save_steps`) or "epoch"; and the job's last
+        step, as Trainer saves at `max_steps` (with "epoch": the epoch it stops in ends there)."""
         strategy = self._strategy("save_strategy")
         if strategy == "epoch":
-            return self.at_epoch_end
+            return self.at_epoch_end or self.global_step >= self.max_steps
         if strategy != "steps" or not self.args.save_steps:
             return False
         return self._due(self.args.save_steps) or self.global_step >= self.max_steps
@@ -308,8 +309,9 @@ class JobRun:
         strategy = self._strategy("eval_strategy")
         if strategy == "no" and self.job.eval_steps is None and self.job.early_stopping_patience is None:
             return False
-        if strategy == "epoch":
-            return self.at_epoch_end and self.epoch_progress >= self.args.eval_delay
+        if strategy == "epoch":  # (and the last step, where Trainer ends the epoch it stops in)
+            ends = self.at_epoch_end or self.global_step >= self.max_steps
+            return ends and self.epoch_progress >= self.args.eval_delay
         if self.global_step < self.args.eval_delay:
             return False
         return self._due(self.args.eval_steps or self.args.logging_steps) or self.global_step >= self.max_steps
@@ -397,7 +399,7 @@ class JobRun:
         state, else every process takes process 0's (with another number of processes the shards differ too)."""
         state = ckpt.read_json(os.path.join(path, ckpt.STATE_FILE))
         if state.get("model_only"):
-            raise ValueError(
+            raise JobSetupError(
                 f"job {self.name!r}: {path} was written with save_only_model=True and holds the adapter only (no "
                 "optimizer, scheduler or random stream), so training cannot continue exactly from it; train the job "
                 "again from the start, or start a new job from that adapter"

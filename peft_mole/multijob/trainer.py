@@ -51,6 +51,7 @@ from peft_mole.multijob.pieces import RoundStreams
 from peft_mole.multijob.run import FAILED, JobRun, stream_seed
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
 from peft_mole.multijob.trainer_args import (
+    JobSetupError,
     check_callbacks,
     check_distributed,
     check_trainer_args,
@@ -167,7 +168,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         if len(loader) == 0:  # (Trainer would train nothing and raise deep in its loop)
             shard = "" if self.accelerator.num_processes == 1 else f" (each of {self.accelerator.num_processes} " \
                 "processes gets its share of them)"
-            raise ValueError(f"job {job.name!r}: its {len(self.job_datasets[job.name])} rows{shard} make no batch of "
+            rows = len(self.job_datasets[job.name])
+            raise JobSetupError(f"job {job.name!r}: its {rows} rows{shard} make no batch of "
                              f"per_device_train_batch_size={args.per_device_train_batch_size} with "
                              "dataloader_drop_last=True; give it more rows or a smaller batch")
         params = self.jobs_model.job_parameters(job.name)

@@ -55,6 +55,11 @@ NUMBERS = {
 }
 
 
+class JobSetupError(ValueError):
+    """A job cannot start as set up (no batch from its rows, a checkpoint that cannot be resumed): raised as
+    `train()` begins, before any step."""
+
+
 def check_number(owner: str, name: str, value) -> None:
     """Raise ValueError where `value` (None: unset) is not a number of the kind and range NUMBERS gives `name`."""
     if value is None:

@@ -26,7 +26,7 @@ class Record(TrainerCallback):
     optimizer, scheduler and loader each event was given."""
 
     def __init__(self) -> None:
-        self.events, self.objects = [], []
+        self.events, self.objects, self.save_steps = [], [], set()
         for event in JOB_EVENTS:
             setattr(self, event, lambda args, state, control, event=event, **kwargs: self._record(event, args, state,
                                                                                                   kwargs))
@@ -36,6 +36,7 @@ class Record(TrainerCallback):
         saved = os.path.isfile(os.path.join(folder, "adapter_model.safetensors")) if event == "on_save" else None
         self.events.append((kwargs.get("job"), event, state.global_step, round(state.epoch, 6), saved))
         self.objects.append((kwargs.get("job"), kwargs["optimizer"], kwargs["lr_scheduler"], kwargs["train_dataloader"]))
+        self.save_steps.add((kwargs.get("job"), state.save_steps))
 
 
 def test_each_job_sends_the_events_sft_trainer_sends_training_it_alone(assets, tmp_path):
@@ -68,6 +69,7 @@ def test_each_job_sends_the_events_sft_trainer_sends_training_it_alone(assets, t
     # (as Trainer saves at max_steps; before 2026-12-05, eighth session, a job's last step was not checkpointed)
     assert sum(e[0] == "on_optimizer_step" for e in together["mix"]) == 4
     assert not [e for e in together["mix"] if e[0] == "on_substep_end"]  # no accumulation
+    assert record.save_steps == {("lora", 2), ("mix", 3)}  # the state a job's event carries holds its own settings
     runs = {run.name: run for run in trainer.runs}
     for job, optimizer, scheduler, loader in record.objects:
         assert (optimizer, scheduler, loader) == (runs[job].optimizer, runs[job].scheduler, runs[job].dataloader)
@@ -135,3 +137,38 @@ def test_a_jobs_entropy_accuracy_tokens_and_aux_loss_are_logged_as_alone(assets,
     assert logged[-1]["mix/num_tokens"] > logged[0]["mix/num_tokens"] > 0
     assert all(h["mix/aux_loss"] > 0 for h in logged)
     assert not [h for h in trainer.state.log_history if "lora/aux_loss" in h]  # a LoRA job has no router
+
+
+def test_job_events_are_notifications_and_a_stop_in_one_stops_the_run(assets, tmp_path):
+    """With `save_strategy="epoch"` transformers' flow callback sets `control.should_save` at a job's epoch end; a
+    job event's flags are set back after it (no flag lingers into the mixed step's `on_step_end`), and a job stops
+    in the middle of an epoch with a checkpoint of its last step, as Trainer saves the epoch it stops in. A
+    callback's `should_training_stop` in a job event stops the run, every unfinished job checkpointed."""
+    tokenizer, datasets = assets
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append((control.should_save, control.should_evaluate, control.should_log))
+
+    job = JobConfig("lora", LORA, datasets["sentiment"], gradient_accumulation_steps=2, max_steps=4)  # 3 an epoch
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job], processing_class=tokenizer,
+                              args=run_args(tmp_path / "epoch", save_strategy="epoch", logging_strategy="epoch"),
+                              callbacks=[Watch()])
+    trainer.train()
+    assert seen and not any(any(flags) for flags in seen)
+    assert sorted(os.listdir(tmp_path / "epoch" / "lora")).count("checkpoint-3") == 1
+    assert os.path.isdir(tmp_path / "epoch" / "lora" / "checkpoint-4")  # the last step, mid-epoch
+
+    class StopAtSecondOptimizerStep(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, job=None, **kwargs):
+            if job == "mix" and state.global_step == 1:
+                control.should_training_stop = True
+
+    jobs = [JobConfig("lora", LORA, datasets["sentiment"], max_steps=6),
+            JobConfig("mix", mixlora(), datasets["capital"], max_steps=6)]
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                              args=run_args(tmp_path / "stop"), callbacks=[StopAtSecondOptimizerStep()])
+    trainer.train()
+    assert {run.name: run.global_step for run in trainer.runs} == {"lora": 2, "mix": 2}
+    assert all(os.path.isdir(tmp_path / "stop" / name / "checkpoint-2") for name in ("lora", "mix"))

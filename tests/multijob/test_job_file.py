@@ -73,6 +73,7 @@ def test_job_file_builds_job_configs(data_file, tmp_path):
         (lambda d: d.update(step_overhead_tokens="fast"), "step_overhead_tokens must be 'auto', an int >= 0 or null"),
         (lambda d: d["jobs"][0].update(lr_scheduler_type="linaer"), "job 'a': lr_scheduler_type must be one of"),
         (lambda d: d["jobs"][2].update(dataset_split="validation"), "job 'c': dataset file .* split 'validation'"),
+        (lambda d: d["jobs"][2].update(eval_dataset_split="train"), "job 'c': eval_dataset_split needs an eval_"),
     ],
 )
 def test_bad_job_files_say_what_is_wrong(data_file, change, match):
@@ -115,3 +116,7 @@ def test_splits_of_local_files_and_step_overhead_tokens_reach_the_run(data_file)
     assert (len(a.train_dataset), len(a.eval_dataset), len(b.eval_dataset), len(c.train_dataset)) == (4, 8, 3, 8)
     assert a.train_dataset[0] == c.train_dataset[0] and b.eval_dataset[0] == c.train_dataset[5]
     assert spec.step_overhead_tokens == 0 and parse_run(run_dict(data_file)).step_overhead_tokens == "auto"
+    doc = run_dict(data_file)  # a float where a config annotates int but takes floats (PEFT's lora_alpha)
+    doc["jobs"][0]["peft"]["lora_alpha"] = 16.5
+    doc["jobs"][1]["peft"]["lora_alpha"] = 8.0
+    assert [job.peft_config.lora_alpha for job in parse_run(doc).jobs[:2]] == [16.5, 8.0]
