@@ -88,7 +88,8 @@ class JobStepping:
         run.stats.losses.append(run.window_loss)
         run.window_loss = 0.0
         report.show_progress(self.callback_handler.callbacks, self.job_progress, run)
-        if run.should_log():
+        logged = run.should_log()
+        if logged:
             logs = {
                 f"{run.name}/loss": sum(run.stats.losses) / len(run.stats.losses),
                 f"{run.name}/learning_rate": run.learning_rate(),
@@ -103,10 +104,9 @@ class JobStepping:
                 if values:
                     logs[f"{run.name}/{key}"] = sum(values) / len(values)
             logs[f"{run.name}/num_tokens"] = run.stats.num_tokens
-            run.stats.losses, run.stats.entropy, run.stats.accuracy, run.stats.aux_loss = [], [], [], []
             self.log(logs)
-        elif run._strategy("logging_strategy") == "no":  # never logged: not kept either
-            run.stats.losses, run.stats.entropy, run.stats.accuracy, run.stats.aux_loss = [], [], [], []
+        if logged or run.logs_nothing:  # (values never to be logged are not kept either)
+            run.stats.clear_logged()
         # True to stop early, or why the evaluation failed (the job fails after its checkpoint of this step)
         verdict = run.name in self.job_eval_datasets and run.should_evaluate() and self._evaluate_job(run)
         if run.should_save():

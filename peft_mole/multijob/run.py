@@ -69,6 +69,10 @@ class JobStats:
     aux_loss: list = field(default_factory=list)  # the router aux loss the model returned (MixLoRA, DynMoLE jobs)
     num_tokens: int = 0  # input tokens trained (SFTTrainer's `num_tokens`: attention mask or packed positions)
 
+    def clear_logged(self) -> None:
+        """Forget the values gathered since the last log (logged now, or never to be)."""
+        self.losses, self.entropy, self.accuracy, self.aux_loss = [], [], [], []
+
 
 class JobRun:
     """One job's progress. `peek()` is the next micro-batch; `consume()` marks it trained."""
@@ -286,6 +290,11 @@ class JobRun:
         if strategy != "steps" or not self.args.save_steps:
             return False
         return self._due(self.args.save_steps) or self.global_step >= self.max_steps
+
+    @property
+    def logs_nothing(self) -> bool:
+        """`logging_strategy="no"`: no step of this job is logged (but the first with `logging_first_step`)."""
+        return self._strategy("logging_strategy") == "no"
 
     def should_log(self) -> bool:
         """Log after this step: `logging_strategy` "steps" (every `logging_steps`) or "epoch", and the job's last step;

@@ -48,7 +48,7 @@ from peft_mole.multijob.lifecycle import JobLifecycle
 from peft_mole.multijob.memory import costliest_selection
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
 from peft_mole.multijob.pieces import RoundStreams
-from peft_mole.multijob.run import FAILED, JobRun, stream_seed
+from peft_mole.multijob.run import FAILED, MICRO_BATCH_METRICS, JobRun, stream_seed
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
 from peft_mole.multijob.trainer_args import (
     JobSetupError,
@@ -427,7 +427,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         for run in good:
             run.stats.seconds += seconds * mixed.share(run.name)
             run.window_tokens += int(read[run.name][3])
-            so_far = self._round_sums.get(run.name, [0.0] * 5)  # (a micro-batch cut into steps: summed over them)
+            so_far = self._round_sums.get(run.name, [0.0] * (1 + len(MICRO_BATCH_METRICS)))  # (a micro-batch cut
+            # into steps: summed over them)
             self._round_sums[run.name] = [a + b for a, b in zip(so_far, read[run.name], strict=True)]
 
     # ------------------------------------------------------------------ memory
