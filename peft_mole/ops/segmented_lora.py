@@ -290,6 +290,15 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
     return out
 
 
+def dropout_setting(dropout: torch.nn.Module) -> tuple:
+    """(type, p, training, stream) of an adapter's dropout: equal settings can draw one mask over all their rows (a
+    job's own random stream draws only its rows, so a stream is part of the setting). Read from the module's
+    `__dict__`, as an absent attribute looked up through `nn.Module.__getattr__` raises and catches an
+    AttributeError, which costs more than a short row's rank-r product (`bench/host_time.py`)."""
+    attributes = vars(dropout)
+    return type(dropout), attributes.get("p", 0), attributes["training"], attributes.get("stream", 0)
+
+
 def stacked_lora_deltas(
     x: torch.Tensor,
     groups: list[RowGroup],
@@ -327,9 +336,7 @@ def stacked_lora_deltas(
         chosen = [found[i] for i in indices]
         dtype = chosen[0].lora_a.dtype
         first = chosen[0].dropout
-        shared_dropout = all(type(f.dropout) is type(first) and getattr(f.dropout, "p", 0) == getattr(first, "p", 0)
-                             and f.dropout.training == first.training and not getattr(f.dropout, "stream", 0)
-                             for f in chosen)  # (a job's own random stream draws only its rows)
+        shared_dropout = all(dropout_setting(f.dropout) == dropout_setting(first) for f in chosen)
         if shared_dropout and len(indices) == len(groups):  # one dropout call over all of x
             inputs = first(x.to(dtype)).reshape(-1, x.shape[-1])
         elif len(indices) == len(groups) and indices == sorted(indices):  # every block, each its own dropout
