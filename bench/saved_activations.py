@@ -1,7 +1,8 @@
 """Activation memory the backward keeps: bytes of the tensors autograd saves during one training forward of
 MixLoRA (top-2) and DynMoLE (routers at init, which broadcast most tokens to all experts), over PEFT LoRA's on the
 same shape and batch (lower is better). Counted with `torch.autograd.graph.saved_tensors_hooks`, each storage
-once; a count, not a timing, so median and min are the same value.
+once; the model's own parameters and buffers (frozen weights saved for a product's backward) are not activations and
+are counted apart (`saved_parameters_mb`). A count, not a timing, so median and min are the same value.
 Usage: python bench/saved_activations.py [--shape small]
 """
 
@@ -23,7 +24,9 @@ from peft import get_peft_model
 import peft_mole
 
 
-def saved_mb(model, batch) -> float:
+def saved_mb(model, batch) -> tuple[float, float]:
+    """(activations, the model's parameters and buffers) saved for the backward of one training forward, in MiB."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -33,7 +36,8 @@ def saved_mb(model, batch) -> float:
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(**batch)
-    return sum(storages.values()) / 2**20
+    parameters = sum(size for pointer, size in storages.items() if pointer in own)
+    return (sum(storages.values()) - parameters) / 2**20, parameters / 2**20
 
 
 def main() -> None:
@@ -44,10 +48,11 @@ def main() -> None:
     sizes = {name: saved_mb(get_peft_model(base_model(args.shape), config).to(device()), batch)
              for name, config in (("peft_lora", lora_config()), ("mixlora", mixlora_config()), ("dynmole_init", dynmole))}
     for name in ("mixlora", "dynmole_init"):
-        ratio = sizes[name] / sizes["peft_lora"]
+        ratio = sizes[name][0] / sizes["peft_lora"][0]
         emit({"name": "saved_activations", "shape": args.shape, "impl": name, "device": str(device()),
-              "ratio_median": ratio, "ratio_min": ratio, "saved_mb": sizes[name], "lora_saved_mb": sizes["peft_lora"],
-              "torch": torch.__version__})
+              "ratio_median": ratio, "ratio_min": ratio, "saved_mb": sizes[name][0],
+              "lora_saved_mb": sizes["peft_lora"][0], "saved_parameters_mb": sizes[name][1],
+              "lora_saved_parameters_mb": sizes["peft_lora"][1], "torch": torch.__version__})
 
 
 if __name__ == "__main__":
