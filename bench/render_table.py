@@ -56,7 +56,8 @@ DESCRIPTIONS = {
     "pad_fraction": "padding / all tokens in mixed batches, {jobs} jobs, log-normal lengths; one step per round "
                     "{one_step_per_round:.0%}, length grouping {length_grouping:.0%} (LoRA micro-batches kept whole: "
                     "{length_grouping_whole_micro_batches:.0%}; cutting them into rows gives "
-                    "{cut_rows_speedup:.2f}× the real tokens/s), + group_by_length sampler (the jobs' own micro-batches: "
+                    "{cut_rows_speedup:.2f}× the real tokens/s), + group_by_length sampler {ratio_median:.1%} (the value "
+                    "columns; the jobs' own micro-batches: "
                     "{micro_batch_pad_fraction:.1%}); padding_free=True {padding_free:.0%} at "
                     "{padding_free_speedup:.2f}× length grouping's real tokens/s (SDPA, packed steps)",
     "eval_throughput": "adapters evaluated per minute, {adapters} in one pass / one at a time ({questions} questions; "
@@ -139,7 +140,7 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
     device = next((r["device"] for r in rows if "device" in r), "?")
     torch_version = next((r["torch"] for r in rows if "torch" in r), "?")
     print(f"Source: `bench/results/{path.name}` (device: {device}, torch {torch_version})\n")
-    print("| ratio | shape | value (median) | value (min) | command | commit |")
+    print("| ratio | shape | value (medians) | value (minima) | command | commit |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         checkpointed = row.get("case") == "gradient_checkpointing"
