@@ -7,6 +7,7 @@ many evaluations in a row did not improve its best loss.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import datasets
 import torch
@@ -26,6 +27,14 @@ class EvaluationFailed(RuntimeError):
     """A job's evaluation raised, on this process or another."""
 
 
+class EvalOutcome(NamedTuple):
+    """What a job's evaluation decided: stop it early (its early-stopping patience ran out), or fail it
+    (`failure`: why; its evaluation raised). Neither: the job goes on."""
+
+    stop: bool = False
+    failure: str | None = None
+
+
 class JobEvaluation:
     """The trainer's per-job evaluation (see the module docstring); mixed into `MultiJobTrainer`."""
 
@@ -37,23 +46,23 @@ class JobEvaluation:
         for run in runs:
             if run.finished or run.name not in self.job_eval_datasets:
                 continue
-            verdict = self._evaluate_job(run)
-            if isinstance(verdict, str):
-                self._fail(run, verdict)
-            elif verdict:
+            outcome = self._evaluate_job(run)
+            if outcome.failure is not None:
+                self._fail(run, outcome.failure)
+            elif outcome.stop:
                 self._finish(run, STOPPED)
 
-    def _evaluate_job(self, run: JobRun) -> bool | str:
-        """Log `<job>/eval_loss`; True when early stopping says stop. An evaluation that raises (its eval data, an
+    def _evaluate_job(self, run: JobRun) -> EvalOutcome:
+        """Log `<job>/eval_loss`; stop when early stopping says so. An evaluation that raises (its eval data, an
         out-of-memory error) gives the reason to fail the job alone, as a training step that raises does."""
         try:
             loss = self._eval_loss(run.name, run.args.per_device_eval_batch_size)
         except EvaluationFailed as error:
-            return f"its evaluation at step {run.global_step} raised {error}"
+            return EvalOutcome(failure=f"its evaluation at step {run.global_step} raised {error}")
         metrics = {f"{run.name}/eval_loss": loss, f"{run.name}/step": run.global_step}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
-        return run.record_eval(loss)
+        return EvalOutcome(stop=run.record_eval(loss))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """{"<job>/<prefix>_loss": mean target-token loss of the job's adapter on its own eval set}, for every job

@@ -24,6 +24,7 @@ import math
 
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob import report
+from peft_mole.multijob.evaluation import EvalOutcome
 from peft_mole.multijob.run import MICRO_BATCH_METRICS, STOPPED, JobRun
 from peft_mole.multijob.trainer_args import temporarily
 
@@ -107,8 +108,9 @@ class JobStepping:
             self.log(logs)
         if logged or run.logs_nothing:  # (values never to be logged are not kept either)
             run.stats.clear_logged()
-        # True to stop early, or why the evaluation failed (the job fails after its checkpoint of this step)
-        verdict = run.name in self.job_eval_datasets and run.should_evaluate() and self._evaluate_job(run)
+        # stop early, or fail (why the evaluation failed): after the checkpoint of this step
+        outcome = (self._evaluate_job(run) if run.name in self.job_eval_datasets and run.should_evaluate()
+                   else EvalOutcome())
         if run.should_save():
             states = self._stream_states(run)  # (a collective: on every process)
             if self.is_world_process_zero():
@@ -116,9 +118,9 @@ class JobStepping:
             self._job_event("on_save", run)  # (on every process, as Trainer)
         if run.at_epoch_end or run.global_step >= run.max_steps:  # after the step's checkpoint, as Trainer (which
             self._job_event("on_epoch_end", run)  # also ends the epoch it stops in)
-        if isinstance(verdict, str):
-            self._fail(run, verdict)
-        elif verdict:
+        if outcome.failure is not None:
+            self._fail(run, outcome.failure)
+        elif outcome.stop:
             self._finish(run, STOPPED)
         elif run.global_step >= run.max_steps:
             self._finish(run)
