@@ -154,7 +154,9 @@ class ForwardContext:
         if len(self.row_adapters) != batch_size:
             raise ValueError(
                 f"adapter_names has {len(self.row_adapters)} entries but the batch has {batch_size} rows; "
-                "pass exactly one adapter name per row (or, for a packed batch of one row, one per token)"
+                "pass exactly one adapter name per row (or, for a packed batch of one row, one per token; in "
+                "generate, one per input row: num_beams and num_return_sequences are read from its keywords or "
+                "its generation_config= keyword, not from the model's default generation config)"
             )
         key = (batch_size, str(device))
         if key not in self._groups:

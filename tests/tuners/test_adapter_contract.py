@@ -205,19 +205,21 @@ def test_mixed_adapter_batch_equals_each_row_alone(method):
 @pytest.mark.parametrize("method", ["mixlora", "dynmole"])
 def test_mixed_adapter_batch_runs_each_rows_own_modules_to_save_copy(method):
     """Each row's own copy of a `modules_to_save` module (the frozen original for "__base__"), as PEFT's LoRA does,
-    in forward, through the tuner directly and in generate (before: every row used the active adapter's copy)."""
+    in forward, through the tuner directly and in generate (before: every row used the active adapter's copy). An
+    adapter without a copy runs the original, as alone (before, and with PEFT's LoRA: a KeyError)."""
     from peft_mole import BASE_ROW
 
     model = get_peft_model(tiny_base(), METHODS[method](modules_to_save=["lm_head"]))
     model.add_adapter("other", METHODS[method](modules_to_save=["lm_head"]))
+    model.add_adapter("plain", METHODS[method]())
     with torch.no_grad():
         generator = torch.Generator().manual_seed(5)
         for name, p in sorted(model.named_parameters()):
             if "modules_to_save" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
     model.eval()
-    ids, mask, _ = batch(3, 7)
-    names = ["other", BASE_ROW, "default"]
+    ids, mask, _ = batch(4, 7)
+    names = ["other", BASE_ROW, "default", "plain"]
     with torch.no_grad():
         mixed = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
         direct = model.base_model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
@@ -235,6 +237,8 @@ def test_mixed_adapter_batch_runs_each_rows_own_modules_to_save_copy(method):
     generated = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kwargs)
     model.set_adapter("other")
     assert torch.equal(generated[:1], model.generate(input_ids=ids[:1], attention_mask=mask[:1], **kwargs))
+    model.set_adapter("plain")
+    assert torch.equal(generated[3:], model.generate(input_ids=ids[3:], attention_mask=mask[3:], **kwargs))
 
 
 def test_the_reserved_base_row_name_cannot_name_an_adapter():
@@ -264,7 +268,8 @@ def test_low_cpu_mem_usage_loading_matches_and_keeps_routers_fp32(method, tmp_pa
         torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-6, rtol=0)
 
 
-def test_generate_with_beams_and_per_row_adapters_and_no_stale_rows():
+def two_mixlora_adapters():
+    """A MixLoRA model in eval mode with adapters "default" (active) and "other", both random; a batch of 2 × 5."""
     model = get_peft_model(tiny_base(), METHODS["mixlora"]())
     model.add_adapter("other", METHODS["mixlora"]())
     model.base_model.set_adapter(["default", "other"])
@@ -272,6 +277,11 @@ def test_generate_with_beams_and_per_row_adapters_and_no_stale_rows():
     model.base_model.set_adapter("default")
     model.eval()
     ids, mask, _ = batch(2, 5)
+    return model, ids, mask
+
+
+def test_generate_with_beams_and_per_row_adapters_and_no_stale_rows():
+    model, ids, mask = two_mixlora_adapters()
     kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, num_beams=3)
     mixed = model.generate(input_ids=ids, attention_mask=mask, adapter_names=["default", "other"], **kwargs)
     model.set_adapter("other")
@@ -293,6 +303,46 @@ def test_generate_with_beams_and_per_row_adapters_and_no_stale_rows():
         one = model.get_base_model()(input_ids=ids[:1]).logits
     torch.testing.assert_close(one, fresh, atol=0, rtol=0)
     torch.testing.assert_close(two, model(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_generate_with_per_row_adapters_takes_beams_and_returned_sequences_from_a_generation_config():
+    from transformers import GenerationConfig
+
+    model, ids, mask = two_mixlora_adapters()
+    config = GenerationConfig(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0, num_beams=3,
+                              num_return_sequences=2)
+    mixed = model.generate(input_ids=ids, attention_mask=mask, adapter_names=["default", "other"],
+                           generation_config=config)  # before: "adapter_names has 2 entries but the batch has 6 rows"
+    assert mixed.shape[0] == 4
+    model.set_adapter("other")
+    assert torch.equal(mixed[2:], model.generate(input_ids=ids[1:], attention_mask=mask[1:], generation_config=config))
+    model.set_adapter("default")
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0, num_beams=2)
+    by_keywords = model.generate(input_ids=ids, attention_mask=mask, adapter_names=["other", "default"],
+                                 num_return_sequences=2, **kwargs)
+    assert torch.equal(by_keywords[2:], model.generate(input_ids=ids[1:], attention_mask=mask[1:],
+                                                       num_return_sequences=2, **kwargs))
+
+
+def test_the_decoder_called_alone_after_a_mixed_call_runs_the_active_adapter_on_every_row():
+    model, ids, mask = two_mixlora_adapters()
+    decoder = model.get_base_model().get_decoder()
+    with torch.no_grad():
+        expected = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        model(input_ids=ids, attention_mask=mask, adapter_names=["other", "__base__"])
+        after = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # before: the mixed call's rows
+        model(input_ids=ids, attention_mask=mask, adapter_names=["other", "__base__"])
+        doubled = decoder(input_ids=torch.cat([ids, ids])).last_hidden_state  # before: a ValueError on 4 rows
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       adapter_names=["other", "__base__"])
+        after_generate = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(after, expected, atol=0, rtol=0)
+    torch.testing.assert_close(after_generate, expected, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(doubled[:2], decoder(input_ids=ids).last_hidden_state, atol=1e-5, rtol=0)
+    # unload() removes both hooks: the decoder is the base's own again
+    model.base_model.unload()
+    assert not decoder._forward_pre_hooks and not model.get_base_model()._forward_pre_hooks
 
 
 def test_reentrant_checkpointing_is_refused_instead_of_silently_dropping_the_aux_loss():

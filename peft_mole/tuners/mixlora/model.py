@@ -44,6 +44,15 @@ def _count_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor | Non
     return (labels[..., 1:] != -100).sum()
 
 
+def _generated_copies(kwargs: dict) -> int:
+    """How many copies of each row `generate` makes, as transformers expands its inputs: max(num_beams,
+    num_return_sequences), from the keywords or from a `generation_config=` keyword (1 for a forward call). The
+    model's default generation config is not read: a forward call also comes through here."""
+    config = kwargs.get("generation_config")
+    counts = [kwargs.get(key, getattr(config, key, None)) for key in ("num_beams", "num_return_sequences")]
+    return max([1] + [int(count) for count in counts if count is not None])
+
+
 class MixLoRAModel(BaseTuner):
     """Tuner for `MixLoRAConfig`: wraps gated MLP blocks in `MixLoRAMLP` and attention projections in `LoraLinear`.
 
@@ -88,8 +97,11 @@ class MixLoRAModel(BaseTuner):
         if self.declares_router_aux_loss:
             self._declare_router_aux_loss(model)
             self._keep_aux_outputs_out_of_predictions(model)
-        if "_base_call_hook" not in self.__dict__:
-            self.__dict__["_base_call_hook"] = model.register_forward_pre_hook(self._base_called)
+        if "_base_call_hooks" not in self.__dict__:  # the base, and its decoder stack called alone (`get_decoder`)
+            decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+            called = [model] + ([decoder] if isinstance(decoder, nn.Module) and decoder is not model else [])
+            self.__dict__["_base_call_hooks"] = [module.register_forward_pre_hook(self._base_called)
+                                                 for module in called]
         declare_known()  # the output classes with aux loss fields, before any compiled forward (`aux_outputs`)
 
     def _declare_router_aux_loss(self, model: nn.Module) -> None:
@@ -131,8 +143,7 @@ class MixLoRAModel(BaseTuner):
                 config.__dict__.pop("keys_to_ignore_at_inference", None)
             else:
                 config.keys_to_ignore_at_inference = before
-        hook = self.__dict__.pop("_base_call_hook", None)
-        if hook is not None:
+        for hook in self.__dict__.pop("_base_call_hooks", ()):
             hook.remove()
         text = self.__dict__.pop("_declared_aux_config", None)
         for name in ("output_router_logits", "router_aux_loss_coef"):
@@ -182,8 +193,8 @@ class MixLoRAModel(BaseTuner):
         names = kwargs.get("adapter_names")
         if names is not None:
             self._check_adapter_names(names)
-            beams = kwargs.get("num_beams") or 1
-            names = [name for name in names for _ in range(beams)]  # generate expands each row into its beams
+            copies = _generated_copies(kwargs)
+            names = [name for name in names for _ in range(copies)]  # generate expands each row into its copies
         context = self._context()
         context.set_row_adapters(names, by_hook=True)
         try:
@@ -197,12 +208,16 @@ class MixLoRAModel(BaseTuner):
     @contextmanager
     def _modules_to_save_rows(self, names: list[str] | None):
         """Pass `adapter_names` to PEFT's `modules_to_save` copies (`AuxiliaryTrainingWrapper`) for the call, as
-        PEFT's LoRA does, so that each row runs its own adapter's copy (the original module for "__base__")."""
+        PEFT's LoRA does, so that each row runs its own adapter's copy (the original module for "__base__", and for
+        an adapter without a copy of that module, which runs it so alone; PEFT's LoRA raises a KeyError there)."""
         saves = names and any(getattr(config, "modules_to_save", None) for config in self.peft_config.values())
         wrappers = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)] if saves else []
-        hook = partial(_adapter_names_pre_forward_hook, adapter_names=names)  # PEFT's, as its LoRA registers it
-        handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
-                   for m in wrappers]
+        handles = []
+        for wrapper in wrappers:
+            copies = getattr(wrapper, "modules_to_save", None)  # (a ModulesToSaveWrapper's; other wrappers as PEFT)
+            rows = names if copies is None else [name if name in copies else BASE_ROW for name in names]
+            hook = partial(_adapter_names_pre_forward_hook, adapter_names=rows)  # PEFT's, as its LoRA registers it
+            handles.append(wrapper.register_forward_pre_hook(hook, with_kwargs=True))
         try:
             yield
         finally:
@@ -216,9 +231,13 @@ class MixLoRAModel(BaseTuner):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _base_called(self, module: nn.Module, args: tuple) -> None:
-        """Before each call of the base model: one that comes neither through the tuner's forward nor through
-        `PeftModel` (`model.get_base_model()(...)`, as with PEFT's LoRA) runs the active adapter on every row, not
-        the rows of the call before (kept for activation checkpointing's recomputation)."""
+        """Before each call of the base model or of its decoder stack: one that comes neither through the tuner's
+        forward nor through `PeftModel` (`model.get_base_model()(...)`, `...get_decoder()(...)`, as with PEFT's
+        LoRA) runs the active adapter on every row, not the rows of the call before (kept for activation
+        checkpointing's recomputation). Under torch.compile (a compiled multi-job step's decoder) it does nothing:
+        those calls come through the tuner."""
+        if torch.compiler.is_compiling():
+            return
         context = self._context()
         if not (context.in_tuner_call or context.rows_set_by_hook) and context.row_adapters is not None:
             context.set_row_adapters(None)
