@@ -215,3 +215,42 @@ def test_on_a_native_moe_base_trl_adds_the_adapters_aux_loss_at_weight_one():
     coef = base.config.router_aux_loss_coef
     assert ours > 0.4 and native is not None
     torch.testing.assert_close(coef * out.aux_loss, coef * native + ours, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["mixlora", "dynmole"])
+def test_dpo_trainer_copies_a_loaded_adapter_into_its_reference_exactly(method, local_assets, tmp_path):
+    """SFT, then DPO from the saved adapter: TRL's DPOTrainer (no ref_model given) adds a "ref" adapter and copies
+    the policy's parameters into it by name. Before, the attention LoRA was not copied (probe: the reference was
+    0.39 off the policy at step 0, so DPO's rewards did not start at 0)."""
+    from peft import PeftModel
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer, dataset = local_assets
+    sft = get_peft_model(tiny_base(vocab_size=len(tokenizer)), METHODS[method](r=8, lora_alpha=16))
+    randomize_adapters(sft, std=0.1)
+    sft.save_pretrained(tmp_path / "sft")
+    policy = PeftModel.from_pretrained(tiny_base(vocab_size=len(tokenizer)), tmp_path / "sft", is_trainable=True)
+    rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"][::-1]} for r in dataset]
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=1, per_device_train_batch_size=4, report_to=[],
+                     logging_steps=1, save_strategy="no", use_cpu=True, max_length=48, dataloader_num_workers=0)
+    trainer = DPOTrainer(model=policy, args=args, train_dataset=type(dataset).from_list(rows[:8]),
+                         processing_class=tokenizer)
+    model = trainer.model.eval()
+    ids, mask, _ = batch(2, 8, vocab=len(tokenizer))
+    with torch.no_grad():
+        trained = model(input_ids=ids, attention_mask=mask).logits
+        model.set_adapter("ref")
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        model.set_adapter("default")
+        with model.disable_adapter():
+            base = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(reference, trained, atol=0, rtol=0)
+    assert (trained - base).abs().max() > 1e-2  # the adapter is really trained, so a fresh reference would differ
+    # the router statistics are the policy's too, although the "ref" copy runs after it (before: only "ref")
+    import peft_mole
+
+    peft_mole.RouterStatsCallback.attach(trainer, plot=False)
+    trainer.train()
+    logged = {key for entry in trainer.state.log_history for key in entry if key.startswith("router/")}
+    assert "router/model.layers.0.mlp/entropy" in logged  # the trained adapter's ("ref/..." for the copy)
+    assert {adapter for adapter, _ in model.base_model.router_stats()} == {"default", "ref"}

@@ -408,12 +408,14 @@ def _adapter_of(param_name: str) -> str | None:
 def _export_key(param_name: str, job: str, config: PeftConfig) -> str:
     """Our parameter name → the key the job's PEFT method uses in adapter_model.safetensors.
 
-    `model.layers.0.mlp.base_layer.gate_proj.mixlora_A.job` → `base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight`
-    (LoRA); for MixLoRA/DynMoLE the adapter name is dropped and the prefix becomes the method's.
+    `model.layers.0.mlp.base_layer.gate_proj.mixlora_A.job.weight` →
+    `base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight` (LoRA); for MixLoRA/DynMoLE the adapter name is
+    dropped and the prefix becomes the method's, and so is a LoRA factor's `.weight` (`attention.LoraFactor`: saved
+    under its container's key, `...q_proj.mixlora_A`).
     """
     parts = param_name.split(".")
     kept = [p for i, p in enumerate(parts) if p != "base_layer" and not (i and parts[i - 1].startswith(_INTERNAL_PREFIX))]
-    key = ".".join(kept)
+    key = re.sub(rf"({_INTERNAL_PREFIX}[AB])\.weight$", r"\1", ".".join(kept))
     if isinstance(config, LoraConfig):
         key = re.sub(rf"{_INTERNAL_PREFIX}(A|B)$", r"lora_\1.weight", key)
     elif isinstance(config, DynMoLEConfig):

@@ -168,6 +168,37 @@ def test_load_onto_other_base_is_refused(method, tmp_path):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_an_adapter_copied_by_parameter_name_as_trl_does_is_exact_and_saved_keys_keep_their_format(method, tmp_path):
+    """TRL's DPO/KTO/GRPO/RLOO trainers copy a loaded adapter into a frozen "ref" adapter by replacing ".default." in
+    parameter names; the attention LoRA's were named `...q_proj.mixlora_A.default` and were left out (the reference
+    kept an untrained attention LoRA: 0.39 off in the probe). Saved files keep the keys `...q_proj.mixlora_A`."""
+    model = get_peft_model(tiny_base(), METHODS[method]())
+    randomize_adapters(model, std=0.1)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".default." in n for n in trainable)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    prefix = "dynmole" if method.startswith("dynmole") else "mixlora"
+    assert f"base_model.model.model.layers.0.self_attn.q_proj.{prefix}_A" in saved
+    assert not any(k.endswith("_A.weight") or ".default" in k for k in saved)
+    loaded = PeftModel.from_pretrained(tiny_base(), tmp_path, is_trainable=True)
+    loaded.add_adapter("ref", loaded.peft_config["default"])
+    with torch.no_grad():
+        for name, param in loaded.named_parameters():
+            if ".default." in name:
+                loaded.get_parameter(name.replace(".default.", ".ref.")).copy_(param)
+    loaded.eval()
+    ids, mask, _ = batch(2, 6)
+    with torch.no_grad():
+        policy = loaded(input_ids=ids, attention_mask=mask).logits
+        loaded.set_adapter("ref")
+        reference = loaded(input_ids=ids, attention_mask=mask).logits
+        model.eval()
+        torch.testing.assert_close(policy, model(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+    torch.testing.assert_close(reference, policy, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_modules_to_save_are_trained_and_saved(method, tmp_path):
     model = get_peft_model(tiny_base(), METHODS[method](modules_to_save=["lm_head"]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -15,10 +15,43 @@ from peft_mole.ops.indexed_lora import indexed_lora_delta, packed_lora_delta
 from peft_mole.ops.segmented_lora import LoraFactors, lora_delta, scatter_row_deltas
 
 
+class LoraFactor(nn.Module):
+    """One adapter's LoRA factor, held as `weight`: its parameter is named `<prefix>A.<adapter>.weight`, as PEFT's
+    LoRA names `lora_A.<adapter>.weight`. Code that finds an adapter's parameters by name relies on that: TRL's
+    DPO/KTO/GRPO/RLOO trainers copy an adapter into their frozen reference adapter by replacing ".default." in the
+    names, and a name ending in ".default" was left out (the reference kept an untrained attention LoRA)."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}"
+
+
+def _saved_factor_keys(module: LoraLinear, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: `<prefix>A.<adapter>.weight` is stored as `<prefix>A.<adapter>`, the key every saved
+    adapter has (so files, the interop converters and the multi-job export keep their format)."""
+    for container in module.adapter_layer_names:
+        for adapter in module._modules[container]._modules:
+            key = f"{prefix}{container}.{adapter}"
+            if f"{key}.weight" in state_dict:
+                state_dict[key] = state_dict.pop(f"{key}.weight")
+
+
+def _named_factor_keys(module: LoraLinear, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: a saved `<prefix>A.<adapter>` loads into `<prefix>A.<adapter>.weight`."""
+    for container in module.adapter_layer_names:
+        start = f"{prefix}{container}."
+        for key in [k for k in state_dict if k.startswith(start) and "." not in k[len(start):]]:
+            state_dict[f"{key}.weight"] = state_dict.pop(key)
+
+
 class LoraLinear(nn.Module, BaseTunerLayer):
     """y = W x + s · B_a A_a dropout(x) for the adapter a of each row (Hu et al. 2021).
 
-    Parameters live in `<prefix>A[adapter]` (r, in) and `<prefix>B[adapter]` (out, r); B starts at zero.
+    Parameters live in `<prefix>A[adapter].weight` (r, in) and `<prefix>B[adapter].weight` (out, r) (`LoraFactor`);
+    B starts at zero. In a state dict (and so in saved files) their keys are `<prefix>A.<adapter>`.
     """
 
     prefix = "mixlora_"
@@ -36,8 +69,10 @@ class LoraLinear(nn.Module, BaseTunerLayer):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoraLinear wraps nn.Linear (or a tuner layer around one), got {type(linear).__name__}")
         self.base_layer = base_layer
-        setattr(self, self.prefix + "A", nn.ParameterDict())
-        setattr(self, self.prefix + "B", nn.ParameterDict())
+        setattr(self, self.prefix + "A", nn.ModuleDict())
+        setattr(self, self.prefix + "B", nn.ModuleDict())
+        self.register_state_dict_post_hook(_saved_factor_keys)
+        self.register_load_state_dict_pre_hook(_named_factor_keys)
         setattr(self, self.prefix + "dropout", nn.ModuleDict())
         setattr(self, self.prefix + "scaling", {})
         self._context = context
@@ -52,22 +87,23 @@ class LoraLinear(nn.Module, BaseTunerLayer):
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
         lora_b = torch.zeros(linear.out_features, r, device=weight.device, dtype=torch.float32)
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        getattr(self, self.prefix + "A")[adapter_name] = nn.Parameter(lora_a.to(dtype))
-        getattr(self, self.prefix + "B")[adapter_name] = nn.Parameter(lora_b.to(dtype))
+        getattr(self, self.prefix + "A")[adapter_name] = LoraFactor(nn.Parameter(lora_a.to(dtype)))
+        getattr(self, self.prefix + "B")[adapter_name] = LoraFactor(nn.Parameter(lora_b.to(dtype)))
         getattr(self, self.prefix + "dropout")[adapter_name] = Dropout(dropout) if dropout > 0 else nn.Identity()
         getattr(self, self.prefix + "scaling")[adapter_name] = scaling
         self.set_adapter(self.active_adapters)
 
     def _factors(self, adapter: str) -> LoraFactors | None:
         # Called per adapter, projection and forward (a multi-job step: jobs × 7 projections × layers), so it reads
-        # the containers' own dicts: through `getattr` and `ParameterDict.__getitem__` the lookups cost more than
+        # the containers' own dicts: through `getattr` and `ModuleDict.__getitem__` the lookups cost more than
         # the rank-r products of a short row (docs/performance.md, "Host time of a multi-job step").
         (a_name, b_name), (scaling_name, dropout_name) = self.adapter_layer_names, self.other_param_names
-        lora_a = self._modules[a_name]._parameters.get(adapter)
-        if lora_a is None:
+        factor_a = self._modules[a_name]._modules.get(adapter)
+        if factor_a is None:
             return None
-        return LoraFactors(lora_a, self._modules[b_name]._parameters[adapter], getattr(self, scaling_name)[adapter],
-                           self._modules[dropout_name]._modules[adapter])
+        factor_b = self._modules[b_name]._modules[adapter]
+        return LoraFactors(factor_a._parameters["weight"], factor_b._parameters["weight"],
+                           getattr(self, scaling_name)[adapter], self._modules[dropout_name]._modules[adapter])
 
     def _delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
         found = self._factors(adapter)

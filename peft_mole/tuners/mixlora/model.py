@@ -304,7 +304,9 @@ class MixLoRAModel(BaseTuner):
             )
 
     def router_stats(self) -> dict[tuple[str, str], RouterStats]:
-        """Router statistics of the last recorded forward pass: {(adapter, layer): RouterStats}."""
+        """Router statistics of the latest recorded forward pass of each adapter: {(adapter, layer): RouterStats}
+        (a trainer that also runs another adapter, as TRL's DPO runs its frozen "ref" copy after the policy, does
+        not replace the trained adapter's statistics)."""
         records = self.__dict__.get("_last_records", [])
         return {
             (r.adapter, r.layer): router_stats(*r.counted(), q=getattr(self.peft_config[r.adapter], "q", 1.0))
@@ -321,8 +323,10 @@ class MixLoRAModel(BaseTuner):
         log-probabilities, and adds `outputs.aux_loss` itself (`_declare_router_aux_loss`).
         """
         aux, per_adapter = router_aux_loss(records, self.peft_config)
-        # kept detached for `router_stats()`, computed only when asked (it needs host syncs)
-        self.__dict__["_last_records"] = [
+        # kept detached for `router_stats()`, computed only when asked (it needs host syncs); per adapter, the
+        # records of its latest forward
+        ran = {r.adapter for r in records}
+        self.__dict__["_last_records"] = [r for r in self.__dict__.get("_last_records", []) if r.adapter not in ran] + [
             RouterRecord(r.layer, r.adapter, r.probs.detach(), r.selected, r.token_mask) for r in records
         ]
         self.__dict__["last_aux_loss"] = {k: v.detach() for k, v in per_adapter.items()}
