@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 from peft import PeftConfig
 
 from peft_mole.registration import add_peft_type
-from peft_mole.tuners.load_checks import check_saved_keys, check_weights_file
+from peft_mole.tuners.load_checks import (
+    SAFETENSORS_NAME,
+    check_complete_factors,
+    check_saved_keys,
+    check_weights_file,
+)
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -126,10 +132,14 @@ class ExpertAdapterConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """PEFT's loader, after checking the weights file of a local folder (readable safetensors, no pickle) or a
-        Hub repo (no pickle alone)."""
-        check_weights_file(str(pretrained_model_name_or_path), subfolder, kwargs.get("revision"), kwargs.get("token"))
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        """PEFT's loader, after checking the weights file of a local folder (readable safetensors, no pickle, no
+        factor without its partner or DoRA magnitude) or a Hub repo (no pickle alone)."""
+        path = str(pretrained_model_name_or_path)
+        names = check_weights_file(path, subfolder, kwargs.get("revision"), kwargs.get("token"))
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if names is not None:
+            check_complete_factors(names, bool(config.use_dora), os.path.join(path, subfolder or "", SAFETENSORS_NAME))
+        return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """PEFT's config file, then the peft-mole section and tags of README.md (`peft_mole.model_card`)."""

@@ -32,13 +32,13 @@ def check_saved_keys(cls_name: str, saved: dict, required: tuple[str, ...]) -> N
 
 
 def check_weights_file(path: str, subfolder: str | None = None, revision: str | None = None,
-                       token: str | bool | None = None) -> None:
-    """Validate the weights file of a local adapter folder; for a Hub id, refuse a repo that holds a pickle
-    adapter_model.bin and no safetensors (`check_hub_weights`)."""
+                       token: str | bool | None = None) -> list[str] | None:
+    """Validate the weights file of a local adapter folder and return its tensor names; for a Hub id, refuse a repo
+    that holds a pickle adapter_model.bin and no safetensors (`check_hub_weights`) and return None."""
     folder = os.path.join(path, subfolder) if subfolder else path
     if not os.path.isdir(folder):
         check_hub_weights(path, subfolder, revision, token)
-        return
+        return None
     weights = os.path.join(folder, SAFETENSORS_NAME)
     if os.path.isfile(weights):
         from safetensors import safe_open
@@ -56,13 +56,32 @@ def check_weights_file(path: str, subfolder: str | None = None, revision: str | 
         size = os.path.getsize(weights)
         if not names or size < 16:
             raise ValueError(f"{weights} holds no tensors; the adapter was not saved completely")
-        return
+        return names
     if os.path.isfile(os.path.join(folder, PICKLE_NAME)):
         raise ValueError(
             f"{folder} holds only a pickle {PICKLE_NAME}; peft-mole loads adapters from safetensors only. If you "
             f"trust the file, convert it once with `peft_mole.convert_bin_adapter({folder!r})` (or "
             f"`peft-mole convert-bin {folder}`), which reads it with torch.load(weights_only=True)"
         )
+
+
+def check_complete_factors(names: list[str], use_dora: bool, where: str) -> None:
+    """Every saved LoRA factor has its partner (`..._lora_A` and `..._lora_B` of the experts, `<prefix>A` and
+    `<prefix>B` of the attention LoRA) and, for DoRA experts, its `{proj}_magnitude`. A file missing some was cut
+    or edited: PEFT would keep the missing tensors' initial values with a warning (and fail on the meta device with
+    `low_cpu_mem_usage=True`), a half-trained adapter that looks loaded."""
+    present, missing = set(names), []
+    for name in names:
+        for own, partner in (("_lora_A", "_lora_B"), ("_lora_B", "_lora_A"), ("_A", "_B"), ("_B", "_A")):
+            if name.endswith(own):
+                stem = name[: -len(own)]
+                missing += [stem + partner] if stem + partner not in present else []
+                if use_dora and own == "_lora_A" and stem + "_magnitude" not in present:
+                    missing.append(stem + "_magnitude")
+                break
+    if missing:
+        raise ValueError(f"{where} lacks {len(missing)} tensor(s) its other tensors and config (use_dora={use_dora}) "
+                         f"need, e.g. {sorted(missing)[:3]}; the adapter was not saved completely")
 
 
 def check_hub_weights(repo_id: str, subfolder: str | None, revision: str | None, token: str | bool | None) -> None:

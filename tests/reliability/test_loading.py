@@ -84,6 +84,25 @@ def test_damaged_weights_file_is_named(saved, tmp_path, damage):
         PeftModel.from_pretrained(tiny_base(), path)
 
 
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+@pytest.mark.parametrize("dropped", ["self_attn.q_proj.{prefix}_B", "mlp.{prefix}_experts.up_proj_lora_A", "magnitude"])
+def test_a_weights_file_missing_a_factor_or_a_dora_magnitude_is_refused(dropped, low_cpu_mem_usage, tmp_path):
+    """Before, PEFT warned of missing keys and kept their initial values (B = 0, or the initial DoRA magnitudes): a
+    half-trained adapter that looked loaded; with low_cpu_mem_usage=True, "Cannot copy out of meta tensor"."""
+    from safetensors.torch import save_file
+
+    model = get_peft_model(tiny_base(), METHODS["mixdora"]())
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    state = load_file(weights)
+    cut = "magnitude" if dropped == "magnitude" else "layers.1." + dropped.format(prefix="mixlora")
+    kept = {k: v for k, v in state.items() if not k.endswith(cut)}
+    assert len(kept) < len(state)
+    save_file(kept, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors lacks \d+ tensor\(s\).*use_dora=True"):
+        PeftModel.from_pretrained(tiny_base(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+
+
 def test_pickle_adapter_is_refused_until_converted(saved, tmp_path):
     path = _copy(saved, tmp_path)
     state = load_file(path / "adapter_model.safetensors")
