@@ -70,13 +70,22 @@ def layer_stats(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     return {layer: stats for (name, layer), stats in model.base_model.router_stats().items() if name == adapter}
 
 
+def _trained_adapters(model, adapters: set[str]) -> set[str]:
+    """Those of `adapters` with a parameter that requires grad (every adapter parameter's name holds
+    `.<adapter>.`); all of them where none does."""
+    trained = {a for a in adapters if any(p.requires_grad and f".{a}." in n for n, p in model.named_parameters())}
+    return trained or adapters
+
+
 class RouterStatsCallback(TrainerCallback):
     """Logs router statistics per MoE layer, averaged over the optimizer steps since the last log, and writes
     `router_stats.png` (expert load per layer; entropy per layer over training) to the output dir at the end.
 
-    Each optimizer step samples the statistics of its last forward pass. Keys: `router/<layer>/entropy`,
+    Each optimizer step samples the statistics of the last forward pass of each adapter that trains (one whose
+    parameters require grad; TRL's frozen "ref" copy under DPO is left out). Keys: `router/<layer>/entropy`,
     `.../broadcast`, `.../experts_per_token`, `.../load_<e>` (with `log_expert_load`), and the means over
-    layers `router/entropy`, `router/experts_per_token`.
+    layers `router/entropy`, `router/experts_per_token`; an adapter other than "default" has its name in the keys
+    (`router/<adapter>/<layer>/...`).
     """
 
     def __init__(self, log_expert_load: bool = True, plot: bool = True) -> None:
@@ -85,6 +94,7 @@ class RouterStatsCallback(TrainerCallback):
         self._pending: dict[str, list[RouterStats]] = defaultdict(list)
         self.history: list[tuple[int, dict[str, float]]] = []  # (step, {layer: entropy})
         self.total_load: dict[str, torch.Tensor] = {}
+        self._trained: dict[frozenset, set[str]] = {}  # recorded adapters -> those that train
 
     @classmethod
     def attach(cls, trainer, **kwargs) -> RouterStatsCallback:
@@ -96,7 +106,13 @@ class RouterStatsCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         tuner = getattr(model, "base_model", None)
         stats = tuner.router_stats() if hasattr(tuner, "router_stats") else {}
+        adapters = frozenset(adapter for adapter, _ in stats)
+        if adapters not in self._trained:  # (asked once per set of adapters: a scan of the parameters)
+            self._trained[adapters] = _trained_adapters(model, set(adapters))
+        trained = self._trained[adapters]
         for (adapter, layer), s in stats.items():
+            if adapter not in trained:
+                continue
             name = layer if adapter == "default" else f"{adapter}/{layer}"
             self._pending[name].append(s)
             load = torch.tensor(s.load)

@@ -252,5 +252,6 @@ def test_dpo_trainer_copies_a_loaded_adapter_into_its_reference_exactly(method, 
     peft_mole.RouterStatsCallback.attach(trainer, plot=False)
     trainer.train()
     logged = {key for entry in trainer.state.log_history for key in entry if key.startswith("router/")}
-    assert "router/model.layers.0.mlp/entropy" in logged  # the trained adapter's ("ref/..." for the copy)
+    assert "router/model.layers.0.mlp/entropy" in logged  # the trained adapter's
+    assert not any(key.startswith("router/ref/") for key in logged)  # not the frozen copy's
     assert {adapter for adapter, _ in model.base_model.router_stats()} == {"default", "ref"}

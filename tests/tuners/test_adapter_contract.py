@@ -376,6 +376,29 @@ def test_the_decoder_called_alone_after_a_mixed_call_runs_the_active_adapter_on_
     assert not decoder._forward_pre_hooks and not model.get_base_model()._forward_pre_hooks
 
 
+def test_a_compiled_base_called_after_a_mixed_call_runs_the_active_adapter():
+    model, ids, mask = two_mixlora_adapters()
+    base = model.get_base_model()
+    compiled = torch.compile(base, backend="eager")
+    with torch.no_grad():
+        expected = base(input_ids=ids, attention_mask=mask).logits
+        model(input_ids=ids, attention_mask=mask, adapter_names=["other", "__base__"])
+        after = compiled(input_ids=ids, attention_mask=mask).logits  # (a review found the previous call's rows)
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=0)
+
+
+def test_router_stats_keep_each_adapters_latest_forward_and_forget_a_deleted_adapter(tmp_path):
+    model, ids, mask = two_mixlora_adapters()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, labels=ids, adapter_names=["other", "other"])
+        model(input_ids=ids, attention_mask=mask, labels=ids)  # "default"
+    assert {adapter for adapter, _ in model.base_model.router_stats()} == {"default", "other"}
+    model.delete_adapter("other")
+    assert {adapter for adapter, _ in model.base_model.router_stats()} == {"default"}  # (was a KeyError)
+    model.save_pretrained(tmp_path)  # its model card reads the router statistics
+    assert (tmp_path / "adapter_model.safetensors").exists()
+
+
 def test_reentrant_checkpointing_is_refused_instead_of_silently_dropping_the_aux_loss():
     base = tiny_base()
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})

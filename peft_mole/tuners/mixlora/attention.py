@@ -19,7 +19,9 @@ class LoraFactor(nn.Module):
     """One adapter's LoRA factor, held as `weight`: its parameter is named `<prefix>A.<adapter>.weight`, as PEFT's
     LoRA names `lora_A.<adapter>.weight`. Code that finds an adapter's parameters by name relies on that: TRL's
     DPO/KTO/GRPO/RLOO trainers copy an adapter into their frozen reference adapter by replacing ".default." in the
-    names, and a name ending in ".default" was left out (the reference kept an untrained attention LoRA)."""
+    names, and a name ending in ".default" was left out (the reference kept an untrained attention LoRA). Saved
+    files keep the key `<prefix>A` (the tuner's `_get_adapter_state_dict` / `_remap_adapter_state_dict_for_load`,
+    as PEFT's LoRA keeps DoRA's `lora_magnitude_vector`)."""
 
     def __init__(self, weight: nn.Parameter) -> None:
         super().__init__()
@@ -29,18 +31,21 @@ class LoraFactor(nn.Module):
         return f"{tuple(self.weight.shape)}"
 
 
-def _saved_factor_keys(module: LoraLinear, state_dict: dict, prefix: str, local_metadata) -> None:
-    """state_dict post-hook: `<prefix>A.<adapter>.weight` is stored as `<prefix>A.<adapter>`, the key every saved
-    adapter has (so files, the interop converters and the multi-job export keep their format)."""
-    for container in module.adapter_layer_names:
-        for adapter in module._modules[container]._modules:
-            key = f"{prefix}{container}.{adapter}"
-            if f"{key}.weight" in state_dict:
-                state_dict[key] = state_dict.pop(f"{key}.weight")
+def factor_key_with_weight(key: str, prefix: str) -> str:
+    """A saved attention-LoRA key (`...q_proj.mixlora_A`, the format since the first release) as the parameter's
+    name without the adapter (`...q_proj.mixlora_A.weight`); other keys unchanged."""
+    return f"{key}.weight" if key.endswith((f".{prefix}A", f".{prefix}B")) else key
+
+
+def factor_key_without_weight(key: str, prefix: str, adapter: str) -> str:
+    """The inverse for a model key: `...q_proj.mixlora_A.<adapter>.weight` → `...q_proj.mixlora_A.<adapter>`."""
+    factors = (f".{prefix}A.{adapter}.weight", f".{prefix}B.{adapter}.weight")
+    return key[: -len(".weight")] if key.endswith(factors) else key
 
 
 def _named_factor_keys(module: LoraLinear, state_dict: dict, prefix: str, *args) -> None:
-    """load_state_dict pre-hook: a saved `<prefix>A.<adapter>` loads into `<prefix>A.<adapter>.weight`."""
+    """load_state_dict pre-hook: a whole-model state dict saved before the factors were modules (keys
+    `<prefix>A.<adapter>`) loads into `<prefix>A.<adapter>.weight`."""
     for container in module.adapter_layer_names:
         start = f"{prefix}{container}."
         for key in [k for k in state_dict if k.startswith(start) and "." not in k[len(start):]]:
@@ -51,7 +56,7 @@ class LoraLinear(nn.Module, BaseTunerLayer):
     """y = W x + s · B_a A_a dropout(x) for the adapter a of each row (Hu et al. 2021).
 
     Parameters live in `<prefix>A[adapter].weight` (r, in) and `<prefix>B[adapter].weight` (out, r) (`LoraFactor`);
-    B starts at zero. In a state dict (and so in saved files) their keys are `<prefix>A.<adapter>`.
+    B starts at zero. In saved files their keys are `<prefix>A` and `<prefix>B`.
     """
 
     prefix = "mixlora_"
@@ -71,7 +76,6 @@ class LoraLinear(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         setattr(self, self.prefix + "A", nn.ModuleDict())
         setattr(self, self.prefix + "B", nn.ModuleDict())
-        self.register_state_dict_post_hook(_saved_factor_keys)
         self.register_load_state_dict_pre_hook(_named_factor_keys)
         setattr(self, self.prefix + "dropout", nn.ModuleDict())
         setattr(self, self.prefix + "scaling", {})

@@ -17,7 +17,7 @@ from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord, pa
 from peft_mole.tuners.aux_outputs import declare_known, with_fields
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
 from peft_mole.tuners.load_checks import base_shape, check_base_shape, text_config
-from peft_mole.tuners.mixlora.attention import LoraLinear
+from peft_mole.tuners.mixlora.attention import LoraLinear, factor_key_with_weight, factor_key_without_weight
 from peft_mole.tuners.mixlora.layer import MixLoRAMLP
 from peft_mole.tuners.mixlora.projection import MoELoraLinear
 from peft_mole.tuners.mixlora.targets import find_targets
@@ -154,6 +154,20 @@ class MixLoRAModel(BaseTuner):
     def _check_target_module_exists(self, peft_config, key: str) -> bool:
         return key in self.__dict__.get("_targets", {})
 
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection, with the attention LoRA's keys as saved since the first release (`...q_proj.mixlora_A`,
+        the parameter being `...mixlora_A.<adapter>.weight`: `attention.LoraFactor`)."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return {factor_key_without_weight(k, cls.prefix, adapter_name): v for k, v in selected.items()}
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """The inverse of `_get_adapter_state_dict` before PEFT's remapping (a file with `...mixlora_A.weight`, as
+        a state dict of parameter names gives, loads too)."""
+        state_dict = {factor_key_with_weight(k, cls.prefix): v for k, v in state_dict.items()}
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
     def _create_and_replace(
         self, peft_config: ExpertAdapterConfig, adapter_name, target, target_name, parent, current_key, **kwargs
     ):
@@ -234,10 +248,8 @@ class MixLoRAModel(BaseTuner):
         """Before each call of the base model or of its decoder stack: one that comes neither through the tuner's
         forward nor through `PeftModel` (`model.get_base_model()(...)`, `...get_decoder()(...)`, as with PEFT's
         LoRA) runs the active adapter on every row, not the rows of the call before (kept for activation
-        checkpointing's recomputation). Under torch.compile (a compiled multi-job step's decoder) it does nothing:
-        those calls come through the tuner."""
-        if torch.compiler.is_compiling():
-            return
+        checkpointing's recomputation). Compiled with the base or the decoder (`torch.compile`, a compiled
+        multi-job step), it is traced as part of the graph."""
         context = self._context()
         if not (context.in_tuner_call or context.rows_set_by_hook) and context.row_adapters is not None:
             context.set_row_adapters(None)
@@ -310,7 +322,7 @@ class MixLoRAModel(BaseTuner):
         records = self.__dict__.get("_last_records", [])
         return {
             (r.adapter, r.layer): router_stats(*r.counted(), q=getattr(self.peft_config[r.adapter], "q", 1.0))
-            for r in records
+            for r in records if r.adapter in self.peft_config  # (not an adapter deleted since)
         }
 
     def _attach_aux_loss(self, outputs, records, labels, shift_labels, num_items_in_batch):
