@@ -67,7 +67,7 @@ def layer_stats(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     finally:
         model.train(was_training)
     adapter = model.base_model.active_adapters[0]
-    return {layer: stats for (name, layer), stats in model.base_model.router_stats().items() if name == adapter}
+    return {layer: stats for (_, layer), stats in model.base_model.router_stats({adapter}).items()}
 
 
 def _trained_adapters(model, adapters: set[str]) -> set[str]:
@@ -94,7 +94,7 @@ class RouterStatsCallback(TrainerCallback):
         self._pending: dict[str, list[RouterStats]] = defaultdict(list)
         self.history: list[tuple[int, dict[str, float]]] = []  # (step, {layer: entropy})
         self.total_load: dict[str, torch.Tensor] = {}
-        self._trained: dict[frozenset, set[str]] = {}  # recorded adapters -> those that train
+        self._trained: dict[frozenset, set[str]] = {}  # the model's adapters -> those that train
 
     @classmethod
     def attach(cls, trainer, **kwargs) -> RouterStatsCallback:
@@ -105,14 +105,12 @@ class RouterStatsCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         tuner = getattr(model, "base_model", None)
-        stats = tuner.router_stats() if hasattr(tuner, "router_stats") else {}
-        adapters = frozenset(adapter for adapter, _ in stats)
+        if not hasattr(tuner, "router_stats"):
+            return
+        adapters = frozenset(tuner.peft_config)
         if adapters not in self._trained:  # (asked once per set of adapters: a scan of the parameters)
             self._trained[adapters] = _trained_adapters(model, set(adapters))
-        trained = self._trained[adapters]
-        for (adapter, layer), s in stats.items():
-            if adapter not in trained:
-                continue
+        for (adapter, layer), s in tuner.router_stats(self._trained[adapters]).items():
             name = layer if adapter == "default" else f"{adapter}/{layer}"
             self._pending[name].append(s)
             load = torch.tensor(s.load)

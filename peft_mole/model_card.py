@@ -83,7 +83,7 @@ def _last_router_stats(config) -> dict:
     if tuner is None:
         return {}
     adapter = next((name for name, c in tuner.peft_config.items() if c is config), None)
-    return {layer: s for (name, layer), s in tuner.router_stats().items() if name == adapter}
+    return {} if adapter is None else {layer: s for (_, layer), s in tuner.router_stats({adapter}).items()}
 
 
 def update_model_card(directory: str, config) -> None:

@@ -34,7 +34,7 @@ from peft_mole.ops.stream_checkpoint import replay_streams_in_checkpoints
 from peft_mole.tuners.aux_outputs import with_fields
 from peft_mole.tuners.dynmole.config import DynMoLEConfig
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
-from peft_mole.tuners.mixlora.attention import LoraLinear
+from peft_mole.tuners.mixlora.attention import LoraLinear, factor_key_without_weight
 from peft_mole.tuners.mixlora.model import MixLoRAModel, router_aux_loss
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
 from peft_mole.tuners.mixlora.targets import plain_linear
@@ -413,9 +413,9 @@ def _export_key(param_name: str, job: str, config: PeftConfig) -> str:
     dropped and the prefix becomes the method's, and so is a LoRA factor's `.weight` (`attention.LoraFactor`: saved
     under its container's key, `...q_proj.mixlora_A`).
     """
-    parts = param_name.split(".")
+    parts = factor_key_without_weight(param_name, _INTERNAL_PREFIX, job).split(".")
     kept = [p for i, p in enumerate(parts) if p != "base_layer" and not (i and parts[i - 1].startswith(_INTERNAL_PREFIX))]
-    key = re.sub(rf"({_INTERNAL_PREFIX}[AB])\.weight$", r"\1", ".".join(kept))
+    key = ".".join(kept)
     if isinstance(config, LoraConfig):
         key = re.sub(rf"{_INTERNAL_PREFIX}(A|B)$", r"lora_\1.weight", key)
     elif isinstance(config, DynMoLEConfig):

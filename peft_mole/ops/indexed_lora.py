@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from peft_mole.forward_context import PackedSegments
 from peft_mole.ops.experts import _segment_matmul
 from peft_mole.ops.job_streams import per_job_dropout, uses_streams
-from peft_mole.ops.segmented_lora import LoraFactors, constant_on, scaled
+from peft_mole.ops.segmented_lora import LoraFactors, constant_on, dropout_setting, scaled
 
 
 def indexed_lora_delta(x: torch.Tensor, row_jobs: torch.Tensor, factors: list[LoraFactors | None]) -> torch.Tensor | None:
@@ -98,14 +98,13 @@ def per_row_dropout(x: torch.Tensor, row_jobs: torch.Tensor, dropouts: list[torc
     drawn from its stream (`ops.job_streams.per_job_dropout`)."""
     if uses_streams(dropouts):
         return per_job_dropout(x, row_jobs, dropouts)
-    kinds: dict[tuple, int] = {}  # (type, p, training) -> its first job
+    kinds: dict[tuple, int] = {}  # `dropout_setting` -> its first job
     setting = []
     for j, dropout in enumerate(dropouts):
         if dropout is None:
             setting.append(-1)
             continue
-        key = (type(dropout), getattr(dropout, "p", 0.0), dropout.training)
-        setting.append(kinds.setdefault(key, j))
+        setting.append(kinds.setdefault(dropout_setting(dropout), j))
     if len(kinds) == 1:
         return dropouts[next(iter(kinds.values()))](x)
     which = constant_on(tuple(setting) + (-1,), torch.int64, x.device).index_select(0, row_jobs)

@@ -336,7 +336,8 @@ def stacked_lora_deltas(
         chosen = [found[i] for i in indices]
         dtype = chosen[0].lora_a.dtype
         first = chosen[0].dropout
-        shared_dropout = all(dropout_setting(f.dropout) == dropout_setting(first) for f in chosen)
+        setting = dropout_setting(first)
+        shared_dropout = all(dropout_setting(f.dropout) == setting for f in chosen)
         if shared_dropout and len(indices) == len(groups):  # one dropout call over all of x
             inputs = first(x.to(dtype)).reshape(-1, x.shape[-1])
         elif len(indices) == len(groups) and indices == sorted(indices):  # every block, each its own dropout

@@ -43,15 +43,6 @@ def factor_key_without_weight(key: str, prefix: str, adapter: str) -> str:
     return key[: -len(".weight")] if key.endswith(factors) else key
 
 
-def _named_factor_keys(module: LoraLinear, state_dict: dict, prefix: str, *args) -> None:
-    """load_state_dict pre-hook: a whole-model state dict saved before the factors were modules (keys
-    `<prefix>A.<adapter>`) loads into `<prefix>A.<adapter>.weight`."""
-    for container in module.adapter_layer_names:
-        start = f"{prefix}{container}."
-        for key in [k for k in state_dict if k.startswith(start) and "." not in k[len(start):]]:
-            state_dict[f"{key}.weight"] = state_dict.pop(key)
-
-
 class LoraLinear(nn.Module, BaseTunerLayer):
     """y = W x + s · B_a A_a dropout(x) for the adapter a of each row (Hu et al. 2021).
 
@@ -76,7 +67,6 @@ class LoraLinear(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         setattr(self, self.prefix + "A", nn.ModuleDict())
         setattr(self, self.prefix + "B", nn.ModuleDict())
-        self.register_load_state_dict_pre_hook(_named_factor_keys)
         setattr(self, self.prefix + "dropout", nn.ModuleDict())
         setattr(self, self.prefix + "scaling", {})
         self._context = context

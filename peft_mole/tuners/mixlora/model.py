@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Collection
 from contextlib import contextmanager
 from functools import partial
 
@@ -315,14 +316,15 @@ class MixLoRAModel(BaseTuner):
                 "(transformers' default) with peft-mole adapters."
             )
 
-    def router_stats(self) -> dict[tuple[str, str], RouterStats]:
-        """Router statistics of the latest recorded forward pass of each adapter: {(adapter, layer): RouterStats}
-        (a trainer that also runs another adapter, as TRL's DPO runs its frozen "ref" copy after the policy, does
-        not replace the trained adapter's statistics)."""
+    def router_stats(self, adapters: Collection[str] | None = None) -> dict[tuple[str, str], RouterStats]:
+        """Router statistics of the latest recorded forward pass of each adapter (of `adapters` only, when given:
+        each costs host syncs): {(adapter, layer): RouterStats}. A trainer that also runs another adapter, as TRL's
+        DPO runs its frozen "ref" copy after the policy, does not replace the trained adapter's statistics."""
         records = self.__dict__.get("_last_records", [])
         return {
             (r.adapter, r.layer): router_stats(*r.counted(), q=getattr(self.peft_config[r.adapter], "q", 1.0))
-            for r in records if r.adapter in self.peft_config  # (not an adapter deleted since)
+            for r in records  # (not an adapter deleted since)
+            if r.adapter in self.peft_config and (adapters is None or r.adapter in adapters)
         }
 
     def _attach_aux_loss(self, outputs, records, labels, shift_labels, num_items_in_batch):
