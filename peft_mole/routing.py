@@ -103,6 +103,8 @@ def expert_load(selected: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- DynMoLE (SPEC.md §2)
 PROB_FLOOR = 1e-5  # p is clamped to >= 1e-5 before entropies (DynMoLE reference)
+MIN_Q_DISTANCE = 1e-3  # q = 1 or |q − 1| ≥ this (`DynMoLEConfig`): nearer 1, S_q's fp32 cancellation error
+# (about 3e-8 / |q − 1| on a uniform router's h) grows past 1e-4
 
 
 def tsallis_entropy(probs: torch.Tensor, q: float) -> torch.Tensor:
@@ -131,7 +133,8 @@ def max_tsallis_entropy(num_experts: int, q: float) -> float:
 
 
 def normalized_entropy(probs: torch.Tensor, q: float) -> torch.Tensor:
-    """h = S_q(p) / S_max ∈ [0, 1] per row: 1 for a uniform router, ≈ 0 for a one-hot router (0 when E = 1)."""
+    """h = S_q(p) / S_max ∈ [0, 1] per row (up to fp32 rounding: a uniform router may give 1 + 2e-7): 1 for a
+    uniform router, ≈ 0 for a one-hot router (0 when E = 1)."""
     num_experts = probs.shape[-1]
     if num_experts == 1:
         return probs.new_zeros(probs.shape[0], dtype=torch.float32)
@@ -188,7 +191,9 @@ def dynmole_routing(
         weights (T, E), experts (T, E), most probable first; unused slots have weight 0.
     """
     weights, experts = top_p_routing(probs, top_p, min_experts, renormalize=False)
-    broadcast = normalized_entropy(probs, q) > broadcast_threshold  # (T,)
+    # h ∈ [0, 1] in exact arithmetic; in fp32 a uniform router's h can be 1 + 2e-7 (and a one-hot one's slightly
+    # below 0), so the decision reads h clamped to [0, 1]: threshold 1 never broadcasts, whatever E and q
+    broadcast = normalized_entropy(probs, q).clamp(0.0, 1.0) > broadcast_threshold  # (T,)
     sorted_p = probs.gather(-1, experts)
     weights = torch.where(broadcast.unsqueeze(-1), sorted_p, weights)
     if renormalize:

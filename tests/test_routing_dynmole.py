@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from peft_mole import routing
+from peft_mole import DynMoLEConfig, routing
 
 
 def slow_entropy(row, q):
@@ -65,6 +65,20 @@ def test_q_near_one_approaches_shannon():
     torch.testing.assert_close(
         routing.normalized_entropy(probs, 1.0 + 1e-4), routing.normalized_entropy(probs, 1.0), atol=1e-3, rtol=1e-3
     )
+
+
+def test_threshold_one_never_broadcasts_a_uniform_router():
+    """In fp32 a uniform router's h can come out 1 + 2e-7 (E = 6, q = 1.1 did): at threshold 1 the rule still keeps
+    the top-p experts, for every E and q."""
+    above_one = 0
+    for num_experts in range(2, 17):
+        for q in (0.9, 1.0, 1.1, 2.0):
+            probs = torch.softmax(torch.zeros(4, num_experts), -1)
+            above_one += int((routing.normalized_entropy(probs, q) > 1.0).any())
+            weights, _ = routing.dynmole_routing(probs, q=q, top_p=0.5, broadcast_threshold=1.0, min_experts=1)
+            top_p_weights, _ = routing.top_p_routing(probs, 0.5, min_experts=1)
+            assert torch.equal(weights, top_p_weights), (num_experts, q)
+    assert above_one > 0  # the rounding this guards against happens
 
 
 @pytest.mark.parametrize("q, top_p, threshold, min_experts, renormalize", [
@@ -141,3 +155,15 @@ def test_load_balance_over_variable_size_selections():
     # f = [2, 2, 1, 1] / 6, P = 1/4 each → L = 4 · Σ f·P = 1
     assert routing.load_balance_loss(probs, selected).item() == pytest.approx(1.0)
     torch.testing.assert_close(routing.expert_load(selected), torch.tensor([2, 2, 1, 1]) / 6)
+
+
+@pytest.mark.parametrize("q", [0.999, 1.001])
+def test_q_at_the_configs_nearest_allowed_distance_from_one_keeps_h_accurate(q):
+    """`DynMoLEConfig` refuses 0 < |q − 1| < `routing.MIN_Q_DISTANCE` and takes 0.999 and 1.001; there fp32 h is
+    within 1e-4 of the same formula in float64 (a uniform router and peaked ones)."""
+    DynMoLEConfig(num_experts=8, q=q)
+    logits = torch.randn(31, 8, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 5, 31).unsqueeze(-1)
+    probs = torch.softmax(torch.cat([torch.zeros(1, 8), logits]), -1)
+    p = probs.double().clamp(min=routing.PROB_FLOOR)
+    exact = (1 - p.pow(q).sum(-1)) / (q - 1) / ((1 - 8 ** (1 - q)) / (q - 1))
+    torch.testing.assert_close(routing.normalized_entropy(probs, q).double(), exact, atol=1e-4, rtol=0)

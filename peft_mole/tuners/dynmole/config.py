@@ -30,7 +30,9 @@ class DynMoLEConfig(ExpertAdapterConfig):
     PEFT_TYPE = "PEFT_MOLE_DYNMOLE"
     SELECTION_VARIES = True
 
-    q: float = field(default=1.1, metadata={"help": "Tsallis entropy index q > 0 (q = 1: Shannon entropy)."})
+    q: float = field(
+        default=1.1, metadata={"help": "Tsallis entropy index q > 0 (q = 1: Shannon entropy; else |q − 1| ≥ 0.001)."}
+    )
     top_p: float = field(default=0.75, metadata={"help": "Probability mass kept by the top-p rule, in (0, 1]."})
     broadcast_threshold: float = field(
         default=0.9, metadata={"help": "Normalised entropy above which a token uses all experts, in [0, 1]."}
@@ -56,6 +58,12 @@ class DynMoLEConfig(ExpertAdapterConfig):
         _check_float("q", self.q, 0.0)
         if self.q <= 0:
             raise ValueError(f"q must be > 0, got {self.q}")
+        if self.q != 1.0 and round(abs(self.q - 1.0), 12) < routing.MIN_Q_DISTANCE:  # (0.999 is allowed)
+            raise ValueError(
+                f"q must be 1.0 (Shannon entropy) or differ from 1 by at least {routing.MIN_Q_DISTANCE}, got {self.q}: "
+                "near 1, (1 − Σ p^q) / (q − 1) is a difference of nearly equal fp32 numbers divided by a tiny one "
+                "(at q = 1 + 1e-7 a uniform router's entropy comes out 0.57 of its maximum instead of 1)"
+            )
         _check_float("top_p", self.top_p, 0.0, 1.0)
         if self.top_p <= 0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
