@@ -453,4 +453,5 @@ def slot_lora_sum(
         z = z * weights.to(z.dtype).view(n, k, 1, 1)
     is_slot_expert = (chosen.unsqueeze(-1) == torch.arange(num_experts, device=chosen.device)).unsqueeze(-1)
     per_expert = torch.where(is_slot_expert, z, 0).sum(1)  # (N, E, r)
-    return torch.bmm(per_expert.transpose(0, 1), lora_b.transpose(1, 2)).sum(0) * scaling
+    # s·z before B and the experts summed in their order, as the pairs' `segment_b` and index_add do
+    return torch.bmm(per_expert.transpose(0, 1) * scaling, lora_b.transpose(1, 2)).sum(0)

@@ -12,6 +12,8 @@ per token, where the references run the frozen weights once per selected expert.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -100,7 +102,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
                 adapter, x.reshape(-1, hidden_size), gate.reshape(-1, gate.shape[-1]),
                 up.reshape(-1, up.shape[-1]), mask,
             )
-            out = self._down(hidden, down_delta, weight_sum)
+            out = self._down(hidden, down_delta, weight_sum, x.dtype)
             return out.reshape(*x.shape[:-1], out.shape[-1])
 
         consecutive = consecutive_slices(groups, batch)
@@ -137,14 +139,17 @@ class MixLoRAMLP(RoutedExpertsLayer):
         else:
             hidden = torch.zeros_like(gate)
             weight_sum = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
-            down_delta = torch.zeros(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device) if any_delta else None
+            delta_dtype = functools.reduce(torch.promote_types, [d.dtype for _, d, _ in results if d is not None],
+                                           x.dtype)
+            down_delta = torch.zeros(*x.shape[:-1], out_features, dtype=delta_dtype, device=x.device) if any_delta \
+                else None
             for group, (h, d, w) in zip(groups, results, strict=True):  # dtypes differ under CPU autocast
                 hidden[group.rows] = h.to(hidden.dtype)
                 if w is not None:
                     weight_sum[group.rows] = w.to(weight_sum.dtype)
                 if d is not None:
                     down_delta[group.rows] = d.to(down_delta.dtype)
-        return self._down(hidden, down_delta, weight_sum, whole_batch=True)
+        return self._down(hidden, down_delta, weight_sum, x.dtype, whole_batch=True)
 
     def _forward_per_row(self, x: torch.Tensor) -> torch.Tensor:
         """The block with one job index per row (`tuners.mixlora.per_row`): one graph for every mix of jobs."""
@@ -154,18 +159,22 @@ class MixLoRAMLP(RoutedExpertsLayer):
             return mlp.down_proj(mlp.act_fn(gate) * up)
         token_mask = self._context.tokens_to_record(x.shape[0], x.shape[1])
         hidden, down_delta, weight_sum = per_row_mixture(self, x, gate, up, token_mask)
-        return self._down(hidden, down_delta, weight_sum, whole_batch=True)
+        return self._down(hidden, down_delta, weight_sum, x.dtype, whole_batch=True)
 
     def _down(
         self,
         hidden: torch.Tensor | None,
         down_delta: torch.Tensor | None,
         weight_sum: torch.Tensor,
+        input_dtype: torch.dtype,
         whole_batch: bool = False,
     ) -> torch.Tensor:
         """W2 h + Σ_e s·B2_e A2_e(w_e h_e) + b2·Σ_e w_e: the frozen down projection once per token.
 
         `hidden` is None when the down experts are DoRA: then `down_delta` already holds the whole projection.
+        Otherwise `down_delta` is in the experts' dtype at least (fp32 adapters on a bf16 base: fp32) and the sum
+        W2 h + delta is rounded once, to the output's dtype (the wider of W2 h's and the block input's), as PEFT's
+        LoRA adds its delta; every path (decoding's slots, pairs, dense) sums the deltas alike.
         With `whole_batch` (hidden is (batch, seq, I)) and a down projection wrapped by another adapter's LoRA
         (multi-job training), the wrapper runs, so rows of that adapter get their LoRA delta.
         """
@@ -178,11 +187,11 @@ class MixLoRAMLP(RoutedExpertsLayer):
             out = module(hidden)  # W2 h + b2
             if down.bias is not None:
                 out = out + down.bias * (weight_sum - 1)
-            return out if down_delta is None else out + down_delta
+            return out if down_delta is None else _plus_delta(out, down_delta, input_dtype)
         out = down_delta if hidden is None else F.linear(hidden, down.weight)
         if down.bias is not None:
             out = out + down.bias * weight_sum
-        return out if (down_delta is None or hidden is None) else out + down_delta
+        return out if (down_delta is None or hidden is None) else _plus_delta(out, down_delta, input_dtype)
 
     def _mixture(
         self,
@@ -251,7 +260,8 @@ class MixLoRAMLP(RoutedExpertsLayer):
             if factors is None:
                 slots[proj] = shared.expand(-1, k, -1)
                 continue
-            pre = shared + slot_lora(x, *factors, chosen, settings.scaling, rows).to(frozen.dtype)
+            delta = slot_lora(x, *factors, chosen, settings.scaling, rows)  # adapter dtype: one rounding, as pairs
+            pre = (shared.to(delta.dtype) + delta).to(frozen.dtype)
             if experts.use_dora:
                 linear = getattr(mlp, proj)
                 pre = _dora_rescale(pre, experts.dora_scale(proj, linear.weight), chosen, linear.bias)
@@ -261,7 +271,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
         if down_factors is None:
             return weighted.sum(1), None, w.sum(1)
         if not experts.use_dora:
-            down_delta = slot_lora_sum(weighted, *down_factors, chosen, settings.scaling).to(x.dtype)
+            down_delta = slot_lora_sum(weighted, *down_factors, chosen, settings.scaling)  # rounded in `_down`
             return weighted.sum(1), down_delta, w.sum(1)
         # DoRA down experts: each slot's whole projection c_e ⊙ (W2 + s·B2_e A2_e)(w_e h_e), summed over the slots
         scale = experts.dora_scale("down_proj", mlp.down_proj.weight)
@@ -300,7 +310,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
         )
         down_delta = None
         if down_factors is not None:
-            down_delta = dense_b_sum(z.transpose(0, 1), down_factors[1], settings.scaling).to(x.dtype)
+            down_delta = dense_b_sum(z.transpose(0, 1), down_factors[1], settings.scaling)  # rounded in `_down`
         return hidden, down_delta, weights.sum(1, keepdim=True).to(gate.dtype)
 
     @profiled("peft_mole::experts_pairs")
@@ -325,8 +335,8 @@ class MixLoRAMLP(RoutedExpertsLayer):
             gate, up, plan.weight, mlp.act_fn, lora_a, plan.token, plan.counts, mask, loras["gate_proj"],
             loras["up_proj"],
         )
-        pair_delta = segment_b(z, lora_b, plan, settings.scaling).to(x.dtype)
-        down = x.new_zeros(x.shape[0], lora_b.shape[1]).index_add(0, plan.token, pair_delta)
+        pair_delta = segment_b(z, lora_b, plan, settings.scaling)  # summed in fp32 at least, rounded in `_down`
+        down = _delta_sum(pair_delta, plan.token, x)
         _, weight_sum = self._combine(None, plan, gate, with_hidden=False)
         return hidden, down, weight_sum
 
@@ -375,13 +385,28 @@ class MixLoRAMLP(RoutedExpertsLayer):
         if isinstance(dropout, nn.Dropout) and self.training:
             keep = dropout(torch.ones_like(gate[:, :1].expand_as(gate)))  # (N, I) mask / (1 - p), per token
             down_input = weighted * keep.index_select(0, plan.token)
-        pair_delta = grouped_lora(down_input, *factors, plan, settings.scaling).to(x.dtype)
+        pair_delta = grouped_lora(down_input, *factors, plan, settings.scaling)
         scale = experts.dora_scale("down_proj", mlp.down_proj.weight)
-        if scale is not None:
-            pair_delta = F.linear(weighted, mlp.down_proj.weight) + pair_delta
-            pair_delta = pair_delta * scale.index_select(0, plan.expert).to(x.dtype)
+        if scale is None:  # summed in fp32 at least, rounded in `_down`
+            return _delta_sum(pair_delta, plan.token, x), False
+        pair_delta = F.linear(weighted, mlp.down_proj.weight) + pair_delta.to(x.dtype)
+        pair_delta = pair_delta * scale.index_select(0, plan.expert).to(x.dtype)
         down = x.new_zeros(x.shape[0], plain_linear(mlp.down_proj).out_features).index_add(0, plan.token, pair_delta)
-        return down, scale is not None
+        return down, True
+
+
+def _delta_sum(pair_delta: torch.Tensor, token: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Σ over each token's pairs of their down deltas (N, out), in the wider of the deltas' and the input's dtype:
+    fp32 adapters on a bf16 base sum in fp32, and `_down` rounds W2 h + the sum once."""
+    dtype = torch.promote_types(pair_delta.dtype, x.dtype)
+    return torch.zeros(x.shape[0], pair_delta.shape[1], dtype=dtype, device=x.device).index_add(
+        0, token, pair_delta.to(dtype))
+
+
+def _plus_delta(out: torch.Tensor, delta: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
+    """out + delta rounded once, to the wider of out's and the block input's dtype (fp32 under CPU autocast, as
+    before the deltas kept their own dtype)."""
+    return (out + delta).to(torch.promote_types(out.dtype, input_dtype))
 
 
 def _dora_rescale(

@@ -138,7 +138,9 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
         down_delta = None
         if factors["down_proj"] is not None:
             pair_delta = grouped_lora(weighted * keep.index_select(0, plan.token), *factors["down_proj"], plan, 1.0)
-            down_delta = x.new_zeros(tokens, pair_delta.shape[-1]).index_add(0, plan.token, pair_delta.to(x.dtype))
+            sum_dtype = torch.promote_types(pair_delta.dtype, x.dtype)  # rounded in `_down`
+            down_delta = torch.zeros(tokens, pair_delta.shape[-1], dtype=sum_dtype, device=x.device).index_add(
+                0, plan.token, pair_delta.to(sum_dtype))
             down_delta = down_delta.view(batch, seq, -1)
         return hidden, weight_sum, down_delta
 

@@ -62,7 +62,8 @@ class MoELoraLinear(RoutedExpertsLayer):
             if adapter not in self.routers:
                 return out
             mask = None if token_mask is None else token_mask.reshape(-1)
-            return out + self._mixture(adapter, x.reshape(-1, hidden), mask).reshape(out.shape).to(out.dtype)
+            delta = self._mixture(adapter, x.reshape(-1, hidden), mask).reshape(out.shape)
+            return (out + delta).to(out.dtype)  # rounded once, as PEFT's LoRA adds its delta
         masks = {g.adapter: None if token_mask is None else token_mask[g.rows].reshape(-1) for g in groups}
 
         def delta(adapter: str, rows: torch.Tensor) -> torch.Tensor | None:
