@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
+from peft_mole.tuners.mixlora.block_check import check_gated_forward
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -54,6 +57,15 @@ def _check_plain_weights(name: str, mlp: nn.Module, use_dora: bool) -> None:
             )
 
 
+def _input_dtype(model: nn.Module, gate_weight: torch.Tensor) -> torch.dtype:
+    """The dtype of an MLP block's input: its float weights', or for quantised weights the input embeddings'."""
+    if gate_weight.dtype.is_floating_point:
+        return gate_weight.dtype
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point else torch.float32
+
+
 def _is_routed(module: nn.Module) -> bool:
     """True when a projection (or a wrapper inside it) carries a router: routed experts of router_scope='projection'."""
     while isinstance(module, BaseTunerLayer):
@@ -66,6 +78,37 @@ def _is_routed(module: nn.Module) -> bool:
 def layer_index(name: str) -> int | None:
     match = _LAYER_INDEX.search(name)
     return int(match.group(1)) if match else None
+
+
+def _layer_path(name: str) -> str | None:
+    """The decoder layer a module belongs to, as a path: "model.layers.3" for "model.layers.3.mlp"."""
+    match = _LAYER_INDEX.search(name)
+    return name[: match.end(1)] if match else None
+
+
+def _warn_partial_coverage(config: ExpertAdapterConfig, blocks: dict[str, bool], attention: list[str]) -> None:
+    """Warn when the adapter covers less than asked without failing: decoder layers (of the stack that holds the
+    MLP blocks) whose MLP is not a gated block (a native Mixture-of-Experts layer: its routed experts get nothing),
+    and `attn_target_modules` names that match no linear layer (multi-head latent attention has no q/k/v_proj)."""
+    mlp_layers = {_layer_path(name) for name in blocks}
+    stacks = {path.rsplit(".", 1)[0] for path in mlp_layers if path is not None}
+    without_mlp = sorted({path for path in map(_layer_path, attention) if path is not None and path not in mlp_layers
+                          and path.rsplit(".", 1)[0] in stacks}, key=lambda p: (len(p), p))
+    if without_mlp:
+        warnings.warn(
+            f"{len(without_mlp)} decoder layer(s) have no gated MLP block (linear gate_proj, up_proj, down_proj and "
+            f"act_fn), so no experts: {', '.join(without_mlp[:4])}{', ...' if len(without_mlp) > 4 else ''} (a native "
+            "Mixture-of-Experts layer's routed experts are not adapted); they get attention LoRA only",
+            stacklevel=3,
+        )
+    unmatched = [name for name in config.attn_target_modules if name not in {a.rsplit(".", 1)[-1] for a in attention}]
+    if unmatched:
+        warnings.warn(
+            f"attn_target_modules {unmatched} match no linear layer outside the MLP blocks, so those projections get "
+            "no attention LoRA (multi-head latent attention, for one, has no q_proj/k_proj/v_proj); "
+            "attn_target_modules=[...] names the ones wanted",
+            stacklevel=3,
+        )
 
 
 def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, block_cls: type) -> dict[str, Target]:
@@ -84,6 +127,13 @@ def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, bloc
             blocks[name] = False
     if not blocks:
         fused = next((name for name, m in model.named_modules() if hasattr(m, "gate_up_proj")), None)
+        if fused is not None and not isinstance(model.get_submodule(fused).gate_up_proj, nn.Module):
+            raise ValueError(
+                f"{fused} ({type(model.get_submodule(fused)).__name__}) holds routed experts as stacked parameters "
+                "(a native Mixture-of-Experts layer) and the model has no dense gated MLP block (linear gate_proj, "
+                "up_proj, down_proj and act_fn) for peft-mole's experts; a base with dense or shared-expert MLP "
+                "blocks (Llama, Qwen2, Mistral, Qwen2-MoE's shared expert) is needed"
+            )
         if fused is not None:
             raise ValueError(
                 f"{fused} ({type(model.get_submodule(fused)).__name__}) fuses gate and up in one gate_up_proj "
@@ -104,6 +154,10 @@ def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, bloc
     for name, wrapped in blocks.items():
         block = model.get_submodule(name)
         _check_plain_weights(name, block.base_layer if wrapped else block, bool(getattr(config, 'use_dora', False)))
+        if scope == "block" and not wrapped:
+            gate = plain_linear(block.gate_proj).weight
+            check_gated_forward(name, block, gate.shape[1] if gate.dim() == 2 else plain_linear(block.gate_proj)
+                                .in_features, gate.device, _input_dtype(model, gate))
         routed_projections = not wrapped and any(
             _is_routed(getattr(block, p)) for p in ("gate_proj", "up_proj", "down_proj")
         )
@@ -122,6 +176,7 @@ def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, bloc
         if leaf in config.attn_target_modules and plain_linear(module) is not None and not name.endswith(".base_layer"):
             if not name.startswith(block_prefixes):
                 targets[name] = Target("attention", layer_index(name))
+    _warn_partial_coverage(config, blocks, [name for name, t in targets.items() if t.kind == "attention"])
     if config.layers_to_transform is not None:
         layers = config.layers_to_transform
         wanted = {layers} if isinstance(layers, int) else set(layers)

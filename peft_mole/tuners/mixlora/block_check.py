@@ -1,0 +1,73 @@
+"""Whether an MLP block that looks gated computes the gated formula the routed block replaces its forward with.
+
+With `router_scope="block"` (MixLoRA, DynMoLE's default) the adapter runs the block itself, SPEC.md §1:
+y = W2(Σ_e w_e σ(W1_e x) ⊙ W3_e x) with the frozen W1 x, W3 x once per token. Its frozen part is the Llama-family
+block, down_proj(act_fn(gate_proj(x)) ⊙ up_proj(x)). A block with the same projection names may compute more:
+a normalisation before down_proj (BitNet), a top-k activation sparsity (Gemma 3n), multipliers (Falcon-H1), a clamp
+on the gated product (SwiGLU limits). Replacing its forward would change the model silently: a fresh adapter would
+no longer equal the base. So the block's own forward is run once on a few random tokens, at the scale of its
+inputs and at one large enough to reach a clamp, and compared with the formula.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PROBE_TOKENS = 8
+LARGE_GATE = 64.0  # the second probe's largest |gate_proj(x)|: past SwiGLU clamps (7 to 10 in released models)
+RELATIVE_TOLERANCE = 1e-2  # of the formula's largest |output|: room for a fused kernel, far below what differs
+
+
+def _weights_materialised(mlp: nn.Module) -> bool:
+    """False for weights a sharded setup has not gathered (DeepSpeed ZeRO-3 keeps an empty local tensor)."""
+    return all(p.numel() > 0 and not hasattr(p, "ds_id") for p in mlp.parameters(recurse=True))
+
+
+def _gated_formula(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+
+def check_gated_forward(name: str, mlp: nn.Module, width: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Raise a ValueError naming the block when its forward is not down_proj(act_fn(gate_proj(x)) ⊙ up_proj(x)).
+
+    Run in eval mode (a block's own dropout would make two calls differ), without autograd, on `PROBE_TOKENS`
+    tokens of `width` features, on `device` in `dtype` (the block's input); skipped when the weights are not
+    gathered on this process."""
+    if not _weights_materialised(mlp):
+        return
+    x = torch.randn(1, PROBE_TOKENS, width, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    modes = [(module, module.training) for module in mlp.modules()]
+    mlp.eval()
+    try:
+        with torch.no_grad():
+            largest_gate = mlp.gate_proj(x).abs().max().float().item()
+            for scale in (1.0, LARGE_GATE / largest_gate if largest_gate > 0 else 1.0):
+                probe = x * scale
+                expected = _gated_formula(mlp, probe).float()
+                if not torch.isfinite(expected).all():  # (fp16 overflow at the large scale: nothing to compare)
+                    continue
+                try:
+                    own = mlp(probe)
+                except Exception as error:  # noqa: BLE001 — any failure means the forward is not the formula
+                    raise ValueError(_message(name, mlp, f"its forward(x) fails: {error}")) from error
+                own = own[0] if isinstance(own, tuple) else own
+                if not isinstance(own, torch.Tensor) or own.shape != expected.shape:
+                    raise ValueError(_message(name, mlp, f"its forward returns {type(own).__name__} "
+                                                         f"{tuple(getattr(own, 'shape', ()))}"))
+                difference = (own.float() - expected).abs().max().item()
+                if not difference <= RELATIVE_TOLERANCE * expected.abs().max().item():
+                    raise ValueError(_message(name, mlp, f"on random inputs (scale {scale:.3g}) its output differs "
+                                                         f"from that formula's by up to {difference:.3g}"))
+    finally:
+        for module, training in modes:  # each as it was (a block may hold submodules in another mode)
+            module.training = training
+
+
+def _message(name: str, mlp: nn.Module, what: str) -> str:
+    return (
+        f"{name} ({type(mlp).__name__}) does not compute down_proj(act_fn(gate_proj(x)) * up_proj(x)): {what}. "
+        "router_scope='block' (MixLoRA, DynMoLE's default) replaces the block's forward with that formula, which "
+        "would change the model (a fresh adapter would not equal the base). DynMoLEConfig(router_scope='projection') "
+        "keeps the block's own forward and routes experts on its projections"
+    )
