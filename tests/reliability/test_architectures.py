@@ -103,3 +103,16 @@ def test_a_plain_llama_is_covered_without_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         get_peft_model(tiny_base(), peft_mole.MixLoRAConfig(num_experts=2, top_k=1))
+
+
+def test_the_check_runs_under_other_jobs_lora_wrappers():
+    """Multi-job training: two LoRA jobs wrap gate/up/down before a MixLoRA job's block wraps the MLP; the check runs
+    the block without their deltas (before: 'peft-mole layers run one adapter per row; 2 adapters are active')."""
+    from peft import LoraConfig
+
+    from peft_mole.multijob import MultiJobModel
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"])
+    model = MultiJobModel(tiny_base(), {"a": lora, "b": lora, "c": peft_mole.MixLoRAConfig(num_experts=2, top_k=1)})
+    assert sorted(model.peft_config) == ["a", "b", "c"]
+    assert not any(m.disable_adapters for m in model.modules() if hasattr(m, "_disable_adapters"))

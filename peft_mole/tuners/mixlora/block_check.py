@@ -12,6 +12,7 @@ inputs and at one large enough to reach a clamp, and compared with the formula.
 from __future__ import annotations
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 PROBE_TOKENS = 8
@@ -38,7 +39,12 @@ def check_gated_forward(name: str, mlp: nn.Module, width: int, device: torch.dev
         return
     x = torch.randn(1, PROBE_TOKENS, width, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     modes = [(module, module.training) for module in mlp.modules()]
+    # another adapter's wrappers (LoRA jobs in multi-job training) run their base layers only: the check is about
+    # the block's own computation, and those wrappers may expect a batch's rows
+    wrappers = [(module, module._disable_adapters) for module in mlp.modules() if isinstance(module, BaseTunerLayer)]
     mlp.eval()
+    for module, _ in wrappers:
+        module._disable_adapters = True
     try:
         with torch.no_grad():
             largest_gate = mlp.gate_proj(x).abs().max().float().item()
@@ -62,6 +68,8 @@ def check_gated_forward(name: str, mlp: nn.Module, width: int, device: torch.dev
     finally:
         for module, training in modes:  # each as it was (a block may hold submodules in another mode)
             module.training = training
+        for module, disabled in wrappers:
+            module._disable_adapters = disabled
 
 
 def _message(name: str, mlp: nn.Module, what: str) -> str:
