@@ -2,7 +2,8 @@
 
 A checkpoint is written into a hidden temporary folder next to its final place, flushed to disk, then renamed
 (`os.replace` is atomic on one filesystem). A crash (kill -9, full disk) while writing leaves at most a
-`.tmp-checkpoint-*` folder behind, never a half-written checkpoint, and the previous checkpoints are untouched.
+`.tmp-checkpoint-*` folder behind, never a half-written checkpoint, and the previous checkpoints are untouched (a
+step's checkpoint written again is swapped in with two renames; one a kill left between them is restored).
 Readers only look at `checkpoint-N` folders that hold the `job_state.json` written last.
 """
 
@@ -64,24 +65,46 @@ def replace_files_atomically(target_dir: str, write: Callable[[str], None]) -> N
     """Write files into a temporary folder, then move each into `target_dir` with an atomic rename.
 
     For the final adapter in `output_dir/<job>/`, a folder that also holds the checkpoints: each file is replaced
-    whole (the weights first, the config last), so a reader never sees a truncated file.
+    whole (the weights first, the configs after them, `job_state.json` last), so a reader never sees a truncated
+    file, and a folder whose `job_state.json` says the job ended holds every other file of that write (a kill
+    between two renames leaves the old state, and resume writes the folder again).
     """
     os.makedirs(target_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-final-", dir=target_dir)
     try:
         write(tmp)
         _fsync_tree(tmp)
-        names = sorted(os.listdir(tmp), key=lambda n: n.endswith(".json"))
+        names = sorted(os.listdir(tmp),
+                       key=lambda n: (n == STATE_FILE, n.endswith(".json"), not n.endswith(".safetensors"), n))
         for name in names:
             os.replace(os.path.join(tmp, name), os.path.join(target_dir, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _restore_swapped(job_dir: str) -> None:
+    """Put back a checkpoint that a kill left between `write_atomically`'s two renames: when a step's checkpoint is
+    written again, the complete old one moves to `.old-checkpoint-N-*/x` before the new one takes its name; a kill
+    in between leaves no `checkpoint-N`. The old one (complete: it was listed) goes back to its name."""
+    for name in os.listdir(job_dir):
+        if not name.startswith(".old-checkpoint-"):
+            continue
+        final = os.path.join(job_dir, name[len(".old-"):].rsplit("-", 1)[0])  # (mkdtemp's suffix has no "-")
+        kept = os.path.join(job_dir, name, "x")
+        if _CHECKPOINT.match(os.path.basename(final)) and not os.path.exists(final) and os.path.isfile(
+            os.path.join(kept, STATE_FILE)
+        ):
+            try:
+                os.replace(kept, final)
+            except OSError:  # another process restored it first
+                continue
+
+
 def list_checkpoints(job_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints of a job, oldest first: [(step, path)]."""
+    """Complete checkpoints of a job, oldest first: [(step, path)] (one a kill left mid-swap restored first)."""
     if not os.path.isdir(job_dir):
         return []
+    _restore_swapped(job_dir)
     found = []
     for name in os.listdir(job_dir):
         match = _CHECKPOINT.match(name)
@@ -98,7 +121,10 @@ def latest_checkpoint(job_dir: str) -> str | None:
 
 def prune_checkpoints(job_dir: str, keep: int | None) -> None:
     """Delete the oldest checkpoints beyond `keep` (None or <= 0 keeps all), and temporary folders a killed write
-    left behind (called right after a write completed, by the only writer)."""
+    left behind (called right after a write completed, by the only writer; a checkpoint a kill left mid-swap is
+    restored, not deleted)."""
+    if os.path.isdir(job_dir):
+        _restore_swapped(job_dir)
     for name in os.listdir(job_dir) if os.path.isdir(job_dir) else []:
         if name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
             shutil.rmtree(os.path.join(job_dir, name), ignore_errors=True)

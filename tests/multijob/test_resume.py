@@ -163,6 +163,66 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "writer.py"]
 
 
+KILL_BETWEEN_SWAP_RENAMES = textwrap.dedent('''
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    from peft_mole.multijob import checkpoint
+
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the old checkpoint has moved away, the new one not yet in
+            print("between", flush=True)
+            time.sleep(60)  # killed here
+        real_replace(src, dst)
+
+    checkpoint.os.replace = replace
+    checkpoint.write_atomically(sys.argv[1], lambda d: open(os.path.join(d, "job_state.json"), "w").write("new"))
+''')
+
+
+def test_kill_9_while_a_step_is_checkpointed_again_keeps_the_old_one(tmp_path):
+    """A stopping callback writes again the checkpoint its step wrote: the old one is swapped out, then the new one
+    in. Before: a kill between the two renames left no checkpoint-2, and resume started the job over."""
+    from peft_mole.multijob.checkpoint import prune_checkpoints
+
+    write_atomically(str(tmp_path / "checkpoint-2"), lambda d: open(os.path.join(d, "job_state.json"), "w").write("old"))
+    script = tmp_path / "writer.py"
+    script.write_text(KILL_BETWEEN_SWAP_RENAMES.format(root=os.getcwd()))
+    writer = subprocess.Popen([sys.executable, str(script), str(tmp_path / "checkpoint-2")], stdout=subprocess.PIPE,
+                              text=True)
+    assert writer.stdout.readline().strip() == "between"
+    writer.kill()
+    writer.wait(timeout=30)
+    assert not (tmp_path / "checkpoint-2").exists()  # the window this guards
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2]  # restored
+    assert (tmp_path / "checkpoint-2" / "job_state.json").read_text() == "old"
+    prune_checkpoints(str(tmp_path), keep=None)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "writer.py"]
+
+
+def test_the_final_folder_gets_its_job_state_last(tmp_path, monkeypatch):
+    """Before: the .json files were moved in listdir's order, so job_state.json (the job ended) could land before
+    adapter_config.json, and a kill in between left a finished job whose folder did not load."""
+    from peft_mole.multijob import checkpoint
+
+    names = ["adapter_model.safetensors", "job_state.json", "adapter_config.json", "tokenizer.json", "README.md"]
+    moved = []
+    real_listdir, real_replace = os.listdir, os.replace
+    monkeypatch.setattr(checkpoint.os, "listdir", lambda d: names if ".tmp-final-" in str(d) else real_listdir(d))
+    monkeypatch.setattr(checkpoint.os, "replace", lambda src, dst: (moved.append(os.path.basename(dst)),
+                                                                     real_replace(src, dst)))
+
+    def write(tmp):
+        for name in names:
+            open(os.path.join(tmp, name), "w").close()
+
+    checkpoint.replace_files_atomically(str(tmp_path / "job"), write)
+    assert moved[-1] == "job_state.json" and moved[0] == "adapter_model.safetensors"
+    assert sorted(moved) == sorted(names)
+
+
 class _StopAt(TrainerCallback):
     """Stops training at one mixed step, as a preemption or time-limit callback does."""
 
