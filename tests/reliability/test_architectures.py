@@ -116,3 +116,19 @@ def test_the_check_runs_under_other_jobs_lora_wrappers():
     model = MultiJobModel(tiny_base(), {"a": lora, "b": lora, "c": peft_mole.MixLoRAConfig(num_experts=2, top_k=1)})
     assert sorted(model.peft_config) == ["a", "b", "c"]
     assert not any(m.disable_adapters for m in model.modules() if hasattr(m, "_disable_adapters"))
+
+
+def test_blocks_and_layers_left_out_by_layers_to_transform_are_neither_checked_nor_warned_about():
+    """Before: the check and the warnings ran before the `layers_to_transform` filter (a model with an unusual
+    block in a layer the user left out was refused; a left-out layer was said to get attention LoRA)."""
+    base = tiny_base()
+    clamped = ClampedMLP(base.config)
+    clamped.load_state_dict(base.model.layers[0].mlp.state_dict())
+    base.model.layers[0].mlp = clamped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = get_peft_model(base, peft_mole.MixLoRAConfig(num_experts=2, top_k=1, layers_to_transform=[1]))
+        assert {n.split(".mlp")[0] for n, _ in model.named_parameters() if "router" in n} == {
+            "base_model.model.model.layers.1"}
+        get_peft_model(native_moe(mlp_only_layers=[0]),
+                       peft_mole.MixLoRAConfig(num_experts=2, top_k=1, layers_to_transform=[0]))

@@ -111,3 +111,21 @@ def test_dora_experts_on_a_quantised_base_are_refused(bases):
     base = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
     with pytest.raises(ValueError, match="DoRA experts need the float weights' row norms"):
         get_peft_model(base, METHODS["mixdora"]())
+
+
+def test_the_block_check_probes_a_quantised_block_at_its_input_width(bases):
+    """A 4-bit weight is stored packed ((N·K/2, 1)): the check read its width from the weight's shape, 1, and so ran
+    the block on 1-feature inputs (the CPU kernel took them and passed anything; on CUDA, a shape error). Now a
+    quantised block that computes more than the gated formula is refused as a float one is."""
+    from transformers import AutoModelForCausalLM
+
+    _, _, path, config = bases
+    quantised = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+    mlp = quantised.model.layers[0].mlp
+    standard = type(mlp).forward
+    type(mlp).forward = lambda self, x: standard(self, x) * 2.0  # (Falcon-H1's multipliers, for instance)
+    try:
+        with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp \(LlamaMLP\) does not compute"):
+            get_peft_model(quantised, METHODS["mixlora"]())
+    finally:
+        type(mlp).forward = standard

@@ -37,7 +37,8 @@ def check_gated_forward(name: str, mlp: nn.Module, width: int, device: torch.dev
     gathered on this process."""
     if not _weights_materialised(mlp):
         return
-    x = torch.randn(1, PROBE_TOKENS, width, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    x = torch.randn(1, PROBE_TOKENS, width, generator=torch.Generator(device="cpu").manual_seed(0), device="cpu")
+    x = x.to(device=device, dtype=dtype)  # (drawn on the CPU: the same tokens on every device, any default device)
     modes = [(module, module.training) for module in mlp.modules()]
     # another adapter's wrappers (LoRA jobs in multi-job training) run their base layers only: the check is about
     # the block's own computation, and those wrappers may expect a batch's rows

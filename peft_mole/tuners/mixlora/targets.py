@@ -86,11 +86,12 @@ def _layer_path(name: str) -> str | None:
     return name[: match.end(1)] if match else None
 
 
-def _warn_partial_coverage(config: ExpertAdapterConfig, blocks: dict[str, bool], attention: list[str]) -> None:
+def _warn_partial_coverage(config: ExpertAdapterConfig, experts: list[str], attention: list[str]) -> None:
     """Warn when the adapter covers less than asked without failing: decoder layers (of the stack that holds the
     MLP blocks) whose MLP is not a gated block (a native Mixture-of-Experts layer: its routed experts get nothing),
-    and `attn_target_modules` names that match no linear layer (multi-head latent attention has no q/k/v_proj)."""
-    mlp_layers = {_layer_path(name) for name in blocks}
+    and `attn_target_modules` names that match no linear layer (multi-head latent attention has no q/k/v_proj).
+    `experts`, `attention`: the targets kept (after `layers_to_transform`)."""
+    mlp_layers = {_layer_path(name) for name in experts}
     stacks = {path.rsplit(".", 1)[0] for path in mlp_layers if path is not None}
     without_mlp = sorted({path for path in map(_layer_path, attention) if path is not None and path not in mlp_layers
                           and path.rsplit(".", 1)[0] in stacks}, key=lambda p: (len(p), p))
@@ -154,10 +155,6 @@ def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, bloc
     for name, wrapped in blocks.items():
         block = model.get_submodule(name)
         _check_plain_weights(name, block.base_layer if wrapped else block, bool(getattr(config, 'use_dora', False)))
-        if scope == "block" and not wrapped:
-            gate = plain_linear(block.gate_proj).weight
-            check_gated_forward(name, block, gate.shape[1] if gate.dim() == 2 else plain_linear(block.gate_proj)
-                                .in_features, gate.device, _input_dtype(model, gate))
         routed_projections = not wrapped and any(
             _is_routed(getattr(block, p)) for p in ("gate_proj", "up_proj", "down_proj")
         )
@@ -176,7 +173,6 @@ def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, bloc
         if leaf in config.attn_target_modules and plain_linear(module) is not None and not name.endswith(".base_layer"):
             if not name.startswith(block_prefixes):
                 targets[name] = Target("attention", layer_index(name))
-    _warn_partial_coverage(config, blocks, [name for name, t in targets.items() if t.kind == "attention"])
     if config.layers_to_transform is not None:
         layers = config.layers_to_transform
         wanted = {layers} if isinstance(layers, int) else set(layers)
@@ -187,4 +183,11 @@ def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, bloc
         if wanted - present:  # a typo would otherwise train fewer layers than asked, silently
             raise ValueError(f"layers_to_transform={layers}: layers {sorted(wanted - present)} hold no target "
                              f"module; the targets are in layers {sorted(present)}")
+    for name, target in targets.items():  # the blocks this adapter wraps (after `layers_to_transform`)
+        if target.kind == "mlp" and not blocks[name]:
+            block = model.get_submodule(name)
+            gate = plain_linear(block.gate_proj)  # (in_features: a 4-bit weight is stored packed, (N·K/2, 1))
+            check_gated_forward(name, block, gate.in_features, gate.weight.device, _input_dtype(model, gate.weight))
+    _warn_partial_coverage(config, [name for name, t in targets.items() if t.kind != "attention"],
+                           [name for name, t in targets.items() if t.kind == "attention"])
     return targets
