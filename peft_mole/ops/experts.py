@@ -255,6 +255,14 @@ def pairs_through_b(
     return _GatherSegmentLoRA.apply(base.to(dtype), z_pairs.to(dtype), lora_b.to(dtype), plan.token, plan.counts)
 
 
+def delta_sum(pair_delta: torch.Tensor, token: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Σ over each token's pairs of their deltas, (N, out) for the N tokens of x, in the wider of the deltas' and
+    x's dtype: fp32 adapters on a bf16 base sum in fp32, and the caller rounds frozen output + sum once."""
+    dtype = torch.promote_types(pair_delta.dtype, x.dtype)
+    return torch.zeros(x.shape[0], pair_delta.shape[1], dtype=dtype, device=x.device).index_add(
+        0, token, pair_delta.to(dtype))
+
+
 @in_adapter_precision_on_cpu
 def pair_a(x: torch.Tensor, lora_a: torch.Tensor, plan: Dispatch) -> torch.Tensor:
     """A_e x_t for every pair (t, e), (M, r) in pair order: every expert's A x in one (N, in) × (in, E·r) product,

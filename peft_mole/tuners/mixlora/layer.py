@@ -23,6 +23,7 @@ from peft_mole.forward_context import BASE_ROW, ForwardContext
 from peft_mole.ops.dense_mixture import dense_gated_mixture
 from peft_mole.ops.experts import (
     SMALL_PAIRS,
+    delta_sum,
     dense_a,
     dense_b_sum,
     dense_weights,
@@ -336,7 +337,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
             loras["up_proj"],
         )
         pair_delta = segment_b(z, lora_b, plan, settings.scaling)  # summed in fp32 at least, rounded in `_down`
-        down = _delta_sum(pair_delta, plan.token, x)
+        down = delta_sum(pair_delta, plan.token, x)
         _, weight_sum = self._combine(None, plan, gate, with_hidden=False)
         return hidden, down, weight_sum
 
@@ -387,20 +388,10 @@ class MixLoRAMLP(RoutedExpertsLayer):
             down_input = weighted * keep.index_select(0, plan.token)
         pair_delta = grouped_lora(down_input, *factors, plan, settings.scaling)
         scale = experts.dora_scale("down_proj", mlp.down_proj.weight)
-        if scale is None:  # summed in fp32 at least, rounded in `_down`
-            return _delta_sum(pair_delta, plan.token, x), False
-        pair_delta = F.linear(weighted, mlp.down_proj.weight) + pair_delta.to(x.dtype)
-        pair_delta = pair_delta * scale.index_select(0, plan.expert).to(x.dtype)
-        down = x.new_zeros(x.shape[0], plain_linear(mlp.down_proj).out_features).index_add(0, plan.token, pair_delta)
-        return down, True
-
-
-def _delta_sum(pair_delta: torch.Tensor, token: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Σ over each token's pairs of their down deltas (N, out), in the wider of the deltas' and the input's dtype:
-    fp32 adapters on a bf16 base sum in fp32, and `_down` rounds W2 h + the sum once."""
-    dtype = torch.promote_types(pair_delta.dtype, x.dtype)
-    return torch.zeros(x.shape[0], pair_delta.shape[1], dtype=dtype, device=x.device).index_add(
-        0, token, pair_delta.to(dtype))
+        if scale is not None:  # DoRA: each pair's whole projection
+            pair_delta = F.linear(weighted, mlp.down_proj.weight) + pair_delta.to(x.dtype)
+            pair_delta = pair_delta * scale.index_select(0, plan.expert).to(x.dtype)
+        return delta_sum(pair_delta, plan.token, x), scale is not None  # (fp32 at least: rounded in `_down`)
 
 
 def _plus_delta(out: torch.Tensor, delta: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:

@@ -48,6 +48,7 @@ from peft_mole.finite_check import raise_if_not_finite
 from peft_mole.forward_context import RouterRecord
 from peft_mole.ops.experts import (
     _segment_matmul,
+    delta_sum,
     dispatch,
     grouped_lora,
     in_adapter_precision_on_cpu,
@@ -138,10 +139,7 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
         down_delta = None
         if factors["down_proj"] is not None:
             pair_delta = grouped_lora(weighted * keep.index_select(0, plan.token), *factors["down_proj"], plan, 1.0)
-            sum_dtype = torch.promote_types(pair_delta.dtype, x.dtype)  # rounded in `_down`
-            down_delta = torch.zeros(tokens, pair_delta.shape[-1], dtype=sum_dtype, device=x.device).index_add(
-                0, plan.token, pair_delta.to(sum_dtype))
-            down_delta = down_delta.view(batch, seq, -1)
+            down_delta = delta_sum(pair_delta, plan.token, x.reshape(tokens, width)).view(batch, seq, -1)
         return hidden, weight_sum, down_delta
 
     if torch.is_grad_enabled() and not layer.layer_checkpointed:  # (a checkpointed layer recomputes it all)

@@ -13,6 +13,7 @@ from torch import nn
 
 from peft_mole.forward_context import ForwardContext
 from peft_mole.ops.experts import (
+    delta_sum,
     dense_lora_sum,
     dense_weights,
     dispatch,
@@ -90,4 +91,4 @@ class MoELoraLinear(RoutedExpertsLayer):
         plan = dispatch(weights, chosen, settings.num_experts)
         pair = shared_input_lora(self.dropouts[adapter](x), lora_a, lora_b, plan, settings.scaling)  # (M, out)
         pair = pair * plan.weight.to(pair.dtype).unsqueeze(-1)
-        return pair.new_zeros(x.shape[0], lora_b.shape[1]).index_add(0, plan.token, pair)
+        return delta_sum(pair, plan.token, x)
