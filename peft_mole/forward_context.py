@@ -39,19 +39,31 @@ class RouterRecord:
     selected: torch.Tensor  # (T, E) bool
     token_mask: torch.Tensor | None  # (T,) bool, True = real token; None = all tokens count
     masked: bool = False  # loss_inputs keeps every row and the mask (per-row blocks: no read-back of the rows)
+    # a per-row block's record: `probs` holds every job's columns, this adapter's are `columns`, on the tokens of
+    # `own` (T,) bool. Taken when read (`adapter_probs`), outside the layer: an autograd op recorded inside would
+    # be saved in the forward and not in activation checkpointing's recomputation, which runs without recording
+    columns: slice | None = None
+    own: torch.Tensor | None = None
+
+    def adapter_probs(self) -> torch.Tensor:
+        """(T, E) this adapter's router probabilities: `probs`, or a per-row block's columns of it, 0 on other
+        tokens (whose values may be NaN where their own router failed: `where` keeps 0 · NaN out of this loss)."""
+        if self.columns is None:
+            return self.probs
+        return torch.where(self.own.unsqueeze(1), self.probs[:, self.columns], 0.0)
 
     def counted(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(probs, selected) of the tokens that count (padding removed)."""
         if self.token_mask is None:
-            return self.probs, self.selected
+            return self.adapter_probs(), self.selected
         rows = self.token_mask.nonzero().squeeze(1)  # read back once (a host sync on a GPU) for both tensors
-        return self.probs.index_select(0, rows), self.selected.index_select(0, rows)
+        return self.adapter_probs().index_select(0, rows), self.selected.index_select(0, rows)
 
     def loss_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(probs, selected, token_mask) for an aux loss (`layer_aux_loss`): padding removed, mask None; under
         torch.compile every row and the mask of those that count, as removing rows would break the graph."""
         if (self.masked or torch.compiler.is_compiling()) and self.token_mask is not None:
-            return self.probs, self.selected, self.token_mask
+            return self.adapter_probs(), self.selected, self.token_mask
         return (*self.counted(), None)
 
 

@@ -9,6 +9,8 @@ the gradients are averaged). Nothing is exchanged in a single process.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -49,11 +51,14 @@ def gather_rows(accelerator, row: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_gradients(accelerator, params: list[torch.nn.Parameter], extra: list[float], mean: bool) -> list[float]:
-    """Sum (or average) the gradients of `params` and the numbers `extra` over processes, in one collective."""
+    """Sum (or average) the gradients of `params` and the numbers `extra` over processes, in one collective, in
+    the widest of fp32 and the gradients' dtypes (float64 gradients summed in float64, as DDP sums them)."""
     if not is_distributed(accelerator):
         return extra
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor(extra, device=grads[0].device)])
+    dtype = functools.reduce(torch.promote_types, [g.dtype for g in grads], torch.float32)
+    flat = torch.cat([g.reshape(-1).to(dtype) for g in grads]
+                     + [torch.tensor(extra, dtype=dtype, device=grads[0].device)])
     flat = sum_over_processes(accelerator, flat)
     if mean:
         flat = flat / accelerator.num_processes

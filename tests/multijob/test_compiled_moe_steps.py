@@ -246,3 +246,17 @@ def test_per_row_dropout_and_jitter_draw_per_job():
     # in training, the plain job's row is its noise-free value and the noisy job's row is not
     torch.testing.assert_close(logits["per_row"][0], a[0], rtol=1e-5, atol=1e-5)
     assert (logits["per_row"][1] - a[1]).abs().max() > 1e-3
+
+
+def test_per_row_block_run_eagerly_under_layer_checkpointing():
+    """Where Dynamo leaves a compiled step's layers to run eagerly (disabled, or past its recompile limit) under
+    the trainer's non-reentrant layer checkpointing, the recomputation saves the tensors the forward saved (the
+    per-row records take their job's columns when the loss reads them, outside the layer): gradients as without
+    checkpointing. Before, each routed job's record saved one more tensor in the forward than in the recompute."""
+    eager, per_row = _models(backend=None)
+    names = ["m1", "lora", "m2", BASE_ROW, "m1", "m3"]
+    want = _step(per_row, names, 9, 0)
+    per_row.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for block in (m for m in per_row.modules() if hasattr(m, "layer_checkpointed")):
+        block.layer_checkpointed = True
+    _assert_same_step(_step(per_row, names, 9, 0), want, tolerance=1e-6)

@@ -263,3 +263,23 @@ def test_resume_under_two_processes_gives_each_process_its_own_stream_back(tmp_p
     full = load_file(tmp_path / "full" / "drop" / "adapter_model.safetensors")
     cut = load_file(tmp_path / "cut" / "drop" / "adapter_model.safetensors")
     assert max((full[k] - cut[k]).abs().max().item() for k in full) <= 1e-6
+
+
+def test_gradients_are_summed_over_processes_in_their_own_dtype():
+    """float64 gradients (and the step's numbers) are summed in float64, fp32 and bf16 ones in fp32, as DDP keeps
+    float64 (before: every gradient was cast to fp32 for the collective, 1e-6 relative on a float64 run). Two
+    processes with equal gradients, simulated by an accelerator whose reduce doubles."""
+    from types import SimpleNamespace
+
+    from peft_mole.multijob.distributed import reduce_gradients
+
+    accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"),
+                                  reduce=lambda t, reduction: t * 2)
+    wide = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    wide.grad = torch.full((3,), 1 + 1e-12, dtype=torch.float64)
+    narrow = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    narrow.grad = torch.full((2,), 1.5, dtype=torch.bfloat16)
+    extra = reduce_gradients(accelerator, [wide, narrow], [1 / 3, 7.0], mean=False)
+    assert wide.grad.dtype == torch.float64 and torch.equal(wide.grad, torch.full((3,), 2 + 2e-12, dtype=torch.float64))
+    assert narrow.grad.dtype == torch.bfloat16 and torch.equal(narrow.grad, torch.full((2,), 3.0, dtype=torch.bfloat16))
+    assert extra == [2 / 3, 14.0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Collection
 from contextlib import contextmanager
@@ -341,7 +342,7 @@ class MixLoRAModel(BaseTuner):
         # records of its latest forward
         ran = {r.adapter for r in records}
         self.__dict__["_last_records"] = [r for r in self.__dict__.get("_last_records", []) if r.adapter not in ran] + [
-            RouterRecord(r.layer, r.adapter, r.probs.detach(), r.selected, r.token_mask) for r in records
+            dataclasses.replace(r, probs=r.probs.detach()) for r in records
         ]
         self.__dict__["last_aux_loss"] = {k: v.detach() for k, v in per_adapter.items()}
         if not hasattr(outputs, "keys"):

@@ -280,7 +280,5 @@ def _record(layer, table, probs, chosen, weights, token_jobs, token_mask) -> Non
         columns = slice(start, start + layer.settings[job].num_experts)
         own = token_jobs == position
         mask = own if real is None else own & real
-        # other tokens' probabilities here are 0 (or NaN where their router failed): kept out with `where`, as a
-        # mask multiplying them would bring 0 · NaN into this job's loss
-        job_probs = torch.where(own.unsqueeze(1), probs[:, columns], 0.0)
-        records.append(RouterRecord(layer.layer_name, job, job_probs, selected[:, columns], mask, masked=True))
+        records.append(RouterRecord(layer.layer_name, job, probs, selected[:, columns], mask, masked=True,
+                                    columns=columns, own=own))
