@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob.batching import batch_inputs
+from peft_mole.multijob.loss import at_least_fp32
 from peft_mole.multijob.run import STOPPED, JobRun
 from peft_mole.multijob.trainer_args import temporarily
 
@@ -89,9 +90,12 @@ class JobEvaluation:
 
     @torch.no_grad()
     def _eval_loss(self, name: str, batch_size: int) -> float:
-        """Mean over job `name`'s eval set's target tokens (and over processes) of its adapter's loss. Under several
-        processes each row is counted once: the loader does not repeat rows to give every process as many batches
-        (accelerate's `even_batches`, which would count them twice); a process with fewer batches just sums less. A
+        """Job `name`'s eval loss as SFTTrainer's `eval_loss` on its adapter alone (less a MoE adapter's aux loss):
+        each eval batch's mean target-token loss, averaged over the set's rows (a batch's mean counted once per row,
+        as Trainer's evaluation loop does; so it depends on the eval batch size), over every process's rows (before
+        2026-12-06: the mean over all target tokens at once). Under several processes each row is counted once: the
+        loader does not repeat rows to give every process as many batches (accelerate's `even_batches`, which would
+        count them twice); a process with fewer batches just sums less. A
         streaming set is split by `datasets.distributed.split_dataset_by_node`, each process reading its own examples
         (accelerate would otherwise send process 0's batches, repeating rows to fill the last one)."""
         dataset, description = self.job_eval_datasets[name], f"{name} evaluation"
@@ -101,7 +105,7 @@ class JobEvaluation:
             with temporarily(self.accelerator, "even_batches", False):
                 loader = self._get_dataloader(dataset=dataset, description=description, batch_size=batch_size,
                                               sampler_fn=self._get_eval_sampler)
-        training, total, count, error = self.model.training, 0.0, 0, None
+        training, total, rows, error = self.model.training, 0.0, 0, None
         self.model.eval()
         try:
             for batch in loader:
@@ -109,18 +113,19 @@ class JobEvaluation:
                 with self.compute_loss_context_manager(), self.accelerator.autocast():
                     out = self.jobs_model(**batch_inputs(batch, name), labels=batch["labels"], fused_lm_head=True,
                                           use_cache=False)
-                total += float(-out.log_probs.float().sum())
-                count += int(out.label_mask.sum())
+                batch_loss = -at_least_fp32(out.log_probs).sum() / out.label_mask.sum().clamp(min=1)
+                total += float(batch_loss) * len(batch["labels"])
+                rows += len(batch["labels"])
         except Exception as raised:  # noqa: BLE001 (every process learns of it below, then the job fails)
             error = f"{type(raised).__name__}: {raised}"
         finally:
             self.model.train(training)
-        total, count, failed = dist.sum_over_processes(
-            self.accelerator, torch.tensor([total, float(count), float(error is not None)], dtype=torch.float64)
+        total, rows, failed = dist.sum_over_processes(
+            self.accelerator, torch.tensor([total, float(rows), float(error is not None)], dtype=torch.float64)
         ).tolist()
         if failed:
             raise EvaluationFailed(error or "an error on another process")
-        return total / max(count, 1.0)
+        return total / max(rows, 1.0)
 
     def _own_examples_loader(self, dataset: datasets.IterableDataset, description: str, batch_size: int) -> DataLoader:
         """This process's examples of a streaming eval set, batched with the trainer's collator (not sharded again

@@ -41,3 +41,8 @@ def per_job_losses(
             loss = loss + aux_per_adapter[job]
         losses[job] = loss
     return losses
+
+
+def at_least_fp32(log_probs: torch.Tensor) -> torch.Tensor:
+    """log_probs in fp32, or in their own dtype where it is wider (a float64 head's: SFTTrainer keeps its dtype)."""
+    return log_probs.to(torch.promote_types(log_probs.dtype, torch.float32))

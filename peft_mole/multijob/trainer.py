@@ -45,6 +45,7 @@ from peft_mole.multijob.job_data import JobDatasets
 from peft_mole.multijob.job_step import JobStepping
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.lifecycle import JobLifecycle
+from peft_mole.multijob.loss import at_least_fp32
 from peft_mole.multijob.memory import costliest_selection
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
 from peft_mole.multijob.pieces import RoundStreams
@@ -388,7 +389,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         with self.jobs_model.drawing_pieces(pieces), self.compute_loss_context_manager(), self.accelerator.autocast():
             outputs = self.jobs_model(**inputs, labels=mixed.labels.to(self.args.device), fused_lm_head=True,
                                       use_cache=False)
-        log_probs, label_mask = outputs.log_probs.float(), outputs.label_mask
+        log_probs, label_mask = at_least_fp32(outputs.log_probs), outputs.label_mask
         aux = outputs.get("aux_loss_per_adapter") or {}
         losses, sums = {}, {}
         zero = log_probs.new_zeros(())
