@@ -7,8 +7,9 @@ the multiply, is the cost of `nn.Dropout` (≈ 5 ns per element: 14 ms for a 204
 the LoRA matmuls it feeds). Here one int64 draw holds four 15-bit uniforms (bits 0–14, 16–30, 32–46, 48–62 of a
 uniform integer in [0, 2^63)), so a mask costs a quarter of the draws. The drop probability is p rounded to a
 multiple of 2^-15 (0.05 → 0.049988) and the rescaling uses that same p', so E[dropout(x)] = x (up to the rounding
-of 1 / (1 − p') in x's dtype, as for `nn.Dropout`). On other
-devices, and where p' would be 0 or 1, it is `torch.nn.functional.dropout`. Under torch.compile on the CPU the
+of 1 / (1 − p') in x's dtype, as for `nn.Dropout`). On other devices, and where p' would be 0 or 1 (0 < p < 2^-16
+or 1 − 2^-16 < p < 1), it is `torch.nn.functional.dropout`; a module drawing from a stream of its own draws there
+one float per element at p itself (`keep_mask`). Under torch.compile on the CPU the
 mask is drawn by an operator the compiler leaves whole (`compiled_keep_mask`). Masks come from torch's default
 generator, so `torch.manual_seed` and the Trainer's RNG checkpointing make them reproducible, unless the module
 draws from a stream of its own (`Dropout.use_stream`: a multi-job job's masks, `ops.job_streams`).
@@ -31,14 +32,21 @@ def _threshold(p: float) -> int:
     return round(p * _LEVELS)
 
 
+def _off_grid(p: float) -> bool:
+    """0 < p < 1 but p' = round(p · 2^15) / 2^15 is 0 or 1 (p < 2^-16 or p > 1 − 2^-16)."""
+    return 0 < p < 1 and _threshold(p) in (0, _LEVELS)
+
+
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu",
               generator: torch.Generator | None = None) -> torch.Tensor:
     """Boolean mask of `shape`, each entry True (kept) with probability 1 − p' (module docstring), drawn from
     `generator` (None: torch's default one)."""
+    on = torch.device(device) if generator is None else generator.device  # (a stream lives on one device)
+    if _off_grid(p):  # p' would be 0 or 1: one float draw per element, at p itself
+        return torch.rand(shape, generator=generator, device=on).to(device) >= p
     count = 1
     for size in shape:
         count *= size
-    on = torch.device(device) if generator is None else generator.device  # (a stream lives on one device)
     draws = torch.empty((count + 3) // 4, dtype=torch.int64, device=on).random_(generator=generator).to(device)
     uniform15 = draws.view(torch.int16)[:count] & (_LEVELS - 1)  # the low 15 bits of each 16-bit quarter
     return (uniform15 >= _threshold(p)).view(shape)
@@ -142,7 +150,10 @@ def stream_keep_mask(shape: tuple[int, ...], p: float, device: torch.device | st
 
 
 def dropout_scale(p: float) -> float:
-    """1 / (1 − p') of `ops.dropout` (1 where nothing is dropped, 0 where everything is)."""
+    """1 / (1 − p') of `ops.dropout` (1 where nothing is dropped, 0 where everything is; 1 / (1 − p) where p'
+    would be 0 or 1 but p is not, as `keep_mask` then draws at p)."""
+    if _off_grid(p):
+        return 1.0 / (1.0 - p)
     threshold = _threshold(p)
     if threshold == 0:
         return 1.0
@@ -194,9 +205,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, call_site: int = 0
     threshold = _threshold(p)
     if not training or p == 0:
         return x
-    if stream and threshold in (0, _LEVELS):  # p' = 0 or 1 on the 2^-15 grid: nothing or everything dropped
-        return x if threshold == 0 else x * 0
-    if (x.device.type != "cpu" and not stream) or threshold in (0, _LEVELS):
+    if not stream and (x.device.type != "cpu" or threshold in (0, _LEVELS)):
         return F.dropout(x, p, training=True)
     scale = dropout_scale(p)
     if torch.compiler.is_compiling():  # the mask as an opaque operator, the rest for the compiler to fuse

@@ -65,7 +65,7 @@ def per_job_keep_mask(like: torch.Tensor, row_jobs: torch.Tensor, ps: list[float
     (n_j, *like.shape[1:]) with p = ps[j] from stream streams[j]; rows of other slots (p 0, base rows) all kept.
     `call_site` keeps calls on the same input apart (see `ops.dropout.compiled_keep_mask`)."""
     def draw(job: int, shape: tuple) -> torch.Tensor | None:
-        if _threshold(ps[job]) == 0:
+        if ps[job] == 0:
             return None
         return stream_keep_mask(shape, ps[job], like.device, streams[job])
 

@@ -6,7 +6,15 @@ import torch
 from peft import get_peft_model
 
 import peft_mole
-from peft_mole.ops.dropout import Dropout, _MaskAndScale, _threshold, dropout, keep_mask
+from peft_mole.ops.dropout import (
+    Dropout,
+    _MaskAndScale,
+    _threshold,
+    dropout,
+    dropout_scale,
+    keep_mask,
+    register_stream,
+)
 from tests.helpers import tiny_base
 
 
@@ -94,3 +102,19 @@ def test_dropout_modules_keep_their_own_masks_under_inductor():
     eager = torch.stack([q(x), k(x), v(x)]) != 0
     torch.testing.assert_close(masks, eager, rtol=0, atol=0)  # the eager masks, in the eager order
     torch.testing.assert_close(torch.rand(4), after_compiled, rtol=0, atol=0)  # and as many draws
+
+
+@pytest.mark.parametrize("p", [1e-5, 1 - 1e-5])
+def test_a_stream_draws_at_p_itself_where_the_grid_would_give_0_or_1(p):
+    """Where p' rounds to 0 or 1 (p < 2^-16, p > 1 - 2^-16), a module drawing from a stream of its own (a multi-job
+    job's) drops with probability p and rescales by 1 / (1 - p), as `F.dropout` does without a stream (before:
+    nothing dropped at p = 1e-5, everything at p = 1 - 1e-5, so E[dropout(x)] = 0)."""
+    module = Dropout(p)
+    module.use_stream(register_stream(torch.Generator().manual_seed(0)))
+    out = module(torch.ones(4_000_000))
+    kept = out[out != 0]
+    assert 0 < kept.numel() < out.numel()
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - p)))
+    expected_kept = (1 - p) * out.numel()
+    assert abs(kept.numel() - expected_kept) < 5 * (expected_kept * p) ** 0.5 + 1  # 5 sigma
+    assert dropout_scale(p) == 1 / (1 - p)

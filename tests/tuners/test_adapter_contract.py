@@ -57,6 +57,23 @@ def test_dropout_is_off_in_eval_and_on_in_train(method):
         assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_an_adapter_added_in_eval_mode_does_not_drop_out_until_train(method):
+    """`add_adapter` on a model in eval mode gives the new adapter's dropout the layers' mode: two eval forwards
+    agree (before: its x masks followed the new, training-mode dropout modules and its down masks the layer, so each
+    eval forward dropped part of the input); `train()` turns it on."""
+    model = get_peft_model(tiny_base(), METHODS[method](lora_dropout=0.3))
+    model.eval()
+    model.add_adapter("other", METHODS[method](lora_dropout=0.3))
+    model.set_adapter("other")
+    randomize_adapters(model)
+    ids, _, _ = batch(2, 8)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+        model.train()
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize("family, method", FAMILY_METHODS)
 def test_save_load_round_trip_is_bit_exact_in_a_new_process(family, method, tmp_path):
     model = get_peft_model(tiny_base(family), METHODS[method]())
