@@ -1,7 +1,7 @@
-"""Each job's evaluation, as `MultiJobTrainer` methods (a mixin): the mean target-token loss of the job's adapter
-on its own eval set, logged as `<job>/eval_loss`, at its `eval_steps` (after `eval_delay`), at its last step, at
-the start with `eval_on_start`, and from `trainer.evaluate()`. A job with `early_stopping_patience` stops when that
-many evaluations in a row did not improve its best loss.
+"""Each job's evaluation, as `MultiJobTrainer` methods (a mixin): the loss of the job's adapter on its own eval set
+as SFTTrainer's `eval_loss` (`JobEvaluation._eval_loss`), logged as `<job>/eval_loss`, at its `eval_steps` (after
+`eval_delay`), at its last step, at the start with `eval_on_start`, and from `trainer.evaluate()`. A job with
+`early_stopping_patience` stops when that many evaluations in a row did not improve its best loss.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class JobEvaluation:
         return EvalOutcome(stop=run.record_eval(loss))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """{"<job>/<prefix>_loss": mean target-token loss of the job's adapter on its own eval set}, for every job
+        """{"<job>/<prefix>_loss": the loss of the job's adapter on its own eval set (`_eval_loss`)}, for every job
         with an eval_dataset; also logged. The jobs carry their eval sets, so `eval_dataset` must be None."""
         if eval_dataset is not None:
             raise TypeError("MultiJobTrainer.evaluate uses each job's own eval_dataset (JobConfig); pass none here")
@@ -91,31 +91,33 @@ class JobEvaluation:
     @torch.no_grad()
     def _eval_loss(self, name: str, batch_size: int) -> float:
         """Job `name`'s eval loss as SFTTrainer's `eval_loss` on its adapter alone (less a MoE adapter's aux loss):
-        each eval batch's mean target-token loss, averaged over the set's rows (a batch's mean counted once per row,
-        as Trainer's evaluation loop does; so it depends on the eval batch size), over every process's rows (before
-        2026-12-06: the mean over all target tokens at once). Under several processes each row is counted once: the
-        loader does not repeat rows to give every process as many batches (accelerate's `even_batches`, which would
-        count them twice); a process with fewer batches just sums less. A
-        streaming set is split by `datasets.distributed.split_dataset_by_node`, each process reading its own examples
-        (accelerate would otherwise send process 0's batches, repeating rows to fill the last one)."""
+        each eval batch's mean target-token loss, averaged over the set's examples (a batch's mean counted once per
+        example it collated, packed ones included, as Trainer's evaluation loop does; so it depends on the eval batch
+        size), over every process's examples (before 2026-12-06: the mean over all target tokens at once). Under
+        several processes each row is counted once: the loader does not repeat rows to give every process as many
+        batches (accelerate's `even_batches`, which would count them twice); a process with fewer batches just sums
+        less. A streaming set is split by `datasets.distributed.split_dataset_by_node`, each process reading its own
+        examples (accelerate would otherwise send process 0's batches, repeating rows to fill the last one)."""
         dataset, description = self.job_eval_datasets[name], f"{name} evaluation"
-        if dist.is_distributed(self.accelerator) and isinstance(dataset, datasets.IterableDataset):
-            loader = self._own_examples_loader(dataset, description, batch_size)
-        else:
-            with temporarily(self.accelerator, "even_batches", False):
-                loader = self._get_dataloader(dataset=dataset, description=description, batch_size=batch_size,
-                                              sampler_fn=self._get_eval_sampler)
+        with temporarily(self, "data_collator", ExampleCounting(self.data_collator)):
+            if dist.is_distributed(self.accelerator) and isinstance(dataset, datasets.IterableDataset):
+                loader = self._own_examples_loader(dataset, description, batch_size)
+            else:
+                with temporarily(self.accelerator, "even_batches", False):
+                    loader = self._get_dataloader(dataset=dataset, description=description, batch_size=batch_size,
+                                                  sampler_fn=self._get_eval_sampler)
         training, total, rows, error = self.model.training, 0.0, 0, None
         self.model.eval()
         try:
             for batch in loader:
+                examples = batch.pop(ExampleCounting.KEY)
                 batch = send_to_device(batch, self.args.device)
                 with self.compute_loss_context_manager(), self.accelerator.autocast():
                     out = self.jobs_model(**batch_inputs(batch, name), labels=batch["labels"], fused_lm_head=True,
                                           use_cache=False)
                 batch_loss = -at_least_fp32(out.log_probs).sum() / out.label_mask.sum().clamp(min=1)
-                total += float(batch_loss) * len(batch["labels"])
-                rows += len(batch["labels"])
+                total += float(batch_loss) * examples
+                rows += examples
         except Exception as raised:  # noqa: BLE001 (every process learns of it below, then the job fails)
             error = f"{type(raised).__name__}: {raised}"
         finally:
@@ -135,3 +137,19 @@ class JobEvaluation:
         collate = self._get_collator_with_removed_columns(self.data_collator, description=description)
         return DataLoader(own, batch_size=batch_size, collate_fn=collate, num_workers=self.args.dataloader_num_workers,
                           pin_memory=self.args.dataloader_pin_memory)
+
+
+class ExampleCounting:
+    """A collator that also gives the number of examples it collated, as `batch[KEY]` (an int): Trainer weights
+    each eval batch's loss by it (`losses.repeat(eval_batch_size)`, the last batch cut to the examples left), also
+    where padding-free batches pack the examples into one row."""
+
+    KEY = "_peft_mole_examples"
+
+    def __init__(self, collate) -> None:
+        self.collate = collate
+
+    def __call__(self, features: list) -> dict:
+        batch = self.collate(features)
+        batch[self.KEY] = len(features)
+        return batch

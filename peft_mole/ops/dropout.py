@@ -7,10 +7,10 @@ the multiply, is the cost of `nn.Dropout` (≈ 5 ns per element: 14 ms for a 204
 the LoRA matmuls it feeds). Here one int64 draw holds four 15-bit uniforms (bits 0–14, 16–30, 32–46, 48–62 of a
 uniform integer in [0, 2^63)), so a mask costs a quarter of the draws. The drop probability is p rounded to a
 multiple of 2^-15 (0.05 → 0.049988) and the rescaling uses that same p', so E[dropout(x)] = x (up to the rounding
-of 1 / (1 − p') in x's dtype, as for `nn.Dropout`). On other devices, and where p' would be 0 or 1 (0 < p < 2^-16
-or 1 − 2^-16 < p < 1), it is `torch.nn.functional.dropout`; a module drawing from a stream of its own draws there
-one float per element at p itself (`keep_mask`). Under torch.compile on the CPU the
-mask is drawn by an operator the compiler leaves whole (`compiled_keep_mask`). Masks come from torch's default
+of 1 / (1 − p') in x's dtype, as for `nn.Dropout`). On other devices, and where p' would be 0 or 1 (0 < p ≤ 2^-16
+or 1 − 2^-16 ≤ p < 1, as round() takes halves to even), it is `torch.nn.functional.dropout`; a module drawing
+from a stream of its own draws there one float per element at p itself (`keep_mask`). Under torch.compile on the
+CPU the mask is drawn by an operator the compiler leaves whole (`compiled_keep_mask`). Masks come from torch's default
 generator, so `torch.manual_seed` and the Trainer's RNG checkpointing make them reproducible, unless the module
 draws from a stream of its own (`Dropout.use_stream`: a multi-job job's masks, `ops.job_streams`).
 """
@@ -33,7 +33,7 @@ def _threshold(p: float) -> int:
 
 
 def _off_grid(p: float) -> bool:
-    """0 < p < 1 but p' = round(p · 2^15) / 2^15 is 0 or 1 (p < 2^-16 or p > 1 − 2^-16)."""
+    """0 < p < 1 but p' = round(p · 2^15) / 2^15 is 0 or 1 (p ≤ 2^-16 or p ≥ 1 − 2^-16: halves round to even)."""
     return 0 < p < 1 and _threshold(p) in (0, _LEVELS)
 
 

@@ -154,16 +154,11 @@ def test_two_processes_match_one_process(tmp_path, padding_free):
     assert flat[1] == pytest.approx(flat[0], rel=1e-5) and flat[2] == pytest.approx(flat[0], rel=1e-5), logged
     # a job's eval loss counts each of its 7 eval rows once, from a dataset or a stream (before: the loader repeated
     # a row on one process)
+    # (Trainer's eval loss, each batch's token mean weighted by its examples, is the same for any batching here
+    # because every "capital" row has as many target tokens; test_trainer.py checks the weighting itself)
     losses = [float(line.split(" eval ")[1]) for out in (one, two) for line in out.stdout.splitlines()
-              if " eval " in line]  # per process (each writes its lines at once): from the dataset, then streamed
-    assert len(losses) == 6, losses
-    from_dataset, streamed = losses[0::2], losses[1::2]
-    assert max(from_dataset) - min(from_dataset) <= 1e-5, losses
-    assert abs(streamed[1] - streamed[2]) <= 1e-5, losses  # the processes agree
-    if padding_free == "0":
-        assert max(streamed) - min(streamed) <= 1e-5 and abs(streamed[0] - from_dataset[0]) <= 1e-5, losses
-    # padding-free, the streamed rows are two packed batches (one per process) where one process packs them into
-    # one: Trainer's eval loss counts a packed batch as one row, so the value differs, as SFTTrainer's would
+              if " eval " in line]
+    assert len(losses) == 6 and max(losses) - min(losses) <= 1e-5, losses
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")

@@ -468,23 +468,25 @@ def test_a_jobs_folder_loads_alone_as_an_sfttrainer_output_does(assets, tmp_path
         assert "library_name: peft" in card and f"base_model: {tmp_path / 'base'}" in card, card[:300]
 
 
-def test_a_jobs_eval_loss_is_sfttrainers_eval_loss(assets, tmp_path):
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_a_jobs_eval_loss_is_sfttrainers_eval_loss(assets, tmp_path, padding_free):
     """A job's eval loss equals SFTTrainer's `eval_loss` on its saved adapter with the same eval batch size: each
-    batch's token mean, averaged over rows (eval rows of different target lengths, a last batch of 1 row; before,
-    the mean over all target tokens: 3e-4 relative apart in a helper's probe)."""
+    batch's token mean, averaged over examples (eval rows of different target lengths, a last batch of 1 row; before,
+    the mean over all target tokens: 3e-4 relative apart in a helper's probe). Padding-free, a batch packed into one
+    row still counts once per example it holds, as Trainer counts it."""
     tokenizer, datasets = assets
     prompts = datasets["sentiment"]["prompt"][:13]  # completions of 1 to 13 words
     evaluation = Dataset.from_list([{"prompt": p, "completion": " " + " ".join(["good"] * (1 + i))}
                                     for i, p in enumerate(prompts)])
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR)
     job = JobConfig("a", lora, datasets["capital"], eval_dataset=evaluation, max_steps=2)
+    settings = dict(per_device_eval_batch_size=4, padding_free=padding_free, max_length=None if padding_free else 40)
     trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job], processing_class=tokenizer,
-                              args=run_args(tmp_path / "run", per_device_eval_batch_size=4))
+                              args=run_args(tmp_path / "run", **settings))
     randomize_adapters(trainer.jobs_model)
     trainer.train()
     together = trainer.evaluate()["a/eval_loss"]
     solo = PeftModel.from_pretrained(tiny_base(vocab_size=len(tokenizer)), str(tmp_path / "run" / "a"))
-    args = job.training_args(run_args(tmp_path / "solo", per_device_eval_batch_size=4))
-    alone = SFTTrainer(model=solo, args=args, train_dataset=job.train_dataset, eval_dataset=evaluation,
-                       processing_class=tokenizer).evaluate()["eval_loss"]
-    assert together == pytest.approx(alone, rel=1e-6)
+    alone = SFTTrainer(model=solo, args=job.training_args(run_args(tmp_path / "solo", **settings)),
+                       train_dataset=job.train_dataset, eval_dataset=evaluation, processing_class=tokenizer)
+    assert together == pytest.approx(alone.evaluate()["eval_loss"], rel=1e-6)

@@ -59,13 +59,17 @@ def test_dropout_is_off_in_eval_and_on_in_train(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_an_adapter_added_in_eval_mode_does_not_drop_out_until_train(method):
-    """`add_adapter` on a model in eval mode gives the new adapter's dropout the layers' mode: two eval forwards
-    agree (before: its x masks followed the new, training-mode dropout modules and its down masks the layer, so each
-    eval forward dropped part of the input); `train()` turns it on."""
-    model = get_peft_model(tiny_base(), METHODS[method](lora_dropout=0.3))
+    """`add_adapter` on a model in eval mode gives the new adapter's dropout the model's mode, in layers an earlier
+    adapter made and in new ones: two eval forwards agree (before: its x masks followed the new, training-mode
+    dropout modules and its down masks the layer, so each eval forward dropped part of the input); `train()` turns
+    it on."""
+    # the first adapter on layer 0's MLP only: "other" also makes new layers (attention, layer 1)
+    model = get_peft_model(tiny_base(), METHODS[method](lora_dropout=0.3, attn_target_modules=[],
+                                                         layers_to_transform=[0]))
     model.eval()
     model.add_adapter("other", METHODS[method](lora_dropout=0.3))
     model.set_adapter("other")
+    assert any(not m.training for m in model.modules() if "other" in getattr(m, "_modules", {}))
     randomize_adapters(model)
     ids, _, _ = batch(2, 8)
     with torch.no_grad():
