@@ -63,6 +63,11 @@ from peft_mole.multijob.trainer_args import (
 logger = logging.getLogger(__name__)
 
 
+class NonFiniteInPackedStep(RuntimeError):
+    """A packed step of several jobs gave a non-finite loss: retried in smaller steps (`_train_parts`), since the
+    other jobs' tokens shared the diverged job's attention row."""
+
+
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
@@ -409,6 +414,12 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         # every job's loss, metrics and token count in one read-back: on a GPU each read syncs the step's kernels
         values = torch.stack([sums[r.name] for r, _ in parts])
         read = dict(zip(losses, values.tolist(), strict=True))
+        diverged = [run.name for run, _ in parts if not math.isfinite(read[run.name][0])]
+        if diverged and len(parts) > 1 and is_packed(parts[0][1]):
+            # one packed row: attention over the whole row (a block-diagonal mask) turns a diverged job's NaN keys
+            # and values into NaN for the other jobs' tokens (0 · NaN), in their losses or their gradients; nothing
+            # was added yet, so `_train_parts` retries the jobs in smaller steps until the diverged ones are alone
+            raise NonFiniteInPackedStep(f"the loss of {', '.join(diverged)} became non-finite in a packed step")
         good = []
         for run, _ in parts:
             if math.isfinite(read[run.name][0]):

@@ -272,3 +272,40 @@ def test_a_nan_job_leaves_the_other_jobs_finite_in_a_compiled_step(poisoned):
     grads = torch.autograd.grad(loss, list(others.values()), allow_unused=True)
     assert [n for (n, _), g in zip(others.items(), grads, strict=True) if g is not None and not g.isfinite().all()] == []
     assert sum(g is not None for g in grads) > 10  # the good and LoRA jobs' gradients were computed
+
+
+def test_a_nan_job_in_a_packed_step_fails_alone(assets, tmp_path, caplog):
+    """Padding-free, the jobs' micro-batches share one packed row, where SDPA's attention over the whole row (a
+    block-diagonal mask) turns a diverged job's NaN keys and values into NaN for the other jobs' tokens. The step is
+    retried in smaller steps, so only the diverged job fails and the others end as without it (before: a job in
+    its packed step failed with it, "its loss became nan")."""
+    tokenizer, datasets = assets
+
+    def trainer(jobs, output_dir):
+        args = run_args(output_dir, max_steps=4, padding_free=True, max_length=None)
+        made = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                               args=args, step_overhead_tokens=32)
+        randomize_adapters(made.jobs_model, seed=3)
+        return made
+
+    def near():  # a job whose micro-batch fits in the diverged job's packed step
+        return JobConfig("near", LoraConfig(**LORA), datasets["sentiment"], per_device_train_batch_size=2)
+
+    jobs = [JobConfig("wide", LoraConfig(**LORA), datasets["add"], per_device_train_batch_size=4), near(),
+            JobConfig("nan", mixlora(), datasets["capital"], per_device_train_batch_size=1)]
+    faulty = trainer(jobs, tmp_path / "faulty")
+    faulty.jobs_model.save_job("near", str(tmp_path / "near-init"))
+    faulty.add_callback(PoisonAt(faulty, "nan", step=2))
+    shared = []
+    forward_backward = faulty._forward_backward
+    faulty._forward_backward = lambda parts: shared.append({r.name for r, _ in parts}) or forward_backward(parts)
+    faulty.train()
+    status = {r["job"]: r for r in faulty.job_summary}
+    assert status["nan"]["status"] == "failed" and "its loss became nan at step 3" in status["nan"]["error"]
+    assert status["near"]["status"] == "done" and status["wide"]["status"] == "done"
+    assert {"near", "nan"} in shared  # the case: they shared a packed step
+    assert "became non-finite in a packed step" in caplog.text
+    alone = trainer([near()], tmp_path / "alone")
+    alone.jobs_model.load_job("near", str(tmp_path / "near-init"))
+    alone.train()
+    _assert_same(_adapter(tmp_path / "faulty" / "near"), _adapter(tmp_path / "alone" / "near"))
