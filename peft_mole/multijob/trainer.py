@@ -348,7 +348,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
 
     def _train_parts(self, parts: list[tuple[JobRun, dict]]) -> None:
         """Forward/backward the mixed batch; on an error split it and retry the halves, so an OOM shrinks the step
-        and a job whose batch breaks the forward fails alone. A plain-LoRA job that runs out of memory alone is
+        and a job whose batch breaks the forward fails alone (so does a job diverged in a packed step of several,
+        `NonFiniteInPackedStep`). A plain-LoRA job that runs out of memory alone is
         retried with its rows in two halves. No gradient is added until a part succeeds."""
         self._round_streams.restart(parts)  # a piece of a micro-batch draws from where the whole began
         streams = [(run.stream, run.stream.get_state()) for run, _ in parts if run.stream is not None]
@@ -414,11 +415,13 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         # every job's loss, metrics and token count in one read-back: on a GPU each read syncs the step's kernels
         values = torch.stack([sums[r.name] for r, _ in parts])
         read = dict(zip(losses, values.tolist(), strict=True))
+        # one packed row of several jobs, without a varlen kernel: attention over the whole row (a block-diagonal
+        # mask) turns a diverged job's NaN keys and values (or its NaN output gradients) into NaN for the other
+        # jobs' tokens (0 · NaN), in their losses or their gradients; nothing is added before these checks, so
+        # `_train_parts` retries the jobs in smaller steps until the diverged ones are alone
+        shared_row = len(parts) > 1 and is_packed(parts[0][1]) and not self.job_scheduler.varlen_attention
         diverged = [run.name for run, _ in parts if not math.isfinite(read[run.name][0])]
-        if diverged and len(parts) > 1 and is_packed(parts[0][1]):
-            # one packed row: attention over the whole row (a block-diagonal mask) turns a diverged job's NaN keys
-            # and values into NaN for the other jobs' tokens (0 · NaN), in their losses or their gradients; nothing
-            # was added yet, so `_train_parts` retries the jobs in smaller steps until the diverged ones are alone
+        if diverged and shared_row:
             raise NonFiniteInPackedStep(f"the loss of {', '.join(diverged)} became non-finite in a packed step")
         good = []
         for run, _ in parts:
@@ -431,6 +434,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         params = [p for run in good for p in run.params.values()]
         total = sum(losses[run.name] for run in good)
         grads = torch.autograd.grad(total, params, allow_unused=True)
+        if shared_row and not torch.stack([torch.isfinite(g).all() for g in grads if g is not None]).all():
+            raise NonFiniteInPackedStep("a gradient became non-finite in a packed step of several jobs")
         for run in good:
             run.add_gradients(grads[:len(run.params)])
             grads = grads[len(run.params):]
