@@ -38,19 +38,22 @@ class RouterRecord:
     probs: torch.Tensor  # (T, E) fp32, with grad
     selected: torch.Tensor  # (T, E) bool
     token_mask: torch.Tensor | None  # (T,) bool, True = real token; None = all tokens count
-    masked: bool = False  # loss_inputs keeps every row and the mask (per-row blocks: no read-back of the rows)
-    # a per-row block's record: `probs` holds every job's columns, this adapter's are `columns`, on the tokens of
-    # `own` (T,) bool. Taken when read (`adapter_probs`), outside the layer: an autograd op recorded inside would
+    # a per-row block's record: `probs` holds every job's columns, this adapter's are `columns`, its tokens those
+    # of `token_mask`. Taken when read (`adapter_probs`), outside the layer: an autograd op recorded inside would
     # be saved in the forward and not in activation checkpointing's recomputation, which runs without recording
     columns: slice | None = None
-    own: torch.Tensor | None = None
+
+    @property
+    def masked(self) -> bool:
+        """loss_inputs keeps every row and the mask (per-row blocks: no read-back of the rows)."""
+        return self.columns is not None
 
     def adapter_probs(self) -> torch.Tensor:
         """(T, E) this adapter's router probabilities: `probs`, or a per-row block's columns of it, 0 on other
         tokens (whose values may be NaN where their own router failed: `where` keeps 0 · NaN out of this loss)."""
         if self.columns is None:
             return self.probs
-        return torch.where(self.own.unsqueeze(1), self.probs[:, self.columns], 0.0)
+        return torch.where(self.token_mask.unsqueeze(1), self.probs[:, self.columns], 0.0)
 
     def counted(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(probs, selected) of the tokens that count (padding removed)."""

@@ -30,7 +30,8 @@ def per_job_losses(
     # the logits per job would give each job a zero-filled gradient of the whole logits tensor in backward
     shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     token_losses = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
+        at_least_fp32(logits).reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100,
+        reduction="none",
     ).view(shift_labels.shape)
     losses = {}
     for job, row_slice in rows.items():
@@ -43,6 +44,7 @@ def per_job_losses(
     return losses
 
 
-def at_least_fp32(log_probs: torch.Tensor) -> torch.Tensor:
-    """log_probs in fp32, or in their own dtype where it is wider (a float64 head's: SFTTrainer keeps its dtype)."""
-    return log_probs.to(torch.promote_types(log_probs.dtype, torch.float32))
+def at_least_fp32(values: torch.Tensor) -> torch.Tensor:
+    """Logits or log-probabilities in fp32, or in their own dtype where it is wider (a float64 model's: SFTTrainer
+    keeps its dtype)."""
+    return values.to(torch.promote_types(values.dtype, torch.float32))

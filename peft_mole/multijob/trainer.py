@@ -423,18 +423,16 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         diverged = [run.name for run, _ in parts if not math.isfinite(read[run.name][0])]
         if diverged and shared_row:
             raise NonFiniteInPackedStep(f"the loss of {', '.join(diverged)} became non-finite in a packed step")
-        good = []
+        good = [run for run, _ in parts if run.name not in diverged]
         for run, _ in parts:
-            if math.isfinite(read[run.name][0]):
-                good.append(run)
-            else:
+            if run.name in diverged:
                 self._round_failures[run.name] = f"its loss became {read[run.name][0]} at step {run.global_step + 1}"
         if not good:
             return
         params = [p for run in good for p in run.params.values()]
         total = sum(losses[run.name] for run in good)
         grads = torch.autograd.grad(total, params, allow_unused=True)
-        if shared_row and not torch.stack([torch.isfinite(g).all() for g in grads if g is not None]).all():
+        if shared_row and not math.isfinite(torch.nn.utils.get_total_norm([g for g in grads if g is not None])):
             raise NonFiniteInPackedStep("a gradient became non-finite in a packed step of several jobs")
         for run in good:
             run.add_gradients(grads[:len(run.params)])

@@ -23,10 +23,8 @@ from __future__ import annotations
 import torch
 
 from peft_mole.ops.dropout import (
-    _LEVELS,
     Dropout,
     _MaskAndScale,
-    _threshold,
     dropout_scale,
     stream_draw,
     stream_generator,
@@ -124,7 +122,7 @@ def dropout_pieces(x: torch.Tensor, sizes: list[int], dropouts: list[torch.nn.Mo
     (one byte per value) and applied in one pass, rather than joining the dropped inputs (a copy of x)."""
     first = dropouts[0]
     if not (all(isinstance(d, Dropout) and d.stream and d.p == first.p and d.training for d in dropouts)
-            and 0 < _threshold(first.p) < _LEVELS and not torch.compiler.is_compiling()):
+            and first.p > 0 and not torch.compiler.is_compiling()):
         return torch.cat([d(piece) for d, piece in zip(dropouts, x.split(sizes), strict=True)])
     keep = torch.cat([stream_keep_mask((size, *x.shape[1:]), d.p, x.device, d.stream)
                       for d, size in zip(dropouts, sizes, strict=True)])

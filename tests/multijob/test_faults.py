@@ -21,9 +21,11 @@ from tests.multijob.test_trainer import ALL_LINEAR, run_args
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR)
 
 
-def _trainer(tokenizer, jobs, output_dir, **kwargs) -> MultiJobTrainer:
+def _trainer(tokenizer, jobs, output_dir, args: dict | None = None, **kwargs) -> MultiJobTrainer:
+    """4 steps, a checkpoint at each (`args`: other `run_args` settings)."""
+    settings = {"max_steps": 4, "save_strategy": "steps", "save_steps": 1, **(args or {})}
     trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
-                              args=run_args(output_dir, max_steps=4, save_strategy="steps", save_steps=1), **kwargs)
+                              args=run_args(output_dir, **settings), **kwargs)
     randomize_adapters(trainer.jobs_model, seed=3)
     return trainer
 
@@ -276,11 +278,8 @@ def test_a_nan_job_leaves_the_other_jobs_finite_in_a_compiled_step(poisoned):
 
 def _packed_trainer(tokenizer, jobs, output_dir, max_steps: int) -> MultiJobTrainer:
     """Padding-free steps (SDPA over one packed row per step), micro-batches grouped first fit."""
-    args = run_args(output_dir, max_steps=max_steps, padding_free=True, max_length=None)
-    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
-                              args=args, step_overhead_tokens=32)
-    randomize_adapters(trainer.jobs_model, seed=3)
-    return trainer
+    return _trainer(tokenizer, jobs, output_dir, step_overhead_tokens=32,
+                    args={"max_steps": max_steps, "padding_free": True, "max_length": None, "save_strategy": "no"})
 
 
 def test_a_nan_job_in_a_packed_step_fails_alone(assets, tmp_path, caplog):

@@ -83,8 +83,7 @@ class LoraLinear(nn.Module, BaseTunerLayer):
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         getattr(self, self.prefix + "A")[adapter_name] = LoraFactor(nn.Parameter(lora_a.to(dtype)))
         getattr(self, self.prefix + "B")[adapter_name] = LoraFactor(nn.Parameter(lora_b.to(dtype)))
-        dropout_module = (Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)  # (the layer's mode)
-        getattr(self, self.prefix + "dropout")[adapter_name] = dropout_module
+        getattr(self, self.prefix + "dropout")[adapter_name] = Dropout(dropout) if dropout > 0 else nn.Identity()
         getattr(self, self.prefix + "scaling")[adapter_name] = scaling
         self.set_adapter(self.active_adapters)
 

@@ -153,16 +153,16 @@ class MixLoRAModel(BaseTuner):
                 delattr(text, name)
         return super().unload(*args, **kwargs)
 
-    def _in_mode(self, layer: nn.Module) -> nn.Module:
-        """A new layer in the tuner's mode, its wrapped module left as it is: an adapter added to a model in eval
-        mode (`add_adapter` after `eval()`) gets its dropout and jitter off until `train()`, in new layers as in
-        layers an earlier adapter made (whose dropout modules take the layer's mode). The first adapter's layers are
-        in train mode as PEFT's (a fresh tuner's mode), whatever the base's."""
+    @staticmethod
+    def _set_adapter_mode(layer: nn.Module, training: bool) -> None:
+        """`layer` and its adapters' modules (dropout, experts, routers) in mode `training`, its wrapped module left
+        as it is. Called once an adapter is added: a new layer takes the tuner's mode, so an adapter added to a model
+        in eval mode (`add_adapter` after `eval()`) has its dropout, jitter and DoRA caching as in eval until
+        `train()`; the first adapter's layers are in train mode as PEFT's (a fresh tuner's), whatever the base's."""
         for name, child in layer.named_children():
             if name != "base_layer":
-                child.train(self.training)
-        layer.training = self.training
-        return layer
+                child.train(training)
+        layer.training = training
 
     def _check_target_module_exists(self, peft_config, key: str) -> bool:
         return key in self.__dict__.get("_targets", {})
@@ -187,14 +187,14 @@ class MixLoRAModel(BaseTuner):
         spec = self.__dict__["_targets"][current_key]
         if spec.kind == "attention":
             layer_cls = self.attention_layer_cls
-            layer = target if isinstance(target, layer_cls) else self._in_mode(
-                layer_cls(target, adapter_name, self._context()))
+            layer = target if isinstance(target, layer_cls) else layer_cls(target, adapter_name, self._context())
             r, alpha, dropout = peft_config.attention_lora
             layer.update_layer(adapter_name, r=r, scaling=peft_config.scaling(r, alpha), dropout=dropout)
         else:
             layer_cls = self.mlp_layer_cls if spec.kind == "mlp" else self.projection_layer_cls
-            layer = target if isinstance(target, layer_cls) else self._in_mode(
-                layer_cls(target, adapter_name, self._context(), current_key))
+            layer = target if isinstance(target, layer_cls) else layer_cls(
+                target, adapter_name, self._context(), current_key
+            )
             layer.update_layer(
                 adapter_name,
                 projections=peft_config.expert_target_modules,
@@ -208,6 +208,7 @@ class MixLoRAModel(BaseTuner):
                 use_dora=peft_config.use_dora,
                 selection_varies=peft_config.SELECTION_VARIES,
             )
+        self._set_adapter_mode(layer, self.training if layer is not target else layer.training)
         if layer is not target:
             setattr(parent, target_name, layer)
             if adapter_name not in self.active_adapters:

@@ -280,5 +280,4 @@ def _record(layer, table, probs, chosen, weights, token_jobs, token_mask) -> Non
         columns = slice(start, start + layer.settings[job].num_experts)
         own = token_jobs == position
         mask = own if real is None else own & real
-        records.append(RouterRecord(layer.layer_name, job, probs, selected[:, columns], mask, masked=True,
-                                    columns=columns, own=own))
+        records.append(RouterRecord(layer.layer_name, job, probs, selected[:, columns], mask, columns=columns))

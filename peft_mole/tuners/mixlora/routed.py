@@ -108,9 +108,7 @@ class RoutedExpertsLayer(nn.Module, BaseTunerLayer):
         nn.init.normal_(router.weight, mean=0.0, std=router_init_std)
         self.routers[adapter_name] = router
         self.experts[adapter_name] = ExpertLoRA(linears, num_experts, r, scaling, use_dora)
-        # in the layer's mode: an adapter added to a model in eval mode does not drop out until `train()` (PEFT's
-        # LoRA would; here the x mask followed the module, the down mask and jitter the layer)
-        self.dropouts[adapter_name] = (Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
+        self.dropouts[adapter_name] = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.settings[adapter_name] = ExpertSettings(num_experts, scaling, jitter_noise, rule, selection_varies)
         self.set_adapter(self.active_adapters)
 
