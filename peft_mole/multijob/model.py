@@ -100,7 +100,8 @@ class MultiJobModel(MixLoRAModel):
     Every job is active at once; a forward takes `adapter_names` (one job per row, or one per token of a packed
     row: `ForwardContext.unit_view`). The forward records router statistics and returns
     `outputs.aux_loss_per_adapter` ({job: aux loss over its own rows}) without adding it to `outputs.loss`: each
-    job's loss is assembled by `per_job_losses`.
+    job's loss is assembled by `per_job_losses`. On a float16 or bfloat16 base each job's adapter is float32, as
+    `PeftModel`'s `autocast_adapter_dtype=True` makes a PEFT adapter (so its optimizer state is float32 too).
 
     Example:
         >>> model = MultiJobModel(base, {"a": LoraConfig(r=8), "b": MixLoRAConfig(num_experts=4)})  # doctest: +SKIP
@@ -121,6 +122,7 @@ class MultiJobModel(MixLoRAModel):
         order = sorted(configs, key=lambda name: not isinstance(configs[name], LoraConfig))
         first, *rest = order
         super().__init__(model, {first: configs[first]}, first)
+        self._cast_adapter_dtype(first)
         for name in rest:
             self.add_job(name, configs[name])
         self.set_adapter(order)
@@ -151,6 +153,7 @@ class MultiJobModel(MixLoRAModel):
             )
         self.peft_config[name] = config
         self.inject_adapter(self.model, name)
+        self._cast_adapter_dtype(name)
         self.set_adapter(list(self.peft_config))
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:

@@ -108,3 +108,28 @@ def test_duplicate_job_name_is_refused():
     model.add_job("b", mixlora())
     with pytest.raises(ValueError, match="add LoRA jobs before"):
         model.add_job("c", LoraConfig(r=4))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_jobs_on_a_half_precision_base_are_float32_as_peft_adapters_and_match_them(tmp_path, dtype):
+    # PeftModel upcasts a half-precision adapter to float32 (autocast_adapter_dtype); before, the jobs kept the
+    # base's dtype, and their Adam state underflowed in float16 and lost small updates in bfloat16
+    jobs = _jobs()
+    model = MultiJobModel(tiny_base().to(dtype), jobs)
+    assert model.job_parameters("lora") and model.job_parameters("mix")
+    for name in jobs:
+        assert {p.dtype for p in model.job_parameters(name).values()} == {torch.float32}, name
+    randomize_adapters(model)
+    model.eval()
+    ids, mask, _ = batch(batch_size=4, seq_len=8, pad_last=2)
+    rows = ["dyn", "lora", "mix", "lora"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+    for name in jobs:
+        model.save_job(name, str(tmp_path / name))
+        alone = PeftModel.from_pretrained(tiny_base().to(dtype), str(tmp_path / name)).eval()
+        assert {p.dtype for n, p in alone.named_parameters() if ".default." in n} == {torch.float32}
+        picked = [i for i, r in enumerate(rows) if r == name]
+        with torch.no_grad():
+            expected = alone(input_ids=ids[picked], attention_mask=mask[picked]).logits
+        torch.testing.assert_close(mixed[picked], expected, atol=2e-2, rtol=2e-2)

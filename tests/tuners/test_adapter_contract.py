@@ -436,3 +436,25 @@ def test_offloaded_mlp_weights_are_refused():
         base = tiny_base()
     with pytest.raises(ValueError, match="meta device"):
         get_peft_model(base, METHODS["mixlora"]())
+
+
+@pytest.mark.parametrize(
+    "config", [METHODS["dynmole"], lambda: METHODS["mixlora"](top_k=3)], ids=["dynmole", "top3of4"]
+)
+def test_generate_and_base_calls_after_a_shorter_forward_use_their_own_token_mask(config):
+    # rules that count real tokens to choose the dense path read the call's mask: generate and direct base calls
+    # do not pass through the tuner's forward, and took the mask of the forward before (a shape error; 12 vs 6)
+    model = get_peft_model(tiny_base(), config())
+    randomize_adapters(model, std=0.1)
+    model.eval()
+    ids, mask, _ = batch(2, 6)
+    ids[0, :2], mask[0, :2] = 0, 0  # left padding
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    fresh = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        model(input_ids=ids[:, :3], attention_mask=mask[:, :3])
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **kwargs), fresh)
+        model(input_ids=ids[:, :3], attention_mask=mask[:, :3])
+        direct = model.get_base_model()(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(direct, expected, atol=0, rtol=0)

@@ -102,7 +102,7 @@ class MixLoRAModel(BaseTuner):
         if "_base_call_hooks" not in self.__dict__:  # the base, and its decoder stack called alone (`get_decoder`)
             decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
             called = [model] + ([decoder] if isinstance(decoder, nn.Module) and decoder is not model else [])
-            self.__dict__["_base_call_hooks"] = [module.register_forward_pre_hook(self._base_called)
+            self.__dict__["_base_call_hooks"] = [module.register_forward_pre_hook(self._base_called, with_kwargs=True)
                                                  for module in called]
         declare_known()  # the output classes with aux loss fields, before any compiled forward (`aux_outputs`)
 
@@ -258,16 +258,21 @@ class MixLoRAModel(BaseTuner):
                              "alone; choose another name")
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
-    def _base_called(self, module: nn.Module, args: tuple) -> None:
-        """Before each call of the base model or of its decoder stack: one that comes neither through the tuner's
-        forward nor through `PeftModel` (`model.get_base_model()(...)`, `...get_decoder()(...)`, as with PEFT's
-        LoRA) runs the active adapter on every row, not the rows of the call before (kept for activation
-        checkpointing's recomputation). Compiled with the base or the decoder (`torch.compile`, a compiled
-        multi-job step), it is traced as part of the graph."""
+    def _base_called(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Before each call of the base model or of its decoder stack that does not come through the tuner's
+        forward: one that neither comes through `PeftModel` (`model.get_base_model()(...)`, `...get_decoder()(...)`,
+        as with PEFT's LoRA) runs the active adapter on every row, not the rows of the call before (kept for
+        activation checkpointing's recomputation). Such a call, and each of `generate`'s, which calls the base
+        itself, counts the real tokens of its own 2-D `attention_mask` (`dense_weights`), not the mask of the call
+        before (a shape error where that was shorter). Compiled with the base or the decoder (`torch.compile`, a
+        compiled multi-job step), it is traced as part of the graph."""
         context = self._context()
-        if not (context.in_tuner_call or context.rows_set_by_hook) and context.row_adapters is not None:
+        if context.in_tuner_call:
+            return
+        if not context.rows_set_by_hook and context.row_adapters is not None:
             context.set_row_adapters(None)
-            context.token_mask = None
+        mask = kwargs.get("attention_mask")
+        context.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def _check_adapter_names(self, names) -> None:
         if isinstance(names, str) or not all(isinstance(n, str) for n in names):
