@@ -92,11 +92,12 @@ def _evaluate(args: argparse.Namespace, tasks: list[str], adapter_dirs: list[str
 
 
 def _train(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoTokenizer, set_seed
     from trl import SFTConfig
 
     from peft_mole.multijob.job_file import load_run
     from peft_mole.multijob.trainer import MultiJobTrainer
+    from peft_mole.multijob.trainer_args import load_base_model
 
     try:
         spec = load_run(args.job_file)
@@ -108,8 +109,8 @@ def _train(args: argparse.Namespace) -> int:
         raise SystemExit(f"peft-mole train: tokenizer {spec.tokenizer!r} cannot be loaded: {error}") from None
     try:
         config = SFTConfig(output_dir=spec.output_dir, **spec.args)
-        set_seed(config.seed)  # the adapters' initialisation too (same adapters from the same file: see job_file)
-        model = AutoModelForCausalLM.from_pretrained(spec.model)
+        set_seed(config.seed)  # as SFTTrainer seeds before loading (MultiJobTrainer seeds each job's adapter)
+        model = load_base_model(spec.model, config)  # as SFTTrainer loads it (args.model_init_kwargs, dtype)
     except OSError as error:
         raise SystemExit(f"peft-mole train: model {spec.model!r} cannot be loaded: {error}") from None
     except (TypeError, ValueError) as error:  # the job file's args, as SFTConfig checks them

@@ -24,6 +24,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import set_seed
 
 from peft_mole.forward_context import BASE_ROW, ForwardContext, PackedSegments
 from peft_mole.model_card import update_model_card
@@ -112,7 +113,10 @@ class MultiJobModel(MixLoRAModel):
     declares_router_aux_loss = False  # each job's loss adds its own aux loss (`per_job_losses`)
     packed_rows_may_end_in_padding = False  # the trainer cuts each job's padding off before mixing (`strip_padding`)
 
-    def __init__(self, model: nn.Module, configs: dict[str, PeftConfig]) -> None:
+    def __init__(self, model: nn.Module, configs: dict[str, PeftConfig], seeds: dict[str, int] | None = None) -> None:
+        """`seeds` ({job: seed}, optional): `transformers.set_seed(seed)` before each job's adapter is made, so
+        it starts as `SFTTrainer` (which seeds before `get_peft_model`) starts that job alone with its seed;
+        without, the adapters draw from torch's generator as it is."""
         if not configs:
             raise ValueError("configs must hold at least one job: {name: peft config}")
         for name, config in configs.items():
@@ -121,9 +125,11 @@ class MultiJobModel(MixLoRAModel):
         # before a MixLoRA block wrapper hides them (the block then calls the LoRA-wrapped projections).
         order = sorted(configs, key=lambda name: not isinstance(configs[name], LoraConfig))
         first, *rest = order
+        seed_job(seeds, first)
         super().__init__(model, {first: configs[first]}, first)
         self._cast_adapter_dtype(first)
         for name in rest:
+            seed_job(seeds, name)
             self.add_job(name, configs[name])
         self.set_adapter(order)
 
@@ -397,6 +403,12 @@ class MultiJobModel(MixLoRAModel):
                 if saved[key].shape != param.shape:
                     raise ValueError(f"{directory}: {key} has shape {tuple(saved[key].shape)}, job {name!r} needs {tuple(param.shape)}")
                 param.copy_(saved[key])
+
+
+def seed_job(seeds: dict[str, int] | None, job: str) -> None:
+    """Seed torch (and python, numpy) with `seeds[job]` where given, as SFTTrainer does before making an adapter."""
+    if seeds is not None and job in seeds:
+        set_seed(int(seeds[job]))
 
 
 def _adapter_of(param_name: str) -> str | None:

@@ -114,6 +114,7 @@ class JobRun:
         self.memory_kind = adapter_memory_kind(job.peft_config)  # its rows' kind in the scheduler's memory model
         self.released = False  # optimizer state and gradients freed at the job's end (`release`)
         self.stream: torch.Generator | None = None  # its dropout/jitter generator (`use_stream`)
+        self.scaler: torch.amp.GradScaler | None = None  # its own loss scaler under fp16 mixed precision (`scaled`)
         self._stream_at_step: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ data
@@ -190,11 +191,21 @@ class JobRun:
             if grad is not None:
                 param.grad = in_layout_of(param, grad) if param.grad is None else param.grad.add_(grad)
 
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate: times the job's loss scale under fp16 mixed precision (as
+        `accelerator.backward` scales a Trainer's), else as it is."""
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
     def optimizer_step(self, event: Callable[[str], None] = lambda name: None) -> None:
         """Clip this job's gradient norm, step its optimizer and LR schedule, clear its gradients, as Trainer does;
         `event` is called with "on_pre_optimizer_step" and "on_optimizer_step" around the optimizer's step. The norm
-        before clipping is kept (`last_grad_norm`), also with `max_grad_norm=0` (no clipping), as Trainer logs it."""
+        before clipping is kept (`last_grad_norm`), also with `max_grad_norm=0` (no clipping), as Trainer logs it.
+        Under fp16 mixed precision the gradients are unscaled first, and a step whose gradients are not finite is
+        skipped, its learning rate schedule not stepped, and the scale backed off, as Trainer's GradScaler does."""
         params = [p for p in self.stepped_tensors() if p.grad is not None]
+        scaler = self.scaler if params else None  # (no gradient: nothing to unscale or check)
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
         if params:
             max_norm = self.args.max_grad_norm
             if max_norm and max_norm > 0:
@@ -203,9 +214,17 @@ class JobRun:
                 self.last_grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used (what Trainer logs)
         event("on_pre_optimizer_step")
-        self.optimizer.step()
+        if scaler is None:
+            self.optimizer.step()
+            stepped = True
+        else:
+            scale = scaler.get_scale()
+            scaler.step(self.optimizer)
+            scaler.update()
+            stepped = scaler.get_scale() >= scale  # backed off: the step was skipped (accelerate's test)
         event("on_optimizer_step")
-        self.scheduler.step()
+        if stepped:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         self.step_epoch = self.epoch_progress
@@ -384,6 +403,8 @@ class JobRun:
             state = self.optimizer.state_dict()  # saved in a plain Trainer's per-tensor layout
             torch.save(state if self.flat is None else self.flat.per_tensor_state(state), os.path.join(tmp, "optimizer.pt"))
             torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            if self.scaler is not None:  # as Trainer's SCALER_NAME
+                torch.save(self.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
             if self.stream is not None:  # where its dropout masks and jitter go on, as of its last step
                 states = self._stream_at_step[None] if stream_states is None else stream_states
                 save_file({"state": states[0].clone(), "per_process": states.clone()},
@@ -417,6 +438,8 @@ class JobRun:
         optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
         self.optimizer.load_state_dict(optimizer_state if self.flat is None else self.flat.flat_state(optimizer_state))
         self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+        if self.scaler is not None and os.path.exists(os.path.join(path, "scaler.pt")):
+            self.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=True))
         if self.stream is not None and os.path.exists(os.path.join(path, STREAM_FILE)):
             saved = load_file(os.path.join(path, STREAM_FILE))
             states = saved.get("per_process")

@@ -19,6 +19,7 @@ them into one packed row (`packed_mixed_batch`): no padding (`JobScheduler.group
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import math
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from accelerate.utils.memory import clear_device_cache
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback, TrainerState
+from transformers import PreTrainedModel, TrainerCallback, TrainerState
 from transformers.optimization import get_scheduler
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.trainer_utils import TrainOutput, set_seed
@@ -56,6 +57,7 @@ from peft_mole.multijob.trainer_args import (
     check_callbacks,
     check_distributed,
     check_trainer_args,
+    load_base_model,
     temporarily,
     without_aux_coefficient,
 )
@@ -133,11 +135,14 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         if isinstance(model, PeftModel):
             raise TypeError("pass the base model: MultiJobTrainer adds every job's adapter itself")
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model, **((args and args.model_init_kwargs) or {}))
+            model = load_base_model(model, args)
         if args is not None:
             check_trainer_args(args, {j.name: j.peft_config for j in jobs})
         self.jobs = list(jobs)
-        self.jobs_model = MultiJobModel(model, {j.name: j.peft_config for j in jobs})
+        default_seed = args.seed if args is not None else SFTConfig.__dataclass_fields__["seed"].default
+        # each job's adapter made after set_seed(its seed), as SFTTrainer makes a job's alone
+        self.jobs_model = MultiJobModel(model, {j.name: j.peft_config for j in jobs},
+                                        seeds={j.name: default_seed if j.seed is None else j.seed for j in jobs})
         self.job_scheduler = JobScheduler(max_concurrent_jobs, max_memory)
         if step_overhead_tokens not in (None, "auto") and (
             isinstance(step_overhead_tokens, bool) or not isinstance(step_overhead_tokens, int) or step_overhead_tokens < 0
@@ -187,6 +192,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(args, self.model)
         optimizer, flat = job_optimizer(optimizer_cls, optimizer_kwargs, groups, args.device, self.flat_job_parameters)
         run = JobRun(job, args, loader, params, optimizer, None, flat=flat)
+        if self.accelerator.scaler is not None:  # fp16 mixed precision: a loss scale of the job's own
+            run.scaler = copy.deepcopy(self.accelerator.scaler)
         run.scheduler = get_scheduler(
             args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(run.max_steps),
             num_training_steps=run.max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
@@ -430,7 +437,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         if not good:
             return
         params = [p for run in good for p in run.params.values()]
-        total = sum(losses[run.name] for run in good)
+        total = sum(run.scaled(losses[run.name]) for run in good)
         grads = torch.autograd.grad(total, params, allow_unused=True)
         if shared_row and not math.isfinite(torch.nn.utils.get_total_norm([g for g in grads if g is not None])):
             raise NonFiniteInPackedStep("a gradient became non-finite in a packed step of several jobs")

@@ -155,3 +155,17 @@ def without_aux_coefficient(args):
     for the dense base nor sets up its own aux loss: MultiJobTrainer adds each MixLoRA/DynMoLE job's aux loss itself,
     scaled by the coefficient as SFTTrainer scales it (None: 1.0, the coefficient its adapters declare)."""
     return contextlib.nullcontext() if args is None else temporarily(args, "router_aux_loss_coef", None)
+
+
+def load_base_model(path: str, args=None):
+    """The base model at `path` (a local directory or a hub id), loaded as `SFTTrainer(model=path)` loads it: with
+    `args.model_init_kwargs`, float32 unless they give a `dtype` (transformers alone keeps the checkpoint's, e.g.
+    bfloat16), `trust_remote_code` from `args`, and no `device_map` when several processes train."""
+    from trl.trainer.utils import create_model_from_path
+
+    kwargs = dict((args and args.model_init_kwargs) or {})
+    if args is not None:
+        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+            kwargs["device_map"] = None
+        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return create_model_from_path(path, **kwargs)

@@ -9,14 +9,16 @@ import os
 import shutil
 
 import pytest
-from peft import LoraConfig
+import torch
+from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import TrainerCallback
+from trl import SFTTrainer
 
 from peft_mole import JobConfig, MultiJobTrainer
 from peft_mole.multijob import trainer as trainer_module
 from peft_mole.multijob.checkpoint import list_checkpoints
-from tests.helpers import mixlora, tiny_base
+from tests.helpers import dynmole, mixlora, tiny_base
 from tests.multijob.test_resume import _StopAt
 from tests.multijob.test_trainer import ALL_LINEAR, run_args
 
@@ -151,3 +153,39 @@ def test_eval_strategy_no_evaluates_only_the_jobs_that_ask_and_compute_metrics_i
     assert evaluated(by_steps) == ["asks", "plain"]
     with pytest.raises(ValueError, match="does not support compute_metrics"):
         MultiJobTrainer(model=tiny_base(), jobs=jobs(), args=run_args(tmp_path), compute_metrics=lambda p: {})
+
+
+def test_each_job_starts_from_the_adapter_sft_trainer_makes_with_its_seed(assets, tmp_path):
+    """SFTTrainer seeds (`args.seed`) before it makes the adapter; so does MultiJobTrainer, before each job's, with
+    that job's seed (before: the adapters drew from torch's generator as the caller had left it)."""
+    tokenizer, datasets = assets
+    jobs = [JobConfig("lora", LORA, datasets["sentiment"]), JobConfig("mix", mixlora(), datasets["capital"], seed=1),
+            JobConfig("dyn", dynmole(), datasets["add"], seed=0), JobConfig("mix2", mixlora(), datasets["add"])]
+    torch.manual_seed(123)  # the caller's generator state no longer matters
+    trainer = _trainer(assets, tmp_path / "run", jobs)
+    for job in jobs:
+        trainer.jobs_model.save_job(job.name, str(tmp_path / job.name))
+        solo = SFTTrainer(model=tiny_base(vocab_size=len(tokenizer)), peft_config=job.peft_config,
+                          args=job.training_args(run_args(tmp_path / "solo")), train_dataset=job.train_dataset,
+                          processing_class=tokenizer)
+        expected = get_peft_model_state_dict(solo.model)
+        made = load_file(str(tmp_path / job.name / "adapter_model.safetensors"))
+        assert made.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(made[key], expected[key]), (job.name, key)
+    mix, mix2, dyn = (trainer.jobs_model.job_parameters(n) for n in ("mix", "mix2", "dyn"))
+    assert not torch.equal(next(iter(mix.values())), next(iter(mix2.values())))  # seeds 1 and 0 differ
+
+
+def test_a_model_path_loads_as_sft_trainer_loads_it(assets, tmp_path):
+    """A base given by path is float32 unless `model_init_kwargs` give a dtype, as SFTTrainer loads it (before:
+    the checkpoint's dtype, bfloat16 here, whatever SFTTrainer would train in)."""
+    tokenizer, datasets = assets
+    tiny_base(vocab_size=len(tokenizer)).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    jobs = [JobConfig("lora", LORA, datasets["sentiment"])]
+    for init, dtype in ((None, torch.float32), ({"dtype": "bfloat16"}, torch.bfloat16)):
+        args = run_args(tmp_path / "run", model_init_kwargs=init)
+        trainer = MultiJobTrainer(model=str(tmp_path / "base"), jobs=jobs, args=args, processing_class=tokenizer)
+        solo = SFTTrainer(model=str(tmp_path / "base"), args=args, train_dataset=jobs[0].train_dataset,
+                          processing_class=tokenizer)
+        assert trainer.jobs_model.model.dtype == solo.model.dtype == dtype

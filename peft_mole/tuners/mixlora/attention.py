@@ -74,11 +74,16 @@ class LoraLinear(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
 
     def update_layer(self, adapter_name: str, r: int, scaling: float, dropout: float) -> None:
-        """Add adapter `adapter_name` with A ~ Kaiming-uniform (as PEFT) and B = 0."""
+        """Add adapter `adapter_name` with A ~ Kaiming-uniform and B = 0, drawn as PEFT's LoRA draws them (an
+        `nn.Linear` for A and one for B, then A drawn again), so that after the same seed a LoRA job starts as
+        PEFT's LoRA adapter."""
         linear = self.get_base_layer()
         weight = linear.weight
-        lora_a = torch.empty(r, linear.in_features, device=weight.device, dtype=torch.float32)
-        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+        lora_a = nn.Linear(linear.in_features, r, bias=False).weight.detach()
+        nn.Linear(r, linear.out_features, bias=False)  # (B's draw, which PEFT then sets to 0)
+        if not lora_a.is_meta:  # (meta: PEFT's low_cpu_mem_usage, the values come from the file loaded next)
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+            lora_a = lora_a.to(weight.device)
         lora_b = torch.zeros(linear.out_features, r, device=weight.device, dtype=torch.float32)
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         getattr(self, self.prefix + "A")[adapter_name] = LoraFactor(nn.Parameter(lora_a.to(dtype)))

@@ -1,0 +1,85 @@
+"""fp16 mixed precision: each job scales its loss with a GradScaler of its own, as Trainer scales one job's
+(accelerate gives a GradScaler only on an accelerator; here one is handed to the trainer as accelerate would)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from peft import LoraConfig
+
+from peft_mole import JobConfig
+from peft_mole.multijob import run as run_module
+from tests.helpers import mixlora
+from tests.multijob.test_faults import LORA, _adapter, _assert_same, _trainer
+
+
+def _train(assets, out, monkeypatch, scaler: bool, inf_at: int | None = None):
+    """LoRA (2 micro-batches a step) and MixLoRA jobs, 4 steps; `inf_at`: the LoRA job's gradient of that
+    micro-batch gets one inf."""
+    tokenizer, datasets = assets
+    jobs = [JobConfig("lora", LoraConfig(**LORA), datasets["sentiment"], gradient_accumulation_steps=2),
+            JobConfig("mix", mixlora(), datasets["capital"], per_device_train_batch_size=3)]
+    trainer = _trainer(tokenizer, jobs, out, step_overhead_tokens=0)  # the same steps in every run (not timed)
+    if scaler:
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    if inf_at is not None:
+        calls, add = [], run_module.JobRun.add_gradients
+
+        def add_with_inf(run, grads):
+            calls.append(run.name)
+            if run.name == "lora" and calls.count("lora") == inf_at:
+                grads = list(grads)
+                grads[0] = grads[0].clone().view(-1).index_fill(0, torch.tensor([0]), float("inf")).view_as(grads[0])
+            add(run, grads)
+
+        monkeypatch.setattr(run_module.JobRun, "add_gradients", add_with_inf)
+    trainer.train()
+    return trainer, {run.name: run for run in trainer.runs}
+
+
+def test_scaled_losses_train_exactly_as_unscaled(assets, tmp_path, monkeypatch):
+    # a power-of-two scale and its inverse are exact in fp32: the same adapters, bit for bit, when nothing overflows
+    _train(assets, tmp_path / "plain", monkeypatch, scaler=False)
+    _, runs = _train(assets, tmp_path / "scaled", monkeypatch, scaler=True)
+    for name in ("lora", "mix"):
+        assert runs[name].scaler.get_scale() == 2.0**10
+        plain, scaled = _adapter(tmp_path / "plain" / name), _adapter(tmp_path / "scaled" / name)
+        _assert_same(plain, scaled, atol=0.0)
+
+
+def test_a_step_with_an_inf_gradient_is_skipped_for_that_job_only(assets, tmp_path, monkeypatch):
+    # before: no job had a scaler, the step was taken and the job's adapter became NaN
+    _train(assets, tmp_path / "plain", monkeypatch, scaler=False)
+    trainer, runs = _train(assets, tmp_path / "inf", monkeypatch, scaler=True, inf_at=3)  # the 2nd step's window
+    lora = runs["lora"]
+    assert lora.status == "done" and lora.global_step == 4
+    assert lora.scaler.get_scale() == 2.0**9 and runs["mix"].scaler.get_scale() == 2.0**10
+    assert lora.scheduler.last_epoch == 3  # the skipped step does not advance the schedule, as in Trainer
+    adapter = _adapter(tmp_path / "inf" / "lora")
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+    # its checkpoint after step 1 equals the run without the fault; after step 2 (skipped) it is unchanged
+    step1, step2 = (_adapter(tmp_path / "inf" / "lora" / f"checkpoint-{s}") for s in (1, 2))
+    _assert_same(step1, _adapter(tmp_path / "plain" / "lora" / "checkpoint-1"), atol=0.0)
+    _assert_same(step1, step2, atol=0.0)
+    _assert_same(_adapter(tmp_path / "inf" / "mix"), _adapter(tmp_path / "plain" / "mix"), atol=0.0)
+    saved = torch.load(tmp_path / "inf" / "lora" / "checkpoint-4" / "scaler.pt", weights_only=True)
+    assert saved["scale"] == 2.0**9  # written with the checkpoint, as Trainer's scaler.pt
+
+
+def test_resume_restores_each_jobs_loss_scale(assets, tmp_path, monkeypatch):
+    resume_from = 2  # the step after the skipped one
+    _train(assets, tmp_path / "inf", monkeypatch, scaler=True, inf_at=3)
+    for name in ("lora", "mix"):  # as if stopped after step `resume_from`: resume continues from its checkpoint
+        os.rename(tmp_path / "inf" / name / "job_state.json", tmp_path / f"{name}-final.json")
+        for step in range(resume_from + 1, 5):
+            os.rename(tmp_path / "inf" / name / f"checkpoint-{step}", tmp_path / f"{name}-{step}")
+    tokenizer, datasets = assets
+    jobs = [JobConfig("lora", LoraConfig(**LORA), datasets["sentiment"], gradient_accumulation_steps=2),
+            JobConfig("mix", mixlora(), datasets["capital"], per_device_train_batch_size=3)]
+    trainer = _trainer(tokenizer, jobs, tmp_path / "inf", step_overhead_tokens=0)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    trainer.train(resume_from_checkpoint=True)
+    runs = {run.name: run for run in trainer.runs}
+    assert runs["lora"].scaler.get_scale() == 2.0**9  # (a fresh scaler would say 2**10)
+    _assert_same(_adapter(tmp_path / "inf" / "lora"), _adapter(tmp_path / "lora-4"), atol=0.0)
