@@ -111,6 +111,7 @@ def _train(args: argparse.Namespace) -> int:
         config = SFTConfig(output_dir=spec.output_dir, **spec.args)
         set_seed(config.seed)  # as SFTTrainer seeds before loading (MultiJobTrainer seeds each job's adapter)
         model = load_base_model(spec.model, config)  # as SFTTrainer loads it (args.model_init_kwargs, dtype)
+        config.model_init_kwargs = None  # used (SFTTrainer would warn that they are ignored)
     except OSError as error:
         raise SystemExit(f"peft-mole train: model {spec.model!r} cannot be loaded: {error}") from None
     except (TypeError, ValueError) as error:  # the job file's args, as SFTConfig checks them

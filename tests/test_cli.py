@@ -9,8 +9,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
-from peft_mole import synthetic
+from peft_mole import MultiJobTrainer, synthetic
 from peft_mole.cli import main
 from tests.helpers import tiny_base
 
@@ -109,3 +110,20 @@ def test_train_errors_are_one_line(job_file, tmp_path, change, match):
         (tmp_path / "run").write_text("")
     with pytest.raises(SystemExit, match=match):
         main(["train", job_file("run", model=model, **change)])
+
+
+def test_train_loads_the_base_as_sft_trainer_does_with_the_files_model_init_kwargs(job_file, tmp_path, monkeypatch):
+    """float32 unless `args.model_init_kwargs` set a dtype, as SFTTrainer loads a model path (before: the
+    checkpoint's dtype, bfloat16 here, and the file's `model_init_kwargs` ignored)."""
+    job_file("first")  # writes the base
+    AutoModelForCausalLM.from_pretrained(tmp_path / "base").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    seen, init = [], MultiJobTrainer.__init__
+
+    def recording(self, model, *args, **kwargs):
+        seen.append(model.dtype)
+        init(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(MultiJobTrainer, "__init__", recording)
+    assert main(["train", job_file("f32", model=tmp_path / "bf16")]) == 0
+    assert main(["train", job_file("b16", model=tmp_path / "bf16", model_init_kwargs={"dtype": "bfloat16"})]) == 0
+    assert seen == [torch.float32, torch.bfloat16]

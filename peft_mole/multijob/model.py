@@ -125,12 +125,13 @@ class MultiJobModel(MixLoRAModel):
         # before a MixLoRA block wrapper hides them (the block then calls the LoRA-wrapped projections).
         order = sorted(configs, key=lambda name: not isinstance(configs[name], LoraConfig))
         first, *rest = order
-        seed_job(seeds, first)
+        seeds = seeds or {}
+        if first in seeds:
+            set_seed(int(seeds[first]))
         super().__init__(model, {first: configs[first]}, first)
         self._cast_adapter_dtype(first)
         for name in rest:
-            seed_job(seeds, name)
-            self.add_job(name, configs[name])
+            self.add_job(name, configs[name], seeds.get(name))
         self.set_adapter(order)
 
     @staticmethod
@@ -147,8 +148,8 @@ class MultiJobModel(MixLoRAModel):
                 f"{type(config).__name__}"
             )
 
-    def add_job(self, name: str, config: PeftConfig) -> None:
-        """Inject one more job's adapter (all jobs stay active)."""
+    def add_job(self, name: str, config: PeftConfig, seed: int | None = None) -> None:
+        """Inject one more job's adapter (all jobs stay active); `seed`: `transformers.set_seed(seed)` before."""
         self._check_config(name, config)
         if name in self.peft_config:
             raise ValueError(f"job name {name!r} is used twice; job names must be unique")
@@ -158,6 +159,8 @@ class MultiJobModel(MixLoRAModel):
                 "the routed MLP wrappers hide the projections a later LoRA job would target"
             )
         self.peft_config[name] = config
+        if seed is not None:
+            set_seed(int(seed))
         self.inject_adapter(self.model, name)
         self._cast_adapter_dtype(name)
         self.set_adapter(list(self.peft_config))
@@ -403,12 +406,6 @@ class MultiJobModel(MixLoRAModel):
                 if saved[key].shape != param.shape:
                     raise ValueError(f"{directory}: {key} has shape {tuple(saved[key].shape)}, job {name!r} needs {tuple(param.shape)}")
                 param.copy_(saved[key])
-
-
-def seed_job(seeds: dict[str, int] | None, job: str) -> None:
-    """Seed torch (and python, numpy) with `seeds[job]` where given, as SFTTrainer does before making an adapter."""
-    if seeds is not None and job in seeds:
-        set_seed(int(seeds[job]))
 
 
 def _adapter_of(param_name: str) -> str | None:

@@ -221,7 +221,7 @@ class JobRun:
             scale = scaler.get_scale()
             scaler.step(self.optimizer)
             scaler.update()
-            stepped = scaler.get_scale() >= scale  # backed off: the step was skipped (accelerate's test)
+            stepped = scaler.get_scale() >= scale  # backed off: the step was skipped (a fused optimizer's too)
         event("on_optimizer_step")
         if stepped:
             self.scheduler.step()

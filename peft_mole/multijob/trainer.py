@@ -60,6 +60,7 @@ from peft_mole.multijob.trainer_args import (
     load_base_model,
     temporarily,
     without_aux_coefficient,
+    without_init_kwargs,
 )
 
 logger = logging.getLogger(__name__)
@@ -134,12 +135,14 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
             raise ValueError(f"job names must be unique; used more than once: {duplicates}")
         if isinstance(model, PeftModel):
             raise TypeError("pass the base model: MultiJobTrainer adds every job's adapter itself")
-        if isinstance(model, str):
+        default_seed = args.seed if args is not None else SFTConfig.__dataclass_fields__["seed"].default
+        loaded = isinstance(model, str)
+        if loaded:  # as SFTTrainer: seeded, then loaded with args.model_init_kwargs
+            set_seed(default_seed)
             model = load_base_model(model, args)
         if args is not None:
             check_trainer_args(args, {j.name: j.peft_config for j in jobs})
         self.jobs = list(jobs)
-        default_seed = args.seed if args is not None else SFTConfig.__dataclass_fields__["seed"].default
         # each job's adapter made after set_seed(its seed), as SFTTrainer makes a job's alone
         self.jobs_model = MultiJobModel(model, {j.name: j.peft_config for j in jobs},
                                         seeds={j.name: default_seed if j.seed is None else j.seed for j in jobs})
@@ -155,7 +158,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
             # an eval_dataset (Trainer refuses an eval_strategy without one), prepared once: that job's reuses it
             first_eval = next((j.eval_dataset for j in jobs if j.eval_dataset is not None), None)
             passed_eval = kwargs.setdefault("eval_dataset", first_eval)
-            with without_aux_coefficient(args):
+            with without_aux_coefficient(args), without_init_kwargs(args, loaded):
                 super().__init__(model=model, args=args, train_dataset=jobs[0].train_dataset, callbacks=callbacks,
                                  processing_class=processing_class, data_collator=data_collator,
                                  formatting_func=formatting_func, **kwargs)
@@ -427,9 +430,13 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         # jobs' tokens (0 · NaN), in their losses or their gradients; nothing is added before these checks, so
         # `_train_parts` retries the jobs in smaller steps until the diverged ones are alone
         shared_row = len(parts) > 1 and is_packed(parts[0][1]) and not self.job_scheduler.varlen_attention
-        diverged = [run.name for run, _ in parts if not math.isfinite(read[run.name][0])]
-        if diverged and shared_row:
-            raise NonFiniteInPackedStep(f"the loss of {', '.join(diverged)} became non-finite in a packed step")
+        non_finite = [run for run, _ in parts if not math.isfinite(read[run.name][0])]
+        if non_finite and shared_row:
+            names = ", ".join(run.name for run in non_finite)
+            raise NonFiniteInPackedStep(f"the loss of {names} became non-finite in a packed step")
+        # a job with a loss scaler (fp16) trains on: its non-finite gradients make the scaler skip the step, as
+        # Trainer's does; any other job with a non-finite loss has diverged
+        diverged = [run.name for run in non_finite if run.scaler is None]
         good = [run for run, _ in parts if run.name not in diverged]
         for run, _ in parts:
             if run.name in diverged:

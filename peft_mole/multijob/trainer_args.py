@@ -157,15 +157,25 @@ def without_aux_coefficient(args):
     return contextlib.nullcontext() if args is None else temporarily(args, "router_aux_loss_coef", None)
 
 
+def without_init_kwargs(args, loaded: bool):
+    """Within it, `args.model_init_kwargs` is None where the model was `loaded` from a path with them already
+    (`load_base_model`): SFTTrainer's `__init__`, given the loaded model, would warn that they are ignored."""
+    if args is None or not loaded:
+        return contextlib.nullcontext()
+    return temporarily(args, "model_init_kwargs", None)
+
+
 def load_base_model(path: str, args=None):
     """The base model at `path` (a local directory or a hub id), loaded as `SFTTrainer(model=path)` loads it: with
     `args.model_init_kwargs`, float32 unless they give a `dtype` (transformers alone keeps the checkpoint's, e.g.
     bfloat16), `trust_remote_code` from `args`, and no `device_map` when several processes train."""
+    from accelerate import PartialState
     from trl.trainer.utils import create_model_from_path
 
     kwargs = dict((args and args.model_init_kwargs) or {})
+    distributed = args.distributed_state if args is not None else PartialState()
+    if distributed.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None
     if args is not None:
-        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-            kwargs["device_map"] = None
         kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     return create_model_from_path(path, **kwargs)

@@ -133,7 +133,8 @@ def test_a_jobs_entropy_accuracy_tokens_and_aux_loss_are_logged_as_alone(assets,
     assert len(logged) == len(alone) == 3
     for key in ("entropy", "mean_token_accuracy", "num_tokens", "aux_loss"):
         assert [h[f"mix/{key}"] for h in logged] == pytest.approx([h[key] for h in alone], rel=1e-4, abs=1e-6), key
-    assert max(h["mix/mean_token_accuracy"] for h in logged) > 0.05  # (the comparison means something)
+    # above 0 in some log, so the comparison means something (lr 0.05 makes it oscillate: 0, 0.12, 0 padded)
+    assert max(h["mix/mean_token_accuracy"] for h in logged) > 0.05
     assert logged[-1]["mix/num_tokens"] > logged[0]["mix/num_tokens"] > 0
     assert all(h["mix/aux_loss"] > 0 for h in logged)
     assert not [h for h in trainer.state.log_history if "lora/aux_loss" in h]  # a LoRA job has no router

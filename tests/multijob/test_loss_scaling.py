@@ -10,13 +10,15 @@ from peft import LoraConfig
 
 from peft_mole import JobConfig
 from peft_mole.multijob import run as run_module
+from peft_mole.multijob import trainer as trainer_module
 from tests.helpers import mixlora
 from tests.multijob.test_faults import LORA, _adapter, _assert_same, _trainer
 
 
-def _train(assets, out, monkeypatch, scaler: bool, inf_at: int | None = None):
+def _train(assets, out, monkeypatch, scaler: bool, inf_at: int | None = None, inf_loss_at: int | None = None):
     """LoRA (2 micro-batches a step) and MixLoRA jobs, 4 steps; `inf_at`: the LoRA job's gradient of that
-    micro-batch gets one inf."""
+    micro-batch gets one inf; `inf_loss_at`: that mixed step's log-probabilities overflow (times inf), as an fp16
+    forward past 65504 makes them, for every job in it."""
     tokenizer, datasets = assets
     jobs = [JobConfig("lora", LoraConfig(**LORA), datasets["sentiment"], gradient_accumulation_steps=2),
             JobConfig("mix", mixlora(), datasets["capital"], per_device_train_batch_size=3)]
@@ -34,6 +36,14 @@ def _train(assets, out, monkeypatch, scaler: bool, inf_at: int | None = None):
             add(run, grads)
 
         monkeypatch.setattr(run_module.JobRun, "add_gradients", add_with_inf)
+    if inf_loss_at is not None:
+        steps, log_probs = [], trainer_module.at_least_fp32
+
+        def overflowing(x):
+            steps.append(1)
+            return log_probs(x) * (float("inf") if len(steps) == inf_loss_at else 1.0)
+
+        monkeypatch.setattr(trainer_module, "at_least_fp32", overflowing)
     trainer.train()
     return trainer, {run.name: run for run in trainer.runs}
 
@@ -83,3 +93,17 @@ def test_resume_restores_each_jobs_loss_scale(assets, tmp_path, monkeypatch):
     runs = {run.name: run for run in trainer.runs}
     assert runs["lora"].scaler.get_scale() == 2.0**9  # (a fresh scaler would say 2**10)
     _assert_same(_adapter(tmp_path / "inf" / "lora"), _adapter(tmp_path / "lora-4"), atol=0.0)
+
+
+def test_a_non_finite_loss_with_a_scaler_skips_the_step_instead_of_failing_the_job(assets, tmp_path, monkeypatch):
+    # as Trainer's GradScaler: the overflowed step's gradients are not finite, so it is skipped and training goes
+    # on (before: the jobs in that step failed, "its loss became inf"); without a scaler they still fail
+    _, runs = _train(assets, tmp_path / "scaled", monkeypatch, scaler=True, inf_loss_at=2)
+    skipped = {name for name, run in runs.items() if run.scaler.get_scale() == 2.0**9}
+    assert skipped and all(runs[name].scheduler.last_epoch == 3 for name in skipped)
+    for name, run in runs.items():
+        assert (run.status, run.global_step) == ("done", 4), name
+        assert all(torch.isfinite(t).all() for t in _adapter(tmp_path / "scaled" / name).values())
+    monkeypatch.undo()
+    _, runs = _train(assets, tmp_path / "plain", monkeypatch, scaler=False, inf_loss_at=2)
+    assert {name for name, run in runs.items() if run.status == "failed"} == skipped

@@ -263,9 +263,10 @@ class MixLoRAModel(BaseTuner):
         forward: one that neither comes through `PeftModel` (`model.get_base_model()(...)`, `...get_decoder()(...)`,
         as with PEFT's LoRA) runs the active adapter on every row, not the rows of the call before (kept for
         activation checkpointing's recomputation). Such a call, and each of `generate`'s, which calls the base
-        itself, counts the real tokens of its own 2-D `attention_mask` (`dense_weights`), not the mask of the call
-        before (a shape error where that was shorter). Compiled with the base or the decoder (`torch.compile`, a
-        compiled multi-job step), it is traced as part of the graph."""
+        itself, counts the real tokens of its own 2-D `attention_mask` keyword (`dense_weights`), not the mask of
+        the call before (a shape error where that was shorter); every token counts where the mask is positional or
+        4-D (generate with a static cache). Compiled with the base or the decoder (`torch.compile`, a compiled
+        multi-job step), it is traced as part of the graph."""
         context = self._context()
         if context.in_tuner_call:
             return
