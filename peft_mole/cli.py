@@ -92,7 +92,7 @@ def _evaluate(args: argparse.Namespace, tasks: list[str], adapter_dirs: list[str
 
 
 def _train(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer, set_seed
+    from transformers import AutoTokenizer
     from trl import SFTConfig
 
     from peft_mole.multijob.job_file import load_run
@@ -109,9 +109,9 @@ def _train(args: argparse.Namespace) -> int:
         raise SystemExit(f"peft-mole train: tokenizer {spec.tokenizer!r} cannot be loaded: {error}") from None
     try:
         config = SFTConfig(output_dir=spec.output_dir, **spec.args)
-        set_seed(config.seed)  # as SFTTrainer seeds before loading (MultiJobTrainer seeds each job's adapter)
-        model = load_base_model(spec.model, config)  # as SFTTrainer loads it (args.model_init_kwargs, dtype)
-        config.model_init_kwargs = None  # used (SFTTrainer would warn that they are ignored)
+        model = load_base_model(spec.model, config)  # as SFTTrainer loads it (seeded, args.model_init_kwargs, dtype)
+        config.model_init_kwargs = None  # used (SFTTrainer would warn that they are ignored; the trainer does the
+        # same for a path it loads, `without_init_kwargs`)
     except OSError as error:
         raise SystemExit(f"peft-mole train: model {spec.model!r} cannot be loaded: {error}") from None
     except (TypeError, ValueError) as error:  # the job file's args, as SFTConfig checks them

@@ -101,6 +101,14 @@ class PackedSegments:
         return PackedSegments(self.ends.to(device), order)
 
 
+def real_tokens(attention_mask) -> torch.Tensor | None:
+    """(batch, seq) bool mask of the real tokens of a 2-D attention mask; None (every token counts) for none, or for
+    another form (a 4-D mask)."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        return attention_mask.bool()
+    return None
+
+
 def packed_real_tokens(position_ids: torch.Tensor) -> torch.Tensor | None:
     """(1, T) bool mask of a padding-free row's real tokens, or None where none is padding. TRL's padding-free
     collator pads the packed row on the right (`pad_to_multiple_of`) with position id 0 and label -100, so each pad

@@ -1,6 +1,6 @@
 """A multi-job run described in YAML, for `peft-mole train jobs.yaml` (same semantics as the Python API).
 
-    model: Qwen/Qwen2.5-0.5B          # hub id or local path (AutoModelForCausalLM.from_pretrained)
+    model: Qwen/Qwen2.5-0.5B          # hub id or local path (loaded as SFTTrainer loads it: args.model_init_kwargs)
     tokenizer: Qwen/Qwen2.5-0.5B      # optional, default: model
     output_dir: runs/demo
     max_concurrent_jobs: 4            # optional

@@ -84,6 +84,9 @@ class JobStepping:
                 run.stats.aux_loss.append(aux / processes)  # (the mean over processes)
         run.window_tokens = 0
         run.optimizer_step(lambda event: self._job_event(event, run))
+        if self.args.logging_nan_inf_filter and not math.isfinite(run.window_loss):  # (a loss scaler's skipped
+            losses = run.stats.losses  # step) as Trainer: the mean of the steps since the last log instead
+            run.window_loss = sum(losses) / len(losses) if losses else 0.0
         run.stats.last_loss, run.stats.stepped = run.window_loss, (run.stats.tokens, run.stats.seconds)
         run.mixed_step = self.state.global_step
         run.stats.losses.append(run.window_loss)

@@ -127,9 +127,8 @@ class MultiJobModel(MixLoRAModel):
         first, *rest = order
         seeds = seeds or {}
         if first in seeds:
-            set_seed(int(seeds[first]))
+            set_seed(seeds[first])
         super().__init__(model, {first: configs[first]}, first)
-        self._cast_adapter_dtype(first)
         for name in rest:
             self.add_job(name, configs[name], seeds.get(name))
         self.set_adapter(order)
@@ -160,10 +159,15 @@ class MultiJobModel(MixLoRAModel):
             )
         self.peft_config[name] = config
         if seed is not None:
-            set_seed(int(seed))
+            set_seed(seed)
         self.inject_adapter(self.model, name)
-        self._cast_adapter_dtype(name)
         self.set_adapter(list(self.peft_config))
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """As the tuner's, then the job's adapter in float32 on a half-precision base, as `PeftModel` casts a PEFT
+        adapter (`autocast_adapter_dtype=True`)."""
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._cast_adapter_dtype(adapter_name)
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)

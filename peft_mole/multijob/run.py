@@ -29,6 +29,7 @@ WAITING, RUNNING, DONE, FAILED, STOPPED = "waiting", "running", "done", "failed"
 # what each trained micro-batch adds to a job's logs (sums over its rows; the aux loss nan for a job without one)
 MICRO_BATCH_METRICS = ("entropy_sum", "top1_count", "target_tokens", "aux_loss")
 STREAM_FILE = "random_stream.safetensors"  # a checkpoint's state of the job's random stream
+SCALER_FILE = "scaler.pt"  # its loss scaler's state under fp16 mixed precision (Trainer's SCALER_NAME)
 
 
 def stream_seed(seed: int, name: str) -> int:
@@ -201,7 +202,8 @@ class JobRun:
         `event` is called with "on_pre_optimizer_step" and "on_optimizer_step" around the optimizer's step. The norm
         before clipping is kept (`last_grad_norm`), also with `max_grad_norm=0` (no clipping), as Trainer logs it.
         Under fp16 mixed precision the gradients are unscaled first, and a step whose gradients are not finite is
-        skipped, its learning rate schedule not stepped, and the scale backed off, as Trainer's GradScaler does."""
+        skipped, its learning rate schedule not stepped, and the scale backed off, as Trainer's GradScaler does
+        (Trainer steps the schedule there with a fused optimizer, whose skip accelerate cannot see)."""
         params = [p for p in self.stepped_tensors() if p.grad is not None]
         scaler = self.scaler if params else None  # (no gradient: nothing to unscale or check)
         if scaler is not None:
@@ -403,8 +405,8 @@ class JobRun:
             state = self.optimizer.state_dict()  # saved in a plain Trainer's per-tensor layout
             torch.save(state if self.flat is None else self.flat.per_tensor_state(state), os.path.join(tmp, "optimizer.pt"))
             torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-            if self.scaler is not None:  # as Trainer's SCALER_NAME
-                torch.save(self.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+            if self.scaler is not None:
+                torch.save(self.scaler.state_dict(), os.path.join(tmp, SCALER_FILE))
             if self.stream is not None:  # where its dropout masks and jitter go on, as of its last step
                 states = self._stream_at_step[None] if stream_states is None else stream_states
                 save_file({"state": states[0].clone(), "per_process": states.clone()},
@@ -438,8 +440,8 @@ class JobRun:
         optimizer_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
         self.optimizer.load_state_dict(optimizer_state if self.flat is None else self.flat.flat_state(optimizer_state))
         self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
-        if self.scaler is not None and os.path.exists(os.path.join(path, "scaler.pt")):
-            self.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=True))
+        if self.scaler is not None and os.path.exists(os.path.join(path, SCALER_FILE)):
+            self.scaler.load_state_dict(torch.load(os.path.join(path, SCALER_FILE), weights_only=True))
         if self.stream is not None and os.path.exists(os.path.join(path, STREAM_FILE)):
             saved = load_file(os.path.join(path, STREAM_FILE))
             states = saved.get("per_process")

@@ -79,7 +79,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
     """Train several `JobConfig`s together on one frozen base.
 
     Args:
-        model: the base model (or a hub id / local path, loaded with `AutoModelForCausalLM.from_pretrained`).
+        model: the base model (or a hub id / local path, loaded as SFTTrainer loads it: `load_base_model`).
         jobs: the jobs; names must be unique.
         args: an `SFTConfig`: the defaults for every job, and the run's `output_dir` (job j writes to
             `output_dir/<j>/`: checkpoints `checkpoint-N/` and the final adapter).
@@ -135,13 +135,12 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
             raise ValueError(f"job names must be unique; used more than once: {duplicates}")
         if isinstance(model, PeftModel):
             raise TypeError("pass the base model: MultiJobTrainer adds every job's adapter itself")
-        default_seed = args.seed if args is not None else SFTConfig.__dataclass_fields__["seed"].default
-        loaded = isinstance(model, str)
-        if loaded:  # as SFTTrainer: seeded, then loaded with args.model_init_kwargs
-            set_seed(default_seed)
-            model = load_base_model(model, args)
         if args is not None:
             check_trainer_args(args, {j.name: j.peft_config for j in jobs})
+        loaded = isinstance(model, str)
+        if loaded:
+            model = load_base_model(model, args, kwargs.pop("quantization_config", None))
+        default_seed = args.seed if args is not None else SFTConfig.seed
         self.jobs = list(jobs)
         # each job's adapter made after set_seed(its seed), as SFTTrainer makes a job's alone
         self.jobs_model = MultiJobModel(model, {j.name: j.peft_config for j in jobs},
@@ -436,11 +435,10 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
             raise NonFiniteInPackedStep(f"the loss of {names} became non-finite in a packed step")
         # a job with a loss scaler (fp16) trains on: its non-finite gradients make the scaler skip the step, as
         # Trainer's does; any other job with a non-finite loss has diverged
-        diverged = [run.name for run in non_finite if run.scaler is None]
-        good = [run for run, _ in parts if run.name not in diverged]
-        for run, _ in parts:
-            if run.name in diverged:
-                self._round_failures[run.name] = f"its loss became {read[run.name][0]} at step {run.global_step + 1}"
+        diverged = [run for run in non_finite if run.scaler is None]
+        for run in diverged:
+            self._round_failures[run.name] = f"its loss became {read[run.name][0]} at step {run.global_step + 1}"
+        good = [run for run, _ in parts if run not in diverged]
         if not good:
             return
         params = [p for run in good for p in run.params.values()]

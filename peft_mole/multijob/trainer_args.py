@@ -1,4 +1,5 @@
-"""The `SFTConfig` options that `MultiJobTrainer` cannot honour, refused when it is built.
+"""How `MultiJobTrainer` takes SFTTrainer's arguments: the `SFTConfig` options it cannot honour, refused when it is
+built; the numbers and callbacks it checks; the base model loaded from a path as SFTTrainer loads it.
 
 MultiJobTrainer runs its own training loop (one mixed step for many jobs), so what `Trainer.train` would do with
 these options never happens; each is refused with what to do instead, rather than silently ignored.
@@ -165,14 +166,23 @@ def without_init_kwargs(args, loaded: bool):
     return temporarily(args, "model_init_kwargs", None)
 
 
-def load_base_model(path: str, args=None):
-    """The base model at `path` (a local directory or a hub id), loaded as `SFTTrainer(model=path)` loads it: with
-    `args.model_init_kwargs`, float32 unless they give a `dtype` (transformers alone keeps the checkpoint's, e.g.
-    bfloat16), `trust_remote_code` from `args`, and no `device_map` when several processes train."""
+def load_base_model(path: str, args=None, quantization_config=None):
+    """The base model at `path` (a local directory or a hub id), loaded as `SFTTrainer(model=path)` loads it: after
+    `set_seed(args.seed)`, with `args.model_init_kwargs` (and `quantization_config`), float32 unless they give a
+    `dtype` (transformers alone keeps the checkpoint's, e.g. bfloat16), `trust_remote_code` from `args`, and no
+    `device_map` when several processes train."""
     from accelerate import PartialState
+    from transformers import set_seed
+    from trl import SFTConfig
     from trl.trainer.utils import create_model_from_path
 
+    set_seed(args.seed if args is not None else SFTConfig.seed)
     kwargs = dict((args and args.model_init_kwargs) or {})
+    if quantization_config is not None:
+        if "quantization_config" in kwargs:
+            raise ValueError("quantization_config is set both as a trainer argument and in args.model_init_kwargs; "
+                             "set it in one place")
+        kwargs["quantization_config"] = quantization_config
     distributed = args.distributed_state if args is not None else PartialState()
     if distributed.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
         kwargs["device_map"] = None

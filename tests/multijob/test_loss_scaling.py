@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -15,16 +16,23 @@ from tests.helpers import mixlora
 from tests.multijob.test_faults import LORA, _adapter, _assert_same, _trainer
 
 
-def _train(assets, out, monkeypatch, scaler: bool, inf_at: int | None = None, inf_loss_at: int | None = None):
-    """LoRA (2 micro-batches a step) and MixLoRA jobs, 4 steps; `inf_at`: the LoRA job's gradient of that
-    micro-batch gets one inf; `inf_loss_at`: that mixed step's log-probabilities overflow (times inf), as an fp16
-    forward past 65504 makes them, for every job in it."""
+def _scaled_trainer(assets, out, scaler: bool):
+    """LoRA (2 micro-batches a step) and MixLoRA jobs, 4 steps, a checkpoint at each; `scaler`: the accelerator's
+    GradScaler (scale 2^10), as accelerate makes one under fp16 on a GPU."""
     tokenizer, datasets = assets
     jobs = [JobConfig("lora", LoraConfig(**LORA), datasets["sentiment"], gradient_accumulation_steps=2),
             JobConfig("mix", mixlora(), datasets["capital"], per_device_train_batch_size=3)]
     trainer = _trainer(tokenizer, jobs, out, step_overhead_tokens=0)  # the same steps in every run (not timed)
     if scaler:
         trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    return trainer
+
+
+def _train(assets, out, monkeypatch, scaler: bool, inf_at: int | None = None, inf_loss_at: int | None = None):
+    """`_scaled_trainer` trained; `inf_at`: the LoRA job's gradient of that micro-batch gets one inf;
+    `inf_loss_at`: that mixed step's log-probabilities overflow (times inf), as an fp16 forward past 65504 makes
+    them, for every job in it."""
+    trainer = _scaled_trainer(assets, out, scaler)
     if inf_at is not None:
         calls, add = [], run_module.JobRun.add_gradients
 
@@ -84,11 +92,7 @@ def test_resume_restores_each_jobs_loss_scale(assets, tmp_path, monkeypatch):
         os.rename(tmp_path / "inf" / name / "job_state.json", tmp_path / f"{name}-final.json")
         for step in range(resume_from + 1, 5):
             os.rename(tmp_path / "inf" / name / f"checkpoint-{step}", tmp_path / f"{name}-{step}")
-    tokenizer, datasets = assets
-    jobs = [JobConfig("lora", LoraConfig(**LORA), datasets["sentiment"], gradient_accumulation_steps=2),
-            JobConfig("mix", mixlora(), datasets["capital"], per_device_train_batch_size=3)]
-    trainer = _trainer(tokenizer, jobs, tmp_path / "inf", step_overhead_tokens=0)
-    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    trainer = _scaled_trainer(assets, tmp_path / "inf", scaler=True)
     trainer.train(resume_from_checkpoint=True)
     runs = {run.name: run for run in trainer.runs}
     assert runs["lora"].scaler.get_scale() == 2.0**9  # (a fresh scaler would say 2**10)
@@ -98,9 +102,13 @@ def test_resume_restores_each_jobs_loss_scale(assets, tmp_path, monkeypatch):
 def test_a_non_finite_loss_with_a_scaler_skips_the_step_instead_of_failing_the_job(assets, tmp_path, monkeypatch):
     # as Trainer's GradScaler: the overflowed step's gradients are not finite, so it is skipped and training goes
     # on (before: the jobs in that step failed, "its loss became inf"); without a scaler they still fail
-    _, runs = _train(assets, tmp_path / "scaled", monkeypatch, scaler=True, inf_loss_at=2)
+    trainer, runs = _train(assets, tmp_path / "scaled", monkeypatch, scaler=True, inf_loss_at=2)
     skipped = {name for name, run in runs.items() if run.scaler.get_scale() == 2.0**9}
     assert skipped and all(runs[name].scheduler.last_epoch == 3 for name in skipped)
+    for name in skipped:  # its logged loss leaves the overflow out, as Trainer's logging_nan_inf_filter (which
+        # takes the mean of the steps since the last log: 0.0 for a skipped first step, as here)
+        losses = [h[f"{name}/loss"] for h in trainer.state.log_history if f"{name}/loss" in h]
+        assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses), losses
     for name, run in runs.items():
         assert (run.status, run.global_step) == ("done", 4), name
         assert all(torch.isfinite(t).all() for t in _adapter(tmp_path / "scaled" / name).values())

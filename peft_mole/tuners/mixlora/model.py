@@ -15,7 +15,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from peft_mole.diagnostics import RouterStats, router_stats
-from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord, packed_real_tokens
+from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord, packed_real_tokens, real_tokens
 from peft_mole.tuners.aux_outputs import declare_known, with_fields
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
 from peft_mole.tuners.load_checks import base_shape, check_base_shape, text_config
@@ -259,21 +259,21 @@ class MixLoRAModel(BaseTuner):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _base_called(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Before each call of the base model or of its decoder stack that does not come through the tuner's
-        forward: one that neither comes through `PeftModel` (`model.get_base_model()(...)`, `...get_decoder()(...)`,
-        as with PEFT's LoRA) runs the active adapter on every row, not the rows of the call before (kept for
-        activation checkpointing's recomputation). Such a call, and each of `generate`'s, which calls the base
-        itself, counts the real tokens of its own 2-D `attention_mask` keyword (`dense_weights`), not the mask of
-        the call before (a shape error where that was shorter); every token counts where the mask is positional or
-        4-D (generate with a static cache). Compiled with the base or the decoder (`torch.compile`, a compiled
+        """Before each call of the base model or of its decoder stack that does not come through the tuner's forward
+        (`generate` calls the base itself; so do `model.get_base_model()(...)` and `...get_decoder()(...)`).
+
+        A call that does not come through `PeftModel` either runs the active adapter on every row, as PEFT's LoRA
+        does, not the rows of the call before (kept for activation checkpointing's recomputation). Every such call
+        counts the real tokens of its own 2-D `attention_mask` keyword (`dense_weights`), not the mask of the call
+        before (a shape error where that was shorter); every token counts where the mask is positional or 4-D
+        (generate with a static cache). Compiled with the base or the decoder (`torch.compile`, a compiled
         multi-job step), it is traced as part of the graph."""
         context = self._context()
         if context.in_tuner_call:
             return
         if not context.rows_set_by_hook and context.row_adapters is not None:
             context.set_row_adapters(None)
-        mask = kwargs.get("attention_mask")
-        context.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        context.token_mask = real_tokens(kwargs.get("attention_mask"))
 
     def _check_adapter_names(self, names) -> None:
         if isinstance(names, str) or not all(isinstance(n, str) for n in names):
@@ -299,7 +299,7 @@ class MixLoRAModel(BaseTuner):
         self._rows_set(context, args, kwargs)
         labels = kwargs.get("labels")
         attention_mask = kwargs.get("attention_mask")
-        context.token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        context.token_mask = real_tokens(attention_mask)
         context.records = [] if (self.training or labels is not None) else None
         positions = kwargs.get("position_ids")
         if (context.records is not None and attention_mask is None and self.packed_rows_may_end_in_padding
