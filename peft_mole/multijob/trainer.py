@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from accelerate.utils.memory import clear_device_cache
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig
 from transformers import PreTrainedModel, TrainerCallback, TrainerState
 from transformers.optimization import get_scheduler
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -54,9 +54,10 @@ from peft_mole.multijob.run import FAILED, MICRO_BATCH_METRICS, JobRun, stream_s
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
 from peft_mole.multijob.trainer_args import (
     JobSetupError,
-    check_callbacks,
     check_distributed,
+    check_step_overhead_tokens,
     check_trainer_args,
+    check_trainer_inputs,
     load_base_model,
     temporarily,
     without_aux_coefficient,
@@ -119,22 +120,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         step_overhead_tokens: int | str | None = "auto",
         **kwargs: Any,
     ) -> None:
-        if "peft_config" in kwargs or "train_dataset" in kwargs or "eval_dataset" in kwargs:
-            raise TypeError("MultiJobTrainer takes the adapters and datasets from jobs=[JobConfig(...)] (each job's "
-                            "train_dataset and eval_dataset), not peft_config/train_dataset/eval_dataset")
-        check_callbacks(callbacks)
-        for unsupported in ("compute_metrics", "preprocess_logits_for_metrics"):
-            if kwargs.get(unsupported) is not None:  # it would be silently never called
-                raise ValueError(f"MultiJobTrainer does not support {unsupported}: each job's evaluation logs "
-                                 "<job>/eval_loss; score a job's saved adapter with SFTTrainer or evaluate_commonsense")
-        if not isinstance(jobs, (list, tuple)) or not jobs or not all(isinstance(j, JobConfig) for j in jobs):
-            raise TypeError(f"jobs must be a non-empty list of JobConfig, got {jobs!r}")
-        names = [j.name for j in jobs]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"job names must be unique; used more than once: {duplicates}")
-        if isinstance(model, PeftModel):
-            raise TypeError("pass the base model: MultiJobTrainer adds every job's adapter itself")
+        check_trainer_inputs(model, jobs, callbacks, kwargs)
         if args is not None:
             check_trainer_args(args, {j.name: j.peft_config for j in jobs})
         loaded = isinstance(model, str)
@@ -146,10 +132,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         self.jobs_model = MultiJobModel(model, {j.name: j.peft_config for j in jobs},
                                         seeds={j.name: default_seed if j.seed is None else j.seed for j in jobs})
         self.job_scheduler = JobScheduler(max_concurrent_jobs, max_memory)
-        if step_overhead_tokens not in (None, "auto") and (
-            isinstance(step_overhead_tokens, bool) or not isinstance(step_overhead_tokens, int) or step_overhead_tokens < 0
-        ):
-            raise ValueError(f"step_overhead_tokens must be 'auto', an int >= 0 or None, got {step_overhead_tokens!r}")
+        check_step_overhead_tokens(step_overhead_tokens)
         self.step_overhead_tokens = step_overhead_tokens
         self.step_cost = StepCost()
         self.padding_stats = report.PaddingStats()

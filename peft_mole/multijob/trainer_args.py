@@ -121,6 +121,37 @@ def check_lr_scheduler(value, where: str) -> None:
                          "with its optimizer, on no metric); choose a step-based one such as 'linear' or 'cosine'")
 
 
+def check_trainer_inputs(model, jobs, callbacks, kwargs: dict) -> None:
+    """MultiJobTrainer's own arguments, before anything is built: a base model (not a PeftModel), a non-empty list
+    of `JobConfig` with unique names, callbacks, and none of SFTTrainer's keywords it replaces or cannot call."""
+    from peft import PeftModel
+
+    from peft_mole.multijob.jobs import JobConfig  # (here: jobs imports this module)
+
+    if "peft_config" in kwargs or "train_dataset" in kwargs or "eval_dataset" in kwargs:
+        raise TypeError("MultiJobTrainer takes the adapters and datasets from jobs=[JobConfig(...)] (each job's "
+                        "train_dataset and eval_dataset), not peft_config/train_dataset/eval_dataset")
+    check_callbacks(callbacks)
+    for unsupported in ("compute_metrics", "preprocess_logits_for_metrics"):
+        if kwargs.get(unsupported) is not None:  # it would be silently never called
+            raise ValueError(f"MultiJobTrainer does not support {unsupported}: each job's evaluation logs "
+                             "<job>/eval_loss; score a job's saved adapter with SFTTrainer or evaluate_commonsense")
+    if not isinstance(jobs, (list, tuple)) or not jobs or not all(isinstance(j, JobConfig) for j in jobs):
+        raise TypeError(f"jobs must be a non-empty list of JobConfig, got {jobs!r}")
+    names = [j.name for j in jobs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"job names must be unique; used more than once: {duplicates}")
+    if isinstance(model, PeftModel):
+        raise TypeError("pass the base model: MultiJobTrainer adds every job's adapter itself")
+
+
+def check_step_overhead_tokens(value) -> None:
+    """`step_overhead_tokens`: "auto", None or an int >= 0."""
+    if value not in (None, "auto") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"step_overhead_tokens must be 'auto', an int >= 0 or None, got {value!r}")
+
+
 def check_callbacks(callbacks) -> None:
     """Refuse transformers' EarlyStoppingCallback: it watches one eval metric of the whole run, which several jobs
     do not have; each job stops on its own evaluations with `JobConfig(early_stopping_patience=...)`."""
