@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6, part 6: everything a GPU session measures, in one call (docs/performance.md, "GPU").
+# Issue 6, part 6: everything a GPU session measures, in one call (docs/gpu.md).
 # Writes each script's output to $OUT (or bench/results/gpu when OUT is unset). Each step has its own time limit,
 # so one slow or failing script leaves the others' figures intact.
 # Usage: bash bench/gpu_run.sh [tests medium medium_autocast profile multijob multijob_fused multijob_compiled multijob_packed

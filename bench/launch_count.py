@@ -1,7 +1,7 @@
 """Operator launches per train step (forward + backward + AdamW), counted on the CPU, as a stand-in for the kernel
-launches of the same step on a GPU, where a step of small kernels is bound by launching them (docs/performance.md,
-"GPU"). Counted: the lowest `aten::` operators that compute (views, reshapes, allocations and conversions to the
-dtype a tensor already has launch nothing).
+launches of the same step on a GPU, where a step of small kernels is bound by launching them (docs/gpu.md).
+Counted: the lowest `aten::` operators that compute (views, reshapes, allocations and conversions to the dtype a
+tensor already has launch nothing).
 
 The blockwise expert chains (`ops.gated`, `ops.pair_mixture`, `ops.dense_mixture`) use cache-sized blocks on the
 CPU and larger ones on a GPU (`gated.block_elements`); `--blocks gpu` counts with the GPU's block sizes. The shape's

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob.batching import strip_padding
+from peft_mole.multijob.data_order import DATA_ORDER_FILE, DataRandomState
 from peft_mole.multijob.memory import adapter_memory_kind
 from peft_mole.multijob.trainer_args import JobSetupError
 
@@ -79,7 +80,7 @@ class JobRun:
     """One job's progress. `peek()` is the next micro-batch; `consume()` marks it trained."""
 
     def __init__(self, job, args, dataloader, params: dict[str, torch.nn.Parameter], optimizer, scheduler,
-                 flat=None) -> None:
+                 flat=None, data_state: torch.Tensor | None = None) -> None:
         self.job, self.args, self.dataloader = job, args, dataloader
         self.name = job.name
         self.params = params
@@ -117,6 +118,8 @@ class JobRun:
         self.stream: torch.Generator | None = None  # its dropout/jitter generator (`use_stream`)
         self.scaler: torch.amp.GradScaler | None = None  # its own loss scaler under fp16 mixed precision (`scaled`)
         self._stream_at_step: torch.Tensor | None = None
+        # its data pipeline's random state (`data_order`): `data_state`, the state after `set_seed(its seed)`
+        self.data_random = DataRandomState(data_state)
 
     # ------------------------------------------------------------------ data
     @property
@@ -152,9 +155,11 @@ class JobRun:
             self.batches_done = 0
             self._iterator = None
         if self._iterator is None:
-            self._start_epoch(self.batches_done)
+            with self.data_random.drawing(epoch_start=True):
+                self._start_epoch(self.batches_done)
         n = min(self.args.gradient_accumulation_steps, self.batches_per_epoch - self.batches_done)
-        raw = [next(self._iterator) for _ in range(n)]
+        with self.data_random.drawing():  # (a sampler's permutation is drawn at its first batch)
+            raw = [next(self._iterator) for _ in range(n)]
         self.window_input_tokens = sum(input_token_count(batch) for batch in raw)
         self.window = [strip_padding(batch) for batch in raw]  # (a packed row's trailing pads)
         self.window_metrics = []
@@ -231,6 +236,7 @@ class JobRun:
         self.global_step += 1
         self.step_epoch = self.epoch_progress
         self.mark_stream()
+        self.data_random.mark_step()
 
     def use_stream(self, stream: torch.Generator) -> None:
         """Draw this job's dropout and jitter from `stream` (`MultiJobModel.set_job_streams`)."""
@@ -411,7 +417,10 @@ class JobRun:
                 states = self._stream_at_step[None] if stream_states is None else stream_states
                 save_file({"state": states[0].clone(), "per_process": states.clone()},
                           os.path.join(tmp, STREAM_FILE))
-            ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), self.state_dict())  # last: marks it complete
+            position = self.state_dict()
+            mid_epoch = position["batches_done"] < self.batches_per_epoch
+            save_file({"state": self.data_random.resume_state(mid_epoch)}, os.path.join(tmp, DATA_ORDER_FILE))
+            ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), position)  # last: marks it complete
 
         ckpt.write_atomically(final, write)
         ckpt.prune_checkpoints(self.args.output_dir, self.args.save_total_limit)
@@ -449,6 +458,8 @@ class JobRun:
             own = states[index].clone() if states is not None and len(states) == count else saved["state"]
             self.stream.set_state(own)  # (a row of `states` is a view, whose storage offset set_state ignores)
             self.mark_stream()
+        if os.path.exists(os.path.join(path, DATA_ORDER_FILE)):  # (checkpoints before 2026-12-06 have none)
+            self.data_random = DataRandomState(load_file(os.path.join(path, DATA_ORDER_FILE))["state"])
         self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
         self.restore_account(state)
         self.stats.best_eval_loss = state.get("best_eval_loss")

@@ -157,6 +157,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
     def _make_run(self, job: JobConfig) -> JobRun:
         args = job.training_args(self.args)
         set_seed(args.seed)  # the data order of a plain SFTTrainer run with this seed
+        data_state = torch.random.get_rng_state()  # what its data pipeline draws from (`data_order`)
         with temporarily(self, "args", args):  # Trainer's samplers read self.args: the job's batch, accumulation
             loader = self._get_dataloader(dataset=self.job_datasets[job.name], description=f"{job.name} training",
                                           batch_size=args.per_device_train_batch_size,
@@ -176,7 +177,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         ]
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(args, self.model)
         optimizer, flat = job_optimizer(optimizer_cls, optimizer_kwargs, groups, args.device, self.flat_job_parameters)
-        run = JobRun(job, args, loader, params, optimizer, None, flat=flat)
+        run = JobRun(job, args, loader, params, optimizer, None, flat=flat, data_state=data_state)
         if self.accelerator.scaler is not None:  # fp16 mixed precision: a loss scale of the job's own
             run.scaler = copy.deepcopy(self.accelerator.scaler)
         run.scheduler = get_scheduler(

@@ -40,7 +40,7 @@ def block_elements(device: torch.device, cpu_elements: int) -> int:
     temporaries then stay in cache; at least `ACCELERATOR_BLOCK_ELEMENTS` on a GPU, where each block costs a dozen
     or more kernel launches and there is no such cache to fit. With CPU-sized blocks the medium shape (I = 5632,
     8192 pairs a layer) made about 180 blocks per layer, and an H200 spent seconds per MixLoRA step launching
-    them (docs/performance.md, "GPU"); blocks of 2^24 values make 3, each of whose kernels streams tens of MB.
+    them (docs/gpu.md); blocks of 2^24 values make 3, each of whose kernels streams tens of MB.
     """
     return cpu_elements if device.type == "cpu" else max(cpu_elements, ACCELERATOR_BLOCK_ELEMENTS)
 

@@ -2,7 +2,7 @@
 
 Each test builds the model on the CPU, copies it to the GPU, and compares: fp32 results equal the CPU's to
 float tolerance; under bf16 autocast the router stays fp32, adapter gradients stay fp32, and the loss is the fp32
-loss to bf16 precision. Run on a GPU machine with `python -m pytest tests/gpu` (see docs/performance.md).
+loss to bf16 precision. Run on a GPU machine with `python -m pytest tests/gpu` (see docs/gpu.md).
 """
 
 from __future__ import annotations

@@ -107,3 +107,16 @@ def test_predict_and_push_to_hub_are_refused_and_rows_as_dicts_are_a_dataset(ass
         trainer.predict(datasets["add"])
     with pytest.raises(NotImplementedError, match=r"peft_mole.push_to_hub\(PeftModel.from_pretrained"):
         trainer.push_to_hub()
+
+
+def test_length_grouped_order_of_every_job_is_its_run_alone_in_every_epoch(assets, tmp_path):
+    """`group_by_length`'s sampler draws its permutation from torch's global generator when an epoch begins; each
+    job draws it from a state of its own, seeded as SFTTrainer seeds (`multijob.data_order`). Before: only the first
+    job's first epoch had its solo order (the others drew where other jobs' fetches had left the generator; 1e-2)."""
+    tokenizer, datasets = assets
+    jobs = [JobConfig("a", LoraConfig(**LORA), datasets["sentiment"], per_device_train_batch_size=2),
+            JobConfig("b", LoraConfig(**LORA), datasets["capital"], per_device_train_batch_size=3, seed=4),
+            JobConfig("m", mixlora(), datasets["add"], per_device_train_batch_size=4)]
+    differences = _together_and_alone(tokenizer, jobs, tmp_path, train_sampling_strategy="group_by_length",
+                                      max_steps=-1, num_train_epochs=2)
+    assert max(differences.values()) <= 1e-6, differences

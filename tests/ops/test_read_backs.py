@@ -1,5 +1,5 @@
 """Values read back to the host in a training step (each a stream sync on CUDA, which stalls the kernel queue of a
-launch-bound GPU step, docs/performance.md "GPU: second run"), counted on the CPU by the operators that read back on
+launch-bound GPU step, docs/gpu.md "GPU: second run"), counted on the CPU by the operators that read back on
 CUDA: a MixLoRA layer reads back twice (the dispatch's expert counts, the router record's real rows)."""
 
 from __future__ import annotations
