@@ -47,7 +47,11 @@ class JobEvaluation:
         for run in runs:
             if run.finished or run.name not in self.job_eval_datasets:
                 continue
-            outcome = self._evaluate_job(run)
+            if run.global_step == 0:  # its eval loader's draws come before the first epoch, as in its run alone
+                with run.data_random.drawing_before_training():
+                    outcome = self._evaluate_job(run)
+            else:  # (resumed: its data order goes on from the checkpoint)
+                outcome = self._evaluate_job(run)
             if outcome.failure is not None:
                 self._fail(run, outcome.failure)
             elif outcome.stop:

@@ -10,6 +10,7 @@ after the window the job clips its own gradient norm and steps its own optimizer
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import time
@@ -22,10 +23,16 @@ from safetensors.torch import load_file, save_file
 
 from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob.batching import strip_padding
-from peft_mole.multijob.data_order import DATA_ORDER_FILE, DataRandomState
+from peft_mole.multijob.data_order import (
+    DATA_ORDER_FILE,
+    DataRandomState,
+    sampler_generator,
+    seeded_per_epoch,
+)
 from peft_mole.multijob.memory import adapter_memory_kind
 from peft_mole.multijob.trainer_args import JobSetupError
 
+logger = logging.getLogger("peft_mole.multijob.trainer")  # one logger for the trainer's messages
 WAITING, RUNNING, DONE, FAILED, STOPPED = "waiting", "running", "done", "failed", "stopped_early"
 # what each trained micro-batch adds to a job's logs (sums over its rows; the aux loss nan for a job without one)
 MICRO_BATCH_METRICS = ("entropy_sum", "top1_count", "target_tokens", "aux_loss")
@@ -119,7 +126,7 @@ class JobRun:
         self.scaler: torch.amp.GradScaler | None = None  # its own loss scaler under fp16 mixed precision (`scaled`)
         self._stream_at_step: torch.Tensor | None = None
         # its data pipeline's random state (`data_order`): `data_state`, the state after `set_seed(its seed)`
-        self.data_random = DataRandomState(data_state)
+        self.data_random = DataRandomState(data_state, sampler_generator(dataloader))
 
     # ------------------------------------------------------------------ data
     @property
@@ -139,11 +146,15 @@ class JobRun:
         loader = self.dataloader
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(self.epoch)
+        # (accelerate's set_epoch does not reach a batch sampler in its shard on several processes: as Trainer does)
+        inner = getattr(getattr(loader, "batch_sampler", None), "batch_sampler", None)
+        if hasattr(inner, "set_epoch"):
+            inner.set_epoch(self.epoch)
         if skip:
             loader = skip_first_batches(loader, skip)
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(self.epoch)
-        self._iterator = iter(loader)
+        self._iterator = self.data_random.start_iterator(loader, self.epoch)
         self.epoch_begun = True
 
     def _next_window(self) -> bool:
@@ -155,8 +166,7 @@ class JobRun:
             self.batches_done = 0
             self._iterator = None
         if self._iterator is None:
-            with self.data_random.drawing(epoch_start=True):
-                self._start_epoch(self.batches_done)
+            self._start_epoch(self.batches_done)
         n = min(self.args.gradient_accumulation_steps, self.batches_per_epoch - self.batches_done)
         with self.data_random.drawing():  # (a sampler's permutation is drawn at its first batch)
             raw = [next(self._iterator) for _ in range(n)]
@@ -419,7 +429,7 @@ class JobRun:
                           os.path.join(tmp, STREAM_FILE))
             position = self.state_dict()
             mid_epoch = position["batches_done"] < self.batches_per_epoch
-            save_file({"state": self.data_random.resume_state(mid_epoch)}, os.path.join(tmp, DATA_ORDER_FILE))
+            save_file(self.data_random.resume_state(mid_epoch), os.path.join(tmp, DATA_ORDER_FILE))
             ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), position)  # last: marks it complete
 
         ckpt.write_atomically(final, write)
@@ -458,8 +468,11 @@ class JobRun:
             own = states[index].clone() if states is not None and len(states) == count else saved["state"]
             self.stream.set_state(own)  # (a row of `states` is a view, whose storage offset set_state ignores)
             self.mark_stream()
-        if os.path.exists(os.path.join(path, DATA_ORDER_FILE)):  # (checkpoints before 2026-12-06 have none)
-            self.data_random = DataRandomState(load_file(os.path.join(path, DATA_ORDER_FILE))["state"])
+        if os.path.exists(os.path.join(path, DATA_ORDER_FILE)):
+            self.data_random.load(load_file(os.path.join(path, DATA_ORDER_FILE)))
+        elif not seeded_per_epoch(self.dataloader):  # (written before 2026-12-06)
+            logger.warning(f"job {self.name!r}: {path} has no {DATA_ORDER_FILE} (written before 2026-12-06), so the "
+                           "resumed run's data order is not the uninterrupted run's")
         self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
         self.restore_account(state)
         self.stats.best_eval_loss = state.get("best_eval_loss")

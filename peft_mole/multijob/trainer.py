@@ -157,11 +157,11 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
     def _make_run(self, job: JobConfig) -> JobRun:
         args = job.training_args(self.args)
         set_seed(args.seed)  # the data order of a plain SFTTrainer run with this seed
-        data_state = torch.random.get_rng_state()  # what its data pipeline draws from (`data_order`)
         with temporarily(self, "args", args):  # Trainer's samplers read self.args: the job's batch, accumulation
             loader = self._get_dataloader(dataset=self.job_datasets[job.name], description=f"{job.name} training",
                                           batch_size=args.per_device_train_batch_size,
                                           sampler_fn=self._get_train_sampler, is_training=True)
+        data_state = torch.random.get_rng_state()  # what its data pipeline draws from next (`data_order`)
         if len(loader) == 0:  # (Trainer would train nothing and raise deep in its loop)
             shard = "" if self.accelerator.num_processes == 1 else f" (each of {self.accelerator.num_processes} " \
                 "processes gets its share of them)"

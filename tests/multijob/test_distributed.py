@@ -226,21 +226,25 @@ RESUME_SCRIPT = textwrap.dedent('''
     from peft_mole import JobConfig, MultiJobTrainer, synthetic
     from tests.helpers import tiny_base
 
-    out, phase = sys.argv[1], sys.argv[2]
+    out, phase, variant = sys.argv[1], sys.argv[2], sys.argv[3]
     tokenizer = synthetic.demo_tokenizer()
     rows = synthetic.multitask_rows(32, tasks=("sentiment",))
     # rows of several lengths: each process's micro-batches have their own width, so its stream draws its own count
     data = Dataset.from_list([{{"prompt": r["prompt"] + " please" * (i % 5), "completion": r["completion"]}}
                               for i, r in enumerate(rows)])
     job = JobConfig("drop", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
-                    data, per_device_train_batch_size=2)
-    args = SFTConfig(output_dir=out, max_steps=4, learning_rate=1e-2, bf16=False, use_cpu=True, report_to=[],
-                     save_strategy="steps", save_steps=1, max_length=40, gradient_checkpointing=False,
-                     disable_tqdm=True, seed=0)
+                    data, per_device_train_batch_size=2 if variant == "stream" else 4)
+    # "order": a length-grouped sampler with a generator of its own (accelerate's, without the seedable sampler),
+    # stopped in its second epoch (4 steps an epoch)
+    order = dict(train_sampling_strategy="group_by_length", accelerator_config={{"use_seedable_sampler": False}})
+    args = SFTConfig(output_dir=out, max_steps=4 if variant == "stream" else 7, learning_rate=1e-2, bf16=False,
+                     use_cpu=True, report_to=[], save_strategy="steps", save_steps=1, max_length=40,
+                     gradient_checkpointing=False, disable_tqdm=True, seed=0, **(order if variant == "order" else {{}}))
+    stop = 2 if variant == "stream" else 5
 
     class StopAfterTwo(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            control.should_training_stop = state.global_step == 2
+            control.should_training_stop = state.global_step == stop
 
     trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job], args=args,
                               processing_class=tokenizer, callbacks=[StopAfterTwo()] if phase == "stop" else None)
@@ -249,22 +253,27 @@ RESUME_SCRIPT = textwrap.dedent('''
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
-def test_resume_under_two_processes_gives_each_process_its_own_stream_back(tmp_path):
+@pytest.mark.parametrize("variant", ["stream", "order"])
+def test_resume_under_two_processes_gives_each_process_its_own_stream_and_sampler_back(tmp_path, variant):
     """With dropout each process draws over its own rows, so the processes' random streams differ; a checkpoint
     keeps every process's state and resume gives each its own (before: process 0's to all, and the resumed run
-    ended 1e-2 away from the uninterrupted one)."""
+    ended 1e-2 away from the uninterrupted one). "order": the length-grouped sampler's own generator is kept too
+    (`multijob.data_order`; before 2026-12-06 a resumed run restarted it from its seed)."""
     script = tmp_path / "train.py"
     script.write_text(RESUME_SCRIPT.format(root=os.getcwd()))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for out, phase in (("full", "full"), ("cut", "stop"), ("cut", "resume")):
-        done = subprocess.run(accelerate_launch() + [str(script), str(tmp_path / out), phase],
+        done = subprocess.run(accelerate_launch() + [str(script), str(tmp_path / out), phase, variant],
                               capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
-    streams = load_file(tmp_path / "cut" / "drop" / "checkpoint-2" / "random_stream.safetensors")
-    assert streams["per_process"].shape[0] == 2 and not torch.equal(*streams["per_process"])
     full = load_file(tmp_path / "full" / "drop" / "adapter_model.safetensors")
     cut = load_file(tmp_path / "cut" / "drop" / "adapter_model.safetensors")
     assert max((full[k] - cut[k]).abs().max().item() for k in full) <= 1e-6
+    if variant == "stream":
+        streams = load_file(tmp_path / "cut" / "drop" / "checkpoint-2" / "random_stream.safetensors")
+        assert streams["per_process"].shape[0] == 2 and not torch.equal(*streams["per_process"])
+    else:
+        assert "sampler" in load_file(tmp_path / "cut" / "drop" / "checkpoint-5" / "data_order.safetensors")
 
 
 def test_gradients_are_summed_over_processes_in_their_own_dtype():

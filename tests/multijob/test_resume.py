@@ -292,27 +292,35 @@ def test_a_callback_stopping_training_checkpoints_every_unfinished_job_and_resum
             assert last[f"{job}/{key}"] == pytest.approx(expected[f"{job}/{key}"], rel=1e-6), (job, key)
 
 
-def test_resume_continues_each_jobs_length_grouped_order(assets, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["no-workers", "persistent-workers"])
+def test_resume_continues_each_jobs_length_grouped_order(assets, tmp_path, workers):
     """With `group_by_length` each job's permutation comes from its own data state, which a checkpoint keeps
-    (`multijob.data_order`): stopped in the middle of one job's second epoch and at the end of the other's, the
-    resumed run trains the uninterrupted run's batches. Before: the resumed epoch drew a new permutation (5e-4)."""
+    (`multijob.data_order`): stopped in the middle of one job's second epoch, at the end of another's, and in the
+    middle of a third's first window of its second epoch, the resumed run trains the uninterrupted run's batches.
+    Before: the resumed epoch drew a new permutation (5e-4). Persistent workers draw their base seed at the
+    loader's first epoch only; the resumed run's new iterators draw none where the uninterrupted run drew none
+    (before: one extra draw each, 5e-4)."""
     tokenizer, datasets = assets
+    loading = dict(dataloader_num_workers=workers, dataloader_persistent_workers=workers > 0)
 
     def trainer(out, callbacks=()):
         lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR)
         jobs = [JobConfig("a", LoraConfig(**lora), datasets["sentiment"], num_train_epochs=2),  # 6 steps an epoch
                 JobConfig("b", LoraConfig(**lora), datasets["capital"], per_device_train_batch_size=6,
-                          num_train_epochs=3, seed=4)]  # 4 steps an epoch
+                          num_train_epochs=3, seed=4),  # 4 steps an epoch
+                JobConfig("c", LoraConfig(**lora), datasets["add"], gradient_accumulation_steps=4,
+                          num_train_epochs=3, seed=2)]  # 2 windows of 4 and 2 micro-batches an epoch
         args = run_args(out, save_strategy="steps", save_steps=100, max_steps=-1,
-                        train_sampling_strategy="group_by_length")
+                        train_sampling_strategy="group_by_length", **loading)
         return MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
                                args=args, callbacks=list(callbacks))
 
     trainer(tmp_path / "whole").train()
     stopped = trainer(tmp_path / "stopped", [_StopAt(8)])
     stopped.train()
-    assert {run.name: (run.global_step, run.epoch, run.batches_done) for run in stopped.runs} == {
-        "a": (8, 1, 2), "b": (8, 1, 4)}  # in a's second epoch; at the end of b's second
+    assert {run.name: (run.global_step, run.epoch, run.state_dict()["batches_done"], run.window_pos)
+            for run in stopped.runs} == {"a": (8, 1, 2, 1), "b": (8, 1, 4, 1), "c": (2, 1, 0, 2)}
+    # in a's second epoch; at the end of b's second; c half-way through the first window of its second epoch
     trainer(tmp_path / "stopped").train(resume_from_checkpoint=True)
     for job in ("a", "b"):
         uninterrupted = load_file(tmp_path / "whole" / job / "adapter_model.safetensors")

@@ -32,7 +32,7 @@ def _together_and_alone(tokenizer, jobs, tmp_path, **options) -> dict[str, float
         solo = PeftModel.from_pretrained(tiny_base(vocab_size=vocab), str(tmp_path / "init" / job.name),
                                          is_trainable=True)
         SFTTrainer(model=solo, args=job.training_args(run_args(tmp_path / "solo", **options)),
-                   train_dataset=job.train_dataset, processing_class=tokenizer).train()
+                   train_dataset=job.train_dataset, eval_dataset=job.eval_dataset, processing_class=tokenizer).train()
         expected = get_peft_model_state_dict(solo)
         together = load_file(str(tmp_path / "run" / job.name / "adapter_model.safetensors"))
         differences[job.name] = max((together[k] - expected[k]).abs().max().item() for k in expected)
@@ -109,14 +109,39 @@ def test_predict_and_push_to_hub_are_refused_and_rows_as_dicts_are_a_dataset(ass
         trainer.push_to_hub()
 
 
-def test_length_grouped_order_of_every_job_is_its_run_alone_in_every_epoch(assets, tmp_path):
+@pytest.mark.parametrize("eval_on_start", [False, True])
+def test_length_grouped_order_of_every_job_is_its_run_alone_in_every_epoch(assets, tmp_path, eval_on_start):
     """`group_by_length`'s sampler draws its permutation from torch's global generator when an epoch begins; each
     job draws it from a state of its own, seeded as SFTTrainer seeds (`multijob.data_order`). Before: only the first
-    job's first epoch had its solo order (the others drew where other jobs' fetches had left the generator; 1e-2)."""
+    job's first epoch had its solo order (the others drew where other jobs' fetches had left the generator; 1e-2).
+    `eval_on_start`: a run alone draws its eval loader's base seed before its first epoch; so does each job."""
     tokenizer, datasets = assets
-    jobs = [JobConfig("a", LoraConfig(**LORA), datasets["sentiment"], per_device_train_batch_size=2),
-            JobConfig("b", LoraConfig(**LORA), datasets["capital"], per_device_train_batch_size=3, seed=4),
-            JobConfig("m", mixlora(), datasets["add"], per_device_train_batch_size=4)]
+    evals = {name: datasets[name].select(range(6)) if eval_on_start else None for name in datasets}
+    jobs = [JobConfig("a", LoraConfig(**LORA), datasets["sentiment"], evals["sentiment"],
+                      per_device_train_batch_size=2),
+            JobConfig("b", LoraConfig(**LORA), datasets["capital"], evals["capital"],
+                      per_device_train_batch_size=3, seed=4),
+            JobConfig("m", mixlora(), datasets["add"], evals["add"], per_device_train_batch_size=4)]
     differences = _together_and_alone(tokenizer, jobs, tmp_path, train_sampling_strategy="group_by_length",
-                                      max_steps=-1, num_train_epochs=2)
+                                      max_steps=-1, num_train_epochs=2, eval_on_start=eval_on_start)
     assert max(differences.values()) <= 1e-6, differences
+
+
+def test_each_epoch_reaches_a_batch_sampler_inside_accelerates_shard(assets, tmp_path):
+    """On several processes accelerate wraps a batch sampler (`batch_rebalance`) in its `BatchSamplerShard`, which
+    `DataLoaderShard.set_epoch` does not reach; Trainer sets its epoch itself, and so does each job (before: every
+    epoch of a job repeated its first epoch's order on several processes)."""
+    from accelerate.data_loader import BatchSamplerShard, DataLoaderShard
+
+    tokenizer, datasets = assets
+    job = JobConfig("a", LoraConfig(**LORA), datasets["sentiment"], per_device_train_batch_size=2)
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job], processing_class=tokenizer,
+                              args=run_args(tmp_path / "run", train_sampling_strategy="batch_rebalance"))
+    run = trainer._make_run(job)
+    rebalance = run.dataloader.batch_sampler
+    # the loader of process 0 of 2, as accelerate prepares it there
+    run.dataloader = DataLoaderShard(trainer.job_datasets["a"], batch_sampler=BatchSamplerShard(rebalance, 2, 0),
+                                     collate_fn=run.dataloader.collate_fn)
+    run.epoch = 1
+    run._start_epoch()
+    assert rebalance.epoch == 1
