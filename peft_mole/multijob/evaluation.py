@@ -20,6 +20,7 @@ from peft_mole.multijob.batching import batch_inputs
 from peft_mole.multijob.loss import at_least_fp32
 from peft_mole.multijob.run import STOPPED, JobRun
 from peft_mole.multijob.trainer_args import temporarily
+from peft_mole.quantised_eval import eval_keeping_4bit_training
 
 logger = logging.getLogger("peft_mole.multijob.trainer")  # one logger for the trainer's messages
 
@@ -110,22 +111,20 @@ class JobEvaluation:
                 with temporarily(self.accelerator, "even_batches", False):
                     loader = self._get_dataloader(dataset=dataset, description=description, batch_size=batch_size,
                                                   sampler_fn=self._get_eval_sampler)
-        training, total, rows, error = self.model.training, 0.0, 0, None
-        self.model.eval()
+        total, rows, error = 0.0, 0, None
         try:
-            for batch in loader:
-                examples = batch.pop(ExampleCounting.KEY)
-                batch = send_to_device(batch, self.args.device)
-                with self.compute_loss_context_manager(), self.accelerator.autocast():
-                    out = self.jobs_model(**batch_inputs(batch, name), labels=batch["labels"], fused_lm_head=True,
-                                          use_cache=False)
-                batch_loss = -at_least_fp32(out.log_probs).sum() / out.label_mask.sum().clamp(min=1)
-                total += float(batch_loss) * examples
-                rows += examples
+            with eval_keeping_4bit_training(self.model):  # (a 4-bit base's eval mode would end its training)
+                for batch in loader:
+                    examples = batch.pop(ExampleCounting.KEY)
+                    batch = send_to_device(batch, self.args.device)
+                    with self.compute_loss_context_manager(), self.accelerator.autocast():
+                        out = self.jobs_model(**batch_inputs(batch, name), labels=batch["labels"],
+                                              fused_lm_head=True, use_cache=False)
+                    batch_loss = -at_least_fp32(out.log_probs).sum() / out.label_mask.sum().clamp(min=1)
+                    total += float(batch_loss) * examples
+                    rows += examples
         except Exception as raised:  # noqa: BLE001 (every process learns of it below, then the job fails)
             error = f"{type(raised).__name__}: {raised}"
-        finally:
-            self.model.train(training)
         total, rows, failed = dist.sum_over_processes(
             self.accelerator, torch.tensor([total, float(rows), float(error is not None)], dtype=torch.float64)
         ).tolist()

@@ -60,6 +60,7 @@ from peft_mole.multijob.trainer_args import (
     check_trainer_inputs,
     load_base_model,
     temporarily,
+    with_adapters_declared,
     without_aux_coefficient,
     without_init_kwargs,
 )
@@ -140,7 +141,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
             # an eval_dataset (Trainer refuses an eval_strategy without one), prepared once: that job's reuses it
             first_eval = next((j.eval_dataset for j in jobs if j.eval_dataset is not None), None)
             passed_eval = kwargs.setdefault("eval_dataset", first_eval)
-            with without_aux_coefficient(args), without_init_kwargs(args, loaded):
+            with without_aux_coefficient(args), without_init_kwargs(args, loaded), with_adapters_declared(model):
                 super().__init__(model=model, args=args, train_dataset=jobs[0].train_dataset, callbacks=callbacks,
                                  processing_class=processing_class, data_collator=data_collator,
                                  formatting_func=formatting_func, **kwargs)

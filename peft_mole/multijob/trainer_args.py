@@ -197,6 +197,16 @@ def without_init_kwargs(args, loaded: bool):
     return temporarily(args, "model_init_kwargs", None)
 
 
+def with_adapters_declared(model):
+    """Within it, a quantised `model` says it carries adapters (transformers' `_hf_peft_config_loaded`), as the
+    jobs' adapters are injected in it: `Trainer.__init__` refuses to fine-tune a quantised model that is neither a
+    `PeftModel` nor so marked (`validate_quantization_for_training`), where SFTTrainer, given a `peft_config`, has
+    wrapped it in one. Only within: the flag also turns transformers' own adapter methods on."""
+    if not getattr(model, "is_quantized", False) or getattr(model, "_hf_peft_config_loaded", False):
+        return contextlib.nullcontext()
+    return temporarily(model, "_hf_peft_config_loaded", True)
+
+
 def load_base_model(path: str, args=None, quantization_config=None):
     """The base model at `path` (a local directory or a hub id), loaded as `SFTTrainer(model=path)` loads it: after
     `set_seed(args.seed)`, with `args.model_init_kwargs` (and `quantization_config`), float32 unless they give a

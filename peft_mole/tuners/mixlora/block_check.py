@@ -15,6 +15,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from peft_mole.quantised_eval import eval_keeping_4bit_training
+
 PROBE_TOKENS = 8
 LARGE_GATE = 64.0  # the second probe's largest |gate_proj(x)|: past SwiGLU clamps (7 to 10 in released models)
 RELATIVE_TOLERANCE = 1e-2  # of the formula's largest |output|: room for a fused kernel, far below what differs
@@ -39,15 +41,13 @@ def check_gated_forward(name: str, mlp: nn.Module, width: int, device: torch.dev
         return
     x = torch.randn(1, PROBE_TOKENS, width, generator=torch.Generator(device="cpu").manual_seed(0), device="cpu")
     x = x.to(device=device, dtype=dtype)  # (drawn on the CPU: the same tokens on every device, any default device)
-    modes = [(module, module.training) for module in mlp.modules()]
     # another adapter's wrappers (LoRA jobs in multi-job training) run their base layers only: the check is about
     # the block's own computation, and those wrappers may expect a batch's rows
     wrappers = [(module, module._disable_adapters) for module in mlp.modules() if isinstance(module, BaseTunerLayer)]
-    mlp.eval()
     for module, _ in wrappers:
         module._disable_adapters = True
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_keeping_4bit_training(mlp):  # (a 4-bit layer's eval mode would end its training)
             largest_gate = mlp.gate_proj(x).abs().max().float().item()
             for scale in (1.0, LARGE_GATE / largest_gate if largest_gate > 0 else 1.0):
                 probe = x * scale
@@ -67,8 +67,6 @@ def check_gated_forward(name: str, mlp: nn.Module, width: int, device: torch.dev
                     raise ValueError(_message(name, mlp, f"on random inputs (scale {scale:.3g}) its output differs "
                                                          f"from that formula's by up to {difference:.3g}"))
     finally:
-        for module, training in modes:  # each as it was (a block may hold submodules in another mode)
-            module.training = training
         for module, disabled in wrappers:
             module._disable_adapters = disabled
 
