@@ -171,7 +171,8 @@ class ForwardContext:
             if len(active) != 1:
                 raise ValueError(
                     f"peft-mole layers run one adapter per row; {len(active)} adapters are active ({active}). "
-                    "Call set_adapter(<one name>) or pass adapter_names=[one name per row] to forward/generate."
+                    "Call set_adapter(<one name>) or pass adapter_names=[one name per row] to the forward (or to "
+                    "PeftModel.generate)."
                 )
             return [RowGroup(active[0], slice(0, batch_size), batch_size)]
         if len(self.row_adapters) != batch_size:

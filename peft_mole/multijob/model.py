@@ -91,6 +91,8 @@ def check_lora_config(name: str, config: LoraConfig) -> None:
             f"job {name!r}: LoraConfig options {bad} are not supported in multi-job training; supported: r, "
             "lora_alpha, lora_dropout, use_rslora, target_modules, layers_to_transform, init_lora_weights=True"
         )
+    if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r <= 0:
+        raise ValueError(f"job {name!r}: LoraConfig r must be a positive integer, got {config.r!r}")
     if config.init_lora_weights is not True:
         raise ValueError(f"job {name!r}: init_lora_weights must be True (Kaiming A, zero B), got {config.init_lora_weights!r}")
 
@@ -117,6 +119,8 @@ class MultiJobModel(MixLoRAModel):
         """`seeds` ({job: seed}, optional): `transformers.set_seed(seed)` before each job's adapter is made, so
         it starts as `SFTTrainer` (which seeds before `get_peft_model`) starts that job alone with its seed;
         without, the adapters draw from torch's generator as it is."""
+        if not isinstance(configs, dict):
+            raise TypeError(f"configs must be a dict {{job name: peft config}}, got {type(configs).__name__}")
         if not configs:
             raise ValueError("configs must hold at least one job: {name: peft config}")
         for name, config in configs.items():
@@ -383,6 +387,7 @@ class MultiJobModel(MixLoRAModel):
         """Write `adapter_config.json`, `adapter_model.safetensors` and a model card (README.md) of one job into
         `directory`; the config names the base (as `get_peft_model` records it), so `AutoPeftModelForCausalLM`
         loads the folder alone."""
+        self.job_parameters(name)  # (an unknown job: a ValueError naming the jobs, before anything is written)
         os.makedirs(directory, exist_ok=True)
         config = self.peft_config[name]
         if config.base_model_name_or_path is None:
@@ -397,6 +402,7 @@ class MultiJobModel(MixLoRAModel):
 
     def load_job(self, name: str, directory: str) -> None:
         """Copy a job's saved weights (`save_job` format) back into this model; every tensor must match."""
+        self.job_parameters(name)  # (an unknown job: a ValueError naming the jobs)
         saved = load_file(os.path.join(directory, "adapter_model.safetensors"))
         config = self.peft_config[name]
         params = {_export_key(n, name, config): p for n, p in self.job_parameters(name).items()}

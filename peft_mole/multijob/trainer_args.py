@@ -125,6 +125,7 @@ def check_trainer_inputs(model, jobs, callbacks, kwargs: dict) -> None:
     """MultiJobTrainer's own arguments, before anything is built: a base model (not a PeftModel), a non-empty list
     of `JobConfig` with unique names, callbacks, and none of SFTTrainer's keywords it replaces or cannot call."""
     from peft import PeftModel
+    from torch import nn
 
     from peft_mole.multijob.jobs import JobConfig  # (here: jobs imports this module)
 
@@ -144,6 +145,8 @@ def check_trainer_inputs(model, jobs, callbacks, kwargs: dict) -> None:
         raise ValueError(f"job names must be unique; used more than once: {duplicates}")
     if isinstance(model, PeftModel):
         raise TypeError("pass the base model: MultiJobTrainer adds every job's adapter itself")
+    if not isinstance(model, (str, nn.Module)):
+        raise TypeError(f"model must be a base model (a torch module) or its path or hub id, got {model!r}")
 
 
 def check_step_overhead_tokens(value) -> None:

@@ -94,11 +94,24 @@ def test_every_job_trains_and_only_on_its_rows():
         ("x", LoraConfig(r=4, modules_to_save=["lm_head"]), ValueError, "modules_to_save"),
         ("x", mixlora(modules_to_save=["lm_head"]), ValueError, "modules_to_save"),
         ("x", {"r": 4}, TypeError, "LoraConfig, MixLoRAConfig or DynMoLEConfig"),
+        ("x", LoraConfig(r=0), ValueError, "job 'x': LoraConfig r must be a positive integer, got 0"),  # (was a
+        ("x", LoraConfig(r=-1), ValueError, "r must be a positive integer, got -1"),  # ZeroDivisionError, deep)
     ],
 )
 def test_bad_jobs_are_refused(name, config, error, match):
     with pytest.raises(error, match=match):
         MultiJobModel(tiny_base(), {name: config})
+
+
+def test_bad_arguments_of_the_model_and_its_job_methods_are_named(tmp_path):
+    # (before: AttributeError 'list' has no 'items'; a bare KeyError, and save_job made the folder first)
+    with pytest.raises(TypeError, match="configs must be a dict"):
+        MultiJobModel(tiny_base(), [("a", LoraConfig(r=4))])
+    model = MultiJobModel(tiny_base(), {"a": LoraConfig(r=4)})
+    for method in (model.save_job, model.load_job):
+        with pytest.raises(ValueError, match=r"unknown job 'zzz'; jobs: \['a'\]"):
+            method("zzz", str(tmp_path / "zzz"))
+    assert not (tmp_path / "zzz").exists()
 
 
 def test_duplicate_job_name_is_refused():

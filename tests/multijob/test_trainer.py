@@ -490,3 +490,11 @@ def test_a_jobs_eval_loss_is_sfttrainers_eval_loss(assets, tmp_path, padding_fre
     alone = SFTTrainer(model=solo, args=job.training_args(run_args(tmp_path / "solo", **settings)),
                        train_dataset=job.train_dataset, eval_dataset=evaluation, processing_class=tokenizer)
     assert together == pytest.approx(alone.evaluate()["eval_loss"], rel=1e-6)
+
+
+def test_a_model_that_is_not_a_base_model_or_its_path_is_refused(assets, tmp_path):
+    tokenizer, datasets = assets
+    jobs = [JobConfig("a", LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR), datasets["add"])]
+    for model in (None, 3):  # (None was an AttributeError from PEFT, deep in building the jobs' model)
+        with pytest.raises(TypeError, match="model must be a base model .* or its path or hub id, got"):
+            MultiJobTrainer(model=model, jobs=jobs, args=run_args(tmp_path), processing_class=tokenizer)
