@@ -146,3 +146,25 @@ def test_jobs_on_a_half_precision_base_are_float32_as_peft_adapters_and_match_th
         with torch.no_grad():
             expected = alone(input_ids=ids[picked], attention_mask=mask[picked]).logits
         torch.testing.assert_close(mixed[picked], expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lora_rows_on_a_half_precision_base_equal_peft_bit_for_bit(tmp_path, dtype):
+    """PEFT adds a float32 LoRA delta to a half-precision base output in float32 and rounds once; so do the jobs'
+    rows, in every grouping of the rows (before 2026-12-06 the delta was rounded first: logits 6e-3 apart)."""
+    configs = {"a": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+               "b": LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"])}
+    model = MultiJobModel(tiny_base().to(dtype), configs)
+    randomize_adapters(model, std=0.3)
+    model.eval()
+    ids = torch.randint(3, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    alone = {}
+    for job in configs:
+        model.save_job(job, str(tmp_path / job))
+        alone[job] = PeftModel.from_pretrained(tiny_base().to(dtype), str(tmp_path / job)).eval()
+    for rows in (["a", "a", "b", "b"], ["a", "b", "a", "b"]):  # (consecutive groups; interleaved rows)
+        with torch.no_grad():
+            mixed = model(input_ids=ids, adapter_names=rows).logits
+            for job, peft_model in alone.items():
+                index = [i for i, row in enumerate(rows) if row == job]
+                assert torch.equal(mixed[index], peft_model(input_ids=ids[index]).logits), (rows, job)
