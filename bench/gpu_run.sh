@@ -6,7 +6,7 @@
 # job_optimizer grouped memory_model
 # generate compiled_generate compiled_train fused_chain]. Default: medium_autocast multijob_fused medium multijob tests generate
 # profile (the new figures first); the others need calls of their own (the medium shape compiles for minutes). Needs
-# CUDA, and peft and transformers as pinned (docs/performance.md).
+# CUDA, and peft and transformers as pinned (docs/gpu.md, "Setup").
 # GPU_DEADLINE_S=<seconds>: no part runs past that many seconds from the start (parts cut short or skipped), so a call
 # of several parts ends inside the device tool's limit with every finished part's figures.
 set -u

@@ -20,6 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from peft_mole import routing
+from peft_mole.quantised_eval import eval_keeping_4bit_training
 
 
 @dataclass
@@ -59,13 +60,9 @@ def expert_load(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
 @torch.no_grad()
 def layer_stats(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, RouterStats]:
     """`RouterStats` per MoE layer of the active adapter after one forward pass (dropout off)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_keeping_4bit_training(model):  # (a 4-bit base's eval mode would end its training)
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
         model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)  # labels → the tuner records
-    finally:
-        model.train(was_training)
     adapter = model.base_model.active_adapters[0]
     return {layer: stats for (_, layer), stats in model.base_model.router_stats({adapter}).items()}
 

@@ -6,7 +6,8 @@ its output has no gradient to its input. A training run that once evaluated, or 
 the block (`tuners.mixlora.block_check`), then silently trains every adapter before such a layer on the gradient
 of the layers after the last 4-bit one only (the attention experts of a MixLoRA adapter: 34-60 % off, measured).
 Its training mode changes nothing else in that layer (it has no dropout), so within `eval_keeping_4bit_training` a
-model is in eval mode but its 4-bit linears, which then never repack.
+model is in eval mode but its 4-bit linears, which then never repack (and on the CPU compute as in training, by
+dequantising: slower than the inference kernel).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from torch import nn
 
 
 def is_4bit_linear(module: nn.Module) -> bool:
-    """bitsandbytes' `Linear4bit` (its weight carries a `quant_state`), without importing bitsandbytes."""
-    return hasattr(getattr(module, "weight", None), "quant_state")
+    """bitsandbytes' `Linear4bit` (its own weight parameter carries a `quant_state`), without importing
+    bitsandbytes. Not a PEFT wrapper around one: its `weight` property returns the wrapped layer's, and a wrapper
+    reads its training mode (router jitter, dropout), which eval must turn off."""
+    return hasattr(module._parameters.get("weight"), "quant_state")
 
 
 @contextmanager

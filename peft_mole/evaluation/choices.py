@@ -8,6 +8,7 @@ import torch
 from peft.helpers import DoraCaching
 
 from peft_mole.evaluation.commonsense import prompt_token_ids
+from peft_mole.quantised_eval import eval_keeping_4bit_training
 
 
 @torch.no_grad()
@@ -59,14 +60,11 @@ def choice_accuracy(model, tokenizer, rows: list[dict], adapter: str | None = No
     ValueError: there is no accuracy of zero rows)."""
     if not rows:
         raise ValueError("rows is empty: give at least one row with fields task, prompt, completion, choices")
-    was_training = model.training
-    model.eval()
     hits: dict[str, list[bool]] = defaultdict(list)
-    with DoraCaching():
+    with DoraCaching(), eval_keeping_4bit_training(model):  # (a 4-bit base's eval mode would end its training)
         for row in rows:
             scores = choice_scores(model, tokenizer, row["prompt"], row["choices"], adapter)
             hits[row["task"]].append(row["choices"][int(scores.argmax())] == row["completion"])
-    model.train(was_training)
     result = {task: sum(h) / len(h) for task, h in sorted(hits.items())}
     result["average"] = sum(result.values()) / len(result)
     return result

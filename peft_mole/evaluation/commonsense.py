@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from peft.helpers import DoraCaching
 
+from peft_mole.quantised_eval import eval_keeping_4bit_training
+
 logger = logging.getLogger(__name__)
 
 
@@ -278,12 +280,10 @@ def evaluate_commonsense(
     empty = [name for name, examples in tasks.items() if not examples]
     if empty:  # a task of zero examples has no accuracy; scoring it 0.0 would pull the average down
         raise ValueError(f"task(s) {empty} have no examples: evaluate at least one example per task")
-    was_training = model.training
-    model.eval()
     names = adapters or ["model"]
     results: dict[str, dict[str, float]] = {name: {} for name in names}
     accuracy = accuracy_metric()
-    with DoraCaching():
+    with DoraCaching(), eval_keeping_4bit_training(model):  # (a 4-bit base's eval mode would end its training)
         for task_name, examples in tasks.items():
             predictions = [label_logits(model, tokenizer, examples[start : start + batch_size], adapters).argmax(-1)
                            for start in range(0, len(examples), batch_size)]  # each (adapters, chunk)
@@ -294,5 +294,4 @@ def evaluate_commonsense(
     for name in names:
         scores = list(results[name].values())
         results[name]["average"] = sum(scores) / len(scores)
-    model.train(was_training)
     return results

@@ -9,7 +9,8 @@ length-grouped order was not the one its run alone would have (and a resumed run
 whatever state the resume left).
 
 Here each job's fetches (the start of an epoch, each window's micro-batches) run with the job's own state swapped
-in for the global one (`drawing`), starting from the state right after `set_seed(job seed)` and the job's loader
+in for torch's global CPU generator (`drawing`; Python's `random` and numpy, which a custom collator might use,
+stay shared), starting from the state right after `set_seed(job seed)` and the job's loader
 being prepared, and so does its evaluation with `eval_on_start` (`drawing_before_training`): its first epoch is
 ordered as the job's run alone; later epochs too where that run draws nothing else from the global generator
 between epochs (no dropout, router jitter or evaluation draws there). The same holds for a random sampler that is
@@ -47,9 +48,14 @@ def sampler_generator(loader) -> torch.Generator | None:
 
 
 def seeded_per_epoch(loader) -> bool:
-    """Whether the loader's order needs no random state from a checkpoint: sequential, or accelerate's seedable
-    sampler (seeded with the seed and the epoch at each epoch; Trainer's default)."""
-    return isinstance(sampler_of(loader), (SeedableRandomSampler, SequentialSampler))
+    """Whether the loader's order needs no random state from a checkpoint: sequential, accelerate's seedable
+    sampler (seeded with the seed and the epoch at each epoch; Trainer's default) or transformers' rebalancing batch
+    sampler (`batch_rebalance`, likewise)."""
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+    batches = getattr(loader, "batch_sampler", None)
+    return (isinstance(getattr(batches, "batch_sampler", batches), BatchRebalanceSampler)
+            or isinstance(sampler_of(loader), (SeedableRandomSampler, SequentialSampler)))
 
 
 class DataRandomState:

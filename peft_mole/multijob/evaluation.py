@@ -6,6 +6,7 @@ as SFTTrainer's `eval_loss` (`JobEvaluation._eval_loss`), logged as `<job>/eval_
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import NamedTuple
 
@@ -48,10 +49,10 @@ class JobEvaluation:
         for run in runs:
             if run.finished or run.name not in self.job_eval_datasets:
                 continue
-            if run.global_step == 0:  # its eval loader's draws come before the first epoch, as in its run alone
-                with run.data_random.drawing_before_training():
-                    outcome = self._evaluate_job(run)
-            else:  # (resumed: its data order goes on from the checkpoint)
+            # its eval loader's draws come before its first epoch, as in its run alone (resumed: its data order
+            # goes on from the checkpoint)
+            drawing = run.data_random.drawing_before_training() if run.global_step == 0 else contextlib.nullcontext()
+            with drawing:
                 outcome = self._evaluate_job(run)
             if outcome.failure is not None:
                 self._fail(run, outcome.failure)

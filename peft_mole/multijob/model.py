@@ -369,10 +369,13 @@ class MultiJobModel(MixLoRAModel):
         return [module.settings[name] for module in self.model.modules()
                 if isinstance(module, RoutedExpertsLayer) and name in module.settings]
 
-    def job_parameters(self, name: str) -> dict[str, nn.Parameter]:
-        """{parameter name in this model: parameter} of one job."""
+    def _check_job(self, name: str) -> None:
         if name not in self.peft_config:
             raise ValueError(f"unknown job {name!r}; jobs: {sorted(self.peft_config)}")
+
+    def job_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """{parameter name in this model: parameter} of one job."""
+        self._check_job(name)
         return {n: p for n, p in self.model.named_parameters() if _adapter_of(n) == name}
 
     def job_state_dict(self, name: str) -> dict[str, torch.Tensor]:
@@ -387,7 +390,7 @@ class MultiJobModel(MixLoRAModel):
         """Write `adapter_config.json`, `adapter_model.safetensors` and a model card (README.md) of one job into
         `directory`; the config names the base (as `get_peft_model` records it), so `AutoPeftModelForCausalLM`
         loads the folder alone."""
-        self.job_parameters(name)  # (an unknown job: a ValueError naming the jobs, before anything is written)
+        self._check_job(name)  # (before anything is written)
         os.makedirs(directory, exist_ok=True)
         config = self.peft_config[name]
         if config.base_model_name_or_path is None:
@@ -402,7 +405,7 @@ class MultiJobModel(MixLoRAModel):
 
     def load_job(self, name: str, directory: str) -> None:
         """Copy a job's saved weights (`save_job` format) back into this model; every tensor must match."""
-        self.job_parameters(name)  # (an unknown job: a ValueError naming the jobs)
+        self._check_job(name)
         saved = load_file(os.path.join(directory, "adapter_model.safetensors"))
         config = self.peft_config[name]
         params = {_export_key(n, name, config): p for n, p in self.job_parameters(name).items()}

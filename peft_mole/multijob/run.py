@@ -471,8 +471,8 @@ class JobRun:
         if os.path.exists(os.path.join(path, DATA_ORDER_FILE)):
             self.data_random.load(load_file(os.path.join(path, DATA_ORDER_FILE)))
         elif not seeded_per_epoch(self.dataloader):  # (written before 2026-12-06)
-            logger.warning(f"job {self.name!r}: {path} has no {DATA_ORDER_FILE} (written before 2026-12-06), so the "
-                           "resumed run's data order is not the uninterrupted run's")
+            logger.warning("job %r: %s has no %s (written before 2026-12-06), so the resumed run's data order is not "
+                           "the uninterrupted run's", self.name, path, DATA_ORDER_FILE)
         self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
         self.restore_account(state)
         self.stats.best_eval_loss = state.get("best_eval_loss")

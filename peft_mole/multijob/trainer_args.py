@@ -204,9 +204,10 @@ def with_adapters_declared(model):
     """Within it, a quantised `model` says it carries adapters (transformers' `_hf_peft_config_loaded`), as the
     jobs' adapters are injected in it: `Trainer.__init__` refuses to fine-tune a quantised model that is neither a
     `PeftModel` nor so marked (`validate_quantization_for_training`), where SFTTrainer, given a `peft_config`, has
-    wrapped it in one. Only within: the flag also turns transformers' own adapter methods on."""
-    if not getattr(model, "is_quantized", False) or getattr(model, "_hf_peft_config_loaded", False):
-        return contextlib.nullcontext()
+    wrapped it in one (the mark also passes its refusal of a compiled quantised model, which SFTTrainer's
+    PeftModel passes too). Only within: the flag also turns transformers' own adapter methods on."""
+    if not getattr(model, "is_quantized", False) or getattr(model, "_hf_peft_config_loaded", True):
+        return contextlib.nullcontext()  # (not quantised; marked already; or not a transformers model)
     return temporarily(model, "_hf_peft_config_loaded", True)
 
 

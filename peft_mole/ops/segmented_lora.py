@@ -165,7 +165,7 @@ def scatter_row_deltas(
     if len(groups) == 1 and groups[0].num_rows == batch:
         group = groups[0]
         d = None if group.adapter == BASE_ROW else delta(group.adapter, x)
-        return base_out if d is None else _plus(base_out, d)
+        return base_out if d is None else add_delta(base_out, d)
     if consecutive_slices(groups, batch):
         # split/cat: backward is one cat of the input gradients and views of the output gradient, where
         # indexing per group would build a zero-filled full-size gradient for every group
@@ -173,7 +173,7 @@ def scatter_row_deltas(
         if factors is not None:
             buckets = stacked_lora_deltas(x, groups, factors)
             if len(buckets) == 1 and len(buckets[0][0]) == len(groups):  # every group in one bucket: no cat
-                return _plus(base_out, buckets[0][1].reshape(base_out.shape))
+                return add_delta(base_out, buckets[0][1].reshape(base_out.shape))
             for indices, stacked in buckets:
                 for i, d in zip(indices, stacked.split([groups[i].num_rows for i in indices]), strict=True):
                     deltas[i] = d
@@ -184,7 +184,7 @@ def scatter_row_deltas(
             d = None if group.adapter == BASE_ROW else delta(group.adapter, piece)
             shape = (*piece.shape[:-1], base_out.shape[-1])
             deltas[i] = base_out.new_zeros(shape) if d is None else d
-        return _plus(base_out, torch.cat(deltas))  # (cat promotes to the widest delta's dtype)
+        return add_delta(base_out, torch.cat(deltas))  # (cat promotes to the widest delta's dtype)
     full = None
     for group in groups:
         if group.adapter == BASE_ROW:
@@ -195,10 +195,10 @@ def scatter_row_deltas(
         if full is None:
             full = torch.zeros_like(base_out, dtype=torch.promote_types(base_out.dtype, d.dtype))
         full[group.rows] = d
-    return base_out if full is None else _plus(base_out, full)
+    return base_out if full is None else add_delta(base_out, full)
 
 
-def _plus(base_out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def add_delta(base_out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """base_out + delta rounded once, to base_out's dtype, as PEFT's LoRA adds its delta (an fp32 delta on a
     bf16 base: summed in fp32; before 2026-12-06 the delta was rounded to bf16 first, 1 ulp off PEFT's)."""
     return (base_out + delta).to(base_out.dtype)

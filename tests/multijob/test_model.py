@@ -151,9 +151,12 @@ def test_jobs_on_a_half_precision_base_are_float32_as_peft_adapters_and_match_th
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_lora_rows_on_a_half_precision_base_equal_peft_bit_for_bit(tmp_path, dtype):
     """PEFT adds a float32 LoRA delta to a half-precision base output in float32 and rounds once; so do the jobs'
-    rows, in every grouping of the rows (before 2026-12-06 the delta was rounded first: logits 6e-3 apart)."""
+    rows, in every grouping of the rows: one job, consecutive groups (equal ranks stacked), interleaved rows, rows
+    of the base (before 2026-12-06 the delta was rounded first: logits 6e-3 apart). Bit for bit where the scaling
+    lora_alpha / r is a power of two, as here: PEFT scales B's output, these layers A's (fewer products)."""
     configs = {"a": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-               "b": LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"])}
+               "b": LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"]),
+               "c": LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"])}
     model = MultiJobModel(tiny_base().to(dtype), configs)
     randomize_adapters(model, std=0.3)
     model.eval()
@@ -162,9 +165,11 @@ def test_lora_rows_on_a_half_precision_base_equal_peft_bit_for_bit(tmp_path, dty
     for job in configs:
         model.save_job(job, str(tmp_path / job))
         alone[job] = PeftModel.from_pretrained(tiny_base().to(dtype), str(tmp_path / job)).eval()
-    for rows in (["a", "a", "b", "b"], ["a", "b", "a", "b"]):  # (consecutive groups; interleaved rows)
+    base = tiny_base().to(dtype).eval()
+    for rows in (["a"] * 4, ["a", "a", "c", "c"], ["a", "a", "b", "b"], ["a", "b", "__base__", "c"]):
         with torch.no_grad():
             mixed = model(input_ids=ids, adapter_names=rows).logits
-            for job, peft_model in alone.items():
+            for job in set(rows):
                 index = [i for i, row in enumerate(rows) if row == job]
-                assert torch.equal(mixed[index], peft_model(input_ids=ids[index]).logits), (rows, job)
+                expected = (base if job == "__base__" else alone[job])(input_ids=ids[index]).logits
+                assert torch.equal(mixed[index], expected), (rows, job)

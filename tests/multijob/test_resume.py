@@ -322,7 +322,7 @@ def test_resume_continues_each_jobs_length_grouped_order(assets, tmp_path, worke
             for run in stopped.runs} == {"a": (8, 1, 2, 1), "b": (8, 1, 4, 1), "c": (2, 1, 0, 2)}
     # in a's second epoch; at the end of b's second; c half-way through the first window of its second epoch
     trainer(tmp_path / "stopped").train(resume_from_checkpoint=True)
-    for job in ("a", "b"):
+    for job in ("a", "b", "c"):
         uninterrupted = load_file(tmp_path / "whole" / job / "adapter_model.safetensors")
         again = load_file(tmp_path / "stopped" / job / "adapter_model.safetensors")
         assert max((uninterrupted[k] - again[k]).abs().max().item() for k in uninterrupted) <= 1e-6, job

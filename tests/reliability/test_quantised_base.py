@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForCausalLM
 
 from peft_mole import MultiJobModel, synthetic
@@ -129,6 +130,32 @@ def test_the_block_check_probes_a_quantised_block_at_its_input_width(bases):
             get_peft_model(quantised, METHODS["mixlora"]())
     finally:
         type(mlp).forward = standard
+
+
+def test_eval_mode_keeps_4bit_linears_training_and_turns_their_wrappers_off(bases):
+    """What `eval_keeping_4bit_training` does, on any CPU (the repacking itself needs AVX512-BF16): inside it, the
+    4-bit linears are in training mode and every other module, PEFT's wrappers of them included (their router
+    jitter and dropout read it), in eval mode; the adapter's creation (the block check) called no 4-bit linear in
+    eval mode without autograd; after it, every module is in its mode before."""
+    from peft_mole.quantised_eval import eval_keeping_4bit_training, is_4bit_linear
+
+    _, _, path, config = bases
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+    calls = []
+    for module in base.modules():
+        if is_4bit_linear(module):
+            module.register_forward_pre_hook(lambda m, args: calls.append(m.training or torch.is_grad_enabled()))
+    get_peft_model(base, METHODS["mixlora"]())  # (block scope: the block check probes each MLP block)
+    assert all(calls) and (len(calls) > 0) == config.load_in_4bit  # (8-bit: no 4-bit linear)
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+    model = get_peft_model(base, METHODS["dynmole-projection"]())  # (wrappers of the projections)
+    model.train()
+    with eval_keeping_4bit_training(model):
+        assert all(not module.training for module in model.modules() if isinstance(module, BaseTunerLayer))
+        training = [module for module in model.modules() if module.training]
+        assert all(isinstance(module, bnb.nn.Linear4bit) for module in training)
+        assert len(training) == (2 * 7 if config.load_in_4bit else 0)  # (every projection of the 2 layers)
+    assert all(module.training for module in model.modules())
 
 
 @pytest.mark.parametrize("method", ["mixlora", "dynmole"])

@@ -12,7 +12,7 @@ from torch import nn
 from peft_mole.forward_context import ForwardContext
 from peft_mole.ops.dropout import Dropout
 from peft_mole.ops.indexed_lora import indexed_lora_delta, packed_lora_delta
-from peft_mole.ops.segmented_lora import LoraFactors, lora_delta, scatter_row_deltas
+from peft_mole.ops.segmented_lora import LoraFactors, add_delta, lora_delta, scatter_row_deltas
 
 
 class LoraFactor(nn.Module):
@@ -119,7 +119,7 @@ class LoraLinear(nn.Module, BaseTunerLayer):
                 delta = packed_lora_delta(x, context.row_jobs, context.segments, factors)
             else:
                 delta = indexed_lora_delta(x, context.row_jobs, factors)
-            return out if delta is None else out + delta.to(out.dtype)
+            return out if delta is None else add_delta(out, delta)  # (rounded once, as the eager path)
         units = self._context.unit_view(x)
         if units is not x:  # a packed batch: its tokens are grouped by adapter
             return self._add_deltas(out.view(*units.shape[:-1], out.shape[-1]), units).view(out.shape)
