@@ -34,11 +34,16 @@ from torch.utils.data import SequentialSampler
 DATA_ORDER_FILE = "data_order.safetensors"  # a checkpoint's `resume_state` of the job's data pipeline
 
 
-def sampler_of(loader):
-    """The loader's sampler (inside accelerate's shard of its batch sampler on several processes), or None."""
+def batch_sampler_of(loader):
+    """The loader's batch sampler, inside accelerate's shard of it on several processes (`BatchSamplerShard`), or
+    None."""
     batches = getattr(loader, "batch_sampler", None)
-    batches = getattr(batches, "batch_sampler", batches)
-    return getattr(batches, "sampler", None)
+    return getattr(batches, "batch_sampler", batches)
+
+
+def sampler_of(loader):
+    """The sampler of the loader's batch sampler (`batch_sampler_of`), or None."""
+    return getattr(batch_sampler_of(loader), "sampler", None)
 
 
 def sampler_generator(loader) -> torch.Generator | None:
@@ -53,8 +58,7 @@ def seeded_per_epoch(loader) -> bool:
     sampler (`batch_rebalance`, likewise)."""
     from transformers.trainer_pt_utils import BatchRebalanceSampler
 
-    batches = getattr(loader, "batch_sampler", None)
-    return (isinstance(getattr(batches, "batch_sampler", batches), BatchRebalanceSampler)
+    return (isinstance(batch_sampler_of(loader), BatchRebalanceSampler)
             or isinstance(sampler_of(loader), (SeedableRandomSampler, SequentialSampler)))
 
 

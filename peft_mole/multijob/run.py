@@ -26,6 +26,7 @@ from peft_mole.multijob.batching import strip_padding
 from peft_mole.multijob.data_order import (
     DATA_ORDER_FILE,
     DataRandomState,
+    batch_sampler_of,
     sampler_generator,
     seeded_per_epoch,
 )
@@ -147,9 +148,9 @@ class JobRun:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(self.epoch)
         # (accelerate's set_epoch does not reach a batch sampler in its shard on several processes: as Trainer does)
-        inner = getattr(getattr(loader, "batch_sampler", None), "batch_sampler", None)
-        if hasattr(inner, "set_epoch"):
-            inner.set_epoch(self.epoch)
+        batches = batch_sampler_of(loader)
+        if hasattr(batches, "set_epoch"):
+            batches.set_epoch(self.epoch)
         if skip:
             loader = skip_first_batches(loader, skip)
             if hasattr(loader, "set_epoch"):
