@@ -2,7 +2,7 @@
 
 On the `tiny` shape a projection's products take microseconds, so its forward + backward time is the host's work:
 Python, operator dispatch, autograd nodes. That is what bounds a multi-job step on a GPU, where one-row jobs make
-small kernels (docs/performance.md, "Host time of a multi-job step"). Printed per N: peft-mole's LoRA-job layer
+small kernels (docs/performance-multijob.md, "Host time of a multi-job step"). Printed per N: peft-mole's LoRA-job layer
 on N jobs of one row each (their products stacked) and PEFT's `lora.Linear` on one job's row, each the q projection
 of layer 0, forward + backward, interleaved; `ratio_median` is the first over the second, and N times PEFT's time is
 what training the jobs one after another spends there.

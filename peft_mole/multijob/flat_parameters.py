@@ -11,8 +11,8 @@ compiled graph. Flattened, each optimizer group of a job is one tensor:
 so the modules, parameter names and saved adapters do not change; the step's gradients of a job are added into
 `flat_g.grad` (a buffer kept per flat tensor) by one `torch._foreach_add_`, and clipping and the optimizer see one
 tensor per group. Measured on this repository's CPU (`bench/job_optimizer.py`: clipping + fused AdamW;
-docs/performance.md, "Flat job optimizers"): 359 µs per job and step over the 28 tensors of a tiny-shape LoRA job,
-190 µs flat; 976 against 613 µs for the small shape's 56.
+docs/performance-multijob.md, "Flat job optimizers"): 359 µs per job and step over the 28 tensors of a tiny-shape
+LoRA job, 190 µs flat; 976 against 613 µs for the small shape's 56.
 
 What changes, and what does not:
 - The update is elementwise (Adam, AdamW, SGD), so every element moves as before; the clipping norm sums the same

@@ -1,7 +1,7 @@
 """Compiled multi-job steps on CUDA against the eager CPU step (issue 6, parts 5 and 6). Skipped without CUDA.
 
 Inductor's default mode and "reduce-overhead" (CUDA graphs, which a host-bound multi-job step is what they are for:
-docs/performance.md, "Compiled multi-job steps"), over mixes of jobs and rows, fp32 and bf16 autocast.
+docs/performance-multijob.md, "Compiled multi-job steps"), over mixes of jobs and rows, fp32 and bf16 autocast.
 """
 
 from __future__ import annotations

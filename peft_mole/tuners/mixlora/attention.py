@@ -95,7 +95,7 @@ class LoraLinear(nn.Module, BaseTunerLayer):
     def _factors(self, adapter: str) -> LoraFactors | None:
         # Called per adapter, projection and forward (a multi-job step: jobs × 7 projections × layers), so it reads
         # the containers' own dicts: through `getattr` and `ModuleDict.__getitem__` the lookups cost more than
-        # the rank-r products of a short row (docs/performance.md, "Host time of a multi-job step").
+        # the rank-r products of a short row (docs/performance-multijob.md, "Host time of a multi-job step").
         (a_name, b_name), (scaling_name, dropout_name) = self.adapter_layer_names, self.other_param_names
         factor_a = self._modules[a_name]._modules.get(adapter)
         if factor_a is None:
