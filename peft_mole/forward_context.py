@@ -109,6 +109,21 @@ def real_tokens(attention_mask) -> torch.Tensor | None:
     return None
 
 
+def check_attention_mask(attention_mask, input_ids, inputs_embeds) -> None:
+    """Refuse a 2-D attention mask that does not have one row per sequence and at least one column per token (under
+    cached decoding it has more: the past tokens'), before a layer slices it: a shorter one made DynMoLE fail deep
+    in a layer and MixLoRA count the router statistics of the wrong tokens."""
+    tokens = input_ids if isinstance(input_ids, torch.Tensor) else inputs_embeds
+    if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+            and isinstance(tokens, torch.Tensor) and tokens.dim() >= 2):
+        return
+    batch, seq_len = tokens.shape[0], tokens.shape[1]
+    if attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
+        name = "input_ids" if tokens is input_ids else "inputs_embeds"
+        raise ValueError(f"attention_mask must have {batch} rows and at least {seq_len} columns for {name} of shape "
+                         f"{tuple(tokens.shape)} (more only for past tokens), got {tuple(attention_mask.shape)}")
+
+
 def packed_real_tokens(position_ids: torch.Tensor) -> torch.Tensor | None:
     """(1, T) bool mask of a padding-free row's real tokens, or None where none is padding. TRL's padding-free
     collator pads the packed row on the right (`pad_to_multiple_of`) with position id 0 and label -100, so each pad

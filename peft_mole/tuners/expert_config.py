@@ -19,6 +19,9 @@ from peft_mole.tuners.load_checks import (
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# set on a config whose `base_model_shape` a new adapter recorded (not read from a saved adapter's file): another
+# new adapter made from it records its own base instead of checking against the first one's
+SHAPE_RECORDED = "_base_model_shape_recorded"
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> None:
@@ -44,7 +47,10 @@ def _check_float(name: str, value, low: float, high: float | None = None, high_o
 def _check_names(name: str, value, allowed: tuple[str, ...], may_be_empty: bool) -> list[str]:
     if isinstance(value, str) or not isinstance(value, (list, tuple, set)):
         raise TypeError(f"{name} must be a list of names from {list(allowed)}, got {value!r}")
-    names = list(value)
+    # a set's order depends on the process's string hashing (PYTHONHASHSEED), and the layers draw their initial
+    # factors in this order: a set is taken in the canonical order, so one seed gives one adapter in every process
+    names = sorted(value, key=lambda v: allowed.index(v) if v in allowed else len(allowed)) if isinstance(
+        value, set) else list(value)
     unknown = [v for v in names if v not in allowed]
     if unknown:
         raise ValueError(f"{name} has unknown projection(s) {unknown}; allowed: {list(allowed)}")

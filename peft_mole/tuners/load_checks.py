@@ -5,6 +5,9 @@
 - `check_weights_file`: in a local adapter folder, adapter_model.safetensors must be a readable safetensors file
   (truncated or corrupted files are named); a pickle `adapter_model.bin` alone is refused, in a local folder or a
   Hub repo (asked before PEFT downloads it) — `convert_bin_adapter` is the explicit opt-in that turns it into safetensors (reading it with `torch.load(weights_only=True)`).
+- `check_every_tensor_given`: the weights loaded into an adapter (from a file, or `set_peft_model_state_dict`) must
+  hold every tensor the adapter has; a missing router, layer or factor would keep its initial values (or, loaded
+  with `low_cpu_mem_usage`, stay on the meta device) while PEFT only warns.
 - `check_base_shape`: the base an adapter is loaded onto must have the hidden size, MLP size and layer count of the
   base it was trained on (recorded in the config as `base_model_shape`); another vocabulary or model type (e.g. a
   Llama adapter on a Gemma base of the same sizes, whose MLP activation differs) only warns.
@@ -82,6 +85,27 @@ def check_complete_factors(names: list[str], use_dora: bool, where: str) -> None
     if missing:
         raise ValueError(f"{where} lacks {len(missing)} tensor(s) its other tensors and config (use_dora={use_dora}) "
                          f"need, e.g. {sorted(missing)[:3]}; the adapter was not saved completely")
+
+
+def check_every_tensor_given(model: nn.Module, state_dict: dict, prefix: str, adapter_name: str) -> None:
+    """Refuse adapter weights that lack a tensor of `adapter_name` among the parameters of `model` (the names under
+    a module whose name starts with `prefix`, e.g. `mixlora_`). Keys are compared without PEFT's `base_model.model.`
+    prefix, which a state dict has and a model made by `inject_adapter_in_model` has not."""
+    def bare(name: str) -> str:
+        return name.removeprefix("base_model.model.")
+
+    given = {bare(key) for key in state_dict}
+    owned = (f".{adapter_name}.", f".{adapter_name}")
+    missing = sorted(bare(name) for name, _ in model.named_parameters()
+                     if f".{prefix}" in name and (owned[0] in name or name.endswith(owned[1]))
+                     and bare(name) not in given)
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ValueError(
+            f"the weights loaded into adapter {adapter_name!r} lack {len(missing)} of its tensors ({shown}); they "
+            "would keep their initial values. The adapter file is incomplete, or was saved from an adapter with "
+            "other layers or projections (layers_to_transform, expert_target_modules, attn_target_modules)"
+        )
 
 
 def check_hub_weights(repo_id: str, subfolder: str | None, revision: str | None, token: str | bool | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import weakref
 from collections.abc import Collection
@@ -15,10 +16,17 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from peft_mole.diagnostics import RouterStats, router_stats
-from peft_mole.forward_context import BASE_ROW, ForwardContext, RouterRecord, packed_real_tokens, real_tokens
+from peft_mole.forward_context import (
+    BASE_ROW,
+    ForwardContext,
+    RouterRecord,
+    check_attention_mask,
+    packed_real_tokens,
+    real_tokens,
+)
 from peft_mole.tuners.aux_outputs import declare_known, with_fields
-from peft_mole.tuners.expert_config import ExpertAdapterConfig
-from peft_mole.tuners.load_checks import base_shape, check_base_shape, text_config
+from peft_mole.tuners.expert_config import SHAPE_RECORDED, ExpertAdapterConfig
+from peft_mole.tuners.load_checks import base_shape, check_base_shape, check_every_tensor_given, text_config
 from peft_mole.tuners.mixlora.attention import LoraLinear, factor_key_with_weight, factor_key_without_weight
 from peft_mole.tuners.mixlora.layer import MixLoRAMLP
 from peft_mole.tuners.mixlora.projection import MoELoraLinear
@@ -90,10 +98,11 @@ class MixLoRAModel(BaseTuner):
     def _prepare_model(self, peft_config: ExpertAdapterConfig, model: nn.Module) -> None:
         peft_config.validate()  # again: a field may have been changed since the config was made
         peft_config.__dict__["_tuner_ref"] = weakref.ref(self)  # router statistics for the model card
-        if peft_config.base_model_shape:  # a loaded adapter: the base must be the one it was made for
-            check_base_shape(peft_config.base_model_shape, model)
-        else:
+        if peft_config.base_model_shape and not peft_config.__dict__.get(SHAPE_RECORDED):
+            check_base_shape(peft_config.base_model_shape, model)  # a loaded adapter: the base it was made for
+        else:  # a new adapter, from a config made by the user or used for another base before
             peft_config.base_model_shape = base_shape(model)
+            peft_config.__dict__[SHAPE_RECORDED] = True
         scope = getattr(peft_config, "router_scope", "block")
         self.__dict__["_targets"] = find_targets(model, peft_config, scope, self.mlp_layer_cls)
         if self.declares_router_aux_loss:
@@ -177,9 +186,12 @@ class MixLoRAModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """The inverse of `_get_adapter_state_dict` before PEFT's remapping (a file with `...mixlora_A.weight`, as
-        a state dict of parameter names gives, loads too)."""
+        a state dict of parameter names gives, loads too); weights that lack one of the adapter's tensors are refused
+        (`check_every_tensor_given`)"""
         state_dict = {factor_key_with_weight(k, cls.prefix): v for k, v in state_dict.items()}
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_every_tensor_given(model, state_dict, cls.prefix, adapter_name)
+        return state_dict
 
     def _create_and_replace(
         self, peft_config: ExpertAdapterConfig, adapter_name, target, target_name, parent, current_key, **kwargs
@@ -256,7 +268,21 @@ class MixLoRAModel(BaseTuner):
         if adapter_name == BASE_ROW:
             raise ValueError(f"adapter name {BASE_ROW!r} is reserved: in adapter_names it stands for the base model "
                              "alone; choose another name")
+        config = self.peft_config.get(adapter_name)
+        if isinstance(config, ExpertAdapterConfig) and self._held_elsewhere(config, adapter_name):
+            self.peft_config[adapter_name] = copy.deepcopy(config)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def _held_elsewhere(self, config: ExpertAdapterConfig, adapter_name: str) -> bool:
+        """Whether `config` (the object given to `get_peft_model`/`add_adapter`) already belongs to another live
+        model or to another adapter of this one. The config records the base it was made for and points to its
+        model for the model card's router statistics, so an adapter made from a config already in use gets a copy
+        of its own (PEFT's LoRA shares the object, whose fields it only fills with values that fit any base)."""
+        if any(other is config for name, other in self.peft_config.items() if name != adapter_name):
+            return True
+        tuner_ref = config.__dict__.get("_tuner_ref")
+        tuner = tuner_ref() if tuner_ref is not None else None
+        return tuner is not None and tuner is not self and any(c is config for c in tuner.peft_config.values())
 
     def _base_called(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Before each call of the base model or of its decoder stack that does not come through the tuner's forward
@@ -273,6 +299,8 @@ class MixLoRAModel(BaseTuner):
             return
         if not context.rows_set_by_hook and context.row_adapters is not None:
             context.set_row_adapters(None)
+        check_attention_mask(kwargs.get("attention_mask"), kwargs.get("input_ids", args[0] if args else None),
+                             kwargs.get("inputs_embeds"))
         context.token_mask = real_tokens(kwargs.get("attention_mask"))
 
     def _check_adapter_names(self, names) -> None:
@@ -299,6 +327,8 @@ class MixLoRAModel(BaseTuner):
         self._rows_set(context, args, kwargs)
         labels = kwargs.get("labels")
         attention_mask = kwargs.get("attention_mask")
+        check_attention_mask(attention_mask, kwargs.get("input_ids", args[0] if args else None),
+                             kwargs.get("inputs_embeds"))
         context.token_mask = real_tokens(attention_mask)
         context.records = [] if (self.training or labels is not None) else None
         positions = kwargs.get("position_ids")
