@@ -127,3 +127,15 @@ def test_train_loads_the_base_as_sft_trainer_does_with_the_files_model_init_kwar
     assert main(["train", job_file("f32", model=tmp_path / "bf16")]) == 0
     assert main(["train", job_file("b16", model=tmp_path / "bf16", model_init_kwargs={"dtype": "bfloat16"})]) == 0
     assert seen == [torch.float32, torch.bfloat16]
+
+
+def test_train_resume_of_a_changed_job_is_one_line(job_file, tmp_path):
+    """A job whose rank changed since its checkpoints were written: before, a traceback from the adapter load."""
+    path = Path(job_file("run", save_strategy="steps", save_steps=1))
+    assert main(["train", str(path), "--resume"]) == 0
+    doc = yaml.safe_load(path.read_text())
+    doc["jobs"][0]["peft"]["r"] = 8
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SystemExit, match=r"peft-mole train: job 'add' cannot resume as it is set up now .*"
+                                         r"has shape \(4, 64\), job 'add' needs \(8, 64\)"):
+        main(["train", str(path), "--resume"])

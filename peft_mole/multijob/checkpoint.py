@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 
 STATE_FILE = "job_state.json"
+RUN_FILE = "run.json"  # {"run_id": ...} of the run that last started in a job's folder (`lifecycle`)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -100,8 +101,9 @@ def _restore_swapped(job_dir: str) -> None:
                 continue
 
 
-def list_checkpoints(job_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints of a job, oldest first: [(step, path)] (one a kill left mid-swap restored first)."""
+def list_checkpoints(job_dir: str, run_id: str | None = None) -> list[tuple[int, str]]:
+    """Complete checkpoints of a job, oldest first: [(step, path)] (one a kill left mid-swap restored first); with
+    `run_id`, those of that run only (and those written before runs had ids)."""
     if not os.path.isdir(job_dir):
         return []
     _restore_swapped(job_dir)
@@ -109,20 +111,21 @@ def list_checkpoints(job_dir: str) -> list[tuple[int, str]]:
     for name in os.listdir(job_dir):
         match = _CHECKPOINT.match(name)
         path = os.path.join(job_dir, name)
-        if match and os.path.isfile(os.path.join(path, STATE_FILE)):
+        state = os.path.join(path, STATE_FILE)
+        if match and os.path.isfile(state) and (run_id is None or read_json(state).get("run_id", run_id) == run_id):
             found.append((int(match.group(1)), path))
     return sorted(found)
 
 
-def latest_checkpoint(job_dir: str) -> str | None:
-    found = list_checkpoints(job_dir)
+def latest_checkpoint(job_dir: str, run_id: str | None = None) -> str | None:
+    found = list_checkpoints(job_dir, run_id)
     return found[-1][1] if found else None
 
 
-def prune_checkpoints(job_dir: str, keep: int | None) -> None:
-    """Delete the oldest checkpoints beyond `keep` (None or <= 0 keeps all), and temporary folders a killed write
-    left behind (called right after a write completed, by the only writer; a checkpoint a kill left mid-swap is
-    restored, not deleted)."""
+def prune_checkpoints(job_dir: str, keep: int | None, run_id: str | None = None) -> None:
+    """Delete the oldest checkpoints of run `run_id` beyond `keep` (None or <= 0 keeps all; another run's are
+    kept), and temporary folders a killed write left behind (called right after a write completed, by the only
+    writer; a checkpoint a kill left mid-swap is restored, not deleted)."""
     if os.path.isdir(job_dir):
         _restore_swapped(job_dir)
     for name in os.listdir(job_dir) if os.path.isdir(job_dir) else []:
@@ -130,13 +133,26 @@ def prune_checkpoints(job_dir: str, keep: int | None) -> None:
             shutil.rmtree(os.path.join(job_dir, name), ignore_errors=True)
     if not keep or keep <= 0:
         return
-    for _, path in list_checkpoints(job_dir)[:-keep]:
+    for _, path in list_checkpoints(job_dir, run_id)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
 
 
 def write_json(path: str, data: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it to `path`: a reader sees the
+    old file or the new one whole (a full disk or a kill midway leaves the old one), as the checkpoints."""
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(path)}-", dir=folder)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # a file made as any other (mkstemp's are private: 0600)
+        with os.fdopen(handle, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def read_json(path: str) -> dict:

@@ -12,6 +12,17 @@ from __future__ import annotations
 import copy
 
 
+def data_error(error: Exception, dataset) -> str:
+    """An error of SFTTrainer's preparation as a sentence: a missing field (a bare `KeyError: 'text'`) is named
+    with the dataset's columns and the fields SFTTrainer reads."""
+    if not isinstance(error, KeyError):
+        return str(error)
+    columns = getattr(dataset, "column_names", None)
+    have = f" (its columns: {columns})" if columns is not None else ""
+    return (f"the dataset has no field {error}{have}; SFTTrainer reads 'text' (args.dataset_text_field), "
+            "'messages', or 'prompt' and 'completion'")
+
+
 class JobDatasets:
     """Mixin of `MultiJobTrainer`: `job_datasets` and `job_eval_datasets`, {job: SFTTrainer-prepared dataset}."""
 
@@ -65,7 +76,8 @@ class JobDatasets:
                                  "completion_only_loss=False")
             return self._prepare_dataset(dataset, self.processing_class, args, packing, formatting_func, name)
         except Exception as error:
-            raise ValueError(f"job {name.split()[0]!r}: SFTTrainer could not prepare its dataset: {error}") from error
+            raise ValueError(f"job {name.split()[0]!r}: SFTTrainer could not prepare its dataset: "
+                             f"{data_error(error, dataset)}") from error
         finally:
             self.completion_only_loss = shared
 

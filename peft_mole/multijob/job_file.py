@@ -76,10 +76,14 @@ def load_dataset_spec(spec: str, job: str, config: str | None = None, split: str
     if ext in _LOCAL_FORMATS:
         if not os.path.isfile(spec):
             raise ValueError(f"job {job!r}: dataset file {spec!r} does not exist")
+        if os.path.getsize(spec) == 0:
+            raise ValueError(f"job {job!r}: dataset file {spec!r} is empty")
         try:
             return load_dataset(_LOCAL_FORMATS[ext], data_files=spec, split=split or "train")
-        except ValueError as error:  # e.g. a split other than "train", or a bad slice
-            raise ValueError(f"job {job!r}: dataset file {spec!r}, split {split!r}: {error}") from error
+        except Exception as error:  # noqa: BLE001 — a split other than "train", a bad slice, a malformed line
+            cause = error.__cause__ or error  # (datasets wraps the reader's error in DatasetGenerationError)
+            raise ValueError(f"job {job!r}: dataset file {spec!r}, split {split!r}, cannot be read: "
+                             f"{type(cause).__name__}: {cause}") from error
     try:
         return load_dataset(spec, config, split=split or "train")
     except Exception as error:  # noqa: BLE001 — re-raised with the job and what was tried
@@ -87,6 +91,10 @@ def load_dataset_spec(spec: str, job: str, config: str | None = None, split: str
             f"job {job!r}: cannot load dataset {spec!r} (not a local .json/.jsonl/.csv/.parquet file, and the hub "
             f"said: {type(error).__name__}: {error})"
         ) from error
+
+
+def _names_list(hint) -> bool:
+    return typing.get_origin(hint) is list and typing.get_args(hint) == (str,)
 
 
 # an int field takes a float too: several configs take a float where they annotate int (`lora_alpha`), and check it
@@ -106,11 +114,15 @@ def check_scalar_types(config_class: type, values: dict, where: str) -> None:
         hint = hints.get(key)
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
         members = typing.get_args(hint) if union else (hint,)
-        if not all(member in _SCALARS for member in members):
+        if not all(member in _SCALARS or _names_list(member) for member in members):
             continue
-        allowed = tuple(t for member in members for t in _SCALARS[member][0])
+        if any(_names_list(member) for member in members) and isinstance(value, list):
+            if all(isinstance(item, str) for item in value):
+                continue
+        allowed = tuple(t for member in members if member in _SCALARS for t in _SCALARS[member][0])
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in members):
-            kinds = " or ".join(_SCALARS[member][1] for member in members)
+            kinds = " or ".join(_SCALARS[member][1] if member in _SCALARS else "a list of strings"
+                                for member in members)
             raise ValueError(f"{where}: {key} must be {kinds}, got {value!r}")
 
 
@@ -159,6 +171,10 @@ def parse_run(data: Any) -> RunSpec:
     for key in ("model", "output_dir", "jobs"):
         if key not in data:
             raise ValueError(f"job file: missing required key {key!r}")
+    for key, what in (("model", "a path or a hub id"), ("tokenizer", "a path or a hub id"), ("output_dir", "a path")):
+        value = data.get(key)
+        if (value is not None or key != "tokenizer") and (not isinstance(value, str) or not value):
+            raise ValueError(f"job file: {key} must be a non-empty string ({what}), got {value!r}")
     jobs = data["jobs"]
     if not isinstance(jobs, list) or not jobs:
         raise ValueError("job file: jobs must be a non-empty list")
@@ -183,8 +199,8 @@ def parse_run(data: Any) -> RunSpec:
     if overhead not in (None, "auto") and (isinstance(overhead, bool) or not isinstance(overhead, int) or overhead < 0):
         raise ValueError(f"job file: step_overhead_tokens must be 'auto', an int >= 0 or null, got {overhead!r}")
     return RunSpec(
-        model=str(data["model"]), tokenizer=str(data.get("tokenizer") or data["model"]),
-        output_dir=str(data["output_dir"]), args=args, jobs=built,
+        model=data["model"], tokenizer=data.get("tokenizer") or data["model"], output_dir=data["output_dir"],
+        args=args, jobs=built,
         max_concurrent_jobs=concurrent,
         max_memory=None if memory is None else float(memory) * 2**30, step_overhead_tokens=overhead,
     )
@@ -196,7 +212,19 @@ def _yaml_loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            """A key given twice in one mapping is refused (PyYAML keeps the last one silently: a second `jobs:`
+            dropped the first list of jobs); a merge (`<<: *defaults`) may still be overridden."""
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "in a mapping", node.start_mark, f"the key {key!r} is given twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
                                  list("-+0123456789"))

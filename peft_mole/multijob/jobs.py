@@ -121,7 +121,8 @@ class JobConfig:
         if self.lr_scheduler_type is not None:
             check_lr_scheduler(self.lr_scheduler_type, f"job {self.name!r}: lr_scheduler_type")
         if self.early_stopping_patience is not None:
-            if not isinstance(self.early_stopping_patience, int) or self.early_stopping_patience < 1:
+            patience = self.early_stopping_patience
+            if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
                 raise ValueError(
                     f"job {self.name!r}: early_stopping_patience must be an int >= 1, got {self.early_stopping_patience!r}"
                 )

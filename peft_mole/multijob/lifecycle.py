@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 
 import torch
 
 from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun
-from peft_mole.multijob.trainer_args import PUSH_EACH_JOB
+from peft_mole.multijob.trainer_args import PUSH_EACH_JOB, JobSetupError
 
 logger = logging.getLogger("peft_mole.multijob.trainer")  # one logger for the trainer's messages
 
@@ -24,28 +25,59 @@ class JobLifecycle:
     """The trainer's job endings and resume (see the module docstring); mixed into `MultiJobTrainer`."""
 
     def _resume(self, runs: list[JobRun]) -> None:
-        """Each job from where it ended: a done or stopped job's final adapter, else its latest checkpoint."""
+        """Each job from where it ended: a done or stopped job's final adapter, else its latest checkpoint. A saved
+        adapter that does not fit the job as it is set up now (another rank, type or target modules) is a
+        `JobSetupError` naming the job and the folder."""
         for run in runs:
-            final_state = os.path.join(run.args.output_dir, ckpt.STATE_FILE)
-            if os.path.isfile(final_state) and ckpt.read_json(final_state).get("status") in (DONE, STOPPED):
-                state = ckpt.read_json(final_state)
-                self.jobs_model.load_job(run.name, run.args.output_dir)
-                run.status, run.global_step = state["status"], state["global_step"]
-                run.restore_account(state)
-                run.release()
-                if state["status"] == DONE and run.max_steps > run.global_step:
-                    logger.warning("job %s ended at step %d; resume does not train an ended job further (its "
-                                   "max_steps is now %d): start a new job from its adapter in %s", run.name,
-                                   run.global_step, run.max_steps, run.args.output_dir)
-                continue
-            path = ckpt.latest_checkpoint(run.args.output_dir)
-            if path is not None:
-                run.load_checkpoint(path, lambda d, name=run.name: self.jobs_model.load_job(name, d),
-                                    (self.accelerator.process_index, self.accelerator.num_processes))
-                logger.info("job %s resumes from %s", run.name, path)
-            else:  # (Trainer raises here; a restarted preemptible run may not have saved yet)
-                logger.warning("job %s has no checkpoint in %s: it starts from the beginning", run.name,
-                               run.args.output_dir)
+            try:
+                self._resume_job(run)
+            except JobSetupError:
+                raise
+            except ValueError as error:
+                raise JobSetupError(f"job {run.name!r} cannot resume as it is set up now (the job was changed since "
+                                    f"that run?): {error}") from error
+
+    def _resume_job(self, run: JobRun) -> None:
+        run_file = os.path.join(run.args.output_dir, ckpt.RUN_FILE)
+        run.run_id = ckpt.read_json(run_file)["run_id"] if os.path.isfile(run_file) else None
+        final_state = os.path.join(run.args.output_dir, ckpt.STATE_FILE)
+        state = ckpt.read_json(final_state) if os.path.isfile(final_state) else {}
+        if state.get("status") in (DONE, STOPPED) and state.get("run_id", run.run_id) == run.run_id:
+            self.jobs_model.load_job(run.name, run.args.output_dir)
+            run.status, run.global_step = state["status"], state["global_step"]
+            run.restore_account(state)
+            run.release()
+            if state["status"] == DONE and run.max_steps > run.global_step:
+                logger.warning("job %s ended at step %d; resume does not train an ended job further (its "
+                               "max_steps is now %d): start a new job from its adapter in %s", run.name,
+                               run.global_step, run.max_steps, run.args.output_dir)
+            return
+        path = ckpt.latest_checkpoint(run.args.output_dir, run.run_id)
+        if path is not None:
+            run.load_checkpoint(path, lambda d, name=run.name: self.jobs_model.load_job(name, d),
+                                (self.accelerator.process_index, self.accelerator.num_processes))
+            logger.info("job %s resumes from %s", run.name, path)
+        else:  # (Trainer raises here; a restarted preemptible run may not have saved yet)
+            logger.warning("job %s has no checkpoint in %s: it starts from the beginning", run.name,
+                           run.args.output_dir)
+
+    def _start_afresh(self, runs: list[JobRun]) -> None:
+        """A run that does not resume gets an id of its own (`run.json` in each job's folder; its checkpoints and
+        final state carry it). A resume of it takes only its own checkpoints and end, and it prunes only its own
+        checkpoints: an earlier run in the same folders (its final `job_state.json`, checkpoints of later steps)
+        is neither taken for this run's (a resume kept the earlier adapter as the job's end, or would continue
+        from the earlier run's latest step) nor deleted."""
+        if not self.is_world_process_zero():
+            return
+        for run in runs:
+            run.run_id = uuid.uuid4().hex
+            earlier = ckpt.list_checkpoints(run.args.output_dir)
+            os.makedirs(run.args.output_dir, exist_ok=True)
+            ckpt.write_json(os.path.join(run.args.output_dir, ckpt.RUN_FILE), {"run_id": run.run_id})
+            if earlier:
+                logger.warning("job %s: %s holds checkpoints of an earlier run (steps %s); they are kept, and a "
+                               "resume of this run does not take them", run.name, run.args.output_dir,
+                               [step for step, _ in earlier])
 
     def _checkpoint_unfinished(self, runs: list[JobRun]) -> None:
         """A callback stopped training (`control.should_training_stop`): checkpoint every job that has stepped and

@@ -102,6 +102,7 @@ class JobRun:
             self.max_steps = math.ceil(args.num_train_epochs * self.updates_per_epoch)
         self.status = WAITING
         self.error: str | None = None
+        self.run_id: str | None = None  # the run that writes the job's checkpoints (`lifecycle`; None: any run's)
         self.mixed_step = 0  # the trainer's step count (mixed steps) at this job's last optimizer step
         self.global_step = 0
         self.epoch = 0
@@ -402,6 +403,7 @@ class JobRun:
             "best_eval_loss": self.stats.best_eval_loss,
             "evals_without_improvement": self.stats.evals_without_improvement,
             "error": self.error,
+            "run_id": self.run_id,
             "saved_at": time.time(),
         }
 
@@ -434,7 +436,7 @@ class JobRun:
             ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), position)  # last: marks it complete
 
         ckpt.write_atomically(final, write)
-        ckpt.prune_checkpoints(self.args.output_dir, self.args.save_total_limit)
+        ckpt.prune_checkpoints(self.args.output_dir, self.args.save_total_limit, self.run_id)
         return final
 
     def restore_account(self, state: dict) -> None:

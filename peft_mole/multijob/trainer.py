@@ -42,7 +42,7 @@ from peft_mole.multijob import report
 from peft_mole.multijob.batching import is_packed, mix, pad_token_id, profile_inputs, row_halves
 from peft_mole.multijob.evaluation import JobEvaluation
 from peft_mole.multijob.flat_parameters import job_optimizer
-from peft_mole.multijob.job_data import JobDatasets
+from peft_mole.multijob.job_data import JobDatasets, data_error
 from peft_mole.multijob.job_step import JobStepping
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.lifecycle import JobLifecycle
@@ -146,7 +146,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
                                  processing_class=processing_class, data_collator=data_collator,
                                  formatting_func=formatting_func, **kwargs)
         except (KeyError, ValueError, TypeError) as error:
-            raise ValueError(f"job {jobs[0].name!r} (or the trainer arguments): {error}") from error
+            raise ValueError(f"job {jobs[0].name!r} (or the trainer arguments): "
+                             f"{data_error(error, jobs[0].train_dataset)}") from error
         check_distributed(self)
         attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
         self.job_scheduler.varlen_attention = "flash" in str(attention)
@@ -200,6 +201,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
         self.job_progress: dict[str, str] = {}  # job -> its step and loss in the progress bar
         if resume_from_checkpoint:
             self._resume(runs)
+        else:
+            self._start_afresh(runs)
         dist.broadcast_parameters(self.accelerator, [p for run in runs for p in run.params.values()])
         set_seed(self.args.seed)
         if getattr(self.args, "activation_checkpointing", self.args.gradient_checkpointing):

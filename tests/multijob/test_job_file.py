@@ -8,7 +8,7 @@ import yaml
 from peft import LoraConfig
 
 from peft_mole import DynMoLEConfig, MixLoRAConfig, synthetic
-from peft_mole.multijob.job_file import load_run, parse_run
+from peft_mole.multijob.job_file import _yaml_loader, load_run, parse_run
 
 
 @pytest.fixture
@@ -74,6 +74,16 @@ def test_job_file_builds_job_configs(data_file, tmp_path):
         (lambda d: d["jobs"][0].update(lr_scheduler_type="linaer"), "job 'a': lr_scheduler_type must be one of"),
         (lambda d: d["jobs"][2].update(dataset_split="validation"), "job 'c': dataset file .* split 'validation'"),
         (lambda d: d["jobs"][2].update(eval_dataset_split="train"), "job 'c': eval_dataset_split needs an eval_"),
+        # found by a probe (2026-12-06, fourteenth session): taken as str(value) before (`output_dir: null` trained
+        # into ./None), or an error naming neither job nor field ("'int' object is not iterable")
+        (lambda d: d.update(output_dir=None), "job file: output_dir must be a non-empty string .*got None"),
+        (lambda d: d.update(model=["a", "b"]), "job file: model must be a non-empty string"),
+        (lambda d: d.update(tokenizer=3), "job file: tokenizer must be a non-empty string .*got 3"),
+        (lambda d: d["jobs"][0]["peft"].update(target_modules=5),
+         "job 'a' peft: target_modules must be a list of strings or a string or null, got 5"),
+        (lambda d: d["jobs"][0]["peft"].update(target_modules=["q_proj", 1]), "job 'a' peft: target_modules must"),
+        (lambda d: d["jobs"][1]["peft"].update(expert_target_modules=7),
+         "job 'b' peft: expert_target_modules must be a list of strings"),
     ],
 )
 def test_bad_job_files_say_what_is_wrong(data_file, change, match):
@@ -93,6 +103,40 @@ def test_unreadable_job_files(tmp_path):
     bad.write_text("- just a list\n")
     with pytest.raises(ValueError, match="must be a YAML mapping"):
         load_run(str(bad))
+
+
+def test_a_key_given_twice_is_refused_with_its_line(data_file, tmp_path):
+    """PyYAML keeps the last of two equal keys: a job's second `learning_rate` won silently, and a second `jobs:`
+    dropped the first list of jobs. A merge (`<<: *defaults`) may still be overridden."""
+    text = yaml.safe_dump(run_dict(data_file), sort_keys=False)
+    path = tmp_path / "jobs.yaml"
+    path.write_text(text.replace("  learning_rate: 0.0002\n", "  learning_rate: 0.0002\n  learning_rate: 5.0\n"))
+    with pytest.raises(ValueError, match=r"(?s)the key .learning_rate. is given twice.*line 1[0-9]"):
+        load_run(str(path))
+    path.write_text(text + "jobs: []\n")
+    with pytest.raises(ValueError, match="the key 'jobs' is given twice"):
+        load_run(str(path))
+    path.write_text(f"defaults: &d {{learning_rate: 0.1, priority: 3, max_steps: 9}}\n{text}".replace(
+        "  learning_rate: 0.0002\n", "  <<: *d\n  learning_rate: 0.0002\n").replace("defaults:", "x-defaults:"))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['x-defaults'\]"):   # parsed: the merge was taken
+        load_run(str(path))
+    job = yaml.load(path.read_text(), Loader=_yaml_loader())["jobs"][0]  # noqa: S506 (a SafeLoader)
+    assert (job["learning_rate"], job["priority"], job["max_steps"]) == (0.0002, 2, 9)  # given keys win
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    ("", r"dataset file '.*bad.jsonl' is empty"),
+    ('{"prompt": "1+1=", "completion": "2"}\n{"prompt": oops}\n',
+     r"dataset file '.*bad.jsonl', split None, cannot be read"),
+])
+def test_an_unreadable_dataset_file_is_named_with_its_job(data_file, tmp_path, content, match):
+    """Before: a bare StopIteration (an empty file) or DatasetGenerationError from datasets, naming neither."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    doc = run_dict(data_file)
+    doc["jobs"][1]["dataset"] = str(bad)
+    with pytest.raises(ValueError, match="job 'b': " + match):
+        parse_run(doc)
 
 
 def test_numbers_without_a_dot_read_as_numbers(data_file, tmp_path):

@@ -121,6 +121,31 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]  # no temporary folder left behind
 
 
+def test_a_failed_write_of_the_summary_or_a_failure_record_leaves_the_previous_file(tmp_path, monkeypatch):
+    """`jobs_summary.json` and `job_failed.json` (`checkpoint.write_json`): before, written in place, a disk that
+    filled midway left a truncated file where the previous summary was."""
+    import json
+
+    from peft_mole.multijob import checkpoint, report
+
+    row = {"job": "a", "status": "done", "steps": 3, "tokens": 10, "time_share": 1.0, "final_loss": 1.0,
+           "error": None}
+    report.write_summary([row], 0.0, str(tmp_path))
+    real_dump = json.dump
+
+    def disk_full(data, f, **kwargs):
+        f.write(json.dumps(data, **kwargs)[:40])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        report.write_summary([dict(row, status="failed")], 0.0, str(tmp_path))
+    monkeypatch.setattr(json, "dump", real_dump)
+    assert checkpoint.read_json(str(tmp_path / "jobs_summary.json"))["jobs"][0]["status"] == "done"
+    assert sorted(os.listdir(tmp_path)) == ["jobs_summary.json"]  # no temporary file left behind
+    assert oct(os.stat(tmp_path / "jobs_summary.json").st_mode & 0o777) == oct(0o666 & ~checkpoint._UMASK)
+
+
 
 KILL_DURING_WRITE = textwrap.dedent('''
     import os, sys, time
@@ -354,6 +379,35 @@ def test_resume_says_an_ended_job_is_not_trained_further_and_a_finished_job_drop
     with caplog.at_level("WARNING"):
         trainer(None, epochs=2.0).jobs[0].training_args(run_args(tmp_path))
     assert "job a: num_train_epochs=2.0 has no effect, since max_steps=3" in caplog.text
+
+
+def test_a_new_run_in_an_earlier_runs_folders_resumes_from_its_own_checkpoints_only(assets, tmp_path, caplog):
+    """Before, a run started afresh where an earlier one had ended, then stopped and resumed, took the earlier
+    run's final state for its own end (the job 'done', with the earlier adapter: 0.02 from the new run's); a new
+    run's checkpoints would also be pruned in favour of the earlier run's later steps, and a resume continue from
+    those. Now each run has an id (`run.json`), and its resume and pruning see its own checkpoints only."""
+    tokenizer, datasets = assets
+
+    def trainer(out, learning_rate, callbacks=()):
+        job = JobConfig("a", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+                        datasets["add"], max_steps=4, learning_rate=learning_rate)
+        return MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job], processing_class=tokenizer,
+                               args=run_args(out, save_strategy="steps", save_steps=1, save_total_limit=2),
+                               callbacks=list(callbacks))
+
+    trainer(tmp_path / "shared", 1e-2).train()  # the earlier run: ends, checkpoints 3 and 4 kept
+    assert [step for step, _ in list_checkpoints(tmp_path / "shared" / "a")] == [3, 4]
+    trainer(tmp_path / "clean", 1e-3).train()  # the new run alone, uninterrupted
+    with caplog.at_level("WARNING"):
+        trainer(tmp_path / "shared", 1e-3, [_StopAt(2)]).train()   # the new run, in the earlier run's folders
+    assert "holds checkpoints of an earlier run (steps [3, 4]); they are kept" in caplog.text
+    assert [step for step, _ in list_checkpoints(tmp_path / "shared" / "a")] == [1, 2, 3, 4]   # none pruned
+    resumed = trainer(tmp_path / "shared", 1e-3)
+    resumed.train(resume_from_checkpoint=True)
+    assert [(r.status, r.global_step) for r in resumed.runs] == [("done", 4)]
+    clean = load_file(tmp_path / "clean" / "a" / "adapter_model.safetensors")
+    again = load_file(tmp_path / "shared" / "a" / "adapter_model.safetensors")
+    assert max((clean[k] - again[k]).abs().max().item() for k in clean) <= 1e-6
 
 
 def test_checkpoint_folders_get_the_usual_permissions(tmp_path):

@@ -35,6 +35,8 @@ def rows(n=8, **extra):
         (dict(priority="high"), TypeError, "priority must be an int"),
         (dict(early_stopping_patience=2), ValueError, "early_stopping_patience needs an eval_dataset"),
         (dict(early_stopping_patience=0, eval_dataset=rows()), ValueError, "early_stopping_patience must be an int >= 1"),
+        (dict(early_stopping_patience=True, eval_dataset=rows()), ValueError,   # (taken as 1 before 2026-12-06)
+         "early_stopping_patience must be an int >= 1, got True"),
         (dict(name="a/b"), ValueError, "job name 'a/b' is not allowed"),
         (dict(name="__base__"), ValueError, "reserved"),
         (dict(peft_config={"r": 4}), TypeError, "peft_config must be a LoraConfig, MixLoRAConfig or DynMoLEConfig"),
@@ -72,12 +74,15 @@ def test_rows_without_trainable_tokens_leave_no_data(tokenizer, tmp_path):
                         processing_class=tokenizer)
 
 
-def test_missing_text_field_names_the_job(tokenizer, tmp_path):
+@pytest.mark.parametrize("first", [False, True], ids=["second-job", "first-job"])
+def test_missing_text_field_names_the_job_the_field_and_the_columns(tokenizer, tmp_path, first):
+    """The first job's dataset is prepared by SFTTrainer's own `__init__`: before, its error was a bare "'text'"."""
     wrong = Dataset.from_list([{"content": "no text or prompt field"}] * 4)
     jobs = [JobConfig("ok", LORA, rows()), JobConfig("wrong", mixlora(), wrong)]
-    with pytest.raises(ValueError, match="job 'wrong': SFTTrainer could not prepare its dataset"):
-        MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=run_args(tmp_path),
-                        processing_class=tokenizer)
+    with pytest.raises(ValueError, match=r"job 'wrong'.*: the dataset has no field 'text' \(its columns: "
+                                         r"\['content'\]\); SFTTrainer reads 'text' \(args.dataset_text_field\)"):
+        MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs[::-1] if first else jobs,
+                        args=run_args(tmp_path), processing_class=tokenizer)
 
 
 def test_rows_longer_than_max_length_are_truncated_and_train(tokenizer, tmp_path):
