@@ -192,7 +192,8 @@ def label_token_ids(tokenizer, num_options: int) -> list[int]:
 
     Taken in context because SentencePiece tokenizers of the Llama-2 kind split a bare " A" into ["▁", "▁A"]
     (its first token is the same for every label) while after "Answer:" the label is the one token "▁A". A
-    ValueError when the tokens of "Answer:" change once a label follows, or the labels' tokens are not distinct.
+    ValueError when the tokens of "Answer:" change once a label follows, when a label is more than one token there
+    (its first token, e.g. a bare space "Ġ" before "E", would score it), or the labels' tokens are not distinct.
     """
     cue = tokenizer(ANSWER_CUE, add_special_tokens=False)["input_ids"]
     ids = []
@@ -202,6 +203,11 @@ def label_token_ids(tokenizer, num_options: int) -> list[int]:
         if with_label[: len(cue)] != cue or len(with_label) == len(cue):
             raise ValueError(f"the tokenizer merges the option label {label!r} into the prompt's {ANSWER_CUE!r}: "
                              "the label has no token of its own to score")
+        if len(with_label) != len(cue) + 1:
+            pieces = tokenizer.convert_ids_to_tokens(with_label[len(cue):])
+            raise ValueError(f"the tokenizer splits the option label {label!r} after {ANSWER_CUE!r} into {pieces}: "
+                             "its first token alone would score it; use a tokenizer with one token per label (or "
+                             "fewer options)")
         ids.append(with_label[len(cue)])
     if len(set(ids)) != num_options:
         raise ValueError("the tokenizer does not give distinct tokens to the option labels ' A', ' B', ... after "

@@ -355,6 +355,18 @@ def test_label_tokens_of_a_llama2_style_sentencepiece_tokenizer_are_those_after_
         assert tokenizer(f"{prompt} {letter}", add_special_tokens=False)["input_ids"] == [*prompt_ids, label]
 
 
+def test_a_label_split_into_two_tokens_after_answer_is_refused(tmp_path):
+    """The synthetic tokenizer has ' A'..' D' after 'Answer:' and splits ' E' into ['Ġ', 'E']: before, a fifth
+    option was scored by the bare space's logit (a probe: arc_e accuracy 0.214 where its own token gives 0.286)."""
+    from peft_mole.evaluation.commonsense import label_token_ids
+
+    synthetic.write_commonsense_tasks(tmp_path, rows=8)
+    tokenizer = synthetic.commonsense_tokenizer(tmp_path)
+    assert tokenizer.convert_ids_to_tokens(label_token_ids(tokenizer, 4)) == ["ĠA", "ĠB", "ĠC", "ĠD"]
+    with pytest.raises(ValueError, match=r"splits the option label ' E' after '.nAnswer:' into \['Ġ', 'E'\]"):
+        label_token_ids(tokenizer, 5)
+
+
 def test_choice_scoring_refuses_empty_rows_prompts_and_choices():
     """Was: ZeroDivisionError for no rows; 0.0 for every choice after an empty prompt; 0.0 (the best score, so it
     always won) for an empty choice."""
