@@ -103,7 +103,8 @@ def _restore_swapped(job_dir: str) -> None:
 
 def list_checkpoints(job_dir: str, run_id: str | None = None) -> list[tuple[int, str]]:
     """Complete checkpoints of a job, oldest first: [(step, path)] (one a kill left mid-swap restored first); with
-    `run_id`, those of that run only (and those written before runs had ids)."""
+    `run_id`, those of that run only (a run with an id writes it into each of its checkpoints, so one without it is
+    an earlier run's)."""
     if not os.path.isdir(job_dir):
         return []
     _restore_swapped(job_dir)
@@ -112,7 +113,7 @@ def list_checkpoints(job_dir: str, run_id: str | None = None) -> list[tuple[int,
         match = _CHECKPOINT.match(name)
         path = os.path.join(job_dir, name)
         state = os.path.join(path, STATE_FILE)
-        if match and os.path.isfile(state) and (run_id is None or read_json(state).get("run_id", run_id) == run_id):
+        if match and os.path.isfile(state) and (run_id is None or read_json(state).get("run_id") == run_id):
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -139,11 +140,14 @@ def prune_checkpoints(job_dir: str, keep: int | None, run_id: str | None = None)
 
 def write_json(path: str, data: dict) -> None:
     """Write `data` to a temporary file beside `path`, flush it to disk, then rename it to `path`: a reader sees the
-    old file or the new one whole (a full disk or a kill midway leaves the old one), as the checkpoints."""
-    folder = os.path.dirname(os.path.abspath(path))
+    old file or the new one whole (a full disk or a kill midway leaves the old one), as the checkpoints. A file
+    there keeps its permissions; a symbolic link there keeps pointing to the file, which is replaced."""
+    path = os.path.realpath(path)
+    folder = os.path.dirname(path)
+    mode = os.stat(path).st_mode & 0o777 if os.path.isfile(path) else 0o666 & ~_UMASK  # (mkstemp's: 0600)
     handle, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(path)}-", dir=folder)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # a file made as any other (mkstemp's are private: 0600)
+        os.chmod(tmp, mode)
         with os.fdopen(handle, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.flush()

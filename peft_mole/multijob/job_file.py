@@ -220,6 +220,8 @@ def _yaml_loader():
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
                 key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, typing.Hashable):
+                    continue  # (SafeLoader refuses it: "found unhashable key")
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
                         "in a mapping", node.start_mark, f"the key {key!r} is given twice", key_node.start_mark)

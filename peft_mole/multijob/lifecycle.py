@@ -42,7 +42,7 @@ class JobLifecycle:
         run.run_id = ckpt.read_json(run_file)["run_id"] if os.path.isfile(run_file) else None
         final_state = os.path.join(run.args.output_dir, ckpt.STATE_FILE)
         state = ckpt.read_json(final_state) if os.path.isfile(final_state) else {}
-        if state.get("status") in (DONE, STOPPED) and state.get("run_id", run.run_id) == run.run_id:
+        if state.get("status") in (DONE, STOPPED) and state.get("run_id") == run.run_id:
             self.jobs_model.load_job(run.name, run.args.output_dir)
             run.status, run.global_step = state["status"], state["global_step"]
             run.restore_account(state)

@@ -87,18 +87,36 @@ def check_complete_factors(names: list[str], use_dora: bool, where: str) -> None
                          f"need, e.g. {sorted(missing)[:3]}; the adapter was not saved completely")
 
 
+def _owner(name: str, prefix: str) -> str | None:
+    """The adapter a parameter or key belongs to: the name after its first `prefix` container
+    (`...mlp.mixlora_router.<adapter>.weight`), or None for a name outside the adapter's modules."""
+    parts = name.split(".")
+    return next((parts[i + 1] for i, part in enumerate(parts[:-1]) if part.startswith(prefix)), None)
+
+
 def check_every_tensor_given(model: nn.Module, state_dict: dict, prefix: str, adapter_name: str) -> None:
-    """Refuse adapter weights that lack a tensor of `adapter_name` among the parameters of `model` (the names under
-    a module whose name starts with `prefix`, e.g. `mixlora_`). Keys are compared without PEFT's `base_model.model.`
-    prefix, which a state dict has and a model made by `inject_adapter_in_model` has not."""
+    """Refuse adapter weights that lack a tensor of `adapter_name` among the parameters of `model` (those under a
+    module whose name starts with `prefix`, e.g. `mixlora_`), or hold one of `adapter_name`'s that the model has not
+    (saved from an adapter with more layers, e.g. loaded with `config=` onto a smaller base: PEFT drops them). Keys
+    are compared without PEFT's `base_model.model.` prefix, which a state dict has and a model made by
+    `inject_adapter_in_model` has not."""
     def bare(name: str) -> str:
         return name.removeprefix("base_model.model.")
 
-    given = {bare(key) for key in state_dict}
-    owned = (f".{adapter_name}.", f".{adapter_name}")
-    missing = sorted(bare(name) for name, _ in model.named_parameters()
-                     if f".{prefix}" in name and (owned[0] in name or name.endswith(owned[1]))
-                     and bare(name) not in given)
+    def ours(name: str) -> bool:
+        return any(part.startswith(prefix) for part in name.split(".")[:-1])
+
+    given = {bare(key) for key in state_dict if ours(key)}  # (a key PEFT could not map keeps its file name)
+    extra = sorted(given - {bare(name) for name in model.state_dict(keep_vars=True)})
+    owned = {bare(name) for name, _ in model.named_parameters() if _owner(name, prefix) == adapter_name}
+    if extra:
+        shown = ", ".join(extra[:4]) + (f" and {len(extra) - 4} more" if len(extra) > 4 else "")
+        raise ValueError(
+            f"the weights loaded into adapter {adapter_name!r} hold {len(extra)} tensor(s) it does not have "
+            f"({shown}): they were saved from an adapter on another base (more layers) or with other layers or "
+            "projections (layers_to_transform, expert_target_modules, attn_target_modules)"
+        )
+    missing = sorted(owned - given)
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise ValueError(

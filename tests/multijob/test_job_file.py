@@ -116,6 +116,9 @@ def test_a_key_given_twice_is_refused_with_its_line(data_file, tmp_path):
     path.write_text(text + "jobs: []\n")
     with pytest.raises(ValueError, match="the key 'jobs' is given twice"):
         load_run(str(path))
+    path.write_text("? [a, b]\n: 1\n" + text)   # a key YAML allows and Python cannot hash: a ValueError too
+    with pytest.raises(ValueError, match="found unhashable key"):
+        load_run(str(path))
     path.write_text(f"defaults: &d {{learning_rate: 0.1, priority: 3, max_steps: 9}}\n{text}".replace(
         "  learning_rate: 0.0002\n", "  <<: *d\n  learning_rate: 0.0002\n").replace("defaults:", "x-defaults:"))
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['x-defaults'\]"):   # parsed: the merge was taken

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -124,8 +125,6 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path):
 def test_a_failed_write_of_the_summary_or_a_failure_record_leaves_the_previous_file(tmp_path, monkeypatch):
     """`jobs_summary.json` and `job_failed.json` (`checkpoint.write_json`): before, written in place, a disk that
     filled midway left a truncated file where the previous summary was."""
-    import json
-
     from peft_mole.multijob import checkpoint, report
 
     row = {"job": "a", "status": "done", "steps": 3, "tokens": 10, "time_share": 1.0, "final_loss": 1.0,
@@ -144,6 +143,14 @@ def test_a_failed_write_of_the_summary_or_a_failure_record_leaves_the_previous_f
     assert checkpoint.read_json(str(tmp_path / "jobs_summary.json"))["jobs"][0]["status"] == "done"
     assert sorted(os.listdir(tmp_path)) == ["jobs_summary.json"]  # no temporary file left behind
     assert oct(os.stat(tmp_path / "jobs_summary.json").st_mode & 0o777) == oct(0o666 & ~checkpoint._UMASK)
+    # a file there keeps its permissions, and a symbolic link stays one, to the file written
+    os.chmod(tmp_path / "jobs_summary.json", 0o640)
+    os.rename(tmp_path / "jobs_summary.json", tmp_path / "kept.json")
+    os.symlink("kept.json", tmp_path / "jobs_summary.json")
+    report.write_summary([row], 1.0, str(tmp_path))
+    assert os.path.islink(tmp_path / "jobs_summary.json")
+    assert checkpoint.read_json(str(tmp_path / "kept.json"))["pad_fraction"] == 1.0
+    assert oct(os.stat(tmp_path / "kept.json").st_mode & 0o777) == oct(0o640)
 
 
 
@@ -381,7 +388,9 @@ def test_resume_says_an_ended_job_is_not_trained_further_and_a_finished_job_drop
     assert "job a: num_train_epochs=2.0 has no effect, since max_steps=3" in caplog.text
 
 
-def test_a_new_run_in_an_earlier_runs_folders_resumes_from_its_own_checkpoints_only(assets, tmp_path, caplog):
+@pytest.mark.parametrize("earlier", ["with-ids", "before-ids"])
+def test_a_new_run_in_an_earlier_runs_folders_resumes_from_its_own_checkpoints_only(assets, tmp_path, caplog,
+                                                                                   earlier):
     """Before, a run started afresh where an earlier one had ended, then stopped and resumed, took the earlier
     run's final state for its own end (the job 'done', with the earlier adapter: 0.02 from the new run's); a new
     run's checkpoints would also be pruned in favour of the earlier run's later steps, and a resume continue from
@@ -397,6 +406,10 @@ def test_a_new_run_in_an_earlier_runs_folders_resumes_from_its_own_checkpoints_o
 
     trainer(tmp_path / "shared", 1e-2).train()  # the earlier run: ends, checkpoints 3 and 4 kept
     assert [step for step, _ in list_checkpoints(tmp_path / "shared" / "a")] == [3, 4]
+    if earlier == "before-ids":  # a run of an earlier version: no run.json, no run_id in its states
+        os.remove(tmp_path / "shared" / "a" / "run.json")
+        for state in (tmp_path / "shared" / "a").glob("**/job_state.json"):
+            state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "run_id"}))
     trainer(tmp_path / "clean", 1e-3).train()  # the new run alone, uninterrupted
     with caplog.at_level("WARNING"):
         trainer(tmp_path / "shared", 1e-3, [_StopAt(2)]).train()   # the new run, in the earlier run's folders

@@ -104,6 +104,33 @@ def test_a_second_adapter_is_checked_by_its_own_tensors(tmp_path):
         model.load_adapter(tmp_path / "cut", adapter_name="third")
 
 
+@pytest.mark.parametrize("method", ["mixlora", "dynmole-projection"])
+def test_adapters_named_like_a_module_or_a_layer_load_next_to_each_other(method, tmp_path):
+    """An adapter owns the tensors named after its module (`...mixlora_router.<adapter>.weight`), not every name
+    that holds `.<adapter>.`: the review found "1" refused next to "0" (`layers.1.`), and "mlp" or "gate_proj"."""
+    source = get_peft_model(tiny_base(), METHODS[method]())
+    randomize_adapters(source)
+    source.save_pretrained(tmp_path)
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        expected = source.eval()(input_ids=ids, attention_mask=mask).logits
+    for first, second in (("0", "1"), ("default", "mlp"), ("default", "gate_proj"), ("a", "a1")):
+        model = PeftModel.from_pretrained(tiny_base(), tmp_path, adapter_name=first)
+        model.load_adapter(tmp_path, adapter_name=second)
+        model.set_adapter(second)
+        with torch.no_grad():
+            assert torch.equal(model.eval()(input_ids=ids, attention_mask=mask).logits, expected), (first, second)
+
+
+def test_weights_of_more_layers_than_the_base_has_are_refused_with_a_config_given(tmp_path):
+    """`PeftModel.from_pretrained(base, dir, config=config)` with the config that made the adapter (so it does not
+    check the recorded base): PEFT dropped the second layer's tensors silently."""
+    config = METHODS["mixlora"]()
+    get_peft_model(tiny_base(), config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"hold 15 tensor\(s\) it does not have \(model\.layers\.1\."):
+        PeftModel.from_pretrained(tiny_base(num_hidden_layers=1), tmp_path, config=config)
+
+
 @pytest.mark.parametrize("method", ["mixlora", "dynmole", "dynmole-projection"])
 @pytest.mark.parametrize(("mask_shape", "match"), [((2, 5), r"at least 9 columns"), ((1, 9), r"must have 2 rows")])
 def test_an_attention_mask_that_does_not_cover_the_tokens_is_named(method, mask_shape, match):
