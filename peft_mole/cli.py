@@ -13,15 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
+
+
+def adapter_name(path: str, index: int) -> str:
+    """The adapter name of a folder or hub id in `peft-mole eval`: its last part, with each character a PyTorch
+    module name cannot hold ("." in "qwen2.5-mixlora") made "_"; `adapter{index}` for none or the reserved
+    "__base__"."""
+    name = re.sub(r"[^\w-]", "_", Path(path).name)
+    return f"adapter{index}" if not name or name.startswith("__") else name
 
 
 def _eval(args: argparse.Namespace) -> int:
     import peft_mole  # noqa: F401  (registers the adapter types)
     from peft_mole.evaluation import TASKS
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))  # (each task once)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise SystemExit(f"--tasks has unknown task(s) {unknown}; allowed: {sorted(TASKS)}")
@@ -41,13 +50,16 @@ def _eval(args: argparse.Namespace) -> int:
         if kind == "MIXLORA":
             raise SystemExit(f"peft-mole eval: {path} is a MoE-PEFT adapter; convert it first: "
                              f"peft-mole convert --from moe-peft {path} NEW_FOLDER")
+        if not any((Path(path) / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise SystemExit(f"peft-mole eval: {path} holds adapter_config.json but no adapter_model.safetensors")
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be at least 1 (examples per task), got {args.limit}")
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be at least 1, got {args.batch_size}")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"--out {out} exists and is not a folder")
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # known now, not after the evaluation
+        raise SystemExit(f"--out {out}: {blocking} exists and is not a folder")
     try:
         return _evaluate(args, tasks, adapter_dirs, out)
     except (OSError, ValueError, KeyError) as error:  # a path, hub id or file that cannot be read, a wrong base
@@ -61,7 +73,7 @@ def _evaluate(args: argparse.Namespace, tasks: list[str], adapter_dirs: list[str
     from peft_mole.evaluation import evaluate_commonsense, load_task
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
-    names = [Path(a).name or f"adapter{i}" for i, a in enumerate(adapter_dirs)]
+    names = [adapter_name(a, i) for i, a in enumerate(adapter_dirs)]
     if len(set(names)) != len(names):
         names = [f"adapter{i}" for i in range(len(adapter_dirs))]
     data = {t: load_task(t, args.data_dir, limit=args.limit) for t in tasks}

@@ -38,15 +38,26 @@ def test_convert_bin_does_not_replace_existing_safetensors_unless_asked(tmp_path
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--tasks", ","], "--tasks needs at least one task"),
         (["--out", "FILE"], "exists and is not a folder"),
+        (["--out", "FILE/sub/dir"], "FILE exists and is not a folder"),  # (before: after the whole evaluation)
+        (["--adapters", "NO_WEIGHTS"], "holds adapter_config.json but no adapter_model.safetensors"),
         ([], r"peft-mole eval: \w+Error"),  # the base path does not exist: one line, not a traceback
     ],
 )
 def test_eval_refuses_bad_arguments_before_loading_anything(tmp_path, extra, match):
     (tmp_path / "FILE").write_text("")
-    extra = [str(tmp_path / "FILE") if a == "FILE" else a for a in extra]
+    (tmp_path / "NO_WEIGHTS").mkdir()
+    (tmp_path / "NO_WEIGHTS" / "adapter_config.json").write_text('{"peft_type": "PEFT_MOLE_MIXLORA"}')
+    extra = [str(tmp_path / a) if a.startswith(("FILE", "NO_WEIGHTS")) else a for a in extra]
     args = ["eval", "--base", str(tmp_path / "no-base"), "--adapters", str(tmp_path / "a"), "--tasks", "boolq"]
     with pytest.raises(SystemExit, match=match):
         main(args + extra)
+
+
+def test_eval_adapter_names_are_module_names():
+    from peft_mole.cli import adapter_name
+
+    assert [adapter_name(p, i) for i, p in enumerate(["runs/qwen2.5-mix", "me/mix.v1", "x/__base__", "/", "ok_1"])] \
+        == ["qwen2_5-mix", "mix_v1", "adapter2", "adapter3", "ok_1"]
 
 
 def test_eval_of_a_moe_peft_adapter_says_to_convert_it(tmp_path):

@@ -22,6 +22,7 @@ and uses the top-level r / lora_alpha / use_rslora for experts too, and it needs
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -57,6 +58,11 @@ def _check_target(source: str, target: str, overwrite: bool) -> None:
         raise ValueError(f"the output folder {target} holds {inside[0]}: give a folder of its own")
     if os.path.exists(target) and not os.path.isdir(target):
         raise ValueError(f"the output {target} exists and is not a folder")
+    parent = os.path.dirname(os.path.abspath(target))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):  # (was "[Errno 17] File exists")
+        raise ValueError(f"the output {target} lies under {parent}, which is a file")
     if os.path.isdir(target) and os.listdir(target) and not overwrite:
         raise ValueError(f"the output folder {target} is not empty: give a new folder, or replace it with "
                          "overwrite=True (--overwrite)")
@@ -79,13 +85,22 @@ def _read_reference(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
     if not os.path.isfile(weights):
         raise ValueError(f"{folder} holds neither adapter_model.safetensors nor adapter_model.bin")
     state = read_tensor_pickle(weights)
-    return config, {k: v.detach().float().contiguous() for k, v in state.items()}
+    return config, {k: v.detach().float().contiguous().clone() for k, v in state.items()}  # (no shared storage)
 
 
-def _check_complete(source: str, config: MixLoRAConfig, routers: set[int], experts: dict, attention: dict) -> None:
-    """Every layer with tensors has a router, every targeted projection's factors (all experts) of the adapter's
-    ranks, and no projection outside the targets: else the converted adapter would silently compute otherwise."""
-    layers = routers | {key[0] for key in experts} | {key[0] for key in attention}
+def _check_complete(source: str, config: MixLoRAConfig, routers: dict, experts: dict, attention: dict) -> None:
+    """Every layer from 0 to the last has tensors, a router of `num_experts` rows, every targeted projection's
+    factors (all experts) of the adapter's ranks and of one width per projection across layers (the router's
+    width, the hidden size, where a factor meets the hidden states), and no projection outside the targets: else
+    the converted adapter would compute otherwise, or fail only when loaded."""
+    layers = set(routers) | {key[0] for key in experts} | {key[0] for key in attention}
+    if not layers:
+        raise ValueError(f"{source}: the adapter holds no MixLoRA tensors")
+    gaps = sorted(set(range(max(layers) + 1)) - layers)
+    if gaps:
+        raise ValueError(f"{source}: layers {gaps} have no tensors, while layer {max(layers)} has: the converted "
+                         "adapter targets every layer")
+    _check_widths(source, config, routers, experts, attention)
     for layer in sorted(layers):
         if layer not in routers:
             raise ValueError(f"{source}: layer {layer} has no router (moe_gate)")
@@ -106,6 +121,25 @@ def _check_complete(source: str, config: MixLoRAConfig, routers: set[int], exper
                              f"rank {r} as its config says")
 
 
+def _check_widths(source: str, config: MixLoRAConfig, routers: dict, experts: dict, attention: dict) -> None:
+    hidden = {tuple(router.shape) for router in routers.values()}
+    if len(hidden) != 1 or next(iter(hidden))[0] != config.num_experts:
+        raise ValueError(f"{source}: the routers (moe_gate) have shapes {sorted(hidden)}; each must be "
+                         f"(num_experts={config.num_experts}, hidden size), the same in every layer")
+    width = next(iter(hidden))[1]
+    shapes: dict[tuple[str, str], set] = {}
+    for (_, proj, factor), tensor in [*experts.items(), *attention.items()]:
+        shapes.setdefault((proj, factor), set()).add(tuple(tensor.shape))
+    # where a factor reads or writes the hidden states: A's input of gate/up/q/k/v, B's output of down/o
+    meets_hidden = {("gate_proj", "A"): 1, ("up_proj", "A"): 1, ("q_proj", "A"): 1, ("k_proj", "A"): 1,
+                    ("v_proj", "A"): 1, ("down_proj", "B"): 0, ("o_proj", "B"): 0}
+    for (proj, factor), seen in sorted(shapes.items()):
+        dim = meets_hidden.get((proj, factor))
+        if len(seen) != 1 or (dim is not None and next(iter(seen))[dim] != width):
+            raise ValueError(f"{source}: {proj} lora_{factor} has shapes {sorted(seen)} across layers; it must have "
+                             "one shape" + ("" if dim is None else f" with the hidden size {width} (the routers')"))
+
+
 def config_from_moe_peft(reference: dict, flavour: str = "moe-peft") -> MixLoRAConfig:
     """MixLoRAConfig of a MoE-PEFT / `mixlora` package MixLoRA adapter_config.json.
 
@@ -121,10 +155,10 @@ def config_from_moe_peft(reference: dict, flavour: str = "moe-peft") -> MixLoRAC
             f"routing_strategy {strategy!r} is not supported: only 'mixlora' (top-k) maps to MixLoRAConfig "
             "('mixlora-dynamic' is top-p with a temperature, 'mixlora-switch' the Switch router)"
         )
-    if reference.get("use_dora"):
-        raise ValueError("MoE-PEFT DoRA adapters are not supported by the converter yet (use_dora=true)")
     targets = list(reference.get("target_modules") or [])
     section = reference.get("expert_lora") or {}
+    if reference.get("use_dora") or (flavour == "moe-peft" and section.get("use_dora")):
+        raise ValueError("MoE-PEFT DoRA adapters are not supported by the converter yet (use_dora=true)")
     if flavour == "mixlora" and section.get("r", reference["r"]) != reference["r"]:
         raise ValueError(f"expert_lora r={section['r']} differs from r={reference['r']}: the mixlora package builds "
                          "expert LoRAs with the top-level r and cannot load this adapter; convert it with flavour "
@@ -134,13 +168,20 @@ def config_from_moe_peft(reference: dict, flavour: str = "moe-peft") -> MixLoRAC
                       "converting as the package computes (use flavour 'moe-peft' for MoE-PEFT's reading)",
                       stacklevel=2)
     experts = {**reference, **(section if flavour == "moe-peft" else {})}
+    expert_rslora, attn_rslora = bool(experts.get("use_rslora", False)), bool(reference.get("use_rslora", False))
+    # one use_rslora in MixLoRAConfig: where the attention LoRA's differs from the experts', its scale (alpha/r, or
+    # alpha/sqrt(r) with rsLoRA) is kept by its lora_alpha, read under the experts' rule
+    attn_alpha = reference["lora_alpha"]
+    if attn_rslora != expert_rslora:
+        root = math.sqrt(int(reference["r"]))
+        attn_alpha = attn_alpha * root if attn_rslora else attn_alpha / root
     return MixLoRAConfig(
         num_experts=int(reference["num_experts"]), top_k=int(reference["top_k"]),
         r=int(experts["r"]), lora_alpha=experts["lora_alpha"], lora_dropout=float(experts.get("lora_dropout", 0.0)),
-        use_rslora=bool(reference.get("use_rslora", False)),
+        use_rslora=expert_rslora,
         expert_target_modules=[p for p in EXPERT_PROJECTIONS if p in targets],
         attn_target_modules=[p for p in ATTENTION_PROJECTIONS if p in targets],
-        attn_r=int(reference["r"]), attn_lora_alpha=reference["lora_alpha"],
+        attn_r=int(reference["r"]), attn_lora_alpha=attn_alpha,
         attn_lora_dropout=float(reference.get("lora_dropout", 0.0)),
         router_aux_loss_coef=float(reference.get("router_aux_loss_coef", 0.001)),  # MoE-PEFT's default
         router_init_std=float(reference.get("router_init_range", 0.02)),
@@ -159,11 +200,11 @@ def import_moe_peft(source: str, target: str, flavour: str = "moe-peft", overwri
     config = config_from_moe_peft(reference, flavour)
     experts: dict[tuple[int, str, str], dict[int, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
-    routers, attention = set(), {}
+    routers, attention = {}, {}
     for name, tensor in tensors.items():
         if match := _ROUTER.match(name):
             out[f"{_PREFIX}.{match[1]}.mlp.mixlora_router.weight"] = tensor
-            routers.add(int(match[1]))
+            routers[int(match[1])] = tensor
         elif match := _EXPERT.match(name):
             experts.setdefault((int(match[1]), match[2], match[4]), {})[int(match[3])] = tensor
         elif match := _ATTENTION.match(name):
@@ -175,6 +216,10 @@ def import_moe_peft(source: str, target: str, flavour: str = "moe-peft", overwri
         if sorted(per_expert) != list(range(config.num_experts)):
             raise ValueError(f"{source}: layer {layer} {proj} has experts {sorted(per_expert)}, "
                              f"expected 0..{config.num_experts - 1}")
+        shapes = sorted({tuple(tensor.shape) for tensor in per_expert.values()})
+        if len(shapes) != 1:
+            raise ValueError(f"{source}: layer {layer} {proj} lora_{factor} has shapes {shapes} across its experts; "
+                             "they must have one")
         stacked = torch.stack([per_expert[e] for e in range(config.num_experts)])
         out[f"{_PREFIX}.{layer}.mlp.mixlora_experts.{proj}_lora_{factor}"] = stacked.contiguous()
     _check_complete(source, config, routers, {key: next(iter(v.values())) for key, v in experts.items()}, attention)

@@ -168,22 +168,26 @@ def test_eval_cli_scores_several_adapters_and_writes_json_and_markdown(data_dir,
     base = tiny_base(vocab_size=len(tokenizer))
     base.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    for name, seed, config in (("math", 1, mixlora()), ("chat", 3, dynmole()), ("code", 2, mixlora())):
+    # a folder name with a dot (before: "module name can't contain '.'"), and a task asked twice (one column)
+    for name, seed, config in (("math", 1, mixlora()), ("chat", 3, dynmole()), ("qwen2.5-code", 2, mixlora())):
         model = get_peft_model(tiny_base(vocab_size=len(tokenizer)), config)
         randomize_adapters(model, std=0.3, seed=seed)
         model.save_pretrained(tmp_path / name)
     command = [
         sys.executable, "-m", "peft_mole.cli", "eval", "--base", str(tmp_path / "base"),
-        "--adapters", ",".join(str(tmp_path / name) for name in ("math", "chat", "code")), "--tasks", "arc_e,piqa",
+        "--adapters", ",".join(str(tmp_path / name) for name in ("math", "chat", "qwen2.5-code")),
+        "--tasks", "arc_e,piqa,arc_e",
         "--data-dir", str(data_dir), "--out", str(tmp_path / "out"),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
-    assert list(report["scores"]) == ["math", "chat", "code"]  # MixLoRA and DynMoLE adapters: one pass per type
+    # MixLoRA and DynMoLE adapters: one pass per type
+    assert list(report["scores"]) == ["math", "chat", "qwen2_5-code"]
     tasks = {task: load_task(task, data_dir) for task in ("arc_e", "piqa")}
-    for name in ("chat", "code"):  # each as its own model scores it
-        alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(tmp_path / name))
+    for folder, name in (("chat", "chat"), ("qwen2.5-code", "qwen2_5-code")):  # each as its own model scores it
+        alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                          str(tmp_path / folder))
         scored = evaluate_commonsense(alone, tokenizer, tasks, batch_size=8)["model"]  # the CLI's batch size
         assert report["scores"][name] == scored
     assert set(report["scores"]["math"]) == {"arc_e", "piqa", "average"}

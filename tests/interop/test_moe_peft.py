@@ -5,6 +5,7 @@ export → import is lossless."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,7 @@ def test_export_then_import_is_lossless(tmp_path):
         (dict(routing_strategy="mixlora-switch"), "routing_strategy 'mixlora-switch' is not supported"),
         (dict(peft_type="LORA"), "peft_type must be 'MIXLORA'"),
         (dict(use_dora=True), "DoRA"),
+        (dict(expert_lora={"r": 4, "lora_alpha": 8, "use_dora": True}), "DoRA"),  # (converted before 2026-12-06)
     ],
 )
 def test_unsupported_reference_configs_are_refused(change, match):
@@ -69,6 +71,23 @@ def test_unsupported_reference_configs_are_refused(change, match):
     reference.update(change)
     with pytest.raises(ValueError, match=match):
         config_from_moe_peft(reference)
+
+
+@pytest.mark.parametrize(("experts", "attention"), [(True, False), (False, True), (True, True)])
+def test_rslora_of_the_expert_section_or_the_attention_keeps_each_scale(experts, attention):
+    """MoE-PEFT reads `expert_lora.use_rslora` for the experts and the top-level one for attention; before, the
+    section's was ignored (logits 0.53 off). MixLoRAConfig has one flag: the attention's scale goes to its alpha."""
+    reference = json.loads((FIXTURE / "adapter" / "adapter_config.json").read_text())
+    reference.update(r=4, lora_alpha=8, use_rslora=attention, expert_lora={"r": 2, "lora_alpha": 6,
+                                                                          "use_rslora": experts})
+    config = config_from_moe_peft(reference)
+
+    def scale(alpha, r, rslora):
+        return alpha / r**0.5 if rslora else alpha / r
+
+    assert scale(config.lora_alpha, config.r, config.use_rslora) == pytest.approx(scale(6, 2, experts), rel=1e-12)
+    assert scale(config.attn_lora_alpha, config.attn_r, config.use_rslora) == pytest.approx(scale(8, 4, attention),
+                                                                                             rel=1e-12)
 
 
 def test_convert_never_writes_over_the_source_or_another_adapter_and_writes_atomically(tmp_path, monkeypatch):
@@ -80,6 +99,8 @@ def test_convert_never_writes_over_the_source_or_another_adapter_and_writes_atom
         export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "ours"))
     with pytest.raises(ValueError, match="is not empty"):
         import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "ours"))
+    with pytest.raises(ValueError, match=r"lies under .*adapter_config.json, which is a file"):
+        import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "ours" / "adapter_config.json" / "x"))
     before = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     from peft_mole.interop import moe_peft
 
@@ -108,7 +129,7 @@ def test_convert_never_writes_over_the_source_or_another_adapter_and_writes_atom
     assert "Traceback" not in result.stderr
 
 
-def _reference(tmp_path, drop=(), config_change=None, rank=None) -> Path:
+def _reference(tmp_path, drop=(), config_change=None, rank=None, edit=None) -> Path:
     """A copy of the MoE-PEFT fixture adapter with tensors dropped, its config changed or its experts' rank cut."""
     folder = tmp_path / "reference"
     folder.mkdir()
@@ -119,8 +140,26 @@ def _reference(tmp_path, drop=(), config_change=None, rank=None) -> Path:
     state = {k: v for k, v in state.items() if not any(part in k for part in drop)}
     if rank is not None:
         state = {k: (v[:rank] if ".experts." in k and "lora_A" in k else v) for k, v in state.items()}
+    if edit is not None:
+        edit(state)
     torch.save(state, folder / "adapter_model.bin")
     return folder
+
+
+_GATE0 = "mixlora.layers.0.mlp.moe_gate.weight"
+_UP_A1 = "mixlora.layers.1.mlp.up_proj.experts.0.lora_A.weight"
+_UP_A_OF_LAYER_1 = re.compile(r"layers\.1\.mlp\.up_proj\.experts\.\d+\.lora_A").search
+
+
+def test_tensors_sharing_storage_convert(tmp_path):
+    """A pickle may hold two tensors on one storage, which safetensors refuses to write (before: a traceback)."""
+    shared = "mixlora.layers.0.self_attn.k_proj.lora_A.weight"
+    query = "mixlora.layers.0.self_attn.q_proj.lora_A.weight"
+    source = _reference(tmp_path, edit=lambda s: s.update({shared: s[query]}))
+    import_moe_peft(str(source), str(tmp_path / "out"))
+    converted = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert torch.equal(converted["base_model.model.model.layers.0.self_attn.k_proj.mixlora_A"],
+                       converted["base_model.model.model.layers.0.self_attn.q_proj.mixlora_A"])
 
 
 @pytest.mark.parametrize(
@@ -131,6 +170,14 @@ def _reference(tmp_path, drop=(), config_change=None, rank=None) -> Path:
         (dict(config_change={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]}),
          "which target_modules does not name"),
         (dict(rank=2), "not rank 4"),
+        # converted with exit 0 before 2026-12-06, and failed only when loaded (or never: a layer missing whole)
+        (dict(edit=lambda s: s.update({_GATE0: s[_GATE0][:3]})), r"routers \(moe_gate\) have shapes \[\(3, \d+\), "),
+        (dict(edit=lambda s: s.update({_UP_A1: s[_UP_A1][:, :-1]})),
+         r"layer 1 up_proj lora_A has shapes .* across its experts"),
+        (dict(edit=lambda s: s.update({k: s[k][:, :-1] for k in list(s) if _UP_A_OF_LAYER_1(k)})),
+         r"up_proj lora_A has shapes .* across layers; it must have one shape with the hidden size"),
+        (dict(drop=("layers.0.",)), r"layers \[0\] have no tensors, while layer 1 has"),
+        (dict(drop=("mixlora.",)), "holds no MixLoRA tensors"),
     ],
 )
 def test_incomplete_or_inconsistent_references_are_refused(tmp_path, case, match):
