@@ -183,7 +183,9 @@ def config_from_moe_peft(reference: dict, flavour: str = "moe-peft") -> MixLoRAC
         attn_target_modules=[p for p in ATTENTION_PROJECTIONS if p in targets],
         attn_r=int(reference["r"]), attn_lora_alpha=attn_alpha,
         attn_lora_dropout=float(reference.get("lora_dropout", 0.0)),
-        router_aux_loss_coef=float(reference.get("router_aux_loss_coef", 0.001)),  # MoE-PEFT's default
+        # MoE-PEFT's load-balance loss is Mixtral's, top_k times ours (its f sums to k): the same weight is k × its
+        # coefficient here (its default 0.001)
+        router_aux_loss_coef=float(reference.get("router_aux_loss_coef", 0.001)) * int(reference["top_k"]),
         router_init_std=float(reference.get("router_init_range", 0.02)),
         jitter_noise=float(reference.get("jitter_noise", 0.0)),
         base_model_name_or_path=reference.get("base_model_name_or_path"),
@@ -346,7 +348,8 @@ def export_moe_peft(source: str, target: str, flavour: str = "moe-peft", act_fn:
         "target_modules": list(config.attn_target_modules) + list(config.expert_target_modules),
         "routing_strategy": "mixlora", "num_experts": config.num_experts, "top_k": config.top_k,
         **({"act_fn": act_fn} if act_fn else {}),
-        "router_aux_loss_coef": config.router_aux_loss_coef, "router_init_range": config.router_init_std,
+        "router_aux_loss_coef": config.router_aux_loss_coef / config.top_k,  # (Mixtral's loss there: k × ours)
+        "router_init_range": config.router_init_std,
         "jitter_noise": config.jitter_noise, "use_rslora": config.use_rslora,
         "base_model_name_or_path": config.base_model_name_or_path, "task_type": "CAUSAL_LM",
     }

@@ -37,6 +37,9 @@ def test_imported_adapter_reproduces_the_reference_logits(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads((tmp_path / "converted" / "adapter_config.json").read_text())
     assert (config["num_experts"], config["top_k"], config["r"]) == (4, 2, 4)
+    reference_config = json.loads((FIXTURE / "adapter" / "adapter_config.json").read_text())
+    # the same load-balance weight: MoE-PEFT's loss (Mixtral's) is top_k times ours
+    assert config["router_aux_loss_coef"] == pytest.approx(2 * reference_config.get("router_aux_loss_coef", 0.001))
     reference = load_file(FIXTURE / "reference_logits.safetensors")["logits"]
     logits = _logits(tmp_path / "converted")
     with torch.no_grad():
@@ -54,6 +57,9 @@ def test_export_then_import_is_lossless(tmp_path):
     assert original.keys() == exported.keys()
     assert all(torch.equal(original[k].float(), exported[k]) for k in original)
     import_moe_peft(str(tmp_path / "theirs"), str(tmp_path / "again"))
+    coefficients = [json.loads((tmp_path / name / "adapter_config.json").read_text())["router_aux_loss_coef"]
+                    for name in ("ours", "theirs", "again")]
+    assert coefficients[0] == coefficients[2] == pytest.approx(2 * coefficients[1])
     torch.testing.assert_close(_logits(tmp_path / "again"), _logits(tmp_path / "ours"), atol=0, rtol=0)
 
 
