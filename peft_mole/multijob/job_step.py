@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from functools import partial
 
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob import report
@@ -116,8 +117,9 @@ class JobStepping:
                    else EvalOutcome())
         if run.should_save():
             states = self._stream_states(run)  # (a collective: on every process)
-            if self.is_world_process_zero():
-                run.save_checkpoint(lambda d: self.jobs_model.save_job(run.name, d), stream_states=states)
+            save = partial(run.save_checkpoint, lambda d: self.jobs_model.save_job(run.name, d), stream_states=states)
+            if not self._written(run, "checkpoint", save):  # (a collective too)
+                return
             self._job_event("on_save", run)  # (on every process, as Trainer)
         if run.at_epoch_end or run.global_step >= run.max_steps:  # after the step's checkpoint, as Trainer (which
             self._job_event("on_epoch_end", run)  # also ends the epoch it stops in)

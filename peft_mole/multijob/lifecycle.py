@@ -93,20 +93,43 @@ class JobLifecycle:
             logger.warning("training stopped by a callback at step %d; unfinished jobs checkpointed: %s",
                            self.state.global_step, [run.name for run in unfinished])
 
+    def _written(self, run: JobRun, what: str, write) -> bool:
+        """Call `write()` on the world's process zero unless the job's weights are not finite; on any process's
+        failure, fail the job alone (its earlier checkpoints stay) and return False. A collective: every process
+        calls it for the same job (only process zero writes, so the others learn of its failure here)."""
+        reason = None
+        if self.is_world_process_zero():
+            if not run.is_finite():
+                reason = (f"its weights became non-finite by step {run.global_step} (a non-finite gradient); "
+                          f"its {what} was not written, its last checkpoint is kept")
+            else:
+                try:
+                    write()
+                except Exception as error:  # noqa: BLE001 — one job's disk error must not take the others down
+                    reason = (f"its {what} at step {run.global_step} could not be written: "
+                              f"{type(error).__name__}: {error}")
+        if dist.any_process(self.accelerator, [reason is not None])[0]:
+            self._fail(run, reason or f"its {what} could not be written on process 0")
+            return False
+        return True
+
     def _finish(self, run: JobRun, status: str = DONE) -> None:
         if run.finished:
             return
-        run.status = status
 
         def write(tmp: str) -> None:
             self._save_job_folder(run.name, tmp)
             ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), run.state_dict())
 
-        if self.is_world_process_zero():
+        def write_final() -> None:
             ckpt.replace_files_atomically(run.args.output_dir, write)
             failed_note = os.path.join(run.args.output_dir, "job_failed.json")
             if os.path.exists(failed_note):  # from an earlier run that failed, since resumed
                 os.remove(failed_note)
+
+        run.status = status  # (what its final state says)
+        if not self._written(run, "final adapter", write_final):
+            return
         run.release()
         logger.info("job %s %s after %d steps", run.name, status, run.global_step)
 
@@ -131,7 +154,10 @@ class JobLifecycle:
         run.status, run.error = FAILED, reason
         run.release()
         if self.is_world_process_zero():
-            os.makedirs(run.args.output_dir, exist_ok=True)
-            ckpt.write_json(os.path.join(run.args.output_dir, "job_failed.json"), run.state_dict())
+            try:
+                os.makedirs(run.args.output_dir, exist_ok=True)
+                ckpt.write_json(os.path.join(run.args.output_dir, "job_failed.json"), run.state_dict())
+            except OSError as error:  # (a full disk: the log and the summary still say it)
+                logger.error("job %s: job_failed.json could not be written: %s", run.name, error)
         logger.error("job %s failed and was stopped (the other jobs go on): %s", run.name, reason)
         self.log({f"{run.name}/failed": 1.0})

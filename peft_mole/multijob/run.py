@@ -200,6 +200,12 @@ class JobRun:
         """What the optimizer steps: the job's flat tensors, or its parameters."""
         return self.flat.tensors if self.flat is not None else list(self.params.values())
 
+    def is_finite(self) -> bool:
+        """Whether every tensor the optimizer steps is finite (one read-back): a non-finite gradient with a finite
+        loss (padded steps check only losses) makes the next step's weights NaN, which no checkpoint may keep."""
+        tensors = self.stepped_tensors()
+        return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
     def add_gradients(self, grads: list[torch.Tensor | None]) -> None:
         """Accumulate one backward's gradients of `params` (in their order; None: no gradient)."""
         if self.flat is not None:

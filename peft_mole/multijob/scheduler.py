@@ -111,9 +111,11 @@ class JobScheduler:
         return max(max(per_lane), 1)
 
     def pack(self, candidates: list[tuple[JobRun, dict]]) -> list[tuple[JobRun, dict]]:
-        """The candidates (priority order) that fit the memory budget together; the others wait. Where none fits,
-        those that would not fit even with every other job ended fail; if each of them would, the last one fails
-        (its memory freed, the others can go on)."""
+        """The candidates (priority order) that fit the memory budget together; the others wait, except those that
+        would not fit even with every other job ended: they fail now, freeing their place for waiting jobs (before
+        2026-12-06 only in a round where nothing fitted, so such a job held its `max_concurrent_jobs` slot while
+        the others ran). Where none fits and each would alone, the last one fails (its memory freed, the others
+        can go on)."""
         if self.max_memory is None or not self.memory_model.fitted:
             return candidates
         chosen: list[tuple[JobRun, dict]] = []
@@ -126,18 +128,21 @@ class JobScheduler:
             trial = chosen + [(run, batch)]
             if self.predict(trial, kept + sum(projected[r.name] for r, _ in trial)) <= self.max_memory:
                 chosen = trial
-        if chosen or not candidates:
-            return chosen
+        chosen_names = {run.name for run, _ in chosen}
+        waiting = [(run, batch) for run, batch in candidates if run.name not in chosen_names]
         alone = {run.name: sum(held.get(run.name, (0, 0))) - (self.profiled_resident_bytes or 0.0)
-                 for run, _ in candidates}
-        never = [(run, batch) for run, batch in candidates
+                 for run, _ in waiting}
+        never = [(run, batch) for run, batch in waiting
                  if self.predict([(run, batch)], alone[run.name]) > self.max_memory]
+        if chosen and not never:
+            return chosen
         for run, batch in never or candidates[-1:]:
             resident = kept + projected[run.name]
+            added = (f" (of which {readable_size(resident)} the jobs' optimizer states and gradients added since "
+                     "profiling)") if resident > 0 else ""
             run.status, run.error = FAILED, (
                 f"a micro-batch of {tuple(batch['input_ids'].shape)} needs about "
-                f"{readable_size(self.predict([(run, batch)], resident))} (of which {readable_size(resident)} "
-                f"the jobs' optimizer states and gradients added since profiling), over max_memory="
+                f"{readable_size(self.predict([(run, batch)], resident))}{added}, over max_memory="
                 f"{readable_size(self.max_memory)}; "
                 + ("lower per_device_train_batch_size or max_length" if never else
                    "no job fits beside the optimizer states the others keep; this one, last by priority, stops")

@@ -345,3 +345,52 @@ def test_a_nan_gradient_under_finite_losses_in_a_packed_step_is_retried(assets, 
     alone.jobs_model.load_job("a", str(tmp_path / "a-init"))
     alone.train()
     _assert_same(_adapter(tmp_path / "together" / "a"), _adapter(tmp_path / "alone" / "a"))
+
+
+@pytest.mark.parametrize("fault", ["infinite-gradient", "disk-full"])
+def test_a_job_whose_checkpoint_would_be_bad_or_cannot_be_written_fails_alone(assets, tmp_path, monkeypatch, fault):
+    """A non-finite gradient under a finite loss (padded steps check losses only) made the job's weights NaN, and
+    its next checkpoint kept them; a checkpoint write that raised (a full disk) ended the whole run. Now the job
+    fails alone at that step, keeping its last good checkpoint, and the others end as without it."""
+    from peft_mole.multijob.model import MultiJobModel
+
+    tokenizer, datasets = assets
+
+    def jobs(with_bad: bool):
+        good = [JobConfig("g1", LoraConfig(**LORA), datasets["sentiment"]),
+                JobConfig("g2", mixlora(), datasets["capital"], per_device_train_batch_size=3)]
+        return good + ([JobConfig("bad", LoraConfig(**LORA), datasets["add"], max_grad_norm=1.0)] if with_bad else [])
+
+    trainer = _trainer(tokenizer, jobs(True), tmp_path / "faulty")
+    for job in ("g1", "g2"):
+        trainer.jobs_model.save_job(job, str(tmp_path / "init" / job))
+    if fault == "infinite-gradient":  # the second backward of "bad" gives one of its tensors an inf gradient
+        parameter = next(iter(trainer.jobs_model.job_parameters("bad").values()))
+        calls = []
+        parameter.register_hook(lambda g: (calls.append(1), g * float("inf") if len(calls) == 2 else g)[1])
+    else:
+        save_job = MultiJobModel.save_job
+
+        def disk_full_at_step_2(self, name, directory):
+            if name == "bad" and "checkpoint-2" in str(directory):
+                raise OSError(28, "No space left on device")
+            return save_job(self, name, directory)
+
+        monkeypatch.setattr(MultiJobModel, "save_job", disk_full_at_step_2)
+    trainer.train()
+    summary = {row["job"]: row for row in trainer.job_summary}
+    expected = {"infinite-gradient": "its weights became non-finite by step 2 (a non-finite gradient)",
+                "disk-full": "its checkpoint at step 2 could not be written: OSError: [Errno 28] No space left"}[fault]
+    assert summary["bad"]["status"] == "failed" and expected in summary["bad"]["error"]
+    bad_dir = tmp_path / "faulty" / "bad"
+    assert [step for step, _ in list_checkpoints(bad_dir)] == [1]
+    assert all(torch.isfinite(t).all() for t in _adapter(bad_dir / "checkpoint-1").values())
+    assert expected in json.loads((bad_dir / "job_failed.json").read_text())["error"]
+    monkeypatch.undo()
+    alone = _trainer(tokenizer, jobs(False), tmp_path / "alone")
+    for job in ("g1", "g2"):
+        alone.jobs_model.load_job(job, str(tmp_path / "init" / job))
+    alone.train()
+    for job in ("g1", "g2"):
+        assert summary[job]["status"] == "done"
+        _assert_same(_adapter(tmp_path / "faulty" / job), _adapter(tmp_path / "alone" / job), atol=1e-6)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from datasets import Dataset
 from peft import LoraConfig
 from transformers import TrainerCallback
 
@@ -252,3 +253,29 @@ def test_dynmole_jobs_are_profiled_at_their_costliest_selection(assets, tmp_path
                               args=run_args(tmp_path, max_steps=1, max_length=32), max_memory=1e12)
     trainer.train()
     assert seen == [(["dyn1", "dyn2"], ["dyn1"])]  # both forced; dyn2 shares dyn1's kind: only dyn1 measured
+
+
+def test_a_job_that_never_fits_fails_at_once_and_frees_its_place(assets, tmp_path):
+    """Before, a job whose micro-batch cannot fit the budget even alone held its `max_concurrent_jobs` place until
+    no other job was left (failed at the run's end), so the jobs that fit ran one after the other."""
+    tokenizer, datasets = assets
+    words = ["red", "blue", "cat", "dog", "sun", "rain", "tree", "road"]
+    long_rows = Dataset.from_list([{"text": " ".join(words[(i + k) % 8] for k in range(100 + 7 * (i % 5)))}
+                                   for i in range(16)])
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR)
+    jobs = [JobConfig("long", lora, long_rows, per_device_train_batch_size=2, priority=5),
+            JobConfig("s1", lora, datasets["sentiment"], max_steps=4),
+            JobConfig("s2", lora, datasets["capital"], max_steps=4)]
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                              args=run_args(tmp_path, max_length=160), max_memory=2e6, max_concurrent_jobs=2)
+    steps = []
+    forward_backward = trainer._forward_backward
+    trainer._forward_backward = lambda parts: (steps.append({run.name for run, _ in parts}), forward_backward(parts))
+    trainer.train()
+    summary = {row["job"]: row for row in trainer.job_summary}
+    assert summary["long"]["status"] == "failed" and summary["long"]["steps"] == 0
+    assert "over max_memory=2 MiB; lower per_device_train_batch_size" in summary["long"]["error"]
+    assert "long" not in set().union(*steps)
+    # s2 takes the place "long" left after the first round: 5 mixed steps (8 before: s1, then s2)
+    assert trainer.state.global_step == 5
+    assert (summary["s1"]["status"], summary["s2"]["status"]) == ("done", "done")
