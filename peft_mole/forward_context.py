@@ -109,10 +109,12 @@ def real_tokens(attention_mask) -> torch.Tensor | None:
     return None
 
 
-def check_attention_mask(attention_mask, input_ids, inputs_embeds) -> None:
-    """Refuse a 2-D attention mask that does not have one row per sequence and at least one column per token (under
-    cached decoding it has more: the past tokens'), before a layer slices it: a shorter one made DynMoLE fail deep
-    in a layer and MixLoRA count the router statistics of the wrong tokens."""
+def check_attention_mask(args: tuple, kwargs: dict) -> None:
+    """Refuse a 2-D attention mask (in a model call's `args`/`kwargs`) that does not have one row per sequence and at
+    least one column per token (under cached decoding it has more: the past tokens'), before a layer slices it: a
+    shorter one made DynMoLE fail deep in a layer and MixLoRA count the router statistics of the wrong tokens."""
+    attention_mask, inputs_embeds = kwargs.get("attention_mask"), kwargs.get("inputs_embeds")
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
     tokens = input_ids if isinstance(input_ids, torch.Tensor) else inputs_embeds
     if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
             and isinstance(tokens, torch.Tensor) and tokens.dim() >= 2):

@@ -35,6 +35,7 @@ from peft_mole.ops.stream_checkpoint import replay_streams_in_checkpoints
 from peft_mole.tuners.aux_outputs import with_fields
 from peft_mole.tuners.dynmole.config import DynMoLEConfig
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
+from peft_mole.tuners.load_checks import adapter_of
 from peft_mole.tuners.mixlora.attention import LoraLinear, factor_key_without_weight
 from peft_mole.tuners.mixlora.model import MixLoRAModel, router_aux_loss
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
@@ -376,7 +377,7 @@ class MultiJobModel(MixLoRAModel):
     def job_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """{parameter name in this model: parameter} of one job."""
         self._check_job(name)
-        return {n: p for n, p in self.model.named_parameters() if _adapter_of(n) == name}
+        return {n: p for n, p in self.model.named_parameters() if adapter_of(n, _INTERNAL_PREFIX) == name}
 
     def job_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """One job's tensors under the keys its own PEFT method saves and loads (`adapter_model.safetensors`)."""
@@ -419,15 +420,6 @@ class MultiJobModel(MixLoRAModel):
                 if saved[key].shape != param.shape:
                     raise ValueError(f"{directory}: {key} has shape {tuple(saved[key].shape)}, job {name!r} needs {tuple(param.shape)}")
                 param.copy_(saved[key])
-
-
-def _adapter_of(param_name: str) -> str | None:
-    """The adapter a parameter belongs to: the name after the prefixed container (`...mixlora_router.<job>.weight`)."""
-    parts = param_name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.startswith(_INTERNAL_PREFIX):
-            return parts[i + 1]
-    return None
 
 
 def _export_key(param_name: str, job: str, config: PeftConfig) -> str:

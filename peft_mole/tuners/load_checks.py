@@ -87,7 +87,7 @@ def check_complete_factors(names: list[str], use_dora: bool, where: str) -> None
                          f"need, e.g. {sorted(missing)[:3]}; the adapter was not saved completely")
 
 
-def _owner(name: str, prefix: str) -> str | None:
+def adapter_of(name: str, prefix: str) -> str | None:
     """The adapter a parameter or key belongs to: the name after its first `prefix` container
     (`...mlp.mixlora_router.<adapter>.weight`), or None for a name outside the adapter's modules."""
     parts = name.split(".")
@@ -108,21 +108,24 @@ def check_every_tensor_given(model: nn.Module, state_dict: dict, prefix: str, ad
 
     given = {bare(key) for key in state_dict if ours(key)}  # (a key PEFT could not map keeps its file name)
     extra = sorted(given - {bare(name) for name in model.state_dict(keep_vars=True)})
-    owned = {bare(name) for name, _ in model.named_parameters() if _owner(name, prefix) == adapter_name}
+    owned = {bare(name) for name, _ in model.named_parameters() if adapter_of(name, prefix) == adapter_name}
+
+    def shown(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
     if extra:
-        shown = ", ".join(extra[:4]) + (f" and {len(extra) - 4} more" if len(extra) > 4 else "")
         raise ValueError(
             f"the weights loaded into adapter {adapter_name!r} hold {len(extra)} tensor(s) it does not have "
-            f"({shown}): they were saved from an adapter on another base (more layers) or with other layers or "
-            "projections (layers_to_transform, expert_target_modules, attn_target_modules)"
+            f"({shown(extra)}): they were saved from an adapter on another base (more layers) or with other layers "
+            "or projections (layers_to_transform, expert_target_modules, attn_target_modules)"
         )
     missing = sorted(owned - given)
     if missing:
-        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise ValueError(
-            f"the weights loaded into adapter {adapter_name!r} lack {len(missing)} of its tensors ({shown}); they "
-            "would keep their initial values. The adapter file is incomplete, or was saved from an adapter with "
-            "other layers or projections (layers_to_transform, expert_target_modules, attn_target_modules)"
+            f"the weights loaded into adapter {adapter_name!r} lack {len(missing)} of its tensors "
+            f"({shown(missing)}); they would keep their initial values. The adapter file is incomplete, or was saved "
+            "from an adapter with other layers or projections (layers_to_transform, expert_target_modules, "
+            "attn_target_modules)"
         )
 
 

@@ -299,8 +299,7 @@ class MixLoRAModel(BaseTuner):
             return
         if not context.rows_set_by_hook and context.row_adapters is not None:
             context.set_row_adapters(None)
-        check_attention_mask(kwargs.get("attention_mask"), kwargs.get("input_ids", args[0] if args else None),
-                             kwargs.get("inputs_embeds"))
+        check_attention_mask(args, kwargs)
         context.token_mask = real_tokens(kwargs.get("attention_mask"))
 
     def _check_adapter_names(self, names) -> None:
@@ -327,8 +326,7 @@ class MixLoRAModel(BaseTuner):
         self._rows_set(context, args, kwargs)
         labels = kwargs.get("labels")
         attention_mask = kwargs.get("attention_mask")
-        check_attention_mask(attention_mask, kwargs.get("input_ids", args[0] if args else None),
-                             kwargs.get("inputs_embeds"))
+        check_attention_mask(args, kwargs)
         context.token_mask = real_tokens(attention_mask)
         context.records = [] if (self.training or labels is not None) else None
         positions = kwargs.get("position_ids")
