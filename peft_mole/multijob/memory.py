@@ -13,7 +13,9 @@ least squares on a few profiling steps (`fit_by_profiling`). What is measured:
 
 - on CUDA: `torch.cuda.max_memory_allocated` during the step;
 - on CPU (no allocator statistics): the bytes of the tensors autograd saves for backward during the forward
-  (`activation_bytes`) plus the constant of weights and optimizer state — the part that changes with the batch.
+  (`activation_bytes`), the part that changes with the batch. Weights, gradient buffers and optimizer states are
+  not in it: the scheduler adds every job's optimizer state and gradients to a CPU prediction
+  (`measures_resident`, `JobScheduler.resident_change`), where on CUDA it adds only their change since profiling.
 """
 
 from __future__ import annotations
@@ -297,6 +299,13 @@ def costliest_selection(run_step, device: torch.device, settings: Mapping[Job, S
         for job, rules in originals.items():
             for setting, rule in zip(settings[job], rules, strict=True):
                 setting.rule = rule
+
+
+def measures_resident(device: torch.device | str) -> bool:
+    """Whether `step_memory` on `device` counts what the jobs keep between steps (their gradient buffers and
+    optimizer states): the CUDA allocator's peak holds every live tensor; the CPU's saved-activation bytes hold
+    none of them."""
+    return torch.device(device).type == "cuda"
 
 
 def step_memory(device: torch.device, run_step) -> float:

@@ -84,6 +84,7 @@ class JobScheduler:
         self.varlen_attention = False  # the model's attention keeps packed sequences apart itself (flash attention)
         self.runs: list[JobRun] = []  # every job of the run (`admit`)
         self.profiled_resident_bytes: float | None = None  # the jobs' optimizer state and gradients when profiled
+        self.measured_resident = True  # the profile's peaks hold those bytes (CUDA; not CPU: `profiled`)
 
     @staticmethod
     def order(runs: list[JobRun]) -> list[JobRun]:
@@ -138,8 +139,8 @@ class JobScheduler:
             return chosen
         for run, batch in never or candidates[-1:]:
             resident = kept + projected[run.name]
-            added = (f" (of which {readable_size(resident)} the jobs' optimizer states and gradients added since "
-                     "profiling)") if resident > 0 else ""
+            added = (f" (of which {readable_size(resident)} the jobs' optimizer states and gradients"
+                     f"{' added since profiling' if self.measured_resident else ''})") if resident > 0 else ""
             run.status, run.error = FAILED, (
                 f"a micro-batch of {tuple(batch['input_ids'].shape)} needs about "
                 f"{readable_size(self.predict([(run, batch)], resident))}{added}, over max_memory="
@@ -231,15 +232,20 @@ class JobScheduler:
                 bins.append((sizes[k], [k]))
         return [[parts[k] for k in sorted(members)] for _, members in bins]
 
-    def profiled(self, runs: list[JobRun]) -> None:
-        """Note the jobs' resident bytes (`JobRun.resident_bytes`) while the memory model is profiled: they are in
-        its constant; what they grow or shrink by later is `resident_change`."""
-        self.runs = runs
-        self.profiled_resident_bytes = float(sum(run.resident_bytes() for run in runs))
+    def profiled(self, runs: list[JobRun], measured_resident: bool = True) -> None:
+        """Note the jobs' resident bytes (`JobRun.resident_bytes`) while the memory model is profiled: where the
+        profile measured them (`measured_resident`: the CUDA allocator's peak, `memory.measures_resident`) they are
+        in its constant and what they grow or shrink by later is `resident_change`; where it did not (CPU: saved
+        activations only) the constant holds none, and every byte the jobs keep is added (until 2026-12-06 a CPU
+        prediction also subtracted what ended jobs freed, which it had never counted: a later step ran over
+        `max_memory`)."""
+        self.runs, self.measured_resident = runs, measured_resident
+        self.profiled_resident_bytes = float(sum(run.resident_bytes() for run in runs)) if measured_resident else 0.0
 
     def resident_change(self, parts: list[tuple[JobRun, dict]] | None = None) -> float:
-        """Bytes the jobs keep between steps now, less what they kept while profiled: optimizer states created
-        since (a job's first step) count, states and gradients freed by ended jobs (`JobRun.release`) come off.
+        """Bytes the jobs keep between steps now, less what they kept while profiled (none where the profile did not
+        measure them, `profiled`): optimizer states created since (a job's first step) count, states and gradients
+        freed by ended jobs (`JobRun.release`) come off.
         A job that has not stepped counts the state its first step creates only if it is among `parts` (default:
         every job): a job that waits creates none, so a budget that fits each job alone runs them in turn.
         0 for a memory model fitted without `profiled`."""

@@ -47,7 +47,7 @@ from peft_mole.multijob.job_step import JobStepping
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.lifecycle import JobLifecycle
 from peft_mole.multijob.loss import at_least_fp32
-from peft_mole.multijob.memory import costliest_selection
+from peft_mole.multijob.memory import costliest_selection, measures_resident
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
 from peft_mole.multijob.pieces import RoundStreams
 from peft_mole.multijob.run import FAILED, MICRO_BATCH_METRICS, JobRun, stream_seed
@@ -472,7 +472,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
                 if run.name in streams:
                     run.stream.set_state(streams[run.name])
                     run.mark_stream()
-        self.job_scheduler.profiled(runs)
+        self.job_scheduler.profiled(runs, measures_resident(self.args.device))
 
     # ------------------------------------------------------------------ saving and reporting
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

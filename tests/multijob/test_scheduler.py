@@ -142,6 +142,27 @@ def test_predictions_add_the_optimizer_state_created_or_freed_since_profiling():
     assert [r.name for r, _ in scheduler.pack([(run_a, batch_a), (run_b, batch_b)])] == ["a", "b"]
 
 
+def test_a_profile_that_did_not_measure_the_optimizer_state_adds_all_of_it_and_subtracts_nothing():
+    """CPU: the profile measured saved activations only, so a prediction adds every byte the jobs keep, and a job
+    that ends takes off only what it had added (before: its bytes at profiling came off too, which the profile
+    never held, and the later step ran over `max_memory`)."""
+    scheduler = JobScheduler(max_memory=900.0)
+    scheduler.memory_model.kind_of = {"a": "lora", "b": "lora"}
+    for rows, length in [(1, 10), (2, 10), (1, 40)]:
+        scheduler.memory_model.observe([length] * rows, 10.0 * rows * length, jobs=["a"] * rows)
+    (run_a, batch_a), (run_b, batch_b) = part("a", 2, 20), part("b", 2, 20)
+    run_a.resident = run_b.resident = 50  # gradient buffers, made before profiling
+    scheduler.profiled([run_a, run_b], measured_resident=False)
+    assert scheduler.predict([(run_a, batch_a), (run_b, batch_b)]) == pytest.approx(800.0 + 100.0)
+    run_a.resident = 450  # a stepped (its AdamW state), b ended and released its buffers
+    run_b.resident = 0
+    assert scheduler.resident_change() == pytest.approx(450.0)
+    assert scheduler.predict([(run_a, batch_a)]) == pytest.approx(400.0 + 450.0)
+    run_a.resident = 550
+    assert scheduler.pack([(run_a, batch_a)]) == [] and run_a.status == "failed"  # 950 > 900 (before: 900 fitted)
+    assert "gradients)" in run_a.error and "since profiling" not in run_a.error
+
+
 def test_a_job_that_has_not_stepped_counts_its_coming_optimizer_state_only_in_a_step_it_is_in():
     """A budget that fits each job's step with its own coming state, not with every job's: the jobs run in turn
     (before: every job failed at its first step)."""
