@@ -31,6 +31,15 @@ def part(name, rows, length, priority=0):
     return FakeRun(name, priority), {"input_ids": ids, "attention_mask": ids}
 
 
+def lora_scheduler(max_memory: float, jobs: list[str]) -> JobScheduler:
+    """A scheduler whose memory model is fitted on job "a" at 10 bytes per token; `jobs` share its kind."""
+    scheduler = JobScheduler(max_memory=max_memory)
+    scheduler.memory_model.kind_of = dict.fromkeys(jobs, "lora")
+    for rows, length in [(1, 10), (2, 10), (1, 40)]:
+        scheduler.memory_model.observe([length] * rows, 10.0 * rows * length, jobs=["a"] * rows)
+    return scheduler
+
+
 def test_memory_model_recovers_a_quadratic_law_and_predicts_unseen_shapes():
     law = lambda lengths: 5e8 + 3e4 * sum(lengths) + 11.0 * sum(x * x for x in lengths)  # noqa: E731
     model = MemoryModel()
@@ -123,10 +132,7 @@ def test_packing_weighs_each_jobs_rows_by_its_memory_kind():
 
 
 def test_predictions_add_the_optimizer_state_created_or_freed_since_profiling():
-    scheduler = JobScheduler(max_memory=1000.0)
-    scheduler.memory_model.kind_of = {"a": "lora", "b": "lora"}
-    for rows, length in [(1, 10), (2, 10), (1, 40)]:
-        scheduler.memory_model.observe([length] * rows, 10.0 * rows * length, jobs=["a"] * rows)
+    scheduler = lora_scheduler(1000.0, ["a", "b"])  # 10 bytes per token
     (run_a, batch_a), (run_b, batch_b) = part("a", 2, 20), part("b", 2, 20)
     run_a.resident = run_b.resident = 50  # gradient buffers, made before profiling
     scheduler.profiled([run_a, run_b])
@@ -146,10 +152,7 @@ def test_a_profile_that_did_not_measure_the_optimizer_state_adds_all_of_it_and_s
     """CPU: the profile measured saved activations only, so a prediction adds every byte the jobs keep, and a job
     that ends takes off only what it had added (before: its bytes at profiling came off too, which the profile
     never held, and the later step ran over `max_memory`)."""
-    scheduler = JobScheduler(max_memory=900.0)
-    scheduler.memory_model.kind_of = {"a": "lora", "b": "lora"}
-    for rows, length in [(1, 10), (2, 10), (1, 40)]:
-        scheduler.memory_model.observe([length] * rows, 10.0 * rows * length, jobs=["a"] * rows)
+    scheduler = lora_scheduler(900.0, ["a", "b"])  # 10 bytes per token
     (run_a, batch_a), (run_b, batch_b) = part("a", 2, 20), part("b", 2, 20)
     run_a.resident = run_b.resident = 50  # gradient buffers, made before profiling
     scheduler.profiled([run_a, run_b], measured_resident=False)
@@ -166,10 +169,7 @@ def test_a_profile_that_did_not_measure_the_optimizer_state_adds_all_of_it_and_s
 def test_a_job_that_has_not_stepped_counts_its_coming_optimizer_state_only_in_a_step_it_is_in():
     """A budget that fits each job's step with its own coming state, not with every job's: the jobs run in turn
     (before: every job failed at its first step)."""
-    scheduler = JobScheduler(max_memory=700.0)
-    scheduler.memory_model.kind_of = dict.fromkeys(["a", "b", "c", "high", "low", "huge"], "lora")
-    for rows, length in [(1, 10), (2, 10), (1, 40)]:
-        scheduler.memory_model.observe([length] * rows, 10.0 * rows * length, jobs=["a"] * rows)
+    scheduler = lora_scheduler(700.0, ["a", "b", "c", "high", "low", "huge"])  # 10 bytes per token
     parts = [part(name, 2, 20) for name in "abc"]  # 400 bytes each
     for run, _ in parts:
         run.status, run.resident = "running", 0
@@ -215,10 +215,7 @@ def test_admission_by_priority_then_arrival_with_a_limit():
 
 
 def test_packing_under_the_memory_budget_defers_and_fails_clearly():
-    scheduler = JobScheduler(max_memory=1000.0)
-    scheduler.memory_model.kind_of = dict.fromkeys(["a", "b", "c", "huge"], "lora")
-    for rows, length in [(1, 10), (2, 10), (1, 40)]:
-        scheduler.memory_model.observe([length] * rows, 10.0 * rows * length, jobs=["a"] * rows)  # 10 bytes per token
+    scheduler = lora_scheduler(1000.0, ["a", "b", "c", "huge"])  # 10 bytes per token
     a, b, huge = part("a", 2, 20), part("b", 2, 20), part("huge", 8, 40)
     assert [r.name for r, _ in scheduler.pack([a, b])] == ["a", "b"]  # 800 bytes: fits
     c = part("c", 2, 30)
