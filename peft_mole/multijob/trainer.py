@@ -39,7 +39,7 @@ from trl import SFTConfig, SFTTrainer
 
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob import report
-from peft_mole.multijob.batching import is_packed, mix, pad_token_id, profile_inputs, row_halves
+from peft_mole.multijob.batching import is_packed, mix, pad_token_id, row_halves
 from peft_mole.multijob.evaluation import JobEvaluation
 from peft_mole.multijob.flat_parameters import job_optimizer
 from peft_mole.multijob.job_data import JobDatasets, data_error
@@ -47,7 +47,7 @@ from peft_mole.multijob.job_step import JobStepping
 from peft_mole.multijob.jobs import JobConfig
 from peft_mole.multijob.lifecycle import JobLifecycle
 from peft_mole.multijob.loss import at_least_fp32
-from peft_mole.multijob.memory import costliest_selection, measures_resident
+from peft_mole.multijob.memory_profile import JobMemoryProfile
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
 from peft_mole.multijob.pieces import RoundStreams
 from peft_mole.multijob.run import FAILED, MICRO_BATCH_METRICS, JobRun, stream_seed
@@ -77,7 +77,7 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFTTrainer):
+class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile, JobStepping, SFTTrainer):
     """Train several `JobConfig`s together on one frozen base.
 
     Args:
@@ -445,34 +445,6 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobStepping, SFT
             so_far = self._round_sums.get(run.name, [0.0] * (1 + len(MICRO_BATCH_METRICS)))  # (a micro-batch cut
             # into steps: summed over them)
             self._round_sums[run.name] = [a + b for a, b in zip(so_far, read[run.name], strict=True)]
-
-    # ------------------------------------------------------------------ memory
-    def _profile_memory(self, runs: list[JobRun]) -> None:
-        """Fit the memory model on synthetic steps of each kind of job (`MemoryModel.fit_by_profiling`), as the
-        steps will be: padded rows, or with `padding_free` one packed row (`profile_inputs`)."""
-        params = {run.name: list(run.params.values()) for run in runs}
-        packed, job_order = bool(getattr(self, "padding_free", False)), list(self.jobs_model.peft_config)
-
-        def step(ids: torch.Tensor, row_jobs: list[str]) -> None:
-            inputs = profile_inputs(ids, row_jobs, packed, job_order)
-            with self.compute_loss_context_manager(), self.accelerator.autocast():
-                out = self.jobs_model(**inputs, use_cache=False, fused_lm_head=True)
-            torch.autograd.grad(-out.log_probs.sum(), [p for j in dict.fromkeys(row_jobs) for p in params[j]],
-                                allow_unused=True)
-
-        embeddings, kinds = self.model.get_input_embeddings(), {r.name: r.memory_kind for r in runs if not r.finished}
-        if kinds:  # the jobs that will train (a resumed run's ended jobs do not)
-            streams = {run.name: run.stream.get_state() for run in runs if run.stream is not None}
-            vocab, length, device = embeddings.num_embeddings, int(self.args.max_length or 512), self.args.device
-            varying = {job: self.jobs_model.expert_settings(job) for job in kinds
-                       if getattr(self.jobs_model.peft_config[job], "SELECTION_VARIES", False)}
-            with costliest_selection(step, torch.device(device), varying, vocab, length, kinds):  # DynMoLE: see there
-                self.job_scheduler.memory_model.fit_by_profiling(step, device, vocab, length, kinds, packed=packed)
-            for run in runs:  # profiling draws nothing the jobs' training would have drawn
-                if run.name in streams:
-                    run.stream.set_state(streams[run.name])
-                    run.mark_stream()
-        self.job_scheduler.profiled(runs, measures_resident(self.args.device))
 
     # ------------------------------------------------------------------ saving and reporting
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -14,7 +14,7 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from peft_mole import JobConfig, MultiJobTrainer
-from peft_mole.multijob import trainer as trainer_module
+from peft_mole.multijob import memory_profile
 from peft_mole.multijob.batching import profile_inputs
 from peft_mole.multijob.memory import MemoryModel, step_memory
 from tests.helpers import mixlora, tiny_base
@@ -93,7 +93,7 @@ def test_the_budget_counts_optimizer_states_created_after_profiling_and_ended_jo
         assets, tmp_path, monkeypatch, measured):
     """`measured`: the profile's peaks hold the jobs' gradient buffers (CUDA), so predictions add what changes
     since; or not (CPU), so they add every byte the jobs keep and never go below the activations."""
-    monkeypatch.setattr(trainer_module, "measures_resident", lambda device: measured)
+    monkeypatch.setattr(memory_profile, "measures_resident", lambda device: measured)
     tokenizer, datasets = assets
     jobs = _jobs(datasets)
     jobs[0].max_steps = 1  # "lora" ends after its first step, the others run on
@@ -213,7 +213,6 @@ def test_dynmole_jobs_are_profiled_at_their_costliest_selection(assets, tmp_path
     of ×1, ×10, ×100 missed it). The rules come back after. The trainer forces every DynMoLE job and measures one
     job of each kind."""
     from peft_mole.multijob import MultiJobModel
-    from peft_mole.multijob import trainer as trainer_module
     from peft_mole.multijob.memory import costliest_selection
     from tests.helpers import dynmole, randomize_adapters
 
@@ -248,7 +247,7 @@ def test_dynmole_jobs_are_profiled_at_their_costliest_selection(assets, tmp_path
 
     tokenizer, datasets = assets
     seen = []
-    real = trainer_module.costliest_selection
+    real = memory_profile.costliest_selection
 
     @contextlib.contextmanager
     def spy(*args):
@@ -256,7 +255,7 @@ def test_dynmole_jobs_are_profiled_at_their_costliest_selection(assets, tmp_path
             yield costs
         seen.append((sorted(args[2]), sorted(costs)))
 
-    monkeypatch.setattr(trainer_module, "costliest_selection", spy)
+    monkeypatch.setattr(memory_profile, "costliest_selection", spy)
     jobs = [JobConfig("lora", LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR), datasets["sentiment"]),
             JobConfig("dyn1", dynmole(router_scope=scope), datasets["capital"]),
             JobConfig("dyn2", dynmole(router_scope=scope), datasets["add"])]
