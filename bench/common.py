@@ -122,40 +122,59 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int = 3, repeats: int = 10) -> dict[str, list[float]]:
+class Timings(list):
+    """One step function's timed seconds, and on CUDA `peak_mb`: the allocator's peak over its steps alone (the
+    peak statistics are reset before each of its steps, so another function's steps never count)."""
+
+    peak_mb: float | None = None
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int = 3, repeats: int = 10) -> dict[str, Timings]:
     """Run the step functions in turn (A, B, A, B, ...) so machine noise hits all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    times: dict[str, Timings] = {name: Timings() for name in steps}
+    cuda = device().type == "cuda"
     for i in range(warmup + repeats):
         for name, step in steps.items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             step()
             synchronize()
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
+            if cuda:
+                peak = torch.cuda.max_memory_allocated() / 2**20
+                times[name].peak_mb = max(times[name].peak_mb or 0.0, peak)
     return times
 
 
 def peak_memory_mb() -> float:
+    """The process's peak so far: CUDA allocator peak (since the last reset), or peak RSS on CPU."""
     if device().type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def record(name: str, shape: str, impl: str, seconds: list[float], tokens: int, **extra) -> dict:
+    """One measurement's row. Its memory: `peak_mem_mb`, the CUDA peak of this impl's steps alone (`Timings`), or
+    on CPU `process_peak_rss_mb`, the whole process's peak RSS (one process times several impls, and RSS has no
+    reset: not a figure of this impl; before 2026-12-06 it was labelled `peak_mem_mb` and every impl of a run
+    showed the same value)."""
+    peak = getattr(seconds, "peak_mb", None)
+    memory = {"peak_mem_mb": round(peak, 1)} if peak is not None else {
+        "process_peak_rss_mb" if device().type == "cpu" else "process_peak_mem_mb": round(peak_memory_mb(), 1)}
     row = {
         "name": name, "shape": shape, "impl": impl, "device": str(device()), "machine": platform.node(),
         "median_s": statistics.median(seconds), "min_s": min(seconds), "steps": len(seconds),
-        "tokens_per_s": tokens / statistics.median(seconds), "peak_mem_mb": round(peak_memory_mb(), 1),
-        "torch": torch.__version__, **extra,
+        "tokens_per_s": tokens / statistics.median(seconds), **memory, "torch": torch.__version__, **extra,
     }
     emit(row)
     return row
 
 
-def provenance() -> dict:
-    """What produced a result row: the command line, the git commit of the code ("-dirty" with uncommitted changes
-    to peft_mole/ or bench/, or new files there; "unknown" outside a git checkout) and the UTC time, so the README's
-    table can show each row's command and commit."""
+def code_commit() -> str:
+    """The git commit of the code ("-dirty" with uncommitted changes to peft_mole/ or bench/, or new files there;
+    "unknown" outside a git checkout)."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -166,10 +185,21 @@ def provenance() -> dict:
         commit += "-dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
+    return commit
+
+
+CODE_COMMIT = code_commit()  # read once, when the script starts: a commit made while it runs is not the code it runs
+
+
+def provenance() -> dict:
+    """What produced a result row: the command line, the commit of the code the script started with (`CODE_COMMIT`;
+    before 2026-12-06 read at each row, so rows of one run could name a commit made during it) and the UTC time,
+    so the README's table can show each row's command and commit."""
+    root = Path(__file__).resolve().parent.parent
     script = Path(sys.argv[0]).resolve()
     shown = script.relative_to(root) if script.is_relative_to(root) else script
     argv = " ".join(["python", str(shown), *(shlex.quote(a) for a in sys.argv[1:])])
-    return {"argv": argv, "commit": commit, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {"argv": argv, "commit": CODE_COMMIT, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def emit(row: dict) -> None:

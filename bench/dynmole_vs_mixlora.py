@@ -94,7 +94,7 @@ def main() -> None:
         }
         emit({
             "name": "dynmole_vs_mixlora", "shape": args.shape, "router_state": state,
-            "dynmole_experts_per_token": per_token,
+            "router_scale": args.router_scale if state == "sharp" else 1.0, "dynmole_experts_per_token": per_token,
             "ratio_median": rows["dynmole"]["median_s"] / rows["mixlora"]["median_s"],
             "ratio_min": rows["dynmole"]["min_s"] / rows["mixlora"]["min_s"],
         })

@@ -2,8 +2,9 @@
 batch 8 × 512), bf16 base weights, plus each model's peak CUDA memory for one step.
 
 Rows: `mixlora_vs_lora`, `dynmole_vs_mixlora` (routers at init, and sharp as after training), each with the
-models' step times; `peak_cuda_memory` per model (max allocated during a step, minus what was allocated before:
-activations, gradients and optimizer state). Without CUDA it prints one row saying so and exits 0.
+models' step times; `peak_cuda_memory` per model (max allocated during a step, minus what was allocated before it:
+the step's activations, gradients and temporaries, above the weights and the AdamW state a first step made; before
+2026-12-06 this said the AdamW state was in it). Without CUDA it prints one row saying so and exits 0.
 With --autocast bf16 the steps run under bf16 autocast, as `TrainingArguments(bf16=True)` trains (the adapters stay
 fp32, their products run in bf16: on CUDA the expert chains then use `torch._grouped_mm`); without it the bf16 base's
 outputs meet fp32 adapters, as in PEFT without autocast. Rows carry `autocast`.

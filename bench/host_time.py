@@ -17,6 +17,7 @@ import torch
 from common import (
     BATCH,
     base_model,
+    device,
     emit,
     lora_config,
     positive_int,
@@ -47,13 +48,15 @@ def main() -> None:
     lora = get_peft_model(base_model("tiny"), lora_config(args.dropout)).train()
     peft_projection = first_projection(lora)
     width = peft_projection.in_features
-    one_row = torch.randn(1, seq, width, requires_grad=True)
+    # where and as the base holds its weights (bf16 on CUDA; before 2026-12-06 CPU fp32 inputs failed there)
+    placed = {"device": device(), "dtype": peft_projection.base_layer.weight.dtype}
+    one_row = torch.randn(1, seq, width, requires_grad=True, **placed)
     for n in args.jobs:
         jobs = [f"job{i}" for i in range(n)]
         mixed = MultiJobModel(base_model("tiny"), {job: lora_config(args.dropout) for job in jobs}).train()
         projection = first_projection(mixed)
         projection._context.set_row_adapters(jobs)  # what MultiJobModel.forward sets for a batch of these rows
-        rows = torch.randn(n, seq, width, requires_grad=True)
+        rows = torch.randn(n, seq, width, requires_grad=True, **placed)
         times = time_interleaved({
             "multijob_projection": lambda p=projection, x=rows: p(x).sum().backward(),
             "peft_lora_projection": lambda: peft_projection(one_row).sum().backward(),

@@ -100,7 +100,8 @@ def main() -> None:
         losses = [r["eval_loss"] for r in runs]
         accs = [r["accuracy"]["average"] for r in runs]
         print(json.dumps({
-            "name": "learning_check_summary", "method": name, "seeds": len(runs), "steps": args.steps,
+            "name": "learning_check_summary", "method": name, "seeds": len(runs), "seed_list": args.seeds,
+            "steps": args.steps,
             "learning_rate": args.learning_rate,
             "trainable_params": runs[0]["trainable_params"],
             "eval_loss_mean": statistics.mean(losses), "eval_loss_std": statistics.pstdev(losses),

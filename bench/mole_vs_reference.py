@@ -24,6 +24,7 @@ from pathlib import Path
 import common
 from common import (
     base_model,
+    device,
     emit,
     lora_config,
     mixlora_config,
@@ -85,7 +86,8 @@ def main() -> None:
               "ratio_median": our_mix / their_mix, "ratio_min": min(ours["mixlora"]) / min(secs["mix_min"]),
               "ratio_vs_lora": (our_mix / our_lora) / (their_mix / their_lora),
               "ours_mixlora_s": our_mix, "ours_lora_s": our_lora, "reference_mixlora_s": their_mix,
-              "reference_lora_s": their_lora, "reference_versions": versions[name], "device": "cpu"})
+              "reference_lora_s": their_lora, "reference_versions": versions[name], "device": str(device()),
+              "reference_device": "cpu"})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ PEFT baseline stays eager: the jobs one after another are what a user would othe
 steps (eager and compiled) take the rows as one packed row, as TRL's padding_free=True does: one job per token,
 position ids restarting per row, SDPA's block-diagonal mask over all the row's tokens; rows carry `packed`.
 The mixed models draw each job's dropout from its own random stream, as MultiJobTrainer's do
-(`MultiJobModel.set_job_streams`).
+(`MultiJobModel.set_job_streams`). The baseline is a plain loop over PEFT models, not SFTTrainer (whose per-step
+host work is larger): the conservative comparison.
 Usage: python bench/multijob_speedup.py [--shape small] [--jobs 2 4 8] [--repeats 10] [--optim adamw_torch_fused]
        [--compile [--compile-mode reduce-overhead] [--compile-backend inductor]] [--compare-layouts]
        [--kind mixlora|dynmole] [--packed]

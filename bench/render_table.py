@@ -122,11 +122,37 @@ def _kinds_note(row: dict) -> str:
     return f"{steps} of {row['jobs']} jobs ({', '.join(labels)}, {row['jobs'] // len(labels)} of each) "
 
 
+GPU_RUN_PARTS = {  # ratio -> the part of bench/gpu_run.sh that measures it (its flags: the repeats a GPU call allows)
+    "gpu_busy": "profile", "generate_vs_base": "generate", "generate_compiled_vs_base": "compiled_generate",
+    "fused_chain": "fused_chain", "dynmole_fused_chain": "fused_chain", "dynmole_vs_mixlora": "fused_chain",
+    "compile_step": "compiled_train", "job_optimizer": "job_optimizer", "grouped_products": "grouped",
+    "memory_model_error": "memory_model",
+}
+
+
+def _gpu_run_part(row: dict) -> str | None:
+    """The `bench/gpu_run.sh` part that printed a GPU row (rows from before scripts recorded their command line)."""
+    if row.get("script") == "gpu_medium":
+        return "medium_autocast" if row.get("autocast") == "bf16" else "medium"
+    if row["name"] == "multijob_speedup":
+        if row.get("packed"):
+            return "multijob_packed"
+        if "compiled_vs_eager" in row:
+            return "multijob_compiled"
+        return "multijob_fused" if row.get("optim") == "adamw_torch_fused" else "multijob"
+    return GPU_RUN_PARTS.get(row["name"])
+
+
 def _command(row: dict) -> str:
     """The command that printed the row: its own script's where another script measured the ratio
-    (bench/gpu_medium.py: the GPU step ratios)."""
+    (bench/gpu_medium.py: the GPU step ratios). A GPU row without a recorded command came from `bench/gpu_run.sh`,
+    whose part holds the flags it ran with (the repeats a GPU call allows; before 2026-12-06 the table showed the
+    script with its default flags, which would time other repeats and impls)."""
     if "argv" in row:  # recorded by the script itself (since 2026-12-05): every flag it ran with
         return row["argv"]
+    part = _gpu_run_part(row) if row.get("_file_device") == "cuda" else None
+    if part is not None:
+        return f"bash bench/gpu_run.sh {part}"
     if "script" not in row:
         return COMMANDS[row["name"]].format(**row)
     return f"python bench/{row['script']}.py --shape {row['shape']}" + (
@@ -138,8 +164,9 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
     rows = [{**r, "ratio_median": r["gpu_busy_fraction"], "ratio_min": r["gpu_busy_fraction"]}
             if r["name"] == "gpu_busy" else r for r in rows]
     device = next((r["device"] for r in rows if "device" in r), "?")
+    rows = [{**r, "_file_device": device} for r in rows]
     torch_version = next((r["torch"] for r in rows if "torch" in r), "?")
-    print(f"Source: `bench/results/{path.name}` (device: {device}, torch {torch_version})\n")
+    print(f"Source: `{_shown(path)}` (device: {device}, torch {torch_version})\n")
     print("| ratio | shape | value (medians) | value (minima) | command | commit |")
     print("|---|---|---|---|---|---|")
     for row in rows:
@@ -203,15 +230,26 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
 
 
 def learning_table(path: Path, rows: list[dict]) -> None:
-    print(f"Source: `bench/results/{path.name}`\n")
+    """One row per method and learning rate: the latest run's (before 2026-12-06 every run's, under one command
+    without its steps and seeds)."""
+    print(f"Source: `{_shown(path)}`\n")
     print("| method | lr | trainable params | eval loss (mean ± std) | accuracy (mean ± std) | command |")
     print("|---|---|---|---|---|---|")
-    for row in rows:
-        if row["name"] == "learning_check_summary":
-            command = f"python bench/learning_check.py --learning-rate {row['learning_rate']:g} --methods {row['method']}"
-            print(f"| {row['method']} | {row['learning_rate']:g} | {row['trainable_params']:,} "
-                  f"| {row['eval_loss_mean']:.3f} ± {row['eval_loss_std']:.3f} "
-                  f"| {row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} | `{command}` |")
+    latest = {(row["method"], row["learning_rate"]): row for row in rows if row["name"] == "learning_check_summary"}
+    for row in latest.values():
+        seeds = row.get("seed_list", list(range(row["seeds"])))  # (rows before the list: seeds 0, 1, ..., as run)
+        command = (f"python bench/learning_check.py --learning-rate {row['learning_rate']:g} --methods {row['method']}"
+                   f" --steps {row['steps']} --seeds {' '.join(str(seed) for seed in seeds)}")
+        print(f"| {row['method']} | {row['learning_rate']:g} | {row['trainable_params']:,} "
+              f"| {row['eval_loss_mean']:.3f} ± {row['eval_loss_std']:.3f} "
+              f"| {row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} | `{command}` |")
+
+
+def _shown(path: Path) -> str:
+    """A results file as the table's source line names it: from the repository root where it lies inside."""
+    root = Path(__file__).resolve().parent.parent
+    resolved = path.resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(path)
 
 
 DATED = re.compile(r"^(?P<prefix>.+)-(?P<date>\d{4}-\d{2}-\d{2})\.jsonl$")  # (host names may hold "-")

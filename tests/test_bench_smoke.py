@@ -132,6 +132,67 @@ def test_render_table_renders_gpu_rows(tmp_path):
             "--compile-mode reduce-overhead` |") in table.stdout
 
 
+def test_rows_name_the_commit_the_script_started_with_and_cpu_memory_as_the_process_peak(rows, monkeypatch):
+    """A commit made while a script runs is not the code it measured: rows carry the commit read at its start
+    (before, each row read git again, and two rows of one run named two commits). On CPU a row's memory is the
+    process's peak RSS under that name (RSS has no reset between the impls one process times)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import common
+
+    def no_git(*args, **kwargs):
+        raise AssertionError("git read again after the script started")
+
+    monkeypatch.setattr(common.subprocess, "run", no_git)
+    assert common.provenance()["commit"] == common.CODE_COMMIT
+    (lora,) = [row for row in rows["mixlora_vs_lora"] if row.get("impl") == "peft_lora"]
+    assert lora["process_peak_rss_mb"] > 0 and "peak_mem_mb" not in lora
+
+
+def _render(rows: list[dict], path: Path) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    table = subprocess.run([sys.executable, str(ROOT / "bench" / "render_table.py"), str(path)],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert table.returncode == 0, table.stderr[-3000:]
+    return table.stdout
+
+
+def test_gpu_rows_without_a_recorded_command_name_the_gpu_run_part_that_made_them(tmp_path):
+    """Rows of a CUDA results file from before scripts recorded their command came from bench/gpu_run.sh, whose
+    flags (fewer repeats, other impls) differ from the scripts' defaults: the table names its part (before, the
+    script with its defaults, which times other repeats and impls)."""
+    base = {"shape": "medium", "device": "cuda", "dropout": 0.05, "ratio_median": 1.5, "ratio_min": 1.4}
+    rows = [
+        {**base, "name": "mixlora_vs_lora", "script": "gpu_medium", "router_state": "init", "autocast": "bf16"},
+        {**base, "name": "dynmole_vs_mixlora", "script": "gpu_medium", "router_state": "init"},
+        {**base, "name": "generate_vs_base", "impl": "mixlora"},
+        {**base, "name": "multijob_speedup", "jobs": 4, "optim": "adamw_torch_fused", "limit_median": 4.0,
+         "fraction_of_limit": 0.9, "flat_vs_per_tensor": 0.8},
+        {**base, "name": "multijob_speedup", "jobs": 8, "limit_median": 7.5, "fraction_of_limit": 0.9},
+    ]
+    table = _render(rows, tmp_path / "h200-2026-12-04.jsonl")
+    commands = [line.rsplit("`", 2)[1] for line in table.splitlines() if line.startswith("| `")]
+    assert commands == ["bash bench/gpu_run.sh medium_autocast", "bash bench/gpu_run.sh medium",
+                        "bash bench/gpu_run.sh generate", "bash bench/gpu_run.sh multijob_fused",
+                        "bash bench/gpu_run.sh multijob"], commands
+    for part in ("medium_autocast", "medium", "generate", "multijob_fused", "multijob"):  # parts gpu_run.sh has
+        assert f"\n        {part}) run " in (ROOT / "bench" / "gpu_run.sh").read_text(), part
+    assert f"Source: `{tmp_path / 'h200-2026-12-04.jsonl'}`" in table  # (a file outside bench/results: its path)
+
+
+def test_learning_table_shows_the_latest_run_of_each_method_with_its_steps_and_seeds(tmp_path):
+    summary = {"name": "learning_check_summary", "method": "mixlora", "learning_rate": 0.003,
+               "trainable_params": 10, "eval_loss_std": 0.0, "accuracy_mean": 0.5, "accuracy_std": 0.0}
+    rows = [{**summary, "steps": 300, "seeds": 3, "eval_loss_mean": 3.0},
+            {**summary, "steps": 20, "seeds": 1, "seed_list": [7], "eval_loss_mean": 5.0}]
+    table = _render(rows, tmp_path / "learning_check-x-2026-12-07.jsonl")
+    lines = [line for line in table.splitlines() if line.startswith("| mixlora")]
+    assert len(lines) == 1 and "| 5.000 ± 0.000 |" in lines[0], table  # the latest run only (before: both)
+    assert ("`python bench/learning_check.py --learning-rate 0.003 --methods mixlora --steps 20 --seeds 7`"
+            in lines[0])
+    table = _render(rows[:1], tmp_path / "learning_check-x-2026-12-08.jsonl")  # a row before the seed list
+    assert "--steps 300 --seeds 0 1 2`" in table
+
+
 def test_profile_step_breaks_each_step_down():
     rows = {row["impl"]: row["ms_per_step"] for row in run_script("profile_step", ["--shape", "tiny", "--steps", "1"])
             if row["name"] == "profile_step"}
