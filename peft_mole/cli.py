@@ -41,8 +41,11 @@ def _eval(args: argparse.Namespace) -> int:
         raise SystemExit("--adapters needs at least one adapter folder or hub id")
     for path in adapter_dirs:
         config_path = Path(path) / "adapter_config.json"
-        if not config_path.is_file():
-            continue  # a hub id, or a folder PEFT will say more about
+        hub = not Path(path).exists()
+        if hub:  # a hub id: its config as PEFT would read it (from the cache offline); None: PEFT will say more
+            config_path = _hub_adapter_config(path)
+        if config_path is None or not config_path.is_file():
+            continue  # a folder PEFT will say more about
         try:
             kind = json.loads(config_path.read_text()).get("peft_type")
         except (ValueError, AttributeError) as error:
@@ -50,7 +53,8 @@ def _eval(args: argparse.Namespace) -> int:
         if kind == "MIXLORA":
             raise SystemExit(f"peft-mole eval: {path} is a MoE-PEFT adapter; convert it first: "
                              f"peft-mole convert --from moe-peft {path} NEW_FOLDER")
-        if not any((Path(path) / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        if not hub and not any((Path(path) / name).is_file()
+                               for name in ("adapter_model.safetensors", "adapter_model.bin")):
             raise SystemExit(f"peft-mole eval: {path} holds adapter_config.json but no adapter_model.safetensors")
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be at least 1 (examples per task), got {args.limit}")
@@ -64,6 +68,18 @@ def _eval(args: argparse.Namespace) -> int:
         return _evaluate(args, tasks, adapter_dirs, out)
     except (OSError, ValueError, KeyError) as error:  # a path, hub id or file that cannot be read, a wrong base
         raise SystemExit(f"peft-mole eval: {type(error).__name__}: {error}") from None
+
+
+def _hub_adapter_config(repo_id: str) -> Path | None:
+    """The adapter_config.json of a Hub id, downloaded or from the cache as PEFT reads it (before 2026-12-06 a
+    MoE-PEFT adapter's Hub id failed with a bare `KeyError: 'MIXLORA'` where its folder got the conversion hint);
+    None where it cannot be had."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, "adapter_config.json"))
+    except Exception:  # noqa: BLE001 — not a repo id, offline and not cached, no such file: PEFT reports it
+        return None
 
 
 def _evaluate(args: argparse.Namespace, tasks: list[str], adapter_dirs: list[str], out: Path) -> int:

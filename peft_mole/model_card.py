@@ -114,8 +114,8 @@ def push_to_hub(model, repo_id: str, commit_message: str = "Upload peft-mole ada
     `revision` commits to that branch, created from main if it does not exist yet (as PEFT and transformers do);
     `create_pr=True` opens a pull request instead of committing to the branch. Other keyword arguments go to
     `model.save_pretrained` and must be among its parameters (or `state_dict`): any other name (a typo such as
-    `privat=True`) is a TypeError naming it, never silently dropped. Returns the commit URL (the pull request's
-    with `create_pr`).
+    `privat=True`) is a TypeError naming it, never silently dropped; `safe_serialization=False` (a pickle upload)
+    is a ValueError. Returns the commit URL (the pull request's with `create_pr`).
     Example: `peft_mole.push_to_hub(model, "me/my-mixlora", private=True, revision="v1")`.
     """
     import inspect
@@ -128,6 +128,10 @@ def push_to_hub(model, repo_id: str, commit_message: str = "Upload peft-mole ada
     if unknown:
         raise TypeError(f"push_to_hub got unexpected keyword argument(s) {unknown}; allowed: commit_message, private, "
                         f"token, revision, create_pr and save_pretrained's {allowed}")
+    if save_kwargs.get("safe_serialization", True) is not True:
+        raise ValueError(f"push_to_hub uploads safetensors only; got safe_serialization="
+                         f"{save_kwargs['safe_serialization']!r}, which would upload a pickle adapter_model.bin that "
+                         "peft-mole refuses to load (allowed: True, the default)")
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and not revision.startswith("refs/pr/"):

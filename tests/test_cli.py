@@ -70,6 +70,22 @@ def test_eval_of_a_moe_peft_adapter_says_to_convert_it(tmp_path):
         main(args)
 
 
+def test_eval_of_a_moe_peft_adapter_by_hub_id_says_to_convert_it(tmp_path, monkeypatch):
+    """The same adapter as a Hub id (from the cache, offline): before, a bare `KeyError: 'MIXLORA'`."""
+    from huggingface_hub import constants
+
+    from tests.test_hub import cache_snapshot
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    fixture = Path(__file__).parent / "fixtures" / "moe_peft_mixlora"
+    cache_snapshot(tmp_path / "cache", "owner/moe-peft-mixlora", fixture / "adapter")
+    synthetic.demo_tokenizer(save_dir=tmp_path / "tokenizer")
+    with pytest.raises(SystemExit, match="owner/moe-peft-mixlora is a MoE-PEFT adapter; convert it first"):
+        main(["eval", "--base", str(fixture / "base"), "--tokenizer", str(tmp_path / "tokenizer"),
+              "--adapters", "owner/moe-peft-mixlora", "--tasks", "boolq"])
+
+
 @pytest.fixture
 def job_file(tmp_path):
     """A one-job YAML run on a tiny local base, tokenizer and data set; `write(**args)` writes it."""

@@ -150,6 +150,53 @@ def test_push_to_hub_commits_to_the_revision_opens_prs_and_refuses_unknown_argum
     assert api.calls == []  # refused before anything is created
     peft_mole.push_to_hub(model, "me/x", selected_adapters=["default"])  # save_pretrained's own arguments pass
     assert api.calls[-1][2]["files"] == files
+    api.calls.clear()
+    with pytest.raises(ValueError, match="safe_serialization=False, which would upload a pickle adapter_model.bin"):
+        peft_mole.push_to_hub(model, "me/x", safe_serialization=False)  # (before: uploaded adapter_model.bin alone)
+    assert api.calls == []
+
+
+def cache_snapshot(cache: Path, repo_id: str, folder: Path) -> None:
+    """`folder`'s files as huggingface_hub's cache holds a downloaded repo (blobs, a snapshot, refs/main)."""
+    import hashlib
+
+    root = cache / ("models--" + repo_id.replace("/", "--"))
+    sha = hashlib.sha1(repo_id.encode()).hexdigest()
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(sha)
+    for file in folder.iterdir():
+        blob = root / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(file.read_bytes())
+        (root / "snapshots" / sha).mkdir(parents=True, exist_ok=True)
+        (root / "snapshots" / sha / file.name).symlink_to(blob)
+
+
+def test_offline_a_cached_hub_repo_with_only_a_pickle_is_refused_and_one_with_safetensors_loads(tmp_path,
+                                                                                                monkeypatch):
+    """Offline the Hub cannot say what a repo holds, so the cache answers (before, the check gave up and PEFT
+    loaded the cached pickle, which a local folder or the repo online is refused for)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    model = get_peft_model(tiny_base(), METHODS["mixlora"]())
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path / "pickle", safe_serialization=False)
+    model.save_pretrained(tmp_path / "safe")
+    assert sorted(p.name for p in (tmp_path / "pickle").iterdir()) == ["README.md", "adapter_config.json",
+                                                                       "adapter_model.bin"]
+    cache_snapshot(tmp_path / "cache", "owner/pickle", tmp_path / "pickle")
+    cache_snapshot(tmp_path / "cache", "owner/safe", tmp_path / "safe")
+    for kwargs in ({}, {"local_files_only": True}):
+        with pytest.raises(ValueError, match="the Hub repo 'owner/pickle' holds only a pickle adapter_model.bin"):
+            PeftModel.from_pretrained(tiny_base(), "owner/pickle", **kwargs)
+    loaded = PeftModel.from_pretrained(tiny_base(), "owner/safe")
+    ids, mask, _ = batch()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits,
+                           model(input_ids=ids, attention_mask=mask).logits)
 
 
 def test_add_eval_results_takes_what_evaluate_commonsense_returns_without_adapters(tmp_path):

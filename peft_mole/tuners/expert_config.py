@@ -32,15 +32,18 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
-def _check_float(name: str, value, low: float, high: float | None = None, high_open: bool = False) -> None:
+def _check_float(name: str, value, low: float, high: float | None = None, high_open: bool = False,
+                 low_open: bool = False) -> None:
+    """A finite number in [low, high] (`low_open`/`high_open`: that end excluded); the error names the range."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
     too_high = high is not None and (value >= high if high_open else value > high)
-    if value < low or too_high:
-        bracket = ")" if high_open else "]"
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}{bracket}"
+    too_low = value <= low if low_open else value < low
+    if too_low or too_high:
+        start, end = "(" if low_open else "[", ")" if high_open else "]"
+        allowed = f"{'>' if low_open else '>='} {low}" if high is None else f"in {start}{low}, {high}{end}"
         raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
@@ -141,7 +144,8 @@ class ExpertAdapterConfig(PeftConfig):
         """PEFT's loader, after checking the weights file of a local folder (readable safetensors, no pickle, no
         factor without its partner or DoRA magnitude) or a Hub repo (no pickle alone)."""
         path = str(pretrained_model_name_or_path)
-        names = check_weights_file(path, subfolder, kwargs.get("revision"), kwargs.get("token"))
+        names = check_weights_file(path, subfolder, kwargs.get("revision"), kwargs.get("token"),
+                                   bool(kwargs.get("local_files_only")))
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if names is not None:
             check_complete_factors(names, bool(config.use_dora), os.path.join(path, subfolder or "", SAFETENSORS_NAME))

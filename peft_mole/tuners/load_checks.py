@@ -35,12 +35,12 @@ def check_saved_keys(cls_name: str, saved: dict, required: tuple[str, ...]) -> N
 
 
 def check_weights_file(path: str, subfolder: str | None = None, revision: str | None = None,
-                       token: str | bool | None = None) -> list[str] | None:
+                       token: str | bool | None = None, local_files_only: bool = False) -> list[str] | None:
     """Validate the weights file of a local adapter folder and return its tensor names; for a Hub id, refuse a repo
     that holds a pickle adapter_model.bin and no safetensors (`check_hub_weights`) and return None."""
     folder = os.path.join(path, subfolder) if subfolder else path
     if not os.path.isdir(folder):
-        check_hub_weights(path, subfolder, revision, token)
+        check_hub_weights(path, subfolder, revision, token, local_files_only)
         return None
     weights = os.path.join(folder, SAFETENSORS_NAME)
     if os.path.isfile(weights):
@@ -129,10 +129,13 @@ def check_every_tensor_given(model: nn.Module, state_dict: dict, prefix: str, ad
         )
 
 
-def check_hub_weights(repo_id: str, subfolder: str | None, revision: str | None, token: str | bool | None) -> None:
+def check_hub_weights(repo_id: str, subfolder: str | None, revision: str | None, token: str | bool | None,
+                      local_files_only: bool = False) -> None:
     """A Hub repo with a pickle adapter_model.bin and no adapter_model.safetensors is refused, as a local folder is
     (PEFT would read the pickle). Asked only when the safetensors file is not in the local cache, as PEFT's own
-    download does; where the Hub cannot be asked (offline, an unknown repo), PEFT's download reports what is wrong."""
+    download does. Where the Hub cannot be asked (offline, `local_files_only`), the cache answers: a cached pickle
+    without a cached safetensors file is refused (PEFT would load it offline; before 2026-12-06 it did). Where
+    neither can (not a repo id, nothing cached), PEFT's download reports what is wrong."""
     import huggingface_hub
 
     def path(name: str) -> str:
@@ -141,11 +144,23 @@ def check_hub_weights(repo_id: str, subfolder: str | None, revision: str | None,
     def exists(name: str) -> bool:
         return huggingface_hub.file_exists(repo_id, path(name), revision=revision, token=token)
 
+    def cached(name: str) -> bool:
+        return isinstance(huggingface_hub.try_to_load_from_cache(repo_id, path(name), revision=revision), str)
+
     try:
-        cached = huggingface_hub.try_to_load_from_cache(repo_id, path(SAFETENSORS_NAME), revision=revision)
-        pickle_only = not isinstance(cached, str) and not exists(SAFETENSORS_NAME) and exists(PICKLE_NAME)
-    except Exception:  # noqa: BLE001 — offline or not a repo id: nothing to check here
+        if cached(SAFETENSORS_NAME):
+            return
+        pickle_cached = cached(PICKLE_NAME)
+    except Exception:  # noqa: BLE001 — not a repo id: nothing to check here
         return
+    from huggingface_hub import constants
+
+    pickle_only = pickle_cached  # offline, or where the Hub does not answer: what PEFT would load from the cache
+    if not (local_files_only or constants.HF_HUB_OFFLINE):
+        try:
+            pickle_only = not exists(SAFETENSORS_NAME) and exists(PICKLE_NAME)
+        except Exception:  # noqa: BLE001 — the Hub does not answer
+            pass
     if pickle_only:
         raise ValueError(
             f"the Hub repo {repo_id!r}{f' (subfolder {subfolder!r})' if subfolder else ''} holds only a pickle "

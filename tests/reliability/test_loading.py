@@ -127,6 +127,7 @@ def test_a_hub_repo_with_a_pickle_alone_is_refused_before_it_is_read(monkeypatch
     from peft_mole.tuners.load_checks import check_weights_file
 
     files, asked = {"adapter_config.json", "adapter_model.bin"}, []
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # (the tests run offline)
 
     def file_exists(repo_id, filename, revision=None, token=None):
         asked.append((repo_id, filename, revision))
@@ -147,7 +148,8 @@ def test_a_hub_repo_with_a_pickle_alone_is_refused_before_it_is_read(monkeypatch
         raise OfflineModeIsEnabled("offline")
 
     monkeypatch.setattr(huggingface_hub, "file_exists", offline)
-    check_weights_file("someone/binonly")  # the Hub cannot be asked: PEFT's download says what is wrong
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+    check_weights_file("someone/binonly")  # neither the Hub nor the cache can say: PEFT's download says what is wrong
 
 
 def test_pickle_that_is_not_a_state_dict_is_refused(tmp_path):

@@ -18,11 +18,12 @@ def test_defaults_follow_the_paper():
 
 
 @pytest.mark.parametrize("kwargs, error, pattern", [
-    (dict(q=0), ValueError, r"q must be > 0"),
+    (dict(q=0), ValueError, r"q must be > 0.0, got 0"),
+    (dict(q=-1), ValueError, r"q must be > 0.0, got -1"),  # (before: ">= 0.0", where 0 is refused too)
     (dict(q=1 + 1e-7), ValueError, r"q must be 1.0 \(Shannon entropy\) or differ from 1 by at least 0.001"),
     (dict(q=1 - 5e-4), ValueError, r"q must be 1.0 \(Shannon entropy\) or differ from 1 by at least 0.001"),
-    (dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
-    (dict(top_p=1.5), ValueError, r"top_p must be in \[0.0, 1.0\]"),
+    (dict(top_p=0.0), ValueError, r"top_p must be in \(0.0, 1.0\], got 0.0"),
+    (dict(top_p=1.5), ValueError, r"top_p must be in \(0.0, 1.0\], got 1.5"),  # (before: "[0.0, 1.0]")
     (dict(broadcast_threshold=-0.1), ValueError, r"broadcast_threshold must be in"),
     (dict(min_experts=0), ValueError, r"min_experts must be >= 1"),
     (dict(min_experts=5, num_experts=4), ValueError, r"min_experts must be <= num_experts \(4\), got 5"),

@@ -55,18 +55,14 @@ class DynMoLEConfig(ExpertAdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        _check_float("q", self.q, 0.0)
-        if self.q <= 0:
-            raise ValueError(f"q must be > 0, got {self.q}")
+        _check_float("q", self.q, 0.0, low_open=True)
         if self.q != 1.0 and round(abs(self.q - 1.0), 12) < routing.MIN_Q_DISTANCE:  # (0.999 is allowed)
             raise ValueError(
                 f"q must be 1.0 (Shannon entropy) or differ from 1 by at least {routing.MIN_Q_DISTANCE}, got {self.q}: "
                 "near 1, (1 − Σ p^q) / (q − 1) is a difference of nearly equal fp32 numbers divided by a tiny one "
                 "(at q = 1 + 1e-7 a uniform router's entropy comes out 0.57 of its maximum instead of 1)"
             )
-        _check_float("top_p", self.top_p, 0.0, 1.0)
-        if self.top_p <= 0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_float("broadcast_threshold", self.broadcast_threshold, 0.0, 1.0)
         _check_int("min_experts", self.min_experts, 1)
         if self.min_experts > self.min_experts_per_layer:
