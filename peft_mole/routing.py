@@ -8,8 +8,28 @@ experts pads its row with weight 0 (such slots are dropped by `selection_mask`).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
+
+
+class WholeLoad(NamedTuple):
+    """The load-balance statistics of a whole micro-batch that trains in pieces (an out-of-memory retry in halves,
+    `MultiJobTrainer`): f of its tokens, and how many tokens count. A piece's losses then add up, over the pieces, to
+    the whole's loss, and their gradients to its gradient (`load_balance_loss`, `tsallis_loss`)."""
+
+    fraction: torch.Tensor  # (E,) f_i of the whole (`expert_load`)
+    tokens: float  # |T| of the whole
+
+
+def router_load(probs: torch.Tensor, selected: torch.Tensor, token_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, float]:
+    """(selections per expert (E,) fp32, tokens that count) of one layer's tokens: what a piece adds to its whole
+    micro-batch's `WholeLoad` (`token_mask`: as for `load_balance_loss`)."""
+    if token_mask is not None:
+        selected = selected & token_mask.unsqueeze(-1)
+        return selected.float().sum(dim=0), float(token_mask.sum())
+    return selected.float().sum(dim=0), float(probs.shape[0])
 
 
 def router_probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -59,7 +79,7 @@ def selection_mask(experts: torch.Tensor, weights: torch.Tensor, num_experts: in
 
 
 def load_balance_loss(
-    probs: torch.Tensor, selected: torch.Tensor, token_mask: torch.Tensor | None = None
+    probs: torch.Tensor, selected: torch.Tensor, token_mask: torch.Tensor | None = None, whole: WholeLoad | None = None
 ) -> torch.Tensor:
     """Load-balance loss (Switch Transformer eq. 4, normalised as in SPEC.md §1).
 
@@ -75,6 +95,8 @@ def load_balance_loss(
         selected: (T, E) bool selection mask of the same tokens.
         token_mask: (T,) bool or None: only the True rows count. Padding kept and masked out, the form that
             torch.compile traces (removing rows gives a shape that depends on the data).
+        whole: these tokens are a piece of a micro-batch whose f and |T| these are: E · Σ_i f_i · Σ_t p_i(t) / |T|,
+            the piece's share of the whole's loss (the shares add up to it, and so do their gradients).
     Returns:
         scalar fp32 loss; 0 when there are no tokens.
 
@@ -85,6 +107,9 @@ def load_balance_loss(
     """
     if probs.shape[0] == 0:
         return probs.new_zeros(())
+    if whole is not None:
+        counted = probs.float() if token_mask is None else probs.float() * token_mask.to(torch.float32).unsqueeze(-1)
+        return probs.shape[-1] * torch.dot(whole.fraction.to(counted.device), counted.sum(dim=0) / max(whole.tokens, 1))
     if token_mask is None:
         fraction = expert_load(selected)  # f, (E,)
         mean_prob = probs.float().mean(dim=0)  # P, (E,)
@@ -201,14 +226,20 @@ def dynmole_routing(
     return weights, experts
 
 
-def tsallis_loss(probs: torch.Tensor, q: float, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+def tsallis_loss(probs: torch.Tensor, q: float, token_mask: torch.Tensor | None = None,
+                 whole_tokens: float | None = None) -> torch.Tensor:
     """DynMoLE's entropy loss (SPEC.md §2): mean over tokens of the normalised Tsallis entropy h(t); 0 without tokens.
 
     Minimising it makes routers confident; it is paired with the load-balance loss so experts stay in use.
-    `token_mask` (T,) bool: only its True rows count (as for `load_balance_loss`).
+    `token_mask` (T,) bool: only its True rows count (as for `load_balance_loss`). `whole_tokens`: these tokens are
+    a piece of a micro-batch of that many: Σ_t h(t) / whole_tokens, the piece's share of the whole's mean.
     """
     if probs.shape[0] == 0:
         return probs.new_zeros((), dtype=torch.float32)
+    if whole_tokens is not None:
+        entropies = normalized_entropy(probs, q)
+        counted = entropies if token_mask is None else entropies * token_mask.to(torch.float32)
+        return counted.sum() / max(whole_tokens, 1)
     if token_mask is not None:
         counts = token_mask.to(torch.float32)
         return (normalized_entropy(probs, q) * counts).sum() / counts.sum().clamp(min=1)

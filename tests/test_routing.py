@@ -110,3 +110,37 @@ def test_masked_aux_losses_equal_the_losses_on_the_counted_rows(q):
         torch.testing.assert_close(masked, counted)
         torch.testing.assert_close(*(torch.autograd.grad(v, probs)[0] for v in (masked, counted)))
         assert loss(probs, selected, torch.zeros_like(mask)).item() == 0.0
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_pieces_with_the_whole_load_add_up_to_the_whole_losses_and_gradients(masked):
+    """A micro-batch trained in pieces (an out-of-memory retry): each piece's load-balance and entropy losses with
+    the whole's f and |T| (`WholeLoad`) sum to the whole's losses, and so do their gradients."""
+    from peft_mole.routing import (
+        WholeLoad,
+        load_balance_loss,
+        router_load,
+        selection_mask,
+        top_k_routing,
+        tsallis_loss,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(11, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    probs = logits.softmax(-1)
+    weights, experts = top_k_routing(probs.detach(), k=2, renormalize=True)
+    selected = selection_mask(experts, weights, 4)
+    mask = torch.rand(11, generator=gen) > 0.3 if masked else None
+    whole = load_balance_loss(probs, selected, mask) + tsallis_loss(probs, 1.1, mask)
+    (expected,) = torch.autograd.grad(whole, logits, retain_graph=True)
+    pieces = [slice(0, 4), slice(4, 11)]
+    loads = [router_load(probs[p], selected[p], None if mask is None else mask[p]) for p in pieces]
+    counts, tokens = sum(c for c, _ in loads), sum(n for _, n in loads)
+    load = WholeLoad(counts / counts.sum(), tokens)
+    summed = sum(load_balance_loss(probs[p], selected[p], None if mask is None else mask[p], load)
+                 + tsallis_loss(probs[p], 1.1, None if mask is None else mask[p], load.tokens) for p in pieces)
+    (got,) = torch.autograd.grad(summed, logits)
+    torch.testing.assert_close(summed, whole, rtol=1e-6, atol=1e-6)  # (the losses compute in fp32)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    alone = sum(load_balance_loss(probs[p], selected[p], None if mask is None else mask[p]) for p in pieces)
+    assert abs(alone.item() - load_balance_loss(probs, selected, mask).item()) > 1e-3  # each piece's own f: not it

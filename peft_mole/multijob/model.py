@@ -32,6 +32,7 @@ from peft_mole.multijob.batching import row_ends
 from peft_mole.ops.dropout import Dropout, register_stream, set_stream_widths
 from peft_mole.ops.segmented_lora import constant_on
 from peft_mole.ops.stream_checkpoint import replay_streams_in_checkpoints
+from peft_mole.routing import WholeLoad, router_load
 from peft_mole.tuners.aux_outputs import with_fields
 from peft_mole.tuners.dynmole.config import DynMoLEConfig
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
@@ -297,7 +298,13 @@ class MultiJobModel(MixLoRAModel):
         if names is not None:
             present = set(names)
             records = [record for record in records if record.adapter in present]
-        aux, per_adapter = router_aux_loss(records, self.peft_config)
+        loads = self.__dict__.get("_router_loads")
+        if loads is not None:  # `collecting_router_loads`: each layer's selections and tokens, summed over calls
+            for record in records:
+                counts, tokens = router_load(*record.loss_inputs())
+                so_far = loads.get((record.adapter, record.layer), (0.0, 0.0))
+                loads[(record.adapter, record.layer)] = (so_far[0] + counts.detach(), so_far[1] + tokens)
+        aux, per_adapter = router_aux_loss(records, self.peft_config, self.__dict__.get("_whole_loads"))
         self.__dict__["last_aux_loss"] = {k: v.detach() for k, v in per_adapter.items()}
         if hasattr(outputs, "keys"):
             outputs = with_fields(outputs, aux_loss=aux, aux_loss_per_adapter=per_adapter)
@@ -341,6 +348,28 @@ class MultiJobModel(MixLoRAModel):
             yield
         finally:
             self.__dict__["_pieces"] = None
+
+    @contextlib.contextmanager
+    def collecting_router_loads(self):
+        """Within it, each forward adds every MoE layer's selections per expert and tokens that count
+        (`routing.router_load`) to the dict it yields, {(job, layer): (counts (E,), tokens)}: the pieces of a
+        micro-batch run under it without autograd give the whole's `WholeLoad` (`whole_router_loads`)."""
+        self.__dict__["_router_loads"] = loads = {}
+        try:
+            yield loads
+        finally:
+            self.__dict__["_router_loads"] = None
+
+    @contextlib.contextmanager
+    def whole_router_loads(self, whole: dict[tuple[str, str], WholeLoad] | None):
+        """Within it, a job with {(job, layer): `WholeLoad`} entries trains a piece of a micro-batch: its aux loss is
+        its share of the whole's, with the whole's expert loads f and token count (`router_aux_loss`); so the
+        pieces' losses and gradients add up to the whole's (MultiJobTrainer's out-of-memory retry in halves)."""
+        self.__dict__["_whole_loads"] = whole or None
+        try:
+            yield
+        finally:
+            self.__dict__["_whole_loads"] = None
 
     def set_job_streams(self, seeds: dict[str, int]) -> dict[str, torch.Generator]:
         """Give each job in `seeds` a random stream of its own, seeded with its seed: its dropout masks and router

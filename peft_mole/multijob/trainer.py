@@ -39,9 +39,10 @@ from trl import SFTConfig, SFTTrainer
 
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob import report
-from peft_mole.multijob.batching import is_packed, mix, pad_token_id, row_halves
+from peft_mole.multijob.batching import is_packed, mix, pad_token_id
 from peft_mole.multijob.evaluation import JobEvaluation
 from peft_mole.multijob.flat_parameters import job_optimizer
+from peft_mole.multijob.halves import MicroBatchHalves, is_oom
 from peft_mole.multijob.job_data import JobDatasets, data_error
 from peft_mole.multijob.job_step import JobStepping
 from peft_mole.multijob.jobs import JobConfig
@@ -73,11 +74,8 @@ class NonFiniteInPackedStep(RuntimeError):
     other jobs' tokens shared the diverged job's attention row."""
 
 
-def _is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
-class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile, JobStepping, SFTTrainer):
+class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile, JobStepping, MicroBatchHalves,
+                      SFTTrainer):
     """Train several `JobConfig`s together on one frozen base.
 
     Args:
@@ -137,6 +135,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         self.step_overhead_tokens = step_overhead_tokens
         self.step_cost = StepCost()
         self.padding_stats = report.PaddingStats()
+        self._whole_loads: dict = {}  # {(job, layer): WholeLoad} of MoE jobs trained in halves (`MicroBatchHalves`)
         try:
             # an eval_dataset (Trainer refuses an eval_strategy without one), prepared once: that job's reuses it
             first_eval = next((j.eval_dataset for j in jobs if j.eval_dataset is not None), None)
@@ -304,8 +303,11 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         self._round_sums: dict[str, list[float]] = {}  # job -> its micro-batch's loss and `MICRO_BATCH_METRICS`
         self._round_failures: dict[str, str] = {}
         self.padding_stats.add_micro_batches(parts)
-        # a micro-batch cut into steps: each piece draws as the whole (only LoRA jobs are cut: their lora_dropout)
-        self._round_streams = RoundStreams(parts, lambda run: self.jobs_model.peft_config[run.name].lora_dropout > 0)
+        # a micro-batch cut into steps: each piece draws as the whole (LoRA jobs: their lora_dropout; MixLoRA and
+        # DynMoLE jobs, cut on out-of-memory only: their dropout and router jitter)
+        self._round_streams = RoundStreams(parts, lambda run: not isinstance(
+            config := self.jobs_model.peft_config[run.name], LoraConfig) or config.lora_dropout > 0)
+        self._whole_loads = {}
         for run, _ in parts:
             if run.epoch_begun:  # its first micro-batch of an epoch
                 run.epoch_begun = False
@@ -354,7 +356,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             self._forward_backward(parts)
             return
         except Exception as error:  # noqa: BLE001
-            oom, kind, message = _is_oom(error), type(error).__name__, str(error)
+            oom, kind, message = is_oom(error), type(error).__name__, str(error)
         for stream, state in streams:  # the retried steps draw from where the failed one began
             stream.set_state(state)
         # retried outside the except block: its traceback would keep the failed step's graph and activations alive
@@ -364,12 +366,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
                 torch.cuda.empty_cache()
         if len(parts) == 1:
             run, batch = parts[0]
-            halves = row_halves(batch) if oom and self._rows_splittable(run) else None
-            if halves is not None:  # a LoRA job's rows in two steps give the same gradient
-                logger.warning("job %s ran out of memory alone; retrying its rows in two halves", run.name)
-                for half in halves:
-                    if run.name not in self._round_failures:
-                        self._train_parts([(run, half)])
+            if oom and self._retry_in_halves(run, batch):  # the halves' gradients add up to the whole's
                 return
             reason = "ran out of memory even alone" if oom else f"its forward raised {kind}"
             self._round_failures[run.name] = f"{reason}: {message}"
@@ -389,7 +386,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         inputs = {k: v.to(self.args.device) if isinstance(v, torch.Tensor) else v for k, v in mixed.model_inputs().items()}
         # the accelerator's autocast: what `accelerator.prepare(model)` wraps a plain SFTTrainer's forward in
         pieces = self._round_streams.layouts(parts)
-        with self.jobs_model.drawing_pieces(pieces), self.compute_loss_context_manager(), self.accelerator.autocast():
+        with (self.jobs_model.drawing_pieces(pieces), self.jobs_model.whole_router_loads(self._whole_loads),
+              self.compute_loss_context_manager(), self.accelerator.autocast()):
             outputs = self.jobs_model(**inputs, labels=mixed.labels.to(self.args.device), fused_lm_head=True,
                                       use_cache=False)
         log_probs, label_mask = at_least_fp32(outputs.log_probs), outputs.label_mask

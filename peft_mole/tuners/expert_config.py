@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from peft import PeftConfig
 
+from peft_mole import routing
 from peft_mole.registration import add_peft_type
 from peft_mole.tuners.load_checks import (
     SAFETENSORS_NAME,
@@ -265,8 +266,11 @@ class ExpertAdapterConfig(PeftConfig):
         raise NotImplementedError
 
     def layer_aux_loss(
-        self, probs: torch.Tensor, selected: torch.Tensor, token_mask: torch.Tensor | None = None
+        self, probs: torch.Tensor, selected: torch.Tensor, token_mask: torch.Tensor | None = None,
+        whole: routing.WholeLoad | None = None,
     ) -> torch.Tensor:
         """Auxiliary loss of one MoE layer from its non-padding router probabilities and selections, or from all
-        rows and the (T,) `token_mask` of those that count (under torch.compile)."""
+        rows and the (T,) `token_mask` of those that count (under torch.compile). `whole`: these tokens are a piece
+        of a micro-batch with these statistics; return the piece's share of the whole's loss (`routing.WholeLoad`:
+        the shares and their gradients add up to the whole's)."""
         raise NotImplementedError

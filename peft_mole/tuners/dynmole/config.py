@@ -86,9 +86,12 @@ class DynMoLEConfig(ExpertAdapterConfig):
         )
 
     def layer_aux_loss(
-        self, probs: torch.Tensor, selected: torch.Tensor, token_mask: torch.Tensor | None = None
+        self, probs: torch.Tensor, selected: torch.Tensor, token_mask: torch.Tensor | None = None,
+        whole: routing.WholeLoad | None = None,
     ) -> torch.Tensor:
-        """entropy_loss_coef · mean_t h(t) + lb_loss_coef · L_lb (SPEC.md §2), one MoE layer."""
-        return self.entropy_loss_coef * routing.tsallis_loss(probs, self.q, token_mask) + self.lb_loss_coef * (
-            routing.load_balance_loss(probs, selected, token_mask)
+        """entropy_loss_coef · mean_t h(t) + lb_loss_coef · L_lb (SPEC.md §2), one MoE layer. `whole`: a piece's
+        share (`routing.WholeLoad`)."""
+        tokens = None if whole is None else whole.tokens
+        return self.entropy_loss_coef * routing.tsallis_loss(probs, self.q, token_mask, tokens) + self.lb_loss_coef * (
+            routing.load_balance_loss(probs, selected, token_mask, whole)
         )

@@ -47,7 +47,9 @@ class MixLoRAConfig(ExpertAdapterConfig):
         return functools.partial(routing.top_k_routing, k=self.top_k, renormalize=True)
 
     def layer_aux_loss(
-        self, probs: torch.Tensor, selected: torch.Tensor, token_mask: torch.Tensor | None = None
+        self, probs: torch.Tensor, selected: torch.Tensor, token_mask: torch.Tensor | None = None,
+        whole: routing.WholeLoad | None = None,
     ) -> torch.Tensor:
-        """a · L_lb (SPEC.md §1); the model's aux loss is its mean over MoE layers."""
-        return self.router_aux_loss_coef * routing.load_balance_loss(probs, selected, token_mask)
+        """a · L_lb (SPEC.md §1); the model's aux loss is its mean over MoE layers. `whole`: a piece's share
+        (`routing.WholeLoad`)."""
+        return self.router_aux_loss_coef * routing.load_balance_loss(probs, selected, token_mask, whole)

@@ -24,6 +24,7 @@ from peft_mole.forward_context import (
     packed_real_tokens,
     real_tokens,
 )
+from peft_mole.routing import WholeLoad
 from peft_mole.tuners.aux_outputs import declare_known, with_fields
 from peft_mole.tuners.expert_config import SHAPE_RECORDED, ExpertAdapterConfig
 from peft_mole.tuners.load_checks import base_shape, check_base_shape, check_every_tensor_given, text_config
@@ -34,13 +35,18 @@ from peft_mole.tuners.mixlora.targets import find_targets
 
 
 def router_aux_loss(
-    records: list[RouterRecord], configs: dict[str, ExpertAdapterConfig]
+    records: list[RouterRecord], configs: dict[str, ExpertAdapterConfig],
+    whole: dict[tuple[str, str], WholeLoad] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Aux loss of each adapter: the mean over its MoE layers of `config.layer_aux_loss` on non-padding tokens
-    (MixLoRA: a · L_lb, SPEC.md §1; DynMoLE: entropy + load balance, §2). Returns (sum, per adapter)."""
+    (MixLoRA: a · L_lb, SPEC.md §1; DynMoLE: entropy + load balance, §2). Returns (sum, per adapter). `whole`:
+    {(adapter, layer): `WholeLoad`} of adapters whose tokens here are a piece of a micro-batch: their share of it."""
     per_layer: dict[str, list[torch.Tensor]] = {}
     for record in records:
-        loss = configs[record.adapter].layer_aux_loss(*record.loss_inputs())
+        load = whole.get((record.adapter, record.layer)) if whole else None
+        config = configs[record.adapter]
+        loss = config.layer_aux_loss(*record.loss_inputs()) if load is None else config.layer_aux_loss(
+            *record.loss_inputs(), whole=load)
         per_layer.setdefault(record.adapter, []).append(loss)
     per_adapter = {name: torch.stack(losses).mean() for name, losses in per_layer.items()}
     return sum(per_adapter.values()), per_adapter
