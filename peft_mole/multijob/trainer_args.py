@@ -81,6 +81,11 @@ def check_trainer_args(args, configs: dict) -> None:
         if is_set(value):
             raise ValueError(f"MultiJobTrainer does not support {field}={value!r}: {advice}")
     check_lr_scheduler(args.lr_scheduler_type, "lr_scheduler_type")
+    if getattr(getattr(args, "accelerator_config", None), "even_batches", True) is False:
+        raise ValueError(
+            "MultiJobTrainer does not support accelerator_config={'even_batches': False}: each process would plan "
+            "a job's steps from its own shard's length, so processes with uneven shards would run different "
+            "collectives and hang (or abort every job); keep even_batches=True, the default")
     coefficient = args.router_aux_loss_coef  # (SFTConfig's; None: the models' own)
     if coefficient is not None and (isinstance(coefficient, bool) or not isinstance(coefficient, (int, float))
                                     or not math.isfinite(coefficient) or coefficient < 0):

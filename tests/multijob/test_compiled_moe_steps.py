@@ -85,7 +85,7 @@ def test_per_row_block_equals_the_grouped_block(monkeypatch):
     records = []
     real_aux = multijob_model.router_aux_loss
     monkeypatch.setattr(multijob_model, "router_aux_loss",
-                        lambda rs, configs: records.extend(rs) or real_aux(rs, configs))
+                        lambda rs, configs, whole=None: records.extend(rs) or real_aux(rs, configs, whole))
     per_row(input_ids=torch.randint(3, 500, (2, 5)), adapter_names=["m1", "m2"])
     assert {r.adapter for r in records} == {"m1", "m2"} and all(r.masked for r in records)  # no row read-back
     probs, _, mask = records[0].loss_inputs()
