@@ -456,8 +456,11 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
 
     def _summarise(self, runs: list[JobRun]) -> list[dict]:
         rows = report.summary_rows(runs)
+        # every process's mixed batches (before 2026-12-06 process 0's alone)
+        real, total = dist.sum_over_processes(self.accelerator, torch.tensor(
+            [float(self.padding_stats.real), float(self.padding_stats.total)], dtype=torch.float64)).tolist()
         if self.is_world_process_zero():
-            report.write_summary(rows, self.padding_stats.pad_fraction, self.args.output_dir)
+            report.write_summary(rows, 1.0 - real / total if total else 0.0, self.args.output_dir)
         return rows
 
 

@@ -105,6 +105,7 @@ SCRIPT = textwrap.dedent('''
                      f"process {{rank}} logged {{logged}}\\n"
                      f"process {{rank}} eval {{evaluation}}\\n"
                      f"process {{rank}} eval {{streamed}}\\n"
+                     f"process {{rank}} padding {{trainer.padding_stats.real}} {{trainer.padding_stats.total}}\\n"
                      f"processes {{trainer.accelerator.num_processes}}\\n"
                      f"process {{rank}} statuses {{statuses}}\\n")
     sys.stdout.flush()
@@ -159,6 +160,13 @@ def test_two_processes_match_one_process(tmp_path, padding_free):
     losses = [float(line.split(" eval ")[1]) for out in (one, two) for line in out.stdout.splitlines()
               if " eval " in line]
     assert len(losses) == 6 and max(losses) - min(losses) <= 1e-5, losses
+    # the summary's padding counts every process's mixed batches (before: process 0's alone)
+    padding = [[int(n) for n in line.split(" padding ")[1].split()] for line in two.stdout.splitlines()
+               if " padding " in line]
+    assert len(padding) == 2 and all(total > 0 for _, total in padding)
+    real, total = (sum(column) for column in zip(*padding, strict=True))
+    assert json.loads((tmp_path / "two" / "jobs_summary.json").read_text())["pad_fraction"] == pytest.approx(
+        1 - real / total, abs=1e-12)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
