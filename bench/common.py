@@ -123,10 +123,11 @@ def synchronize() -> None:
 
 
 class Timings(list):
-    """One step function's timed seconds, and on CUDA `peak_mb`: the allocator's peak over its steps alone (the
-    peak statistics are reset before each of its steps, so another function's steps never count)."""
+    """One step function's timed seconds, and on CUDA `step_peak_mb`: the most its timed steps allocated above what
+    was allocated before each (activations, gradients, temporaries: the step's own, whatever else the process
+    holds, such as other impls' models and optimizer states)."""
 
-    peak_mb: float | None = None
+    step_peak_mb: float | None = None
 
 
 def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int = 3, repeats: int = 10) -> dict[str, Timings]:
@@ -137,14 +138,15 @@ def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int = 3, repe
         for name, step in steps.items():
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             start = time.perf_counter()
             step()
             synchronize()
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
-            if cuda:
-                peak = torch.cuda.max_memory_allocated() / 2**20
-                times[name].peak_mb = max(times[name].peak_mb or 0.0, peak)
+                if cuda:
+                    above = (torch.cuda.max_memory_allocated() - before) / 2**20
+                    times[name].step_peak_mb = max(times[name].step_peak_mb or 0.0, above)
     return times
 
 
@@ -156,12 +158,12 @@ def peak_memory_mb() -> float:
 
 
 def record(name: str, shape: str, impl: str, seconds: list[float], tokens: int, **extra) -> dict:
-    """One measurement's row. Its memory: `peak_mem_mb`, the CUDA peak of this impl's steps alone (`Timings`), or
-    on CPU `process_peak_rss_mb`, the whole process's peak RSS (one process times several impls, and RSS has no
-    reset: not a figure of this impl; before 2026-12-06 it was labelled `peak_mem_mb` and every impl of a run
-    showed the same value)."""
-    peak = getattr(seconds, "peak_mb", None)
-    memory = {"peak_mem_mb": round(peak, 1)} if peak is not None else {
+    """One measurement's row. Its memory: `step_peak_mem_mb`, on CUDA the most this impl's timed steps allocated
+    above what was allocated before each (`Timings`), or on CPU `process_peak_rss_mb`, the whole process's peak
+    RSS (one process times several impls, and RSS has no reset: not a figure of this impl). Before 2026-12-06 both
+    were `peak_mem_mb`, the process's peak, the same for every impl of a run."""
+    peak = getattr(seconds, "step_peak_mb", None)
+    memory = {"step_peak_mem_mb": round(peak, 1)} if peak is not None else {
         "process_peak_rss_mb" if device().type == "cpu" else "process_peak_mem_mb": round(peak_memory_mb(), 1)}
     row = {
         "name": name, "shape": shape, "impl": impl, "device": str(device()), "machine": platform.node(),

@@ -61,6 +61,10 @@ def main() -> None:
         emit({"name": "mole_vs_reference_skipped", "reason": f"no peers interpreter at {args.peers_python} "
               "(make bench-peers builds it: moe-peft==2.0.2, mixlora==0.2.3, peft==0.13.2)"})
         return
+    if device().type != "cpu":  # the references run on the CPU (their virtualenv's torch): ours must too
+        emit({"name": "mole_vs_reference_skipped", "reason": "the references run on the CPU only; run this "
+              "script on a machine without CUDA (a ratio of GPU to CPU times means nothing)"})
+        return
     setup_threads()
     lora = get_peft_model(base_model("small"), lora_config())
     mixlora = get_peft_model(base_model("small"), mixlora_config())
@@ -86,8 +90,7 @@ def main() -> None:
               "ratio_median": our_mix / their_mix, "ratio_min": min(ours["mixlora"]) / min(secs["mix_min"]),
               "ratio_vs_lora": (our_mix / our_lora) / (their_mix / their_lora),
               "ours_mixlora_s": our_mix, "ours_lora_s": our_lora, "reference_mixlora_s": their_mix,
-              "reference_lora_s": their_lora, "reference_versions": versions[name], "device": str(device()),
-              "reference_device": "cpu"})
+              "reference_lora_s": their_lora, "reference_versions": versions[name], "device": "cpu"})
 
 
 if __name__ == "__main__":

@@ -191,6 +191,9 @@ def test_offline_a_cached_hub_repo_with_only_a_pickle_is_refused_and_one_with_sa
     for kwargs in ({}, {"local_files_only": True}):
         with pytest.raises(ValueError, match="the Hub repo 'owner/pickle' holds only a pickle adapter_model.bin"):
             PeftModel.from_pretrained(tiny_base(), "owner/pickle", **kwargs)
+    cache_snapshot(tmp_path / "own-cache", "owner/elsewhere", tmp_path / "pickle")  # in a cache_dir of the user's
+    with pytest.raises(ValueError, match="the Hub repo 'owner/elsewhere' holds only a pickle adapter_model.bin"):
+        PeftModel.from_pretrained(tiny_base(), "owner/elsewhere", cache_dir=str(tmp_path / "own-cache"))
     loaded = PeftModel.from_pretrained(tiny_base(), "owner/safe")
     ids, mask, _ = batch()
     model.eval()

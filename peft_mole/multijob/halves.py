@@ -18,12 +18,13 @@ whole loads.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
 from peft import LoraConfig
 
-from peft_mole.multijob.batching import mix, pad_token_id, row_halves
+from peft_mole.multijob.batching import row_halves
 from peft_mole.multijob.run import JobRun
 from peft_mole.routing import WholeLoad
 
@@ -44,7 +45,9 @@ class MicroBatchHalves:
         halves = row_halves(batch)
         if halves is None:
             return False
-        moe = not isinstance(self.jobs_model.peft_config[run.name], LoraConfig)
+        # a MoE job's aux loss counts (SFTConfig's router_aux_loss_coef 0 drops it: halves add up without loads)
+        moe = not isinstance(self.jobs_model.peft_config[run.name], LoraConfig) and (
+            self.args.router_aux_loss_coef is None or self.args.router_aux_loss_coef > 0)
         first = moe and not any(job == run.name for job, _ in self._whole_loads)  # not a half of a half
         if first:
             try:
@@ -76,18 +79,17 @@ class MicroBatchHalves:
     def _add_router_loads(self, run: JobRun, piece: dict) -> None:
         parts = [(run, piece)]
         self._round_streams.restart(parts)
-        mixed = mix({run.name: piece}, pad_token_id(self.processing_class), self.jobs_model.peft_config)
-        inputs = {key: value.to(self.args.device) if isinstance(value, torch.Tensor) else value
-                  for key, value in mixed.model_inputs().items()}
         try:  # (a forward that fails adds no loads: they are taken after the model's forward)
-            with (torch.no_grad(), self.jobs_model.drawing_pieces(self._round_streams.layouts(parts)),
-                  self.compute_loss_context_manager(), self.accelerator.autocast()):
-                self.jobs_model(**inputs, labels=mixed.labels.to(self.args.device), fused_lm_head=True,
-                                use_cache=False)
+            with torch.no_grad():
+                self._forward_mixed(parts)  # (the fused LM head: the log-probabilities of the labels only)
             return
         except Exception as error:  # noqa: BLE001
             smaller = row_halves(piece) if is_oom(error) else None
             if smaller is None:
                 raise
-        for part in smaller:  # (outside the except block: its traceback would keep the failed forward's tensors)
+        # outside the except block (its traceback would keep the failed forward's tensors), as `_train_parts` does
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        for part in smaller:
             self._add_router_loads(run, part)

@@ -3,7 +3,8 @@ when the micro-batch runs in one step.
 
 A plain-LoRA job's right-padded micro-batch may run in pieces: `JobScheduler.group_by_length` cuts it into rows of
 similar lengths (`step_overhead_tokens`, by measured step times under "auto"), and an out-of-memory retry runs it
-in two halves (`row_halves`). Both cut with `batching.take_rows`, which keeps each row's index r_i in the whole
+in two halves (`row_halves`); so does the retry of a MixLoRA or DynMoLE job's (`multijob.halves`), whose halves
+run twice (without autograd for the whole's router loads, then trained), each time drawing as the whole. Both cut with `batching.take_rows`, which keeps each row's index r_i in the whole
 micro-batch (`PIECE_ROWS`). A padding-free micro-batch's halves keep their tokens' indices: a packed row's layers
 see each token as a row of width 1, so the same rule holds with tokens for rows. With the job's stream at state s_0
 when its micro-batch's round begins, every piece
@@ -24,8 +25,9 @@ class RoundStreams:
     """The jobs' micro-batches of one round and their streams' states as the round begins."""
 
     def __init__(self, parts: list[tuple], draws) -> None:
-        """`parts`: the round's (JobRun, whole micro-batch) pairs; `draws(run)`: whether the job draws from its
-        stream at all (a job with no dropout draws the same whole or in pieces: nothing)."""
+        """`parts`: the round's (JobRun, whole micro-batch) pairs; `draws(run)`: whether the job's state must be
+        kept for its pieces (False only where the job is known to draw nothing: a LoRA job without dropout; a
+        MixLoRA or DynMoLE job is kept whatever its dropout and jitter)."""
         self.starts = {run.name: (batch, run.stream.get_state()) for run, batch in parts
                        if run.stream is not None and draws(run)}
         self.widths: dict[str, int] = {}

@@ -232,7 +232,7 @@ class JobScheduler:
                 bins.append((sizes[k], [k]))
         return [[parts[k] for k in sorted(members)] for _, members in bins]
 
-    def profiled(self, runs: list[JobRun], measured_resident: bool = True) -> None:
+    def profiled(self, runs: list[JobRun], measured_resident: bool) -> None:
         """Note the jobs' resident bytes (`JobRun.resident_bytes`) while the memory model is profiled: where the
         profile measured them (`measured_resident`: the CUDA allocator's peak, `memory.measures_resident`) they are
         in its constant and what they grow or shrink by later is `resident_change`; where it did not (CPU: saved

@@ -348,8 +348,9 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
     def _train_parts(self, parts: list[tuple[JobRun, dict]]) -> None:
         """Forward/backward the mixed batch; on an error split it and retry the halves, so an OOM shrinks the step
         and a job whose batch breaks the forward fails alone (so does a job diverged in a packed step of several,
-        `NonFiniteInPackedStep`). A plain-LoRA job that runs out of memory alone is
-        retried with its rows in two halves. No gradient is added until a part succeeds."""
+        `NonFiniteInPackedStep`). A job that runs out of memory alone is retried with its rows in two halves
+        (`MicroBatchHalves`: a MixLoRA or DynMoLE job's with its whole micro-batch's router loads). No gradient is
+        added until a part succeeds."""
         self._round_streams.restart(parts)  # a piece of a micro-batch draws from where the whole began
         streams = [(run.stream, run.stream.get_state()) for run, _ in parts if run.stream is not None]
         try:
@@ -380,16 +381,21 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         self._train_parts(parts[:half])
         self._train_parts(parts[half:])
 
-    def _forward_backward(self, parts: list[tuple[JobRun, dict]]) -> None:
-        started = time.perf_counter()
+    def _forward_mixed(self, parts: list[tuple[JobRun, dict]]):
+        """(the mixed batch, the jobs model's outputs) of one step of `parts`: pieces of micro-batches drawing as
+        their wholes, MoE halves with their whole's router loads, under the accelerator's autocast (what
+        `accelerator.prepare(model)` wraps a plain SFTTrainer's forward in)."""
         mixed = mix({run.name: batch for run, batch in parts}, pad_token_id(self.processing_class), self.jobs_model.peft_config)
         inputs = {k: v.to(self.args.device) if isinstance(v, torch.Tensor) else v for k, v in mixed.model_inputs().items()}
-        # the accelerator's autocast: what `accelerator.prepare(model)` wraps a plain SFTTrainer's forward in
         pieces = self._round_streams.layouts(parts)
         with (self.jobs_model.drawing_pieces(pieces), self.jobs_model.whole_router_loads(self._whole_loads),
               self.compute_loss_context_manager(), self.accelerator.autocast()):
-            outputs = self.jobs_model(**inputs, labels=mixed.labels.to(self.args.device), fused_lm_head=True,
-                                      use_cache=False)
+            return mixed, self.jobs_model(**inputs, labels=mixed.labels.to(self.args.device), fused_lm_head=True,
+                                          use_cache=False)
+
+    def _forward_backward(self, parts: list[tuple[JobRun, dict]]) -> None:
+        started = time.perf_counter()
+        mixed, outputs = self._forward_mixed(parts)
         log_probs, label_mask = at_least_fp32(outputs.log_probs), outputs.label_mask
         aux = outputs.get("aux_loss_per_adapter") or {}
         losses, sums = {}, {}

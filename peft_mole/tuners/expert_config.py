@@ -146,7 +146,7 @@ class ExpertAdapterConfig(PeftConfig):
         factor without its partner or DoRA magnitude) or a Hub repo (no pickle alone)."""
         path = str(pretrained_model_name_or_path)
         names = check_weights_file(path, subfolder, kwargs.get("revision"), kwargs.get("token"),
-                                   bool(kwargs.get("local_files_only")))
+                                   bool(kwargs.get("local_files_only")), kwargs.get("cache_dir"))
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if names is not None:
             check_complete_factors(names, bool(config.use_dora), os.path.join(path, subfolder or "", SAFETENSORS_NAME))

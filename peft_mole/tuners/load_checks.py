@@ -35,12 +35,13 @@ def check_saved_keys(cls_name: str, saved: dict, required: tuple[str, ...]) -> N
 
 
 def check_weights_file(path: str, subfolder: str | None = None, revision: str | None = None,
-                       token: str | bool | None = None, local_files_only: bool = False) -> list[str] | None:
+                       token: str | bool | None = None, local_files_only: bool = False,
+                       cache_dir: str | None = None) -> list[str] | None:
     """Validate the weights file of a local adapter folder and return its tensor names; for a Hub id, refuse a repo
     that holds a pickle adapter_model.bin and no safetensors (`check_hub_weights`) and return None."""
     folder = os.path.join(path, subfolder) if subfolder else path
     if not os.path.isdir(folder):
-        check_hub_weights(path, subfolder, revision, token, local_files_only)
+        check_hub_weights(path, subfolder, revision, token, local_files_only, cache_dir)
         return None
     weights = os.path.join(folder, SAFETENSORS_NAME)
     if os.path.isfile(weights):
@@ -130,11 +131,12 @@ def check_every_tensor_given(model: nn.Module, state_dict: dict, prefix: str, ad
 
 
 def check_hub_weights(repo_id: str, subfolder: str | None, revision: str | None, token: str | bool | None,
-                      local_files_only: bool = False) -> None:
+                      local_files_only: bool = False, cache_dir: str | None = None) -> None:
     """A Hub repo with a pickle adapter_model.bin and no adapter_model.safetensors is refused, as a local folder is
     (PEFT would read the pickle). Asked only when the safetensors file is not in the local cache, as PEFT's own
     download does. Where the Hub cannot be asked (offline, `local_files_only`), the cache answers: a cached pickle
-    without a cached safetensors file is refused (PEFT would load it offline; before 2026-12-06 it did). Where
+    without a cached safetensors file is refused (PEFT would load it offline; before 2026-12-06 it did), in the
+    `cache_dir` PEFT was given, or the default cache. Where
     neither can (not a repo id, nothing cached), PEFT's download reports what is wrong."""
     import huggingface_hub
 
@@ -145,7 +147,8 @@ def check_hub_weights(repo_id: str, subfolder: str | None, revision: str | None,
         return huggingface_hub.file_exists(repo_id, path(name), revision=revision, token=token)
 
     def cached(name: str) -> bool:
-        return isinstance(huggingface_hub.try_to_load_from_cache(repo_id, path(name), revision=revision), str)
+        return isinstance(huggingface_hub.try_to_load_from_cache(repo_id, path(name), cache_dir=cache_dir,
+                                                                 revision=revision), str)
 
     try:
         if cached(SAFETENSORS_NAME):

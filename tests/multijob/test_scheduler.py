@@ -135,7 +135,7 @@ def test_predictions_add_the_optimizer_state_created_or_freed_since_profiling():
     scheduler = lora_scheduler(1000.0, ["a", "b"])  # 10 bytes per token
     (run_a, batch_a), (run_b, batch_b) = part("a", 2, 20), part("b", 2, 20)
     run_a.resident = run_b.resident = 50  # gradient buffers, made before profiling
-    scheduler.profiled([run_a, run_b])
+    scheduler.profiled([run_a, run_b], measured_resident=True)  # (as on CUDA)
     assert scheduler.predict([(run_a, batch_a), (run_b, batch_b)]) == pytest.approx(800.0)
     run_a.resident = run_b.resident = 150  # both stepped: 100 bytes of AdamW state each
     assert scheduler.predict([(run_a, batch_a), (run_b, batch_b)]) == pytest.approx(1000.0)
@@ -173,7 +173,7 @@ def test_a_job_that_has_not_stepped_counts_its_coming_optimizer_state_only_in_a_
     parts = [part(name, 2, 20) for name in "abc"]  # 400 bytes each
     for run, _ in parts:
         run.status, run.resident = "running", 0
-    scheduler.profiled([run for run, _ in parts])
+    scheduler.profiled([run for run, _ in parts], measured_resident=True)
     for run, _ in parts:
         run.resident = run.projected = 200  # AdamW state to come: 400 + 3 x 200 > 700, 400 + 200 fits
     assert [r.name for r, _ in scheduler.pack(parts)] == ["a"]

@@ -253,16 +253,15 @@ def test_bad_trainer_arguments(assets, tmp_path):
         JobConfig("stream", LoraConfig(r=4), datasets["add"].to_iterable_dataset())
 
 
-@pytest.mark.parametrize("option", [dict(neftune_noise_alpha=5.0),
-                                    dict(auto_find_batch_size=True), dict(push_to_hub=True, hub_model_id="me/x"),
-                                    dict(use_liger_kernel=True), dict(label_smoothing_factor=0.1),
-                                    dict(loss_type="dft"), dict(activation_offloading=True),
+@pytest.mark.parametrize("option", [dict(neftune_noise_alpha=5.0), dict(auto_find_batch_size=True),
+                                    dict(push_to_hub=True, hub_model_id="me/x"),
+                                    dict(use_liger_kernel=True), dict(label_smoothing_factor=0.1), dict(loss_type="dft"),
+                                    dict(activation_offloading=True), dict(accelerator_config={"even_batches": False}),
                                     dict(gradient_checkpointing_kwargs={"use_reentrant": True}),
                                     dict(torch_compile=True, gradient_checkpointing_kwargs={"context_fn": dict}),
                                     dict(load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps",
                                          metric_for_best_model="loss"),
-                                    dict(lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps"),
-                                    dict(accelerator_config={"even_batches": False})])  # (2 processes: a hang)
+                                    dict(lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps")])
 def test_trainer_options_its_own_loop_cannot_honour_are_refused(assets, tmp_path, option):
     """Trainer.train would apply these; MultiJobTrainer's loop does not, so they fail early instead of silently."""
     tokenizer, datasets = assets
