@@ -6,7 +6,8 @@ generated in the ARC and BoolQ Hub schemas (written to --output-dir and read bac
 The one-time costs (loading `evaluate`'s accuracy metric, the first forward) are paid in a warm-up before either
 way is timed.
 On real adapters: `python examples/evaluate_adapters.py --model Qwen/Qwen2.5-0.5B --adapters runs/a,runs/b
---tasks arc_e,boolq` (no --data-dir: the tasks come from the Hub).
+--tasks arc_e,boolq` (with --model and no --data-dir the tasks come from the Hub). The adapters share one model,
+so they must be of one PEFT type (`peft-mole eval` takes several types, one pass per type).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_mole
@@ -40,7 +41,7 @@ def main() -> None:
     args = parse_args()
     out = Path(args.output_dir)
     torch.manual_seed(0)
-    if args.data_dir is None:
+    if args.data_dir is None and args.model is None:  # the offline demo: generated tasks (else the Hub's)
         synthetic.write_commonsense_tasks(out / "data", args.limit)
         args.data_dir = str(out / "data")
     if args.model is None:  # a tokenizer that knows the tasks' text and gives each option label " A".." D" a token
@@ -61,6 +62,10 @@ def main() -> None:
         args.adapters = ",".join(folders)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     paths = args.adapters.split(",")
+    kinds = {str(PeftConfig.from_pretrained(path).peft_type) for path in paths}
+    if len(kinds) > 1:
+        raise SystemExit(f"--adapters must be of one PEFT type to share a model, got {sorted(kinds)}; "
+                         "`peft-mole eval` evaluates several types, one pass per type")
     names = [f"adapter{i}" for i in range(len(paths))]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args.model), paths[0], adapter_name=names[0])
     for name, path in zip(names[1:], paths[1:], strict=True):

@@ -1,11 +1,12 @@
-"""Train several adapters at once on one frozen base with MultiJobTrainer: a LoRA, a MixLoRA and a DynMoLE job,
-each on its own task, in mixed-adapter batches; then reload each job's adapter from disk and score it.
+"""Train several adapters at once on one frozen base with MultiJobTrainer: four jobs (two LoRA, a MixLoRA and a
+DynMoLE), each on its own task, in mixed-adapter batches; then reload each job's adapter from disk and score it.
 
 Offline by default: a random-init tiny Llama, a tokenizer trained here and generated tasks, written under
 --output-dir (default build/demo-multijob) and loaded back with `from_pretrained` / `load_dataset`.
 `--prepare-only` just writes those files, which `peft-mole train examples/jobs.yaml` then uses.
-On a real model: `python examples/multijob.py --model Qwen/Qwen2.5-0.5B --data-dir my_tasks/` with
-`<task>.jsonl` files (rows with "prompt" and "completion"; accuracy when rows also carry "choices").
+On a real model: `python examples/multijob.py --model Qwen/Qwen2.5-0.5B --data-dir my_tasks/` with one
+`<task>.jsonl` per task of `TASKS` (sentiment, capital, add, opposite: rows with "prompt" and "completion"), and
+optionally `<task>-eval.jsonl` with rows that also carry "task" and "choices" for the accuracy after training.
 """
 
 from __future__ import annotations
@@ -93,7 +94,11 @@ def main() -> None:
 
     print("accuracy of each job's adapter, reloaded from disk, on its own task:")
     for task in TASKS:
-        rows = list(load_dataset("json", data_files=str(data_dir / f"{task}-eval.jsonl"), split="train"))
+        eval_file = data_dir / f"{task}-eval.jsonl"
+        if not eval_file.is_file():  # (optional with --data-dir)
+            print(f"  {task:<10} no {eval_file.name}: not scored")
+            continue
+        rows = list(load_dataset("json", data_files=str(eval_file), split="train"))
         if not rows or "choices" not in rows[0]:
             continue
         rows = rows[: args.eval_rows]

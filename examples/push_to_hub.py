@@ -3,7 +3,7 @@
 Without `--repo-id` it is a dry run (offline): it writes the folder that would be uploaded —
 adapter_config.json, adapter_model.safetensors and README.md with the peft-mole section — and loads it back from
 disk. The dry run's card shows a placeholder evaluation row (`demo_task`) to show where scores go; it is never
-put on a pushed card. With `--repo-id me/my-mixlora` (and a token from `huggingface-cli login`) it uploads with
+put on a pushed card. With `--repo-id me/my-mixlora` (and a token from `hf auth login`) it uploads with
 `peft_mole.push_to_hub` and loads the adapter back from the Hub id.
 
 The adapter's weights are random (a fresh adapter has B = 0 and computes exactly the base model), so "logits

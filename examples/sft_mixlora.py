@@ -5,7 +5,8 @@ Offline by default (this is `make demo`): a random-init tiny Llama, a byte-level
 generated multi-task instruction set (sentiment, opposites, capitals, addition), all written under
 --output-dir and loaded back with the usual `from_pretrained` / `load_dataset` calls.
 On a real model: `python examples/sft_mixlora.py --model Qwen/Qwen2.5-0.5B --dataset my_data.jsonl`
-(rows with "prompt" and "completion"; accuracy is reported when rows also carry "task" and "choices").
+(rows with "prompt" and "completion"); add `--eval-dataset my_eval.jsonl` (rows that also carry "task" and
+"choices") for accuracy and router statistics before and after training.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--method", choices=["mixlora", "dynmole"], default="mixlora")
     parser.add_argument("--model", help="hub id or local path of a causal LM (default: build a tiny random Llama)")
     parser.add_argument("--dataset", help="hub dataset name or local .jsonl (default: generate synthetic tasks)")
+    parser.add_argument("--eval-dataset", help="rows with prompt, completion, task and choices to score (default: "
+                                               "the generated tasks' eval rows, when --dataset is not given)")
     parser.add_argument("--output-dir", default=None, help="default: build/demo-<method>")
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -78,6 +81,7 @@ def main(method: str | None = None) -> None:
         model_path, train_path, eval_path = prepare_offline_assets(out)
     model_path = args.model or model_path
     train_path = args.dataset or train_path
+    eval_path = args.eval_dataset or eval_path
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train = load_rows(train_path, "train").select_columns(["prompt", "completion"])
     eval_rows = list(load_rows(eval_path, "train"))[: args.eval_rows] if eval_path else []

@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.add_argument("--data-dir", help="folder with <task>.jsonl in the Hub schema (default: the Hub)")
     evaluation.add_argument("--limit", type=int, help="first N examples per task")
     evaluation.add_argument("--batch-size", type=int, default=8)
-    evaluation.add_argument("--out", default="eval-results")
+    evaluation.add_argument("--out", default="eval-results",
+                            help="folder for eval.json and eval.md (default: ./eval-results)")
     evaluation.set_defaults(run=_eval)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -54,19 +54,22 @@ def summary_rows(runs: list[JobRun]) -> list[dict]:
     ]
 
 
-def summary_table(rows: list[dict], pad_fraction: float) -> str:
+def summary_table(rows: list[dict], pad_fraction: float | None) -> str:
     header = f"{'job':<16} {'status':<14} {'steps':>6} {'tokens':>9} {'time':>6} {'final loss':>10}"
     lines = [header] + [
         f"{r['job']:<16} {r['status']:<14} {r['steps']:>6} {r['tokens']:>9} {r['time_share']:>6.1%} "
         + (f"{r['final_loss']:>10.4f}" if r["final_loss"] is not None else f"{'-':>10}")
         for r in rows
     ]
-    lines.append(f"padding: {pad_fraction:.1%} of the tokens in the mixed batches")
+    lines.append("padding: no mixed step in this run" if pad_fraction is None
+                 else f"padding: {pad_fraction:.1%} of the tokens in this run's mixed batches")
     return "\n".join(lines)
 
 
-def write_summary(rows: list[dict], pad_fraction: float, output_dir: str) -> None:
-    """`output_dir/jobs_summary.json` (written atomically) and the table on stdout."""
+def write_summary(rows: list[dict], pad_fraction: float | None, output_dir: str) -> None:
+    """`output_dir/jobs_summary.json` (written atomically) and the table on stdout. `pad_fraction`: of the mixed
+    batches this run (this `train()` call) built; None where it built none (a resume of jobs that had all ended;
+    before 2026-12-06 it read 0.0 there)."""
     os.makedirs(output_dir, exist_ok=True)
     ckpt.write_json(os.path.join(output_dir, "jobs_summary.json"), {"jobs": rows, "pad_fraction": pad_fraction})
     print(summary_table(rows, pad_fraction))

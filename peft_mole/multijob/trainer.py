@@ -466,7 +466,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         real, total = dist.sum_over_processes(self.accelerator, torch.tensor(
             [float(self.padding_stats.real), float(self.padding_stats.total)], dtype=torch.float64)).tolist()
         if self.is_world_process_zero():
-            report.write_summary(rows, 1.0 - real / total if total else 0.0, self.args.output_dir)
+            report.write_summary(rows, 1.0 - real / total if total else None, self.args.output_dir)
         return rows
 
 

@@ -382,6 +382,8 @@ def test_resume_says_an_ended_job_is_not_trained_further_and_a_finished_job_drop
     # the ended job's summary is its run's, not zeros (it was tokens 0, final_loss None)
     assert [(r["tokens"], r["final_loss"]) for r in again.job_summary] == [
         (r["tokens"], r["final_loss"]) for r in first.job_summary]
+    # no mixed step in the resumed call: its padding is unknown, not 0 (it read 0.0)
+    assert json.loads((tmp_path / "jobs_summary.json").read_text())["pad_fraction"] is None
     assert "job a ended at step 2; resume does not train an ended job further (its max_steps is now 4)" in caplog.text
     with caplog.at_level("WARNING"):
         trainer(None, epochs=2.0).jobs[0].training_args(run_args(tmp_path))
