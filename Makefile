@@ -24,10 +24,12 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q
 
+# where `make demo` writes its models, data and adapters (make demo DEMO_DIR=/tmp/demo)
+DEMO_DIR ?= build
 demo: install
-	$(PY) examples/sft_mixlora.py
-	$(PY) examples/sft_dynmole.py
-	$(PY) examples/multijob.py
+	$(PY) examples/sft_mixlora.py --output-dir $(DEMO_DIR)/demo-mixlora
+	$(PY) examples/sft_dynmole.py --output-dir $(DEMO_DIR)/demo-dynmole
+	$(PY) examples/multijob.py --output-dir $(DEMO_DIR)/demo-multijob
 
 # The reference implementation in its own virtualenv (MoE-PEFT pins torch < 2.6, transformers < 4.47):
 # its MixLoRA/LoRA step ratio, the interop fixture, and MoE-PEFT loading a peft-mole export.
