@@ -22,7 +22,6 @@ import gc
 import logging
 
 import torch
-from peft import LoraConfig
 
 from peft_mole.multijob.batching import row_halves
 from peft_mole.multijob.run import JobRun
@@ -36,6 +35,14 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def free_memory() -> None:
+    """What a failed step left before its retry: call it outside the except block (the traceback would keep the
+    failed forward's tensors alive)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class MicroBatchHalves:
     """`_retry_in_halves` and its first pass for MoE jobs (see the module doc)."""
 
@@ -46,7 +53,7 @@ class MicroBatchHalves:
         if halves is None:
             return False
         # a MoE job's aux loss counts (SFTConfig's router_aux_loss_coef 0 drops it: halves add up without loads)
-        moe = not isinstance(self.jobs_model.peft_config[run.name], LoraConfig) and (
+        moe = not self._rows_splittable(run) and (
             self.args.router_aux_loss_coef is None or self.args.router_aux_loss_coef > 0)
         first = moe and not any(job == run.name for job, _ in self._whole_loads)  # not a half of a half
         if first:
@@ -87,9 +94,6 @@ class MicroBatchHalves:
             smaller = row_halves(piece) if is_oom(error) else None
             if smaller is None:
                 raise
-        # outside the except block (its traceback would keep the failed forward's tensors), as `_train_parts` does
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
         for part in smaller:
             self._add_router_loads(run, part)

@@ -20,7 +20,6 @@ them into one packed row (`packed_mixed_batch`): no padding (`JobScheduler.group
 from __future__ import annotations
 
 import copy
-import gc
 import logging
 import math
 import os
@@ -42,7 +41,7 @@ from peft_mole.multijob import report
 from peft_mole.multijob.batching import is_packed, mix, pad_token_id
 from peft_mole.multijob.evaluation import JobEvaluation
 from peft_mole.multijob.flat_parameters import job_optimizer
-from peft_mole.multijob.halves import MicroBatchHalves, is_oom
+from peft_mole.multijob.halves import MicroBatchHalves, free_memory, is_oom
 from peft_mole.multijob.job_data import JobDatasets, data_error
 from peft_mole.multijob.job_step import JobStepping
 from peft_mole.multijob.jobs import JobConfig
@@ -360,11 +359,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             oom, kind, message = is_oom(error), type(error).__name__, str(error)
         for stream, state in streams:  # the retried steps draw from where the failed one began
             stream.set_state(state)
-        # retried outside the except block: its traceback would keep the failed step's graph and activations alive
-        if oom:
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        if oom:  # (outside the except block: its traceback would keep the failed step's graph and activations)
+            free_memory()
         if len(parts) == 1:
             run, batch = parts[0]
             if oom and self._retry_in_halves(run, batch):  # the halves' gradients add up to the whole's

@@ -44,9 +44,7 @@ def router_aux_loss(
     per_layer: dict[str, list[torch.Tensor]] = {}
     for record in records:
         load = whole.get((record.adapter, record.layer)) if whole else None
-        config = configs[record.adapter]
-        loss = config.layer_aux_loss(*record.loss_inputs()) if load is None else config.layer_aux_loss(
-            *record.loss_inputs(), whole=load)
+        loss = configs[record.adapter].layer_aux_loss(*record.loss_inputs(), whole=load)
         per_layer.setdefault(record.adapter, []).append(loss)
     per_adapter = {name: torch.stack(losses).mean() for name, losses in per_layer.items()}
     return sum(per_adapter.values()), per_adapter
