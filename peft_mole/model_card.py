@@ -13,6 +13,7 @@ statistics of the last recorded forward pass (training, or a forward with labels
 
 from __future__ import annotations
 
+import json
 import os
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
@@ -25,6 +26,7 @@ CARD_FIELDS = ("num_experts", "top_k", "q", "top_p", "broadcast_threshold", "min
                "attn_target_modules", "attn_r", "attn_lora_alpha", "attn_lora_dropout", "layers_to_transform",
                "jitter_noise", "router_aux_loss_coef", "entropy_loss_coef", "lb_loss_coef")
 METHOD_NAMES = {"MixLoRAConfig": "MixLoRA", "DynMoLEConfig": "DynMoLE"}
+PEFT_TYPE_NAMES = {"PEFT_MOLE_MIXLORA": "MixLoRA", "PEFT_MOLE_DYNMOLE": "DynMoLE", "LORA": "LoRA"}
 
 
 def add_eval_results(model, results: dict[str, dict[str, float]]) -> None:
@@ -107,9 +109,42 @@ def update_model_card(directory: str, config) -> None:
     card.save(path)
 
 
+LIST_START, LIST_END = "<!-- peft-mole adapters -->", "<!-- /peft-mole adapters -->"
+
+
+def list_subfolder_adapters(folder: str) -> None:
+    """Name the adapters that `save_pretrained` put in subfolders (every adapter but "default") on the root card,
+    between their own markers, with the line that loads each: the Hub shows the root README.md only, and without
+    a "default" adapter (`selected_adapters=["other"]`) it held PEFT's template alone."""
+    names = sorted(name for name in os.listdir(folder)
+                   if os.path.isfile(os.path.join(folder, name, "adapter_config.json")))
+    if not names:
+        return
+    lines = [LIST_START, "## Adapters in subfolders", "", "| adapter | method | load |", "|---|---|---|"]
+    for name in names:
+        with open(os.path.join(folder, name, "adapter_config.json")) as file:
+            peft_type = json.load(file).get("peft_type", "?")
+        method = PEFT_TYPE_NAMES.get(peft_type, peft_type)
+        lines.append(f"| `{name}` | {method} | `PeftModel.from_pretrained(base, \"<this repo>\", "
+                     f"subfolder=\"{name}\")` |")
+    lines.append(LIST_END)
+    path = os.path.join(folder, "README.md")
+    card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
+    text = card.text
+    if LIST_START in text and LIST_END in text:
+        text = text[: text.index(LIST_START)] + "\n".join(lines) + text[text.index(LIST_END) + len(LIST_END):]
+    else:
+        text = "\n".join(lines) + "\n\n" + text
+    card.data["tags"] = sorted(set(card.data.get("tags") or []) | {"peft", "peft-mole"})
+    card.data["library_name"] = "peft"
+    card.text = text
+    card.save(path)
+
+
 def push_to_hub(model, repo_id: str, commit_message: str = "Upload peft-mole adapter", private: bool | None = None,
                 token: str | None = None, revision: str | None = None, create_pr: bool = False, **save_kwargs) -> str:
-    """Save `model` (a PeftModel) with its model card into a temporary folder and upload it to `repo_id`.
+    """Save `model` (a PeftModel) with its model card into a temporary folder and upload it to `repo_id`. Adapters
+    saved in subfolders (all but "default") are listed on the root card (`list_subfolder_adapters`).
 
     `revision` commits to that branch, created from main if it does not exist yet (as PEFT and transformers do);
     `create_pr=True` opens a pull request instead of committing to the branch. Other keyword arguments go to
@@ -138,6 +173,7 @@ def push_to_hub(model, repo_id: str, commit_message: str = "Upload peft-mole ada
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, **save_kwargs)
+        list_subfolder_adapters(folder)
         operations = [
             CommitOperationAdd(path_in_repo=os.path.relpath(os.path.join(root, name), folder),
                                path_or_fileobj=os.path.join(root, name))

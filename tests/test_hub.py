@@ -5,6 +5,7 @@ transformers' PushToHubMixin) and `hf_hub_download/file_exists` (download, as us
 — file selection, safetensors serialisation, config parsing, key remapping — is the real code.
 """
 
+import dataclasses
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -258,3 +259,27 @@ def test_push_to_hub_example_pushes_a_trained_looking_adapter_without_placeholde
     assert "the adapter changes the logits: True" in printed and "logits identical = True" in printed
     card = (fake_hub.root / "me/demo" / "README.md").read_text()
     assert "## MixLoRA adapter (peft-mole)" in card and "demo_task" not in card and "### Evaluation" not in card
+
+
+def test_push_to_hub_lists_adapters_in_subfolders_on_the_root_card(fake_hub, monkeypatch):
+    """The Hub shows the root README.md: a push of adapters saved in subfolders (`selected_adapters` without
+    "default") names them there, with the line that loads each; each subfolder keeps its own card."""
+    import peft_mole
+    import peft_mole.model_card
+
+    monkeypatch.setattr(peft_mole.model_card, "HfApi", lambda token=None: fake_hub)
+    model = get_peft_model(tiny_base(), METHODS["mixlora"]())
+    model.add_adapter("other", dataclasses.replace(METHODS["mixlora"](), top_k=1))
+    peft_mole.push_to_hub(model, "someone/only-other", selected_adapters=["other"])
+    repo = fake_hub.root / "someone/only-other"
+    root = (repo / "README.md").read_text()
+    assert '| `other` | MixLoRA | `PeftModel.from_pretrained(base, "<this repo>", subfolder="other")` |' in root
+    assert "`default`" not in root and "- peft-mole\n" in root.split("---")[1]
+    assert "| top_k | `1` |" in (repo / "other" / "README.md").read_text()
+    peft_mole.push_to_hub(model, "someone/both", selected_adapters=["default", "other"])
+    peft_mole.push_to_hub(model, "someone/both", selected_adapters=["default", "other"])
+    root = (fake_hub.root / "someone/both" / "README.md").read_text()
+    assert root.count("## MixLoRA adapter (peft-mole)") == 1 and root.count("## Adapters in subfolders") == 1
+    assert "| top_k | `2` |" in root and '| `other` | MixLoRA |' in root
+    pushed = PeftModel.from_pretrained(tiny_base(), str(fake_hub.root / "someone/both"), subfolder="other")
+    assert pushed.peft_config["default"].top_k == 1
