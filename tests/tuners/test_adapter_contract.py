@@ -366,7 +366,9 @@ def test_generate_with_per_row_adapters_takes_beams_and_returned_sequences_from_
     mixed = model.generate(input_ids=ids, attention_mask=mask, adapter_names=["default", "other"],
                            generation_config=config)  # before: "adapter_names has 2 entries but the batch has 6 rows"
     assert mixed.shape[0] == 4
-    model.set_adapter("other")
+    positional = model.generate(ids, config, attention_mask=mask, adapter_names=["default", "other"])
+    assert torch.equal(positional, mixed)  # transformers' order: generate(inputs, generation_config) (before
+    model.set_adapter("other")  # 2026-12-06: "adapter_names has 2 entries but the batch has 6 rows")
     assert torch.equal(mixed[2:], model.generate(input_ids=ids[1:], attention_mask=mask[1:], generation_config=config))
     model.set_adapter("default")
     kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0, num_beams=2)

@@ -58,11 +58,15 @@ def _count_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor | Non
     return (labels[..., 1:] != -100).sum()
 
 
-def _generated_copies(kwargs: dict) -> int:
+def _generated_copies(args: tuple, kwargs: dict) -> int:
     """How many copies of each row `generate` makes, as transformers expands its inputs: max(num_beams,
-    num_return_sequences), from the keywords or from a `generation_config=` keyword (1 for a forward call). The
-    model's default generation config is not read: a forward call also comes through here."""
-    config = kwargs.get("generation_config")
+    num_return_sequences), from the keywords or from the generation config, by keyword or by position
+    (`generate(input_ids, generation_config)`, transformers' order); 1 for a forward call. The model's default
+    generation config is not read: a forward call also comes through here."""
+    from transformers import GenerationConfig
+
+    positional = next((arg for arg in args if isinstance(arg, GenerationConfig)), None)
+    config = kwargs.get("generation_config", positional)
     counts = [kwargs.get(key, getattr(config, key, None)) for key in ("num_beams", "num_return_sequences")]
     return max([1] + [int(count) for count in counts if count is not None])
 
@@ -237,7 +241,7 @@ class MixLoRAModel(BaseTuner):
         names = kwargs.get("adapter_names")
         if names is not None:
             self._check_adapter_names(names)
-            copies = _generated_copies(kwargs)
+            copies = _generated_copies(args, kwargs)
             names = [name for name in names for _ in range(copies)]  # generate expands each row into its copies
         context = self._context()
         context.set_row_adapters(names, by_hook=True)
