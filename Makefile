@@ -60,6 +60,7 @@ bench: install
 	$(PY) bench/saved_activations.py | tee -a $(RESULTS)
 	$(PY) bench/generate_vs_base.py --compile | tee -a $(RESULTS)
 	$(PY) bench/multijob_speedup.py | tee -a $(RESULTS)
+	$(PY) bench/multijob_vs_sfttrainer.py | tee -a $(RESULTS)
 	$(PY) bench/multijob_memory.py | tee -a $(RESULTS)
 	$(PY) bench/memory_model_error.py | tee -a $(RESULTS)
 	$(PY) bench/memory_model_error.py --kinds lora mixlora dynmole | tee -a $(RESULTS)

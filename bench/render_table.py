@@ -21,6 +21,8 @@ COMMANDS = {
     "generate_compiled_vs_base": "python bench/generate_vs_base.py --shape {shape} --compile",
     "multijob_speedup": ("python bench/multijob_speedup.py --shape {shape} --jobs {jobs} --dropout {dropout}"
                          "{optim_flag}{compile_flag}{kind_flag}{packed_flag}"),
+    "multijob_vs_sfttrainer": ("python bench/multijob_vs_sfttrainer.py --shape {shape} --jobs {jobs} "
+                               "--steps {steps} --kind {kind}"),
     "multijob_memory": "python bench/multijob_memory.py --shape {shape} --jobs {jobs}",
     "memory_model_error": "python bench/memory_model_error.py --shape {shape}{kinds_flag}",
     "pad_fraction": "python bench/pad_fraction.py --shape {shape} --jobs {jobs}",
@@ -48,6 +50,10 @@ DESCRIPTIONS = {
     "multijob_speedup": "{jobs} {kind_label} jobs (dropout {dropout}{optim_note}) in mixed steps{packed_note} vs one after another with "
                         "PEFT (higher is better); base-only limit S({jobs}) = {limit_median:.2f}, reached "
                         "{fraction_of_limit:.0%}{compiled_steps_note}",
+    "multijob_vs_sfttrainer": "{jobs} {kind_label} jobs (dropout {dropout}) in one `MultiJobTrainer` vs one "
+                              "`SFTTrainer` each, one after another, steady-state tokens/s (higher is better; "
+                              "minima column: the lowest of {repeats} repeats); whole `train()` calls "
+                              "{train_ratio:.2f}× ({steps} steps per job)",
     "multijob_memory": "peak memory of {jobs} jobs in one process / {jobs} single-job processes{shared_note}; "
                        "{extra_mb_vs_one_adapter_all_rows:+.0f} MB vs one adapter on the same rows; "
                        "{ratio_vs_base_plus_adapters:.2f}× one base process + {jobs} × adapter state",

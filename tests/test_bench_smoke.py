@@ -20,6 +20,7 @@ SCRIPTS = {
     "fused_chain": ["--shape", "tiny", "--tokens", "800", "--repeats", "1"],  # two full blocks: the kernels run
     "multijob_speedup": ["--shape", "tiny", "--repeats", "1", "--jobs", "2", "--optim", "adamw_torch_fused", "--compile",
                          "--compile-backend", "aot_eager", "--compare-layouts"],  # the graphs, not inductor's kernels
+    "multijob_vs_sfttrainer": ["--shape", "tiny", "--jobs", "2", "--steps", "4", "--warmup", "2", "--repeats", "1"],
     "saved_activations": ["--shape", "tiny"],
     "options_step": ["--shape", "tiny", "--repeats", "1", "--options", "checkpointing", "bf16_autocast", "fp16_autocast"],
     "generate_vs_base": ["--shape", "tiny", "--repeats", "1", "--new-tokens", "4", "--compile"],
