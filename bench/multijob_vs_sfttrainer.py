@@ -4,7 +4,8 @@
 
 `multijob_speedup.py` compares the steps alone against a plain PEFT loop (less host work per step than
 SFTTrainer); this script times the trainers end to end, with everything each does per step: data loading and
-collation, logging, the learning-rate schedule, the optimizer (`SFTConfig`'s default `optim` on both sides).
+collation, logging, the learning-rate schedule, the optimizer, with `SFTConfig`'s defaults on both sides (fused
+AdamW, TRL's gradient checkpointing, unless `--no-gradient-checkpointing`) but float32 on the CPU (`sft_args`).
 
 Each job: BENCH.md's LoRA (r 16, alpha 32, dropout 0.05 on q,k,v,o,gate,up,down; `--kind mixlora` BENCH.md's
 MixLoRA), `--rows-per-job` rows per step of the shape's sequence length, random token ids (no padding, so both
@@ -68,11 +69,14 @@ def job_rows(jobs: int, rows: int, seq: int, vocab: int) -> list[datasets.Datase
             for _ in range(jobs)]
 
 
-def sft_args(folder: str, steps: int, rows_per_job: int, seq: int, **extra) -> SFTConfig:
+def sft_args(folder: str, steps: int, rows_per_job: int, seq: int, checkpointing: bool, **extra) -> SFTConfig:
+    """SFTConfig's defaults (TRL's: gradient checkpointing on, fused AdamW) but for BENCH.md's precision: bf16 on
+    CUDA, float32 on the CPU (TRL's default `bf16=True` would autocast the CPU steps to bfloat16)."""
+    cuda = torch.cuda.is_available()
     return SFTConfig(output_dir=folder, max_steps=steps, per_device_train_batch_size=rows_per_job, max_length=seq,
-                     learning_rate=1e-4, save_strategy="no", report_to="none",
-                     include_num_input_tokens_seen=True, disable_tqdm=True, dataloader_num_workers=0,
-                     use_cpu=not torch.cuda.is_available(), **extra)
+                     learning_rate=1e-4, save_strategy="no", report_to="none", bf16=cuda,
+                     gradient_checkpointing=checkpointing, include_num_input_tokens_seen=True, disable_tqdm=True,
+                     dataloader_num_workers=0, use_cpu=not cuda, **extra)
 
 
 def sft_side(base, data, config, tokenizer, args: dict, warmup: int) -> tuple[int, float, int, float]:
@@ -119,6 +123,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--rows-per-job", type=positive_int, default=1)
     parser.add_argument("--kind", default="lora", choices=("lora", "mixlora"))
+    parser.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false",
+                        help="turn off SFTConfig's default gradient checkpointing on both sides")
     options = parser.parse_args()
     if options.steps <= options.warmup:
         parser.error(f"--steps ({options.steps}) must exceed --warmup ({options.warmup})")
@@ -127,7 +133,8 @@ def main() -> None:
     base = base_model(options.shape)
     tokenizer = peft_mole.synthetic.demo_tokenizer()
     config = lora_config() if options.kind == "lora" else mixlora_config()
-    args = {"steps": options.steps, "rows_per_job": options.rows_per_job, "seq": seq}
+    args = {"steps": options.steps, "rows_per_job": options.rows_per_job, "seq": seq,
+            "checkpointing": options.checkpointing}
     with contextlib.redirect_stdout(sys.stderr):  # the trainers' logs and job tables: stdout carries JSON lines only
         warm = job_rows(1, options.rows_per_job * options.steps, seq, base.config.vocab_size)  # one-time costs of
         sft_side(base, warm, config, tokenizer, args, options.warmup)  # the process (imports, first kernels), untimed
@@ -151,6 +158,7 @@ def main() -> None:
                   "sft_train_s": sft[3], "multijob_train_s": multi[3]})
         emit({"name": "multijob_vs_sfttrainer", "shape": options.shape, "jobs": jobs,
               "rows_per_job": options.rows_per_job, "dropout": 0.05, "kind": options.kind, "steps": options.steps,
+              "gradient_checkpointing": options.checkpointing,
               "warmup": options.warmup, "repeats": options.repeats, "ratio_median": statistics.median(ratios),
               "ratio_min": min(ratios), "train_ratio": statistics.median(train_ratios),
               "optim": sft_args(tempfile.gettempdir(), **args).optim, "device": str(base.device),

@@ -50,7 +50,8 @@ DESCRIPTIONS = {
     "multijob_speedup": "{jobs} {kind_label} jobs (dropout {dropout}{optim_note}) in mixed steps{packed_note} vs one after another with "
                         "PEFT (higher is better); base-only limit S({jobs}) = {limit_median:.2f}, reached "
                         "{fraction_of_limit:.0%}{compiled_steps_note}",
-    "multijob_vs_sfttrainer": "{jobs} {kind_label} jobs (dropout {dropout}) in one `MultiJobTrainer` vs one "
+    "multijob_vs_sfttrainer": "{jobs} {kind_label} jobs (dropout {dropout}{trainer_checkpointing_note}) in one "
+                              "`MultiJobTrainer` vs one "
                               "`SFTTrainer` each, one after another, steady-state tokens/s (higher is better; "
                               "minima column: the lowest of {repeats} repeats); whole `train()` calls "
                               "{train_ratio:.2f}× ({steps} steps per job)",
@@ -97,7 +98,7 @@ def _value(name: str, value: float) -> str:
 
 _IDENTITY = ("name", "shape", "impl", "jobs", "rows_per_job", "dropout", "reference", "router_state", "adapters",
              "questions", "new_tokens", "case", "autocast", "optim", "script", "compile", "clip", "kind", "kinds",
-             "packed", "router_scale")
+             "packed", "router_scale", "gradient_checkpointing")
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -220,6 +221,8 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                                   f"under-predicted by at most {max(row['init_profile_under_predicted_max'], 0):.1%}"
                                   if "init_profile_error_median" in row else ""),
                "autocast_note": ", bf16 autocast" if row.get("autocast") == "bf16" else "",
+               "trainer_checkpointing_note": (", gradient checkpointing" if row.get("gradient_checkpointing", True)
+                                              else ", no gradient checkpointing"),
                "experts_note": (f" ({row['dynmole_experts_per_token']:.2f} experts/token)"
                                 if "dynmole_experts_per_token" in row else "")}
         if row["name"] == "mole_vs_reference_skipped":
