@@ -91,6 +91,12 @@ def test_sft_trainer_loss_includes_the_router_aux_loss(method, loss_type, local_
     off = SFTTrainer(model=model, args=sft_args(tmp_path, router_aux_loss_coef=0.0, loss_type=loss_type),
                      train_dataset=dataset, processing_class=tokenizer)
     torch.testing.assert_close(off.compute_loss(model, dict(inputs)), lm_only, atol=1e-5, rtol=1e-5)
+    # the next trainer's default (None) is the adapter's weight 1.0 again, not the last trainer's 0.0 (before
+    # 2026-12-06: TRL's copy in the base config stayed, and SFTTrainer, DPO, KTO, GRPO read it as their default)
+    default = SFTTrainer(model=model, args=sft_args(tmp_path, loss_type=loss_type), train_dataset=dataset,
+                         processing_class=tokenizer)
+    assert default.aux_loss_enabled and default.router_aux_loss_coef == 1.0
+    torch.testing.assert_close(default.compute_loss(model, dict(inputs)), loss, atol=1e-5, rtol=1e-5)
 
 
 def test_unload_leaves_the_base_config_as_it_was(local_assets):

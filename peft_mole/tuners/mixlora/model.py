@@ -131,8 +131,10 @@ class MixLoRAModel(BaseTuner):
         `SFTConfig(router_aux_loss_coef=...)` scales it (0.0 turns it off). SFTTrainer also sets
         `output_router_logits = True`, which would make its fused head compute a native MoE base's load-balance loss
         from router logits a dense base has not: the forward sets it back to False (and takes the keyword TRL
-        passes). `unload()` removes both attributes; a config that has them already (a native MoE base) is left as
-        it is."""
+        passes), and `router_aux_loss_coef` back to 1.0, which a trainer's coefficient replaced (TRL trainers read it
+        once, at init: the next trainer's default is the adapter's weight again, not the last run's value; before
+        2026-12-06, sixteenth session, it was). `unload()` removes both attributes; a config that has them already (a
+        native MoE base) is left as it is."""
         text = text_config(model)
         if text is None or hasattr(text, "output_router_logits") or "_declared_aux_config" in self.__dict__:
             return
@@ -331,6 +333,9 @@ class MixLoRAModel(BaseTuner):
         if declared is not None:  # TRL's request for the aux loss it adds: answered here, not by the dense base
             kwargs.pop("output_router_logits", None)
             declared.output_router_logits = False
+            # a trainer writes its coefficient here and keeps its own copy: back to the adapter's weight 1.0, or
+            # the next trainer on this model would take the last one's as its default (0.0: no aux loss at all)
+            declared.router_aux_loss_coef = 1.0
         self._rows_set(context, args, kwargs)
         labels = kwargs.get("labels")
         attention_mask = kwargs.get("attention_mask")
