@@ -31,16 +31,19 @@ def _dequantised_weight(module: torch.nn.Module) -> torch.Tensor | None:
     return None
 
 
-@pytest.fixture(scope="module", params=["4bit", "8bit"])
+@pytest.fixture(scope="module", params=["4bit", "4bit-bf16-storage", "8bit"])
 def bases(request, tmp_path_factory):
-    """The same tiny Llama loaded in NF4 / int8 and, as reference, in float with the dequantised weights."""
+    """The same tiny Llama loaded in NF4 / int8 and, as reference, in float with the dequantised weights. NF4 packed
+    into bfloat16 storage (`bnb_4bit_quant_storage`, QLoRA with FSDP) has a float weight dtype: before 2026-12-06 it
+    was taken for a float weight (a shape error at the first forward, DoRA experts not refused)."""
     from transformers import BitsAndBytesConfig
 
     path = tmp_path_factory.mktemp("quantised") / "base"
     synthetic.random_model("llama", "tiny", intermediate_size=192).save_pretrained(path)  # 4-bit blocks need /64
-    if request.param == "4bit":
+    if request.param.startswith("4bit"):
+        storage = {"bnb_4bit_quant_storage": torch.bfloat16} if request.param.endswith("storage") else {}
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_compute_dtype=torch.float32)
+                                    bnb_4bit_compute_dtype=torch.float32, **storage)
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
     try:

@@ -13,6 +13,7 @@ from peft_mole.forward_context import ForwardContext
 from peft_mole.ops.dropout import Dropout
 from peft_mole.ops.indexed_lora import indexed_lora_delta, packed_lora_delta
 from peft_mole.ops.segmented_lora import LoraFactors, add_delta, lora_delta, scatter_row_deltas
+from peft_mole.tuners.mixlora.targets import is_quantised
 
 
 class LoraFactor(nn.Module):
@@ -85,7 +86,7 @@ class LoraLinear(nn.Module, BaseTunerLayer):
             nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
             lora_a = lora_a.to(weight.device)
         lora_b = torch.zeros(linear.out_features, r, device=weight.device, dtype=torch.float32)
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        dtype = torch.float32 if is_quantised(weight) else weight.dtype
         getattr(self, self.prefix + "A")[adapter_name] = LoraFactor(nn.Parameter(lora_a.to(dtype)))
         getattr(self, self.prefix + "B")[adapter_name] = LoraFactor(nn.Parameter(lora_b.to(dtype)))
         getattr(self, self.prefix + "dropout")[adapter_name] = Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -44,7 +44,7 @@ from peft_mole.ops.profiling import profiled
 from peft_mole.ops.segmented_lora import consecutive_slices
 from peft_mole.tuners.mixlora.per_row import per_row_mixture, top_k_of
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer, run_eagerly
-from peft_mole.tuners.mixlora.targets import find_gated_mlp, plain_linear
+from peft_mole.tuners.mixlora.targets import find_gated_mlp, is_quantised, plain_linear
 
 
 class MixLoRAMLP(RoutedExpertsLayer):
@@ -180,7 +180,7 @@ class MixLoRAMLP(RoutedExpertsLayer):
         (multi-job training), the wrapper runs, so rows of that adapter get their LoRA delta.
         """
         down = self.base_layer.down_proj
-        quantised = not plain_linear(down).weight.dtype.is_floating_point
+        quantised = is_quantised(plain_linear(down).weight)
         if hidden is not None and ((whole_batch and isinstance(down, BaseTunerLayer)) or quantised):
             # the module, not its weight: another adapter's LoRA wrapper (multi-job training) gives its rows their
             # delta; a quantised linear (bitsandbytes) dequantises inside. W2 still runs once on the weighted sum.

@@ -29,6 +29,14 @@ def plain_linear(module) -> nn.Linear | None:
     return module if isinstance(module, nn.Linear) else None
 
 
+def is_quantised(weight: torch.Tensor) -> bool:
+    """A bitsandbytes weight: an integer dtype (int8; 4-bit packed into uint8), or 4-bit packed into a float storage
+    dtype (`bnb_4bit_quant_storage=torch.bfloat16`, as QLoRA with FSDP loads a base), which only its `quant_state`
+    tells apart from a float weight (before 2026-12-06, sixteenth session, such a base was taken as float: a shape
+    error at the first forward, and DoRA experts were not refused)."""
+    return not weight.dtype.is_floating_point or hasattr(weight, "quant_state")
+
+
 def find_gated_mlp(module: nn.Module) -> bool:
     """True for a gated MLP block: linear `gate_proj`, `up_proj`, `down_proj` and an `act_fn` (Llama family).
 
@@ -50,7 +58,7 @@ def _check_plain_weights(name: str, mlp: nn.Module, use_dora: bool) -> None:
         weight = plain_linear(getattr(mlp, proj)).weight
         if weight.device.type == "meta":
             raise ValueError(f"{name}.{proj} has its weight on the meta device (offloaded); load the base on one device")
-        if use_dora and not weight.dtype.is_floating_point:
+        if use_dora and is_quantised(weight):
             raise ValueError(
                 f"{name}.{proj} has a quantised {weight.dtype} weight: DoRA experts need the float weights' row norms; "
                 "use use_dora=False on a quantised base, or load the base in float32/bfloat16/float16"
@@ -59,7 +67,7 @@ def _check_plain_weights(name: str, mlp: nn.Module, use_dora: bool) -> None:
 
 def _input_dtype(model: nn.Module, gate_weight: torch.Tensor) -> torch.dtype:
     """The dtype of an MLP block's input: its float weights', or for quantised weights the input embeddings'."""
-    if gate_weight.dtype.is_floating_point:
+    if not is_quantised(gate_weight):
         return gate_weight.dtype
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(embeddings, "weight", None)
