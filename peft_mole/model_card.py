@@ -91,21 +91,29 @@ def _last_router_stats(config) -> dict:
 def update_model_card(directory: str, config) -> None:
     """Create or update README.md in `directory` with the tags and the peft-mole section of `config` (a plain
     LoRA config, a multi-job LoRA job's: PEFT's metadata and tags only)."""
-    path = os.path.join(directory, "README.md")
-    card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
     method = "lora" if isinstance(config, LoraConfig) else METHOD_NAMES.get(type(config).__name__,
                                                                            type(config).__name__).lower()
+    _write_card(directory, {"peft", "peft-mole", method}, config.base_model_name_or_path,
+                None if method == "lora" else (START, END, section(config)))
+
+
+def _write_card(directory: str, tags: set[str], base_model: str | None,
+                section_text: tuple[str, str, str] | None) -> None:
+    """README.md in `directory` (PEFT's card, or a template) with library `peft`, `tags` added, the base model where
+    the card names none, and `section_text` (start marker, end marker, text from marker to marker) put in place of
+    its last version, or before the card's text."""
+    path = os.path.join(directory, "README.md")
+    card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
     card.data["library_name"] = "peft"
-    card.data["tags"] = sorted(set(card.data.get("tags") or []) | {"peft", "peft-mole", method})
-    if config.base_model_name_or_path and not card.data.get("base_model"):
-        card.data["base_model"] = config.base_model_name_or_path
-    text = card.text
-    if method != "lora":
-        if START in text and END in text:
-            text = text[: text.index(START)] + section(config) + text[text.index(END) + len(END):]
+    card.data["tags"] = sorted(set(card.data.get("tags") or []) | tags)
+    if base_model and not card.data.get("base_model"):
+        card.data["base_model"] = base_model
+    if section_text is not None:
+        start, end, text = section_text
+        if start in card.text and end in card.text:
+            card.text = card.text[: card.text.index(start)] + text + card.text[card.text.index(end) + len(end):]
         else:
-            text = section(config) + "\n\n" + text
-    card.text = text
+            card.text = text + "\n\n" + card.text
     card.save(path)
 
 
@@ -128,17 +136,7 @@ def list_subfolder_adapters(folder: str) -> None:
         lines.append(f"| `{name}` | {method} | `PeftModel.from_pretrained(base, \"<this repo>\", "
                      f"subfolder=\"{name}\")` |")
     lines.append(LIST_END)
-    path = os.path.join(folder, "README.md")
-    card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
-    text = card.text
-    if LIST_START in text and LIST_END in text:
-        text = text[: text.index(LIST_START)] + "\n".join(lines) + text[text.index(LIST_END) + len(LIST_END):]
-    else:
-        text = "\n".join(lines) + "\n\n" + text
-    card.data["tags"] = sorted(set(card.data.get("tags") or []) | {"peft", "peft-mole"})
-    card.data["library_name"] = "peft"
-    card.text = text
-    card.save(path)
+    _write_card(folder, {"peft", "peft-mole"}, None, (LIST_START, LIST_END, "\n".join(lines)))
 
 
 def push_to_hub(model, repo_id: str, commit_message: str = "Upload peft-mole adapter", private: bool | None = None,

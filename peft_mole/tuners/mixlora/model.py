@@ -14,6 +14,7 @@ from peft.tuners.lora.model import _adapter_names_pre_forward_hook
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
+from transformers import GenerationConfig
 
 from peft_mole.diagnostics import RouterStats, router_stats
 from peft_mole.forward_context import (
@@ -63,8 +64,6 @@ def _generated_copies(args: tuple, kwargs: dict) -> int:
     num_return_sequences), from the keywords or from the generation config, by keyword or by position
     (`generate(input_ids, generation_config)`, transformers' order); 1 for a forward call. The model's default
     generation config is not read: a forward call also comes through here."""
-    from transformers import GenerationConfig
-
     positional = next((arg for arg in args if isinstance(arg, GenerationConfig)), None)
     config = kwargs.get("generation_config", positional)
     counts = [kwargs.get(key, getattr(config, key, None)) for key in ("num_beams", "num_return_sequences")]
