@@ -127,7 +127,9 @@ def test_train_twice_gives_the_same_adapter(job_file, tmp_path):
         # set-up that train() checks as it begins (a traceback before 2026-12-05, eighth session)
         (dict(dataloader_drop_last=True, per_device_train_batch_size=64), "job 'add': its 16 rows make no batch"),
         (dict(per_device_train_batch_size=0), "per_device_train_batch_size must be an int >= 1"),
-        (dict(model="MISSING"), "model '.*MISSING' cannot be loaded"),
+        # a missing local folder is named as one (before 2026-12-06, seventeenth session: transformers' "Repo id
+        # must be in the form 'repo_name'" after "cannot be loaded")
+        (dict(model="MISSING"), "model '.*MISSING' is a local path, and no such folder exists"),
         (dict(output_dir_is_a_file=True), "peft-mole train: "),
     ],
 )

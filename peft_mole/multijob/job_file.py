@@ -11,6 +11,7 @@
         type: lora                    # lora | mixlora | dynmole
         peft: {r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}
         dataset: data/math.jsonl      # local .json/.jsonl/.csv/.parquet file, or a hub dataset name
+        dataset_config: main          # optional: a hub dataset's configuration (its `name`); not for local files
         dataset_split: train[:80%]    # optional (default "train"), also for a local file
         eval_dataset: data/math.jsonl # optional; eval_dataset_split: default "validation" (a local file: "train")
         learning_rate: 1.0e-4         # any JobConfig field
@@ -60,7 +61,7 @@ class RunSpec:
 
 
 def _unknown(where: str, given: dict, allowed: set[str]) -> None:
-    extra = sorted(set(given) - allowed)
+    extra = sorted(set(given) - allowed, key=repr)  # YAML keys may be ints or null as well as strings
     if extra:
         raise ValueError(f"{where}: unknown key(s) {extra}; allowed: {sorted(allowed)}")
 
@@ -97,15 +98,17 @@ def _names_list(hint) -> bool:
     return typing.get_origin(hint) is list and typing.get_args(hint) == (str,)
 
 
-# an int field takes a float too: several configs take a float where they annotate int (`lora_alpha`), and check it
+# an int field of a PEFT config takes a float too: several take a float where they annotate int (`lora_alpha`), and
+# check it; SFTConfig's int fields do not (`max_length: 32.5` failed inside TRL, `max_steps: 2.5` trained 3 steps)
 _SCALARS = {int: ((int, float), "an int"), float: ((int, float), "a number"), bool: ((bool,), "true or false"),
             str: ((str,), "a string"), type(None): ((type(None),), "null")}
 
 
-def check_scalar_types(config_class: type, values: dict, where: str) -> None:
+def check_scalar_types(config_class: type, values: dict, where: str, int_takes_float: bool = True) -> None:
     """Refuse a value whose kind the field's annotation in `config_class` rules out (a string for `r: int`, a number
     for a string field), naming the field; fields annotated with other than int/float/bool/str/None (lists,
-    mappings, enums) are left to the config's own checks. A bool is no number here."""
+    mappings, enums) are left to the config's own checks. A bool is no number here, and with `int_takes_float`
+    False neither is a float for a field annotated int alone (`1e2` is a float in YAML 1.2: write 100)."""
     try:
         hints = typing.get_type_hints(config_class)
     except Exception:  # noqa: BLE001 — annotations that do not resolve here: the config checks its values itself
@@ -120,6 +123,8 @@ def check_scalar_types(config_class: type, values: dict, where: str) -> None:
             if all(isinstance(item, str) for item in value):
                 continue
         allowed = tuple(t for member in members if member in _SCALARS for t in _SCALARS[member][0])
+        if not int_takes_float and float not in members:
+            allowed = tuple(t for t in allowed if t is not float)
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in members):
             kinds = " or ".join(_SCALARS[member][1] if member in _SCALARS else "a list of strings"
                                 for member in members)
@@ -148,6 +153,11 @@ def _job(entry: Any, index: int) -> JobConfig:
     except (TypeError, ValueError) as error:
         raise ValueError(f"job {name!r} peft: {error}") from error
     overrides = {k: v for k, v in entry.items() if k not in {"name", "type", "peft"} | DATA_KEYS}
+    local_files = [os.path.splitext(str(entry[key]))[1].lower() in _LOCAL_FORMATS
+                   for key in ("dataset", "eval_dataset") if entry.get(key)]
+    if entry.get("dataset_config") is not None and all(local_files):  # `datasets` ignores it for a local file
+        raise ValueError(f"job {name!r}: dataset_config names a configuration of a hub dataset; this job's datasets "
+                         f"are local files (got dataset_config={entry['dataset_config']!r})")
     train = load_dataset_spec(entry["dataset"], name, entry.get("dataset_config"), entry.get("dataset_split"))
     evaluation = None
     if entry.get("eval_dataset_split") is not None and not entry.get("eval_dataset"):
@@ -175,10 +185,13 @@ def parse_run(data: Any) -> RunSpec:
         value = data.get(key)
         if (value is not None or key != "tokenizer") and (not isinstance(value, str) or not value):
             raise ValueError(f"job file: {key} must be a non-empty string ({what}), got {value!r}")
+        if key != "output_dir" and isinstance(value, str) and value.startswith(("/", "./", "../")) \
+                and not os.path.isdir(value):  # no hub id starts so (transformers said "Repo id must be in the form")
+            raise ValueError(f"job file: {key} {value!r} is a local path, and no such folder exists")
     jobs = data["jobs"]
     if not isinstance(jobs, list) or not jobs:
         raise ValueError("job file: jobs must be a non-empty list")
-    names = [j.get("name") for j in jobs if isinstance(j, dict)]
+    names = [j.get("name") for j in jobs if isinstance(j, dict) and isinstance(j.get("name"), str)]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"job file: job names must be unique; used more than once: {duplicates}")
@@ -188,7 +201,10 @@ def parse_run(data: Any) -> RunSpec:
     from trl import SFTConfig
 
     _unknown("job file args", args, {f.name for f in fields(SFTConfig)} - {"output_dir"})
-    check_scalar_types(SFTConfig, args, "job file args")
+    check_scalar_types(SFTConfig, args, "job file args", int_takes_float=False)
+    steps = args.get("max_steps", -1)
+    if steps != -1 and steps < 1:  # Trainer trains by epochs for any max_steps <= 0; a job refuses them too
+        raise ValueError(f"job file args: max_steps must be an int >= 1 (or -1 for epochs), got {steps!r}")
     built = [_job(entry, i) for i, entry in enumerate(jobs)]
     memory, concurrent = data.get("max_memory_gb"), data.get("max_concurrent_jobs")
     if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0):

@@ -84,6 +84,19 @@ def test_job_file_builds_job_configs(data_file, tmp_path):
         (lambda d: d["jobs"][0]["peft"].update(target_modules=["q_proj", 1]), "job 'a' peft: target_modules must"),
         (lambda d: d["jobs"][1]["peft"].update(expert_target_modules=7),
          "job 'b' peft: expert_target_modules must be a list of strings"),
+        # found by a probe (2026-12-06, seventeenth session): an int field of the trainer's args took a float
+        # (`max_steps: 2.5` trained 3 steps, `max_length: 1e2` failed inside TRL naming neither), a negative
+        # max_steps trained by epochs, and two odd names or keys raised TypeError tracebacks
+        (lambda d: d["args"].update(max_steps=2.5), "job file args: max_steps must be an int, got 2.5"),
+        (lambda d: d["args"].update(max_length=1e2), "job file args: max_length must be an int or null, got 100.0"),
+        (lambda d: d["args"].update(seed=1.5), "job file args: seed must be an int, got 1.5"),
+        (lambda d: d["args"].update(max_steps=-5), r"job file args: max_steps must be an int >= 1 \(or -1 for epo"),
+        (lambda d: d["args"].update(max_steps=0), "job file args: max_steps must be an int >= 1"),
+        (lambda d: [j.update(name=["x"]) for j in d["jobs"][:2]], r"job name \['x'\] is not allowed"),
+        (lambda d: d["jobs"][0].update({1: 2, "foo": 3}), r"job 'a': unknown key\(s\) \['foo', 1\]"),
+        (lambda d: d["jobs"][2].update(dataset_config="main"), "job 'c': dataset_config names a configuration of a"),
+        (lambda d: d.update(model="./no-such-model"), "job file: model './no-such-model' is a local path, and no such"),
+        (lambda d: d.update(tokenizer="/no/such/tok"), "job file: tokenizer '/no/such/tok' is a local path, and no"),
     ],
 )
 def test_bad_job_files_say_what_is_wrong(data_file, change, match):
@@ -167,3 +180,10 @@ def test_splits_of_local_files_and_step_overhead_tokens_reach_the_run(data_file)
     doc["jobs"][0]["peft"]["lora_alpha"] = 16.5
     doc["jobs"][1]["peft"]["lora_alpha"] = 8.0
     assert [job.peft_config.lora_alpha for job in parse_run(doc).jobs[:2]] == [16.5, 8.0]
+
+
+def test_trainer_args_take_ints_for_number_fields_and_minus_one_steps(data_file):
+    doc = run_dict(data_file)
+    doc["args"].update(save_steps=0.5, num_train_epochs=2, learning_rate=1, max_steps=-1, max_length=None)
+    args = parse_run(doc).args
+    assert (args["save_steps"], args["num_train_epochs"], args["max_steps"], args["max_length"]) == (0.5, 2, -1, None)
