@@ -152,6 +152,22 @@ def check_trainer_inputs(model, jobs, callbacks, kwargs: dict) -> None:
         raise TypeError("pass the base model: MultiJobTrainer adds every job's adapter itself")
     if not isinstance(model, (str, nn.Module)):
         raise TypeError(f"model must be a base model (a torch module) or its path or hub id, got {model!r}")
+    if isinstance(model, nn.Module):
+        check_no_adapter_layers(model)
+
+
+def check_no_adapter_layers(model) -> None:
+    """Refuse a base that holds adapter layers already. `SFTTrainer(peft_config=...)`, `get_peft_model` and
+    `load_adapter` put them into the base model in place, so a base trained that way is no longer plain: every job
+    would fail at its first step, each row meeting the earlier adapter too."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        names = sorted(getattr(model, "peft_config", None) or {})
+        raise ValueError(
+            f"model already holds adapter layers (adapters {names}): SFTTrainer(peft_config=...), get_peft_model and "
+            "load_adapter add them into the base model itself. Pass a freshly loaded base, or the base of a trained "
+            "PeftModel as `peft_model.unload()` gives it back")
 
 
 def check_step_overhead_tokens(value) -> None:

@@ -109,3 +109,26 @@ def test_a_streaming_eval_set_and_eval_steps_0_are_accepted():
     TrainingArguments."""
     job = JobConfig("j", LORA, rows(), eval_dataset=rows().to_iterable_dataset(), eval_steps=0)
     assert job.eval_steps == 0 and not hasattr(job.eval_dataset, "__len__")
+
+
+@pytest.mark.parametrize("adapted_by", ["get_peft_model", "load_adapter"])
+def test_a_base_that_holds_adapter_layers_is_refused_and_its_unloaded_base_trains(tokenizer, tmp_path, adapted_by):
+    """SFTTrainer(peft_config=...) adapts the base model itself (get_peft_model): a MultiJobTrainer on that base
+    then failed every job at its first step ("2 adapters are active") and train() returned (a docs audit,
+    2026-12-06, seventeenth session: the quickstart reused `base`)."""
+    from peft import get_peft_model
+
+    base = tiny_base(vocab_size=len(tokenizer))
+    if adapted_by == "get_peft_model":
+        peft_model = get_peft_model(base, mixlora())
+    else:
+        get_peft_model(tiny_base(vocab_size=len(tokenizer)), LORA).save_pretrained(tmp_path / "saved")
+        base.load_adapter(str(tmp_path / "saved"), adapter_name="saved")
+    with pytest.raises(ValueError, match=r"model already holds adapter layers \(adapters \['(default|saved)'\]\)"):
+        MultiJobTrainer(model=base, jobs=[JobConfig("ok", LORA, rows())], args=run_args(tmp_path / "run"),
+                        processing_class=tokenizer)
+    if adapted_by == "get_peft_model":
+        trainer = MultiJobTrainer(model=peft_model.unload(), jobs=[JobConfig("ok", LORA, rows(), max_steps=2)],
+                                  args=run_args(tmp_path / "run"), processing_class=tokenizer)
+        trainer.train()
+        assert trainer.job_summary[0]["status"] == "done"

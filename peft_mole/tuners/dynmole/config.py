@@ -60,7 +60,7 @@ class DynMoLEConfig(ExpertAdapterConfig):
             raise ValueError(
                 f"q must be 1.0 (Shannon entropy) or differ from 1 by at least {routing.MIN_Q_DISTANCE}, got {self.q}: "
                 "near 1, (1 − Σ p^q) / (q − 1) is a difference of nearly equal fp32 numbers divided by a tiny one "
-                "(at q = 1 + 1e-7 a uniform router's entropy comes out 0.57 of its maximum instead of 1)"
+                "(at q = 1 + 1e-7 a uniform router over 8 experts had 0.57 of its maximum entropy instead of 1)"
             )
         _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_float("broadcast_threshold", self.broadcast_threshold, 0.0, 1.0)
