@@ -15,6 +15,10 @@
         dataset_split: train[:80%]    # optional (default "train"), also for a local file
         eval_dataset: data/math.jsonl # optional; eval_dataset_split: default "validation" (a local file: "train")
         learning_rate: 1.0e-4         # any JobConfig field
+      - name: math2                   # a job that goes on from a saved adapter (without `peft`: its own config)
+        type: lora
+        init_adapter: runs/demo/math
+        dataset: data/math.jsonl
 
 A value of the wrong kind (`r: "4"`, `max_steps: ten`) is refused naming its field, from the annotations of the
 config it goes to (the PEFT config or SFTConfig; JobConfig checks its own). `step_overhead_tokens` (top level) is
@@ -148,8 +152,8 @@ def _job(entry: Any, index: int) -> JobConfig:
     known = {f.name for f in fields(PEFT_TYPES[kind])}
     _unknown(f"job {name!r} peft", peft_kwargs, known)
     check_scalar_types(PEFT_TYPES[kind], peft_kwargs, f"job {name!r} peft")
-    try:
-        peft_config = PEFT_TYPES[kind](**peft_kwargs)
+    try:  # with an init_adapter and no `peft`, the saved adapter's config (JobConfig reads it)
+        peft_config = None if entry.get("init_adapter") and not entry.get("peft") else PEFT_TYPES[kind](**peft_kwargs)
     except (TypeError, ValueError) as error:
         raise ValueError(f"job {name!r} peft: {error}") from error
     overrides = {k: v for k, v in entry.items() if k not in {"name", "type", "peft"} | DATA_KEYS}
@@ -167,9 +171,12 @@ def _job(entry: Any, index: int) -> JobConfig:
         evaluation = load_dataset_spec(entry["eval_dataset"], name, entry.get("dataset_config"),
                                        entry.get("eval_dataset_split") or ("train" if local else "validation"))
     try:
-        return JobConfig(name=name, peft_config=peft_config, train_dataset=train, eval_dataset=evaluation, **overrides)
+        job = JobConfig(name=name, peft_config=peft_config, train_dataset=train, eval_dataset=evaluation, **overrides)
     except TypeError as error:  # a value of the wrong type (JobConfig names the job and the field)
         raise ValueError(str(error)) from error
+    if type(job.peft_config) is not PEFT_TYPES[kind]:  # (read from an init_adapter)
+        raise ValueError(f"job {name!r}: type is {kind!r}, its init_adapter holds a {type(job.peft_config).__name__}")
+    return job
 
 
 def parse_run(data: Any) -> RunSpec:

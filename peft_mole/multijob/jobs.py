@@ -60,6 +60,12 @@ class JobConfig:
         learning_rate: this job's value of the `SFTConfig` field of the same name (None = the trainer's); so are
             per_device_train_batch_size, gradient_accumulation_steps, num_train_epochs, max_steps, warmup_steps,
             weight_decay, max_grad_norm, lr_scheduler_type, seed, save_steps, logging_steps and eval_steps.
+        init_adapter: a saved adapter folder (`adapter_config.json` and `adapter_model.safetensors`: a job's
+            output, or any PEFT LoRA / peft-mole adapter) the job starts from instead of a fresh adapter, as
+            `PeftModel.from_pretrained(base, folder, is_trainable=True)` starts SFTTrainer. With
+            `peft_config=None` the folder's config is used; a given one must be of its type and fit its tensors
+            (other dropout or alpha are taken as given). Optimizer and scheduler start afresh; a resume takes the
+            job's checkpoint instead.
 
     Example:
         >>> JobConfig(name="math", peft_config=LoraConfig(r=16), train_dataset=ds, learning_rate=2e-4)  # doctest: +SKIP
@@ -84,13 +90,16 @@ class JobConfig:
     save_steps: float | None = None
     logging_steps: float | None = None
     eval_steps: float | None = None
+    init_adapter: str | None = None
 
     def __post_init__(self) -> None:
         check_job_name(self.name)
+        if self.init_adapter is not None:
+            self.peft_config = saved_adapter_config(f"job {self.name!r}", self.init_adapter, self.peft_config)
         if not isinstance(self.peft_config, (LoraConfig, ExpertAdapterConfig)):
             raise TypeError(
-                f"job {self.name!r}: peft_config must be a LoraConfig, MixLoRAConfig or DynMoLEConfig, got "
-                f"{type(self.peft_config).__name__}"
+                f"job {self.name!r}: peft_config must be a LoraConfig, MixLoRAConfig or DynMoLEConfig (or None with "
+                f"an init_adapter), got {type(self.peft_config).__name__}"
             )
         if self.train_dataset is None:
             raise ValueError(f"job {self.name!r}: train_dataset is required")
@@ -144,3 +153,23 @@ class JobConfig:
                            "arguments) takes precedence as in Trainer; set JobConfig(max_steps=-1) to train by "
                            "epochs", self.name, self.num_train_epochs, args.max_steps)
         return args
+
+
+def saved_adapter_config(where: str, folder, given: PeftConfig | None) -> PeftConfig:
+    """The config a job started from the saved adapter in `folder` trains with: `given`, if of the saved adapter's
+    type, else the folder's own (for training: `inference_mode` False)."""
+    if not isinstance(folder, (str, os.PathLike)) or not os.path.isdir(folder):
+        raise ValueError(f"{where}: init_adapter must be a local adapter folder, got {folder!r}")
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        if not os.path.isfile(os.path.join(folder, file)):
+            raise ValueError(f"{where}: init_adapter {str(folder)!r} has no {file} (a safetensors adapter folder, as "
+                             "save_pretrained writes it; `peft-mole convert-bin` converts a trusted .bin)")
+    saved = PeftConfig.from_pretrained(str(folder))
+    if given is None:
+        saved.inference_mode = False
+        return saved
+    if type(given) is not type(saved):
+        raise ValueError(f"{where}: init_adapter {str(folder)!r} holds a {type(saved).__name__} adapter, peft_config "
+                         f"is a {type(given).__name__}")
+    return given
+

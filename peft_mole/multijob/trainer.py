@@ -129,6 +129,9 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         # each job's adapter made after set_seed(its seed), as SFTTrainer makes a job's alone
         self.jobs_model = MultiJobModel(model, {j.name: j.peft_config for j in jobs},
                                         seeds={j.name: default_seed if j.seed is None else j.seed for j in jobs})
+        for job in jobs:  # (a resume then takes each job's checkpoint instead)
+            if job.init_adapter is not None:
+                self.jobs_model.load_job(job.name, str(job.init_adapter))
         self.job_scheduler = JobScheduler(max_concurrent_jobs, max_memory)
         check_step_overhead_tokens(step_overhead_tokens)
         self.step_overhead_tokens = step_overhead_tokens

@@ -1,0 +1,89 @@
+"""`JobConfig(init_adapter=folder)`: a job goes on from a saved adapter (a job's output or any PEFT LoRA / peft-mole
+adapter), as `PeftModel.from_pretrained(base, folder, is_trainable=True)` starts SFTTrainer."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+
+from peft_mole import JobConfig, MultiJobTrainer, synthetic
+from peft_mole.multijob.job_file import parse_run
+from tests.helpers import mixlora, tiny_base
+from tests.multijob.test_trainer import run_args
+
+LORA = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+def rows(n: int = 4) -> Dataset:
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
+                              for r in synthetic.multitask_rows(n, tasks=("add",))])
+
+
+@pytest.fixture
+def saved_lora(tmp_path) -> str:
+    folder = tmp_path / "saved-lora"
+    get_peft_model(tiny_base(), LORA).save_pretrained(folder)
+    return str(folder)
+
+
+def train(folder, tokenizer, steps: int, init: dict[str, str] | None = None) -> MultiJobTrainer:
+    """A LoRA and a MixLoRA job, plain SGD at a constant rate, one batch of the same 4 rows per step."""
+    init = init or {}
+    jobs = [JobConfig("lora", None if "lora" in init else LORA, rows(), init_adapter=init.get("lora")),
+            JobConfig("mix", None if "mix" in init else mixlora(), rows(), init_adapter=init.get("mix"))]
+    return MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                           args=run_args(folder, max_steps=steps, optim="sgd", learning_rate=0.5,
+                                         lr_scheduler_type="constant"))
+
+
+def test_two_steps_then_two_more_from_the_saved_adapters_equal_four_steps(tmp_path):
+    tokenizer = synthetic.demo_tokenizer()
+    whole = train(tmp_path / "whole", tokenizer, 4)
+    whole.train()
+    first = train(tmp_path / "first", tokenizer, 2)
+    first.train()
+    init = {name: str(tmp_path / "first" / name) for name in ("lora", "mix")}
+    second = train(tmp_path / "second", tokenizer, 2, init)
+    for name, folder in init.items():  # the saved adapters, exactly, before any step
+        saved = load_file(f"{folder}/adapter_model.safetensors")
+        assert all((second.jobs_model.job_state_dict(name)[k] == v).all() for k, v in saved.items())
+    assert second.jobs_model.peft_config["mix"].num_experts == 4 and not second.jobs_model.peft_config["mix"].inference_mode
+    second.train()
+    assert [r["status"] for r in second.job_summary] == ["done", "done"]
+    for name in init:
+        a = load_file(tmp_path / "whole" / name / "adapter_model.safetensors")
+        b = load_file(tmp_path / "second" / name / "adapter_model.safetensors")
+        start = load_file(tmp_path / "first" / name / "adapter_model.safetensors")
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+        assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3  # the last two steps moved it
+
+
+def test_bad_init_adapters_are_named(saved_lora, tmp_path):
+    with pytest.raises(ValueError, match="job 'j': init_adapter must be a local adapter folder, got 'nowhere'"):
+        JobConfig("j", None, rows(), init_adapter="nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="job 'j': init_adapter .* has no adapter_config.json"):
+        JobConfig("j", LORA, rows(), init_adapter=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="holds a LoraConfig adapter, peft_config is a MixLoRAConfig"):
+        JobConfig("j", mixlora(), rows(), init_adapter=saved_lora)
+    with pytest.raises(TypeError, match="or None with an init_adapter"):
+        JobConfig("j", None, rows())
+    tokenizer = synthetic.demo_tokenizer()
+    narrow = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match=r"has shape \(4, 64\), job 'j' needs \(2, 64\)"):
+        MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), processing_class=tokenizer,
+                        jobs=[JobConfig("j", narrow, rows(), init_adapter=saved_lora)], args=run_args(tmp_path / "r"))
+
+
+def test_a_job_file_job_without_peft_takes_its_init_adapters_config(saved_lora, tmp_path):
+    data = str(synthetic.write_jsonl(synthetic.multitask_rows(4, tasks=("add",)), tmp_path / "add.jsonl"))
+    doc = {"model": "m", "output_dir": "out", "jobs": [
+        {"name": "more", "type": "lora", "dataset": data, "init_adapter": saved_lora}]}
+    (job,) = parse_run(yaml.safe_load(yaml.safe_dump(doc))).jobs
+    assert isinstance(job.peft_config, LoraConfig) and job.peft_config.r == 4 and job.init_adapter == saved_lora
+    doc["jobs"][0]["type"] = "mixlora"
+    with pytest.raises(ValueError, match="job 'more': type is 'mixlora', its init_adapter holds a LoraConfig"):
+        parse_run(doc)
