@@ -21,11 +21,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # pytest exits 5 when it collects no tests, which fails this target. The tests run in TEST_WORKERS processes
-# (pytest-xdist; 0 runs them in this one), each with one torch thread: on 2 cores 17 min instead of 27 (much of a
-# test is single-threaded: compiling, tracing, Python). The bench scripts set their own thread count.
+# (pytest-xdist, a test file's tests in one of them, so its module fixtures are made once; 0 runs them in this
+# one), each with one torch thread: on 2 cores 17 min instead of 27 (much of a test is single-threaded:
+# compiling, tracing, Python). The bench scripts set their own thread count.
 TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # where `make demo` writes its models, data and adapters (make demo DEMO_DIR=/tmp/demo)
 DEMO_DIR ?= build

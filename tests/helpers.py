@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 
 import peft_mole
@@ -88,3 +90,10 @@ def count_row_norms(monkeypatch) -> list:
 
     monkeypatch.setattr(experts_module, "row_norms", counted)
     return calls
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

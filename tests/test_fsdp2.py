@@ -13,7 +13,7 @@ import textwrap
 import pytest
 from safetensors.torch import load_file
 
-from tests.multijob.test_distributed import _free_port
+from tests.helpers import free_port
 
 SCRIPT = textwrap.dedent('''
     import os, sys
@@ -76,7 +76,7 @@ def test_fully_sharded_adapters_train_as_in_one_process(tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(_free_port()), str(script), str(tmp_path / "two")],
+                          "--master-port", str(free_port()), str(script), str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     for name in ("mixlora", "mixdora", "dynmole"):

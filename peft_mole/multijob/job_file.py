@@ -15,9 +15,9 @@
         dataset_split: train[:80%]    # optional (default "train"), also for a local file
         eval_dataset: data/math.jsonl # optional; eval_dataset_split: default "validation" (a local file: "train")
         learning_rate: 1.0e-4         # any JobConfig field
-      - name: math2                   # a job that goes on from a saved adapter (without `peft`: its own config)
-        type: lora
-        init_adapter: runs/demo/math
+      - name: math2                   # a job that goes on from an earlier run's adapter (its config; `peft`
+        type: lora                    # changes fields of it, as {lora_dropout: 0.1})
+        init_adapter: runs/earlier/math
         dataset: data/math.jsonl
 
 A value of the wrong kind (`r: "4"`, `max_steps: ten`) is refused naming its field, from the annotations of the
@@ -33,12 +33,13 @@ import os
 import re
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from peft import LoraConfig
 
-from peft_mole.multijob.jobs import JobConfig
+from peft_mole.multijob.jobs import JobConfig, saved_adapter_config
+from peft_mole.multijob.trainer_args import check_max_steps
 from peft_mole.tuners.dynmole.config import DynMoLEConfig
 from peft_mole.tuners.mixlora.config import MixLoRAConfig
 
@@ -108,6 +109,19 @@ _SCALARS = {int: ((int, float), "an int"), float: ((int, float), "a number"), bo
             str: ((str,), "a string"), type(None): ((type(None),), "null")}
 
 
+def whole_floats_as_ints(config_class: type, values: dict) -> dict:
+    """`values` with a whole float given for a field `config_class` annotates int alone made that int (`1e3` is
+    a float in YAML 1.2: `max_steps: 1e3` means 1000)."""
+    hints = typing.get_type_hints(config_class)
+
+    def int_only(key) -> bool:
+        hint = hints.get(key)
+        members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        return int in members and float not in members
+
+    return {k: int(v) if isinstance(v, float) and v.is_integer() and int_only(k) else v for k, v in values.items()}
+
+
 def check_scalar_types(config_class: type, values: dict, where: str, int_takes_float: bool = True) -> None:
     """Refuse a value whose kind the field's annotation in `config_class` rules out (a string for `r: int`, a number
     for a string field), naming the field; fields annotated with other than int/float/bool/str/None (lists,
@@ -152,8 +166,13 @@ def _job(entry: Any, index: int) -> JobConfig:
     known = {f.name for f in fields(PEFT_TYPES[kind])}
     _unknown(f"job {name!r} peft", peft_kwargs, known)
     check_scalar_types(PEFT_TYPES[kind], peft_kwargs, f"job {name!r} peft")
-    try:  # with an init_adapter and no `peft`, the saved adapter's config (JobConfig reads it)
-        peft_config = None if entry.get("init_adapter") and not entry.get("peft") else PEFT_TYPES[kind](**peft_kwargs)
+    saved = None  # with an init_adapter, `peft` (if any) changes fields of the saved adapter's config
+    if entry.get("init_adapter") is not None:
+        saved = saved_adapter_config(f"job {name!r}", entry["init_adapter"], None)
+        if type(saved) is not PEFT_TYPES[kind]:
+            raise ValueError(f"job {name!r}: type is {kind!r}, its init_adapter holds a {type(saved).__name__}")
+    try:
+        peft_config = PEFT_TYPES[kind](**peft_kwargs) if saved is None else replace(saved, **peft_kwargs)
     except (TypeError, ValueError) as error:
         raise ValueError(f"job {name!r} peft: {error}") from error
     overrides = {k: v for k, v in entry.items() if k not in {"name", "type", "peft"} | DATA_KEYS}
@@ -171,12 +190,9 @@ def _job(entry: Any, index: int) -> JobConfig:
         evaluation = load_dataset_spec(entry["eval_dataset"], name, entry.get("dataset_config"),
                                        entry.get("eval_dataset_split") or ("train" if local else "validation"))
     try:
-        job = JobConfig(name=name, peft_config=peft_config, train_dataset=train, eval_dataset=evaluation, **overrides)
+        return JobConfig(name=name, peft_config=peft_config, train_dataset=train, eval_dataset=evaluation, **overrides)
     except TypeError as error:  # a value of the wrong type (JobConfig names the job and the field)
         raise ValueError(str(error)) from error
-    if type(job.peft_config) is not PEFT_TYPES[kind]:  # (read from an init_adapter)
-        raise ValueError(f"job {name!r}: type is {kind!r}, its init_adapter holds a {type(job.peft_config).__name__}")
-    return job
 
 
 def parse_run(data: Any) -> RunSpec:
@@ -208,10 +224,16 @@ def parse_run(data: Any) -> RunSpec:
     from trl import SFTConfig
 
     _unknown("job file args", args, {f.name for f in fields(SFTConfig)} - {"output_dir"})
+    args = whole_floats_as_ints(SFTConfig, args)
     check_scalar_types(SFTConfig, args, "job file args", int_takes_float=False)
-    steps = args.get("max_steps", -1)
-    if steps != -1 and steps < 1:  # Trainer trains by epochs for any max_steps <= 0; a job refuses them too
-        raise ValueError(f"job file args: max_steps must be an int >= 1 (or -1 for epochs), got {steps!r}")
+    check_max_steps("job file args", args.get("max_steps", -1))  # (as a job's: Trainer takes any value <= 0)
+    outputs = {os.path.abspath(os.path.join(data["output_dir"], str(n))): n for n in names}
+    for entry in jobs:
+        init = entry.get("init_adapter") if isinstance(entry, dict) else None
+        if isinstance(init, str) and os.path.abspath(init) in outputs:
+            raise ValueError(f"job {entry.get('name')!r}: init_adapter {init!r} is the folder job "
+                             f"{outputs[os.path.abspath(init)]!r} of this file trains into; start from an earlier "
+                             "run's folder")
     built = [_job(entry, i) for i, entry in enumerate(jobs)]
     memory, concurrent = data.get("max_memory_gb"), data.get("max_concurrent_jobs")
     if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0):

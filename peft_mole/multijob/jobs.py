@@ -17,7 +17,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftConfig
 
 from peft_mole.multijob.model import check_job_name
-from peft_mole.multijob.trainer_args import NUMBERS, check_lr_scheduler, check_number
+from peft_mole.multijob.trainer_args import NUMBERS, check_lr_scheduler, check_max_steps, check_number
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class JobConfig:
 
     Args:
         name: adapter name and output folder (`output_dir/<name>/`); letters, digits, '_' and '-'.
-        peft_config: `LoraConfig`, `MixLoRAConfig` or `DynMoLEConfig`.
+        peft_config: `LoraConfig`, `MixLoRAConfig` or `DynMoLEConfig`; None with an `init_adapter` (its config).
         train_dataset: a dataset in any format `SFTTrainer` accepts (text, messages, prompt-completion), or a list
             of such rows (dicts), made a `datasets.Dataset`.
         eval_dataset: the same, for `<job>/eval_loss` and early stopping.
@@ -72,7 +72,7 @@ class JobConfig:
     """
 
     name: str
-    peft_config: PeftConfig
+    peft_config: PeftConfig | None
     train_dataset: Any
     eval_dataset: Any = None
     priority: int = 0
@@ -90,7 +90,7 @@ class JobConfig:
     save_steps: float | None = None
     logging_steps: float | None = None
     eval_steps: float | None = None
-    init_adapter: str | None = None
+    init_adapter: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         check_job_name(self.name)
@@ -118,9 +118,8 @@ class JobConfig:
             raise TypeError(f"job {self.name!r}: priority must be an int, got {self.priority!r}")
         for name in NUMBERS:
             check_number(f"job {self.name!r}", name, getattr(self, name))
-        steps = self.max_steps
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps == 0 or steps < -1):
-            raise ValueError(f"job {self.name!r}: max_steps must be an int >= 1 (or -1 for epochs), got {steps!r}")
+        if self.max_steps is not None:
+            check_max_steps(f"job {self.name!r}", self.max_steps)
         evaluation = self.eval_dataset
         if evaluation is not None and (isinstance(evaluation, (str, bytes)) or not hasattr(evaluation, "__iter__")):
             raise TypeError(f"job {self.name!r}: eval_dataset must be a dataset (datasets.Dataset or IterableDataset), "
@@ -157,19 +156,28 @@ class JobConfig:
 
 def saved_adapter_config(where: str, folder, given: PeftConfig | None) -> PeftConfig:
     """The config a job started from the saved adapter in `folder` trains with: `given`, if of the saved adapter's
-    type, else the folder's own (for training: `inference_mode` False)."""
+    type, else the folder's own, for training (`inference_mode` False; a LoRA's random initialisation, which
+    the loaded weights replace, PEFT's default)."""
     if not isinstance(folder, (str, os.PathLike)) or not os.path.isdir(folder):
         raise ValueError(f"{where}: init_adapter must be a local adapter folder, got {folder!r}")
     for file in ("adapter_config.json", "adapter_model.safetensors"):
         if not os.path.isfile(os.path.join(folder, file)):
-            raise ValueError(f"{where}: init_adapter {str(folder)!r} has no {file} (a safetensors adapter folder, as "
-                             "save_pretrained writes it; `peft-mole convert-bin` converts a trusted .bin)")
-    saved = PeftConfig.from_pretrained(str(folder))
+            hint = "; `peft-mole convert-bin` converts a trusted adapter_model.bin" if os.path.isfile(
+                os.path.join(folder, "adapter_model.bin")) else ""
+            raise ValueError(f"{where}: init_adapter {str(folder)!r} has no {file} (an adapter folder as "
+                             f"save_pretrained writes it{hint})")
+    try:
+        saved = PeftConfig.from_pretrained(str(folder))
+    except Exception as error:  # noqa: BLE001 — malformed JSON, an unknown peft_type (a MoE-PEFT folder: convert it)
+        raise ValueError(f"{where}: init_adapter {str(folder)!r}: its adapter_config.json cannot be read as a PEFT "
+                         f"config ({type(error).__name__}: {error}); `peft-mole convert` converts MoE-PEFT "
+                         "adapters") from error
     if given is None:
         saved.inference_mode = False
+        if isinstance(saved, LoraConfig) and saved.init_lora_weights in (False, "gaussian"):
+            saved.init_lora_weights = True
         return saved
     if type(given) is not type(saved):
         raise ValueError(f"{where}: init_adapter {str(folder)!r} holds a {type(saved).__name__} adapter, peft_config "
                          f"is a {type(given).__name__}")
     return given
-

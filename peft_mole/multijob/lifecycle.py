@@ -49,8 +49,9 @@ class JobLifecycle:
             run.release()
             if state["status"] == DONE and run.max_steps > run.global_step:
                 logger.warning("job %s ended at step %d; resume does not train an ended job further (its "
-                               "max_steps is now %d): start a new job from its adapter, JobConfig(init_adapter=%r)", run.name,
-                               run.global_step, run.max_steps, run.args.output_dir)
+                               "max_steps is now %d): train a job of another name from it, "
+                               "JobConfig(init_adapter=%r)", run.name, run.global_step, run.max_steps,
+                               run.args.output_dir)
             return
         path = ckpt.latest_checkpoint(run.args.output_dir, run.run_id)
         if path is not None:

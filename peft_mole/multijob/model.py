@@ -135,8 +135,12 @@ class MultiJobModel(MixLoRAModel):
         if first in seeds:
             set_seed(seeds[first])
         super().__init__(model, {first: configs[first]}, first)
-        for name in rest:
-            self.add_job(name, configs[name], seeds.get(name))
+        try:
+            for name in rest:
+                self.add_job(name, configs[name], seeds.get(name))
+        except BaseException:  # the base as it was given (`trainer_args.check_no_adapter_layers`)
+            self.unload()
+            raise
         self.set_adapter(order)
 
     @staticmethod

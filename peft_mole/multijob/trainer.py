@@ -129,30 +129,34 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         # each job's adapter made after set_seed(its seed), as SFTTrainer makes a job's alone
         self.jobs_model = MultiJobModel(model, {j.name: j.peft_config for j in jobs},
                                         seeds={j.name: default_seed if j.seed is None else j.seed for j in jobs})
-        for job in jobs:  # (a resume then takes each job's checkpoint instead)
-            if job.init_adapter is not None:
-                self.jobs_model.load_job(job.name, str(job.init_adapter))
-        self.job_scheduler = JobScheduler(max_concurrent_jobs, max_memory)
-        check_step_overhead_tokens(step_overhead_tokens)
-        self.step_overhead_tokens = step_overhead_tokens
-        self.step_cost = StepCost()
-        self.padding_stats = report.PaddingStats()
-        self._whole_loads: dict = {}  # {(job, layer): WholeLoad} of MoE jobs trained in halves (`MicroBatchHalves`)
-        try:
-            # an eval_dataset (Trainer refuses an eval_strategy without one), prepared once: that job's reuses it
-            first_eval = next((j.eval_dataset for j in jobs if j.eval_dataset is not None), None)
-            passed_eval = kwargs.setdefault("eval_dataset", first_eval)
-            with without_aux_coefficient(args), without_init_kwargs(args, loaded), with_adapters_declared(model):
-                super().__init__(model=model, args=args, train_dataset=jobs[0].train_dataset, callbacks=callbacks,
-                                 processing_class=processing_class, data_collator=data_collator,
-                                 formatting_func=formatting_func, **kwargs)
-        except (KeyError, ValueError, TypeError) as error:
-            raise ValueError(f"job {jobs[0].name!r} (or the trainer arguments): "
-                             f"{data_error(error, jobs[0].train_dataset)}") from error
-        check_distributed(self)
-        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        self.job_scheduler.varlen_attention = "flash" in str(attention)
-        self._prepare_job_datasets(jobs, passed_eval, formatting_func)
+        try:  # a set-up that fails gives the base back as it was given, so a corrected trainer can take it
+            for job in jobs:  # (a resume then takes each job's checkpoint instead)
+                if job.init_adapter is not None:
+                    self.jobs_model.load_job(job.name, str(job.init_adapter))
+            self.job_scheduler = JobScheduler(max_concurrent_jobs, max_memory)
+            check_step_overhead_tokens(step_overhead_tokens)
+            self.step_overhead_tokens = step_overhead_tokens
+            self.step_cost = StepCost()
+            self.padding_stats = report.PaddingStats()
+            self._whole_loads: dict = {}  # {(job, layer): WholeLoad} of MoE jobs trained in halves (`MicroBatchHalves`)
+            try:
+                # an eval_dataset (Trainer refuses an eval_strategy without one), prepared once: that job's reuses it
+                first_eval = next((j.eval_dataset for j in jobs if j.eval_dataset is not None), None)
+                passed_eval = kwargs.setdefault("eval_dataset", first_eval)
+                with without_aux_coefficient(args), without_init_kwargs(args, loaded), with_adapters_declared(model):
+                    super().__init__(model=model, args=args, train_dataset=jobs[0].train_dataset, callbacks=callbacks,
+                                     processing_class=processing_class, data_collator=data_collator,
+                                     formatting_func=formatting_func, **kwargs)
+            except (KeyError, ValueError, TypeError) as error:
+                raise ValueError(f"job {jobs[0].name!r} (or the trainer arguments): "
+                                 f"{data_error(error, jobs[0].train_dataset)}") from error
+            check_distributed(self)
+            attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+            self.job_scheduler.varlen_attention = "flash" in str(attention)
+            self._prepare_job_datasets(jobs, passed_eval, formatting_func)
+        except BaseException:
+            self.jobs_model.unload()
+            raise
         self.runs: list[JobRun] = []  # made by train()
         self.job_summary: list[dict] = []
 

@@ -61,6 +61,12 @@ class JobSetupError(ValueError):
     `train()` begins, before any step."""
 
 
+def check_max_steps(owner: str, steps) -> None:
+    """`max_steps`: an int >= 1, or -1 to train by epochs (Trainer trains by epochs for any value <= 0)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps == 0 or steps < -1:
+        raise ValueError(f"{owner}: max_steps must be an int >= 1 (or -1 for epochs), got {steps!r}")
+
+
 def check_number(owner: str, name: str, value) -> None:
     """Raise ValueError where `value` (None: unset) is not a number of the kind and range NUMBERS gives `name`."""
     if value is None:
@@ -157,17 +163,19 @@ def check_trainer_inputs(model, jobs, callbacks, kwargs: dict) -> None:
 
 
 def check_no_adapter_layers(model) -> None:
-    """Refuse a base that holds adapter layers already. `SFTTrainer(peft_config=...)`, `get_peft_model` and
-    `load_adapter` put them into the base model in place, so a base trained that way is no longer plain: every job
-    would fail at its first step, each row meeting the earlier adapter too."""
+    """Refuse a base that holds adapter layers already. `SFTTrainer(peft_config=...)`, `get_peft_model`,
+    `load_adapter` and a `MultiJobTrainer` that was made put them into the base model in place, so a base trained
+    that way is no longer plain: every job would fail at its first step, each row meeting the earlier adapter too.
+    (A MultiJobTrainer whose set-up fails gives its base back.)"""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
         names = sorted(getattr(model, "peft_config", None) or {})
         raise ValueError(
-            f"model already holds adapter layers (adapters {names}): SFTTrainer(peft_config=...), get_peft_model and "
-            "load_adapter add them into the base model itself. Pass a freshly loaded base, or the base of a trained "
-            "PeftModel as `peft_model.unload()` gives it back")
+            f"model already holds adapter layers (adapters {names}): SFTTrainer(peft_config=...), get_peft_model, "
+            "load_adapter and MultiJobTrainer add them into the base model itself. Pass a freshly loaded base, or "
+            "the base as `peft_model.unload()` (or an earlier MultiJobTrainer's `trainer.jobs_model.unload()`) gives "
+            "it back; to go on from a saved adapter, use JobConfig(init_adapter=its folder)")
 
 
 def check_step_overhead_tokens(value) -> None:

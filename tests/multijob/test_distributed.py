@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,8 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.helpers import free_port
 
 SCRIPT = textwrap.dedent('''
     import os, sys
@@ -112,17 +113,11 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def accelerate_launch() -> list[str]:
     """`accelerate launch` of 2 CPU processes (gloo), on a free port; the script and its arguments follow."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port())]
+            "--main_process_port", str(free_port())]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")

@@ -71,11 +71,29 @@ def test_bad_init_adapters_are_named(saved_lora, tmp_path):
         JobConfig("j", mixlora(), rows(), init_adapter=saved_lora)
     with pytest.raises(TypeError, match="or None with an init_adapter"):
         JobConfig("j", None, rows())
+    (tmp_path / "malformed").mkdir()
+    (tmp_path / "malformed" / "adapter_config.json").write_text("{not json")
+    (tmp_path / "malformed" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="malformed.*its adapter_config.json cannot be read as a PEFT config"):
+        JobConfig("j", None, rows(), init_adapter=str(tmp_path / "malformed"))
+
+
+def test_a_failed_set_up_gives_the_base_back_and_a_trained_one_is_refused_until_unloaded(saved_lora, tmp_path):
     tokenizer = synthetic.demo_tokenizer()
+    base = tiny_base(vocab_size=len(tokenizer))
     narrow = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
     with pytest.raises(ValueError, match=r"has shape \(4, 64\), job 'j' needs \(2, 64\)"):
-        MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), processing_class=tokenizer,
+        MultiJobTrainer(model=base, processing_class=tokenizer,
                         jobs=[JobConfig("j", narrow, rows(), init_adapter=saved_lora)], args=run_args(tmp_path / "r"))
+    trainer = MultiJobTrainer(model=base, processing_class=tokenizer, args=run_args(tmp_path / "r", max_steps=1),
+                              jobs=[JobConfig("j", None, rows(), init_adapter=saved_lora)])  # the same base again
+    trainer.train()
+    with pytest.raises(ValueError, match=r"model already holds adapter layers \(adapters \['j'\]\).*jobs_model.unl"):
+        MultiJobTrainer(model=base, processing_class=tokenizer, jobs=[JobConfig("k", LORA, rows())],
+                        args=run_args(tmp_path / "r2"))
+    trainer.jobs_model.unload()
+    MultiJobTrainer(model=base, processing_class=tokenizer, jobs=[JobConfig("k", LORA, rows())],
+                    args=run_args(tmp_path / "r2"))
 
 
 def test_a_job_file_job_without_peft_takes_its_init_adapters_config(saved_lora, tmp_path):
@@ -84,6 +102,13 @@ def test_a_job_file_job_without_peft_takes_its_init_adapters_config(saved_lora, 
         {"name": "more", "type": "lora", "dataset": data, "init_adapter": saved_lora}]}
     (job,) = parse_run(yaml.safe_load(yaml.safe_dump(doc))).jobs
     assert isinstance(job.peft_config, LoraConfig) and job.peft_config.r == 4 and job.init_adapter == saved_lora
+    doc["jobs"][0]["peft"] = {"lora_dropout": 0.1}  # fields changed on the saved config, the others kept
+    (job,) = parse_run(doc).jobs
+    assert (job.peft_config.r, job.peft_config.lora_alpha, job.peft_config.lora_dropout) == (4, 8, 0.1)
     doc["jobs"][0]["type"] = "mixlora"
     with pytest.raises(ValueError, match="job 'more': type is 'mixlora', its init_adapter holds a LoraConfig"):
+        parse_run(doc)
+    doc["jobs"][0].update(type="lora", init_adapter="out/other")
+    doc["jobs"].append({"name": "other", "type": "lora", "dataset": data})
+    with pytest.raises(ValueError, match="job 'more': init_adapter 'out/other' is the folder job 'other' of this"):
         parse_run(doc)

@@ -85,10 +85,10 @@ def test_job_file_builds_job_configs(data_file, tmp_path):
         (lambda d: d["jobs"][1]["peft"].update(expert_target_modules=7),
          "job 'b' peft: expert_target_modules must be a list of strings"),
         # found by a probe (2026-12-06, seventeenth session): an int field of the trainer's args took a float
-        # (`max_steps: 2.5` trained 3 steps, `max_length: 1e2` failed inside TRL naming neither), a negative
+        # (`max_steps: 2.5` trained 3 steps, `max_length: 32.5` failed inside TRL naming neither), a negative
         # max_steps trained by epochs, and two odd names or keys raised TypeError tracebacks
         (lambda d: d["args"].update(max_steps=2.5), "job file args: max_steps must be an int, got 2.5"),
-        (lambda d: d["args"].update(max_length=1e2), "job file args: max_length must be an int or null, got 100.0"),
+        (lambda d: d["args"].update(max_length=32.5), "job file args: max_length must be an int or null, got 32.5"),
         (lambda d: d["args"].update(seed=1.5), "job file args: seed must be an int, got 1.5"),
         (lambda d: d["args"].update(max_steps=-5), r"job file args: max_steps must be an int >= 1 \(or -1 for epo"),
         (lambda d: d["args"].update(max_steps=0), "job file args: max_steps must be an int >= 1"),
@@ -182,8 +182,12 @@ def test_splits_of_local_files_and_step_overhead_tokens_reach_the_run(data_file)
     assert [job.peft_config.lora_alpha for job in parse_run(doc).jobs[:2]] == [16.5, 8.0]
 
 
-def test_trainer_args_take_ints_for_number_fields_and_minus_one_steps(data_file):
+def test_trainer_args_take_whole_floats_for_int_fields_and_ints_for_number_fields(data_file):
+    """YAML 1.2 reads `1e3` as a float: a whole one is the int for an int field (SFTConfig's would fail on 1000.0)."""
     doc = run_dict(data_file)
-    doc["args"].update(save_steps=0.5, num_train_epochs=2, learning_rate=1, max_steps=-1, max_length=None)
+    doc["args"].update(save_steps=0.5, num_train_epochs=2, max_steps=1e3, max_length=64.0, seed=-1.0)
     args = parse_run(doc).args
-    assert (args["save_steps"], args["num_train_epochs"], args["max_steps"], args["max_length"]) == (0.5, 2, -1, None)
+    assert [(args[k], type(args[k])) for k in ("save_steps", "num_train_epochs", "max_steps", "max_length", "seed")] \
+        == [(0.5, float), (2, int), (1000, int), (64, int), (-1, int)]
+    doc["args"].update(max_steps=-1, max_length=None)
+    assert (parse_run(doc).args["max_steps"], parse_run(doc).args["max_length"]) == (-1, None)
