@@ -126,7 +126,8 @@ def check_scalar_types(config_class: type, values: dict, where: str, int_takes_f
     """Refuse a value whose kind the field's annotation in `config_class` rules out (a string for `r: int`, a number
     for a string field), naming the field; fields annotated with other than int/float/bool/str/None (lists,
     mappings, enums) are left to the config's own checks. A bool is no number here, and with `int_takes_float`
-    False neither is a float for a field annotated int alone (`1e2` is a float in YAML 1.2: write 100)."""
+    False neither is a float for a field annotated int alone (`max_steps: 2.5`; `whole_floats_as_ints` makes a
+    whole one an int first)."""
     try:
         hints = typing.get_type_hints(config_class)
     except Exception:  # noqa: BLE001 — annotations that do not resolve here: the config checks its values itself

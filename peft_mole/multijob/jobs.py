@@ -61,8 +61,8 @@ class JobConfig:
             per_device_train_batch_size, gradient_accumulation_steps, num_train_epochs, max_steps, warmup_steps,
             weight_decay, max_grad_norm, lr_scheduler_type, seed, save_steps, logging_steps and eval_steps.
         init_adapter: a saved adapter folder (`adapter_config.json` and `adapter_model.safetensors`: a job's
-            output, or any PEFT LoRA / peft-mole adapter) the job starts from instead of a fresh adapter, as
-            `PeftModel.from_pretrained(base, folder, is_trainable=True)` starts SFTTrainer. With
+            output, a MixLoRA or DynMoLE adapter, or a plain PEFT LoRA one) the job starts from instead of a fresh
+            adapter, as `PeftModel.from_pretrained(base, folder, is_trainable=True)` starts SFTTrainer. With
             `peft_config=None` the folder's config is used; a given one must be of its type and fit its tensors
             (other dropout or alpha are taken as given). Optimizer and scheduler start afresh; a resume takes the
             job's checkpoint instead.
