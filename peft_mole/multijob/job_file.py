@@ -78,14 +78,14 @@ def load_dataset_spec(spec: str, job: str, config: str | None = None, split: str
 
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"job {job!r}: dataset must be a file path or a hub dataset name, got {spec!r}")
-    ext = os.path.splitext(spec)[1].lower()
-    if ext in _LOCAL_FORMATS:
+    local_format = _local_format(spec)
+    if local_format is not None:
         if not os.path.isfile(spec):
             raise ValueError(f"job {job!r}: dataset file {spec!r} does not exist")
         if os.path.getsize(spec) == 0:
             raise ValueError(f"job {job!r}: dataset file {spec!r} is empty")
         try:
-            return load_dataset(_LOCAL_FORMATS[ext], data_files=spec, split=split or "train")
+            return load_dataset(local_format, data_files=spec, split=split or "train")
         except Exception as error:  # noqa: BLE001 — a split other than "train", a bad slice, a malformed line
             cause = error.__cause__ or error  # (datasets wraps the reader's error in DatasetGenerationError)
             raise ValueError(f"job {job!r}: dataset file {spec!r}, split {split!r}, cannot be read: "
@@ -109,15 +109,23 @@ _SCALARS = {int: ((int, float), "an int"), float: ((int, float), "a number"), bo
             str: ((str,), "a string"), type(None): ((type(None),), "null")}
 
 
+def _local_format(spec) -> str | None:
+    """The `datasets` builder of a local data file, by its extension (None: a hub dataset name)."""
+    return _LOCAL_FORMATS.get(os.path.splitext(str(spec))[1].lower())
+
+
+def _members(hint) -> tuple:
+    """The types an annotation allows: a union's members, else the annotation itself."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
 def whole_floats_as_ints(config_class: type, values: dict) -> dict:
     """`values` with a whole float given for a field `config_class` annotates int alone made that int (`1e3` is
     a float in YAML 1.2: `max_steps: 1e3` means 1000)."""
     hints = typing.get_type_hints(config_class)
 
     def int_only(key) -> bool:
-        hint = hints.get(key)
-        members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-        return int in members and float not in members
+        return int in _members(hints.get(key)) and float not in _members(hints.get(key))
 
     return {k: int(v) if isinstance(v, float) and v.is_integer() and int_only(k) else v for k, v in values.items()}
 
@@ -133,9 +141,7 @@ def check_scalar_types(config_class: type, values: dict, where: str, int_takes_f
     except Exception:  # noqa: BLE001 — annotations that do not resolve here: the config checks its values itself
         return
     for key, value in values.items():
-        hint = hints.get(key)
-        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-        members = typing.get_args(hint) if union else (hint,)
+        members = _members(hints.get(key))
         if not all(member in _SCALARS or _names_list(member) for member in members):
             continue
         if any(_names_list(member) for member in members) and isinstance(value, list):
@@ -177,8 +183,7 @@ def _job(entry: Any, index: int) -> JobConfig:
     except (TypeError, ValueError) as error:
         raise ValueError(f"job {name!r} peft: {error}") from error
     overrides = {k: v for k, v in entry.items() if k not in {"name", "type", "peft"} | DATA_KEYS}
-    local_files = [os.path.splitext(str(entry[key]))[1].lower() in _LOCAL_FORMATS
-                   for key in ("dataset", "eval_dataset") if entry.get(key)]
+    local_files = [_local_format(entry[key]) is not None for key in ("dataset", "eval_dataset") if entry.get(key)]
     if entry.get("dataset_config") is not None and all(local_files):  # `datasets` ignores it for a local file
         raise ValueError(f"job {name!r}: dataset_config names a configuration of a hub dataset; this job's datasets "
                          f"are local files (got dataset_config={entry['dataset_config']!r})")
@@ -187,7 +192,7 @@ def _job(entry: Any, index: int) -> JobConfig:
     if entry.get("eval_dataset_split") is not None and not entry.get("eval_dataset"):
         raise ValueError(f"job {name!r}: eval_dataset_split needs an eval_dataset")
     if entry.get("eval_dataset"):
-        local = os.path.splitext(str(entry["eval_dataset"]))[1].lower() in _LOCAL_FORMATS
+        local = _local_format(entry["eval_dataset"]) is not None
         evaluation = load_dataset_spec(entry["eval_dataset"], name, entry.get("dataset_config"),
                                        entry.get("eval_dataset_split") or ("train" if local else "validation"))
     try:
