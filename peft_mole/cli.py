@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -150,7 +151,12 @@ def _train(args: argparse.Namespace) -> int:
             max_concurrent_jobs=spec.max_concurrent_jobs, max_memory=spec.max_memory,
             step_overhead_tokens=spec.step_overhead_tokens,
         )
-    except (TypeError, ValueError, OSError) as error:  # the job file's args and output_dir, as the trainer checks them
+    except OSError as error:  # a folder that cannot be made (Trainer makes output_dir), named by the key
+        filename, output = os.path.abspath(str(error.filename or "")), os.path.abspath(spec.output_dir)
+        if error.filename and os.path.commonpath([filename, output]) in (filename, output):  # above it or in it
+            raise SystemExit(f"peft-mole train: output_dir {spec.output_dir!r} cannot be made: {error}") from None
+        raise SystemExit(f"peft-mole train: {error}") from None
+    except (TypeError, ValueError) as error:  # the job file's args, as the trainer checks them
         raise SystemExit(f"peft-mole train: {error}") from None
     from peft_mole.multijob.trainer_args import JobSetupError
 

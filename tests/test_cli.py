@@ -130,7 +130,8 @@ def test_train_twice_gives_the_same_adapter(job_file, tmp_path):
         # a missing local folder is named as one (before 2026-12-06, seventeenth session: transformers' "Repo id
         # must be in the form 'repo_name'" after "cannot be loaded")
         (dict(model="MISSING"), "model '.*MISSING' is a local path, and no such folder exists"),
-        (dict(output_dir_is_a_file=True), "peft-mole train: "),
+        # the key named (before 2026-12-06, eighteenth session: "[Errno 17] File exists" alone)
+        (dict(output_dir_is_a_file=True), "peft-mole train: output_dir '.*run' cannot be made: .*File exists"),
     ],
 )
 def test_train_errors_are_one_line(job_file, tmp_path, change, match):

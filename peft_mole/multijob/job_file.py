@@ -182,7 +182,8 @@ def _job(entry: Any, index: int) -> JobConfig:
         peft_config = PEFT_TYPES[kind](**peft_kwargs) if saved is None else replace(saved, **peft_kwargs)
     except (TypeError, ValueError) as error:
         raise ValueError(f"job {name!r} peft: {error}") from error
-    overrides = {k: v for k, v in entry.items() if k not in {"name", "type", "peft"} | DATA_KEYS}
+    overrides = whole_floats_as_ints(JobConfig, {k: v for k, v in entry.items()
+                                                 if k not in {"name", "type", "peft"} | DATA_KEYS})
     local_files = [_local_format(entry[key]) is not None for key in ("dataset", "eval_dataset") if entry.get(key)]
     if entry.get("dataset_config") is not None and all(local_files):  # `datasets` ignores it for a local file
         raise ValueError(f"job {name!r}: dataset_config names a configuration of a hub dataset; this job's datasets "

@@ -191,3 +191,16 @@ def test_trainer_args_take_whole_floats_for_int_fields_and_ints_for_number_field
         == [(0.5, float), (2, int), (1000, int), (64, int), (-1, int)]
     doc["args"].update(max_steps=-1, max_length=None)
     assert (parse_run(doc).args["max_steps"], parse_run(doc).args["max_length"]) == (-1, None)
+
+
+def test_job_fields_take_whole_floats_for_int_fields_as_the_trainer_args_do(data_file):
+    """`max_steps: 1e3` in a job is 1000, as under `args:` (before 2026-12-06, eighteenth session, a job refused
+    it: "max_steps must be an int >= 1 ... got 1000.0"); a fractional value is still refused."""
+    doc = run_dict(data_file)
+    doc["jobs"][2].update(max_steps=1e3, per_device_train_batch_size=8.0, seed=3.0, learning_rate=1e-3)
+    job = parse_run(doc).jobs[2]
+    assert [(v, type(v)) for v in (job.max_steps, job.per_device_train_batch_size, job.seed, job.learning_rate)] \
+        == [(1000, int), (8, int), (3, int), (1e-3, float)]
+    doc["jobs"][2].update(max_steps=2.5)
+    with pytest.raises(ValueError, match="job 'c': max_steps must be an int >= 1 .*got 2.5"):
+        parse_run(doc)
