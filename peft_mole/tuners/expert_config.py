@@ -170,19 +170,25 @@ class ExpertAdapterConfig(PeftConfig):
         self.peft_type = add_peft_type(self.PEFT_TYPE)
         if self.task_type is None:
             self.task_type = "CAUSAL_LM"
-        # a LoRA habit (target_modules with the two lists left as they are) is refused; where either list is given
-        # (`dataclasses.replace` passes the old derived set back with a new list), the set is derived again
-        defaults = (self.attn_target_modules == list(ATTENTION_PROJECTIONS)
-                    and self.expert_target_modules == list(EXPERT_PROJECTIONS))
-        derived = set(ATTENTION_PROJECTIONS) | set(EXPERT_PROJECTIONS)
-        if defaults and self.target_modules is not None and (isinstance(self.target_modules, str)
-                                                             or set(self.target_modules) != derived):
+        self.validate()
+
+    def _check_target_modules(self) -> None:
+        """`target_modules` is derived from `attn_target_modules` and `expert_target_modules`. A value no such
+        derivation gives is a LoRA habit and refused: a string (`"all-linear"`), a name outside the projections, or
+        no expert projection (`["q_proj", "v_proj"]`). A derived set is taken and derived again
+        (`dataclasses.replace` passes the old config's set back with new lists; a saved config holds its own)."""
+        value = self.target_modules
+        if value is None:
+            return
+        derivable = (not isinstance(value, str) and isinstance(value, (list, tuple, set))
+                     and set(value) <= set(ATTENTION_PROJECTIONS) | set(EXPERT_PROJECTIONS)
+                     and bool(set(value) & set(EXPERT_PROJECTIONS)))
+        if not derivable:
             raise ValueError(
-                f"target_modules is set from attn_target_modules and expert_target_modules, got {self.target_modules!r}"
-                f"; give attn_target_modules (a subset of {list(ATTENTION_PROJECTIONS)}, plain LoRA) and "
+                f"target_modules is set from attn_target_modules and expert_target_modules, got {value!r}; give "
+                f"attn_target_modules (a subset of {list(ATTENTION_PROJECTIONS)}, plain LoRA) and "
                 f"expert_target_modules (a subset of {list(EXPERT_PROJECTIONS)}, the experts) instead"
             )
-        self.validate()
 
     def __getstate__(self) -> dict:
         """Pickled without the tuner it is attached to (a weak reference, for the model card's router statistics)."""
@@ -232,6 +238,7 @@ class ExpertAdapterConfig(PeftConfig):
             raise TypeError(f"modules_to_save must be a list of module names or None, got {modules!r}")
         if self.bias != "none":
             raise ValueError(f"bias must be 'none' (peft-mole adapters train no biases), got {self.bias!r}")
+        self._check_target_modules()
         self.target_modules = sorted(set(self.attn_target_modules) | set(self.expert_target_modules))
 
     @property

@@ -6,8 +6,10 @@ from __future__ import annotations
 import re
 
 import pytest
+from peft import get_peft_model
 
 from peft_mole import DynMoLEConfig, MixLoRAConfig
+from tests.helpers import tiny_base
 
 COMMON = [
     ("num_experts", 0, ValueError), ("num_experts", -2, ValueError), ("num_experts", "8", TypeError),
@@ -75,7 +77,8 @@ def test_a_field_changed_after_the_config_was_made_is_checked_when_the_adapter_i
 @pytest.mark.parametrize("config_cls", [MixLoRAConfig, DynMoLEConfig])
 def test_replace_and_rebuild_derive_target_modules_again(config_cls):
     """`dataclasses.replace` and `cls(**config.to_dict())` pass the old derived target_modules back with new
-    lists; only a target_modules given with both lists as they are (a LoRA habit) is refused."""
+    lists; a value no derivation gives (a LoRA habit) is refused, whatever the lists (before 2026-12-06, eighteenth
+    session, only with both lists as they are: with `attn_target_modules` given, `["q_proj"]` was replaced)."""
     import dataclasses
 
     config = config_cls(num_experts=4)
@@ -86,3 +89,9 @@ def test_replace_and_rebuild_derive_target_modules_again(config_cls):
     assert rebuilt.target_modules == ["k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     with pytest.raises(ValueError, match="target_modules is set from attn_target_modules"):
         config_cls(num_experts=4, target_modules=["q_proj"])
+    for habit in (["q_proj", "v_proj"], "all-linear", ["q_proj", "gate_proj", "lm_head"]):
+        with pytest.raises(ValueError, match="target_modules is set from attn_target_modules"):
+            config_cls(num_experts=4, attn_target_modules=["q_proj", "v_proj"], target_modules=habit)
+    changed.target_modules = "all-linear"  # set after the config was made: refused when the adapter is made
+    with pytest.raises(ValueError, match="target_modules is set from attn_target_modules"):
+        get_peft_model(tiny_base(), changed)

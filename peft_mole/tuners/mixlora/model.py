@@ -345,6 +345,11 @@ class MixLoRAModel(BaseTuner):
         if (context.records is not None and attention_mask is None and self.packed_rows_may_end_in_padding
                 and isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[0] == 1):
             context.token_mask = packed_real_tokens(positions)  # padding-free with `pad_to_multiple_of`
+        # return_dict=False: run with a dict and give its tuple back, the aux loss added as with a dict, as a native
+        # MoE model's tuple holds it (before 2026-12-06, eighteenth session, the tuple's loss had no aux loss)
+        as_tuple = context.records is not None and kwargs.get("return_dict") is False
+        if as_tuple:
+            kwargs["return_dict"] = True
         context.in_tuner_call = True
         try:
             with self._modules_to_save_rows(adapter_names if direct else None):
@@ -357,7 +362,7 @@ class MixLoRAModel(BaseTuner):
             attached = self._attach_aux_loss(outputs, records, labels, kwargs.get("shift_labels"),
                                              kwargs.get("num_items_in_batch"))
             outputs = outputs if attached is None else attached  # (an override that sets items returns None)
-        return outputs
+        return outputs.to_tuple() if as_tuple and hasattr(outputs, "to_tuple") else outputs
 
     def _rows_set(self, context: ForwardContext, args: tuple, kwargs: dict) -> None:
         """Called by `forward` once the rows' adapters are known, before the base model runs (a hook for
@@ -404,7 +409,7 @@ class MixLoRAModel(BaseTuner):
         ]
         self.__dict__["last_aux_loss"] = {k: v.detach() for k, v in per_adapter.items()}
         if not hasattr(outputs, "keys"):
-            return outputs  # return_dict=False: a plain tuple; use return_dict=True (the default) to get the aux loss
+            return outputs  # a plain tuple (a model that gives no dict): no field to add the aux loss to
         # per adapter: {adapter: its aux loss over its own rows}, with grad; fields of the output's class, so that
         # DDP can rebuild it (`aux_outputs`)
         outputs = with_fields(outputs, aux_loss=self._with_native_aux_loss(outputs, aux),
