@@ -17,7 +17,7 @@
         learning_rate: 1.0e-4         # any JobConfig field
       - name: math2                   # a job that goes on from an earlier run's adapter (its config; `peft`
         type: lora                    # changes fields of it, as {lora_dropout: 0.1})
-        init_adapter: runs/earlier/math
+        init_adapter: runs/earlier/math   # or a hub id (owner/name)
         dataset: data/math.jsonl
 
 A value of the wrong kind (`r: "4"`, `max_steps: ten`) is refused naming its field, from the annotations of the
@@ -38,7 +38,7 @@ from typing import Any
 
 from peft import LoraConfig
 
-from peft_mole.multijob.jobs import JobConfig, saved_adapter_config
+from peft_mole.multijob.jobs import JobConfig, adapter_folder, saved_adapter_config
 from peft_mole.multijob.trainer_args import check_max_steps
 from peft_mole.tuners.dynmole.config import DynMoLEConfig
 from peft_mole.tuners.mixlora.config import MixLoRAConfig
@@ -175,6 +175,7 @@ def _job(entry: Any, index: int) -> JobConfig:
     check_scalar_types(PEFT_TYPES[kind], peft_kwargs, f"job {name!r} peft")
     saved = None  # with an init_adapter, `peft` (if any) changes fields of the saved adapter's config
     if entry.get("init_adapter") is not None:
+        entry = {**entry, "init_adapter": adapter_folder(f"job {name!r}", entry["init_adapter"])}  # a hub id: local
         saved = saved_adapter_config(f"job {name!r}", entry["init_adapter"], None)
         if type(saved) is not PEFT_TYPES[kind]:
             raise ValueError(f"job {name!r}: type is {kind!r}, its init_adapter holds a {type(saved).__name__}")

@@ -61,8 +61,9 @@ class JobConfig:
             per_device_train_batch_size, gradient_accumulation_steps, num_train_epochs, max_steps, warmup_steps,
             weight_decay, max_grad_norm, lr_scheduler_type, seed, save_steps, logging_steps and eval_steps.
         init_adapter: a saved adapter folder (`adapter_config.json` and `adapter_model.safetensors`: a job's
-            output, a MixLoRA or DynMoLE adapter, or a plain PEFT LoRA one) the job starts from instead of a fresh
-            adapter, as `PeftModel.from_pretrained(base, folder, is_trainable=True)` starts SFTTrainer. With
+            output, a MixLoRA or DynMoLE adapter, or a plain PEFT LoRA one) or its hub id (downloaded into the hub
+            cache; `init_adapter` then names the local snapshot) the job starts from instead of a fresh adapter, as
+            `PeftModel.from_pretrained(base, folder, is_trainable=True)` starts SFTTrainer. With
             `peft_config=None` the folder's config is used; a given one must be of its type and fit its tensors
             (other dropout or alpha are taken as given). Optimizer and scheduler start afresh; a resume takes the
             job's checkpoint instead.
@@ -94,7 +95,8 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         check_job_name(self.name)
-        if self.init_adapter is not None:
+        if self.init_adapter is not None:  # a hub id: its local snapshot from here on
+            self.init_adapter = adapter_folder(f"job {self.name!r}", self.init_adapter)
             self.peft_config = saved_adapter_config(f"job {self.name!r}", self.init_adapter, self.peft_config)
         if not isinstance(self.peft_config, (LoraConfig, ExpertAdapterConfig)):
             raise TypeError(
@@ -154,13 +156,34 @@ class JobConfig:
         return args
 
 
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def adapter_folder(where: str, name_or_path):
+    """The local folder of an `init_adapter`: a folder as given; a hub id (`owner/name`, not a folder here) is
+    downloaded as `PeftModel.from_pretrained` downloads one, its two files by `huggingface_hub.hf_hub_download`
+    into the hub cache (offline, `HF_HUB_OFFLINE=1`, from the cache), and its snapshot folder returned."""
+    if not isinstance(name_or_path, str) or os.path.isdir(name_or_path) \
+            or name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") != 1:
+        return name_or_path  # a folder, a missing local path or no hub id: `saved_adapter_config` names it
+    import huggingface_hub
+
+    try:
+        paths = [huggingface_hub.hf_hub_download(name_or_path, file) for file in _ADAPTER_FILES]
+    except Exception as error:  # noqa: BLE001 — no such repo or file, offline and not cached, no network
+        raise ValueError(f"{where}: init_adapter {name_or_path!r} is no local folder, and as a hub id its "
+                         f"{' and '.join(_ADAPTER_FILES)} cannot be downloaded ({type(error).__name__}: "
+                         f"{error})") from error
+    return os.path.dirname(paths[0])
+
+
 def saved_adapter_config(where: str, folder, given: PeftConfig | None) -> PeftConfig:
     """The config a job started from the saved adapter in `folder` trains with: `given`, if of the saved adapter's
     type, else the folder's own, for training (`inference_mode` False; a LoRA's random initialisation, which
     the loaded weights replace, PEFT's default)."""
     if not isinstance(folder, (str, os.PathLike)) or not os.path.isdir(folder):
-        raise ValueError(f"{where}: init_adapter must be a local adapter folder, got {folder!r}")
-    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        raise ValueError(f"{where}: init_adapter must be an adapter folder or a hub id, got {folder!r}")
+    for file in _ADAPTER_FILES:
         if not os.path.isfile(os.path.join(folder, file)):
             hint = "; `peft-mole convert-bin` converts a trusted adapter_model.bin" if os.path.isfile(
                 os.path.join(folder, "adapter_model.bin")) else ""

@@ -4,6 +4,7 @@ adapter), as `PeftModel.from_pretrained(base, folder, is_trainable=True)` starts
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
@@ -62,7 +63,7 @@ def test_two_steps_then_two_more_from_the_saved_adapters_equal_four_steps(tmp_pa
 
 
 def test_bad_init_adapters_are_named(saved_lora, tmp_path):
-    with pytest.raises(ValueError, match="job 'j': init_adapter must be a local adapter folder, got 'nowhere'"):
+    with pytest.raises(ValueError, match="job 'j': init_adapter must be an adapter folder or a hub id, got 'nowhere'"):
         JobConfig("j", None, rows(), init_adapter="nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="job 'j': init_adapter .* has no adapter_config.json"):
@@ -112,3 +113,44 @@ def test_a_job_file_job_without_peft_takes_its_init_adapters_config(saved_lora, 
     doc["jobs"].append({"name": "other", "type": "lora", "dataset": data})
     with pytest.raises(ValueError, match="job 'more': init_adapter 'out/other' is the folder job 'other' of this"):
         parse_run(doc)
+
+
+def test_a_hub_id_is_downloaded_as_peft_downloads_an_adapter(saved_lora, tmp_path, monkeypatch):
+    """`init_adapter="owner/name"` (no such folder here): its two files by `huggingface_hub.hf_hub_download` (a fake
+    hub: a folder per repo), and the job starts from the snapshot; a repo that cannot be had is named."""
+    import shutil
+
+    import huggingface_hub
+
+    hub = tmp_path / "hub"
+    shutil.copytree(saved_lora, hub / "owner" / "lora")
+    asked = []
+
+    def download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        if not (hub / repo_id / filename).is_file():
+            raise OSError(f"404 {repo_id}")  # (as the hub's errors are)
+        return str(hub / repo_id / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    job = JobConfig("j", None, rows(), init_adapter="owner/lora")
+    assert asked == [("owner/lora", "adapter_config.json"), ("owner/lora", "adapter_model.safetensors")]
+    assert job.init_adapter == str(hub / "owner" / "lora") and job.peft_config.r == 4
+    tokenizer = synthetic.demo_tokenizer()
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), processing_class=tokenizer, jobs=[job],
+                              args=run_args(tmp_path / "r", max_steps=1))
+    saved = load_file(f"{saved_lora}/adapter_model.safetensors")
+    assert all(torch.equal(trainer.jobs_model.job_state_dict("j")[k], v) for k, v in saved.items())
+    with pytest.raises(ValueError, match="init_adapter 'owner/missing' is no local folder, and as a hub id its "
+                                         "adapter_config.json and adapter_model.safetensors cannot be downloaded "
+                                         r"\(OSError: 404 owner/missing\)"):
+        JobConfig("j", None, rows(), init_adapter="owner/missing")
+    for local in ("./owner/lora", "owner/lora/sub"):  # a local path, not a hub id: named as a missing folder
+        with pytest.raises(ValueError, match="must be an adapter folder or a hub id"):
+            JobConfig("j", None, rows(), init_adapter=local)
+    doc = {"model": "m", "output_dir": "out", "jobs": [
+        {"name": "j", "type": "lora", "dataset": str(synthetic.write_jsonl(
+            synthetic.multitask_rows(4, tasks=("add",)), tmp_path / "add.jsonl")), "init_adapter": "owner/lora"}]}
+    asked.clear()
+    (job,) = parse_run(doc).jobs  # in a job file: downloaded once
+    assert job.init_adapter == str(hub / "owner" / "lora") and len(asked) == 2
