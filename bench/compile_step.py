@@ -10,8 +10,10 @@ layer in the backward (`gradient_checkpointing_enable(use_reentrant=False)`, TRL
 replay forward side effects in the recompute (`skip_fwd_side_effects_in_bwd_under_checkpoint`): otherwise the
 context variable transformers' output capture sets inside each layer keeps the checkpointed layers eager (a compiled
 step then costs what an eager one does). The breaks left are transformers' and PEFT's, not peft-mole's.
+--compile-backend aot_eager (the test suite's smoke run) traces and differentiates the same graphs without inductor's
+code generation; its rows name the backend, and the README table leaves them out.
 Usage: python bench/compile_step.py [--shape small] [--impls mixlora dynmole] [--dropout 0.05] [--repeats 10]
-       [--gradient-checkpointing]
+       [--gradient-checkpointing] [--compile-backend inductor]
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ def main() -> None:
     parser.add_argument("--dropout", type=probability, default=0.05)
     parser.add_argument("--router-scale", type=float, default=4.0, help="dynmole_sharp: router weights × this")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="both models recompute each layer")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (aot_eager: Dynamo's graphs and AOTAutograd, no code generated)")
     args = parser.parse_args()
     setup_threads()
     torch._inductor.config.force_disable_caches = True  # compile time from scratch, not from an earlier run's cache
@@ -77,7 +81,7 @@ def main() -> None:
         settings = (args.shape, impl, args.dropout, args.router_scale, args.gradient_checkpointing)
         eager = adapted(*settings)
         batch = random_batch(args.shape, eager.config.vocab_size)
-        compiled_step = train_step_fn(torch.compile(adapted(*settings)), batch)
+        compiled_step = train_step_fn(torch.compile(adapted(*settings), backend=args.compile_backend), batch)
         torch._dynamo.reset()
         counters.clear()
         start = time.perf_counter()
@@ -90,6 +94,7 @@ def main() -> None:
         compile_s = time.perf_counter() - start
         graphs = counters["stats"]["unique_graphs"]
         row = {"name": "compile_step", "shape": args.shape, "impl": impl, "dropout": args.dropout,
+               **({"backend": args.compile_backend} if args.compile_backend != "inductor" else {}),
                **({"case": "gradient_checkpointing"} if args.gradient_checkpointing else {}),
                "compile_s": compile_s, "graph_breaks": sum(counters["graph_break"].values()), "graphs": graphs}
         if error is not None:
