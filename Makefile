@@ -1,9 +1,11 @@
 # `make test` and `make demo` work on a fresh clone: they create .venv, install, then run.
-# TORCH_SPEC picks the torch build (default: the CPU wheel; e.g. TORCH_SPEC=torch for the CUDA build).
+# TORCH_SPEC picks the torch version (TORCH_SPEC=torch: the newest); TORCH_INDEX_URL where pip takes it from
+# (https://download.pytorch.org/whl/cpu for the CPU wheel; unset: pip's own configuration, PyPI's CUDA build on Linux).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 STAMP := $(VENV)/.installed
 # a bench script that fails fails `make bench` (`script | tee -a` would otherwise succeed with tee's status)
 SHELL := /bin/bash
@@ -14,7 +16,7 @@ SHELL := /bin/bash
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)")
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 

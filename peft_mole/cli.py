@@ -195,6 +195,9 @@ def _convert(args: argparse.Namespace) -> int:
             print(f"wrote a {args.target_format} MixLoRA adapter to {args.dst}")
     except (ValueError, OSError) as error:
         raise SystemExit(f"peft-mole convert: {error}") from None
+    except (TypeError, AttributeError, KeyError) as error:  # a config of an unexpected form the checks did not name
+        raise SystemExit(f"peft-mole convert: {args.src}: its adapter_config.json is not of the form this "
+                         f"conversion reads ({type(error).__name__}: {error})") from None
     return 0
 
 

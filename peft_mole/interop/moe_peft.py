@@ -68,6 +68,26 @@ def _check_target(source: str, target: str, overwrite: bool) -> None:
                          "overwrite=True (--overwrite)")
 
 
+def _check_reference_values(where: str, config: dict) -> None:
+    """The values a MoE-PEFT MixLoRA config must hold, named (before 2026-12-06, eighteenth session, `null` or a
+    list in their place failed with a TypeError or AttributeError traceback)."""
+    for key in ("r", "num_experts", "top_k"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: {key} must be an int >= 1, got {value!r}")
+    section = config.get("expert_lora")
+    if section is not None and not isinstance(section, dict):
+        raise ValueError(f"{where}: expert_lora must be a mapping of the experts' LoRA settings, got {section!r}")
+    for scope, values in (("", config), ("expert_lora.", section or {})):
+        for key in ("lora_alpha", "lora_dropout"):
+            value = values.get(key, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where}: {scope}{key} must be a number, got {value!r}")
+    if "r" in (section or {}) and (isinstance(section["r"], bool) or not isinstance(section["r"], int)
+                                   or section["r"] < 1):
+        raise ValueError(f"{where}: expert_lora.r must be an int >= 1, got {section['r']!r}")
+
+
 def _read_reference(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path = os.path.join(folder, "adapter_config.json")
     if not os.path.isfile(config_path):
@@ -79,6 +99,8 @@ def _read_reference(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
     missing = [key for key in ("r", "lora_alpha", "num_experts", "top_k") if key not in config]
     if config.get("peft_type") == "MIXLORA" and missing:
         raise ValueError(f"{config_path} lacks {missing}, which a MoE-PEFT MixLoRA adapter_config.json holds")
+    if config.get("peft_type") == "MIXLORA":
+        _check_reference_values(config_path, config)
     if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
         return config, load_file(os.path.join(folder, "adapter_model.safetensors"))
     weights = os.path.join(folder, "adapter_model.bin")
@@ -163,10 +185,13 @@ def config_from_moe_peft(reference: dict, flavour: str = "moe-peft") -> MixLoRAC
         raise ValueError(f"expert_lora r={section['r']} differs from r={reference['r']}: the mixlora package builds "
                          "expert LoRAs with the top-level r and cannot load this adapter; convert it with flavour "
                          "'moe-peft' (MoE-PEFT reads `expert_lora`)")
-    if flavour == "mixlora" and section.get("lora_alpha", reference["lora_alpha"]) != reference["lora_alpha"]:
-        warnings.warn("the mixlora package ignores `expert_lora` and scales experts by the top-level lora_alpha; "
-                      "converting as the package computes (use flavour 'moe-peft' for MoE-PEFT's reading)",
-                      stacklevel=2)
+    top_level = {"lora_alpha": reference["lora_alpha"], "lora_dropout": reference.get("lora_dropout", 0.0),
+                 "use_rslora": reference.get("use_rslora", False)}
+    ignored = sorted(key for key, value in top_level.items() if key in section and section[key] != value)
+    if flavour == "mixlora" and ignored:  # (before 2026-12-06, eighteenth session, lora_alpha alone was named)
+        warnings.warn(f"the mixlora package ignores `expert_lora` and builds the experts with the top-level {ignored} "
+                      f"({', '.join(f'{k}={top_level[k]!r}, not {section[k]!r}' for k in ignored)}); converting as "
+                      "the package computes (use flavour 'moe-peft' for MoE-PEFT's reading)", stacklevel=2)
     experts = {**reference, **(section if flavour == "moe-peft" else {})}
     expert_rslora, attn_rslora = bool(experts.get("use_rslora", False)), bool(reference.get("use_rslora", False))
     # one use_rslora in MixLoRAConfig: where the attention LoRA's differs from the experts', its scale (alpha/r, or

@@ -180,7 +180,10 @@ def read_tensor_pickle(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  (an empty, truncated or refused pickle)
-        raise ValueError(f"{path} cannot be read as tensors ({type(error).__name__}: {error})") from None
+        # torch's refusal explains itself over several lines: its reason is the "WeightsUnpickler error" line
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0] if lines else "")
+        raise ValueError(f"{path} cannot be read as tensors ({type(error).__name__}: {reason})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise ValueError(f"{path} is not a flat dict of named tensors, so it is not an adapter state dict")

@@ -223,8 +223,44 @@ def test_garbage_weights_and_wrong_folders_give_one_line_errors(tmp_path):
     (source / "adapter_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="cannot be read as tensors"):
         import_moe_peft(str(source), str(tmp_path / "out"))
+    torch.save({"w": torch.ones(1), "f": print}, source / "adapter_model.bin")  # a pickle that refers to code
+    with pytest.raises(ValueError, match=r"cannot be read as tensors \(UnpicklingError: WeightsUnpickler error: "
+                                         "Unsupported global") as refused:
+        import_moe_peft(str(source), str(tmp_path / "out"))
+    assert "\n" not in str(refused.value)  # (torch's own message runs over 6 lines)
     with pytest.raises(ValueError, match="MoE-PEFT adapter already"):
         export_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"num_experts": None}, "num_experts must be an int >= 1, got None"),
+        ({"top_k": "2"}, "top_k must be an int >= 1, got '2'"),
+        ({"r": 0}, "r must be an int >= 1, got 0"),
+        ({"lora_alpha": None}, "lora_alpha must be a number, got None"),
+        ({"expert_lora": ["x"]}, r"expert_lora must be a mapping of the experts' LoRA settings, got \['x'\]"),
+        ({"expert_lora": {"lora_alpha": "8"}}, "expert_lora.lora_alpha must be a number, got '8'"),
+        ({"expert_lora": {"r": 2.5}}, "expert_lora.r must be an int >= 1, got 2.5"),
+    ],
+)
+def test_malformed_reference_configs_end_in_one_line_naming_the_field(tmp_path, change, match):
+    """Before 2026-12-06, eighteenth session: TypeError or AttributeError tracebacks from `peft-mole convert`."""
+    from peft_mole.cli import main
+
+    source = _reference(tmp_path, config_change=change)
+    with pytest.raises(SystemExit, match=f"peft-mole convert: .*adapter_config.json: {match}"):
+        main(["convert", str(source), str(tmp_path / "out"), "--from", "moe-peft"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_peft_mole_config_of_another_form_ends_in_one_line(tmp_path):
+    import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "ours"))
+    (tmp_path / "ours" / "adapter_config.json").write_text("[]")
+    from peft_mole.cli import main
+
+    with pytest.raises(SystemExit, match="peft-mole convert: .*ours: its adapter_config.json is not of the form"):
+        main(["convert", str(tmp_path / "ours"), str(tmp_path / "theirs"), "--to", "moe-peft"])
 
 
 def test_an_act_fn_other_than_the_bases_is_warned_about(tmp_path, monkeypatch):
