@@ -94,7 +94,7 @@ def main() -> None:
         compile_s = time.perf_counter() - start
         graphs = counters["stats"]["unique_graphs"]
         row = {"name": "compile_step", "shape": args.shape, "impl": impl, "dropout": args.dropout,
-               **({"backend": args.compile_backend} if args.compile_backend != "inductor" else {}),
+               **({"compile": args.compile_backend} if args.compile_backend != "inductor" else {}),
                **({"case": "gradient_checkpointing"} if args.gradient_checkpointing else {}),
                "compile_s": compile_s, "graph_breaks": sum(counters["graph_break"].values()), "graphs": graphs}
         if error is not None:

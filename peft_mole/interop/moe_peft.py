@@ -69,23 +69,22 @@ def _check_target(source: str, target: str, overwrite: bool) -> None:
 
 
 def _check_reference_values(where: str, config: dict) -> None:
-    """The values a MoE-PEFT MixLoRA config must hold, named (before 2026-12-06, eighteenth session, `null` or a
-    list in their place failed with a TypeError or AttributeError traceback)."""
-    for key in ("r", "num_experts", "top_k"):
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{where}: {key} must be an int >= 1, got {value!r}")
+    """The values a MoE-PEFT MixLoRA config holds, of their kinds, named (before 2026-12-06, eighteenth session,
+    `null`, a string or a list in their place failed with a TypeError or AttributeError traceback, and
+    `use_rslora: "false"` read as true)."""
     section = config.get("expert_lora")
     if section is not None and not isinstance(section, dict):
         raise ValueError(f"{where}: expert_lora must be a mapping of the experts' LoRA settings, got {section!r}")
+    numbers = ("lora_alpha", "lora_dropout", "router_aux_loss_coef", "router_init_range", "jitter_noise")
     for scope, values in (("", config), ("expert_lora.", section or {})):
-        for key in ("lora_alpha", "lora_dropout"):
-            value = values.get(key, 0.0)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+        for key, value in values.items():
+            if key in ("r", "num_experts", "top_k") and (isinstance(value, bool) or not isinstance(value, int)
+                                                         or value < 1):
+                raise ValueError(f"{where}: {scope}{key} must be an int >= 1, got {value!r}")
+            if key in numbers and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"{where}: {scope}{key} must be a number, got {value!r}")
-    if "r" in (section or {}) and (isinstance(section["r"], bool) or not isinstance(section["r"], int)
-                                   or section["r"] < 1):
-        raise ValueError(f"{where}: expert_lora.r must be an int >= 1, got {section['r']!r}")
+            if key == "use_rslora" and not isinstance(value, bool):
+                raise ValueError(f"{where}: {scope}use_rslora must be true or false, got {value!r}")
 
 
 def _read_reference(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -395,7 +394,10 @@ def _mixlora_config(source: str) -> MixLoRAConfig:
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist: not an adapter folder")
     with open(path) as f:
-        kind = json.load(f).get("peft_type")
+        fields = json.load(f)
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    kind = fields.get("peft_type")
     if kind == "MIXLORA":
         raise ValueError(f"{source} is a MoE-PEFT adapter already: convert it with --from (import_moe_peft)")
     if kind != MixLoRAConfig.PEFT_TYPE:

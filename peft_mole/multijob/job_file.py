@@ -38,7 +38,7 @@ from typing import Any
 
 from peft import LoraConfig
 
-from peft_mole.multijob.jobs import JobConfig, adapter_folder, saved_adapter_config
+from peft_mole.multijob.jobs import LOCAL_PREFIXES, JobConfig, adapter_folder, saved_adapter_config
 from peft_mole.multijob.trainer_args import check_max_steps
 from peft_mole.tuners.dynmole.config import DynMoLEConfig
 from peft_mole.tuners.mixlora.config import MixLoRAConfig
@@ -216,7 +216,7 @@ def parse_run(data: Any) -> RunSpec:
         value = data.get(key)
         if (value is not None or key != "tokenizer") and (not isinstance(value, str) or not value):
             raise ValueError(f"job file: {key} must be a non-empty string ({what}), got {value!r}")
-        if key != "output_dir" and isinstance(value, str) and value.startswith(("/", "./", "../")) \
+        if key != "output_dir" and isinstance(value, str) and value.startswith(LOCAL_PREFIXES) \
                 and not os.path.isdir(value):  # no hub id starts so (transformers said "Repo id must be in the form")
             raise ValueError(f"job file: {key} {value!r} is a local path, and no such folder exists")
     jobs = data["jobs"]

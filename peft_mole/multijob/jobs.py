@@ -157,24 +157,27 @@ class JobConfig:
 
 
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# a path that starts so is local, never a hub id (no hub id does)
+LOCAL_PREFIXES = ("/", "./", "../", "~")
 
 
 def adapter_folder(where: str, name_or_path):
-    """The local folder of an `init_adapter`: a folder as given; a hub id (`owner/name`, not a folder here) is
-    downloaded as `PeftModel.from_pretrained` downloads one, its two files by `huggingface_hub.hf_hub_download`
-    into the hub cache (offline, `HF_HUB_OFFLINE=1`, from the cache), and its snapshot folder returned."""
+    """The local folder of an `init_adapter`: a folder as given (`~` expanded); a hub id (`owner/name`, not a
+    folder here) is downloaded as `PeftModel.from_pretrained` downloads an adapter, by
+    `huggingface_hub.snapshot_download` of its adapter files into the hub cache (one revision for both; offline,
+    `HF_HUB_OFFLINE=1`, from the cache), and its snapshot folder returned."""
+    if isinstance(name_or_path, str) and name_or_path.startswith("~"):
+        return os.path.expanduser(name_or_path)
     if not isinstance(name_or_path, str) or os.path.isdir(name_or_path) \
-            or name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") != 1:
+            or name_or_path.startswith(LOCAL_PREFIXES) or name_or_path.count("/") != 1:
         return name_or_path  # a folder, a missing local path or no hub id: `saved_adapter_config` names it
     import huggingface_hub
 
     try:
-        paths = [huggingface_hub.hf_hub_download(name_or_path, file) for file in _ADAPTER_FILES]
-    except Exception as error:  # noqa: BLE001 — no such repo or file, offline and not cached, no network
-        raise ValueError(f"{where}: init_adapter {name_or_path!r} is no local folder, and as a hub id its "
-                         f"{' and '.join(_ADAPTER_FILES)} cannot be downloaded ({type(error).__name__}: "
-                         f"{error})") from error
-    return os.path.dirname(paths[0])
+        return huggingface_hub.snapshot_download(name_or_path, allow_patterns=list(_ADAPTER_FILES))
+    except Exception as error:  # noqa: BLE001 — no such repo, offline and not cached, no network
+        raise ValueError(f"{where}: init_adapter {name_or_path!r} is no local folder, and as a hub id it cannot be "
+                         f"downloaded ({type(error).__name__}: {error})") from error
 
 
 def saved_adapter_config(where: str, folder, given: PeftConfig | None) -> PeftConfig:

@@ -175,14 +175,19 @@ class ExpertAdapterConfig(PeftConfig):
     def _check_target_modules(self) -> None:
         """`target_modules` is derived from `attn_target_modules` and `expert_target_modules`. A value no such
         derivation gives is a LoRA habit and refused: a string (`"all-linear"`), a name outside the projections, or
-        no expert projection (`["q_proj", "v_proj"]`). A derived set is taken and derived again
-        (`dataclasses.replace` passes the old config's set back with new lists; a saved config holds its own)."""
+        no expert projection (`["q_proj", "v_proj"]`); with both lists as they are by default, any set but theirs
+        (`["gate_proj", "up_proj", "down_proj"]` would otherwise get attention LoRA too). A derived set is taken and
+        derived again (`dataclasses.replace` passes the old config's set back with new lists; a saved config holds
+        its own)."""
         value = self.target_modules
         if value is None:
             return
+        everything = set(ATTENTION_PROJECTIONS) | set(EXPERT_PROJECTIONS)
         derivable = (not isinstance(value, str) and isinstance(value, (list, tuple, set))
-                     and set(value) <= set(ATTENTION_PROJECTIONS) | set(EXPERT_PROJECTIONS)
-                     and bool(set(value) & set(EXPERT_PROJECTIONS)))
+                     and set(value) <= everything and bool(set(value) & set(EXPERT_PROJECTIONS)))
+        if derivable and self.attn_target_modules == list(ATTENTION_PROJECTIONS) \
+                and self.expert_target_modules == list(EXPERT_PROJECTIONS):
+            derivable = set(value) == everything
         if not derivable:
             raise ValueError(
                 f"target_modules is set from attn_target_modules and expert_target_modules, got {value!r}; give "

@@ -172,6 +172,19 @@ def check_hub_weights(repo_id: str, subfolder: str | None, revision: str | None,
         )
 
 
+def _load_failure(error: Exception) -> str:
+    """`torch.load`'s reason in one line: a refusal of `weights_only` explains itself over several lines, with advice
+    to load the file unsafely first; its reason is what follows "WeightsUnpickler error:" (an unsupported global or
+    operand), without torch's advice to allow it."""
+    text, marker = str(error), "WeightsUnpickler error:"
+    if marker not in text:  # (a blocked module: "Trying to load unsupported GLOBAL posix.system ...")
+        lines = [line.strip() for line in text.splitlines() if line.strip()
+                 and not line.startswith(("Weights only load failed", "Check the documentation"))]
+        return lines[-1] if lines else ("the file ends early" if isinstance(error, EOFError) else "no reason given")
+    reason = " ".join(text.split(marker, 1)[1].split("Check the documentation", 1)[0].split())
+    return f"{marker} {reason.split(' Please use ', 1)[0]}"
+
+
 def read_tensor_pickle(path: str) -> dict:
     """{name: tensor} of a pickle file, read with torch.load(weights_only=True) (tensors only, nothing executed);
     ValueError for a file that is empty, truncated, refused or not such a dict."""
@@ -180,10 +193,7 @@ def read_tensor_pickle(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  (an empty, truncated or refused pickle)
-        # torch's refusal explains itself over several lines: its reason is the "WeightsUnpickler error" line
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reason = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0] if lines else "")
-        raise ValueError(f"{path} cannot be read as tensors ({type(error).__name__}: {reason})") from None
+        raise ValueError(f"{path} cannot be read as tensors ({type(error).__name__}: {_load_failure(error)})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise ValueError(f"{path} is not a flat dict of named tensors, so it is not an adapter state dict")

@@ -5,6 +5,8 @@ export → import is lossless."""
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import re
 import subprocess
 import sys
@@ -218,6 +220,11 @@ def test_export_keeps_what_the_format_holds_and_refuses_what_it_cannot(tmp_path)
         export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "layers"))
 
 
+class _RunsACommand:
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
 def test_garbage_weights_and_wrong_folders_give_one_line_errors(tmp_path):
     source = _reference(tmp_path)
     (source / "adapter_model.bin").write_bytes(b"not a pickle")
@@ -228,6 +235,11 @@ def test_garbage_weights_and_wrong_folders_give_one_line_errors(tmp_path):
                                          "Unsupported global") as refused:
         import_moe_peft(str(source), str(tmp_path / "out"))
     assert "\n" not in str(refused.value)  # (torch's own message runs over 6 lines)
+    with open(source / "adapter_model.bin", "wb") as file:  # a pickle that would run a command: its reason named
+        pickle.dump({"w": _RunsACommand()}, file, protocol=2)
+    with pytest.raises(ValueError, match=r"\(UnpicklingError: Trying to load unsupported GLOBAL posix.system whose "
+                                         r"module posix is blocked.\)$"):
+        import_moe_peft(str(source), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="MoE-PEFT adapter already"):
         export_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "out"))
 
@@ -242,6 +254,9 @@ def test_garbage_weights_and_wrong_folders_give_one_line_errors(tmp_path):
         ({"expert_lora": ["x"]}, r"expert_lora must be a mapping of the experts' LoRA settings, got \['x'\]"),
         ({"expert_lora": {"lora_alpha": "8"}}, "expert_lora.lora_alpha must be a number, got '8'"),
         ({"expert_lora": {"r": 2.5}}, "expert_lora.r must be an int >= 1, got 2.5"),
+        ({"router_aux_loss_coef": None}, "router_aux_loss_coef must be a number, got None"),
+        ({"use_rslora": "false"}, "use_rslora must be true or false, got 'false'"),
+        ({"expert_lora": {"use_rslora": 1}}, "expert_lora.use_rslora must be true or false, got 1"),
     ],
 )
 def test_malformed_reference_configs_end_in_one_line_naming_the_field(tmp_path, change, match):
@@ -259,7 +274,7 @@ def test_a_peft_mole_config_of_another_form_ends_in_one_line(tmp_path):
     (tmp_path / "ours" / "adapter_config.json").write_text("[]")
     from peft_mole.cli import main
 
-    with pytest.raises(SystemExit, match="peft-mole convert: .*ours: its adapter_config.json is not of the form"):
+    with pytest.raises(SystemExit, match="peft-mole convert: .*ours/adapter_config.json is not a JSON object"):
         main(["convert", str(tmp_path / "ours"), str(tmp_path / "theirs"), "--to", "moe-peft"])
 
 

@@ -116,8 +116,9 @@ def test_a_job_file_job_without_peft_takes_its_init_adapters_config(saved_lora, 
 
 
 def test_a_hub_id_is_downloaded_as_peft_downloads_an_adapter(saved_lora, tmp_path, monkeypatch):
-    """`init_adapter="owner/name"` (no such folder here): its two files by `huggingface_hub.hf_hub_download` (a fake
-    hub: a folder per repo), and the job starts from the snapshot; a repo that cannot be had is named."""
+    """`init_adapter="owner/name"` (no such folder here): its adapter files by `huggingface_hub.snapshot_download`
+    (one revision; a fake hub: a folder per repo), and the job starts from the snapshot; a repo that cannot be had is
+    named; a path that looks local is never sent to the hub, and `~` is expanded."""
     import shutil
 
     import huggingface_hub
@@ -126,31 +127,33 @@ def test_a_hub_id_is_downloaded_as_peft_downloads_an_adapter(saved_lora, tmp_pat
     shutil.copytree(saved_lora, hub / "owner" / "lora")
     asked = []
 
-    def download(repo_id, filename, **kwargs):
-        asked.append((repo_id, filename))
-        if not (hub / repo_id / filename).is_file():
+    def download(repo_id, allow_patterns=None, **kwargs):
+        asked.append((repo_id, sorted(allow_patterns)))
+        if not (hub / repo_id).is_dir():
             raise OSError(f"404 {repo_id}")  # (as the hub's errors are)
-        return str(hub / repo_id / filename)
+        return str(hub / repo_id)
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
     job = JobConfig("j", None, rows(), init_adapter="owner/lora")
-    assert asked == [("owner/lora", "adapter_config.json"), ("owner/lora", "adapter_model.safetensors")]
+    assert asked == [("owner/lora", ["adapter_config.json", "adapter_model.safetensors"])]
     assert job.init_adapter == str(hub / "owner" / "lora") and job.peft_config.r == 4
     tokenizer = synthetic.demo_tokenizer()
     trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), processing_class=tokenizer, jobs=[job],
                               args=run_args(tmp_path / "r", max_steps=1))
     saved = load_file(f"{saved_lora}/adapter_model.safetensors")
     assert all(torch.equal(trainer.jobs_model.job_state_dict("j")[k], v) for k, v in saved.items())
-    with pytest.raises(ValueError, match="init_adapter 'owner/missing' is no local folder, and as a hub id its "
-                                         "adapter_config.json and adapter_model.safetensors cannot be downloaded "
-                                         r"\(OSError: 404 owner/missing\)"):
+    with pytest.raises(ValueError, match="init_adapter 'owner/missing' is no local folder, and as a hub id it cannot "
+                                         r"be downloaded \(OSError: 404 owner/missing\)"):
         JobConfig("j", None, rows(), init_adapter="owner/missing")
-    for local in ("./owner/lora", "owner/lora/sub"):  # a local path, not a hub id: named as a missing folder
+    asked.clear()
+    for local in ("./owner/lora", "owner/lora/sub", "~/owner/lora"):  # local paths: named as missing folders
         with pytest.raises(ValueError, match="must be an adapter folder or a hub id"):
             JobConfig("j", None, rows(), init_adapter=local)
+    assert asked == []
+    monkeypatch.setenv("HOME", str(hub))
+    assert JobConfig("j", None, rows(), init_adapter="~/owner/lora").init_adapter == str(hub / "owner" / "lora")
     doc = {"model": "m", "output_dir": "out", "jobs": [
         {"name": "j", "type": "lora", "dataset": str(synthetic.write_jsonl(
             synthetic.multitask_rows(4, tasks=("add",)), tmp_path / "add.jsonl")), "init_adapter": "owner/lora"}]}
-    asked.clear()
     (job,) = parse_run(doc).jobs  # in a job file: downloaded once
-    assert job.init_adapter == str(hub / "owner" / "lora") and len(asked) == 2
+    assert job.init_adapter == str(hub / "owner" / "lora") and len(asked) == 1

@@ -89,6 +89,8 @@ def test_replace_and_rebuild_derive_target_modules_again(config_cls):
     assert rebuilt.target_modules == ["k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     with pytest.raises(ValueError, match="target_modules is set from attn_target_modules"):
         config_cls(num_experts=4, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="target_modules is set from attn_target_modules"):  # lists as they are
+        config_cls(num_experts=4, target_modules=["gate_proj", "up_proj", "down_proj"])
     for habit in (["q_proj", "v_proj"], "all-linear", ["q_proj", "gate_proj", "lm_head"]):
         with pytest.raises(ValueError, match="target_modules is set from attn_target_modules"):
             config_cls(num_experts=4, attn_target_modules=["q_proj", "v_proj"], target_modules=habit)
