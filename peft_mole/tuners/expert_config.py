@@ -183,7 +183,7 @@ class ExpertAdapterConfig(PeftConfig):
         if value is None:
             return
         everything = set(ATTENTION_PROJECTIONS) | set(EXPERT_PROJECTIONS)
-        derivable = (not isinstance(value, str) and isinstance(value, (list, tuple, set))
+        derivable = (isinstance(value, (list, tuple, set))  # (not a string such as "all-linear")
                      and set(value) <= everything and bool(set(value) & set(EXPERT_PROJECTIONS)))
         if derivable and self.attn_target_modules == list(ATTENTION_PROJECTIONS) \
                 and self.expert_target_modules == list(EXPERT_PROJECTIONS):

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import peft_mole  # noqa: F401
+from peft_mole.cli import main
 from peft_mole.interop import config_from_moe_peft, export_moe_peft, import_moe_peft
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "moe_peft_mixlora"
@@ -261,8 +262,6 @@ def test_garbage_weights_and_wrong_folders_give_one_line_errors(tmp_path):
 )
 def test_malformed_reference_configs_end_in_one_line_naming_the_field(tmp_path, change, match):
     """Before 2026-12-06, eighteenth session: TypeError or AttributeError tracebacks from `peft-mole convert`."""
-    from peft_mole.cli import main
-
     source = _reference(tmp_path, config_change=change)
     with pytest.raises(SystemExit, match=f"peft-mole convert: .*adapter_config.json: {match}"):
         main(["convert", str(source), str(tmp_path / "out"), "--from", "moe-peft"])
@@ -272,8 +271,6 @@ def test_malformed_reference_configs_end_in_one_line_naming_the_field(tmp_path, 
 def test_a_peft_mole_config_of_another_form_ends_in_one_line(tmp_path):
     import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "ours"))
     (tmp_path / "ours" / "adapter_config.json").write_text("[]")
-    from peft_mole.cli import main
-
     with pytest.raises(SystemExit, match="peft-mole convert: .*ours/adapter_config.json is not a JSON object"):
         main(["convert", str(tmp_path / "ours"), str(tmp_path / "theirs"), "--to", "moe-peft"])
 
