@@ -19,6 +19,7 @@ from peft import LoraConfig, PeftConfig
 from peft_mole.multijob.model import check_job_name
 from peft_mole.multijob.trainer_args import NUMBERS, check_lr_scheduler, check_max_steps, check_number
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
+from peft_mole.tuners.load_checks import check_hub_weights
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ def adapter_folder(where: str, name_or_path):
     """The local folder of an `init_adapter`: a folder as given (`~` expanded); a hub id (`owner/name`, not a
     folder here) is downloaded as `PeftModel.from_pretrained` downloads an adapter, by
     `huggingface_hub.snapshot_download` of its adapter files into the hub cache (one revision for both; offline,
-    `HF_HUB_OFFLINE=1`, from the cache), and its snapshot folder returned."""
+    `HF_HUB_OFFLINE=1`, from the cache), and its snapshot folder returned. A repo that holds a pickle
+    adapter_model.bin alone is refused as `PeftModel.from_pretrained` refuses it, with how to convert it."""
     if isinstance(name_or_path, str) and name_or_path.startswith("~"):
         return os.path.expanduser(name_or_path)
     if not isinstance(name_or_path, str) or os.path.isdir(name_or_path) \
@@ -174,10 +176,16 @@ def adapter_folder(where: str, name_or_path):
     import huggingface_hub
 
     try:
-        return huggingface_hub.snapshot_download(name_or_path, allow_patterns=list(_ADAPTER_FILES))
+        folder = huggingface_hub.snapshot_download(name_or_path, allow_patterns=list(_ADAPTER_FILES))
     except Exception as error:  # noqa: BLE001 — no such repo, offline and not cached, no network
         raise ValueError(f"{where}: init_adapter {name_or_path!r} is no local folder, and as a hub id it cannot be "
                          f"downloaded ({type(error).__name__}: {error})") from error
+    if not os.path.isfile(os.path.join(folder, _ADAPTER_FILES[1])):
+        try:  # a repo saved as a pickle alone: say so, with the way to convert it (else the folder's check names it)
+            check_hub_weights(name_or_path, None, None, None)
+        except ValueError as error:
+            raise ValueError(f"{where}: init_adapter: {error}") from None
+    return folder
 
 
 def saved_adapter_config(where: str, folder, given: PeftConfig | None) -> PeftConfig:

@@ -157,3 +157,27 @@ def test_a_hub_id_is_downloaded_as_peft_downloads_an_adapter(saved_lora, tmp_pat
             synthetic.multitask_rows(4, tasks=("add",)), tmp_path / "add.jsonl")), "init_adapter": "owner/lora"}]}
     (job,) = parse_run(doc).jobs  # in a job file: downloaded once
     assert job.init_adapter == str(hub / "owner" / "lora") and len(asked) == 1
+
+
+def test_a_hub_repo_with_a_pickle_alone_is_named_with_how_to_convert_it(saved_lora, tmp_path, monkeypatch):
+    """The snapshot (safetensors asked for) has the config alone: the Hub is asked what the repo holds, and a pickle
+    alone is refused as `PeftModel.from_pretrained` refuses it, with `peft-mole convert-bin` (before: "has no
+    adapter_model.safetensors", no word of the pickle)."""
+    import shutil
+
+    import huggingface_hub
+
+    snapshot = tmp_path / "hub" / "owner" / "binonly"
+    snapshot.mkdir(parents=True)
+    shutil.copy(f"{saved_lora}/adapter_config.json", snapshot)
+    files = {"adapter_config.json", "adapter_model.bin"}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: str(snapshot))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "file_exists", lambda repo_id, filename, **kwargs: filename in files)
+    with pytest.raises(ValueError, match=r"job 'j': init_adapter: the Hub repo 'owner/binonly' holds only a pickle "
+                                         r"adapter_model.bin.*`peft-mole convert-bin <folder>`"):
+        JobConfig("j", None, rows(), init_adapter="owner/binonly")
+    files.discard("adapter_model.bin")  # neither file: the snapshot is named as no adapter folder
+    with pytest.raises(ValueError, match="binonly' has no adapter_model.safetensors"):
+        JobConfig("j", None, rows(), init_adapter="owner/binonly")
