@@ -8,8 +8,11 @@ experts per token is close to a trained router's). Each row reports the measured
 At init it also times DynMoLE with the compiled block kernels of `ops.fused_chain` (an option, off by default) in
 the same interleaved rounds: the `dynmole_fused_chain` row gives that step over the default DynMoLE step and over
 MixLoRA, and the first fused step's extra time, compiled with empty inductor and Triton caches (`compile_s`); an
-`error` row instead if the kernels never ran.
-Usage: python bench/dynmole_vs_mixlora.py [--shape small] [--router-scale 4]
+`error` row instead if the kernels never ran. The fused chain serves the dense path only, which needs at least
+`DENSE_FRACTION` of the experts selected: wider models start with sharper routers (the medium shape at init: 4.5 of
+8), so `--init-router-scale` scales the routers of the first state (0: flat, every token to every expert; the state
+is then named `flat`, or `init×<scale>`).
+Usage: python bench/dynmole_vs_mixlora.py [--shape small] [--router-scale 4] [--init-router-scale 1]
 """
 
 from __future__ import annotations
@@ -66,23 +69,30 @@ def first_fused_step_s(step) -> float:
 def main() -> None:
     parser = step_parser()
     parser.add_argument("--router-scale", type=float, default=4.0)
+    parser.add_argument("--init-router-scale", type=float, default=1.0,
+                        help="scale of the routers in the first state (0: flat routers; default 1: as initialised)")
     args = parser.parse_args()
+    if args.init_router_scale < 0:
+        parser.error(f"--init-router-scale must be >= 0, got {args.init_router_scale}")
+    first = ("init" if args.init_router_scale == 1 else "flat" if args.init_router_scale == 0
+             else f"init×{args.init_router_scale:g}")
     setup_threads()
     common = dict(num_experts=8, r=16, lora_alpha=32, lora_dropout=0.05)
     mixlora = get_peft_model(base_model(args.shape), peft_mole.MixLoRAConfig(top_k=2, **common))
     dynmole = get_peft_model(base_model(args.shape), peft_mole.DynMoLEConfig(**common))
     batch = random_batch(args.shape, mixlora.config.vocab_size)
     tokens = batch["input_ids"].numel()
-    for state in ("init", "sharp"):
-        if state == "sharp":
-            with torch.no_grad():
-                for name, p in dynmole.named_parameters():
-                    if "router" in name:
-                        p.mul_(args.router_scale)
+    routers = {name: p.detach().clone() for name, p in dynmole.named_parameters() if "router" in name}
+    for state in (first, "sharp"):
+        scale = args.router_scale if state == "sharp" else args.init_router_scale
+        with torch.no_grad():  # the initialised routers, scaled
+            for name, p in dynmole.named_parameters():
+                if name in routers:
+                    p.copy_(routers[name] * scale)
         per_token = experts_per_token(dynmole, batch)
         dynmole_step = train_step_fn(dynmole, batch)
         steps = {"mixlora": train_step_fn(mixlora, batch), "dynmole": switched(dynmole_step, False)}
-        if state == "init":  # sharp routers dispatch their tokens: the fused chain would not run
+        if state == first:  # sharp routers dispatch their tokens: the fused chain would not run
             first_s = first_fused_step_s(dynmole_step)
             blocks_before = fused_blocks_run()
             steps["dynmole_fused_chain"] = switched(dynmole_step, True)
@@ -94,11 +104,11 @@ def main() -> None:
         }
         emit({
             "name": "dynmole_vs_mixlora", "shape": args.shape, "router_state": state,
-            "router_scale": args.router_scale if state == "sharp" else 1.0, "dynmole_experts_per_token": per_token,
+            "router_scale": scale, "dynmole_experts_per_token": per_token,
             "ratio_median": rows["dynmole"]["median_s"] / rows["mixlora"]["median_s"],
             "ratio_min": rows["dynmole"]["min_s"] / rows["mixlora"]["min_s"],
         })
-        if state != "init":
+        if state != first:
             continue
         fused = rows["dynmole_fused_chain"]
         if fused_blocks_run() == blocks_before:  # a compile failure (logged), or no dense layer with a full block

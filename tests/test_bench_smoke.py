@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
     "mixlora_vs_lora": ["--shape", "tiny", "--repeats", "1"],
-    "dynmole_vs_mixlora": ["--shape", "tiny", "--repeats", "1"],
+    "dynmole_vs_mixlora": ["--shape", "tiny", "--repeats", "1", "--init-router-scale", "0"],  # flat: every expert
     "fused_chain": ["--shape", "tiny", "--tokens", "800", "--repeats", "1"],  # two full blocks: the kernels run
     "multijob_speedup": ["--shape", "tiny", "--repeats", "1", "--jobs", "2", "--optim", "adamw_torch_fused", "--compile",
                          "--compile-backend", "aot_eager", "--compare-layouts"],  # the graphs, not inductor's kernels
@@ -70,6 +70,15 @@ def test_generate_bench_compares_compiled_decoding(rows):
     assert set(compiled) == {"peft_lora", "mixlora", "dynmole", "mixdora"}
     for row in compiled.values():
         assert row["ratio_median"] > 0 and row["speedup_vs_eager"] > 0 and math.isfinite(row["compile_s"])
+
+
+def test_dynmole_bench_scales_the_first_routers_and_gives_the_sharp_ones_from_the_initialised(rows):
+    """--init-router-scale 0: flat routers send every token to all 8 experts (the dense path, which the fused chain
+    serves); the sharp state scales the initialised routers, not the flattened ones."""
+    states = {row["router_state"]: row for row in rows["dynmole_vs_mixlora"] if row["name"] == "dynmole_vs_mixlora"}
+    assert set(states) == {"flat", "sharp"}
+    assert states["flat"]["dynmole_experts_per_token"] == 8.0 and states["flat"]["router_scale"] == 0.0
+    assert states["sharp"]["router_scale"] == 4.0 and states["sharp"]["dynmole_experts_per_token"] < 8.0
 
 
 def test_compile_bench_steps_mixlora_compiled_without_graph_breaks(rows):
