@@ -61,9 +61,14 @@ _IDS = itertools.count(1)
 _RECORDERS: list[dict[int, torch.Tensor]] = []
 
 
-def register_stream(generator: torch.Generator) -> int:
-    """Register `generator`; returns its id (never 0: 0 stands for torch's default generator)."""
-    stream = next(_IDS)
+def register_stream(generator: torch.Generator, stream: int | None = None) -> int:
+    """Register `generator`; returns its id (never 0: 0 stands for torch's default generator). Given the id of a
+    registered `stream`, `generator` replaces its generator under that id, so the modules and compiled graphs that
+    hold the id (a constant to Dynamo) stay as they are."""
+    if stream is None:
+        stream = next(_IDS)
+    elif stream not in _STREAMS:
+        raise KeyError(f"random stream {stream} is not registered (register_stream)")
     _STREAMS[stream] = generator
     return stream
 

@@ -109,6 +109,26 @@ def test_per_row_layers_draw_each_jobs_stream_as_the_eager_layers_do(compiled):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
+def test_streams_set_again_keep_their_ids_so_a_compiled_step_is_not_compiled_again():
+    """Each `train()` sets the jobs' streams afresh (from their seeds, or a checkpoint's states). The jobs keep their
+    stream ids, constants in the compiled graphs' guards, and the new generators take their places: the same draws
+    as at the first setting, and no new graph (before, new ids at every `train()`: a second call on one compiled
+    trainer compiled again, and again at each resume)."""
+    (model,) = _models(1)
+    _per_row(model, compiled=True)
+    ids = torch.randint(3, 500, (4, 6), generator=torch.Generator().manual_seed(3))
+    names = ["a", "m", "b", "n"]
+    seeds = {job: 11 + i for i, job in enumerate(NOISY)}
+    first_ids = dict(model.__dict__["_stream_ids"])
+    first = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names).logits
+    graphs = counters["stats"]["unique_graphs"]
+    generators = model.set_job_streams(seeds)
+    assert model.__dict__["_stream_ids"] == first_ids
+    assert all(stream_generator(first_ids[job]) is generators[job] for job in NOISY)
+    again = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names).logits
+    assert torch.equal(again, first) and counters["stats"]["unique_graphs"] == graphs >= 1
+
+
 def test_stacked_blocks_draw_each_jobs_stream_and_apply_the_masks_in_one_pass():
     """`dropout_pieces`: the joined masks of equal-rate jobs give what each job's own dropout gives its block."""
     from peft_mole.ops.dropout import Dropout, register_stream
