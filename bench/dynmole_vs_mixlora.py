@@ -10,8 +10,9 @@ the same interleaved rounds: the `dynmole_fused_chain` row gives that step over 
 MixLoRA, and the first fused step's extra time, compiled with empty inductor and Triton caches (`compile_s`); an
 `error` row instead if the kernels never ran. The fused chain serves the dense path only, which needs at least
 `DENSE_FRACTION` of the experts selected: wider models start with sharper routers (the medium shape at init: 4.5 of
-8), so `--init-router-scale` scales the routers of the first state (0: flat, every token to every expert; the state
-is then named `flat`, or `init×<scale>`).
+8), so `--init-router-scale S` scales the initialised routers for the first state, which is then named `flat` for
+S = 0 (every token to every expert) and `init×S` for another S than 1. The sharp state scales by --router-scale the
+routers as the first state's steps left them, with the initialised part unscaled again (for S = 1, as before).
 Usage: python bench/dynmole_vs_mixlora.py [--shape small] [--router-scale 4] [--init-router-scale 1]
 """
 
@@ -85,10 +86,12 @@ def main() -> None:
     routers = {name: p.detach().clone() for name, p in dynmole.named_parameters() if "router" in name}
     for state in (first, "sharp"):
         scale = args.router_scale if state == "sharp" else args.init_router_scale
-        with torch.no_grad():  # the initialised routers, scaled
+        with torch.no_grad():
             for name, p in dynmole.named_parameters():
-                if name in routers:
+                if name in routers and state == first:  # the initialised routers, scaled
                     p.copy_(routers[name] * scale)
+                elif name in routers:  # the routers as the timed steps left them, the initialised part unscaled
+                    p.add_(routers[name] * (1.0 - args.init_router_scale)).mul_(scale)
         per_token = experts_per_token(dynmole, batch)
         dynmole_step = train_step_fn(dynmole, batch)
         steps = {"mixlora": train_step_fn(mixlora, batch), "dynmole": switched(dynmole_step, False)}

@@ -3,11 +3,11 @@
 # Writes each script's output to $OUT (or bench/results/gpu when OUT is unset). Each step has its own time limit,
 # so one slow or failing script leaves the others' figures intact.
 # Usage: bash bench/gpu_run.sh [tests medium medium_autocast profile multijob multijob_fused multijob_compiled multijob_packed
-# job_optimizer grouped memory_model
-# generate compiled_generate compiled_train fused_chain]. Default: medium_autocast multijob_fused profile tests medium
-# multijob generate (the new figures first, re-measures last); the others need calls of their own (the medium shape
-# compiles for minutes). Needs
-# CUDA, and peft and transformers as pinned (docs/gpu.md, "Setup").
+# job_optimizer grouped memory_model generate compiled_generate compiled_train fused_chain].
+# Default: medium_autocast multijob_fused profile tests medium multijob generate (the new figures first, re-measures
+# last); the others need calls of their own (the medium shape compiles for minutes). Needs CUDA, and peft and
+# transformers as docs/gpu.md, "Setup", installs them. Run from the repository's root. Exit status 1 if a part failed
+# or was skipped; their lines are printed last.
 # GPU_DEADLINE_S=<seconds>: no part runs past that many seconds from the start (parts cut short or skipped), so a call
 # of several parts ends inside the device tool's limit with every finished part's figures.
 set -u
@@ -26,7 +26,7 @@ run() {  # run <seconds> <log name> <command...>
         echo "$log: skipped, ${left} s left before GPU_DEADLINE_S" | tee -a "$out/machine.txt"
         return
     fi
-    [ "$limit" -gt "$left" ] && limit=$left
+    [ "$limit" -gt "$((left - 10))" ] && limit=$((left - 10))  # (the kill comes 10 s after the limit)
     local start=$SECONDS
     timeout -k 10 "$limit" "$@" >"$out/$log" 2>&1
     echo "$log: exit $? in $((SECONDS - start)) s" | tee -a "$out/machine.txt"
@@ -38,7 +38,7 @@ for part in "${parts[@]}"; do
     case $part in
         # -v: a line per test as it ends, kept if the limit cuts the run; test_cuda_paths.py (the re-bounded compiled
         # bf16 steps) first, then the other files in the order given
-        tests) run 300 gpu_tests.log python3 -m pytest -v -rfE --durations=0 -p no:cacheprovider \
+        tests) run 300 gpu_tests.log python3 -m pytest -v -ra --durations=0 -p no:cacheprovider \
             tests/gpu/test_cuda_paths.py $(ls tests/gpu/test_*.py | grep -v test_cuda_paths) ;;
         medium) run 120 gpu_medium.jsonl python3 bench/gpu_medium.py --repeats 5 ;;
         medium_autocast) run 120 gpu_medium_autocast.jsonl python3 bench/gpu_medium.py --repeats 5 --autocast bf16 ;;
@@ -67,9 +67,12 @@ for part in "${parts[@]}"; do
         *) echo "unknown part: $part" >&2 ;;
     esac
 done
-if [ -f "$out/gpu_tests.log" ]; then
-    grep -E '^(FAILED|ERROR) |[0-9]+ (passed|failed)' "$out/gpu_tests.log" | tail -n 20
-fi
 cat "$out"/*.jsonl "$out"/profile_medium.log 2>/dev/null | grep '^{' \
     | grep -v '"name": "train_step"\|"name": "generate"\|"name": "multijob_step"'
-exit 0  # each part's status is in machine.txt; no part's figures are lost to another's failure
+if [ -f "$out/gpu_tests.log" ]; then  # failed tests (the summary, or the -v lines of a run cut short), the counts
+    grep -E '^(FAILED|ERROR) | (FAILED|ERROR) +\[|[0-9]+ (passed|failed|skipped|errors?)|no tests ran' \
+        "$out/gpu_tests.log" | tail -n 20
+fi
+if grep -E ': (exit [1-9]|skipped)' "$out/machine.txt"; then  # last, so the output's tail shows them
+    exit 1
+fi

@@ -160,6 +160,9 @@ def _command(row: dict) -> str:
     if "argv" in row:  # recorded by the script itself (since 2026-12-05): every flag it ran with
         return row["argv"]
     part = _gpu_run_part(row) if row.get("_file_device") == "cuda" else None
+    if part == "fused_chain" and row["name"] != "fused_chain" and row.get("router_state") != "flat":
+        # the part's DynMoLE run before it flattened the routers (2026-12-07): the initialised ones, 3 repeats
+        return f"python bench/dynmole_vs_mixlora.py --shape {row['shape']} --repeats 3"
     if part is not None:
         return f"bash bench/gpu_run.sh {part}"
     if "script" not in row:

@@ -74,11 +74,14 @@ def test_generate_bench_compares_compiled_decoding(rows):
 
 def test_dynmole_bench_scales_the_first_routers_and_gives_the_sharp_ones_from_the_initialised(rows):
     """--init-router-scale 0: flat routers send every token to all 8 experts (the dense path, which the fused chain
-    serves); the sharp state scales the initialised routers, not the flattened ones."""
+    serves), and the fused chain is timed in that state (on `tiny` no block is full, so its row names the error);
+    the sharp state scales the initialised routers, not the flattened ones."""
     states = {row["router_state"]: row for row in rows["dynmole_vs_mixlora"] if row["name"] == "dynmole_vs_mixlora"}
     assert set(states) == {"flat", "sharp"}
     assert states["flat"]["dynmole_experts_per_token"] == 8.0 and states["flat"]["router_scale"] == 0.0
     assert states["sharp"]["router_scale"] == 4.0 and states["sharp"]["dynmole_experts_per_token"] < 8.0
+    (fused,) = [row for row in rows["dynmole_vs_mixlora"] if row["name"] == "dynmole_fused_chain"]
+    assert fused["router_state"] == "flat" and ("ratio_median" in fused or "8.00 experts/token" in fused["error"])
 
 
 def test_compile_bench_steps_mixlora_compiled_without_graph_breaks(rows):
@@ -190,12 +193,17 @@ def test_gpu_rows_without_a_recorded_command_name_the_gpu_run_part_that_made_the
         {**base, "name": "multijob_speedup", "jobs": 4, "optim": "adamw_torch_fused", "limit_median": 4.0,
          "fraction_of_limit": 0.9, "flat_vs_per_tensor": 0.8},
         {**base, "name": "multijob_speedup", "jobs": 8, "limit_median": 7.5, "fraction_of_limit": 0.9},
+        # the fused_chain part timed the initialised routers until it flattened them (2026-12-07)
+        {**base, "name": "dynmole_vs_mixlora", "router_state": "init"},
+        {**base, "name": "dynmole_vs_mixlora", "router_state": "flat"},
     ]
     table = _render(rows, tmp_path / "h200-2026-12-04.jsonl")
     commands = [line.rsplit("`", 2)[1] for line in table.splitlines() if line.startswith("| `")]
     assert commands == ["bash bench/gpu_run.sh medium_autocast", "bash bench/gpu_run.sh medium",
                         "bash bench/gpu_run.sh generate", "bash bench/gpu_run.sh multijob_fused",
-                        "bash bench/gpu_run.sh multijob"], commands
+                        "bash bench/gpu_run.sh multijob",
+                        "python bench/dynmole_vs_mixlora.py --shape medium --repeats 3",
+                        "bash bench/gpu_run.sh fused_chain"], commands
     for part in ("medium_autocast", "medium", "generate", "multijob_fused", "multijob"):  # parts gpu_run.sh has
         assert f"\n        {part}) run " in (ROOT / "bench" / "gpu_run.sh").read_text(), part
     assert f"Source: `{tmp_path / 'h200-2026-12-04.jsonl'}`" in table  # (a file outside bench/results: its path)

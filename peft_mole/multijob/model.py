@@ -379,14 +379,14 @@ class MultiJobModel(MixLoRAModel):
         """Give each job in `seeds` a random stream of its own, seeded with its seed: its dropout masks and router
         jitter are then drawn from it, whatever other jobs share a step (`ops.job_streams`). Returns
         {job: generator} (on the device of the job's first parameter), whose states a checkpoint keeps. A job that
-        had a stream keeps its id (its new generator takes the id's place): a compiled step, whose guards hold the
-        ids, is not compiled again at the next `train()`."""
+        had a stream on this model keeps its id (its new generator takes the id's place): a compiled step, whose
+        guards hold the ids, is not compiled again at the next `train()`. A copy of the model gets ids of its own."""
         generators, streams, before = {}, {}, self.__dict__.get("_stream_ids") or {}
         for job, seed in seeds.items():
             device = next(iter(self.job_parameters(job).values())).device
             generators[job] = torch.Generator(device=device)
             generators[job].manual_seed(int(seed))
-            streams[job] = register_stream(generators[job], before.get(job))
+            streams[job] = register_stream(generators[job], reuse=before.get(job), owner=self)
         for name, module in self.model.named_modules():
             key = name.rsplit(".", 1)[-1]
             if isinstance(module, Dropout) and key in streams:  # a job's entry of a layer's dropout ModuleDict

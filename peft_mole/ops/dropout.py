@@ -18,6 +18,7 @@ draws from a stream of its own (`Dropout.use_stream`: a multi-job job's masks, `
 from __future__ import annotations
 
 import itertools
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -55,22 +56,34 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
 # Generators of their own, registered under an int id that modules keep and operators take as a plain argument
 # (torch.compile cannot pass a generator to an operator): a multi-job job's stream (`ops.job_streams`).
 _STREAMS: dict[int, torch.Generator] = {}
+_OWNERS: dict[int, weakref.ref] = {}  # stream -> the object (a model) that registered it, if one was given
 _IDS = itertools.count(1)
 # checkpointed forwards now running (`ops.stream_checkpoint.stream_replay_contexts`): {stream: its state before its
 # first draw in the region}, so that the region's recomputation in the backward draws the same masks again
 _RECORDERS: list[dict[int, torch.Tensor]] = []
 
 
-def register_stream(generator: torch.Generator, stream: int | None = None) -> int:
-    """Register `generator`; returns its id (never 0: 0 stands for torch's default generator). Given the id of a
-    registered `stream`, `generator` replaces its generator under that id, so the modules and compiled graphs that
-    hold the id (a constant to Dynamo) stay as they are."""
-    if stream is None:
-        stream = next(_IDS)
-    elif stream not in _STREAMS:
-        raise KeyError(f"random stream {stream} is not registered (register_stream)")
-    _STREAMS[stream] = generator
-    return stream
+def register_stream(generator: torch.Generator, reuse: int | None = None, owner: object | None = None) -> int:
+    """Register `generator`; returns its id (never 0: 0 stands for torch's default generator).
+
+    With an `owner` (a model), the stream is its: dropped from the registry when the owner is garbage collected,
+    and `reuse`, the id of a stream this owner registered before, gives `generator` that id's place, so the modules
+    and compiled graphs that hold the id (a constant to Dynamo) stay as they are. An id the owner did not register
+    (a copied or unpickled model's) is not reused: the generator gets a new id.
+    """
+    ref = _OWNERS.get(reuse) if reuse is not None else None
+    if owner is None or ref is None or ref() is not owner:
+        reuse = next(_IDS)
+        if owner is not None:
+            _OWNERS[reuse] = weakref.ref(owner)
+            weakref.finalize(owner, _forget, reuse)
+    _STREAMS[reuse] = generator
+    return reuse
+
+
+def _forget(stream: int) -> None:
+    _STREAMS.pop(stream, None)
+    _OWNERS.pop(stream, None)
 
 
 def stream_generator(stream: int) -> torch.Generator | None:

@@ -129,6 +129,25 @@ def test_streams_set_again_keep_their_ids_so_a_compiled_step_is_not_compiled_aga
     assert torch.equal(again, first) and counters["stats"]["unique_graphs"] == graphs >= 1
 
 
+def test_a_copied_model_gets_streams_of_its_own_and_a_dropped_models_streams_are_forgotten():
+    """A deep copy carries the ids; setting its streams must not take the original's ids over (the original would
+    then draw from the copy's generators). A model's streams leave the registry with it."""
+    import copy
+    import gc
+
+    (model,) = _models(1, {"a": NOISY["a"]})
+    ids = dict(model.__dict__["_stream_ids"])
+    generator = stream_generator(ids["a"])
+    twin = copy.deepcopy(model)
+    twin.set_job_streams({"a": 5})
+    assert twin.__dict__["_stream_ids"]["a"] != ids["a"] and stream_generator(ids["a"]) is generator
+    twin_id = twin.__dict__["_stream_ids"]["a"]
+    del twin
+    gc.collect()
+    with pytest.raises(KeyError, match=f"random stream {twin_id} is not registered"):
+        stream_generator(twin_id)
+
+
 def test_stacked_blocks_draw_each_jobs_stream_and_apply_the_masks_in_one_pass():
     """`dropout_pieces`: the joined masks of equal-rate jobs give what each job's own dropout gives its block."""
     from peft_mole.ops.dropout import Dropout, register_stream
