@@ -59,6 +59,7 @@ from peft_mole.multijob.trainer_args import (
     check_trainer_args,
     check_trainer_inputs,
     load_base_model,
+    take_accelerate_compile,
     temporarily,
     with_adapters_declared,
     without_aux_coefficient,
@@ -151,6 +152,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
                 raise ValueError(f"job {jobs[0].name!r} (or the trainer arguments): "
                                  f"{data_error(error, jobs[0].train_dataset)}") from error
             check_distributed(self)
+            take_accelerate_compile(self, {j.name: j.peft_config for j in jobs})
             attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
             self.job_scheduler.varlen_attention = "flash" in str(attention)
             self._prepare_job_datasets(jobs, passed_eval, formatting_func)

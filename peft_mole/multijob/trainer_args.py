@@ -42,6 +42,12 @@ UNSUPPORTED = {
         "each job ends with its last adapter (JobConfig(early_stopping_patience=k) stops a job after k evaluations "
         "without a new best, keeping the adapter of its last step); set load_best_model_at_end=False",
     ),
+    "metric_for_best_model": (
+        lambda value: value is not None,
+        "no job's best checkpoint is tracked or kept from save_total_limit (Trainer's best_metric); each job logs "
+        "<job>/eval_loss, and JobConfig(early_stopping_patience=k) stops a job after k evaluations without a lower "
+        "one; set metric_for_best_model=None",
+    ),
     "deepspeed": (bool, "DeepSpeed is not supported; use `accelerate launch` with plain data parallelism"),
     "fsdp": (bool, "FSDP is not supported; use `accelerate launch` with plain data parallelism"),
 }
@@ -82,11 +88,11 @@ def check_number(owner: str, name: str, value) -> None:
 def check_trainer_args(args, configs: dict) -> None:
     """Raise ValueError naming the first option set in `args` that MultiJobTrainer cannot honour for the jobs'
     peft `configs` ({name: config})."""
+    check_lr_scheduler(args.lr_scheduler_type, "lr_scheduler_type")  # (first: its plateau sets metric_for_best_model)
     for field, (is_set, advice) in UNSUPPORTED.items():
         value = getattr(args, field, None)
         if is_set(value):
             raise ValueError(f"MultiJobTrainer does not support {field}={value!r}: {advice}")
-    check_lr_scheduler(args.lr_scheduler_type, "lr_scheduler_type")
     if getattr(getattr(args, "accelerator_config", None), "even_batches", True) is False:
         raise ValueError(
             "MultiJobTrainer does not support accelerator_config={'even_batches': False}: each process would plan "
@@ -193,6 +199,19 @@ def check_callbacks(callbacks) -> None:
         if callback is EarlyStoppingCallback or isinstance(callback, EarlyStoppingCallback):
             raise ValueError("MultiJobTrainer does not support EarlyStoppingCallback: each job stops on its own "
                              "evaluations; set JobConfig(early_stopping_patience=..., eval_dataset=..., eval_steps=...)")
+
+
+def take_accelerate_compile(trainer, configs: dict) -> None:
+    """A compile backend set in the accelerate config (`accelerate launch --dynamo_backend B`), with which Trainer's
+    Accelerator compiles the model, compiles the mixed steps as `torch_compile=True` with that backend and mode
+    does (before 2026-12-07 it was ignored: the steps ran eagerly)."""
+    plugin = getattr(trainer.accelerator.state, "dynamo_plugin", None)
+    backend = str(getattr(getattr(plugin, "backend", None), "value", "NO"))
+    if trainer.args.torch_compile or backend.upper() == "NO":
+        return
+    trainer.args.torch_compile, trainer.args.torch_compile_backend = True, backend.lower()
+    trainer.args.torch_compile_mode = getattr(plugin, "mode", None)
+    check_trainer_args(trainer.args, configs)  # what compiling rules out (a context_fn for checkpointing)
 
 
 def check_distributed(trainer) -> None:

@@ -145,3 +145,26 @@ def test_each_epoch_reaches_a_batch_sampler_inside_accelerates_shard(assets, tmp
     run.epoch = 1
     run._start_epoch()
     assert rebalance.epoch == 1
+
+
+def test_a_compile_backend_of_the_accelerate_config_compiles_the_mixed_steps(assets, tmp_path, monkeypatch):
+    """`accelerate launch --dynamo_backend aot_eager` compiles the model Trainer's Accelerator prepares; the mixed
+    steps compile as with `torch_compile=True` and that backend (before: ignored, the steps ran eagerly)."""
+    import torch
+    from accelerate.utils import TorchDynamoPlugin
+    from torch._dynamo.utils import counters
+
+    from peft_mole.multijob.trainer_args import take_accelerate_compile
+
+    tokenizer, datasets = assets
+    jobs = [JobConfig("a", LoraConfig(**LORA), datasets["sentiment"]), JobConfig("m", mixlora(), datasets["add"])]
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                              args=run_args(tmp_path, max_steps=2))
+    assert not trainer.args.torch_compile  # (the accelerate state of this process has no backend)
+    monkeypatch.setattr(trainer.accelerator.state, "dynamo_plugin", TorchDynamoPlugin(backend="aot_eager"))
+    take_accelerate_compile(trainer, {job.name: job.peft_config for job in jobs})
+    assert (trainer.args.torch_compile, trainer.args.torch_compile_backend) == (True, "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    trainer.train()
+    assert counters["stats"]["unique_graphs"] >= 1
