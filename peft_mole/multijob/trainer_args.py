@@ -88,7 +88,12 @@ def check_number(owner: str, name: str, value) -> None:
 def check_trainer_args(args, configs: dict) -> None:
     """Raise ValueError naming the first option set in `args` that MultiJobTrainer cannot honour for the jobs'
     peft `configs` ({name: config})."""
-    check_lr_scheduler(args.lr_scheduler_type, "lr_scheduler_type")  # (first: its plateau sets metric_for_best_model)
+    # first: these set metric_for_best_model themselves, and the user set these, not it
+    check_lr_scheduler(args.lr_scheduler_type, "lr_scheduler_type")
+    save_strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+    if save_strategy == "best":
+        raise ValueError("MultiJobTrainer does not support save_strategy='best': each job saves its final adapter and "
+                         "checkpoints by 'steps' or 'epoch'; its evaluations are logged as <job>/eval_loss")
     for field, (is_set, advice) in UNSUPPORTED.items():
         value = getattr(args, field, None)
         if is_set(value):
@@ -104,10 +109,6 @@ def check_trainer_args(args, configs: dict) -> None:
         raise ValueError(f"router_aux_loss_coef must be None or a finite number >= 0, got {coefficient!r}")
     for name in NUMBERS:  # the jobs' defaults: checked as each job's own values are (`JobConfig`)
         check_number("trainer arguments", name, getattr(args, name, None))
-    save_strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
-    if save_strategy == "best":
-        raise ValueError("MultiJobTrainer does not support save_strategy='best': each job saves its final adapter and "
-                         "checkpoints by 'steps' or 'epoch'; its evaluations are logged as <job>/eval_loss")
     for field in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):
         if args.torch_compile and "context_fn" in (getattr(args, field, None) or {}):
             raise ValueError(
