@@ -152,7 +152,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
                 raise ValueError(f"job {jobs[0].name!r} (or the trainer arguments): "
                                  f"{data_error(error, jobs[0].train_dataset)}") from error
             check_distributed(self)
-            take_accelerate_compile(self, {j.name: j.peft_config for j in jobs})
+            take_accelerate_compile(self)
             attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
             self.job_scheduler.varlen_attention = "flash" in str(attention)
             self._prepare_job_datasets(jobs, passed_eval, formatting_func)

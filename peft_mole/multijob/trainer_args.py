@@ -109,18 +109,27 @@ def check_trainer_args(args, configs: dict) -> None:
         raise ValueError(f"router_aux_loss_coef must be None or a finite number >= 0, got {coefficient!r}")
     for name in NUMBERS:  # the jobs' defaults: checked as each job's own values are (`JobConfig`)
         check_number("trainer arguments", name, getattr(args, name, None))
-    for field in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):
-        if args.torch_compile and "context_fn" in (getattr(args, field, None) or {}):
-            raise ValueError(
-                f"MultiJobTrainer does not support torch_compile=True with a context_fn in {field}: compiled "
-                "checkpointed layers checkpoint selectively to keep each job's random draws "
-                "(`peft_mole.ops.stream_checkpoint`), which a context_fn of yours would replace; remove it"
-            )
+    check_compile_args(args)
+    for field in CHECKPOINTING_KWARGS:
         if (getattr(args, field, None) or {}).get("use_reentrant"):
             raise ValueError(
                 f"MultiJobTrainer does not support {field}={{'use_reentrant': True}}: it takes each job's gradients "
                 "with torch.autograd.grad, which never re-runs reentrant checkpointed layers (the adapters would get "
                 "no gradient); leave use_reentrant unset or set it to False"
+            )
+
+
+CHECKPOINTING_KWARGS = ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")
+
+
+def check_compile_args(args) -> None:
+    """What compiled steps rule out: a context_fn for checkpointing."""
+    for field in CHECKPOINTING_KWARGS:
+        if args.torch_compile and "context_fn" in (getattr(args, field, None) or {}):
+            raise ValueError(
+                f"MultiJobTrainer does not support torch_compile=True with a context_fn in {field}: compiled "
+                "checkpointed layers checkpoint selectively to keep each job's random draws "
+                "(`peft_mole.ops.stream_checkpoint`), which a context_fn of yours would replace; remove it"
             )
 
 
@@ -202,7 +211,7 @@ def check_callbacks(callbacks) -> None:
                              "evaluations; set JobConfig(early_stopping_patience=..., eval_dataset=..., eval_steps=...)")
 
 
-def take_accelerate_compile(trainer, configs: dict) -> None:
+def take_accelerate_compile(trainer) -> None:
     """A compile backend set in the accelerate config (`accelerate launch --dynamo_backend B`), with which Trainer's
     Accelerator compiles the model, compiles the mixed steps as `torch_compile=True` with that backend and mode
     does (before 2026-12-07 it was ignored: the steps ran eagerly)."""
@@ -212,7 +221,7 @@ def take_accelerate_compile(trainer, configs: dict) -> None:
         return
     trainer.args.torch_compile, trainer.args.torch_compile_backend = True, backend.lower()
     trainer.args.torch_compile_mode = getattr(plugin, "mode", None)
-    check_trainer_args(trainer.args, configs)  # what compiling rules out (a context_fn for checkpointing)
+    check_compile_args(trainer.args)
 
 
 def check_distributed(trainer) -> None:

@@ -162,7 +162,7 @@ def test_a_compile_backend_of_the_accelerate_config_compiles_the_mixed_steps(ass
                               args=run_args(tmp_path, max_steps=2))
     assert not trainer.args.torch_compile  # (the accelerate state of this process has no backend)
     monkeypatch.setattr(trainer.accelerator.state, "dynamo_plugin", TorchDynamoPlugin(backend="aot_eager"))
-    take_accelerate_compile(trainer, {job.name: job.peft_config for job in jobs})
+    take_accelerate_compile(trainer)
     assert (trainer.args.torch_compile, trainer.args.torch_compile_backend) == (True, "aot_eager")
     torch._dynamo.reset()
     counters.clear()
