@@ -17,7 +17,8 @@
         learning_rate: 1.0e-4         # any JobConfig field
       - name: math2                   # a job that goes on from an earlier run's adapter (its config; `peft`
         type: lora                    # changes fields of it, as {lora_dropout: 0.1})
-        init_adapter: runs/earlier/math   # or a hub id (owner/name)
+        init_adapter: runs/earlier/math   # or a hub id (owner/name), with optional
+        init_adapter_kwargs: {subfolder: math}   # revision, subfolder, token, cache_dir (PeftModel.from_pretrained's)
         dataset: data/math.jsonl
 
 A value of the wrong kind (`r: "4"`, `max_steps: ten`) is refused naming its field, from the annotations of the
@@ -174,8 +175,14 @@ def _job(entry: Any, index: int) -> JobConfig:
     _unknown(f"job {name!r} peft", peft_kwargs, known)
     check_scalar_types(PEFT_TYPES[kind], peft_kwargs, f"job {name!r} peft")
     saved = None  # with an init_adapter, `peft` (if any) changes fields of the saved adapter's config
-    if entry.get("init_adapter") is not None:
-        entry = {**entry, "init_adapter": adapter_folder(f"job {name!r}", entry["init_adapter"])}  # a hub id: local
+    if entry.get("init_adapter_kwargs") is not None and entry.get("init_adapter") is None:
+        raise ValueError(f"job {name!r}: init_adapter_kwargs needs an init_adapter")
+    if entry.get("init_adapter") is not None:  # a hub id: its local snapshot (the kwargs taken), as JobConfig does
+        try:
+            folder = adapter_folder(f"job {name!r}", entry["init_adapter"], entry.get("init_adapter_kwargs"))
+        except TypeError as error:  # a value of the wrong kind: a job file's errors are ValueErrors
+            raise ValueError(str(error)) from error
+        entry = {**entry, "init_adapter": folder, "init_adapter_kwargs": None}
         saved = saved_adapter_config(f"job {name!r}", entry["init_adapter"], None)
         if type(saved) is not PEFT_TYPES[kind]:
             raise ValueError(f"job {name!r}: type is {kind!r}, its init_adapter holds a {type(saved).__name__}")

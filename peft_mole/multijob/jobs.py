@@ -68,6 +68,10 @@ class JobConfig:
             `peft_config=None` the folder's config is used; a given one must be of its type and fit its tensors
             (other dropout or alpha are taken as given). Optimizer and scheduler start afresh; a resume takes the
             job's checkpoint instead.
+        init_adapter_kwargs: where in the Hub the adapter is, as the keyword arguments of
+            `PeftModel.from_pretrained`: `revision` (a branch, tag or commit), `subfolder` (also of a local folder),
+            `token`, `cache_dir`. Taken when the job is made: `init_adapter` then names the folder holding the
+            adapter files (subfolder included) and this field is None.
 
     Example:
         >>> JobConfig(name="math", peft_config=LoraConfig(r=16), train_dataset=ds, learning_rate=2e-4)  # doctest: +SKIP
@@ -93,11 +97,15 @@ class JobConfig:
     logging_steps: float | None = None
     eval_steps: float | None = None
     init_adapter: str | os.PathLike | None = None
+    init_adapter_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_job_name(self.name)
-        if self.init_adapter is not None:  # a hub id: its local snapshot from here on
-            self.init_adapter = adapter_folder(f"job {self.name!r}", self.init_adapter)
+        if self.init_adapter_kwargs is not None and self.init_adapter is None:
+            raise ValueError(f"job {self.name!r}: init_adapter_kwargs needs an init_adapter")
+        if self.init_adapter is not None:  # a hub id: its local snapshot from here on (kwargs taken: None)
+            self.init_adapter = adapter_folder(f"job {self.name!r}", self.init_adapter, self.init_adapter_kwargs)
+            self.init_adapter_kwargs = None
             self.peft_config = saved_adapter_config(f"job {self.name!r}", self.init_adapter, self.peft_config)
         if not isinstance(self.peft_config, (LoraConfig, ExpertAdapterConfig)):
             raise TypeError(
@@ -158,31 +166,73 @@ class JobConfig:
 
 
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# `init_adapter_kwargs`: the keyword arguments of `PeftModel.from_pretrained` that say where an adapter is
+INIT_ADAPTER_KWARGS = ("revision", "subfolder", "token", "cache_dir")
 # a path that starts so is local, never a hub id (no hub id does)
 LOCAL_PREFIXES = ("/", "./", "../", "~")
 
 
-def adapter_folder(where: str, name_or_path):
+def check_init_adapter_kwargs(where: str, kwargs) -> dict[str, Any]:
+    """`init_adapter_kwargs` as a dict of the keys allowed (`INIT_ADAPTER_KWARGS`), each a string (`token` may also
+    be a bool, as in huggingface_hub)."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"{where}: init_adapter_kwargs must be a dict with keys from {sorted(INIT_ADAPTER_KWARGS)}, "
+                        f"got {type(kwargs).__name__}")
+    unknown = sorted(set(kwargs) - set(INIT_ADAPTER_KWARGS))
+    if unknown:
+        raise ValueError(f"{where}: init_adapter_kwargs has unknown keys {unknown}; allowed: "
+                         f"{sorted(INIT_ADAPTER_KWARGS)}")
+    for key, value in kwargs.items():
+        allowed = (str, bool) if key == "token" else (str, os.PathLike) if key == "cache_dir" else (str,)
+        if value is not None and (not isinstance(value, allowed) or value == ""):
+            raise TypeError(f"{where}: init_adapter_kwargs[{key!r}] must be a non-empty string"
+                            f"{' or a bool' if key == 'token' else ''}, got {value!r}")
+    subfolder = kwargs.get("subfolder")
+    if subfolder is not None and (os.path.isabs(subfolder) or ".." in subfolder.replace("\\", "/").split("/")):
+        raise ValueError(f"{where}: init_adapter_kwargs['subfolder'] must be a relative path inside the adapter's "
+                         f"folder or repo, got {subfolder!r}")
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
+def adapter_folder(where: str, name_or_path, kwargs: dict[str, Any] | None = None):
     """The local folder of an `init_adapter`: a folder as given (`~` expanded); a hub id (`owner/name`, not a
     folder here) is downloaded as `PeftModel.from_pretrained` downloads an adapter, by
     `huggingface_hub.snapshot_download` of its adapter files into the hub cache (one revision for both; offline,
-    `HF_HUB_OFFLINE=1`, from the cache), and its snapshot folder returned. A repo that holds a pickle
-    adapter_model.bin alone is refused as `PeftModel.from_pretrained` refuses it, with how to convert it."""
+    `HF_HUB_OFFLINE=1`, from the cache), and its snapshot folder returned. `kwargs` (`init_adapter_kwargs`): the
+    `revision`, `subfolder`, `token` and `cache_dir` of the download; of a local folder, `subfolder` alone. A repo
+    that holds a pickle adapter_model.bin alone is refused as `PeftModel.from_pretrained` refuses it, with how to
+    convert it."""
+    kwargs = check_init_adapter_kwargs(where, kwargs)
+    subfolder = kwargs.get("subfolder")
     if isinstance(name_or_path, str) and name_or_path.startswith("~"):
-        return os.path.expanduser(name_or_path)
-    if not isinstance(name_or_path, str) or os.path.isdir(name_or_path) \
-            or name_or_path.startswith(LOCAL_PREFIXES) or name_or_path.count("/") != 1:
+        name_or_path = os.path.expanduser(name_or_path)
+    if not isinstance(name_or_path, (str, os.PathLike)) or os.path.isdir(name_or_path) \
+            or str(name_or_path).startswith(LOCAL_PREFIXES) or str(name_or_path).count("/") != 1:
+        hub_only = sorted(set(kwargs) - {"subfolder"})
+        if hub_only:
+            raise ValueError(f"{where}: init_adapter_kwargs {hub_only} apply to a hub id; init_adapter "
+                             f"{str(name_or_path)!r} is a local path")
+        if subfolder is not None and isinstance(name_or_path, (str, os.PathLike)):
+            return os.path.join(name_or_path, subfolder)
         return name_or_path  # a folder, a missing local path or no hub id: `saved_adapter_config` names it
     import huggingface_hub
 
+    files = [f"{subfolder}/{file}" if subfolder else file for file in _ADAPTER_FILES]
+    download = {key: value for key, value in kwargs.items() if key != "subfolder"}
     try:
-        folder = huggingface_hub.snapshot_download(name_or_path, allow_patterns=list(_ADAPTER_FILES))
-    except Exception as error:  # noqa: BLE001 — no such repo, offline and not cached, no network
-        raise ValueError(f"{where}: init_adapter {name_or_path!r} is no local folder, and as a hub id it cannot be "
-                         f"downloaded ({type(error).__name__}: {error})") from error
+        folder = huggingface_hub.snapshot_download(name_or_path, allow_patterns=files, **download)
+    except Exception as error:  # noqa: BLE001 — no such repo or revision, offline and not cached, no network
+        at = "".join(f", {key} {kwargs[key]!r}" for key in ("revision", "subfolder") if key in kwargs)
+        raise ValueError(f"{where}: init_adapter {name_or_path!r}{at} is no local folder, and as a hub id it cannot "
+                         f"be downloaded ({type(error).__name__}: {error})") from error
+    if subfolder is not None:
+        folder = os.path.join(folder, subfolder)
     if not os.path.isfile(os.path.join(folder, _ADAPTER_FILES[1])):
         try:  # a repo saved as a pickle alone: say so, with the way to convert it (else the folder's check names it)
-            check_hub_weights(name_or_path, None, None, None)
+            check_hub_weights(name_or_path, subfolder, kwargs.get("revision"), kwargs.get("token"),
+                              cache_dir=kwargs.get("cache_dir"))
         except ValueError as error:
             raise ValueError(f"{where}: init_adapter: {error}") from None
     return folder

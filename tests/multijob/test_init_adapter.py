@@ -181,3 +181,67 @@ def test_a_hub_repo_with_a_pickle_alone_is_named_with_how_to_convert_it(saved_lo
     files.discard("adapter_model.bin")  # neither file: the snapshot is named as no adapter folder
     with pytest.raises(ValueError, match="binonly' has no adapter_model.safetensors"):
         JobConfig("j", None, rows(), init_adapter="owner/binonly")
+    shutil.copytree(snapshot, snapshot / "math")  # in a subfolder: the Hub is asked for the subfolder's files
+    files.update({"math/adapter_config.json", "math/adapter_model.bin"})
+    with pytest.raises(ValueError, match=r"'owner/binonly' \(subfolder 'math'\) holds only a pickle"):
+        JobConfig("j", None, rows(), init_adapter="owner/binonly", init_adapter_kwargs={"subfolder": "math"})
+
+
+def test_init_adapter_kwargs_take_a_revision_and_subfolder_as_peft_model_from_pretrained(saved_lora, tmp_path,
+                                                                                          monkeypatch):
+    """`init_adapter_kwargs`: `PeftModel.from_pretrained`'s `revision`, `subfolder`, `token`, `cache_dir`. A hub
+    repo's revision and subfolder go to the download (the subfolder's files alone), and the job starts from the
+    subfolder's adapter; a local folder takes a subfolder, and the hub-only keys are refused for it; unknown keys,
+    values of the wrong kind and a subfolder leaving the folder are refused naming the field; the kwargs are taken
+    when the job is made (None after: `dataclasses.replace` gives the same job)."""
+    import dataclasses
+    import shutil
+
+    import huggingface_hub
+
+    hub = tmp_path / "hub"
+    shutil.copytree(saved_lora, hub / "owner" / "many" / "v2" / "math")
+    asked = []
+
+    def download(repo_id, allow_patterns=None, revision=None, **kwargs):
+        asked.append((repo_id, sorted(allow_patterns), revision, kwargs))
+        return str(hub / repo_id / (revision or "main"))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    job = JobConfig("j", None, rows(), init_adapter="owner/many",
+                    init_adapter_kwargs={"revision": "v2", "subfolder": "math", "token": "t"})
+    assert asked == [("owner/many", ["math/adapter_config.json", "math/adapter_model.safetensors"], "v2",
+                      {"token": "t"})]
+    assert job.init_adapter == str(hub / "owner" / "many" / "v2" / "math") and job.init_adapter_kwargs is None
+    assert dataclasses.replace(job).init_adapter == job.init_adapter and len(asked) == 1
+    tokenizer = synthetic.demo_tokenizer()
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), processing_class=tokenizer, jobs=[job],
+                              args=run_args(tmp_path / "r", max_steps=1))
+    saved = load_file(f"{saved_lora}/adapter_model.safetensors")
+    assert all(torch.equal(trainer.jobs_model.job_state_dict("j")[k], v) for k, v in saved.items())
+    local = JobConfig("j", None, rows(), init_adapter=str(hub / "owner" / "many" / "v2"),
+                      init_adapter_kwargs={"subfolder": "math"})
+    assert local.init_adapter == job.init_adapter and local.peft_config.r == 4
+    refused = [
+        ({"revision": "v2"}, ValueError, r"init_adapter_kwargs \['revision'\] apply to a hub id; init_adapter "
+                                         r"'.*' is a local path"),
+        ({"branch": "v2"}, ValueError, r"unknown keys \['branch'\]; allowed: \['cache_dir', 'revision', "
+                                       r"'subfolder', 'token'\]"),
+        ({"revision": 2}, TypeError, r"init_adapter_kwargs\['revision'\] must be a non-empty string, got 2"),
+        ({"subfolder": "../other"}, ValueError, "must be a relative path inside the adapter's folder or repo"),
+        ("v2", TypeError, "init_adapter_kwargs must be a dict with keys from"),
+    ]
+    for kwargs, error, message in refused:
+        with pytest.raises(error, match=message):
+            JobConfig("j", None, rows(), init_adapter=saved_lora, init_adapter_kwargs=kwargs)
+    with pytest.raises(ValueError, match="job 'j': init_adapter_kwargs needs an init_adapter"):
+        JobConfig("j", LORA, rows(), init_adapter_kwargs={"subfolder": "math"})
+    doc = {"model": "m", "output_dir": "out", "jobs": [
+        {"name": "j", "type": "lora", "dataset": str(synthetic.write_jsonl(
+            synthetic.multitask_rows(4, tasks=("add",)), tmp_path / "add.jsonl")), "init_adapter": "owner/many",
+         "init_adapter_kwargs": {"revision": "v2", "subfolder": "math"}}]}
+    (job,) = parse_run(doc).jobs  # in a job file: the same download, once
+    assert job.init_adapter == str(hub / "owner" / "many" / "v2" / "math") and len(asked) == 2
+    doc["jobs"][0]["init_adapter_kwargs"] = {"revision": ["v2"]}
+    with pytest.raises(ValueError, match=r"init_adapter_kwargs\['revision'\] must be a non-empty string"):
+        parse_run(doc)
