@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from collections.abc import Callable
 
+from peft_mole.multijob.best_checkpoint import checkpoints_to_delete
+
 STATE_FILE = "job_state.json"
 RUN_FILE = "run.json"  # {"run_id": ...} of the run that last started in a job's folder (`lifecycle`)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -123,18 +125,17 @@ def latest_checkpoint(job_dir: str, run_id: str | None = None) -> str | None:
     return found[-1][1] if found else None
 
 
-def prune_checkpoints(job_dir: str, keep: int | None, run_id: str | None = None) -> None:
+def prune_checkpoints(job_dir: str, keep: int | None, run_id: str | None = None, best: str | None = None) -> None:
     """Delete the oldest checkpoints of run `run_id` beyond `keep` (None or <= 0 keeps all; another run's are
-    kept), and temporary folders a killed write left behind (called right after a write completed, by the only
-    writer; a checkpoint a kill left mid-swap is restored, not deleted)."""
+    kept; the best one, folder name `best`, is kept besides: `best_checkpoint.checkpoints_to_delete`), and
+    temporary folders a killed write left behind (called right after a write completed, by the only writer; a
+    checkpoint a kill left mid-swap is restored, not deleted)."""
     if os.path.isdir(job_dir):
         _restore_swapped(job_dir)
     for name in os.listdir(job_dir) if os.path.isdir(job_dir) else []:
         if name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
             shutil.rmtree(os.path.join(job_dir, name), ignore_errors=True)
-    if not keep or keep <= 0:
-        return
-    for _, path in list_checkpoints(job_dir, run_id)[:-keep]:
+    for path in checkpoints_to_delete([path for _, path in list_checkpoints(job_dir, run_id)], keep, best):
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -24,9 +24,12 @@ class JobEvents:
         return self.batches_done >= self.batches_per_epoch and self.window_pos >= len(self.window)
 
     def should_save(self) -> bool:
-        """A checkpoint after this step: `save_strategy` "steps" (every `save_steps`) or "epoch"; and the job's last
-        step, as Trainer saves at `max_steps` (with "epoch": the epoch it stops in ends there)."""
+        """A checkpoint after this step: `save_strategy` "steps" (every `save_steps`) or "epoch", and the job's last
+        step, as Trainer saves at `max_steps` (with "epoch": the epoch it stops in ends there); "best": where this
+        step's evaluation gave the job its lowest eval loss so far (called after it), as Trainer."""
         strategy = self._strategy("save_strategy")
+        if strategy == "best":  # after an evaluation that gave a new lowest eval loss (`best_checkpoint`)
+            return self.stats.best_step == self.global_step
         if strategy == "epoch":
             return self.at_epoch_end or self.global_step >= self.max_steps
         if strategy != "steps" or not self.args.save_steps:
@@ -82,7 +85,7 @@ class JobEvents:
         """Track the best eval loss; True when `early_stopping_patience` evaluations in a row did not improve it."""
         stats = self.stats
         if stats.best_eval_loss is None or loss < stats.best_eval_loss:
-            stats.best_eval_loss, stats.evals_without_improvement = loss, 0
+            stats.best_eval_loss, stats.best_step, stats.evals_without_improvement = loss, self.global_step, 0
         else:
             stats.evals_without_improvement += 1
         patience = self.job.early_stopping_patience

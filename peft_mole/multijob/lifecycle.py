@@ -15,6 +15,7 @@ import torch
 
 from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob import distributed as dist
+from peft_mole.multijob.best_checkpoint import best_checkpoint_path
 from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun
 from peft_mole.multijob.trainer_args import PUSH_EACH_JOB, JobSetupError
 
@@ -128,11 +129,35 @@ class JobLifecycle:
             if os.path.exists(failed_note):  # from an earlier run that failed, since resumed
                 os.remove(failed_note)
 
+        if run.args.load_best_model_at_end and not self._took_best_checkpoint(run):
+            return
         run.status = status  # (what its final state says)
         if not self._written(run, "final adapter", write_final):
             return
         run.release()
         logger.info("job %s %s after %d steps", run.name, status, run.global_step)
+
+    def _took_best_checkpoint(self, run: JobRun) -> bool:
+        """`load_best_model_at_end`: the job's adapter from its best checkpoint (`best_checkpoint`), on every process,
+        before its final adapter is written; one whose best is its last step's, or that has none (no checkpoint
+        written after an evaluation), keeps its adapter. False where the checkpoint cannot be read: the job failed
+        alone (its checkpoints stay). A collective: every process calls it for the same job."""
+        best = run.stats.best_checkpoint
+        if best is None or best == f"checkpoint-{run.global_step}":
+            return True
+        path, reason = best_checkpoint_path(run.args.output_dir, best), None
+        try:
+            if path is None:
+                raise FileNotFoundError(f"{os.path.join(run.args.output_dir, best)} is gone")
+            self.jobs_model.load_job(run.name, path)
+        except Exception as error:  # noqa: BLE001 — one job's unreadable checkpoint must not take the others down
+            reason = f"its best checkpoint {best} could not be loaded: {type(error).__name__}: {error}"
+        if dist.any_process(self.accelerator, [reason is not None])[0]:
+            self._fail(run, reason or f"its best checkpoint {best} could not be loaded on another process")
+            return False
+        logger.info("job %s: its best checkpoint %s (step %s, eval_loss %.6g) is its final adapter "
+                    "(load_best_model_at_end)", run.name, best, run.stats.best_step, run.stats.best_eval_loss)
+        return True
 
     def _save_job_folder(self, name: str, directory: str) -> None:
         """A job's adapter (`MultiJobModel.save_job`) and the tokenizer, as SFTTrainer's output folder holds them."""

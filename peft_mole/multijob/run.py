@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob.batching import strip_padding
+from peft_mole.multijob.best_checkpoint import tracks_best
 from peft_mole.multijob.data_order import (
     DATA_ORDER_FILE,
     DataRandomState,
@@ -73,6 +74,8 @@ class JobStats:
     stepped: tuple[int, float] = (0, 0.0)  # (tokens, seconds) as of the last optimizer step, which checkpoints keep
     last_loss: float | None = None
     best_eval_loss: float | None = None
+    best_step: int | None = None  # the optimizer step of the best eval loss
+    best_checkpoint: str | None = None  # the folder name of the checkpoint of that step (`best_checkpoint`)
     evals_without_improvement: int = 0
     losses: list = field(default_factory=list)  # window losses since the last log
     entropy: list = field(default_factory=list)  # per micro-batch since the last log, as SFTTrainer's metrics
@@ -334,6 +337,8 @@ class JobRun(JobEvents):
             "input_tokens": self.stats.num_tokens,  # (counted at optimizer steps)
             "last_loss": self.stats.last_loss,
             "best_eval_loss": self.stats.best_eval_loss,
+            "best_global_step": self.stats.best_step,
+            "best_model_checkpoint": self.stats.best_checkpoint,
             "evals_without_improvement": self.stats.evals_without_improvement,
             "error": self.error,
             "run_id": self.run_id,
@@ -348,6 +353,8 @@ class JobRun(JobEvents):
         process's alone is kept. `model_only` (default: `save_only_model`): the adapter and the position only,
         which resume refuses."""
         final = os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
+        if tracks_best(self.args) and self.stats.best_step == self.global_step:  # right after its best evaluation
+            self.stats.best_checkpoint = os.path.basename(final)
 
         def write(tmp: str) -> None:
             save_adapter(tmp)
@@ -369,7 +376,8 @@ class JobRun(JobEvents):
             ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), position)  # last: marks it complete
 
         ckpt.write_atomically(final, write)
-        ckpt.prune_checkpoints(self.args.output_dir, self.args.save_total_limit, self.run_id)
+        ckpt.prune_checkpoints(self.args.output_dir, self.args.save_total_limit, self.run_id,
+                               self.stats.best_checkpoint)
         return final
 
     def restore_account(self, state: dict) -> None:
@@ -412,6 +420,8 @@ class JobRun(JobEvents):
         self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
         self.restore_account(state)
         self.stats.best_eval_loss = state.get("best_eval_loss")
+        self.stats.best_step = state.get("best_global_step")
+        self.stats.best_checkpoint = state.get("best_model_checkpoint")
         self.stats.evals_without_improvement = state.get("evals_without_improvement", 0)
         self.window, self.window_pos, self._iterator = [], 0, None
         self.step_epoch = self.epoch_progress

@@ -39,6 +39,7 @@ from trl import SFTConfig, SFTTrainer
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob import report
 from peft_mole.multijob.batching import is_packed, mix, pad_token_id
+from peft_mole.multijob.best_checkpoint import check_best_model_args
 from peft_mole.multijob.evaluation import JobEvaluation
 from peft_mole.multijob.flat_parameters import job_optimizer
 from peft_mole.multijob.halves import MicroBatchHalves, free_memory, is_oom
@@ -122,6 +123,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         check_trainer_inputs(model, jobs, callbacks, kwargs)
         if args is not None:
             check_trainer_args(args, {j.name: j.peft_config for j in jobs})
+            check_best_model_args(args, jobs)
         loaded = isinstance(model, str)
         if loaded:
             model = load_base_model(model, args, kwargs.pop("quantization_config", None))

@@ -37,17 +37,6 @@ UNSUPPORTED = {
         "each job's loss is the negative log-likelihood of its targets; set loss_type='nll'",
     ),
     "activation_offloading": (bool, "the mixed steps do not offload activations; set activation_offloading=False"),
-    "load_best_model_at_end": (
-        bool,
-        "each job ends with its last adapter (JobConfig(early_stopping_patience=k) stops a job after k evaluations "
-        "without a new best, keeping the adapter of its last step); set load_best_model_at_end=False",
-    ),
-    "metric_for_best_model": (
-        lambda value: value is not None,
-        "no job's best checkpoint is tracked or kept from save_total_limit (Trainer's best_metric); each job logs "
-        "<job>/eval_loss, and JobConfig(early_stopping_patience=k) stops a job after k evaluations without a lower "
-        "one; set metric_for_best_model=None",
-    ),
     "deepspeed": (bool, "DeepSpeed is not supported; use `accelerate launch` with plain data parallelism"),
     "fsdp": (bool, "FSDP is not supported; use `accelerate launch` with plain data parallelism"),
 }
@@ -88,12 +77,8 @@ def check_number(owner: str, name: str, value) -> None:
 def check_trainer_args(args, configs: dict) -> None:
     """Raise ValueError naming the first option set in `args` that MultiJobTrainer cannot honour for the jobs'
     peft `configs` ({name: config})."""
-    # first: these set metric_for_best_model themselves, and the user set these, not it
+    # first: it sets metric_for_best_model itself (`check_best_model_args`), and the user set this, not that
     check_lr_scheduler(args.lr_scheduler_type, "lr_scheduler_type")
-    save_strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
-    if save_strategy == "best":
-        raise ValueError("MultiJobTrainer does not support save_strategy='best': each job saves its final adapter and "
-                         "checkpoints by 'steps' or 'epoch'; its evaluations are logged as <job>/eval_loss")
     for field, (is_set, advice) in UNSUPPORTED.items():
         value = getattr(args, field, None)
         if is_set(value):

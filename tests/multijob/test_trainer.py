@@ -330,9 +330,6 @@ def test_epoch_strategies_save_log_and_evaluate_at_each_jobs_epoch_end(assets, t
     assert [h["a/step"] for h in history if "a/loss" in h] == [3, 6]
     assert [h["a/step"] for h in history if "a/eval_loss" in h] == [3, 6]
     assert [h["b/step"] for h in history if "b/loss" in h] == [3]
-    with pytest.raises(ValueError, match="save_strategy='best'"):
-        MultiJobTrainer(model=tiny_base(), jobs=jobs[:1], processing_class=tokenizer,
-                        args=run_args(tmp_path, save_strategy="best", metric_for_best_model="loss"))
 
 
 def test_evaluate_reports_each_jobs_own_eval_loss(assets, tmp_path):

@@ -38,10 +38,7 @@ def test_bad_trainer_arguments(assets, tmp_path):
                                     dict(activation_offloading=True), dict(accelerator_config={"even_batches": False}),
                                     dict(gradient_checkpointing_kwargs={"use_reentrant": True}),
                                     dict(torch_compile=True, gradient_checkpointing_kwargs={"context_fn": dict}),
-                                    dict(load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps",
-                                         metric_for_best_model="loss"),
-                                    dict(lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps"),
-                                    dict(metric_for_best_model="eval_loss", eval_strategy="steps")])
+                                    dict(lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps")])
 def test_trainer_options_its_own_loop_cannot_honour_are_refused(assets, tmp_path, option):
     """Trainer.train would apply these; MultiJobTrainer's loop does not, so they fail early instead of silently."""
     tokenizer, datasets = assets

@@ -1,0 +1,155 @@
+"""Each job's best checkpoint, as Trainer keeps its one: `metric_for_best_model` ("eval_loss" / "loss") tracks it,
+`save_total_limit` keeps it, `load_best_model_at_end` makes it the job's final adapter (`multijob.best_checkpoint`).
+The jobs' eval losses are scripted per step, so which checkpoint is best is known."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from peft_mole import JobConfig, MultiJobTrainer
+from peft_mole.multijob.best_checkpoint import checkpoints_to_delete
+from tests.helpers import mixlora, tiny_base
+from tests.multijob.test_trainer import ALL_LINEAR, run_args
+
+# the eval loss of each job after its steps 1..5: "lora" is best at step 2, "mix" at its last step
+EVAL_LOSSES = {"lora": [3.0, 1.0, 2.0, 4.0, 5.0], "mix": [5.0, 4.0, 3.0, 2.0, 1.0]}
+
+
+def jobs(datasets, **overrides) -> list[JobConfig]:
+    return [JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+                      datasets["capital"], eval_dataset=datasets["capital"], **overrides),
+            JobConfig("mix", mixlora(), datasets["sentiment"], eval_dataset=datasets["sentiment"], **overrides)]
+
+
+def trainer(assets, out, callbacks=(), **overrides) -> MultiJobTrainer:
+    """Two jobs of 5 steps, evaluated and saved after each, learning fast enough that every step's adapter differs;
+    a job's eval loss after step s is EVAL_LOSSES[job][s - 1]."""
+    tokenizer, datasets = assets
+    settings = dict(max_steps=5, learning_rate=5e-2, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                    save_steps=1, save_total_limit=1, metric_for_best_model="eval_loss")
+    made = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs(datasets),
+                           args=run_args(out, **{**settings, **overrides}), processing_class=tokenizer,
+                           callbacks=list(callbacks))
+    steps = lambda name: next(run.global_step for run in made.runs if run.name == name)  # noqa: E731
+    made._eval_loss = lambda name, batch_size: EVAL_LOSSES[name][steps(name) - 1]
+    return made
+
+
+def adapter(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints_and_the_best_one_as_trainer():
+    paths = [f"/o/checkpoint-{s}" for s in (1, 2, 3, 4, 5)]
+    assert checkpoints_to_delete(paths, 1, None) == paths[:4]
+    assert checkpoints_to_delete(paths, 1, "checkpoint-2") == [paths[0], paths[2], paths[3]]  # best and latest
+    assert checkpoints_to_delete(paths, 3, "checkpoint-2") == [paths[0], paths[2]]  # best, then the newest two
+    assert checkpoints_to_delete(paths, 2, "checkpoint-5") == paths[:3]  # the best is the latest
+    assert checkpoints_to_delete(paths, None, "checkpoint-2") == [] and checkpoints_to_delete(paths, 0, None) == []
+    assert checkpoints_to_delete(paths, 2, "checkpoint-9") == paths[:3]  # a best of another run: not in the list
+
+
+@pytest.mark.parametrize("load_best", [True, False], ids=["load_best_model_at_end", "metric_only"])
+def test_the_best_checkpoint_is_kept_and_with_load_best_model_at_end_is_the_final_adapter(assets, tmp_path, load_best):
+    """save_total_limit=1 keeps a job's latest checkpoint and its best (before: the latest alone, and
+    metric_for_best_model was refused); with load_best_model_at_end the final adapter is the best checkpoint's, bit
+    for bit, and without it the last step's. Each job's state names its best checkpoint."""
+    made = trainer(assets, tmp_path, load_best_model_at_end=load_best)
+    made.train()
+    assert sorted(p.name for p in (tmp_path / "lora").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-5"]
+    assert sorted(p.name for p in (tmp_path / "mix").glob("checkpoint-*")) == ["checkpoint-5"]
+    best, last = adapter(tmp_path / "lora" / "checkpoint-2"), adapter(tmp_path / "lora" / "checkpoint-5")
+    assert not equal(best, last)
+    assert equal(adapter(tmp_path / "lora"), best if load_best else last)
+    assert equal(adapter(tmp_path / "mix"), adapter(tmp_path / "mix" / "checkpoint-5"))
+    state = json.loads((tmp_path / "lora" / "job_state.json").read_text())
+    assert (state["best_model_checkpoint"], state["best_global_step"], state["best_eval_loss"]) == ("checkpoint-2", 2,
+                                                                                                   1.0)
+    assert state["global_step"] == 5 and state["status"] == "done"
+
+
+class _StopAt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            control.should_training_stop = True
+
+
+def test_a_resumed_run_keeps_the_best_checkpoint_of_the_run_before_it(assets, tmp_path):
+    """Stopped after step 3 (best: step 2) and resumed: the best checkpoint is kept through the resumed run's saves
+    and is the final adapter, as in the uninterrupted run."""
+    whole = trainer(assets, tmp_path / "whole", load_best_model_at_end=True)
+    whole.train()
+    trainer(assets, tmp_path / "cut", callbacks=[_StopAt()], load_best_model_at_end=True).train()
+    assert sorted(p.name for p in (tmp_path / "cut" / "lora").glob("checkpoint-*")) == ["checkpoint-2",
+                                                                                         "checkpoint-3"]
+    trainer(assets, tmp_path / "cut", load_best_model_at_end=True).train(resume_from_checkpoint=True)
+    assert sorted(p.name for p in (tmp_path / "cut" / "lora").glob("checkpoint-*")) == ["checkpoint-2",
+                                                                                         "checkpoint-5"]
+    assert equal(adapter(tmp_path / "cut" / "lora"), adapter(tmp_path / "whole" / "lora"))  # both step 2's
+    cut, whole = adapter(tmp_path / "cut" / "mix"), adapter(tmp_path / "whole" / "mix")  # a resume's rounding
+    assert max((cut[k] - whole[k]).abs().max().item() for k in whole) <= 1e-5
+    assert equal(adapter(tmp_path / "cut" / "lora"), adapter(tmp_path / "cut" / "lora" / "checkpoint-2"))
+
+
+def test_a_best_checkpoint_that_cannot_be_loaded_fails_its_job_alone(assets, tmp_path):
+    """The best checkpoint deleted before the job ends: the job fails naming it (its other checkpoints stay), the
+    other job ends with its best adapter."""
+
+    class DeleteBest(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                (tmp_path / "lora" / "checkpoint-2" / "adapter_model.safetensors").unlink()
+
+    made = trainer(assets, tmp_path, callbacks=[DeleteBest()], load_best_model_at_end=True)
+    made.train()
+    summary = {row["job"]: row for row in made.job_summary}
+    assert summary["lora"]["status"] == "failed" and "its best checkpoint checkpoint-2 could not be loaded" in \
+        json.loads((tmp_path / "lora" / "job_failed.json").read_text())["error"]
+    assert (tmp_path / "lora" / "checkpoint-5").is_dir() and summary["mix"]["status"] == "done"
+
+
+def test_best_model_options_the_jobs_cannot_honour_are_refused(assets, tmp_path):
+    tokenizer, datasets = assets
+
+    def make(job_list=None, **overrides):
+        settings = dict(eval_strategy="steps", save_strategy="steps", eval_steps=2, save_steps=4)
+        MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=job_list or jobs(datasets),
+                        args=run_args(tmp_path, **{**settings, **overrides}), processing_class=tokenizer)
+
+    with pytest.raises(ValueError, match=r"metric_for_best_model must be one of \['eval_loss', 'loss'\] .* got "
+                                         "'accuracy'"):
+        make(metric_for_best_model="accuracy", greater_is_better=False)
+    with pytest.raises(ValueError, match="greater_is_better=True: a job's best checkpoint is the one of its lowest"):
+        make(metric_for_best_model="eval_loss", greater_is_better=True)
+    no_eval = [JobConfig("plain", LoraConfig(r=4, target_modules=ALL_LINEAR), datasets["add"])]
+    with pytest.raises(ValueError, match="load_best_model_at_end=True: job 'plain' has no eval_dataset"):
+        make(no_eval, load_best_model_at_end=True)
+    with pytest.raises(ValueError, match="job 'lora' saves every 3 steps and evaluates every 2; its save_steps must "
+                                         "be a multiple of its eval_steps"):
+        make(jobs(datasets, save_steps=3), load_best_model_at_end=True)
+    make(jobs(datasets, save_steps=6), load_best_model_at_end=True)  # a multiple: taken
+    make(no_eval, metric_for_best_model="loss", eval_strategy="no")  # tracked where evaluated: here nowhere
+
+
+def test_save_strategy_best_saves_a_job_after_each_new_lowest_eval_loss(assets, tmp_path):
+    """save_strategy="best" (before: refused): a job's checkpoint after each evaluation that lowered its eval loss,
+    none after the others (not the last step either, as Trainer); a job without an eval set is refused."""
+    made = trainer(assets, tmp_path, save_strategy="best", save_total_limit=None)
+    made.train()
+    assert sorted(p.name for p in (tmp_path / "lora").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in (tmp_path / "mix").glob("checkpoint-*")) == [f"checkpoint-{s}" for s in range(1, 6)]
+    tokenizer, datasets = assets
+    no_eval = [JobConfig("plain", LoraConfig(r=4, target_modules=ALL_LINEAR), datasets["add"])]
+    with pytest.raises(ValueError, match="save_strategy='best': job 'plain' has no eval_dataset.*save_strategy='steps'"):
+        MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=no_eval, processing_class=tokenizer,
+                        args=run_args(tmp_path, save_strategy="best", metric_for_best_model="loss"))
