@@ -4,11 +4,11 @@ here instead of in the next `make bench`."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import math
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -35,25 +35,51 @@ SCRIPTS = {
                            "--router-scale", "10"],
 }
 FRACTIONS = {"pad_fraction", "memory_model_error"}
+# other runs the tests below check: {key: (script, its arguments)}
+OTHER_RUNS = {
+    "profile_step": ("profile_step", ["--shape", "tiny", "--steps", "1"]),
+    "launch_count": ("launch_count", ["--shape", "small"]),
+    "multijob_speedup_packed": ("multijob_speedup", ["--shape", "tiny", "--repeats", "1", "--jobs", "2", "--packed"]),
+}
+RUNS = {**{name: (name, args) for name, args in SCRIPTS.items()}, **OTHER_RUNS}
 
 
-def run_script(name: str, args: list[str]) -> list[dict]:
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), *args], capture_output=True,
-                            text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+# Runs the scripts one after another in one process (each as `python bench/<name>.py <args>` runs it, as __main__
+# with its argv, Dynamo reset between them): the imports once instead of 14 times (~5 s each). A script that fails
+# gives an "error" row with its traceback.
+_RUNNER = textwrap.dedent("""
+    import contextlib, io, json, runpy, sys, traceback
+    import torch
+    sys.path.insert(0, "bench")
+    for key, (name, args) in json.loads(sys.argv[1]).items():
+        sys.argv, out, err, error = [f"bench/{name}.py", *args], io.StringIO(), io.StringIO(), None
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                runpy.run_path(f"bench/{name}.py", run_name="__main__")
+        except SystemExit as exit:
+            error = None if exit.code in (0, None) else f"exit status {exit.code}: {err.getvalue()[-2000:]}"
+        except BaseException:  # noqa: BLE001 - reported by the script's test
+            error = traceback.format_exc()[-3000:]
+        torch._dynamo.reset()
+        print(json.dumps({"run": key, "stdout": out.getvalue(), "error": error}), flush=True)
+""")
 
 
 @pytest.fixture(scope="module")
 def rows() -> dict[str, list[dict]]:
-    # two at a time: much of each run is single-threaded (imports, tracing, compiling), and the machines have 2+ cores
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        runs = {name: pool.submit(run_script, name, args) for name, args in SCRIPTS.items()}
-        return {name: run.result() for name, run in runs.items()}
+    """{run (`RUNS`): the JSON rows it printed} ([{"name": "error", ...}] for a script that failed)."""
+    result = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(RUNS)], capture_output=True, text=True,
+                            timeout=1200, cwd=ROOT)
+    runs = {run["run"]: run for run in map(json.loads, result.stdout.splitlines()) if "run" in run}
+    assert list(runs) == list(RUNS), f"the runner stopped after {list(runs)}: {result.stderr[-3000:]}"
+    return {name: [{"name": "error", "traceback": run["error"]}] if run["error"] else
+            [json.loads(line) for line in run["stdout"].splitlines() if line.startswith("{")]
+            for name, run in runs.items()}
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
 def test_bench_script_prints_its_ratio(rows, name):
+    assert rows[name][0]["name"] != "error", rows[name][0]["traceback"]
     ratios = [row for row in rows[name] if row["name"] == name]
     assert ratios, f"{name} printed no `{name}` row: {rows[name]}"
     for row in ratios:
@@ -110,7 +136,7 @@ def _rendered(rows: list[dict], path) -> str:
 def test_render_table_renders_every_ratio(rows, tmp_path):
     """Every script's ratio as `make bench` measures it (compiled by inductor; the smoke runs compile with
     aot_eager, and rows compiled so are no figure: the table leaves them out)."""
-    smoke = [row for script_rows in rows.values() for row in script_rows]
+    smoke = [row for name in SCRIPTS for row in rows[name]]
     assert any(str(row.get("compile")).startswith("aot_eager") for row in smoke if row["name"] == "compile_step")
     as_measured = [{**row, "compile": "inductor"} if str(row.get("compile")).startswith("aot_eager") else row
                    for row in smoke]
@@ -223,32 +249,30 @@ def test_learning_table_shows_the_latest_run_of_each_method_with_its_steps_and_s
     assert "--steps 300 --seeds 0 1 2`" in table
 
 
-def test_profile_step_breaks_each_step_down():
-    rows = {row["impl"]: row["ms_per_step"] for row in run_script("profile_step", ["--shape", "tiny", "--steps", "1"])
-            if row["name"] == "profile_step"}
+def test_profile_step_breaks_each_step_down(rows):
+    rows = {row["impl"]: row["ms_per_step"] for row in rows["profile_step"] if row["name"] == "profile_step"}
     assert set(rows) == {"peft_lora", "mixlora", "multijob_4_lora"}
     for impl, ranges in rows.items():
         assert {"forward", "backward", "optimizer", "model::attention", "model::mlp"} <= set(ranges), impl
     assert "peft_mole::lora_deltas" in rows["multijob_4_lora"] and "peft_mole::route" in rows["mixlora"]
 
 
-def test_launch_count_shows_gpu_blocks_launch_fewer_operators():
+def test_launch_count_shows_gpu_blocks_launch_fewer_operators(rows):
     """On the small shape the CPU blocks of the expert chains are 190 pairs, the GPU's hold every pair of a layer:
     counted with the GPU's block sizes, MixLoRA and DynMoLE launch fewer operators per layer (still more than
     PEFT LoRA)."""
     rows = {(row["impl"], row["blocks"]): row["launches_per_layer"]
-            for row in run_script("launch_count", ["--shape", "small"]) if row["name"] == "launch_count"}
+            for row in rows["launch_count"] if row["name"] == "launch_count"}
     assert set(rows) == {("peft_lora", "cpu"), ("mixlora", "cpu"), ("dynmole_init", "cpu"), ("multijob_4_lora", "cpu"),
                          ("mixlora", "gpu"), ("dynmole_init", "gpu")}
     for impl in ("mixlora", "dynmole_init"):
         assert rows["peft_lora", "cpu"] < rows[impl, "gpu"] < rows[impl, "cpu"], impl
 
 
-def test_multijob_bench_times_packed_mixed_steps():
+def test_multijob_bench_times_packed_mixed_steps(rows):
     """--packed: the mixed step takes the jobs' rows as one packed row (eager here; the compiled packed step is
     tests/multijob/test_compiled_packed_steps.py's)."""
-    rows = run_script("multijob_speedup", ["--shape", "tiny", "--repeats", "1", "--jobs", "2", "--packed"])
-    (row,) = [row for row in rows if row["name"] == "multijob_speedup"]
+    (row,) = [row for row in rows["multijob_speedup_packed"] if row["name"] == "multijob_speedup"]
     assert row["packed"] is True and row["ratio_median"] > 0 and "compiled_vs_eager" not in row
 
 
