@@ -116,6 +116,7 @@ class JobStepping:
         outcome = (self._evaluate_job(run) if run.name in self.job_eval_datasets and run.should_evaluate()
                    else EvalOutcome())
         if run.should_save():
+            run.mark_best_checkpoint()
             states = self._stream_states(run)  # (a collective: on every process)
             save = partial(run.save_checkpoint, lambda d: self.jobs_model.save_job(run.name, d), stream_states=states)
             if not self._written(run, "checkpoint", save):  # (a collective too)

@@ -88,6 +88,8 @@ class JobLifecycle:
             return
         unfinished = [run for run in runs if not run.finished and run.global_step > 0]
         states = [self._stream_states(run) for run in unfinished]  # (a collective: on every process)
+        for run in unfinished:
+            run.mark_best_checkpoint()
         if self.is_world_process_zero():
             for run, stream_states in zip(unfinished, states, strict=True):  # whole, even with `save_only_model`
                 run.save_checkpoint(lambda d, name=run.name: self.jobs_model.save_job(name, d), model_only=False,

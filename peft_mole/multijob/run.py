@@ -345,6 +345,13 @@ class JobRun(JobEvents):
             "saved_at": time.time(),
         }
 
+    def mark_best_checkpoint(self) -> None:
+        """Before this step's checkpoint is written, on every process (process zero alone writes it): it is the job's
+        best where this step's evaluation gave the lowest eval loss so far (`best_checkpoint`; the loss is every
+        process's, so they agree)."""
+        if tracks_best(self.args) and self.stats.best_step == self.global_step:
+            self.stats.best_checkpoint = f"checkpoint-{self.global_step}"
+
     def save_checkpoint(self, save_adapter, model_only: bool | None = None,
                         stream_states: torch.Tensor | None = None) -> str:
         """Write `output_dir/<job>/checkpoint-<step>/` atomically: adapter, optimizer, scheduler, position and the
@@ -353,8 +360,6 @@ class JobRun(JobEvents):
         process's alone is kept. `model_only` (default: `save_only_model`): the adapter and the position only,
         which resume refuses."""
         final = os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
-        if tracks_best(self.args) and self.stats.best_step == self.global_step:  # right after its best evaluation
-            self.stats.best_checkpoint = os.path.basename(final)
 
         def write(tmp: str) -> None:
             save_adapter(tmp)

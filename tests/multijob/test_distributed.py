@@ -45,6 +45,8 @@ SCRIPT = textwrap.dedent('''
         JobConfig("mix", mixlora(router_aux_loss_coef=0.0), data("capital"), per_device_train_batch_size=per_device,
                   gradient_accumulation_steps=2),
     ]
+    if mode == "best":  # every job evaluated: load_best_model_at_end needs it
+        jobs[1].eval_dataset = data("sentiment").select(range(5))
     if mode == "budget":
         jobs.append(JobConfig("add", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"]),
                               data("add"), per_device_train_batch_size=per_device))
@@ -77,7 +79,10 @@ SCRIPT = textwrap.dedent('''
                     save_strategy="no", logging_steps=1, max_length=None if padding_free else 40,
                     gradient_checkpointing=False, dataloader_num_workers=0, seed=0, disable_tqdm=True,
                     padding_free=padding_free)
-    args = SFTConfig(**{{**settings, **(own_tokens if mode == "own_tokens" else {{}})}})
+    # "best": evaluated and saved after each step, the eval losses scripted (each job's best: its step 2)
+    best = dict(eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1, save_total_limit=1,
+                load_best_model_at_end=True, metric_for_best_model="eval_loss", learning_rate=5e-2)
+    args = SFTConfig(**{{**settings, **{{"own_tokens": own_tokens, "best": best}}.get(mode, {{}})}})
     # "budget": a memory budget that fits two of the three jobs' micro-batches on process 1 only; the processes
     # must agree to run a micro-batch only where it fits everywhere (else their collectives fall out of step)
     budget = {{"max_memory": 250.0 if rank == 1 else 1e15}} if mode == "budget" else {{}}
@@ -93,6 +98,16 @@ SCRIPT = textwrap.dedent('''
     trainer._train_round = recording_round
     # other adapters on every process: train() must broadcast process 0's, as the 1-process run starts from them
     randomize_adapters(trainer.jobs_model, seed=7 + rank)
+    if mode == "best":
+        step = lambda name: next(run.global_step for run in trainer.runs if run.name == name)
+        trainer._eval_loss = lambda name, batch_size: {{1: 2.0, 2: 1.0, 3: 3.0}}[step(name)]
+        trainer.train()
+        import hashlib, torch
+        for name in ("lora", "mix"):  # the adapter each process holds at the end
+            state = trainer.jobs_model.job_state_dict(name)
+            digest = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
+            sys.stdout.write(f"process {{rank}} {{name}} {{digest}}\\n")
+        sys.exit(0)
     trainer.train()
     statuses = sorted((row["job"], row["status"], row["steps"]) for row in trainer.job_summary)
     evaluation = round(trainer.evaluate()["lora/eval_loss"], 6)
@@ -297,3 +312,28 @@ def test_gradients_are_summed_over_processes_in_their_own_dtype():
     assert wide.grad.dtype == torch.float64 and torch.equal(wide.grad, torch.full((3,), 2 + 2e-12, dtype=torch.float64))
     assert narrow.grad.dtype == torch.bfloat16 and torch.equal(narrow.grad, torch.full((2,), 3.0, dtype=torch.bfloat16))
     assert extra == [2 / 3, 14.0]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
+def test_load_best_model_at_end_under_two_processes_gives_every_process_the_best_checkpoint(tmp_path):
+    """`load_best_model_at_end` under 2 processes: process zero alone writes the checkpoints, and every process
+    takes the best one back at the job's end (before, only the writing process knew which checkpoint was best:
+    process 1 kept its last adapter); the final adapter is the best checkpoint's."""
+
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(root=os.getcwd()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(accelerate_launch() + [str(script), str(tmp_path / "two"), "2", "0", "best"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    held = dict(line.rsplit(" ", 1) for line in two.stdout.splitlines() if line.startswith("process "))
+    for job in ("lora", "mix"):
+        assert sorted(p.name for p in (tmp_path / "two" / job).glob("checkpoint-*")) == ["checkpoint-2",
+                                                                                          "checkpoint-3"]
+        best = load_file(tmp_path / "two" / job / "checkpoint-2" / "adapter_model.safetensors")
+        final = load_file(tmp_path / "two" / job / "adapter_model.safetensors")
+        assert all(torch.equal(best[k], final[k]) for k in best)
+        digests = {held[f"process {rank} {job}"] for rank in (0, 1)}
+        last = load_file(tmp_path / "two" / job / "checkpoint-3" / "adapter_model.safetensors")
+        assert not all(torch.equal(best[k], last[k]) for k in best), job
+        assert len(digests) == 1, (job, digests)
