@@ -153,3 +153,17 @@ def test_save_strategy_best_saves_a_job_after_each_new_lowest_eval_loss(assets, 
     with pytest.raises(ValueError, match="save_strategy='best': job 'plain' has no eval_dataset.*save_strategy='steps'"):
         MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=no_eval, processing_class=tokenizer,
                         args=run_args(tmp_path, save_strategy="best", metric_for_best_model="loss"))
+
+
+def test_a_job_stopped_early_ends_with_its_best_checkpoint(assets, tmp_path):
+    """Early stopping with `load_best_model_at_end`, as EarlyStoppingCallback with Trainer: the "lora" job stops after
+    two evaluations without a lower loss (steps 3 and 4) and ends with its step-2 adapter; its state says so."""
+    made = trainer(assets, tmp_path, load_best_model_at_end=True)
+    made.jobs[0].early_stopping_patience = 2  # (read at each evaluation)
+    made.train()
+    assert {row["job"]: (row["status"], row["steps"]) for row in made.job_summary}["lora"] == ("stopped_early", 4)
+    assert equal(adapter(tmp_path / "lora"), adapter(tmp_path / "lora" / "checkpoint-2"))
+    assert sorted(p.name for p in (tmp_path / "lora").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    state = json.loads((tmp_path / "lora" / "job_state.json").read_text())
+    assert (state["status"], state["global_step"], state["best_model_checkpoint"]) == ("stopped_early", 4,
+                                                                                     "checkpoint-2")
