@@ -45,12 +45,15 @@ RUNS = {**{name: (name, args) for name, args in SCRIPTS.items()}, **OTHER_RUNS}
 
 
 # Runs the scripts one after another in one process (each as `python bench/<name>.py <args>` runs it, as __main__
-# with its argv, Dynamo reset between them): the imports once instead of 14 times (~5 s each). A script that fails
-# gives an "error" row with its traceback.
+# with its argv; between them Dynamo is reset and its and inductor's settings and the environment are put back, so
+# that no script runs with what an earlier one set): the imports once instead of 17 times (~5 s each). A script
+# that fails gives an "error" row with its traceback or its stderr.
 _RUNNER = textwrap.dedent("""
-    import contextlib, io, json, runpy, sys, traceback
+    import contextlib, io, json, os, runpy, sys, traceback
     import torch
+    import torch._inductor.config as inductor_config
     sys.path.insert(0, "bench")
+    settings, environ = (torch._dynamo.config.save_config(), inductor_config.save_config()), dict(os.environ)
     for key, (name, args) in json.loads(sys.argv[1]).items():
         sys.argv, out, err, error = [f"bench/{name}.py", *args], io.StringIO(), io.StringIO(), None
         try:
@@ -61,6 +64,10 @@ _RUNNER = textwrap.dedent("""
         except BaseException:  # noqa: BLE001 - reported by the script's test
             error = traceback.format_exc()[-3000:]
         torch._dynamo.reset()
+        torch._dynamo.config.load_config(settings[0])
+        inductor_config.load_config(settings[1])
+        os.environ.clear()
+        os.environ.update(environ)
         print(json.dumps({"run": key, "stdout": out.getvalue(), "error": error}), flush=True)
 """)
 
@@ -70,17 +77,23 @@ def rows() -> dict[str, list[dict]]:
     """{run (`RUNS`): the JSON rows it printed} ([{"name": "error", ...}] for a script that failed)."""
     result = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(RUNS)], capture_output=True, text=True,
                             timeout=1200, cwd=ROOT)
-    runs = {run["run"]: run for run in map(json.loads, result.stdout.splitlines()) if "run" in run}
+    runs = {run["run"]: run for run in (json.loads(line) for line in result.stdout.splitlines()
+                                        if line.startswith('{"run"'))}
     assert list(runs) == list(RUNS), f"the runner stopped after {list(runs)}: {result.stderr[-3000:]}"
     return {name: [{"name": "error", "traceback": run["error"]}] if run["error"] else
             [json.loads(line) for line in run["stdout"].splitlines() if line.startswith("{")]
             for name, run in runs.items()}
 
 
+def ran(rows: dict[str, list[dict]], key: str) -> list[dict]:
+    """The rows run `key` printed; its traceback where it failed."""
+    assert rows[key][0]["name"] != "error", rows[key][0]["traceback"]
+    return rows[key]
+
+
 @pytest.mark.parametrize("name", list(SCRIPTS))
 def test_bench_script_prints_its_ratio(rows, name):
-    assert rows[name][0]["name"] != "error", rows[name][0]["traceback"]
-    ratios = [row for row in rows[name] if row["name"] == name]
+    ratios = [row for row in ran(rows, name) if row["name"] == name]
     assert ratios, f"{name} printed no `{name}` row: {rows[name]}"
     for row in ratios:
         assert math.isfinite(row["ratio_median"]) and math.isfinite(row["ratio_min"])
@@ -250,7 +263,7 @@ def test_learning_table_shows_the_latest_run_of_each_method_with_its_steps_and_s
 
 
 def test_profile_step_breaks_each_step_down(rows):
-    rows = {row["impl"]: row["ms_per_step"] for row in rows["profile_step"] if row["name"] == "profile_step"}
+    rows = {row["impl"]: row["ms_per_step"] for row in ran(rows, "profile_step") if row["name"] == "profile_step"}
     assert set(rows) == {"peft_lora", "mixlora", "multijob_4_lora"}
     for impl, ranges in rows.items():
         assert {"forward", "backward", "optimizer", "model::attention", "model::mlp"} <= set(ranges), impl
@@ -262,7 +275,7 @@ def test_launch_count_shows_gpu_blocks_launch_fewer_operators(rows):
     counted with the GPU's block sizes, MixLoRA and DynMoLE launch fewer operators per layer (still more than
     PEFT LoRA)."""
     rows = {(row["impl"], row["blocks"]): row["launches_per_layer"]
-            for row in rows["launch_count"] if row["name"] == "launch_count"}
+            for row in ran(rows, "launch_count") if row["name"] == "launch_count"}
     assert set(rows) == {("peft_lora", "cpu"), ("mixlora", "cpu"), ("dynmole_init", "cpu"), ("multijob_4_lora", "cpu"),
                          ("mixlora", "gpu"), ("dynmole_init", "gpu")}
     for impl in ("mixlora", "dynmole_init"):
@@ -272,7 +285,7 @@ def test_launch_count_shows_gpu_blocks_launch_fewer_operators(rows):
 def test_multijob_bench_times_packed_mixed_steps(rows):
     """--packed: the mixed step takes the jobs' rows as one packed row (eager here; the compiled packed step is
     tests/multijob/test_compiled_packed_steps.py's)."""
-    (row,) = [row for row in rows["multijob_speedup_packed"] if row["name"] == "multijob_speedup"]
+    (row,) = [row for row in ran(rows, "multijob_speedup_packed") if row["name"] == "multijob_speedup"]
     assert row["packed"] is True and row["ratio_median"] > 0 and "compiled_vs_eager" not in row
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 import os
 
+from peft_mole.multijob.trainer_args import JobSetupError
+
 BEST_METRICS = ("eval_loss", "loss")
 
 
@@ -45,34 +47,56 @@ def check_best_model_args(args, jobs) -> None:
         return
     option, instead = (("load_best_model_at_end=True", "load_best_model_at_end=False") if args.load_best_model_at_end
                        else ("save_strategy='best'", "save_strategy='steps'"))
+    evaluated = str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no"
     for job in jobs:
         if job.eval_dataset is None:
             raise ValueError(f"{option}: job {job.name!r} has no eval_dataset, so it has no best checkpoint; give "
                              f"every job one, or set {instead}")
+        if strategy == "best" and not (evaluated or job.eval_steps is not None or job.early_stopping_patience):
+            raise ValueError(f"save_strategy='best': job {job.name!r} is never evaluated (eval_strategy='no' and no "
+                             "JobConfig.eval_steps), so it would write no checkpoint; set eval_strategy to 'steps' "
+                             "or 'epoch', or the job's eval_steps")
         if strategy != "steps":
             continue
         save = job.save_steps if job.save_steps is not None else args.save_steps
         logging = job.logging_steps if job.logging_steps is not None else args.logging_steps
         evaluate = job.eval_steps if job.eval_steps is not None else (args.eval_steps or logging)
+        if (save < 1) != (evaluate < 1):
+            raise ValueError(f"load_best_model_at_end=True: job {job.name!r} has save_steps={save} and eval_steps="
+                             f"{evaluate}: both must be fractions of max_steps (< 1) or both step counts, the save "
+                             "steps a multiple of the eval steps (as TrainingArguments requires)")
         if not _multiple(save, evaluate):
             raise ValueError(f"load_best_model_at_end=True: job {job.name!r} saves every {save} steps and evaluates "
                              f"every {evaluate}; its save_steps must be a multiple of its eval_steps (as "
                              "TrainingArguments requires), so that its best evaluation has a checkpoint")
 
 
+def check_job_steps(run) -> None:
+    """With `load_best_model_at_end` and "steps": the job's save steps a multiple of its eval steps as the job
+    counts them (`JobEvents.every`: a fraction of its max_steps rounded up), so that each of its evaluations that
+    may be best has a checkpoint (fractions that pass `check_best_model_args` can round otherwise)."""
+    args = run.args
+    if not args.load_best_model_at_end or str(getattr(args.save_strategy, "value", args.save_strategy)) != "steps":
+        return
+    save, evaluate = run.every(args.save_steps), run.every(args.eval_steps or args.logging_steps)
+    if save % evaluate:
+        raise JobSetupError(f"load_best_model_at_end=True: job {run.name!r} saves every {save} and evaluates every "
+                            f"{evaluate} of its {run.max_steps} steps (save_steps={args.save_steps}, eval_steps="
+                            f"{args.eval_steps or args.logging_steps}); its save steps must be a multiple of its eval "
+                            "steps, so that its best evaluation has a checkpoint")
+
+
 def _multiple(save: float, evaluate: float) -> bool:
-    """`save` a whole multiple of `evaluate`; both fractions of max_steps, or both step counts (TrainingArguments'
+    """`save` a whole multiple of `evaluate` (both fractions of max_steps, or both step counts: TrainingArguments'
     rule)."""
-    if (save < 1) != (evaluate < 1):
-        return False
     ratio = save / evaluate
     return math.isclose(ratio, round(ratio), abs_tol=1e-9) and round(ratio) >= 1
 
 
 def checkpoints_to_delete(checkpoints: list[str], keep: int | None, best: str | None) -> list[str]:
-    """Of a job's checkpoint paths (oldest first), those `save_total_limit=keep` deletes: all but the newest `keep`,
-    the best one (its folder name `best`) always kept besides, and with it the latest (a resume's start), as
-    Trainer's rotation keeps them."""
+    """Of a job's checkpoint paths (oldest first), those `save_total_limit=keep` deletes: the best one (its folder
+    name `best`) counts within the limit, kept with the newest `keep - 1` others (at least the latest, a resume's
+    start: with a limit of 1 the best and the latest), as Trainer's rotation keeps them."""
     if not keep or keep <= 0:
         return []
     best_path = next((path for path in checkpoints if best is not None and os.path.basename(path) == best), None)

@@ -53,15 +53,16 @@ class JobEvaluation:
             # goes on from the checkpoint)
             drawing = run.data_random.drawing_before_training() if run.global_step == 0 else contextlib.nullcontext()
             with drawing:
-                outcome = self._evaluate_job(run)
+                outcome = self._evaluate_job(run, on_start=True)
             if outcome.failure is not None:
                 self._fail(run, outcome.failure)
             elif outcome.stop:
                 self._finish(run, STOPPED)
 
-    def _evaluate_job(self, run: JobRun) -> EvalOutcome:
+    def _evaluate_job(self, run: JobRun, on_start: bool = False) -> EvalOutcome:
         """Log `<job>/eval_loss`; stop when early stopping says so. An evaluation that raises (its eval data, an
-        out-of-memory error) gives the reason to fail the job alone, as a training step that raises does."""
+        out-of-memory error) gives the reason to fail the job alone, as a training step that raises does. One
+        `on_start` never makes a best checkpoint (`JobEvents.record_eval`)."""
         try:
             loss = self._eval_loss(run.name, run.args.per_device_eval_batch_size)
         except EvaluationFailed as error:
@@ -69,7 +70,7 @@ class JobEvaluation:
         metrics = {f"{run.name}/eval_loss": loss, f"{run.name}/step": run.global_step}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
-        return EvalOutcome(stop=run.record_eval(loss))
+        return EvalOutcome(stop=run.record_eval(loss, after_step=not on_start))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """{"<job>/<prefix>_loss": the loss of the job's adapter on its own eval set (`_eval_loss`)}, for every job

@@ -75,18 +75,25 @@ class JobEvents:
         """Epochs trained, as a fraction (Trainer's `state.epoch`): 1.0 at the end of the first."""
         return self.epoch + self.batches_done / max(self.batches_per_epoch, 1)
 
-    def _due(self, every: float) -> bool:
-        """Whether this optimizer step is a multiple of `every` (a fraction < 1 means that share of max_steps, as
-        in TrainingArguments)."""
-        every = every if every >= 1 else math.ceil(every * self.max_steps)
-        return self.global_step % max(int(every), 1) == 0
+    def every(self, steps: float) -> int:
+        """`save_steps`, `eval_steps` or `logging_steps` as a number of this job's optimizer steps (a fraction < 1
+        means that share of max_steps, rounded up, as in TrainingArguments)."""
+        return max(int(steps if steps >= 1 else math.ceil(steps * self.max_steps)), 1)
 
-    def record_eval(self, loss: float) -> bool:
-        """Track the best eval loss; True when `early_stopping_patience` evaluations in a row did not improve it."""
+    def _due(self, every: float) -> bool:
+        """Whether this optimizer step is a multiple of `every` (`every`)."""
+        return self.global_step % self.every(every) == 0
+
+    def record_eval(self, loss: float, after_step: bool = True) -> bool:
+        """Track the best eval loss; True when `early_stopping_patience` evaluations in a row did not improve it.
+        An evaluation after a step (not `eval_on_start`'s, as in Trainer) that gives the lowest loss so far makes
+        this step the one of the best checkpoint (`best_checkpoint`)."""
         stats = self.stats
         if stats.best_eval_loss is None or loss < stats.best_eval_loss:
-            stats.best_eval_loss, stats.best_step, stats.evals_without_improvement = loss, self.global_step, 0
+            stats.best_eval_loss, stats.evals_without_improvement = loss, 0
         else:
             stats.evals_without_improvement += 1
+        if after_step and (stats.best_metric is None or loss < stats.best_metric):
+            stats.best_metric, stats.best_step = loss, self.global_step
         patience = self.job.early_stopping_patience
         return patience is not None and stats.evals_without_improvement >= patience

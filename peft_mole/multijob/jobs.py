@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,13 +188,16 @@ def check_init_adapter_kwargs(where: str, kwargs) -> dict[str, Any]:
     for key, value in kwargs.items():
         allowed = (str, bool) if key == "token" else (str, os.PathLike) if key == "cache_dir" else (str,)
         if value is not None and (not isinstance(value, allowed) or value == ""):
-            raise TypeError(f"{where}: init_adapter_kwargs[{key!r}] must be a non-empty string"
-                            f"{' or a bool' if key == 'token' else ''}, got {value!r}")
-    subfolder = kwargs.get("subfolder")
-    if subfolder is not None and (os.path.isabs(subfolder) or ".." in subfolder.replace("\\", "/").split("/")):
-        raise ValueError(f"{where}: init_adapter_kwargs['subfolder'] must be a relative path inside the adapter's "
-                         f"folder or repo, got {subfolder!r}")
-    return {key: value for key, value in kwargs.items() if value is not None}
+            other = {"token": " or a bool", "cache_dir": " or a path"}.get(key, "")
+            raise TypeError(f"{where}: init_adapter_kwargs[{key!r}] must be a non-empty string{other}, got {value!r}")
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}
+    if "subfolder" in kwargs:  # "math/", "./math" and "math" name one folder (a hub pattern needs the last)
+        subfolder = posixpath.normpath(kwargs["subfolder"].replace("\\", "/")).strip("/")
+        if kwargs["subfolder"].startswith("/") or subfolder in (".", "") or subfolder.split("/")[0] == "..":
+            raise ValueError(f"{where}: init_adapter_kwargs['subfolder'] must be a relative path inside the "
+                             f"adapter's folder or repo, got {kwargs['subfolder']!r}")
+        kwargs["subfolder"] = subfolder
+    return kwargs
 
 
 def adapter_folder(where: str, name_or_path, kwargs: dict[str, Any] | None = None):
@@ -208,8 +212,8 @@ def adapter_folder(where: str, name_or_path, kwargs: dict[str, Any] | None = Non
     subfolder = kwargs.get("subfolder")
     if isinstance(name_or_path, str) and name_or_path.startswith("~"):
         name_or_path = os.path.expanduser(name_or_path)
-    if not isinstance(name_or_path, (str, os.PathLike)) or os.path.isdir(name_or_path) \
-            or str(name_or_path).startswith(LOCAL_PREFIXES) or str(name_or_path).count("/") != 1:
+    if not isinstance(name_or_path, str) or os.path.isdir(name_or_path) \
+            or name_or_path.startswith(LOCAL_PREFIXES) or name_or_path.count("/") != 1:  # (a Path: always local)
         hub_only = sorted(set(kwargs) - {"subfolder"})
         if hub_only:
             raise ValueError(f"{where}: init_adapter_kwargs {hub_only} apply to a hub id; init_adapter "

@@ -153,12 +153,14 @@ class JobLifecycle:
                 raise FileNotFoundError(f"{os.path.join(run.args.output_dir, best)} is gone")
             self.jobs_model.load_job(run.name, path)
         except Exception as error:  # noqa: BLE001 — one job's unreadable checkpoint must not take the others down
-            reason = f"its best checkpoint {best} could not be loaded: {type(error).__name__}: {error}"
+            reason = (f"its best checkpoint {best} could not be loaded for load_best_model_at_end: "
+                      f"{type(error).__name__}: {error}; its checkpoints are kept (resume with "
+                      "load_best_model_at_end=False to end with its last adapter)")
         if dist.any_process(self.accelerator, [reason is not None])[0]:
             self._fail(run, reason or f"its best checkpoint {best} could not be loaded on another process")
             return False
         logger.info("job %s: its best checkpoint %s (step %s, eval_loss %.6g) is its final adapter "
-                    "(load_best_model_at_end)", run.name, best, run.stats.best_step, run.stats.best_eval_loss)
+                    "(load_best_model_at_end)", run.name, best, run.stats.best_step, run.stats.best_metric)
         return True
 
     def _save_job_folder(self, name: str, directory: str) -> None:

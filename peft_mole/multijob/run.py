@@ -74,7 +74,8 @@ class JobStats:
     stepped: tuple[int, float] = (0, 0.0)  # (tokens, seconds) as of the last optimizer step, which checkpoints keep
     last_loss: float | None = None
     best_eval_loss: float | None = None
-    best_step: int | None = None  # the optimizer step of the best eval loss
+    best_metric: float | None = None  # the lowest eval loss after a step (Trainer's best_metric)
+    best_step: int | None = None  # the optimizer step that gave it
     best_checkpoint: str | None = None  # the folder name of the checkpoint of that step (`best_checkpoint`)
     evals_without_improvement: int = 0
     losses: list = field(default_factory=list)  # window losses since the last log
@@ -337,6 +338,7 @@ class JobRun(JobEvents):
             "input_tokens": self.stats.num_tokens,  # (counted at optimizer steps)
             "last_loss": self.stats.last_loss,
             "best_eval_loss": self.stats.best_eval_loss,
+            "best_metric": self.stats.best_metric,
             "best_global_step": self.stats.best_step,
             "best_model_checkpoint": self.stats.best_checkpoint,
             "evals_without_improvement": self.stats.evals_without_improvement,
@@ -425,8 +427,13 @@ class JobRun(JobEvents):
         self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
         self.restore_account(state)
         self.stats.best_eval_loss = state.get("best_eval_loss")
-        self.stats.best_step = state.get("best_global_step")
-        self.stats.best_checkpoint = state.get("best_model_checkpoint")
+        self.stats.best_metric, self.stats.best_step = state.get("best_metric"), state.get("best_global_step")
+        best = state.get("best_model_checkpoint")
+        if best is not None and not os.path.isdir(os.path.join(self.args.output_dir, best)):  # as Trainer's resume
+            logger.warning("job %r: its best checkpoint %s is gone from %s; the resumed run keeps the best of its own "
+                           "checkpoints", self.name, best, self.args.output_dir)
+            best = None
+        self.stats.best_checkpoint = best
         self.stats.evals_without_improvement = state.get("evals_without_improvement", 0)
         self.window, self.window_pos, self._iterator = [], 0, None
         self.step_epoch = self.epoch_progress

@@ -39,7 +39,7 @@ from trl import SFTConfig, SFTTrainer
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob import report
 from peft_mole.multijob.batching import is_packed, mix, pad_token_id
-from peft_mole.multijob.best_checkpoint import check_best_model_args
+from peft_mole.multijob.best_checkpoint import check_best_model_args, check_job_steps
 from peft_mole.multijob.evaluation import JobEvaluation
 from peft_mole.multijob.flat_parameters import job_optimizer
 from peft_mole.multijob.halves import MicroBatchHalves, free_memory, is_oom
@@ -189,6 +189,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(args, self.model)
         optimizer, flat = job_optimizer(optimizer_cls, optimizer_kwargs, groups, args.device, self.flat_job_parameters)
         run = JobRun(job, args, loader, params, optimizer, None, flat=flat, data_state=data_state)
+        check_job_steps(run)
         if self.accelerator.scaler is not None:  # fp16 mixed precision: a loss scale of the job's own
             run.scaler = copy.deepcopy(self.accelerator.scaler)
         run.scheduler = get_scheduler(

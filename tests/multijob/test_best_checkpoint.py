@@ -37,7 +37,8 @@ def trainer(assets, out, callbacks=(), **overrides) -> MultiJobTrainer:
                            args=run_args(out, **{**settings, **overrides}), processing_class=tokenizer,
                            callbacks=list(callbacks))
     steps = lambda name: next(run.global_step for run in made.runs if run.name == name)  # noqa: E731
-    made._eval_loss = lambda name, batch_size: EVAL_LOSSES[name][steps(name) - 1]
+    # before the first step (eval_on_start): lower than any later loss
+    made._eval_loss = lambda name, batch_size: EVAL_LOSSES[name][steps(name) - 1] if steps(name) else 0.5
     return made
 
 
@@ -138,7 +139,12 @@ def test_best_model_options_the_jobs_cannot_honour_are_refused(assets, tmp_path)
                                          "be a multiple of its eval_steps"):
         make(jobs(datasets, save_steps=3), load_best_model_at_end=True)
     make(jobs(datasets, save_steps=6), load_best_model_at_end=True)  # a multiple: taken
+    with pytest.raises(ValueError, match="job 'lora' has save_steps=0.5 and eval_steps=2: both must be fractions"):
+        make(jobs(datasets, save_steps=0.5), load_best_model_at_end=True)
     make(no_eval, metric_for_best_model="loss", eval_strategy="no")  # tracked where evaluated: here nowhere
+    with pytest.raises(ValueError, match="save_strategy='best': job 'lora' is never evaluated"):
+        make(eval_strategy="no", save_strategy="best", metric_for_best_model="loss")
+    make(jobs(datasets, eval_steps=2), eval_strategy="no", save_strategy="best", metric_for_best_model="loss")
 
 
 def test_save_strategy_best_saves_a_job_after_each_new_lowest_eval_loss(assets, tmp_path):
@@ -150,7 +156,8 @@ def test_save_strategy_best_saves_a_job_after_each_new_lowest_eval_loss(assets, 
     assert sorted(p.name for p in (tmp_path / "mix").glob("checkpoint-*")) == [f"checkpoint-{s}" for s in range(1, 6)]
     tokenizer, datasets = assets
     no_eval = [JobConfig("plain", LoraConfig(r=4, target_modules=ALL_LINEAR), datasets["add"])]
-    with pytest.raises(ValueError, match="save_strategy='best': job 'plain' has no eval_dataset.*save_strategy='steps'"):
+    with pytest.raises(ValueError, match="save_strategy='best': job 'plain' has no eval_dataset.*"
+                                         "save_strategy='steps'"):
         MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=no_eval, processing_class=tokenizer,
                         args=run_args(tmp_path, save_strategy="best", metric_for_best_model="loss"))
 
@@ -167,3 +174,38 @@ def test_a_job_stopped_early_ends_with_its_best_checkpoint(assets, tmp_path):
     state = json.loads((tmp_path / "lora" / "job_state.json").read_text())
     assert (state["status"], state["global_step"], state["best_model_checkpoint"]) == ("stopped_early", 4,
                                                                                      "checkpoint-2")
+
+
+def test_an_evaluation_on_start_makes_no_best_checkpoint(assets, tmp_path):
+    """`eval_on_start`'s loss (here lower than any later one) is no best, as in Trainer: the evaluations after steps
+    still write their checkpoints under save_strategy="best" (before, none was written after it)."""
+    made = trainer(assets, tmp_path, save_strategy="best", save_total_limit=None, eval_on_start=True)
+    made.train()
+    assert sorted(p.name for p in (tmp_path / "lora").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert [h["lora/eval_loss"] for h in made.state.log_history if "lora/eval_loss" in h][0] == 0.5
+
+
+def test_a_resumed_run_whose_best_checkpoint_is_gone_warns_and_keeps_its_own_best(assets, tmp_path, caplog):
+    """The best checkpoint deleted between the runs: the resume warns, as Trainer's does, and the job ends with the
+    best of its own checkpoints (none here: steps 4 and 5 were worse), its last adapter, instead of failing."""
+    import shutil
+
+    trainer(assets, tmp_path, callbacks=[_StopAt()], load_best_model_at_end=True).train()
+    shutil.rmtree(tmp_path / "lora" / "checkpoint-2")
+    resumed = trainer(assets, tmp_path, load_best_model_at_end=True)
+    with caplog.at_level("WARNING", logger="peft_mole.multijob.trainer"):
+        resumed.train(resume_from_checkpoint=True)
+    assert "its best checkpoint checkpoint-2 is gone" in caplog.text
+    assert {row["job"]: row["status"] for row in resumed.job_summary}["lora"] == "done"
+    assert equal(adapter(tmp_path / "lora"), adapter(tmp_path / "lora" / "checkpoint-5"))
+
+
+def test_fractions_of_max_steps_that_round_to_no_multiple_are_refused_at_train(assets, tmp_path):
+    """eval_steps=0.25 and save_steps=0.5 of 10 steps: every 3 and every 5 steps (rounded up, as the job counts
+    them), so a best evaluation at steps 3, 6 or 9 would have no checkpoint: refused before any step."""
+    from peft_mole.multijob.trainer_args import JobSetupError
+
+    made = trainer(assets, tmp_path, max_steps=10, eval_steps=0.25, save_steps=0.5, load_best_model_at_end=True)
+    with pytest.raises(JobSetupError, match=r"job 'lora' saves every 5 and evaluates every 3 of its 10 steps "
+                                            r"\(save_steps=0.5, eval_steps=0.25\)"):
+        made.train()

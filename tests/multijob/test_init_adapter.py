@@ -208,8 +208,8 @@ def test_init_adapter_kwargs_take_a_revision_and_subfolder_as_peft_model_from_pr
         return str(hub / repo_id / (revision or "main"))
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
-    job = JobConfig("j", None, rows(), init_adapter="owner/many",
-                    init_adapter_kwargs={"revision": "v2", "subfolder": "math", "token": "t"})
+    job = JobConfig("j", None, rows(), init_adapter="owner/many",  # "math/": the folder "math"
+                    init_adapter_kwargs={"revision": "v2", "subfolder": "math/", "token": "t"})
     assert asked == [("owner/many", ["math/adapter_config.json", "math/adapter_model.safetensors"], "v2",
                       {"token": "t"})]
     assert job.init_adapter == str(hub / "owner" / "many" / "v2" / "math") and job.init_adapter_kwargs is None
@@ -229,6 +229,8 @@ def test_init_adapter_kwargs_take_a_revision_and_subfolder_as_peft_model_from_pr
                                        r"'subfolder', 'token'\]"),
         ({"revision": 2}, TypeError, r"init_adapter_kwargs\['revision'\] must be a non-empty string, got 2"),
         ({"subfolder": "../other"}, ValueError, "must be a relative path inside the adapter's folder or repo"),
+        ({"subfolder": "./"}, ValueError, r"must be a relative path .* got '\./'"),
+        ({"cache_dir": 3}, TypeError, r"init_adapter_kwargs\['cache_dir'\] must be a non-empty string or a path"),
         ("v2", TypeError, "init_adapter_kwargs must be a dict with keys from"),
     ]
     for kwargs, error, message in refused:
