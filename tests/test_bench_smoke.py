@@ -138,7 +138,7 @@ def test_multijob_bench_compiles_one_graph_for_every_mix(rows):
     assert row["flat_vs_per_tensor"] > 0
 
 
-def _rendered(rows: list[dict], path) -> str:
+def _render(rows: list[dict], path: Path) -> str:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     table = subprocess.run([sys.executable, str(ROOT / "bench" / "render_table.py"), str(path)],
                            capture_output=True, text=True, timeout=60, cwd=ROOT)
@@ -153,10 +153,10 @@ def test_render_table_renders_every_ratio(rows, tmp_path):
     assert any(str(row.get("compile")).startswith("aot_eager") for row in smoke if row["name"] == "compile_step")
     as_measured = [{**row, "compile": "inductor"} if str(row.get("compile")).startswith("aot_eager") else row
                    for row in smoke]
-    table = _rendered(as_measured, tmp_path / "vm-smoke.jsonl")
+    table = _render(as_measured, tmp_path / "vm-smoke.jsonl")
     for name in [*SCRIPTS, "generate_compiled_vs_base"]:
         assert f"| `{name}`:" in table, name
-    assert "| `compile_step`:" not in _rendered(smoke, tmp_path / "vm-aot-eager.jsonl")
+    assert "| `compile_step`:" not in _render(smoke, tmp_path / "vm-aot-eager.jsonl")
 
 
 def test_render_table_renders_gpu_rows(tmp_path):
@@ -177,23 +177,19 @@ def test_render_table_renders_gpu_rows(tmp_path):
          "fraction_of_limit": 0.93, "compile": "inductor reduce-overhead", "compile_s": 120.0, "graphs": 2,
          "compiled_vs_eager": 0.5},
     ]
-    results = tmp_path / "h200-smoke.jsonl"
-    results.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    table = subprocess.run([sys.executable, str(ROOT / "bench" / "render_table.py"), str(results)],
-                           capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert table.returncode == 0, table.stderr[-3000:]
+    table = _render(rows, tmp_path / "h200-smoke.jsonl")
     assert ("| `gpu_busy`: mixlora step: GPU busy time / wall time (17120 kernels, 249 of 625 ms; higher is better) "
-            "| medium | 0.40× | 0.40× | `python bench/profile_step.py --shape medium --impls mixlora` |") in table.stdout
+            "| medium | 0.40× | 0.40× | `python bench/profile_step.py --shape medium --impls mixlora` |") in table
     assert ("| `dynmole_vs_mixlora`: DynMoLE step / MixLoRA top-2 step, routers init | medium | 1.47× | 1.43× "
-            "| `python bench/gpu_medium.py --shape medium` |") in table.stdout
+            "| `python bench/gpu_medium.py --shape medium` |") in table
     assert ("| `mixlora_vs_lora`: MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout 0.05, bf16 autocast | medium "
-            "| 1.25× | 1.20× | `python bench/gpu_medium.py --shape medium --autocast bf16` |") in table.stdout
-    assert ("4 LoRA jobs (dropout 0.05, fused AdamW) in mixed steps" in table.stdout
+            "| 1.25× | 1.20× | `python bench/gpu_medium.py --shape medium --autocast bf16` |") in table
+    assert ("4 LoRA jobs (dropout 0.05, fused AdamW) in mixed steps" in table
             and "`python bench/multijob_speedup.py --shape medium --jobs 4 --dropout 0.05 --optim adamw_torch_fused`"
-            in table.stdout)
+            in table)
     assert ("reached 93%; compiled steps, 0.50× the eager mixed step's time, compile 120 s | medium | 7.00× | 6.00× | "
             "`python bench/multijob_speedup.py --shape medium --jobs 8 --dropout 0.05 --optim adamw_torch_fused --compile "
-            "--compile-mode reduce-overhead` |") in table.stdout
+            "--compile-mode reduce-overhead` |") in table
 
 
 def test_rows_name_the_commit_the_script_started_with_and_cpu_memory_as_the_process_peak(rows, monkeypatch):
@@ -210,14 +206,6 @@ def test_rows_name_the_commit_the_script_started_with_and_cpu_memory_as_the_proc
     assert common.provenance()["commit"] == common.CODE_COMMIT
     (lora,) = [row for row in rows["mixlora_vs_lora"] if row.get("impl") == "peft_lora"]
     assert lora["process_peak_rss_mb"] > 0 and "peak_mem_mb" not in lora
-
-
-def _render(rows: list[dict], path: Path) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    table = subprocess.run([sys.executable, str(ROOT / "bench" / "render_table.py"), str(path)],
-                           capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert table.returncode == 0, table.stderr[-3000:]
-    return table.stdout
 
 
 def test_gpu_rows_without_a_recorded_command_name_the_gpu_run_part_that_made_them(tmp_path):
@@ -289,19 +277,15 @@ def test_multijob_bench_times_packed_mixed_steps(rows):
     assert row["packed"] is True and row["ratio_median"] > 0 and "compiled_vs_eager" not in row
 
 
-def test_every_ratio_row_records_the_command_that_made_it_and_the_commit(rows):
+def test_every_ratio_row_records_the_command_that_made_it_and_the_commit(rows, tmp_path):
     """Each ratio row names its script's command line with every flag and the code's git commit, which the table
     shows (before 2026-12-05, eighth session, the command was rebuilt from a few settings and flags were lost)."""
     for name, args in SCRIPTS.items():
         for row in (r for r in rows[name] if "ratio_median" in r):
             assert row["argv"] == " ".join(["python", f"bench/{name}.py", *args]), row["argv"]
             assert row["commit"] and row["utc"].endswith("Z")
-    results = ROOT / "build" / "test-render-argv.jsonl"
-    results.parent.mkdir(exist_ok=True)
     row = next(r for r in rows["host_time"] if "ratio_median" in r)
-    results.write_text(json.dumps(row) + "\n")
-    table = subprocess.run([sys.executable, str(ROOT / "bench" / "render_table.py"), str(results)],
-                           capture_output=True, text=True, timeout=60, cwd=ROOT).stdout
+    table = _render([row], tmp_path / "vm-argv.jsonl")
     assert f"`{row['argv']}` | {row['commit']} |" in table
 
 

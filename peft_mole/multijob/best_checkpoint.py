@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 
-from peft_mole.multijob.trainer_args import JobSetupError
+from peft_mole.multijob.trainer_args import JobSetupError, option_name
 
 BEST_METRICS = ("eval_loss", "loss")
 
@@ -42,12 +42,12 @@ def check_best_model_args(args, jobs) -> None:
     if args.greater_is_better:
         raise ValueError("greater_is_better=True: a job's best checkpoint is the one of its lowest eval loss; set "
                          "greater_is_better=False or leave it unset")
-    strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+    strategy = option_name(args.save_strategy)
     if not args.load_best_model_at_end and strategy != "best":
         return
     option, instead = (("load_best_model_at_end=True", "load_best_model_at_end=False") if args.load_best_model_at_end
                        else ("save_strategy='best'", "save_strategy='steps'"))
-    evaluated = str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no"
+    evaluated = option_name(args.eval_strategy) != "no"
     for job in jobs:
         if job.eval_dataset is None:
             raise ValueError(f"{option}: job {job.name!r} has no eval_dataset, so it has no best checkpoint; give "
@@ -76,7 +76,7 @@ def check_job_steps(run) -> None:
     counts them (`JobEvents.every`: a fraction of its max_steps rounded up), so that each of its evaluations that
     may be best has a checkpoint (fractions that pass `check_best_model_args` can round otherwise)."""
     args = run.args
-    if not args.load_best_model_at_end or str(getattr(args.save_strategy, "value", args.save_strategy)) != "steps":
+    if not args.load_best_model_at_end or run._strategy("save_strategy") != "steps":
         return
     save, evaluate = run.every(args.save_steps), run.every(args.eval_steps or args.logging_steps)
     if save % evaluate:

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import math
 
+from peft_mole.multijob.trainer_args import option_name
+
 
 class JobEvents:
     """The step rules of one job (see the module doc)."""
 
     def _strategy(self, field: str) -> str:
-        value = getattr(self.args, field)
-        return str(getattr(value, "value", value))
+        return option_name(getattr(self.args, field))
+
+    @property
+    def evaluated_best(self) -> bool:
+        """This step's evaluation gave the job its lowest eval loss so far (`record_eval`): its checkpoint, if
+        written, is the best one (`best_checkpoint`)."""
+        return self.stats.best_step == self.global_step
 
     @property
     def at_epoch_end(self) -> bool:
@@ -28,8 +35,8 @@ class JobEvents:
         step, as Trainer saves at `max_steps` (with "epoch": the epoch it stops in ends there); "best": where this
         step's evaluation gave the job its lowest eval loss so far (called after it), as Trainer."""
         strategy = self._strategy("save_strategy")
-        if strategy == "best":  # after an evaluation that gave a new lowest eval loss (`best_checkpoint`)
-            return self.stats.best_step == self.global_step
+        if strategy == "best":
+            return self.evaluated_best
         if strategy == "epoch":
             return self.at_epoch_end or self.global_step >= self.max_steps
         if strategy != "steps" or not self.args.save_steps:

@@ -175,8 +175,6 @@ def _job(entry: Any, index: int) -> JobConfig:
     _unknown(f"job {name!r} peft", peft_kwargs, known)
     check_scalar_types(PEFT_TYPES[kind], peft_kwargs, f"job {name!r} peft")
     saved = None  # with an init_adapter, `peft` (if any) changes fields of the saved adapter's config
-    if entry.get("init_adapter_kwargs") is not None and entry.get("init_adapter") is None:
-        raise ValueError(f"job {name!r}: init_adapter_kwargs needs an init_adapter")
     if entry.get("init_adapter") is not None:  # a hub id: its local snapshot (the kwargs taken), as JobConfig does
         try:
             folder = adapter_folder(f"job {name!r}", entry["init_adapter"], entry.get("init_adapter_kwargs"))

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_mole.multijob import checkpoint as ckpt
 from peft_mole.multijob.batching import strip_padding
-from peft_mole.multijob.best_checkpoint import tracks_best
+from peft_mole.multijob.best_checkpoint import best_checkpoint_path, tracks_best
 from peft_mole.multijob.data_order import (
     DATA_ORDER_FILE,
     DataRandomState,
@@ -351,7 +351,7 @@ class JobRun(JobEvents):
         """Before this step's checkpoint is written, on every process (process zero alone writes it): it is the job's
         best where this step's evaluation gave the lowest eval loss so far (`best_checkpoint`; the loss is every
         process's, so they agree)."""
-        if tracks_best(self.args) and self.stats.best_step == self.global_step:
+        if tracks_best(self.args) and self.evaluated_best:
             self.stats.best_checkpoint = f"checkpoint-{self.global_step}"
 
     def save_checkpoint(self, save_adapter, model_only: bool | None = None,
@@ -429,7 +429,7 @@ class JobRun(JobEvents):
         self.stats.best_eval_loss = state.get("best_eval_loss")
         self.stats.best_metric, self.stats.best_step = state.get("best_metric"), state.get("best_global_step")
         best = state.get("best_model_checkpoint")
-        if best is not None and not os.path.isdir(os.path.join(self.args.output_dir, best)):  # as Trainer's resume
+        if best is not None and best_checkpoint_path(self.args.output_dir, best) is None:  # as Trainer's resume
             logger.warning("job %r: its best checkpoint %s is gone from %s; the resumed run keeps the best of its own "
                            "checkpoints", self.name, best, self.args.output_dir)
             best = None

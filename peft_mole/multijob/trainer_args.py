@@ -118,6 +118,11 @@ def check_compile_args(args) -> None:
             )
 
 
+def option_name(value) -> str:
+    """A TrainingArguments option (a strategy or scheduler enum, or its string) as its string: "steps"."""
+    return str(getattr(value, "value", value))
+
+
 def check_lr_scheduler(value, where: str) -> None:
     """Refuse a name transformers has no scheduler for (when the job is made, not when it starts) and schedulers
     that step on an evaluation metric ("reduce_lr_on_plateau"): a job's scheduler steps with its optimizer, on no
@@ -128,7 +133,7 @@ def check_lr_scheduler(value, where: str) -> None:
         SchedulerType(value)
     except ValueError:
         raise ValueError(f"{where} must be one of {[kind.value for kind in SchedulerType]}, got {value!r}") from None
-    if str(getattr(value, "value", value)) == "reduce_lr_on_plateau":
+    if option_name(value) == "reduce_lr_on_plateau":
         raise ValueError(f"MultiJobTrainer does not support {where}='reduce_lr_on_plateau' (each job's scheduler steps "
                          "with its optimizer, on no metric); choose a step-based one such as 'linear' or 'cosine'")
 
