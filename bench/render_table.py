@@ -28,6 +28,7 @@ COMMANDS = {
     "pad_fraction": "python bench/pad_fraction.py --shape {shape} --jobs {jobs}",
     "eval_throughput": "python bench/eval_throughput.py --shape {shape} --adapters {adapters}",
     "compile_step": "python bench/compile_step.py --shape {shape} --impls {impl}{checkpointing_flag}",
+    "compiled_shapes": "python bench/compiled_shapes.py --shape {shape} --jobs {jobs} --cases {case}",
     "grouped_products": "python bench/grouped_products.py",
     "gpu_busy": "python bench/profile_step.py --shape {shape} --impls {impl}",
     "host_time": "python bench/host_time.py --jobs {jobs} --dropout {dropout}",
@@ -70,6 +71,11 @@ DESCRIPTIONS = {
     "eval_throughput": "adapters evaluated per minute, {adapters} in one pass / one at a time ({questions} questions; "
                        "{adapters_per_min_one_pass:.0f} vs {adapters_per_min_one_at_a_time:.0f} per minute)",
 }
+DESCRIPTIONS["compiled_shapes"] = (
+    "{jobs} LoRA jobs' compiled mixed steps, {case} shapes: the first 6 steps (their compiles included) with rows and "
+    "length dynamic from the first graph / with Dynamo's rule ({dynamic_steps[first_steps_s]:.0f} vs "
+    "{dynamo_rule[first_steps_s]:.0f} s, {dynamic_steps[graphs]} vs {dynamo_rule[graphs]} graphs); the steps after "
+    "them {step_ratio_median:.2f}×")
 DESCRIPTIONS["gpu_busy"] = ("{impl} step: GPU busy time / wall time ({kernels_per_step} kernels, "
                             "{kernel_ms_per_step:.0f} of {wall_ms_per_step:.0f} ms; higher is better)")
 DESCRIPTIONS["saved_activations"] = ("{impl}: activations saved for the backward (one training forward) / PEFT "

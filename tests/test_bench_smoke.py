@@ -30,6 +30,8 @@ SCRIPTS = {
     "job_optimizer": ["--shapes", "tiny", "--repeats", "2"],
     # Dynamo's graphs and breaks, as inductor gets them (inductor's code: tests/tuners/test_compiled_training.py)
     "compile_step": ["--shape", "tiny", "--repeats", "1", "--impls", "mixlora", "--compile-backend", "aot_eager"],
+    "compiled_shapes": ["--shape", "tiny", "--repeats", "1", "--jobs", "2", "--cases", "varying",
+                        "--compile-backend", "aot_eager"],
     # packed steps: the packed and the padded profile both run; DynMoLE profiled at its costliest and as it is
     "memory_model_error": ["--shape", "tiny", "--kinds", "lora", "mixlora", "dynmole", "--packed",
                            "--router-scale", "10"],
@@ -126,6 +128,14 @@ def test_dynmole_bench_scales_the_first_routers_and_gives_the_sharp_ones_from_th
 def test_compile_bench_steps_mixlora_compiled_without_graph_breaks(rows):
     (row,) = [row for row in rows["compile_step"] if row["name"] == "compile_step"]
     assert row["impl"] == "mixlora" and row["graph_breaks"] == 0 and row["graphs"] >= 1
+
+
+def test_compiled_shapes_bench_times_one_dynamic_graph_against_dynamos_two(rows):
+    """Steps of varying shape: `dynamic=True` compiles one graph, Dynamo's rule a static one and then a dynamic one;
+    the timed steps (the shape's batch) compile nothing more."""
+    (row,) = [row for row in ran(rows, "compiled_shapes") if row["name"] == "compiled_shapes"]
+    assert (row["case"], row["dynamic_steps"]["graphs"], row["dynamo_rule"]["graphs"]) == ("varying", 1, 2)
+    assert row["dynamic_steps"]["graphs_while_timed"] == row["dynamo_rule"]["graphs_while_timed"] == 0
 
 
 def test_multijob_bench_compiles_one_graph_for_every_mix(rows):

@@ -195,8 +195,10 @@ class MultiJobModel(MixLoRAModel):
         step would compile again. Here each forward hands the layers one job index per row as a tensor, and they
         apply the jobs' stacked factors per row (`ops.indexed_lora`); the number of rows and the sequence length
         become dynamic after their first change (one recompile; a step of one row compiles once more, as Dynamo
-        specialises sizes of 1). MixLoRA blocks route each row within its own job's part of one table of every
-        job's routers and experts (`tuners.mixlora.per_row`). A block that holds DynMoLE jobs (a data-dependent
+        specialises sizes of 1), or are dynamic from the first graph with `dynamic=True` (`dynamic_steps`; the
+        parameters keep static shapes; `dynamic=False` compiles every shape anew, as torch.compile). MixLoRA blocks
+        route each row within its own job's part of one table of every job's routers and experts
+        (`tuners.mixlora.per_row`). A block that holds DynMoLE jobs (a data-dependent
         number of experts per token) or DoRA experts runs eagerly inside the compiled step, its rows grouped by job
         as in an eager step (a graph break per such block; the rest of the layer stays compiled). A packed batch
         (one row, one adapter per token: TRL's padding-free steps) takes one job index per token, and its LoRA and
@@ -209,6 +211,9 @@ class MultiJobModel(MixLoRAModel):
                                  f"cannot compile again with {compile_kwargs}")
             return
         self.__dict__["_compiled_steps"], self.__dict__["_compile_kwargs"] = True, dict(compile_kwargs)
+        self.dynamic_steps(compile_kwargs.get("dynamic") is True)
+        if compile_kwargs.get("dynamic") is not False:  # None: Dynamo's own rule; True: the marks in `forward`
+            compile_kwargs.pop("dynamic", None)
         layers = [m for m in self.model.modules() if hasattr(m, "gradient_checkpointing")]  # decoder layers
         for layer in layers:  # read once here, not per forward (a scan of every module), and per layer
             for block in layer.modules():  # (`every_n_layers`): what the per-row MixLoRA block recomputes itself
@@ -224,9 +229,21 @@ class MultiJobModel(MixLoRAModel):
         decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
         (decoder if isinstance(decoder, nn.Module) and decoder is not self.model else self.model).compile(**compile_kwargs)
 
+    def dynamic_steps(self, dynamic: bool) -> None:
+        """Compile the steps with the rows and the length (tokens, when packed) dynamic from the first graph: where
+        steps vary in shape, that saves the static graph Dynamo compiles first (`small`, 4 LoRA jobs, inductor: the
+        first 6 steps 100 s → 55 s); where they do not, a static graph steps faster (6-16 %) and compiles sooner."""
+        self.__dict__["_dynamic_steps"] = bool(dynamic)
+
     def forward(self, *args, **kwargs):
         if not self.__dict__.get("_compiled_steps"):
             return super().forward(*args, **kwargs)
+        if self.__dict__.get("_dynamic_steps"):  # soft marks: a size of 1 stays specialised
+            for name in ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "labels", "seq_idx",
+                         "cu_seq_lens_q", "cu_seq_lens_k"):
+                if isinstance(tensor := kwargs.get(name), torch.Tensor):
+                    for dim in range(min(tensor.dim(), 2)):
+                        torch._dynamo.maybe_mark_dynamic(tensor, dim)
         # Under activation checkpointing Dynamo would replay the context variable transformers' output capture sets
         # in each layer's forward in its recompute, which it cannot, so it would run those layers eagerly. LoRA jobs
         # have no forward side effect to replay (docs/performance.md, "torch.compile").
@@ -254,12 +271,14 @@ class MultiJobModel(MixLoRAModel):
         index = {job: i for i, job in enumerate(context.jobs)} | {BASE_ROW: len(context.jobs)}
         if not packed:
             context.row_jobs = constant_on(tuple(index[name] for name in names), torch.int64, inputs.device)
-            return
-        # one job per token: a new composition each step, so plain tensors (not cached constants); the job
-        # segments of the tokens sorted by job are known here, on the host, and reach the layers as data
-        token_jobs = [index[name] for name in names]
-        context.row_jobs = torch.tensor(token_jobs, dtype=torch.int64, device=inputs.device)
-        context.segments = PackedSegments.of(token_jobs, len(context.jobs) + 1, inputs.device)
+        else:  # one job per token: a new composition each step, so plain tensors (not cached constants); the job
+            # segments of the tokens sorted by job are known here, on the host, and reach the layers as data
+            token_jobs = [index[name] for name in names]
+            context.row_jobs = torch.tensor(token_jobs, dtype=torch.int64, device=inputs.device)
+            context.segments = PackedSegments.of(token_jobs, len(context.jobs) + 1, inputs.device)
+        if self.__dict__.get("_dynamic_steps"):
+            for tensor in (context.row_jobs, *(context.segments and context.segments.order or ())):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
     # ------------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config, model_config):

@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 from peft_mole import JobConfig, MultiJobTrainer
 from peft_mole.forward_context import BASE_ROW
 from peft_mole.multijob import MultiJobModel
+from peft_mole.multijob.batching import widths_differ
 from peft_mole.ops.dropout import Dropout
 from peft_mole.ops.indexed_lora import indexed_lora_delta, per_row_dropout
 from peft_mole.ops.segmented_lora import LoraFactors, lora_delta
@@ -59,12 +60,12 @@ def test_each_row_takes_its_own_jobs_dropout():
         assert values <= {0.0, 32768 / (32768 - 16384)} and 0.3 < out[row].eq(0).float().mean() < 0.7
 
 
-def two_models(jobs: dict[str, LoraConfig], backend: str = "aot_eager"):
+def two_models(jobs: dict[str, LoraConfig], backend: str = "aot_eager", **compile_kwargs):
     eager = MultiJobModel(tiny_base(), jobs)
     randomize_adapters(eager)
     compiled = MultiJobModel(tiny_base(), jobs)
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile_mixed_steps(backend=backend)
+    compiled.compile_mixed_steps(backend=backend, **compile_kwargs)
     return eager.train(), compiled.train()
 
 
@@ -77,13 +78,14 @@ def loss_and_grads(model, names: list[str], seq: int, seed: int):
     return loss, dict(zip(named, grads, strict=True))
 
 
-def test_one_graph_serves_every_mix_of_jobs_with_the_eager_numbers():
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_one_graph_serves_every_mix_of_jobs_with_the_eager_numbers(dynamic):
     torch._dynamo.reset()
     counters.clear()
     configs = {"a": LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR),
                "b": LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]),  # another rank, fewer layers
                "c": LoraConfig(r=4, lora_alpha=4, use_rslora=True, target_modules=ALL_LINEAR)}
-    eager, compiled = two_models(configs)
+    eager, compiled = two_models(configs, dynamic=dynamic)
     mixes = [(["a", "b", "c", "a"], 16), (["c", "c", BASE_ROW, "b"], 16),  # a new mix, same shape: same graph
              (["b", "a"], 24), (["a", "c", "b"], 12), (["c", "a", "a", "b", "b"], 20)]
     graphs = []
@@ -97,8 +99,37 @@ def test_one_graph_serves_every_mix_of_jobs_with_the_eager_numbers():
                 assert got[name] is None or got[name].eq(0).all(), name
             else:
                 torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    # one recompile when rows and length first change (they turn dynamic), none for any mix after that
-    assert graphs == [1, 1, 2, 2, 2]
+    # Dynamo's rule: one recompile when rows and length first change (they turn dynamic), none for any mix after
+    # that; `dynamic=True`: rows and length dynamic from the first graph, which serves every step
+    assert graphs == ([1, 1, 1, 1, 1] if dynamic else [1, 1, 2, 2, 2])
+
+
+def test_the_trainer_takes_compiled_steps_dynamic_where_the_jobs_micro_batches_differ_in_width():
+    """The rule MultiJobTrainer applies to its first round (`widths_differ`): padded or packed micro-batches of
+    several widths make steps of several shapes; one width (one job, data of one length) leaves Dynamo's rule."""
+    def padded(rows, seq):
+        return {"input_ids": torch.zeros(rows, seq, dtype=torch.long), "attention_mask": torch.ones(rows, seq)}
+
+    def packed(tokens):
+        return {"input_ids": torch.zeros(1, tokens, dtype=torch.long), "position_ids": torch.arange(tokens)[None]}
+
+    assert widths_differ([padded(2, 8), padded(3, 12)]) and widths_differ([packed(20), packed(31)])
+    assert not widths_differ([padded(2, 8), padded(3, 8)]) and not widths_differ([padded(4, 9)])
+    assert not widths_differ([packed(20), packed(20)])
+
+
+def test_compiled_steps_without_dynamic_shapes_compile_each_shape():
+    """`dynamic=False` reaches torch.compile: a graph per shape, none of them dynamic (the steps' marks are off)."""
+    torch._dynamo.reset()
+    graphs = []
+    model = MultiJobModel(tiny_base(), {"a": LoraConfig(r=4, target_modules=["q_proj"])})
+    model.compile_mixed_steps(backend=recording_backend(graphs), dynamic=False)
+    for rows, seq in ((2, 8), (3, 10), (4, 12)):
+        loss_and_grads(model.train(), ["a"] * rows, seq, 0)
+    assert len(graphs) == 3 and not model.__dict__["_dynamic_steps"]
+    inputs = [node.meta["example_value"] for node in graphs[-1].graph.nodes if node.op == "placeholder"]
+    assert not any(isinstance(size, torch.SymInt) for value in inputs if isinstance(value, torch.Tensor)
+                   for size in value.shape)
 
 
 def test_checkpointed_layers_are_compiled_too():
@@ -150,8 +181,11 @@ def test_trainer_with_torch_compile_trains_as_eagerly(assets, tmp_path, checkpoi
         counters.clear()
         trainer.train()
         assert [r["status"] for r in trainer.job_summary] == ["done", "done"]
-        assert (counters["stats"]["unique_graphs"] >= 1) == compiled  # the steps ran compiled, not eager
+        # the steps ran compiled, in one graph: the jobs' micro-batches differ in width, so the rows and the length
+        # are dynamic from the first graph (before: a static graph first, then a dynamic one)
+        assert counters["stats"]["unique_graphs"] == int(compiled)
         assert trainer.jobs_model.__dict__.get("_compiled_steps", False) == compiled
+        assert trainer.jobs_model.__dict__.get("_dynamic_steps", False) == compiled
         adapters[compiled] = {job: load_file(os.path.join(args.output_dir, job, "adapter_model.safetensors"))
                               for job in ("a", "b")}
     for job, eager in adapters[False].items():

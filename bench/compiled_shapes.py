@@ -1,0 +1,92 @@
+"""Compiled multi-job steps: rows and length dynamic from the first graph, or Dynamo's rule (issue 6, part 5).
+
+`MultiJobModel.compile_mixed_steps()` leaves the shapes to Dynamo: the first graph is static, and the first change of
+the rows and the length compiles a second one with those sizes dynamic. With `dynamic=True` (`dynamic_steps`; what
+MultiJobTrainer chooses when its jobs' first micro-batches differ in width) the first graph has them dynamic. This
+times both on the same steps, N LoRA jobs (BENCH.md's LoRA, dropout 0.05), forward + backward:
+- "varying": six steps of other rows and lengths, as length-grouped mixed batches come (the first-steps time holds
+  the compiles), then the timed steps at the shape's batch;
+- "fixed": six steps of the shape's batch (data of one length), then the same timed steps.
+Rows: `compiled_shapes`, per case: the first six steps' time with `dynamic=True` / with Dynamo's rule (lower is
+better), and the timed steps' ratio alike. Inductor's caches are off (compile time from scratch).
+Usage: python bench/compiled_shapes.py [--shape small] [--jobs 4] [--repeats 8] [--cases varying fixed]
+       [--compile-backend inductor]
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch._inductor.config
+from common import BATCH, base_model, emit, lora_config, positive_int, setup_threads, step_parser, synchronize
+from torch._dynamo.utils import counters
+
+from peft_mole.multijob import MultiJobModel
+
+FIRST_STEPS = 6
+
+
+def shapes(shape: str, case: str) -> list[tuple[int, int]]:
+    """The first steps' (rows, length): the shape's batch, or sizes around it (never 1, which Dynamo specialises)."""
+    rows, seq = BATCH[shape]
+    if case == "fixed":
+        return [(rows, seq)] * FIRST_STEPS
+    return [(rows, seq), (max(rows - 1, 2), seq * 3 // 4), (rows, seq * 7 // 8), (max(rows // 2, 2), seq * 5 // 8),
+            (rows, seq), (max(rows - 1, 2), seq * 13 // 16)]
+
+
+def run(shape: str, jobs: int, case: str, dynamic: bool | None, backend: str, repeats: int) -> dict:
+    torch._dynamo.reset()
+    counters.clear()
+    model = MultiJobModel(base_model(shape), {f"job{i}": lora_config() for i in range(jobs)}).train()
+    model.compile_mixed_steps(backend=backend, **({"dynamic": True} if dynamic else {}))
+    params = [p for p in model.parameters() if p.requires_grad]
+    vocab = model.model.config.vocab_size
+
+    def step(rows: int, seq: int, seed: int) -> None:
+        ids = torch.randint(3, vocab, (rows, seq), generator=torch.Generator().manual_seed(seed))
+        names = [f"job{i % jobs}" for i in range(rows)]
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        torch.autograd.grad(loss, params)
+        synchronize()
+
+    start = time.perf_counter()
+    for seed, (rows, seq) in enumerate(shapes(shape, case)):
+        step(rows, seq, seed)
+    first = time.perf_counter() - start
+    graphs = counters["stats"]["unique_graphs"]
+    times = []
+    for seed in range(repeats):
+        start = time.perf_counter()
+        step(*BATCH[shape], 100 + seed)
+        times.append(time.perf_counter() - start)
+    return {"first_steps_s": first, "graphs": graphs, "step_median_s": statistics.median(times),
+            "step_min_s": min(times), "graphs_while_timed": counters["stats"]["unique_graphs"] - graphs}
+
+
+def main() -> None:
+    parser = step_parser(repeats=8)
+    parser.add_argument("--jobs", type=positive_int, default=4)
+    parser.add_argument("--cases", nargs="+", choices=["varying", "fixed"], default=["varying", "fixed"])
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (aot_eager: Dynamo's graphs and AOTAutograd, no code generated)")
+    args = parser.parse_args()
+    setup_threads()
+    torch._inductor.config.force_disable_caches = True  # compile time from scratch, not from an earlier run's cache
+    for case in args.cases:
+        rule = run(args.shape, args.jobs, case, None, args.compile_backend, args.repeats)
+        dynamic = run(args.shape, args.jobs, case, True, args.compile_backend, args.repeats)
+        emit({"name": "compiled_shapes", "shape": args.shape, "jobs": args.jobs, "case": case,
+              **({"compile": args.compile_backend} if args.compile_backend != "inductor" else {}),
+              "dynamo_rule": rule, "dynamic_steps": dynamic,
+              "ratio_median": dynamic["first_steps_s"] / rule["first_steps_s"],
+              "ratio_min": dynamic["first_steps_s"] / rule["first_steps_s"],
+              "step_ratio_median": dynamic["step_median_s"] / rule["step_median_s"],
+              "step_ratio_min": dynamic["step_min_s"] / rule["step_min_s"]})
+
+
+if __name__ == "__main__":
+    main()
