@@ -232,7 +232,8 @@ class MultiJobModel(MixLoRAModel):
     def dynamic_steps(self, dynamic: bool) -> None:
         """Compile the steps with the rows and the length (tokens, when packed) dynamic from the first graph: where
         steps vary in shape, that saves the static graph Dynamo compiles first (`small`, 4 LoRA jobs, inductor: the
-        first 6 steps 100 s → 55 s); where they do not, a static graph steps faster (6-16 %) and compiles sooner."""
+        first 6 steps 109-115 s → 49-51 s, `bench/compiled_shapes.py`); where they do not, a static graph compiles
+        sooner (44 s against 55 s)."""
         self.__dict__["_dynamic_steps"] = bool(dynamic)
 
     def forward(self, *args, **kwargs):
