@@ -17,6 +17,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from torch._dynamo.utils import counters
+from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from peft_mole.ops.experts import FEW_TOKENS_COMPILED
@@ -74,6 +75,16 @@ def test_training_step_compiles_to_one_graph_with_the_eager_loss_and_gradients(m
     assert sum(g.abs().sum() for g in grads) > 0
 
 
+class GraphCount(TrainerCallback):
+    """The graphs Dynamo has compiled so far, at the end of each step."""
+
+    def __init__(self) -> None:
+        self.graphs: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.graphs.append(counters["stats"]["unique_graphs"])
+
+
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
 def test_sft_trainer_with_torch_compile_trains_mixlora_without_graph_breaks_of_ours(
     local_assets, tmp_path, checkpointing  # noqa: F811
@@ -81,16 +92,21 @@ def test_sft_trainer_with_torch_compile_trains_mixlora_without_graph_breaks_of_o
     """The user's switch (`torch_compile=True`), compiled by inductor, with dropout: the loss goes down, and no graph
     break comes from peft-mole's code (PEFT's forward and TRL's loss have breaks of their own). With TRL's default
     gradient checkpointing, as the docs advise, Dynamo does not replay forward side effects in the recompute, so the
-    checkpointed layers are compiled (and checked) too. The plain run's batches are of several lengths, so its
-    second length compiles a graph with a dynamic length; the checkpointed run pads every batch to 48 columns (one
-    graph: 79 s with a cold inductor cache instead of 179 s)."""
+    checkpointed layers are compiled (and checked) too. The plain run's batches are of several lengths, compiled
+    with sizes dynamic from the first graph (`assume_static_by_default=False`: one graph per frame, 83 s alone with
+    a cold inductor cache, where a static graph per frame and then a dynamic one took 113 s); the checkpointed run
+    pads every batch to 48 columns (one static graph per frame: 79 s cold instead of 179 s). No step after the
+    first compiles (Dynamo's rule compiled every frame again at the plain run's second length: 5 graphs, then 10)."""
     tokenizer, dataset = local_assets
     config = METHODS["mixlora"](r=8, lora_alpha=16, lora_dropout=0.05)
+    count = GraphCount()
+    torch._dynamo.reset()
+    counters.clear()
     with graph_break_log() as breaks, torch._dynamo.config.patch(
-        skip_fwd_side_effects_in_bwd_under_checkpoint=checkpointing
+        skip_fwd_side_effects_in_bwd_under_checkpoint=checkpointing, assume_static_by_default=checkpointing
     ):
         trainer = SFTTrainer(model=tiny_base(vocab_size=len(tokenizer)), peft_config=config, train_dataset=dataset,
-                             processing_class=tokenizer,
+                             processing_class=tokenizer, callbacks=[count],
                              args=sft_args(tmp_path, torch_compile=True, gradient_checkpointing=checkpointing,
                                            pad_to_multiple_of=48 if checkpointing else None))
         trainer.train()
@@ -98,6 +114,8 @@ def test_sft_trainer_with_torch_compile_trains_mixlora_without_graph_breaks_of_o
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
     assert breaks, "the graph-break log was not captured, so the check below would prove nothing"
     assert not breaks_in_peft_mole(breaks), breaks_in_peft_mole(breaks)[0]
+    graphs = count.graphs  # nothing compiled after the first step
+    assert len(graphs) == 12 and graphs[0] >= 1 and graphs[-1] == graphs[0], graphs
 
 
 @pytest.mark.parametrize("method", METHODS)
