@@ -3,14 +3,15 @@
 `MultiJobModel.compile_mixed_steps()` leaves the shapes to Dynamo: the first graph is static, and the first change of
 the rows and the length compiles a second one with those sizes dynamic. With `dynamic=True` (`dynamic_steps`; what
 MultiJobTrainer chooses when its jobs' first micro-batches differ in width) the first graph has them dynamic. This
-times both on the same steps, N LoRA jobs (BENCH.md's LoRA, dropout 0.05), forward + backward:
+times both on the same steps, N LoRA jobs (BENCH.md's LoRA, dropout 0.05; `--kind mixlora`: its MixLoRA, 8 experts,
+top-2), forward + backward:
 - "varying": six steps of other rows and lengths, as length-grouped mixed batches come (the first-steps time holds
   the compiles), then the timed steps at the shape's batch;
 - "fixed": six steps of the shape's batch (data of one length), then the same timed steps.
 Rows: `compiled_shapes`, per case: the first six steps' time with `dynamic=True` / with Dynamo's rule (lower is
 better), and the timed steps' ratio alike. Inductor's caches are off (compile time from scratch).
-Usage: python bench/compiled_shapes.py [--shape small] [--jobs 4] [--repeats 8] [--cases varying fixed]
-       [--compile-backend inductor]
+Usage: python bench/compiled_shapes.py [--shape small] [--jobs 4] [--kind lora] [--repeats 8]
+       [--cases varying fixed] [--compile-backend inductor]
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ import time
 
 import torch
 import torch._inductor.config
-from common import BATCH, base_model, emit, lora_config, positive_int, setup_threads, step_parser, synchronize
+from common import (
+    BATCH,
+    base_model,
+    emit,
+    lora_config,
+    mixlora_config,
+    positive_int,
+    setup_threads,
+    step_parser,
+    synchronize,
+)
 from torch._dynamo.utils import counters
 
 from peft_mole.multijob import MultiJobModel
@@ -37,10 +48,11 @@ def shapes(shape: str, case: str) -> list[tuple[int, int]]:
             (rows, seq), (max(rows - 1, 2), seq * 13 // 16)]
 
 
-def run(shape: str, jobs: int, case: str, dynamic: bool | None, backend: str, repeats: int) -> dict:
+def run(shape: str, jobs: int, kind: str, case: str, dynamic: bool | None, backend: str, repeats: int) -> dict:
     torch._dynamo.reset()
     counters.clear()
-    model = MultiJobModel(base_model(shape), {f"job{i}": lora_config() for i in range(jobs)}).train()
+    config = lora_config if kind == "lora" else mixlora_config
+    model = MultiJobModel(base_model(shape), {f"job{i}": config() for i in range(jobs)}).train()
     model.compile_mixed_steps(backend=backend, **({"dynamic": True} if dynamic else {}))
     params = [p for p in model.parameters() if p.requires_grad]
     vocab = model.model.config.vocab_size
@@ -70,6 +82,7 @@ def run(shape: str, jobs: int, case: str, dynamic: bool | None, backend: str, re
 def main() -> None:
     parser = step_parser(repeats=8)
     parser.add_argument("--jobs", type=positive_int, default=4)
+    parser.add_argument("--kind", choices=["lora", "mixlora"], default="lora", help="every job's adapter")
     parser.add_argument("--cases", nargs="+", choices=["varying", "fixed"], default=["varying", "fixed"])
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend (aot_eager: Dynamo's graphs and AOTAutograd, no code generated)")
@@ -77,9 +90,10 @@ def main() -> None:
     setup_threads()
     torch._inductor.config.force_disable_caches = True  # compile time from scratch, not from an earlier run's cache
     for case in args.cases:
-        rule = run(args.shape, args.jobs, case, None, args.compile_backend, args.repeats)
-        dynamic = run(args.shape, args.jobs, case, True, args.compile_backend, args.repeats)
-        emit({"name": "compiled_shapes", "shape": args.shape, "jobs": args.jobs, "case": case,
+        settings = (args.shape, args.jobs, args.kind, case)
+        rule = run(*settings, None, args.compile_backend, args.repeats)
+        dynamic = run(*settings, True, args.compile_backend, args.repeats)
+        emit({"name": "compiled_shapes", "shape": args.shape, "jobs": args.jobs, "kind": args.kind, "case": case,
               **({"compile": args.compile_backend} if args.compile_backend != "inductor" else {}),
               "dynamo_rule": rule, "dynamic_steps": dynamic,
               "ratio_median": dynamic["first_steps_s"] / rule["first_steps_s"],

@@ -28,7 +28,7 @@ COMMANDS = {
     "pad_fraction": "python bench/pad_fraction.py --shape {shape} --jobs {jobs}",
     "eval_throughput": "python bench/eval_throughput.py --shape {shape} --adapters {adapters}",
     "compile_step": "python bench/compile_step.py --shape {shape} --impls {impl}{checkpointing_flag}",
-    "compiled_shapes": "python bench/compiled_shapes.py --shape {shape} --jobs {jobs} --cases {case}",
+    "compiled_shapes": "python bench/compiled_shapes.py --shape {shape} --jobs {jobs} --cases {case}{kind_flag}",
     "grouped_products": "python bench/grouped_products.py",
     "gpu_busy": "python bench/profile_step.py --shape {shape} --impls {impl}",
     "host_time": "python bench/host_time.py --jobs {jobs} --dropout {dropout}",
@@ -72,7 +72,7 @@ DESCRIPTIONS = {
                        "{adapters_per_min_one_pass:.0f} vs {adapters_per_min_one_at_a_time:.0f} per minute)",
 }
 DESCRIPTIONS["compiled_shapes"] = (
-    "{jobs} LoRA jobs' compiled mixed steps, {case} shapes: the first 6 steps (their compiles included) with rows and "
+    "{jobs} {kind_label} jobs' compiled mixed steps, {case} shapes: the first 6 steps (their compiles included) with rows and "
     "length dynamic from the first graph / with Dynamo's rule ({dynamic_steps[first_steps_s]:.0f} vs "
     "{dynamo_rule[first_steps_s]:.0f} s, {dynamic_steps[graphs]} vs {dynamo_rule[graphs]} graphs); the steps after "
     "them {step_ratio_median:.2f}×")

@@ -29,6 +29,7 @@ from transformers import set_seed
 from peft_mole.forward_context import BASE_ROW, ForwardContext, PackedSegments
 from peft_mole.model_card import update_model_card
 from peft_mole.multijob.batching import row_ends
+from peft_mole.multijob.dynamic_steps import mark_rows_and_length, mark_step_inputs
 from peft_mole.ops.dropout import Dropout, register_stream, set_stream_widths
 from peft_mole.ops.segmented_lora import constant_on
 from peft_mole.ops.stream_checkpoint import replay_streams_in_checkpoints
@@ -230,21 +231,17 @@ class MultiJobModel(MixLoRAModel):
         (decoder if isinstance(decoder, nn.Module) and decoder is not self.model else self.model).compile(**compile_kwargs)
 
     def dynamic_steps(self, dynamic: bool) -> None:
-        """Compile the steps with the rows and the length (tokens, when packed) dynamic from the first graph: where
-        steps vary in shape, that saves the static graph Dynamo compiles first (`small`, 4 LoRA jobs, inductor: the
-        first 6 steps 109-115 s → 49-51 s, `bench/compiled_shapes.py`); where they do not, a static graph compiles
-        sooner (44 s against 55 s)."""
+        """Compile the steps with the rows and the length (tokens, when packed) dynamic from the first graph
+        (`multijob.dynamic_steps`): where steps vary in shape, that saves the static graph Dynamo compiles first
+        (`small`, 4 LoRA jobs, inductor: the first 6 steps 109-115 s → 49-51 s, `bench/compiled_shapes.py`); where
+        they do not, a static graph compiles sooner (44 s against 55 s)."""
         self.__dict__["_dynamic_steps"] = bool(dynamic)
 
     def forward(self, *args, **kwargs):
         if not self.__dict__.get("_compiled_steps"):
             return super().forward(*args, **kwargs)
-        if self.__dict__.get("_dynamic_steps"):  # soft marks: a size of 1 stays specialised
-            for name in ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "labels", "seq_idx",
-                         "cu_seq_lens_q", "cu_seq_lens_k"):
-                if isinstance(tensor := kwargs.get(name), torch.Tensor):
-                    for dim in range(min(tensor.dim(), 2)):
-                        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        if self.__dict__.get("_dynamic_steps"):
+            mark_step_inputs(kwargs)
         # Under activation checkpointing Dynamo would replay the context variable transformers' output capture sets
         # in each layer's forward in its recompute, which it cannot, so it would run those layers eagerly. LoRA jobs
         # have no forward side effect to replay (docs/performance.md, "torch.compile").
@@ -270,16 +267,22 @@ class MultiJobModel(MixLoRAModel):
                              f"row; got {len(names)} names for {rows}")
         context.jobs = tuple(self.peft_config)
         index = {job: i for i, job in enumerate(context.jobs)} | {BASE_ROW: len(context.jobs)}
-        if not packed:
-            context.row_jobs = constant_on(tuple(index[name] for name in names), torch.int64, inputs.device)
+        dynamic = self.__dict__.get("_dynamic_steps")
+        if not packed:  # marked dynamic (below), a cached constant would stay marked for every later model
+            row_jobs = tuple(index[name] for name in names)
+            context.row_jobs = (torch.tensor(row_jobs, dtype=torch.int64, device=inputs.device) if dynamic
+                                else constant_on(row_jobs, torch.int64, inputs.device))
         else:  # one job per token: a new composition each step, so plain tensors (not cached constants); the job
             # segments of the tokens sorted by job are known here, on the host, and reach the layers as data
             token_jobs = [index[name] for name in names]
             context.row_jobs = torch.tensor(token_jobs, dtype=torch.int64, device=inputs.device)
             context.segments = PackedSegments.of(token_jobs, len(context.jobs) + 1, inputs.device)
-        if self.__dict__.get("_dynamic_steps"):
-            for tensor in (context.row_jobs, *(context.segments and context.segments.order or ())):
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        if dynamic:
+            mark_rows_and_length(context.row_jobs, *(context.segments and context.segments.order or ()))
+
+    def _real_tokens_set(self, context: ForwardContext) -> None:
+        if self.__dict__.get("_dynamic_steps"):  # what MixLoRA blocks record with (`dynamic_steps`)
+            mark_rows_and_length(context.token_mask)
 
     # ------------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config, model_config):

@@ -345,6 +345,7 @@ class MixLoRAModel(BaseTuner):
         if (context.records is not None and attention_mask is None and self.packed_rows_may_end_in_padding
                 and isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[0] == 1):
             context.token_mask = packed_real_tokens(positions)  # padding-free with `pad_to_multiple_of`
+        self._real_tokens_set(context)
         # return_dict=False: run with a dict and give its tuple back, the aux loss added as with a dict, as a native
         # MoE model's tuple holds it (before 2026-12-06, eighteenth session, the tuple's loss had no aux loss)
         as_tuple = context.records is not None and kwargs.get("return_dict") is False
@@ -367,6 +368,10 @@ class MixLoRAModel(BaseTuner):
     def _rows_set(self, context: ForwardContext, args: tuple, kwargs: dict) -> None:
         """Called by `forward` once the rows' adapters are known, before the base model runs (a hook for
         subclasses: `MultiJobModel` turns them into a tensor for its compiled steps)."""
+
+    def _real_tokens_set(self, context: ForwardContext) -> None:
+        """Called by `forward` once `context.token_mask` is set, before the base model runs (a hook for subclasses:
+        `MultiJobModel` marks its sizes dynamic for its compiled steps)."""
 
     def _check_router_gradients(self, records: list[RouterRecord]) -> None:
         """Refuse to train routers whose probabilities lost their graph (reentrant activation checkpointing runs
