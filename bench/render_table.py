@@ -72,8 +72,8 @@ DESCRIPTIONS = {
                        "{adapters_per_min_one_pass:.0f} vs {adapters_per_min_one_at_a_time:.0f} per minute)",
 }
 DESCRIPTIONS["compiled_shapes"] = (
-    "{jobs} {kind_label} jobs' compiled mixed steps, {case} shapes: the first 6 steps (their compiles included) with rows and "
-    "length dynamic from the first graph / with Dynamo's rule ({dynamic_steps[first_steps_s]:.0f} vs "
+    "{jobs} {kind_label} jobs' compiled mixed steps, {case} shapes: the first 6 steps (their compiles included) "
+    "with rows and length dynamic from the first graph / with Dynamo's rule ({dynamic_steps[first_steps_s]:.0f} vs "
     "{dynamo_rule[first_steps_s]:.0f} s, {dynamic_steps[graphs]} vs {dynamo_rule[graphs]} graphs); the steps after "
     "them {step_ratio_median:.2f}×")
 DESCRIPTIONS["gpu_busy"] = ("{impl} step: GPU busy time / wall time ({kernels_per_step} kernels, "
