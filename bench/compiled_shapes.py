@@ -2,7 +2,7 @@
 
 `MultiJobModel.compile_mixed_steps()` leaves the shapes to Dynamo: the first graph is static, and the first change of
 the rows and the length compiles a second one with those sizes dynamic. With `dynamic=True` (`dynamic_steps`; what
-MultiJobTrainer chooses when its jobs' first micro-batches differ in width) the first graph has them dynamic. This
+MultiJobTrainer takes with `accelerate launch --dynamo_use_dynamic true`) the first graph has them dynamic. This
 times both on the same steps, N LoRA jobs (BENCH.md's LoRA, dropout 0.05; `--kind mixlora`: its MixLoRA, 8 experts,
 top-2), forward + backward:
 - "varying": six steps of other rows and lengths, as length-grouped mixed batches come (the first-steps time holds

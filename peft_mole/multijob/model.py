@@ -233,8 +233,9 @@ class MultiJobModel(MixLoRAModel):
     def dynamic_steps(self, dynamic: bool) -> None:
         """Compile the steps with the rows and the length (tokens, when packed) dynamic from the first graph
         (`multijob.dynamic_steps`): where steps vary in shape, that saves the static graph Dynamo compiles first
-        (`small`, 4 LoRA jobs, inductor: the first 6 steps 109-115 s → 49-51 s, `bench/compiled_shapes.py`); where
-        they do not, a static graph compiles sooner (44 s against 55 s)."""
+        (`small`, 4 LoRA jobs, inductor: the first 6 steps 109-115 s → 49-51 s, `bench/compiled_shapes.py`), but
+        the steps after them took 1.03-1.16× the time of Dynamo's own dynamic graph (medians), so it is an option
+        for short runs; where steps do not vary, a static graph compiles sooner (44 s against 55 s)."""
         self.__dict__["_dynamic_steps"] = bool(dynamic)
 
     def forward(self, *args, **kwargs):
