@@ -24,6 +24,7 @@ import torch._inductor.config
 from common import (
     BATCH,
     base_model,
+    device,
     emit,
     lora_config,
     mixlora_config,
@@ -58,7 +59,7 @@ def run(shape: str, jobs: int, kind: str, case: str, dynamic: bool | None, backe
     vocab = model.model.config.vocab_size
 
     def step(rows: int, seq: int, seed: int) -> None:
-        ids = torch.randint(3, vocab, (rows, seq), generator=torch.Generator().manual_seed(seed))
+        ids = torch.randint(3, vocab, (rows, seq), generator=torch.Generator().manual_seed(seed)).to(device())
         names = [f"job{i % jobs}" for i in range(rows)]
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())

@@ -206,6 +206,7 @@ class MultiJobModel(MixLoRAModel):
         expert A products run per job segment of the tokens (`ops.indexed_lora.packed_lora_delta`), whose ends the
         host knows from the names; the trainer concatenates the jobs' tokens in job order, so no layer permutes
         them."""
+        compile_kwargs = {k: v for k, v in compile_kwargs.items() if k != "dynamic" or v is not None}  # None: unset
         if self.__dict__.get("_compiled_steps"):
             if self.__dict__["_compile_kwargs"] != compile_kwargs:
                 raise ValueError(f"compile_mixed_steps was called with {self.__dict__['_compile_kwargs']} already; "
@@ -231,11 +232,10 @@ class MultiJobModel(MixLoRAModel):
         (decoder if isinstance(decoder, nn.Module) and decoder is not self.model else self.model).compile(**compile_kwargs)
 
     def dynamic_steps(self, dynamic: bool) -> None:
-        """Compile the steps with the rows and the length (tokens, when packed) dynamic from the first graph
-        (`multijob.dynamic_steps`): where steps vary in shape, that saves the static graph Dynamo compiles first
-        (`small`, 4 LoRA jobs, inductor: the first 6 steps 109-115 s → 49-51 s, `bench/compiled_shapes.py`), but
-        the steps after them took 1.03-1.16× the time of Dynamo's own dynamic graph (medians), so it is an option
-        for short runs; where steps do not vary, a static graph compiles sooner (44 s against 55 s)."""
+        """Set whether the compiled steps mark the rows and the length (tokens, packed) dynamic from the first graph
+        (`compile_mixed_steps(dynamic=True)` sets it; `multijob.dynamic_steps`): it saves the static graph Dynamo
+        compiles first where steps vary (`small`, 4 LoRA jobs: the first 6 steps 109-115 s → 49-51 s), but the
+        steps after them took 1.03-1.16× (medians, `bench/compiled_shapes.py`): an option for short runs."""
         self.__dict__["_dynamic_steps"] = bool(dynamic)
 
     def forward(self, *args, **kwargs):
@@ -243,6 +243,7 @@ class MultiJobModel(MixLoRAModel):
             return super().forward(*args, **kwargs)
         if self.__dict__.get("_dynamic_steps"):
             mark_step_inputs(kwargs)
+            mark_rows_and_length(*args[:1])  # input_ids given by position
         # Under activation checkpointing Dynamo would replay the context variable transformers' output capture sets
         # in each layer's forward in its recompute, which it cannot, so it would run those layers eagerly. LoRA jobs
         # have no forward side effect to replay (docs/performance.md, "torch.compile").

@@ -219,10 +219,11 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             enable_activation_checkpointing(self.model, self.args)
         self.model.train()
         if self.args.torch_compile:  # one graph for every mixed step
-            # `accelerate launch --dynamo_use_dynamic true`: rows and length dynamic from the first graph
-            dynamic = getattr(getattr(self.accelerator.state, "dynamo_plugin", None), "dynamic", None)
+            # `accelerate launch --dynamo_use_dynamic true`: rows and length dynamic from the first graph; false (what
+            # `accelerate config` writes by default) is no request: a static graph per shape would recompile each step
+            dynamic = getattr(getattr(self.accelerator.state, "dynamo_plugin", None), "dynamic", None) is True
             compile_kwargs = {"backend": self.args.torch_compile_backend, "mode": self.args.torch_compile_mode}
-            self.jobs_model.compile_mixed_steps(**compile_kwargs, **({} if dynamic is None else {"dynamic": dynamic}))
+            self.jobs_model.compile_mixed_steps(**compile_kwargs, **({"dynamic": True} if dynamic else {}))
         if self.job_scheduler.max_memory is not None:  # the steps that will run, compiled ones included (warmed up)
             self._profile_memory(runs)
         self.state = TrainerState(

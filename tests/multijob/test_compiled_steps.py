@@ -186,5 +186,6 @@ def test_rows_assigned_anew_forget_the_compiled_steps_row_jobs():
     assert context.row_jobs.tolist() == [0, 1]
     context.set_row_adapters(["a", "a", "a"], by_hook=True)
     assert context.row_jobs is None
+    model.compile_mixed_steps(backend="aot_eager", dynamic=None)  # the same as not given: no error
     with pytest.raises(ValueError, match="cannot compile again with"):
         model.compile_mixed_steps(backend="inductor")

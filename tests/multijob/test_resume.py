@@ -12,6 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters
 from transformers import TrainerCallback
 
 from peft_mole import JobConfig, MultiJobTrainer
@@ -308,7 +309,9 @@ def test_a_callback_stopping_training_checkpoints_every_unfinished_job_and_resum
     assert [step for step, _ in list_checkpoints(tmp_path / "stopped" / "lora")] == [1]
     assert [step for step, _ in list_checkpoints(tmp_path / "stopped" / "mix")] == [3]
     resumed = trainer(tmp_path / "stopped")
+    counters.clear()
     resumed.train(resume_from_checkpoint=True)
+    assert (counters["stats"]["unique_graphs"] >= 1) == compiled  # the resumed steps ran compiled
     assert {run.name: (run.status, run.global_step) for run in resumed.runs} == {"lora": ("done", 3),
                                                                                    "mix": ("done", 5)}
     assert resumed.jobs_model.__dict__.get("_compiled_steps", False) == compiled

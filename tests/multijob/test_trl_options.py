@@ -147,9 +147,14 @@ def test_each_epoch_reaches_a_batch_sampler_inside_accelerates_shard(assets, tmp
     assert rebalance.epoch == 1
 
 
-def test_a_compile_backend_of_the_accelerate_config_compiles_the_mixed_steps(assets, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_compile_backend_of_the_accelerate_config_compiles_the_mixed_steps(assets, tmp_path, monkeypatch, dynamic):
     """`accelerate launch --dynamo_backend aot_eager` compiles the model Trainer's Accelerator prepares; the mixed
-    steps compile as with `torch_compile=True` and that backend (before: ignored, the steps ran eagerly)."""
+    steps compile as with `torch_compile=True` and that backend (before: ignored, the steps ran eagerly).
+    `--dynamo_use_dynamic true`: rows and length dynamic from the first graph (`dynamic_steps`), one graph for the
+    steps of varying shape of a LoRA and a MixLoRA job; false (`accelerate config`'s default answer) is no request:
+    Dynamo's rule, a static graph and then a dynamic one (passed on as torch.compile's `dynamic=False`, every new
+    shape compiled a graph)."""
     import torch
     from accelerate.utils import TorchDynamoPlugin
     from torch._dynamo.utils import counters
@@ -161,15 +166,13 @@ def test_a_compile_backend_of_the_accelerate_config_compiles_the_mixed_steps(ass
     trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
                               args=run_args(tmp_path, max_steps=2))
     assert not trainer.args.torch_compile  # (the accelerate state of this process has no backend)
-    # `--dynamo_use_dynamic true` as well: rows and length dynamic from the first graph (`dynamic_steps`), one graph
-    # for the steps of varying shape of a LoRA and a MixLoRA job (Dynamo's rule compiles a static one first)
-    plugin = TorchDynamoPlugin(backend="aot_eager", dynamic=True)
+    plugin = TorchDynamoPlugin(backend="aot_eager", dynamic=dynamic)
     monkeypatch.setattr(trainer.accelerator.state, "dynamo_plugin", plugin)
     take_accelerate_compile(trainer)
     assert (trainer.args.torch_compile, trainer.args.torch_compile_backend) == (True, "aot_eager")
     torch._dynamo.reset()
     counters.clear()
     trainer.train()
-    assert counters["stats"]["unique_graphs"] == 1
-    assert trainer.jobs_model.__dict__["_compile_kwargs"]["dynamic"] is True
-    assert trainer.jobs_model.__dict__["_dynamic_steps"]
+    assert counters["stats"]["unique_graphs"] == (1 if dynamic else 2)
+    assert trainer.jobs_model.__dict__["_compile_kwargs"].get("dynamic") is (True if dynamic else None)
+    assert trainer.jobs_model.__dict__["_dynamic_steps"] is dynamic
