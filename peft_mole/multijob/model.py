@@ -213,9 +213,10 @@ class MultiJobModel(MixLoRAModel):
                                  f"cannot compile again with {compile_kwargs}")
             return
         self.__dict__["_compiled_steps"], self.__dict__["_compile_kwargs"] = True, dict(compile_kwargs)
-        self.dynamic_steps(compile_kwargs.get("dynamic") is True)
-        if compile_kwargs.get("dynamic") is not False:  # None: Dynamo's own rule; True: the marks in `forward`
-            compile_kwargs.pop("dynamic", None)
+        dynamic = compile_kwargs.get("dynamic")  # True: our marks (`dynamic_steps`), not torch.compile's
+        self.dynamic_steps(dynamic is True)
+        if dynamic:
+            del compile_kwargs["dynamic"]
         layers = [m for m in self.model.modules() if hasattr(m, "gradient_checkpointing")]  # decoder layers
         for layer in layers:  # read once here, not per forward (a scan of every module), and per layer
             for block in layer.modules():  # (`every_n_layers`): what the per-row MixLoRA block recomputes itself
@@ -270,7 +271,7 @@ class MultiJobModel(MixLoRAModel):
         context.jobs = tuple(self.peft_config)
         index = {job: i for i, job in enumerate(context.jobs)} | {BASE_ROW: len(context.jobs)}
         dynamic = self.__dict__.get("_dynamic_steps")
-        if not packed:  # marked dynamic (below), a cached constant would stay marked for every later model
+        if not packed:  # marked dynamic (`_real_tokens_set`), a cached constant would stay marked for later models
             row_jobs = tuple(index[name] for name in names)
             context.row_jobs = (torch.tensor(row_jobs, dtype=torch.int64, device=inputs.device) if dynamic
                                 else constant_on(row_jobs, torch.int64, inputs.device))
@@ -279,12 +280,11 @@ class MultiJobModel(MixLoRAModel):
             token_jobs = [index[name] for name in names]
             context.row_jobs = torch.tensor(token_jobs, dtype=torch.int64, device=inputs.device)
             context.segments = PackedSegments.of(token_jobs, len(context.jobs) + 1, inputs.device)
-        if dynamic:
-            mark_rows_and_length(context.row_jobs, *(context.segments and context.segments.order or ()))
 
     def _real_tokens_set(self, context: ForwardContext) -> None:
-        if self.__dict__.get("_dynamic_steps"):  # what MixLoRA blocks record with (`dynamic_steps`)
-            mark_rows_and_length(context.token_mask)
+        if self.__dict__.get("_dynamic_steps"):  # the step's tensors of the context (`dynamic_steps`)
+            order = context.segments.order if context.segments is not None and context.segments.order else ()
+            mark_rows_and_length(context.row_jobs, *order, context.token_mask)
 
     # ------------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config, model_config):
