@@ -8,15 +8,23 @@ top-2), forward + backward:
 - "varying": six steps of other rows and lengths, as length-grouped mixed batches come (the first-steps time holds
   the compiles), then the timed steps at the shape's batch;
 - "fixed": six steps of the shape's batch (data of one length), then the same timed steps.
-Rows: `compiled_shapes`, per case: the first six steps' time with `dynamic=True` / with Dynamo's rule (lower is
-better), and the timed steps' ratio alike. Inductor's caches are off (compile time from scratch).
-Usage: python bench/compiled_shapes.py [--shape small] [--jobs 4] [--kind lora] [--repeats 8]
+Each variant runs in a fresh child process, in the order rule, dynamic, dynamic, rule, ... over `--rounds`: run
+after another model in one process, the timed steps of the second variant were 12-15 % slower whichever it was
+(MixLoRA jobs on `small`, 2026-12-07), which the first version of this script, one process and the rule first,
+took for the dynamic graph's cost. Rows: `compiled_shapes`, per case: the first six steps' time with
+`dynamic=True` / with Dynamo's rule (lower is better; the median of the rounds, and the ratio of their minima), and
+the timed steps' ratio alike (over all rounds' timed steps). Inductor's caches are off (compile time from scratch).
+Usage: python bench/compiled_shapes.py [--shape small] [--jobs 4] [--kind lora] [--repeats 8] [--rounds 2]
        [--cases varying fixed] [--compile-backend inductor]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -49,7 +57,7 @@ def shapes(shape: str, case: str) -> list[tuple[int, int]]:
             (rows, seq), (max(rows - 1, 2), seq * 13 // 16)]
 
 
-def run(shape: str, jobs: int, kind: str, case: str, dynamic: bool | None, backend: str, repeats: int) -> dict:
+def run(shape: str, jobs: int, kind: str, case: str, dynamic: bool, backend: str, repeats: int) -> dict:
     torch._dynamo.reset()
     counters.clear()
     config = lora_config if kind == "lora" else mixlora_config
@@ -76,8 +84,25 @@ def run(shape: str, jobs: int, kind: str, case: str, dynamic: bool | None, backe
         start = time.perf_counter()
         step(*BATCH[shape], 100 + seed)
         times.append(time.perf_counter() - start)
-    return {"first_steps_s": first, "graphs": graphs, "step_median_s": statistics.median(times),
-            "step_min_s": min(times), "graphs_while_timed": counters["stats"]["unique_graphs"] - graphs}
+    return {"first_steps_s": first, "graphs": graphs, "step_s": times,
+            "graphs_while_timed": counters["stats"]["unique_graphs"] - graphs}
+
+
+def in_child(args, case: str, variant: str) -> dict:
+    """`run` in a fresh process (no model, compiled code or allocator state of an earlier run)."""
+    command = [sys.executable, __file__, "--child", variant, "--cases", case, "--shape", args.shape, "--jobs",
+               str(args.jobs), "--kind", args.kind, "--repeats", str(args.repeats), "--compile-backend",
+               args.compile_backend]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def summary(runs: list[dict]) -> dict:
+    """One variant's rounds: the first steps' median and minimum, the timed steps' (all rounds') likewise."""
+    firsts, steps = [r["first_steps_s"] for r in runs], [t for r in runs for t in r["step_s"]]
+    return {"first_steps_s": statistics.median(firsts), "first_steps_min_s": min(firsts),
+            "graphs": max(r["graphs"] for r in runs), "step_median_s": statistics.median(steps),
+            "step_min_s": min(steps), "graphs_while_timed": max(r["graphs_while_timed"] for r in runs)}
 
 
 def main() -> None:
@@ -85,20 +110,30 @@ def main() -> None:
     parser.add_argument("--jobs", type=positive_int, default=4)
     parser.add_argument("--kind", choices=["lora", "mixlora"], default="lora", help="every job's adapter")
     parser.add_argument("--cases", nargs="+", choices=["varying", "fixed"], default=["varying", "fixed"])
+    parser.add_argument("--rounds", type=positive_int, default=2,
+                        help="child processes per variant, in the order rule, dynamic, dynamic, rule, ...")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend (aot_eager: Dynamo's graphs and AOTAutograd, no code generated)")
+    parser.add_argument("--child", choices=["rule", "dynamic"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    setup_threads()
-    torch._inductor.config.force_disable_caches = True  # compile time from scratch, not from an earlier run's cache
+    if args.child:
+        setup_threads()
+        torch._inductor.config.force_disable_caches = True  # compile time from scratch, not an earlier run's cache
+        settings = (args.shape, args.jobs, args.kind, args.cases[0], args.child == "dynamic", args.compile_backend)
+        print(json.dumps(run(*settings, args.repeats)))
+        return
     for case in args.cases:
-        settings = (args.shape, args.jobs, args.kind, case)
-        rule = run(*settings, None, args.compile_backend, args.repeats)
-        dynamic = run(*settings, True, args.compile_backend, args.repeats)
+        runs = {"rule": [], "dynamic": []}
+        for round_ in range(args.rounds):
+            for variant in ("rule", "dynamic") if round_ % 2 == 0 else ("dynamic", "rule"):
+                runs[variant].append(in_child(args, case, variant))
+        rule, dynamic = summary(runs["rule"]), summary(runs["dynamic"])
         emit({"name": "compiled_shapes", "shape": args.shape, "jobs": args.jobs, "kind": args.kind, "case": case,
+              "rounds": args.rounds,
               **({"compile": args.compile_backend} if args.compile_backend != "inductor" else {}),
               "dynamo_rule": rule, "dynamic_steps": dynamic,
               "ratio_median": dynamic["first_steps_s"] / rule["first_steps_s"],
-              "ratio_min": dynamic["first_steps_s"] / rule["first_steps_s"],
+              "ratio_min": dynamic["first_steps_min_s"] / rule["first_steps_min_s"],
               "step_ratio_median": dynamic["step_median_s"] / rule["step_median_s"],
               "step_ratio_min": dynamic["step_min_s"] / rule["step_min_s"]})
 

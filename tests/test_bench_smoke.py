@@ -30,7 +30,7 @@ SCRIPTS = {
     "job_optimizer": ["--shapes", "tiny", "--repeats", "2"],
     # Dynamo's graphs and breaks, as inductor gets them (inductor's code: tests/tuners/test_compiled_training.py)
     "compile_step": ["--shape", "tiny", "--repeats", "1", "--impls", "mixlora", "--compile-backend", "aot_eager"],
-    "compiled_shapes": ["--shape", "tiny", "--repeats", "1", "--jobs", "2", "--cases", "varying",
+    "compiled_shapes": ["--shape", "tiny", "--repeats", "1", "--jobs", "2", "--cases", "varying", "--rounds", "1",
                         "--compile-backend", "aot_eager"],
     # packed steps: the packed and the padded profile both run; DynMoLE profiled at its costliest and as it is
     "memory_model_error": ["--shape", "tiny", "--kinds", "lora", "mixlora", "dynmole", "--packed",
