@@ -102,7 +102,8 @@ def summary(runs: list[dict]) -> dict:
     firsts, steps = [r["first_steps_s"] for r in runs], [t for r in runs for t in r["step_s"]]
     return {"first_steps_s": statistics.median(firsts), "first_steps_min_s": min(firsts),
             "graphs": max(r["graphs"] for r in runs), "step_median_s": statistics.median(steps),
-            "step_min_s": min(steps), "graphs_while_timed": max(r["graphs_while_timed"] for r in runs)}
+            "step_min_s": min(steps), "graphs_while_timed": max(r["graphs_while_timed"] for r in runs),
+            "rounds_first_steps_s": firsts, "rounds_step_median_s": [statistics.median(r["step_s"]) for r in runs]}
 
 
 def main() -> None:
