@@ -119,6 +119,10 @@ def latest_rows(rows: list[dict]) -> list[dict]:
     # memory_model_error rows from before the per-kind model (no "kinds") are superseded by the rows with kinds
     if any(row["name"] == "memory_model_error" and "kinds" in row for row in rows):
         rows = [row for row in rows if not (row["name"] == "memory_model_error" and "kinds" not in row)]
+    # compiled_shapes rows from before each variant ran in a process of its own (no "rounds"; the second variant
+    # in one process stepped 12-15 % slower) are superseded by the rows with rounds
+    if any(row["name"] == "compiled_shapes" and "rounds" in row for row in rows):
+        rows = [row for row in rows if not (row["name"] == "compiled_shapes" and "rounds" not in row)]
     defaults = {"router_scale": 1.0}  # rows from before a setting existed measured at its default
     latest = {tuple(str(row.get(k, defaults.get(k))) for k in _IDENTITY): row for row in rows}
     measured = {row["name"] for row in latest.values()}

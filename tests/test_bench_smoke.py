@@ -319,3 +319,18 @@ def test_render_table_defaults_to_the_latest_dated_results_file(tmp_path):
                                                                         "learning_check-vm-2026-12-01.jsonl"]
     (tmp_path / "gpu-node-3-2026-12-06.jsonl").write_text("{}\n")
     assert render_table.newest_results(tmp_path)[0].name == "gpu-node-3-2026-12-06.jsonl"
+
+
+def test_render_table_drops_compiled_shapes_rows_timed_in_one_process():
+    """Rows from before each variant ran in a process of its own (no "rounds") are superseded by those with rounds,
+    as their settings' keys differ ("kind" came later too); with none, the old rows stay."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_table", ROOT / "bench" / "render_table.py")
+    render_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render_table)
+    old = {"name": "compiled_shapes", "shape": "small", "jobs": 4, "case": "varying", "ratio_median": 0.47}
+    new = {**old, "kind": "lora", "rounds": 2, "ratio_median": 0.63}
+    other = {"name": "host_time", "shape": "tiny", "ratio_median": 2.0}
+    assert render_table.latest_rows([old, other, new]) == [other, new]
+    assert render_table.latest_rows([old, other]) == [old, other]

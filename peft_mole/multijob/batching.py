@@ -179,6 +179,14 @@ def batch_inputs(batch: dict, job: str) -> dict:
             "adapter_names": [job] * batch["input_ids"].shape[0]}
 
 
+def widths_differ(batches: list[dict]) -> bool:
+    """Whether the jobs' micro-batches differ in width (padded length; tokens when packed). Then the mixed steps
+    built from them vary in rows and length, and compiled steps take both dynamic from the first graph
+    (`MultiJobModel.dynamic_steps`; MultiJobTrainer's first round, without a memory budget); where they do not (one
+    job, data of one length), Dynamo's own rule, whose static first graph compiles sooner."""
+    return len({batch["input_ids"].shape[-1] for batch in batches if "input_ids" in batch}) > 1
+
+
 def row_lengths(batch: dict) -> list[int] | None:
     """Real length of each row of a right-padded micro-batch, or None when its rows cannot be cut apart (left
     padding, no attention mask, a tensor that is not laid out (rows, seq, ...) or (rows,), or labels other than

@@ -3,14 +3,15 @@
 Dynamo compiles a frame's first graph with static sizes and, at the first change of a size, a second graph with that
 size dynamic. Mixed steps built by length grouping change their rows and length from the second step on, so that
 first graph serves one step. With `MultiJobModel.dynamic_steps(True)` (`compile_mixed_steps(dynamic=True)`; in
-MultiJobTrainer, `accelerate launch --dynamo_use_dynamic true`) every tensor of a step that holds those sizes is
-marked dynamic from the first step on (`torch._dynamo.maybe_mark_dynamic`, whose marks a size of 1 does not take):
-the model's inputs, the per-row (per-token, packed) job indices and the real tokens' mask, which MixLoRA blocks
-record with (left static, it specialised the rows: a second graph). The parameters keep static shapes;
-torch.compile's own `dynamic=True` makes every input size symbolic, slower to compile and to step
-(docs/performance-multijob.md, "Dynamic from the first graph"). The first steps compile in about half the time;
-the steps after them took 1.03-1.16× (LoRA jobs) and 1.13-1.15× (MixLoRA jobs) the time on Dynamo's own dynamic
-graph (medians on `small`, `bench/compiled_shapes.py`): an option for short runs, not the trainer's default.
+MultiJobTrainer where its jobs' first micro-batches differ in width, `batching.widths_differ`, or with `accelerate
+launch --dynamo_use_dynamic true`) every tensor of a step that holds those sizes is marked dynamic from the first
+step on (`torch._dynamo.maybe_mark_dynamic`, whose marks a size of 1 does not take): the model's inputs, the per-row
+(per-token, packed) job indices and the real tokens' mask, which MixLoRA blocks record with (left static, it
+specialised the rows: a second graph). The parameters keep static shapes; torch.compile's own `dynamic=True` makes
+every input size symbolic, slower to compile and to step. On `small` the first six steps of varying shape compile in
+0.60-0.63× the time, and the steps after them run the same code as on Dynamo's own dynamic graph, but for the
+OpenMP loop choices inductor makes from the sizes it compiles at (`bench/compiled_shapes.py`;
+docs/performance-multijob.md, "Dynamic from the first graph").
 
 Example (what `MultiJobModel.forward` does with `dynamic_steps(True)`):
     >>> inputs = {"input_ids": torch.randint(3, 500, (4, 9)), "attention_mask": torch.ones(4, 9)}

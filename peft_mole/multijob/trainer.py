@@ -38,7 +38,7 @@ from trl import SFTConfig, SFTTrainer
 
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob import report
-from peft_mole.multijob.batching import is_packed, mix, pad_token_id
+from peft_mole.multijob.batching import is_packed, mix, pad_token_id, widths_differ
 from peft_mole.multijob.best_checkpoint import check_best_model_args, check_job_steps
 from peft_mole.multijob.evaluation import JobEvaluation
 from peft_mole.multijob.flat_parameters import job_optimizer
@@ -96,7 +96,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             round are split into steps of similar length when that saves more padding. "auto" (default) fits it
             from the measured step times (`StepCost`; until three are known, each distinct length is its own
             step); None: always one step per round. Unused with `padding_free=True` (no padding to save).
-            `args.torch_compile=True` compiles the mixed steps (DynMoLE and MixDoRA blocks run eagerly inside).
+            `args.torch_compile=True` compiles the mixed steps (DynMoLE and MixDoRA blocks run eagerly inside),
+            with rows and length dynamic from the first graph where the jobs' first micro-batches differ in width.
         **kwargs: passed on to `SFTTrainer` (not `peft_config` or `train_dataset`: jobs carry those).
 
     Example:
@@ -224,6 +225,9 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             dynamic = getattr(getattr(self.accelerator.state, "dynamo_plugin", None), "dynamic", None) is True
             compile_kwargs = {"backend": self.args.torch_compile_backend, "mode": self.args.torch_compile_mode}
             self.jobs_model.compile_mixed_steps(**compile_kwargs, **({"dynamic": True} if dynamic else {}))
+            # else the first round's micro-batches choose (`_train_round`), unless a memory profile's steps of
+            # several shapes compile the graphs first
+            self._shapes_unseen = not dynamic and self.job_scheduler.max_memory is None
         if self.job_scheduler.max_memory is not None:  # the steps that will run, compiled ones included (warmed up)
             self._profile_memory(runs)
         self.state = TrainerState(
@@ -317,6 +321,9 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             overhead = self.step_cost.overhead_tokens()
         self._round_sums: dict[str, list[float]] = {}  # job -> its micro-batch's loss and `MICRO_BATCH_METRICS`
         self._round_failures: dict[str, str] = {}
+        if getattr(self, "_shapes_unseen", False):  # compiled steps: rows and length dynamic if the widths vary
+            self._shapes_unseen = False
+            self.jobs_model.dynamic_steps(widths_differ([batch for _, batch in parts]))
         self.padding_stats.add_micro_batches(parts)
         # a micro-batch cut into steps: each piece draws as the whole (LoRA jobs: their lora_dropout; MixLoRA and
         # DynMoLE jobs, cut on out-of-memory only: their dropout and router jitter)

@@ -77,12 +77,14 @@ MOE_MIXES = [{"lora": [5, 3], "m1": [6], "m2": [2, 7]}, {"m2": [4], "lora": [3],
              {"lora": [7], "m1": [3], "m2": [6], "m3": [3]}, {"m3": [2, 5], "m1": [8]}]
 
 
-@pytest.mark.parametrize("with_dynmole", [False, True], ids=["moe-per-token", "dynmole-eager-blocks"])
-def test_compiled_packed_steps_equal_eager_packed_steps(with_dynmole):
+@pytest.mark.parametrize(("with_dynmole", "dynamic"), [(False, None), (False, True), (True, None)],
+                         ids=["moe-per-token", "moe-per-token-dynamic", "dynmole-eager-blocks"])
+def test_compiled_packed_steps_equal_eager_packed_steps(with_dynmole, dynamic):
     """LoRA and MixLoRA jobs of different ranks, expert counts and k, and base tokens, packed in one row: logits,
     each job's aux loss and every gradient as the eager packed step; once sizes are dynamic, no mix compiles again in
-    either order (counted on the six MoE mixes). With a DynMoLE job the MLP blocks run eagerly inside the compiled
-    step, and nothing else breaks the graph (its three mixes are too few to count recompiles on)."""
+    either order (counted on the six MoE mixes; with `dynamic=True` each order compiles one graph, 4 without). With
+    a DynMoLE job the MLP blocks run eagerly inside the compiled step, and nothing else breaks the graph (its three
+    mixes are too few to count recompiles on)."""
     torch._dynamo.reset()
     counters.clear()
     jobs = dict(JOBS, dyn=dynmole()) if with_dynmole else JOBS
@@ -94,7 +96,7 @@ def test_compiled_packed_steps_equal_eager_packed_steps(with_dynmole):
     randomize_adapters(eager, std=0.2)
     compiled = MultiJobModel(tiny_base(), jobs)
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile_mixed_steps(backend="aot_eager")
+    compiled.compile_mixed_steps(backend="aot_eager", dynamic=dynamic)
     eager.train(), compiled.train()
     graphs = []
     for seed, lengths in enumerate(mixes):
@@ -102,7 +104,9 @@ def test_compiled_packed_steps_equal_eager_packed_steps(with_dynmole):
         _assert_same_step(got, want)
         assert set(want[1]) == {job for job in lengths if job not in ("lora", BASE_ROW)}
         graphs.append(counters["stats"]["unique_graphs"])
-    if not with_dynmole:
+    if dynamic:  # the tokens dynamic from the first graph: the second mix, out of job order, takes the branch that
+        assert graphs == [1, 2, 2, 2, 2, 2], graphs  # permutes the tokens (guard `segments.order is None`), once
+    elif not with_dynmole:
         assert graphs[3:] == [graphs[3]] * 3, graphs  # in order and out of order, each compiled once dynamic
     reasons = list(counters["graph_break"])
     assert all("run_eagerly" in reason for reason in reasons) and bool(reasons) == with_dynmole, reasons
