@@ -2,9 +2,10 @@
 
 `MultiJobModel.compile_mixed_steps()` leaves the shapes to Dynamo: the first graph is static, and the first change of
 the rows and the length compiles a second one with those sizes dynamic. With `dynamic=True` (`dynamic_steps`; what
-MultiJobTrainer takes with `accelerate launch --dynamo_use_dynamic true`) the first graph has them dynamic. This
+MultiJobTrainer takes where its jobs' first micro-batches differ in width, or with `accelerate launch
+--dynamo_use_dynamic true`) the first graph has them dynamic (with eagerly run blocks, every size). This
 times both on the same steps, N LoRA jobs (BENCH.md's LoRA, dropout 0.05; `--kind mixlora`: its MixLoRA, 8 experts,
-top-2), forward + backward:
+top-2; `--kind dynmole`: its DynMoLE, whose blocks run eagerly, the rest of each layer compiled), forward + backward:
 - "varying": six steps of other rows and lengths, as length-grouped mixed batches come (the first-steps time holds
   the compiles), then the timed steps at the shape's batch;
 - "fixed": six steps of the shape's batch (data of one length), then the same timed steps.
@@ -48,6 +49,14 @@ from peft_mole.multijob import MultiJobModel
 FIRST_STEPS = 6
 
 
+def dynmole_config():
+    """BENCH.md's DynMoLE (8 experts, r 16, alpha 32, dropout 0.05; q 1.1, top_p 0.75, its defaults), whose blocks a
+    compiled step runs eagerly."""
+    import peft_mole
+
+    return peft_mole.DynMoLEConfig(num_experts=8, r=16, lora_alpha=32, lora_dropout=0.05)
+
+
 def shapes(shape: str, case: str) -> list[tuple[int, int]]:
     """The first steps' (rows, length): the shape's batch, or sizes around it (never 1, which Dynamo specialises)."""
     rows, seq = BATCH[shape]
@@ -60,7 +69,7 @@ def shapes(shape: str, case: str) -> list[tuple[int, int]]:
 def run(shape: str, jobs: int, kind: str, case: str, dynamic: bool, backend: str, repeats: int) -> dict:
     torch._dynamo.reset()
     counters.clear()
-    config = lora_config if kind == "lora" else mixlora_config
+    config = {"lora": lora_config, "mixlora": mixlora_config, "dynmole": dynmole_config}[kind]
     model = MultiJobModel(base_model(shape), {f"job{i}": config() for i in range(jobs)}).train()
     model.compile_mixed_steps(backend=backend, **({"dynamic": True} if dynamic else {}))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -93,7 +102,7 @@ def in_child(args, case: str, variant: str) -> dict:
     command = [sys.executable, __file__, "--child", variant, "--cases", case, "--shape", args.shape, "--jobs",
                str(args.jobs), "--kind", args.kind, "--repeats", str(args.repeats), "--compile-backend",
                args.compile_backend]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout  # stderr shown
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -109,10 +118,11 @@ def summary(runs: list[dict]) -> dict:
 def main() -> None:
     parser = step_parser(repeats=8)
     parser.add_argument("--jobs", type=positive_int, default=4)
-    parser.add_argument("--kind", choices=["lora", "mixlora"], default="lora", help="every job's adapter")
+    parser.add_argument("--kind", choices=["lora", "mixlora", "dynmole"], default="lora", help="every job's adapter")
     parser.add_argument("--cases", nargs="+", choices=["varying", "fixed"], default=["varying", "fixed"])
     parser.add_argument("--rounds", type=positive_int, default=2,
-                        help="child processes per variant, in the order rule, dynamic, dynamic, rule, ...")
+                        help="child processes per variant, in the order rule, dynamic, dynamic, rule, ... (an even "
+                             "number balances the order)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend (aot_eager: Dynamo's graphs and AOTAutograd, no code generated)")
     parser.add_argument("--child", choices=["rule", "dynamic"], help=argparse.SUPPRESS)

@@ -22,6 +22,10 @@ Example (what `MultiJobModel.forward` does with `dynamic_steps(True)`):
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from peft_mole.tuners.mixlora.projection import MoELoraLinear
+from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
 
 STEP_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "labels", "seq_idx", "cu_seq_lens_q",
                "cu_seq_lens_k")  # the model's keyword inputs whose first sizes are a step's rows and length
@@ -40,3 +44,29 @@ def mark_rows_and_length(*tensors: torch.Tensor | None) -> None:
 def mark_step_inputs(kwargs: dict) -> None:
     """`mark_rows_and_length` on a forward's keyword inputs (`STEP_INPUTS`)."""
     mark_rows_and_length(*(kwargs.get(name) for name in STEP_INPUTS))
+
+
+def runs_blocks_eagerly(model: nn.Module) -> bool:
+    """Whether a compiled step of `model` runs expert blocks eagerly (`routed.run_eagerly`): DynMoLE jobs (a
+    data-dependent number of experts per token), DoRA experts, or experts routed per projection. Each such block
+    breaks the graph, and Dynamo resumes the decoder layer after it in a frame of its own, whose inputs (hidden states,
+    residual) come out of the graph before it: they cannot be marked, so for those steps every size Dynamo meets is
+    taken dynamic from the first graph (`step_config`), the parameters' and modules' attributes excepted (Dynamo's
+    `force_parameter_static_shapes`, `force_nn_module_property_static_shapes`)."""
+    return any(isinstance(layer, MoELoraLinear)
+               or any(settings.selection_varies for settings in layer.settings.values())
+               or any(experts.use_dora for experts in layer.experts.values())
+               for layer in model.modules() if isinstance(layer, RoutedExpertsLayer))
+
+
+def step_config(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Mark a compiled step's inputs (`mark_step_inputs`, and `input_ids` given by position) and return the Dynamo
+    settings its forward runs under: `assume_static_by_default=False` where the model runs blocks eagerly
+    (`runs_blocks_eagerly`, read once per set of jobs). On `tiny`, a LoRA, a MixLoRA, a DynMoLE and a MixDoRA job
+    over five steps of three shapes: 6 graphs, where the marks alone (and Dynamo's rule) compiled 12."""
+    mark_step_inputs(kwargs)
+    mark_rows_and_length(*args[:1])
+    jobs = tuple(getattr(model, "peft_config", ()))
+    if model.__dict__.get("_eager_blocks_of") != jobs:
+        model.__dict__["_eager_blocks_of"], model.__dict__["_eager_blocks"] = jobs, runs_blocks_eagerly(model)
+    return {"assume_static_by_default": False} if model.__dict__["_eager_blocks"] else {}

@@ -29,7 +29,7 @@ from transformers import set_seed
 from peft_mole.forward_context import BASE_ROW, ForwardContext, PackedSegments
 from peft_mole.model_card import update_model_card
 from peft_mole.multijob.batching import row_ends
-from peft_mole.multijob.dynamic_steps import mark_rows_and_length, mark_step_inputs
+from peft_mole.multijob.dynamic_steps import mark_rows_and_length, step_config
 from peft_mole.ops.dropout import Dropout, register_stream, set_stream_widths
 from peft_mole.ops.segmented_lora import constant_on
 from peft_mole.ops.stream_checkpoint import replay_streams_in_checkpoints
@@ -241,13 +241,12 @@ class MultiJobModel(MixLoRAModel):
     def forward(self, *args, **kwargs):
         if not self.__dict__.get("_compiled_steps"):
             return super().forward(*args, **kwargs)
-        if self.__dict__.get("_dynamic_steps"):
-            mark_step_inputs(kwargs)
-            mark_rows_and_length(*args[:1])  # input_ids given by position
         # Under activation checkpointing Dynamo would replay the context variable transformers' output capture sets
         # in each layer's forward in its recompute, which it cannot, so it would run those layers eagerly. LoRA jobs
         # have no forward side effect to replay (docs/performance.md, "torch.compile").
         patch = {"skip_fwd_side_effects_in_bwd_under_checkpoint": True}
+        if self.__dict__.get("_dynamic_steps"):  # the inputs marked; eager blocks: every size dynamic
+            patch.update(step_config(self, args, kwargs))
         if hasattr(torch._dynamo.config, "recompile_limit"):
             patch["recompile_limit"] = max(torch._dynamo.config.recompile_limit, self.__dict__.get("_recompile_limit", 8))
         with torch._dynamo.config.patch(**patch):

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 from peft_mole import JobConfig
 from peft_mole.forward_context import BASE_ROW
 from peft_mole.multijob import MultiJobModel
+from peft_mole.multijob.dynamic_steps import runs_blocks_eagerly, step_config
 from tests.helpers import dynmole, mixlora, randomize_adapters, tiny_base
 from tests.multijob.test_compiled_moe_steps import (
     _assert_same_step,
@@ -34,16 +35,18 @@ PROJECTION_MIXES = [(["dyn", "lora", "dyn2"], 10), (["dyn2", BASE_ROW, "dyn"], 1
                     (["dyn2", "dyn", "lora"], 8), (["dyn", "lora"], 11)]
 
 
-@pytest.mark.parametrize(("jobs", "mixes"), [(BLOCK_JOBS, BLOCK_MIXES), (PROJECTION_JOBS, PROJECTION_MIXES)],
-                         ids=["block", "projection"])
-def test_dynmole_and_dora_blocks_run_eagerly_in_the_compiled_step_with_the_eager_numbers(jobs, mixes):
+@pytest.mark.parametrize(("jobs", "mixes", "dynamic"), [(BLOCK_JOBS, BLOCK_MIXES, None),
+                                                     (BLOCK_JOBS, BLOCK_MIXES, True),
+                                                     (PROJECTION_JOBS, PROJECTION_MIXES, None)],
+                         ids=["block", "block-dynamic", "projection"])
+def test_dynmole_and_dora_blocks_run_eagerly_in_the_compiled_step_with_the_eager_numbers(jobs, mixes, dynamic):
     torch._dynamo.reset()
     counters.clear()
     eager = MultiJobModel(tiny_base(), jobs)
     randomize_adapters(eager, std=0.2)  # routers neither flat nor one-hot: DynMoLE picks 1 to 4 experts
     compiled = MultiJobModel(tiny_base(), jobs)
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile_mixed_steps(backend="aot_eager")
+    compiled.compile_mixed_steps(backend="aot_eager", dynamic=dynamic)
     eager.train(), compiled.train()
     graphs, warnings = [], []
     handler = logging.Handler()
@@ -62,10 +65,27 @@ def test_dynmole_and_dora_blocks_run_eagerly_in_the_compiled_step_with_the_eager
     # want of compiles (Dynamo's limit of 8; `compile_mixed_steps` raises it per decoder layer)
     assert not [w for w in warnings if "recompile_limit" in w.getMessage()]
     assert graphs[2:] == [graphs[2]] * 3, graphs  # once rows and length are dynamic, no mix compiles again
+    if dynamic:  # every frame's sizes dynamic from its first graph (`dynamic_steps.step_config`): the frames
+        assert graphs == [graphs[0]] * 5, graphs  # after the eager blocks compile once (6, 6, 12, 12, 12 before)
     reasons = list(counters["graph_break"])
     assert reasons and all("run_eagerly" in reason for reason in reasons), reasons  # the eager blocks, nothing else
     routers = [name for name in got[2] if "router" in name and ".dyn." in name]
     assert routers and max(got[2][name].abs().max() for name in routers) > 1e-5  # DynMoLE's routers learn
+
+
+def test_steps_with_eager_blocks_take_every_size_dynamic_under_dynamic_steps():
+    """`dynamic_steps.step_config`: DynMoLE jobs, DoRA experts and projection-routed experts run blocks eagerly, so
+    the step runs with `assume_static_by_default=False`; LoRA and MixLoRA jobs alone keep the marks only, and a job
+    added later is seen."""
+    inputs = {"input_ids": torch.randint(3, 500, (3, 7))}
+    cases = [({"lora": LORA, "mix": mixlora()}, False), ({"mix": mixlora(), "dyn": dynmole()}, True),
+             ({"dora": mixlora(use_dora=True)}, True), ({"proj": dynmole(router_scope="projection")}, True)]
+    models = [MultiJobModel(tiny_base(), jobs) for jobs, _ in cases]
+    for model, (jobs, eager_blocks) in zip(models, cases, strict=True):
+        assert runs_blocks_eagerly(model) is eager_blocks, jobs
+        assert step_config(model, (), dict(inputs)) == ({"assume_static_by_default": False} if eager_blocks else {})
+    models[0].add_job("dyn", dynmole())  # read again for the new set of jobs
+    assert step_config(models[0], (), dict(inputs)) == {"assume_static_by_default": False}
 
 
 def test_trainer_with_torch_compile_trains_dynmole_jobs_as_eagerly(assets, tmp_path):
