@@ -183,7 +183,7 @@ def widths_differ(batches: list[dict]) -> bool:
     """Whether the jobs' micro-batches differ in width (padded length; tokens when packed). Then the mixed steps
     built from them vary in rows and length, and compiled steps take both dynamic from the first graph
     (`MultiJobModel.dynamic_steps`; MultiJobTrainer's first round, without a memory budget); where they do not (one
-    job, data of one length), Dynamo's own rule, whose static first graph compiles sooner."""
+    job in the round, data of one length), Dynamo's own rule, whose static first graph compiles sooner."""
     return len({batch["input_ids"].shape[-1] for batch in batches if "input_ids" in batch}) > 1
 
 

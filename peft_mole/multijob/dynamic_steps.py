@@ -9,9 +9,12 @@ step on (`torch._dynamo.maybe_mark_dynamic`, whose marks a size of 1 does not ta
 (per-token, packed) job indices and the real tokens' mask, which MixLoRA blocks record with (left static, it
 specialised the rows: a second graph). The parameters keep static shapes; torch.compile's own `dynamic=True` makes
 every input size symbolic, slower to compile and to step. On `small` the first six steps of varying shape compile in
-0.60-0.63× the time, and the steps after them run the same code as on Dynamo's own dynamic graph, but for the
-OpenMP loop choices inductor makes from the sizes it compiles at (`bench/compiled_shapes.py`;
-docs/performance-multijob.md, "Dynamic from the first graph").
+0.60-0.63× the time; the steps after them took 1.05× (LoRA jobs) and 1.08× (MixLoRA jobs) by medians, within the
+spread from one process to the next (MixLoRA jobs: inductor's code is that of Dynamo's own dynamic graph up to the
+OpenMP loop choices it makes from the sizes it compiles at; `bench/compiled_shapes.py`;
+docs/performance-multijob.md, "Dynamic from the first graph"). Where blocks run eagerly inside the step (DynMoLE
+jobs, DoRA experts) the frames after them take the graph's intermediates, which cannot be marked: those steps run
+with every size dynamic (`step_config`).
 
 Example (what `MultiJobModel.forward` does with `dynamic_steps(True)`):
     >>> inputs = {"input_ids": torch.randint(3, 500, (4, 9)), "attention_mask": torch.ones(4, 9)}

@@ -97,7 +97,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             from the measured step times (`StepCost`; until three are known, each distinct length is its own
             step); None: always one step per round. Unused with `padding_free=True` (no padding to save).
             `args.torch_compile=True` compiles the mixed steps (DynMoLE and MixDoRA blocks run eagerly inside),
-            with rows and length dynamic from the first graph where the jobs' first micro-batches differ in width.
+            with rows and length dynamic from the first graph where the first round's micro-batches differ in width
+            on any process (without `max_memory`), or always with accelerate's `dynamo_use_dynamic: true`.
         **kwargs: passed on to `SFTTrainer` (not `peft_config` or `train_dataset`: jobs carry those).
 
     Example:
@@ -225,9 +226,9 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             dynamic = getattr(getattr(self.accelerator.state, "dynamo_plugin", None), "dynamic", None) is True
             compile_kwargs = {"backend": self.args.torch_compile_backend, "mode": self.args.torch_compile_mode}
             self.jobs_model.compile_mixed_steps(**compile_kwargs, **({"dynamic": True} if dynamic else {}))
-            # else the first round's micro-batches choose (`_train_round`), unless a memory profile's steps of
-            # several shapes compile the graphs first
-            self._shapes_unseen = not dynamic and self.job_scheduler.max_memory is None
+            # else the first round's micro-batches choose (`_train_round`; once: another `train()` keeps it), unless
+            # a memory profile's steps of several shapes compile the graphs first
+            self._shapes_unseen = not (dynamic or self.job_scheduler.max_memory or hasattr(self, "_shapes_seen"))
         if self.job_scheduler.max_memory is not None:  # the steps that will run, compiled ones included (warmed up)
             self._profile_memory(runs)
         self.state = TrainerState(
@@ -322,8 +323,9 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         self._round_sums: dict[str, list[float]] = {}  # job -> its micro-batch's loss and `MICRO_BATCH_METRICS`
         self._round_failures: dict[str, str] = {}
         if getattr(self, "_shapes_unseen", False):  # compiled steps: rows and length dynamic if the widths vary
-            self._shapes_unseen = False
-            self.jobs_model.dynamic_steps(widths_differ([batch for _, batch in parts]))
+            self._shapes_unseen, self._shapes_seen = False, True  # on any process: all compile alike
+            differ = widths_differ([batch for _, batch in parts])
+            self.jobs_model.dynamic_steps(dist.any_process(self.accelerator, [differ])[0])
         self.padding_stats.add_micro_batches(parts)
         # a micro-batch cut into steps: each piece draws as the whole (LoRA jobs: their lora_dropout; MixLoRA and
         # DynMoLE jobs, cut on out-of-memory only: their dropout and router jitter)

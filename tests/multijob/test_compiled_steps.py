@@ -106,7 +106,8 @@ def test_one_graph_serves_every_mix_of_jobs_with_the_eager_numbers(dynamic):
 
 def test_the_trainer_takes_compiled_steps_dynamic_where_the_jobs_micro_batches_differ_in_width():
     """The rule MultiJobTrainer applies to its first round (`widths_differ`): padded or packed micro-batches of
-    several widths make steps of several shapes; one width (one job, data of one length) leaves Dynamo's rule."""
+    several widths make steps of several shapes; one width (one job in the round, data of one length) leaves Dynamo's
+    rule."""
     def padded(rows, seq):
         return {"input_ids": torch.zeros(rows, seq, dtype=torch.long), "attention_mask": torch.ones(rows, seq)}
 

@@ -153,8 +153,8 @@ def test_a_compile_backend_of_the_accelerate_config_compiles_the_mixed_steps(ass
     steps compile as with `torch_compile=True` and that backend (before: ignored, the steps ran eagerly).
     `--dynamo_use_dynamic true`: rows and length dynamic from the first graph (`dynamic_steps`), one graph for the
     steps of varying shape of a LoRA and a MixLoRA job; false (`accelerate config`'s default answer) is no request:
-    the trainer's rule, which takes them dynamic too (the two jobs' micro-batches differ in width; passed on as
-    torch.compile's `dynamic=False`, every new shape compiled a graph)."""
+    the trainer's rule, which takes them dynamic too (the two jobs' micro-batches differ in width; were it passed on
+    as torch.compile's `dynamic=False`, as before 2026-12-07, every new shape would compile a graph)."""
     import torch
     from accelerate.utils import TorchDynamoPlugin
     from torch._dynamo.utils import counters
