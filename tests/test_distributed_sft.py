@@ -37,6 +37,7 @@ SCRIPT = textwrap.dedent('''
     trainer.train()
     trainer.save_model(out)
     print("processes", trainer.accelerator.num_processes)
+    trainer.accelerator.end_training()  # the process group closed before exit
 ''')
 
 

@@ -107,6 +107,7 @@ SCRIPT = textwrap.dedent('''
             state = trainer.jobs_model.job_state_dict(name)
             digest = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
             sys.stdout.write(f"process {{rank}} {{name}} {{digest}}\\n")
+        trainer.accelerator.end_training()  # the process group closed before exit (its threads aborted at exit)
         sys.exit(0)
     trainer.train()
     statuses = sorted((row["job"], row["status"], row["steps"]) for row in trainer.job_summary)
@@ -125,6 +126,7 @@ SCRIPT = textwrap.dedent('''
                      f"processes {{trainer.accelerator.num_processes}}\\n"
                      f"process {{rank}} statuses {{statuses}}\\n")
     sys.stdout.flush()
+    trainer.accelerator.end_training()
 ''')
 
 
@@ -267,6 +269,7 @@ RESUME_SCRIPT = textwrap.dedent('''
     trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job], args=args,
                               processing_class=tokenizer, callbacks=[StopAfterTwo()] if phase == "stop" else None)
     trainer.train(resume_from_checkpoint=True if phase == "resume" else None)
+    trainer.accelerator.end_training()  # the process group closed before exit (a gloo thread aborted at exit once)
 ''')
 
 
