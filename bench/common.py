@@ -38,6 +38,13 @@ def mixlora_config(dropout: float = 0.05, use_dora: bool = False):
                                    use_dora=use_dora)
 
 
+def dynmole_config(dropout: float = 0.05):
+    """BENCH.md's DynMoLE: 8 experts, r 16, alpha 32 (q 1.1, top_p 0.75, threshold 0.9, min 2: its defaults)."""
+    import peft_mole
+
+    return peft_mole.DynMoLEConfig(num_experts=8, r=16, lora_alpha=32, lora_dropout=dropout)
+
+
 def positive_int(text: str) -> int:
     """argparse type: an int >= 1 (counts of steps, repeats, jobs, tokens)."""
     value = int(text)

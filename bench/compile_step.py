@@ -24,6 +24,7 @@ import torch
 import torch._inductor.config
 from common import (
     base_model,
+    dynmole_config,
     emit,
     lora_config,
     mixlora_config,
@@ -39,8 +40,6 @@ from common import (
 from peft import get_peft_model
 from torch._dynamo.utils import counters
 
-import peft_mole
-
 IMPLS = ("peft_lora", "mixlora", "mixdora", "dynmole", "dynmole_sharp")
 
 
@@ -48,7 +47,7 @@ def adapted(shape: str, impl: str, dropout: float, router_scale: float, checkpoi
     if impl == "peft_lora":
         config = lora_config(dropout)
     elif impl.startswith("dynmole"):
-        config = peft_mole.DynMoLEConfig(num_experts=8, r=16, lora_alpha=32, lora_dropout=dropout)
+        config = dynmole_config(dropout)
     else:
         config = mixlora_config(dropout, use_dora=impl == "mixdora")
     base = base_model(shape)

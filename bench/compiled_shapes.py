@@ -34,6 +34,7 @@ from common import (
     BATCH,
     base_model,
     device,
+    dynmole_config,
     emit,
     lora_config,
     mixlora_config,
@@ -47,14 +48,6 @@ from torch._dynamo.utils import counters
 from peft_mole.multijob import MultiJobModel
 
 FIRST_STEPS = 6
-
-
-def dynmole_config():
-    """BENCH.md's DynMoLE (8 experts, r 16, alpha 32, dropout 0.05; q 1.1, top_p 0.75, its defaults), whose blocks a
-    compiled step runs eagerly."""
-    import peft_mole
-
-    return peft_mole.DynMoLEConfig(num_experts=8, r=16, lora_alpha=32, lora_dropout=0.05)
 
 
 def shapes(shape: str, case: str) -> list[tuple[int, int]]:

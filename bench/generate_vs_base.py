@@ -16,6 +16,7 @@ import torch
 from common import (
     BATCH,
     base_model,
+    dynmole_config,
     emit,
     lora_config,
     mixlora_config,
@@ -30,8 +31,6 @@ from common import (
 from peft import get_peft_model
 from peft.helpers import DoraCaching
 from transformers import CompileConfig
-
-import peft_mole
 
 
 def compiled_generation() -> dict:
@@ -64,8 +63,7 @@ def first_call_s(fn) -> float:
 
 
 def sharpened_dynmole(args):
-    model = get_peft_model(base_model(args.shape), peft_mole.DynMoLEConfig(num_experts=8, r=16, lora_alpha=32,
-                                                                           lora_dropout=0.05))
+    model = get_peft_model(base_model(args.shape), dynmole_config())
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "router" in name:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from common import (
     base_model,
+    dynmole_config,
     emit,
     lora_config,
     mixlora_config,
@@ -26,8 +27,6 @@ from common import (
 )
 from common import train_step_fn as make_step
 from peft import get_peft_model
-
-import peft_mole
 
 
 def peak_step_mb(step) -> float:
@@ -52,7 +51,7 @@ def main() -> None:
     configs = {
         "peft_lora": lora_config(),
         "mixlora": mixlora_config(),
-        "dynmole": peft_mole.DynMoLEConfig(num_experts=8, r=16, lora_alpha=32, lora_dropout=0.05),
+        "dynmole": dynmole_config(),
     }
     models = {name: get_peft_model(base_model(args.shape), cfg) for name, cfg in configs.items()}
     batch = random_batch(args.shape, models["mixlora"].config.vocab_size)

@@ -35,16 +35,24 @@ import random
 import statistics
 
 import torch
-from common import base_model, device, emit, lora_config, mixlora_config, positive_int, setup_threads
+from common import (
+    base_model,
+    device,
+    dynmole_config,
+    emit,
+    lora_config,
+    mixlora_config,
+    positive_int,
+    setup_threads,
+)
 
-import peft_mole
 from peft_mole.multijob import MultiJobModel
 from peft_mole.multijob.batching import profile_inputs
 from peft_mole.multijob.memory import MemoryModel, adapter_memory_kind, costliest_selection, step_memory
 
 LENGTHS = {"tiny": [16, 24, 32, 48], "small": [64, 128, 200, 256], "medium": [128, 256, 384, 512]}
 CONFIGS = {"lora": lora_config, "mixlora": mixlora_config,
-           "dynmole": lambda: peft_mole.DynMoLEConfig(num_experts=8, r=16, lora_alpha=32, lora_dropout=0.05)}
+           "dynmole": dynmole_config}
 
 
 def sweep(jobs: list[str], lengths: list[int], steps: int = 12, seed: int = 0) -> list[tuple[list[str], int]]:

@@ -40,6 +40,7 @@ from common import (
     OPTIMS,
     base_model,
     device,
+    dynmole_config,
     emit,
     lora_config,
     mixlora_config,
@@ -54,7 +55,6 @@ from common import (
 from peft import get_peft_model
 from torch._dynamo.utils import counters
 
-import peft_mole
 from peft_mole.multijob import MultiJobModel, per_job_losses
 from peft_mole.multijob.batching import packed_mixed_batch
 from peft_mole.multijob.flat_parameters import job_optimizer
@@ -211,8 +211,8 @@ def main() -> None:
 
 
 def job_config(args):
-    if args.kind == "dynmole":  # BENCH.md's DynMoLE: q 1.1, top_p 0.75, threshold 0.9, min 2 (its defaults)
-        return peft_mole.DynMoLEConfig(num_experts=8, r=16, lora_alpha=32, lora_dropout=args.dropout)
+    if args.kind == "dynmole":
+        return dynmole_config(args.dropout)
     return mixlora_config(args.dropout) if args.kind == "mixlora" else lora_config(args.dropout)
 
 

@@ -12,6 +12,7 @@ import torch
 from common import (
     base_model,
     device,
+    dynmole_config,
     emit,
     lora_config,
     mixlora_config,
@@ -20,8 +21,6 @@ from common import (
     step_parser,
 )
 from peft import get_peft_model
-
-import peft_mole
 
 
 def saved_mb(model, batch) -> tuple[float, float]:
@@ -44,7 +43,7 @@ def main() -> None:
     args = step_parser().parse_args()
     setup_threads()
     batch = {k: v.to(device()) for k, v in random_batch(args.shape, base_model(args.shape).config.vocab_size).items()}
-    dynmole = peft_mole.DynMoLEConfig(num_experts=8, r=16, lora_alpha=32, lora_dropout=0.05)
+    dynmole = dynmole_config()
     sizes = {name: saved_mb(get_peft_model(base_model(args.shape), config).to(device()), batch)
              for name, config in (("peft_lora", lora_config()), ("mixlora", mixlora_config()), ("dynmole_init", dynmole))}
     for name in ("mixlora", "dynmole_init"):

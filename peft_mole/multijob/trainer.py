@@ -228,7 +228,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             self.jobs_model.compile_mixed_steps(**compile_kwargs, **({"dynamic": True} if dynamic else {}))
             # else the first round's micro-batches choose (`_train_round`; once: another `train()` keeps it), unless
             # a memory profile's steps of several shapes compile the graphs first
-            self._shapes_unseen = not (dynamic or self.job_scheduler.max_memory or hasattr(self, "_shapes_seen"))
+            if not hasattr(self, "_shapes_unseen"):
+                self._shapes_unseen = not (dynamic or self.job_scheduler.max_memory)
         if self.job_scheduler.max_memory is not None:  # the steps that will run, compiled ones included (warmed up)
             self._profile_memory(runs)
         self.state = TrainerState(
@@ -323,8 +324,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         self._round_sums: dict[str, list[float]] = {}  # job -> its micro-batch's loss and `MICRO_BATCH_METRICS`
         self._round_failures: dict[str, str] = {}
         if getattr(self, "_shapes_unseen", False):  # compiled steps: rows and length dynamic if the widths vary
-            self._shapes_unseen, self._shapes_seen = False, True  # on any process: all compile alike
-            differ = widths_differ([batch for _, batch in parts])
+            self._shapes_unseen = False
+            differ = widths_differ([batch for _, batch in parts])  # on any process: all compile alike
             self.jobs_model.dynamic_steps(dist.any_process(self.accelerator, [differ])[0])
         self.padding_stats.add_micro_batches(parts)
         # a micro-batch cut into steps: each piece draws as the whole (LoRA jobs: their lora_dropout; MixLoRA and
