@@ -29,28 +29,47 @@ def run(script: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("method", TYPES)
-def test_without_import_peft_fails_naming_the_package(method, saved):
+@pytest.fixture(scope="module")
+def without_import(saved) -> dict[str, str]:
+    """{method: the error AutoPeftModelForCausalLM raises on its adapter}, in one fresh process that never imports
+    peft_mole."""
     result = run(f"""
         from peft import AutoPeftModelForCausalLM
-        AutoPeftModelForCausalLM.from_pretrained({str(saved / method)!r})
+        for method in {list(TYPES)!r}:
+            try:
+                AutoPeftModelForCausalLM.from_pretrained({str(saved)!r} + "/" + method)
+                print(method, "loaded")
+            except Exception as error:
+                print(method, f"{{type(error).__name__}}: {{error}}")
     """)
-    assert result.returncode != 0
-    assert f"KeyError: '{TYPES[method][0]}'" in result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(line.split(" ", 1) for line in result.stdout.strip().splitlines() if line.split(" ")[0] in TYPES)
 
 
-@pytest.mark.parametrize("method", TYPES)
-def test_after_import_auto_peft_model_loads(method, saved):
-    peft_type, tuner = TYPES[method]
-    result = run(f"""
-        import peft_mole
-        from peft import AutoPeftModelForCausalLM, PeftConfig, PeftType
-
+@pytest.fixture(scope="module")
+def after_import(saved) -> dict[str, str]:
+    """{method: the tuner's class name AutoPeftModelForCausalLM loads its adapter with}, in one fresh process after
+    `import peft_mole`, each config checked on the way."""
+    checks = "".join(f"""
         config = PeftConfig.from_pretrained({str(saved / method)!r})
         assert config.peft_type == PeftType.{peft_type}, config.peft_type
         assert config.base_model_name_or_path == {str(saved / "base")!r}
         model = AutoPeftModelForCausalLM.from_pretrained({str(saved / method)!r})
-        print(type(model.base_model).__name__)
-    """)
+        print({method!r}, type(model.base_model).__name__)
+    """ for method, (peft_type, _) in TYPES.items())
+    result = run("""
+        import peft_mole
+        from peft import AutoPeftModelForCausalLM, PeftConfig, PeftType
+    """ + checks)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == tuner
+    return dict(line.split(" ", 1) for line in result.stdout.strip().splitlines() if line.split(" ")[0] in TYPES)
+
+
+@pytest.mark.parametrize("method", TYPES)
+def test_without_import_peft_fails_naming_the_package(method, without_import):
+    assert without_import[method] == f"KeyError: '{TYPES[method][0]}'"
+
+
+@pytest.mark.parametrize("method", TYPES)
+def test_after_import_auto_peft_model_loads(method, after_import):
+    assert after_import[method] == TYPES[method][1]
