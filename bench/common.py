@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shlex
@@ -70,8 +71,11 @@ def step_parser(repeats: int = 10) -> argparse.ArgumentParser:
 
 
 def setup_threads() -> None:
+    """CPU threads: this machine's 2 cores (BENCH.md's CPU figures), or OMP_NUM_THREADS where it is set (the test
+    suite's smoke run sets 1: its two workers share the cores, and a third thread slowed the other worker's tests
+    five-fold). Each ratio row records the count (`provenance`)."""
     if not torch.cuda.is_available():
-        torch.set_num_threads(2)
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
 
 
 def device() -> torch.device:
@@ -203,12 +207,13 @@ CODE_COMMIT = code_commit()  # read once, when the script starts: a commit made 
 def provenance() -> dict:
     """What produced a result row: the command line, the commit of the code the script started with (`CODE_COMMIT`;
     before 2026-12-06 read at each row, so rows of one run could name a commit made during it) and the UTC time,
-    so the README's table can show each row's command and commit."""
+    so the README's table can show each row's command and commit, and the CPU threads it ran with."""
     root = Path(__file__).resolve().parent.parent
     script = Path(sys.argv[0]).resolve()
     shown = script.relative_to(root) if script.is_relative_to(root) else script
     argv = " ".join(["python", str(shown), *(shlex.quote(a) for a in sys.argv[1:])])
-    return {"argv": argv, "commit": CODE_COMMIT, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {"argv": argv, "commit": CODE_COMMIT, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "threads": torch.get_num_threads()}
 
 
 def emit(row: dict) -> None:

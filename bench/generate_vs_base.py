@@ -5,7 +5,9 @@ dynmole_vs_mixlora.py (`--router-scale`), since near-uniform routers at init bro
 With --compile every model (the base too) generates with a static cache and `CompileConfig(fullgraph=True)`: mode
 "reduce-overhead" (CUDA graphs) on a GPU, "default" on the CPU. The rows are then `generate_compiled_vs_base`, with
 each model's compile time (its first call less a timed one) and its speed-up over its own eager generation.
-Usage: python bench/generate_vs_base.py [--shape small] [--new-tokens 64] [--compile]
+`--compile-backend aot_eager` (the test suite's smoke run) traces the same graphs without inductor's code generation
+(inductor's decoding: tests/tuners/test_compiled_decoding.py); such rows name their backend.
+Usage: python bench/generate_vs_base.py [--shape small] [--new-tokens 64] [--compile] [--compile-backend inductor]
 """
 
 from __future__ import annotations
@@ -33,18 +35,19 @@ from peft.helpers import DoraCaching
 from transformers import CompileConfig
 
 
-def compiled_generation() -> dict:
+def compiled_generation(backend: str = "inductor") -> dict:
     """`generate` options for a static cache and one compiled graph per decoding step."""
     on_gpu = torch.cuda.is_available()
-    config = CompileConfig(fullgraph=True, mode="reduce-overhead" if on_gpu else "default")
+    config = CompileConfig(fullgraph=True, backend=backend, mode="reduce-overhead" if on_gpu else "default")
     config._compile_all_devices = True  # transformers compiles on accelerators only unless told so
     return {"cache_implementation": "static", "compile_config": config}
 
 
-def generate_fn(model, batch, new_tokens: int, compiled: bool = False):
+def generate_fn(model, batch, new_tokens: int, compiled: str | None = None):
+    """Greedy generation of `new_tokens` after the batch's first 32 tokens; `compiled`: the compile backend."""
     model.eval()
     prompt = {"input_ids": batch["input_ids"][:, :32], "attention_mask": batch["attention_mask"][:, :32]}
-    extra = compiled_generation() if compiled else {}
+    extra = compiled_generation(compiled) if compiled else {}
 
     @torch.no_grad()
     def generate() -> None:
@@ -84,6 +87,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=positive_int, default=64)
     parser.add_argument("--router-scale", type=float, default=4.0)
     parser.add_argument("--compile", action="store_true", help="static cache + torch.compile, against eager")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of --compile (aot_eager: Dynamo's graphs, no code generated)")
     parser.add_argument("--impls", nargs="+", default=list(ADAPTED), choices=list(ADAPTED))
     args = parser.parse_args()
     setup_threads()
@@ -94,7 +99,7 @@ def main() -> None:
     compile_s = {}
     if args.compile:
         for name, m in models:
-            steps[f"{name}_compiled"] = generate_fn(m, batch, args.new_tokens, compiled=True)
+            steps[f"{name}_compiled"] = generate_fn(m, batch, args.new_tokens, compiled=args.compile_backend)
             compile_s[name] = first_call_s(steps[f"{name}_compiled"])
     mode = compiled_generation()["compile_config"].mode
     times = time_interleaved(steps, repeats=args.repeats)
@@ -108,7 +113,7 @@ def main() -> None:
         if args.compile:
             compiled, base_compiled = rows[f"{name}_compiled"], rows["base_compiled"]
             emit({"name": "generate_compiled_vs_base", "shape": args.shape, "impl": name,
-                  "mode": mode,
+                  "mode": mode, **({"compile": args.compile_backend} if args.compile_backend != "inductor" else {}),
                   "ratio_median": compiled["tokens_per_s"] / base_compiled["tokens_per_s"],
                   "ratio_min": base_compiled["min_s"] / compiled["min_s"],
                   "compile_s": compile_s[name] - compiled["median_s"],

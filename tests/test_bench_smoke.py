@@ -23,7 +23,8 @@ SCRIPTS = {
     "multijob_vs_sfttrainer": ["--shape", "tiny", "--jobs", "2", "--steps", "4", "--warmup", "2", "--repeats", "1"],
     "saved_activations": ["--shape", "tiny"],
     "options_step": ["--shape", "tiny", "--repeats", "1", "--options", "checkpointing", "bf16_autocast", "fp16_autocast"],
-    "generate_vs_base": ["--shape", "tiny", "--repeats", "1", "--new-tokens", "4", "--compile"],
+    "generate_vs_base": ["--shape", "tiny", "--repeats", "1", "--new-tokens", "4", "--compile", "--compile-backend",
+                         "aot_eager"],  # inductor's decoding: tests/tuners/test_compiled_decoding.py
     "pad_fraction": ["--shape", "tiny", "--jobs", "2", "--steps", "2"],
     "grouped_products": ["--repeats", "1"],
     "host_time": ["--jobs", "2", "--repeats", "2"],
