@@ -35,18 +35,21 @@ PROJECTION_MIXES = [(["dyn", "lora", "dyn2"], 10), (["dyn2", BASE_ROW, "dyn"], 1
                     (["dyn2", "dyn", "lora"], 8), (["dyn", "lora"], 11)]
 
 
-@pytest.mark.parametrize(("jobs", "mixes", "dynamic"), [(BLOCK_JOBS, BLOCK_MIXES, None),
-                                                     (BLOCK_JOBS, BLOCK_MIXES, True),
-                                                     (PROJECTION_JOBS, PROJECTION_MIXES, None)],
-                         ids=["block", "block-dynamic", "projection"])
-def test_dynmole_and_dora_blocks_run_eagerly_in_the_compiled_step_with_the_eager_numbers(jobs, mixes, dynamic):
+# "block": Dynamo's rule, its graphs run as traced (what it checks, the recompiles, is Dynamo's); the others every
+# size dynamic, as the trainer compiles steps with eager blocks whose widths vary, through AOTAutograd
+@pytest.mark.parametrize(("jobs", "mixes", "dynamic", "backend"), [(BLOCK_JOBS, BLOCK_MIXES, None, "eager"),
+                                                                (BLOCK_JOBS, BLOCK_MIXES, True, "aot_eager"),
+                                                                (PROJECTION_JOBS, PROJECTION_MIXES, True, "aot_eager")],
+                         ids=["block", "block-dynamic", "projection-dynamic"])
+def test_dynmole_and_dora_blocks_run_eagerly_in_the_compiled_step_with_the_eager_numbers(jobs, mixes, dynamic,
+                                                                                         backend):
     torch._dynamo.reset()
     counters.clear()
     eager = MultiJobModel(tiny_base(), jobs)
     randomize_adapters(eager, std=0.2)  # routers neither flat nor one-hot: DynMoLE picks 1 to 4 experts
     compiled = MultiJobModel(tiny_base(), jobs)
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile_mixed_steps(backend="aot_eager", dynamic=dynamic)
+    compiled.compile_mixed_steps(backend=backend, dynamic=dynamic)
     eager.train(), compiled.train()
     graphs, warnings = [], []
     handler = logging.Handler()

@@ -77,14 +77,15 @@ MOE_MIXES = [{"lora": [5, 3], "m1": [6], "m2": [2, 7]}, {"m2": [4], "lora": [3],
              {"lora": [7], "m1": [3], "m2": [6], "m3": [3]}, {"m3": [2, 5], "m1": [8]}]
 
 
-@pytest.mark.parametrize(("with_dynmole", "dynamic"), [(False, None), (False, True), (True, None)],
+@pytest.mark.parametrize(("with_dynmole", "dynamic"), [(False, None), (False, True), (True, True)],
                          ids=["moe-per-token", "moe-per-token-dynamic", "dynmole-eager-blocks"])
 def test_compiled_packed_steps_equal_eager_packed_steps(with_dynmole, dynamic):
     """LoRA and MixLoRA jobs of different ranks, expert counts and k, and base tokens, packed in one row: logits,
     each job's aux loss and every gradient as the eager packed step; once sizes are dynamic, no mix compiles again in
-    either order (counted on the six MoE mixes; with `dynamic=True` each order compiles one graph, 4 without). With
-    a DynMoLE job the MLP blocks run eagerly inside the compiled step, and nothing else breaks the graph (its three
-    mixes are too few to count recompiles on)."""
+    either order (counted on the six MoE mixes; with `dynamic=True` each order compiles one graph, 4 without: those
+    static graphs run as Dynamo traced them, AOTAutograd's numbers being the dynamic case's). With a DynMoLE job
+    (every size dynamic, as the trainer compiles steps with eager blocks) the MLP blocks run eagerly inside the
+    compiled step, nothing else breaks the graph, and the third mix, in job order as the first, compiles nothing."""
     torch._dynamo.reset()
     counters.clear()
     jobs = dict(JOBS, dyn=dynmole()) if with_dynmole else JOBS
@@ -96,7 +97,8 @@ def test_compiled_packed_steps_equal_eager_packed_steps(with_dynmole, dynamic):
     randomize_adapters(eager, std=0.2)
     compiled = MultiJobModel(tiny_base(), jobs)
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile_mixed_steps(backend="aot_eager", dynamic=dynamic)
+    # static graphs as Dynamo traced them (their counts are Dynamo's; AOTAutograd's numbers: the dynamic case's)
+    compiled.compile_mixed_steps(backend="aot_eager" if dynamic or with_dynmole else "eager", dynamic=dynamic)
     eager.train(), compiled.train()
     graphs = []
     for seed, lengths in enumerate(mixes):
@@ -104,10 +106,12 @@ def test_compiled_packed_steps_equal_eager_packed_steps(with_dynmole, dynamic):
         _assert_same_step(got, want)
         assert set(want[1]) == {job for job in lengths if job not in ("lora", BASE_ROW)}
         graphs.append(counters["stats"]["unique_graphs"])
-    if dynamic:  # the tokens dynamic from the first graph: the second mix, out of job order, takes the branch that
+    if dynamic and not with_dynmole:  # the tokens dynamic from the first graph: the second mix, out of job order, takes the branch that
         assert graphs == [1, 2, 2, 2, 2, 2], graphs  # permutes the tokens (guard `segments.order is None`), once
-    elif not with_dynmole:  # in order and out of order, each compiled static and then dynamic
+    elif not dynamic:  # in order and out of order, each compiled static and then dynamic
         assert graphs == [1, 2, 3, 4, 4, 4], graphs
+    else:  # the eager blocks' frames (6 with the first mix's), then the order's branch: the third mix compiles none
+        assert graphs[2] == graphs[1] > graphs[0], graphs
     reasons = list(counters["graph_break"])
     assert all("run_eagerly" in reason for reason in reasons) and bool(reasons) == with_dynmole, reasons
     assert max(got[2][name].abs().max() for name in got[2] if ".m1." in name) > 1e-4  # the last step trains m1

@@ -75,12 +75,12 @@ def test_a_jobs_draws_do_not_depend_on_how_far_the_rows_beside_it_are_padded(lay
         torch.testing.assert_close(mixed[rows, :own][real], alone.logits[real], rtol=1e-5, atol=1e-5)
 
 
-def _per_row(model: MultiJobModel, compiled: bool) -> None:
-    """Switch `model` to the layers of compiled multi-job steps, compiled (aot_eager) or run eagerly."""
+def _per_row(model: MultiJobModel, compiled: bool, backend: str = "aot_eager") -> None:
+    """Switch `model` to the layers of compiled multi-job steps, compiled (by `backend`) or run eagerly."""
     if compiled:
         torch._dynamo.reset()
         counters.clear()
-        model.compile_mixed_steps(backend="aot_eager")
+        model.compile_mixed_steps(backend=backend)
     else:
         model.__dict__["_compiled_steps"] = True  # the per-row layers, run eagerly
 
@@ -176,8 +176,9 @@ def test_a_micro_batch_cut_into_steps_draws_each_row_as_it_does_whole(layers):
     real token's logits are those of the whole run, and the stream ends where the whole run left it. Without
     `drawing_pieces` a piece draws other masks."""
     whole_model, cut_model = _models(2)
-    if layers != "eager":
-        _per_row(cut_model, compiled=layers == "per-row-compiled")
+    if layers != "eager":  # (Dynamo's graphs run as traced: a piece changes what the opaque draw operator does at
+        # run time, which AOTAutograd never sees; its draws are test_per_row_layers_draw_each_jobs_stream_...'s)
+        _per_row(cut_model, compiled=layers == "per-row-compiled", backend="eager")
     lengths = torch.tensor([5, 9, 4, 7])
     ids = torch.randint(3, 500, (4, 10), generator=torch.Generator().manual_seed(4))
     mask = (torch.arange(10) < lengths.unsqueeze(1)).long()
@@ -214,8 +215,9 @@ def test_a_packed_micro_batch_cut_into_halves_draws_each_token_as_it_does_whole(
     attention is block-diagonal, as in training), and the stream
     ends where the whole run left it. Without `drawing_pieces` a half draws other masks."""
     whole_model, cut_model = _models(2)
-    if layers != "eager":
-        _per_row(cut_model, compiled=layers == "per-row-compiled")
+    if layers != "eager":  # (Dynamo's graphs run as traced: a piece changes what the opaque draw operator does at
+        # run time, which AOTAutograd never sees; its draws are test_per_row_layers_draw_each_jobs_stream_...'s)
+        _per_row(cut_model, compiled=layers == "per-row-compiled", backend="eager")
     lengths = [5, 9, 4, 7]
     ids = torch.randint(3, 500, (1, sum(lengths)), generator=torch.Generator().manual_seed(5))
     positions = torch.cat([torch.arange(n) for n in lengths])[None]

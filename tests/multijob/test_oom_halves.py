@@ -12,7 +12,8 @@ import torch
 from peft_mole import JobConfig
 from peft_mole.multijob import MultiJobModel
 from tests.helpers import dynmole, mixlora
-from tests.multijob.test_faults import _adapter, _trainer
+from tests.multijob.test_faults import _adapter
+from tests.multijob.test_faults import _trainer as _checkpointing_trainer
 
 # dropout and jitter drawn from the job's stream (the halves must draw as the whole), aux losses weighted so that
 # a half-only load balance shows in the weights
@@ -22,6 +23,11 @@ CONFIGS = {
     "dynmole-projection": lambda: dynmole(router_scope="projection", lora_dropout=0.1, entropy_loss_coef=1.0,
                                           lb_loss_coef=1.0),
 }
+
+
+def _trainer(tokenizer, jobs, output_dir, args: dict | None = None, **kwargs):
+    """test_faults' trainer without its checkpoints (only the final adapters are compared here)."""
+    return _checkpointing_trainer(tokenizer, jobs, output_dir, {"save_strategy": "no", **(args or {})}, **kwargs)
 
 
 def _squeeze(trainer, rows: int, rows_without_autograd: int | None = None) -> list[tuple[int, bool]]:
