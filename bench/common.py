@@ -71,11 +71,14 @@ def step_parser(repeats: int = 10) -> argparse.ArgumentParser:
 
 
 def setup_threads() -> None:
-    """CPU threads: this machine's 2 cores (BENCH.md's CPU figures), or OMP_NUM_THREADS where it is set (the test
+    """CPU threads: this machine's 2 cores (BENCH.md's CPU figures), or BENCH_THREADS where it is set (the test
     suite's smoke run sets 1: its two workers share the cores, and a third thread slowed the other worker's tests
-    five-fold). Each ratio row records the count (`provenance`)."""
+    five-fold). Each CPU ratio row records the count (`provenance`); the README's table takes 2-thread rows only."""
     if not torch.cuda.is_available():
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
+        threads = os.environ.get("BENCH_THREADS", "2")
+        if not threads.isdigit() or int(threads) < 1:
+            raise ValueError(f"BENCH_THREADS must be a positive whole number of threads, got {threads!r}")
+        torch.set_num_threads(int(threads))
 
 
 def device() -> torch.device:
@@ -207,13 +210,13 @@ CODE_COMMIT = code_commit()  # read once, when the script starts: a commit made 
 def provenance() -> dict:
     """What produced a result row: the command line, the commit of the code the script started with (`CODE_COMMIT`;
     before 2026-12-06 read at each row, so rows of one run could name a commit made during it) and the UTC time,
-    so the README's table can show each row's command and commit, and the CPU threads it ran with."""
+    so the README's table can show each row's command and commit; on the CPU, the threads it ran with."""
     root = Path(__file__).resolve().parent.parent
     script = Path(sys.argv[0]).resolve()
     shown = script.relative_to(root) if script.is_relative_to(root) else script
     argv = " ".join(["python", str(shown), *(shlex.quote(a) for a in sys.argv[1:])])
     return {"argv": argv, "commit": CODE_COMMIT, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "threads": torch.get_num_threads()}
+            **({} if torch.cuda.is_available() else {"threads": torch.get_num_threads()})}
 
 
 def emit(row: dict) -> None:

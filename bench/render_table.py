@@ -114,6 +114,8 @@ def latest_rows(rows: list[dict]) -> list[dict]:
     rows = [row for row in rows if not (row["name"] == "compile_step" and "impl" not in row)]
     # compiled by another backend than inductor (aot_eager: the test suite's smoke runs): not a measured figure
     rows = [row for row in rows if str(row.get("compile") or "inductor").split()[0] == "inductor"]
+    # run with other than the machine's 2 CPU threads (BENCH_THREADS; the smoke runs: 1): not the measured figure
+    rows = [row for row in rows if row.get("threads", 2) == 2]
     # dynmole_fused_chain rows with sharp routers date from before the script timed the option at init only
     rows = [row for row in rows if not (row["name"] == "dynmole_fused_chain" and row.get("router_state") == "sharp")]
     # memory_model_error rows from before the per-kind model (no "kinds") are superseded by the rows with kinds

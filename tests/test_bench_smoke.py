@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -29,7 +30,7 @@ SCRIPTS = {
     "grouped_products": ["--repeats", "1"],
     "host_time": ["--jobs", "2", "--repeats", "2"],
     "job_optimizer": ["--shapes", "tiny", "--repeats", "2"],
-    # Dynamo's graphs and breaks, as inductor gets them (inductor's code: tests/tuners/test_compiled_training.py)
+    # Dynamo's graphs and breaks, as inductor gets them (inductor's code: test_compiled_training.py's SFT run)
     "compile_step": ["--shape", "tiny", "--repeats", "1", "--impls", "mixlora", "--compile-backend", "aot_eager"],
     "compiled_shapes": ["--shape", "tiny", "--repeats", "1", "--jobs", "2", "--cases", "varying", "--rounds", "1",
                         "--compile-backend", "aot_eager"],
@@ -78,8 +79,9 @@ _RUNNER = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def rows() -> dict[str, list[dict]]:
     """{run (`RUNS`): the JSON rows it printed} ([{"name": "error", ...}] for a script that failed)."""
+    # one torch thread, as each test worker has (BENCH_THREADS: else 2, beside the other worker's on 2 cores)
     result = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(RUNS)], capture_output=True, text=True,
-                            timeout=1200, cwd=ROOT)
+                            timeout=1200, cwd=ROOT, env={**os.environ, "BENCH_THREADS": "1"})
     runs = {run["run"]: run for run in (json.loads(line) for line in result.stdout.splitlines()
                                         if line.startswith('{"run"'))}
     assert list(runs) == list(RUNS), f"the runner stopped after {list(runs)}: {result.stderr[-3000:]}"
@@ -112,6 +114,7 @@ def test_generate_bench_compares_compiled_decoding(rows):
     assert set(compiled) == {"peft_lora", "mixlora", "dynmole", "mixdora"}
     for row in compiled.values():
         assert row["ratio_median"] > 0 and row["speedup_vs_eager"] > 0 and math.isfinite(row["compile_s"])
+        assert row["compile"] == "aot_eager" and row["threads"] == 1  # (the table leaves such rows out)
 
 
 def test_dynmole_bench_scales_the_first_routers_and_gives_the_sharp_ones_from_the_initialised(rows):
@@ -158,16 +161,19 @@ def _render(rows: list[dict], path: Path) -> str:
 
 
 def test_render_table_renders_every_ratio(rows, tmp_path):
-    """Every script's ratio as `make bench` measures it (compiled by inductor; the smoke runs compile with
-    aot_eager, and rows compiled so are no figure: the table leaves them out)."""
+    """Every script's ratio as `make bench` measures it (compiled by inductor, on 2 threads; the smoke runs compile
+    with aot_eager on 1 thread, and rows run so are no figure: the table leaves them out)."""
     smoke = [row for name in SCRIPTS for row in rows[name]]
     assert any(str(row.get("compile")).startswith("aot_eager") for row in smoke if row["name"] == "compile_step")
     as_measured = [{**row, "compile": "inductor"} if str(row.get("compile")).startswith("aot_eager") else row
                    for row in smoke]
+    as_measured = [{**row, "threads": 2} if "threads" in row else row for row in as_measured]
     table = _render(as_measured, tmp_path / "vm-smoke.jsonl")
     for name in [*SCRIPTS, "generate_compiled_vs_base"]:
         assert f"| `{name}`:" in table, name
     assert "| `compile_step`:" not in _render(smoke, tmp_path / "vm-aot-eager.jsonl")
+    one_thread = [{**row, "compile": "inductor"} if "compile" in row else row for row in smoke]
+    assert "| `mixlora_vs_lora`:" not in _render(one_thread, tmp_path / "vm-one-thread.jsonl")
 
 
 def test_render_table_renders_gpu_rows(tmp_path):
@@ -294,9 +300,9 @@ def test_every_ratio_row_records_the_command_that_made_it_and_the_commit(rows, t
     for name, args in SCRIPTS.items():
         for row in (r for r in rows[name] if "ratio_median" in r):
             assert row["argv"] == " ".join(["python", f"bench/{name}.py", *args]), row["argv"]
-            assert row["commit"] and row["utc"].endswith("Z")
+            assert row["commit"] and row["utc"].endswith("Z") and row["threads"] == 1  # (BENCH_THREADS)
     row = next(r for r in rows["host_time"] if "ratio_median" in r)
-    table = _render([row], tmp_path / "vm-argv.jsonl")
+    table = _render([{**row, "threads": 2}], tmp_path / "vm-argv.jsonl")  # as `make bench` runs it
     assert f"`{row['argv']}` | {row['commit']} |" in table
 
 

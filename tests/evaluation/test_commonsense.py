@@ -7,8 +7,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from peft_mole import synthetic
-from peft_mole.cli import main
+from peft_mole import cli, synthetic
 from peft_mole.evaluation import TASKS, evaluate_commonsense, format_prompt, load_task
 from peft_mole.evaluation.commonsense import label_logits
 from tests.helpers import count_row_norms, dynmole, mixlora, randomize_adapters, tiny_base
@@ -195,7 +194,7 @@ def test_eval_cli_scores_several_adapters_and_writes_json_and_markdown(data_dir,
     markdown = (tmp_path / "out" / "eval.md").read_text()
     assert markdown.startswith("| adapter | arc_e | piqa | average |") and "| math |" in markdown
     with pytest.raises(SystemExit, match=r"unknown task\(s\) \['mmlu'\]"):  # (in this process: a start costs 7 s)
-        main(command[3:-6] + ["--tasks", "mmlu"])
+        cli.main(command[3:-6] + ["--tasks", "mmlu"])
 
 
 def test_dora_experts_compute_their_weight_norms_once_per_evaluation(data_dir, tokenizer, monkeypatch):

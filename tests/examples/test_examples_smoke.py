@@ -16,15 +16,17 @@ EXAMPLES = ROOT / "examples"
 # each). A run that fails gives its traceback or its exit status.
 _RUNNER = textwrap.dedent("""
     import contextlib, io, json, os, runpy, sys, traceback
-    sys.path.insert(0, os.path.join(os.getcwd(), "examples"))  # sft_dynmole.py imports sft_mixlora.py
+    # the script's folder first on the path, as `python examples/<script>` puts it (not the repository's root:
+    # `-c` would; sft_dynmole.py imports sft_mixlora.py)
+    sys.path[0] = os.path.join(os.getcwd(), "examples")
     for key, (module, target, args, cwd) in json.loads(sys.argv[1]).items():
         sys.argv, out, error = [target, *args], io.StringIO(), None
         os.chdir(cwd)
         try:
             with contextlib.redirect_stdout(out):
                 runpy.run_module(target, run_name="__main__") if module else runpy.run_path(target, run_name="__main__")
-        except SystemExit as exit:
-            error = None if exit.code in (0, None) else f"exit status {exit.code}"
+        except SystemExit as stop:
+            error = None if stop.code in (0, None) else f"exit status {stop.code}"
         except BaseException:  # noqa: BLE001 - reported by the example's test
             error = traceback.format_exc()[-3000:]
         print(json.dumps({"run": key, "stdout": out.getvalue(), "error": error}), flush=True)
@@ -57,6 +59,7 @@ def runs(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     done = {run["run"]: run for run in (json.loads(line) for line in result.stdout.splitlines()
                                         if line.startswith('{"run"'))}
     assert list(done) == list(plan), f"the runner stopped after {list(done)}: {result.stderr[-3000:]}"
+    assert result.returncode == 0, result.stderr[-3000:]  # (what fails at exit: threads, atexit)
     return root, {name: run["stdout"] if run["error"] is None else f"ERROR {run['error']}: {result.stderr[-2000:]}"
                   for name, run in done.items()}
 

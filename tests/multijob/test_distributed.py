@@ -147,7 +147,8 @@ def accelerate_launch() -> list[str]:
 
 
 # the SCRIPT's runs: "<padding_free>-<mode>" (`test_load_best...` adds "0-best" under 2 processes)
-RUNS = ["0-plain", "1-plain", "0-fail", "0-budget", "0-own_tokens"]
+# ("0-fail" last: its failing loader on process 1 is left unfinished in accelerate's GradientState)
+RUNS = ["0-plain", "1-plain", "0-budget", "0-own_tokens", "0-fail"]
 LINUX_ONLY = pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
 
 
@@ -163,7 +164,7 @@ def trained(tmp_path_factory) -> tuple:
     one = subprocess.run([sys.executable, str(script), str(root / "one"), "4", *RUNS],
                          capture_output=True, text=True, timeout=600, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(accelerate_launch() + [str(script), str(root / "two"), "2", *RUNS, "0-best"],
+    two = subprocess.run(accelerate_launch() + [str(script), str(root / "two"), "2", "0-best", *RUNS],
                          capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     return root, {"one": one.stdout, "two": two.stdout}

@@ -96,8 +96,9 @@ def test_sft_trainer_with_torch_compile_trains_mixlora_without_graph_breaks_of_o
     on the CPU) and pads every batch to 48 columns (one static graph per frame: 79 s cold instead of 179 s). The
     plain run's batches are of several lengths, compiled with sizes dynamic from the first graph
     (`assume_static_by_default=False`: one graph per frame) by aot_eager (what it checks is Dynamo's; inductor took
-    83 s on it with a cold cache, against 113 s for a static graph per frame and then a dynamic one). No step after
-    the first compiles (Dynamo's rule compiled every frame again at the plain run's second length: 5 graphs, then
+    83 s on it with a cold cache, against 113 s for a static graph per frame and then a dynamic one). So inductor's
+    code for a training step with dynamic sizes is not run on the CPU here (on CUDA: tests/gpu). No step after the
+    first compiles (Dynamo's rule compiled every frame again at the plain run's second length: 5 graphs, then
     10)."""
     tokenizer, dataset = local_assets
     config = METHODS["mixlora"](r=8, lora_alpha=16, lora_dropout=0.05)
