@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
+import textwrap
 
 import torch
 
@@ -97,3 +101,47 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Runs scripts as `python <script> <args>` (or `python -m <module> <args>`) runs them: as __main__, with their argv,
+# working directory and sys.path[0] (the script's folder; for a module, the working directory), one after another
+# in one process, so that the imports (~7 s) are paid once. Between runs Dynamo is reset, and its and inductor's
+# settings, the environment and sys.path are put back, so that no run takes what an earlier one set.
+_SCRIPT_RUNNER = textwrap.dedent("""
+    import contextlib, io, json, os, runpy, sys, traceback
+    import torch
+    import torch._inductor.config as inductor_config
+    settings = (torch._dynamo.config.save_config(), inductor_config.save_config())
+    environ, path = dict(os.environ), list(sys.path)
+    for key, (module, target, args, cwd) in json.loads(sys.argv[1]).items():
+        sys.argv, out, err, error = [target, *args], io.StringIO(), io.StringIO(), None
+        os.chdir(cwd)
+        sys.path[0] = cwd if module else os.path.dirname(os.path.abspath(target))
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                runpy.run_module(target, run_name="__main__") if module else runpy.run_path(target, run_name="__main__")
+        except SystemExit as stop:
+            error = None if stop.code in (0, None) else f"exit status {stop.code}: {err.getvalue()[-2000:]}"
+        except BaseException:  # noqa: BLE001 - reported by the run's test
+            error = traceback.format_exc()[-3000:]
+        torch._dynamo.reset()
+        torch._dynamo.config.load_config(settings[0])
+        inductor_config.load_config(settings[1])
+        os.environ.clear()
+        os.environ.update(environ)
+        sys.path[:] = path
+        print(json.dumps({"run": key, "stdout": out.getvalue(), "error": error}), flush=True)
+""")
+
+
+def run_in_one_process(plan: dict[str, tuple[bool, str, list[str], str]], **run_kwargs) -> dict[str, dict]:
+    """Run each of `plan`'s {key: (is a module, script path or module name, args, working directory)} in one fresh
+    process (`_SCRIPT_RUNNER`); returns {key: {"stdout": what it printed, "error": None, its traceback or its exit
+    status}}. `run_kwargs` go to `subprocess.run` (cwd, env, timeout)."""
+    result = subprocess.run([sys.executable, "-c", _SCRIPT_RUNNER, json.dumps(plan)], capture_output=True,
+                            text=True, **{"timeout": 1200, **run_kwargs})
+    done = {run["run"]: run for run in (json.loads(line) for line in result.stdout.splitlines()
+                                        if line.startswith('{"run"'))}
+    assert list(done) == list(plan), f"the runner stopped after {list(done)}: {result.stderr[-3000:]}"
+    assert result.returncode == 0, result.stderr[-3000:]  # (what fails at exit: threads, atexit)
+    return done

@@ -9,10 +9,11 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_in_one_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
@@ -48,43 +49,13 @@ OTHER_RUNS = {
 RUNS = {**{name: (name, args) for name, args in SCRIPTS.items()}, **OTHER_RUNS}
 
 
-# Runs the scripts one after another in one process (each as `python bench/<name>.py <args>` runs it, as __main__
-# with its argv; between them Dynamo is reset and its and inductor's settings and the environment are put back, so
-# that no script runs with what an earlier one set): the imports once instead of 17 times (~5 s each). A script
-# that fails gives an "error" row with its traceback or its stderr.
-_RUNNER = textwrap.dedent("""
-    import contextlib, io, json, os, runpy, sys, traceback
-    import torch
-    import torch._inductor.config as inductor_config
-    sys.path.insert(0, "bench")
-    settings, environ = (torch._dynamo.config.save_config(), inductor_config.save_config()), dict(os.environ)
-    for key, (name, args) in json.loads(sys.argv[1]).items():
-        sys.argv, out, err, error = [f"bench/{name}.py", *args], io.StringIO(), io.StringIO(), None
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                runpy.run_path(f"bench/{name}.py", run_name="__main__")
-        except SystemExit as exit:
-            error = None if exit.code in (0, None) else f"exit status {exit.code}: {err.getvalue()[-2000:]}"
-        except BaseException:  # noqa: BLE001 - reported by the script's test
-            error = traceback.format_exc()[-3000:]
-        torch._dynamo.reset()
-        torch._dynamo.config.load_config(settings[0])
-        inductor_config.load_config(settings[1])
-        os.environ.clear()
-        os.environ.update(environ)
-        print(json.dumps({"run": key, "stdout": out.getvalue(), "error": error}), flush=True)
-""")
-
-
 @pytest.fixture(scope="module")
 def rows() -> dict[str, list[dict]]:
     """{run (`RUNS`): the JSON rows it printed} ([{"name": "error", ...}] for a script that failed)."""
-    # one torch thread, as each test worker has (BENCH_THREADS: else 2, beside the other worker's on 2 cores)
-    result = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(RUNS)], capture_output=True, text=True,
-                            timeout=1200, cwd=ROOT, env={**os.environ, "BENCH_THREADS": "1"})
-    runs = {run["run"]: run for run in (json.loads(line) for line in result.stdout.splitlines()
-                                        if line.startswith('{"run"'))}
-    assert list(runs) == list(RUNS), f"the runner stopped after {list(runs)}: {result.stderr[-3000:]}"
+    # the scripts in one process (`run_in_one_process`: the imports once instead of 18 times); one torch thread, as
+    # each test worker has (BENCH_THREADS: else 2, beside the other worker's on 2 cores)
+    runs = run_in_one_process({key: (False, f"bench/{name}.py", args, str(ROOT)) for key, (name, args) in RUNS.items()},
+                              cwd=ROOT, env={**os.environ, "BENCH_THREADS": "1"})
     return {name: [{"name": "error", "traceback": run["error"]}] if run["error"] else
             [json.loads(line) for line in run["stdout"].splitlines() if line.startswith("{")]
             for name, run in runs.items()}

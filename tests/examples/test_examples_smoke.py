@@ -1,36 +1,13 @@
 """The example scripts run end to end offline with tiny settings (what `make demo` runs, shortened)."""
 
-import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_in_one_process
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-
-# Runs each example as `python examples/<script> <args>` (or `python -m <module> <args>`) runs it, as __main__ with
-# its argv and working directory, one after another in one process: the imports once instead of seven times (~7 s
-# each). A run that fails gives its traceback or its exit status.
-_RUNNER = textwrap.dedent("""
-    import contextlib, io, json, os, runpy, sys, traceback
-    # the script's folder first on the path, as `python examples/<script>` puts it (not the repository's root:
-    # `-c` would; sft_dynmole.py imports sft_mixlora.py)
-    sys.path[0] = os.path.join(os.getcwd(), "examples")
-    for key, (module, target, args, cwd) in json.loads(sys.argv[1]).items():
-        sys.argv, out, error = [target, *args], io.StringIO(), None
-        os.chdir(cwd)
-        try:
-            with contextlib.redirect_stdout(out):
-                runpy.run_module(target, run_name="__main__") if module else runpy.run_path(target, run_name="__main__")
-        except SystemExit as stop:
-            error = None if stop.code in (0, None) else f"exit status {stop.code}"
-        except BaseException:  # noqa: BLE001 - reported by the example's test
-            error = traceback.format_exc()[-3000:]
-        print(json.dumps({"run": key, "stdout": out.getvalue(), "error": error}), flush=True)
-""")
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +31,8 @@ def runs(tmp_path_factory) -> tuple[Path, dict[str, str]]:
                                                                      "--limit", "8"], str(ROOT)),
         "push": (False, str(EXAMPLES / "push_to_hub.py"), ["--output-dir", str(root / "push")], str(ROOT)),
     }
-    result = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(plan)], capture_output=True, text=True,
-                            timeout=1200, cwd=ROOT)
-    done = {run["run"]: run for run in (json.loads(line) for line in result.stdout.splitlines()
-                                        if line.startswith('{"run"'))}
-    assert list(done) == list(plan), f"the runner stopped after {list(done)}: {result.stderr[-3000:]}"
-    assert result.returncode == 0, result.stderr[-3000:]  # (what fails at exit: threads, atexit)
-    return root, {name: run["stdout"] if run["error"] is None else f"ERROR {run['error']}: {result.stderr[-2000:]}"
+    done = run_in_one_process(plan, cwd=ROOT)  # the imports once instead of seven times
+    return root, {name: run["stdout"] if run["error"] is None else f"ERROR {run['error']}"
                   for name, run in done.items()}
 
 
