@@ -20,6 +20,14 @@ def tiny_base(family: str = "llama", seed: int = 0, **overrides):
     return synthetic.random_model(family, "tiny", seed=seed, **overrides)
 
 
+def one_layer_base(**overrides):
+    """`tiny_base` with one decoder layer, for tests that compile a step. Dynamo and AOTAutograd trace each decoder
+    layer anew, so a second layer took about 40 % of such a test's time. What crosses layers in a compiled step (the
+    context's row jobs, segments and token order, the router records, each layer's recompiles) stays checked on two
+    layers: in the eager tests, and in at least one compiled test of each path left on `tiny_base` (each says so)."""
+    return tiny_base(num_hidden_layers=1, **overrides)
+
+
 def randomize_adapters(model, std: float = 0.05, seed: int = 1) -> None:
     """Give every trainable tensor a random value (B = 0 at init would hide bugs in the expert path)."""
     gen = torch.Generator().manual_seed(seed)

@@ -15,7 +15,7 @@ from peft_mole import JobConfig
 from peft_mole.forward_context import BASE_ROW
 from peft_mole.multijob import MultiJobModel
 from peft_mole.multijob.dynamic_steps import runs_blocks_eagerly, step_config
-from tests.helpers import dynmole, mixlora, randomize_adapters, tiny_base
+from tests.helpers import dynmole, mixlora, one_layer_base, randomize_adapters, tiny_base
 from tests.multijob.test_compiled_moe_steps import (
     _assert_same_step,
     _step,
@@ -47,9 +47,10 @@ def test_dynmole_and_dora_blocks_run_eagerly_in_the_compiled_step_with_the_eager
                                                                                          backend):
     torch._dynamo.reset()
     counters.clear()
-    eager = MultiJobModel(tiny_base(), jobs)
+    base = one_layer_base if dynamic else tiny_base  # two layers: each one's eager-block frames under the limit
+    eager = MultiJobModel(base(), jobs)
     randomize_adapters(eager, std=0.2)  # routers neither flat nor one-hot: DynMoLE picks 1 to 4 experts
-    compiled = MultiJobModel(tiny_base(), jobs)
+    compiled = MultiJobModel(base(), jobs)
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_mixed_steps(backend=backend, dynamic=dynamic)
     eager.train(), compiled.train()

@@ -18,7 +18,7 @@ from peft_mole.multijob import MultiJobModel
 from peft_mole.multijob.batching import mix, packed_mixed_batch
 from peft_mole.ops.indexed_lora import indexed_lora_delta, packed_lora_delta
 from peft_mole.ops.segmented_lora import LoraFactors
-from tests.helpers import dynmole, mixlora, randomize_adapters, tiny_base
+from tests.helpers import dynmole, mixlora, one_layer_base, randomize_adapters, tiny_base
 from tests.multijob.test_compiled_moe_steps import JOBS, _assert_same_step
 from tests.multijob.test_padding_free import packed_part
 from tests.multijob.test_trainer import ALL_LINEAR, run_args
@@ -94,9 +94,10 @@ def test_compiled_packed_steps_equal_eager_packed_steps(with_dynmole, dynamic):
     if with_dynmole:  # fewer mixes (each eager block adds frames to compile): in, out of and in job order
         mixes = [{"lora": [4], "dyn": [5, 2], BASE_ROW: [3]}, {"dyn": [3, 3], "m2": [4], "lora": [5]},
                  {"m1": [6], "m3": [2], "dyn": [7]}]
-    eager = MultiJobModel(tiny_base(), jobs)
+    base = one_layer_base if dynamic else tiny_base  # the static graphs on two layers, the token order's permutation
+    eager = MultiJobModel(base(), jobs)  # made once a step and read by each layer
     randomize_adapters(eager, std=0.2)
-    compiled = MultiJobModel(tiny_base(), jobs)
+    compiled = MultiJobModel(base(), jobs)
     compiled.load_state_dict(eager.state_dict())
     # static graphs as Dynamo traced them (their counts are Dynamo's; AOTAutograd's numbers: the dynamic case's)
     compiled.compile_mixed_steps(backend="aot_eager" if dynamic or with_dynmole else "eager", dynamic=dynamic)
@@ -152,7 +153,7 @@ def test_trainer_with_torch_compile_trains_padding_free_jobs_as_eagerly(assets, 
         extra = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
         args = run_args(tmp_path / str(compiled), padding_free=True, max_length=None, gradient_checkpointing=True,
                         **extra)
-        trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, args=args,
+        trainer = MultiJobTrainer(model=one_layer_base(vocab_size=len(tokenizer)), jobs=jobs, args=args,
                                   processing_class=tokenizer)
         randomize_adapters(trainer.jobs_model)
         counters.clear()

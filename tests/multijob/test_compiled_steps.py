@@ -17,7 +17,7 @@ from peft_mole.multijob.batching import widths_differ
 from peft_mole.ops.dropout import Dropout
 from peft_mole.ops.indexed_lora import indexed_lora_delta, per_row_dropout
 from peft_mole.ops.segmented_lora import LoraFactors, lora_delta
-from tests.helpers import randomize_adapters, recording_backend, tiny_base
+from tests.helpers import one_layer_base, randomize_adapters, recording_backend, tiny_base
 from tests.multijob.test_trainer import ALL_LINEAR, run_args
 
 
@@ -61,9 +61,11 @@ def test_each_row_takes_its_own_jobs_dropout():
 
 
 def two_models(jobs: dict[str, LoraConfig], backend: str = "aot_eager", **compile_kwargs):
-    eager = MultiJobModel(tiny_base(), jobs)
+    """An eager and a compiled model of one decoder layer, with the same adapters (two layers: the checkpointed
+    layers' test)."""
+    eager = MultiJobModel(one_layer_base(), jobs)
     randomize_adapters(eager)
-    compiled = MultiJobModel(tiny_base(), jobs)
+    compiled = MultiJobModel(one_layer_base(), jobs)
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_mixed_steps(backend=backend, **compile_kwargs)
     return eager.train(), compiled.train()
@@ -120,7 +122,15 @@ def test_the_trainer_takes_compiled_steps_dynamic_where_the_jobs_micro_batches_d
 
 
 def test_compiled_steps_without_dynamic_shapes_compile_each_shape():
-    """`dynamic=False` reaches torch.compile: a graph per shape, none of them dynamic (the steps' marks are off)."""
+    """`dynamic=False` reaches torch.compile: a graph per shape, none of them dynamic (the steps' marks are off), also
+    after another model's steps of the same rows under Dynamo's rule: their dynamic graphs gave the job indices they
+    saved dynamic sizes (AOTAutograd's unguarded `_dynamo_propagated_dynamic_indices`), which a cached tensor of job
+    indices carried to this model's steps until 2026-12-07."""
+    torch._dynamo.reset()
+    earlier = MultiJobModel(one_layer_base(), {"a": LoraConfig(r=4, target_modules=["q_proj"])})
+    earlier.compile_mixed_steps(backend="aot_eager")
+    for rows, seq in ((3, 8), (4, 10), (2, 12)):  # a static graph, a dynamic one, which runs the 2-row step
+        loss_and_grads(earlier.train(), ["a"] * rows, seq, 0)
     torch._dynamo.reset()
     graphs = []
     model = MultiJobModel(tiny_base(), {"a": LoraConfig(r=4, target_modules=["q_proj"])})
@@ -176,7 +186,7 @@ def test_trainer_with_torch_compile_trains_as_eagerly(assets, tmp_path, checkpoi
     for compiled in (False, True):
         extra = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
         args = run_args(tmp_path / str(compiled), gradient_checkpointing=checkpointing, **extra)
-        trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs(), args=args,
+        trainer = MultiJobTrainer(model=one_layer_base(vocab_size=len(tokenizer)), jobs=jobs(), args=args,
                                   processing_class=tokenizer)
         randomize_adapters(trainer.jobs_model)
         counters.clear()

@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from peft_mole.ops.experts import FEW_TOKENS_COMPILED
-from tests.helpers import METHODS, batch, randomize_adapters, tiny_base
+from tests.helpers import METHODS, batch, one_layer_base, randomize_adapters, tiny_base
 from tests.test_trainer_integration import local_assets, sft_args  # noqa: F401 (a fixture)
 
 
@@ -108,7 +108,7 @@ def test_sft_trainer_with_torch_compile_trains_mixlora_without_graph_breaks_of_o
     with graph_break_log() as breaks, torch._dynamo.config.patch(
         skip_fwd_side_effects_in_bwd_under_checkpoint=checkpointing, assume_static_by_default=checkpointing
     ):
-        trainer = SFTTrainer(model=tiny_base(vocab_size=len(tokenizer)), peft_config=config, train_dataset=dataset,
+        trainer = SFTTrainer(model=one_layer_base(vocab_size=len(tokenizer)), peft_config=config, train_dataset=dataset,
                              processing_class=tokenizer, callbacks=[count],
                              args=sft_args(tmp_path, torch_compile=True, gradient_checkpointing=checkpointing,
                                            pad_to_multiple_of=48 if checkpointing else None,
@@ -126,7 +126,7 @@ def test_sft_trainer_with_torch_compile_trains_mixlora_without_graph_breaks_of_o
 def test_compiled_training_under_bf16_autocast_follows_the_eager_autocast_step(method):
     """bf16 autocast (fp32 routers) inside a compiled step: the same loss, gradients within 5 % (norm) of the eager
     autocast step's, which is what bf16 rounding in another order of operations allows."""
-    model = get_peft_model(tiny_base(), METHODS[method]())
+    model = get_peft_model(one_layer_base(), METHODS[method]())
     randomize_adapters(model, std=0.2)
     model.train()
     ids, mask, labels = batch(batch_size=3, seq_len=100, pad_last=5)
@@ -152,7 +152,7 @@ def test_compiled_training_with_gradient_checkpointing_equals_the_eager_step(sid
     and with the switch the routers run inside the compiled checkpointed layers. With dropout, after the same seed
     (aot_eager draws the masks in program order, as eager): the recompute in the backward uses the forward's masks,
     or the gradients would differ."""
-    model = get_peft_model(tiny_base(), METHODS["mixlora"](router_aux_loss_coef=0.5, lora_dropout=dropout))
+    model = get_peft_model(one_layer_base(), METHODS["mixlora"](router_aux_loss_coef=0.5, lora_dropout=dropout))
     randomize_adapters(model, std=0.2)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
