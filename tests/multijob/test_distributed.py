@@ -34,6 +34,14 @@ SCRIPT = textwrap.dedent('''
     tokenizer = synthetic.demo_tokenizer()
     make_run = MultiJobTrainer._make_run
 
+    def say(text):
+        """The two processes share stdout, a pipe: a write of more than 4096 bytes (the trainer's buffered logs) may be
+        split, and the other process's lines put into it, mid-line. Each block of lines is one write of its own,
+        under 4096 bytes (the pipe keeps it whole), starting on a line of its own."""
+        sys.stdout.flush()
+        sys.stdout.write("\\n" + text)
+        sys.stdout.flush()
+
     class Breaks:
         """A loader that raises at its second micro-batch."""
         def __init__(self, loader):
@@ -111,7 +119,7 @@ SCRIPT = textwrap.dedent('''
             for name in ("lora", "mix"):  # the adapter each process holds at the end
                 state = trainer.jobs_model.job_state_dict(name)
                 digest = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
-                sys.stdout.write(f"{{run}} process {{rank}} {{name}} {{digest}}\\n")
+                say(f"{{run}} process {{rank}} {{name}} {{digest}}\\n")
             return trainer
         trainer.train()
         statuses = sorted((row["job"], row["status"], row["steps"]) for row in trainer.job_summary)
@@ -122,15 +130,13 @@ SCRIPT = textwrap.dedent('''
         logged = [[h[f"lora/{{k}}"] for k in ("entropy", "mean_token_accuracy", "num_tokens")]
                   for h in trainer.state.log_history if "lora/loss" in h]
         padding = trainer.padding_stats
-        # one write per line: the two processes share stdout
-        sys.stdout.write(f"{{run}} process {{rank}} rounds {{len(widest)}} most jobs in a round {{max(widest)}}\\n"
-                         f"{{run}} process {{rank}} logged {{logged}}\\n"
-                         f"{{run}} process {{rank}} eval {{evaluation}}\\n"
-                         f"{{run}} process {{rank}} eval {{streamed}}\\n"
-                         f"{{run}} process {{rank}} padding {{padding.real}} {{padding.total}}\\n"
-                         f"{{run}} processes {{trainer.accelerator.num_processes}}\\n"
-                         f"{{run}} process {{rank}} statuses {{statuses}}\\n")
-        sys.stdout.flush()
+        say(f"{{run}} process {{rank}} rounds {{len(widest)}} most jobs in a round {{max(widest)}}\\n"
+            f"{{run}} process {{rank}} logged {{logged}}\\n"
+            f"{{run}} process {{rank}} eval {{evaluation}}\\n"
+            f"{{run}} process {{rank}} eval {{streamed}}\\n"
+            f"{{run}} process {{rank}} padding {{padding.real}} {{padding.total}}\\n"
+            f"{{run}} processes {{trainer.accelerator.num_processes}}\\n"
+            f"{{run}} process {{rank}} statuses {{statuses}}\\n")
         return trainer
 
     for run in runs:

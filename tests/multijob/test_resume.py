@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from peft_mole import JobConfig, MultiJobTrainer
 from peft_mole.multijob.checkpoint import list_checkpoints, write_atomically
-from tests.helpers import mixlora, randomize_adapters, tiny_base
+from tests.helpers import mixlora, one_layer_base, randomize_adapters, tiny_base
 from tests.multijob.test_trainer import ALL_LINEAR, run_args
 
 SCRIPT = textwrap.dedent('''
@@ -279,9 +279,9 @@ def test_a_callback_stopping_training_checkpoints_every_unfinished_job_and_resum
     steps pad a job's rows to other widths: each job draws over its own width (`ops.dropout.stream_draw`).
     `step_overhead_tokens="auto"` (the default) may cut the LoRA job's micro-batches into steps by measured step
     times, otherwise in each run: the pieces draw as the whole (`MultiJobModel.drawing_pieces`). Compiled steps
-    (`torch_compile=True`, the "eager" backend: Dynamo's graphs run as traced, 22 s where aot_eager took 60 s)
-    resume alike: the per-row LoRA products, the MixLoRA per-row block and their draws give the uninterrupted
-    run's adapters (1.5e-8 apart: the resumed run's steps hold other rows)."""
+    (`torch_compile=True`, the "eager" backend: Dynamo's graphs run as traced, 22 s where aot_eager took 60 s; one
+    decoder layer) resume alike: the per-row LoRA products, the MixLoRA per-row block and their draws give the
+    uninterrupted run's adapters (1.5e-8 apart: the resumed run's steps hold other rows)."""
     tokenizer, datasets = assets
     compile_args = dict(torch_compile=True, torch_compile_backend="eager") if compiled else {}
     torch._dynamo.reset()
@@ -295,8 +295,9 @@ def test_a_callback_stopping_training_checkpoints_every_unfinished_job_and_resum
                           per_device_train_batch_size=2, max_steps=5, save_steps=4)]
         args = run_args(out, save_strategy="steps", save_steps=100, padding_free=padding_free,
                         max_length=None if padding_free else 128, **compile_args)
-        built = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
-                                args=args, callbacks=list(callbacks))
+        base = (one_layer_base if compiled else tiny_base)(vocab_size=len(tokenizer))
+        built = MultiJobTrainer(model=base, jobs=jobs, processing_class=tokenizer, args=args,
+                                callbacks=list(callbacks))
         randomize_adapters(built.jobs_model, seed=3)
         return built
 

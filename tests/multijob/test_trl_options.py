@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from trl import SFTTrainer
 
 from peft_mole import JobConfig, MultiJobTrainer
-from tests.helpers import dynmole, mixlora, randomize_adapters, tiny_base
+from tests.helpers import dynmole, mixlora, one_layer_base, randomize_adapters, tiny_base
 from tests.multijob.test_trainer import run_args
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -163,7 +163,7 @@ def test_a_compile_backend_of_the_accelerate_config_compiles_the_mixed_steps(ass
 
     tokenizer, datasets = assets
     jobs = [JobConfig("a", LoraConfig(**LORA), datasets["sentiment"]), JobConfig("m", mixlora(), datasets["add"])]
-    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+    trainer = MultiJobTrainer(model=one_layer_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
                               args=run_args(tmp_path, max_steps=2))
     assert not trainer.args.torch_compile  # (the accelerate state of this process has no backend)
     plugin = TorchDynamoPlugin(backend="aot_eager", dynamic=dynamic)
