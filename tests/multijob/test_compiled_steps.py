@@ -121,6 +121,29 @@ def test_the_trainer_takes_compiled_steps_dynamic_where_the_jobs_micro_batches_d
     assert not widths_differ([packed(20), packed(20)])
 
 
+def test_the_trainer_keeps_dynamos_rule_where_the_first_rounds_micro_batches_are_of_one_width(assets, tmp_path):
+    """Micro-batches padded to one width (`pad_to_multiple_of` = `max_length`): `widths_differ` is false on the first
+    round, so the compiled steps keep Dynamo's rule (`test_trainer_with_torch_compile_trains_as_eagerly`: the other
+    branch), and the jobs train."""
+    tokenizer, datasets = assets
+    jobs = [JobConfig("a", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), datasets["sentiment"],
+                      per_device_train_batch_size=3),
+            JobConfig("b", LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj"]), datasets["capital"],
+                      per_device_train_batch_size=2)]
+    args = run_args(tmp_path, torch_compile=True, torch_compile_backend="eager", pad_to_multiple_of=40)
+    trainer = MultiJobTrainer(model=one_layer_base(vocab_size=len(tokenizer)), jobs=jobs, args=args,
+                              processing_class=tokenizer)
+    widths, train_round = [], trainer._train_round
+    trainer._train_round = lambda parts: widths.append([b["input_ids"].shape[1] for _, b in parts]) or train_round(parts)
+    torch._dynamo.reset()
+    counters.clear()
+    trainer.train()
+    assert widths[0] == [40, 40]
+    assert trainer.jobs_model.__dict__["_compiled_steps"] and not trainer.jobs_model.__dict__["_dynamic_steps"]
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert [r["status"] for r in trainer.job_summary] == ["done", "done"]
+
+
 def test_compiled_steps_without_dynamic_shapes_compile_each_shape():
     """`dynamic=False` reaches torch.compile: a graph per shape, none of them dynamic (the steps' marks are off), also
     after another model's steps of the same rows under Dynamo's rule: their dynamic graphs gave the job indices they
