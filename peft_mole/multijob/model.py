@@ -268,13 +268,11 @@ class MultiJobModel(MixLoRAModel):
                              f"row; got {len(names)} names for {rows}")
         context.jobs = tuple(self.peft_config)
         index = {job: i for i, job in enumerate(context.jobs)} | {BASE_ROW: len(context.jobs)}
-        dynamic = self.__dict__.get("_dynamic_steps")
         if not packed:  # a step's own tensor: marked dynamic (`_real_tokens_set`), or stamped by AOTAutograd with a
             # dynamic graph's sizes (`_dynamo_propagated_dynamic_indices`, on a saved input), a cached constant would
-            # carry its marks to later models' steps (a copy of it on the device: no host sync)
+            # carry its marks to later models' steps; a copy of it on the device (no host sync, as a new one had)
             row_jobs = tuple(index[name] for name in names)
-            context.row_jobs = (torch.tensor(row_jobs, dtype=torch.int64, device=inputs.device) if dynamic
-                                else constant_on(row_jobs, torch.int64, inputs.device).clone())
+            context.row_jobs = constant_on(row_jobs, torch.int64, inputs.device).clone()
         else:  # one job per token: a new composition each step, so plain tensors (not cached constants); the job
             # segments of the tokens sorted by job are known here, on the host, and reach the layers as data
             token_jobs = [index[name] for name in names]

@@ -162,8 +162,8 @@ def test_one_graph_serves_every_mix_of_moe_jobs(dynamic):
     # `dynamic=True` (the real tokens' mask, which the MixLoRA block records with, marked too: it added a graph)
     assert graphs == ([1, 1, 1, 1] if dynamic else [1, 1, 2, 2]), graphs
     # what a forward keeps for the backward: the per-row block computes k_max pairs for every token but recomputes
-    # its (pairs, I) tensors in the backward, so the compiled step keeps less than the eager grouped blocks (3.1
-    # against 4.0 MB; 7.0 MB when it kept them)
+    # its (pairs, I) tensors in the backward, so the compiled step keeps less than the eager grouped blocks (two
+    # layers: 3.1 against 4.0 MB; 7.0 MB when it kept them)
     names = ["m1", "lora", "m2", "m1", "m3", "m2"]
     ids = torch.randint(3, 500, (len(names), 40), generator=torch.Generator().manual_seed(0))
     kept = {}

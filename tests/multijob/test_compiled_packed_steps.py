@@ -114,7 +114,7 @@ def test_compiled_packed_steps_equal_eager_packed_steps(with_dynmole, dynamic):
         assert graphs == [1, 2, 2, 2, 2, 2], graphs
     elif not dynamic:  # in order and out of order, each compiled static and then dynamic
         assert graphs == [1, 2, 3, 4, 4, 4], graphs
-    else:  # the eager blocks' frames (6 with the first mix's), then the order's branch: the third mix compiles none
+    else:  # the first mix compiles the eager blocks' frames, the second the order's branch, the third nothing
         assert graphs[2] == graphs[1] > graphs[0], graphs
     reasons = list(counters["graph_break"])
     assert all("run_eagerly" in reason for reason in reasons) and bool(reasons) == with_dynmole, reasons

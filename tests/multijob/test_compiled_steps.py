@@ -121,7 +121,8 @@ def test_the_trainer_takes_compiled_steps_dynamic_where_the_jobs_micro_batches_d
     assert not widths_differ([packed(20), packed(20)])
 
 
-def test_the_trainer_keeps_dynamos_rule_where_the_first_rounds_micro_batches_are_of_one_width(assets, tmp_path):
+def test_the_trainer_keeps_dynamos_rule_where_the_first_rounds_micro_batches_are_of_one_width(assets, tmp_path,
+                                                                                              monkeypatch):
     """Micro-batches padded to one width (`pad_to_multiple_of` = `max_length`): `widths_differ` is false on the first
     round, so the compiled steps keep Dynamo's rule (`test_trainer_with_torch_compile_trains_as_eagerly`: the other
     branch), and the jobs train."""
@@ -134,11 +135,15 @@ def test_the_trainer_keeps_dynamos_rule_where_the_first_rounds_micro_batches_are
     trainer = MultiJobTrainer(model=one_layer_base(vocab_size=len(tokenizer)), jobs=jobs, args=args,
                               processing_class=tokenizer)
     widths, train_round = [], trainer._train_round
-    trainer._train_round = lambda parts: widths.append([b["input_ids"].shape[1] for _, b in parts]) or train_round(parts)
+    trainer._train_round = lambda parts: widths.append([b["input_ids"].shape[1] for _, b in parts]) or train_round(
+        parts)
+    decided, decide = [], MultiJobModel.dynamic_steps
+    monkeypatch.setattr(MultiJobModel, "dynamic_steps", lambda self, dynamic: decided.append(dynamic) or decide(
+        self, dynamic))
     torch._dynamo.reset()
     counters.clear()
     trainer.train()
-    assert widths[0] == [40, 40]
+    assert widths[0] == [40, 40] and decided == [False, False]  # compile_mixed_steps, then the first round
     assert trainer.jobs_model.__dict__["_compiled_steps"] and not trainer.jobs_model.__dict__["_dynamic_steps"]
     assert counters["stats"]["unique_graphs"] >= 1
     assert [r["status"] for r in trainer.job_summary] == ["done", "done"]
@@ -146,14 +151,15 @@ def test_the_trainer_keeps_dynamos_rule_where_the_first_rounds_micro_batches_are
 
 def test_compiled_steps_without_dynamic_shapes_compile_each_shape():
     """`dynamic=False` reaches torch.compile: a graph per shape, none of them dynamic (the steps' marks are off), also
-    after another model's steps of the same rows under Dynamo's rule: their dynamic graphs gave the job indices they
-    saved dynamic sizes (AOTAutograd's unguarded `_dynamo_propagated_dynamic_indices`), which a cached tensor of job
-    indices carried to this model's steps until 2026-12-07."""
-    torch._dynamo.reset()
-    earlier = MultiJobModel(one_layer_base(), {"a": LoraConfig(r=4, target_modules=["q_proj"])})
-    earlier.compile_mixed_steps(backend="aot_eager")
-    for rows, seq in ((3, 8), (4, 10), (2, 12)):  # a static graph, a dynamic one, which runs the 2-row step
-        loss_and_grads(earlier.train(), ["a"] * rows, seq, 0)
+    after other models' steps of the same rows, under Dynamo's rule and with `dynamic=True`. Their dynamic graphs
+    gave the job indices they saved dynamic sizes (AOTAutograd's unguarded `_dynamo_propagated_dynamic_indices`),
+    which a cached tensor of job indices carried to this model's steps until 2026-12-07 (and so would marks)."""
+    for dynamic in (None, True):
+        torch._dynamo.reset()
+        earlier = MultiJobModel(one_layer_base(), {"a": LoraConfig(r=4, target_modules=["q_proj"])})
+        earlier.compile_mixed_steps(backend="aot_eager", dynamic=dynamic)
+        for rows, seq in ((3, 8), (4, 10), (2, 12), (3, 14)):  # (None: a static graph, then a dynamic one)
+            loss_and_grads(earlier.train(), ["a"] * rows, seq, 0)
     torch._dynamo.reset()
     graphs = []
     model = MultiJobModel(tiny_base(), {"a": LoraConfig(r=4, target_modules=["q_proj"])})
@@ -161,15 +167,16 @@ def test_compiled_steps_without_dynamic_shapes_compile_each_shape():
     for rows, seq in ((2, 8), (3, 10), (4, 12)):
         loss_and_grads(model.train(), ["a"] * rows, seq, 0)
     assert len(graphs) == 3 and not model.__dict__["_dynamic_steps"]
-    inputs = [node.meta["example_value"] for node in graphs[-1].graph.nodes if node.op == "placeholder"]
-    assert not any(isinstance(size, torch.SymInt) for value in inputs if isinstance(value, torch.Tensor)
-                   for size in value.shape)
+    for graph in graphs:
+        inputs = [node.meta["example_value"] for node in graph.graph.nodes if node.op == "placeholder"]
+        assert not any(isinstance(size, torch.SymInt) for value in inputs if isinstance(value, torch.Tensor)
+                       for size in value.shape)
 
 
 def test_checkpointed_layers_are_compiled_too():
     """Under activation checkpointing (TRL's default) Dynamo runs the layers eagerly unless told not to replay
     transformers' forward side effect in the recompute; the compiled steps tell it, so the LoRA layers' products
-    are in the graph, with the eager step's numbers."""
+    are in the graph, with the eager step's numbers (on two layers: the LoRA steps' two-layer compiled case)."""
     torch._dynamo.reset()
     graphs = []
     configs = {"a": LoraConfig(r=4, target_modules=ALL_LINEAR), "b": LoraConfig(r=4, target_modules=ALL_LINEAR)}

@@ -279,9 +279,9 @@ def test_a_callback_stopping_training_checkpoints_every_unfinished_job_and_resum
     steps pad a job's rows to other widths: each job draws over its own width (`ops.dropout.stream_draw`).
     `step_overhead_tokens="auto"` (the default) may cut the LoRA job's micro-batches into steps by measured step
     times, otherwise in each run: the pieces draw as the whole (`MultiJobModel.drawing_pieces`). Compiled steps
-    (`torch_compile=True`, the "eager" backend: Dynamo's graphs run as traced, 22 s where aot_eager took 60 s; one
-    decoder layer) resume alike: the per-row LoRA products, the MixLoRA per-row block and their draws give the
-    uninterrupted run's adapters (1.5e-8 apart: the resumed run's steps hold other rows)."""
+    (`torch_compile=True`, the "eager" backend: Dynamo's graphs run as traced, 22 s where aot_eager took 60 s, on
+    two layers; one now, 10 s) resume alike: the per-row LoRA products, the MixLoRA per-row block and their draws
+    give the uninterrupted run's adapters (1.5e-8 apart on two layers: the resumed run's steps hold other rows)."""
     tokenizer, datasets = assets
     compile_args = dict(torch_compile=True, torch_compile_backend="eager") if compiled else {}
     torch._dynamo.reset()

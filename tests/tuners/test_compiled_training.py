@@ -56,6 +56,7 @@ def breaks_in_peft_mole(breaks: list[str]) -> list[str]:
 def test_training_step_compiles_to_one_graph_with_the_eager_loss_and_gradients(method, tokens):
     rows, seq = tokens
     assert (rows * seq > FEW_TOKENS_COMPILED) == (rows == 3)
+    # two layers (the other tests here take one): the aux loss sums each layer's router records
     model = get_peft_model(tiny_base(), METHODS[method](router_aux_loss_coef=0.5) if "mix" in method
                            else METHODS[method](entropy_loss_coef=0.5))
     randomize_adapters(model, std=0.2)  # B ≠ 0, routers neither flat nor one-hot
@@ -93,13 +94,14 @@ def test_sft_trainer_with_torch_compile_trains_mixlora_without_graph_breaks_of_o
     peft-mole's code (PEFT's forward and TRL's loss have breaks of their own). With TRL's default gradient
     checkpointing, as the docs advise, Dynamo does not replay forward side effects in the recompute, so the
     checkpointed layers are compiled (and checked) too: that run is compiled by inductor (its code generated and run
-    on the CPU) and pads every batch to 48 columns (one static graph per frame: 79 s cold instead of 179 s). The
+    on the CPU) and pads every batch to 48 columns (one static graph per frame: 79 s cold instead of 179 s on two
+    decoder layers; both runs now take a one-layer model, 48 and 20 s cold, 73 and 35 s on two layers). The
     plain run's batches are of several lengths, compiled with sizes dynamic from the first graph
     (`assume_static_by_default=False`: one graph per frame) by aot_eager (what it checks is Dynamo's; inductor took
     83 s on it with a cold cache, against 113 s for a static graph per frame and then a dynamic one). So inductor's
     code for a training step with dynamic sizes is not run on the CPU here (on CUDA: tests/gpu). No step after the
     first compiles (Dynamo's rule compiled every frame again at the plain run's second length: 5 graphs, then
-    10)."""
+    10, on two layers)."""
     tokenizer, dataset = local_assets
     config = METHODS["mixlora"](r=8, lora_alpha=16, lora_dropout=0.05)
     count = GraphCount()
