@@ -9,6 +9,8 @@ top-2; `--kind dynmole`: its DynMoLE, whose blocks run eagerly, the rest of each
 - "varying": six steps of other rows and lengths, as length-grouped mixed batches come (the first-steps time holds
   the compiles), then the timed steps at the shape's batch;
 - "fixed": six steps of the shape's batch (data of one length), then the same timed steps.
+`--packed`: each step's rows as one packed row (TRL's padding-free steps: one job per token, each job's tokens
+contiguous, position ids restarting per row), so the step's token count is the size that varies.
 Each variant runs in a fresh child process, in the order rule, dynamic, dynamic, rule, ... over `--rounds`: run
 after another model in one process, the timed steps of the second variant were 12-15 % slower whichever it was
 (MixLoRA jobs on `small`, 2026-12-07), which the first version of this script, one process and the rule first,
@@ -16,7 +18,7 @@ took for the dynamic graph's cost. Rows: `compiled_shapes`, per case: the first 
 `dynamic=True` / with Dynamo's rule (lower is better; the median of the rounds, and the ratio of their minima), and
 the timed steps' ratio alike (over all rounds' timed steps). Inductor's caches are off (compile time from scratch).
 Usage: python bench/compiled_shapes.py [--shape small] [--jobs 4] [--kind lora] [--repeats 8] [--rounds 2]
-       [--cases varying fixed] [--compile-backend inductor]
+       [--cases varying fixed] [--compile-backend inductor] [--packed]
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def shapes(shape: str, case: str) -> list[tuple[int, int]]:
             (rows, seq), (max(rows - 1, 2), seq * 13 // 16)]
 
 
-def run(shape: str, jobs: int, kind: str, case: str, dynamic: bool, backend: str, repeats: int) -> dict:
+def run(shape: str, jobs: int, kind: str, case: str, dynamic: bool, backend: str, repeats: int,
+        packed: bool = False) -> dict:
     torch._dynamo.reset()
     counters.clear()
     config = {"lora": lora_config, "mixlora": mixlora_config, "dynmole": dynmole_config}[kind]
@@ -71,7 +74,13 @@ def run(shape: str, jobs: int, kind: str, case: str, dynamic: bool, backend: str
     def step(rows: int, seq: int, seed: int) -> None:
         ids = torch.randint(3, vocab, (rows, seq), generator=torch.Generator().manual_seed(seed)).to(device())
         names = [f"job{i % jobs}" for i in range(rows)]
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names).logits
+        if packed:  # one row of the rows' tokens, each job's contiguous (as `batching.packed_mixed_batch` makes it)
+            names = [name for name in sorted(names) for _ in range(seq)]
+            ids = ids.reshape(1, -1)
+            positions = torch.arange(seq, device=ids.device).repeat(rows)[None]
+            logits = model(input_ids=ids, position_ids=positions, adapter_names=names).logits
+        else:
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         torch.autograd.grad(loss, params, allow_unused=True)  # (eager blocks: jobs absent from a step's rows)
         synchronize()
@@ -94,7 +103,7 @@ def in_child(args, case: str, variant: str) -> dict:
     """`run` in a fresh process (no model, compiled code or allocator state of an earlier run)."""
     command = [sys.executable, __file__, "--child", variant, "--cases", case, "--shape", args.shape, "--jobs",
                str(args.jobs), "--kind", args.kind, "--repeats", str(args.repeats), "--compile-backend",
-               args.compile_backend]
+               args.compile_backend, *(["--packed"] if args.packed else [])]
     out = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout  # stderr shown
     return json.loads(out.strip().splitlines()[-1])
 
@@ -118,13 +127,15 @@ def main() -> None:
                              "number balances the order)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend (aot_eager: Dynamo's graphs and AOTAutograd, no code generated)")
+    parser.add_argument("--packed", action="store_true",
+                        help="each step's rows as one packed row (TRL's padding_free=True): its tokens vary")
     parser.add_argument("--child", choices=["rule", "dynamic"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         setup_threads()
         torch._inductor.config.force_disable_caches = True  # compile time from scratch, not an earlier run's cache
         settings = (args.shape, args.jobs, args.kind, args.cases[0], args.child == "dynamic", args.compile_backend)
-        print(json.dumps(run(*settings, args.repeats)))
+        print(json.dumps(run(*settings, args.repeats, args.packed)))
         return
     for case in args.cases:
         runs = {"rule": [], "dynamic": []}
@@ -135,6 +146,7 @@ def main() -> None:
         emit({"name": "compiled_shapes", "shape": args.shape, "jobs": args.jobs, "kind": args.kind, "case": case,
               "rounds": args.rounds,
               **({"compile": args.compile_backend} if args.compile_backend != "inductor" else {}),
+              **({"packed": True} if args.packed else {}),
               "dynamo_rule": rule, "dynamic_steps": dynamic,
               "ratio_median": dynamic["first_steps_s"] / rule["first_steps_s"],
               "ratio_min": dynamic["first_steps_min_s"] / rule["first_steps_min_s"],

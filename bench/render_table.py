@@ -28,7 +28,8 @@ COMMANDS = {
     "pad_fraction": "python bench/pad_fraction.py --shape {shape} --jobs {jobs}",
     "eval_throughput": "python bench/eval_throughput.py --shape {shape} --adapters {adapters}",
     "compile_step": "python bench/compile_step.py --shape {shape} --impls {impl}{checkpointing_flag}",
-    "compiled_shapes": "python bench/compiled_shapes.py --shape {shape} --jobs {jobs} --cases {case}{kind_flag}",
+    "compiled_shapes": "python bench/compiled_shapes.py --shape {shape} --jobs {jobs} --cases {case}{kind_flag}"
+                       "{packed_flag}",
     "grouped_products": "python bench/grouped_products.py",
     "gpu_busy": "python bench/profile_step.py --shape {shape} --impls {impl}",
     "host_time": "python bench/host_time.py --jobs {jobs} --dropout {dropout}",
@@ -72,8 +73,8 @@ DESCRIPTIONS = {
                        "{adapters_per_min_one_pass:.0f} vs {adapters_per_min_one_at_a_time:.0f} per minute)",
 }
 DESCRIPTIONS["compiled_shapes"] = (
-    "{jobs} {kind_label} jobs' compiled mixed steps, {case} shapes: the first 6 steps (their compiles included) "
-    "with rows and length dynamic from the first graph / with Dynamo's rule ({dynamic_steps[first_steps_s]:.0f} vs "
+    "{jobs} {kind_label} jobs' compiled mixed steps{packed_note}, {case} shapes: the first 6 steps (their compiles "
+    "included) with {sizes_label} dynamic from the first graph / with Dynamo's rule ({dynamic_steps[first_steps_s]:.0f} vs "
     "{dynamo_rule[first_steps_s]:.0f} s, {dynamic_steps[graphs]} vs {dynamo_rule[graphs]} graphs); the steps after "
     "them {step_ratio_median:.2f}×")
 DESCRIPTIONS["gpu_busy"] = ("{impl} step: GPU busy time / wall time ({kernels_per_step} kernels, "
@@ -213,6 +214,7 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                "kind_flag": f" --kind {row['kind']}" if "kind" in row else "",
                "packed_flag": " --packed" if row.get("packed") else "",
                "packed_note": " of one packed row (padding-free)" if row.get("packed") else "",
+               "sizes_label": "the tokens" if row.get("packed") else "rows and length",
                "clip_note": "clipping + " if row.get("clip", True) else "",
                "kinds_flag": (f" --jobs {row['jobs']}" if row.get("kinds") == "lora" else
                               " --kinds " + row["kinds"].replace("+", " ") if "kinds" in row else "")

@@ -45,6 +45,10 @@ OTHER_RUNS = {
     "profile_step": ("profile_step", ["--shape", "tiny", "--steps", "1"]),
     "launch_count": ("launch_count", ["--shape", "small"]),
     "multijob_speedup_packed": ("multijob_speedup", ["--shape", "tiny", "--repeats", "1", "--jobs", "2", "--packed"]),
+    # one variant's child run in this process (its own fresh process would take the imports' 5 s again)
+    "compiled_shapes_packed": ("compiled_shapes", ["--child", "dynamic", "--packed", "--shape", "tiny", "--repeats",
+                                                   "1", "--jobs", "2", "--cases", "varying", "--compile-backend",
+                                                   "aot_eager"]),
 }
 RUNS = {**{name: (name, args) for name, args in SCRIPTS.items()}, **OTHER_RUNS}
 
@@ -63,7 +67,7 @@ def rows() -> dict[str, list[dict]]:
 
 def ran(rows: dict[str, list[dict]], key: str) -> list[dict]:
     """The rows run `key` printed; its traceback where it failed."""
-    assert rows[key][0]["name"] != "error", rows[key][0]["traceback"]
+    assert rows[key][0].get("name") != "error", rows[key][0]["traceback"]
     return rows[key]
 
 
@@ -111,6 +115,13 @@ def test_compiled_shapes_bench_times_one_dynamic_graph_against_dynamos_two(rows)
     (row,) = [row for row in ran(rows, "compiled_shapes") if row["name"] == "compiled_shapes"]
     assert (row["case"], row["dynamic_steps"]["graphs"], row["dynamo_rule"]["graphs"]) == ("varying", 1, 2)
     assert row["dynamic_steps"]["graphs_while_timed"] == row["dynamo_rule"]["graphs_while_timed"] == 0
+
+
+def test_compiled_shapes_bench_takes_packed_steps_of_varying_tokens_in_one_dynamic_graph(rows):
+    """--packed: each step's rows as one packed row, whose token count varies; with `dynamic=True` one graph serves
+    the six steps and the timed ones."""
+    (child,) = ran(rows, "compiled_shapes_packed")
+    assert (child["graphs"], child["graphs_while_timed"]) == (1, 0) and len(child["step_s"]) == 1
 
 
 def test_multijob_bench_compiles_one_graph_for_every_mix(rows):
