@@ -74,9 +74,9 @@ DESCRIPTIONS = {
 }
 DESCRIPTIONS["compiled_shapes"] = (
     "{jobs} {kind_label} jobs' compiled mixed steps{packed_note}, {case} shapes: the first 6 steps (their compiles "
-    "included) with {sizes_label} dynamic from the first graph / with Dynamo's rule ({dynamic_steps[first_steps_s]:.0f} vs "
-    "{dynamo_rule[first_steps_s]:.0f} s, {dynamic_steps[graphs]} vs {dynamo_rule[graphs]} graphs); the steps after "
-    "them {step_ratio_median:.2f}×")
+    "included) with {sizes_label} dynamic from the first graph / with Dynamo's rule "
+    "({dynamic_steps[first_steps_s]:.0f} vs {dynamo_rule[first_steps_s]:.0f} s, {dynamic_steps[graphs]} vs "
+    "{dynamo_rule[graphs]} graphs); the steps after them {step_ratio_median:.2f}×")
 DESCRIPTIONS["gpu_busy"] = ("{impl} step: GPU busy time / wall time ({kernels_per_step} kernels, "
                             "{kernel_ms_per_step:.0f} of {wall_ms_per_step:.0f} ms; higher is better)")
 DESCRIPTIONS["saved_activations"] = ("{impl}: activations saved for the backward (one training forward) / PEFT "
