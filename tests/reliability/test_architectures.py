@@ -25,8 +25,14 @@ class NormedMLP(LlamaMLP):  # BitNet's sub-norm before down_proj
 
 
 class ClampedMLP(LlamaMLP):  # a SwiGLU limit: only inputs far larger than a random init's reach it
+    limit = 7.0
+
     def forward(self, x):
-        return self.down_proj((self.act_fn(self.gate_proj(x)) * self.up_proj(x)).clamp(-7.0, 7.0))
+        return self.down_proj((self.act_fn(self.gate_proj(x)) * self.up_proj(x)).clamp(-self.limit, self.limit))
+
+
+class FarClampedMLP(ClampedMLP):  # a limit past what gate outputs of 64 reach (products up to about 64²)
+    limit = 1e4
 
 
 def with_mlp(mlp_cls):
@@ -38,7 +44,7 @@ def with_mlp(mlp_cls):
     return base
 
 
-@pytest.mark.parametrize("mlp_cls", [ScaledMLP, NormedMLP, ClampedMLP])
+@pytest.mark.parametrize("mlp_cls", [ScaledMLP, NormedMLP, ClampedMLP, FarClampedMLP])
 @pytest.mark.parametrize("config", [
     peft_mole.MixLoRAConfig(num_experts=2, top_k=1, r=4), peft_mole.DynMoLEConfig(num_experts=2, r=4),
 ], ids=["mixlora", "dynmole-block"])

@@ -5,8 +5,8 @@ y = W2(Σ_e w_e σ(W1_e x) ⊙ W3_e x) with the frozen W1 x, W3 x once per token
 block, down_proj(act_fn(gate_proj(x)) ⊙ up_proj(x)). A block with the same projection names may compute more:
 a normalisation before down_proj (BitNet), a top-k activation sparsity (Gemma 3n), multipliers (Falcon-H1), a clamp
 on the gated product (SwiGLU limits). Replacing its forward would change the model silently: a fresh adapter would
-no longer equal the base. So the block's own forward is run once on a few random tokens, at the scale of its
-inputs and at one large enough to reach a clamp, and compared with the formula.
+no longer equal the base. So the block's own forward is run on a few random tokens, at the scale of its inputs
+and at scales large enough to reach a clamp, and compared with the formula.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from torch import nn
 from peft_mole.quantised_eval import eval_keeping_4bit_training
 
 PROBE_TOKENS = 8
-LARGE_GATE = 64.0  # the second probe's largest |gate_proj(x)|: past SwiGLU clamps (7 to 10 in released models)
+# the larger probes' largest |gate_proj(x)|: past SwiGLU clamps (7 to 10 in released models), and, gated products
+# then reaching about 65536², past any clamp set far beyond a model's activations (a limit of 1e4 passed at 64 alone)
+LARGE_GATES = (64.0, 65536.0)
 RELATIVE_TOLERANCE = 1e-2  # of the formula's largest |output|: room for a fused kernel, far below what differs
 
 
@@ -49,10 +51,10 @@ def check_gated_forward(name: str, mlp: nn.Module, width: int, device: torch.dev
     try:
         with torch.no_grad(), eval_keeping_4bit_training(mlp):  # (a 4-bit layer's eval mode would end its training)
             largest_gate = mlp.gate_proj(x).abs().max().float().item()
-            for scale in (1.0, LARGE_GATE / largest_gate if largest_gate > 0 else 1.0):
+            for scale in (1.0, *(gate / largest_gate for gate in LARGE_GATES if largest_gate > 0)):
                 probe = x * scale
                 expected = _gated_formula(mlp, probe).float()
-                if not torch.isfinite(expected).all():  # (fp16 overflow at the large scale: nothing to compare)
+                if not torch.isfinite(expected).all():  # (fp16 overflow at a large scale: nothing to compare)
                     continue
                 try:
                     own = mlp(probe)
