@@ -9,8 +9,9 @@ top-2; `--kind dynmole`: its DynMoLE, whose blocks run eagerly, the rest of each
 - "varying": six steps of other rows and lengths, as length-grouped mixed batches come (the first-steps time holds
   the compiles), then the timed steps at the shape's batch;
 - "fixed": six steps of the shape's batch (data of one length), then the same timed steps.
-`--packed`: each step's rows as one packed row (TRL's padding-free steps: one job per token, each job's tokens
-contiguous, position ids restarting per row), so the step's token count is the size that varies.
+`--packed`: each step's rows as one packed row, as MultiJobTrainer makes it from TRL's padding-free micro-batches
+(`batching.packed_mixed_batch`: one job per token, each job's tokens contiguous, position ids restarting per row,
+the sequences' bounds), so the step's token count is the size that varies.
 Each variant runs in a fresh child process, in the order rule, dynamic, dynamic, rule, ... over `--rounds`: run
 after another model in one process, the timed steps of the second variant were 12-15 % slower whichever it was
 (MixLoRA jobs on `small`, 2026-12-07), which the first version of this script, one process and the rule first,
@@ -48,6 +49,7 @@ from common import (
 from torch._dynamo.utils import counters
 
 from peft_mole.multijob import MultiJobModel
+from peft_mole.multijob.batching import packed_mixed_batch
 
 FIRST_STEPS = 6
 
@@ -74,11 +76,17 @@ def run(shape: str, jobs: int, kind: str, case: str, dynamic: bool, backend: str
     def step(rows: int, seq: int, seed: int) -> None:
         ids = torch.randint(3, vocab, (rows, seq), generator=torch.Generator().manual_seed(seed)).to(device())
         names = [f"job{i % jobs}" for i in range(rows)]
-        if packed:  # one row of the rows' tokens, each job's contiguous (as `batching.packed_mixed_batch` makes it)
-            names = [name for name in sorted(names) for _ in range(seq)]
-            ids = ids.reshape(1, -1)
-            positions = torch.arange(seq, device=ids.device).repeat(rows)[None]
-            logits = model(input_ids=ids, position_ids=positions, adapter_names=names).logits
+        if packed:  # the trainer's packed step: each job's rows one after another, in the model's job order
+            positions = torch.arange(seq, device=ids.device)[None]
+            parts = {}
+            for job in range(jobs):
+                mine = ids[job::jobs].reshape(1, -1)  # (rows job, job + jobs, ...: `names`)
+                if mine.numel():
+                    parts[f"job{job}"] = {"input_ids": mine, "labels": mine,
+                                          "position_ids": positions.repeat(1, mine.shape[1] // seq)}
+            batch = packed_mixed_batch(parts)
+            ids = batch.input_ids
+            logits = model(**batch.model_inputs()).logits
         else:
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())

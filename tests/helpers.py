@@ -113,13 +113,15 @@ def free_port() -> int:
 
 # Runs scripts as `python <script> <args>` (or `python -m <module> <args>`) runs them: as __main__, with their argv,
 # working directory and sys.path[0] (the script's folder; for a module, the working directory), one after another
-# in one process, so that the imports (~7 s) are paid once. Between runs Dynamo is reset, and its and inductor's
-# settings, the environment and sys.path are put back, so that no run takes what an earlier one set.
+# in one process, so that the imports (~7 s) are paid once. Between runs Dynamo is reset, and its, inductor's and
+# torch.compiler's settings, the environment and sys.path are put back, so that no run takes what an earlier one set.
 _SCRIPT_RUNNER = textwrap.dedent("""
     import contextlib, io, json, os, runpy, sys, traceback
     import torch
     import torch._inductor.config as inductor_config
-    settings = (torch._dynamo.config.save_config(), inductor_config.save_config())
+    import torch.compiler.config as compiler_config
+    configs = (torch._dynamo.config, inductor_config, compiler_config)  # (inductor's leaves out its aliases of the
+    settings = [config.save_config() for config in configs]  # compiler's, such as force_disable_caches)
     environ, path = dict(os.environ), list(sys.path)
     for key, (module, target, args, cwd) in json.loads(sys.argv[1]).items():
         sys.argv, out, err, error = [target, *args], io.StringIO(), io.StringIO(), None
@@ -133,8 +135,8 @@ _SCRIPT_RUNNER = textwrap.dedent("""
         except BaseException:  # noqa: BLE001 - reported by the run's test
             error = traceback.format_exc()[-3000:]
         torch._dynamo.reset()
-        torch._dynamo.config.load_config(settings[0])
-        inductor_config.load_config(settings[1])
+        for config, saved in zip(configs, settings):
+            config.load_config(saved)
         os.environ.clear()
         os.environ.update(environ)
         sys.path[:] = path

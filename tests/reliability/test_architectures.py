@@ -56,6 +56,13 @@ def test_a_block_that_computes_more_than_the_gated_formula_is_refused(mlp_cls, c
         get_peft_model(with_mlp(mlp_cls), config)
 
 
+def test_only_the_largest_probe_sees_a_clamp_set_far_past_the_activations(monkeypatch):
+    from peft_mole.tuners.mixlora import block_check
+
+    monkeypatch.setattr(block_check, "LARGE_GATES", (64.0,))  # as before 2026-12-07: wrapped without a word
+    get_peft_model(with_mlp(FarClampedMLP), peft_mole.MixLoRAConfig(num_experts=2, top_k=1, r=4))
+
+
 def test_projection_scope_keeps_such_a_block_and_equals_the_base_at_init():
     base = with_mlp(NormedMLP)
     ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -19,7 +19,7 @@ from peft_mole.quantised_eval import eval_keeping_4bit_training
 
 PROBE_TOKENS = 8
 # the larger probes' largest |gate_proj(x)|: past SwiGLU clamps (7 to 10 in released models), and, gated products
-# then reaching about 65536², past any clamp set far beyond a model's activations (a limit of 1e4 passed at 64 alone)
+# then reaching about 65536², past clamps set far beyond a model's activations (a limit of 1e4 passed at 64 alone)
 LARGE_GATES = (64.0, 65536.0)
 RELATIVE_TOLERANCE = 1e-2  # of the formula's largest |output|: room for a fused kernel, far below what differs
 
@@ -64,6 +64,8 @@ def check_gated_forward(name: str, mlp: nn.Module, width: int, device: torch.dev
                 if not isinstance(own, torch.Tensor) or own.shape != expected.shape:
                     raise ValueError(_message(name, mlp, f"its forward returns {type(own).__name__} "
                                                          f"{tuple(getattr(own, 'shape', ()))}"))
+                if scale != 1.0 and not torch.isfinite(own).all():  # a fused forward with narrower intermediates
+                    continue  # overflowing at a large scale: no clamp to see there (a clamp's outputs are finite)
                 difference = (own.float() - expected).abs().max().item()
                 if not difference <= RELATIVE_TOLERANCE * expected.abs().max().item():
                     raise ValueError(_message(name, mlp, f"on random inputs (scale {scale:.3g}) its output differs "
