@@ -75,12 +75,11 @@ def run(shape: str, jobs: int, kind: str, case: str, dynamic: bool, backend: str
 
     def step(rows: int, seq: int, seed: int) -> None:
         ids = torch.randint(3, vocab, (rows, seq), generator=torch.Generator().manual_seed(seed)).to(device())
-        names = [f"job{i % jobs}" for i in range(rows)]
         if packed:  # the trainer's packed step: each job's rows one after another, in the model's job order
             positions = torch.arange(seq, device=ids.device)[None]
             parts = {}
             for job in range(jobs):
-                mine = ids[job::jobs].reshape(1, -1)  # (rows job, job + jobs, ...: `names`)
+                mine = ids[job::jobs].reshape(1, -1)  # rows job, job + jobs, ... (as the padded step's names)
                 if mine.numel():
                     parts[f"job{job}"] = {"input_ids": mine, "labels": mine,
                                           "position_ids": positions.repeat(1, mine.shape[1] // seq)}
@@ -88,6 +87,7 @@ def run(shape: str, jobs: int, kind: str, case: str, dynamic: bool, backend: str
             ids = batch.input_ids
             logits = model(**batch.model_inputs()).logits
         else:
+            names = [f"job{i % jobs}" for i in range(rows)]
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         torch.autograd.grad(loss, params, allow_unused=True)  # (eager blocks: jobs absent from a step's rows)
