@@ -81,7 +81,7 @@ class JobScheduler:
         self.max_concurrent_jobs = max_concurrent_jobs
         self.max_memory = max_memory
         self.memory_model = MemoryModel()
-        self.varlen_attention = False  # the model's attention keeps packed sequences apart itself (flash attention)
+        self.varlen_attention = False  # packed sequences attended apart (`packed_attention.keeps_sequences_apart`)
         self.runs: list[JobRun] = []  # every job of the run (`admit`)
         self.profiled_resident_bytes: float | None = None  # the jobs' optimizer state and gradients when profiled
         self.measured_resident = True  # the profile's peaks hold those bytes (CUDA; not CPU: `profiled`)
@@ -213,11 +213,11 @@ class JobScheduler:
     def group_packed(self, parts: list[tuple[JobRun, dict]]) -> list[list[tuple[JobRun, dict]]]:
         """Steps for packed (padding-free) micro-batches: each step concatenates its micro-batches into one row.
 
-        With a varlen attention kernel (`varlen_attention`: flash attention, where each sequence attends within
-        itself) all of them go in one step. Without one (SDPA, eager), a packed row's attention is computed over the
-        whole row with a block-diagonal mask, so its cost and the mask grow with the square of the row's length:
-        the micro-batches are then put, whole, into steps of at most the longest one's tokens (first-fit
-        decreasing), so no step's attention is longer than one job's alone."""
+        With an attention that computes each sequence apart (`varlen_attention`: flash attention's varlen kernels,
+        or `sdpa_packed` on eager steps) all of them go in one step. Without one (SDPA, eager, `sdpa_packed` under
+        torch.compile), a packed row's attention is computed over the whole row with a block-diagonal mask, so its cost
+        and the mask grow with the square of the row's length: the micro-batches are then put, whole, into steps of at
+        most the longest one's tokens (first-fit decreasing), so no step's attention is longer than one job's alone."""
         if self.varlen_attention or len(parts) < 2:
             return [parts]
         sizes = [batch["input_ids"].shape[1] for _, batch in parts]

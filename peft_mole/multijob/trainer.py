@@ -66,6 +66,7 @@ from peft_mole.multijob.trainer_args import (
     without_aux_coefficient,
     without_init_kwargs,
 )
+from peft_mole.packed_attention import keeps_sequences_apart
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             check_distributed(self)
             take_accelerate_compile(self)
             attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-            self.job_scheduler.varlen_attention = "flash" in str(attention)
+            self.job_scheduler.varlen_attention = keeps_sequences_apart(attention, compiled=self.args.torch_compile)
             self._prepare_job_datasets(jobs, passed_eval, formatting_func)
         except BaseException:
             self.jobs_model.unload()

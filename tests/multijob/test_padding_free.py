@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import modeling_utils
 from trl import SFTTrainer
 
-from peft_mole import JobConfig, MultiJobTrainer
+from peft_mole import PACKED_SDPA, JobConfig, MultiJobTrainer, packed_attention
 from peft_mole.multijob.batching import MixedBatch, is_packed, mix, packed_mixed_batch
 from peft_mole.multijob.model import MultiJobModel
 from peft_mole.multijob.report import PaddingStats
@@ -81,19 +81,24 @@ def test_packed_micro_batches_share_steps_no_longer_than_the_longest():
     assert scheduler.group_packed(parts) == [parts]
 
 
-@pytest.mark.parametrize("family,scope", [("llama", "block"), ("qwen2", "block"), ("mistral", "block"),
-                                          ("llama", "projection")])
-def test_packed_forward_matches_padded_rows_for_every_job_kind(family, scope):
+@pytest.mark.parametrize("family,scope,attention", [("llama", "block", "sdpa"), ("qwen2", "block", "sdpa"),
+                                                    ("mistral", "block", "sdpa"), ("llama", "projection", "sdpa"),
+                                                    ("llama", "block", PACKED_SDPA)])
+def test_packed_forward_matches_padded_rows_for_every_job_kind(family, scope, attention, monkeypatch):
     """Tokens grouped by adapter (`ForwardContext.unit_view`) in LoRA, MixLoRA and DynMoLE layers (routed per MLP
     block, or per projection: one model holds one scope): the logits, router losses and gradients of a packed row
-    equal those of the same sequences as padded rows."""
+    equal those of the same sequences as padded rows; also where the packed row's sequences attend apart
+    (`sdpa_packed`)."""
     if scope == "block":
         jobs, lengths = _jobs(), {"lora": [5, 3], "mix": [6], "dyn": [2, 7]}
     else:
         jobs = {"lora": _jobs()["lora"], "mix": dynmole(router_scope="projection"),
                 "dyn": dynmole(router_scope="projection", num_experts=3)}
         lengths = {"lora": [4, 1, 3], "mix": [6], "dyn": [2, 7]}
-    model = MultiJobModel(tiny_base(family), jobs)
+    base = tiny_base(family)
+    base.set_attn_implementation(attention)
+    monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 8)  # sdpa_packed: chunks of one and of two sequences
+    model = MultiJobModel(base, jobs)
     randomize_adapters(model)
     parts = {job: packed_part(n, seed=i) for i, (job, n) in enumerate(lengths.items())}
     mixed = packed_mixed_batch(parts)
@@ -136,16 +141,20 @@ def _solo_matches(job, init, together_dir, tokenizer, vocab, solo_args) -> None:
     assert diff <= 1e-5, f"{job.name}: differs by {diff}"
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_padding_free_jobs_train_in_packed_steps_as_each_alone(assets, tmp_path, monkeypatch, checkpointing):
+@pytest.mark.parametrize("checkpointing,attention", [(False, "sdpa"), (True, "sdpa"), (False, PACKED_SDPA)])
+def test_padding_free_jobs_train_in_packed_steps_as_each_alone(assets, tmp_path, monkeypatch, checkpointing,
+                                                               attention):
     """Also under activation checkpointing (TRL's default), whose recomputation must group the tokens as the
-    forward did."""
+    forward did, and with the attention that keeps the packed sequences apart (`sdpa_packed`), where every round's
+    micro-batches go in one step."""
     tokenizer, datasets = assets
     vocab = len(tokenizer)
     jobs = three_jobs(datasets)
     args = run_args(tmp_path / "run", padding_free=True, max_length=None,  # TRL: padding_free does not truncate
                     gradient_checkpointing=checkpointing)
-    trainer = MultiJobTrainer(model=tiny_base(vocab_size=vocab), jobs=jobs, args=args, processing_class=tokenizer)
+    base = tiny_base(vocab_size=vocab)
+    base.set_attn_implementation(attention)
+    trainer = MultiJobTrainer(model=base, jobs=jobs, args=args, processing_class=tokenizer)
     randomize_adapters(trainer.jobs_model)
     for job in jobs:
         trainer.jobs_model.save_job(job.name, str(tmp_path / "init" / job.name))
@@ -157,10 +166,18 @@ def test_padding_free_jobs_train_in_packed_steps_as_each_alone(assets, tmp_path,
                                                forward_backward(parts))[1]
     trainer.train()
     assert [r["status"] for r in trainer.job_summary] == ["done"] * 3
-    # SDPA: jobs share packed steps no longer than the round's longest micro-batch (`group_packed`)
     assert all(rows == 1 for shapes in steps for rows, _ in shapes)
     assert any(len(shapes) > 1 for shapes in steps)
     assert len(steps) < sum(len(shapes) for shapes in steps)
+    # SDPA: jobs share packed steps no longer than the round's longest micro-batch (`group_packed`); sdpa_packed:
+    # each round's micro-batches in one step (a round: one micro-batch of every job still training)
+    totals = [sum(width for _, width in shapes) for shapes in steps]
+    widest = max(width for shapes in steps for _, width in shapes)
+    if attention == "sdpa":
+        assert max(totals) <= widest
+    else:  # the jobs only leave: each step holds every job still training
+        assert len(steps[0]) == 3 and max(totals) > widest
+        assert all(len(shapes) >= len(later) for shapes, later in zip(steps, steps[1:], strict=False))
     assert trainer.padding_stats.pad_fraction == 0.0
     assert bool(checkpointed) == checkpointing
     for job in jobs:  # against SFTTrainer on padded rows: the packed attention mask changes nothing

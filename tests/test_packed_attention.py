@@ -1,0 +1,117 @@
+"""`attn_implementation="sdpa_packed"` (`peft_mole.packed_attention`): a packed row's sequences attend apart, in
+chunks, with the outputs and gradients of SDPA over the whole row's block-diagonal mask; everything that is not a
+packed row is transformers' `sdpa` unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from peft_mole import PACKED_SDPA, packed_attention
+from peft_mole.packed_attention import chunk_bounds, keeps_sequences_apart
+from tests.helpers import one_layer_base, tiny_base
+
+LENGTHS = [5, 40, 3, 70, 17, 1, 26]  # in chunks of at most 32 tokens: [5], [40], [3], [70], [17, 1], [26]
+
+
+def with_attention(model, attention: str):
+    model.set_attn_implementation(attention)
+    return model
+
+
+def packed_batch(lengths=LENGTHS, seed: int = 0) -> tuple[dict, list[torch.Tensor]]:
+    """TRL's padding-free collator's batch of random sequences, and the sequences."""
+    gen = torch.Generator().manual_seed(seed)
+    sequences = [torch.randint(3, 512, (n,), generator=gen) for n in lengths]
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    return collator([{"input_ids": s.tolist()} for s in sequences]), sequences
+
+
+def test_chunks_hold_whole_sequences_up_to_the_chunk_size():
+    assert chunk_bounds([0, 50, 100, 300, 340, 360], 128) == [[0, 50, 100], [100, 300], [300, 340, 360]]
+    assert chunk_bounds([0, 10, 20, 30], 30) == [[0, 10, 20, 30]]
+    assert chunk_bounds([0, 10, 20, 30], 19) == [[0, 10], [10, 20], [20, 30]]
+    assert chunk_bounds([0, 200], 128) == [[0, 200]]
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_tokens must be a positive int"):
+            chunk_bounds([0, 4], bad)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])  # tiny: 4 query heads share 2 kv heads each
+def test_packed_rows_give_sdpas_outputs_and_gradients(family, monkeypatch):
+    monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 32)
+    calls = []
+    real = packed_attention.sdpa_attention_forward
+    monkeypatch.setattr(packed_attention, "sdpa_attention_forward",
+                        lambda module, query, *a, **k: calls.append(query.shape[2]) or real(module, query, *a, **k))
+    batch, sequences = packed_batch()
+    reference = tiny_base(family)
+    packed = with_attention(tiny_base(family), PACKED_SDPA)
+    want = reference(**batch, use_cache=False)
+    got = packed(**batch, use_cache=False)
+    layers = reference.config.num_hidden_layers
+    assert calls == [5, 40, 3, 70, 18, 26] * layers  # the chunks' tokens: nothing ran over the whole row
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+    alone = torch.cat([reference(input_ids=s[None], use_cache=False).logits[0] for s in sequences])
+    torch.testing.assert_close(got.logits[0], alone, atol=1e-5, rtol=1e-5)
+    got.loss.backward()
+    want.loss.backward()
+    for (name, a), b in zip(packed.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert max(p.grad.abs().max().item() for p in packed.parameters()) > 1e-3
+
+
+def test_position_ids_alone_give_the_sequences():
+    """Without the collator's `cu_seq_lens_q` the sequences start where the positions restart (transformers' rule
+    for its packed mask); with a cache transformers' own `sdpa` builds no packed mask, `sdpa_packed` still keeps
+    the sequences apart."""
+    batch, sequences = packed_batch()
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    model = with_attention(tiny_base(), PACKED_SDPA)
+    alone = torch.cat([model(input_ids=s[None]).logits[0] for s in sequences])
+    torch.testing.assert_close(model(**inputs, use_cache=False).logits[0], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(**inputs, use_cache=True).logits[0], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_what_is_not_a_packed_row_is_sdpa_itself():
+    """Padded rows, one sequence, and generation with a cache take `sdpa`'s own path: identical numbers."""
+    reference, packed = tiny_base().eval(), with_attention(tiny_base(), PACKED_SDPA).eval()
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    for inputs in ({"input_ids": ids, "attention_mask": mask}, {"input_ids": ids[:1]}):
+        assert torch.equal(packed(**inputs).logits, reference(**inputs).logits)
+    generated = packed.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(generated, reference.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False))
+
+
+def test_a_saved_model_loads_with_the_packed_attention(tmp_path):
+    tiny_base().save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=PACKED_SDPA)
+    assert model.config._attn_implementation == PACKED_SDPA
+    batch, sequences = packed_batch(seed=2)
+    alone = torch.cat([model(input_ids=s[None]).logits[0] for s in sequences])
+    torch.testing.assert_close(model(**batch).logits[0], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_steps_take_the_masked_row():
+    """Under torch.compile the chunks (read on the host) would break the graph at every layer: the masked row of
+    `sdpa` runs instead, in one graph, with the eager chunks' numbers."""
+    torch._dynamo.reset()
+    batch, _ = packed_batch(seed=3)
+    model = with_attention(one_layer_base(), PACKED_SDPA)
+    eager = model(**batch, use_cache=False).logits
+    explanation = torch._dynamo.explain(model)(**batch, use_cache=False)
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(model, backend="aot_eager")(**batch, use_cache=False).logits
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_which_attentions_keep_packed_sequences_apart():
+    assert keeps_sequences_apart("flash_attention_2", compiled=True)
+    assert keeps_sequences_apart(PACKED_SDPA, compiled=False)
+    assert not keeps_sequences_apart(PACKED_SDPA, compiled=True)
+    assert not keeps_sequences_apart("sdpa", compiled=False)
+    assert not keeps_sequences_apart(None, compiled=False)
