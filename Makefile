@@ -72,6 +72,7 @@ bench: install
 	$(PY) bench/memory_model_error.py | tee -a $(RESULTS)
 	$(PY) bench/memory_model_error.py --kinds lora mixlora dynmole | tee -a $(RESULTS)
 	$(PY) bench/pad_fraction.py | tee -a $(RESULTS)
+	$(PY) bench/packed_attention.py | tee -a $(RESULTS)
 	$(PY) bench/eval_throughput.py | tee -a $(RESULTS)
 	$(PY) bench/compile_step.py | tee -a $(RESULTS)
 	$(PY) bench/compile_step.py --impls peft_lora mixlora --gradient-checkpointing | tee -a $(RESULTS)

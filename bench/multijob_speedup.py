@@ -21,12 +21,14 @@ other mixes (the jobs reversed; one job fewer, so the rows change; the graph cou
 PEFT baseline stays eager: the jobs one after another are what a user would otherwise run. --packed makes the mixed
 steps (eager and compiled) take the rows as one packed row, as TRL's padding_free=True does: one job per token,
 position ids restarting per row, SDPA's block-diagonal mask over all the row's tokens; rows carry `packed`.
+--attention sdpa_packed gives the mixed model's base that attention (`peft_mole.packed_attention`: a packed row's
+sequences attend apart, on eager steps; compiled ones keep the mask); rows then carry `attention`.
 The mixed models draw each job's dropout from its own random stream, as MultiJobTrainer's do
 (`MultiJobModel.set_job_streams`). The baseline is a plain loop over PEFT models, not SFTTrainer (whose per-step
 host work is larger): the conservative comparison.
 Usage: python bench/multijob_speedup.py [--shape small] [--jobs 2 4 8] [--repeats 10] [--optim adamw_torch_fused]
        [--compile [--compile-mode reduce-overhead] [--compile-backend inductor]] [--compare-layouts]
-       [--kind mixlora|dynmole] [--packed]
+       [--kind mixlora|dynmole] [--packed [--attention sdpa_packed]]
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from common import (
 from peft import get_peft_model
 from torch._dynamo.utils import counters
 
+from peft_mole import PACKED_SDPA
 from peft_mole.multijob import MultiJobModel, per_job_losses
 from peft_mole.multijob.batching import packed_mixed_batch
 from peft_mole.multijob.flat_parameters import job_optimizer
@@ -154,6 +157,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compiled mixed steps (see the module docstring)")
     parser.add_argument("--packed", action="store_true",
                         help="the mixed steps take the rows as one packed row (TRL's padding_free=True)")
+    parser.add_argument("--attention", choices=["sdpa", PACKED_SDPA], default="sdpa",
+                        help="the mixed model's attention implementation (sdpa_packed: packed sequences apart)")
     parser.add_argument("--compare-layouts", action="store_true",
                         help="also time the mixed step with the jobs' optimizers over their parameters rather than "
                              "flat tensors (`<impl>_per_tensor`; the row gets flat_vs_per_tensor)")
@@ -169,7 +174,7 @@ def main() -> None:
         jobs = [f"job{i}" for i in range(n)]
         base = base_model(args.shape)
         vocab = base.config.vocab_size
-        mixed = MultiJobModel(base_model(args.shape), {job: job_config(args) for job in jobs})
+        mixed = MultiJobModel(mixed_base(args), {job: job_config(args) for job in jobs})
         mixed.set_job_streams({job: i for i, job in enumerate(jobs)})  # as MultiJobTrainer
         lora = get_peft_model(base_model(args.shape), job_config(args))
         one, everyone = rows_batch(b, seq, vocab), rows_batch(n * b, seq, vocab)
@@ -199,6 +204,7 @@ def main() -> None:
         emit({
             "name": "multijob_speedup", "shape": args.shape, "jobs": n, "rows_per_job": b, "dropout": args.dropout,
             **({"kind": args.kind} if args.kind != "lora" else {}), **({"packed": True} if args.packed else {}),
+            **({"attention": args.attention} if args.attention != "sdpa" else {}),
             "ratio_median": speedup["median_s"], "ratio_min": speedup["min_s"],
             "limit_median": limit["median_s"], "limit_min": limit["min_s"],
             "fraction_of_limit": speedup["median_s"] / limit["median_s"],
@@ -208,6 +214,13 @@ def main() -> None:
             **({"flat_vs_per_tensor": mixed["median_s"] / rows[mixed_impl + "_per_tensor"]["median_s"]}
                if args.compare_layouts else {}),
         })
+
+
+def mixed_base(args):
+    """The shape's random Llama for the mixed model, with `--attention`."""
+    base = base_model(args.shape)
+    base.set_attn_implementation(args.attention)
+    return base
 
 
 def job_config(args):
@@ -221,7 +234,7 @@ def compile_mixed(args, n: int, jobs: list[str], batch, vocab: int) -> dict:
     counted after one step of each of two other mixes."""
     torch._dynamo.reset()
     counters.clear()
-    model = MultiJobModel(base_model(args.shape), {job: job_config(args) for job in jobs})
+    model = MultiJobModel(mixed_base(args), {job: job_config(args) for job in jobs})
     model.set_job_streams({job: i for i, job in enumerate(jobs)})
     model.compile_mixed_steps(backend=args.compile_backend, mode=args.compile_mode)
     step = mixed_step_fn(model, batch, jobs, args.rows_per_job, args.optim, pack=args.packed)

@@ -20,7 +20,7 @@ COMMANDS = {
     "generate_vs_base": "python bench/generate_vs_base.py --shape {shape}",
     "generate_compiled_vs_base": "python bench/generate_vs_base.py --shape {shape} --compile",
     "multijob_speedup": ("python bench/multijob_speedup.py --shape {shape} --jobs {jobs} --dropout {dropout}"
-                         "{optim_flag}{compile_flag}{kind_flag}{packed_flag}"),
+                         "{optim_flag}{compile_flag}{kind_flag}{packed_flag}{attention_flag}"),
     "multijob_vs_sfttrainer": ("python bench/multijob_vs_sfttrainer.py --shape {shape} --jobs {jobs} "
                                "--steps {steps} --kind {kind}"),
     "multijob_memory": "python bench/multijob_memory.py --shape {shape} --jobs {jobs}",
@@ -37,6 +37,7 @@ COMMANDS = {
     "mole_vs_reference": "python bench/mole_vs_reference.py --peers-python PEERS/bin/python",
     "options_step": "python bench/options_step.py --shape {shape} --options {impl}",
     "saved_activations": "python bench/saved_activations.py --shape {shape}",
+    "packed_attention": "python bench/packed_attention.py --shape {shape} --cases {case}",
 }
 DESCRIPTIONS = {
     "mixlora_vs_lora": "MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout {dropout}{autocast_note}",
@@ -95,6 +96,10 @@ DESCRIPTIONS["options_step"] = ("MixLoRA step / PEFT LoRA step with {impl}; vs p
 DESCRIPTIONS["mole_vs_reference"] = (
     "our MixLoRA step / {reference}'s ({reference_versions[torch]} there); MixLoRA-over-LoRA cost vs theirs "
     "{ratio_vs_lora:.2f}×")
+DESCRIPTIONS["packed_attention"] = (
+    "PEFT LoRA step on one packed row ({case} lengths: {sequences} sequences, {tokens} tokens, the longest {longest}), "
+    "attention `sdpa_packed` / `sdpa` ({packed_ms:.0f} vs {masked_ms:.0f} ms); the same sequences as padded rows "
+    "({padded_tokens} tokens) {padded_vs_packed:.2f}× the packed step's time")
 PERCENT = {"memory_model_error", "pad_fraction"}
 KIND_LABELS = {"lora": "LoRA", "mixlora": "MixLoRA", "dynmole": "DynMoLE"}  # the benches' --kind/--kinds values
 
@@ -105,7 +110,7 @@ def _value(name: str, value: float) -> str:
 
 _IDENTITY = ("name", "shape", "impl", "jobs", "rows_per_job", "dropout", "reference", "router_state", "adapters",
              "questions", "new_tokens", "case", "autocast", "optim", "script", "compile", "clip", "kind", "kinds",
-             "packed", "router_scale", "gradient_checkpointing")
+             "packed", "router_scale", "gradient_checkpointing", "attention")
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -213,7 +218,9 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                "kind_label": KIND_LABELS[row.get("kind", "lora")],
                "kind_flag": f" --kind {row['kind']}" if "kind" in row else "",
                "packed_flag": " --packed" if row.get("packed") else "",
-               "packed_note": " of one packed row (padding-free)" if row.get("packed") else "",
+               "packed_note": (" of one packed row (padding-free)" if row.get("packed") else "")
+                              + (f", attention {row['attention']}" if "attention" in row else ""),
+               "attention_flag": f" --attention {row['attention']}" if "attention" in row else "",
                "sizes_label": "the tokens" if row.get("packed") else "rows and length",
                "clip_note": "clipping + " if row.get("clip", True) else "",
                "kinds_flag": (f" --jobs {row['jobs']}" if row.get("kinds") == "lora" else

@@ -29,6 +29,7 @@ SCRIPTS = {
                          "aot_eager"],  # inductor's decoding: tests/tuners/test_compiled_decoding.py
     "pad_fraction": ["--shape", "tiny", "--jobs", "2", "--steps", "2"],
     "grouped_products": ["--repeats", "1"],
+    "packed_attention": ["--shape", "tiny", "--repeats", "1"],
     "host_time": ["--jobs", "2", "--repeats", "2"],
     "job_optimizer": ["--shapes", "tiny", "--repeats", "2"],
     # Dynamo's graphs and breaks, as inductor gets them (inductor's code: test_compiled_training.py's SFT run)
@@ -44,7 +45,8 @@ FRACTIONS = {"pad_fraction", "memory_model_error"}
 OTHER_RUNS = {
     "profile_step": ("profile_step", ["--shape", "tiny", "--steps", "1"]),
     "launch_count": ("launch_count", ["--shape", "small"]),
-    "multijob_speedup_packed": ("multijob_speedup", ["--shape", "tiny", "--repeats", "1", "--jobs", "2", "--packed"]),
+    "multijob_speedup_packed": ("multijob_speedup", ["--shape", "tiny", "--repeats", "1", "--jobs", "2", "--packed",
+                                                     "--attention", "sdpa_packed"]),
     # one variant's child run in this process (its own fresh process would take the imports' 5 s again)
     "compiled_shapes_packed": ("compiled_shapes", ["--child", "dynamic", "--packed", "--shape", "tiny", "--repeats",
                                                    "1", "--jobs", "2", "--cases", "varying", "--compile-backend",
@@ -271,9 +273,21 @@ def test_launch_count_shows_gpu_blocks_launch_fewer_operators(rows):
 
 def test_multijob_bench_times_packed_mixed_steps(rows):
     """--packed: the mixed step takes the jobs' rows as one packed row (eager here; the compiled packed step is
-    tests/multijob/test_compiled_packed_steps.py's)."""
+    tests/multijob/test_compiled_packed_steps.py's), with the attention that keeps its sequences apart."""
     (row,) = [row for row in ran(rows, "multijob_speedup_packed") if row["name"] == "multijob_speedup"]
     assert row["packed"] is True and row["ratio_median"] > 0 and "compiled_vs_eager" not in row
+    assert row["attention"] == "sdpa_packed"
+
+
+def test_packed_attention_bench_times_both_attentions_and_padded_rows(rows):
+    """Both cases: the packed row's sequences (all of the equal case's of one length; the long-tailed case's of
+    several, with padding when laid out as rows) and the three layouts timed."""
+    summary = {row["case"]: row for row in ran(rows, "packed_attention") if row["name"] == "packed_attention"}
+    assert summary["equal"]["padded_tokens"] == summary["equal"]["tokens"] == 2 * 32
+    assert summary["long_tailed"]["padded_tokens"] > summary["long_tailed"]["tokens"] >= 2 * 32
+    steps = {(row["case"], row["impl"]) for row in rows["packed_attention"] if row["name"] == "packed_attention_step"}
+    assert steps == {(case, impl) for case in ("equal", "long_tailed")
+                     for impl in ("packed_sdpa_mask", "packed_sdpa_packed", "padded_rows")}
 
 
 def test_every_ratio_row_records_the_command_that_made_it_and_the_commit(rows, tmp_path):

@@ -1,0 +1,101 @@
+"""`packed_attention`: a training step on one packed row (TRL's `padding_free=True`) with
+`attn_implementation="sdpa_packed"` (each sequence's attention apart, in chunks: `peft_mole.packed_attention`) /
+the same step with `"sdpa"` (SDPA over the whole row under its block-diagonal mask). Each row also gives the same
+sequences as padded rows (`"sdpa"` with the padding mask) against the packed step, in real tokens per second.
+
+Cases (the row holds about the shape's batch × length tokens):
+- `equal`: sequences of the shape's length (small: 4 × 256, the packed row of `multijob_speedup --packed`);
+- `long_tailed`: log-normal lengths (median a quarter of the shape's length, σ 0.8, at most its length), drawn with
+  seed 0 until the row holds the tokens.
+Model: the shape's random Llama with PEFT LoRA (BENCH.md's r 16 on q,k,v,o,gate,up,down), dropout 0.05; a step is
+forward + backward + AdamW, interleaved over the three layouts.
+Usage: python bench/packed_attention.py [--shape small] [--cases equal long_tailed] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+
+import torch
+from common import (
+    BATCH,
+    base_model,
+    device,
+    emit,
+    lora_config,
+    record,
+    setup_threads,
+    step_parser,
+    time_interleaved,
+    train_step_fn,
+)
+from peft import get_peft_model
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from peft_mole import PACKED_SDPA
+
+CASES = ("equal", "long_tailed")
+
+
+def case_lengths(case: str, shape: str) -> list[int]:
+    rows, length = BATCH[shape]
+    if case == "equal":
+        return [length] * rows
+    rng, lengths = random.Random(0), []
+    while sum(lengths) < rows * length:
+        lengths.append(min(max(int(rng.lognormvariate(0.0, 0.8) * length / 4), 2), length))
+    return lengths
+
+
+def batches(lengths: list[int], vocab: int) -> tuple[dict, dict]:
+    """The sequences as one packed row (TRL's padding-free collator) and as rows padded to the longest."""
+    gen = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(3, vocab, (n,), generator=gen) for n in lengths]
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+        [{"input_ids": s.tolist()} for s in sequences])
+    ids = torch.zeros(len(sequences), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    padded = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    on_device = device()
+    return ({k: v.to(on_device) if torch.is_tensor(v) else v for k, v in packed.items()},
+            {k: v.to(on_device) for k, v in padded.items()})
+
+
+def model_with(shape: str, attention: str):
+    base = base_model(shape)
+    base.set_attn_implementation(attention)
+    return get_peft_model(base, lora_config())
+
+
+def main() -> None:
+    parser = step_parser()
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    args = parser.parse_args()
+    setup_threads()
+    for case in args.cases:
+        lengths = case_lengths(case, args.shape)
+        models = {"sdpa": model_with(args.shape, "sdpa"), PACKED_SDPA: model_with(args.shape, PACKED_SDPA)}
+        packed, padded = batches(lengths, models["sdpa"].config.vocab_size)
+        steps = {"packed_sdpa_mask": train_step_fn(models["sdpa"], packed),
+                 "packed_sdpa_packed": train_step_fn(models[PACKED_SDPA], packed),
+                 "padded_rows": train_step_fn(model_with(args.shape, "sdpa"), padded)}
+        times = time_interleaved(steps, repeats=args.repeats)
+        tokens = sum(lengths)
+        for impl, seconds in times.items():
+            record("packed_attention_step", args.shape, impl, seconds, tokens, case=case)
+        median = {impl: statistics.median(seconds) for impl, seconds in times.items()}
+        emit({"name": "packed_attention", "shape": args.shape, "case": case, "device": str(device()),
+              "torch": torch.__version__, "sequences": len(lengths), "tokens": tokens,
+              "padded_tokens": len(lengths) * max(lengths), "longest": max(lengths),
+              "ratio_median": median["packed_sdpa_packed"] / median["packed_sdpa_mask"],
+              "ratio_min": min(times["packed_sdpa_packed"]) / min(times["packed_sdpa_mask"]),
+              "packed_ms": median["packed_sdpa_packed"] * 1e3, "masked_ms": median["packed_sdpa_mask"] * 1e3,
+              "padded_ms": median["padded_rows"] * 1e3,
+              "padded_vs_packed": median["padded_rows"] / median["packed_sdpa_packed"]})
+
+
+if __name__ == "__main__":
+    main()
