@@ -5,10 +5,11 @@ Settings: one mixed step per round (no grouping); length-aware grouping of a rou
 (`step_overhead_tokens="auto"`, the default: the cost of a step fitted from measured step times), with the LoRA
 jobs' micro-batches cut into rows (the default) and, as an ablation, kept whole; the same with Trainer's
 `group_by_length` sampler inside each job; and TRL's `padding_free=True`, where every mixed step is one packed row
-(no padding; the attention mask is block-diagonal instead). `micro_batch_pad_fraction` is the padding already in
-the jobs' own micro-batches (their collators'). Each setting also reports its mixed steps, seconds and real tokens
-per second. The padding-free run trains on the same tokens: the rows as SFTTrainer prepared them for the padded runs
-(truncated to 256 tokens), since TRL does not truncate under `padding_free`.
+(no padding; the attention mask is block-diagonal instead), also with `attn_implementation="sdpa_packed"` (each
+packed sequence's attention apart, so every round's micro-batches go in one step). `micro_batch_pad_fraction` is the
+padding already in the jobs' own micro-batches (their collators'). Each setting also reports its mixed steps,
+seconds and real tokens per second. The padding-free run trains on the same tokens: the rows as SFTTrainer prepared
+them for the padded runs (truncated to 256 tokens), since TRL does not truncate under `padding_free`.
 Usage: python bench/pad_fraction.py [--shape small] [--jobs 4] [--steps 20]
 """
 
@@ -26,7 +27,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig
 
-from peft_mole import JobConfig, MultiJobTrainer, synthetic
+from peft_mole import PACKED_SDPA, JobConfig, MultiJobTrainer, synthetic
 
 WORDS = ["red", "blue", "cat", "dog", "sun", "rain", "tree", "road", "fish", "bird", "stone", "light"]
 
@@ -45,7 +46,7 @@ PREPARED: dict[str, Dataset] = {}  # job -> its rows as SFTTrainer prepared them
 
 
 def run(shape: str, jobs: int, steps: int, overhead: int | str | None, sampling: str, cut_rows: bool,
-        padding_free: bool = False) -> dict:
+        padding_free: bool = False, attention: str = "sdpa") -> dict:
     """Pad fraction of the mixed batches and of the jobs' own micro-batches, fitted step overhead in tokens, mixed
     steps, training seconds and real tokens per second."""
     tokenizer = synthetic.demo_tokenizer()
@@ -55,9 +56,11 @@ def run(shape: str, jobs: int, steps: int, overhead: int | str | None, sampling:
                   else Dataset.from_list(long_tailed_rows(400, seed=i)), per_device_train_batch_size=2 + i % 3)
         for i in range(jobs)
     ]
+    base = synthetic.random_model("llama", shape, vocab_size=len(tokenizer))
+    base.set_attn_implementation(attention)
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(sys.stderr):  # stdout: JSON lines only
         trainer = MultiJobTrainer(
-            model=synthetic.random_model("llama", shape, vocab_size=len(tokenizer)), jobs=job_list,
+            model=base, jobs=job_list,
             processing_class=tokenizer, step_overhead_tokens=overhead,
             args=SFTConfig(output_dir=out, max_steps=steps, max_length=None if padding_free else 256, report_to=[],
                            save_strategy="no", padding_free=padding_free,
@@ -102,6 +105,7 @@ def main() -> None:
         "length_grouping+group_by_length_whole_micro_batches": ("auto", "group_by_length", False),
         "length_grouping+group_by_length": ("auto", "group_by_length", True),
         "padding_free": ("auto", "random", True, True),
+        "padding_free_sdpa_packed": ("auto", "random", True, True, PACKED_SDPA),
     }
     results = {name: run(args.shape, args.jobs, args.steps, *setting) for name, setting in settings.items()}
     best = results["length_grouping+group_by_length"]
@@ -113,6 +117,8 @@ def main() -> None:
           "cut_rows_speedup": results["length_grouping"]["real_tokens_per_s"]
           / results["length_grouping_whole_micro_batches"]["real_tokens_per_s"],
           "padding_free_speedup": results["padding_free"]["real_tokens_per_s"]
+          / results["length_grouping"]["real_tokens_per_s"],
+          "padding_free_sdpa_packed_speedup": results["padding_free_sdpa_packed"]["real_tokens_per_s"]
           / results["length_grouping"]["real_tokens_per_s"],
           "padding_free_vs_group_by_length": results["padding_free"]["real_tokens_per_s"]
           / results["length_grouping+group_by_length"]["real_tokens_per_s"],

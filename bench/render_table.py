@@ -69,7 +69,7 @@ DESCRIPTIONS = {
                     "{cut_rows_speedup:.2f}× the real tokens/s), + group_by_length sampler {ratio_median:.1%} (the value "
                     "columns; the jobs' own micro-batches: "
                     "{micro_batch_pad_fraction:.1%}); padding_free=True {padding_free:.0%} at "
-                    "{padding_free_speedup:.2f}× length grouping's real tokens/s (SDPA, packed steps)",
+                    "{padding_free_speedup:.2f}× length grouping's real tokens/s (SDPA, packed steps){sdpa_packed_note}",
     "eval_throughput": "adapters evaluated per minute, {adapters} in one pass / one at a time ({questions} questions; "
                        "{adapters_per_min_one_pass:.0f} vs {adapters_per_min_one_at_a_time:.0f} per minute)",
 }
@@ -220,6 +220,9 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                "packed_flag": " --packed" if row.get("packed") else "",
                "packed_note": (" of one packed row (padding-free)" if row.get("packed") else "")
                               + (f", attention {row['attention']}" if "attention" in row else ""),
+               "sdpa_packed_note": (f"; attention `sdpa_packed` (one packed step per round) "
+                                    f"{row['padding_free_sdpa_packed_speedup']:.2f}×"
+                                    if "padding_free_sdpa_packed_speedup" in row else ""),
                "attention_flag": f" --attention {row['attention']}" if "attention" in row else "",
                "sizes_label": "the tokens" if row.get("packed") else "rows and length",
                "clip_note": "clipping + " if row.get("clip", True) else "",

@@ -279,6 +279,16 @@ def test_multijob_bench_times_packed_mixed_steps(rows):
     assert row["attention"] == "sdpa_packed"
 
 
+def test_pad_fraction_bench_trains_padding_free_with_each_attention(rows):
+    """Padding-free runs with `sdpa` (packed steps no longer than a round's longest micro-batch) and `sdpa_packed`
+    (one packed step per round): the latter takes no more steps."""
+    (row,) = [row for row in ran(rows, "pad_fraction") if row["name"] == "pad_fraction"]
+    details = row["details"]
+    assert details["padding_free_sdpa_packed"]["pad_fraction"] == details["padding_free"]["pad_fraction"] == 0.0
+    assert details["padding_free_sdpa_packed"]["mixed_steps"] <= details["padding_free"]["mixed_steps"]
+    assert row["padding_free_sdpa_packed_speedup"] > 0
+
+
 def test_packed_attention_bench_times_both_attentions_and_padded_rows(rows):
     """Both cases: the packed row's sequences (all of the equal case's of one length; the long-tailed case's of
     several, with padding when laid out as rows) and the three layouts timed."""
