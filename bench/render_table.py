@@ -219,7 +219,7 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                "kind_flag": f" --kind {row['kind']}" if "kind" in row else "",
                "packed_flag": " --packed" if row.get("packed") else "",
                "packed_note": (" of one packed row (padding-free)" if row.get("packed") else "")
-                              + (f", attention {row['attention']}" if "attention" in row else ""),
+                              + (f", attention `{row['attention']}`" if "attention" in row else ""),
                "sdpa_packed_note": (f"; attention `sdpa_packed` (one packed step per round) "
                                     f"{row['padding_free_sdpa_packed_speedup']:.2f}×"
                                     if "padding_free_sdpa_packed_speedup" in row else ""),

@@ -16,9 +16,9 @@ softmax over fewer (masked-out) terms.
 The sequences are the batch's `cu_seq_lens_q` (TRL's padding-free collator and peft-mole's packed mixed steps pass
 them, as flash attention takes them), else where the `position_ids` restart (as transformers finds packed sequences
 for its mask). Everything else is `sdpa` as it is: padded batches (several rows), generation with a cache, a row of
-one sequence, attention with a position bias, and any step under `torch.compile` (the chunks are read on the host,
-which a graph cannot do without a break per layer). transformers' `sdpa` mask is registered for the name, so those
-cases get exactly `sdpa`'s mask.
+one sequence, attention with a position bias, a sliding window shorter than a sequence (Mistral, Qwen2), and any
+step under `torch.compile` (the chunks are read on the host, which a graph cannot do without a break per layer).
+transformers' `sdpa` mask is registered for the name, so those cases get exactly `sdpa`'s mask.
 
 Measured on the CPU (`python bench/packed_attention.py`; docs/multijob.md, "Padding-free steps").
 """
@@ -56,6 +56,9 @@ def sequence_bounds(query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> lis
         bounds = _host_bounds(positions, tokens, from_positions=True)
     if bounds is None or len(bounds) < 3 or bounds[0] != 0 or bounds[-1] != tokens:
         return None  # one sequence, or bounds that do not describe this row: the masked row decides
+    window = kwargs.get("sliding_window")  # a key is seen while q − k < window: all of a sequence if L ≤ window
+    if window is not None and max(end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)) > window:
+        return None
     return bounds
 
 

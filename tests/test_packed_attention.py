@@ -63,6 +63,22 @@ def test_packed_rows_give_sdpas_outputs_and_gradients(family, monkeypatch):
     assert max(p.grad.abs().max().item() for p in packed.parameters()) > 1e-3
 
 
+@pytest.mark.parametrize("window,chunked", [(16, False), (70, True)])
+def test_a_sliding_window_shorter_than_a_sequence_takes_the_masked_row(window, chunked, monkeypatch):
+    """Mistral's window: a key is seen while q − k < window. Where every sequence fits in it (70: the longest) the
+    chunks are exact; where one does not (16) the masked row, window included, runs as in `sdpa`."""
+    calls = []
+    real = packed_attention.sdpa_attention_forward
+    monkeypatch.setattr(packed_attention, "sdpa_attention_forward",
+                        lambda module, query, *a, **k: calls.append(query.shape[2]) or real(module, query, *a, **k))
+    batch, _ = packed_batch()
+    reference = tiny_base("mistral", sliding_window=window)
+    packed = with_attention(tiny_base("mistral", sliding_window=window), PACKED_SDPA)
+    torch.testing.assert_close(packed(**batch, use_cache=False).logits, reference(**batch, use_cache=False).logits,
+                               atol=1e-5, rtol=1e-5)
+    assert (max(calls) < sum(LENGTHS)) == chunked
+
+
 def test_position_ids_alone_give_the_sequences():
     """Without the collator's `cu_seq_lens_q` the sequences start where the positions restart (transformers' rule
     for its packed mask); with a cache transformers' own `sdpa` builds no packed mask, `sdpa_packed` still keeps
