@@ -125,6 +125,38 @@ def test_compiled_steps_take_the_masked_row():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
+def test_sft_trainer_trains_padding_free_with_it_as_with_sdpa(tmp_path, monkeypatch):
+    """Plain TRL: `SFTTrainer(padding_free=True)` on a base with `sdpa_packed` (with a MixLoRA adapter) logs the
+    losses and ends with the adapter of the same run on `sdpa`'s masked rows."""
+    from datasets import Dataset
+    from peft import get_peft_model_state_dict
+    from trl import SFTConfig, SFTTrainer
+
+    from peft_mole import MixLoRAConfig, synthetic
+
+    monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 16)  # the rows' sequences: 8 to 20 tokens
+    chunked, real_chunks = [], packed_attention.chunk_bounds
+    monkeypatch.setattr(packed_attention, "chunk_bounds", lambda *a: chunked.append(real_chunks(*a)) or chunked[-1])
+    tokenizer = synthetic.demo_tokenizer()
+    rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in synthetic.multitask_rows(24)]
+    results = {}
+    for attention in ("sdpa", PACKED_SDPA):
+        base = with_attention(tiny_base(vocab_size=len(tokenizer)), attention)
+        args = SFTConfig(output_dir=str(tmp_path / attention), max_steps=3, per_device_train_batch_size=8,
+                         learning_rate=5e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                         bf16=False, padding_free=True, max_length=None, seed=0, dataloader_num_workers=0)
+        trainer = SFTTrainer(model=base, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                             peft_config=MixLoRAConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.0))
+        trainer.train()
+        losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        results[attention] = (losses, get_peft_model_state_dict(trainer.model))
+    (sdpa_losses, sdpa_weights), (losses, weights) = results["sdpa"], results[PACKED_SDPA]
+    assert len(losses) == 3 and losses == pytest.approx(sdpa_losses, rel=1e-5)
+    assert chunked and all(len(chunks) > 1 for chunks in chunked)  # every layer's packed rows ran in chunks
+    assert max(w.abs().max().item() for k, w in weights.items() if "lora_B" in k) > 1e-4  # (B starts at 0)
+    assert max((weights[k] - sdpa_weights[k]).abs().max().item() for k in weights) < 1e-5
+
+
 def test_which_attentions_keep_packed_sequences_apart():
     assert keeps_sequences_apart("flash_attention_2", compiled=True)
     assert keeps_sequences_apart(PACKED_SDPA, compiled=False)

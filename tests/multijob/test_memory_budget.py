@@ -13,7 +13,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from peft_mole import JobConfig, MultiJobTrainer
+from peft_mole import PACKED_SDPA, JobConfig, MultiJobTrainer
 from peft_mole.multijob import memory_profile
 from peft_mole.multijob.batching import profile_inputs
 from peft_mole.multijob.memory import MemoryModel, step_memory
@@ -130,11 +130,15 @@ def test_the_budget_counts_optimizer_states_created_after_profiling_and_ended_jo
     assert trained and all(torch.isfinite(w).all() for w in trained.values())
 
 
-def test_padding_free_training_profiles_packed_steps_and_predicts_a_packed_mixed_step(assets, tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", PACKED_SDPA])
+def test_padding_free_training_profiles_packed_steps_and_predicts_a_packed_mixed_step(assets, tmp_path, attention):
     """With `padding_free=True` the profiling steps are packed rows, as the training steps: each sample is one row
-    of {job: tokens}, and the model predicts a packed mixed step (the scheduler's query) it never saw."""
+    of {job: tokens}, and the model predicts a packed mixed step (the scheduler's query) it never saw; also where
+    the row's sequences attend apart (`sdpa_packed`: no (row × row) mask saved, and one step of all the jobs)."""
     tokenizer, datasets = assets
-    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=_jobs(datasets)[:2],
+    base = tiny_base(vocab_size=len(tokenizer))
+    base.set_attn_implementation(attention)
+    trainer = MultiJobTrainer(model=base, jobs=_jobs(datasets)[:2],
                               args=run_args(tmp_path / "packed", max_steps=1, padding_free=True, max_length=None),
                               processing_class=tokenizer, max_memory=1e12)
     trainer.train()

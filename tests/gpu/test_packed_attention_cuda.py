@@ -1,0 +1,31 @@
+"""`sdpa_packed` on CUDA: a packed row's chunks against SDPA over the masked row on CUDA, and against the CPU.
+Skipped without a CUDA device (CI has none)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_mole import PACKED_SDPA
+from tests.helpers import tiny_base
+from tests.test_packed_attention import packed_batch, with_attention
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_packed_rows_on_cuda_equal_the_masked_row(dtype, tolerance):
+    batch, _ = packed_batch()
+    on_cuda = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    reference = tiny_base().to("cuda", dtype)
+    packed = with_attention(tiny_base(), PACKED_SDPA).to("cuda", dtype)
+    got = packed(**on_cuda, use_cache=False)
+    want = reference(**on_cuda, use_cache=False)
+    torch.testing.assert_close(got.logits.float(), want.logits.float(), atol=tolerance, rtol=tolerance)
+    got.loss.backward()
+    want.loss.backward()
+    for a, b in zip(packed.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), atol=tolerance, rtol=tolerance)
+    if dtype == torch.float32:
+        on_cpu = with_attention(tiny_base(), PACKED_SDPA)(**batch, use_cache=False).logits
+        torch.testing.assert_close(got.logits.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
