@@ -25,12 +25,15 @@ Measured on the CPU (`python bench/packed_attention.py`; docs/multijob.md, "Padd
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+logger = logging.getLogger(__name__)
 
 PACKED_SDPA = "sdpa_packed"
 CHUNK_TOKENS = 128  # C: fastest or within 15 % of it over four length mixes of ~1k tokens on the CPU (64–512 tried)
@@ -134,6 +137,15 @@ def register() -> None:
 
 
 register()
+
+
+def suggest_packed_attention(attention: str | None, padding_free: bool, compiled: bool) -> None:
+    """Log, for a padding-free run on `sdpa` with eager steps, that `sdpa_packed` would attend its packed
+    sequences apart (the same numbers, less time: docs/multijob.md, "Padding-free steps")."""
+    if padding_free and attention == "sdpa" and not compiled:
+        logger.info("padding_free=True with attn_implementation='sdpa': each packed row's attention spans the whole "
+                    "row. After `import peft_mole`, attn_implementation=%r computes each sequence's attention "
+                    "apart (the same outputs, less time).", PACKED_SDPA)
 
 
 def keeps_sequences_apart(attention: str | None, compiled: bool) -> bool:

@@ -4,13 +4,15 @@ packed row is transformers' `sdpa` unchanged."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from peft_mole import PACKED_SDPA, packed_attention
-from peft_mole.packed_attention import chunk_bounds, keeps_sequences_apart
+from peft_mole.packed_attention import chunk_bounds, keeps_sequences_apart, suggest_packed_attention
 from tests.helpers import one_layer_base, tiny_base
 
 LENGTHS = [5, 40, 3, 70, 17, 1, 26]  # in chunks of at most 32 tokens: [5], [40], [3], [70], [17, 1], [26]
@@ -163,3 +165,14 @@ def test_which_attentions_keep_packed_sequences_apart():
     assert not keeps_sequences_apart(PACKED_SDPA, compiled=True)
     assert not keeps_sequences_apart("sdpa", compiled=False)
     assert not keeps_sequences_apart(None, compiled=False)
+
+
+def test_a_padding_free_run_on_sdpa_is_told_of_the_packed_attention(caplog):
+    with caplog.at_level(logging.INFO, logger="peft_mole.packed_attention"):
+        for attention, padding_free, compiled in [("sdpa", True, True), ("sdpa", False, False),
+                                                  (PACKED_SDPA, True, False), ("flash_attention_2", True, False)]:
+            suggest_packed_attention(attention, padding_free, compiled)
+        assert not caplog.records
+        suggest_packed_attention("sdpa", True, False)
+    assert len(caplog.records) == 1 and "attn_implementation='sdpa_packed'" in caplog.records[0].getMessage()
+
