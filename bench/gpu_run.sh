@@ -3,7 +3,7 @@
 # Writes each script's output to $OUT (or bench/results/gpu when OUT is unset). Each step has its own time limit,
 # so one slow or failing script leaves the others' figures intact.
 # Usage: bash bench/gpu_run.sh [tests medium medium_autocast profile multijob multijob_fused multijob_compiled multijob_packed
-# job_optimizer grouped memory_model generate compiled_generate compiled_train fused_chain].
+# packed_attention job_optimizer grouped memory_model generate compiled_generate compiled_train fused_chain].
 # Default: medium_autocast multijob_fused profile tests medium multijob generate (the new figures first, re-measures
 # last); the others need calls of their own (the medium shape compiles for minutes). Needs CUDA, and peft and
 # transformers as docs/gpu.md, "Setup", installs them. Run from the repository's root. Exit status 1 if a part failed
@@ -50,6 +50,8 @@ for part in "${parts[@]}"; do
             --jobs 4 8 --repeats 5 --optim adamw_torch_fused --compile --compile-mode reduce-overhead --compare-layouts ;;
         multijob_packed) run 300 multijob_packed_medium.jsonl python3 bench/multijob_speedup.py --shape medium \
             --jobs 4 --repeats 5 --optim adamw_torch_fused --compile --packed ;;
+        packed_attention) run 150 packed_attention_medium.jsonl python3 bench/packed_attention.py --shape medium \
+            --repeats 5 --chunk-tokens 512 2048 ;;
         job_optimizer) run 60 job_optimizer_medium.jsonl python3 bench/job_optimizer.py --shapes medium --repeats 200 ;;
         grouped) run 30 grouped_cuda.jsonl python3 bench/grouped_products.py --repeats 20 ;;
         memory_model) run 150 memory_model_medium.jsonl python3 bench/memory_model_error.py --shape medium \

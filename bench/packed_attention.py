@@ -9,7 +9,11 @@ Cases (the row holds about the shape's batch × length tokens):
   seed 0 until the row holds the tokens.
 Model: the shape's random Llama with PEFT LoRA (BENCH.md's r 16 on q,k,v,o,gate,up,down), dropout 0.05; a step is
 forward + backward + AdamW, interleaved over the three layouts.
+--chunk-tokens C1 C2 ... also times `sdpa_packed` with other chunk sizes than its default (`CHUNK_TOKENS`, measured
+on the CPU) in the same rounds; the row's `chunk_ratios` gives each one's step over the masked row's (for a GPU,
+where each chunk is a kernel launch).
 Usage: python bench/packed_attention.py [--shape small] [--cases equal long_tailed] [--repeats 10]
+       [--chunk-tokens 128 512 2048]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from common import (
     device,
     emit,
     lora_config,
+    positive_int,
     record,
     setup_threads,
     step_parser,
@@ -33,7 +38,7 @@ from common import (
 from peft import get_peft_model
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from peft_mole import PACKED_SDPA
+from peft_mole import PACKED_SDPA, packed_attention
 
 CASES = ("equal", "long_tailed")
 
@@ -70,9 +75,23 @@ def model_with(shape: str, attention: str):
     return get_peft_model(base, lora_config())
 
 
+def with_chunks(chunk_tokens: int, step):
+    """`step` with `sdpa_packed`'s chunks of at most `chunk_tokens` tokens."""
+    def chunked_step() -> None:
+        default, packed_attention.CHUNK_TOKENS = packed_attention.CHUNK_TOKENS, chunk_tokens
+        try:
+            step()
+        finally:
+            packed_attention.CHUNK_TOKENS = default
+
+    return chunked_step
+
+
 def main() -> None:
     parser = step_parser()
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--chunk-tokens", nargs="+", type=positive_int, default=[],
+                        help="other chunk sizes of sdpa_packed to time (its default is always timed)")
     args = parser.parse_args()
     setup_threads()
     for case in args.cases:
@@ -82,6 +101,8 @@ def main() -> None:
         steps = {"packed_sdpa_mask": train_step_fn(models["sdpa"], packed),
                  "packed_sdpa_packed": train_step_fn(models[PACKED_SDPA], packed),
                  "padded_rows": train_step_fn(model_with(args.shape, "sdpa"), padded)}
+        for chunk in args.chunk_tokens:
+            steps[f"packed_sdpa_packed_c{chunk}"] = with_chunks(chunk, steps["packed_sdpa_packed"])
         times = time_interleaved(steps, repeats=args.repeats)
         tokens = sum(lengths)
         for impl, seconds in times.items():
@@ -94,7 +115,10 @@ def main() -> None:
               "ratio_min": min(times["packed_sdpa_packed"]) / min(times["packed_sdpa_mask"]),
               "packed_ms": median["packed_sdpa_packed"] * 1e3, "masked_ms": median["packed_sdpa_mask"] * 1e3,
               "padded_ms": median["padded_rows"] * 1e3,
-              "padded_vs_packed": median["padded_rows"] / median["packed_sdpa_packed"]})
+              "padded_vs_packed": median["padded_rows"] / median["packed_sdpa_packed"],
+              "chunk_tokens": packed_attention.CHUNK_TOKENS,
+              **({"chunk_ratios": {chunk: median[f"packed_sdpa_packed_c{chunk}"] / median["packed_sdpa_mask"]
+                                   for chunk in args.chunk_tokens}} if args.chunk_tokens else {})})
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ SCRIPTS = {
                          "aot_eager"],  # inductor's decoding: tests/tuners/test_compiled_decoding.py
     "pad_fraction": ["--shape", "tiny", "--jobs", "2", "--steps", "2"],
     "grouped_products": ["--repeats", "1"],
-    "packed_attention": ["--shape", "tiny", "--repeats", "1"],
+    "packed_attention": ["--shape", "tiny", "--repeats", "1", "--chunk-tokens", "16"],
     "host_time": ["--jobs", "2", "--repeats", "2"],
     "job_optimizer": ["--shapes", "tiny", "--repeats", "2"],
     # Dynamo's graphs and breaks, as inductor gets them (inductor's code: test_compiled_training.py's SFT run)
@@ -297,7 +297,8 @@ def test_packed_attention_bench_times_both_attentions_and_padded_rows(rows):
     assert summary["long_tailed"]["padded_tokens"] > summary["long_tailed"]["tokens"] >= 2 * 32
     steps = {(row["case"], row["impl"]) for row in rows["packed_attention"] if row["name"] == "packed_attention_step"}
     assert steps == {(case, impl) for case in ("equal", "long_tailed")
-                     for impl in ("packed_sdpa_mask", "packed_sdpa_packed", "padded_rows")}
+                     for impl in ("packed_sdpa_mask", "packed_sdpa_packed", "packed_sdpa_packed_c16", "padded_rows")}
+    assert all(list(row["chunk_ratios"]) == ["16"] and row["chunk_tokens"] == 128 for row in summary.values())
 
 
 def test_every_ratio_row_records_the_command_that_made_it_and_the_commit(rows, tmp_path):
