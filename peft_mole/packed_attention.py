@@ -6,19 +6,24 @@ causal mask and SDPA scores every (query, key) pair of the row: T² pairs, where
 (flash attention's varlen kernels do that, on a GPU with the `flash-attn` package only).
 
 `sdpa_packed` runs transformers' own `sdpa_attention_forward` over chunks of consecutive whole sequences, each of at
-most C = `CHUNK_TOKENS` tokens or one sequence longer than that:
-- a chunk of one sequence is causal (`is_causal=True`, so SDPA's kernel skips the upper triangle);
-- a chunk of several takes the block-diagonal causal mask of its own sequences (c × c, c ≤ C).
-So at most Σ_chunks c² ≤ T·C + Σ_{L_i > C} L_i² pairs are scored, and at most T/C + n calls made. Each query still
-attends to exactly its own sequence's earlier keys, so the outputs are the masked row's, up to the rounding of a
-softmax over fewer (masked-out) terms.
+most C = `CHUNK_TOKENS` tokens or one sequence longer than that. A chunk takes its diagonal block of the mask
+transformers built for the row (a sliding window, chunked attention or padding inside it stay), restricted to each
+sequence's own earlier keys; a chunk of one sequence that is plainly causal runs SDPA's causal kernel
+(`is_causal=True`, which skips the upper triangle). So at most Σ_chunks c² ≤ T·C + Σ_{L_i > C} L_i² pairs are
+scored, in at most T/C + n calls. Each query attends to exactly the keys the row's block-diagonal mask allows it,
+so the outputs are the masked row's, up to the rounding of a softmax over fewer (masked-out) terms. Where
+transformers builds no block-diagonal mask (a forward that makes a cache: `use_cache` left on, which TRL and
+Trainer turn off for training), `sdpa` lets the sequences attend to each other; `sdpa_packed` keeps them apart, as
+flash attention's varlen kernels do.
 
 The sequences are the batch's `cu_seq_lens_q` (TRL's padding-free collator and peft-mole's packed mixed steps pass
 them, as flash attention takes them), else where the `position_ids` restart (as transformers finds packed sequences
-for its mask). Everything else is `sdpa` as it is: padded batches (several rows), generation with a cache, a row of
-one sequence, attention with a position bias, a sliding window shorter than a sequence (Mistral, Qwen2), and any
-step under `torch.compile` (the chunks are read on the host, which a graph cannot do without a break per layer).
-transformers' `sdpa` mask is registered for the name, so those cases get exactly `sdpa`'s mask.
+for its mask). They are read from the device once per step and mask (a plan per step, kept while its tensors live).
+Everything else is `sdpa` itself, with its mask: several rows (padded batches), decoding and a prefill after cached
+tokens (more keys than queries), a row of one sequence, a non-causal call (`is_causal=False`), a position bias, a
+float mask, a sliding window without a mask that is shorter than a sequence, and any step under `torch.compile`
+(the chunks are read on the host, which a graph cannot do without a break per layer). transformers' `sdpa` mask is
+registered for the name.
 
 Measured on the CPU (`python bench/packed_attention.py`; docs/multijob.md, "Padding-free steps").
 """
@@ -38,45 +43,85 @@ logger = logging.getLogger(__name__)
 PACKED_SDPA = "sdpa_packed"
 CHUNK_TOKENS = 128  # C: fastest or within 15 % of it over four length mixes of ~1k tokens on the CPU (64–512 tried)
 
-_last_bounds: tuple[weakref.ref, int, list[int]] | None = None  # (tensor, its version, bounds): read once per step
+Plan = list[tuple[int, int, "torch.Tensor | None"]]  # per chunk: start, end, its mask (None: causal)
+_PLANS: dict[tuple[int, int, int], tuple] = {}  # chunk plans by (sequences' tensor, mask, C): made once per step
+_KEPT_PLANS = 8  # (a model of sliding and full layers has two masks per step)
 
 
-def sequence_bounds(query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> list[int] | None:
-    """[0, end_1, …, T]: the ends of the packed row's sequences, or None where `sdpa_packed` is plain `sdpa` (see the
-    module's docstring). Read on the host once per step: every layer gets the same `cu_seq_lens_q` or
-    `position_ids` tensor."""
+def chunk_plan(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+               attention_mask: torch.Tensor | None, kwargs: dict) -> Plan | None:
+    """The chunks of a packed row, or None where `sdpa_packed` is plain `sdpa` (see the module's docstring). Made
+    once per step and mask (every layer gets the same `cu_seq_lens_q` or `position_ids` and the same mask)."""
     tokens = query.shape[2]
     if (query.shape[0] != 1 or key.shape[2] != tokens or tokens < 2 or kwargs.get("position_bias") is not None
+            or kwargs.get("is_causal") is False or not getattr(module, "is_causal", True)
             or torch.compiler.is_compiling()):
         return None
-    ends = kwargs.get("cu_seq_lens_q")
-    if ends is not None:
-        bounds = _host_bounds(ends, tokens, from_positions=False)
-    else:
-        positions = kwargs.get("position_ids")
-        if positions is None or positions.shape != (1, tokens):
-            return None
-        bounds = _host_bounds(positions, tokens, from_positions=True)
-    if bounds is None or len(bounds) < 3 or bounds[0] != 0 or bounds[-1] != tokens:
-        return None  # one sequence, or bounds that do not describe this row: the masked row decides
-    window = kwargs.get("sliding_window")  # a key is seen while q − k < window: all of a sequence if L ≤ window
-    if window is not None and max(end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)) > window:
+    if attention_mask is not None and not (attention_mask.dtype == torch.bool and attention_mask.dim() == 4
+                                           and tuple(attention_mask.shape[-2:]) == (tokens, tokens)):
+        return None  # a float (additive) mask, or one of another shape: the masked row decides
+    from_positions = kwargs.get("cu_seq_lens_q") is None
+    source = kwargs.get("position_ids") if from_positions else kwargs["cu_seq_lens_q"]
+    if source is None or (from_positions and tuple(source.shape) != (1, tokens)):
         return None
-    return bounds
+    plan_key = (id(source), id(attention_mask), CHUNK_TOKENS)
+    kept = _PLANS.get(plan_key)
+    if kept is not None and _same(kept[0], source) and _same(kept[1], attention_mask):
+        return kept[2]
+    plan = _make_plan(source, attention_mask, tokens, kwargs.get("sliding_window"), from_positions)
+    if not (source.is_inference() or (attention_mask is not None and attention_mask.is_inference())):
+        for stale in [k for k, (reference, *_) in _PLANS.items() if reference[0]() is None]:
+            del _PLANS[stale]  # (their step is over: the tensors are gone)
+        _PLANS[plan_key] = (_reference(source), _reference(attention_mask), plan)
+        while len(_PLANS) > _KEPT_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))
+    return plan
 
 
-def _host_bounds(tensor: torch.Tensor, tokens: int, from_positions: bool) -> list[int] | None:
-    global _last_bounds
-    if _last_bounds is not None and _last_bounds[0]() is tensor and _last_bounds[1] == tensor._version:
-        return _last_bounds[2]
-    if from_positions:  # a sequence starts where the position does not follow its predecessor's
-        row = tensor[0]
-        starts = torch.nonzero(row[1:] != row[:-1] + 1).flatten() + 1
-        bounds = [0, *starts.tolist(), tokens]
-    else:
-        bounds = [int(end) for end in tensor.tolist()]
-    _last_bounds = (weakref.ref(tensor), tensor._version, bounds)
-    return bounds
+def _reference(tensor: torch.Tensor | None) -> tuple | None:
+    return None if tensor is None else (weakref.ref(tensor), tensor._version)
+
+
+def _same(reference: tuple | None, tensor: torch.Tensor | None) -> bool:
+    """Whether `tensor` is the one `_reference` noted, unchanged since (not modified in place)."""
+    if reference is None or tensor is None:
+        return reference is None and tensor is None
+    return reference[0]() is tensor and reference[1] == tensor._version
+
+
+def sequence_bounds(source: torch.Tensor, tokens: int, from_positions: bool) -> list[int]:
+    """[0, end_1, …, T]: `cu_seq_lens_q` as a list, or, from `position_ids`, the ends of the runs of consecutive
+    positions (a sequence starts where a position does not follow its predecessor's, as transformers finds packed
+    sequences). A read from the device."""
+    if not from_positions:
+        return [int(end) for end in source.tolist()]
+    row = source[0]
+    starts = torch.nonzero(row[1:] != row[:-1] + 1).flatten() + 1
+    return [0, *starts.tolist(), tokens]
+
+
+def _make_plan(source: torch.Tensor, attention_mask: torch.Tensor | None, tokens: int, window: int | None,
+               from_positions: bool) -> Plan | None:
+    bounds = sequence_bounds(source, tokens, from_positions)
+    if len(bounds) < 3 or bounds[0] != 0 or bounds[-1] != tokens or any(
+            end <= start for start, end in zip(bounds[:-1], bounds[1:], strict=True)):
+        return None  # one sequence, or bounds that do not describe this row: the masked row decides
+    longest = max(end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True))
+    if attention_mask is None and window is not None and longest > window:
+        return None  # (a key is seen while q − k < window: all of a sequence where L ≤ window)
+    plan: Plan = []
+    for chunk in chunk_bounds(bounds, CHUNK_TOKENS):
+        start, end = chunk[0], chunk[-1]
+        if len(chunk) == 2 and attention_mask is None:
+            plan.append((start, end, None))  # one sequence: causal (SDPA's causal kernel skips the upper triangle)
+            continue
+        apart = torch.block_diag(*[torch.ones(b - a, b - a, dtype=torch.bool, device=source.device).tril_()
+                                   for a, b in zip(chunk[:-1], chunk[1:], strict=True)])[None, None]
+        mask = apart if attention_mask is None else attention_mask[..., start:end, start:end] & apart
+        if len(chunk) == 2 and torch.equal(mask, apart.expand_as(mask)):
+            mask = None  # one sequence that the mask leaves plainly causal
+        plan.append((start, end, mask))
+    return plan
 
 
 def chunk_bounds(bounds: list[int], chunk_tokens: int) -> list[list[int]]:
@@ -100,29 +145,18 @@ def chunk_bounds(bounds: list[int], chunk_tokens: int) -> list[list[int]]:
     return chunks
 
 
-def _block_causal_mask(chunk: list[int], device: torch.device) -> torch.Tensor:
-    """(1, 1, c, c) bool: query i may attend to key j when both are in one sequence of the chunk and j ≤ i."""
-    lengths = torch.tensor([end - start for start, end in zip(chunk[:-1], chunk[1:], strict=True)], device=device)
-    sequence = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
-    position = torch.arange(sequence.numel(), device=device)
-    allowed = (sequence[:, None] == sequence[None, :]) & (position[:, None] >= position[None, :])
-    return allowed[None, None]
-
-
 def packed_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                   value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
                                   scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query (1, heads, T, d), key and value (1, kv heads, T, d);
     returns (1, T, heads, d) as `sdpa_attention_forward` does."""
-    bounds = sequence_bounds(query, key, kwargs) if getattr(module, "is_causal", True) else None
-    if bounds is None:
+    plan = chunk_plan(module, query, key, attention_mask, kwargs)
+    if plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     kwargs.pop("is_causal", None)
     outputs = []
-    for chunk in chunk_bounds(bounds, CHUNK_TOKENS):
-        start, end = chunk[0], chunk[-1]
-        mask = None if len(chunk) == 2 else _block_causal_mask(chunk, query.device)
+    for start, end, mask in plan:
         output, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
                                            value[:, :, start:end], mask, dropout=dropout, scaling=scaling,
                                            is_causal=True, **kwargs)
@@ -146,6 +180,13 @@ def suggest_packed_attention(attention: str | None, padding_free: bool, compiled
         logger.info("padding_free=True with attn_implementation='sdpa': each packed row's attention spans the whole "
                     "row. After `import peft_mole`, attn_implementation=%r computes each sequence's attention "
                     "apart (the same outputs, less time).", PACKED_SDPA)
+
+
+def isolates_non_finite(attention: str | None) -> bool:
+    """Whether a NaN in one packed sequence's keys or values stays in it: flash attention's varlen kernels compute
+    each sequence alone. `sdpa_packed`'s chunks of several sequences are masked SDPA, where masked-out NaN values
+    still reach the other sequences' outputs (0 · NaN), as over a whole masked row."""
+    return "flash" in str(attention)
 
 
 def keeps_sequences_apart(attention: str | None, compiled: bool) -> bool:

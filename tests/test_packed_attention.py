@@ -5,6 +5,7 @@ packed row is transformers' `sdpa` unchanged."""
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -65,10 +66,10 @@ def test_packed_rows_give_sdpas_outputs_and_gradients(family, monkeypatch):
     assert max(p.grad.abs().max().item() for p in packed.parameters()) > 1e-3
 
 
-@pytest.mark.parametrize("window,chunked", [(16, False), (70, True)])
-def test_a_sliding_window_shorter_than_a_sequence_takes_the_masked_row(window, chunked, monkeypatch):
-    """Mistral's window: a key is seen while q − k < window. Where every sequence fits in it (70: the longest) the
-    chunks are exact; where one does not (16) the masked row, window included, runs as in `sdpa`."""
+@pytest.mark.parametrize("window", [16, 70])
+def test_a_sliding_window_is_kept_within_each_chunk(window, monkeypatch):
+    """Mistral's window (a key is seen while q − k < window) comes in transformers' mask, whose slice each chunk
+    takes: the chunks give the masked row's logits whether the window is shorter than a sequence (16) or not."""
     calls = []
     real = packed_attention.sdpa_attention_forward
     monkeypatch.setattr(packed_attention, "sdpa_attention_forward",
@@ -78,7 +79,67 @@ def test_a_sliding_window_shorter_than_a_sequence_takes_the_masked_row(window, c
     packed = with_attention(tiny_base("mistral", sliding_window=window), PACKED_SDPA)
     torch.testing.assert_close(packed(**batch, use_cache=False).logits, reference(**batch, use_cache=False).logits,
                                atol=1e-5, rtol=1e-5)
-    assert (max(calls) < sum(LENGTHS)) == chunked
+    assert calls == [118, 44] * 2  # chunks of at most 128 tokens: [5, 40, 3, 70], [17, 1, 26]
+
+
+def attention_inputs(tokens: int = 20, batch: int = 1, seed: int = 0) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, 4, tokens, 16, generator=gen) for _ in range(3))
+
+
+@pytest.mark.parametrize("case", ["not causal", "is_causal=False", "position bias", "float mask", "two rows",
+                                  "keys after a cache", "one sequence", "window shorter than a sequence"])
+def test_what_is_not_a_packed_row_of_causal_sequences_runs_sdpa_over_the_row(case, monkeypatch):
+    calls = []
+    real = packed_attention.sdpa_attention_forward
+    monkeypatch.setattr(packed_attention, "sdpa_attention_forward",
+                        lambda module, query, *a, **k: calls.append(query.shape[2]) or real(module, query, *a, **k))
+    module = SimpleNamespace(is_causal=case != "not causal")
+    query, key, value = attention_inputs(batch=2 if case == "two rows" else 1)
+    positions = torch.tensor([[*range(8), *range(12)]]) if case != "one sequence" else torch.arange(20)[None]
+    kwargs = {"position_ids": positions, "is_causal": False if case == "is_causal=False" else None,
+              "position_bias": torch.zeros(1, 4, 20, 20) if case == "position bias" else None,
+              "sliding_window": 8 if case == "window shorter than a sequence" else None}
+    mask = torch.zeros(1, 1, 20, 20) if case == "float mask" else None
+    if case == "keys after a cache":
+        key, value = torch.cat([key, key], dim=2), torch.cat([value, value], dim=2)
+    got, _ = packed_attention.packed_sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    want, _ = real(module, query, key, value, mask, **kwargs)
+    assert calls == [20] and torch.equal(got, want)
+
+
+def test_inference_mode_keeps_the_sequences_apart():
+    """Inference tensors have no version counter: their plans are not kept, and nothing fails."""
+    batch, sequences = packed_batch(seed=4)
+    model = with_attention(tiny_base(), PACKED_SDPA).eval()
+    with torch.inference_mode():
+        got = model(**batch, use_cache=False).logits[0]
+        again = model(**batch, use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=s[None]).logits[0] for s in sequences])
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got, again)
+
+
+def test_a_plan_is_made_once_per_step_and_chunk_size(monkeypatch):
+    """Every layer (and a checkpointed layer's recompute) gets the same tensors: the sequences are read from the
+    device once; a tensor changed in place, or another chunk size, makes a new plan."""
+    reads = []
+    real = packed_attention.sequence_bounds
+    monkeypatch.setattr(packed_attention, "sequence_bounds", lambda *a: reads.append(1) or real(*a))
+    module = SimpleNamespace(is_causal=True)
+    query, key, value = attention_inputs()
+    kwargs = {"position_ids": torch.tensor([[*range(8), *range(12)]])}
+    for _ in range(3):
+        packed_attention.packed_sdpa_attention_forward(module, query, key, value, None, **kwargs)
+    assert len(reads) == 1
+    kwargs["position_ids"][0, 10:] = torch.arange(10)  # three sequences now: 8, 2 and 10 tokens
+    monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 8)
+    calls = []
+    sdpa = packed_attention.sdpa_attention_forward
+    monkeypatch.setattr(packed_attention, "sdpa_attention_forward",
+                        lambda module, query, *a, **k: calls.append(query.shape[2]) or sdpa(module, query, *a, **k))
+    packed_attention.packed_sdpa_attention_forward(module, query, key, value, None, **kwargs)
+    assert len(reads) == 2 and calls == [8, 2, 10]
 
 
 def test_position_ids_alone_give_the_sequences():

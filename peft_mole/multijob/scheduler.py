@@ -82,6 +82,7 @@ class JobScheduler:
         self.max_memory = max_memory
         self.memory_model = MemoryModel()
         self.varlen_attention = False  # packed sequences attended apart (`packed_attention.keeps_sequences_apart`)
+        self.isolates_non_finite = False  # and a NaN kept in its sequence (`packed_attention.isolates_non_finite`)
         self.runs: list[JobRun] = []  # every job of the run (`admit`)
         self.profiled_resident_bytes: float | None = None  # the jobs' optimizer state and gradients when profiled
         self.measured_resident = True  # the profile's peaks hold those bytes (CUDA; not CPU: `profiled`)

@@ -66,7 +66,7 @@ from peft_mole.multijob.trainer_args import (
     without_aux_coefficient,
     without_init_kwargs,
 )
-from peft_mole.packed_attention import keeps_sequences_apart, suggest_packed_attention
+from peft_mole.packed_attention import isolates_non_finite, keeps_sequences_apart, suggest_packed_attention
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             take_accelerate_compile(self)
             attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
             self.job_scheduler.varlen_attention = keeps_sequences_apart(attention, compiled=self.args.torch_compile)
+            self.job_scheduler.isolates_non_finite = isolates_non_finite(attention)
             suggest_packed_attention(attention, bool(getattr(self, "padding_free", False)), self.args.torch_compile)
             self._prepare_job_datasets(jobs, passed_eval, formatting_func)
         except BaseException:
@@ -440,11 +441,11 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         # every job's loss, metrics and token count in one read-back: on a GPU each read syncs the step's kernels
         values = torch.stack([sums[r.name] for r, _ in parts])
         read = dict(zip(losses, values.tolist(), strict=True))
-        # one packed row of several jobs, without a varlen kernel: attention over the whole row (a block-diagonal
-        # mask) turns a diverged job's NaN keys and values (or its NaN output gradients) into NaN for the other
-        # jobs' tokens (0 · NaN), in their losses or their gradients; nothing is added before these checks, so
-        # `_train_parts` retries the jobs in smaller steps until the diverged ones are alone
-        shared_row = len(parts) > 1 and is_packed(parts[0][1]) and not self.job_scheduler.varlen_attention
+        # one packed row of several jobs, without flash's varlen kernels: masked attention (over the whole row, or
+        # sdpa_packed's chunks) turns a diverged job's NaN keys and values (or its NaN output gradients) into NaN for
+        # the other jobs' tokens (0 · NaN), in their losses or their gradients; nothing is added before these
+        # checks, so `_train_parts` retries the jobs in smaller steps until the diverged ones are alone
+        shared_row = len(parts) > 1 and is_packed(parts[0][1]) and not self.job_scheduler.isolates_non_finite
         non_finite = [run for run, _ in parts if not math.isfinite(read[run.name][0])]
         if non_finite and shared_row:
             names = ", ".join(run.name for run in non_finite)
