@@ -121,7 +121,7 @@ def train_step_fn(model, batch: dict[str, torch.Tensor], autocast_dtype: torch.d
 
     def step() -> None:
         with torch.autocast(device().type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            loss = model(**batch).loss
+            loss = model(**batch, use_cache=False).loss  # as Trainer and TRL train (no cache)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

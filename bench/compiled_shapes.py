@@ -85,10 +85,11 @@ def run(shape: str, jobs: int, kind: str, case: str, dynamic: bool, backend: str
                                           "position_ids": positions.repeat(1, mine.shape[1] // seq)}
             batch = packed_mixed_batch(parts)
             ids = batch.input_ids
-            logits = model(**batch.model_inputs()).logits
+            logits = model(**batch.model_inputs(), use_cache=False).logits
         else:
             names = [f"job{i % jobs}" for i in range(rows)]
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names).logits
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names,
+                           use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         torch.autograd.grad(loss, params, allow_unused=True)  # (eager blocks: jobs absent from a step's rows)
         synchronize()

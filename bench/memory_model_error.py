@@ -96,7 +96,7 @@ def main() -> None:
         """A step on (rows, length) ids, row i through job row_jobs[i]: padded rows, or (packed) one packed row in
         the model's job order, as the trainer profiles padding-free training (`batching.profile_inputs`)."""
         def run(ids: torch.Tensor, row_jobs: list[str]) -> None:
-            out = model(**profile_inputs(ids, row_jobs, packed, job_order=list(configs)))
+            out = model(**profile_inputs(ids, row_jobs, packed, job_order=list(configs)), use_cache=False)
             torch.autograd.grad(out.loss, [p for job in dict.fromkeys(row_jobs) for p in params[job]],
                                 allow_unused=True)
         return run

@@ -77,7 +77,8 @@ def base_step_fn(model, batch):
 
     def step() -> None:
         hidden = embed(batch["input_ids"]).detach().requires_grad_()
-        model(inputs_embeds=hidden, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+        model(inputs_embeds=hidden, attention_mask=batch["attention_mask"], labels=batch["labels"],
+              use_cache=False).loss.backward()
 
     return step
 
@@ -118,7 +119,7 @@ def mixed_step_fn(model: MultiJobModel, batch, jobs: list[str], rows_per_job: in
 
     def step() -> None:
         labels = inputs["labels"] if pack else batch["labels"]
-        out = model(**{k: v for k, v in inputs.items() if k != "labels"}, adapter_names=names)
+        out = model(**{k: v for k, v in inputs.items() if k != "labels"}, adapter_names=names, use_cache=False)
         aux = out.get("aux_loss_per_adapter") or {}  # MixLoRA jobs: each job's router loss, as the trainer adds it
         loss = sum(aux.get(job, 0.0) for job in jobs)
         if pack:

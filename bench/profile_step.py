@@ -58,7 +58,7 @@ def single_adapter_step(model, batch):
 
     def step() -> None:
         with record_function("forward"):
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         with record_function("loss"):
             loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(),
                                                      batch["labels"][:, 1:].flatten())
@@ -81,7 +81,7 @@ def mixed_step(model: MultiJobModel, batch, jobs: list[str]):
     def step() -> None:
         with record_function("forward"):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           adapter_names=jobs).logits
+                           adapter_names=jobs, use_cache=False).logits
         with record_function("loss"):
             loss = sum(per_job_losses(logits, batch["labels"], rows).values())
         with record_function("backward"):

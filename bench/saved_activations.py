@@ -34,7 +34,7 @@ def saved_mb(model, batch) -> tuple[float, float]:
 
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(**batch)
+        model(**batch, use_cache=False)
     parameters = sum(size for pointer, size in storages.items() if pointer in own)
     return (sum(storages.values()) - parameters) / 2**20, parameters / 2**20
 
