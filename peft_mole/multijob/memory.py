@@ -140,7 +140,9 @@ class MemoryModel:
 
     def fit(self) -> torch.Tensor:
         """β: [β0, γ_k of `columns[1]`, β1_k of `columns[0]`, β2], by least squares in float64 (features are scaled
-        so that Σ L² does not swamp the rest)."""
+        so that Σ L² does not swamp the rest). β2 ≥ 0: a step's memory does not fall as its rows grow, so a negative
+        β2 (rows whose attention keeps no (L × L) tensor, e.g. packed sequences attended apart: noise) is 0, the rest
+        fitted without it; a prediction past the profiled lengths then grows linearly, not down."""
         layout = self._layout()
         if not self.fitted:
             raise ValueError(f"the memory model needs samples that determine every coefficient: at least "
@@ -150,6 +152,9 @@ class MemoryModel:
         y = torch.tensor([v for _, _, v in self.samples], dtype=torch.float64)
         scale = x.abs().amax(0).clamp(min=1.0)
         solution = torch.linalg.lstsq(x / scale, y.unsqueeze(1)).solution.squeeze(1)
+        if solution[-1] < 0:
+            linear = torch.linalg.lstsq(x[:, :-1] / scale[:-1], y.unsqueeze(1)).solution.squeeze(1)
+            solution = torch.cat([linear, linear.new_zeros(1)])
         self.beta, self.columns = solution / scale, layout
         return self.beta
 

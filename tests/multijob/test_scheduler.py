@@ -52,6 +52,22 @@ def test_memory_model_recovers_a_quadratic_law_and_predicts_unseen_shapes():
     assert max(model.relative_errors()) < 1e-9
 
 
+def test_memory_model_never_fits_memory_that_falls_as_rows_grow():
+    """Samples whose fit would give Σ L² a negative coefficient (here a concave law: 5 % less per token on the
+    longer rows, as no (L × L) tensor is kept) get β2 = 0 and a linear fit, which does not predict less memory for
+    a longer row than for a shorter one."""
+    model = MemoryModel()
+    for rows, length in [(1, 64), (2, 128), (4, 256), (1, 512), (2, 512)]:
+        model.observe([length] * rows, 1e6 + 100.0 * rows * length * (0.95 if length >= 256 else 1.0))
+    beta = model.fit()
+    assert beta[-1] == 0.0 and beta[1] > 0
+    assert model.predict([8192]) > model.predict([4096]) > model.predict([1024])
+    quadratic = MemoryModel()
+    for rows, length in [(1, 64), (2, 128), (4, 256), (1, 512)]:
+        quadratic.observe([length] * rows, 1e6 + 100.0 * rows * length + 0.5 * rows * length**2)
+    assert quadratic.fit()[-1] == pytest.approx(0.5)
+
+
 def test_memory_model_needs_three_shapes():
     model = MemoryModel()
     model.observe([32], 10.0)
