@@ -69,7 +69,8 @@ DESCRIPTIONS = {
                     "{cut_rows_speedup:.2f}× the real tokens/s), + group_by_length sampler {ratio_median:.1%} (the value "
                     "columns; the jobs' own micro-batches: "
                     "{micro_batch_pad_fraction:.1%}); padding_free=True {padding_free:.0%} at "
-                    "{padding_free_speedup:.2f}× length grouping's real tokens/s (SDPA, packed steps){sdpa_packed_note}",
+                    "{padding_free_speedup:.2f}× length grouping's real tokens/s (SDPA, packed steps)"
+                    "{sdpa_packed_note}",
     "eval_throughput": "adapters evaluated per minute, {adapters} in one pass / one at a time ({questions} questions; "
                        "{adapters_per_min_one_pass:.0f} vs {adapters_per_min_one_at_a_time:.0f} per minute)",
 }
