@@ -7,12 +7,12 @@ causal mask and SDPA scores every (query, key) pair of the row: T² pairs, where
 
 `sdpa_packed` runs transformers' own `sdpa_attention_forward` over chunks of consecutive whole sequences, each of at
 most C = `CHUNK_TOKENS` tokens or one sequence longer than that. A chunk takes its diagonal block of the mask
-transformers built for the row (a sliding window, chunked attention or padding inside it stay), restricted to each
-sequence's own earlier keys; a chunk of one sequence that is plainly causal runs SDPA's causal kernel
-(`is_causal=True`, which skips the upper triangle). So at most Σ_chunks c² ≤ T·C + Σ_{L_i > C} L_i² pairs are
-scored, in at most T/C + n calls. Each query attends to exactly the keys the row's block-diagonal mask allows it,
-so the outputs are the masked row's, up to the rounding of a softmax over fewer (masked-out) terms. Where
-transformers builds no block-diagonal mask (a forward that makes a cache: `use_cache` left on, which TRL and
+transformers built for the row (a sliding window, chunked attention, padding, or spans that see ahead, as Gemma 3's
+image tokens, stay), restricted to each sequence's own keys; a chunk of one sequence that is plainly causal runs
+SDPA's causal kernel (`is_causal=True`, which skips the upper triangle). So at most Σ_chunks c² ≤ T·C + Σ_{L_i > C}
+L_i² pairs are scored, in at most T/C + n calls. Each query attends to exactly the keys the row's block-diagonal
+mask allows it, so the outputs are the masked row's, up to the rounding of a softmax over fewer (masked-out) terms.
+Where transformers builds no block-diagonal mask (a forward that makes a cache: `use_cache` left on, which TRL and
 Trainer turn off for training), `sdpa` lets the sequences attend to each other; `sdpa_packed` keeps them apart, as
 flash attention's varlen kernels do.
 
@@ -64,17 +64,19 @@ def chunk_plan(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     source = kwargs.get("position_ids") if from_positions else kwargs["cu_seq_lens_q"]
     if source is None or (from_positions and tuple(source.shape) != (1, tokens)):
         return None
-    plan_key = (id(source), id(attention_mask), CHUNK_TOKENS)
+    window = kwargs.get("sliding_window")
+    plan_key = (id(source), id(attention_mask), CHUNK_TOKENS, window)
     kept = _PLANS.get(plan_key)
     if kept is not None and _same(kept[0], source) and _same(kept[1], attention_mask):
         return kept[2]
-    plan = _make_plan(source, attention_mask, tokens, kwargs.get("sliding_window"), from_positions)
+    for old_key, (source_kept, mask_kept, _) in list(_PLANS.items()):  # (a copy: other threads may add plans)
+        if source_kept[0]() is None or (mask_kept is not None and mask_kept[0]() is None):
+            _PLANS.pop(old_key, None)  # its step is over (its tensors are gone): its masks go before new ones come
+    plan = _make_plan(source, attention_mask, tokens, window, from_positions, query.device)
     if not (source.is_inference() or (attention_mask is not None and attention_mask.is_inference())):
-        for stale in [k for k, (reference, *_) in _PLANS.items() if reference[0]() is None]:
-            del _PLANS[stale]  # (their step is over: the tensors are gone)
         _PLANS[plan_key] = (_reference(source), _reference(attention_mask), plan)
         while len(_PLANS) > _KEPT_PLANS:
-            _PLANS.pop(next(iter(_PLANS)))
+            _PLANS.pop(next(iter(_PLANS)), None)
     return plan
 
 
@@ -101,7 +103,7 @@ def sequence_bounds(source: torch.Tensor, tokens: int, from_positions: bool) -> 
 
 
 def _make_plan(source: torch.Tensor, attention_mask: torch.Tensor | None, tokens: int, window: int | None,
-               from_positions: bool) -> Plan | None:
+               from_positions: bool, device: torch.device) -> Plan | None:
     bounds = sequence_bounds(source, tokens, from_positions)
     if len(bounds) < 3 or bounds[0] != 0 or bounds[-1] != tokens or any(
             end <= start for start, end in zip(bounds[:-1], bounds[1:], strict=True)):
@@ -115,11 +117,15 @@ def _make_plan(source: torch.Tensor, attention_mask: torch.Tensor | None, tokens
         if len(chunk) == 2 and attention_mask is None:
             plan.append((start, end, None))  # one sequence: causal (SDPA's causal kernel skips the upper triangle)
             continue
-        apart = torch.block_diag(*[torch.ones(b - a, b - a, dtype=torch.bool, device=source.device).tril_()
-                                   for a, b in zip(chunk[:-1], chunk[1:], strict=True)])[None, None]
-        mask = apart if attention_mask is None else attention_mask[..., start:end, start:end] & apart
-        if len(chunk) == 2 and torch.equal(mask, apart.expand_as(mask)):
-            mask = None  # one sequence that the mask leaves plainly causal
+        blocks = [torch.ones(b - a, b - a, dtype=torch.bool, device=device)
+                  for a, b in zip(chunk[:-1], chunk[1:], strict=True)]
+        if attention_mask is None:  # several sequences, each causal
+            mask = torch.block_diag(*[block.tril_() for block in blocks])[None, None]
+        else:  # the row's mask within each sequence: its causality, window, padding, or spans that see ahead
+            mask = attention_mask[..., start:end, start:end] & torch.block_diag(*blocks)[None, None]
+            causal = torch.ones(end - start, end - start, dtype=torch.bool, device=device).tril_()
+            if len(chunk) == 2 and torch.equal(mask, causal.expand_as(mask)):
+                mask = None  # one sequence that the mask leaves plainly causal: SDPA's causal kernel
         plan.append((start, end, mask))
     return plan
 

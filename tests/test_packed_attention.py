@@ -120,6 +120,41 @@ def test_inference_mode_keeps_the_sequences_apart():
     assert torch.equal(got, again)
 
 
+def test_a_mask_that_lets_a_sequence_see_ahead_is_kept_within_it(monkeypatch):
+    """Spans that attend both ways (Gemma 3's image tokens) come in the row's mask: each chunk keeps them, and only
+    what crosses from one sequence to another is cut."""
+    module = SimpleNamespace(is_causal=True)
+    query, key, value = attention_inputs()
+    positions = torch.tensor([[*range(8), *range(12)]])
+    sequence = torch.tensor([0] * 8 + [1] * 12)
+    index = torch.arange(20)
+    allowed = (sequence[:, None] == sequence[None, :]) & (index[:, None] >= index[None, :])
+    allowed[2:6, 2:6] = True  # tokens 2..5 of the first sequence see each other
+    allowed[12:15, 12:15] = True  # and 4..6 of the second
+    mask = allowed[None, None]
+    monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 8)  # the first sequence a chunk of its own, not causal
+    got, _ = packed_attention.packed_sdpa_attention_forward(module, query, key, value, mask, position_ids=positions)
+    want, _ = packed_attention.sdpa_attention_forward(module, query, key, value, mask)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    plan = packed_attention.chunk_plan(module, query, key, mask, {"position_ids": positions})
+    assert [(start, end, mask is None) for start, end, mask in plan] == [(0, 8, False), (8, 20, False)]
+
+
+def test_a_plan_is_made_anew_for_sequences_changed_in_place(monkeypatch):
+    reads = []
+    real = packed_attention.sequence_bounds
+    monkeypatch.setattr(packed_attention, "sequence_bounds", lambda *a: reads.append(1) or real(*a))
+    module = SimpleNamespace(is_causal=True)
+    query, key, value = attention_inputs()
+    positions = torch.tensor([[*range(8), *range(12)]])
+    first = packed_attention.chunk_plan(module, query, key, None, {"position_ids": positions})
+    assert packed_attention.chunk_plan(module, query, key, None, {"position_ids": positions}) is first
+    positions[0, 10:] = torch.arange(10)
+    plan = packed_attention.chunk_plan(module, query, key, None, {"position_ids": positions})
+    assert len(reads) == 2 and [(start, end) for start, end, _ in plan] == [(0, 20)]  # one chunk of 8, 2 and 10
+    assert first[0][2][0, 0, 10, 8] and not plan[0][2][0, 0, 10, 8]  # token 10 now starts a sequence
+
+
 def test_a_plan_is_made_once_per_step_and_chunk_size(monkeypatch):
     """Every layer (and a checkpointed layer's recompute) gets the same tensors: the sequences are read from the
     device once; a tensor changed in place, or another chunk size, makes a new plan."""
