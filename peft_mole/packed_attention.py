@@ -195,6 +195,16 @@ def isolates_non_finite(attention: str | None) -> bool:
     return "flash" in str(attention)
 
 
+ROW_MASK_TOKENS = 8192  # a packed step's most tokens under sdpa_packed: transformers' (T × T) bool mask, 64 MB
+
+
+def packed_row_tokens(attention: str | None) -> int | None:
+    """The most tokens a multi-job packed step should hold where the attention keeps sequences apart: flash attention
+    builds no row mask (None: no limit); `sdpa_packed` gets transformers' (T × T) boolean mask, so its rows are kept
+    to `ROW_MASK_TOKENS` (or the longest micro-batch, `JobScheduler.group_packed`)."""
+    return None if "flash" in str(attention) else ROW_MASK_TOKENS
+
+
 def keeps_sequences_apart(attention: str | None, compiled: bool) -> bool:
     """Whether the model's attention computes a packed row's sequences apart (cost Σ L_i², not T²): flash attention's
     varlen kernels, and `sdpa_packed` where the step is not compiled."""

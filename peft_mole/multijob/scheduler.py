@@ -20,6 +20,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 
+from peft_mole import packed_attention
 from peft_mole.multijob.batching import is_packed, row_lengths, take_rows
 from peft_mole.multijob.memory import MemoryModel
 from peft_mole.multijob.run import FAILED, RUNNING, WAITING, JobRun
@@ -83,6 +84,7 @@ class JobScheduler:
         self.memory_model = MemoryModel()
         self.varlen_attention = False  # packed sequences attended apart (`packed_attention.keeps_sequences_apart`)
         self.isolates_non_finite = False  # and a NaN kept in its sequence (`packed_attention.isolates_non_finite`)
+        self.packed_row_tokens: int | None = None  # with varlen_attention: a step's most tokens (None: no limit)
         self.runs: list[JobRun] = []  # every job of the run (`admit`)
         self.profiled_resident_bytes: float | None = None  # the jobs' optimizer state and gradients when profiled
         self.measured_resident = True  # the profile's peaks hold those bytes (CUDA; not CPU: `profiled`)
@@ -211,18 +213,30 @@ class JobScheduler:
             groups.append(group)
         return groups
 
+    def set_attention(self, attention: str | None, compiled: bool) -> None:
+        """Take the model's attention implementation (`config._attn_implementation`) for packed steps: whether it
+        keeps the sequences apart (`varlen_attention`), up to how many tokens a step (`packed_row_tokens`), and
+        whether a NaN stays in its sequence (`isolates_non_finite`); see `peft_mole.packed_attention`."""
+        self.varlen_attention = packed_attention.keeps_sequences_apart(attention, compiled)
+        self.packed_row_tokens = packed_attention.packed_row_tokens(attention)
+        self.isolates_non_finite = packed_attention.isolates_non_finite(attention)
+
     def group_packed(self, parts: list[tuple[JobRun, dict]]) -> list[list[tuple[JobRun, dict]]]:
         """Steps for packed (padding-free) micro-batches: each step concatenates its micro-batches into one row.
 
         With an attention that computes each sequence apart (`varlen_attention`: flash attention's varlen kernels,
-        or `sdpa_packed` on eager steps) all of them go in one step. Without one (SDPA, eager, `sdpa_packed` under
+        or `sdpa_packed` on eager steps) all of them go in one step, up to `packed_row_tokens` (`sdpa_packed`: its
+        row still gets transformers' (T × T) mask, T² bytes). Without one (SDPA, eager, `sdpa_packed` under
         torch.compile), a packed row's attention is computed over the whole row with a block-diagonal mask, so its cost
         and the mask grow with the square of the row's length: the micro-batches are then put, whole, into steps of at
-        most the longest one's tokens (first-fit decreasing), so no step's attention is longer than one job's alone."""
-        if self.varlen_attention or len(parts) < 2:
-            return [parts]
+        most the longest one's tokens. Both by first-fit decreasing; a longer micro-batch is a step of its own, so no
+        step's attention is longer than one job's alone or the limit."""
         sizes = [batch["input_ids"].shape[1] for _, batch in parts]
-        capacity = max(sizes)
+        capacity = max(sizes, default=0)
+        if self.varlen_attention:
+            capacity = max(capacity, self.packed_row_tokens) if self.packed_row_tokens is not None else sum(sizes)
+        if sum(sizes) <= capacity or len(parts) < 2:
+            return [parts]
         bins: list[tuple[int, list[int]]] = []  # (tokens, part indices)
         for k in sorted(range(len(parts)), key=lambda k: -sizes[k]):
             for b, (tokens, members) in enumerate(bins):

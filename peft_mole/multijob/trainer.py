@@ -66,7 +66,7 @@ from peft_mole.multijob.trainer_args import (
     without_aux_coefficient,
     without_init_kwargs,
 )
-from peft_mole.packed_attention import isolates_non_finite, keeps_sequences_apart, suggest_packed_attention
+from peft_mole.packed_attention import suggest_packed_attention
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +159,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             check_distributed(self)
             take_accelerate_compile(self)
             attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-            self.job_scheduler.varlen_attention = keeps_sequences_apart(attention, compiled=self.args.torch_compile)
-            self.job_scheduler.isolates_non_finite = isolates_non_finite(attention)
+            self.job_scheduler.set_attention(attention, compiled=self.args.torch_compile)
             suggest_packed_attention(attention, bool(getattr(self, "padding_free", False)), self.args.torch_compile)
             self._prepare_job_datasets(jobs, passed_eval, formatting_func)
         except BaseException:

@@ -79,6 +79,21 @@ def test_packed_micro_batches_share_steps_no_longer_than_the_longest():
     assert scheduler.group_packed(parts[:1]) == [parts[:1]]
     scheduler.varlen_attention = True
     assert scheduler.group_packed(parts) == [parts]
+    # sdpa_packed (transformers still builds the row's T × T mask): one step up to `packed_row_tokens`; beyond,
+    # first-fit decreasing into bins of that many tokens: a + b (87) | c + d + e (76)
+    scheduler.set_attention(PACKED_SDPA, compiled=False)
+    assert (scheduler.varlen_attention, scheduler.packed_row_tokens, scheduler.isolates_non_finite) == (
+        True, packed_attention.ROW_MASK_TOKENS, False)
+    assert scheduler.group_packed(parts) == [parts]
+    scheduler.packed_row_tokens = 100
+    assert [[name for name, _ in group] for group in scheduler.group_packed(parts)] == [["a", "b"], ["c", "d", "e"]]
+    scheduler.packed_row_tokens = 50  # the longest micro-batch (60) is the least a step holds
+    assert [[name for name, _ in group] for group in scheduler.group_packed(parts)] == [["a"], ["d", "e"], ["b", "c"]]
+    scheduler.set_attention(PACKED_SDPA, compiled=True)  # the masked row: steps of the longest micro-batch
+    assert not scheduler.varlen_attention and len(scheduler.group_packed(parts)) == 3
+    scheduler.set_attention("flash_attention_2", compiled=True)
+    assert (scheduler.packed_row_tokens, scheduler.isolates_non_finite) == (None, True)
+    assert scheduler.group_packed(parts) == [parts]
 
 
 @pytest.mark.parametrize("family,scope,attention", [("llama", "block", "sdpa"), ("qwen2", "block", "sdpa"),
