@@ -155,19 +155,52 @@ def packed_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
                                   value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
                                   scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query (1, heads, T, d), key and value (1, kv heads, T, d);
-    returns (1, T, heads, d) as `sdpa_attention_forward` does."""
+    returns (1, T, heads, d) as `sdpa_attention_forward` does. Under `torch.compile`, one opaque operator
+    (`packed_attention_op`)."""
+    if torch.compiler.is_compiling():
+        output = _compiled(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        if output is not None:
+            return output, None
     plan = chunk_plan(module, query, key, attention_mask, kwargs)
     if plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    kwargs.pop("is_causal", None)
+    return run_plan(module, query, key, value, plan, dropout, scaling, kwargs), None
+
+
+def run_plan(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: Plan, dropout: float,
+             scaling: float | None, kwargs: dict) -> torch.Tensor:
+    """(1, T, heads, d): SDPA over each chunk of `plan` (`chunk_plan`), concatenated."""
+    kwargs = {name: value for name, value in kwargs.items() if name != "is_causal"}
     outputs = []
     for start, end, mask in plan:
         output, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
                                            value[:, :, start:end], mask, dropout=dropout, scaling=scaling,
                                            is_causal=True, **kwargs)
         outputs.append(output)
-    return torch.cat(outputs, dim=1), None
+    return torch.cat(outputs, dim=1)
+
+
+def _compiled(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, dropout: float, scaling: float | None,
+              kwargs: dict) -> torch.Tensor | None:
+    """The traced call of `peft_mole.packed_sdpa`, or None where it does not apply (dropout in the attention, a
+    position bias, a float mask, no sequence bounds): there the masked row is traced, as `sdpa` would be."""
+    if (query.shape[0] != 1 or key.shape[2] != query.shape[2] or dropout or kwargs.get("position_bias") is not None
+            or kwargs.get("is_causal") is False or not getattr(module, "is_causal", True)):
+        return None
+    if attention_mask is not None and not (attention_mask.dtype == torch.bool and attention_mask.dim() == 4):
+        return None
+    from_positions = kwargs.get("cu_seq_lens_q") is None
+    ends = kwargs.get("position_ids") if from_positions else kwargs["cu_seq_lens_q"]
+    if ends is None:
+        return None
+    from peft_mole.packed_attention_op import packed_sdpa  # (registers the operator)
+
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    groups = int(getattr(module, "num_key_value_groups", 1))
+    return packed_sdpa(query, key, value, ends, attention_mask, scale, groups, from_positions,
+                       kwargs.get("sliding_window"))
 
 
 def register() -> None:
@@ -179,10 +212,10 @@ def register() -> None:
 register()
 
 
-def suggest_packed_attention(attention: str | None, padding_free: bool, compiled: bool) -> None:
-    """Log, for a padding-free run on `sdpa` with eager steps, that `sdpa_packed` would attend its packed
-    sequences apart (the same numbers, less time: docs/multijob.md, "Padding-free steps")."""
-    if padding_free and attention == "sdpa" and not compiled:
+def suggest_packed_attention(attention: str | None, padding_free: bool) -> None:
+    """Log, for a padding-free run on `sdpa`, that `sdpa_packed` would attend its packed sequences apart (the same
+    numbers, less time: docs/multijob.md, "Padding-free steps")."""
+    if padding_free and attention == "sdpa":
         logger.info("padding_free=True with attn_implementation='sdpa': each packed row's attention spans the whole "
                     "row. After `import peft_mole`, attn_implementation=%r computes each sequence's attention "
                     "apart (the same outputs, less time).", PACKED_SDPA)
@@ -205,7 +238,7 @@ def packed_row_tokens(attention: str | None) -> int | None:
     return None if "flash" in str(attention) else ROW_MASK_TOKENS
 
 
-def keeps_sequences_apart(attention: str | None, compiled: bool) -> bool:
+def keeps_sequences_apart(attention: str | None) -> bool:
     """Whether the model's attention computes a packed row's sequences apart (cost Σ L_i², not T²): flash attention's
-    varlen kernels, and `sdpa_packed` where the step is not compiled."""
-    return "flash" in str(attention) or (attention == PACKED_SDPA and not compiled)
+    varlen kernels, and `sdpa_packed` (eager, or compiled: `packed_attention_op`)."""
+    return "flash" in str(attention) or attention == PACKED_SDPA

@@ -210,17 +210,53 @@ def test_a_saved_model_loads_with_the_packed_attention(tmp_path):
     torch.testing.assert_close(model(**batch).logits[0], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_steps_take_the_masked_row():
-    """Under torch.compile the chunks (read on the host) would break the graph at every layer: the masked row of
-    `sdpa` runs instead, in one graph, with the eager chunks' numbers."""
+def test_compiled_steps_run_the_chunks_in_one_opaque_operator(monkeypatch):
+    """Under torch.compile the chunks (read on the host) would break the graph at every layer: the compiled forward
+    calls `peft_mole.packed_sdpa` instead, one graph for packed rows of any length and mix (`dynamic=True`), whose
+    logits and gradients equal the eager chunks' (the operator's backward runs the chunks again)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 32)
+    calls = []
+    real = packed_attention.sdpa_attention_forward
+    monkeypatch.setattr(packed_attention, "sdpa_attention_forward",
+                        lambda module, query, *a, **k: calls.append(query.shape[2]) or real(module, query, *a, **k))
     torch._dynamo.reset()
-    batch, _ = packed_batch(seed=3)
     model = with_attention(one_layer_base(), PACKED_SDPA)
-    eager = model(**batch, use_cache=False).logits
-    explanation = torch._dynamo.explain(model)(**batch, use_cache=False)
-    assert explanation.graph_break_count == 0
-    compiled = torch.compile(model, backend="aot_eager")(**batch, use_cache=False).logits
-    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, dynamic=True)
+    frames = []
+    for lengths, seed in [(LENGTHS, 3), ([9, 50, 4, 30], 5)]:
+        batch, _ = packed_batch(lengths, seed=seed)
+        batch = {k: v for k, v in batch.items() if not k.startswith("max_length")}  # (ints Dynamo specialises on)
+        eager = model(**batch, use_cache=False)
+        eager.loss.backward()
+        want = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        calls.clear()
+        got = compiled(**batch, use_cache=False)
+        got.loss.backward()
+        assert max(calls) < sum(lengths), calls  # the chunks ran, forward and (again) backward
+        torch.testing.assert_close(got.logits, eager.logits, atol=1e-6, rtol=1e-6)
+        for (name, p), g in zip(model.named_parameters(), want, strict=True):
+            torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5, msg=name)
+        model.zero_grad()
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[1]  # no recompile for another row (2 frames, as with `sdpa`: the model, the loss)
+    assert torch._dynamo.explain(model)(**batch, use_cache=False).graph_break_count == 0
+
+
+def test_the_operator_passes_torch_library_checks_and_gradcheck():
+    from peft_mole.packed_attention_op import packed_sdpa
+
+    gen = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, heads, 20, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+                         for heads in (4, 2, 2))
+    ends = torch.tensor([0, 8, 11, 20], dtype=torch.int32)
+    mask = (torch.ones(20, 20, dtype=torch.bool).tril() & (torch.arange(20)[:, None] - torch.arange(20) < 6))[None, None]
+    for args in [(ends, None, 0.3, 2, False, None), (ends, mask, 0.3, 2, False, None)]:
+        torch.library.opcheck(packed_sdpa, (query.detach(), key.detach(), value.detach(), *args))
+        assert torch.autograd.gradcheck(lambda q, k, v, a=args: packed_sdpa(q, k, v, *a), (query, key, value))
 
 
 def test_sft_trainer_trains_padding_free_with_it_as_with_sdpa(tmp_path, monkeypatch):
@@ -256,19 +292,15 @@ def test_sft_trainer_trains_padding_free_with_it_as_with_sdpa(tmp_path, monkeypa
 
 
 def test_which_attentions_keep_packed_sequences_apart():
-    assert keeps_sequences_apart("flash_attention_2", compiled=True)
-    assert keeps_sequences_apart(PACKED_SDPA, compiled=False)
-    assert not keeps_sequences_apart(PACKED_SDPA, compiled=True)
-    assert not keeps_sequences_apart("sdpa", compiled=False)
-    assert not keeps_sequences_apart(None, compiled=False)
+    assert keeps_sequences_apart("flash_attention_2") and keeps_sequences_apart(PACKED_SDPA)
+    assert not keeps_sequences_apart("sdpa") and not keeps_sequences_apart(None)
 
 
 def test_a_padding_free_run_on_sdpa_is_told_of_the_packed_attention(caplog):
     with caplog.at_level(logging.INFO, logger="peft_mole.packed_attention"):
-        for attention, padding_free, compiled in [("sdpa", True, True), ("sdpa", False, False),
-                                                  (PACKED_SDPA, True, False), ("flash_attention_2", True, False)]:
-            suggest_packed_attention(attention, padding_free, compiled)
+        for attention, padding_free in [("sdpa", False), (PACKED_SDPA, True), ("flash_attention_2", True)]:
+            suggest_packed_attention(attention, padding_free)
         assert not caplog.records
-        suggest_packed_attention("sdpa", True, False)
+        suggest_packed_attention("sdpa", True)
     assert len(caplog.records) == 1 and "attn_implementation='sdpa_packed'" in caplog.records[0].getMessage()
 

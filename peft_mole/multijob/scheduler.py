@@ -213,11 +213,11 @@ class JobScheduler:
             groups.append(group)
         return groups
 
-    def set_attention(self, attention: str | None, compiled: bool) -> None:
+    def set_attention(self, attention: str | None) -> None:
         """Take the model's attention implementation (`config._attn_implementation`) for packed steps: whether it
         keeps the sequences apart (`varlen_attention`), up to how many tokens a step (`packed_row_tokens`), and
         whether a NaN stays in its sequence (`isolates_non_finite`); see `peft_mole.packed_attention`."""
-        self.varlen_attention = packed_attention.keeps_sequences_apart(attention, compiled)
+        self.varlen_attention = packed_attention.keeps_sequences_apart(attention)
         self.packed_row_tokens = packed_attention.packed_row_tokens(attention)
         self.isolates_non_finite = packed_attention.isolates_non_finite(attention)
 

@@ -159,8 +159,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             check_distributed(self)
             take_accelerate_compile(self)
             attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-            self.job_scheduler.set_attention(attention, compiled=self.args.torch_compile)
-            suggest_packed_attention(attention, bool(getattr(self, "padding_free", False)), self.args.torch_compile)
+            self.job_scheduler.set_attention(attention)
+            suggest_packed_attention(attention, bool(getattr(self, "padding_free", False)))
             self._prepare_job_datasets(jobs, passed_eval, formatting_func)
         except BaseException:
             self.jobs_model.unload()

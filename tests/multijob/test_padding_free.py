@@ -81,7 +81,7 @@ def test_packed_micro_batches_share_steps_no_longer_than_the_longest():
     assert scheduler.group_packed(parts) == [parts]
     # sdpa_packed (transformers still builds the row's T × T mask): one step up to `packed_row_tokens`; beyond,
     # first-fit decreasing into bins of that many tokens: a + b (87) | c + d + e (76)
-    scheduler.set_attention(PACKED_SDPA, compiled=False)
+    scheduler.set_attention(PACKED_SDPA)
     assert (scheduler.varlen_attention, scheduler.packed_row_tokens, scheduler.isolates_non_finite) == (
         True, packed_attention.ROW_MASK_TOKENS, False)
     assert scheduler.group_packed(parts) == [parts]
@@ -89,9 +89,9 @@ def test_packed_micro_batches_share_steps_no_longer_than_the_longest():
     assert [[name for name, _ in group] for group in scheduler.group_packed(parts)] == [["a", "b"], ["c", "d", "e"]]
     scheduler.packed_row_tokens = 50  # the longest micro-batch (60) is the least a step holds
     assert [[name for name, _ in group] for group in scheduler.group_packed(parts)] == [["a"], ["d", "e"], ["b", "c"]]
-    scheduler.set_attention(PACKED_SDPA, compiled=True)  # the masked row: steps of the longest micro-batch
+    scheduler.set_attention("sdpa")  # the masked row: steps of the longest micro-batch
     assert not scheduler.varlen_attention and len(scheduler.group_packed(parts)) == 3
-    scheduler.set_attention("flash_attention_2", compiled=True)
+    scheduler.set_attention("flash_attention_2")
     assert (scheduler.packed_row_tokens, scheduler.isolates_non_finite) == (None, True)
     assert scheduler.group_packed(parts) == [parts]
 
