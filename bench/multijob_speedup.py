@@ -22,7 +22,7 @@ PEFT baseline stays eager: the jobs one after another are what a user would othe
 steps (eager and compiled) take the rows as one packed row, as TRL's padding_free=True does: one job per token,
 position ids restarting per row, SDPA's block-diagonal mask over all the row's tokens; rows carry `packed`.
 --attention sdpa_packed gives the mixed model's base that attention (`peft_mole.packed_attention`: a packed row's
-sequences attend apart, on eager steps; compiled ones keep the mask); rows then carry `attention`.
+sequences attend apart; compiled steps in one opaque operator); rows then carry `attention`.
 The mixed models draw each job's dropout from its own random stream, as MultiJobTrainer's do
 (`MultiJobModel.set_job_streams`). The baseline is a plain loop over PEFT models, not SFTTrainer (whose per-step
 host work is larger): the conservative comparison.

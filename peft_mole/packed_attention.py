@@ -21,9 +21,10 @@ them, as flash attention takes them), else where the `position_ids` restart (as 
 for its mask). They are read from the device once per step and mask (a plan per step, kept while its tensors live).
 Everything else is `sdpa` itself, with its mask: several rows (padded batches), decoding and a prefill after cached
 tokens (more keys than queries), a row of one sequence, a non-causal call (`is_causal=False`), a position bias, a
-float mask, a sliding window without a mask that is shorter than a sequence, and any step under `torch.compile`
-(the chunks are read on the host, which a graph cannot do without a break per layer). transformers' `sdpa` mask is
-registered for the name.
+float mask, and a sliding window without a mask that is shorter than a sequence. transformers' `sdpa` mask is
+registered for the name. Under `torch.compile` the chunks run inside one opaque operator (`packed_attention_op`), as
+a graph cannot read the bounds on the host without a break per layer; where attention dropout is on, the compiled
+step traces the masked row.
 
 Measured on the CPU (`python bench/packed_attention.py`; docs/multijob.md, "Padding-free steps").
 """

@@ -253,7 +253,8 @@ def test_the_operator_passes_torch_library_checks_and_gradcheck():
     query, key, value = (torch.randn(1, heads, 20, 8, generator=gen, dtype=torch.float64, requires_grad=True)
                          for heads in (4, 2, 2))
     ends = torch.tensor([0, 8, 11, 20], dtype=torch.int32)
-    mask = (torch.ones(20, 20, dtype=torch.bool).tril() & (torch.arange(20)[:, None] - torch.arange(20) < 6))[None, None]
+    index = torch.arange(20)
+    mask = (torch.ones(20, 20, dtype=torch.bool).tril() & (index[:, None] - index < 6))[None, None]  # a window
     for args in [(ends, None, 0.3, 2, False, None), (ends, mask, 0.3, 2, False, None)]:
         torch.library.opcheck(packed_sdpa, (query.detach(), key.detach(), value.detach(), *args))
         assert torch.autograd.gradcheck(lambda q, k, v, a=args: packed_sdpa(q, k, v, *a), (query, key, value))
