@@ -186,9 +186,18 @@ def _compiled(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
               attention_mask: torch.Tensor | None, dropout: float, scaling: float | None,
               kwargs: dict) -> torch.Tensor | None:
     """The traced call of `peft_mole.packed_sdpa`, or None where it does not apply (dropout in the attention, a
-    position bias, a float mask, no sequence bounds): there the masked row is traced, as `sdpa` would be."""
+    position bias, a soft cap, a float mask, no sequence bounds): there the masked row is traced, as `sdpa` would
+    be. Under autocast the query, key and value are cast as autocast casts SDPA's (a custom operator has no
+    autocast rule, and AOTAutograd runs the compiled graphs with autocast off)."""
     if (query.shape[0] != 1 or key.shape[2] != query.shape[2] or dropout or kwargs.get("position_bias") is not None
-            or kwargs.get("is_causal") is False or not getattr(module, "is_causal", True)):
+            or kwargs.get("softcap") is not None or kwargs.get("is_causal") is False
+            or not getattr(module, "is_causal", True)):
+        return None
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if not query.dtype == key.dtype == value.dtype:
         return None
     if attention_mask is not None and not (attention_mask.dtype == torch.bool and attention_mask.dim() == 4):
         return None
@@ -196,7 +205,7 @@ def _compiled(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     ends = kwargs.get("position_ids") if from_positions else kwargs["cu_seq_lens_q"]
     if ends is None:
         return None
-    from peft_mole.packed_attention_op import packed_sdpa  # (registers the operator)
+    from peft_mole.packed_attention_op import packed_sdpa
 
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     groups = int(getattr(module, "num_key_value_groups", 1))
@@ -207,6 +216,7 @@ def _compiled(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 def register() -> None:
     """Make `sdpa_packed` an attention implementation of transformers (with `sdpa`'s mask); idempotent."""
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention_forward)
+    import peft_mole.packed_attention_op  # noqa: F401  (the operator compiled steps call: registered before tracing)
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
 
 

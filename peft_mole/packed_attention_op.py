@@ -9,7 +9,9 @@ Its backward is a second operator, `peft_mole.packed_sdpa_backward`, which runs 
 `torch.func.vjp` and returns the query, key and value gradients: the attention's forward is computed twice per
 step, once more than an eager step (recomputing keeps the operator independent of each device's SDPA kernels and
 the softmax statistics they keep). Nothing of size (T × T) is saved: the row's mask is an input, as it is to the
-masked attention it replaces.
+masked attention it replaces. Both operators read the bounds on the host, so they are tagged `cudagraph_unsafe`
+(a CUDA graph, `mode="reduce-overhead"`, is split around them). Under autocast the caller casts the inputs as
+autocast casts SDPA's; the operators run with autocast off, so the forward and its recompute agree.
 
 Tested against the eager attention's values and gradients (`tests/test_packed_attention.py`, with
 `torch.library.opcheck` and `torch.autograd.gradcheck`).
@@ -31,13 +33,14 @@ def _chunks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ends: t
     else SDPA over the row under `mask`."""
     module = SimpleNamespace(is_causal=True, num_key_value_groups=groups)
     kwargs = {"position_ids" if from_positions else "cu_seq_lens_q": ends, "sliding_window": window}
-    plan = packed_attention.chunk_plan(module, query, key, mask, kwargs)
-    if plan is None:
-        return packed_attention.sdpa_attention_forward(module, query, key, value, mask, scaling=scaling)[0]
-    return packed_attention.run_plan(module, query, key, value, plan, 0.0, scaling, {})
+    with torch.autocast(query.device.type, enabled=False):  # (the caller cast the inputs: forward = recompute)
+        plan = packed_attention.chunk_plan(module, query, key, mask, kwargs)
+        if plan is None:
+            return packed_attention.sdpa_attention_forward(module, query, key, value, mask, scaling=scaling)[0]
+        return packed_attention.run_plan(module, query, key, value, plan, 0.0, scaling, {})
 
 
-@torch.library.custom_op("peft_mole::packed_sdpa", mutates_args=())
+@torch.library.custom_op("peft_mole::packed_sdpa", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def packed_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ends: torch.Tensor,
                 mask: torch.Tensor | None, scaling: float, groups: int, from_positions: bool,
                 window: int | None) -> torch.Tensor:
@@ -51,7 +54,7 @@ def _packed_sdpa_fake(query, key, value, ends, mask, scaling, groups, from_posit
     return query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[3])
 
 
-@torch.library.custom_op("peft_mole::packed_sdpa_backward", mutates_args=())
+@torch.library.custom_op("peft_mole::packed_sdpa_backward", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def packed_sdpa_backward(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          ends: torch.Tensor, mask: torch.Tensor | None, scaling: float, groups: int,
                          from_positions: bool, window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -247,7 +247,7 @@ def test_compiled_steps_run_the_chunks_in_one_opaque_operator(monkeypatch):
 
 
 def test_the_operator_passes_torch_library_checks_and_gradcheck():
-    from peft_mole.packed_attention_op import packed_sdpa
+    from peft_mole.packed_attention_op import packed_sdpa, packed_sdpa_backward
 
     gen = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(1, heads, 20, 8, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -255,9 +255,39 @@ def test_the_operator_passes_torch_library_checks_and_gradcheck():
     ends = torch.tensor([0, 8, 11, 20], dtype=torch.int32)
     index = torch.arange(20)
     mask = (torch.ones(20, 20, dtype=torch.bool).tril() & (index[:, None] - index < 6))[None, None]  # a window
+    grad = torch.randn(1, 20, 4, 8, generator=gen, dtype=torch.float64)
     for args in [(ends, None, 0.3, 2, False, None), (ends, mask, 0.3, 2, False, None)]:
         torch.library.opcheck(packed_sdpa, (query.detach(), key.detach(), value.detach(), *args))
+        torch.library.opcheck(packed_sdpa, (query, key, value, *args))  # with gradients: through its backward
+        # (the backward operator runs `torch.func.vjp`, whose wrapped tensors opcheck's schema, fake-tensor and AOT
+        # checks cannot read in its body; the compiled test runs its fake implementation against the real one)
+        torch.library.opcheck(packed_sdpa_backward, (grad, query.detach(), key.detach(), value.detach(), *args),
+                              test_utils=("test_autograd_registration",))
         assert torch.autograd.gradcheck(lambda q, k, v, a=args: packed_sdpa(q, k, v, *a), (query, key, value))
+    transposed = query.detach().transpose(1, 2).contiguous().transpose(1, 2)  # the strides a q_proj view gives
+    grads = packed_sdpa_backward(grad, transposed, key.detach(), value.detach(), ends, None, 0.3, 2, False, None)
+    assert grads[0].stride() == transposed.stride()  # as the fake implementation's `empty_like`
+
+
+def test_compiled_steps_under_bf16_autocast_cast_as_sdpa_would():
+    """Autocast casts SDPA's inputs to bf16, but a custom operator has no autocast rule: the compiled call casts
+    them itself, so the compiled step runs (fp32 weights: the query and key leave RoPE in fp32, the value bf16) and
+    gives the eager step's logits and gradients to bf16 rounding."""
+    torch._dynamo.reset()
+    batch, _ = packed_batch(seed=6)
+    model = with_attention(one_layer_base(), PACKED_SDPA)
+    results = []
+    for run in (model, torch.compile(model, backend="aot_eager")):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run(**batch, use_cache=False)
+        out.loss.backward()
+        results.append((out.logits.float(), [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert compiled.dtype == eager.dtype and torch.isfinite(compiled).all()
+    torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=2e-2)
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=5e-2)
 
 
 def test_sft_trainer_trains_padding_free_with_it_as_with_sdpa(tmp_path, monkeypatch):
