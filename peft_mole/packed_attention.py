@@ -49,21 +49,34 @@ _PLANS: dict[tuple[int, int, int], tuple] = {}  # chunk plans by (sequences' ten
 _KEPT_PLANS = 8  # (a model of sliding and full layers has two masks per step)
 
 
+def packed_row(module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+               kwargs: dict) -> tuple[torch.Tensor, bool] | None:
+    """(the tensor that gives the sequences, whether it is `position_ids`) of a call that may be a packed row of
+    causal sequences: one row, as many keys as queries, causal, no position bias, a boolean 4D mask or none, and
+    `cu_seq_lens_q` or `position_ids`; else None (plain `sdpa`). The eager chunks and the compiled operator's call
+    both start here."""
+    if (query.shape[0] != 1 or key.shape[2] != query.shape[2] or kwargs.get("position_bias") is not None
+            or kwargs.get("is_causal") is False or not getattr(module, "is_causal", True)):
+        return None
+    if attention_mask is not None and not (attention_mask.dtype == torch.bool and attention_mask.dim() == 4):
+        return None  # a float (additive) mask: the masked row decides
+    from_positions = kwargs.get("cu_seq_lens_q") is None
+    source = kwargs.get("position_ids") if from_positions else kwargs["cu_seq_lens_q"]
+    return None if source is None else (source, from_positions)
+
+
 def chunk_plan(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                attention_mask: torch.Tensor | None, kwargs: dict) -> Plan | None:
     """The chunks of a packed row, or None where `sdpa_packed` is plain `sdpa` (see the module's docstring). Made
     once per step and mask (every layer gets the same `cu_seq_lens_q` or `position_ids` and the same mask)."""
     tokens = query.shape[2]
-    if (query.shape[0] != 1 or key.shape[2] != tokens or tokens < 2 or kwargs.get("position_bias") is not None
-            or kwargs.get("is_causal") is False or not getattr(module, "is_causal", True)
-            or torch.compiler.is_compiling()):
+    if tokens < 2 or torch.compiler.is_compiling():
         return None
-    if attention_mask is not None and not (attention_mask.dtype == torch.bool and attention_mask.dim() == 4
-                                           and tuple(attention_mask.shape[-2:]) == (tokens, tokens)):
-        return None  # a float (additive) mask, or one of another shape: the masked row decides
-    from_positions = kwargs.get("cu_seq_lens_q") is None
-    source = kwargs.get("position_ids") if from_positions else kwargs["cu_seq_lens_q"]
-    if source is None or (from_positions and tuple(source.shape) != (1, tokens)):
+    row = packed_row(module, query, key, attention_mask, kwargs)
+    if row is None or (attention_mask is not None and tuple(attention_mask.shape[-2:]) != (tokens, tokens)):
+        return None
+    source, from_positions = row
+    if from_positions and tuple(source.shape) != (1, tokens):
         return None
     window = kwargs.get("sliding_window")
     plan_key = (id(source), id(attention_mask), CHUNK_TOKENS, window)
@@ -185,25 +198,19 @@ def run_plan(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 def _compiled(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, dropout: float, scaling: float | None,
               kwargs: dict) -> torch.Tensor | None:
-    """The traced call of `peft_mole.packed_sdpa`, or None where it does not apply (dropout in the attention, a
-    position bias, a soft cap, a float mask, no sequence bounds): there the masked row is traced, as `sdpa` would
-    be. Under autocast the query, key and value are cast as autocast casts SDPA's (a custom operator has no
-    autocast rule, and AOTAutograd runs the compiled graphs with autocast off)."""
-    if (query.shape[0] != 1 or key.shape[2] != query.shape[2] or dropout or kwargs.get("position_bias") is not None
-            or kwargs.get("softcap") is not None or kwargs.get("is_causal") is False
-            or not getattr(module, "is_causal", True)):
+    """The traced call of `peft_mole.packed_sdpa`, or None where it does not apply (not a packed row, `packed_row`;
+    dropout in the attention; a soft cap): there the masked row is traced, as `sdpa` would be. Under autocast the
+    query, key and value are cast as autocast casts SDPA's (a custom operator has no autocast rule, and AOTAutograd
+    runs the compiled graphs with autocast off)."""
+    row = packed_row(module, query, key, attention_mask, kwargs)
+    if row is None or dropout or kwargs.get("softcap") is not None:
         return None
+    ends, from_positions = row
     device_type = query.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if not query.dtype == key.dtype == value.dtype:
-        return None
-    if attention_mask is not None and not (attention_mask.dtype == torch.bool and attention_mask.dim() == 4):
-        return None
-    from_positions = kwargs.get("cu_seq_lens_q") is None
-    ends = kwargs.get("position_ids") if from_positions else kwargs["cu_seq_lens_q"]
-    if ends is None:
         return None
     from peft_mole.packed_attention_op import packed_sdpa
 

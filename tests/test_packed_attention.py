@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from peft_mole import PACKED_SDPA, packed_attention
@@ -22,6 +23,14 @@ LENGTHS = [5, 40, 3, 70, 17, 1, 26]  # in chunks of at most 32 tokens: [5], [40]
 def with_attention(model, attention: str):
     model.set_attn_implementation(attention)
     return model
+
+
+def sdpa_calls(monkeypatch) -> list[int]:
+    """The query length of each call of transformers' `sdpa_attention_forward` that `sdpa_packed` makes."""
+    calls, real = [], packed_attention.sdpa_attention_forward
+    monkeypatch.setattr(packed_attention, "sdpa_attention_forward",
+                        lambda module, query, *a, **k: calls.append(query.shape[2]) or real(module, query, *a, **k))
+    return calls
 
 
 def packed_batch(lengths=LENGTHS, seed: int = 0) -> tuple[dict, list[torch.Tensor]]:
@@ -45,10 +54,7 @@ def test_chunks_hold_whole_sequences_up_to_the_chunk_size():
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])  # tiny: 4 query heads share 2 kv heads each
 def test_packed_rows_give_sdpas_outputs_and_gradients(family, monkeypatch):
     monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 32)
-    calls = []
-    real = packed_attention.sdpa_attention_forward
-    monkeypatch.setattr(packed_attention, "sdpa_attention_forward",
-                        lambda module, query, *a, **k: calls.append(query.shape[2]) or real(module, query, *a, **k))
+    calls = sdpa_calls(monkeypatch)
     batch, sequences = packed_batch()
     reference = tiny_base(family)
     packed = with_attention(tiny_base(family), PACKED_SDPA)
@@ -70,10 +76,7 @@ def test_packed_rows_give_sdpas_outputs_and_gradients(family, monkeypatch):
 def test_a_sliding_window_is_kept_within_each_chunk(window, monkeypatch):
     """Mistral's window (a key is seen while q − k < window) comes in transformers' mask, whose slice each chunk
     takes: the chunks give the masked row's logits whether the window is shorter than a sequence (16) or not."""
-    calls = []
-    real = packed_attention.sdpa_attention_forward
-    monkeypatch.setattr(packed_attention, "sdpa_attention_forward",
-                        lambda module, query, *a, **k: calls.append(query.shape[2]) or real(module, query, *a, **k))
+    calls = sdpa_calls(monkeypatch)
     batch, _ = packed_batch()
     reference = tiny_base("mistral", sliding_window=window)
     packed = with_attention(tiny_base("mistral", sliding_window=window), PACKED_SDPA)
@@ -90,10 +93,7 @@ def attention_inputs(tokens: int = 20, batch: int = 1, seed: int = 0) -> tuple:
 @pytest.mark.parametrize("case", ["not causal", "is_causal=False", "position bias", "float mask", "two rows",
                                   "keys after a cache", "one sequence", "window shorter than a sequence"])
 def test_what_is_not_a_packed_row_of_causal_sequences_runs_sdpa_over_the_row(case, monkeypatch):
-    calls = []
-    real = packed_attention.sdpa_attention_forward
-    monkeypatch.setattr(packed_attention, "sdpa_attention_forward",
-                        lambda module, query, *a, **k: calls.append(query.shape[2]) or real(module, query, *a, **k))
+    calls = sdpa_calls(monkeypatch)
     module = SimpleNamespace(is_causal=case != "not causal")
     query, key, value = attention_inputs(batch=2 if case == "two rows" else 1)
     positions = torch.tensor([[*range(8), *range(12)]]) if case != "one sequence" else torch.arange(20)[None]
@@ -104,7 +104,7 @@ def test_what_is_not_a_packed_row_of_causal_sequences_runs_sdpa_over_the_row(cas
     if case == "keys after a cache":
         key, value = torch.cat([key, key], dim=2), torch.cat([value, value], dim=2)
     got, _ = packed_attention.packed_sdpa_attention_forward(module, query, key, value, mask, **kwargs)
-    want, _ = real(module, query, key, value, mask, **kwargs)
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     assert calls == [20] and torch.equal(got, want)
 
 
@@ -169,10 +169,7 @@ def test_a_plan_is_made_once_per_step_and_chunk_size(monkeypatch):
     assert len(reads) == 1
     kwargs["position_ids"][0, 10:] = torch.arange(10)  # three sequences now: 8, 2 and 10 tokens
     monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 8)
-    calls = []
-    sdpa = packed_attention.sdpa_attention_forward
-    monkeypatch.setattr(packed_attention, "sdpa_attention_forward",
-                        lambda module, query, *a, **k: calls.append(query.shape[2]) or sdpa(module, query, *a, **k))
+    calls = sdpa_calls(monkeypatch)
     packed_attention.packed_sdpa_attention_forward(module, query, key, value, None, **kwargs)
     assert len(reads) == 2 and calls == [8, 2, 10]
 
@@ -217,10 +214,7 @@ def test_compiled_steps_run_the_chunks_in_one_opaque_operator(monkeypatch):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 32)
-    calls = []
-    real = packed_attention.sdpa_attention_forward
-    monkeypatch.setattr(packed_attention, "sdpa_attention_forward",
-                        lambda module, query, *a, **k: calls.append(query.shape[2]) or real(module, query, *a, **k))
+    calls = sdpa_calls(monkeypatch)
     torch._dynamo.reset()
     model = with_attention(one_layer_base(), PACKED_SDPA)
     counter = CompileCounterWithBackend("aot_eager")
