@@ -24,7 +24,7 @@ install: $(STAMP)
 
 # pytest exits 5 when it collects no tests, which fails this target. The tests run in TEST_WORKERS processes
 # (pytest-xdist, a test file's tests in one of them, so its module fixtures are made once; 0 runs them in this
-# one), each with one torch thread (much of a test is single-threaded: compiling, tracing, Python): about 7 min
+# one), each with one torch thread (much of a test is single-threaded: compiling, tracing, Python): about 8 min
 # on 2 cores with a cold inductor cache (14.5 before 2026-12-07; compiled tests on one decoder layer where no path
 # loses its two-layer case). The bench scripts take BENCH_THREADS (else 2); the smoke test sets 1.
 TEST_WORKERS ?= 2
