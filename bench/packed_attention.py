@@ -9,6 +9,9 @@ Cases (the row holds about the shape's batch × length tokens):
   seed 0 until the row holds the tokens.
 Model: the shape's random Llama with PEFT LoRA (BENCH.md's r 16 on q,k,v,o,gate,up,down), dropout 0.05; a step is
 forward + backward + AdamW, interleaved over the three layouts.
+Also timed in the same rounds: the `sdpa_packed` step with its chunks under autograd (`packed_sdpa_packed_autograd`,
+as eager steps run them off the CPU) where on the CPU they run in the operator that keeps SDPA's softmax statistics
+for its backward (`peft_mole.packed_attention_op`); the row's `operator_vs_autograd` is the step's ratio.
 --chunk-tokens C1 C2 ... also times `sdpa_packed` with other chunk sizes than its default (`CHUNK_TOKENS`, measured
 on the CPU) in the same rounds; the row's `chunk_ratios` gives each one's step over the masked row's (for a GPU,
 where each chunk is a kernel launch).
@@ -38,7 +41,7 @@ from common import (
 from peft import get_peft_model
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from peft_mole import PACKED_SDPA, packed_attention
+from peft_mole import PACKED_SDPA, packed_attention, packed_attention_op
 
 CASES = ("equal", "long_tailed")
 
@@ -87,6 +90,19 @@ def with_chunks(chunk_tokens: int, step):
     return chunked_step
 
 
+def chunks_under_autograd(step):
+    """`step` with `sdpa_packed`'s eager chunks under autograd, not in the operator that keeps the statistics."""
+    def autograd_step() -> None:
+        default = packed_attention_op.keeps_statistics
+        packed_attention_op.keeps_statistics = lambda device: False
+        try:
+            step()
+        finally:
+            packed_attention_op.keeps_statistics = default
+
+    return autograd_step
+
+
 def main() -> None:
     parser = step_parser()
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
@@ -101,6 +117,7 @@ def main() -> None:
         steps = {"packed_sdpa_mask": train_step_fn(models["sdpa"], packed),
                  "packed_sdpa_packed": train_step_fn(models[PACKED_SDPA], packed),
                  "padded_rows": train_step_fn(model_with(args.shape, "sdpa"), padded)}
+        steps["packed_sdpa_packed_autograd"] = chunks_under_autograd(steps["packed_sdpa_packed"])
         for chunk in args.chunk_tokens:
             steps[f"packed_sdpa_packed_c{chunk}"] = with_chunks(chunk, steps["packed_sdpa_packed"])
         times = time_interleaved(steps, repeats=args.repeats)
@@ -116,6 +133,7 @@ def main() -> None:
               "packed_ms": median["packed_sdpa_packed"] * 1e3, "masked_ms": median["packed_sdpa_mask"] * 1e3,
               "padded_ms": median["padded_rows"] * 1e3,
               "padded_vs_packed": median["padded_rows"] / median["packed_sdpa_packed"],
+              "operator_vs_autograd": median["packed_sdpa_packed"] / median["packed_sdpa_packed_autograd"],
               "chunk_tokens": packed_attention.CHUNK_TOKENS,
               **({"chunk_ratios": {chunk: median[f"packed_sdpa_packed_c{chunk}"] / median["packed_sdpa_mask"]
                                    for chunk in args.chunk_tokens}} if args.chunk_tokens else {})})

@@ -99,8 +99,8 @@ DESCRIPTIONS["mole_vs_reference"] = (
     "{ratio_vs_lora:.2f}×")
 DESCRIPTIONS["packed_attention"] = (
     "PEFT LoRA step on one packed row ({case} lengths: {sequences} sequences, {tokens} tokens, the longest {longest}), "
-    "attention `sdpa_packed` / `sdpa` ({packed_ms:.0f} vs {masked_ms:.0f} ms); the same sequences as padded rows "
-    "({padded_tokens} tokens) {padded_vs_packed:.2f}× the packed step's time")
+    "attention `sdpa_packed` / `sdpa` ({packed_ms:.0f} vs {masked_ms:.0f} ms){operator_note}; the same sequences "
+    "as padded rows ({padded_tokens} tokens) {padded_vs_packed:.2f}× the packed step's time")
 PERCENT = {"memory_model_error", "pad_fraction"}
 KIND_LABELS = {"lora": "LoRA", "mixlora": "MixLoRA", "dynmole": "DynMoLE"}  # the benches' --kind/--kinds values
 
@@ -225,6 +225,9 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                                     f"{row['padding_free_sdpa_packed_speedup']:.2f}×"
                                     if "padding_free_sdpa_packed_speedup" in row else ""),
                "attention_flag": f" --attention {row['attention']}" if "attention" in row else "",
+               "operator_note": (f"; in the operator that keeps SDPA's softmax statistics, "
+                                 f"{row['operator_vs_autograd']:.2f}× the step with its chunks under autograd"
+                                 if "operator_vs_autograd" in row else ""),
                "sizes_label": "the tokens" if row.get("packed") else "rows and length",
                "clip_note": "clipping + " if row.get("clip", True) else "",
                "kinds_flag": (f" --jobs {row['jobs']}" if row.get("kinds") == "lora" else

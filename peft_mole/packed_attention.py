@@ -24,7 +24,8 @@ tokens (more keys than queries), a row of one sequence, a non-causal call (`is_c
 float mask, and a sliding window without a mask that is shorter than a sequence. transformers' `sdpa` mask is
 registered for the name. Under `torch.compile` the chunks run inside one opaque operator (`packed_attention_op`), as
 a graph cannot read the bounds on the host without a break per layer; where attention dropout is on, the compiled
-step traces the masked row.
+step traces the masked row. On the CPU eager steps call the operator too: it keeps SDPA's softmax statistics for
+its backward (0.6× the time of the chunks under autograd); elsewhere eager steps run the chunks under autograd.
 
 Measured on the CPU (`python bench/packed_attention.py`; docs/multijob.md, "Padding-free steps").
 """
@@ -172,13 +173,19 @@ def packed_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
     returns (1, T, heads, d) as `sdpa_attention_forward` does. Under `torch.compile`, one opaque operator
     (`packed_attention_op`)."""
     if torch.compiler.is_compiling():
-        output = _compiled(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        output = _operator_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         if output is not None:
             return output, None
     plan = chunk_plan(module, query, key, attention_mask, kwargs)
     if plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    from peft_mole.packed_attention_op import keeps_statistics
+
+    if keeps_statistics(query.device):  # the operator keeps the softmax statistics for its backward
+        output = _operator_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        if output is not None:
+            return output, None
     return run_plan(module, query, key, value, plan, dropout, scaling, kwargs), None
 
 
@@ -195,13 +202,14 @@ def run_plan(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return torch.cat(outputs, dim=1)
 
 
-def _compiled(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              attention_mask: torch.Tensor | None, dropout: float, scaling: float | None,
-              kwargs: dict) -> torch.Tensor | None:
-    """The traced call of `peft_mole.packed_sdpa`, or None where it does not apply (not a packed row, `packed_row`;
-    dropout in the attention; a soft cap): there the masked row is traced, as `sdpa` would be. Under autocast the
-    query, key and value are cast as autocast casts SDPA's (a custom operator has no autocast rule, and AOTAutograd
-    runs the compiled graphs with autocast off)."""
+def _operator_call(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, dropout: float, scaling: float | None,
+                   kwargs: dict) -> torch.Tensor | None:
+    """The call of `peft_mole.packed_sdpa` (`packed_attention_op`): what a compiled step traces, and an eager step
+    on the CPU runs; None where it does not apply (not a packed row, `packed_row`; dropout in the attention; a soft
+    cap): there the masked row is traced, or the chunks run under autograd (`run_plan`). Under autocast the query,
+    key and value are cast as autocast casts SDPA's (a custom operator has no autocast rule, and AOTAutograd runs
+    the compiled graphs with autocast off)."""
     row = packed_row(module, query, key, attention_mask, kwargs)
     if row is None or dropout or kwargs.get("softcap") is not None:
         return None
@@ -217,7 +225,7 @@ def _compiled(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     groups = int(getattr(module, "num_key_value_groups", 1))
     return packed_sdpa(query, key, value, ends, attention_mask, scale, groups, from_positions,
-                       kwargs.get("sliding_window"))
+                       kwargs.get("sliding_window"))[0]
 
 
 def register() -> None:

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from peft_mole import PACKED_SDPA, packed_attention
+from peft_mole import PACKED_SDPA, packed_attention, packed_attention_op
 from peft_mole.packed_attention import chunk_bounds, keeps_sequences_apart, suggest_packed_attention
 from tests.helpers import one_layer_base, tiny_base
 
@@ -26,10 +26,13 @@ def with_attention(model, attention: str):
 
 
 def sdpa_calls(monkeypatch) -> list[int]:
-    """The query length of each call of transformers' `sdpa_attention_forward` that `sdpa_packed` makes."""
-    calls, real = [], packed_attention.sdpa_attention_forward
+    """The query length of each SDPA call that `sdpa_packed` makes: of transformers' `sdpa_attention_forward`, or
+    of SDPA's CPU kernel, which the operator calls to keep its statistics (`packed_attention_op`)."""
+    calls, real, kernel = [], packed_attention.sdpa_attention_forward, packed_attention_op.FLASH_FORWARD
     monkeypatch.setattr(packed_attention, "sdpa_attention_forward",
                         lambda module, query, *a, **k: calls.append(query.shape[2]) or real(module, query, *a, **k))
+    monkeypatch.setattr(packed_attention_op, "FLASH_FORWARD",
+                        lambda query, *a, **k: calls.append(query.shape[2]) or kernel(query, *a, **k))
     return calls
 
 
@@ -250,17 +253,57 @@ def test_the_operator_passes_torch_library_checks_and_gradcheck():
     index = torch.arange(20)
     mask = (torch.ones(20, 20, dtype=torch.bool).tril() & (index[:, None] - index < 6))[None, None]  # a window
     grad = torch.randn(1, 20, 4, 8, generator=gen, dtype=torch.float64)
+    detached = (query.detach(), key.detach(), value.detach())
     for args in [(ends, None, 0.3, 2, False, None), (ends, mask, 0.3, 2, False, None)]:
-        torch.library.opcheck(packed_sdpa, (query.detach(), key.detach(), value.detach(), *args))
+        torch.library.opcheck(packed_sdpa, (*detached, *args))
         torch.library.opcheck(packed_sdpa, (query, key, value, *args))  # with gradients: through its backward
-        # (the backward operator runs `torch.func.vjp`, whose wrapped tensors opcheck's schema, fake-tensor and AOT
-        # checks cannot read in its body; the compiled test runs its fake implementation against the real one)
-        torch.library.opcheck(packed_sdpa_backward, (grad, query.detach(), key.detach(), value.detach(), *args),
-                              test_utils=("test_autograd_registration",))
-        assert torch.autograd.gradcheck(lambda q, k, v, a=args: packed_sdpa(q, k, v, *a), (query, key, value))
+        kept = packed_sdpa(*detached, *args)  # (the output and the log-sum-exp its backward takes)
+        torch.library.opcheck(packed_sdpa_backward, (grad, *detached, *kept, *args))
+        assert torch.autograd.gradcheck(lambda q, k, v, a=args: packed_sdpa(q, k, v, *a)[0], (query, key, value))
     transposed = query.detach().transpose(1, 2).contiguous().transpose(1, 2)  # the strides a q_proj view gives
-    grads = packed_sdpa_backward(grad, transposed, key.detach(), value.detach(), ends, None, 0.3, 2, False, None)
+    kept = packed_sdpa(transposed, *detached[1:], ends, None, 0.3, 2, False, None)
+    grads = packed_sdpa_backward(grad, transposed, *detached[1:], *kept, ends, None, 0.3, 2, False, None)
     assert grads[0].stride() == transposed.stride()  # as the fake implementation's `empty_like`
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_operator_keeps_the_softmax_statistics_on_the_cpu_and_recomputes_nothing(masked, monkeypatch):
+    """On the CPU the operator's backward takes each chunk's output and log-sum-exp to SDPA's kernel backward: the
+    chunks run once per step, and the gradients are the recomputing path's (the one other devices take) and the
+    eager chunks' under autograd, bit for bit."""
+    from peft_mole.packed_attention_op import packed_sdpa
+
+    gen = torch.Generator().manual_seed(3)
+    query, key, value = (torch.randn(1, heads, 40, 8, generator=gen) for heads in (4, 2, 2))
+    ends = torch.tensor([0, 8, 11, 40], dtype=torch.int32)
+    index = torch.arange(40)
+    mask = (torch.ones(40, 40, dtype=torch.bool).tril() & (index[:, None] - index < 6))[None, None] if masked else None
+    grad = torch.randn(1, 40, 4, 8, generator=gen)
+    monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 12)  # [8, 3] and [29]
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=2)
+    kwargs = {"cu_seq_lens_q": ends, "scaling": 0.3}
+
+    def gradients(run) -> tuple:
+        inputs = [x.clone().requires_grad_() for x in (query, key, value)]
+        output = run(*inputs)
+        output.backward(grad)
+        return (output.detach(), *(x.grad for x in inputs))
+
+    calls = sdpa_calls(monkeypatch)
+    kept = gradients(lambda q, k, v: packed_sdpa(q, k, v, ends, mask, 0.3, 2, False, None)[0])
+    assert calls == [11, 29]  # the forward's chunks: none again in the backward
+    eager = gradients(lambda q, k, v: packed_attention.packed_sdpa_attention_forward(module, q, k, v, mask,
+                                                                                     **kwargs)[0])
+    plan = packed_attention.chunk_plan(module, query, key, mask, {"cu_seq_lens_q": ends})
+    under_autograd = gradients(lambda q, k, v: packed_attention.run_plan(module, q, k, v, plan, 0.0, 0.3, {}))
+    monkeypatch.setattr(packed_attention_op, "keeps_statistics", lambda device: False)
+    calls.clear()
+    recomputed = gradients(lambda q, k, v: packed_sdpa(q, k, v, ends, mask, 0.3, 2, False, None)[0])
+    assert calls == [11, 29] * 2  # forward, and again in the backward
+    for other in (eager, under_autograd, recomputed):
+        for got, want in zip(kept, other, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert all(torch.equal(got, want) for got, want in zip(kept, recomputed, strict=True))
 
 
 def test_compiled_steps_under_bf16_autocast_cast_as_sdpa_would():
