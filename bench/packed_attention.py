@@ -12,17 +12,22 @@ forward + backward + AdamW, interleaved over the three layouts.
 Also timed in the same rounds: the `sdpa_packed` step with its chunks under autograd (`packed_sdpa_packed_autograd`,
 as eager steps run them off the CPU) where on the CPU they run in the operator that keeps SDPA's softmax statistics
 for its backward (`peft_mole.packed_attention_op`); the row's `operator_vs_autograd` is the step's ratio.
+--compile also times the `sdpa_packed` step compiled (`torch.compile`, inductor; `--compile-backend`), where the
+operator runs inside the graph, with the statistics kept and, as a stand-in for the devices that recompute, with
+its backward running the chunks again (`compiled_kept_vs_recompute`), and against the eager step. One graph serves
+every case (`dynamic=True`); `compile_s` is the first case's first step.
 --chunk-tokens C1 C2 ... also times `sdpa_packed` with other chunk sizes than its default (`CHUNK_TOKENS`, measured
 on the CPU) in the same rounds; the row's `chunk_ratios` gives each one's step over the masked row's (for a GPU,
 where each chunk is a kernel launch).
 Usage: python bench/packed_attention.py [--shape small] [--cases equal long_tailed] [--repeats 10]
-       [--chunk-tokens 128 512 2048]
+       [--chunk-tokens 128 512 2048] [--compile]
 """
 
 from __future__ import annotations
 
 import random
 import statistics
+import time
 
 import torch
 from common import (
@@ -90,8 +95,9 @@ def with_chunks(chunk_tokens: int, step):
     return chunked_step
 
 
-def chunks_under_autograd(step):
-    """`step` with `sdpa_packed`'s eager chunks under autograd, not in the operator that keeps the statistics."""
+def without_statistics(step):
+    """`step` with `sdpa_packed`'s operator keeping no statistics, as off the CPU: an eager step runs the chunks under
+    autograd, a compiled step's operator runs them again in its backward."""
     def autograd_step() -> None:
         default = packed_attention_op.keeps_statistics
         packed_attention_op.keeps_statistics = lambda device: False
@@ -108,18 +114,32 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--chunk-tokens", nargs="+", type=positive_int, default=[],
                         help="other chunk sizes of sdpa_packed to time (its default is always timed)")
+    parser.add_argument("--compile", action="store_true", help="also time the sdpa_packed step compiled")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     args = parser.parse_args()
     setup_threads()
+    models = {"sdpa": model_with(args.shape, "sdpa"), PACKED_SDPA: model_with(args.shape, PACKED_SDPA),
+              "padded": model_with(args.shape, "sdpa")}
+    compiled_model, compiled = None, {}
+    if args.compile:  # one graph for every case (`dynamic=True`: the row's tokens vary); compiled by the first step
+        torch._dynamo.reset()
+        compiled_model = torch.compile(models[PACKED_SDPA], backend=args.compile_backend, dynamic=True)
     for case in args.cases:
         lengths = case_lengths(case, args.shape)
-        models = {"sdpa": model_with(args.shape, "sdpa"), PACKED_SDPA: model_with(args.shape, PACKED_SDPA)}
         packed, padded = batches(lengths, models["sdpa"].config.vocab_size)
         steps = {"packed_sdpa_mask": train_step_fn(models["sdpa"], packed),
                  "packed_sdpa_packed": train_step_fn(models[PACKED_SDPA], packed),
-                 "padded_rows": train_step_fn(model_with(args.shape, "sdpa"), padded)}
-        steps["packed_sdpa_packed_autograd"] = chunks_under_autograd(steps["packed_sdpa_packed"])
+                 "padded_rows": train_step_fn(models["padded"], padded)}
+        steps["packed_sdpa_packed_autograd"] = without_statistics(steps["packed_sdpa_packed"])
         for chunk in args.chunk_tokens:
             steps[f"packed_sdpa_packed_c{chunk}"] = with_chunks(chunk, steps["packed_sdpa_packed"])
+        if compiled_model is not None:
+            steps["packed_sdpa_packed_compiled"] = train_step_fn(compiled_model, packed)
+            if not compiled:
+                start = time.perf_counter()
+                steps["packed_sdpa_packed_compiled"]()
+                compiled["compile_s"] = time.perf_counter() - start
+            steps["packed_sdpa_packed_compiled_recompute"] = without_statistics(steps["packed_sdpa_packed_compiled"])
         times = time_interleaved(steps, repeats=args.repeats)
         tokens = sum(lengths)
         for impl, seconds in times.items():
@@ -135,6 +155,10 @@ def main() -> None:
               "padded_vs_packed": median["padded_rows"] / median["packed_sdpa_packed"],
               "operator_vs_autograd": median["packed_sdpa_packed"] / median["packed_sdpa_packed_autograd"],
               "chunk_tokens": packed_attention.CHUNK_TOKENS,
+              **({"compile": args.compile_backend, **compiled,
+                  "compiled_vs_eager": median["packed_sdpa_packed_compiled"] / median["packed_sdpa_packed"],
+                  "compiled_kept_vs_recompute": median["packed_sdpa_packed_compiled"]
+                  / median["packed_sdpa_packed_compiled_recompute"]} if args.compile else {}),
               **({"chunk_ratios": {chunk: median[f"packed_sdpa_packed_c{chunk}"] / median["packed_sdpa_mask"]
                                    for chunk in args.chunk_tokens}} if args.chunk_tokens else {})})
 

@@ -37,7 +37,7 @@ COMMANDS = {
     "mole_vs_reference": "python bench/mole_vs_reference.py --peers-python PEERS/bin/python",
     "options_step": "python bench/options_step.py --shape {shape} --options {impl}",
     "saved_activations": "python bench/saved_activations.py --shape {shape}",
-    "packed_attention": "python bench/packed_attention.py --shape {shape} --cases {case}",
+    "packed_attention": "python bench/packed_attention.py --shape {shape} --cases {case}{compile_flag}",
 }
 DESCRIPTIONS = {
     "mixlora_vs_lora": "MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout {dropout}{autocast_note}",
@@ -227,7 +227,11 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                "attention_flag": f" --attention {row['attention']}" if "attention" in row else "",
                "operator_note": (f"; in the operator that keeps SDPA's softmax statistics, "
                                  f"{row['operator_vs_autograd']:.2f}× the step with its chunks under autograd"
-                                 if "operator_vs_autograd" in row else ""),
+                                 if "operator_vs_autograd" in row else "")
+                              + (f"; compiled ({row['compile']}, first step {row['compile_s']:.0f} s) "
+                                 f"{row['compiled_vs_eager']:.2f}× the eager step, its operator keeping the statistics "
+                                 f"{row['compiled_kept_vs_recompute']:.2f}× recomputing the forward in the backward"
+                                 if "compiled_kept_vs_recompute" in row else ""),
                "sizes_label": "the tokens" if row.get("packed") else "rows and length",
                "clip_note": "clipping + " if row.get("clip", True) else "",
                "kinds_flag": (f" --jobs {row['jobs']}" if row.get("kinds") == "lora" else

@@ -29,7 +29,8 @@ SCRIPTS = {
                          "aot_eager"],  # inductor's decoding: tests/tuners/test_compiled_decoding.py
     "pad_fraction": ["--shape", "tiny", "--jobs", "2", "--steps", "2"],
     "grouped_products": ["--repeats", "1"],
-    "packed_attention": ["--shape", "tiny", "--repeats", "1", "--chunk-tokens", "16"],
+    "packed_attention": ["--shape", "tiny", "--repeats", "1", "--chunk-tokens", "16", "--compile", "--compile-backend",
+                         "aot_eager"],
     "host_time": ["--jobs", "2", "--repeats", "2"],
     "job_optimizer": ["--shapes", "tiny", "--repeats", "2"],
     # Dynamo's graphs and breaks, as inductor gets them (inductor's code: test_compiled_training.py's SFT run)
@@ -292,16 +293,18 @@ def test_pad_fraction_bench_trains_padding_free_with_each_attention(rows):
 def test_packed_attention_bench_times_both_attentions_and_padded_rows(rows):
     """Both cases: the packed row's sequences (all of the equal case's of one length; the long-tailed case's of
     several, with padding when laid out as rows) and the layouts timed: the masked row, `sdpa_packed` in its
-    operator and with its chunks under autograd, another chunk size, padded rows."""
+    operator and without its statistics, eager and compiled, another chunk size, padded rows."""
     summary = {row["case"]: row for row in ran(rows, "packed_attention") if row["name"] == "packed_attention"}
     assert summary["equal"]["padded_tokens"] == summary["equal"]["tokens"] == 2 * 32
     assert summary["long_tailed"]["padded_tokens"] > summary["long_tailed"]["tokens"] >= 2 * 32
     steps = {(row["case"], row["impl"]) for row in rows["packed_attention"] if row["name"] == "packed_attention_step"}
     assert steps == {(case, impl) for case in ("equal", "long_tailed")
                      for impl in ("packed_sdpa_mask", "packed_sdpa_packed", "packed_sdpa_packed_c16", "padded_rows",
-                                  "packed_sdpa_packed_autograd")}
+                                  "packed_sdpa_packed_autograd", "packed_sdpa_packed_compiled",
+                                  "packed_sdpa_packed_compiled_recompute")}
     assert all(list(row["chunk_ratios"]) == ["16"] and row["chunk_tokens"] == 128 for row in summary.values())
-    assert all(row["operator_vs_autograd"] > 0 for row in summary.values())
+    assert all(row["operator_vs_autograd"] > 0 and row["compiled_kept_vs_recompute"] > 0 and row["compile_s"] > 0
+               and row["compile"] == "aot_eager" for row in summary.values())
 
 
 def test_every_ratio_row_records_the_command_that_made_it_and_the_commit(rows, tmp_path):
