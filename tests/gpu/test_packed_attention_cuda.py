@@ -31,3 +31,25 @@ def test_packed_rows_on_cuda_equal_the_masked_row(dtype, tolerance):
     if dtype == torch.float32:
         on_cpu = with_attention(tiny_base(), PACKED_SDPA)(**batch, use_cache=False).logits
         torch.testing.assert_close(got.logits.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
+
+
+def test_the_compiled_operator_on_cuda_recomputes_its_chunks_with_the_eager_gradients():
+    """On CUDA the operator keeps no statistics (`keeps_statistics`): inductor's graph calls it, and its backward
+    runs the chunks again; the values and gradients equal the eager chunks' under autograd."""
+    from peft_mole.packed_attention_op import keeps_statistics
+
+    assert not keeps_statistics(torch.device("cuda"))
+    torch._dynamo.reset()
+    batch, _ = packed_batch()
+    on_cuda = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items() if not k.startswith("max_length")}
+    model = with_attention(tiny_base(), PACKED_SDPA).cuda()
+    results = []
+    for run in (model, torch.compile(model, backend="inductor", dynamic=True)):
+        out = run(**on_cuda, use_cache=False)
+        out.loss.backward()
+        results.append((out.logits.detach(), [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
