@@ -9,13 +9,15 @@ Cases (the row holds about the shape's batch × length tokens):
   seed 0 until the row holds the tokens.
 Model: the shape's random Llama with PEFT LoRA (BENCH.md's r 16 on q,k,v,o,gate,up,down), dropout 0.05; a step is
 forward + backward + AdamW, interleaved over the three layouts.
-Also timed in the same rounds: the `sdpa_packed` step with its chunks under autograd (`packed_sdpa_packed_autograd`,
-as eager steps run them off the CPU) where on the CPU they run in the operator that keeps SDPA's softmax statistics
-for its backward (`peft_mole.packed_attention_op`); the row's `operator_vs_autograd` is the step's ratio.
+On the CPU, also timed in the same rounds: the `sdpa_packed` step with its chunks under autograd
+(`packed_sdpa_packed_autograd`, as eager steps run them off the CPU) where they run in the operator that keeps
+SDPA's softmax statistics for its backward (`peft_mole.packed_attention_op`); the row's `operator_vs_autograd` is
+the step's ratio.
 --compile also times the `sdpa_packed` step compiled (`torch.compile`, inductor; `--compile-backend`), where the
-operator runs inside the graph, with the statistics kept and, as a stand-in for the devices that recompute, with
-its backward running the chunks again (`compiled_kept_vs_recompute`), and against the eager step. One graph serves
-every case (`dynamic=True`); `compile_s` is the first case's first step.
+operator runs inside the graph, against the eager step; on the CPU with the statistics kept and, as a stand-in for
+the devices that recompute, with its backward running the chunks again (`compiled_kept_vs_recompute`). The compiled
+step leaves out the collator's `max_length_q`/`max_length_k` (flash attention's; Dynamo would compile again for
+another int), so one graph serves every case (`dynamic=True`); `compile_s` is the first case's first step.
 --chunk-tokens C1 C2 ... also times `sdpa_packed` with other chunk sizes than its default (`CHUNK_TOKENS`, measured
 on the CPU) in the same rounds; the row's `chunk_ratios` gives each one's step over the masked row's (for a GPU,
 where each chunk is a kernel launch).
@@ -47,6 +49,7 @@ from peft import get_peft_model
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from peft_mole import PACKED_SDPA, packed_attention, packed_attention_op
+from peft_mole.packed_attention_op import keeps_statistics
 
 CASES = ("equal", "long_tailed")
 
@@ -130,16 +133,21 @@ def main() -> None:
         steps = {"packed_sdpa_mask": train_step_fn(models["sdpa"], packed),
                  "packed_sdpa_packed": train_step_fn(models[PACKED_SDPA], packed),
                  "padded_rows": train_step_fn(models["padded"], padded)}
-        steps["packed_sdpa_packed_autograd"] = without_statistics(steps["packed_sdpa_packed"])
+        kept = keeps_statistics(device())  # (elsewhere the eager chunks run under autograd, and nothing is kept)
+        if kept:
+            steps["packed_sdpa_packed_autograd"] = without_statistics(steps["packed_sdpa_packed"])
         for chunk in args.chunk_tokens:
             steps[f"packed_sdpa_packed_c{chunk}"] = with_chunks(chunk, steps["packed_sdpa_packed"])
         if compiled_model is not None:
-            steps["packed_sdpa_packed_compiled"] = train_step_fn(compiled_model, packed)
+            flash_ints = {k: v for k, v in packed.items() if not k.startswith("max_length")}
+            steps["packed_sdpa_packed_compiled"] = train_step_fn(compiled_model, flash_ints)
             if not compiled:
                 start = time.perf_counter()
                 steps["packed_sdpa_packed_compiled"]()
                 compiled["compile_s"] = time.perf_counter() - start
-            steps["packed_sdpa_packed_compiled_recompute"] = without_statistics(steps["packed_sdpa_packed_compiled"])
+            if kept:
+                steps["packed_sdpa_packed_compiled_recompute"] = without_statistics(
+                    steps["packed_sdpa_packed_compiled"])
         times = time_interleaved(steps, repeats=args.repeats)
         tokens = sum(lengths)
         for impl, seconds in times.items():
@@ -153,12 +161,14 @@ def main() -> None:
               "packed_ms": median["packed_sdpa_packed"] * 1e3, "masked_ms": median["packed_sdpa_mask"] * 1e3,
               "padded_ms": median["padded_rows"] * 1e3,
               "padded_vs_packed": median["padded_rows"] / median["packed_sdpa_packed"],
-              "operator_vs_autograd": median["packed_sdpa_packed"] / median["packed_sdpa_packed_autograd"],
+              **({"operator_vs_autograd": median["packed_sdpa_packed"] / median["packed_sdpa_packed_autograd"]}
+                 if kept else {}),
               "chunk_tokens": packed_attention.CHUNK_TOKENS,
               **({"compile": args.compile_backend, **compiled,
-                  "compiled_vs_eager": median["packed_sdpa_packed_compiled"] / median["packed_sdpa_packed"],
-                  "compiled_kept_vs_recompute": median["packed_sdpa_packed_compiled"]
-                  / median["packed_sdpa_packed_compiled_recompute"]} if args.compile else {}),
+                  "compiled_vs_eager": median["packed_sdpa_packed_compiled"] / median["packed_sdpa_packed"]}
+                 if args.compile else {}),
+              **({"compiled_kept_vs_recompute": median["packed_sdpa_packed_compiled"]
+                  / median["packed_sdpa_packed_compiled_recompute"]} if args.compile and kept else {}),
               **({"chunk_ratios": {chunk: median[f"packed_sdpa_packed_c{chunk}"] / median["packed_sdpa_mask"]
                                    for chunk in args.chunk_tokens}} if args.chunk_tokens else {})})
 

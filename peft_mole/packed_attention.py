@@ -180,9 +180,9 @@ def packed_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
     if plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    from peft_mole.packed_attention_op import keeps_statistics
+    from peft_mole.packed_attention_op import takes_kernel
 
-    if keeps_statistics(query.device):  # the operator keeps the softmax statistics for its backward
+    if takes_kernel(query, key, value):  # the operator keeps the softmax statistics for its backward
         output = _operator_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         if output is not None:
             return output, None

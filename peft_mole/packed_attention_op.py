@@ -10,13 +10,17 @@ the bounds (`packed_attention.chunk_plan`) and runs the chunks. Eager steps on t
 (`aten::_scaled_dot_product_flash_attention_for_cpu`, the one `torch.nn.functional.scaled_dot_product_attention`
 picks for them), which returns the output O and, per query i, the log-sum-exp of its scores,
 lse_i = log Σ_j exp(s·q_i·k_j) over the keys the mask allows (s: the scale). The operator calls that kernel per
-chunk, with the mask turned additive (0 where allowed, −inf elsewhere) as SDPA turns a boolean mask, and keys and
-values repeated per query head (grouped-query attention). Its backward, `peft_mole::packed_sdpa_backward`, gives
+chunk, with the mask turned additive (0 where allowed, −inf elsewhere) as SDPA turns a boolean mask, and with the
+keys and values as transformers' SDPA call gives them (grouped-query attention: grouped for a causal chunk without
+a mask, as `enable_gqa=True`; repeated per query head, as `repeat_kv`, under a mask). Its backward, `peft_mole::packed_sdpa_backward`, gives
 each chunk's O, lse and output gradient to the kernel's backward (`..._for_cpu_backward`), which rebuilds the
 softmax P = exp(s·QKᵀ − lse) and computes dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)), dQ = s·dS K,
 dK = s·dSᵀ Q. So nothing is computed twice, and the numbers are the eager SDPA chunks' bit for bit (their
-autograd calls the same two kernels; a key head's gradient sums its query heads'). Measured per layer (small
-shape, 1024 tokens; `bench/packed_attention.py`): forward and backward 0.6× the chunks under autograd.
+autograd calls the same two kernels, and sums a repeated key head's gradient over its query heads as here). Where
+the kernel does not apply (a value head size other than the query's, as in DeepSeek's latent attention, or rows
+that are not contiguous: `takes_kernel`) the operator runs transformers' SDPA, as below. Measured in steps
+(`python bench/packed_attention.py --compile`): eager 0.93–1.00×, compiled 0.91–0.96× the step without the
+statistics.
 
 **Elsewhere** (CUDA, other devices, and a call that is not a packed row, where the plan is None), the operator
 runs the chunks through transformers' `sdpa_attention_forward`, and its backward runs them again under
@@ -49,6 +53,28 @@ def keeps_statistics(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def takes_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether the operator runs SDPA's CPU kernel with its statistics on these inputs: on the CPU
+    (`keeps_statistics`), with one head size for the query, key and value (not so in multi-head latent attention,
+    DeepSeek's, where SDPA takes its math kernel) and each row of a head contiguous, as SDPA requires before it picks
+    that kernel. Else the operator runs transformers' SDPA and recomputes in its backward."""
+    return (keeps_statistics(query.device) and query.shape[-1] == key.shape[-1] == value.shape[-1]
+            and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1)
+
+
+def _takes_grouped_keys() -> bool:
+    """Whether this torch's CPU kernel takes fewer key heads than query heads (grouped-query attention, as SDPA's
+    `enable_gqa=True` gives them to it; torch 2.13 does)."""
+    try:
+        FLASH_FORWARD(torch.zeros(1, 2, 2, 8), torch.zeros(1, 1, 2, 8), torch.zeros(1, 1, 2, 8), 0.0, True)
+    except RuntimeError:
+        return False
+    return True
+
+
+GROUPED_KEYS = _takes_grouped_keys()
+
+
 def _plan(query: torch.Tensor, key: torch.Tensor, ends: torch.Tensor, mask: torch.Tensor | None, groups: int,
           from_positions: bool, window: int | None) -> tuple:
     """(a stand-in for the attention module, the call's kwargs, the chunk plan or None): as the eager call makes it
@@ -64,17 +90,20 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
         ~mask, float("-inf"))
 
 
-def _per_query_head(tensor: torch.Tensor, groups: int) -> torch.Tensor:
-    """(1, kv heads, L, d) → (1, heads, L, d): each key head repeated for its `groups` query heads (`repeat_kv`)."""
-    return tensor if groups == 1 else tensor.repeat_interleave(groups, dim=1)
+def _key_heads(tensor: torch.Tensor, groups: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """A chunk's keys or values (1, kv heads, L, d) as transformers' SDPA call gives them to the kernel: as they are
+    for a causal chunk without a mask (`enable_gqa=True`), else each key head repeated for its `groups` query heads
+    (`repeat_kv`; also where this torch's kernel takes no grouped keys)."""
+    grouped = mask is None and GROUPED_KEYS
+    return tensor if groups == 1 or grouped else tensor.repeat_interleave(groups, dim=1)
 
 
 def _statistics_forward(query, key, value, plan, scaling: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, T, heads, d) and the log-sum-exp (1, heads, T): SDPA's CPU kernel over each chunk."""
     outputs, statistics = [], []
     for start, end, mask in plan:
-        output, lse = FLASH_FORWARD(query[:, :, start:end], _per_query_head(key[:, :, start:end], groups),
-                                    _per_query_head(value[:, :, start:end], groups), 0.0, mask is None,
+        output, lse = FLASH_FORWARD(query[:, :, start:end], _key_heads(key[:, :, start:end], groups, mask),
+                                    _key_heads(value[:, :, start:end], groups, mask), 0.0, mask is None,
                                     attn_mask=_additive(mask, query.dtype), scale=scaling)
         outputs.append(output.transpose(1, 2))
         statistics.append(lse)
@@ -88,11 +117,11 @@ def _statistics_backward(grad, query, key, value, output, lse, plan, scaling: fl
     grads = tuple(torch.empty_like(x) for x in (query, key, value))
     for start, end, mask in plan:
         chunk = slice(start, end)
-        keys, values = (_per_query_head(x[:, :, chunk], groups) for x in (key, value))
+        keys, values = (_key_heads(x[:, :, chunk], groups, mask) for x in (key, value))
         dq, dk, dv = FLASH_BACKWARD(grad[:, chunk].transpose(1, 2), query[:, :, chunk], keys, values,
                                     output[:, chunk].transpose(1, 2), lse[:, :, chunk], 0.0, mask is None,
                                     attn_mask=_additive(mask, query.dtype), scale=scaling)
-        if groups > 1:  # a key head's gradient: the sum over its query heads
+        if dk.shape[1] != key.shape[1]:  # repeated keys: a key head's gradient sums its query heads' (as repeat_kv's)
             dk, dv = (g.unflatten(1, (-1, groups)).sum(2) for g in (dk, dv))
         for whole, part in zip(grads, (dq, dk, dv), strict=True):
             whole[:, :, chunk] = part
@@ -121,10 +150,10 @@ def packed_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, end
     """query (1, heads, T, d), key and value (1, kv heads, T, d); `ends`: `cu_seq_lens_q`, or the row's position
     ids (`from_positions`); `groups`: query heads per key head. Returns the output (1, T, heads, d) and the softmax's
     log-sum-exp per head and query (1, heads, T), float32 (float64 for float64 inputs), computed where the
-    operator keeps statistics (`keeps_statistics`) and zeros elsewhere."""
+    operator runs SDPA's CPU kernel (`takes_kernel`) and zeros elsewhere."""
     with torch.autocast(query.device.type, enabled=False):  # (the caller cast the inputs: forward = recompute)
         _, _, plan = _plan(query, key, ends, mask, groups, from_positions, window)
-        if plan is not None and keeps_statistics(query.device):
+        if plan is not None and takes_kernel(query, key, value):
             return _statistics_forward(query, key, value, plan, scaling, groups)
         output = _chunks(query, key, value, ends, mask, scaling, groups, from_positions, window).contiguous()
         return output, query.new_zeros(query.shape[:3], dtype=_statistics_dtype(query))
@@ -145,7 +174,7 @@ def packed_sdpa_backward(grad: torch.Tensor, query: torch.Tensor, key: torch.Ten
     forward kept them, else by running the chunks again under `torch.func.vjp`."""
     with torch.autocast(query.device.type, enabled=False):
         _, _, plan = _plan(query, key, ends, mask, groups, from_positions, window)
-        if plan is not None and keeps_statistics(query.device):
+        if plan is not None and takes_kernel(query, key, value):  # (the forward's inputs: its branch)
             return _statistics_backward(grad, query, key, value, output, lse, plan, scaling, groups)
 
         def attention(q, k, v):

@@ -213,7 +213,7 @@ def test_a_saved_model_loads_with_the_packed_attention(tmp_path):
 def test_compiled_steps_run_the_chunks_in_one_opaque_operator(monkeypatch):
     """Under torch.compile the chunks (read on the host) would break the graph at every layer: the compiled forward
     calls `peft_mole.packed_sdpa` instead, one graph for packed rows of any length and mix (`dynamic=True`), whose
-    logits and gradients equal the eager chunks' (the operator's backward runs the chunks again)."""
+    logits and gradients equal those of the eager chunks under autograd (the operator off: as off the CPU)."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 32)
@@ -226,14 +226,16 @@ def test_compiled_steps_run_the_chunks_in_one_opaque_operator(monkeypatch):
     for lengths, seed in [(LENGTHS, 3), ([9, 50, 4, 30], 5)]:
         batch, _ = packed_batch(lengths, seed=seed)
         batch = {k: v for k, v in batch.items() if not k.startswith("max_length")}  # (ints Dynamo specialises on)
-        eager = model(**batch, use_cache=False)
-        eager.loss.backward()
+        with monkeypatch.context() as chunks_under_autograd:
+            chunks_under_autograd.setattr(packed_attention_op, "keeps_statistics", lambda device: False)
+            eager = model(**batch, use_cache=False)
+            eager.loss.backward()
         want = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()
         calls.clear()
         got = compiled(**batch, use_cache=False)
         got.loss.backward()
-        assert max(calls) < sum(lengths), calls  # the chunks ran, forward and (again) backward
+        assert calls and max(calls) < sum(lengths), calls  # the chunks ran (forward; the backward kept statistics)
         torch.testing.assert_close(got.logits, eager.logits, atol=1e-6, rtol=1e-6)
         for (name, p), g in zip(model.named_parameters(), want, strict=True):
             torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5, msg=name)
@@ -269,19 +271,19 @@ def test_the_operator_passes_torch_library_checks_and_gradcheck():
 @pytest.mark.parametrize("masked", [False, True])
 def test_the_operator_keeps_the_softmax_statistics_on_the_cpu_and_recomputes_nothing(masked, monkeypatch):
     """On the CPU the operator's backward takes each chunk's output and log-sum-exp to SDPA's kernel backward: the
-    chunks run once per step, and the gradients are the recomputing path's (the one other devices take) and the
-    eager chunks' under autograd, bit for bit."""
+    chunks run once per step, and the values and gradients are those of the chunks under autograd (transformers'
+    SDPA calls: grouped keys for a causal chunk, repeated ones under a mask) and of the recomputing path (the one
+    other devices take), bit for bit, with a chunk longer than 128 tokens; eager steps call it."""
     from peft_mole.packed_attention_op import packed_sdpa
 
     gen = torch.Generator().manual_seed(3)
-    query, key, value = (torch.randn(1, heads, 40, 8, generator=gen) for heads in (4, 2, 2))
-    ends = torch.tensor([0, 8, 11, 40], dtype=torch.int32)
-    index = torch.arange(40)
-    mask = (torch.ones(40, 40, dtype=torch.bool).tril() & (index[:, None] - index < 6))[None, None] if masked else None
-    grad = torch.randn(1, 40, 4, 8, generator=gen)
-    monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 12)  # [8, 3] and [29]
+    query, key, value = (torch.randn(1, heads, 161, 8, generator=gen) for heads in (4, 2, 2))
+    ends = torch.tensor([0, 8, 11, 161], dtype=torch.int32)
+    index = torch.arange(161)
+    mask = (torch.ones(161, 161, dtype=torch.bool).tril() & (index[:, None] - index < 6))[None, None] if masked else None
+    grad = torch.randn(1, 161, 4, 8, generator=gen)
+    monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 12)  # [8, 3] and [150]
     module = SimpleNamespace(is_causal=True, num_key_value_groups=2)
-    kwargs = {"cu_seq_lens_q": ends, "scaling": 0.3}
 
     def gradients(run) -> tuple:
         inputs = [x.clone().requires_grad_() for x in (query, key, value)]
@@ -291,19 +293,58 @@ def test_the_operator_keeps_the_softmax_statistics_on_the_cpu_and_recomputes_not
 
     calls = sdpa_calls(monkeypatch)
     kept = gradients(lambda q, k, v: packed_sdpa(q, k, v, ends, mask, 0.3, 2, False, None)[0])
-    assert calls == [11, 29]  # the forward's chunks: none again in the backward
-    eager = gradients(lambda q, k, v: packed_attention.packed_sdpa_attention_forward(module, q, k, v, mask,
-                                                                                     **kwargs)[0])
+    assert calls == [11, 150]  # the forward's chunks: none again in the backward
     plan = packed_attention.chunk_plan(module, query, key, mask, {"cu_seq_lens_q": ends})
     under_autograd = gradients(lambda q, k, v: packed_attention.run_plan(module, q, k, v, plan, 0.0, 0.3, {}))
+    monkeypatch.setattr(packed_attention, "run_plan", None)  # eager steps: the operator, not the chunks
+    eager = gradients(lambda q, k, v: packed_attention.packed_sdpa_attention_forward(
+        module, q, k, v, mask, cu_seq_lens_q=ends, scaling=0.3)[0])
+    monkeypatch.undo()  # (run_plan back, for the recomputing path)
+    monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 12)
     monkeypatch.setattr(packed_attention_op, "keeps_statistics", lambda device: False)
-    calls.clear()
+    calls = sdpa_calls(monkeypatch)
     recomputed = gradients(lambda q, k, v: packed_sdpa(q, k, v, ends, mask, 0.3, 2, False, None)[0])
-    assert calls == [11, 29] * 2  # forward, and again in the backward
-    for other in (eager, under_autograd, recomputed):
-        for got, want in zip(kept, other, strict=True):
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-    assert all(torch.equal(got, want) for got, want in zip(kept, recomputed, strict=True))
+    assert calls == [11, 150] * 2  # forward, and again in the backward
+    for other in (under_autograd, eager, recomputed):
+        assert all(torch.equal(got, want) for got, want in zip(kept, other, strict=True))
+    row_mask = mask if masked else torch.ones(161, 161, dtype=torch.bool).tril()[None, None]
+    sequence = torch.repeat_interleave(torch.arange(3), torch.tensor([8, 3, 150]))
+    row = gradients(lambda q, k, v: packed_attention.sdpa_attention_forward(
+        module, q, k, v, row_mask & (sequence[:, None] == sequence)[None, None], scaling=0.3)[0])
+    for got, want in zip(kept, row, strict=True):  # the masked row: the same up to rounding
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["value head size", "not contiguous"])
+def test_inputs_the_cpu_kernel_does_not_take_run_the_chunks_through_sdpa(case, monkeypatch):
+    """Multi-head latent attention (DeepSeek's) has a value head size other than the query's, which SDPA's flash
+    kernel refuses (SDPA takes its math kernel); rows that are not contiguous it would misread. Both run the chunks
+    through transformers' SDPA, eager and in the operator, with their gradients."""
+    from peft_mole.packed_attention_op import packed_sdpa, takes_kernel
+
+    gen = torch.Generator().manual_seed(4)
+    query, key = (torch.randn(1, 4, 20, 24, generator=gen) for _ in range(2))
+    value = torch.randn(1, 4, 20, 16 if case == "value head size" else 24, generator=gen)
+    if case == "not contiguous":
+        query, key, value = (torch.randn(1, 4, 20, 24, 2, generator=gen)[..., 0] for _ in range(3))
+    assert not takes_kernel(query, key, value)
+    ends = torch.tensor([0, 8, 20], dtype=torch.int32)
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=1)
+    alone = [packed_attention.sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                                     scaling=0.2, is_causal=True)[0] for a, b in [(0, 8), (8, 20)]]
+    want = torch.cat(alone, dim=1)
+    eager, _ = packed_attention.packed_sdpa_attention_forward(module, query, key, value, None, cu_seq_lens_q=ends,
+                                                              scaling=0.2)
+    torch.testing.assert_close(eager, want, atol=1e-6, rtol=1e-6)
+    inputs = [x.clone().requires_grad_() for x in (query, key, value)]
+    output, _ = packed_sdpa(*inputs, ends, None, 0.2, 1, False, None)
+    torch.testing.assert_close(output, want, atol=1e-6, rtol=1e-6)
+    output.sum().backward()
+    reference = [x.clone().requires_grad_() for x in (query, key, value)]
+    torch.cat([packed_attention.sdpa_attention_forward(module, *(x[:, :, a:b] for x in reference), None, scaling=0.2,
+                                                       is_causal=True)[0] for a, b in [(0, 8), (8, 20)]], 1).sum().backward()
+    for got, ref in zip(inputs, reference, strict=True):
+        torch.testing.assert_close(got.grad, ref.grad, atol=1e-6, rtol=1e-6)
 
 
 def test_compiled_steps_under_bf16_autocast_cast_as_sdpa_would():
