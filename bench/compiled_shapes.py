@@ -19,7 +19,7 @@ took for the dynamic graph's cost. Rows: `compiled_shapes`, per case: the first 
 `dynamic=True` / with Dynamo's rule (lower is better; the median of the rounds, and the ratio of their minima), and
 the timed steps' ratio alike (over all rounds' timed steps). Inductor's caches are off (compile time from scratch).
 Usage: python bench/compiled_shapes.py [--shape small] [--jobs 4] [--kind lora] [--repeats 8] [--rounds 2]
-       [--cases varying fixed] [--compile-backend inductor] [--packed]
+       [--cases varying fixed] [--compile-backend inductor] [--packed] [--in-process]
 """
 
 from __future__ import annotations
@@ -109,7 +109,11 @@ def run(shape: str, jobs: int, kind: str, case: str, dynamic: bool, backend: str
 
 
 def in_child(args, case: str, variant: str) -> dict:
-    """`run` in a fresh process (no model, compiled code or allocator state of an earlier run)."""
+    """`run` in a fresh process (no model, compiled code or allocator state of an earlier run); with `--in-process`
+    in this one, after `torch._dynamo.reset()`."""
+    if args.in_process:
+        return run(args.shape, args.jobs, args.kind, case, variant == "dynamic", args.compile_backend, args.repeats,
+                   args.packed)
     command = [sys.executable, __file__, "--child", variant, "--cases", case, "--shape", args.shape, "--jobs",
                str(args.jobs), "--kind", args.kind, "--repeats", str(args.repeats), "--compile-backend",
                args.compile_backend, *(["--packed"] if args.packed else [])]
@@ -138,6 +142,9 @@ def main() -> None:
                         help="torch.compile backend (aot_eager: Dynamo's graphs and AOTAutograd, no code generated)")
     parser.add_argument("--packed", action="store_true",
                         help="each step's rows as one packed row (TRL's padding_free=True): its tokens vary")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the variants in this process (the test suite's smoke run: no second import of "
+                             "torch; the timings then carry the earlier variant's state, so they are no figure)")
     parser.add_argument("--child", choices=["rule", "dynamic"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -146,6 +153,9 @@ def main() -> None:
         settings = (args.shape, args.jobs, args.kind, args.cases[0], args.child == "dynamic", args.compile_backend)
         print(json.dumps(run(*settings, args.repeats, args.packed)))
         return
+    if args.in_process:
+        setup_threads()
+        torch._inductor.config.force_disable_caches = True
     for case in args.cases:
         runs = {"rule": [], "dynamic": []}
         for round_ in range(args.rounds):
@@ -155,7 +165,7 @@ def main() -> None:
         emit({"name": "compiled_shapes", "shape": args.shape, "jobs": args.jobs, "kind": args.kind, "case": case,
               "rounds": args.rounds,
               **({"compile": args.compile_backend} if args.compile_backend != "inductor" else {}),
-              **({"packed": True} if args.packed else {}),
+              **({"packed": True} if args.packed else {}), **({"in_process": True} if args.in_process else {}),
               "dynamo_rule": rule, "dynamic_steps": dynamic,
               "ratio_median": dynamic["first_steps_s"] / rule["first_steps_s"],
               "ratio_min": dynamic["first_steps_min_s"] / rule["first_steps_min_s"],
