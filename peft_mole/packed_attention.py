@@ -38,7 +38,7 @@ import weakref
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
 
 logger = logging.getLogger(__name__)
 
@@ -228,11 +228,42 @@ def _operator_call(module, query: torch.Tensor, key: torch.Tensor, value: torch.
                        kwargs.get("sliding_window"))[0]
 
 
+def packed_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                     mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None,
+                     local_size: int | None = None, use_vmap: bool = False, **kwargs) -> torch.Tensor | None:
+    """`sdpa_packed`'s mask function (transformers' mask interface): None where the row's mask would be plainly
+    causal within each sequence (the block-diagonal causal mask of a packed row), which the chunks make themselves
+    from the sequences' bounds (`chunk_plan`: `tril` blocks); else `sdpa_mask`'s (T × T) mask. So an eager packed
+    step builds no (T × T) tensor (T² bytes while the forward runs: 64 MB for 8192 tokens, 256 MB and 0.5 s on this
+    CPU for 16384). "Plainly causal": one row, as many keys as queries, no cache offset, no padding in the 2D mask,
+    no sliding window or chunked attention (`local_size`), no custom mask functions (`use_vmap`), every token seeing
+    itself and no token its successor (what spans that see ahead, such as the image blocks of PaliGemma or Gemma 4,
+    would allow; a probe of the mask function on those 2T − 1 pairs). Under `torch.compile` (no read of the probe
+    on the host) the mask is `sdpa_mask`'s."""
+    full = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
+                use_vmap=use_vmap, **kwargs)
+    if (torch.compiler.is_compiling() or batch_size != 1 or q_length != kv_length or q_length < 2 or q_offset
+            or kv_offset or use_vmap or local_size is not None):
+        return sdpa_mask(**full)
+    if attention_mask is not None and not (attention_mask.shape[-1] == kv_length and bool(attention_mask.all())):
+        return sdpa_mask(**full)
+    device = kwargs.get("device", "cpu")
+    index = torch.arange(q_length, device=device)[None, None, :, None]
+    zero = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    sees_itself = mask_function(zero, zero, index, index)
+    sees_ahead = mask_function(zero, zero, index[:, :, :-1], index[:, :, 1:])
+    if not bool(sees_itself.all()) or bool(sees_ahead.any()):
+        return sdpa_mask(**full)
+    return None
+
+
 def register() -> None:
-    """Make `sdpa_packed` an attention implementation of transformers (with `sdpa`'s mask); idempotent."""
+    """Make `sdpa_packed` an attention implementation of transformers, with its mask function
+    (`packed_sdpa_mask`); idempotent."""
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention_forward)
     import peft_mole.packed_attention_op  # noqa: F401  (the operator compiled steps call: registered before tracing)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, packed_sdpa_mask)
 
 
 register()
@@ -254,14 +285,30 @@ def isolates_non_finite(attention: str | None) -> bool:
     return "flash" in str(attention)
 
 
-ROW_MASK_TOKENS = 8192  # a packed step's most tokens under sdpa_packed: transformers' (T × T) bool mask, 64 MB
+ROW_MASK_TOKENS = 8192  # a packed step's most tokens where the row gets transformers' (T × T) bool mask: 64 MB
 
 
-def packed_row_tokens(attention: str | None) -> int | None:
-    """The most tokens a multi-job packed step should hold where the attention keeps sequences apart: flash attention
-    builds no row mask (None: no limit); `sdpa_packed` gets transformers' (T × T) boolean mask, so its rows are kept
-    to `ROW_MASK_TOKENS` (or the longest micro-batch, `JobScheduler.group_packed`)."""
-    return None if "flash" in str(attention) else ROW_MASK_TOKENS
+def packed_row_tokens(attention: str | None, compiled: bool = False, config=None) -> int | None:
+    """The most tokens a multi-job packed step should hold where the attention keeps sequences apart (None: no
+    limit). Flash attention builds no row mask, and neither does `sdpa_packed` on eager steps of a model whose
+    layers all attend causally over the whole sequence (`packed_sdpa_mask`). Compiled (the mask is traced), or with
+    sliding-window or chunked layers, the row gets transformers' (T × T) boolean mask, so its steps are kept to
+    `ROW_MASK_TOKENS` (or the longest micro-batch, `JobScheduler.group_packed`)."""
+    if "flash" in str(attention) or (attention == PACKED_SDPA and not compiled and full_attention_only(config)):
+        return None
+    return ROW_MASK_TOKENS
+
+
+def full_attention_only(config) -> bool:
+    """Whether every layer of the model the config describes attends over the whole (causal) sequence: no sliding
+    window (Mistral's `sliding_window`, or `layer_types` other than "full_attention") and no chunked attention
+    (`attention_chunk_size`). Unknown (no config): False."""
+    if config is None or getattr(config, "attention_chunk_size", None):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(kind == "full_attention" for kind in layer_types)
+    return not getattr(config, "sliding_window", None)
 
 
 def keeps_sequences_apart(attention: str | None) -> bool:

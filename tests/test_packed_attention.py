@@ -413,3 +413,51 @@ def test_a_padding_free_run_on_sdpa_is_told_of_the_packed_attention(caplog):
         suggest_packed_attention("sdpa", True)
     assert len(caplog.records) == 1 and "attn_implementation='sdpa_packed'" in caplog.records[0].getMessage()
 
+
+
+def test_a_packed_rows_mask_is_left_to_the_chunks_and_any_other_mask_is_sdpas(monkeypatch):
+    """transformers asks `sdpa_packed`'s mask function for each forward's mask: a packed row of plainly causal
+    sequences gets None (no (T × T) tensor; the chunks make their blocks from the bounds), with `sdpa`'s logits;
+    padding, a window, spans that see ahead (PaliGemma's image blocks), several rows or custom mask functions get
+    `sdpa_mask`'s own mask."""
+    from transformers.masking_utils import (
+        and_masks,
+        blockwise_overlay,
+        find_packed_sequence_indices,
+        or_masks,
+        packed_sequence_mask_function,
+        remap_positions_for_packed_sequence,
+        sliding_window_causal_mask_function,
+    )
+
+    positions = torch.tensor([[*range(8), *range(12)]])
+    apart = packed_sequence_mask_function(find_packed_sequence_indices(positions))
+    causal = and_masks(remap_positions_for_packed_sequence(packed_attention.causal_mask_function, positions), apart)
+    row = {"batch_size": 1, "q_length": 20, "kv_length": 20, "allow_is_causal_skip": False, "device": "cpu"}
+    assert packed_attention.packed_sdpa_mask(**row, mask_function=causal) is None
+    assert packed_attention.packed_sdpa_mask(**row, mask_function=causal,
+                                             attention_mask=torch.ones(1, 20, dtype=torch.bool)) is None
+    padded = torch.ones(1, 20, dtype=torch.bool)
+    padded[0, 13] = False
+    image = torch.full((1, 20), -1)
+    image[0, 2:6] = 0
+    window = remap_positions_for_packed_sequence(sliding_window_causal_mask_function(4), positions)
+    for case in [dict(row, mask_function=causal, attention_mask=padded),
+                 dict(row, mask_function=and_masks(window, apart), local_size=4),
+                 dict(row, mask_function=and_masks(or_masks(
+                     remap_positions_for_packed_sequence(packed_attention.causal_mask_function, positions),
+                     blockwise_overlay(image)), apart)),
+                 dict(row, mask_function=causal, use_vmap=True),
+                 dict(row, batch_size=2, mask_function=packed_attention.causal_mask_function),
+                 dict(row, q_length=1, kv_offset=19, mask_function=packed_attention.causal_mask_function)]:
+        want = packed_attention.sdpa_mask(**case)
+        assert want is not None and torch.equal(packed_attention.packed_sdpa_mask(**case), want), case
+
+    built = []
+    real = packed_attention.sdpa_mask
+    monkeypatch.setattr(packed_attention, "sdpa_mask", lambda **k: built.append(k["q_length"]) or real(**k))
+    batch, _ = packed_batch()
+    model = with_attention(tiny_base(), PACKED_SDPA)
+    torch.testing.assert_close(model(**batch, use_cache=False).logits, tiny_base()(**batch, use_cache=False).logits,
+                               atol=1e-5, rtol=1e-5)
+    assert built == []  # the eager forward built no mask

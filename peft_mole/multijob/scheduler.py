@@ -213,21 +213,22 @@ class JobScheduler:
             groups.append(group)
         return groups
 
-    def set_attention(self, attention: str | None) -> None:
+    def set_attention(self, attention: str | None, compiled: bool = False, config=None) -> None:
         """Take the model's attention implementation (`config._attn_implementation`) for packed steps: whether it
-        keeps the sequences apart (`varlen_attention`), up to how many tokens a step (`packed_row_tokens`), and
-        whether a NaN stays in its sequence (`isolates_non_finite`); see `peft_mole.packed_attention`."""
+        keeps the sequences apart (`varlen_attention`), up to how many tokens a step (`packed_row_tokens`: for
+        `sdpa_packed`, whether the steps are `compiled` and the model's layers, `config`), and whether a NaN stays
+        in its sequence (`isolates_non_finite`); see `peft_mole.packed_attention`."""
         self.varlen_attention = packed_attention.keeps_sequences_apart(attention)
-        self.packed_row_tokens = packed_attention.packed_row_tokens(attention)
+        self.packed_row_tokens = packed_attention.packed_row_tokens(attention, compiled, config)
         self.isolates_non_finite = packed_attention.isolates_non_finite(attention)
 
     def group_packed(self, parts: list[tuple[JobRun, dict]]) -> list[list[tuple[JobRun, dict]]]:
         """Steps for packed (padding-free) micro-batches: each step concatenates its micro-batches into one row.
 
         With an attention that computes each sequence apart (`varlen_attention`: flash attention's varlen kernels,
-        or `sdpa_packed` on eager steps) all of them go in one step, up to `packed_row_tokens` (`sdpa_packed`: its
-        row still gets transformers' (T × T) mask, T² bytes). Without one (SDPA, eager, `sdpa_packed` under
-        torch.compile), a packed row's attention is computed over the whole row with a block-diagonal mask, so its cost
+        or `sdpa_packed`) all of them go in one step, up to `packed_row_tokens` (`sdpa_packed` compiled, or on a
+        model with sliding-window layers: its row gets transformers' (T × T) mask, T² bytes). Without one (SDPA,
+        eager), a packed row's attention is computed over the whole row with a block-diagonal mask, so its cost
         and the mask grow with the square of the row's length: the micro-batches are then put, whole, into steps of at
         most the longest one's tokens. Both by first-fit decreasing; a longer micro-batch is a step of its own, so no
         step's attention is longer than one job's alone or the limit."""

@@ -158,8 +158,9 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
                                  f"{data_error(error, jobs[0].train_dataset)}") from error
             check_distributed(self)
             take_accelerate_compile(self)
-            attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-            self.job_scheduler.set_attention(attention)
+            config = getattr(model, "config", None)
+            attention = getattr(config, "_attn_implementation", None)
+            self.job_scheduler.set_attention(attention, self.args.torch_compile, config)
             suggest_packed_attention(attention, bool(getattr(self, "padding_free", False)))
             self._prepare_job_datasets(jobs, passed_eval, formatting_func)
         except BaseException:
