@@ -18,10 +18,13 @@ operator runs inside the graph, against the eager step; on the CPU with the stat
 the devices that recompute, with its backward running the chunks again (`compiled_kept_vs_recompute`). The compiled
 step leaves out the collator's `max_length_q`/`max_length_k` (flash attention's; Dynamo would compile again for
 another int), so one graph serves every case (`dynamic=True`); `compile_s` is the first case's first step.
+`--cases long_row` (not a default): one packed row of 32 sequences of the shape's length (small: 8192 tokens), the
+`sdpa_packed` step with no (T × T) mask (its mask function, `packed_sdpa_mask`) / with transformers' row mask
+(`packed_row_mask` rows).
 --chunk-tokens C1 C2 ... also times `sdpa_packed` with other chunk sizes than its default (`CHUNK_TOKENS`, measured
 on the CPU) in the same rounds; the row's `chunk_ratios` gives each one's step over the masked row's (for a GPU,
 where each chunk is a kernel launch).
-Usage: python bench/packed_attention.py [--shape small] [--cases equal long_tailed] [--repeats 10]
+Usage: python bench/packed_attention.py [--shape small] [--cases equal long_tailed long_row] [--repeats 10]
        [--chunk-tokens 128 512 2048] [--compile]
 """
 
@@ -46,12 +49,14 @@ from common import (
     train_step_fn,
 )
 from peft import get_peft_model
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from peft_mole import PACKED_SDPA, packed_attention, packed_attention_op
 from peft_mole.packed_attention_op import keeps_statistics
 
 CASES = ("equal", "long_tailed")
+LONG_ROW_SEQUENCES = 32  # `--cases long_row`: one packed row of 32 sequences of the shape's length (small: 8192 tokens)
 
 
 def case_lengths(case: str, shape: str) -> list[int]:
@@ -112,9 +117,42 @@ def without_statistics(step):
     return autograd_step
 
 
+def with_row_mask(step):
+    """`step` with transformers' (T × T) mask built for `sdpa_packed`'s packed rows (`sdpa_mask`, as before the
+    mask function `packed_sdpa_mask`), the chunks taking their blocks from it."""
+    def row_mask_step() -> None:
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
+        try:
+            step()
+        finally:
+            ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, packed_attention.packed_sdpa_mask)
+
+    return row_mask_step
+
+
+def long_row(args, model) -> None:
+    """`--cases long_row`: the `sdpa_packed` step on one packed row of `LONG_ROW_SEQUENCES` sequences without the
+    row's (T × T) mask (its mask function) / with it; the masked row and padded rows are not timed (T² attention)."""
+    length = BATCH[args.shape][1]
+    lengths = [length] * LONG_ROW_SEQUENCES
+    packed, _ = batches(lengths, model.config.vocab_size)
+    step = train_step_fn(model, packed)
+    times = time_interleaved({"packed_sdpa_packed": step, "packed_sdpa_packed_row_mask": with_row_mask(step)},
+                             repeats=args.repeats)
+    tokens = sum(lengths)
+    for impl, seconds in times.items():
+        record("packed_attention_step", args.shape, impl, seconds, tokens, case="long_row")
+    median = {impl: statistics.median(seconds) for impl, seconds in times.items()}
+    emit({"name": "packed_row_mask", "shape": args.shape, "case": "long_row", "device": str(device()),
+          "torch": torch.__version__, "sequences": len(lengths), "tokens": tokens, "row_mask_mb": tokens ** 2 / 2**20,
+          "ratio_median": median["packed_sdpa_packed"] / median["packed_sdpa_packed_row_mask"],
+          "ratio_min": min(times["packed_sdpa_packed"]) / min(times["packed_sdpa_packed_row_mask"]),
+          "lean_ms": median["packed_sdpa_packed"] * 1e3, "row_mask_ms": median["packed_sdpa_packed_row_mask"] * 1e3})
+
+
 def main() -> None:
     parser = step_parser()
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--cases", nargs="+", choices=[*CASES, "long_row"], default=list(CASES))
     parser.add_argument("--chunk-tokens", nargs="+", type=positive_int, default=[],
                         help="other chunk sizes of sdpa_packed to time (its default is always timed)")
     parser.add_argument("--compile", action="store_true", help="also time the sdpa_packed step compiled")
@@ -127,7 +165,9 @@ def main() -> None:
     if args.compile:  # one graph for every case (`dynamic=True`: the row's tokens vary); compiled by the first step
         torch._dynamo.reset()
         compiled_model = torch.compile(models[PACKED_SDPA], backend=args.compile_backend, dynamic=True)
-    for case in args.cases:
+    if "long_row" in args.cases:
+        long_row(args, models[PACKED_SDPA])
+    for case in (case for case in args.cases if case != "long_row"):
         lengths = case_lengths(case, args.shape)
         packed, padded = batches(lengths, models["sdpa"].config.vocab_size)
         steps = {"packed_sdpa_mask": train_step_fn(models["sdpa"], packed),

@@ -38,6 +38,7 @@ COMMANDS = {
     "options_step": "python bench/options_step.py --shape {shape} --options {impl}",
     "saved_activations": "python bench/saved_activations.py --shape {shape}",
     "packed_attention": "python bench/packed_attention.py --shape {shape} --cases {case}{compile_flag}",
+    "packed_row_mask": "python bench/packed_attention.py --shape {shape} --cases long_row",
 }
 DESCRIPTIONS = {
     "mixlora_vs_lora": "MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout {dropout}{autocast_note}",
@@ -101,6 +102,10 @@ DESCRIPTIONS["packed_attention"] = (
     "PEFT LoRA step on one packed row ({case} lengths: {sequences} sequences, {tokens} tokens, the longest {longest}), "
     "attention `sdpa_packed` / `sdpa` ({packed_ms:.0f} vs {masked_ms:.0f} ms){operator_note}; the same sequences "
     "as padded rows ({padded_tokens} tokens) {padded_vs_packed:.2f}× the packed step's time")
+DESCRIPTIONS["packed_row_mask"] = (
+    "PEFT LoRA step on one packed row of {sequences} sequences ({tokens} tokens), attention `sdpa_packed`: without "
+    "the row's (T × T) mask ({row_mask_mb:.0f} MB), the chunks making their blocks / with transformers' row mask "
+    "({lean_ms:.0f} vs {row_mask_ms:.0f} ms)")
 PERCENT = {"memory_model_error", "pad_fraction"}
 KIND_LABELS = {"lora": "LoRA", "mixlora": "MixLoRA", "dynmole": "DynMoLE"}  # the benches' --kind/--kinds values
 

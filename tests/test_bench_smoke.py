@@ -30,7 +30,7 @@ SCRIPTS = {
     "pad_fraction": ["--shape", "tiny", "--jobs", "2", "--steps", "2"],
     "grouped_products": ["--repeats", "1"],
     "packed_attention": ["--shape", "tiny", "--repeats", "1", "--chunk-tokens", "16", "--compile", "--compile-backend",
-                         "aot_eager"],
+                         "aot_eager", "--cases", "equal", "long_tailed", "long_row"],
     "host_time": ["--jobs", "2", "--repeats", "2"],
     "job_optimizer": ["--shapes", "tiny", "--repeats", "2"],
     # Dynamo's graphs and breaks, as inductor gets them (inductor's code: test_compiled_training.py's SFT run)
@@ -155,7 +155,7 @@ def test_render_table_renders_every_ratio(rows, tmp_path):
     as_measured = [{**row, "threads": 2} if "threads" in row else row for row in as_measured]
     as_measured = [{k: v for k, v in row.items() if k != "in_process"} for row in as_measured]
     table = _render(as_measured, tmp_path / "vm-smoke.jsonl")
-    for name in [*SCRIPTS, "generate_compiled_vs_base"]:
+    for name in [*SCRIPTS, "generate_compiled_vs_base", "packed_row_mask"]:
         assert f"| `{name}`:" in table, name
     assert "| `compile_step`:" not in _render(smoke, tmp_path / "vm-aot-eager.jsonl")
     assert any(row.get("in_process") for row in smoke)
@@ -305,7 +305,10 @@ def test_packed_attention_bench_times_both_attentions_and_padded_rows(rows):
     assert steps == {(case, impl) for case in ("equal", "long_tailed")
                      for impl in ("packed_sdpa_mask", "packed_sdpa_packed", "packed_sdpa_packed_c16", "padded_rows",
                                   "packed_sdpa_packed_autograd", "packed_sdpa_packed_compiled",
-                                  "packed_sdpa_packed_compiled_recompute")}
+                                  "packed_sdpa_packed_compiled_recompute")} | {
+        ("long_row", "packed_sdpa_packed"), ("long_row", "packed_sdpa_packed_row_mask")}
+    (long,) = [row for row in rows["packed_attention"] if row["name"] == "packed_row_mask"]
+    assert (long["tokens"], long["row_mask_mb"]) == (32 * 32, 1.0) and math.isfinite(long["ratio_median"])
     assert all(list(row["chunk_ratios"]) == ["16"] and row["chunk_tokens"] == 128 for row in summary.values())
     assert all(math.isfinite(row["operator_vs_autograd"]) and math.isfinite(row["compiled_kept_vs_recompute"])
                and row["compile"] == "aot_eager" for row in summary.values())  # (the CPU: the statistics kept)
