@@ -238,24 +238,32 @@ def packed_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset: i
     CPU for 16384). "Plainly causal": one row, as many keys as queries, no cache offset, no padding in the 2D mask,
     no sliding window or chunked attention (`local_size`), no custom mask functions (`use_vmap`), every token seeing
     itself and no token its successor (what spans that see ahead, such as the image blocks of PaliGemma or Gemma 4,
-    would allow; a probe of the mask function on those 2T − 1 pairs). Under `torch.compile` (no read of the probe
-    on the host) the mask is `sdpa_mask`'s."""
+    would allow; a probe of the mask function on those 2T − 1 pairs), and a model that hands the mask to its
+    attention function alone (`LEAN_MASK_MODELS`: others use it themselves, as Doge's dynamic mask or DeepSeek
+    V3.2's indexer do, and need the tensor). Under `torch.compile` (no read of the probe on the host) the mask is
+    `sdpa_mask`'s."""
     full = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                 kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
                 use_vmap=use_vmap, **kwargs)
     if (torch.compiler.is_compiling() or batch_size != 1 or q_length != kv_length or q_length < 2 or q_offset
-            or kv_offset or use_vmap or local_size is not None):
-        return sdpa_mask(**full)
-    if attention_mask is not None and not (attention_mask.shape[-1] == kv_length and bool(attention_mask.all())):
+            or kv_offset or use_vmap or local_size is not None
+            or getattr(kwargs.get("config"), "model_type", None) not in LEAN_MASK_MODELS
+            or (attention_mask is not None and attention_mask.shape[-1] != kv_length)):
         return sdpa_mask(**full)
     device = kwargs.get("device", "cpu")
     index = torch.arange(q_length, device=device)[None, None, :, None]
     zero = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
-    sees_itself = mask_function(zero, zero, index, index)
-    sees_ahead = mask_function(zero, zero, index[:, :, :-1], index[:, :, 1:])
-    if not bool(sees_itself.all()) or bool(sees_ahead.any()):
-        return sdpa_mask(**full)
-    return None
+    plain = (mask_function(zero, zero, index, index).all()  # every token sees itself, none its successor
+             & ~mask_function(zero, zero, index[:, :, :-1], index[:, :, 1:]).any())
+    if attention_mask is not None:
+        plain = plain & attention_mask.all()  # no padding
+    return None if bool(plain) else sdpa_mask(**full)  # (one read from the device)
+
+
+# Decoder models whose layers give the causal mask to the attention function and nothing else (checked in their
+# transformers 5 modelling code): `packed_sdpa_mask` may leave their packed rows' mask to the chunks.
+LEAN_MASK_MODELS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3",
+                              "gemma", "olmo2", "granite", "starcoder2", "smollm3", "cohere"})
 
 
 def register() -> None:
@@ -300,10 +308,12 @@ def packed_row_tokens(attention: str | None, compiled: bool = False, config=None
 
 
 def full_attention_only(config) -> bool:
-    """Whether every layer of the model the config describes attends over the whole (causal) sequence: no sliding
-    window (Mistral's `sliding_window`, or `layer_types` other than "full_attention") and no chunked attention
-    (`attention_chunk_size`). Unknown (no config): False."""
-    if config is None or getattr(config, "attention_chunk_size", None):
+    """Whether the model the config describes gets no (T × T) mask for its packed rows from `packed_sdpa_mask`: one
+    of `LEAN_MASK_MODELS` (its own config's type, not a multimodal wrapper's), every layer attending over the whole
+    (causal) sequence: no sliding window (Mistral's `sliding_window`, or `layer_types` other than "full_attention")
+    and no chunked attention (`attention_chunk_size`). Unknown (no config): False."""
+    if (config is None or getattr(config, "model_type", None) not in LEAN_MASK_MODELS
+            or getattr(config, "attention_chunk_size", None)):
         return False
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:

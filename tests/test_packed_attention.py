@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -420,6 +420,7 @@ def test_a_packed_rows_mask_is_left_to_the_chunks_and_any_other_mask_is_sdpas(mo
     sequences gets None (no (T × T) tensor; the chunks make their blocks from the bounds), with `sdpa`'s logits;
     padding, a window, spans that see ahead (PaliGemma's image blocks), several rows or custom mask functions get
     `sdpa_mask`'s own mask."""
+    from transformers import LlamaConfig
     from transformers.masking_utils import (
         and_masks,
         blockwise_overlay,
@@ -433,7 +434,8 @@ def test_a_packed_rows_mask_is_left_to_the_chunks_and_any_other_mask_is_sdpas(mo
     positions = torch.tensor([[*range(8), *range(12)]])
     apart = packed_sequence_mask_function(find_packed_sequence_indices(positions))
     causal = and_masks(remap_positions_for_packed_sequence(packed_attention.causal_mask_function, positions), apart)
-    row = {"batch_size": 1, "q_length": 20, "kv_length": 20, "allow_is_causal_skip": False, "device": "cpu"}
+    row = {"batch_size": 1, "q_length": 20, "kv_length": 20, "allow_is_causal_skip": False, "device": "cpu",
+           "config": LlamaConfig()}
     assert packed_attention.packed_sdpa_mask(**row, mask_function=causal) is None
     assert packed_attention.packed_sdpa_mask(**row, mask_function=causal,
                                              attention_mask=torch.ones(1, 20, dtype=torch.bool)) is None
@@ -449,15 +451,22 @@ def test_a_packed_rows_mask_is_left_to_the_chunks_and_any_other_mask_is_sdpas(mo
                      blockwise_overlay(image)), apart)),
                  dict(row, mask_function=causal, use_vmap=True),
                  dict(row, batch_size=2, mask_function=packed_attention.causal_mask_function),
-                 dict(row, q_length=1, kv_offset=19, mask_function=packed_attention.causal_mask_function)]:
+                 dict(row, q_length=1, kv_offset=19, mask_function=packed_attention.causal_mask_function),
+                 # models that use the mask themselves (Doge's dynamic mask, DeepSeek V3.2's indexer), or unknown
+                 dict(row, mask_function=causal, config=SimpleNamespace(model_type="doge")),
+                 dict(row, mask_function=causal, config=None)]:
         want = packed_attention.sdpa_mask(**case)
         assert want is not None and torch.equal(packed_attention.packed_sdpa_mask(**case), want), case
 
-    built = []
-    real = packed_attention.sdpa_mask
-    monkeypatch.setattr(packed_attention, "sdpa_mask", lambda **k: built.append(k["q_length"]) or real(**k))
-    batch, _ = packed_batch()
-    model = with_attention(tiny_base(), PACKED_SDPA)
-    torch.testing.assert_close(model(**batch, use_cache=False).logits, tiny_base()(**batch, use_cache=False).logits,
-                               atol=1e-5, rtol=1e-5)
-    assert built == []  # the eager forward built no mask
+    masks = []  # what the attention function gets
+    real = packed_attention.packed_sdpa_attention_forward
+    AttentionInterface.register(PACKED_SDPA, lambda module, q, k, v, mask, **kw: masks.append(mask)
+                                or real(module, q, k, v, mask, **kw))
+    try:
+        batch, _ = packed_batch()
+        model = with_attention(tiny_base(), PACKED_SDPA)
+        got = model(**batch, use_cache=False).logits
+    finally:
+        packed_attention.register()
+    torch.testing.assert_close(got, tiny_base()(**batch, use_cache=False).logits, atol=1e-5, rtol=1e-5)
+    assert masks == [None] * 2  # no mask built for either layer: the chunks made their blocks
