@@ -361,3 +361,14 @@ def test_render_table_drops_compiled_shapes_rows_timed_in_one_process():
     other = {"name": "host_time", "shape": "tiny", "ratio_median": 2.0}
     assert render_table.latest_rows([old, other, new]) == [other, new]
     assert render_table.latest_rows([old, other]) == [old, other]
+
+
+def test_interleaved_rounds_alternate_their_order(monkeypatch):
+    """Each round runs the steps in the other order than the last, so no step always runs after another's
+    allocations; warm-up rounds are not timed."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from common import time_interleaved
+
+    order = []
+    times = time_interleaved({name: (lambda name=name: order.append(name)) for name in "abc"}, warmup=1, repeats=2)
+    assert "".join(order) == "abccbaabc" and [len(t) for t in times.values()] == [2, 2, 2]
