@@ -85,7 +85,7 @@ def test_a_sliding_window_is_kept_within_each_chunk(window, monkeypatch):
     packed = with_attention(tiny_base("mistral", sliding_window=window), PACKED_SDPA)
     torch.testing.assert_close(packed(**batch, use_cache=False).logits, reference(**batch, use_cache=False).logits,
                                atol=1e-5, rtol=1e-5)
-    assert calls == [118, 44] * 2  # chunks of at most 128 tokens: [5, 40, 3, 70], [17, 1, 26]
+    assert calls == [48, 70, 44] * 2  # chunks of at most 64 tokens: [5, 40, 3], [70], [17, 1, 26]
 
 
 def attention_inputs(tokens: int = 20, batch: int = 1, seed: int = 0) -> tuple:
