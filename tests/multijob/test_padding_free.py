@@ -82,13 +82,21 @@ def test_packed_micro_batches_share_steps_no_longer_than_the_longest():
     # sdpa_packed: no row mask on eager steps of a model of full-attention layers (no limit); compiled, with a
     # sliding window, or with no config known, transformers builds the row's T × T mask: one step up to
     # `packed_row_tokens`; beyond, first-fit decreasing into bins of that many tokens: a + b (87) | c + d + e (76)
-    from transformers import Gemma3Config, LlamaConfig, MistralConfig, PaliGemmaConfig, Qwen2Config
+    from transformers import (
+        Gemma3Config,
+        Llama4Config,
+        LlamaConfig,
+        MistralConfig,
+        PaliGemmaConfig,
+        Qwen2Config,
+    )
 
     for config, compiled, limit in [(LlamaConfig(), False, None), (Qwen2Config(), False, None),
                                     (LlamaConfig(), True, packed_attention.ROW_MASK_TOKENS),
                                     (MistralConfig(), False, packed_attention.ROW_MASK_TOKENS),
                                     (Gemma3Config(), False, packed_attention.ROW_MASK_TOKENS),  # sliding layers
                                     (PaliGemmaConfig(), False, packed_attention.ROW_MASK_TOKENS),  # a prefix sees ahead
+                                    (Llama4Config(), False, packed_attention.ROW_MASK_TOKENS),  # chunked attention
                                     (Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=0),
                                      False, packed_attention.ROW_MASK_TOKENS)]:
         scheduler.set_attention(PACKED_SDPA, compiled, config)
