@@ -92,8 +92,16 @@ class FlatGroups:
     def add_gradients(self, params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor | None]) -> None:
         """Add one backward's gradients of the job's parameters (any order; None = no gradient, counted as zeros)
         to the flat tensors' gradients, with one `torch._foreach_add_` into views of a gradient buffer kept per flat
-        tensor (a flat tensor without gradient gets its zeroed buffer first), so no Python work per parameter."""
+        tensor (a flat tensor without gradient gets its zeroed buffer first), so no Python work per parameter. The
+        first backward of a step, with a gradient for every parameter, is copied in with `torch._foreach_copy_`
+        instead (one pass over the buffers where zeroing and adding took two)."""
         views = self._grad_views(params)
+        fresh = all(flat.grad is None for flat in self.tensors)
+        if fresh and all(g is not None for g in grads):  # the views cover every buffer: nothing to zero
+            torch._foreach_copy_(views, list(grads))
+            for flat, buffer in zip(self.tensors, self._buffers, strict=True):
+                flat.grad = buffer
+            return
         for flat, buffer in zip(self.tensors, self._buffers, strict=True):
             if flat.grad is None:
                 buffer.zero_()
