@@ -8,19 +8,19 @@ the bounds (`packed_attention.chunk_plan`) and runs the chunks. Eager steps on t
 
 **The CPU kernel, with its statistics kept.** On the CPU, SDPA runs these chunks with its flash kernel
 (`aten::_scaled_dot_product_flash_attention_for_cpu`, the one `torch.nn.functional.scaled_dot_product_attention`
-picks for them), which returns the output O and, per query i, the log-sum-exp of its scores,
-lse_i = log Σ_j exp(s·q_i·k_j) over the keys the mask allows (s: the scale). The operator calls that kernel per
-chunk, with the mask turned additive (0 where allowed, −inf elsewhere) as SDPA turns a boolean mask, and with the
-keys and values as transformers' SDPA call gives them (grouped-query attention: grouped for a causal chunk without
-a mask, as `enable_gqa=True`; repeated per query head, as `repeat_kv`, under a mask). Its backward, `peft_mole::packed_sdpa_backward`, gives
-each chunk's O, lse and output gradient to the kernel's backward (`..._for_cpu_backward`), which rebuilds the
-softmax P = exp(s·QKᵀ − lse) and computes dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)), dQ = s·dS K,
-dK = s·dSᵀ Q. So nothing is computed twice, and the numbers are the eager SDPA chunks' bit for bit (their
-autograd calls the same two kernels, and sums a repeated key head's gradient over its query heads as here). Where
-the kernel does not apply (a value head size other than the query's, as in DeepSeek's latent attention, or rows
-that are not contiguous: `takes_kernel`) the operator runs transformers' SDPA, as below. Measured in steps
-(`python bench/packed_attention.py --compile`): eager 0.93–1.00×, compiled 0.91–0.96× the step without the
-statistics.
+picks for them), which returns the output O and, per query i, the log-sum-exp of its scores, lse_i = log Σ_j
+exp(s·q_i·k_j) over the keys the mask allows (s: the scale). The operator calls that kernel per chunk, with the mask
+turned additive (0 where allowed, −inf elsewhere) as SDPA turns a boolean mask, and with the keys and values as
+transformers' SDPA call gives them (grouped-query attention: grouped for a causal chunk without a mask, as
+`enable_gqa=True`; repeated per query head, as `repeat_kv`, under a mask). Its backward,
+`peft_mole::packed_sdpa_backward`, gives each chunk's O, lse and output gradient to the kernel's backward
+(`..._for_cpu_backward`), which rebuilds the softmax P = exp(s·QKᵀ − lse) and computes dV = Pᵀ dO, dP = dO Vᵀ, dS =
+P ⊙ (dP − rowsum(dO ⊙ O)), dQ = s·dS K, dK = s·dSᵀ Q. So nothing is computed twice, and the numbers are the eager
+SDPA chunks' bit for bit (their autograd calls the same two kernels, and sums a repeated key head's gradient over
+its query heads as here). Where the kernel does not apply (a value head size other than the query's, as in
+DeepSeek's latent attention, or rows that are not contiguous: `takes_kernel`) the operator runs transformers' SDPA,
+as below. Measured in steps (`python bench/packed_attention.py --compile`): eager 0.93–1.00×, compiled 0.91–0.96×
+the step without the statistics.
 
 **Elsewhere** (CUDA, other devices, and a call that is not a packed row, where the plan is None), the operator
 runs the chunks through transformers' `sdpa_attention_forward`, and its backward runs them again under

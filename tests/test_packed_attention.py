@@ -280,7 +280,8 @@ def test_the_operator_keeps_the_softmax_statistics_on_the_cpu_and_recomputes_not
     query, key, value = (torch.randn(1, heads, 161, 8, generator=gen) for heads in (4, 2, 2))
     ends = torch.tensor([0, 8, 11, 161], dtype=torch.int32)
     index = torch.arange(161)
-    mask = (torch.ones(161, 161, dtype=torch.bool).tril() & (index[:, None] - index < 6))[None, None] if masked else None
+    window = torch.ones(161, 161, dtype=torch.bool).tril() & (index[:, None] - index < 6)
+    mask = window[None, None] if masked else None
     grad = torch.randn(1, 161, 4, 8, generator=gen)
     monkeypatch.setattr(packed_attention, "CHUNK_TOKENS", 12)  # [8, 3] and [150]
     module = SimpleNamespace(is_causal=True, num_key_value_groups=2)
@@ -341,8 +342,9 @@ def test_inputs_the_cpu_kernel_does_not_take_run_the_chunks_through_sdpa(case, m
     torch.testing.assert_close(output, want, atol=1e-6, rtol=1e-6)
     output.sum().backward()
     reference = [x.clone().requires_grad_() for x in (query, key, value)]
-    torch.cat([packed_attention.sdpa_attention_forward(module, *(x[:, :, a:b] for x in reference), None, scaling=0.2,
-                                                       is_causal=True)[0] for a, b in [(0, 8), (8, 20)]], 1).sum().backward()
+    chunks = [packed_attention.sdpa_attention_forward(module, *(x[:, :, a:b] for x in reference), None, scaling=0.2,
+                                                      is_causal=True)[0] for a, b in [(0, 8), (8, 20)]]
+    torch.cat(chunks, 1).sum().backward()
     for got, ref in zip(inputs, reference, strict=True):
         torch.testing.assert_close(got.grad, ref.grad, atol=1e-6, rtol=1e-6)
 
