@@ -51,7 +51,7 @@ for part in "${parts[@]}"; do
         multijob_packed) run 300 multijob_packed_medium.jsonl python3 bench/multijob_speedup.py --shape medium \
             --jobs 4 --repeats 5 --optim adamw_torch_fused --compile --packed ;;
         packed_attention) run 150 packed_attention_medium.jsonl python3 bench/packed_attention.py --shape medium \
-            --repeats 5 --chunk-tokens 512 2048 ;;
+            --repeats 5 --chunk-tokens 128 512 2048 ;;
         job_optimizer) run 60 job_optimizer_medium.jsonl python3 bench/job_optimizer.py --shapes medium --repeats 200 ;;
         grouped) run 30 grouped_cuda.jsonl python3 bench/grouped_products.py --repeats 20 ;;
         memory_model) run 150 memory_model_medium.jsonl python3 bench/memory_model_error.py --shape medium \

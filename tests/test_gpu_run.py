@@ -56,7 +56,7 @@ def test_the_fused_chain_part_times_flat_routers_and_the_deadline_skips_parts(tm
 
 def test_the_packed_attention_part_times_larger_chunks_too(tmp_path):
     calls, _ = run_gpu_script(tmp_path, "packed_attention")
-    assert calls == ["bench/packed_attention.py --shape medium --repeats 5 --chunk-tokens 512 2048"]
+    assert calls == ["bench/packed_attention.py --shape medium --repeats 5 --chunk-tokens 128 512 2048"]
 
 
 def test_a_failing_part_leaves_the_others_and_ends_the_call_with_its_line_last(tmp_path):
