@@ -97,7 +97,7 @@ class FlatGroups:
         instead (one pass over the buffers where zeroing and adding took two)."""
         views = self._grad_views(params)
         fresh = all(flat.grad is None for flat in self.tensors)
-        if fresh and all(g is not None for g in grads):  # the views cover every buffer: nothing to zero
+        if fresh and grads and all(g is not None for g in grads):  # the views cover every buffer: nothing to zero
             torch._foreach_copy_(views, list(grads))
             for flat, buffer in zip(self.tensors, self._buffers, strict=True):
                 flat.grad = buffer
@@ -119,7 +119,7 @@ class FlatGroups:
         """Views of the gradient buffers shaped as `params` (in that order), made once per order."""
         key = tuple(id(p) for p in params)
         if key not in self._views:
-            if len(set(key)) != len(self.order) or any(i not in self._position for i in key):
+            if len(set(key)) != len(key) or len(key) != len(self.order) or any(i not in self._position for i in key):
                 raise ValueError(f"add_gradients: gradients for {len(set(key))} parameters, "
                                  f"this job has {len(self.order)}")
             where = {}

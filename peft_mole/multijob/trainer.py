@@ -158,9 +158,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
                                  f"{data_error(error, jobs[0].train_dataset)}") from error
             check_distributed(self)
             take_accelerate_compile(self)
-            config = getattr(model, "config", None)
-            attention = getattr(config, "_attn_implementation", None)
-            self.job_scheduler.set_attention(attention, self.args.torch_compile, config)
+            attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
             suggest_packed_attention(attention, bool(getattr(self, "padding_free", False)))
             self._prepare_job_datasets(jobs, passed_eval, formatting_func)
         except BaseException:
@@ -223,6 +221,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         if getattr(self.args, "activation_checkpointing", self.args.gradient_checkpointing):
             enable_activation_checkpointing(self.model, self.args)
         self.model.train()
+        config = getattr(self.model, "config", None)  # (packed steps' limit: as the steps run, compiled or not)
+        self.job_scheduler.set_attention(getattr(config, "_attn_implementation", None), self.args.torch_compile, config)
         if self.args.torch_compile:  # one graph for every mixed step
             # `accelerate launch --dynamo_use_dynamic true`: rows and length dynamic from the first graph; false (what
             # `accelerate config` writes by default) is no request: a static graph per shape would recompile each step

@@ -33,10 +33,11 @@ def test_packed_rows_on_cuda_equal_the_masked_row(dtype, tolerance):
         torch.testing.assert_close(got.logits.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
 
 
-def test_the_compiled_operator_on_cuda_recomputes_its_chunks_with_the_eager_gradients():
+def test_the_compiled_operator_on_cuda_recomputes_its_chunks_with_the_eager_gradients(monkeypatch):
     """On CUDA the operator keeps no statistics (`keeps_statistics`): inductor's graph calls it, and its backward
     runs the chunks again; the values and gradients equal the eager chunks' under autograd."""
     from peft_mole.packed_attention_op import keeps_statistics
+    from tests.test_packed_attention import sdpa_calls
 
     assert not keeps_statistics(torch.device("cuda"))
     torch._dynamo.reset()
@@ -49,6 +50,12 @@ def test_the_compiled_operator_on_cuda_recomputes_its_chunks_with_the_eager_grad
         out.loss.backward()
         results.append((out.logits.detach(), [p.grad.clone() for p in model.parameters()]))
         model.zero_grad()
+    calls = sdpa_calls(monkeypatch)  # the compiled step again: its operator runs the chunks, forward and backward
+    compiled_step = torch.compile(model, backend="inductor", dynamic=True)
+    compiled_step(**on_cuda, use_cache=False).loss.backward()
+    model.zero_grad()
+    tokens = on_cuda["input_ids"].shape[1]
+    assert calls and max(calls) < tokens and len(calls) % 2 == 0, calls  # (not the masked row of all tokens)
     (eager, eager_grads), (compiled, compiled_grads) = results
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
     for got, want in zip(compiled_grads, eager_grads, strict=True):

@@ -126,6 +126,8 @@ def test_dtypes_split_a_group_and_errors_name_the_problem():
         FlatGroups([[params[0]], [params[0]]])
     with pytest.raises(ValueError, match="gradients for 2 parameters, this job has 3"):
         flat.add_gradients(params[:2], [None, None])
+    with pytest.raises(ValueError, match="gradients for 2 parameters, this job has 3"):  # one of them twice
+        flat.add_gradients([params[0], params[1], params[0]], [torch.ones(3), torch.ones(2), torch.ones(3)])
     with pytest.raises(ValueError, match="2 groups, the optimizer 1"):
         FlatGroups([params[:1], params[1:]]).optimizer_groups([{"params": params}])
 

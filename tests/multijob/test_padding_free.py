@@ -210,8 +210,8 @@ def test_padding_free_jobs_train_in_packed_steps_as_each_alone(assets, tmp_path,
     widest = max(width for shapes in steps for _, width in shapes)
     if attention == "sdpa":
         assert max(totals) <= widest
-    else:  # the jobs only leave: each step holds every job still training
-        assert len(steps[0]) == 3 and max(totals) > widest
+    else:  # the jobs only leave: each step holds every job still training, with no step limit (no row mask)
+        assert len(steps[0]) == 3 and max(totals) > widest and trainer.job_scheduler.packed_row_tokens is None
         assert all(len(shapes) >= len(later) for shapes, later in zip(steps, steps[1:], strict=False))
     assert trainer.padding_stats.pad_fraction == 0.0
     assert bool(checkpointed) == checkpointing
