@@ -94,13 +94,18 @@ def test_packed_micro_batches_share_steps_no_longer_than_the_longest():
     for config, compiled, limit in [(LlamaConfig(), False, None), (Qwen2Config(), False, None),
                                     (LlamaConfig(), True, packed_attention.ROW_MASK_TOKENS),
                                     (MistralConfig(), False, packed_attention.ROW_MASK_TOKENS),
-                                    (Gemma3Config(), False, packed_attention.ROW_MASK_TOKENS),  # sliding layers
-                                    (PaliGemmaConfig(), False, packed_attention.ROW_MASK_TOKENS),  # a prefix sees ahead
-                                    (Llama4Config(), False, packed_attention.ROW_MASK_TOKENS),  # chunked attention
+                                    # multimodal wrappers: their own type, not a plain decoder's
+                                    (Gemma3Config(), False, packed_attention.ROW_MASK_TOKENS),
+                                    (PaliGemmaConfig(), False, packed_attention.ROW_MASK_TOKENS),
+                                    (Llama4Config(), False, packed_attention.ROW_MASK_TOKENS),
                                     (Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=0),
                                      False, packed_attention.ROW_MASK_TOKENS)]:
         scheduler.set_attention(PACKED_SDPA, compiled, config)
         assert scheduler.packed_row_tokens == limit, (type(config).__name__, compiled)
+    chunked = LlamaConfig()
+    chunked.attention_chunk_size = 64  # (a plain decoder's type with chunked attention)
+    scheduler.set_attention(PACKED_SDPA, False, chunked)
+    assert scheduler.packed_row_tokens == packed_attention.ROW_MASK_TOKENS
     scheduler.set_attention(PACKED_SDPA)
     assert (scheduler.varlen_attention, scheduler.packed_row_tokens, scheduler.isolates_non_finite) == (
         True, packed_attention.ROW_MASK_TOKENS, False)
