@@ -30,9 +30,11 @@ Usage: python bench/packed_attention.py [--shape small] [--cases equal long_tail
 
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import time
+from unittest import mock
 
 import torch
 from common import (
@@ -91,43 +93,35 @@ def model_with(shape: str, attention: str):
     return get_peft_model(base, lora_config())
 
 
+def step_within(context, step):
+    """`step` run inside a fresh `context()` each time: a setting changed for it alone, restored after."""
+    def wrapped() -> None:
+        with context():
+            step()
+
+    return wrapped
+
+
 def with_chunks(chunk_tokens: int, step):
     """`step` with `sdpa_packed`'s chunks of at most `chunk_tokens` tokens."""
-    def chunked_step() -> None:
-        default, packed_attention.CHUNK_TOKENS = packed_attention.CHUNK_TOKENS, chunk_tokens
-        try:
-            step()
-        finally:
-            packed_attention.CHUNK_TOKENS = default
-
-    return chunked_step
+    return step_within(lambda: mock.patch.object(packed_attention, "CHUNK_TOKENS", chunk_tokens), step)
 
 
 def without_statistics(step):
     """`step` with `sdpa_packed`'s operator keeping no statistics, as off the CPU: an eager step runs the chunks under
     autograd, a compiled step's operator runs them again in its backward."""
-    def autograd_step() -> None:
-        default = packed_attention_op.keeps_statistics
-        packed_attention_op.keeps_statistics = lambda device: False
-        try:
-            step()
-        finally:
-            packed_attention_op.keeps_statistics = default
-
-    return autograd_step
+    return step_within(lambda: mock.patch.object(packed_attention_op, "keeps_statistics", lambda device: False), step)
 
 
-def with_row_mask(step):
-    """`step` with transformers' (T × T) mask built for `sdpa_packed`'s packed rows (`sdpa_mask`, as before the
-    mask function `packed_sdpa_mask`), the chunks taking their blocks from it."""
-    def row_mask_step() -> None:
-        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
-        try:
-            step()
-        finally:
-            ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, packed_attention.packed_sdpa_mask)
-
-    return row_mask_step
+@contextlib.contextmanager
+def row_mask():
+    """transformers' (T × T) mask built for `sdpa_packed`'s packed rows (`sdpa_mask`, as before its own mask function
+    `packed_sdpa_mask`), the chunks taking their blocks from it."""
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
+    try:
+        yield
+    finally:
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, packed_attention.packed_sdpa_mask)
 
 
 def long_row(args, model) -> None:
@@ -137,7 +131,7 @@ def long_row(args, model) -> None:
     lengths = [length] * LONG_ROW_SEQUENCES
     packed, _ = batches(lengths, model.config.vocab_size)
     step = train_step_fn(model, packed)
-    times = time_interleaved({"packed_sdpa_packed": step, "packed_sdpa_packed_row_mask": with_row_mask(step)},
+    times = time_interleaved({"packed_sdpa_packed": step, "packed_sdpa_packed_row_mask": step_within(row_mask, step)},
                              repeats=args.repeats)
     tokens = sum(lengths)
     for impl, seconds in times.items():
