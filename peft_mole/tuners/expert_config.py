@@ -207,7 +207,7 @@ class ExpertAdapterConfig(PeftConfig):
         if isinstance(self.num_experts, tuple):
             self.num_experts = list(self.num_experts)
         _check_int("r", self.r, 1)
-        _check_float("lora_alpha", self.lora_alpha, 0.0)
+        _check_float("lora_alpha", self.lora_alpha, 0.0, low_open=True)  # 0: s = 0, nothing would learn
         _check_float("lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
         for name in ("use_rslora", "use_dora", "inference_mode"):
             if not isinstance(getattr(self, name), bool):
@@ -221,7 +221,7 @@ class ExpertAdapterConfig(PeftConfig):
         if self.attn_r is not None:
             _check_int("attn_r", self.attn_r, 1)
         if self.attn_lora_alpha is not None:
-            _check_float("attn_lora_alpha", self.attn_lora_alpha, 0.0)
+            _check_float("attn_lora_alpha", self.attn_lora_alpha, 0.0, low_open=True)
         if self.attn_lora_dropout is not None:
             _check_float("attn_lora_dropout", self.attn_lora_dropout, 0.0, 1.0, high_open=True)
         _check_float("jitter_noise", self.jitter_noise, 0.0, 1.0, high_open=True)

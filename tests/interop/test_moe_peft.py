@@ -201,20 +201,20 @@ def test_incomplete_or_inconsistent_references_are_refused(tmp_path, case, match
 
 
 def test_export_keeps_what_the_format_holds_and_refuses_what_it_cannot(tmp_path):
-    """attn_lora_alpha=0 is written as 0 (it was replaced by lora_alpha: 0 is falsy), an expert dropout other than
+    """attn_lora_alpha is written as given (not replaced by lora_alpha), an expert dropout other than
     the attention's goes to `expert_lora`, and layers_to_transform, which the format cannot say, is refused."""
     import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "ours"))
     config_path = tmp_path / "ours" / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config.update(attn_lora_alpha=0, lora_dropout=0.1, attn_lora_dropout=0.0)
+    config.update(attn_lora_alpha=8, lora_dropout=0.1, attn_lora_dropout=0.0)
     config_path.write_text(json.dumps(config))
     export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "theirs"))
     exported = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    assert exported["lora_alpha"] == 0
+    assert exported["lora_alpha"] == 8
     assert exported["expert_lora"]["lora_dropout"] == 0.1
     import_moe_peft(str(tmp_path / "theirs"), str(tmp_path / "again"))
     again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
-    assert (again["attn_lora_alpha"], again["lora_dropout"]) == (0, 0.1)
+    assert (again["attn_lora_alpha"], again["lora_dropout"]) == (8, 0.1)
     config.update(layers_to_transform=[1])
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="layers_to_transform"):

@@ -35,7 +35,9 @@ def test_rslora_scaling():
         (dict(top_k=0), ValueError, r"top_k must be >= 1"),
         (dict(r=0), ValueError, r"r must be >= 1, got 0"),
         (dict(r=True), TypeError, r"r must be an int"),
-        (dict(lora_alpha=-1), ValueError, r"lora_alpha must be >= 0"),
+        (dict(lora_alpha=-1), ValueError, r"lora_alpha must be > 0"),
+        (dict(lora_alpha=0), ValueError, r"lora_alpha must be > 0\.0, got 0"),  # s = 0: the experts would never learn
+        (dict(attn_lora_alpha=0), ValueError, r"attn_lora_alpha must be > 0"),
         (dict(lora_dropout=1.0), ValueError, r"lora_dropout must be in \[0.0, 1.0\)"),
         (dict(lora_dropout="0.1"), TypeError, r"lora_dropout must be a number"),
         (dict(expert_target_modules=["gate_proj", "w1"]), ValueError, r"expert_target_modules has unknown.*'w1'.*allowed"),
