@@ -58,9 +58,8 @@ def check_best_model_args(args, jobs) -> None:
                              "or 'epoch', or the job's eval_steps")
         if strategy != "steps":
             continue
-        save = job.save_steps if job.save_steps is not None else args.save_steps
-        logging = job.logging_steps if job.logging_steps is not None else args.logging_steps
-        evaluate = job.eval_steps if job.eval_steps is not None else (args.eval_steps or logging)
+        own = job.training_args(args, warn=False)  # (its values as it runs: eval_steps 0 is logging_steps)
+        save, evaluate = own.save_steps, own.eval_steps or own.logging_steps
         if (save < 1) != (evaluate < 1):
             raise ValueError(f"load_best_model_at_end=True: job {job.name!r} has save_steps={save} and eval_steps="
                              f"{evaluate}: both must be fractions of max_steps (< 1) or both step counts, the save "

@@ -35,6 +35,7 @@ OVERRIDES = (
     "weight_decay",
     "max_grad_norm",
     "lr_scheduler_type",
+    "lr_scheduler_kwargs",
     "seed",
     "save_steps",
     "logging_steps",
@@ -61,7 +62,9 @@ class JobConfig:
             eval_strategy="no").
         learning_rate: this job's value of the `SFTConfig` field of the same name (None = the trainer's); so are
             per_device_train_batch_size, gradient_accumulation_steps, num_train_epochs, max_steps, warmup_steps,
-            weight_decay, max_grad_norm, lr_scheduler_type, seed, save_steps, logging_steps and eval_steps.
+            weight_decay, max_grad_norm, lr_scheduler_type, lr_scheduler_kwargs, seed, save_steps, logging_steps
+            and eval_steps. A job's scheduler takes the job's lr_scheduler_kwargs, else the trainer's; the trainer
+            builds each job's scheduler once when it is made, so a type that refuses the kwargs fails there.
         init_adapter: a saved adapter folder (`adapter_config.json` and `adapter_model.safetensors`: a job's
             output, a MixLoRA or DynMoLE adapter, or a plain PEFT LoRA one) or its hub id (downloaded into the hub
             cache; `init_adapter` then names the local snapshot) the job starts from instead of a fresh adapter, as
@@ -93,6 +96,7 @@ class JobConfig:
     weight_decay: float | None = None
     max_grad_norm: float | None = None
     lr_scheduler_type: str | None = None
+    lr_scheduler_kwargs: dict[str, Any] | None = None
     seed: int | None = None
     save_steps: float | None = None
     logging_steps: float | None = None
@@ -140,6 +144,10 @@ class JobConfig:
             raise ValueError(f"job {self.name!r}: eval_dataset is empty")
         if self.lr_scheduler_type is not None:
             check_lr_scheduler(self.lr_scheduler_type, f"job {self.name!r}: lr_scheduler_type")
+        kwargs = self.lr_scheduler_kwargs
+        if kwargs is not None and (not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs)):
+            raise TypeError(f"job {self.name!r}: lr_scheduler_kwargs must be a dict of keyword arguments of its "
+                            f"scheduler (such as {{'min_lr': 1e-6}}) or None, got {kwargs!r}")
         if self.early_stopping_patience is not None:
             patience = self.early_stopping_patience
             if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
@@ -149,17 +157,22 @@ class JobConfig:
             if self.eval_dataset is None:
                 raise ValueError(f"job {self.name!r}: early_stopping_patience needs an eval_dataset")
 
-    def training_args(self, base):
+    def training_args(self, base, warn: bool = True):
         """The trainer's arguments with this job's overrides and `output_dir/<name>`.
 
-        A shallow copy with the fields set (re-running TrainingArguments' __post_init__ would reset accelerate's
+        `warn`: log what the job sets to no effect (num_train_epochs under max_steps). A shallow copy with the
+        fields set (re-running TrainingArguments' __post_init__ would reset accelerate's
         state in the middle of a run)."""
         args = copy.copy(base)
         for name in OVERRIDES:
             if getattr(self, name) is not None:
-                setattr(args, name, getattr(self, name))
+                setattr(args, name, copy.copy(getattr(self, name)))
+        if self.eval_steps is None and self.logging_steps is not None and base.eval_steps == base.logging_steps:
+            # TrainingArguments filled the trainer's eval_steps in from its logging_steps: the job's default eval
+            # steps are the job's own logging_steps, as for the job trained alone
+            args.eval_steps = self.logging_steps
         args.output_dir = os.path.join(base.output_dir, self.name)
-        if self.num_train_epochs is not None and self.max_steps is None and args.max_steps > 0:
+        if warn and self.num_train_epochs is not None and self.max_steps is None and args.max_steps > 0:
             logger.warning("job %s: num_train_epochs=%s has no effect, since max_steps=%d (from the trainer's "
                            "arguments) takes precedence as in Trainer; set JobConfig(max_steps=-1) to train by "
                            "epochs", self.name, self.num_train_epochs, args.max_steps)

@@ -7,6 +7,7 @@ final adapter whole. A failing job writes `job_failed.json` and keeps its checkp
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import uuid
@@ -90,10 +91,12 @@ class JobLifecycle:
         states = [self._stream_states(run) for run in unfinished]  # (a collective: on every process)
         for run in unfinished:
             run.mark_best_checkpoint()
+        for run, stream_states in zip(unfinished, states, strict=True):  # whole, even with `save_only_model`;
+            # as every checkpoint: not where the weights are not finite, and a write error fails that job alone
+            self._written(run, "checkpoint", functools.partial(
+                run.save_checkpoint, lambda d, name=run.name: self.jobs_model.save_job(name, d), model_only=False,
+                stream_states=stream_states))
         if self.is_world_process_zero():
-            for run, stream_states in zip(unfinished, states, strict=True):  # whole, even with `save_only_model`
-                run.save_checkpoint(lambda d, name=run.name: self.jobs_model.save_job(name, d), model_only=False,
-                                    stream_states=stream_states)
             logger.warning("training stopped by a callback at step %d; unfinished jobs checkpointed: %s",
                            self.state.global_step, [run.name for run in unfinished])
 
@@ -162,6 +165,19 @@ class JobLifecycle:
         logger.info("job %s: its best checkpoint %s (step %s, eval_loss %.6g) is its final adapter "
                     "(load_best_model_at_end)", run.name, best, run.stats.best_step, run.stats.best_metric)
         return True
+
+    def _save_job_folders(self, root: str) -> None:
+        """`save_model`: every job's adapter in `root/<job>/`, written as the final adapter is (each file replaced
+        whole), except a failed job's or one whose weights are not finite (a NaN adapter must not look finished)."""
+        runs = {run.name: run for run in self.runs}
+        for job in self.jobs:
+            run = runs.get(job.name)  # (None before train())
+            if run is not None and (run.status == FAILED or not run.is_finite()):
+                logger.warning("save_model: job %s is left out (%s); its folder keeps its last checkpoint", job.name,
+                               run.error if run.status == FAILED else "its weights are not finite")
+                continue
+            ckpt.replace_files_atomically(os.path.join(root, job.name),
+                                          lambda tmp, name=job.name: self._save_job_folder(name, tmp))
 
     def _save_job_folder(self, name: str, directory: str) -> None:
         """A job's adapter (`MultiJobModel.save_job`) and the tokenizer, as SFTTrainer's output folder holds them."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +55,7 @@ from peft_mole.multijob.scheduler import JobScheduler, StepCost
 from peft_mole.multijob.trainer_args import (
     JobSetupError,
     check_distributed,
+    check_job_schedulers,
     check_step_overhead_tokens,
     check_trainer_args,
     check_trainer_inputs,
@@ -127,6 +127,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         if args is not None:
             check_trainer_args(args, {j.name: j.peft_config for j in jobs})
             check_best_model_args(args, jobs)
+        check_job_schedulers(args, jobs)
         loaded = isinstance(model, str)
         if loaded:
             model = load_base_model(model, args, kwargs.pop("quantization_config", None))
@@ -478,12 +479,10 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
     # ------------------------------------------------------------------ saving and reporting
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save every job's adapter in `output_dir/<job>/` (its own PEFT format) with the tokenizer, as SFTTrainer
-        saves its one adapter in `output_dir`."""
-        if not self.args.should_save:  # (as Trainer: the main process writes)
-            return
-        root = output_dir or self.args.output_dir
-        for job in self.jobs:
-            self._save_job_folder(job.name, os.path.join(root, job.name))
+        saves its one adapter in `output_dir`; each file replaced whole. A failed job, or one whose weights are not
+        finite, is left out with a warning: its folder keeps its last good checkpoint."""
+        if self.args.should_save:  # (as Trainer: the main process writes)
+            self._save_job_folders(output_dir or self.args.output_dir)
 
     def _summarise(self, runs: list[JobRun]) -> list[dict]:
         rows = report.summary_rows(runs)

@@ -138,6 +138,28 @@ def check_lr_scheduler(value, where: str) -> None:
                          "with its optimizer, on no metric); choose a step-based one such as 'linear' or 'cosine'")
 
 
+def check_job_schedulers(args, jobs) -> None:
+    """Build each job's learning-rate scheduler once on a stand-in optimizer, as `train()` builds it (the job's
+    lr_scheduler_type and lr_scheduler_kwargs, each else the trainer's): a type that refuses the kwargs (the
+    trainer's cosine_with_min_lr's `min_lr` for a job's "linear") or lacks one it needs fails here, naming the job,
+    rather than at `train()` for every job."""
+    import torch
+    from transformers import get_scheduler
+
+    for job in jobs:
+        kind = job.lr_scheduler_type or (args.lr_scheduler_type if args is not None else "linear")
+        own = job.lr_scheduler_kwargs is not None
+        kwargs = job.lr_scheduler_kwargs if own else (getattr(args, "lr_scheduler_kwargs", None) or {})
+        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        try:
+            get_scheduler(kind, stand_in, num_warmup_steps=0, num_training_steps=2, scheduler_specific_kwargs=kwargs)
+        except (TypeError, ValueError) as error:
+            source = "its own" if own else "the trainer's"
+            raise ValueError(f"job {job.name!r}: lr_scheduler_type={option_name(kind)!r} cannot be built with {source} "
+                             f"lr_scheduler_kwargs={kwargs!r} ({error}); give the job its own "
+                             "JobConfig(lr_scheduler_kwargs=...)") from None
+
+
 def check_trainer_inputs(model, jobs, callbacks, kwargs: dict) -> None:
     """MultiJobTrainer's own arguments, before anything is built: a base model (not a PeftModel), a non-empty list
     of `JobConfig` with unique names, callbacks, and none of SFTTrainer's keywords it replaces or cannot call."""

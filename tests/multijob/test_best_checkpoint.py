@@ -145,6 +145,13 @@ def test_best_model_options_the_jobs_cannot_honour_are_refused(assets, tmp_path)
     with pytest.raises(ValueError, match="save_strategy='best': job 'lora' is never evaluated"):
         make(eval_strategy="no", save_strategy="best", metric_for_best_model="loss")
     make(jobs(datasets, eval_steps=2), eval_strategy="no", save_strategy="best", metric_for_best_model="loss")
+    # a job's eval_steps 0 is its logging_steps, as it runs (it was a ZeroDivisionError, or a false refusal)
+    make(jobs(datasets, eval_steps=0, logging_steps=2), load_best_model_at_end=True)
+    with pytest.raises(ValueError, match="job 'lora' has save_steps=0.5 and eval_steps=1: both must be fractions"):
+        make(jobs(datasets, eval_steps=0, save_steps=0.5), load_best_model_at_end=True)
+    # and a job's own logging_steps are its default eval_steps where the trainer's are its logging_steps
+    with pytest.raises(ValueError, match="job 'lora' saves every 4 steps and evaluates every 3"):
+        make(jobs(datasets, logging_steps=3), load_best_model_at_end=True, eval_steps=None)
 
 
 def test_save_strategy_best_saves_a_job_after_each_new_lowest_eval_loss(assets, tmp_path):

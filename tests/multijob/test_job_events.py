@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
@@ -173,3 +175,59 @@ def test_job_events_are_notifications_and_a_stop_in_one_stops_the_run(assets, tm
     trainer.train()
     assert {run.name: run.global_step for run in trainer.runs} == {"lora": 2, "mix": 2}
     assert all(os.path.isdir(tmp_path / "stop" / name / "checkpoint-2") for name in ("lora", "mix"))
+
+
+def test_a_stop_checkpoints_no_nan_job_and_save_model_leaves_it_out(assets, tmp_path):
+    """A callback makes one job's weights NaN and stops the run: the stop's checkpoints go through the same guard
+    as every checkpoint (that job fails alone, its last good checkpoint kept under save_total_limit=1, no NaN
+    checkpoint written), and `save_model()` writes the other job's adapter whole but not the failed job's."""
+    tokenizer, datasets = assets
+    trainer = None
+
+    class PoisonAndStop(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, job=None, **kwargs):
+            if job == "mix" and state.global_step == 2:
+                run = next(r for r in trainer.runs if r.name == "mix")
+                with torch.no_grad():
+                    run.stepped_tensors()[0].fill_(float("nan"))
+                control.should_training_stop = True
+
+    jobs = [JobConfig("lora", LORA, datasets["sentiment"], max_steps=6),
+            JobConfig("mix", mixlora(), datasets["capital"], max_steps=6)]
+    out = tmp_path / "stop"
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                              args=run_args(out, save_strategy="steps", save_steps=2, save_total_limit=1),
+                              callbacks=[PoisonAndStop()])
+    trainer.train()
+    status = {run.name: (run.status, run.global_step) for run in trainer.runs}
+    assert status == {"lora": ("running", 3), "mix": ("failed", 3)}  # step 3: no checkpoint of save_steps
+    assert "non-finite" in next(r for r in trainer.runs if r.name == "mix").error
+    assert sorted(n for n in os.listdir(out / "mix") if n.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert sorted(n for n in os.listdir(out / "lora") if n.startswith("checkpoint-")) == ["checkpoint-3"]
+    assert os.path.isfile(out / "mix" / "job_failed.json")
+    good = load_file(out / "mix" / "checkpoint-2" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in good.values())
+
+    trainer.save_model()
+    assert not os.path.exists(out / "mix" / "adapter_model.safetensors")
+    saved = load_file(out / "lora" / "adapter_model.safetensors")
+    expected = trainer.jobs_model.job_state_dict("lora")
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in expected)
+    assert not [n for n in os.listdir(out / "lora") if n.startswith(".tmp-final-")]
+
+
+def test_a_jobs_own_logging_steps_are_its_default_eval_steps_as_alone(assets, tmp_path):
+    """The trainer logs every step and evaluates "steps" with no eval_steps (TrainingArguments fills them in from
+    its logging_steps); a job logging every 3 steps is evaluated every 3, as trained alone (it was every step)."""
+    tokenizer, datasets = assets
+    job = JobConfig("lora", LORA, datasets["sentiment"], eval_dataset=datasets["sentiment"], logging_steps=3,
+                    max_steps=6)
+    args = run_args(tmp_path, eval_strategy="steps", logging_steps=1)
+    assert args.eval_steps == 1 and job.training_args(args).eval_steps == 3
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job], processing_class=tokenizer,
+                              args=args)
+    trainer.train()
+    assert [h["step"] for h in trainer.state.log_history if "lora/eval_loss" in h] == [3, 6]
+    explicit = JobConfig("lora", LORA, datasets["sentiment"], logging_steps=3, eval_steps=2)
+    assert explicit.training_args(args).eval_steps == 2
+    assert job.training_args(run_args(tmp_path, eval_strategy="steps", eval_steps=2)).eval_steps == 2

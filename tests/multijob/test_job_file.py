@@ -72,6 +72,7 @@ def test_job_file_builds_job_configs(data_file, tmp_path):
         (lambda d: d["args"].update(router_aux_loss_coef="abc"), "router_aux_loss_coef must be a number or null"),
         (lambda d: d.update(step_overhead_tokens="fast"), "step_overhead_tokens must be 'auto', an int >= 0 or null"),
         (lambda d: d["jobs"][0].update(lr_scheduler_type="linaer"), "job 'a': lr_scheduler_type must be one of"),
+        (lambda d: d["jobs"][0].update(lr_scheduler_kwargs="min_lr=1e-6"), "job 'a': lr_scheduler_kwargs must be a"),
         (lambda d: d["jobs"][2].update(dataset_split="validation"), "job 'c': dataset file .* split 'validation'"),
         (lambda d: d["jobs"][2].update(eval_dataset_split="train"), "job 'c': eval_dataset_split needs an eval_"),
         # found by a probe (2026-12-06, fourteenth session): taken as str(value) before (`output_dir: null` trained

@@ -57,3 +57,30 @@ def test_a_model_that_is_not_a_base_model_or_its_path_is_refused(assets, tmp_pat
     for model in (None, 3):  # (None was an AttributeError from PEFT, deep in building the jobs' model)
         with pytest.raises(TypeError, match="model must be a base model .* or its path or hub id, got"):
             MultiJobTrainer(model=model, jobs=jobs, args=run_args(tmp_path), processing_class=tokenizer)
+
+
+def test_a_jobs_scheduler_that_refuses_the_trainers_kwargs_fails_when_made_and_takes_its_own(assets, tmp_path):
+    """The trainer's cosine_with_min_lr needs its `min_lr`, which a job's "linear" refuses: refused when the trainer
+    is made, naming the job (it was a TypeError at train(), which no job survived). A job's own
+    `lr_scheduler_kwargs` fix it, and each job ends on its own schedule's last rate."""
+    tokenizer, datasets = assets
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR)
+    args = run_args(tmp_path, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": 1e-4})
+    with pytest.raises(ValueError, match=r"job 'b': lr_scheduler_type='linear' cannot be built with the trainer's "
+                                         r"lr_scheduler_kwargs=\{'min_lr': 0.0001\}.*min_lr"):
+        MultiJobTrainer(model=tiny_base(), args=args, processing_class=tokenizer,
+                        jobs=[JobConfig("a", lora, datasets["add"]),
+                              JobConfig("b", lora, datasets["add"], lr_scheduler_type="linear")])
+    with pytest.raises(ValueError, match="job 'a': lr_scheduler_type='cosine_with_min_lr' cannot be built with its"):
+        MultiJobTrainer(model=tiny_base(), args=args, processing_class=tokenizer,
+                        jobs=[JobConfig("a", lora, datasets["add"], lr_scheduler_kwargs={})])
+    with pytest.raises(TypeError, match="job 'c': lr_scheduler_kwargs must be a dict"):
+        JobConfig("c", lora, datasets["add"], lr_scheduler_kwargs="min_lr=1e-4")
+    jobs = [JobConfig("a", lora, datasets["add"]),
+            JobConfig("b", lora, datasets["add"], lr_scheduler_type="linear", lr_scheduler_kwargs={}),
+            JobConfig("c", lora, datasets["add"], lr_scheduler_kwargs={"min_lr": 5e-4})]
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), args=args, processing_class=tokenizer,
+                              jobs=jobs)
+    trainer.train()
+    last = {run.name: run.scheduler.get_last_lr()[0] for run in trainer.runs}
+    assert last == pytest.approx({"a": 1e-4, "b": 0.0, "c": 5e-4}, abs=1e-12)
