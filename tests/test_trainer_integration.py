@@ -111,6 +111,30 @@ def test_unload_leaves_the_base_config_as_it_was(local_assets):
     assert model.unload().config.to_dict() == before
 
 
+def test_two_models_on_one_config_both_declare_the_aux_loss_to_trl(local_assets, tmp_path):
+    """Two bases built from one config object share it: the second model's tuner must not take the attributes the
+    first one's wrote for a native MoE base's (TRL then asked it for router logits and failed in Mixtral's loss);
+    both train with the aux loss under SFTTrainer, and the config loses the attributes when the last tuner unloads."""
+    tokenizer, dataset = local_assets
+    first = tiny_base(vocab_size=len(tokenizer))
+    before = first.config.to_dict()
+    second = type(first)(first.config)
+    assert second.config is first.config
+    models = [get_peft_model(base, METHODS["mixlora"]()) for base in (first, second)]
+    for model in models:
+        trainer = SFTTrainer(model=model, args=sft_args(tmp_path, max_steps=2), train_dataset=dataset,
+                             processing_class=tokenizer)
+        trainer.train()
+        assert trainer.aux_loss_enabled and [h["aux_loss"] for h in trainer.state.log_history if "aux_loss" in h]
+    models[0].unload()
+    assert first.config.output_router_logits is False and first.config.router_aux_loss_coef == 1.0  # still used
+    assert first.config.keys_to_ignore_at_inference[-2:] == ["aux_loss", "aux_loss_per_adapter"]
+    models[1].unload()
+    after = first.config.to_dict()
+    assert after.pop("use_cache") is False and before.pop("use_cache") is True  # (SFTTrainer's own change)
+    assert after == before
+
+
 @pytest.mark.parametrize("method", ["mixlora", "dynmole"])
 def test_trainer_predictions_are_the_logits_as_with_peft_lora(method, tmp_path):
     """`Trainer.predict/evaluate` give `compute_metrics` every output but the loss: the aux loss fields are left

@@ -27,6 +27,7 @@ from peft_mole.forward_context import (
 )
 from peft_mole.routing import WholeLoad
 from peft_mole.tuners.aux_outputs import declare_known, with_fields
+from peft_mole.tuners.config_edits import edited, join_edit, leave_edit
 from peft_mole.tuners.expert_config import SHAPE_RECORDED, ExpertAdapterConfig
 from peft_mole.tuners.load_checks import base_shape, check_base_shape, check_every_tensor_given, text_config
 from peft_mole.tuners.mixlora.attention import LoraLinear, factor_key_with_weight, factor_key_without_weight
@@ -68,6 +69,8 @@ def _generated_copies(args: tuple, kwargs: dict) -> int:
     config = kwargs.get("generation_config", positional)
     counts = [kwargs.get(key, getattr(config, key, None)) for key in ("num_beams", "num_return_sequences")]
     return max([1] + [int(count) for count in counts if count is not None])
+
+
 
 
 class MixLoRAModel(BaseTuner):
@@ -133,12 +136,18 @@ class MixLoRAModel(BaseTuner):
         passes), and `router_aux_loss_coef` back to 1.0, which a trainer's coefficient replaced (TRL trainers read it
         once, at init: the next trainer's default is the adapter's weight again, not the last run's value; before
         2026-12-06, sixteenth session, it was). `unload()` removes both attributes; a config that has them already (a
-        native MoE base) is left as it is."""
+        native MoE base) is left as it is, one that another model's tuner edited (a shared config) is shared
+        (`tuners.config_edits`)."""
         text = text_config(model)
-        if text is None or hasattr(text, "output_router_logits") or "_declared_aux_config" in self.__dict__:
+        if text is None or "_declared_aux_config" in self.__dict__:
             return
-        text.output_router_logits = False  # TRL sets it to whether it adds the aux loss
-        text.router_aux_loss_coef = 1.0
+        shared = edited(text, "aux_loss")  # a config shared with another model, whose tuner declared it
+        if hasattr(text, "output_router_logits") and not shared:  # a native MoE base's own
+            return
+        if not shared:
+            text.output_router_logits = False  # TRL sets it to whether it adds the aux loss
+            text.router_aux_loss_coef = 1.0
+        join_edit(text, "aux_loss")
         self.__dict__["_declared_aux_config"] = text
 
     def _keep_aux_outputs_out_of_predictions(self, model: nn.Module) -> None:
@@ -146,29 +155,31 @@ class MixLoRAModel(BaseTuner):
         the config's `keys_to_ignore_at_inference`: the aux loss fields join them, so the predictions stay the
         logits, as with a PEFT LoRA model (before: a tuple of logits and aux losses)."""
         config = getattr(model, "config", None)
-        if config is None or "_ignored_keys_before" in self.__dict__:
+        if config is None or "_ignored_keys_config" in self.__dict__:
             return
-        before = config.__dict__.get("keys_to_ignore_at_inference")
-        self.__dict__["_ignored_keys_before"] = (config, before)
+        self.__dict__["_ignored_keys_config"] = config
+        if edited(config, "ignored_keys"):  # (a config shared with another model: edited by its tuner)
+            join_edit(config, "ignored_keys")
+            return
+        join_edit(config, "ignored_keys", undo=config.__dict__.get("keys_to_ignore_at_inference"))
         kept = list(getattr(config, "keys_to_ignore_at_inference", None) or ["cache"])  # (Trainer's default)
         config.keys_to_ignore_at_inference = kept + [k for k in ("aux_loss", "aux_loss_per_adapter") if k not in kept]
 
     def unload(self, *args, **kwargs):
         """The base model without the adapters, its config as it was (`_declare_router_aux_loss`,
         `_keep_aux_outputs_out_of_predictions`)."""
-        ignored = self.__dict__.pop("_ignored_keys_before", None)
-        if ignored is not None:
-            config, before = ignored
-            if before is None:
-                config.__dict__.pop("keys_to_ignore_at_inference", None)
-            else:
-                config.keys_to_ignore_at_inference = before
+        config = self.__dict__.pop("_ignored_keys_config", None)  # (the last tuner on a shared config undoes it)
+        last, before = leave_edit(config, "ignored_keys") if config is not None else (False, None)
+        if last and before is None:
+            config.__dict__.pop("keys_to_ignore_at_inference", None)
+        elif last:
+            config.keys_to_ignore_at_inference = before
         for hook in self.__dict__.pop("_base_call_hooks", ()):
             hook.remove()
         text = self.__dict__.pop("_declared_aux_config", None)
-        for name in ("output_router_logits", "router_aux_loss_coef"):
-            if text is not None and hasattr(text, name):
-                delattr(text, name)
+        if text is not None and leave_edit(text, "aux_loss")[0]:
+            for name in ("output_router_logits", "router_aux_loss_coef"):
+                text.__dict__.pop(name, None)
         return super().unload(*args, **kwargs)
 
     @staticmethod
