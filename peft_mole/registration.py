@@ -3,7 +3,9 @@
 PEFT looks a method up by its `PeftType` member (config class, tuner class and parameter prefix mappings).
 `peft.utils.register_peft_method` fills the mappings but only accepts names that are already members of the
 `PeftType` str-Enum, and PEFT has no public way to add members. `add_peft_type` adds one member to the enum
-(the only step outside PEFT's API), then `register_method` calls PEFT's own `register_peft_method`.
+(the only step outside PEFT's API), then `register_method` calls PEFT's own `register_peft_method`. It also wraps
+the weight loader `PeftModel.load_adapter` calls (`tuners.weight_loading`), so that the load checks of our configs
+run where PEFT reads no config of ours (`config=` given, an adapter name the model already has).
 
 The type names carry the package name (`PEFT_MOLE_MIXLORA`), for two reasons:
 - a tool that loads one of our adapters without `import peft_mole` fails inside PEFT with
@@ -46,6 +48,9 @@ def register_method(name: str, config_cls: type, model_cls: type, prefix: str) -
     """
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
+    from peft_mole.tuners.weight_loading import guard_weight_loading
+
+    guard_weight_loading()
     peft_type = add_peft_type(name.upper())
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is not config_cls:
         register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)

@@ -6,6 +6,7 @@ transformers' PushToHubMixin) and `hf_hub_download/file_exists` (download, as us
 """
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 
 from tests.helpers import METHODS, batch, randomize_adapters, tiny_base
 
@@ -183,8 +185,10 @@ def test_offline_a_cached_hub_repo_with_only_a_pickle_is_refused_and_one_with_sa
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     model = get_peft_model(tiny_base(), METHODS["mixlora"]())
     randomize_adapters(model)
-    model.save_pretrained(tmp_path / "pickle", safe_serialization=False)
     model.save_pretrained(tmp_path / "safe")
+    shutil.copytree(tmp_path / "safe", tmp_path / "pickle")  # a pickle adapter as other tools write one (our own
+    torch.save(load_file(tmp_path / "safe" / "adapter_model.safetensors"), tmp_path / "pickle" / "adapter_model.bin")
+    os.remove(tmp_path / "pickle" / "adapter_model.safetensors")  # save_pretrained refuses to write it)
     assert sorted(p.name for p in (tmp_path / "pickle").iterdir()) == ["README.md", "adapter_config.json",
                                                                        "adapter_model.bin"]
     cache_snapshot(tmp_path / "cache", "owner/pickle", tmp_path / "pickle")

@@ -12,6 +12,7 @@ from peft import PeftConfig
 from peft_mole import routing
 from peft_mole.registration import add_peft_type
 from peft_mole.tuners.load_checks import (
+    PICKLE_NAME,
     SAFETENSORS_NAME,
     check_complete_factors,
     check_saved_keys,
@@ -153,7 +154,16 @@ class ExpertAdapterConfig(PeftConfig):
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """PEFT's config file, then the peft-mole section and tags of README.md (`peft_mole.model_card`)."""
+        """PEFT's config file, then the peft-mole section and tags of README.md (`peft_mole.model_card`). A folder
+        where `PeftModel.save_pretrained(..., safe_serialization=False)` has just written a pickle adapter_model.bin
+        (and no safetensors) is refused, before the config makes it look saved: peft-mole loads safetensors only."""
+        weights = os.path.join(save_directory, PICKLE_NAME)
+        if os.path.isfile(weights) and not os.path.isfile(os.path.join(save_directory, SAFETENSORS_NAME)):
+            raise ValueError(
+                f"safe_serialization=False wrote a pickle {PICKLE_NAME} to {save_directory}, which peft-mole refuses "
+                "to load; save with safe_serialization=True (the default; Trainer: save_safetensors=True), or convert "
+                f"it with peft_mole.convert_bin_adapter({save_directory!r})"
+            )
         super().save_pretrained(save_directory, **kwargs)
         from peft_mole.model_card import update_model_card
 

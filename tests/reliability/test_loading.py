@@ -119,6 +119,47 @@ def test_pickle_adapter_is_refused_until_converted(saved, tmp_path):
                            converted(input_ids=ids, attention_mask=mask).logits)
 
 
+def test_the_load_checks_run_when_the_config_is_given_or_the_adapter_name_exists(saved, tmp_path, monkeypatch):
+    """`PeftModel.from_pretrained(base, path, config=PeftConfig.from_pretrained(path))` and `load_adapter(path, name)`
+    for a name the model has read no config of ours: PEFT's weight loader fell back to `torch.load` of a pickle and
+    took a missing `top_k` as its default. The same refusals now run there, before any file is read."""
+    from peft import PeftConfig
+
+    path = _copy(saved, tmp_path)
+    state = load_file(path / "adapter_model.safetensors")
+    torch.save(state, path / "adapter_model.bin")
+    os.remove(path / "adapter_model.safetensors")
+    config = PeftConfig.from_pretrained(path)  # (PeftConfig's loader: no check of ours)
+    pickles = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pickles.append(a) or {})
+    with pytest.raises(ValueError, match="holds only a pickle adapter_model.bin.*convert_bin_adapter"):
+        PeftModel.from_pretrained(tiny_base(), path, config=config)
+    model = PeftModel.from_pretrained(tiny_base(), saved)
+    with pytest.raises(ValueError, match="holds only a pickle adapter_model.bin"):
+        model.load_adapter(str(path), adapter_name="default")
+    assert pickles == []
+    monkeypatch.undo()
+
+    lacking = _copy(saved, tmp_path / "lacking")
+    _edit_config(lacking, lambda c: c.pop("num_experts"))
+    with pytest.raises(ValueError, match=r"lacks \['num_experts'\]"):
+        PeftModel.from_pretrained(tiny_base(), lacking, config=config)
+    again = PeftModel.from_pretrained(tiny_base(), saved, config=PeftConfig.from_pretrained(saved)).eval()
+    ids, mask, _ = batch(2, 6)
+    with torch.no_grad():  # a sound folder loads as before, exactly
+        assert torch.equal(again(input_ids=ids, attention_mask=mask).logits,
+                           model.eval()(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_save_pretrained_as_a_pickle_is_refused(saved, tmp_path):
+    """`safe_serialization=False` (also Trainer's `save_safetensors=False`) wrote an adapter_model.bin that loading
+    refuses; the config is not written beside it, so no folder looks like a saved adapter."""
+    model = PeftModel.from_pretrained(tiny_base(), saved)
+    with pytest.raises(ValueError, match="safe_serialization=False wrote a pickle adapter_model.bin.*safetensors"):
+        model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert not (tmp_path / "pickled" / "adapter_config.json").exists()
+
+
 def test_a_hub_repo_with_a_pickle_alone_is_refused_before_it_is_read(monkeypatch):
     """As a local folder is (before: PEFT downloaded and read the pickle); the Hub is asked for the file names."""
     import huggingface_hub
