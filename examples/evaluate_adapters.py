@@ -45,7 +45,7 @@ def main() -> None:
         synthetic.write_commonsense_tasks(out / "data", args.limit)
         args.data_dir = str(out / "data")
     if args.model is None:  # a tokenizer that knows the tasks' text and gives each option label " A".." D" a token
-        tokenizer = synthetic.commonsense_tokenizer(out / "data", save_dir=out / "base")
+        tokenizer = synthetic.commonsense_tokenizer(args.data_dir, save_dir=out / "base")  # (the tasks scored)
         synthetic.random_model("llama", "tiny", vocab_size=len(tokenizer)).save_pretrained(out / "base")
         args.model = str(out / "base")
     if args.adapters is None:

@@ -31,9 +31,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=["mixlora", "dynmole"], default="mixlora")
     parser.add_argument("--model", help="hub id or local path of a causal LM (default: build a tiny random Llama)")
-    parser.add_argument("--dataset", help="hub dataset name or local .jsonl (default: generate synthetic tasks)")
+    parser.add_argument("--dataset", help="hub dataset name (its train split) or a local .jsonl, .json, .csv or "
+                                          ".parquet file (default: generate synthetic tasks)")
     parser.add_argument("--eval-dataset", help="rows with prompt, completion, task and choices to score (default: "
                                                "the generated tasks' eval rows, when --dataset is not given)")
+    parser.add_argument("--eval-split", default="test", help="the split of a Hub --eval-dataset (default: test)")
     parser.add_argument("--output-dir", default=None, help="default: build/demo-<method>")
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -58,9 +60,14 @@ def prepare_offline_assets(out: Path) -> tuple[str, str, str]:
     return str(out / "base"), str(out / "data" / "train.jsonl"), str(out / "data" / "eval.jsonl")
 
 
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
 def load_rows(name: str, split: str):
-    if name.endswith((".json", ".jsonl")):
-        return load_dataset("json", data_files=name, split="train")
+    """A local data file (its one split) or a Hub dataset's `split`."""
+    builder = LOCAL_FORMATS.get(Path(name).suffix.lower())
+    if builder is not None:
+        return load_dataset(builder, data_files=name, split="train")
     return load_dataset(name, split=split)
 
 
@@ -81,10 +88,10 @@ def main(method: str | None = None) -> None:
         model_path, train_path, eval_path = prepare_offline_assets(out)
     model_path = args.model or model_path
     train_path = args.dataset or train_path
-    eval_path = args.eval_dataset or eval_path
+    eval_path = args.eval_dataset or (eval_path if args.dataset is None else None)  # (not another set's rows)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train = load_rows(train_path, "train").select_columns(["prompt", "completion"])
-    eval_rows = list(load_rows(eval_path, "train"))[: args.eval_rows] if eval_path else []
+    eval_rows = list(load_rows(eval_path, args.eval_split))[: args.eval_rows] if eval_path else []
 
     config = adapter_config(args)
     trainer = SFTTrainer(
@@ -111,8 +118,10 @@ def main(method: str | None = None) -> None:
 
     adapter_dir = out / "adapter"
     trainer.model.save_pretrained(adapter_dir)
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), adapter_dir).eval()
-    probe = tokenizer(["Capital of Peru?\nAnswer: Lima"], return_tensors="pt")
+    device = trainer.model.get_input_embeddings().weight.device  # (SFTTrainer moved it to the GPU, if any)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), adapter_dir)
+    reloaded = reloaded.to(device).eval()
+    probe = tokenizer(["Capital of Peru?\nAnswer: Lima"], return_tensors="pt").to(device)
     trainer.model.eval()
     with torch.no_grad():
         same = torch.equal(trainer.model(**probe).logits, reloaded(**probe).logits)

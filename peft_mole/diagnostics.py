@@ -59,7 +59,11 @@ def expert_load(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
 
 @torch.no_grad()
 def layer_stats(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, RouterStats]:
-    """`RouterStats` per MoE layer of the active adapter after one forward pass (dropout off)."""
+    """`RouterStats` per MoE layer of the active adapter after one forward pass (dropout off), the inputs moved to
+    the model's device."""
+    device = model.get_input_embeddings().weight.device
+    input_ids = input_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
     with eval_keeping_4bit_training(model):  # (a 4-bit base's eval mode would end its training)
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
         model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)  # labels → the tuner records

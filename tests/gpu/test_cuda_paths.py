@@ -281,3 +281,18 @@ def test_compiled_training_step_on_cuda_equals_eager(kind, autocast):
     for c, r in zip(c_grads, reference, strict=True):
         # (the floor: an expert that a flipped token reaches only in bf16 has a zero fp32 gradient)
         assert c.dtype == torch.float32 and (c - r).norm() <= 0.75 * r.norm() + 0.02 * scale
+
+
+def test_layer_stats_take_cpu_inputs_for_a_model_on_cuda():
+    """`diagnostics.layer_stats` (the examples' router printout) moves its inputs to the model's device, and gives
+    the CPU model's statistics (it gave a device mismatch in the embedding)."""
+    from peft_mole.diagnostics import layer_stats
+
+    model = get_peft_model(tiny_base(), mixlora(lora_dropout=0.0))
+    randomize_adapters(model)
+    ids, mask, _ = batch(2, 8)
+    on_cpu = layer_stats(model, ids, mask)
+    on_cuda = layer_stats(copy.deepcopy(model).cuda(), ids, mask)
+    assert on_cpu.keys() == on_cuda.keys()
+    for layer, stats in on_cpu.items():
+        torch.testing.assert_close(torch.tensor(on_cuda[layer].load), torch.tensor(stats.load), atol=1e-5, rtol=0)
