@@ -29,8 +29,11 @@ class JobDatasets:
     def _prepare_job_datasets(self, jobs, passed_eval, formatting_func) -> None:
         """The jobs' datasets after SFTTrainer's `__init__` prepared the first job's train dataset and `passed_eval`
         (reused for its job where its completion-only rule is the first job's)."""
+        def shuffled_alike(job) -> bool:  # SFTTrainer's `__init__` shuffled with the trainer's seed, if at all
+            return not (self.args.shuffle_dataset and job.seed not in (None, self.args.seed))
+
         first = jobs[0]
-        reuse_first = not (self.args.shuffle_dataset and first.seed not in (None, self.args.seed))
+        reuse_first = shuffled_alike(first)
         self.job_datasets = {first.name: self.train_dataset} if reuse_first else {}
         for job in jobs[1:] if reuse_first else jobs:
             self.job_datasets[job.name] = self._prepare_job_dataset(
@@ -38,7 +41,8 @@ class JobDatasets:
         eval_packing = self.args.packing if self.args.eval_packing is None else self.args.eval_packing  # as TRL
         self.job_eval_datasets = {
             job.name: self.eval_dataset
-            if job.eval_dataset is passed_eval and self._completion_only(job.train_dataset) == self.completion_only_loss
+            if job.eval_dataset is passed_eval and shuffled_alike(job)  # (before 2026-12-07 whatever the job's seed)
+            and self._completion_only(job.train_dataset) == self.completion_only_loss
             else self._prepare_job_dataset(f"{job.name} eval", job.eval_dataset, formatting_func, job.train_dataset,
                                            job.seed, eval_packing)
             for job in jobs if job.eval_dataset is not None

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from peft_mole.multijob.batching import MixedBatch
+
 
 def per_job_losses(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    rows: dict[str, slice],
+    rows: dict[str, slice] | MixedBatch,
     aux_per_adapter: dict[str, torch.Tensor] | None = None,
     num_items: dict[str, int | torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -23,9 +25,18 @@ def per_job_losses(
 
     Args:
         logits: (rows, seq, vocab) of the mixed batch; labels: (rows, seq), unshifted.
-        rows: job -> its rows (`MixedBatch.rows`); aux_per_adapter: `outputs.aux_loss_per_adapter`.
+        rows: job -> its rows, or the `MixedBatch` itself, which a packed batch (one row, each job a span of its
+            tokens) needs: its `rows` are token spans, refused here as a dict (before 2026-12-07 they were taken
+            as rows: the first job got every job's tokens, the others a loss of 0).
+        aux_per_adapter: `outputs.aux_loss_per_adapter`.
         num_items: job -> target tokens of its accumulated batch (gradient accumulation); default: this batch's.
     """
+    batch = rows if isinstance(rows, MixedBatch) else None
+    rows = batch.rows if batch is not None else rows
+    for job, span in rows.items():
+        if batch is None and (span.stop or 0) > labels.shape[0]:
+            raise ValueError(f"rows[{job!r}] is {span}, past the batch's {labels.shape[0]} row(s): a packed batch's "
+                             "spans are tokens; pass the MixedBatch itself (per_job_losses(logits, labels, mixed))")
     # one cross entropy over every row, labels shifted by padding them (as transformers' ForCausalLMLoss): slicing
     # the logits per job would give each job a zero-filled gradient of the whole logits tensor in backward
     shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
@@ -35,8 +46,9 @@ def per_job_losses(
     ).view(shift_labels.shape)
     losses = {}
     for job, row_slice in rows.items():
-        token_sum = token_losses[row_slice].sum()
-        count = (shift_labels[row_slice] != -100).sum() if num_items is None else torch.as_tensor(num_items[job])
+        where = batch.index(job) if batch is not None else (row_slice,)
+        token_sum = token_losses[where].sum()
+        count = (shift_labels[where] != -100).sum() if num_items is None else torch.as_tensor(num_items[job])
         loss = token_sum / count.clamp(min=1)
         if aux_per_adapter is not None and job in aux_per_adapter:
             loss = loss + aux_per_adapter[job]

@@ -211,14 +211,24 @@ class JobRun(JobEvents):
         tensors = self.stepped_tensors()
         return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
+    def laid_out(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """`grads` (of `params`, in their order) ready for `add_gradients`: each that becomes a parameter's first
+        gradient in the parameter's layout (`in_layout_of`, a copy where the strides differ). The trainer lays out
+        every job's of a step before it adds any, so what may run out of memory runs before anything is added."""
+        if self.flat is not None:  # (its buffers exist: adding allocates nothing)
+            return list(grads)
+        return [grad if grad is None or param.grad is not None else in_layout_of(param, grad)
+                for param, grad in zip(self.params.values(), grads, strict=True)]
+
     def add_gradients(self, grads: list[torch.Tensor | None]) -> None:
-        """Accumulate one backward's gradients of `params` (in their order; None: no gradient)."""
+        """Accumulate one backward's gradients of `params` (in their order; None: no gradient), as `laid_out` gives
+        them: nothing is allocated here."""
         if self.flat is not None:
             self.flat.add_gradients(list(self.params.values()), grads)
             return
         for param, grad in zip(self.params.values(), grads, strict=True):
             if grad is not None:
-                param.grad = in_layout_of(param, grad) if param.grad is None else param.grad.add_(grad)
+                param.grad = grad if param.grad is None else param.grad.add_(grad)
 
     def scaled(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to backpropagate: times the job's loss scale under fp16 mixed precision (as

@@ -114,13 +114,20 @@ class JobScheduler:
             per_lane[per_lane.index(min(per_lane))] += n
         return max(max(per_lane), 1)
 
-    def pack(self, candidates: list[tuple[JobRun, dict]]) -> list[tuple[JobRun, dict]]:
+    def pack(self, candidates: list[tuple[JobRun, dict]],
+             agree: Callable[[bool], bool] | None = None) -> list[tuple[JobRun, dict]]:
         """The candidates (priority order) that fit the memory budget together; the others wait, except those that
         would not fit even with every other job ended: they fail now, freeing their place for waiting jobs (before
         2026-12-06 only in a round where nothing fitted, so such a job held its `max_concurrent_jobs` slot while
         the others ran). Where none fits and each would alone, the last one fails (its memory freed, the others
-        can go on)."""
-        if self.max_memory is None or not self.memory_model.fitted:
+        can go on).
+
+        `agree`: with several processes, the AND of a decision over them (a collective; every process calls `pack`
+        with the same candidates). Each candidate joins where it fits on every process, so all of them build one
+        set: chosen apart, from their own shards' micro-batches, the sets could meet nowhere (process 0 taking job
+        A, process 1 job B), and no job ran, round after round (until 2026-12-07, twenty-seventh session)."""
+        agree = agree or (lambda decision: decision)
+        if self.max_memory is None or not agree(self.memory_model.fitted):
             return candidates
         chosen: list[tuple[JobRun, dict]] = []
         # once per round (it walks every job's optimizer state): what the jobs keep, and what each job that has not
@@ -130,7 +137,7 @@ class JobScheduler:
         projected = {run.name: held[run.name][1] if run.name in held else 0 for run, _ in candidates}
         for run, batch in candidates:
             trial = chosen + [(run, batch)]
-            if self.predict(trial, kept + sum(projected[r.name] for r, _ in trial)) <= self.max_memory:
+            if agree(self.predict(trial, kept + sum(projected[r.name] for r, _ in trial)) <= self.max_memory):
                 chosen = trial
         chosen_names = {run.name for run, _ in chosen}
         waiting = [(run, batch) for run, batch in candidates if run.name not in chosen_names]

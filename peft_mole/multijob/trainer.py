@@ -295,7 +295,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             elif batches[run.name] is None:
                 self._finish(run)
         candidates = [(run, batches[run.name]) for run in running if not run.finished]
-        packed = self.job_scheduler.pack(candidates)
+        packed = self.job_scheduler.pack(candidates, lambda ok: dist.every_process(self.accelerator, [ok])[0])
         too_big = dist.any_process(self.accelerator, [run.status == FAILED for run, _ in candidates])
         chosen = dist.every_process(self.accelerator, [any(r is run for r, _ in packed) for run, _ in candidates])
         parts = []
@@ -464,9 +464,12 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         grads = torch.autograd.grad(total, params, allow_unused=True)
         if shared_row and not math.isfinite(torch.nn.utils.get_total_norm([g for g in grads if g is not None])):
             raise NonFiniteInPackedStep("a gradient became non-finite in a packed step of several jobs")
-        for run in good:
-            run.add_gradients(grads[:len(run.params)])
+        ready = []  # every job's gradients laid out (what may allocate) before any job's are added: an allocation
+        for run in good:  # that runs out of memory leaves no job's added twice when `_train_parts` retries the step
+            ready.append(run.laid_out(grads[:len(run.params)]))
             grads = grads[len(run.params):]
+        for run, job_grads in zip(good, ready, strict=True):
+            run.add_gradients(job_grads)
         seconds = time.perf_counter() - started
         self.step_cost.observe(mixed.input_ids.numel(), seconds)
         for run in good:

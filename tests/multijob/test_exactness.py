@@ -84,6 +84,23 @@ def test_per_job_loss_uses_each_jobs_own_token_count():
     torch.testing.assert_close(scaled["b"], expected_b / 2)
 
 
+def test_per_job_loss_of_a_packed_batch_takes_each_jobs_tokens():
+    """A packed batch's `rows` are token spans: given the MixedBatch, each job's loss is over its own tokens, as
+    alone; given the spans as a dict they are refused (they were taken as rows: the first job got every token)."""
+    from peft_mole.multijob.batching import packed_mixed_batch
+
+    parts = {job: {"input_ids": torch.arange(3, 3 + n)[None], "labels": torch.arange(3, 3 + n)[None],
+                   "position_ids": torch.arange(n)[None]} for job, n in (("a", 3), ("b", 4))}
+    mixed = packed_mixed_batch(parts)
+    logits = torch.randn(1, 7, 11)
+    losses = per_job_losses(logits, mixed.labels, mixed)
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(losses["a"], ce(logits[0, :2], parts["a"]["labels"][0, 1:]))
+    torch.testing.assert_close(losses["b"], ce(logits[0, 3:6], parts["b"]["labels"][0, 1:]))
+    with pytest.raises(ValueError, match=r"rows\['a'\] is slice\(0, 3, None\), past the batch's 1 row.*MixedBatch"):
+        per_job_losses(logits, mixed.labels, mixed.rows)
+
+
 def test_mixed_batch_pads_each_job_and_keeps_rows_contiguous():
     batch = mixed_batch({"a": job_batches(0, 2, 5, 1), "b": job_batches(1, 1, 8, 2)})
     assert batch.input_ids.shape == (3, 8) and batch.adapter_names == ["a", "a", "b"]

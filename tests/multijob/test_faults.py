@@ -131,6 +131,41 @@ def test_out_of_memory_step_is_split_and_nothing_is_lost(assets, tmp_path, monke
         _assert_same(_adapter(tmp_path / "oom" / job), _adapter(tmp_path / "normal" / job))
 
 
+def test_out_of_memory_while_laying_out_gradients_adds_no_job_twice(assets, tmp_path, monkeypatch):
+    """Per-tensor optimizers: a job's first gradients are copied into its parameters' layout, which allocates. Where
+    that ran out of memory for the second job, the first job's were added already, and the retried step added them
+    again; every job's are now laid out before any is added."""
+    import peft_mole.multijob.run as run_module
+
+    tokenizer, datasets = assets
+    jobs = lambda: [  # noqa: E731
+        JobConfig("a", LoraConfig(**LORA), datasets["sentiment"]),
+        JobConfig("b", LoraConfig(**LORA), datasets["capital"]),
+    ]
+    trainers = {}
+    for name in ("normal", "oom"):
+        trainers[name] = _trainer(tokenizer, jobs(), tmp_path / name,  # (SGD, no clipping: a step follows the
+                                  {"optim": "sgd", "max_grad_norm": 0.0, "learning_rate": 0.05},  # gradient's scale)
+                                  step_overhead_tokens=None)
+        trainers[name].flat_job_parameters = False  # (the per-tensor path, where the layout copy is made)
+    b_params = {id(p) for p in trainers["oom"].jobs_model.job_parameters("b").values()}
+    lay_out, raised, b_calls = run_module.in_layout_of, [], []
+
+    def runs_out_of_memory_once_for_b(param, grad):  # at its second step
+        b_calls.append(id(param) in b_params)
+        if sum(b_calls) == len(b_params) + 1 and not raised:
+            raised.append(True)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return lay_out(param, grad)
+
+    trainers["normal"].train()
+    monkeypatch.setattr(run_module, "in_layout_of", runs_out_of_memory_once_for_b)
+    trainers["oom"].train()
+    assert raised and [r["status"] for r in trainers["oom"].job_summary] == ["done", "done"]
+    for job in ("a", "b"):
+        _assert_same(_adapter(tmp_path / "oom" / job), _adapter(tmp_path / "normal" / job))
+
+
 def test_lora_job_out_of_memory_alone_is_retried_in_row_halves(assets, tmp_path, monkeypatch):
     tokenizer, datasets = assets
     jobs = lambda: [  # noqa: E731

@@ -250,6 +250,51 @@ def test_packing_under_the_memory_budget_defers_and_fails_clearly():
         JobScheduler(max_concurrent_jobs=True)
 
 
+def test_processes_pack_one_agreed_set_where_their_own_choices_would_not_meet():
+    """Two processes, each with its shard's micro-batches, and each job keeping 100 bytes of optimizer state
+    (10 bytes per token, budget 1000): on process 0 A is short and B long, on process 1 A is too long to run beside
+    B's state. Chosen apart, process 0 took A and process 1 took B, and the jobs both agreed on were none, every
+    round (a hang). With `agree` (the AND over processes; here two threads in lockstep) both take B, which fits on
+    both."""
+    import threading
+
+    barrier, votes = threading.Barrier(2), [None, None]
+
+    def agree_as(process: int):
+        def agree(decision: bool) -> bool:
+            votes[process] = decision
+            barrier.wait()
+            both = all(votes)
+            barrier.wait()  # (both read before the next vote)
+            return both
+        return agree
+
+    def scheduler_of(parts) -> JobScheduler:
+        scheduler = lora_scheduler(1000.0, ["a", "A", "B"])
+        for run, _ in parts:
+            run.resident = 100
+        scheduler.runs, scheduler.profiled_resident_bytes = [run for run, _ in parts], 0.0
+        return scheduler
+
+    def shards():
+        return {0: [part("A", 1, 10), part("B", 1, 70)], 1: [part("A", 1, 90), part("B", 1, 10)]}
+
+    alone = {p: [r.name for r, _ in scheduler_of(c).pack(c)] for p, c in shards().items()}
+    assert alone == {0: ["A"], 1: ["B"]}  # what each process chose by itself: no job in common
+    parts, chosen = shards(), {}
+
+    def run(process: int) -> None:
+        chosen[process] = [r.name for r, _ in scheduler_of(parts[process]).pack(parts[process], agree_as(process))]
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert chosen == {0: ["B"], 1: ["B"]}
+    assert all(run.status == "waiting" for shard in parts.values() for run, _ in shard)  # A waits, none failed
+
+
 def test_length_grouping_splits_only_when_it_saves_more_than_a_step_costs():
     short1, short2, long = part("s1", 4, 20), part("s2", 4, 24), part("l", 4, 200)
     groups = JobScheduler.group_by_length([long, short1, short2], step_overhead_tokens=256)

@@ -57,6 +57,21 @@ def test_shuffle_dataset_shuffles_each_job_with_its_own_seed(assets, tmp_path):
     assert max(differences.values()) <= 1e-5, differences
 
 
+def test_shuffle_dataset_shuffles_a_jobs_eval_set_with_its_own_seed(assets, tmp_path):
+    """The first eval set is prepared by SFTTrainer's `__init__` with the trainer's seed; a job with its own seed
+    gets its eval set shuffled with that seed, as SFTTrainer on the job alone (it reused the trainer's order)."""
+    tokenizer, datasets = assets
+    job = JobConfig("a", LoraConfig(**LORA), datasets["sentiment"], eval_dataset=datasets["capital"], seed=5)
+    args = run_args(tmp_path / "run", shuffle_dataset=True)
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=[job], processing_class=tokenizer,
+                              args=args)
+    solo = SFTTrainer(model=tiny_base(vocab_size=len(tokenizer)), processing_class=tokenizer,
+                      args=job.training_args(run_args(tmp_path / "solo", shuffle_dataset=True)),
+                      train_dataset=job.train_dataset, eval_dataset=job.eval_dataset)
+    ours, theirs = trainer.job_eval_datasets["a"]["input_ids"], solo.eval_dataset["input_ids"]
+    assert ours == theirs and ours != trainer.eval_dataset["input_ids"]  # (the trainer's seed gives another order)
+
+
 @pytest.mark.parametrize(("packing", "eval_packing"), [(True, False), (False, True)])
 def test_eval_packing_decides_every_jobs_eval_set(assets, tmp_path, packing, eval_packing):
     tokenizer, datasets = assets
