@@ -23,6 +23,19 @@ from peft_mole.multijob.trainer_args import PUSH_EACH_JOB, JobSetupError
 logger = logging.getLogger("peft_mole.multijob.trainer")  # one logger for the trainer's messages
 
 
+
+def base_dropout_rates(model) -> dict[str, float]:
+    """The dropout rates above 0 in the config of the frozen base (`attention_dropout`, `hidden_dropout`,
+    `resid_pdrop`, ...; a multimodal model's text config too): dropout the base itself draws in training."""
+    configs = [getattr(model, "config", None)]
+    configs.append(getattr(configs[0], "text_config", None) if configs[0] is not None else None)
+    rates = {}
+    for config in filter(None, configs):
+        for key, value in vars(config).items():
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0:
+                rates[key] = value
+    return rates
+
 class JobLifecycle:
     """The trainer's job endings and resume (see the module docstring); mixed into `MultiJobTrainer`."""
 
@@ -30,6 +43,12 @@ class JobLifecycle:
         """Each job from where it ended: a done or stopped job's final adapter, else its latest checkpoint. A saved
         adapter that does not fit the job as it is set up now (another rank, type or target modules) is a
         `JobSetupError` naming the job and the folder."""
+        rates = base_dropout_rates(self.jobs_model.model)
+        if rates:
+            logger.warning("the base model's own dropout is on in training (%s): it draws from torch's generator, "
+                           "which train() seeds afresh, so the resumed steps draw other masks than an uninterrupted "
+                           "run would (each job's adapter dropout and router jitter resume exactly); set those rates "
+                           "to 0 for an exact resume", ", ".join(f"{k}={v}" for k, v in rates.items()))
         for run in runs:
             try:
                 self._resume_job(run)
@@ -89,8 +108,9 @@ class JobLifecycle:
             return
         unfinished = [run for run in runs if not run.finished and run.global_step > 0]
         states = [self._stream_states(run) for run in unfinished]  # (a collective: on every process)
-        for run in unfinished:
-            run.mark_best_checkpoint()
+        # not marked best: the uninterrupted run writes no checkpoint here unless the step saves anyway, and then it
+        # was marked when that checkpoint was written (before 2026-12-07 a stop's checkpoint could become the best
+        # one, and load_best_model_at_end ended the resumed run with it)
         for run, stream_states in zip(unfinished, states, strict=True):  # whole, even with `save_only_model`;
             # as every checkpoint: not where the weights are not finite, and a write error fails that job alone
             self._written(run, "checkpoint", functools.partial(

@@ -97,6 +97,8 @@ class JobRun(JobEvents):
         self.job, self.args, self.dataloader = job, args, dataloader
         self.name = job.name
         self.params = params
+        for param in params.values():  # (a `train()` stopped inside a window left its gradients: a resume on the same
+            param.grad = None  # trainer would add its first window to them)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.batches_per_epoch = len(dataloader)
         ga = args.gradient_accumulation_steps

@@ -37,6 +37,10 @@ UNSUPPORTED = {
         "each job's loss is the negative log-likelihood of its targets; set loss_type='nll'",
     ),
     "activation_offloading": (bool, "the mixed steps do not offload activations; set activation_offloading=False"),
+    "ignore_data_skip": (
+        bool, "a resumed job goes on with the batches after its checkpoint's (its epoch's order is kept); set "
+        "ignore_data_skip=False",
+    ),
     "deepspeed": (bool, "DeepSpeed is not supported; use `accelerate launch` with plain data parallelism"),
     "fsdp": (bool, "FSDP is not supported; use `accelerate launch` with plain data parallelism"),
 }

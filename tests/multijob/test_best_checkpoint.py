@@ -216,3 +216,21 @@ def test_fractions_of_max_steps_that_round_to_no_multiple_are_refused_at_train(a
     with pytest.raises(JobSetupError, match=r"job 'lora' saves every 5 and evaluates every 3 of its 10 steps "
                                             r"\(save_steps=0.5, eval_steps=0.25\)"):
         made.train()
+
+
+class _StopAtFirst(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step == 1
+
+
+def test_a_stops_checkpoint_is_never_the_best_one(assets, tmp_path):
+    """A callback stops both jobs at step 1, which evaluates (each job's lowest loss so far) but does not save
+    (save_steps=2): the stop's checkpoint keeps the run, and it is not marked best, as the uninterrupted run has no
+    checkpoint there (it was: load_best_model_at_end then ended the resumed run with it, 7.5e-2 off)."""
+    made = trainer(assets, tmp_path, callbacks=[_StopAtFirst()], save_steps=2, save_total_limit=None)
+    made.train()
+    assert all((tmp_path / job / "checkpoint-1").is_dir() for job in ("lora", "mix"))
+    assert {run.name: run.stats.best_checkpoint for run in made.runs} == {"lora": None, "mix": None}
+    assert {run.name: run.stats.best_metric for run in made.runs} == {"lora": 3.0, "mix": 5.0}  # (tracked still)
+    state = json.loads((tmp_path / "lora" / "checkpoint-1" / "job_state.json").read_text())
+    assert state["best_model_checkpoint"] is None

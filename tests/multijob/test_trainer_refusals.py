@@ -38,7 +38,8 @@ def test_bad_trainer_arguments(assets, tmp_path):
                                     dict(activation_offloading=True), dict(accelerator_config={"even_batches": False}),
                                     dict(gradient_checkpointing_kwargs={"use_reentrant": True}),
                                     dict(torch_compile=True, gradient_checkpointing_kwargs={"context_fn": dict}),
-                                    dict(lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps")])
+                                    dict(lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps"),
+                                    dict(ignore_data_skip=True)])  # (silently ignored before 2026-12-07)
 def test_trainer_options_its_own_loop_cannot_honour_are_refused(assets, tmp_path, option):
     """Trainer.train would apply these; MultiJobTrainer's loop does not, so they fail early instead of silently."""
     tokenizer, datasets = assets
