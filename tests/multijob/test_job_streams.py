@@ -53,6 +53,46 @@ def test_a_jobs_masks_and_jitter_do_not_depend_on_the_other_jobs_in_its_step():
         assert (mixed[rows] - eval_logits[rows]).abs().max() > 1e-3, job  # the noise is really on
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_per_job_dropout_scales_as_the_jobs_own_dropout_in_every_dtype(dtype):
+    """The per-row layers' dropout (`per_job_dropout`) equals each job's `Dropout` on the same draws, bit for bit,
+    values and gradients: the scale is applied in opmath precision and rounded once (it was rounded to x's dtype
+    first: 1 ulp off in bfloat16, 2e-8 in float64)."""
+    from peft_mole.ops.dropout import Dropout, register_stream
+    from peft_mole.ops.job_streams import per_job_dropout
+
+    dropouts = [Dropout(0.3), Dropout(0.1)]
+    for seed, module in enumerate(dropouts):
+        module.use_stream(register_stream(torch.Generator().manual_seed(seed)))
+    x = torch.randn(4, 64, dtype=torch.float64).to(dtype).requires_grad_()
+    rows = torch.tensor([0, 1, 1, 0])
+    states = [stream_generator(d.stream).get_state() for d in dropouts]
+    joined = per_job_dropout(x, rows, dropouts)
+    for module, state in zip(dropouts, states, strict=True):
+        stream_generator(module.stream).set_state(state)
+    each = torch.empty_like(joined)
+    for job, module in enumerate(dropouts):  # each job's rows in order through its module: its stream's draws
+        each[rows == job] = module(x[rows == job])
+    assert torch.equal(joined, each)
+    (g1,) = torch.autograd.grad((joined * joined.detach()).sum(), x)
+    (g2,) = torch.autograd.grad((each * each.detach()).sum(), x)
+    assert torch.equal(g1, g2)
+
+
+def test_per_row_layers_draw_no_down_mask_for_a_job_without_down_experts():
+    """A MixLoRA job with experts on gate and up only, beside one with down experts: the per-row block drew a down
+    mask for it too (an extra draw from its stream, 0.15 off its eager logits); now only for jobs with down experts."""
+    configs = {"m": mixlora(lora_dropout=0.2), "g": mixlora(expert_target_modules=["gate_proj", "up_proj"],
+                                                             lora_dropout=0.3)}
+    eager, per_row = _models(2, configs)
+    _per_row(per_row, compiled=False)
+    for step in range(2):  # (the second step's masks follow the first's draws)
+        ids = torch.randint(3, 500, (3, 7), generator=torch.Generator().manual_seed(step))
+        logits = [model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=["m", "g", "m"]).logits
+                  for model in (eager, per_row)]
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("layers", ["eager", "per-row", "per-row-compiled"])
 def test_a_jobs_draws_do_not_depend_on_how_far_the_rows_beside_it_are_padded(layers):
     """Right-padded rows of unequal lengths, with a base row longer than any job's: each job's rows in the mixed

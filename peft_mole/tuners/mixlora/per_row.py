@@ -119,8 +119,11 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     factors = {proj: _stacked_factors(layer, jobs, proj, table["rank"], with_a=proj == "down_proj")
                for proj in PROJECTIONS}
     keep = None
-    if factors["down_proj"] is not None:
-        keep = per_row_dropout(torch.ones_like(gate_flat), token_jobs, dropouts)
+    if factors["down_proj"] is not None:  # drawn for the jobs with down experts alone, as their eager blocks draw
+        # (until 2026-12-07 also for a job without: an extra draw from its stream, its later masks not its own)
+        down = [d if d is not None and layer.experts[job].factors("down_proj") is not None else None
+                for d, job in zip(dropouts, context.jobs, strict=True)]
+        keep = per_row_dropout(torch.ones_like(gate_flat), token_jobs, down)
 
     def pair_chain():
         pre = {}  # the pairs' frozen output plus their expert's LoRA, (M, I), for gate and up
