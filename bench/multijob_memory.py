@@ -77,6 +77,7 @@ def main() -> None:
     if args.child:
         child(args.shape, args.child, args.jobs[0], args.rows_per_job)
         return
+    setup_threads()  # (the children's threads: the rows record this process's; before 2026-12-07 torch's default)
     base_only = measure(args.shape, "base", 1, args.rows_per_job)
     single = measure(args.shape, "single", 1, args.rows_per_job)
     for n in args.jobs:

@@ -3,7 +3,8 @@ vs the same jobs trained one after another with plain PEFT LoRA, same rows per j
 
     S(N) = Σ_i T_base(b_i) / T_base(Σ_i b_i)
 
-(what batching the frozen base alone can gain). Each job: LoRA r 16, alpha 32, dropout 0.05 on q,k,v,o,gate,up,down,
+(what batching the frozen base alone can gain; with --packed, T_base times one packed row, with the mixed base's
+attention: the work the mixed step does; before 2026-12-07 padded rows with SDPA). Each job: LoRA r 16, alpha 32, dropout 0.05 on q,k,v,o,gate,up,down,
 its own AdamW; b_i = --rows-per-job rows of the shape's sequence length. Step = forward + backward + optimizer(s);
 the mixed step takes the jobs' gradients and steps their optimizers as MultiJobTrainer does.
 --optim adamw_torch_fused gives every AdamW (the jobs' and the PEFT baseline's) one fused kernel per step, as
@@ -70,15 +71,16 @@ def rows_batch(rows: int, seq: int, vocab: int, seed: int = 0) -> dict[str, torc
 
 def base_step_fn(model, batch):
     """The frozen base alone: forward + backward of the activations down to the input embeddings (the path adapters
-    need); no weight gradients, as no base weight trains."""
+    need); no weight gradients, as no base weight trains. `batch`: padded rows (with their attention mask) or one
+    packed row (`packed`: position ids, the sequences' bounds)."""
     model.train()
     model.requires_grad_(False)
     embed = model.get_input_embeddings()
+    inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
 
     def step() -> None:
         hidden = embed(batch["input_ids"]).detach().requires_grad_()
-        model(inputs_embeds=hidden, attention_mask=batch["attention_mask"], labels=batch["labels"],
-              use_cache=False).loss.backward()
+        model(inputs_embeds=hidden, labels=batch["labels"], use_cache=False, **inputs).loss.backward()
 
     return step
 
@@ -182,9 +184,15 @@ def main() -> None:
         steps = {
             "peft_lora_one_job": train_step_fn(lora, one, optim=args.optim),
             "mixed_all_jobs": mixed_step_fn(mixed, everyone, jobs, b, args.optim, pack=args.packed),
-            "base_one_job": base_step_fn(base, one),
-            "base_all_jobs": base_step_fn(base, everyone),
         }
+        if args.packed:  # S(N) of the work the mixed step does: one packed row, with the mixed base's attention
+            # (until 2026-12-07 padded rows with SDPA; rows carry `limit_packed` since)
+            packed_base = mixed_base(args)
+            steps["base_one_job"] = base_step_fn(packed_base, packed(one, jobs[:1], b)[0])
+            steps["base_all_jobs"] = base_step_fn(packed_base, packed(everyone, jobs, b)[0])
+        else:
+            steps["base_one_job"] = base_step_fn(base, one)
+            steps["base_all_jobs"] = base_step_fn(base, everyone)
         if args.compare_layouts:
             steps["mixed_all_jobs_per_tensor"] = mixed_step_fn(mixed, everyone, jobs, b, args.optim, flat=False,
                                                                pack=args.packed)
@@ -204,7 +212,8 @@ def main() -> None:
         speedup = {k: sequential[k] / mixed[k] for k in ("median_s", "min_s")}
         emit({
             "name": "multijob_speedup", "shape": args.shape, "jobs": n, "rows_per_job": b, "dropout": args.dropout,
-            **({"kind": args.kind} if args.kind != "lora" else {}), **({"packed": True} if args.packed else {}),
+            **({"kind": args.kind} if args.kind != "lora" else {}),
+            **({"packed": True, "limit_packed": True} if args.packed else {}),
             **({"attention": args.attention} if args.attention != "sdpa" else {}),
             "ratio_median": speedup["median_s"], "ratio_min": speedup["min_s"],
             "limit_median": limit["median_s"], "limit_min": limit["min_s"],

@@ -52,7 +52,7 @@ DESCRIPTIONS = {
                                  "base model compiled alike (higher is better); {speedup_vs_eager:.2f}× its eager "
                                  "tokens/s (base {base_speedup_vs_eager:.2f}×), compile {compile_s:.0f} s",
     "multijob_speedup": "{jobs} {kind_label} jobs (dropout {dropout}{optim_note}) in mixed steps{packed_note} vs one after another with "
-                        "PEFT (higher is better); base-only limit S({jobs}) = {limit_median:.2f}, reached "
+                        "PEFT (higher is better); base-only limit S({jobs}){limit_note} = {limit_median:.2f}, reached "
                         "{fraction_of_limit:.0%}{compiled_steps_note}",
     "multijob_vs_sfttrainer": "{jobs} {kind_label} jobs (dropout {dropout}{trainer_checkpointing_note}) in one "
                               "`MultiJobTrainer` vs one "
@@ -100,14 +100,23 @@ DESCRIPTIONS["mole_vs_reference"] = (
     "{ratio_vs_lora:.2f}×")
 DESCRIPTIONS["packed_attention"] = (
     "PEFT LoRA step on one packed row ({case} lengths: {sequences} sequences, {tokens} tokens, the longest {longest}), "
-    "attention `sdpa_packed` / `sdpa` ({packed_ms:.0f} vs {masked_ms:.0f} ms){operator_note}; the same sequences "
+    "attention `sdpa_packed`{chunk_note} / `sdpa` ({packed_ms:.0f} vs {masked_ms:.0f} ms){operator_note}; the same "
+    "sequences "
     "as padded rows ({padded_tokens} tokens) {padded_vs_packed:.2f}× the packed step's time")
 DESCRIPTIONS["packed_row_mask"] = (
     "PEFT LoRA step on one packed row of {sequences} sequences ({tokens} tokens), attention `sdpa_packed`: without "
     "the row's (T × T) mask ({row_mask_mb:.0f} MB), the chunks making their blocks / with transformers' row mask "
     "({lean_ms:.0f} vs {row_mask_ms:.0f} ms)")
-PERCENT = {"memory_model_error", "pad_fraction"}
+PERCENT = {"memory_model_error", "pad_fraction", "gpu_busy"}
 KIND_LABELS = {"lora": "LoRA", "mixlora": "MixLoRA", "dynmole": "DynMoLE"}  # the benches' --kind/--kinds values
+
+
+def _chunks(row: dict) -> str:
+    """`sdpa_packed`'s chunk size in a row's label: rows record it since 2026-12-06 (`chunk_tokens`); before, and
+    until 646b08c (2026-12-07), the operator's chunks were 128 tokens (`packed_attention.CHUNK_TOKENS`)."""
+    if row.get("attention", "sdpa_packed") != "sdpa_packed" and row["name"] != "pad_fraction":
+        return ""
+    return f" (chunks of {row.get('chunk_tokens', 128)} tokens)"
 
 
 def _value(name: str, value: float) -> str:
@@ -227,8 +236,11 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                "kind_flag": f" --kind {row['kind']}" if "kind" in row else "",
                "packed_flag": " --packed" if row.get("packed") else "",
                "packed_note": (" of one packed row (padding-free)" if row.get("packed") else "")
-                              + (f", attention `{row['attention']}`" if "attention" in row else ""),
-               "sdpa_packed_note": (f"; attention `sdpa_packed` (one packed step per round) "
+                              + (f", attention `{row['attention']}`{_chunks(row)}" if "attention" in row else ""),
+               "chunk_note": _chunks(row),
+               "limit_note": (" of the base on padded rows with SDPA" if row.get("packed") and
+                              not row.get("limit_packed") else ""),
+               "sdpa_packed_note": (f"; attention `sdpa_packed`{_chunks(row)} (one packed step per round) "
                                     f"{row['padding_free_sdpa_packed_speedup']:.2f}×"
                                     if "padding_free_sdpa_packed_speedup" in row else ""),
                "attention_flag": f" --attention {row['attention']}" if "attention" in row else "",

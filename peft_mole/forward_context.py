@@ -205,8 +205,13 @@ class ForwardContext:
         return self._groups[key]
 
     def tokens_to_record(self, batch_size: int, seq_len: int) -> torch.Tensor | None:
-        """(batch, seq) bool mask of the tokens whose router statistics count, or None for all of them."""
+        """(batch, seq) bool mask of the tokens whose router statistics count, or None for all of them. A packed
+        row with a name per token, which the layers see as (T, 1) (`unit_view`), gets its (1, T) mask as (T, 1)
+        (before 2026-12-07 None: its trailing pads counted in the aux loss and router statistics)."""
         mask = self.token_mask
+        if mask is not None and mask.dim() == 2 and mask.shape[0] == 1 and seq_len == 1 \
+                and self.names_per_token(1, batch_size) and mask.shape[1] == batch_size:
+            return mask.reshape(batch_size, 1)
         if mask is None or mask.dim() != 2 or mask.shape[0] != batch_size:
             return None
         if mask.shape[1] != seq_len:  # cached decoding: the mask also covers past tokens

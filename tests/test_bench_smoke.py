@@ -185,7 +185,7 @@ def test_render_table_renders_gpu_rows(tmp_path):
     ]
     table = _render(rows, tmp_path / "h200-smoke.jsonl")
     assert ("| `gpu_busy`: mixlora step: GPU busy time / wall time (17120 kernels, 249 of 625 ms; higher is better) "
-            "| medium | 0.40× | 0.40× | `python bench/profile_step.py --shape medium --impls mixlora` |") in table
+            "| medium | 39.8% | 39.8% | `python bench/profile_step.py --shape medium --impls mixlora` |") in table
     assert ("| `dynmole_vs_mixlora`: DynMoLE step / MixLoRA top-2 step, routers init | medium | 1.47× | 1.43× "
             "| `python bench/gpu_medium.py --shape medium` |") in table
     assert ("| `mixlora_vs_lora`: MixLoRA step / PEFT LoRA step (fwd+bwd+AdamW), dropout 0.05, bf16 autocast | medium "

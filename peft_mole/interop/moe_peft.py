@@ -377,8 +377,13 @@ def export_moe_peft(source: str, target: str, flavour: str = "moe-peft", act_fn:
         "jitter_noise": config.jitter_noise, "use_rslora": config.use_rslora,
         "base_model_name_or_path": config.base_model_name_or_path, "task_type": "CAUSAL_LM",
     }
-    if expert_lora:
-        reference["expert_lora"] = expert_lora
+    if expert_lora:  # (MoE-PEFT asserts lora_dropout > 0 here too)
+        reference["expert_lora"] = {**expert_lora, "lora_dropout": max(float(expert_lora["lora_dropout"]), 1e-3)}
+    for section, values in (("", reference), ("expert_lora.", reference.get("expert_lora"))):
+        if values is not None:
+            values["lora_alpha"] = _int_alpha(values["lora_alpha"], section)
+    reference["router_init_range"], reference["jitter_noise"] = (float(reference["router_init_range"]),
+                                                                 float(reference["jitter_noise"]))
 
     def write(folder: str) -> None:
         with open(os.path.join(folder, "adapter_config.json"), "w") as f:
@@ -386,6 +391,19 @@ def export_moe_peft(source: str, target: str, flavour: str = "moe-peft", act_fn:
         torch.save(out, os.path.join(folder, "adapter_model.bin"))  # MoE-PEFT reads this file name
 
     write_atomically(target, write)
+
+
+def _int_alpha(alpha, section: str) -> int:
+    """`lora_alpha` as MoE-PEFT's config check requires it, an int (`isinstance(lora_alpha, int)`): a whole float
+    is written as its int; another (an import whose attention and experts differ in `use_rslora` keeps its alpha as
+    alpha · sqrt(r)) is refused, since the format cannot hold it (until 2026-12-07 it was written, and the reference
+    refused the file)."""
+    if isinstance(alpha, float) and alpha.is_integer():
+        return int(alpha)
+    if isinstance(alpha, int) and not isinstance(alpha, bool):
+        return alpha
+    raise ValueError(f"MoE-PEFT's format stores {section}lora_alpha as an int, and this adapter's is {alpha!r}; "
+                     "it cannot be exported as it is (retrain or set a whole lora_alpha)")
 
 
 def _mixlora_config(source: str) -> MixLoRAConfig:

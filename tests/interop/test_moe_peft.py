@@ -215,7 +215,20 @@ def test_export_keeps_what_the_format_holds_and_refuses_what_it_cannot(tmp_path)
     import_moe_peft(str(tmp_path / "theirs"), str(tmp_path / "again"))
     again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
     assert (again["attn_lora_alpha"], again["lora_dropout"]) == (8, 0.1)
-    config.update(layers_to_transform=[1])
+    # what MoE-PEFT's config check asserts: lora_dropout > 0 in `expert_lora` too, lora_alpha an int, floats
+    config.update(lora_dropout=0.0, attn_lora_dropout=0.05, lora_alpha=16.0, jitter_noise=0, router_init_std=1)
+    config_path.write_text(json.dumps(config))
+    export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "checked"))
+    exported = json.loads((tmp_path / "checked" / "adapter_config.json").read_text())
+    assert exported["expert_lora"]["lora_dropout"] == 1e-3 and exported["lora_dropout"] == 0.05
+    assert type(exported["expert_lora"]["lora_alpha"]) is int and exported["expert_lora"]["lora_alpha"] == 16
+    assert type(exported["lora_alpha"]) is int
+    assert type(exported["jitter_noise"]) is float and type(exported["router_init_range"]) is float
+    config.update(attn_lora_alpha=2.5)
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="stores lora_alpha as an int, and this adapter's is 2.5"):
+        export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "fraction"))
+    config.update(layers_to_transform=[1], attn_lora_alpha=8)
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="layers_to_transform"):
         export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "layers"))

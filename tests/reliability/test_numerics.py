@@ -26,6 +26,22 @@ def test_nan_router_weights_are_named_with_the_layer(method):
     model(input_ids=ids, attention_mask=mask)  # checks off again: no error, NaN flows on as usual
 
 
+def test_nested_checks_keep_the_router_check_until_the_outer_one_ends():
+    """The inner `check_finite`'s end turned the router-logit checks off for the outer one too."""
+    model = get_peft_model(tiny_base(), METHODS["mixlora"]())
+    router = model.base_model.model.model.layers[1].mlp.routers["default"].weight
+    with torch.no_grad():
+        router[0, 0] = float("nan")
+    ids, mask, _ = batch(2, 6)
+    with peft_mole.check_finite(model):
+        inner = peft_mole.check_finite(model)
+        inner.remove()
+        inner.remove()  # (twice: counted once)
+        with pytest.raises(FloatingPointError, match=r"router logits of .*layers\.1\.mlp"):
+            model(input_ids=ids, attention_mask=mask)
+    model(input_ids=ids, attention_mask=mask)  # both ended: off
+
+
 def test_nan_input_is_named_with_the_first_layer_that_sees_it():
     model = get_peft_model(tiny_base(), METHODS["mixlora"]())
     embeds = model.get_input_embeddings()(batch(1, 4)[0]).detach()

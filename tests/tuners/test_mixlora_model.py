@@ -73,3 +73,23 @@ def test_return_dict_false_gives_the_dicts_values_as_a_tuple_with_the_aux_loss_a
     assert all((a - b).abs().max() > 1e-5 for a, b in zip(gradients[0.5], gradients[0.0], strict=True))
     model.eval()  # no labels: the model's own tuple (logits, cache)
     assert isinstance(model(input_ids=ids, attention_mask=mask, return_dict=False), tuple)
+
+
+def test_a_packed_rows_trailing_pads_do_not_count_with_a_name_per_token():
+    """A packed row (position ids restarting, no attention mask) ending in pads of position id 0, two adapters named
+    per token: each adapter's router loss is that of the row without the pads (the pads counted for the adapter
+    whose tokens they followed: the layers see such a row as (T, 1), and its (1, T) mask was dropped)."""
+    model = get_peft_model(tiny_base(), mixlora(lora_dropout=0.0), adapter_name="a")
+    model.add_adapter("b", mixlora(lora_dropout=0.0))
+    randomize_adapters(model)
+    model.train()
+    ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0, 0]])
+    labels = ids.masked_fill(positions == 0, -100)
+    padded = model(input_ids=ids, position_ids=positions, labels=labels, adapter_names=["a"] * 5 + ["b"] * 7,
+                   use_cache=False)
+    cut = model(input_ids=ids[:, :9], position_ids=positions[:, :9], labels=labels[:, :9],
+                adapter_names=["a"] * 5 + ["b"] * 4, use_cache=False)
+    assert padded.aux_loss_per_adapter.keys() == {"a", "b"}
+    for name, value in padded.aux_loss_per_adapter.items():
+        torch.testing.assert_close(value, cut.aux_loss_per_adapter[name], rtol=1e-6, atol=0)
