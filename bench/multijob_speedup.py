@@ -58,7 +58,7 @@ from common import (
 from peft import get_peft_model
 from torch._dynamo.utils import counters
 
-from peft_mole import PACKED_SDPA
+from peft_mole import PACKED_SDPA, packed_attention
 from peft_mole.multijob import MultiJobModel, per_job_losses
 from peft_mole.multijob.batching import packed_mixed_batch
 from peft_mole.multijob.flat_parameters import job_optimizer
@@ -214,7 +214,8 @@ def main() -> None:
             "name": "multijob_speedup", "shape": args.shape, "jobs": n, "rows_per_job": b, "dropout": args.dropout,
             **({"kind": args.kind} if args.kind != "lora" else {}),
             **({"packed": True, "limit_packed": True} if args.packed else {}),
-            **({"attention": args.attention} if args.attention != "sdpa" else {}),
+            **({"attention": args.attention, "chunk_tokens": packed_attention.CHUNK_TOKENS}
+               if args.attention != "sdpa" else {}),
             "ratio_median": speedup["median_s"], "ratio_min": speedup["min_s"],
             "limit_median": limit["median_s"], "limit_min": limit["min_s"],
             "fraction_of_limit": speedup["median_s"] / limit["median_s"],

@@ -27,7 +27,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig
 
-from peft_mole import PACKED_SDPA, JobConfig, MultiJobTrainer, synthetic
+from peft_mole import PACKED_SDPA, JobConfig, MultiJobTrainer, packed_attention, synthetic
 
 WORDS = ["red", "blue", "cat", "dog", "sun", "rain", "tree", "road", "fish", "bird", "stone", "light"]
 
@@ -120,6 +120,7 @@ def main() -> None:
           / results["length_grouping"]["real_tokens_per_s"],
           "padding_free_sdpa_packed_speedup": results["padding_free_sdpa_packed"]["real_tokens_per_s"]
           / results["length_grouping"]["real_tokens_per_s"],
+          "chunk_tokens": packed_attention.CHUNK_TOKENS,  # (the sdpa_packed setting's)
           "padding_free_vs_group_by_length": results["padding_free"]["real_tokens_per_s"]
           / results["length_grouping+group_by_length"]["real_tokens_per_s"],
           "details": results})
