@@ -11,11 +11,24 @@ name per token, so a mixed step has no padding at all.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
 from peft_mole.forward_context import packed_real_tokens
+
+
+def sequence_starts(positions: torch.Tensor, forced: list[int] = ()) -> torch.Tensor:
+    """(T,) bool: where a packed row's sequences start, as transformers finds them (a position that does not follow
+    its predecessor's, the row's first token included), and at the `forced` indices (each job's first token: a job
+    whose positions happen to continue the job before it's is still apart). Until 2026-12-07 only position 0
+    started one, and a job whose positions did not start at 0 attended to the job before it under `sdpa_packed`."""
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[1:] = positions[1:] != positions[:-1] + 1
+    if len(forced):
+        starts[torch.tensor(list(forced), device=positions.device)] = True
+    return starts
 
 
 @dataclass
@@ -48,7 +61,8 @@ class MixedBatch:
         # sequence boundaries, as TRL's padding-free collator gives them, for varlen attention kernels (and each
         # token's sequence index, for the short convolutions of linear-attention layers); transformers
         # builds SDPA's block-diagonal causal mask from the position ids (with no attention mask and no cache)
-        starts = (self.position_ids[0] == 0).nonzero().flatten()
+        firsts = [span.start for span in self.rows.values()]  # (each job's first token starts a sequence)
+        starts = sequence_starts(self.position_ids[0], firsts).nonzero().flatten()
         cu_seq_lens = torch.cat([starts, starts.new_tensor([self.position_ids.shape[1]])]).to(torch.int32)
         lengths = cu_seq_lens.diff()
         longest = int(lengths.max())
@@ -91,7 +105,9 @@ def packed_mixed_batch(parts: dict[str, dict[str, torch.Tensor]]) -> MixedBatch:
                 "(1, tokens), no attention_mask); all jobs' micro-batches must be packed, or none"
             )
     positions = torch.cat([part["position_ids"] for part in parts.values()], dim=1)
-    labels = torch.cat([part["labels"] for part in parts.values()], dim=1).masked_fill(positions == 0, -100)
+    firsts = torch.zeros_like(positions, dtype=torch.bool)  # each job's first token: no target of the job before it
+    firsts[0, torch.tensor([0, *itertools.accumulate(p["input_ids"].shape[1] for p in parts.values())][:-1])] = True
+    labels = torch.cat([part["labels"] for part in parts.values()], dim=1).masked_fill((positions == 0) | firsts, -100)
     names, rows, start = [], {}, 0
     for job, part in parts.items():
         n = part["input_ids"].shape[1]

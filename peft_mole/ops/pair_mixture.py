@@ -171,6 +171,8 @@ class _PairGatedMixture(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_hidden, grad_z_down):
+        # dense: `torch._grouped_mm` refuses an expanded gradient (stride 0, e.g. of `z.sum()`), as in `grouped_linear`
+        grad_hidden, grad_z_down = grad_hidden.contiguous(), grad_z_down.contiguous()
         gate, up, z_gate, b_gate, z_up, b_up, weight, down_a, mask, token = ctx.saved_tensors
         device = ctx.autocast[0]
         names = ("gate", "up", "z_gate", "b_gate", "z_up", "b_up", "weight", "down_a")

@@ -92,7 +92,9 @@ class ExpertAdapterConfig(PeftConfig):
     )
     r: int = field(default=16, metadata={"help": "Rank of each expert's LoRA."})
     lora_alpha: int = field(default=32, metadata={"help": "Expert LoRA alpha; scale s = alpha / r."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the expert LoRA input, in [0, 1)."})
+    lora_dropout: float = field(default=0.05, metadata={
+        "help": "Dropout on the expert LoRA input, in [0, 1) (on CPU rounded to a multiple of 2^-15, see "
+                "docs/mixlora.md)."})
     use_rslora: bool = field(
         default=False, metadata={"help": "Rank-stabilised scale s = alpha / sqrt(r), for experts and attention."}
     )

@@ -53,6 +53,28 @@ def test_packed_mixed_batch_concatenates_jobs_without_padding():
         packed_mixed_batch({"a": parts["a"], "b": {**padded, "labels": padded["input_ids"]}})
 
 
+def test_a_job_whose_positions_do_not_start_at_0_is_its_own_sequence():
+    """Positions that continue a sequence (a job's `10, 11, 12` after another's `0..3`, or `4, 5, 6`, which follows
+    on): each job's first token, and every position break, starts a sequence, as transformers' SDPA finds them, and
+    no target crosses from one job into the next (only position 0 started one: under `sdpa_packed` the second job
+    attended to the first, and the first job's last token was trained to predict the second's first token)."""
+    a = packed_part([4])
+    b = {**packed_part([3], seed=1), "position_ids": torch.tensor([[10, 11, 12]])}
+    c = {**packed_part([3], seed=2), "position_ids": torch.tensor([[4, 5, 6]])}  # (continues a's positions)
+    mixed = packed_mixed_batch({"a": a, "b": b, "c": c})
+    assert mixed.model_inputs()["cu_seq_lens_q"].tolist() == [0, 4, 7, 10]
+    assert mixed.labels[0, [0, 4, 7]].tolist() == [-100] * 3 and (mixed.labels[0, [1, 2, 3, 5, 6, 8, 9]] != -100).all()
+    base = tiny_base()
+    base.set_attn_implementation(PACKED_SDPA)
+    base.eval()
+    inputs = {k: v for k, v in mixed.model_inputs().items() if k != "adapter_names"}
+    with torch.no_grad():
+        together = base(**inputs, use_cache=False).logits
+        for job, part in (("b", b), ("c", c)):
+            alone = base(input_ids=part["input_ids"], position_ids=part["position_ids"], use_cache=False).logits
+            torch.testing.assert_close(together[mixed.index(job)], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_padding_and_memory_of_a_packed_step_count_its_tokens_once():
     a, b = packed_part([3, 2]), packed_part([4], seed=1)
     stats = PaddingStats()

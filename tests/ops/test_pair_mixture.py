@@ -104,6 +104,20 @@ def test_grouped_products_equal_the_per_expert_loop(variant, pairs_per_block, mo
         torch.testing.assert_close(got, want)
 
 
+def test_grouped_backward_takes_an_expanded_gradient(monkeypatch):
+    """The gradient of `z.sum()` is expanded (stride 0), which `torch._grouped_mm` refuses: the backward makes it
+    dense first (it raised "Invalid strides/sizes"); the same gradients as a dense one."""
+    inter, rank = 8, 4
+    monkeypatch.setattr(pair_mixture, "GROUPED_MIN_SEGMENTS", 1)
+    plan, args = inputs(torch.float32, inter, rank)
+    run = dict(token=plan.token, counts=plan.counts, act_fn=nn.SiLU())
+    expanded = torch.autograd.grad(pair_gated_mixture(**run, **args)[1].sum(), leaves(args))
+    hidden, z = pair_gated_mixture(**run, **args)
+    dense = torch.autograd.grad((z * torch.ones_like(z)).sum(), leaves(args))
+    for got, want in zip(expanded, dense, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_blocks_of_few_expert_segments_loop():
     from peft_mole.ops import pair_mixture
 
