@@ -175,7 +175,9 @@ def main() -> None:
     b = args.rows_per_job
     for n in args.jobs:
         jobs = [f"job{i}" for i in range(n)]
-        base = base_model(args.shape)
+        # S(N) of the work the mixed step does: with --packed one packed row, with the mixed base's attention (until
+        # 2026-12-07 padded rows with SDPA; rows carry `limit_packed` since)
+        base = mixed_base(args) if args.packed else base_model(args.shape)
         vocab = base.config.vocab_size
         mixed = MultiJobModel(mixed_base(args), {job: job_config(args) for job in jobs})
         mixed.set_job_streams({job: i for i, job in enumerate(jobs)})  # as MultiJobTrainer
@@ -184,15 +186,9 @@ def main() -> None:
         steps = {
             "peft_lora_one_job": train_step_fn(lora, one, optim=args.optim),
             "mixed_all_jobs": mixed_step_fn(mixed, everyone, jobs, b, args.optim, pack=args.packed),
+            "base_one_job": base_step_fn(base, packed(one, jobs[:1], b)[0] if args.packed else one),
+            "base_all_jobs": base_step_fn(base, packed(everyone, jobs, b)[0] if args.packed else everyone),
         }
-        if args.packed:  # S(N) of the work the mixed step does: one packed row, with the mixed base's attention
-            # (until 2026-12-07 padded rows with SDPA; rows carry `limit_packed` since)
-            packed_base = mixed_base(args)
-            steps["base_one_job"] = base_step_fn(packed_base, packed(one, jobs[:1], b)[0])
-            steps["base_all_jobs"] = base_step_fn(packed_base, packed(everyone, jobs, b)[0])
-        else:
-            steps["base_one_job"] = base_step_fn(base, one)
-            steps["base_all_jobs"] = base_step_fn(base, everyone)
         if args.compare_layouts:
             steps["mixed_all_jobs_per_tensor"] = mixed_step_fn(mixed, everyone, jobs, b, args.optim, flat=False,
                                                                pack=args.packed)

@@ -33,8 +33,8 @@ class check_finite:  # noqa: N801 — used like a function: `with check_finite(m
     def __init__(self, model: nn.Module) -> None:
         self.context = _context_of(model)
         # nested checks count: the inner one's end leaves the outer one's router checks on (they went off before)
-        self.context.finite_checks = getattr(self.context, "finite_checks", 0) + 1
-        self.context.check_finite, self.active = True, True
+        self.context.check_finite += 1
+        self.active = True
         self.handles = []
         for name, module in model.named_modules():
             if isinstance(module, BaseTunerLayer) and getattr(module, "_context", None) is self.context:
@@ -60,8 +60,7 @@ class check_finite:  # noqa: N801 — used like a function: `with check_finite(m
     def remove(self) -> None:
         if self.active:  # (once: a second call changes nothing)
             self.active = False
-            self.context.finite_checks -= 1
-            self.context.check_finite = self.context.finite_checks > 0
+            self.context.check_finite -= 1
         for handle in self.handles:
             handle.remove()
         self.handles = []

@@ -153,7 +153,7 @@ class ForwardContext:
     records: list[RouterRecord] | None = None  # None = do not record
     rows_set_by_hook: bool = False  # row_adapters were set for the call now starting
     in_tuner_call: bool = False  # the tuner's forward is running the base (`MixLoRAModel._base_called`)
-    check_finite: bool = False  # `peft_mole.check_finite` is on: layers check router logits for NaN/inf
+    check_finite: int = 0  # `peft_mole.check_finite` contexts on (nested ones count): layers check router logits
     # compiled multi-job steps (`MultiJobModel.compile_mixed_steps`): the jobs in a fixed order and, per row, the
     # index of its job in `jobs` (len(jobs) for a base-only row), so that LoRA layers take the composition as data
     jobs: tuple[str, ...] = ()
@@ -209,9 +209,8 @@ class ForwardContext:
         row with a name per token, which the layers see as (T, 1) (`unit_view`), gets its (1, T) mask as (T, 1)
         (before 2026-12-07 None: its trailing pads counted in the aux loss and router statistics)."""
         mask = self.token_mask
-        if mask is not None and mask.dim() == 2 and mask.shape[0] == 1 and seq_len == 1 \
-                and self.names_per_token(1, batch_size) and mask.shape[1] == batch_size:
-            return mask.reshape(batch_size, 1)
+        if seq_len == 1 and mask is not None and mask.shape == (1, batch_size) and self.names_per_token(1, batch_size):
+            mask = mask.reshape(batch_size, 1)  # as `unit_view` shapes the row
         if mask is None or mask.dim() != 2 or mask.shape[0] != batch_size:
             return None
         if mask.shape[1] != seq_len:  # cached decoding: the mask also covers past tokens

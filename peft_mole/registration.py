@@ -4,7 +4,7 @@ PEFT looks a method up by its `PeftType` member (config class, tuner class and p
 `peft.utils.register_peft_method` fills the mappings but only accepts names that are already members of the
 `PeftType` str-Enum, and PEFT has no public way to add members. `add_peft_type` adds one member to the enum
 (the only step outside PEFT's API), then `register_method` calls PEFT's own `register_peft_method`. It also wraps
-the weight loader `PeftModel.load_adapter` calls (`tuners.weight_loading`), so that the load checks of our configs
+`PeftModel.load_adapter` (`tuners.weight_loading`), so that the load checks of our configs
 run where PEFT reads no config of ours (`config=` given, an adapter name the model already has).
 
 The type names carry the package name (`PEFT_MOLE_MIXLORA`), for two reasons:

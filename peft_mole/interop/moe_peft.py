@@ -367,23 +367,19 @@ def export_moe_peft(source: str, target: str, flavour: str = "moe-peft", act_fn:
         else:
             raise ValueError(f"{source}: tensor {name!r} has no MoE-PEFT counterpart")
     reference = {
-        "bias": "none", "peft_type": "MIXLORA", "r": top["r"], "lora_alpha": top["lora_alpha"],
+        "bias": "none", "peft_type": "MIXLORA", "r": top["r"], "lora_alpha": _int_alpha(top["lora_alpha"], ""),
         "lora_dropout": max(top["lora_dropout"], 1e-3),  # MoE-PEFT and the package require > 0
         "target_modules": list(config.attn_target_modules) + list(config.expert_target_modules),
         "routing_strategy": "mixlora", "num_experts": config.num_experts, "top_k": config.top_k,
         **({"act_fn": act_fn} if act_fn else {}),
         "router_aux_loss_coef": config.router_aux_loss_coef / config.top_k,  # (Mixtral's loss there: k × ours)
-        "router_init_range": config.router_init_std,
-        "jitter_noise": config.jitter_noise, "use_rslora": config.use_rslora,
+        "router_init_range": float(config.router_init_std),  # (MoE-PEFT asserts floats)
+        "jitter_noise": float(config.jitter_noise), "use_rslora": config.use_rslora,
         "base_model_name_or_path": config.base_model_name_or_path, "task_type": "CAUSAL_LM",
     }
     if expert_lora:  # (MoE-PEFT asserts lora_dropout > 0 here too)
-        reference["expert_lora"] = {**expert_lora, "lora_dropout": max(float(expert_lora["lora_dropout"]), 1e-3)}
-    for section, values in (("", reference), ("expert_lora.", reference.get("expert_lora"))):
-        if values is not None:
-            values["lora_alpha"] = _int_alpha(values["lora_alpha"], section)
-    reference["router_init_range"], reference["jitter_noise"] = (float(reference["router_init_range"]),
-                                                                 float(reference["jitter_noise"]))
+        reference["expert_lora"] = {**expert_lora, "lora_alpha": _int_alpha(expert_lora["lora_alpha"], "expert_lora."),
+                                    "lora_dropout": max(float(expert_lora["lora_dropout"]), 1e-3)}
 
     def write(folder: str) -> None:
         with open(os.path.join(folder, "adapter_config.json"), "w") as f:

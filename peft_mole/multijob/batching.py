@@ -11,24 +11,12 @@ name per token, so a mixed step has no padding at all.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
 
 from peft_mole.forward_context import packed_real_tokens
-
-
-def sequence_starts(positions: torch.Tensor, forced: list[int] = ()) -> torch.Tensor:
-    """(T,) bool: where a packed row's sequences start, as transformers finds them (a position that does not follow
-    its predecessor's, the row's first token included), and at the `forced` indices (each job's first token: a job
-    whose positions happen to continue the job before it's is still apart). Until 2026-12-07 only position 0
-    started one, and a job whose positions did not start at 0 attended to the job before it under `sdpa_packed`."""
-    starts = torch.ones_like(positions, dtype=torch.bool)
-    starts[1:] = positions[1:] != positions[:-1] + 1
-    if len(forced):
-        starts[torch.tensor(list(forced), device=positions.device)] = True
-    return starts
+from peft_mole.packed_attention import sequence_bounds
 
 
 @dataclass
@@ -61,12 +49,15 @@ class MixedBatch:
         # sequence boundaries, as TRL's padding-free collator gives them, for varlen attention kernels (and each
         # token's sequence index, for the short convolutions of linear-attention layers); transformers
         # builds SDPA's block-diagonal causal mask from the position ids (with no attention mask and no cache)
-        firsts = [span.start for span in self.rows.values()]  # (each job's first token starts a sequence)
-        starts = sequence_starts(self.position_ids[0], firsts).nonzero().flatten()
-        cu_seq_lens = torch.cat([starts, starts.new_tensor([self.position_ids.shape[1]])]).to(torch.int32)
-        lengths = cu_seq_lens.diff()
-        longest = int(lengths.max())
-        seq_idx = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), lengths.cpu())[None]
+        # a sequence starts where a position does not follow its predecessor's, as transformers finds them, and at
+        # each job's first token (until 2026-12-07 only at position 0: a job whose positions did not start at 0
+        # shared a sequence with the job before it, and attended to it under `sdpa_packed`)
+        tokens = self.position_ids.shape[1]
+        bounds = sorted({*sequence_bounds(self.position_ids, tokens, True), *(s.start for s in self.rows.values())})
+        cu_seq_lens = torch.tensor(bounds, dtype=torch.int32, device=self.position_ids.device)
+        lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+        longest = max(lengths)
+        seq_idx = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths))[None]
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, "adapter_names": self.adapter_names,
                 "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
                 "max_length_q": longest, "max_length_k": longest, "seq_idx": seq_idx.to(self.input_ids.device)}
@@ -105,15 +96,14 @@ def packed_mixed_batch(parts: dict[str, dict[str, torch.Tensor]]) -> MixedBatch:
                 "(1, tokens), no attention_mask); all jobs' micro-batches must be packed, or none"
             )
     positions = torch.cat([part["position_ids"] for part in parts.values()], dim=1)
-    firsts = torch.zeros_like(positions, dtype=torch.bool)  # each job's first token: no target of the job before it
-    firsts[0, torch.tensor([0, *itertools.accumulate(p["input_ids"].shape[1] for p in parts.values())][:-1])] = True
-    labels = torch.cat([part["labels"] for part in parts.values()], dim=1).masked_fill((positions == 0) | firsts, -100)
     names, rows, start = [], {}, 0
     for job, part in parts.items():
         n = part["input_ids"].shape[1]
         names += [job] * n
         rows[job] = slice(start, start + n)
         start += n
+    labels = torch.cat([part["labels"] for part in parts.values()], dim=1).masked_fill(positions == 0, -100)
+    labels[0, [span.start for span in rows.values()]] = -100  # each job's first token: no target of the job before
     ids = torch.cat([part["input_ids"] for part in parts.values()], dim=1)
     return MixedBatch(ids, None, labels, names, rows, positions)
 

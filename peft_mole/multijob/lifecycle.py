@@ -19,6 +19,7 @@ from peft_mole.multijob import distributed as dist
 from peft_mole.multijob.best_checkpoint import best_checkpoint_path
 from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun
 from peft_mole.multijob.trainer_args import PUSH_EACH_JOB, JobSetupError
+from peft_mole.tuners.load_checks import text_config
 
 logger = logging.getLogger("peft_mole.multijob.trainer")  # one logger for the trainer's messages
 
@@ -27,10 +28,8 @@ logger = logging.getLogger("peft_mole.multijob.trainer")  # one logger for the t
 def base_dropout_rates(model) -> dict[str, float]:
     """The dropout rates above 0 in the config of the frozen base (`attention_dropout`, `hidden_dropout`,
     `resid_pdrop`, ...; a multimodal model's text config too): dropout the base itself draws in training."""
-    configs = [getattr(model, "config", None)]
-    configs.append(getattr(configs[0], "text_config", None) if configs[0] is not None else None)
     rates = {}
-    for config in filter(None, configs):
+    for config in filter(None, (getattr(model, "config", None), text_config(model))):
         for key, value in vars(config).items():
             if ("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0:
                 rates[key] = value

@@ -127,7 +127,6 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         if args is not None:
             check_trainer_args(args, {j.name: j.peft_config for j in jobs})
             check_best_model_args(args, jobs)
-        check_job_schedulers(args, jobs)
         loaded = isinstance(model, str)
         if loaded:
             model = load_base_model(model, args, kwargs.pop("quantization_config", None))
@@ -158,6 +157,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
                 raise ValueError(f"job {jobs[0].name!r} (or the trainer arguments): "
                                  f"{data_error(error, jobs[0].train_dataset)}") from error
             check_distributed(self)
+            check_job_schedulers(self.args, jobs)
             take_accelerate_compile(self)
             attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
             suggest_packed_attention(attention, bool(getattr(self, "padding_free", False)))
@@ -297,7 +297,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         candidates = [(run, batches[run.name]) for run in running if not run.finished]
         packed = self.job_scheduler.pack(candidates, lambda ok: dist.every_process(self.accelerator, [ok])[0])
         too_big = dist.any_process(self.accelerator, [run.status == FAILED for run, _ in candidates])
-        chosen = dist.every_process(self.accelerator, [any(r is run for r, _ in packed) for run, _ in candidates])
+        chosen = [any(r is run for r, _ in packed) for run, _ in candidates]  # (agreed by `pack`, job by job)
         parts = []
         for (run, batch), big, keep in zip(candidates, too_big, chosen, strict=True):
             if big:

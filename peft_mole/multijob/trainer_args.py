@@ -151,14 +151,13 @@ def check_job_schedulers(args, jobs) -> None:
     from transformers import get_scheduler
 
     for job in jobs:
-        kind = job.lr_scheduler_type or (args.lr_scheduler_type if args is not None else "linear")
-        own = job.lr_scheduler_kwargs is not None
-        kwargs = job.lr_scheduler_kwargs if own else (getattr(args, "lr_scheduler_kwargs", None) or {})
+        resolved = job.training_args(args, warn=False)
+        kind, kwargs = resolved.lr_scheduler_type, resolved.lr_scheduler_kwargs or {}
         stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         try:
             get_scheduler(kind, stand_in, num_warmup_steps=0, num_training_steps=2, scheduler_specific_kwargs=kwargs)
         except (TypeError, ValueError) as error:
-            source = "its own" if own else "the trainer's"
+            source = "its own" if job.lr_scheduler_kwargs is not None else "the trainer's"
             raise ValueError(f"job {job.name!r}: lr_scheduler_type={option_name(kind)!r} cannot be built with {source} "
                              f"lr_scheduler_kwargs={kwargs!r} ({error}); give the job its own "
                              "JobConfig(lr_scheduler_kwargs=...)") from None

@@ -111,7 +111,7 @@ def per_job_dropout(x: torch.Tensor, row_jobs: torch.Tensor, dropouts: list[torc
     opmath = torch.promote_types(x.dtype, torch.float32)
     scales = constant_on(tuple(dropout_scale(p) for p in ps) + (1.0,), opmath, x.device)
     scale = scales.index_select(0, row_jobs).view(-1, *([1] * (x.dim() - 1)))
-    return (torch.where(keep, x, 0).to(opmath) * scale).to(x.dtype)
+    return (torch.where(keep, x, 0) * scale).to(x.dtype)  # (the product promotes to `scale`'s opmath dtype)
 
 
 def uses_streams(dropouts: list[torch.nn.Module | None]) -> bool:

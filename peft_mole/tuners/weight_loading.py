@@ -5,9 +5,9 @@ the folder first (`load_checks`: safetensors only, a readable file, every factor
 shapes the tensors stated). Two common paths read no config of ours and went round those checks:
 `PeftModel.from_pretrained(base, path, config=PeftConfig.from_pretrained(path))` and `model.load_adapter(path, name)`
 for a name the model already has. Both take the weights from PEFT's `load_peft_weights`, which falls back to
-`torch.load` of a pickle `adapter_model.bin`. `guard_weight_loading` wraps the name `peft.peft_model` calls: where
-`path` holds a MixLoRA or DynMoLE adapter (its adapter_config.json says so), the same checks run before PEFT reads
-a file; any other adapter loads as PEFT loads it.
+`torch.load` of a pickle `adapter_model.bin`. `guard_weight_loading` wraps `PeftModel.load_adapter`: where the
+model already has that adapter as a MixLoRA or DynMoLE one, the same checks run before PEFT reads a file; any other
+adapter loads as PEFT loads it.
 """
 
 from __future__ import annotations
@@ -64,21 +64,26 @@ def check_expert_adapter_folder(model_id: str, kwargs: dict) -> None:
 
 
 def guard_weight_loading() -> None:
-    """Wrap `peft.peft_model.load_peft_weights` (what `PeftModel.load_adapter` calls) with
-    `check_expert_adapter_folder`; idempotent."""
-    import peft.peft_model
+    """Wrap `PeftModel.load_adapter`: where it loads the weights of an adapter the model already has as a MixLoRA or
+    DynMoLE adapter (a `config=` given to `from_pretrained`, or a name loaded again), `check_expert_adapter_folder`
+    runs first; a new name's config is read by its own `from_pretrained`, which checks; any other adapter loads as
+    PEFT loads it, with no extra read. Idempotent."""
+    from peft import PeftModel
 
-    load = peft.peft_model.load_peft_weights
-    if getattr(load, "_peft_mole_guard", False):
+    from peft_mole.tuners.expert_config import ExpertAdapterConfig
+
+    load_adapter = PeftModel.load_adapter
+    if getattr(load_adapter, "_peft_mole_guard", False):
         return
 
-    @functools.wraps(load)
-    def load_peft_weights(model_id, *args, **kwargs):
-        check_expert_adapter_folder(model_id, kwargs)
-        return load(model_id, *args, **kwargs)
+    @functools.wraps(load_adapter)
+    def guarded(self, model_id, adapter_name, *args, **kwargs):
+        if isinstance(self.peft_config.get(adapter_name), ExpertAdapterConfig):
+            check_expert_adapter_folder(model_id, kwargs)
+        return load_adapter(self, model_id, adapter_name, *args, **kwargs)
 
-    load_peft_weights._peft_mole_guard = True
-    peft.peft_model.load_peft_weights = load_peft_weights
+    guarded._peft_mole_guard = True
+    PeftModel.load_adapter = guarded
 
 
 __all__ = ["check_expert_adapter_folder", "guard_weight_loading"]
