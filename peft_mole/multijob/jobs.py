@@ -17,7 +17,7 @@ from typing import Any
 from datasets import Dataset
 from peft import LoraConfig, PeftConfig
 
-from peft_mole.multijob.model import check_job_name
+from peft_mole.multijob.supported_jobs import check_job_name
 from peft_mole.multijob.trainer_args import NUMBERS, check_lr_scheduler, check_max_steps, check_number
 from peft_mole.tuners.expert_config import ExpertAdapterConfig
 from peft_mole.tuners.load_checks import check_hub_weights

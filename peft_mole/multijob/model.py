@@ -30,6 +30,7 @@ from peft_mole.forward_context import BASE_ROW, ForwardContext, PackedSegments
 from peft_mole.model_card import update_model_card
 from peft_mole.multijob.batching import row_ends
 from peft_mole.multijob.dynamic_steps import mark_rows_and_length, step_config
+from peft_mole.multijob.supported_jobs import check_job_name, check_lora_config
 from peft_mole.ops.dropout import Dropout, register_stream, set_stream_widths
 from peft_mole.ops.segmented_lora import constant_on
 from peft_mole.ops.stream_checkpoint import replay_streams_in_checkpoints
@@ -43,7 +44,6 @@ from peft_mole.tuners.mixlora.model import MixLoRAModel, router_aux_loss
 from peft_mole.tuners.mixlora.routed import RoutedExpertsLayer
 from peft_mole.tuners.mixlora.targets import plain_linear
 
-JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _INTERNAL_PREFIX = "mixlora_"
 
 
@@ -64,40 +64,6 @@ def enable_activation_checkpointing(model: nn.Module, args) -> None:
     if hasattr(model, "disable_input_require_grads"):
         model.disable_input_require_grads()
     replay_streams_in_checkpoints(model)  # the jobs' masks, redrawn in the recomputation, equal the forward's
-
-
-def check_job_name(name) -> None:
-    if not isinstance(name, str) or not JOB_NAME.match(name) or name == "__base__":
-        raise ValueError(
-            f"job name {name!r} is not allowed: use letters, digits, '_' and '-' (it names the adapter and its "
-            "output folder; '__base__' is reserved)"
-        )
-    if hasattr(nn.ModuleDict(), name) or hasattr(nn.ParameterDict(), name):  # the layers' entries per job
-        raise ValueError(f"job name {name!r} is not allowed: it is an attribute of torch modules, which the layers' "
-                         f"entries per job cannot take; choose another, e.g. {name + '_job'!r}")
-
-
-def check_lora_config(name: str, config: LoraConfig) -> None:
-    """The LoRA options a multi-job LoRA adapter supports (plain LoRA on linear layers)."""
-    unsupported = {
-        "use_dora": config.use_dora,
-        "bias": config.bias != "none",
-        "modules_to_save": bool(config.modules_to_save),
-        "target_parameters": bool(getattr(config, "target_parameters", None)),
-        "rank_pattern": bool(config.rank_pattern),
-        "alpha_pattern": bool(config.alpha_pattern),
-        "fan_in_fan_out": config.fan_in_fan_out,
-    }
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        raise ValueError(
-            f"job {name!r}: LoraConfig options {bad} are not supported in multi-job training; supported: r, "
-            "lora_alpha, lora_dropout, use_rslora, target_modules, layers_to_transform, init_lora_weights=True"
-        )
-    if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r <= 0:
-        raise ValueError(f"job {name!r}: LoraConfig r must be a positive integer, got {config.r!r}")
-    if config.init_lora_weights is not True:
-        raise ValueError(f"job {name!r}: init_lora_weights must be True (Kaiming A, zero B), got {config.init_lora_weights!r}")
 
 
 class MultiJobModel(MixLoRAModel):

@@ -11,7 +11,7 @@ from peft import LoraConfig
 
 from peft_mole import JobConfig
 from peft_mole.multijob import run as run_module
-from peft_mole.multijob import trainer as trainer_module
+from peft_mole.multijob import mixed_step as mixed_step_module
 from tests.helpers import mixlora
 from tests.multijob.test_faults import LORA, _adapter, _assert_same, _trainer
 
@@ -45,13 +45,13 @@ def _train(assets, out, monkeypatch, scaler: bool, inf_at: int | None = None, in
 
         monkeypatch.setattr(run_module.JobRun, "add_gradients", add_with_inf)
     if inf_loss_at is not None:
-        steps, log_probs = [], trainer_module.at_least_fp32
+        steps, log_probs = [], mixed_step_module.at_least_fp32
 
         def overflowing(x):
             steps.append(1)
             return log_probs(x) * (float("inf") if len(steps) == inf_loss_at else 1.0)
 
-        monkeypatch.setattr(trainer_module, "at_least_fp32", overflowing)
+        monkeypatch.setattr(mixed_step_module, "at_least_fp32", overflowing)
     trainer.train()
     return trainer, {run.name: run for run in trainer.runs}
 
