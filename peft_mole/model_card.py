@@ -139,10 +139,42 @@ def list_subfolder_adapters(folder: str) -> None:
     _write_card(folder, {"peft", "peft-mole"}, None, (LIST_START, LIST_END, "\n".join(lines)))
 
 
+def is_hub_repo_id(name) -> bool:
+    """Whether `name` can name a Hub repository ("org/model"), not a local folder: the Hub refuses a card whose
+    `base_model` is anything else."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(name, str) or os.path.isabs(name) or os.path.exists(name) or name.startswith((".", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def drop_local_base_model(path: str) -> None:
+    """Remove a base model that is a local folder (a base loaded from disk: PEFT writes its `_name_or_path`) from
+    the card at `path`, with the `base_model:...` tags naming it; a Hub id stays."""
+    card = ModelCard.load(path)
+    base = card.data.get("base_model")
+    bases = [base] if isinstance(base, str) else list(base or [])
+    local = [b for b in bases if not is_hub_repo_id(b)]
+    if not local:
+        return
+    kept = [b for b in bases if b not in local]
+    card.data["base_model"] = (kept[0] if len(kept) == 1 else kept) or None
+    card.data["tags"] = [t for t in card.data.get("tags") or []
+                         if not (t.startswith("base_model:") and any(t.endswith(":" + b) for b in local))]
+    card.save(path)
+
+
 def push_to_hub(model, repo_id: str, commit_message: str = "Upload peft-mole adapter", private: bool | None = None,
                 token: str | None = None, revision: str | None = None, create_pr: bool = False, **save_kwargs) -> str:
     """Save `model` (a PeftModel) with its model card into a temporary folder and upload it to `repo_id`. Adapters
-    saved in subfolders (all but "default") are listed on the root card (`list_subfolder_adapters`).
+    saved in subfolders (all but "default") are listed on the root card (`list_subfolder_adapters`). A base model
+    loaded from a local folder is left off the cards (`drop_local_base_model`): the Hub refuses a card whose
+    `base_model` is not a repository id.
 
     `revision` commits to that branch, created from main if it does not exist yet (as PEFT and transformers do);
     `create_pr=True` opens a pull request instead of committing to the branch. Other keyword arguments go to
@@ -172,6 +204,9 @@ def push_to_hub(model, repo_id: str, commit_message: str = "Upload peft-mole ada
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, **save_kwargs)
         list_subfolder_adapters(folder)
+        for root, _, names in os.walk(folder):
+            if "README.md" in names:
+                drop_local_base_model(os.path.join(root, "README.md"))
         operations = [
             CommitOperationAdd(path_in_repo=os.path.relpath(os.path.join(root, name), folder),
                                path_or_fileobj=os.path.join(root, name))

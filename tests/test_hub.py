@@ -108,6 +108,29 @@ def test_push_to_hub_writes_a_model_card(method, fake_hub, monkeypatch):
         peft_mole.add_eval_results(model, {"other": {}})
 
 
+def test_push_to_hub_leaves_a_local_base_model_off_the_card_and_keeps_a_hub_id(fake_hub, monkeypatch, tmp_path):
+    """A base loaded from a local folder: PEFT names the folder as `base_model` (and a `base_model:adapter:` tag),
+    which the Hub refuses in a commit; the pushed card names no base then. A Hub id stays."""
+    from transformers import AutoModelForCausalLM
+
+    import peft_mole
+    import peft_mole.model_card
+
+    monkeypatch.setattr(peft_mole.model_card, "HfApi", lambda token=None: fake_hub)
+    tiny_base().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = get_peft_model(base, METHODS["mixlora"]())
+    model.save_pretrained(tmp_path / "saved")
+    assert str(tmp_path / "base") in (tmp_path / "saved" / "README.md").read_text()  # what PEFT writes locally
+    peft_mole.push_to_hub(model, "someone/local-base")
+    header = (fake_hub.root / "someone/local-base" / "README.md").read_text().split("---")[1]
+    assert "base_model" not in header and str(tmp_path) not in header and "- peft-mole\n" in header, header
+    model.get_base_model().config._name_or_path = "someone/tiny-llama"  # (what PEFT writes on its card)
+    peft_mole.push_to_hub(model, "someone/hub-base")
+    header = (fake_hub.root / "someone/hub-base" / "README.md").read_text().split("---")[1]
+    assert "base_model: someone/tiny-llama" in header, header
+
+
 class RecordingApi:
     """HfApi's upload calls, recorded; create_commit answers as the Hub does (a pull request URL with create_pr)."""
 

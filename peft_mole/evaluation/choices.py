@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 
 import torch
@@ -10,15 +11,20 @@ from peft.helpers import DoraCaching
 from peft_mole.evaluation.commonsense import prompt_token_ids
 from peft_mole.quantised_eval import eval_keeping_4bit_training
 
+logger = logging.getLogger(__name__)
+
 
 @torch.no_grad()
 def choice_scores(model, tokenizer, prompt: str, choices: list[str], adapter: str | None = None) -> torch.Tensor:
     """Σ_t log p(choice_t | prompt, choice_<t) for each choice, (len(choices),) fp32.
 
-    The prompt and each choice are tokenised separately and concatenated, so every choice is scored on the same
-    prompt tokens: the prompt's with the special tokens the tokenizer puts before a text (BOS, as the model saw
-    in training) and none after it (`prompt_token_ids`, as `label_logits` scores), each choice's without any.
-    `adapter` runs all rows with that adapter (`adapter_names`) when given.
+    Each row is `prompt + choice` tokenised as one text, as TRL's SFTTrainer tokenises a prompt-completion row in
+    training, with the special tokens the tokenizer puts before a text (BOS) and none after it
+    (`prompt_token_ids`); the tokens after the prompt's own are the choice's, scored (TRL's completion mask).
+    Tokenised apart, a SentencePiece tokenizer of the Llama-2 kind turned " B" into ["▁", "▁B"], a token the model
+    never saw there in training. Where a choice changes the prompt's last tokens (a merge across the boundary),
+    TRL warns and masks by the prompt's length; so does this. `adapter` runs all rows with that adapter
+    (`adapter_names`) when given.
 
     The prompt must have at least one token (the first choice token is predicted from the prompt's last one), and
     so must every choice (a choice of no tokens would score log 1 = 0 and beat every real one): a ValueError
@@ -29,18 +35,22 @@ def choice_scores(model, tokenizer, prompt: str, choices: list[str], adapter: st
     prompt_ids = prompt_token_ids(tokenizer, prompt)
     if not prompt_ids:
         raise ValueError(f"prompt {prompt!r} has no tokens: the first choice token needs a prompt token to follow")
-    choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+    rows = [prompt_token_ids(tokenizer, prompt + c) for c in choices]
+    choice_ids = [row[len(prompt_ids):] for row in rows]
     empty = [i for i, c in enumerate(choice_ids) if not c]
     if empty:
         raise ValueError(f"choices {[choices[i] for i in empty]!r} (at {empty}) have no tokens: every choice needs "
                          "at least one token to score")
+    merged = [choices[i] for i, row in enumerate(rows) if row[:len(prompt_ids)] != prompt_ids]
+    if merged:
+        logger.warning("the prompt's tokens change when choices %r follow it; they are scored from the prompt's "
+                       "length on, as TRL masks a completion in training", merged)
     length = len(prompt_ids) + max(len(c) for c in choice_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     ids = torch.full((len(choices), length), pad, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
-    for i, c in enumerate(choice_ids):
-        row = prompt_ids + c
+    for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row, device=device)
         mask[i, : len(row)] = 1
     kwargs = {} if adapter is None else {"adapter_names": [adapter] * len(choices)}

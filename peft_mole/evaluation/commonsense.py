@@ -248,12 +248,13 @@ def label_logits(model, tokenizer, examples: list[Example], adapters: list[str] 
 @functools.cache
 def accuracy_metric() -> Callable[[list[int], list[int]], float]:
     """`evaluate.load("accuracy")` as a function of (predictions, references), or, where that Hub module cannot
-    be loaded (offline), the same mean of exact matches."""
+    be loaded (offline; or without scikit-learn, which the module imports and neither peft-mole nor `evaluate`
+    requires), the same mean of exact matches."""
     import evaluate
 
     try:
         metric = evaluate.load("accuracy")
-    except (OSError, ValueError, ConnectionError) as error:  # FileNotFoundError offline
+    except (OSError, ValueError, ConnectionError, ImportError) as error:  # FileNotFoundError offline
         logger.info("evaluate's accuracy metric is not available (%s); computing the same mean here", error)
         return lambda predictions, references: sum(
             p == r for p, r in zip(predictions, references, strict=True)) / max(1, len(references))

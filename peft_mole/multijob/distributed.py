@@ -52,13 +52,15 @@ def gather_rows(accelerator, row: torch.Tensor) -> torch.Tensor:
 
 def reduce_gradients(accelerator, params: list[torch.nn.Parameter], extra: list[float], mean: bool) -> list[float]:
     """Sum (or average) the gradients of `params` and the numbers `extra` over processes, in one collective, in
-    the widest of fp32 and the gradients' dtypes (float64 gradients summed in float64, as DDP sums them)."""
+    the widest of fp32 and the gradients' dtypes (float64 gradients summed in float64, as DDP sums them). A
+    parameter that has no gradient on any process keeps none (an optimizer skips it, as in one process)."""
     if not is_distributed(accelerator):
         return extra
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     dtype = functools.reduce(torch.promote_types, [g.dtype for g in grads], torch.float32)
+    had = [float(p.grad is not None) for p in params]
     flat = torch.cat([g.reshape(-1).to(dtype) for g in grads]
-                     + [torch.tensor(extra, dtype=dtype, device=grads[0].device)])
+                     + [torch.tensor(extra + had, dtype=dtype, device=grads[0].device)])
     flat = sum_over_processes(accelerator, flat)
     if mean:
         flat = flat / accelerator.num_processes
@@ -67,7 +69,11 @@ def reduce_gradients(accelerator, params: list[torch.nn.Parameter], extra: list[
         grad.copy_(flat[offset: offset + grad.numel()].view(grad.shape))  # in place: keeps the parameter's layout
         param.grad = grad
         offset += grad.numel()
-    return flat[offset:].tolist()
+    numbers = flat[offset:].tolist()
+    for param, anywhere in zip(params, numbers[len(extra):], strict=True):
+        if anywhere == 0:
+            param.grad = None
+    return numbers[:len(extra)]
 
 
 def broadcast_parameters(accelerator, params: list[torch.nn.Parameter]) -> None:

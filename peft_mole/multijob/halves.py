@@ -31,8 +31,10 @@ logger = logging.getLogger("peft_mole.multijob.trainer")
 
 
 def is_oom(error: BaseException) -> bool:
-    """An out-of-memory error, torch's or a backend's message."""
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    """An out-of-memory error: torch's, a backend's message, or the CPU allocator's ("DefaultCPUAllocator: can't
+    allocate memory", a RuntimeError)."""
+    message = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in message or "can't allocate memory" in message
 
 
 def free_memory() -> None:

@@ -26,6 +26,7 @@ from functools import partial
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob import report
 from peft_mole.multijob.evaluation import EvalOutcome
+from peft_mole.multijob.halves import free_memory, is_oom
 from peft_mole.multijob.run import MICRO_BATCH_METRICS, STOPPED, JobRun
 from peft_mole.multijob.trainer_args import temporarily
 
@@ -84,7 +85,17 @@ class JobStepping:
             if not math.isnan(aux):
                 run.stats.aux_loss.append(aux / processes)  # (the mean over processes)
         run.window_tokens = 0
-        run.optimizer_step(lambda event: self._job_event(event, run))
+        error, oom = None, False
+        try:  # (an allocation of its optimizer state, a callback of its events): the others go on
+            run.optimizer_step(lambda event: self._job_event(event, run))
+        except Exception as raised:  # noqa: BLE001 — one job's step must not take the others down
+            error, oom = f"its optimizer step {run.global_step + 1} raised {type(raised).__name__}: {raised}", is_oom(raised)
+        if dist.any_process(self.accelerator, [error is not None])[0]:
+            run.optimizer.zero_grad(set_to_none=True)
+            if error is not None and oom:  # (outside the except block: its traceback keeps the step's tensors)
+                free_memory()
+            self._fail(run, error or "its optimizer step raised on another process")
+            return
         if self.args.logging_nan_inf_filter and not math.isfinite(run.window_loss):  # (a loss scaler's skipped
             losses = run.stats.losses  # step) as Trainer: the mean of the steps since the last log instead
             run.window_loss = sum(losses) / len(losses) if losses else 0.0

@@ -56,6 +56,15 @@ class JobLifecycle:
             except ValueError as error:
                 raise JobSetupError(f"job {run.name!r} cannot resume as it is set up now (the job was changed since "
                                     f"that run?): {error}") from error
+        # every process reads the job folders itself: one that saw another checkpoint (storage not shared between
+        # nodes, a cache lagging behind) would run other steps and collectives than the rest, so all stop here
+        resumed = dist.gather_rows(self.accelerator, torch.tensor([float(run.global_step) for run in runs]))
+        apart = {run.name: [int(step) for step in resumed[:, i].tolist()] for i, run in enumerate(runs)
+                 if (resumed[:, i] != resumed[0, i]).any()}
+        if apart:
+            raise JobSetupError(f"the processes resumed jobs from different steps ({{job: [step per process]}}: "
+                                f"{apart}): every process must see the same job folders under output_dir (shared "
+                                "storage, or copy them to every node); nothing was trained")
 
     def _resume_job(self, run: JobRun) -> None:
         run_file = os.path.join(run.args.output_dir, ckpt.RUN_FILE)

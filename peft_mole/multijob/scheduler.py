@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import statistics
 from collections.abc import Callable
 
@@ -27,7 +29,10 @@ from peft_mole.multijob.run import FAILED, RUNNING, WAITING, JobRun
 
 
 def readable_size(size: float) -> str:
-    """Bytes in MiB, or KiB below one MiB (a budget of a few KiB read as "0 MiB")."""
+    """Bytes in MiB, KiB below one MiB (a budget of a few KiB read as "0 MiB"), bytes below one KiB (a budget of 40
+    bytes, 40 GB meant, read as "0.0 KiB")."""
+    if abs(size) < 2**10:
+        return f"{size:.0f} bytes"
     return f"{size / 2**20:.0f} MiB" if abs(size) >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 class StepCost:
@@ -77,10 +82,10 @@ class JobScheduler:
                 max_concurrent_jobs, int) or max_concurrent_jobs < 1):
             raise ValueError(f"max_concurrent_jobs must be an int >= 1 or None, got {max_concurrent_jobs!r}")
         if max_memory is not None and (isinstance(max_memory, bool) or not (
-                isinstance(max_memory, (int, float)) and max_memory > 0)):
-            raise ValueError(f"max_memory must be a number of bytes > 0 or None, got {max_memory!r}")
+                isinstance(max_memory, numbers.Real) and math.isfinite(max_memory) and max_memory > 0)):
+            raise ValueError(f"max_memory must be a finite number of bytes > 0 or None, got {max_memory!r}")
         self.max_concurrent_jobs = max_concurrent_jobs
-        self.max_memory = max_memory
+        self.max_memory = None if max_memory is None else float(max_memory)  # (a numpy number too)
         self.memory_model = MemoryModel()
         self.varlen_attention = False  # packed sequences attended apart (`packed_attention.keeps_sequences_apart`)
         self.isolates_non_finite = False  # and a NaN kept in its sequence (`packed_attention.isolates_non_finite`)
@@ -143,19 +148,26 @@ class JobScheduler:
         waiting = [(run, batch) for run, batch in candidates if run.name not in chosen_names]
         alone = {run.name: sum(held.get(run.name, (0, 0))) - (self.profiled_resident_bytes or 0.0)
                  for run, _ in waiting}
+        # a job that fits on no process even alone fails on every one (one collective per waiting job: decided
+        # apart, one process would fail its own and another the last job, and both jobs would fail)
         never = [(run, batch) for run, batch in waiting
-                 if self.predict([(run, batch)], alone[run.name]) > self.max_memory]
+                 if not agree(self.predict([(run, batch)], alone[run.name]) <= self.max_memory)]
         if chosen and not never:
             return chosen
         for run, batch in never or candidates[-1:]:
-            resident = kept + projected[run.name]
-            added = (f" (of which {readable_size(resident)} the jobs' optimizer states and gradients"
+            resident = alone[run.name] if never else kept + projected[run.name]  # (what the decision weighed)
+            whose = "its own optimizer state and gradients" if never else "the jobs' optimizer states and gradients"
+            added = (f" (of which {readable_size(resident)} {whose}"
                      f"{' added since profiling' if self.measured_resident else ''})") if resident > 0 else ""
+            smallest = self.memory_model.predict([1], [run.name]) + resident  # one row of one token
+            advice = ("lower per_device_train_batch_size or max_length" if smallest <= self.max_memory else
+                      f"even a step of one token needs about {readable_size(smallest)}: max_memory is below the "
+                      "base's own cost; raise it")
             run.status, run.error = FAILED, (
                 f"a micro-batch of {tuple(batch['input_ids'].shape)} needs about "
                 f"{readable_size(self.predict([(run, batch)], resident))}{added}, over max_memory="
                 f"{readable_size(self.max_memory)}; "
-                + ("lower per_device_train_batch_size or max_length" if never else
+                + (advice if never else
                    "no job fits beside the optimizer states the others keep; this one, last by priority, stops")
             )
         return chosen

@@ -55,6 +55,7 @@ from peft_mole.multijob.trainer_args import (
     JobSetupError,
     check_distributed,
     check_job_schedulers,
+    check_optimizer_hooks,
     check_step_overhead_tokens,
     check_trainer_args,
     check_trainer_inputs,
@@ -118,6 +119,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         **kwargs: Any,
     ) -> None:
         check_trainer_inputs(model, jobs, callbacks, kwargs)
+        check_optimizer_hooks(type(self))
         if args is not None:
             check_trainer_args(args, {j.name: j.peft_config for j in jobs})
             check_best_model_args(args, jobs)
@@ -261,7 +263,11 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
                 if empty_every and self.state.global_step % empty_every == 0:
                     clear_device_cache()  # as Trainer does every `torch_empty_cache_steps`
                 self.control = self.callback_handler.on_step_end(self.args, self.state, self.control)
-                if self.control.should_training_stop:
+                # a stop asked on one process (a callback's wall-clock limit) stops every process at this step: else
+                # one would checkpoint (a collective) while the others went on to the next round's (a hang)
+                stop = dist.any_process(self.accelerator, [self.control.should_training_stop])[0]
+                self.control.should_training_stop = stop
+                if stop:
                     self._checkpoint_unfinished(runs)
                     break
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)

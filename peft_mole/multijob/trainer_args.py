@@ -41,6 +41,12 @@ UNSUPPORTED = {
         bool, "a resumed job goes on with the batches after its checkpoint's (its epoch's order is kept); set "
         "ignore_data_skip=False",
     ),
+    "optim": (
+        lambda value: option_name(value).startswith(("galore", "apollo", "lomo", "adalomo", "schedule_free")),
+        "each job's optimizer steps its own adapter tensors; GaLore, APOLLO and LOMO optimizers take the whole model "
+        "or per-layer hooks, and schedule-free ones need Trainer's train()/eval() mode calls; choose another optim "
+        "(adamw_torch_fused, adamw_torch, sgd, adafactor, adagrad, rmsprop or a bitsandbytes optimizer)",
+    ),
     "deepspeed": (bool, "DeepSpeed is not supported; use `accelerate launch` with plain data parallelism"),
     "fsdp": (bool, "FSDP is not supported; use `accelerate launch` with plain data parallelism"),
 }
@@ -92,6 +98,12 @@ def check_trainer_args(args, configs: dict) -> None:
             "MultiJobTrainer does not support accelerator_config={'even_batches': False}: each process would plan "
             "a job's steps from its own shard's length, so processes with uneven shards would run different "
             "collectives and hang (or abort every job); keep even_batches=True, the default")
+    if getattr(getattr(args, "accelerator_config", None), "dispatch_batches", None) is True:
+        raise ValueError(
+            "MultiJobTrainer does not support accelerator_config={'dispatch_batches': True}: process 0 would read "
+            "every job's data and send each batch in a collective, so a job whose data raises there (or whose "
+            "micro-batches differ in width) leaves the other processes waiting in that collective; leave "
+            "dispatch_batches unset (each process reads its own shard)")
     coefficient = args.router_aux_loss_coef  # (SFTConfig's; None: the models' own)
     if coefficient is not None and (isinstance(coefficient, bool) or not isinstance(coefficient, (int, float))
                                     or not math.isfinite(coefficient) or coefficient < 0):
@@ -175,6 +187,12 @@ def check_trainer_inputs(model, jobs, callbacks, kwargs: dict) -> None:
         raise TypeError("MultiJobTrainer takes the adapters and datasets from jobs=[JobConfig(...)] (each job's "
                         "train_dataset and eval_dataset), not peft_config/train_dataset/eval_dataset")
     check_callbacks(callbacks)
+    optimizers = kwargs.get("optimizers", (None, None))
+    if kwargs.get("optimizer_cls_and_kwargs") is not None or any(o is not None for o in optimizers or ()):
+        given = "optimizers" if "optimizers" in kwargs else "optimizer_cls_and_kwargs"
+        raise ValueError(f"MultiJobTrainer does not support {given}: every job gets an optimizer and a learning-rate "
+                         "schedule of its own, built from `optim`, `optim_args` and the job's learning_rate, "
+                         "weight_decay, lr_scheduler_type and lr_scheduler_kwargs (JobConfig); set those instead")
     for unsupported in ("compute_metrics", "preprocess_logits_for_metrics"):
         if kwargs.get(unsupported) is not None:  # it would be silently never called
             raise ValueError(f"MultiJobTrainer does not support {unsupported}: each job's evaluation logs "
@@ -191,6 +209,18 @@ def check_trainer_inputs(model, jobs, callbacks, kwargs: dict) -> None:
         raise TypeError(f"model must be a base model (a torch module) or its path or hub id, got {model!r}")
     if isinstance(model, nn.Module):
         check_no_adapter_layers(model)
+
+
+def check_optimizer_hooks(trainer_cls: type) -> None:
+    """A subclass's `create_optimizer`/`create_scheduler`/`create_optimizer_and_scheduler` would never be called:
+    each job's optimizer and schedule are made by `MultiJobTrainer._make_run`."""
+    from trl import SFTTrainer
+
+    for hook in ("create_optimizer", "create_scheduler", "create_optimizer_and_scheduler"):
+        if getattr(trainer_cls, hook) is not getattr(SFTTrainer, hook):
+            raise ValueError(f"{trainer_cls.__name__} overrides {hook}, which MultiJobTrainer never calls: every job "
+                             "gets an optimizer and a schedule of its own (`MultiJobTrainer._make_run`, from `optim`, "
+                             "`optim_args` and the job's hyper-parameters); remove the override and set those")
 
 
 def check_no_adapter_layers(model) -> None:

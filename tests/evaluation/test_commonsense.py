@@ -117,6 +117,11 @@ def test_accuracy_goes_through_evaluate_when_it_loads_and_is_the_same_mean_offli
     commonsense.accuracy_metric.cache_clear()
     monkeypatch.setattr(evaluate, "load", lambda name: (_ for _ in ()).throw(FileNotFoundError(name)))
     offline = evaluate_commonsense(model, tokenizer, tasks, batch_size=2)["model"]
+    # the module found but scikit-learn, which it imports, missing (before: the ImportError ended the evaluation)
+    commonsense.accuracy_metric.cache_clear()
+    monkeypatch.setattr(evaluate, "load", lambda name: (_ for _ in ()).throw(ImportError(
+        "To be able to use evaluate-metric/accuracy, you need to install the following dependencies['scikit-learn']")))
+    assert evaluate_commonsense(model, tokenizer, tasks, batch_size=2)["model"] == offline
     calls = []
 
     class FakeAccuracy:  # what evaluate's module returns: {"accuracy": mean of exact matches}
@@ -341,6 +346,30 @@ def test_choice_scores_read_the_prompt_with_its_bos_and_without_an_eos():
             log_probs = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
         expected.append(sum(log_probs[t - 1, ids[t]] for t in range(len(text) + 1, len(ids))))
     torch.testing.assert_close(choice_scores(model, tokenizer, prompt, [" A", " B C"]), torch.stack(expected),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_choice_scores_of_a_llama2_style_tokenizer_score_the_tokens_sft_trained_on():
+    """A SentencePiece tokenizer of the Llama-2 kind splits a bare " B" into ["▁", "▁B"], but "prompt B" into the
+    prompt's tokens and "▁B", what TRL's SFTTrainer tokenised in training (prompt + completion as one text). Each
+    choice is scored on those tokens (before: on ["▁", "▁B"], a different sum)."""
+    from peft_mole.evaluation import choice_scores
+
+    tokenizer = _bpe_tokenizer(LABEL_TEXTS, llama2_style=True)
+    prompt = format_prompt("Which one is right?", ["ice", "steam", "rock", "sand"])
+    choices = [" B", " C D"]
+    apart = tokenizer(" B", add_special_tokens=False)["input_ids"]
+    model = tiny_base(vocab_size=len(tokenizer)).eval()
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    expected = []
+    for choice in choices:
+        ids = tokenizer(prompt + choice)["input_ids"]
+        assert ids[:len(prompt_ids)] == prompt_ids
+        with torch.no_grad():
+            log_probs = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        expected.append(sum(log_probs[t - 1, ids[t]] for t in range(len(prompt_ids), len(ids))))
+    assert tokenizer(prompt + " B")["input_ids"][len(prompt_ids):] != apart  # the two tokenisations differ
+    torch.testing.assert_close(choice_scores(model, tokenizer, prompt, choices), torch.stack(expected),
                                atol=1e-5, rtol=1e-5)
 
 

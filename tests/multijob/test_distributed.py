@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent('''
     os.environ["HF_HUB_OFFLINE"] = "1"
     from datasets import Dataset
     from peft import LoraConfig
+    from transformers import TrainerCallback
     from trl import SFTConfig
     from peft_mole import JobConfig, MultiJobTrainer, synthetic
     from tests.helpers import mixlora, randomize_adapters, tiny_base
@@ -104,6 +105,12 @@ SCRIPT = textwrap.dedent('''
                                   processing_class=tokenizer, **budget)
         if budget and rank == 1:
             trainer.job_scheduler.predict = lambda parts, resident=None: 100.0 * len(parts)
+        if mode == "stop":  # a callback that stops on process 1 only, after the second round (a wall-clock limit)
+            class StopOnProcess1(TrainerCallback):
+                def on_step_end(self, args, state, control, **kwargs):
+                    if rank == 1 and state.global_step == 2:
+                        control.should_training_stop = True
+            trainer.add_callback(StopOnProcess1())
         widest = []
         train_round = trainer._train_round
         def recording_round(parts):
@@ -154,7 +161,7 @@ def accelerate_launch() -> list[str]:
 
 # the SCRIPT's runs: "<padding_free>-<mode>" (`test_load_best...` adds "0-best" under 2 processes)
 # ("0-fail" last: its failing loader on process 1 is left unfinished in accelerate's GradientState)
-RUNS = ["0-plain", "1-plain", "0-budget", "0-own_tokens", "0-fail"]
+RUNS = ["0-plain", "1-plain", "0-budget", "0-own_tokens", "0-stop", "0-fail"]
 LINUX_ONLY = pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
 
 
@@ -232,6 +239,21 @@ def test_a_job_failing_on_one_process_fails_on_every_process_and_the_others_go_o
     assert len(statuses) == 2 and all("('bad', 'failed', 1)" in line for line in statuses), statuses
     assert statuses[0].split("statuses")[1] == statuses[1].split("statuses")[1]  # the same on both processes
     assert_same_adapters(root, "0-fail")
+
+
+@LINUX_ONLY
+def test_a_stop_asked_on_one_process_stops_every_process_at_that_step(trained):
+    """A callback sets `should_training_stop` on process 1 only, after the second round: both processes stop there
+    and checkpoint every job (lora at its step 2, mix, accumulating 2 micro-batches, at its step 1) (before: process 1 checkpointed, a collective, while process 0 went on to its next round's
+    collectives, and both hung). In one process (rank 0: no stop) the jobs train their 3 steps."""
+    root, out = trained
+    assert any("('lora', 'done', 3)" in line for line in lines(out["one"], "0-stop"))
+    statuses = [ast.literal_eval(line.split(" statuses ")[1]) for line in lines(out["two"], "0-stop")
+                if " statuses " in line]
+    assert len(statuses) == 2 and statuses[0] == statuses[1], statuses
+    assert sorted((job, steps) for job, _, steps in statuses[0]) == [("lora", 2), ("mix", 1)], statuses
+    for job, step in (("lora", 2), ("mix", 1)):
+        assert (root / "two" / "0-stop" / job / f"checkpoint-{step}" / "adapter_model.safetensors").exists()
 
 
 @LINUX_ONLY
@@ -354,6 +376,27 @@ def test_gradients_are_summed_over_processes_in_their_own_dtype():
     assert wide.grad.dtype == torch.float64 and torch.equal(wide.grad, torch.full((3,), 2 + 2e-12, dtype=torch.float64))
     assert narrow.grad.dtype == torch.bfloat16 and torch.equal(narrow.grad, torch.full((2,), 3.0, dtype=torch.bfloat16))
     assert extra == [2 / 3, 14.0]
+
+
+def test_a_parameter_without_a_gradient_on_every_process_keeps_none():
+    """A parameter no process computed a gradient for keeps `grad=None`, so AdamW skips it (no weight decay, no
+    momentum) as in one process and under DDP (before: it got a zero gradient and was stepped). One with a gradient
+    on some process gets the sum. Two processes simulated: the first has `a`'s gradient, neither has `b`'s."""
+    from types import SimpleNamespace
+
+    from peft_mole.multijob.distributed import reduce_gradients
+
+    accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"),
+                                  reduce=lambda t, reduction: t + torch.cat([torch.zeros(t.numel() - 4), t[-4:] * 0]))
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    a.grad = torch.tensor([1.0, 2.0])
+    extra = reduce_gradients(accelerator, [a, b], [5.0, 6.0], mean=False)
+    assert b.grad is None and torch.equal(a.grad, torch.tensor([1.0, 2.0])) and extra == [5.0, 6.0]
+    weights = b.detach().clone() + 1
+    with torch.no_grad():
+        b.copy_(weights)
+    torch.optim.AdamW([a, b], lr=0.1, weight_decay=0.5).step()
+    assert torch.equal(b.detach(), weights)
 
 
 @LINUX_ONLY

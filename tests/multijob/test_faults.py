@@ -105,6 +105,33 @@ def test_nan_job_and_broken_data_job_fail_alone(assets, tmp_path, monkeypatch):
     _assert_same(_adapter(tmp_path / "faulty" / "good"), _adapter(tmp_path / "alone" / "good"))
 
 
+def test_a_job_whose_optimizer_step_raises_fails_alone(assets, tmp_path, monkeypatch):
+    """An optimizer step that raises (its state allocated at the first step, out of memory here; a callback of the
+    job's step events) fails that job alone with its checkpoints kept; before, it ended the whole run."""
+    from peft_mole.multijob import run as run_module
+
+    tokenizer, datasets = assets
+    step = run_module.JobRun.optimizer_step
+
+    def running_out_of_memory(self, event=lambda name: None):
+        if self.name == "bad" and self.global_step == 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")
+        return step(self, event)
+
+    monkeypatch.setattr(run_module.JobRun, "optimizer_step", running_out_of_memory)
+    jobs = [JobConfig("good", LoraConfig(**LORA), datasets["sentiment"]),
+            JobConfig("bad", LoraConfig(**LORA), datasets["capital"])]
+    trainer = _trainer(tokenizer, jobs, tmp_path / "run")
+    trainer.train()
+    status = {r["job"]: r for r in trainer.job_summary}
+    assert status["good"]["status"] == "done" and status["good"]["steps"] == 4
+    assert status["bad"]["status"] == "failed" and status["bad"]["steps"] == 2
+    assert "its optimizer step 3 raised RuntimeError: DefaultCPUAllocator" in status["bad"]["error"]
+    assert [step for step, _ in list_checkpoints(tmp_path / "run" / "bad")] == [1, 2]
+    assert not (tmp_path / "run" / "bad" / "adapter_model.safetensors").exists()
+    assert all(torch.isfinite(t).all() for t in _adapter(tmp_path / "run" / "good").values())
+
+
 def test_out_of_memory_step_is_split_and_nothing_is_lost(assets, tmp_path, monkeypatch):
     tokenizer, datasets = assets
     jobs = lambda: [  # noqa: E731
@@ -166,7 +193,15 @@ def test_out_of_memory_while_laying_out_gradients_adds_no_job_twice(assets, tmp_
         _assert_same(_adapter(tmp_path / "oom" / job), _adapter(tmp_path / "normal" / job))
 
 
-def test_lora_job_out_of_memory_alone_is_retried_in_row_halves(assets, tmp_path, monkeypatch):
+OUT_OF_MEMORY = {  # what each allocator raises (the CPU's a RuntimeError: before, the job failed instead)
+    "cuda": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    "cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                                "memory: you tried to allocate 2147483648 bytes. Error code 12"),
+}
+
+
+@pytest.mark.parametrize("device", sorted(OUT_OF_MEMORY))
+def test_lora_job_out_of_memory_alone_is_retried_in_row_halves(assets, tmp_path, monkeypatch, device):
     tokenizer, datasets = assets
     jobs = lambda: [  # noqa: E731
         JobConfig("a", LoraConfig(**LORA), datasets["sentiment"], per_device_train_batch_size=4),
@@ -182,7 +217,7 @@ def test_lora_job_out_of_memory_alone_is_retried_in_row_halves(assets, tmp_path,
         out = forward(*args, input_ids=input_ids, **kwargs)
         if input_ids.shape[0] > 2:  # runs out of memory after the forward: its activations exist
             failed_outputs.append(weakref.ref(out.log_probs))
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise OUT_OF_MEMORY[device]()
         # a retry runs only once the failed step's tensors are freed (not from inside its except block)
         assert all(ref() is None for ref in failed_outputs)
         rows_run.append(input_ids.shape[0])

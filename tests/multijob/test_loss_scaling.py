@@ -10,8 +10,8 @@ import torch
 from peft import LoraConfig
 
 from peft_mole import JobConfig
-from peft_mole.multijob import run as run_module
 from peft_mole.multijob import mixed_step as mixed_step_module
+from peft_mole.multijob import run as run_module
 from tests.helpers import mixlora
 from tests.multijob.test_faults import LORA, _adapter, _assert_same, _trainer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 
 import pytest
 import torch
@@ -38,6 +39,21 @@ def lora_scheduler(max_memory: float, jobs: list[str]) -> JobScheduler:
     for rows, length in [(1, 10), (2, 10), (1, 40)]:
         scheduler.memory_model.observe([length] * rows, 10.0 * rows * length, jobs=["a"] * rows)
     return scheduler
+
+
+def lockstep_agreement():
+    """`agree_as(process)`: the AND over two processes of a decision, simulated by two threads in lockstep."""
+    barrier, votes = threading.Barrier(2), [None, None]
+
+    def agree_as(process: int):
+        def agree(decision: bool) -> bool:
+            votes[process] = decision
+            barrier.wait()
+            both = all(votes)
+            barrier.wait()  # (both read before the next vote)
+            return both
+        return agree
+    return agree_as
 
 
 def test_memory_model_recovers_a_quadratic_law_and_predicts_unseen_shapes():
@@ -205,7 +221,7 @@ def test_a_job_that_has_not_stepped_counts_its_coming_optimizer_state_only_in_a_
     # nothing fits now, each would alone: the last by priority fails, its memory freed for the others
     assert scheduler.pack([high, low]) == [] and (high[0].status, low[0].status) == ("running", "failed")
     assert "no job fits beside the optimizer states the others keep" in low[0].error
-    assert "over max_memory=0.7 KiB" in low[0].error  # (a budget under 1 MiB read "0 MiB" before)
+    assert "over max_memory=700 bytes" in low[0].error  # (a budget under 1 MiB read "0 MiB" before)
     # a micro-batch that would not fit even alone fails, whatever its place
     huge = part("huge", 4, 40)
     huge[0].status = "running"
@@ -244,7 +260,7 @@ def test_packing_under_the_memory_budget_defers_and_fails_clearly():
         JobScheduler(max_memory=-1)
     with pytest.raises(ValueError, match="max_concurrent_jobs"):
         JobScheduler(max_concurrent_jobs=0)
-    with pytest.raises(ValueError, match="max_memory must be a number of bytes"):
+    with pytest.raises(ValueError, match="max_memory must be a finite number of bytes"):
         JobScheduler(max_memory=True)  # (before: a budget of 1 byte)
     with pytest.raises(ValueError, match="max_concurrent_jobs must be an int"):
         JobScheduler(max_concurrent_jobs=True)
@@ -256,18 +272,7 @@ def test_processes_pack_one_agreed_set_where_their_own_choices_would_not_meet():
     B's state. Chosen apart, process 0 took A and process 1 took B, and the jobs both agreed on were none, every
     round (a hang). With `agree` (the AND over processes; here two threads in lockstep) both take B, which fits on
     both."""
-    import threading
-
-    barrier, votes = threading.Barrier(2), [None, None]
-
-    def agree_as(process: int):
-        def agree(decision: bool) -> bool:
-            votes[process] = decision
-            barrier.wait()
-            both = all(votes)
-            barrier.wait()  # (both read before the next vote)
-            return both
-        return agree
+    agree_as = lockstep_agreement()
 
     def scheduler_of(parts) -> JobScheduler:
         scheduler = lora_scheduler(1000.0, ["a", "A", "B"])
@@ -293,6 +298,54 @@ def test_processes_pack_one_agreed_set_where_their_own_choices_would_not_meet():
         thread.join(timeout=30)
     assert chosen == {0: ["B"], 1: ["B"]}
     assert all(run.status == "waiting" for shard in parts.values() for run, _ in shard)  # A waits, none failed
+
+
+def test_processes_agree_on_the_job_that_never_fits_before_failing_the_last_one():
+    """Nothing fits on every process (each job keeps 100 bytes of state, 10 bytes per token, budget 1000); job Z
+    (first by priority) would not fit even alone on process 1, and on process 0 each job would fit alone. Decided
+    apart, process 0 failed the last job, A, and process 1 failed Z: the trainer fails a job failed anywhere, so
+    both failed. Agreed, both processes fail Z alone, and A waits."""
+    agree_as = lockstep_agreement()
+
+    shards = {0: [part("Z", 1, 85), part("A", 1, 85)], 1: [part("Z", 1, 200), part("A", 1, 10)]}
+    for shard in shards.values():
+        for run, _ in shard:
+            run.resident = 100
+
+    def run(process: int) -> None:
+        scheduler = lora_scheduler(1000.0, ["a", "Z", "A"])
+        scheduler.runs, scheduler.profiled_resident_bytes = [r for r, _ in shards[process]], 0.0
+        assert scheduler.pack(shards[process], agree_as(process)) == []
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    statuses = {p: [(r.name, r.status) for r, _ in shard] for p, shard in shards.items()}
+    assert statuses == {0: [("Z", "failed"), ("A", "waiting")], 1: [("Z", "failed"), ("A", "waiting")]}
+    assert "lower per_device_train_batch_size" in shards[1][0][0].error
+
+
+def test_a_budget_below_any_step_says_so_and_small_budgets_read_in_bytes():
+    """A budget under the base's fixed cost: no batch size helps, so the error says to raise max_memory (before:
+    "lower per_device_train_batch_size"); the figure of a job that fails alone counts its own state, not every
+    job's; a budget of 40 bytes (40 GB meant) reads "40 bytes" (before: "0.0 KiB"); a numpy number is a budget."""
+    import numpy as np
+
+    scheduler = JobScheduler(max_memory=np.float64(40))
+    assert scheduler.max_memory == 40.0 and type(scheduler.max_memory) is float
+    scheduler.memory_model.kind_of = {"a": "lora", "b": "lora"}
+    for rows, length in [(1, 10), (2, 10), (1, 40)]:  # 1000 bytes fixed, 10 per token
+        scheduler.memory_model.observe([length] * rows, 1000.0 + 10.0 * rows * length, jobs=["a"] * rows)
+    (run_a, batch_a), (run_b, _) = part("a", 1, 2), part("b", 1, 2)
+    run_a.resident, run_b.resident = 4, 500
+    scheduler.runs, scheduler.profiled_resident_bytes = [run_a, run_b], 0.0
+    assert scheduler.pack([(run_a, batch_a)]) == [] and run_a.status == "failed"
+    assert "needs about 1.0 KiB (of which 4 bytes its own optimizer state" in run_a.error, run_a.error
+    assert "max_memory=40 bytes" in run_a.error and "max_memory is below the base's own cost; raise it" in run_a.error
+    with pytest.raises(ValueError, match="max_memory must be a finite number of bytes"):
+        JobScheduler(max_memory=float("inf"))
 
 
 def test_length_grouping_splits_only_when_it_saves_more_than_a_step_costs():

@@ -4,6 +4,7 @@ honour (they were silently ignored, or crashed the run at its first step)."""
 from __future__ import annotations
 
 import pytest
+import torch
 from peft import LoraConfig
 from transformers import EarlyStoppingCallback
 
@@ -36,10 +37,12 @@ def test_bad_trainer_arguments(assets, tmp_path):
                                     dict(push_to_hub=True, hub_model_id="me/x"), dict(use_liger_kernel=True),
                                     dict(label_smoothing_factor=0.1), dict(loss_type="dft"),
                                     dict(activation_offloading=True), dict(accelerator_config={"even_batches": False}),
+                                    dict(accelerator_config={"dispatch_batches": True}),
                                     dict(gradient_checkpointing_kwargs={"use_reentrant": True}),
                                     dict(torch_compile=True, gradient_checkpointing_kwargs={"context_fn": dict}),
                                     dict(lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps"),
-                                    dict(ignore_data_skip=True)])  # (silently ignored before 2026-12-07)
+                                    dict(ignore_data_skip=True),  # (silently ignored before 2026-12-07)
+                                    dict(optim="schedule_free_adamw"), dict(optim="galore_adamw")])  # (at train())
 def test_trainer_options_its_own_loop_cannot_honour_are_refused(assets, tmp_path, option):
     """Trainer.train would apply these; MultiJobTrainer's loop does not, so they fail early instead of silently."""
     tokenizer, datasets = assets
@@ -50,6 +53,27 @@ def test_trainer_options_its_own_loop_cannot_honour_are_refused(assets, tmp_path
         pytest.skip(f"SFTConfig itself refuses {field} here: {error}")
     with pytest.raises(ValueError, match=f"does not support {field}="):
         MultiJobTrainer(model=tiny_base(), jobs=three_jobs(datasets)[:1], args=args, processing_class=tokenizer)
+
+
+def test_optimizers_the_jobs_would_not_use_are_refused(assets, tmp_path):
+    """`optimizers=`, `optimizer_cls_and_kwargs=` and a subclass's `create_optimizer` were accepted and never used:
+    every job trained with the `optim` of its arguments (an SGD asked for, AdamW run)."""
+    tokenizer, datasets = assets
+    job = three_jobs(datasets)[:1]
+    adapter = torch.nn.Linear(2, 2)
+    given = {"optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 0.5}),
+             "optimizers": (torch.optim.SGD(adapter.parameters(), lr=0.5), None)}
+    for field, value in given.items():
+        with pytest.raises(ValueError, match=f"does not support {field}: every job gets an optimizer"):
+            MultiJobTrainer(model=tiny_base(), jobs=job, args=run_args(tmp_path), processing_class=tokenizer,
+                            **{field: value})
+
+    class OwnOptimizer(MultiJobTrainer):
+        def create_optimizer(self, model=None):
+            return torch.optim.SGD(self.model.parameters(), lr=0.5)
+
+    with pytest.raises(ValueError, match="OwnOptimizer overrides create_optimizer, which MultiJobTrainer never calls"):
+        OwnOptimizer(model=tiny_base(), jobs=job, args=run_args(tmp_path), processing_class=tokenizer)
 
 
 def test_a_model_that_is_not_a_base_model_or_its_path_is_refused(assets, tmp_path):
