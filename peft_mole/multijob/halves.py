@@ -18,31 +18,16 @@ whole loads.
 
 from __future__ import annotations
 
-import gc
 import logging
 
 import torch
 
 from peft_mole.multijob.batching import row_halves
+from peft_mole.multijob.memory import free_memory, is_oom
 from peft_mole.multijob.run import JobRun
 from peft_mole.routing import WholeLoad
 
 logger = logging.getLogger("peft_mole.multijob.trainer")
-
-
-def is_oom(error: BaseException) -> bool:
-    """An out-of-memory error: torch's, a backend's message, or the CPU allocator's ("DefaultCPUAllocator: can't
-    allocate memory", a RuntimeError)."""
-    message = str(error).lower()
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in message or "can't allocate memory" in message
-
-
-def free_memory() -> None:
-    """What a failed step left before its retry: call it outside the except block (the traceback would keep the
-    failed forward's tensors alive)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class MicroBatchHalves:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 
+from trl.data_utils import is_conversational
+
 
 def data_error(error: Exception, dataset) -> str:
     """An error of SFTTrainer's preparation as a sentence: a missing field (a bare `KeyError: 'text'`) is named
@@ -72,6 +74,11 @@ class JobDatasets:
         if seed is not None:  # a shallow copy, as `JobConfig.training_args` makes (no __post_init__ run again)
             args = copy.copy(self.args)
             args.seed = seed
+        job = name.split()[0]
+        if args.assistant_only_loss and not is_conversational(next(iter(train_dataset), {})):
+            # (SFTTrainer checks only the train dataset it is given, in its __init__: here the first job's)
+            raise ValueError(f"job {job!r}: assistant_only_loss=True needs a conversational dataset (messages), as "
+                             "SFTTrainer refuses it; this job's is not, so it would train on every token")
         shared, self.completion_only_loss = self.completion_only_loss, self._completion_only(train_dataset)
         try:
             if self.completion_only_loss and formatting_func:
@@ -80,7 +87,7 @@ class JobDatasets:
                                  "completion_only_loss=False")
             return self._prepare_dataset(dataset, self.processing_class, args, packing, formatting_func, name)
         except Exception as error:
-            raise ValueError(f"job {name.split()[0]!r}: SFTTrainer could not prepare its dataset: "
+            raise ValueError(f"job {job!r}: SFTTrainer could not prepare its dataset: "
                              f"{data_error(error, dataset)}") from error
         finally:
             self.completion_only_loss = shared

@@ -26,7 +26,7 @@ from functools import partial
 from peft_mole.multijob import distributed as dist
 from peft_mole.multijob import report
 from peft_mole.multijob.evaluation import EvalOutcome
-from peft_mole.multijob.halves import free_memory, is_oom
+from peft_mole.multijob.memory import free_memory, is_oom
 from peft_mole.multijob.run import MICRO_BATCH_METRICS, STOPPED, JobRun
 from peft_mole.multijob.trainer_args import temporarily
 

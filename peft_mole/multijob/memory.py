@@ -13,19 +13,27 @@ least squares on a few profiling steps (`fit_by_profiling`). What is measured:
 
 - on CUDA: `torch.cuda.max_memory_allocated` during the step;
 - on CPU (no allocator statistics): the bytes of the tensors autograd saves for backward during the forward
-  (`activation_bytes`), the part that changes with the batch. Weights, gradient buffers and optimizer states are
-  not in it: the scheduler adds every job's optimizer state and gradients to a CPU prediction
-  (`measures_resident`, `JobScheduler.resident_change`), where on CUDA it adds only their change since profiling.
+  (`activation_bytes`), the part that changes with the batch. Frozen weights that autograd saves (for the input's
+  gradient) count once per step, a constant in β0; gradient buffers and optimizer states are not in it: the
+  scheduler adds every job's optimizer state and gradients to a CPU prediction (`measures_resident`,
+  `JobScheduler.resident_change`), where on CUDA it adds only their change since profiling. With activation
+  checkpointing (SFTConfig's default) the forward saves the checkpointed layers' inputs only; the layer recomputed
+  in the backward saves into checkpointing's own hooks, which this count does not see, so a CPU budget is below the
+  true peak by about one layer's activations. The CPU measure is an approximation; a GPU's peak is exact.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 Job = Hashable  # a job's name (None: the one job of a model fitted without names)
 RowJobs = Sequence[Job | Mapping[Job, int]] | None  # per row: its job, or a packed row's tokens per job
@@ -172,7 +180,11 @@ class MemoryModel:
         per-job constant and rate apart from the first kind's. The first job's five shapes and each further kind's
         first step also run once, unmeasured, before: a compiled model compiles there (one-row and several-row
         graphs, each again when its sizes turn dynamic), and each kind's first call makes its lazy buffers, so no
-        measured peak holds the compiler's work or first-call allocations."""
+        measured peak holds the compiler's work or first-call allocations.
+
+        A profiling step that runs out of memory (its shapes hold up to twice `max_length`'s tokens, whatever the
+        jobs' batch sizes) starts the profile again at half the length, down to 8 tokens; the fit then extrapolates
+        to longer steps (before 2026-12-07 the error ended `train()`)."""
         if not jobs:
             raise ValueError("fit_by_profiling needs at least one job")
         if isinstance(jobs, Mapping):
@@ -180,15 +192,30 @@ class MemoryModel:
         by_kind: dict[Hashable, list[Job]] = {}
         for job in jobs:
             by_kind.setdefault(self.kind(job), []).append(job)
-        (first, *same), *further = by_kind.values()
-        longest = max(max_length, 8)
+        longest, kept = max(max_length, 8), len(self.samples)
+        while True:
+            try:
+                self._profile(run_step, torch.device(device), vocab_size, longest, list(by_kind.values()), packed)
+                return self.fit()
+            except Exception as error:  # noqa: BLE001 — out of memory only; anything else is raised below
+                if not is_oom(error) or longest <= 8:
+                    raise
+            del self.samples[kept:]  # (outside the except block: its traceback holds the failed step's tensors)
+            free_memory()
+            logger.warning("a memory-profiling step of %d tokens per row ran out of memory; profiling again at %d",
+                           longest, longest // 2)
+            longest //= 2
+
+    def _profile(self, run_step, device: torch.device, vocab_size: int, longest: int, kinds: list[list[Job]],
+                 packed: bool) -> None:
+        """The steps of `fit_by_profiling` at rows of up to `longest` tokens, observed."""
+        (first, *same), *further = kinds
         plan = [([first] * rows, length) for rows, length in
                 [(1, longest // 4), (2, longest // 2), (1, longest), (2, longest), (4, longest // 2)]]
         warm_up = plan[:5] + [([job], longest // 2) for job, *_ in further]
         plan += [([first, same[0]], longest)] if same else []
         for job, *_ in further:
             plan += [([job], longest // 2), ([job, job], longest), ([first, job], longest // 2)]
-        device = torch.device(device)
         # the random ids and the steps' dropout draw from a forked generator, so training after profiling draws
         # what it would have drawn without it
         with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
@@ -203,7 +230,6 @@ class MemoryModel:
                                                                                         row_jobs)])
                 else:
                     self.observe([length] * len(row_jobs), peak, jobs=row_jobs)
-        return self.fit()
 
     def predict(self, lengths: Sequence[int], jobs: RowJobs = None) -> float:
         """Predicted bytes of a step whose rows have `lengths` and `jobs` (see `tokens_per_job`)."""
@@ -221,6 +247,21 @@ class MemoryModel:
         beta = self.beta if self.beta is not None else self.fit()
         predicted = self._design(self.columns) @ beta
         return [abs(p - v) / max(v, 1.0) for p, (_, _, v) in zip(predicted.tolist(), self.samples, strict=True)]
+
+
+def is_oom(error: BaseException) -> bool:
+    """An out-of-memory error: torch's, a backend's message, or the CPU allocator's ("DefaultCPUAllocator: can't
+    allocate memory", a RuntimeError)."""
+    message = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in message or "can't allocate memory" in message
+
+
+def free_memory() -> None:
+    """What a failed step left before its retry: call it outside the except block (the traceback would keep the
+    failed forward's tensors alive)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @contextmanager
@@ -324,3 +365,38 @@ def step_memory(device: torch.device, run_step) -> float:
     with activation_bytes() as meter:
         run_step()
     return float(meter["bytes"])
+
+
+def first_step_state_bytes(optimizer: torch.optim.Optimizer, tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of the state `optimizer` creates at its first step for `tensors` (what the budget counts for a job
+    that has not stepped yet), per kind of optimizer:
+
+    - SGD: one buffer like the tensor with momentum, none without; Adam/AdamW: two (three with AMSGrad);
+      Adagrad: one; RMSprop: one, one more with momentum and one more when centered;
+    - transformers' Adafactor: a float32 row and column second moment for a matrix (a full one for a vector), and a
+      first moment like the tensor with `beta1`;
+    - bitsandbytes: two moments (one for Lion), of one byte per element in the 8-bit kinds (4 for tensors under
+      their 4096-element threshold, kept in 32 bits), else of 4;
+    - any other: two buffers like the tensor (a cautious guess; the budget then defers rather than overflows).
+    """
+    groups = optimizer.param_groups
+    has = lambda key: any(group.get(key) for group in groups)  # noqa: E731
+    like = sum(t.nbytes for t in tensors)
+    name, module = type(optimizer).__name__, type(optimizer).__module__
+    if module.startswith("bitsandbytes"):
+        moments = 1 if "Lion" in name else 2
+        if "8bit" in name:
+            return moments * sum(t.numel() if t.numel() >= 4096 else 4 * t.numel() for t in tensors)
+        return moments * 4 * sum(t.numel() for t in tensors)
+    if isinstance(optimizer, torch.optim.SGD):
+        return like if has("momentum") else 0
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return (3 if has("amsgrad") else 2) * like
+    if isinstance(optimizer, torch.optim.Adagrad):
+        return like
+    if isinstance(optimizer, torch.optim.RMSprop):
+        return (1 + has("momentum") + has("centered")) * like
+    if name == "Adafactor":
+        second = sum(4 * (math.prod(t.shape[:-1]) + t.shape[-1]) if t.dim() >= 2 else t.nbytes for t in tensors)
+        return second + (like if any(group.get("beta1") is not None for group in groups) else 0)
+    return 2 * like

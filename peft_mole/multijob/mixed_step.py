@@ -17,8 +17,8 @@ import time
 import torch
 
 from peft_mole.multijob.batching import is_packed, mix, pad_token_id
-from peft_mole.multijob.halves import free_memory, is_oom
 from peft_mole.multijob.loss import at_least_fp32
+from peft_mole.multijob.memory import free_memory, is_oom
 from peft_mole.multijob.run import MICRO_BATCH_METRICS, JobRun
 
 logger = logging.getLogger("peft_mole.multijob.trainer")

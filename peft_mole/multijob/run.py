@@ -32,7 +32,7 @@ from peft_mole.multijob.data_order import (
     seeded_per_epoch,
 )
 from peft_mole.multijob.job_events import JobEvents
-from peft_mole.multijob.memory import adapter_memory_kind
+from peft_mole.multijob.memory import adapter_memory_kind, first_step_state_bytes
 from peft_mole.multijob.trainer_args import JobSetupError
 
 logger = logging.getLogger("peft_mole.multijob.trainer")  # one logger for the trainer's messages
@@ -242,8 +242,9 @@ class JobRun(JobEvents):
         `event` is called with "on_pre_optimizer_step" and "on_optimizer_step" around the optimizer's step. The norm
         before clipping is kept (`last_grad_norm`), also with `max_grad_norm=0` (no clipping), as Trainer logs it.
         Under fp16 mixed precision the gradients are unscaled first, and a step whose gradients are not finite is
-        skipped, its learning rate schedule not stepped, and the scale backed off, as Trainer's GradScaler does
-        (Trainer steps the schedule there with a fused optimizer, whose skip accelerate cannot see)."""
+        skipped and the scale backed off, as Trainer's GradScaler does; the learning-rate schedule steps unless
+        the scaler skipped the optimizer's step call, the rule accelerate gives Trainer (a fused optimizer skips
+        inside its step, so its schedule steps on, as in Trainer; before 2026-12-07 it fell one step behind)."""
         params = [p for p in self.stepped_tensors() if p.grad is not None]
         scaler = self.scaler if params else None  # (no gradient: nothing to unscale or check)
         if scaler is not None:
@@ -259,11 +260,16 @@ class JobRun(JobEvents):
         if scaler is None:
             self.optimizer.step()
             stepped = True
-        else:
-            scale = scaler.get_scale()
-            scaler.step(self.optimizer)
+        else:  # skipped where the scaler does not call the optimizer's step, as accelerate tells Trainer; a fused
+            # optimizer's step is always called (it skips inside its kernel), so its schedule steps, as Trainer's
+            called, step = [], self.optimizer.step
+            self.optimizer.step = lambda *args, **kwargs: (called.append(True), step(*args, **kwargs))[1]
+            try:
+                scaler.step(self.optimizer)
+            finally:
+                self.optimizer.step = step  # (the LR scheduler's wrapper of it, which it checks, kept)
             scaler.update()
-            stepped = scaler.get_scale() >= scale  # backed off: the step was skipped (a fused optimizer's too)
+            stepped = bool(called)
         event("on_optimizer_step")
         if stepped:
             self.scheduler.step()
@@ -303,8 +309,8 @@ class JobRun(JobEvents):
     def held_bytes(self) -> tuple[int, int]:
         """(kept, coming): the optimizer state and gradients the job keeps now (the flat buffers made with the job,
         or the gradients accumulated so far in a window), and the state a running job that has not stepped yet
-        creates at its first step (two tensors per parameter for Adam and AdamW, three with AMSGrad, one for SGD
-        with momentum; else 0). (0, 0) once released."""
+        creates at its first step (`memory.first_step_state_bytes`, per kind of optimizer). (0, 0) once
+        released."""
         if self.released:
             return 0, 0
         tensors = self.stepped_tensors()
@@ -313,12 +319,7 @@ class JobRun(JobEvents):
             p.grad.nbytes for p in tensors if p.grad is not None)  # between a window's micro-batches
         if state or self.status != RUNNING:
             return state + gradients, 0
-        groups = self.optimizer.param_groups
-        if isinstance(self.optimizer, torch.optim.SGD):
-            per_parameter = int(any(g.get("momentum", 0) for g in groups))
-        else:
-            per_parameter = 3 if any(g.get("amsgrad") for g in groups) else 2
-        return gradients, per_parameter * sum(p.nbytes for p in tensors)
+        return gradients, first_step_state_bytes(self.optimizer, tensors)
 
     def release(self) -> None:
         """Free what only further training needs, once the job has ended: its optimizer's state and its gradients

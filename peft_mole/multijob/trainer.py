@@ -38,6 +38,7 @@ from peft_mole.multijob import distributed as dist
 from peft_mole.multijob import report
 from peft_mole.multijob.batching import is_packed, widths_differ
 from peft_mole.multijob.best_checkpoint import check_best_model_args, check_job_steps
+from peft_mole.multijob.decay import decayed_names
 from peft_mole.multijob.evaluation import JobEvaluation
 from peft_mole.multijob.flat_parameters import job_optimizer
 from peft_mole.multijob.halves import MicroBatchHalves
@@ -181,7 +182,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
                              f"per_device_train_batch_size={args.per_device_train_batch_size} with "
                              "dataloader_drop_last=True; give it more rows or a smaller batch")
         params = self.jobs_model.job_parameters(job.name)
-        decay = set(self.get_decay_parameter_names(self.model))
+        decay = decayed_names(self.get_decay_parameter_names, params, job.name, self.jobs_model.prefix)
         groups = [
             {"params": [p for n, p in params.items() if n in decay], "weight_decay": args.weight_decay},
             {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0},

@@ -61,13 +61,17 @@ NUMBERS = {
 }
 
 
+STEP_INTERVALS = ("save_steps", "logging_steps", "eval_steps")
+
+
 class JobSetupError(ValueError):
     """A job cannot start as set up (no batch from its rows, a checkpoint that cannot be resumed): raised as
     `train()` begins, before any step."""
 
 
 def check_max_steps(owner: str, steps) -> None:
-    """`max_steps`: an int >= 1, or -1 to train by epochs (Trainer trains by epochs for any value <= 0)."""
+    """`max_steps`: an int >= 1, or -1 to train by epochs (Trainer trains by epochs for a negative value, and
+    not at all for 0)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps == 0 or steps < -1:
         raise ValueError(f"{owner}: max_steps must be an int >= 1 (or -1 for epochs), got {steps!r}")
 
@@ -82,6 +86,8 @@ def check_number(owner: str, name: str, value) -> None:
             or value < low or (strict and value == low)):
         what = "an int" if integer else "a finite number"
         raise ValueError(f"{owner}: {name} must be {what} {'>' if strict else '>='} {low}, got {value!r}")
+    if name in STEP_INTERVALS and value > 1 and value != int(value):  # (a fraction <= 1: of the job's max_steps)
+        raise ValueError(f"{owner}: {name} must be an integer if bigger than 1 (as TrainingArguments), got {value!r}")
 
 
 def check_trainer_args(args, configs: dict) -> None:
@@ -110,6 +116,7 @@ def check_trainer_args(args, configs: dict) -> None:
         raise ValueError(f"router_aux_loss_coef must be None or a finite number >= 0, got {coefficient!r}")
     for name in NUMBERS:  # the jobs' defaults: checked as each job's own values are (`JobConfig`)
         check_number("trainer arguments", name, getattr(args, name, None))
+    check_max_steps("trainer arguments", args.max_steps)  # (0 trained by epochs here, nothing in Trainer)
     check_compile_args(args)
     for field in CHECKPOINTING_KWARGS:
         if (getattr(args, field, None) or {}).get("use_reentrant"):

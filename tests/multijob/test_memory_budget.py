@@ -12,6 +12,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import TrainerCallback
+from transformers.optimization import Adafactor
 
 from peft_mole import PACKED_SDPA, JobConfig, MultiJobTrainer
 from peft_mole.multijob import memory_profile
@@ -293,3 +294,29 @@ def test_a_job_that_never_fits_fails_at_once_and_frees_its_place(assets, tmp_pat
     # s2 takes the place "long" left after the first round: 5 mixed steps (8 before: s1, then s2)
     assert trainer.state.global_step == 5
     assert (summary["s1"]["status"], summary["s2"]["status"]) == ("done", "done")
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps), lambda ps: torch.optim.AdamW(ps, amsgrad=True), lambda ps: torch.optim.SGD(ps),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), lambda ps: torch.optim.Adagrad(ps),
+    lambda ps: torch.optim.RMSprop(ps), lambda ps: torch.optim.RMSprop(ps, momentum=0.9, centered=True),
+    lambda ps: Adafactor(ps, lr=1e-3, relative_step=False, scale_parameter=False, warmup_init=False),
+    lambda ps: Adafactor(ps, lr=1e-3, beta1=0.9, relative_step=False, scale_parameter=False, warmup_init=False),
+], ids=["adamw", "amsgrad", "sgd", "momentum", "adagrad", "rmsprop", "rmsprop-centered", "adafactor",
+        "adafactor-beta1"])
+def test_the_state_a_first_step_creates_is_predicted_per_kind_of_optimizer(make):
+    """What the budget counts for a job that has not stepped: before 2026-12-07 every optimizer but SGD was taken to
+    keep two buffers like the tensors (RMSprop with momentum, centered, keeps three: under-counted; Adafactor keeps
+    a row and a column: over-counted 140×, so its jobs waited for nothing). Within the step counters' bytes."""
+    from peft_mole.multijob.memory import first_step_state_bytes
+
+    params = [torch.nn.Parameter(torch.randn(16, 32)), torch.nn.Parameter(torch.randn(8))]
+    optimizer = make(params)
+    predicted = first_step_state_bytes(optimizer, params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    made = sum(v.nbytes for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    scalars = sum(v.nbytes for s in optimizer.state.values() for v in s.values()
+                  if isinstance(v, torch.Tensor) and v.dim() == 0)  # (step counters, Adafactor's RMS)
+    assert predicted == made - scalars, (predicted, made)

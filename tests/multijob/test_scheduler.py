@@ -443,3 +443,26 @@ def test_rows_are_not_cut_apart_when_the_batch_is_not_right_padded():
     assert take_rows(batch, [0, 1], 5) is batch
     groups = JobScheduler.group_by_length([(run, left)], step_overhead_tokens=0, splittable=lambda r: True)
     assert groups == [[(run, left)]]
+
+
+def test_profiling_that_runs_out_of_memory_profiles_again_at_half_the_length(caplog):
+    """The profile's steps hold up to twice `max_length`'s tokens, whatever the jobs' batches; one that runs out of
+    memory ended `train()` (before 2026-12-07). Now the profile starts again at half the length (here until its
+    steps hold at most 64 tokens), and the fit, linear in the tokens, still predicts a full-length step."""
+    def step(ids, row_jobs):
+        tokens = ids.numel()
+        if tokens > 64:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")
+        x = torch.randn(tokens, 16, requires_grad=True)
+        torch.autograd.grad((x * x).sum(), x)  # saves x: 64 bytes per token
+
+    model = MemoryModel()
+    with caplog.at_level("WARNING"):
+        model.fit_by_profiling(step, torch.device("cpu"), vocab_size=10, max_length=512, jobs=["a"])
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == [
+        f"a memory-profiling step of {n} tokens per row ran out of memory" for n in (512, 256, 128, 64)]
+    assert max(sum(tokens.values()) for tokens, _, _ in model.samples) == 64
+    assert model.predict([512], ["a"]) == pytest.approx(512 * 64, rel=1e-6)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):  # not even 8 tokens fit: the error itself
+        MemoryModel().fit_by_profiling(lambda ids, jobs: step(torch.zeros(100), jobs), torch.device("cpu"), 10, 16,
+                                       jobs=["a"])

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 from trl import SFTTrainer
@@ -191,3 +191,20 @@ def test_a_model_path_loads_as_sft_trainer_loads_it(assets, tmp_path, caplog):
                           processing_class=tokenizer)
         assert trainer.jobs_model.model.dtype == solo.model.dtype == dtype
     assert "model_init_kwargs" not in caplog.text
+
+
+def test_weight_decay_reaches_every_job_whatever_its_name(assets, tmp_path):
+    """Trainer's decay rule leaves out names with "bias" or a "norm" part; a job's name stands in its tensors'
+    names, so jobs named "debias" or "q_norm" got no weight decay at all (before 2026-12-07). Each job now decays
+    what the same adapter decays alone under SFTTrainer: every LoRA and MixLoRA tensor."""
+    _, datasets = assets
+    jobs = [JobConfig(name, config, datasets["add"]) for name, config in
+            (("plain", LORA), ("debias", LORA), ("q_norm", LORA), ("rmsnorm_mix", mixlora()))]
+    trainer = _trainer(assets, tmp_path, jobs, weight_decay=0.1)
+    for job in jobs:
+        run = trainer._make_run(job)
+        decayed = {p for group in run.optimizer.param_groups if group["weight_decay"] == 0.1 for p in group["params"]}
+        assert sum(p.numel() for p in decayed) == sum(p.numel() for p in run.params.values()) > 0, job.name
+    alone = get_peft_model(tiny_base(), mixlora())  # alone, under PEFT's names, every adapter tensor decays
+    trainable = {n for n, p in alone.named_parameters() if p.requires_grad}
+    assert trainable and trainable <= set(trainer.get_decay_parameter_names(alone))

@@ -76,6 +76,15 @@ def test_optimizers_the_jobs_would_not_use_are_refused(assets, tmp_path):
         OwnOptimizer(model=tiny_base(), jobs=job, args=run_args(tmp_path), processing_class=tokenizer)
 
 
+def test_the_trainers_max_steps_of_zero_is_refused(assets, tmp_path):
+    """`SFTConfig(max_steps=0)` trains no step in Trainer (transformers 5: epochs only for a negative value);
+    MultiJobTrainer trained every job by epochs instead (before 2026-12-07). A job's own 0 was refused already."""
+    tokenizer, datasets = assets
+    with pytest.raises(ValueError, match="trainer arguments: max_steps must be an int >= 1 \\(or -1 for epochs\\)"):
+        MultiJobTrainer(model=tiny_base(), jobs=three_jobs(datasets)[:1], args=run_args(tmp_path, max_steps=0),
+                        processing_class=tokenizer)
+
+
 def test_a_model_that_is_not_a_base_model_or_its_path_is_refused(assets, tmp_path):
     tokenizer, datasets = assets
     jobs = [JobConfig("a", LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR), datasets["add"])]

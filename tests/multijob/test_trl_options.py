@@ -191,3 +191,26 @@ def test_a_compile_backend_of_the_accelerate_config_compiles_the_mixed_steps(ass
     assert counters["stats"]["unique_graphs"] == 1
     assert trainer.jobs_model.__dict__["_compile_kwargs"].get("dynamic") is (True if dynamic else None)
     assert trainer.jobs_model.__dict__["_dynamic_steps"]
+
+
+def test_assistant_only_loss_refuses_a_later_job_whose_data_is_not_conversational(assets, tmp_path):
+    """SFTTrainer refuses `assistant_only_loss=True` on plain text, but checks only the train dataset it is given:
+    the first job's. A later plain-text job was accepted and trained on every token (before 2026-12-07)."""
+    from peft_mole import synthetic
+
+    tokenizer = synthetic.demo_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}"
+                               "{{ m['content'] }}{{ eos_token }}{% endgeneration %}{% else %}{{ m['content'] }} "
+                               "{% endif %}{% endfor %}")
+    chat = Dataset.from_list([{"messages": [{"role": "user", "content": "capital of Peru?"},
+                                            {"role": "assistant", "content": "Lima"}]}] * 8)
+    text = Dataset.from_list([{"text": "capital of Peru? Lima"}] * 8)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+    args = run_args(tmp_path, assistant_only_loss=True)
+    with pytest.raises(ValueError, match="job 'plain': assistant_only_loss=True needs a conversational dataset"):
+        MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), args=args, processing_class=tokenizer,
+                        jobs=[JobConfig("chat", lora, chat), JobConfig("plain", lora, text)])
+    trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), args=args, processing_class=tokenizer,
+                              jobs=[JobConfig("chat", lora, chat), JobConfig("chat2", lora, chat)])
+    row = trainer.job_datasets["chat2"][0]
+    assert 0 < sum(label != -100 for label in row["labels"]) < len(row["input_ids"])  # the assistant's tokens train

@@ -51,6 +51,10 @@ def rows(n=8, **extra):
         (dict(save_steps=-1), ValueError, "save_steps must be a finite number > 0"),
         (dict(logging_steps=-1), ValueError, "logging_steps must be a finite number > 0"),
         (dict(eval_steps=-1), ValueError, "eval_steps must be a finite number >= 0"),
+        # (since 2026-12-07: truncated to every 2 steps before; SFTConfig refuses it)
+        (dict(logging_steps=2.5), ValueError, "logging_steps must be an integer if bigger than 1"),
+        (dict(eval_steps=3.5), ValueError, "eval_steps must be an integer if bigger than 1"),
+        (dict(save_steps=1.5), ValueError, "save_steps must be an integer if bigger than 1"),
         (dict(eval_dataset="x.jsonl"), TypeError, "eval_dataset must be a dataset"),
         (dict(eval_dataset=Dataset.from_list([])), ValueError, "eval_dataset is empty"),
         (dict(name="train"), ValueError, "job name 'train' is not allowed: it is an attribute of torch modules"),
