@@ -166,7 +166,8 @@ def test_numbers_without_a_dot_read_as_numbers(data_file, tmp_path):
     assert spec.args["learning_rate"] == 3e-3 and spec.jobs[0].learning_rate == 5e-4
     # a dot with an unsigned exponent, and no digit before the dot (strings in YAML 1.1, refused as such before)
     path.write_text(yaml.safe_dump(run_dict(data_file)).replace("learning_rate: 0.001", "learning_rate: 1.5e-3")
-                    .replace("learning_rate: 0.0002", "learning_rate: .5e-3").replace("max_length: 32", "max_length: 3.2e1"))
+                    .replace("learning_rate: 0.0002", "learning_rate: .5e-3")
+                    .replace("max_length: 32", "max_length: 3.2e1"))
     spec = load_run(str(path))
     assert (spec.args["learning_rate"], spec.jobs[0].learning_rate, spec.args["max_length"]) == (1.5e-3, 5e-4, 32)
 
