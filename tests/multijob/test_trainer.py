@@ -28,13 +28,22 @@ def run_args(output_dir, **overrides) -> SFTConfig:
     return SFTConfig(**settings)
 
 
+# each of `three_jobs`' own settings; the solo SFTTrainer runs take them from here as SFTConfig fields, not through
+# `JobConfig.training_args`, so a field that a job ignored would make the runs differ
+OWN_SETTINGS = {
+    "lora": dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=2e-3),
+    "mix": dict(per_device_train_batch_size=3, max_steps=4, seed=1),
+    "dyn": dict(per_device_train_batch_size=2, gradient_accumulation_steps=3, max_steps=2, warmup_steps=1,
+                weight_decay=0.1, max_grad_norm=0.05),
+}
+
+
 def three_jobs(datasets) -> list[JobConfig]:
     return [
         JobConfig("lora", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
-                  datasets["sentiment"], per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=2e-3),
-        JobConfig("mix", mixlora(), datasets["capital"], per_device_train_batch_size=3, max_steps=4, seed=1),
-        JobConfig("dyn", dynmole(), datasets["add"], per_device_train_batch_size=2, gradient_accumulation_steps=3,
-                  max_steps=2, warmup_steps=1, weight_decay=0.1, max_grad_norm=0.05),
+                  datasets["sentiment"], **OWN_SETTINGS["lora"]),
+        JobConfig("mix", mixlora(), datasets["capital"], **OWN_SETTINGS["mix"]),
+        JobConfig("dyn", dynmole(), datasets["add"], **OWN_SETTINGS["dyn"]),
     ]
 
 
@@ -57,10 +66,15 @@ def test_jobs_trained_together_equal_each_trained_alone(assets, tmp_path, monkey
     assert [r["status"] for r in trainer.job_summary] == ["done"] * 3
     assert {r["job"]: r["steps"] for r in trainer.job_summary} == {"lora": 3, "mix": 4, "dyn": 2}
     assert bool(checkpointed) == checkpointing
+    # the learning rate of each job's first step, by hand: its own 2e-3 (linear decay starts at it), the trainer's
+    # 1e-3, and 0 for dyn's first of one warm-up step
+    first = {job.name: next(h[f"{job.name}/learning_rate"] for h in trainer.state.log_history
+                            if f"{job.name}/learning_rate" in h) for job in jobs}
+    assert first == {"lora": 2e-3, "mix": 1e-3, "dyn": 0.0}
 
     for job in jobs:
         solo = PeftModel.from_pretrained(tiny_base(vocab_size=vocab), str(tmp_path / "init" / job.name), is_trainable=True)
-        solo_args = job.training_args(run_args(tmp_path / "solo"))
+        solo_args = run_args(tmp_path / "solo", **OWN_SETTINGS[job.name])
         SFTTrainer(model=solo, args=solo_args, train_dataset=job.train_dataset, processing_class=tokenizer).train()
         expected = get_peft_model_state_dict(solo)
         together = load_file(os.path.join(args.output_dir, job.name, "adapter_model.safetensors"))

@@ -53,7 +53,9 @@ def test_shared_input_lora_equals_per_pair_reference(num_tokens):
     torch.testing.assert_close(shared_input_lora(x, a, b, plan, scaling=2.0), ref - base[plan.token])
     # mixed precision path (bf16 base, fp32 adapter) agrees too
     mixed = shared_input_lora(x, a, b, plan, scaling=2.0, base=base.bfloat16())
-    torch.testing.assert_close(mixed, ref, atol=0.1, rtol=0.02)
+    delta = shared_input_lora(x, a, b, plan, scaling=2.0)  # (checked against the reference above)
+    exact = base.bfloat16().float()[plan.token] + delta  # the bf16 base plus the fp32 delta, added in fp32
+    torch.testing.assert_close(mixed, exact, atol=0, rtol=0)  # (0.1 before: a sum rounded to bf16 passed)
 
 
 def test_expert_products_under_cpu_autocast_run_in_the_adapter_dtype_and_train_it():

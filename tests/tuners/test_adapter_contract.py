@@ -51,8 +51,11 @@ def test_dropout_is_off_in_eval_and_on_in_train(method):
     randomize_adapters(model)
     ids, mask, _ = batch(2, 8)
     model.eval()
+    without = get_peft_model(tiny_base(), METHODS[method](lora_dropout=0.0)).eval()  # the same weights, no dropout
+    without.load_state_dict(model.state_dict())
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+        # eval is the model without dropout, bit for bit (a deterministic eval that scaled by 1/(1-p) would not be)
+        assert torch.equal(model(input_ids=ids).logits, without(input_ids=ids).logits)
         model.train()
         assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
 
@@ -164,6 +167,10 @@ def test_generate_accepts_per_row_adapters(method):
     model.set_adapter("other")
     alone = model.generate(input_ids=ids[1:], attention_mask=mask[1:], **kwargs)
     assert torch.equal(mixed[1:], alone)
+    model.set_adapter("default")  # and row 0 as "default" alone (every row taking the last adapter would pass above)
+    first = model.generate(input_ids=ids[:1], attention_mask=mask[:1], **kwargs)
+    as_other = model.generate(input_ids=ids[:1], attention_mask=mask[:1], adapter_names=["other"], **kwargs)
+    assert torch.equal(mixed[:1], first) and not torch.equal(first, as_other)  # (the adapters generate apart)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -359,6 +366,11 @@ def test_generate_with_beams_and_per_row_adapters_and_no_stale_rows():
     model.set_adapter("other")
     alone = model.generate(input_ids=ids[1:], attention_mask=mask[1:], **kwargs)
     assert torch.equal(mixed[1:], alone)
+    model.set_adapter("default")  # and row 0 as "default" alone (every row taking the last adapter would pass above)
+    first = model.generate(input_ids=ids[:1], attention_mask=mask[:1], **kwargs)
+    as_other = model.generate(input_ids=ids[:1], attention_mask=mask[:1], adapter_names=["other"], **kwargs)
+    assert torch.equal(mixed[:1], first) and not torch.equal(first, as_other)  # (the adapters generate apart)
+    model.set_adapter("other")
     # the rows given to generate do not leak into a later direct call with another batch size: it runs the active
     # adapter ("other") on its one row, as a fresh forward of that adapter does
     with torch.no_grad():

@@ -249,8 +249,10 @@ def test_dora_row_norm_expansion_equals_the_direct_norm():
     torch.testing.assert_close(experts.gate_proj_magnitude / experts.dora_scale("gate_proj", weight), direct)
 
 
-@pytest.mark.parametrize("all_slots", [False, True], ids=["unused_slots_dropped", "all_slots_as_on_gpu"])
-@pytest.mark.parametrize("method", ["mixlora", "mixdora", "dynmole", "dynmole-projection"])
+# every slot computed, as on a GPU: DynMoLE only (a top-k rule fills every slot, so `used_slots` drops none there)
+@pytest.mark.parametrize(("method", "all_slots"), [("mixlora", False), ("mixdora", False), ("dynmole", False),
+                                                   ("dynmole-projection", False), ("dynmole", True),
+                                                   ("dynmole-projection", True)])
 def test_few_token_path_equals_the_dispatch_path(method, all_slots, monkeypatch):
     """Decoding-sized inputs skip the sort (`slot_lora`); outputs and gradients equal the dispatch path's, also when
     every slot is computed (`used_slots` drops the unused ones only on the CPU)."""
@@ -319,3 +321,52 @@ def test_an_empty_sequence_gives_empty_outputs_and_gradients(method, training):
     out = layer(x)
     out.sum().backward()
     assert out.shape[:2] == (2, 0) and x.grad.shape == (2, 0, 64)
+
+
+@pytest.mark.parametrize("std", [0.02, 0.05])
+def test_router_weights_start_as_spec_says(std):
+    """SPEC §1: router weights N(0, 0.02²) (`router_init_std`), no bias; other tests compare paths with each
+    other, so a wrong std (0.2) or a uniform init would pass them. 8 experts × 64 × 2 layers: 1024 draws, the
+    sample std within 10 % of `std`, the mean within 4 standard errors of 0."""
+    assert MixLoRAConfig().router_init_std == 0.02  # the SPEC's default
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_base(), mixlora(num_experts=8, router_init_std=std))
+    routers = [layer.mixlora_router["default"] for layer in mlp_layers(model)]
+    assert all(router.bias is None for router in routers)
+    weights = torch.cat([router.weight.detach().reshape(-1) for router in routers])
+    assert weights.numel() >= 1024
+    assert abs(weights.std().item() - std) <= 0.1 * std
+    assert abs(weights.mean().item()) <= 4 * std / weights.numel() ** 0.5
+
+
+def test_jitter_multiplies_the_router_input_only_by_a_factor_in_one_plus_minus_eps(monkeypatch):
+    """SPEC §1: x · U(1−ε, 1+ε) goes into the router, in training only; the experts take x itself. The router's
+    input is caught; then, with the router's probabilities of that jittered call replayed, a call without jitter
+    gives the same output: the experts saw the unjittered x."""
+    eps = 0.3
+    model = get_peft_model(tiny_base(), mixlora(jitter_noise=eps, lora_dropout=0.0))
+    randomize_adapters(model)
+    layer = mlp_layers(model)[0]
+    x = torch.randn(1, 6, layer.base_layer.gate_proj.in_features)
+    seen, probabilities = [], layer._router_probabilities
+
+    def catching(adapter, router_input):
+        seen.append(router_input.detach().clone())
+        return probabilities(adapter, router_input)
+
+    monkeypatch.setattr(layer, "_router_probabilities", catching)
+    model.train()
+    with torch.no_grad():
+        jittered_out = layer(x)
+    ratio = seen[0] / x.reshape(-1, x.shape[-1])
+    assert ratio.min() >= 1 - eps and ratio.max() <= 1 + eps and ratio.std() > eps / 4  # spread, not constant
+    replayed = probabilities("default", seen[0])
+    monkeypatch.setattr(layer, "_router_probabilities", lambda adapter, router_input: replayed)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x), jittered_out)
+    seen.clear()
+    monkeypatch.setattr(layer, "_router_probabilities", catching)
+    with torch.no_grad():
+        layer(x)
+    assert torch.equal(seen[0], x.reshape(-1, x.shape[-1]))  # in eval: no jitter
