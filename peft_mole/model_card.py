@@ -24,7 +24,7 @@ START, END = "<!-- peft-mole -->", "<!-- /peft-mole -->"
 CARD_FIELDS = ("num_experts", "top_k", "q", "top_p", "broadcast_threshold", "min_experts", "renormalize",
                "router_scope", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "expert_target_modules",
                "attn_target_modules", "attn_r", "attn_lora_alpha", "attn_lora_dropout", "layers_to_transform",
-               "jitter_noise", "router_aux_loss_coef", "entropy_loss_coef", "lb_loss_coef")
+               "jitter_noise", "router_aux_loss_coef", "entropy_loss_coef", "lb_loss_coef", "modules_to_save")
 METHOD_NAMES = {"MixLoRAConfig": "MixLoRA", "DynMoLEConfig": "DynMoLE"}
 PEFT_TYPE_NAMES = {"PEFT_MOLE_MIXLORA": "MixLoRA", "PEFT_MOLE_DYNMOLE": "DynMoLE", "LORA": "LoRA"}
 

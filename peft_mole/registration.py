@@ -44,14 +44,22 @@ def add_peft_type(name: str) -> PeftType:
 def register_method(name: str, config_cls: type, model_cls: type, prefix: str) -> PeftType:
     """Make `name` a PEFT method: add the `PeftType` member and register config, tuner and prefix.
 
-    Calling it again with the same classes registers nothing new.
+    Calling it again with the same classes registers nothing new. Classes of the same module and name as the
+    registered ones (their module reloaded: `importlib.reload`, a notebook's autoreload) replace them; PEFT's
+    `register_peft_method` would raise "There is already PEFT method called ...". Another module's classes under
+    the same name are refused as PEFT refuses them.
     """
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
     from peft_mole.tuners.weight_loading import guard_weight_loading
 
     guard_weight_loading()
     peft_type = add_peft_type(name.upper())
-    if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is not config_cls:
+    registered = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    same_class = registered is not None and (registered.__module__, registered.__qualname__) == (
+        config_cls.__module__, config_cls.__qualname__)
+    if registered is None or not same_class:
         register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
+    elif registered is not config_cls:  # reloaded
+        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type], PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = config_cls, model_cls
     return peft_type

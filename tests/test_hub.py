@@ -255,6 +255,7 @@ def test_add_eval_results_takes_what_evaluate_commonsense_returns_without_adapte
         ("mixlora", dict(use_rslora=True, attn_r=2, attn_lora_alpha=4, layers_to_transform=[1]),
          ["| use_rslora | `True` |", "| attn_r | `2` |", "| attn_lora_alpha | `4` |",
           "| layers_to_transform | `[1]` |"]),
+        ("mixlora", dict(modules_to_save=["lm_head"]), ["| modules_to_save | `['lm_head']` |"]),  # (since 2026-12-07)
         ("dynmole", dict(renormalize=True), ["| renormalize | `True` |", "| use_rslora | `False` |"]),
     ],
 )

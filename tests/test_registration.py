@@ -73,3 +73,26 @@ def test_without_import_peft_fails_naming_the_package(method, without_import):
 @pytest.mark.parametrize("method", TYPES)
 def test_after_import_auto_peft_model_loads(method, after_import):
     assert after_import[method] == TYPES[method][1]
+
+
+def test_a_reloaded_module_registers_its_classes_again_and_a_clash_is_refused():
+    """`importlib.reload` (a notebook's autoreload) makes new classes of the same module and name: they replace the
+    registered ones (before 2026-12-07 PEFT's KeyError "There is already PEFT method called ..."). Another module's
+    class under the name is refused."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    from peft_mole import MixLoRAConfig
+    from peft_mole.registration import register_method
+    from peft_mole.tuners.mixlora.model import MixLoRAModel
+
+    peft_type = MixLoRAConfig().peft_type
+    reloaded = type("MixLoRAConfig", (MixLoRAConfig,), {"__module__": MixLoRAConfig.__module__})
+    reloaded.__qualname__ = MixLoRAConfig.__qualname__
+    try:
+        assert register_method("peft_mole_mixlora", reloaded, MixLoRAModel, MixLoRAModel.prefix) is peft_type
+        assert PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] is reloaded
+        other = type("MixLoRAConfig", (MixLoRAConfig,), {"__module__": "someone_else"})
+        with pytest.raises(KeyError, match="There is already PEFT method called 'peft_mole_mixlora'"):
+            register_method("peft_mole_mixlora", other, MixLoRAModel, MixLoRAModel.prefix)
+    finally:
+        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type], PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = MixLoRAConfig, MixLoRAModel
