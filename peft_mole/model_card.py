@@ -141,10 +141,13 @@ def list_subfolder_adapters(folder: str) -> None:
 
 def is_hub_repo_id(name) -> bool:
     """Whether `name` can name a Hub repository ("org/model"), not a local folder: the Hub refuses a card whose
-    `base_model` is anything else."""
+    `base_model` is anything else. A folder path, or a name that is a model folder here (with its config.json, which
+    `from_pretrained` would have loaded instead of the Hub's), is local; a bare "gpt2" beside an unrelated folder of
+    that name is not."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not isinstance(name, str) or os.path.isabs(name) or os.path.exists(name) or name.startswith((".", "~")):
+    if (not isinstance(name, str) or os.path.isabs(name) or name.startswith((".", "~"))
+            or os.path.isfile(os.path.join(name, "config.json"))):
         return False
     try:
         validate_repo_id(name)

@@ -177,6 +177,12 @@ def packed_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
         output = _operator_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         if output is not None:
             return output, None
+        row = packed_row(module, query, key, attention_mask, kwargs)
+        if row is not None and query.shape[2] > 1:  # (dropout in the attention): the masked row, its mask traced
+            mask = sequence_mask(*row, query.shape[2], attention_mask, kwargs.get("sliding_window"), query.device)
+            kwargs = {name: value for name, value in kwargs.items() if name != "is_causal"}
+            return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                          is_causal=False, **kwargs)
     plan = chunk_plan(module, query, key, attention_mask, kwargs)
     if plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -188,6 +194,29 @@ def packed_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
         if output is not None:
             return output, None
     return run_plan(module, query, key, value, plan, dropout, scaling, kwargs), None
+
+
+def sequence_mask(source: torch.Tensor, from_positions: bool, tokens: int, attention_mask: torch.Tensor | None,
+                  window: int | None, device: torch.device) -> torch.Tensor:
+    """(1, 1, T, T) boolean: token i sees token j of its own sequence at or before it (within `window`, and where
+    `attention_mask` lets it), the sequences given by `cu_seq_lens_q` or by `position_ids` (a sequence starts where
+    a position does not follow its predecessor's), all on the device: no value is read back. What a compiled step
+    with dropout in the attention traces, where the operator does not apply: transformers' own mask, made from the
+    positions only, and only without a cache, would miss the job bounds that exist only in `cu_seq_lens_q`, and
+    every bound with a cache (found by a review, 2026-12-07: sequences attended to each other there)."""
+    places = torch.arange(tokens, device=device)
+    if from_positions:
+        positions = source.reshape(-1).to(device)
+        starts = torch.ones(tokens, dtype=torch.bool, device=device)
+        starts[1:] = positions[1:] != positions[:-1] + 1
+        sequence = starts.cumsum(0)
+    else:
+        sequence = torch.searchsorted(source.to(device)[1:].contiguous(), places, right=True)
+    mask = (sequence[:, None] == sequence[None, :]) & (places[:, None] >= places[None, :])
+    if window is not None:
+        mask = mask & (places[:, None] - places[None, :] < window)
+    mask = mask[None, None]
+    return mask if attention_mask is None else mask & attention_mask.to(device, torch.bool)
 
 
 def run_plan(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: Plan, dropout: float,

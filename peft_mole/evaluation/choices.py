@@ -20,15 +20,16 @@ def choice_scores(model, tokenizer, prompt: str, choices: list[str], adapter: st
 
     Each row is `prompt + choice` tokenised as one text, as TRL's SFTTrainer tokenises a prompt-completion row in
     training, with the special tokens the tokenizer puts before a text (BOS) and none after it
-    (`prompt_token_ids`); the tokens after the prompt's own are the choice's, scored (TRL's completion mask).
-    Tokenised apart, a SentencePiece tokenizer of the Llama-2 kind turned " B" into ["▁", "▁B"], a token the model
-    never saw there in training. Where a choice changes the prompt's last tokens (a merge across the boundary),
-    TRL warns and masks by the prompt's length; so does this. `adapter` runs all rows with that adapter
-    (`adapter_names`) when given.
+    (`prompt_token_ids`); the choice's tokens are those after the longest prefix the row shares with the prompt's
+    own tokens, scored. Tokenised apart, a SentencePiece tokenizer of the Llama-2 kind turned " B" into
+    ["▁", "▁B"], a token the model never saw there in training (before 2026-12-07). Where the choice merges with
+    the prompt's end (a prompt ending in a space, whose "Ġ" becomes the choice's "Ġyes"), the merged token is the
+    choice's, as lm-evaluation-harness moves a context's trailing space to the continuation; a warning says so.
+    `adapter` runs all rows with that adapter (`adapter_names`) when given.
 
-    The prompt must have at least one token (the first choice token is predicted from the prompt's last one), and
-    so must every choice (a choice of no tokens would score log 1 = 0 and beat every real one): a ValueError
-    otherwise, as for an empty `choices`.
+    The prompt must have at least one token the rows share (the first choice token is predicted from the one
+    before it), and every choice at least one token of its own (a choice of no tokens would score log 1 = 0 and
+    beat every real one): a ValueError otherwise, as for an empty `choices`.
     """
     if not choices:
         raise ValueError("choices is empty: give at least one answer choice")
@@ -36,16 +37,21 @@ def choice_scores(model, tokenizer, prompt: str, choices: list[str], adapter: st
     if not prompt_ids:
         raise ValueError(f"prompt {prompt!r} has no tokens: the first choice token needs a prompt token to follow")
     rows = [prompt_token_ids(tokenizer, prompt + c) for c in choices]
-    choice_ids = [row[len(prompt_ids):] for row in rows]
+    starts = [shared_prefix(row, prompt_ids) for row in rows]
+    if 0 in starts:
+        raise ValueError(f"prompt {prompt!r} shares no token with choices "
+                         f"{[c for c, start in zip(choices, starts, strict=True) if start == 0]!r} once they follow "
+                         "it: there is no prompt token to predict their first token from")
+    choice_ids = [row[start:] for row, start in zip(rows, starts, strict=True)]
     empty = [i for i, c in enumerate(choice_ids) if not c]
     if empty:
         raise ValueError(f"choices {[choices[i] for i in empty]!r} (at {empty}) have no tokens: every choice needs "
                          "at least one token to score")
-    merged = [choices[i] for i, row in enumerate(rows) if row[:len(prompt_ids)] != prompt_ids]
+    merged = [c for c, start in zip(choices, starts, strict=True) if start < len(prompt_ids)]
     if merged:
-        logger.warning("the prompt's tokens change when choices %r follow it; they are scored from the prompt's "
-                       "length on, as TRL masks a completion in training", merged)
-    length = len(prompt_ids) + max(len(c) for c in choice_ids)
+        logger.warning("the prompt's last tokens merge with choices %r that follow it; the merged tokens are scored "
+                       "as the choice's", merged)
+    length = max(len(row) for row in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     ids = torch.full((len(choices), length), pad, dtype=torch.long, device=device)
@@ -57,10 +63,14 @@ def choice_scores(model, tokenizer, prompt: str, choices: list[str], adapter: st
     logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits.float()
     log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     scores = torch.zeros(len(choices), device=device)
-    for i, c in enumerate(choice_ids):
-        start = len(prompt_ids) - 1  # position predicting the first choice token
-        scores[i] = log_probs[i, start : start + len(c)].sum()
+    for i, (c, start) in enumerate(zip(choice_ids, starts, strict=True)):
+        scores[i] = log_probs[i, start - 1 : start - 1 + len(c)].sum()  # (position start − 1 predicts token start)
     return scores.cpu()
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """The number of leading tokens `a` and `b` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def choice_accuracy(model, tokenizer, rows: list[dict], adapter: str | None = None) -> dict[str, float]:

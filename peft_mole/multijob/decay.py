@@ -6,7 +6,9 @@ segment or "_norm" (and those inside `nn.LayerNorm`). Alone, a job's tensors are
 ("...q_proj.lora_A.default.weight"); in a multi-job model the job's name takes the adapter's place
 ("...q_proj.mixlora_A.<job>.weight"), so a job named "debias", "q_norm" or "rmsnorm_ablation" had every tensor
 left out of decay. The rule is therefore asked about a stand-in module tree whose names carry "default" where the
-job's name stands, and a subclass's own `get_decay_parameter_names` is asked the same way.
+job's name stands, and a subclass's own `get_decay_parameter_names` is asked the same way. The stand-in modules
+are plain `nn.Module`s: a rule of a subclass that decides by module type (`isinstance(module, nn.Embedding)`)
+sees none of the real types there (Trainer's own rule leaves out `nn.LayerNorm`s, which hold no adapter tensor).
 """
 
 from __future__ import annotations

@@ -60,22 +60,37 @@ class FlatGroups:
             raise ValueError("FlatGroups: a parameter appears twice in the optimizer groups")
         self._buffers: list[torch.Tensor] = []  # per flat tensor, its gradient buffer (made below, before any step)
         self._views: dict[tuple[int, ...], list[torch.Tensor]] = {}  # per order of parameters: views of the buffers
+        self._offsets: dict[int, int] = {}  # where each parameter starts in its flat tensor
         for group in groups:
             parts: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
             for param in group:
                 parts.setdefault((param.dtype, param.device), []).append(param)
             flats = []
             for members in parts.values():
-                flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in members]))
+                # each member starts at a multiple of 16 bytes, as `torch._grouped_mm` requires of its operands (an
+                # expert stack used as one); the elements between stay 0, with 0 gradients, so no step moves them
+                align = max(1, 16 // members[0].element_size())
                 offset = 0
                 for param in members:
-                    param.data = flat.data[offset: offset + param.numel()].view(param.shape)
-                    offset += param.numel()
+                    self._offsets[id(param)] = offset
+                    offset += -(-param.numel() // align) * align
+                flat = nn.Parameter(torch.zeros(offset, dtype=members[0].dtype, device=members[0].device))
+                with torch.no_grad():
+                    for param in members:
+                        start = self._offsets[id(param)]
+                        flat[start: start + param.numel()].copy_(param.detach().reshape(-1))
+                for param in members:
+                    start = self._offsets[id(param)]
+                    param.data = flat.data[start: start + param.numel()].view(param.shape)
                 flats.append((flat, members))
             self.groups.append(flats)
         # made now, not at the first gradient: an allocation inside `add_gradients` could run out of memory after
         # some jobs of a step had added theirs, and the trainer's retry would add those again
         self._buffers = [torch.zeros_like(flat) for flat in self.tensors]
+
+    def offset(self, param: nn.Parameter) -> int:
+        """Where `param` starts in its flat tensor (a multiple of 16 bytes)."""
+        return self._offsets[id(param)]
 
     def optimizer_groups(self, groups: Sequence[dict]) -> list[dict]:
         """The optimizer's parameter groups (the same settings) with the flat tensors in place of the parameters."""
@@ -125,10 +140,9 @@ class FlatGroups:
             where = {}
             members_per_flat = [members for flats in self.groups for _, members in flats]
             for buffer, members in zip(self._buffers, members_per_flat, strict=True):
-                offset = 0
                 for param in members:
-                    where[id(param)] = buffer[offset: offset + param.numel()].view(param.shape)
-                    offset += param.numel()
+                    start = self._offsets[id(param)]
+                    where[id(param)] = buffer[start: start + param.numel()].view(param.shape)
             self._views[key] = [where[i] for i in key]
         return self._views[key]
 
@@ -156,12 +170,10 @@ class FlatGroups:
             saved = state["state"].get(flat_index)
             if saved is None:
                 continue
-            offset = 0
             for param in members:
                 per_param[self._index(param)] = {
-                    key: _piece(value, flat.numel(), offset, param) for key, value in saved.items()
+                    key: _piece(value, flat.numel(), self._offsets[id(param)], param) for key, value in saved.items()
                 }
-                offset += param.numel()
         groups, position = [], 0
         for group, flats in zip(state["param_groups"], self.groups, strict=True):
             count = sum(len(members) for _, members in flats)
@@ -202,7 +214,7 @@ class FlatGroups:
                 entry = {}
                 for key in dict.fromkeys(keys):
                     values = [s.get(key) for s in saved]
-                    entry[key] = _joined(key, values, members, flat)
+                    entry[key] = _joined(key, values, members, flat, [self._offsets[id(p)] for p in members])
                 if entry:
                     flat_states[position] = entry
                 position += 1
@@ -219,26 +231,22 @@ def _piece(value, total: int, offset: int, param: nn.Parameter):
     return value.clone() if isinstance(value, torch.Tensor) else value
 
 
-def _joined(key: str, values: list, members: list[nn.Parameter], flat: nn.Parameter):
-    """The flat state entry `key` from the members' ones: per-element tensors (any with a dimension) joined, zeros
-    where a member has none, each checked against its member's size; any other entry (the step) taken from the first
-    member that has it."""
+def _joined(key: str, values: list, members: list[nn.Parameter], flat: nn.Parameter, offsets: list[int]):
+    """The flat state entry `key` from the members' ones: per-element tensors (any with a dimension) put at their
+    members' `offsets`, zeros where a member has none (and between members), each checked against its member's
+    size; any other entry (the step) taken from the first member that has it."""
     known = [v for v in values if v is not None]
     if not any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in known):
         return known[0].clone() if isinstance(known[0], torch.Tensor) else known[0]
     example = next(v for v in known if isinstance(v, torch.Tensor))
-    pieces = []
-    for value, param in zip(values, members, strict=True):
+    joined = torch.zeros(flat.numel(), dtype=example.dtype, device=example.device)
+    for value, param, start in zip(values, members, offsets, strict=True):
         if value is None:
-            pieces.append(torch.zeros(param.numel(), dtype=example.dtype, device=example.device))
-        elif not isinstance(value, torch.Tensor) or value.numel() != param.numel():
+            continue
+        if not isinstance(value, torch.Tensor) or value.numel() != param.numel():
             size = value.numel() if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"optimizer state {key!r} has {size} values for a tensor of {param.numel()}")
-        else:
-            pieces.append(value.reshape(-1).to(example.dtype))
-    joined = torch.cat(pieces)
-    if joined.numel() != flat.numel():
-        raise ValueError(f"optimizer state {key!r} joins to {joined.numel()} values for {flat.numel()}")
+        joined[start: start + param.numel()] = value.reshape(-1).to(example.dtype)
     return joined
 
 

@@ -89,7 +89,8 @@ class JobStepping:
         try:  # (an allocation of its optimizer state, a callback of its events): the others go on
             run.optimizer_step(lambda event: self._job_event(event, run))
         except Exception as raised:  # noqa: BLE001 — one job's step must not take the others down
-            error, oom = f"its optimizer step {run.global_step + 1} raised {type(raised).__name__}: {raised}", is_oom(raised)
+            error = f"its optimizer step {run.global_step + 1} raised {type(raised).__name__}: {raised}"
+            oom = is_oom(raised)
         if dist.any_process(self.accelerator, [error is not None])[0]:
             run.optimizer.zero_grad(set_to_none=True)
             if error is not None and oom:  # (outside the except block: its traceback keeps the step's tensors)

@@ -14,7 +14,6 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
-from datasets import Dataset
 from peft import LoraConfig, PeftConfig
 
 from peft_mole.multijob.supported_jobs import check_job_name
@@ -122,6 +121,9 @@ class JobConfig:
         for field in ("train_dataset", "eval_dataset"):  # rows as dicts: a datasets.Dataset, which TRL takes
             rows = getattr(self, field)
             if isinstance(rows, list) and rows and all(isinstance(row, dict) for row in rows):
+                # (imported here: `import peft_mole` needs no `datasets`, which the GPU image lacks)
+                from datasets import Dataset
+
                 setattr(self, field, Dataset.from_list(rows))
         if not hasattr(self.train_dataset, "__len__"):
             raise TypeError(

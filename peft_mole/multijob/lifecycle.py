@@ -48,17 +48,28 @@ class JobLifecycle:
                            "which train() seeds afresh, so the resumed steps draw other masks than an uninterrupted "
                            "run would (each job's adapter dropout and router jitter resume exactly); set those rates "
                            "to 0 for an exact resume", ", ".join(f"{k}={v}" for k, v in rates.items()))
+        failure = None
         for run in runs:
             try:
                 self._resume_job(run)
-            except JobSetupError:
-                raise
-            except ValueError as error:
-                raise JobSetupError(f"job {run.name!r} cannot resume as it is set up now (the job was changed since "
-                                    f"that run?): {error}") from error
+            except JobSetupError as error:
+                failure = error
+            except (ValueError, OSError) as error:  # (OSError: a half-copied folder on this process's node)
+                failure = JobSetupError(f"job {run.name!r} cannot resume as it is set up now (the job was changed "
+                                        f"since that run?): {error}")
+                failure.__cause__ = error
+            if failure is not None:
+                break
         # every process reads the job folders itself: one that saw another checkpoint (storage not shared between
-        # nodes, a cache lagging behind) would run other steps and collectives than the rest, so all stop here
-        resumed = dist.gather_rows(self.accelerator, torch.tensor([float(run.global_step) for run in runs]))
+        # nodes, a cache lagging behind) would run other steps and collectives than the rest, and one whose read
+        # raised would leave the others waiting in this collective; so all agree here, and all stop together
+        steps = [float(run.global_step) for run in runs] + [float(failure is not None)]
+        resumed = dist.gather_rows(self.accelerator, torch.tensor(steps))
+        if failure is not None:
+            raise failure
+        if resumed[:, -1].any():
+            raise JobSetupError("a job could not resume on another process (its error is in that process's log); "
+                                "nothing was trained")
         apart = {run.name: [int(step) for step in resumed[:, i].tolist()] for i, run in enumerate(runs)
                  if (resumed[:, i] != resumed[0, i]).any()}
         if apart:

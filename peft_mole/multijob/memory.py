@@ -203,8 +203,8 @@ class MemoryModel:
             del self.samples[kept:]  # (outside the except block: its traceback holds the failed step's tensors)
             free_memory()
             logger.warning("a memory-profiling step of %d tokens per row ran out of memory; profiling again at %d",
-                           longest, longest // 2)
-            longest //= 2
+                           longest, max(longest // 2, 8))
+            longest = max(longest // 2, 8)
 
     def _profile(self, run_step, device: torch.device, vocab_size: int, longest: int, kinds: list[list[Job]],
                  packed: bool) -> None:
@@ -317,7 +317,8 @@ def costliest_selection(run_step, device: torch.device, settings: Mapping[Job, S
     allocations), and the costlier is set as every such job's rule for the block; the rules are given back after.
     With `kind_of` ({job: memory kind}) only the first job of each kind is measured and the others of its kind
     follow its choice. Yields {measured job: {"dispatch": bytes, "dense": bytes}}. (Scaling the routers instead,
-    ×10 and ×100, missed the peak, which lies between: up to 55 % more on the tiny test model.)"""
+    ×10 and ×100, missed the peak, which lies between: up to 55 % more on the tiny test model.) A step that runs
+    out of memory is measured again at half the length, down to 8 tokens."""
     originals = {job: [setting.rule for setting in layer_settings] for job, layer_settings in settings.items()}
     costs: dict[Job, dict[str, float]] = {}
 
@@ -333,12 +334,23 @@ def costliest_selection(run_step, device: torch.device, settings: Mapping[Job, S
                 if first is not job:  # its kind's choice
                     force(job, costs[first]["dense"] >= costs[first]["dispatch"])
                     continue
-                ids = torch.randint(0, vocab_size, (2, length), device=device)
-                costs[job] = {}
-                for name, dense in (("dispatch", False), ("dense", True)):
-                    force(job, dense)
-                    run_step(ids, [job, job])
-                    costs[job][name] = step_memory(device, lambda ids=ids, job=job: run_step(ids, [job, job]))
+                tokens = length
+                while True:  # (out of memory: again at half the length, as `fit_by_profiling`)
+                    try:
+                        ids = torch.randint(0, vocab_size, (2, tokens), device=device)
+                        costs[job] = {}
+                        for name, dense in (("dispatch", False), ("dense", True)):
+                            force(job, dense)
+                            run_step(ids, [job, job])
+                            costs[job][name] = step_memory(device, lambda ids=ids, job=job: run_step(ids, [job, job]))
+                        break
+                    except Exception as error:  # noqa: BLE001 — out of memory only; anything else is raised
+                        if not is_oom(error) or tokens <= 8:
+                            raise
+                    free_memory()
+                    logger.warning("a DynMoLE profiling step of %d tokens per row ran out of memory; measuring "
+                                   "again at %d", tokens, max(tokens // 2, 8))
+                    tokens = max(tokens // 2, 8)
                 force(job, costs[job]["dense"] >= costs[job]["dispatch"])
         yield costs
     finally:

@@ -69,8 +69,10 @@ class MixedStepping:
         """(the mixed batch, the jobs model's outputs) of one step of `parts`: pieces of micro-batches drawing as
         their wholes, MoE halves with their whole's router loads, under the accelerator's autocast (what
         `accelerator.prepare(model)` wraps a plain SFTTrainer's forward in)."""
-        mixed = mix({run.name: batch for run, batch in parts}, pad_token_id(self.processing_class), self.jobs_model.peft_config)
-        inputs = {k: v.to(self.args.device) if isinstance(v, torch.Tensor) else v for k, v in mixed.model_inputs().items()}
+        mixed = mix({run.name: batch for run, batch in parts}, pad_token_id(self.processing_class),
+                    self.jobs_model.peft_config)
+        inputs = {k: v.to(self.args.device) if isinstance(v, torch.Tensor) else v
+                  for k, v in mixed.model_inputs().items()}
         pieces = self._round_streams.layouts(parts)
         with (self.jobs_model.drawing_pieces(pieces), self.jobs_model.whole_router_loads(self._whole_loads),
               self.compute_loss_context_manager(), self.accelerator.autocast()):
@@ -95,7 +97,7 @@ class MixedStepping:
                 loss = loss + coefficient * aux[run.name] / (len(run.window) * summed_processes)
             losses[run.name] = loss
             fields = [loss.detach(), *(t[rows].sum() if t.dim() else t for t in (entropy, top1, label_mask)),
-                      aux[run.name].detach() if run.name in aux else zero.new_tensor(math.nan)]  # (nan: no aux loss)
+                      aux[run.name].detach() if run.name in aux else zero.new_full((), math.nan)]  # (nan: no aux loss)
             sums[run.name] = torch.stack([t.double() for t in fields])
         # every job's loss, metrics and token count in one read-back: on a GPU each read syncs the step's kernels
         values = torch.stack([sums[r.name] for r, _ in parts])

@@ -9,6 +9,7 @@ after the window the job clips its own gradient norm and steps its own optimizer
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -263,7 +264,8 @@ class JobRun(JobEvents):
         else:  # skipped where the scaler does not call the optimizer's step, as accelerate tells Trainer; a fused
             # optimizer's step is always called (it skips inside its kernel), so its schedule steps, as Trainer's
             called, step = [], self.optimizer.step
-            self.optimizer.step = lambda *args, **kwargs: (called.append(True), step(*args, **kwargs))[1]
+            # (`wraps`: the scaler reads the step's signature, e.g. for an optimizer taking `grad_scaler=`)
+            self.optimizer.step = functools.wraps(step)(lambda *a, **kw: (called.append(True), step(*a, **kw))[1])
             try:
                 scaler.step(self.optimizer)
             finally:

@@ -148,8 +148,8 @@ class JobScheduler:
         waiting = [(run, batch) for run, batch in candidates if run.name not in chosen_names]
         alone = {run.name: sum(held.get(run.name, (0, 0))) - (self.profiled_resident_bytes or 0.0)
                  for run, _ in waiting}
-        # a job that fits on no process even alone fails on every one (one collective per waiting job: decided
-        # apart, one process would fail its own and another the last job, and both jobs would fail)
+        # a job that does not fit even alone on some process fails on every one (one collective per waiting job:
+        # decided apart, one process would fail its own and another the last job, and both jobs would fail)
         never = [(run, batch) for run, batch in waiting
                  if not agree(self.predict([(run, batch)], alone[run.name]) <= self.max_memory)]
         if chosen and not never:

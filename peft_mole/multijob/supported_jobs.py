@@ -43,7 +43,8 @@ def check_lora_config(name: str, config: LoraConfig) -> None:
     if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r <= 0:
         raise ValueError(f"job {name!r}: LoraConfig r must be a positive integer, got {config.r!r}")
     if config.init_lora_weights is not True:
-        raise ValueError(f"job {name!r}: init_lora_weights must be True (Kaiming A, zero B), got {config.init_lora_weights!r}")
+        raise ValueError(f"job {name!r}: init_lora_weights must be True (Kaiming A, zero B), "
+                         f"got {config.init_lora_weights!r}")
 
 
 __all__ = ["JOB_NAME", "check_job_name", "check_lora_config"]

@@ -178,7 +178,13 @@ def dropout_scale(p: float) -> float:
     return 0.0 if threshold == _LEVELS else _LEVELS / (_LEVELS - threshold)
 
 
-@torch.library.custom_op("peft_mole::keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+# Seeded draws from a job's own generator (and, per job, the rows' jobs read on the host): a CUDA graph
+# (`mode="reduce-overhead"`) can capture neither, so Inductor splits the graph around these operators
+# (`cudagraph_unsafe`; found by a review of the CUDA-only paths, 2026-12-07, before any GPU ran them).
+GENERATOR_OP_TAGS = (torch.Tag.nondeterministic_seeded, torch.Tag.cudagraph_unsafe)
+
+
+@torch.library.custom_op("peft_mole::keep_mask", mutates_args=(), tags=GENERATOR_OP_TAGS)
 def compiled_keep_mask(like: torch.Tensor, p: float, call_site: int, stream: int = 0) -> torch.Tensor:
     """`keep_mask` of like's shape as an operator that torch.compile calls as it is: the compiler's own random
     kernels draw one Philox number per element, 21 ms fwd + bwd for a (1024, 1376) dropout on 2 CPU threads

@@ -68,11 +68,14 @@ def dispatch(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> 
     keep = flat_weight != 0
     # one read-back (a host sync on a GPU) for both: the kept pairs of each expert in bins 0..E-1, the dropped slots in
     # bins E..2E-1
-    tally = torch.bincount(flat_expert + num_experts * ~keep, minlength=2 * num_experts).tolist()
+    bins = flat_expert + num_experts * ~keep
+    tally = torch.bincount(bins, minlength=2 * num_experts).tolist()
     counts = tally[:num_experts]
+    # the dropped slots sort after every kept pair and are cut off by the host count (a boolean index would read
+    # its size back: a second sync per layer on a GPU); the kept pairs' order is that of sorting them alone
+    order = torch.argsort(bins, stable=True)
     if any(tally[num_experts:]):
-        flat_expert, flat_weight, flat_token = flat_expert[keep], flat_weight[keep], flat_token[keep]
-    order = torch.argsort(flat_expert, stable=True)
+        order = order[:sum(counts)]
     return Dispatch(token=flat_token[order], expert=flat_expert[order], weight=flat_weight[order], counts=counts)
 
 

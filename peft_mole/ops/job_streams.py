@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from peft_mole.ops.dropout import (
+    GENERATOR_OP_TAGS,
     Dropout,
     _MaskAndScale,
     dropout_scale,
@@ -42,6 +43,7 @@ def jitter(shape: tuple[int, ...], eps: float, device: torch.device, stream: int
     return stream_draw(shape, stream, draw, 1.0)
 
 
+
 def _per_job(out: torch.Tensor, row_jobs: torch.Tensor, slots: int, draw) -> torch.Tensor:
     """`out` with the rows of each job j < slots (row_jobs == j, in row order) replaced by `draw(j, (n_j, *rest))`,
     one draw per job as the eager layers draw its row group; rows of jobs whose draw is None stay as they are."""
@@ -56,7 +58,7 @@ def _per_job(out: torch.Tensor, row_jobs: torch.Tensor, slots: int, draw) -> tor
     return out
 
 
-@torch.library.custom_op("peft_mole::per_job_keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+@torch.library.custom_op("peft_mole::per_job_keep_mask", mutates_args=(), tags=GENERATOR_OP_TAGS)
 def per_job_keep_mask(like: torch.Tensor, row_jobs: torch.Tensor, ps: list[float], streams: list[int],
                       call_site: int) -> torch.Tensor:
     """Keep-mask of like's shape: the rows of job j (row_jobs == j, in order) drawn as one `keep_mask` of
@@ -75,7 +77,7 @@ def _(like, row_jobs, ps, streams, call_site):
     return torch.empty(like.shape, dtype=torch.bool, device=like.device)
 
 
-@torch.library.custom_op("peft_mole::per_job_jitter", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+@torch.library.custom_op("peft_mole::per_job_jitter", mutates_args=(), tags=GENERATOR_OP_TAGS)
 def per_job_jitter(like: torch.Tensor, row_jobs: torch.Tensor, epsilons: list[float], streams: list[int]
                    ) -> torch.Tensor:
     """Router jitter multipliers of like's shape (fp32): the rows of job j drawn U(1 − ε_j, 1 + ε_j) from stream

@@ -13,7 +13,9 @@ give the compiler only their output shapes: the graph stays whole, and inside ru
 `segmented_lora.grouped_mm_serves` (CPU fp32/bf16, CUDA bf16), else one product per segment, whose sizes are then
 read back inside the operator. Callers pass operands already in F.linear's dtype (`ops.experts._segment_matmul`).
 The backward is the two operators below, so a compiled backward has no break either. Checked against per-segment
-`F.linear` and its autograd in tests/ops/test_segment_ops.py.
+`F.linear` and its autograd in tests/ops/test_segment_ops.py. Where no grouped product serves, the sizes are read
+back on the host, which a CUDA graph cannot capture: both operators are tagged `cudagraph_unsafe`, and Inductor
+splits a `mode="reduce-overhead"` graph around them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _segment_bounds(ends: torch.Tensor) -> list[tuple[int, int, int]]:
     return [(e, lo, hi) for e, (lo, hi) in enumerate(zip(starts, stops, strict=True)) if hi > lo]
 
 
-@torch.library.custom_op("peft_mole::segment_linear", mutates_args=())
+@torch.library.custom_op("peft_mole::segment_linear", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def segment_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """out[seg_e] = rows[seg_e] @ weight[e]ᵀ; rows (M, in) sorted by expert, weight (E, out, in), ends (E,) int."""
     if grouped_mm_serves(rows.device, rows.dtype, *weight.shape[1:]) and rows.dtype == weight.dtype:
@@ -46,7 +48,7 @@ def _(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Ten
     return rows.new_empty(rows.shape[0], weight.shape[1])
 
 
-@torch.library.custom_op("peft_mole::segment_weight_grad", mutates_args=())
+@torch.library.custom_op("peft_mole::segment_weight_grad", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def segment_weight_grad(grad: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, num_experts: int) -> torch.Tensor:
     """∂L/∂W_e = grad[seg_e]ᵀ rows[seg_e] for every expert, (E, out, in); zero for an expert with no rows."""
     if grouped_mm_serves(grad.device, grad.dtype, grad.shape[1], rows.shape[1]) and grad.dtype == rows.dtype:

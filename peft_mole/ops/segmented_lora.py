@@ -65,13 +65,18 @@ class _StackedLora(torch.autograd.Function):
         jobs = len(factors) // 2
         lora_a, lora_b = torch.stack(factors[:jobs]), torch.stack(factors[jobs:])
         hidden = scaled(torch.bmm(x, lora_a.transpose(1, 2)), scaling)
-        ctx.save_for_backward(x, scaling, lora_a, lora_b, hidden)
+        ctx.save_for_backward(x, scaling, lora_a, lora_b, hidden, *factors)
         return torch.bmm(hidden, lora_b.transpose(1, 2))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, scaling, lora_a, lora_b, hidden = ctx.saved_tensors
+        x, scaling, lora_a, lora_b, hidden, *factors = ctx.saved_tensors
         jobs = lora_a.shape[0]
+        if torch.is_grad_enabled():  # create_graph: the stacks and `hidden` made again from the inputs, so that a
+            # second derivative sees every path (through the saved ones, made inside `forward`, it lost their terms:
+            # a review's probe, 2026-12-07); a plain backward uses the saved ones
+            lora_a, lora_b = torch.stack(factors[:jobs]), torch.stack(factors[jobs:])
+            hidden = scaled(torch.bmm(x, lora_a.transpose(1, 2)), scaling)
         needs_a, needs_b = any(ctx.needs_input_grad[2:2 + jobs]), any(ctx.needs_input_grad[2 + jobs:])
         grad_b = torch.bmm(grad.transpose(1, 2), hidden).unbind(0) if needs_b else (None,) * jobs
         grad_hidden = scaled(torch.bmm(grad, lora_b), scaling)
@@ -255,6 +260,8 @@ def grouped_mm_serves(device: torch.device, dtype: torch.dtype, *dims: int) -> b
     device = torch.device(device)
     if device.type == "cpu":
         return grouped_mm_exact(device, dtype, *dims)
+    if device.type == "cuda" and device.index is None:  # one probe per GPU: "cuda" and "cuda:0" are one device
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type != "cuda" or dtype != torch.bfloat16 or torch.compiler.is_compiling() or not hasattr(
         torch, "_grouped_mm"
     ):
@@ -357,7 +364,7 @@ def stacked_lora_deltas(
         opmath = torch.float64 if dtype == torch.float64 else torch.float32
         scaling = constant_on(tuple(f.scaling for f in chosen), opmath, x.device)
         if len(set(tokens)) == 1:
-            out = stacked_lora(inputs.view(len(indices), tokens[0], -1), scaling,
+            out = stacked_lora(inputs.view(len(indices), tokens[0], x.shape[-1]), scaling,  # (sizes: 0 tokens too)
                                [f.lora_a for f in chosen], [f.lora_b for f in chosen]).flatten(0, 1)  # (Σ tokens, out)
         else:
             lora_a, lora_b = torch.stack([f.lora_a for f in chosen]), torch.stack([f.lora_b for f in chosen])
@@ -366,7 +373,7 @@ def stacked_lora_deltas(
             hidden = grouped_linear(inputs, lora_a, ends)  # (Σ tokens, r)
             out = grouped_linear(scaled(hidden, scaling.repeat_interleave(counts).unsqueeze(1)), lora_b, ends)
         rows = sum(groups[i].num_rows for i in indices)
-        results.append((indices, out.view(rows, *x.shape[1:-1], -1)))
+        results.append((indices, out.view(rows, *x.shape[1:-1], out.shape[-1])))
     return results
 
 

@@ -373,6 +373,30 @@ def test_choice_scores_of_a_llama2_style_tokenizer_score_the_tokens_sft_trained_
                                atol=1e-5, rtol=1e-5)
 
 
+def test_choices_after_a_prompt_ending_in_a_space_score_their_whole_tokens(caplog):
+    """A byte-level BPE merges a prompt's trailing space into the choice's first token ("Ġ" + "yes" = "Ġyes"): the
+    choice is scored from where the row leaves the prompt's tokens, its merged first token included (a first
+    version of the joint tokenisation dropped it, and refused one-token choices "A" as having no tokens)."""
+    from peft_mole.evaluation import choice_scores
+
+    tokenizer = synthetic.demo_tokenizer()
+    model = tiny_base(vocab_size=len(tokenizer)).eval()
+    prompt, choices = "Capital of Peru? Answer: ", ["Lima", "Rome Italy"]
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    expected = []
+    for choice in choices:
+        ids = tokenizer(prompt + choice)["input_ids"]
+        start = next(i for i, (a, b) in enumerate(zip(ids, prompt_ids, strict=False)) if a != b)
+        assert start == len(prompt_ids) - 1  # the trailing space merged into the choice's first token
+        with torch.no_grad():
+            log_probs = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        expected.append(sum(log_probs[t - 1, ids[t]] for t in range(start, len(ids))))
+    with caplog.at_level("WARNING"):
+        scores = choice_scores(model, tokenizer, prompt, choices)
+    torch.testing.assert_close(scores, torch.stack(expected), atol=1e-5, rtol=1e-5)
+    assert "merge with choices ['Lima', 'Rome Italy']" in caplog.text
+
+
 def test_label_tokens_of_a_llama2_style_sentencepiece_tokenizer_are_those_after_answer():
     """' A' alone is ['▁', '▁A'] (the first token is the same for every label: was a ValueError); after 'Answer:'
     the label is the one token '▁A', the token that follows the prompt's last token."""

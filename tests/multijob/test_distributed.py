@@ -244,7 +244,8 @@ def test_a_job_failing_on_one_process_fails_on_every_process_and_the_others_go_o
 @LINUX_ONLY
 def test_a_stop_asked_on_one_process_stops_every_process_at_that_step(trained):
     """A callback sets `should_training_stop` on process 1 only, after the second round: both processes stop there
-    and checkpoint every job (lora at its step 2, mix, accumulating 2 micro-batches, at its step 1) (before: process 1 checkpointed, a collective, while process 0 went on to its next round's
+    and checkpoint every job (lora at its step 2, mix, accumulating 2 micro-batches, at its step 1) (before: process
+    1 checkpointed, a collective, while process 0 went on to its next round's
     collectives, and both hung). In one process (rank 0: no stop) the jobs train their 3 steps."""
     root, out = trained
     assert any("('lora', 'done', 3)" in line for line in lines(out["one"], "0-stop"))
@@ -416,3 +417,36 @@ def test_load_best_model_at_end_under_two_processes_gives_every_process_the_best
         last = load_file(folder / job / "checkpoint-3" / "adapter_model.safetensors")
         assert not all(torch.equal(best[k], last[k]) for k in best), job
         assert len(digests) == 1, (job, digests)
+
+
+def test_processes_that_resume_jobs_from_different_steps_stop_before_training(assets, tmp_path, monkeypatch):
+    """Each process reads the job folders itself; one that found no checkpoint (folders not shared between nodes)
+    started from step 0 while the others went on from theirs, and their collectives fell out of step. Now `train`
+    raises on every process, naming the jobs and each process's step. A second process is simulated: a gather that
+    adds its row (no checkpoint found: step 0)."""
+    from peft import LoraConfig
+
+    from peft_mole import JobConfig, MultiJobTrainer
+    from peft_mole.multijob import distributed
+    from peft_mole.multijob.trainer_args import JobSetupError
+    from tests.helpers import tiny_base
+    from tests.multijob.test_trainer import ALL_LINEAR, run_args
+
+    tokenizer, datasets = assets
+    jobs = [JobConfig("a", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+                      datasets["add"])]
+    first = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                            args=run_args(tmp_path, save_strategy="steps", save_steps=1, max_steps=2))
+    first.train()
+    gather = distributed.gather_rows
+    monkeypatch.setattr(distributed, "gather_rows", lambda accelerator, row: torch.cat(
+        [gather(accelerator, row), torch.zeros_like(row).unsqueeze(0)]))
+    again = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                            args=run_args(tmp_path, save_strategy="steps", save_steps=1, max_steps=2))
+    with pytest.raises(JobSetupError, match=r"resumed jobs from different steps .*\{'a': \[2, 0\]\}"):
+        again.train(resume_from_checkpoint=True)
+    # a process whose read of a job's folder raised: every process stops (before: the others waited in the gather)
+    monkeypatch.setattr(distributed, "gather_rows", lambda accelerator, row: torch.cat(
+        [gather(accelerator, row), torch.cat([row[:-1], torch.ones(1)]).unsqueeze(0)]))
+    with pytest.raises(JobSetupError, match="a job could not resume on another process"):
+        again.train(resume_from_checkpoint=True)

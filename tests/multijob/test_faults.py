@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import weakref
@@ -105,20 +106,40 @@ def test_nan_job_and_broken_data_job_fail_alone(assets, tmp_path, monkeypatch):
     _assert_same(_adapter(tmp_path / "faulty" / "good"), _adapter(tmp_path / "alone" / "good"))
 
 
-def test_a_job_whose_optimizer_step_raises_fails_alone(assets, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["job_step", "inside_the_optimizer"])
+def test_a_job_whose_optimizer_step_raises_fails_alone(assets, tmp_path, monkeypatch, where):
     """An optimizer step that raises (its state allocated at the first step, out of memory here; a callback of the
-    job's step events) fails that job alone with its checkpoints kept; before, it ended the whole run."""
+    job's step events) fails that job alone with its checkpoints kept; before, it ended the whole run. Raised before
+    the job's step begins, or by the optimizer itself after its gradients were clipped."""
     from peft_mole.multijob import run as run_module
 
     tokenizer, datasets = assets
-    step = run_module.JobRun.optimizer_step
+    step, make_run = run_module.JobRun.optimizer_step, MultiJobTrainer._make_run
+    out_of_memory = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")
 
     def running_out_of_memory(self, event=lambda name: None):
         if self.name == "bad" and self.global_step == 2:
-            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")
+            raise out_of_memory
         return step(self, event)
 
-    monkeypatch.setattr(run_module.JobRun, "optimizer_step", running_out_of_memory)
+    def optimizer_running_out_of_memory(self, job):
+        run = make_run(self, job)
+        if job.name == "bad":
+            own_step = run.optimizer.step
+
+            @functools.wraps(own_step)  # (keeps the LR scheduler's mark on the step it wrapped)
+            def raising(*args, **kwargs):
+                if run.global_step == 2:
+                    raise out_of_memory
+                return own_step(*args, **kwargs)
+
+            run.optimizer.step = raising
+        return run
+
+    if where == "job_step":
+        monkeypatch.setattr(run_module.JobRun, "optimizer_step", running_out_of_memory)
+    else:
+        monkeypatch.setattr(MultiJobTrainer, "_make_run", optimizer_running_out_of_memory)
     jobs = [JobConfig("good", LoraConfig(**LORA), datasets["sentiment"]),
             JobConfig("bad", LoraConfig(**LORA), datasets["capital"])]
     trainer = _trainer(tokenizer, jobs, tmp_path / "run")

@@ -26,6 +26,14 @@ def _params(seed: int = 0) -> list[nn.Parameter]:
     return params
 
 
+def _laid_out(flat: FlatGroups, like: torch.Tensor, params, values) -> torch.Tensor:
+    """A flat tensor shaped as `like` holding each of `values` where its parameter lies, zeros between them."""
+    out = torch.zeros_like(like)
+    for param, value in zip(params, values, strict=True):
+        out[flat.offset(param): flat.offset(param) + param.numel()] = value.reshape(-1)
+    return out
+
+
 def _groups(params):
     return [{"params": params[:3], "weight_decay": 0.1}, {"params": params[3:], "weight_decay": 0.0}]
 
@@ -107,21 +115,22 @@ def test_missing_gradient_counts_as_zero_and_gradients_accumulate():
     flat.add_gradients(params, [None, *grads[1:]])
     flat.add_gradients(params, grads)  # a second micro-batch of the window adds
     (tensor,) = flat.tensors
-    expected = torch.cat([grads[0].reshape(-1)] + [2 * g.reshape(-1) for g in grads[1:]])
+    expected = _laid_out(flat, tensor, params, [grads[0]] + [2 * g for g in grads[1:]])
     assert torch.equal(tensor.grad, expected)
     flat.zero_grad()
     assert tensor.grad is None
     flat.add_gradients(params[::-1], grads[::-1])  # any order of the parameters
-    assert torch.equal(tensor.grad, torch.cat([g.reshape(-1) for g in grads]))
+    assert torch.equal(tensor.grad, _laid_out(flat, tensor, params, grads))
     tensor.grad = torch.ones_like(tensor)  # a gradient set from outside is added to, not dropped
     flat.add_gradients(params, grads)
-    assert torch.equal(tensor.grad, 1 + torch.cat([g.reshape(-1) for g in grads]))
+    assert torch.equal(tensor.grad, 1 + _laid_out(flat, tensor, params, grads))
 
 
 def test_dtypes_split_a_group_and_errors_name_the_problem():
     params = [nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2, dtype=torch.float64)), nn.Parameter(torch.ones(4))]
     flat = FlatGroups([params])
-    assert sorted(t.numel() for t in flat.tensors) == [2, 7]
+    assert sorted(t.numel() for t in flat.tensors) == [2, 8]  # float32 3 + 4 (each at 16 bytes: 3 → 4), float64 2
+    assert all(p.data_ptr() % 16 == 0 for p in params)
     with pytest.raises(ValueError, match="appears twice"):
         FlatGroups([[params[0]], [params[0]]])
     with pytest.raises(ValueError, match="gradients for 2 parameters, this job has 3"):
@@ -279,8 +288,8 @@ def test_states_that_do_not_fit_are_refused_and_missing_ones_start_at_zero():
     partial = {"state": {i: v for i, v in moments.items() if i != 0}, "param_groups": groups}  # the first never stepped
     joined = flat.flat_state(partial)
     first = joined["state"][0]["exp_avg"]
-    assert first.numel() == sum(s.numel() for s in shapes[:3])
-    assert first[: shapes[0].numel()].eq(0).all() and first[shapes[0].numel():].eq(1).all()
+    assert first.numel() == flat.tensors[0].numel() == 24 + 24 + 4  # (3 values padded to 16 bytes)
+    assert torch.equal(first, _laid_out(flat, first, params[:3], [torch.zeros(24), torch.ones(24), torch.ones(3)]))
     assert joined["state"][0]["step"].item() == 3.0
     optimizer.load_state_dict(joined)
     swapped = {"state": moments, "param_groups": [{**groups[0], "params": [0, 1]}, {**groups[1], "params": [2, 3, 4]}]}
@@ -291,5 +300,5 @@ def test_states_that_do_not_fit_are_refused_and_missing_ones_start_at_zero():
         flat.flat_state(wrong_size)
     flat_layout = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)}},
                    "param_groups": [{**groups[0], "params": [0]}, {**groups[1], "params": [1]}]}
-    with pytest.raises(ValueError, match="has 3 values, the tensor 51"):
+    with pytest.raises(ValueError, match="has 3 values, the tensor 52"):
         flat.flat_state(flat_layout)

@@ -466,3 +466,26 @@ def test_profiling_that_runs_out_of_memory_profiles_again_at_half_the_length(cap
     with pytest.raises(RuntimeError, match="can't allocate memory"):  # not even 8 tokens fit: the error itself
         MemoryModel().fit_by_profiling(lambda ids, jobs: step(torch.zeros(100), jobs), torch.device("cpu"), 10, 16,
                                        jobs=["a"])
+
+
+def test_dynmole_profiling_that_runs_out_of_memory_measures_again_at_half_the_length(caplog):
+    """`costliest_selection` measures two-row steps of the full length before the fit; one that runs out of memory
+    ended `train()` (before 2026-12-07): it is measured again at half the length, and the rules come back after."""
+    from types import SimpleNamespace
+
+    from peft_mole.multijob.memory import costliest_selection
+
+    lengths = []
+
+    def step(ids, row_jobs):
+        lengths.append(ids.shape[1])
+        if ids.shape[1] > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        x = torch.randn(ids.numel(), 8, requires_grad=True)
+        torch.autograd.grad((x * x).sum(), x)
+
+    settings = [SimpleNamespace(rule="own", num_experts=4)]
+    with caplog.at_level("WARNING"), costliest_selection(step, torch.device("cpu"), {"d": settings}, 10, 64) as costs:
+        assert costs["d"]["dense"] > 0 and costs["d"]["dispatch"] > 0
+    assert lengths[0] == 64 and set(lengths[-4:]) == {16} and settings[0].rule == "own"
+    assert "profiling step of 64 tokens per row ran out of memory; measuring again at 32" in caplog.text

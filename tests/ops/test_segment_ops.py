@@ -64,3 +64,16 @@ def test_segment_linear_compiles_into_one_graph_with_ends_computed_in_the_graph(
     (got,) = torch.autograd.grad(out.square().sum(), rows)
     (want,) = torch.autograd.grad(eager.square().sum(), rows)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_operators_that_read_back_or_draw_from_job_generators_are_kept_out_of_cuda_graphs():
+    """A CUDA graph (`torch.compile(mode="reduce-overhead")`) captures neither a host read-back nor a draw from a
+    job's own generator: the operators that do either are tagged `cudagraph_unsafe`, so Inductor splits the graph
+    around them (before 2026-12-07 the compiled multi-job step with dropout would have failed in capture)."""
+    import peft_mole.ops.dropout  # noqa: F401  (registers the operators)
+    import peft_mole.ops.job_streams  # noqa: F401
+    import peft_mole.packed_attention_op  # noqa: F401
+
+    for name in ("segment_linear", "segment_weight_grad", "keep_mask", "per_job_keep_mask", "per_job_jitter",
+                 "packed_sdpa", "packed_sdpa_backward"):
+        assert torch.Tag.cudagraph_unsafe in getattr(torch.ops.peft_mole, name).default.tags, name
