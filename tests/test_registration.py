@@ -96,3 +96,28 @@ def test_a_reloaded_module_registers_its_classes_again_and_a_clash_is_refused():
             register_method("peft_mole_mixlora", other, MixLoRAModel, MixLoRAModel.prefix)
     finally:
         PEFT_TYPE_TO_CONFIG_MAPPING[peft_type], PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = MixLoRAConfig, MixLoRAModel
+
+
+def test_the_package_and_the_gpu_tests_import_without_datasets_trl_or_evaluate():
+    """The GPU machines' image has torch, transformers and peft but no `datasets`, `trl` or `evaluate`: `import
+    peft_mole`, an adapter made from it, the models the benches build, and the GPU test files must not need them
+    (`jobs.py` imported `datasets` at the top from 2026-12-05, which would have failed every part of a GPU run;
+    a review found it, 2026-12-07)."""
+    result = run("""
+        import importlib, importlib.abc, os, sys
+        class Refuse(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("datasets", "trl", "evaluate"):
+                    raise ModuleNotFoundError(f"No module named {name!r} (as on the GPU image)")
+        sys.meta_path.insert(0, Refuse())
+        sys.path[:0] = [os.getcwd(), os.path.join(os.getcwd(), "bench")]
+        import peft_mole, common
+        from peft import get_peft_model
+        from tests.helpers import tiny_base
+        get_peft_model(tiny_base(), peft_mole.MixLoRAConfig(num_experts=4))
+        for name in sorted(os.listdir("tests/gpu")):
+            if name.startswith("test_") and name.endswith(".py"):
+                importlib.import_module("tests.gpu." + name[:-3])
+        print("imported")
+    """)
+    assert result.returncode == 0 and "imported" in result.stdout, result.stderr[-3000:]
