@@ -19,6 +19,9 @@ from collections.abc import Callable
 from peft_mole.multijob.best_checkpoint import checkpoints_to_delete
 
 STATE_FILE = "job_state.json"
+# the run's logs of one job up to a checkpoint or its end (Trainer keeps them in trainer_state.json's log_history):
+# a resume puts them back into `trainer.state.log_history`
+LOG_FILE = "log_history.json"
 RUN_FILE = "run.json"  # {"run_id": ...} of the run that last started in a job's folder (`lifecycle`)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 

@@ -67,6 +67,11 @@ class JobStepping:
             setattr(control, flag, value)
         control.should_training_stop = stop
 
+    def _job_logs(self, run: JobRun) -> list[dict]:
+        """The entries of the run's log history that are `run`'s (each log of a job carries its `<job>/` keys)."""
+        prefix = f"{run.name}/"
+        return [entry for entry in self.state.log_history if any(key.startswith(prefix) for key in entry)]
+
     def _job_step(self, run: JobRun) -> None:
         """Step the job whose window is complete (gradients summed over processes, clipped), then log, evaluate,
         checkpoint and end it as its strategies say."""
@@ -130,7 +135,8 @@ class JobStepping:
         if run.should_save():
             run.mark_best_checkpoint()
             states = self._stream_states(run)  # (a collective: on every process)
-            save = partial(run.save_checkpoint, lambda d: self.jobs_model.save_job(run.name, d), stream_states=states)
+            save = partial(run.save_checkpoint, lambda d: self.jobs_model.save_job(run.name, d), stream_states=states,
+                           logs=self._job_logs(run))
             if not self._written(run, "checkpoint", save):  # (a collective too)
                 return
             self._job_event("on_save", run)  # (on every process, as Trainer)

@@ -35,6 +35,18 @@ def base_dropout_rates(model) -> dict[str, float]:
                 rates[key] = value
     return rates
 
+
+def read_logs(folder: str) -> list[dict]:
+    """A job's log entries saved in `folder` (`ckpt.LOG_FILE`; none in folders written before 2026-12-07)."""
+    path = os.path.join(folder, ckpt.LOG_FILE)
+    return ckpt.read_json(path) if os.path.isfile(path) else []
+
+
+def resumed_log_history(runs: list[JobRun]) -> list[dict]:
+    """The run's log history as of where its jobs resumed: each job's saved entries, in the order they were logged
+    (by mixed step; a step's entries in the jobs' order)."""
+    return sorted((entry for run in runs for entry in run.resumed_logs), key=lambda entry: entry.get("step", 0))
+
 class JobLifecycle:
     """The trainer's job endings and resume (see the module docstring); mixed into `MultiJobTrainer`."""
 
@@ -84,6 +96,7 @@ class JobLifecycle:
         state = ckpt.read_json(final_state) if os.path.isfile(final_state) else {}
         if state.get("status") in (DONE, STOPPED) and state.get("run_id") == run.run_id:
             self.jobs_model.load_job(run.name, run.args.output_dir)
+            run.resumed_logs = read_logs(run.args.output_dir)
             run.status, run.global_step = state["status"], state["global_step"]
             run.restore_account(state)
             run.release()
@@ -97,6 +110,7 @@ class JobLifecycle:
         if path is not None:
             run.load_checkpoint(path, lambda d, name=run.name: self.jobs_model.load_job(name, d),
                                 (self.accelerator.process_index, self.accelerator.num_processes))
+            run.resumed_logs = read_logs(path)
             logger.info("job %s resumes from %s", run.name, path)
         else:  # (Trainer raises here; a restarted preemptible run may not have saved yet)
             logger.warning("job %s has no checkpoint in %s: it starts from the beginning", run.name,
@@ -134,7 +148,7 @@ class JobLifecycle:
             # as every checkpoint: not where the weights are not finite, and a write error fails that job alone
             self._written(run, "checkpoint", functools.partial(
                 run.save_checkpoint, lambda d, name=run.name: self.jobs_model.save_job(name, d), model_only=False,
-                stream_states=stream_states))
+                stream_states=stream_states, logs=self._job_logs(run)))
         if self.is_world_process_zero():
             logger.warning("training stopped by a callback at step %d; unfinished jobs checkpointed: %s",
                            self.state.global_step, [run.name for run in unfinished])
@@ -165,6 +179,7 @@ class JobLifecycle:
 
         def write(tmp: str) -> None:
             self._save_job_folder(run.name, tmp)
+            ckpt.write_json(os.path.join(tmp, ckpt.LOG_FILE), self._job_logs(run))
             ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), run.state_dict())
 
         def write_final() -> None:

@@ -45,7 +45,7 @@ from peft_mole.multijob.halves import MicroBatchHalves
 from peft_mole.multijob.job_data import JobDatasets, data_error
 from peft_mole.multijob.job_step import JobStepping
 from peft_mole.multijob.jobs import JobConfig
-from peft_mole.multijob.lifecycle import JobLifecycle
+from peft_mole.multijob.lifecycle import JobLifecycle, resumed_log_history
 from peft_mole.multijob.memory_profile import JobMemoryProfile
 from peft_mole.multijob.mixed_step import MixedStepping, NonFiniteInPackedStep  # noqa: F401 (re-exported)
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
@@ -236,8 +236,11 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
         self.state = TrainerState(
             is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()
         )
-        # a resumed run counts on from its jobs' last steps, as Trainer restores global_step
+        # a resumed run counts on from its jobs' last steps, as Trainer restores global_step, and its log history
+        # holds each job's logs up to where it resumed, as Trainer restores it from trainer_state.json
         self.state.global_step = max((run.mixed_step for run in runs), default=0)
+        if resume_from_checkpoint:
+            self.state.log_history = resumed_log_history(runs)
         self.state.max_steps = self.state.global_step + self.job_scheduler.estimate_steps(runs)
         self.state.logging_steps = self.args.logging_steps
         self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)

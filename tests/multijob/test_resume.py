@@ -334,8 +334,14 @@ def test_a_callback_stopping_training_checkpoints_every_unfinished_job_and_resum
         assert (row["steps"], row["tokens"]) == (expected[row["job"]]["steps"], expected[row["job"]]["tokens"])
         assert row["final_loss"] == pytest.approx(expected[row["job"]]["final_loss"], rel=1e-5)
     assert sum(row["time_share"] for row in resumed.job_summary) == pytest.approx(1.0)  # (was over 1)
-    steps = [h["step"] for h in stopped.state.log_history + resumed.state.log_history if "step" in h]
-    assert steps == sorted(steps) and steps[-1] > 3  # the resumed run counts on, as Trainer's global_step
+    steps = [h["step"] for h in resumed.state.log_history if "step" in h]  # (the stopped run's logs included)
+    assert steps == sorted(steps) and steps[0] == 1 and steps[-1] > 3  # it counts on, as Trainer's global_step
+    for job in ("lora", "mix"):  # the log history holds each job's logs from before the stop too, as Trainer's
+        # resume restores it (before 2026-12-07 it started again: the resumed run had the later steps' logs only)
+        logged = [h[f"{job}/{key}"] for h in resumed.state.log_history if f"{job}/loss" in h
+                  for key in ("step", "loss", "learning_rate")]
+        assert logged == pytest.approx([h[f"{job}/{key}"] for h in whole.state.log_history if f"{job}/loss" in h
+                                        for key in ("step", "loss", "learning_rate")], rel=1e-5), job
     for job in ("lora", "mix"):  # a job's last log after the resume: its input tokens counted on, its epoch
         last = [h for h in resumed.state.log_history if f"{job}/loss" in h][-1]
         expected = [h for h in whole.state.log_history if f"{job}/loss" in h][-1]
@@ -398,6 +404,7 @@ def test_resume_says_an_ended_job_is_not_trained_further_and_a_finished_job_drop
         again = trainer(4)
         again.train(resume_from_checkpoint=True)
     assert [(r.status, r.global_step) for r in again.runs] == [("done", 2)]
+    assert [h["a/step"] for h in again.state.log_history if "a/loss" in h] == [1, 2]  # its logs, from its end
     # the ended job's summary is its run's, not zeros (it was tokens 0, final_loss None)
     assert [(r["tokens"], r["final_loss"]) for r in again.job_summary] == [
         (r["tokens"], r["final_loss"]) for r in first.job_summary]
