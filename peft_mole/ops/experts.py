@@ -52,6 +52,11 @@ class Dispatch:
         return self.ends if self.counts is None else self.counts
 
 
+# where `dispatch` drops unused slots with a boolean index (its size read back costs no sync there, and fewer pairs are
+# sorted); elsewhere they are sorted to the end and cut off by the host count
+BOOLEAN_INDEX_DEVICES = ("cpu",)
+
+
 @profiled("peft_mole::dispatch")
 def dispatch(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> Dispatch:
     """Sort the selected (token, expert) pairs by expert; pairs with weight 0 (unused slots) are dropped.
@@ -71,11 +76,12 @@ def dispatch(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> 
     bins = flat_expert + num_experts * ~keep
     tally = torch.bincount(bins, minlength=2 * num_experts).tolist()
     counts = tally[:num_experts]
-    # the dropped slots sort after every kept pair and are cut off by the host count (a boolean index would read
-    # its size back: a second sync per layer on a GPU); the kept pairs' order is that of sorting them alone
-    order = torch.argsort(bins, stable=True)
-    if any(tally[num_experts:]):
-        order = order[:sum(counts)]
+    if any(tally[num_experts:]) and flat_expert.device.type in BOOLEAN_INDEX_DEVICES:
+        flat_expert, flat_weight, flat_token = flat_expert[keep], flat_weight[keep], flat_token[keep]
+        order = torch.argsort(flat_expert, stable=True)
+    else:  # the dropped slots sort after every kept pair and are cut off by the host count (a boolean index would
+        # read its size back: a second sync per layer on a GPU); the kept pairs' order is that of sorting them alone
+        order = torch.argsort(bins, stable=True)[:sum(counts)]
     return Dispatch(token=flat_token[order], expert=flat_expert[order], weight=flat_weight[order], counts=counts)
 
 

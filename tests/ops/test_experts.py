@@ -488,3 +488,20 @@ def test_rows_of_no_tokens_give_empty_outputs_on_the_stacked_path():
     context.set_row_adapters(["a", "a", "b", "b"])
     out = layer(torch.randn(4, 0, 16, dtype=torch.float64))
     assert out.shape == (4, 0, 12)
+
+
+def test_dispatch_orders_the_kept_pairs_alike_with_and_without_a_boolean_index(monkeypatch):
+    """A GPU's dispatch sorts the dropped slots to the end and cuts them off by the host count (a boolean index
+    reads its size back: a second sync per layer), the CPU's removes them first: the same pairs in the same order."""
+    import peft_mole.ops.experts as experts_module
+
+    gen = torch.Generator().manual_seed(0)
+    experts = torch.stack([torch.randperm(6, generator=gen)[:4] for _ in range(50)])
+    weights = torch.rand(50, 4, generator=gen)
+    weights[::3, 2:] = 0  # unused slots (a DynMoLE rule's)
+    on_cpu = dispatch(weights, experts, 6)
+    monkeypatch.setattr(experts_module, "BOOLEAN_INDEX_DEVICES", ())
+    sorted_to_the_end = dispatch(weights, experts, 6)
+    assert on_cpu.counts == sorted_to_the_end.counts and sum(on_cpu.counts) == 200 - 2 * 17
+    for field in ("token", "expert", "weight"):
+        assert torch.equal(getattr(on_cpu, field), getattr(sorted_to_the_end, field)), field
