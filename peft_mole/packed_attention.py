@@ -177,9 +177,11 @@ def packed_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
         output = _operator_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         if output is not None:
             return output, None
-        row = packed_row(module, query, key, attention_mask, kwargs)
-        if row is not None and query.shape[2] > 1:  # (dropout in the attention): the masked row, its mask traced
-            mask = sequence_mask(*row, query.shape[2], attention_mask, kwargs.get("sliding_window"), query.device)
+        row, tokens = packed_row(module, query, key, attention_mask, kwargs), query.shape[2]
+        if (row is not None and tokens > 1 and (row[1] is False or tuple(row[0].shape) == (1, tokens))
+                and (attention_mask is None or tuple(attention_mask.shape[-2:]) == (tokens, tokens))):
+            # (dropout in the attention): the masked row, its mask traced (the shapes `chunk_plan` asks for)
+            mask = sequence_mask(*row, tokens, attention_mask, kwargs.get("sliding_window"), query.device)
             kwargs = {name: value for name, value in kwargs.items() if name != "is_causal"}
             return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                           is_causal=False, **kwargs)

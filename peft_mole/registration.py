@@ -56,8 +56,12 @@ def register_method(name: str, config_cls: type, model_cls: type, prefix: str) -
     guard_weight_loading()
     peft_type = add_peft_type(name.upper())
     registered = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
-    same_class = registered is not None and (registered.__module__, registered.__qualname__) == (
-        config_cls.__module__, config_cls.__qualname__)
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
+    def same(a, b) -> bool:
+        return a is not None and (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+    same_class = (same(registered, config_cls) and same(tuner, model_cls)
+                  and getattr(model_cls, "prefix", prefix) == prefix)
     if registered is None or not same_class:
         register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
     elif registered is not config_cls:  # reloaded

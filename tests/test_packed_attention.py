@@ -474,29 +474,3 @@ def test_a_packed_rows_mask_is_left_to_the_chunks_and_any_other_mask_is_sdpas(mo
         packed_attention.register()
     torch.testing.assert_close(got, tiny_base()(**batch, use_cache=False).logits, atol=1e-5, rtol=1e-5)
     assert masks == [None] * 2  # no mask built for either layer: the chunks made their blocks
-
-
-@pytest.mark.parametrize("bounds", ["cu_seq_lens", "positions_with_cache"])
-def test_compiled_steps_with_attention_dropout_keep_the_sequences_apart(bounds):
-    """With dropout in the attention the compiled step cannot use the operator, and traced transformers' mask: made
-    from the positions only, and only without a cache, so job bounds given by `cu_seq_lens_q` alone (a job whose
-    positions go on from the job before, `multijob.batching`) and every bound with a cache were lost, and sequences
-    attended to each other (before 2026-12-07: a gradient of 1.3e3 from one job's loss on the other's tokens). Now
-    the compiled step traces the row's block-diagonal mask (`packed_attention.sequence_mask`): no gradient crosses."""
-    torch.manual_seed(0)
-    model = with_attention(one_layer_base(attention_dropout=0.3), PACKED_SDPA).train()
-    lengths = (5, 13)
-    if bounds == "cu_seq_lens":  # the second job's positions continue the first's
-        positions = torch.arange(sum(lengths))[None]
-        kwargs = dict(cu_seq_lens_q=torch.tensor([0, 5, 18], dtype=torch.int32), max_length_q=13, use_cache=False)
-        kwargs.update(cu_seq_lens_k=kwargs["cu_seq_lens_q"], max_length_k=13)
-    else:
-        positions = torch.cat([torch.arange(n) for n in lengths])[None]
-        kwargs = dict(use_cache=True)
-    ids = torch.randint(3, 500, (1, sum(lengths)))
-    compiled = torch.compile(model, backend="aot_eager")
-    embeddings = model.get_input_embeddings()(ids).detach().requires_grad_()
-    out = compiled(inputs_embeds=embeddings, position_ids=positions, **kwargs)
-    out.logits[0, 5:].sum().backward()  # the second sequence's outputs
-    crossed, own = embeddings.grad[0, :5].abs().sum().item(), embeddings.grad[0, 5:].abs().sum().item()
-    assert crossed == 0.0 and own > 0.0

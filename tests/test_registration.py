@@ -94,6 +94,10 @@ def test_a_reloaded_module_registers_its_classes_again_and_a_clash_is_refused():
         other = type("MixLoRAConfig", (MixLoRAConfig,), {"__module__": "someone_else"})
         with pytest.raises(KeyError, match="There is already PEFT method called 'peft_mole_mixlora'"):
             register_method("peft_mole_mixlora", other, MixLoRAModel, MixLoRAModel.prefix)
+        foreign_tuner = type("Foreign", (MixLoRAModel,), {"__module__": "someone_else"})  # (beside the reloaded config)
+        with pytest.raises(KeyError, match="There is already PEFT method called 'peft_mole_mixlora'"):
+            register_method("peft_mole_mixlora", reloaded, foreign_tuner, MixLoRAModel.prefix)
+        assert PEFT_TYPE_TO_TUNER_MAPPING[peft_type] is MixLoRAModel
     finally:
         PEFT_TYPE_TO_CONFIG_MAPPING[peft_type], PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = MixLoRAConfig, MixLoRAModel
 

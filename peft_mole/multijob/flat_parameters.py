@@ -6,7 +6,10 @@ clipping before it computes one norm per tensor. A LoRA job holds two tensors pe
 shape, 56 on the small one, hundreds on a 7B model), and every job of a multi-job step pays this, outside any
 compiled graph. Flattened, each optimizer group of a job is one tensor:
 
-    flat_g = cat(p.reshape(-1) for p in group g),   p.data = flat_g[o_p : o_p + numel(p)].view(p.shape)
+    flat_g = the members of group g one after another,   p.data = flat_g[o_p : o_p + numel(p)].view(p.shape)
+
+with each offset o_p a multiple of 16 bytes (`torch._grouped_mm` refuses operands that start elsewhere), the
+elements between members zero, with zero gradients (`_gap_views`), so no step moves them,
 
 so the modules, parameter names and saved adapters do not change; the step's gradients of a job are added into
 `flat_g.grad` (a buffer kept per flat tensor) by one `torch._foreach_add_`, and clipping and the optimizer see one
@@ -87,6 +90,22 @@ class FlatGroups:
         # made now, not at the first gradient: an allocation inside `add_gradients` could run out of memory after
         # some jobs of a step had added theirs, and the trainer's retry would add those again
         self._buffers = [torch.zeros_like(flat) for flat in self.tensors]
+        self._gaps = self._gap_views()
+
+    def _gap_views(self) -> list[torch.Tensor]:
+        """Views of the gradient buffers' elements between (and after) the members: the copy of a step's first
+        gradients leaves them as they were, so it zeroes them (a clipping of non-finite gradients scales them by
+        NaN, and they would stay NaN, every later norm with them)."""
+        gaps = []
+        members_per_flat = [members for flats in self.groups for _, members in flats]
+        for buffer, members in zip(self._buffers, members_per_flat, strict=True):
+            end = 0
+            for param in members + [None]:
+                start = buffer.numel() if param is None else self._offsets[id(param)]
+                if start > end:
+                    gaps.append(buffer[end:start])
+                end = start if param is None else start + param.numel()
+        return gaps
 
     def offset(self, param: nn.Parameter) -> int:
         """Where `param` starts in its flat tensor (a multiple of 16 bytes)."""
@@ -112,8 +131,10 @@ class FlatGroups:
         instead (one pass over the buffers where zeroing and adding took two)."""
         views = self._grad_views(params)
         fresh = all(flat.grad is None for flat in self.tensors)
-        if fresh and grads and all(g is not None for g in grads):  # the views cover every buffer: nothing to zero
-            torch._foreach_copy_(views, list(grads))
+        if fresh and grads and all(g is not None for g in grads):  # the views cover every member: only the gaps
+            torch._foreach_copy_(views, list(grads))  # between them are zeroed
+            if self._gaps:
+                torch._foreach_zero_(self._gaps)
             for flat, buffer in zip(self.tensors, self._buffers, strict=True):
                 flat.grad = buffer
             return
@@ -158,7 +179,7 @@ class FlatGroups:
     def release_gradients(self) -> None:
         """Free the gradient buffers of a job that has ended (no gradient can be added after this)."""
         self.zero_grad()
-        self._buffers, self._views = [], {}
+        self._buffers, self._views, self._gaps = [], {}, []
 
     # ------------------------------------------------------------------ checkpoints
     def per_tensor_state(self, state: dict) -> dict:

@@ -154,7 +154,8 @@ class JobConfig:
             patience = self.early_stopping_patience
             if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
                 raise ValueError(
-                    f"job {self.name!r}: early_stopping_patience must be an int >= 1, got {self.early_stopping_patience!r}"
+                    f"job {self.name!r}: early_stopping_patience must be an int >= 1, "
+                    f"got {self.early_stopping_patience!r}"
                 )
             if self.eval_dataset is None:
                 raise ValueError(f"job {self.name!r}: early_stopping_patience needs an eval_dataset")

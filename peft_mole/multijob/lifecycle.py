@@ -8,6 +8,7 @@ final adapter whole. A failing job writes `job_failed.json` and keeps its checkp
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import uuid
@@ -24,7 +25,6 @@ from peft_mole.tuners.load_checks import text_config
 logger = logging.getLogger("peft_mole.multijob.trainer")  # one logger for the trainer's messages
 
 
-
 def base_dropout_rates(model) -> dict[str, float]:
     """The dropout rates above 0 in the config of the frozen base (`attention_dropout`, `hidden_dropout`,
     `resid_pdrop`, ...; a multimodal model's text config too): dropout the base itself draws in training."""
@@ -37,15 +37,30 @@ def base_dropout_rates(model) -> dict[str, float]:
 
 
 def read_logs(folder: str) -> list[dict]:
-    """A job's log entries saved in `folder` (`ckpt.LOG_FILE`; none in folders written before 2026-12-07)."""
+    """A job's log entries saved in `folder` (`ckpt.LOG_FILE`; none in folders written before 2026-12-07, and none,
+    with a warning, where the file cannot be read: the logs are a record, not what training resumes from)."""
     path = os.path.join(folder, ckpt.LOG_FILE)
-    return ckpt.read_json(path) if os.path.isfile(path) else []
+    if not os.path.isfile(path):
+        return []
+    try:
+        return list(ckpt.read_json(path))
+    except (OSError, ValueError, TypeError) as error:
+        logger.warning("%s cannot be read (%s): the resumed run's log history leaves out its entries", path, error)
+        return []
 
 
 def resumed_log_history(runs: list[JobRun]) -> list[dict]:
     """The run's log history as of where its jobs resumed: each job's saved entries, in the order they were logged
-    (by mixed step; a step's entries in the jobs' order)."""
-    return sorted((entry for run in runs for entry in run.resumed_logs), key=lambda entry: entry.get("step", 0))
+    (by mixed step; a step's entries in the jobs' order), an entry of several jobs (an `evaluate()` of all of them)
+    once."""
+    seen, entries = set(), []
+    for entry in (entry for run in runs for entry in run.resumed_logs):
+        key = json.dumps(entry, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            entries.append(entry)
+    return sorted(entries, key=lambda entry: entry.get("step", 0))
+
 
 class JobLifecycle:
     """The trainer's job endings and resume (see the module docstring); mixed into `MultiJobTrainer`."""
@@ -66,9 +81,11 @@ class JobLifecycle:
                 self._resume_job(run)
             except JobSetupError as error:
                 failure = error
-            except (ValueError, OSError) as error:  # (OSError: a half-copied folder on this process's node)
+            except Exception as error:  # noqa: BLE001 — (a half-copied folder raises anything: OSError, a torch or
+                # safetensors error, a KeyError; raised on every process after the gather below)
                 failure = JobSetupError(f"job {run.name!r} cannot resume as it is set up now (the job was changed "
-                                        f"since that run?): {error}")
+                                        f"since that run, or its folder is incomplete?): {type(error).__name__}: "
+                                        f"{error}")
                 failure.__cause__ = error
             if failure is not None:
                 break

@@ -316,7 +316,7 @@ def costliest_selection(run_step, device: torch.device, settings: Mapping[Job, S
     `length` tokens (`forced_selection`, after one unmeasured run of each, which holds a first call's
     allocations), and the costlier is set as every such job's rule for the block; the rules are given back after.
     With `kind_of` ({job: memory kind}) only the first job of each kind is measured and the others of its kind
-    follow its choice. Yields {measured job: {"dispatch": bytes, "dense": bytes}}. (Scaling the routers instead,
+    follow its choice. Yields {measured job: {"dispatch": bytes, "dense": bytes, "tokens": the length measured}}. (Scaling the routers instead,
     ×10 and ×100, missed the peak, which lies between: up to 55 % more on the tiny test model.) A step that runs
     out of memory is measured again at half the length, down to 8 tokens."""
     originals = {job: [setting.rule for setting in layer_settings] for job, layer_settings in settings.items()}
@@ -351,6 +351,7 @@ def costliest_selection(run_step, device: torch.device, settings: Mapping[Job, S
                     logger.warning("a DynMoLE profiling step of %d tokens per row ran out of memory; measuring "
                                    "again at %d", tokens, max(tokens // 2, 8))
                     tokens = max(tokens // 2, 8)
+                costs[job]["tokens"] = tokens  # (the length measured: the fit need not start longer)
                 force(job, costs[job]["dense"] >= costs[job]["dispatch"])
         yield costs
     finally:

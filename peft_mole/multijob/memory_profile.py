@@ -34,7 +34,9 @@ class JobMemoryProfile:
             vocab, length, device = embeddings.num_embeddings, int(self.args.max_length or 512), self.args.device
             varying = {job: self.jobs_model.expert_settings(job) for job in kinds
                        if getattr(self.jobs_model.peft_config[job], "SELECTION_VARIES", False)}
-            with costliest_selection(step, torch.device(device), varying, vocab, length, kinds):  # DynMoLE: see there
+            with costliest_selection(step, torch.device(device), varying, vocab, length, kinds) as costs:  # DynMoLE
+                # (a length its steps ran out of memory at is not tried again)
+                length = min([cost["tokens"] for cost in costs.values()] + [length])
                 self.job_scheduler.memory_model.fit_by_profiling(step, device, vocab, length, kinds, packed=packed)
             for run in runs:  # profiling draws nothing the jobs' training would have drawn
                 if run.name in streams:

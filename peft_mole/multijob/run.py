@@ -91,7 +91,8 @@ class JobStats:
 
 
 class JobRun(JobEvents):
-    """One job's progress (when it logs, evaluates and saves: `JobEvents`). `peek()` is the next micro-batch; `consume()` marks it trained."""
+    """One job's progress (when it logs, evaluates and saves: `JobEvents`). `peek()` is the next micro-batch;
+    `consume()` marks it trained."""
 
     def __init__(self, job, args, dataloader, params: dict[str, torch.nn.Parameter], optimizer, scheduler,
                  flat=None, data_state: torch.Tensor | None = None) -> None:
@@ -387,7 +388,8 @@ class JobRun(JobEvents):
                 ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), {**self.state_dict(), "model_only": True})
                 return
             state = self.optimizer.state_dict()  # saved in a plain Trainer's per-tensor layout
-            torch.save(state if self.flat is None else self.flat.per_tensor_state(state), os.path.join(tmp, "optimizer.pt"))
+            torch.save(state if self.flat is None else self.flat.per_tensor_state(state),
+                       os.path.join(tmp, "optimizer.pt"))
             torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             if self.scaler is not None:
                 torch.save(self.scaler.state_dict(), os.path.join(tmp, SCALER_FILE))

@@ -174,7 +174,8 @@ class JobScheduler:
 
     @staticmethod
     def group_by_length(
-        parts: list[tuple[JobRun, dict]], step_overhead_tokens: int | None, splittable: Callable[[JobRun], bool] | None = None
+        parts: list[tuple[JobRun, dict]], step_overhead_tokens: int | None,
+        splittable: Callable[[JobRun], bool] | None = None
     ) -> list[list[tuple[JobRun, dict]]]:
         """Split the parts into mixed steps minimising Σ_steps (rows · longest length + overhead).
 

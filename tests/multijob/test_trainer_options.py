@@ -96,15 +96,25 @@ def test_save_only_model_checkpoints_the_adapter_only_and_resume_says_it_cannot_
     could not continue exactly, so it is refused, naming the job."""
     _, datasets = assets
 
+    class Logged(TrainerCallback):  # the job's steps logged by this run itself
+        def __init__(self):
+            self.steps = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "mix/loss" in (logs or {}):
+                self.steps.append(logs["mix/step"])
+
     def run(out, callbacks=(), resume=False):
         jobs = [JobConfig("mix", mixlora(), datasets["capital"], max_steps=6)]
-        trainer = _trainer(assets, out, jobs, callbacks, save_strategy="steps", save_steps=2, save_only_model=True)
+        logged = Logged()
+        trainer = _trainer(assets, out, jobs, [*callbacks, logged], save_strategy="steps", save_steps=2,
+                           save_only_model=True)
         trainer.train(resume_from_checkpoint=resume or None)
         final = out / "mix" / "adapter_model.safetensors"
-        steps = [h["mix/step"] for h in trainer.state.log_history if "mix/loss" in h]
-        return (load_file(final) if final.exists() else None), steps
+        history = [h["mix/step"] for h in trainer.state.log_history if "mix/loss" in h]
+        return (load_file(final) if final.exists() else None), logged.steps, history
 
-    whole, _ = run(tmp_path / "whole")
+    whole, _, _ = run(tmp_path / "whole")
     run(tmp_path / "stopped", [_StopAt(3)])
     checkpoints = tmp_path / "stopped" / "mix"
     assert [step for step, _ in list_checkpoints(checkpoints)] == [2, 3]  # step 3: stopped by the callback
@@ -113,8 +123,9 @@ def test_save_only_model_checkpoints_the_adapter_only_and_resume_says_it_cannot_
     assert "adapter_model.safetensors" in os.listdir(checkpoints / "checkpoint-2")
     assert full <= set(os.listdir(checkpoints / "checkpoint-3"))
     shutil.copytree(tmp_path / "stopped", tmp_path / "model-only")
-    resumed, steps = run(tmp_path / "stopped", resume=True)
+    resumed, steps, history = run(tmp_path / "stopped", resume=True)
     assert steps == [4, 5, 6]  # it continued from step 3 (a run from scratch would end the same: deterministic)
+    assert history == [1, 2, 3, 4, 5, 6]  # its history holds the logs from before the resume too
     assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) <= 1e-6
     shutil.rmtree(tmp_path / "model-only" / "mix" / "checkpoint-3")  # the latest is now a model-only one
     with pytest.raises(ValueError, match=r"job 'mix'.*save_only_model=True.*cannot continue exactly"):
