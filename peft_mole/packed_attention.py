@@ -67,19 +67,26 @@ def packed_row(module, query: torch.Tensor, key: torch.Tensor, attention_mask: t
     return None if source is None else (source, from_positions)
 
 
+def whole_packed_row(module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                     kwargs: dict) -> tuple[torch.Tensor, bool] | None:
+    """`packed_row` of at least two tokens whose mask (if any) and positions cover the whole row: what the chunks
+    and the traced row mask (`sequence_mask`) are made for."""
+    tokens = query.shape[2]
+    row = packed_row(module, query, key, attention_mask, kwargs) if tokens > 1 else None
+    if row is None or (attention_mask is not None and tuple(attention_mask.shape[-2:]) != (tokens, tokens)):
+        return None
+    return None if row[1] and tuple(row[0].shape) != (1, tokens) else row
+
+
 def chunk_plan(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                attention_mask: torch.Tensor | None, kwargs: dict) -> Plan | None:
     """The chunks of a packed row, or None where `sdpa_packed` is plain `sdpa` (see the module's docstring). Made
     once per step and mask (every layer gets the same `cu_seq_lens_q` or `position_ids` and the same mask)."""
     tokens = query.shape[2]
-    if tokens < 2 or torch.compiler.is_compiling():
-        return None
-    row = packed_row(module, query, key, attention_mask, kwargs)
-    if row is None or (attention_mask is not None and tuple(attention_mask.shape[-2:]) != (tokens, tokens)):
+    row = None if torch.compiler.is_compiling() else whole_packed_row(module, query, key, attention_mask, kwargs)
+    if row is None:
         return None
     source, from_positions = row
-    if from_positions and tuple(source.shape) != (1, tokens):
-        return None
     window = kwargs.get("sliding_window")
     plan_key = (id(source), id(attention_mask), CHUNK_TOKENS, window)
     kept = _PLANS.get(plan_key)
@@ -177,11 +184,9 @@ def packed_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
         output = _operator_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         if output is not None:
             return output, None
-        row, tokens = packed_row(module, query, key, attention_mask, kwargs), query.shape[2]
-        if (row is not None and tokens > 1 and (row[1] is False or tuple(row[0].shape) == (1, tokens))
-                and (attention_mask is None or tuple(attention_mask.shape[-2:]) == (tokens, tokens))):
-            # (dropout in the attention): the masked row, its mask traced (the shapes `chunk_plan` asks for)
-            mask = sequence_mask(*row, tokens, attention_mask, kwargs.get("sliding_window"), query.device)
+        row = whole_packed_row(module, query, key, attention_mask, kwargs)
+        if row is not None:  # (dropout in the attention): the masked row, its mask traced
+            mask = sequence_mask(*row, query.shape[2], attention_mask, kwargs.get("sliding_window"), query.device)
             kwargs = {name: value for name, value in kwargs.items() if name != "is_causal"}
             return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                           is_causal=False, **kwargs)

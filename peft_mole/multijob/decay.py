@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 
-def stand_in_name(name: str, job: str, prefix: str) -> str:
+def _stand_in_name(name: str, job: str, prefix: str) -> str:
     """`name` with the job's segment (the one after a `prefix`* container) as PEFT's "default" adapter."""
     parts = name.split(".")
     return ".".join("default" if part == job and i and parts[i - 1].startswith(prefix) else part
@@ -31,7 +31,7 @@ def decayed_names(decay_parameter_names: Callable[[nn.Module], list[str]], names
     """The `names` (a job's parameters in the multi-job model) that Trainer's rule decays when the job is alone."""
     probe, alias = nn.Module(), {}
     for name in names:
-        parts = stand_in_name(name, job, prefix).split(".")
+        parts = _stand_in_name(name, job, prefix).split(".")
         module = probe
         for part in parts[:-1]:
             if part not in module._modules:
@@ -42,4 +42,4 @@ def decayed_names(decay_parameter_names: Callable[[nn.Module], list[str]], names
     return {alias[n] for n in decay_parameter_names(probe) if n in alias}
 
 
-__all__ = ["decayed_names", "stand_in_name"]
+__all__ = ["decayed_names"]

@@ -78,13 +78,11 @@ class FlatGroups:
                     self._offsets[id(param)] = offset
                     offset += -(-param.numel() // align) * align
                 flat = nn.Parameter(torch.zeros(offset, dtype=members[0].dtype, device=members[0].device))
-                with torch.no_grad():
-                    for param in members:
-                        start = self._offsets[id(param)]
-                        flat[start: start + param.numel()].copy_(param.detach().reshape(-1))
                 for param in members:
                     start = self._offsets[id(param)]
-                    param.data = flat.data[start: start + param.numel()].view(param.shape)
+                    member = flat.data[start: start + param.numel()].view(param.shape)
+                    member.copy_(param.detach())
+                    param.data = member
                 flats.append((flat, members))
             self.groups.append(flats)
         # made now, not at the first gradient: an allocation inside `add_gradients` could run out of memory after

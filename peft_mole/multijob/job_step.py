@@ -136,7 +136,7 @@ class JobStepping:
             run.mark_best_checkpoint()
             states = self._stream_states(run)  # (a collective: on every process)
             save = partial(run.save_checkpoint, lambda d: self.jobs_model.save_job(run.name, d), stream_states=states,
-                           logs=self._job_logs(run))
+                           logs=partial(self._job_logs, run))
             if not self._written(run, "checkpoint", save):  # (a collective too)
                 return
             self._job_event("on_save", run)  # (on every process, as Trainer)

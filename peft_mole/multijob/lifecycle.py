@@ -165,7 +165,7 @@ class JobLifecycle:
             # as every checkpoint: not where the weights are not finite, and a write error fails that job alone
             self._written(run, "checkpoint", functools.partial(
                 run.save_checkpoint, lambda d, name=run.name: self.jobs_model.save_job(name, d), model_only=False,
-                stream_states=stream_states, logs=self._job_logs(run)))
+                stream_states=stream_states, logs=functools.partial(self._job_logs, run)))
         if self.is_world_process_zero():
             logger.warning("training stopped by a callback at step %d; unfinished jobs checkpointed: %s",
                            self.state.global_step, [run.name for run in unfinished])

@@ -192,19 +192,15 @@ class MemoryModel:
         by_kind: dict[Hashable, list[Job]] = {}
         for job in jobs:
             by_kind.setdefault(self.kind(job), []).append(job)
-        longest, kept = max(max_length, 8), len(self.samples)
-        while True:
-            try:
-                self._profile(run_step, torch.device(device), vocab_size, longest, list(by_kind.values()), packed)
-                return self.fit()
-            except Exception as error:  # noqa: BLE001 — out of memory only; anything else is raised below
-                if not is_oom(error) or longest <= 8:
-                    raise
-            del self.samples[kept:]  # (outside the except block: its traceback holds the failed step's tensors)
-            free_memory()
-            logger.warning("a memory-profiling step of %d tokens per row ran out of memory; profiling again at %d",
-                           longest, max(longest // 2, 8))
-            longest = max(longest // 2, 8)
+        kept = len(self.samples)
+
+        def profile(longest: int) -> None:
+            del self.samples[kept:]  # (a shorter try after one that ran out of memory)
+            self._profile(run_step, torch.device(device), vocab_size, longest, list(by_kind.values()), packed)
+
+        halving_on_oom(profile, max(max_length, 8), "a memory-profiling step of %d tokens per row ran out of memory; "
+                       "profiling again at %d")
+        return self.fit()
 
     def _profile(self, run_step, device: torch.device, vocab_size: int, longest: int, kinds: list[list[Job]],
                  packed: bool) -> None:
@@ -264,6 +260,21 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def halving_on_oom(attempt, length: int, warning: str) -> int:
+    """`attempt(length)`, again at half the length (down to 8 tokens) while it runs out of memory; the length that
+    ran. `warning` (%d: the failed length, then the next) is logged at each retry; any other error is raised."""
+    while True:
+        try:
+            attempt(length)
+            return length
+        except Exception as error:  # noqa: BLE001 — out of memory only; anything else is raised
+            if not is_oom(error) or length <= 8:
+                raise
+        free_memory()  # (outside the except block: its traceback holds the failed step's tensors)
+        logger.warning(warning, length, max(length // 2, 8))
+        length = max(length // 2, 8)
+
+
 @contextmanager
 def activation_bytes():
     """Count the bytes autograd saves for backward inside the block: `with activation_bytes() as meter: ...`,
@@ -316,7 +327,8 @@ def costliest_selection(run_step, device: torch.device, settings: Mapping[Job, S
     `length` tokens (`forced_selection`, after one unmeasured run of each, which holds a first call's
     allocations), and the costlier is set as every such job's rule for the block; the rules are given back after.
     With `kind_of` ({job: memory kind}) only the first job of each kind is measured and the others of its kind
-    follow its choice. Yields {measured job: {"dispatch": bytes, "dense": bytes, "tokens": the length measured}}. (Scaling the routers instead,
+    follow its choice. Yields {measured job: {"dispatch": bytes, "dense": bytes, "tokens": the length measured}}.
+    (Scaling the routers instead,
     ×10 and ×100, missed the peak, which lies between: up to 55 % more on the tiny test model.) A step that runs
     out of memory is measured again at half the length, down to 8 tokens."""
     originals = {job: [setting.rule for setting in layer_settings] for job, layer_settings in settings.items()}
@@ -334,23 +346,16 @@ def costliest_selection(run_step, device: torch.device, settings: Mapping[Job, S
                 if first is not job:  # its kind's choice
                     force(job, costs[first]["dense"] >= costs[first]["dispatch"])
                     continue
-                tokens = length
-                while True:  # (out of memory: again at half the length, as `fit_by_profiling`)
-                    try:
-                        ids = torch.randint(0, vocab_size, (2, tokens), device=device)
-                        costs[job] = {}
-                        for name, dense in (("dispatch", False), ("dense", True)):
-                            force(job, dense)
-                            run_step(ids, [job, job])
-                            costs[job][name] = step_memory(device, lambda ids=ids, job=job: run_step(ids, [job, job]))
-                        break
-                    except Exception as error:  # noqa: BLE001 — out of memory only; anything else is raised
-                        if not is_oom(error) or tokens <= 8:
-                            raise
-                    free_memory()
-                    logger.warning("a DynMoLE profiling step of %d tokens per row ran out of memory; measuring "
-                                   "again at %d", tokens, max(tokens // 2, 8))
-                    tokens = max(tokens // 2, 8)
+                def measure(tokens: int, job: Job = job) -> None:
+                    ids = torch.randint(0, vocab_size, (2, tokens), device=device)
+                    costs[job] = {}
+                    for name, dense in (("dispatch", False), ("dense", True)):
+                        force(job, dense)
+                        run_step(ids, [job, job])
+                        costs[job][name] = step_memory(device, lambda ids=ids, job=job: run_step(ids, [job, job]))
+
+                tokens = halving_on_oom(measure, length, "a DynMoLE profiling step of %d tokens per row ran out of "
+                                        "memory; measuring again at %d")
                 costs[job]["tokens"] = tokens  # (the length measured: the fit need not start longer)
                 force(job, costs[job]["dense"] >= costs[job]["dispatch"])
         yield costs

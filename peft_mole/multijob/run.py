@@ -372,18 +372,19 @@ class JobRun(JobEvents):
             self.stats.best_checkpoint = f"checkpoint-{self.global_step}"
 
     def save_checkpoint(self, save_adapter, model_only: bool | None = None,
-                        stream_states: torch.Tensor | None = None, logs: list[dict] | None = None) -> str:
+                        stream_states: torch.Tensor | None = None, logs: Callable[[], list[dict]] | None = None) -> str:
         """Write `output_dir/<job>/checkpoint-<step>/` atomically: adapter, optimizer, scheduler, position and the
         state of the job's random stream (`STREAM_FILE`), so that resume draws the masks the run would have:
         `stream_states` (processes, state size) holds every process's (`distributed.gather_rows`), else this
         process's alone is kept. `model_only` (default: `save_only_model`): the adapter and the position only,
-        which resume refuses. `logs`: the job's entries of the run's log history so far (`ckpt.LOG_FILE`)."""
+        which resume refuses. `logs()`: the job's entries of the run's log history so far (`ckpt.LOG_FILE`), read
+        where the checkpoint is written."""
         final = os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
 
         def write(tmp: str) -> None:
             save_adapter(tmp)
             if logs is not None:
-                ckpt.write_json(os.path.join(tmp, ckpt.LOG_FILE), logs)
+                ckpt.write_json(os.path.join(tmp, ckpt.LOG_FILE), logs())
             if self.args.save_only_model if model_only is None else model_only:  # as Trainer's `save_only_model`
                 ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), {**self.state_dict(), "model_only": True})
                 return

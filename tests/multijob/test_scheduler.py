@@ -41,9 +41,11 @@ def lora_scheduler(max_memory: float, jobs: list[str]) -> JobScheduler:
     return scheduler
 
 
-def lockstep_agreement():
-    """`agree_as(process)`: the AND over two processes of a decision, simulated by two threads in lockstep."""
-    barrier, votes = threading.Barrier(2), [None, None]
+def as_two_processes(run) -> None:
+    """`run(process, agree)` in two threads in lockstep, `agree(decision)` the AND of both processes' decisions (a
+    collective, simulated); an error in either thread is raised here (an assertion inside a thread would only
+    warn), and releases the other from its wait."""
+    barrier, votes, errors = threading.Barrier(2), [None, None], []
 
     def agree_as(process: int):
         def agree(decision: bool) -> bool:
@@ -53,7 +55,22 @@ def lockstep_agreement():
             barrier.wait()  # (both read before the next vote)
             return both
         return agree
-    return agree_as
+
+    def target(process: int) -> None:
+        try:
+            run(process, agree_as(process))
+        except BaseException as error:  # noqa: BLE001 — raised below, in the test's thread
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=target, args=(p,)) for p in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if real or errors:
+        raise (real or errors)[0]
 
 
 def test_memory_model_recovers_a_quadratic_law_and_predicts_unseen_shapes():
@@ -272,7 +289,6 @@ def test_processes_pack_one_agreed_set_where_their_own_choices_would_not_meet():
     B's state. Chosen apart, process 0 took A and process 1 took B, and the jobs both agreed on were none, every
     round (a hang). With `agree` (the AND over processes; here two threads in lockstep) both take B, which fits on
     both."""
-    agree_as = lockstep_agreement()
 
     def scheduler_of(parts) -> JobScheduler:
         scheduler = lora_scheduler(1000.0, ["a", "A", "B"])
@@ -290,14 +306,10 @@ def test_processes_pack_one_agreed_set_where_their_own_choices_would_not_meet():
     assert alone == {0: ["A"], 1: ["B"]}  # what each process chose by itself: no job in common
     parts, chosen = shards(), {}
 
-    def run(process: int) -> None:
-        chosen[process] = [r.name for r, _ in scheduler_of(parts[process]).pack(parts[process], agree_as(process))]
+    def run(process: int, agree) -> None:
+        chosen[process] = [r.name for r, _ in scheduler_of(parts[process]).pack(parts[process], agree)]
 
-    threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    as_two_processes(run)
     assert chosen == {0: ["B"], 1: ["B"]}
     assert all(run.status == "waiting" for shard in parts.values() for run, _ in shard)  # A waits, none failed
 
@@ -307,23 +319,18 @@ def test_processes_agree_on_the_job_that_never_fits_before_failing_the_last_one(
     (first by priority) would not fit even alone on process 1, and on process 0 each job would fit alone. Decided
     apart, process 0 failed the last job, A, and process 1 failed Z: the trainer fails a job failed anywhere, so
     both failed. Agreed, both processes fail Z alone, and A waits."""
-    agree_as = lockstep_agreement()
 
     shards = {0: [part("Z", 1, 85), part("A", 1, 85)], 1: [part("Z", 1, 200), part("A", 1, 10)]}
     for shard in shards.values():
         for run, _ in shard:
             run.resident = 100
 
-    def run(process: int) -> None:
+    def run(process: int, agree) -> None:
         scheduler = lora_scheduler(1000.0, ["a", "Z", "A"])
         scheduler.runs, scheduler.profiled_resident_bytes = [r for r, _ in shards[process]], 0.0
-        assert scheduler.pack(shards[process], agree_as(process)) == []
+        assert scheduler.pack(shards[process], agree) == []
 
-    threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    as_two_processes(run)
     statuses = {p: [(r.name, r.status) for r, _ in shard] for p, shard in shards.items()}
     assert statuses == {0: [("Z", "failed"), ("A", "waiting")], 1: [("Z", "failed"), ("A", "waiting")]}
     assert "lower per_device_train_batch_size" in shards[1][0][0].error
