@@ -1,6 +1,6 @@
 """`peft-mole` console script: a thin layer over the public API.
 
-    peft-mole train jobs.yaml [--resume]
+    peft-mole train jobs.yaml [--resume | --overwrite]
     peft-mole convert-bin ADAPTER_DIR
     peft-mole convert --from moe-peft SRC DST      (or --to moe-peft; mixlora for the `mixlora` package)
     peft-mole eval --base PATH_OR_ID --adapters DIR[,DIR...] --tasks arc_e,boolq [--data-dir DIR] [--out DIR]
@@ -21,10 +21,13 @@ from pathlib import Path
 
 def adapter_name(path: str, index: int) -> str:
     """The adapter name of a folder or hub id in `peft-mole eval`: its last part, with each character a PyTorch
-    module name cannot hold ("." in "qwen2.5-mixlora") made "_"; `adapter{index}` for none or the reserved
-    "__base__"."""
+    module name cannot hold ("." in "qwen2.5-mixlora") made "_"; `adapter{index}` for none, the reserved
+    "__base__" and the names torch's module containers hold ("train", "keys")."""
     name = re.sub(r"[^\w-]", "_", Path(path).name)
-    return f"adapter{index}" if not name or name.startswith("__") else name
+    from torch import nn
+
+    taken = hasattr(nn.ModuleDict(), name) or hasattr(nn.ParameterDict(), name)  # "train", "keys": a layer's
+    return f"adapter{index}" if not name or name.startswith("__") or taken else name  # entries cannot take them
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -67,8 +70,13 @@ def _eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"--out {out}: {blocking} exists and is not a folder")
     try:
         return _evaluate(args, tasks, adapter_dirs, out)
-    except (OSError, ValueError, KeyError) as error:  # a path, hub id or file that cannot be read, a wrong base
+    except (OSError, ValueError, KeyError) as error:  # a path, hub id or file that cannot be read
         raise SystemExit(f"peft-mole eval: {type(error).__name__}: {error}") from None
+    except RuntimeError as error:  # torch's load_state_dict: an adapter of another base's sizes
+        if "state_dict" not in str(error):
+            raise
+        raise SystemExit(f"peft-mole eval: an adapter of {adapter_dirs} does not fit --base {args.base!r} (was it "
+                         f"trained on another base?): {str(error)[:2000]}") from None
 
 
 def _hub_adapter_config(repo_id: str) -> Path | None:
@@ -124,6 +132,7 @@ def _train(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
     from trl import SFTConfig
 
+    from peft_mole.multijob.checkpoint import STATE_FILE
     from peft_mole.multijob.job_file import load_run
     from peft_mole.multijob.trainer import MultiJobTrainer
     from peft_mole.multijob.trainer_args import load_base_model
@@ -132,12 +141,23 @@ def _train(args: argparse.Namespace) -> int:
         spec = load_run(args.job_file)
     except ValueError as error:
         raise SystemExit(f"peft-mole train: {error}") from None
+    if not args.resume and not args.overwrite:
+        ended = [job.name for job in spec.jobs
+                 if os.path.exists(os.path.join(spec.output_dir, job.name, STATE_FILE))]
+        if ended:  # (a fresh run would replace their adapters at its end)
+            raise SystemExit(f"peft-mole train: output_dir {spec.output_dir!r} holds the trained adapters of an "
+                             f"earlier run for jobs {ended}; pass --resume to continue that run, --overwrite to train "
+                             "them afresh and replace those adapters, or choose another output_dir")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
+        config = SFTConfig(output_dir=spec.output_dir, **spec.args)
+    except (TypeError, ValueError) as error:  # the job file's args, as SFTConfig checks them
+        raise SystemExit(f"peft-mole train: {error}") from None
+    try:  # as SFTTrainer loads the processor: the model's revision, remote code where the args allow it
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, trust_remote_code=config.trust_remote_code,
+                                                  revision=(config.model_init_kwargs or {}).get("revision"))
     except (OSError, ValueError) as error:
         raise SystemExit(f"peft-mole train: tokenizer {spec.tokenizer!r} cannot be loaded: {error}") from None
     try:
-        config = SFTConfig(output_dir=spec.output_dir, **spec.args)
         model = load_base_model(spec.model, config)  # as SFTTrainer loads it (seeded, args.model_init_kwargs, dtype)
         config.model_init_kwargs = None  # used (SFTTrainer would warn that they are ignored; the trainer does the
         # same for a path it loads, `without_init_kwargs`)
@@ -204,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="train several adapters at once from a YAML job file")
     train.add_argument("job_file", help="YAML: model, output_dir, args, jobs (see examples/jobs.yaml)")
     train.add_argument("--resume", action="store_true", help="continue each job from its latest checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="train afresh where output_dir holds an earlier run's adapters (replaced at the end)")
     train.set_defaults(run=_train)
     convert = commands.add_parser("convert-bin", help="opt in to a trusted pickle adapter_model.bin: write safetensors")
     convert.add_argument("folder", help="adapter folder holding adapter_model.bin")

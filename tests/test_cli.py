@@ -56,8 +56,26 @@ def test_eval_refuses_bad_arguments_before_loading_anything(tmp_path, extra, mat
 def test_eval_adapter_names_are_module_names():
     from peft_mole.cli import adapter_name
 
-    assert [adapter_name(p, i) for i, p in enumerate(["runs/qwen2.5-mix", "me/mix.v1", "x/__base__", "/", "ok_1"])] \
-        == ["qwen2_5-mix", "mix_v1", "adapter2", "adapter3", "ok_1"]
+    paths = ["runs/qwen2.5-mix", "me/mix.v1", "x/__base__", "/", "ok_1", "runs/train", "out/keys"]
+    assert [adapter_name(p, i) for i, p in enumerate(paths)] \
+        == ["qwen2_5-mix", "mix_v1", "adapter2", "adapter3", "ok_1", "adapter5", "adapter6"]  # (a KeyError before)
+
+
+def test_eval_of_an_adapter_of_another_base_is_one_line(tmp_path):
+    """A LoRA adapter trained on a base of other sizes: before 2026-12-08, torch's RuntimeError from load_state_dict
+    (ours name the sizes themselves, as a ValueError)."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = synthetic.demo_tokenizer(save_dir=tmp_path / "tokenizer")
+    tiny_base(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "base")
+    wider = tiny_base(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=128)
+    get_peft_model(wider, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "mix")
+    synthetic.write_jsonl([{"question": "q?", "passage": "p", "answer": True}], tmp_path / "data" / "boolq.jsonl")
+    with pytest.raises(SystemExit, match=r"(?s)peft-mole eval: an adapter of .*mix'\] does not fit --base .*"
+                                         "size mismatch"):
+        main(["eval", "--base", str(tmp_path / "base"), "--tokenizer", str(tmp_path / "tokenizer"),
+              "--adapters", str(tmp_path / "mix"), "--tasks", "boolq", "--data-dir", str(tmp_path / "data"),
+              "--out", str(tmp_path / "out")])
 
 
 def test_eval_of_a_moe_peft_adapter_says_to_convert_it(tmp_path):
@@ -132,6 +150,7 @@ def test_train_twice_gives_the_same_adapter(job_file, tmp_path):
         (dict(model="MISSING"), "model '.*MISSING' is a local path, and no such folder exists"),
         # the key named (before 2026-12-06, eighteenth session: "[Errno 17] File exists" alone)
         (dict(output_dir_is_a_file=True), "peft-mole train: output_dir '.*run' cannot be made: .*File exists"),
+        (dict(resume_from_checkpoint=True), "resume_from_checkpoint is not read from a job file"),
     ],
 )
 def test_train_errors_are_one_line(job_file, tmp_path, change, match):
@@ -140,6 +159,38 @@ def test_train_errors_are_one_line(job_file, tmp_path, change, match):
         (tmp_path / "run").write_text("")
     with pytest.raises(SystemExit, match=match):
         main(["train", job_file("run", model=model, **change)])
+
+
+def test_train_does_not_replace_an_earlier_runs_adapters_unless_asked(job_file, tmp_path):
+    """A second fresh run into one output_dir replaced each job's trained adapter at its end, without a word (before
+    2026-12-08); now it stops before loading anything, and --overwrite or --resume say what to do."""
+    path = job_file("run")
+    assert main(["train", path]) == 0
+    adapter = tmp_path / "run" / "add" / "adapter_model.safetensors"
+    first = adapter.read_bytes()
+    with pytest.raises(SystemExit, match=r"holds the trained adapters of an earlier run for jobs \['add'\]; pass "
+                                         "--resume .* --overwrite"):
+        main(["train", job_file("run", learning_rate=1e-2)])
+    assert adapter.read_bytes() == first
+    assert main(["train", path, "--resume"]) == 0 and adapter.read_bytes() == first  # (an ended job stays ended)
+    assert main(["train", job_file("run", learning_rate=1e-2), "--overwrite"]) == 0
+    assert adapter.read_bytes() != first
+
+
+def test_train_loads_the_tokenizer_as_sft_trainer_loads_the_processor(job_file, tmp_path, monkeypatch):
+    """With the model's revision and the args' trust_remote_code (before 2026-12-08 the tokenizer was loaded with
+    neither: a custom-code tokenizer failed, a revision's model came with the default branch's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    seen, load = [], AutoTokenizer.from_pretrained
+
+    def recording(name, **kwargs):
+        seen.append(kwargs)
+        return load(name, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", recording)
+    assert main(["train", job_file("run", trust_remote_code=True, model_init_kwargs={"revision": "main"})]) == 0
+    assert seen == [{"trust_remote_code": True, "revision": "main"}]
 
 
 def test_train_loads_the_base_as_sft_trainer_does_with_the_files_model_init_kwargs(job_file, tmp_path, monkeypatch):

@@ -26,10 +26,13 @@ config it goes to (the PEFT config or SFTConfig; JobConfig checks its own). `ste
 the trainer's argument: an int groups the steps by the rows' lengths alone, the same in every run (bit-identical
 adapters from run to run on one machine); "auto" (default) groups by measured step times, so the adapters of
 MixLoRA and DynMoLE jobs can differ between two runs by float rounding (their rows' padded widths differ).
+`args` takes no `resume_from_checkpoint` (`peft-mole train FILE --resume` continues a run), and job names differ
+in more than case (each names a folder).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import types
@@ -166,7 +169,7 @@ def _job(entry: Any, index: int) -> JobConfig:
         if key not in entry:
             raise ValueError(f"job {name!r}: missing required key {key!r}")
     kind = entry["type"]
-    if kind not in PEFT_TYPES:
+    if not isinstance(kind, str) or kind not in PEFT_TYPES:
         raise ValueError(f"job {name!r}: unknown type {kind!r}; allowed: {sorted(PEFT_TYPES)}")
     peft_kwargs = entry.get("peft") or {}
     if not isinstance(peft_kwargs, dict):
@@ -210,17 +213,20 @@ def _job(entry: Any, index: int) -> JobConfig:
 
 def parse_run(data: Any) -> RunSpec:
     """Validate a parsed YAML document and build its JobConfigs (datasets are loaded here; paths are relative to
-    the working directory, as in TRL's CLI)."""
+    the working directory, as in TRL's CLI, and `~` is the home folder)."""
     if not isinstance(data, dict):
         raise ValueError("the job file must be a YAML mapping with keys model, output_dir and jobs")
     _unknown("job file", data, RUN_KEYS)
     for key in ("model", "output_dir", "jobs"):
         if key not in data:
             raise ValueError(f"job file: missing required key {key!r}")
+    data = dict(data)
     for key, what in (("model", "a path or a hub id"), ("tokenizer", "a path or a hub id"), ("output_dir", "a path")):
         value = data.get(key)
         if (value is not None or key != "tokenizer") and (not isinstance(value, str) or not value):
             raise ValueError(f"job file: {key} must be a non-empty string ({what}), got {value!r}")
+        if isinstance(value, str) and value.startswith("~"):  # a home folder, as the shell would read it
+            value = data[key] = os.path.expanduser(value)
         if key != "output_dir" and isinstance(value, str) and value.startswith(LOCAL_PREFIXES) \
                 and not os.path.isdir(value):  # no hub id starts so (transformers said "Repo id must be in the form")
             raise ValueError(f"job file: {key} {value!r} is a local path, and no such folder exists")
@@ -228,29 +234,35 @@ def parse_run(data: Any) -> RunSpec:
     if not isinstance(jobs, list) or not jobs:
         raise ValueError("job file: jobs must be a non-empty list")
     names = [j.get("name") for j in jobs if isinstance(j, dict) and isinstance(j.get("name"), str)]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    folded = [n.casefold() for n in names]  # (each names a folder: "A" and "a" are one on macOS and Windows)
+    duplicates = sorted({n for n in names if folded.count(n.casefold()) > 1})
     if duplicates:
-        raise ValueError(f"job file: job names must be unique; used more than once: {duplicates}")
+        raise ValueError(f"job file: job names must be unique, whatever their case (each names an output folder); "
+                         f"used more than once: {duplicates}")
     args = data.get("args") or {}
     if not isinstance(args, dict):
         raise ValueError("job file: args must be a mapping of SFTConfig fields")
+    if "resume_from_checkpoint" in args:  # (Trainer does not read it either: TRL's scripts pass it to train())
+        raise ValueError("job file args: resume_from_checkpoint is not read from a job file; run `peft-mole train "
+                         "FILE --resume` to continue each job from its latest checkpoint")
     from trl import SFTConfig
 
     _unknown("job file args", args, {f.name for f in fields(SFTConfig)} - {"output_dir"})
     args = whole_floats_as_ints(SFTConfig, args)
     check_scalar_types(SFTConfig, args, "job file args", int_takes_float=False)
     check_max_steps("job file args", args.get("max_steps", -1))  # (as a job's: Trainer takes any value <= 0)
-    outputs = {os.path.abspath(os.path.join(data["output_dir"], str(n))): n for n in names}
+    outputs = {os.path.realpath(os.path.join(data["output_dir"], str(n))): n for n in names}
     for entry in jobs:
         init = entry.get("init_adapter") if isinstance(entry, dict) else None
-        if isinstance(init, str) and os.path.abspath(init) in outputs:
+        where = os.path.realpath(os.path.expanduser(init)) if isinstance(init, str) else None
+        if where in outputs:
             raise ValueError(f"job {entry.get('name')!r}: init_adapter {init!r} is the folder job "
-                             f"{outputs[os.path.abspath(init)]!r} of this file trains into; start from an earlier "
-                             "run's folder")
+                             f"{outputs[where]!r} of this file trains into; start from an earlier run's folder")
     built = [_job(entry, i) for i, entry in enumerate(jobs)]
     memory, concurrent = data.get("max_memory_gb"), data.get("max_concurrent_jobs")
-    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0):
-        raise ValueError(f"job file: max_memory_gb must be a number > 0, got {memory!r}")
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float))
+                               or not math.isfinite(memory) or memory <= 0):
+        raise ValueError(f"job file: max_memory_gb must be a finite number > 0 (GiB), got {memory!r}")
     if concurrent is not None and (isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1):
         raise ValueError(f"job file: max_concurrent_jobs must be an int >= 1, got {concurrent!r}")
     overhead = data.get("step_overhead_tokens", "auto")

@@ -206,10 +206,11 @@ def check_trainer_inputs(model, jobs, callbacks, kwargs: dict) -> None:
                              "<job>/eval_loss; score a job's saved adapter with SFTTrainer or evaluate_commonsense")
     if not isinstance(jobs, (list, tuple)) or not jobs or not all(isinstance(j, JobConfig) for j in jobs):
         raise TypeError(f"jobs must be a non-empty list of JobConfig, got {jobs!r}")
-    names = [j.name for j in jobs]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    folded = [j.name.casefold() for j in jobs]  # (each names a folder: "A" and "a" are one on macOS and Windows)
+    duplicates = sorted({j.name for j in jobs if folded.count(j.name.casefold()) > 1})
     if duplicates:
-        raise ValueError(f"job names must be unique; used more than once: {duplicates}")
+        raise ValueError(f"job names must be unique, whatever their case (each names an output folder); used more "
+                         f"than once: {duplicates}")
     if isinstance(model, PeftModel):
         raise TypeError("pass the base model: MultiJobTrainer adds every job's adapter itself")
     if not isinstance(model, (str, nn.Module)):

@@ -62,7 +62,16 @@ def test_job_file_builds_job_configs(data_file, tmp_path):
         (lambda d: d["jobs"][1]["peft"].update(num_experts="four"), "job 'b' peft: num_experts must be an int"),
         (lambda d: d["jobs"][2].update(max_steps="four"), "job 'c': max_steps must be an int >= 1"),
         (lambda d: d.update(max_concurrent_jobs="three"), "max_concurrent_jobs must be an int >= 1"),
-        (lambda d: d.update(max_memory_gb=0), "max_memory_gb must be a number > 0"),
+        (lambda d: d.update(max_memory_gb=0), "max_memory_gb must be a finite number > 0"),
+        # found by a review (2026-12-08, twenty-ninth session): NaN and infinity were refused only after the data and
+        # model were loaded, in bytes; a list as type was a TypeError; "A" and "a" are one folder on macOS/Windows;
+        # resume_from_checkpoint was taken and ignored (the run started afresh under a new run id)
+        (lambda d: d.update(max_memory_gb=float("nan")), "max_memory_gb must be a finite number > 0 .*got nan"),
+        (lambda d: d.update(max_memory_gb=float("inf")), "max_memory_gb must be a finite number > 0 .*got inf"),
+        (lambda d: d["jobs"][0].update(type=["lora"]), r"job 'a': unknown type \['lora'\]; allowed:"),
+        (lambda d: d["jobs"][1].update(name="A"), r"unique, whatever their case .*used more than once: \['A', 'a'\]"),
+        (lambda d: d["args"].update(resume_from_checkpoint="out/a/checkpoint-2"),
+         "resume_from_checkpoint is not read from a job file; run `peft-mole train FILE --resume`"),
         # found by a probe (2026-12-05, eighth session): errors deep in PEFT, torch or TRL before, or later in train()
         (lambda d: d["jobs"][0]["peft"].update(r="4"), "job 'a' peft: r must be an int, got '4'"),
         (lambda d: d["jobs"][0]["peft"].update(lora_dropout="0.1"), "job 'a' peft: lora_dropout must be a number"),
@@ -210,4 +219,18 @@ def test_job_fields_take_whole_floats_for_int_fields_as_the_trainer_args_do(data
         == [(1000, int), (8, int), (3, int), (1e-3, float)]
     doc["jobs"][2].update(max_steps=2.5)
     with pytest.raises(ValueError, match="job 'c': max_steps must be an int >= 1 .*got 2.5"):
+        parse_run(doc)
+
+
+def test_a_home_folder_is_read_as_the_shell_reads_it(data_file, tmp_path, monkeypatch):
+    """`model: ~/base` names the folder under $HOME (before 2026-12-08: refused as "no such folder exists" while
+    init_adapter and output_dir took `~`), and an init_adapter given as `~/...` is still the folder a job of this file
+    trains into."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "base").mkdir()
+    spec = parse_run(run_dict(data_file, model="~/base", tokenizer="~/base", output_dir="~/runs"))
+    assert (spec.model, spec.tokenizer, spec.output_dir) == (str(tmp_path / "base"),) * 2 + (str(tmp_path / "runs"),)
+    doc = run_dict(data_file, model="~/base", output_dir=str(tmp_path / "runs"))
+    doc["jobs"][1]["init_adapter"] = "~/runs/a"
+    with pytest.raises(ValueError, match="job 'b': init_adapter '~/runs/a' is the folder job 'a' of this file"):
         parse_run(doc)

@@ -3,6 +3,8 @@ honour (they were silently ignored, or crashed the run at its first step)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -18,6 +20,9 @@ def test_bad_trainer_arguments(assets, tmp_path):
     job = three_jobs(datasets)[0]
     with pytest.raises(ValueError, match="used more than once"):
         MultiJobTrainer(model=tiny_base(), jobs=[job, job], args=run_args(tmp_path), processing_class=tokenizer)
+    upper = dataclasses.replace(job, name=job.name.upper())  # one folder on macOS and Windows (2026-12-08)
+    with pytest.raises(ValueError, match=rf"unique, whatever their case .*\['{job.name.upper()}', '{job.name}'\]"):
+        MultiJobTrainer(model=tiny_base(), jobs=[job, upper], args=run_args(tmp_path), processing_class=tokenizer)
     with pytest.raises(TypeError, match="non-empty list of JobConfig"):
         MultiJobTrainer(model=tiny_base(), jobs=[], args=run_args(tmp_path), processing_class=tokenizer)
     with pytest.raises(TypeError, match="not peft_config"):
