@@ -52,11 +52,12 @@ def main() -> None:
         folders = []
         for i in range(4):
             adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(args.model),
-                                     peft_mole.MixLoRAConfig(num_experts=4, r=8, router_init_std=0.5))
-            with torch.no_grad():  # random experts, so the adapters disagree
-                for p in adapter.parameters():
+                                     peft_mole.MixLoRAConfig(num_experts=4, r=8))
+            with torch.no_grad():  # random experts and routers, so the adapters disagree; one stream per adapter,
+                generator = torch.Generator().manual_seed(i)  # so its layers and projections differ too (a swap
+                for p in adapter.parameters():  # of two would change the scores)
                     if p.requires_grad:
-                        p.normal_(0, 0.1, generator=torch.Generator().manual_seed(i))
+                        p.normal_(0, 0.1, generator=generator)
             adapter.save_pretrained(out / f"adapter{i}")
             folders.append(str(out / f"adapter{i}"))
         args.adapters = ",".join(folders)

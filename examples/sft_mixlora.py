@@ -27,9 +27,12 @@ from peft_mole.diagnostics import RouterStatsCallback, layer_stats
 from peft_mole.evaluation import choice_accuracy
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", choices=["mixlora", "dynmole"], default="mixlora")
+def parse_args(method: str | None = None, description: str = __doc__) -> argparse.Namespace:
+    """The options; with `method` fixed (sft_dynmole.py) there is no --method, and DynMoLE has no --top-k (its
+    router picks a number of experts per token)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if method is None:
+        parser.add_argument("--method", choices=["mixlora", "dynmole"], default="mixlora")
     parser.add_argument("--model", help="hub id or local path of a causal LM (default: build a tiny random Llama)")
     parser.add_argument("--dataset", help="hub dataset name (its train split) or a local .jsonl, .json, .csv or "
                                           ".parquet file (default: generate synthetic tasks)")
@@ -41,10 +44,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--num-experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
+    if method != "dynmole":
+        parser.add_argument("--top-k", type=int, default=2, help="MixLoRA's experts per token")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--eval-rows", type=int, default=120)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if method is not None:
+        args.method = method
+    return args
 
 
 def prepare_offline_assets(out: Path) -> tuple[str, str, str]:
@@ -78,9 +85,8 @@ def adapter_config(args: argparse.Namespace):
     return peft_mole.MixLoRAConfig(top_k=args.top_k, **common)
 
 
-def main(method: str | None = None) -> None:
-    args = parse_args()
-    args.method = method or args.method
+def main(method: str | None = None, description: str = __doc__) -> None:
+    args = parse_args(method, description)
     torch.manual_seed(0)
     out = Path(args.output_dir or f"build/demo-{args.method}")
     eval_path = None
@@ -92,6 +98,8 @@ def main(method: str | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train = load_rows(train_path, "train").select_columns(["prompt", "completion"])
     eval_rows = list(load_rows(eval_path, args.eval_split))[: args.eval_rows] if eval_path else []
+    # the generated tasks are small closed sets: nearly every eval prompt is also a training prompt
+    seen = " (generated eval rows: prompts also trained on, a fit check)" if eval_path and not args.eval_dataset else ""
 
     config = adapter_config(args)
     trainer = SFTTrainer(
@@ -107,7 +115,7 @@ def main(method: str | None = None) -> None:
     RouterStatsCallback.attach(trainer)  # router metrics in the logs, router_stats.png in the run folder
     trainer.model.print_trainable_parameters()
     if eval_rows:
-        print("accuracy before:", _fmt(choice_accuracy(trainer.model, tokenizer, eval_rows)))
+        print(f"accuracy before{seen}:", _fmt(choice_accuracy(trainer.model, tokenizer, eval_rows)))
         print_router_stats(trainer.model, tokenizer, eval_rows, "at init")
 
     start = time.perf_counter()
@@ -128,7 +136,7 @@ def main(method: str | None = None) -> None:
     print(f"saved to {adapter_dir}; reloaded from disk: logits identical = {same}")
 
     if eval_rows:
-        print("accuracy after (reloaded adapter):", _fmt(choice_accuracy(reloaded, tokenizer, eval_rows)))
+        print(f"accuracy after (reloaded adapter){seen}:", _fmt(choice_accuracy(reloaded, tokenizer, eval_rows)))
         print_router_stats(reloaded, tokenizer, eval_rows, "after training")
     print(f"router plot: {out / 'run' / 'router_stats.png'}")
 

@@ -12,6 +12,7 @@ Per MoE layer (over non-padding tokens of one forward pass):
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from transformers import TrainerCallback
 
 from peft_mole import routing
 from peft_mole.quantised_eval import eval_keeping_4bit_training
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,7 +83,8 @@ def _trained_adapters(model, adapters: set[str]) -> set[str]:
 
 class RouterStatsCallback(TrainerCallback):
     """Logs router statistics per MoE layer, averaged over the optimizer steps since the last log, and writes
-    `router_stats.png` (expert load per layer; entropy per layer over training) to the output dir at the end.
+    `router_stats.png` (expert load per layer; entropy per layer over training) to the output dir at the end
+    (with matplotlib, which is optional: without it, a warning).
 
     Each optimizer step samples the statistics of the last forward pass of each adapter that trains (one whose
     parameters require grad; TRL's frozen "ref" copy under DPO is left out). Keys: `router/<layer>/entropy`,
@@ -142,7 +146,12 @@ class RouterStatsCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.plot and self.total_load and state.is_world_process_zero:
-            plot_router_stats(self.total_load, self.history, Path(args.output_dir) / "router_stats.png")
+            try:  # (matplotlib is optional: without it, or where the picture cannot be written, training ends as
+                # it would without the picture, so the caller's save_pretrained after train() still runs)
+                plot_router_stats(self.total_load, self.history, Path(args.output_dir) / "router_stats.png")
+            except (ImportError, OSError) as error:
+                logger.warning("router_stats.png not written (%s: %s); `pip install matplotlib` draws it, "
+                               "RouterStatsCallback(plot=False) leaves it out", type(error).__name__, error)
 
 
 def plot_router_stats(total_load: dict[str, torch.Tensor], history, path: Path) -> Path:

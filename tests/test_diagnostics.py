@@ -1,5 +1,8 @@
 """Router statistics and the Trainer callback that logs them."""
 
+import logging
+import sys
+
 import pytest
 import torch
 from datasets import Dataset
@@ -44,3 +47,19 @@ def test_callback_logs_router_statistics_and_draws_the_png(tmp_path):
         assert sum(load) == pytest.approx(1.0, abs=1e-5)
     png = tmp_path / "router_stats.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_matplotlib_training_ends_with_a_warning_and_no_picture(tmp_path, monkeypatch, caplog):
+    """matplotlib is not a dependency: before 2026-12-08 the callback's end raised ModuleNotFoundError, after the
+    whole training and before the caller's save_pretrained (the README's snippet lost its adapter)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    callback = RouterStatsCallback()
+    callback.total_load = {"model.layers.0.mlp": torch.tensor([3.0, 1.0])}
+    callback.history = [(1, {"model.layers.0.mlp": 0.5})]
+    with caplog.at_level(logging.WARNING, logger="peft_mole.diagnostics"):
+        callback.on_train_end(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(is_world_process_zero=True),
+                              None)
+    assert "router_stats.png not written (ModuleNotFoundError" in caplog.text
+    assert not (tmp_path / "router_stats.png").exists()

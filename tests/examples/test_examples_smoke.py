@@ -1,5 +1,7 @@
 """The example scripts run end to end offline with tiny settings (what `make demo` runs, shortened)."""
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,11 +52,27 @@ def test_sft_example_runs_saves_and_reloads(script, runs):
     assert "accuracy after (reloaded adapter)" in printed and "router statistics after training" in printed
     assert (runs[0] / script / "adapter" / "adapter_model.safetensors").exists()
     assert (runs[0] / script / "run" / "router_stats.png").exists()
+    config = json.loads((runs[0] / script / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == {"sft_mixlora": "PEFT_MOLE_MIXLORA", "sft_dynmole": "PEFT_MOLE_DYNMOLE"}[script]
+
+
+def test_sft_dynmole_example_has_no_method_or_top_k(monkeypatch):
+    """They were taken and ignored (before 2026-12-08): `sft_dynmole.py --method mixlora` trained DynMoLE."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import sft_mixlora
+
+    for option in (["--top-k", "3"], ["--method", "mixlora"]):
+        monkeypatch.setattr(sys, "argv", ["sft_dynmole.py", *option])
+        with pytest.raises(SystemExit, match="2"):  # argparse: unrecognized arguments
+            sft_mixlora.parse_args("dynmole")
+    monkeypatch.setattr(sys, "argv", ["sft_mixlora.py", "--top-k", "3"])
+    assert (sft_mixlora.parse_args().method, sft_mixlora.parse_args().top_k) == ("mixlora", 3)
 
 
 def test_multijob_example_trains_three_kinds_of_jobs(runs):
     printed = output(runs, "multijob")
-    for task, kind in [("sentiment", "LoraConfig"), ("capital", "MixLoRAConfig"), ("add", "DynMoLEConfig")]:
+    for task, kind in [("sentiment", "LoraConfig"), ("opposite", "LoraConfig"), ("capital", "MixLoRAConfig"),
+                       ("add", "DynMoLEConfig")]:
         assert f"{task:<10} {kind}" in printed
         assert (runs[0] / "multijob" / "run" / task / "adapter_model.safetensors").exists()
 
