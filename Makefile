@@ -80,7 +80,7 @@ bench: install
 	$(PY) bench/host_time.py | tee -a $(RESULTS)
 	$(PY) bench/job_optimizer.py | tee -a $(RESULTS)
 	$(PY) bench/options_step.py | tee -a $(RESULTS)
-	$(PY) bench/options_step.py --options fp16_autocast --repeats 3 | tee -a $(RESULTS)
+	$(PY) bench/options_step.py --options fp16_autocast --repeats 10 | tee -a $(RESULTS)
 	$(PY) bench/mole_vs_reference.py --peers-python $(PEERS)/bin/python | tee -a $(RESULTS)
 	$(PY) bench/render_table.py $(RESULTS)
 

@@ -96,8 +96,8 @@ DESCRIPTIONS["compile_step"] = ("{impl} step{checkpointing_note}, torch.compile 
 DESCRIPTIONS["options_step"] = ("MixLoRA step / PEFT LoRA step with {impl}; vs plain fp32 eager: MixLoRA "
                                  "{mixlora_vs_eager:.2f}×, LoRA {lora_vs_eager:.2f}×")
 DESCRIPTIONS["mole_vs_reference"] = (
-    "our MixLoRA step / {reference}'s ({reference_versions[torch]} there); MixLoRA-over-LoRA cost vs theirs "
-    "{ratio_vs_lora:.2f}×")
+    "our MixLoRA step / {reference}'s ({reference_versions[torch]} there{attention_note}); MixLoRA-over-LoRA cost vs "
+    "theirs {ratio_vs_lora:.2f}×")
 DESCRIPTIONS["packed_attention"] = (
     "PEFT LoRA step on one packed row ({case} lengths: {sequences} sequences, {tokens} tokens, the longest {longest}), "
     "attention `sdpa_packed`{chunk_note} / `sdpa` ({packed_ms:.0f} vs {masked_ms:.0f} ms){operator_note}; the same "
@@ -222,6 +222,9 @@ def ratio_table(path: Path, rows: list[dict]) -> None:
                "checkpointing_note": " with gradient checkpointing" if checkpointed else "",
                "compile_note": f", first-step compile {row['compile_s']:.0f} s" if "compile_s" in row else "",
                "optim_note": ", fused AdamW" if row.get("optim") == "adamw_torch_fused" else "",
+               # (mole_vs_reference rows before 2026-12-08 ran ours with SDPA whatever the reference ran)
+               "attention_note": f", both with {row['attention']} attention" if "attention" in row
+               else "; ours SDPA, MoE-PEFT eager" if row.get("reference") == "moe_peft" else "",
                "optim_flag": f" --optim {row['optim']}" if "optim" in row else "",
                "compiled_steps_note": (f"; compiled steps, {row['compiled_vs_eager']:.2f}× the eager mixed step's "
                                        f"time, compile {row['compile_s']:.0f} s" if "compiled_vs_eager" in row else "")

@@ -81,8 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (mole_vs_reference passes its own)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(**SMALL))
     ids = torch.randint(3, SMALL["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
@@ -106,7 +107,8 @@ def main() -> None:
         print(json.dumps({"name": "train_step", "impl": name, "shape": "small", "median_s": statistics.median(secs),
                           "min_s": min(secs), "steps": len(secs), "tokens_per_s": BATCH * SEQ / statistics.median(secs),
                           "trainable_params": n_params[name], "device": "cpu", "machine": platform.node(),
-                          "torch": torch.__version__, **versions}), flush=True)
+                          "torch": torch.__version__, **versions, "threads": torch.get_num_threads(),
+                          "attention": hf.config._attn_implementation}), flush=True)
     mix, base = times["mixlora_package"], times["peft_lora"]
     print(json.dumps({"name": "mixlora_package_vs_lora", "shape": "small",
                       "ratio_median": statistics.median(mix) / statistics.median(base),

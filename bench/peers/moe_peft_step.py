@@ -76,8 +76,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--checkpoint", default="none", choices=["none", "recompute"])
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (mole_vs_reference passes its own)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(**SMALL))
@@ -100,7 +101,8 @@ def main() -> None:
         emit({"name": "train_step", "impl": name, "shape": "small", "median_s": statistics.median(secs),
               "min_s": min(secs), "steps": len(secs), "tokens_per_s": BATCH * SEQ / statistics.median(secs),
               "trainable_params": n_params[name], "gradient_checkpoint": args.checkpoint, "device": "cpu",
-              "machine": platform.node(), "torch": torch.__version__, "moe_peft": importlib.metadata.version("moe_peft")})
+              "machine": platform.node(), "torch": torch.__version__, "moe_peft": importlib.metadata.version("moe_peft"),
+              "threads": torch.get_num_threads(), "attention": "eager"})  # (`build`: its only CPU attention)
     mix, lora = times["moe_peft_mixlora"], times["moe_peft_lora"]
     emit({"name": "moe_peft_mixlora_vs_lora", "shape": "small", "gradient_checkpoint": args.checkpoint,
           "ratio_median": statistics.median(mix) / statistics.median(lora), "ratio_min": min(mix) / min(lora),
