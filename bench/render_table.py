@@ -148,6 +148,10 @@ def latest_rows(rows: list[dict]) -> list[dict]:
     # in one process stepped 12-15 % slower) are superseded by the rows with rounds
     if any(row["name"] == "compiled_shapes" and "rounds" in row for row in rows):
         rows = [row for row in rows if not (row["name"] == "compiled_shapes" and "rounds" not in row)]
+    # mole_vs_reference rows from before ours ran each reference's attention (no "attention": ours SDPA against
+    # MoE-PEFT's eager attention) are superseded by the rows with it
+    if any(row["name"] == "mole_vs_reference" and "attention" in row for row in rows):
+        rows = [row for row in rows if not (row["name"] == "mole_vs_reference" and "attention" not in row)]
     defaults = {"router_scale": 1.0}  # rows from before a setting existed measured at its default
     latest = {tuple(str(row.get(k, defaults.get(k))) for k in _IDENTITY): row for row in rows}
     measured = {row["name"] for row in latest.values()}

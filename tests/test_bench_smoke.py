@@ -168,6 +168,17 @@ def test_render_table_renders_every_ratio(rows, tmp_path):
     assert "| `mixlora_vs_lora`:" not in _render(one_thread, tmp_path / "vm-one-thread.jsonl")
 
 
+def test_mole_vs_reference_rows_name_the_attention_and_supersede_those_that_did_not(tmp_path):
+    """Until 2026-12-08 ours ran SDPA against MoE-PEFT's eager attention: such a row says so, and a row that ran
+    ours on the reference's attention replaces it."""
+    row = {"name": "mole_vs_reference", "reference": "moe_peft", "shape": "small", "ratio_median": 0.82,
+           "ratio_min": 0.81, "ratio_vs_lora": 0.71, "reference_versions": {"torch": "2.5.1"}, "device": "cpu"}
+    old = _render([row], tmp_path / "vm-old.jsonl")
+    assert "(2.5.1 there; ours SDPA, MoE-PEFT eager)" in old and "| 0.82× | 0.81× |" in old
+    new = _render([row, {**row, "attention": "eager", "ratio_median": 0.83}], tmp_path / "vm-new.jsonl")
+    assert "(2.5.1 there, both with eager attention)" in new and "| 0.83× |" in new and "0.82×" not in new
+
+
 def test_render_table_renders_gpu_rows(tmp_path):
     """The GPU run's rows (bench/gpu_run.sh): `gpu_busy` from the profile, step ratios that bench/gpu_medium.py
     measured (its own command, no experts-per-token field; under bf16 autocast), multi-job rows with fused AdamW."""
