@@ -71,12 +71,18 @@ def section(config) -> str:
         for layer, s in sorted(stats.items()):
             load = " ".join(f"{x:.2f}" for x in s.load)
             lines.append(f"| {layer} | {s.entropy:.3f} | {s.broadcast:.3f} | {s.experts_per_token:.2f} | {load} |")
-    scores = config.__dict__.get("_card_eval")
-    if scores:
-        lines += ["", "### Evaluation", "", "| task | accuracy |", "|---|---|"]
-        lines += [f"| {task} | {value:.4f} |" for task, value in scores.items()]
+    lines += _evaluation(config)
     lines.append(END)
     return "\n".join(lines)
+
+
+def _evaluation(config) -> list[str]:
+    """The card's evaluation table: the scores `add_eval_results` attached to `config` (none: no lines)."""
+    scores = config.__dict__.get("_card_eval")
+    if not scores:
+        return []
+    return ["", "### Evaluation", "", "| task | accuracy |", "|---|---|",
+            *(f"| {task} | {value:.4f} |" for task, value in scores.items())]
 
 
 def _last_router_stats(config) -> dict:
@@ -90,11 +96,17 @@ def _last_router_stats(config) -> dict:
 
 def update_model_card(directory: str, config) -> None:
     """Create or update README.md in `directory` with the tags and the peft-mole section of `config` (a plain
-    LoRA config, a multi-job LoRA job's: PEFT's metadata and tags only)."""
+    LoRA config, a multi-job LoRA job's: PEFT's metadata and tags, and the evaluation table where `add_eval_results`
+    gave it scores; before 2026-12-08 a LoRA job's scores were dropped)."""
     method = "lora" if isinstance(config, LoraConfig) else METHOD_NAMES.get(type(config).__name__,
                                                                            type(config).__name__).lower()
+    if method != "lora":
+        text = section(config)
+    else:
+        evaluation = _evaluation(config)
+        text = "\n".join([START, *evaluation[1:], END]) if evaluation else None
     _write_card(directory, {"peft", "peft-mole", method}, config.base_model_name_or_path,
-                None if method == "lora" else (START, END, section(config)))
+                None if text is None else (START, END, text))
 
 
 def _write_card(directory: str, tags: set[str], base_model: str | None,

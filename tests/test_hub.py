@@ -311,3 +311,19 @@ def test_push_to_hub_lists_adapters_in_subfolders_on_the_root_card(fake_hub, mon
     assert "| top_k | `2` |" in root and '| `other` | MixLoRA |' in root
     pushed = PeftModel.from_pretrained(tiny_base(), str(fake_hub.root / "someone/both"), subfolder="other")
     assert pushed.peft_config["default"].top_k == 1
+
+
+def test_a_lora_jobs_evaluation_reaches_its_card(tmp_path):
+    """A multi-job LoRA job's scores (`add_eval_results` takes them) were dropped from its card before 2026-12-08:
+    its card had PEFT's metadata only."""
+    from peft import LoraConfig
+
+    import peft_mole
+    from peft_mole.multijob import MultiJobModel
+
+    model = MultiJobModel(tiny_base(), {"a": LoraConfig(r=2, target_modules=["q_proj"])})
+    peft_mole.add_eval_results(model, {"a": {"boolq": 0.75}})
+    for _ in range(2):  # a second save replaces the table
+        model.save_job("a", str(tmp_path))
+    card = (tmp_path / "README.md").read_text()
+    assert card.count("| boolq | 0.7500 |") == 1 and "- peft-mole\n" in card.split("---")[1]

@@ -83,8 +83,8 @@ def _check_reference_values(where: str, config: dict) -> None:
                 raise ValueError(f"{where}: {scope}{key} must be an int >= 1, got {value!r}")
             if key in numbers and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"{where}: {scope}{key} must be a number, got {value!r}")
-            if key == "use_rslora" and not isinstance(value, bool):
-                raise ValueError(f"{where}: {scope}use_rslora must be true or false, got {value!r}")
+            if key in ("use_rslora", "router_loss") and not isinstance(value, bool):
+                raise ValueError(f"{where}: {scope}{key} must be true or false, got {value!r}")
 
 
 def _read_reference(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -191,6 +191,10 @@ def config_from_moe_peft(reference: dict, flavour: str = "moe-peft") -> MixLoRAC
         warnings.warn(f"the mixlora package ignores `expert_lora` and builds the experts with the top-level {ignored} "
                       f"({', '.join(f'{k}={top_level[k]!r}, not {section[k]!r}' for k in ignored)}); converting as "
                       "the package computes (use flavour 'moe-peft' for MoE-PEFT's reading)", stacklevel=2)
+    if flavour == "mixlora" and reference.get("jitter_noise", 0.0) > 0:
+        warnings.warn(f"jitter_noise={reference['jitter_noise']}: the `mixlora` package jitters the MoE input in "
+                      "every forward, inference too, so its outputs are random; peft-mole jitters the router input "
+                      "in training only", stacklevel=2)
     experts = {**reference, **(section if flavour == "moe-peft" else {})}
     expert_rslora, attn_rslora = bool(experts.get("use_rslora", False)), bool(reference.get("use_rslora", False))
     # one use_rslora in MixLoRAConfig: where the attention LoRA's differs from the experts', its scale (alpha/r, or
@@ -209,7 +213,9 @@ def config_from_moe_peft(reference: dict, flavour: str = "moe-peft") -> MixLoRAC
         attn_lora_dropout=float(reference.get("lora_dropout", 0.0)),
         # MoE-PEFT's load-balance loss is Mixtral's, top_k times ours (its f sums to k): the same weight is k × its
         # coefficient here (its default 0.001)
-        router_aux_loss_coef=float(reference.get("router_aux_loss_coef", 0.001)) * int(reference["top_k"]),
+        # `router_loss: false` (MoE-PEFT adds no load-balance loss then; before 2026-12-08 the coefficient was kept)
+        router_aux_loss_coef=float(reference.get("router_aux_loss_coef", 0.001)) * int(reference["top_k"])
+        if reference.get("router_loss", True) else 0.0,
         router_init_std=float(reference.get("router_init_range", 0.02)),
         jitter_noise=float(reference.get("jitter_noise", 0.0)),
         base_model_name_or_path=reference.get("base_model_name_or_path"),
@@ -344,6 +350,9 @@ def export_moe_peft(source: str, target: str, flavour: str = "moe-peft", act_fn:
             f"lora_alpha={top['lora_alpha']}: export with flavour 'moe-peft' (MoE-PEFT reads `expert_lora`)"
         )
     act_fn = act_fn or _base_activation(config)
+    if flavour == "mixlora" and config.jitter_noise > 0:
+        warnings.warn(f"jitter_noise={config.jitter_noise} is written as 0 for the `mixlora` package, which would "
+                      "jitter the MoE input of every forward (inference too)", stacklevel=2)
     if flavour == "mixlora" and not act_fn:
         raise ValueError(f"act_fn is required for the mixlora package and the base model "
                          f"{config.base_model_name_or_path!r} is not available offline: pass act_fn (e.g. 'silu')")
@@ -374,7 +383,8 @@ def export_moe_peft(source: str, target: str, flavour: str = "moe-peft", act_fn:
         **({"act_fn": act_fn} if act_fn else {}),
         "router_aux_loss_coef": config.router_aux_loss_coef / config.top_k,  # (Mixtral's loss there: k × ours)
         "router_init_range": float(config.router_init_std),  # (MoE-PEFT asserts floats)
-        "jitter_noise": float(config.jitter_noise), "use_rslora": config.use_rslora,
+        # the package jitters in every forward, inference too (it is inference-only): 0 for it (2026-12-08)
+        "jitter_noise": float(config.jitter_noise) if flavour == "moe-peft" else 0.0, "use_rslora": config.use_rslora,
         "base_model_name_or_path": config.base_model_name_or_path, "task_type": "CAUSAL_LM",
     }
     if expert_lora:  # (MoE-PEFT asserts lora_dropout > 0 here too)

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 import peft_mole  # noqa: F401
 from peft_mole.cli import main
 from peft_mole.interop import config_from_moe_peft, export_moe_peft, import_moe_peft
+from peft_mole.interop.moe_peft import _check_reference_values
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "moe_peft_mixlora"
 
@@ -328,3 +329,25 @@ def test_mixlora_flavour_export_with_only_the_dropout_differing_warns(tmp_path):
     with pytest.warns(UserWarning, match="one lora_dropout"):
         export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "pkg"), flavour="mixlora", act_fn="silu")
     assert "expert_lora" not in json.loads((tmp_path / "pkg" / "adapter_config.json").read_text())
+
+
+def test_router_loss_false_and_the_packages_jitter(tmp_path):
+    """Found by a review (2026-12-08): `router_loss: false` (MoE-PEFT adds no load-balance loss) was imported with
+    the coefficient kept; the `mixlora` package jitters the MoE input in every forward, inference too, so an export
+    for it writes jitter 0 (warned), and an import from it warns."""
+    reference = json.loads((FIXTURE / "adapter" / "adapter_config.json").read_text())
+    assert config_from_moe_peft(reference).router_aux_loss_coef > 0
+    assert config_from_moe_peft({**reference, "router_loss": False}).router_aux_loss_coef == 0.0
+    assert config_from_moe_peft({**reference, "router_loss": True}).router_aux_loss_coef > 0
+    with pytest.raises(ValueError, match="router_loss must be true or false, got 'no'"):
+        _check_reference_values("x", {**reference, "router_loss": "no"})
+    with pytest.warns(UserWarning, match="jitters the MoE input in every forward"):
+        assert config_from_moe_peft({**reference, "jitter_noise": 0.01}, flavour="mixlora").jitter_noise == 0.01
+    import_moe_peft(str(FIXTURE / "adapter"), str(tmp_path / "ours"))
+    config_path = tmp_path / "ours" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "jitter_noise": 0.01}))
+    with pytest.warns(UserWarning, match="jitter_noise=0.01 is written as 0 for the `mixlora` package"):
+        export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "pkg"), flavour="mixlora", act_fn="silu")
+    export_moe_peft(str(tmp_path / "ours"), str(tmp_path / "moe"))
+    assert [json.loads((tmp_path / name / "adapter_config.json").read_text())["jitter_noise"]
+            for name in ("pkg", "moe")] == [0.0, 0.01]

@@ -255,3 +255,22 @@ def test_mixlora_and_dynmole_are_distinct_peft_types():
     model = get_peft_model(tiny_base(), mixlora())
     with pytest.raises(ValueError, match="Cannot combine adapters with different peft types"):
         model.add_adapter("other", dynmole())
+
+
+@pytest.mark.parametrize(("scope", "renormalize", "is_base"),
+                         [("block", False, False), ("block", True, True), ("projection", False, True)])
+def test_unrenormalised_top_p_weights_scale_the_frozen_mlp_in_block_scope(scope, renormalize, is_base):
+    """SPEC §2's weights are the selected p, not renormalised, and block scope computes y = Σ_e w_e FFN_e (as
+    MoE-PEFT does): with B = 0 a top-p token's MLP output is Σ_e w_e < 1 times the base's. `renormalize=True`, or
+    projection scope (where w scales the LoRA deltas only), keep the untrained adapter the base (docs/dynmole.md)."""
+    base = tiny_base()
+    ids, mask, _ = batch(2, 9)
+    with torch.no_grad():
+        want = base(input_ids=ids, attention_mask=mask).logits
+    config = DynMoLEConfig(num_experts=4, r=2, router_scope=scope, renormalize=renormalize, broadcast_threshold=1.0,
+                           lora_dropout=0.0, router_init_std=1.0)  # every token top-p, routers far from uniform
+    model = get_peft_model(base, config).eval()
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    difference = (got - want).abs().max().item()
+    assert difference < 1e-5 if is_base else difference > 1e-3, difference
