@@ -42,8 +42,8 @@ def main() -> None:
     every = {"eager": (False, None), "checkpointing": (True, None), "bf16_autocast": (False, torch.bfloat16),
              "fp16_autocast": (False, torch.float16)}
     parser.add_argument("--options", nargs="+", choices=list(every), default=None,
-                        help="default: all, except fp16_autocast on CPU (no fp16 matrix kernels there: ~20x slower "
-                             "than fp32, so it is run on its own with few repeats); eager is always run")
+                        help="default: all, except fp16_autocast on CPU (a CPU without AVX512-FP16 has no fp16 matrix "
+                             "kernels: ~20-30x slower than fp32, so it is run on its own); eager is always run")
     args = parser.parse_args()
     setup_threads()
     chosen = args.options or [o for o in every if o != "fp16_autocast" or device().type == "cuda"]
