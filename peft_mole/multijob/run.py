@@ -118,6 +118,7 @@ class JobRun(JobEvents):
         self.epoch = 0
         self.batches_done = 0  # micro-batches consumed in the current epoch
         self.window: list[dict] = []
+        self.collated: list[dict] = []  # the window's micro-batches as the collator gave them (pads included)
         self.window_items = None  # N_j of the current window (this process's count until the trainer sums it)
         self.items_pending = False  # a new window whose N_j is not yet summed over processes
         self.window_pos = 0
@@ -184,6 +185,7 @@ class JobRun(JobEvents):
             raw = [next(self._iterator) for _ in range(n)]
         self.window_input_tokens = sum(input_token_count(batch) for batch in raw)
         self.window = [strip_padding(batch) for batch in raw]  # (a packed row's trailing pads)
+        self.collated = raw
         self.window_metrics = []
         self.batches_done += n
         # this process's count; the trainer sums it over processes once every process has its window (a collective
@@ -199,6 +201,11 @@ class JobRun(JobEvents):
         if self.window_pos >= len(self.window) and not self._next_window():
             return None
         return self.window[self.window_pos]
+
+    def peeked_as_collated(self) -> dict:
+        """The peeked micro-batch as the collator gave it, before `strip_padding`: what Trainer counts for
+        `include_num_input_tokens_seen` (before 2026-12-08 a padding-free job's trailing pads went uncounted)."""
+        return self.collated[self.window_pos]
 
     def consume(self) -> bool:
         """Mark the peeked micro-batch trained; True when it completed the window (time to step)."""

@@ -253,8 +253,8 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             parts = self._next_parts(running)
             if parts:
                 self.control = self.callback_handler.on_step_begin(self.args, self.state, self.control)
-                for _, batch in parts:  # `include_num_input_tokens_seen`, counted before the step, as Trainer does
-                    self._track_num_input_tokens(batch)
+                for run, _ in parts:  # `include_num_input_tokens_seen`, counted before the step, as Trainer does
+                    self._track_num_input_tokens(run.peeked_as_collated())
                 self.state.global_step += 1  # the jobs' logs, evaluations and saves in this round carry its number
                 self._train_round(parts)
                 left = [run for run in runs if not run.finished]  # micro-batches deferred by max_memory take more

@@ -200,6 +200,10 @@ def check_trainer_inputs(model, jobs, callbacks, kwargs: dict) -> None:
         raise ValueError(f"MultiJobTrainer does not support {given}: every job gets an optimizer and a learning-rate "
                          "schedule of its own, built from `optim`, `optim_args` and the job's learning_rate, "
                          "weight_decay, lr_scheduler_type and lr_scheduler_kwargs (JobConfig); set those instead")
+    if kwargs.get("compute_loss_func") is not None:  # (before 2026-12-08 taken and never called)
+        raise ValueError("MultiJobTrainer does not support compute_loss_func: its mixed step computes each job's loss "
+                         "as SFTTrainer's default (the mean token NLL of the job's rows, plus the router's auxiliary "
+                         "loss); train a job with a loss of its own in SFTTrainer")
     for unsupported in ("compute_metrics", "preprocess_logits_for_metrics"):
         if kwargs.get(unsupported) is not None:  # it would be silently never called
             raise ValueError(f"MultiJobTrainer does not support {unsupported}: each job's evaluation logs "
@@ -221,7 +225,8 @@ def check_trainer_inputs(model, jobs, callbacks, kwargs: dict) -> None:
 
 def check_optimizer_hooks(trainer_cls: type) -> None:
     """A subclass's `create_optimizer`/`create_scheduler`/`create_optimizer_and_scheduler` would never be called:
-    each job's optimizer and schedule are made by `MultiJobTrainer._make_run`."""
+    each job's optimizer and schedule are made by `MultiJobTrainer._make_run`; nor would its `compute_loss`,
+    `training_step` or `prediction_step` (refused since 2026-12-08): the mixed step computes each job's loss itself."""
     from trl import SFTTrainer
 
     for hook in ("create_optimizer", "create_scheduler", "create_optimizer_and_scheduler"):
@@ -229,6 +234,12 @@ def check_optimizer_hooks(trainer_cls: type) -> None:
             raise ValueError(f"{trainer_cls.__name__} overrides {hook}, which MultiJobTrainer never calls: every job "
                              "gets an optimizer and a schedule of its own (`MultiJobTrainer._make_run`, from `optim`, "
                              "`optim_args` and the job's hyper-parameters); remove the override and set those")
+    for hook in ("compute_loss", "training_step", "prediction_step"):
+        if getattr(trainer_cls, hook) is not getattr(SFTTrainer, hook):
+            raise ValueError(f"{trainer_cls.__name__} overrides {hook}, which MultiJobTrainer never calls: its mixed "
+                             "step computes each job's loss as SFTTrainer's default (the mean token NLL of the job's "
+                             "rows, plus the router's auxiliary loss); train a job with a loss of its own in "
+                             "SFTTrainer")
 
 
 def check_no_adapter_layers(model) -> None:

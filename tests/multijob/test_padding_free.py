@@ -339,8 +339,10 @@ def test_pads_of_pad_to_multiple_of_are_cut_off_before_mixing(assets, tmp_path):
     """TRL's padding-free collator with `pad_to_multiple_of` appends pads (position 0, label -100) to each job's
     packed micro-batch; they are cut off before the jobs' rows are concatenated (`batching.strip_padding`), so
     they neither sit between two jobs' tokens nor count in a MixLoRA job's router losses: the adapters equal
-    those of the run without them."""
+    those of the run without them. `include_num_input_tokens_seen="all"` counts them, as Trainer counts the
+    collated batch (before 2026-12-08 the cut micro-batch was counted)."""
     tokenizer, datasets = assets
+    seen = {}
 
     def trained(output_dir, multiple):
         jobs = [JobConfig("a", mixlora(), datasets["sentiment"], per_device_train_batch_size=3),
@@ -348,14 +350,16 @@ def test_pads_of_pad_to_multiple_of_are_cut_off_before_mixing(assets, tmp_path):
                           datasets["capital"], per_device_train_batch_size=2)]
         trainer = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
                                   args=run_args(output_dir, padding_free=True, max_length=None, max_steps=2,
-                                                pad_to_multiple_of=multiple))
+                                                pad_to_multiple_of=multiple, include_num_input_tokens_seen="all"))
         randomize_adapters(trainer.jobs_model, seed=4)
         trainer.train()
+        seen[multiple] = trainer.state.num_input_tokens_seen
         return trainer.data_collator([trainer.job_datasets["a"][i] for i in range(3)])
 
     padded = trained(tmp_path / "pads", 64)
     assert padded["input_ids"].shape[1] == 64 and (padded["position_ids"][0, -2:] == 0).all()  # pads there are
     assert trained(tmp_path / "plain", None)["input_ids"].shape[1] < 64
+    assert seen[64] == 4 * 64 > seen[None] > 0  # two steps of two jobs' micro-batches, 64 columns each
     for job in ("a", "b"):
         plain = load_file(tmp_path / "plain" / job / "adapter_model.safetensors")
         pads = load_file(tmp_path / "pads" / job / "adapter_model.safetensors")

@@ -81,6 +81,20 @@ def test_optimizers_the_jobs_would_not_use_are_refused(assets, tmp_path):
         OwnOptimizer(model=tiny_base(), jobs=job, args=run_args(tmp_path), processing_class=tokenizer)
 
 
+def test_losses_the_mixed_step_would_not_compute_are_refused(assets, tmp_path):
+    """`compute_loss_func=` and a subclass's compute_loss / training_step / prediction_step were accepted and never
+    called before 2026-12-08 (found by a review): every job trained on the mean token NLL instead."""
+    tokenizer, datasets = assets
+    job = three_jobs(datasets)[:1]
+    with pytest.raises(ValueError, match="does not support compute_loss_func: its mixed step computes each job's"):
+        MultiJobTrainer(model=tiny_base(), jobs=job, args=run_args(tmp_path), processing_class=tokenizer,
+                        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss * 2)
+    for hook in ("compute_loss", "training_step", "prediction_step"):
+        own = type("OwnLoss", (MultiJobTrainer,), {hook: lambda self, *args, **kwargs: None})
+        with pytest.raises(ValueError, match=f"OwnLoss overrides {hook}, which MultiJobTrainer never calls"):
+            own(model=tiny_base(), jobs=job, args=run_args(tmp_path), processing_class=tokenizer)
+
+
 def test_the_trainers_max_steps_of_zero_is_refused(assets, tmp_path):
     """`SFTConfig(max_steps=0)` trains no step in Trainer (transformers 5: epochs only for a negative value);
     MultiJobTrainer trained every job by epochs instead (before 2026-12-07). A job's own 0 was refused already."""
