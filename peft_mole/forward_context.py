@@ -13,6 +13,7 @@ runs the active adapter on every row (`MixLoRAModel._base_called`).
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -146,7 +147,7 @@ def packed_real_tokens(position_ids: torch.Tensor) -> torch.Tensor | None:
     return (index <= last)[None]
 
 
-@dataclass
+@dataclass(eq=False)  # (compared and hashed by identity: `LIVE_CONTEXTS`)
 class ForwardContext:
     row_adapters: list[str] | None = None
     token_mask: torch.Tensor | None = None  # (batch, seq) bool, True = real token
@@ -162,6 +163,19 @@ class ForwardContext:
     # the job segments of its tokens; None for any other batch
     segments: PackedSegments | None = None
     _groups: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        LIVE_CONTEXTS.add(self)
+
+    def rows(self) -> dict:
+        """What a forward's rows set here (`ROW_FIELDS`): activation checkpointing's recomputation of a layer must
+        see its own forward's, also when another forward set them since (`ops.stream_checkpoint`)."""
+        return {name: getattr(self, name) for name in ROW_FIELDS}
+
+    def set_rows(self, rows: dict) -> None:
+        """Put back what `rows()` returned."""
+        for name, value in rows.items():
+            setattr(self, name, value)
 
     def set_row_adapters(self, names: list[str] | None, by_hook: bool = False) -> None:
         self.row_adapters = None if names is None else list(names)
@@ -216,6 +230,10 @@ class ForwardContext:
         if mask.shape[1] != seq_len:  # cached decoding: the mask also covers past tokens
             mask = mask[:, -seq_len:]
         return mask
+
+
+ROW_FIELDS = ("row_adapters", "token_mask", "rows_set_by_hook", "jobs", "row_jobs", "segments", "_groups")
+LIVE_CONTEXTS: weakref.WeakSet[ForwardContext] = weakref.WeakSet()  # every tuner's context (one per tuner)
 
 
 def _group_rows(names: list[str], device: torch.device) -> list[RowGroup]:

@@ -43,6 +43,8 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     """Boolean mask of `shape`, each entry True (kept) with probability 1 − p' (module docstring), drawn from
     `generator` (None: torch's default one)."""
     on = torch.device(device) if generator is None else generator.device  # (a stream lives on one device)
+    if p >= 1:  # nothing kept (the 16-bit draws compared with 2^15 kept everything before 2026-12-08; the output
+        return torch.zeros(shape, dtype=torch.bool, device=device)  # was right all the same: scale 0)
     if _off_grid(p):  # p' would be 0 or 1: one float draw per element, at p itself
         return torch.rand(shape, generator=generator, device=on).to(device) >= p
     count = 1

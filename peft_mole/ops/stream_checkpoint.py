@@ -5,8 +5,9 @@ A checkpointed layer runs its forward again in the backward. torch restores its 
 forward did (gradients of another function than the loss) and move the streams on. So every checkpointed layer of
 a multi-job model runs with `stream_replay_contexts` (`replay_streams_in_checkpoints`): its forward notes each
 stream's state before the stream's first draw in the layer (`ops.dropout.stream_generator`), and its recomputation
-draws from those states, with the batch's widths of that forward (`ops.dropout.stream_draw`), then puts the streams
-back where they were. Compiled layers cannot run that inside their backward: they checkpoint selectively and keep
+draws from those states, with the batch's widths of that forward (`ops.dropout.stream_draw`) and the rows the
+forward set in the tuners' contexts (`ForwardContext.rows`), then puts the streams and rows back where they were.
+Compiled layers cannot run that inside their backward: they checkpoint selectively and keep
 the drawn values (`compiled_stream_contexts`).
 """
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 import peft_mole.ops.job_streams  # noqa: F401  (registers the per-job drawing operators the policy names)
+from peft_mole.forward_context import LIVE_CONTEXTS
 from peft_mole.ops.dropout import _RECORDERS, _STREAMS, _WIDTHS, set_stream_widths
 
 
@@ -28,6 +30,9 @@ def stream_replay_contexts(user_context_fn=None) -> tuple:
     given, are entered too. Returns (forward context, recompute context)."""
     recorded: dict[int, torch.Tensor] = {}  # stream -> its state before its first draw in the forward
     widths = dict(_WIDTHS)  # the batch this forward trains (`stream_draw`), which the recomputation must see again
+    # and its rows' adapters, jobs, segments and token mask (before 2026-12-08 a forward between this one and its
+    # backward left its rows in the tuners' contexts, and the recomputation ran them: gradients off by 1.8e-3)
+    rows = [(context, context.rows()) for context in list(LIVE_CONTEXTS)]
 
     @contextlib.contextmanager
     def forward():
@@ -40,15 +45,20 @@ def stream_replay_contexts(user_context_fn=None) -> tuple:
     @contextlib.contextmanager
     def recompute():
         now, widths_now = {stream: _STREAMS[stream].get_state() for stream in recorded}, dict(_WIDTHS)
+        rows_now = [(context, context.rows()) for context, _ in rows]
         for stream, state in recorded.items():
             _STREAMS[stream].set_state(state)
         set_stream_widths(widths)
+        for context, values in rows:
+            context.set_rows(values)
         try:
             yield
         finally:
             for stream, state in now.items():
                 _STREAMS[stream].set_state(state)
             set_stream_widths(widths_now)
+            for context, values in rows_now:
+                context.set_rows(values)
 
     if user_context_fn is None:
         return forward(), recompute()

@@ -63,6 +63,7 @@ def test_eval_mode_zero_p_and_edge_probabilities_fall_back():
     tiny_p = dropout(x, 1e-6)  # rounds to 0 levels: torch's own dropout, which rescales by 1 / (1 - 1e-6)
     assert not torch.equal(tiny_p, x)
     torch.testing.assert_close(tiny_p, x / (1 - 1e-6), atol=0, rtol=3e-7)  # x itself is 1e-6 away
+    assert not keep_mask((4, 8), 1.0).any()  # (all True before 2026-12-08: the 16-bit draws against 2^15)
 
 
 def test_mixlora_layers_use_it():

@@ -332,6 +332,11 @@ class MixLoRAModel(BaseTuner):
             )
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if getattr(self, "_is_replica", False):  # (one context, shared by the replicas' threads: rows, masks and
+            # router records of one replica would be read by another)
+            raise ValueError("peft-mole adapters do not run under torch.nn.DataParallel (Trainer uses it on several "
+                             "GPUs without a distributed launch): launch one process per GPU instead, with "
+                             "`accelerate launch` or `torchrun` (DistributedDataParallel)")
         context = self._context()
         direct = not context.rows_set_by_hook  # called directly, not through PeftModel
         if direct:
@@ -386,10 +391,14 @@ class MixLoRAModel(BaseTuner):
 
     def _check_router_gradients(self, records: list[RouterRecord]) -> None:
         """Refuse to train routers whose probabilities lost their graph (reentrant activation checkpointing runs
-        the layers under no_grad, so the aux loss would silently not reach the routers)."""
-        if not (self.training and torch.is_grad_enabled()) or records[0].probs.requires_grad:
+        the layers under no_grad, so the aux loss would silently not reach the routers). Only the routers of the
+        adapters whose records lost it count: a frozen adapter's rows (a reference adapter beside a trained one)
+        have none to lose (before 2026-12-08 the first record alone was read, so such rows first were refused)."""
+        if not (self.training and torch.is_grad_enabled()):
             return
-        if any(p.requires_grad for name, p in self.named_parameters() if "router" in name):
+        lost = {f".{record.adapter}." for record in records if not record.probs.requires_grad}
+        if lost and any(p.requires_grad for name, p in self.named_parameters()
+                        if "router" in name and any(adapter in name for adapter in lost)):
             raise ValueError(
                 "the router auxiliary loss has no gradient: the decoder layers ran without autograd, as reentrant "
                 "gradient checkpointing does. Use gradient_checkpointing_kwargs={'use_reentrant': False} "
