@@ -27,10 +27,41 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def _fsync_tree(path: str) -> None:
+    """Flush every file under `path` and the folders that hold them to disk (a folder's entries are what a rename
+    relies on; folders were not flushed before 2026-12-08)."""
     for root, _, files in os.walk(path):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
+        _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    """Flush a folder's entries (a rename into or within it) to disk, where the platform can (not on Windows)."""
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:  # a file system that cannot flush a folder
+        pass
+    finally:
+        os.close(handle)
+
+
+def _remove_leftovers(job_dir: str, checkpoints: bool) -> None:
+    """Remove what a killed write left in a job's folder: a final write's staging folder (`.tmp-final-*`), a JSON
+    file's temporary copy (`.tmp-<name>.json-*`) and, with `checkpoints`, a checkpoint's (`.tmp-checkpoint-*`,
+    `.old-checkpoint-*`; a checkpoint a kill left mid-swap is restored first). Only the single writer calls it,
+    between writes (before 2026-12-08 the first two stayed for good: a whole adapter's copy)."""
+    for name in os.listdir(job_dir) if os.path.isdir(job_dir) else []:
+        path = os.path.join(job_dir, name)
+        checkpoint_copy = name.startswith((".tmp-checkpoint-", ".old-checkpoint-"))
+        if name.startswith(".tmp-final-") or (checkpoints and checkpoint_copy):
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith(".tmp-") and ".json-" in name and os.path.isfile(path):
+            os.remove(path)
 
 
 def _read_umask() -> int:
@@ -58,9 +89,11 @@ def write_atomically(final_dir: str, write: Callable[[str], None]) -> str:
             old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(final_dir)}-", dir=parent)
             os.replace(final_dir, os.path.join(old, "x"))
             os.replace(tmp, final_dir)
+            _fsync_dir(parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final_dir)
+            _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -76,6 +109,7 @@ def replace_files_atomically(target_dir: str, write: Callable[[str], None]) -> N
     between two renames leaves the old state, and resume writes the folder again).
     """
     os.makedirs(target_dir, exist_ok=True)
+    _remove_leftovers(target_dir, checkpoints=False)
     tmp = tempfile.mkdtemp(prefix=".tmp-final-", dir=target_dir)
     try:
         write(tmp)
@@ -84,6 +118,7 @@ def replace_files_atomically(target_dir: str, write: Callable[[str], None]) -> N
                        key=lambda n: (n == STATE_FILE, n.endswith(".json"), not n.endswith(".safetensors"), n))
         for name in names:
             os.replace(os.path.join(tmp, name), os.path.join(target_dir, name))
+        _fsync_dir(target_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -135,9 +170,7 @@ def prune_checkpoints(job_dir: str, keep: int | None, run_id: str | None = None,
     checkpoint a kill left mid-swap is restored, not deleted)."""
     if os.path.isdir(job_dir):
         _restore_swapped(job_dir)
-    for name in os.listdir(job_dir) if os.path.isdir(job_dir) else []:
-        if name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
-            shutil.rmtree(os.path.join(job_dir, name), ignore_errors=True)
+    _remove_leftovers(job_dir, checkpoints=True)
     for path in checkpoints_to_delete([path for _, path in list_checkpoints(job_dir, run_id)], keep, best):
         shutil.rmtree(path, ignore_errors=True)
 
@@ -157,6 +190,7 @@ def write_json(path: str, data: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(folder)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -171,8 +171,10 @@ class JobRun(JobEvents):
         self.epoch_begun = True
 
     def _next_window(self) -> bool:
-        """Fetch the next accumulation window; False when the job has trained `max_steps` steps."""
-        if self.global_step >= self.max_steps:
+        """Fetch the next accumulation window; False when the job has trained `max_steps` steps or stopped early
+        (`out_of_patience`: a resume from the checkpoint of the step it stopped at; before 2026-12-08 it trained
+        on)."""
+        if self.global_step >= self.max_steps or self.out_of_patience():
             return False
         if self.batches_done >= self.batches_per_epoch:
             self.epoch += 1

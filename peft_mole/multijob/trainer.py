@@ -50,7 +50,7 @@ from peft_mole.multijob.memory_profile import JobMemoryProfile
 from peft_mole.multijob.mixed_step import MixedStepping, NonFiniteInPackedStep  # noqa: F401 (re-exported)
 from peft_mole.multijob.model import MultiJobModel, enable_activation_checkpointing
 from peft_mole.multijob.pieces import RoundStreams
-from peft_mole.multijob.run import FAILED, JobRun, stream_seed
+from peft_mole.multijob.run import DONE, FAILED, STOPPED, JobRun, stream_seed
 from peft_mole.multijob.scheduler import JobScheduler, StepCost
 from peft_mole.multijob.trainer_args import (
     JobSetupError,
@@ -297,7 +297,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             if bad:
                 self._fail(run, errors.get(run.name, "its data pipeline raised on another process"))
             elif batches[run.name] is None:
-                self._finish(run)
+                self._finish(run, STOPPED if run.out_of_patience() else DONE)
         candidates = [(run, batches[run.name]) for run in running if not run.finished]
         packed = self.job_scheduler.pack(candidates, lambda ok: dist.every_process(self.accelerator, [ok])[0])
         too_big = dist.any_process(self.accelerator, [run.status == FAILED for run, _ in candidates])
