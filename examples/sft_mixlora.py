@@ -45,12 +45,16 @@ def parse_args(method: str | None = None, description: str = __doc__) -> argpars
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--num-experts", type=int, default=8)
     if method != "dynmole":
-        parser.add_argument("--top-k", type=int, default=2, help="MixLoRA's experts per token")
+        parser.add_argument("--top-k", type=int, default=None, help="MixLoRA's experts per token (default 2)")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--eval-rows", type=int, default=120)
     args = parser.parse_args()
     if method is not None:
         args.method = method
+    if args.method == "dynmole" and getattr(args, "top_k", None) is not None:
+        parser.error("--top-k is MixLoRA's: DynMoLE's router picks a number of experts per token")
+    if args.method == "mixlora" and args.top_k is None:
+        args.top_k = 2
     return args
 
 

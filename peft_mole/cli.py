@@ -152,9 +152,12 @@ def _train(args: argparse.Namespace) -> int:
         config = SFTConfig(output_dir=spec.output_dir, **spec.args)
     except (TypeError, ValueError) as error:  # the job file's args, as SFTConfig checks them
         raise SystemExit(f"peft-mole train: {error}") from None
-    try:  # as SFTTrainer loads the processor: the model's revision, remote code where the args allow it
+    # as SFTTrainer loads the processor: remote code where the args allow it, and the model's revision where the
+    # tokenizer is the model's own (another tokenizer repo has revisions of its own)
+    revision = (config.model_init_kwargs or {}).get("revision") if spec.tokenizer == spec.model else None
+    try:
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, trust_remote_code=config.trust_remote_code,
-                                                  revision=(config.model_init_kwargs or {}).get("revision"))
+                                                  revision=revision)
     except (OSError, ValueError) as error:
         raise SystemExit(f"peft-mole train: tokenizer {spec.tokenizer!r} cannot be loaded: {error}") from None
     try:
@@ -223,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train several adapters at once from a YAML job file")
     train.add_argument("job_file", help="YAML: model, output_dir, args, jobs (see examples/jobs.yaml)")
-    train.add_argument("--resume", action="store_true", help="continue each job from its latest checkpoint")
-    train.add_argument("--overwrite", action="store_true",
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue each job from its latest checkpoint")
+    start.add_argument("--overwrite", action="store_true",
                        help="train afresh where output_dir holds an earlier run's adapters (replaced at the end)")
     train.set_defaults(run=_train)
     convert = commands.add_parser("convert-bin", help="opt in to a trusted pickle adapter_model.bin: write safetensors")

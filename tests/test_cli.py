@@ -189,8 +189,17 @@ def test_train_loads_the_tokenizer_as_sft_trainer_loads_the_processor(job_file, 
         return load(name, **kwargs)
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", recording)
-    assert main(["train", job_file("run", trust_remote_code=True, model_init_kwargs={"revision": "main"})]) == 0
-    assert seen == [{"trust_remote_code": True, "revision": "main"}]
+    path = Path(job_file("run", trust_remote_code=True, model_init_kwargs={"revision": "main"}))
+    assert main(["train", str(path)]) == 0  # a tokenizer of its own: the model's revision is not its
+    load(str(tmp_path / "tokenizer")).save_pretrained(tmp_path / "base")  # the model's own tokenizer
+    doc = yaml.safe_load(path.read_text())
+    doc.pop("tokenizer")
+    doc["output_dir"] = str(tmp_path / "again")
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["train", str(path)]) == 0
+    assert seen == [{"trust_remote_code": True, "revision": None}, {"trust_remote_code": True, "revision": "main"}]
+    with pytest.raises(SystemExit, match="2"):  # argparse: not both
+        main(["train", str(path), "--resume", "--overwrite"])
 
 
 def test_train_loads_the_base_as_sft_trainer_does_with_the_files_model_init_kwargs(job_file, tmp_path, monkeypatch):

@@ -102,7 +102,8 @@ def main() -> None:
               "min_s": min(secs), "steps": len(secs), "tokens_per_s": BATCH * SEQ / statistics.median(secs),
               "trainable_params": n_params[name], "gradient_checkpoint": args.checkpoint, "device": "cpu",
               "machine": platform.node(), "torch": torch.__version__,
-              "moe_peft": importlib.metadata.version("moe_peft"), "threads": torch.get_num_threads(), "attention": "eager"})  # (`build`: its only CPU attention)
+              "moe_peft": importlib.metadata.version("moe_peft"), "threads": torch.get_num_threads(),
+              "attention": "eager"})  # (`build`: its only CPU attention)
     mix, lora = times["moe_peft_mixlora"], times["moe_peft_lora"]
     emit({"name": "moe_peft_mixlora_vs_lora", "shape": "small", "gradient_checkpoint": args.checkpoint,
           "ratio_median": statistics.median(mix) / statistics.median(lora), "ratio_min": min(mix) / min(lora),

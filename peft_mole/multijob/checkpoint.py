@@ -50,11 +50,12 @@ def _fsync_dir(path: str) -> None:
         os.close(handle)
 
 
-def _remove_leftovers(job_dir: str, checkpoints: bool) -> None:
+def remove_leftovers(job_dir: str, checkpoints: bool) -> None:
     """Remove what a killed write left in a job's folder: a final write's staging folder (`.tmp-final-*`), a JSON
     file's temporary copy (`.tmp-<name>.json-*`) and, with `checkpoints`, a checkpoint's (`.tmp-checkpoint-*`,
-    `.old-checkpoint-*`; a checkpoint a kill left mid-swap is restored first). Only the single writer calls it,
-    between writes (before 2026-12-08 the first two stayed for good: a whole adapter's copy)."""
+    `.old-checkpoint-*`; a checkpoint a kill left mid-swap is restored first). Only the world's process zero calls
+    it, between its writes (a node's own writer under `save_on_each_node` could be writing a staging folder there);
+    before 2026-12-08 the first two stayed for good (a whole adapter's copy)."""
     for name in os.listdir(job_dir) if os.path.isdir(job_dir) else []:
         path = os.path.join(job_dir, name)
         checkpoint_copy = name.startswith((".tmp-checkpoint-", ".old-checkpoint-"))
@@ -109,7 +110,6 @@ def replace_files_atomically(target_dir: str, write: Callable[[str], None]) -> N
     between two renames leaves the old state, and resume writes the folder again).
     """
     os.makedirs(target_dir, exist_ok=True)
-    _remove_leftovers(target_dir, checkpoints=False)
     tmp = tempfile.mkdtemp(prefix=".tmp-final-", dir=target_dir)
     try:
         write(tmp)
@@ -170,7 +170,7 @@ def prune_checkpoints(job_dir: str, keep: int | None, run_id: str | None = None,
     checkpoint a kill left mid-swap is restored, not deleted)."""
     if os.path.isdir(job_dir):
         _restore_swapped(job_dir)
-    _remove_leftovers(job_dir, checkpoints=True)
+    remove_leftovers(job_dir, checkpoints=True)
     for path in checkpoints_to_delete([path for _, path in list_checkpoints(job_dir, run_id)], keep, best):
         shutil.rmtree(path, ignore_errors=True)
 

@@ -102,10 +102,5 @@ class JobEvents:
             stats.evals_without_improvement += 1
         if after_step and (stats.best_metric is None or loss < stats.best_metric):
             stats.best_metric, stats.best_step = loss, self.global_step
-        return self.out_of_patience()
-
-    def out_of_patience(self) -> bool:
-        """Whether `early_stopping_patience` evaluations in a row did not improve the best eval loss: the job stops
-        early (also where a resume takes the checkpoint of the step it stopped at, its final folder never written)."""
         patience = self.job.early_stopping_patience
-        return patience is not None and self.stats.evals_without_improvement >= patience
+        return patience is not None and stats.evals_without_improvement >= patience

@@ -82,6 +82,7 @@ def load_dataset_spec(spec: str, job: str, config: str | None = None, split: str
 
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"job {job!r}: dataset must be a file path or a hub dataset name, got {spec!r}")
+    spec = os.path.expanduser(spec) if spec.startswith("~") else spec  # (the home folder, as for `model`)
     local_format = _local_format(spec)
     if local_format is not None:
         if not os.path.isfile(spec):

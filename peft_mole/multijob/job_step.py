@@ -132,6 +132,7 @@ class JobStepping:
         # stop early, or fail (why the evaluation failed): after the checkpoint of this step
         outcome = (self._evaluate_job(run) if run.name in self.job_eval_datasets and run.should_evaluate()
                    else EvalOutcome())
+        run.stopping = run.stopping or outcome.stop  # (in this step's checkpoint: a resume from it ends the job)
         if run.should_save():
             run.mark_best_checkpoint()
             states = self._stream_states(run)  # (a collective: on every process)

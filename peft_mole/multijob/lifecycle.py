@@ -199,7 +199,8 @@ class JobLifecycle:
             ckpt.write_json(os.path.join(tmp, ckpt.LOG_FILE), self._job_logs(run))
             ckpt.write_json(os.path.join(tmp, ckpt.STATE_FILE), run.state_dict())
 
-        def write_final() -> None:
+        def write_final() -> None:  # (on the world's process zero only: `_written`)
+            ckpt.remove_leftovers(run.args.output_dir, checkpoints=False)
             ckpt.replace_files_atomically(run.args.output_dir, write)
             failed_note = os.path.join(run.args.output_dir, "job_failed.json")
             if os.path.exists(failed_note):  # from an earlier run that failed, since resumed

@@ -114,6 +114,7 @@ class JobRun(JobEvents):
         self.run_id: str | None = None  # the run that writes the job's checkpoints (`lifecycle`; None: any run's)
         self.mixed_step = 0  # the trainer's step count (mixed steps) at this job's last optimizer step
         self.resumed_logs: list[dict] = []  # its logs up to where a resume took it from (`ckpt.LOG_FILE`)
+        self.stopping = False  # an evaluation ran out of `early_stopping_patience`: it ends after this step
         self.global_step = 0
         self.epoch = 0
         self.batches_done = 0  # micro-batches consumed in the current epoch
@@ -171,10 +172,10 @@ class JobRun(JobEvents):
         self.epoch_begun = True
 
     def _next_window(self) -> bool:
-        """Fetch the next accumulation window; False when the job has trained `max_steps` steps or stopped early
-        (`out_of_patience`: a resume from the checkpoint of the step it stopped at; before 2026-12-08 it trained
-        on)."""
-        if self.global_step >= self.max_steps or self.out_of_patience():
+        """Fetch the next accumulation window; False when the job has trained `max_steps` steps or stops early
+        (`stopping`, also as resumed from the checkpoint of the step it stopped at, where a kill came before its
+        final folder was written: before 2026-12-08 it trained on)."""
+        if self.global_step >= self.max_steps or self.stopping:
             return False
         if self.batches_done >= self.batches_per_epoch:
             self.epoch += 1
@@ -368,6 +369,7 @@ class JobRun(JobEvents):
             "best_global_step": self.stats.best_step,
             "best_model_checkpoint": self.stats.best_checkpoint,
             "evals_without_improvement": self.stats.evals_without_improvement,
+            "stopping": self.stopping,
             "error": self.error,
             "run_id": self.run_id,
             "saved_at": time.time(),
@@ -465,5 +467,6 @@ class JobRun(JobEvents):
             best = None
         self.stats.best_checkpoint = best
         self.stats.evals_without_improvement = state.get("evals_without_improvement", 0)
+        self.stopping = state.get("stopping", False)
         self.window, self.window_pos, self._iterator = [], 0, None
         self.step_epoch = self.epoch_progress

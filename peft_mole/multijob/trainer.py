@@ -297,7 +297,7 @@ class MultiJobTrainer(JobDatasets, JobEvaluation, JobLifecycle, JobMemoryProfile
             if bad:
                 self._fail(run, errors.get(run.name, "its data pipeline raised on another process"))
             elif batches[run.name] is None:
-                self._finish(run, STOPPED if run.out_of_patience() else DONE)
+                self._finish(run, STOPPED if run.stopping else DONE)
         candidates = [(run, batches[run.name]) for run in running if not run.finished]
         packed = self.job_scheduler.pack(candidates, lambda ok: dist.every_process(self.accelerator, [ok])[0])
         too_big = dist.any_process(self.accelerator, [run.status == FAILED for run, _ in candidates])

@@ -65,8 +65,13 @@ def test_sft_dynmole_example_has_no_method_or_top_k(monkeypatch):
         monkeypatch.setattr(sys, "argv", ["sft_dynmole.py", *option])
         with pytest.raises(SystemExit, match="2"):  # argparse: unrecognized arguments
             sft_mixlora.parse_args("dynmole")
+    monkeypatch.setattr(sys, "argv", ["sft_mixlora.py", "--method", "dynmole", "--top-k", "3"])
+    with pytest.raises(SystemExit, match="2"):
+        sft_mixlora.parse_args()
     monkeypatch.setattr(sys, "argv", ["sft_mixlora.py", "--top-k", "3"])
     assert (sft_mixlora.parse_args().method, sft_mixlora.parse_args().top_k) == ("mixlora", 3)
+    monkeypatch.setattr(sys, "argv", ["sft_mixlora.py"])
+    assert sft_mixlora.parse_args().top_k == 2
 
 
 def test_multijob_example_trains_three_kinds_of_jobs(runs):

@@ -181,16 +181,21 @@ def test_a_job_stopped_early_ends_with_its_best_checkpoint(assets, tmp_path):
     state = json.loads((tmp_path / "lora" / "job_state.json").read_text())
     assert (state["status"], state["global_step"], state["best_model_checkpoint"]) == ("stopped_early", 4,
                                                                                      "checkpoint-2")
-    # killed after the stop's checkpoint and before the final folder's state was renamed into place: a resume
-    # ends the job as it was, stopped at step 4 with its best adapter (before 2026-12-08 it trained steps 5 on)
+    # killed after the stop's checkpoint (which says so) and before the final folder's state was renamed into place,
+    # its staging folder left: a resume ends the job as it was, stopped at step 4 with its best adapter (before
+    # 2026-12-08 it trained steps 5 on), and clears the staging folder
+    assert json.loads((tmp_path / "lora" / "checkpoint-4" / "job_state.json").read_text())["stopping"] is True
+    assert json.loads((tmp_path / "lora" / "checkpoint-2" / "job_state.json").read_text())["stopping"] is False
     final = adapter(tmp_path / "lora")
     (tmp_path / "lora" / "job_state.json").unlink()
+    (tmp_path / "lora" / ".tmp-final-killed").mkdir()
     resumed = trainer(assets, tmp_path, load_best_model_at_end=True)
     resumed.jobs[0].early_stopping_patience = 2
     resumed.train(resume_from_checkpoint=True)
     assert {row["job"]: (row["status"], row["steps"]) for row in resumed.job_summary}["lora"] == ("stopped_early", 4)
     assert equal(adapter(tmp_path / "lora"), final)
     assert json.loads((tmp_path / "lora" / "job_state.json").read_text())["status"] == "stopped_early"
+    assert not (tmp_path / "lora" / ".tmp-final-killed").exists()
 
 
 def test_an_evaluation_on_start_makes_no_best_checkpoint(assets, tmp_path):

@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
+
 from peft_mole.multijob import checkpoint
 from peft_mole.multijob.checkpoint import (
     prune_checkpoints,
+    remove_leftovers,
     replace_files_atomically,
     write_atomically,
     write_json,
@@ -24,8 +27,11 @@ def _leave_leftovers(job_dir) -> None:
 
 
 def test_a_final_write_and_a_prune_remove_what_a_killed_write_left(tmp_path):
+    """A job's final write (`lifecycle._finish`, on process zero) clears a killed final write's and JSON files'
+    leftovers, a prune after a checkpoint every kind."""
     job = tmp_path / "job"
     _leave_leftovers(job)
+    remove_leftovers(str(job), checkpoints=False)
     replace_files_atomically(str(job), lambda d: open(os.path.join(d, "job_state.json"), "w").write("{}"))
     assert sorted(os.listdir(job)) == [".tmp-checkpoint-3-q", "job_state.json"]  # (a checkpoint's: the prune's)
     _leave_leftovers(job)
@@ -33,12 +39,13 @@ def test_a_final_write_and_a_prune_remove_what_a_killed_write_left(tmp_path):
     assert sorted(os.listdir(job)) == ["job_state.json"]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a flushed folder by /proc/self/fd")
 def test_every_write_flushes_the_folder_its_rename_lands_in(tmp_path, monkeypatch):
     flushed_dirs, real_fsync = [], os.fsync
 
     def recording(fd):
         if stat.S_ISDIR(os.fstat(fd).st_mode):
-            flushed_dirs.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd)
+            flushed_dirs.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
     monkeypatch.setattr(checkpoint.os, "fsync", recording)

@@ -3,6 +3,8 @@ errors naming the key, the job and what is allowed."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 from peft import LoraConfig
@@ -228,8 +230,11 @@ def test_a_home_folder_is_read_as_the_shell_reads_it(data_file, tmp_path, monkey
     trains into."""
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "base").mkdir()
-    spec = parse_run(run_dict(data_file, model="~/base", tokenizer="~/base", output_dir="~/runs"))
+    doc = run_dict(data_file, model="~/base", tokenizer="~/base", output_dir="~/runs")
+    doc["jobs"][0]["dataset"] = "~/" + os.path.relpath(data_file, tmp_path)  # (the data file lies under tmp_path)
+    spec = parse_run(doc)
     assert (spec.model, spec.tokenizer, spec.output_dir) == (str(tmp_path / "base"),) * 2 + (str(tmp_path / "runs"),)
+    assert len(spec.jobs[0].train_dataset) == 8
     doc = run_dict(data_file, model="~/base", output_dir=str(tmp_path / "runs"))
     doc["jobs"][1]["init_adapter"] = "~/runs/a"
     with pytest.raises(ValueError, match="job 'b': init_adapter '~/runs/a' is the folder job 'a' of this file"):

@@ -10,20 +10,21 @@ from tests.helpers import batch, mixlora, tiny_base
 
 
 @pytest.mark.parametrize("attention", [[], None], ids=["experts_only", "with_attention_lora"])
-@pytest.mark.parametrize("names", [["default", "ref"], ["ref", "default"], ["ref", "ref"]])
+@pytest.mark.parametrize("names", [["default", "ref"], ["ref", "default"], ["ref", "ref"], ["model", "default"]])
 def test_rows_of_a_frozen_adapter_beside_a_trained_one_run_in_training(names, attention):
     """A second, inactive adapter is frozen (a reference beside the policy). Before 2026-12-08 a training forward
     whose first rows were its was refused as "reentrant gradient checkpointing" (the first router record alone was
     read); the loss's gradient now reaches the trained adapter's routers only through its own rows."""
     overrides = {} if attention is None else {"attn_target_modules": attention}
     model = get_peft_model(tiny_base(), mixlora(**overrides))
-    model.add_adapter("ref", mixlora(**overrides))
+    frozen = names[0] if names[0] != "default" else names[1]  # ("model": a word of every parameter's name)
+    model.add_adapter(frozen, mixlora(**overrides))
     model.train()
     ids, mask, labels = batch(2, 6)
     out = model(input_ids=ids, attention_mask=mask, labels=labels, adapter_names=names)
     routers = [p for n, p in model.named_parameters() if "router.default." in n]
     assert routers and all(p.requires_grad for p in routers)
-    assert not any(p.requires_grad for n, p in model.named_parameters() if ".ref." in n)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if f"_router.{frozen}." in n)
     if "default" not in names:  # nothing of the forward trains (as with PEFT's LoRA)
         assert torch.isfinite(out.loss) and not out.loss.requires_grad
         return

@@ -396,9 +396,8 @@ class MixLoRAModel(BaseTuner):
         have none to lose (before 2026-12-08 the first record alone was read, so such rows first were refused)."""
         if not (self.training and torch.is_grad_enabled()):
             return
-        lost = {f".{record.adapter}." for record in records if not record.probs.requires_grad}
-        if lost and any(p.requires_grad for name, p in self.named_parameters()
-                        if "router" in name and any(adapter in name for adapter in lost)):
+        lost = {f"_router.{record.adapter}." for record in records if not record.probs.requires_grad}
+        if lost and any(p.requires_grad for name, p in self.named_parameters() if any(key in name for key in lost)):
             raise ValueError(
                 "the router auxiliary loss has no gradient: the decoder layers ran without autograd, as reentrant "
                 "gradient checkpointing does. Use gradient_checkpointing_kwargs={'use_reentrant': False} "
