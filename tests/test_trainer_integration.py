@@ -245,6 +245,11 @@ def test_on_a_native_moe_base_trl_adds_the_adapters_aux_loss_at_weight_one():
     coef = base.config.router_aux_loss_coef
     assert ours > 0.4 and native is not None
     torch.testing.assert_close(coef * out.aux_loss, coef * native + ours, rtol=1e-4, atol=1e-5)
+    # a trainer's own coefficient c' (SFTTrainer writes it into the config, DPO keeps it): c' · aux_loss adds
+    # c' · L_base + (c'/c) · aux in both (before 2026-12-08 the config's c' was read back: weight 1 whatever c')
+    base.config.router_aux_loss_coef = 10 * coef
+    again = model(input_ids=ids, labels=ids, output_router_logits=True, fused_lm_head=True)
+    torch.testing.assert_close(10 * coef * again.aux_loss, 10 * coef * native + 10 * ours, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["mixlora", "dynmole"])

@@ -142,7 +142,9 @@ class MixLoRAModel(BaseTuner):
         if text is None or "_declared_aux_config" in self.__dict__:
             return
         shared = edited(text, "aux_loss")  # a config shared with another model, whose tuner declared it
-        if hasattr(text, "output_router_logits") and not shared:  # a native MoE base's own
+        if hasattr(text, "output_router_logits") and not shared:  # a native MoE base's own: its coefficient as it
+            # is now, before a trainer writes its own there (`_with_native_aux_loss`)
+            self.__dict__.setdefault("_native_aux_coef", float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0))
             return
         if not shared:
             text.output_router_logits = False  # TRL sets it to whether it adds the aux loss
@@ -449,10 +451,13 @@ class MixLoRAModel(BaseTuner):
 
     def _with_native_aux_loss(self, outputs, aux: torch.Tensor) -> torch.Tensor:
         """`aux`, or on a native Mixture-of-Experts base whose forward returned its own router loss L_base (its config
-        declares `router_aux_loss_coef` c > 0; `_declare_router_aux_loss` leaves it alone): L_base + aux / c, so
-        that TRL's c · aux_loss adds c · L_base + aux, the adapter's loss at weight 1 as on a dense base."""
+        declares `router_aux_loss_coef` c > 0; `_declare_router_aux_loss` leaves it alone): L_base + aux / c, c the
+        base's own coefficient as it was when the adapter was added, so that a TRL trainer's c' · aux_loss adds
+        c' · L_base + (c'/c) · aux: the adapter's loss at weight 1 under the trainer's default (c' = c), 0 with
+        c' = 0, scaled by any other value, in every trainer (before 2026-12-08 c was read at each forward, where
+        SFTTrainer had written c': weight 1 whatever c', while DPO's c' scaled it by c'/c)."""
         native = outputs.get("aux_loss") if hasattr(outputs, "get") else None
-        coef = getattr(text_config(self.model), "router_aux_loss_coef", 0.0) or 0.0
+        coef = self.__dict__.get("_native_aux_coef", 0.0)
         if native is None or "_declared_aux_config" in self.__dict__ or coef <= 0:
             return aux
         return native + aux / coef
