@@ -137,7 +137,14 @@ class MultiJobModel(MixLoRAModel):
         self.peft_config[name] = config
         if seed is not None:
             set_seed(seed)
-        self.inject_adapter(self.model, name)
+        try:
+            self.inject_adapter(self.model, name)
+        except BaseException:  # (before 2026-12-08 a failed injection left the name registered, its layers half made)
+            try:
+                self.delete_adapter(name)
+            finally:
+                self.peft_config.pop(name, None)
+            raise
         self.set_adapter(list(self.peft_config))
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
@@ -439,10 +446,12 @@ class MultiJobModel(MixLoRAModel):
             raise ValueError(
                 f"{directory} does not fit job {name!r}: missing {missing[:3]}, unexpected {unexpected[:3]} tensors"
             )
+        for key, param in params.items():  # every shape before any copy (before 2026-12-08 the tensors copied ahead of
+            if saved[key].shape != param.shape:  # a mismatch stayed overwritten)
+                raise ValueError(f"{directory}: {key} has shape {tuple(saved[key].shape)}, job {name!r} needs "
+                                 f"{tuple(param.shape)}")
         with torch.no_grad():
             for key, param in params.items():
-                if saved[key].shape != param.shape:
-                    raise ValueError(f"{directory}: {key} has shape {tuple(saved[key].shape)}, job {name!r} needs {tuple(param.shape)}")
                 param.copy_(saved[key])
 
 

@@ -5,6 +5,7 @@ adapter is added (`MultiJobModel`), before anything is built."""
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 
 from peft import LoraConfig
 from torch import nn
@@ -23,18 +24,22 @@ def check_job_name(name) -> None:
                          f"entries per job cannot take; choose another, e.g. {name + '_job'!r}")
 
 
+# The LoraConfig fields a multi-job LoRA job may set: what its row-aware layers compute, and bookkeeping. Any other
+# field set to other than its default is refused (before 2026-12-08 a list of known options was refused and the
+# rest passed: `lora_bias`, `layer_replication`, aLoRA, KaSA, trainable tokens and others trained plain LoRA while
+# `save_job` wrote the option, so the saved adapter loaded as another model or not at all).
+SUPPORTED_LORA_FIELDS = frozenset({
+    "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
+    "layers_pattern", "init_lora_weights", "task_type", "peft_type", "auto_mapping", "peft_version",
+    "base_model_name_or_path", "revision", "inference_mode", "runtime_config",
+})
+
+
 def check_lora_config(name: str, config: LoraConfig) -> None:
-    """The LoRA options a multi-job LoRA adapter supports (plain LoRA on linear layers)."""
-    unsupported = {
-        "use_dora": config.use_dora,
-        "bias": config.bias != "none",
-        "modules_to_save": bool(config.modules_to_save),
-        "target_parameters": bool(getattr(config, "target_parameters", None)),
-        "rank_pattern": bool(config.rank_pattern),
-        "alpha_pattern": bool(config.alpha_pattern),
-        "fan_in_fan_out": config.fan_in_fan_out,
-    }
-    bad = [k for k, v in unsupported.items() if v]
+    """The LoRA options a multi-job LoRA adapter supports (plain LoRA on linear layers: `SUPPORTED_LORA_FIELDS`)."""
+    defaults = LoraConfig()
+    bad = [f.name for f in fields(LoraConfig) if f.name not in SUPPORTED_LORA_FIELDS
+           and getattr(config, f.name, None) != getattr(defaults, f.name, None)]
     if bad:
         raise ValueError(
             f"job {name!r}: LoraConfig options {bad} are not supported in multi-job training; supported: r, "

@@ -96,6 +96,12 @@ def test_every_job_trains_and_only_on_its_rows():
         ("x", {"r": 4}, TypeError, "LoraConfig, MixLoRAConfig or DynMoLEConfig"),
         ("x", LoraConfig(r=0), ValueError, "job 'x': LoraConfig r must be a positive integer, got 0"),  # (was a
         ("x", LoraConfig(r=-1), ValueError, "r must be a positive integer, got -1"),  # ZeroDivisionError, deep)
+        # options outside the supported set (2026-12-08, a review: they passed and trained plain LoRA, while
+        # save_job wrote them, so the saved adapter loaded as another model or not at all)
+        ("x", LoraConfig(r=4, lora_bias=True), ValueError, r"options \['lora_bias'\] are not supported"),
+        ("x", LoraConfig(r=4, layer_replication=[[0, 2], [1, 2]]), ValueError, r"\['layer_replication'\]"),
+        ("x", LoraConfig(r=4, alora_invocation_tokens=[10, 11]), ValueError, r"\['alora_invocation_tokens'\]"),
+        ("x", LoraConfig(r=4, trainable_token_indices=[5, 6]), ValueError, r"\['trainable_token_indices'\]"),
     ],
 )
 def test_bad_jobs_are_refused(name, config, error, match):
@@ -173,3 +179,22 @@ def test_lora_rows_on_a_half_precision_base_equal_peft_bit_for_bit(tmp_path, dty
                 index = [i for i, row in enumerate(rows) if row == job]
                 expected = (base if job == "__base__" else alone[job])(input_ids=ids[index]).logits
                 assert torch.equal(mixed[index], expected), (rows, job)
+
+
+def test_a_failed_add_job_or_load_job_leaves_the_model_as_it_was(tmp_path):
+    """Found by a review (2026-12-08): a job whose injection failed stayed registered (a corrected retry was refused
+    as "used twice"), and `load_job` of a folder whose later tensor had another shape had overwritten the earlier
+    ones before it refused."""
+    model = MultiJobModel(tiny_base(), {"a": mixlora(num_experts=[2, 4])})
+    randomize_adapters(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="another router_scope"):
+        model.add_job("b", dynmole(router_scope="projection"))
+    assert sorted(model.peft_config) == ["a"] and model.state_dict().keys() == before.keys()
+    other = MultiJobModel(tiny_base(), {"a": mixlora(num_experts=[2, 2])})
+    other.save_job("a", str(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"layers\.1\..*has shape \(2, 64\), job 'a' needs \(4, 64\)"):
+        model.load_job("a", str(tmp_path / "a"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.add_job("b", dynmole())
+    assert sorted(model.peft_config) == ["a", "b"]

@@ -83,9 +83,9 @@ def test_the_check_leaves_every_module_in_its_mode():
 def native_moe(**overrides):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    config = Qwen3MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-                            num_experts=4, num_experts_per_tok=2, pad_token_id=0, **overrides)
+    config = Qwen3MoeConfig(**{**dict(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                      num_experts=4, num_experts_per_tok=2, pad_token_id=0), **overrides})
     return Qwen3MoeForCausalLM(config)
 
 
@@ -145,3 +145,15 @@ def test_blocks_and_layers_left_out_by_layers_to_transform_are_neither_checked_n
             "base_model.model.model.layers.1"}
         get_peft_model(native_moe(mlp_only_layers=[0]),
                        peft_mole.MixLoRAConfig(num_experts=2, top_k=1, layers_to_transform=[0]))
+
+
+def test_a_per_layer_expert_list_counts_every_decoder_layer_of_a_partly_native_moe_base():
+    """Layers without a gated MLP (`mlp_only_layers`: the others are native MoE) still take an entry of a per-layer
+    `num_experts`, as it is indexed by the decoder layer (before 2026-12-08 every list length was refused there)."""
+    with pytest.warns(UserWarning, match="have no gated MLP block"):
+        model = get_peft_model(native_moe(num_hidden_layers=3, mlp_only_layers=[2]),
+                               peft_mole.DynMoLEConfig(num_experts=[2, 3, 4], r=2))
+    routers = {name: p.shape[0] for name, p in model.named_parameters() if "router" in name}
+    assert list(routers.values()) == [4] and "layers.2." in next(iter(routers))
+    with pytest.raises(ValueError, match="num_experts has 1 entries but the model has 3 decoder layers"):
+        get_peft_model(native_moe(num_hidden_layers=3, mlp_only_layers=[2]), peft_mole.DynMoLEConfig(num_experts=[4]))

@@ -154,11 +154,16 @@ def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, bloc
             "peft-mole needs a decoder with gated MLP blocks (linear gate_proj, up_proj, down_proj and act_fn, as "
             f"in Llama, Qwen2, Mistral); none found in {type(model).__name__}"
         )
-    if isinstance(config.num_experts, list) and len(config.num_experts) != len(blocks):
-        raise ValueError(
-            f"num_experts has {len(config.num_experts)} entries but the model has {len(blocks)} decoder layers "
-            "with a gated MLP; give one entry per decoder layer"
-        )
+    if isinstance(config.num_experts, list):  # indexed by the decoder layer (`experts_in_layer`): one entry per
+        # layer, those without a gated MLP (a native MoE layer beside dense ones) included (before 2026-12-08 the
+        # list was counted against the gated blocks alone, so no list fitted such a model)
+        from peft_mole.tuners.load_checks import text_config
+
+        layers = getattr(text_config(model), "num_hidden_layers", None)
+        expected = layers if isinstance(layers, int) and layers > 0 else len(blocks)
+        if len(config.num_experts) != expected:
+            raise ValueError(f"num_experts has {len(config.num_experts)} entries but the model has {expected} decoder "
+                             "layers; give one entry per decoder layer (those without a gated MLP included)")
     targets: dict[str, Target] = {}
     for name, wrapped in blocks.items():
         block = model.get_submodule(name)
