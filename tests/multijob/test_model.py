@@ -100,7 +100,8 @@ def test_every_job_trains_and_only_on_its_rows():
         # save_job wrote them, so the saved adapter loaded as another model or not at all)
         ("x", LoraConfig(r=4, lora_bias=True), ValueError, r"options \['lora_bias'\] are not supported"),
         ("x", LoraConfig(r=4, layer_replication=[[0, 2], [1, 2]]), ValueError, r"\['layer_replication'\]"),
-        ("x", LoraConfig(r=4, alora_invocation_tokens=[10, 11]), ValueError, r"\['alora_invocation_tokens'\]"),
+        ("x", LoraConfig(r=4, alora_invocation_tokens=[10, 11], task_type="CAUSAL_LM"), ValueError,
+         r"\[.alora_invocation_tokens.\]"),
         ("x", LoraConfig(r=4, trainable_token_indices=[5, 6]), ValueError, r"\['trainable_token_indices'\]"),
     ],
 )
