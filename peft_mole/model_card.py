@@ -71,7 +71,9 @@ def section(config) -> str:
         for layer, s in sorted(stats.items()):
             load = " ".join(f"{x:.2f}" for x in s.load)
             lines.append(f"| {layer} | {s.entropy:.3f} | {s.broadcast:.3f} | {s.experts_per_token:.2f} | {load} |")
-    lines += _evaluation(config)
+    evaluation = _evaluation(config)
+    if evaluation:
+        lines += ["", *evaluation]
     lines.append(END)
     return "\n".join(lines)
 
@@ -81,7 +83,7 @@ def _evaluation(config) -> list[str]:
     scores = config.__dict__.get("_card_eval")
     if not scores:
         return []
-    return ["", "### Evaluation", "", "| task | accuracy |", "|---|---|",
+    return ["### Evaluation", "", "| task | accuracy |", "|---|---|",
             *(f"| {task} | {value:.4f} |" for task, value in scores.items())]
 
 
@@ -104,7 +106,7 @@ def update_model_card(directory: str, config) -> None:
         text = section(config)
     else:
         evaluation = _evaluation(config)
-        text = "\n".join([START, *evaluation[1:], END]) if evaluation else None
+        text = "\n".join([START, *evaluation, END]) if evaluation else None
     _write_card(directory, {"peft", "peft-mole", method}, config.base_model_name_or_path,
                 None if text is None else (START, END, text))
 

@@ -144,11 +144,8 @@ def test_a_job_whose_optimizer_step_raises_fails_alone(assets, tmp_path, monkeyp
             JobConfig("bad", LoraConfig(**LORA), datasets["capital"])]
     trainer = _trainer(tokenizer, jobs, tmp_path / "run")
     trainer.train()
-    status = {r["job"]: r for r in trainer.job_summary}
-    assert status["good"]["status"] == "done" and status["good"]["steps"] == 4
-    assert status["bad"]["status"] == "failed" and status["bad"]["steps"] == 2
-    assert "its optimizer step 3 raised RuntimeError: DefaultCPUAllocator" in status["bad"]["error"]
-    assert [step for step, _ in list_checkpoints(tmp_path / "run" / "bad")] == [1, 2]
+    _assert_failed_alone(trainer, tmp_path / "run", "bad",
+                         "its optimizer step 3 raised RuntimeError: DefaultCPUAllocator")
     assert not (tmp_path / "run" / "bad" / "adapter_model.safetensors").exists()
     assert all(torch.isfinite(t).all() for t in _adapter(tmp_path / "run" / "good").values())
 
@@ -288,6 +285,16 @@ def test_job_failing_on_a_later_piece_of_its_cut_micro_batch_fails_alone(assets,
     _assert_same(_adapter(tmp_path / "run" / "good"), _adapter(tmp_path / "alone" / "good"))
 
 
+
+def _assert_failed_alone(trainer, run_dir, bad: str, error: str) -> None:
+    """Job `bad` failed after its second step with `error` in its message, its checkpoints 1 and 2 kept, while job
+    "good" ran its 4 steps."""
+    status = {r["job"]: r for r in trainer.job_summary}
+    assert status["good"]["status"] == "done" and status["good"]["steps"] == 4
+    assert status[bad]["status"] == "failed" and status[bad]["steps"] == 2
+    assert error in status[bad]["error"]
+    assert [step for step, _ in list_checkpoints(run_dir / bad)] == [1, 2]
+
 def _saved_init(trainer, job, tmp_path):
     path = tmp_path / f"init-{job}"
     trainer.jobs_model.save_job(job, str(path))
@@ -330,12 +337,9 @@ def test_a_job_whose_evaluation_raises_fails_alone(assets, tmp_path, caplog):
     ]
     trainer = _trainer(tokenizer, jobs, tmp_path / "run")
     trainer.train()
-    status = {r["job"]: r for r in trainer.job_summary}
-    assert status["good"]["status"] == "done" and status["good"]["steps"] == 4
-    assert status["evalbad"]["status"] == "failed" and status["evalbad"]["steps"] == 2
-    assert "its evaluation at step 2 raised RuntimeError: corrupt eval row 3" in status["evalbad"]["error"]
+    _assert_failed_alone(trainer, tmp_path / "run", "evalbad",
+                         "its evaluation at step 2 raised RuntimeError: corrupt eval row 3")
     assert (tmp_path / "run" / "good" / "adapter_model.safetensors").exists()
-    assert [step for step, _ in list_checkpoints(tmp_path / "run" / "evalbad")] == [1, 2]
     metrics = trainer.evaluate()
     assert set(metrics) == {"good/eval_loss"} and metrics["good/eval_loss"] > 0
     assert "job evalbad: its evaluation raised RuntimeError: corrupt eval row 3" in caplog.text
