@@ -27,7 +27,12 @@ def is_4bit_linear(module: nn.Module) -> bool:
 
 @contextmanager
 def eval_keeping_4bit_training(model: nn.Module) -> Iterator[None]:
-    """Within it, `model` is in eval mode except its 4-bit linears; after it, every module is in its mode before."""
+    """Within it, `model` is in eval mode except its 4-bit linears; after it, every module is in its mode before.
+
+    The modes are restored flag by flag (a model may hold submodules in another mode), which bypasses `train()`, the
+    call that empties DoRA's cached weight norms (PEFT's `_cache_clear`; MixDoRA's experts have one of the same name).
+    So each module that returns to training has its cache emptied here: else an evaluation after optimizer steps
+    (a training loop that set `train()` once) would score with the norms of the weights before them."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     for module in model.modules():
@@ -36,4 +41,6 @@ def eval_keeping_4bit_training(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for module, training in modes:  # each as it was (a model may hold submodules in another mode)
+            if training and not module.training and callable(getattr(module, "_cache_clear", None)):
+                module._cache_clear()
             module.training = training

@@ -77,9 +77,14 @@ def choice_accuracy(model, tokenizer, rows: list[dict], adapter: str | None = No
     """Accuracy per task, and their mean (`average`: each task weighted equally), over `rows` with fields task,
     prompt, completion, choices (DoRA weight norms kept from row to row, `peft.helpers.DoraCaching`: nothing trains
     meanwhile). `rows` must not be empty (a
-    ValueError: there is no accuracy of zero rows)."""
+    ValueError: there is no accuracy of zero rows), and each row's completion must be one of its choices (a
+    ValueError naming the row: it could never be scored right)."""
     if not rows:
         raise ValueError("rows is empty: give at least one row with fields task, prompt, completion, choices")
+    for index, row in enumerate(rows):  # a completion no choice spells out could never be hit: a formatting slip
+        if row["completion"] not in row["choices"]:
+            raise ValueError(f"row {index}: completion {row['completion']!r} is not one of its choices "
+                             f"{row['choices']!r} (it must equal one of them exactly, spaces included)")
     hits: dict[str, list[bool]] = defaultdict(list)
     with DoraCaching(), eval_keeping_4bit_training(model):  # (a 4-bit base's eval mode would end its training)
         for row in rows:

@@ -12,6 +12,7 @@ batch is repeated once per adapter with `adapter_names`, so the frozen base runs
 from __future__ import annotations
 
 import functools
+import glob
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -155,7 +156,8 @@ def load_task(name: str, data_dir: str | Path | None = None, limit: int | None =
             if not any(line.strip() for line in lines):
                 raise ValueError(f"{path} has no rows: write the task's rows there in its Hub schema, one per line")
         source = str(path)
-        rows = load_dataset("json", data_files=source, split="train")
+        # escaped: `datasets` reads data_files as a glob, so a folder like "runs[1]" would name another folder's file
+        rows = load_dataset("json", data_files=glob.escape(source), split="train")
     else:
         source = f"{task.hub_name} ({task.hub_config or 'default'} config, {task.split} split)"
         rows = load_dataset(task.hub_name, task.hub_config, split=task.split, revision=task.revision)
@@ -279,11 +281,18 @@ def evaluate_commonsense(
     experts (and PEFT's DoRA) keep their weight norms from batch to batch (`peft.helpers.DoraCaching`).
 
     Every task needs at least one example: an empty `tasks`, or a task with no examples, is a ValueError naming
-    it (a task of zero examples has no accuracy, and counting it as 0.0 would lower the average).
+    it (a task of zero examples has no accuracy, and counting it as 0.0 would lower the average); a `batch_size`
+    that is not an int >= 1 is a ValueError, `adapters` other than None or a non-empty list of names a TypeError.
     The result goes on the adapters' model cards with `peft_mole.add_eval_results(model, result)`.
     """
     if not tasks:
         raise ValueError("tasks is empty: give at least one {task name: examples}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if adapters is not None and (not isinstance(adapters, (list, tuple)) or not adapters
+                                 or not all(isinstance(a, str) and a for a in adapters)):
+        raise TypeError(f"adapters must be a non-empty list of adapter names (or None for the model as it is), "
+                        f"got {adapters!r}")
     empty = [name for name, examples in tasks.items() if not examples]
     if empty:  # a task of zero examples has no accuracy; scoring it 0.0 would pull the average down
         raise ValueError(f"task(s) {empty} have no examples: evaluate at least one example per task")

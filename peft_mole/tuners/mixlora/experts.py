@@ -86,9 +86,13 @@ class ExpertLoRA(nn.Module):
             cached = self._norm_cache[proj] = (key, row_norms(weight, lora_a, lora_b, self.scaling))
         return cached[1]
 
+    def _cache_clear(self) -> None:
+        """Forget the kept row norms (the name PEFT's DoRA layers give theirs: `quantised_eval` calls both)."""
+        self._norm_cache.clear()
+
     def train(self, mode: bool = True):
         if mode:
-            self._norm_cache.clear()
+            self._cache_clear()
         return super().train(mode)
 
 
