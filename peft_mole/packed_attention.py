@@ -17,8 +17,9 @@ Trainer turn off for training), `sdpa` lets the sequences attend to each other; 
 flash attention's varlen kernels do.
 
 The sequences are the batch's `cu_seq_lens_q` (TRL's padding-free collator and peft-mole's packed mixed steps pass
-them, as flash attention takes them), else where the `position_ids` restart (as transformers finds packed sequences
-for its mask). They are read from the device once per step and mask (a plan per step, kept while its tensors live).
+them, as flash attention takes them; a repeated bound, an empty sequence, is skipped), else where the `position_ids`
+restart (as transformers finds packed sequences for its mask). Bounds that do not run from 0 to the row's end get
+one chunk under the row's sequence mask (`sequence_mask`) where transformers built no mask. They are read from the device once per step and mask (a plan per step, kept while its tensors live).
 Everything else is `sdpa` itself, with its mask: several rows (padded batches), decoding and a prefill after cached
 tokens (more keys than queries), a row of one sequence, a non-causal call (`is_causal=False`), a position bias, a
 float mask, and a sliding window without a mask that is shorter than a sequence. transformers' `sdpa` mask is
@@ -117,9 +118,11 @@ def _same(reference: tuple | None, tensor: torch.Tensor | None) -> bool:
 def sequence_bounds(source: torch.Tensor, tokens: int, from_positions: bool) -> list[int]:
     """[0, end_1, …, T]: `cu_seq_lens_q` as a list, or, from `position_ids`, the ends of the runs of consecutive
     positions (a sequence starts where a position does not follow its predecessor's, as transformers finds packed
-    sequences). A read from the device."""
+    sequences). A read from the device. An empty sequence (a bound repeated in `cu_seq_lens_q`, as transformers'
+    `DataCollatorWithFlattening` writes for an empty example) is left out: it has no token to attend."""
     if not from_positions:
-        return [int(end) for end in source.tolist()]
+        ends = [int(end) for end in source.tolist()]
+        return [end for i, end in enumerate(ends) if i == 0 or end != ends[i - 1]]
     row = source[0]
     starts = torch.nonzero(row[1:] != row[:-1] + 1).flatten() + 1
     return [0, *starts.tolist(), tokens]
@@ -128,9 +131,15 @@ def sequence_bounds(source: torch.Tensor, tokens: int, from_positions: bool) -> 
 def _make_plan(source: torch.Tensor, attention_mask: torch.Tensor | None, tokens: int, window: int | None,
                from_positions: bool, device: torch.device) -> Plan | None:
     bounds = sequence_bounds(source, tokens, from_positions)
-    if len(bounds) < 3 or bounds[0] != 0 or bounds[-1] != tokens or any(
+    if bounds[0] != 0 or bounds[-1] != tokens or any(
             end <= start for start, end in zip(bounds[:-1], bounds[1:], strict=True)):
-        return None  # one sequence, or bounds that do not describe this row: the masked row decides
+        # bounds that do not describe this row. With the row's mask, the masked row decides; without one (the lean
+        # mask, `packed_sdpa_mask`, built none for this row: it relies on the plan), plain causal SDPA would let the
+        # sequences attend to each other: one chunk under the row's sequence mask instead, as a compiled step traces
+        return None if attention_mask is not None else [
+            (0, tokens, sequence_mask(source, from_positions, tokens, None, window, device))]
+    if len(bounds) < 3:
+        return None  # one sequence: plain causal SDPA
     longest = max(end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True))
     if attention_mask is None and window is not None and longest > window:
         return None  # (a key is seen while q − k < window: all of a sequence where L ≤ window)
