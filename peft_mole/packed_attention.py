@@ -19,7 +19,8 @@ flash attention's varlen kernels do.
 The sequences are the batch's `cu_seq_lens_q` (TRL's padding-free collator and peft-mole's packed mixed steps pass
 them, as flash attention takes them; a repeated bound, an empty sequence, is skipped), else where the `position_ids`
 restart (as transformers finds packed sequences for its mask). Bounds that do not run from 0 to the row's end get
-one chunk under the row's sequence mask (`sequence_mask`) where transformers built no mask. They are read from the device once per step and mask (a plan per step, kept while its tensors live).
+one chunk under the row's sequence mask (`sequence_mask`) where transformers built no mask. They are read from the
+device once per step and mask (a plan per step, kept while its tensors live).
 Everything else is `sdpa` itself, with its mask: several rows (padded batches), decoding and a prefill after cached
 tokens (more keys than queries), a row of one sequence, a non-causal call (`is_causal=False`), a position bias, a
 float mask, and a sliding window without a mask that is shorter than a sequence. transformers' `sdpa` mask is
