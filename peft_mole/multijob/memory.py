@@ -391,8 +391,8 @@ def first_step_state_bytes(optimizer: torch.optim.Optimizer, tensors: Sequence[t
 
     - SGD: one buffer like the tensor with momentum, none without; Adam/AdamW: two (three with AMSGrad);
       Adagrad: one; RMSprop: one, one more with momentum and one more when centered;
-    - transformers' Adafactor: a float32 row and column second moment for a matrix (a full one for a vector), and a
-      first moment like the tensor with `beta1`;
+    - transformers' Adafactor: a float32 row and column second moment for a matrix (for a tensor of 3 or more
+      dimensions, one of each per matrix), a full one for a vector, and a float32 first moment with `beta1`;
     - bitsandbytes: two moments (one for Lion), of one byte per element in the 8-bit kinds (4 for tensors under
       their 4096-element threshold, kept in 32 bits), else of 4;
     - any other: two buffers like the tensor (a cautious guess; the budget then defers rather than overflows).
@@ -414,7 +414,9 @@ def first_step_state_bytes(optimizer: torch.optim.Optimizer, tensors: Sequence[t
         return like
     if isinstance(optimizer, torch.optim.RMSprop):
         return (1 + has("momentum") + has("centered")) * like
-    if name == "Adafactor":
-        second = sum(4 * (math.prod(t.shape[:-1]) + t.shape[-1]) if t.dim() >= 2 else t.nbytes for t in tensors)
-        return second + (like if any(group.get("beta1") is not None for group in groups) else 0)
+    if name == "Adafactor":  # (float32 whatever the tensor's dtype: it steps on the gradient cast to float32)
+        second = sum(4 * (math.prod(t.shape[:-1]) + math.prod(t.shape[:-2]) * t.shape[-1]) if t.dim() >= 2
+                     else 4 * t.numel() for t in tensors)
+        first = 4 * sum(t.numel() for t in tensors)
+        return second + (first if any(group.get("beta1") is not None for group in groups) else 0)
     return 2 * like

@@ -29,6 +29,10 @@ class JobMemoryProfile:
                                 allow_unused=True)
 
         embeddings, kinds = self.model.get_input_embeddings(), {r.name: r.memory_kind for r in runs if not r.finished}
+        # a fit of this run's steps alone: another `train()` of this trainer ran with other resident bytes (the
+        # moments its jobs then had), and the scheduler lets go of its runs, whose state would be in the peaks
+        self.job_scheduler.memory_model.samples.clear()
+        self.job_scheduler.runs = runs
         if kinds:  # the jobs that will train (a resumed run's ended jobs do not)
             streams = {run.name: run.stream.get_state() for run in runs if run.stream is not None}
             vocab, length, device = embeddings.num_embeddings, int(self.args.max_length or 512), self.args.device

@@ -30,7 +30,9 @@ from peft_mole.multijob.run import FAILED, RUNNING, WAITING, JobRun
 
 def readable_size(size: float) -> str:
     """Bytes in MiB, KiB below one MiB (a budget of a few KiB read as "0 MiB"), bytes below one KiB (a budget of 40
-    bytes, 40 GB meant, read as "0.0 KiB")."""
+    bytes, 40 GB meant, read as "0.0 KiB"). The unit is chosen on the whole bytes: a fitted 1023.9999 is "1.0 KiB",
+    not "1024 bytes"."""
+    size = round(size)
     if abs(size) < 2**10:
         return f"{size:.0f} bytes"
     return f"{size / 2**20:.0f} MiB" if abs(size) >= 2**20 else f"{size / 2**10:.1f} KiB"
