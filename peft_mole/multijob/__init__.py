@@ -1,7 +1,8 @@
 """Multi-job training (ASPEN, SPEC.md §3): several adapters trained at once on one frozen base.
 
 `MultiJobTrainer` (a TRL `SFTTrainer`) trains a list of `JobConfig`s in mixed-adapter batches; `MultiJobModel`
-hosts LoRA, MixLoRA and DynMoLE jobs on one base; `per_job_losses` and `mixed_batch` are the pieces it uses.
+hosts LoRA, MixLoRA and DynMoLE jobs on one base; `mixed_batch` mixes the jobs' micro-batches, and
+`per_job_losses` gives each job's loss of a mixed step as the trainer assembles it.
 """
 
 from peft_mole.multijob.batching import MixedBatch, mixed_batch

@@ -37,7 +37,7 @@ def decayed_names(decay_parameter_names: Callable[[nn.Module], list[str]], names
             if part not in module._modules:
                 module.add_module(part, nn.Module())
             module = module._modules[part]
-        module.register_parameter(parts[-1], nn.Parameter(torch.empty(0), requires_grad=False))
+        module.register_parameter(parts[-1], nn.Parameter(torch.empty(0)))  # (trainable, as the job's are)
         alias[".".join(parts)] = name
     return {alias[n] for n in decay_parameter_names(probe) if n in alias}
 

@@ -20,8 +20,12 @@ def per_job_losses(
     rows: dict[str, slice] | MixedBatch,
     aux_per_adapter: dict[str, torch.Tensor] | None = None,
     num_items: dict[str, int | torch.Tensor] | None = None,
+    aux_coefficient: float = 1.0,
+    micro_batches: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """{job: L_j}. Padding and untrained tokens (label -100) never count.
+    """{job: L_j}: L_j = Σ NLL / n_j + c · aux_j / G, as MultiJobTrainer assembles each job's loss of a mixed step
+    (SFTTrainer's per job: its aux loss scaled by `router_aux_loss_coef` and averaged over the accumulation window's
+    G micro-batches, since each of them adds its own). Padding and untrained tokens (label -100) never count.
 
     Args:
         logits: (rows, seq, vocab) of the mixed batch; labels: (rows, seq), unshifted.
@@ -30,7 +34,11 @@ def per_job_losses(
             as rows: the first job got every job's tokens, the others a loss of 0).
         aux_per_adapter: `outputs.aux_loss_per_adapter`.
         num_items: job -> target tokens of its accumulated batch (gradient accumulation); default: this batch's.
+        aux_coefficient: c, SFTConfig's `router_aux_loss_coef` (the trainer takes 1.0 where it is None).
+        micro_batches: G, the micro-batches of the job's accumulation window (1 without accumulation).
     """
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"micro_batches must be an int >= 1 (the accumulation window's), got {micro_batches!r}")
     batch = rows if isinstance(rows, MixedBatch) else None
     rows = batch.rows if batch is not None else rows
     for job, span in rows.items():
@@ -50,8 +58,8 @@ def per_job_losses(
         token_sum = token_losses[where].sum()
         count = (shift_labels[where] != -100).sum() if num_items is None else torch.as_tensor(num_items[job])
         loss = token_sum / count.clamp(min=1)
-        if aux_per_adapter is not None and job in aux_per_adapter:
-            loss = loss + aux_per_adapter[job]
+        if aux_per_adapter is not None and job in aux_per_adapter and aux_coefficient:
+            loss = loss + aux_coefficient * aux_per_adapter[job] / micro_batches
         losses[job] = loss
     return losses
 

@@ -72,8 +72,9 @@ class MultiJobModel(MixLoRAModel):
     Every job is active at once; a forward takes `adapter_names` (one job per row, or one per token of a packed
     row: `ForwardContext.unit_view`). The forward records router statistics and returns
     `outputs.aux_loss_per_adapter` ({job: aux loss over its own rows}) without adding it to `outputs.loss`: each
-    job's loss is assembled by `per_job_losses`. On a float16 or bfloat16 base each job's adapter is float32, as
-    `PeftModel`'s `autocast_adapter_dtype=True` makes a PEFT adapter (so its optimizer state is float32 too).
+    job's loss adds its own (MultiJobTrainer; `per_job_losses` the same, for a loop of one's own). On a float16 or
+    bfloat16 base each job's adapter is float32, as `PeftModel`'s `autocast_adapter_dtype=True` makes a PEFT
+    adapter (so its optimizer state is float32 too).
 
     Example:
         >>> model = MultiJobModel(base, {"a": LoraConfig(r=8), "b": MixLoRAConfig(num_experts=4)})  # doctest: +SKIP
@@ -81,7 +82,7 @@ class MultiJobModel(MixLoRAModel):
     """
 
     prefix = _INTERNAL_PREFIX
-    declares_router_aux_loss = False  # each job's loss adds its own aux loss (`per_job_losses`)
+    declares_router_aux_loss = False  # each job's loss adds its own aux loss (MultiJobTrainer, `per_job_losses`)
     packed_rows_may_end_in_padding = False  # the trainer cuts each job's padding off before mixing (`strip_padding`)
 
     def __init__(self, model: nn.Module, configs: dict[str, PeftConfig], seeds: dict[str, int] | None = None) -> None:

@@ -62,6 +62,7 @@ NUMBERS = {
 
 
 STEP_INTERVALS = ("save_steps", "logging_steps", "eval_steps")
+METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")  # their step() takes an evaluation metric
 
 
 class JobSetupError(ValueError):
@@ -86,6 +87,8 @@ def check_number(owner: str, name: str, value) -> None:
             or value < low or (strict and value == low)):
         what = "an int" if integer else "a finite number"
         raise ValueError(f"{owner}: {name} must be {what} {'>' if strict else '>='} {low}, got {value!r}")
+    if name == "seed" and value >= 2**32:  # (transformers' set_seed, numpy's generator)
+        raise ValueError(f"{owner}: seed must be an int in [0, 2**32), got {value!r}")
     if name in STEP_INTERVALS and value > 1 and value != int(value):  # (a fraction <= 1: of the job's max_steps)
         raise ValueError(f"{owner}: {name} must be an integer if bigger than 1 (as TrainingArguments), got {value!r}")
 
@@ -148,17 +151,18 @@ def option_name(value) -> str:
 
 def check_lr_scheduler(value, where: str) -> None:
     """Refuse a name transformers has no scheduler for (when the job is made, not when it starts) and schedulers
-    that step on an evaluation metric ("reduce_lr_on_plateau"): a job's scheduler steps with its optimizer, on no
-    metric."""
+    that step on an evaluation metric ("reduce_lr_on_plateau", "greedy"): a job's scheduler steps with its optimizer,
+    on no metric."""
     from transformers import SchedulerType
 
     try:
         SchedulerType(value)
     except ValueError:
         raise ValueError(f"{where} must be one of {[kind.value for kind in SchedulerType]}, got {value!r}") from None
-    if option_name(value) == "reduce_lr_on_plateau":
-        raise ValueError(f"MultiJobTrainer does not support {where}='reduce_lr_on_plateau' (each job's scheduler steps "
-                         "with its optimizer, on no metric); choose a step-based one such as 'linear' or 'cosine'")
+    if option_name(value) in METRIC_SCHEDULERS:
+        raise ValueError(f"MultiJobTrainer does not support {where}={option_name(value)!r} (each job's scheduler "
+                         "steps with its optimizer, on no metric); choose a step-based one such as 'linear' or "
+                         "'cosine'")
 
 
 def check_job_schedulers(args, jobs) -> None:
@@ -172,7 +176,10 @@ def check_job_schedulers(args, jobs) -> None:
     for job in jobs:
         resolved = job.training_args(args, warn=False)
         kind, kwargs = resolved.lr_scheduler_type, resolved.lr_scheduler_kwargs or {}
-        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        # the job's learning rate (a kwarg may be checked against it: polynomial's lr_end) and two groups, as its
+        # optimizer has (decayed and not)
+        stand_in = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)]},
+                                    {"params": [torch.zeros(1, requires_grad=True)]}], lr=resolved.learning_rate)
         try:
             get_scheduler(kind, stand_in, num_warmup_steps=0, num_training_steps=2, scheduler_specific_kwargs=kwargs)
         except (TypeError, ValueError) as error:
