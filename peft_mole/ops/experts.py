@@ -165,8 +165,8 @@ def _segment_matmul(
     else:
         bases = torch.split(base, counts)
         outs = [torch.addmm(bases[e], seg, weight[e].t()) for e, seg in enumerate(segments) if seg.shape[0]]
-    if not outs:
-        return rows.new_zeros(0, weight.shape[1]) if base is None else base
+    if not outs:  # no pair at all: an empty product, still in the graph (zero gradients, not none)
+        return rows[:0] @ weight[0].t() if base is None else base
     return torch.cat(outs)
 
 

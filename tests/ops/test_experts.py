@@ -455,3 +455,15 @@ def test_dispatch_orders_the_kept_pairs_alike_with_and_without_a_boolean_index(m
     assert on_cpu.counts == sorted_to_the_end.counts and sum(on_cpu.counts) == 200 - 2 * 17
     for field in ("token", "expert", "weight"):
         assert torch.equal(getattr(on_cpu, field), getattr(sorted_to_the_end, field)), field
+
+
+def test_a_selection_without_pairs_still_gives_zero_gradients():
+    """An empty dispatch (no token) returned a tensor outside the graph: B's gradient was missing, not zero."""
+    from peft_mole.ops.experts import dispatch, segment_b
+
+    plan = dispatch(torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long), num_experts=4)
+    z = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.randn(4, 5, 3, dtype=torch.float64, requires_grad=True)
+    out = segment_b(z, lora_b, plan, 2.0)
+    grad_z, grad_b = torch.autograd.grad(out.sum(), (z, lora_b))
+    assert out.shape == (0, 5) and grad_z.shape == (0, 3) and torch.equal(grad_b, torch.zeros_like(lora_b))
