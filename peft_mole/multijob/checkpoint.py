@@ -54,7 +54,7 @@ def remove_leftovers(job_dir: str, checkpoints: bool) -> None:
     """Remove what a killed write left in a job's folder: a final write's staging folder (`.tmp-final-*`), a JSON
     file's temporary copy (`.tmp-<name>.json-*`) and, with `checkpoints`, a checkpoint's (`.tmp-checkpoint-*`,
     `.old-checkpoint-*`; a checkpoint a kill left mid-swap is restored first). Only the world's process zero calls
-    it, between its writes (a node's own writer under `save_on_each_node` could be writing a staging folder there);
+    it, between its writes (the one writer: `save_on_each_node` is refused);
     before 2026-12-08 the first two stayed for good (a whole adapter's copy)."""
     for name in os.listdir(job_dir) if os.path.isdir(job_dir) else []:
         path = os.path.join(job_dir, name)

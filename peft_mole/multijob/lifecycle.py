@@ -62,6 +62,19 @@ def resumed_log_history(runs: list[JobRun]) -> list[dict]:
     return sorted(entries, key=lambda entry: entry.get("step", 0))
 
 
+RESUMED_FIELDS = ("step", "ended", "stopping", "best_step")  # what every process must have read of a job alike
+
+
+def resumed_view(run: JobRun) -> list[float]:
+    """What this process read of a resumed job's folder (`RESUMED_FIELDS`): its step, whether it ended (1 done,
+    2 stopped early, 0 not), whether it stops after its step, and the step of the best checkpoint it can read (−1:
+    none)."""
+    ended = {DONE: 1.0, STOPPED: 2.0}.get(run.status, 0.0)
+    best = run.stats.best_checkpoint
+    best_step = -1.0 if best is None else float(run.stats.best_step if run.stats.best_step is not None else 0)
+    return [float(run.global_step), ended, float(run.stopping), best_step]
+
+
 class JobLifecycle:
     """The trainer's job endings and resume (see the module docstring); mixed into `MultiJobTrainer`."""
 
@@ -92,17 +105,20 @@ class JobLifecycle:
         # every process reads the job folders itself: one that saw another checkpoint (storage not shared between
         # nodes, a cache lagging behind) would run other steps and collectives than the rest, and one whose read
         # raised would leave the others waiting in this collective; so all agree here, and all stop together
-        steps = [float(run.global_step) for run in runs] + [float(failure is not None)]
-        resumed = dist.gather_rows(self.accelerator, torch.tensor(steps))
+        # (not the step alone: one process may see a job's end at step N where another sees its checkpoint of step
+        # N, or a best checkpoint another cannot, and the two would then run other collectives at its end)
+        read = [value for run in runs for value in resumed_view(run)] + [float(failure is not None)]
+        resumed = dist.gather_rows(self.accelerator, torch.tensor(read, dtype=torch.float64))
         if failure is not None:
             raise failure
         if resumed[:, -1].any():
             raise JobSetupError("a job could not resume on another process (its error is in that process's log); "
                                 "nothing was trained")
-        apart = {run.name: [int(step) for step in resumed[:, i].tolist()] for i, run in enumerate(runs)
-                 if (resumed[:, i] != resumed[0, i]).any()}
+        views = resumed[:, :-1].reshape(len(resumed), len(runs), len(RESUMED_FIELDS))
+        apart = {run.name: [dict(zip(RESUMED_FIELDS, map(int, view.tolist()), strict=True)) for view in views[:, i]]
+                 for i, run in enumerate(runs) if (views[:, i] != views[0, i]).any()}
         if apart:
-            raise JobSetupError(f"the processes resumed jobs from different steps ({{job: [step per process]}}: "
+            raise JobSetupError(f"the processes resumed jobs differently ({{job: [what each process read]}}: "
                                 f"{apart}): every process must see the same job folders under output_dir (shared "
                                 "storage, or copy them to every node); nothing was trained")
 

@@ -47,6 +47,11 @@ UNSUPPORTED = {
         "or per-layer hooks, and schedule-free ones need Trainer's train()/eval() mode calls; choose another optim "
         "(adamw_torch_fused, adamw_torch, sgd, adafactor, adagrad, rmsprop or a bitsandbytes optimizer)",
     ),
+    "save_on_each_node": (
+        bool, "each job's checkpoints and final adapter are written once, by the world's process zero, and every "
+        "process reads them (a resume, load_best_model_at_end): put output_dir on storage all nodes share and leave "
+        "save_on_each_node off",
+    ),
     "deepspeed": (bool, "DeepSpeed is not supported; use `accelerate launch` with plain data parallelism"),
     "fsdp": (bool, "FSDP is not supported; use `accelerate launch` with plain data parallelism"),
 }

@@ -443,7 +443,8 @@ def test_processes_that_resume_jobs_from_different_steps_stop_before_training(as
         [gather(accelerator, row), torch.zeros_like(row).unsqueeze(0)]))
     again = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
                             args=run_args(tmp_path, save_strategy="steps", save_steps=1, max_steps=2))
-    with pytest.raises(JobSetupError, match=r"resumed jobs from different steps .*\{'a': \[2, 0\]\}"):
+    with pytest.raises(JobSetupError, match=r"resumed jobs differently .*\{'a': \[\{'step': 2, 'ended': 1, "
+                                            r"'stopping': 0, 'best_step': -1\}, \{'step': 0, 'ended': 0"):
         again.train(resume_from_checkpoint=True)
     # a process whose read of a job's folder raised: every process stops (before: the others waited in the gather)
     monkeypatch.setattr(distributed, "gather_rows", lambda accelerator, row: torch.cat(
@@ -456,4 +457,37 @@ def test_processes_that_resume_jobs_from_different_steps_stop_before_training(as
     monkeypatch.setattr(MultiJobTrainer, "_resume_job", lambda self, run: (_ for _ in ()).throw(
         RuntimeError("PytorchStreamReader failed reading zip archive")))
     with pytest.raises(JobSetupError, match="job 'a' cannot resume .*RuntimeError: PytorchStreamReader"):
+        again.train(resume_from_checkpoint=True)
+
+
+def test_processes_that_read_a_jobs_end_differently_stop_before_training(assets, tmp_path, monkeypatch):
+    """Same step, other views: this process sees the job's end (done at step 2), another only its checkpoint of
+    step 2 (a copy lagging behind). Comparing steps alone let them train, and they hung in the first round."""
+    from peft import LoraConfig
+
+    from peft_mole import JobConfig, MultiJobTrainer
+    from peft_mole.multijob import distributed
+    from peft_mole.multijob.lifecycle import RESUMED_FIELDS
+    from peft_mole.multijob.trainer_args import JobSetupError
+    from tests.helpers import tiny_base
+    from tests.multijob.test_trainer import ALL_LINEAR, run_args
+
+    tokenizer, datasets = assets
+    jobs = [JobConfig("a", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR),
+                      datasets["add"])]
+    args = run_args(tmp_path, save_strategy="steps", save_steps=1, max_steps=2)
+    MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                    args=args).train()
+    gather, ended = distributed.gather_rows, RESUMED_FIELDS.index("ended")
+
+    def with_a_lagging_process(accelerator, row):
+        other = row.clone()
+        other[ended] = 0  # the checkpoint of the same step, not the end
+        return torch.cat([gather(accelerator, row), other.unsqueeze(0)])
+
+    monkeypatch.setattr(distributed, "gather_rows", with_a_lagging_process)
+    again = MultiJobTrainer(model=tiny_base(vocab_size=len(tokenizer)), jobs=jobs, processing_class=tokenizer,
+                            args=args)
+    with pytest.raises(JobSetupError, match=r"resumed jobs differently .*\{'a': \[\{'step': 2, 'ended': 1, .*"
+                                            r"\{'step': 2, 'ended': 0"):
         again.train(resume_from_checkpoint=True)

@@ -47,6 +47,7 @@ def test_bad_trainer_arguments(assets, tmp_path):
                                     dict(torch_compile=True, gradient_checkpointing_kwargs={"context_fn": dict}),
                                     dict(lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps"),
                                     dict(ignore_data_skip=True),  # (silently ignored before 2026-12-07)
+                                    dict(save_on_each_node=True),  # (taken before 2026-12-08: see limits)
                                     dict(optim="schedule_free_adamw"), dict(optim="galore_adamw")])  # (at train())
 def test_trainer_options_its_own_loop_cannot_honour_are_refused(assets, tmp_path, option):
     """Trainer.train would apply these; MultiJobTrainer's loop does not, so they fail early instead of silently."""
