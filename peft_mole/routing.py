@@ -47,6 +47,15 @@ def router_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)
 
 
+def largest(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest values of each row and their indices, largest first, equal values in index order (a stable
+    sort). `torch.topk` breaks ties by the row's width and layout, so a job's experts inside the compiled multi-job
+    step's wider row of every job's experts (`tuners.mixlora.per_row`) were other experts than alone (zero routers:
+    every token a tie)."""
+    values, indices = torch.sort(probs, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
 def top_k_routing(probs: torch.Tensor, k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k rule (MixLoRA router, as Switch/Mixtral; SPEC.md §1): keep the k most probable experts per token.
 
@@ -66,7 +75,7 @@ def top_k_routing(probs: torch.Tensor, k: int, renormalize: bool = True) -> tupl
     num_experts = probs.shape[-1]
     if not 1 <= k <= num_experts:
         raise ValueError(f"k must be in [1, {num_experts}] (the number of experts), got {k}")
-    weights, experts = torch.topk(probs, k, dim=-1)
+    weights, experts = largest(probs, k)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, experts
@@ -182,7 +191,7 @@ def top_p_routing(
         >>> e.tolist(), w.tolist()
         ([[0, 2, 1]], [[0.5, 0.0, 0.0]])
     """
-    sorted_p, experts = torch.sort(probs, dim=-1, descending=True)
+    sorted_p, experts = torch.sort(probs, dim=-1, descending=True, stable=True)  # (ties: as `largest`)
     if top_p >= 1.0:  # every expert: Σp = 1 exactly, but the fp32 cumulative sum may end above 1 and drop the last
         keep = torch.ones_like(sorted_p, dtype=torch.bool)
     else:

@@ -147,6 +147,8 @@ class MultiJobModel(MixLoRAModel):
                 self.peft_config.pop(name, None)
             raise
         self.set_adapter(list(self.peft_config))
+        if self.__dict__.get("_compiled_steps"):  # a block the new job added: its flag as its layer's
+            self._mark_checkpointed_blocks()
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """As the tuner's, then the job's adapter in float32 on a half-precision base, as `PeftModel` casts a PEFT
@@ -162,6 +164,18 @@ class MultiJobModel(MixLoRAModel):
         self.active_adapter = names
 
     # ------------------------------------------------------------------ compiled steps
+    def _mark_checkpointed_blocks(self) -> int:
+        """Each MixLoRA block's `layer_checkpointed`: whether its decoder layer is activation-checkpointed (what the
+        per-row block then need not recompute itself). Read here, not per forward (a scan of every module), and per
+        layer (`every_n_layers`); again by `add_job`, whose new blocks start with the class's False. Returns the
+        number of decoder layers."""
+        layers = [m for m in self.model.modules() if hasattr(m, "gradient_checkpointing")]  # decoder layers
+        for layer in layers:
+            for block in layer.modules():
+                if hasattr(block, "layer_checkpointed"):
+                    block.layer_checkpointed = bool(layer.gradient_checkpointing)
+        return len(layers)
+
     def compile_mixed_steps(self, **compile_kwargs) -> None:
         """Compile the base model's decoder with its adapter layers (`nn.Module.compile`, keyword arguments as for
         `torch.compile`) so that one graph serves every mixed step, whatever jobs and rows it holds.
@@ -191,15 +205,11 @@ class MultiJobModel(MixLoRAModel):
         self.dynamic_steps(dynamic is True)
         if dynamic:
             del compile_kwargs["dynamic"]
-        layers = [m for m in self.model.modules() if hasattr(m, "gradient_checkpointing")]  # decoder layers
-        for layer in layers:  # read once here, not per forward (a scan of every module), and per layer
-            for block in layer.modules():  # (`every_n_layers`): what the per-row MixLoRA block recomputes itself
-                if hasattr(block, "layer_checkpointed"):
-                    block.layer_checkpointed = bool(layer.gradient_checkpointing)
+        layers = self._mark_checkpointed_blocks()
         # a block that runs eagerly (DynMoLE jobs, DoRA experts) breaks the graph: Dynamo resumes each decoder
         # layer's code in a frame of its own, one more compile per layer: past Dynamo's default limit of 8 from two
         # layers on (tests/multijob/test_compiled_eager_blocks.py), after which the later layers would run eagerly
-        self.__dict__["_recompile_limit"] = 8 + 4 * len(layers)
+        self.__dict__["_recompile_limit"] = 8 + 4 * layers
         # the decoder stack, where the adapters are: the LM head and the loss around it stay eager (TRL's fused
         # log-probs, `fused_lm_head=True` in MultiJobTrainer, multiply in tiles with `out=`, which breaks a graph,
         # and compiled, its tiles added three frames that each compiled once per shape change)
@@ -299,6 +309,8 @@ class MultiJobModel(MixLoRAModel):
         if names is not None:
             present = set(names)
             records = [record for record in records if record.adapter in present]
+            if not records:  # (a compiled step's blocks recorded only absent jobs): the output eager gives
+                return outputs
         loads = self.__dict__.get("_router_loads")
         if loads is not None:  # `collecting_router_loads`: each layer's selections and tokens, summed over calls
             for record in records:

@@ -100,7 +100,7 @@ def per_row_mixture(layer, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     logits = own.new_full((tokens, table["experts"] + 1), float("-inf"))
     logits = logits.scatter(1, table["column_of"].index_select(0, token_jobs), own)[:, :-1]
     probs = torch.softmax(logits, dim=-1)
-    weights, chosen = torch.topk(probs, table["k"], dim=-1)
+    weights, chosen = routing.largest(probs, table["k"])  # (ties to the lowest expert, as the eager rule)
     kept = torch.arange(table["k"], device=device) < table["k_of"].index_select(0, token_jobs).unsqueeze(1)
     weights = torch.where(kept, weights, 0.0)
     # a slot past the token's own k (or a pick outside its columns, where its router gave NaN) goes to the null
