@@ -130,6 +130,24 @@ class LoraLinear(nn.Module, BaseTunerLayer):
         groups = self._context.row_groups(x.shape[0], self.active_adapters, x.device)
         return scatter_row_deltas(out, x, groups, self._delta, self._factors)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """Move this adapter's factors to the frozen weight's device, keeping their dtype, as the routed layers do.
+        PEFT calls this after a `low_cpu_mem_usage=True` load, and its own version also cast them to the base's
+        dtype: a bf16 base's load rounded the file's fp32 factors before `autocast_adapter_dtype` made them fp32
+        again (logits 4e-3 off; found by a review, 2026-12-08)."""
+        device = device if device is not None else self.get_base_layer().weight.device
+        for name in self.adapter_layer_names:
+            if adapter_name in getattr(self, name):
+                getattr(self, name)[adapter_name].to(device)
+
+    def cast_to_creation_dtype(self, adapter_name: str) -> None:
+        """This adapter's factors in the dtype `update_layer` makes them (the frozen weight's; fp32 when quantised)."""
+        weight = self.get_base_layer().weight
+        dtype = torch.float32 if is_quantised(weight) or not weight.dtype.is_floating_point else weight.dtype
+        for name in self.adapter_layer_names:
+            if adapter_name in getattr(self, name):
+                getattr(self, name)[adapter_name].to(dtype)
+
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         raise ValueError(
             "peft-mole adapters cannot be merged: the expert LoRA in the MLP is chosen per token by the router. "

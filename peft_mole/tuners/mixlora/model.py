@@ -215,6 +215,16 @@ class MixLoRAModel(BaseTuner):
         check_every_tensor_given(model, state_dict, cls.prefix, adapter_name)
         return state_dict
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's (half-precision adapter tensors to fp32), and without `autocast_adapter_dtype` each layer's tensors
+        in the dtype it makes them: a `low_cpu_mem_usage=True` load assigns the file's tensors, whose dtype a normal
+        load's copy would have set to those (a bf16 file on an fp16 base gave bf16 experts beside fp16 LoRA)."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if not autocast_adapter_dtype:
+            for module in self.model.modules():
+                if hasattr(module, "cast_to_creation_dtype"):
+                    module.cast_to_creation_dtype(adapter_name)
+
     def _create_and_replace(
         self, peft_config: ExpertAdapterConfig, adapter_name, target, target_name, parent, current_key, **kwargs
     ):
