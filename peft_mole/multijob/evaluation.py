@@ -87,6 +87,8 @@ class JobEvaluation:
                     logger.error("job %s: its evaluation raised %s; no %s_loss for it", job.name, error,
                                  metric_key_prefix)
         self.log(dict(metrics))  # Trainer.log adds the epoch to the dict it is given
+        # callbacks see them as after Trainer.evaluate (before 2026-12-08 they never did)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):

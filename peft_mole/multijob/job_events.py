@@ -37,8 +37,8 @@ class JobEvents:
         strategy = self._strategy("save_strategy")
         if strategy == "best":
             return self.evaluated_best
-        if strategy == "epoch":
-            return self.at_epoch_end or self.global_step >= self.max_steps
+        if strategy == "epoch":  # (an early stop ends the epoch it stops in, as Trainer's loop ends it)
+            return self.at_epoch_end or self.global_step >= self.max_steps or self.stopping
         if strategy != "steps" or not self.args.save_steps:
             return False
         return self._due(self.args.save_steps) or self.global_step >= self.max_steps
@@ -93,14 +93,21 @@ class JobEvents:
 
     def record_eval(self, loss: float, after_step: bool = True) -> bool:
         """Track the best eval loss; True when `early_stopping_patience` evaluations in a row did not improve it.
-        An evaluation after a step (not `eval_on_start`'s, as in Trainer) that gives the lowest loss so far makes
-        this step the one of the best checkpoint (`best_checkpoint`)."""
+
+        As Trainer with `EarlyStoppingCallback`: the patience counter compares each evaluation with the best of the
+        evaluations after a step before it (`best_metric`) and restarts while there is none, so `eval_on_start`'s
+        loss is no baseline (before 2026-12-08 it was: a start loss below the first steps' stopped the job at its
+        first evaluation); an evaluation after a step whose loss is below that best (a NaN never is, as Trainer's
+        best starts at +inf) makes this step the one of the best checkpoint (`best_checkpoint`; before, a first NaN
+        loss stayed the best for good)."""
         stats = self.stats
-        if stats.best_eval_loss is None or loss < stats.best_eval_loss:
-            stats.best_eval_loss, stats.evals_without_improvement = loss, 0
+        if stats.best_metric is None or loss < stats.best_metric:  # (Trainer's default threshold 0: strictly lower)
+            stats.evals_without_improvement = 0
         else:
             stats.evals_without_improvement += 1
-        if after_step and (stats.best_metric is None or loss < stats.best_metric):
+        if not math.isnan(loss) and (stats.best_eval_loss is None or loss < stats.best_eval_loss):
+            stats.best_eval_loss = loss  # (the lowest of all, the start's too: a record)
+        if after_step and not math.isnan(loss) and (stats.best_metric is None or loss < stats.best_metric):
             stats.best_metric, stats.best_step = loss, self.global_step
         patience = self.job.early_stopping_patience
         return patience is not None and stats.evals_without_improvement >= patience

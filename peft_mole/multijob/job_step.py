@@ -141,8 +141,8 @@ class JobStepping:
             if not self._written(run, "checkpoint", save):  # (a collective too)
                 return
             self._job_event("on_save", run)  # (on every process, as Trainer)
-        if run.at_epoch_end or run.global_step >= run.max_steps:  # after the step's checkpoint, as Trainer (which
-            self._job_event("on_epoch_end", run)  # also ends the epoch it stops in)
+        if run.at_epoch_end or run.global_step >= run.max_steps or run.stopping:  # after the step's checkpoint, as
+            self._job_event("on_epoch_end", run)  # Trainer (which also ends the epoch it stops in, early too)
         if outcome.failure is not None:
             self._fail(run, outcome.failure)
         elif outcome.stop:

@@ -62,8 +62,9 @@ class JobConfig:
         learning_rate: this job's value of the `SFTConfig` field of the same name (None = the trainer's); so are
             per_device_train_batch_size, gradient_accumulation_steps, num_train_epochs, max_steps, warmup_steps,
             weight_decay, max_grad_norm, lr_scheduler_type, lr_scheduler_kwargs, seed, save_steps, logging_steps
-            and eval_steps. A job's scheduler takes the job's lr_scheduler_kwargs, else the trainer's; the trainer
-            builds each job's scheduler once when it is made, so a type that refuses the kwargs fails there.
+            and eval_steps (which, as early_stopping_patience, needs an eval_dataset). A job's scheduler takes the
+            job's lr_scheduler_kwargs, else the trainer's; the trainer builds each job's scheduler once when it is
+            made, so a type that refuses the kwargs fails there.
         init_adapter: a saved adapter folder (`adapter_config.json` and `adapter_model.safetensors`: a job's
             output, a MixLoRA or DynMoLE adapter, or a plain PEFT LoRA one) or its hub id (downloaded into the hub
             cache; `init_adapter` then names the local snapshot) the job starts from instead of a fresh adapter, as
@@ -159,6 +160,8 @@ class JobConfig:
                 )
             if self.eval_dataset is None:
                 raise ValueError(f"job {self.name!r}: early_stopping_patience needs an eval_dataset")
+        if self.eval_steps is not None and self.eval_dataset is None:  # (it evaluated nothing, without a word)
+            raise ValueError(f"job {self.name!r}: eval_steps needs an eval_dataset")
 
     def training_args(self, base, warn: bool = True):
         """The trainer's arguments with this job's overrides and `output_dir/<name>`.

@@ -182,6 +182,11 @@ class JobLifecycle:
             self._written(run, "checkpoint", functools.partial(
                 run.save_checkpoint, lambda d, name=run.name: self.jobs_model.save_job(name, d), model_only=False,
                 stream_states=stream_states, logs=functools.partial(self._job_logs, run)))
+        for run in unfinished:  # as Trainer loads the best model at the end of train() whatever stopped it (the
+            # checkpoint just written keeps the last step's adapter for a resume; before 2026-12-08 a stopped run's
+            # adapters, saved or evaluated after it, were the last step's)
+            if run.args.load_best_model_at_end and not run.finished:
+                self._took_best_checkpoint(run)
         if self.is_world_process_zero():
             logger.warning("training stopped by a callback at step %d; unfinished jobs checkpointed: %s",
                            self.state.global_step, [run.name for run in unfinished])

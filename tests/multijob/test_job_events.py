@@ -228,6 +228,7 @@ def test_a_jobs_own_logging_steps_are_its_default_eval_steps_as_alone(assets, tm
                               args=args)
     trainer.train()
     assert [h["step"] for h in trainer.state.log_history if "lora/eval_loss" in h] == [3, 6]
-    explicit = JobConfig("lora", LORA, datasets["sentiment"], logging_steps=3, eval_steps=2)
+    explicit = JobConfig("lora", LORA, datasets["sentiment"], logging_steps=3, eval_steps=2,
+                         eval_dataset=datasets["capital"])
     assert explicit.training_args(args).eval_steps == 2
     assert job.training_args(run_args(tmp_path, eval_strategy="steps", eval_steps=2)).eval_steps == 2
