@@ -33,8 +33,9 @@ def is_quantised(weight: torch.Tensor) -> bool:
     """A bitsandbytes weight: an integer dtype (int8; 4-bit packed into uint8), or 4-bit packed into a float storage
     dtype (`bnb_4bit_quant_storage=torch.bfloat16`, as QLoRA with FSDP loads a base), which only its `quant_state`
     tells apart from a float weight (before 2026-12-06, sixteenth session, such a base was taken as float: a shape
-    error at the first forward, and DoRA experts were not refused)."""
-    return not weight.dtype.is_floating_point or hasattr(weight, "quant_state")
+    error at the first forward, and DoRA experts were not refused); and a one-byte float weight (FP8, scaled by a
+    separate `weight_scale_inv`: taken as float before 2026-12-08, its experts were made in float8)."""
+    return not weight.dtype.is_floating_point or hasattr(weight, "quant_state") or weight.dtype.itemsize == 1
 
 
 def find_gated_mlp(module: nn.Module) -> bool:
@@ -83,9 +84,25 @@ def _is_routed(module: nn.Module) -> bool:
     return False
 
 
-def layer_index(name: str) -> int | None:
-    match = _LAYER_INDEX.search(name)
+def layer_index(name: str, decoder: str = "") -> int | None:
+    """The decoder layer of module `name`: the first integer of its path after the decoder's own (`decoder_path`)."""
+    match = _LAYER_INDEX.search(name[len(decoder) + 1:] if decoder else name)
     return int(match.group(1)) if match else None
+
+
+def decoder_path(model: nn.Module) -> str:
+    """Where the decoder (the language model) sits in `model`: "model" in a `LlamaForCausalLM`,
+    "model.language_model" in a vision-language model; "" (the whole model) where `get_decoder` finds none. The
+    targets are searched there only: before 2026-12-08 a vision tower's MLP blocks and q/k/v projections were
+    adapted too, numbered as decoder layers (found by a review)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        decoder = get_decoder() if callable(get_decoder) else None
+    except (AttributeError, NotImplementedError, ValueError):
+        decoder = None
+    if not isinstance(decoder, nn.Module) or decoder is model:
+        return ""
+    return next((name for name, module in model.named_modules() if module is decoder), "")
 
 
 def _layer_path(name: str) -> str | None:
@@ -128,8 +145,12 @@ def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, bloc
     Attention targets are linear layers named in `attn_target_modules` outside the MLP blocks.
     `layers_to_transform` keeps modules of the listed decoder layers only.
     """
+    decoder = decoder_path(model)
+    inside = (lambda name: name.startswith(decoder + ".")) if decoder else (lambda name: True)
     blocks = {}
     for name, module in model.named_modules():
+        if not inside(name):
+            continue
         if isinstance(module, block_cls):
             blocks[name] = True
         elif find_gated_mlp(module) and not name.endswith(".base_layer"):
@@ -176,16 +197,16 @@ def find_targets(model: nn.Module, config: ExpertAdapterConfig, scope: str, bloc
                 f"{name} already carries adapters with another router_scope; one model holds adapters of one scope"
             )
         if scope == "block":
-            targets[name] = Target("mlp", layer_index(name))
+            targets[name] = Target("mlp", layer_index(name, decoder))
         else:
             for proj in config.expert_target_modules:
-                targets[f"{name}.{proj}"] = Target("projection", layer_index(name))
+                targets[f"{name}.{proj}"] = Target("projection", layer_index(name, decoder))
     block_prefixes = tuple(name + "." for name in blocks)
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in config.attn_target_modules and plain_linear(module) is not None and not name.endswith(".base_layer"):
-            if not name.startswith(block_prefixes):
-                targets[name] = Target("attention", layer_index(name))
+            if inside(name) and not name.startswith(block_prefixes):
+                targets[name] = Target("attention", layer_index(name, decoder))
     if config.layers_to_transform is not None:
         layers = config.layers_to_transform
         wanted = {layers} if isinstance(layers, int) else set(layers)
