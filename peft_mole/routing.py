@@ -116,6 +116,7 @@ def load_balance_loss(
     """
     if probs.shape[0] == 0:
         return probs.new_zeros(())
+    probs = _uncounted_as_uniform(probs, token_mask)
     if whole is not None:
         counted = probs.float() if token_mask is None else probs.float() * token_mask.to(torch.float32).unsqueeze(-1)
         return probs.shape[-1] * torch.dot(whole.fraction.to(counted.device), counted.sum(dim=0) / max(whole.tokens, 1))
@@ -127,6 +128,14 @@ def load_balance_loss(
         fraction = expert_load(selected & token_mask.unsqueeze(-1))
         mean_prob = (probs.float() * counts).sum(dim=0) / counts.sum().clamp(min=1)
     return probs.shape[-1] * torch.dot(fraction, mean_prob)
+
+
+def _uncounted_as_uniform(probs: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """`probs` with the rows `token_mask` leaves out set to uniform before any arithmetic: they are then weighted by
+    0, and a NaN there (0 · NaN = NaN) would otherwise reach the loss and its backward."""
+    if token_mask is None:
+        return probs
+    return torch.where(token_mask.unsqueeze(-1), probs, torch.full_like(probs, 1.0 / probs.shape[-1]))
 
 
 def expert_load(selected: torch.Tensor) -> torch.Tensor:
@@ -245,6 +254,7 @@ def tsallis_loss(probs: torch.Tensor, q: float, token_mask: torch.Tensor | None 
     """
     if probs.shape[0] == 0:
         return probs.new_zeros((), dtype=torch.float32)
+    probs = _uncounted_as_uniform(probs, token_mask)
     if whole_tokens is not None:
         entropies = normalized_entropy(probs, q)
         counted = entropies if token_mask is None else entropies * token_mask.to(torch.float32)

@@ -260,7 +260,14 @@ class ExpertAdapterConfig(PeftConfig):
 
     @property
     def min_experts_per_layer(self) -> int:
-        return min(self.num_experts) if isinstance(self.num_experts, list) else self.num_experts
+        """The fewest experts of an adapted layer (a per-layer list's entries of the `layers_to_transform` layers
+        only: before 2026-12-08 a layer left out bounded `top_k`/`min_experts` too)."""
+        if not isinstance(self.num_experts, list):
+            return self.num_experts
+        layers = self.layers_to_transform
+        wanted = [layers] if isinstance(layers, int) else layers
+        adapted = [self.num_experts[i] for i in (wanted or []) if 0 <= i < len(self.num_experts)]
+        return min(adapted or self.num_experts)
 
     def experts_in_layer(self, layer_index: int | None) -> int:
         """E of decoder layer `layer_index` (a per-layer list is indexed by the decoder layer)."""
