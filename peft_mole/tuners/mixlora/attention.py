@@ -13,7 +13,7 @@ from peft_mole.forward_context import ForwardContext
 from peft_mole.ops.dropout import Dropout
 from peft_mole.ops.indexed_lora import indexed_lora_delta, packed_lora_delta
 from peft_mole.ops.segmented_lora import LoraFactors, add_delta, lora_delta, scatter_row_deltas
-from peft_mole.tuners.mixlora.targets import is_quantised
+from peft_mole.tuners.mixlora.targets import adapter_dtype
 
 
 class LoraFactor(nn.Module):
@@ -86,7 +86,7 @@ class LoraLinear(nn.Module, BaseTunerLayer):
             nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
             lora_a = lora_a.to(weight.device)
         lora_b = torch.zeros(linear.out_features, r, device=weight.device, dtype=torch.float32)
-        dtype = torch.float32 if is_quantised(weight) else weight.dtype
+        dtype = adapter_dtype(weight)
         getattr(self, self.prefix + "A")[adapter_name] = LoraFactor(nn.Parameter(lora_a.to(dtype)))
         getattr(self, self.prefix + "B")[adapter_name] = LoraFactor(nn.Parameter(lora_b.to(dtype)))
         getattr(self, self.prefix + "dropout")[adapter_name] = Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -142,8 +142,7 @@ class LoraLinear(nn.Module, BaseTunerLayer):
 
     def cast_to_creation_dtype(self, adapter_name: str) -> None:
         """This adapter's factors in the dtype `update_layer` makes them (the frozen weight's; fp32 when quantised)."""
-        weight = self.get_base_layer().weight
-        dtype = torch.float32 if is_quantised(weight) or not weight.dtype.is_floating_point else weight.dtype
+        dtype = adapter_dtype(self.get_base_layer().weight)
         for name in self.adapter_layer_names:
             if adapter_name in getattr(self, name):
                 getattr(self, name)[adapter_name].to(dtype)

@@ -9,7 +9,7 @@ from peft.tuners.lora import dora
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from peft_mole.tuners.mixlora.targets import is_quantised
+from peft_mole.tuners.mixlora.targets import adapter_dtype
 
 
 class ExpertLoRA(nn.Module):
@@ -38,7 +38,7 @@ class ExpertLoRA(nn.Module):
             if isinstance(base, BaseTunerLayer):  # a projection another job's LoRA already wraps
                 base = base.get_base_layer()
             weight = base.weight
-            dtype = torch.float32 if is_quantised(weight) else weight.dtype
+            dtype = adapter_dtype(weight)
             lora_a = torch.empty(num_experts, r, base.in_features, device=weight.device, dtype=torch.float32)
             for e in range(num_experts):
                 nn.init.kaiming_uniform_(lora_a[e], a=math.sqrt(5))

@@ -23,7 +23,7 @@ from peft_mole.ops.dropout import Dropout
 from peft_mole.ops.job_streams import jitter
 from peft_mole.ops.profiling import profiled
 from peft_mole.tuners.mixlora.experts import ExpertLoRA
-from peft_mole.tuners.mixlora.targets import is_quantised
+from peft_mole.tuners.mixlora.targets import adapter_dtype
 
 RoutingRule = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -171,10 +171,8 @@ class RoutedExpertsLayer(nn.Module, BaseTunerLayer):
     def cast_to_creation_dtype(self, adapter_name: str) -> None:
         """This adapter's experts in the dtype `add_experts` makes them (the frozen weights'; fp32 when quantised);
         the router stays fp32."""
-        weight = next(self.base_layer.parameters())
-        dtype = torch.float32 if is_quantised(weight) or not weight.dtype.is_floating_point else weight.dtype
         if adapter_name in self.experts:
-            self.experts[adapter_name].to(dtype)
+            self.experts[adapter_name].to(adapter_dtype(next(self.base_layer.parameters())))
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         raise ValueError(

@@ -38,6 +38,11 @@ def is_quantised(weight: torch.Tensor) -> bool:
     return not weight.dtype.is_floating_point or hasattr(weight, "quant_state") or weight.dtype.itemsize == 1
 
 
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a layer makes its adapter tensors in: its frozen weight's, float32 where that is quantised."""
+    return torch.float32 if is_quantised(weight) else weight.dtype
+
+
 def find_gated_mlp(module: nn.Module) -> bool:
     """True for a gated MLP block: linear `gate_proj`, `up_proj`, `down_proj` and an `act_fn` (Llama family).
 
